@@ -1,0 +1,212 @@
+"""
+Starting real ``twistd -n lrp`` processes for the tests, and talking to them.
+
+Every wait here polls with a deadline; nothing sleeps a fixed time in place
+of synchronisation.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TESTSITE = HERE / "testsite"
+ROOT = HERE.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, message: str = ""):
+    """Poll C{predicate} until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Response:
+    def __init__(self, status: int, headers: dict, body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def request(
+    port: int,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = 30.0,
+    host: str = "127.0.0.1",
+) -> Response:
+    """One HTTP request on its own connection; returns status, headers, body."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+    finally:
+        conn.close()
+
+
+class LRPProcess:
+    """
+    A C{twistd -n lrp} child process serving the test site.
+
+    @param args: extra C{twistd lrp} arguments.
+    @param env: extra environment variables (the test site reads some).
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict | None = None,
+        settings: str | None = "testsite.settings",
+        cwd: Path | None = None,
+        listen: bool = True,
+        tmp: Path | None = None,
+        twistd_args: tuple = (),
+    ):
+        self.tmp = Path(tmp or tempfile.mkdtemp(prefix="lrp-test-"))
+        self.port = free_port()
+        self.cwd = cwd or TESTSITE
+        self.args = list(args)
+        if listen and not any(a == "--listen" or a.startswith("--listen=") for a in args):
+            self.args += ["--listen", f"tcp:{self.port}:interface=127.0.0.1"]
+        if settings and not any(a.startswith("--settings") for a in args):
+            self.args += ["--settings", settings]
+        if not any(a.startswith("--state-dir") for a in args):
+            self.args += ["--state-dir", str(self.tmp / "state")]
+        self.env = dict(os.environ)
+        self.env.pop("DJANGO_SETTINGS_MODULE", None)
+        self.env.setdefault("LRP_TEST_DB", str(self.tmp / "db.sqlite3"))
+        self.env.update(env or {})
+        self.twistd_args = list(twistd_args)
+        self.log_path = self.tmp / "output.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [TWISTD, "-n", "--pidfile=", *self.twistd_args, "lrp", *self.args]
+
+    def start(self, wait: bool = True, timeout: float = 30.0) -> LRPProcess:
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            if not port_open(self.port):
+                return False
+            try:
+                return request(self.port, "/-/health", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, timeout, message=f"the server on port {self.port}")
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, **kwargs) -> Response:
+        return request(self.port, path, **kwargs)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, number=signal.SIGTERM) -> None:
+        self.proc.send_signal(number)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"server still running after {timeout} s:\n{self.output()}"
+            ) from None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.wait_exit(timeout)
+        self._log.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+
+def run_to_exit(
+    *args: str,
+    env: dict | None = None,
+    timeout: float = 60.0,
+    settings="testsite.settings",
+    cwd: Path | None = None,
+) -> tuple[int, str]:
+    """Start a server that is expected to fail; return (exit code, output)."""
+    server = LRPProcess(*args, env=env, settings=settings, cwd=cwd)
+    server.start(wait=False)
+    try:
+        code = server.proc.wait(timeout)
+    finally:
+        server.kill()
+    return code, server.output()

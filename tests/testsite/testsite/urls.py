@@ -1,0 +1,16 @@
+from django.urls import path
+
+from testapp import views
+
+urlpatterns = [
+    path("", views.hello),
+    path("hello", views.hello),
+    path("sleep", views.sleep),
+    path("hook", views.hook),
+    path("environ", views.environ),
+    path("body", views.body),
+    path("outbound", views.outbound),
+    path("stream", views.stream),
+    path("error", views.error),
+    path("db", views.db),
+]

@@ -1,0 +1,33 @@
+"""
+twistedlrp: a Twisted application server for Django.
+
+The public surface is small: :func:`call_in_reactor` to reach the reactor
+from a view or a job, :func:`make_service` to build the server in a ``.tac``
+file, and the modules :mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http`
+and :mod:`twistedlrp.jobs`.
+"""
+
+from twistedlrp.threads import ShutdownInProgress, call_in_reactor
+
+__version__ = "0.1.0"
+__all__ = ["ShutdownInProgress", "call_in_reactor", "make_service", "__version__"]
+
+
+def make_service(**options):
+    """
+    Build the server's service tree from keyword options named like the
+    command-line options (C{listen=["tcp:8000"]}, C{threads=16},
+    C{graceful_timeout=10}, ...), with the same defaults and checks.
+    Django is set up before it returns. For a C{.tac} file::
+
+        application = service.Application("lrp")
+        make_service(settings="mysite.settings").setServiceParent(application)
+
+    @return: an L{twisted.application.service.IService}.
+    @raise twisted.python.usage.UsageError: an unknown option or a bad value.
+    @raise twistedlrp.boot.BootError: Django could not be set up.
+    """
+    from twistedlrp.options import options_from_kwargs
+    from twistedlrp.tap import build_server
+
+    return build_server(options_from_kwargs(**options))

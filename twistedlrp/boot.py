@@ -1,0 +1,256 @@
+"""
+Setting Django up before the server accepts a connection (DESIGN.md,
+start-up steps 1 to 3), in the main thread, before the reactor runs.
+
+Every failure here raises :class:`BootError` with a message fit for one line
+of a terminal; the tap turns it into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class BootError(Exception):
+    """Django could not be set up; the message says why, for the terminal."""
+
+
+def prepare_path(pythonpath: list[str]) -> None:
+    """Put the working directory and each C{--pythonpath} entry on sys.path."""
+    for entry in reversed([os.getcwd(), *pythonpath]):
+        entry = os.path.abspath(entry)
+        if entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
+
+
+def configure_settings(settings_module: str | None) -> str:
+    """
+    Set C{DJANGO_SETTINGS_MODULE} and import the settings module, once.
+
+    @return: the settings module's dotted path.
+    @raise BootError: no module is named, or it cannot be imported.
+    """
+    if not settings_module:
+        raise BootError("no Django settings: pass --settings MODULE or set DJANGO_SETTINGS_MODULE")
+    os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    try:
+        importlib.import_module(settings_module)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name and settings_module.startswith(e.name):
+            raise BootError(
+                f"cannot import settings module {settings_module!r}: no module named {e.name!r} "
+                f"(is its folder the working directory or given with --pythonpath?)"
+            ) from None
+        raise BootError(
+            f"cannot import settings module {settings_module!r}: {_last_line(e)}"
+        ) from None
+    except Exception as e:
+        raise BootError(
+            f"settings module {settings_module!r} failed to import: {_last_line(e)}"
+        ) from None
+    return settings_module
+
+
+def setup_django() -> None:
+    """
+    Run C{django.setup()}, the system checks, the migration check, and load
+    the URLconf, then close the main thread's database connections.
+
+    @raise BootError: set-up failed or a system check reported an error.
+    """
+    import django
+
+    try:
+        django.setup()
+    except Exception as e:
+        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+    run_system_checks()
+    warn_unapplied_migrations()
+    load_urlconf()
+    close_connections()
+
+
+def run_system_checks() -> None:
+    """
+    Run Django's system checks: errors abort, warnings are logged.
+
+    @raise BootError: with every error's message, one per line.
+    """
+    from django.core import checks
+
+    try:
+        messages = checks.run_checks(include_deployment_checks=False)
+    except Exception as e:
+        raise BootError(f"the system checks crashed: {_last_line(e)}\n{_traceback()}") from None
+    errors = [m for m in messages if m.level >= checks.ERROR and not m.is_silenced()]
+    for message in messages:
+        if (
+            message.level < checks.ERROR
+            and message.level >= checks.WARNING
+            and not message.is_silenced()
+        ):
+            log.warn("System check: {message}", message=str(message))
+    if errors:
+        lines = "\n".join(f"  {m}" for m in errors)
+        count = len(errors)
+        raise BootError(f"system check found {count} error{'s' if count > 1 else ''}:\n{lines}")
+
+
+def warn_unapplied_migrations() -> None:
+    """Log a warning for each database with unapplied migrations."""
+    from django.conf import settings
+    from django.db import DEFAULT_DB_ALIAS, connections
+    from django.db.migrations.executor import MigrationExecutor
+
+    for alias in settings.DATABASES:
+        try:
+            executor = MigrationExecutor(connections[alias])
+            plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+        except Exception as e:
+            log.warn(
+                "Could not check migrations of database {alias!r}: {error}",
+                alias=alias,
+                error=_last_line(e),
+            )
+            continue
+        if plan:
+            apps = sorted({migration.app_label for migration, _ in plan})
+            log.warn(
+                "Database {alias!r} has {count} unapplied migration(s) for app(s) {apps}; "
+                "run 'python manage.py migrate{database}'.",
+                alias=alias,
+                count=len(plan),
+                apps=", ".join(apps),
+                database="" if alias == DEFAULT_DB_ALIAS else f" --database {alias}",
+            )
+
+
+def load_urlconf() -> None:
+    """
+    Import the root URLconf and everything it includes, and resolve once, so
+    that no request pays for (or races) the first import.
+
+    @raise BootError: the URLconf cannot be imported.
+    """
+    from django.urls import Resolver404, get_resolver
+
+    try:
+        resolver = get_resolver()
+        resolver.url_patterns  # noqa: B018 - imports the URLconf module
+        resolver._populate()
+        try:
+            resolver.resolve("/")
+        except Resolver404:
+            pass
+    except Exception as e:
+        raise BootError(f"cannot load the URLconf: {_last_line(e)}\n{_traceback()}") from None
+
+
+def load_wsgi_application():
+    """
+    @return: the WSGI application named by C{WSGI_APPLICATION} (Django's own
+        handler when unset), with its middleware loaded.
+    @raise BootError: it cannot be imported.
+    """
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.servers.basehttp import get_internal_wsgi_application
+
+    try:
+        return get_internal_wsgi_application()
+    except ImproperlyConfigured as e:
+        raise BootError(str(e)) from None
+    except Exception as e:
+        raise BootError(
+            f"cannot load the WSGI application: {_last_line(e)}\n{_traceback()}"
+        ) from None
+
+
+def import_app_modules(name: str) -> list[str]:
+    """
+    Import the module C{name} of every installed app that has one (the
+    C{lrp} modules register hooks and services as they import).
+
+    @return: the dotted names of the modules imported.
+    @raise BootError: one of them failed to import.
+    """
+    from django.apps import apps
+    from django.utils.module_loading import module_has_submodule
+
+    imported = []
+    for config in apps.get_app_configs():
+        if not module_has_submodule(config.module, name):
+            continue
+        dotted = f"{config.name}.{name}"
+        try:
+            importlib.import_module(dotted)
+        except Exception as e:
+            raise BootError(f"cannot import {dotted}: {_last_line(e)}\n{_traceback()}") from None
+        imported.append(dotted)
+    return imported
+
+
+def close_connections() -> None:
+    """Close every database connection the calling thread opened."""
+    from django.db import connections
+
+    connections.close_all()
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def _traceback() -> str:
+    return traceback.format_exc().rstrip()
+
+
+def bridge_stdlib_logging() -> None:
+    """
+    Send stdlib logging records of level WARNING and above (Django's
+    ``django.request`` errors among them) to the server log, unless the
+    root logger already has handlers.
+    """
+    import logging
+
+    from twisted.logger import Logger as TwistedLogger
+    from twisted.logger import LogLevel
+
+    root = logging.getLogger()
+    if any(getattr(h, "_twistedlrp", False) for h in root.handlers):
+        return
+
+    levels = [
+        (logging.CRITICAL, LogLevel.critical),
+        (logging.ERROR, LogLevel.error),
+        (logging.WARNING, LogLevel.warn),
+        (logging.INFO, LogLevel.info),
+    ]
+
+    class Handler(logging.Handler):
+        _twistedlrp = True
+
+        def emit(self, record):
+            try:
+                text = record.getMessage()
+                if record.exc_info:
+                    text += "\n" + logging.Formatter().formatException(record.exc_info)
+                level = next(
+                    (lv for number, lv in levels if record.levelno >= number), LogLevel.debug
+                )
+                TwistedLogger(namespace=record.name).emit(level, "{text}", text=text)
+            except Exception:
+                self.handleError(record)
+
+    handler = Handler(level=logging.WARNING)
+    root.addHandler(handler)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)

@@ -1,0 +1,192 @@
+"""
+Outbound HTTP for views and jobs, over connections the reactor keeps open.
+
+Each call runs a treq request in the reactor through
+:func:`twistedlrp.call_in_reactor` and waits for the whole body. The
+connection pool is persistent and lives as long as the process; the server
+closes it at shut-down. ::
+
+    from twistedlrp import http
+
+    response = http.get("https://api.example.com/items", params={"page": 2}, timeout=5)
+    response.raise_for_status()
+    items = response.json()
+"""
+
+from __future__ import annotations
+
+import json as _json
+from typing import Any
+
+from twistedlrp.threads import DEFAULT_TIMEOUT, ShutdownInProgress, call_in_reactor
+
+__all__ = [
+    "HTTPError",
+    "HTTPTimeout",
+    "HTTPConnectionError",
+    "Response",
+    "get",
+    "post",
+    "request",
+]
+
+# Idle connections kept per host and how long they may stay idle.
+MAX_PERSISTENT_PER_HOST = 8
+IDLE_SECONDS = 60
+
+
+class HTTPError(Exception):
+    """A request failed; subclasses say how."""
+
+
+class HTTPTimeout(HTTPError, TimeoutError):
+    """No complete response within the timeout."""
+
+
+class HTTPConnectionError(HTTPError, ConnectionError):
+    """The server could not be reached or dropped the connection."""
+
+
+class HTTPStatusError(HTTPError):
+    """Raised by L{Response.raise_for_status} for 4xx and 5xx answers."""
+
+    def __init__(self, response: Response):
+        super().__init__(f"{response.status_code} for {response.url}")
+        self.response = response
+
+
+class Response:
+    """
+    A complete HTTP response.
+
+    @ivar status_code: the status as an int.
+    @ivar headers: a dict of lower-case header names to their last value.
+    @ivar content: the body as bytes.
+    """
+
+    def __init__(self, url: str, status_code: int, headers: dict[str, str], content: bytes):
+        self.url = url
+        self.status_code = status_code
+        self.headers = headers
+        self.content = content
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code < 400
+
+    @property
+    def encoding(self) -> str:
+        content_type = self.headers.get("content-type", "")
+        for part in content_type.split(";")[1:]:
+            key, _, value = part.strip().partition("=")
+            if key.lower() == "charset" and value:
+                return value.strip('"')
+        return "utf-8"
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(self.encoding, "replace")
+
+    def json(self) -> Any:
+        """@return: the body parsed as JSON. @raise ValueError: it is not JSON."""
+        return _json.loads(self.content)
+
+    def raise_for_status(self) -> Response:
+        """@raise HTTPStatusError: the status is 4xx or 5xx. @return: self."""
+        if self.status_code >= 400:
+            raise HTTPStatusError(self)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<Response [{self.status_code}] {self.url}>"
+
+
+_pool = None
+
+
+def _connection_pool():
+    global _pool
+    if _pool is None:
+        from twisted.internet import reactor
+        from twisted.web.client import HTTPConnectionPool
+
+        _pool = HTTPConnectionPool(reactor, persistent=True)
+        _pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        _pool.cachedConnectionTimeout = IDLE_SECONDS
+        _pool.retryAutomatically = True
+    return _pool
+
+
+def close_connections():
+    """
+    Close the pooled connections (the server calls this at shut-down).
+
+    @return: a Deferred that fires when they are closed.
+    """
+    global _pool
+    from twisted.internet import defer
+
+    pool, _pool = _pool, None
+    if pool is None:
+        return defer.succeed(None)
+    return pool.closeCachedConnections()
+
+
+async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Response:
+    import treq
+    from twisted.internet import defer, error
+
+    try:
+        response = await treq.request(
+            method, url, pool=_connection_pool(), timeout=timeout, **kwargs
+        )
+        body = await treq.content(response)
+    except (defer.CancelledError, error.TimeoutError) as e:
+        raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
+    except (error.ConnectError, error.DNSLookupError, error.ConnectionLost) as e:
+        raise HTTPConnectionError(f"{method} {url}: {e}") from e
+    except Exception as e:
+        name = type(e).__name__
+        if name in ("ResponseNeverReceived", "ResponseFailed", "RequestTransmissionFailed"):
+            reasons = "; ".join(str(r.value) for r in getattr(e, "reasons", [])) or str(e)
+            raise HTTPConnectionError(f"{method} {url}: {reasons}") from e
+        raise
+    headers = {
+        name.decode("latin-1").lower(): values[-1].decode("latin-1")
+        for name, values in response.headers.getAllRawHeaders()
+    }
+    return Response(url, response.code, headers, body)
+
+
+def request(method: str, url: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Response:
+    """
+    Send a request and read the whole response.
+
+    @param kwargs: what C{treq.request} takes: C{params}, C{headers},
+        C{data}, C{json}, C{files}, C{auth}, C{cookies}, C{allow_redirects}.
+    @return: a L{Response}, whatever its status (see
+        L{Response.raise_for_status}).
+    @raise HTTPTimeout: no complete response within C{timeout} seconds.
+    @raise HTTPConnectionError: the host could not be reached or hung up.
+    @raise twistedlrp.ShutdownInProgress: the server is shutting down.
+    """
+    method = method.upper()
+    try:
+        # The reactor-side timeout fires first; the thread-side one is a backstop.
+        return call_in_reactor(_fetch, method, url, kwargs, timeout, timeout=timeout + 5)
+    except ShutdownInProgress:
+        raise
+    except TimeoutError as e:
+        if isinstance(e, HTTPTimeout):
+            raise
+        raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
+
+
+def get(url: str, **kwargs: Any) -> Response:
+    """C{request("GET", url, ...)}."""
+    return request("GET", url, **kwargs)
+
+
+def post(url: str, **kwargs: Any) -> Response:
+    """C{request("POST", url, ...)}."""
+    return request("POST", url, **kwargs)

@@ -1,0 +1,195 @@
+"""
+Reaching the reactor from other threads.
+
+Django code runs in pool threads; reactor-side resources (the job client,
+the outbound HTTP pool, services the site registers) live in the reactor
+thread. :func:`call_in_reactor` is the one bridge between them. Unlike
+``blockingCallFromThread`` it has a timeout, and it fails at once when the
+server is shutting down instead of hanging (Twisted issue 10124).
+
+In a process that has no running reactor (``manage.py shell``, a test,
+another WSGI server) the first call starts the reactor in a daemon thread.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python import threadable
+from twisted.python.failure import Failure
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class ShutdownInProgress(RuntimeError):
+    """The server is shutting down and no longer runs calls in the reactor."""
+
+
+# "server": twistd lrp owns the reactor and runs it in the main thread.
+# "thread": this module started the reactor in a daemon thread.
+_mode: str | None = None
+_shutting_down = False
+_lock = threading.Lock()
+_pending: set[_Call] = set()
+_reactor_thread: threading.Thread | None = None
+
+
+class _Call:
+    """One call waiting in a foreign thread for the reactor's answer."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.deferred: defer.Deferred | None = None
+        self.outcome: Any = None
+        self.failed = False
+
+    def finish(self, outcome, failed: bool) -> None:
+        if self.event.is_set():
+            return
+        self.outcome, self.failed = outcome, failed
+        self.event.set()
+
+    def cancel(self) -> None:
+        if self.deferred is not None and not self.deferred.called:
+            self.deferred.cancel()
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def serving_reactor() -> None:
+    """Note that twistd owns the reactor: never start one in a thread."""
+    global _mode
+    _mode = "server"
+
+
+def in_reactor_thread() -> bool:
+    """@return: whether the caller runs in the reactor thread."""
+    return threadable.isInIOThread()
+
+
+def shutting_down() -> bool:
+    """@return: whether shut-down has begun and calls fail fast."""
+    return _shutting_down
+
+
+def begin_shutdown() -> None:
+    """
+    Make every later L{call_in_reactor} fail with L{ShutdownInProgress} and
+    wake every caller still waiting, with the same error.
+    """
+    global _shutting_down
+    with _lock:
+        _shutting_down = True
+        waiting = list(_pending)
+    for call in waiting:
+        call.finish(ShutdownInProgress("the server is shutting down"), True)
+
+
+def _reset_for_tests() -> None:
+    global _shutting_down
+    _shutting_down = False
+
+
+def _ensure_running(timeout: float) -> None:
+    global _mode, _reactor_thread
+    reactor = _reactor()
+    if reactor.running:
+        return
+    if _mode == "server":
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError(
+                "call_in_reactor() needs a running reactor; the server has not started it "
+                "yet (call it from a view, a job or a hook, not at import time)"
+            )
+        return
+    with _lock:
+        if _reactor_thread is None:
+            started = threading.Event()
+            reactor.callWhenRunning(started.set)
+            _mode = "thread"
+            _reactor_thread = threading.Thread(
+                target=reactor.run,
+                kwargs={"installSignalHandlers": False},
+                name="twistedlrp-reactor",
+                daemon=True,
+            )
+            _reactor_thread.start()
+            if not started.wait(timeout):
+                raise TimeoutError(f"the reactor did not start within {timeout} s")
+
+
+def call_in_reactor(
+    fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any
+) -> Any:
+    """
+    Run C{fn(*args, **kwargs)} in the reactor thread and wait for its result.
+
+    C{fn} may return a plain value, a Deferred or a coroutine; the result is
+    what the Deferred or coroutine finally produces.
+
+    @param timeout: seconds to wait; on expiry the Deferred is cancelled.
+    @return: the result of C{fn}.
+    @raise TimeoutError: no result within C{timeout} seconds.
+    @raise ShutdownInProgress: the server is shutting down.
+    @raise RuntimeError: called from the reactor thread itself (that would
+        deadlock: use the Deferred directly there).
+    @raise Exception: whatever C{fn} raised or its Deferred failed with.
+    """
+    if in_reactor_thread():
+        raise RuntimeError(
+            "call_in_reactor() was called from the reactor thread; call the function directly"
+        )
+    if _shutting_down:
+        raise ShutdownInProgress("the server is shutting down")
+    _ensure_running(timeout)
+    call = _Call()
+    with _lock:
+        _pending.add(call)
+
+    def run_in_reactor():
+        if _shutting_down:
+            call.finish(ShutdownInProgress("the server is shutting down"), True)
+            return
+        try:
+            result = fn(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result = defer.Deferred.fromCoroutine(result)
+        except BaseException:
+            call.finish(Failure(), True)
+            return
+        if isinstance(result, defer.Deferred):
+            call.deferred = result
+
+            def done(outcome):
+                call.finish(outcome, isinstance(outcome, Failure))
+
+            result.addBoth(done)
+        else:
+            call.finish(result, False)
+
+    try:
+        _reactor().callFromThread(run_in_reactor)
+        if not call.event.wait(timeout):
+            _reactor().callFromThread(call.cancel)
+            raise TimeoutError(f"{_describe(fn)} did not finish within {timeout} s")
+    finally:
+        with _lock:
+            _pending.discard(call)
+    if call.failed:
+        outcome = call.outcome
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        raise outcome
+    return call.outcome
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

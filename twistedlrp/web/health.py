@@ -1,0 +1,55 @@
+"""
+The health endpoint, answered by the reactor without taking a pool thread.
+
+It returns JSON and the status code a load balancer acts on: 200 while the
+server runs, 503 while it starts or stops.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from twisted.web.resource import Resource
+
+
+class HealthResource(Resource):
+    """
+    @param server_state: returns C{"starting"}, C{"running"} or C{"stopping"}.
+    @param pool: the WSGI thread pool, whose counts are reported.
+    @param started_at: the reactor time the process started at.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor, server_state: Callable[[], str], pool, started_at: float):
+        super().__init__()
+        self._reactor = reactor
+        self._server_state = server_state
+        self._pool = pool
+        self._started_at = started_at
+        # name -> callable returning a JSON-able dict, for other components
+        # (the job service adds its counts here).
+        self.sections: dict[str, Callable[[], dict]] = {}
+
+    def render(self, request):
+        state = self._server_state()
+        body = {
+            "status": state,
+            "pid": os.getpid(),
+            "uptime": round(self._reactor.seconds() - self._started_at, 3),
+        }
+        if self._pool is not None:
+            stats = self._pool.stats()
+            body["threads"] = {"busy": stats["busy"], "idle": stats["idle"], "size": stats["size"]}
+            body["waiting"] = stats["waiting"]
+        for name, section in self.sections.items():
+            try:
+                body[name] = section()
+            except Exception as e:
+                body[name] = {"error": str(e)}
+        request.setResponseCode(200 if state == "running" else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode() + b"\n"

@@ -1,0 +1,138 @@
+"""
+The thread pool that runs the WSGI application.
+
+Unlike ``twisted.python.threadpool.ThreadPool`` it bounds how many requests
+may wait for a thread (so an overloaded server answers 503 at once instead of
+queueing without limit), reports busy, idle and waiting counts for the health
+endpoint, runs a clean-up in each thread as it exits (Django keeps one
+database connection per thread), and never blocks the reactor when it stops:
+:meth:`ThreadPool.stop` returns a Deferred instead of joining threads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+_STOP = object()
+
+
+class ThreadPool:
+    """
+    C{size} daemon threads taking work from one queue.
+
+    @ivar busy: threads running a task now.
+    @ivar waiting: tasks accepted but not yet taken by a thread.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        size: int,
+        max_waiting: int,
+        name: str = "lrp-web",
+        on_thread_exit: Callable[[], None] | None = None,
+    ):
+        self._reactor = reactor
+        self.size = size
+        self.max_waiting = max_waiting
+        self.name = name
+        self._on_thread_exit = on_thread_exit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.busy = 0
+        self.waiting = 0
+        self._alive = 0
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._stop_waiters: list[defer.Deferred] = []
+        self.started = False
+
+    @property
+    def idle(self) -> int:
+        return max(0, self._alive - self.busy)
+
+    def start(self) -> None:
+        """Start the threads (call it after daemonising, never before)."""
+        if self.started:
+            return
+        self.started = True
+        for number in range(self.size):
+            thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)
+            self._alive += 1
+            self._threads.append(thread)
+            thread.start()
+
+    def submit(self, task: Callable[[], None]) -> bool:
+        """
+        Queue C{task} for a thread, unless too many tasks are waiting already.
+
+        @return: C{True} if accepted, C{False} if the pool is saturated (or
+            stopped) and the caller should shed the load.
+        """
+        with self._lock:
+            if self._stopping or not self.started:
+                return False
+            if self.waiting >= self.idle + self.max_waiting:
+                return False
+            self.waiting += 1
+        self._queue.put(task)
+        return True
+
+    def _work(self) -> None:
+        try:
+            while True:
+                task = self._queue.get()
+                if task is _STOP:
+                    return
+                with self._lock:
+                    self.waiting -= 1
+                    self.busy += 1
+                try:
+                    task()
+                except BaseException:
+                    log.failure("Unhandled error in a {pool} thread", pool=self.name)
+                finally:
+                    with self._lock:
+                        self.busy -= 1
+        finally:
+            if self._on_thread_exit is not None:
+                try:
+                    self._on_thread_exit()
+                except BaseException:
+                    log.failure("Error while a {pool} thread was exiting", pool=self.name)
+            self._reactor.callFromThread(self._thread_exited)
+
+    def _thread_exited(self) -> None:
+        self._alive -= 1
+        if self._alive == 0 and self._stopping:
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def stop(self) -> defer.Deferred:
+        """
+        Let the threads finish what they run and what is queued, then exit.
+
+        @return: a Deferred that fires once every thread has exited. It never
+            blocks the reactor; the caller bounds it with its own deadline.
+        """
+        if not self._stopping:
+            self._stopping = True
+            for _ in range(self._alive):
+                self._queue.put(_STOP)
+        waiter = defer.Deferred()
+        if self._alive == 0:
+            waiter.callback(None)
+        else:
+            self._stop_waiters.append(waiter)
+        return waiter
+
+    def stats(self) -> dict:
+        return {"busy": self.busy, "idle": self.idle, "waiting": self.waiting, "size": self.size}

@@ -1,0 +1,375 @@
+"""
+The HTTP side of the server: connections, requests and where each goes.
+
+A request is routed by path: the health endpoint and static files are
+answered in the reactor; everything else goes to the WSGI container, which
+runs Django in the thread pool. This module also enforces the body size
+limit (413 before the body is read), decides which forwarded headers to
+trust, writes the access log, and drains connections at shut-down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from twistedlrp.web import static
+
+log = Logger()
+access_log = Logger(namespace="twistedlrp.access")
+
+SERVER_HEADER = b"twistedlrp"
+# Seconds an idle keep-alive connection stays open.
+KEEP_ALIVE_TIMEOUT = 60
+# Seconds we keep reading (and discarding) an oversized body after the 413,
+# so the client reads our answer instead of a connection reset.
+_LINGER_SECONDS = 5.0
+
+
+class _Discard:
+    """A request body sink that keeps nothing (for refused bodies)."""
+
+    def write(self, data):
+        pass
+
+    def seek(self, *args):
+        return 0
+
+    def tell(self):
+        return 0
+
+    def read(self, *args):
+        return b""
+
+    def close(self):
+        pass
+
+
+class TrustedProxies:
+    """The addresses whose X-Forwarded-* headers are believed."""
+
+    def __init__(self, allowed: list[str]):
+        self.everyone = "*" in allowed
+        self.networks = [ipaddress.ip_network(a, strict=False) for a in allowed if a != "*"]
+
+    def __contains__(self, address: str) -> bool:
+        if self.everyone:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+class LRPRequest(server.Request):
+    """A request that enforces the body limit and knows its real client."""
+
+    # Django parses bodies itself; twisted.web would parse form posts again.
+    _parsePOSTFormSubmission = False
+    defaultContentType = None
+    lrp_rejected = False
+    lrp_client = ""
+    lrp_scheme = "http"
+
+    def gotLength(self, length):
+        self._lrp_received = 0
+        site = self.channel.site
+        if length is not None and length > site.max_body_size:
+            self._refuse_body()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        if self.lrp_rejected:
+            return
+        self._lrp_received += len(data)
+        if self._lrp_received > self.channel.site.max_body_size:
+            # A chunked body with no declared length grew past the limit.
+            self.content.close()
+            self._refuse_body()
+            return
+        self.content.write(data)
+
+    def _refuse_body(self) -> None:
+        self.lrp_rejected = True
+        self.content = _Discard()
+        channel = self.channel
+        channel.persistent = False
+        body = b"Request body too large.\n"
+        channel.transport.write(
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        self.code = 413
+        self.sentLength = len(body)
+        # Read the rest of the body (and drop it) for a little while, then close.
+        channel.site.reactor.callLater(_LINGER_SECONDS, channel.transport.abortConnection)
+
+    def requestReceived(self, command, path, version):
+        if self.lrp_rejected:
+            self.method, self.uri, self.clientproto = command, path, version
+            self.path = path.split(b"?", 1)[0]
+            self.channel.site.log(self)
+            self.channel.transport.loseConnection()
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self):
+        site = self.channel.site
+        self.site = site
+        self.setHeader(b"server", SERVER_HEADER)
+        self.setHeader(b"date", http.datetimeToString())
+        self.lrp_client, self.lrp_scheme = site.client_of(self)
+        self.prepath = []
+        self.postpath = []
+        try:
+            body = site.root.route(self)
+            if body is not server.NOT_DONE_YET:
+                if body:
+                    self.setHeader(b"content-length", b"%d" % len(body))
+                    self.write(body)
+                self.finish()
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            self.processingFailed(Failure())
+
+    def processingFailed(self, reason):
+        log.failure("Error while routing {uri}", failure=reason, uri=self.uri)
+        if self.startedWriting:
+            self.channel.transport.abortConnection()
+            return
+        body = b"Internal Server Error\n"
+        self.setResponseCode(500)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+        return reason
+
+
+class LRPChannel(http.HTTPChannel):
+    """An HTTP connection the site keeps track of, to drain it at shut-down."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.site.channels.add(self)
+
+    def connectionLost(self, reason):
+        self.site.channels.discard(self)
+        super().connectionLost(reason)
+        self.site.channel_closed()
+
+    def _send100Continue(self):
+        if self.requests and self.requests[-1].lrp_rejected:
+            return
+        super()._send100Continue()
+
+    @property
+    def idle(self) -> bool:
+        return not self.requests
+
+
+class Router(Resource):
+    """Send a request to the health endpoint, static files or the application."""
+
+    isLeaf = True
+
+    def __init__(self, health_path: str, health, statics: list, application):
+        super().__init__()
+        self._health_path = health_path.encode()
+        self._health = health
+        # Longest prefix first, so /static/admin/ wins over /static/.
+        self._statics = sorted(
+            ((prefix.encode(), static.make_static(directory)) for prefix, directory in statics),
+            key=lambda item: -len(item[0]),
+        )
+        self._application = application
+
+    def route(self, request):
+        path = request.path
+        if path == self._health_path:
+            return self._health.render(request)
+        for prefix, files in self._statics:
+            if path.startswith(prefix) or path + b"/" == prefix:
+                if request.method not in (b"GET", b"HEAD"):
+                    request.setResponseCode(405)
+                    request.setHeader(b"allow", b"GET, HEAD")
+                    return b"Method Not Allowed\n"
+                rest = path[len(prefix) :].lstrip(b"/")
+                request.prepath = [s for s in prefix.split(b"/") if s]
+                segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
+                return static.serve(files, request, segments)
+        return self._application.render(request)
+
+
+class LRPSite(server.Site):
+    """
+    The twisted.web Site of the server.
+
+    @ivar channels: the open connections.
+    """
+
+    protocol = LRPChannel
+    requestFactory = LRPRequest
+
+    def __init__(
+        self,
+        reactor,
+        root: Router,
+        *,
+        max_body_size: int,
+        proxy_headers: bool,
+        forwarded_allow_ips: list[str],
+        access_log_path: str | None,
+    ):
+        super().__init__(root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor)
+        self.root = root
+        self.noisy = False
+        self.displayTracebacks = False
+        self.max_body_size = max_body_size
+        self.proxy_headers = proxy_headers
+        self.trusted = TrustedProxies(forwarded_allow_ips)
+        self.channels: set[LRPChannel] = set()
+        self._drained: defer.Deferred | None = None
+        self._access_log_path = access_log_path
+        self._access_file = None
+        self._flush_call = None
+
+    # -- addresses ------------------------------------------------------
+
+    def client_of(self, request) -> tuple[str, str]:
+        """
+        @return: the client address and URL scheme of C{request}, from the
+            forwarded headers only when the peer is a trusted proxy.
+        """
+        peer = request.getClientAddress()
+        if isinstance(peer, IPv4Address | IPv6Address):
+            client, trusted = peer.host, self.proxy_headers and peer.host in self.trusted
+        else:
+            # A UNIX socket peer is a local proxy (nginx, say).
+            client, trusted = "", self.proxy_headers
+        scheme = "https" if request.isSecure() else "http"
+        if not trusted:
+            return client, scheme
+        headers = request.requestHeaders
+        forwarded_for = headers.getRawHeaders(b"x-forwarded-for")
+        if forwarded_for:
+            hops = [
+                hop.strip()
+                for hop in b",".join(forwarded_for).decode("latin-1").split(",")
+                if hop.strip()
+            ]
+            # Walk back from the nearest hop: the first one that is not a
+            # trusted proxy is the client; earlier entries may be forged.
+            for hop in reversed(hops):
+                client = hop
+                if hop not in self.trusted:
+                    break
+        proto = headers.getRawHeaders(b"x-forwarded-proto")
+        if proto:
+            value = proto[-1].decode("latin-1").split(",")[-1].strip().lower()
+            if value in ("http", "https"):
+                scheme = value
+        return client, scheme
+
+    # -- access log -----------------------------------------------------
+
+    def startFactory(self):
+        super().startFactory()
+        path = self._access_log_path
+        if path and path != "-" and self._access_file is None:
+            self._access_file = open(path, "a", encoding="utf-8")
+            self._flush_call = self.reactor.callLater(1, self._flush_access_log)
+
+    def stopFactory(self):
+        super().stopFactory()
+        self.close_access_log()
+
+    def _flush_access_log(self):
+        if self._access_file is not None:
+            self._access_file.flush()
+            self._flush_call = self.reactor.callLater(1, self._flush_access_log)
+
+    def close_access_log(self):
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self._access_file is not None:
+            self._access_file.close()
+            self._access_file = None
+
+    def _openLogFile(self, path):
+        return None
+
+    def log(self, request):
+        if not self._access_log_path:
+            return
+        line = _combined_line(request, self._logDateTime or http.datetimeToLogString())
+        if self._access_file is not None:
+            self._access_file.write(line + "\n")
+        elif self._access_log_path == "-":
+            access_log.info("{line}", line=line)
+
+    # -- shut-down ------------------------------------------------------
+
+    def drain(self) -> defer.Deferred:
+        """
+        Close idle connections now and the busy ones once their response is
+        sent (each answered with C{Connection: close}).
+
+        @return: a Deferred that fires when no connection is left.
+        """
+        for channel in list(self.channels):
+            channel.persistent = False
+            channel.setTimeout(None)
+            if channel.idle:
+                channel.transport.loseConnection()
+            else:
+                for request in channel.requests:
+                    if not request.startedWriting:
+                        request.setHeader(b"connection", b"close")
+        self._drained = defer.Deferred()
+        self.channel_closed()
+        return self._drained
+
+    def channel_closed(self) -> None:
+        if self._drained is not None and not self.channels and not self._drained.called:
+            self._drained.callback(None)
+
+    def abort_all(self) -> None:
+        """Cut every remaining connection (the graceful deadline has passed)."""
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
+
+
+def _quote(value: bytes | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _combined_line(request, timestamp: str) -> str:
+    length = request.sentLength or "-"
+    return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
+        request.lrp_client or "-",
+        timestamp,
+        _quote(request.method),
+        _quote(request.uri),
+        _quote(request.clientproto),
+        request.code,
+        length,
+        _quote(request.getHeader(b"referer") or "-"),
+        _quote(request.getHeader(b"user-agent") or "-"),
+    )

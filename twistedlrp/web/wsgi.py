@@ -1,0 +1,298 @@
+"""
+The WSGI container: runs the application in the thread pool and hands the
+response back to the reactor.
+
+``twisted.web.wsgi`` makes one blocking round trip to the reactor for every
+``write``; that hand-off is most of its cost (see DESIGN.md). Here the whole
+application call runs in a pool thread and a response that is not streamed
+is delivered to the reactor in a single ``callFromThread``. Streaming
+responses (``StreamingHttpResponse``, ``FileResponse``, any iterable that is
+not a list) are written chunk by chunk with flow control instead.
+"""
+
+from __future__ import annotations
+
+import threading
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+log = Logger()
+
+# Seconds a streaming write may wait for the reactor or a slow client.
+_STREAM_WRITE_TIMEOUT = 60.0
+_NO_BODY_STATUSES = {204, 304}
+
+
+class _ErrorStream:
+    """C{wsgi.errors}: what the application writes there goes to the log."""
+
+    def write(self, text):
+        text = text.rstrip("\n") if isinstance(text, str) else repr(text)
+        if text:
+            log.error("{text}", text=text)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def flush(self):
+        pass
+
+
+_ERRORS = _ErrorStream()
+
+
+def build_environ(request, remote_addr: str, scheme: str) -> dict:
+    """
+    @return: the PEP 3333 environ for a twisted.web C{request}, built in the
+        reactor thread before the request is handed to a pool thread.
+    """
+    path, _, query = request.uri.partition(b"?")
+    host = request.getHost()
+    server_port = str(getattr(host, "port", "") or "")
+    server_name = getattr(host, "host", None) or "localhost"
+    environ = {
+        "REQUEST_METHOD": request.method.decode("latin-1"),
+        "SCRIPT_NAME": "",
+        "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+        "QUERY_STRING": query.decode("latin-1"),
+        "SERVER_NAME": server_name,
+        "SERVER_PORT": server_port or ("443" if scheme == "https" else "80"),
+        "SERVER_PROTOCOL": request.clientproto.decode("latin-1"),
+        "REMOTE_ADDR": remote_addr,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.input": request.content,
+        "wsgi.errors": _ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": False,
+        "wsgi.run_once": False,
+    }
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        key = name.decode("latin-1").upper()
+        # A header spelled with "_" would collide with its "-" twin (and could
+        # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
+        if "_" in key:
+            continue
+        key = key.replace("-", "_")
+        value = ",".join(v.decode("latin-1") for v in values)
+        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
+            environ[key] = value
+        else:
+            environ["HTTP_" + key] = value
+    return environ
+
+
+class WSGIResource(Resource):
+    """
+    A leaf resource that answers every request with C{application}.
+
+    @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
+    @param on_saturated: called with the request when the pool refuses it.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor, pool, application, on_saturated):
+        super().__init__()
+        self._reactor = reactor
+        self._pool = pool
+        self._application = application
+        self._on_saturated = on_saturated
+
+    def render(self, request):
+        environ = build_environ(request, request.lrp_client, request.lrp_scheme)
+        response = _WSGIResponse(self._reactor, request, self._application, environ)
+        if not self._pool.submit(response.run):
+            return self._on_saturated(request)
+        request.notifyFinish().addErrback(response.connection_lost)
+        return NOT_DONE_YET
+
+
+class _WSGIResponse:
+    """One application call: runs in a pool thread, answers in the reactor."""
+
+    def __init__(self, reactor, request, application, environ):
+        self._reactor = reactor
+        self._request = request
+        self._application = application
+        self._environ = environ
+        self._status: str | None = None
+        self._headers: list | None = None
+        self._headers_sent = False
+        self._written: list[bytes] = []
+        self._streaming = False
+        self.disconnected = False
+        self._resumed = threading.Event()
+        self._resumed.set()
+
+    # -- reactor thread -------------------------------------------------
+
+    def connection_lost(self, reason):
+        self.disconnected = True
+        self._resumed.set()
+
+    def _send_headers(self, status: str, headers: list) -> None:
+        request = self._request
+        code_text, _, reason = status.partition(" ")
+        request.setResponseCode(int(code_text), reason.encode("latin-1"))
+        response_headers = request.responseHeaders
+        for name, _ in headers:
+            if name.lower() in ("server", "date"):
+                response_headers.removeHeader(name)
+        for name, value in headers:
+            response_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+
+    def _deliver(self, status: str, headers: list, body: bytes) -> None:
+        request = self._request
+        if self.disconnected:
+            return
+        self._send_headers(status, headers)
+        code = request.code
+        if (
+            not request.responseHeaders.hasHeader(b"content-length")
+            and code not in _NO_BODY_STATUSES
+            and code >= 200
+        ):
+            request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        if body:
+            request.write(body)
+        request.finish()
+
+    def _start_stream(self, status: str, headers: list, done: threading.Event) -> None:
+        if not self.disconnected:
+            self._send_headers(status, headers)
+            self._request.registerProducer(self, True)
+        done.set()
+
+    def _write_chunk(self, data: bytes, done: threading.Event) -> None:
+        if not self.disconnected:
+            self._request.write(data)
+        done.set()
+
+    def _finish_stream(self) -> None:
+        if self.disconnected:
+            return
+        self._request.unregisterProducer()
+        self._request.finish()
+
+    def _abort(self) -> None:
+        if not self.disconnected:
+            transport = self._request.channel and self._request.channel.transport
+            if transport is not None:
+                transport.abortConnection()
+
+    # IPushProducer, so a slow client slows a streaming response down.
+    def pauseProducing(self):
+        self._resumed.clear()
+
+    def resumeProducing(self):
+        self._resumed.set()
+
+    def stopProducing(self):
+        self.disconnected = True
+        self._resumed.set()
+
+    # -- pool thread ----------------------------------------------------
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self._headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self._status is not None:
+            raise RuntimeError("start_response() was called twice without exc_info")
+        if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit():
+            raise ValueError(f"bad WSGI status {status!r}")
+        self._status = status
+        self._headers = list(headers)
+        return self._legacy_write
+
+    def _legacy_write(self, data: bytes) -> None:
+        # The write() callable of PEP 3333, used by old frameworks.
+        if not self._streaming:
+            self._begin_stream()
+        self._stream(data)
+
+    def _call_and_wait(self, fn, *args) -> None:
+        done = threading.Event()
+        self._reactor.callFromThread(fn, *args, done)
+        if not done.wait(_STREAM_WRITE_TIMEOUT):
+            self.disconnected = True
+            raise ConnectionError("the reactor did not take a response chunk in time")
+
+    def _begin_stream(self) -> None:
+        if self._status is None:
+            raise RuntimeError("the application wrote before calling start_response()")
+        self._streaming = True
+        self._headers_sent = True
+        self._call_and_wait(self._start_stream, self._status, self._headers)
+        for chunk in self._written:
+            self._stream(chunk)
+        self._written = []
+
+    def _stream(self, data: bytes) -> None:
+        if self.disconnected or not data:
+            return
+        if not self._resumed.wait(_STREAM_WRITE_TIMEOUT):
+            self.disconnected = True
+            raise ConnectionError("the client did not read the response in time")
+        self._call_and_wait(self._write_chunk, data)
+
+    def run(self) -> None:
+        if self.disconnected:
+            return
+        result = None
+        try:
+            result = self._application(self._environ, self.start_response)
+            buffered = (
+                isinstance(result, list | tuple) or getattr(result, "streaming", None) is False
+            )
+            for chunk in result:
+                if self.disconnected:
+                    break
+                if not isinstance(chunk, bytes):
+                    raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
+                if self._streaming:
+                    self._stream(chunk)
+                elif buffered:
+                    self._written.append(chunk)
+                elif chunk:
+                    self._written.append(chunk)
+                    self._begin_stream()
+            if self._status is None:
+                raise RuntimeError("the application returned without calling start_response()")
+        except BaseException:
+            log.failure(
+                "Error in the WSGI application for {method} {path}",
+                method=self._environ["REQUEST_METHOD"],
+                path=self._environ["PATH_INFO"],
+            )
+            self._fail()
+            return
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except BaseException:
+                    log.failure("Error while closing the WSGI response")
+        if self._streaming:
+            self._reactor.callFromThread(self._finish_stream)
+        else:
+            self._reactor.callFromThread(
+                self._deliver, self._status, self._headers, b"".join(self._written)
+            )
+
+    def _fail(self) -> None:
+        if self._headers_sent:
+            self._reactor.callFromThread(self._abort)
+            return
+        body = b"Internal Server Error\n"
+        headers = [("Content-Type", "text/plain; charset=utf-8")]
+        self._reactor.callFromThread(self._deliver, "500 Internal Server Error", headers, body)
