@@ -278,6 +278,9 @@ class Options(usage.Options):
     # -- after parsing --------------------------------------------------
 
     def postOptions(self):
+        # What the command line gave, before the file adds to it (the reload
+        # supervisor passes these on to its servers, with --config).
+        self.command_line = set(self._explicit)
         if self["config"]:
             self.apply_config_file(self["config"])
         self.check()

@@ -1,0 +1,230 @@
+"""
+The server process that the reload supervisor runs::
+
+    python -m twistedlrp.reload.child LRP-ARGUMENTS...
+
+runs C{twistd --nodaemon --pidfile= lrp LRP-ARGUMENTS...} with three
+additions, all steered by the supervisor through the environment:
+
+ - it starts a new session, so that the supervisor can end the server and
+   its job workers together by process group, and a Ctrl-C on the terminal
+   reaches the supervisor only;
+ - it sets C{LISTEN_PID} to its own pid before Twisted reads it, so the
+   C{systemd:} endpoints in its C{--listen} options adopt the sockets the
+   supervisor bound and passed as file descriptors 3, 4, ...;
+ - it reports to the supervisor, one JSON object a line on the report
+   descriptor: C{{"event": "booted", "files": [...]}} once Django is set up
+   (the files are those of every imported module), C{{"event": "failed",
+   "error": ..., "files": [...]}} when set-up fails (with the files named in
+   the traceback), and C{{"event": "files", ...}} when modules are imported
+   later. After "booted" it waits, before its reactor runs, until the
+   supervisor writes to the gate descriptor: the supervisor lets it start
+   only once the previous server is gone. End of file on the gate (the
+   supervisor died) stops the server gracefully.
+
+This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
+L{twisted.internet.endpoints} reads the environment once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+# Set by the supervisor: "REPORT_FD,GATE_FD".
+FDS_VARIABLE = "LRP_RELOAD_FDS"
+# How often the running server looks for newly imported modules.
+FILES_INTERVAL = 2.0
+
+_TRACEBACK_FILE = re.compile(r'File "([^"]+)", line \d+')
+
+
+class _Channel:
+    """The two pipes to the supervisor."""
+
+    def __init__(self, report_fd: int, gate_fd: int):
+        self.report_fd = report_fd
+        self.gate_fd = gate_fd
+        self.reported: set[str] = set()
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode("utf-8")
+        try:
+            while data:
+                written = os.write(self.report_fd, data)
+                data = data[written:]
+        except OSError:
+            pass  # The supervisor is gone; the gate tells us so.
+
+    def send_files(self, event: str, **extra) -> None:
+        files = imported_files() - self.reported
+        self.reported |= files
+        if files or event != "files":
+            self.send({"event": event, "pid": os.getpid(), "files": sorted(files), **extra})
+
+    def wait_for_gate(self) -> bool:
+        """
+        Block until the supervisor says go (the reactor does not run yet).
+
+        @return: C{False} if the supervisor closed the gate instead.
+        """
+        while True:
+            try:
+                return bool(os.read(self.gate_fd, 64))
+            except InterruptedError:
+                continue
+            except OSError:
+                return False
+
+
+def imported_files() -> set[str]:
+    """The source files of the modules imported so far, standard library excluded."""
+    import sysconfig
+
+    stdlib = tuple(
+        os.path.realpath(p) + os.sep
+        for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+    )
+    files = set()
+    for module in list(sys.modules.values()):
+        spec = getattr(module, "__spec__", None)
+        path = getattr(spec, "origin", None) if spec is not None else None
+        if not path or not getattr(spec, "has_location", False):
+            path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or not path.endswith(".py"):
+            continue
+        path = os.path.realpath(path)
+        if path.startswith(stdlib) and "site-packages" not in path:
+            continue
+        files.add(path)
+    return files
+
+
+def traceback_files(text: str) -> list[str]:
+    """The files a traceback (or a SyntaxError message) names."""
+    files = [m.group(1) for m in _TRACEBACK_FILE.finditer(text)]
+    return [os.path.realpath(f) for f in files if os.path.isfile(f)]
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        return str(error.code) if error.code not in (None, 0, 1) else ""
+    import traceback
+
+    return "".join(traceback.format_exception(error))
+
+
+def _wrap_make_service(channel: _Channel) -> None:
+    import twistedlrp.tap as tap
+
+    original = tap.makeService
+
+    def make_service(options):
+        # The child is the server: a `reload = true` in a --config file
+        # must not make it a supervisor too.
+        options["reload"] = False
+        try:
+            service = original(options)
+        except BaseException as e:
+            text = _error_text(e)
+            extra = traceback_files(text)
+            cause = e
+            for _ in range(10):  # the exception chain, bounded
+                if cause is None:
+                    break
+                if isinstance(cause, SyntaxError) and cause.filename:
+                    extra.append(os.path.realpath(cause.filename))
+                cause = cause.__cause__ or cause.__context__
+            channel.send_files("failed", error=text, extra=extra)
+            raise
+        channel.send_files("booted")
+        if not channel.wait_for_gate():
+            raise SystemExit(0)
+        _watch_supervisor(channel)
+        return service
+
+    tap.makeService = make_service
+
+
+class _Lifeline:
+    """
+    Reads the gate descriptor in the reactor: end of file means the
+    supervisor is gone, and the server stops gracefully.
+    """
+
+    def __init__(self, reactor, fd: int):
+        self.reactor = reactor
+        self.fd = fd
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "reload-supervisor"
+
+    def doRead(self):
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            from twisted.internet.main import CONNECTION_DONE
+
+            self.closed = True
+            return CONNECTION_DONE
+        return None
+
+    def connectionLost(self, reason) -> None:
+        from twisted.logger import Logger
+
+        self.reactor.removeReader(self)
+        if not self.closed:
+            return  # The reactor is shutting down and lets go of every reader.
+        Logger(namespace="twistedlrp.reload").warn(
+            "The reload supervisor is gone: stopping the server"
+        )
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def _watch_supervisor(channel: _Channel) -> None:
+    from twisted.internet import reactor, task
+
+    os.set_blocking(channel.gate_fd, False)
+
+    def begin():
+        reactor.addReader(_Lifeline(reactor, channel.gate_fd))
+        files = task.LoopingCall(channel.send_files, "files")
+        files.start(FILES_INTERVAL, now=False)
+
+    reactor.callWhenRunning(begin)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        os.setsid()
+    except OSError:
+        pass  # Already a session leader.
+    if os.environ.get("LISTEN_FDS"):
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    fds = os.environ.pop(FDS_VARIABLE, "")
+    if fds:
+        report_fd, gate_fd = (int(fd) for fd in fds.split(","))
+        for fd in (report_fd, gate_fd):
+            os.set_inheritable(fd, False)
+        _wrap_make_service(_Channel(report_fd, gate_fd))
+
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "lrp", *argv]
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""
+The reload supervisor: what C{twistd lrp --reload} runs instead of the
+server.
+
+It never imports Django or the site. It binds the C{--listen} sockets once
+and passes them to each server it starts (as C{systemd:} endpoints, file
+descriptors 3, 4, ...), so a request sent while the server restarts waits
+in the kernel's backlog and is answered, never refused.
+
+A change of a watched file starts a new server (L{twistedlrp.reload.child})
+next to the running one. The new one sets Django up and reports; only then
+is the old one stopped (SIGTERM, the graceful timeout, then SIGKILL to its
+whole process group, so no job worker is left), and the new one may run its
+reactor, start its job service and hooks, and accept connections. If the new
+code fails to start, the error is logged, the previous server keeps serving,
+the files the traceback names are watched too, and nothing restarts until
+the next change: it never loops.
+
+SIGINT or SIGTERM stops the server gracefully and then the supervisor; a
+second one kills the server's process group at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import Logger
+
+from twistedlrp.reload.watcher import make_watcher
+
+log = Logger(namespace="twistedlrp.reload")
+
+# Changes closer together than this make one restart.
+DEBOUNCE = 0.15
+# Endpoint types whose sockets the supervisor binds and passes on. Others
+# (ssl:, ...) are passed to each server as they are, and rebound by it.
+_ADOPTABLE = {"tcp", "tcp6", "unix"}
+_FIRST_LISTEN_FD = 3
+_FLAGS = {"proxy-headers", "no-jobs", "jobs-only", "no-static"}
+
+
+def make_supervisor(options) -> ReloadSupervisor:
+    """
+    Bind the listening sockets and return the supervisor service.
+
+    @raise SystemExit: a socket cannot be bound (one line, exit code 1).
+    """
+    from twisted.internet import reactor
+
+    listening = []
+    passed_through = []
+    for endpoint in options["listen"]:
+        kind = endpoint.split(":", 1)[0].strip().lower()
+        if kind not in _ADOPTABLE:
+            passed_through.append(endpoint)
+            continue
+        try:
+            listening.append(_bind(reactor, endpoint))
+        except Exception as e:
+            raise SystemExit(f"twistd lrp: error: cannot listen on {endpoint}: {e}") from None
+    return ReloadSupervisor(options, listening, passed_through, reactor)
+
+
+class _Held(protocol.Factory):
+    """The factory of a port the supervisor holds but never reads."""
+
+    noisy = False
+
+    def logPrefix(self):
+        return "lrp-reload: socket for the server"
+
+    def buildProtocol(self, addr):
+        return None
+
+
+class ListeningSocket:
+    """A socket the supervisor bound for the servers it runs."""
+
+    def __init__(self, endpoint: str, port):
+        self.endpoint = endpoint
+        self.port = port
+        host = port.getHost()
+        if isinstance(host, IPv6Address):
+            self.domain, self.address = "INET6", f"http://[{host.host}]:{host.port}/"
+        elif isinstance(host, IPv4Address):
+            self.domain, self.address = "INET", f"http://{host.host}:{host.port}/"
+        elif isinstance(host, UNIXAddress):
+            name = host.name.decode() if isinstance(host.name, bytes) else host.name
+            self.domain, self.address = "UNIX", f"unix:{name}"
+        else:
+            raise ValueError(f"cannot pass on a {type(host).__name__} socket")
+
+    def fileno(self) -> int:
+        return self.port.fileno()
+
+    def close(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+def _bind(reactor, endpoint: str) -> ListeningSocket:
+    from twisted.internet.endpoints import serverFromString
+
+    results = []
+    serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
+    if not results:
+        raise RuntimeError("the endpoint did not listen at once")
+    if not hasattr(results[0], "getHost"):
+        results[0].raiseException()
+    port = results[0]
+    # The socket stays bound and listening; connections wait in its backlog
+    # until a server accepts them.
+    port.stopReading()
+    return ListeningSocket(endpoint, port)
+
+
+def child_arguments(options, listening, passed_through) -> list[str]:
+    """
+    The C{twistd lrp} arguments of a server: the options given on the command
+    line, C{--config} (re-read by each server, so a change applies on
+    restart), and C{--listen} options that adopt the supervisor's sockets.
+    """
+    args = []
+    command_line = getattr(options, "command_line", None)
+    if command_line is None:
+        command_line = set(options._explicit)
+    for name in sorted(command_line - {"reload", "listen", "config"}):
+        value = options[name]
+        if name in _FLAGS:
+            if value:
+                args.append(f"--{name}")
+        elif name == "pythonpath":
+            args += [f"--pythonpath={p}" for p in value]
+        elif name == "static":
+            args += [f"--static={prefix}={directory}" for prefix, directory in value]
+        elif name == "forwarded-allow-ips":
+            args.append(f"--{name}={','.join(value)}")
+        elif value is not None:
+            args.append(f"--{name}={value}")
+    if options["config"]:
+        args.append(f"--config={options['config']}")
+    for index, sock in enumerate(listening):
+        args.append(f"--listen=systemd:domain={sock.domain}:index={index}")
+    args += [f"--listen={endpoint}" for endpoint in passed_through]
+    return args
+
+
+class ServerProcess(protocol.ProcessProtocol):
+    """
+    One server process and its state, seen from the supervisor:
+    C{"booting"} (setting Django up), C{"gated"} (set up, waiting to be let
+    run), C{"serving"}, C{"stopping"}, C{"ended"}.
+    """
+
+    def __init__(self, supervisor: ReloadSupervisor, number: int, report_fd: int, gate_fd: int):
+        self.supervisor = supervisor
+        self.number = number
+        self.report_fd = report_fd
+        self.gate_fd = gate_fd
+        self.state = "booting"
+        self.abandoned = False
+        self.error: str | None = None
+        self.exit_code: int | None = None
+        self.started_at = time.monotonic()
+        self._buffer = b""
+        self._waiters: list[defer.Deferred] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self.transport.pid if self.transport is not None else None
+
+    def childDataReceived(self, fd, data):
+        if fd != self.report_fd:
+            return
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            self.supervisor.child_reported(self, message)
+
+    def childConnectionLost(self, fd):
+        pass
+
+    def processEnded(self, reason):
+        value = reason.value
+        self.exit_code = getattr(value, "exitCode", None)
+        signal_number = getattr(value, "signal", None)
+        self.state = "ended"
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+        self.supervisor.child_ended(self, self.exit_code, signal_number)
+
+    def when_ended(self) -> defer.Deferred:
+        if self.state == "ended":
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def let_run(self) -> None:
+        self.state = "serving"
+        self.transport.writeToChild(self.gate_fd, b"go\n")
+
+    def signal_leader(self, number: int) -> None:
+        if self.state != "ended" and self.pid:
+            try:
+                os.kill(self.pid, number)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_group(self) -> None:
+        """SIGKILL the server and everything in its process group (job workers)."""
+        pid = self.pid if self.transport is not None else None
+        if pid is None:
+            pid = getattr(self, "_last_pid", None)
+        if not pid:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.signal_leader(signal.SIGKILL)
+
+    def makeConnection(self, transport):
+        super().makeConnection(transport)
+        self._last_pid = transport.pid
+
+
+class ReloadSupervisor(service.Service):
+    name = "lrp-reload"
+
+    def __init__(self, options, listening, passed_through, reactor):
+        self.options = options
+        self.listening = listening
+        self.passed_through = passed_through
+        self.reactor = reactor
+        self.graceful_timeout = options["graceful-timeout"]
+        self.current: ServerProcess | None = None
+        self.pending: ServerProcess | None = None
+        self.retiring: list[ServerProcess] = []
+        self.children: list[ServerProcess] = []
+        self.count = 0
+        self.stopping = False
+        self._debounce = None
+        self._changes: set[str] = set()
+        self._signals_seen = 0
+        self._devnull = os.open(os.devnull, os.O_RDONLY)
+        roots = [os.getcwd(), *options["pythonpath"]]
+        self.watcher = make_watcher(reactor, roots, self._changed)
+        if options["config"]:
+            self.watcher.add_files([options["config"]])
+
+    # -- start and stop -----------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self.reactor.callWhenRunning(self._begin)
+
+    def _begin(self) -> None:
+        self._install_signal_handlers()
+        self.watcher.start()
+        addresses = ", ".join(s.address for s in self.listening) or "no adopted socket"
+        log.info(
+            "Reload supervisor (pid {pid}) on {addresses}, watching {watching}; "
+            "Django loaded in the supervisor: {django}",
+            pid=os.getpid(),
+            addresses=addresses,
+            watching=self.watcher.describe(),
+            django="django" in sys.modules,
+        )
+        for endpoint in self.passed_through:
+            log.warn(
+                "--listen {endpoint}: cannot be passed on; each server binds it again, "
+                "so it refuses connections while the server restarts",
+                endpoint=endpoint,
+            )
+        self._spawn()
+
+    def stopService(self):
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self.stopping = True
+        if self._debounce is not None and self._debounce.active():
+            self._debounce.cancel()
+        await self.watcher.stop()
+        if self.pending is not None:
+            self._abandon(self.pending)
+        stops = [defer.ensureDeferred(self._retire(c)) for c in self.children if c.state != "ended"]
+        if self.current is not None:
+            self.current = None
+        if stops:
+            log.info("Stopping the server (up to {timeout:g} s)", timeout=self.graceful_timeout)
+        await defer.gatherResults(stops, consumeErrors=True)
+        for child in self.children:
+            child.kill_group()
+        for sock in self.listening:
+            try:
+                await sock.close()
+            except Exception:
+                log.failure("Closing {endpoint}", endpoint=sock.endpoint)
+        os.close(self._devnull)
+        log.info("Reload supervisor stopped")
+
+    def _install_signal_handlers(self) -> None:
+        if not getattr(self.reactor, "_installSignalHandlers", False):
+            return
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number, frame) -> None:
+        self._signals_seen += 1
+        name = signal.Signals(number).name
+        if self._signals_seen == 1:
+            log.info(
+                "Received {signal}: stopping the server and the supervisor; "
+                "send it again to kill them at once.",
+                signal=name,
+            )
+            self.reactor.callFromThread(self._stop_reactor)
+            return
+        for child in self.children:
+            child.kill_group()
+        os.write(2, f"twistd lrp --reload: second {name}: killed the server\n".encode())
+        os._exit(1)
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+    # -- servers --------------------------------------------------------
+
+    def _spawn(self) -> None:
+        if self.stopping:
+            return
+        self.count += 1
+        n = len(self.listening)
+        report_fd, gate_fd = _FIRST_LISTEN_FD + n, _FIRST_LISTEN_FD + n + 1
+        child = ServerProcess(self, self.count, report_fd, gate_fd)
+        fds = {0: self._devnull, 1: 1, 2: 2, report_fd: "r", gate_fd: "w"}
+        env = dict(os.environ)
+        env.pop("LISTEN_PID", None)
+        env.pop("LISTEN_FDS", None)
+        env.pop("LISTEN_FDNAMES", None)
+        for index, sock in enumerate(self.listening):
+            fds[_FIRST_LISTEN_FD + index] = sock.fileno()
+        if n:
+            env["LISTEN_FDS"] = str(n)
+            env["LISTEN_FDNAMES"] = ":".join(f"lrp{i}" for i in range(n))
+        env["LRP_RELOAD_FDS"] = f"{report_fd},{gate_fd}"
+        args = [
+            sys.executable,
+            "-m",
+            "twistedlrp.reload.child",
+            *child_arguments(self.options, self.listening, self.passed_through),
+        ]
+        self.pending = child
+        self.children.append(child)
+        self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
+
+    def child_reported(self, child: ServerProcess, message: dict) -> None:
+        event = message.get("event")
+        files = list(message.get("files", [])) + list(message.get("extra", []))
+        self.watcher.add_files(files)
+        if child.abandoned:
+            return
+        if event == "booted" and child is self.pending:
+            child.state = "gated"
+            defer.ensureDeferred(self._promote(child)).addErrback(
+                lambda f: log.failure("Starting the new server failed", f)
+            )
+        elif event == "failed":
+            child.error = message.get("error") or "unknown error"
+
+    async def _promote(self, child: ServerProcess) -> None:
+        """Stop the serving server, then let C{child} run."""
+        old = self.current
+        if old is not None:
+            self.current = None
+            self.retiring.append(old)
+            await self._retire(old)
+        waits = [c.when_ended() for c in self.retiring]
+        if waits:
+            await defer.gatherResults(waits)
+        if child is not self.pending or self.stopping or child.state != "gated":
+            return
+        self.pending = None
+        self.current = child
+        child.let_run()
+        took = time.monotonic() - child.started_at
+        if child.number > 1:
+            log.info(
+                "Server {number} (pid {pid}) set up in {took:.2f} s, now serving",
+                number=child.number,
+                pid=child.pid,
+                took=took,
+            )
+
+    async def _retire(self, child: ServerProcess) -> None:
+        """SIGTERM, the graceful timeout, then SIGKILL to the process group."""
+        if child.state not in ("ended", "stopping"):
+            child.state = "stopping"
+            child.signal_leader(signal.SIGTERM)
+        kill = self.reactor.callLater(self.graceful_timeout, self._kill_late, child)
+        try:
+            await child.when_ended()
+        finally:
+            if kill.active():
+                kill.cancel()
+        # The server is gone: whatever it left in its group (job workers
+        # still winding down) goes with it.
+        child.kill_group()
+        if child in self.retiring:
+            self.retiring.remove(child)
+
+    def _kill_late(self, child: ServerProcess) -> None:
+        log.warn(
+            "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
+            "process group",
+            number=child.number,
+            pid=child.pid,
+            timeout=self.graceful_timeout,
+        )
+        child.kill_group()
+
+    def _abandon(self, child: ServerProcess) -> None:
+        """A server that never served is not needed any more."""
+        child.abandoned = True
+        if self.pending is child:
+            self.pending = None
+        child.kill_group()
+
+    def child_ended(self, child: ServerProcess, code, signal_number) -> None:
+        if child in self.children:
+            self.children.remove(child)
+        if child.abandoned or self.stopping or child in self.retiring:
+            return
+        how = f"exit code {code}" if code is not None else f"signal {signal_number}"
+        if child is self.pending:
+            self.pending = None
+            first = (child.error or "").strip().splitlines()
+            reason = first[0] if first else how
+            if self.current is not None:
+                log.error(
+                    "The changed code failed to start ({reason}); the previous server "
+                    "keeps serving. Fix the error and save: the server restarts then.",
+                    reason=reason,
+                )
+            else:
+                log.error(
+                    "The server failed to start ({reason}). Fix the error and save: "
+                    "the server starts then.",
+                    reason=reason,
+                )
+        elif child is self.current:
+            self.current = None
+            log.error(
+                "The server stopped ({how}). It restarts when a watched file changes.",
+                how=how,
+            )
+        child.kill_group()
+
+    # -- changes --------------------------------------------------------
+
+    def _changed(self, paths: list[str]) -> None:
+        if self.stopping:
+            return
+        self._changes.update(paths)
+        if self._debounce is not None and self._debounce.active():
+            self._debounce.reset(DEBOUNCE)
+        else:
+            self._debounce = self.reactor.callLater(DEBOUNCE, self._restart)
+
+    def _restart(self) -> None:
+        changes, self._changes = sorted(self._changes), set()
+        if self.stopping or not changes:
+            return
+        cwd = os.getcwd()
+        shown = os.path.relpath(changes[0], cwd) if changes[0].startswith(cwd) else changes[0]
+        more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
+        log.info("{path}{more} changed: restarting the server", path=shown, more=more)
+        if self.pending is not None:
+            self._abandon(self.pending)
+        self._spawn()

@@ -1,0 +1,272 @@
+"""
+Watching source files for the reload supervisor.
+
+Two kinds of paths are watched: I{roots} (the site's directories), in which
+every C{.py} file counts, recursively; and single I{files} (the modules the
+server imported, the configuration file, a file a traceback named).
+
+With the C{watchfiles} package (the C{reload} extra) the operating system
+reports changes (inotify, FSEvents, ...): one thread watches the roots
+recursively, another the directories of the single files outside them. The
+fallback polls modification times in a thread every half second. Either way
+the callback runs in the reactor thread, with the changed paths.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+log = Logger(namespace="twistedlrp.reload")
+
+# Directories never worth watching inside a root.
+IGNORED_DIRS = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        "__pycache__",
+        "node_modules",
+        ".venv",
+        "venv",
+        ".tox",
+        ".nox",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        "site-packages",
+        ".lrp",
+    }
+)
+POLL_INTERVAL = 0.5
+
+
+def is_source(path: str) -> bool:
+    """A C{.py} file outside the ignored directories."""
+    if not path.endswith(".py"):
+        return False
+    parts = path.split(os.sep)
+    return not any(part in IGNORED_DIRS for part in parts[:-1])
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
+
+
+def make_watcher(reactor, roots, on_change, polling: bool | None = None):
+    """
+    @param roots: directories whose C{.py} files are watched recursively.
+    @param on_change: called in the reactor thread with a sorted list of
+        changed paths.
+    @param polling: force (C{True}) or refuse (C{False}) polling; C{None}
+        uses C{watchfiles} when it is installed.
+    """
+    if polling is None:
+        polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
+    if not polling:
+        try:
+            import watchfiles  # noqa: F401
+        except ImportError:
+            polling = True
+    cls = PollingWatcher if polling else EventWatcher
+    return cls(reactor, roots, on_change)
+
+
+class _BaseWatcher:
+    name = "?"
+
+    def __init__(self, reactor, roots: Iterable[str], on_change: Callable[[list[str]], None]):
+        self.reactor = reactor
+        self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
+        self.on_change = on_change
+        self.files: set[str] = set()
+        self.running = False
+
+    def add_files(self, paths: Iterable[str]) -> None:
+        """Watch these files too (the roots' C{.py} files always are)."""
+        new = {os.path.realpath(p) for p in paths} - self.files
+        new = {p for p in new if os.path.isfile(p)}
+        if new:
+            self.files |= new
+            self._files_added(new)
+
+    def _files_added(self, new: set[str]) -> None:
+        pass
+
+    def _accept_in_root(self, path: str) -> bool:
+        return is_source(path) or path in self.files
+
+    def _report(self, paths: Iterable[str]) -> None:
+        paths = sorted(set(paths))
+        if paths and self.running:
+            self.on_change(paths)
+
+    def describe(self) -> str:
+        return f"{', '.join(self.roots) or 'no directory'} ({self.name})"
+
+
+class EventWatcher(_BaseWatcher):
+    """Changes reported by the operating system through C{watchfiles}."""
+
+    name = "watchfiles"
+
+    def __init__(self, reactor, roots, on_change):
+        super().__init__(reactor, roots, on_change)
+        self._root_stop: threading.Event | None = None
+        self._flat_stop: threading.Event | None = None
+        self._flat_dirs: frozenset[str] = frozenset()
+
+    def start(self) -> None:
+        self.running = True
+        if self.roots:
+            self._root_stop = self._spawn(self.roots, True, self._accept_in_root)
+        self._update_flat()
+
+    def stop(self) -> defer.Deferred:
+        self.running = False
+        for event in (self._root_stop, self._flat_stop):
+            if event is not None:
+                event.set()
+        # The threads are daemons and notice the event within 50 ms; nothing
+        # waits for them.
+        return defer.succeed(None)
+
+    def _files_added(self, new) -> None:
+        if self.running:
+            self._update_flat()
+
+    def _update_flat(self) -> None:
+        dirs = frozenset(
+            os.path.dirname(f)
+            for f in self.files
+            if not _under(f, self.roots) and os.path.isdir(os.path.dirname(f))
+        )
+        if dirs == self._flat_dirs:
+            return
+        if self._flat_stop is not None:
+            self._flat_stop.set()
+            self._flat_stop = None
+        self._flat_dirs = dirs
+        if dirs:
+            self._flat_stop = self._spawn(sorted(dirs), False, self.files.__contains__)
+
+    def _spawn(self, paths, recursive: bool, accept) -> threading.Event:
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._run,
+            args=(list(paths), recursive, accept, stop),
+            name="lrp-reload-watch",
+            daemon=True,
+        )
+        thread.start()
+        return stop
+
+    def _run(self, paths, recursive, accept, stop) -> None:
+        import watchfiles
+
+        try:
+            for changes in watchfiles.watch(
+                *paths,
+                watch_filter=lambda change, path: accept(path),
+                recursive=recursive,
+                stop_event=stop,
+                debounce=1600,
+                step=50,
+                rust_timeout=1000,
+                yield_on_timeout=False,
+                raise_interrupt=False,
+                ignore_permission_denied=True,
+            ):
+                if stop.is_set():
+                    return
+                self.reactor.callFromThread(self._report, [path for _, path in changes])
+        except Exception as e:
+            if not stop.is_set():
+                self.reactor.callFromThread(
+                    log.error,
+                    "Watching {paths} failed ({error}); changes there are not seen",
+                    paths=", ".join(paths),
+                    error=f"{type(e).__name__}: {e}",
+                )
+
+
+class PollingWatcher(_BaseWatcher):
+    """Modification times compared every L{POLL_INTERVAL} seconds, in a thread."""
+
+    name = "polling"
+
+    def __init__(self, reactor, roots, on_change):
+        super().__init__(reactor, roots, on_change)
+        self._snapshot: dict[str, tuple] | None = None
+        self._fresh: set[str] = set()
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = reactor
+        self._scanning = False
+
+    def start(self) -> None:
+        self.running = True
+        self._loop.start(POLL_INTERVAL, now=True)
+
+    def stop(self) -> defer.Deferred:
+        self.running = False
+        if self._loop.running:
+            self._loop.stop()
+        return defer.succeed(None)
+
+    def _files_added(self, new) -> None:
+        # A newly watched file is compared from its next scan on.
+        self._fresh |= new
+
+    def _poll(self):
+        if self._scanning:
+            return None
+        self._scanning = True
+        fresh, self._fresh = self._fresh, set()
+        roots, files = list(self.roots), set(self.files)
+        d = threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), _scan, roots, files
+        )
+        d.addCallback(self._compare, fresh)
+        d.addErrback(lambda f: log.failure("Polling for changes failed", f))
+
+        def done(_):
+            self._scanning = False
+
+        d.addBoth(done)
+        return None
+
+    def _compare(self, snapshot: dict, fresh: set[str]) -> None:
+        old, self._snapshot = self._snapshot, snapshot
+        if old is None:
+            return
+        changed = [p for p, stamp in snapshot.items() if old.get(p, stamp) != stamp]
+        changed += [p for p in snapshot if p not in old and p not in fresh]
+        changed += [p for p in old if p not in snapshot]
+        self._report(changed)
+
+
+def _scan(roots: list[str], files: set[str]) -> dict[str, tuple]:
+    """Modification stamps of the roots' source files and of C{files}."""
+    stamps = {}
+
+    def stamp(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        stamps[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    for root in roots:
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d not in IGNORED_DIRS]
+            for name in filenames:
+                if name.endswith(".py"):
+                    stamp(os.path.join(directory, name))
+    for path in files:
+        if path not in stamps:
+            stamp(path)
+    return stamps
