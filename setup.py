@@ -33,6 +33,9 @@ setup(
             "treq>=24.9",
             "psutil>=5.9",
             "ruff>=0.6",
+            # The packaging test builds a wheel without build isolation.
+            "setuptools>=68",
+            "wheel",
             "watchfiles>=0.21",
         ],
     },

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -210,3 +211,25 @@ def run_to_exit(
     finally:
         server.kill()
     return code, server.output()
+
+
+class BackgroundRequest(threading.Thread):
+    """A request sent from a thread; C{result} is the Response or the exception."""
+
+    def __init__(self, port: int, path: str, **kwargs):
+        super().__init__(daemon=True)
+        self.port, self.path, self.kwargs = port, path, kwargs
+        self.result = None
+        self.finished_at = None
+
+    def run(self):
+        try:
+            self.result = request(self.port, self.path, **self.kwargs)
+        except Exception as e:
+            self.result = e
+        self.finished_at = time.monotonic()
+
+    def outcome(self, timeout: float = 60.0):
+        self.join(timeout)
+        assert not self.is_alive(), f"request {self.path} still running after {timeout} s"
+        return self.result

@@ -148,8 +148,12 @@ async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Respons
     except Exception as e:
         name = type(e).__name__
         if name in ("ResponseNeverReceived", "ResponseFailed", "RequestTransmissionFailed"):
-            reasons = "; ".join(str(r.value) for r in getattr(e, "reasons", [])) or str(e)
-            raise HTTPConnectionError(f"{method} {url}: {reasons}") from e
+            reasons = getattr(e, "reasons", [])
+            # treq's timeout cancels the request, which surfaces as a reason.
+            if any(r.check(defer.CancelledError, error.TimeoutError) for r in reasons):
+                raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
+            text = "; ".join(str(r.value) for r in reasons) or str(e)
+            raise HTTPConnectionError(f"{method} {url}: {text}") from e
         raise
     headers = {
         name.decode("latin-1").lower(): values[-1].decode("latin-1")
