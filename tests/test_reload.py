@@ -1,0 +1,279 @@
+"""
+``twistd lrp --reload`` against real processes: a copy of the test site is
+served, its source is changed, and the supervisor must restart the server
+without refusing a connection, survive broken code, and take the whole
+process tree down on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from support import TESTSITE, LRPProcess, request, wait_for
+
+HELLO = 'return HttpResponse(b"hello\\n", content_type="text/plain")'
+
+
+@pytest.fixture
+def site(tmp_path):
+    """A private copy of the test site, free to edit."""
+    target = tmp_path / "site"
+    shutil.copytree(TESTSITE, target, ignore=shutil.ignore_patterns("__pycache__", "*.sqlite3"))
+    return target
+
+
+@pytest.fixture
+def supervisor(tmp_path, site):
+    started = []
+
+    def start(*args, env=None, wait=True):
+        server = LRPProcess(
+            "--reload", "--graceful-timeout=3", *args, cwd=site, env=env, tmp=tmp_path
+        )
+        started.append(server)
+        return server.start(wait=wait)
+
+    yield start
+    for server in started:
+        _kill_tree(server)
+
+
+def _kill_tree(server: LRPProcess) -> None:
+    if server.proc is None:
+        return
+    try:
+        for child in psutil.Process(server.proc.pid).children(recursive=True):
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except OSError:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    server.kill()
+
+
+def set_hello(site, text: str) -> None:
+    views = site / "testapp" / "views.py"
+    source = views.read_text()
+    start = source.index("def hello(request):")
+    end = source.index("\n\n\n", start)
+    views.write_text(
+        source[:start]
+        + f'def hello(request):\n    return HttpResponse(b"{text}\\n", content_type="text/plain")'
+        + source[end:]
+    )
+
+
+def assert_never_loops(output: str) -> None:
+    """Every start after the first follows a change of a watched file."""
+    starts = output.count("failed to start") + output.count("twistedlrp running (pid")
+    assert starts <= 1 + output.count("changed: restarting the server"), output
+
+
+class Client(threading.Thread):
+    """Requests /hello over and over, on a new connection each time."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port = port
+        self.results: list[tuple[float, object]] = []
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                response = request(self.port, "/hello", timeout=10)
+                outcome = (response.status, response.text)
+            except Exception as e:
+                outcome = e
+            self.results.append((time.monotonic(), outcome))
+
+    def stop(self):
+        self.done.set()
+        self.join(15)
+        assert not self.is_alive()
+
+    def failures(self):
+        return [r for _, r in self.results if not (isinstance(r, tuple) and r[0] == 200)]
+
+
+def test_change_is_served_within_two_seconds_and_no_request_fails(supervisor, site):
+    server = supervisor()
+    assert "Django loaded in the supervisor: False" in server.output()
+    assert server.get("/hello").text == "hello\n"
+
+    client = Client(server.port)
+    client.start()
+    try:
+        wait_for(lambda: len(client.results) >= 5, 10, message="the client's first answers")
+        # A burst of saves, as an editor that writes several times makes.
+        changed_at = time.monotonic()
+        for i in range(3):
+            set_hello(site, f"hello v{i}")
+        wait_for(
+            lambda: any(r == (200, "hello v2\n") for _, r in client.results),
+            5,
+            message="the new response",
+        )
+        first_new = min(t for t, r in client.results if r == (200, "hello v2\n"))
+        assert first_new - changed_at < 2.0, first_new - changed_at
+        count = len(client.results)
+        wait_for(lambda: len(client.results) > count + 5, 10, message="more answers")
+    finally:
+        client.stop()
+    assert client.failures() == []
+    assert server.get("/hello").text == "hello v2\n"
+    # One restart for the burst.
+    assert server.output().count("testapp/views.py changed") == 1, server.output()
+
+
+def test_syntax_error_keeps_supervisor_up_and_fix_restarts(supervisor, site):
+    server = supervisor()
+    views = site / "testapp" / "views.py"
+    good = views.read_text()
+    views.write_text(good.replace("def hello(request):", "def hello(request)"))
+    wait_for(lambda: "failed to start" in server.output(), 10, message="the error")
+    output = server.output()
+    assert "SyntaxError" in output
+    assert "views.py" in output
+    assert server.proc.poll() is None
+    # The previous server still answers.
+    assert server.get("/hello").text == "hello\n"
+
+    views.write_text(good.replace('b"hello\\n"', 'b"hello fixed\\n"'))
+    wait_for(
+        lambda: server.get("/hello", timeout=10).text == "hello fixed\n",
+        10,
+        message="the fixed code",
+    )
+    # One attempt per change: it never loops.
+    assert server.output().count("testapp/views.py changed") == 2
+    assert_never_loops(server.output())
+
+
+def test_broken_at_start_waits_for_a_fix(supervisor, site):
+    checks = site / "testapp" / "checks.py"
+    views = site / "testapp" / "views.py"
+    good = views.read_text()
+    views.write_text(good + "\nthis is not python\n")
+    server = supervisor(wait=False)
+    wait_for(lambda: "failed to start" in server.output(), 20, message="the error")
+    assert server.proc.poll() is None
+    views.write_text(good)
+    server.wait_ready(10)
+    assert server.get("/hello").text == "hello\n"
+    assert_never_loops(server.output())
+    # A failing system check is reported the same way.
+    checks.write_text(checks.read_text().replace('os.environ.get("LRP_TEST_CHECK_ERROR")', "True"))
+    wait_for(lambda: "testapp.E001" in server.output(), 10, message="the check error")
+    assert server.get("/hello").text == "hello\n"
+
+
+def test_module_outside_the_site_is_watched_once_imported(supervisor, site, tmp_path):
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "greeting.py").write_text('TEXT = "from lib v1"\n')
+    urls = site / "testsite" / "urls.py"
+    urls.write_text(
+        urls.read_text()
+        + "\n\nimport greeting  # noqa: E402\nfrom django.http import HttpResponse  # noqa: E402\n"
+        "urlpatterns.append(path('greeting', lambda r: HttpResponse(greeting.TEXT)))\n"
+    )
+    server = supervisor(env={"PYTHONPATH": str(lib)})
+    assert server.get("/greeting").text == "from lib v1"
+    (lib / "greeting.py").write_text('TEXT = "from lib v2"\n')
+    wait_for(lambda: server.get("/greeting").text == "from lib v2", 10, message="the new text")
+
+
+def test_polling_fallback(supervisor, site):
+    server = supervisor(env={"LRP_RELOAD_POLL": "1"})
+    assert "(polling)" in server.output()
+    set_hello(site, "hello polled")
+    wait_for(lambda: server.get("/hello").text == "hello polled\n", 10, message="the change")
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+def test_sigint_ends_the_whole_tree_within_the_graceful_timeout(supervisor, site):
+    # A view that leaves a process behind which ignores SIGTERM, like a
+    # stuck job worker would be.
+    views = site / "testapp" / "views.py"
+    views.write_text(
+        views.read_text() + "\n\ndef stubborn(request):\n"
+        "    import subprocess, sys\n"
+        "    code = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "time.sleep(120)'\n"
+        "    proc = subprocess.Popen([sys.executable, '-c', code])\n"
+        "    return JsonResponse({'pid': proc.pid})\n"
+    )
+    urls = site / "testsite" / "urls.py"
+    urls.write_text(urls.read_text().replace("]\n", "    path('stubborn', views.stubborn),\n]\n"))
+    server = supervisor()
+    stubborn = server.get("/stubborn").json()["pid"]
+    supervisor_pid = server.proc.pid
+    servers = psutil.Process(supervisor_pid).children()
+    assert len(servers) == 1
+    server_pid = servers[0].pid
+    assert os.getpgid(server_pid) == server_pid != os.getpgid(supervisor_pid)
+    assert os.getpgid(stubborn) == server_pid
+    tree = [supervisor_pid, *(p.pid for p in psutil.Process(supervisor_pid).children(True))]
+    assert stubborn in tree
+
+    # A long request in flight.
+    slow = threading.Thread(
+        target=lambda: _ignore_errors(request, server.port, "/sleep?seconds=30", timeout=15),
+        daemon=True,
+    )
+    slow.start()
+    wait_for(lambda: _busy(server), 5, message="the request in flight")
+
+    signalled = time.monotonic()
+    server.signal(signal.SIGINT)
+    server.wait_exit(10)
+
+    def gone():
+        return not [p for p in tree if psutil.pid_exists(p) and not _zombie(p)] and not (
+            _group_members(server_pid)
+        )
+
+    wait_for(gone, 10, message="every process of the tree to end")
+    took = time.monotonic() - signalled
+    assert took < 3 + 1.5, took
+    assert "Received SIGINT" in server.output()
+
+
+def _ignore_errors(function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except Exception:
+        return None
+
+
+def _busy(server) -> bool:
+    try:
+        return server.get("/-/health", timeout=2).json().get("threads", {}).get("busy", 0) > 0
+    except Exception:
+        return False
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
