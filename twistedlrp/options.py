@@ -20,6 +20,17 @@ MiB = 1024 * 1024
 
 # Options whose value is a list and that may be given more than once.
 _LIST_OPTIONS = {"pythonpath", "listen", "static"}
+# Options whose value is a whole number, or any number.
+_INT_OPTIONS = {
+    "threads",
+    "max-body-size",
+    "max-waiting",
+    "workers",
+    "max-jobs-per-worker",
+    "max-worker-memory",
+    "max-job-payload",
+}
+_NUMBER_OPTIONS = {"graceful-timeout"}
 # Options that take no value.
 _FLAGS = {
     "proxy-headers",
@@ -116,6 +127,8 @@ class Options(usage.Options):
         self["reload"] = False
         self["config"] = None
         self._explicit: set[str] = set()
+        # The long names that a --config file or make_service() may set.
+        self.option_names = frozenset(self) - {"config"}
 
     # -- parsing --------------------------------------------------------
 
@@ -303,14 +316,15 @@ class Options(usage.Options):
             data = data["lrp"]
         for key, value in data.items():
             name = key.replace("_", "-")
-            if name in ("config",) or not hasattr(self, "opt_" + name.replace("-", "_")):
+            if name not in self.option_names:
                 raise usage.UsageError(f"{path}: unknown option {key!r}")
             if name in self._explicit:
                 continue
             try:
                 self.set_option(name, value)
             except usage.UsageError as e:
-                raise usage.UsageError(f"{path}: {key}: {e}") from None
+                message = str(e).removeprefix(f"--{name}: ")
+                raise usage.UsageError(f"{path}: {key}: {message}") from None
 
     def set_option(self, name: str, value) -> None:
         """
@@ -319,33 +333,51 @@ class Options(usage.Options):
 
         @raise usage.UsageError: the value has the wrong type or is invalid.
         """
+        if name not in self.option_names:
+            raise usage.UsageError(f"unknown option {name!r}")
         method = getattr(self, "opt_" + name.replace("-", "_"))
         if name in _FLAGS:
             if not isinstance(value, bool):
-                raise usage.UsageError(f"--{name}: expected true or false, got {value!r}")
+                raise usage.UsageError(f"--{name}: expected true or false, got {_typed(value)}")
             if value:
                 method()
             else:
                 self._set(name, False)
             return
         if name in _LIST_OPTIONS:
-            if isinstance(value, str | tuple) and name == "static" and isinstance(value, tuple):
+            if name == "static" and isinstance(value, dict):
+                # static = { "/static/" = "staticfiles" }
+                value = [f"{prefix}={directory}" for prefix, directory in value.items()]
+            elif name == "static" and isinstance(value, tuple):
                 value = [value]
             values = [value] if isinstance(value, str) else value
             if not isinstance(values, list | tuple):
-                raise usage.UsageError(f"--{name}: expected a list, got {value!r}")
+                raise usage.UsageError(f"--{name}: expected a list of strings, got {_typed(value)}")
             self[name] = []
             for item in values:
                 if name == "static" and isinstance(item, list | tuple) and len(item) == 2:
                     item = f"{item[0]}={item[1]}"
                 if not isinstance(item, str):
-                    raise usage.UsageError(f"--{name}: expected strings, got {item!r}")
+                    raise usage.UsageError(f"--{name}: expected strings, got {_typed(item)}")
                 method(item)
             return
-        if isinstance(value, bool) or not isinstance(value, str | int | float | list):
-            raise usage.UsageError(f"--{name}: unexpected value {value!r}")
-        if isinstance(value, list) and name != "forwarded-allow-ips":
-            raise usage.UsageError(f"--{name}: expected a single value, got a list")
+        if name in _INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise usage.UsageError(f"--{name}: expected a whole number, got {_typed(value)}")
+        elif name in _NUMBER_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise usage.UsageError(
+                    f"--{name}: expected a number of seconds, got {_typed(value)}"
+                )
+        elif name == "forwarded-allow-ips":
+            if isinstance(value, list) and all(isinstance(i, str) for i in value):
+                pass
+            elif not isinstance(value, str):
+                raise usage.UsageError(
+                    f"--{name}: expected a string or a list of strings, got {_typed(value)}"
+                )
+        elif not isinstance(value, str):
+            raise usage.UsageError(f"--{name}: expected a string, got {_typed(value)}")
         method(value)
 
     def check(self) -> None:
@@ -391,6 +423,21 @@ class TapOptions(Options):
             raise SystemExit(f"twistd lrp: error: {e}") from None
 
 
+def _typed(value) -> str:
+    """C{value} for an error message, with its TOML type."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    kind = next((k for t, k in kinds.items() if type(value) is t), None)
+    if kind is None:
+        kind = (
+            "a list"
+            if isinstance(value, list | tuple)
+            else "a table"
+            if isinstance(value, dict)
+            else type(value).__name__
+        )
+    return f"{kind} ({value!r})"
+
+
 def options_from_kwargs(**kwargs) -> Options:
     """
     Build checked L{Options} from Python keyword arguments named like the
@@ -402,7 +449,7 @@ def options_from_kwargs(**kwargs) -> Options:
     config = kwargs.pop("config", None)
     for key, value in kwargs.items():
         name = key.replace("_", "-")
-        if name == "config" or not hasattr(options, "opt_" + name.replace("-", "_")):
+        if name not in options.option_names:
             raise usage.UsageError(f"unknown option {key!r}")
         options.set_option(name, value)
     if config:
