@@ -18,7 +18,9 @@ def make_service(**options):
     Build the server's service tree from keyword options named like the
     command-line options (C{listen=["tcp:8000"]}, C{threads=16},
     C{graceful_timeout=10}, ...), with the same defaults and checks.
-    Django is set up before it returns. For a C{.tac} file::
+    Django is set up before it returns (with C{reload=True}, it is not: the
+    service is the reload supervisor, which runs the server in a child
+    process). For a C{.tac} file::
 
         application = service.Application("lrp")
         make_service(settings="mysite.settings").setServiceParent(application)
@@ -30,4 +32,10 @@ def make_service(**options):
     from twistedlrp.options import options_from_kwargs
     from twistedlrp.tap import build_server
 
-    return build_server(options_from_kwargs(**options))
+    checked = options_from_kwargs(**options)
+    if checked["reload"]:
+        # Development: the .tac process supervises a `twistd lrp` child.
+        from twistedlrp.reload.supervisor import make_supervisor
+
+        return make_supervisor(checked)
+    return build_server(checked)
