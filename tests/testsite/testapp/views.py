@@ -81,3 +81,51 @@ def db(request):
         cursor.execute("select 1")
         (one,) = cursor.fetchone()
     return HttpResponse(json.dumps({"one": one, "thread": threading.current_thread().name}))
+
+
+# -- jobs -------------------------------------------------------------------
+
+
+def jobs_api(request):
+    """POST {"op": "submit"|"get"|"cancel"|"wait"|"stats", ...}: call twistedlrp.jobs."""
+    import dataclasses
+
+    from twistedlrp import jobs
+
+    data = json.loads(request.body)
+    op = data.pop("op")
+    started = time.perf_counter()
+    try:
+        if op == "submit":
+            if data.pop("non_json", False):
+                data["args"] = [object()]
+            result = jobs.submit(
+                data["name"],
+                data.get("args", ()),
+                data.get("kwargs"),
+                priority=data.get("priority"),
+                run_after=data.get("run_after"),
+                key=data.get("key"),
+                timeout=data.get("timeout"),
+            )
+        elif op == "add":
+            from testapp.jobs import add
+
+            result = add.submit(data["a"], data["b"])
+        elif op == "get":
+            result = jobs.get(data["id"])
+        elif op == "cancel":
+            result = jobs.cancel(data["id"])
+        elif op == "wait":
+            result = jobs.wait(data["id"], data.get("timeout", 30))
+        elif op == "stats":
+            return JsonResponse({"stats": jobs.stats()})
+        else:
+            return JsonResponse({"error": "BadOp"}, status=400)
+    except (jobs.JobError, TimeoutError) as e:
+        return JsonResponse({"error": type(e).__name__, "message": str(e)}, status=400)
+    elapsed = time.perf_counter() - started
+    info = dataclasses.asdict(result)
+    for key in ("created_at", "started_at", "finished_at"):
+        info[key] = info[key].isoformat() if info[key] else None
+    return JsonResponse({"job": info, "elapsed": elapsed, "pid": os.getpid()})

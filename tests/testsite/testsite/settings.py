@@ -41,3 +41,5 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LRP_JOB_MODULES = []
+# The job service: a short cancel grace period keeps the tests quick.
+LRP_JOBS_CANCEL_GRACE = float(os.environ.get("LRP_TEST_CANCEL_GRACE", "5"))

@@ -13,4 +13,5 @@ urlpatterns = [
     path("stream", views.stream),
     path("error", views.error),
     path("db", views.db),
+    path("jobs/api", views.jobs_api),
 ]

@@ -1,0 +1,311 @@
+"""
+The job service against one real server (reused across the tests of this
+module): submission from views, progress, results, concurrency, worker
+crashes, timeouts, cancellation, refusals and large payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+from jobsupport import (
+    alive,
+    api,
+    count_jobs,
+    job_state,
+    make_template_db,
+    read_pid,
+    rows,
+    start_server,
+    wait_job,
+)
+
+from support import request, wait_for
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("jobs-core")
+    template = make_template_db(base)
+    markers = base / "markers"
+    markers.mkdir()
+    server = start_server(
+        template, base / "server", "--workers", "2", env={"LRP_TEST_CANCEL_GRACE": "0.5"}
+    )
+    yield server, markers
+    server.kill()
+    if os.environ.get("LRP_TEST_SHOW_LOG"):
+        sys.stdout.write(server.output() + "\n")
+
+
+def workers(server) -> list[dict]:
+    return api(server, "stats")["stats"]["workers"]
+
+
+def test_view_submits_fast_job_runs_elsewhere_with_progress_and_result(env):
+    server, markers = env
+    marker = markers / "progress"
+    marker.mkdir()
+    started = time.perf_counter()
+    body = api(server, "submit", name="testapp.jobs.steps", args=[20, 0.05, str(marker)])
+    round_trip = time.perf_counter() - started
+    sys.stdout.write(
+        f"submit: view {body['elapsed'] * 1000:.1f} ms, "
+        f"HTTP round trip {round_trip * 1000:.1f} ms\n"
+    )
+    assert body["elapsed"] < 1.0
+    job = body["job"]
+    assert job["state"] == "queued"
+
+    def progressing():
+        info = job_state(server, job["id"])
+        return info if info["state"] == "running" and info["progress"][0] > 0 else None
+
+    info = wait_for(progressing, 20, interval=0.02, message="progress while running")
+    assert info["progress"][1] == 20
+    assert info["progress"][2].startswith("step ")
+    final = api(server, "wait", id=job["id"], timeout=20)["job"]
+    assert final["state"] == "succeeded", final
+    assert final["result"]["steps"] == 20
+    assert final["result"]["pid"] != body["pid"]
+    assert final["progress"] == [20, 20, "step 20"]
+    assert "step 20 of 20" in final["output"]
+    assert final["attempts"] == 1
+
+
+def test_submit_through_job_decorator(env):
+    server, _ = env
+    job = api(server, "add", a=2, b=3)["job"]
+    assert api(server, "wait", id=job["id"])["job"]["result"] == 5
+
+
+def test_500_jobs_from_20_threads_run_exactly_once(env):
+    server, markers = env
+    marker = markers / "many"
+    marker.mkdir()
+    ids, errors = [], []
+    lock = threading.Lock()
+
+    def submit(numbers):
+        for n in numbers:
+            try:
+                job = api(server, "submit", name="testapp.jobs.record", args=[str(marker), n])
+                with lock:
+                    ids.append(job["job"]["id"])
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=submit, args=(range(i, 500, 20),)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    submitted = time.perf_counter() - started
+    assert not errors
+    assert len(set(ids)) == 500
+    db = server.tmp / "db.sqlite3"
+
+    def all_done():
+        return (
+            rows(
+                db,
+                "select count(*) from twistedlrp_job where name='testapp.jobs.record' "
+                "and state in ('succeeded','failed','cancelled')",
+            )[0][0]
+            == 500
+        )
+
+    wait_for(all_done, 120, interval=0.1, message="500 jobs finished")
+    done = time.perf_counter() - started
+    sys.stdout.write(
+        f"500 jobs: submitted in {submitted:.2f} s, all done after {done:.2f} s" + "\n"
+    )
+    states = rows(
+        db, "select state, count(*) from twistedlrp_job where name='testapp.jobs.record' group by 1"
+    )
+    assert states == [("succeeded", 500)]
+    for n in range(500):
+        lines = (marker / f"run-{n}").read_text().splitlines()
+        assert len(lines) == 1, (n, lines)
+
+
+def test_kill_9_worker_mid_job(env):
+    server, markers = env
+    marker = markers / "crash"
+    marker.mkdir()
+    before = {w["pid"] for w in workers(server)}
+    retried = api(server, "submit", name="testapp.jobs.crash_with_retry", args=[str(marker)])
+    pid = read_pid(marker / "crash_with_retry-attempts")
+    os.kill(pid, signal.SIGKILL)
+    info = wait_job(server, retried["job"]["id"])
+    assert info["state"] == "succeeded", info
+    assert info["result"] == "second attempt succeeded"
+    assert info["attempts"] == 2
+
+    plain = api(server, "submit", name="testapp.jobs.crash_without_retry", args=[str(marker)])
+    pid2 = read_pid(marker / "crash_without_retry-attempts")
+    os.kill(pid2, signal.SIGKILL)
+    info = wait_job(server, plain["job"]["id"])
+    assert info["state"] == "failed"
+    assert "worker died" in info["error"]
+    assert "SIGKILL" in info["error"]
+
+    def replaced():
+        current = workers(server)
+        pids = {w["pid"] for w in current}
+        ready = [w for w in current if w["state"] in ("idle", "busy")]
+        return len(ready) == 2 and pid not in pids and pid2 not in pids
+
+    wait_for(replaced, 20, message="two live workers replacing the killed ones")
+    assert pid in before
+
+
+def test_timeout_kills_the_process(env):
+    server, markers = env
+    marker = markers / "timeout"
+    marker.mkdir()
+    job = api(server, "submit", name="testapp.jobs.too_slow", args=[str(marker)])["job"]
+    pid = read_pid(marker / "too_slow")
+    info = wait_job(server, job["id"], timeout=20)
+    assert info["state"] == "failed"
+    assert "timed out after 1.5 s" in info["error"]
+    wait_for(lambda: not alive(pid), 10, message="the timed-out worker gone")
+
+
+def test_cancel_queued_job_never_runs(env):
+    server, markers = env
+    marker = markers / "cancel-queued"
+    marker.mkdir()
+    # Both workers busy, so the next job waits in the queue.
+    busy = [
+        api(server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 1.5, f"busy{i}"])[
+            "job"
+        ]
+        for i in range(2)
+    ]
+    for i in range(2):
+        read_pid(marker / f"busy{i}-started")
+    queued = api(server, "submit", name="testapp.jobs.record", args=[str(marker), "never"])["job"]
+    info = api(server, "cancel", id=queued["id"])["job"]
+    assert info["state"] == "cancelled"
+    for job in busy:
+        assert wait_job(server, job["id"])["state"] == "succeeded"
+    after = api(server, "submit", name="testapp.jobs.add", args=[1, 1])["job"]
+    assert wait_job(server, after["id"])["state"] == "succeeded"
+    assert job_state(server, queued["id"])["state"] == "cancelled"
+    assert not (marker / "run-never").exists()
+
+
+def test_cancel_running_cooperative_job_stops(env):
+    server, markers = env
+    marker = markers / "cancel-coop"
+    marker.mkdir()
+    job = api(server, "submit", name="testapp.jobs.cooperative", args=[str(marker)])["job"]
+    pid = read_pid(marker / "cooperative")
+    api(server, "cancel", id=job["id"])
+    info = wait_job(server, job["id"], timeout=10)
+    assert info["state"] == "cancelled"
+    assert (marker / "cooperative-stopped").exists()
+    assert alive(pid), "a cooperative job's worker is not killed"
+
+
+def test_cancel_running_stubborn_job_is_killed_after_grace(env):
+    server, markers = env
+    marker = markers / "cancel-stubborn"
+    marker.mkdir()
+    job = api(server, "submit", name="testapp.jobs.stubborn", args=[str(marker)])["job"]
+    pid = read_pid(marker / "stubborn")
+    started = time.monotonic()
+    api(server, "cancel", id=job["id"])
+    info = wait_job(server, job["id"], timeout=10)
+    assert info["state"] == "cancelled"
+    assert "SIGTERM" in info["error"] or "SIGKILL" in info["error"], info["error"]
+    assert time.monotonic() - started >= 0.4  # the grace period (0.5 s) came first
+    wait_for(lambda: not alive(pid), 10, message="the stubborn job's process gone")
+
+
+def test_refusals_store_nothing(env):
+    server, _ = env
+    db = server.tmp / "db.sqlite3"
+    before = count_jobs(db)
+    error = api(server, "submit", expect_error=True, name="testapp.jobs.nope")
+    assert error["error"] == "NotRegistered"
+    assert "testapp.jobs.nope" in error["message"] and "registered" in error["message"]
+    error = api(server, "submit", expect_error=True, name="testapp.jobs.echo", non_json=True)
+    assert error["error"] == "InvalidArguments"
+    assert "JSON" in error["message"]
+    error = api(
+        server, "submit", expect_error=True, name="testapp.jobs.echo", args=["x" * (1024 * 1024)]
+    )
+    assert error["error"] == "PayloadTooLarge"
+    assert "1048576" in error["message"]
+    assert count_jobs(db) == before
+    error = api(server, "get", expect_error=True, id="00000000-0000-0000-0000-000000000000")
+    assert error["error"] == "UnknownJob"
+
+
+def test_200_kib_arguments_and_result_round_trip(env):
+    server, _ = env
+    data = {"text": "é" * 50_000 + "".join(chr(33 + i % 90) for i in range(100_000))}
+    assert len(json.dumps(data).encode()) > 200 * 1024
+    job = api(server, "submit", name="testapp.jobs.echo", args=[data])["job"]
+    info = api(server, "wait", id=job["id"])["job"]
+    assert info["state"] == "succeeded"
+    assert info["result"] == data
+
+
+def test_key_returns_the_unfinished_job(env):
+    server, markers = env
+    marker = markers / "key"
+    marker.mkdir()
+    first = api(
+        server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 0.5], key="one-import"
+    )["job"]
+    second = api(
+        server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 0.5], key="one-import"
+    )["job"]
+    assert first["id"] == second["id"]
+    wait_job(server, first["id"])
+    third = api(
+        server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 0.0], key="one-import"
+    )["job"]
+    assert third["id"] != first["id"]
+
+
+def test_priority_and_run_after(env):
+    server, markers = env
+    marker = markers / "order"
+    marker.mkdir()
+    busy = [
+        api(server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 1.0, f"b{i}"])["job"]
+        for i in range(2)
+    ]
+    for i in range(2):
+        read_pid(marker / f"b{i}-started")
+    later = api(
+        server, "submit", name="testapp.jobs.add", args=[0, 0], run_after=time.time() + 2.5
+    )["job"]
+    low = api(server, "submit", name="testapp.jobs.add", args=[0, 1], priority=-5)["job"]
+    high = api(server, "submit", name="testapp.jobs.add", args=[0, 2], priority=5)["job"]
+    for job in busy:
+        wait_job(server, job["id"])
+    high_info, low_info = wait_job(server, high["id"]), wait_job(server, low["id"])
+    assert high_info["started_at"] <= low_info["started_at"]
+    assert job_state(server, later["id"])["state"] == "queued"
+    info = wait_job(server, later["id"], timeout=10)
+    assert info["started_at"] >= later["created_at"]
+    assert info["state"] == "succeeded"
+
+
+def test_health_shows_the_job_service(env):
+    server, _ = env
+    health = request(server.port, "/-/health").json()
+    assert health["jobs"]["state"] == "running"
+    assert health["jobs"]["workers"] == 2

@@ -1,0 +1,102 @@
+"""Job functions of the test site. Markers go to the directory the test passes."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from twistedlrp.jobs import cancelled, job, progress
+
+
+def _mark(marker_dir, name, text=""):
+    if marker_dir:
+        with open(Path(marker_dir) / name, "a") as f:
+            f.write(f"{os.getpid()} {text}\n")
+
+
+@job
+def add(a, b):
+    return a + b
+
+
+@job
+def whoami():
+    return {"pid": os.getpid()}
+
+
+@job
+def echo(data):
+    return data
+
+
+@job
+def fail():
+    raise ValueError("this job fails on purpose")
+
+
+@job
+def record(marker_dir, n):
+    """Counts its runs: one line per run in marker_dir/run-<n>."""
+    _mark(marker_dir, f"run-{n}")
+    return n
+
+
+@job
+def steps(count, delay, marker_dir=None):
+    """Reports progress; writes marker 'steps-started' once running."""
+    _mark(marker_dir, "steps-started")
+    for i in range(count):
+        progress(i + 1, count, f"step {i + 1}")
+        # The job's own output: the service logs it and keeps its tail.
+        sys.stdout.write(f"step {i + 1} of {count}\n")
+        sys.stdout.flush()
+        time.sleep(delay)
+    return {"steps": count, "pid": os.getpid()}
+
+
+def _hang_unless_second_attempt(marker_dir, name):
+    path = Path(marker_dir) / f"{name}-attempts"
+    first = not path.exists()
+    _mark(marker_dir, f"{name}-attempts")
+    if first:
+        time.sleep(120)
+    return "second attempt succeeded"
+
+
+@job(retries=1, retry_delay=0.1)
+def crash_with_retry(marker_dir):
+    return _hang_unless_second_attempt(marker_dir, "crash_with_retry")
+
+
+@job
+def crash_without_retry(marker_dir):
+    return _hang_unless_second_attempt(marker_dir, "crash_without_retry")
+
+
+@job(timeout=1.5)
+def too_slow(marker_dir):
+    _mark(marker_dir, "too_slow")
+    time.sleep(120)
+
+
+@job
+def cooperative(marker_dir):
+    _mark(marker_dir, "cooperative")
+    while not cancelled():
+        time.sleep(0.02)
+    _mark(marker_dir, "cooperative-stopped")
+    return "stopped"
+
+
+@job
+def stubborn(marker_dir):
+    _mark(marker_dir, "stubborn")
+    time.sleep(120)
+
+
+@job
+def sleeper(marker_dir, seconds, name="sleeper"):
+    _mark(marker_dir, f"{name}-started")
+    time.sleep(seconds)
+    _mark(marker_dir, f"{name}-done")
+    return name

@@ -1,0 +1,281 @@
+"""
+Long-running jobs: define them with L{job}, start them from views with
+C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}.
+
+Jobs run in worker processes of the job service; arguments and results are
+JSON. Every call here is thread-safe and blocks the calling thread (never
+the reactor) for at most its timeout. It works in the server's views and in
+any other Python process with Django set up (a management command, a shell,
+a test), which then talks to the job service over its socket.
+
+Inside a running job, L{progress} reports progress and L{cancelled} says
+whether cancellation was requested.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from twistedlrp.jobs import _context, registry
+from twistedlrp.jobs.errors import (
+    AuthenticationFailed,
+    InvalidArguments,
+    JobCancelled,
+    JobError,
+    JobServiceUnavailable,
+    NotRegistered,
+    PayloadTooLarge,
+    UnknownJob,
+)
+
+__all__ = [
+    "job",
+    "submit",
+    "get",
+    "cancel",
+    "wait",
+    "progress",
+    "cancelled",
+    "JobInfo",
+    "Progress",
+    "JobError",
+    "JobServiceUnavailable",
+    "UnknownJob",
+    "NotRegistered",
+    "InvalidArguments",
+    "PayloadTooLarge",
+    "AuthenticationFailed",
+    "JobCancelled",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "CANCELLED",
+]
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+class Progress(NamedTuple):
+    current: int
+    total: int | None
+    message: str
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What is known of a job at one moment."""
+
+    id: str
+    name: str
+    state: str
+    attempts: int
+    progress: Progress
+    result: Any
+    error: str
+    created_at: _dt.datetime | None
+    started_at: _dt.datetime | None
+    finished_at: _dt.datetime | None
+    max_attempts: int = 1
+    worker: str = ""
+    output: str = ""
+
+    @property
+    def finished(self) -> bool:
+        """@return: whether the job reached a final state."""
+        return self.state in FINISHED_STATES
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobInfo:
+        """@return: the L{JobInfo} of a job as the wire protocol describes it."""
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            state=data["state"],
+            attempts=data.get("attempts", 0),
+            progress=Progress(*data.get("progress", (0, None, ""))),
+            result=data.get("result"),
+            error=data.get("error") or "",
+            created_at=_parse_time(data.get("created_at")),
+            started_at=_parse_time(data.get("started_at")),
+            finished_at=_parse_time(data.get("finished_at")),
+            max_attempts=data.get("max_attempts", 1),
+            worker=data.get("worker") or "",
+            output=data.get("output") or "",
+        )
+
+
+def _parse_time(value):
+    return _dt.datetime.fromisoformat(value) if value else None
+
+
+def job(
+    fn=None,
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    retries: int = 0,
+    retry_delay: float = 1.0,
+    priority: int = 0,
+    queue: str = "default",
+):
+    """
+    Register a module-level function as a job. Use bare (C{@job}) or with
+    options (C{@job(timeout=60, retries=2)}).
+
+    @param name: the registered name [default: C{module.qualname}].
+    @param timeout: seconds an attempt may run before its process is killed.
+    @param retries: extra attempts after a failure (a crash or timeout too).
+    @param retry_delay: seconds before the first retry; doubles each time, with jitter.
+    @param priority: higher runs first.
+    @return: the function, unchanged, with C{submit(*args, **kwargs)} added
+        (it returns a L{JobInfo}) and C{job_name}.
+    """
+
+    def register(function):
+        definition = registry.JobDefinition(
+            name=name or f"{function.__module__}.{function.__qualname__}",
+            function=function,
+            timeout=timeout,
+            retries=retries,
+            retry_delay=retry_delay,
+            priority=priority,
+            queue=queue,
+        )
+        registry.register(definition)
+
+        @functools.wraps(submit)
+        def submit_this(*args, **kwargs):
+            return submit(definition.name, args, kwargs)
+
+        submit_this.__doc__ = f"Submit {definition.name} as a job; return its L{{JobInfo}}."
+        function.submit = submit_this
+        function.job_name = definition.name
+        return function
+
+    return register(fn) if fn is not None else register
+
+
+def submit(
+    name: str,
+    args=(),
+    kwargs=None,
+    *,
+    priority: int | None = None,
+    run_after: _dt.datetime | float | None = None,
+    key: str | None = None,
+    timeout: float | None = None,
+) -> JobInfo:
+    """
+    Store a job and queue it. Returns once the job is committed.
+
+    @param run_after: an aware datetime or a Unix time before which it does not start.
+    @param key: if an unfinished job has this key, return that job instead.
+    @param timeout: seconds per attempt, overriding the registered one.
+    @return: the new (or existing, see C{key}) job's L{JobInfo}.
+    @raise NotRegistered: no job is registered under C{name}.
+    @raise InvalidArguments: the arguments are not JSON-serialisable.
+    @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
+    @raise JobServiceUnavailable: the job service cannot be reached in time.
+    """
+    from twistedlrp.jobs import client
+
+    if isinstance(run_after, _dt.datetime):
+        if run_after.tzinfo is None:
+            raise ValueError("run_after must be an aware datetime (or a Unix time)")
+        run_after = run_after.timestamp()
+    return JobInfo.from_dict(
+        client.call(
+            "submit",
+            name=name,
+            args=list(args),
+            kwargs=dict(kwargs or {}),
+            priority=priority,
+            run_after=run_after,
+            key=key,
+            timeout=timeout,
+        )
+    )
+
+
+def get(job_id) -> JobInfo:
+    """
+    @return: the job's L{JobInfo}, with live progress while it runs.
+    @raise UnknownJob: no job has this id.
+    @raise JobServiceUnavailable: the job service cannot be reached in time.
+    """
+    from twistedlrp.jobs import client
+
+    return JobInfo.from_dict(client.call("status", job_id=str(job_id)))
+
+
+def cancel(job_id) -> JobInfo:
+    """
+    Cancel a job: a queued one never runs; a running one sees L{cancelled}
+    return true, and its process is terminated after a grace period if it
+    goes on. Cancelling a finished job changes nothing.
+
+    @return: the job's L{JobInfo} after the request.
+    @raise UnknownJob: no job has this id.
+    """
+    from twistedlrp.jobs import client
+
+    return JobInfo.from_dict(client.call("cancel", job_id=str(job_id)))
+
+
+def wait(job_id, timeout: float = 60.0) -> JobInfo:
+    """
+    Wait until the job finishes (succeeded, failed or cancelled).
+
+    @return: its final L{JobInfo}.
+    @raise TimeoutError: it did not finish within C{timeout} seconds.
+    @raise UnknownJob: no job has this id.
+    """
+    from twistedlrp.jobs import client
+
+    info = JobInfo.from_dict(
+        client.call("wait", job_id=str(job_id), timeout=timeout, call_timeout=timeout + 10)
+    )
+    if not info.finished:
+        raise TimeoutError(f"job {job_id} did not finish within {timeout} s (it is {info.state})")
+    return info
+
+
+def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
+    """@return: the newest jobs (without results or output), optionally filtered."""
+    from twistedlrp.jobs import client
+
+    return [
+        JobInfo.from_dict(d)
+        for d in client.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
+    ]
+
+
+def stats() -> dict:
+    """@return: the job service's counters: jobs by state, workers, throughput."""
+    from twistedlrp.jobs import client
+
+    return client.call("stats")
+
+
+def progress(current: int, total: int | None = None, message: str = "") -> None:
+    """
+    Report the running job's progress (cheap: call it as often as you like;
+    the store coalesces updates). Outside a job it does nothing.
+    """
+    _context.report_progress(int(current), None if total is None else int(total), str(message))
+
+
+def cancelled() -> bool:
+    """@return: whether cancellation of the running job was requested (C{False} outside a job)."""
+    return _context.is_cancelled()

@@ -1,0 +1,184 @@
+"""
+A worker child: ``python -m twistedlrp.jobs.child --settings MODULE
+[--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
+
+It sets Django up, imports the site's job modules, then speaks AMP with
+the job service over fd 3 (commands in) and fd 4 (answers out), leaving
+stdout and stderr to the jobs. Jobs run one at a time in one job thread,
+so the reactor stays free to pass progress reports and cancellation. When
+fd 3 reaches end of file (the parent is gone) the child exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="twistedlrp.jobs.child")
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--pythonpath", action="append", default=[])
+    parser.add_argument("--worker-id", default="worker")
+    parser.add_argument("--max-payload", type=int, default=1024 * 1024)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    # Ctrl-C reaches the whole process group: the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    from twistedlrp import boot
+    from twistedlrp.jobs import registry
+
+    try:
+        boot.prepare_path(args.pythonpath)
+        boot.configure_settings(args.settings)
+        import django
+
+        django.setup()
+        registry.discover()
+        boot.close_connections()
+    except Exception as e:
+        sys.stderr.write(f"worker {args.worker_id}: cannot start: {e}\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    from twisted.internet import reactor, stdio
+
+    protocol = ChildProtocol(reactor, args.max_payload)
+    stdio.StandardIO(protocol, stdin=3, stdout=4, reactor=reactor)
+    reactor.run(installSignalHandlers=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The job thread may still run (the parent is gone): end it with us.
+    os._exit(0)
+
+
+def _make_protocol_class():
+    from twisted.internet import defer
+    from twisted.protocols import amp
+
+    from twistedlrp.jobs import _context, protocol
+
+    class ChildProtocol(amp.AMP):
+        def __init__(self, reactor, max_payload):
+            super().__init__()
+            self.reactor = reactor
+            self.max_payload = max_payload
+            self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+            self._pending_progress = None
+            self._progress_scheduled = False
+            self._lock = threading.Lock()
+            threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
+
+        def connectionMade(self):
+            super().connectionMade()
+            self.callRemote(protocol.WorkerReady, pid=os.getpid())
+
+        def connectionLost(self, reason):
+            super().connectionLost(reason)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        @protocol.RunJob.responder
+        def run_job(self, job_id, name, payload, attempt):
+            d = defer.Deferred()
+            self.jobs.put((job_id, name, payload, attempt, d))
+            return d
+
+        @protocol.CancelJob.responder
+        def cancel_job(self, job_id):
+            _context.request_cancel(job_id)
+            return {}
+
+        # -- the job thread ---------------------------------------------------
+
+        def _job_thread(self):
+            while True:
+                job_id, name, payload, attempt, d = self.jobs.get()
+                outcome = self._run(job_id, name, payload)
+                self.reactor.callFromThread(self._answer, d, outcome)
+
+        def _answer(self, d, outcome):
+            self._flush_progress()
+            d.callback({"outcome": outcome})
+
+        def _run(self, job_id, name, payload) -> dict:
+            from django.db import close_old_connections
+
+            from twistedlrp.jobs import registry
+            from twistedlrp.jobs.errors import JobCancelled
+
+            definition = registry.lookup(name)
+            if definition is None:
+                return {"ok": False, "error": f"no job named {name!r} is registered in the worker"}
+            _context.begin(job_id, lambda *p: self._report(job_id, *p))
+            close_old_connections()
+            try:
+                data = json.loads(payload)
+                result = definition.function(*data["args"], **data["kwargs"])
+                try:
+                    encoded = json.dumps(result)
+                except (TypeError, ValueError) as e:
+                    return {"ok": False, "error": f"the job's result is not JSON: {e}"}
+                if len(encoded) > self.max_payload:
+                    return {
+                        "ok": False,
+                        "error": f"the job's result takes {len(encoded)} bytes of JSON, more "
+                        f"than the limit of {self.max_payload} bytes (--max-job-payload)",
+                    }
+                return {"ok": True, "result": result}
+            except JobCancelled:
+                return {"ok": False, "cancelled": True, "error": "cancelled"}
+            except BaseException as e:
+                return {
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}",
+                    "cancelled": _context.is_cancelled(),
+                }
+            finally:
+                _context.end()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                close_old_connections()
+
+        # Progress: only the latest report waits; the reactor sends it once.
+        def _report(self, job_id, current, total, message):
+            with self._lock:
+                self._pending_progress = (job_id, current, total, message)
+                if self._progress_scheduled:
+                    return
+                self._progress_scheduled = True
+            self.reactor.callFromThread(self._flush_progress)
+
+        def _flush_progress(self):
+            with self._lock:
+                pending, self._pending_progress = self._pending_progress, None
+                self._progress_scheduled = False
+            if pending is not None:
+                job_id, current, total, message = pending
+                self.callRemote(
+                    protocol.ReportProgress,
+                    job_id=job_id,
+                    current=current,
+                    total=total,
+                    message=message[:2000],
+                )
+
+    return ChildProtocol
+
+
+def ChildProtocol(reactor, max_payload):  # noqa: N802 - a class built once Django is set up
+    return _make_protocol_class()(reactor, max_payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""
+The job service's Perspective Broker front end.
+
+A C{twisted.cred} portal guards it: a client logs in with the shared secret
+of C{--jobs-secret-file} and gets an avatar offering the operations of the
+AMP front end (C{submit}, C{status}, C{cancel}, C{wait}, C{list_jobs},
+C{stats}); they call the same L{JobService} methods. From Twisted::
+
+    factory = pb.PBClientFactory()
+    reactor.connectTCP(host, port, factory)
+    avatar = await factory.login(credentials.UsernamePassword(b"lrp", secret))
+    job = await avatar.callRemote("submit", "myapp.jobs.resize", [path, 800])
+    job = await avatar.callRemote("wait", job["id"], 60)
+
+Answers are plain dicts, lists, strings and numbers (the job descriptions
+of the AMP protocol); nothing but PB's basic types travels. Refusals are
+L{JobServiceError} subclasses: on the client, C{failure.check(
+"twistedlrp.jobs.pb.NotRegisteredError")} says which and
+C{failure.getErrorMessage()} says why.
+
+Login is PB's own challenge-response (see L{SecretChecker}): the secret
+never crosses the wire. The user name is free (C{b"lrp"} by convention);
+it only names the client in the logs.
+"""
+
+from __future__ import annotations
+
+from twisted.cred import checkers, credentials, error, portal
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.spread import banana, pb
+from zope.interface import implementer
+
+from twistedlrp.jobs import errors
+from twistedlrp.jobs.client import encode_payload
+
+log = Logger()
+
+__all__ = [
+    "listen_pb",
+    "JobServiceError",
+    "NotRegisteredError",
+    "UnknownJobError",
+    "InvalidArgumentsError",
+    "PayloadTooLargeError",
+    "ServiceUnavailableError",
+]
+
+
+class JobServiceError(pb.Error):
+    """The job service refused an operation (the message says why)."""
+
+
+class NotRegisteredError(JobServiceError):
+    """No job function is registered under this name; nothing was stored."""
+
+
+class UnknownJobError(JobServiceError):
+    """No job has this id."""
+
+
+class InvalidArgumentsError(JobServiceError):
+    """The arguments are not JSON (or not a list and a dict); nothing was stored."""
+
+
+class PayloadTooLargeError(JobServiceError):
+    """The arguments or the answer exceed a size limit."""
+
+
+class ServiceUnavailableError(JobServiceError):
+    """The job service cannot take work now (starting, stopping, not migrated)."""
+
+
+# Most specific first: the first class that matches wins.
+_ERRORS = [
+    (errors.NotRegistered, NotRegisteredError),
+    (errors.UnknownJob, UnknownJobError),
+    (errors.InvalidArguments, InvalidArgumentsError),
+    (errors.PayloadTooLarge, PayloadTooLargeError),
+    (errors.JobServiceUnavailable, ServiceUnavailableError),
+    (errors.JobError, JobServiceError),
+]
+
+
+@implementer(checkers.ICredentialsChecker)
+class SecretChecker:
+    """
+    Accepts any user name with the shared secret, by challenge-response.
+
+    PB never sends the password: C{PBClientFactory.login} asks the root
+    object's C{remote_login(username)} for a challenge (C{pb.challenge()}:
+    an MD5 digest of random bytes) and answers C{pb.respond(challenge,
+    password)}, that is C{md5(md5(password) + challenge)}; the server side
+    (C{pb._PortalAuthChallenger}, an C{IUsernameHashedPassword}) recomputes
+    it in C{checkPassword}. So the secret is safe from a listener, but the
+    exchange is MD5-based and its challenge comes from C{random}, not
+    C{secrets}: a short secret could be guessed offline from one recorded
+    login. Use a long random secret, and a C{ssl:} endpoint across networks
+    you do not trust.
+
+    A wrong secret is refused and the connection is closed (as the AMP
+    front end does), so a client cannot try secrets one after another on
+    one connection.
+    """
+
+    credentialInterfaces = (credentials.IUsernameHashedPassword,)
+
+    def __init__(self, reactor, secret: bytes):
+        self.reactor = reactor
+        self.secret = secret
+
+    def requestAvatarId(self, creds):
+        if creds.checkPassword(self.secret):
+            return defer.succeed(creds.username)
+        broker = getattr(creds, "broker", None)
+        peer = broker.transport.getPeer() if broker and broker.transport else "?"
+        log.warn("PB job client {peer} failed to log in (wrong secret): disconnected", peer=peer)
+        if broker is not None and broker.transport is not None:
+            # After the refusal has been written.
+            self.reactor.callLater(0, broker.transport.loseConnection)
+        return defer.fail(error.UnauthorizedLogin("login refused: wrong secret"))
+
+
+@implementer(portal.IRealm)
+class JobsRealm:
+    """Gives every authenticated client a L{JobsAvatar} on the same service."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("the job service only offers pb.IPerspective")
+        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
+        return pb.IPerspective, JobsAvatar(self.service, name), lambda: None
+
+
+class JobsAvatar(pb.Avatar):
+    """
+    What a logged-in PB client may call. Each method returns (a Deferred
+    of) a job description dict, or fails with a L{JobServiceError}.
+    """
+
+    def __init__(self, service, name: str = "lrp"):
+        self.service = service
+        self.name = name
+
+    def perspective_submit(
+        self,
+        name,
+        args=(),
+        kwargs=None,
+        priority=None,
+        run_after=None,
+        key=None,
+        timeout=None,
+    ):
+        """
+        Store and queue a job; answered after the commit.
+
+        @param run_after: a Unix time before which it does not start.
+        @return: the job's description (an existing unfinished job's when C{key} matches).
+        @raise NotRegisteredError: no job is registered under C{name}.
+        @raise InvalidArgumentsError: C{args} or C{kwargs} are not JSON.
+        @raise PayloadTooLargeError: they exceed C{--max-job-payload}.
+        """
+        return _call(
+            _submit, self.service, name, args, kwargs or {}, priority, run_after, key, timeout
+        )
+
+    def perspective_status(self, job_id):
+        """@return: the job's description, with live progress while it runs."""
+        return _call(self.service.status, str(job_id))
+
+    def perspective_cancel(self, job_id):
+        """@return: the job's description after the cancellation request."""
+        return _call(self.service.cancel, str(job_id))
+
+    def perspective_wait(self, job_id, timeout=60.0):
+        """@return: the job's description once finished, or after C{timeout} seconds."""
+        return _call(self.service.wait, str(job_id), float(timeout))
+
+    def perspective_list_jobs(self, state=None, name=None, limit=100):
+        """@return: the newest jobs' descriptions (without results), newest first."""
+        d = _call(self.service.list_jobs, state, name, int(limit))
+        return d.addCallback(lambda answer: answer["jobs"])
+
+    def perspective_stats(self):
+        """@return: the service's counters, queue, workers and store figures."""
+        return _call(self.service.stats)
+
+
+def _submit(service, name, args, kwargs, priority, run_after, key, timeout):
+    if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+        raise errors.InvalidArguments("args must be a list and kwargs a dict")
+    payload = encode_payload(args, kwargs)
+    return service.submit(
+        str(name),
+        payload,
+        None if priority is None else int(priority),
+        None if run_after is None else float(run_after),
+        key,
+        None if timeout is None else float(timeout),
+    )
+
+
+def _call(fn, *args) -> defer.Deferred:
+    """
+    Run a service operation for a PB client: its own errors become
+    L{JobServiceError}s with the same message, anything else is logged and
+    reported as an internal error (PB would otherwise send a traceback).
+    """
+
+    def translate(failure):
+        for ours, theirs in _ERRORS:
+            if failure.check(ours):
+                raise theirs(failure.getErrorMessage())
+        log.failure("PB job service operation {op} failed", failure, op=fn.__name__)
+        raise JobServiceError(f"internal error in the job service: {failure.getErrorMessage()}")
+
+    return defer.maybeDeferred(fn, *args).addCallbacks(_fits_banana, translate)
+
+
+def _fits_banana(answer):
+    """
+    PB's wire format drops the connection on a string or list longer than
+    C{banana.SIZE_LIMIT} (640 KiB); say so instead.
+
+    @raise PayloadTooLargeError: some value of C{answer} is that long.
+    """
+    stack = [answer]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str | bytes | list | tuple | dict) and len(value) > banana.SIZE_LIMIT:
+            raise PayloadTooLargeError(
+                f"the answer holds a value of {len(value)} items or characters, more than "
+                f"Perspective Broker can carry ({banana.SIZE_LIMIT}); use the AMP front end "
+                f"or twistedlrp.jobs.get() for it"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+    return answer
+
+
+def listen_pb(reactor, service, endpoint: str, secret: bytes) -> defer.Deferred:
+    """
+    Serve C{service} over Perspective Broker on C{endpoint}.
+
+    @param service: the L{twistedlrp.jobs.service.JobService}.
+    @param endpoint: a server endpoint string (C{tcp:8790:interface=127.0.0.1}).
+    @param secret: the shared secret clients log in with (any user name).
+    @return: a Deferred firing with the C{IListeningPort}, or failing when
+        the endpoint cannot listen.
+    @raise ValueError: C{secret} is empty.
+    """
+    if not secret:
+        raise ValueError("the PB job service needs a non-empty shared secret")
+    guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
+    factory = pb.PBServerFactory(guard)
+    factory.noisy = False
+    d = serverFromString(reactor, endpoint).listen(factory)
+
+    def listening(port):
+        log.info("Job service (Perspective Broker) listening on {endpoint}", endpoint=endpoint)
+        return port
+
+    return d.addCallback(listening)

@@ -1,0 +1,256 @@
+"""
+The job service's AMP protocol.
+
+Clients (views, other processes, other machines) send C{Submit}, C{Status},
+C{Cancel}, C{Wait}, C{ListJobs} and C{Stats}. On a network listener they
+must first prove they know the shared secret: C{Challenge} returns a fresh
+server nonce, C{Login} answers with C{HMAC-SHA256(secret, nonce)}; the
+secret never crosses the wire. Any other command before a successful Login,
+and a wrong Login, is answered with an error and the connection is closed.
+A UNIX socket (mode 0600) is trusted without Login.
+
+AMP caps one value at 65,535 bytes. Job payloads (arguments, results) are
+JSON bytes of up to C{--max-job-payload}: L{BigBytes} splits them over
+several keys of the same box (C{name} holds the count, C{name.0},
+C{name.1}, ... the pieces) and joins them on arrival, so nothing is cut.
+
+The parent and its worker children speak the same way over pipes with
+C{RunJob}, C{CancelJob}, C{WorkerReady} and C{ReportProgress}.
+
+JSON only: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+
+from twisted.protocols import amp
+
+from twistedlrp.jobs.errors import (
+    AuthenticationFailed,
+    InvalidArguments,
+    JobError,
+    JobServiceUnavailable,
+    NotRegistered,
+    PayloadTooLarge,
+    UnknownJob,
+)
+
+# Below AMP's 65,535-byte limit for one value.
+CHUNK = 65_000
+# A sanity bound on one value (about 130 MB), far above any payload limit in use;
+# the real limit (--max-job-payload) is checked by the service.
+MAX_CHUNKS = 2000
+
+
+class BigBytes(amp.Argument):
+    """Bytes of any size, split over several AMP keys."""
+
+    def toBox(self, name, strings, objects, proto):
+        value = objects.pop(amp._wireNameToPythonIdentifier(name), None)
+        if value is None:
+            if self.optional:
+                return
+            raise ValueError(f"missing value for {name!r}")
+        value = self.encode(value)
+        pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
+        strings[name] = str(len(pieces)).encode()
+        for i, piece in enumerate(pieces):
+            strings[name + b".%d" % i] = piece
+
+    def fromBox(self, name, strings, objects, proto):
+        key = amp._wireNameToPythonIdentifier(name)
+        count = strings.pop(name, None)
+        if count is None:
+            if self.optional:
+                objects[key] = None
+                return
+            raise KeyError(name)
+        count = int(count)
+        if not 0 < count <= MAX_CHUNKS:
+            raise ValueError(f"{name!r}: bad piece count {count}")
+        data = b"".join(strings.pop(name + b".%d" % i) for i in range(count))
+        objects[key] = self.decode(data)
+
+    def encode(self, value) -> bytes:
+        return value
+
+    def decode(self, data: bytes):
+        return data
+
+
+class BigJSON(BigBytes):
+    """A JSON value of any size (see L{BigBytes})."""
+
+    def encode(self, value) -> bytes:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    def decode(self, data: bytes):
+        return json.loads(data)
+
+
+# -- errors as they travel --------------------------------------------------
+
+ERRORS = {
+    UnknownJob: b"UNKNOWN_JOB",
+    NotRegistered: b"NOT_REGISTERED",
+    InvalidArguments: b"INVALID_ARGUMENTS",
+    PayloadTooLarge: b"PAYLOAD_TOO_LARGE",
+    JobServiceUnavailable: b"UNAVAILABLE",
+    # Last: any other JobError (a trap returns the first class that matches).
+    JobError: b"JOB_ERROR",
+}
+FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
+
+
+class _Command(amp.Command):
+    errors = ERRORS
+    fatalErrors = FATAL_ERRORS
+
+
+# -- client → job service ---------------------------------------------------
+
+
+class Challenge(_Command):
+    """@return: C{nonce}, fresh random bytes to answer in L{Login}."""
+
+    arguments = []
+    response = [(b"nonce", amp.String())]
+
+
+class Login(_Command):
+    """Prove knowledge of the secret: C{digest = HMAC-SHA256(secret, nonce)}."""
+
+    arguments = [(b"digest", amp.String())]
+    response = [(b"ok", amp.Boolean())]
+
+
+class Submit(_Command):
+    """
+    Store and queue a job. C{payload} is the JSON object
+    C{{"args": [...], "kwargs": {...}}}. Answered after the commit.
+    """
+
+    arguments = [
+        (b"name", amp.Unicode()),
+        (b"payload", BigBytes()),
+        (b"priority", amp.Integer(optional=True)),
+        (b"run_after", amp.Float(optional=True)),
+        (b"key", amp.Unicode(optional=True)),
+        (b"timeout", amp.Float(optional=True)),
+    ]
+    response = [(b"job", BigJSON())]
+
+
+class Status(_Command):
+    arguments = [(b"job_id", amp.Unicode())]
+    response = [(b"job", BigJSON())]
+
+
+class Cancel(_Command):
+    arguments = [(b"job_id", amp.Unicode())]
+    response = [(b"job", BigJSON())]
+
+
+class Wait(_Command):
+    """Answered when the job finishes or after C{timeout} seconds, whichever is first."""
+
+    arguments = [(b"job_id", amp.Unicode()), (b"timeout", amp.Float())]
+    response = [(b"job", BigJSON())]
+
+
+class ListJobs(_Command):
+    arguments = [
+        (b"state", amp.Unicode(optional=True)),
+        (b"name", amp.Unicode(optional=True)),
+        (b"limit", amp.Integer()),
+    ]
+    response = [(b"jobs", BigJSON())]
+
+
+class Stats(_Command):
+    arguments = []
+    response = [(b"stats", BigJSON())]
+
+
+# -- parent ↔ worker child ----------------------------------------------------
+
+
+class WorkerReady(amp.Command):
+    """Child → parent: Django is set up and jobs can run."""
+
+    arguments = [(b"pid", amp.Integer())]
+    response = []
+
+
+class RunJob(amp.Command):
+    """
+    Parent → child: run one job. Answered when it ends, with C{outcome}:
+    C{{"ok": true, "result": ...}} or C{{"ok": false, "error": "...", "cancelled": bool}}.
+    """
+
+    arguments = [
+        (b"job_id", amp.Unicode()),
+        (b"name", amp.Unicode()),
+        (b"payload", BigBytes()),
+        (b"attempt", amp.Integer()),
+    ]
+    response = [(b"outcome", BigJSON())]
+
+
+class CancelJob(amp.Command):
+    """Parent → child: make L{twistedlrp.jobs.cancelled} true for this job."""
+
+    arguments = [(b"job_id", amp.Unicode())]
+    requiresAnswer = False
+
+
+class ReportProgress(amp.Command):
+    """Child → parent: the running job's progress."""
+
+    arguments = [
+        (b"job_id", amp.Unicode()),
+        (b"current", amp.Integer()),
+        (b"total", amp.Integer(optional=True)),
+        (b"message", amp.Unicode()),
+    ]
+    requiresAnswer = False
+
+
+# -- authentication ------------------------------------------------------------
+
+
+def new_nonce() -> bytes:
+    """@return: 32 random bytes."""
+    return os.urandom(32)
+
+
+def digest(secret: bytes, nonce: bytes) -> bytes:
+    """@return: the Login answer to C{nonce}: HMAC-SHA256 of it keyed with C{secret}."""
+    return hmac.new(secret, b"twistedlrp-jobs-login:" + nonce, hashlib.sha256).digest()
+
+
+def read_secret(path: str) -> bytes:
+    """
+    @return: the secret in the file at C{path}, without surrounding whitespace.
+    @raise OSError: it cannot be read.
+    @raise ValueError: it is empty.
+    """
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"the job secret file {path} is empty")
+    return secret
+
+
+async def login(protocol: amp.AMP, secret: bytes) -> None:
+    """
+    Authenticate C{protocol}'s connection.
+
+    @raise AuthenticationFailed: the service refused the secret (and closed the connection).
+    """
+    answer = await protocol.callRemote(Challenge)
+    await protocol.callRemote(Login, digest=digest(secret, answer["nonce"]))

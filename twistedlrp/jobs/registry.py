@@ -1,0 +1,93 @@
+"""
+Which functions may run as jobs.
+
+A function is registered by the L{twistedlrp.jobs.job} decorator when its
+module is imported. The server and every worker child import the same
+modules at start-up (L{discover}): the C{jobs} and C{tasks} modules of the
+installed apps and those named in C{settings.LRP_JOB_MODULES}. A name that
+is not registered is refused at submission.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+@dataclass
+class JobDefinition:
+    """A registered job function and its defaults."""
+
+    name: str
+    function: Callable[..., Any]
+    timeout: float | None = None
+    retries: int = 0
+    retry_delay: float = 1.0
+    priority: int = 0
+    queue: str = "default"
+    extra: dict = field(default_factory=dict)
+
+    def delay_before(self, attempt: int) -> float:
+        """@return: seconds to wait before attempt C{attempt + 1} (exponential, jittered)."""
+        return retry_delay(self.retry_delay, attempt)
+
+
+def retry_delay(base: float, attempt: int) -> float:
+    """
+    @param attempt: the attempts made so far (1 after the first failure).
+    @return: C{base * 2 ** (attempt - 1)}, capped at an hour, with up to 25 % jitter
+        so that jobs failing together do not retry together.
+    """
+    if base <= 0:
+        return 0.0
+    delay = min(base * 2 ** max(attempt - 1, 0), 3600.0)
+    return delay * (1 + random.uniform(-0.25, 0.25))
+
+
+_registry: dict[str, JobDefinition] = {}
+_discovered = False
+
+
+def register(definition: JobDefinition) -> None:
+    """Register C{definition}; a later registration under the same name replaces it."""
+    _registry[definition.name] = definition
+
+
+def lookup(name: str) -> JobDefinition | None:
+    """@return: the definition registered under C{name}, or C{None}."""
+    return _registry.get(name)
+
+
+def names() -> list[str]:
+    """@return: the registered names, sorted."""
+    return sorted(_registry)
+
+
+def discover() -> list[str]:
+    """
+    Import the job modules of the site (once per process).
+
+    @return: the dotted names of the modules imported.
+    @raise twistedlrp.boot.BootError: one of them failed to import.
+    """
+    global _discovered
+    from django.conf import settings
+
+    from twistedlrp import boot
+
+    imported = boot.import_app_modules("jobs") + boot.import_app_modules("tasks")
+    for dotted in getattr(settings, "LRP_JOB_MODULES", []) or []:
+        try:
+            importlib.import_module(dotted)
+        except Exception as e:
+            raise boot.BootError(f"cannot import {dotted} (LRP_JOB_MODULES): {e}") from None
+        imported.append(dotted)
+    _discovered = True
+    return imported

@@ -1,0 +1,455 @@
+"""
+The job store: every database access of the job service, in one dedicated
+thread, with group commit.
+
+The reactor never touches the database. It calls L{Store.run} with a
+function; the store thread takes every operation queued so far, runs them
+all in one transaction (each in its own savepoint, so one failure does not
+undo the others), commits once, and hands each result back to the reactor
+as the firing of its Deferred. Under load, many submissions share one
+commit; an idle store costs nothing (it blocks on its queue, it does not
+poll). A Deferred fires only after the commit that made its change durable.
+
+Progress reports are coalesced: only the latest one per job is written, in
+the next batch.
+
+On SQLite the store switches the database to WAL mode and opens its write
+transactions with C{BEGIN IMMEDIATE}, so that it waits for (rather than
+fails on) the locks of job code writing from worker processes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistedlrp.jobs.errors import JobServiceUnavailable, UnknownJob
+
+log = Logger()
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+UNFINISHED = (QUEUED, RUNNING)
+_STOP = object()
+_WAKE = object()
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def job_dict(job, full: bool = True) -> dict:
+    """@return: the wire description of a C{Job} row (without result and output unless C{full})."""
+    data = {
+        "id": str(job.id),
+        "name": job.name,
+        "state": job.state,
+        "priority": job.priority,
+        "queue": job.queue,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "progress": [job.progress_current, job.progress_total, job.progress_message],
+        "error": job.error,
+        "worker": job.worker,
+        "key": job.key,
+        "timeout": job.timeout,
+        "run_after": iso(job.run_after),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "cancel_requested": job.cancel_requested,
+    }
+    if full:
+        data["result"] = job.result
+        data["output"] = job.output
+    return data
+
+
+class Store:
+    """The store thread and the operations the job service needs."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._progress: dict[str, tuple] = {}
+        self._progress_lock = threading.Lock()
+        self._stopped = defer.Deferred()
+        self.batches = 0
+        self.operations = 0
+        self.closed = False
+
+    # -- the thread ----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="twistedlrp-job-store", daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """
+        Run C{fn(*args)} in the store thread, inside a transaction.
+
+        @return: a Deferred that fires, in the reactor, with C{fn}'s result
+            once the transaction is committed, or fails with its exception.
+        """
+        if self.closed:
+            return defer.fail(JobServiceUnavailable("the job store is closed"))
+        d = defer.Deferred()
+        self._queue.put((fn, args, d, False))
+        return d
+
+    def run_alone(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Like L{run}, but outside any transaction (for PRAGMAs and checks)."""
+        if self.closed:
+            return defer.fail(JobServiceUnavailable("the job store is closed"))
+        d = defer.Deferred()
+        self._queue.put((fn, args, d, True))
+        return d
+
+    def stop(self) -> defer.Deferred:
+        """
+        Finish the queued operations, then end the thread.
+
+        @return: a Deferred that fires when the thread has ended.
+        """
+        if not self.closed:
+            self.closed = True
+            self._queue.put(_STOP)
+        return self._stopped
+
+    def _loop(self) -> None:
+        from django.db import connection
+
+        try:
+            while True:
+                items = [self._queue.get()]
+                while True:
+                    try:
+                        items.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                stopping = _STOP in items
+                ops = [item for item in items if item is not _STOP and item is not _WAKE]
+                for op in [op for op in ops if op[3]]:
+                    self._run_alone(op)
+                ops = [op for op in ops if not op[3]]
+                if ops or self._progress:
+                    self._run_batch(ops)
+                if stopping:
+                    break
+        finally:
+            connection.close()
+            self.reactor.callFromThread(self._stopped.callback, None)
+
+    def _run_alone(self, op) -> None:
+        fn, args, d, _ = op
+        try:
+            outcome, failed = fn(*args), False
+        except Exception:
+            outcome, failed = Failure(), True
+        self.reactor.callFromThread(_deliver, [(d, outcome, failed)])
+
+    def _run_batch(self, ops: list) -> None:
+        from django.db import connection, transaction
+
+        with self._progress_lock:
+            progress, self._progress = self._progress, {}
+        results = []
+        try:
+            if connection.vendor == "sqlite":
+                connection.ensure_connection()
+                # Wait for locks held by job code in workers instead of failing.
+                connection.transaction_mode = "IMMEDIATE"
+            with transaction.atomic():
+                for fn, args, _, _ in ops:
+                    try:
+                        with transaction.atomic():
+                            results.append((fn(*args), False))
+                    except Exception:
+                        results.append((Failure(), True))
+                if progress:
+                    _write_progress(progress)
+        except Exception:
+            failure = Failure()
+            log.failure("The job store could not commit", failure)
+            results = [(failure, True)] * len(ops)
+            try:
+                connection.close()
+            except Exception:
+                pass
+        self.batches += 1
+        self.operations += len(ops)
+        if ops:
+            self.reactor.callFromThread(
+                _deliver, [(d, r, f) for (_, _, d, _), (r, f) in zip(ops, results, strict=False)]
+            )
+
+    def set_progress(self, job_id: str, current: int, total, message: str) -> None:
+        """Record a progress report; only the latest per job is written, in the next batch."""
+        with self._progress_lock:
+            first = not self._progress
+            self._progress[job_id] = (current, total, message)
+        if first:
+            self._queue.put(_WAKE)
+
+    # -- operations (all run in the store thread) --------------------------------
+
+    def prepare(self) -> defer.Deferred:
+        """@return: a Deferred firing with C{None} or a reason the store cannot be used."""
+        return self.run_alone(_prepare)
+
+
+def _deliver(items) -> None:
+    for d, result, failed in items:
+        if failed:
+            d.errback(result)
+        else:
+            d.callback(result)
+
+
+def _write_progress(progress: dict) -> None:
+    from twistedlrp.models import Job
+
+    for job_id, (current, total, message) in progress.items():
+        Job.objects.filter(id=job_id, state=RUNNING).update(
+            progress_current=current, progress_total=total, progress_message=message
+        )
+
+
+def _prepare():
+    """
+    @return: C{None} when the job table is ready, else a sentence saying why not.
+    """
+    from django.db import DEFAULT_DB_ALIAS, connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    targets = [n for n in executor.loader.graph.leaf_nodes() if n[0] == "twistedlrp"]
+    if executor.migration_plan(targets):
+        alias = "" if connection.alias == DEFAULT_DB_ALIAS else f" --database {connection.alias}"
+        return (
+            "the job store's tables do not exist yet: the twistedlrp migrations are not "
+            f"applied; run 'python manage.py migrate{alias}'"
+        )
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            # Durable against process crashes; a power loss may lose the last commits.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    return None
+
+
+def create(fields: dict) -> dict:
+    """
+    Insert a job, unless C{fields["key"]} names an unfinished job.
+
+    @return: C{(created, job dict)}.
+    """
+    from twistedlrp.models import Job
+
+    key = fields.get("key")
+    if key:
+        existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
+        if existing is not None:
+            return False, job_dict(existing)
+    job = Job(id=uuid.uuid4(), created_at=now(), state=QUEUED, **fields)
+    job.save(force_insert=True)
+    return True, job_dict(job)
+
+
+def get(job_id: str, full: bool = True) -> dict:
+    """
+    @return: the job's wire description.
+    @raise UnknownJob: no such job.
+    """
+    from django.core.exceptions import ValidationError
+
+    from twistedlrp.models import Job
+
+    try:
+        return job_dict(Job.objects.get(id=job_id), full)
+    except (Job.DoesNotExist, ValidationError, ValueError):
+        raise UnknownJob(f"no job has the id {job_id!r}") from None
+
+
+def claim(job_id: str, worker: str) -> dict | None:
+    """
+    Mark a queued job running (one more attempt).
+
+    The conditional update is what makes a claim exclusive: on a database
+    shared by several job services only one of them gets the row.
+
+    @return: C{{"payload": bytes, "attempts": n, ...}}, or C{None} if the job is no longer queued.
+    """
+    import json
+
+    from django.db.models import F
+
+    from twistedlrp.models import Job
+
+    started = now()
+    updated = Job.objects.filter(id=job_id, state=QUEUED).update(
+        state=RUNNING, attempts=F("attempts") + 1, started_at=started, worker=worker, error=""
+    )
+    if not updated:
+        return None
+    row = Job.objects.values(
+        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay"
+    ).get(id=job_id)
+    payload = json.dumps({"args": row["args"], "kwargs": row["kwargs"]}).encode()
+    return {
+        "payload": payload,
+        "attempts": row["attempts"],
+        "name": row["name"],
+        "timeout": row["timeout"],
+        "max_attempts": row["max_attempts"],
+        "retry_delay": row["retry_delay"],
+        "started_at": iso(started),
+    }
+
+
+def claim_next_postgresql(queue_name: str, worker: str):
+    """
+    Claim the next due job on PostgreSQL when several job services share
+    the database: C{SELECT ... FOR UPDATE SKIP LOCKED} lets each take a
+    different row without waiting for the others.
+
+    @return: the claimed job's id, or C{None}.
+    """
+    from django.db.models import Q
+
+    from twistedlrp.models import Job
+
+    row = (
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(state=QUEUED, queue=queue_name)
+        .filter(Q(run_after__isnull=True) | Q(run_after__lte=now()))
+        .order_by("-priority", "created_at")
+        .values_list("id", flat=True)
+        .first()
+    )
+    if row is None:
+        return None
+    claimed = claim(str(row), worker)
+    return str(row) if claimed else None
+
+
+def finish(job_id: str, state: str, fields: dict) -> dict:
+    """
+    End an attempt: C{state} is final, or C{queued} for a retry (then
+    C{run_after} may be set). Output, error and result are in C{fields}.
+
+    @return: the job's wire description.
+    """
+    from twistedlrp.models import Job
+
+    fields = dict(fields)
+    if state in FINISHED:
+        fields.setdefault("finished_at", now())
+    Job.objects.filter(id=job_id).update(state=state, **fields)
+    return get(job_id)
+
+
+def mark_cancel(job_id: str) -> dict:
+    """
+    Cancel a queued job at once, or flag a running one.
+
+    @return: the job's wire description after the change.
+    @raise UnknownJob: no such job.
+    """
+    from twistedlrp.models import Job
+
+    job = get(job_id, full=False)
+    if job["state"] == QUEUED:
+        Job.objects.filter(id=job_id, state=QUEUED).update(
+            state=CANCELLED,
+            cancel_requested=True,
+            finished_at=now(),
+            error="cancelled while queued",
+        )
+    elif job["state"] == RUNNING:
+        Job.objects.filter(id=job_id).update(cancel_requested=True)
+    return get(job_id)
+
+
+def recover(server_pid: int) -> tuple[list[dict], list[dict]]:
+    """
+    Deal with jobs left C{running} by a server that died, then list the queued jobs.
+
+    @return: C{(queued, failed)}: the queued jobs (light descriptions,
+        oldest first) and the jobs just failed because no attempts remained.
+    """
+    from twistedlrp.models import Job
+
+    failed = []
+    for job in Job.objects.filter(state=RUNNING):
+        reason = (
+            f"the worker died: the job service stopped (crash or kill) while attempt "
+            f"{job.attempts} ran on {job.worker or 'a worker'}"
+        )
+        if job.cancel_requested:
+            Job.objects.filter(id=job.id).update(state=CANCELLED, finished_at=now(), error=reason)
+        elif job.attempts < job.max_attempts:
+            Job.objects.filter(id=job.id).update(
+                state=QUEUED, error=reason + "; retried", worker=""
+            )
+        else:
+            Job.objects.filter(id=job.id).update(state=FAILED, finished_at=now(), error=reason)
+            failed.append(str(job.id))
+    queued = list(
+        Job.objects.filter(state=QUEUED)
+        .order_by("created_at")
+        .values("id", "priority", "created_at", "run_after", "queue")
+    )
+    for row in queued:
+        row["id"] = str(row["id"])
+    return queued, failed
+
+
+def requeue(job_id: str, error: str, count_attempt: bool) -> None:
+    """Put an interrupted job back in the queue (a graceful shut-down did not let it finish)."""
+    from django.db.models import F
+
+    from twistedlrp.models import Job
+
+    fields = {"state": QUEUED, "worker": "", "error": error}
+    if not count_attempt:
+        fields["attempts"] = F("attempts") - 1
+    Job.objects.filter(id=job_id, state=RUNNING).update(**fields)
+
+
+def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:
+    from twistedlrp.models import Job
+
+    query = Job.objects.all()
+    if state:
+        query = query.filter(state=state)
+    if name:
+        query = query.filter(name=name)
+    return [job_dict(job, full=False) for job in query.order_by("-created_at")[: max(limit, 0)]]
+
+
+def counts() -> dict:
+    from django.db.models import Count
+
+    from twistedlrp.models import Job
+
+    return dict(Job.objects.values_list("state").annotate(n=Count("id")).order_by())

@@ -1,0 +1,416 @@
+"""
+The worker pool: warm child processes that run one job at a time.
+
+Each child (L{twistedlrp.jobs.child}) is started with C{spawnProcess} and
+driven by a L{Worker} process protocol. The parent speaks AMP with it over
+two extra pipes (the child's fd 3 carries commands in, fd 4 answers out);
+the child's stdout and stderr belong to the job: they are logged with the
+job id and their tail is kept for the job's record.
+
+A child that dies is seen at once in C{processEnded}; the pool tells the
+job service (which retries or fails the job) and starts a replacement,
+with back-off when children die before they are ready.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from twistedlrp.jobs import protocol as wire
+
+log = Logger()
+
+OUTPUT_TAIL = 16 * 1024
+_MAX_START_DELAY = 30.0
+
+
+class _PipeTransport:
+    """The transport AMP sees: writes go to the child's fd 3."""
+
+    disconnecting = False
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def write(self, data: bytes) -> None:
+        if self.worker.transport is not None and not self.disconnecting:
+            self.worker.transport.writeToChild(3, data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting and self.worker.transport is not None:
+            self.disconnecting = True
+            self.worker.transport.closeChildFD(3)
+
+    abortConnection = loseConnection
+
+    def getPeer(self):
+        return ("worker", self.worker.pid)
+
+    def getHost(self):
+        return ("job-service", os.getpid())
+
+
+class _ParentProtocol(amp.AMP):
+    def __init__(self, worker: Worker):
+        super().__init__()
+        self.worker = worker
+
+    @wire.WorkerReady.responder
+    def ready(self, pid):
+        self.worker.became_ready()
+        return {}
+
+    @wire.ReportProgress.responder
+    def progress(self, job_id, current, total, message):
+        self.worker.pool.on_progress(self.worker, job_id, current, total, message)
+        return {}
+
+
+class Worker(protocol.ProcessProtocol):
+    """
+    One child process. C{state}: C{starting}, C{idle}, C{busy},
+    C{retiring} (will exit after its job or now), C{dead}.
+    """
+
+    def __init__(self, pool: WorkerPool, number: int):
+        self.pool = pool
+        self.number = number
+        self.state = "starting"
+        self.pid: int | None = None
+        self.amp = _ParentProtocol(self)
+        self.job_id: str | None = None
+        self.jobs_done = 0
+        self.was_ready = False
+        # Why the parent ended the process, if it did: "timeout", "cancel", "shutdown", "retire".
+        self.kill_reason: str | None = None
+        self.output_tail = bytearray()
+        self._partial = {1: b"", 2: b""}
+        self._startup_output = bytearray()
+
+    @property
+    def ident(self) -> str:
+        return f"{os.uname().nodename}:{self.pid}"
+
+    # -- process protocol ---------------------------------------------------------
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        # Jobs that read stdin see end of file.
+        self.transport.closeChildFD(0)
+        self.amp.makeConnection(_PipeTransport(self))
+
+    def childDataReceived(self, fd, data):
+        if fd == 4:
+            self.amp.dataReceived(data)
+        elif fd in (1, 2):
+            self._output(fd, data)
+
+    def childConnectionLost(self, fd):
+        if fd == 4:
+            self.amp.connectionLost(error.ConnectionDone("worker pipe closed"))
+            if self.state != "dead":
+                self.signal("KILL")
+        elif fd in (1, 2) and self._partial.get(fd):
+            self._log_line(fd, self._partial[fd])
+            self._partial[fd] = b""
+
+    def processEnded(self, reason):
+        self.state = "dead"
+        self.pool.on_ended(self, describe_exit(reason.value))
+
+    # -- output ---------------------------------------------------------------
+
+    def _output(self, fd: int, data: bytes) -> None:
+        if self.job_id is not None:
+            self.output_tail += data
+            if len(self.output_tail) > OUTPUT_TAIL:
+                del self.output_tail[: len(self.output_tail) - OUTPUT_TAIL]
+        elif self.state == "starting":
+            self._startup_output += data
+            del self._startup_output[:-4000]
+        lines = (self._partial[fd] + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        if len(self._partial[fd]) > 8192:
+            lines.append(self._partial[fd])
+            self._partial[fd] = b""
+        for line in lines:
+            self._log_line(fd, line)
+
+    def _log_line(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        stream = "stdout" if fd == 1 else "stderr"
+        if self.job_id is not None:
+            log.info("job {job_id} {stream}: {line}", job_id=self.job_id, stream=stream, line=text)
+        else:
+            log.info("worker {pid} {stream}: {line}", pid=self.pid, stream=stream, line=text)
+
+    def take_output(self) -> str:
+        """@return: the job's output tail (and forget it)."""
+        text = bytes(self.output_tail).decode("utf-8", "replace")
+        self.output_tail = bytearray()
+        return text
+
+    def startup_output(self) -> str:
+        return bytes(self._startup_output).decode("utf-8", "replace").strip()
+
+    # -- control ------------------------------------------------------------------
+
+    def became_ready(self) -> None:
+        if self.state == "starting":
+            self.state = "idle"
+            self.was_ready = True
+            self.pool.on_ready(self)
+
+    def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
+        """
+        Send a job to the child.
+
+        @return: a Deferred firing with the outcome dict when the job ends in
+            the child; it fails if the child dies first (the death itself is
+            reported through the pool's C{on_ended}).
+        """
+        self.state = "busy"
+        self.job_id = job_id
+        self.output_tail = bytearray()
+        d = self.amp.callRemote(
+            wire.RunJob, job_id=job_id, name=name, payload=payload, attempt=attempt
+        )
+        d.addCallback(lambda answer: answer["outcome"])
+        return d
+
+    def cancel(self, job_id: str) -> None:
+        """Make C{cancelled()} true in the child for this job."""
+        if self.state == "busy" and self.job_id == job_id:
+            self.amp.callRemote(wire.CancelJob, job_id=job_id)
+
+    def signal(self, name: str, reason: str | None = None) -> None:
+        """Send C{SIG<name>} to the child (if it still runs), noting why."""
+        if reason and self.kill_reason is None:
+            self.kill_reason = reason
+        try:
+            self.transport.signalProcess(name)
+        except (error.ProcessExitedAlready, AttributeError, OSError):
+            pass
+
+    def retire(self) -> None:
+        """Let the child exit on end of file of its command pipe."""
+        self.state = "retiring"
+        self.kill_reason = self.kill_reason or "retire"
+        self.amp.transport.loseConnection()
+
+    def rss_mb(self) -> float:
+        """@return: the child's resident memory in MB (0 if unknown)."""
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def describe_exit(value) -> str:
+    """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
+    number = getattr(value, "signal", None)
+    if number:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {number} ({name})"
+    code = getattr(value, "exitCode", None)
+    return f"exited with code {code if code is not None else 0}"
+
+
+class WorkerPool:
+    """
+    C{size} warm workers. The job service receives the pool's events
+    through the callables it passes in.
+
+    @param on_ready: C{(worker)}: a worker is free for a job.
+    @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
+    @param on_progress: C{(job_id, current, total, message)}.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        size: int,
+        settings_module: str,
+        pythonpath: list[str],
+        max_payload: int,
+        env: dict,
+        on_ready: Callable,
+        on_died: Callable,
+        on_progress: Callable,
+    ):
+        self.reactor = reactor
+        self.size = size
+        self.settings_module = settings_module
+        self.pythonpath = pythonpath
+        self.max_payload = max_payload
+        self.env = env
+        self._on_ready = on_ready
+        self._on_died = on_died
+        self._on_progress = on_progress
+        self.workers: list[Worker] = []
+        self.stopping = False
+        self._count = 0
+        self._failures = 0
+        self._pending_spawn = None
+        self._all_ended: list[defer.Deferred] = []
+        self.started = 0
+        self.died_in_job = 0
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self.spawn()
+
+    def spawn(self) -> None:
+        if self.stopping:
+            return
+        self._count += 1
+        worker = Worker(self, self._count)
+        args = [
+            sys.executable,
+            "-m",
+            "twistedlrp.jobs.child",
+            "--settings",
+            self.settings_module,
+            "--worker-id",
+            str(self._count),
+            "--max-payload",
+            str(self.max_payload),
+        ]
+        for entry in self.pythonpath:
+            args += ["--pythonpath", entry]
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.reactor.spawnProcess(
+            worker,
+            sys.executable,
+            args,
+            env=env,
+            path=os.getcwd(),
+            childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+        )
+        self.workers.append(worker)
+        self.started += 1
+
+    def idle(self) -> list[Worker]:
+        return [w for w in self.workers if w.state == "idle"]
+
+    # -- events from workers --------------------------------------------------------
+
+    def on_ready(self, worker: Worker) -> None:
+        self._failures = 0
+        log.debug("Worker {pid} ready", pid=worker.pid)
+        if self.stopping:
+            worker.retire()
+            return
+        self._on_ready(worker)
+
+    def on_progress(self, worker: Worker, job_id, current, total, message) -> None:
+        if worker.job_id == job_id:
+            self._on_progress(job_id, current, total, message)
+
+    def on_ended(self, worker: Worker, how: str) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+        job_id, worker.job_id = worker.job_id, None
+        if job_id is not None:
+            self.died_in_job += 1
+            self._on_died(worker, job_id, how)
+        if self.stopping:
+            if not self.workers:
+                waiting, self._all_ended = self._all_ended, []
+                for d in waiting:
+                    d.callback(None)
+            return
+        if not worker.was_ready and worker.kill_reason is None:
+            # It died before it was ready: something in the site or the
+            # environment is wrong; do not spin.
+            self._failures += 1
+            delay = min(0.5 * 2 ** (self._failures - 1), _MAX_START_DELAY)
+            log.error(
+                "Worker {pid} {how} before it was ready; next attempt in {delay:.1f} s. "
+                "Its output:\n{output}",
+                pid=worker.pid,
+                how=how,
+                delay=delay,
+                output=worker.startup_output() or "(none)",
+            )
+            self.reactor.callLater(delay, self.spawn)
+        else:
+            if worker.kill_reason not in ("retire", "timeout", "cancel"):
+                log.warn("Worker {pid} {how}; starting a replacement", pid=worker.pid, how=how)
+            self.spawn()
+
+    def job_done(self, worker: Worker, max_jobs: int, max_memory_mb: int) -> bool:
+        """
+        The worker's job ended normally: make it idle, or retire it.
+
+        @return: whether the worker is idle (available) again.
+        """
+        worker.job_id = None
+        worker.jobs_done += 1
+        if self.stopping:
+            worker.retire()
+            return False
+        if worker.jobs_done >= max_jobs:
+            log.info("Worker {pid} ran {n} jobs: replacing it", pid=worker.pid, n=worker.jobs_done)
+            worker.retire()
+            return False
+        if max_memory_mb:
+            rss = worker.rss_mb()
+            if rss > max_memory_mb:
+                log.info(
+                    "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
+                    pid=worker.pid,
+                    rss=rss,
+                    limit=max_memory_mb,
+                )
+                worker.retire()
+                return False
+        worker.state = "idle"
+        return True
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def stop_idle(self) -> None:
+        """Stop taking work: idle and starting workers exit; busy ones finish first."""
+        self.stopping = True
+        for worker in list(self.workers):
+            if worker.state in ("idle", "starting"):
+                worker.retire()
+
+    def kill_all(self, reason: str = "shutdown") -> None:
+        """SIGKILL every child at once."""
+        for worker in list(self.workers):
+            worker.signal("KILL", reason)
+
+    def when_all_ended(self) -> defer.Deferred:
+        """@return: a Deferred that fires when no child is left."""
+        if not self.workers:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_ended.append(d)
+        return d
+
+    def describe(self) -> list[dict]:
+        return [
+            {"pid": w.pid, "state": w.state, "job": w.job_id, "jobs_done": w.jobs_done}
+            for w in self.workers
+        ]

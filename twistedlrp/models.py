@@ -1,0 +1,72 @@
+"""
+The durable job store: one row per job.
+
+Only the job service writes these rows (from its store thread); views read
+jobs through L{twistedlrp.jobs.get}, which also sees live progress.
+"""
+
+import uuid
+
+from django.db import models
+
+
+class Job(models.Model):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    STATES = [
+        (QUEUED, "queued"),
+        (RUNNING, "running"),
+        (SUCCEEDED, "succeeded"),
+        (FAILED, "failed"),
+        (CANCELLED, "cancelled"),
+    ]
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, db_index=True)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=16, choices=STATES, default=QUEUED)
+    priority = models.IntegerField(default=0, help_text="Higher runs first.")
+    queue = models.CharField(max_length=100, default="default")
+    run_after = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=1)
+    retry_delay = models.FloatField(default=0, help_text="Seconds before the first retry.")
+    timeout = models.FloatField(null=True, blank=True, help_text="Seconds per attempt.")
+    progress_current = models.BigIntegerField(default=0)
+    progress_total = models.BigIntegerField(null=True, blank=True)
+    progress_message = models.TextField(blank=True, default="")
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="", help_text="Error message and traceback.")
+    worker = models.CharField(max_length=100, blank=True, default="")
+    output = models.TextField(blank=True, default="", help_text="Tail of stdout and stderr.")
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    key = models.CharField(max_length=255, null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # The claim query: queued jobs by priority, then age.
+            models.Index(
+                fields=["state", "queue", "-priority", "created_at"], name="lrp_job_claim"
+            ),
+            models.Index(fields=["state", "run_after"], name="lrp_job_delayed"),
+        ]
+        constraints = [
+            # At most one unfinished job per key.
+            models.UniqueConstraint(
+                fields=["key"],
+                condition=models.Q(state__in=["queued", "running"]),
+                name="lrp_job_unique_active_key",
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.name} {self.id} ({self.state})"
