@@ -45,6 +45,7 @@ __all__ = [
     "InvalidArgumentsError",
     "PayloadTooLargeError",
     "ServiceUnavailableError",
+    "LoginRefused",
 ]
 
 
@@ -70,6 +71,13 @@ class PayloadTooLargeError(JobServiceError):
 
 class ServiceUnavailableError(JobServiceError):
     """The job service cannot take work now (starting, stopping, not migrated)."""
+
+
+class LoginRefused(error.UnauthorizedLogin, pb.Error):
+    """
+    The secret was wrong. An C{UnauthorizedLogin} for the client; a
+    C{pb.Error} so that PB does not log it as an unhandled traceback.
+    """
 
 
 # Most specific first: the first class that matches wins.
@@ -119,7 +127,7 @@ class SecretChecker:
         if broker is not None and broker.transport is not None:
             # After the refusal has been written.
             self.reactor.callLater(0, broker.transport.loseConnection)
-        return defer.fail(error.UnauthorizedLogin("login refused: wrong secret"))
+        return defer.fail(LoginRefused("login refused: wrong secret"))
 
 
 @implementer(portal.IRealm)
