@@ -96,9 +96,27 @@ class JobServiceComponent(Component):
             os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
             self.client_endpoint = unix_client_endpoint(path)
             log.info("Job service listening on unix:{path} (mode 0600)", path=path)
+        if options["pb-listen"]:
+            await self._listen_pb(options["pb-listen"])
         self.service.pool.env["LRP_JOBS_CONNECT"] = self.client_endpoint
         if options["jobs-secret-file"]:
             self.service.pool.env["LRP_JOBS_SECRET_FILE"] = options["jobs-secret-file"]
+
+    async def _listen_pb(self, endpoint: str) -> None:
+        from twistedlrp.jobs import protocol as wire
+        from twistedlrp.jobs.pb import listen_pb
+        from twistedlrp.server import StartupFailed
+
+        if not self.options["jobs-secret-file"]:
+            raise StartupFailed(
+                f"--pb-listen {endpoint}: the Perspective Broker front end always requires a "
+                "login: give --jobs-secret-file"
+            )
+        secret = wire.read_secret(self.options["jobs-secret-file"])
+        try:
+            self.ports.append(await listen_pb(self.reactor, self.service, endpoint, secret))
+        except Exception as e:
+            raise StartupFailed(f"the job service cannot listen on {endpoint}: {e}") from e
 
     def _prepare_socket_path(self) -> str:
         from twistedlrp.server import StartupFailed

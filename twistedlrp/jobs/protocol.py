@@ -100,6 +100,8 @@ ERRORS = {
     InvalidArguments: b"INVALID_ARGUMENTS",
     PayloadTooLarge: b"PAYLOAD_TOO_LARGE",
     JobServiceUnavailable: b"UNAVAILABLE",
+    # Also fatal (below); listed here so that it is matched before JobError.
+    AuthenticationFailed: b"AUTHENTICATION_FAILED",
     # Last: any other JobError (a trap returns the first class that matches).
     JobError: b"JOB_ERROR",
 }

@@ -91,6 +91,7 @@ class JobService:
             on_progress=self._progress,
         )
         self.unavailable: str | None = "the job service is starting"
+        self.store_ready = False
         self.accepting = False
         self.queued: dict[str, tuple] = {}
         self._ready: list[tuple] = []
@@ -116,6 +117,7 @@ class JobService:
             self.unavailable = reason
             log.error("The job service cannot run: {reason}", reason=reason)
             return
+        self.store_ready = True
         queued, failed = await self.store.run(store.recover, os.getpid())
         for job_id in failed:
             log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)

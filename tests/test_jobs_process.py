@@ -1,0 +1,206 @@
+"""
+The job service across process boundaries: a server killed with SIGKILL
+and restarted, a graceful stop with a job still running, a job node and a
+web node talking over TCP with a shared secret, and refusals at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from jobsupport import (
+    AMPClient,
+    alive,
+    api,
+    make_template_db,
+    read_pid,
+    rows,
+    start_server,
+    wait_job,
+)
+
+from support import LRPProcess, free_port, port_open, run_to_exit, wait_for
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_template_db(tmp_path_factory.mktemp("jobs-process"))
+
+
+def job_row(db, job_id):
+    (row,) = rows(
+        db,
+        "select state, attempts, error from twistedlrp_job where id = ?",
+        job_id.replace("-", ""),
+    )
+    return row
+
+
+def test_kill_9_server_then_restart(template, tmp_path):
+    home = tmp_path / "server"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    server = start_server(template, home, "--workers", "2")
+    try:
+        retried = api(server, "submit", name="testapp.jobs.crash_with_retry", args=[str(markers)])
+        victim = api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 120, "v"])
+        worker_pids = [
+            read_pid(markers / "crash_with_retry-attempts"),
+            read_pid(markers / "v-started"),
+        ]
+        queued = [
+            api(server, "submit", name="testapp.jobs.record", args=[str(markers), n])["job"]["id"]
+            for n in range(3)
+        ]
+        # Only the server's own pid: its workers must notice (end of file) and exit.
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(10)
+        for pid in worker_pids:
+            wait_for(lambda pid=pid: not alive(pid), 10, message=f"worker {pid} gone")
+    finally:
+        server.kill()
+
+    restarted = start_server(template, home, "--workers", "2")
+    try:
+        for job_id in queued:
+            assert wait_job(restarted, job_id)["state"] == "succeeded"
+        info = wait_job(restarted, retried["job"]["id"])
+        assert info["state"] == "succeeded", info
+        assert info["attempts"] == 2
+        info = wait_job(restarted, victim["job"]["id"])
+        assert info["state"] == "failed"
+        assert "worker died" in info["error"] and "job service stopped" in info["error"]
+        for n in range(3):
+            assert len((markers / f"run-{n}").read_text().splitlines()) == 1
+    finally:
+        restarted.kill()
+
+
+def test_sigterm_puts_an_unfinished_job_back_in_the_queue(template, tmp_path):
+    home = tmp_path / "server"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    server = start_server(template, home, "--workers", "1", "--graceful-timeout", "2")
+    db = home / "db.sqlite3"
+    try:
+        long = api(server, "submit", name="testapp.jobs.crash_without_retry", args=[str(markers)])
+        job_id = long["job"]["id"]
+        pid = read_pid(markers / "crash_without_retry-attempts")
+        waiting = api(server, "submit", name="testapp.jobs.record", args=[str(markers), "w"])
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        code = server.wait_exit(15)
+        took = time.monotonic() - started
+    finally:
+        server.kill()
+    assert code == 0, server.output()
+    assert took < 4.5, took
+    assert not alive(pid)
+    state, attempts, error = job_row(db, job_id)
+    assert (state, attempts) == ("queued", 0), (state, attempts, error)
+    assert "shut-down" in error
+    assert job_row(db, waiting["job"]["id"])[0] == "queued"
+
+    restarted = start_server(template, home, "--workers", "1")
+    try:
+        info = wait_job(restarted, job_id)
+        assert info["state"] == "succeeded"
+        assert info["attempts"] == 1
+        assert wait_job(restarted, waiting["job"]["id"])["state"] == "succeeded"
+    finally:
+        restarted.kill()
+
+
+def test_jobs_only_node_and_web_node_over_tcp_with_secret(template, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple\n")
+    port = free_port()
+    node = start_server(
+        template,
+        tmp_path / "node",
+        "--jobs-only",
+        "--jobs-listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--jobs-secret-file",
+        str(secret),
+        listen=False,
+        wait=False,
+    )
+    web = None
+    try:
+        wait_for(lambda: port_open(port) or node.proc.poll() is not None, 30, message="job node")
+        assert node.proc.poll() is None, node.output()
+        web = start_server(
+            template,
+            tmp_path / "web",
+            "--no-jobs",
+            "--jobs-connect",
+            f"tcp:host=127.0.0.1:port={port}",
+            "--jobs-secret-file",
+            str(secret),
+        )
+        body = api(web, "submit", name="testapp.jobs.whoami")
+        info = api(web, "wait", id=body["job"]["id"], timeout=20)["job"]
+        assert info["state"] == "succeeded"
+        worker = info["result"]["pid"]
+        assert psutil.Process(worker).ppid() == node.proc.pid
+        assert body["pid"] == web.proc.pid
+        # The web node runs no workers of its own.
+        assert not [
+            p for p in psutil.Process(web.proc.pid).children() if "child" in " ".join(p.cmdline())
+        ]
+
+        # Raw AMP, from outside: commands before Login are refused and disconnected.
+        client = AMPClient("127.0.0.1", port)
+        answer = client.call("Stats")
+        assert answer[b"_error_code"] == b"AUTHENTICATION_FAILED"
+        assert client.closed_by_server()
+        client.close()
+        # A wrong secret: refused and disconnected.
+        client = AMPClient("127.0.0.1", port)
+        nonce = client.call("Challenge")[b"nonce"]
+        wrong = hmac.new(b"wrong", b"twistedlrp-jobs-login:" + nonce, hashlib.sha256).digest()
+        answer = client.call("Login", digest=wrong)
+        assert answer[b"_error_code"] == b"AUTHENTICATION_FAILED"
+        assert client.closed_by_server()
+        client.close()
+        # The right one: in, and commands work.
+        client = AMPClient("127.0.0.1", port)
+        nonce = client.call("Challenge")[b"nonce"]
+        right = hmac.new(
+            b"correct horse battery staple", b"twistedlrp-jobs-login:" + nonce, hashlib.sha256
+        ).digest()
+        assert client.call("Login", digest=right)[b"ok"] == b"True"
+        answer = client.call("Stats")
+        count = int(answer[b"stats"])
+        stats = json.loads(b"".join(answer[b"stats.%d" % i] for i in range(count)))
+        assert stats["jobs"]["succeeded"] >= 1
+        client.close()
+    finally:
+        node.kill()
+        if web is not None:
+            web.kill()
+
+
+def test_tcp_listener_without_secret_refuses_to_start():
+    code, output = run_to_exit("--jobs-listen", "tcp:0:interface=127.0.0.1")
+    assert code != 0
+    assert "requires --jobs-secret-file" in output
+
+
+def test_unmigrated_store_says_to_migrate(tmp_path):
+    server = LRPProcess(tmp=tmp_path)
+    server.start()
+    try:
+        error = api(server, "submit", expect_error=True, name="testapp.jobs.add", args=[1, 2])
+        assert error["error"] == "JobServiceUnavailable"
+        assert "manage.py migrate" in error["message"]
+    finally:
+        server.kill()
