@@ -35,6 +35,36 @@ import sys
 
 # Set by the supervisor: "REPORT_FD,GATE_FD".
 FDS_VARIABLE = "LRP_RELOAD_FDS"
+# Set by the supervisor for a spare: a process that imports what every
+# server needs (Twisted, Django's framework, not the site) ahead of time and
+# waits for "boot" on the gate, so that a restart skips that part.
+SPARE_VARIABLE = "LRP_RELOAD_SPARE"
+PREIMPORT = (
+    "twisted.internet.defer",
+    "twisted.internet.endpoints",
+    "twisted.internet.protocol",
+    "twisted.application.service",
+    "twisted.scripts.twistd",
+    "twisted.logger",
+    "twisted.protocols.amp",
+    "twisted.web.server",
+    "twisted.web.resource",
+    "twisted.web.static",
+    "django",
+    "django.core.checks",
+    "django.core.handlers.wsgi",
+    "django.core.management",
+    "django.db.migrations.executor",
+    "django.db.models",
+    "django.forms",
+    "django.http",
+    "django.shortcuts",
+    "django.template",
+    "django.urls",
+    "twistedlrp.boot",
+    "twistedlrp.server",
+    "twistedlrp.tap",
+)
 # How often the running server looks for newly imported modules.
 FILES_INTERVAL = 2.0
 
@@ -48,6 +78,7 @@ class _Channel:
         self.report_fd = report_fd
         self.gate_fd = gate_fd
         self.reported: set[str] = set()
+        self._gate_buffer = b""
 
     def send(self, message: dict) -> None:
         data = (json.dumps(message) + "\n").encode("utf-8")
@@ -66,17 +97,23 @@ class _Channel:
 
     def wait_for_gate(self) -> bool:
         """
-        Block until the supervisor says go (the reactor does not run yet).
+        Block until the supervisor writes a line (the reactor does not run
+        yet): "boot" to a spare, "go" to a server that is set up.
 
         @return: C{False} if the supervisor closed the gate instead.
         """
-        while True:
+        while b"\n" not in self._gate_buffer:
             try:
-                return bool(os.read(self.gate_fd, 64))
+                data = os.read(self.gate_fd, 64)
             except InterruptedError:
                 continue
             except OSError:
                 return False
+            if not data:
+                return False
+            self._gate_buffer += data
+        _, self._gate_buffer = self._gate_buffer.split(b"\n", 1)
+        return True
 
 
 def imported_files() -> set[str]:
@@ -205,6 +242,16 @@ def _watch_supervisor(channel: _Channel) -> None:
     reactor.callWhenRunning(begin)
 
 
+def _preimport() -> None:
+    import importlib
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # The server imports it again, and reports the error.
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -214,11 +261,18 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("LISTEN_FDS"):
         os.environ["LISTEN_PID"] = str(os.getpid())
     fds = os.environ.pop(FDS_VARIABLE, "")
+    spare = os.environ.pop(SPARE_VARIABLE, "")
     if fds:
         report_fd, gate_fd = (int(fd) for fd in fds.split(","))
         for fd in (report_fd, gate_fd):
             os.set_inheritable(fd, False)
-        _wrap_make_service(_Channel(report_fd, gate_fd))
+        channel = _Channel(report_fd, gate_fd)
+        if spare:
+            _preimport()
+            channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
+            if not channel.wait_for_gate():
+                raise SystemExit(0)
+        _wrap_make_service(channel)
 
     from twisted.scripts.twistd import run
 

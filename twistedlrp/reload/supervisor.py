@@ -154,16 +154,26 @@ def child_arguments(options, listening, passed_through) -> list[str]:
 class ServerProcess(protocol.ProcessProtocol):
     """
     One server process and its state, seen from the supervisor:
-    C{"booting"} (setting Django up), C{"gated"} (set up, waiting to be let
+    C{"spare"} (Twisted and Django imported, waiting to boot), C{"booting"}
+    (setting Django up), C{"gated"} (set up, waiting to be let
     run), C{"serving"}, C{"stopping"}, C{"ended"}.
     """
 
-    def __init__(self, supervisor: ReloadSupervisor, number: int, report_fd: int, gate_fd: int):
+    def __init__(
+        self,
+        supervisor: ReloadSupervisor,
+        number: int,
+        report_fd: int,
+        gate_fd: int,
+        spare: bool = False,
+    ):
         self.supervisor = supervisor
         self.number = number
         self.report_fd = report_fd
         self.gate_fd = gate_fd
-        self.state = "booting"
+        self.state = "spare" if spare else "booting"
+        # A spare's imported files, once it is ready.
+        self.files: set[str] | None = None
         self.abandoned = False
         self.error: str | None = None
         self.exit_code: int | None = None
@@ -207,6 +217,12 @@ class ServerProcess(protocol.ProcessProtocol):
         self._waiters.append(d)
         return d
 
+    def boot(self) -> None:
+        """Let a spare go on to set Django up."""
+        self.state = "booting"
+        self.started_at = time.monotonic()
+        self.transport.writeToChild(self.gate_fd, b"boot\n")
+
     def let_run(self) -> None:
         self.state = "serving"
         self.transport.writeToChild(self.gate_fd, b"go\n")
@@ -247,9 +263,12 @@ class ReloadSupervisor(service.Service):
         self.graceful_timeout = options["graceful-timeout"]
         self.current: ServerProcess | None = None
         self.pending: ServerProcess | None = None
+        self.spare: ServerProcess | None = None
+        self._spares_work = True
         self.retiring: list[ServerProcess] = []
         self.children: list[ServerProcess] = []
         self.count = 0
+        self.promoted = 0
         self.stopping = False
         self._debounce = None
         self._changes: set[str] = set()
@@ -295,8 +314,9 @@ class ReloadSupervisor(service.Service):
         if self._debounce is not None and self._debounce.active():
             self._debounce.cancel()
         await self.watcher.stop()
-        if self.pending is not None:
-            self._abandon(self.pending)
+        for child in (self.pending, self.spare):
+            if child is not None:
+                self._abandon(child)
         stops = [defer.ensureDeferred(self._retire(c)) for c in self.children if c.state != "ended"]
         if self.current is not None:
             self.current = None
@@ -341,13 +361,13 @@ class ReloadSupervisor(service.Service):
 
     # -- servers --------------------------------------------------------
 
-    def _spawn(self) -> None:
+    def _spawn(self, spare: bool = False) -> None:
         if self.stopping:
             return
         self.count += 1
         n = len(self.listening)
         report_fd, gate_fd = _FIRST_LISTEN_FD + n, _FIRST_LISTEN_FD + n + 1
-        child = ServerProcess(self, self.count, report_fd, gate_fd)
+        child = ServerProcess(self, self.count, report_fd, gate_fd, spare=spare)
         fds = {0: self._devnull, 1: 1, 2: 2, report_fd: "r", gate_fd: "w"}
         env = dict(os.environ)
         env.pop("LISTEN_PID", None)
@@ -359,18 +379,31 @@ class ReloadSupervisor(service.Service):
             env["LISTEN_FDS"] = str(n)
             env["LISTEN_FDNAMES"] = ":".join(f"lrp{i}" for i in range(n))
         env["LRP_RELOAD_FDS"] = f"{report_fd},{gate_fd}"
+        if spare:
+            env["LRP_RELOAD_SPARE"] = "1"
         args = [
             sys.executable,
             "-m",
             "twistedlrp.reload.child",
             *child_arguments(self.options, self.listening, self.passed_through),
         ]
-        self.pending = child
+        if spare:
+            self.spare = child
+        else:
+            self.pending = child
         self.children.append(child)
         self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
 
+    def _ensure_spare(self) -> None:
+        """Have a spare ready for the next restart, while nothing boots."""
+        if self._spares_work and self.spare is None and self.pending is None:
+            self._spawn(spare=True)
+
     def child_reported(self, child: ServerProcess, message: dict) -> None:
         event = message.get("event")
+        if event == "spare":
+            child.files = set(message.get("files", []))
+            return
         files = list(message.get("files", [])) + list(message.get("extra", []))
         self.watcher.add_files(files)
         if child.abandoned:
@@ -398,8 +431,10 @@ class ReloadSupervisor(service.Service):
         self.pending = None
         self.current = child
         child.let_run()
+        self._ensure_spare()
         took = time.monotonic() - child.started_at
-        if child.number > 1:
+        self.promoted += 1
+        if self.promoted > 1:
             log.info(
                 "Server {number} (pid {pid}) set up in {took:.2f} s, now serving",
                 number=child.number,
@@ -444,6 +479,16 @@ class ReloadSupervisor(service.Service):
     def child_ended(self, child: ServerProcess, code, signal_number) -> None:
         if child in self.children:
             self.children.remove(child)
+        if child is self.spare:
+            self.spare = None
+            if not child.abandoned and not self.stopping:
+                # Never loop: without spares, restarts start from scratch.
+                self._spares_work = False
+                log.warn(
+                    "A spare server process exited ({code}); restarts no longer use spares",
+                    code=code,
+                )
+            return
         if child.abandoned or self.stopping or child in self.retiring:
             return
         how = f"exit code {code}" if code is not None else f"signal {signal_number}"
@@ -463,12 +508,14 @@ class ReloadSupervisor(service.Service):
                     "the server starts then.",
                     reason=reason,
                 )
+            self._ensure_spare()
         elif child is self.current:
             self.current = None
             log.error(
                 "The server stopped ({how}). It restarts when a watched file changes.",
                 how=how,
             )
+            self._ensure_spare()
         child.kill_group()
 
     # -- changes --------------------------------------------------------
@@ -477,6 +524,11 @@ class ReloadSupervisor(service.Service):
         if self.stopping:
             return
         self._changes.update(paths)
+        spare = self.spare
+        if spare is not None and (spare.files is None or spare.files & set(paths)):
+            # It may have imported the old version of a changed file.
+            self._abandon(spare)
+            self.spare = None
         if self._debounce is not None and self._debounce.active():
             self._debounce.reset(DEBOUNCE)
         else:
@@ -492,4 +544,11 @@ class ReloadSupervisor(service.Service):
         log.info("{path}{more} changed: restarting the server", path=shown, more=more)
         if self.pending is not None:
             self._abandon(self.pending)
-        self._spawn()
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.files is not None and not spare.files & set(changes):
+            self.pending = spare
+            spare.boot()
+        else:
+            if spare is not None:
+                self._abandon(spare)
+            self._spawn()
