@@ -129,3 +129,45 @@ def jobs_api(request):
     for key in ("created_at", "started_at", "finished_at"):
         info[key] = info[key].isoformat() if info[key] else None
     return JsonResponse({"job": info, "elapsed": elapsed, "pid": os.getpid()})
+
+
+def tasks_api(request):
+    """
+    POST {"op": "enqueue", "task": NAME, "args": [...], "delay": seconds} or
+    {"op": "get", "id": ID}: django.tasks through TASKS["default"].
+    """
+    import datetime
+
+    from django.utils import timezone
+
+    from testapp import tasks
+
+    data = json.loads(request.body)
+    if data["op"] == "enqueue":
+        task = getattr(tasks, data["task"])
+        if data.get("delay"):
+            task = task.using(run_after=timezone.now() + datetime.timedelta(seconds=data["delay"]))
+        result = task.enqueue(*data.get("args", []))
+    else:
+        result = tasks.add.get_backend().get_result(data["id"])
+        result.refresh()
+    info = {
+        "id": result.id,
+        "status": str(result.status),
+        "task": result.task.module_path,
+        "priority": result.task.priority,
+        "errors": [
+            {"exception_class_path": e.exception_class_path, "traceback": e.traceback}
+            for e in result.errors
+        ],
+        "worker_ids": result.worker_ids,
+        "attempts": result.attempts,
+        "is_finished": result.is_finished,
+        "pid": os.getpid(),
+    }
+    for key in ("enqueued_at", "started_at", "finished_at", "last_attempted_at"):
+        value = getattr(result, key)
+        info[key] = value.isoformat() if value else None
+    if result.status == "SUCCESSFUL":
+        info["return_value"] = result.return_value
+    return JsonResponse(info)

@@ -43,3 +43,5 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LRP_JOB_MODULES = []
 # The job service: a short cancel grace period keeps the tests quick.
 LRP_JOBS_CANCEL_GRACE = float(os.environ.get("LRP_TEST_CANCEL_GRACE", "5"))
+# django.tasks (Django 6) or the django-tasks backport: tasks run as jobs.
+TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}

@@ -14,4 +14,5 @@ urlpatterns = [
     path("error", views.error),
     path("db", views.db),
     path("jobs/api", views.jobs_api),
+    path("tasks/api", views.tasks_api),
 ]

@@ -1,0 +1,299 @@
+"""
+A C{django.tasks} backend that runs tasks as twistedlrp jobs::
+
+    TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
+
+It works with Django 6's C{django.tasks} and with the C{django-tasks}
+backport (C{django_tasks}) on Django 5.2; C{django.tasks} is preferred
+when both exist.
+
+A C{@task} function must live in a module the job service and its workers
+import at start-up: the C{tasks} (or C{jobs}) module of an installed app,
+or one listed in C{settings.LRP_JOB_MODULES}. Creating the task (the
+decorator, or C{task.using(...)}) validates it with this backend, which
+registers it as a job under C{task.module_path}; the result id is the
+job's id. Arguments and return values are JSON, as with every job.
+
+Statuses: C{queued} is READY, C{running} RUNNING, C{succeeded} SUCCESSFUL;
+C{failed} and C{cancelled} are FAILED. A task's priority (-100 to 100,
+higher first) is the job's priority; C{run_after} is honoured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+# This module is imported at start-up by every site that installs the
+# twistedlrp app (the job registry imports each app's "tasks" module), so
+# it must import cleanly when neither django.tasks nor the backport exists.
+try:
+    from django.tasks import TaskResultStatus, signals
+    from django.tasks.backends.base import BaseTaskBackend
+    from django.tasks.base import TaskContext, TaskError, TaskResult
+    from django.tasks.exceptions import TaskResultDoesNotExist
+except ImportError:
+    try:
+        from django_tasks import TaskResultStatus, signals
+        from django_tasks.backends.base import BaseTaskBackend
+        from django_tasks.base import TaskContext, TaskError, TaskResult
+        from django_tasks.exceptions import TaskResultDoesNotExist
+    except ImportError:
+        BaseTaskBackend = None
+
+from twistedlrp.jobs import registry
+
+__all__ = ["LRPBackend"]
+
+# Job states → task statuses. A cancelled job is FAILED unless the installed
+# django.tasks knows a status of its own for it.
+_STATUS_NAMES = {
+    "queued": "READY",
+    "running": "RUNNING",
+    "succeeded": "SUCCESSFUL",
+    "failed": "FAILED",
+    "cancelled": "CANCELLED",
+}
+
+# The exception class path of a failure that is not an exception of the task's
+# own (a timeout, a dead worker, a cancellation).
+_SERVICE_ERROR = "twistedlrp.jobs.errors.JobError"
+_CANCELLED_ERROR = "twistedlrp.jobs.errors.JobCancelled"
+
+
+if BaseTaskBackend is None:
+
+    class LRPBackend:
+        """Stands in when neither C{django.tasks} nor C{django-tasks} is installed."""
+
+        def __init__(self, alias, params):
+            raise ImproperlyConfigured(
+                "twistedlrp.tasks.LRPBackend needs django.tasks (Django 6.0+) or the "
+                "django-tasks package (pip install django-tasks)"
+            )
+
+else:
+
+    class LRPBackend(BaseTaskBackend):
+        """
+        Runs C{django.tasks} tasks in the worker processes of the twistedlrp
+        job service. Every call goes to the job service (the local one in
+        the server, or the one the settings name in other processes) and
+        blocks the calling thread, never the reactor, for at most the job
+        client's timeout.
+        """
+
+        supports_defer = True
+        supports_async_task = True
+        supports_get_result = True
+        supports_priority = True
+
+        def validate_task(self, task) -> None:
+            """
+            Check C{task} and register it as a job under C{task.module_path}:
+            the job service and its workers import the module that defines it,
+            and thereby register it, at start-up.
+
+            @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
+            """
+            super().validate_task(task)
+            registry.register(
+                registry.JobDefinition(
+                    name=task.module_path,
+                    function=_TaskRunner(task.module_path, task),
+                    priority=task.priority,
+                    queue=task.queue_name,
+                    extra={"django_task": True},
+                )
+            )
+
+        def enqueue(self, task, args, kwargs):
+            """
+            Submit C{task} as a job; returns once it is committed.
+
+            @return: a C{TaskResult} with status READY (or the state of an
+                existing job when the job service de-duplicated it).
+            @raise twistedlrp.jobs.JobError: the job service refused it (the
+                arguments are not JSON or too large, the task is not
+                registered there); L{twistedlrp.jobs.JobServiceUnavailable}
+                when it cannot be reached.
+            """
+            from twistedlrp.jobs import client
+
+            self.validate_task(task)
+            info = client.call(
+                "submit",
+                name=task.module_path,
+                args=list(args),
+                kwargs=dict(kwargs),
+                priority=int(task.priority),
+                # A naive datetime (USE_TZ = False) is local time, as Django has it.
+                run_after=task.run_after.timestamp() if task.run_after else None,
+                key=None,
+                timeout=None,
+            )
+            # The service does not send the arguments back on submit.
+            info.setdefault("args", list(args))
+            info.setdefault("kwargs", dict(kwargs))
+            result = self._to_result(task, info)
+            signals.task_enqueued.send(type(self), task_result=result)
+            return result
+
+        async def aenqueue(self, task, args, kwargs):
+            """See L{enqueue}; the blocking call runs in a worker thread of its own."""
+            return await sync_to_async(self.enqueue, thread_sensitive=False)(task, args, kwargs)
+
+        def get_result(self, result_id):
+            """
+            @return: the C{TaskResult} of the job C{result_id}, as the job
+                service knows it now.
+            @raise TaskResultDoesNotExist: no job has this id, or that job
+                is not a task of this backend.
+            @raise twistedlrp.jobs.JobServiceUnavailable: the job service
+                cannot be reached in time.
+            """
+            from twistedlrp.jobs import UnknownJob, client
+
+            try:
+                info = client.call("status", job_id=str(result_id))
+            except UnknownJob:
+                raise TaskResultDoesNotExist(result_id) from None
+            try:
+                task = import_string(info["name"])
+            except ImportError:
+                task = None
+            if not hasattr(task, "module_path") or not hasattr(task, "func"):
+                raise TaskResultDoesNotExist(
+                    f"{result_id} is the job {info['name']!r}, not a django.tasks task"
+                )
+            return self._to_result(task, info)
+
+        async def aget_result(self, result_id):
+            """See L{get_result}."""
+            return await sync_to_async(self.get_result, thread_sensitive=False)(result_id)
+
+        def _to_result(self, task, info: dict):
+            """@return: the C{TaskResult} of C{task} for the job described by C{info}."""
+            if task.priority != info.get("priority", task.priority):
+                task = task.using(priority=info["priority"])
+            started = _time(info.get("started_at"))
+            attempts = int(info.get("attempts") or 0)
+            worker = info.get("worker") or ""
+            # The job service records the worker of the last attempt only.
+            worker_ids = [worker] * attempts if worker else []
+            values = {
+                "task": task,
+                "id": info["id"],
+                "status": _status(info["state"]),
+                "enqueued_at": _time(info.get("created_at")),
+                "started_at": started,
+                "finished_at": _time(info.get("finished_at")),
+                "last_attempted_at": started,
+                "args": list(info.get("args") or []),
+                "kwargs": dict(info.get("kwargs") or {}),
+                "backend": self.alias,
+                "errors": _errors(info),
+                "worker_ids": worker_ids,
+            }
+            # The dataclass differs between the backport's versions and Django's:
+            # fill what this one has, with a neutral value for any field unknown here.
+            fields = {}
+            for f in dataclasses.fields(TaskResult):
+                if not f.init:
+                    continue
+                if f.name in values:
+                    fields[f.name] = values[f.name]
+                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    fields[f.name] = None
+            result = TaskResult(**fields)
+            if info["state"] == "succeeded":
+                object.__setattr__(result, "_return_value", info.get("result"))
+            return result
+
+
+def _status(state: str):
+    name = _STATUS_NAMES.get(state, "FAILED")
+    return getattr(TaskResultStatus, name, None) or TaskResultStatus.FAILED
+
+
+def _time(value):
+    return datetime.fromisoformat(value) if value else None
+
+
+def _errors(info: dict) -> list:
+    """@return: the C{TaskError}s of a job: its last error, if any."""
+    text = info.get("error") or ""
+    if info["state"] == "cancelled":
+        return [TaskError(exception_class_path=_CANCELLED_ERROR, traceback=text or "cancelled")]
+    if not text or info["state"] == "succeeded":
+        return []
+    return [TaskError(exception_class_path=exception_class_path(text), traceback=text)]
+
+
+def exception_class_path(error: str) -> str:
+    """
+    @param error: a job's error text: C{"Name: message"}, a blank line, then
+        the traceback as Python formats it, whose exception line names the
+        class with its module (C{"myapp.tasks.Refused: ..."}) unless it is
+        a built-in one (C{"ValueError: ..."}).
+    @return: the dotted path of the exception's class (C{"builtins.ValueError"}),
+        or C{"twistedlrp.jobs.errors.JobError"} for an error of the job
+        service's own (a timeout, a worker that died).
+    """
+    lines = error.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if not frames:
+        return _SERVICE_ERROR
+    i = frames[-1] + 1
+    # The source line and the carets under it are indented.
+    while i < len(lines) and lines[i].startswith("    "):
+        i += 1
+    if i >= len(lines):
+        return _SERVICE_ERROR
+    name = lines[i].split(":", 1)[0].strip()
+    if not name or " " in name:
+        return _SERVICE_ERROR
+    return name if "." in name else f"builtins.{name}"
+
+
+class _TaskRunner:
+    """
+    The job function of a task, as the worker child calls it: it runs the
+    task (a coroutine function too, through C{Task.call}), with a
+    C{TaskContext} first when the task takes one. The worker sends the
+    return value as JSON (a tuple arrives as a list).
+    """
+
+    def __init__(self, name: str, task):
+        self.name = name
+        self.task = task
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = getattr(task.func, "__module__", __name__)
+
+    def __call__(self, *args, **kwargs):
+        task = self.task
+        if task.takes_context:
+            context = TaskContext(task_result=_current_result(task))
+            return task.call(context, *args, **kwargs)
+        return task.call(*args, **kwargs)
+
+
+def _current_result(task):
+    """
+    @return: the C{TaskResult} of the job this worker runs now (for a
+        C{TaskContext}), read from the job store: the claim that started
+        the job was committed before the job was sent to this worker.
+    """
+    from twistedlrp.jobs import _context, store
+
+    job_id = _context.current_job_id()
+    try:
+        info = store.get(job_id, full=False)
+    except Exception:
+        info = {"id": job_id, "attempts": 1, "worker": ""}
+    info["state"] = "running"
+    return task.get_backend()._to_result(task, info)
