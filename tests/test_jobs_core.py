@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +27,7 @@ from jobsupport import (
     wait_job,
 )
 
-from support import request, wait_for
+from support import TESTSITE, request, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +310,38 @@ def test_health_shows_the_job_service(env):
     health = request(server.port, "/-/health").json()
     assert health["jobs"]["state"] == "running"
     assert health["jobs"]["workers"] == 2
+
+
+def test_the_same_calls_work_in_a_plain_python_process(env):
+    """A script with Django set up (like manage.py shell) reaches the service over its socket."""
+    server, _ = env
+    script = (
+        "import django, json; django.setup()\n"
+        "from twistedlrp import jobs\n"
+        "from testapp.jobs import add\n"
+        "info = add.submit(20, 22)\n"
+        "done = jobs.wait(info.id, 20)\n"
+        "try:\n"
+        "    jobs.submit('testapp.jobs.nope')\n"
+        "except jobs.NotRegistered as e:\n"
+        "    refused = str(e)\n"
+        "print(json.dumps({'state': done.state, 'result': done.result, 'refused': refused}))\n"
+    )
+    env_vars = dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="testsite.settings",
+        LRP_TEST_DB=str(server.tmp / "db.sqlite3"),
+        LRP_STATE_DIR=str(server.tmp / "state"),
+        PYTHONPATH=str(TESTSITE),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env_vars,
+        cwd=TESTSITE,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    answer = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert answer["state"] == "succeeded" and answer["result"] == 42
+    assert "testapp.jobs.nope" in answer["refused"]

@@ -204,3 +204,18 @@ def test_unmigrated_store_says_to_migrate(tmp_path):
         assert "manage.py migrate" in error["message"]
     finally:
         server.kill()
+
+
+def test_workers_are_recycled_after_max_jobs(template, tmp_path):
+    server = start_server(
+        template, tmp_path / "server", "--workers", "1", "--max-jobs-per-worker", "2"
+    )
+    try:
+        pids = []
+        for _ in range(3):
+            job = api(server, "submit", name="testapp.jobs.whoami")["job"]
+            pids.append(api(server, "wait", id=job["id"])["job"]["result"]["pid"])
+        assert pids[0] == pids[1] != pids[2]
+        wait_for(lambda: not alive(pids[0]), 10, message="the recycled worker gone")
+    finally:
+        server.kill()
