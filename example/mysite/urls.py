@@ -5,5 +5,8 @@ from demo import views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    path("import", views.start_import, name="import"),
+    path("jobs/<uuid:job_id>.json", views.job_status, name="job-status"),
+    path("jobs/<uuid:job_id>/cancel", views.cancel_job, name="job-cancel"),
     path("admin/", admin.site.urls),
 ]

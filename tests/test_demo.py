@@ -1,0 +1,132 @@
+"""
+The demo site's "import contacts" story, served by a real ``twistd -n lrp``:
+the button's view answers at once, the job runs in a worker process, the
+JSON view shows its progress, the result arrives; cancelling stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from support import ROOT, wait_for
+
+EXAMPLE = ROOT / "example"
+
+
+@pytest.fixture
+def demo(lrp_server, tmp_path):
+    db = tmp_path / "demo.sqlite3"
+    env = {"LRP_DEMO_DB": str(db)}
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
+        cwd=EXAMPLE,
+        env={**os.environ, **env},
+        check=True,
+        timeout=120,
+    )
+    server = lrp_server("--workers", "1", settings="mysite.settings", cwd=EXAMPLE, env=env)
+    server.db = db
+    return server
+
+
+class Browser:
+    """Just enough of a browser: the CSRF cookie and token of the home page."""
+
+    def __init__(self, server):
+        self.server = server
+        page = server.get("/")
+        assert page.status == 200
+        self.home = page.text
+        self.cookie = re.search(r"csrftoken=([^;]+)", page.headers["set-cookie"]).group(1)
+        self.token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+
+    def post(self, path: str, json: bool = True):
+        headers = {"Cookie": f"csrftoken={self.cookie}", "X-CSRFToken": self.token}
+        if json:
+            headers["Accept"] = "application/json"
+        return self.server.get(path, method="POST", body=b"", headers=headers)
+
+    def job(self, job_id: str) -> dict:
+        response = self.server.get(f"/jobs/{job_id}.json")
+        assert response.status == 200, response.text
+        return response.json()
+
+
+def count_contacts(db, batch=None) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=20)
+    try:
+        if batch is None:
+            return con.execute("select count(*) from demo_contact").fetchone()[0]
+        sql = "select count(*) from demo_contact where batch = ?"
+        return con.execute(sql, (batch,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_import_contacts_with_progress_and_result(demo):
+    browser = Browser(demo)
+    assert "46 primes below 200" in browser.home
+    assert "Import 5,000 contacts" in browser.home
+    started = time.monotonic()
+    response = browser.post("/import")
+    answered = time.monotonic() - started
+    assert response.status == 202, response.text
+    job = response.json()
+    # The view answers at once: the import takes seconds.
+    assert answered < 1.0, answered
+    assert job["state"] in ("queued", "running") and not job["finished"]
+
+    seen = []
+
+    def done():
+        info = browser.job(job["id"])
+        seen.append(info["progress"]["current"])
+        return info if info["finished"] else None
+
+    info = wait_for(done, 60, interval=0.05, message="the import")
+    assert info["state"] == "succeeded", info
+    assert info["result"]["imported"] == 5000 and info["result"]["elapsed"] > 0
+    assert info["progress"] == {
+        "current": 5000,
+        "total": 5000,
+        "message": "5,000 of 5,000 contacts imported",
+        "percent": 100.0,
+    }
+    # Progress was seen while it ran, and never went backwards.
+    assert any(0 < current < 5000 for current in seen), seen
+    assert seen == sorted(seen)
+    assert count_contacts(demo.db, info["result"]["batch"]) == 5000
+    assert "5000" in demo.get("/").text
+
+
+def test_import_without_javascript_then_cancel(demo):
+    browser = Browser(demo)
+    response = browser.post("/import", json=False)
+    assert response.status == 303
+    job_id = re.fullmatch(r"/\?job=([0-9a-f-]{36})", response.headers["location"]).group(1)
+    # The page the browser lands on follows that job.
+    page = demo.get(f"/?job={job_id}")
+    assert f'data-job="{job_id}"' in page.text and f"/jobs/{job_id}/cancel" in page.text
+
+    wait_for(lambda: browser.job(job_id)["progress"]["current"] > 0, 30, message="the first batch")
+    response = browser.post(f"/jobs/{job_id}/cancel")
+    assert response.status == 200, response.text
+    info = wait_for(
+        lambda: (i := browser.job(job_id))["finished"] and i, 30, message="the cancelled job"
+    )
+    assert info["state"] == "cancelled", info
+    assert "cancelled" in info["error"]
+    assert info["result"] is None
+    # It stopped between batches: not everything was imported.
+    assert 0 < count_contacts(demo.db) < 5000
+
+
+def test_unknown_job_is_404(demo):
+    assert demo.get("/jobs/00000000-0000-0000-0000-000000000000.json").status == 404
