@@ -75,6 +75,20 @@ def test_a_failing_task_is_failed_with_its_exception_class_path(server):
     assert "return_value" not in info
 
 
+def test_a_task_the_workers_do_not_import_is_refused_at_enqueue(server):
+    response = request(
+        server.port,
+        "/tasks/api",
+        method="POST",
+        body=json.dumps({"op": "enqueue", "task": "stray", "args": [1]}).encode(),
+    )
+    assert response.status == 400, response.text
+    error = response.json()
+    assert error["error"] in ("InvalidTask", "InvalidTaskError")
+    assert "testapp.views._stray cannot run in twistedlrp's worker processes" in error["message"]
+    assert "LRP_JOB_MODULES" in error["message"]
+
+
 def test_priority_and_run_after(server):
     enqueued = tasks_api(server, op="enqueue", task="pair", args=[1, "b"], delay=1.0)
     assert enqueued["priority"] == 7

@@ -35,12 +35,13 @@ try:
     from django.tasks import TaskResultStatus, signals
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import TaskContext, TaskError, TaskResult
-    from django.tasks.exceptions import TaskResultDoesNotExist
+    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
 except ImportError:
     try:
         from django_tasks import TaskResultStatus, signals
         from django_tasks.backends.base import BaseTaskBackend
         from django_tasks.base import TaskContext, TaskError, TaskResult
+        from django_tasks.exceptions import InvalidTaskError as InvalidTask
         from django_tasks.exceptions import TaskResultDoesNotExist
     except ImportError:
         BaseTaskBackend = None
@@ -101,6 +102,10 @@ else:
             @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
             """
             super().validate_task(task)
+            if not _imported_by_workers(task.func.__module__):
+                # Not registered: the service would accept it and the
+                # workers would not know it. enqueue() says why.
+                return
             registry.register(
                 registry.JobDefinition(
                     name=task.module_path,
@@ -117,6 +122,8 @@ else:
 
             @return: a C{TaskResult} with status READY (or the state of an
                 existing job when the job service de-duplicated it).
+            @raise InvalidTask: (C{InvalidTaskError} in the backport) its
+                module is not one the workers import.
             @raise twistedlrp.jobs.JobError: the job service refused it (the
                 arguments are not JSON or too large, the task is not
                 registered there); L{twistedlrp.jobs.JobServiceUnavailable}
@@ -125,6 +132,14 @@ else:
             from twistedlrp.jobs import client
 
             self.validate_task(task)
+            module = task.func.__module__
+            if not _imported_by_workers(module):
+                raise InvalidTask(
+                    f"{task.module_path} cannot run in twistedlrp's worker processes: they "
+                    f"import the 'tasks' and 'jobs' modules of the installed apps and those "
+                    f"in settings.LRP_JOB_MODULES, not {module!r}. Move the task to one of "
+                    f"them, or add {module!r} to LRP_JOB_MODULES."
+                )
             info = client.call(
                 "submit",
                 name=task.module_path,
@@ -213,6 +228,22 @@ else:
             if info["state"] == "succeeded":
                 object.__setattr__(result, "_return_value", info.get("result"))
             return result
+
+
+def _imported_by_workers(module: str) -> bool:
+    """
+    @return: whether the job service and its workers import C{module} at
+        start-up (see L{registry.discover}); C{True} while the app registry
+        is still loading, when it cannot be told yet.
+    """
+    from django.apps import apps
+    from django.conf import settings
+
+    if module in (getattr(settings, "LRP_JOB_MODULES", None) or []):
+        return True
+    if not apps.ready:
+        return True
+    return any(module in (f"{c.name}.tasks", f"{c.name}.jobs") for c in apps.get_app_configs())
 
 
 def _status(state: str):
