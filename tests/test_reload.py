@@ -94,7 +94,7 @@ class Client(threading.Thread):
             except Exception as e:
                 outcome = e
             self.results.append((time.monotonic(), outcome))
-            self.done.wait(0.01)  # pacing, like a busy browser; not synchronisation
+            self.done.wait(0.02)  # pacing, like a busy browser; not synchronisation
 
     def stop(self):
         self.done.set()

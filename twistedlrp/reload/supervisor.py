@@ -38,7 +38,7 @@ from twistedlrp.reload.watcher import make_watcher
 log = Logger(namespace="twistedlrp.reload")
 
 # Changes closer together than this make one restart.
-DEBOUNCE = 0.15
+DEBOUNCE = 0.05
 # Endpoint types whose sockets the supervisor binds and passes on. Others
 # (ssl:, ...) are passed to each server as they are, and rebound by it.
 _ADOPTABLE = {"tcp", "tcp6", "unix"}
@@ -172,12 +172,15 @@ class ServerProcess(protocol.ProcessProtocol):
         self.report_fd = report_fd
         self.gate_fd = gate_fd
         self.state = "spare" if spare else "booting"
-        # A spare's imported files, once it is ready.
+        # A spare's imported files, once it is ready, and the files changed
+        # since it started: if they meet, it may hold old code.
         self.files: set[str] | None = None
+        self.changes_seen: set[str] = set()
         self.abandoned = False
         self.error: str | None = None
         self.exit_code: int | None = None
         self.started_at = time.monotonic()
+        self.booted_after = 0.0
         self._buffer = b""
         self._waiters: list[defer.Deferred] = []
 
@@ -403,6 +406,14 @@ class ReloadSupervisor(service.Service):
         event = message.get("event")
         if event == "spare":
             child.files = set(message.get("files", []))
+            if child.files & child.changes_seen and not child.abandoned:
+                was_pending = child is self.pending
+                self._abandon(child)
+                if child is self.spare:
+                    self.spare = None
+                if was_pending:
+                    # It was told to boot already: start from scratch instead.
+                    self._spawn()
             return
         files = list(message.get("files", [])) + list(message.get("extra", []))
         self.watcher.add_files(files)
@@ -410,6 +421,7 @@ class ReloadSupervisor(service.Service):
             return
         if event == "booted" and child is self.pending:
             child.state = "gated"
+            child.booted_after = time.monotonic() - child.started_at
             defer.ensureDeferred(self._promote(child)).addErrback(
                 lambda f: log.failure("Starting the new server failed", f)
             )
@@ -436,9 +448,11 @@ class ReloadSupervisor(service.Service):
         self.promoted += 1
         if self.promoted > 1:
             log.info(
-                "Server {number} (pid {pid}) set up in {took:.2f} s, now serving",
+                "Server {number} (pid {pid}) set up Django in {booted:.2f} s; the previous "
+                "server was gone {took:.2f} s after the restart began",
                 number=child.number,
                 pid=child.pid,
+                booted=child.booted_after,
                 took=took,
             )
 
@@ -525,10 +539,12 @@ class ReloadSupervisor(service.Service):
             return
         self._changes.update(paths)
         spare = self.spare
-        if spare is not None and (spare.files is None or spare.files & set(paths)):
-            # It may have imported the old version of a changed file.
-            self._abandon(spare)
-            self.spare = None
+        if spare is not None:
+            spare.changes_seen.update(paths)
+            if spare.files is not None and spare.files & spare.changes_seen:
+                # It imported the old version of a changed file.
+                self._abandon(spare)
+                self.spare = None
         if self._debounce is not None and self._debounce.active():
             self._debounce.reset(DEBOUNCE)
         else:
@@ -545,10 +561,10 @@ class ReloadSupervisor(service.Service):
         if self.pending is not None:
             self._abandon(self.pending)
         spare, self.spare = self.spare, None
-        if spare is not None and spare.files is not None and not spare.files & set(changes):
+        if spare is not None:
+            # A spare still importing reads "boot" when it is done, and its
+            # files are checked against the changes then.
             self.pending = spare
             spare.boot()
         else:
-            if spare is not None:
-                self._abandon(spare)
             self._spawn()
