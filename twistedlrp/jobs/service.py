@@ -45,6 +45,8 @@ from twistedlrp.jobs.workers import WorkerPool
 log = Logger()
 
 DEFAULT_CANCEL_GRACE = 5.0
+# Payloads up to this size stay in memory while queued, so a claim needs no read.
+_KEEP_PAYLOAD = 64 * 1024
 
 
 @dataclass
@@ -58,6 +60,8 @@ class _Active:
     max_attempts: int
     retry_delay: float
     timeout: float | None
+    priority: int = 0
+    payload: bytes | None = None
     progress: list = field(default_factory=lambda: [0, None, ""])
     cancel_requested: bool = False
     timers: list = field(default_factory=list)
@@ -94,6 +98,8 @@ class JobService:
         self.store_ready = False
         self.accepting = False
         self.queued: dict[str, tuple] = {}
+        # What the service knows of a queued job, so that claiming it is one UPDATE.
+        self._meta: dict[str, dict] = {}
         self._ready: list[tuple] = []
         self._delayed: list[tuple] = []
         self._delayed_call = None
@@ -251,7 +257,16 @@ class JobService:
         created, info = await self.store.run(store.create, fields)
         if created:
             self.counters["submitted"] += 1
-            self._enqueue(info["id"], fields["priority"], time.time(), run_after)
+            meta = {
+                "name": name,
+                "attempts": 0,
+                "max_attempts": fields["max_attempts"],
+                "retry_delay": fields["retry_delay"],
+                "timeout": fields["timeout"],
+                "priority": fields["priority"],
+                "payload": payload if len(payload) <= _KEEP_PAYLOAD else None,
+            }
+            self._enqueue(info["id"], fields["priority"], time.time(), run_after, meta)
             self._dispatch()
         return self._overlay(info)
 
@@ -278,6 +293,7 @@ class JobService:
         self._check_store()
         info = await self.store.run(store.mark_cancel, job_id)
         job_id = info["id"]
+        self._meta.pop(job_id, None)
         if self.queued.pop(job_id, None) is not None:
             self.counters["cancelled"] += 1
         active = self.active.get(job_id)
@@ -371,9 +387,18 @@ class JobService:
 
     # -- scheduling ----------------------------------------------------------------------
 
-    def _enqueue(self, job_id: str, priority: int, created: float, run_after: float | None) -> None:
+    def _enqueue(
+        self,
+        job_id: str,
+        priority: int,
+        created: float,
+        run_after: float | None,
+        meta: dict | None = None,
+    ) -> None:
         entry = (-priority, created, next(self._seq), job_id)
         self.queued[job_id] = entry
+        if meta is not None:
+            self._meta[job_id] = meta
         if run_after and run_after > time.time():
             heapq.heappush(self._delayed, (run_after, entry))
             self._schedule_delayed()
@@ -413,16 +438,18 @@ class JobService:
             if self.queued.get(job_id) is not entry:
                 continue  # cancelled, or queued again under a newer entry
             del self.queued[job_id]
+            meta = self._meta.pop(job_id, None)
             worker = idle[0]
             worker.state = "claiming"
-            defer.ensureDeferred(self._start_job(worker, job_id)).addErrback(
+            defer.ensureDeferred(self._start_job(worker, job_id, meta)).addErrback(
                 lambda f, job_id=job_id: log.failure(
                     "Could not start job {job_id}", f, job_id=job_id
                 )
             )
 
-    async def _start_job(self, worker, job_id: str) -> None:
-        claimed = await self.store.run(store.claim, job_id, worker.ident)
+    async def _start_job(self, worker, job_id: str, meta: dict | None) -> None:
+        load = meta is None or meta["payload"] is None
+        claimed = await self.store.run(store.claim, job_id, worker.ident, load)
         if claimed is None:
             # Cancelled (or taken) meanwhile.
             if worker.state == "claiming":
@@ -435,9 +462,11 @@ class JobService:
                 store.requeue, job_id, "its worker ended before the job started", False
             )
             if self.accepting:
-                self._enqueue(job_id, 0, time.time(), None)
+                self._enqueue(job_id, 0, time.time(), None, meta)
                 self._dispatch()
             return
+        if not load:
+            claimed = dict(meta, attempts=meta["attempts"] + 1)
         active = _Active(
             id=job_id,
             name=claimed["name"],
@@ -446,6 +475,8 @@ class JobService:
             max_attempts=claimed["max_attempts"],
             retry_delay=claimed["retry_delay"],
             timeout=claimed["timeout"],
+            priority=claimed["priority"],
+            payload=claimed["payload"] if len(claimed["payload"]) <= _KEEP_PAYLOAD else None,
         )
         self.active[job_id] = active
         if active.timeout:
@@ -487,7 +518,7 @@ class JobService:
         )
         if outcome.get("ok") and not active.cancel_requested:
             self.counters["succeeded"] += 1
-            self._finish(active, store.SUCCEEDED, result=outcome.get("result"), **fields)
+            self._finish(active, store.SUCCEEDED, result=outcome.get("result"), error="", **fields)
         elif active.cancel_requested or outcome.get("cancelled"):
             self.counters["cancelled"] += 1
             if outcome.get("ok"):
@@ -559,11 +590,21 @@ class JobService:
                 active.id,
                 store.QUEUED,
                 dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
+                False,
             )
+            meta = {
+                "name": active.name,
+                "attempts": active.attempts,
+                "max_attempts": active.max_attempts,
+                "retry_delay": active.retry_delay,
+                "timeout": active.timeout,
+                "priority": active.priority,
+                "payload": active.payload,
+            }
 
-            def queued(info):
+            def queued(_):
                 if self.accepting:
-                    self._enqueue(active.id, info["priority"], time.time(), run_after)
+                    self._enqueue(active.id, active.priority, time.time(), run_after, meta)
                     self._dispatch()
 
             d.addCallback(queued)
@@ -573,8 +614,10 @@ class JobService:
             self._finish(active, store.FAILED, error=error, **fields)
 
     def _finish(self, active: _Active, state: str, **fields) -> None:
-        d = self.store.run(store.finish, active.id, state, fields)
-        d.addCallback(self._notify)
+        # Read the job back only when someone waits for it; a waiter that
+        # comes later reads it after this commit anyway.
+        d = self.store.run(store.finish, active.id, state, fields, active.id in self.waiters)
+        d.addCallback(lambda info: info and self._notify(info))
         d.addErrback(lambda f: log.failure("Could not record job {job_id}", f, job_id=active.id))
 
 

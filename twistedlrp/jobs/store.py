@@ -172,29 +172,32 @@ class Store:
 
         with self._progress_lock:
             progress, self._progress = self._progress, {}
-        results = []
+        if connection.vendor == "sqlite":
+            connection.ensure_connection()
+            # Wait for locks held by job code in workers instead of failing.
+            connection.transaction_mode = "IMMEDIATE"
         try:
-            if connection.vendor == "sqlite":
-                connection.ensure_connection()
-                # Wait for locks held by job code in workers instead of failing.
-                connection.transaction_mode = "IMMEDIATE"
+            # The common case: every operation succeeds, one commit for all.
             with transaction.atomic():
-                for fn, args, _, _ in ops:
-                    try:
-                        with transaction.atomic():
-                            results.append((fn(*args), False))
-                    except Exception:
-                        results.append((Failure(), True))
+                results = [(fn(*args), False) for fn, args, _, _ in ops]
                 if progress:
                     _write_progress(progress)
         except Exception:
-            failure = Failure()
-            log.failure("The job store could not commit", failure)
-            results = [(failure, True)] * len(ops)
-            try:
-                connection.close()
-            except Exception:
-                pass
+            # One of them failed (an unknown job id, a broken row): the batch
+            # was rolled back; run each alone so the others still succeed.
+            results = []
+            for fn, args, _, _ in ops:
+                try:
+                    with transaction.atomic():
+                        results.append((fn(*args), False))
+                except Exception:
+                    results.append((Failure(), True))
+            if progress:
+                try:
+                    with transaction.atomic():
+                        _write_progress(progress)
+                except Exception:
+                    log.failure("The job store could not record progress")
         self.batches += 1
         self.operations += len(ops)
         if ops:
@@ -290,14 +293,18 @@ def get(job_id: str, full: bool = True) -> dict:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
 
 
-def claim(job_id: str, worker: str) -> dict | None:
+def claim(job_id: str, worker: str, load: bool = True) -> dict | None:
     """
     Mark a queued job running (one more attempt).
 
     The conditional update is what makes a claim exclusive: on a database
     shared by several job services only one of them gets the row.
 
-    @return: C{{"payload": bytes, "attempts": n, ...}}, or C{None} if the job is no longer queued.
+    @param load: also read what the service does not hold in memory (the
+        payload and the job's settings).
+    @return: C{None} if the job is no longer queued; else C{{"started_at": ...}},
+        with C{payload}, C{attempts}, C{name}, C{timeout}, C{max_attempts},
+        C{retry_delay} when C{load}.
     """
     import json
 
@@ -307,23 +314,18 @@ def claim(job_id: str, worker: str) -> dict | None:
 
     started = now()
     updated = Job.objects.filter(id=job_id, state=QUEUED).update(
-        state=RUNNING, attempts=F("attempts") + 1, started_at=started, worker=worker, error=""
+        state=RUNNING, attempts=F("attempts") + 1, started_at=started, worker=worker
     )
     if not updated:
         return None
+    if not load:
+        return {"started_at": iso(started)}
     row = Job.objects.values(
-        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay"
+        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay", "priority"
     ).get(id=job_id)
-    payload = json.dumps({"args": row["args"], "kwargs": row["kwargs"]}).encode()
-    return {
-        "payload": payload,
-        "attempts": row["attempts"],
-        "name": row["name"],
-        "timeout": row["timeout"],
-        "max_attempts": row["max_attempts"],
-        "retry_delay": row["retry_delay"],
-        "started_at": iso(started),
-    }
+    row["payload"] = json.dumps({"args": row.pop("args"), "kwargs": row.pop("kwargs")}).encode()
+    row["started_at"] = iso(started)
+    return row
 
 
 def claim_next_postgresql(queue_name: str, worker: str):
@@ -352,12 +354,13 @@ def claim_next_postgresql(queue_name: str, worker: str):
     return str(row) if claimed else None
 
 
-def finish(job_id: str, state: str, fields: dict) -> dict:
+def finish(job_id: str, state: str, fields: dict, describe: bool = True) -> dict | None:
     """
     End an attempt: C{state} is final, or C{queued} for a retry (then
     C{run_after} may be set). Output, error and result are in C{fields}.
 
-    @return: the job's wire description.
+    @param describe: read the job back (someone waits for it).
+    @return: the job's wire description, or C{None} when not C{describe}.
     """
     from twistedlrp.models import Job
 
@@ -365,7 +368,7 @@ def finish(job_id: str, state: str, fields: dict) -> dict:
     if state in FINISHED:
         fields.setdefault("finished_at", now())
     Job.objects.filter(id=job_id).update(state=state, **fields)
-    return get(job_id)
+    return get(job_id) if describe else None
 
 
 def mark_cancel(job_id: str) -> dict:
