@@ -163,10 +163,14 @@ def test_broken_at_start_waits_for_a_fix(supervisor, site):
     checks = site / "testapp" / "checks.py"
     views = site / "testapp" / "views.py"
     good = views.read_text()
-    views.write_text(good + "\nthis is not python\n")
+    views.write_text(good + "\ndef broken(:\n    pass\n")
     server = supervisor(wait=False)
     wait_for(lambda: "failed to start" in server.output(), 20, message="the error")
     assert server.proc.poll() is None
+    # Meanwhile the supervisor answers itself, with the error.
+    page = server.get("/hello", timeout=5)
+    assert page.status == 503
+    assert "SyntaxError" in page.text and "views.py" in page.text
     views.write_text(good)
     server.wait_ready(10)
     assert server.get("/hello").text == "hello\n"

@@ -120,6 +120,62 @@ def _bind(reactor, endpoint: str) -> ListeningSocket:
     return ListeningSocket(endpoint, port)
 
 
+class ErrorPage:
+    """
+    While no server runs (the code is broken), the supervisor answers every
+    request on its sockets itself: 503 and the error, instead of leaving
+    connections waiting in the backlog. It stops before a server starts.
+    """
+
+    def __init__(self, reactor, listening):
+        self.reactor = reactor
+        self.listening = listening
+        self.error = ""
+        self.ports: list = []
+
+    def start(self, error: str) -> None:
+        self.error = error
+        if self.ports:
+            return
+        import socket
+
+        from twisted.web import resource, server
+
+        page = self
+
+        class Page(resource.Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.setResponseCode(503)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.setHeader(b"retry-after", b"1")
+                request.setHeader(b"cache-control", b"no-store")
+                return (
+                    "twistd lrp --reload: the server is not running.\n\n"
+                    f"{page.error.strip()}\n\n"
+                    "Fix the error and save: the server starts again then.\n"
+                ).encode("utf-8", "replace")
+
+        site = server.Site(Page())
+        site.noisy = False
+        site.log = lambda request: None
+        site.logPrefix = lambda: "lrp-reload: error page"
+        for sock in self.listening:
+            family = getattr(socket, "AF_" + sock.domain)
+            try:
+                self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, site))
+            except Exception:
+                log.failure(
+                    "Cannot answer on {address} while the server is down", address=sock.address
+                )
+
+    async def stop(self) -> None:
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
+
+
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
     The C{twistd lrp} arguments of a server: the options given on the command
@@ -277,6 +333,7 @@ class ReloadSupervisor(service.Service):
         self._changes: set[str] = set()
         self._signals_seen = 0
         self._devnull = os.open(os.devnull, os.O_RDONLY)
+        self.error_page = ErrorPage(reactor, listening)
         roots = [os.getcwd(), *options["pythonpath"]]
         self.watcher = make_watcher(reactor, roots, self._changed)
         if options["config"]:
@@ -328,6 +385,7 @@ class ReloadSupervisor(service.Service):
         await defer.gatherResults(stops, consumeErrors=True)
         for child in self.children:
             child.kill_group()
+        await self.error_page.stop()
         for sock in self.listening:
             try:
                 await sock.close()
@@ -440,6 +498,9 @@ class ReloadSupervisor(service.Service):
             await defer.gatherResults(waits)
         if child is not self.pending or self.stopping or child.state != "gated":
             return
+        await self.error_page.stop()
+        if child is not self.pending or self.stopping or child.state != "gated":
+            return
         self.pending = None
         self.current = child
         child.let_run()
@@ -522,12 +583,16 @@ class ReloadSupervisor(service.Service):
                     "the server starts then.",
                     reason=reason,
                 )
+                self.error_page.start(child.error or f"The server ended with {how}.")
             self._ensure_spare()
         elif child is self.current:
             self.current = None
             log.error(
                 "The server stopped ({how}). It restarts when a watched file changes.",
                 how=how,
+            )
+            self.error_page.start(
+                (child.error or "") + f"\nThe server stopped with {how}; see the log."
             )
             self._ensure_spare()
         child.kill_group()
