@@ -102,9 +102,9 @@ class SecretChecker:
     password)}, that is C{md5(md5(password) + challenge)}; the server side
     (C{pb._PortalAuthChallenger}, an C{IUsernameHashedPassword}) recomputes
     it in C{checkPassword}. So the secret is safe from a listener, but the
-    exchange is MD5-based and its challenge comes from C{random}, not
-    C{secrets}: a short secret could be guessed offline from one recorded
-    login. Use a long random secret, and a C{ssl:} endpoint across networks
+    exchange is MD5-based, its challenge comes from C{random}, not
+    C{secrets}, and the digests are compared with C{==}: a short secret
+    could be guessed offline from one recorded login. Use a long random secret, and a C{ssl:} endpoint across networks
     you do not trust.
 
     A wrong secret is refused and the connection is closed (as the AMP
@@ -121,6 +121,7 @@ class SecretChecker:
     def requestAvatarId(self, creds):
         if creds.checkPassword(self.secret):
             return defer.succeed(creds.username)
+        # PB's challenger (pb._PortalAuthChallenger) knows the connection.
         broker = getattr(creds, "broker", None)
         peer = broker.transport.getPeer() if broker and broker.transport else "?"
         log.warn("PB job client {peer} failed to log in (wrong secret): disconnected", peer=peer)
