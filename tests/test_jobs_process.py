@@ -26,7 +26,7 @@ from jobsupport import (
     wait_job,
 )
 
-from support import LRPProcess, free_port, port_open, run_to_exit, wait_for
+from support import LRPProcess, free_port, port_open, request, run_to_exit, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -217,5 +217,27 @@ def test_workers_are_recycled_after_max_jobs(template, tmp_path):
             pids.append(api(server, "wait", id=job["id"])["job"]["result"]["pid"])
         assert pids[0] == pids[1] != pids[2]
         wait_for(lambda: not alive(pids[0]), 10, message="the recycled worker gone")
+    finally:
+        server.kill()
+
+
+def test_workers_that_cannot_start_are_retried_with_back_off(template, tmp_path):
+    server = start_server(
+        template, tmp_path / "server", "--workers", "1", env={"LRP_TEST_WORKER_BOOT_FAIL": "1"}
+    )
+    try:
+        wait_for(
+            lambda: server.output().count("before it was ready; next attempt in") >= 3,
+            20,
+            message="three failed starts",
+        )
+        output = server.output()
+        assert "this worker fails to start on purpose" in output
+        assert "next attempt in 0.5 s" in output and "next attempt in 1.0 s" in output
+        health = request(server.port, "/-/health").json()
+        assert health["jobs"]["workers"] == 0
+        # Jobs wait in the queue meanwhile; they are not lost or failed.
+        job = api(server, "submit", name="testapp.jobs.add", args=[1, 2])["job"]
+        assert api(server, "get", id=job["id"])["job"]["state"] == "queued"
     finally:
         server.kill()

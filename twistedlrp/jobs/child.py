@@ -126,7 +126,7 @@ def _make_protocol_class():
                 data = json.loads(payload)
                 result = definition.function(*data["args"], **data["kwargs"])
                 try:
-                    encoded = json.dumps(result)
+                    encoded = json.dumps(result, allow_nan=False)
                 except (TypeError, ValueError) as e:
                     return {"ok": False, "error": f"the job's result is not JSON: {e}"}
                 if len(encoded) > self.max_payload:

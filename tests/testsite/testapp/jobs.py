@@ -7,6 +7,11 @@ from pathlib import Path
 
 from twistedlrp.jobs import cancelled, job, progress
 
+# A worker child (and only a worker: the server imports this module too) that
+# cannot start, for the test of the pool's back-off.
+if os.environ.get("LRP_TEST_WORKER_BOOT_FAIL") and "--worker-id" in sys.argv:
+    raise RuntimeError("this worker fails to start on purpose")
+
 
 def _mark(marker_dir, name, text=""):
     if marker_dir:
