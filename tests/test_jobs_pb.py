@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from jobsupport import make_template_db, start_server
+from jobsupport import api, make_template_db, start_server
 from twisted.cred import credentials
 from twisted.internet import defer
 from twisted.spread import pb
@@ -31,6 +31,9 @@ def server(tmp_path_factory):
         f"tcp:{pb_port}:interface=127.0.0.1",
         "--jobs-secret-file",
         str(secret_file),
+        # Above what PB can carry in one string (640 KiB), for the size tests.
+        "--max-job-payload",
+        "700000",
     )
     server.pb_port = pb_port
     yield server
@@ -154,6 +157,29 @@ async def test_clear_errors(server):
     output = server.output()
     assert "PB job service operation" not in output
     assert "jobs/pb.py" not in output
+
+
+@pytest_twisted.ensureDeferred
+async def test_sizes_over_the_limits_are_refused_clearly(server):
+    # A result PB cannot carry (submitted through the HTTP view, over AMP).
+    big = api(server, "submit", name="testapp.jobs.echo", args=["x" * 660_000])["job"]
+    assert api(server, "wait", id=big["id"])["job"]["state"] == "succeeded"
+    connection = await _connected(server)
+    try:
+        avatar = await connection.login(SECRET)
+        failure = await _failure_of(avatar.callRemote("status", big["id"]))
+        assert failure.check("twistedlrp.jobs.pb.PayloadTooLargeError"), failure.type
+        assert "more than Perspective Broker can carry" in failure.getErrorMessage()
+        # The connection survived; arguments over --max-job-payload are refused.
+        failure = await _failure_of(
+            avatar.callRemote("submit", "testapp.jobs.echo", [["y" * 8000] * 100])
+        )
+        assert failure.check("twistedlrp.jobs.pb.PayloadTooLargeError"), failure.type
+        assert "700000" in failure.getErrorMessage()
+        stats = await avatar.callRemote("stats")
+        assert stats["jobs"]
+    finally:
+        connection.close()
 
 
 def test_a_pb_tcp_listener_needs_a_secret_file():
