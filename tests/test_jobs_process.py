@@ -241,3 +241,17 @@ def test_workers_that_cannot_start_are_retried_with_back_off(template, tmp_path)
         assert api(server, "get", id=job["id"])["job"]["state"] == "queued"
     finally:
         server.kill()
+
+
+def test_job_service_without_its_app_refuses_to_start(tmp_path):
+    code, output = run_to_exit(env={"LRP_TEST_WITHOUT_JOBS_APP": "1"})
+    assert code == 1
+    assert "needs the app 'twistedlrp' in INSTALLED_APPS" in output
+    assert "--no-jobs" in output
+    # Without the job service, the same site starts.
+    server = LRPProcess("--no-jobs", env={"LRP_TEST_WITHOUT_JOBS_APP": "1"}, tmp=tmp_path)
+    try:
+        server.start()
+        assert server.get("/hello").status == 200
+    finally:
+        server.kill()

@@ -45,3 +45,6 @@ LRP_JOB_MODULES = []
 LRP_JOBS_CANCEL_GRACE = float(os.environ.get("LRP_TEST_CANCEL_GRACE", "5"))
 # django.tasks (Django 6) or the django-tasks backport: tasks run as jobs.
 TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
+# For the test of the error a job service without its app gives.
+if os.environ.get("LRP_TEST_WITHOUT_JOBS_APP"):
+    INSTALLED_APPS.remove("twistedlrp")
