@@ -2,7 +2,7 @@
 Watching source files for the reload supervisor.
 
 Two kinds of paths are watched: I{roots} (the site's directories), in which
-every C{.py} file counts, recursively; and single I{files} (the modules the
+every C{.py} and C{.html} file counts, recursively; and single I{files} (the modules the
 server imported, the configuration file, a file a traceback named).
 
 With the C{watchfiles} package (the C{reload} extra) the operating system
@@ -45,9 +45,14 @@ IGNORED_DIRS = frozenset(
 POLL_INTERVAL = 0.5
 
 
+# Files in the roots whose change restarts the server: Python source, and
+# templates (Django's cached template loader would keep the old ones).
+SOURCE_SUFFIXES = (".py", ".html")
+
+
 def is_source(path: str) -> bool:
-    """A C{.py} file outside the ignored directories."""
-    if not path.endswith(".py"):
+    """A source file or template outside the ignored directories."""
+    if not path.endswith(SOURCE_SUFFIXES):
         return False
     parts = path.split(os.sep)
     return not any(part in IGNORED_DIRS for part in parts[:-1])
@@ -264,7 +269,7 @@ def _scan(roots: list[str], files: set[str]) -> dict[str, tuple]:
         for directory, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if d not in IGNORED_DIRS]
             for name in filenames:
-                if name.endswith(".py"):
+                if name.endswith(SOURCE_SUFFIXES):
                     stamp(os.path.join(directory, name))
     for path in files:
         if path not in stamps:
