@@ -219,6 +219,19 @@ def test_workers_are_recycled_after_max_jobs(template, tmp_path):
         wait_for(lambda: not alive(pids[0]), 10, message="the recycled worker gone")
     finally:
         server.kill()
+    # Every worker is above 1 MB: each is replaced after one job.
+    server = start_server(
+        template, tmp_path / "memory", "--workers", "1", "--max-worker-memory", "1"
+    )
+    try:
+        pids = []
+        for _ in range(2):
+            job = api(server, "submit", name="testapp.jobs.whoami")["job"]
+            pids.append(api(server, "wait", id=job["id"])["job"]["result"]["pid"])
+        assert pids[0] != pids[1]
+        assert "MB (limit 1 MB): replacing it" in server.output()
+    finally:
+        server.kill()
 
 
 def test_workers_that_cannot_start_are_retried_with_back_off(template, tmp_path):

@@ -64,11 +64,10 @@ def main(argv=None) -> None:
 
 def _make_protocol_class():
     from twisted.internet import defer
-    from twisted.protocols import amp
 
     from twistedlrp.jobs import _context, protocol
 
-    class ChildProtocol(amp.AMP):
+    class ChildProtocol(protocol.QuietAMP):
         def __init__(self, reactor, max_payload):
             super().__init__()
             self.reactor = reactor

@@ -262,6 +262,6 @@ __all__ = ["JobClient", "call", "install", "JobError"]
 
 
 def _quiet_factory() -> protocol.Factory:
-    factory = protocol.Factory.forProtocol(amp.AMP)
+    factory = protocol.Factory.forProtocol(wire.QuietAMP)
     factory.noisy = False
     return factory

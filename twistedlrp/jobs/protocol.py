@@ -92,6 +92,22 @@ class BigJSON(BigBytes):
         return json.loads(data)
 
 
+class QuietAMP(amp.AMP):
+    """
+    AMP without its info line for every connection made and lost: worker
+    pipes and client connections come and go; the job service logs what matters.
+    """
+
+    def makeConnection(self, transport):
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 # -- errors as they travel --------------------------------------------------
 
 ERRORS = {

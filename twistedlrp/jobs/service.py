@@ -641,7 +641,7 @@ async def _within(reactor, d: defer.Deferred, seconds: float) -> bool:
 # -- the AMP front end ---------------------------------------------------------------
 
 
-class ServiceProtocol(amp.AMP):
+class ServiceProtocol(wire.QuietAMP):
     """
     One client connection. With C{secret} set, nothing but C{Challenge}
     and C{Login} is answered before a successful Login; anything else, or

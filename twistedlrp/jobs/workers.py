@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from twistedlrp.jobs import protocol as wire
 
@@ -60,7 +59,7 @@ class _PipeTransport:
         return ("job-service", os.getpid())
 
 
-class _ParentProtocol(amp.AMP):
+class _ParentProtocol(wire.QuietAMP):
     def __init__(self, worker: Worker):
         super().__init__()
         self.worker = worker
