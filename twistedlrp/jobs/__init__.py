@@ -37,6 +37,8 @@ __all__ = [
     "get",
     "cancel",
     "wait",
+    "list_jobs",
+    "stats",
     "progress",
     "cancelled",
     "JobInfo",
