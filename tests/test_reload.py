@@ -284,3 +284,31 @@ def _zombie(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_sigint_while_a_job_runs_leaves_no_worker(supervisor, site, tmp_path):
+    from jobsupport import api, make_template_db, read_pid
+
+    db = make_template_db(tmp_path)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    server = supervisor("--workers=1", env={"LRP_TEST_DB": str(db)})
+    supervisor_pid = server.proc.pid
+    api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 60, "long"])
+    worker = read_pid(markers / "long-started", 20)
+    tree = [supervisor_pid, *(p.pid for p in psutil.Process(supervisor_pid).children(True))]
+    assert worker in tree
+    groups = {os.getpgid(pid) for pid in tree} - {os.getpgid(supervisor_pid)}
+
+    signalled = time.monotonic()
+    server.signal(signal.SIGINT)
+    server.wait_exit(10)
+
+    def gone():
+        return not [p for p in tree if psutil.pid_exists(p) and not _zombie(p)] and not any(
+            _group_members(g) for g in groups
+        )
+
+    wait_for(gone, 10, message="every process of the tree to end")
+    took = time.monotonic() - signalled
+    assert took < 3 + 1.5, took
