@@ -107,6 +107,8 @@ class JobService:
         self.active: dict[str, _Active] = {}
         self.waiters: dict[str, list[defer.Deferred]] = {}
         self._drained: list[defer.Deferred] = []
+        # Jobs being claimed: their outcome must be recorded before the store closes.
+        self._starting: set[defer.Deferred] = set()
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
 
     # -- life ----------------------------------------------------------------------
@@ -176,6 +178,12 @@ class JobService:
                 n=len(self.active),
             )
         self.pool.kill_all("shutdown")
+        if self._starting:
+            await _within(
+                self.reactor,
+                defer.DeferredList(list(self._starting)),
+                max(deadline - self.reactor.seconds() - 0.2, 0.5),
+            )
         await _within(
             self.reactor,
             self.pool.when_all_ended(),
@@ -441,11 +449,14 @@ class JobService:
             meta = self._meta.pop(job_id, None)
             worker = idle[0]
             worker.state = "claiming"
-            defer.ensureDeferred(self._start_job(worker, job_id, meta)).addErrback(
+            d = defer.ensureDeferred(self._start_job(worker, job_id, meta))
+            d.addErrback(
                 lambda f, job_id=job_id: log.failure(
                     "Could not start job {job_id}", f, job_id=job_id
                 )
             )
+            self._starting.add(d)
+            d.addBoth(lambda _, d=d: self._starting.discard(d))
 
     async def _start_job(self, worker, job_id: str, meta: dict | None) -> None:
         load = meta is None or meta["payload"] is None
