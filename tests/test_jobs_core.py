@@ -305,6 +305,20 @@ def test_priority_and_run_after(env):
     assert info["state"] == "succeeded"
 
 
+def test_list_jobs_and_stats(env):
+    server, _ = env
+    job = api(server, "add", a=3, b=4)["job"]
+    wait_job(server, job["id"])
+    found = api(server, "list", state="succeeded", name="testapp.jobs.add", limit=500)["jobs"]
+    assert [job["id"], "testapp.jobs.add", "succeeded"] in found
+    assert all(state == "succeeded" and name == "testapp.jobs.add" for _, name, state in found)
+    assert len(api(server, "list", limit=3)["jobs"]) == 3
+    stats = api(server, "stats")["stats"]
+    assert stats["jobs"]["succeeded"] >= 500
+    assert stats["counters"]["submitted"] >= 500
+    assert len(stats["workers"]) == 2
+
+
 def test_health_shows_the_job_service(env):
     server, _ = env
     health = request(server.port, "/-/health").json()

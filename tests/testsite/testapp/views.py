@@ -120,6 +120,11 @@ def jobs_api(request):
             result = jobs.wait(data["id"], data.get("timeout", 30))
         elif op == "stats":
             return JsonResponse({"stats": jobs.stats()})
+        elif op == "list":
+            found = jobs.list_jobs(
+                state=data.get("state"), name=data.get("name"), limit=data["limit"]
+            )
+            return JsonResponse({"jobs": [[j.id, j.name, j.state] for j in found]})
         else:
             return JsonResponse({"error": "BadOp"}, status=400)
     except (jobs.JobError, TimeoutError) as e:
