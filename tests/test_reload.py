@@ -263,6 +263,7 @@ def test_sigint_ends_the_whole_tree_within_the_graceful_timeout(supervisor, site
     took = time.monotonic() - signalled
     assert took < 3 + 1.5, took
     assert "Received SIGINT" in server.output()
+    assert "supervisor is gone" not in server.output()
 
 
 def _ignore_errors(function, *args, **kwargs):
@@ -312,3 +313,18 @@ def test_sigint_while_a_job_runs_leaves_no_worker(supervisor, site, tmp_path):
     wait_for(gone, 10, message="every process of the tree to end")
     took = time.monotonic() - signalled
     assert took < 3 + 1.5, took
+
+
+def test_server_stops_when_the_supervisor_is_killed(supervisor):
+    server = supervisor()
+    supervisor_pid = server.proc.pid
+    children = [p.pid for p in psutil.Process(supervisor_pid).children()]
+    assert children
+    os.kill(supervisor_pid, signal.SIGKILL)
+    server.wait_exit(5)
+    wait_for(
+        lambda: not [p for p in children if psutil.pid_exists(p) and not _zombie(p)],
+        3 + 2,
+        message="the server and the spare to notice",
+    )
+    assert "The reload supervisor is gone: stopping the server" in server.output()

@@ -217,11 +217,15 @@ class _Lifeline:
         return None
 
     def connectionLost(self, reason) -> None:
+        from twisted.internet.error import ConnectionDone
         from twisted.logger import Logger
 
         self.reactor.removeReader(self)
-        if not self.closed:
-            return  # The reactor is shutting down and lets go of every reader.
+        # The reactor reports the pipe's hang-up as ConnectionDone without
+        # calling doRead; at its own shutdown it lets go of every reader
+        # with ConnectionLost.
+        if not (self.closed or reason.check(ConnectionDone)):
+            return
         Logger(namespace="twistedlrp.reload").warn(
             "The reload supervisor is gone: stopping the server"
         )
