@@ -34,6 +34,7 @@ test: install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install
+	$(PY) -m pip install -q gunicorn granian
 	$(PY) bench/run.py
 
 clean:

@@ -1,0 +1,200 @@
+"""
+Serve the same Django site with twistedlrp and its peers, load each with wrk
+in the same run, and report requests/s, latency and the ratio to
+`twistd web --wsgi`.
+
+    make bench                         # all servers, all paths
+    .venv/bin/python bench/run.py --seconds 5 --servers lrp,twisted-web
+
+Each server gets one process and the same thread count (the peers' multi-
+process modes would measure a different thing on a 2-core machine). wrk
+must be installed (Debian: apt-get install wrk); gunicorn and granian are
+used when installed (pip install gunicorn granian) and skipped otherwise.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def servers(port: int, threads: int) -> dict[str, list[str]]:
+    listen = f"tcp:{port}:interface=127.0.0.1"
+    return {
+        "lrp": [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "lrp",
+            "--settings",
+            "benchsite.settings",
+            "--listen",
+            listen,
+            "--threads",
+            str(threads),
+            "--no-jobs",
+            "--max-waiting",
+            "10000",
+        ],
+        "twisted-web": [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "web",
+            "--listen",
+            listen,
+            "--wsgi",
+            "benchsite.wsgi.application",
+        ],
+        "gunicorn": [
+            str(BIN / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--threads",
+            str(threads),
+            "--worker-class",
+            "gthread",
+            "--log-level",
+            "warning",
+            "benchsite.wsgi:application",
+        ],
+        "granian": [
+            str(BIN / "granian"),
+            "--interface",
+            "wsgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--blocking-threads",
+            str(threads),
+            "--log-level",
+            "warning",
+            "benchsite.wsgi:application",
+        ],
+    }
+
+
+def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("server did not open its port")
+
+
+def wrk(url: str, seconds: int, connections: int) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+
+    def ms(match):
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return {
+        "rps": rps,
+        "p50_ms": ms(p50),
+        "p99_ms": ms(p99),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "socket_errors": socket_errors.group(1) if socket_errors else "",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--servers", default="lrp,twisted-web,gunicorn,granian")
+    parser.add_argument("--paths", default="/hello,/io")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.stderr.write("bench: wrk is not installed (Debian: apt-get install wrk)\n")
+        return 2
+    env = dict(os.environ, PYTHONPATH=str(HERE), DJANGO_SETTINGS_MODULE="benchsite.settings")
+    results: dict = {}
+    for name in args.servers.split(","):
+        port = free_port()
+        command = servers(port, args.threads)[name]
+        if not Path(command[0]).exists():
+            sys.stderr.write(f"bench: {name} is not installed, skipped\n")
+            continue
+        proc = subprocess.Popen(
+            command,
+            cwd=HERE,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_until_serving(port, proc)
+            for path in args.paths.split(","):
+                url = f"http://127.0.0.1:{port}{path}"
+                wrk(url, 2, args.connections)  # warm-up
+                results.setdefault(path, {})[name] = wrk(url, args.seconds, args.connections)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    lines = [
+        f"# {args.connections} connections, {args.threads} threads, {args.seconds} s per run, "
+        f"Python {sys.version.split()[0]}"
+    ]
+    for path, by_server in results.items():
+        base = by_server.get("twisted-web", {}).get("rps")
+        lines.append(f"\n{path}")
+        lines.append(
+            f"  {'server':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs twisted-web':>15}"
+        )
+        for name, r in by_server.items():
+            ratio = f"{r['rps'] / base:.2f}x" if base else "-"
+            note = f"  ({r['non_2xx']} non-2xx)" if r["non_2xx"] else ""
+            lines.append(
+                f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}{note}"
+            )
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
