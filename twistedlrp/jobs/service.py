@@ -23,6 +23,7 @@ import itertools
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -299,11 +300,15 @@ class JobService:
 
     async def _cancel(self, job_id: str) -> dict:
         self._check_store()
-        info = await self.store.run(store.mark_cancel, job_id)
-        job_id = info["id"]
+        try:
+            job_id = str(uuid.UUID(str(job_id)))
+        except ValueError:
+            pass  # the store says it is unknown
+        # Out of the queue first, before any await: it can no longer be dispatched.
         self._meta.pop(job_id, None)
         if self.queued.pop(job_id, None) is not None:
             self.counters["cancelled"] += 1
+        info = await self.store.run(store.mark_cancel, job_id)
         active = self.active.get(job_id)
         if active is not None and not active.cancel_requested:
             active.cancel_requested = True
@@ -459,8 +464,21 @@ class JobService:
             d.addBoth(lambda _, d=d: self._starting.discard(d))
 
     async def _start_job(self, worker, job_id: str, meta: dict | None) -> None:
-        load = meta is None or meta["payload"] is None
-        claimed = await self.store.run(store.claim, job_id, worker.ident, load)
+        if meta is not None and meta["payload"] is not None:
+            # The service owns its queue, so the job is sent at once and the
+            # claim is committed with the next batch meanwhile. (Were the
+            # server to die before that commit, the job is still queued in
+            # the store and runs again after a restart.)
+            active = self._run_on(worker, job_id, dict(meta, attempts=meta["attempts"] + 1))
+            claimed = await self.store.run(store.claim, job_id, worker.ident, False)
+            if claimed is None and self.active.get(job_id) is active:
+                # No longer queued in the store (changed behind our back):
+                # this run must not count; stop it and record nothing.
+                log.warn("Job {job_id} was no longer queued in the store: stopped", job_id=job_id)
+                self._forget(active)
+                worker.signal("KILL", "orphan")
+            return
+        claimed = await self.store.run(store.claim, job_id, worker.ident, True)
         if claimed is None:
             # Cancelled (or taken) meanwhile.
             if worker.state == "claiming":
@@ -473,11 +491,13 @@ class JobService:
                 store.requeue, job_id, "its worker ended before the job started", False
             )
             if self.accepting:
-                self._enqueue(job_id, 0, time.time(), None, meta)
+                self._enqueue(job_id, claimed["priority"], time.time(), None)
                 self._dispatch()
             return
-        if not load:
-            claimed = dict(meta, attempts=meta["attempts"] + 1)
+        self._run_on(worker, job_id, claimed)
+
+    def _run_on(self, worker, job_id: str, claimed: dict) -> _Active:
+        """Send a claimed job to C{worker}; @return: its L{_Active} record."""
         active = _Active(
             id=job_id,
             name=claimed["name"],
@@ -501,6 +521,7 @@ class JobService:
             lambda failure: None,
         )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=job_id))
+        return active
 
     # -- worker events --------------------------------------------------------------
 

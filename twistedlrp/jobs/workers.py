@@ -353,7 +353,7 @@ class WorkerPool:
             )
             self.reactor.callLater(delay, self.spawn)
         else:
-            if worker.kill_reason not in ("retire", "timeout", "cancel"):
+            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan"):
                 log.warn("Worker {pid} {how}; starting a replacement", pid=worker.pid, how=how)
             self.spawn()
 
