@@ -328,3 +328,59 @@ def test_server_stops_when_the_supervisor_is_killed(supervisor):
         message="the server and the spare to notice",
     )
     assert "The reload supervisor is gone: stopping the server" in server.output()
+
+
+def _unix_get(path: str, url: str) -> tuple[int, str]:
+    import http.client
+    import socket
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(path)
+
+    conn = Connection("localhost")
+    try:
+        conn.request("GET", url)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_unix_socket_keeps_its_path_and_mode_across_restarts(tmp_path, site):
+    import stat
+
+    path = str(tmp_path / "http.sock")
+    server = LRPProcess(
+        "--reload",
+        "--graceful-timeout=3",
+        f"--listen=unix:{path}:mode=600",
+        listen=False,
+        cwd=site,
+        tmp=tmp_path,
+    )
+    try:
+        server.start(wait=False)
+        wait_for(lambda: os.path.exists(path), 10, message="the socket")
+        assert wait_for(lambda: _ignore_errors(_unix_get, path, "/hello"), 20) == (200, "hello\n")
+        set_hello(site, "hello unix")
+        wait_for(
+            lambda: _ignore_errors(_unix_get, path, "/hello") == (200, "hello unix\n"),
+            10,
+            message="the new code on the UNIX socket",
+        )
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        set_hello(site, "hello again")
+        wait_for(
+            lambda: _ignore_errors(_unix_get, path, "/hello") == (200, "hello again\n"),
+            10,
+            message="a second restart",
+        )
+        server.signal(signal.SIGINT)
+        server.wait_exit(10)
+        # The supervisor, which bound it, removes it.
+        assert not os.path.exists(path)
+    finally:
+        _kill_tree(server)

@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
         pass  # Already a session leader.
     if os.environ.get("LISTEN_FDS"):
         os.environ["LISTEN_PID"] = str(os.getpid())
+        from twistedlrp.reload.sockets import keep_unix_socket_paths
+
+        keep_unix_socket_paths()
     fds = os.environ.pop(FDS_VARIABLE, "")
     spare = os.environ.pop(SPARE_VARIABLE, "")
     if fds:

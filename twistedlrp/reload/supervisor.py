@@ -56,7 +56,9 @@ def make_supervisor(options) -> ReloadSupervisor:
 
     listening = []
     passed_through = []
-    for endpoint in options["listen"]:
+    # A job node serves no HTTP: nothing to bind.
+    endpoints = [] if options["jobs-only"] else options["listen"]
+    for endpoint in endpoints:
         kind = endpoint.split(":", 1)[0].strip().lower()
         if kind not in _ADOPTABLE:
             passed_through.append(endpoint)
@@ -140,6 +142,10 @@ class ErrorPage:
         import socket
 
         from twisted.web import resource, server
+
+        from twistedlrp.reload.sockets import keep_unix_socket_paths
+
+        keep_unix_socket_paths()
 
         page = self
 
