@@ -39,8 +39,8 @@ def test_sigterm_lets_the_request_in_flight_finish_and_runs_shutdown_hooks(lrp_s
     # It waited for the request, not for the whole graceful timeout.
     assert time.monotonic() - signalled < 15
     # Shut-down hooks ran after the request, newest registration first.
-    order = _events(events)
-    assert order[-2:] == ["shutdown-last-registered", "shutdown-first-registered"]
+    order = [e for e in _events(events) if e.startswith("shutdown")]
+    assert order == ["shutdown-last-registered", "shutdown-first-registered"]
     assert "Received SIGTERM" in server.output()
 
 
@@ -109,3 +109,18 @@ def test_a_second_signal_exits_at_once(lrp_server):
     assert time.monotonic() - started < 5
     assert code != 0
     assert "second SIGTERM: exiting at once" in server.output()
+
+
+def test_registered_services_start_before_hooks_and_stop_after_them(lrp_server, tmp_path):
+    events = tmp_path / "events"
+    server = lrp_server("--workers", "0", env={"LRP_TEST_EVENTS": str(events)})
+    data = server.get("/service").json()
+    assert data["running"] is True
+    assert "no service named 'no-such-service'" in data["missing"]
+    assert "recorder" in data["missing"]
+    assert server.stop() == 0
+    order = _events(events)
+    # Start: the service's Deferred is awaited before the first start-up hook.
+    assert order.index("service-start-end") < order.index("startup-begin")
+    # Stop: shut-down hooks first, then the service.
+    assert order.index("shutdown-first-registered") < order.index("service-stop")

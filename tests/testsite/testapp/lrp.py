@@ -5,7 +5,9 @@ import time
 
 from twisted.internet import reactor, task
 
-from twistedlrp.lifecycle import on_shutdown, on_startup
+from twisted.application.service import Service
+
+from twistedlrp.lifecycle import add_service, on_shutdown, on_startup
 
 STATE = {"hook_done_at": None, "value": None}
 
@@ -38,3 +40,19 @@ def first_registered_shutdown():
 @on_shutdown
 async def last_registered_shutdown():
     _note("shutdown-last-registered")
+
+
+class Recorder(Service):
+    """A registered service whose start takes a moment (the server awaits it)."""
+
+    def startService(self):
+        _note("service-start-begin")
+        super().startService()
+        return task.deferLater(reactor, 0.2, _note, "service-start-end")
+
+    def stopService(self):
+        super().stopService()
+        _note("service-stop")
+
+
+add_service("recorder", Recorder())

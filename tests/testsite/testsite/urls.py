@@ -13,6 +13,7 @@ urlpatterns = [
     path("stream", views.stream),
     path("error", views.error),
     path("db", views.db),
+    path("service", views.service),
     path("jobs/api", views.jobs_api),
     path("tasks/api", views.tasks_api),
 ]
