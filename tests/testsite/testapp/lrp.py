@@ -3,9 +3,8 @@
 import os
 import time
 
-from twisted.internet import reactor, task
-
 from twisted.application.service import Service
+from twisted.internet import reactor, task
 
 from twistedlrp.lifecycle import add_service, on_shutdown, on_startup
 

@@ -195,3 +195,13 @@ def _task_decorator():
 
 # A task outside the modules the job workers import: LRPBackend refuses it.
 stray_task = _task_decorator()(_stray)
+
+
+def service(request):
+    from twistedlrp.lifecycle import get_service
+
+    try:
+        get_service("no-such-service")
+    except LookupError as e:
+        missing = str(e)
+    return JsonResponse({"running": bool(get_service("recorder").running), "missing": missing})
