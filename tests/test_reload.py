@@ -195,6 +195,12 @@ def test_module_outside_the_site_is_watched_once_imported(supervisor, site, tmp_
     assert server.get("/greeting").text == "from lib v1"
     (lib / "greeting.py").write_text('TEXT = "from lib v2"\n')
     wait_for(lambda: server.get("/greeting").text == "from lib v2", 10, message="the new text")
+    # Broken, then fixed: the file the traceback names stays watched.
+    (lib / "greeting.py").write_text('TEXT = "from lib v3\n')
+    wait_for(lambda: "failed to start" in server.output(), 10, message="the error")
+    assert "greeting.py" in server.output()
+    (lib / "greeting.py").write_text('TEXT = "from lib v3"\n')
+    wait_for(lambda: server.get("/greeting").text == "from lib v3", 10, message="the fix")
 
 
 def test_polling_fallback(supervisor, site):
