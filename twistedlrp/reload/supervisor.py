@@ -54,6 +54,8 @@ def make_supervisor(options) -> ReloadSupervisor:
     """
     from twisted.internet import reactor
 
+    if os.name != "posix":
+        raise SystemExit("twistd lrp: error: --reload needs a POSIX system (process groups)")
     listening = []
     passed_through = []
     # A job node serves no HTTP: nothing to bind.
@@ -383,10 +385,10 @@ class ReloadSupervisor(service.Service):
         for child in (self.pending, self.spare):
             if child is not None:
                 self._abandon(child)
+        serving = [c for c in self.children if c.state in ("serving", "stopping")]
         stops = [defer.ensureDeferred(self._retire(c)) for c in self.children if c.state != "ended"]
-        if self.current is not None:
-            self.current = None
-        if stops:
+        self.current = None
+        if serving:
             log.info("Stopping the server (up to {timeout:g} s)", timeout=self.graceful_timeout)
         await defer.gatherResults(stops, consumeErrors=True)
         for child in self.children:
