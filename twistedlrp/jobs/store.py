@@ -288,6 +288,12 @@ class _SQL:
             for name, f in self.fields.items()
             if f.default is NOT_PROVIDED or not callable(f.default)
         }
+        # Only these need the backend's adaptation; strings and numbers go as they are.
+        self.adapted = {
+            name
+            for name, f in self.fields.items()
+            if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
+        }
         names = list(self.fields)
         self.insert_names = names
         self.insert = (
@@ -302,6 +308,8 @@ class _SQL:
         )
 
     def prep(self, name: str, value):
+        if value is None or name not in self.adapted:
+            return value
         from django.db import connection
 
         return self.fields[name].get_db_prep_save(value, connection)
