@@ -163,8 +163,7 @@ class Options(usage.Options):
         self._set("graceful-timeout", _seconds("graceful-timeout", seconds))
 
     def opt_static(self, mapping):
-        """URL prefix and directory served by the reactor, as PREFIX=DIR (repeatable).
-        Without it, STATIC_URL is served from STATIC_ROOT when both are local."""
+        """Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR (repeatable) [default: STATIC_URL=STATIC_ROOT when both are local]."""
         prefix, sep, directory = str(mapping).partition("=")
         if not sep or not prefix.startswith("/") or not directory:
             raise usage.UsageError(
@@ -202,8 +201,7 @@ class Options(usage.Options):
         self._set("proxy-headers", True)
 
     def opt_forwarded_allow_ips(self, addresses):
-        """Comma-separated addresses or networks whose forwarded headers are trusted,
-        or '*' [default: 127.0.0.1]."""
+        """Addresses or networks (comma-separated, or '*') whose X-Forwarded-* headers are trusted [default: 127.0.0.1]."""
         items = addresses if isinstance(addresses, list) else str(addresses).split(",")
         parsed = []
         for item in (str(i).strip() for i in items):
