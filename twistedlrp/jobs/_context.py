@@ -7,6 +7,8 @@ import threading
 _cancel = threading.Event()
 _reporter = None  # callable(current, total, message) set by the worker child
 _job_id: str | None = None
+# A cancel can arrive before its job's thread begins: remember it.
+_cancel_early: set[str] = set()
 
 
 def begin(job_id: str, reporter) -> None:
@@ -14,6 +16,9 @@ def begin(job_id: str, reporter) -> None:
     _cancel.clear()
     _job_id = job_id
     _reporter = reporter
+    if job_id in _cancel_early:
+        _cancel_early.discard(job_id)
+        _cancel.set()
 
 
 def end() -> None:
@@ -25,6 +30,9 @@ def end() -> None:
 def request_cancel(job_id: str) -> None:
     if job_id == _job_id:
         _cancel.set()
+    else:
+        _cancel_early.clear()  # only the next job can be meant
+        _cancel_early.add(job_id)
 
 
 def report_progress(current, total, message) -> None:
