@@ -262,6 +262,17 @@ def test_200_kib_arguments_and_result_round_trip(env):
     assert info["result"] == data
 
 
+def test_payload_just_under_the_limit_works(env):
+    server, _ = env
+    # The limit counts the JSON of {"args": [...], "kwargs": {...}}, compact.
+    overhead = len(json.dumps({"args": [""], "kwargs": {}}, separators=(",", ":")))
+    text = "x" * (1024 * 1024 - overhead)
+    job = api(server, "submit", name="testapp.jobs.echo", args=[text])["job"]
+    info = api(server, "wait", id=job["id"])["job"]
+    assert info["state"] == "succeeded", info["error"]
+    assert info["result"] == text
+
+
 def test_key_returns_the_unfinished_job(env):
     server, markers = env
     marker = markers / "key"

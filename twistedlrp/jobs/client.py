@@ -247,7 +247,9 @@ def encode_payload(args, kwargs) -> bytes:
     @raise PayloadTooLarge: far beyond any limit the wire can carry.
     """
     try:
-        payload = json.dumps({"args": list(args), "kwargs": dict(kwargs)}, allow_nan=False)
+        payload = json.dumps(
+            {"args": list(args), "kwargs": dict(kwargs)}, allow_nan=False, separators=(",", ":")
+        )
     except (TypeError, ValueError) as e:
         raise InvalidArguments(
             f"job arguments must be JSON (lists, dicts, strings, numbers, booleans, None): {e}"
