@@ -273,6 +273,23 @@ def test_payload_just_under_the_limit_works(env):
     assert info["result"] == text
 
 
+def test_results_that_cannot_be_stored_fail_the_job(env):
+    server, _ = env
+    big = api(server, "submit", name="testapp.jobs.big_result", args=[2 * 1024 * 1024])["job"]
+    info = api(server, "wait", id=big["id"])["job"]
+    assert info["state"] == "failed"
+    assert "more than the limit of 1048576 bytes" in info["error"]
+    odd = api(server, "submit", name="testapp.jobs.not_json_result")["job"]
+    info = api(server, "wait", id=odd["id"])["job"]
+    assert info["state"] == "failed"
+    assert "not JSON" in info["error"]
+    failing = api(server, "submit", name="testapp.jobs.fail")["job"]
+    info = api(server, "wait", id=failing["id"])["job"]
+    assert info["state"] == "failed"
+    assert "ValueError: this job fails on purpose" in info["error"]
+    assert "Traceback" in info["error"]
+
+
 def test_key_returns_the_unfinished_job(env):
     server, markers = env
     marker = markers / "key"

@@ -105,3 +105,13 @@ def sleeper(marker_dir, seconds, name="sleeper"):
     time.sleep(seconds)
     _mark(marker_dir, f"{name}-done")
     return name
+
+
+@job
+def big_result(size):
+    return "x" * size
+
+
+@job
+def not_json_result():
+    return {1, 2, 3}
