@@ -274,3 +274,18 @@ def test_job_service_without_its_app_refuses_to_start(tmp_path):
         assert server.get("/hello").status == 200
     finally:
         server.kill()
+
+
+def test_no_job_service_to_reach_is_a_clear_error(tmp_path):
+    server = LRPProcess("--no-jobs", env={"LRP_TEST_JOBS_TIMEOUT": "1"}, tmp=tmp_path)
+    server.start()
+    try:
+        started = time.monotonic()
+        error = api(server, "submit", expect_error=True, name="testapp.jobs.add", args=[1, 2])
+        took = time.monotonic() - started
+        assert error["error"] == "JobServiceUnavailable"
+        assert "could not be reached within 1 s" in error["message"]
+        assert "jobs.sock" in error["message"]
+        assert took < 5
+    finally:
+        server.kill()

@@ -48,3 +48,4 @@ TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 # For the test of the error a job service without its app gives.
 if os.environ.get("LRP_TEST_WITHOUT_JOBS_APP"):
     INSTALLED_APPS.remove("twistedlrp")
+LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
