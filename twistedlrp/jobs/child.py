@@ -20,6 +20,10 @@ import sys
 import threading
 import traceback
 
+from twisted.internet import defer
+
+from twistedlrp.jobs import _context, protocol
+
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="twistedlrp.jobs.child")
@@ -53,8 +57,8 @@ def main(argv=None) -> None:
 
     from twisted.internet import reactor, stdio
 
-    protocol = ChildProtocol(reactor, args.max_payload)
-    stdio.StandardIO(protocol, stdin=3, stdout=4, reactor=reactor)
+    conversation = ChildProtocol(reactor, args.max_payload)
+    stdio.StandardIO(conversation, stdin=3, stdout=4, reactor=reactor)
     reactor.run(installSignalHandlers=False)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -62,121 +66,112 @@ def main(argv=None) -> None:
     os._exit(0)
 
 
-def _make_protocol_class():
-    from twisted.internet import defer
+class ChildProtocol(protocol.QuietAMP):
+    """The child's end of the AMP conversation with the job service."""
 
-    from twistedlrp.jobs import _context, protocol
+    def __init__(self, reactor, max_payload):
+        super().__init__()
+        self.reactor = reactor
+        self.max_payload = max_payload
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_progress = None
+        self._progress_scheduled = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
 
-    class ChildProtocol(protocol.QuietAMP):
-        def __init__(self, reactor, max_payload):
-            super().__init__()
-            self.reactor = reactor
-            self.max_payload = max_payload
-            self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-            self._pending_progress = None
-            self._progress_scheduled = False
-            self._lock = threading.Lock()
-            threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
+    def connectionMade(self):
+        super().connectionMade()
+        self.callRemote(protocol.WorkerReady, pid=os.getpid())
 
-        def connectionMade(self):
-            super().connectionMade()
-            self.callRemote(protocol.WorkerReady, pid=os.getpid())
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        if self.reactor.running:
+            self.reactor.stop()
 
-        def connectionLost(self, reason):
-            super().connectionLost(reason)
-            if self.reactor.running:
-                self.reactor.stop()
+    @protocol.RunJob.responder
+    def run_job(self, job_id, name, payload, attempt):
+        d = defer.Deferred()
+        self.jobs.put((job_id, name, payload, attempt, d))
+        return d
 
-        @protocol.RunJob.responder
-        def run_job(self, job_id, name, payload, attempt):
-            d = defer.Deferred()
-            self.jobs.put((job_id, name, payload, attempt, d))
-            return d
+    @protocol.CancelJob.responder
+    def cancel_job(self, job_id):
+        _context.request_cancel(job_id)
+        return {}
 
-        @protocol.CancelJob.responder
-        def cancel_job(self, job_id):
-            _context.request_cancel(job_id)
-            return {}
+    # -- the job thread ---------------------------------------------------
 
-        # -- the job thread ---------------------------------------------------
+    def _job_thread(self):
+        while True:
+            job_id, name, payload, attempt, d = self.jobs.get()
+            outcome = self._run(job_id, name, payload)
+            self.reactor.callFromThread(self._answer, d, outcome)
 
-        def _job_thread(self):
-            while True:
-                job_id, name, payload, attempt, d = self.jobs.get()
-                outcome = self._run(job_id, name, payload)
-                self.reactor.callFromThread(self._answer, d, outcome)
+    def _answer(self, d, outcome):
+        self._flush_progress()
+        d.callback({"outcome": outcome})
 
-        def _answer(self, d, outcome):
-            self._flush_progress()
-            d.callback({"outcome": outcome})
+    def _run(self, job_id, name, payload) -> dict:
+        from django.db import close_old_connections
 
-        def _run(self, job_id, name, payload) -> dict:
-            from django.db import close_old_connections
+        from twistedlrp.jobs import registry
+        from twistedlrp.jobs.errors import JobCancelled
 
-            from twistedlrp.jobs import registry
-            from twistedlrp.jobs.errors import JobCancelled
-
-            definition = registry.lookup(name)
-            if definition is None:
-                return {"ok": False, "error": f"no job named {name!r} is registered in the worker"}
-            _context.begin(job_id, lambda *p: self._report(job_id, *p))
-            close_old_connections()
+        definition = registry.lookup(name)
+        if definition is None:
+            return {"ok": False, "error": f"no job named {name!r} is registered in the worker"}
+        _context.begin(job_id, lambda *p: self._report(job_id, *p))
+        close_old_connections()
+        try:
+            data = json.loads(payload)
+            result = definition.function(*data["args"], **data["kwargs"])
             try:
-                data = json.loads(payload)
-                result = definition.function(*data["args"], **data["kwargs"])
-                try:
-                    encoded = json.dumps(result, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    return {"ok": False, "error": f"the job's result is not JSON: {e}"}
-                if len(encoded) > self.max_payload:
-                    return {
-                        "ok": False,
-                        "error": f"the job's result takes {len(encoded)} bytes of JSON, more "
-                        f"than the limit of {self.max_payload} bytes (--max-job-payload)",
-                    }
-                return {"ok": True, "result": result}
-            except JobCancelled:
-                return {"ok": False, "cancelled": True, "error": "cancelled"}
-            except BaseException as e:
+                encoded = json.dumps(result, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                return {"ok": False, "error": f"the job's result is not JSON: {e}"}
+            if len(encoded) > self.max_payload:
                 return {
                     "ok": False,
-                    "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}",
-                    "cancelled": _context.is_cancelled(),
+                    "error": f"the job's result takes {len(encoded)} bytes of JSON, more "
+                    f"than the limit of {self.max_payload} bytes (--max-job-payload)",
                 }
-            finally:
-                _context.end()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                close_old_connections()
+            return {"ok": True, "result": result}
+        except JobCancelled:
+            return {"ok": False, "cancelled": True, "error": "cancelled"}
+        except BaseException as e:
+            return {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}",
+                "cancelled": _context.is_cancelled(),
+            }
+        finally:
+            _context.end()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            close_old_connections()
 
-        # Progress: only the latest report waits; the reactor sends it once.
-        def _report(self, job_id, current, total, message):
-            with self._lock:
-                self._pending_progress = (job_id, current, total, message)
-                if self._progress_scheduled:
-                    return
-                self._progress_scheduled = True
-            self.reactor.callFromThread(self._flush_progress)
+    # Progress: only the latest report waits; the reactor sends it once.
+    def _report(self, job_id, current, total, message):
+        with self._lock:
+            self._pending_progress = (job_id, current, total, message)
+            if self._progress_scheduled:
+                return
+            self._progress_scheduled = True
+        self.reactor.callFromThread(self._flush_progress)
 
-        def _flush_progress(self):
-            with self._lock:
-                pending, self._pending_progress = self._pending_progress, None
-                self._progress_scheduled = False
-            if pending is not None:
-                job_id, current, total, message = pending
-                self.callRemote(
-                    protocol.ReportProgress,
-                    job_id=job_id,
-                    current=current,
-                    total=total,
-                    message=message[:2000],
-                )
-
-    return ChildProtocol
-
-
-def ChildProtocol(reactor, max_payload):  # noqa: N802 - a class built once Django is set up
-    return _make_protocol_class()(reactor, max_payload)
+    def _flush_progress(self):
+        with self._lock:
+            pending, self._pending_progress = self._pending_progress, None
+            self._progress_scheduled = False
+        if pending is not None:
+            job_id, current, total, message = pending
+            self.callRemote(
+                protocol.ReportProgress,
+                job_id=job_id,
+                current=current,
+                total=total,
+                message=message[:2000],
+            )
 
 
 if __name__ == "__main__":
