@@ -141,7 +141,6 @@ def test_kill_9_worker_mid_job(env):
     server, markers = env
     marker = markers / "crash"
     marker.mkdir()
-    before = {w["pid"] for w in workers(server)}
     retried = api(server, "submit", name="testapp.jobs.crash_with_retry", args=[str(marker)])
     pid = read_pid(marker / "crash_with_retry-attempts")
     os.kill(pid, signal.SIGKILL)
@@ -165,7 +164,6 @@ def test_kill_9_worker_mid_job(env):
         return len(ready) == 2 and pid not in pids and pid2 not in pids
 
     wait_for(replaced, 20, message="two live workers replacing the killed ones")
-    assert pid in before
 
 
 def test_timeout_kills_the_process(env):
