@@ -34,10 +34,6 @@ class JobDefinition:
     queue: str = "default"
     extra: dict = field(default_factory=dict)
 
-    def delay_before(self, attempt: int) -> float:
-        """@return: seconds to wait before attempt C{attempt + 1} (exponential, jittered)."""
-        return retry_delay(self.retry_delay, attempt)
-
 
 def retry_delay(base: float, attempt: int) -> float:
     """

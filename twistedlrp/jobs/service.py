@@ -127,7 +127,7 @@ class JobService:
             log.error("The job service cannot run: {reason}", reason=reason)
             return
         self.store_ready = True
-        queued, failed = await self.store.run(store.recover, os.getpid())
+        queued, failed = await self.store.run(store.recover)
         for job_id in failed:
             log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
         for row in queued:

@@ -498,7 +498,7 @@ def mark_cancel(job_id: str) -> dict:
     return get(job_id)
 
 
-def recover(server_pid: int) -> tuple[list[dict], list[dict]]:
+def recover() -> tuple[list[dict], list[str]]:
     """
     Deal with jobs left C{running} by a server that died, then list the queued jobs.
 
