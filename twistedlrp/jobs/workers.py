@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs import protocol as wire
 
@@ -116,7 +117,7 @@ class Worker(protocol.ProcessProtocol):
 
     def childConnectionLost(self, fd):
         if fd == 4:
-            self.amp.connectionLost(error.ConnectionDone("worker pipe closed"))
+            self.amp.connectionLost(Failure(error.ConnectionDone("worker pipe closed")))
             if self.state != "dead":
                 self.signal("KILL")
         elif fd in (1, 2) and self._partial.get(fd):
