@@ -1,6 +1,6 @@
 import pytest
 
-from support import LRPProcess
+from support import LRPProcess, pg_drop_created, postgres
 
 
 @pytest.fixture
@@ -18,3 +18,8 @@ def lrp_server(tmp_path):
     yield start
     for server in started:
         server.kill()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if postgres():
+        pg_drop_created()

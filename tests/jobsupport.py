@@ -1,6 +1,7 @@
 """
 Helpers of the job service tests: a migrated database template, servers
-with a job store, the jobs API view, the store read straight from SQLite,
+with a job store, the jobs API view, the store read straight from the
+database (SQLite, or PostgreSQL with LRP_TEST_POSTGRES),
 and a minimal blocking AMP client (independent of the implementation).
 """
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from support import TESTSITE, LRPProcess, request, wait_for
+from support import TESTSITE, LRPProcess, pg_connect, pg_ensure, postgres, request, wait_for
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -25,6 +26,8 @@ FINISHED = ("succeeded", "failed", "cancelled")
 def make_template_db(directory: Path) -> Path:
     """@return: the path of an SQLite database with every migration applied."""
     path = directory / "template.sqlite3"
+    if postgres():
+        pg_ensure(path)
     env = dict(os.environ, LRP_TEST_DB=str(path))
     env.pop("DJANGO_SETTINGS_MODULE", None)
     subprocess.run(
@@ -49,7 +52,9 @@ def start_server(template: Path, tmp: Path, *args, env=None, wait=True, **kwargs
     """Start a server whose database is a copy of C{template} (kept if C{tmp} already has one)."""
     tmp.mkdir(parents=True, exist_ok=True)
     db = tmp / "db.sqlite3"
-    if not db.exists():
+    if postgres():
+        pg_ensure(db, template=template)
+    elif not db.exists():
         shutil.copy(template, db)
     server = LRPProcess(*args, env={"LRP_TEST_DB": str(db), **(env or {})}, tmp=tmp, **kwargs)
     return server.start(wait=wait)
@@ -83,7 +88,10 @@ def wait_job(server: LRPProcess, job_id: str, states=FINISHED, timeout: float = 
 
 
 def rows(db: Path, sql: str, *params):
-    """@return: the rows of a read-only query on the server's database."""
+    """@return: the rows of a read-only query (C{?} placeholders) on the server's database."""
+    if postgres():
+        with pg_connect(db) as con:
+            return con.execute(sql.replace("?", "%s"), params).fetchall()
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=20)
     try:
         return con.execute(sql, params).fetchall()

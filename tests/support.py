@@ -24,6 +24,63 @@ ROOT = HERE.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
+# -- PostgreSQL (LRP_TEST_POSTGRES) ------------------------------------------
+#
+# The test site's settings map each LRP_TEST_DB path to a database of its
+# own; these create them (empty, or as a copy of a migrated template) and
+# drop them at the end of the session.
+
+_created_databases: list[str] = []
+
+
+def postgres() -> str | None:
+    """@return: the libpq connection string of the PostgreSQL test server, if any."""
+    return os.environ.get("LRP_TEST_POSTGRES") or None
+
+
+def pg_name(db_path) -> str:
+    """@return: the PostgreSQL database standing for LRP_TEST_DB=C{db_path} (as in settings)."""
+    import hashlib
+
+    return "lrp_test_" + hashlib.sha1(str(db_path).encode()).hexdigest()[:20]
+
+
+def pg_connect(db_path=None, **kwargs):
+    """@return: a psycopg connection to the database of C{db_path}, or to the server's own."""
+    import psycopg
+
+    extra = {"dbname": pg_name(db_path)} if db_path is not None else {}
+    return psycopg.connect(postgres(), **extra, **kwargs)
+
+
+def pg_ensure(db_path, template=None) -> str:
+    """Create the database of C{db_path} (a copy of C{template}'s) unless it exists."""
+    import psycopg
+
+    name = pg_name(db_path)
+    with pg_connect(autocommit=True) as con:
+        if con.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
+            return name
+        sql = f'CREATE DATABASE "{name}"'
+        if template is not None:
+            sql += f' TEMPLATE "{pg_name(template)}"'
+        try:
+            con.execute(sql)
+        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+            return name
+    _created_databases.append(name)
+    return name
+
+
+def pg_drop_created() -> None:
+    """Drop the databases this session created (servers still connected are cut off)."""
+    if not _created_databases:
+        return
+    with pg_connect(autocommit=True) as con:
+        while _created_databases:
+            con.execute(f'DROP DATABASE IF EXISTS "{_created_databases.pop()}" WITH (FORCE)')
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,6 +184,8 @@ class LRPProcess:
         return [TWISTD, "-n", "--pidfile=", *self.twistd_args, "lrp", *self.args]
 
     def start(self, wait: bool = True, timeout: float = 30.0) -> LRPProcess:
+        if self.env.get("LRP_TEST_POSTGRES"):
+            pg_ensure(self.env["LRP_TEST_DB"])
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command,

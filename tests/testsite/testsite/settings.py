@@ -26,14 +26,35 @@ ROOT_URLCONF = "testsite.urls"
 WSGI_APPLICATION = "testsite.wsgi.application"
 TEMPLATES = []
 
+_TEST_DB = os.environ.get("LRP_TEST_DB", str(BASE_DIR / "test.sqlite3"))
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("LRP_TEST_DB", str(BASE_DIR / "test.sqlite3")),
+        "NAME": _TEST_DB,
         "CONN_MAX_AGE": 60,
         "OPTIONS": {"timeout": 20},
     }
 }
+# LRP_TEST_POSTGRES (a libpq connection string, e.g. "host=/tmp/pg port=5432
+# user=postgres dbname=postgres") puts the same site on PostgreSQL: one
+# database per LRP_TEST_DB path, named after its hash (tests/support.py
+# creates it before a server starts).
+if os.environ.get("LRP_TEST_POSTGRES"):
+    import hashlib
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    _pg = conninfo_to_dict(os.environ["LRP_TEST_POSTGRES"])
+    DATABASES["default"] = {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": "lrp_test_" + hashlib.sha1(_TEST_DB.encode()).hexdigest()[:20],
+        "USER": _pg.pop("user", ""),
+        "PASSWORD": _pg.pop("password", ""),
+        "HOST": _pg.pop("host", ""),
+        "PORT": _pg.pop("port", ""),
+        "CONN_MAX_AGE": 60,
+        "OPTIONS": {k: v for k, v in _pg.items() if k != "dbname"},
+    }
 
 STATIC_URL = "/static/"
 STATIC_ROOT = os.environ.get("LRP_TEST_STATIC_ROOT") or str(BASE_DIR / "testapp" / "static")
