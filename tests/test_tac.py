@@ -18,13 +18,15 @@ def test_tac_serves_the_demo(tmp_path):
         LRP_DEMO_DB=str(tmp_path / "demo.sqlite3"),
         LRP_LISTEN=f"tcp:{port}:interface=127.0.0.1",
         LRP_STATE_DIR=str(tmp_path / "state"),
+        LRP_DEMO_STATIC_ROOT=str(tmp_path / "static"),
     )
-    subprocess.run(
-        [sys.executable, str(ROOT / "example" / "manage.py"), "migrate", "-v0"],
-        env=env,
-        check=True,
-        timeout=120,
-    )
+    for command in (["migrate", "-v0"], ["collectstatic", "--noinput", "-v0"]):
+        subprocess.run(
+            [sys.executable, str(ROOT / "example" / "manage.py"), *command],
+            env=env,
+            check=True,
+            timeout=120,
+        )
     log = open(tmp_path / "output.log", "wb")
     proc = subprocess.Popen(
         [TWISTD, "-ny", "conf/lrp.tac", "--pidfile", str(tmp_path / "twistd.pid")],
