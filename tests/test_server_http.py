@@ -64,6 +64,20 @@ def test_wsgi_environ_passes_wsgiref_validate(shared_server):
     assert posted.json() == {"length": 150_000}
 
 
+def test_chunked_request_body_reaches_django_whole(shared_server):
+    chunk = b"%x\r\n%s\r\n" % (1000, b"c" * 1000)
+    with socket.create_connection(("127.0.0.1", shared_server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" + chunk * 5 + b"0\r\n\r\n"
+        )
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b'{"length": 5000}' in answer
+
+
 def test_percent_encoded_path_reaches_django_decoded(shared_server):
     response = shared_server.get("/" + quote("café"))
     # No such URL: Django answers 404 (not 500, which a bad PATH_INFO would cause).

@@ -83,6 +83,15 @@ def build_environ(request, remote_addr: str, scheme: str) -> dict:
             environ[key] = value
         else:
             environ["HTTP_" + key] = value
+    if "CONTENT_LENGTH" not in environ:
+        # A chunked body has no Content-Length, and Django reads exactly
+        # CONTENT_LENGTH bytes; the body is buffered already, so say its size.
+        content = request.content
+        content.seek(0, 2)
+        size = content.tell()
+        content.seek(0)
+        if size:
+            environ["CONTENT_LENGTH"] = str(size)
     return environ
 
 
