@@ -90,8 +90,11 @@ def test_headers_with_underscores_are_dropped(shared_server):
 
 
 def test_streaming_response_and_application_error(shared_server):
+    buffered = shared_server.get("/hello")
+    assert buffered.headers["content-length"] == "6"
     stream = shared_server.get("/stream?count=200")
     assert stream.status == 200
+    assert stream.headers["transfer-encoding"] == "chunked"
     assert stream.text.splitlines() == [f"chunk {i}" for i in range(200)]
     failing = shared_server.get("/error")
     assert failing.status == 500
