@@ -1,13 +1,21 @@
 # make run   venv + install + demo site migrated + twistd -n lrp on 127.0.0.1:8000
 # make test  venv + install + lint + the whole test suite
+# make test-postgres LRP_TEST_POSTGRES="host=... user=... dbname=..."
+#            the job and server tests with the test site on PostgreSQL
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# A libpq connection string to a PostgreSQL server where this user may
+# CREATE DATABASE; each test server gets a database of its own, dropped at the end.
+LRP_TEST_POSTGRES ?= host=/var/run/postgresql user=postgres dbname=postgres
+POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_jobs_pb.py \
+	tests/test_tasks_backend.py tests/test_server_start.py tests/test_server_stop.py \
+	tests/test_server_http.py tests/test_health.py
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-postgres lint format bench clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +40,13 @@ format: install
 
 test: install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+$(VENV)/.installed-postgres: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,reload,postgres]'
+	touch $@
+
+test-postgres: $(VENV)/.installed-postgres
+	LRP_TEST_POSTGRES='$(LRP_TEST_POSTGRES)' $(VENV)/bin/pytest $(POSTGRES_TESTS) $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m pip install -q gunicorn granian
