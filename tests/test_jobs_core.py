@@ -27,7 +27,7 @@ from jobsupport import (
     wait_job,
 )
 
-from support import TESTSITE, request, wait_for
+from support import TESTSITE, postgres, request, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +385,40 @@ def test_the_same_calls_work_in_a_plain_python_process(env):
     answer = json.loads(out.stdout.decode().strip().splitlines()[-1])
     assert answer["state"] == "succeeded" and answer["result"] == 42
     assert "testapp.jobs.nope" in answer["refused"]
+
+
+def test_nul_characters_never_leave_a_job_unrecorded(env):
+    """SQLite stores NUL characters; PostgreSQL's text and jsonb columns refuse them."""
+    server, _ = env
+    ids = {
+        where: api(server, "submit", name="testapp.jobs.nul_characters", args=[where])["job"]["id"]
+        for where in ("output", "progress", "error", "result")
+    }
+    info = wait_job(server, ids["output"])
+    assert info["state"] == "succeeded", info
+    assert "before" in info["output"] and "after" in info["output"]
+    info = wait_job(server, ids["progress"])
+    assert info["state"] == "succeeded", info
+    assert info["progress"][2].startswith("step") and info["progress"][2].endswith("one")
+    info = wait_job(server, ids["error"])
+    assert info["state"] == "failed" and "ValueError: bad" in info["error"], info
+    info = wait_job(server, ids["result"])
+    if postgres():
+        assert info["state"] == "failed", info
+        assert "NUL" in info["error"], info["error"]
+    else:
+        assert info["state"] == "succeeded" and info["result"] == {"text": "a\x00b"}, info
+    # Arguments: stored as they are, or refused with nothing stored.
+    body = api(server, "submit", name="testapp.jobs.echo", args=["x\x00y"], expect_error=postgres())
+    if postgres():
+        assert body["error"] == "InvalidArguments" and "NUL" in body["message"], body
+    else:
+        assert wait_job(server, body["job"]["id"])["result"] == "x\x00y"
+
+
+def test_a_key_longer_than_its_column_is_refused(env):
+    server, _ = env
+    error = api(
+        server, "submit", expect_error=True, name="testapp.jobs.add", args=[1, 2], key="k" * 256
+    )
+    assert error["error"] == "InvalidArguments" and "255" in error["message"], error

@@ -243,7 +243,8 @@ class JobService:
                 f"job service's limit of {self.max_payload} bytes (--max-job-payload)"
             )
         try:
-            data = json.loads(payload)
+            # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
+            data = json.loads(payload, parse_constant=_not_json)
             args, kwargs = data["args"], data["kwargs"]
             if not isinstance(args, list) or not isinstance(kwargs, dict):
                 raise ValueError("args must be a list and kwargs an object")
@@ -651,6 +652,10 @@ class JobService:
         d = self.store.run(store.finish, active.id, state, fields, active.id in self.waiters)
         d.addCallback(lambda info: info and self._notify(info))
         d.addErrback(lambda f: log.failure("Could not record job {job_id}", f, job_id=active.id))
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _fire(d: defer.Deferred, value) -> None:

@@ -16,6 +16,10 @@ the next batch.
 On SQLite the store switches the database to WAL mode and opens its write
 transactions with C{BEGIN IMMEDIATE}, so that it waits for (rather than
 fails on) the locks of job code writing from worker processes.
+
+On PostgreSQL, text and jsonb columns cannot hold the NUL character: in a
+job's output, error or progress message it is stored as U+FFFD; arguments
+holding one are refused at submission, a result holding one fails the job.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs.errors import JobServiceUnavailable, UnknownJob
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, UnknownJob
 
 log = Logger()
 
@@ -294,6 +298,19 @@ class _SQL:
             for name, f in self.fields.items()
             if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
         }
+        # PostgreSQL's text columns refuse NUL; job output, errors and progress
+        # messages may hold one (SQLite stores it as it is).
+        self.nul_free = connection.vendor == "postgresql"
+        self.text = (
+            {
+                n
+                for n, f in self.fields.items()
+                if f.get_internal_type() in ("CharField", "TextField")
+            }
+            if self.nul_free
+            else set()
+        )
+        self.key_length = self.fields["key"].max_length
         names = list(self.fields)
         self.insert_names = names
         self.insert = (
@@ -308,11 +325,15 @@ class _SQL:
         )
 
     def prep(self, name: str, value):
-        if value is None or name not in self.adapted:
+        if value is None:
             return value
-        from django.db import connection
+        if name in self.adapted:
+            from django.db import connection
 
-        return self.fields[name].get_db_prep_save(value, connection)
+            return self.fields[name].get_db_prep_save(value, connection)
+        if name in self.text and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
 
     def update(self, job_id, values: dict, only_state: str | None = None) -> int:
         """@return: the number of rows changed (0 or 1)."""
@@ -340,6 +361,27 @@ def _statements() -> _SQL:
     return _sql
 
 
+def _holds_nul(value) -> bool:
+    """@return: whether a JSON value holds a NUL character (which jsonb refuses)."""
+    import json
+
+    if value is None:
+        return False
+    text = json.dumps(value)
+    # Fast and usually final; an escaped backslash before "u0000" is no NUL.
+    return "\\u0000" in text and _nul_in(value)
+
+
+def _nul_in(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_nul_in(k) or _nul_in(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_nul_in(v) for v in value)
+    return False
+
+
 def _uuid(value) -> uuid.UUID:
     return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
 
@@ -354,12 +396,25 @@ def create(fields: dict) -> dict:
 
     from twistedlrp.models import Job
 
+    sql = _statements()
     key = fields.get("key")
+    if key and len(key) > sql.key_length:
+        raise InvalidArguments(
+            f"a job key has at most {sql.key_length} characters, this one has {len(key)}"
+        )
+    if sql.nul_free:
+        if _holds_nul([fields["args"], fields["kwargs"]]):
+            raise InvalidArguments(
+                f"the arguments of {fields['name']} contain a NUL character (\\u0000), "
+                "which PostgreSQL cannot store"
+            )
+        if key:
+            key = sql.prep("key", key)
+            fields = dict(fields, key=key)
     if key:
         existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
         if existing is not None:
             return False, job_dict(existing)
-    sql = _statements()
     row = dict(sql.defaults, id=uuid.uuid4(), created_at=now(), state=QUEUED, **fields)
     params = [sql.prep(name, row.get(name)) for name in sql.insert_names]
     with connection.cursor() as cursor:
@@ -469,10 +524,18 @@ def finish(job_id: str, state: str, fields: dict, describe: bool = True) -> dict
     @return: the job's wire description, or C{None} when not C{describe}.
     """
 
+    sql = _statements()
     fields = dict(fields, state=state)
+    if sql.nul_free and state == SUCCEEDED and _holds_nul(fields.get("result")):
+        fields.update(
+            state=FAILED,
+            result=None,
+            error="the job's result contains a NUL character (\\u0000), which PostgreSQL "
+            "cannot store",
+        )
     if state in FINISHED:
         fields.setdefault("finished_at", now())
-    _statements().update(job_id, fields)
+    sql.update(job_id, fields)
     return get(job_id) if describe else None
 
 

@@ -115,3 +115,18 @@ def big_result(size):
 @job
 def not_json_result():
     return {1, 2, 3}
+
+
+@job
+def nul_characters(where):
+    """A NUL character (PostgreSQL's text and jsonb refuse it) in one part of the job's record."""
+    if where == "output":
+        sys.stdout.write("before\x00after\n")
+        sys.stdout.flush()
+    elif where == "progress":
+        progress(1, 1, "step\x00one")
+    elif where == "error":
+        raise ValueError("bad\x00byte")
+    elif where == "result":
+        return {"text": "a\x00b"}
+    return where
