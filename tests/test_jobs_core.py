@@ -422,3 +422,11 @@ def test_a_key_longer_than_its_column_is_refused(env):
         server, "submit", expect_error=True, name="testapp.jobs.add", args=[1, 2], key="k" * 256
     )
     assert error["error"] == "InvalidArguments" and "255" in error["message"], error
+
+
+def test_an_outcome_the_database_refuses_still_ends_the_job(env):
+    server, _ = env
+    job = api(server, "submit", name="testapp.jobs.huge_progress")["job"]
+    info = api(server, "wait", id=job["id"], timeout=20)["job"]
+    assert info["state"] == "failed", info
+    assert "could not be stored" in info["error"], info["error"]

@@ -641,7 +641,7 @@ class JobService:
                     self._dispatch()
 
             d.addCallback(queued)
-            d.addErrback(lambda f: log.failure("Could not retry job {job_id}", f, job_id=active.id))
+            d.addErrback(self._unrecorded, active)
         else:
             self.counters["failed"] += 1
             self._finish(active, store.FAILED, error=error, **fields)
@@ -651,7 +651,21 @@ class JobService:
         # comes later reads it after this commit anyway.
         d = self.store.run(store.finish, active.id, state, fields, active.id in self.waiters)
         d.addCallback(lambda info: info and self._notify(info))
-        d.addErrback(lambda f: log.failure("Could not record job {job_id}", f, job_id=active.id))
+        d.addErrback(self._unrecorded, active)
+
+    def _unrecorded(self, failure, active: _Active) -> None:
+        """
+        The end of an attempt could not be stored (a value the database
+        refuses): record the failure alone rather than leave the job C{running}.
+        """
+        log.failure("Could not record job {job_id}", failure, job_id=active.id)
+        error = f"the outcome of attempt {active.attempts} could not be stored: "
+        error += failure.getErrorMessage()
+        d = self.store.run(
+            store.finish, active.id, store.FAILED, {"error": error}, active.id in self.waiters
+        )
+        d.addCallback(lambda info: info and self._notify(info))
+        d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=active.id))
 
 
 def _not_json(constant: str):

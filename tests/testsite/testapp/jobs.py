@@ -130,3 +130,10 @@ def nul_characters(where):
     elif where == "result":
         return {"text": "a\x00b"}
     return where
+
+
+@job
+def huge_progress():
+    """Progress beyond a 64-bit column: no database can store this job's record whole."""
+    progress(2**70, 2**70, "too big")
+    return "done"
