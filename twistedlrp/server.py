@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from twistedlrp import lifecycle, threads
+from twistedlrp.signals import StopSignals
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.site import LRPSite, Router
@@ -83,7 +83,7 @@ class LRPServer(service.Service):
         self._started_services: list[service.IService] = []
         self._starting: defer.Deferred | None = None
         self._stopping: defer.Deferred | None = None
-        self._signals_seen = 0
+        self.stop_signals = StopSignals(reactor, self._first_signal, self._second_signal)
         self.started_at = reactor.seconds()
         self.pool = None
         self.site = None
@@ -134,7 +134,7 @@ class LRPServer(service.Service):
         return self._starting
 
     def _begin(self) -> None:
-        self._install_signal_handlers()
+        self.stop_signals.install()
         defer.ensureDeferred(self._start()).chainDeferred(self._starting)
 
     async def _start(self) -> None:
@@ -207,36 +207,23 @@ class LRPServer(service.Service):
 
     # -- signals --------------------------------------------------------
 
-    def _install_signal_handlers(self) -> None:
-        if not getattr(self.reactor, "_installSignalHandlers", False):
-            return
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._on_signal)
+    def _first_signal(self, name: str) -> None:
+        log.info(
+            "Received {signal}: shutting down gracefully (up to {timeout:g} s); "
+            "send it again to stop at once.",
+            signal=name,
+            timeout=self.options["graceful-timeout"],
+        )
 
-    def _on_signal(self, number, frame) -> None:
-        self._signals_seen += 1
-        name = signal.Signals(number).name
-        if self._signals_seen == 1:
-            log.info(
-                "Received {signal}: shutting down gracefully (up to {timeout:g} s); "
-                "send it again to stop at once.",
-                signal=name,
-                timeout=self.options["graceful-timeout"],
-            )
-            self.reactor.callFromThread(self._stop_reactor)
-        else:
-            _write_stderr(f"twistd lrp: second {name}: exiting at once\n")
-            for component in self.components:
-                try:
-                    component.force_exit()
-                except Exception:
-                    pass
-            _flush_everything()
-            os._exit(1)
-
-    def _stop_reactor(self) -> None:
-        if self.reactor.running:
-            self.reactor.stop()
+    def _second_signal(self, name: str) -> None:
+        _write_stderr(f"twistd lrp: second {name}: exiting at once\n")
+        for component in self.components:
+            try:
+                component.force_exit()
+            except Exception:
+                pass
+        _flush_everything()
+        os._exit(1)
 
     # -- stop -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.logger import Logger
 
 from twistedlrp.reload.watcher import make_watcher
+from twistedlrp.signals import StopSignals
 
 log = Logger(namespace="twistedlrp.reload")
 
@@ -339,7 +340,7 @@ class ReloadSupervisor(service.Service):
         self.stopping = False
         self._debounce = None
         self._changes: set[str] = set()
-        self._signals_seen = 0
+        self.stop_signals = StopSignals(self.reactor, self._first_signal, self._second_signal)
         self._devnull = os.open(os.devnull, os.O_RDONLY)
         self.error_page = ErrorPage(reactor, listening)
         roots = [os.getcwd(), *options["pythonpath"]]
@@ -354,7 +355,7 @@ class ReloadSupervisor(service.Service):
         self.reactor.callWhenRunning(self._begin)
 
     def _begin(self) -> None:
-        self._install_signal_handlers()
+        self.stop_signals.install()
         self.watcher.start()
         addresses = ", ".join(s.address for s in self.listening) or "no adopted socket"
         log.info(
@@ -402,31 +403,18 @@ class ReloadSupervisor(service.Service):
         os.close(self._devnull)
         log.info("Reload supervisor stopped")
 
-    def _install_signal_handlers(self) -> None:
-        if not getattr(self.reactor, "_installSignalHandlers", False):
-            return
-        for number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(number, self._on_signal)
+    def _first_signal(self, name: str) -> None:
+        log.info(
+            "Received {signal}: stopping the server and the supervisor; "
+            "send it again to kill them at once.",
+            signal=name,
+        )
 
-    def _on_signal(self, number, frame) -> None:
-        self._signals_seen += 1
-        name = signal.Signals(number).name
-        if self._signals_seen == 1:
-            log.info(
-                "Received {signal}: stopping the server and the supervisor; "
-                "send it again to kill them at once.",
-                signal=name,
-            )
-            self.reactor.callFromThread(self._stop_reactor)
-            return
+    def _second_signal(self, name: str) -> None:
         for child in self.children:
             child.kill_group()
         os.write(2, f"twistd lrp --reload: second {name}: killed the server\n".encode())
         os._exit(1)
-
-    def _stop_reactor(self) -> None:
-        if self.reactor.running:
-            self.reactor.stop()
 
     # -- servers --------------------------------------------------------
 

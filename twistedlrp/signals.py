@@ -1,0 +1,47 @@
+"""
+The stop signals of a twistd process: the first SIGTERM or SIGINT stops the
+reactor (a graceful stop), the second ends the process at once.
+
+The server and the ``--reload`` supervisor both use this; it imports
+neither Django nor the reactor.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+
+class StopSignals:
+    """
+    @param reactor: the reactor to stop on the first signal.
+    @param on_first: called with the signal's name before the reactor stops.
+    @param on_second: called with the signal's name on any later signal;
+        it is expected to end the process.
+    """
+
+    def __init__(self, reactor, on_first: Callable[[str], None], on_second: Callable[[str], None]):
+        self._reactor = reactor
+        self._on_first = on_first
+        self._on_second = on_second
+        self.seen = 0
+
+    def install(self) -> None:
+        """Replace the reactor's SIGTERM and SIGINT handlers (when it installed any)."""
+        if not getattr(self._reactor, "_installSignalHandlers", False):
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._received)
+
+    def _received(self, number, frame) -> None:
+        self.seen += 1
+        name = signal.Signals(number).name
+        if self.seen == 1:
+            self._on_first(name)
+            self._reactor.callFromThread(self._stop_reactor)
+        else:
+            self._on_second(name)
+
+    def _stop_reactor(self) -> None:
+        if self._reactor.running:
+            self._reactor.stop()
