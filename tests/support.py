@@ -54,20 +54,18 @@ def pg_connect(db_path=None, **kwargs):
 
 
 def pg_ensure(db_path, template=None) -> str:
-    """Create the database of C{db_path} (a copy of C{template}'s) unless it exists."""
-    import psycopg
-
+    """Create the database of C{db_path} (a copy of C{template}'s) unless this session did."""
     name = pg_name(db_path)
+    if name in _created_databases:
+        return name
     with pg_connect(autocommit=True) as con:
         if con.execute("select 1 from pg_database where datname = %s", (name,)).fetchone():
-            return name
+            # Left by an earlier session that did not finish (same --basetemp).
+            con.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         sql = f'CREATE DATABASE "{name}"'
         if template is not None:
             sql += f' TEMPLATE "{pg_name(template)}"'
-        try:
-            con.execute(sql)
-        except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
-            return name
+        con.execute(sql)
     _created_databases.append(name)
     return name
 
