@@ -659,6 +659,8 @@ class JobService:
         refuses): record the failure alone rather than leave the job C{running}.
         """
         log.failure("Could not record job {job_id}", failure, job_id=active.id)
+        if self.store.closed:
+            return
         error = f"the outcome of attempt {active.attempts} could not be stored: "
         error += failure.getErrorMessage()
         d = self.store.run(
