@@ -53,6 +53,8 @@ def test_a_task_reaches_successful_with_its_return_value(server):
     assert info["return_value"]["pid"] != server.proc.pid
     assert info["worker_ids"] and all(info["worker_ids"]) and info["attempts"] == 1
     assert info["errors"] == []
+    # get_result() in a fresh call knows the arguments from the job store.
+    assert info["args"] == [2, 3] and info["kwargs"] == {}
     enqueued_at, started_at, finished_at = (
         datetime.fromisoformat(info[k]) for k in ("enqueued_at", "started_at", "finished_at")
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from twistedlrp.jobs import _context, registry
@@ -91,6 +91,8 @@ class JobInfo:
     max_attempts: int = 1
     worker: str = ""
     output: str = ""
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -114,6 +116,8 @@ class JobInfo:
             max_attempts=data.get("max_attempts", 1),
             worker=data.get("worker") or "",
             output=data.get("output") or "",
+            args=list(data.get("args") or []),
+            kwargs=dict(data.get("kwargs") or {}),
         )
 
 

@@ -60,8 +60,11 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def job_dict(job, full: bool = True) -> dict:
-    """@return: the wire description of a C{Job} row (without result and output unless C{full})."""
+def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
+    """
+    @return: the wire description of a C{Job} row (without result and
+        output unless C{full}, without args and kwargs unless C{arguments}).
+    """
     data = {
         "id": str(job.id),
         "name": job.name,
@@ -84,6 +87,9 @@ def job_dict(job, full: bool = True) -> dict:
     if full:
         data["result"] = job.result
         data["output"] = job.output
+    if arguments:
+        data["args"] = job.args
+        data["kwargs"] = job.kwargs
     return data
 
 
@@ -431,7 +437,7 @@ class _Row:
 
 def get(job_id: str, full: bool = True) -> dict:
     """
-    @return: the job's wire description.
+    @return: the job's wire description (with its arguments when C{full}).
     @raise UnknownJob: no such job.
     """
     from django.core.exceptions import ValidationError
@@ -439,7 +445,7 @@ def get(job_id: str, full: bool = True) -> dict:
     from twistedlrp.models import Job
 
     try:
-        return job_dict(Job.objects.get(id=job_id), full)
+        return job_dict(Job.objects.get(id=job_id), full, arguments=full)
     except (Job.DoesNotExist, ValidationError, ValueError):
         raise UnknownJob(f"no job has the id {job_id!r}") from None
 

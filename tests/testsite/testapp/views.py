@@ -170,6 +170,8 @@ def tasks_api(request):
         ],
         "worker_ids": result.worker_ids,
         "attempts": result.attempts,
+        "args": result.args,
+        "kwargs": result.kwargs,
         "is_finished": result.is_finished,
         "pid": os.getpid(),
     }
