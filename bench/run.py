@@ -7,7 +7,9 @@ in the same run, and report requests/s, latency and the ratio to
     .venv/bin/python bench/run.py --seconds 5 --servers lrp,twisted-web
 
 Each server gets one process and the same thread count (the peers' multi-
-process modes would measure a different thing on a 2-core machine). wrk
+process modes would measure a different thing on a 2-core machine). The
+count defaults to the pool `twistd web --wsgi` always runs (Twisted's
+`ThreadPool` maximum, 20), which it has no option to change. wrk
 must be installed (Debian: apt-get install wrk); gunicorn and granian are
 used when installed (pip install gunicorn granian) and skipped otherwise.
 """
@@ -26,6 +28,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+
+
+def _twisted_web_threads() -> int:
+    """@return: the size of the thread pool C{twistd web --wsgi} serves from."""
+    from twisted.python.threadpool import ThreadPool
+
+    return ThreadPool.max
 
 
 def free_port() -> int:
@@ -138,7 +147,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=_twisted_web_threads())
     parser.add_argument("--servers", default="lrp,twisted-web,gunicorn,granian")
     parser.add_argument("--paths", default="/hello,/io")
     parser.add_argument("--json", help="also write the results to this file")
