@@ -35,17 +35,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, UnknownJob
 
 log = Logger()
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 UNFINISHED = (QUEUED, RUNNING)
 _STOP = object()
