@@ -15,7 +15,7 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 	tests/test_tasks_backend.py tests/test_server_start.py tests/test_server_stop.py \
 	tests/test_server_http.py tests/test_health.py
 
-.PHONY: install run test test-postgres lint format bench clean
+.PHONY: install run test test-postgres lint format bench bench-jobs clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ test-postgres: $(VENV)/.installed-postgres
 bench: install
 	$(PY) -m pip install -q gunicorn granian
 	$(PY) bench/run.py
+
+# Needs redis-server (Debian: apt-get install redis-server); Celery is skipped without it.
+bench-jobs: install
+	$(PY) -m pip install -q celery redis
+	$(PY) bench/jobs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info example/staticfiles example/db.sqlite3 example/.lrp
