@@ -26,6 +26,8 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs import protocol as wire
 
 log = Logger()
+# Worker ids name the machine, for when job nodes share a database.
+_HOSTNAME = os.uname().nodename
 
 OUTPUT_TAIL = 16 * 1024
 _MAX_START_DELAY = 30.0
@@ -99,7 +101,7 @@ class Worker(protocol.ProcessProtocol):
 
     @property
     def ident(self) -> str:
-        return f"{os.uname().nodename}:{self.pid}"
+        return f"{_HOSTNAME}:{self.pid}"
 
     # -- process protocol ---------------------------------------------------------
 
