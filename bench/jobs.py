@@ -31,7 +31,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,15 +40,11 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _shared import free_port, report
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 log = logging.getLogger("bench")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -275,16 +270,8 @@ def bench_lrp(args, scratch: Path, env: dict) -> dict:
             if rows.get(job_id, (None,))[:3] != ("succeeded", 1, i)
         ]
         ran = {k: after.get(k, 0) - before.get(k, 0) for k in ("succeeded", "failed", "retried")}
-        if (
-            bad
-            or len(set(ids)) != args.jobs
-            or ran
-            != {
-                "succeeded": args.jobs,
-                "failed": 0,
-                "retried": 0,
-            }
-        ):
+        expected = {"succeeded": args.jobs, "failed": 0, "retried": 0}
+        if bad or len(set(ids)) != args.jobs or ran != expected:
             raise RuntimeError(
                 f"lrp: not every job succeeded exactly once: counters {ran}, "
                 f"{len(bad)} bad rows, e.g. {bad[:3]}"
@@ -447,8 +434,9 @@ def main() -> int:
         LRP_BENCH_DIR=str(scratch),
         LRP_BENCH_REDIS=f"redis://127.0.0.1:{redis_port}",
     )
-    os.environ.update({k: env[k] for k in ("DJANGO_SETTINGS_MODULE", "LRP_BENCH_DIR")})
-    os.environ["LRP_BENCH_REDIS"] = env["LRP_BENCH_REDIS"]
+    os.environ.update(
+        {k: env[k] for k in ("DJANGO_SETTINGS_MODULE", "LRP_BENCH_DIR", "LRP_BENCH_REDIS")}
+    )
     sys.path.insert(0, str(HERE))
     import django
 
@@ -499,10 +487,7 @@ def main() -> int:
             f"  {name} CPU s while measured: "
             + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
         )
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return report(lines, results, args.json)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ used when installed (pip install gunicorn granian) and skipped otherwise.
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _shared import free_port, report
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
@@ -35,12 +36,6 @@ def _twisted_web_threads() -> int:
     from twisted.python.threadpool import ThreadPool
 
     return ThreadPool.max
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def servers(port: int, threads: int) -> dict[str, list[str]]:
@@ -199,10 +194,7 @@ def main() -> int:
             lines.append(
                 f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}{note}"
             )
-    sys.stdout.write("\n".join(lines) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return report(lines, results, args.json)
 
 
 if __name__ == "__main__":
