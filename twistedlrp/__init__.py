@@ -30,12 +30,20 @@ def make_service(**options):
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
     from twistedlrp.options import options_from_kwargs
-    from twistedlrp.tap import build_server
 
-    checked = options_from_kwargs(**options)
-    if checked["reload"]:
-        # Development: the .tac process supervises a `twistd lrp` child.
+    return _service_from_options(options_from_kwargs(**options))
+
+
+def _service_from_options(options):
+    """
+    @return: the server built from checked options, or with C{reload} the
+        reload supervisor that runs it as a child process.
+    @raise twistedlrp.boot.BootError: Django could not be set up.
+    """
+    if options["reload"]:
         from twistedlrp.reload.supervisor import make_supervisor
 
-        return make_supervisor(checked)
-    return build_server(checked)
+        return make_supervisor(options)
+    from twistedlrp.server import build_server
+
+    return build_server(options)

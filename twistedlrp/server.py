@@ -358,3 +358,29 @@ def _write_stderr(text: str) -> None:
         os.write(2, text.encode("utf-8", "replace"))
     except OSError:
         pass
+
+
+def build_server(options, reactor=None) -> LRPServer:
+    """
+    Run the start-up steps that precede the reactor (DESIGN.md 1 to 3) and
+    return the L{LRPServer}.
+
+    @raise twistedlrp.boot.BootError: Django could not be set up.
+    """
+    from twistedlrp import boot
+
+    threads.serving_reactor()
+    boot.prepare_path(options["pythonpath"])
+    boot.configure_settings(options["settings"])
+    boot.bridge_stdlib_logging()
+    boot.setup_django()
+    application = None if options["jobs-only"] else boot.load_wsgi_application()
+    boot.import_app_modules("lrp")
+    boot.close_connections()
+
+    from twistedlrp.jobs.components import add_job_components
+
+    server = LRPServer(options, application, reactor=reactor)
+    add_job_components(server, options)
+    boot.close_connections()
+    return server

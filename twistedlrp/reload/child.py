@@ -153,17 +153,15 @@ def _error_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))
 
 
-def _wrap_make_service(channel: _Channel) -> None:
+def _report_builds(channel: _Channel) -> None:
     import twistedlrp.tap as tap
 
-    original = tap.makeService
-
-    def make_service(options):
+    def build_and_report(build, options):
         # The child is the server: a `reload = true` in a --config file
         # must not make it a supervisor too.
         options["reload"] = False
         try:
-            service = original(options)
+            service = build()
         except BaseException as e:
             text = _error_text(e)
             extra = traceback_files(text)
@@ -182,7 +180,7 @@ def _wrap_make_service(channel: _Channel) -> None:
         _watch_supervisor(channel)
         return service
 
-    tap.makeService = make_service
+    tap.wrap_builds(build_and_report)
 
 
 class _Lifeline:
@@ -279,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
             if not channel.wait_for_gate():
                 raise SystemExit(0)
-        _wrap_make_service(channel)
+        _report_builds(channel)
 
     from twisted.scripts.twistd import run
 
