@@ -127,6 +127,7 @@ class Options(usage.Options):
         self["reload"] = False
         self["config"] = None
         self._explicit: set[str] = set()
+        self._from_file: set[str] = set()
         # The long names that a --config file or make_service() may set.
         self.option_names = frozenset(self) - {"config"}
 
@@ -294,6 +295,8 @@ class Options(usage.Options):
         self.command_line = set(self._explicit)
         if self["config"]:
             self.apply_config_file(self["config"])
+        self._from_file = set(self._explicit) - self.command_line
+        self._explicit = self.command_line
         self.check()
 
     def apply_config_file(self, path: str) -> None:
@@ -402,6 +405,37 @@ class Options(usage.Options):
                     raise usage.UsageError(
                         f"--jobs-secret-file: {self['jobs-secret-file']} is empty"
                     )
+
+    def to_argv(self, exclude=(), *, include_file: bool = False) -> list[str]:
+        """
+        The C{twistd lrp} arguments (C{["--threads=4", "--proxy-headers",
+        "--static=/static/=/dir"]}) of the options given on the command line
+        or through L{set_option} (C{make_service()} keywords), in a fixed
+        order; with C{include_file}, also those taken from the C{--config}
+        file. Options named in C{exclude} (long names) are left out, and so
+        are flags that are off. Parsing the result with a fresh L{Options}
+        gives the same values back.
+        """
+        names = set(self._explicit)
+        if include_file:
+            names |= self._from_file
+        if self["config"]:
+            names.add("config")
+        args = []
+        for name in sorted(names - set(exclude)):
+            value = self[name]
+            if name in _FLAGS:
+                if value:
+                    args.append(f"--{name}")
+            elif name == "pythonpath" or name == "listen":
+                args += [f"--{name}={item}" for item in value]
+            elif name == "static":
+                args += [f"--static={prefix}={directory}" for prefix, directory in value]
+            elif name == "forwarded-allow-ips":
+                args.append(f"--{name}={','.join(value)}")
+            elif value is not None:
+                args.append(f"--{name}={value}")
+        return args
 
     def python_names(self) -> dict:
         """The options as a dict keyed by Python names (C{graceful_timeout})."""
