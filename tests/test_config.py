@@ -174,6 +174,38 @@ def test_server_refuses_a_bad_file(tmp_path, text, message):
     assert result.stderr.strip().splitlines() == [f"twistd lrp: error: {config}: {message}"]
 
 
+def _twistd_lrp(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "lrp", *args],
+        cwd=TESTSITE,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_server_refuses_an_option_prefix():
+    result = _twistd_lrp("--thread", "4")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "twistd lrp: error: unknown option --thread (did you mean --threads?)"
+    ]
+
+
+def test_server_version():
+    import django
+
+    import twisted
+    import twistedlrp
+
+    result = _twistd_lrp("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"twistedlrp {twistedlrp.__version__} "), result.stdout
+    assert f"Twisted {twisted.__version__}" in result.stdout
+    assert f"Django {django.get_version()}" in result.stdout
+    assert f"Python {sys.version_info.major}.{sys.version_info.minor}" in result.stdout
+
+
 def test_reload_from_the_file_and_a_file_change_restarts(tmp_path):
     port = free_port()
     config = write(

@@ -1,56 +1,60 @@
 """
 The options of ``twistd lrp``, shared by the command line, ``--config`` files
-and :func:`twistedlrp.make_service`.
+(:mod:`twistedlrp.config`) and :func:`twistedlrp.make_service`.
 
-Every option has one ``opt_`` method that checks its value and stores it
-under the option's long name (``self["graceful-timeout"]``). A wrong value
-raises :class:`usage.UsageError` with a one-line message naming the option.
+Each option is one entry of :data:`OPTIONS`: its name, default, parser and
+help. The entry makes the option's ``opt_`` method (so ``--help`` lists it
+with its default), says what Python value a config file or keyword may give,
+and turns a value back into a command-line argument (:meth:`Options.to_argv`).
+Values are stored under the long name (``options["graceful-timeout"]``). A
+wrong value raises :class:`usage.UsageError` with a one-line message naming
+the option.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
-import tomllib
+import sys
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
 
 from twisted.python import usage
+
+from twistedlrp.config import (
+    COMMAND_LINE,
+    CONFIG_FILE,
+    SECONDS,
+    STRING,
+    STRINGS,
+    WHOLE,
+    Kind,
+    apply_config_file,
+    python_value,
+    static_values,
+)
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 MiB = 1024 * 1024
 
-# Options whose value is a list and that may be given more than once.
-_LIST_OPTIONS = {"pythonpath", "listen", "static"}
-# Options whose value is a whole number, or any number.
-_INT_OPTIONS = {
-    "threads",
-    "max-body-size",
-    "max-waiting",
-    "workers",
-    "max-jobs-per-worker",
-    "max-worker-memory",
-    "max-job-payload",
-}
-_NUMBER_OPTIONS = {"graceful-timeout"}
-# Options that take no value.
-_FLAGS = {
-    "proxy-headers",
-    "no-jobs",
-    "jobs-only",
-    "reload",
-    "no-static",
-}
+# -- parsers: (long name, value) -> the stored value, or UsageError --------
 
 
-def _positive_int(option: str, value, minimum: int = 1) -> int:
-    try:
-        number = int(value)
-        if isinstance(value, float) and number != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: expected a whole number, got {value!r}") from None
-    if number < minimum:
-        raise usage.UsageError(f"--{option}: must be at least {minimum}, got {number}")
-    return number
+def _whole(minimum: int = 1) -> Callable[[str, Any], int]:
+    def parse(option: str, value) -> int:
+        try:
+            number = int(value)
+            if isinstance(value, float) and number != value:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise usage.UsageError(f"--{option}: expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise usage.UsageError(f"--{option}: must be at least {minimum}, got {number}")
+        return number
+
+    return parse
 
 
 def _seconds(option: str, value) -> float:
@@ -63,14 +67,40 @@ def _seconds(option: str, value) -> float:
     return number
 
 
+def _text(option: str, value) -> str:
+    return value
+
+
+def _module(option: str, module) -> str:
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise usage.UsageError(f"--{option}: not a module path: {module!r}")
+    return module
+
+
+def _directory(option: str, directory) -> str:
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--{option}: no such directory: {directory!r}")
+    return os.path.abspath(directory)
+
+
+def _file(option: str, path) -> str:
+    if not os.path.isfile(path):
+        raise usage.UsageError(f"--{option}: no such file: {path!r}")
+    return os.path.abspath(path)
+
+
 def _endpoint(option: str, value) -> str:
-    """Check that C{value} parses as a Twisted server endpoint description."""
+    """Check that C{value} makes a Twisted server endpoint (nothing listens yet)."""
     if not isinstance(value, str) or not value.strip():
         raise usage.UsageError(f"--{option}: expected an endpoint string such as tcp:8000")
-    from twisted.internet.endpoints import _parseServer
+    from twisted.internet.endpoints import serverFromString
 
     try:
-        _parseServer(value, None)
+        serverFromString(None, value)
+    except (IndexError, KeyError):  # systemd: with no such inherited socket
+        raise usage.UsageError(
+            f"--{option}: bad endpoint {value!r}: no such inherited socket"
+        ) from None
     except Exception as e:
         raise usage.UsageError(f"--{option}: bad endpoint {value!r}: {e}") from None
     return value
@@ -84,9 +114,169 @@ def _client_endpoint(option: str, value) -> str:
     return value
 
 
+def _static(option: str, mapping) -> tuple[str, str]:
+    prefix, sep, directory = str(mapping).partition("=")
+    if not sep or not prefix.startswith("/") or not directory:
+        raise usage.UsageError(
+            f"--{option}: expected PREFIX=DIR such as /static/=staticfiles, got {mapping!r}"
+        )
+    return prefix, _directory(option, directory)
+
+
+def _access_log(option: str, path) -> str:
+    if not path:
+        raise usage.UsageError(f"--{option}: expected a file name or '-'")
+    if path != "-":
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise usage.UsageError(f"--{option}: no such directory: {parent!r}")
+    return path
+
+
+def _networks(option: str, addresses) -> list[str]:
+    items = addresses if isinstance(addresses, list) else str(addresses).split(",")
+    parsed = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise usage.UsageError(f"--{option}: not an address or network: {item!r}") from None
+        parsed.append(item)
+    return parsed
+
+
+def _url_path(option: str, path) -> str:
+    if not path.startswith("/"):
+        raise usage.UsageError(f"--{option}: must start with '/', got {path!r}")
+    return path
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of C{twistd lrp}."""
+
+    name: str  # the long name, also the key of its value
+    default: Any  # a value, or a function that returns it
+    parse: Callable[[str, Any], Any] | None  # (name, value) -> value; None: a flag
+    help: str  # for --help, without the default or a final full stop
+    short: str | None = None
+    repeatable: bool = False  # a list; each use adds one item (the first replaces the default)
+    kind: Kind = STRING  # what a config file or keyword gives (each item, if repeatable)
+    shown: str | None = None  # the default as --help shows it, if not the value itself
+    unparse: Callable[[Any], str] = str  # a value (or item) as a command-line value
+    from_python: Callable[[Any], Any] | None = None  # normalises a config file's value
+    in_file: bool = True  # may a config file or keyword give it?
+
+    @property
+    def flag(self) -> bool:
+        return self.parse is None
+
+    def default_value(self):
+        value = self.default() if callable(self.default) else self.default
+        return list(value) if isinstance(value, list) else value
+
+    def doc(self) -> str:
+        shown = self.shown
+        if shown is None and not self.flag and not callable(self.default):
+            if self.repeatable:
+                shown = ", ".join(map(self.unparse, self.default)) or None
+            elif self.default is not None:
+                shown = self.unparse(self.default)
+        return self.help + (f" [default: {shown}]" if shown is not None else "") + "."
+
+
+_WHOLE_ANY = _whole(0)
+
+OPTIONS: tuple[Option, ...] = (
+    Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), _module,
+           "Dotted path of the Django settings module", short="s", shown="$DJANGO_SETTINGS_MODULE"),
+    Option("pythonpath", [], _directory, "Directory to put on sys.path (repeatable). "
+           "The working directory always is", repeatable=True),
+    Option("listen", [DEFAULT_LISTEN], _endpoint, "Endpoint to serve HTTP on (repeatable)",
+           short="l", repeatable=True),
+    Option("threads", 8, _whole(), "Threads that run the Django application", kind=WHOLE),
+    Option("graceful-timeout", 30.0, _seconds, "Seconds that draining requests, jobs and "
+           "shut-down hooks may take together", kind=SECONDS, unparse=_number),
+    Option("static", [], _static, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
+           "(repeatable)", repeatable=True, shown="STATIC_URL=STATIC_ROOT when both are local",
+           unparse="=".join, from_python=static_values),
+    Option("no-static", False, None, "Serve no static files from the reactor, not even "
+           "STATIC_ROOT"),
+    Option("access-log", None, _access_log, "Write an access log in combined log format to "
+           "FILE ('-' for the server log)"),
+    Option("max-body-size", 10 * MiB, _WHOLE_ANY, "Largest request body accepted, in bytes; "
+           "larger ones get 413 unread", kind=WHOLE),
+    Option("max-waiting", 100, _WHOLE_ANY, "Requests that may wait for a busy thread pool "
+           "before new ones get 503", kind=WHOLE),
+    Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
+           "--forwarded-allow-ips"),
+    Option("forwarded-allow-ips", ["127.0.0.1"], _networks, "Addresses or networks "
+           "(comma-separated, or '*') whose X-Forwarded-* headers are trusted", kind=STRINGS,
+           unparse=",".join),
+    Option("health-path", "/-/health", _url_path, "Path of the health endpoint, answered by "
+           "the reactor"),
+    # The job service.
+    Option("state-dir", ".lrp", _text, "Directory for the job service's socket and state"),
+    Option("jobs-listen", None, _endpoint, "AMP endpoint of the job service",
+           shown="unix:<state-dir>/jobs.sock, mode 0600"),
+    Option("pb-listen", None, _endpoint, "Perspective Broker endpoint of the job service",
+           shown="off"),
+    Option("jobs-secret-file", None, _file, "File holding the shared secret that job clients "
+           "must prove they know"),
+    Option("jobs-connect", None, _client_endpoint, "Run no job service here; send jobs to the "
+           "one at this client endpoint"),
+    Option("no-jobs", False, None, "Run no job service and no workers in this process"),
+    Option("jobs-only", False, None, "Run the job service and workers, but no web server"),
+    Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs", kind=WHOLE),
+    Option("max-jobs-per-worker", 1000, _whole(), "Replace a worker after it ran this many "
+           "jobs", kind=WHOLE),
+    Option("max-worker-memory", 0, _WHOLE_ANY, "Replace a worker whose resident memory exceeds "
+           "this many MB (0: no limit)", kind=WHOLE),
+    Option("max-job-payload", MiB, _whole(1024), "Largest job arguments or result, in bytes",
+           kind=WHOLE),
+    # Development and deployment.
+    Option("reload", False, None, "Development: restart the server when a source file changes"),
+    Option("config", None, _file, "TOML file whose keys are these long option names; the "
+           "command line wins", in_file=False),
+)  # fmt: skip
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+# Options of other servers that people type by habit: what to say instead of
+# "did you mean" from difflib. Keys are spelled as typed.
+_HINTS: dict[str, tuple[str, str]] = {
+    "--bind": ("--listen", ""),
+    "-b": ("--listen", ""),
+    "-w": ("--threads (threads per process)", "twistedlrp's --workers are job worker processes"),
+    "-c": ("--config", ""),
+    "-h": ("--help", ""),
+}
+
+
+def version() -> str:
+    """The versions of twistedlrp and of what runs it, for C{--version}."""
+    import django
+
+    import twisted
+    import twistedlrp
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    return (
+        f"twistedlrp {twistedlrp.__version__} (Twisted {twisted.__version__}, "
+        f"Django {django.get_version()}, Python {python})"
+    )
+
+
 class Options(usage.Options):
     """
-    Options for C{twistd lrp}. Values are stored under the long option names.
+    Options for C{twistd lrp}. Values are stored under the long option names;
+    L{given} says which were given, and where.
     """
 
     synopsis = "[options]"
@@ -95,291 +285,123 @@ class Options(usage.Options):
         "endpoint from the reactor, long jobs in worker processes. Start-up hooks "
         "run before the ports open; SIGTERM or SIGINT shuts down gracefully."
     )
+    # The long names that a --config file or make_service() may set.
+    option_names = frozenset(option.name for option in OPTIONS if option.in_file)
 
     def __init__(self):
         super().__init__()
-        self["settings"] = os.environ.get("DJANGO_SETTINGS_MODULE")
-        self["pythonpath"] = []
-        self["listen"] = []
-        self["threads"] = 8
-        self["graceful-timeout"] = 30.0
-        self["static"] = []
-        self["no-static"] = False
-        self["access-log"] = None
-        self["max-body-size"] = 10 * MiB
-        self["max-waiting"] = 100
-        self["proxy-headers"] = False
-        self["forwarded-allow-ips"] = ["127.0.0.1"]
-        self["health-path"] = "/-/health"
-        # The job service.
-        self["state-dir"] = ".lrp"
-        self["jobs-listen"] = None
-        self["pb-listen"] = None
-        self["jobs-secret-file"] = None
-        self["jobs-connect"] = None
-        self["no-jobs"] = False
-        self["jobs-only"] = False
-        self["workers"] = 2
-        self["max-jobs-per-worker"] = 1000
-        self["max-worker-memory"] = 0
-        self["max-job-payload"] = MiB
-        # Development and deployment.
-        self["reload"] = False
-        self["config"] = None
-        self._explicit: set[str] = set()
-        self._from_file: set[str] = set()
-        # The long names that a --config file or make_service() may set.
-        self.option_names = frozenset(self) - {"config"}
+        for option in OPTIONS:
+            self[option.name] = option.default_value()
+        # Long name -> COMMAND_LINE or CONFIG_FILE, for each option given.
+        self.given: dict[str, str] = {}
+
+    @property
+    def command_line(self) -> set[str]:
+        """The options given on the command line (for the reload supervisor; use L{to_argv})."""
+        return {name for name, source in self.given.items() if source == COMMAND_LINE}
 
     # -- parsing --------------------------------------------------------
 
-    def _set(self, name: str, value) -> None:
-        self._explicit.add(name)
-        self[name] = value
+    def _take(self, option: Option, value, source: str = COMMAND_LINE) -> None:
+        value = True if option.flag else option.parse(option.name, value)
+        if not option.repeatable:
+            self[option.name] = value
+        elif self.given.get(option.name) != source:
+            self[option.name] = [value]
+        else:
+            self[option.name].append(value)
+        self.given[option.name] = source
 
-    def opt_settings(self, module):
-        """Dotted path of the Django settings module (default: $DJANGO_SETTINGS_MODULE)."""
-        if not module or not all(part.isidentifier() for part in module.split(".")):
-            raise usage.UsageError(f"--settings: not a module path: {module!r}")
-        self._set("settings", module)
+    def opt_version(self):
+        """Display the versions of twistedlrp, Twisted, Django and Python, and exit."""
+        sys.stdout.write(version() + "\n")
+        sys.exit(0)
 
-    def opt_pythonpath(self, directory):
-        """Directory to put on sys.path (repeatable). The working directory always is."""
-        if not os.path.isdir(directory):
-            raise usage.UsageError(f"--pythonpath: no such directory: {directory!r}")
-        self._explicit.add("pythonpath")
-        self["pythonpath"].append(os.path.abspath(directory))
+    def parseOptions(self, options=None):
+        if options is None:
+            options = sys.argv[1:]
+        if not (len(options) > 1 and options[-2] == "--_shell-completion"):
+            self._refuse_unknown(options)
+        super().parseOptions(options)
 
-    def opt_listen(self, endpoint):
-        """Endpoint to serve HTTP on (repeatable) [default: tcp:8000:interface=127.0.0.1]."""
-        self._explicit.add("listen")
-        self["listen"].append(_endpoint("listen", endpoint))
-
-    def opt_threads(self, count):
-        """Threads that run the Django application [default: 8]."""
-        self._set("threads", _positive_int("threads", count))
-
-    def opt_graceful_timeout(self, seconds):
-        """Seconds that draining requests, jobs and shut-down hooks may take together [default: 30]."""
-        self._set("graceful-timeout", _seconds("graceful-timeout", seconds))
-
-    def opt_static(self, mapping):
-        """Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR (repeatable) [default: STATIC_URL=STATIC_ROOT when both are local]."""
-        prefix, sep, directory = str(mapping).partition("=")
-        if not sep or not prefix.startswith("/") or not directory:
-            raise usage.UsageError(
-                f"--static: expected PREFIX=DIR such as /static/=staticfiles, got {mapping!r}"
-            )
-        if not os.path.isdir(directory):
-            raise usage.UsageError(f"--static: no such directory: {directory!r}")
-        self._explicit.add("static")
-        self["static"].append((prefix, os.path.abspath(directory)))
-
-    def opt_no_static(self):
-        """Serve no static files from the reactor, not even STATIC_ROOT."""
-        self._set("no-static", True)
-
-    def opt_access_log(self, path):
-        """Write an access log in combined log format to FILE ('-' for the server log)."""
-        if not path:
-            raise usage.UsageError("--access-log: expected a file name or '-'")
-        if path != "-":
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(parent):
-                raise usage.UsageError(f"--access-log: no such directory: {parent!r}")
-        self._set("access-log", path)
-
-    def opt_max_body_size(self, size):
-        """Largest request body accepted, in bytes; larger ones get 413 unread [default: 10485760]."""
-        self._set("max-body-size", _positive_int("max-body-size", size, minimum=0))
-
-    def opt_max_waiting(self, count):
-        """Requests that may wait for a busy thread pool before new ones get 503 [default: 100]."""
-        self._set("max-waiting", _positive_int("max-waiting", count, minimum=0))
-
-    def opt_proxy_headers(self):
-        """Trust X-Forwarded-For and X-Forwarded-Proto from --forwarded-allow-ips."""
-        self._set("proxy-headers", True)
-
-    def opt_forwarded_allow_ips(self, addresses):
-        """Addresses or networks (comma-separated, or '*') whose X-Forwarded-* headers are trusted [default: 127.0.0.1]."""
-        items = addresses if isinstance(addresses, list) else str(addresses).split(",")
-        parsed = []
-        for item in (str(i).strip() for i in items):
-            if not item:
+    def _refuse_unknown(self, args: list[str]) -> None:
+        """
+        Refuse unknown options before getopt sees them: getopt would take a
+        unique prefix (C{--thread}) for the option it starts.
+        """
+        longs = {name.removesuffix("="): name.endswith("=") for name in self.longOpt}
+        shorts = {c: self.shortOpt[i + 1 : i + 2] == ":" for i, c in enumerate(self.shortOpt)}
+        shorts.pop(":", None)
+        rest = iter(args)
+        for arg in rest:
+            if arg == "--" or arg == "-" or not arg.startswith("-"):
+                return  # getopt stops here too
+            if arg.startswith("--"):
+                name, equals, _ = arg[2:].partition("=")
+                if name not in longs:
+                    raise usage.UsageError(_unknown("--" + name, longs))
+                if longs[name] and not equals:
+                    next(rest, None)
                 continue
-            if item != "*":
-                try:
-                    ipaddress.ip_network(item, strict=False)
-                except ValueError:
-                    raise usage.UsageError(
-                        f"--forwarded-allow-ips: not an address or network: {item!r}"
-                    ) from None
-            parsed.append(item)
-        self._set("forwarded-allow-ips", parsed)
-
-    def opt_health_path(self, path):
-        """Path of the health endpoint, answered by the reactor [default: /-/health]."""
-        if not path.startswith("/"):
-            raise usage.UsageError(f"--health-path: must start with '/', got {path!r}")
-        self._set("health-path", path)
-
-    # -- the job service --------------------------------------------------
-
-    def opt_state_dir(self, directory):
-        """Directory for the job service's socket and state [default: .lrp]."""
-        self._set("state-dir", directory)
-
-    def opt_jobs_listen(self, endpoint):
-        """AMP endpoint of the job service [default: unix:<state-dir>/jobs.sock, mode 0600]."""
-        self._set("jobs-listen", _endpoint("jobs-listen", endpoint))
-
-    def opt_pb_listen(self, endpoint):
-        """Perspective Broker endpoint of the job service [default: off]."""
-        self._set("pb-listen", _endpoint("pb-listen", endpoint))
-
-    def opt_jobs_secret_file(self, path):
-        """File holding the shared secret that job clients must prove they know."""
-        if not os.path.isfile(path):
-            raise usage.UsageError(f"--jobs-secret-file: no such file: {path!r}")
-        self._set("jobs-secret-file", os.path.abspath(path))
-
-    def opt_jobs_connect(self, endpoint):
-        """Run no job service here; send jobs to the one at this client endpoint."""
-        self._set("jobs-connect", _client_endpoint("jobs-connect", endpoint))
-
-    def opt_no_jobs(self):
-        """Run no job service and no workers in this process."""
-        self._set("no-jobs", True)
-
-    def opt_jobs_only(self):
-        """Run the job service and workers, but no web server."""
-        self._set("jobs-only", True)
-
-    def opt_workers(self, count):
-        """Worker processes that run jobs [default: 2]."""
-        self._set("workers", _positive_int("workers", count, minimum=0))
-
-    def opt_max_jobs_per_worker(self, count):
-        """Replace a worker after it ran this many jobs [default: 1000]."""
-        self._set("max-jobs-per-worker", _positive_int("max-jobs-per-worker", count))
-
-    def opt_max_worker_memory(self, megabytes):
-        """Replace a worker whose resident memory exceeds this many MB (0: no limit)."""
-        self._set("max-worker-memory", _positive_int("max-worker-memory", megabytes, minimum=0))
-
-    def opt_max_job_payload(self, size):
-        """Largest job arguments or result, in bytes [default: 1048576]."""
-        self._set("max-job-payload", _positive_int("max-job-payload", size, minimum=1024))
-
-    # -- development and deployment -------------------------------------
-
-    def opt_reload(self):
-        """Development: restart the server when a source file changes."""
-        self._set("reload", True)
-
-    def opt_config(self, path):
-        """TOML file whose keys are these long option names; the command line wins."""
-        if not os.path.isfile(path):
-            raise usage.UsageError(f"--config: no such file: {path!r}")
-        self["config"] = os.path.abspath(path)
-
-    opt_s = opt_settings
-    opt_l = opt_listen
-
-    # -- after parsing --------------------------------------------------
+            for i, char in enumerate(arg[1:], 1):
+                if char not in shorts:
+                    word = arg[1:].partition("=")[0]
+                    if i == 1 and len(word) > 1 and _suggest(word, longs):
+                        raise usage.UsageError(_unknown("-" + word, longs))
+                    raise usage.UsageError(_unknown("-" + char, longs))
+                if shorts[char]:
+                    if i == len(arg) - 1:
+                        next(rest, None)
+                    break
 
     def postOptions(self):
-        # What the command line gave, before the file adds to it (the reload
-        # supervisor passes these on to its servers, with --config).
-        self.command_line = set(self._explicit)
         if self["config"]:
-            self.apply_config_file(self["config"])
-        self._from_file = set(self._explicit) - self.command_line
-        self._explicit = self.command_line
+            apply_config_file(self, self["config"])
         self.check()
 
-    def apply_config_file(self, path: str) -> None:
+    def set_option(self, name: str, value, source: str = COMMAND_LINE) -> None:
         """
-        Apply the options in the TOML file at C{path}, except those already
-        given on the command line.
+        Set option C{name} (its long name) from a Python value (a config
+        file's, or a keyword's), with the same checks as the command line.
+        A repeatable option's list replaces the one it had.
 
-        @raise usage.UsageError: the file is not TOML, or has an unknown key
-            or a value of the wrong type; the message names the key and file.
+        @param source: where the value comes from, recorded in L{given}.
+        @raise usage.UsageError: unknown name, or the value has the wrong
+            type or is invalid.
         """
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise usage.UsageError(f"--config: cannot read {path}: {e}") from None
-        # A [lrp] table is accepted so the file can share a pyproject-style layout.
-        if set(data) == {"lrp"} and isinstance(data["lrp"], dict):
-            data = data["lrp"]
-        for key, value in data.items():
-            name = key.replace("_", "-")
-            if name not in self.option_names:
-                raise usage.UsageError(f"{path}: unknown option {key!r}")
-            if name in self._explicit:
-                continue
-            try:
-                self.set_option(name, value)
-            except usage.UsageError as e:
-                message = str(e).removeprefix(f"--{name}: ")
-                raise usage.UsageError(f"{path}: {key}: {message}") from None
-
-    def set_option(self, name: str, value) -> None:
-        """
-        Set option C{name} (its long name) from a Python value, with the same
-        checks as the command line.
-
-        @raise usage.UsageError: the value has the wrong type or is invalid.
-        """
-        if name not in self.option_names:
+        option = _BY_NAME.get(name)
+        if option is None or not option.in_file:
             raise usage.UsageError(f"unknown option {name!r}")
-        method = getattr(self, "opt_" + name.replace("-", "_"))
-        if name in _FLAGS:
-            if not isinstance(value, bool):
-                raise usage.UsageError(f"--{name}: expected true or false, got {_typed(value)}")
-            if value:
-                method()
-            else:
-                self._set(name, False)
-            return
-        if name in _LIST_OPTIONS:
-            if name == "static" and isinstance(value, dict):
-                # static = { "/static/" = "staticfiles" }
-                value = [f"{prefix}={directory}" for prefix, directory in value.items()]
-            elif name == "static" and isinstance(value, tuple):
-                value = [value]
-            values = [value] if isinstance(value, str) else value
-            if not isinstance(values, list | tuple):
-                raise usage.UsageError(f"--{name}: expected a list of strings, got {_typed(value)}")
-            self[name] = []
-            for item in values:
-                if name == "static" and isinstance(item, list | tuple) and len(item) == 2:
-                    item = f"{item[0]}={item[1]}"
-                if not isinstance(item, str):
-                    raise usage.UsageError(f"--{name}: expected strings, got {_typed(item)}")
-                method(item)
-            return
-        if name in _INT_OPTIONS:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise usage.UsageError(f"--{name}: expected a whole number, got {_typed(value)}")
-        elif name in _NUMBER_OPTIONS:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise usage.UsageError(
-                    f"--{name}: expected a number of seconds, got {_typed(value)}"
-                )
-        elif name == "forwarded-allow-ips":
-            if isinstance(value, list) and all(isinstance(i, str) for i in value):
-                pass
-            elif not isinstance(value, str):
-                raise usage.UsageError(
-                    f"--{name}: expected a string or a list of strings, got {_typed(value)}"
-                )
-        elif not isinstance(value, str):
-            raise usage.UsageError(f"--{name}: expected a string, got {_typed(value)}")
-        method(value)
+        value = python_value(option, value)
+        if option.repeatable:
+            self[name] = [option.parse(name, item) for item in value]
+        else:
+            self[name] = value if option.flag else option.parse(name, value)
+        self.given[name] = source
+
+    def to_argv(self, exclude: Collection[str] = (), *, include_file: bool = False) -> list[str]:
+        """
+        The C{twistd lrp} arguments of the options given on the command line
+        (or through L{set_option}, as C{make_service()} keywords are), in
+        the order of L{OPTIONS}: C{["--threads=4", "--proxy-headers",
+        "--pythonpath=/a", "--static=/static/=/dir"]}. With C{include_file},
+        also those taken from the C{--config} file. Options named in
+        C{exclude} (long names) are left out, and so are flags that are off.
+        Parsing the result with a fresh L{Options} gives the same values.
+        """
+        sources = {COMMAND_LINE, CONFIG_FILE} if include_file else {COMMAND_LINE}
+        args = []
+        for option in OPTIONS:
+            if option.name in exclude or self.given.get(option.name) not in sources:
+                continue
+            value = self[option.name]
+            if option.flag:
+                args += [f"--{option.name}"] if value else []
+            elif option.repeatable:
+                args += [f"--{option.name}={option.unparse(item)}" for item in value]
+            elif value is not None:
+                args.append(f"--{option.name}={option.unparse(value)}")
+        return args
 
     def check(self) -> None:
         """
@@ -406,40 +428,28 @@ class Options(usage.Options):
                         f"--jobs-secret-file: {self['jobs-secret-file']} is empty"
                     )
 
-    def to_argv(self, exclude=(), *, include_file: bool = False) -> list[str]:
-        """
-        The C{twistd lrp} arguments (C{["--threads=4", "--proxy-headers",
-        "--static=/static/=/dir"]}) of the options given on the command line
-        or through L{set_option} (C{make_service()} keywords), in a fixed
-        order; with C{include_file}, also those taken from the C{--config}
-        file. Options named in C{exclude} (long names) are left out, and so
-        are flags that are off. Parsing the result with a fresh L{Options}
-        gives the same values back.
-        """
-        names = set(self._explicit)
-        if include_file:
-            names |= self._from_file
-        if self["config"]:
-            names.add("config")
-        args = []
-        for name in sorted(names - set(exclude)):
-            value = self[name]
-            if name in _FLAGS:
-                if value:
-                    args.append(f"--{name}")
-            elif name == "pythonpath" or name == "listen":
-                args += [f"--{name}={item}" for item in value]
-            elif name == "static":
-                args += [f"--static={prefix}={directory}" for prefix, directory in value]
-            elif name == "forwarded-allow-ips":
-                args.append(f"--{name}={','.join(value)}")
-            elif value is not None:
-                args.append(f"--{name}={value}")
-        return args
 
-    def python_names(self) -> dict:
-        """The options as a dict keyed by Python names (C{graceful_timeout})."""
-        return {key.replace("-", "_"): value for key, value in self.items()}
+def _handler(option: Option):
+    """The C{opt_} method of C{option}, whose docstring is its C{--help} text."""
+    if option.flag:
+
+        def handler(self):
+            self._take(option, True)
+    else:
+
+        def handler(self, value):
+            self._take(option, value)
+
+    handler.__name__ = "opt_" + option.name.replace("-", "_")
+    handler.__doc__ = option.doc()
+    return handler
+
+
+for _option in OPTIONS:
+    setattr(Options, "opt_" + _option.name.replace("-", "_"), _handler(_option))
+    if _option.short:
+        setattr(Options, "opt_" + _option.short, getattr(Options, "opt_" + _option.name))
+del _option
 
 
 class TapOptions(Options):
@@ -455,19 +465,23 @@ class TapOptions(Options):
             raise SystemExit(f"twistd lrp: error: {e}") from None
 
 
-def _typed(value) -> str:
-    """C{value} for an error message, with its TOML type."""
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    kind = next((k for t, k in kinds.items() if type(value) is t), None)
-    if kind is None:
-        kind = (
-            "a list"
-            if isinstance(value, list | tuple)
-            else "a table"
-            if isinstance(value, dict)
-            else type(value).__name__
-        )
-    return f"{kind} ({value!r})"
+def _suggest(word: str, names: Collection[str]) -> list[str]:
+    """Known long names that C{word} starts, or else the closest one."""
+    starts = sorted(name for name in names if word and name.startswith(word))
+    return starts or difflib.get_close_matches(word, names, n=1)
+
+
+def _unknown(given: str, names: Collection[str]) -> str:
+    """The error message for the unknown option C{given}, with a suggestion."""
+    suggestion, note = _HINTS.get(given, ("", ""))
+    if not suggestion:
+        matches = [f"--{name}" for name in _suggest(given.lstrip("-"), names)]
+        suggestion = matches[0] if len(matches) == 1 else ""
+        if len(matches) > 1:
+            suggestion = "one of " + ", ".join(matches[:-1]) + " or " + matches[-1]
+    if not suggestion:
+        return f"unknown option {given}"
+    return f"unknown option {given} (did you mean {suggestion}?{' ' + note if note else ''})"
 
 
 def options_from_kwargs(**kwargs) -> Options:

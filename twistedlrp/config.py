@@ -1,0 +1,141 @@
+"""
+Options given as Python values: ``--config FILE`` (a TOML file) and
+:func:`twistedlrp.make_service` keywords.
+
+The file's keys are the long option names (``graceful-timeout``, or
+``graceful_timeout``), at the top level or in a ``[lrp]`` table. Its values
+go through the same checks as :func:`twistedlrp.make_service` keywords
+(:meth:`twistedlrp.options.Options.set_option`). Options given on the
+command line win over the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python import usage
+
+__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value", "read_config_file"]
+
+# Where a value came from (L{twistedlrp.options.Options.given}). Values set
+# through Options.set_option (make_service() keywords) count as the command
+# line: they win over the file, and the reload supervisor passes them on.
+COMMAND_LINE = "command line"
+CONFIG_FILE = "config file"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """The Python type a config file or keyword must give for an option."""
+
+    description: str  # "expected <description>, got ..."
+    accepts: Callable[[Any], bool]
+
+
+def _no_bool(*types):
+    return lambda v: isinstance(v, types) and not isinstance(v, bool)
+
+
+FLAG = Kind("true or false", lambda v: isinstance(v, bool))
+WHOLE = Kind("a whole number", _no_bool(int))
+SECONDS = Kind("a number of seconds", _no_bool(int, float))
+STRING = Kind("a string", lambda v: isinstance(v, str))
+STRINGS = Kind(
+    "a string or a list of strings",
+    lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(i, str) for i in v),
+)
+
+
+def python_value(option, value):
+    """
+    Check the type of a Python C{value} for C{option} (an
+    L{twistedlrp.options.Option}) before its parser checks the value.
+
+    @return: C{value}, normalised; for a repeatable option, a list of items.
+    @raise usage.UsageError: the value has the wrong type.
+    """
+    name = option.name
+    if option.from_python:
+        value = option.from_python(value)
+    if option.repeatable:
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list | tuple):
+            raise usage.UsageError(f"--{name}: expected a list of strings, got {typed(value)}")
+        for item in values:
+            if not option.kind.accepts(item):
+                raise usage.UsageError(f"--{name}: expected strings, got {typed(item)}")
+        return list(values)
+    kind = FLAG if option.flag else option.kind
+    if not kind.accepts(value):
+        raise usage.UsageError(f"--{name}: expected {kind.description}, got {typed(value)}")
+    return value
+
+
+def static_values(value):
+    """C{static} as a table (C{{ "/static/" = "dir" }}), pairs or PREFIX=DIR strings."""
+    if isinstance(value, dict):
+        return [f"{prefix}={directory}" for prefix, directory in value.items()]
+    if isinstance(value, tuple):
+        value = [value]
+    if isinstance(value, list):
+        return [
+            f"{i[0]}={i[1]}" if isinstance(i, list | tuple) and len(i) == 2 else i for i in value
+        ]
+    return value
+
+
+def typed(value) -> str:
+    """C{value} for an error message, with its TOML type."""
+    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    kind = next((k for t, k in kinds.items() if type(value) is t), None)
+    if kind is None:
+        kind = (
+            "a list"
+            if isinstance(value, list | tuple)
+            else "a table"
+            if isinstance(value, dict)
+            else type(value).__name__
+        )
+    return f"{kind} ({value!r})"
+
+
+def read_config_file(path: str) -> dict:
+    """
+    @return: the options in the TOML file at C{path}, keyed as the file
+        spells them (the contents of its C{[lrp]} table if that is all it has).
+    @raise usage.UsageError: the file cannot be read or is not TOML.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise usage.UsageError(f"--config: cannot read {path}: {e}") from None
+    # A [lrp] table is accepted so the file can share a pyproject-style layout.
+    if set(data) == {"lrp"} and isinstance(data["lrp"], dict):
+        data = data["lrp"]
+    return data
+
+
+def apply_config_file(options, path: str) -> None:
+    """
+    Set the options in the TOML file at C{path} on C{options} (an
+    L{twistedlrp.options.Options}), except those already given on the
+    command line, and record them as given by the file.
+
+    @raise usage.UsageError: the file is not TOML, or has an unknown key
+        or a value of the wrong type; the message names the file and key.
+    """
+    for key, value in read_config_file(path).items():
+        name = key.replace("_", "-")
+        if name not in options.option_names:
+            raise usage.UsageError(f"{path}: unknown option {key!r}")
+        if options.given.get(name) == COMMAND_LINE:
+            continue
+        try:
+            options.set_option(name, value, source=CONFIG_FILE)
+        except usage.UsageError as e:
+            message = str(e).removeprefix(f"--{name}: ")
+            raise usage.UsageError(f"{path}: {key}: {message}") from None
