@@ -2,6 +2,7 @@
 
 from django.contrib import admin, messages
 
+from twistedlrp.jobs import states
 from twistedlrp.models import Job
 
 
@@ -34,7 +35,7 @@ class JobAdmin(admin.ModelAdmin):
         from twistedlrp import jobs
 
         done = failed = 0
-        for job_id in queryset.filter(state__in=[Job.QUEUED, Job.RUNNING]).values_list(
+        for job_id in queryset.filter(state__in=states.UNFINISHED).values_list(
             "id", flat=True
         ):
             try:

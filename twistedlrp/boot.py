@@ -59,10 +59,12 @@ def configure_settings(settings_module: str | None) -> str:
     return settings_module
 
 
-def setup_django() -> None:
+def setup_django(load_urlconf: bool = True) -> None:
     """
     Run C{django.setup()}, the system checks, the migration check, and load
-    the URLconf, then close the main thread's database connections.
+    the URLconf (unless not C{load_urlconf}: a job node serves no URLs and
+    needs no C{ROOT_URLCONF}), then close the main thread's database
+    connections.
 
     @raise BootError: set-up failed or a system check reported an error.
     """
@@ -74,7 +76,8 @@ def setup_django() -> None:
         raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
     run_system_checks()
     warn_unapplied_migrations()
-    load_urlconf()
+    if load_urlconf:
+        load_root_urlconf()
     close_connections()
 
 
@@ -133,7 +136,7 @@ def warn_unapplied_migrations() -> None:
             )
 
 
-def load_urlconf() -> None:
+def load_root_urlconf() -> None:
     """
     Import the root URLconf and everything it includes, and resolve once, so
     that no request pays for (or races) the first import.

@@ -11,12 +11,18 @@ or from ``AppConfig.ready()``::
         ...
 
 Start-up hooks run in registration order in the reactor thread, after the
-thread pool, the job service and the registered services have started and
+thread pool, the registered services and the job service have started and
 before any port opens. A hook may be a plain function, return a Deferred, or
 be ``async def``; its result is awaited. Blocking work in a hook delays
 start-up only; push it to a thread (``deferToThread``) in shut-down hooks,
-which run in reverse order, each bounded by what is left of the graceful
-deadline.
+which run in reverse order once requests and jobs have drained, each bounded
+by what is left of the graceful deadline. Registered services start before
+the job service and the hooks, and stop after the shut-down hooks, newest
+first (docs/design.md).
+
+The server runs these as children of its L{twistedlrp.services.OrderedService}:
+L{site_services} holds the registered services, L{StartupHooks} and
+L{ShutdownHooks} run the hooks.
 """
 
 from __future__ import annotations
@@ -25,14 +31,20 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application import service
 from twisted.application.service import IService
 from twisted.internet import defer
+
+from twistedlrp.services import OrderedService, StartupFailed, stop_child
 
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
 _services: dict[str, IService] = {}
-# The running server, set while it runs, so that services added late start at once.
-_server: Any = None
+
+#: The services the site registered, started and stopped by the server in
+#: registration order (and the reverse); one added while it runs starts at once.
+site_services = OrderedService()
+site_services.setName("site-services")
 
 
 def on_startup(hook: Callable[[], Any]) -> Callable[[], Any]:
@@ -61,24 +73,23 @@ def on_shutdown(hook: Callable[[], Any]) -> Callable[[], Any]:
     return hook
 
 
-def add_service(name: str, service: IService) -> IService:
+def add_service(name: str, svc: IService) -> IService:
     """
-    Start C{service} (any Twisted L{IService}) with the server and stop it
+    Start C{svc} (any Twisted L{IService}) with the server and stop it
     with the server, in registration order (and the reverse at stop). A
     Deferred returned by its C{startService} or C{stopService} is awaited.
 
-    @return: C{service}.
+    @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
-    @raise TypeError: C{service} does not provide L{IService}.
+    @raise TypeError: C{svc} does not provide L{IService}.
     """
-    if not IService.providedBy(service):
-        raise TypeError(f"add_service({name!r}): {service!r} does not provide IService")
+    if not IService.providedBy(svc):
+        raise TypeError(f"add_service({name!r}): {svc!r} does not provide IService")
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
-    _services[name] = service
-    if _server is not None:
-        _server.service_added(name, service)
-    return service
+    _services[name] = svc
+    site_services.addService(_Named(name, svc))
+    return svc
 
 
 def get_service(name: str) -> IService:
@@ -91,6 +102,22 @@ def get_service(name: str) -> IService:
     except KeyError:
         known = ", ".join(sorted(_services)) or "none"
         raise LookupError(f"no service named {name!r} (registered: {known})") from None
+
+
+class _Named(service.Service):
+    """A registered service under its registered name (its own name may differ or be unset)."""
+
+    def __init__(self, name: str, wrapped: IService):
+        self.name = name
+        self.wrapped = wrapped
+
+    def startService(self):
+        super().startService()
+        return self.wrapped.startService()
+
+    def stopService(self):
+        super().stopService()
+        return self.wrapped.stopService()
 
 
 def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
@@ -117,8 +144,59 @@ def hook_name(hook: Callable[[], Any]) -> str:
     return f"{module}.{getattr(hook, '__qualname__', repr(hook))}"
 
 
+class StartupHooks(service.Service):
+    """Runs the start-up hooks in registration order when it starts."""
+
+    name = "startup-hooks"
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._run())
+
+    async def _run(self) -> None:
+        for hook in list(_startup_hooks):
+            if not self.running:
+                return  # The server began stopping.
+            try:
+                await run_hook(hook)
+            except Exception as e:
+                raise StartupFailed(
+                    f"start-up hook {hook_name(hook)} failed: {type(e).__name__}: {e}"
+                ) from e
+
+
+class ShutdownHooks(service.Service):
+    """Runs the shut-down hooks newest first when it stops, each within the deadline."""
+
+    name = "shutdown-hooks"
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+
+    def stop_by(self, deadline: float) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._run(deadline))
+
+    async def _run(self, deadline: float) -> None:
+        for hook in reversed(list(_shutdown_hooks)):
+            await stop_child(self.reactor, _Hook(hook), deadline)
+
+
+class _Hook(service.Service):
+    """One shut-down hook, stopped like a service (so that it is bounded and logged alike)."""
+
+    def __init__(self, hook: Callable[[], Any]):
+        self.hook = hook
+        self.name = self.stop_description = f"shut-down hook {hook_name(hook)}"
+
+    def stopService(self) -> defer.Deferred:
+        return run_hook(self.hook)
+
+
 def _reset() -> None:
     """Forget every hook and service (for tests that register their own)."""
     _startup_hooks.clear()
     _shutdown_hooks.clear()
     _services.clear()
+    for child in list(site_services):
+        site_services.removeService(child)

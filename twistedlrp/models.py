@@ -9,27 +9,15 @@ import uuid
 
 from django.db import models
 
+from twistedlrp.jobs import states
+
 
 class Job(models.Model):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    STATES = [
-        (QUEUED, "queued"),
-        (RUNNING, "running"),
-        (SUCCEEDED, "succeeded"),
-        (FAILED, "failed"),
-        (CANCELLED, "cancelled"),
-    ]
-    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     name = models.CharField(max_length=255, db_index=True)
     args = models.JSONField(default=list, blank=True)
     kwargs = models.JSONField(default=dict, blank=True)
-    state = models.CharField(max_length=16, choices=STATES, default=QUEUED)
+    state = models.CharField(max_length=16, choices=states.CHOICES, default=states.QUEUED)
     priority = models.IntegerField(default=0, help_text="Higher runs first.")
     queue = models.CharField(max_length=100, default="default")
     run_after = models.DateTimeField(null=True, blank=True)
@@ -63,7 +51,7 @@ class Job(models.Model):
             # At most one unfinished job per key.
             models.UniqueConstraint(
                 fields=["key"],
-                condition=models.Q(state__in=["queued", "running"]),
+                condition=models.Q(state__in=list(states.UNFINISHED)),
                 name="lrp_job_unique_active_key",
             )
         ]

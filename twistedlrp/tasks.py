@@ -46,18 +46,18 @@ except ImportError:
     except ImportError:
         BaseTaskBackend = None
 
-from twistedlrp.jobs import registry
+from twistedlrp.jobs import registry, states
 
 __all__ = ["LRPBackend"]
 
 # Job states → task statuses. A cancelled job is FAILED unless the installed
 # django.tasks knows a status of its own for it.
 _STATUS_NAMES = {
-    "queued": "READY",
-    "running": "RUNNING",
-    "succeeded": "SUCCESSFUL",
-    "failed": "FAILED",
-    "cancelled": "CANCELLED",
+    states.QUEUED: "READY",
+    states.RUNNING: "RUNNING",
+    states.SUCCEEDED: "SUCCESSFUL",
+    states.FAILED: "FAILED",
+    states.CANCELLED: "CANCELLED",
 }
 
 # The exception class path of a failure that is not an exception of the task's
@@ -112,7 +112,6 @@ else:
                     function=_TaskRunner(task.module_path, task),
                     priority=task.priority,
                     queue=task.queue_name,
-                    extra={"django_task": True},
                 )
             )
 
@@ -225,7 +224,7 @@ else:
                 elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     fields[f.name] = None
             result = TaskResult(**fields)
-            if info["state"] == "succeeded":
+            if info["state"] == states.SUCCEEDED:
                 object.__setattr__(result, "_return_value", info.get("result"))
             return result
 
@@ -258,9 +257,9 @@ def _time(value):
 def _errors(info: dict) -> list:
     """@return: the C{TaskError}s of a job: its last error, if any."""
     text = info.get("error") or ""
-    if info["state"] == "cancelled":
+    if info["state"] == states.CANCELLED:
         return [TaskError(exception_class_path=_CANCELLED_ERROR, traceback=text or "cancelled")]
-    if not text or info["state"] == "succeeded":
+    if not text or info["state"] == states.SUCCEEDED:
         return []
     return [TaskError(exception_class_path=exception_class_path(text), traceback=text)]
 
@@ -319,12 +318,13 @@ def _current_result(task):
         C{TaskContext}), read from the job store: the claim that started
         the job was committed before the job was sent to this worker.
     """
-    from twistedlrp.jobs import _context, store
+    from twistedlrp.jobs import _context
+    from twistedlrp.jobs.store import operations
 
     job_id = _context.current_job_id()
     try:
-        info = store.get(job_id, full=False)
+        info = operations.get(job_id, full=False)
     except Exception:
         info = {"id": job_id, "attempts": 1, "worker": ""}
-    info["state"] = "running"
+    info["state"] = states.RUNNING
     return task.get_backend()._to_result(task, info)

@@ -30,6 +30,7 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
 
 __all__ = [
     "job",
@@ -57,15 +58,6 @@ __all__ = [
     "FAILED",
     "CANCELLED",
 ]
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-FINISHED_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 
 class Progress(NamedTuple):
@@ -97,7 +89,7 @@ class JobInfo:
     @property
     def finished(self) -> bool:
         """@return: whether the job reached a final state."""
-        return self.state in FINISHED_STATES
+        return self.state in FINISHED
 
     @classmethod
     def from_dict(cls, data: dict) -> JobInfo:

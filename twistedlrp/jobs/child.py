@@ -22,7 +22,7 @@ import traceback
 
 from twisted.internet import defer
 
-from twistedlrp.jobs import _context, protocol
+from twistedlrp.jobs import _context, wire
 
 
 def _parse(argv):
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     os._exit(0)
 
 
-class ChildProtocol(protocol.QuietAMP):
+class ChildProtocol(wire.QuietAMP):
     """The child's end of the AMP conversation with the job service."""
 
     def __init__(self, reactor, max_payload):
@@ -81,20 +81,20 @@ class ChildProtocol(protocol.QuietAMP):
 
     def connectionMade(self):
         super().connectionMade()
-        self.callRemote(protocol.WorkerReady, pid=os.getpid())
+        self.callRemote(wire.WorkerReady, pid=os.getpid())
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
         if self.reactor.running:
             self.reactor.stop()
 
-    @protocol.RunJob.responder
+    @wire.RunJob.responder
     def run_job(self, job_id, name, payload, attempt):
         d = defer.Deferred()
         self.jobs.put((job_id, name, payload, attempt, d))
         return d
 
-    @protocol.CancelJob.responder
+    @wire.CancelJob.responder
     def cancel_job(self, job_id):
         _context.request_cancel(job_id)
         return {}
@@ -166,7 +166,7 @@ class ChildProtocol(protocol.QuietAMP):
         if pending is not None:
             job_id, current, total, message = pending
             self.callRemote(
-                protocol.ReportProgress,
+                wire.ReportProgress,
                 job_id=job_id,
                 current=current,
                 total=total,

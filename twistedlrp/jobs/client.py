@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp import threads
-from twistedlrp.jobs import protocol as wire
+from twistedlrp.jobs import wire
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     InvalidArguments,
@@ -43,21 +43,29 @@ class JobClient:
     """
     A persistent connection to one job service.
 
-    @param endpoint: a client endpoint string.
+    @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
+        (then C{description} names it in messages).
     @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
     """
 
     def __init__(
-        self, reactor, endpoint: str, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        reactor,
+        endpoint,
+        secret: bytes | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        description: str | None = None,
     ):
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.endpoint = description or str(endpoint)
+        if isinstance(endpoint, str):
+            endpoint = clientFromString(reactor, endpoint)
         self.secret = secret
         self.timeout = timeout
         self.last_error: str | None = None
         self.auth_error: AuthenticationFailed | None = None
         self.service = ClientService(
-            clientFromString(reactor, endpoint),
+            endpoint,
             _quiet_factory(),
             retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=1.0, factor=2.0),
             prepareConnection=self._prepare,

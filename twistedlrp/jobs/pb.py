@@ -32,13 +32,15 @@ from twisted.logger import Logger
 from twisted.spread import banana, pb
 from zope.interface import implementer
 
-from twistedlrp.jobs import errors
+from twistedlrp.jobs import errors, wire
 from twistedlrp.jobs.client import encode_payload
+from twistedlrp.services import StartupFailed
 
 log = Logger()
 
 __all__ = [
     "listen_pb",
+    "PBFrontEnd",
     "JobServiceError",
     "NotRegisteredError",
     "UnknownJobError",
@@ -277,3 +279,37 @@ def listen_pb(reactor, service, endpoint: str, secret: bytes) -> defer.Deferred:
         return port
 
     return d.addCallback(listening)
+
+
+class PBFrontEnd:
+    """
+    Listens for Perspective Broker job clients (always with a login).
+
+    @param endpoint: a server endpoint string.
+    @param secret_file: the shared secret's file (required).
+    """
+
+    client_endpoint = None
+
+    def __init__(self, reactor, endpoint: str, secret_file: str | None):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.secret_file = secret_file
+        self.port = None
+
+    async def listen(self, service) -> None:
+        """@raise StartupFailed: no secret file, or the endpoint cannot listen."""
+        if not self.secret_file:
+            raise StartupFailed(
+                f"--pb-listen {self.endpoint}: the Perspective Broker front end always requires "
+                "a login: give --jobs-secret-file"
+            )
+        secret = wire.read_secret(self.secret_file)
+        try:
+            self.port = await listen_pb(self.reactor, service, self.endpoint, secret)
+        except Exception as e:
+            raise StartupFailed(f"the job service cannot listen on {self.endpoint}: {e}") from e
+
+    def stop(self) -> defer.Deferred:
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.logger import Logger
@@ -32,7 +32,6 @@ class JobDefinition:
     retry_delay: float = 1.0
     priority: int = 0
     queue: str = "default"
-    extra: dict = field(default_factory=dict)
 
 
 def retry_delay(base: float, attempt: int) -> float:
@@ -48,7 +47,6 @@ def retry_delay(base: float, attempt: int) -> float:
 
 
 _registry: dict[str, JobDefinition] = {}
-_discovered = False
 
 
 def register(definition: JobDefinition) -> None:
@@ -73,7 +71,6 @@ def discover() -> list[str]:
     @return: the dotted names of the modules imported.
     @raise twistedlrp.boot.BootError: one of them failed to import.
     """
-    global _discovered
     from django.conf import settings
 
     from twistedlrp import boot
@@ -85,5 +82,4 @@ def discover() -> list[str]:
         except Exception as e:
             raise boot.BootError(f"cannot import {dotted} (LRP_JOB_MODULES): {e}") from None
         imported.append(dotted)
-    _discovered = True
     return imported

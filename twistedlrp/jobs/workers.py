@@ -23,7 +23,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs import protocol as wire
+from twistedlrp.jobs import wire
 
 log = Logger()
 # Worker ids name the machine, for when job nodes share a database.
@@ -270,10 +270,8 @@ class WorkerPool:
         self.stopping = False
         self._count = 0
         self._failures = 0
-        self._pending_spawn = None
         self._all_ended: list[defer.Deferred] = []
         self.started = 0
-        self.died_in_job = 0
 
     def start(self) -> None:
         for _ in range(self.size):
@@ -333,7 +331,6 @@ class WorkerPool:
             self.workers.remove(worker)
         job_id, worker.job_id = worker.job_id, None
         if job_id is not None:
-            self.died_in_job += 1
             self._on_died(worker, job_id, how)
         if self.stopping:
             if not self.workers:

@@ -46,11 +46,16 @@ CHUNK = 65_000
 MAX_CHUNKS = 2000
 
 
+def _python_name(name: bytes) -> str:
+    # The keys of our commands are plain identifiers (AMP would also map "-" to "_").
+    return name.decode("ascii").replace("-", "_")
+
+
 class BigBytes(amp.Argument):
     """Bytes of any size, split over several AMP keys."""
 
     def toBox(self, name, strings, objects, proto):
-        value = objects.pop(amp._wireNameToPythonIdentifier(name), None)
+        value = objects.pop(_python_name(name), None)
         if value is None:
             if self.optional:
                 return
@@ -62,7 +67,7 @@ class BigBytes(amp.Argument):
             strings[name + b".%d" % i] = piece
 
     def fromBox(self, name, strings, objects, proto):
-        key = amp._wireNameToPythonIdentifier(name)
+        key = _python_name(name)
         count = strings.pop(name, None)
         if count is None:
             if self.optional:

@@ -1,0 +1,335 @@
+"""
+Dispatch: which queued job runs on which worker, and what is recorded when
+it ends.
+
+Free workers take the next job from the L{JobQueue}. A job whose settings
+and arguments the service holds in memory is sent to its worker at once,
+while its claim commits with the next batch; any other is claimed first
+(the claim reads it). When an attempt ends (an outcome from the worker, or
+the worker's death seen in C{processEnded}) the job is finished, retried
+after its delay, or put back in the queue, and the store is told; waiters
+hear of a final state after its commit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.queue import JobQueue, JobRecord
+from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.workers import WorkerPool
+
+log = Logger()
+
+# Payloads up to this size stay in memory while queued, so a claim needs no read.
+KEEP_PAYLOAD = 64 * 1024
+
+
+class Dispatcher:
+    """
+    @param store: the L{twistedlrp.jobs.store.Store}.
+    @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
+    @param notify: C{(description)}: a job reached a final state (committed).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        store,
+        options,
+        worker_env: dict,
+        cancel_grace: float,
+        waiting: Callable[[str], bool],
+        notify: Callable[[dict], None],
+    ):
+        self.reactor = reactor
+        self.store = store
+        self.options = options
+        self.cancel_grace = cancel_grace
+        self._waiting = waiting
+        self._notify = notify
+        self.queue = JobQueue(reactor, self.dispatch)
+        self.pool = WorkerPool(
+            reactor,
+            options["workers"],
+            settings_module=os.environ["DJANGO_SETTINGS_MODULE"],
+            pythonpath=list(options["pythonpath"]),
+            max_payload=options["max-job-payload"],
+            env=worker_env,
+            on_ready=lambda worker: self.dispatch(),
+            on_died=self._worker_died,
+            on_progress=self._progress,
+        )
+        self.accepting = False
+        self.running: dict[str, JobRecord] = {}
+        self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self._idle_waiters: list[defer.Deferred] = []
+        # Jobs being claimed: their outcome must be recorded before the store closes.
+        self._claiming: set[defer.Deferred] = set()
+
+    # -- what the service asks ---------------------------------------------------------
+
+    def enqueue(self, record: JobRecord, not_before: float | None = None) -> None:
+        self.queue.push(record, not_before)
+        self.dispatch()
+
+    def request_cancel(self, job_id: str) -> bool:
+        """
+        Take a queued job out of the queue, or ask a running one to stop:
+        C{cancelled()} turns true in the job, its process gets SIGTERM after
+        the grace period and SIGKILL after twice that.
+
+        @return: whether the job was queued here (and is now cancelled).
+        """
+        if self.queue.remove(job_id) is not None:
+            self.counters["cancelled"] += 1
+            return True
+        record = self.running.get(job_id)
+        if record is not None and not record.cancel_requested:
+            record.cancel_requested = True
+            worker = record.worker
+            worker.cancel(job_id)
+            log.info("Job {job_id}: cancellation requested", job_id=job_id)
+            record.timers.append(
+                self.reactor.callLater(self.cancel_grace, worker.signal, "TERM", "cancel")
+            )
+            record.timers.append(
+                self.reactor.callLater(2 * self.cancel_grace, worker.signal, "KILL", "cancel")
+            )
+        return False
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self.queue.pause()
+        self.pool.stop_idle()
+
+    def when_idle(self) -> defer.Deferred:
+        """@return: a Deferred that fires once no job runs."""
+        if not self.running:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def claims_in_flight(self) -> defer.Deferred:
+        return defer.DeferredList(list(self._claiming))
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        if not self.accepting:
+            return
+        while self.queue.has_ready():
+            idle = self.pool.idle()
+            if not idle:
+                return
+            record = self.queue.pop()
+            worker = idle[0]
+            worker.state = "claiming"
+            d = defer.ensureDeferred(self._start(worker, record))
+            d.addErrback(
+                lambda f, job_id=record.id: log.failure(
+                    "Could not start job {job_id}", f, job_id=job_id
+                )
+            )
+            self._claiming.add(d)
+            d.addBoth(lambda _, d=d: self._claiming.discard(d))
+
+    async def _start(self, worker, record: JobRecord) -> None:
+        if record.payload is not None:
+            # The service owns its queue, so the job is sent at once and the
+            # claim is committed with the next batch meanwhile. (Were the
+            # server to die before that commit, the job is still queued in
+            # the store and runs again after a restart.)
+            record.attempts += 1
+            self._run_on(worker, record, record.payload)
+            claimed = await self.store.run(ops.claim, record.id, worker.ident, False)
+            if claimed is None and self.running.get(record.id) is record:
+                # No longer queued in the store (changed behind our back):
+                # this run must not count; stop it and record nothing.
+                log.warn(
+                    "Job {job_id} was no longer queued in the store: stopped", job_id=record.id
+                )
+                self._forget(record)
+                worker.signal("KILL", "orphan")
+            return
+        claimed = await self.store.run(ops.claim, record.id, worker.ident, True)
+        if claimed is None:
+            # Cancelled (or taken) meanwhile.
+            if worker.state == "claiming":
+                worker.state = "idle"
+            self.dispatch()
+            return
+        if worker.state != "claiming":
+            # The worker died (or the service began stopping) during the claim.
+            await self.store.run(
+                ops.requeue, record.id, "its worker ended before the job started", False
+            )
+            if self.accepting:
+                self.enqueue(record)
+            return
+        payload = claimed["payload"]
+        record.name = claimed["name"]
+        record.attempts = claimed["attempts"]
+        record.max_attempts = claimed["max_attempts"]
+        record.retry_delay = claimed["retry_delay"]
+        record.timeout = claimed["timeout"]
+        record.priority = claimed["priority"]
+        record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        self._run_on(worker, record, payload)
+
+    def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+        record.worker = worker
+        self.running[record.id] = record
+        if record.timeout:
+            record.timers.append(
+                self.reactor.callLater(record.timeout, worker.signal, "KILL", "timeout")
+            )
+        d = worker.run(record.id, record.name, payload, record.attempts)
+        d.addCallbacks(
+            lambda outcome: self._job_ended(record, outcome),
+            # The worker died: _worker_died, called from processEnded, decides.
+            lambda failure: None,
+        )
+        d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
+
+    # -- worker events ----------------------------------------------------------------------
+
+    def _progress(self, job_id, current, total, message) -> None:
+        record = self.running.get(job_id)
+        if record is not None:
+            record.progress = (current, total, message)
+            self.store.set_progress(job_id, current, total, message)
+
+    def _job_ended(self, record: JobRecord, outcome: dict) -> None:
+        if self.running.get(record.id) is not record:
+            return
+        self._forget(record)
+        worker = record.worker
+        output = worker.take_output()
+        if self.pool.job_done(
+            worker, self.options["max-jobs-per-worker"], self.options["max-worker-memory"]
+        ):
+            self.dispatch()
+        fields = {"output": output, "worker": worker.ident}
+        fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
+            record.progress
+        )
+        if outcome.get("ok") and not record.cancel_requested:
+            self.counters["succeeded"] += 1
+            self._finish(record, SUCCEEDED, result=outcome.get("result"), error="", **fields)
+        elif record.cancel_requested or outcome.get("cancelled"):
+            self.counters["cancelled"] += 1
+            if outcome.get("ok"):
+                fields["result"] = outcome.get("result")
+            error = "cancelled while running" + (
+                ""
+                if outcome.get("ok") or outcome.get("error") == "cancelled"
+                else f": {outcome.get('error')}"
+            )
+            self._finish(record, CANCELLED, error=error, **fields)
+        else:
+            self._retry_or_fail(record, outcome.get("error") or "failed", fields)
+
+    def _worker_died(self, worker, job_id: str, how: str) -> None:
+        record = self.running.get(job_id)
+        if record is None:
+            return
+        self._forget(record)
+        fields = {"output": worker.take_output(), "worker": worker.ident}
+        reason = worker.kill_reason
+        if reason == "shutdown":
+            log.info("Job {job_id} interrupted by the shut-down: back in the queue", job_id=job_id)
+            self.store.run(
+                ops.requeue,
+                job_id,
+                "interrupted by a server shut-down before it finished; it runs again",
+                False,
+            )
+        elif reason == "timeout":
+            error = (
+                f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
+                f"killed ({how})"
+            )
+            log.warn("Job {job_id} {error}", job_id=job_id, error=error)
+            self._retry_or_fail(record, error, fields)
+        elif reason == "cancel" or record.cancel_requested:
+            self.counters["cancelled"] += 1
+            error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
+            self._finish(record, CANCELLED, error=error, **fields)
+        else:
+            error = f"the worker died: process {worker.pid} {how} while running the job"
+            log.warn("Job {job_id}: {error}", job_id=job_id, error=error)
+            self._retry_or_fail(record, error, fields)
+
+    def _forget(self, record: JobRecord) -> None:
+        self.running.pop(record.id, None)
+        record.stop_timers()
+        if not self.running:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for d in waiters:
+                if not d.called:
+                    d.callback(None)
+
+    # -- recording outcomes ---------------------------------------------------------------
+
+    def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
+        if record.attempts >= record.max_attempts or self.store.closed:
+            self.counters["failed"] += 1
+            self._finish(record, FAILED, error=error, **fields)
+            return
+        delay = registry.retry_delay(record.retry_delay, record.attempts)
+        # The reactor's clock is Unix time, as run_after is.
+        run_after = self.reactor.seconds() + delay
+        self.counters["retried"] += 1
+        log.info(
+            "Job {job_id} attempt {n} of {max} failed; retrying in {delay:.1f} s",
+            job_id=record.id,
+            n=record.attempts,
+            max=record.max_attempts,
+            delay=delay,
+        )
+        d = self.store.run(
+            ops.finish,
+            record.id,
+            QUEUED,
+            dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
+            False,
+        )
+
+        def queued(_):
+            if self.accepting:
+                self.enqueue(record.requeued(), run_after)
+
+        d.addCallback(queued)
+        d.addErrback(self._unrecorded, record)
+
+    def _finish(self, record: JobRecord, state: str, **fields) -> None:
+        # Read the job back only when someone waits for it; a waiter that
+        # comes later reads it after this commit anyway.
+        d = self.store.run(ops.finish, record.id, state, fields, self._waiting(record.id))
+        d.addCallback(lambda info: info and self._notify(info))
+        d.addErrback(self._unrecorded, record)
+
+    def _unrecorded(self, failure, record: JobRecord) -> None:
+        """
+        The end of an attempt could not be stored (a value the database
+        refuses): record the failure alone rather than leave the job C{running}.
+        """
+        log.failure("Could not record job {job_id}", failure, job_id=record.id)
+        if self.store.closed:
+            return
+        error = f"the outcome of attempt {record.attempts} could not be stored: "
+        error += failure.getErrorMessage()
+        d = self.store.run(
+            ops.finish, record.id, FAILED, {"error": error}, self._waiting(record.id)
+        )
+        d.addCallback(lambda info: info and self._notify(info))
+        d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))

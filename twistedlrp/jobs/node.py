@@ -1,0 +1,122 @@
+"""
+The job parts of a server, as services for its parent
+(L{twistedlrp.services.OrderedService}): the job service with its front
+ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client that
+views use.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import implementer
+
+from twistedlrp.jobs import client as jobs_client
+from twistedlrp.jobs import registry, wire
+
+
+def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
+    """
+    @return: C{(job service or None, job client service)}: the parent starts
+        the client first (it connects once the service listens) and the
+        service after the site's services, so that it stops first.
+    @raise twistedlrp.boot.BootError: the service is wanted but the
+        C{twistedlrp} app is not installed, or a job module fails to import.
+    """
+    from django.apps import apps
+    from django.conf import settings
+
+    from twistedlrp.boot import BootError
+    from twistedlrp.jobs.amp import AMPFrontEnd
+    from twistedlrp.jobs.pb import PBFrontEnd
+    from twistedlrp.jobs.service import DEFAULT_CANCEL_GRACE, JobService
+
+    run_service = not options["no-jobs"] and not options["jobs-connect"]
+    if run_service and not apps.is_installed("twistedlrp"):
+        raise BootError(
+            "the job service needs the app 'twistedlrp' in INSTALLED_APPS (its Job model is "
+            "the job store): add it and run 'python manage.py migrate', or start with --no-jobs"
+        )
+    registry.discover()
+    if not run_service:
+        return None, JobClientService(reactor, options, None)
+    front_ends = [
+        AMPFrontEnd(
+            reactor, options["jobs-listen"], options["state-dir"], options["jobs-secret-file"]
+        )
+    ]
+    if options["pb-listen"]:
+        front_ends.append(PBFrontEnd(reactor, options["pb-listen"], options["jobs-secret-file"]))
+    jobs = JobService(
+        reactor,
+        options,
+        front_ends,
+        cancel_grace=float(getattr(settings, "LRP_JOBS_CANCEL_GRACE", DEFAULT_CANCEL_GRACE)),
+    )
+    return jobs, JobClientService(reactor, options, jobs)
+
+
+@implementer(IStreamClientEndpoint)
+class _LocalServiceEndpoint:
+    """Connects to this process's job service once it listens."""
+
+    def __init__(self, reactor, jobs):
+        self.reactor = reactor
+        self.jobs = jobs
+
+    def connect(self, factory):
+        d = self.jobs.when_listening()
+        return d.addCallback(
+            lambda endpoint: clientFromString(self.reactor, endpoint).connect(factory)
+        )
+
+
+class JobClientService(service.Service):
+    """
+    The process's job client (L{twistedlrp.jobs.client}): to this server's
+    job service, to C{--jobs-connect}, or to what the settings name.
+    """
+
+    name = "job-client"
+
+    def __init__(self, reactor, options, local):
+        self.reactor = reactor
+        self.options = options
+        self.local = local
+        self.client: jobs_client.JobClient | None = None
+
+    def startService(self) -> None:
+        from django.conf import settings
+
+        super().startService()
+        options = self.options
+        state_socket = jobs_client.unix_client_endpoint(
+            os.path.join(options["state-dir"], "jobs.sock")
+        )
+        description = None
+        if options["jobs-connect"]:
+            endpoint = options["jobs-connect"]
+        elif self.local is not None:
+            endpoint = _LocalServiceEndpoint(self.reactor, self.local)
+            description = options["jobs-listen"] or state_socket
+        else:
+            endpoint = getattr(settings, "LRP_JOBS_CONNECT", None) or state_socket
+        secret_file = options["jobs-secret-file"] or getattr(settings, "LRP_JOBS_SECRET_FILE", None)
+        secret = wire.read_secret(secret_file) if secret_file else None
+        if (description or endpoint).startswith("unix:"):
+            secret = None
+        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
+        self.client = jobs_client.JobClient(self.reactor, endpoint, secret, timeout, description)
+        self.client.start()
+        jobs_client.install(self.client)
+
+    def stopService(self):
+        super().stopService()
+        client, self.client = self.client, None
+        if client is not None:
+            jobs_client.install(None)
+            return client.stop()
+        return None

@@ -1,0 +1,154 @@
+"""
+The job service's memory of queued jobs: one L{JobRecord} per job, and the
+L{JobQueue} that orders them.
+
+The service knows what it queued (there is no polling of the database): the
+queue holds every queued job, ready ones by priority then age, delayed ones
+(C{run_after}, retries) until their time, on one timer. It is driven only
+by its clock's C{seconds()} and C{callLater}, so tests drive it with
+L{twisted.internet.task.Clock}; the reactor's clock is Unix time, which is
+what C{run_after} is.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+@dataclass(eq=False)
+class JobRecord:
+    """
+    One job the service holds, queued or running.
+
+    A record built at start-up from the store knows only the job's id,
+    priority and age (C{loaded} is false): the rest is read when the job
+    is claimed.
+    """
+
+    id: str
+    priority: int = 0
+    #: When it was submitted (orders jobs of equal priority).
+    created: float = 0.0
+    name: str = ""
+    #: Attempts made so far, the running one included.
+    attempts: int = 0
+    max_attempts: int = 1
+    retry_delay: float = 0.0
+    timeout: float | None = None
+    #: The JSON arguments, kept in memory when small (see L{JobService}).
+    payload: bytes | None = None
+    loaded: bool = False
+    # While it runs:
+    worker: object = None
+    progress: tuple = (0, None, "")
+    cancel_requested: bool = False
+    timers: list[IDelayedCall] = field(default_factory=list)
+
+    def stop_timers(self) -> None:
+        for timer in self.timers:
+            if timer.active():
+                timer.cancel()
+        self.timers = []
+
+    def requeued(self) -> JobRecord:
+        """@return: this record, with what belonged to the attempt that ended cleared."""
+        self.stop_timers()
+        self.worker = None
+        self.progress = (0, None, "")
+        self.cancel_requested = False
+        return self
+
+
+class JobQueue:
+    """
+    Queued jobs: the next ready one by priority (higher first), then age.
+
+    @param clock: an L{IReactorTime}.
+    @param on_due: called (from the clock) when delayed jobs became ready.
+    """
+
+    def __init__(self, clock: IReactorTime, on_due: Callable[[], None]):
+        self._clock = clock
+        self._on_due = on_due
+        self._records: dict[str, JobRecord] = {}
+        # Heap entries are never removed in place: an entry whose record is
+        # no longer the one queued under its id (cancelled, queued again) is
+        # skipped when it surfaces.
+        self._ready: list[tuple] = []
+        self._delayed: list[tuple] = []
+        self._seq = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._paused = False
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._records
+
+    def push(self, record: JobRecord, not_before: float | None = None) -> None:
+        """Queue C{record}, ready at once or from the clock time C{not_before}."""
+        self._records[record.id] = record
+        entry = (-record.priority, record.created, next(self._seq), record)
+        if not_before is not None and not_before > self._clock.seconds():
+            heapq.heappush(self._delayed, (not_before, entry))
+            self._arm()
+        else:
+            heapq.heappush(self._ready, entry)
+
+    def pop(self) -> JobRecord | None:
+        """@return: the next ready job, now out of the queue, or C{None}."""
+        while self._ready:
+            record = heapq.heappop(self._ready)[3]
+            if self._records.get(record.id) is record:
+                del self._records[record.id]
+                return record
+        return None
+
+    def has_ready(self) -> bool:
+        while self._ready and self._records.get(self._ready[0][3].id) is not self._ready[0][3]:
+            heapq.heappop(self._ready)
+        return bool(self._ready)
+
+    def remove(self, job_id: str) -> JobRecord | None:
+        """@return: the queued record of C{job_id}, now out of the queue, or C{None}."""
+        return self._records.pop(job_id, None)
+
+    def pause(self) -> None:
+        """Stop the timer: delayed jobs stay where they are (the service is stopping)."""
+        self._paused = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def next_due(self) -> float | None:
+        """@return: the clock time the first delayed job becomes ready, if any."""
+        return self._delayed[0][0] if self._delayed else None
+
+    def _arm(self) -> None:
+        if not self._delayed or self._paused:
+            return
+        delay = max(self._delayed[0][0] - self._clock.seconds(), 0)
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= self._clock.seconds() + delay:
+                return
+            timer.cancel()
+        self._timer = self._clock.callLater(delay, self._release)
+
+    def _release(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        released = False
+        while self._delayed and self._delayed[0][0] <= now:
+            _, entry = heapq.heappop(self._delayed)
+            heapq.heappush(self._ready, entry)
+            released = True
+        self._arm()
+        if released:
+            self._on_due()

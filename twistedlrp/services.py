@@ -1,0 +1,159 @@
+"""
+The one service model of the server: L{OrderedService}, a Twisted
+C{MultiService} whose children start in order, each awaited, and stop in
+reverse order, within one deadline.
+
+Twisted's C{MultiService} ignores a Deferred returned by C{startService}
+and stops its children concurrently; the server's start-up and shut-down
+contracts (docs/design.md) need both ordered and awaited. A child that can
+use the deadline (the job service drains its jobs until shortly before it)
+has a C{stop_by(deadline)} method returning a Deferred; any other child's
+C{stopService} is awaited until the deadline. Nothing waits past it but
+for a short grace per step, so quick steps still run and slow ones are cut.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+# Shut-down steps still get this long when the deadline has passed.
+LATE_STEP_SECONDS = 0.2
+
+
+class StartupFailed(Exception):
+    """A start-up step failed; the message says which and why."""
+
+
+async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = None) -> bool:
+    """
+    Wait for C{d} at most C{seconds} (it is cancelled then). A failure of
+    C{d} is logged, not raised.
+
+    @param what: what C{d} does, for the log line when it is cut.
+    @return: whether C{d} finished (successfully or not) in time.
+    """
+    d.addTimeout(max(seconds, 0.01), reactor)
+    try:
+        await d
+    except defer.TimeoutError:
+        if what:
+            log.warn("{what} did not finish before the graceful deadline", what=what)
+        return False
+    except Exception:
+        log.failure("Error while {what}", what=what or "stopping")
+    return True
+
+
+def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
+    """
+    Stop C{child}, through its C{stop_by(deadline)} if it has one. Its
+    C{stop_description}, if any, names the step in the log.
+
+    @return: a Deferred firing with whether it stopped before the deadline
+        (plus L{LATE_STEP_SECONDS}); it never fails.
+    """
+    stop_by = getattr(child, "stop_by", None)
+    if stop_by is not None:
+        d = defer.maybeDeferred(stop_by, deadline)
+    else:
+        d = defer.maybeDeferred(child.stopService)
+    remaining = max(deadline - reactor.seconds(), LATE_STEP_SECONDS)
+    what = getattr(child, "stop_description", None)
+    what = what or f"stopping {child.name or type(child).__name__}"
+    return defer.ensureDeferred(within(reactor, d, remaining, what))
+
+
+class OrderedService(service.MultiService):
+    """
+    Children start in the order they were added, each awaited before the
+    next; C{stopService} stops the started ones newest first, bounded by
+    C{graceful_timeout} in all. A child added while this service runs
+    starts at once (and stops in its place).
+
+    @param reactor: the clock the deadline is measured on (the global
+        reactor when C{None}, looked up when first needed).
+    """
+
+    def __init__(self, reactor=None, graceful_timeout: float = 30.0):
+        super().__init__()
+        self._reactor = reactor
+        self.graceful_timeout = graceful_timeout
+        self._started: list[service.IService] = []
+        self._stopping: defer.Deferred | None = None
+
+    @property
+    def reactor(self):
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    def startService(self) -> defer.Deferred:
+        service.Service.startService(self)
+        self._stopping = None
+        return defer.ensureDeferred(self.start_children())
+
+    async def start_children(self) -> None:
+        """
+        Start each child not started yet, in order. A child counts as
+        started from the moment its start begins, so that a stop during a
+        slow start stops it too.
+
+        @raise StartupFailed: a child's start failed (the children after it
+            are not started); the message names it, unless it was a
+            L{StartupFailed} already.
+        """
+        for child in list(self):
+            if not self.running:
+                return  # Stopping began meanwhile.
+            if child in self._started:
+                continue
+            self._started.append(child)
+            try:
+                await defer.maybeDeferred(child.startService)
+            except StartupFailed:
+                raise
+            except Exception as e:
+                name = child.name or type(child).__name__
+                raise StartupFailed(
+                    f"service {name!r} failed to start: {type(e).__name__}: {e}"
+                ) from e
+
+    def addService(self, child: service.IService) -> None:
+        if child.name is not None:
+            if child.name in self.namedServices:
+                raise RuntimeError(f"cannot have two services named {child.name!r}")
+            self.namedServices[child.name] = child
+        self.services.append(child)
+        if self.running and self._stopping is None:
+            self._started.append(child)
+            d = defer.maybeDeferred(child.startService)
+            d.addErrback(
+                lambda f: log.failure("Service {name} failed to start", f, name=child.name)
+            )
+
+    def stopService(self) -> defer.Deferred:
+        return self.stop_by(self.reactor.seconds() + self.graceful_timeout)
+
+    def stop_by(self, deadline: float) -> defer.Deferred:
+        """
+        Stop the started children newest first; each may take what is left
+        until C{deadline}.
+
+        @return: a Deferred that fires when all have stopped or been cut off;
+            it never fails.
+        """
+        if self._stopping is None:
+            service.Service.stopService(self)
+            self._stopping = defer.ensureDeferred(self._stop_children(deadline))
+        return self._stopping
+
+    async def _stop_children(self, deadline: float) -> None:
+        for child in reversed(self._started):
+            await stop_child(self.reactor, child, deadline)
+        self._started = []

@@ -1,0 +1,133 @@
+"""
+The web side of the server as two services of its parent: the thread pool
+(started first, stopped last) and the listening site (started last,
+stopped first).
+
+Stopping the site is step 1 of the shut-down (docs/design.md): stop
+listening, close idle keep-alive connections, let requests in flight finish
+(answered with C{Connection: close}), and cut what is left at the deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.application import service
+from twisted.internet import defer
+
+from twistedlrp.services import StartupFailed, within
+from twistedlrp.web import ports
+from twistedlrp.web.health import HealthResource
+from twistedlrp.web.pool import ThreadPool
+from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.wsgi import WSGIResource
+
+
+class ThreadPoolService(service.Service):
+    """Starts and stops the L{ThreadPool} that runs the WSGI application."""
+
+    name = "thread-pool"
+    stop_description = "stopping the thread pool"
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.pool.stop()
+
+
+class WebService(service.Service):
+    """
+    Listens on the C{--listen} endpoints when it starts; drains when it stops.
+
+    @ivar ports: the listening ports.
+    """
+
+    name = "web"
+
+    def __init__(self, reactor, site: LRPSite, endpoints: list[str]):
+        self.reactor = reactor
+        self.site = site
+        self.endpoints = endpoints
+        self.ports: list = []
+
+    def startService(self) -> defer.Deferred:
+        super().startService()
+        return defer.ensureDeferred(self._listen())
+
+    async def _listen(self) -> None:
+        for endpoint in self.endpoints:
+            try:
+                port = await ports.listen(self.reactor, endpoint, self.site)
+            except Exception as e:
+                raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
+            self.ports.append(port)
+
+    def stop_by(self, deadline: float) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._drain(deadline))
+
+    async def _drain(self, deadline: float) -> None:
+        reactor = self.reactor
+        for port in self.ports:
+            await within(reactor, defer.maybeDeferred(port.stopListening), _left(reactor, deadline))
+        self.ports = []
+        drained = await within(
+            reactor, self.site.drain(), _left(reactor, deadline), "draining requests"
+        )
+        if not drained:
+            self.site.abort_all()
+        self.site.close_access_log()
+
+
+def _left(reactor, deadline: float) -> float:
+    return max(deadline - reactor.seconds(), 0.2)
+
+
+def build_web(
+    reactor, options, application, server_state: Callable[[], str], started_at: float
+) -> tuple[ThreadPoolService, WebService, HealthResource]:
+    """
+    @return: the thread pool's service, the site's service and the health
+        resource (to which other parts add sections) for the WSGI
+        C{application}.
+    """
+    pool = ThreadPool(
+        reactor, options["threads"], options["max-waiting"], on_thread_exit=_close_db_connections
+    )
+    health = HealthResource(reactor, server_state, pool, started_at)
+    wsgi = WSGIResource(reactor, pool, application, _saturated)
+    statics = list(options["static"])
+    if not statics and not options["no-static"]:
+        from twistedlrp.web.static import default_static_mapping
+
+        statics = default_static_mapping()
+    router = Router(options["health-path"], health, statics, wsgi)
+    site = LRPSite(
+        reactor,
+        router,
+        max_body_size=options["max-body-size"],
+        proxy_headers=options["proxy-headers"],
+        forwarded_allow_ips=options["forwarded-allow-ips"],
+        access_log_path=options["access-log"],
+    )
+    return ThreadPoolService(pool), WebService(reactor, site, options["listen"]), health
+
+
+def _saturated(request) -> bytes:
+    request.setResponseCode(503)
+    request.setHeader(b"retry-after", b"1")
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    return b"Server busy: every thread is taken and the queue is full. Retry shortly.\n"
+
+
+def _close_db_connections() -> None:
+    # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
+    from twistedlrp.boot import close_connections
+
+    close_connections()
