@@ -1,0 +1,113 @@
+"""
+The server's listening ports, including sockets adopted from another
+process.
+
+A socket that another process bound (systemd, or the C{--reload}
+supervisor, which passes its sockets to each server as C{systemd:}
+endpoints) belongs to that process, and outlives every port that adopts it.
+Twisted's UNIX port treats an adopted socket like one it bound itself: it
+sets the path's mode to 0666 when it starts, and shuts the socket down and
+removes its path when it stops. L{AdoptedUNIXPort} does none of that, so
+the next server (or the supervisor's error page) can listen on the same
+socket, at the same path, with the mode its owner chose.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+from twisted.internet import defer, fdesc, tcp, unix
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.interfaces import IListeningPort
+
+__all__ = ["AdoptedUNIXPort", "adopt", "listen"]
+
+
+class AdoptedUNIXPort(unix.Port):
+    """
+    A UNIX listening port on a socket that someone else bound: it leaves the
+    socket's path and mode as they are, and does not shut the socket down
+    when it stops listening (it only closes its own descriptor).
+    """
+
+    # Twisted's TCP port sets this for an adopted socket; its UNIX port
+    # does not, and shutdown() would stop the socket for every process.
+    _shouldShutdown = False
+
+    @classmethod
+    def adopt(cls, reactor, fd: int, factory) -> AdoptedUNIXPort:
+        """
+        Listen on a duplicate of C{fd}, a listening UNIX stream socket; the
+        caller keeps C{fd} open or closes it as it likes.
+
+        @return: the port, listening.
+        @raise OSError: C{fd} is not a socket.
+        @raise twisted.internet.error.CannotListenError: it cannot listen.
+        """
+        # The same constructor as reactor.adoptStreamPort uses, for this class.
+        port = cls._fromListeningDescriptor(reactor, fd, factory)
+        port.startListening()
+        return port
+
+    def startListening(self):
+        # Twisted's port sets its path to self.mode (0666 by default).
+        try:
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except (OSError, TypeError, ValueError):
+            pass  # Unnamed or abstract: Twisted does not chmod those.
+        super().startListening()
+
+    def connectionLost(self, reason):
+        # Not unix.Port's: it removes the path, which the next server needs.
+        # An adopted port never holds a lock file (that needs wantPID).
+        tcp.Port.connectionLost(self, reason)
+
+
+def adopt(reactor, fd: int, family: int, factory) -> IListeningPort:
+    """
+    Listen on a duplicate of C{fd}, a listening stream socket of address
+    family C{family}: a UNIX socket with L{AdoptedUNIXPort}, any other with
+    C{reactor.adoptStreamPort}. The caller keeps C{fd}.
+
+    @return: the port, listening.
+    @raise OSError: C{fd} is not a socket.
+    @raise twisted.internet.error.UnsupportedAddressFamily: the reactor
+        cannot adopt a C{family} socket.
+    """
+    if family == socket.AF_UNIX:
+        return AdoptedUNIXPort.adopt(reactor, fd, factory)
+    return reactor.adoptStreamPort(fd, family, factory)
+
+
+def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:
+    """
+    Listen on C{endpoint}, a Twisted server endpoint description, as
+    C{serverFromString(reactor, endpoint).listen(factory)} does, except that
+    an inherited UNIX socket (C{systemd:domain=UNIX:index=N} or
+    C{:name=NAME}) is adopted with L{AdoptedUNIXPort}.
+
+    @return: a Deferred that fires with the listening port, or fails with
+        the reason it cannot listen (a bad description, an index or name
+        that was not inherited, an address in use, ...).
+    """
+    try:
+        server = serverFromString(reactor, endpoint)
+    except Exception:
+        return defer.fail()
+    # Twisted's systemd parser resolves the index or name to a descriptor.
+    # Reading LISTEN_FDS again here would find nothing: ListenFDs removes it
+    # from the environment when twisted.internet.endpoints is imported.
+    if isinstance(server, AdoptedStreamServerEndpoint) and server.addressFamily == socket.AF_UNIX:
+        return defer.execute(_adopt_inherited, server, factory)
+    return server.listen(factory)
+
+
+def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNIXPort:
+    # As AdoptedStreamServerEndpoint.listen does: the port has a duplicate,
+    # and the inherited descriptor is closed.
+    fdesc.setNonBlocking(server.fileno)
+    port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
+    os.close(server.fileno)
+    return port
