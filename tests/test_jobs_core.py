@@ -86,6 +86,19 @@ def test_submit_through_job_decorator(env):
     assert api(server, "wait", id=job["id"])["job"]["result"] == 5
 
 
+def test_a_job_that_submits_a_job_reaches_the_service_of_its_worker(env):
+    # The server runs with --state-dir: the workers must be told the
+    # service's socket, not look for ./.lrp/jobs.sock.
+    server, _ = env
+    for _ in range(2):  # both first workers
+        job = api(server, "submit", name="testapp.jobs.submit_and_wait", args=[2, 3])["job"]
+        info = api(server, "wait", id=job["id"], timeout=30)["job"]
+        assert info["state"] == "succeeded", info["error"]
+        assert info["result"]["result"] == 5
+        child = api(server, "get", id=info["result"]["child"])["job"]
+        assert (child["name"], child["state"]) == ("testapp.jobs.add", "succeeded")
+
+
 def test_500_jobs_from_20_threads_run_exactly_once(env):
     server, markers = env
     marker = markers / "many"

@@ -138,6 +138,8 @@ def test_jobs_only_node_and_web_node_over_tcp_with_secret(template, tmp_path):
         str(secret),
         listen=False,
         wait=False,
+        # A job node serves no URLs: it must not need a URLconf.
+        env={"LRP_TEST_NO_URLCONF": "1"},
     )
     web = None
     try:
@@ -158,6 +160,11 @@ def test_jobs_only_node_and_web_node_over_tcp_with_secret(template, tmp_path):
         worker = info["result"]["pid"]
         assert psutil.Process(worker).ppid() == node.proc.pid
         assert body["pid"] == web.proc.pid
+        # A job that submits a job reaches the node over TCP with the secret.
+        body = api(web, "submit", name="testapp.jobs.submit_and_wait", args=[20, 22])
+        info = api(web, "wait", id=body["job"]["id"], timeout=30)["job"]
+        assert info["state"] == "succeeded", info["error"]
+        assert info["result"]["result"] == 42
         # The web node runs no workers of its own.
         assert not [
             p for p in psutil.Process(web.proc.pid).children() if "child" in " ".join(p.cmdline())

@@ -137,3 +137,12 @@ def huge_progress():
     """Progress beyond a 64-bit column: no database can store this job's record whole."""
     progress(2**70, 2**70, "too big")
     return "done"
+
+
+@job
+def submit_and_wait(a, b):
+    """A job that submits a job, through the job service its worker was told of, and waits."""
+    from twistedlrp import jobs
+
+    child = add.submit(a, b)
+    return {"child": child.id, "result": jobs.wait(child.id, timeout=20).result}

@@ -23,6 +23,9 @@ INSTALLED_APPS = [
 ]
 MIDDLEWARE = []
 ROOT_URLCONF = "testsite.urls"
+# A job node needs no URLconf (the test of --jobs-only removes it).
+if os.environ.get("LRP_TEST_NO_URLCONF"):
+    del ROOT_URLCONF
 WSGI_APPLICATION = "testsite.wsgi.application"
 TEMPLATES = []
 

@@ -1,0 +1,85 @@
+"""OrderedService: ordered, awaited start; reverse stop within one deadline (fake clock)."""
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from twistedlrp.services import OrderedService, StartupFailed
+
+
+class Step(service.Service):
+    def __init__(self, name, log, start=None, stop=None):
+        self.name, self.log = name, log
+        self._start, self._stop = start, stop
+
+    def startService(self):
+        super().startService()
+        self.log.append(f"start {self.name}")
+        return self._start
+
+    def stopService(self):
+        super().stopService()
+        self.log.append(f"stop {self.name}")
+        return self._stop
+
+
+class Deadlined(service.Service):
+    name = "deadlined"
+
+    def __init__(self, log):
+        self.log = log
+
+    def stop_by(self, deadline):
+        self.log.append(f"stop_by {deadline}")
+
+
+def test_children_start_in_order_each_awaited_and_stop_in_reverse():
+    clock, log = Clock(), []
+    slow = defer.Deferred()
+    parent = OrderedService(clock, graceful_timeout=10)
+    for child in (Step("a", log, start=slow), Step("b", log), Deadlined(log)):
+        parent.addService(child)
+    started = parent.startService()
+    assert log == ["start a"] and not started.called
+    slow.callback(None)
+    assert log == ["start a", "start b"] and started.called
+    clock.advance(3)
+    stopped = parent.stopService()
+    assert stopped.called
+    assert log[2:] == ["stop_by 13.0", "stop b", "stop a"]
+
+
+def test_a_stop_that_hangs_is_cut_at_the_deadline_and_the_rest_still_stop():
+    clock, log = Clock(), []
+    parent = OrderedService(clock, graceful_timeout=5)
+    hung = defer.Deferred()
+    parent.addService(Step("first", log))
+    parent.addService(Step("hangs", log, stop=hung))
+    parent.startService()
+    stopped = parent.stopService()
+    assert log[-1] == "stop hangs" and not stopped.called
+    clock.advance(5)
+    assert stopped.called and log[-1] == "stop first"
+
+
+def test_a_failing_start_names_the_child_and_starts_nothing_after_it():
+    clock, log = Clock(), []
+    parent = OrderedService(clock)
+    parent.addService(Step("broken", log, start=defer.fail(ValueError("no database"))))
+    parent.addService(Step("after", log))
+    failures = []
+    parent.startService().addErrback(failures.append)
+    assert failures and failures[0].check(StartupFailed)
+    assert "service 'broken' failed to start: ValueError: no database" in str(failures[0].value)
+    assert log == ["start broken"]
+
+
+def test_a_child_added_while_running_starts_at_once_and_stops_first():
+    clock, log = Clock(), []
+    parent = OrderedService(clock)
+    parent.addService(Step("early", log))
+    parent.startService()
+    parent.addService(Step("late", log))
+    assert log == ["start early", "start late"]
+    parent.stopService()
+    assert log[2:] == ["stop late", "stop early"]
