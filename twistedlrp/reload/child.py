@@ -11,7 +11,9 @@ additions, all steered by the supervisor through the environment:
    reaches the supervisor only;
  - it sets C{LISTEN_PID} to its own pid before Twisted reads it, so the
    C{systemd:} endpoints in its C{--listen} options adopt the sockets the
-   supervisor bound and passed as file descriptors 3, 4, ...;
+   supervisor bound and passed as file descriptors 3, 4, ...
+   (L{twistedlrp.web.ports.listen} adopts a UNIX one without changing its
+   path or mode, so the next server can adopt it too);
  - it reports to the supervisor, one JSON object a line on the report
    descriptor: C{{"event": "booted", "files": [...]}} once Django is set up
    (the files are those of every imported module), C{{"event": "failed",
@@ -64,6 +66,7 @@ PREIMPORT = (
     "twistedlrp.boot",
     "twistedlrp.server",
     "twistedlrp.tap",
+    "twistedlrp.web.ports",
 )
 # How often the running server looks for newly imported modules.
 FILES_INTERVAL = 2.0
@@ -262,9 +265,6 @@ def main(argv: list[str] | None = None) -> None:
         pass  # Already a session leader.
     if os.environ.get("LISTEN_FDS"):
         os.environ["LISTEN_PID"] = str(os.getpid())
-        from twistedlrp.reload.sockets import keep_unix_socket_paths
-
-        keep_unix_socket_paths()
     fds = os.environ.pop(FDS_VARIABLE, "")
     spare = os.environ.pop(SPARE_VARIABLE, "")
     if fds:

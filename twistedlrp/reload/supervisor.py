@@ -22,17 +22,18 @@ second one kills the server's process group at once.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
 
 from twisted.application import service
-from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp.reload.errorpage import ErrorPage
+from twistedlrp.reload.process import ServerProcess
+from twistedlrp.reload.sockets import adoptable, bind
 from twistedlrp.reload.watcher import make_watcher
 from twistedlrp.signals import StopSignals
 
@@ -40,9 +41,6 @@ log = Logger(namespace="twistedlrp.reload")
 
 # Changes closer together than this make one restart.
 DEBOUNCE = 0.05
-# Endpoint types whose sockets the supervisor binds and passes on. Others
-# (ssl:, ...) are passed to each server as they are, and rebound by it.
-_ADOPTABLE = {"tcp", "tcp6", "unix"}
 _FIRST_LISTEN_FD = 3
 _FLAGS = {"proxy-headers", "no-jobs", "jobs-only", "no-static"}
 
@@ -62,127 +60,14 @@ def make_supervisor(options) -> ReloadSupervisor:
     # A job node serves no HTTP: nothing to bind.
     endpoints = [] if options["jobs-only"] else options["listen"]
     for endpoint in endpoints:
-        kind = endpoint.split(":", 1)[0].strip().lower()
-        if kind not in _ADOPTABLE:
+        if not adoptable(endpoint):
             passed_through.append(endpoint)
             continue
         try:
-            listening.append(_bind(reactor, endpoint))
+            listening.append(bind(reactor, endpoint))
         except Exception as e:
             raise SystemExit(f"twistd lrp: error: cannot listen on {endpoint}: {e}") from None
     return ReloadSupervisor(options, listening, passed_through, reactor)
-
-
-class _Held(protocol.Factory):
-    """The factory of a port the supervisor holds but never reads."""
-
-    noisy = False
-
-    def logPrefix(self):
-        return "lrp-reload: socket for the server"
-
-    def buildProtocol(self, addr):
-        return None
-
-
-class ListeningSocket:
-    """A socket the supervisor bound for the servers it runs."""
-
-    def __init__(self, endpoint: str, port):
-        self.endpoint = endpoint
-        self.port = port
-        host = port.getHost()
-        if isinstance(host, IPv6Address):
-            self.domain, self.address = "INET6", f"http://[{host.host}]:{host.port}/"
-        elif isinstance(host, IPv4Address):
-            self.domain, self.address = "INET", f"http://{host.host}:{host.port}/"
-        elif isinstance(host, UNIXAddress):
-            name = host.name.decode() if isinstance(host.name, bytes) else host.name
-            self.domain, self.address = "UNIX", f"unix:{name}"
-        else:
-            raise ValueError(f"cannot pass on a {type(host).__name__} socket")
-
-    def fileno(self) -> int:
-        return self.port.fileno()
-
-    def close(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.port.stopListening)
-
-
-def _bind(reactor, endpoint: str) -> ListeningSocket:
-    from twisted.internet.endpoints import serverFromString
-
-    results = []
-    serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
-    if not results:
-        raise RuntimeError("the endpoint did not listen at once")
-    if not hasattr(results[0], "getHost"):
-        results[0].raiseException()
-    port = results[0]
-    # The socket stays bound and listening; connections wait in its backlog
-    # until a server accepts them.
-    port.stopReading()
-    return ListeningSocket(endpoint, port)
-
-
-class ErrorPage:
-    """
-    While no server runs (the code is broken), the supervisor answers every
-    request on its sockets itself: 503 and the error, instead of leaving
-    connections waiting in the backlog. It stops before a server starts.
-    """
-
-    def __init__(self, reactor, listening):
-        self.reactor = reactor
-        self.listening = listening
-        self.error = ""
-        self.ports: list = []
-
-    def start(self, error: str) -> None:
-        self.error = error
-        if self.ports:
-            return
-        import socket
-
-        from twisted.web import resource, server
-
-        from twistedlrp.reload.sockets import keep_unix_socket_paths
-
-        keep_unix_socket_paths()
-
-        page = self
-
-        class Page(resource.Resource):
-            isLeaf = True
-
-            def render(self, request):
-                request.setResponseCode(503)
-                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-                request.setHeader(b"retry-after", b"1")
-                request.setHeader(b"cache-control", b"no-store")
-                return (
-                    "twistd lrp --reload: the server is not running.\n\n"
-                    f"{page.error.strip()}\n\n"
-                    "Fix the error and save: the server starts again then.\n"
-                ).encode("utf-8", "replace")
-
-        site = server.Site(Page())
-        site.noisy = False
-        site.log = lambda request: None
-        site.logPrefix = lambda: "lrp-reload: error page"
-        for sock in self.listening:
-            family = getattr(socket, "AF_" + sock.domain)
-            try:
-                self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), family, site))
-            except Exception:
-                log.failure(
-                    "Cannot answer on {address} while the server is down", address=sock.address
-                )
-
-    async def stop(self) -> None:
-        ports, self.ports = self.ports, []
-        for port in ports:
-            await defer.maybeDeferred(port.stopListening)
 
 
 def child_arguments(options, listening, passed_through) -> list[str]:
@@ -214,110 +99,6 @@ def child_arguments(options, listening, passed_through) -> list[str]:
         args.append(f"--listen=systemd:domain={sock.domain}:index={index}")
     args += [f"--listen={endpoint}" for endpoint in passed_through]
     return args
-
-
-class ServerProcess(protocol.ProcessProtocol):
-    """
-    One server process and its state, seen from the supervisor:
-    C{"spare"} (Twisted and Django imported, waiting to boot), C{"booting"}
-    (setting Django up), C{"gated"} (set up, waiting to be let
-    run), C{"serving"}, C{"stopping"}, C{"ended"}.
-    """
-
-    def __init__(
-        self,
-        supervisor: ReloadSupervisor,
-        number: int,
-        report_fd: int,
-        gate_fd: int,
-        spare: bool = False,
-    ):
-        self.supervisor = supervisor
-        self.number = number
-        self.report_fd = report_fd
-        self.gate_fd = gate_fd
-        self.state = "spare" if spare else "booting"
-        # A spare's imported files, once it is ready, and the files changed
-        # since it started: if they meet, it may hold old code.
-        self.files: set[str] | None = None
-        self.changes_seen: set[str] = set()
-        self.abandoned = False
-        self.error: str | None = None
-        self.exit_code: int | None = None
-        self.started_at = time.monotonic()
-        self.booted_after = 0.0
-        self._buffer = b""
-        self._waiters: list[defer.Deferred] = []
-
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
-
-    def childDataReceived(self, fd, data):
-        if fd != self.report_fd:
-            return
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            self.supervisor.child_reported(self, message)
-
-    def childConnectionLost(self, fd):
-        pass
-
-    def processEnded(self, reason):
-        value = reason.value
-        self.exit_code = getattr(value, "exitCode", None)
-        signal_number = getattr(value, "signal", None)
-        self.state = "ended"
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
-        self.supervisor.child_ended(self, self.exit_code, signal_number)
-
-    def when_ended(self) -> defer.Deferred:
-        if self.state == "ended":
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def boot(self) -> None:
-        """Let a spare go on to set Django up."""
-        self.state = "booting"
-        self.started_at = time.monotonic()
-        self.transport.writeToChild(self.gate_fd, b"boot\n")
-
-    def let_run(self) -> None:
-        self.state = "serving"
-        self.transport.writeToChild(self.gate_fd, b"go\n")
-
-    def signal_leader(self, number: int) -> None:
-        if self.state != "ended" and self.pid:
-            try:
-                os.kill(self.pid, number)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def kill_group(self) -> None:
-        """SIGKILL the server and everything in its process group (job workers)."""
-        pid = self.pid if self.transport is not None else None
-        if pid is None:
-            pid = getattr(self, "_last_pid", None)
-        if not pid:
-            return
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.signal_leader(signal.SIGKILL)
-
-    def makeConnection(self, transport):
-        super().makeConnection(transport)
-        self._last_pid = transport.pid
 
 
 class ReloadSupervisor(service.Service):

@@ -1,0 +1,85 @@
+"""
+The page the reload supervisor shows while no server runs.
+
+When the code is broken and no server is left to serve, the supervisor
+answers every request on its sockets itself (503, the error and a
+C{Retry-After}), instead of leaving connections waiting in the backlog. It
+adopts the sockets as a server would, and lets go of them before the next
+server starts.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedlrp.web.ports import adopt
+
+log = Logger(namespace="twistedlrp.reload")
+
+
+class ErrorPage:
+    """
+    While no server runs (the code is broken), the supervisor answers every
+    request on its sockets itself: 503 and the error, instead of leaving
+    connections waiting in the backlog. It stops before a server starts.
+    """
+
+    def __init__(self, reactor, listening):
+        self.reactor = reactor
+        self.listening = listening
+        self.error = ""
+        self.ports: list = []
+
+    def start(self, error: str) -> None:
+        """
+        Show C{error} on every socket, adopting them if not done yet. A
+        socket that cannot be adopted is logged and left waiting.
+        """
+        self.error = error
+        if self.ports:
+            return
+        site = self._site()
+        for sock in self.listening:
+            family = getattr(socket, "AF_" + sock.domain)
+            try:
+                self.ports.append(adopt(self.reactor, sock.fileno(), family, site))
+            except Exception:
+                log.failure(
+                    "Cannot answer on {address} while the server is down", address=sock.address
+                )
+
+    def _site(self):
+        # Imported only now: a supervisor whose servers start never needs
+        # twisted.web.
+        from twisted.web import resource, server
+
+        page = self
+
+        class Page(resource.Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.setResponseCode(503)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.setHeader(b"retry-after", b"1")
+                request.setHeader(b"cache-control", b"no-store")
+                return (
+                    "twistd lrp --reload: the server is not running.\n\n"
+                    f"{page.error.strip()}\n\n"
+                    "Fix the error and save: the server starts again then.\n"
+                ).encode("utf-8", "replace")
+
+        site = server.Site(Page())
+        site.noisy = False
+        site.log = lambda request: None
+        site.logPrefix = lambda: "lrp-reload: error page"
+        return site
+
+    async def stop(self) -> None:
+        """Stop answering; the sockets stay bound, held by the supervisor."""
+        ports, self.ports = self.ports, []
+        for port in ports:
+            await defer.maybeDeferred(port.stopListening)
