@@ -42,7 +42,6 @@ log = Logger(namespace="twistedlrp.reload")
 # Changes closer together than this make one restart.
 DEBOUNCE = 0.05
 _FIRST_LISTEN_FD = 3
-_FLAGS = {"proxy-headers", "no-jobs", "jobs-only", "no-static"}
 
 
 def make_supervisor(options) -> ReloadSupervisor:
@@ -74,25 +73,11 @@ def child_arguments(options, listening, passed_through) -> list[str]:
     """
     The C{twistd lrp} arguments of a server: the options given on the command
     line, C{--config} (re-read by each server, so a change applies on
-    restart), and C{--listen} options that adopt the supervisor's sockets.
+    restart), and C{--listen} options that adopt the supervisor's sockets
+    (in their order: index N is file descriptor 3 + N) or, for endpoints it
+    could not bind, rebind them.
     """
-    args = []
-    command_line = getattr(options, "command_line", None)
-    if command_line is None:
-        command_line = set(options._explicit)
-    for name in sorted(command_line - {"reload", "listen", "config"}):
-        value = options[name]
-        if name in _FLAGS:
-            if value:
-                args.append(f"--{name}")
-        elif name == "pythonpath":
-            args += [f"--pythonpath={p}" for p in value]
-        elif name == "static":
-            args += [f"--static={prefix}={directory}" for prefix, directory in value]
-        elif name == "forwarded-allow-ips":
-            args.append(f"--{name}={','.join(value)}")
-        elif value is not None:
-            args.append(f"--{name}={value}")
+    args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
         args.append(f"--config={options['config']}")
     for index, sock in enumerate(listening):
