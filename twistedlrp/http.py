@@ -135,6 +135,11 @@ def close_connections():
 async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Response:
     import treq
     from twisted.internet import defer, error
+    from twisted.web.client import (
+        RequestTransmissionFailed,
+        ResponseFailed,
+        ResponseNeverReceived,
+    )
 
     try:
         response = await treq.request(
@@ -145,16 +150,13 @@ async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Respons
         raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
     except (error.ConnectError, error.DNSLookupError, error.ConnectionLost) as e:
         raise HTTPConnectionError(f"{method} {url}: {e}") from e
-    except Exception as e:
-        name = type(e).__name__
-        if name in ("ResponseNeverReceived", "ResponseFailed", "RequestTransmissionFailed"):
-            reasons = getattr(e, "reasons", [])
-            # treq's timeout cancels the request, which surfaces as a reason.
-            if any(r.check(defer.CancelledError, error.TimeoutError) for r in reasons):
-                raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
-            text = "; ".join(str(r.value) for r in reasons) or str(e)
-            raise HTTPConnectionError(f"{method} {url}: {text}") from e
-        raise
+    except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as e:
+        reasons = e.reasons
+        # treq's timeout cancels the request, which surfaces as a reason.
+        if any(r.check(defer.CancelledError, error.TimeoutError) for r in reasons):
+            raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
+        text = "; ".join(str(r.value) for r in reasons) or str(e)
+        raise HTTPConnectionError(f"{method} {url}: {text}") from e
     headers = {
         name.decode("latin-1").lower(): values[-1].decode("latin-1")
         for name, values in response.headers.getAllRawHeaders()

@@ -14,7 +14,6 @@ the option.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import sys
 from collections.abc import Callable, Collection
@@ -23,6 +22,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from twistedlrp import values
 from twistedlrp.config import (
     COMMAND_LINE,
     CONFIG_FILE,
@@ -38,124 +38,6 @@ from twistedlrp.config import (
 
 DEFAULT_LISTEN = "tcp:8000:interface=127.0.0.1"
 MiB = 1024 * 1024
-
-# -- parsers: (long name, value) -> the stored value, or UsageError --------
-
-
-def _whole(minimum: int = 1) -> Callable[[str, Any], int]:
-    def parse(option: str, value) -> int:
-        try:
-            number = int(value)
-            if isinstance(value, float) and number != value:
-                raise ValueError
-        except (TypeError, ValueError):
-            raise usage.UsageError(f"--{option}: expected a whole number, got {value!r}") from None
-        if number < minimum:
-            raise usage.UsageError(f"--{option}: must be at least {minimum}, got {number}")
-        return number
-
-    return parse
-
-
-def _seconds(option: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise usage.UsageError(f"--{option}: expected a number of seconds, got {value!r}") from None
-    if number < 0 or number != number:
-        raise usage.UsageError(f"--{option}: must not be negative, got {value!r}")
-    return number
-
-
-def _text(option: str, value) -> str:
-    return value
-
-
-def _module(option: str, module) -> str:
-    if not module or not all(part.isidentifier() for part in module.split(".")):
-        raise usage.UsageError(f"--{option}: not a module path: {module!r}")
-    return module
-
-
-def _directory(option: str, directory) -> str:
-    if not os.path.isdir(directory):
-        raise usage.UsageError(f"--{option}: no such directory: {directory!r}")
-    return os.path.abspath(directory)
-
-
-def _file(option: str, path) -> str:
-    if not os.path.isfile(path):
-        raise usage.UsageError(f"--{option}: no such file: {path!r}")
-    return os.path.abspath(path)
-
-
-def _endpoint(option: str, value) -> str:
-    """Check that C{value} makes a Twisted server endpoint (nothing listens yet)."""
-    if not isinstance(value, str) or not value.strip():
-        raise usage.UsageError(f"--{option}: expected an endpoint string such as tcp:8000")
-    from twisted.internet.endpoints import serverFromString
-
-    try:
-        serverFromString(None, value)
-    except (IndexError, KeyError):  # systemd: with no such inherited socket
-        raise usage.UsageError(
-            f"--{option}: bad endpoint {value!r}: no such inherited socket"
-        ) from None
-    except Exception as e:
-        raise usage.UsageError(f"--{option}: bad endpoint {value!r}: {e}") from None
-    return value
-
-
-def _client_endpoint(option: str, value) -> str:
-    if not isinstance(value, str) or ":" not in value:
-        raise usage.UsageError(
-            f"--{option}: expected a client endpoint string such as unix:path=.lrp/jobs.sock"
-        )
-    return value
-
-
-def _static(option: str, mapping) -> tuple[str, str]:
-    prefix, sep, directory = str(mapping).partition("=")
-    if not sep or not prefix.startswith("/") or not directory:
-        raise usage.UsageError(
-            f"--{option}: expected PREFIX=DIR such as /static/=staticfiles, got {mapping!r}"
-        )
-    return prefix, _directory(option, directory)
-
-
-def _access_log(option: str, path) -> str:
-    if not path:
-        raise usage.UsageError(f"--{option}: expected a file name or '-'")
-    if path != "-":
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise usage.UsageError(f"--{option}: no such directory: {parent!r}")
-    return path
-
-
-def _networks(option: str, addresses) -> list[str]:
-    items = addresses if isinstance(addresses, list) else str(addresses).split(",")
-    parsed = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
-        if item != "*":
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise usage.UsageError(f"--{option}: not an address or network: {item!r}") from None
-        parsed.append(item)
-    return parsed
-
-
-def _url_path(option: str, path) -> str:
-    if not path.startswith("/"):
-        raise usage.UsageError(f"--{option}: must start with '/', got {path!r}")
-    return path
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 @dataclass(frozen=True)
@@ -192,24 +74,24 @@ class Option:
         return self.help + (f" [default: {shown}]" if shown is not None else "") + "."
 
 
-_WHOLE_ANY = _whole(0)
+_WHOLE_ANY = values.whole(0)
 
 OPTIONS: tuple[Option, ...] = (
-    Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), _module,
+    Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), values.module_path,
            "Dotted path of the Django settings module", short="s", shown="$DJANGO_SETTINGS_MODULE"),
-    Option("pythonpath", [], _directory, "Directory to put on sys.path (repeatable). "
+    Option("pythonpath", [], values.existing_directory, "Directory to put on sys.path (repeatable). "
            "The working directory always is", repeatable=True),
-    Option("listen", [DEFAULT_LISTEN], _endpoint, "Endpoint to serve HTTP on (repeatable)",
+    Option("listen", [DEFAULT_LISTEN], values.server_endpoint, "Endpoint to serve HTTP on (repeatable)",
            short="l", repeatable=True),
-    Option("threads", 8, _whole(), "Threads that run the Django application", kind=WHOLE),
-    Option("graceful-timeout", 30.0, _seconds, "Seconds that draining requests, jobs and "
-           "shut-down hooks may take together", kind=SECONDS, unparse=_number),
-    Option("static", [], _static, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
+    Option("threads", 8, values.whole(), "Threads that run the Django application", kind=WHOLE),
+    Option("graceful-timeout", 30.0, values.seconds, "Seconds that draining requests, jobs and "
+           "shut-down hooks may take together", kind=SECONDS, unparse=values.number_text),
+    Option("static", [], values.static_mapping, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
            "(repeatable)", repeatable=True, shown="STATIC_URL=STATIC_ROOT when both are local",
            unparse="=".join, from_python=static_values),
     Option("no-static", False, None, "Serve no static files from the reactor, not even "
            "STATIC_ROOT"),
-    Option("access-log", None, _access_log, "Write an access log in combined log format to "
+    Option("access-log", None, values.access_log_file, "Write an access log in combined log format to "
            "FILE ('-' for the server log)"),
     Option("max-body-size", 10 * MiB, _WHOLE_ANY, "Largest request body accepted, in bytes; "
            "larger ones get 413 unread", kind=WHOLE),
@@ -217,33 +99,33 @@ OPTIONS: tuple[Option, ...] = (
            "before new ones get 503", kind=WHOLE),
     Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
            "--forwarded-allow-ips"),
-    Option("forwarded-allow-ips", ["127.0.0.1"], _networks, "Addresses or networks "
+    Option("forwarded-allow-ips", ["127.0.0.1"], values.networks, "Addresses or networks "
            "(comma-separated, or '*') whose X-Forwarded-* headers are trusted", kind=STRINGS,
            unparse=",".join),
-    Option("health-path", "/-/health", _url_path, "Path of the health endpoint, answered by "
+    Option("health-path", "/-/health", values.url_path, "Path of the health endpoint, answered by "
            "the reactor"),
     # The job service.
-    Option("state-dir", ".lrp", _text, "Directory for the job service's socket and state"),
-    Option("jobs-listen", None, _endpoint, "AMP endpoint of the job service",
+    Option("state-dir", ".lrp", values.text, "Directory for the job service's socket and state"),
+    Option("jobs-listen", None, values.server_endpoint, "AMP endpoint of the job service",
            shown="unix:<state-dir>/jobs.sock, mode 0600"),
-    Option("pb-listen", None, _endpoint, "Perspective Broker endpoint of the job service",
+    Option("pb-listen", None, values.server_endpoint, "Perspective Broker endpoint of the job service",
            shown="off"),
-    Option("jobs-secret-file", None, _file, "File holding the shared secret that job clients "
+    Option("jobs-secret-file", None, values.existing_file, "File holding the shared secret that job clients "
            "must prove they know"),
-    Option("jobs-connect", None, _client_endpoint, "Run no job service here; send jobs to the "
+    Option("jobs-connect", None, values.client_endpoint, "Run no job service here; send jobs to the "
            "one at this client endpoint"),
     Option("no-jobs", False, None, "Run no job service and no workers in this process"),
     Option("jobs-only", False, None, "Run the job service and workers, but no web server"),
     Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs", kind=WHOLE),
-    Option("max-jobs-per-worker", 1000, _whole(), "Replace a worker after it ran this many "
+    Option("max-jobs-per-worker", 1000, values.whole(), "Replace a worker after it ran this many "
            "jobs", kind=WHOLE),
     Option("max-worker-memory", 0, _WHOLE_ANY, "Replace a worker whose resident memory exceeds "
            "this many MB (0: no limit)", kind=WHOLE),
-    Option("max-job-payload", MiB, _whole(1024), "Largest job arguments or result, in bytes",
+    Option("max-job-payload", MiB, values.whole(1024), "Largest job arguments or result, in bytes",
            kind=WHOLE),
     # Development and deployment.
     Option("reload", False, None, "Development: restart the server when a source file changes"),
-    Option("config", None, _file, "TOML file whose keys are these long option names; the "
+    Option("config", None, values.existing_file, "TOML file whose keys are these long option names; the "
            "command line wins", in_file=False),
 )  # fmt: skip
 _BY_NAME = {option.name: option for option in OPTIONS}

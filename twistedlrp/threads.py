@@ -75,11 +75,6 @@ def in_reactor_thread() -> bool:
     return threadable.isInIOThread()
 
 
-def shutting_down() -> bool:
-    """@return: whether shut-down has begun and calls fail fast."""
-    return _shutting_down
-
-
 def begin_shutdown() -> None:
     """
     Make every later L{call_in_reactor} fail with L{ShutdownInProgress} and

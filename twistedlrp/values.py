@@ -1,0 +1,131 @@
+"""
+The parsers of option values: each takes the option's long name and a value
+(a command-line string, or what a config file or keyword gave) and returns
+the value to store, or raises L{usage.UsageError} with a one-line message
+that names the option.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.python import usage
+
+
+def whole(minimum: int = 1) -> Callable[[str, Any], int]:
+    def parse(option: str, value) -> int:
+        try:
+            number = int(value)
+            if isinstance(value, float) and number != value:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise usage.UsageError(f"--{option}: expected a whole number, got {value!r}") from None
+        if number < minimum:
+            raise usage.UsageError(f"--{option}: must be at least {minimum}, got {number}")
+        return number
+
+    return parse
+
+
+def seconds(option: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--{option}: expected a number of seconds, got {value!r}") from None
+    if number < 0 or number != number:
+        raise usage.UsageError(f"--{option}: must not be negative, got {value!r}")
+    return number
+
+
+def text(option: str, value) -> str:
+    return value
+
+
+def module_path(option: str, module) -> str:
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise usage.UsageError(f"--{option}: not a module path: {module!r}")
+    return module
+
+
+def existing_directory(option: str, directory) -> str:
+    if not os.path.isdir(directory):
+        raise usage.UsageError(f"--{option}: no such directory: {directory!r}")
+    return os.path.abspath(directory)
+
+
+def existing_file(option: str, path) -> str:
+    if not os.path.isfile(path):
+        raise usage.UsageError(f"--{option}: no such file: {path!r}")
+    return os.path.abspath(path)
+
+
+def server_endpoint(option: str, value) -> str:
+    """Check that C{value} makes a Twisted server endpoint (nothing listens yet)."""
+    if not isinstance(value, str) or not value.strip():
+        raise usage.UsageError(f"--{option}: expected an endpoint string such as tcp:8000")
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, value)
+    except (IndexError, KeyError):  # systemd: with no such inherited socket
+        raise usage.UsageError(
+            f"--{option}: bad endpoint {value!r}: no such inherited socket"
+        ) from None
+    except Exception as e:
+        raise usage.UsageError(f"--{option}: bad endpoint {value!r}: {e}") from None
+    return value
+
+
+def client_endpoint(option: str, value) -> str:
+    if not isinstance(value, str) or ":" not in value:
+        raise usage.UsageError(
+            f"--{option}: expected a client endpoint string such as unix:path=.lrp/jobs.sock"
+        )
+    return value
+
+
+def static_mapping(option: str, mapping) -> tuple[str, str]:
+    prefix, sep, directory = str(mapping).partition("=")
+    if not sep or not prefix.startswith("/") or not directory:
+        raise usage.UsageError(
+            f"--{option}: expected PREFIX=DIR such as /static/=staticfiles, got {mapping!r}"
+        )
+    return prefix, existing_directory(option, directory)
+
+
+def access_log_file(option: str, path) -> str:
+    if not path:
+        raise usage.UsageError(f"--{option}: expected a file name or '-'")
+    if path != "-":
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise usage.UsageError(f"--{option}: no such directory: {parent!r}")
+    return path
+
+
+def networks(option: str, addresses) -> list[str]:
+    items = addresses if isinstance(addresses, list) else str(addresses).split(",")
+    parsed = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item != "*":
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise usage.UsageError(f"--{option}: not an address or network: {item!r}") from None
+        parsed.append(item)
+    return parsed
+
+
+def url_path(option: str, path) -> str:
+    if not path.startswith("/"):
+        raise usage.UsageError(f"--{option}: must start with '/', got {path!r}")
+    return path
+
+
+def number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
