@@ -35,9 +35,7 @@ class JobAdmin(admin.ModelAdmin):
         from twistedlrp import jobs
 
         done = failed = 0
-        for job_id in queryset.filter(state__in=states.UNFINISHED).values_list(
-            "id", flat=True
-        ):
+        for job_id in queryset.filter(state__in=states.UNFINISHED).values_list("id", flat=True):
             try:
                 jobs.cancel(job_id)
                 done += 1
