@@ -1,6 +1,8 @@
 """
 The production examples in ``conf/``: socket activation as ``lrp.socket`` and
-``lrp.service`` set it up (systemd binds, ``--listen systemd:...`` adopts).
+``lrp.service`` set it up (systemd binds, ``--listen systemd:...`` adopts);
+the nginx site. And packaging: after a normal (wheel) install and after an
+editable install into a fresh virtualenv, ``twistd`` finds the ``lrp`` dropin.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -191,3 +197,110 @@ def test_nginx_site_proxies_with_forwarded_headers_and_serves_static(lrp_server,
     finally:
         nginx.terminate()
         nginx.wait(10)
+
+
+# -- Packaging ------------------------------------------------------------------
+#
+# Each install goes into a fresh virtualenv made without pip (fast). Its
+# dependencies (Twisted, Django, pip, setuptools) come from the suite's own
+# environment through a .pth file naming a folder of links to everything
+# there except twistedlrp itself: a .pth line adds that folder to sys.path
+# without running the .pth files inside it, so the suite's editable install
+# of twistedlrp stays invisible. The project is built from a copy of the
+# source tree: nothing is written into the working tree, and no stale
+# build/ folder can slip old modules into the wheel.
+
+
+def _copy_of_the_project(target):
+    shutil.copytree(
+        ROOT,
+        target,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "dropin.cache",
+            ".lrp", "*.sqlite3", "staticfiles", ".pytest_cache", ".ruff_cache",
+        ),
+    )  # fmt: skip
+    return target
+
+
+@pytest.fixture(scope="module")
+def packaging(tmp_path_factory):
+    """A copy of the project and a folder with the suite's packages but twistedlrp."""
+    base = tmp_path_factory.mktemp("packaging")
+    deps = base / "deps"
+    deps.mkdir()
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for entry in purelib.iterdir():
+        name = entry.name.lower()
+        if name.startswith(("twistedlrp", "__editable__")) or name.endswith(".pth"):
+            continue
+        if name == "twisted":
+            # Twisted's own plugins folder must not hold a copy of the dropin.
+            assert not (entry / "plugins" / "twistedlrp_plugin.py").exists()
+        (deps / entry.name).symlink_to(entry)
+    return _copy_of_the_project(base / "project"), deps
+
+
+def _fresh_venv(path, deps):
+    """@return: the python of a new virtualenv at C{path} that sees C{deps}."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    site = sysconfig.get_path("purelib", vars={"base": str(path), "platbase": str(path)})
+    (Path(site) / "_lrp_test_deps.pth").write_text(f"{deps}\n")
+    return python
+
+
+def _run(python, *args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE")}
+    return subprocess.run(
+        [str(python), *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env
+    )
+
+
+def _check_twistd(python, cwd, expected_file):
+    """C{twistd --help} lists lrp and C{twistd lrp --version} names the version."""
+    import twistedlrp
+
+    where = _run(python, "-c", "import twistedlrp; print(twistedlrp.__file__)", cwd=cwd)
+    assert where.stdout.strip() == str(expected_file), where.stdout + where.stderr
+    twistd = ("-c", "from twisted.scripts.twistd import run; run()")
+    result = _run(python, *twistd, "--help", cwd=cwd)
+    assert "lrp" in result.stdout.split(), result.stdout + result.stderr
+    result = _run(python, *twistd, "lrp", "--version", cwd=cwd)
+    assert f"twistedlrp {twistedlrp.__version__}" in result.stdout, result.stdout + result.stderr
+
+
+def test_twistd_finds_lrp_after_installing_the_wheel(packaging, tmp_path):
+    project, deps = packaging
+    python = _fresh_venv(tmp_path / "venv", deps)
+    wheels = tmp_path / "wheels"
+    build = _run(
+        python, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+        "-w", str(wheels), str(project), cwd=tmp_path,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    (wheel,) = wheels.glob("twistedlrp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/twistedlrp_plugin.py" in names
+    assert "twistedlrp/jobs/__init__.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "example/"))]
+    install = _run(python, "-m", "pip", "install", "--no-deps", "-q", str(wheel), cwd=tmp_path)
+    assert install.returncode == 0, install.stderr
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(tmp_path / "venv")}))
+    assert (site / "twisted" / "plugins" / "twistedlrp_plugin.py").is_file()
+    _check_twistd(python, tmp_path, site / "twistedlrp" / "__init__.py")
+
+
+def test_twistd_finds_lrp_after_an_editable_install(packaging, tmp_path):
+    project, deps = packaging
+    python = _fresh_venv(tmp_path / "venv", deps)
+    install = _run(
+        python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-q",
+        "-e", str(project), cwd=tmp_path,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    # A plain .pth naming the project folder, where twisted/plugins/ is.
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(tmp_path / "venv")}))
+    (pth,) = site.glob("__editable__.twistedlrp-*.pth")
+    assert pth.read_text().split() == [str(project)]
+    _check_twistd(python, tmp_path, project / "twistedlrp" / "__init__.py")
