@@ -5,7 +5,6 @@ import subprocess
 import sys
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 from support import ROOT, TESTSITE, TWISTD, free_port, port_open, request, run_to_exit, wait_for
@@ -196,65 +195,6 @@ def test_dropin_imports_neither_the_reactor_nor_django():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert result.stdout.strip() == "ok", result.stderr
-
-
-def test_twistd_lists_lrp_after_an_editable_install():
-    # The suite's venv has the project installed with `pip install -e .`.
-    result = subprocess.run([TWISTD, "--help"], capture_output=True, text=True, timeout=60, cwd="/")
-    assert "lrp" in result.stdout.split()
-
-
-def test_twistd_lists_lrp_after_a_normal_install(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(wheels),
-            str(ROOT),
-        ],
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
-    (wheel,) = wheels.glob("twistedlrp-*.whl")
-    assert "twisted/plugins/twistedlrp_plugin.py" in zipfile.ZipFile(wheel).namelist()
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--no-deps",
-            "-q",
-            "--target",
-            str(target),
-            str(wheel),
-        ],
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
-    # Only the installed copy (not the source tree) is on the path.
-    script = (
-        "import sys\n"
-        f"sys.path = [p for p in sys.path if p not in ('', {str(ROOT)!r})]\n"
-        f"sys.path.insert(0, {str(target)!r})\n"
-        "from twisted.scripts.twistd import run\n"
-        "sys.argv = ['twistd', '--help']\n"
-        "run()\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/"
-    )
-    assert "lrp" in result.stdout.split(), result.stdout + result.stderr
 
 
 def test_the_demo_site_serves_its_page_and_css(lrp_server, tmp_path):

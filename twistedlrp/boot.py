@@ -1,5 +1,5 @@
 """
-Setting Django up before the server accepts a connection (DESIGN.md,
+Setting Django up before the server accepts a connection (docs/design.md,
 start-up steps 1 to 3), in the main thread, before the reactor runs.
 
 Every failure here raises :class:`BootError` with a message fit for one line

@@ -203,7 +203,8 @@ def _describe_port(port) -> str:
     host = port.getHost()
     if hasattr(host, "port"):
         return f"http://{host.host}:{host.port}/"
-    return f"unix:{getattr(host, 'name', host)}"
+    name = getattr(host, "name", host)
+    return f"unix:{name.decode(errors='replace') if isinstance(name, bytes) else name}"
 
 
 _exit_code = 0

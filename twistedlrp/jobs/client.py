@@ -3,13 +3,15 @@ The job client: one persistent AMP connection to the job service, held by
 the reactor through C{ClientService}, and the thread-safe facade the public
 API (L{twistedlrp.jobs}) uses.
 
-In the server, the client component installs a client connected to the
-local job service (or to C{--jobs-connect}). In any other process with
-Django set up, the first call creates one from the settings:
+In the server, the job client service (L{twistedlrp.jobs.node}) installs a
+client connected to the local job service (or to C{--jobs-connect}). In any
+other process with Django set up, the first call creates one from
 C{LRP_JOBS_CONNECT} (a client endpoint string), else
 C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock}; C{LRP_JOBS_SECRET_FILE}
-names the shared secret for network endpoints; C{LRP_JOBS_TIMEOUT}
-(seconds, default 10) bounds reaching the service and each answer.
+names the shared secret for network endpoints. Each is read from the
+environment first, then from the Django settings: a worker process is told
+its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
+(a setting, seconds, default 10) bounds reaching the service and each answer.
 """
 
 from __future__ import annotations
@@ -196,20 +198,35 @@ def install(client: JobClient | None) -> None:
     _client = client
 
 
+def configured(name: str) -> str | None:
+    """@return: C{name} from the environment, else from the Django settings, else C{None}."""
+    from django.conf import settings
+
+    return os.environ.get(name) or getattr(settings, name, None) or None
+
+
+def configured_endpoint(state_dir: str | None = None) -> str:
+    """
+    @return: the client endpoint string of the job service this process
+        should reach: C{LRP_JOBS_CONNECT}, else the socket in C{state_dir}
+        (or C{LRP_STATE_DIR}, or C{.lrp}).
+    """
+    endpoint = configured("LRP_JOBS_CONNECT")
+    if endpoint:
+        return endpoint
+    state = state_dir or configured("LRP_STATE_DIR") or ".lrp"
+    return unix_client_endpoint(os.path.join(state, "jobs.sock"))
+
+
 def _settings_client() -> JobClient:
-    """Build (in the reactor thread) this process's client from the settings."""
+    """Build (in the reactor thread) this process's client from its configuration."""
     global _client
     if _client is None:
         from django.conf import settings
         from twisted.internet import reactor
 
-        endpoint = getattr(settings, "LRP_JOBS_CONNECT", None) or os.environ.get("LRP_JOBS_CONNECT")
-        if not endpoint:
-            state = getattr(settings, "LRP_STATE_DIR", None) or os.environ.get("LRP_STATE_DIR")
-            endpoint = unix_client_endpoint(os.path.join(state or ".lrp", "jobs.sock"))
-        secret_file = getattr(settings, "LRP_JOBS_SECRET_FILE", None) or os.environ.get(
-            "LRP_JOBS_SECRET_FILE"
-        )
+        endpoint = configured_endpoint()
+        secret_file = configured("LRP_JOBS_SECRET_FILE")
         secret = wire.read_secret(secret_file) if secret_file else None
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
         client = JobClient(reactor, endpoint, secret, timeout)

@@ -93,18 +93,17 @@ class JobClientService(service.Service):
 
         super().startService()
         options = self.options
-        state_socket = jobs_client.unix_client_endpoint(
-            os.path.join(options["state-dir"], "jobs.sock")
-        )
         description = None
         if options["jobs-connect"]:
             endpoint = options["jobs-connect"]
         elif self.local is not None:
             endpoint = _LocalServiceEndpoint(self.reactor, self.local)
-            description = options["jobs-listen"] or state_socket
+            description = options["jobs-listen"] or jobs_client.unix_client_endpoint(
+                os.path.join(options["state-dir"], "jobs.sock")
+            )
         else:
-            endpoint = getattr(settings, "LRP_JOBS_CONNECT", None) or state_socket
-        secret_file = options["jobs-secret-file"] or getattr(settings, "LRP_JOBS_SECRET_FILE", None)
+            endpoint = jobs_client.configured_endpoint(options["state-dir"])
+        secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
         secret = wire.read_secret(secret_file) if secret_file else None
         if (description or endpoint).startswith("unix:"):
             secret = None

@@ -3,7 +3,7 @@ The WSGI container: runs the application in the thread pool and hands the
 response back to the reactor.
 
 ``twisted.web.wsgi`` makes one blocking round trip to the reactor for every
-``write``; that hand-off is most of its cost (see DESIGN.md). Here the whole
+``write``; that hand-off is most of its cost (see docs/performance.md). Here the whole
 application call runs in a pool thread and a response that is not streamed
 is delivered to the reactor in a single ``callFromThread``. Streaming
 responses (``StreamingHttpResponse``, ``FileResponse``, any iterable that is
