@@ -140,6 +140,15 @@ def job(
         (it returns a L{JobInfo}) and C{job_name}.
     """
 
+    from twistedlrp.jobs.arguments import check_priority, check_seconds
+
+    check_seconds("timeout", timeout)
+    check_priority(priority)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise InvalidArguments(f"retries: expected a whole number of at least 0, got {retries!r}")
+    if retry_delay != 0:
+        check_seconds("retry_delay", retry_delay)
+
     def register(function):
         definition = registry.JobDefinition(
             name=name or f"{function.__module__}.{function.__qualname__}",
@@ -173,35 +182,51 @@ def submit(
     run_after: _dt.datetime | float | None = None,
     key: str | None = None,
     timeout: float | None = None,
+    id: str | None = None,
 ) -> JobInfo:
     """
     Store a job and queue it. Returns once the job is committed.
 
+    To retry a submission safely (after L{JobServiceUnavailable}, whose
+    outcome may be unknown), submit again with the same C{id} (or C{key}):
+    the job stored the first time is returned instead of a second one.
+
     @param run_after: an aware datetime or a Unix time before which it does not start.
     @param key: if an unfinished job has this key, return that job instead.
     @param timeout: seconds per attempt, overriding the registered one.
-    @return: the new (or existing, see C{key}) job's L{JobInfo}.
+    @param id: a UUID chosen by the caller (C{uuid.uuid4()}); if a job has
+        it already, that job is returned.
+    @return: the new (or existing, see C{key} and C{id}) job's L{JobInfo}.
     @raise NotRegistered: no job is registered under C{name}.
-    @raise InvalidArguments: the arguments are not JSON-serialisable.
+    @raise InvalidArguments: the arguments are not JSON-serialisable, or
+        C{priority}, C{run_after}, C{key}, C{timeout} or C{id} is out of
+        range or of the wrong type (the message names it).
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
     from twistedlrp.jobs import client
+    from twistedlrp.jobs.arguments import check_submission
 
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
-            raise ValueError("run_after must be an aware datetime (or a Unix time)")
+            raise InvalidArguments("run_after: must be an aware datetime (or a Unix time)")
         run_after = run_after.timestamp()
+    checked = check_submission(name, priority, run_after, key, timeout, id)
+    if isinstance(args, str | bytes | dict) or not isinstance(args, list | tuple):
+        raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise InvalidArguments(f"kwargs: expected a dict, got {type(kwargs).__name__}")
     return JobInfo.from_dict(
         client.call(
             "submit",
             name=name,
             args=list(args),
             kwargs=dict(kwargs or {}),
-            priority=priority,
-            run_after=run_after,
-            key=key,
-            timeout=timeout,
+            priority=checked["priority"],
+            run_after=checked["run_after"],
+            key=checked["key"],
+            timeout=checked["timeout"],
+            id=checked["job_id"],
         )
     )
 

@@ -33,14 +33,169 @@ class ServiceProtocol(wire.QuietAMP):
     One client connection. With C{secret} set, nothing but C{Challenge}
     and C{Login} is answered before a successful Login; anything else, or
     a wrong digest, gets an error and the connection is closed.
+
+    What the client may send is bounded as it arrives, never buffered
+    whole: before Login, C{gate.limits.pre_login_bytes} over all its boxes
+    (more closes the connection); after Login (from the start without a
+    secret), C{service.max_payload} plus L{wire.BOX_FRAMING} in one box
+    (more is answered with C{PAYLOAD_TOO_LARGE}, the rest of the box is
+    read and dropped, and the connection is closed).
+
+    @param gate: the listener's L{wire.Gate} (login deadline, count of the
+        connections waiting to log in, rate-limited refusal warnings), or
+        C{None} for none of those.
     """
 
-    def __init__(self, service, secret: bytes | None):
+    def __init__(self, service, secret: bytes | None, gate: wire.Gate | None = None):
         super().__init__()
         self.service = service
         self.secret = secret
         self.authenticated = secret is None
         self.nonce: bytes | None = None
+        self.gate = gate
+        limits = gate.limits if gate is not None else wire.Limits()
+        self.pre_login_bytes = limits.pre_login_bytes
+        self.max_box = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD) + wire.BOX_FRAMING
+        # Bytes of the box being parsed; before Login, of all boxes so far.
+        self._received = 0
+        self._refused = False  # closing: whatever else arrives is dropped
+        self._discarding = None  # the rest of a refused box is being dropped (its time limit)
+
+    # -- limits ---------------------------------------------------------
+
+    def connectionMade(self):
+        super().connectionMade()
+        if not self.authenticated and self.gate is not None:
+            self.gate.enter(self, self._login_expired)
+
+    def connectionLost(self, reason):
+        if self.gate is not None:
+            self.gate.leave(self)
+        if self._discarding is not None and self._discarding.active():
+            self._discarding.cancel()
+        super().connectionLost(reason)
+
+    def _limit(self) -> int:
+        return self.max_box if self.authenticated else self.pre_login_bytes
+
+    def dataReceived(self, data):
+        if self._refused:
+            return
+        super().dataReceived(data)
+        # What is left unparsed is the start of a key or value (at most 64 KiB).
+        if not (self._refused or self._discarding) and (
+            self._received + len(self._unprocessed) > self._limit()
+        ):
+            self._too_large()
+
+    def stringReceived(self, string):
+        if self._refused:
+            return
+        if not self._discarding:
+            self._received += 2 + len(string)
+            if self._received > self._limit():
+                self._too_large()
+                if self._refused:
+                    return
+        super().stringReceived(string)
+        if self.state == "init" and self.authenticated:
+            self._received = 0  # a box ended
+
+    def proto_key(self, string):
+        if self._discarding and not string:
+            # The end of the refused box.
+            self._currentBox = None
+            self._close()
+            return "init"
+        return super().proto_key(string)
+
+    def proto_value(self, string):
+        if self._discarding:
+            self._currentKey = None
+            self.MAX_LENGTH = self._MAX_KEY_LENGTH
+            return "key"
+        return super().proto_value(string)
+
+    def _too_large(self) -> None:
+        """The box being received (or what came before Login) is over the limit."""
+        box = self._currentBox or {}
+        ask = box.get(b"_ask")
+        command = box.get(b"_command", b"?").decode("ascii", "replace")
+        if not self.authenticated:
+            self._warn(
+                "pre-login-size",
+                "Job client {peer} sent more than {limit} bytes before logging in: disconnected",
+                limit=self.pre_login_bytes,
+            )
+            self._answer_error(
+                ask,
+                wire.FATAL_ERRORS[AuthenticationFailed],
+                f"this job service requires Login (challenge-response with the shared secret) "
+                f"first, and takes at most {self.pre_login_bytes} bytes before it",
+            )
+            self._close()
+            return
+        self._warn(
+            "box-size",
+            "Job client {peer} sent a {command} of more than {limit} bytes (--max-job-payload "
+            "{payload} plus framing): refused, disconnected",
+            command=command,
+            limit=self.max_box,
+            payload=self.max_box - wire.BOX_FRAMING,
+        )
+        self._answer_error(
+            ask,
+            wire.ERRORS[PayloadTooLarge],
+            f"the {command} is larger than the job service takes in one message "
+            f"({self.max_box} bytes: its limit of {self.max_box - wire.BOX_FRAMING} bytes "
+            f"(--max-job-payload) plus framing); the connection is closed",
+        )
+        # Read the rest of the box without keeping it, so that the client
+        # finishes sending and reads the answer; then close.
+        self._currentBox = None
+        clock = self.gate.clock if self.gate is not None else None
+        self._discarding = (
+            clock.callLater(wire.DISCARD_TIMEOUT, self._close) if clock is not None else True
+        )
+
+    def _answer_error(self, ask: bytes | None, code: bytes, description: str) -> None:
+        if ask is None or self.transport is None:
+            return
+        self.sendBox(
+            amp.AmpBox(
+                _error=ask,
+                _error_code=code,
+                _error_description=description.encode("utf-8"),
+            )
+        )
+
+    def _close(self) -> None:
+        self._refused = True
+        if self._discarding is not None and self._discarding is not True:
+            if self._discarding.active():
+                self._discarding.cancel()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_expired(self) -> None:
+        if self.authenticated or self.transport is None:
+            return
+        self._warn(
+            "login-timeout",
+            "Job client {peer} did not log in within {timeout:g} s: disconnected",
+            timeout=self.gate.limits.login_timeout,
+        )
+        self._close()
+
+    def _warn(self, kind: str, format: str, **kwargs) -> None:
+        """A rate-limited warning (per listener and kind) about the client."""
+        peer = wire.describe_peer(getattr(self, "_transportPeer", None))
+        if self.gate is not None:
+            self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
+        else:
+            log.warn(format, peer=peer, **kwargs)
+
+    # -- commands -------------------------------------------------------
 
     def locateResponder(self, name):
         responder = super().locateResponder(name)
@@ -48,9 +203,9 @@ class ServiceProtocol(wire.QuietAMP):
             return responder
 
         def refuse(box):
-            log.warn(
+            self._warn(
+                "before-login",
                 "Job client {peer} sent {command} before logging in: disconnected",
-                peer=self.transport.getPeer(),
                 command=name.decode("ascii", "replace"),
             )
             return defer.fail(
@@ -75,17 +230,18 @@ class ServiceProtocol(wire.QuietAMP):
             return {"ok": True}
         nonce, self.nonce = self.nonce, None
         if nonce is None or not hmac.compare_digest(digest, wire.digest(self.secret, nonce)):
-            log.warn(
-                "Job client {peer} failed to log in (wrong secret): disconnected",
-                peer=self.transport.getPeer(),
+            self._warn(
+                "wrong-secret", "Job client {peer} failed to log in (wrong secret): disconnected"
             )
             raise AuthenticationFailed("login refused: wrong secret (or no Challenge first)")
         self.authenticated = True
+        if self.gate is not None:
+            self.gate.leave(self)
         return {"ok": True}
 
     @wire.Submit.responder
-    def submit(self, name, payload, priority=None, run_after=None, key=None, timeout=None):
-        d = _guard(self.service.submit, name, payload, priority, run_after, key, timeout)
+    def submit(self, name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
+        d = _guard(self.service.submit, name, payload, priority, run_after, key, timeout, id)
         return d.addCallback(lambda job: {"job": job})
 
     @wire.Status.responder

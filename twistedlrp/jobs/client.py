@@ -20,11 +20,11 @@ import json
 import os
 import threading
 
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from twistedlrp import threads
 from twistedlrp.jobs import wire
@@ -41,9 +41,19 @@ log = Logger()
 DEFAULT_TIMEOUT = 10.0
 
 
+# Reconnection back-off: from a blink to half a minute.
+_FIRST_RETRY = 0.05
+_MAX_RETRY = 30.0
+
+
 class JobClient:
     """
     A persistent connection to one job service.
+
+    It connects at L{start} and again whenever the connection is lost. While
+    the service cannot be reached it retries in the background with
+    back-off (up to 30 s) and logs one warning, then one line when it
+    connects again; a request in the meantime tries at once.
 
     @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
         (then C{description} names it in messages).
@@ -60,66 +70,156 @@ class JobClient:
     ):
         self.reactor = reactor
         self.endpoint = description or str(endpoint)
+        # A UNIX socket that does not exist means no service: say so at once.
+        self._socket_path = _unix_path(endpoint) if isinstance(endpoint, str) else None
         if isinstance(endpoint, str):
             endpoint = clientFromString(reactor, endpoint)
+        self._connector = endpoint
         self.secret = secret
         self.timeout = timeout
         self.last_error: str | None = None
-        self.auth_error: AuthenticationFailed | None = None
-        self.service = ClientService(
-            endpoint,
-            _quiet_factory(),
-            retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=1.0, factor=2.0),
-            prepareConnection=self._prepare,
-        )
-        self.service.setName("twistedlrp-job-client")
+        self._protocol: _ClientAMP | None = None
+        self._connecting: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
+        self._retry = None
+        self._delay = _FIRST_RETRY
+        self._unreachable_since: float | None = None
+        self._stopped = True
+        self._closed: defer.Deferred | None = None
 
     def start(self) -> None:
-        self.service.startService()
+        self._stopped = False
+        self._connect()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once the connection is closed."""
-        return self.service.stopService()
+        self._stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None:
+            return defer.succeed(None)
+        self._closed = defer.Deferred()
+        protocol.transport.loseConnection()
+        return self._closed
 
-    def _prepare(self, proto) -> defer.Deferred | None:
-        if self.secret is None:
-            self.last_error = None
-            return None
+    # -- connecting ----------------------------------------------------------------
 
-        def ok(_):
-            self.last_error = None
-            self.auth_error = None
+    def _connect(self) -> defer.Deferred:
+        """@return: a Deferred firing with the logged-in protocol, or failing."""
+        if self._protocol is not None:
+            return defer.succeed(self._protocol)
+        waiter = defer.Deferred()
+        self._waiting.append(waiter)
+        if self._connecting is None:
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._connecting = defer.ensureDeferred(self._attempt())
+            self._connecting.addBoth(self._attempted)
+        return waiter
 
-        def refused(failure):
-            if failure.check(AuthenticationFailed):
-                self.auth_error = failure.value
-            self.last_error = failure.getErrorMessage()
-            return failure
+    async def _attempt(self):
+        protocol = await self._connector.connect(_ClientFactory(self._lost))
+        if self.secret is not None:
+            try:
+                await wire.login(protocol, self.secret)
+            except BaseException:
+                if protocol.transport is not None:
+                    protocol.transport.loseConnection()
+                raise
+        return protocol
 
-        return defer.ensureDeferred(wire.login(proto, self.secret)).addCallbacks(ok, refused)
+    def _attempted(self, outcome) -> None:
+        self._connecting = None
+        waiting, self._waiting = self._waiting, []
+        if isinstance(outcome, Failure):
+            if outcome.check(defer.CancelledError) and self._stopped:
+                outcome = Failure(JobServiceUnavailable("the job client is stopped"))
+            self.last_error = _reason(outcome)
+            self._unreachable(outcome)
+            for d in waiting:
+                d.errback(outcome)
+            return
+        self._protocol = outcome
+        self.last_error = None
+        self._delay = _FIRST_RETRY
+        if self._unreachable_since is not None:
+            log.info(
+                "Connected to the job service at {endpoint} again (after {seconds:.1f} s)",
+                endpoint=self.endpoint,
+                seconds=self.reactor.seconds() - self._unreachable_since,
+            )
+            self._unreachable_since = None
+        for d in waiting:
+            d.callback(outcome)
+
+    def _unreachable(self, failure: Failure) -> None:
+        if self._stopped:
+            return
+        if self._unreachable_since is None:
+            self._unreachable_since = self.reactor.seconds()
+            log.warn(
+                "Cannot reach the job service at {endpoint} ({reason}); retrying in the "
+                "background, up to every {most:g} s",
+                endpoint=self.endpoint,
+                reason=self.last_error,
+                most=_MAX_RETRY,
+            )
+        self._retry = self.reactor.callLater(self._delay, self._retry_now)
+        self._delay = min(self._delay * 2, _MAX_RETRY)
+
+    def _retry_now(self) -> None:
+        self._retry = None
+        if not self._stopped:
+            self._connect().addErrback(lambda failure: None)
+
+    def _lost(self, protocol) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        if self._closed is not None:
+            closed, self._closed = self._closed, None
+            closed.callback(None)
+        if self._stopped:
+            return
+        log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
+        self._unreachable_since = self.reactor.seconds()
+        self._delay = _FIRST_RETRY
+        self._retry = self.reactor.callLater(0, self._retry_now)
 
     async def connected(self) -> amp.AMP:
         """
         @return: the connected protocol, within C{self.timeout}.
-        @raise JobServiceUnavailable: not connected in time.
+        @raise JobServiceUnavailable: not connected in time, or at once when
+            the service's UNIX socket does not exist.
         @raise AuthenticationFailed: the service refused our secret.
         """
+        if self._protocol is not None:
+            return self._protocol
+        if self._socket_path is not None and not os.path.exists(self._socket_path):
+            raise JobServiceUnavailable(
+                f"the job service at {self.endpoint} could not be reached: its socket does "
+                f"not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
+            )
         deadline = self.reactor.seconds() + self.timeout
         while True:
-            d = self.service.whenConnected(failAfterFailures=1)
+            d = self._connect()
             d.addTimeout(max(deadline - self.reactor.seconds(), 0.01), self.reactor)
             try:
                 return await d
             except defer.TimeoutError:
                 break
-            except Exception as e:
-                if self.auth_error is not None:
-                    raise AuthenticationFailed(
-                        f"the job service at {self.endpoint} refused the shared secret "
-                        f"({self.auth_error})"
-                    ) from None
-                self.last_error = str(e) or type(e).__name__
-            if self.reactor.seconds() >= deadline:
+            except AuthenticationFailed as e:
+                raise AuthenticationFailed(
+                    f"the job service at {self.endpoint} refused the shared secret ({e})"
+                ) from None
+            except JobError:
+                raise
+            except Exception:
+                pass
+            if self.reactor.seconds() >= deadline or self._stopped:
                 break
             await task.deferLater(self.reactor, 0.05, lambda: None)
         raise JobServiceUnavailable(
@@ -144,14 +244,22 @@ class JobClient:
         except defer.TimeoutError:
             raise JobServiceUnavailable(
                 f"the job service at {self.endpoint} did not answer {op} within "
-                f"{timeout or self.timeout:g} s"
+                f"{timeout or self.timeout:g} s" + _UNKNOWN_OUTCOME.get(op, "")
             ) from None
         except (error.ConnectionLost, error.ConnectionDone, amp.UnknownRemoteError) as e:
             raise JobServiceUnavailable(
                 f"the connection to the job service at {self.endpoint} broke during {op}: {e}"
+                + _UNKNOWN_OUTCOME.get(op, "")
             ) from None
         return answer[answer_key]
 
+
+# What a caller must know when an answer is lost: the request may have taken effect.
+_UNKNOWN_OUTCOME = {
+    "submit": "; the job may or may not have been stored: submit again with the same id "
+    "(or key) to get the same job instead of a second one",
+    "cancel": "; the cancellation may or may not have been requested: cancel again",
+}
 
 _COMMANDS = {
     "submit": lambda kw: (
@@ -164,6 +272,7 @@ _COMMANDS = {
             "run_after": _float(kw.get("run_after")),
             "key": kw.get("key"),
             "timeout": _float(kw.get("timeout")),
+            "id": kw.get("id"),
         },
     ),
     "status": lambda kw: (wire.Status, "job", {"job_id": kw["job_id"]}),
@@ -288,7 +397,48 @@ def encode_payload(args, kwargs) -> bytes:
 __all__ = ["JobClient", "call", "install", "JobError"]
 
 
-def _quiet_factory() -> protocol.Factory:
-    factory = protocol.Factory.forProtocol(wire.QuietAMP)
-    factory.noisy = False
-    return factory
+class _ClientAMP(wire.QuietAMP):
+    def __init__(self, on_lost):
+        super().__init__()
+        self._on_lost = on_lost
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self._on_lost(self)
+
+
+class _ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, on_lost):
+        self._on_lost = on_lost
+
+    def buildProtocol(self, addr):
+        return _ClientAMP(self._on_lost)
+
+
+def _reason(failure: Failure) -> str:
+    return failure.getErrorMessage() or failure.type.__name__
+
+
+def _unix_path(endpoint: str) -> str | None:
+    """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
+    parts, current, escaped = [], "", False
+    for char in endpoint:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    if parts[0] != "unix" or len(parts) < 2:
+        return None
+    for part in parts[1:]:
+        if part.startswith("path="):
+            return part[len("path=") :]
+    return parts[1] if "=" not in parts[1] else None

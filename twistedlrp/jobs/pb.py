@@ -166,18 +166,22 @@ class JobsAvatar(pb.Avatar):
         run_after=None,
         key=None,
         timeout=None,
+        id=None,
     ):
         """
         Store and queue a job; answered after the commit.
 
         @param run_after: a Unix time before which it does not start.
-        @return: the job's description (an existing unfinished job's when C{key} matches).
+        @param id: a UUID the client chose; submitting again with it returns the same job.
+        @return: the job's description (an existing one's when C{id} names
+            one, or an unfinished one's when C{key} matches).
         @raise NotRegisteredError: no job is registered under C{name}.
-        @raise InvalidArgumentsError: C{args} or C{kwargs} are not JSON.
+        @raise InvalidArgumentsError: C{args} or C{kwargs} are not JSON, or
+            another value is of the wrong type or out of range.
         @raise PayloadTooLargeError: they exceed C{--max-job-payload}.
         """
         return _call(
-            _submit, self.service, name, args, kwargs or {}, priority, run_after, key, timeout
+            _submit, self.service, name, args, kwargs or {}, priority, run_after, key, timeout, id
         )
 
     def perspective_status(self, job_id):
@@ -202,18 +206,12 @@ class JobsAvatar(pb.Avatar):
         return _call(self.service.stats)
 
 
-def _submit(service, name, args, kwargs, priority, run_after, key, timeout):
+def _submit(service, name, args, kwargs, priority, run_after, key, timeout, job_id):
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise errors.InvalidArguments("args must be a list and kwargs a dict")
     payload = encode_payload(args, kwargs)
-    return service.submit(
-        str(name),
-        payload,
-        None if priority is None else int(priority),
-        None if run_after is None else float(run_after),
-        key,
-        None if timeout is None else float(timeout),
-    )
+    # The service checks every other value (and says which one is wrong).
+    return service.submit(name, payload, priority, run_after, key, timeout, job_id)
 
 
 def _call(fn, *args) -> defer.Deferred:

@@ -27,6 +27,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
+from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.dispatch import KEEP_PAYLOAD, Dispatcher
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -211,21 +212,32 @@ class JobService(service.Service):
         run_after: float | None = None,
         key: str | None = None,
         timeout: float | None = None,
+        job_id: str | None = None,
     ) -> defer.Deferred:
         """
         Store and queue a job. C{payload} is the JSON of
         C{{"args": [...], "kwargs": {...}}}.
 
+        @param job_id: the id the client chose (a UUID): submitting again
+            with it returns the job stored the first time.
         @return: a Deferred firing, after the commit, with the job's
-            description (an existing unfinished job's when C{key} matches one).
-            It fails with L{NotRegistered}, L{PayloadTooLarge},
-            L{InvalidArguments} or L{JobServiceUnavailable}; then nothing was stored.
+            description (an existing one's when C{job_id} names one, or
+            C{key} an unfinished one). It fails with L{NotRegistered},
+            L{PayloadTooLarge}, L{InvalidArguments} or
+            L{JobServiceUnavailable}; then nothing was stored.
         """
-        return defer.ensureDeferred(self._submit(name, payload, priority, run_after, key, timeout))
+        return defer.ensureDeferred(
+            self._submit(name, payload, priority, run_after, key, timeout, job_id)
+        )
 
-    async def _submit(self, name, payload, priority, run_after, key, timeout) -> dict:
+    async def _submit(self, name, payload, priority, run_after, key, timeout, job_id) -> dict:
         if self.unavailable:
             raise JobServiceUnavailable(self.unavailable)
+        checked = check_submission(name, priority, run_after, key, timeout, job_id)
+        priority, run_after, key = checked["priority"], checked["run_after"], checked["key"]
+        timeout, job_id = checked["timeout"], checked["job_id"]
+        if not isinstance(payload, bytes):
+            raise InvalidArguments(f"the payload of {name} must be JSON bytes")
         definition = registry.lookup(name)
         if definition is None:
             known = registry.names()
@@ -245,15 +257,15 @@ class JobService(service.Service):
             "name": name,
             "args": args,
             "kwargs": kwargs,
-            "priority": definition.priority if priority is None else int(priority),
+            "priority": definition.priority if priority is None else priority,
             "queue": definition.queue,
             "run_after": datetime.fromtimestamp(run_after, UTC) if run_after else None,
             "max_attempts": definition.retries + 1,
             "retry_delay": definition.retry_delay,
             "timeout": definition.timeout if timeout is None else timeout,
-            "key": key or None,
+            "key": key,
         }
-        created, info = await self.store.run(ops.create, fields)
+        created, info = await self.store.run(ops.create, fields, job_id)
         if created:
             self.dispatcher.counters["submitted"] += 1
             record = JobRecord(

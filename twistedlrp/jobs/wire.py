@@ -164,6 +164,8 @@ class Submit(_Command):
         (b"run_after", amp.Float(optional=True)),
         (b"key", amp.Unicode(optional=True)),
         (b"timeout", amp.Float(optional=True)),
+        # A UUID the client chose: the same id submitted again returns the same job.
+        (b"id", amp.Unicode(optional=True)),
     ]
     response = [(b"job", BigJSON())]
 

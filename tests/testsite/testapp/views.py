@@ -107,6 +107,7 @@ def jobs_api(request):
                 run_after=data.get("run_after"),
                 key=data.get("key"),
                 timeout=data.get("timeout"),
+                id=data.get("id"),
             )
         elif op == "add":
             from testapp.jobs import add

@@ -98,11 +98,14 @@ def prepare():
     return None
 
 
-def create(fields: dict) -> dict:
+def create(fields: dict, job_id: str | None = None) -> dict:
     """
-    Insert a job, unless C{fields["key"]} names an unfinished job.
+    Insert a job, unless C{fields["key"]} names an unfinished job or a job
+    with the id C{job_id} exists (a submission retried with the id it chose).
 
     @return: C{(created, job dict)}.
+    @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
+        the id of a job of another name.
     """
     from django.db import connection
 
@@ -123,11 +126,20 @@ def create(fields: dict) -> dict:
         if key:
             key = sql.prep("key", key)
             fields = dict(fields, key=key)
+    if job_id is not None:
+        existing = Job.objects.filter(id=job_id).first()
+        if existing is not None:
+            if existing.name != fields["name"]:
+                raise InvalidArguments(
+                    f"id: {job_id} is the id of a job of another name ({existing.name})"
+                )
+            return False, job_dict(existing)
     if key:
         existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
         if existing is not None:
             return False, job_dict(existing)
-    row = dict(sql.defaults, id=uuid.uuid4(), created_at=now(), state=QUEUED, **fields)
+    new_id = uuid.UUID(job_id) if job_id is not None else uuid.uuid4()
+    row = dict(sql.defaults, id=new_id, created_at=now(), state=QUEUED, **fields)
     params = [sql.prep(name, row.get(name)) for name in sql.insert_names]
     with connection.cursor() as cursor:
         cursor.execute(sql.insert, params)
