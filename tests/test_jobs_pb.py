@@ -23,6 +23,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pb")
     secret_file = tmp / "secret"
     secret_file.write_bytes(SECRET + b"\n")
+    secret_file.chmod(0o600)  # a secret file others can read is refused
     pb_port = free_port()
     server = start_server(
         make_template_db(tmp),

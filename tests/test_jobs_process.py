@@ -127,6 +127,7 @@ def test_sigterm_puts_an_unfinished_job_back_in_the_queue(template, tmp_path):
 def test_jobs_only_node_and_web_node_over_tcp_with_secret(template, tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)  # a secret file others can read is refused
     port = free_port()
     node = start_server(
         template,

@@ -112,6 +112,8 @@ OPTIONS: tuple[Option, ...] = (
            shown="off"),
     Option("jobs-secret-file", None, values.existing_file, "File holding the shared secret that job clients "
            "must prove they know"),
+    Option("allow-open-permissions", False, None, "Start even if group or others may read "
+           "--jobs-secret-file or write to --state-dir"),
     Option("jobs-connect", None, values.client_endpoint, "Run no job service here; send jobs to the "
            "one at this client endpoint"),
     Option("no-jobs", False, None, "Run no job service and no workers in this process"),
@@ -304,6 +306,9 @@ class Options(usage.Options):
                     f"--{name}: a network listener ({endpoint}) requires --jobs-secret-file"
                 )
         if self["jobs-secret-file"]:
+            values.private_file(
+                "jobs-secret-file", self["jobs-secret-file"], self["allow-open-permissions"]
+            )
             with open(self["jobs-secret-file"], "rb") as f:
                 if not f.read().strip():
                     raise usage.UsageError(

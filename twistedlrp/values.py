@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -60,6 +61,43 @@ def existing_file(option: str, path) -> str:
     if not os.path.isfile(path):
         raise usage.UsageError(f"--{option}: no such file: {path!r}")
     return os.path.abspath(path)
+
+
+def permissions_problem(mode: int, mask: int = 0o077) -> str | None:
+    """
+    @param mode: a file's C{st_mode}.
+    @param mask: the permission bits of its group and others that are a problem.
+    @return: what is wrong, such as C{"readable by others (mode 0644)"}, or C{None}.
+    """
+    bad = stat.S_IMODE(mode) & mask
+    if not bad:
+        return None
+    who = "others" if bad & stat.S_IRWXO else "its group"
+    if bad & (stat.S_IRGRP | stat.S_IROTH):
+        what = "readable"
+    elif bad & (stat.S_IWGRP | stat.S_IWOTH):
+        what = "writable"
+    else:
+        what = "accessible"
+    return f"{what} by {who} (mode {stat.S_IMODE(mode):04o})"
+
+
+def private_file(option: str, path: str, allow_open: bool = False) -> None:
+    """
+    Refuse a secret file that its group or others may read or write, as ssh
+    refuses such a private key, unless C{allow_open} (C{--allow-open-permissions}).
+
+    @raise usage.UsageError: it is open, or cannot be read.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise usage.UsageError(f"--{option}: cannot read {path}: {e.strerror}") from None
+    problem = permissions_problem(mode)
+    if problem and not allow_open:
+        raise usage.UsageError(
+            f"--{option} {path} is {problem}: chmod 600 it, or pass --allow-open-permissions"
+        )
 
 
 def server_endpoint(option: str, value) -> str:

@@ -37,6 +37,7 @@ def site(tmp_path, monkeypatch):
     (tmp_path / "static").mkdir()
     (tmp_path / "media").mkdir()
     (tmp_path / "secret").write_text("s3cret\n")
+    (tmp_path / "secret").chmod(0o600)  # a secret file others can read is refused
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -278,6 +279,7 @@ def test_endpoints_are_checked_without_listening(tmp_path):
 
 def test_empty_secret_file(tmp_path):
     (tmp_path / "secret").write_text(" \n")
+    (tmp_path / "secret").chmod(0o600)
     with pytest.raises(usage.UsageError, match="--jobs-secret-file: .* is empty"):
         parse("--jobs-secret-file", str(tmp_path / "secret"))
 

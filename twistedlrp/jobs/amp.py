@@ -22,8 +22,9 @@ from twisted.protocols import amp
 
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import unix_client_endpoint
-from twistedlrp.jobs.errors import AuthenticationFailed, JobError
+from twistedlrp.jobs.errors import AuthenticationFailed, JobError, PayloadTooLarge
 from twistedlrp.services import StartupFailed
+from twistedlrp.values import permissions_problem
 
 log = Logger()
 
@@ -55,11 +56,12 @@ class ServiceProtocol(wire.QuietAMP):
         self.gate = gate
         limits = gate.limits if gate is not None else wire.Limits()
         self.pre_login_bytes = limits.pre_login_bytes
-        self.max_box = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD) + wire.BOX_FRAMING
+        self.max_box = getattr(service, "max_payload", wire.DEFAULT_MAX_PAYLOAD) + wire.BOX_FRAMING
         # Bytes of the box being parsed; before Login, of all boxes so far.
         self._received = 0
         self._refused = False  # closing: whatever else arrives is dropped
-        self._discarding = None  # the rest of a refused box is being dropped (its time limit)
+        self._discarding = False  # the rest of a refused box is being dropped
+        self._discard_deadline = None  # an IDelayedCall
 
     # -- limits ---------------------------------------------------------
 
@@ -71,8 +73,7 @@ class ServiceProtocol(wire.QuietAMP):
     def connectionLost(self, reason):
         if self.gate is not None:
             self.gate.leave(self)
-        if self._discarding is not None and self._discarding.active():
-            self._discarding.cancel()
+        self._cancel_discard_deadline()
         super().connectionLost(reason)
 
     def _limit(self) -> int:
@@ -153,10 +154,9 @@ class ServiceProtocol(wire.QuietAMP):
         # Read the rest of the box without keeping it, so that the client
         # finishes sending and reads the answer; then close.
         self._currentBox = None
-        clock = self.gate.clock if self.gate is not None else None
-        self._discarding = (
-            clock.callLater(wire.DISCARD_TIMEOUT, self._close) if clock is not None else True
-        )
+        self._discarding = True
+        if self.gate is not None:
+            self._discard_deadline = self.gate.clock.callLater(wire.DISCARD_TIMEOUT, self._close)
 
     def _answer_error(self, ask: bytes | None, code: bytes, description: str) -> None:
         if ask is None or self.transport is None:
@@ -171,11 +171,14 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _close(self) -> None:
         self._refused = True
-        if self._discarding is not None and self._discarding is not True:
-            if self._discarding.active():
-                self._discarding.cancel()
+        self._cancel_discard_deadline()
         if self.transport is not None:
             self.transport.loseConnection()
+
+    def _cancel_discard_deadline(self) -> None:
+        deadline, self._discard_deadline = self._discard_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
 
     def _login_expired(self) -> None:
         if self.authenticated or self.transport is None:
@@ -283,16 +286,45 @@ def _guard(fn, *args) -> defer.Deferred:
 
 
 class ServiceFactory(protocol.Factory):
-    """Builds a L{ServiceProtocol} per connection; C{secret} C{None} means trusted (UNIX socket)."""
+    """
+    Builds a L{ServiceProtocol} per connection; C{secret} C{None} means
+    trusted (UNIX socket). With a C{gate}, a connection beyond the number
+    that may wait to log in is closed as soon as it is accepted.
+    """
 
     noisy = False
 
-    def __init__(self, service, secret: bytes | None):
+    def __init__(self, service, secret: bytes | None, gate: wire.Gate | None = None):
         self.service = service
         self.secret = secret
+        self.gate = gate
 
     def buildProtocol(self, addr):
-        return ServiceProtocol(self.service, self.secret)
+        if self.secret is not None and self.gate is not None and not self.gate.admit(addr):
+            return None  # the transport closes the socket at once
+        return ServiceProtocol(self.service, self.secret, self.gate)
+
+
+def configured_limits() -> wire.Limits:
+    """
+    @return: the listeners' limits, with C{LRP_JOBS_LOGIN_TIMEOUT} from the
+        Django settings (when they are configured).
+    @raise StartupFailed: the setting is not a positive number.
+    """
+    from django.conf import settings
+
+    value = getattr(settings, "LRP_JOBS_LOGIN_TIMEOUT", None) if settings.configured else None
+    if value is None:
+        return wire.Limits()
+    try:
+        timeout = float(value)
+        if not timeout > 0 or timeout == float("inf"):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise StartupFailed(
+            f"LRP_JOBS_LOGIN_TIMEOUT: expected a positive number of seconds, got {value!r}"
+        ) from None
+    return wire.Limits(login_timeout=timeout)
 
 
 class AMPFrontEnd:
@@ -302,30 +334,48 @@ class AMPFrontEnd:
     @param endpoint: a server endpoint string, or C{None} for the UNIX
         socket C{jobs.sock} in C{state_dir} (mode 0600, no login).
     @param secret_file: the shared secret's file, required for any other endpoint.
+    @param allow_open_permissions: use a C{state_dir} that its group or
+        others may write to (otherwise refused); C{None}: as the service's
+        option C{--allow-open-permissions} says.
     @ivar client_endpoint: once listening, the client endpoint string that
         reaches it (for the workers and the local job client).
     """
 
-    def __init__(self, reactor, endpoint: str | None, state_dir: str, secret_file: str | None):
+    def __init__(
+        self,
+        reactor,
+        endpoint: str | None,
+        state_dir: str,
+        secret_file: str | None,
+        allow_open_permissions: bool | None = None,
+    ):
         self.reactor = reactor
         self.endpoint = endpoint
         self.state_dir = state_dir
         self.secret_file = secret_file
+        self.allow_open_permissions = allow_open_permissions
         self.client_endpoint: str | None = None
         self.port = None
 
     async def listen(self, service) -> None:
-        """@raise StartupFailed: the endpoint cannot listen, or another service owns the socket."""
+        """
+        @raise StartupFailed: the endpoint cannot listen, another service owns
+            the socket, or others may write to the state directory.
+        """
         endpoint = self.endpoint
         if endpoint is None:
-            path = self._prepare_socket_path()
+            allow = self.allow_open_permissions
+            if allow is None:
+                allow = bool(getattr(service, "options", {}).get("allow-open-permissions"))
+            path = self._prepare_socket_path(allow)
             endpoint = "unix:" + path.replace(":", "\\:") + ":mode=600:lockfile=0"
         secret = None
         if not endpoint.startswith("unix:"):
             secret = wire.read_secret(self.secret_file)
+        gate = wire.Gate(self.reactor, endpoint, configured_limits(), log)
         try:
             self.port = await serverFromString(self.reactor, endpoint).listen(
-                ServiceFactory(service, secret)
+                ServiceFactory(service, secret, gate)
             )
         except Exception as e:
             raise StartupFailed(f"the job service cannot listen on {endpoint}: {e}") from e
@@ -344,9 +394,21 @@ class AMPFrontEnd:
         port, self.port = self.port, None
         return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
 
-    def _prepare_socket_path(self) -> str:
+    def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
+        """
+        @return: the path of the socket in the state directory (created with
+            mode 0700 if missing); a socket left there by a dead server is removed.
+        @raise StartupFailed: another service listens there, or the
+            directory's group or others may write to it.
+        """
         state_dir = os.path.abspath(self.state_dir)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        problem = permissions_problem(os.stat(state_dir).st_mode, stat.S_IWGRP | stat.S_IWOTH)
+        if problem and not allow_open_permissions:
+            raise StartupFailed(
+                f"--state-dir {state_dir} is {problem}: chmod 700 it, or pass "
+                f"--allow-open-permissions"
+            )
         path = os.path.join(state_dir, "jobs.sock")
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
