@@ -97,6 +97,17 @@ OPTIONS: tuple[Option, ...] = (
            "larger ones get 413 unread", kind=WHOLE),
     Option("max-waiting", 100, _WHOLE_ANY, "Requests that may wait for a busy thread pool "
            "before new ones get 503", kind=WHOLE),
+    Option("header-timeout", 60.0, values.seconds, "Seconds a client has to send a whole request "
+           "head, from the connection or the request's first byte; then 408 (0: no limit)",
+           kind=SECONDS, unparse=values.number_text),
+    Option("max-header-size", 64 * 1024, values.whole(1024), "Largest request head (request line "
+           "and headers), in bytes; larger ones get 431", kind=WHOLE),
+    Option("max-connections", None, values.whole(1), "Open HTTP connections at most; a new one "
+           "beyond closes the one that waited longest for a request head", kind=WHOLE,
+           shown="the open-file limit minus 128, 4 per thread and 10 per worker"),
+    Option("write-timeout", 60.0, values.seconds, "Seconds a streaming response waits for a client "
+           "that reads nothing before its connection is cut (0: no limit)", kind=SECONDS,
+           unparse=values.number_text),
     Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
            "--forwarded-allow-ips"),
     Option("forwarded-allow-ips", ["127.0.0.1"], values.networks, "Addresses or networks "

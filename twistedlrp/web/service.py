@@ -19,7 +19,7 @@ from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.pool import ThreadPool
-from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.site import Limits, LRPSite, Router
 from twistedlrp.web.wsgi import WSGIResource
 
 
@@ -115,6 +115,7 @@ def build_web(
         proxy_headers=options["proxy-headers"],
         forwarded_allow_ips=options["forwarded-allow-ips"],
         access_log_path=options["access-log"],
+        limits=Limits.from_options(options),
     )
     return ThreadPoolService(pool), WebService(reactor, site, options["listen"]), health
 

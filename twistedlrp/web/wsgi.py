@@ -7,7 +7,9 @@ response back to the reactor.
 application call runs in a pool thread and a response that is not streamed
 is delivered to the reactor in a single ``callFromThread``. Streaming
 responses (``StreamingHttpResponse``, ``FileResponse``, any iterable that is
-not a list) are written chunk by chunk with flow control instead.
+not a list) are written chunk by chunk with flow control instead; a client
+that stops reading holds the pool thread at most C{--write-timeout} seconds
+per chunk, then its connection is cut and the thread freed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from twisted.web.server import NOT_DONE_YET
 
 log = Logger()
 
-# Seconds a streaming write may wait for the reactor or a slow client.
+# Seconds a streaming write may wait for the reactor or a slow client, when
+# the site does not say (--write-timeout).
 _STREAM_WRITE_TIMEOUT = 60.0
 _NO_BODY_STATUSES = {204, 304}
 
@@ -43,6 +46,10 @@ class _ErrorStream:
 
 
 _ERRORS = _ErrorStream()
+
+
+class _TooSlow(ConnectionError):
+    """A streaming response could not be written within the write deadline."""
 
 
 def build_environ(request, remote_addr: str, scheme: str) -> dict:
@@ -114,18 +121,28 @@ class WSGIResource(Resource):
 
     def render(self, request):
         environ = build_environ(request, request.lrp_client, request.lrp_scheme)
-        response = _WSGIResponse(self._reactor, request, self._application, environ)
+        response = _WSGIResponse(
+            self._reactor, request, self._application, environ, _write_timeout(request)
+        )
         if not self._pool.submit(response.run):
             return self._on_saturated(request)
         request.notifyFinish().addErrback(response.connection_lost)
         return NOT_DONE_YET
 
 
+def _write_timeout(request) -> float | None:
+    """@return: the site's write deadline in seconds, or C{None} for none."""
+    limits = getattr(getattr(request.channel, "site", None), "limits", None)
+    timeout = getattr(limits, "write_timeout", _STREAM_WRITE_TIMEOUT)
+    return timeout or None
+
+
 class _WSGIResponse:
     """One application call: runs in a pool thread, answers in the reactor."""
 
-    def __init__(self, reactor, request, application, environ):
+    def __init__(self, reactor, request, application, environ, write_timeout=_STREAM_WRITE_TIMEOUT):
         self._reactor = reactor
+        self._write_timeout = write_timeout
         self._request = request
         self._application = application
         self._environ = environ
@@ -190,9 +207,12 @@ class _WSGIResponse:
 
     def _abort(self) -> None:
         if not self.disconnected:
-            transport = self._request.channel and self._request.channel.transport
-            if transport is not None:
-                transport.abortConnection()
+            self._cut()
+
+    def _cut(self) -> None:
+        transport = self._request.channel and self._request.channel.transport
+        if transport is not None:
+            transport.abortConnection()
 
     # IPushProducer, so a slow client slows a streaming response down.
     def pauseProducing(self):
@@ -231,9 +251,8 @@ class _WSGIResponse:
     def _call_and_wait(self, fn, *args) -> None:
         done = threading.Event()
         self._reactor.callFromThread(fn, *args, done)
-        if not done.wait(_STREAM_WRITE_TIMEOUT):
-            self.disconnected = True
-            raise ConnectionError("the reactor did not take a response chunk in time")
+        if not done.wait(self._write_timeout):
+            raise _TooSlow("the reactor did not take a response chunk")
 
     def _begin_stream(self) -> None:
         if self._status is None:
@@ -248,9 +267,8 @@ class _WSGIResponse:
     def _stream(self, data: bytes) -> None:
         if self.disconnected or not data:
             return
-        if not self._resumed.wait(_STREAM_WRITE_TIMEOUT):
-            self.disconnected = True
-            raise ConnectionError("the client did not read the response in time")
+        if not self._resumed.wait(self._write_timeout):
+            raise _TooSlow("the client did not read the response")
         self._call_and_wait(self._write_chunk, data)
 
     def run(self) -> None:
@@ -276,6 +294,20 @@ class _WSGIResponse:
                     self._begin_stream()
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
+        except _TooSlow as e:
+            # Not the application's fault: say so once, free the thread, cut
+            # the connection (what was sent cannot be taken back).
+            log.warn(
+                "Streaming {method} {path}: {reason} within {timeout:g} s; "
+                "the connection is cut and the thread freed",
+                method=self._environ["REQUEST_METHOD"],
+                path=self._environ["PATH_INFO"],
+                reason=e,
+                timeout=self._write_timeout,
+            )
+            self.disconnected = True
+            self._reactor.callFromThread(self._cut)
+            return
         except BaseException:
             log.failure(
                 "Error in the WSGI application for {method} {path}",
