@@ -5,8 +5,12 @@ A worker child: ``python -m twistedlrp.jobs.child --settings MODULE
 It sets Django up, imports the site's job modules, then speaks AMP with
 the job service over fd 3 (commands in) and fd 4 (answers out), leaving
 stdout and stderr to the jobs. Jobs run one at a time in one job thread,
-so the reactor stays free to pass progress reports and cancellation. When
-fd 3 reaches end of file (the parent is gone) the child exits at once.
+so the reactor stays free to pass progress reports and cancellation.
+
+The child leads a session (and process group) of its own, which the
+processes its jobs start inherit: the job service signals the whole group.
+When fd 3 reaches end of file (the parent retires it, or is gone) the child
+kills whatever else is left in its group and exits at once.
 """
 
 from __future__ import annotations
@@ -35,8 +39,15 @@ def _parse(argv):
 
 
 def main(argv=None) -> None:
+    # A session and process group of our own, before any job can start a
+    # process: the job service ends a job's whole process tree with killpg.
+    try:
+        os.setsid()
+    except OSError:
+        pass  # Then the job service signals this process alone.
     args = _parse(sys.argv[1:] if argv is None else argv)
-    # Ctrl-C reaches the whole process group: the parent decides what stops.
+    # Were we still in the server's group, a Ctrl-C there must not stop us:
+    # the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from twistedlrp import boot
@@ -60,10 +71,52 @@ def main(argv=None) -> None:
     conversation = ChildProtocol(reactor, args.max_payload)
     stdio.StandardIO(conversation, stdin=3, stdout=4, reactor=reactor)
     reactor.run(installSignalHandlers=False)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # The job thread may still run (the parent is gone): end it with us.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # The parent is gone, and the pipe with it.
+    # The job thread may still run (the parent is gone): end it, and
+    # whatever its job started, with us.
+    end_group()
     os._exit(0)
+
+
+def end_group() -> None:
+    """
+    SIGKILL the other processes of our process group (what jobs started),
+    if we lead one and it has any; we go with them. The parent does the
+    same once we have exited, but it may be gone (killed): this is what
+    ends a job's subprocesses then.
+    """
+    group = os.getpid()
+    try:
+        if os.getpgrp() != group or not _others_in_group(group):
+            return
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _others_in_group(group: int) -> bool:
+    """@return: whether a live process other than this one is in C{group} (true if unknown)."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    me = str(os.getpid())
+    for name in names:
+        if not name.isdigit() or name == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(group).encode():
+            return True
+    return False
 
 
 class ChildProtocol(wire.QuietAMP):

@@ -195,7 +195,7 @@ class Dispatcher:
         d = worker.run(record.id, record.name, payload, record.attempts)
         d.addCallbacks(
             lambda outcome: self._job_ended(record, outcome),
-            # The worker died: _worker_died, called from processEnded, decides.
+            # The worker died: _worker_died, called when its process exits, decides.
             lambda failure: None,
         )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
@@ -258,11 +258,33 @@ class Dispatcher:
                 f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
                 f"killed ({how})"
             )
-            log.warn("Job {job_id} {error}", job_id=job_id, error=error)
+            log.warn(
+                "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})",
+                job_id=job_id,
+                pid=worker.pid,
+                timeout=record.timeout,
+                how=how,
+            )
             self._retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             self.counters["cancelled"] += 1
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
+            if reason == "cancel":
+                log.warn(
+                    "Job {job_id}: worker {pid} killed: cancelled, did not stop within the "
+                    "grace period of {grace:g} s ({how})",
+                    job_id=job_id,
+                    pid=worker.pid,
+                    grace=self.cancel_grace,
+                    how=how,
+                )
+            else:
+                log.warn(
+                    "Job {job_id}: worker {pid} {how} after its cancellation was requested",
+                    job_id=job_id,
+                    pid=worker.pid,
+                    how=how,
+                )
             self._finish(record, CANCELLED, error=error, **fields)
         else:
             error = f"the worker died: process {worker.pid} {how} while running the job"

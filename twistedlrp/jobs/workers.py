@@ -7,9 +7,18 @@ two extra pipes (the child's fd 3 carries commands in, fd 4 answers out);
 the child's stdout and stderr belong to the job: they are logged with the
 job id and their tail is kept for the job's record.
 
-A child that dies is seen at once in C{processEnded}; the pool tells the
-job service (which retries or fails the job) and starts a replacement,
-with back-off when children die before they are ready.
+Each child leads a session and process group of its own (it calls
+C{setsid} first thing), so the processes a job starts belong to it: a
+timeout, a cancel, a shut-down or a retirement signals the whole group
+(C{killpg}), and once the child itself has exited whatever is left of its
+group is killed too.
+
+A child that dies is seen at once in C{processExited} (not
+C{processEnded}, which would wait for every copy of its pipes to close, and
+a job's subprocess holds copies): what it wrote is read, its group is
+killed, our ends of its pipes are closed, and the pool tells the job
+service (which retries or fails the job) and starts a replacement, with
+back-off when children die before they are ready.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ _HOSTNAME = os.uname().nodename
 
 OUTPUT_TAIL = 16 * 1024
 _MAX_START_DELAY = 30.0
+# What is still read from a child's pipe once it has exited (bytes, per pipe).
+_DRAIN_LIMIT = 1024 * 1024
 
 
 class _PipeTransport:
@@ -42,8 +53,12 @@ class _PipeTransport:
         self.worker = worker
 
     def write(self, data: bytes) -> None:
-        if self.worker.transport is not None and not self.disconnecting:
-            self.worker.transport.writeToChild(3, data)
+        worker = self.worker
+        if worker.transport is not None and not self.disconnecting and not worker.exited:
+            try:
+                worker.transport.writeToChild(3, data)
+            except KeyError:
+                pass  # The pipe is closed already.
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -95,6 +110,8 @@ class Worker(protocol.ProcessProtocol):
         self.was_ready = False
         # Why the parent ended the process, if it did: "timeout", "cancel", "shutdown", "retire".
         self.kill_reason: str | None = None
+        # The child itself has exited (its group may live on until killed).
+        self.exited = False
         self.output_tail = bytearray()
         self._partial = {1: b"", 2: b""}
         self._startup_output = bytearray()
@@ -126,9 +143,43 @@ class Worker(protocol.ProcessProtocol):
             self._log_line(fd, self._partial[fd])
             self._partial[fd] = b""
 
-    def processEnded(self, reason):
+    def processExited(self, reason):
+        """
+        The child has exited. Subprocesses of its job may still hold its
+        pipes, so C{processEnded} may be far away: the worker is dead now.
+        """
+        self.exited = True
         self.state = "dead"
+        # Whatever its job started and left in its group goes with it.
+        self._kill_group()
+        # What the child wrote before it ended (its last output, an answer).
+        self._drain()
+        # Our ends of its pipes: nothing more comes from the child itself.
+        for fd in list(getattr(self.transport, "pipes", {})):
+            self.transport.closeChildFD(fd)
         self.pool.on_ended(self, describe_exit(reason.value))
+
+    def processEnded(self, reason):
+        # Every pipe is closed too; processExited has said everything.
+        self.state = "dead"
+
+    def _drain(self) -> None:
+        pipes = getattr(self.transport, "pipes", {})
+        # Output first, so that an answer read last finds the job's whole output.
+        for fd in (1, 2, 4):
+            reader = pipes.get(fd)
+            if reader is None:
+                continue
+            budget = _DRAIN_LIMIT
+            while budget > 0:
+                try:
+                    data = os.read(reader.fileno(), min(65536, budget))
+                except OSError:
+                    break  # Nothing more for now (EAGAIN), or closed.
+                if not data:
+                    break
+                budget -= len(data)
+                self.childDataReceived(fd, data)
 
     # -- output ---------------------------------------------------------------
 
@@ -198,12 +249,44 @@ class Worker(protocol.ProcessProtocol):
             self.amp.callRemote(wire.CancelJob, job_id=job_id)
 
     def signal(self, name: str, reason: str | None = None) -> None:
-        """Send C{SIG<name>} to the child (if it still runs), noting why."""
+        """
+        Send C{SIG<name>} to the child and to every process of its group
+        (what its job started), if it still runs, noting why.
+        """
         if reason and self.kill_reason is None:
             self.kill_reason = reason
+        if self.exited or self.pid is None:
+            return
+        if self._leads_group():
+            try:
+                os.killpg(self.pid, getattr(signal, f"SIG{name}"))
+                return
+            except ProcessLookupError:
+                return
+            except OSError:
+                pass
+        # Not (yet) in a group of its own: the child alone.
         try:
             self.transport.signalProcess(name)
         except (error.ProcessExitedAlready, AttributeError, OSError):
+            pass
+
+    def _leads_group(self) -> bool:
+        # Until its first line has run the child is in the server's group.
+        try:
+            return os.getpgid(self.pid) == self.pid
+        except OSError:
+            return False
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the child's group once the child has exited."""
+        # Its pid is not reused while the group still exists; the group's
+        # id is the pid only if the child led it (else there is no such group).
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
             pass
 
     def retire(self) -> None:
@@ -365,6 +448,8 @@ class WorkerPool:
         """
         worker.job_id = None
         worker.jobs_done += 1
+        if worker.exited:
+            return False
         if self.stopping:
             worker.retire()
             return False
@@ -396,7 +481,7 @@ class WorkerPool:
                 worker.retire()
 
     def kill_all(self, reason: str = "shutdown") -> None:
-        """SIGKILL every child at once."""
+        """SIGKILL every child, and every process of its group, at once."""
         for worker in list(self.workers):
             worker.signal("KILL", reason)
 

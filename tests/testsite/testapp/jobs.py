@@ -146,3 +146,34 @@ def submit_and_wait(a, b):
 
     child = add.submit(a, b)
     return {"child": child.id, "result": jobs.wait(child.id, timeout=20).result}
+
+
+def _tree(marker_dir, name, ignore_term):
+    """
+    Start `sleep 300` (ignoring SIGTERM if asked), write its pid and the
+    worker's to marker_dir/<name>-tree, wait for it. A second run of the
+    same name (the marker exists) returns at once.
+    """
+    import subprocess
+
+    marker = Path(marker_dir) / f"{name}-tree"
+    if marker.exists():
+        return "second run"
+    command = ["sleep", "300"]
+    if ignore_term:
+        # An ignored signal stays ignored across exec.
+        command = ["sh", "-c", "trap '' TERM; exec sleep 300"]
+    child = subprocess.Popen(command)
+    marker.write_text(f"{child.pid} {os.getpid()}\n")
+    child.wait()
+    return "the subprocess ended"
+
+
+@job
+def process_tree(marker_dir, name, ignore_term=False):
+    return _tree(marker_dir, name, ignore_term)
+
+
+@job(timeout=1)
+def process_tree_timeout(marker_dir, name):
+    return _tree(marker_dir, name, False)
