@@ -11,11 +11,15 @@ The child leads a session (and process group) of its own, which the
 processes its jobs start inherit: the job service signals the whole group.
 When fd 3 reaches end of file (the parent retires it, or is gone) the child
 kills whatever else is left in its group and exits at once.
+
+A job's error is cut to a bounded size here (see L{describe_error}), so an
+exception with a huge text never crosses the pipe whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import queue
@@ -27,6 +31,11 @@ import traceback
 from twisted.internet import defer
 
 from twistedlrp.jobs import _context, wire
+from twistedlrp.jobs.workers import MAX_ERROR, cut_text
+
+# The parts of a job's error text: its message, each line of its traceback.
+MAX_MESSAGE = 16 * 1024
+MAX_TRACEBACK_LINE = 4 * 1024
 
 
 def _parse(argv):
@@ -119,6 +128,44 @@ def _others_in_group(group: int) -> bool:
     return False
 
 
+def describe_error(e: BaseException) -> str:
+    """
+    @return: C{"Type: message"}, a blank line and the traceback, each part
+        cut to a bounded size (the message's beginning and end are kept, and
+        the traceback's), L{MAX_ERROR} characters at most in all.
+    """
+    details = traceback.TracebackException(type(e), e, e.__traceback__)
+    try:
+        message = str(e)
+    except Exception:
+        message = "<str() of the exception failed>"
+    head = f"{type(e).__name__}: {cut_text(message, MAX_MESSAGE)}"
+    lines = (cut_text(line, MAX_TRACEBACK_LINE) for line in details.format())
+    text = f"{head}\n\n{_join_bounded(lines, MAX_ERROR - len(head) - 2)}"
+    return cut_text(text, MAX_ERROR)
+
+
+def _join_bounded(lines, limit: int) -> str:
+    """@return: the lines joined, their first and last ones when they take more than C{limit}."""
+    half = limit // 2
+    head, head_size = [], 0
+    tail, tail_size = collections.deque(), 0
+    cut = 0
+    for line in lines:
+        if not tail and head_size + len(line) <= half:
+            head.append(line)
+            head_size += len(line)
+            continue
+        tail.append(line)
+        tail_size += len(line)
+        while tail_size > limit - half - 64 and len(tail) > 1:
+            dropped = tail.popleft()
+            tail_size -= len(dropped)
+            cut += len(dropped)
+    marker = [f"[... {cut} characters cut ...]\n"] if cut else []
+    return "".join(head + marker + list(tail))
+
+
 class ChildProtocol(wire.QuietAMP):
     """The child's end of the AMP conversation with the job service."""
 
@@ -179,9 +226,9 @@ class ChildProtocol(wire.QuietAMP):
             data = json.loads(payload)
             result = definition.function(*data["args"], **data["kwargs"])
             try:
-                encoded = json.dumps(result, allow_nan=False)
+                encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
             except (TypeError, ValueError) as e:
-                return {"ok": False, "error": f"the job's result is not JSON: {e}"}
+                return {"ok": False, "error": cut_text(f"the job's result is not JSON: {e}")}
             if len(encoded) > self.max_payload:
                 return {
                     "ok": False,
@@ -194,7 +241,7 @@ class ChildProtocol(wire.QuietAMP):
         except BaseException as e:
             return {
                 "ok": False,
-                "error": f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}",
+                "error": describe_error(e),
                 "cancelled": _context.is_cancelled(),
             }
         finally:

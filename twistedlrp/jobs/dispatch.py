@@ -193,11 +193,26 @@ class Dispatcher:
                 self.reactor.callLater(record.timeout, worker.signal, "KILL", "timeout")
             )
         d = worker.run(record.id, record.name, payload, record.attempts)
-        d.addCallbacks(
-            lambda outcome: self._job_ended(record, outcome),
-            # The worker died: _worker_died, called when its process exits, decides.
-            lambda failure: None,
-        )
+
+        def answer_failed(failure):
+            if worker.gone(failure):
+                # The worker died: _worker_died, called when its process exits, decides.
+                return
+            # The worker lives, but its answer could not be read (an AMP
+            # error, a value it could not send): the job fails with the
+            # reason, never stays running; the worker is replaced.
+            log.warn(
+                "Job {job_id}: the answer of worker {pid} could not be read: {reason}",
+                job_id=record.id,
+                pid=worker.pid,
+                reason=worker.broken,
+            )
+            self._job_ended(
+                record,
+                {"ok": False, "error": f"the worker's answer could not be read: {worker.broken}"},
+            )
+
+        d.addCallbacks(lambda outcome: self._job_ended(record, outcome), answer_failed)
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
 
     # -- worker events ----------------------------------------------------------------------

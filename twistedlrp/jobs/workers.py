@@ -39,9 +39,26 @@ log = Logger()
 _HOSTNAME = os.uname().nodename
 
 OUTPUT_TAIL = 16 * 1024
+#: The longest error text a job's record keeps (characters).
+MAX_ERROR = 64 * 1024
 _MAX_START_DELAY = 30.0
 # What is still read from a child's pipe once it has exited (bytes, per pipe).
 _DRAIN_LIMIT = 1024 * 1024
+
+
+def cut_text(text: str, limit: int = MAX_ERROR) -> str:
+    """
+    @return: C{text}, or when it is longer than C{limit} its beginning and
+        its end around a line C{[... N characters cut ...]}, C{limit}
+        characters at most.
+    """
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 64, 0)
+    head = keep // 2
+    tail = keep - head
+    cut = len(text) - head - tail
+    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail :]}"
 
 
 class _PipeTransport:
@@ -112,6 +129,8 @@ class Worker(protocol.ProcessProtocol):
         self.kill_reason: str | None = None
         # The child itself has exited (its group may live on until killed).
         self.exited = False
+        # Why it must not run another job (its answer could not be read), if so.
+        self.broken: str | None = None
         self.output_tail = bytearray()
         self._partial = {1: b"", 2: b""}
         self._startup_output = bytearray()
@@ -240,8 +259,22 @@ class Worker(protocol.ProcessProtocol):
         d = self.amp.callRemote(
             wire.RunJob, job_id=job_id, name=name, payload=payload, attempt=attempt
         )
-        d.addCallback(lambda answer: answer["outcome"])
+        d.addCallbacks(lambda answer: bounded_outcome(answer["outcome"]), self._answer_failed)
         return d
+
+    def _answer_failed(self, failure: Failure) -> Failure:
+        if not self.gone(failure):
+            # The child lives but its answer could not be read: it runs no more jobs.
+            self.broken = f"{failure.type.__name__}: {failure.getErrorMessage()}"[:2000]
+        return failure
+
+    def gone(self, failure: Failure) -> bool:
+        """
+        @return: whether a failed L{run} means that the child's process has
+            ended or is ending (its death is reported through the pool's
+            C{on_ended}), rather than that its answer was bad.
+        """
+        return self.exited or failure.check(error.ConnectionDone, error.ConnectionLost) is not None
 
     def cancel(self, job_id: str) -> None:
         """Make C{cancelled()} true in the child for this job."""
@@ -303,6 +336,14 @@ class Worker(protocol.ProcessProtocol):
         except (OSError, ValueError, IndexError):
             return 0.0
         return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def bounded_outcome(outcome: dict) -> dict:
+    """@return: a job's outcome with its error text cut to L{MAX_ERROR}."""
+    error_text = outcome.get("error")
+    if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
+        outcome = dict(outcome, error=cut_text(error_text))
+    return outcome
 
 
 def describe_exit(value) -> str:
@@ -451,6 +492,14 @@ class WorkerPool:
         if worker.exited:
             return False
         if self.stopping:
+            worker.retire()
+            return False
+        if worker.broken:
+            log.warn(
+                "Worker {pid}: its answer could not be read ({reason}); replacing it",
+                pid=worker.pid,
+                reason=worker.broken,
+            )
             worker.retire()
             return False
         if worker.jobs_done >= max_jobs:

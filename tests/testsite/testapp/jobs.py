@@ -177,3 +177,9 @@ def process_tree(marker_dir, name, ignore_term=False):
 @job(timeout=1)
 def process_tree_timeout(marker_dir, name):
     return _tree(marker_dir, name, False)
+
+
+@job
+def huge_error(size):
+    """Fails with an exception whose text takes `size` characters."""
+    raise ValueError("begin " + "x" * size + " end")
