@@ -211,8 +211,14 @@ def test_tcp_listener_without_secret_refuses_to_start():
 
 def test_unmigrated_store_says_to_migrate(tmp_path):
     server = LRPProcess(tmp=tmp_path)
-    server.start()
+    server.start(wait=False)
     try:
+        # It serves, but says it is degraded: a load balancer looks elsewhere.
+        wait_for(lambda: port_open(server.port), 30, message="the port")
+        health = request(server.port, "/-/health")
+        assert health.status == 503
+        assert health.json()["status"] == "degraded"
+        assert "manage.py migrate" in health.json()["jobs"]["reason"]
         error = api(server, "submit", expect_error=True, name="testapp.jobs.add", args=[1, 2])
         assert error["error"] == "JobServiceUnavailable"
         assert "manage.py migrate" in error["message"]
@@ -263,6 +269,15 @@ def test_workers_that_cannot_start_are_retried_with_back_off(template, tmp_path)
         assert "next attempt in 0.5 s" in output and "next attempt in 1.0 s" in output
         health = request(server.port, "/-/health").json()
         assert health["jobs"]["workers"] == 0
+        # Soon (not at the first failed start: a worker being replaced is normal) the
+        # health endpoint says no worker can take a job.
+        degraded = wait_for(
+            lambda: (r := request(server.port, "/-/health")).status == 503 and r.json(),
+            15,
+            message="health to turn 503",
+        )
+        assert degraded["status"] == "degraded"
+        assert "no worker can take a job (0 of 1 usable" in degraded["jobs"]["reason"]
         # Jobs wait in the queue meanwhile; they are not lost or failed.
         job = api(server, "submit", name="testapp.jobs.add", args=[1, 2])["job"]
         assert api(server, "get", id=job["id"])["job"]["state"] == "queued"

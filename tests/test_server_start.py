@@ -68,7 +68,8 @@ def test_port_opens_only_after_startup_hooks_and_every_first_request_sees_their_
 
 
 def test_health_endpoint_reports_state_and_threads(lrp_server):
-    server = lrp_server("--threads", "3", "--workers", "0")
+    # No job service: its store has no tables here, and it would say "degraded".
+    server = lrp_server("--threads", "3", "--no-jobs")
     response = server.get("/-/health")
     assert response.status == 200
     assert response.headers["content-type"] == "application/json"
@@ -81,7 +82,7 @@ def test_health_endpoint_reports_state_and_threads(lrp_server):
 
 
 def test_health_path_option(lrp_server):
-    server = lrp_server("--workers", "0", "--health-path", "/healthz", wait=False)
+    server = lrp_server("--no-jobs", "--health-path", "/healthz", wait=False)
     wait_for(lambda: port_open(server.port), message="port")
     assert server.get("/healthz").json()["status"] == "running"
     # The old path is now an ordinary URL of the site (404 from Django).

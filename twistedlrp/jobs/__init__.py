@@ -296,7 +296,10 @@ def progress(current: int, total: int | None = None, message: str = "") -> None:
     Report the running job's progress (cheap: call it as often as you like;
     the store coalesces updates). Outside a job it does nothing.
     """
-    _context.report_progress(int(current), None if total is None else int(total), str(message))
+    # A message that UTF-8 cannot carry (a lone surrogate from a file name)
+    # is mended, not dropped; a long one is cut.
+    text = str(message)[:2000].encode("utf-8", "replace").decode("utf-8")
+    _context.report_progress(int(current), None if total is None else int(total), text)
 
 
 def cancelled() -> bool:

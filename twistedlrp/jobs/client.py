@@ -89,7 +89,8 @@ class JobClient:
 
     def start(self) -> None:
         self._stopped = False
-        self._connect()
+        # A failure is logged (once) by _unreachable; nobody waits for this one.
+        self._connect().addErrback(lambda failure: None)
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once the connection is closed."""

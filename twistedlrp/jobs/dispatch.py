@@ -21,6 +21,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
+from twistedlrp.jobs.arguments import check_priority, check_seconds
+from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.queue import JobQueue, JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
@@ -73,6 +75,7 @@ class Dispatcher:
         self._idle_waiters: list[defer.Deferred] = []
         # Jobs being claimed: their outcome must be recorded before the store closes.
         self._claiming: set[defer.Deferred] = set()
+        self.claiming: set[str] = set()
 
     # -- what the service asks ---------------------------------------------------------
 
@@ -121,6 +124,23 @@ class Dispatcher:
     def claims_in_flight(self) -> defer.Deferred:
         return defer.DeferredList(list(self._claiming))
 
+    def _claimed(self, d: defer.Deferred, job_id: str) -> None:
+        self._claiming.discard(d)
+        self.claiming.discard(job_id)
+
+    def orphaned(self, record: JobRecord, reason: str) -> None:
+        """
+        C{record} is running with no live worker holding it (the watchdog
+        saw it): retry or fail it by its policy, as if its worker had died.
+        """
+        if self.running.get(record.id) is not record:
+            return
+        self._forget(record)
+        worker = record.worker
+        error = f"the job was running without a live worker ({reason})"
+        log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
+        self._retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
+
     # -- dispatch --------------------------------------------------------------------------
 
     def dispatch(self) -> None:
@@ -133,14 +153,11 @@ class Dispatcher:
             record = self.queue.pop()
             worker = idle[0]
             worker.state = "claiming"
+            self.claiming.add(record.id)
             d = defer.ensureDeferred(self._start(worker, record))
-            d.addErrback(
-                lambda f, job_id=record.id: log.failure(
-                    "Could not start job {job_id}", f, job_id=job_id
-                )
-            )
+            d.addErrback(self._start_failed, worker, record)
             self._claiming.add(d)
-            d.addBoth(lambda _, d=d: self._claiming.discard(d))
+            d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
 
     async def _start(self, worker, record: JobRecord) -> None:
         if record.payload is not None:
@@ -149,6 +166,7 @@ class Dispatcher:
             # server to die before that commit, the job is still queued in
             # the store and runs again after a restart.)
             record.attempts += 1
+            _check_record(record)
             self._run_on(worker, record, record.payload)
             claimed = await self.store.run(ops.claim, record.id, worker.ident, False)
             if claimed is None and self.running.get(record.id) is record:
@@ -183,7 +201,30 @@ class Dispatcher:
         record.timeout = claimed["timeout"]
         record.priority = claimed["priority"]
         record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        _check_record(record)
         self._run_on(worker, record, payload)
+
+    def _start_failed(self, failure, worker, record: JobRecord) -> None:
+        """
+        A job could not be started: a row the store holds with a value that
+        cannot run (the job fails, with the reason), or the store failed
+        (the job waits a moment in the queue). Either way the worker is freed.
+        """
+        self._forget(record)
+        if worker.state == "busy" and worker.job_id == record.id:
+            worker.signal("KILL", "orphan")  # it may have begun: a fresh process is cleaner
+        elif worker.state == "claiming":
+            worker.state = "idle"
+        if failure.check(InvalidArguments):
+            error = f"the job could not start: {failure.getErrorMessage()}"
+            self.counters["failed"] += 1
+            _log_failed(record, error)
+            self._finish(record, FAILED, error=error)
+        else:
+            log.failure("Could not start job {job_id}; it waits 1 s", failure, job_id=record.id)
+            if self.accepting:
+                self.enqueue(record.requeued(), self.reactor.seconds() + 1.0)
+        self.dispatch()
 
     def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
         record.worker = worker
@@ -320,6 +361,7 @@ class Dispatcher:
     def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
         if record.attempts >= record.max_attempts or self.store.closed:
             self.counters["failed"] += 1
+            _log_failed(record, error)
             self._finish(record, FAILED, error=error, **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
@@ -370,3 +412,23 @@ class Dispatcher:
         )
         d.addCallback(lambda info: info and self._notify(info))
         d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
+
+
+def _check_record(record: JobRecord) -> None:
+    """@raise InvalidArguments: the job holds a value it cannot run with (an old or foreign row)."""
+    check_seconds("timeout", record.timeout)
+    if record.retry_delay:
+        check_seconds("retry_delay", record.retry_delay)
+    check_priority(record.priority)
+
+
+def _log_failed(record: JobRecord, error: str) -> None:
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    log.warn(
+        "Job {job_id} ({name}) failed, attempt {attempt} of {attempts}: {error}",
+        job_id=record.id,
+        name=record.name or "?",
+        attempt=record.attempts,
+        attempts=record.max_attempts,
+        error=(lines[-1] if lines else "failed")[:300],
+    )

@@ -39,11 +39,16 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import Store
 from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.watchdog import Watchdog
+from twistedlrp.jobs.workers import worker_id_prefix
 from twistedlrp.services import within
 
 log = Logger()
 
 DEFAULT_CANCEL_GRACE = 5.0
+# Seconds without a usable worker before the health endpoint says "degraded"
+# (a worker being replaced takes about one).
+WORKER_GRACE = 5.0
 
 
 class JobService(service.Service):
@@ -78,7 +83,10 @@ class JobService(service.Service):
             notify=self._notify,
         )
         self.pool = self.dispatcher.pool
+        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, worker_id_prefix())
         self.unavailable: str | None = "the job service is starting"
+        # When a worker could last take a job (or the workers were started).
+        self._last_usable = reactor.seconds()
         # Deferreds waiting for the front ends to listen; None once they do.
         self._listen_waiters: list[defer.Deferred] | None = []
 
@@ -122,6 +130,8 @@ class JobService(service.Service):
             return
         self.dispatcher.accepting = True
         self.pool.start()
+        self._last_usable = self.reactor.seconds()
+        self.watchdog.start()
         log.info(
             "Job service ready: {queued} queued job(s), {workers} worker(s) starting, jobs: {names}",
             queued=len(self.dispatcher.queue),
@@ -161,6 +171,7 @@ class JobService(service.Service):
         for front_end in self.front_ends:
             await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
         dispatcher = self.dispatcher
+        self.watchdog.stop()
         dispatcher.stop_accepting()
         if self.unavailable is None:
             self.unavailable = "the job service is shutting down"
@@ -194,10 +205,30 @@ class JobService(service.Service):
         self.pool.kill_all("shutdown")
 
     def health(self) -> dict:
+        """
+        @return: the job service's part of the health endpoint; C{healthy}
+            is false (the endpoint answers 503, "degraded") when the service
+            is unavailable, its store cannot be reached, or no worker has
+            been able to take a job for L{WORKER_GRACE} seconds.
+        """
+        usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
+        now = self.reactor.seconds()
+        if usable or not self.pool.size:
+            self._last_usable = now
+        problem = self.unavailable
+        if problem is None and self.watchdog.store_error:
+            problem = f"the job store cannot be reached: {self.watchdog.store_error}"
+        if problem is None and now - self._last_usable > WORKER_GRACE:
+            problem = (
+                f"no worker can take a job (0 of {self.pool.size} usable for "
+                f"{now - self._last_usable:.0f} s)"
+            )
         return {
-            "state": "unavailable" if self.unavailable else "running",
-            "reason": self.unavailable,
-            "workers": sum(1 for w in self.pool.workers if w.state in ("idle", "busy")),
+            "healthy": problem is None,
+            "state": "running" if problem is None else "degraded",
+            "reason": problem,
+            "workers": usable,
+            "workers_configured": self.pool.size,
             "queued": len(self.dispatcher.queue),
             "running": len(self.dispatcher.running),
         }

@@ -38,6 +38,12 @@ log = Logger()
 # Worker ids name the machine, for when job nodes share a database.
 _HOSTNAME = os.uname().nodename
 
+
+def worker_id_prefix() -> str:
+    """@return: how the ids of this machine's workers begin (C{"host:"})."""
+    return f"{_HOSTNAME}:"
+
+
 OUTPUT_TAIL = 16 * 1024
 #: The longest error text a job's record keeps (characters).
 MAX_ERROR = 64 * 1024

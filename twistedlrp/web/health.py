@@ -2,7 +2,9 @@
 The health endpoint, answered by the reactor without taking a pool thread.
 
 It returns JSON and the status code a load balancer acts on: 200 while the
-server runs, 503 while it starts or stops.
+server runs, 503 while it starts or stops, and 503 with C{"status":
+"degraded"} while a part it needs cannot work (a section, such as the job
+service's, reports C{"healthy": false} and says why).
 """
 
 from __future__ import annotations
@@ -44,12 +46,17 @@ class HealthResource(Resource):
             stats = self._pool.stats()
             body["threads"] = {"busy": stats["busy"], "idle": stats["idle"], "size": stats["size"]}
             body["waiting"] = stats["waiting"]
+        healthy = True
         for name, section in self.sections.items():
             try:
                 body[name] = section()
             except Exception as e:
-                body[name] = {"error": str(e)}
-        request.setResponseCode(200 if state == "running" else 503)
+                body[name] = {"healthy": False, "error": str(e)}
+            healthy = healthy and body[name].get("healthy", True)
+        if state == "running" and not healthy:
+            # Serving, but a part it needs cannot work: a load balancer should look elsewhere.
+            body["status"] = "degraded"
+        request.setResponseCode(200 if state == "running" and healthy else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode() + b"\n"

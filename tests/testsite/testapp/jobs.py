@@ -183,3 +183,10 @@ def process_tree_timeout(marker_dir, name):
 def huge_error(size):
     """Fails with an exception whose text takes `size` characters."""
     raise ValueError("begin " + "x" * size + " end")
+
+
+@job
+def progress_unencodable():
+    """Reports progress with a message UTF-8 cannot carry (a lone surrogate)."""
+    progress(1, 2, "file \udcff.txt")
+    return "done"

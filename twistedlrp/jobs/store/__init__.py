@@ -43,6 +43,9 @@ class Store(GroupCommitThread):
 def _begin_batch() -> None:
     from django.db import connection
 
+    # A connection the database dropped (a restart, a failover) is replaced
+    # rather than failing every batch from now on.
+    connection.close_if_unusable_or_obsolete()
     if connection.vendor == "sqlite":
         connection.ensure_connection()
         # Wait for locks held by job code in workers instead of failing.

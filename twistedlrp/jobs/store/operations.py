@@ -298,14 +298,7 @@ def recover() -> tuple[list[dict], list[str]]:
             f"the worker died: the job service stopped (crash or kill) while attempt "
             f"{job.attempts} ran on {job.worker or 'a worker'}"
         )
-        if job.cancel_requested:
-            Job.objects.filter(id=job.id).update(state=CANCELLED, finished_at=now(), error=reason)
-        elif job.attempts < job.max_attempts:
-            Job.objects.filter(id=job.id).update(
-                state=QUEUED, error=reason + "; retried", worker=""
-            )
-        else:
-            Job.objects.filter(id=job.id).update(state=FAILED, finished_at=now(), error=reason)
+        if _end_orphan(job, reason) == FAILED:
             failed.append(str(job.id))
     queued = list(
         Job.objects.filter(state=QUEUED)
@@ -315,6 +308,57 @@ def recover() -> tuple[list[dict], list[str]]:
     for row in queued:
         row["id"] = str(row["id"])
     return queued, failed
+
+
+def _end_orphan(job, reason: str) -> str:
+    """Retry or end a job that is C{running} with no worker; @return: its new state."""
+    from twistedlrp.models import Job
+
+    running = Job.objects.filter(id=job.id, state=RUNNING)
+    if job.cancel_requested:
+        running.update(state=CANCELLED, finished_at=now(), error=reason)
+        return CANCELLED
+    if job.attempts < job.max_attempts:
+        running.update(state=QUEUED, error=reason + "; retried", worker="")
+        return QUEUED
+    running.update(state=FAILED, finished_at=now(), error=reason)
+    return FAILED
+
+
+def running_on(worker_prefix: str, started_before) -> list[dict]:
+    """
+    @return: the jobs C{running} on workers whose id starts with
+        C{worker_prefix} (this machine's), started before C{started_before}:
+        C{{"id", "worker", "attempts"}}.
+    """
+    from django.db.models import Q
+
+    from twistedlrp.models import Job
+
+    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before).filter(
+        Q(worker__startswith=worker_prefix) | Q(worker="")
+    )
+    return [
+        {"id": str(row["id"]), "worker": row["worker"], "attempts": row["attempts"]}
+        for row in rows.values("id", "worker", "attempts")
+    ]
+
+
+def end_orphan(job_id: str, reason: str) -> dict | None:
+    """
+    Retry or end a job found C{running} without a worker that holds it, by
+    its retry policy (a cancelled one ends cancelled).
+
+    @return: C{{"state": ..., "priority", "created_at"}} after the change, or
+        C{None} when it is no longer running.
+    """
+    from twistedlrp.models import Job
+
+    job = Job.objects.filter(id=job_id, state=RUNNING).first()
+    if job is None:
+        return None
+    state = _end_orphan(job, reason)
+    return {"state": state, "priority": job.priority, "created_at": job.created_at}
 
 
 def requeue(job_id: str, error: str, count_attempt: bool) -> None:
