@@ -48,8 +48,9 @@ $(VENV)/.installed-postgres: $(STAMP)
 test-postgres: $(VENV)/.installed-postgres
 	LRP_TEST_POSTGRES='$(LRP_TEST_POSTGRES)' $(VENV)/bin/pytest $(POSTGRES_TESTS) $(PYTEST_ARGS)
 
+# Needs wrk (Debian: apt-get install wrk).
 bench: install
-	$(PY) -m pip install -q gunicorn granian
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run.py
 
 # Needs redis-server (Debian: apt-get install redis-server); Celery is skipped without it.

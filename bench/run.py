@@ -6,12 +6,14 @@ in the same run, and report requests/s, latency and the ratio to
     make bench                         # all servers, all paths
     .venv/bin/python bench/run.py --seconds 5 --servers lrp,twisted-web
 
-Each server gets one process and the same thread count (the peers' multi-
-process modes would measure a different thing on a 2-core machine). The
-count defaults to the pool `twistd web --wsgi` always runs (Twisted's
-`ThreadPool` maximum, 20), which it has no option to change. wrk
-must be installed (Debian: apt-get install wrk); gunicorn and granian are
-used when installed (pip install gunicorn granian) and skipped otherwise.
+Each server runs with one process and with two (`lrp --web-workers 2`,
+gunicorn and granian `--workers 2`; `twistd web` has one), every process
+with the same thread count: by default the pool `twistd web --wsgi` always
+runs (Twisted's `ThreadPool` maximum, 20), which it has no option to
+change. wrk must be installed (Debian: apt-get install wrk); gunicorn,
+granian and matplotlib (for the PNG chart of the table) come with the
+bench extra (pip install -e '.[bench]'); a server that is missing is
+skipped.
 """
 
 import argparse
@@ -39,9 +41,11 @@ def _twisted_web_threads() -> int:
 
 
 def servers(port: int, threads: int) -> dict[str, list[str]]:
-    listen = f"tcp:{port}:interface=127.0.0.1"
-    return {
-        "lrp": [
+    """@return: the command of each server, by name; a C{-2} name runs two processes."""
+    listen = f"tcp:{port}:interface=127.0.0.1:backlog=2048"
+    commands = {}
+    for processes in (1, 2):
+        commands[f"lrp-{processes}"] = [
             str(BIN / "twistd"),
             "-n",
             "--pidfile=",
@@ -55,23 +59,13 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
             "--no-jobs",
             "--max-waiting",
             "10000",
-        ],
-        "twisted-web": [
-            str(BIN / "twistd"),
-            "-n",
-            "--pidfile=",
-            "web",
-            "--listen",
-            listen,
-            "--wsgi",
-            "benchsite.wsgi.application",
-        ],
-        "gunicorn": [
+        ] + (["--web-workers", str(processes)] if processes > 1 else [])
+        commands[f"gunicorn-{processes}"] = [
             str(BIN / "gunicorn"),
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",
-            "1",
+            str(processes),
             "--threads",
             str(threads),
             "--worker-class",
@@ -79,8 +73,8 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
             "--log-level",
             "warning",
             "benchsite.wsgi:application",
-        ],
-        "granian": [
+        ]
+        commands[f"granian-{processes}"] = [
             str(BIN / "granian"),
             "--interface",
             "wsgi",
@@ -89,14 +83,27 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
             "--port",
             str(port),
             "--workers",
-            "1",
+            str(processes),
             "--blocking-threads",
             str(threads),
             "--log-level",
             "warning",
             "benchsite.wsgi:application",
-        ],
-    }
+        ]
+    commands["twisted-web"] = [
+        str(BIN / "twistd"),
+        "-n",
+        "--pidfile=",
+        "web",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--wsgi",
+        "benchsite.wsgi.application",
+    ]
+    return commands
+
+
+ALL_SERVERS = "lrp-1,lrp-2,twisted-web,gunicorn-1,gunicorn-2,granian-1,granian-2"
 
 
 def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -143,9 +150,12 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=_twisted_web_threads())
-    parser.add_argument("--servers", default="lrp,twisted-web,gunicorn,granian")
+    parser.add_argument("--servers", default=ALL_SERVERS)
     parser.add_argument("--paths", default="/hello,/io")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--chart", default=str(HERE / "results" / "http.png"), help="PNG chart ('' for none)"
+    )
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.stderr.write("bench: wrk is not installed (Debian: apt-get install wrk)\n")
@@ -179,8 +189,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
     lines = [
-        f"# {args.connections} connections, {args.threads} threads, {args.seconds} s per run, "
-        f"Python {sys.version.split()[0]}"
+        f"# {args.connections} connections, {args.threads} threads per process, "
+        f"{args.seconds} s per run, Python {sys.version.split()[0]}, {os.cpu_count()} cores"
     ]
     for path, by_server in results.items():
         base = by_server.get("twisted-web", {}).get("rps")
@@ -194,7 +204,54 @@ def main() -> int:
             lines.append(
                 f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}{note}"
             )
+        ours = by_server.get("lrp-2", {}).get("rps")
+        for peer in ("gunicorn-2", "granian-2"):
+            theirs = by_server.get(peer, {}).get("rps")
+            if ours and theirs:
+                lines.append(f"  lrp-2 / {peer}: {ours / theirs:.2f}x")
+    if args.chart and results:
+        lines.append(f"\nchart: {chart(results, args.chart, lines[0])}")
     return report(lines, results, args.json)
+
+
+def chart(results: dict, path: str, title: str) -> str:
+    """
+    Draw requests/s per server and path as grouped bars, with each bar's p99.
+
+    @return: the PNG's path, or why there is none (matplotlib is the bench extra).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "not drawn: matplotlib is not installed (pip install -e '.[bench]')"
+    paths = list(results)
+    names = list(dict.fromkeys(name for by_server in results.values() for name in by_server))
+    figure, axes = plt.subplots(figsize=(2 + 1.6 * len(names), 4.5))
+    width = 0.8 / len(paths)
+    for i, url_path in enumerate(paths):
+        values = [results[url_path].get(name, {}).get("rps", 0) for name in names]
+        bars = axes.bar([x + i * width for x in range(len(names))], values, width, label=url_path)
+        for bar, name in zip(bars, names, strict=True):
+            p99 = results[url_path].get(name, {}).get("p99_ms")
+            if p99 is not None:
+                axes.annotate(
+                    f"p99 {p99:.0f} ms",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    axes.set_xticks([x + width * (len(paths) - 1) / 2 for x in range(len(names))], names)
+    axes.set_ylabel("requests/s")
+    axes.set_title(title.lstrip("# "), fontsize=8)
+    axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
