@@ -18,8 +18,10 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.options import Options
-from twistedlrp.web import site as sitemodule
-from twistedlrp.web.site import Limits, LRPSite, Router, _Busy, default_max_connections
+from twistedlrp.web import limits
+from twistedlrp.web.channel import BusyAnswer
+from twistedlrp.web.limits import Limits, default_max_connections
+from twistedlrp.web.site import LRPSite, Router
 from twistedlrp.web.wsgi import _WSGIResponse
 
 REQUEST = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -105,7 +107,7 @@ def test_a_slow_head_gets_408_at_the_deadline_though_bytes_keep_coming():
     assert b"Connection: close\r\n" in transport.value()
     assert transport.disconnecting
     # A client that does not read the answer is cut a little later.
-    clock.advance(sitemodule._ANSWER_SECONDS)
+    clock.advance(limits.ANSWER_SECONDS)
     assert transport.aborted
 
 
@@ -313,7 +315,7 @@ def test_at_the_cap_with_every_connection_busy_a_new_one_gets_503():
         channel, _ = connect(site, port)
         channel.dataReceived(REQUEST)
     refused = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 3))
-    assert isinstance(refused, _Busy)
+    assert isinstance(refused, BusyAnswer)
     transport = Transport()
     refused.makeConnection(transport)
     assert status(transport) == b"HTTP/1.1 503 Service Unavailable"

@@ -1,0 +1,96 @@
+"""
+The limits of the HTTP side (docs/serving.md, "Limits"): their defaults,
+the default C{--max-connections} sized to the open-file limit, and the
+short answers a refused connection gets.
+"""
+
+from __future__ import annotations
+
+import resource as _resource
+from dataclasses import dataclass, field
+
+# The defaults of the limits (the options say the same, docs/serving.md).
+HEADER_TIMEOUT = 60.0  # --header-timeout: seconds to receive a whole request head
+MAX_HEADER_SIZE = 64 * 1024  # --max-header-size: request line + headers, in bytes
+MAX_HEADERS = 500  # header lines in one request head (twisted.web's own cap)
+WRITE_TIMEOUT = 60.0  # --write-timeout: seconds a streaming response may wait for the client
+# The default --max-connections is the soft open-file limit minus what the
+# rest of the process may need at once: FD_RESERVE for the listening and
+# job-service sockets, logs, the reactor's own descriptors, outbound HTTP,
+# static files being sent and imports; FD_PER_THREAD for each pool thread's
+# database connection (SQLite in WAL mode holds 3 files); FD_PER_WORKER for
+# each worker's 5 pipes, twice (a recycled worker overlaps its successor).
+FD_RESERVE = 128
+FD_PER_THREAD = 4
+FD_PER_WORKER = 10
+# Seconds a refused or timed-out client has to read our short answer.
+ANSWER_SECONDS = 5.0
+# 503 answers (connection limit, every connection busy) sent at once at most;
+# beyond, a new connection is closed without one.
+MAX_BUSY_ANSWERS = 32
+# Seconds between two warnings that the connection limit is reached.
+FULL_WARNING_INTERVAL = 60.0
+
+
+def open_file_limit() -> int:
+    """@return: the soft C{RLIMIT_NOFILE} of the process (2**20 if unlimited)."""
+    soft, _ = _resource.getrlimit(_resource.RLIMIT_NOFILE)
+    if soft == _resource.RLIM_INFINITY or soft > 2**20:
+        return 2**20
+    return soft
+
+
+def default_max_connections(threads: int, workers: int, limit: int | None = None) -> int:
+    """
+    @return: the default C{--max-connections}: the open-file C{limit} (the
+        process's soft limit by default) minus C{FD_RESERVE}, minus
+        C{FD_PER_THREAD} per pool thread and C{FD_PER_WORKER} per worker
+        process; at least half the limit.
+    """
+    if limit is None:
+        limit = open_file_limit()
+    reserve = FD_RESERVE + FD_PER_THREAD * threads + FD_PER_WORKER * workers
+    return max(limit - reserve, limit // 2, 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    The limits of the HTTP side (docs/serving.md, "Limits"). A timeout of 0
+    means none.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT
+    max_header_size: int = MAX_HEADER_SIZE
+    max_headers: int = MAX_HEADERS
+    max_connections: int = field(default_factory=lambda: default_max_connections(8, 2))
+    write_timeout: float = WRITE_TIMEOUT
+
+    @classmethod
+    def from_options(cls, options) -> Limits:
+        """@return: the limits that the C{twistd lrp} C{options} set."""
+        max_connections = options.get("max-connections")
+        if not max_connections:
+            runs_workers = not (options.get("no-jobs") or options.get("jobs-connect"))
+            workers = options.get("workers", 0) if runs_workers else 0
+            max_connections = default_max_connections(options.get("threads", 8), workers)
+        return cls(
+            header_timeout=options.get("header-timeout", HEADER_TIMEOUT),
+            max_header_size=options.get("max-header-size", MAX_HEADER_SIZE),
+            max_connections=max_connections,
+            write_timeout=options.get("write-timeout", WRITE_TIMEOUT),
+        )
+
+
+def short_answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    """A whole response that ends the connection (written straight to the transport)."""
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: "
+        + str(len(body)).encode()
+        + b"\r\n"
+        + extra
+        + b"Connection: close\r\n\r\n"
+        + body
+    )
