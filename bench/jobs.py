@@ -109,20 +109,39 @@ def wait_for(check, what, procs, timeout: float, every: float = 0.02, error=Runt
     raise error(f"{what}: not within {timeout:g} s" + (f" ({last})" if last else ""))
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None  # gone meanwhile
+
+
+def descendants(leader: int) -> list[int]:
+    """@return: the live processes below C{leader} (its children, theirs, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [leader]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def session_cpu(leader: int) -> tuple[float, float]:
     """
     @return: CPU seconds (user + system) of the process C{leader} and of the
-        rest of its session: live members plus the children it has reaped.
+        processes below it: live ones (workers lead sessions of their own, so
+        this follows parents, not the session) plus those already reaped.
     """
     tick = os.sysconf("SC_CLK_TCK")
     own = others = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        if int(fields[3]) != leader:  # the session id
+    for pid in [leader, *descendants(leader)]:
+        fields = _stat(pid)
+        if fields is None:
             continue
         utime, stime, cutime, cstime = (int(f) / tick for f in fields[11:15])
         if pid == leader:
@@ -130,6 +149,21 @@ def session_cpu(leader: int) -> tuple[float, float]:
         else:
             others += utime + stime + cutime + cstime
     return own, others
+
+
+def memory_mib(pids: list[int]) -> dict:
+    """@return: the summed RSS and PSS (MiB) of C{pids} (PSS shares copy-on-write pages out)."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return {"rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": len(pids)}
 
 
 def client_cpu() -> float:
@@ -186,27 +220,91 @@ def summary(first: float, last_finish: float, observed: float, latencies, n: int
     }
 
 
+class System:
+    """
+    One system under test, started once and measured phase by phase:
+    C{submit(i)} returns a handle, C{wait(handle)} blocks until that job is
+    finished, C{check(ids)} verifies that job i succeeded once with result i
+    and returns the finish times as the system recorded them.
+    """
+
+    name = "?"
+
+    def throughput(self, n: int, threads: int) -> dict:
+        """N jobs from C{threads} threads: jobs/s from the first submission to the last finish."""
+        base = self.finished()
+        cpu_before = self.cpu()
+        log.info("%s: submitting %d jobs from %d thread(s)", self.name, n, threads)
+        offset = self.next_index(n)
+        first, latencies, ids = submit_all(lambda i: self.submit(offset + i), n, threads)
+        wait_for(lambda: self.finished() >= base + n, f"{self.name} jobs", self.procs, self.timeout)
+        observed = time.time()
+        used = cpu_delta(cpu_before, self.cpu())
+        done = self.check(ids, offset)
+        return summary(first, max(done), observed, latencies, n) | {"cpu_s": used}
+
+    def latency(self, n: int) -> dict:
+        """One job at a time: submit, then wait until it is seen finished."""
+        offset = self.next_index(n)
+        log.info("%s: %d jobs one at a time (submit, then wait)", self.name, n)
+        latencies, ids = [], []
+        for i in range(n):
+            t = time.perf_counter()
+            handle = self.submit(offset + i)
+            self.wait(handle)
+            latencies.append(time.perf_counter() - t)
+            ids.append(handle)
+        self.check(ids, offset)
+        return {
+            "jobs": n,
+            "p50_ms": percentile(latencies, 0.50) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000,
+            "max_ms": max(latencies) * 1000,
+        }
+
+    def idle_memory(self) -> dict:
+        """RSS and PSS of every process of the system, idle."""
+        parts = {part: memory_mib(pids) for part, pids in self.memory_parts().items()}
+        total = {
+            key: sum(p[key] for p in parts.values()) for key in ("rss_mib", "pss_mib", "processes")
+        }
+        return total | {"parts": parts}
+
+    _index = 0
+
+    def next_index(self, n: int) -> int:
+        """@return: the first of C{n} fresh job arguments (each job's result says which it was)."""
+        first, self._index = self._index, self._index + n
+        return first
+
+
 # -- twistedlrp ------------------------------------------------------------------------
 
 
-def bench_lrp(args, scratch: Path, env: dict) -> dict:
-    from django.db import connections
-    from jobsite.jobs import noop
+class Lrp(System):
+    name = "lrp"
 
-    from twistedlrp import jobs
-    from twistedlrp.models import Job
+    def __init__(self, args, scratch: Path, env: dict):
+        self.args, self.scratch, self.env = args, scratch, env
+        self.timeout = args.timeout
+        self.server = None
+        self.procs = []
 
-    subprocess.run(
-        [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"],
-        cwd=HERE,
-        env=env,
-        check=True,
-    )
-    port = free_port()
-    logfile = scratch / "lrp.log"
-    server = None
-    try:
-        server = start(
+    def start(self) -> None:
+        from jobsite.jobs import noop
+
+        from twistedlrp import jobs
+
+        self.jobs, self.noop = jobs, noop
+        subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"],
+            cwd=HERE,
+            env=self.env,
+            check=True,
+        )
+        port = free_port()
+        logfile = self.scratch / "lrp.log"
+        self.server = start(
             [
                 str(BIN / "twistd"),
                 "-n",
@@ -217,45 +315,48 @@ def bench_lrp(args, scratch: Path, env: dict) -> dict:
                 "--listen",
                 f"tcp:{port}:interface=127.0.0.1",
                 "--state-dir",
-                str(scratch / "state"),
+                str(self.scratch / "state"),
                 "--workers",
-                str(args.workers),
-                *shlex.split(args.lrp_args),
+                str(self.args.workers),
+                *shlex.split(self.args.lrp_args),
             ],
             logfile,
-            env,
+            self.env,
         )
+        self.procs = [self.server]
         health = f"http://127.0.0.1:{port}/-/health"
 
         def healthy():
             with urllib.request.urlopen(health, timeout=1) as r:
                 return r.status == 200
 
-        wait_for(healthy, "lrp start", [server], 60, error=NotStarted)
+        wait_for(healthy, "lrp start", self.procs, 60, error=NotStarted)
         log.info("lrp: serving on %s (log %s); warming up", port, logfile)
-        _, _, warm = submit_all(lambda i: noop.submit(-1 - i).id, args.warmup, args.threads)
+        _, _, warm = submit_all(lambda i: noop.submit(-1 - i).id, self.args.warmup, 10)
         for job_id in warm:
             jobs.wait(job_id, timeout=60)
-        before = jobs.stats()["counters"]
 
-        def finished():
-            counts = jobs.stats()["jobs"]
-            return sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
+    def submit(self, i: int) -> str:
+        return self.noop.submit(i).id
 
-        base = finished()
+    def wait(self, job_id: str) -> None:
+        self.jobs.wait(job_id, timeout=60)
 
-        def cpu():
-            server_cpu, workers_cpu = session_cpu(server.pid)
-            return {"server": server_cpu, "workers": workers_cpu, "client": client_cpu()}
+    def finished(self) -> int:
+        counts = self.jobs.stats()["jobs"]
+        return sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
 
-        cpu_before = cpu()
-        log.info("lrp: submitting %d jobs from %d threads", args.jobs, args.threads)
-        first, latencies, ids = submit_all(lambda i: noop.submit(i).id, args.jobs, args.threads)
-        log.info("lrp: submitted in %.2f s; waiting", time.time() - first)
-        wait_for(lambda: finished() >= base + args.jobs, "lrp jobs", [server], args.timeout)
-        observed = time.time()
-        used = cpu_delta(cpu_before, cpu())
-        after = jobs.stats()["counters"]
+    def cpu(self) -> dict:
+        server_cpu, workers_cpu = session_cpu(self.server.pid)
+        return {"server": server_cpu, "workers": workers_cpu, "client": client_cpu()}
+
+    def memory_parts(self) -> dict:
+        return {"server": [self.server.pid], "workers": descendants(self.server.pid)}
+
+    def check(self, ids: list[str], offset: int) -> list[float]:
+        from django.db import connections
+
+        from twistedlrp.models import Job
 
         rows = {
             str(row[0]): row[1:]
@@ -267,19 +368,19 @@ def bench_lrp(args, scratch: Path, env: dict) -> dict:
         bad = [
             (i, rows.get(job_id))
             for i, job_id in enumerate(ids)
-            if rows.get(job_id, (None,))[:3] != ("succeeded", 1, i)
+            if rows.get(job_id, (None,))[:3] != ("succeeded", 1, offset + i)
         ]
-        ran = {k: after.get(k, 0) - before.get(k, 0) for k in ("succeeded", "failed", "retried")}
-        expected = {"succeeded": args.jobs, "failed": 0, "retried": 0}
-        if bad or len(set(ids)) != args.jobs or ran != expected:
+        if bad or len(set(ids)) != len(ids):
             raise RuntimeError(
-                f"lrp: not every job succeeded exactly once: counters {ran}, "
-                f"{len(bad)} bad rows, e.g. {bad[:3]}"
+                f"lrp: not every job succeeded exactly once: {len(bad)} bad rows, e.g. {bad[:3]}"
             )
-        last = max(row[3] for row in rows.values()).timestamp()
-        return summary(first, last, observed, latencies, args.jobs) | {"check": ran, "cpu_s": used}
-    finally:
-        stop(server)
+        return [row[3].timestamp() for row in rows.values()]
+
+    def totals(self) -> dict:
+        return self.jobs.stats()["counters"]
+
+    def stop(self) -> None:
+        stop(self.server)
 
 
 # -- Celery ----------------------------------------------------------------------------
@@ -298,18 +399,26 @@ def celery_missing() -> str | None:
     return None
 
 
-def bench_celery(args, scratch: Path, env: dict, redis_port: int) -> dict:
-    import redis
-    from jobsite.celery_app import app, noop
+class Celery(System):
+    name = "celery"
 
-    procs: list[subprocess.Popen] = []
-    try:
-        procs.append(
+    def __init__(self, args, scratch: Path, env: dict, redis_port: int):
+        self.args, self.scratch, self.env, self.redis_port = args, scratch, env, redis_port
+        self.timeout = args.timeout
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        import redis
+        from jobsite.celery_app import app, noop
+
+        self.app, self.noop = app, noop
+        scratch = self.scratch
+        self.procs.append(
             start(
                 [
                     shutil.which("redis-server"),
                     "--port",
-                    str(redis_port),
+                    str(self.redis_port),
                     "--bind",
                     "127.0.0.1",
                     "--save",
@@ -322,12 +431,12 @@ def bench_celery(args, scratch: Path, env: dict, redis_port: int) -> dict:
                     "warning",
                 ],
                 scratch / "redis.log",
-                env,
+                self.env,
             )
         )
-        results = redis.Redis(port=redis_port, db=1)
-        wait_for(results.ping, "redis-server start", procs, 30, error=NotStarted)
-        procs.append(
+        self.results = redis.Redis(port=self.redis_port, db=1)
+        wait_for(self.results.ping, "redis-server start", self.procs, 30, error=NotStarted)
+        self.procs.append(
             start(
                 [
                     str(BIN / "celery"),
@@ -337,80 +446,150 @@ def bench_celery(args, scratch: Path, env: dict, redis_port: int) -> dict:
                     "--pool",
                     "prefork",
                     "--concurrency",
-                    str(args.workers),
+                    str(self.args.workers),
                     "--hostname",
                     "bench@%h",
                     "--loglevel",
                     "WARNING",
                 ],
                 scratch / "celery.log",
-                env,
+                self.env,
             )
         )
         wait_for(
-            lambda: app.control.ping(timeout=0.5), "celery worker start", procs, 60, 0.2, NotStarted
+            lambda: app.control.ping(timeout=0.5),
+            "celery worker start",
+            self.procs,
+            60,
+            0.2,
+            NotStarted,
         )
         log.info("celery: worker up (log %s); warming up", scratch / "celery.log")
-        _, _, warm = submit_all(lambda i: noop.delay(-1 - i).id, args.warmup, args.threads)
+        _, _, warm = submit_all(lambda i: noop.delay(-1 - i).id, self.args.warmup, 10)
         for task_id in warm:
             noop.AsyncResult(task_id).get(timeout=60)
+        self._processed = self.processed()
 
-        def processed():
-            stats = app.control.inspect(timeout=2).stats() or {}
-            return sum(s["total"].get(noop.name, 0) for s in stats.values())
+    def submit(self, i: int) -> str:
+        return self.noop.delay(i).id
 
-        before = processed()
-        base = results.dbsize()
-        redis_server, worker = procs
+    def wait(self, task_id: str) -> None:
+        self.noop.AsyncResult(task_id).get(timeout=60)
 
-        def cpu():
-            main, children = session_cpu(worker.pid)
-            return {
-                "worker": main,
-                "pool": children,
-                "redis": sum(session_cpu(redis_server.pid)),
-                "client": client_cpu(),
-            }
+    def finished(self) -> int:
+        return self.results.dbsize()
 
-        cpu_before = cpu()
-        log.info("celery: submitting %d jobs from %d threads", args.jobs, args.threads)
-        first, latencies, ids = submit_all(lambda i: noop.delay(i).id, args.jobs, args.threads)
-        log.info("celery: submitted in %.2f s; waiting", time.time() - first)
-        wait_for(lambda: results.dbsize() >= base + args.jobs, "celery jobs", procs, args.timeout)
-        observed = time.time()
-        used = cpu_delta(cpu_before, cpu())
-        ran = processed() - before
+    def processed(self) -> int:
+        stats = self.app.control.inspect(timeout=2).stats() or {}
+        return sum(s["total"].get(self.noop.name, 0) for s in stats.values())
 
-        metas = results.mget([f"celery-task-meta-{task_id}" for task_id in ids])
+    def cpu(self) -> dict:
+        redis_server, worker = self.procs
+        main, children = session_cpu(worker.pid)
+        return {
+            "worker": main,
+            "pool": children,
+            "redis": sum(session_cpu(redis_server.pid)),
+            "client": client_cpu(),
+        }
+
+    def memory_parts(self) -> dict:
+        redis_server, worker = self.procs
+        return {
+            "worker": [worker.pid, *descendants(worker.pid)],
+            "redis": [redis_server.pid],
+        }
+
+    def check(self, ids: list[str], offset: int) -> list[float]:
+        metas = self.results.mget([f"celery-task-meta-{task_id}" for task_id in ids])
         bad, done = [], []
         for i, raw in enumerate(metas):
             meta = json.loads(raw) if raw else {}
-            if meta.get("status") != "SUCCESS" or meta.get("result") != i:
+            if meta.get("status") != "SUCCESS" or meta.get("result") != offset + i:
                 bad.append((i, meta))
                 continue
             when = datetime.fromisoformat(meta["date_done"])
             done.append((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp())
-        if bad or len(set(ids)) != args.jobs or ran != args.jobs:
+        if bad or len(set(ids)) != len(ids):
             raise RuntimeError(
-                f"celery: not every task succeeded exactly once: the worker ran {ran}, "
-                f"{len(bad)} bad results, e.g. {bad[:3]}"
+                f"celery: not every task succeeded: {len(bad)} bad results, e.g. {bad[:3]}"
             )
-        return summary(first, max(done), observed, latencies, args.jobs) | {
-            "check": {"succeeded": ran},
-            "cpu_s": used,
-        }
-    finally:
-        for proc in reversed(procs):
+        return done
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
             stop(proc)
 
 
 # -- main ------------------------------------------------------------------------------
 
 
+def ratio(value, base, higher_is_better: bool) -> str:
+    if not base or not value:
+        return "-"
+    return f"{value / base if higher_is_better else base / value:.2f}x"
+
+
+def table(results: dict, args) -> list[str]:
+    names = list(results)
+    celery = results.get("celery")
+    rows = [
+        ("many", "jobs_per_s", f"jobs/s, {args.jobs} jobs from {args.threads} threads", True),
+        ("single", "jobs_per_s", f"jobs/s, {args.single_jobs} jobs from 1 thread", True),
+        ("latency", "p50_ms", f"submit->finished p50 ms, {args.latency_jobs} one at a time", False),
+        ("latency", "p99_ms", "submit->finished p99 ms", False),
+        ("memory", "rss_mib", "idle RSS MiB (all processes)", False),
+        ("memory", "pss_mib", "idle PSS MiB (all processes)", False),
+    ]
+    width = 48
+    lines = [
+        f"# no-op jobs, {args.workers} worker processes each, Python {sys.version.split()[0]}; "
+        "ratios: lrp's advantage (>1 is better for lrp)",
+        f"  {'measure':<{width}}" + "".join(f" {n:>10}" for n in names) + f" {'lrp/celery':>11}",
+    ]
+    for phase, key, label, higher in rows:
+        values = [results[n].get(phase, {}).get(key) for n in names]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f" {v:>10.1f}" if v is not None else f" {'-':>10}" for v in values)
+        r = "-"
+        if celery and "lrp" in results:
+            r = ratio(
+                results["lrp"].get(phase, {}).get(key), celery.get(phase, {}).get(key), higher
+            )
+        lines.append(f"  {label:<{width}}{cells} {r:>11}")
+    for name, r in results.items():
+        for phase in ("many", "single"):
+            if phase in r:
+                p = r[phase]
+                lines.append(
+                    f"  {name} {phase}: first submit to last finish {p['seconds']:.2f} s, submit "
+                    f"p50 {p['submit_p50_ms']:.2f} ms p99 {p['submit_p99_ms']:.2f} ms; CPU s "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_s"].items())
+                )
+        if "memory" in r:
+            lines.append(
+                f"  {name} idle memory: "
+                + "; ".join(
+                    f"{part} ({m['processes']} process(es)) RSS {m['rss_mib']:.0f} MiB, "
+                    f"PSS {m['pss_mib']:.0f} MiB"
+                    for part, m in r["memory"]["parts"].items()
+                )
+            )
+    lines.append("  every job of every phase succeeded once, with its own result")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, default=2000, help="jobs per system")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs of the many-threads phase")
     parser.add_argument("--threads", type=int, default=10, help="submitting threads")
+    parser.add_argument(
+        "--single-jobs", type=int, default=1000, help="jobs of the one-thread phase (0: skip)"
+    )
+    parser.add_argument(
+        "--latency-jobs", type=int, default=300, help="jobs run one at a time (0: skip)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes per system")
     parser.add_argument(
         "--warmup", type=int, default=100, help="jobs submitted and run before measuring"
@@ -442,52 +621,53 @@ def main() -> int:
 
     django.setup()
 
+    systems: list[System] = []
+    for name in args.systems.split(","):
+        if name == "lrp":
+            systems.append(Lrp(args, scratch, env))
+        elif name == "celery":
+            missing = celery_missing()
+            if missing:
+                sys.stderr.write(f"bench: Celery skipped: {missing}\n")
+                continue
+            systems.append(Celery(args, scratch, env, redis_port))
+        else:
+            parser.error(f"--systems: unknown system {name!r} (lrp, celery)")
     results: dict = {}
+    running: list[System] = []
     try:
-        for name in args.systems.split(","):
-            if name == "lrp":
-                results["lrp"] = bench_lrp(args, scratch, env)
-            elif name == "celery":
-                missing = celery_missing()
-                if missing:
-                    sys.stderr.write(f"bench: Celery skipped: {missing}\n")
-                    continue
-                try:
-                    results["celery"] = bench_celery(args, scratch, env, redis_port)
-                except NotStarted as e:
-                    sys.stderr.write(f"bench: Celery skipped: it did not start: {e}\n")
-            else:
-                parser.error(f"--systems: unknown system {name!r} (lrp, celery)")
+        for system in systems:
+            try:
+                system.start()
+            except NotStarted as e:
+                if system.name == "lrp":
+                    raise
+                sys.stderr.write(f"bench: Celery skipped: it did not start: {e}\n")
+                system.stop()
+                continue
+            running.append(system)
+            results[system.name] = {}
+        time.sleep(1.0)  # idle: let start-up and warm-up settle
+        for system in running:
+            results[system.name]["memory"] = system.idle_memory()
+        # Phase by phase, the systems one after the other, so that both see
+        # the same machine (other load on it comes and goes).
+        for system in running:
+            results[system.name]["many"] = system.throughput(args.jobs, args.threads)
+        if args.single_jobs:
+            for system in running:
+                results[system.name]["single"] = system.throughput(args.single_jobs, 1)
+        if args.latency_jobs:
+            for system in running:
+                results[system.name]["latency"] = system.latency(args.latency_jobs)
     finally:
+        for system in reversed(running):
+            system.stop()
         if args.keep:
             log.info("scratch directory kept: %s", scratch)
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-
-    base = results.get("celery", {}).get("jobs_per_s")
-    lines = [
-        f"# {args.jobs} no-op jobs from {args.threads} threads, {args.workers} worker "
-        f"processes each, Python {sys.version.split()[0]}",
-        f"  {'system':<8} {'jobs/s':>8} {'submit p50 ms':>14} {'submit p99 ms':>14} "
-        f"{'vs celery':>10}",
-    ]
-    for name, r in results.items():
-        ratio = f"{r['jobs_per_s'] / base:.2f}x" if base else "-"
-        lines.append(
-            f"  {name:<8} {r['jobs_per_s']:>8.0f} {r['submit_p50_ms']:>14.2f} "
-            f"{r['submit_p99_ms']:>14.2f} {ratio:>10}"
-        )
-    for name, r in results.items():
-        lines.append(
-            f"  {name}: first submit to last finish {r['seconds']:.2f} s (seen done after "
-            f"{r['seconds_observed']:.2f} s), slowest submit {r['submit_max_ms']:.1f} ms, "
-            f"each of {r['jobs']} jobs succeeded once"
-        )
-        lines.append(
-            f"  {name} CPU s while measured: "
-            + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s"].items())
-        )
-    return report(lines, results, args.json)
+    return report(table(results, args), results, args.json)
 
 
 if __name__ == "__main__":
