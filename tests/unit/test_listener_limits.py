@@ -23,9 +23,10 @@ from twisted.python.failure import Failure
 from twisted.spread import banana, pb
 from twisted.test import iosim
 
-from twistedlrp.jobs import wire
+from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.amp import AMPFrontEnd, ServiceFactory, ServiceProtocol
-from twistedlrp.jobs.pb import GuardedPBServerFactory, JobsRealm, SecretChecker
+from twistedlrp.jobs.limits import GuardedPBServerFactory
+from twistedlrp.jobs.pb import JobsRealm, SecretChecker
 from twistedlrp.options import Options
 from twistedlrp.services import StartupFailed
 
@@ -73,9 +74,9 @@ def boxes(transport: StringTransport) -> list[amp.AmpBox]:
     return amp.parseString(transport.value())
 
 
-def amp_server(secret=SECRET, limits=wire.Limits(), service=None):
+def amp_server(secret=SECRET, bounds=limits.Limits(), service=None):
     clock = Clock()
-    gate = wire.Gate(clock, "tcp:8001", limits)
+    gate = limits.Gate(clock, "tcp:8001", bounds)
     factory = ServiceFactory(service or FakeService(), secret, gate)
     return clock, gate, factory
 
@@ -120,7 +121,7 @@ def test_a_large_box_before_login_is_refused_as_it_arrives(warnings):
         if transport.disconnecting:
             break
     assert transport.disconnecting
-    assert offset <= wire.PRE_LOGIN_BYTES
+    assert offset <= limits.PRE_LOGIN_BYTES
     (error,) = boxes(transport)
     assert error[b"_error"] == b"9" and error[b"_error_code"] == b"AUTHENTICATION_FAILED"
     assert b"at most 4096 bytes before" in error[b"_error_description"]
@@ -143,7 +144,7 @@ def test_many_small_boxes_before_login_add_up():
     clock, gate, factory = amp_server()
     proto, transport = connect(factory)
     challenge = encode({b"_command": b"Challenge", b"_ask": b"1"})
-    for _ in range(wire.PRE_LOGIN_BYTES // len(challenge) + 1):
+    for _ in range(limits.PRE_LOGIN_BYTES // len(challenge) + 1):
         proto.dataReceived(challenge)
     assert transport.disconnecting
 
@@ -164,7 +165,7 @@ def test_login_then_commands_within_the_limits():
 
 
 def test_the_login_deadline(warnings):
-    clock, gate, factory = amp_server(limits=wire.Limits(login_timeout=10))
+    clock, gate, factory = amp_server(bounds=limits.Limits(login_timeout=10))
     slow, slow_transport = connect(factory)
     quick, quick_transport = connect(factory, 40001)
     assert gate.waiting == 2
@@ -182,7 +183,7 @@ def test_the_login_deadline(warnings):
 
 
 def test_connections_waiting_to_log_in_are_capped(warnings):
-    clock, gate, factory = amp_server(limits=wire.Limits(max_unauthenticated=3))
+    clock, gate, factory = amp_server(bounds=limits.Limits(max_unauthenticated=3))
     waiting = [connect(factory, 40000 + n) for n in range(3)]
     assert connect(factory, 40010) == (None, None)
     assert connect(factory, 40011) == (None, None)
@@ -196,14 +197,14 @@ def test_connections_waiting_to_log_in_are_capped(warnings):
     waiting[1][0].connectionLost(Failure(ConnectionDone()))
     assert connect(factory, 40013)[0] is not None
     assert connect(factory, 40014) == (None, None)
-    clock.advance(wire.REFUSAL_LOG_INTERVAL)
+    clock.advance(limits.REFUSAL_LOG_INTERVAL)
     refused = [w for w in warnings if "already waiting to log in" in w]
     assert len(refused) == 2
     assert "2 more like this in the last 5 s" in refused[1] and "40014" in refused[1]
 
 
 def test_the_trusted_socket_has_no_deadline_and_no_cap():
-    clock, gate, factory = amp_server(secret=None, limits=wire.Limits(max_unauthenticated=1))
+    clock, gate, factory = amp_server(secret=None, bounds=limits.Limits(max_unauthenticated=1))
     connections = [connect(factory, n) for n in range(3)]
     assert all(proto is not None and proto.authenticated for proto, _ in connections)
     assert gate.waiting == 0 and not clock.getDelayedCalls()
@@ -219,7 +220,7 @@ def test_a_box_over_the_payload_limit_is_refused_and_dropped(secret, warnings):
     proto, transport = connect(factory)
     if secret:
         login(proto, transport)
-    limit = MAX_PAYLOAD + wire.BOX_FRAMING
+    limit = MAX_PAYLOAD + limits.BOX_FRAMING
     data = submit_box(limit * 20)
     sent = 0
     for offset in range(0, len(data), 65536):
@@ -249,10 +250,10 @@ def test_a_refused_box_that_never_ends_is_closed_after_a_while():
     clock, gate, factory = amp_server()
     proto, transport = connect(factory)
     login(proto, transport)
-    proto.dataReceived(submit_box(3 * (MAX_PAYLOAD + wire.BOX_FRAMING))[:-2])
+    proto.dataReceived(submit_box(3 * (MAX_PAYLOAD + limits.BOX_FRAMING))[:-2])
     assert boxes(transport)[0][b"_error_code"] == b"PAYLOAD_TOO_LARGE"
     assert not transport.disconnecting
-    clock.advance(wire.DISCARD_TIMEOUT)
+    clock.advance(limits.DISCARD_TIMEOUT)
     assert transport.disconnecting
 
 
@@ -270,7 +271,7 @@ def test_the_protocol_alone_keeps_the_size_limits():
 
 def test_refusals_are_logged_at_most_once_per_interval_and_kind(warnings):
     clock = Clock()
-    refusals = wire.RefusalLog(clock, Logger(), interval=5)
+    refusals = limits.RefusalLog(clock, Logger(), interval=5)
     for n in range(100):
         refusals.warn("a", "refused {peer}", peer=n)
     refusals.warn("b", "other {peer}", peer="x")
@@ -296,10 +297,10 @@ def b128(number: int) -> bytes:
     return b"".join(pieces)
 
 
-def pb_server(limits=wire.Limits(), max_message=300_000):
+def pb_server(bounds=limits.Limits(), max_message=300_000):
     clock = Clock()
     guard = portal.Portal(JobsRealm(FakeService()), [SecretChecker(clock, SECRET)])
-    gate = wire.Gate(clock, "tcp:8002", limits)
+    gate = limits.Gate(clock, "tcp:8002", bounds)
     return clock, gate, GuardedPBServerFactory(guard, gate, max_message)
 
 
@@ -348,7 +349,7 @@ def test_pb_bytes_before_login_are_capped(warnings):
 
 
 def test_pb_login_deadline():
-    clock, gate, factory = pb_server(limits=wire.Limits(login_timeout=3))
+    clock, gate, factory = pb_server(bounds=limits.Limits(login_timeout=3))
     server, client_factory, pump = pb_connect(factory)
     clock.advance(2.9)
     assert not server.transport.disconnecting
@@ -357,7 +358,7 @@ def test_pb_login_deadline():
 
 
 def test_pb_connections_waiting_to_log_in_are_capped():
-    clock, gate, factory = pb_server(limits=wire.Limits(max_unauthenticated=2))
+    clock, gate, factory = pb_server(bounds=limits.Limits(max_unauthenticated=2))
     first = pb_connect(factory)
     pb_connect(factory)
     assert pb_connect(factory) == (None, None, None)

@@ -20,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedlrp.jobs import wire
+from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.client import unix_client_endpoint
 from twistedlrp.jobs.errors import AuthenticationFailed, JobError, PayloadTooLarge
 from twistedlrp.services import StartupFailed
@@ -38,25 +38,27 @@ class ServiceProtocol(wire.QuietAMP):
     What the client may send is bounded as it arrives, never buffered
     whole: before Login, C{gate.limits.pre_login_bytes} over all its boxes
     (more closes the connection); after Login (from the start without a
-    secret), C{service.max_payload} plus L{wire.BOX_FRAMING} in one box
+    secret), C{service.max_payload} plus L{limits.BOX_FRAMING} in one box
     (more is answered with C{PAYLOAD_TOO_LARGE}, the rest of the box is
     read and dropped, and the connection is closed).
 
-    @param gate: the listener's L{wire.Gate} (login deadline, count of the
+    @param gate: the listener's L{limits.Gate} (login deadline, count of the
         connections waiting to log in, rate-limited refusal warnings), or
         C{None} for none of those.
     """
 
-    def __init__(self, service, secret: bytes | None, gate: wire.Gate | None = None):
+    def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
         super().__init__()
         self.service = service
         self.secret = secret
         self.authenticated = secret is None
         self.nonce: bytes | None = None
         self.gate = gate
-        limits = gate.limits if gate is not None else wire.Limits()
-        self.pre_login_bytes = limits.pre_login_bytes
-        self.max_box = getattr(service, "max_payload", wire.DEFAULT_MAX_PAYLOAD) + wire.BOX_FRAMING
+        bounds = gate.limits if gate is not None else limits.Limits()
+        self.pre_login_bytes = bounds.pre_login_bytes
+        self.max_box = (
+            getattr(service, "max_payload", limits.DEFAULT_MAX_PAYLOAD) + limits.BOX_FRAMING
+        )
         # Bytes of the box being parsed; before Login, of all boxes so far.
         self._received = 0
         self._refused = False  # closing: whatever else arrives is dropped
@@ -142,13 +144,13 @@ class ServiceProtocol(wire.QuietAMP):
             "{payload} plus framing): refused, disconnected",
             command=command,
             limit=self.max_box,
-            payload=self.max_box - wire.BOX_FRAMING,
+            payload=self.max_box - limits.BOX_FRAMING,
         )
         self._answer_error(
             ask,
             wire.ERRORS[PayloadTooLarge],
             f"the {command} is larger than the job service takes in one message "
-            f"({self.max_box} bytes: its limit of {self.max_box - wire.BOX_FRAMING} bytes "
+            f"({self.max_box} bytes: its limit of {self.max_box - limits.BOX_FRAMING} bytes "
             f"(--max-job-payload) plus framing); the connection is closed",
         )
         # Read the rest of the box without keeping it, so that the client
@@ -156,7 +158,7 @@ class ServiceProtocol(wire.QuietAMP):
         self._currentBox = None
         self._discarding = True
         if self.gate is not None:
-            self._discard_deadline = self.gate.clock.callLater(wire.DISCARD_TIMEOUT, self._close)
+            self._discard_deadline = self.gate.clock.callLater(limits.DISCARD_TIMEOUT, self._close)
 
     def _answer_error(self, ask: bytes | None, code: bytes, description: str) -> None:
         if ask is None or self.transport is None:
@@ -192,7 +194,7 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _warn(self, kind: str, format: str, **kwargs) -> None:
         """A rate-limited warning (per listener and kind) about the client."""
-        peer = wire.describe_peer(getattr(self, "_transportPeer", None))
+        peer = limits.describe_peer(getattr(self, "_transportPeer", None))
         if self.gate is not None:
             self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
         else:
@@ -294,7 +296,7 @@ class ServiceFactory(protocol.Factory):
 
     noisy = False
 
-    def __init__(self, service, secret: bytes | None, gate: wire.Gate | None = None):
+    def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
         self.service = service
         self.secret = secret
         self.gate = gate
@@ -303,28 +305,6 @@ class ServiceFactory(protocol.Factory):
         if self.secret is not None and self.gate is not None and not self.gate.admit(addr):
             return None  # the transport closes the socket at once
         return ServiceProtocol(self.service, self.secret, self.gate)
-
-
-def configured_limits() -> wire.Limits:
-    """
-    @return: the listeners' limits, with C{LRP_JOBS_LOGIN_TIMEOUT} from the
-        Django settings (when they are configured).
-    @raise StartupFailed: the setting is not a positive number.
-    """
-    from django.conf import settings
-
-    value = getattr(settings, "LRP_JOBS_LOGIN_TIMEOUT", None) if settings.configured else None
-    if value is None:
-        return wire.Limits()
-    try:
-        timeout = float(value)
-        if not timeout > 0 or timeout == float("inf"):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise StartupFailed(
-            f"LRP_JOBS_LOGIN_TIMEOUT: expected a positive number of seconds, got {value!r}"
-        ) from None
-    return wire.Limits(login_timeout=timeout)
 
 
 class AMPFrontEnd:
@@ -372,7 +352,7 @@ class AMPFrontEnd:
         secret = None
         if not endpoint.startswith("unix:"):
             secret = wire.read_secret(self.secret_file)
-        gate = wire.Gate(self.reactor, endpoint, configured_limits(), log)
+        gate = limits.Gate(self.reactor, endpoint, limits.configured_limits(), log)
         try:
             self.port = await serverFromString(self.reactor, endpoint).listen(
                 ServiceFactory(service, secret, gate)

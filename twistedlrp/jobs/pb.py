@@ -22,10 +22,10 @@ Login is PB's own challenge-response (see L{SecretChecker}): the secret
 never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
-What a client may send is bounded as it arrives (L{GuardedBroker}): a few
+What a client may send is bounded as it arrives (L{twistedlrp.jobs.limits.GuardedBroker}): a few
 KiB before its login succeeds, within a deadline, with a cap on the
 connections waiting to log in at once (as on the AMP listeners, see
-L{twistedlrp.jobs.wire.Gate}); after login, one message of at most twice
+L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
 C{--max-job-payload} plus framing.
 """
 
@@ -38,8 +38,7 @@ from twisted.logger import Logger
 from twisted.spread import banana, pb
 from zope.interface import implementer
 
-from twistedlrp.jobs import errors, wire
-from twistedlrp.jobs.amp import configured_limits
+from twistedlrp.jobs import errors, limits, wire
 from twistedlrp.jobs.client import encode_payload
 from twistedlrp.services import StartupFailed
 
@@ -131,10 +130,10 @@ class SecretChecker:
         # PB's challenger (pb._PortalAuthChallenger) knows the connection.
         broker = getattr(creds, "broker", None)
         if creds.checkPassword(self.secret):
-            if isinstance(broker, GuardedBroker):
+            if isinstance(broker, limits.GuardedBroker):
                 broker.logged_in()
             return defer.succeed(creds.username)
-        if isinstance(broker, GuardedBroker):
+        if isinstance(broker, limits.GuardedBroker):
             broker.warn(
                 "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
             )
@@ -270,120 +269,12 @@ def _fits_banana(answer):
     return answer
 
 
-class GuardedBroker(pb.Broker):
-    """
-    A PB server connection that bounds what the client sends, counted as it
-    arrives (before Banana buffers or decodes it): before its login
-    succeeds, C{gate.limits.pre_login_bytes} in all, within
-    C{gate.limits.login_timeout} seconds; after it, C{max_message} bytes
-    in one message (top-level Banana expression). Beyond, the connection
-    is closed (PB has no error answer for a message it has not decoded).
-    """
-
-    def __init__(self, gate: wire.Gate, max_message: int, **kwargs):
-        super().__init__(isClient=False, **kwargs)
-        self.gate = gate
-        self.max_message = max_message
-        self.authenticated = False
-        self._received = 0  # before login: all bytes so far; after: those of this message
-        self._expression_ended = False
-        self._refused = False
-        self._peer = "?"
-
-    def connectionMade(self):
-        self._peer = wire.describe_peer(self.transport.getPeer())
-        self.gate.enter(self, self._login_expired)
-        super().connectionMade()
-
-    def connectionLost(self, reason):
-        self.gate.leave(self)
-        super().connectionLost(reason)
-
-    def logged_in(self) -> None:
-        """The client's login succeeded (L{SecretChecker} says so)."""
-        if not self.authenticated:
-            self.authenticated = True
-            self._received = 0
-            self.gate.leave(self)
-
-    def dataReceived(self, chunk):
-        if self._refused:
-            return
-        self._received += len(chunk)
-        if not self.authenticated and self._received > self.gate.limits.pre_login_bytes:
-            self.warn(
-                "pre-login-size",
-                "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=self.gate.limits.pre_login_bytes,
-            )
-            return self._close()
-        if self.authenticated and self._received > self.max_message:
-            self.warn(
-                "message-size",
-                "PB job client {peer} sent a message of more than {limit} bytes (twice "
-                "--max-job-payload plus framing): disconnected",
-                limit=self.max_message,
-            )
-            return self._close()
-        self._expression_ended = False
-        super().dataReceived(chunk)
-        if self._expression_ended and self.authenticated:
-            # A message ended in this chunk: what follows it (in the
-            # chunk) is the start of the next one.
-            self._received = len(chunk) if self.listStack else len(self.buffer)
-
-    def expressionReceived(self, sexp):
-        self._expression_ended = True
-        return super().expressionReceived(sexp)
-
-    def _close(self) -> None:
-        self._refused = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def _login_expired(self) -> None:
-        if self.authenticated or self._refused:
-            return
-        self.warn(
-            "login-timeout",
-            "PB job client {peer} did not log in within {timeout:g} s: disconnected",
-            timeout=self.gate.limits.login_timeout,
-        )
-        self._close()
-
-    def warn(self, kind: str, format: str, **kwargs) -> None:
-        """A rate-limited warning (per listener and kind) about this client."""
-        self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
-
-
-class GuardedPBServerFactory(pb.PBServerFactory):
-    """
-    A C{PBServerFactory} of L{GuardedBroker}s; a connection beyond the
-    number that may wait to log in is closed as soon as it is accepted.
-    """
-
-    noisy = False
-
-    def __init__(self, root, gate: wire.Gate, max_message: int):
-        super().__init__(root)
-        self.gate = gate
-        self.max_message = max_message
-
-    def buildProtocol(self, addr):
-        if not self.gate.admit(addr):
-            return None  # the transport closes the socket at once
-        proto = GuardedBroker(self.gate, self.max_message, security=self.security)
-        proto.factory = self
-        proto.setNameForLocal("root", self.root.rootObject(proto))
-        return proto
-
-
 def listen_pb(
     reactor,
     service,
     endpoint: str,
     secret: bytes,
-    limits: wire.Limits | None = None,
+    bounds: limits.Limits | None = None,
 ) -> defer.Deferred:
     """
     Serve C{service} over Perspective Broker on C{endpoint}.
@@ -391,9 +282,9 @@ def listen_pb(
     @param service: the L{twistedlrp.jobs.service.JobService}.
     @param endpoint: a server endpoint string (C{tcp:8790:interface=127.0.0.1}).
     @param secret: the shared secret clients log in with (any user name).
-    @param limits: what clients may do before logging in (the defaults of
+    @param bounds: what clients may do before logging in (the defaults of
         L{twistedlrp.jobs.wire} if C{None}). After login, one message may
-        hold twice C{service.max_payload} plus L{wire.BOX_FRAMING} bytes
+        hold twice C{service.max_payload} plus L{limits.BOX_FRAMING} bytes
         (PB's encoding of a JSON value can take twice its JSON's size).
     @return: a Deferred firing with the C{IListeningPort}, or failing when
         the endpoint cannot listen.
@@ -402,9 +293,9 @@ def listen_pb(
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
-    gate = wire.Gate(reactor, endpoint, limits or wire.Limits(), log)
-    max_payload = getattr(service, "max_payload", wire.DEFAULT_MAX_PAYLOAD)
-    factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + wire.BOX_FRAMING)
+    gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
+    max_payload = getattr(service, "max_payload", limits.DEFAULT_MAX_PAYLOAD)
+    factory = limits.GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, endpoint).listen(factory)
 
     def listening(port):
@@ -438,9 +329,9 @@ class PBFrontEnd:
                 "a login: give --jobs-secret-file"
             )
         secret = wire.read_secret(self.secret_file)
-        limits = configured_limits()
+        bounds = limits.configured_limits()
         try:
-            self.port = await listen_pb(self.reactor, service, self.endpoint, secret, limits)
+            self.port = await listen_pb(self.reactor, service, self.endpoint, secret, bounds)
         except Exception as e:
             raise StartupFailed(f"the job service cannot listen on {self.endpoint}: {e}") from e
 
