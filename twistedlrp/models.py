@@ -31,6 +31,14 @@ class Job(models.Model):
     result = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True, default="", help_text="Error message and traceback.")
     worker = models.CharField(max_length=100, blank=True, default="")
+    # A database default too: rows written by an older version or by hand have one.
+    node = models.CharField(
+        max_length=255,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The job node of the last attempt.",
+    )
     output = models.TextField(blank=True, default="", help_text="Tail of stdout and stderr.")
     cancel_requested = models.BooleanField(default=False)
     created_at = models.DateTimeField(db_index=True)
@@ -46,6 +54,8 @@ class Job(models.Model):
                 fields=["state", "queue", "-priority", "created_at"], name="lrp_job_claim"
             ),
             models.Index(fields=["state", "run_after"], name="lrp_job_delayed"),
+            # Each node's running jobs (its recovery, the leases of dead nodes).
+            models.Index(fields=["state", "node"], name="lrp_job_node"),
         ]
         constraints = [
             # At most one unfinished job per key.
@@ -58,3 +68,24 @@ class Job(models.Model):
 
     def __str__(self):
         return f"{self.name} {self.id} ({self.state})"
+
+
+class Node(models.Model):
+    """
+    A job node (a job service) using this database: its lease is renewed by
+    a heartbeat every few seconds; the other nodes retry or fail the running
+    jobs of a node whose lease expired.
+    """
+
+    name = models.CharField(max_length=255, primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.IntegerField()
+    queues = models.TextField(blank=True, default="", help_text="Comma-separated; empty: all.")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.host}, pid {self.pid})"

@@ -136,6 +136,12 @@ OPTIONS: tuple[Option, ...] = (
            "this many MB (0: no limit)", kind=WHOLE),
     Option("max-job-payload", MiB, values.whole(1024), "Largest job arguments or result, in bytes",
            kind=WHOLE),
+    Option("queues", None, lambda option, value: [q.strip() for q in (
+               value if isinstance(value, list) else str(value).split(",")) if str(q).strip()] or None,
+           "Run only the jobs of these queues (comma-separated)", kind=STRINGS, shown="all",
+           unparse=",".join),
+    Option("node-name", None, values.text, "Name of this job node in the node table, unique among "
+           "the nodes sharing the database", shown="<host name>:<absolute state-dir>"),
     # Development and deployment.
     Option("reload", False, None, "Development: restart the server when a source file changes"),
     Option("config", None, values.existing_file, "TOML file whose keys are these long option names; the "

@@ -5,7 +5,14 @@ it ends.
 Free workers take the next job from the L{JobQueue}. A job whose settings
 and arguments the service holds in memory is sent to its worker at once,
 while its claim commits with the next batch; any other is claimed first
-(the claim reads it). When an attempt ends (an outcome from the worker, or
+(the claim reads it).
+
+With several job nodes on one PostgreSQL database (C{shared}), there is no
+queue in memory: free workers claim the next due jobs of the node's queues
+from the table (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before a
+job is sent), whenever there may be work (L{Dispatcher.wake}: a
+submission here, a notification from another node, a delayed job coming
+due, the service's slow poll). When an attempt ends (an outcome from the worker, or
 the worker's death seen in C{processEnded}) the job is finished, retried
 after its delay, or put back in the queue, and the store is told; waiters
 hear of a final state after its commit.
@@ -50,6 +57,9 @@ class Dispatcher:
         cancel_grace: float,
         waiting: Callable[[str], bool],
         notify: Callable[[dict], None],
+        node: str = "",
+        shared: bool = False,
+        queues: list[str] | None = None,
     ):
         self.reactor = reactor
         self.store = store
@@ -76,12 +86,38 @@ class Dispatcher:
         # Jobs being claimed: their outcome must be recorded before the store closes.
         self._claiming: set[defer.Deferred] = set()
         self.claiming: set[str] = set()
+        # This job node, and how it finds work (see the module's docstring).
+        self.node = node
+        self.shared = shared
+        self.queues = queues
+        # Shared: may the table hold due jobs for us? (Cleared by a claim that
+        # found fewer than it asked for, unless a wake came meanwhile.)
+        self._wanted = True
+        self._wakes = 0
+        self._claim_running = False
+        self._due_timer = None
 
     # -- what the service asks ---------------------------------------------------------
 
     def enqueue(self, record: JobRecord, not_before: float | None = None) -> None:
+        if self.shared:
+            # The table is the queue.
+            if not_before is not None and not_before > self.reactor.seconds():
+                self._arm_due(not_before)
+            else:
+                self.wake()
+            return
         self.queue.push(record, not_before)
         self.dispatch()
+
+    def wake(self) -> None:
+        """Shared: there may be due jobs in the table; free workers claim them."""
+        self._wakes += 1
+        self._wanted = True
+        self.dispatch()
+
+    def _node_args(self) -> tuple:
+        return (self.node,) if self.shared else ()
 
     def request_cancel(self, job_id: str) -> bool:
         """
@@ -111,6 +147,8 @@ class Dispatcher:
     def stop_accepting(self) -> None:
         self.accepting = False
         self.queue.pause()
+        if self._due_timer is not None and self._due_timer.active():
+            self._due_timer.cancel()
         self.pool.stop_idle()
 
     def when_idle(self) -> defer.Deferred:
@@ -146,6 +184,9 @@ class Dispatcher:
     def dispatch(self) -> None:
         if not self.accepting:
             return
+        if self.shared:
+            self._claim_next()
+            return
         while self.queue.has_ready():
             idle = self.pool.idle()
             if not idle:
@@ -159,6 +200,97 @@ class Dispatcher:
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
 
+    def _claim_next(self) -> None:
+        """Shared: claim one due job per free worker from the table (one claim at a time)."""
+        if self._claim_running or not self._wanted:
+            return
+        idle = self.pool.idle()
+        if not idle:
+            return
+        for worker in idle:
+            worker.state = "claiming"
+        self._claim_running = True
+        wakes = self._wakes
+        d = self.store.run(ops.claim_next, self.queues, self.node, [w.ident for w in idle])
+        self._claiming.add(d)
+        d.addCallbacks(
+            self._claimed_next, self._claim_failed, callbackArgs=(idle, wakes), errbackArgs=(idle,)
+        )
+        d.addErrback(lambda f: log.failure("While starting claimed jobs", f))
+        d.addBoth(lambda _: self._claiming.discard(d))
+
+    def _claimed_next(self, answer: dict, workers: list, wakes: int) -> None:
+        self._claim_running = False
+        by_ident = {worker.ident: worker for worker in workers}
+        claimed = answer["claimed"]
+        for row in claimed:
+            worker = by_ident.pop(row["worker"])
+            record = JobRecord(
+                row["id"],
+                row["priority"],
+                name=row["name"],
+                attempts=row["attempts"],
+                max_attempts=row["max_attempts"],
+                retry_delay=row["retry_delay"],
+                timeout=row["timeout"],
+            )
+            if worker.state != "claiming" or not self.accepting:
+                # The worker died, or the service began stopping, during the claim.
+                if worker.state == "claiming":
+                    worker.state = "idle"
+                self.store.run(
+                    ops.requeue,
+                    record.id,
+                    "its worker ended before the job started",
+                    False,
+                    self.node,
+                )
+                continue
+            try:
+                _check_record(record)
+            except InvalidArguments as e:
+                worker.state = "idle"
+                error = f"the job could not start: {e}"
+                self.counters["failed"] += 1
+                _log_failed(record, error)
+                self._finish(record, FAILED, error=error)
+                continue
+            self._run_on(worker, record, row["payload"])
+            if row["cancel_requested"]:
+                self.request_cancel(record.id)
+        for worker in by_ident.values():
+            if worker.state == "claiming":
+                worker.state = "idle"
+        if len(claimed) < len(workers):
+            if wakes == self._wakes:
+                self._wanted = False
+            self._arm_due(answer["next_due"])
+        self.dispatch()
+
+    def _claim_failed(self, failure, workers: list) -> None:
+        self._claim_running = False
+        for worker in workers:
+            if worker.state == "claiming":
+                worker.state = "idle"
+        log.warn(
+            "Could not claim jobs: {error}; trying again in 1 s",
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
+        if self.accepting:
+            self.reactor.callLater(1.0, self.wake)
+
+    def _arm_due(self, when: float | None) -> None:
+        """Shared: wake when the first delayed job we know of becomes due."""
+        if when is None or not self.accepting:
+            return
+        timer = self._due_timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        delay = max(when - self.reactor.seconds(), 0) + 0.01
+        self._due_timer = self.reactor.callLater(delay, self.wake)
+
     async def _start(self, worker, record: JobRecord) -> None:
         if record.payload is not None:
             # The service owns its queue, so the job is sent at once and the
@@ -168,7 +300,7 @@ class Dispatcher:
             record.attempts += 1
             _check_record(record)
             self._run_on(worker, record, record.payload)
-            claimed = await self.store.run(ops.claim, record.id, worker.ident, False)
+            claimed = await self.store.run(ops.claim, record.id, worker.ident, False, self.node)
             if claimed is None and self.running.get(record.id) is record:
                 # No longer queued in the store (changed behind our back):
                 # this run must not count; stop it and record nothing.
@@ -178,7 +310,7 @@ class Dispatcher:
                 self._forget(record)
                 worker.signal("KILL", "orphan")
             return
-        claimed = await self.store.run(ops.claim, record.id, worker.ident, True)
+        claimed = await self.store.run(ops.claim, record.id, worker.ident, True, self.node)
         if claimed is None:
             # Cancelled (or taken) meanwhile.
             if worker.state == "claiming":
@@ -308,6 +440,7 @@ class Dispatcher:
                 job_id,
                 "interrupted by a server shut-down before it finished; it runs again",
                 False,
+                *self._node_args(),
             )
         elif reason == "timeout":
             error = (
@@ -381,10 +514,13 @@ class Dispatcher:
             QUEUED,
             dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
             False,
+            *self._node_args(),
         )
 
-        def queued(_):
-            if self.accepting:
+        def queued(info):
+            if info and info.get("lost"):
+                _log_lost(record)
+            elif self.accepting:
                 self.enqueue(record.requeued(), run_after)
 
         d.addCallback(queued)
@@ -393,9 +529,17 @@ class Dispatcher:
     def _finish(self, record: JobRecord, state: str, **fields) -> None:
         # Read the job back only when someone waits for it; a waiter that
         # comes later reads it after this commit anyway.
-        d = self.store.run(ops.finish, record.id, state, fields, self._waiting(record.id))
-        d.addCallback(lambda info: info and self._notify(info))
+        d = self.store.run(
+            ops.finish, record.id, state, fields, self._waiting(record.id), *self._node_args()
+        )
+        d.addCallback(self._finished, record)
         d.addErrback(self._unrecorded, record)
+
+    def _finished(self, info: dict | None, record: JobRecord) -> None:
+        if info and info.get("lost"):
+            _log_lost(record)
+        elif info:
+            self._notify(info)
 
     def _unrecorded(self, failure, record: JobRecord) -> None:
         """
@@ -408,9 +552,14 @@ class Dispatcher:
         error = f"the outcome of attempt {record.attempts} could not be stored: "
         error += failure.getErrorMessage()
         d = self.store.run(
-            ops.finish, record.id, FAILED, {"error": error}, self._waiting(record.id)
+            ops.finish,
+            record.id,
+            FAILED,
+            {"error": error},
+            self._waiting(record.id),
+            *self._node_args(),
         )
-        d.addCallback(lambda info: info and self._notify(info))
+        d.addCallback(self._finished, record)
         d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
 
 
@@ -420,6 +569,15 @@ def _check_record(record: JobRecord) -> None:
     if record.retry_delay:
         check_seconds("retry_delay", record.retry_delay)
     check_priority(record.priority)
+
+
+def _log_lost(record: JobRecord) -> None:
+    log.warn(
+        "Job {job_id}: this job node no longer holds it (its lease expired and another "
+        "node retried or failed the job): the outcome of attempt {attempt} is not recorded",
+        job_id=record.id,
+        attempt=record.attempts,
+    )
 
 
 def _log_failed(record: JobRecord, error: str) -> None:

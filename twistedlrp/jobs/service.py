@@ -9,8 +9,17 @@ Perspective Broker one (L{twistedlrp.jobs.pb}) call the same methods. Every
 state change goes through the store thread and is acknowledged only after
 its commit. Which job runs where is L{twistedlrp.jobs.dispatch}'s business.
 
-Start (see docs/design.md): open the store, recover what a dead server
-left, listen, then start the workers (so that they know the address a job
+Job nodes: each service is a node, named in the node table, with a
+heartbeat (L{twistedlrp.jobs.watchdog.NodeLease}). On SQLite it is the only
+one (a second node on the same database is refused at start-up), holds the
+queue in memory and never polls. On PostgreSQL several nodes may share the
+database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
+SKIP LOCKED}, is woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen})
+and polls slowly (L{POLL_INTERVAL}) for anything missed; the other nodes
+retry or fail the running jobs of a node whose lease expired.
+
+Start (see docs/design.md): open the store, enter the node, recover what
+this node left when it died, listen, then start the workers (so that they know the address a job
 submitting a job must use). Stop: no new work, running jobs get until
 shortly before the graceful deadline, then are stopped and put back in the
 queue; the store thread ends once every change is committed.
@@ -19,11 +28,12 @@ queue; the store thread ends once every change is committed.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from datetime import UTC, datetime
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
@@ -39,9 +49,9 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import Store
 from twistedlrp.jobs.store import operations as ops
-from twistedlrp.jobs.watchdog import Watchdog
+from twistedlrp.jobs.watchdog import NodeLease, Watchdog
 from twistedlrp.jobs.workers import worker_id_prefix
-from twistedlrp.services import within
+from twistedlrp.services import StartupFailed, within
 
 log = Logger()
 
@@ -49,6 +59,37 @@ DEFAULT_CANCEL_GRACE = 5.0
 # Seconds without a usable worker before the health endpoint says "degraded"
 # (a worker being replaced takes about one).
 WORKER_GRACE = 5.0
+# Seconds without a heartbeat after which the other nodes take a job node for dead.
+DEFAULT_NODE_LEASE = 15.0
+# Several nodes: seconds between claims that no notification asked for.
+POLL_INTERVAL = 5.0
+_HOST = os.uname().nodename
+
+
+def node_name(options) -> str:
+    """@return: this job node's name: C{--node-name}, or the host name and the state directory."""
+    name = options.get("node-name")
+    if name:
+        return name
+    return f"{_HOST}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
+
+
+def node_lease() -> float:
+    """@return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE} (environment, then setting)."""
+    from django.conf import settings
+
+    value = os.environ.get("LRP_JOBS_NODE_LEASE") or getattr(
+        settings, "LRP_JOBS_NODE_LEASE", DEFAULT_NODE_LEASE
+    )
+    try:
+        lease = float(value)
+    except (TypeError, ValueError):
+        raise StartupFailed(
+            f"LRP_JOBS_NODE_LEASE: expected a number of seconds, got {value!r}"
+        ) from None
+    if not lease >= 0.5:
+        raise StartupFailed(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
+    return lease
 
 
 class JobService(service.Service):
@@ -73,6 +114,13 @@ class JobService(service.Service):
         self.store = Store(reactor)
         self.worker_env: dict[str, str] = {}
         self.waiters: dict[str, list[defer.Deferred]] = {}
+        from django.db import connection
+
+        # Several job nodes share a PostgreSQL database; any other is one node's.
+        self.shared = connection.vendor == "postgresql"
+        self.node = node_name(options)
+        self.queues = list(options.get("queues") or ()) or None
+        self.lease = node_lease()
         self.dispatcher = Dispatcher(
             reactor,
             self.store,
@@ -81,9 +129,33 @@ class JobService(service.Service):
             cancel_grace,
             waiting=self.waiters.__contains__,
             notify=self._notify,
+            node=self.node,
+            shared=self.shared,
+            queues=self.queues,
         )
         self.pool = self.dispatcher.pool
-        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, worker_id_prefix())
+        self.watchdog = Watchdog(
+            reactor,
+            self.dispatcher,
+            self.store,
+            worker_id_prefix(),
+            self.node if self.shared else None,
+        )
+        self.lease_keeper = NodeLease(
+            reactor,
+            self.store,
+            self.node,
+            _HOST,
+            os.getpid(),
+            self.queues,
+            self.lease,
+            self.shared,
+            on_requeued=self.dispatcher.wake,
+        )
+        self.listener = None
+        self._poll = task.LoopingCall(self.dispatcher.wake)
+        self._poll.clock = reactor
+        self._registered = False
         self.unavailable: str | None = "the job service is starting"
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
@@ -107,7 +179,8 @@ class JobService(service.Service):
             self.unavailable = reason
             log.error("The job service cannot run: {reason}", reason=reason)
         else:
-            queued, failed = await self.store.run(ops.recover)
+            await self._register()
+            queued, failed = await self.store.run(ops.recover, self.node, self.queues, self.shared)
             for job_id in failed:
                 log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
             for row in queued:
@@ -132,12 +205,59 @@ class JobService(service.Service):
         self.pool.start()
         self._last_usable = self.reactor.seconds()
         self.watchdog.start()
+        self.lease_keeper.start()
+        if self.shared:
+            from twistedlrp.jobs.store.listen import Listener
+
+            self.listener = Listener(self.reactor, self._notified, self.dispatcher.wake)
+            self.listener.start()
+            self._poll.start(POLL_INTERVAL, now=False)
         log.info(
             "Job service ready: {queued} queued job(s), {workers} worker(s) starting, jobs: {names}",
-            queued=len(self.dispatcher.queue),
+            queued="the table's" if self.shared else len(self.dispatcher.queue),
             workers=self.pool.size,
             names=", ".join(registry.names()) or "(none registered)",
         )
+        log.info(
+            "Job node {node}: {mode}; queues: {queues}",
+            node=self.node,
+            mode="one of several on PostgreSQL (SKIP LOCKED claims, LISTEN/NOTIFY, lease "
+            f"{self.lease:g} s)"
+            if self.shared
+            else "the only one on this database",
+            queues=", ".join(self.queues) if self.queues else "all",
+        )
+
+    async def _register(self) -> None:
+        """Enter this node in the node table, or refuse to start beside another live one."""
+        try:
+            await self.store.run(
+                ops.register_node,
+                self.node,
+                _HOST,
+                os.getpid(),
+                self.queues,
+                self.lease,
+                self.shared,
+            )
+        except ops.NodeConflict as e:
+            raise StartupFailed(str(e)) from None
+        self._registered = True
+
+    def _notified(self, payload: str) -> None:
+        """A notification from a job node on the database (possibly this one)."""
+        if not self.dispatcher.accepting:
+            return
+        what, _, value = payload.partition(":")
+        if what == "queued":
+            if self.queues is None or value in self.queues:
+                self.dispatcher.wake()
+        elif what == "cancel":
+            self.dispatcher.request_cancel(value)
+        elif what == "finished" and value in self.waiters:
+            d = self.status(value)
+            d.addCallback(lambda info: info["state"] in FINISHED and self._notify(info))
+            d.addErrback(lambda _: None)
 
     @property
     def client_endpoint(self) -> str | None:
@@ -172,6 +292,10 @@ class JobService(service.Service):
             await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
         dispatcher = self.dispatcher
         self.watchdog.stop()
+        if self._poll.running:
+            self._poll.stop()
+        if self.listener is not None:
+            self.listener.stop()
         dispatcher.stop_accepting()
         if self.unavailable is None:
             self.unavailable = "the job service is shutting down"
@@ -198,6 +322,10 @@ class JobService(service.Service):
         await within(
             reactor, self.pool.when_all_ended(), max(deadline - reactor.seconds() - 0.1, 0.5)
         )
+        self.lease_keeper.stop()
+        if self._registered and not self.store.closed:
+            # The node's row goes with the last batch: a successor need not wait for its lease.
+            self.store.run(ops.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
 
     def force_exit(self) -> None:
@@ -296,8 +424,8 @@ class JobService(service.Service):
             "timeout": definition.timeout if timeout is None else timeout,
             "key": key,
         }
-        created, info = await self.store.run(ops.create, fields, job_id)
-        if created:
+        created, info = await self.store.run(ops.create, fields, job_id, self.shared)
+        if created and (self.queues is None or definition.queue in self.queues):
             self.dispatcher.counters["submitted"] += 1
             record = JobRecord(
                 info["id"],
@@ -339,7 +467,7 @@ class JobService(service.Service):
             pass  # the store says it is unknown
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
-        info = await self.store.run(ops.mark_cancel, job_id)
+        info = await self.store.run(ops.mark_cancel, job_id, self.shared)
         # A running job's cancellation may have been asked before its claim was read.
         self.dispatcher.request_cancel(job_id)
         if info["state"] in FINISHED:
@@ -395,6 +523,12 @@ class JobService(service.Service):
                 "counters": dict(dispatcher.counters),
                 "store": {"batches": self.store.batches, "operations": self.store.operations},
                 "unavailable": self.unavailable,
+                "node": {
+                    "name": self.node,
+                    "shared": self.shared,
+                    "queues": self.queues,
+                    "lease": self.lease,
+                },
             }
 
         return self.store.run(ops.counts).addCallback(assemble)

@@ -10,6 +10,11 @@ machine's workers: one that the service neither runs nor is claiming (left
 by a bug, or by an operation that failed half-way) is dealt with the same
 way in the store. That query is also how the service learns that its store
 is unreachable (L{Watchdog.store_error}), which the health endpoint reports.
+
+With several job nodes on one database the store check is per node (the
+jobs recorded as running on this node), and L{NodeLease} keeps this node's
+lease: a heartbeat in the node table every few seconds, and the check for
+other nodes whose lease expired, whose running jobs it retries or fails.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp.jobs.queue import JobRecord
@@ -38,11 +43,13 @@ class Watchdog:
     @param worker_prefix: the start of this machine's worker ids (C{"host:"}).
     """
 
-    def __init__(self, reactor, dispatcher, store, worker_prefix: str):
+    def __init__(self, reactor, dispatcher, store, worker_prefix: str, node: str | None = None):
         self.reactor = reactor
         self.dispatcher = dispatcher
         self.store = store
         self.worker_prefix = worker_prefix
+        # Several nodes: the store check looks at this node's jobs only.
+        self.node = node
         self.store_error: str | None = None
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
@@ -75,7 +82,7 @@ class Watchdog:
     def check_store(self):
         """@return: a Deferred firing once the store's running jobs have been checked."""
         grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
-        d = self.store.run(ops.running_on, self.worker_prefix, grace)
+        d = self.store.run(ops.running_on, self.worker_prefix, grace, self.node)
         d.addCallback(self._orphans_in_store)
         return d
 
@@ -110,6 +117,102 @@ class Watchdog:
             return
         record = JobRecord(job_id, after["priority"], after["created_at"].timestamp())
         self.dispatcher.enqueue(record)
+
+
+class NodeLease:
+    """
+    This job node's entry in the node table: a heartbeat every C{interval}
+    seconds (run by the store thread), and, when several nodes share the
+    database (C{shared}), the check that retries or fails by their policy
+    the running jobs of nodes without a heartbeat for C{lease} seconds.
+
+    @param on_requeued: called when jobs went back to the queue (so free
+        workers claim them).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        store,
+        node: str,
+        host: str,
+        pid: int,
+        queues: list[str] | None,
+        lease: float,
+        shared: bool,
+        on_requeued,
+    ):
+        self.reactor = reactor
+        self.store = store
+        self.node, self.host, self.pid, self.queues = node, host, pid, queues
+        self.lease = lease
+        self.shared = shared
+        self.on_requeued = on_requeued
+        self.interval = max(min(2.0, lease / 4), 0.1)
+        self._loop = task.LoopingCall(self.beat)
+        self._loop.clock = reactor
+        self._busy = False
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def beat(self) -> None:
+        if self._busy or self.store.closed:
+            return
+        self._busy = True
+        d = self.store.run(ops.heartbeat, self.node, self.host, self.pid, self.queues)
+        d.addCallback(self._beaten)
+        if self.shared:
+            grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
+            expired = self.store.run(ops.expire_nodes, self.node, self.lease, grace)
+            expired.addCallbacks(self._expired, self._expire_failed)
+            d = defer.DeferredList([d, expired], consumeErrors=True)
+        else:
+            d.addErrback(lambda _: None)  # the watchdog's store check reports it
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._busy = False
+
+    def _beaten(self, held: bool) -> None:
+        if not held:
+            log.warn(
+                "This job node ({node}) was missing from the node table: another node took it "
+                "for dead (no heartbeat for {lease:g} s) and retried or failed the jobs it was "
+                "running; their outcomes here are not recorded",
+                node=self.node,
+                lease=self.lease,
+            )
+
+    def _expire_failed(self, failure) -> None:
+        log.warn(
+            "Could not check the leases of the other job nodes: {error}",
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
+
+    def _expired(self, outcome: dict) -> None:
+        for name, age in outcome["nodes"]:
+            log.warn(
+                "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead",
+                name=name,
+                age=age,
+                lease=self.lease,
+            )
+        requeued = False
+        for job in outcome["jobs"]:
+            log.warn(
+                "Job {job_id}: {state} ({reason})",
+                job_id=job["id"],
+                state="retried" if job["state"] == QUEUED else job["state"],
+                reason=job["reason"],
+            )
+            requeued = requeued or job["state"] == QUEUED
+        if requeued:
+            self.on_requeued()
 
 
 def _why_orphaned(record: JobRecord, workers: list) -> str | None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
 from twistedlrp.jobs.states import (
@@ -98,10 +98,13 @@ def prepare():
     return None
 
 
-def create(fields: dict, job_id: str | None = None) -> dict:
+def create(fields: dict, job_id: str | None = None, notify: bool = False) -> dict:
     """
     Insert a job, unless C{fields["key"]} names an unfinished job or a job
     with the id C{job_id} exists (a submission retried with the id it chose).
+
+    @param notify: send the job nodes listening on the database a
+        notification, delivered with the commit (PostgreSQL, several nodes).
 
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
@@ -143,6 +146,8 @@ def create(fields: dict, job_id: str | None = None) -> dict:
     params = [sql.prep(name, row.get(name)) for name in sql.insert_names]
     with connection.cursor() as cursor:
         cursor.execute(sql.insert, params)
+    if notify:
+        notify_nodes(f"queued:{fields['queue']}")
     return True, job_dict(_Row(row))
 
 
@@ -168,7 +173,7 @@ def get(job_id: str, full: bool = True) -> dict:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
 
 
-def claim(job_id: str, worker: str, load: bool = True) -> dict | None:
+def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
     Mark a queued job running (one more attempt).
 
@@ -194,6 +199,7 @@ def claim(job_id: str, worker: str, load: bool = True) -> dict | None:
                 RUNNING,
                 sql.prep("started_at", started),
                 worker,
+                node,
                 sql.prep("id", as_uuid(job_id)),
                 QUEUED,
             ],
@@ -211,39 +217,109 @@ def claim(job_id: str, worker: str, load: bool = True) -> dict | None:
     return row
 
 
-def claim_next_postgresql(queue_name: str, worker: str):
+def claim_next(queues: list[str] | None, node: str, workers: list[str]) -> dict:
     """
-    Claim the next due job on PostgreSQL when several job services share
-    the database: C{SELECT ... FOR UPDATE SKIP LOCKED} lets each take a
-    different row without waiting for the others.
+    Claim up to one due job per worker in C{workers}, the next ones of
+    C{queues} (C{None}: every queue) by priority, then age, when several
+    job nodes share a PostgreSQL database: C{SELECT ... FOR UPDATE SKIP
+    LOCKED} lets each node take different rows without waiting for the
+    others. The claim (C{running}, one more attempt, the worker and the
+    node) commits before the job is sent to its worker.
 
-    @return: the claimed job's id, or C{None}.
+    @return: C{{"claimed": [rows], "next_due": Unix time or None}}: each row
+        has C{id}, C{worker}, C{payload}, C{name}, C{attempts},
+        C{max_attempts}, C{retry_delay}, C{timeout}, C{priority},
+        C{cancel_requested}; C{next_due} is when the first delayed job of
+        these queues becomes due (read when fewer jobs than workers were
+        claimed).
     """
-    from django.db.models import Q
+    from django.db import connection
 
-    from twistedlrp.models import Job
-
-    row = (
-        Job.objects.select_for_update(skip_locked=True)
-        .filter(state=QUEUED, queue=queue_name)
-        .filter(Q(run_after__isnull=True) | Q(run_after__lte=now()))
-        .order_by("-priority", "created_at")
-        .values_list("id", flat=True)
-        .first()
+    sql = statements()
+    c = sql.column
+    started = now()
+    where = f"{c['state']} = %s AND ({c['run_after']} IS NULL OR {c['run_after']} <= %s)"
+    params: list = [QUEUED, sql.prep("run_after", started)]
+    if queues is not None:
+        where += f" AND {c['queue']} = ANY(%s)"
+        params.append(list(queues))
+    select = (
+        f"SELECT {c['id']} FROM {sql.table} WHERE {where} "
+        f"ORDER BY {c['priority']} DESC, {c['created_at']} LIMIT %s FOR UPDATE SKIP LOCKED"
     )
-    if row is None:
-        return None
-    claimed = claim(str(row), worker)
-    return str(row) if claimed else None
+    update = (
+        f"UPDATE {sql.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
+        f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s, "
+        f"{c['error']} = '' WHERE {c['id']} = %s RETURNING "
+        f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
+        f"{c['name']}, {c['attempts']}, {c['max_attempts']}, {c['retry_delay']}, "
+        f"{c['timeout']}, {c['priority']}, {c['cancel_requested']}"
+    )
+    claimed = []
+    with connection.cursor() as cursor:
+        cursor.execute(select, [*params, len(workers)])
+        ids = [row[0] for row in cursor.fetchall()]
+        for job_id, worker in zip(ids, workers, strict=False):
+            cursor.execute(update, [RUNNING, sql.prep("started_at", started), worker, node, job_id])
+            payload, name, attempts, max_attempts, retry_delay, timeout, priority, cancel = (
+                cursor.fetchone()
+            )
+            claimed.append(
+                {
+                    "id": str(job_id),
+                    "worker": worker,
+                    "payload": payload.encode(),
+                    "name": name,
+                    "attempts": attempts,
+                    "max_attempts": max_attempts,
+                    "retry_delay": retry_delay,
+                    "timeout": timeout,
+                    "priority": priority,
+                    "cancel_requested": cancel,
+                }
+            )
+        next_due = None
+        if len(claimed) < len(workers):
+            where = f"{c['state']} = %s AND {c['run_after']} > %s"
+            params = [QUEUED, sql.prep("run_after", started)]
+            if queues is not None:
+                where += f" AND {c['queue']} = ANY(%s)"
+                params.append(list(queues))
+            cursor.execute(f"SELECT min({c['run_after']}) FROM {sql.table} WHERE {where}", params)
+            first = cursor.fetchone()[0]
+            next_due = first.timestamp() if first is not None else None
+    return {"claimed": claimed, "next_due": next_due}
 
 
-def finish(job_id: str, state: str, fields: dict, describe: bool = True) -> dict | None:
+NOTIFY_CHANNEL = "twistedlrp_jobs"
+
+
+def notify_nodes(payload: str) -> None:
+    """
+    Tell the job nodes listening on the database (PostgreSQL): sent with
+    the commit, once per distinct payload in a transaction.
+    """
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, payload])
+
+
+def finish(
+    job_id: str, state: str, fields: dict, describe: bool = True, node: str | None = None
+) -> dict | None:
     """
     End an attempt: C{state} is final, or C{queued} for a retry (then
     C{run_after} may be set). Output, error and result are in C{fields}.
 
     @param describe: read the job back (someone waits for it).
-    @return: the job's wire description, or C{None} when not C{describe}.
+    @param node: with several job nodes, the node ending the attempt: the
+        job changes only if it is still C{running} on that node (not when
+        another node took it over after this node's lease expired), and the
+        other nodes are notified (a final state for their waiters, a retry
+        for their workers).
+    @return: the job's wire description, or C{None} when not C{describe}
+        (or when C{node} no longer holds the job: C{{"lost": True}}).
     """
 
     sql = statements()
@@ -257,11 +333,25 @@ def finish(job_id: str, state: str, fields: dict, describe: bool = True) -> dict
         )
     if state in FINISHED:
         fields.setdefault("finished_at", now())
-    sql.update(job_id, fields)
+    if node is None:
+        sql.update(job_id, fields)
+        return get(job_id) if describe else None
+    if not sql.update(job_id, fields, only_state=RUNNING, only_node=node):
+        return {"lost": True}
+    if state in FINISHED:
+        notify_nodes(f"finished:{job_id}")
+    else:
+        notify_nodes(f"queued:{_queue_of(job_id)}")
     return get(job_id) if describe else None
 
 
-def mark_cancel(job_id: str) -> dict:
+def _queue_of(job_id: str) -> str:
+    from twistedlrp.models import Job
+
+    return Job.objects.values_list("queue", flat=True).get(id=job_id)
+
+
+def mark_cancel(job_id: str, notify: bool = False) -> dict:
     """
     Cancel a queued job at once, or flag a running one.
 
@@ -278,32 +368,55 @@ def mark_cancel(job_id: str) -> dict:
             finished_at=now(),
             error="cancelled while queued",
         )
+        if notify:
+            notify_nodes(f"finished:{job_id}")
     elif job["state"] == RUNNING:
         Job.objects.filter(id=job_id).update(cancel_requested=True)
+        if notify:
+            # The node running it may be another one.
+            notify_nodes(f"cancel:{job_id}")
     return get(job_id)
 
 
-def recover() -> tuple[list[dict], list[str]]:
+def recover(
+    node: str = "", queues: list[str] | None = None, shared: bool = False
+) -> tuple[list[dict], list[str]]:
     """
     Deal with jobs left C{running} by a server that died, then list the queued jobs.
 
+    @param node: this job node's name.
+    @param queues: the queues this node runs (C{None}: all): only their
+        queued jobs are listed.
+    @param shared: several job nodes may share the database: only this
+        node's running jobs are touched (another node's may be alive; those
+        of a dead node are the business of the lease check), and no queued
+        job is listed (the nodes claim them from the table).
     @return: C{(queued, failed)}: the queued jobs (light descriptions,
         oldest first) and the jobs just failed because no attempts remained.
     """
     from twistedlrp.models import Job
 
     failed = []
-    for job in Job.objects.filter(state=RUNNING):
+    running = Job.objects.filter(state=RUNNING)
+    if shared:
+        running = running.filter(node=node)
+    for job in running:
         reason = (
             f"the worker died: the job service stopped (crash or kill) while attempt "
             f"{job.attempts} ran on {job.worker or 'a worker'}"
         )
-        if _end_orphan(job, reason) == FAILED:
+        state = _end_orphan(job, reason)
+        if state == FAILED:
             failed.append(str(job.id))
+        if shared:
+            notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+    if shared:
+        return [], failed
+    queued = Job.objects.filter(state=QUEUED)
+    if queues is not None:
+        queued = queued.filter(queue__in=queues)
     queued = list(
-        Job.objects.filter(state=QUEUED)
-        .order_by("created_at")
-        .values("id", "priority", "created_at", "run_after", "queue")
+        queued.order_by("created_at").values("id", "priority", "created_at", "run_after", "queue")
     )
     for row in queued:
         row["id"] = str(row["id"])
@@ -325,19 +438,22 @@ def _end_orphan(job, reason: str) -> str:
     return FAILED
 
 
-def running_on(worker_prefix: str, started_before) -> list[dict]:
+def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
     """
     @return: the jobs C{running} on workers whose id starts with
-        C{worker_prefix} (this machine's), started before C{started_before}:
+        C{worker_prefix} (this machine's), or with several job nodes on
+        the node C{node}, started before C{started_before}:
         C{{"id", "worker", "attempts"}}.
     """
     from django.db.models import Q
 
     from twistedlrp.models import Job
 
-    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before).filter(
-        Q(worker__startswith=worker_prefix) | Q(worker="")
-    )
+    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before)
+    if node is not None:
+        rows = rows.filter(node=node)
+    else:
+        rows = rows.filter(Q(worker__startswith=worker_prefix) | Q(worker=""))
     return [
         {"id": str(row["id"]), "worker": row["worker"], "attempts": row["attempts"]}
         for row in rows.values("id", "worker", "attempts")
@@ -361,8 +477,14 @@ def end_orphan(job_id: str, reason: str) -> dict | None:
     return {"state": state, "priority": job.priority, "created_at": job.created_at}
 
 
-def requeue(job_id: str, error: str, count_attempt: bool) -> None:
-    """Put an interrupted job back in the queue (a graceful shut-down did not let it finish)."""
+def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
+    """
+    Put an interrupted job back in the queue (a graceful shut-down did not let it finish).
+
+    @param node: with several job nodes, the node that ran it (the job is
+        put back only if that node still holds it); the other nodes are
+        notified.
+    """
     from django.db.models import F
 
     from twistedlrp.models import Job
@@ -370,7 +492,180 @@ def requeue(job_id: str, error: str, count_attempt: bool) -> None:
     fields = {"state": QUEUED, "worker": "", "error": error}
     if not count_attempt:
         fields["attempts"] = F("attempts") - 1
-    Job.objects.filter(id=job_id, state=RUNNING).update(**fields)
+    running = Job.objects.filter(id=job_id, state=RUNNING)
+    if node is None:
+        running.update(**fields)
+    elif running.filter(node=node).update(**fields):
+        notify_nodes(f"queued:{_queue_of(job_id)}")
+
+
+# -- job nodes ------------------------------------------------------------------------
+
+
+class NodeConflict(Exception):
+    """Another live job node stands in the way of this one (its message says which)."""
+
+
+def db_now() -> datetime:
+    """@return: the database's clock (PostgreSQL: shared by every node), else this machine's."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement_timestamp()")
+            return cursor.fetchone()[0]
+    return now()
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def register_node(
+    name: str, host: str, pid: int, queues: list[str] | None, lease: float, shared: bool
+) -> None:
+    """
+    Enter this job node in the node table, with a fresh heartbeat.
+
+    @param shared: several nodes may share the database (PostgreSQL); if
+        not (SQLite), another node with a fresh heartbeat refuses this one.
+    @raise NodeConflict: a live node stands in the way: another one on a
+        database for one node, or one of the same name elsewhere.
+    """
+    from twistedlrp.models import Node
+
+    stamp = db_now()
+    cutoff = stamp - timedelta(seconds=lease)
+
+    def alive(other) -> bool:
+        if other.heartbeat_at < cutoff:
+            return False
+        # On this machine a dead process is known at once.
+        return other.host != host or (other.pid != pid and _pid_alive(other.pid))
+
+    if not shared:
+        for other in Node.objects.exclude(name=name):
+            if alive(other):
+                age = (stamp - other.heartbeat_at).total_seconds()
+                raise NodeConflict(
+                    f"another job node, {other.name} (pid {other.pid} on {other.host}, last "
+                    f"heartbeat {age:.1f} s ago), uses this {_vendor()} database: it "
+                    "supports one job node only; use PostgreSQL to run several job nodes"
+                )
+    same = Node.objects.filter(name=name).first()
+    if same is not None and alive(same) and (same.host, same.pid) != (host, pid):
+        raise NodeConflict(
+            f"a job node named {name} already runs (pid {same.pid} on {same.host}): give "
+            "each job node a name of its own (--node-name, or another --state-dir)"
+        )
+    Node.objects.update_or_create(
+        name=name,
+        defaults={
+            "host": host,
+            "pid": pid,
+            "queues": ",".join(queues or ()),
+            "started_at": stamp,
+            "heartbeat_at": stamp,
+        },
+    )
+
+
+def _vendor() -> str:
+    from django.db import connection
+
+    return {"sqlite": "SQLite"}.get(connection.vendor, connection.vendor)
+
+
+def heartbeat(name: str, host: str, pid: int, queues: list[str] | None) -> bool:
+    """
+    Renew this node's lease.
+
+    @return: whether its row was still there (C{False}: another node took
+        it for dead and retried or failed its running jobs; the row is
+        entered again).
+    """
+    from twistedlrp.models import Node
+
+    stamp = db_now()
+    if Node.objects.filter(name=name).update(heartbeat_at=stamp):
+        return True
+    Node.objects.create(
+        name=name,
+        host=host,
+        pid=pid,
+        queues=",".join(queues or ()),
+        started_at=stamp,
+        heartbeat_at=stamp,
+    )
+    return False
+
+
+def leave_node(name: str, pid: int) -> None:
+    """This node stops: its row goes (unless a successor of the same name took it)."""
+    from twistedlrp.models import Node
+
+    Node.objects.filter(name=name, pid=pid).delete()
+
+
+def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
+    """
+    Retry or fail (by each job's policy) the running jobs of the job nodes
+    whose lease expired (no heartbeat for C{lease} seconds: the node died
+    or lost the database), and of nodes that are not in the node table;
+    the rows of dead nodes go. Rows another node is dealing with at the
+    same moment are skipped (C{FOR UPDATE SKIP LOCKED}). PostgreSQL only.
+
+    @param node: this node (never expired by itself).
+    @param started_before: a job without a node counts only if it started before.
+    @return: C{{"nodes": [(name, seconds since its heartbeat)], "jobs":
+        [{"id", "state", "node", "reason"}]}}.
+    """
+    from django.db.models import Q
+
+    from twistedlrp.models import Job, Node
+
+    stamp = db_now()
+    cutoff = stamp - timedelta(seconds=lease)
+    dead = list(
+        Node.objects.select_for_update(skip_locked=True)
+        .filter(heartbeat_at__lt=cutoff)
+        .exclude(name=node)
+    )
+    ages = {n.name: (stamp - n.heartbeat_at).total_seconds() for n in dead}
+    live = Node.objects.filter(heartbeat_at__gte=cutoff).values("name")
+    orphans = (
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(state=RUNNING)
+        .filter(~Q(node="") | Q(started_at__lt=started_before))
+        .exclude(node=node)
+        .exclude(node__in=live)
+    )
+    ended = []
+    for job in orphans:
+        if job.node in ages:
+            why = (
+                f"the job node {job.node} stopped renewing its lease (no heartbeat for "
+                f"{ages[job.node]:.0f} s, lease {lease:g} s)"
+            )
+        else:
+            why = f"the job node {job.node or '(none)'} it was running on is not alive"
+        reason = (
+            f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
+        )
+        state = _end_orphan(job, reason)
+        notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+        ended.append({"id": str(job.id), "state": state, "node": job.node, "reason": reason})
+    if dead:
+        Node.objects.filter(name__in=[n.name for n in dead], heartbeat_at__lt=cutoff).delete()
+    return {"nodes": sorted(ages.items()), "jobs": ended}
 
 
 def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:

@@ -65,7 +65,8 @@ class Statements:
         self.claim = (
             f"UPDATE {self.table} SET {self.column['state']} = %s, "
             f"{self.column['attempts']} = {self.column['attempts']} + 1, "
-            f"{self.column['started_at']} = %s, {self.column['worker']} = %s "
+            f"{self.column['started_at']} = %s, {self.column['worker']} = %s, "
+            f"{self.column['node']} = %s "
             f"WHERE {self.column['id']} = %s AND {self.column['state']} = %s"
         )
 
@@ -80,7 +81,9 @@ class Statements:
             return value.replace("\x00", "\ufffd")
         return value
 
-    def update(self, job_id, values: dict, only_state: str | None = None) -> int:
+    def update(
+        self, job_id, values: dict, only_state: str | None = None, only_node: str | None = None
+    ) -> int:
         """@return: the number of rows changed (0 or 1)."""
         from django.db import connection
 
@@ -91,6 +94,9 @@ class Statements:
         if only_state is not None:
             sql += f" AND {self.column['state']} = %s"
             params.append(only_state)
+        if only_node is not None:
+            sql += f" AND {self.column['node']} = %s"
+            params.append(only_node)
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
             return cursor.rowcount

@@ -1,0 +1,250 @@
+"""
+Several job nodes on one database: on PostgreSQL they share the work
+(SKIP LOCKED claims, LISTEN/NOTIFY) and take over the running jobs of a
+node that died once its lease expired; on SQLite a second node is refused.
+
+The PostgreSQL tests run with LRP_TEST_POSTGRES only; the SQLite one
+without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from jobsupport import FINISHED, api, make_template_db, rows
+
+from support import LRPProcess, pg_ensure, postgres, wait_for
+
+LEASE = 3.0
+needs_postgres = pytest.mark.skipif(
+    not postgres(), reason="several job nodes need PostgreSQL (LRP_TEST_POSTGRES)"
+)
+needs_sqlite = pytest.mark.skipif(bool(postgres()), reason="the SQLite one-node check")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_template_db(tmp_path_factory.mktemp("nodes"))
+
+
+def shared_db(template: Path, tmp: Path) -> Path:
+    """@return: the LRP_TEST_DB of a fresh copy of the template that several servers share."""
+    db = tmp / "shared.sqlite3"
+    if postgres():
+        pg_ensure(db, template=template)
+    else:
+        shutil.copy(template, db)
+    return db
+
+
+def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> LRPProcess:
+    """Start a job node (--jobs-only) on the database C{db}, its state under C{tmp}."""
+    extra = ["--node-name", name] if name else []
+    tmp.mkdir(parents=True, exist_ok=True)
+    node = LRPProcess(
+        "--jobs-only",
+        *extra,
+        *args,
+        listen=False,
+        tmp=tmp,
+        env={
+            "LRP_TEST_DB": str(db),
+            "LRP_TEST_NO_URLCONF": "1",
+            "LRP_JOBS_NODE_LEASE": str(LEASE),
+            **env,
+        },
+    )
+    node.start(wait=False)
+    if wait:
+        wait_for(
+            lambda: "Job service ready" in node.output() or node.proc.poll() is not None,
+            30,
+            message=f"job node {name}",
+        )
+        assert node.proc.poll() is None, node.output()
+    return node
+
+
+def web_node(db: Path, tmp: Path, job_node: LRPProcess) -> LRPProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    web = LRPProcess(
+        "--no-jobs",
+        "--jobs-connect",
+        f"unix:path={job_node.tmp / 'state' / 'jobs.sock'}",
+        tmp=tmp,
+        env={"LRP_TEST_DB": str(db)},
+    )
+    return web.start()
+
+
+def jobs_by_id(db: Path, ids) -> dict[str, tuple]:
+    """@return: {id: (state, node, attempts, error, name)} of the jobs C{ids}."""
+    found = rows(db, "select id, state, node, attempts, error, name from twistedlrp_job")
+    wanted = set(ids)
+    return {str(r[0]): tuple(r[1:]) for r in found if str(r[0]) in wanted}
+
+
+def wait_all_finished(db: Path, ids, timeout: float) -> dict[str, tuple]:
+    def check():
+        jobs = jobs_by_id(db, ids)
+        return jobs if all(j[0] in FINISHED for j in jobs.values()) else None
+
+    return wait_for(check, timeout, interval=0.1, message="every job finished")
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@needs_postgres
+def test_two_nodes_share_the_work_and_take_over_a_killed_nodes_jobs(template, tmp_path):
+    db = shared_db(template, tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    a = job_node(db, tmp_path / "a", "node-a")
+    b = job_node(db, tmp_path / "b", "node-b")
+    web = web_node(db, tmp_path / "web", a)
+    try:
+        # Phase 1: 20 jobs submitted to node A; both nodes run some of them.
+        first = []
+        for i in range(6):
+            args = [str(marks), 0.5, f"s1-{i}"]
+            first.append(api(web, "submit", name="testapp.jobs.sleeper", args=args)["job"]["id"])
+        for n in range(14):
+            args = [str(marks), n]
+            first.append(api(web, "submit", name="testapp.jobs.record", args=args)["job"]["id"])
+        # Waiting through node A works for a job that runs on node B as well
+        # (B's end reaches A by NOTIFY): each answer comes long before its timeout.
+        for job_id in first[:6]:
+            started = time.monotonic()
+            info = api(web, "wait", id=job_id, timeout=15)["job"]
+            assert info["state"] == "succeeded", info
+            assert time.monotonic() - started < 10
+        jobs = wait_all_finished(db, first, 30)
+        assert {j[0] for j in jobs.values()} == {"succeeded"}, jobs
+        nodes = {j[1] for j in jobs.values()}
+        assert nodes == {"node-a", "node-b"}, jobs
+
+        # Phase 2: 20 more; the 4 of highest priority hang on their first
+        # attempt (retries=1): node A's time out after 8 s and are retried,
+        # node B's are running there when B is killed with SIGKILL.
+        hanging = []
+        for i in range(4):
+            directory = marks / f"crash-{i}"
+            directory.mkdir()
+            body = api(
+                web,
+                "submit",
+                name="testapp.jobs.crash_with_retry",
+                args=[str(directory)],
+                priority=10,
+                timeout=8,
+            )
+            hanging.append(body["job"]["id"])
+        second = []
+        for i in range(4):
+            args = [str(marks), 1, f"s2-{i}"]
+            second.append(api(web, "submit", name="testapp.jobs.sleeper", args=args)["job"]["id"])
+        for n in range(14, 26):
+            args = [str(marks), n]
+            second.append(api(web, "submit", name="testapp.jobs.record", args=args)["job"]["id"])
+
+        def running_on_b():
+            jobs = jobs_by_id(db, hanging)
+            on_b = [i for i, j in jobs.items() if j[0] == "running" and j[1] == "node-b"]
+            return on_b if len(on_b) == 2 else None
+
+        on_b = wait_for(running_on_b, 20, interval=0.05, message="2 hanging jobs on node B")
+        os.kill(b.proc.pid, signal.SIGKILL)  # the node alone: its workers see it die
+        b.proc.wait(10)
+        killed = time.monotonic()
+        # Within the lease nobody touches B's jobs.
+        time.sleep(1.0)
+        jobs = jobs_by_id(db, on_b)
+        assert all(j[:2] == ("running", "node-b") for j in jobs.values()), jobs
+
+        everything = first + hanging + second
+        jobs = wait_all_finished(db, everything, 60)
+        assert time.monotonic() - killed >= LEASE - 1.0
+        output = a.output()
+        for job_id in hanging:
+            state, node, attempts, error, _ = jobs[job_id]
+            # Retried by their policy (one retry), each ran twice, the second time on A.
+            assert (state, node, attempts) == ("succeeded", "node-a", 2), jobs[job_id]
+        for job_id in on_b:
+            assert f"Job {job_id}: retried (the worker died: the job node node-b " in output
+        assert "Job node node-b: no heartbeat for" in output
+        for i in range(4):
+            assert len(lines(marks / f"crash-{i}" / "crash_with_retry-attempts")) == 2
+        for job_id in second:
+            state, node, attempts, error, name = jobs[job_id]
+            assert (state, node, attempts) == ("succeeded", "node-a", 1), jobs[job_id]
+        # Every record and sleeper job ran exactly once.
+        for n in range(26):
+            assert len(lines(marks / f"run-{n}")) == 1, n
+        for name in [f"s1-{i}" for i in range(6)] + [f"s2-{i}" for i in range(4)]:
+            assert len(lines(marks / f"{name}-started")) == 1, name
+            assert len(lines(marks / f"{name}-done")) == 1, name
+        # The dead node's row is gone; the live one's stays.
+        names = {r[0] for r in rows(db, "select name from twistedlrp_node")}
+        assert names == {"node-a"}
+        assert "Traceback" not in output, output
+    finally:
+        for server in (web, a, b):
+            server.kill()
+
+
+@needs_postgres
+def test_a_node_runs_only_its_queues_and_jobs_submitted_to_one_run_on_another(template, tmp_path):
+    db = shared_db(template, tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    a = job_node(db, tmp_path / "a", "only-reports", "--queues", "reports")
+    web = web_node(db, tmp_path / "web", a)
+    b = None
+    try:
+        job_id = api(web, "submit", name="testapp.jobs.record", args=[str(marks), 1])["job"]["id"]
+        time.sleep(1.5)
+        assert jobs_by_id(db, [job_id])[job_id][0] == "queued"
+        # A node of every queue runs it at once, woken by the NOTIFY of the submission.
+        b = job_node(db, tmp_path / "b", None)
+        jobs = wait_all_finished(db, [job_id], 15)
+        state, node, *_ = jobs[job_id]
+        assert state == "succeeded"
+        assert node == f"{os.uname().nodename}:{tmp_path / 'b' / 'state'}"
+        assert len(lines(marks / "run-1")) == 1
+        assert "queues: reports" in a.output()
+    finally:
+        for server in (web, a, b):
+            if server is not None:
+                server.kill()
+
+
+@needs_sqlite
+def test_a_second_job_node_on_sqlite_is_refused_with_one_line(template, tmp_path):
+    db = shared_db(template, tmp_path)
+    a = job_node(db, tmp_path / "a", "first")
+    try:
+        b = job_node(db, tmp_path / "b", "second", wait=False)
+        code = b.proc.wait(30)
+        output = b.output()
+        b.kill()
+        assert code == 1, output
+        (line,) = [x for x in output.splitlines() if x.startswith("twistd lrp: error:")]
+        assert "another job node, first (pid " in line
+        assert "SQLite" in line and "use PostgreSQL to run several job nodes" in line
+        assert a.proc.poll() is None
+        # Once the first node stopped (gracefully, or killed: its pid is gone), a second starts.
+        a.stop()
+        b = job_node(db, tmp_path / "b", "second")
+        os.kill(b.proc.pid, signal.SIGKILL)
+        b.proc.wait(10)
+        c = job_node(db, tmp_path / "c", "third")
+        c.stop()
+    finally:
+        a.kill()

@@ -1,0 +1,170 @@
+"""
+The dispatcher of a job node that shares its PostgreSQL database with
+others: free workers claim from the table when woken, not from a queue in
+memory, and claim no more until something may have changed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs.states import SUCCEEDED
+from twistedlrp.jobs.workers import Worker
+
+MIB = 1024 * 1024
+
+
+class FakeStore:
+    """Records each operation; C{claim_next} answers are given by the test."""
+
+    closed = False
+
+    def __init__(self):
+        self.calls = []
+        self.claims: list[defer.Deferred] = []
+
+    def run(self, operation, *args):
+        self.calls.append((operation.__name__, args))
+        if operation.__name__ == "claim_next":
+            d = defer.Deferred()
+            self.claims.append(d)
+            return d
+        if operation.__name__ == "finish":
+            return defer.succeed({"lost": True} if args[0] == "lost-job" else None)
+        return defer.succeed(None)
+
+    def set_progress(self, *args):
+        pass
+
+    def named(self, name):
+        return [args for op, args in self.calls if op == name]
+
+
+class FakeProcess:
+    # Above the kernel's largest pid: no signal can reach a real process.
+    pid = 2**22 + 4321
+
+    def __init__(self):
+        self.written = b""
+
+    def writeToChild(self, fd, data):
+        self.written += data
+
+    def closeChildFD(self, fd):
+        pass
+
+    def signalProcess(self, name):
+        raise AssertionError(f"no signal expected, got {name}")
+
+
+@pytest.fixture
+def node(monkeypatch):
+    monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "testsite.settings")
+    store = FakeStore()
+    options = {
+        "workers": 2,
+        "pythonpath": [],
+        "max-job-payload": MIB,
+        "max-jobs-per-worker": 1000,
+        "max-worker-memory": 0,
+    }
+    clock = Clock()
+    dispatcher = Dispatcher(
+        clock, store, options, {}, 5.0, lambda _: False, lambda _: None, "n1", True, ["a"]
+    )
+    for i in range(2):
+        worker = Worker(dispatcher.pool, i)
+        process = FakeProcess()
+        process.pid += i
+        worker.makeConnection(process)
+        dispatcher.pool.workers.append(worker)
+        worker.became_ready()
+    dispatcher.accepting = True
+    return dispatcher, store, clock
+
+
+def row(job_id, worker):
+    return {
+        "id": job_id,
+        "worker": worker,
+        "payload": b'{"args": [1, 2], "kwargs": {}}',
+        "name": "testapp.jobs.add",
+        "attempts": 1,
+        "max_attempts": 1,
+        "retry_delay": 0.0,
+        "timeout": None,
+        "priority": 0,
+        "cancel_requested": False,
+    }
+
+
+def test_a_wake_claims_for_every_free_worker_then_nothing_until_the_next(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    ((queues, name, idents),) = store.named("claim_next")
+    assert (queues, name) == (["a"], "n1")
+    workers = dispatcher.pool.workers
+    assert idents == [w.ident for w in workers]
+    assert all(w.state == "claiming" for w in workers)
+    # One claim at a time: a dispatch meanwhile starts no second one.
+    dispatcher.dispatch()
+    assert len(store.named("claim_next")) == 1
+    # One job for two workers: the table has no more.
+    store.claims[0].callback({"claimed": [row("j1", idents[0])], "next_due": None})
+    assert len(store.named("claim_next")) == 1
+    assert workers[0].state == "busy" and "j1" in dispatcher.running
+    assert workers[1].state == "idle"
+    # Nothing more in the table and no wake since: a free worker claims nothing.
+    dispatcher.dispatch()
+    assert len(store.named("claim_next")) == 1
+    dispatcher.wake()
+    assert store.named("claim_next")[1][2] == [workers[1].ident]
+
+
+def test_a_wake_during_a_claim_claims_again(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    dispatcher.wake()  # a notification arrives while the first claim runs
+    store.claims[0].callback({"claimed": [], "next_due": None})
+    assert len(store.named("claim_next")) == 2
+
+
+def test_the_first_delayed_job_wakes_the_node_when_due(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    store.claims[0].callback({"claimed": [], "next_due": clock.seconds() + 30})
+    clock.advance(29)
+    assert len(store.named("claim_next")) == 1
+    clock.advance(1.1)
+    assert len(store.named("claim_next")) == 2
+
+
+def test_a_claim_answered_while_stopping_puts_its_jobs_back(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    idents = store.named("claim_next")[0][2]
+    dispatcher.stop_accepting()
+    store.claims[0].callback({"claimed": [row("j1", idents[0])], "next_due": None})
+    assert not dispatcher.running
+    ((job_id, _, count_attempt, name),) = store.named("requeue")
+    assert (job_id, count_attempt, name) == ("j1", False, "n1")
+
+
+def test_an_outcome_is_recorded_only_while_this_node_holds_the_job(node):
+    """The store is told the node: it changes the job only if that node still holds it."""
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    idents = store.named("claim_next")[0][2]
+    store.claims[0].callback(
+        {"claimed": [row("ok-job", idents[0]), row("lost-job", idents[1])], "next_due": None}
+    )
+    for job_id in ("ok-job", "lost-job"):
+        dispatcher._job_ended(dispatcher.running[job_id], {"ok": True, "result": 3})
+    finishes = store.named("finish")
+    assert [(f[0], f[1], f[4]) for f in finishes] == [
+        ("ok-job", SUCCEEDED, "n1"),
+        ("lost-job", SUCCEEDED, "n1"),
+    ]
