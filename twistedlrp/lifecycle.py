@@ -40,45 +40,83 @@ from twistedlrp.services import OrderedService, StartupFailed, stop_child
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
 _services: dict[str, IService] = {}
+_once: set[int] = set()  # ids of the hooks registered with once=True
+
+
+class _SiteServices(OrderedService):
+    """
+    The registered services that run in this process: all of them, or
+    (L{scope}) those of the main process or of a web process.
+    """
+
+    scope = "all"
+
+    def __iter__(self):
+        return iter([s for s in self.services if in_scope(self.scope, getattr(s, "once", False))])
+
+    def addService(self, child: IService) -> None:
+        if in_scope(self.scope, getattr(child, "once", False)):
+            return super().addService(child)
+        # Not run in this process: registered, never started.
+        if child.name is not None:
+            self.namedServices[child.name] = child
+        self.services.append(child)
+
 
 #: The services the site registered, started and stopped by the server in
 #: registration order (and the reverse); one added while it runs starts at once.
-site_services = OrderedService()
+site_services = _SiteServices()
 site_services.setName("site-services")
 
 
-def on_startup(hook: Callable[[], Any]) -> Callable[[], Any]:
+def _register(hooks: list, hook, once: bool, what: str):
+    def register(hook):
+        if not callable(hook):
+            raise TypeError(f"{what} expects a callable, got {hook!r}")
+        if hook not in hooks:
+            hooks.append(hook)
+        if once:
+            _once.add(id(hook))
+        return hook
+
+    return register if hook is None else register(hook)
+
+
+def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server start, before the ports open.
+    Register C{hook} to run at server start, before the ports open. Use as
+    C{@on_startup} or C{@on_startup(once=True)}.
 
-    @return: C{hook} itself, so this works as a decorator.
+    @param once: with C{--web-workers} above 1, run it once, in the main
+        process (the one that runs the job service); a plain hook runs in
+        every web process instead, where the views that read what it
+        prepares run. With one web process (the default) both kinds run in
+        the one process.
+    @return: C{hook} itself (or a decorator, when called without it).
     """
-    if not callable(hook):
-        raise TypeError(f"on_startup expects a callable, got {hook!r}")
-    if hook not in _startup_hooks:
-        _startup_hooks.append(hook)
-    return hook
+    return _register(_startup_hooks, hook, once, "on_startup")
 
 
-def on_shutdown(hook: Callable[[], Any]) -> Callable[[], Any]:
+def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
     Register C{hook} to run at server stop, after requests and jobs drained.
+    Use as C{@on_shutdown} or C{@on_shutdown(once=True)}; C{once} as for
+    L{on_startup}.
 
-    @return: C{hook} itself, so this works as a decorator.
+    @return: C{hook} itself (or a decorator, when called without it).
     """
-    if not callable(hook):
-        raise TypeError(f"on_shutdown expects a callable, got {hook!r}")
-    if hook not in _shutdown_hooks:
-        _shutdown_hooks.append(hook)
-    return hook
+    return _register(_shutdown_hooks, hook, once, "on_shutdown")
 
 
-def add_service(name: str, svc: IService) -> IService:
+def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
     """
     Start C{svc} (any Twisted L{IService}) with the server and stop it
     with the server, in registration order (and the reverse at stop). A
     Deferred returned by its C{startService} or C{stopService} is awaited.
 
+    @param once: with C{--web-workers} above 1, run it in the main process
+        only; otherwise it runs in every web process (the views' process),
+        and not in the main one. With one web process it just runs.
     @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
     @raise TypeError: C{svc} does not provide L{IService}.
@@ -88,8 +126,19 @@ def add_service(name: str, svc: IService) -> IService:
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
     _services[name] = svc
-    site_services.addService(_Named(name, svc))
+    named = _Named(name, svc)
+    named.once = once
+    site_services.addService(named)
     return svc
+
+
+def in_scope(scope: str, once: bool) -> bool:
+    """
+    @param scope: C{"all"} (one process serves everything), C{"once"} (the
+        main process of several web processes) or C{"each"} (a web process).
+    @return: whether a hook or service registered with C{once} runs there.
+    """
+    return scope == "all" or (scope == "once") == once
 
 
 def get_service(name: str) -> IService:
@@ -144,17 +193,25 @@ def hook_name(hook: Callable[[], Any]) -> str:
     return f"{module}.{getattr(hook, '__qualname__', repr(hook))}"
 
 
+def hooks_in_scope(hooks: list, scope: str) -> list:
+    """The hooks of C{hooks} that run in a process of C{scope} (L{in_scope})."""
+    return [hook for hook in hooks if in_scope(scope, id(hook) in _once)]
+
+
 class StartupHooks(service.Service):
-    """Runs the start-up hooks in registration order when it starts."""
+    """Runs the start-up hooks (of C{scope}, L{in_scope}) in registration order when it starts."""
 
     name = "startup-hooks"
+
+    def __init__(self, scope: str = "all"):
+        self.scope = scope
 
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._run())
 
     async def _run(self) -> None:
-        for hook in list(_startup_hooks):
+        for hook in hooks_in_scope(_startup_hooks, self.scope):
             if not self.running:
                 return  # The server began stopping.
             try:
@@ -170,15 +227,16 @@ class ShutdownHooks(service.Service):
 
     name = "shutdown-hooks"
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, scope: str = "all"):
         self.reactor = reactor
+        self.scope = scope
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         super().stopService()
         return defer.ensureDeferred(self._run(deadline))
 
     async def _run(self, deadline: float) -> None:
-        for hook in reversed(list(_shutdown_hooks)):
+        for hook in reversed(hooks_in_scope(_shutdown_hooks, self.scope)):
             await stop_child(self.reactor, _Hook(hook), deadline)
 
 
@@ -198,5 +256,7 @@ def _reset() -> None:
     _startup_hooks.clear()
     _shutdown_hooks.clear()
     _services.clear()
+    _once.clear()
+    site_services.scope = "all"
     for child in list(site_services):
         site_services.removeService(child)

@@ -75,6 +75,12 @@ class Option:
 
 
 _WHOLE_ANY = values.whole(0)
+WHOLE_OR_AUTO = Kind(
+    "a whole number or 'auto'",
+    lambda v: isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool),
+)
+# Endpoint types whose sockets can be shared by several web processes.
+SHARED_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
 
 OPTIONS: tuple[Option, ...] = (
     Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), values.module_path,
@@ -84,6 +90,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", [DEFAULT_LISTEN], values.server_endpoint, "Endpoint to serve HTTP on (repeatable)",
            short="l", repeatable=True),
     Option("threads", 8, values.whole(), "Threads that run the Django application", kind=WHOLE),
+    Option("web-workers", 1, values.count_or_auto, "Web processes that serve views, each with "
+           "--threads threads ('auto': one per core); beyond 1, this process runs the jobs and "
+           "hooks and hands the sockets to them", kind=WHOLE_OR_AUTO),
     Option("graceful-timeout", 30.0, values.seconds, "Seconds that draining requests, jobs and "
            "shut-down hooks may take together", kind=SECONDS, unparse=values.number_text),
     Option("static", [], values.static_mapping, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
@@ -154,7 +163,10 @@ _BY_NAME = {option.name: option for option in OPTIONS}
 _HINTS: dict[str, tuple[str, str]] = {
     "--bind": ("--listen", ""),
     "-b": ("--listen", ""),
-    "-w": ("--threads (threads per process)", "twistedlrp's --workers are job worker processes"),
+    "-w": (
+        "--web-workers (web processes) or --threads (threads per process)",
+        "twistedlrp's --workers are job worker processes",
+    ),
     "-c": ("--config", ""),
     "-h": ("--help", ""),
 }
@@ -316,6 +328,16 @@ class Options(usage.Options):
             raise usage.UsageError("--no-jobs and --jobs-only exclude each other")
         if self["jobs-connect"] and self["jobs-only"]:
             raise usage.UsageError("--jobs-connect and --jobs-only exclude each other")
+        if self["web-workers"] > 1:
+            if self["jobs-only"] and self.given.get("web-workers"):
+                raise usage.UsageError("--web-workers and --jobs-only exclude each other")
+            for endpoint in self["listen"]:
+                kind = endpoint.split(":", 1)[0].strip().lower()
+                if kind not in SHARED_ENDPOINTS:
+                    raise usage.UsageError(
+                        f"--web-workers {self['web-workers']}: --listen {endpoint} cannot be "
+                        f"shared by several web processes (use tcp:, tcp6:, unix: or systemd:)"
+                    )
         for name in ("jobs-listen", "pb-listen"):
             endpoint = self[name]
             if endpoint and not endpoint.startswith("unix:") and not self["jobs-secret-file"]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 
 from twisted.application import service
@@ -40,15 +41,34 @@ class LRPServer(OrderedService):
     @param application: the WSGI application, or C{None} with C{--jobs-only}.
     @param jobs: the job service and the job client services
         (L{twistedlrp.jobs.node.job_services}); either may be C{None}.
+    @param role: C{"single"}: the one process serves everything (one web
+        process, the default). C{"main"} (C{--web-workers} above 1): the
+        job service, the C{once} hooks and services, and the web processes
+        (L{twistedlrp.web.processes.WebProcesses}), but no HTTP itself.
+        C{"web"}: one of those web processes (L{twistedlrp.web.child}):
+        the pool, the site on the sockets in C{sockets}, the plain hooks and
+        services, and C{channel}, its link to the main process.
     """
 
     name = "lrp"
 
-    def __init__(self, options, application, jobs=(None, None), reactor=None):
+    def __init__(
+        self,
+        options,
+        application,
+        jobs=(None, None),
+        reactor=None,
+        role: str = "single",
+        sockets=None,
+        channel=None,
+    ):
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(reactor, options["graceful-timeout"])
         self.options = options
+        self.role = role
+        self.channel = channel
+        self.web_processes = None
         self.state = "starting"
         self.exit_code = 0
         self.stop_signals = StopSignals(reactor, self._first_signal, self._second_signal)
@@ -57,26 +77,44 @@ class LRPServer(OrderedService):
         self.web = self.health = None
         job_service, job_client = jobs
         pool = None
-        if application is not None:
+        scope = {"single": "all", "main": "once", "web": "each"}[role]
+        lifecycle.site_services.scope = scope
+        if role == "main":
+            from twistedlrp.web.processes import WebProcesses
+
+            self.web_processes = WebProcesses(
+                reactor,
+                options,
+                job_service.health if job_service is not None else None,
+                job_service,
+            )
+        elif application is not None:
             from twistedlrp.web.service import build_web
 
             pool, self.web, self.health = build_web(
-                reactor, options, application, lambda: self.state, self.started_at
+                reactor, options, application, lambda: self.state, self.started_at, sockets
             )
             if job_service is not None:
                 self.health.sections["jobs"] = job_service.health
+            if channel is not None:
+                channel.server = self
+                channel.pool = pool.pool
+                self.health.sections["jobs"] = channel.jobs_section
+                self.health.sections["web_workers"] = channel.workers_section
         from twistedlrp import http as outbound
 
         for child in (
+            channel,
             pool,
             _Closer("outbound-http", outbound.close_connections),
             lifecycle.site_services,
             job_client,
-            lifecycle.ShutdownHooks(reactor),
+            lifecycle.ShutdownHooks(reactor, scope),
             job_service,
-            lifecycle.StartupHooks(),
+            lifecycle.StartupHooks(scope),
             _Closer("calls-from-threads", threads.begin_shutdown),
             self.web,
+            self.web_processes,
         ):
             if child is not None:
                 self.addService(child)
@@ -95,6 +133,10 @@ class LRPServer(OrderedService):
 
     def _begin(self) -> None:
         self.stop_signals.install()
+        if self.role == "web" and getattr(self.reactor, "_installSignalHandlers", False):
+            # The main process stops its web processes (SIGTERM, or end of
+            # file on the channel); a Ctrl-C on the terminal reaches it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         defer.ensureDeferred(self._start()).chainDeferred(self._starting)
 
     async def _start(self) -> None:
@@ -103,9 +145,22 @@ class LRPServer(OrderedService):
             if self.state != "starting":
                 return
             self.state = "running"
+            if self.channel is not None:
+                self.channel.send_status()
+            if self.web_processes is not None:
+                log.info(
+                    "twistedlrp running (pid {pid}): {addresses}, {count} web processes "
+                    "of {threads} threads each",
+                    pid=os.getpid(),
+                    addresses=", ".join(self.web_processes.addresses) or "no HTTP port",
+                    count=self.web_processes.count,
+                    threads=self.options["threads"],
+                )
+                return
             ports = self.web.ports if self.web is not None else []
             log.info(
-                "twistedlrp running (pid {pid}): {addresses}, {threads} threads",
+                "twistedlrp {what} (pid {pid}): {addresses}, {threads} threads",
+                what="web process running" if self.role == "web" else "running",
                 pid=os.getpid(),
                 addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
                 threads=self.options["threads"] if self.web is not None else 0,
@@ -138,6 +193,10 @@ class LRPServer(OrderedService):
         )
 
     def _second_signal(self, name: str) -> None:
+        if self.role == "web":
+            # SIGTERM to the whole group (systemd) and the main process's
+            # own: still one graceful stop; the main process kills at its deadline.
+            return
         _write_stderr(f"twistd lrp: second {name}: exiting at once\n")
         for child in self:
             force_exit = getattr(child, "force_exit", None)
@@ -156,6 +215,8 @@ class LRPServer(OrderedService):
             if self.state == "running":
                 log.info("Stopping: draining requests")
             self.state = "stopping"
+            if self.channel is not None:
+                self.channel.send_status()
             super().stopService().addCallback(lambda _: log.info("twistedlrp stopped"))
         return self._stopping
 
@@ -194,7 +255,10 @@ def build_server(options, reactor=None) -> LRPServer:
 
     if reactor is None:
         from twisted.internet import reactor
-    server = LRPServer(options, application, job_services(reactor, options), reactor=reactor)
+    role = "main" if web and options["web-workers"] > 1 else "single"
+    server = LRPServer(
+        options, application, job_services(reactor, options), reactor=reactor, role=role
+    )
     boot.close_connections()
     return server
 

@@ -31,6 +31,19 @@ def whole(minimum: int = 1) -> Callable[[str, Any], int]:
     return parse
 
 
+def cpu_count() -> int:
+    """The cores this process may use (C{os.process_cpu_count()} where Python has it)."""
+    count = getattr(os, "process_cpu_count", None)
+    return (count() if count is not None else None) or os.cpu_count() or 1
+
+
+def count_or_auto(option: str, value) -> int:
+    """A whole number of at least 1, or C{"auto"}: the number of cores (L{cpu_count})."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return cpu_count()
+    return whole(1)(option, value)
+
+
 def seconds(option: str, value) -> float:
     try:
         number = float(value)

@@ -210,7 +210,8 @@ def test_version(capsys):
         (["-b", "0.0.0.0:8000"], "unknown option -b (did you mean --listen?)"),
         (
             ["-w", "4"],
-            "unknown option -w (did you mean --threads (threads per process)? "
+            "unknown option -w (did you mean --web-workers (web processes) or --threads "
+            "(threads per process)? "
             "twistedlrp's --workers are job worker processes)",
         ),
         (["-threads", "4"], "unknown option -threads (did you mean --threads?)"),

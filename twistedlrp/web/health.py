@@ -31,8 +31,8 @@ class HealthResource(Resource):
         self._server_state = server_state
         self._pool = pool
         self._started_at = started_at
-        # name -> callable returning a JSON-able dict, for other components
-        # (the job service adds its counts here).
+        # name -> callable returning a JSON-able dict (or None: no section),
+        # for other components (the job service adds its counts here).
         self.sections: dict[str, Callable[[], dict]] = {}
 
     def render(self, request):
@@ -49,9 +49,12 @@ class HealthResource(Resource):
         healthy = True
         for name, section in self.sections.items():
             try:
-                body[name] = section()
+                value = section()
             except Exception as e:
-                body[name] = {"healthy": False, "error": str(e)}
+                value = {"healthy": False, "error": str(e)}
+            if value is None:
+                continue  # Nothing to report (yet).
+            body[name] = value
             healthy = healthy and body[name].get("healthy", True)
         if state == "running" and not healthy:
             # Serving, but a part it needs cannot work: a load balancer should look elsewhere.

@@ -50,10 +50,13 @@ class WebService(service.Service):
 
     name = "web"
 
-    def __init__(self, reactor, site: LRPSite, endpoints: list[str]):
+    def __init__(self, reactor, site: LRPSite, endpoints: list[str], sockets=None):
         self.reactor = reactor
         self.site = site
         self.endpoints = endpoints
+        # (descriptor, address family) of inherited listening sockets, adopted
+        # instead of the endpoints (a web process of --web-workers).
+        self.sockets = sockets
         self.ports: list = []
 
     def startService(self) -> defer.Deferred:
@@ -61,6 +64,13 @@ class WebService(service.Service):
         return defer.ensureDeferred(self._listen())
 
     async def _listen(self) -> None:
+        if self.sockets is not None:
+            for fd, family in self.sockets:
+                try:
+                    self.ports.append(ports.adopt(self.reactor, fd, family, self.site))
+                except Exception as e:
+                    raise StartupFailed(f"cannot adopt listening socket {fd}: {e}") from e
+            return
         for endpoint in self.endpoints:
             try:
                 port = await ports.listen(self.reactor, endpoint, self.site)
@@ -90,9 +100,16 @@ def _left(reactor, deadline: float) -> float:
 
 
 def build_web(
-    reactor, options, application, server_state: Callable[[], str], started_at: float
+    reactor,
+    options,
+    application,
+    server_state: Callable[[], str],
+    started_at: float,
+    sockets=None,
 ) -> tuple[ThreadPoolService, WebService, HealthResource]:
     """
+    @param sockets: (descriptor, address family) of inherited listening
+        sockets to adopt instead of listening on C{--listen}.
     @return: the thread pool's service, the site's service and the health
         resource (to which other parts add sections) for the WSGI
         C{application}.
@@ -117,7 +134,8 @@ def build_web(
         access_log_path=options["access-log"],
         limits=Limits.from_options(options),
     )
-    return ThreadPoolService(pool), WebService(reactor, site, options["listen"]), health
+    web = WebService(reactor, site, options["listen"], sockets)
+    return ThreadPoolService(pool), web, health
 
 
 def _saturated(request) -> bytes:

@@ -208,3 +208,26 @@ def service(request):
     except LookupError as e:
         missing = str(e)
     return JsonResponse({"running": bool(get_service("recorder").running), "missing": missing})
+
+
+# -- --web-workers: hooks of each kind, noted with the pid of the process ------
+# (here rather than in lrp.py so that they note only when LRP_TEST_ONCE_EVENTS is set)
+
+
+def _note_pid(kind):
+    path = os.environ.get("LRP_TEST_ONCE_EVENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{kind} {os.getpid()}\n")
+
+
+def _register_web_worker_hooks():
+    from twistedlrp.lifecycle import on_shutdown, on_startup
+
+    on_startup(once=True)(lambda: _note_pid("once-startup"))
+    on_shutdown(once=True)(lambda: _note_pid("once-shutdown"))
+    on_startup(lambda: _note_pid("each-startup"))
+    on_shutdown(lambda: _note_pid("each-shutdown"))
+
+
+_register_web_worker_hooks()
