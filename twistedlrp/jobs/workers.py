@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs import wire
+from twistedlrp.jobs.child import MAX_ERROR, cut_text
 
 log = Logger()
 # Worker ids name the machine, for when job nodes share a database.
@@ -45,26 +46,9 @@ def worker_id_prefix() -> str:
 
 
 OUTPUT_TAIL = 16 * 1024
-#: The longest error text a job's record keeps (characters).
-MAX_ERROR = 64 * 1024
 _MAX_START_DELAY = 30.0
 # What is still read from a child's pipe once it has exited (bytes, per pipe).
 _DRAIN_LIMIT = 1024 * 1024
-
-
-def cut_text(text: str, limit: int = MAX_ERROR) -> str:
-    """
-    @return: C{text}, or when it is longer than C{limit} its beginning and
-        its end around a line C{[... N characters cut ...]}, C{limit}
-        characters at most.
-    """
-    if len(text) <= limit:
-        return text
-    keep = max(limit - 64, 0)
-    head = keep // 2
-    tail = keep - head
-    cut = len(text) - head - tail
-    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail :]}"
 
 
 class _PipeTransport:
