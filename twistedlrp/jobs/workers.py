@@ -19,6 +19,13 @@ a job's subprocess holds copies): what it wrote is read, its group is
 killed, our ends of its pipes are closed, and the pool tells the job
 service (which retries or fails the job) and starts a replacement, with
 back-off when children die before they are ready.
+
+A worker that will soon reach C{--max-jobs-per-worker} (50 jobs before, for
+limits of 1000 and more; see L{standby_ahead}) gets its successor started
+ahead of time: once ready it waits in state C{standby}, taking no job,
+and takes the worker's place the moment it retires (or dies), so that
+replacing workers costs no start-up time and never runs more than
+C{--workers} jobs at once.
 """
 
 from __future__ import annotations
@@ -103,13 +110,19 @@ class _ParentProtocol(wire.QuietAMP):
 class Worker(protocol.ProcessProtocol):
     """
     One child process. C{state}: C{starting}, C{idle}, C{busy},
-    C{retiring} (will exit after its job or now), C{dead}.
+    C{standby} (ready, waiting to succeed a worker that is about to be
+    replaced), C{retiring} (will exit after its job or now), C{dead}.
     """
 
-    def __init__(self, pool: WorkerPool, number: int):
+    def __init__(self, pool: WorkerPool, number: int, standby: bool = False):
         self.pool = pool
         self.number = number
         self.state = "starting"
+        # Started ahead of time to take over from a worker at its job limit.
+        self.standby = standby
+        # The standby worker started for this one, and whether it took over.
+        self.successor: Worker | None = None
+        self.succeeded = False
         self.pid: int | None = None
         self.amp = _ParentProtocol(self)
         self.job_id: str | None = None
@@ -328,6 +341,17 @@ class Worker(protocol.ProcessProtocol):
         return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
 
 
+def standby_ahead(max_jobs: int) -> int:
+    """
+    @return: how many jobs before C{max_jobs} a worker's standby successor
+        is started (0: none, for limits below 100, where a spare process
+        would be more surprising than useful).
+    """
+    if max_jobs < 100:
+        return 0
+    return min(50, max_jobs // 20)
+
+
 def bounded_outcome(outcome: dict) -> dict:
     """@return: a job's outcome with its error text cut to L{MAX_ERROR}."""
     error_text = outcome.get("error")
@@ -391,11 +415,17 @@ class WorkerPool:
         for _ in range(self.size):
             self.spawn()
 
-    def spawn(self) -> None:
+    def spawn(self, standby: bool = False) -> Worker | None:
+        """
+        Start a child. A C{standby} one, once ready, waits (state
+        C{standby}) until L{job_done} makes it take over from a worker
+        that reached its job limit, so that replacing a worker costs no
+        start-up time.
+        """
         if self.stopping:
-            return
+            return None
         self._count += 1
-        worker = Worker(self, self._count)
+        worker = Worker(self, self._count, standby)
         args = [
             sys.executable,
             "-m",
@@ -422,6 +452,7 @@ class WorkerPool:
         )
         self.workers.append(worker)
         self.started += 1
+        return worker
 
     def idle(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "idle"]
@@ -433,6 +464,9 @@ class WorkerPool:
         log.debug("Worker {pid} ready", pid=worker.pid)
         if self.stopping:
             worker.retire()
+            return
+        if worker.standby:
+            worker.state = "standby"
             return
         self._on_ready(worker)
 
@@ -452,6 +486,25 @@ class WorkerPool:
                 for d in waiting:
                     d.callback(None)
             return
+        if worker.succeeded:
+            return  # Its standby successor has taken its place already.
+        if worker.standby:
+            # A standby that ended before it took over: the worker it was
+            # meant for is replaced the usual way when its time comes.
+            log.warn("Standby worker {pid} {how}", pid=worker.pid, how=how)
+            return
+        if self._take_over(worker):
+            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan"):
+                log.warn(
+                    "Worker {pid} {how}; its standby successor {successor} takes its place",
+                    pid=worker.pid,
+                    how=how,
+                    successor=worker.successor.pid,
+                )
+            self._on_ready(worker.successor)
+            return
+        if worker.succeeded:
+            return  # Its successor is still starting; it takes jobs once ready.
         if not worker.was_ready and worker.kill_reason is None:
             # It died before it was ready: something in the site or the
             # environment is wrong; do not spin.
@@ -473,14 +526,25 @@ class WorkerPool:
 
     def job_done(self, worker: Worker, max_jobs: int, max_memory_mb: int) -> bool:
         """
-        The worker's job ended normally: make it idle, or retire it.
+        The worker's job ended normally: make it idle, or retire it. A
+        worker close to C{max_jobs} gets a standby successor started, which
+        takes its place when it retires.
 
-        @return: whether the worker is idle (available) again.
+        @return: whether a worker is available again (this one, or its
+            successor).
         """
         worker.job_id = None
         worker.jobs_done += 1
         if worker.exited:
             return False
+        ahead = standby_ahead(max_jobs)
+        if (
+            ahead
+            and worker.successor is None
+            and worker.jobs_done == max_jobs - ahead
+            and not self.stopping
+        ):
+            worker.successor = self.spawn(standby=True)
         if self.stopping:
             worker.retire()
             return False
@@ -491,11 +555,11 @@ class WorkerPool:
                 reason=worker.broken,
             )
             worker.retire()
-            return False
+            return self._take_over(worker)
         if worker.jobs_done >= max_jobs:
             log.info("Worker {pid} ran {n} jobs: replacing it", pid=worker.pid, n=worker.jobs_done)
             worker.retire()
-            return False
+            return self._take_over(worker)
         if max_memory_mb:
             rss = worker.rss_mb()
             if rss > max_memory_mb:
@@ -506,9 +570,30 @@ class WorkerPool:
                     limit=max_memory_mb,
                 )
                 worker.retire()
-                return False
+                return self._take_over(worker)
         worker.state = "idle"
         return True
+
+    def _take_over(self, worker: Worker) -> bool:
+        """
+        C{worker} retires: its standby successor, if it still lives, takes
+        its place (at once when ready, else once ready).
+
+        @return: whether the successor is idle now.
+        """
+        successor = worker.successor
+        if (
+            successor is None
+            or successor not in self.workers
+            or successor.state not in ("starting", "standby")
+        ):
+            return False
+        worker.succeeded = True
+        successor.standby = False
+        if successor.state == "standby":
+            successor.state = "idle"
+            return True
+        return False
 
     # -- stopping ---------------------------------------------------------------------
 
@@ -516,7 +601,7 @@ class WorkerPool:
         """Stop taking work: idle and starting workers exit; busy ones finish first."""
         self.stopping = True
         for worker in list(self.workers):
-            if worker.state in ("idle", "starting"):
+            if worker.state in ("idle", "starting", "standby"):
                 worker.retire()
 
     def kill_all(self, reason: str = "shutdown") -> None:
