@@ -219,6 +219,22 @@ def test_a_node_runs_only_its_queues_and_jobs_submitted_to_one_run_on_another(te
         assert node == f"{os.uname().nodename}:{tmp_path / 'b' / 'state'}"
         assert len(lines(marks / "run-1")) == 1
         assert "queues: reports" in a.output()
+        # Through node A, a job running on node B: its progress, its cancel.
+        body = api(web, "submit", name="testapp.jobs.steps", args=[200, 0.05])
+        job_id = body["job"]["id"]
+        wait_for(
+            lambda: api(web, "get", id=job_id)["job"]["progress"][0] >= 2,
+            15,
+            message="progress of a job on node B, read through node A",
+        )
+        body = api(web, "submit", name="testapp.jobs.cooperative", args=[str(marks)])
+        job_id = body["job"]["id"]
+        wait_for(lambda: lines(marks / "cooperative"), 15, message="the job running on B")
+        api(web, "cancel", id=job_id)
+        info = api(web, "wait", id=job_id, timeout=10)["job"]
+        assert info["state"] == "cancelled", info
+        assert len(lines(marks / "cooperative-stopped")) == 1
+        assert jobs_by_id(db, [job_id])[job_id][1] == node
     finally:
         for server in (web, a, b):
             if server is not None:

@@ -73,6 +73,14 @@ class Listener:
         return connection
 
     def _loop(self) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            log.warn(
+                "The job node cannot LISTEN for notifications without psycopg 3 (pip install "
+                "'psycopg[binary]'): it looks for new jobs every few seconds instead"
+            )
+            return
         backoff = 0.5
         while not self._stopping.is_set():
             try:
