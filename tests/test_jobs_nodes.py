@@ -241,6 +241,37 @@ def test_a_node_runs_only_its_queues_and_jobs_submitted_to_one_run_on_another(te
                 server.kill()
 
 
+@needs_postgres
+def test_a_node_stopping_gracefully_hands_its_running_job_to_another_at_once(template, tmp_path):
+    db = shared_db(template, tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # A long lease: the hand-over must not wait for it.
+    lease = {"LRP_JOBS_NODE_LEASE": "60"}
+    b = job_node(db, tmp_path / "b", "node-b", "--graceful-timeout", "1", **lease)
+    web = web_node(db, tmp_path / "web", b)
+    a = None
+    try:
+        body = api(web, "submit", name="testapp.jobs.sleeper", args=[str(marks), 3, "g"])
+        job_id = body["job"]["id"]
+        wait_for(lambda: lines(marks / "g-started"), 15, message="the job running on B")
+        a = job_node(db, tmp_path / "a", "node-a", **lease)
+        b.signal(signal.SIGTERM)
+        assert b.wait_exit(15) == 0, b.output()
+        jobs = wait_all_finished(db, [job_id], 15)
+        state, node, attempts, *_ = jobs[job_id]
+        # Put back without using up an attempt, and run to its end by A.
+        assert (state, node, attempts) == ("succeeded", "node-a", 1), jobs
+        assert len(lines(marks / "g-started")) == 2
+        assert len(lines(marks / "g-done")) == 1
+        names = {r[0] for r in rows(db, "select name from twistedlrp_node")}
+        assert names == {"node-a"}
+    finally:
+        for server in (web, a, b):
+            if server is not None:
+                server.kill()
+
+
 @needs_sqlite
 def test_a_second_job_node_on_sqlite_is_refused_with_one_line(template, tmp_path):
     db = shared_db(template, tmp_path)

@@ -75,8 +75,14 @@ def node_name(options) -> str:
 
 
 def node_lease() -> float:
-    """@return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE} (environment, then setting)."""
+    """
+    @return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE}
+        (environment, then setting).
+    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
+    """
     from django.conf import settings
+
+    from twistedlrp.boot import BootError
 
     value = os.environ.get("LRP_JOBS_NODE_LEASE") or getattr(
         settings, "LRP_JOBS_NODE_LEASE", DEFAULT_NODE_LEASE
@@ -84,11 +90,11 @@ def node_lease() -> float:
     try:
         lease = float(value)
     except (TypeError, ValueError):
-        raise StartupFailed(
+        raise BootError(
             f"LRP_JOBS_NODE_LEASE: expected a number of seconds, got {value!r}"
         ) from None
-    if not lease >= 0.5:
-        raise StartupFailed(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
+    if not 0.5 <= lease < 1e9:
+        raise BootError(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
     return lease
 
 
