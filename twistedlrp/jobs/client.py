@@ -12,13 +12,21 @@ names the shared secret for network endpoints. Each is read from the
 environment first, then from the Django settings: a worker process is told
 its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
 (a setting, seconds, default 10) bounds reaching the service and each answer.
+
+Outside the server (a script, a worker's job, another WSGI server) a
+C{unix:} or C{tcp:} endpoint is reached without a reactor: each calling
+thread keeps a blocking AMP connection of its own (L{BlockingClient}), so a
+call costs a socket round trip and no hop to a reactor thread and back.
+Other endpoint types (TLS) go through a L{JobClient} in a reactor thread.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
+import time
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import clientFromString
@@ -255,6 +263,85 @@ class JobClient:
         return answer[answer_key]
 
 
+class LocalClient:
+    """
+    The job service of this very process, called directly: a view's call
+    runs the service's method in the reactor (through
+    L{twistedlrp.threads.call_in_reactor}, as every call does) without AMP,
+    a socket or a second reactor turn. Answers and errors are those of
+    L{JobClient.request}; the answer is a copy (as if it had crossed the
+    wire), and the service's unexpected errors become a L{JobError}, as the
+    AMP front end makes them.
+
+    @param service: the L{twistedlrp.jobs.service.JobService}.
+    @param description: the endpoint named in messages.
+    """
+
+    def __init__(self, reactor, service, timeout: float, description: str):
+        self.reactor = reactor
+        self.service = service
+        self.timeout = timeout
+        self.endpoint = description
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    async def request(self, op: str, kw: dict, timeout: float | None = None):
+        """
+        @return: the operation's answer.
+        @raise JobError: the service's own error (a subclass says which).
+        @raise JobServiceUnavailable: the service did not answer in time.
+        """
+        limit = timeout or self.timeout
+        listening = self.service.when_listening()
+        if not listening.called:
+            # Starting: wait for it, as a connection to it would.
+            listening.addTimeout(limit, self.reactor)
+            try:
+                await listening
+            except defer.TimeoutError:
+                raise JobServiceUnavailable(
+                    f"the job service at {self.endpoint} could not be reached within "
+                    f"{limit:g} s (it is starting)"
+                ) from None
+        _, _, arguments = _COMMANDS[op](kw)
+        method, args = _LOCAL[op](arguments)
+        d = defer.maybeDeferred(getattr(self.service, method), *args)
+        d.addTimeout(limit, self.reactor)
+        try:
+            answer = await d
+        except defer.TimeoutError:
+            raise JobServiceUnavailable(
+                f"the job service at {self.endpoint} did not answer {op} within "
+                f"{limit:g} s" + _UNKNOWN_OUTCOME.get(op, "")
+            ) from None
+        except JobError:
+            raise
+        except Exception as e:
+            log.failure("Job service operation {op} failed", op=method)
+            raise JobError(f"internal error in the job service: {e}") from None
+        # A copy, as the wire gives each caller its own.
+        return json.loads(json.dumps(answer))
+
+
+# The service's method for each operation, and its arguments in order.
+_LOCAL = {
+    "submit": lambda a: (
+        "submit",
+        (a["name"], a["payload"], a["priority"], a["run_after"], a["key"], a["timeout"], a["id"]),
+    ),
+    "status": lambda a: ("status", (a["job_id"],)),
+    "cancel": lambda a: ("cancel", (a["job_id"],)),
+    "wait": lambda a: ("wait", (a["job_id"], a["timeout"])),
+    "list_jobs": lambda a: ("list_jobs", (a["state"], a["name"], a["limit"])),
+    "stats": lambda a: ("stats", ()),
+}
+
+
 # What a caller must know when an answer is lost: the request may have taken effect.
 _UNKNOWN_OUTCOME = {
     "submit": "; the job may or may not have been stored: submit again with the same id "
@@ -362,6 +449,10 @@ def call(op: str, call_timeout: float | None = None, **kw):
     if op == "submit":
         kw["payload"] = encode_payload(kw.pop("args"), kw.pop("kwargs"))
     client = _client
+    if client is None and threads._mode != "server":
+        blocking = _blocking_client()
+        if blocking is not None:
+            return blocking.request(op, kw, call_timeout)
     timeout = call_timeout or (client.timeout if client else DEFAULT_TIMEOUT)
 
     def run():
@@ -373,6 +464,227 @@ def call(op: str, call_timeout: float | None = None, **kw):
         return threads.call_in_reactor(run, timeout=2 * timeout + 1)
     except TimeoutError as e:
         raise JobServiceUnavailable(f"the job service did not answer in time ({e})") from None
+
+
+# -- without a reactor ----------------------------------------------------------------
+
+_blocking: BlockingClient | None = None
+_NO_BLOCKING = object()
+
+
+def _blocking_client() -> BlockingClient | None:
+    """@return: this process's L{BlockingClient}, or C{None} if its endpoint needs a reactor."""
+    global _blocking
+    if _blocking is None:
+        with _lock:
+            if _blocking is None:
+                from django.conf import settings
+
+                endpoint = configured_endpoint()
+                address = socket_address(endpoint)
+                if address is None:
+                    _blocking = _NO_BLOCKING
+                else:
+                    secret_file = configured("LRP_JOBS_SECRET_FILE")
+                    secret = wire.read_secret(secret_file) if secret_file else None
+                    timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+                    _blocking = BlockingClient(endpoint, address, secret, timeout)
+    return None if _blocking is _NO_BLOCKING else _blocking
+
+
+def socket_address(endpoint: str) -> tuple[int, object] | None:
+    """
+    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
+        endpoint string, or C{None} for any other (or one with options a
+        plain socket does not have, such as C{bindAddress}).
+    """
+    parts = _split_endpoint(endpoint)
+    kind, rest = parts[0], parts[1:]
+    positional = [p for p in rest if "=" not in p]
+    named = dict(p.split("=", 1) for p in rest if "=" in p)
+    if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
+        return None
+    if kind == "unix":
+        path = named.get("path") or (positional[0] if positional else None)
+        return (socket.AF_UNIX, path) if path else None
+    if kind == "tcp":
+        host = named.get("host") or (positional[0] if positional else None)
+        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+        if not host or not port or not port.isdigit():
+            return None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, int(port))
+    return None
+
+
+class BlockingClient:
+    """
+    Blocking AMP connections to one job service (a UNIX or TCP socket), one
+    per calling thread, each made at its thread's first call and again after
+    it broke. Its answers and errors are those of L{JobClient.request}.
+
+    @param address: C{(family, address)} (L{socket_address}).
+    @param secret: the shared secret (Login after each connect), or C{None}.
+    """
+
+    def __init__(self, endpoint: str, address, secret: bytes | None, timeout: float):
+        self.endpoint = endpoint
+        self.family, self.address = address
+        self.secret = secret
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def request(self, op: str, kw: dict, timeout: float | None = None):
+        """
+        Send one operation and wait for its answer.
+
+        @return: the operation's answer.
+        @raise JobError: the service's own error (a subclass says which).
+        @raise JobServiceUnavailable: unreachable, or the connection broke.
+        """
+        command, answer_key, arguments = _COMMANDS[op](kw)
+        box = command.makeArguments(arguments, None)
+        conversation = self._connected()
+        answer = conversation.ask(command, box, timeout or self.timeout, op)
+        return answer[answer_key]
+
+    def _connected(self) -> _Conversation:
+        conversation = getattr(self._local, "conversation", None)
+        if conversation is not None and conversation.alive():
+            return conversation
+        if conversation is not None:
+            conversation.close()
+        self._local.conversation = None
+        conversation = self._connect()
+        self._local.conversation = conversation
+        return conversation
+
+    def _connect(self) -> _Conversation:
+        if self.family == socket.AF_UNIX and not os.path.exists(self.address):
+            raise JobServiceUnavailable(
+                f"the job service at {self.endpoint} could not be reached: its socket does "
+                f"not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
+            )
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.01))
+                sock.connect(self.address)
+            except OSError as e:
+                sock.close()
+                reason = e.strerror or type(e).__name__
+                if time.monotonic() + 0.05 >= deadline:
+                    raise JobServiceUnavailable(
+                        f"the job service at {self.endpoint} could not be reached within "
+                        f"{self.timeout:g} s ({reason})"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            if self.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conversation = _Conversation(sock, self.endpoint)
+            if self.secret is not None:
+                try:
+                    nonce = conversation.ask(
+                        wire.Challenge,
+                        wire.Challenge.makeArguments({}, None),
+                        self.timeout,
+                        "login",
+                    )["nonce"]
+                    digest = wire.digest(self.secret, nonce)
+                    conversation.ask(
+                        wire.Login,
+                        wire.Login.makeArguments({"digest": digest}, None),
+                        self.timeout,
+                        "login",
+                    )
+                except AuthenticationFailed as e:
+                    conversation.close()
+                    raise AuthenticationFailed(
+                        f"the job service at {self.endpoint} refused the shared secret ({e})"
+                    ) from None
+                except BaseException:
+                    conversation.close()
+                    raise
+            return conversation
+
+
+class _Conversation:
+    """One blocking AMP connection: one question at a time, then its answer."""
+
+    def __init__(self, sock: socket.socket, endpoint: str):
+        from twistedlrp.jobs.child import BoxReader
+
+        self.sock = sock
+        self.endpoint = endpoint
+        self.reader = BoxReader()
+        self.asks = 0
+        self.pid = os.getpid()
+
+    def alive(self) -> bool:
+        """@return: whether the service has not closed the connection (nor sent anything)."""
+        if self.pid != os.getpid():
+            return False  # A copy in a forked process: the connection is its parent's.
+        try:
+            self.sock.settimeout(0.0)
+            return self.sock.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def ask(self, command, box, timeout: float, op: str) -> dict:
+        self.asks += 1
+        tag = b"%d" % self.asks
+        box[b"_command"] = command.commandName
+        box[b"_ask"] = tag
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.sendall(box.serialize())
+            while True:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = self.sock.recv(65536)
+                if not data:
+                    raise ConnectionResetError("the service closed the connection")
+                for answer in self.reader.feed(data):
+                    if answer.get(b"_answer") == tag:
+                        return command.parseResponse(answer, None)
+                    if answer.get(b"_error") == tag:
+                        self._raise(command, answer, op)
+        except TimeoutError:
+            self.close()
+            raise JobServiceUnavailable(
+                f"the job service at {self.endpoint} did not answer {op} within "
+                f"{timeout:g} s" + _UNKNOWN_OUTCOME.get(op, "")
+            ) from None
+        except OSError as e:
+            self.close()
+            raise JobServiceUnavailable(
+                f"the connection to the job service at {self.endpoint} broke during {op}: "
+                f"{e.strerror or e}" + _UNKNOWN_OUTCOME.get(op, "")
+            ) from None
+
+    def _raise(self, command, answer: dict, op: str):
+        code = answer.get(b"_error_code", b"")
+        description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
+        error_class = command.reverseErrors.get(code)
+        if error_class is None:
+            self.close()
+            raise JobServiceUnavailable(
+                f"the connection to the job service at {self.endpoint} broke during {op}: "
+                f"{description}" + _UNKNOWN_OUTCOME.get(op, "")
+            )
+        if code in command.fatalErrors.values():
+            self.close()  # the service closes it too
+        raise error_class(description)
 
 
 def encode_payload(args, kwargs) -> bytes:
@@ -422,8 +734,8 @@ def _reason(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
 
-def _unix_path(endpoint: str) -> str | None:
-    """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
+def _split_endpoint(endpoint: str) -> list[str]:
+    """@return: the parts of an endpoint string between unescaped colons, unescaped."""
     parts, current, escaped = [], "", False
     for char in endpoint:
         if escaped:
@@ -437,6 +749,12 @@ def _unix_path(endpoint: str) -> str | None:
         else:
             current += char
     parts.append(current)
+    return parts
+
+
+def _unix_path(endpoint: str) -> str | None:
+    """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
+    parts = _split_endpoint(endpoint)
     if parts[0] != "unix" or len(parts) < 2:
         return None
     for part in parts[1:]:

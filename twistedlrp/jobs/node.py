@@ -86,7 +86,7 @@ class JobClientService(service.Service):
         self.reactor = reactor
         self.options = options
         self.local = local
-        self.client: jobs_client.JobClient | None = None
+        self.client: jobs_client.JobClient | jobs_client.LocalClient | None = None
 
     def startService(self) -> None:
         from django.conf import settings
@@ -108,7 +108,13 @@ class JobClientService(service.Service):
         if (description or endpoint).startswith("unix:"):
             secret = None
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
-        self.client = jobs_client.JobClient(self.reactor, endpoint, secret, timeout, description)
+        if isinstance(endpoint, _LocalServiceEndpoint):
+            # This process's own service: called directly, without AMP or a socket.
+            self.client = jobs_client.LocalClient(self.reactor, self.local, timeout, description)
+        else:
+            self.client = jobs_client.JobClient(
+                self.reactor, endpoint, secret, timeout, description
+            )
         self.client.start()
         jobs_client.install(self.client)
 

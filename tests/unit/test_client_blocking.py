@@ -1,0 +1,206 @@
+"""
+The job client outside the server: blocking AMP connections, one per
+thread, against a fake service on a UNIX socket (a thread answering boxes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+
+from twistedlrp.jobs import child, client
+from twistedlrp.jobs.errors import (
+    AuthenticationFailed,
+    JobServiceUnavailable,
+    NotRegistered,
+)
+
+
+class FakeService:
+    """Answers each box with C{answer(box)}: a dict to send, or None to close the connection."""
+
+    def __init__(self, path, answer):
+        self.path = str(path)
+        self.answer = answer
+        self.boxes = []
+        self.connections = 0
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        reader = child.BoxReader()
+        with conn:
+            while data := conn.recv(65536):
+                for box in reader.feed(data):
+                    self.boxes.append(box)
+                    reply = self.answer(box)
+                    if reply is None:
+                        return
+                    if reply == "silence":
+                        continue
+                    if isinstance(reply, tuple):
+                        conn.sendall(child.encode_box(reply[1]))
+                        return
+                    conn.sendall(child.encode_box(reply))
+
+    def close(self):
+        self.listener.close()
+
+
+def job_answer(box, **job):
+    reply = {b"_answer": box[b"_ask"]}
+    child.put_big(reply, b"job", json.dumps({"id": "j1", "state": "queued", **job}).encode())
+    return reply
+
+
+def make_client(path, timeout=2.0, secret=None):
+    endpoint = client.unix_client_endpoint(str(path))
+    return client.BlockingClient(endpoint, client.socket_address(endpoint), secret, timeout)
+
+
+def submit(blocking, name="app.jobs.f"):
+    return blocking.request("submit", {"name": name, "payload": b'{"args":[1],"kwargs":{}}'})
+
+
+@pytest.fixture
+def sock_path(tmp_path):
+    # Short: UNIX socket paths are limited to about 100 bytes.
+    path = tmp_path / "s"
+    yield path
+    if path.exists():
+        path.unlink()
+
+
+def test_endpoint_strings_that_a_plain_socket_reaches():
+    assert client.socket_address("unix:path=/a\\:b/jobs.sock") == (socket.AF_UNIX, "/a:b/jobs.sock")
+    assert client.socket_address("unix:/x/jobs.sock:timeout=5") == (socket.AF_UNIX, "/x/jobs.sock")
+    assert client.socket_address("tcp:host=127.0.0.1:port=7000") == (
+        socket.AF_INET,
+        ("127.0.0.1", 7000),
+    )
+    assert client.socket_address("tcp:example.org:7000") == (socket.AF_INET, ("example.org", 7000))
+    assert client.socket_address("tcp:host=\\:\\:1:port=7000")[0] == socket.AF_INET6
+    # These need the reactor's endpoints.
+    assert client.socket_address("tls:host=example.org:port=7000") is None
+    assert client.socket_address("tcp:host=a:port=1:bindAddress=b") is None
+    assert client.socket_address("tcp:host=a") is None
+
+
+def test_a_submission_and_its_answer(sock_path):
+    service = FakeService(sock_path, lambda box: job_answer(box, name=box[b"name"].decode()))
+    blocking = make_client(sock_path)
+    try:
+        assert submit(blocking) == {"id": "j1", "state": "queued", "name": "app.jobs.f"}
+        assert submit(blocking)["id"] == "j1"
+        box = service.boxes[0]
+        assert box[b"_command"] == b"Submit" and child.get_big(box, b"payload").startswith(b"{")
+        # Optional arguments left out are not sent; one connection for the thread.
+        assert b"priority" not in box and service.connections == 1
+        # Another thread: a connection of its own.
+        threading.Thread(target=submit, args=(blocking,)).start()
+        for _ in range(200):
+            if service.connections == 2:
+                break
+            threading.Event().wait(0.01)
+        assert service.connections == 2
+    finally:
+        service.close()
+
+
+def test_the_services_errors_are_raised_as_their_own_classes(sock_path):
+    def refuse(box):
+        return {
+            b"_error": box[b"_ask"],
+            b"_error_code": b"NOT_REGISTERED",
+            b"_error_description": "no job named f \u00e9".encode(),
+        }
+
+    service = FakeService(sock_path, refuse)
+    try:
+        with pytest.raises(NotRegistered, match="no job named f \u00e9"):
+            submit(make_client(sock_path))
+    finally:
+        service.close()
+
+
+def test_no_socket_says_so_at_once(sock_path):
+    with pytest.raises(JobServiceUnavailable, match="its socket does not exist"):
+        submit(make_client(sock_path))
+
+
+def test_a_connection_that_breaks_during_a_submission_says_the_outcome_is_unknown(sock_path):
+    service = FakeService(sock_path, lambda box: None)
+    try:
+        with pytest.raises(JobServiceUnavailable, match="broke during submit.*may or may not"):
+            submit(make_client(sock_path))
+    finally:
+        service.close()
+
+
+def test_no_answer_in_time(sock_path):
+    service = FakeService(sock_path, lambda box: "silence")
+    try:
+        with pytest.raises(JobServiceUnavailable, match="did not answer status within 0.2 s"):
+            make_client(sock_path, timeout=0.2).request("status", {"job_id": "j1"})
+    finally:
+        service.close()
+
+
+def test_a_connection_the_service_closed_meanwhile_is_replaced(sock_path):
+    service = FakeService(sock_path, lambda box: ("close", job_answer(box)))
+    blocking = make_client(sock_path)
+    try:
+        # The service answers, then closes the connection (a restart) while the client is idle.
+        assert submit(blocking)["id"] == "j1"
+        for _ in range(200):
+            if not blocking._local.conversation.alive():
+                break
+            threading.Event().wait(0.01)
+        # The next call connects again, without an error.
+        assert submit(blocking)["id"] == "j1"
+        assert service.connections == 2
+    finally:
+        service.close()
+
+
+def test_login_with_the_secret_before_anything_else(sock_path):
+    secret = b"s3cret"
+    nonce = os.urandom(32)
+
+    def answer(box):
+        command = box[b"_command"]
+        if command == b"Challenge":
+            return {b"_answer": box[b"_ask"], b"nonce": nonce}
+        if command == b"Login":
+            if box[b"digest"] != client.wire.digest(secret, nonce):
+                return {
+                    b"_error": box[b"_ask"],
+                    b"_error_code": b"AUTHENTICATION_FAILED",
+                    b"_error_description": b"login refused: wrong secret",
+                }
+            return {b"_answer": box[b"_ask"], b"ok": b"True"}
+        return job_answer(box)
+
+    service = FakeService(sock_path, answer)
+    try:
+        assert submit(make_client(sock_path, secret=secret))["id"] == "j1"
+        assert [b[b"_command"] for b in service.boxes] == [b"Challenge", b"Login", b"Submit"]
+        with pytest.raises(AuthenticationFailed, match="refused the shared secret"):
+            submit(make_client(sock_path, secret=b"wrong"))
+    finally:
+        service.close()
