@@ -127,7 +127,6 @@ def test_a_killed_web_process_is_restarted_and_requests_keep_succeeding(lrp_serv
     now = wait_for(restarted, 30, interval=0.05, message="web process 0 to be restarted")
     assert failures == []
     assert now[1] == pids[1]
-    assert victim in distinct_pids(server) or True  # both indices answer again
     assert set(distinct_pids(server)) == set(now.values())
     section = health(server)["web_workers"]
     assert [w["restarts"] for w in section["workers"]] == [1, 0]

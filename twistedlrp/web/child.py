@@ -32,6 +32,7 @@ graceful timeout are killed).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import selectors
@@ -49,6 +50,29 @@ from twisted.protocols.basic import LineOnlyReceiver
 log = Logger(namespace="twistedlrp.web")
 
 MODULE = "twistedlrp.web.child"
+# Imported by the template ahead of the forks (none imports the reactor), so
+# that every web process shares them.
+PREIMPORT = (
+    "twisted.application.service",
+    "twisted.internet.endpoints",
+    "twisted.protocols.amp",
+    "twisted.protocols.basic",
+    "twisted.web.server",
+    "twisted.web.resource",
+    "twisted.web.static",
+    "twistedlrp.http",
+    "twistedlrp.jobs",
+    "twistedlrp.jobs.client",
+    "twistedlrp.jobs.node",
+    "twistedlrp.server",
+    "twistedlrp.web.service",
+    "twistedlrp.web.site",
+    "twistedlrp.web.wsgi",
+)
+# Set (to anything) in the environment of the main process: never fork web
+# processes from the template, exec each one instead (to compare memory, or
+# for a site whose import-time state must not be shared across a fork).
+NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 # How often a web process sends its status to the main process.
 STATUS_INTERVAL = 1.0
 
@@ -120,7 +144,9 @@ class _Template:
         self.lrp_args = lrp_args
         self.options = options
         self.application = application
-        self.preload = "twisted.internet.reactor" not in sys.modules
+        self.preload = "twisted.internet.reactor" not in sys.modules and not os.environ.get(
+            NO_PRELOAD_VARIABLE
+        )
         self.children: dict[int, int] = {}  # pid -> index
         self._buffer = b""
         self._fds: list[int] = []
@@ -267,23 +293,47 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     def send(message):
         control.sendall((json.dumps(message) + "\n").encode())
 
-    try:
-        options, application = prepare(lrp_args)
-    except BaseException as e:
-        if isinstance(e, SystemExit) and not e.code:
-            raise
-        text = "".join(traceback.format_exception(e))
-        sys.stderr.write(text)
-        send({"event": "failed", "error": text})
-        return 1
-    template = _Template(control, ours["sockets"], lrp_args, options, application)
-    reason = None
-    if not template.preload:
-        reason = (
-            "setting Django up imported twisted.internet.reactor (a module the URLconf or "
-            "the WSGI application imports imports it), and a process that holds a reactor "
-            "must not fork: each web process sets Django up itself"
+    if "bare" in ours or os.environ.get(NO_PRELOAD_VARIABLE):
+        # Each web process is exec'd and sets Django up itself: this
+        # process only forks them, without Django.
+        from twistedlrp.options import Options
+
+        options = Options()
+        options.parseOptions(lrp_args)
+        template = _Template(control, ours["sockets"], lrp_args, options, None)
+        template.preload = False
+        reason = ours.get("reason") or (
+            f"{NO_PRELOAD_VARIABLE} is set: each web process sets Django up itself"
         )
+    else:
+        try:
+            options, application = prepare(lrp_args)
+        except BaseException as e:
+            if isinstance(e, SystemExit) and not e.code:
+                raise
+            text = "".join(traceback.format_exception(e))
+            sys.stderr.write(text)
+            send({"event": "failed", "error": text})
+            return 1
+        template = _Template(control, ours["sockets"], lrp_args, options, application)
+        if template.preload:
+            _preimport()
+            template.preload = "twisted.internet.reactor" not in sys.modules
+        if not template.preload:
+            holders = _reactor_holders()
+            reason = (
+                "setting Django up imported twisted.internet.reactor"
+                + (f" (held by {', '.join(holders)})" if holders else "")
+                + ", and a process that holds a reactor must not fork: each web process "
+                "sets Django up itself. Import the reactor inside the functions that use "
+                "it to share the template's memory"
+            )
+            _exec_bare(ours, lrp_args, reason)
+        # Objects that exist now stay out of the collector's way, so that it
+        # does not write to (and unshare) the pages that hold them.
+        gc.collect()
+        gc.freeze()
+        reason = None
     send(
         {
             "event": "ready",
@@ -294,6 +344,41 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         }
     )
     return template.run()
+
+
+def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
+    """Become a template without Django (it only forks and execs web processes)."""
+    control_fd = int(ours["control-fd"])
+    os.set_inheritable(control_fd, True)
+    for fd, _ in ours["sockets"]:
+        os.set_inheritable(fd, True)
+    args = [sys.executable, "-m", MODULE, "--template", "--bare", f"--control-fd={control_fd}"]
+    args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
+    args.append(f"--reason={reason}")
+    _flush()
+    os.execv(sys.executable, [*args, "--", *lrp_args])
+
+
+def _preimport() -> None:
+    import importlib
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # The web process imports it again, and reports the error.
+
+
+def _reactor_holders() -> list[str]:
+    """The site's modules (not Twisted's) that hold the reactor as a global."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    return sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if module is not None
+        and not name.startswith(("twisted.", "twistedlrp."))
+        and getattr(module, "reactor", None) is reactor
+    )[:5]
 
 
 # -- a web process --------------------------------------------------------------
