@@ -400,7 +400,8 @@ def _suggest(word: str, names: Collection[str]) -> list[str]:
 def _unknown(given: str, names: Collection[str]) -> str:
     """The error message for the unknown option C{given}, with a suggestion."""
     suggestion, note = _HINTS.get(given, ("", ""))
-    if not suggestion:
+    # A short option's one letter says too little to guess from (-q is not --queues).
+    if not suggestion and given.startswith("--"):
         matches = [f"--{name}" for name in _suggest(given.lstrip("-"), names)]
         suggestion = matches[0] if len(matches) == 1 else ""
         if len(matches) > 1:
