@@ -401,7 +401,7 @@ def _unknown(given: str, names: Collection[str]) -> str:
     """The error message for the unknown option C{given}, with a suggestion."""
     suggestion, note = _HINTS.get(given, ("", ""))
     # A short option's one letter says too little to guess from (-q is not --queues).
-    if not suggestion and given.startswith("--"):
+    if not suggestion and not (len(given) == 2 and given[0] == "-" and given[1] != "-"):
         matches = [f"--{name}" for name in _suggest(given.lstrip("-"), names)]
         suggestion = matches[0] if len(matches) == 1 else ""
         if len(matches) > 1:

@@ -219,7 +219,7 @@ def test_version(capsys):
         (["--frobnicate"], "unknown option --frobnicate"),
         (
             ["--no", "x"],
-            "unknown option --no (did you mean one of --no-jobs or --no-static?)",
+            "unknown option --no (did you mean one of --no-jobs, --no-static or --node-name?)",
         ),
         (["-sx.settings", "--health=/x"], "unknown option --health (did you mean --health-path?)"),
     ],
