@@ -252,13 +252,14 @@ def test_a_node_stopping_gracefully_hands_its_running_job_to_another_at_once(tem
     web = web_node(db, tmp_path / "web", b)
     a = None
     try:
-        body = api(web, "submit", name="testapp.jobs.sleeper", args=[str(marks), 3, "g"])
+        # Long enough to outlast node A's start-up and B's graceful timeout.
+        body = api(web, "submit", name="testapp.jobs.sleeper", args=[str(marks), 8, "g"])
         job_id = body["job"]["id"]
         wait_for(lambda: lines(marks / "g-started"), 15, message="the job running on B")
         a = job_node(db, tmp_path / "a", "node-a", **lease)
         b.signal(signal.SIGTERM)
         assert b.wait_exit(15) == 0, b.output()
-        jobs = wait_all_finished(db, [job_id], 15)
+        jobs = wait_all_finished(db, [job_id], 30)
         state, node, attempts, *_ = jobs[job_id]
         # Put back without using up an attempt, and run to its end by A.
         assert (state, node, attempts) == ("succeeded", "node-a", 1), jobs

@@ -249,8 +249,8 @@ def claim_next(queues: list[str] | None, node: str, workers: list[str]) -> dict:
     )
     update = (
         f"UPDATE {sql.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
-        f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s, "
-        f"{c['error']} = '' WHERE {c['id']} = %s RETURNING "
+        f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s "
+        f"WHERE {c['id']} = %s RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
         f"{c['name']}, {c['attempts']}, {c['max_attempts']}, {c['retry_delay']}, "
         f"{c['timeout']}, {c['priority']}, {c['cancel_requested']}"
