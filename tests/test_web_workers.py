@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import textwrap
 import time
 
@@ -277,4 +278,65 @@ def test_reload_serves_a_change_with_two_web_processes(tmp_path):
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+        server.kill()
+
+
+def test_a_second_signal_ends_every_process_at_once(lrp_server):
+    server = lrp_server("--web-workers", "2", "--no-jobs", "--graceful-timeout", "30")
+    web_pids(server)
+    every = tree(server.proc.pid)
+    slow = BackgroundRequest(server.port, "/sleep?seconds=20")
+    slow.start()
+
+    def busy():
+        section = health(server)["web_workers"]
+        return any(w.get("threads", {}).get("busy") for w in section["workers"])
+
+    wait_for(busy, 10, interval=0.05, message="the slow request to be running")
+    stopped_at = time.monotonic()
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: "shutting down gracefully" in server.output(), 10, message="the first")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(10) == 1
+    assert time.monotonic() - stopped_at < 10
+    wait_for(lambda: all(gone(p) for p in every), 10, message="every process to be gone")
+
+
+SYSTEMD_WRAPPER = """
+import os, socket, sys
+sock = socket.socket()
+sock.bind(("127.0.0.1", int(sys.argv[1])))
+sock.listen(50)
+os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ["LISTEN_FDS"] = "1"
+os.environ["LISTEN_FDNAMES"] = "http"
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+class _Activated(LRPProcess):
+    """A server started as systemd would: its socket bound, as descriptor 3, by its parent."""
+
+    wrapper = ""
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, self.wrapper, str(self.port), *super().command]
+
+
+def test_systemd_socket_activation_passes_the_socket_on(tmp_path):
+    wrapper = tmp_path / "activate.py"
+    wrapper.write_text(SYSTEMD_WRAPPER)
+    server = _Activated(
+        "--web-workers", "2", "--no-jobs", "--listen", "systemd:domain=INET:index=0", tmp=tmp_path
+    )
+    server.wrapper = str(wrapper)
+    server.start()
+    try:
+        pids = web_pids(server)
+        assert distinct_pids(server) == set(pids.values())
+        assert server.stop() == 0
+    finally:
         server.kill()

@@ -31,7 +31,7 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, fdesc, protocol, task
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
@@ -240,9 +240,10 @@ class WebProcesses(service.Service):
                 server = serverFromString(self.reactor, endpoint)
                 if isinstance(server, AdoptedStreamServerEndpoint):
                     fd, family = server.fileno, server.addressFamily
-                    self._closers.append(lambda fd=fd: os.close(fd))
+                    fdesc.setNonBlocking(fd)
                     with socket.socket(fileno=os.dup(fd)) as sock:
                         name = sock.getsockname()
+                    self._closers.append(lambda fd=fd: os.close(fd))
                     if family == socket.AF_UNIX:
                         name = name.decode() if isinstance(name, bytes) else name
                         self.addresses.append(f"unix:{name}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, fdesc
 
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
@@ -67,6 +67,9 @@ class WebService(service.Service):
         if self.sockets is not None:
             for fd, family in self.sockets:
                 try:
+                    # As AdoptedStreamServerEndpoint does: a blocking socket
+                    # (systemd passes them so) would block the reactor in accept().
+                    fdesc.setNonBlocking(fd)
                     self.ports.append(ports.adopt(self.reactor, fd, family, self.site))
                 except Exception as e:
                     raise StartupFailed(f"cannot adopt listening socket {fd}: {e}") from e
