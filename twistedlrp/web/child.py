@@ -209,6 +209,9 @@ class _Template:
                 self.control.close()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # SIGTERM ends it until its reactor runs (then it drains);
+                # SIGINT stays ignored (a Ctrl-C is for the main process).
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 for fd in (self._wake_r, self._wake_w, *self._fds):
                     os.close(fd)
                 if self.preload:
@@ -425,6 +428,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
 def web_main(ours: dict, lrp_args: list[str]) -> int:
     """A web process exec'd by a template that could not fork (no preload)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored in the template
     _begin_logging()
     options, application = prepare(lrp_args)
     return run_web(
