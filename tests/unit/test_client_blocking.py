@@ -1,6 +1,7 @@
 """
-The job client outside the server: blocking AMP connections, one per
-thread, against a fake service on a UNIX socket (a thread answering boxes).
+The job client outside the server: one blocking AMP connection that the
+process's threads share, against a fake service on a UNIX socket (a thread
+answering boxes).
 """
 
 from __future__ import annotations
@@ -109,15 +110,20 @@ def test_a_submission_and_its_answer(sock_path):
         assert submit(blocking)["id"] == "j1"
         box = service.boxes[0]
         assert box[b"_command"] == b"Submit" and child.get_big(box, b"payload").startswith(b"{")
-        # Optional arguments left out are not sent; one connection for the thread.
+        # Optional arguments left out are not sent.
         assert b"priority" not in box and service.connections == 1
-        # Another thread: a connection of its own.
-        threading.Thread(target=submit, args=(blocking,)).start()
-        for _ in range(200):
-            if service.connections == 2:
-                break
-            threading.Event().wait(0.01)
-        assert service.connections == 2
+        # Other threads share the connection, each getting its own answer.
+        answers = []
+        threads = [
+            threading.Thread(target=lambda: answers.append(submit(blocking))) for _ in range(8)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(answers) == 8 and service.connections == 1
+        tags = [b[b"_ask"] for b in service.boxes]
+        assert len(set(tags)) == len(tags) == 10
     finally:
         service.close()
 
@@ -168,7 +174,7 @@ def test_a_connection_the_service_closed_meanwhile_is_replaced(sock_path):
         # The service answers, then closes the connection (a restart) while the client is idle.
         assert submit(blocking)["id"] == "j1"
         for _ in range(200):
-            if not blocking._local.conversation.alive():
+            if not blocking._conversation.usable():
                 break
             threading.Event().wait(0.01)
         # The next call connects again, without an error.

@@ -14,9 +14,10 @@ its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
 (a setting, seconds, default 10) bounds reaching the service and each answer.
 
 Outside the server (a script, a worker's job, another WSGI server) a
-C{unix:} or C{tcp:} endpoint is reached without a reactor: each calling
-thread keeps a blocking AMP connection of its own (L{BlockingClient}), so a
-call costs a socket round trip and no hop to a reactor thread and back.
+C{unix:} or C{tcp:} endpoint is reached without a reactor: the calling
+thread writes its request to the process's one AMP connection itself and a
+reader thread hands it the answer (L{BlockingClient}), one thread hop
+instead of the two to a reactor thread and back.
 Other endpoint types (TLS) go through a L{JobClient} in a reactor thread.
 """
 
@@ -519,9 +520,14 @@ def socket_address(endpoint: str) -> tuple[int, object] | None:
 
 class BlockingClient:
     """
-    Blocking AMP connections to one job service (a UNIX or TCP socket), one
-    per calling thread, each made at its thread's first call and again after
-    it broke. Its answers and errors are those of L{JobClient.request}.
+    One AMP connection to one job service (a UNIX or TCP socket) that every
+    thread of the process shares without a reactor: a caller writes its
+    request itself and waits; a reader thread hands each answer to the
+    caller that waits for it. It connects at the first call and again after
+    the connection broke. Its answers and errors are those of
+    L{JobClient.request}. (One shared connection, like the reactor's, lets
+    the service read the requests of many threads at once and commit them
+    together.)
 
     @param address: C{(family, address)} (L{socket_address}).
     @param secret: the shared secret (Login after each connect), or C{None}.
@@ -532,7 +538,8 @@ class BlockingClient:
         self.family, self.address = address
         self.secret = secret
         self.timeout = timeout
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conversation: _Conversation | None = None
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
         """
@@ -543,21 +550,30 @@ class BlockingClient:
         @raise JobServiceUnavailable: unreachable, or the connection broke.
         """
         command, answer_key, arguments = _COMMANDS[op](kw)
-        box = command.makeArguments(arguments, None)
-        conversation = self._connected()
-        answer = conversation.ask(command, box, timeout or self.timeout, op)
-        return answer[answer_key]
+        for attempt in (1, 2):
+            conversation = self._connected()
+            box = command.makeArguments(arguments, None)
+            try:
+                answer = conversation.ask(command, box, timeout or self.timeout, op)
+            except _NotSent:
+                # It broke before our request left: nothing happened; once more.
+                if attempt == 2:
+                    raise JobServiceUnavailable(
+                        f"the connection to the job service at {self.endpoint} broke before "
+                        f"{op} could be sent"
+                    ) from None
+                continue
+            return answer[answer_key]
 
     def _connected(self) -> _Conversation:
-        conversation = getattr(self._local, "conversation", None)
-        if conversation is not None and conversation.alive():
+        with self._lock:
+            conversation = self._conversation
+            if conversation is not None and conversation.usable():
+                return conversation
+            self._conversation = None
+            conversation = self._connect()
+            self._conversation = conversation
             return conversation
-        if conversation is not None:
-            conversation.close()
-        self._local.conversation = None
-        conversation = self._connect()
-        self._local.conversation = conversation
-        return conversation
 
     def _connect(self) -> _Conversation:
         if self.family == socket.AF_UNIX and not os.path.exists(self.address):
@@ -571,6 +587,7 @@ class BlockingClient:
             try:
                 sock.settimeout(max(deadline - time.monotonic(), 0.01))
                 sock.connect(self.address)
+                sock.settimeout(None)
             except OSError as e:
                 sock.close()
                 reason = e.strerror or type(e).__name__
@@ -600,18 +617,31 @@ class BlockingClient:
                         "login",
                     )
                 except AuthenticationFailed as e:
-                    conversation.close()
+                    conversation.close("login refused")
                     raise AuthenticationFailed(
                         f"the job service at {self.endpoint} refused the shared secret ({e})"
                     ) from None
                 except BaseException:
-                    conversation.close()
+                    conversation.close("login failed")
                     raise
             return conversation
 
 
+class _NotSent(Exception):
+    """The connection broke before the request was written."""
+
+
+class _Waiter:
+    __slots__ = ("event", "box", "broken")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.box: dict | None = None
+        self.broken: str | None = None
+
+
 class _Conversation:
-    """One blocking AMP connection: one question at a time, then its answer."""
+    """One blocking AMP connection: requests tagged, answers read by a thread of its own."""
 
     def __init__(self, sock: socket.socket, endpoint: str):
         from twistedlrp.jobs.child import BoxReader
@@ -621,69 +651,103 @@ class _Conversation:
         self.reader = BoxReader()
         self.asks = 0
         self.pid = os.getpid()
+        self.broken: str | None = None
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, _Waiter] = {}
+        threading.Thread(target=self._read, name="twistedlrp-job-client", daemon=True).start()
 
-    def alive(self) -> bool:
-        """@return: whether the service has not closed the connection (nor sent anything)."""
-        if self.pid != os.getpid():
-            return False  # A copy in a forked process: the connection is its parent's.
-        try:
-            self.sock.settimeout(0.0)
-            return self.sock.recv(1, socket.MSG_PEEK) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+    def usable(self) -> bool:
+        # A copy in a forked process has no reader: the connection is its parent's.
+        return self.broken is None and self.pid == os.getpid()
 
-    def close(self) -> None:
+    def close(self, reason: str) -> None:
+        """Fail every waiting request with C{reason} and close the socket."""
+        with self._lock:
+            if self.broken is not None:
+                return
+            self.broken = reason
+            waiting, self._pending = list(self._pending.values()), {}
+        for waiter in waiting:
+            waiter.broken = reason
+            waiter.event.set()
         try:
-            self.sock.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.sock.close()
 
-    def ask(self, command, box, timeout: float, op: str) -> dict:
-        self.asks += 1
-        tag = b"%d" % self.asks
-        box[b"_command"] = command.commandName
-        box[b"_ask"] = tag
-        deadline = time.monotonic() + timeout
+    def _read(self) -> None:
+        reason = "the service closed the connection"
         try:
-            self.sock.settimeout(timeout)
-            self.sock.sendall(box.serialize())
             while True:
-                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 data = self.sock.recv(65536)
                 if not data:
-                    raise ConnectionResetError("the service closed the connection")
-                for answer in self.reader.feed(data):
-                    if answer.get(b"_answer") == tag:
-                        return command.parseResponse(answer, None)
-                    if answer.get(b"_error") == tag:
-                        self._raise(command, answer, op)
-        except TimeoutError:
-            self.close()
+                    break
+                for box in self.reader.feed(data):
+                    tag = box.get(b"_answer") or box.get(b"_error")
+                    with self._lock:
+                        waiter = self._pending.pop(tag, None)
+                    if waiter is not None:
+                        waiter.box = box
+                        waiter.event.set()
+        except OSError as e:
+            reason = e.strerror or str(e)
+        self.close(reason)
+
+    def ask(self, command, box, timeout: float, op: str) -> dict:
+        """
+        @return: the parsed answer.
+        @raise _NotSent: the connection had broken before the request was written.
+        """
+        waiter = _Waiter()
+        with self._lock:
+            if self.broken is not None:
+                raise _NotSent(self.broken)
+            self.asks += 1
+            tag = b"%d" % self.asks
+            box[b"_command"] = command.commandName
+            box[b"_ask"] = tag
+            self._pending[tag] = waiter
+            try:
+                # Under the lock: one request's bytes never mix with another's.
+                self.sock.sendall(box.serialize())
+                sent = None
+            except OSError as e:
+                self._pending.pop(tag, None)
+                sent = e.strerror or str(e)
+        if sent is not None:
+            self.close(sent)
+            raise JobServiceUnavailable(
+                f"the connection to the job service at {self.endpoint} broke during {op}: "
+                f"{sent}" + _UNKNOWN_OUTCOME.get(op, "")
+            )
+        if not waiter.event.wait(timeout):
+            with self._lock:
+                self._pending.pop(tag, None)
             raise JobServiceUnavailable(
                 f"the job service at {self.endpoint} did not answer {op} within "
                 f"{timeout:g} s" + _UNKNOWN_OUTCOME.get(op, "")
-            ) from None
-        except OSError as e:
-            self.close()
+            )
+        if waiter.box is None:
             raise JobServiceUnavailable(
                 f"the connection to the job service at {self.endpoint} broke during {op}: "
-                f"{e.strerror or e}" + _UNKNOWN_OUTCOME.get(op, "")
-            ) from None
+                f"{waiter.broken}" + _UNKNOWN_OUTCOME.get(op, "")
+            )
+        if b"_error" in waiter.box:
+            self._raise(command, waiter.box, op)
+        return command.parseResponse(waiter.box, None)
 
     def _raise(self, command, answer: dict, op: str):
         code = answer.get(b"_error_code", b"")
         description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
         error_class = command.reverseErrors.get(code)
         if error_class is None:
-            self.close()
             raise JobServiceUnavailable(
                 f"the connection to the job service at {self.endpoint} broke during {op}: "
                 f"{description}" + _UNKNOWN_OUTCOME.get(op, "")
             )
         if code in command.fatalErrors.values():
-            self.close()  # the service closes it too
+            self.close(description)  # the service closes it too
         raise error_class(description)
 
 
