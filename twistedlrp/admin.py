@@ -14,10 +14,11 @@ class JobAdmin(admin.ModelAdmin):
         "priority",
         "attempts",
         "progress",
+        "node",
         "created_at",
         "finished_at",
     )
-    list_filter = ("state", "name", "queue")
+    list_filter = ("state", "name", "queue", "node")
     search_fields = ("id", "name", "key", "error")
     readonly_fields = [f.name for f in Job._meta.fields]
     actions = ["cancel_jobs"]
