@@ -33,6 +33,7 @@ from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.queue import JobQueue, JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
 
 log = Logger()
@@ -239,7 +240,7 @@ class Dispatcher:
                 if worker.state == "claiming":
                     worker.state = "idle"
                 self.store.run(
-                    ops.requeue,
+                    recovery.requeue,
                     record.id,
                     "its worker ended before the job started",
                     False,
@@ -320,7 +321,7 @@ class Dispatcher:
         if worker.state != "claiming":
             # The worker died (or the service began stopping) during the claim.
             await self.store.run(
-                ops.requeue, record.id, "its worker ended before the job started", False
+                recovery.requeue, record.id, "its worker ended before the job started", False
             )
             if self.accepting:
                 self.enqueue(record)
@@ -436,7 +437,7 @@ class Dispatcher:
         if reason == "shutdown":
             log.info("Job {job_id} interrupted by the shut-down: back in the queue", job_id=job_id)
             self.store.run(
-                ops.requeue,
+                recovery.requeue,
                 job_id,
                 "interrupted by a server shut-down before it finished; it runs again",
                 False,

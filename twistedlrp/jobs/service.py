@@ -47,7 +47,7 @@ from twistedlrp.jobs.errors import (
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
-from twistedlrp.jobs.store import Store
+from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
 from twistedlrp.jobs.workers import worker_id_prefix
@@ -186,7 +186,7 @@ class JobService(service.Service):
             log.error("The job service cannot run: {reason}", reason=reason)
         else:
             await self._register()
-            queued, failed = await self.store.run(ops.recover, self.node, self.queues, self.shared)
+            queued, failed = await self.store.run(recovery.recover, self.node, self.queues, self.shared)
             for job_id in failed:
                 log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
             for row in queued:
@@ -238,7 +238,7 @@ class JobService(service.Service):
         """Enter this node in the node table, or refuse to start beside another live one."""
         try:
             await self.store.run(
-                ops.register_node,
+                recovery.register_node,
                 self.node,
                 _HOST,
                 os.getpid(),
@@ -246,7 +246,7 @@ class JobService(service.Service):
                 self.lease,
                 self.shared,
             )
-        except ops.NodeConflict as e:
+        except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
         self._registered = True
 
@@ -331,7 +331,7 @@ class JobService(service.Service):
         self.lease_keeper.stop()
         if self._registered and not self.store.closed:
             # The node's row goes with the last batch: a successor need not wait for its lease.
-            self.store.run(ops.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
+            self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
 
     def force_exit(self) -> None:

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import QUEUED
-from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.store import recovery
 
 log = Logger()
 
@@ -82,7 +82,7 @@ class Watchdog:
     def check_store(self):
         """@return: a Deferred firing once the store's running jobs have been checked."""
         grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
-        d = self.store.run(ops.running_on, self.worker_prefix, grace, self.node)
+        d = self.store.run(recovery.running_on, self.worker_prefix, grace, self.node)
         d.addCallback(self._orphans_in_store)
         return d
 
@@ -108,7 +108,7 @@ class Watchdog:
                 f"(attempt {row['attempts']}), which does not hold it"
             )
             log.warn("Job {job_id}: {reason}", job_id=job_id, reason=reason)
-            d = self.store.run(ops.end_orphan, job_id, reason)
+            d = self.store.run(recovery.end_orphan, job_id, reason)
             d.addCallback(self._requeue, job_id)
             d.addErrback(lambda f, job_id=job_id: log.failure("Ending job {id}", f, id=job_id))
 
@@ -164,11 +164,11 @@ class NodeLease:
         if self._busy or self.store.closed:
             return
         self._busy = True
-        d = self.store.run(ops.heartbeat, self.node, self.host, self.pid, self.queues)
+        d = self.store.run(recovery.heartbeat, self.node, self.host, self.pid, self.queues)
         d.addCallback(self._beaten)
         if self.shared:
             grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
-            expired = self.store.run(ops.expire_nodes, self.node, self.lease, grace)
+            expired = self.store.run(recovery.expire_nodes, self.node, self.lease, grace)
             expired.addCallbacks(self._expired, self._expire_failed)
             d = defer.DeferredList([d, expired], consumeErrors=True)
         else:

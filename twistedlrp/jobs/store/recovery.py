@@ -1,0 +1,304 @@
+"""
+What dead processes leave behind, in the store: start-up recovery of this
+node's jobs, jobs running without a worker that holds them (the watchdog),
+jobs put back at shut-down, and the table of job nodes with their
+heartbeats and the leases the other nodes expire. Each function runs in the
+store thread, inside the batch's transaction.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, RUNNING
+from twistedlrp.jobs.store.operations import notify_nodes, now, queue_of
+
+
+def recover(
+    node: str = "", queues: list[str] | None = None, shared: bool = False
+) -> tuple[list[dict], list[str]]:
+    """
+    Deal with jobs left C{running} by a server that died, then list the queued jobs.
+
+    @param node: this job node's name.
+    @param queues: the queues this node runs (C{None}: all): only their
+        queued jobs are listed.
+    @param shared: several job nodes may share the database: only this
+        node's running jobs are touched (another node's may be alive; those
+        of a dead node are the business of the lease check), and no queued
+        job is listed (the nodes claim them from the table).
+    @return: C{(queued, failed)}: the queued jobs (light descriptions,
+        oldest first) and the jobs just failed because no attempts remained.
+    """
+    from twistedlrp.models import Job
+
+    failed = []
+    running = Job.objects.filter(state=RUNNING)
+    if shared:
+        running = running.filter(node=node)
+    for job in running:
+        reason = (
+            f"the worker died: the job service stopped (crash or kill) while attempt "
+            f"{job.attempts} ran on {job.worker or 'a worker'}"
+        )
+        state = _end_orphan(job, reason)
+        if state == FAILED:
+            failed.append(str(job.id))
+        if shared:
+            notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+    if shared:
+        return [], failed
+    queued = Job.objects.filter(state=QUEUED)
+    if queues is not None:
+        queued = queued.filter(queue__in=queues)
+    queued = list(
+        queued.order_by("created_at").values("id", "priority", "created_at", "run_after", "queue")
+    )
+    for row in queued:
+        row["id"] = str(row["id"])
+    return queued, failed
+
+
+def _end_orphan(job, reason: str) -> str:
+    """Retry or end a job that is C{running} with no worker; @return: its new state."""
+    from twistedlrp.models import Job
+
+    running = Job.objects.filter(id=job.id, state=RUNNING)
+    if job.cancel_requested:
+        running.update(state=CANCELLED, finished_at=now(), error=reason)
+        return CANCELLED
+    if job.attempts < job.max_attempts:
+        running.update(state=QUEUED, error=reason + "; retried", worker="")
+        return QUEUED
+    running.update(state=FAILED, finished_at=now(), error=reason)
+    return FAILED
+
+
+def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
+    """
+    @return: the jobs C{running} on workers whose id starts with
+        C{worker_prefix} (this machine's), or with several job nodes on
+        the node C{node}, started before C{started_before}:
+        C{{"id", "worker", "attempts"}}.
+    """
+    from django.db.models import Q
+
+    from twistedlrp.models import Job
+
+    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before)
+    if node is not None:
+        rows = rows.filter(node=node)
+    else:
+        rows = rows.filter(Q(worker__startswith=worker_prefix) | Q(worker=""))
+    return [
+        {"id": str(row["id"]), "worker": row["worker"], "attempts": row["attempts"]}
+        for row in rows.values("id", "worker", "attempts")
+    ]
+
+
+def end_orphan(job_id: str, reason: str) -> dict | None:
+    """
+    Retry or end a job found C{running} without a worker that holds it, by
+    its retry policy (a cancelled one ends cancelled).
+
+    @return: C{{"state": ..., "priority", "created_at"}} after the change, or
+        C{None} when it is no longer running.
+    """
+    from twistedlrp.models import Job
+
+    job = Job.objects.filter(id=job_id, state=RUNNING).first()
+    if job is None:
+        return None
+    state = _end_orphan(job, reason)
+    return {"state": state, "priority": job.priority, "created_at": job.created_at}
+
+
+def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
+    """
+    Put an interrupted job back in the queue (a graceful shut-down did not let it finish).
+
+    @param node: with several job nodes, the node that ran it (the job is
+        put back only if that node still holds it); the other nodes are
+        notified.
+    """
+    from django.db.models import F
+
+    from twistedlrp.models import Job
+
+    fields = {"state": QUEUED, "worker": "", "error": error}
+    if not count_attempt:
+        fields["attempts"] = F("attempts") - 1
+    running = Job.objects.filter(id=job_id, state=RUNNING)
+    if node is None:
+        running.update(**fields)
+    elif running.filter(node=node).update(**fields):
+        notify_nodes(f"queued:{queue_of(job_id)}")
+
+
+# -- job nodes ------------------------------------------------------------------------
+
+
+class NodeConflict(Exception):
+    """Another live job node stands in the way of this one (its message says which)."""
+
+
+def db_now() -> datetime:
+    """@return: the database's clock (PostgreSQL: shared by every node), else this machine's."""
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement_timestamp()")
+            return cursor.fetchone()[0]
+    return now()
+
+
+def _pid_alive(pid: int) -> bool:
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def register_node(
+    name: str, host: str, pid: int, queues: list[str] | None, lease: float, shared: bool
+) -> None:
+    """
+    Enter this job node in the node table, with a fresh heartbeat.
+
+    @param shared: several nodes may share the database (PostgreSQL); if
+        not (SQLite), another node with a fresh heartbeat refuses this one.
+    @raise NodeConflict: a live node stands in the way: another one on a
+        database for one node, or one of the same name elsewhere.
+    """
+    from twistedlrp.models import Node
+
+    stamp = db_now()
+    cutoff = stamp - timedelta(seconds=lease)
+
+    def alive(other) -> bool:
+        if other.heartbeat_at < cutoff:
+            return False
+        # On this machine a dead process is known at once.
+        return other.host != host or (other.pid != pid and _pid_alive(other.pid))
+
+    if not shared:
+        for other in Node.objects.exclude(name=name):
+            if alive(other):
+                age = (stamp - other.heartbeat_at).total_seconds()
+                raise NodeConflict(
+                    f"another job node, {other.name} (pid {other.pid} on {other.host}, last "
+                    f"heartbeat {age:.1f} s ago), uses this {_vendor()} database: it "
+                    "supports one job node only; use PostgreSQL to run several job nodes"
+                )
+    same = Node.objects.filter(name=name).first()
+    if same is not None and alive(same) and (same.host, same.pid) != (host, pid):
+        raise NodeConflict(
+            f"a job node named {name} already runs (pid {same.pid} on {same.host}): give "
+            "each job node a name of its own (--node-name, or another --state-dir)"
+        )
+    Node.objects.update_or_create(
+        name=name,
+        defaults={
+            "host": host,
+            "pid": pid,
+            "queues": ",".join(queues or ()),
+            "started_at": stamp,
+            "heartbeat_at": stamp,
+        },
+    )
+
+
+def _vendor() -> str:
+    from django.db import connection
+
+    return {"sqlite": "SQLite"}.get(connection.vendor, connection.vendor)
+
+
+def heartbeat(name: str, host: str, pid: int, queues: list[str] | None) -> bool:
+    """
+    Renew this node's lease.
+
+    @return: whether its row was still there (C{False}: another node took
+        it for dead and retried or failed its running jobs; the row is
+        entered again).
+    """
+    from twistedlrp.models import Node
+
+    stamp = db_now()
+    if Node.objects.filter(name=name).update(heartbeat_at=stamp):
+        return True
+    Node.objects.create(
+        name=name,
+        host=host,
+        pid=pid,
+        queues=",".join(queues or ()),
+        started_at=stamp,
+        heartbeat_at=stamp,
+    )
+    return False
+
+
+def leave_node(name: str, pid: int) -> None:
+    """This node stops: its row goes (unless a successor of the same name took it)."""
+    from twistedlrp.models import Node
+
+    Node.objects.filter(name=name, pid=pid).delete()
+
+
+def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
+    """
+    Retry or fail (by each job's policy) the running jobs of the job nodes
+    whose lease expired (no heartbeat for C{lease} seconds: the node died
+    or lost the database), and of nodes that are not in the node table;
+    the rows of dead nodes go. Rows another node is dealing with at the
+    same moment are skipped (C{FOR UPDATE SKIP LOCKED}). PostgreSQL only.
+
+    @param node: this node (never expired by itself).
+    @param started_before: a job without a node counts only if it started before.
+    @return: C{{"nodes": [(name, seconds since its heartbeat)], "jobs":
+        [{"id", "state", "node", "reason"}]}}.
+    """
+    from django.db.models import Q
+
+    from twistedlrp.models import Job, Node
+
+    stamp = db_now()
+    cutoff = stamp - timedelta(seconds=lease)
+    dead = list(
+        Node.objects.select_for_update(skip_locked=True)
+        .filter(heartbeat_at__lt=cutoff)
+        .exclude(name=node)
+    )
+    ages = {n.name: (stamp - n.heartbeat_at).total_seconds() for n in dead}
+    live = Node.objects.filter(heartbeat_at__gte=cutoff).values("name")
+    orphans = (
+        Job.objects.select_for_update(skip_locked=True)
+        .filter(state=RUNNING)
+        .filter(~Q(node="") | Q(started_at__lt=started_before))
+        .exclude(node=node)
+        .exclude(node__in=live)
+    )
+    ended = []
+    for job in orphans:
+        if job.node in ages:
+            why = (
+                f"the job node {job.node} stopped renewing its lease (no heartbeat for "
+                f"{ages[job.node]:.0f} s, lease {lease:g} s)"
+            )
+        else:
+            why = f"the job node {job.node or '(none)'} it was running on is not alive"
+        reason = (
+            f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
+        )
+        state = _end_orphan(job, reason)
+        notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+        ended.append({"id": str(job.id), "state": state, "node": job.node, "reason": reason})
+    if dead:
+        Node.objects.filter(name__in=[n.name for n in dead], heartbeat_at__lt=cutoff).delete()
+    return {"nodes": sorted(ages.items()), "jobs": ended}
