@@ -88,6 +88,11 @@ def test_two_web_processes_serve_report_and_drain(lrp_server):
         assert worker["threads"]["size"] == 8
     every = tree(main)
     assert {p.pid for p in every} >= set(pids.values())
+    # Forked from one template, the main process's child, although the test
+    # site's views import the reactor (never run there: it is renewed in each).
+    (template,) = {psutil.Process(pid).ppid() for pid in pids.values()}
+    assert psutil.Process(template).ppid() == main
+    assert "each web process forks and gives it a poller and a waker" in server.output()
 
     # SIGTERM drains every web process: a slow request in flight finishes.
     slow = BackgroundRequest(server.port, "/sleep?seconds=2")
@@ -340,3 +345,14 @@ def test_systemd_socket_activation_passes_the_socket_on(tmp_path):
         assert server.stop() == 0
     finally:
         server.kill()
+
+
+def test_without_preloading_each_web_process_is_execd(lrp_server):
+    server = lrp_server("--web-workers", "2", "--no-jobs", env={"LRP_WEB_NO_PRELOAD": "1"})
+    pids = web_pids(server)
+    assert distinct_pids(server) == set(pids.values())
+    for pid in pids.values():
+        assert "--web" in psutil.Process(pid).cmdline()
+    assert "LRP_WEB_NO_PRELOAD is set" in server.output()
+    assert request(server.port, "/hook").json()["value"] == "computed-by-hook"
+    assert server.stop() == 0

@@ -17,11 +17,15 @@ L{twistedlrp.server.LRPServer} in its C{"web"} role on the inherited
 listening sockets. The template reports C{forked} and C{exited} (with the
 exit status it reaped) to the main process, which restarts web processes.
 
-Twisted's reactor must not exist in a process that forks (the child would
-share its epoll descriptor and waker). If setting Django up imported
+A reactor must not run in a process that forks (the child would share its
+epoll descriptor and waker). If setting Django up imported
 C{twisted.internet.reactor} (a views module that imports it, directly or
-through an C{lrp} module), the template says so and execs each web process
-instead (C{--web}), which then sets Django up itself: no memory is shared.
+through an C{lrp} module), the reactor is installed but never ran: each
+forked web process gives it a new poller and waker (L{_refresh_reactor}).
+When that cannot be done (L{_refreshable}), or with C{LRP_WEB_NO_PRELOAD}
+set, the template says so, re-execs itself without Django (C{--bare}) and
+execs each web process instead (C{--web}), which sets Django up itself: no
+memory is shared.
 
 The template ignores SIGINT and SIGTERM (a Ctrl-C on the terminal reaches
 the whole process group; the main process decides); it ends when its control
@@ -144,9 +148,7 @@ class _Template:
         self.lrp_args = lrp_args
         self.options = options
         self.application = application
-        self.preload = "twisted.internet.reactor" not in sys.modules and not os.environ.get(
-            NO_PRELOAD_VARIABLE
-        )
+        self.preload = not os.environ.get(NO_PRELOAD_VARIABLE)
         self.children: dict[int, int] = {}  # pid -> index
         self._buffer = b""
         self._fds: list[int] = []
@@ -215,6 +217,7 @@ class _Template:
                 for fd in (self._wake_r, self._wake_w, *self._fds):
                     os.close(fd)
                 if self.preload:
+                    _refresh_reactor()
                     code = run_web(
                         self.options,
                         self.application,
@@ -319,17 +322,27 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
             send({"event": "failed", "error": text})
             return 1
         template = _Template(control, ours["sockets"], lrp_args, options, application)
-        if template.preload:
-            _preimport()
-            template.preload = "twisted.internet.reactor" not in sys.modules
+        _preimport()
+        # A reactor that was imported (installed) but never ran holds only a
+        # poller and a waker: a forked web process can replace both.
+        reactor = sys.modules.get("twisted.internet.reactor")
+        template.preload = reactor is None or _refreshable(reactor)
+        if reactor is not None and template.preload:
+            holders = _reactor_holders()
+            log.info(
+                "Setting Django up imported the reactor{holders}; it never ran here, so each "
+                "web process forks and gives it a poller and a waker of its own",
+                holders=f" ({', '.join(holders)})" if holders else "",
+            )
         if not template.preload:
             holders = _reactor_holders()
             reason = (
                 "setting Django up imported twisted.internet.reactor"
                 + (f" (held by {', '.join(holders)})" if holders else "")
-                + ", and a process that holds a reactor must not fork: each web process "
-                "sets Django up itself. Import the reactor inside the functions that use "
-                "it to share the template's memory"
+                + f" ({type(reactor).__name__}, or it has descriptors or ran), and a process "
+                "that holds a reactor in use must not fork: each web process sets Django "
+                "up itself. Import the reactor inside the functions that use it to share "
+                "the template's memory"
             )
             _exec_bare(ours, lrp_args, reason)
         # Objects that exist now stay out of the collector's way, so that it
@@ -370,6 +383,58 @@ def _preimport() -> None:
             importlib.import_module(name)
         except Exception:
             pass  # The web process imports it again, and reports the error.
+
+
+def _refreshable(reactor) -> bool:
+    """
+    Whether a forked process can give C{reactor} (installed, not running)
+    a poller and a waker of its own (L{_refresh_reactor}): an epoll, poll or
+    select reactor that never ran and watches nothing but its waker.
+    """
+    from twisted.internet import epollreactor, pollreactor, selectreactor
+
+    kinds = (epollreactor.EPollReactor, pollreactor.PollReactor, selectreactor.SelectReactor)
+    if type(reactor) not in kinds:
+        return False
+    if reactor.running or reactor._started or reactor._startedBefore:
+        return False
+    waker = reactor.waker
+    return set(reactor.getReaders()) <= {waker} and not reactor.getWriters()
+
+
+def _refresh_reactor() -> None:
+    """
+    In a forked web process: the inherited (never run) reactor, if there is
+    one, gets a new poller and a new waker, so that it shares no kernel
+    object with the template or another web process.
+    """
+    import select
+
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None:
+        return
+    from twisted.internet import epollreactor, pollreactor
+
+    waker = reactor.waker
+    if isinstance(reactor, epollreactor.EPollReactor):
+        old, reactor._poller = reactor._poller, select.epoll(1024)
+        old.close()  # our descriptor only: the epoll instance lives on elsewhere
+        reactor._reads.clear()
+        reactor._writes.clear()
+        reactor._selectables.clear()
+    elif isinstance(reactor, pollreactor.PollReactor):
+        reactor._poller = select.poll()
+        reactor._reads.clear()
+        reactor._writes.clear()
+        reactor._selectables.clear()
+    else:
+        reactor._reads.clear()
+        reactor._writes.clear()
+    if waker is not None:
+        reactor._internalReaders.discard(waker)
+        waker.connectionLost(None)  # closes the inherited pipe's ends
+        reactor.waker = None
+    reactor.installWaker()
 
 
 def _reactor_holders() -> list[str]:
