@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import registry
-from twistedlrp.jobs.arguments import check_priority, check_seconds
+from twistedlrp.jobs.claims import SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
+from twistedlrp.jobs.outcomes import Outcomes, check_record, log_failed
 from twistedlrp.jobs.queue import JobQueue, JobRecord
-from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
+from twistedlrp.jobs.states import CANCELLED, FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
@@ -42,7 +41,7 @@ log = Logger()
 KEEP_PAYLOAD = 64 * 1024
 
 
-class Dispatcher:
+class Dispatcher(SharedClaims, Outcomes):
     """
     @param store: the L{twistedlrp.jobs.store.Store}.
     @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
@@ -201,97 +200,6 @@ class Dispatcher:
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
 
-    def _claim_next(self) -> None:
-        """Shared: claim one due job per free worker from the table (one claim at a time)."""
-        if self._claim_running or not self._wanted:
-            return
-        idle = self.pool.idle()
-        if not idle:
-            return
-        for worker in idle:
-            worker.state = "claiming"
-        self._claim_running = True
-        wakes = self._wakes
-        d = self.store.run(ops.claim_next, self.queues, self.node, [w.ident for w in idle])
-        self._claiming.add(d)
-        d.addCallbacks(
-            self._claimed_next, self._claim_failed, callbackArgs=(idle, wakes), errbackArgs=(idle,)
-        )
-        d.addErrback(lambda f: log.failure("While starting claimed jobs", f))
-        d.addBoth(lambda _: self._claiming.discard(d))
-
-    def _claimed_next(self, answer: dict, workers: list, wakes: int) -> None:
-        self._claim_running = False
-        by_ident = {worker.ident: worker for worker in workers}
-        claimed = answer["claimed"]
-        for row in claimed:
-            worker = by_ident.pop(row["worker"])
-            record = JobRecord(
-                row["id"],
-                row["priority"],
-                name=row["name"],
-                attempts=row["attempts"],
-                max_attempts=row["max_attempts"],
-                retry_delay=row["retry_delay"],
-                timeout=row["timeout"],
-            )
-            if worker.state != "claiming" or not self.accepting:
-                # The worker died, or the service began stopping, during the claim.
-                if worker.state == "claiming":
-                    worker.state = "idle"
-                self.store.run(
-                    recovery.requeue,
-                    record.id,
-                    "its worker ended before the job started",
-                    False,
-                    self.node,
-                )
-                continue
-            try:
-                _check_record(record)
-            except InvalidArguments as e:
-                worker.state = "idle"
-                error = f"the job could not start: {e}"
-                self.counters["failed"] += 1
-                _log_failed(record, error)
-                self._finish(record, FAILED, error=error)
-                continue
-            self._run_on(worker, record, row["payload"])
-            if row["cancel_requested"]:
-                self.request_cancel(record.id)
-        for worker in by_ident.values():
-            if worker.state == "claiming":
-                worker.state = "idle"
-        if len(claimed) < len(workers):
-            if wakes == self._wakes:
-                self._wanted = False
-            self._arm_due(answer["next_due"])
-        self.dispatch()
-
-    def _claim_failed(self, failure, workers: list) -> None:
-        self._claim_running = False
-        for worker in workers:
-            if worker.state == "claiming":
-                worker.state = "idle"
-        log.warn(
-            "Could not claim jobs: {error}; trying again in 1 s",
-            error=failure.getErrorMessage() or failure.type.__name__,
-        )
-        if self.accepting:
-            self.reactor.callLater(1.0, self.wake)
-
-    def _arm_due(self, when: float | None) -> None:
-        """Shared: wake when the first delayed job we know of becomes due."""
-        if when is None or not self.accepting:
-            return
-        timer = self._due_timer
-        if timer is not None and timer.active():
-            if timer.getTime() <= when:
-                return
-            timer.cancel()
-        delay = max(when - self.reactor.seconds(), 0) + 0.01
-        self._due_timer = self.reactor.callLater(delay, self.wake)
-
     async def _start(self, worker, record: JobRecord) -> None:
         if record.payload is not None:
             # The service owns its queue, so the job is sent at once and the
@@ -299,7 +207,7 @@ class Dispatcher:
             # server to die before that commit, the job is still queued in
             # the store and runs again after a restart.)
             record.attempts += 1
-            _check_record(record)
+            check_record(record)
             self._run_on(worker, record, record.payload)
             claimed = await self.store.run(ops.claim, record.id, worker.ident, False, self.node)
             if claimed is None and self.running.get(record.id) is record:
@@ -334,7 +242,7 @@ class Dispatcher:
         record.timeout = claimed["timeout"]
         record.priority = claimed["priority"]
         record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
-        _check_record(record)
+        check_record(record)
         self._run_on(worker, record, payload)
 
     def _start_failed(self, failure, worker, record: JobRecord) -> None:
@@ -351,7 +259,7 @@ class Dispatcher:
         if failure.check(InvalidArguments):
             error = f"the job could not start: {failure.getErrorMessage()}"
             self.counters["failed"] += 1
-            _log_failed(record, error)
+            log_failed(record, error)
             self._finish(record, FAILED, error=error)
         else:
             log.failure("Could not start job {job_id}; it waits 1 s", failure, job_id=record.id)
@@ -489,105 +397,3 @@ class Dispatcher:
             for d in waiters:
                 if not d.called:
                     d.callback(None)
-
-    # -- recording outcomes ---------------------------------------------------------------
-
-    def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
-        if record.attempts >= record.max_attempts or self.store.closed:
-            self.counters["failed"] += 1
-            _log_failed(record, error)
-            self._finish(record, FAILED, error=error, **fields)
-            return
-        delay = registry.retry_delay(record.retry_delay, record.attempts)
-        # The reactor's clock is Unix time, as run_after is.
-        run_after = self.reactor.seconds() + delay
-        self.counters["retried"] += 1
-        log.info(
-            "Job {job_id} attempt {n} of {max} failed; retrying in {delay:.1f} s",
-            job_id=record.id,
-            n=record.attempts,
-            max=record.max_attempts,
-            delay=delay,
-        )
-        d = self.store.run(
-            ops.finish,
-            record.id,
-            QUEUED,
-            dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
-            False,
-            *self._node_args(),
-        )
-
-        def queued(info):
-            if info and info.get("lost"):
-                _log_lost(record)
-            elif self.accepting:
-                self.enqueue(record.requeued(), run_after)
-
-        d.addCallback(queued)
-        d.addErrback(self._unrecorded, record)
-
-    def _finish(self, record: JobRecord, state: str, **fields) -> None:
-        # Read the job back only when someone waits for it; a waiter that
-        # comes later reads it after this commit anyway.
-        d = self.store.run(
-            ops.finish, record.id, state, fields, self._waiting(record.id), *self._node_args()
-        )
-        d.addCallback(self._finished, record)
-        d.addErrback(self._unrecorded, record)
-
-    def _finished(self, info: dict | None, record: JobRecord) -> None:
-        if info and info.get("lost"):
-            _log_lost(record)
-        elif info:
-            self._notify(info)
-
-    def _unrecorded(self, failure, record: JobRecord) -> None:
-        """
-        The end of an attempt could not be stored (a value the database
-        refuses): record the failure alone rather than leave the job C{running}.
-        """
-        log.failure("Could not record job {job_id}", failure, job_id=record.id)
-        if self.store.closed:
-            return
-        error = f"the outcome of attempt {record.attempts} could not be stored: "
-        error += failure.getErrorMessage()
-        d = self.store.run(
-            ops.finish,
-            record.id,
-            FAILED,
-            {"error": error},
-            self._waiting(record.id),
-            *self._node_args(),
-        )
-        d.addCallback(self._finished, record)
-        d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
-
-
-def _check_record(record: JobRecord) -> None:
-    """@raise InvalidArguments: the job holds a value it cannot run with (an old or foreign row)."""
-    check_seconds("timeout", record.timeout)
-    if record.retry_delay:
-        check_seconds("retry_delay", record.retry_delay)
-    check_priority(record.priority)
-
-
-def _log_lost(record: JobRecord) -> None:
-    log.warn(
-        "Job {job_id}: this job node no longer holds it (its lease expired and another "
-        "node retried or failed the job): the outcome of attempt {attempt} is not recorded",
-        job_id=record.id,
-        attempt=record.attempts,
-    )
-
-
-def _log_failed(record: JobRecord, error: str) -> None:
-    lines = [line for line in error.strip().splitlines() if line.strip()]
-    log.warn(
-        "Job {job_id} ({name}) failed, attempt {attempt} of {attempts}: {error}",
-        job_id=record.id,
-        name=record.name or "?",
-        attempt=record.attempts,
-        attempts=record.max_attempts,
-        error=(lines[-1] if lines else "failed")[:300],
-    )
