@@ -1,7 +1,8 @@
 """
 Run the same no-op job through twistedlrp's job service and through Celery
-with Redis in the same run, and report end-to-end jobs/s, submit latency
-and the ratio to Celery.
+with Redis in the same run, and report, side by side with the ratio to
+Celery: jobs/s from many threads and from one, the latency of one job at a
+time, submissions from a view, and idle memory.
 
     make bench-jobs                    # installs celery and redis (the client) first
     .venv/bin/python bench/jobs.py --jobs 500 --systems lrp
@@ -10,17 +11,29 @@ Both systems serve `bench/jobsite` (SQLite in a fresh temporary directory)
 with two worker processes each: `twistd -n lrp --workers 2` (job service in
 the server, migrated first), and `celery worker --pool prefork --concurrency
 2` with a throwaway redis-server (no persistence) as broker and result
-backend. This process submits N jobs from T threads (`noop.submit(i)`
-through the server's UNIX socket; `noop.delay(i)`), times every submission,
-waits until all are finished, and checks that every job succeeded once with
-its own result. jobs/s counts from the first submission to the last finish
-as the system recorded it (`finished_at`; Celery's `date_done`); a last
-line gives the CPU seconds each side's processes used meanwhile (from
-/proc). Both run with their defaults otherwise: lrp replaces a worker after
-1000 jobs (`--max-jobs-per-worker`; `--lrp-args` passes options), Celery's
-prefork children live on. Celery is skipped, with a message, when
-redis-server (Debian: apt-get install redis-server) or the celery and redis
-packages are missing, or when it does not start.
+backend. Both are started first and warmed up; then each phase runs on one
+system, then on the other, so that both see the same machine:
+
+- idle memory: RSS and PSS summed over every process (lrp's server and its
+  workers; Celery's worker, its pool and redis-server), after a second idle;
+- many: N jobs (`--jobs`, 2000) from T threads (`--threads`, 10) of this
+  process (`noop.submit(i)` over the server's UNIX socket; `noop.delay(i)`);
+  jobs/s counts from the first submission to the last finish as the system
+  recorded it (`finished_at`; Celery's `date_done`), with submit latency and
+  the CPU seconds each side's processes used meanwhile (from /proc);
+- single: the same from one thread (`--single-jobs`, 1000);
+- latency: one job at a time, submit then wait until it is seen finished
+  (`jobs.wait`; `AsyncResult.get`), p50 and p99 (`--latency-jobs`, 300);
+- view: a view of lrp's server submits jobs one after the other, timing
+  each, through lrp's job client (the service in the same process) and
+  through Celery's `delay()` (`--view-jobs`, 300).
+
+Every phase checks that each of its jobs succeeded once with its own result.
+Both run with their defaults otherwise: lrp replaces a worker after 1000 jobs
+(`--max-jobs-per-worker`; `--lrp-args` passes options), Celery's prefork
+children live on. Celery is skipped, with a message, when redis-server
+(Debian: apt-get install redis-server) or the celery and redis packages are
+missing, or when it does not start.
 """
 
 import argparse
@@ -302,7 +315,7 @@ class Lrp(System):
             env=self.env,
             check=True,
         )
-        port = free_port()
+        self.port = port = free_port()
         logfile = self.scratch / "lrp.log"
         self.server = start(
             [
@@ -338,6 +351,26 @@ class Lrp(System):
 
     def submit(self, i: int) -> str:
         return self.noop.submit(i).id
+
+    def from_view(self, system: System, n: int) -> dict:
+        """
+        A view of this server submits C{n} jobs of C{system} one after the
+        other (lrp's own job client, or Celery's C{delay()}), timing each.
+        """
+        offset = system.next_index(n)
+        log.info("%s: %d jobs submitted one after the other from a view", system.name, n)
+        url = f"http://127.0.0.1:{self.port}/submit-many?system={system.name}&first={offset}&n={n}"
+        with urllib.request.urlopen(url, timeout=self.timeout) as r:
+            body = json.loads(r.read())
+        for handle in body["ids"]:
+            system.wait(handle)
+        system.check(body["ids"], offset)
+        latencies = body["latencies"]
+        return {
+            "jobs": n,
+            "submit_p50_ms": percentile(latencies, 0.50) * 1000,
+            "submit_p99_ms": percentile(latencies, 0.99) * 1000,
+        }
 
     def wait(self, job_id: str) -> None:
         self.jobs.wait(job_id, timeout=60)
@@ -538,6 +571,8 @@ def table(results: dict, args) -> list[str]:
         ("single", "jobs_per_s", f"jobs/s, {args.single_jobs} jobs from 1 thread", True),
         ("latency", "p50_ms", f"submit->finished p50 ms, {args.latency_jobs} one at a time", False),
         ("latency", "p99_ms", "submit->finished p99 ms", False),
+        ("view", "submit_p50_ms", f"submit from a view p50 ms, {args.view_jobs} in a row", False),
+        ("view", "submit_p99_ms", "submit from a view p99 ms", False),
         ("memory", "rss_mib", "idle RSS MiB (all processes)", False),
         ("memory", "pss_mib", "idle PSS MiB (all processes)", False),
     ]
@@ -590,6 +625,12 @@ def main() -> int:
     parser.add_argument(
         "--latency-jobs", type=int, default=300, help="jobs run one at a time (0: skip)"
     )
+    parser.add_argument(
+        "--view-jobs",
+        type=int,
+        default=300,
+        help="jobs a view in lrp's server submits one after another, per system (0: skip)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="worker processes per system")
     parser.add_argument(
         "--warmup", type=int, default=100, help="jobs submitted and run before measuring"
@@ -608,7 +649,7 @@ def main() -> int:
     redis_port = free_port()
     env = dict(
         os.environ,
-        PYTHONPATH=str(HERE),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
         DJANGO_SETTINGS_MODULE="jobsite.settings",
         LRP_BENCH_DIR=str(scratch),
         LRP_BENCH_REDIS=f"redis://127.0.0.1:{redis_port}",
@@ -660,6 +701,10 @@ def main() -> int:
         if args.latency_jobs:
             for system in running:
                 results[system.name]["latency"] = system.latency(args.latency_jobs)
+        server = next((s for s in running if s.name == "lrp"), None)
+        if args.view_jobs and server is not None:
+            for system in running:
+                results[system.name]["view"] = server.from_view(system, args.view_jobs)
     finally:
         for system in reversed(running):
             system.stop()
