@@ -1,0 +1,250 @@
+"""
+The operations clients call on the job service (L{JobOperations}, part of
+L{twistedlrp.jobs.service.JobService}): C{submit}, C{status}, C{cancel},
+C{wait}, C{list_jobs} and C{stats}, plain methods returning Deferreds of
+JSON-ready dicts. The AMP front end (L{twistedlrp.jobs.amp}), the Perspective
+Broker one (L{twistedlrp.jobs.pb}) and views in the same process
+(L{twistedlrp.jobs.client}) call the same methods. Every change is
+acknowledged only after its commit.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+from twisted.internet import defer
+
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.arguments import check_submission
+from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
+from twistedlrp.jobs.errors import (
+    InvalidArguments,
+    JobServiceUnavailable,
+    NotRegistered,
+    PayloadTooLarge,
+)
+from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.states import FINISHED, RUNNING
+from twistedlrp.jobs.store import operations as ops
+
+
+class JobOperations:
+    """
+    What clients call. It uses the service's C{reactor}, C{store},
+    C{dispatcher}, C{pool}, C{waiters}, C{max_payload}, C{unavailable},
+    C{shared}, C{node} and C{queues}.
+    """
+
+    def submit(
+        self,
+        name: str,
+        payload: bytes,
+        priority: int | None = None,
+        run_after: float | None = None,
+        key: str | None = None,
+        timeout: float | None = None,
+        job_id: str | None = None,
+    ) -> defer.Deferred:
+        """
+        Store and queue a job. C{payload} is the JSON of
+        C{{"args": [...], "kwargs": {...}}}.
+
+        @param job_id: the id the client chose (a UUID): submitting again
+            with it returns the job stored the first time.
+        @return: a Deferred firing, after the commit, with the job's
+            description (an existing one's when C{job_id} names one, or
+            C{key} an unfinished one). It fails with L{NotRegistered},
+            L{PayloadTooLarge}, L{InvalidArguments} or
+            L{JobServiceUnavailable}; then nothing was stored.
+        """
+        return defer.ensureDeferred(
+            self._submit(name, payload, priority, run_after, key, timeout, job_id)
+        )
+
+    async def _submit(self, name, payload, priority, run_after, key, timeout, job_id) -> dict:
+        if self.unavailable:
+            raise JobServiceUnavailable(self.unavailable)
+        checked = check_submission(name, priority, run_after, key, timeout, job_id)
+        priority, run_after, key = checked["priority"], checked["run_after"], checked["key"]
+        timeout, job_id = checked["timeout"], checked["job_id"]
+        if not isinstance(payload, bytes):
+            raise InvalidArguments(f"the payload of {name} must be JSON bytes")
+        definition = registry.lookup(name)
+        if definition is None:
+            known = registry.names()
+            raise NotRegistered(
+                f"no job is registered under the name {name!r}; registered: "
+                f"{', '.join(known[:20]) or 'none'} (jobs are functions decorated with "
+                f"@twistedlrp.jobs.job in a 'jobs' or 'tasks' module of an installed app, "
+                f"or in settings.LRP_JOB_MODULES)"
+            )
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(
+                f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
+                f"job service's limit of {self.max_payload} bytes (--max-job-payload)"
+            )
+        args, kwargs = _decode_arguments(name, payload)
+        fields = {
+            "name": name,
+            "args": args,
+            "kwargs": kwargs,
+            "priority": definition.priority if priority is None else priority,
+            "queue": definition.queue,
+            "run_after": datetime.fromtimestamp(run_after, UTC) if run_after else None,
+            "max_attempts": definition.retries + 1,
+            "retry_delay": definition.retry_delay,
+            "timeout": definition.timeout if timeout is None else timeout,
+            "key": key,
+        }
+        created, info = await self.store.run(ops.create, fields, job_id, self.shared)
+        if created and (self.queues is None or definition.queue in self.queues):
+            self.dispatcher.counters["submitted"] += 1
+            record = JobRecord(
+                info["id"],
+                fields["priority"],
+                self.reactor.seconds(),
+                name=name,
+                max_attempts=fields["max_attempts"],
+                retry_delay=fields["retry_delay"],
+                timeout=fields["timeout"],
+                payload=payload if len(payload) <= KEEP_PAYLOAD else None,
+            )
+            self.dispatcher.enqueue(record, run_after)
+        return self._overlay(info)
+
+    def status(self, job_id: str) -> defer.Deferred:
+        """
+        @return: a Deferred firing with the job's description (live
+            progress while it runs), or failing with L{UnknownJob}.
+        """
+        self._check_store()
+        return self.store.run(ops.get, job_id).addCallback(self._overlay)
+
+    def cancel(self, job_id: str) -> defer.Deferred:
+        """
+        Cancel a job: a queued one is cancelled at once and never runs; a
+        running one is asked to stop (C{cancelled()} turns true), its
+        process gets SIGTERM after the grace period and SIGKILL after twice
+        that. A finished job is left as it is.
+
+        @return: a Deferred firing with the job's description after the request.
+        """
+        return defer.ensureDeferred(self._cancel(job_id))
+
+    async def _cancel(self, job_id: str) -> dict:
+        self._check_store()
+        try:
+            job_id = str(uuid.UUID(str(job_id)))
+        except ValueError:
+            pass  # the store says it is unknown
+        # Out of the queue first, before any await: it can no longer be dispatched.
+        self.dispatcher.request_cancel(job_id)
+        info = await self.store.run(ops.mark_cancel, job_id, self.shared)
+        # A running job's cancellation may have been asked before its claim was read.
+        self.dispatcher.request_cancel(job_id)
+        if info["state"] in FINISHED:
+            self._notify(info)
+        return self._overlay(info)
+
+    def wait(self, job_id: str, timeout: float) -> defer.Deferred:
+        """
+        @return: a Deferred firing with the job's description once it is
+            finished, or after C{timeout} seconds with its current one.
+        """
+        return defer.ensureDeferred(self._wait(job_id, timeout))
+
+    async def _wait(self, job_id: str, timeout: float) -> dict:
+        self._check_store()
+        finished = defer.Deferred()
+        # Registered before reading, so a finish in between is not missed.
+        self.waiters.setdefault(job_id, []).append(finished)
+        try:
+            info = await self.status(job_id)
+            if info["state"] in FINISHED:
+                return info
+            call = self.reactor.callLater(max(timeout, 0), _fire, finished, None)
+            outcome = await finished
+            if call.active():
+                call.cancel()
+            return outcome if outcome is not None else await self.status(job_id)
+        finally:
+            waiters = self.waiters.get(job_id)
+            if waiters and finished in waiters:
+                waiters.remove(finished)
+                if not waiters:
+                    del self.waiters[job_id]
+
+    def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
+        """@return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}."""
+        self._check_store()
+        d = self.store.run(ops.list_jobs, state, name, min(int(limit), 1000))
+        return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
+
+    def stats(self) -> defer.Deferred:
+        """@return: a Deferred firing with the service's counters and workers."""
+        self._check_store()
+        dispatcher = self.dispatcher
+
+        def assemble(counts):
+            return {
+                "jobs": counts,
+                "queued_in_memory": len(dispatcher.queue),
+                "running": len(dispatcher.running),
+                "workers": self.pool.describe(),
+                "workers_started": self.pool.started,
+                "counters": dict(dispatcher.counters),
+                "store": {"batches": self.store.batches, "operations": self.store.operations},
+                "unavailable": self.unavailable,
+                "node": {
+                    "name": self.node,
+                    "shared": self.shared,
+                    "queues": self.queues,
+                    "lease": self.lease,
+                },
+            }
+
+        return self.store.run(ops.counts).addCallback(assemble)
+
+    def _check_store(self) -> None:
+        if self.store.closed or (
+            self.unavailable and not self.dispatcher.accepting and self.store.batches == 0
+        ):
+            raise JobServiceUnavailable(self.unavailable or "the job store is closed")
+
+    def _overlay(self, info: dict) -> dict:
+        record = self.dispatcher.running.get(info["id"])
+        if record is not None:
+            info["state"] = RUNNING
+            info["progress"] = list(record.progress)
+        return info
+
+    def _notify(self, info: dict) -> None:
+        for d in self.waiters.pop(info["id"], []):
+            _fire(d, info)
+
+
+def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
+    """
+    @return: the C{args} and C{kwargs} of a submission's JSON payload.
+    @raise InvalidArguments: it is not JSON, or not a list and an object.
+    """
+    try:
+        # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
+        data = json.loads(payload, parse_constant=_not_json)
+        args, kwargs = data["args"], data["kwargs"]
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ValueError("args must be a list and kwargs an object")
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidArguments(f"the payload of {name} is not valid job arguments: {e}") from None
+    return args, kwargs
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _fire(d: defer.Deferred, value) -> None:
+    if not d.called:
+        d.callback(value)
