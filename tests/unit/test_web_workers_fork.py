@@ -1,6 +1,6 @@
 """
 A reactor installed but never run, renewed in a forked process
-(twistedlrp.web.child._refresh_reactor), in a fresh interpreter each time.
+(twistedlrp.web.template._refresh_reactor), in a fresh interpreter each time.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os, sys
 from twisted.internet import {module}
 {module}.install()
 from twisted.internet import reactor
-from twistedlrp.web import child
+from twistedlrp.web import template as child
 
 assert child._refreshable(reactor)
 pids = []
@@ -61,7 +61,7 @@ def test_a_reactor_that_ran_or_watches_something_is_not_refreshable():
         """
         import os
         from twisted.internet import reactor
-        from twistedlrp.web import child
+        from twistedlrp.web import template as child
         r, w = os.pipe()
 
         class Reader:

@@ -1,0 +1,342 @@
+"""
+The template of C{--web-workers N}: a process with Django set up and no
+running reactor, which forks each web process on the main process's
+request so that they share its warm memory copy on write (gunicorn's
+C{preload}); see L{twistedlrp.web.child} for both kinds of process, and why
+a reactor that setting Django up imported is renewed in each fork or, when
+it cannot be, the web processes are exec'd instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from twisted.logger import Logger
+
+from twistedlrp.web.child import (
+    MODULE,
+    NO_PRELOAD_VARIABLE,
+    PREIMPORT,
+    _begin_logging,
+    _flush,
+    prepare,
+    run_web,
+)
+
+log = Logger(namespace="twistedlrp.web")
+
+
+class _Template:
+    def __init__(self, control: socket.socket, sockets, lrp_args, options, application):
+        self.control = control
+        self.sockets = sockets
+        self.lrp_args = lrp_args
+        self.options = options
+        self.application = application
+        self.preload = not os.environ.get(NO_PRELOAD_VARIABLE)
+        self.children: dict[int, int] = {}  # pid -> index
+        self._buffer = b""
+        self._fds: list[int] = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+
+    def send(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode()
+        try:
+            self.control.sendall(data)
+        except OSError:
+            pass  # The main process is gone; end of file tells us.
+
+    def run(self) -> int:
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        selector = selectors.DefaultSelector()
+        selector.register(self.control, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        self.reap()
+        while True:
+            for key, _ in selector.select(1.0):
+                if key.fileobj is self.control:
+                    if not self._read():
+                        return self._finish()
+                else:
+                    try:
+                        while os.read(self._wake_r, 512):
+                            pass
+                    except BlockingIOError:
+                        pass
+            self.reap()
+
+    def _read(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.control, 65536, 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        self._fds += fds
+        if not data:
+            return False
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            message = json.loads(line)
+            if message.get("op") == "fork":
+                self.fork(message, self._fds.pop(0))
+        return True
+
+    def fork(self, message: dict, channel_fd: int) -> None:
+        index = message["index"]
+        _flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self.control.close()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                # SIGTERM ends it until its reactor runs (then it drains);
+                # SIGINT stays ignored (a Ctrl-C is for the main process).
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                for fd in (self._wake_r, self._wake_w, *self._fds):
+                    os.close(fd)
+                if self.preload:
+                    _refresh_reactor()
+                    code = run_web(
+                        self.options,
+                        self.application,
+                        channel_fd,
+                        self.sockets,
+                        message.get("jobs_connect"),
+                        index,
+                    )
+                else:
+                    self._exec(channel_fd, message)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                _flush()
+                os._exit(code)
+        os.close(channel_fd)
+        self.children[pid] = index
+        self.send({"event": "forked", "index": index, "pid": pid})
+
+    def _exec(self, channel_fd: int, message: dict) -> None:
+        os.set_inheritable(channel_fd, True)
+        for fd, _ in self.sockets:
+            os.set_inheritable(fd, True)
+        args = [sys.executable, "-m", MODULE, "--web", f"--channel-fd={channel_fd}"]
+        args += [f"--socket={fd}:{family}" for fd, family in self.sockets]
+        args.append(f"--index={message['index']}")
+        if message.get("jobs_connect"):
+            args.append(f"--jobs-connect={message['jobs_connect']}")
+        os.execv(sys.executable, [*args, "--", *self.lrp_args])
+
+    def reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self.send(
+                {
+                    "event": "exited",
+                    "index": index,
+                    "pid": pid,
+                    "code": code if code >= 0 else None,
+                    "signal": -code if code < 0 else None,
+                }
+            )
+
+    def _finish(self) -> int:
+        # The main process closed the control socket (it is done, or gone):
+        # the web processes see the end of their own channels and stop.
+        deadline = time.monotonic() + float(self.options["graceful-timeout"]) + 1
+        while self.children and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.children:
+            self.reap()
+            time.sleep(0.01)
+        return 0
+
+
+def template_main(ours: dict, lrp_args: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=int(ours["control-fd"]))
+    _begin_logging()
+    started = time.monotonic()
+
+    def send(message):
+        control.sendall((json.dumps(message) + "\n").encode())
+
+    if "bare" in ours or os.environ.get(NO_PRELOAD_VARIABLE):
+        # Each web process is exec'd and sets Django up itself: this
+        # process only forks them, without Django.
+        from twistedlrp.options import Options
+
+        options = Options()
+        options.parseOptions(lrp_args)
+        template = _Template(control, ours["sockets"], lrp_args, options, None)
+        template.preload = False
+        reason = ours.get("reason") or (
+            f"{NO_PRELOAD_VARIABLE} is set: each web process sets Django up itself"
+        )
+    else:
+        try:
+            options, application = prepare(lrp_args)
+        except BaseException as e:
+            if isinstance(e, SystemExit) and not e.code:
+                raise
+            text = "".join(traceback.format_exception(e))
+            sys.stderr.write(text)
+            send({"event": "failed", "error": text})
+            return 1
+        template = _Template(control, ours["sockets"], lrp_args, options, application)
+        _preimport()
+        # A reactor that was imported (installed) but never ran holds only a
+        # poller and a waker: a forked web process can replace both.
+        reactor = sys.modules.get("twisted.internet.reactor")
+        template.preload = reactor is None or _refreshable(reactor)
+        if reactor is not None and template.preload:
+            holders = _reactor_holders()
+            log.info(
+                "Setting Django up imported the reactor{holders}; it never ran here, so each "
+                "web process forks and gives it a poller and a waker of its own",
+                holders=f" ({', '.join(holders)})" if holders else "",
+            )
+        if not template.preload:
+            holders = _reactor_holders()
+            reason = (
+                "setting Django up imported twisted.internet.reactor"
+                + (f" (held by {', '.join(holders)})" if holders else "")
+                + f" ({type(reactor).__name__}, or it has descriptors or ran), and a process "
+                "that holds a reactor in use must not fork: each web process sets Django "
+                "up itself. Import the reactor inside the functions that use it to share "
+                "the template's memory"
+            )
+            _exec_bare(ours, lrp_args, reason)
+        # Objects that exist now stay out of the collector's way, so that it
+        # does not write to (and unshare) the pages that hold them.
+        gc.collect()
+        gc.freeze()
+        reason = None
+    send(
+        {
+            "event": "ready",
+            "pid": os.getpid(),
+            "preload": template.preload,
+            "reason": reason,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    )
+    return template.run()
+
+
+def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
+    """Become a template without Django (it only forks and execs web processes)."""
+    control_fd = int(ours["control-fd"])
+    os.set_inheritable(control_fd, True)
+    for fd, _ in ours["sockets"]:
+        os.set_inheritable(fd, True)
+    args = [sys.executable, "-m", MODULE, "--template", "--bare", f"--control-fd={control_fd}"]
+    args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
+    args.append(f"--reason={reason}")
+    _flush()
+    os.execv(sys.executable, [*args, "--", *lrp_args])
+
+
+def _preimport() -> None:
+    import importlib
+
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # The web process imports it again, and reports the error.
+
+
+def _refreshable(reactor) -> bool:
+    """
+    Whether a forked process can give C{reactor} (installed, not running)
+    a poller and a waker of its own (L{_refresh_reactor}): an epoll, poll or
+    select reactor that never ran and watches nothing but its waker.
+    """
+    from twisted.internet import epollreactor, pollreactor, selectreactor
+
+    kinds = (epollreactor.EPollReactor, pollreactor.PollReactor, selectreactor.SelectReactor)
+    if type(reactor) not in kinds:
+        return False
+    if reactor.running or reactor._started or reactor._startedBefore:
+        return False
+    waker = reactor.waker
+    return set(reactor.getReaders()) <= {waker} and not reactor.getWriters()
+
+
+def _refresh_reactor() -> None:
+    """
+    In a forked web process: the inherited (never run) reactor, if there is
+    one, gets a new poller and a new waker, so that it shares no kernel
+    object with the template or another web process.
+    """
+    import select
+
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None:
+        return
+    from twisted.internet import epollreactor, pollreactor
+
+    waker = reactor.waker
+    if isinstance(reactor, epollreactor.EPollReactor):
+        old, reactor._poller = reactor._poller, select.epoll(1024)
+        old.close()  # our descriptor only: the epoll instance lives on elsewhere
+        reactor._reads.clear()
+        reactor._writes.clear()
+        reactor._selectables.clear()
+    elif isinstance(reactor, pollreactor.PollReactor):
+        reactor._poller = select.poll()
+        reactor._reads.clear()
+        reactor._writes.clear()
+        reactor._selectables.clear()
+    else:
+        reactor._reads.clear()
+        reactor._writes.clear()
+    if waker is not None:
+        reactor._internalReaders.discard(waker)
+        waker.connectionLost(None)  # closes the inherited pipe's ends
+        reactor.waker = None
+    reactor.installWaker()
+
+
+def _reactor_holders() -> list[str]:
+    """The site's modules (not Twisted's) that hold the reactor as a global."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    return sorted(
+        name
+        for name, module in list(sys.modules.items())
+        if module is not None
+        and not name.startswith(("twisted.", "twistedlrp."))
+        and getattr(module, "reactor", None) is reactor
+    )[:5]
