@@ -18,7 +18,8 @@ import os
 import socket
 import stat
 
-from twisted.internet import defer, fdesc, tcp, unix
+from twisted.internet import defer, fdesc, protocol, tcp, unix
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
 
@@ -111,3 +112,80 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
     port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
     os.close(server.fileno)
     return port
+
+
+# -- sockets held for other processes ---------------------------------------
+
+
+# Endpoint types whose sockets can be bound once and passed on to other
+# processes. Others (ssl:, ...) must be given to each as they are.
+ADOPTABLE = {"tcp", "tcp6", "unix"}
+
+
+def adoptable(endpoint: str) -> bool:
+    """@return: whether the supervisor can bind C{endpoint} and pass it on."""
+    return endpoint.split(":", 1)[0].strip().lower() in ADOPTABLE
+
+
+class _Held(protocol.Factory):
+    """The factory of a port held open (bound, listening) but never accepted on."""
+
+    noisy = False
+
+    def logPrefix(self):
+        return "socket held for the server processes"
+
+    def buildProtocol(self, addr):
+        return None
+
+
+class ListeningSocket:
+    """
+    A socket bound for other processes to adopt (the reload supervisor's
+    servers, the web processes of C{--web-workers}): its C{domain}
+    (C{"INET"}, C{"INET6"} or C{"UNIX"}, as a C{systemd:} endpoint names it)
+    and the C{address} to show.
+    """
+
+    def __init__(self, endpoint: str, port):
+        self.endpoint = endpoint
+        self.port = port
+        host = port.getHost()
+        if isinstance(host, IPv6Address):
+            self.domain, self.address = "INET6", f"http://[{host.host}]:{host.port}/"
+        elif isinstance(host, IPv4Address):
+            self.domain, self.address = "INET", f"http://{host.host}:{host.port}/"
+        elif isinstance(host, UNIXAddress):
+            name = host.name.decode() if isinstance(host.name, bytes) else host.name
+            self.domain, self.address = "UNIX", f"unix:{name}"
+        else:
+            raise ValueError(f"cannot pass on a {type(host).__name__} socket")
+
+    def fileno(self) -> int:
+        return self.port.fileno()
+
+    def close(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+def bind(reactor, endpoint: str) -> ListeningSocket:
+    """
+    Bind and listen on C{endpoint} at once, without accepting.
+
+    @return: the bound socket.
+    @raise Exception: it cannot listen (the endpoint's own error), or the
+        endpoint does not listen synchronously.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    results = []
+    serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
+    if not results:
+        raise RuntimeError("the endpoint did not listen at once")
+    if not hasattr(results[0], "getHost"):
+        results[0].raiseException()
+    port = results[0]
+    # The socket stays bound and listening; connections wait in its backlog
+    # until a server accepts them.
+    port.stopReading()
+    return ListeningSocket(endpoint, port)

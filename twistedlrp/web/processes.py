@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from twistedlrp.services import StartupFailed, within
+from twistedlrp.web import ports
 
 log = Logger(namespace="twistedlrp.web")
 
@@ -88,40 +89,6 @@ def _adopt_connection(reactor, sock: socket.socket, proto) -> None:
     sock.setblocking(False)
     reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(proto))
     sock.close()
-
-
-class _Held(protocol.Factory):
-    """The factory of a bound port this process never accepts on."""
-
-    noisy = False
-
-    def logPrefix(self):
-        return "socket for the web processes"
-
-    def buildProtocol(self, addr):
-        return None
-
-
-def _bind(reactor, endpoint: str):
-    """
-    Bind and listen on C{endpoint} without accepting: connections wait in
-    its backlog until a web process accepts them.
-
-    @return: a L{twistedlrp.reload.sockets.ListeningSocket}.
-    """
-    from twisted.internet.endpoints import serverFromString
-
-    from twistedlrp.reload.sockets import ListeningSocket
-
-    results = []
-    serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
-    if not results:
-        raise RuntimeError("the endpoint did not listen at once")
-    if not hasattr(results[0], "getHost"):
-        results[0].raiseException()
-    port = results[0]
-    port.stopReading()
-    return ListeningSocket(endpoint, port)
 
 
 class Slot:
@@ -250,7 +217,7 @@ class WebProcesses(service.Service):
                     else:
                         self.addresses.append(f"http://{name[0]}:{name[1]}/")
                 else:
-                    held = _bind(self.reactor, endpoint)
+                    held = ports.bind(self.reactor, endpoint)
                     fd, family = held.fileno(), held.port.socket.family
                     self._closers.append(held.close)
                     self.addresses.append(held.address)
