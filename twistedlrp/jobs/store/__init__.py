@@ -44,9 +44,18 @@ def _begin_batch() -> None:
     from django.db import connection
 
     # A connection the database dropped (a restart, a failover) is replaced
-    # rather than failing every batch from now on.
-    connection.close_if_unusable_or_obsolete()
+    # rather than failing every batch from now on. Only then: the store keeps
+    # its one connection whatever CONN_MAX_AGE says (the views' setting).
+    if connection.errors_occurred:
+        if not connection.is_usable():
+            connection.close()
+        connection.errors_occurred = False
+    fresh = connection.connection is None
     if connection.vendor == "sqlite":
         connection.ensure_connection()
+        if fresh:
+            # Per connection, not per database file (WAL mode is kept in the file).
+            with connection.cursor() as cursor:
+                cursor.execute("PRAGMA synchronous=NORMAL")
         # Wait for locks held by job code in workers instead of failing.
         connection.transaction_mode = "IMMEDIATE"
