@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from twistedlrp.jobs import child, client
+from twistedlrp.jobs import blocking, child, client
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     JobServiceUnavailable,
@@ -71,7 +71,7 @@ def job_answer(box, **job):
 
 def make_client(path, timeout=2.0, secret=None):
     endpoint = client.unix_client_endpoint(str(path))
-    return client.BlockingClient(endpoint, client.socket_address(endpoint), secret, timeout)
+    return blocking.BlockingClient(endpoint, blocking.socket_address(endpoint), secret, timeout)
 
 
 def submit(blocking, name="app.jobs.f"):
@@ -88,18 +88,27 @@ def sock_path(tmp_path):
 
 
 def test_endpoint_strings_that_a_plain_socket_reaches():
-    assert client.socket_address("unix:path=/a\\:b/jobs.sock") == (socket.AF_UNIX, "/a:b/jobs.sock")
-    assert client.socket_address("unix:/x/jobs.sock:timeout=5") == (socket.AF_UNIX, "/x/jobs.sock")
-    assert client.socket_address("tcp:host=127.0.0.1:port=7000") == (
+    assert blocking.socket_address("unix:path=/a\\:b/jobs.sock") == (
+        socket.AF_UNIX,
+        "/a:b/jobs.sock",
+    )
+    assert blocking.socket_address("unix:/x/jobs.sock:timeout=5") == (
+        socket.AF_UNIX,
+        "/x/jobs.sock",
+    )
+    assert blocking.socket_address("tcp:host=127.0.0.1:port=7000") == (
         socket.AF_INET,
         ("127.0.0.1", 7000),
     )
-    assert client.socket_address("tcp:example.org:7000") == (socket.AF_INET, ("example.org", 7000))
-    assert client.socket_address("tcp:host=\\:\\:1:port=7000")[0] == socket.AF_INET6
+    assert blocking.socket_address("tcp:example.org:7000") == (
+        socket.AF_INET,
+        ("example.org", 7000),
+    )
+    assert blocking.socket_address("tcp:host=\\:\\:1:port=7000")[0] == socket.AF_INET6
     # These need the reactor's endpoints.
-    assert client.socket_address("tls:host=example.org:port=7000") is None
-    assert client.socket_address("tcp:host=a:port=1:bindAddress=b") is None
-    assert client.socket_address("tcp:host=a") is None
+    assert blocking.socket_address("tls:host=example.org:port=7000") is None
+    assert blocking.socket_address("tcp:host=a:port=1:bindAddress=b") is None
+    assert blocking.socket_address("tcp:host=a") is None
 
 
 def test_a_submission_and_its_answer(sock_path):

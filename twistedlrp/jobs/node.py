@@ -16,6 +16,8 @@ from zope.interface import implementer
 
 from twistedlrp.jobs import client as jobs_client
 from twistedlrp.jobs import registry, wire
+from twistedlrp.jobs.connection import JobClient
+from twistedlrp.jobs.local import LocalClient
 
 
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
@@ -86,7 +88,7 @@ class JobClientService(service.Service):
         self.reactor = reactor
         self.options = options
         self.local = local
-        self.client: jobs_client.JobClient | jobs_client.LocalClient | None = None
+        self.client: JobClient | LocalClient | None = None
 
     def startService(self) -> None:
         from django.conf import settings
@@ -110,11 +112,9 @@ class JobClientService(service.Service):
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
         if isinstance(endpoint, _LocalServiceEndpoint):
             # This process's own service: called directly, without AMP or a socket.
-            self.client = jobs_client.LocalClient(self.reactor, self.local, timeout, description)
+            self.client = LocalClient(self.reactor, self.local, timeout, description)
         else:
-            self.client = jobs_client.JobClient(
-                self.reactor, endpoint, secret, timeout, description
-            )
+            self.client = JobClient(self.reactor, endpoint, secret, timeout, description)
         self.client.start()
         jobs_client.install(self.client)
 
