@@ -205,7 +205,7 @@ class _Conversation:
     """One blocking AMP connection: requests tagged, answers read by a thread of its own."""
 
     def __init__(self, sock: socket.socket, endpoint: str):
-        from twistedlrp.jobs.child import BoxReader
+        from twistedlrp.jobs.framing import BoxReader
 
         self.sock = sock
         self.endpoint = endpoint

@@ -43,7 +43,7 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
-from twistedlrp.jobs.workers import worker_id_prefix
+from twistedlrp.jobs.worker import worker_id_prefix
 from twistedlrp.services import StartupFailed, within
 
 log = Logger()

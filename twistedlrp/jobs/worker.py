@@ -1,0 +1,340 @@
+"""
+One worker child process, seen from the server: the L{Worker} process
+protocol that starts it, speaks AMP with it over two extra pipes (the
+child's fd 3 carries commands in, fd 4 answers out), logs its stdout and
+stderr with the job's id and keeps their tail, signals its whole process
+group, and declares it dead in C{processExited}. L{twistedlrp.jobs.workers}
+keeps the pool of them; see there for the life of a worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistedlrp.jobs import wire
+from twistedlrp.jobs.child import MAX_ERROR, cut_text
+
+if TYPE_CHECKING:
+    from twistedlrp.jobs.workers import WorkerPool
+
+log = Logger(namespace="twistedlrp.jobs.workers")
+# Worker ids name the machine, for when job nodes share a database.
+_HOSTNAME = os.uname().nodename
+OUTPUT_TAIL = 16 * 1024
+# What is read of a child's pipes once it has exited, at most.
+_DRAIN_LIMIT = 1024 * 1024
+
+
+def worker_id_prefix() -> str:
+    """@return: how the ids of this machine's workers begin (C{"host:"})."""
+    return f"{_HOSTNAME}:"
+
+
+class _PipeTransport:
+    """The transport AMP sees: writes go to the child's fd 3."""
+
+    disconnecting = False
+
+    def __init__(self, worker: Worker):
+        self.worker = worker
+
+    def write(self, data: bytes) -> None:
+        worker = self.worker
+        if worker.transport is not None and not self.disconnecting and not worker.exited:
+            try:
+                worker.transport.writeToChild(3, data)
+            except KeyError:
+                pass  # The pipe is closed already.
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting and self.worker.transport is not None:
+            self.disconnecting = True
+            self.worker.transport.closeChildFD(3)
+
+    abortConnection = loseConnection
+
+    def getPeer(self):
+        return ("worker", self.worker.pid)
+
+    def getHost(self):
+        return ("job-service", os.getpid())
+
+
+class _ParentProtocol(wire.QuietAMP):
+    def __init__(self, worker: Worker):
+        super().__init__()
+        self.worker = worker
+
+    @wire.WorkerReady.responder
+    def ready(self, pid):
+        self.worker.became_ready()
+        return {}
+
+    @wire.ReportProgress.responder
+    def progress(self, job_id, current, total, message):
+        self.worker.pool.on_progress(self.worker, job_id, current, total, message)
+        return {}
+
+
+class Worker(protocol.ProcessProtocol):
+    """
+    One child process. C{state}: C{starting}, C{idle}, C{busy},
+    C{standby} (ready, waiting to succeed a worker that is about to be
+    replaced), C{retiring} (will exit after its job or now), C{dead}.
+    """
+
+    def __init__(self, pool: WorkerPool, number: int, standby: bool = False):
+        self.pool = pool
+        self.number = number
+        self.state = "starting"
+        # Started ahead of time to take over from a worker at its job limit.
+        self.standby = standby
+        # The standby worker started for this one, and whether it took over.
+        self.successor: Worker | None = None
+        self.succeeded = False
+        self.pid: int | None = None
+        self.amp = _ParentProtocol(self)
+        self.job_id: str | None = None
+        self.jobs_done = 0
+        self.was_ready = False
+        # Why the parent ended the process, if it did: "timeout", "cancel", "shutdown", "retire".
+        self.kill_reason: str | None = None
+        # The child itself has exited (its group may live on until killed).
+        self.exited = False
+        # Why it must not run another job (its answer could not be read), if so.
+        self.broken: str | None = None
+        self.output_tail = bytearray()
+        self._partial = {1: b"", 2: b""}
+        self._startup_output = bytearray()
+
+    @property
+    def ident(self) -> str:
+        return f"{_HOSTNAME}:{self.pid}"
+
+    # -- process protocol ---------------------------------------------------------
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+        # Jobs that read stdin see end of file.
+        self.transport.closeChildFD(0)
+        self.amp.makeConnection(_PipeTransport(self))
+
+    def childDataReceived(self, fd, data):
+        if fd == 4:
+            self.amp.dataReceived(data)
+        elif fd in (1, 2):
+            self._output(fd, data)
+
+    def childConnectionLost(self, fd):
+        if fd == 4:
+            self.amp.connectionLost(Failure(error.ConnectionDone("worker pipe closed")))
+            if self.state != "dead":
+                self.signal("KILL")
+        elif fd in (1, 2) and self._partial.get(fd):
+            self._log_line(fd, self._partial[fd])
+            self._partial[fd] = b""
+
+    def processExited(self, reason):
+        """
+        The child has exited. Subprocesses of its job may still hold its
+        pipes, so C{processEnded} may be far away: the worker is dead now.
+        """
+        self.exited = True
+        self.state = "dead"
+        # Whatever its job started and left in its group goes with it.
+        self._kill_group()
+        # What the child wrote before it ended (its last output, an answer).
+        self._drain()
+        # Our ends of its pipes: nothing more comes from the child itself.
+        for fd in list(getattr(self.transport, "pipes", {})):
+            self.transport.closeChildFD(fd)
+        self.pool.on_ended(self, describe_exit(reason.value))
+
+    def processEnded(self, reason):
+        # Every pipe is closed too; processExited has said everything.
+        self.state = "dead"
+
+    def _drain(self) -> None:
+        pipes = getattr(self.transport, "pipes", {})
+        # Output first, so that an answer read last finds the job's whole output.
+        for fd in (1, 2, 4):
+            reader = pipes.get(fd)
+            if reader is None:
+                continue
+            budget = _DRAIN_LIMIT
+            while budget > 0:
+                try:
+                    data = os.read(reader.fileno(), min(65536, budget))
+                except OSError:
+                    break  # Nothing more for now (EAGAIN), or closed.
+                if not data:
+                    break
+                budget -= len(data)
+                self.childDataReceived(fd, data)
+
+    # -- output ---------------------------------------------------------------
+
+    def _output(self, fd: int, data: bytes) -> None:
+        if self.job_id is not None:
+            self.output_tail += data
+            if len(self.output_tail) > OUTPUT_TAIL:
+                del self.output_tail[: len(self.output_tail) - OUTPUT_TAIL]
+        elif self.state == "starting":
+            self._startup_output += data
+            del self._startup_output[:-4000]
+        lines = (self._partial[fd] + data).split(b"\n")
+        self._partial[fd] = lines.pop()
+        if len(self._partial[fd]) > 8192:
+            lines.append(self._partial[fd])
+            self._partial[fd] = b""
+        for line in lines:
+            self._log_line(fd, line)
+
+    def _log_line(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if not text:
+            return
+        stream = "stdout" if fd == 1 else "stderr"
+        if self.job_id is not None:
+            log.info("job {job_id} {stream}: {line}", job_id=self.job_id, stream=stream, line=text)
+        else:
+            log.info("worker {pid} {stream}: {line}", pid=self.pid, stream=stream, line=text)
+
+    def take_output(self) -> str:
+        """@return: the job's output tail (and forget it)."""
+        text = bytes(self.output_tail).decode("utf-8", "replace")
+        self.output_tail = bytearray()
+        return text
+
+    def startup_output(self) -> str:
+        return bytes(self._startup_output).decode("utf-8", "replace").strip()
+
+    # -- control ------------------------------------------------------------------
+
+    def became_ready(self) -> None:
+        if self.state == "starting":
+            self.state = "idle"
+            self.was_ready = True
+            self.pool.on_ready(self)
+
+    def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
+        """
+        Send a job to the child.
+
+        @return: a Deferred firing with the outcome dict when the job ends in
+            the child; it fails if the child dies first (the death itself is
+            reported through the pool's C{on_ended}).
+        """
+        self.state = "busy"
+        self.job_id = job_id
+        self.output_tail = bytearray()
+        d = self.amp.callRemote(
+            wire.RunJob, job_id=job_id, name=name, payload=payload, attempt=attempt
+        )
+        d.addCallbacks(lambda answer: bounded_outcome(answer["outcome"]), self._answer_failed)
+        return d
+
+    def _answer_failed(self, failure: Failure) -> Failure:
+        if not self.gone(failure):
+            # The child lives but its answer could not be read: it runs no more jobs.
+            self.broken = f"{failure.type.__name__}: {failure.getErrorMessage()}"[:2000]
+        return failure
+
+    def gone(self, failure: Failure) -> bool:
+        """
+        @return: whether a failed L{run} means that the child's process has
+            ended or is ending (its death is reported through the pool's
+            C{on_ended}), rather than that its answer was bad.
+        """
+        return self.exited or failure.check(error.ConnectionDone, error.ConnectionLost) is not None
+
+    def cancel(self, job_id: str) -> None:
+        """Make C{cancelled()} true in the child for this job."""
+        if self.state == "busy" and self.job_id == job_id:
+            self.amp.callRemote(wire.CancelJob, job_id=job_id)
+
+    def signal(self, name: str, reason: str | None = None) -> None:
+        """
+        Send C{SIG<name>} to the child and to every process of its group
+        (what its job started), if it still runs, noting why.
+        """
+        if reason and self.kill_reason is None:
+            self.kill_reason = reason
+        if self.exited or self.pid is None:
+            return
+        if self._leads_group():
+            try:
+                os.killpg(self.pid, getattr(signal, f"SIG{name}"))
+                return
+            except ProcessLookupError:
+                return
+            except OSError:
+                pass
+        # Not (yet) in a group of its own: the child alone.
+        try:
+            self.transport.signalProcess(name)
+        except (error.ProcessExitedAlready, AttributeError, OSError):
+            pass
+
+    def _leads_group(self) -> bool:
+        # Until its first line has run the child is in the server's group.
+        try:
+            return os.getpgid(self.pid) == self.pid
+        except OSError:
+            return False
+
+    def _kill_group(self) -> None:
+        """SIGKILL what is left of the child's group once the child has exited."""
+        # Its pid is not reused while the group still exists; the group's
+        # id is the pid only if the child led it (else there is no such group).
+        if self.pid is None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def retire(self) -> None:
+        """Let the child exit on end of file of its command pipe."""
+        self.state = "retiring"
+        self.kill_reason = self.kill_reason or "retire"
+        self.amp.transport.loseConnection()
+
+    def rss_mb(self) -> float:
+        """@return: the child's resident memory in MB (0 if unknown)."""
+        try:
+            with open(f"/proc/{self.pid}/statm") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            return 0.0
+        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def bounded_outcome(outcome: dict) -> dict:
+    """@return: a job's outcome with its error text cut to L{MAX_ERROR}."""
+    error_text = outcome.get("error")
+    if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
+        outcome = dict(outcome, error=cut_text(error_text))
+    return outcome
+
+
+def describe_exit(value) -> str:
+    """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
+    number = getattr(value, "signal", None)
+    if number:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {number} ({name})"
+    code = getattr(value, "exitCode", None)
+    return f"exited with code {code if code is not None else 0}"
