@@ -11,6 +11,7 @@ from twistedlrp.options import Options
 from twistedlrp.services import StartupFailed
 from twistedlrp.web import processes
 from twistedlrp.web.processes import WebProcesses
+from twistedlrp.web.slot import how_ended
 
 
 def make(count: int = 2) -> tuple[WebProcesses, Clock, list]:
@@ -94,4 +95,4 @@ def test_health_describes_every_slot():
     "code, signal_number, text", [(3, None, "exit code 3"), (None, 9, "signal SIGKILL")]
 )
 def test_how(code, signal_number, text):
-    assert processes._how(code, signal_number) == text
+    assert how_ended(code, signal_number) == text

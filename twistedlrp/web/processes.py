@@ -31,111 +31,27 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, fdesc, protocol, task
+from twisted.internet import defer, fdesc, task
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
 
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
+from twistedlrp.web.slot import (
+    FIRST_DELAY,
+    MAX_DELAY,
+    Lines,
+    Slot,
+    TemplateProcess,
+    adopt_connection,
+    how_ended,
+)
 
 log = Logger(namespace="twistedlrp.web")
 
-FIRST_DELAY = 0.5
-MAX_DELAY = 30.0
 # A web process that ran this long resets the back-off.
 RESET_AFTER = 10.0
 BROADCAST_INTERVAL = 1.0
 _FIRST_FD = 3
-
-
-def _how(code, signal_number) -> str:
-    if signal_number:
-        try:
-            return f"signal {signal.Signals(signal_number).name}"
-        except ValueError:
-            return f"signal {signal_number}"
-    return f"exit code {code}"
-
-
-class _Lines(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 4 * 1024 * 1024
-
-    def __init__(self, on_message, on_lost):
-        self.on_message = on_message
-        self.on_lost = on_lost
-
-    def lineReceived(self, line):
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        self.on_message(message)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.on_lost()
-
-
-class _OneProtocol(protocol.Factory):
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
-def _adopt_connection(reactor, sock: socket.socket, proto) -> None:
-    """Hand the connected UNIX socket C{sock} to the reactor (C{sock} is closed)."""
-    sock.setblocking(False)
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(proto))
-    sock.close()
-
-
-class Slot:
-    """One web process: its index, pid, state and last status."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.pid: int | None = None
-        # starting, running, stopping, waiting (to be restarted), ended
-        self.state = "starting"
-        self.status: dict = {}
-        self.channel: _Lines | None = None
-        self.peer: socket.socket | None = None  # its channel end, until forked
-        self.started_at = 0.0
-        self.delay = FIRST_DELAY
-        self.restarts = 0
-        self.restart_call = None
-        self.first_run: defer.Deferred | None = defer.Deferred()
-        self.ended: list[defer.Deferred] = []
-
-    def when_ended(self) -> defer.Deferred:
-        if self.state == "ended" or self.pid is None:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self.ended.append(d)
-        return d
-
-    def describe(self, now: float) -> dict:
-        body = {"index": self.index, "pid": self.pid, "state": self.state}
-        for key in ("threads", "waiting"):
-            if key in self.status:
-                body[key] = self.status[key]
-        body["restarts"] = self.restarts
-        if self.pid is not None and self.state != "ended":
-            body["uptime"] = round(now - self.started_at, 3)
-        return body
-
-
-class _Template(protocol.ProcessProtocol):
-    def __init__(self, owner: WebProcesses):
-        self.owner = owner
-        self.ended = defer.Deferred()
-
-    def processEnded(self, reason):
-        value = reason.value
-        self.owner.template_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
-        self.ended.callback(None)
 
 
 class WebProcesses(service.Service):
@@ -159,8 +75,8 @@ class WebProcesses(service.Service):
         self.addresses: list[str] = []
         self._sockets: list[tuple[int, int]] = []  # (fd, family)
         self._closers: list = []
-        self.template: _Template | None = None
-        self.control: _Lines | None = None
+        self.template: TemplateProcess | None = None
+        self.control: Lines | None = None
         self.template_ready: defer.Deferred | None = None
         self.preload: bool | None = None
         self.jobs_connect: str | None = None
@@ -241,7 +157,7 @@ class WebProcesses(service.Service):
             args.append(f"--socket={_FIRST_FD + index}:{int(family)}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         self.template_ready = defer.Deferred()
-        self.template = _Template(self)
+        self.template = TemplateProcess(self)
         try:
             self.reactor.spawnProcess(
                 self.template,
@@ -253,8 +169,8 @@ class WebProcesses(service.Service):
         finally:
             theirs.close()
             os.close(devnull)
-        self.control = _Lines(self._template_said, self._control_lost)
-        _adopt_connection(self.reactor, ours, self.control)
+        self.control = Lines(self._template_said, self._control_lost)
+        adopt_connection(self.reactor, ours, self.control)
 
     # -- the template's reports -------------------------------------------
 
@@ -288,7 +204,7 @@ class WebProcesses(service.Service):
         self.control = None
 
     def template_ended(self, code, signal_number) -> None:
-        how = _how(code, signal_number)
+        how = how_ended(code, signal_number)
         if self.template_ready is not None and not self.template_ready.called:
             self.template_ready.errback(
                 StartupFailed(f"the web process template ended ({how}) before it was ready")
@@ -317,11 +233,11 @@ class WebProcesses(service.Service):
         slot.status = {}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         slot.peer = theirs
-        slot.channel = _Lines(
+        slot.channel = Lines(
             lambda message, slot=slot: self._web_said(slot, message),
             lambda slot=slot: self._channel_lost(slot),
         )
-        _adopt_connection(self.reactor, ours, slot.channel)
+        adopt_connection(self.reactor, ours, slot.channel)
         request = {"op": "fork", "index": slot.index, "jobs_connect": self.jobs_connect}
         self.control.transport.sendFileDescriptor(theirs.fileno())
         self.control.sendLine(json.dumps(request).encode())
@@ -350,7 +266,7 @@ class WebProcesses(service.Service):
     def _slot_ended(self, slot: Slot, code, signal_number) -> None:
         if slot.state == "ended":
             return
-        how = _how(code, signal_number)
+        how = how_ended(code, signal_number)
         now = self.reactor.seconds()
         ran = now - slot.started_at
         slot.state = "ended"
