@@ -24,6 +24,29 @@ log = Logger()
 LATE_STEP_SECONDS = 0.2
 
 
+class Waiters:
+    """
+    Deferreds waiting for one moment (a pool that stopped, a process that
+    ended): L{wait} hands out one, L{fire} fires all those handed out so far.
+    """
+
+    def __init__(self):
+        self._waiting: list[defer.Deferred] = []
+
+    def wait(self) -> defer.Deferred:
+        """@return: a Deferred that fires at the next L{fire}."""
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def fire(self, result=None) -> None:
+        """Fire every Deferred handed out so far (those not fired, or cancelled, already)."""
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.callback(result)
+
+
 class StartupFailed(Exception):
     """A start-up step failed; the message says which and why."""
 

@@ -83,3 +83,19 @@ def test_a_child_added_while_running_starts_at_once_and_stops_first():
     assert log == ["start early", "start late"]
     parent.stopService()
     assert log[2:] == ["stop late", "stop early"]
+
+
+def test_waiters_fire_every_deferred_handed_out_so_far_once():
+    from twistedlrp.services import Waiters
+
+    waiters, results = Waiters(), []
+    first, second = waiters.wait(), waiters.wait()
+    second.cancel()  # a cancelled one is left alone
+    second.addErrback(lambda f: results.append("cancelled"))
+    first.addCallback(results.append)
+    waiters.fire("done")
+    assert results == ["cancelled", "done"]
+    later = waiters.wait()
+    assert not later.called  # only those handed out before a fire
+    waiters.fire(2)
+    assert later.result == 2

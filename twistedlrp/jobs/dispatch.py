@@ -34,6 +34,7 @@ from twistedlrp.jobs.states import CANCELLED, FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
+from twistedlrp.services import Waiters
 
 log = Logger()
 
@@ -82,7 +83,7 @@ class Dispatcher(SharedClaims, Outcomes):
         self.accepting = False
         self.running: dict[str, JobRecord] = {}
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
-        self._idle_waiters: list[defer.Deferred] = []
+        self._idle = Waiters()
         # Jobs being claimed: their outcome must be recorded before the store closes.
         self._claiming: set[defer.Deferred] = set()
         self.claiming: set[str] = set()
@@ -155,9 +156,7 @@ class Dispatcher(SharedClaims, Outcomes):
         """@return: a Deferred that fires once no job runs."""
         if not self.running:
             return defer.succeed(None)
-        d = defer.Deferred()
-        self._idle_waiters.append(d)
-        return d
+        return self._idle.wait()
 
     def claims_in_flight(self) -> defer.Deferred:
         return defer.DeferredList(list(self._claiming))
@@ -393,7 +392,4 @@ class Dispatcher(SharedClaims, Outcomes):
         self.running.pop(record.id, None)
         record.stop_timers()
         if not self.running:
-            waiters, self._idle_waiters = self._idle_waiters, []
-            for d in waiters:
-                if not d.called:
-                    d.callback(None)
+            self._idle.fire()

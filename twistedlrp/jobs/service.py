@@ -44,7 +44,7 @@ from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
 from twistedlrp.jobs.worker import worker_id_prefix
-from twistedlrp.services import StartupFailed, within
+from twistedlrp.services import StartupFailed, Waiters, within
 
 log = Logger()
 
@@ -158,8 +158,9 @@ class JobService(JobOperations, service.Service):
         self.unavailable: str | None = "the job service is starting"
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
-        # Deferreds waiting for the front ends to listen; None once they do.
-        self._listen_waiters: list[defer.Deferred] | None = []
+        # Waiting for the front ends to listen (fired once they do).
+        self._listening = Waiters()
+        self.listening = False
 
     # -- life ----------------------------------------------------------------------
 
@@ -197,9 +198,8 @@ class JobService(JobOperations, service.Service):
             self.worker_env["LRP_JOBS_CONNECT"] = self.front_ends[0].client_endpoint
             if self.options["jobs-secret-file"]:
                 self.worker_env["LRP_JOBS_SECRET_FILE"] = self.options["jobs-secret-file"]
-        waiters, self._listen_waiters = self._listen_waiters, None
-        for d in waiters:
-            d.callback(self.client_endpoint)
+        self.listening = True
+        self._listening.fire(self.client_endpoint)
         if reason:
             return
         self.dispatcher.accepting = True
@@ -267,11 +267,9 @@ class JobService(JobOperations, service.Service):
 
     def when_listening(self) -> defer.Deferred:
         """@return: a Deferred firing with L{client_endpoint} once the service listens."""
-        if self._listen_waiters is None:
+        if self.listening:
             return defer.succeed(self.client_endpoint)
-        d = defer.Deferred()
-        self._listen_waiters.append(d)
-        return d
+        return self._listening.wait()
 
     def stopService(self) -> defer.Deferred:
         return self.stop_by(self.reactor.seconds() + self.options["graceful-timeout"])

@@ -45,6 +45,7 @@ from twistedlrp.jobs.worker import (
     describe_exit,
     worker_id_prefix,
 )
+from twistedlrp.services import Waiters
 
 # Also named here: the pool's users and older imports find them in this module.
 __all__ = [
@@ -110,7 +111,7 @@ class WorkerPool:
         self.stopping = False
         self._count = 0
         self._failures = 0
-        self._all_ended: list[defer.Deferred] = []
+        self._all_ended = Waiters()
         self.started = 0
 
     def start(self) -> None:
@@ -184,9 +185,7 @@ class WorkerPool:
             self._on_died(worker, job_id, how)
         if self.stopping:
             if not self.workers:
-                waiting, self._all_ended = self._all_ended, []
-                for d in waiting:
-                    d.callback(None)
+                self._all_ended.fire()
             return
         if worker.succeeded:
             return  # Its standby successor has taken its place already.
@@ -315,9 +314,7 @@ class WorkerPool:
         """@return: a Deferred that fires when no child is left."""
         if not self.workers:
             return defer.succeed(None)
-        d = defer.Deferred()
-        self._all_ended.append(d)
-        return d
+        return self._all_ended.wait()
 
     def describe(self) -> list[dict]:
         return [

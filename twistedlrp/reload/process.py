@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
 
+from twistedlrp.services import Waiters
+
 if TYPE_CHECKING:
     from twistedlrp.reload.supervisor import ReloadSupervisor
 
@@ -52,7 +54,7 @@ class ServerProcess(protocol.ProcessProtocol):
         self.started_at = time.monotonic()
         self.booted_after = 0.0
         self._buffer = b""
-        self._waiters: list[defer.Deferred] = []
+        self._ended = Waiters()
 
     @property
     def pid(self) -> int | None:
@@ -78,17 +80,13 @@ class ServerProcess(protocol.ProcessProtocol):
         self.exit_code = getattr(value, "exitCode", None)
         signal_number = getattr(value, "signal", None)
         self.state = "ended"
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
+        self._ended.fire()
         self.supervisor.child_ended(self, self.exit_code, signal_number)
 
     def when_ended(self) -> defer.Deferred:
         if self.state == "ended":
             return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiters.append(d)
-        return d
+        return self._ended.wait()
 
     def boot(self) -> None:
         """Let a spare go on to set Django up."""

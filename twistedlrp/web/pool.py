@@ -18,6 +18,8 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp.services import Waiters
+
 log = Logger()
 
 _STOP = object()
@@ -51,7 +53,7 @@ class ThreadPool:
         self._alive = 0
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._stop_waiters: list[defer.Deferred] = []
+        self._stopped = Waiters()
         self.started = False
 
     @property
@@ -112,9 +114,7 @@ class ThreadPool:
     def _thread_exited(self) -> None:
         self._alive -= 1
         if self._alive == 0 and self._stopping:
-            waiters, self._stop_waiters = self._stop_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            self._stopped.fire()
 
     def stop(self) -> defer.Deferred:
         """
@@ -127,12 +127,9 @@ class ThreadPool:
             self._stopping = True
             for _ in range(self._alive):
                 self._queue.put(_STOP)
-        waiter = defer.Deferred()
         if self._alive == 0:
-            waiter.callback(None)
-        else:
-            self._stop_waiters.append(waiter)
-        return waiter
+            return defer.succeed(None)
+        return self._stopped.wait()
 
     def stats(self) -> dict:
         return {"busy": self.busy, "idle": self.idle, "waiting": self.waiting, "size": self.size}

@@ -273,10 +273,7 @@ class WebProcesses(service.Service):
         if slot.peer is not None:
             slot.peer.close()
             slot.peer = None
-        waiters, slot.ended = slot.ended, []
-        for d in waiters:
-            if not d.called:
-                d.callback(None)
+        slot.ended.fire()
         if self.stopping:
             return
         if slot.first_run is not None and not slot.first_run.called:

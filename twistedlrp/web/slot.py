@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import LineOnlyReceiver
 
+from twistedlrp.services import Waiters
+
 if TYPE_CHECKING:
     from twistedlrp.web.processes import WebProcesses
 
@@ -81,14 +83,12 @@ class Slot:
         self.restarts = 0
         self.restart_call = None
         self.first_run: defer.Deferred | None = defer.Deferred()
-        self.ended: list[defer.Deferred] = []
+        self.ended = Waiters()
 
     def when_ended(self) -> defer.Deferred:
         if self.state == "ended" or self.pid is None:
             return defer.succeed(None)
-        d = defer.Deferred()
-        self.ended.append(d)
-        return d
+        return self.ended.wait()
 
     def describe(self, now: float) -> dict:
         body = {"index": self.index, "pid": self.pid, "state": self.state}
