@@ -43,9 +43,9 @@ import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
+
+from twistedlrp.web.slot import Lines, adopt_connection
 
 log = Logger(namespace="twistedlrp.web")
 
@@ -191,25 +191,6 @@ def web_main(ours: dict, lrp_args: list[str]) -> int:
     )
 
 
-class _ChannelProtocol(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 4 * 1024 * 1024
-
-    def __init__(self, channel: MainChannel):
-        self.channel = channel
-
-    def lineReceived(self, line):
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        if message.get("event") == "workers":
-            self.channel.received(message)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.channel.lost()
-
-
 class MainChannel(service.Service):
     """
     A web process's link to the main process: its status goes up every
@@ -226,7 +207,7 @@ class MainChannel(service.Service):
         self.index = index
         self.server = None  # the LRPServer, which sets it
         self.pool = None  # its thread pool, for the counts
-        self.protocol: _ChannelProtocol | None = None
+        self.protocol: Lines | None = None
         self.workers: dict | None = None
         self._loop = None
         self._closing = False
@@ -235,12 +216,14 @@ class MainChannel(service.Service):
         from twisted.internet import task
 
         super().startService()
-        self.protocol = _ChannelProtocol(self)
-        os.set_blocking(self.fd, False)
-        self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, _OneProtocol(self.protocol))
-        os.close(self.fd)
+        self.protocol = Lines(self._said, self.lost)
+        adopt_connection(self.reactor, socket.socket(fileno=self.fd), self.protocol)
         self._loop = task.LoopingCall(self.send_status)
         self._loop.start(STATUS_INTERVAL, now=True)
+
+    def _said(self, message: dict) -> None:
+        if message.get("event") == "workers":
+            self.received(message)
 
     def status(self) -> dict:
         body = {
@@ -298,14 +281,6 @@ class MainChannel(service.Service):
             self._loop.stop()
         if self.protocol is not None and self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
-
-
-class _OneProtocol(protocol.Factory):
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
 
 
 def main(argv: list[str] | None = None) -> None:
