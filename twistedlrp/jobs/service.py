@@ -232,15 +232,7 @@ class JobService(JobOperations, service.Service):
     async def _register(self) -> None:
         """Enter this node in the node table, or refuse to start beside another live one."""
         try:
-            await self.store.run(
-                recovery.register_node,
-                self.node,
-                _HOST,
-                os.getpid(),
-                self.queues,
-                self.lease,
-                self.shared,
-            )
+            await self.lease_keeper.register()
         except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
         self._registered = True

@@ -153,6 +153,23 @@ class NodeLease:
         self._loop.clock = reactor
         self._busy = False
 
+    def register(self) -> defer.Deferred:
+        """
+        Enter this node in the node table.
+
+        @return: a Deferred failing with L{recovery.NodeConflict} when another
+            live node forbids it (a second node on SQLite).
+        """
+        return self.store.run(
+            recovery.register_node,
+            self.node,
+            self.host,
+            self.pid,
+            self.queues,
+            self.lease,
+            self.shared,
+        )
+
     def start(self) -> None:
         self._loop.start(self.interval, now=False)
 
