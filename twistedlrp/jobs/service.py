@@ -43,7 +43,7 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
-from twistedlrp.jobs.worker import worker_id_prefix
+from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
 
 log = Logger()
@@ -56,7 +56,6 @@ WORKER_GRACE = 5.0
 DEFAULT_NODE_LEASE = 15.0
 # Several nodes: seconds between claims that no notification asked for.
 POLL_INTERVAL = 5.0
-_HOST = os.uname().nodename
 
 
 def node_name(options) -> str:
@@ -64,7 +63,7 @@ def node_name(options) -> str:
     name = options.get("node-name")
     if name:
         return name
-    return f"{_HOST}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
+    return f"{HOSTNAME}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
 
 
 def node_lease() -> float:
@@ -144,7 +143,7 @@ class JobService(JobOperations, service.Service):
             reactor,
             self.store,
             self.node,
-            _HOST,
+            HOSTNAME,
             os.getpid(),
             self.queues,
             self.lease,

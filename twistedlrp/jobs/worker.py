@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
 
 log = Logger(namespace="twistedlrp.jobs.workers")
-# Worker ids name the machine, for when job nodes share a database.
-_HOSTNAME = os.uname().nodename
+# Worker and node ids name the machine, for when job nodes share a database.
+HOSTNAME = os.uname().nodename
 OUTPUT_TAIL = 16 * 1024
 # What is read of a child's pipes once it has exited, at most.
 _DRAIN_LIMIT = 1024 * 1024
@@ -33,7 +33,7 @@ _DRAIN_LIMIT = 1024 * 1024
 
 def worker_id_prefix() -> str:
     """@return: how the ids of this machine's workers begin (C{"host:"})."""
-    return f"{_HOSTNAME}:"
+    return f"{HOSTNAME}:"
 
 
 class _PipeTransport:
@@ -118,7 +118,7 @@ class Worker(protocol.ProcessProtocol):
 
     @property
     def ident(self) -> str:
-        return f"{_HOSTNAME}:{self.pid}"
+        return f"{HOSTNAME}:{self.pid}"
 
     # -- process protocol ---------------------------------------------------------
 
