@@ -126,6 +126,7 @@ def job(
     retry_delay: float = 1.0,
     priority: int = 0,
     queue: str = "default",
+    keep=None,
 ):
     """
     Register a module-level function as a job. Use bare (C{@job}) or with
@@ -136,6 +137,9 @@ def job(
     @param retries: extra attempts after a failure (a crash or timeout too).
     @param retry_delay: seconds before the first retry; doubles each time, with jitter.
     @param priority: higher runs first.
+    @param keep: how long its finished jobs are kept: seconds, a
+        C{timedelta}, a string such as C{"2d"}, or C{"forever"}
+        [default: C{settings.LRP_JOBS_KEEP}].
     @return: the function, unchanged, with C{submit(*args, **kwargs)} added
         (it returns a L{JobInfo}) and C{job_name}.
     """
@@ -148,6 +152,7 @@ def job(
         raise InvalidArguments(f"retries: expected a whole number of at least 0, got {retries!r}")
     if retry_delay != 0:
         check_seconds("retry_delay", retry_delay)
+    keep = _checked_keep(keep)
 
     def register(function):
         definition = registry.JobDefinition(
@@ -158,6 +163,7 @@ def job(
             retry_delay=retry_delay,
             priority=priority,
             queue=queue,
+            keep=keep,
         )
         registry.register(definition)
 
@@ -171,6 +177,19 @@ def job(
         return function
 
     return register(fn) if fn is not None else register
+
+
+def _checked_keep(keep):
+    """@return: C{keep} as seconds, C{"forever"} or C{None}; @raise InvalidArguments: not a keep."""
+    from twistedlrp.jobs import retention
+
+    if keep is None:
+        return None
+    try:
+        seconds = retention.parse_keep(keep, "keep")
+    except ValueError as e:
+        raise InvalidArguments(str(e)) from None
+    return retention.FOREVER if seconds is None else seconds
 
 
 def submit(

@@ -32,6 +32,8 @@ class JobDefinition:
     retry_delay: float = 1.0
     priority: int = 0
     queue: str = "default"
+    # Seconds a finished job is kept, "forever", or None: settings.LRP_JOBS_KEEP.
+    keep: float | str | None = None
 
 
 def retry_delay(base: float, attempt: int) -> float:

@@ -40,6 +40,7 @@ from twistedlrp.jobs.errors import (
     JobServiceUnavailable,
 )
 from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
@@ -88,6 +89,11 @@ def node_lease() -> float:
     if not 0.5 <= lease < 1e9:
         raise BootError(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
     return lease
+
+
+def _definitions() -> list:
+    """@return: the registered job definitions (the pruner reads their C{keep})."""
+    return [registry.lookup(name) for name in registry.names()]
 
 
 class JobService(JobOperations, service.Service):
@@ -150,6 +156,8 @@ class JobService(JobOperations, service.Service):
             self.shared,
             on_requeued=self.dispatcher.wake,
         )
+        # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
+        self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
         self.listener = None
         self._poll = task.LoopingCall(self.dispatcher.wake)
         self._poll.clock = reactor
@@ -206,6 +214,7 @@ class JobService(JobOperations, service.Service):
         self._last_usable = self.reactor.seconds()
         self.watchdog.start()
         self.lease_keeper.start()
+        self.pruner.start()
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
 
@@ -282,6 +291,7 @@ class JobService(JobOperations, service.Service):
             await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
         dispatcher = self.dispatcher
         self.watchdog.stop()
+        self.pruner.stop()
         if self._poll.running:
             self._poll.stop()
         if self.listener is not None:

@@ -190,3 +190,14 @@ def progress_unencodable():
     """Reports progress with a message UTF-8 cannot carry (a lone surrogate)."""
     progress(1, 2, "file \udcff.txt")
     return "done"
+
+
+# Retention (tests/test_jobs_retention.py): jobs with a keep of their own.
+@job(keep=2)
+def short_lived(n):
+    return n
+
+
+@job(keep="forever")
+def kept_forever(n):
+    return n

@@ -73,3 +73,6 @@ TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 if os.environ.get("LRP_TEST_WITHOUT_JOBS_APP"):
     INSTALLED_APPS.remove("twistedlrp")
 LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
+# Retention: a short keep for its tests (unset: the default, 7 days).
+if os.environ.get("LRP_TEST_JOBS_KEEP"):
+    LRP_JOBS_KEEP = os.environ["LRP_TEST_JOBS_KEEP"]

@@ -1,0 +1,288 @@
+"""
+Retention: finished jobs are deleted once they are older than
+C{settings.LRP_JOBS_KEEP} (7 days by default) or their job's own
+C{@job(keep=...)}.
+
+The job service runs a L{Pruner} on a reactor timer. Each pass deletes in
+small batches (L{BATCH_SIZE} rows a statement, by primary key, oldest
+first) through the store thread, and pauses between batches at least as
+long as the last one took, so that submits and claims queued meanwhile get
+the store thread at least half of the time. Only jobs in a final state
+(L{twistedlrp.jobs.states.FINISHED}) whose C{finished_at} is older than
+their keep are deleted; the delete names the ids I{and} the final states,
+so running it from several job nodes at once (PostgreSQL) deletes each row
+once and nothing else. C{manage.py lrp_prune} uses L{prune} directly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import re
+from dataclasses import dataclass
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from twistedlrp.jobs.errors import JobServiceUnavailable
+from twistedlrp.jobs.states import FINISHED
+
+log = Logger()
+
+#: The default of C{LRP_JOBS_KEEP}: a week.
+DEFAULT_KEEP = 7 * 86400.0
+#: Rows deleted by one statement.
+BATCH_SIZE = 500
+#: The longest time between two passes.
+MAX_INTERVAL = 60.0
+#: The shortest pause between two batches of one pass.
+MIN_PAUSE = 0.05
+#: What C{keep} takes to mean "never delete".
+FOREVER = "forever"
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+# More than 30 years is a mistake, not a retention period.
+_MAX_SECONDS = 1e9
+
+
+def parse_duration(value, field: str) -> float:
+    """
+    @param value: seconds (a number), a C{datetime.timedelta}, or a string
+        of a number and a unit: C{"90"}, C{"30s"}, C{"15m"}, C{"12h"},
+        C{"2d"}, C{"1w"}.
+    @return: the seconds, more than 0.
+    @raise ValueError: anything else; the message starts with C{field}.
+    """
+    if isinstance(value, _dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise ValueError(f"{field}: expected a duration, got {value!r}")
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(
+                f"{field}: expected a number with an optional unit s, m, h, d or w "
+                f"(as in 30m or 2d), got {value!r}"
+            )
+        seconds = float(match.group(1)) * _UNITS[match.group(2).lower() or "s"]
+    else:
+        raise ValueError(
+            f"{field}: expected seconds, a datetime.timedelta or a string such as '2d', "
+            f"got {value!r}"
+        )
+    if not math.isfinite(seconds) or not 0 < seconds <= _MAX_SECONDS:
+        raise ValueError(
+            f"{field}: must be more than 0 s and at most {_MAX_SECONDS:g} s, got {value!r}"
+        )
+    return seconds
+
+
+def parse_keep(value, field: str) -> float | None:
+    """
+    @return: the seconds a finished job is kept, or C{None} for ever
+        (C{value} is C{None} or C{"forever"}).
+    @raise ValueError: see L{parse_duration}.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == FOREVER):
+        return None
+    return parse_duration(value, field)
+
+
+def default_keep() -> float | None:
+    """
+    @return: C{settings.LRP_JOBS_KEEP} in seconds (C{None}: keep for ever).
+    @raise twistedlrp.boot.BootError: it is not a duration (the message says so).
+    """
+    from django.conf import settings
+
+    from twistedlrp.boot import BootError
+
+    try:
+        return parse_keep(getattr(settings, "LRP_JOBS_KEEP", DEFAULT_KEEP), "LRP_JOBS_KEEP")
+    except ValueError as e:
+        raise BootError(f"{e} (None or 'forever' keeps finished jobs for ever)") from None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Finished jobs older than C{keep} seconds, of C{names} (all if C{None}) but not C{exclude}."""
+
+    keep: float
+    names: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+
+def rules(default: float | None, definitions) -> list[Rule]:
+    """
+    @param definitions: the registered L{twistedlrp.jobs.registry.JobDefinition}s;
+        those whose C{keep} is not C{None} keep their jobs their own time
+        (C{FOREVER}: for ever).
+    @return: what to delete: one rule per distinct job keep, then the
+        default for every other name (none when the default is for ever).
+    """
+    by_keep: dict[float, list[str]] = {}
+    own = []
+    for definition in definitions:
+        keep = getattr(definition, "keep", None)
+        if keep is None:
+            continue
+        own.append(definition.name)
+        if keep != FOREVER:
+            by_keep.setdefault(float(keep), []).append(definition.name)
+    found = [Rule(keep, tuple(sorted(names))) for keep, names in sorted(by_keep.items())]
+    if default is not None:
+        found.append(Rule(default, None, tuple(sorted(own))))
+    return found
+
+
+def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
+    """
+    Delete up to C{limit} finished jobs that C{rule} matches, oldest first.
+    Runs in the store thread inside its transaction (or in any thread inside
+    C{transaction.atomic}).
+
+    @return: how many rows were deleted.
+    """
+    from django.db import connection
+
+    from twistedlrp.models import Job
+
+    cutoff = (now or _dt.datetime.now(_dt.UTC)) - _dt.timedelta(seconds=rule.keep)
+    # finished_at >= created_at, so the created_at condition changes nothing
+    # but lets the database walk the created_at index instead of the table.
+    query = Job.objects.filter(state__in=FINISHED, created_at__lt=cutoff, finished_at__lt=cutoff)
+    if rule.names is not None:
+        query = query.filter(name__in=rule.names)
+    if rule.exclude:
+        query = query.exclude(name__in=rule.exclude)
+    if connection.features.has_select_for_update_skip_locked:
+        # Nodes pruning at once take different rows instead of waiting for each other.
+        query = query.select_for_update(skip_locked=True)
+    ids = list(query.order_by("created_at").values_list("id", flat=True)[:limit])
+    if not ids:
+        return 0
+    deleted, _ = Job.objects.filter(id__in=ids, state__in=FINISHED).delete()
+    return deleted
+
+
+def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
+    """
+    Delete every finished job C{rule} matches, one transaction per batch
+    (for C{manage.py lrp_prune}, outside the server).
+
+    @return: how many rows were deleted.
+    """
+    from django.db import transaction
+
+    total = 0
+    while True:
+        with transaction.atomic():
+            deleted = prune_batch(rule, limit, now)
+        total += deleted
+        if deleted < limit:
+            return total
+
+
+def count(rule: Rule, now: _dt.datetime | None = None) -> int:
+    """@return: how many finished jobs C{rule} would delete now (for C{--dry-run})."""
+    from twistedlrp.models import Job
+
+    cutoff = (now or _dt.datetime.now(_dt.UTC)) - _dt.timedelta(seconds=rule.keep)
+    query = Job.objects.filter(state__in=FINISHED, finished_at__lt=cutoff)
+    if rule.names is not None:
+        query = query.filter(name__in=rule.names)
+    if rule.exclude:
+        query = query.exclude(name__in=rule.exclude)
+    return query.count()
+
+
+def interval_for(found: list[Rule]) -> float:
+    """@return: the seconds between passes: a tenth of the shortest keep, 1 to L{MAX_INTERVAL}."""
+    if not found:
+        return MAX_INTERVAL
+    return min(MAX_INTERVAL, max(1.0, min(rule.keep for rule in found) / 10))
+
+
+class Pruner:
+    """
+    Deletes the finished jobs past their keep, from the job service's
+    reactor, through its store thread.
+
+    @param store: the service's L{twistedlrp.jobs.store.Store}.
+    @param default: C{LRP_JOBS_KEEP} in seconds (L{default_keep}); C{None}: for ever.
+    @param definitions: a callable returning the registered job definitions.
+    """
+
+    def __init__(self, reactor, store, default: float | None, definitions, batch_size=BATCH_SIZE):
+        self.reactor = reactor
+        self.store = store
+        self.default = default
+        self.definitions = definitions
+        self.batch_size = batch_size
+        self.deleted = 0
+        self.passes = 0
+        self._call = None
+        self._running = False
+
+    def start(self) -> None:
+        """Run the first pass after one interval (not on the start-up path), then every interval."""
+        self._running = True
+        self._schedule()
+
+    def stop(self) -> None:
+        """No further batch starts; one in the store thread finishes with the store."""
+        self._running = False
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _schedule(self) -> None:
+        if self._running:
+            delay = interval_for(rules(self.default, self.definitions()))
+            self._call = self.reactor.callLater(delay, self._pass)
+
+    def _pass(self) -> defer.Deferred:
+        """@return: a Deferred firing when the pass is over (it never fails)."""
+        self._call = None
+        d = defer.ensureDeferred(self._prune_all())
+        d.addErrback(self._failed)
+        d.addBoth(lambda _: self._schedule())
+        return d
+
+    async def _prune_all(self) -> None:
+        self.passes += 1
+        for rule in rules(self.default, self.definitions()):
+            deleted = 0
+            while self._running:
+                started = self.reactor.seconds()
+                n = await self.store.run(prune_batch, rule, self.batch_size)
+                deleted += n
+                if n < self.batch_size:
+                    break
+                # Give the store thread back for at least as long as the batch took.
+                pause = max(MIN_PAUSE, self.reactor.seconds() - started)
+                await task.deferLater(self.reactor, pause)
+            if deleted:
+                self.deleted += deleted
+                log.info(
+                    "Retention: deleted {n} finished job(s) older than {keep}{which}",
+                    n=deleted,
+                    keep=describe(rule.keep),
+                    which=f" ({', '.join(rule.names)})" if rule.names else "",
+                )
+
+    def _failed(self, failure) -> None:
+        if failure.check(JobServiceUnavailable) or not self._running:
+            return  # the store is closing: the service is stopping
+        log.failure("Retention: a pass failed; the next one tries again", failure)
+
+
+def describe(seconds: float) -> str:
+    """@return: C{seconds} in the largest unit that divides it (C{"7d"}, C{"90m"}, C{"45s"})."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
