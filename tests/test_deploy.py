@@ -283,6 +283,10 @@ def test_twistd_finds_lrp_after_installing_the_wheel(packaging, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/twistedlrp_plugin.py" in names
     assert "twistedlrp/jobs/__init__.py" in names
+    # The job progress widget's template, script and template tags.
+    assert "twistedlrp/templates/twistedlrp/job_progress.html" in names
+    assert "twistedlrp/static/twistedlrp/progress.js" in names
+    assert "twistedlrp/templatetags/lrp.py" in names
     assert not [n for n in names if "__pycache__" in n or n.startswith(("tests/", "example/"))]
     install = _run(python, "-m", "pip", "install", "--no-deps", "-q", str(wheel), cwd=tmp_path)
     assert install.returncode == 0, install.stderr

@@ -17,6 +17,7 @@ from twisted.internet import defer, fdesc
 
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
+from twistedlrp.web.events import JobEvents
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.site import Limits, LRPSite, Router
@@ -127,7 +128,9 @@ def build_web(
         from twistedlrp.web.static import default_static_mapping
 
         statics = default_static_mapping()
-    router = Router(options["health-path"], health, statics, wsgi)
+    events = _job_events(reactor)
+    health.sections["progress_streams"] = events.describe
+    router = Router(options["health-path"], health, statics, wsgi, events)
     site = LRPSite(
         reactor,
         router,
@@ -139,6 +142,13 @@ def build_web(
     )
     web = WebService(reactor, site, options["listen"], sockets)
     return ThreadPoolService(pool), web, health
+
+
+def _job_events(reactor) -> JobEvents:
+    """@return: the progress streams, which reach the job service through this process's client."""
+    from twistedlrp.jobs import client
+
+    return JobEvents(reactor, lambda: client._client)
 
 
 def _saturated(request) -> bytes:

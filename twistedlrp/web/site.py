@@ -163,10 +163,12 @@ class Router(Resource):
 
     isLeaf = True
 
-    def __init__(self, health_path: str, health, statics: list, application):
+    def __init__(self, health_path: str, health, statics: list, application, events=None):
         super().__init__()
         self._health_path = health_path.encode()
         self._health = health
+        # The jobs' progress streams (web/events.py), answered in the reactor.
+        self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(
             ((prefix.encode(), static.make_static(directory)) for prefix, directory in statics),
@@ -188,6 +190,8 @@ class Router(Resource):
                 request.prepath = [s for s in prefix.split(b"/") if s]
                 segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
                 return static.serve(files, request, segments)
+        if self.events is not None and self.events.matches(path):
+            return self.events.render(request)
         return self._application.render(request)
 
 
@@ -395,6 +399,10 @@ class LRPSite(server.Site):
                 for request in channel.requests:
                     if not request.startedWriting:
                         request.setHeader(b"connection", b"close")
+        streams = getattr(self.root, "events", None)
+        if streams is not None:
+            # Progress streams never end by themselves soon enough.
+            streams.close_all()
         self._drained = defer.Deferred()
         self.channel_closed()
         return self._drained

@@ -201,3 +201,16 @@ def short_lived(n):
 @job(keep="forever")
 def kept_forever(n):
     return n
+
+
+@job
+def gated_steps(marker_dir, count):
+    """Reports step i of count once the file marker_dir/go-<i> exists (the test steps it)."""
+    _mark(marker_dir, "gated-started")
+    for i in range(1, count + 1):
+        while not (Path(marker_dir) / f"go-{i}").exists():
+            if cancelled():
+                return {"steps": i - 1, "cancelled": True}
+            time.sleep(0.01)
+        progress(i, count, f"step {i} of {count}")
+    return {"steps": count}

@@ -231,3 +231,24 @@ def _register_web_worker_hooks():
 
 
 _register_web_worker_hooks()
+
+
+# -- the job progress widget ----------------------------------------------------
+
+
+class _TestUser:
+    """An authenticated user as far as the widget's token can tell."""
+
+    is_authenticated = True
+
+    def __init__(self, pk):
+        self.pk = pk
+
+
+def progress_page(request, job_id):
+    """A page with the job's {% lrp_job_progress %}; ?user=N renders it for user N."""
+    from django.shortcuts import render
+
+    if request.GET.get("user"):
+        request.user = _TestUser(request.GET["user"])
+    return render(request, "testapp/progress.html", {"job_id": job_id})

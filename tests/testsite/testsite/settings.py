@@ -27,7 +27,14 @@ ROOT_URLCONF = "testsite.urls"
 if os.environ.get("LRP_TEST_NO_URLCONF"):
     del ROOT_URLCONF
 WSGI_APPLICATION = "testsite.wsgi.application"
-TEMPLATES = []
+# The job progress widget's tests render pages with {% lrp_job_progress %}.
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {"context_processors": ["django.template.context_processors.request"]},
+    }
+]
 
 _TEST_DB = os.environ.get("LRP_TEST_DB", str(BASE_DIR / "test.sqlite3"))
 DATABASES = {
@@ -72,6 +79,7 @@ TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 # For the test of the error a job service without its app gives.
 if os.environ.get("LRP_TEST_WITHOUT_JOBS_APP"):
     INSTALLED_APPS.remove("twistedlrp")
+LRP_PROGRESS_MAX_STREAMS = int(os.environ.get("LRP_TEST_PROGRESS_MAX_STREAMS", "200"))
 LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
 # Retention: a short keep for its tests (unset: the default, 7 days).
 if os.environ.get("LRP_TEST_JOBS_KEEP"):

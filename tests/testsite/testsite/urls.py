@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from testapp import views
 
@@ -16,4 +16,6 @@ urlpatterns = [
     path("service", views.service),
     path("jobs/api", views.jobs_api),
     path("tasks/api", views.tasks_api),
+    path("progress/<uuid:job_id>", views.progress_page),
+    path("lrp/", include("twistedlrp.urls")),
 ]

@@ -1,0 +1,393 @@
+"""
+The live job progress widget through a real server: a page rendered with
+{% lrp_job_progress %} (it works without JavaScript), its Server-Sent
+Events stream from the reactor (read by a real HTTP client while a gated
+job steps forward), its JSON status view, its cancel button, and the
+signed token that every one of them checks.
+"""
+
+from __future__ import annotations
+
+import html
+import http.client
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from jobsupport import api, make_template_db, start_server, wait_job
+
+from support import ROOT, request, wait_for
+
+SALT = "twistedlrp.progress"  # twistedlrp.progress.SALT
+SECRET_KEY = "tests-only"  # the test site's
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("progress")
+    template = make_template_db(base)
+    server = start_server(template, base / "server", "--workers", "1")
+    yield server, template, base
+    server.kill()
+
+
+class Job:
+    """A gated_steps job: C{step()} lets it report its next step."""
+
+    def __init__(self, server, base: Path, count: int = 3):
+        self.markers = base / uuid.uuid4().hex
+        self.markers.mkdir()
+        self.count = count
+        self.done = 0
+        info = api(
+            server, "submit", name="testapp.jobs.gated_steps", args=[str(self.markers), count]
+        )
+        self.id = info["job"]["id"]
+
+    def step(self) -> None:
+        self.done += 1
+        (self.markers / f"go-{self.done}").touch()
+
+    def finish(self) -> None:
+        while self.done < self.count:
+            self.step()
+
+
+class Page:
+    """The test site's page of a job, and what its widget was given."""
+
+    def __init__(self, server, job_id: str, query: str = ""):
+        response = request(server.port, f"/progress/{job_id}{query}")
+        assert response.status == 200, response.text
+        self.text = response.text
+
+        def attribute(name):
+            found = re.search(rf'{name}="([^"]*)"', self.text)
+            assert found, (name, self.text)
+            return html.unescape(found.group(1))
+
+        self.events_url = attribute("data-events")
+        self.status_url = attribute("data-status")
+        self.cancel_url = re.search(
+            r'class="lrp-job-cancel" method="post" action="([^"]+)"', self.text
+        ).group(1)
+        self.token = attribute('name="token" value')
+
+
+class EventStream:
+    """An SSE client on a raw HTTP connection: reads events as they arrive."""
+
+    def __init__(self, port: int, path: str, timeout: float = 10):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.conn.request("GET", path, headers={"Accept": "text/event-stream"})
+        self.response = self.conn.getresponse()
+        self.status = self.response.status
+        self.headers = {k.lower(): v for k, v in self.response.getheaders()}
+        self.fields: list[dict] = []
+
+    def next_block(self) -> dict | None:
+        """@return: the next block of lines up to a blank one (C{None} at the end)."""
+        block: dict = {}
+        while True:
+            line = self.response.readline()
+            if not line:
+                return None
+            line = line.decode().rstrip("\n")
+            if not line:
+                if block:
+                    return block
+                continue
+            name, _, value = line.partition(":")
+            block.setdefault(name, []).append(value.removeprefix(" "))
+
+    def next_event(self) -> tuple[str, dict]:
+        """@return: the next event's name and data, skipping comments and retry."""
+        while True:
+            block = self.next_block()
+            assert block is not None, "the stream ended"
+            if "event" in block:
+                return block["event"][0], json.loads("\n".join(block["data"]))
+
+    def until(self, predicate) -> dict:
+        """@return: the data of the first progress event that satisfies C{predicate}."""
+        while True:
+            name, data = self.next_event()
+            assert name == "progress", (name, data)
+            if predicate(data):
+                return data
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def forged_token(job_id: str, user=None, age: float = 0) -> str:
+    """@return: a token as the site would have made it C{age} seconds ago."""
+    from django.core import signing
+
+    with mock.patch("django.core.signing.time.time", return_value=time.time() - age):
+        signer = signing.TimestampSigner(key=SECRET_KEY, salt=SALT, fallback_keys=[])
+        return signer.sign_object({"j": job_id, "u": user})
+
+
+def test_the_stream_pushes_each_step_then_the_end(env):
+    server, _, base = env
+    job = Job(server, base)
+    page = Page(server, job.id)
+    assert page.events_url.startswith(f"/-/jobs/{job.id}/events?token=")
+    stream = EventStream(server.port, page.events_url)
+    try:
+        assert stream.status == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["cache-control"] == "no-store"
+        assert stream.next_block() == {"retry": ["2000"]}
+        first = stream.until(lambda data: True)
+        assert first["id"] == job.id and first["state"] in ("queued", "running")
+        assert first["progress"]["current"] == 0 and not first["finished"]
+        for n in (1, 2):
+            job.step()
+            data = stream.until(lambda data, n=n: data["progress"]["current"] == n)
+            assert data["state"] == "running"
+            assert data["progress"] == {
+                "current": n,
+                "total": 3,
+                "message": f"step {n} of 3",
+                "percent": round(100 * n / 3, 1),
+            }
+        job.step()
+        stepped = time.monotonic()
+        last = stream.until(lambda data: data["finished"])
+        # The end arrives pushed by the job service's wait, not a second later.
+        assert time.monotonic() - stepped < 3
+        assert last["state"] == "succeeded" and last["result"] == {"steps": 3}
+        assert last["progress"]["percent"] == 100.0
+        # Then the stream ends (the response is finished; nothing more comes).
+        assert stream.next_block() is None
+    finally:
+        stream.close()
+
+
+def test_the_page_without_javascript_shows_state_and_progress(env):
+    server, _, base = env
+    job = Job(server, base)
+    job.step()
+    wait_for(lambda: api(server, "get", id=job.id)["job"]["progress"][0] == 1, 30, message="step 1")
+    page = Page(server, job.id)
+    text = page.text
+    assert '<progress class="lrp-job-bar" max="3" value="1">33.3 %</progress>' in text
+    assert '<span class="lrp-job-state">running</span>' in text
+    assert '<p class="lrp-job-message">step 1 of 3</p>' in text
+    assert f'action="/lrp/jobs/{job.id}/cancel"' in text
+    assert 'name="csrfmiddlewaretoken"' in text
+    assert f'name="next" value="/progress/{job.id}"' in text
+    assert '<script src="/static/twistedlrp/progress.js" defer></script>' in text
+    job.finish()
+    wait_job(server, job.id)
+    finished = Page(server, job.id).text
+    assert '<span class="lrp-job-state">succeeded</span>' in finished
+    assert 'max="3" value="3"' in finished
+    # A finished job's cancel form is hidden.
+    assert re.search(r'<form class="lrp-job-cancel"[^>]* hidden>', finished)
+
+
+def test_a_finished_job_gets_one_event_and_the_end(env):
+    server, _, base = env
+    job = Job(server, base, count=1)
+    job.finish()
+    wait_job(server, job.id)
+    stream = EventStream(server.port, Page(server, job.id).events_url)
+    try:
+        name, data = stream.next_event()
+        assert name == "progress" and data["state"] == "succeeded" and data["finished"]
+        assert stream.next_block() is None
+    finally:
+        stream.close()
+
+
+def test_bad_tokens_are_refused_with_403(env):
+    server, _, base = env
+    job, other = Job(server, base, count=1), Job(server, base, count=1)
+    try:
+        page = Page(server, job.id)
+        events = f"/-/jobs/{job.id}/events"
+        cases = {
+            "no token": events,
+            "a forged token": f"{events}?token=" + page.token[:-3] + "abc",
+            "another job's token": f"/-/jobs/{other.id}/events?token={page.token}",
+            "an expired token": f"{events}?token=" + forged_token(job.id, age=6 * 3600 + 60),
+            "another job's payload under this one's signature": f"/-/jobs/{other.id}/events?token="
+            + forged_token(other.id).rsplit(":", 1)[0]
+            + ":"
+            + forged_token(job.id).rsplit(":", 1)[1],
+        }
+        for case, path in cases.items():
+            response = request(server.port, path)
+            assert response.status == 403, (case, response.status, response.text)
+            assert response.text.startswith("Forbidden: "), (case, response.text)
+        assert "expired" in request(server.port, cases["an expired token"]).text
+        # A token the site made a moment ago (same key) is good: the forging is right.
+        response_ok = EventStream(server.port, f"{events}?token={forged_token(job.id)}")
+        assert response_ok.status == 200
+        response_ok.close()
+        # The status view and the cancel button check the token too.
+        other_status = page.status_url.replace(job.id, other.id)
+        assert request(server.port, other_status).status == 403
+        assert request(server.port, f"/lrp/jobs/{job.id}/status").status == 403
+        response = request(
+            server.port,
+            f"/lrp/jobs/{other.id}/cancel",
+            method="POST",
+            body=f"token={page.token}".encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status == 403 and response.json()["error"] == "the token is for another job"
+        assert api(server, "get", id=other.id)["job"]["state"] != "cancelled"
+        # Not a stream: other paths and methods under /-/jobs/.
+        assert request(server.port, f"/-/jobs/{job.id}").status == 404
+        assert request(server.port, page.events_url, method="POST", body=b"").status == 405
+    finally:
+        job.finish()
+        other.finish()
+
+
+def test_a_page_for_one_user_gives_a_token_for_that_user_only(env):
+    server, _, base = env
+    job = Job(server, base, count=1)
+    try:
+        page = Page(server, job.id, "?user=7")
+        # The status view runs as nobody here: the token was made for user 7.
+        response = request(server.port, page.status_url)
+        assert response.status == 403
+        assert response.json() == {"error": "the token is for another user"}
+        assert request(server.port, Page(server, job.id).status_url).status == 200
+    finally:
+        job.finish()
+
+
+def test_the_status_view_answers_json(env):
+    server, _, base = env
+    job = Job(server, base, count=2)
+    page = Page(server, job.id)
+    job.step()
+    data = wait_for(
+        lambda: (
+            (d := request(server.port, page.status_url).json())["progress"]["current"] == 1 and d
+        ),
+        30,
+        message="step 1 in the status view",
+    )
+    assert data["id"] == job.id and data["state"] == "running" and not data["finished"]
+    assert data["progress"]["message"] == "step 1 of 2"
+    response = request(server.port, page.status_url)
+    assert response.headers["cache-control"] == "no-store"
+    job.finish()
+    wait_job(server, job.id)
+    assert request(server.port, page.status_url).json()["result"] == {"steps": 2}
+    # A good token for a job the service does not know: 404.
+    unknown = str(uuid.uuid4())
+    response = request(server.port, f"/lrp/jobs/{unknown}/status?token={forged_token(unknown)}")
+    assert response.status == 404, response.text
+    # Only GET.
+    assert request(server.port, page.status_url, method="POST", body=b"").status == 405
+
+
+def test_the_cancel_button_cancels_and_returns_to_the_page(env):
+    server, _, base = env
+    job = Job(server, base)
+    page = Page(server, job.id)
+    stream = EventStream(server.port, page.events_url)
+    try:
+        stream.until(lambda data: True)
+        wait_job(server, job.id, states=("running",))
+        form = f"token={page.token}&next=/progress/{job.id}"
+        response = request(
+            server.port,
+            page.cancel_url,
+            method="POST",
+            body=form.encode(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        # Without JavaScript: back to the page.
+        assert response.status == 303, response.text
+        assert response.headers["location"] == f"/progress/{job.id}"
+        last = stream.until(lambda data: data["finished"])
+        assert last["state"] == "cancelled"
+        assert stream.next_block() is None
+    finally:
+        stream.close()
+    # The script's way: JSON back; a redirect elsewhere is refused (JSON instead).
+    response = request(
+        server.port,
+        page.cancel_url,
+        method="POST",
+        body=f"token={page.token}&next=http://elsewhere.example/".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 200 and response.json()["state"] == "cancelled"
+
+
+def streams_open(server) -> int:
+    return request(server.port, "/-/health").json()["progress_streams"]["open"]
+
+
+def test_a_client_that_goes_away_is_forgotten(env):
+    server, _, base = env
+    job = Job(server, base)
+    try:
+        page = Page(server, job.id)
+        streams = [EventStream(server.port, page.events_url) for _ in range(3)]
+        for stream in streams:
+            stream.until(lambda data: True)
+        assert streams_open(server) == 3
+        for stream in streams:
+            stream.close()
+        wait_for(lambda: streams_open(server) == 0, 10, message="the streams forgotten")
+        # And the server still streams.
+        stream = EventStream(server.port, page.events_url)
+        stream.until(lambda data: True)
+        job.step()
+        assert stream.until(lambda data: data["progress"]["current"] == 1)
+        stream.close()
+        assert "Traceback" not in server.output()
+    finally:
+        job.finish()
+
+
+def test_the_stream_limit_and_open_streams_do_not_hold_the_shutdown(env, tmp_path):
+    _, template, base = env
+    server = start_server(
+        template, tmp_path / "server", "--workers", "1", "--graceful-timeout", "20",
+        env={"LRP_TEST_PROGRESS_MAX_STREAMS": "2"},
+    )  # fmt: skip
+    try:
+        # Queued until next hour: its streams stay open, no job holds the shutdown.
+        info = api(
+            server, "submit", name="testapp.jobs.add", args=[1, 2], run_after=time.time() + 3600
+        )["job"]
+        page = Page(server, info["id"])
+        streams = [EventStream(server.port, page.events_url) for _ in range(2)]
+        for stream in streams:
+            assert stream.status == 200
+            assert stream.until(lambda data: True)["state"] == "queued"
+        # A third is one too many: 503, and the widget polls instead.
+        response = request(server.port, page.events_url)
+        assert response.status == 503 and response.headers["retry-after"] == "5"
+        assert request(server.port, page.status_url).status == 200
+        started = time.monotonic()
+        assert server.stop(timeout=15) == 0
+        assert time.monotonic() - started < 8
+        for stream in streams:
+            # Each ended cleanly (end of the chunked body) rather than being cut.
+            assert stream.next_block() is None
+    finally:
+        server.kill()
+
+
+def test_the_script_and_template_are_package_data():
+    package = ROOT / "twistedlrp"
+    script = (package / "static" / "twistedlrp" / "progress.js").read_text()
+    assert "new EventSource(" in script and "lrp:job" in script
+    assert (package / "templates" / "twistedlrp" / "job_progress.html").is_file()

@@ -1,0 +1,114 @@
+"""
+What the live progress widget (docs/jobs.md, "Showing progress") shares
+between its template tag, its views and the reactor's event stream: the
+signed token that lets a page follow one job, and the JSON a job is shown
+as.
+
+A token is C{django.core.signing} over the job id and the id of the user
+the page was rendered for (C{None} when anonymous), with the salt
+C{"twistedlrp.progress"}: only a page rendered with the tag hands one out,
+so only who could load that page can follow, or cancel, that job. It
+expires after C{LRP_PROGRESS_TOKEN_MAX_AGE} seconds (a setting, default
+21,600: six hours).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core import signing
+
+SALT = "twistedlrp.progress"
+DEFAULT_MAX_AGE = 6 * 3600
+EVENTS_PREFIX = "/-/jobs/"
+
+
+class BadToken(Exception):
+    """The token is missing, forged, expired, or for another job or user."""
+
+
+def max_age() -> float:
+    """@return: the seconds a token stays valid (C{LRP_PROGRESS_TOKEN_MAX_AGE})."""
+    return float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
+
+
+def user_key(request) -> str | None:
+    """@return: the id (as text) of C{request}'s authenticated user, else C{None}."""
+    user = getattr(request, "user", None) if request is not None else None
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    return str(user.pk)
+
+
+def make_token(job_id, user: str | None = None) -> str:
+    """
+    @param user: L{user_key} of the request the page is rendered for.
+    @return: a URL-safe token that lets its holder follow job C{job_id}.
+    @raise ValueError: C{job_id} is not a UUID.
+    """
+    return signing.dumps({"j": _job_id(job_id), "u": user}, salt=SALT, compress=False)
+
+
+def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
+    """
+    Verify C{token} for job C{job_id}; and for C{user} unless C{check_user}
+    is false (the reactor's event stream has no Django request, hence no
+    user: the token alone admits it).
+
+    @raise BadToken: the token is missing, forged, older than L{max_age},
+        or made for another job or user (the message says which).
+    """
+    if not token:
+        raise BadToken("no token (the ?token= the page's job widget was given)")
+    try:
+        data = signing.loads(token, salt=SALT, max_age=max_age())
+    except signing.SignatureExpired:
+        raise BadToken("the token has expired (reload the page)") from None
+    except signing.BadSignature:
+        raise BadToken("the token is not valid") from None
+    try:
+        wanted = _job_id(job_id)
+    except ValueError:
+        raise BadToken("the job id is not a UUID") from None
+    if not isinstance(data, dict) or data.get("j") != wanted:
+        raise BadToken("the token is for another job")
+    if check_user and data.get("u") != user:
+        raise BadToken("the token is for another user")
+
+
+def events_path(job_id, token: str) -> str:
+    """@return: the path (with its query) of the job's event stream."""
+    return f"{EVENTS_PREFIX}{_job_id(job_id)}/events?token={token}"
+
+
+def describe(info) -> dict:
+    """
+    @param info: a L{twistedlrp.jobs.JobInfo}, or a job as the wire
+        describes it (a dict).
+    @return: the JSON-ready view of the job that the widget shows (the
+        event stream's data and the status view's answer).
+    """
+    from twistedlrp.jobs import SUCCEEDED, JobInfo
+
+    if isinstance(info, dict):
+        info = JobInfo.from_dict(info)
+    current, total, message = info.progress
+    return {
+        "id": info.id,
+        "state": info.state,
+        "finished": info.finished,
+        "progress": {
+            "current": current,
+            "total": total,
+            "message": message,
+            "percent": round(min(100 * current / total, 100), 1) if total else None,
+        },
+        "result": info.result if info.state == SUCCEEDED else None,
+        # The first line says what happened; the traceback is for the admin.
+        "error": info.error.splitlines()[0] if info.error else "",
+    }
+
+
+def _job_id(job_id) -> str:
+    return str(uuid.UUID(str(job_id)))

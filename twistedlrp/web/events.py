@@ -1,0 +1,270 @@
+"""
+The live progress of one job as Server-Sent Events, answered by the reactor
+(no pool thread is held by a stream): C{GET /-/jobs/<id>/events?token=...}
+with the token the page's C{{% lrp_job_progress %}} widget was given
+(L{twistedlrp.progress}).
+
+Each stream asks the job service (over this process's job client) for the
+job with C{wait} and a short timeout, one call after another: the answer
+comes at once when the job finishes, else after L{POLL_INTERVAL} seconds
+with its current state, and an C{event: progress} is sent whenever state or
+progress changed. After the finished state the stream ends. A comment line
+every L{HEARTBEAT} seconds keeps proxies from closing a quiet stream; a
+client that stops reading for C{--write-timeout} seconds is cut; a client
+that goes away stops the polling. At most C{LRP_PROGRESS_MAX_STREAMS}
+(a setting, default 200) are open per web process; more get 503, and the
+widget falls back to polling the status view.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
+
+log = Logger()
+
+POLL_INTERVAL = 0.5
+HEARTBEAT = 15.0
+# The browser's reconnection delay (milliseconds) after a broken stream.
+RETRY_MS = 2000
+# After the job service failed to answer, before asking again.
+_UNAVAILABLE_DELAY = 2.0
+DEFAULT_MAX_STREAMS = 200
+
+_PREFIX = EVENTS_PREFIX.encode()
+_PATH = re.compile(rb"^" + re.escape(EVENTS_PREFIX.encode()) + rb"([0-9a-fA-F-]{36})/events$")
+
+
+class JobEvents:
+    """
+    The event streams of one web process.
+
+    @param client: a callable returning this process's job client (with
+        its reactor-side C{request(op, kw, timeout)}), or C{None} when
+        there is none.
+    @ivar streams: the open streams.
+    """
+
+    def __init__(self, reactor, client, max_streams: int | None = None):
+        self.reactor = reactor
+        self._client = client
+        self._max_streams = max_streams
+        self.streams: set[_Stream] = set()
+
+    @property
+    def max_streams(self) -> int:
+        if self._max_streams is None:
+            from django.conf import settings
+
+            return int(getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS))
+        return self._max_streams
+
+    def matches(self, path: bytes) -> bool:
+        """@return: whether C{path} is under the event streams' prefix (C{/-/jobs/})."""
+        return path.startswith(_PREFIX)
+
+    def render(self, request) -> bytes | object:
+        """
+        @return: an error body (403, 404, 405, 503), or C{NOT_DONE_YET}
+            with the stream begun.
+        """
+        found = _PATH.match(request.path)
+        if found is None:
+            return _answer(request, 404, b"Not Found\n")
+        if request.method != b"GET":
+            request.setHeader(b"allow", b"GET")
+            return _answer(request, 405, b"Method Not Allowed\n")
+        job_id = found.group(1).decode().lower()
+        token = (request.args.get(b"token") or [b""])[0].decode("latin-1")
+        try:
+            check_token(token, job_id, check_user=False)
+        except BadToken as e:
+            return _answer(request, 403, f"Forbidden: {e}.\n".encode())
+        client = self._client()
+        if client is None:
+            return _answer(request, 503, b"No job client in this process.\n")
+        if len(self.streams) >= self.max_streams:
+            request.setHeader(b"retry-after", b"5")
+            return _answer(request, 503, b"Too many open progress streams; poll instead.\n")
+        stream = _Stream(self, request, client, job_id)
+        self.streams.add(stream)
+        stream.start()
+        return NOT_DONE_YET
+
+    def describe(self) -> dict:
+        """@return: the health endpoint's section: open streams and the most allowed."""
+        return {"open": len(self.streams), "max": self.max_streams}
+
+    def close_all(self) -> None:
+        """End every stream (the server is stopping: they must not hold the drain)."""
+        for stream in list(self.streams):
+            stream.close()
+
+
+def _answer(request, code: int, body: bytes) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+@implementer(IPushProducer)
+class _Stream:
+    """One client's stream of one job's events."""
+
+    def __init__(self, events: JobEvents, request, client, job_id: str):
+        self.events = events
+        self.reactor = events.reactor
+        self.request = request
+        self.client = client
+        self.job_id = job_id
+        self.done = False
+        self._last: dict | None = None
+        self._paused = False
+        self._cut_call = None
+        self._heartbeat = None
+        self._sleep = None
+
+    def start(self) -> None:
+        request = self.request
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        # nginx buffers responses unless told not to.
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(self._gone)
+        self._write(b"retry: %d\n\n" % RETRY_MS)
+        self._heartbeat = self.reactor.callLater(HEARTBEAT, self._beat)
+        defer.ensureDeferred(self._follow()).addErrback(self._failed)
+
+    async def _follow(self) -> None:
+        op, kw = "status", {"job_id": self.job_id}
+        while not self.done:
+            try:
+                info = await self.client.request(op, kw)
+            except Exception as e:
+                from twistedlrp.jobs.errors import JobServiceUnavailable
+
+                if self.done:
+                    return
+                if not isinstance(e, JobServiceUnavailable):
+                    # Unknown job, or the service refused: nothing will change.
+                    self._event("refused", {"error": str(e)})
+                    self.close()
+                    return
+                self._event("unavailable", {"error": str(e)})
+                await self._pause(_UNAVAILABLE_DELAY)
+                continue
+            if self.done:
+                return
+            shown = describe(info)
+            # While the client is not reading, only the last word is worth queueing.
+            if shown != self._last and (not self._paused or shown["finished"]):
+                self._last = shown
+                self._event("progress", shown)
+            if shown["finished"]:
+                self.close()
+                return
+            # Returns at once when the job finishes, else after the interval.
+            op, kw = "wait", {"job_id": self.job_id, "timeout": POLL_INTERVAL}
+            if self._paused:
+                await self._pause(POLL_INTERVAL)
+
+    def _pause(self, seconds: float) -> defer.Deferred:
+        """@return: a Deferred firing after C{seconds}, or at once when the stream ends."""
+        self._sleep = d = defer.Deferred()
+        call = self.reactor.callLater(seconds, _fire, d)
+
+        def stop_timer(value):
+            if call.active():
+                call.cancel()
+            return value
+
+        return d.addBoth(stop_timer)
+
+    def _event(self, name: str, data: dict) -> None:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        self._write(f"event: {name}\ndata: {text}\n\n".encode())
+
+    def _write(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.request.write(data)
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.reset(HEARTBEAT)
+
+    def _beat(self) -> None:
+        self._heartbeat = None
+        if self.done:
+            return
+        self._write(b": keep-alive\n\n")
+        self._heartbeat = self.reactor.callLater(HEARTBEAT, self._beat)
+
+    def _failed(self, failure) -> None:
+        log.failure("The progress stream of job {job} failed", failure=failure, job=self.job_id)
+        self.close()
+
+    def close(self) -> None:
+        """End the stream (the response is finished, the connection kept)."""
+        if self.done:
+            return
+        self._end()
+        self.request.unregisterProducer()
+        self.request.finish()
+
+    def _gone(self, _reason) -> None:
+        # The client went away (or the response was finished): stop asking.
+        self._end()
+
+    def _end(self) -> None:
+        self.done = True
+        self.events.streams.discard(self)
+        for call in (self._heartbeat, self._cut_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._heartbeat = self._cut_call = None
+        sleep, self._sleep = self._sleep, None
+        if sleep is not None:
+            _fire(sleep)
+
+    # IPushProducer: a client that stops reading is cut after --write-timeout.
+    def pauseProducing(self) -> None:
+        self._paused = True
+        timeout = getattr(getattr(self.request.channel, "site", None), "limits", None)
+        timeout = getattr(timeout, "write_timeout", None)
+        if timeout and self._cut_call is None:
+            self._cut_call = self.reactor.callLater(timeout, self._cut)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._cut_call is not None and self._cut_call.active():
+            self._cut_call.cancel()
+        self._cut_call = None
+
+    def stopProducing(self) -> None:
+        self._end()
+
+    def _cut(self) -> None:
+        self._cut_call = None
+        log.info(
+            "Cut the progress stream of job {job}: its client read nothing for "
+            "--write-timeout seconds",
+            job=self.job_id,
+        )
+        self._end()
+        transport = self.request.channel and self.request.channel.transport
+        if transport is not None:
+            transport.abortConnection()
+
+
+def _fire(d: defer.Deferred) -> None:
+    if not d.called:
+        d.callback(None)
