@@ -9,6 +9,21 @@ _reporter = None  # callable(current, total, message) set by the worker child
 _job_id: str | None = None
 # A cancel can arrive before its job's thread begins: remember it.
 _cancel_early: set[str] = set()
+# The eager test mode (twistedlrp.jobs.eager) runs jobs in the threads that
+# submit them, several at once and nested: each thread has its own job,
+# (job_id, reporter, cancel event), which wins over the worker's above.
+_local = threading.local()
+
+
+def begin_local(job_id: str, reporter, cancel: threading.Event):
+    """Make C{job_id} this thread's job; @return: the previous one, for L{end_local}."""
+    previous = getattr(_local, "job", None)
+    _local.job = (job_id, reporter, cancel)
+    return previous
+
+
+def end_local(previous) -> None:
+    _local.job = previous
 
 
 def begin(job_id: str, reporter) -> None:
@@ -36,14 +51,19 @@ def request_cancel(job_id: str) -> None:
 
 
 def report_progress(current, total, message) -> None:
-    reporter = _reporter
+    local = getattr(_local, "job", None)
+    reporter = local[1] if local else _reporter
     if reporter is not None:
         reporter(current, total, message)
 
 
 def is_cancelled() -> bool:
+    local = getattr(_local, "job", None)
+    if local:
+        return local[2].is_set()
     return _reporter is not None and _cancel.is_set()
 
 
 def current_job_id() -> str | None:
-    return _job_id
+    local = getattr(_local, "job", None)
+    return local[0] if local else _job_id
