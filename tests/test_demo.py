@@ -6,12 +6,16 @@ JSON view shows its progress, the result arrives; cancelling stops it.
 
 from __future__ import annotations
 
+import html
+import http.client
+import json
 import os
 import re
 import sqlite3
 import subprocess
 import sys
 import time
+from urllib.parse import urlencode
 
 import pytest
 
@@ -111,13 +115,41 @@ def test_import_without_javascript_then_cancel(demo):
     response = browser.post("/import", json=False)
     assert response.status == 303
     job_id = re.fullmatch(r"/\?job=([0-9a-f-]{36})", response.headers["location"]).group(1)
-    # The page the browser lands on follows that job.
+    # The page the browser lands on follows that job with the progress widget.
     page = demo.get(f"/?job={job_id}")
-    assert f'data-job="{job_id}"' in page.text and f"/jobs/{job_id}/cancel" in page.text
+    assert f'data-lrp-job="{job_id}"' in page.text
+    assert '<script src="/static/twistedlrp/progress.js" defer></script>' in page.text
+    events = html.unescape(re.search(r'data-events="([^"]+)"', page.text).group(1))
+    token = re.search(r'name="token" value="([^"]+)"', page.text).group(1)
 
     wait_for(lambda: browser.job(job_id)["progress"]["current"] > 0, 30, message="the first batch")
-    response = browser.post(f"/jobs/{job_id}/cancel")
-    assert response.status == 200, response.text
+    # Its event stream (what the widget's script reads) says how far it got.
+    conn = http.client.HTTPConnection("127.0.0.1", demo.port, timeout=10)
+    try:
+        conn.request("GET", events)
+        stream = conn.getresponse()
+        assert stream.status == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        while not (line := stream.readline()).startswith(b"data: "):
+            assert line, "the stream ended"
+        assert json.loads(line[6:])["progress"]["current"] > 0
+    finally:
+        conn.close()
+    # The widget's Cancel button, as a form post without JavaScript: back to the page.
+    form = urlencode(
+        {"csrfmiddlewaretoken": browser.token, "token": token, "next": f"/?job={job_id}"}
+    )
+    response = demo.get(
+        f"/lrp/jobs/{job_id}/cancel",
+        method="POST",
+        body=form.encode(),
+        headers={
+            "Cookie": f"csrftoken={browser.cookie}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert response.status == 303, response.text
+    assert response.headers["location"] == f"/?job={job_id}"
     info = wait_for(
         lambda: (i := browser.job(job_id))["finished"] and i, 30, message="the cancelled job"
     )

@@ -8,6 +8,7 @@ from demo.jobs import import_contacts
 from demo.lrp import BOOT
 from demo.models import Contact
 from twistedlrp import jobs
+from twistedlrp.progress import describe
 
 IMPORT_COUNT = 5000
 
@@ -18,6 +19,12 @@ def home(request):
         job_id = str(uuid.UUID(job_id)) if job_id else ""
     except ValueError:
         job_id = ""
+    job = None
+    if job_id:
+        try:
+            job = jobs.get(job_id)
+        except jobs.JobError:
+            job = job_id  # the progress widget says what is wrong
     return render(
         request,
         "demo/home.html",
@@ -26,8 +33,11 @@ def home(request):
             "boot": BOOT,
             "contacts": Contact.objects.count(),
             "import_count": f"{IMPORT_COUNT:,}",
-            # Set after a submission without JavaScript (see start_import).
-            "job_id": job_id,
+            # Set after a submission (see start_import): the page follows that job.
+            "job": job,
+            "result": job.result
+            if isinstance(job, jobs.JobInfo) and job.state == jobs.SUCCEEDED
+            else None,
         },
     )
 
@@ -35,8 +45,8 @@ def home(request):
 @require_POST
 def start_import(request):
     """
-    Submit the import job and answer at once: JSON for the page's script,
-    a redirect to the home page (which then follows the job) without it.
+    Submit the import job and answer at once: a redirect to the home page,
+    whose progress widget follows the job (JSON for a client that asks).
     """
     try:
         info = import_contacts.submit(IMPORT_COUNT)
@@ -73,21 +83,8 @@ def cancel_job(request, job_id):
 
 
 def _describe(info: jobs.JobInfo) -> dict:
-    current, total, message = info.progress
-    return {
-        "id": info.id,
-        "state": info.state,
-        "finished": info.finished,
-        "progress": {
-            "current": current,
-            "total": total,
-            "message": message,
-            "percent": round(100 * current / total, 1) if total else None,
-        },
-        "result": info.result if info.state == jobs.SUCCEEDED else None,
-        # The first line says what happened; the traceback is for the admin.
-        "error": info.error.splitlines()[0] if info.error else "",
-    }
+    # The progress widget's view of a job: state, progress, result, error.
+    return describe(info)
 
 
 def _wants_json(request) -> bool:
