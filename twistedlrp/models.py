@@ -89,3 +89,29 @@ class Node(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.host}, pid {self.pid})"
+
+
+class Schedule(models.Model):
+    """
+    A periodic job (L{twistedlrp.jobs.schedules}): C{@job(schedule=...)} or
+    an entry of C{settings.LRP_SCHEDULE}, synced into this table at each job
+    node's start. The job node that moves C{next_due} on (a conditional
+    update) submits the job of that due time.
+    """
+
+    name = models.CharField(max_length=255, primary_key=True)
+    job = models.CharField(max_length=255, help_text="The registered job name.")
+    cron = models.CharField(
+        max_length=255, help_text="Cron expression (5 fields, or 6 with seconds first)."
+    )
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    next_due = models.DateTimeField(db_index=True)
+    last_run_at = models.DateTimeField(null=True, blank=True)
+    last_job = models.UUIDField(null=True, blank=True, help_text="The job of the last run.")
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.cron})"

@@ -120,6 +120,7 @@ def _parse_time(value):
 def job(
     fn=None,
     *,
+    schedule: str | None = None,
     name: str | None = None,
     timeout: float | None = None,
     retries: int = 0,
@@ -132,6 +133,9 @@ def job(
     Register a module-level function as a job. Use bare (C{@job}) or with
     options (C{@job(timeout=60, retries=2)}).
 
+    @param schedule: a cron expression (5 fields, or 6 with seconds first)
+        in C{settings.TIME_ZONE}: the job also runs by itself, without
+        arguments, at each time it names (docs/jobs.md, "Periodic jobs").
     @param name: the registered name [default: C{module.qualname}].
     @param timeout: seconds an attempt may run before its process is killed.
     @param retries: extra attempts after a failure (a crash or timeout too).
@@ -174,6 +178,11 @@ def job(
         submit_this.__doc__ = f"Submit {definition.name} as a job; return its L{{JobInfo}}."
         function.submit = submit_this
         function.job_name = definition.name
+        if schedule is not None:
+            from twistedlrp.jobs import schedules
+
+            # A bad expression fails the import of the job's module, at start-up.
+            schedules.declare(definition.name, schedule)
         return function
 
     return register(fn) if fn is not None else register

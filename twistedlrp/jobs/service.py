@@ -41,6 +41,7 @@ from twistedlrp.jobs.errors import (
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
+from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
@@ -158,6 +159,9 @@ class JobService(JobOperations, service.Service):
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
+        # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
+        self.schedules = configured()
+        self.scheduler = Scheduler(reactor, self.store, self.submit, self.queues)
         self.listener = None
         self._poll = task.LoopingCall(self.dispatcher.wake)
         self._poll.clock = reactor
@@ -214,6 +218,7 @@ class JobService(JobOperations, service.Service):
         self._last_usable = self.reactor.seconds()
         self.watchdog.start()
         self.lease_keeper.start()
+        await self.scheduler.start(self.schedules)
         self.pruner.start()
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
@@ -291,6 +296,7 @@ class JobService(JobOperations, service.Service):
             await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
         dispatcher = self.dispatcher
         self.watchdog.stop()
+        self.scheduler.stop()
         self.pruner.stop()
         if self._poll.running:
             self._poll.stop()

@@ -214,3 +214,13 @@ def gated_steps(marker_dir, count):
             time.sleep(0.01)
         progress(i, count, f"step {i} of {count}")
     return {"steps": count}
+
+
+# A job with a schedule of its own (every second), for the periodic job tests
+# only: every other server has no schedule.
+if os.environ.get("LRP_TEST_TICK_DIR"):
+
+    @job(schedule="* * * * * *")
+    def tick():
+        """Counts its runs: one line per run in $LRP_TEST_TICK_DIR/tick."""
+        _mark(os.environ["LRP_TEST_TICK_DIR"], "tick")

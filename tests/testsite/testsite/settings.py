@@ -84,3 +84,8 @@ LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
 # Retention: a short keep for its tests (unset: the default, 7 days).
 if os.environ.get("LRP_TEST_JOBS_KEEP"):
     LRP_JOBS_KEEP = os.environ["LRP_TEST_JOBS_KEEP"]
+# Periodic jobs: LRP_SCHEDULE as JSON, for their tests (unset: no schedule).
+if os.environ.get("LRP_TEST_SCHEDULE"):
+    import json
+
+    LRP_SCHEDULE = json.loads(os.environ["LRP_TEST_SCHEDULE"])

@@ -1,0 +1,361 @@
+"""
+Periodic jobs: C{@job(schedule="*/5 * * * *")} and C{settings.LRP_SCHEDULE}.
+
+Every schedule has a row in the table C{twistedlrp_schedule} with its next
+due time (L{twistedlrp.models.Schedule}). Each job node syncs the schedules
+it knows into the table at start-up (L{sync}) and then, on a reactor timer,
+runs the due ones (L{Scheduler}):
+
+ 1. submit the job of the due time with an id derived from the schedule's
+    name and that due time (L{job_id}): a second submission of the same due
+    time, by another node or after a crash, returns the first job instead
+    of storing another;
+ 2. move C{next_due} on with C{UPDATE ... WHERE name = n AND next_due = old}
+    (L{claim}): only one node's update matches.
+
+So each due time runs once, whichever nodes see it. A node that was down
+(or a schedule whose runs were all missed) runs a late schedule once, and
+its next due time is the first one after now: missed runs are not made up.
+
+Cron expressions are evaluated in Django's C{TIME_ZONE} (cronsim, which
+follows daylight saving time); the table holds aware UTC datetimes. A cron
+expression has 5 fields, or 6 with seconds first (C{"*/10 * * * * *"}).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+
+log = Logger()
+
+# The longest the scheduler sleeps without looking at the table (another
+# node's start-up may have changed a schedule).
+MAX_SLEEP = 60.0
+# After a failed look at the table (the database is away), try again after this.
+RETRY_AFTER = 5.0
+# Ids of scheduled jobs: uuid5(NAMESPACE, "name@due time").
+NAMESPACE = uuid.UUID("6f0c2f5e-3b0e-4c1a-9d55-8f1f3c7a5e21")
+_KEYS = {"job", "cron", "args", "kwargs"}
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """A schedule as the code or the settings define it."""
+
+    name: str
+    job: str
+    cron: str
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+
+
+# Schedules of @job(schedule=...), by name (the job's name).
+_declared: dict[str, ScheduleSpec] = {}
+
+
+def check_cron(cron, what: str) -> str:
+    """
+    @return: C{cron}, a valid cron expression.
+    @raise InvalidArguments: it is not a string cronsim accepts (the message
+        names C{what} and says why).
+    """
+    from cronsim import CronSim, CronSimError
+
+    if not isinstance(cron, str):
+        raise InvalidArguments(f"{what}: expected a cron expression (a string), got {cron!r}")
+    try:
+        next(CronSim(cron, datetime(2000, 1, 1, tzinfo=UTC)))
+    except (CronSimError, StopIteration) as e:
+        raise InvalidArguments(f"{what}: {cron!r} is not a valid cron expression: {e}") from None
+    return cron
+
+
+def declare(job_name: str, cron) -> None:
+    """
+    Give the job C{job_name} a schedule of its own (C{@job(schedule=...)}).
+
+    @raise InvalidArguments: C{cron} is not a valid cron expression.
+    """
+    _declared[job_name] = ScheduleSpec(
+        job_name, job_name, check_cron(cron, f"{job_name}: schedule")
+    )
+
+
+def configured() -> list[ScheduleSpec]:
+    """
+    @return: every schedule of the site: those of C{@job(schedule=...)} and
+        the entries of C{settings.LRP_SCHEDULE}, sorted by name.
+    @raise twistedlrp.boot.BootError: an entry of C{LRP_SCHEDULE} is not a
+        dict with a registered C{job} and a valid C{cron} (and optional
+        C{args}, a list, and C{kwargs}, a dict, of JSON), or has the name
+        of another schedule.
+    """
+    from django.conf import settings
+
+    from twistedlrp.boot import BootError
+
+    specs = dict(_declared)
+    entries = getattr(settings, "LRP_SCHEDULE", None) or {}
+    if not isinstance(entries, dict):
+        raise BootError(f"LRP_SCHEDULE: expected a dict of schedules, got {entries!r}")
+    for name, entry in entries.items():
+        what = f"LRP_SCHEDULE[{name!r}]"
+        if not isinstance(name, str) or not name or len(name) > 255:
+            raise BootError(f"{what}: a schedule's name is a string of 1 to 255 characters")
+        if not isinstance(entry, dict) or not {"job", "cron"} <= set(entry):
+            raise BootError(f'{what}: expected a dict with "job" and "cron", got {entry!r}')
+        if set(entry) - _KEYS:
+            unknown = ", ".join(sorted(map(str, set(entry) - _KEYS)))
+            raise BootError(f"{what}: unknown keys {unknown} (known: args, cron, job, kwargs)")
+        if registry.lookup(entry["job"]) is None:
+            raise BootError(
+                f"{what}: no job is registered under the name {entry['job']!r}; registered: "
+                f"{', '.join(registry.names()[:20]) or 'none'}"
+            )
+        args, kwargs = entry.get("args", []), entry.get("kwargs", {})
+        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+            raise BootError(f"{what}: args must be a list and kwargs a dict")
+        try:
+            json.dumps([args, kwargs], allow_nan=False)
+            check_cron(entry["cron"], what)
+        except (TypeError, ValueError) as e:
+            raise BootError(f"{what}: the arguments are not JSON: {e}") from None
+        except InvalidArguments as e:
+            raise BootError(str(e)) from None
+        if name in specs:
+            raise BootError(f"{what}: the job {name} has a schedule of that name already")
+        specs[name] = ScheduleSpec(name, entry["job"], entry["cron"], list(args), dict(kwargs))
+    return [specs[name] for name in sorted(specs)]
+
+
+def time_zone() -> tzinfo:
+    """@return: Django's C{TIME_ZONE}, the zone cron expressions are read in."""
+    from django.utils import timezone
+
+    return timezone.get_default_timezone()
+
+
+def next_due(cron: str, after: datetime, zone: tzinfo | None = None) -> datetime:
+    """@return: the first time after C{after} that C{cron} names, in UTC."""
+    from cronsim import CronSim
+
+    local = after.astimezone(zone or time_zone())
+    return next(CronSim(cron, local)).astimezone(UTC)
+
+
+def job_id(name: str, due: datetime) -> str:
+    """@return: the id of the job of the schedule C{name}'s due time C{due}."""
+    return str(uuid.uuid5(NAMESPACE, f"{name}@{due.astimezone(UTC).isoformat()}"))
+
+
+def row_dict(row) -> dict:
+    return {
+        "name": row.name,
+        "job": row.job,
+        "cron": row.cron,
+        "args": row.args,
+        "kwargs": row.kwargs,
+        "next_due": row.next_due,
+        "last_run_at": row.last_run_at,
+    }
+
+
+# -- in the store thread -------------------------------------------------------------
+
+
+def sync(specs: list[ScheduleSpec]) -> list[dict]:
+    """
+    Make the table hold C{specs}: new schedules are added (due at their
+    next time from now), a changed cron expression gets a new next due
+    time, changed arguments are written, and rows of schedules that are
+    not in C{specs} are deleted.
+
+    @return: the rows of C{specs} (L{row_dict}), sorted by name.
+    """
+    from twistedlrp.models import Schedule
+
+    now = datetime.now(UTC)
+    zone = time_zone()
+    names = [spec.name for spec in specs]
+    Schedule.objects.exclude(name__in=names).delete()
+    existing = {row.name: row for row in Schedule.objects.filter(name__in=names)}
+    new = []
+    for spec in specs:
+        row = existing.get(spec.name)
+        if row is None:
+            new.append(
+                Schedule(
+                    name=spec.name,
+                    job=spec.job,
+                    cron=spec.cron,
+                    args=spec.args,
+                    kwargs=spec.kwargs,
+                    next_due=next_due(spec.cron, now, zone),
+                )
+            )
+            continue
+        changes = {}
+        if row.cron != spec.cron:
+            changes.update(cron=spec.cron, next_due=next_due(spec.cron, now, zone))
+        for attribute in ("job", "args", "kwargs"):
+            if getattr(row, attribute) != getattr(spec, attribute):
+                changes[attribute] = getattr(spec, attribute)
+        if changes:
+            # Only if no other node changed it meanwhile.
+            Schedule.objects.filter(name=row.name, cron=row.cron).update(**changes)
+    # Another node starting at the same moment may add the same rows.
+    Schedule.objects.bulk_create(new, ignore_conflicts=True)
+    return [row_dict(row) for row in Schedule.objects.filter(name__in=names).order_by("name")]
+
+
+def due(names: list[str]) -> dict:
+    """
+    @return: C{{"due": rows due now, "next_due": the earliest next due time
+        of the others or None}} among the schedules C{names}.
+    """
+    from django.db.models import Min
+
+    from twistedlrp.models import Schedule
+
+    now = datetime.now(UTC)
+    rows = Schedule.objects.filter(name__in=names)
+    return {
+        "due": [row_dict(row) for row in rows.filter(next_due__lte=now)],
+        "next_due": rows.filter(next_due__gt=now).aggregate(n=Min("next_due"))["n"],
+    }
+
+
+def claim(name: str, old_due: datetime, cron: str, submitted: str) -> datetime | None:
+    """
+    Move the schedule C{name} on from C{old_due} to its first due time
+    after now, if no other node did.
+
+    @return: the new due time, or C{None} when the row had moved on already.
+    """
+    from twistedlrp.models import Schedule
+
+    now = datetime.now(UTC)
+    new = next_due(cron, now)
+    moved = Schedule.objects.filter(name=name, next_due=old_due).update(
+        next_due=new, last_run_at=now, last_job=submitted
+    )
+    return new if moved else None
+
+
+# -- in the reactor ------------------------------------------------------------------
+
+
+class Scheduler:
+    """
+    Runs the due schedules of one job node.
+
+    @param submit: C{submit(name, payload, job_id=...)} of the job service
+        (a Deferred of the job's description).
+    @param queues: the queues this node runs (C{None}: all); a schedule runs
+        on the nodes that run its job's queue.
+    """
+
+    def __init__(self, reactor, store, submit, queues=None):
+        self.reactor = reactor
+        self.store = store
+        self.submit = submit
+        self.queues = queues
+        self.names: list[str] = []
+        self.rows: list[dict] = []
+        self.runs = 0
+        self._timer = None
+        self._running = False
+
+    async def start(self, specs: list[ScheduleSpec] | None = None) -> None:
+        """Sync the schedules into the table, log them, and start the timer."""
+        specs = configured() if specs is None else specs
+        self.rows = await self.store.run(sync, specs)
+        self._running = True
+        zone = time_zone()
+        for row in self.rows:
+            log.info(
+                "Schedule {name}: job {job}, cron {cron!r} ({zone}), next run {next}{skipped}",
+                name=row["name"],
+                job=row["job"],
+                cron=row["cron"],
+                zone=str(zone),
+                next=row["next_due"].astimezone(zone).isoformat(sep=" "),
+                skipped=""
+                if self._runs_here(row)
+                else " (not on this node: its queue is elsewhere)",
+            )
+        self.names = [row["name"] for row in self.rows if self._runs_here(row)]
+        if self.names:
+            self._tick()
+
+    def stop(self) -> None:
+        """Run no more schedules (a look at the table in progress finishes)."""
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _runs_here(self, row: dict) -> bool:
+        definition = registry.lookup(row["job"])
+        if definition is None:
+            return False
+        return self.queues is None or definition.queue in self.queues
+
+    def _tick(self) -> None:
+        self._timer = None
+        d = defer.ensureDeferred(self._run_due())
+        d.addCallbacks(self._sleep, self._failed)
+
+    async def _run_due(self) -> datetime | None:
+        """@return: the earliest next due time of this node's schedules."""
+        found = await self.store.run(due, self.names)
+        earliest = found["next_due"]
+        for row in found["due"]:
+            if not self._running:
+                break
+            submitted = job_id(row["name"], row["next_due"])
+            payload = json.dumps({"args": row["args"], "kwargs": row["kwargs"]}).encode()
+            try:
+                # Submitted first: a crash before the claim submits the same id again.
+                await self.submit(row["job"], payload, job_id=submitted)
+            except JobServiceUnavailable:
+                raise
+            except Exception:
+                # A job that cannot be stored (its arguments, say) will not be
+                # next time either: this due time is skipped, not retried at once.
+                log.failure("Schedule {name}: its job could not be submitted", name=row["name"])
+            new = await self.store.run(claim, row["name"], row["next_due"], row["cron"], submitted)
+            if new is not None:
+                self.runs += 1
+                log.info(
+                    "Schedule {name}: job {id} submitted for {due}",
+                    name=row["name"],
+                    id=submitted,
+                    due=row["next_due"].isoformat(),
+                )
+                earliest = new if earliest is None else min(earliest, new)
+        return earliest
+
+    def _sleep(self, earliest: datetime | None) -> None:
+        if not self._running:
+            return
+        delay = MAX_SLEEP
+        if earliest is not None:
+            # A little late rather than early: the row is due by then.
+            delay = min(max(earliest.timestamp() - self.reactor.seconds() + 0.005, 0.01), MAX_SLEEP)
+        self._timer = self.reactor.callLater(delay, self._tick)
+
+    def _failed(self, failure) -> None:
+        if not self._running:
+            return
+        log.failure("The scheduler could not run the due schedules", failure)
+        self._timer = self.reactor.callLater(RETRY_AFTER, self._tick)
