@@ -124,6 +124,12 @@ OPTIONS: tuple[Option, ...] = (
            unparse=",".join),
     Option("health-path", "/-/health", values.url_path, "Path of the health endpoint, answered by "
            "the reactor"),
+    Option("metrics-path", "/-/metrics", values.url_path, "Path of the Prometheus metrics endpoint, "
+           "answered by the reactor"),
+    Option("metrics-allow-ips", ["127.0.0.1", "::1"], values.networks, "Addresses or networks "
+           "(comma-separated, or '*') that may read the metrics endpoint", kind=STRINGS,
+           unparse=",".join),
+    Option("no-metrics", False, None, "Serve no metrics endpoint and keep no metrics"),
     # The job service.
     Option("state-dir", ".lrp", values.text, "Directory for the job service's socket and state"),
     Option("jobs-listen", None, values.server_endpoint, "AMP endpoint of the job service",
@@ -338,6 +344,8 @@ class Options(usage.Options):
                         f"--web-workers {self['web-workers']}: --listen {endpoint} cannot be "
                         f"shared by several web processes (use tcp:, tcp6:, unix: or systemd:)"
                     )
+        if not self["no-metrics"] and self["metrics-path"] == self["health-path"]:
+            raise usage.UsageError(f"--metrics-path {self['metrics-path']} is --health-path too")
         for name in ("jobs-listen", "pb-listen"):
             endpoint = self[name]
             if endpoint and not endpoint.startswith("unix:") and not self["jobs-secret-file"]:

@@ -79,6 +79,13 @@ class LRPServer(OrderedService):
         pool = None
         scope = {"single": "all", "main": "once", "web": "each"}[role]
         lifecycle.site_services.scope = scope
+        from twistedlrp import metrics
+
+        self.metrics = metrics.configure(role, options)
+        if job_service is not None:
+            from twistedlrp.jobs import metrics as job_metrics
+
+            job_metrics.watch(self.metrics, job_service)
         if role == "main":
             from twistedlrp.web.processes import WebProcesses
 
@@ -113,6 +120,7 @@ class LRPServer(OrderedService):
             job_service,
             lifecycle.StartupHooks(scope),
             _Closer("calls-from-threads", threads.begin_shutdown),
+            metrics.refresh_service(reactor, self.metrics),
             self.web,
             self.web_processes,
         ):

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 
 from twisted.internet import defer
 
+from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
@@ -101,6 +102,7 @@ class JobOperations:
         created, info = await self.store.run(ops.create, fields, job_id, self.shared)
         if created and (self.queues is None or definition.queue in self.queues):
             self.dispatcher.counters["submitted"] += 1
+            job_metrics.count("submitted", name)
             record = JobRecord(
                 info["id"],
                 fields["priority"],

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs.claims import SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.outcomes import Outcomes, check_record, log_failed
@@ -390,6 +391,9 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def _forget(self, record: JobRecord) -> None:
         self.running.pop(record.id, None)
+        started = getattr(record, "started", None)
+        if started is not None:
+            job_metrics.ran(record.name, self.reactor.seconds() - started)
         record.stop_timers()
         if not self.running:
             self._idle.fire()

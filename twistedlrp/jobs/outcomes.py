@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from twisted.logger import Logger
 
+from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_priority, check_seconds
 from twistedlrp.jobs.queue import JobRecord
@@ -36,6 +37,7 @@ class Outcomes:
         # The reactor's clock is Unix time, as run_after is.
         run_after = self.reactor.seconds() + delay
         self.counters["retried"] += 1
+        job_metrics.count("retried", record.name)
         log.info(
             "Job {job_id} attempt {n} of {max} failed; retrying in {delay:.1f} s",
             job_id=record.id,
@@ -62,6 +64,7 @@ class Outcomes:
         d.addErrback(self._unrecorded, record)
 
     def _finish(self, record: JobRecord, state: str, **fields) -> None:
+        job_metrics.count(state, record.name)
         # Read the job back only when someone waits for it; a waiter that
         # comes later reads it after this commit anyway.
         d = self.store.run(

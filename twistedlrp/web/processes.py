@@ -34,6 +34,7 @@ from twisted.application import service
 from twisted.internet import defer, fdesc, task
 from twisted.logger import Logger
 
+from twistedlrp import metrics
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.slot import (
@@ -270,6 +271,8 @@ class WebProcesses(service.Service):
         now = self.reactor.seconds()
         ran = now - slot.started_at
         slot.state = "ended"
+        if metrics.current is not None and slot.pid is not None:
+            metrics.current.process_ended(slot.pid)  # its gauges no longer count
         if slot.peer is not None:
             slot.peer.close()
             slot.peer = None

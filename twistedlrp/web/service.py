@@ -141,7 +141,23 @@ def build_web(
         limits=Limits.from_options(options),
     )
     web = WebService(reactor, site, options["listen"], sockets)
+    _add_metrics(options, router, site, pool)
     return ThreadPoolService(pool), web, health
+
+
+def _add_metrics(options, router: Router, site: LRPSite, pool: ThreadPool) -> None:
+    """Serve this process's metrics (if on) at C{--metrics-path}, and count requests."""
+    from twistedlrp import metrics
+
+    if metrics.current is None:
+        return
+    from twistedlrp.web import metrics as web_metrics
+
+    path = options["metrics-path"].encode()
+    router.metrics_path = path
+    router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
+    site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
+    web_metrics.watch_pool(metrics.current, pool)
 
 
 def _job_events(reactor) -> JobEvents:

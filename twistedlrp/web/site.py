@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from time import monotonic
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -85,6 +86,7 @@ class LRPRequest(server.Request):
     lrp_rejected = False
     lrp_client = ""
     lrp_scheme = "http"
+    lrp_started: float | None = None  # monotonic seconds, once the head is in
 
     def gotLength(self, length):
         self._lrp_received = 0
@@ -127,6 +129,7 @@ class LRPRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def process(self):
+        self.lrp_started = monotonic()
         site = self.channel.site
         self.site = site
         self.setHeader(b"server", SERVER_HEADER)
@@ -162,6 +165,9 @@ class Router(Resource):
     """Send a request to the health endpoint, static files or the application."""
 
     isLeaf = True
+    # The metrics endpoint (web/metrics.py), if on.
+    metrics_path: bytes | None = None
+    metrics = None
 
     def __init__(self, health_path: str, health, statics: list, application, events=None):
         super().__init__()
@@ -180,6 +186,8 @@ class Router(Resource):
         path = request.path
         if path == self._health_path:
             return self._health.render(request)
+        if path == self.metrics_path:
+            return self.metrics.render(request)
         for prefix, files in self._statics:
             if path.startswith(prefix) or path + b"/" == prefix:
                 if request.method not in (b"GET", b"HEAD"):
@@ -204,6 +212,7 @@ class LRPSite(server.Site):
 
     protocol = LRPChannel
     requestFactory = LRPRequest
+    metrics = None  # the HTTP metrics (web/metrics.py), if on
 
     def __init__(
         self,
@@ -373,6 +382,8 @@ class LRPSite(server.Site):
         return None
 
     def log(self, request):
+        if self.metrics is not None:
+            self.metrics.observe(request)
         if not self._access_log_path:
             return
         line = _combined_line(request, self._logDateTime or http.datetimeToLogString())

@@ -44,6 +44,9 @@ class GroupCommitThread:
         the connection).
     """
 
+    # Called in the thread with each batch's size (the job metrics), if set.
+    observe_batch: Callable[[int], None] | None = None
+
     def __init__(
         self,
         reactor,
@@ -175,6 +178,8 @@ class GroupCommitThread:
                     log.failure("{name} could not write its coalesced values", name=self.name)
         self.batches += 1
         self.operations += len(ops)
+        if ops and self.observe_batch is not None:
+            self.observe_batch(len(ops))
         if ops:
             self.reactor.callFromThread(
                 _deliver, [(d, r, f) for (_, _, d, _), (r, f) in zip(ops, results, strict=True)]

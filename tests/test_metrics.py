@@ -1,0 +1,206 @@
+"""
+The Prometheus metrics endpoint (/-/metrics) of real servers, its text
+parsed with prometheus_client's own parser: requests and jobs counted as
+they happen, gauges read at scrape time, the endpoint refused to other
+addresses and absent with --no-metrics, and one sum over several web
+processes and the main process (--web-workers 2).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from jobsupport import api, make_template_db, read_pid, start_server, wait_job
+from prometheus_client.parser import text_string_to_metric_families
+
+from support import request, wait_for
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_template_db(tmp_path_factory.mktemp("metrics"))
+
+
+def scrape(server, path: str = "/-/metrics") -> dict:
+    """@return: {(sample name, sorted label items): value} of one scrape."""
+    response = request(server.port, path, timeout=10)
+    assert response.status == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: dict, sample: str, **labels) -> float:
+    return samples.get((sample, tuple(sorted(labels.items()))), 0.0)
+
+
+def gets_2xx(samples: dict) -> float:
+    return value(samples, "lrp_http_requests_total", method="GET", status="2xx")
+
+
+def all_gets(samples: dict) -> float:
+    return sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "lrp_http_requests_total" and ("method", "GET") in labels
+    )
+
+
+def test_requests_jobs_and_gauges(template, tmp_path):
+    server = start_server(template, tmp_path, "--threads", "3")
+    try:
+        before = scrape(server)
+        for _ in range(5):
+            assert server.get("/hello").status == 200
+        assert server.get("/no-such-page").status == 404
+        assert request(server.port, "/hello", method="POST").status in (200, 403)
+        after = scrape(server)
+        # Exactly the requests made: the scrapes themselves are not counted.
+        assert gets_2xx(after) - gets_2xx(before) == 5
+        assert (
+            value(after, "lrp_http_requests_total", method="GET", status="4xx")
+            == value(before, "lrp_http_requests_total", method="GET", status="4xx") + 1
+        )
+        count = "lrp_http_request_duration_seconds_count"
+        assert value(after, count) - value(before, count) == 7
+        assert (
+            value(after, "lrp_http_threads", state="busy")
+            + value(after, "lrp_http_threads", state="idle")
+            == 3
+        )
+
+        ok = api(server, "submit", name="testapp.jobs.add", args=[2, 3])["job"]
+        bad = api(server, "submit", name="testapp.jobs.fail")["job"]
+        assert wait_job(server, ok["id"])["state"] == "succeeded"
+        assert wait_job(server, bad["id"])["state"] == "failed"
+        jobs = scrape(server)
+        assert value(jobs, "lrp_jobs_submitted_total", name="testapp.jobs.add") == 1
+        assert value(jobs, "lrp_jobs_submitted_total", name="testapp.jobs.fail") == 1
+        assert value(jobs, "lrp_jobs_succeeded_total", name="testapp.jobs.add") == 1
+        assert value(jobs, "lrp_jobs_failed_total", name="testapp.jobs.fail") == 1
+        assert value(jobs, "lrp_jobs_failed_total", name="testapp.jobs.add") == 0
+        assert value(jobs, "lrp_job_store_batch_size_count") >= 1
+        assert value(jobs, "lrp_jobs_queued") == 0
+        workers = sum(value(jobs, "lrp_job_workers", state=s) for s in ("starting", "idle", "busy"))
+        assert workers == 2
+        assert value(jobs, "lrp_job_workers_rss_bytes") > 10 * 1024 * 1024
+    finally:
+        assert server.stop() == 0
+
+
+def test_retried_jobs_are_counted(template, tmp_path):
+    server = start_server(template, tmp_path)
+    try:
+        marker = tmp_path / "marker"
+        marker.mkdir()
+        job = api(server, "submit", name="testapp.jobs.crash_with_retry", args=[str(marker)])
+        # Its first attempt hangs: its worker is killed, the second attempt succeeds.
+        os.kill(read_pid(marker / "crash_with_retry-attempts"), signal.SIGKILL)
+        assert wait_job(server, job["job"]["id"])["state"] == "succeeded"
+        samples = scrape(server)
+        name = "testapp.jobs.crash_with_retry"
+        assert value(samples, "lrp_jobs_retried_total", name=name) == 1
+        assert value(samples, "lrp_jobs_succeeded_total", name=name) == 1
+    finally:
+        server.stop()
+
+
+def test_refused_to_other_addresses(lrp_server):
+    server = lrp_server("--proxy-headers", "--metrics-path", "/internal/metrics")
+    assert server.get("/internal/metrics").status == 200
+    # A client a trusted proxy (127.0.0.1) forwarded is not loopback.
+    refused = server.get("/internal/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert refused.status == 403
+    assert b"--metrics-allow-ips" in refused.body
+    posted = request(server.port, "/internal/metrics", method="POST", body=b"")
+    assert posted.status == 405
+    # The default path is the application's now.
+    assert server.get("/-/metrics").status == 404
+
+
+def test_allowed_networks(lrp_server):
+    server = lrp_server("--metrics-allow-ips", "10.0.0.0/8")
+    assert server.get("/-/metrics").status == 403
+
+
+def test_no_metrics(lrp_server):
+    server = lrp_server("--no-metrics")
+    response = server.get("/-/metrics")
+    # The Django site's own 404 page: nothing answers that path.
+    assert response.status == 404
+    assert b"lrp_http" not in response.body
+
+
+def test_bad_options():
+    from twisted.python import usage
+
+    from twistedlrp.options import Options
+
+    with pytest.raises(usage.UsageError, match="--metrics-path /-/health is --health-path too"):
+        Options().parseOptions(["--metrics-path", "/-/health"])
+    with pytest.raises(usage.UsageError, match="--metrics-allow-ips: not an address or network"):
+        Options().parseOptions(["--metrics-allow-ips", "10.0.0.0/8,nowhere"])
+    options = Options()
+    options.parseOptions(["--no-metrics", "--metrics-path", "/-/health"])
+    assert options["no-metrics"]
+
+
+def test_web_workers_share_one_sum(template, tmp_path):
+    server = start_server(template, tmp_path, "--web-workers", "2", "--threads", "2")
+    try:
+        before = scrape(server)
+        # Requests until both web processes answered some (the kernel spreads them).
+        pids: set[int] = set()
+        made = 0
+
+        def both():
+            nonlocal made
+            made += 1
+            pids.add(server.get("/-/health").json()["pid"])
+            return len(pids) == 2
+
+        wait_for(both, timeout=30, interval=0, message="answers from both web processes")
+        job = api(server, "submit", name="testapp.jobs.add", args=[1, 1])["job"]
+        assert wait_job(server, job["id"])["state"] == "succeeded"
+        after = scrape(server)
+        # Exactly the health requests, whichever process answered each.
+        assert all_gets(after) - all_gets(before) == made
+        assert value(after, "lrp_http_requests_total", method="POST", status="2xx") >= 1
+        # The job service runs in the main process: its counts reach the web process scraped.
+        assert value(after, "lrp_jobs_succeeded_total", name="testapp.jobs.add") == 1
+
+        # Every web process's threads (2 each), refreshed within a second.
+        def threads():
+            samples = scrape(server)
+            total = sum(value(samples, "lrp_http_threads", state=s) for s in ("busy", "idle"))
+            return total == 4
+
+        wait_for(threads, timeout=10, interval=0.2, message="4 threads in all")
+
+        # A web process that dies takes its gauges, not its counts.
+        counted = gets_2xx(scrape(server))
+        os.kill(next(iter(pids)), signal.SIGKILL)
+        wait_for(
+            lambda: (
+                len(
+                    [
+                        w
+                        for w in server.get("/-/health").json()["web_workers"]["workers"]
+                        if w["state"] == "running" and w["pid"] not in pids
+                    ]
+                )
+                == 1
+            ),
+            timeout=30,
+            interval=0.1,
+            message="the web process restarted",
+        )
+        assert gets_2xx(scrape(server)) >= counted
+        wait_for(threads, timeout=10, interval=0.2, message="4 threads again")
+    finally:
+        assert server.stop() == 0

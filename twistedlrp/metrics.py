@@ -1,0 +1,205 @@
+"""
+The server's Prometheus metrics (docs/metrics.md): where their values live
+and how a scrape collects them, for the web side (L{twistedlrp.web.metrics})
+and the job side (L{twistedlrp.jobs.metrics}).
+
+One process (C{--web-workers 1}, role C{"single"}) keeps its values in
+memory, in a registry of its own (never C{prometheus_client}'s global one, so
+a site's own metrics and ours do not mix, and a test can build several).
+Values that can be read when scraped (busy threads, queued jobs, workers and
+their memory) are read then, by a collector, so the hot paths only pay for
+counters and histograms.
+
+With several web processes (role C{"main"} and its C{"web"} processes) a
+scrape reaches one web process, but the counts are spread over all of them
+and the main process (which hosts the job service). They use
+C{prometheus_client}'s multiprocess mode, as gunicorn users do: the main
+process empties C{<state-dir>/metrics} and names it in
+C{PROMETHEUS_MULTIPROC_DIR} before it starts the template, so every process
+it forks writes its values to memory-mapped files there, and the web process
+that answers a scrape merges them all. A value read at scrape time cannot be
+read from another process, so there each process copies its own into a gauge
+every L{REFRESH_INTERVAL} seconds (the scraped process just before it answers).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+
+from twisted.application import service
+from twisted.internet import task
+from twisted.logger import Logger
+
+log = Logger()
+
+MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+# Seconds between copies of the values read at scrape time into the shared
+# files, in multiprocess mode: how stale another process's gauges may be.
+REFRESH_INTERVAL = 1.0
+
+#: The metrics of this process, or C{None} while they are off.
+current: Metrics | None = None
+
+
+class Metrics:
+    """
+    The metrics of this process.
+
+    @param directory: the multiprocess directory, or C{None}: values in memory.
+    @ivar registry: the registry a scrape collects.
+    """
+
+    def __init__(self, directory: str | None = None):
+        from prometheus_client import CollectorRegistry, values
+
+        self.directory = directory
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._samplers: list[tuple] = []  # (name, doc, label names, read, gauge or None)
+        if directory is None:
+            # Chosen when each value is made: in memory, even if the
+            # environment names a directory (a web process of a previous life).
+            values.ValueClass = values.MutexValue
+            self._own = self.registry
+            self.registry.register(_SampledCollector(self._samplers))
+        else:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            # prometheus_client chose its value class when first imported,
+            # perhaps before the directory was named: choose again.
+            values.ValueClass = values.MultiProcessValue()
+            self._own = None  # the files are the registry
+            MultiProcessCollector(self.registry, path=directory)
+
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()):
+        """@return: a new C{prometheus_client.Counter} of this process."""
+        from prometheus_client import Counter
+
+        return Counter(name, doc, labels, registry=self._own)
+
+    def histogram(self, name: str, doc: str, buckets, labels: tuple[str, ...] = ()):
+        """@return: a new C{prometheus_client.Histogram} of this process."""
+        from prometheus_client import Histogram
+
+        return Histogram(name, doc, labels, registry=self._own, buckets=buckets)
+
+    def sampled(
+        self, name: str, doc: str, labels: tuple[str, ...], read: Callable[[], dict]
+    ) -> None:
+        """
+        Add a gauge whose values C{read()} returns, as C{{label values: value}}
+        (C{{(): value}} without labels), when scraped (or refreshed). In
+        multiprocess mode the values of every process add up.
+        """
+        gauge = None
+        if self.directory is not None:
+            from prometheus_client import Gauge
+
+            gauge = Gauge(name, doc, labels, registry=None, multiprocess_mode="livesum")
+        self._samplers.append((name, doc, labels, read, gauge))
+
+    def refresh(self) -> None:
+        """Multiprocess mode: copy this process's sampled values to its files."""
+        for name, _, labels, read, gauge in self._samplers:
+            if gauge is None:
+                continue
+            try:
+                values = read()
+            except Exception:
+                log.failure("Could not read the metric {name}", name=name)
+                continue
+            for key, value in values.items():
+                (gauge.labels(*key) if labels else gauge).set(value)
+
+    def exposition(self) -> bytes:
+        """@return: every metric of the registry in Prometheus's text format."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def process_ended(self, pid: int) -> None:
+        """Multiprocess mode: drop the gauges of process C{pid}, which ended."""
+        if self.directory is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid, self.directory)
+
+
+class _SampledCollector:
+    """Yields the sampled gauges, read now (in-memory mode)."""
+
+    def __init__(self, samplers: list):
+        self._samplers = samplers
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, doc, labels, read, _ in self._samplers:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            try:
+                values = read()
+            except Exception:
+                log.failure("Could not read the metric {name}", name=name)
+                continue
+            for key, value in values.items():
+                family.add_metric(list(key), value)
+            yield family
+
+
+def configure(role: str, options) -> Metrics | None:
+    """
+    Turn this process's metrics on (unless C{--no-metrics}) for its C{role}
+    (see L{twistedlrp.server.LRPServer}); the main process of several web
+    processes empties and names the shared directory, which they inherit.
+
+    @return: the metrics (also L{current}), or C{None} when off.
+    @raise OSError: the main process cannot make or empty the directory.
+    """
+    global current
+    if options["no-metrics"] or options["jobs-only"]:
+        current = None
+        return None
+    directory = None
+    if role == "main":
+        directory = os.path.abspath(os.path.join(options["state-dir"], "metrics"))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Files of an earlier run would add their counts to this one's.
+        for stale in glob.glob(os.path.join(directory, "*.db")):
+            os.remove(stale)
+        os.environ[MULTIPROCESS_VARIABLE] = directory
+    elif role == "web":
+        directory = os.environ.get(MULTIPROCESS_VARIABLE)
+    else:
+        os.environ.pop(MULTIPROCESS_VARIABLE, None)
+    current = Metrics(directory)
+    return current
+
+
+class RefreshService(service.Service):
+    """Multiprocess mode: refreshes this process's sampled gauges every second."""
+
+    name = "metrics-refresh"
+
+    def __init__(self, reactor, metrics: Metrics):
+        self._loop = task.LoopingCall(metrics.refresh)
+        self._loop.clock = reactor
+
+    def startService(self):
+        super().startService()
+        self._loop.start(REFRESH_INTERVAL, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+
+def refresh_service(reactor, metrics: Metrics | None) -> RefreshService | None:
+    """@return: the service that refreshes C{metrics}, if they are shared by processes."""
+    if metrics is None or metrics.directory is None:
+        return None
+    return RefreshService(reactor, metrics)

@@ -1,0 +1,146 @@
+"""
+The metrics endpoint (C{--metrics-path}, C{/-/metrics} by default) and the
+HTTP side's metrics: requests by method and status class, their latency, and
+the thread pool's busy, idle and waiting counts (docs/metrics.md).
+
+The endpoint answers only clients in C{--metrics-allow-ips} (loopback by
+default): the client is the peer, or the address a trusted proxy forwarded
+(C{--proxy-headers}), so a proxy on the same machine does not open it to
+the world. Its own requests are not counted.
+"""
+
+from __future__ import annotations
+
+from time import monotonic
+
+from twisted.internet import threads
+from twisted.logger import Logger
+from twisted.web import server
+
+from twistedlrp.metrics import Metrics
+from twistedlrp.web.site import TrustedProxies
+
+log = Logger()
+
+# Seconds; a Django view takes milliseconds, a slow one seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Methods counted under their own name; any other is "other" (a client
+# chooses the method: its label values must stay few).
+_METHODS = {
+    m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+}
+# The text format every Prometheus reads (our names are plain, so
+# generate_latest writes it; newer prometheus_client names 1.0.0 by default).
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
+
+class HTTPMetrics:
+    """
+    The request counter and latency histogram, updated as each request
+    finishes (L{twistedlrp.web.site.LRPSite.log}).
+
+    @param skip_path: the metrics endpoint's path, whose requests are not counted.
+    """
+
+    def __init__(self, metrics: Metrics, skip_path: bytes):
+        self._skip = skip_path
+        self._requests = metrics.counter(
+            "lrp_http_requests",
+            "HTTP requests answered, by method and status class (2xx, 4xx, ...)",
+            ("method", "status"),
+        )
+        self._latency = metrics.histogram(
+            "lrp_http_request_duration_seconds",
+            "Seconds from a request's whole head to the end of its answer",
+            LATENCY_BUCKETS,
+        )
+        # (method, status class) -> its counter: labels() costs a lock and a lookup.
+        self._children: dict[tuple, object] = {}
+
+    def observe(self, request) -> None:
+        """Count C{request}, which finished (or was refused before it ran)."""
+        if request.path == self._skip:
+            return
+        key = (request.method, request.code // 100)
+        child = self._children.get(key)
+        if child is None:
+            method = _METHODS.get(request.method, "other")
+            child = self._requests.labels(method, _CLASSES.get(key[1], "other"))
+            if len(self._children) < 100:  # bounded: the methods are the client's
+                self._children[key] = child
+        child.inc()
+        started = getattr(request, "lrp_started", None)
+        if started is not None:
+            self._latency.observe(monotonic() - started)
+
+
+def watch_pool(metrics: Metrics, pool) -> None:
+    """Add the gauges of the WSGI thread C{pool}, read at scrape time."""
+    metrics.sampled(
+        "lrp_http_threads",
+        "Threads of the pool that runs the Django application, by state (busy, idle)",
+        ("state",),
+        lambda: {("busy",): pool.busy, ("idle",): pool.idle},
+    )
+    metrics.sampled(
+        "lrp_http_requests_waiting",
+        "Requests accepted and waiting for a thread of the pool",
+        (),
+        lambda: {(): pool.waiting},
+    )
+
+
+class MetricsResource:
+    """
+    The metrics endpoint: C{GET} or C{HEAD} from an allowed client gets
+    every metric in Prometheus's text format; another client gets 403,
+    another method 405.
+    """
+
+    def __init__(self, metrics: Metrics, allowed: list[str]):
+        self._metrics = metrics
+        self._allowed = TrustedProxies(allowed)
+
+    def render(self, request):
+        """@return: the answer's body, or C{NOT_DONE_YET} while the files are merged."""
+        request.setHeader(b"cache-control", b"no-store")
+        if not request.lrp_client or request.lrp_client not in self._allowed:
+            # A UNIX-socket peer without forwarded headers is a proxy whose
+            # client is unknown: refused too.
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"Forbidden: not an address of --metrics-allow-ips.\n"
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return b"Method Not Allowed\n"
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        metrics = self._metrics
+        if metrics.directory is None:
+            return metrics.exposition()  # values in memory: quick
+        # Merging the files of every process reads the disk: not in the reactor.
+        metrics.refresh()
+        d = threads.deferToThread(metrics.exposition)
+        d.addCallbacks(lambda body: _answer(request, body), lambda f: _failed(request, f))
+        return server.NOT_DONE_YET
+
+
+def _answer(request, body: bytes) -> None:
+    if request.finished or request.channel is None:
+        return  # the client left
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _failed(request, failure) -> None:
+    log.failure("Could not collect the metrics", failure)
+    if request.finished or request.channel is None:
+        return
+    body = b"Could not collect the metrics.\n"
+    request.setResponseCode(500)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
