@@ -74,6 +74,9 @@ def setup_django(load_urlconf: bool = True) -> None:
         django.setup()
     except Exception as e:
         raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+    from twistedlrp import logs
+
+    logs.drop_django_console()
     run_system_checks()
     warn_unapplied_migrations()
     if load_urlconf:
@@ -166,14 +169,20 @@ def load_wsgi_application():
     from django.core.exceptions import ImproperlyConfigured
     from django.core.servers.basehttp import get_internal_wsgi_application
 
+    from twistedlrp import logs
+
     try:
-        return get_internal_wsgi_application()
+        application = get_internal_wsgi_application()
     except ImproperlyConfigured as e:
         raise BootError(str(e)) from None
     except Exception as e:
         raise BootError(
             f"cannot load the WSGI application: {_last_line(e)}\n{_traceback()}"
         ) from None
+    # get_wsgi_application() runs django.setup() again, which configures
+    # logging again.
+    logs.drop_django_console()
+    return application
 
 
 def import_app_modules(name: str) -> list[str]:
@@ -216,44 +225,11 @@ def _traceback() -> str:
     return traceback.format_exc().rstrip()
 
 
-def bridge_stdlib_logging() -> None:
+def bridge_stdlib_logging(level: str = "warn") -> None:
     """
-    Send stdlib logging records of level WARNING and above (Django's
-    ``django.request`` errors among them) to the server log, unless the
-    root logger already has handlers.
+    Send stdlib logging records of C{level} and above to the server log
+    (L{twistedlrp.logs.bridge_stdlib_logging}).
     """
-    import logging
+    from twistedlrp import logs
 
-    from twisted.logger import Logger as TwistedLogger
-    from twisted.logger import LogLevel
-
-    root = logging.getLogger()
-    if any(getattr(h, "_twistedlrp", False) for h in root.handlers):
-        return
-
-    levels = [
-        (logging.CRITICAL, LogLevel.critical),
-        (logging.ERROR, LogLevel.error),
-        (logging.WARNING, LogLevel.warn),
-        (logging.INFO, LogLevel.info),
-    ]
-
-    class Handler(logging.Handler):
-        _twistedlrp = True
-
-        def emit(self, record):
-            try:
-                text = record.getMessage()
-                if record.exc_info:
-                    text += "\n" + logging.Formatter().formatException(record.exc_info)
-                level = next(
-                    (lv for number, lv in levels if record.levelno >= number), LogLevel.debug
-                )
-                TwistedLogger(namespace=record.name).emit(level, "{text}", text=text)
-            except Exception:
-                self.handleError(record)
-
-    handler = Handler(level=logging.WARNING)
-    root.addHandler(handler)
-    if root.level > logging.WARNING or root.level == logging.NOTSET:
-        root.setLevel(logging.WARNING)
+    logs.bridge_stdlib_logging(level)

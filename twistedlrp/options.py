@@ -22,7 +22,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from twistedlrp import values
+from twistedlrp import logs, values
 from twistedlrp.config import (
     COMMAND_LINE,
     CONFIG_FILE,
@@ -102,6 +102,12 @@ OPTIONS: tuple[Option, ...] = (
            "STATIC_ROOT"),
     Option("access-log", None, values.access_log_file, "Write an access log in combined log format to "
            "FILE ('-' for the server log)"),
+    Option("access-log-format", "combined", logs.access_log_format, "Format of --access-log lines: "
+           "'combined', or 'combined+duration' (then ' rt=SECONDS', the request's duration)"),
+    Option("log-level", "info", logs.log_level, "Lowest level of the server log's lines, for "
+           "Twisted's and stdlib logging's: debug, info, warn or error"),
+    Option("log-format", "text", logs.log_format, "Format of the server log: 'text' (twistd's), "
+           "or 'json' (one JSON object a line)"),
     Option("max-body-size", 10 * MiB, _WHOLE_ANY, "Largest request body accepted, in bytes; "
            "larger ones get 413 unread", kind=WHOLE),
     Option("max-waiting", 100, _WHOLE_ANY, "Requests that may wait for a busy thread pool "

@@ -253,7 +253,7 @@ def build_server(options, reactor=None) -> LRPServer:
     threads.serving_reactor()
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(options["settings"])
-    boot.bridge_stdlib_logging()
+    boot.bridge_stdlib_logging(options["log-level"])
     web = not options["jobs-only"]
     boot.setup_django(load_urlconf=web)
     application = boot.load_wsgi_application() if web else None

@@ -49,6 +49,10 @@ def makeService(options) -> IService:
         except BootError as e:
             raise SystemExit(f"twistd lrp: error: {e}") from None
 
-    if _wrapper is not None:
-        return _wrapper(build, options)
-    return build()
+    from twistedlrp import logs
+
+    root = _wrapper(build, options) if _wrapper is not None else build()
+    # The server log's level and format (--log-level, --log-format), on
+    # the file twistd chose (-n, --logfile).
+    logs.observe_for_twistd(root, options)
+    return root

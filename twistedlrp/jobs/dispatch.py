@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs.claims import SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import Outcomes, check_record, log_failed
+from twistedlrp.jobs.outcomes import Outcomes, check_record, job_lines, log_failed
 from twistedlrp.jobs.queue import JobQueue, JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
@@ -270,6 +270,8 @@ class Dispatcher(SharedClaims, Outcomes):
     def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
         record.worker = worker
         self.running[record.id] = record
+        record.started = self.reactor.seconds()
+        job_lines.started(record, worker.pid)
         if record.timeout:
             record.timers.append(
                 self.reactor.callLater(record.timeout, worker.signal, "KILL", "timeout")
@@ -321,6 +323,7 @@ class Dispatcher(SharedClaims, Outcomes):
         )
         if outcome.get("ok") and not record.cancel_requested:
             self.counters["succeeded"] += 1
+            job_lines.succeeded(record, self.reactor.seconds())
             self._finish(record, SUCCEEDED, result=outcome.get("result"), error="", **fields)
         elif record.cancel_requested or outcome.get("cancelled"):
             self.counters["cancelled"] += 1
@@ -331,6 +334,7 @@ class Dispatcher(SharedClaims, Outcomes):
                 if outcome.get("ok") or outcome.get("error") == "cancelled"
                 else f": {outcome.get('error')}"
             )
+            job_lines.cancelled(record, self.reactor.seconds())
             self._finish(record, CANCELLED, error=error, **fields)
         else:
             self._retry_or_fail(record, outcome.get("error") or "failed", fields)
@@ -383,6 +387,7 @@ class Dispatcher(SharedClaims, Outcomes):
                     pid=worker.pid,
                     how=how,
                 )
+            job_lines.cancelled(record, self.reactor.seconds())
             self._finish(record, CANCELLED, error=error, **fields)
         else:
             error = f"the worker died: process {worker.pid} {how} while running the job"

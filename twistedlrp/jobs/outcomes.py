@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
+from twistedlrp import logs
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_priority, check_seconds
@@ -18,6 +19,8 @@ from twistedlrp.jobs.states import FAILED, QUEUED
 from twistedlrp.jobs.store import operations as ops
 
 log = Logger()
+# The jobs' own lines (L{JobLines}), for a log shipper to pick out.
+_job_log = Logger(namespace="twistedlrp.jobs")
 
 
 class Outcomes:
@@ -30,7 +33,7 @@ class Outcomes:
     def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
         if record.attempts >= record.max_attempts or self.store.closed:
             self.counters["failed"] += 1
-            log_failed(record, error)
+            log_failed(record, error, self.reactor.seconds())
             self._finish(record, FAILED, error=error, **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
@@ -38,13 +41,7 @@ class Outcomes:
         run_after = self.reactor.seconds() + delay
         self.counters["retried"] += 1
         job_metrics.count("retried", record.name)
-        log.info(
-            "Job {job_id} attempt {n} of {max} failed; retrying in {delay:.1f} s",
-            job_id=record.id,
-            n=record.attempts,
-            max=record.max_attempts,
-            delay=delay,
-        )
+        job_lines.retrying(record, error, self.reactor.seconds(), delay)
         d = self.store.run(
             ops.finish,
             record.id,
@@ -118,13 +115,94 @@ def log_lost(record: JobRecord) -> None:
     )
 
 
-def log_failed(record: JobRecord, error: str) -> None:
+def log_failed(record: JobRecord, error: str, now: float | None = None) -> None:
+    """Log that C{record} failed for good (at WARNING; see L{JobLines})."""
+    job_lines.failed(record, error, now)
+
+
+class JobLines:
+    """
+    One line per job start (INFO) and end: succeeded or cancelled at INFO,
+    failed or retrying at WARNING, each with the job's name, id, attempt
+    and duration as fields (C{job_id}, C{name}, C{attempt}, C{attempts},
+    C{duration}; C{worker}, C{error}, C{retry_in}), under the namespace
+    C{twistedlrp.jobs}. INFO lines are not even built when the log's level
+    is above INFO (they come with every job).
+    """
+
+    def started(self, record: JobRecord, worker_pid) -> None:
+        if logs.enabled(LogLevel.info):
+            _job_log.info(
+                "job {name} {job_id} started (attempt {attempt} of {attempts}) on worker {worker}",
+                name=record.name or "?",
+                job_id=record.id,
+                attempt=record.attempts,
+                attempts=record.max_attempts,
+                worker=worker_pid,
+            )
+
+    def succeeded(self, record: JobRecord, now: float) -> None:
+        if logs.enabled(LogLevel.info):
+            _job_log.info(
+                "job {name} {job_id} succeeded in {duration:.3f} s",
+                name=record.name or "?",
+                job_id=record.id,
+                attempt=record.attempts,
+                duration=_duration(record, now),
+            )
+
+    def cancelled(self, record: JobRecord, now: float) -> None:
+        if logs.enabled(LogLevel.info):
+            _job_log.info(
+                "job {name} {job_id} cancelled after {duration:.3f} s",
+                name=record.name or "?",
+                job_id=record.id,
+                attempt=record.attempts,
+                duration=_duration(record, now),
+            )
+
+    def failed(self, record: JobRecord, error: str, now: float | None) -> None:
+        duration = _duration(record, now)
+        _job_log.warn(
+            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts}): {error}",
+            name=record.name or "?",
+            job_id=record.id,
+            attempt=record.attempts,
+            attempts=record.max_attempts,
+            duration=duration,
+            took=f" in {duration:.3f} s" if duration is not None else "",
+            error=error_line(error),
+        )
+
+    def retrying(self, record: JobRecord, error: str, now: float, delay: float) -> None:
+        duration = _duration(record, now)
+        _job_log.warn(
+            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts}), "
+            "retrying in {retry_in:.1f} s: {error}",
+            name=record.name or "?",
+            job_id=record.id,
+            attempt=record.attempts,
+            attempts=record.max_attempts,
+            duration=duration,
+            took=f" in {duration:.3f} s" if duration is not None else "",
+            retry_in=delay,
+            error=error_line(error),
+        )
+
+
+job_lines = JobLines()
+
+
+def error_line(error: str) -> str:
+    """
+    @return: the line of C{error} that says what went wrong (a traceback's
+        last line: the exception), at most 300 characters.
+    """
     lines = [line for line in error.strip().splitlines() if line.strip()]
-    log.warn(
-        "Job {job_id} ({name}) failed, attempt {attempt} of {attempts}: {error}",
-        job_id=record.id,
-        name=record.name or "?",
-        attempt=record.attempts,
-        attempts=record.max_attempts,
-        error=(lines[-1] if lines else "failed")[:300],
-    )
+    return (lines[-1].strip() if lines else "failed")[:300]
+
+
+def _duration(record: JobRecord, now: float | None) -> float | None:
+    if now is None or record.started is None:
+        return None
+    return round(max(now - record.started, 0.0), 6)

@@ -45,6 +45,8 @@ class JobRecord:
     loaded: bool = False
     # While it runs:
     worker: object = None
+    #: When the running attempt was sent to its worker (the clock's seconds), for the log.
+    started: float | None = None
     progress: tuple = (0, None, "")
     cancel_requested: bool = False
     timers: list[IDelayedCall] = field(default_factory=list)

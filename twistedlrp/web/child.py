@@ -110,7 +110,7 @@ def prepare(lrp_args: list[str]):
     options.parseOptions(lrp_args)
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(options["settings"])
-    boot.bridge_stdlib_logging()
+    boot.bridge_stdlib_logging(options["log-level"])
     import django
 
     django.setup()
@@ -120,10 +120,11 @@ def prepare(lrp_args: list[str]):
     return options, application
 
 
-def _begin_logging() -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+def _begin_logging(lrp_args: list[str]) -> None:
+    """Log to standard output with the level and format of C{lrp_args} (--log-level, --log-format)."""
+    from twistedlrp import logs
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    logs.begin(lrp_args, sys.stdout)
 
 
 def _flush() -> None:
@@ -179,7 +180,7 @@ def web_main(ours: dict, lrp_args: list[str]) -> int:
     """A web process exec'd by a template that could not fork (no preload)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored in the template
-    _begin_logging()
+    _begin_logging(lrp_args)
     options, application = prepare(lrp_args)
     return run_web(
         options,

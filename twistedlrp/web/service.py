@@ -138,6 +138,7 @@ def build_web(
         proxy_headers=options["proxy-headers"],
         forwarded_allow_ips=options["forwarded-allow-ips"],
         access_log_path=options["access-log"],
+        access_log_format=options["access-log-format"],
         limits=Limits.from_options(options),
     )
     web = WebService(reactor, site, options["listen"], sockets)

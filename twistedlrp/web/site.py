@@ -15,6 +15,7 @@ and drains connections at shut-down.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import OrderedDict
 from time import monotonic
 from urllib.parse import unquote_to_bytes
@@ -86,6 +87,13 @@ class LRPRequest(server.Request):
     lrp_rejected = False
     lrp_client = ""
     lrp_scheme = "http"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Made when the request line arrives: the access log's duration
+        # counts from there, as nginx's $request_time does.
+        self.lrp_arrived = time.monotonic()
+
     lrp_started: float | None = None  # monotonic seconds, once the head is in
 
     def gotLength(self, length):
@@ -224,6 +232,7 @@ class LRPSite(server.Site):
         forwarded_allow_ips: list[str],
         access_log_path: str | None,
         limits: Limits | None = None,
+        access_log_format: str = "combined",
     ):
         super().__init__(root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor)
         self.limits = limits if limits is not None else Limits()
@@ -244,6 +253,7 @@ class LRPSite(server.Site):
         self._warned_full_at: float | None = None
         self._drained: defer.Deferred | None = None
         self._access_log_path = access_log_path
+        self._access_duration = access_log_format == "combined+duration"
         self._access_file = None
         self._flush_call = None
 
@@ -387,10 +397,23 @@ class LRPSite(server.Site):
         if not self._access_log_path:
             return
         line = _combined_line(request, self._logDateTime or http.datetimeToLogString())
+        duration = time.monotonic() - request.lrp_arrived
+        if self._access_duration:
+            line += f" rt={duration:.3f}"
         if self._access_file is not None:
             self._access_file.write(line + "\n")
         elif self._access_log_path == "-":
-            access_log.info("{line}", line=line)
+            # The fields are for --log-format json.
+            access_log.info(
+                "{line}",
+                line=line,
+                client=request.lrp_client or None,
+                method=_quote(request.method),
+                uri=_quote(request.uri),
+                status=request.code,
+                bytes=request.sentLength,
+                duration=round(duration, 6),
+            )
 
     # -- shut-down ------------------------------------------------------
 

@@ -1,11 +1,22 @@
 """
 Static files, served by the reactor (never by a pool thread), with
-``Last-Modified``, ``If-Modified-Since`` and ranges from ``twisted.web.static``.
+``Last-Modified``, ``If-Modified-Since`` and ranges from ``twisted.web.static``:
+a directory (``--static``, ``STATIC_ROOT``), or in development (``DEBUG``
+without a collected ``STATIC_ROOT``) the files the
+``django.contrib.staticfiles`` finders find, as ``runserver`` serves them.
 """
 
 from __future__ import annotations
 
+import os
+
+from twisted.logger import Logger
 from twisted.web import resource, static
+
+log = Logger()
+
+# The "directory" of a mapping served through the staticfiles finders.
+FINDERS = "<staticfiles finders>"
 
 
 class StaticDirectory(static.File):
@@ -21,8 +32,57 @@ class StaticDirectory(static.File):
         return similar
 
 
-def make_static(directory: str) -> StaticDirectory:
-    """@return: a resource serving the files below C{directory}."""
+class FoundFiles:
+    """
+    The files the C{django.contrib.staticfiles} finders find
+    (C{STATICFILES_DIRS}, each app's C{static/} folder), as C{runserver}
+    serves them in development. Each request asks the finders (a few
+    C{stat} calls, in the reactor as L{StaticDirectory}'s are), so a new or
+    changed file is served without a restart.
+    """
+
+    def path_of(self, segments: list[bytes]) -> str | None:
+        """
+        @return: the file that the URL path C{segments} (below C{STATIC_URL},
+            unquoted) name, or C{None}: nothing found, or a segment that
+            is empty, C{.}, C{..}, holds a slash, a backslash or NUL, or
+            is not UTF-8 (so nothing outside the finders' folders is reached).
+        """
+        from django.contrib.staticfiles import finders
+        from django.core.exceptions import SuspiciousFileOperation
+
+        names = []
+        for segment in segments:
+            try:
+                name = segment.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+                return None
+            names.append(name)
+        try:
+            found = finders.find("/".join(names))
+        except (SuspiciousFileOperation, ValueError, OSError):
+            return None
+        if not isinstance(found, str) or not os.path.isfile(found):
+            return None
+        return found
+
+    def render(self, request, segments: list[bytes]):
+        found = self.path_of(segments)
+        if found is None:
+            return resource.NoResource("No such file.").render(request)
+        request.postpath = []
+        return static.File(found).render(request)
+
+
+def make_static(directory: str) -> StaticDirectory | FoundFiles:
+    """
+    @return: a resource serving the files below C{directory}, or through
+        the staticfiles finders if C{directory} is L{FINDERS}.
+    """
+    if directory == FINDERS:
+        return FoundFiles()
     files = StaticDirectory(directory)
     files.indexNames = []
     return files
@@ -30,28 +90,50 @@ def make_static(directory: str) -> StaticDirectory:
 
 def default_static_mapping() -> list[tuple[str, str]]:
     """
+    Say in the log which static files are served, and return them.
+
     @return: C{[(STATIC_URL, STATIC_ROOT)]} from the Django settings when
         STATIC_ROOT is set and STATIC_URL is a path on this site (not
-        another host), else an empty list.
+        another host); with C{DEBUG} and C{django.contrib.staticfiles}
+        installed, and no STATIC_ROOT or none collected yet (not a
+        directory), C{[(STATIC_URL, FINDERS)]}; else an empty list.
     """
+    from django.apps import apps
     from django.conf import settings
 
     root = getattr(settings, "STATIC_ROOT", None)
     url = getattr(settings, "STATIC_URL", None)
-    if not root or not url:
+    if not url:
         return []
     url = str(url)
     if "://" in url or url.startswith("//"):
         return []
     if not url.startswith("/"):
         url = "/" + url
+    if (
+        settings.DEBUG
+        and apps.is_installed("django.contrib.staticfiles")
+        and not (root and os.path.isdir(root))
+    ):
+        log.info(
+            "Static files: {url} from the staticfiles finders, as runserver serves them "
+            "(DEBUG, and STATIC_ROOT is {why})",
+            url=url,
+            why="not collected" if root else "not set",
+        )
+        return [(url, FINDERS)]
+    if not root:
+        return []
+    log.info("Static files: {url} from STATIC_ROOT {root}", url=url, root=str(root))
     return [(url, str(root))]
 
 
-def serve(files: StaticDirectory, request, remaining: list[bytes]):
+def serve(files: StaticDirectory | FoundFiles, request, remaining: list[bytes]):
     """
     Render the file named by the path segments C{remaining} below C{files}.
     """
+    if isinstance(files, FoundFiles):
+        return files.render(request, remaining)
     request.postpath = list(remaining)
     target = resource.getChildForRequest(files, request)
     return target.render(request)

@@ -186,7 +186,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=int(ours["control-fd"]))
-    _begin_logging()
+    _begin_logging(lrp_args)
     started = time.monotonic()
 
     def send(message):

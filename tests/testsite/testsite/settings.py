@@ -11,7 +11,8 @@ if os.environ.get("LRP_TEST_IMPORT_LOG"):
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = "tests-only"
-DEBUG = False
+# LRP_TEST_DEBUG: DEBUG = True (Django's console handler, development static files).
+DEBUG = bool(os.environ.get("LRP_TEST_DEBUG"))
 ALLOWED_HOSTS = ["*"]
 
 INSTALLED_APPS = [
@@ -68,6 +69,14 @@ if os.environ.get("LRP_TEST_POSTGRES"):
 
 STATIC_URL = "/static/"
 STATIC_ROOT = os.environ.get("LRP_TEST_STATIC_ROOT") or str(BASE_DIR / "testapp" / "static")
+# LRP_TEST_NO_STATIC_ROOT: no STATIC_ROOT (development static files from the finders).
+if os.environ.get("LRP_TEST_NO_STATIC_ROOT"):
+    STATIC_ROOT = None
+# LRP_TEST_ADMIN: django.contrib.admin installed (its static files, as a fresh
+# startproject site has them), without the rest of its set-up.
+if os.environ.get("LRP_TEST_ADMIN"):
+    INSTALLED_APPS.insert(0, "django.contrib.admin")
+    SILENCED_SYSTEM_CHECKS = [f"admin.E{n}" for n in (402, 403, 404, 406, 408, 409, 410)]
 USE_TZ = True
 TIME_ZONE = "UTC"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -1,0 +1,345 @@
+"""
+The server log: its level (C{--log-level}) and format (C{--log-format}), for
+twisted.logger events and stdlib logging records alike (docs/logging.md).
+
+Every process of the server logs through one observer made here: the
+C{twistd} process (L{observe_for_twistd}: the observer becomes the
+application's C{ILogObserver}, which twistd prefers to its own, on the same
+file twistd would have chosen), the reload supervisor's server child (a
+C{twistd} too) and each web process (L{begin}). Job worker processes write
+to their pipes; the job service logs their lines (L{twistedlrp.jobs.worker}).
+
+The JSON format writes one object per line::
+
+    {"time": "2026-12-01T10:20:23.123Z", "level": "info", "namespace": "twistedlrp.jobs",
+     "message": "job testapp.jobs.add 3f2a... succeeded in 0.012 s", "pid": 4242,
+     "job_id": "3f2a...", "name": "testapp.jobs.add", "duration": 0.012}
+
+with the event's own fields after the five fixed ones, and C{traceback} when
+the event carries a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from datetime import UTC, datetime
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+from twisted.python import usage
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+_ALIASES = {"warning": "warn"}
+FORMATS = ("text", "json")
+_RANK = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3}
+_RANK[LogLevel.critical] = 4
+_STDLIB = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+}
+# Keys of events from twisted.python.log (legacy) that repeat what the fixed fields say.
+_LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure"})
+
+# This process's threshold, for callers that skip building a filtered event.
+_threshold = _RANK[LogLevel.info]
+
+
+# -- option values ------------------------------------------------------------------
+
+
+def log_level(option: str, value) -> str:
+    """
+    @return: C{debug}, C{info}, C{warn} or C{error} (C{warning} is taken for C{warn}).
+    @raise usage.UsageError: another value.
+    """
+    name = str(value).strip().lower()
+    name = _ALIASES.get(name, name)
+    if name not in LEVELS:
+        raise usage.UsageError(f"--{option}: expected one of {', '.join(LEVELS)}, got {value!r}")
+    return name
+
+
+def log_format(option: str, value) -> str:
+    """
+    @return: C{text} or C{json}.
+    @raise usage.UsageError: another value.
+    """
+    name = str(value).strip().lower()
+    if name not in FORMATS:
+        raise usage.UsageError(f"--{option}: expected text or json, got {value!r}")
+    return name
+
+
+# -- the level --------------------------------------------------------------------
+
+
+def set_level(name: str) -> None:
+    """Make C{name} (a L{log_level} value) this process's threshold for L{enabled}."""
+    global _threshold
+    _threshold = _RANK[LEVELS[name]]
+
+
+def enabled(level: LogLevel) -> bool:
+    """
+    @return: whether an event of C{level} would be written: callers on hot
+        paths (each job's start and end) skip building the event when not.
+    """
+    return _RANK[level] >= _threshold
+
+
+# -- observers ----------------------------------------------------------------------
+
+
+def json_line(event: dict) -> str:
+    """
+    @return: the event as one line of JSON (time, level, namespace, message,
+        pid, then the event's own fields; C{traceback} for a failure).
+    """
+    when = event.get("log_time")
+    level = event.get("log_level")
+    record = {
+        "time": (
+            datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+            if when is not None
+            else None
+        ),
+        "level": level.name if level is not None else "info",
+        "namespace": event.get("log_namespace") or event.get("log_system") or "-",
+        "message": formatEvent(event),
+        "pid": os.getpid(),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    # A field the whole message is made of ("{line}") would only repeat it.
+    alone = event.get("log_format")
+    fields = {
+        key: value
+        for key, value in event.items()
+        if not key.startswith("log_")
+        and key not in _LEGACY_KEYS
+        and key not in record
+        and alone != "{" + key + "}"
+    }
+    record.update(fields)
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str) + "\n"
+    except (TypeError, ValueError):
+        # A field json cannot take even as text (keys that are not strings).
+        record.update({key: repr(value) for key, value in fields.items()})
+        return json.dumps(record, ensure_ascii=False, default=str) + "\n"
+
+
+def make_observer(stream, log_format: str = "text", level: str = "info") -> ILogObserver:
+    """
+    @param stream: a text file (standard output, or twistd's log file).
+    @return: an observer that writes the events of C{level} and above to
+        C{stream}, in twistd's text format or as JSON lines (L{json_line}).
+    """
+    if log_format == "json":
+        observer = FileLogObserver(stream, json_line)
+    else:
+        observer = textFileLogObserver(stream)
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
+
+
+def twistd_log_file(twistd_options):
+    """
+    @param twistd_options: twistd's own options (C{-n}, C{--logfile}, C{--syslog}).
+    @return: the file twistd would log to: standard output with C{-n} and no
+        C{--logfile} (or C{--logfile -}), else the log file (C{twistd.log}
+        by default), rotated on SIGUSR1 as twistd does; C{None} where
+        twistd's own logging must stay (C{--syslog}, C{--logger}, or C{-}
+        without C{-n}, which twistd refuses itself).
+    """
+    if twistd_options.get("syslog") or twistd_options.get("logger"):
+        return None
+    name = twistd_options.get("logfile") or ""
+    nodaemon = twistd_options.get("nodaemon")
+    if name == "-" or (nodaemon and not name):
+        return sys.stdout if nodaemon else None
+    import signal
+
+    from twisted.python.logfile import LogFile
+
+    log_file = LogFile.fromFullPath(name or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(number, frame):
+            from twisted.internet import reactor
+
+            reactor.callFromThread(log_file.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return log_file
+
+
+def observe_for_twistd(root, options) -> None:
+    """
+    Have twistd log through L{make_observer} with C{options}' level and
+    format: when twistd gives C{root} (what C{makeService} returned) its
+    application, the observer becomes the application's C{ILogObserver}
+    component, which twistd's logger prefers to the one it would make.
+    Nothing changes when C{options} did not come from twistd's command line
+    (a C{.tac} sets its own observer) or twistd must keep its own
+    (L{twistd_log_file}).
+    """
+    set_level(options["log-level"])
+    twistd_options = getattr(options, "parent", None)
+    if twistd_options is None:
+        return
+    stream = twistd_log_file(twistd_options)
+    if stream is None:
+        return
+    observer = make_observer(stream, options["log-format"], options["log-level"])
+    attach = root.setServiceParent
+
+    # twistd makes the application after makeService returns and only then
+    # calls this, then starts logging: the one moment to set the component.
+    def setServiceParent(parent):
+        getter = getattr(parent, "getComponent", None)
+        if getter is not None and getter(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, observer)
+        return attach(parent)
+
+    root.setServiceParent = setServiceParent
+
+
+def begin(lrp_args: list[str], stream=None) -> None:
+    """
+    Begin logging in a process that is not twistd (a web process, the web
+    template), to C{stream} (standard output) with the level and format of
+    the C{twistd lrp} arguments C{lrp_args} (the defaults if they do not parse).
+    """
+    from twistedlrp.options import Options
+
+    level, log_format = "info", "text"
+    try:
+        options = Options()
+        options.parseOptions(list(lrp_args))
+        level, log_format = options["log-level"], options["log-format"]
+    except (usage.UsageError, SystemExit, OSError, ValueError):
+        pass  # The main process checked them; this process reports its own errors later.
+    set_level(level)
+    observer = make_observer(stream or sys.stdout, log_format, level)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+# -- stdlib logging ----------------------------------------------------------------
+
+
+class _Bridge(logging.Handler):
+    """Hands stdlib records to twisted.logger, under the record's logger name."""
+
+    _twistedlrp = True
+
+    def emit(self, record):
+        from twisted.logger import Logger
+
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            if record.levelno >= logging.CRITICAL:
+                level = LogLevel.critical
+            elif record.levelno >= logging.ERROR:
+                level = LogLevel.error
+            elif record.levelno >= logging.WARNING:
+                level = LogLevel.warn
+            elif record.levelno >= logging.INFO:
+                level = LogLevel.info
+            else:
+                level = LogLevel.debug
+            Logger(namespace=record.name).emit(level, "{log_text}", log_text=text)
+        except Exception:
+            self.handleError(record)
+
+
+def bridge_stdlib_logging(level: str = "warn") -> None:
+    """
+    Send stdlib logging records of C{level} and above (Django's
+    C{django.request} errors among them) to the server log, through one
+    handler on the root logger (added once; a later call changes its
+    level), and lower the root logger's level to C{level} if it is higher.
+    A C{LOGGING} setting that configures the root logger replaces the handler.
+    """
+    number = _STDLIB[level]
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if getattr(h, "_twistedlrp", False)), None)
+    if handler is None:
+        handler = _Bridge()
+        root.addHandler(handler)
+    handler.setLevel(number)
+    if root.level > number or root.level == logging.NOTSET:
+        root.setLevel(number)
+
+
+def drop_django_console() -> int:
+    """
+    Remove Django's own console handler (C{DEFAULT_LOGGING}'s C{console}:
+    standard error, when C{DEBUG}) from the loggers that propagate to the
+    bridge of L{bridge_stdlib_logging}: their records reach the server log
+    through the bridge, and would otherwise be printed twice. Call it after
+    C{django.setup()}, which installs the handler.
+
+    @return: how many handlers were removed.
+    """
+    root = logging.getLogger()
+    if not any(getattr(h, "_twistedlrp", False) for h in root.handlers):
+        return 0
+    from django.utils.log import RequireDebugTrue
+
+    removed = 0
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        if not isinstance(logger, logging.Logger) or not _propagates_to_root(logger):
+            continue
+        for handler in list(logger.handlers):
+            if (
+                type(handler) is logging.StreamHandler
+                and handler.name == "console"
+                and any(isinstance(f, RequireDebugTrue) for f in handler.filters)
+            ):
+                logger.removeHandler(handler)
+                removed += 1
+    return removed
+
+
+def _propagates_to_root(logger: logging.Logger) -> bool:
+    while logger is not None and logger is not logging.root:
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return True
+
+
+def access_log_format(option: str, value) -> str:
+    """
+    @return: C{combined} or C{combined+duration}.
+    @raise usage.UsageError: another value.
+    """
+    name = str(value).strip().lower()
+    if name not in ("combined", "combined+duration"):
+        raise usage.UsageError(f"--{option}: expected combined or combined+duration, got {value!r}")
+    return name
