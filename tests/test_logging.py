@@ -180,3 +180,22 @@ def test_json_log_of_the_reload_supervisor_and_its_server(lrp_server):
     assert find(records, namespace="twistedlrp.reload")
     running = [r for r in records if r["message"].startswith("twistedlrp running")]
     assert running and running[0]["pid"] != server.proc.pid
+
+
+def test_json_log_goes_to_twistds_logfile(lrp_server, tmp_path):
+    path = tmp_path / "lrp.log"
+    server = lrp_server(
+        "--no-jobs",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warn",
+        twistd_args=("--logfile", str(path)),
+    )
+    assert server.get("/nope").status == 404
+    wait_for(lambda: path.exists() and "Not Found: /nope" in path.read_text(), 10)
+    server.stop()
+    records = json_lines(path.read_text())
+    assert find(records, namespace="django.request", level="warn", message="Not Found: /nope")
+    assert all(r["level"] != "info" for r in records)
+    assert "Not Found" not in server.output()
