@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from jobsupport import make_template_db, rows, start_server
 
-from support import postgres, run_to_exit, wait_for
+from support import LRPProcess, pg_ensure, postgres, run_to_exit, wait_for
 from twistedlrp.jobs.schedules import job_id
 
 EVERY_SECOND = "* * * * * *"
@@ -185,3 +185,56 @@ def test_a_bad_schedule_stops_the_start(tmp_path, schedule, message):
     code, output = run_to_exit(env={"LRP_TEST_SCHEDULE": json.dumps(schedule)})
     assert code != 0
     assert message in output, output
+
+
+@pytest.mark.skipif(not postgres(), reason="several job nodes need PostgreSQL (LRP_TEST_POSTGRES)")
+def test_two_job_nodes_run_each_due_time_once(template, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    schedule = {
+        "records": {"job": "testapp.jobs.record", "cron": EVERY_SECOND, "args": [str(marks), "n"]}
+    }
+    db = tmp_path / "shared.sqlite3"
+    pg_ensure(db, template=template)
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    nodes = []
+    for name in ("node-a", "node-b"):
+        node = LRPProcess(
+            "--jobs-only",
+            "--node-name",
+            name,
+            listen=False,
+            tmp=tmp_path / name,
+            env={
+                "LRP_TEST_DB": str(db),
+                "LRP_TEST_NO_URLCONF": "1",
+                "LRP_TEST_SCHEDULE": json.dumps(schedule),
+            },
+        )
+        (tmp_path / name).mkdir()
+        nodes.append(node.start(wait=False))
+    try:
+        for node in nodes:
+            wait_for(
+                lambda node=node: (
+                    "Job service ready" in node.output() or node.proc.poll() is not None
+                ),
+                30,
+                message="a job node",
+            )
+            assert node.proc.poll() is None, node.output()
+        wait_for(lambda: len(lines(marks / "run-n")) >= 5, 30, message="five runs")
+    finally:
+        for node in nodes:
+            node.signal(signal.SIGTERM)
+        for node in nodes:
+            assert node.wait_exit(30) == 0, node.output()
+    end = datetime.now(UTC) + timedelta(seconds=1)
+    jobs = rows(db, "select id, state, node from twistedlrp_job where name = 'testapp.jobs.record'")
+    dues = due_times([hexid(r[0]) for r in jobs], "records", start, end)
+    assert len(set(dues)) == len(dues) >= 5
+    # Each due time was claimed by one node: as many "submitted" lines as jobs.
+    claimed = [n.output().count(" submitted for ") for n in nodes]
+    assert sum(claimed) == len(jobs), (claimed, len(jobs))
+    succeeded = [r for r in jobs if r[1] == "succeeded"]
+    assert len(lines(marks / "run-n")) == len(succeeded) >= 5

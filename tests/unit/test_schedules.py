@@ -84,6 +84,8 @@ class FakeStore:
         self.clock = clock
         self.rows = rows
         self.calls = []
+        # Another node claims each due time first.
+        self.other_node = False
 
     def run(self, operation, *args):
         self.calls.append(operation.__name__)
@@ -95,6 +97,8 @@ class FakeStore:
         if operation is schedules.claim:
             name, old, cron, _ = args
             [row] = [r for r in self.rows if r["name"] == name]
+            if self.other_node:
+                row["next_due"] = schedules.next_due(cron, now, UTC)
             if row["next_due"] != old:
                 return defer.succeed(None)
             row["next_due"] = schedules.next_due(cron, now, UTC)
@@ -166,4 +170,22 @@ def test_a_job_that_cannot_be_submitted_skips_its_due_time_but_an_unavailable_se
     assert store.calls == ["due", "claim", "due"]
     [retry] = clock.getDelayedCalls()
     assert retry.getTime() - clock.seconds() == pytest.approx(schedules.RETRY_AFTER)
+    scheduler.stop()
+
+
+def test_a_node_that_lost_a_claim_looks_again_at_the_next_due_time():
+    def submit(name, payload, job_id):
+        return defer.succeed({"id": job_id})
+
+    start = datetime(2026, 1, 1, 10, tzinfo=UTC)
+    clock, store, scheduler = scheduler_with([row("s", "*/2 * * * * *", start)], submit)
+    store.other_node = True
+    scheduler._tick()
+    assert store.calls == ["due", "claim"] and scheduler.runs == 0
+    # Not MAX_SLEEP: the other node may stop, this one takes over at the next due time.
+    [timer] = clock.getDelayedCalls()
+    assert timer.getTime() - clock.seconds() == pytest.approx(2.005)
+    store.other_node = False
+    clock.advance(2.005)
+    assert scheduler.runs == 1
     scheduler.stop()

@@ -272,6 +272,8 @@ class Scheduler:
         self.names: list[str] = []
         self.rows: list[dict] = []
         self.runs = 0
+        # Django's TIME_ZONE, read at start().
+        self.zone: tzinfo = UTC
         self._timer = None
         self._running = False
 
@@ -280,7 +282,7 @@ class Scheduler:
         specs = configured() if specs is None else specs
         self.rows = await self.store.run(sync, specs)
         self._running = True
-        zone = time_zone()
+        self.zone = zone = time_zone()
         for row in self.rows:
             log.info(
                 "Schedule {name}: job {job}, cron {cron!r} ({zone}), next run {next}{skipped}",
@@ -342,7 +344,11 @@ class Scheduler:
                     id=submitted,
                     due=row["next_due"].isoformat(),
                 )
-                earliest = new if earliest is None else min(earliest, new)
+            else:
+                # Another node claimed it: it is due next when the cron says so.
+                now = datetime.fromtimestamp(self.reactor.seconds(), UTC)
+                new = next_due(row["cron"], now, self.zone)
+            earliest = new if earliest is None else min(earliest, new)
         return earliest
 
     def _sleep(self, earliest: datetime | None) -> None:
