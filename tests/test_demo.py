@@ -18,6 +18,7 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from support import ROOT, wait_for
 
@@ -108,6 +109,17 @@ def test_import_contacts_with_progress_and_result(demo):
     assert seen == sorted(seen)
     assert count_contacts(demo.db, info["result"]["batch"]) == 5000
     assert "5000" in demo.get("/").text
+    # What Prometheus scrapes (conf/prometheus.yml): the import, by its job name.
+    scraped = demo.get("/-/metrics")
+    assert scraped.status == 200
+    succeeded = {
+        sample.labels["name"]: sample.value
+        for family in text_string_to_metric_families(scraped.text)
+        if family.name == "lrp_jobs_succeeded"
+        for sample in family.samples
+        if sample.name == "lrp_jobs_succeeded_total"
+    }
+    assert succeeded == {"demo.jobs.import_contacts": 1}
 
 
 def test_import_without_javascript_then_cancel(demo):

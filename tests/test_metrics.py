@@ -84,6 +84,7 @@ def test_requests_jobs_and_gauges(template, tmp_path):
         assert value(jobs, "lrp_jobs_succeeded_total", name="testapp.jobs.add") == 1
         assert value(jobs, "lrp_jobs_failed_total", name="testapp.jobs.fail") == 1
         assert value(jobs, "lrp_jobs_failed_total", name="testapp.jobs.add") == 0
+        assert value(jobs, "lrp_job_run_seconds_count", name="testapp.jobs.add") == 1
         assert value(jobs, "lrp_job_store_batch_size_count") >= 1
         assert value(jobs, "lrp_jobs_queued") == 0
         workers = sum(value(jobs, "lrp_job_workers", state=s) for s in ("starting", "idle", "busy"))
@@ -106,6 +107,7 @@ def test_retried_jobs_are_counted(template, tmp_path):
         name = "testapp.jobs.crash_with_retry"
         assert value(samples, "lrp_jobs_retried_total", name=name) == 1
         assert value(samples, "lrp_jobs_succeeded_total", name=name) == 1
+        assert value(samples, "lrp_job_run_seconds_count", name=name) == 2
     finally:
         server.stop()
 

@@ -110,8 +110,6 @@ def create(fields: dict, job_id: str | None = None, notify: bool = False) -> dic
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
     """
-    from django.db import connection
-
     from twistedlrp.models import Job
 
     sql = statements()
@@ -143,9 +141,7 @@ def create(fields: dict, job_id: str | None = None, notify: bool = False) -> dic
             return False, job_dict(existing)
     new_id = uuid.UUID(job_id) if job_id is not None else uuid.uuid4()
     row = dict(sql.defaults, id=new_id, created_at=now(), state=QUEUED, **fields)
-    params = [sql.prep(name, row.get(name)) for name in sql.insert_names]
-    with connection.cursor() as cursor:
-        cursor.execute(sql.insert, params)
+    sql.execute(sql.insert, [sql.prep(name, row.get(name)) for name in sql.insert_names])
     if notify:
         notify_nodes(f"queued:{fields['queue']}")
     return True, job_dict(_Row(row))
@@ -186,25 +182,21 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
         with C{payload}, C{attempts}, C{name}, C{timeout}, C{max_attempts},
         C{retry_delay} when C{load}.
     """
-    from django.db import connection
-
     from twistedlrp.models import Job
 
     sql = statements()
     started = now()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            sql.claim,
-            [
-                RUNNING,
-                sql.prep("started_at", started),
-                worker,
-                node,
-                sql.prep("id", as_uuid(job_id)),
-                QUEUED,
-            ],
-        )
-        updated = cursor.rowcount
+    updated = sql.execute(
+        sql.claim,
+        [
+            RUNNING,
+            sql.prep("started_at", started),
+            worker,
+            node,
+            sql.prep("id", as_uuid(job_id)),
+            QUEUED,
+        ],
+    )
     if not updated:
         return None
     if not load:
