@@ -7,10 +7,18 @@ file, and the modules :mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http`
 and :mod:`twistedlrp.jobs`.
 """
 
-from twistedlrp.threads import ShutdownInProgress, call_in_reactor
-
 __version__ = "0.1.0"
 __all__ = ["ShutdownInProgress", "call_in_reactor", "make_service", "__version__"]
+
+
+def __getattr__(name):
+    # Imported on first use: a job worker imports this package (its models,
+    # its registry) but never the reactor, and Twisted costs it ~15 MiB.
+    if name in ("ShutdownInProgress", "call_in_reactor"):
+        from twistedlrp import threads
+
+        return getattr(threads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_service(**options):

@@ -13,9 +13,13 @@ import os
 import sys
 import traceback
 
-from twisted.logger import Logger
 
-log = Logger()
+def _log():
+    # Imported on first use: job workers use this module but not Twisted,
+    # which would cost each of them ~15 MiB.
+    from twisted.logger import Logger
+
+    return Logger(namespace=__name__)
 
 
 class BootError(Exception):
@@ -103,7 +107,7 @@ def run_system_checks() -> None:
             and message.level >= checks.WARNING
             and not message.is_silenced()
         ):
-            log.warn("System check: {message}", message=str(message))
+            _log().warn("System check: {message}", message=str(message))
     if errors:
         lines = "\n".join(f"  {m}" for m in errors)
         count = len(errors)
@@ -121,7 +125,7 @@ def warn_unapplied_migrations() -> None:
             executor = MigrationExecutor(connections[alias])
             plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
         except Exception as e:
-            log.warn(
+            _log().warn(
                 "Could not check migrations of database {alias!r}: {error}",
                 alias=alias,
                 error=_last_line(e),
@@ -129,7 +133,7 @@ def warn_unapplied_migrations() -> None:
             continue
         if plan:
             apps = sorted({migration.app_label for migration, _ in plan})
-            log.warn(
+            _log().warn(
                 "Database {alias!r} has {count} unapplied migration(s) for app(s) {apps}; "
                 "run 'python manage.py migrate{database}'.",
                 alias=alias,

@@ -16,10 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.logger import Logger
-
-log = Logger()
-
 
 @dataclass
 class JobDefinition:
