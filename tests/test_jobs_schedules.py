@@ -238,3 +238,27 @@ def test_two_job_nodes_run_each_due_time_once(template, tmp_path):
     assert sum(claimed) == len(jobs), (claimed, len(jobs))
     succeeded = [r for r in jobs if r[1] == "succeeded"]
     assert len(lines(marks / "run-n")) == len(succeeded) >= 5
+
+
+def test_a_node_runs_only_the_schedules_of_its_queues(template, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    schedule = {
+        "records": {"job": "testapp.jobs.record", "cron": EVERY_SECOND, "args": [str(marks), "q"]}
+    }
+    env = {"LRP_TEST_SCHEDULE": json.dumps(schedule)}
+    server = start_server(template, tmp_path / "s", "--queues", "reports", env=env)
+    db = tmp_path / "s" / "db.sqlite3"
+    try:
+        assert "not on this node: its queue 'default' is not in --queues" in server.output()
+        [(first_due,)] = rows(db, "select next_due from twistedlrp_schedule")
+        # Two due times later, nobody ran it: the row is still at its first due time.
+        wait_for(
+            lambda: datetime.now(UTC) > parse_db_time(first_due) + timedelta(seconds=2),
+            10,
+            message="two due times passed",
+        )
+        assert rows(db, "select next_due from twistedlrp_schedule") == [(first_due,)]
+        assert rows(db, "select count(*) from twistedlrp_job")[0][0] == 0
+    finally:
+        server.stop()

@@ -291,9 +291,7 @@ class Scheduler:
                 cron=row["cron"],
                 zone=str(zone),
                 next=row["next_due"].astimezone(zone).isoformat(sep=" "),
-                skipped=""
-                if self._runs_here(row)
-                else " (not on this node: its queue is elsewhere)",
+                skipped=self._elsewhere(row),
             )
         self.names = [row["name"] for row in self.rows if self._runs_here(row)]
         if self.names:
@@ -305,6 +303,15 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _elsewhere(self, row: dict) -> str:
+        """@return: why this node does not run the schedule C{row}, or ""."""
+        definition = registry.lookup(row["job"])
+        if definition is None:
+            return " (not on this node: its job is not registered here)"
+        if not self._runs_here(row):
+            return f" (not on this node: its queue {definition.queue!r} is not in --queues)"
+        return ""
 
     def _runs_here(self, row: dict) -> bool:
         definition = registry.lookup(row["job"])
