@@ -106,11 +106,18 @@ class FakeStore:
         raise AssertionError(operation)
 
 
+@pytest.fixture(autouse=True)
+def tick_job():
+    """The job the fake schedules name, registered for each test only."""
+    registry.register(registry.JobDefinition("tests.unit.tick", lambda: None))
+    yield
+    registry._registry.pop("tests.unit.tick", None)
+
+
 def scheduler_with(rows, submit):
     clock = Clock()
     clock.advance(datetime(2026, 1, 1, 10, tzinfo=UTC).timestamp())
     store = FakeStore(clock, rows)
-    registry.register(registry.JobDefinition("tests.unit.tick", lambda: None))
     scheduler = schedules.Scheduler(clock, store, submit)
     scheduler.names = [r["name"] for r in rows]
     scheduler._running = True
