@@ -24,18 +24,24 @@ expression has 5 fields, or 6 with seconds first (C{"*/10 * * * * *"}).
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
-from twisted.internet import defer
-from twisted.logger import Logger
-
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
 
-log = Logger()
+
+@functools.cache
+def _log():
+    # Imported at first use: worker processes import this module (for
+    # @job(schedule=...)) and need no Twisted for it.
+    from twisted.logger import Logger
+
+    return Logger(namespace=__name__)
+
 
 # The longest the scheduler sleeps without looking at the table (another
 # node's start-up may have changed a schedule).
@@ -284,7 +290,7 @@ class Scheduler:
         self._running = True
         self.zone = zone = time_zone()
         for row in self.rows:
-            log.info(
+            _log().info(
                 "Schedule {name}: job {job}, cron {cron!r} ({zone}), next run {next}{skipped}",
                 name=row["name"],
                 job=row["job"],
@@ -321,6 +327,8 @@ class Scheduler:
 
     def _tick(self) -> None:
         self._timer = None
+        from twisted.internet import defer
+
         d = defer.ensureDeferred(self._run_due())
         d.addCallbacks(self._sleep, self._failed)
 
@@ -341,11 +349,11 @@ class Scheduler:
             except Exception:
                 # A job that cannot be stored (its arguments, say) will not be
                 # next time either: this due time is skipped, not retried at once.
-                log.failure("Schedule {name}: its job could not be submitted", name=row["name"])
+                _log().failure("Schedule {name}: its job could not be submitted", name=row["name"])
             new = await self.store.run(claim, row["name"], row["next_due"], row["cron"], submitted)
             if new is not None:
                 self.runs += 1
-                log.info(
+                _log().info(
                     "Schedule {name}: job {id} submitted for {due}",
                     name=row["name"],
                     id=submitted,
@@ -370,5 +378,5 @@ class Scheduler:
     def _failed(self, failure) -> None:
         if not self._running:
             return
-        log.failure("The scheduler could not run the due schedules", failure)
+        _log().failure("The scheduler could not run the due schedules", failure)
         self._timer = self.reactor.callLater(RETRY_AFTER, self._tick)
