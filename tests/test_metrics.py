@@ -15,7 +15,7 @@ import pytest
 from jobsupport import api, make_template_db, read_pid, start_server, wait_job
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import request, wait_for
+from support import free_port, port_open, request, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def template(tmp_path_factory):
     return make_template_db(tmp_path_factory.mktemp("metrics"))
 
 
-def scrape(server, path: str = "/-/metrics") -> dict:
+def scrape(server, path: str = "/-/metrics", port: int | None = None) -> dict:
     """@return: {(sample name, sorted label items): value} of one scrape."""
-    response = request(server.port, path, timeout=10)
+    response = request(port or server.port, path, timeout=10)
     assert response.status == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     samples = {}
@@ -147,13 +147,25 @@ def test_bad_options():
         Options().parseOptions(["--metrics-path", "/-/health"])
     with pytest.raises(usage.UsageError, match="--metrics-allow-ips: not an address or network"):
         Options().parseOptions(["--metrics-allow-ips", "10.0.0.0/8,nowhere"])
+    with pytest.raises(usage.UsageError, match="--metrics-listen and --no-metrics exclude"):
+        Options().parseOptions(["--metrics-listen", "tcp:9100", "--no-metrics"])
     options = Options()
     options.parseOptions(["--no-metrics", "--metrics-path", "/-/health"])
     assert options["no-metrics"]
 
 
 def test_web_workers_share_one_sum(template, tmp_path):
-    server = start_server(template, tmp_path, "--web-workers", "2", "--threads", "2")
+    listen = free_port()
+    server = start_server(
+        template,
+        tmp_path,
+        "--web-workers",
+        "2",
+        "--threads",
+        "2",
+        "--metrics-listen",
+        f"tcp:{listen}:interface=127.0.0.1",
+    )
     try:
         before = scrape(server)
         # Requests until both web processes answered some (the kernel spreads them).
@@ -175,6 +187,10 @@ def test_web_workers_share_one_sum(template, tmp_path):
         assert value(after, "lrp_http_requests_total", method="POST", status="2xx") >= 1
         # The job service runs in the main process: its counts reach the web process scraped.
         assert value(after, "lrp_jobs_succeeded_total", name="testapp.jobs.add") == 1
+        # The main process's own listener merges the same files.
+        main = scrape(server, port=listen)
+        assert all_gets(main) == all_gets(after)
+        assert value(main, "lrp_jobs_succeeded_total", name="testapp.jobs.add") == 1
 
         # Every web process's threads (2 each), refreshed within a second.
         def threads():
@@ -206,3 +222,33 @@ def test_web_workers_share_one_sum(template, tmp_path):
         wait_for(threads, timeout=10, interval=0.2, message="4 threads again")
     finally:
         assert server.stop() == 0
+
+
+def test_metrics_listen_on_a_jobs_only_node(template, tmp_path):
+    port = free_port()
+    node = start_server(
+        template,
+        tmp_path,
+        "--jobs-only",
+        "--metrics-listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        listen=False,
+        wait=False,
+    )
+    try:
+        wait_for(lambda: port_open(port), timeout=30, message="the metrics listener")
+
+        def workers():
+            samples = scrape(node, port=port)
+            ready = value(samples, "lrp_job_workers", state="idle") == 2
+            return samples if ready else None
+
+        samples = wait_for(workers, timeout=30, interval=0.1, message="2 idle workers")
+        assert value(samples, "lrp_jobs_queued") == 0
+        # No web server here, so no HTTP metrics.
+        assert not [name for name, _ in samples if name.startswith("lrp_http")]
+        assert request(port, "/-/health").status == 404
+        forwarded = request(port, "/-/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+        assert forwarded.status == 200  # no --proxy-headers: the peer (loopback) is the client
+    finally:
+        assert node.stop() == 0

@@ -160,7 +160,7 @@ def configure(role: str, options) -> Metrics | None:
     @raise OSError: the main process cannot make or empty the directory.
     """
     global current
-    if options["no-metrics"] or options["jobs-only"]:
+    if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:
         current = None
         return None
     directory = None

@@ -136,6 +136,8 @@ OPTIONS: tuple[Option, ...] = (
            "(comma-separated, or '*') that may read the metrics endpoint", kind=STRINGS,
            unparse=",".join),
     Option("no-metrics", False, None, "Serve no metrics endpoint and keep no metrics"),
+    Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics endpoint, and "
+           "nothing else, on this endpoint (a --jobs-only node's only one)", shown="off"),
     # The job service.
     Option("state-dir", ".lrp", values.text, "Directory for the job service's socket and state"),
     Option("jobs-listen", None, values.server_endpoint, "AMP endpoint of the job service",
@@ -350,6 +352,8 @@ class Options(usage.Options):
                         f"--web-workers {self['web-workers']}: --listen {endpoint} cannot be "
                         f"shared by several web processes (use tcp:, tcp6:, unix: or systemd:)"
                     )
+        if self["no-metrics"] and self["metrics-listen"]:
+            raise usage.UsageError("--metrics-listen and --no-metrics exclude each other")
         if not self["no-metrics"] and self["metrics-path"] == self["health-path"]:
             raise usage.UsageError(f"--metrics-path {self['metrics-path']} is --health-path too")
         for name in ("jobs-listen", "pb-listen"):

@@ -86,6 +86,11 @@ class LRPServer(OrderedService):
             from twistedlrp.jobs import metrics as job_metrics
 
             job_metrics.watch(self.metrics, job_service)
+        metrics_listener = None
+        if role != "web":
+            from twistedlrp.web.metrics import metrics_listener as listener
+
+            metrics_listener = listener(reactor, options, self.metrics)
         if role == "main":
             from twistedlrp.web.processes import WebProcesses
 
@@ -123,6 +128,7 @@ class LRPServer(OrderedService):
             metrics.refresh_service(reactor, self.metrics),
             self.web,
             self.web_processes,
+            metrics_listener,
         ):
             if child is not None:
                 self.addService(child)

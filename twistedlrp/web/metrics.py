@@ -144,3 +144,44 @@ def _failed(request, failure) -> None:
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
+
+
+class MetricsOnly:
+    """The root of the C{--metrics-listen} site: the metrics endpoint, 404 elsewhere."""
+
+    def __init__(self, path: bytes, resource: MetricsResource):
+        self._path = path
+        self._resource = resource
+
+    def route(self, request):
+        """@return: the answer's body (see L{MetricsResource.render})."""
+        if request.path == self._path:
+            return self._resource.render(request)
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Not Found: this port serves --metrics-path only.\n"
+
+
+def metrics_listener(reactor, options, metrics: Metrics | None):
+    """
+    @return: the service listening on C{--metrics-listen} for the metrics
+        endpoint alone (with C{--jobs-only}, the only way to read a job
+        node's metrics), or C{None} if not asked for or the metrics are off.
+    """
+    if not options["metrics-listen"] or metrics is None:
+        return None
+    from twistedlrp.web.service import WebService
+    from twistedlrp.web.site import LRPSite
+
+    resource = MetricsResource(metrics, options["metrics-allow-ips"])
+    site = LRPSite(
+        reactor,
+        MetricsOnly(options["metrics-path"].encode(), resource),
+        max_body_size=0,
+        proxy_headers=options["proxy-headers"],
+        forwarded_allow_ips=options["forwarded-allow-ips"],
+        access_log_path=None,
+    )
+    listener = WebService(reactor, site, [options["metrics-listen"]])
+    listener.name = "metrics-listener"
+    return listener
