@@ -153,9 +153,15 @@ def test_the_stream_pushes_each_step_then_the_end(env):
         first = stream.until(lambda data: True)
         assert first["id"] == job.id and first["state"] in ("queued", "running")
         assert first["progress"]["current"] == 0 and not first["finished"]
+        # Its start is pushed too (the worker may still be starting).
+        stream.until(lambda data: data["state"] == "running")
         for n in (1, 2):
             job.step()
+            stepped = time.monotonic()
             data = stream.until(lambda data, n=n: data["progress"]["current"] == n)
+            # Pushed when the job reports it: the wait just asked would
+            # otherwise answer only at its timeout, 2 s later.
+            assert time.monotonic() - stepped < 1.0
             assert data["state"] == "running"
             assert data["progress"] == {
                 "current": n,

@@ -14,8 +14,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from twistedlrp.jobs.errors import JobServiceUnavailable, UnknownJob
+from twistedlrp.jobs.wire import seen_mark
 from twistedlrp.web import events
-from twistedlrp.web.events import HEARTBEAT, JobEvents, _Stream
+from twistedlrp.web.events import HEARTBEAT, MIN_INTERVAL, JobEvents, _Stream
 
 JOB_ID = "6f1c2a34-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
 
@@ -109,12 +110,19 @@ def test_changes_only_then_the_end():
     assert client.calls[0][0] == "status"
     client.answer(current=0)
     assert request.take().startswith(b'event: progress\ndata: {"id":"' + JOB_ID.encode())
-    # Then a wait with a short timeout, one after another.
-    assert client.calls[1][:2] == ("wait", {"job_id": JOB_ID, "timeout": events.POLL_INTERVAL})
+    # Then waits for a change, one after another, at most every MIN_INTERVAL.
+    assert len(client.calls) == 1
+    clock.advance(MIN_INTERVAL)
+    wait = {"job_id": JOB_ID, "timeout": events.WAIT_TIMEOUT, "seen": seen_mark(job(current=0))}
+    assert client.calls[1][:2] == ("wait", wait)
+    clock.advance(1)
     client.answer(current=0)
     assert request.take() == b""  # nothing changed: nothing sent
+    # The answer came after MIN_INTERVAL: the next question goes at once.
+    assert len(client.calls) == 3
     client.answer(current=1)
     assert b'"current":1' in request.take()
+    clock.advance(MIN_INTERVAL)
     client.answer(state="succeeded", current=3)
     data = request.take()
     assert b'"state":"succeeded"' in data and b'"finished":true' in data
@@ -136,6 +144,7 @@ def test_a_heartbeat_after_a_quiet_while():
     client.answer(current=2)
     assert b'"current":2' in request.take()
     clock.advance(HEARTBEAT - 1)
+    assert len(client.calls) == 3
     assert request.take() == b""
     clock.advance(1)
     assert request.take() == b": keep-alive\n\n"
@@ -147,11 +156,12 @@ def test_a_client_that_stops_reading_gets_the_end_only_and_is_cut():
     client.answer()
     request.take()
     stream.pauseProducing()
+    clock.advance(MIN_INTERVAL)
     client.answer(current=1)
     assert request.take() == b""  # not queued while the client does not read
-    clock.advance(events.POLL_INTERVAL)
+    clock.advance(MIN_INTERVAL)
     client.answer(current=2)
-    clock.advance(events.POLL_INTERVAL)
+    clock.advance(MIN_INTERVAL)
     assert request.take() == b""
     # It reads again in time: no cut, and the latest state comes next.
     stream.resumeProducing()
@@ -161,6 +171,7 @@ def test_a_client_that_stops_reading_gets_the_end_only_and_is_cut():
     assert b'"current":2' in request.take()
     # The final word is queued even while it does not read...
     stream.pauseProducing()
+    clock.advance(MIN_INTERVAL)
     client.answer(state="succeeded", current=3)
     assert b'"state":"succeeded"' in request.take() and request.finished
     assert not streams.streams
@@ -170,15 +181,15 @@ def test_a_client_that_never_reads_again_is_cut_after_the_write_timeout():
     clock, client, request, streams, stream = open_stream(write_timeout=30)
     client.answer()
     stream.pauseProducing()
-    for _ in range(59):
+    for _ in range(119):
+        clock.advance(MIN_INTERVAL)
         client.answer(current=1)
-        clock.advance(events.POLL_INTERVAL)
     assert not request.aborted
-    clock.advance(0.5)
+    clock.advance(MIN_INTERVAL)
     assert request.aborted and not streams.streams
-    # The wait in flight ends without a write.
-    client.answer(current=2)
-    assert len(client.calls) == 61
+    # It was resting between two questions: nothing more is asked.
+    clock.advance(MIN_INTERVAL)
+    assert len(client.calls) == 120
     assert not clock.getDelayedCalls()
 
 
@@ -199,6 +210,7 @@ def test_an_unreachable_service_then_an_unknown_job():
 def test_a_client_that_goes_away_and_close_all():
     clock, client, request, streams, stream = open_stream()
     client.answer()
+    clock.advance(MIN_INTERVAL)
     request._finish.errback(ConnectionError("gone"))
     assert stream.done and not streams.streams and not clock.getDelayedCalls()
     client.answer(current=1)  # the wait in flight: nothing written, nothing asked
@@ -206,7 +218,8 @@ def test_a_client_that_goes_away_and_close_all():
 
     clock, client, request, streams, stream = open_stream()
     client.answer()
+    clock.advance(MIN_INTERVAL)
     streams.close_all()
     assert request.finished and not streams.streams
     client.answer(current=1)
-    assert len(client.calls) == 2
+    assert len(client.calls) == 2 and not clock.getDelayedCalls()

@@ -258,8 +258,9 @@ class ServiceProtocol(wire.QuietAMP):
         return _guard(self.service.cancel, job_id).addCallback(lambda job: {"job": job})
 
     @wire.Wait.responder
-    def wait(self, job_id, timeout):
-        return _guard(self.service.wait, job_id, timeout).addCallback(lambda job: {"job": job})
+    def wait(self, job_id, timeout, seen=None):
+        d = _guard(self.service.wait, job_id, timeout, seen)
+        return d.addCallback(lambda job: {"job": job})
 
     @wire.ListJobs.responder
     def list_jobs(self, limit, state=None, name=None):

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from twisted.internet import defer
 
 from twistedlrp.jobs import metrics as job_metrics
-from twistedlrp.jobs import registry
+from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
@@ -150,21 +150,27 @@ class JobOperations:
             self._notify(info)
         return self._overlay(info)
 
-    def wait(self, job_id: str, timeout: float) -> defer.Deferred:
+    def wait(self, job_id: str, timeout: float, seen: str | None = None) -> defer.Deferred:
         """
+        @param seen: the L{wire.seen_mark} of the job as the caller saw it
+            last: then answer also at once if the job differs from it, and
+            when it starts or reports progress on this node.
         @return: a Deferred firing with the job's description once it is
-            finished, or after C{timeout} seconds with its current one.
+            finished (or, with C{seen}, changed), or after C{timeout}
+            seconds with its current one.
         """
-        return defer.ensureDeferred(self._wait(job_id, timeout))
+        return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
-    async def _wait(self, job_id: str, timeout: float) -> dict:
+    async def _wait(self, job_id: str, timeout: float, seen: str | None = None) -> dict:
         self._check_store()
         finished = defer.Deferred()
-        # Registered before reading, so a finish in between is not missed.
+        # Registered before reading, so a finish (or change) in between is not missed.
         self.waiters.setdefault(job_id, []).append(finished)
+        if seen is not None:
+            self.dispatcher.watchers.setdefault(job_id, []).append(finished)
         try:
             info = await self.status(job_id)
-            if info["state"] in FINISHED:
+            if info["state"] in FINISHED or (seen is not None and wire.seen_mark(info) != seen):
                 return info
             call = self.reactor.callLater(max(timeout, 0), _fire, finished, None)
             outcome = await finished
@@ -172,11 +178,12 @@ class JobOperations:
                 call.cancel()
             return outcome if outcome is not None else await self.status(job_id)
         finally:
-            waiters = self.waiters.get(job_id)
-            if waiters and finished in waiters:
-                waiters.remove(finished)
-                if not waiters:
-                    del self.waiters[job_id]
+            for table in (self.waiters, self.dispatcher.watchers):
+                waiters = table.get(job_id)
+                if waiters and finished in waiters:
+                    waiters.remove(finished)
+                    if not waiters:
+                        del table[job_id]
 
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
         """@return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}."""

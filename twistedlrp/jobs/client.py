@@ -77,7 +77,7 @@ COMMANDS = {
     "wait": lambda kw: (
         wire.Wait,
         "job",
-        {"job_id": kw["job_id"], "timeout": float(kw["timeout"])},
+        {"job_id": kw["job_id"], "timeout": float(kw["timeout"]), "seen": kw.get("seen")},
     ),
     "list_jobs": lambda kw: (
         wire.ListJobs,

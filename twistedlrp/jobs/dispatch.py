@@ -83,6 +83,8 @@ class Dispatcher(SharedClaims, Outcomes):
         )
         self.accepting = False
         self.running: dict[str, JobRecord] = {}
+        # wait(..., seen=...) by job id: told when the job starts or reports progress.
+        self.watchers: dict[str, list[defer.Deferred]] = {}
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self._idle = Waiters()
         # Jobs being claimed: their outcome must be recorded before the store closes.
@@ -272,6 +274,7 @@ class Dispatcher(SharedClaims, Outcomes):
         self.running[record.id] = record
         record.started = self.reactor.seconds()
         job_lines.started(record, worker.pid)
+        self._changed(record.id)
         if record.timeout:
             record.timers.append(
                 self.reactor.callLater(record.timeout, worker.signal, "KILL", "timeout")
@@ -306,6 +309,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if record is not None:
             record.progress = (current, total, message)
             self.store.set_progress(job_id, current, total, message)
+            self._changed(job_id)
 
     def _job_ended(self, record: JobRecord, outcome: dict) -> None:
         if self.running.get(record.id) is not record:
@@ -393,6 +397,12 @@ class Dispatcher(SharedClaims, Outcomes):
             error = f"the worker died: process {worker.pid} {how} while running the job"
             log.warn("Job {job_id}: {error}", job_id=job_id, error=error)
             self._retry_or_fail(record, error, fields)
+
+    def _changed(self, job_id: str) -> None:
+        # Not on the way out of running: the end is told once committed (outcomes.py).
+        for d in self.watchers.pop(job_id, ()):
+            if not d.called:
+                d.callback(None)
 
     def _forget(self, record: JobRecord) -> None:
         self.running.pop(record.id, None)

@@ -91,7 +91,7 @@ _LOCAL = {
     ),
     "status": lambda a: ("status", (a["job_id"],)),
     "cancel": lambda a: ("cancel", (a["job_id"],)),
-    "wait": lambda a: ("wait", (a["job_id"], a["timeout"])),
+    "wait": lambda a: ("wait", (a["job_id"], a["timeout"], a["seen"])),
     "list_jobs": lambda a: ("list_jobs", (a["state"], a["name"], a["limit"])),
     "stats": lambda a: ("stats", ()),
 }

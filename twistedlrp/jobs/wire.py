@@ -186,10 +186,29 @@ class Cancel(_Command):
 
 
 class Wait(_Command):
-    """Answered when the job finishes or after C{timeout} seconds, whichever is first."""
+    """
+    Answered when the job finishes or after C{timeout} seconds, whichever is
+    first. With C{seen} (the L{seen_mark} of the job as the caller last saw
+    it), also at once if the job differs from that, and when it starts or
+    reports progress on the answering node (the progress streams of
+    web/events.py).
+    """
 
-    arguments = [(b"job_id", amp.Unicode()), (b"timeout", amp.Float())]
+    arguments = [
+        (b"job_id", amp.Unicode()),
+        (b"timeout", amp.Float()),
+        (b"seen", amp.Unicode(optional=True)),
+    ]
     response = [(b"job", BigJSON())]
+
+
+def seen_mark(job: dict) -> str:
+    """
+    @return: what a watcher of the job (C{Wait} with C{seen}) compares: a
+        short digest of its state and progress.
+    """
+    seen = json.dumps([job["state"], list(job.get("progress") or ())], separators=(",", ":"))
+    return hashlib.sha256(seen.encode()).hexdigest()[:32]
 
 
 class ListJobs(_Command):

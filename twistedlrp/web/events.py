@@ -5,9 +5,11 @@ with the token the page's C{{% lrp_job_progress %}} widget was given
 (L{twistedlrp.progress}).
 
 Each stream asks the job service (over this process's job client) for the
-job with C{wait} and a short timeout, one call after another: the answer
-comes at once when the job finishes, else after L{POLL_INTERVAL} seconds
-with its current state, and an C{event: progress} is sent whenever state or
+job with C{wait(seen=...)}, one call after another: the answer comes at
+once when the job finishes or differs from what the stream has seen, or
+starts or reports progress on the node that answers, else after L{WAIT_TIMEOUT} seconds with its current state (a job
+running on another node is seen that late); never more often than every
+L{MIN_INTERVAL} seconds. An C{event: progress} is sent whenever state or
 progress changed. After the finished state the stream ends. A comment line
 every L{HEARTBEAT} seconds keeps proxies from closing a quiet stream; a
 client that stops reading for C{--write-timeout} seconds is cut; a client
@@ -27,11 +29,16 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twistedlrp.jobs.wire import seen_mark
 from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
 
 log = Logger()
 
-POLL_INTERVAL = 0.5
+# A wait answers at once when the job changes here, else after this long.
+WAIT_TIMEOUT = 2.0
+# The least time between two questions of one stream: a job may report
+# progress far more often than a bar needs to move.
+MIN_INTERVAL = 0.25
 HEARTBEAT = 15.0
 # The browser's reconnection delay (milliseconds) after a broken stream.
 RETRY_MS = 2000
@@ -148,6 +155,7 @@ class _Stream:
     async def _follow(self) -> None:
         op, kw = "status", {"job_id": self.job_id}
         while not self.done:
+            asked = self.reactor.seconds()
             try:
                 info = await self.client.request(op, kw)
             except Exception as e:
@@ -173,10 +181,11 @@ class _Stream:
             if shown["finished"]:
                 self.close()
                 return
-            # Returns at once when the job finishes, else after the interval.
-            op, kw = "wait", {"job_id": self.job_id, "timeout": POLL_INTERVAL}
-            if self._paused:
-                await self._pause(POLL_INTERVAL)
+            op = "wait"
+            kw = {"job_id": self.job_id, "timeout": WAIT_TIMEOUT, "seen": seen_mark(info)}
+            rest = MIN_INTERVAL - (self.reactor.seconds() - asked)
+            if rest > 0:
+                await self._pause(rest)
 
     def _pause(self, seconds: float) -> defer.Deferred:
         """@return: a Deferred firing after C{seconds}, or at once when the stream ends."""
