@@ -275,6 +275,11 @@ def test_a_page_for_one_user_gives_a_token_for_that_user_only(env):
         assert response.status == 403
         assert response.json() == {"error": "the token is for another user"}
         assert request(server.port, Page(server, job.id).status_url).status == 200
+        # Without the request in the template's context, its "user" is the one.
+        bare = Page(server, job.id, "?user=7&bare=1")
+        assert request(server.port, bare.status_url).status == 403
+        assert request(server.port, Page(server, job.id, "?bare=1").status_url).status == 200
+        assert 'name="next" value=""' in bare.text
     finally:
         job.finish()
 

@@ -33,9 +33,14 @@ def max_age() -> float:
     return float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
 
 
-def user_key(request) -> str | None:
-    """@return: the id (as text) of C{request}'s authenticated user, else C{None}."""
-    user = getattr(request, "user", None) if request is not None else None
+def user_key(request=None, user=None) -> str | None:
+    """
+    @param user: the user, when there is no C{request} to take it from.
+    @return: the id (as text) of C{request}'s (or C{user}'s) authenticated
+        user, else C{None}.
+    """
+    if request is not None:
+        user = getattr(request, "user", None)
     if user is None or not getattr(user, "is_authenticated", False):
         return None
     return str(user.pk)

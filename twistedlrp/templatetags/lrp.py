@@ -43,7 +43,8 @@ def lrp_job_progress(context, job, cancel=True):
     if shown is None:
         return {"job": None, "problem": problem}
     request = context.get("request")
-    token = make_token(shown["id"], user_key(request))
+    # Without the request context processor, the auth one's user will do.
+    token = make_token(shown["id"], user_key(request, context.get("user")))
     try:
         status_url = reverse("twistedlrp:job-status", args=[shown["id"]])
         cancel_url = reverse("twistedlrp:job-cancel", args=[shown["id"]])

@@ -246,9 +246,17 @@ class _TestUser:
 
 
 def progress_page(request, job_id):
-    """A page with the job's {% lrp_job_progress %}; ?user=N renders it for user N."""
+    """
+    A page with the job's {% lrp_job_progress %}; ?user=N renders it for
+    user N; ?bare=1 without the request in its context (only "user").
+    """
     from django.shortcuts import render
+    from django.template.loader import render_to_string
 
     if request.GET.get("user"):
         request.user = _TestUser(request.GET["user"])
+    if request.GET.get("bare"):
+        user = getattr(request, "user", None)
+        page = render_to_string("testapp/progress.html", {"job_id": job_id, "user": user})
+        return HttpResponse(page)
     return render(request, "testapp/progress.html", {"job_id": job_id})
