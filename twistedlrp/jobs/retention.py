@@ -4,10 +4,12 @@ C{settings.LRP_JOBS_KEEP} (7 days by default) or their job's own
 C{@job(keep=...)}.
 
 The job service runs a L{Pruner} on a reactor timer. Each pass deletes in
-small batches (L{BATCH_SIZE} rows a statement, by primary key, oldest
-first) through the store thread, and pauses between batches at least as
-long as the last one took, so that submits and claims queued meanwhile get
-the store thread at least half of the time. Only jobs in a final state
+small batches (at most L{BATCH_SIZE} rows a statement, fewer when a batch
+takes longer than L{TARGET_BATCH_SECONDS}; by primary key, oldest first)
+through the store thread, and pauses between batches at least as long as
+the last one took, so that submits and claims queued meanwhile get the
+store thread at least half of the time and wait for one short batch at
+most. Only jobs in a final state
 (L{twistedlrp.jobs.states.FINISHED}) whose C{finished_at} is older than
 their keep are deleted; the delete names the ids I{and} the final states,
 so running it from several job nodes at once (PostgreSQL) deletes each row
@@ -35,6 +37,11 @@ DEFAULT_KEEP = 7 * 86400.0
 BATCH_SIZE = 500
 #: The longest time between two passes.
 MAX_INTERVAL = 60.0
+#: A batch that takes longer (from the reactor's view: queued, run and
+#: committed) halves the next one, down to L{MIN_BATCH_SIZE}; one under half
+#: of it doubles the next, up to L{BATCH_SIZE}.
+TARGET_BATCH_SECONDS = 0.025
+MIN_BATCH_SIZE = 20
 #: The shortest pause between two batches of one pass.
 MIN_PAUSE = 0.05
 #: What C{keep} takes to mean "never delete".
@@ -148,24 +155,45 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
     """
     from django.db import connection
 
-    from twistedlrp.models import Job
+    from twistedlrp.jobs.store.sql import statements
 
+    sql = statements()
+    c = sql.column
     cutoff = (now or _dt.datetime.now(_dt.UTC)) - _dt.timedelta(seconds=rule.keep)
     # finished_at >= created_at, so the created_at condition changes nothing
-    # but lets the database walk the created_at index instead of the table.
-    query = Job.objects.filter(state__in=FINISHED, created_at__lt=cutoff, finished_at__lt=cutoff)
+    # but lets the database walk the created_at index, oldest first, and stop
+    # after `limit` rows. "state || ''" keeps SQLite off the state indexes,
+    # through which it would read every finished job and sort them (measured:
+    # 0.4 s a batch with 200,000 jobs, instead of milliseconds).
+    finished = ", ".join(["%s"] * len(FINISHED))
+    where = (
+        f"{c['created_at']} < %s AND {c['finished_at']} < %s "
+        f"AND ({c['state']} || '') IN ({finished})"
+    )
+    params = [sql.prep("created_at", cutoff), sql.prep("finished_at", cutoff), *FINISHED]
     if rule.names is not None:
-        query = query.filter(name__in=rule.names)
+        where += f" AND {c['name']} IN ({', '.join(['%s'] * len(rule.names))})"
+        params += rule.names
     if rule.exclude:
-        query = query.exclude(name__in=rule.exclude)
+        where += f" AND {c['name']} NOT IN ({', '.join(['%s'] * len(rule.exclude))})"
+        params += rule.exclude
+    select = f"SELECT {c['id']} FROM {sql.table} WHERE {where} ORDER BY {c['created_at']} LIMIT %s"
     if connection.features.has_select_for_update_skip_locked:
         # Nodes pruning at once take different rows instead of waiting for each other.
-        query = query.select_for_update(skip_locked=True)
-    ids = list(query.order_by("created_at").values_list("id", flat=True)[:limit])
-    if not ids:
-        return 0
-    deleted, _ = Job.objects.filter(id__in=ids, state__in=FINISHED).delete()
-    return deleted
+        select += " FOR UPDATE SKIP LOCKED"
+    with connection.cursor() as cursor:
+        cursor.execute(select, [*params, limit])
+        ids = [row[0] for row in cursor.fetchall()]
+        if not ids:
+            return 0
+        # By primary key (not through a state index: 5 times slower), and only
+        # in a final state: idempotent from any node.
+        cursor.execute(
+            f"DELETE FROM {sql.table} WHERE {c['id']} IN ({', '.join(['%s'] * len(ids))}) "
+            f"AND ({c['state']} || '') IN ({finished})",
+            [*ids, *FINISHED],
+        )
+        return cursor.rowcount
 
 
 def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
@@ -222,6 +250,8 @@ class Pruner:
         self.default = default
         self.definitions = definitions
         self.batch_size = batch_size
+        # The rows of the next batch (L{TARGET_BATCH_SECONDS}).
+        self.size = batch_size
         self.deleted = 0
         self.passes = 0
         self._call = None
@@ -258,13 +288,20 @@ class Pruner:
             deleted = 0
             while self._running:
                 started = self.reactor.seconds()
-                n = await self.store.run(prune_batch, rule, self.batch_size)
+                size = self.size
+                n = await self.store.run(prune_batch, rule, size)
                 deleted += n
-                if n < self.batch_size:
+                took = self.reactor.seconds() - started
+                # A submit arriving meanwhile waits for the batch's commit:
+                # smaller batches on a slow database, up to batch_size again.
+                if took > TARGET_BATCH_SECONDS:
+                    self.size = max(MIN_BATCH_SIZE, size // 2)
+                elif took < TARGET_BATCH_SECONDS / 2:
+                    self.size = min(self.batch_size, size * 2)
+                if n < size:
                     break
                 # Give the store thread back for at least as long as the batch took.
-                pause = max(MIN_PAUSE, self.reactor.seconds() - started)
-                await task.deferLater(self.reactor, pause)
+                await task.deferLater(self.reactor, max(MIN_PAUSE, took))
             if deleted:
                 self.deleted += deleted
                 log.info(
