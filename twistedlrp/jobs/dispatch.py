@@ -406,9 +406,8 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def _forget(self, record: JobRecord) -> None:
         self.running.pop(record.id, None)
-        started = getattr(record, "started", None)
-        if started is not None:
-            job_metrics.ran(record.name, self.reactor.seconds() - started)
+        if record.started is not None:
+            job_metrics.ran(record.name, self.reactor.seconds() - record.started)
         record.stop_timers()
         if not self.running:
             self._idle.fire()
