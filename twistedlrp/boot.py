@@ -189,11 +189,12 @@ def load_wsgi_application():
     return application
 
 
-def import_app_modules(name: str) -> list[str]:
+def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
     """
     Import the module C{name} of every installed app that has one (the
     C{lrp} modules register hooks and services as they import).
 
+    @param skip: the names of apps whose module is left alone.
     @return: the dotted names of the modules imported.
     @raise BootError: one of them failed to import.
     """
@@ -202,7 +203,7 @@ def import_app_modules(name: str) -> list[str]:
 
     imported = []
     for config in apps.get_app_configs():
-        if not module_has_submodule(config.module, name):
+        if config.name in skip or not module_has_submodule(config.module, name):
             continue
         dotted = f"{config.name}.{name}"
         try:

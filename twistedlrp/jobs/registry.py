@@ -73,7 +73,12 @@ def discover() -> list[str]:
 
     from twistedlrp import boot
 
-    imported = boot.import_app_modules("jobs") + boot.import_app_modules("tasks")
+    # Our own "tasks" module is the django.tasks backend, not tasks: a site
+    # that uses it loads it through TASKS; importing it anyway would cost
+    # every worker ~3.5 MiB (django.tasks or its backport).
+    imported = boot.import_app_modules("jobs") + boot.import_app_modules(
+        "tasks", skip=("twistedlrp",)
+    )
     for dotted in getattr(settings, "LRP_JOB_MODULES", []) or []:
         try:
             importlib.import_module(dotted)
