@@ -15,7 +15,7 @@ import pytest
 from jobsupport import api, make_template_db, read_pid, start_server, wait_job
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import free_port, port_open, request, wait_for
+from support import free_port, port_open, request, run_to_exit, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +252,13 @@ def test_metrics_listen_on_a_jobs_only_node(template, tmp_path):
         assert forwarded.status == 200  # no --proxy-headers: the peer (loopback) is the client
     finally:
         assert node.stop() == 0
+
+
+def test_a_metrics_directory_that_cannot_be_made(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "metrics").write_text("a file where the directory goes")
+    code, output = run_to_exit("--web-workers", "2", "--state-dir", str(state))
+    assert code != 0
+    assert "cannot prepare the metrics directory" in output
+    assert "Traceback" not in output

@@ -157,7 +157,8 @@ def configure(role: str, options) -> Metrics | None:
     processes empties and names the shared directory, which they inherit.
 
     @return: the metrics (also L{current}), or C{None} when off.
-    @raise OSError: the main process cannot make or empty the directory.
+    @raise twistedlrp.boot.BootError: the main process cannot make or empty
+        the directory.
     """
     global current
     if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:
@@ -166,10 +167,15 @@ def configure(role: str, options) -> Metrics | None:
     directory = None
     if role == "main":
         directory = os.path.abspath(os.path.join(options["state-dir"], "metrics"))
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        # Files of an earlier run would add their counts to this one's.
-        for stale in glob.glob(os.path.join(directory, "*.db")):
-            os.remove(stale)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            # Files of an earlier run would add their counts to this one's.
+            for stale in glob.glob(os.path.join(directory, "*.db")):
+                os.remove(stale)
+        except OSError as e:
+            from twistedlrp.boot import BootError
+
+            raise BootError(f"cannot prepare the metrics directory {directory}: {e}") from e
         os.environ[MULTIPROCESS_VARIABLE] = directory
     elif role == "web":
         directory = os.environ.get(MULTIPROCESS_VARIABLE)
