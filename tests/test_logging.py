@@ -199,3 +199,32 @@ def test_json_log_goes_to_twistds_logfile(lrp_server, tmp_path):
     assert find(records, namespace="django.request", level="warn", message="Not Found: /nope")
     assert all(r["level"] != "info" for r in records)
     assert "Not Found" not in server.output()
+
+
+@pytest.mark.parametrize("level", ["info", "warn"])
+def test_a_jobs_stdlib_records_reach_the_log_at_their_level(template, tmp_path, level):
+    server = start_server(
+        template,
+        tmp_path / "server",
+        "--log-level",
+        level,
+        "--log-format",
+        "json",
+        "--workers",
+        "1",
+    )
+    try:
+        job = api(server, "submit", name="testapp.jobs.log_records", args=["m1"])["job"]
+        info = wait_job(server, job["id"])
+        assert info["state"] == "succeeded", info
+        wait_for(lambda: "error: m1" in server.output(), 10)
+    finally:
+        server.stop()
+    records = find(json_lines(server.output()), namespace="testapp.jobs", job_id=job["id"])
+    by_level = {r["level"]: r["message"] for r in records}
+    assert by_level.pop("warn") == "warning: m1"
+    assert by_level.pop("error") == "error: m1"
+    assert by_level == ({"info": "info: m1"} if level == "info" else {})
+    # The job's output keeps them, readable, with the traceback and its prints.
+    assert "WARNING testapp.jobs: warning: m1" in info["output"]
+    assert "KeyError: 'm1'" in info["output"] and "printed: m1" in info["output"]

@@ -7,7 +7,8 @@ C{twistd} process (L{observe_for_twistd}: the observer becomes the
 application's C{ILogObserver}, which twistd prefers to its own, on the same
 file twistd would have chosen), the reload supervisor's server child (a
 C{twistd} too) and each web process (L{begin}). Job worker processes write
-to their pipes; the job service logs their lines (L{twistedlrp.jobs.worker}).
+to their pipes, their stdlib records as lines the job service reads back
+(L{twistedlrp.stdlog}, L{twistedlrp.jobs.worker}).
 
 The JSON format writes one object per line::
 
@@ -30,14 +31,20 @@ from datetime import UTC, datetime
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
-    LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogBeginner,
-    textFileLogObserver,
 )
 from twisted.python import usage
+from zope.interface import implementer
+
+from twistedlrp.stdlog import NUMBERS as _STDLIB
+from twistedlrp.stdlog import drop_django_console  # noqa: F401 - also offered here
 
 LEVELS = {
     "debug": LogLevel.debug,
@@ -49,17 +56,12 @@ _ALIASES = {"warning": "warn"}
 FORMATS = ("text", "json")
 _RANK = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3}
 _RANK[LogLevel.critical] = 4
-_STDLIB = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-}
 # Keys of events from twisted.python.log (legacy) that repeat what the fixed fields say.
 _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure"})
 
 # This process's threshold, for callers that skip building a filtered event.
 _threshold = _RANK[LogLevel.info]
+_level_name = "info"
 
 
 # -- option values ------------------------------------------------------------------
@@ -93,8 +95,14 @@ def log_format(option: str, value) -> str:
 
 def set_level(name: str) -> None:
     """Make C{name} (a L{log_level} value) this process's threshold for L{enabled}."""
-    global _threshold
+    global _threshold, _level_name
     _threshold = _RANK[LEVELS[name]]
+    _level_name = name
+
+
+def level_name() -> str:
+    """@return: this process's level (L{set_level}), C{info} by default."""
+    return _level_name
 
 
 def enabled(level: LogLevel) -> bool:
@@ -123,7 +131,7 @@ def json_line(event: dict) -> str:
         ),
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("log_system") or "-",
-        "message": formatEvent(event),
+        "message": _message(event),
         "pid": os.getpid(),
     }
     failure = event.get("log_failure")
@@ -151,17 +159,72 @@ def json_line(event: dict) -> str:
         return json.dumps(record, ensure_ascii=False, default=str) + "\n"
 
 
+def text_line(event: dict) -> str | None:
+    """
+    @return: the event as twistd writes it
+        (C{2026-12-01T10:20:23+0000 [namespace#level] message}).
+    """
+    text = event.get("log_text")
+    level = event.get("log_level")
+    if (
+        event.get("log_format") == "{log_text}"
+        and isinstance(text, str)
+        and level is not None
+        and "log_failure" not in event
+        and "log_system" not in event
+    ):
+        # What Twisted's formatter would make of it, without its cost (the
+        # job lines, the access log and stdlib records come this way).
+        namespace = event.get("log_namespace", "-")
+        when = _second_time(event.get("log_time"))
+        return f"{when} [{namespace}#{level.name}] {text}\n".replace("\n", "\n\t", text.count("\n"))
+    return formatEventAsClassicLogText(event, formatTime=_second_time)
+
+
+def _message(event: dict) -> str:
+    # A message formatted by its caller (the job lines, the stdlib bridge)
+    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
+    if event.get("log_format") == "{log_text}" and isinstance(event.get("log_text"), str):
+        return event["log_text"]
+    return formatEvent(event)
+
+
+_last_second: list = [None, ""]
+
+
+def _second_time(when: float | None) -> str:
+    # twistd's time stamps have whole seconds: format each second once.
+    if when is None:
+        return formatTime(when)
+    second = int(when)
+    if _last_second[0] != second:
+        _last_second[:] = [second, formatTime(second)]
+    return _last_second[1]
+
+
+@implementer(ILogFilterPredicate)
+class _AtLeast:
+    """Lets through the events of a level and above (whatever their namespace)."""
+
+    def __init__(self, level: LogLevel):
+        self.rank = _RANK[level]
+
+    def __call__(self, event: dict) -> PredicateResult:
+        level = event.get("log_level")
+        if level is not None and _RANK.get(level, 1) < self.rank:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
 def make_observer(stream, log_format: str = "text", level: str = "info") -> ILogObserver:
     """
     @param stream: a text file (standard output, or twistd's log file).
     @return: an observer that writes the events of C{level} and above to
-        C{stream}, in twistd's text format or as JSON lines (L{json_line}).
+        C{stream}, in twistd's text format (L{text_line}) or as JSON lines
+        (L{json_line}).
     """
-    if log_format == "json":
-        observer = FileLogObserver(stream, json_line)
-    else:
-        observer = textFileLogObserver(stream)
-    return FilteringLogObserver(observer, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
+    observer = FileLogObserver(stream, json_line if log_format == "json" else text_line)
+    return FilteringLogObserver(observer, [_AtLeast(LEVELS[level])])
 
 
 def twistd_log_file(twistd_options):
@@ -293,45 +356,6 @@ def bridge_stdlib_logging(level: str = "warn") -> None:
     handler.setLevel(number)
     if root.level > number or root.level == logging.NOTSET:
         root.setLevel(number)
-
-
-def drop_django_console() -> int:
-    """
-    Remove Django's own console handler (C{DEFAULT_LOGGING}'s C{console}:
-    standard error, when C{DEBUG}) from the loggers that propagate to the
-    bridge of L{bridge_stdlib_logging}: their records reach the server log
-    through the bridge, and would otherwise be printed twice. Call it after
-    C{django.setup()}, which installs the handler.
-
-    @return: how many handlers were removed.
-    """
-    root = logging.getLogger()
-    if not any(getattr(h, "_twistedlrp", False) for h in root.handlers):
-        return 0
-    from django.utils.log import RequireDebugTrue
-
-    removed = 0
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
-    for logger in loggers:
-        if not isinstance(logger, logging.Logger) or not _propagates_to_root(logger):
-            continue
-        for handler in list(logger.handlers):
-            if (
-                type(handler) is logging.StreamHandler
-                and handler.name == "console"
-                and any(isinstance(f, RequireDebugTrue) for f in handler.filters)
-            ):
-                logger.removeHandler(handler)
-                removed += 1
-    return removed
-
-
-def _propagates_to_root(logger: logging.Logger) -> bool:
-    while logger is not None and logger is not logging.root:
-        if not logger.propagate:
-            return False
-        logger = logger.parent
-    return True
 
 
 def access_log_format(option: str, value) -> str:

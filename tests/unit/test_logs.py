@@ -138,3 +138,33 @@ def test_djangos_console_handler_is_dropped_only_where_it_would_repeat(root_logg
     finally:
         propagating.handlers.clear()
         isolated.handlers.clear()
+
+
+def test_a_workers_record_lines_are_read_back():
+    from twistedlrp.stdlog import parse_record
+
+    assert parse_record("WARNING myapp.jobs: no rows: none") == (
+        "warn",
+        "myapp.jobs",
+        "no rows: none",
+    )
+    assert parse_record("CRITICAL x: y") == ("critical", "x", "y")
+    assert parse_record("DEBUG a-b.c: ") == ("debug", "a-b.c", "")
+    assert parse_record("Traceback (most recent call last):") is None
+    assert parse_record("warning myapp: lower case is a print") is None
+    assert parse_record("WARNING two words: x") is None
+
+
+def test_a_worker_writes_its_records_at_the_servers_level(root_logger, monkeypatch, capsys):
+    from twistedlrp import stdlog
+
+    root_logger.handlers.clear()
+    monkeypatch.setenv(stdlog.LEVEL_VARIABLE, "info")
+    stdlog.install_worker_handler()
+    logging.getLogger("myapp.jobs").info("hello %s", "there")
+    logging.getLogger("myapp.jobs").debug("not this")
+    assert capsys.readouterr().err == "INFO myapp.jobs: hello there\n"
+    # The site's LOGGING gave the root logger handlers: they stay alone.
+    root_logger.handlers[:] = [logging.NullHandler()]
+    stdlog.install_worker_handler()
+    assert len(root_logger.handlers) == 1

@@ -74,6 +74,9 @@ def main(argv=None) -> None:
         import django
 
         django.setup()
+        from twistedlrp import stdlog
+
+        stdlog.install_worker_handler()
         registry.discover()
         boot.close_connections()
     except Exception as e:

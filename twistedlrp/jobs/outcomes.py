@@ -132,9 +132,12 @@ class JobLines:
 
     def started(self, record: JobRecord, worker_pid) -> None:
         if logs.enabled(LogLevel.info):
+            name = record.name or "?"
             _job_log.info(
-                "job {name} {job_id} started (attempt {attempt} of {attempts}) on worker {worker}",
-                name=record.name or "?",
+                "{log_text}",
+                log_text=f"job {name} {record.id} started (attempt {record.attempts} of "
+                f"{record.max_attempts}) on worker {worker_pid}",
+                name=name,
                 job_id=record.id,
                 attempt=record.attempts,
                 attempts=record.max_attempts,
@@ -143,22 +146,26 @@ class JobLines:
 
     def succeeded(self, record: JobRecord, now: float) -> None:
         if logs.enabled(LogLevel.info):
+            name, duration = record.name or "?", _duration(record, now)
             _job_log.info(
-                "job {name} {job_id} succeeded in {duration:.3f} s",
-                name=record.name or "?",
+                "{log_text}",
+                log_text=f"job {name} {record.id} succeeded in {duration or 0:.3f} s",
+                name=name,
                 job_id=record.id,
                 attempt=record.attempts,
-                duration=_duration(record, now),
+                duration=duration,
             )
 
     def cancelled(self, record: JobRecord, now: float) -> None:
         if logs.enabled(LogLevel.info):
+            name, duration = record.name or "?", _duration(record, now)
             _job_log.info(
-                "job {name} {job_id} cancelled after {duration:.3f} s",
-                name=record.name or "?",
+                "{log_text}",
+                log_text=f"job {name} {record.id} cancelled after {duration or 0:.3f} s",
+                name=name,
                 job_id=record.id,
                 attempt=record.attempts,
-                duration=_duration(record, now),
+                duration=duration,
             )
 
     def failed(self, record: JobRecord, error: str, now: float | None) -> None:

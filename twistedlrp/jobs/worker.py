@@ -14,9 +14,10 @@ import signal
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from twistedlrp import stdlog
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 
@@ -27,6 +28,7 @@ log = Logger(namespace="twistedlrp.jobs.workers")
 # Worker and node ids name the machine, for when job nodes share a database.
 HOSTNAME = os.uname().nodename
 OUTPUT_TAIL = 16 * 1024
+_LEVELS = {name: getattr(LogLevel, name) for name in ("debug", "info", "warn", "error", "critical")}
 # What is read of a child's pipes once it has exited, at most.
 _DRAIN_LIMIT = 1024 * 1024
 
@@ -204,7 +206,18 @@ class Worker(protocol.ProcessProtocol):
         if not text:
             return
         stream = "stdout" if fd == 1 else "stderr"
-        if self.job_id is not None:
+        record = stdlog.parse_record(text) if fd == 2 else None
+        if record is not None:
+            # A stdlib record of the job's: at its level, under its logger.
+            level, name, message = record
+            Logger(namespace=name).emit(
+                _LEVELS[level],
+                "{log_text}",
+                log_text=message,
+                job_id=self.job_id,
+                worker=self.pid,
+            )
+        elif self.job_id is not None:
             log.info("job {job_id} {stream}: {line}", job_id=self.job_id, stream=stream, line=text)
         else:
             log.info("worker {pid} {stream}: {line}", pid=self.pid, stream=stream, line=text)

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp import logs, stdlog
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.worker import (
     OUTPUT_TAIL,
@@ -145,6 +146,8 @@ class WorkerPool:
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
+        # The worker writes its stdlib records of this level up (twistedlrp.stdlog).
+        env[stdlog.LEVEL_VARIABLE] = logs.level_name()
         self.reactor.spawnProcess(
             worker,
             sys.executable,

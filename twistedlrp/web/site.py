@@ -405,8 +405,8 @@ class LRPSite(server.Site):
         elif self._access_log_path == "-":
             # The fields are for --log-format json.
             access_log.info(
-                "{line}",
-                line=line,
+                "{log_text}",
+                log_text=line,
                 client=request.lrp_client or None,
                 method=_quote(request.method),
                 uri=_quote(request.uri),

@@ -224,3 +224,19 @@ if os.environ.get("LRP_TEST_TICK_DIR"):
     def tick():
         """Counts its runs: one line per run in $LRP_TEST_TICK_DIR/tick."""
         _mark(os.environ["LRP_TEST_TICK_DIR"], "tick")
+
+
+@job
+def log_records(message):
+    """Logs C{message} through stdlib logging at INFO and WARNING, and an error with a traceback."""
+    import logging
+
+    logger = logging.getLogger("testapp.jobs")
+    logger.info("info: %s", message)
+    logger.warning("warning: %s", message)
+    try:
+        raise KeyError(message)
+    except KeyError:
+        logger.exception("error: %s", message)
+    sys.stdout.write(f"printed: {message}\n")
+    return message
