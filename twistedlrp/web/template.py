@@ -122,7 +122,8 @@ class _Template:
                 else:
                     self._exec(channel_fd, message)
             except BaseException:
-                traceback.print_exc()
+                # Through the log, so that --log-format json stays JSON.
+                log.failure("Web process {index} failed", index=index)
             finally:
                 _flush()
                 os._exit(code)
