@@ -111,10 +111,11 @@ def test_log_level_debug_shows_debug_lines(template, tmp_path):
         server.stop()
 
 
-def test_a_django_log_line_appears_once(lrp_server):
+@pytest.mark.parametrize("args", [[], ["--web-workers", "2"]], ids=["one-process", "web-workers"])
+def test_a_django_log_line_appears_once(lrp_server, args):
     # DEBUG = True: Django's own console handler would print the line to
     # standard error besides the server log.
-    server = lrp_server("--no-jobs", env={"LRP_TEST_DEBUG": "1"})
+    server = lrp_server("--no-jobs", *args, env={"LRP_TEST_DEBUG": "1"})
     assert server.get("/no-such-page").status == 404
     wait_for(lambda: "Not Found: /no-such-page" in server.output(), 10)
     server.stop()

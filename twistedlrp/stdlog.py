@@ -50,8 +50,8 @@ def drop_django_console() -> int:
     from django.utils.log import RequireDebugTrue
 
     removed = 0
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
-    for logger in loggers:
+    # Placeholders (names only their children have) have no handlers.
+    for logger in list(logging.root.manager.loggerDict.values()):
         if not isinstance(logger, logging.Logger) or not _propagates_to_root(logger):
             continue
         for handler in list(logger.handlers):
