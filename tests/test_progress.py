@@ -265,6 +265,25 @@ def test_bad_tokens_are_refused_with_403(env):
         other.finish()
 
 
+def test_the_tag_on_an_unknown_job_and_without_its_urls(env):
+    server, _, base = env
+    unknown = str(uuid.uuid4())
+    response = request(server.port, f"/progress/{unknown}")
+    assert response.status == 200
+    assert (
+        '<div class="lrp-job lrp-job-missing"><span class="lrp-job-state">no such job</span>'
+        in (response.text)
+    )
+    assert "data-events" not in response.text and "<script" not in response.text
+    known = api(server, "add", a=1, b=2)["job"]["id"]
+    response = request(server.port, f"/progress/{known}?no_urls=1")
+    assert response.status == 500
+    assert response.text == (
+        "{% lrp_job_progress %} needs the URLs of twistedlrp.views: add "
+        'path("lrp/", include("twistedlrp.urls")) to the URLconf'
+    )
+
+
 def test_a_page_for_one_user_gives_a_token_for_that_user_only(env):
     server, _, base = env
     job = Job(server, base, count=1)

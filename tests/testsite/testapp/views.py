@@ -248,13 +248,30 @@ class _TestUser:
 def progress_page(request, job_id):
     """
     A page with the job's {% lrp_job_progress %}; ?user=N renders it for
-    user N; ?bare=1 without the request in its context (only "user").
+    user N; ?bare=1 without the request in its context (only "user");
+    ?no_urls=1 with a URLconf that lacks twistedlrp.urls.
     """
     from django.shortcuts import render
     from django.template.loader import render_to_string
 
     if request.GET.get("user"):
         request.user = _TestUser(request.GET["user"])
+    if request.GET.get("no_urls"):
+        # A site that forgot include("twistedlrp.urls"): the tag says so.
+        import types
+
+        from django.core.exceptions import ImproperlyConfigured
+        from django.urls import set_urlconf
+
+        urlconf = types.ModuleType("without_lrp_urls")
+        urlconf.urlpatterns = []
+        set_urlconf(urlconf)
+        try:
+            return render(request, "testapp/progress.html", {"job_id": job_id})
+        except ImproperlyConfigured as e:
+            return HttpResponse(str(e), status=500, content_type="text/plain")
+        finally:
+            set_urlconf(None)
     if request.GET.get("bare"):
         user = getattr(request, "user", None)
         page = render_to_string("testapp/progress.html", {"job_id": job_id, "user": user})
