@@ -192,3 +192,41 @@ def test_lrp_prune_deletes_by_hand(env, tmp_path):
     done = manage(db, *prune, "--older-than", "2d", "--batch-size", "1")
     assert done.stdout.strip() == "2 finished job(s) deleted", done.stderr
     assert remaining(db) == ["a3", "q1", "r1"]
+
+
+MANY = """
+import datetime as dt
+import django
+django.setup()
+from twistedlrp.models import Job
+old = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+Job.objects.bulk_create(
+    Job(name="testapp.jobs.add", state="succeeded", created_at=old, finished_at=old)
+    for _ in range(1000)
+)
+"""
+
+
+def test_two_prunes_at_once_delete_each_job_once(env, tmp_path):
+    """As two job nodes pruning one database do (SKIP LOCKED on PostgreSQL)."""
+    _, _, template, _ = env
+    db = tmp_path / "db.sqlite3"
+    if postgres():
+        pg_ensure(db, template=template)
+    else:
+        db.write_bytes(template.read_bytes())
+    seeded = manage(db, "-c", MANY)
+    assert seeded.returncode == 0, seeded.stderr
+    prune = [str(Path(sys.executable).with_name("django-admin")), "lrp_prune"]
+    env_ = dict(os.environ, LRP_TEST_DB=str(db), DJANGO_SETTINGS_MODULE="testsite.settings")
+    env_["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTSITE), env_.get("PYTHONPATH")]))
+    command = [sys.executable, *prune, "--older-than", "1d", "--batch-size", "50"]
+    procs = [
+        subprocess.Popen(command, env=env_, cwd=TESTSITE, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    counts = [int(out.split()[0]) for out in outputs]
+    assert sum(counts) == 1000, outputs
+    assert rows(db, "select count(*) from twistedlrp_job")[0][0] == 0

@@ -203,15 +203,27 @@ def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) 
 
     @return: how many rows were deleted.
     """
-    from django.db import transaction
+    from django.db import connection, transaction
 
+    # SQLite: take the write lock at BEGIN (waiting for it, as the store
+    # thread does); a transaction that reads first and writes then fails at
+    # once if the server's store thread committed in between.
+    # (A new connection resets the mode from OPTIONS: connect first.)
+    connection.ensure_connection()
+    mode = getattr(connection, "transaction_mode", None)
+    if connection.vendor == "sqlite":
+        connection.transaction_mode = "IMMEDIATE"
     total = 0
-    while True:
-        with transaction.atomic():
-            deleted = prune_batch(rule, limit, now)
-        total += deleted
-        if deleted < limit:
-            return total
+    try:
+        while True:
+            with transaction.atomic():
+                deleted = prune_batch(rule, limit, now)
+            total += deleted
+            if deleted < limit:
+                return total
+    finally:
+        if connection.vendor == "sqlite":
+            connection.transaction_mode = mode
 
 
 def count(rule: Rule, now: _dt.datetime | None = None) -> int:
