@@ -8,26 +8,15 @@ signed token that every one of them checks.
 
 from __future__ import annotations
 
-import html
-import http.client
-import json
-import queue
 import re
-import shutil
-import subprocess
-import threading
 import time
 import uuid
-from pathlib import Path
-from unittest import mock
 
 import pytest
 from jobsupport import api, make_template_db, start_server, wait_job
+from progresssupport import EventStream, Job, Page, forged_token, streams_open
 
 from support import ROOT, request, wait_for
-
-SALT = "twistedlrp.progress"  # twistedlrp.progress.SALT
-SECRET_KEY = "tests-only"  # the test site's
 
 
 @pytest.fixture(scope="module")
@@ -37,106 +26,6 @@ def env(tmp_path_factory):
     server = start_server(template, base / "server", "--workers", "1")
     yield server, template, base
     server.kill()
-
-
-class Job:
-    """A gated_steps job: C{step()} lets it report its next step."""
-
-    def __init__(self, server, base: Path, count: int = 3):
-        self.markers = base / uuid.uuid4().hex
-        self.markers.mkdir()
-        self.count = count
-        self.done = 0
-        info = api(
-            server, "submit", name="testapp.jobs.gated_steps", args=[str(self.markers), count]
-        )
-        self.id = info["job"]["id"]
-
-    def step(self) -> None:
-        self.done += 1
-        (self.markers / f"go-{self.done}").touch()
-
-    def finish(self) -> None:
-        while self.done < self.count:
-            self.step()
-
-
-class Page:
-    """The test site's page of a job, and what its widget was given."""
-
-    def __init__(self, server, job_id: str, query: str = ""):
-        response = request(server.port, f"/progress/{job_id}{query}")
-        assert response.status == 200, response.text
-        self.text = response.text
-        self.job_id = job_id
-        self.state = re.search(r'data-state="([^"]*)"', self.text).group(1)
-
-        def attribute(name):
-            found = re.search(rf'{name}="([^"]*)"', self.text)
-            assert found, (name, self.text)
-            return html.unescape(found.group(1))
-
-        self.events_url = attribute("data-events")
-        self.status_url = attribute("data-status")
-        self.cancel_url = re.search(
-            r'class="lrp-job-cancel" method="post" action="([^"]+)"', self.text
-        ).group(1)
-        self.token = attribute('name="token" value')
-
-
-class EventStream:
-    """An SSE client on a raw HTTP connection: reads events as they arrive."""
-
-    def __init__(self, port: int, path: str, timeout: float = 10):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        self.conn.request("GET", path, headers={"Accept": "text/event-stream"})
-        self.response = self.conn.getresponse()
-        self.status = self.response.status
-        self.headers = {k.lower(): v for k, v in self.response.getheaders()}
-        self.fields: list[dict] = []
-
-    def next_block(self) -> dict | None:
-        """@return: the next block of lines up to a blank one (C{None} at the end)."""
-        block: dict = {}
-        while True:
-            line = self.response.readline()
-            if not line:
-                return None
-            line = line.decode().rstrip("\n")
-            if not line:
-                if block:
-                    return block
-                continue
-            name, _, value = line.partition(":")
-            block.setdefault(name, []).append(value.removeprefix(" "))
-
-    def next_event(self) -> tuple[str, dict]:
-        """@return: the next event's name and data, skipping comments and retry."""
-        while True:
-            block = self.next_block()
-            assert block is not None, "the stream ended"
-            if "event" in block:
-                return block["event"][0], json.loads("\n".join(block["data"]))
-
-    def until(self, predicate) -> dict:
-        """@return: the data of the first progress event that satisfies C{predicate}."""
-        while True:
-            name, data = self.next_event()
-            assert name == "progress", (name, data)
-            if predicate(data):
-                return data
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def forged_token(job_id: str, user=None, age: float = 0) -> str:
-    """@return: a token as the site would have made it C{age} seconds ago."""
-    from django.core import signing
-
-    with mock.patch("django.core.signing.time.time", return_value=time.time() - age):
-        signer = signing.TimestampSigner(key=SECRET_KEY, salt=SALT, fallback_keys=[])
-        return signer.sign_object({"j": job_id, "u": user})
 
 
 def test_the_stream_pushes_each_step_then_the_end(env):
@@ -365,10 +254,6 @@ def test_the_cancel_button_cancels_and_returns_to_the_page(env):
     assert response.status == 200 and response.json()["state"] == "cancelled"
 
 
-def streams_open(server) -> int:
-    return request(server.port, "/-/health").json()["progress_streams"]["open"]
-
-
 def test_a_client_that_goes_away_is_forgotten(env):
     server, _, base = env
     job = Job(server, base)
@@ -420,112 +305,6 @@ def test_the_stream_limit_and_open_streams_do_not_hold_the_shutdown(env, tmp_pat
             assert stream.next_block() is None
     finally:
         server.kill()
-
-
-def test_a_web_process_streams_through_its_job_client(env, tmp_path):
-    """With --web-workers the stream is served by a web process over its AMP job client."""
-    _, template, base = env
-    server = start_server(template, tmp_path / "server", "--workers", "1", "--web-workers", "2")
-    try:
-        job = Job(server, base, count=2)
-        page = Page(server, job.id)
-        stream = EventStream(server.port, page.events_url)
-        try:
-            assert stream.status == 200
-            stream.until(lambda data: True)
-            job.step()
-            assert stream.until(lambda data: data["progress"]["current"] == 1)
-            job.step()
-            assert stream.until(lambda data: data["finished"])["state"] == "succeeded"
-            assert stream.next_block() is None
-        finally:
-            stream.close()
-    finally:
-        server.kill()
-
-
-class Widget:
-    """progress.js run by Node (tests/programs/progress_widget.mjs) on a page's widget."""
-
-    def __init__(self, server, page: Page, *flags: str, events_url: str | None = None):
-        attributes = {
-            "lrpJob": page.job_id,
-            "state": page.state,
-            "events": events_url or page.events_url,
-            "status": page.status_url,
-        }
-        self.proc = subprocess.Popen(
-            [NODE, str(PROGRAMS / "progress_widget.mjs"), str(SCRIPT), server.url("/"),
-             json.dumps(attributes), *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        self.lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def next(self, timeout: float = 15) -> dict:
-        """@return: the next line the program printed, as JSON."""
-        line = self.lines.get(timeout=timeout)
-        assert line is not None, "node exited"
-        try:
-            return json.loads(line)
-        except ValueError:
-            raise AssertionError(f"node said: {line}") from None
-
-    def update(self, predicate=lambda job: True) -> dict:
-        """@return: the next "lrp:job" update whose job satisfies C{predicate}."""
-        while True:
-            line = self.next()
-            if "event" in line and predicate(line["event"]):
-                return line
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-NODE = shutil.which("node")
-PROGRAMS = Path(__file__).parent / "programs"
-SCRIPT = ROOT / "twistedlrp" / "static" / "twistedlrp" / "progress.js"
-needs_node = pytest.mark.skipif(NODE is None, reason="no node to run progress.js in")
-
-
-@needs_node
-@pytest.mark.parametrize("how", ["events", "polling", "refused stream"])
-def test_the_script_moves_the_widget_to_the_end(env, how):
-    server, _, base = env
-    job = Job(server, base, count=2)
-    page = Page(server, job.id)
-    flags = ("--no-eventsource",) if how == "polling" else ()
-    broken = page.events_url.replace("token=", "token=x") if how == "refused stream" else None
-    widget = Widget(server, page, *flags, events_url=broken)
-    try:
-        if how == "refused stream":
-            # A 403 from the stream: the script polls the status view instead.
-            assert widget.next() == {"stream": 403}
-        first = widget.update()
-        assert first["event"]["id"] == job.id and first["widget"]["state"] in ("queued", "running")
-        job.step()
-        one = widget.update(lambda job: job["progress"]["current"] == 1)
-        assert one["widget"] == {
-            "state": "running",
-            "message": "step 1 of 2",
-            "percent": "50 %",
-            "bar": {"value": 1, "max": 2},
-        }
-        job.step()
-        last = widget.update(lambda job: job["finished"])
-        assert last["widget"]["state"] == "succeeded"
-        assert last["widget"]["bar"] == {"value": 2, "max": 2}
-        # Then it stops: no stream left open, no poll after the end.
-        assert widget.next() == {"done": True, "later_fetches": 0}
-    finally:
-        widget.close()
 
 
 def test_the_script_and_template_are_package_data():
