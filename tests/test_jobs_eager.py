@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from jobsupport import api, make_template_db, start_server
+
 from support import HERE, ROOT, TESTSITE
 
 
@@ -30,3 +32,17 @@ def test_a_sites_own_tests_run_their_jobs_eagerly(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "\n11 passed in " in done.stdout, done.stdout
+
+
+def test_a_server_with_the_setting_warns_and_runs_jobs_in_its_views(tmp_path):
+    server = start_server(
+        make_template_db(tmp_path), tmp_path / "server", env={"LRP_TEST_JOBS_EAGER": "1"}
+    )
+    try:
+        job = api(server, "submit", name="testapp.jobs.whoami")["job"]
+        # Finished when submit answers, run by the view's own process.
+        assert job["state"] == "succeeded" and job["result"] == {"pid": server.proc.pid}
+        assert api(server, "get", id=job["id"])["job"]["result"] == {"pid": server.proc.pid}
+        assert "LRP_JOBS_EAGER is set (a setting for tests)" in server.output()
+    finally:
+        server.kill()

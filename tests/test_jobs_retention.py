@@ -188,9 +188,12 @@ def test_lrp_prune_deletes_by_hand(env, tmp_path):
     assert dry.stdout.strip() == "2 finished job(s) would be deleted (dry run)"
     assert remaining(db) == ["a1", "a3", "k1", "q1", "r1"]
 
-    # --older-than applies to every job (kept_forever too), in batches.
+    # --older-than applies to every job (kept_forever too), of one name or all, in batches.
+    done = manage(db, *prune, "--older-than", "2d", "--name", "testapp.jobs.kept_forever")
+    assert done.stdout.strip() == "1 finished job(s) deleted", done.stderr
+    assert remaining(db) == ["a1", "a3", "q1", "r1"]
     done = manage(db, *prune, "--older-than", "2d", "--batch-size", "1")
-    assert done.stdout.strip() == "2 finished job(s) deleted", done.stderr
+    assert done.stdout.strip() == "1 finished job(s) deleted", done.stderr
     assert remaining(db) == ["a3", "q1", "r1"]
 
 

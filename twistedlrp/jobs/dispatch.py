@@ -131,8 +131,10 @@ class Dispatcher(SharedClaims, Outcomes):
 
         @return: whether the job was queued here (and is now cancelled).
         """
-        if self.queue.remove(job_id) is not None:
+        removed = self.queue.remove(job_id)
+        if removed is not None:
             self.counters["cancelled"] += 1
+            job_metrics.count("cancelled", removed.name)
             return True
         record = self.running.get(job_id)
         if record is not None and not record.cancel_requested:

@@ -33,7 +33,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twistedlrp.jobs import registry
+from twistedlrp.jobs import eager, registry
 from twistedlrp.jobs.api import JobOperations
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import (
@@ -226,6 +226,11 @@ class JobService(JobOperations, service.Service):
             self.listener = Listener(self.reactor, self._notified, self.dispatcher.wake)
             self.listener.start()
             self._poll.start(POLL_INTERVAL, now=False)
+        if eager.enabled():
+            log.warn(
+                "LRP_JOBS_EAGER is set (a setting for tests): jobs submitted in this process run "
+                "in the thread that submits them, not in the workers"
+            )
         log.info(
             "Job service ready: {queued} queued job(s), {workers} worker(s) starting, jobs: {names}",
             queued="the table's" if self.shared else len(self.dispatcher.queue),

@@ -93,6 +93,9 @@ LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
 # Retention: a short keep for its tests (unset: the default, 7 days).
 if os.environ.get("LRP_TEST_JOBS_KEEP"):
     LRP_JOBS_KEEP = os.environ["LRP_TEST_JOBS_KEEP"]
+# The eager test mode, in a server (tests/test_jobs_eager.py).
+if os.environ.get("LRP_TEST_JOBS_EAGER"):
+    LRP_JOBS_EAGER = True
 # Periodic jobs: LRP_SCHEDULE as JSON, for their tests (unset: no schedule).
 if os.environ.get("LRP_TEST_SCHEDULE"):
     import json
