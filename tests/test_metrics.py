@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from jobsupport import api, make_template_db, read_pid, start_server, wait_job
@@ -94,7 +95,7 @@ def test_requests_jobs_and_gauges(template, tmp_path):
         assert server.stop() == 0
 
 
-def test_retried_jobs_are_counted(template, tmp_path):
+def test_retried_and_cancelled_jobs_are_counted(template, tmp_path):
     server = start_server(template, tmp_path)
     try:
         marker = tmp_path / "marker"
@@ -108,6 +109,16 @@ def test_retried_jobs_are_counted(template, tmp_path):
         assert value(samples, "lrp_jobs_retried_total", name=name) == 1
         assert value(samples, "lrp_jobs_succeeded_total", name=name) == 1
         assert value(samples, "lrp_job_run_seconds_count", name=name) == 2
+
+        # A job cancelled while it waits in the queue (for its run_after).
+        later = api(
+            server, "submit", name="testapp.jobs.add", args=[1, 2], run_after=time.time() + 60
+        )
+        assert value(scrape(server), "lrp_jobs_queued") == 1
+        assert api(server, "cancel", id=later["job"]["id"])["job"]["state"] == "cancelled"
+        samples = scrape(server)
+        assert value(samples, "lrp_jobs_cancelled_total", name="testapp.jobs.add") == 1
+        assert value(samples, "lrp_jobs_queued") == 0
     finally:
         server.stop()
 
