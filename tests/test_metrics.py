@@ -69,6 +69,17 @@ def test_requests_jobs_and_gauges(template, tmp_path):
         )
         count = "lrp_http_request_duration_seconds_count"
         assert value(after, count) - value(before, count) == 7
+        # Latency is measured: a view that sleeps 0.3 s lands above the 0.25 s bucket.
+        assert server.get("/sleep?seconds=0.3").status == 200
+        slow = scrape(server)
+        bucket = "lrp_http_request_duration_seconds_bucket"
+        assert value(slow, bucket, le="0.25") == value(after, bucket, le="0.25")
+        assert value(slow, bucket, le="+Inf") == value(after, bucket, le="+Inf") + 1
+        assert (
+            value(slow, "lrp_http_request_duration_seconds_sum")
+            - value(after, "lrp_http_request_duration_seconds_sum")
+            >= 0.3
+        )
         assert (
             value(after, "lrp_http_threads", state="busy")
             + value(after, "lrp_http_threads", state="idle")
