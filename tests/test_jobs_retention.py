@@ -93,6 +93,8 @@ def test_old_finished_jobs_are_deleted_and_unfinished_or_recent_ones_kept(env):
     assert api(server, "get", id=running)["job"]["state"] == "running"
     assert api(server, "get", id=succeeded, expect_error=True)["error"] == "UnknownJob"
     assert "Retention: deleted 2 finished job(s) older than 20s" in server.output()
+    retention = api(server, "stats")["stats"]["retention"]
+    assert retention["keep"] == 20 and retention["deleted"] >= 2 and retention["passes"] >= 1
     api(server, "cancel", id=running)
     api(server, "cancel", id=queued)
 

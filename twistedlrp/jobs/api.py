@@ -35,7 +35,7 @@ class JobOperations:
     """
     What clients call. It uses the service's C{reactor}, C{store},
     C{dispatcher}, C{pool}, C{waiters}, C{max_payload}, C{unavailable},
-    C{shared}, C{node} and C{queues}.
+    C{shared}, C{node}, C{queues} and C{pruner}.
     """
 
     def submit(
@@ -212,6 +212,7 @@ class JobOperations:
                     "queues": self.queues,
                     "lease": self.lease,
                 },
+                "retention": self.pruner.describe(),
             }
 
         return self.store.run(ops.counts).addCallback(assemble)

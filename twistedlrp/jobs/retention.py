@@ -281,6 +281,13 @@ class Pruner:
             self._call.cancel()
         self._call = None
 
+    def describe(self) -> dict:
+        """
+        @return: for C{jobs.stats()}: the default keep (seconds; C{None}: for
+            ever), the passes so far and the rows they deleted.
+        """
+        return {"keep": self.default, "passes": self.passes, "deleted": self.deleted}
+
     def _schedule(self) -> None:
         if self._running:
             delay = interval_for(rules(self.default, self.definitions()))
