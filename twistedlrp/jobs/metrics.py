@@ -17,6 +17,7 @@ RUN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3
 # Operations one store transaction committed together.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EVENTS = ("submitted", "succeeded", "failed", "cancelled", "retried")
+WORKER_STATES = ("starting", "idle", "busy", "standby", "retiring", "other")
 
 _EVENT_HELP = {
     "submitted": "Jobs submitted (committed to the store) to this job service, by job name",
@@ -102,12 +103,14 @@ def watch(metrics: Metrics | None, job_service) -> None:
 
 def _states(pool):
     def read() -> dict:
-        counts = dict.fromkeys(("starting", "idle", "busy"), 0)
+        # Every state, 0 or not: a gauge copied to the multiprocess files
+        # keeps the last value of a label no longer given.
+        counts = dict.fromkeys(WORKER_STATES, 0)
         for worker in pool.workers:
             if worker.state == "dead":
                 continue
             state = "busy" if worker.state == "claiming" else worker.state
-            counts[state] = counts.get(state, 0) + 1
+            counts[state if state in counts else "other"] += 1
         return {(state,): n for state, n in counts.items()}
 
     return read
