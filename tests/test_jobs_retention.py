@@ -179,6 +179,8 @@ def test_lrp_prune_deletes_by_hand(env, tmp_path):
     assert bad.returncode == 1
     assert "--older-than: expected a number with an optional unit" in bad.stderr
     assert manage(db, *prune, "--older-than", "0").returncode == 1
+    bad = manage(db, *prune, "--batch-size", "0")
+    assert bad.returncode == 1 and "--batch-size: must be between 1 and 10000, got 0" in bad.stderr
 
     # The server's keeps: 7 days, short_lived 2 s, kept_forever for ever.
     done = manage(db, *prune)

@@ -12,6 +12,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from twistedlrp.jobs import retention
 
+MAX_BATCH_SIZE = 10_000
+
 
 class Command(BaseCommand):
     help = (
@@ -39,8 +41,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, older_than=None, name=None, dry_run=False, batch_size=500, **options):
-        if batch_size < 1:
-            raise CommandError(f"--batch-size: must be at least 1, got {batch_size}")
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            # Each row is a parameter of one statement; SQLite limits them.
+            raise CommandError(
+                f"--batch-size: must be between 1 and {MAX_BATCH_SIZE}, got {batch_size}"
+            )
         found = self._rules(older_than, name)
         if dry_run:
             n = sum(retention.count(rule) for rule in found)
