@@ -146,6 +146,19 @@ def test_the_first_pass_waits_an_interval_then_batches_follow_with_pauses():
     assert len(store.pending) == 1
 
 
+def test_with_a_long_keep_the_first_pass_comes_soon_then_one_a_minute():
+    clock, store, pruner = make_pruner(keep=604800.0)
+    pruner.start()
+    clock.advance(retention.FIRST_PASS)
+    [(_, _, d)] = store.pending
+    store.pending.clear()
+    d.callback(0)
+    clock.advance(59.9)
+    assert store.pending == []
+    clock.advance(0.1)
+    assert len(store.pending) == 1
+
+
 def test_a_slow_batch_halves_the_next_and_pauses_as_long_as_it_took():
     clock, store, pruner = make_pruner()
     pruner.start()

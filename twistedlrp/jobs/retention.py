@@ -37,6 +37,8 @@ DEFAULT_KEEP = 7 * 86400.0
 BATCH_SIZE = 500
 #: The longest time between two passes.
 MAX_INTERVAL = 60.0
+#: Seconds from the start to the first pass, at most.
+FIRST_PASS = 10.0
 #: A batch that takes longer (from the reactor's view: queued, run and
 #: committed) halves the next one, down to L{MIN_BATCH_SIZE}; one under half
 #: of it doubles the next, up to L{BATCH_SIZE}.
@@ -268,9 +270,14 @@ class Pruner:
         self._running = False
 
     def start(self) -> None:
-        """Run the first pass after one interval (not on the start-up path), then every interval."""
+        """
+        Run the first pass L{FIRST_PASS} seconds after the start (or one
+        interval, if shorter), then one every interval.
+        """
         self._running = True
-        self._schedule()
+        # Soon, but off the start-up path; and a server restarted more often
+        # than every interval (deploys, --reload) still prunes.
+        self._schedule(FIRST_PASS)
 
     def stop(self) -> None:
         """No further batch starts; one in the store thread finishes with the store."""
@@ -286,9 +293,9 @@ class Pruner:
         """
         return {"keep": self.default, "passes": self.passes, "deleted": self.deleted}
 
-    def _schedule(self) -> None:
+    def _schedule(self, at_most: float = MAX_INTERVAL) -> None:
         if self._running:
-            delay = interval_for(rules(self.default, self.definitions()))
+            delay = min(at_most, interval_for(rules(self.default, self.definitions())))
             self._call = self.reactor.callLater(delay, self._pass)
 
     def _pass(self) -> defer.Deferred:
