@@ -16,7 +16,7 @@ import pytest
 from jobsupport import api, make_template_db, start_server, wait_job
 from progresssupport import EventStream, Job, Page, forged_token, streams_open
 
-from support import ROOT, request, wait_for
+from support import ROOT, request, run_to_exit, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +305,15 @@ def test_the_stream_limit_and_open_streams_do_not_hold_the_shutdown(env, tmp_pat
             assert stream.next_block() is None
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("value, shown", [("0", "0"), ("many", "'many'")])
+def test_a_bad_stream_limit_stops_the_server_at_start(value, shown):
+    code, output = run_to_exit(env={"LRP_TEST_PROGRESS_MAX_STREAMS": value})
+    assert code != 0
+    assert "twistd lrp: error: system check found 1 error" in output
+    assert "twistedlrp.E102" in output
+    assert f"LRP_PROGRESS_MAX_STREAMS must be a whole number of at least 1, not {shown}" in output
 
 
 def test_the_script_and_template_are_package_data():

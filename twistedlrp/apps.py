@@ -8,3 +8,10 @@ class TwistedLRPConfig(AppConfig):
     label = "twistedlrp"
     verbose_name = "twistedlrp jobs"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from django.core import checks
+
+        from twistedlrp.progress import check_settings
+
+        checks.register(check_settings)

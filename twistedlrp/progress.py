@@ -21,6 +21,7 @@ from django.core import signing
 
 SALT = "twistedlrp.progress"
 DEFAULT_MAX_AGE = 6 * 3600
+DEFAULT_MAX_STREAMS = 200
 EVENTS_PREFIX = "/-/jobs/"
 
 
@@ -31,6 +32,42 @@ class BadToken(Exception):
 def max_age() -> float:
     """@return: the seconds a token stays valid (C{LRP_PROGRESS_TOKEN_MAX_AGE})."""
     return float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
+
+
+def max_streams() -> int:
+    """@return: the most progress streams a web process may have open at once."""
+    return int(getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS))
+
+
+def check_settings(app_configs=None, **kwargs) -> list:
+    """
+    The system check of the widget's settings (so a bad one stops the
+    server at start, and shows in C{manage.py check}).
+
+    @return: a C{checks.Error} for each of C{LRP_PROGRESS_TOKEN_MAX_AGE}
+        (seconds, above 0) and C{LRP_PROGRESS_MAX_STREAMS} (a whole number,
+        at least 1) that is set to something else.
+    """
+    from django.core import checks
+
+    errors = []
+    age = getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE)
+    if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age < float("inf"):
+        errors.append(
+            checks.Error(
+                f"LRP_PROGRESS_TOKEN_MAX_AGE must be a number of seconds above 0, not {age!r}",
+                id="twistedlrp.E101",
+            )
+        )
+    streams = getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS)
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+        errors.append(
+            checks.Error(
+                f"LRP_PROGRESS_MAX_STREAMS must be a whole number of at least 1, not {streams!r}",
+                id="twistedlrp.E102",
+            )
+        )
+    return errors
 
 
 def user_key(request=None, user=None) -> str | None:

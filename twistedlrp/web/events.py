@@ -30,7 +30,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from twistedlrp.jobs.wire import seen_mark
-from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
+from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe, max_streams
 
 log = Logger()
 
@@ -44,7 +44,6 @@ HEARTBEAT = 15.0
 RETRY_MS = 2000
 # After the job service failed to answer, before asking again.
 _UNAVAILABLE_DELAY = 2.0
-DEFAULT_MAX_STREAMS = 200
 
 _PREFIX = EVENTS_PREFIX.encode()
 _PATH = re.compile(rb"^" + re.escape(EVENTS_PREFIX.encode()) + rb"([0-9a-fA-F-]{36})/events$")
@@ -68,11 +67,8 @@ class JobEvents:
 
     @property
     def max_streams(self) -> int:
-        if self._max_streams is None:
-            from django.conf import settings
-
-            return int(getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS))
-        return self._max_streams
+        """@return: the most streams open at once (C{LRP_PROGRESS_MAX_STREAMS} unless given)."""
+        return max_streams() if self._max_streams is None else self._max_streams
 
     def matches(self, path: bytes) -> bool:
         """@return: whether C{path} is under the event streams' prefix (C{/-/jobs/})."""

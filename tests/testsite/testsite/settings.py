@@ -88,7 +88,9 @@ TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 # For the test of the error a job service without its app gives.
 if os.environ.get("LRP_TEST_WITHOUT_JOBS_APP"):
     INSTALLED_APPS.remove("twistedlrp")
-LRP_PROGRESS_MAX_STREAMS = int(os.environ.get("LRP_TEST_PROGRESS_MAX_STREAMS", "200"))
+# Digits become a number; anything else stays text (the system check's test).
+_streams = os.environ.get("LRP_TEST_PROGRESS_MAX_STREAMS", "200")
+LRP_PROGRESS_MAX_STREAMS = int(_streams) if _streams.isdigit() else _streams
 LRP_JOBS_TIMEOUT = float(os.environ.get("LRP_TEST_JOBS_TIMEOUT", "10"))
 # Retention: a short keep for its tests (unset: the default, 7 days).
 if os.environ.get("LRP_TEST_JOBS_KEEP"):
