@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import glob
 import os
+import struct
+import time
 from collections.abc import Callable
 
 from twisted.application import service
@@ -55,7 +57,10 @@ class Metrics:
         from prometheus_client import CollectorRegistry, values
 
         self.directory = directory
-        self.registry = CollectorRegistry(auto_describe=True)
+        # No auto_describe: it would collect at registration, and collecting
+        # the shared files then races a sibling process creating its own
+        # (an empty file reads as struct.error).
+        self.registry = CollectorRegistry(auto_describe=False)
         self._samplers: list[tuple] = []  # (name, doc, label names, read, gauge or None)
         if directory is None:
             # Chosen when each value is made: in memory, even if the
@@ -116,6 +121,15 @@ class Metrics:
         """@return: every metric of the registry in Prometheus's text format."""
         from prometheus_client import generate_latest
 
+        if self.directory is None:
+            return generate_latest(self.registry)
+        # In a thread (see web/metrics.py): a file another process has just
+        # created may still be empty; read again shortly, a few times.
+        for _ in range(3):
+            try:
+                return generate_latest(self.registry)
+            except (struct.error, ValueError):
+                time.sleep(0.05)
         return generate_latest(self.registry)
 
     def process_ended(self, pid: int) -> None:
