@@ -7,13 +7,14 @@ with the token the page's C{{% lrp_job_progress %}} widget was given
 Each stream asks the job service (over this process's job client) for the
 job with C{wait(seen=...)}, one call after another: the answer comes at
 once when the job finishes or differs from what the stream has seen, or
-starts or reports progress on the node that answers, else after L{WAIT_TIMEOUT} seconds with its current state (a job
-running on another node is seen that late); never more often than every
-L{MIN_INTERVAL} seconds. An C{event: progress} is sent whenever state or
-progress changed. After the finished state the stream ends. A comment line
-every L{HEARTBEAT} seconds keeps proxies from closing a quiet stream; a
-client that stops reading for C{--write-timeout} seconds is cut; a client
-that goes away stops the polling. At most C{LRP_PROGRESS_MAX_STREAMS}
+starts or reports progress on the node that answers, else after
+L{WAIT_TIMEOUT} seconds with its current state (a job running on another
+node is seen that late); never more often than every L{MIN_INTERVAL}
+seconds. An C{event: progress} is sent whenever state or progress changed.
+After the finished state the stream ends. A comment line every
+L{HEARTBEAT} seconds keeps proxies from closing a quiet stream; a client
+that stops reading for C{--write-timeout} seconds is cut; a client that
+goes away stops the asking. At most C{LRP_PROGRESS_MAX_STREAMS}
 (a setting, default 200) are open per web process; more get 503, and the
 widget falls back to polling the status view.
 """
@@ -29,8 +30,10 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from twistedlrp import progress
+from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.wire import seen_mark
-from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe, max_streams
+from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
 
 log = Logger()
 
@@ -46,7 +49,7 @@ RETRY_MS = 2000
 _UNAVAILABLE_DELAY = 2.0
 
 _PREFIX = EVENTS_PREFIX.encode()
-_PATH = re.compile(rb"^" + re.escape(EVENTS_PREFIX.encode()) + rb"([0-9a-fA-F-]{36})/events$")
+_PATH = re.compile(rb"^" + re.escape(_PREFIX) + rb"([0-9a-fA-F-]{36})/events$")
 
 
 class JobEvents:
@@ -68,7 +71,7 @@ class JobEvents:
     @property
     def max_streams(self) -> int:
         """@return: the most streams open at once (C{LRP_PROGRESS_MAX_STREAMS} unless given)."""
-        return max_streams() if self._max_streams is None else self._max_streams
+        return progress.max_streams() if self._max_streams is None else self._max_streams
 
     def matches(self, path: bytes) -> bool:
         """@return: whether C{path} is under the event streams' prefix (C{/-/jobs/})."""
@@ -155,8 +158,6 @@ class _Stream:
             try:
                 info = await self.client.request(op, kw)
             except Exception as e:
-                from twistedlrp.jobs.errors import JobServiceUnavailable
-
                 if self.done:
                     return
                 if not isinstance(e, JobServiceUnavailable):
