@@ -22,14 +22,22 @@ import datetime as _dt
 import math
 import re
 from dataclasses import dataclass
-
-from twisted.internet import defer, task
-from twisted.logger import Logger
+from typing import TYPE_CHECKING
 
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.states import FINISHED
 
-log = Logger()
+if TYPE_CHECKING:
+    from twisted.internet import defer
+
+
+def _log():
+    # Imported on first use: every worker imports this module (@job(keep=)
+    # parses its keep here) but not Twisted, which would cost it ~7 MiB.
+    from twisted.logger import Logger
+
+    return Logger(namespace=__name__)
+
 
 #: The default of C{LRP_JOBS_KEEP}: a week.
 DEFAULT_KEEP = 7 * 86400.0
@@ -301,6 +309,8 @@ class Pruner:
     def _pass(self) -> defer.Deferred:
         """@return: a Deferred firing when the pass is over (it never fails)."""
         self._call = None
+        from twisted.internet import defer
+
         d = defer.ensureDeferred(self._prune_all())
         d.addErrback(self._failed)
         d.addBoth(lambda _: self._schedule())
@@ -325,10 +335,12 @@ class Pruner:
                 if n < size:
                     break
                 # Give the store thread back for at least as long as the batch took.
+                from twisted.internet import task
+
                 await task.deferLater(self.reactor, max(MIN_PAUSE, took))
             if deleted:
                 self.deleted += deleted
-                log.info(
+                _log().info(
                     "Retention: deleted {n} finished job(s) older than {keep}{which}",
                     n=deleted,
                     keep=describe(rule.keep),
@@ -338,7 +350,7 @@ class Pruner:
     def _failed(self, failure) -> None:
         if failure.check(JobServiceUnavailable) or not self._running:
             return  # the store is closing: the service is stopping
-        log.failure("Retention: a pass failed; the next one tries again", failure)
+        _log().failure("Retention: a pass failed; the next one tries again", failure)
 
 
 def describe(seconds: float) -> str:

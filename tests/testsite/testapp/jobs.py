@@ -30,6 +30,12 @@ def whoami():
 
 
 @job
+def loaded_modules(prefix):
+    """The modules named C{prefix} or C{prefix.*} that this worker has imported."""
+    return sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
+
+
+@job
 def echo(data):
     return data
 
