@@ -199,30 +199,41 @@ class Dispatcher(SharedClaims, Outcomes):
             worker = idle[0]
             worker.state = "claiming"
             self.claiming.add(record.id)
-            d = defer.ensureDeferred(self._start(worker, record))
+            if record.payload is not None:
+                d = self._start_held(worker, record)
+            else:
+                d = defer.ensureDeferred(self._start(worker, record))
             d.addErrback(self._start_failed, worker, record)
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
 
-    async def _start(self, worker, record: JobRecord) -> None:
-        if record.payload is not None:
-            # The service owns its queue, so the job is sent at once and the
-            # claim is committed with the next batch meanwhile. (Were the
-            # server to die before that commit, the job is still queued in
-            # the store and runs again after a restart.)
+    def _start_held(self, worker, record: JobRecord) -> defer.Deferred:
+        """
+        Start a job whose payload the service holds: it is sent at once and
+        the claim is committed with the next batch meanwhile. (Were the
+        server to die before that commit, the job is still queued in the
+        store and runs again after a restart.) Plain callbacks, no
+        coroutine: this runs once per job.
+        """
+        try:
             record.attempts += 1
             check_record(record)
             self._run_on(worker, record, record.payload)
-            claimed = await self.store.run(ops.claim, record.id, worker.ident, False, self.node)
-            if claimed is None and self.running.get(record.id) is record:
-                # No longer queued in the store (changed behind our back):
-                # this run must not count; stop it and record nothing.
-                log.warn(
-                    "Job {job_id} was no longer queued in the store: stopped", job_id=record.id
-                )
-                self._forget(record)
-                worker.signal("KILL", "orphan")
-            return
+        except Exception:
+            return defer.fail()
+        d = self.store.run(ops.claim, record.id, worker.ident, False, self.node)
+        return d.addCallback(self._held_claimed, worker, record)
+
+    def _held_claimed(self, claimed, worker, record: JobRecord) -> None:
+        if claimed is None and self.running.get(record.id) is record:
+            # No longer queued in the store (changed behind our back):
+            # this run must not count; stop it and record nothing.
+            log.warn("Job {job_id} was no longer queued in the store: stopped", job_id=record.id)
+            self._forget(record)
+            worker.signal("KILL", "orphan")
+
+    async def _start(self, worker, record: JobRecord) -> None:
+        """Claim a job whose payload is in the store only, then start it."""
         claimed = await self.store.run(ops.claim, record.id, worker.ident, True, self.node)
         if claimed is None:
             # Cancelled (or taken) meanwhile.

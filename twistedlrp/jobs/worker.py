@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger, LogLevel
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twistedlrp import stdlog
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
+from twistedlrp.jobs.framing import BoxReader
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
@@ -75,6 +77,14 @@ class _ParentProtocol(wire.QuietAMP):
     def __init__(self, worker: Worker):
         super().__init__()
         self.worker = worker
+        self._reader = BoxReader()
+
+    def dataReceived(self, data):
+        # Boxes are split whole by BoxReader (what the child uses) instead of
+        # AMP's key-by-key state machine: two boxes per job, and the worker
+        # pipe is the busiest connection of the job service.
+        for box in self._reader.feed(data):
+            self.ampBoxReceived(amp.AmpBox(box))
 
     @wire.WorkerReady.responder
     def ready(self, pid):
