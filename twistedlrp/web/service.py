@@ -96,7 +96,7 @@ class WebService(service.Service):
         )
         if not drained:
             self.site.abort_all()
-        self.site.close_access_log()
+        self.site.access_log.close()
 
 
 def _left(reactor, deadline: float) -> float:

@@ -8,8 +8,9 @@ docs/serving.md ("Limits"): a deadline for the request head (408), its size
 and number of header lines (431), the number of open connections (the one
 that waited longest for a request head makes room), the body size (413
 before the body is read); it answers a request head with bare LF line ends
-with 400, decides which forwarded headers to trust, writes the access log,
-and drains connections at shut-down.
+with 400, decides which forwarded headers to trust, hands each response to
+the access log (L{twistedlrp.web.accesslog}), and drains connections at
+shut-down.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from twisted.web import http, server
 from twisted.web.resource import Resource
 
 from twistedlrp.web import static
+from twistedlrp.web.accesslog import AccessLog
 from twistedlrp.web.channel import BusyAnswer, LRPChannel
 from twistedlrp.web.limits import FULL_WARNING_INTERVAL, MAX_BUSY_ANSWERS, Limits, short_answer
 
 log = Logger()
-access_log = Logger(namespace="twistedlrp.access")
 
 SERVER_HEADER = b"twistedlrp"
 # Seconds an idle keep-alive connection stays open.
@@ -252,10 +253,7 @@ class LRPSite(server.Site):
         self._busy_answers = 0  # 503 answers being sent
         self._warned_full_at: float | None = None
         self._drained: defer.Deferred | None = None
-        self._access_log_path = access_log_path
-        self._access_duration = access_log_format == "combined+duration"
-        self._access_file = None
-        self._flush_call = None
+        self.access_log = AccessLog(reactor, access_log_path, access_log_format)
 
     # -- connections ------------------------------------------------------
 
@@ -366,27 +364,11 @@ class LRPSite(server.Site):
 
     def startFactory(self):
         super().startFactory()
-        path = self._access_log_path
-        if path and path != "-" and self._access_file is None:
-            self._access_file = open(path, "a", encoding="utf-8")
-            self._flush_call = self.reactor.callLater(1, self._flush_access_log)
+        self.access_log.open()
 
     def stopFactory(self):
         super().stopFactory()
-        self.close_access_log()
-
-    def _flush_access_log(self):
-        if self._access_file is not None:
-            self._access_file.flush()
-            self._flush_call = self.reactor.callLater(1, self._flush_access_log)
-
-    def close_access_log(self):
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._flush_call = None
-        if self._access_file is not None:
-            self._access_file.close()
-            self._access_file = None
+        self.access_log.close()
 
     def _openLogFile(self, path):
         return None
@@ -394,26 +376,7 @@ class LRPSite(server.Site):
     def log(self, request):
         if self.metrics is not None:
             self.metrics.observe(request)
-        if not self._access_log_path:
-            return
-        line = _combined_line(request, self._logDateTime or http.datetimeToLogString())
-        duration = time.monotonic() - request.lrp_arrived
-        if self._access_duration:
-            line += f" rt={duration:.3f}"
-        if self._access_file is not None:
-            self._access_file.write(line + "\n")
-        elif self._access_log_path == "-":
-            # The fields are for --log-format json.
-            access_log.info(
-                "{log_text}",
-                log_text=line,
-                client=request.lrp_client or None,
-                method=_quote(request.method),
-                uri=_quote(request.uri),
-                status=request.code,
-                bytes=request.sentLength,
-                duration=round(duration, 6),
-            )
+        self.access_log.write(request, self._logDateTime or http.datetimeToLogString())
 
     # -- shut-down ------------------------------------------------------
 
@@ -449,26 +412,3 @@ class LRPSite(server.Site):
         """Cut every remaining connection (the graceful deadline has passed)."""
         for channel in list(self.channels):
             channel.transport.abortConnection()
-
-
-def _quote(value: bytes | str | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    return value.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _combined_line(request, timestamp: str) -> str:
-    length = request.sentLength or "-"
-    return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
-        request.lrp_client or "-",
-        timestamp,
-        _quote(request.method),
-        _quote(request.uri),
-        _quote(request.clientproto),
-        request.code,
-        length,
-        _quote(request.getHeader(b"referer") or "-"),
-        _quote(request.getHeader(b"user-agent") or "-"),
-    )

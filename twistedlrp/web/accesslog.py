@@ -1,0 +1,98 @@
+"""
+The access log (C{--access-log}): one line in combined log format per
+response, with C{ rt=SECONDS} appended under C{--access-log-format
+combined+duration} (counted from the request line, like nginx's
+C{$request_time}).
+
+Lines go to a file of their own, flushed each second (not per line: a
+write per request would cost more than the request), or with C{-} to the
+server's log under the namespace C{twistedlrp.access}, with the fields a
+C{--log-format json} line carries.
+"""
+
+from __future__ import annotations
+
+import time
+
+from twisted.logger import Logger
+
+_log = Logger(namespace="twistedlrp.access")
+
+
+class AccessLog:
+    """Where the access lines of one site go; see the module docstring."""
+
+    def __init__(self, reactor, path: str | None, log_format: str = "combined"):
+        self.reactor = reactor
+        self.path = path
+        self.with_duration = log_format == "combined+duration"
+        self._file = None
+        self._flush_call = None
+
+    def open(self) -> None:
+        """Open the log file (once), when the site starts listening."""
+        if self.path and self.path != "-" and self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._flush_call = self.reactor.callLater(1, self._flush)
+
+    def _flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._flush_call = self.reactor.callLater(1, self._flush)
+
+    def close(self) -> None:
+        """Flush and close the log file (at shut-down); idempotent."""
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def write(self, request, timestamp: str) -> None:
+        """Log the response to C{request}, finished at C{timestamp} (CLF time)."""
+        if not self.path:
+            return
+        line = combined_line(request, timestamp)
+        duration = time.monotonic() - request.lrp_arrived
+        if self.with_duration:
+            line += f" rt={duration:.3f}"
+        if self._file is not None:
+            self._file.write(line + "\n")
+        elif self.path == "-":
+            # The fields are for --log-format json.
+            _log.info(
+                "{log_text}",
+                log_text=line,
+                client=request.lrp_client or None,
+                method=quote(request.method),
+                uri=quote(request.uri),
+                status=request.code,
+                bytes=request.sentLength,
+                duration=round(duration, 6),
+            )
+
+
+def quote(value: bytes | str | None) -> str:
+    """@return: C{value} as text for a quoted field of the combined format."""
+    if value is None:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def combined_line(request, timestamp: str) -> str:
+    """@return: the combined-log-format line of a finished request."""
+    length = request.sentLength or "-"
+    return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
+        request.lrp_client or "-",
+        timestamp,
+        quote(request.method),
+        quote(request.uri),
+        quote(request.clientproto),
+        request.code,
+        length,
+        quote(request.getHeader(b"referer") or "-"),
+        quote(request.getHeader(b"user-agent") or "-"),
+    )
