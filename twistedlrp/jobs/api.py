@@ -23,7 +23,6 @@ from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobServiceUnavailable,
-    NotRegistered,
     PayloadTooLarge,
 )
 from twistedlrp.jobs.queue import JobRecord
@@ -72,15 +71,7 @@ class JobOperations:
         timeout, job_id = checked["timeout"], checked["job_id"]
         if not isinstance(payload, bytes):
             raise InvalidArguments(f"the payload of {name} must be JSON bytes")
-        definition = registry.lookup(name)
-        if definition is None:
-            known = registry.names()
-            raise NotRegistered(
-                f"no job is registered under the name {name!r}; registered: "
-                f"{', '.join(known[:20]) or 'none'} (jobs are functions decorated with "
-                f"@twistedlrp.jobs.job in a 'jobs' or 'tasks' module of an installed app, "
-                f"or in settings.LRP_JOB_MODULES)"
-            )
+        definition = registry.require(name)
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
                 f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "

@@ -335,19 +335,7 @@ class Conversation:
         _context.begin(job_id, lambda *p: self._report(job_id, *p))
         close_old_connections()
         try:
-            data = json.loads(payload)
-            result = definition.function(*data["args"], **data["kwargs"])
-            try:
-                encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
-            except (TypeError, ValueError) as e:
-                return {"ok": False, "error": cut_text(f"the job's result is not JSON: {e}")}
-            if len(encoded) > self.max_payload:
-                return {
-                    "ok": False,
-                    "error": f"the job's result takes {len(encoded)} bytes of JSON, more "
-                    f"than the limit of {self.max_payload} bytes (--max-job-payload)",
-                }
-            return {"ok": True, "result": result}
+            return call_job(definition.function, payload, self.max_payload)
         except JobCancelled:
             return {"ok": False, "cancelled": True, "error": "cancelled"}
         except BaseException as e:
@@ -361,6 +349,30 @@ class Conversation:
             sys.stdout.flush()
             sys.stderr.flush()
             close_old_connections()
+
+
+def call_job(function, payload: bytes, max_payload: int) -> dict:
+    """
+    Call a job's function with the arguments of its JSON C{payload}.
+
+    @return: the outcome a worker sends: C{{"ok": True, "result": ...}}, or
+        C{{"ok": False, "error": ...}} when the result is not JSON or its
+        JSON is larger than C{max_payload} bytes.
+    @raise BaseException: whatever the job raised.
+    """
+    data = json.loads(payload)
+    result = function(*data["args"], **data["kwargs"])
+    try:
+        encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        return {"ok": False, "error": cut_text(f"the job's result is not JSON: {e}")}
+    if len(encoded) > max_payload:
+        return {
+            "ok": False,
+            "error": f"the job's result takes {len(encoded)} bytes of JSON, more "
+            f"than the limit of {max_payload} bytes (--max-job-payload)",
+        }
+    return {"ok": True, "result": result}
 
 
 if __name__ == "__main__":

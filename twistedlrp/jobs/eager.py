@@ -32,7 +32,6 @@ from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobCancelled,
     JobError,
-    NotRegistered,
     PayloadTooLarge,
     UnknownJob,
 )
@@ -93,20 +92,10 @@ def _copy(job: dict, full: bool = True, arguments: bool = True) -> dict:
 def _definition(name: str):
     """@return: the job registered as C{name}, importing the job modules once if needed."""
     global _discovered
-    definition = registry.lookup(name)
-    if definition is None and not _discovered:
+    if registry.lookup(name) is None and not _discovered:
         _discovered = True
         registry.discover()
-        definition = registry.lookup(name)
-    if definition is None:
-        known = registry.names()
-        raise NotRegistered(
-            f"no job is registered under the name {name!r}; registered: "
-            f"{', '.join(known[:20]) or 'none'} (jobs are functions decorated with "
-            f"@twistedlrp.jobs.job in a 'jobs' or 'tasks' module of an installed app, "
-            f"or in settings.LRP_JOB_MODULES)"
-        )
-    return definition
+    return registry.require(name)
 
 
 def _submit(name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
@@ -199,7 +188,7 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
 
 def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> dict:
     """@return: the outcome of one attempt, as a worker child would send it."""
-    from twistedlrp.jobs.child import cut_text, describe_error
+    from twistedlrp.jobs.child import call_job, describe_error
     from twistedlrp.jobs.limits import DEFAULT_MAX_PAYLOAD
 
     def report(current, total, message):
@@ -208,19 +197,11 @@ def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> 
 
     previous = _context.begin_local(job["id"], report, cancel)
     try:
-        data = json.loads(payload)
-        result = definition.function(*data["args"], **data["kwargs"])
-        try:
-            encoded = json.dumps(result, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as e:
-            return {"ok": False, "error": cut_text(f"the job's result is not JSON: {e}")}
-        if len(encoded) > DEFAULT_MAX_PAYLOAD:
-            return {
-                "ok": False,
-                "error": f"the job's result takes {len(encoded)} bytes of JSON, more than "
-                f"the limit of {DEFAULT_MAX_PAYLOAD} bytes (--max-job-payload)",
-            }
-        return {"ok": True, "result": json.loads(encoded)}
+        outcome = call_job(definition.function, payload, DEFAULT_MAX_PAYLOAD)
+        if outcome["ok"]:
+            # As it would come back from a worker: through JSON.
+            outcome["result"] = json.loads(json.dumps(outcome["result"]))
+        return outcome
     except JobCancelled:
         return {"ok": False, "cancelled": True, "error": "cancelled"}
     except (Exception, SystemExit) as e:

@@ -57,6 +57,25 @@ def lookup(name: str) -> JobDefinition | None:
     return _registry.get(name)
 
 
+def require(name: str) -> JobDefinition:
+    """
+    @return: the definition registered under C{name}.
+    @raise NotRegistered: none is, with the names that are.
+    """
+    definition = _registry.get(name)
+    if definition is None:
+        from twistedlrp.jobs.errors import NotRegistered
+
+        known = names()
+        raise NotRegistered(
+            f"no job is registered under the name {name!r}; registered: "
+            f"{', '.join(known[:20]) or 'none'} (jobs are functions decorated with "
+            f"@twistedlrp.jobs.job in a 'jobs' or 'tasks' module of an installed app, "
+            f"or in settings.LRP_JOB_MODULES)"
+        )
+    return definition
+
+
 def names() -> list[str]:
     """@return: the registered names, sorted."""
     return sorted(_registry)
