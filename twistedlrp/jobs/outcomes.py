@@ -145,23 +145,17 @@ class JobLines:
             )
 
     def succeeded(self, record: JobRecord, now: float) -> None:
-        if logs.enabled(LogLevel.info):
-            name, duration = record.name or "?", _duration(record, now)
-            _job_log.info(
-                "{log_text}",
-                log_text=f"job {name} {record.id} succeeded in {duration or 0:.3f} s",
-                name=name,
-                job_id=record.id,
-                attempt=record.attempts,
-                duration=duration,
-            )
+        self._ended(record, now, "succeeded in")
 
     def cancelled(self, record: JobRecord, now: float) -> None:
+        self._ended(record, now, "cancelled after")
+
+    def _ended(self, record: JobRecord, now: float, how: str) -> None:
         if logs.enabled(LogLevel.info):
             name, duration = record.name or "?", _duration(record, now)
             _job_log.info(
                 "{log_text}",
-                log_text=f"job {name} {record.id} cancelled after {duration or 0:.3f} s",
+                log_text=f"job {name} {record.id} {how} {duration or 0:.3f} s",
                 name=name,
                 job_id=record.id,
                 attempt=record.attempts,
