@@ -233,7 +233,7 @@ def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
     """
     try:
         # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
-        data = json.loads(payload, parse_constant=_not_json)
+        data = _DECODER.decode(payload.decode("utf-8"))
         args, kwargs = data["args"], data["kwargs"]
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ValueError("args must be a list and kwargs an object")
@@ -244,6 +244,10 @@ def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
 
 def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every submission (json.loads with an option builds one a call).
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _fire(d: defer.Deferred, value) -> None:

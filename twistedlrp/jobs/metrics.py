@@ -45,6 +45,16 @@ class _JobMetrics:
             "Operations committed together in one transaction of the job store's thread",
             BATCH_BUCKETS,
         )
+        # The labelled children, by (metric, job name): labels() takes a lock
+        # and checks its arguments each call, and these count every job.
+        self._children: dict = {}
+
+    def child(self, metric, name: str):
+        key = (metric, name)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(name)
+        return found
 
 
 _jobs: _JobMetrics | None = None
@@ -53,13 +63,13 @@ _jobs: _JobMetrics | None = None
 def count(event: str, name: str) -> None:
     """Count one C{event} (one of L{EVENTS}) of a job named C{name}."""
     if _jobs is not None:
-        _jobs.events[event].labels(name or "?").inc()
+        _jobs.child(_jobs.events[event], name or "?").inc()
 
 
 def ran(name: str, seconds: float) -> None:
     """An attempt of a job named C{name} ran C{seconds} (it ended, however)."""
     if _jobs is not None:
-        _jobs.run_seconds.labels(name or "?").observe(seconds)
+        _jobs.child(_jobs.run_seconds, name or "?").observe(seconds)
 
 
 def batch(size: int) -> None:
