@@ -9,6 +9,7 @@ keeps the pool of them; see there for the life of a worker.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from twisted.python.failure import Failure
 from twistedlrp import stdlog
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
-from twistedlrp.jobs.framing import BoxReader
+from twistedlrp.jobs.framing import BoxReader, get_big, put_big
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
@@ -260,11 +261,16 @@ class Worker(protocol.ProcessProtocol):
         self.state = "busy"
         self.job_id = job_id
         self.output_tail = bytearray()
-        d = self.amp.callRemote(
-            wire.RunJob, job_id=job_id, name=name, payload=payload, attempt=attempt
+        # wire.RunJob's box written out, as the child reads it (framing):
+        # AMP's Command machinery would convert each argument and the answer
+        # through their Argument classes, for every job.
+        box = {b"job_id": job_id.encode(), b"name": name.encode(), b"attempt": b"%d" % attempt}
+        put_big(box, b"payload", payload)
+        d = self.amp.callRemoteString(
+            wire.RunJob.commandName, True, **{key.decode(): value for key, value in box.items()}
         )
-        d.addCallbacks(lambda answer: bounded_outcome(answer["outcome"]), self._answer_failed)
-        return d
+        # An answer that cannot be read fails in _outcome_of: _answer_failed sees it too.
+        return d.addCallback(_outcome_of).addErrback(self._answer_failed)
 
     def _answer_failed(self, failure: Failure) -> Failure:
         if not self.gone(failure):
@@ -340,6 +346,14 @@ class Worker(protocol.ProcessProtocol):
         except (OSError, ValueError, IndexError):
             return 0.0
         return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def _outcome_of(answer) -> dict:
+    """@return: the outcome of a RunJob answer box (see L{wire.RunJob})."""
+    outcome = json.loads(get_big(answer, b"outcome"))
+    if not isinstance(outcome, dict):
+        raise ValueError(f"the worker's outcome is not an object: {outcome!r}"[:200])
+    return bounded_outcome(outcome)
 
 
 def bounded_outcome(outcome: dict) -> dict:
