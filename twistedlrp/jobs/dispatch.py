@@ -356,61 +356,6 @@ class Dispatcher(SharedClaims, Outcomes):
         else:
             self._retry_or_fail(record, outcome.get("error") or "failed", fields)
 
-    def _worker_died(self, worker, job_id: str, how: str) -> None:
-        record = self.running.get(job_id)
-        if record is None:
-            return
-        self._forget(record)
-        fields = {"output": worker.take_output(), "worker": worker.ident}
-        reason = worker.kill_reason
-        if reason == "shutdown":
-            log.info("Job {job_id} interrupted by the shut-down: back in the queue", job_id=job_id)
-            self.store.run(
-                recovery.requeue,
-                job_id,
-                "interrupted by a server shut-down before it finished; it runs again",
-                False,
-                *self._node_args(),
-            )
-        elif reason == "timeout":
-            error = (
-                f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
-                f"killed ({how})"
-            )
-            log.warn(
-                "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})",
-                job_id=job_id,
-                pid=worker.pid,
-                timeout=record.timeout,
-                how=how,
-            )
-            self._retry_or_fail(record, error, fields)
-        elif reason == "cancel" or record.cancel_requested:
-            self.counters["cancelled"] += 1
-            error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
-            if reason == "cancel":
-                log.warn(
-                    "Job {job_id}: worker {pid} killed: cancelled, did not stop within the "
-                    "grace period of {grace:g} s ({how})",
-                    job_id=job_id,
-                    pid=worker.pid,
-                    grace=self.cancel_grace,
-                    how=how,
-                )
-            else:
-                log.warn(
-                    "Job {job_id}: worker {pid} {how} after its cancellation was requested",
-                    job_id=job_id,
-                    pid=worker.pid,
-                    how=how,
-                )
-            job_lines.cancelled(record, self.reactor.seconds())
-            self._finish(record, CANCELLED, error=error, **fields)
-        else:
-            error = f"the worker died: process {worker.pid} {how} while running the job"
-            log.warn("Job {job_id}: {error}", job_id=job_id, error=error)
-            self._retry_or_fail(record, error, fields)
-
     def _changed(self, job_id: str) -> None:
         # Not on the way out of running: the end is told once committed (outcomes.py).
         for d in self.watchers.pop(job_id, ()):

@@ -1,7 +1,9 @@
 """
 Recording the end of an attempt: a final state, or a retry after its delay
 (L{Outcomes}, part of L{twistedlrp.jobs.dispatch.Dispatcher}), each
-committed before waiters hear of it; and the log line of each failed job.
+committed before waiters hear of it, including what the death of a worker
+means for its job (shut-down, timeout, cancel or crash); and the job's log
+lines.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_priority, check_seconds
 from twistedlrp.jobs.queue import JobRecord
-from twistedlrp.jobs.states import FAILED, QUEUED
+from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED
 from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.store import recovery
 
 log = Logger()
 # The jobs' own lines (L{JobLines}), for a log shipper to pick out.
@@ -25,10 +28,66 @@ _job_log = Logger(namespace="twistedlrp.jobs")
 
 class Outcomes:
     """
-    The dispatcher's recording of outcomes. It uses the dispatcher's
-    C{reactor}, C{store}, C{counters}, C{accepting}, C{node}, C{enqueue},
-    C{_waiting} and C{_notify}.
+    The dispatcher's recording of outcomes, and what a worker's death
+    means for its job (L{_worker_died}). It uses the dispatcher's
+    C{reactor}, C{store}, C{counters}, C{accepting}, C{node}, C{running},
+    C{cancel_grace}, C{enqueue}, C{_forget}, C{_waiting} and C{_notify}.
     """
+
+    def _worker_died(self, worker, job_id: str, how: str) -> None:
+        record = self.running.get(job_id)
+        if record is None:
+            return
+        self._forget(record)
+        fields = {"output": worker.take_output(), "worker": worker.ident}
+        reason = worker.kill_reason
+        if reason == "shutdown":
+            log.info("Job {job_id} interrupted by the shut-down: back in the queue", job_id=job_id)
+            self.store.run(
+                recovery.requeue,
+                job_id,
+                "interrupted by a server shut-down before it finished; it runs again",
+                False,
+                *self._node_args(),
+            )
+        elif reason == "timeout":
+            error = (
+                f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
+                f"killed ({how})"
+            )
+            log.warn(
+                "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})",
+                job_id=job_id,
+                pid=worker.pid,
+                timeout=record.timeout,
+                how=how,
+            )
+            self._retry_or_fail(record, error, fields)
+        elif reason == "cancel" or record.cancel_requested:
+            self.counters["cancelled"] += 1
+            error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
+            if reason == "cancel":
+                log.warn(
+                    "Job {job_id}: worker {pid} killed: cancelled, did not stop within the "
+                    "grace period of {grace:g} s ({how})",
+                    job_id=job_id,
+                    pid=worker.pid,
+                    grace=self.cancel_grace,
+                    how=how,
+                )
+            else:
+                log.warn(
+                    "Job {job_id}: worker {pid} {how} after its cancellation was requested",
+                    job_id=job_id,
+                    pid=worker.pid,
+                    how=how,
+                )
+            job_lines.cancelled(record, self.reactor.seconds())
+            self._finish(record, CANCELLED, error=error, **fields)
+        else:
+            error = f"the worker died: process {worker.pid} {how} while running the job"
+            log.warn("Job {job_id}: {error}", job_id=job_id, error=error)
+            self._retry_or_fail(record, error, fields)
 
     def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
         if record.attempts >= record.max_attempts or self.store.closed:
