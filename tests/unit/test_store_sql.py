@@ -61,6 +61,14 @@ SCRIPT = textwrap.dedent(
     job = Job.objects.get(id=info["id"])
     assert (job.state, job.worker, job.attempts, job.args) == ("running", "w1", 1, [1]), job
     assert abs((job.started_at - job.created_at).total_seconds()) < 5
+    from django.db import OperationalError
+
+    try:
+        sql.execute("UPDATE no_such_table SET x = %s", [1])
+    except OperationalError:
+        pass  # Django's class, as its own cursors raise it
+    else:
+        raise AssertionError("no error for a missing table")
     print("checked", checked)
     """
 )

@@ -153,7 +153,10 @@ class Statements:
         qmark = self._qmark.get(statement)
         if qmark is None:
             qmark = self._qmark[statement] = statement.replace("%s", "?")
-        cursor = database.connection.execute(qmark, params)
+        # Errors still come as Django's (IntegrityError, OperationalError...),
+        # and mark the connection as Django's own cursors would.
+        with database.wrap_database_errors:
+            cursor = database.connection.execute(qmark, params)
         try:
             return cursor.rowcount
         finally:
