@@ -48,6 +48,16 @@ def make_template_db(directory: Path) -> Path:
     return path
 
 
+def shared_db(template: Path, tmp: Path) -> Path:
+    """@return: the LRP_TEST_DB of a fresh copy of the template that several servers share."""
+    db = tmp / "shared.sqlite3"
+    if postgres():
+        pg_ensure(db, template=template)
+    else:
+        shutil.copy(template, db)
+    return db
+
+
 def start_server(template: Path, tmp: Path, *args, env=None, wait=True, **kwargs) -> LRPProcess:
     """Start a server whose database is a copy of C{template} (kept if C{tmp} already has one)."""
     tmp.mkdir(parents=True, exist_ok=True)

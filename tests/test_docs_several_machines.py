@@ -12,14 +12,13 @@ first, and both nodes run jobs of one web node.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from jobsupport import api, make_template_db, rows, wait_job
+from jobsupport import api, make_template_db, rows, shared_db, wait_job
 
-from support import LRPProcess, pg_ensure, port_open, postgres, wait_for
+from support import LRPProcess, port_open, postgres, wait_for
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deploying.md"
 
@@ -86,15 +85,6 @@ class Machines:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     return make_template_db(tmp_path_factory.mktemp("docs"))
-
-
-def shared_db(template: Path, tmp: Path) -> Path:
-    db = tmp / "shared.sqlite3"
-    if postgres():
-        pg_ensure(db, template=template)
-    else:
-        shutil.copy(template, db)
-    return db
 
 
 def start_job_node(machines: Machines, db: Path, tmp: Path, config: Path, port: int) -> LRPProcess:

@@ -10,15 +10,14 @@ without it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from jobsupport import FINISHED, api, make_template_db, rows
+from jobsupport import FINISHED, api, make_template_db, rows, shared_db
 
-from support import LRPProcess, pg_ensure, postgres, wait_for
+from support import LRPProcess, postgres, wait_for
 
 LEASE = 3.0
 needs_postgres = pytest.mark.skipif(
@@ -30,16 +29,6 @@ needs_sqlite = pytest.mark.skipif(bool(postgres()), reason="the SQLite one-node 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     return make_template_db(tmp_path_factory.mktemp("nodes"))
-
-
-def shared_db(template: Path, tmp: Path) -> Path:
-    """@return: the LRP_TEST_DB of a fresh copy of the template that several servers share."""
-    db = tmp / "shared.sqlite3"
-    if postgres():
-        pg_ensure(db, template=template)
-    else:
-        shutil.copy(template, db)
-    return db
 
 
 def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> LRPProcess:

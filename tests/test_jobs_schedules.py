@@ -12,9 +12,9 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from jobsupport import make_template_db, rows, start_server
+from jobsupport import make_template_db, rows, shared_db, start_server
 
-from support import LRPProcess, pg_ensure, postgres, run_to_exit, wait_for
+from support import LRPProcess, postgres, run_to_exit, wait_for
 from twistedlrp.jobs.schedules import job_id
 
 EVERY_SECOND = "* * * * * *"
@@ -194,8 +194,7 @@ def test_two_job_nodes_run_each_due_time_once(template, tmp_path):
     schedule = {
         "records": {"job": "testapp.jobs.record", "cron": EVERY_SECOND, "args": [str(marks), "n"]}
     }
-    db = tmp_path / "shared.sqlite3"
-    pg_ensure(db, template=template)
+    db = shared_db(template, tmp_path)
     start = datetime.now(UTC) - timedelta(seconds=1)
     nodes = []
     for name in ("node-a", "node-b"):
