@@ -100,7 +100,7 @@ class Outcomes:
         run_after = self.reactor.seconds() + delay
         self.counters["retried"] += 1
         job_metrics.count("retried", record.name)
-        job_lines.retrying(record, error, self.reactor.seconds(), delay)
+        job_lines.failed(record, error, self.reactor.seconds(), retry_in=delay)
         d = self.store.run(
             ops.finish,
             record.id,
@@ -221,10 +221,16 @@ class JobLines:
                 duration=duration,
             )
 
-    def failed(self, record: JobRecord, error: str, now: float | None) -> None:
+    def failed(
+        self, record: JobRecord, error: str, now: float | None, retry_in: float | None = None
+    ) -> None:
+        """The attempt failed: for good, or to be retried after C{retry_in} seconds."""
         duration = _duration(record, now)
+        retrying = {} if retry_in is None else {"retry_in": retry_in}
         _job_log.warn(
-            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts}): {error}",
+            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts})"
+            + (", retrying in {retry_in:.1f} s" if retrying else "")
+            + ": {error}",
             name=record.name or "?",
             job_id=record.id,
             attempt=record.attempts,
@@ -232,21 +238,7 @@ class JobLines:
             duration=duration,
             took=f" in {duration:.3f} s" if duration is not None else "",
             error=error_line(error),
-        )
-
-    def retrying(self, record: JobRecord, error: str, now: float, delay: float) -> None:
-        duration = _duration(record, now)
-        _job_log.warn(
-            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts}), "
-            "retrying in {retry_in:.1f} s: {error}",
-            name=record.name or "?",
-            job_id=record.id,
-            attempt=record.attempts,
-            attempts=record.max_attempts,
-            duration=duration,
-            took=f" in {duration:.3f} s" if duration is not None else "",
-            retry_in=delay,
-            error=error_line(error),
+            **retrying,
         )
 
 
