@@ -107,12 +107,8 @@ class Metrics:
     def refresh(self) -> None:
         """Multiprocess mode: copy this process's sampled values to its files."""
         for name, _, labels, read, gauge in self._samplers:
-            if gauge is None:
-                continue
-            try:
-                values = read()
-            except Exception:
-                log.failure("Could not read the metric {name}", name=name)
+            values = _sample(name, read) if gauge is not None else None
+            if values is None:
                 continue
             for key, value in values.items():
                 (gauge.labels(*key) if labels else gauge).set(value)
@@ -140,6 +136,15 @@ class Metrics:
             multiprocess.mark_process_dead(pid, self.directory)
 
 
+def _sample(name: str, read: Callable[[], dict]) -> dict | None:
+    """@return: what C{read()} returns, or C{None} (logged) if it fails."""
+    try:
+        return read()
+    except Exception:
+        log.failure("Could not read the metric {name}", name=name)
+        return None
+
+
 class _SampledCollector:
     """Yields the sampled gauges, read now (in-memory mode)."""
 
@@ -153,12 +158,10 @@ class _SampledCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         for name, doc, labels, read, _ in self._samplers:
+            values = _sample(name, read)
+            if values is None:
+                continue  # left out of this scrape
             family = GaugeMetricFamily(name, doc, labels=labels)
-            try:
-                values = read()
-            except Exception:
-                log.failure("Could not read the metric {name}", name=name)
-                continue
             for key, value in values.items():
                 family.add_metric(list(key), value)
             yield family
