@@ -21,6 +21,7 @@ from twistedlrp.jobs.client import (
     UNKNOWN_OUTCOME,
     configured,
     configured_endpoint,
+    no_answer,
     split_endpoint,
 )
 from twistedlrp.jobs.errors import (
@@ -285,10 +286,7 @@ class _Conversation:
         if not waiter.event.wait(timeout):
             with self._lock:
                 self._pending.pop(tag, None)
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} did not answer {op} within "
-                f"{timeout:g} s" + UNKNOWN_OUTCOME.get(op, "")
-            )
+            raise no_answer(self.endpoint, op, timeout)
         if waiter.box is None:
             raise JobServiceUnavailable(
                 f"the connection to the job service at {self.endpoint} broke during {op}: "

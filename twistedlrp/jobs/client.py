@@ -58,6 +58,15 @@ UNKNOWN_OUTCOME = {
     "cancel": "; the cancellation may or may not have been requested: cancel again",
 }
 
+
+def no_answer(endpoint, op: str, seconds: float) -> JobServiceUnavailable:
+    """@return: the error of an operation the job service did not answer in time."""
+    return JobServiceUnavailable(
+        f"the job service at {endpoint} did not answer {op} within {seconds:g} s"
+        + UNKNOWN_OUTCOME.get(op, "")
+    )
+
+
 COMMANDS = {
     "submit": lambda kw: (
         wire.Submit,

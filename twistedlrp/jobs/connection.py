@@ -19,7 +19,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs import wire
-from twistedlrp.jobs.client import COMMANDS, DEFAULT_TIMEOUT, UNKNOWN_OUTCOME, unix_path
+from twistedlrp.jobs.client import COMMANDS, DEFAULT_TIMEOUT, UNKNOWN_OUTCOME, no_answer, unix_path
 from twistedlrp.jobs.errors import AuthenticationFailed, JobError, JobServiceUnavailable
 
 log = Logger()
@@ -226,10 +226,7 @@ class JobClient:
         try:
             answer = await d
         except defer.TimeoutError:
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} did not answer {op} within "
-                f"{timeout or self.timeout:g} s" + UNKNOWN_OUTCOME.get(op, "")
-            ) from None
+            raise no_answer(self.endpoint, op, timeout or self.timeout) from None
         except (error.ConnectionLost, error.ConnectionDone, amp.UnknownRemoteError) as e:
             raise JobServiceUnavailable(
                 f"the connection to the job service at {self.endpoint} broke during {op}: {e}"

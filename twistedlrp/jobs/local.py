@@ -12,7 +12,7 @@ import json
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs.client import COMMANDS, UNKNOWN_OUTCOME
+from twistedlrp.jobs.client import COMMANDS, no_answer
 from twistedlrp.jobs.errors import JobError, JobServiceUnavailable
 
 log = Logger()
@@ -70,10 +70,7 @@ class LocalClient:
         try:
             answer = await d
         except defer.TimeoutError:
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} did not answer {op} within "
-                f"{limit:g} s" + UNKNOWN_OUTCOME.get(op, "")
-            ) from None
+            raise no_answer(self.endpoint, op, limit) from None
         except JobError:
             raise
         except Exception as e:
