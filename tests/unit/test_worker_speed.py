@@ -140,6 +140,15 @@ def become_ready(worker, pid):
     worker.became_ready()
 
 
+def run_jobs(pool, worker, count: int) -> list:
+    """Let C{worker} finish C{count} jobs (limit 100); @return: what job_done said after each."""
+    answers = []
+    for _ in range(count):
+        worker.state = "busy"
+        answers.append(pool.job_done(worker, 100, 0))
+    return answers
+
+
 def retire_without_a_pipe(worker):
     worker.state = "retiring"
     worker.kill_reason = "retire"
@@ -157,20 +166,15 @@ def test_a_standby_successor_takes_over_at_the_job_limit(monkeypatch):
     (first,) = reactor.spawned
     become_ready(first, 101)
     assert ready == [first]
-    for _ in range(94):
-        first.state = "busy"
-        assert pool.job_done(first, 100, 0)
+    assert all(run_jobs(pool, first, 94))
     assert len(reactor.spawned) == 1
-    first.state = "busy"
-    assert pool.job_done(first, 100, 0)  # the 95th job: a standby starts
+    assert run_jobs(pool, first, 1) == [True]  # the 95th job: a standby starts
     (_, standby) = reactor.spawned
     become_ready(standby, 102)
     # Ready, but it waits: never two workers taking jobs for one slot.
     assert standby.state == "standby" and ready == [first]
     assert pool.idle() == [first]
-    for _ in range(5):
-        first.state = "busy"
-        available = pool.job_done(first, 100, 0)
+    available = run_jobs(pool, first, 5)[-1]
     # The 100th job: the worker retires and its successor is idle at once.
     assert available and first.state == "retiring" and standby.state == "idle"
     assert pool.idle() == [standby]
@@ -186,9 +190,7 @@ def test_a_successor_still_starting_takes_jobs_once_ready(monkeypatch):
     pool.start()
     (first,) = reactor.spawned
     become_ready(first, 101)
-    for _ in range(100):
-        first.state = "busy"
-        available = pool.job_done(first, 100, 0)
+    available = run_jobs(pool, first, 100)[-1]
     (_, successor) = reactor.spawned
     assert not available and successor.state == "starting"
     pool.on_ended(first, "exited with code 0")
@@ -203,9 +205,7 @@ def test_a_worker_that_dies_hands_over_to_its_standby(monkeypatch):
     pool.start()
     (first,) = reactor.spawned
     become_ready(first, 101)
-    for _ in range(96):
-        first.state = "busy"
-        pool.job_done(first, 100, 0)
+    run_jobs(pool, first, 96)
     (_, standby) = reactor.spawned
     become_ready(standby, 102)
     pool.on_ended(first, "killed by signal 9 (SIGKILL)")
@@ -219,17 +219,13 @@ def test_a_standby_that_dies_is_not_replaced_until_needed(monkeypatch):
     pool.start()
     (first,) = reactor.spawned
     become_ready(first, 101)
-    for _ in range(95):
-        first.state = "busy"
-        pool.job_done(first, 100, 0)
+    run_jobs(pool, first, 95)
     (_, standby) = reactor.spawned
     become_ready(standby, 102)
     standby.state = "dead"  # as processExited does
     pool.on_ended(standby, "killed by signal 9 (SIGKILL)")
     assert len(reactor.spawned) == 2
-    for _ in range(5):
-        first.state = "busy"
-        pool.job_done(first, 100, 0)
+    run_jobs(pool, first, 5)
     pool.on_ended(first, "exited with code 0")
     # The usual replacement, then.
     assert len(reactor.spawned) == 3 and reactor.spawned[2].standby is False
@@ -242,9 +238,7 @@ def test_stopping_retires_a_standby(monkeypatch):
     pool.start()
     (first,) = reactor.spawned
     become_ready(first, 101)
-    for _ in range(95):
-        first.state = "busy"
-        pool.job_done(first, 100, 0)
+    run_jobs(pool, first, 95)
     (_, standby) = reactor.spawned
     become_ready(standby, 102)
     first.state = "busy"
