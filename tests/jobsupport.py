@@ -109,6 +109,12 @@ def rows(db: Path, sql: str, *params):
         con.close()
 
 
+def stored_id(job_id: str) -> str:
+    """@return: a job id as the job table holds it, for L{rows}."""
+    # Django keeps a UUID as 32 hex digits on SQLite, as a uuid on PostgreSQL.
+    return job_id if postgres() else job_id.replace("-", "")
+
+
 def count_jobs(db: Path) -> int:
     return rows(db, "select count(*) from twistedlrp_job")[0][0]
 

@@ -24,6 +24,7 @@ from jobsupport import (
     read_pid,
     rows,
     start_server,
+    stored_id,
     wait_job,
 )
 
@@ -213,6 +214,33 @@ def test_cancel_queued_job_never_runs(env):
     assert wait_job(server, after["id"])["state"] == "succeeded"
     assert job_state(server, queued["id"])["state"] == "cancelled"
     assert not (marker / "run-never").exists()
+
+
+def test_a_job_for_a_free_worker_is_stored_running_with_its_submission(env):
+    server, markers = env
+    marker = markers / "stored-running"
+    marker.mkdir()
+    wait_for(lambda: all(w["state"] == "idle" for w in workers(server)), 30, message="idle workers")
+    db = server.tmp / "db.sqlite3"
+    first = api(server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 1.0, "first"])
+    job = first["job"]
+    # One commit stored it and gave it a worker: the answer and the row say so
+    # before the job has even begun.
+    assert job["state"] == "running" and job["attempts"] == 1 and job["worker"], job
+    assert job["started_at"] == job["created_at"]
+    stored = rows(
+        db, "select state, attempts, worker from twistedlrp_job where id = ?", stored_id(job["id"])
+    )
+    assert stored == [("running", 1, job["worker"])]
+    second = api(server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 1.0, "second"])
+    assert second["job"]["state"] == "running" and second["job"]["worker"] != job["worker"]
+    # No worker is free now: the next job is queued as before, and runs after.
+    third = api(server, "submit", name="testapp.jobs.record", args=[str(marker), "third"])["job"]
+    assert third["state"] == "queued" and third["attempts"] == 0 and not third["worker"], third
+    for each in (job, second["job"], third):
+        done = wait_job(server, each["id"])
+        assert done["state"] == "succeeded" and done["attempts"] == 1, done
+    assert len((marker / "run-third").read_text().splitlines()) == 1
 
 
 def test_cancel_running_cooperative_job_stops(env):

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobsupport import api, make_template_db, rows, start_server, wait_job
+from jobsupport import api, make_template_db, rows, start_server, stored_id, wait_job
 
 from support import TESTSITE, pg_connect, pg_ensure, postgres, wait_for
 
@@ -40,11 +40,6 @@ def age(db: Path, job_id: str, finished: bool = True) -> None:
     columns = "created_at = ?, finished_at = ?" if finished else "created_at = ?"
     params = [LONG_AGO, LONG_AGO] if finished else [LONG_AGO]
     execute(db, f"update twistedlrp_job set {columns} where id = ?", *params, stored_id(job_id))
-
-
-def stored_id(job_id: str) -> str:
-    # Django keeps a UUID as 32 hex digits on SQLite, as a uuid on PostgreSQL.
-    return job_id if postgres() else job_id.replace("-", "")
 
 
 def exists(db: Path, job_id: str) -> bool:

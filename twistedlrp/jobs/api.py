@@ -90,20 +90,41 @@ class JobOperations:
             "timeout": definition.timeout if timeout is None else timeout,
             "key": key,
         }
-        created, info = await self.store.run(ops.create, fields, job_id, self.shared)
-        if created and (self.queues is None or definition.queue in self.queues):
-            self.dispatcher.counters["submitted"] += 1
-            job_metrics.count("submitted", name)
-            record = JobRecord(
-                info["id"],
-                fields["priority"],
-                self.reactor.seconds(),
-                name=name,
-                max_attempts=fields["max_attempts"],
-                retry_delay=fields["retry_delay"],
-                timeout=fields["timeout"],
-                payload=payload if len(payload) <= KEEP_PAYLOAD else None,
-            )
+        ours = self.queues is None or definition.queue in self.queues
+        held = len(payload) <= KEEP_PAYLOAD
+        # A job that would start at once is stored running on a worker
+        # reserved now: one transaction instead of a submission and a claim.
+        reserved = None
+        if ours and held and not run_after and job_id is None:
+            reserved = self.dispatcher.reserve(str(uuid.uuid4()))
+        start = None
+        if reserved is not None:
+            start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
+        try:
+            created, info = await self.store.run(ops.create, fields, job_id, self.shared, start)
+        except BaseException:
+            if reserved is not None:
+                reserved.release()
+            raise
+        if not created or not ours:
+            if reserved is not None:
+                reserved.release()
+            return self._overlay(info)
+        self.dispatcher.counters["submitted"] += 1
+        job_metrics.count("submitted", name)
+        record = JobRecord(
+            info["id"],
+            fields["priority"],
+            self.reactor.seconds(),
+            name=name,
+            max_attempts=fields["max_attempts"],
+            retry_delay=fields["retry_delay"],
+            timeout=fields["timeout"],
+            payload=payload if held else None,
+        )
+        if reserved is not None:
+            reserved.start(record)
+        else:
             self.dispatcher.enqueue(record, run_after)
         return self._overlay(info)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs.claims import SharedClaims
@@ -207,6 +208,29 @@ class Dispatcher(SharedClaims, Outcomes):
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
 
+    def reserve(self, job_id: str) -> Reservation | None:
+        """
+        Reserve a free worker for a job about to be stored, when it would
+        start at once anyway: accepting, and nothing due ahead of it (in
+        the queue; with several nodes, in the table as this node's last
+        claim found it, no wake since). The store then writes the job
+        running on that worker in its submission's transaction, and it
+        starts with no claim of its own.
+
+        @return: the L{Reservation}, or C{None} (the job is queued as usual).
+        """
+        if not self.accepting:
+            return None
+        if self.shared:
+            if self._wanted or self._claim_running:
+                return None
+        elif self.queue.has_ready():
+            return None
+        idle = self.pool.idle()
+        if not idle:
+            return None
+        return Reservation(self, idle[0], job_id)
+
     def _start_held(self, worker, record: JobRecord) -> defer.Deferred:
         """
         Start a job whose payload the service holds: it is sent at once and
@@ -369,3 +393,54 @@ class Dispatcher(SharedClaims, Outcomes):
         record.stop_timers()
         if not self.running:
             self._idle.fire()
+
+
+class Reservation:
+    """
+    A free worker held (C{claiming}) for one job while its submission
+    commits; the submission then calls L{start} with the stored job, or
+    L{release} when nothing was stored.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, worker, job_id: str):
+        self.dispatcher, self.worker, self.job_id = dispatcher, worker, job_id
+        worker.state = "claiming"
+        dispatcher.claiming.add(job_id)
+        # Stopping waits for it, as for a claim.
+        self._done = defer.Deferred()
+        dispatcher._claiming.add(self._done)
+
+    def _end(self) -> None:
+        self.dispatcher.claiming.discard(self.job_id)
+        self.dispatcher._claiming.discard(self._done)
+        self._done.callback(None)
+
+    def release(self) -> None:
+        self._end()
+        if self.worker.state == "claiming":
+            self.worker.state = "idle"
+        self.dispatcher.dispatch()
+
+    def start(self, record: JobRecord) -> None:
+        """C{record} is stored running (attempt 1) on the reserved worker: send it."""
+        dispatcher, worker = self.dispatcher, self.worker
+        self._end()
+        record.attempts = 1
+        if worker.state != "claiming":
+            # The worker died (or is being replaced) while the job was stored.
+            d = dispatcher.store.run(
+                recovery.requeue,
+                record.id,
+                "its worker ended before the job started",
+                False,
+                *dispatcher._node_args(),
+            )
+            if dispatcher.accepting:
+                d.addCallback(lambda _: dispatcher.enqueue(record))
+            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
+            return
+        try:
+            check_record(record)
+            dispatcher._run_on(worker, record, record.payload)
+        except Exception:
+            dispatcher._start_failed(Failure(), worker, record)

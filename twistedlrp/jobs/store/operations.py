@@ -98,13 +98,18 @@ def prepare():
     return None
 
 
-def create(fields: dict, job_id: str | None = None, notify: bool = False) -> dict:
+def create(
+    fields: dict, job_id: str | None = None, notify: bool = False, start: dict | None = None
+) -> dict:
     """
     Insert a job, unless C{fields["key"]} names an unfinished job or a job
     with the id C{job_id} exists (a submission retried with the id it chose).
 
     @param notify: send the job nodes listening on the database a
         notification, delivered with the commit (PostgreSQL, several nodes).
+    @param start: C{{"id", "worker", "node"}}: store the job already running
+        its first attempt on that worker (one the dispatcher reserved for
+        it), under that id, so that starting it needs no claim of its own.
 
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
@@ -139,10 +144,22 @@ def create(fields: dict, job_id: str | None = None, notify: bool = False) -> dic
         existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
         if existing is not None:
             return False, job_dict(existing)
-    new_id = uuid.UUID(job_id) if job_id is not None else uuid.uuid4()
-    row = dict(sql.defaults, id=new_id, created_at=now(), state=QUEUED, **fields)
+    if start is not None:
+        new_id = uuid.UUID(start["id"])
+    else:
+        new_id = uuid.UUID(job_id) if job_id is not None else uuid.uuid4()
+    created_at = now()
+    row = dict(sql.defaults, id=new_id, created_at=created_at, state=QUEUED, **fields)
+    if start is not None:
+        row.update(
+            state=RUNNING,
+            attempts=1,
+            started_at=created_at,
+            worker=start["worker"],
+            node=start["node"],
+        )
     sql.execute(sql.insert, [sql.prep(name, row.get(name)) for name in sql.insert_names])
-    if notify:
+    if notify and start is None:
         notify_nodes(f"queued:{fields['queue']}")
     return True, job_dict(_Row(row))
 
