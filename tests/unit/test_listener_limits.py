@@ -164,6 +164,44 @@ def test_login_then_commands_within_the_limits():
     assert len(service.submitted) == 6 and not transport.disconnecting
 
 
+def test_boxes_arriving_together_or_in_pieces_are_each_answered_in_order():
+    service = FakeService()
+    clock, gate, factory = amp_server(service=service)
+    proto, transport = connect(factory)
+    login(proto, transport)
+    stream = b"".join(submit_box(size, ask=b"%d" % size) for size in (10, 20, 30, 40))
+    # Two whole boxes and part of the third, then the rest one byte at a time.
+    cut = len(submit_box(10, b"10")) + len(submit_box(20, b"20")) + 7
+    proto.dataReceived(stream[:cut])
+    assert service.submitted == [("app.jobs.add", 10), ("app.jobs.add", 20)]
+    for i in range(cut, len(stream)):
+        proto.dataReceived(stream[i : i + 1])
+    assert [size for _, size in service.submitted] == [10, 20, 30, 40]
+    assert [box[b"_answer"] for box in boxes(transport)] == [b"10", b"20", b"30", b"40"]
+    assert not transport.disconnecting
+
+
+def test_a_box_over_the_limit_after_good_ones_in_the_same_read_is_refused(warnings):
+    service = FakeService()
+    clock, gate, factory = amp_server(service=service)
+    proto, transport = connect(factory)
+    login(proto, transport)
+    limit = MAX_PAYLOAD + limits.BOX_FRAMING
+    proto.dataReceived(submit_box(10, b"1") + submit_box(2 * limit, b"2"))
+    first, refused = boxes(transport)
+    assert first[b"_answer"] == b"1" and service.submitted == [("app.jobs.add", 10)]
+    assert refused[b"_error"] == b"2" and refused[b"_error_code"] == b"PAYLOAD_TOO_LARGE"
+    assert transport.disconnecting
+
+
+def test_a_key_longer_than_amp_allows_after_login_closes_the_connection():
+    clock, gate, factory = amp_server()
+    proto, transport = connect(factory)
+    login(proto, transport)
+    proto.dataReceived(encode({b"_ask": b"1", b"k" * 256: b"v"}))
+    assert transport.disconnecting
+
+
 def test_the_login_deadline(warnings):
     clock, gate, factory = amp_server(bounds=limits.Limits(login_timeout=10))
     slow, slow_transport = connect(factory)

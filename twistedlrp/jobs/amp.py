@@ -84,12 +84,65 @@ class ServiceProtocol(wire.QuietAMP):
     def dataReceived(self, data):
         if self._refused:
             return
+        if self._between_boxes():
+            data = self._whole_boxes(data)
+            if not data or self._refused:
+                return
         super().dataReceived(data)
         # What is left unparsed is the start of a key or value (at most 64 KiB).
         if not (self._refused or self._discarding) and (
             self._received + len(self._unprocessed) > self._limit()
         ):
             self._too_large()
+
+    def _between_boxes(self) -> bool:
+        """Is AMP's own parser between two boxes, with no limit of the login phase to keep?"""
+        return (
+            self.authenticated
+            and not self._discarding
+            and self.state == "init"
+            and not self._unprocessed
+            and self.innerProtocol is None
+            and not self.paused
+        )
+
+    def _whole_boxes(self, data: bytes) -> bytes:
+        """
+        The common case, read fast: each complete box at the start of
+        C{data} that is within the limits goes to AMP's dispatch whole (AMP's
+        own parser takes a box string by string, which cost a submission a
+        tenth of the reactor's time).
+
+        @return: the rest of C{data}, for AMP's own parser: a box not
+            complete yet, or one over a limit (refused there, as it arrives).
+        """
+        limit, size = self.max_box, len(data)
+        offset = 0
+        while offset < size:
+            box = amp.AmpBox()
+            at = offset
+            while True:
+                if size - at < 2:
+                    return data[offset:]
+                key_length = int.from_bytes(data[at : at + 2], "big")
+                if key_length == 0:
+                    at += 2
+                    break
+                value_at = at + 2 + key_length
+                if key_length > self._MAX_KEY_LENGTH or size < value_at + 2:
+                    return data[offset:]
+                end = value_at + 2 + int.from_bytes(data[value_at : value_at + 2], "big")
+                if size < end or end - offset > limit:
+                    return data[offset:]
+                box[data[at + 2 : value_at]] = data[value_at + 2 : end]
+                at = end
+            if at - offset > limit:
+                return data[offset:]
+            offset = at
+            self.ampBoxReceived(box)
+            if not self._between_boxes() or self.transport is None:
+                return data[offset:]
+        return b""
 
     def stringReceived(self, string):
         if self._refused:
