@@ -403,4 +403,5 @@ def counts() -> dict:
 
     from twistedlrp.models import Job
 
-    return dict(Job.objects.values_list("state").annotate(n=Count("id")).order_by())
+    # COUNT(*), not COUNT(id): SQLite then reads only an index that starts with the state.
+    return dict(Job.objects.values_list("state").annotate(n=Count("*")).order_by())
