@@ -474,3 +474,34 @@ def test_a_client_that_reads_nothing_frees_the_thread_after_the_write_deadline()
     assert len(warnings) == 1
     assert "did not read the response" in str(warnings[0]["reason"])
     assert not [e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)]
+
+
+# -- what each response costs less -------------------------------------------------------
+
+
+def test_the_date_header_is_the_current_second_and_follows_the_clock(monkeypatch):
+    from email.utils import parsedate_to_datetime
+
+    from twistedlrp.web import site as site_module
+
+    now = [1_800_000_000.2]
+    monkeypatch.setattr(site_module.time, "time", lambda: now[0])
+    first = site_module.http_date()
+    assert parsedate_to_datetime(first.decode()).timestamp() == 1_800_000_000
+    now[0] += 0.5
+    assert site_module.http_date() == first
+    now[0] += 1.0
+    assert parsedate_to_datetime(site_module.http_date().decode()).timestamp() == 1_800_000_001
+
+
+def test_each_request_on_a_connection_sees_its_addresses_asked_for_once():
+    site = make_site(Clock())
+    channel, transport = connect(site)
+    asked = []
+    real_host = transport.getHost
+    transport.getHost = lambda: asked.append("host") or real_host()
+    real_peer = transport.getPeer
+    transport.getPeer = lambda: asked.append("peer") or real_peer()
+    channel.dataReceived(REQUEST * 3)
+    assert transport.value().count(b"HTTP/1.1 200") == 3
+    assert sorted(asked) == ["host", "peer"]

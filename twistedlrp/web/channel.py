@@ -51,6 +51,20 @@ class LRPChannel(http.HTTPChannel):
         # The first request head is timed from the connection.
         self._start_head_deadline()
 
+    # A connection's two addresses do not change: twisted.web asks for them
+    # at every request, and the local one costs a getsockname() call.
+    _host = _peer = None
+
+    def getHost(self):
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def getPeer(self):
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
     def connectionLost(self, reason):
         self._stop_head_deadline()
         self.site.channel_gone(self)

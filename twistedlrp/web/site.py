@@ -36,6 +36,20 @@ from twistedlrp.web.limits import FULL_WARNING_INTERVAL, MAX_BUSY_ANSWERS, Limit
 log = Logger()
 
 SERVER_HEADER = b"twistedlrp"
+
+# The Date header of this second: formatting it costs more than a request's routing.
+_date = (0, b"")
+
+
+def http_date() -> bytes:
+    """@return: the current time as an HTTP date (computed once a second; reactor thread)."""
+    global _date
+    second = int(time.time())
+    if _date[0] != second:
+        _date = (second, http.datetimeToString(second))
+    return _date[1]
+
+
 # Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_TIMEOUT = 60
 # Seconds we keep reading (and discarding) an oversized body after the 413,
@@ -142,7 +156,7 @@ class LRPRequest(server.Request):
         site = self.channel.site
         self.site = site
         self.setHeader(b"server", SERVER_HEADER)
-        self.setHeader(b"date", http.datetimeToString())
+        self.setHeader(b"date", http_date())
         self.lrp_client, self.lrp_scheme = site.client_of(self)
         self.prepath = []
         self.postpath = []
