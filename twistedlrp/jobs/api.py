@@ -59,11 +59,13 @@ class JobOperations:
             L{PayloadTooLarge}, L{InvalidArguments} or
             L{JobServiceUnavailable}; then nothing was stored.
         """
-        return defer.ensureDeferred(
-            self._submit(name, payload, priority, run_after, key, timeout, job_id)
-        )
+        try:
+            return self._submit(name, payload, priority, run_after, key, timeout, job_id)
+        except Exception:
+            return defer.fail()
 
-    async def _submit(self, name, payload, priority, run_after, key, timeout, job_id) -> dict:
+    def _submit(self, name, payload, priority, run_after, key, timeout, job_id) -> defer.Deferred:
+        # Plain callbacks, no coroutine: this runs once per job.
         if self.unavailable:
             raise JobServiceUnavailable(self.unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
@@ -100,33 +102,39 @@ class JobOperations:
         start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
-        try:
-            created, info = await self.store.run(ops.create, fields, job_id, self.shared, start)
-        except BaseException:
+        d = self.store.run(ops.create, fields, job_id, self.shared, start)
+
+        def stored(outcome):
+            created, info = outcome
+            if not created or not ours:
+                if reserved is not None:
+                    reserved.release()
+                return self._overlay(info)
+            self.dispatcher.counters["submitted"] += 1
+            job_metrics.count("submitted", name)
+            record = JobRecord(
+                info["id"],
+                fields["priority"],
+                self.reactor.seconds(),
+                name=name,
+                max_attempts=fields["max_attempts"],
+                retry_delay=fields["retry_delay"],
+                timeout=fields["timeout"],
+                payload=payload if held else None,
+            )
             if reserved is not None:
-                reserved.release()
-            raise
-        if not created or not ours:
-            if reserved is not None:
-                reserved.release()
+                reserved.start(record)
+            else:
+                self.dispatcher.enqueue(record, run_after)
             return self._overlay(info)
-        self.dispatcher.counters["submitted"] += 1
-        job_metrics.count("submitted", name)
-        record = JobRecord(
-            info["id"],
-            fields["priority"],
-            self.reactor.seconds(),
-            name=name,
-            max_attempts=fields["max_attempts"],
-            retry_delay=fields["retry_delay"],
-            timeout=fields["timeout"],
-            payload=payload if held else None,
-        )
+
+        def not_stored(failure):
+            reserved.release()
+            return failure
+
         if reserved is not None:
-            reserved.start(record)
-        else:
-            self.dispatcher.enqueue(record, run_after)
-        return self._overlay(info)
+            d.addErrback(not_stored)
+        return d.addCallback(stored)
 
     def status(self, job_id: str) -> defer.Deferred:
         """
