@@ -1,7 +1,8 @@
 """
 The dispatcher of a job node that shares its PostgreSQL database with
 others: free workers claim from the table when woken, not from a queue in
-memory, and claim no more until something may have changed.
+memory, and claim no more until something may have changed; and a job
+submitted when nothing is due is stored running on a worker reserved for it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import SUCCEEDED
 from twistedlrp.jobs.workers import Worker
 
@@ -168,3 +170,72 @@ def test_an_outcome_is_recorded_only_while_this_node_holds_the_job(node):
         ("ok-job", SUCCEEDED, "n1"),
         ("lost-job", SUCCEEDED, "n1"),
     ]
+
+
+# -- jobs stored running on a reserved worker ----------------------------------------------
+
+
+def found_nothing(dispatcher, store):
+    """Let a claim find the table empty: nothing is due ahead of a new job."""
+    dispatcher.wake()
+    store.claims[-1].callback({"claimed": [], "next_due": None})
+    assert not dispatcher._wanted
+
+
+def record(job_id):
+    return JobRecord(
+        job_id,
+        0,
+        name="testapp.jobs.add",
+        max_attempts=1,
+        payload=b'{"args": [1, 2], "kwargs": {}}',
+    )
+
+
+def test_no_worker_is_reserved_while_the_table_may_hold_due_jobs(node):
+    dispatcher, store, clock = node
+    # At start (and after any wake) the table may hold work for the free workers.
+    assert dispatcher.reserve("j1") is None
+    found_nothing(dispatcher, store)
+    dispatcher.wake()  # a notification from another node
+    assert dispatcher.reserve("j1") is None
+
+
+def test_a_reserved_worker_waits_for_its_job_to_be_stored_then_runs_it(node):
+    dispatcher, store, clock = node
+    found_nothing(dispatcher, store)
+    first, second = dispatcher.reserve("j1"), dispatcher.reserve("j2")
+    assert first.worker is not second.worker
+    assert first.worker.state == second.worker.state == "claiming"
+    assert dispatcher.claiming == {"j1", "j2"}
+    # Both workers are held: a third job is stored queued, as before.
+    assert dispatcher.reserve("j3") is None
+    # Stopping would wait for both.
+    assert len(dispatcher._claiming) == 2
+    job = record("j1")
+    first.start(job)
+    assert dispatcher.running["j1"] is job and job.attempts == 1
+    assert first.worker.state == "busy" and b"RunJob" in first.worker.transport.written
+    second.release()
+    assert second.worker.state == "idle"
+    assert dispatcher.claiming == set() and not dispatcher._claiming
+    assert store.named("claim") == []  # no claim of their own
+
+
+def test_a_reserved_worker_that_died_meanwhile_sends_its_job_back_without_an_attempt(node):
+    dispatcher, store, clock = node
+    found_nothing(dispatcher, store)
+    reservation = dispatcher.reserve("j1")
+    reservation.worker.state = "dead"
+    job = record("j1")
+    reservation.start(job)
+    assert "j1" not in dispatcher.running
+    ((job_id, error, count_attempt, node_name),) = store.named("requeue")
+    assert (job_id, count_attempt, node_name) == ("j1", False, "n1")
+    assert "its worker ended before the job started" in error
+    # Its claim, when a worker takes it, counts the first attempt.
+    assert job.attempts == 0
+    assert dispatcher.claiming == set() and reservation._done.called
+    assert reservation._done not in dispatcher._claiming
+    # Back in the table: the free worker claims again.
+    assert len(store.named("claim_next")) == 2

@@ -110,8 +110,8 @@ class ServiceProtocol(wire.QuietAMP):
         """
         The common case, read fast: each complete box at the start of
         C{data} that is within the limits goes to AMP's dispatch whole (AMP's
-        own parser takes a box string by string, which cost a submission a
-        tenth of the reactor's time).
+        own parser takes a box string by string: about 35 µs more per
+        Submit, measured in memory).
 
         @return: the rest of C{data}, for AMP's own parser: a box not
             complete yet, or one over a limit (refused there, as it arrives).

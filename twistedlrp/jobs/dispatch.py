@@ -425,9 +425,9 @@ class Reservation:
         """C{record} is stored running (attempt 1) on the reserved worker: send it."""
         dispatcher, worker = self.dispatcher, self.worker
         self._end()
-        record.attempts = 1
         if worker.state != "claiming":
-            # The worker died (or is being replaced) while the job was stored.
+            # The worker died (or is being replaced) while the job was stored:
+            # back to the queue, without the attempt (its claim will count one).
             d = dispatcher.store.run(
                 recovery.requeue,
                 record.id,
@@ -439,6 +439,7 @@ class Reservation:
                 d.addCallback(lambda _: dispatcher.enqueue(record))
             d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
             return
+        record.attempts = 1
         try:
             check_record(record)
             dispatcher._run_on(worker, record, record.payload)
