@@ -505,3 +505,24 @@ def test_each_request_on_a_connection_sees_its_addresses_asked_for_once():
     channel.dataReceived(REQUEST * 3)
     assert transport.value().count(b"HTTP/1.1 200") == 3
     assert sorted(asked) == ["host", "peer"]
+
+
+def test_an_error_while_routing_is_answered_500_in_plain_text():
+    class Broken:
+        def render(self, request):
+            raise RuntimeError("a bug in routing")
+
+    site = make_site(Clock(), application=Broken())
+    channel, transport = connect(site)
+    errors = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        channel.dataReceived(REQUEST)
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert b"content-type: text/plain; charset=utf-8" in answer.lower()
+    assert b"content-length: 22" in answer.lower()
+    assert answer.endswith(b"\r\n\r\nInternal Server Error\n")
+    assert any("Error while routing" in str(e.get("log_format")) for e in errors)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from twistedlrp.metrics import Metrics
-from twistedlrp.web.site import TrustedProxies
+from twistedlrp.web.site import TrustedProxies, finish_with_text
 
 log = Logger()
 
@@ -138,12 +138,7 @@ def _failed(request, failure) -> None:
     log.failure("Could not collect the metrics", failure)
     if request.finished or request.channel is None:
         return
-    body = b"Could not collect the metrics.\n"
-    request.setResponseCode(500)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
+    finish_with_text(request, 500, b"Could not collect the metrics.\n")
 
 
 class MetricsOnly:

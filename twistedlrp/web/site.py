@@ -51,6 +51,15 @@ def http_date() -> bytes:
     return _date[1]
 
 
+def finish_with_text(request, code: int, body: bytes) -> None:
+    """Answer C{request} with status C{code} and the plain text C{body}, and finish it."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
 # Seconds an idle keep-alive connection stays open.
 KEEP_ALIVE_TIMEOUT = 60
 # Seconds we keep reading (and discarding) an oversized body after the 413,
@@ -176,12 +185,7 @@ class LRPRequest(server.Request):
         if self.startedWriting:
             self.channel.transport.abortConnection()
             return
-        body = b"Internal Server Error\n"
-        self.setResponseCode(500)
-        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        self.setHeader(b"content-length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+        finish_with_text(self, 500, b"Internal Server Error\n")
         return reason
 
 
