@@ -2,7 +2,8 @@
 Helpers of the job progress widget's tests (tests/test_progress.py,
 tests/test_progress_script.py): a gated job the test steps, the page that
 shows it and what its widget was given, a Server-Sent Events client on a raw
-HTTP connection, and tokens made as the test site would make them.
+HTTP connection, tokens made as the test site would make them, and the
+server both modules share the shape of (L{progress_server}).
 """
 
 from __future__ import annotations
@@ -16,12 +17,24 @@ import uuid
 from pathlib import Path
 from unittest import mock
 
-from jobsupport import api
+from jobsupport import api, make_template_db, start_server
 
 from support import request
 
 SALT = "twistedlrp.progress"  # twistedlrp.progress.SALT
 SECRET_KEY = "tests-only"  # the test site's
+
+
+def progress_server(tmp_path_factory):
+    """
+    A module's server (one worker) for the progress tests: yields
+    C{(server, template, base)} and kills the server afterwards.
+    """
+    base = tmp_path_factory.mktemp("progress")
+    template = make_template_db(base)
+    server = start_server(template, base / "server", "--workers", "1")
+    yield server, template, base
+    server.kill()
 
 
 class Job:

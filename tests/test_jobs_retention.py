@@ -147,12 +147,38 @@ for tag, name, state, days in [
 """
 
 
-def manage(db: Path, *args: str) -> subprocess.CompletedProcess:
+# `django-admin lrp_prune`, run with the test site's Python (see manage_env).
+PRUNE = [str(Path(sys.executable).with_name("django-admin")), "lrp_prune"]
+
+
+def manage_env(db: Path) -> dict:
+    """@return: the environment of a command of the test site on C{db}."""
     env = dict(os.environ, LRP_TEST_DB=str(db), DJANGO_SETTINGS_MODULE="testsite.settings")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTSITE), env.get("PYTHONPATH")]))
+    return env
+
+
+def manage(db: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], env=env, cwd=TESTSITE, capture_output=True, text=True, timeout=60
+        [sys.executable, *args],
+        env=manage_env(db),
+        cwd=TESTSITE,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+
+
+def seeded_db(template: Path, tmp_path: Path, seed: str) -> Path:
+    """@return: a fresh copy of C{template} in which the script C{seed} ran."""
+    db = tmp_path / "db.sqlite3"
+    if postgres():
+        pg_ensure(db, template=template)
+    else:
+        db.write_bytes(template.read_bytes())
+    seeded = manage(db, "-c", seed)
+    assert seeded.returncode == 0, seeded.stderr
+    return db
 
 
 def remaining(db: Path) -> list[str]:
@@ -161,37 +187,30 @@ def remaining(db: Path) -> list[str]:
 
 def test_lrp_prune_deletes_by_hand(env, tmp_path):
     _, _, template, _ = env
-    db = tmp_path / "db.sqlite3"
-    if postgres():
-        pg_ensure(db, template=template)
-    else:
-        db.write_bytes(template.read_bytes())
-    seeded = manage(db, "-c", SEED)
-    assert seeded.returncode == 0, seeded.stderr
-    prune = [str(Path(sys.executable).with_name("django-admin")), "lrp_prune"]
+    db = seeded_db(template, tmp_path, SEED)
 
-    bad = manage(db, *prune, "--older-than", "2x")
+    bad = manage(db, *PRUNE, "--older-than", "2x")
     assert bad.returncode == 1
     assert "--older-than: expected a number with an optional unit" in bad.stderr
-    assert manage(db, *prune, "--older-than", "0").returncode == 1
-    bad = manage(db, *prune, "--batch-size", "0")
+    assert manage(db, *PRUNE, "--older-than", "0").returncode == 1
+    bad = manage(db, *PRUNE, "--batch-size", "0")
     assert bad.returncode == 1 and "--batch-size: must be between 1 and 10000, got 0" in bad.stderr
 
     # The server's keeps: 7 days, short_lived 2 s, kept_forever for ever.
-    done = manage(db, *prune)
+    done = manage(db, *PRUNE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "2 finished job(s) deleted"
     assert remaining(db) == ["a1", "a3", "k1", "q1", "r1"]
 
-    dry = manage(db, *prune, "--older-than", "2d", "--dry-run")
+    dry = manage(db, *PRUNE, "--older-than", "2d", "--dry-run")
     assert dry.stdout.strip() == "2 finished job(s) would be deleted (dry run)"
     assert remaining(db) == ["a1", "a3", "k1", "q1", "r1"]
 
     # --older-than applies to every job (kept_forever too), of one name or all, in batches.
-    done = manage(db, *prune, "--older-than", "2d", "--name", "testapp.jobs.kept_forever")
+    done = manage(db, *PRUNE, "--older-than", "2d", "--name", "testapp.jobs.kept_forever")
     assert done.stdout.strip() == "1 finished job(s) deleted", done.stderr
     assert remaining(db) == ["a1", "a3", "q1", "r1"]
-    done = manage(db, *prune, "--older-than", "2d", "--batch-size", "1")
+    done = manage(db, *PRUNE, "--older-than", "2d", "--batch-size", "1")
     assert done.stdout.strip() == "1 finished job(s) deleted", done.stderr
     assert remaining(db) == ["a3", "q1", "r1"]
 
@@ -212,19 +231,12 @@ Job.objects.bulk_create(
 def test_two_prunes_at_once_delete_each_job_once(env, tmp_path):
     """As two job nodes pruning one database do (SKIP LOCKED on PostgreSQL)."""
     _, _, template, _ = env
-    db = tmp_path / "db.sqlite3"
-    if postgres():
-        pg_ensure(db, template=template)
-    else:
-        db.write_bytes(template.read_bytes())
-    seeded = manage(db, "-c", MANY)
-    assert seeded.returncode == 0, seeded.stderr
-    prune = [str(Path(sys.executable).with_name("django-admin")), "lrp_prune"]
-    env_ = dict(os.environ, LRP_TEST_DB=str(db), DJANGO_SETTINGS_MODULE="testsite.settings")
-    env_["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTSITE), env_.get("PYTHONPATH")]))
-    command = [sys.executable, *prune, "--older-than", "1d", "--batch-size", "50"]
+    db = seeded_db(template, tmp_path, MANY)
+    command = [sys.executable, *PRUNE, "--older-than", "1d", "--batch-size", "50"]
     procs = [
-        subprocess.Popen(command, env=env_, cwd=TESTSITE, stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            command, env=manage_env(db), cwd=TESTSITE, stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

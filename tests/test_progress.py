@@ -13,19 +13,15 @@ import time
 import uuid
 
 import pytest
-from jobsupport import api, make_template_db, start_server, wait_job
-from progresssupport import EventStream, Job, Page, forged_token, streams_open
+from jobsupport import api, start_server, wait_job
+from progresssupport import EventStream, Job, Page, forged_token, progress_server, streams_open
 
 from support import ROOT, request, run_to_exit, wait_for
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("progress")
-    template = make_template_db(base)
-    server = start_server(template, base / "server", "--workers", "1")
-    yield server, template, base
-    server.kill()
+    yield from progress_server(tmp_path_factory)
 
 
 def test_the_stream_pushes_each_step_then_the_end(env):

@@ -16,19 +16,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from jobsupport import make_template_db, start_server
-from progresssupport import EventStream, Job, Page
+from jobsupport import start_server
+from progresssupport import EventStream, Job, Page, progress_server
 
 from support import ROOT
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("progress")
-    template = make_template_db(base)
-    server = start_server(template, base / "server", "--workers", "1")
-    yield server, template, base
-    server.kill()
+    yield from progress_server(tmp_path_factory)
 
 
 class Widget:

@@ -106,10 +106,16 @@ def test_describe():
 
 
 class FakeStore:
-    """Each run() is answered by the test: C{pending} holds (size, Deferred)."""
+    """Each run() is answered by the test: C{pending} holds (rule, size, Deferred)."""
 
     def __init__(self):
         self.pending = []
+
+    def take(self):
+        """@return: the one batch asked for, C{(rule, size, Deferred)}, now answered by the test."""
+        [batch] = self.pending
+        self.pending.clear()
+        return batch
 
     def run(self, fn, rule, size):
         assert fn is retention.prune_batch
@@ -130,14 +136,12 @@ def test_the_first_pass_waits_an_interval_then_batches_follow_with_pauses():
     clock.advance(9.9)
     assert store.pending == []
     clock.advance(0.1)
-    [(rule, size, d)] = store.pending
+    rule, size, d = store.take()
     assert (rule, size) == (retention.Rule(100.0), 500)
-    store.pending.clear()
     d.callback(500)  # a full batch, at once: the next one after the shortest pause
     assert store.pending == []
     clock.advance(retention.MIN_PAUSE)
-    [(_, size, d)] = store.pending
-    store.pending.clear()
+    _, size, d = store.take()
     d.callback(7)  # the last one: the pass is over, the next in an interval
     assert pruner.deleted == 507 and pruner.passes == 1
     clock.advance(9.9)
@@ -150,8 +154,7 @@ def test_with_a_long_keep_the_first_pass_comes_soon_then_one_a_minute():
     clock, store, pruner = make_pruner(keep=604800.0)
     pruner.start()
     clock.advance(retention.FIRST_PASS)
-    [(_, _, d)] = store.pending
-    store.pending.clear()
+    _, _, d = store.take()
     d.callback(0)
     clock.advance(59.9)
     assert store.pending == []
@@ -163,17 +166,15 @@ def test_a_slow_batch_halves_the_next_and_pauses_as_long_as_it_took():
     clock, store, pruner = make_pruner()
     pruner.start()
     clock.advance(10)
-    [(_, size, d)] = store.pending
-    store.pending.clear()
+    _, size, d = store.take()
     clock.advance(0.2)  # the batch took 0.2 s
     d.callback(size)
     assert pruner.size == 250
     clock.advance(0.19)
     assert store.pending == []
     clock.advance(0.01)
-    [(_, size, d)] = store.pending
+    _, size, d = store.take()
     assert size == 250
-    store.pending.clear()
     d.callback(size)  # quick: back to twice as many
     assert pruner.size == 500
 
@@ -182,8 +183,7 @@ def test_stop_ends_the_timer_and_a_closing_store_is_not_an_error():
     clock, store, pruner = make_pruner()
     pruner.start()
     clock.advance(10)
-    [(_, _, d)] = store.pending
-    store.pending.clear()
+    _, _, d = store.take()
     pruner.stop()
     d.errback(JobServiceUnavailable("the job store is closed"))
     assert clock.getDelayedCalls() == []
