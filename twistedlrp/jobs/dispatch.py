@@ -267,11 +267,7 @@ class Dispatcher(SharedClaims, Outcomes):
             return
         if worker.state != "claiming":
             # The worker died (or the service began stopping) during the claim.
-            await self.store.run(
-                recovery.requeue, record.id, "its worker ended before the job started", False
-            )
-            if self.accepting:
-                self.enqueue(record)
+            await self._put_back(record)
             return
         payload = claimed["payload"]
         record.name = claimed["name"]
@@ -283,6 +279,26 @@ class Dispatcher(SharedClaims, Outcomes):
         record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
         check_record(record)
         self._run_on(worker, record, payload)
+
+    def _put_back(self, record: JobRecord) -> defer.Deferred:
+        """
+        C{record} was claimed (or stored running) for a worker that ended
+        before the job reached it: put it back in the queue without the
+        attempt; the Deferred fires once that is committed.
+        """
+        d = self.store.run(
+            recovery.requeue,
+            record.id,
+            "its worker ended before the job started",
+            False,
+            *self._node_args(),
+        )
+
+        def requeued(_):
+            if self.accepting:
+                self.enqueue(record)
+
+        return d.addCallback(requeued)
 
     def _start_failed(self, failure, worker, record: JobRecord) -> None:
         """
@@ -411,8 +427,7 @@ class Reservation:
         dispatcher._claiming.add(self._done)
 
     def _end(self) -> None:
-        self.dispatcher.claiming.discard(self.job_id)
-        self.dispatcher._claiming.discard(self._done)
+        self.dispatcher._claimed(self._done, self.job_id)
         self._done.callback(None)
 
     def release(self) -> None:
@@ -428,15 +443,7 @@ class Reservation:
         if worker.state != "claiming":
             # The worker died (or is being replaced) while the job was stored:
             # back to the queue, without the attempt (its claim will count one).
-            d = dispatcher.store.run(
-                recovery.requeue,
-                record.id,
-                "its worker ended before the job started",
-                False,
-                *dispatcher._node_args(),
-            )
-            if dispatcher.accepting:
-                d.addCallback(lambda _: dispatcher.enqueue(record))
+            d = dispatcher._put_back(record)
             d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
             return
         record.attempts = 1
