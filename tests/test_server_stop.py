@@ -124,3 +124,33 @@ def test_registered_services_start_before_hooks_and_stop_after_them(lrp_server, 
     assert order.index("service-start-end") < order.index("startup-begin")
     # Stop: shut-down hooks first, then the service.
     assert order.index("shutdown-first-registered") < order.index("service-stop")
+
+
+def test_a_connection_accepted_before_sigterm_has_its_first_request_answered(lrp_server):
+    import socket
+
+    server = lrp_server("--workers", "0", "--graceful-timeout", "20")
+    # Two connections accepted before the signal; neither has sent a byte.
+    late = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    silent = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    # The listening socket's backlog is first in, first out: a connection
+    # made after them is answered only once both were accepted.
+    assert server.get("/hello").status == 200
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    wait_for(lambda: not port_open(server.port), timeout=5, message="the port to close")
+    # The listening has stopped; the first request still arrives in time.
+    late.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    while chunk := late.recv(4096):
+        answer += chunk
+    late.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert b"connection: close" in answer.lower()
+    assert answer.endswith(b"hello\n")
+    # The one that never sends is closed after the short grace, not held to
+    # the graceful deadline.
+    assert silent.recv(4096) == b""
+    silent.close()
+    assert server.wait_exit(20) == 0
+    assert time.monotonic() - signalled < 10

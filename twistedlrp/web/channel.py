@@ -16,6 +16,10 @@ from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
 log = Logger()
 
+# Seconds a connection accepted just before shut-down may take to send its
+# first request (it is answered, with Connection: close).
+DRAIN_GRACE = 1.0
+
 
 class LRPChannel(http.HTTPChannel):
     """
@@ -37,6 +41,12 @@ class LRPChannel(http.HTTPChannel):
     _head_call = None
     # Answered or cut already: it is on its way out.
     closing = False
+    # Requests answered on this connection.
+    answered = 0
+    # The server is stopping: every answer from now on closes the connection.
+    draining = False
+    # The shut-down's grace for a first request (a DelayedCall).
+    _drain_call = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -67,6 +77,8 @@ class LRPChannel(http.HTTPChannel):
 
     def connectionLost(self, reason):
         self._stop_head_deadline()
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
         self.site.channel_gone(self)
         super().connectionLost(reason)
         self.site.channel_closed()
@@ -150,6 +162,7 @@ class LRPChannel(http.HTTPChannel):
         super().allHeadersReceived()
 
     def requestDone(self, request):
+        self.answered += 1
         if self.persistent and not self.closing:
             # Before twisted.web replays pipelined data into dataReceived.
             self._await_head()
@@ -159,6 +172,15 @@ class LRPChannel(http.HTTPChannel):
             # (still in the line buffer) begin the next request.
             self._head_begun = True
             self._start_head_deadline()
+
+    def checkPersistence(self, request, version):
+        persistent = super().checkPersistence(request, version)
+        if self.draining:
+            # A request read after the drain began (its connection was
+            # accepted just before): answered, then the connection closes.
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return persistent
 
     def _head_too_large(self) -> None:
         self.answer_and_close(
@@ -173,6 +195,27 @@ class LRPChannel(http.HTTPChannel):
         self.answer_and_close(b"400 Bad Request", b"Bad request.\n")
 
     # -- closing -----------------------------------------------------------
+
+    def close_for_drain(self) -> None:
+        """
+        The server is stopping and this connection has no request in
+        progress. Between two requests of a keep-alive connection it is
+        closed now: a client must be ready for that and retries. A
+        connection whose first request has not been read yet is kept for
+        L{DRAIN_GRACE} seconds: it was accepted just before the listening
+        stopped, and its request is likely in the socket already. A request
+        head under way is answered; the head deadline and the graceful
+        deadline bound it.
+        """
+        if self.answered and not self._head_begun:
+            self.transport.loseConnection()
+        elif not self._head_begun:
+            self._drain_call = self.callLater(DRAIN_GRACE, self._drain_grace_over)
+
+    def _drain_grace_over(self) -> None:
+        self._drain_call = None
+        if self.awaiting_head and not self._head_begun and not self.closing:
+            self._close_quietly()
 
     def _leave(self) -> None:
         self.closing = True

@@ -401,17 +401,19 @@ class LRPSite(server.Site):
 
     def drain(self) -> defer.Deferred:
         """
-        Close idle connections now and the busy ones once their response is
-        sent (each answered with C{Connection: close}).
+        Close idle connections (L{LRPChannel.close_for_drain}) and the busy
+        ones once their response is sent (each answered with
+        C{Connection: close}).
 
         @return: a Deferred that fires when no connection is left.
         """
         for channel in list(self.channels):
-            channel.persistent = False
+            channel.draining = True
             channel.setTimeout(None)
             if channel.idle:
-                channel.transport.loseConnection()
+                channel.close_for_drain()
             else:
+                channel.persistent = False
                 for request in channel.requests:
                     if not request.startedWriting:
                         request.setHeader(b"connection", b"close")
