@@ -7,6 +7,7 @@ default --max-connections, and the write deadline of a streaming response.
 """
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -346,11 +347,14 @@ def test_the_cap_warns_once_a_minute(monkeypatch):
 
 
 class ForwardedRequest:
-    def __init__(self, forwarded_for, peer="127.0.0.1"):
+    def __init__(self, forwarded_for, peer="127.0.0.1", channel=None):
         self.requestHeaders = Headers({b"X-Forwarded-For": [forwarded_for]})
         self._peer = IPv4Address("TCP", peer, 5555)
+        self.channel = channel or SimpleNamespace(lrp_peer=None)
+        self.peer_asked = 0
 
     def getClientAddress(self):
+        self.peer_asked += 1
         return self._peer
 
     def isSecure(self):
@@ -375,6 +379,19 @@ class ForwardedRequest:
 def test_a_forwarded_hop_that_is_not_an_address_never_becomes_the_client(forwarded, client):
     site = make_site(Clock())
     assert site.client_of(ForwardedRequest(forwarded)) == (client, "http")
+
+
+def test_the_peer_is_judged_once_per_connection_and_each_request_forwards_its_own():
+    site = make_site(Clock())
+    channel = SimpleNamespace(lrp_peer=None)
+    first = ForwardedRequest(b"203.0.113.9", channel=channel)
+    second = ForwardedRequest(b"198.51.100.7", channel=channel)
+    assert site.client_of(first) == ("203.0.113.9", "http")
+    assert site.client_of(second) == ("198.51.100.7", "http")
+    assert (first.peer_asked, second.peer_asked) == (1, 0)
+    # Another connection is judged afresh: an untrusted peer's header is ignored.
+    stranger = ForwardedRequest(b"203.0.113.9", peer="192.0.2.50")
+    assert site.client_of(stranger) == ("192.0.2.50", "http")
 
 
 # -- the defaults -------------------------------------------------------------

@@ -64,6 +64,8 @@ class LRPChannel(http.HTTPChannel):
     # A connection's two addresses do not change: twisted.web asks for them
     # at every request, and the local one costs a getsockname() call.
     _host = _peer = None
+    # (client address, trusted proxy, scheme) of the peer (LRPSite.client_of).
+    lrp_peer = None
 
     def getHost(self):
         if self._host is None:

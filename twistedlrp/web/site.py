@@ -342,13 +342,19 @@ class LRPSite(server.Site):
         @return: the client address and URL scheme of C{request}, from the
             forwarded headers only when the peer is a trusted proxy.
         """
-        peer = request.getClientAddress()
-        if isinstance(peer, IPv4Address | IPv6Address):
-            client, trusted = peer.host, self.proxy_headers and peer.host in self.trusted
-        else:
-            # A UNIX socket peer is a local proxy (nginx, say).
-            client, trusted = "", self.proxy_headers
-        scheme = "https" if request.isSecure() else "http"
+        channel = request.channel
+        # The peer, and whether it is trusted, do not change on a connection.
+        known = channel.lrp_peer
+        if known is None:
+            peer = request.getClientAddress()
+            if isinstance(peer, IPv4Address | IPv6Address):
+                known = (peer.host, self.proxy_headers and peer.host in self.trusted)
+            else:
+                # A UNIX socket peer is a local proxy (nginx, say).
+                known = ("", self.proxy_headers)
+            known += ("https" if request.isSecure() else "http",)
+            channel.lrp_peer = known
+        client, trusted, scheme = known
         if not trusted:
             return client, scheme
         headers = request.requestHeaders

@@ -152,14 +152,15 @@ class _WSGIResponse:
         self._written: list[bytes] = []
         self._streaming = False
         self.disconnected = False
-        self._resumed = threading.Event()
-        self._resumed.set()
+        # Made when the response streams (most responses are buffered).
+        self._resumed: threading.Event | None = None
 
     # -- reactor thread -------------------------------------------------
 
     def connection_lost(self, reason):
         self.disconnected = True
-        self._resumed.set()
+        if self._resumed is not None:
+            self._resumed.set()
 
     def _send_headers(self, status: str, headers: list) -> None:
         request = self._request
@@ -259,6 +260,9 @@ class _WSGIResponse:
             raise RuntimeError("the application wrote before calling start_response()")
         self._streaming = True
         self._headers_sent = True
+        # Before the reactor may pause this producer (its first write).
+        self._resumed = threading.Event()
+        self._resumed.set()
         self._call_and_wait(self._start_stream, self._status, self._headers)
         for chunk in self._written:
             self._stream(chunk)
