@@ -15,7 +15,7 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet.error import CannotListenError
 from twisted.python.systemd import ListenFDs
 
-from twistedlrp.web.ports import AdoptedUNIXPort, adopt, listen
+from twistedlrp.web.ports import AdoptedUNIXPort, adopt, cork_writes, listen
 
 
 class _Hello(protocol.Protocol):
@@ -146,3 +146,140 @@ async def test_listen_fails_in_the_deferred(tmp_path):
         await listen(reactor, "systemd:domain=UNIX:index=7", _factory(b""))
     with pytest.raises(CannotListenError):
         await listen(reactor, f"unix:{tmp_path}/missing/x.sock:lockfile=0", _factory(b""))
+
+
+# -- corked writes --------------------------------------------------------------
+
+
+class _Held(protocol.Protocol):
+    """The server side of a connection, handed to the test as it is made."""
+
+    def connectionMade(self):
+        self.factory.made.callback(self)
+
+
+async def _corked_connection(unix_path: str | None = None):
+    """@return: the server-side transport of a fresh connection, and the client's socket."""
+    from twisted.internet import reactor
+
+    factory = protocol.Factory.forProtocol(_Held)
+    factory.made = defer.Deferred()
+    if unix_path:
+        port = reactor.listenUNIX(unix_path, factory)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(unix_path)
+    else:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    cork_writes(port)
+    held = await factory.made
+    await port.stopListening()
+    client.setblocking(False)
+    return held.transport, client
+
+
+def _available(client) -> bytes:
+    try:
+        return client.recv(1 << 20)
+    except BlockingIOError:
+        return b""
+
+
+async def _receive(client, size: int, timeout: float = 10.0) -> bytes:
+    """Read C{size} bytes from the non-blocking C{client}, letting the reactor run."""
+    from twisted.internet import reactor, task
+
+    data = b""
+    deadline = reactor.seconds() + timeout
+    while len(data) < size:
+        data += _available(client)
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{len(data)} of {size} bytes arrived")
+        await task.deferLater(reactor, 0, lambda: None)
+    return data
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+async def test_corked_writes_leave_together_at_uncork_without_the_reactor(family, tmp_path):
+    from twisted.internet import reactor
+
+    transport, client = await _corked_connection(
+        str(tmp_path / "c.sock") if family == "unix" else None
+    )
+    try:
+        transport.cork()
+        transport.write(b"HTTP/1.1 200 OK\r\n")
+        transport.writeSequence([b"content-length: 5\r\n", b"\r\n"])
+        transport.write(b"hello")
+        # Held: nothing has left, and nothing waits in Twisted's buffer.
+        assert _available(client) == b""
+        transport.uncork()
+        # Sent by uncork itself: no buffer, no write-readiness registration.
+        assert (transport.dataBuffer, transport._tempDataLen) == (b"", 0)
+        assert transport not in reactor.getWriters()
+        expected = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+        assert await _receive(client, len(expected)) == expected
+    finally:
+        transport.loseConnection()
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_queued_before_the_cork_keeps_its_place():
+    transport, client = await _corked_connection()
+    try:
+        transport.write(b"first ")
+        # Queued for the reactor: the cork does not engage, so nothing can
+        # overtake it.
+        transport.cork()
+        transport.write(b"second")
+        transport.uncork()
+        assert await _receive(client, 12) == b"first second"
+    finally:
+        transport.loseConnection()
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_at_uncork_is_sent_by_the_reactor_in_order():
+    transport, client = await _corked_connection()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    body = bytes(range(256)) * 16384  # 4 MiB: more than both buffers hold
+    try:
+        transport.cork()
+        transport.write(body[:1000])
+        transport.write(body[1000:])
+        transport.uncork()
+        assert transport.dataBuffer or transport._tempDataLen
+        assert await _receive(client, len(body)) == body
+    finally:
+        transport.loseConnection()
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_corked_connection_closed_by_loseconnection_still_delivers_first():
+    transport, client = await _corked_connection()
+    try:
+        transport.cork()
+        transport.write(b"last words")
+        transport.loseConnection()
+        transport.uncork()
+        assert await _receive(client, 10) == b"last words"
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_corked_write_of_text_is_refused_as_twisted_refuses_it():
+    transport, client = await _corked_connection()
+    try:
+        transport.cork()
+        with pytest.raises(TypeError):
+            transport.write("text")
+        transport.uncork()
+    finally:
+        transport.loseConnection()
+        client.close()

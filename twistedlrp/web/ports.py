@@ -1,6 +1,6 @@
 """
 The server's listening ports, including sockets adopted from another
-process.
+process, and the transport of their connections (L{cork_writes}).
 
 A socket that another process bound (systemd, or the C{--reload}
 supervisor, which passes its sockets to each server as C{systemd:}
@@ -22,8 +22,9 @@ from twisted.internet import defer, fdesc, protocol, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
+from twisted.python.util import untilConcludes
 
-__all__ = ["AdoptedUNIXPort", "adopt", "listen"]
+__all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen"]
 
 
 class AdoptedUNIXPort(unix.Port):
@@ -112,6 +113,85 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
     port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
     os.close(server.fileno)
     return port
+
+
+# -- the connections' transport ---------------------------------------------
+
+
+class _CorkedWrites:
+    """
+    A connection's transport that can hold writes between L{cork} and
+    L{uncork} and send them in one C{send()} at once. twisted.web writes a
+    response's head and body separately, and a Twisted transport sends
+    only when the reactor next finds its socket writable: for every
+    response, a registration with the reactor, a turn of the reactor and a
+    removal. A buffered response sent at once costs none of them.
+    """
+
+    _corked: list | None = None
+
+    def cork(self) -> None:
+        """Hold the writes that follow, if nothing is queued before them."""
+        if not (
+            self.TLS
+            or self.dataBuffer
+            or self._tempDataLen
+            or self.disconnecting
+            or self._writeDisconnected
+            or not self.connected
+        ):
+            self._corked = []
+
+    def uncork(self) -> None:
+        """
+        Send what was held. What the socket does not take now, or a failed
+        send, goes to Twisted's buffer: the reactor sends the rest, or finds
+        the error and closes the connection, as for any write.
+        """
+        pending, self._corked = self._corked, None
+        if not pending or not self.connected:
+            return
+        data = b"".join(pending)
+        try:
+            sent = untilConcludes(self.socket.send, data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            super().write(data[sent:])
+
+    def write(self, data):
+        if self._corked is None or not isinstance(data, bytes):
+            return super().write(data)
+        if data:
+            self._corked.append(data)
+
+    def writeSequence(self, iovec):
+        if self._corked is None:
+            return super().writeSequence(iovec)
+        for data in iovec:
+            self.write(data)
+
+
+class _CorkedTCPServer(_CorkedWrites, tcp.Server):
+    pass
+
+
+class _CorkedUNIXServer(_CorkedWrites, unix.Server):
+    pass
+
+
+_CORKED = {tcp.Server: _CorkedTCPServer, unix.Server: _CorkedUNIXServer}
+
+
+def cork_writes(port) -> None:
+    """
+    Give the connections that C{port} accepts from now on a transport with
+    C{cork()} and C{uncork()} (a TCP or UNIX port; others are left as they
+    are).
+    """
+    corked = _CORKED.get(getattr(port, "transport", None))
+    if corked is not None:
+        port.transport = corked
 
 
 # -- sockets held for other processes ---------------------------------------

@@ -71,15 +71,18 @@ class WebService(service.Service):
                     # As AdoptedStreamServerEndpoint does: a blocking socket
                     # (systemd passes them so) would block the reactor in accept().
                     fdesc.setNonBlocking(fd)
-                    self.ports.append(ports.adopt(self.reactor, fd, family, self.site))
+                    port = ports.adopt(self.reactor, fd, family, self.site)
                 except Exception as e:
                     raise StartupFailed(f"cannot adopt listening socket {fd}: {e}") from e
+                ports.cork_writes(port)
+                self.ports.append(port)
             return
         for endpoint in self.endpoints:
             try:
                 port = await ports.listen(self.reactor, endpoint, self.site)
             except Exception as e:
                 raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
+            ports.cork_writes(port)
             self.ports.append(port)
 
     def stop_by(self, deadline: float) -> defer.Deferred:

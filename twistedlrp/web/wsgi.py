@@ -177,6 +177,20 @@ class _WSGIResponse:
         request = self._request
         if self.disconnected:
             return
+        # The head and the body leave in one send, now (web/ports.py).
+        transport = request.channel.transport
+        cork = getattr(transport, "cork", None)
+        if cork is None:
+            self._write_whole(status, headers, body)
+            return
+        cork()
+        try:
+            self._write_whole(status, headers, body)
+        finally:
+            transport.uncork()
+
+    def _write_whole(self, status: str, headers: list, body: bytes) -> None:
+        request = self._request
         self._send_headers(status, headers)
         code = request.code
         if (
