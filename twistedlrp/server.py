@@ -87,7 +87,8 @@ class LRPServer(OrderedService):
 
             job_metrics.watch(self.metrics, job_service)
         metrics_listener = None
-        if role != "web":
+        # A job node without --metrics-listen imports no web module.
+        if role != "web" and options["metrics-listen"]:
             from twistedlrp.web.metrics import metrics_listener as listener
 
             metrics_listener = listener(reactor, options, self.metrics)

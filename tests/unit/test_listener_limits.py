@@ -25,8 +25,7 @@ from twisted.test import iosim
 
 from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.amp import AMPFrontEnd, ServiceFactory, ServiceProtocol
-from twistedlrp.jobs.limits import GuardedPBServerFactory
-from twistedlrp.jobs.pb import JobsRealm, SecretChecker
+from twistedlrp.jobs.pb import GuardedPBServerFactory, JobsRealm, SecretChecker
 from twistedlrp.options import Options
 from twistedlrp.services import StartupFailed
 

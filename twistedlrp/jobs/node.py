@@ -33,7 +33,6 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
 
     from twistedlrp.boot import BootError
     from twistedlrp.jobs.amp import AMPFrontEnd
-    from twistedlrp.jobs.pb import PBFrontEnd
     from twistedlrp.jobs.service import DEFAULT_CANCEL_GRACE, JobService
 
     run_service = not options["no-jobs"] and not options["jobs-connect"]
@@ -51,6 +50,9 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
         )
     ]
     if options["pb-listen"]:
+        # Only then: twisted.spread is not imported otherwise.
+        from twistedlrp.jobs.pb import PBFrontEnd
+
         front_ends.append(PBFrontEnd(reactor, options["pb-listen"], options["jobs-secret-file"]))
     jobs = JobService(
         reactor,

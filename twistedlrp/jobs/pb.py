@@ -22,7 +22,7 @@ Login is PB's own challenge-response (see L{SecretChecker}): the secret
 never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
-What a client may send is bounded as it arrives (L{twistedlrp.jobs.limits.GuardedBroker}): a few
+What a client may send is bounded as it arrives (L{twistedlrp.jobs.GuardedBroker}): a few
 KiB before its login succeeds, within a deadline, with a cap on the
 connections waiting to log in at once (as on the AMP listeners, see
 L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
@@ -130,10 +130,10 @@ class SecretChecker:
         # PB's challenger (pb._PortalAuthChallenger) knows the connection.
         broker = getattr(creds, "broker", None)
         if creds.checkPassword(self.secret):
-            if isinstance(broker, limits.GuardedBroker):
+            if isinstance(broker, GuardedBroker):
                 broker.logged_in()
             return defer.succeed(creds.username)
-        if isinstance(broker, limits.GuardedBroker):
+        if isinstance(broker, GuardedBroker):
             broker.warn(
                 "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
             )
@@ -269,6 +269,117 @@ def _fits_banana(answer):
     return answer
 
 
+# -- the connections' limits ------------------------------------------------
+
+
+class GuardedBroker(pb.Broker):
+    """
+    A PB server connection that bounds what the client sends, counted as it
+    arrives (before Banana buffers or decodes it): before its login
+    succeeds, C{gate.limits.pre_login_bytes} in all, within
+    C{gate.limits.login_timeout} seconds; after it, C{max_message} bytes
+    in one message (top-level Banana expression). Beyond, the connection
+    is closed (PB has no error answer for a message it has not decoded).
+    """
+
+    def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
+        super().__init__(isClient=False, **kwargs)
+        self.gate = gate
+        self.max_message = max_message
+        self.authenticated = False
+        self._received = 0  # before login: all bytes so far; after: those of this message
+        self._expression_ended = False
+        self._refused = False
+        self._peer = "?"
+
+    def connectionMade(self):
+        self._peer = limits.describe_peer(self.transport.getPeer())
+        self.gate.enter(self, self._login_expired)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.gate.leave(self)
+        super().connectionLost(reason)
+
+    def logged_in(self) -> None:
+        """The client's login succeeded (L{SecretChecker} says so)."""
+        if not self.authenticated:
+            self.authenticated = True
+            self._received = 0
+            self.gate.leave(self)
+
+    def dataReceived(self, chunk):
+        if self._refused:
+            return
+        self._received += len(chunk)
+        if not self.authenticated and self._received > self.gate.limits.pre_login_bytes:
+            self.warn(
+                "pre-login-size",
+                "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
+                limit=self.gate.limits.pre_login_bytes,
+            )
+            return self._close()
+        if self.authenticated and self._received > self.max_message:
+            self.warn(
+                "message-size",
+                "PB job client {peer} sent a message of more than {limit} bytes (twice "
+                "--max-job-payload plus framing): disconnected",
+                limit=self.max_message,
+            )
+            return self._close()
+        self._expression_ended = False
+        super().dataReceived(chunk)
+        if self._expression_ended and self.authenticated:
+            # A message ended in this chunk: what follows it (in the
+            # chunk) is the start of the next one.
+            self._received = len(chunk) if self.listStack else len(self.buffer)
+
+    def expressionReceived(self, sexp):
+        self._expression_ended = True
+        return super().expressionReceived(sexp)
+
+    def _close(self) -> None:
+        self._refused = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_expired(self) -> None:
+        if self.authenticated or self._refused:
+            return
+        self.warn(
+            "login-timeout",
+            "PB job client {peer} did not log in within {timeout:g} s: disconnected",
+            timeout=self.gate.limits.login_timeout,
+        )
+        self._close()
+
+    def warn(self, kind: str, format: str, **kwargs) -> None:
+        """A rate-limited warning (per listener and kind) about this client."""
+        self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
+
+
+class GuardedPBServerFactory(pb.PBServerFactory):
+    """
+    A C{PBServerFactory} of L{GuardedBroker}s; a connection beyond the
+    number that may wait to log in is closed as soon as it is accepted.
+    """
+
+    noisy = False
+
+    def __init__(self, root, gate: limits.Gate, max_message: int):
+        super().__init__(root)
+        self.gate = gate
+        self.max_message = max_message
+
+    def buildProtocol(self, addr):
+        if not self.gate.admit(addr):
+            return None  # the transport closes the socket at once
+        proto = GuardedBroker(self.gate, self.max_message, security=self.security)
+        proto.factory = self
+        proto.setNameForLocal("root", self.root.rootObject(proto))
+        return proto
+
+
 def listen_pb(
     reactor,
     service,
@@ -295,7 +406,7 @@ def listen_pb(
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", limits.DEFAULT_MAX_PAYLOAD)
-    factory = limits.GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
+    factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, endpoint).listen(factory)
 
     def listening(port):
