@@ -16,6 +16,9 @@ system, then on the other, so that both see the same machine:
 
 - idle memory: RSS and PSS summed over every process (lrp's server and its
   workers; Celery's worker, its pool and redis-server), after a second idle;
+  and the same for a job node alone (`twistd lrp --jobs-only`, its own
+  database and state directory, the same warm-up), which like Celery's side
+  serves no HTTP;
 - many: N jobs (`--jobs`, 2000) from T threads (`--threads`, 10) of this
   process (`noop.submit(i)` over the server's UNIX socket; `noop.delay(i)`);
   jobs/s counts from the first submission to the last finish as the system
@@ -302,6 +305,57 @@ class System:
 # -- twistedlrp ------------------------------------------------------------------------
 
 
+# Run in a job node's environment: submit N no-op jobs and wait for them.
+_WARM_UP = """
+import sys
+import django
+django.setup()
+from jobsite.jobs import noop
+from twistedlrp import jobs
+for job_id in [noop.submit(-1 - i).id for i in range(int(sys.argv[1]))]:
+    jobs.wait(job_id, timeout=60)
+"""
+
+
+def job_node_memory(args, scratch: Path, env: dict) -> dict:
+    """
+    @return: the idle RSS and PSS of a C{twistd lrp --jobs-only} node and its
+        workers, on a database and state directory of their own, after the
+        warm-up the other systems had.
+    """
+    directory = scratch / "job-node"
+    directory.mkdir()
+    node_env = dict(env, LRP_BENCH_DIR=str(directory))
+    migrate = [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"]
+    subprocess.run(migrate, cwd=HERE, env=node_env, check=True)
+    state = directory / "state"
+    command = [
+        str(BIN / "twistd"),
+        "-n",
+        "--pidfile=",
+        "lrp",
+        "--settings",
+        "jobsite.settings",
+        "--jobs-only",
+        "--state-dir",
+        str(state),
+        "--workers",
+        str(args.workers),
+        *shlex.split(args.lrp_args),
+    ]
+    node = start(command, directory / "lrp.log", node_env)
+    try:
+        wait_for(
+            (state / "jobs.sock").exists, "lrp --jobs-only start", [node], 60, error=NotStarted
+        )
+        warm_up = [sys.executable, "-c", _WARM_UP, str(args.warmup)]
+        subprocess.run(warm_up, cwd=HERE, env=node_env, check=True, timeout=args.timeout)
+        time.sleep(1.0)  # idle, as the others
+        return memory_mib([node.pid, *descendants(node.pid)])
+    finally:
+        stop(node)
+
+
 class Lrp(System):
     name = "lrp"
 
@@ -583,6 +637,8 @@ def table(results: dict, args) -> list[str]:
         ("view", "submit_p99_ms", "submit from a view p99 ms", False),
         ("memory", "rss_mib", "idle RSS MiB (all processes)", False),
         ("memory", "pss_mib", "idle PSS MiB (all processes)", False),
+        ("node_memory", "rss_mib", "idle RSS MiB, lrp --jobs-only (no HTTP)", False),
+        ("node_memory", "pss_mib", "idle PSS MiB, lrp --jobs-only (no HTTP)", False),
     ]
     width = 48
     lines = [
@@ -591,14 +647,16 @@ def table(results: dict, args) -> list[str]:
         f"  {'measure':<{width}}" + "".join(f" {n:>10}" for n in names) + f" {'lrp/celery':>11}",
     ]
     for phase, key, label, higher in rows:
-        values = [results[n].get(phase, {}).get(key) for n in names]
+        # Celery's side has no HTTP either way: its row is its one memory.
+        theirs = "memory" if phase == "node_memory" else phase
+        values = [results[n].get(phase if n == "lrp" else theirs, {}).get(key) for n in names]
         if all(v is None for v in values):
             continue
         cells = "".join(f" {v:>10.1f}" if v is not None else f" {'-':>10}" for v in values)
         r = "-"
         if celery and "lrp" in results:
             r = ratio(
-                results["lrp"].get(phase, {}).get(key), celery.get(phase, {}).get(key), higher
+                results["lrp"].get(phase, {}).get(key), celery.get(theirs, {}).get(key), higher
             )
         lines.append(f"  {label:<{width}}{cells} {r:>11}")
     for name, r in results.items():
@@ -699,6 +757,8 @@ def main() -> int:
         time.sleep(1.0)  # idle: let start-up and warm-up settle
         for system in running:
             results[system.name]["memory"] = system.idle_memory()
+        if "lrp" in results:
+            results["lrp"]["node_memory"] = job_node_memory(args, scratch, env)
         # Phase by phase, the systems one after the other, so that both see
         # the same machine (other load on it comes and goes).
         for system in running:
