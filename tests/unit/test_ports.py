@@ -283,3 +283,65 @@ async def test_a_corked_write_of_text_is_refused_as_twisted_refuses_it():
     finally:
         transport.loseConnection()
         client.close()
+
+
+# -- a socket several processes accept on -------------------------------------------
+
+
+class _Counted(protocol.Protocol):
+    def connectionMade(self):
+        self.factory.accepted += 1
+
+
+def _counting_factory() -> protocol.Factory:
+    factory = protocol.Factory.forProtocol(_Counted)
+    factory.accepted = 0
+    return factory
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_UNIX])
+async def test_ports_sharing_a_socket_split_a_burst_of_connections(family, tmp_path):
+    """
+    Two ports on one listening socket stand for two web processes. A burst
+    of connections already waiting in the backlog is split between them;
+    Twisted's own port, first to read, would take the whole burst.
+    """
+    from twisted.internet import reactor, task
+
+    if family == socket.AF_UNIX:
+        address = str(tmp_path / "shared.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        address = ("127.0.0.1", 0)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(address)
+    listening.listen(128)
+    listening.setblocking(False)
+    address = listening.getsockname()
+
+    async def split(shared: bool) -> list[int]:
+        factories = [_counting_factory(), _counting_factory()]
+        ports = [adopt(reactor, listening.fileno(), family, f, shared=shared) for f in factories]
+        clients = []
+        for _ in range(20):
+            client = socket.socket(family, socket.SOCK_STREAM)
+            client.connect(address)
+            clients.append(client)
+        deadline = reactor.seconds() + 10
+        while sum(f.accepted for f in factories) < 20 and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.001, lambda: None)
+        for port in ports:
+            await port.stopListening()
+        for client in clients:
+            client.close()
+        return sorted(f.accepted for f in factories)
+
+    try:
+        fair = await split(shared=True)
+        assert sum(fair) == 20
+        assert fair[0] >= 5, fair
+        # The test can fail: unshared, one port takes (nearly) all of them.
+        assert (await split(shared=False))[0] <= 2
+    finally:
+        listening.close()

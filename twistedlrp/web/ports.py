@@ -18,7 +18,7 @@ import os
 import socket
 import stat
 
-from twisted.internet import defer, fdesc, protocol, tcp, unix
+from twisted.internet import defer, error, fdesc, protocol, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -67,20 +67,53 @@ class AdoptedUNIXPort(unix.Port):
         tcp.Port.connectionLost(self, reason)
 
 
-def adopt(reactor, fd: int, family: int, factory) -> IListeningPort:
+class _OneAcceptPerTurn:
+    """
+    A port on a socket that other processes accept on too (the web
+    processes of C{--web-workers}). Twisted's port accepts up to a hundred
+    connections whenever its socket is readable, so the first process to
+    wake takes a whole burst (all 32 connections of a load test, and the
+    other process idles). Taking one per turn of its reactor leaves the
+    next connection to whichever process is free first.
+    """
+
+    def doRead(self):
+        # Twisted raises it after a turn that accepted as many as it could.
+        self.numberAccepts = 1
+        return super().doRead()
+
+
+class _SharedTCPPort(_OneAcceptPerTurn, tcp.Port):
+    pass
+
+
+class _SharedUNIXPort(_OneAcceptPerTurn, AdoptedUNIXPort):
+    pass
+
+
+def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IListeningPort:
     """
     Listen on a duplicate of C{fd}, a listening stream socket of address
     family C{family}: a UNIX socket with L{AdoptedUNIXPort}, any other with
     C{reactor.adoptStreamPort}. The caller keeps C{fd}.
 
+    @param shared: other processes accept on the same socket at the same
+        time: take one connection at a time (L{_OneAcceptPerTurn}).
     @return: the port, listening.
     @raise OSError: C{fd} is not a socket.
     @raise twisted.internet.error.UnsupportedAddressFamily: the reactor
         cannot adopt a C{family} socket.
     """
     if family == socket.AF_UNIX:
-        return AdoptedUNIXPort.adopt(reactor, fd, factory)
-    return reactor.adoptStreamPort(fd, family, factory)
+        return (_SharedUNIXPort if shared else AdoptedUNIXPort).adopt(reactor, fd, factory)
+    if not shared:
+        return reactor.adoptStreamPort(fd, family, factory)
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        raise error.UnsupportedAddressFamily(family)
+    # As reactor.adoptStreamPort does, for this class.
+    port = _SharedTCPPort._fromListeningDescriptor(reactor, fd, family, factory)
+    port.startListening()
+    return port
 
 
 def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:

@@ -71,7 +71,8 @@ class WebService(service.Service):
                     # As AdoptedStreamServerEndpoint does: a blocking socket
                     # (systemd passes them so) would block the reactor in accept().
                     fdesc.setNonBlocking(fd)
-                    port = ports.adopt(self.reactor, fd, family, self.site)
+                    # The other web processes accept on the same sockets.
+                    port = ports.adopt(self.reactor, fd, family, self.site, shared=True)
                 except Exception as e:
                     raise StartupFailed(f"cannot adopt listening socket {fd}: {e}") from e
                 ports.cork_writes(port)
