@@ -22,7 +22,7 @@ Login is PB's own challenge-response (see L{SecretChecker}): the secret
 never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
-What a client may send is bounded as it arrives (L{twistedlrp.jobs.GuardedBroker}): a few
+What a client may send is bounded as it arrives (L{GuardedBroker}): a few
 KiB before its login succeeds, within a deadline, with a cap on the
 connections waiting to log in at once (as on the AMP listeners, see
 L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
