@@ -305,6 +305,24 @@ class System:
 # -- twistedlrp ------------------------------------------------------------------------
 
 
+def lrp_command(args, state: Path, *options: str) -> list[str]:
+    """@return: C{twistd lrp} for the bench site with C{options}, its state in C{state}."""
+    return [
+        str(BIN / "twistd"),
+        "-n",
+        "--pidfile=",
+        "lrp",
+        "--settings",
+        "jobsite.settings",
+        *options,
+        "--state-dir",
+        str(state),
+        "--workers",
+        str(args.workers),
+        *shlex.split(args.lrp_args),
+    ]
+
+
 # Run in a job node's environment: submit N no-op jobs and wait for them.
 _WARM_UP = """
 import sys
@@ -329,21 +347,7 @@ def job_node_memory(args, scratch: Path, env: dict) -> dict:
     migrate = [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"]
     subprocess.run(migrate, cwd=HERE, env=node_env, check=True)
     state = directory / "state"
-    command = [
-        str(BIN / "twistd"),
-        "-n",
-        "--pidfile=",
-        "lrp",
-        "--settings",
-        "jobsite.settings",
-        "--jobs-only",
-        "--state-dir",
-        str(state),
-        "--workers",
-        str(args.workers),
-        *shlex.split(args.lrp_args),
-    ]
-    node = start(command, directory / "lrp.log", node_env)
+    node = start(lrp_command(args, state, "--jobs-only"), directory / "lrp.log", node_env)
     try:
         wait_for(
             (state / "jobs.sock").exists, "lrp --jobs-only start", [node], 60, error=NotStarted
@@ -379,24 +383,9 @@ class Lrp(System):
         )
         self.port = port = free_port()
         logfile = self.scratch / "lrp.log"
+        listen = f"tcp:{port}:interface=127.0.0.1"
         self.server = start(
-            [
-                str(BIN / "twistd"),
-                "-n",
-                "--pidfile=",
-                "lrp",
-                "--settings",
-                "jobsite.settings",
-                "--listen",
-                f"tcp:{port}:interface=127.0.0.1",
-                "--state-dir",
-                str(self.scratch / "state"),
-                "--workers",
-                str(self.args.workers),
-                *shlex.split(self.args.lrp_args),
-            ],
-            logfile,
-            self.env,
+            lrp_command(self.args, self.scratch / "state", "--listen", listen), logfile, self.env
         )
         self.procs = [self.server]
         health = f"http://127.0.0.1:{port}/-/health"
