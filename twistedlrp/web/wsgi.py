@@ -179,29 +179,24 @@ class _WSGIResponse:
             return
         # The head and the body leave in one send, now (web/ports.py).
         transport = request.channel.transport
-        cork = getattr(transport, "cork", None)
-        if cork is None:
-            self._write_whole(status, headers, body)
-            return
-        cork()
+        corked = hasattr(transport, "cork")
+        if corked:
+            transport.cork()
         try:
-            self._write_whole(status, headers, body)
+            self._send_headers(status, headers)
+            code = request.code
+            if (
+                not request.responseHeaders.hasHeader(b"content-length")
+                and code not in _NO_BODY_STATUSES
+                and code >= 200
+            ):
+                request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+            if body:
+                request.write(body)
+            request.finish()
         finally:
-            transport.uncork()
-
-    def _write_whole(self, status: str, headers: list, body: bytes) -> None:
-        request = self._request
-        self._send_headers(status, headers)
-        code = request.code
-        if (
-            not request.responseHeaders.hasHeader(b"content-length")
-            and code not in _NO_BODY_STATUSES
-            and code >= 200
-        ):
-            request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-        if body:
-            request.write(body)
-        request.finish()
+            if corked:
+                transport.uncork()
 
     def _start_stream(self, status: str, headers: list, done: threading.Event) -> None:
         if not self.disconnected:
