@@ -157,6 +157,8 @@ OPTIONS: tuple[Option, ...] = (
            "jobs", kind=WHOLE),
     Option("max-worker-memory", 0, _WHOLE_ANY, "Replace a worker whose resident memory exceeds "
            "this many MB (0: no limit)", kind=WHOLE),
+    Option("no-worker-template", False, None, "Start each replacement worker as a new process that "
+           "sets Django up, instead of forking it from a Django-ready template"),
     Option("max-job-payload", MiB, values.whole(1024), "Largest job arguments or result, in bytes",
            kind=WHOLE),
     Option("queues", None, lambda option, value: [q.strip() for q in (

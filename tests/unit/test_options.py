@@ -219,8 +219,8 @@ def test_version(capsys):
         (["--frobnicate"], "unknown option --frobnicate"),
         (
             ["--no", "x"],
-            "unknown option --no (did you mean one of --no-jobs, --no-metrics, --no-static or "
-            "--node-name?)",
+            "unknown option --no (did you mean one of --no-jobs, --no-metrics, --no-static, "
+            "--no-worker-template or --node-name?)",
         ),
         (["-sx.settings", "--health=/x"], "unknown option --health (did you mean --health-path?)"),
     ],

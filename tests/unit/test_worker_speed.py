@@ -131,6 +131,8 @@ def make_pool(size=1):
         on_ready=ready.append,
         on_died=lambda *a: died.append(a),
         on_progress=lambda *a: None,
+        # The template is a real process (tests/test_jobs_template.py).
+        fork_from_template=False,
     )
     return reactor, pool, ready
 

@@ -223,6 +223,8 @@ class JobOperations:
                 "running": len(dispatcher.running),
                 "workers": self.pool.describe(),
                 "workers_started": self.pool.started,
+                "workers_forked": self.pool.forked,
+                "worker_template": self.pool.describe_template(),
                 "counters": dict(dispatcher.counters),
                 "store": {"batches": self.store.batches, "operations": self.store.operations},
                 "unavailable": self.unavailable,

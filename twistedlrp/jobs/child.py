@@ -50,6 +50,9 @@ def _parse(argv):
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
     parser.add_argument("--max-payload", type=int, default=1024 * 1024)
+    parser.add_argument(
+        "--template", action="store_true", help="fork workers on request (twistedlrp.jobs.template)"
+    )
     return parser.parse_args(argv)
 
 
@@ -80,10 +83,13 @@ def main(argv=None) -> None:
         registry.discover()
         boot.close_connections()
     except Exception as e:
-        sys.stderr.write(f"worker {args.worker_id}: cannot start: {e}\n")
+        what = "worker template" if args.template else f"worker {args.worker_id}"
+        sys.stderr.write(f"{what}: cannot start: {e}\n")
         sys.stderr.flush()
         os._exit(3)
 
+    if args.template:
+        serve_template(args.max_payload)
     Conversation(args.max_payload).serve()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -94,6 +100,133 @@ def main(argv=None) -> None:
     # whatever its job started, with us.
     end_group()
     os._exit(0)
+
+
+def serve_template(max_payload: int, control_fd: int = 3) -> None:
+    """
+    Be the worker template (L{twistedlrp.jobs.template}): fork a worker
+    for each request read from C{control_fd}, report each fork and each
+    child's exit status, and exit when the control socket closes. Returns
+    only in a forked child, whose fds 1 to 4 are then its worker's pipes.
+    """
+    import array
+    import selectors
+    import socket
+
+    control = socket.socket(fileno=control_fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
+
+    def send(message: dict) -> None:
+        try:
+            control.send(json.dumps(message).encode())
+        except OSError:
+            os._exit(0)  # The job service is gone.
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            children.discard(pid)
+            send({"exited": pid, "status": status})
+
+    selector = selectors.DefaultSelector()
+    selector.register(control, selectors.EVENT_READ)
+    selector.register(wake_r, selectors.EVENT_READ)
+    send({"ready": True})
+    fd_size = array.array("i").itemsize
+    template = os.getpid()
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is not control:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                continue
+            try:
+                data, ancillary, _, _ = control.recvmsg(
+                    65536, socket.CMSG_SPACE(len(_FORK_FDS) * fd_size)
+                )
+            except InterruptedError:
+                continue
+            if not data:
+                os._exit(0)
+            fds = array.array("i")
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
+            try:
+                request = json.loads(data)
+                number = request["fork"]
+            except (ValueError, KeyError, TypeError):
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if len(fds) != len(_FORK_FDS):
+                for fd in fds:
+                    os.close(fd)
+                send({"failed": number, "error": f"{len(fds)} pipes, not {len(_FORK_FDS)}"})
+                continue
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            try:
+                pid = os.fork()
+            except OSError as e:
+                for fd in fds:
+                    os.close(fd)
+                send({"failed": number, "error": str(e)})
+                continue
+            if pid == 0:
+                _become_worker(list(fds), template, control, (wake_r, wake_w), selector)
+                return
+            for fd in fds:
+                os.close(fd)
+            children.add(pid)
+            send({"forked": number, "pid": pid})
+        reap()
+
+
+# The fds a forked worker is given, in the order the pool sends its pipes.
+_FORK_FDS = (1, 2, 3, 4)
+
+
+def _become_worker(fds: list[int], template: int, control, wake, selector) -> None:
+    """In a child the template just forked: take the pool's pipes and be a worker."""
+    os.setsid()
+    try:
+        import ctypes
+
+        # PR_SET_PDEATHSIG: die with the template, which alone reaps us.
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != template:
+        os._exit(1)  # It died before prctl took effect.
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    selector.close()
+    for fd in wake:
+        os.close(fd)
+    control.close()
+    # Each pipe onto its number; a pipe already at a number it must leave is
+    # moved out of the way first.
+    fds = [os.dup(fd) if fd in _FORK_FDS else fd for fd in fds]
+    for target, fd in zip(_FORK_FDS, fds, strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 
 
 def cut_text(text: str, limit: int = MAX_ERROR) -> str:

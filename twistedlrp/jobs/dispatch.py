@@ -81,6 +81,7 @@ class Dispatcher(SharedClaims, Outcomes):
             on_ready=lambda worker: self.dispatch(),
             on_died=self._worker_died,
             on_progress=self._progress,
+            fork_from_template=not options.get("no-worker-template", False),
         )
         self.accepting = False
         self.running: dict[str, JobRecord] = {}

@@ -141,6 +141,14 @@ class Worker(protocol.ProcessProtocol):
         self.transport.closeChildFD(0)
         self.amp.makeConnection(_PipeTransport(self))
 
+    def forked(self, pid: int) -> None:
+        """The worker template has forked this worker's child (L{twistedlrp.jobs.template})."""
+        self.pid = pid
+        self.pool.on_forked(self)
+        if self.kill_reason is not None and self.kill_reason != "retire":
+            # Killed before its pid was known: now.
+            self.signal("KILL")
+
     def childDataReceived(self, fd, data):
         if fd == 4:
             self.amp.dataReceived(data)
@@ -366,6 +374,9 @@ def bounded_outcome(outcome: dict) -> dict:
 
 def describe_exit(value) -> str:
     """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
+    told = getattr(value, "how", None)
+    if told:
+        return told  # Said by the worker template (twistedlrp.jobs.template).
     number = getattr(value, "signal", None)
     if number:
         try:

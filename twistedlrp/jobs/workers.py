@@ -38,6 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
+from twistedlrp.jobs import template
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.worker import (
     OUTPUT_TAIL,
@@ -85,6 +86,8 @@ class WorkerPool:
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.
+    @param fork_from_template: fork replacements from a worker template
+        (C{--no-worker-template} turns it off).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class WorkerPool:
         on_ready: Callable,
         on_died: Callable,
         on_progress: Callable,
+        fork_from_template: bool = True,
     ):
         self.reactor = reactor
         self.size = size
@@ -114,10 +118,38 @@ class WorkerPool:
         self._failures = 0
         self._all_ended = Waiters()
         self.started = 0
+        # Workers the template has forked so far (of those started).
+        self.forked = 0
+        self.template: template.WorkerTemplate | None = None
+        # Off (--no-worker-template), or a template could not start: workers
+        # are spawned from then on.
+        self._template_broken = not fork_from_template
 
     def start(self) -> None:
         for _ in range(self.size):
             self.spawn()
+
+    def _child_command(self, worker_id: str) -> tuple[list[str], dict]:
+        """@return: the command line and environment of a worker (or the template)."""
+        args = [
+            sys.executable,
+            "-m",
+            "twistedlrp.jobs.child",
+            "--settings",
+            self.settings_module,
+            "--worker-id",
+            worker_id,
+            "--max-payload",
+            str(self.max_payload),
+        ]
+        for entry in self.pythonpath:
+            args += ["--pythonpath", entry]
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        # The worker writes its stdlib records of this level up (twistedlrp.stdlog).
+        env[stdlog.LEVEL_VARIABLE] = logs.level_name()
+        return args, env
 
     def spawn(self, standby: bool = False) -> Worker | None:
         """
@@ -130,35 +162,68 @@ class WorkerPool:
             return None
         self._count += 1
         worker = Worker(self, self._count, standby)
-        args = [
-            sys.executable,
-            "-m",
-            "twistedlrp.jobs.child",
-            "--settings",
-            self.settings_module,
-            "--worker-id",
-            str(self._count),
-            "--max-payload",
-            str(self.max_payload),
-        ]
-        for entry in self.pythonpath:
-            args += ["--pythonpath", entry]
-        env = dict(os.environ)
-        env.update(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        # The worker writes its stdlib records of this level up (twistedlrp.stdlog).
-        env[stdlog.LEVEL_VARIABLE] = logs.level_name()
-        self.reactor.spawnProcess(
-            worker,
-            sys.executable,
-            args,
-            env=env,
-            path=os.getcwd(),
-            childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
-        )
+        if self.template is None or not self.template.fork(worker, str(self._count)):
+            args, env = self._child_command(str(self._count))
+            self.reactor.spawnProcess(
+                worker,
+                sys.executable,
+                args,
+                env=env,
+                path=os.getcwd(),
+                childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
+            )
         self.workers.append(worker)
         self.started += 1
         return worker
+
+    # -- the template -----------------------------------------------------------------
+
+    def start_template(self) -> None:
+        """Start the worker template, unless it runs, cannot, or is not wanted now."""
+        if self.template is not None or self._template_broken or self.stopping:
+            return
+        if not template.supported():
+            return
+        args, env = self._child_command("template")
+        started = template.WorkerTemplate(self.reactor, self._template_ready, self._template_ended)
+        try:
+            started.start(args + ["--template"], env, os.getcwd())
+        except OSError as e:
+            self._template_broken = True
+            log.error(
+                "The worker template cannot be started ({e}); workers are started directly", e=e
+            )
+            return
+        self.template = started
+
+    def _template_ready(self) -> None:
+        log.info(
+            "Worker template {pid} ready: replacement workers are forked from it",
+            pid=self.template.pid,
+        )
+
+    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, reason) -> None:
+        if self.template is ended:
+            self.template = None
+        if self.stopping:
+            return
+        if not was_ready:
+            self._template_broken = True
+            log.error(
+                "The worker template {how} before it was ready; workers are started "
+                "directly from now on. Its output:\n{output}",
+                how=describe_exit(reason.value),
+                output=ended.output() or "(none)",
+            )
+        else:
+            log.warn(
+                "The worker template {how}; it is started again when a worker nears its limit",
+                how=describe_exit(reason.value),
+            )
+
+    def _stop_template(self) -> None:
+        if self.template is not None:
+            self.template.stop()
 
     def idle(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "idle"]
@@ -176,6 +241,10 @@ class WorkerPool:
             return
         self._on_ready(worker)
 
+    def on_forked(self, worker: Worker) -> None:
+        self.forked += 1
+        log.debug("Worker {pid} forked from the template", pid=worker.pid)
+
     def on_progress(self, worker: Worker, job_id, current, total, message) -> None:
         if worker.job_id == job_id:
             self._on_progress(job_id, current, total, message)
@@ -188,6 +257,7 @@ class WorkerPool:
             self._on_died(worker, job_id, how)
         if self.stopping:
             if not self.workers:
+                self._stop_template()
                 self._all_ended.fire()
             return
         if worker.succeeded:
@@ -195,7 +265,7 @@ class WorkerPool:
         if worker.standby:
             # A standby that ended before it took over: the worker it was
             # meant for is replaced the usual way when its time comes.
-            log.warn("Standby worker {pid} {how}", pid=worker.pid, how=how)
+            log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
             if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan"):
@@ -209,6 +279,10 @@ class WorkerPool:
             return
         if worker.succeeded:
             return  # Its successor is still starting; it takes jobs once ready.
+        if worker.pid is None:
+            log.info("A worker {how}: starting it directly", how=how)
+            self.spawn()
+            return
         if not worker.was_ready and worker.kill_reason is None:
             # It died before it was ready: something in the site or the
             # environment is wrong; do not spin.
@@ -242,6 +316,9 @@ class WorkerPool:
         if worker.exited:
             return False
         ahead = standby_ahead(max_jobs)
+        early = template.template_ahead(max_jobs, ahead)
+        if early and worker.jobs_done == max_jobs - early and self.template is None:
+            self.start_template()
         if (
             ahead
             and worker.successor is None
@@ -267,6 +344,8 @@ class WorkerPool:
         if max_memory_mb:
             rss = worker.rss_mb()
             if rss > max_memory_mb:
+                # Replacements come from the template from now on.
+                self.start_template()
                 log.info(
                     "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
                     pid=worker.pid,
@@ -307,6 +386,8 @@ class WorkerPool:
         for worker in list(self.workers):
             if worker.state in ("idle", "starting", "standby"):
                 worker.retire()
+        if not self.workers:
+            self._stop_template()
 
     def kill_all(self, reason: str = "shutdown") -> None:
         """SIGKILL every child, and every process of its group, at once."""
@@ -318,6 +399,12 @@ class WorkerPool:
         if not self.workers:
             return defer.succeed(None)
         return self._all_ended.wait()
+
+    def describe_template(self) -> dict | None:
+        """@return: the worker template's pid and state, or C{None} when there is none."""
+        if self.template is None:
+            return None
+        return {"pid": self.template.pid, "state": self.template.state}
 
     def describe(self) -> list[dict]:
         return [

@@ -11,6 +11,8 @@ from twistedlrp.jobs import cancelled, job, progress
 # cannot start, for the test of the pool's back-off.
 if os.environ.get("LRP_TEST_WORKER_BOOT_FAIL") and "--worker-id" in sys.argv:
     raise RuntimeError("this worker fails to start on purpose")
+if os.environ.get("LRP_TEST_TEMPLATE_BOOT_FAIL") and "--template" in sys.argv:
+    raise RuntimeError("this worker template fails to start on purpose")
 
 
 def _mark(marker_dir, name, text=""):
