@@ -10,13 +10,17 @@ Each server runs with one process and with two (`lrp --web-workers 2`,
 gunicorn and granian `--workers 2`; `twistd web` has one), every process
 with the same thread count: by default the pool `twistd web --wsgi` always
 runs (Twisted's `ThreadPool` maximum, 20), which it has no option to
-change. wrk must be installed (Debian: apt-get install wrk); gunicorn,
-granian and matplotlib (for the PNG chart of the table) come with the
+change. `bare-1` and `bare-2` are bench/bare.py: a bare Twisted protocol
+with httptools and lrp's thread pool, no limits, no logging, which is the
+most any server built on a Twisted reactor and a thread pool can serve.
+wrk must be installed (Debian: apt-get install wrk); gunicorn, granian,
+httptools and matplotlib (for the PNG chart of the table) come with the
 bench extra (pip install -e '.[bench]'); a server that is missing is
 skipped.
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -90,6 +94,17 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
             "warning",
             "benchsite.wsgi:application",
         ]
+        commands[f"bare-{processes}"] = [
+            sys.executable,
+            str(HERE / "bare.py"),
+            "--port",
+            str(port),
+            "--processes",
+            str(processes),
+            "--threads",
+            str(threads),
+            "benchsite.wsgi",
+        ]
     commands["twisted-web"] = [
         str(BIN / "twistd"),
         "-n",
@@ -103,7 +118,7 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
     return commands
 
 
-ALL_SERVERS = "lrp-1,lrp-2,twisted-web,gunicorn-1,gunicorn-2,granian-1,granian-2"
+ALL_SERVERS = "lrp-1,lrp-2,twisted-web,gunicorn-1,gunicorn-2,granian-1,granian-2,bare-1,bare-2"
 
 
 def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -165,7 +180,8 @@ def main() -> int:
     for name in args.servers.split(","):
         port = free_port()
         command = servers(port, args.threads)[name]
-        if not Path(command[0]).exists():
+        missing = name.startswith("bare") and importlib.util.find_spec("httptools") is None
+        if missing or not Path(command[0]).exists():
             sys.stderr.write(f"bench: {name} is not installed, skipped\n")
             continue
         proc = subprocess.Popen(
@@ -205,7 +221,7 @@ def main() -> int:
                 f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}{note}"
             )
         ours = by_server.get("lrp-2", {}).get("rps")
-        for peer in ("gunicorn-2", "granian-2"):
+        for peer in ("gunicorn-2", "granian-2", "bare-2"):
             theirs = by_server.get(peer, {}).get("rps")
             if ours and theirs:
                 lines.append(f"  lrp-2 / {peer}: {ours / theirs:.2f}x")
