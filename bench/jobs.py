@@ -18,7 +18,8 @@ system, then on the other, so that both see the same machine:
   workers; Celery's worker, its pool and redis-server), after a second idle;
   and the same for a job node alone (`twistd lrp --jobs-only`, its own
   database and state directory, the same warm-up), which like Celery's side
-  serves no HTTP;
+  serves no HTTP; and once more after all the phases, when lrp's workers
+  have been replaced and its worker template runs;
 - many: N jobs (`--jobs`, 2000) from T threads (`--threads`, 10) of this
   process (`noop.submit(i)` over the server's UNIX socket; `noop.delay(i)`);
   jobs/s counts from the first submission to the last finish as the system
@@ -165,6 +166,14 @@ def session_cpu(leader: int) -> tuple[float, float]:
         else:
             others += utime + stime + cutime + cstime
     return own, others
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def memory_mib(pids: list[int]) -> dict:
@@ -435,7 +444,12 @@ class Lrp(System):
         return {"server": server_cpu, "workers": workers_cpu, "client": client_cpu()}
 
     def memory_parts(self) -> dict:
-        return {"server": [self.server.pid], "workers": descendants(self.server.pid)}
+        children = descendants(self.server.pid)
+        template = [pid for pid in children if b"--template" in _cmdline(pid)]
+        parts = {"server": [self.server.pid], "workers": [p for p in children if p not in template]}
+        if template:
+            parts["worker template"] = template
+        return parts
 
     def check(self, ids: list[str], offset: int) -> list[float]:
         from django.db import connections
@@ -628,6 +642,8 @@ def table(results: dict, args) -> list[str]:
         ("memory", "pss_mib", "idle PSS MiB (all processes)", False),
         ("node_memory", "rss_mib", "idle RSS MiB, lrp --jobs-only (no HTTP)", False),
         ("node_memory", "pss_mib", "idle PSS MiB, lrp --jobs-only (no HTTP)", False),
+        ("memory_after", "rss_mib", "idle RSS MiB after the phases", False),
+        ("memory_after", "pss_mib", "idle PSS MiB after the phases", False),
     ]
     width = 48
     lines = [
@@ -657,15 +673,16 @@ def table(results: dict, args) -> list[str]:
                     f"p50 {p['submit_p50_ms']:.2f} ms p99 {p['submit_p99_ms']:.2f} ms; CPU s "
                     + ", ".join(f"{k} {v:.2f}" for k, v in p["cpu_s"].items())
                 )
-        if "memory" in r:
-            lines.append(
-                f"  {name} idle memory: "
-                + "; ".join(
-                    f"{part} ({m['processes']} process(es)) RSS {m['rss_mib']:.0f} MiB, "
-                    f"PSS {m['pss_mib']:.0f} MiB"
-                    for part, m in r["memory"]["parts"].items()
+        for phase, when in (("memory", ""), ("memory_after", " after the phases")):
+            if phase in r:
+                lines.append(
+                    f"  {name} idle memory{when}: "
+                    + "; ".join(
+                        f"{part} ({m['processes']} process(es)) RSS {m['rss_mib']:.0f} MiB, "
+                        f"PSS {m['pss_mib']:.0f} MiB"
+                        for part, m in r[phase]["parts"].items()
+                    )
                 )
-            )
     lines.append("  every job of every phase succeeded once, with its own result")
     return lines
 
@@ -762,6 +779,11 @@ def main() -> int:
         if args.view_jobs and server is not None:
             for system in running:
                 results[system.name]["view"] = server.from_view(system, args.view_jobs)
+        time.sleep(1.0)
+        for system in running:
+            # After the phases: lrp's workers have been replaced (and its
+            # worker template started) with default options.
+            results[system.name]["memory_after"] = system.idle_memory()
     finally:
         for system in reversed(running):
             system.stop()
