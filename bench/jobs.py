@@ -445,7 +445,14 @@ class Lrp(System):
 
     def memory_parts(self) -> dict:
         children = descendants(self.server.pid)
-        template = [pid for pid in children if b"--template" in _cmdline(pid)]
+        # The worker template is the server's child; the workers it forked
+        # (its children) share its command line.
+        template = [
+            pid
+            for pid in children
+            if b"--template" in _cmdline(pid)
+            and (_stat(pid) or ["", ""])[1] == str(self.server.pid)
+        ]
         parts = {"server": [self.server.pid], "workers": [p for p in children if p not in template]}
         if template:
             parts["worker template"] = template

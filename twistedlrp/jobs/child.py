@@ -89,7 +89,7 @@ def main(argv=None) -> None:
         os._exit(3)
 
     if args.template:
-        serve_template(args.max_payload)
+        serve_template()
     Conversation(args.max_payload).serve()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -102,7 +102,12 @@ def main(argv=None) -> None:
     os._exit(0)
 
 
-def serve_template(max_payload: int, control_fd: int = 3) -> None:
+#: The fds a forked worker is given (its stdout, stderr, command and answer
+#: pipes), in the order the pool sends them (L{twistedlrp.jobs.template}).
+FORK_FDS = (1, 2, 3, 4)
+
+
+def serve_template(control_fd: int = 3) -> None:
     """
     Be the worker template (L{twistedlrp.jobs.template}): fork a worker
     for each request read from C{control_fd}, report each fork and each
@@ -155,7 +160,7 @@ def serve_template(max_payload: int, control_fd: int = 3) -> None:
                 continue
             try:
                 data, ancillary, _, _ = control.recvmsg(
-                    65536, socket.CMSG_SPACE(len(_FORK_FDS) * fd_size)
+                    65536, socket.CMSG_SPACE(len(FORK_FDS) * fd_size)
                 )
             except InterruptedError:
                 continue
@@ -172,10 +177,10 @@ def serve_template(max_payload: int, control_fd: int = 3) -> None:
                 for fd in fds:
                     os.close(fd)
                 continue
-            if len(fds) != len(_FORK_FDS):
+            if len(fds) != len(FORK_FDS):
                 for fd in fds:
                     os.close(fd)
-                send({"failed": number, "error": f"{len(fds)} pipes, not {len(_FORK_FDS)}"})
+                send({"failed": number, "error": f"{len(fds)} pipes, not {len(FORK_FDS)}"})
                 continue
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
@@ -194,10 +199,6 @@ def serve_template(max_payload: int, control_fd: int = 3) -> None:
             children.add(pid)
             send({"forked": number, "pid": pid})
         reap()
-
-
-# The fds a forked worker is given, in the order the pool sends its pipes.
-_FORK_FDS = (1, 2, 3, 4)
 
 
 def _become_worker(fds: list[int], template: int, control, wake, selector) -> None:
@@ -220,8 +221,8 @@ def _become_worker(fds: list[int], template: int, control, wake, selector) -> No
     control.close()
     # Each pipe onto its number; a pipe already at a number it must leave is
     # moved out of the way first.
-    fds = [os.dup(fd) if fd in _FORK_FDS else fd for fd in fds]
-    for target, fd in zip(_FORK_FDS, fds, strict=True):
+    fds = [os.dup(fd) if fd in FORK_FDS else fd for fd in fds]
+    for target, fd in zip(FORK_FDS, fds, strict=True):
         os.dup2(fd, target)
         os.close(fd)
     null = os.open(os.devnull, os.O_RDONLY)

@@ -38,12 +38,12 @@ from twisted.internet import abstract, error, process, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.jobs.child import FORK_FDS
+
 log = Logger(namespace="twistedlrp.jobs.workers")
 
 # What one control message may be, at most (they are small JSON objects).
 _MAX_MESSAGE = 64 * 1024
-# The order of the pipes a fork is given: the forked child's fds 1 to 4.
-CHILD_FDS = (1, 2, 3, 4)
 
 
 def template_ahead(max_jobs: int, standby: int) -> int:
@@ -249,7 +249,7 @@ class WorkerTemplate(protocol.ProcessProtocol):
         ours: dict[int, int] = {}
         theirs: list[int] = []
         try:
-            for child_fd in CHILD_FDS:
+            for child_fd in FORK_FDS:
                 read_end, write_end = os.pipe()
                 # fd 3 carries commands to the child; the others come from it.
                 if child_fd == 3:
