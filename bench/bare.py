@@ -39,6 +39,7 @@ def serve(sock: socket.socket, application, threads: int) -> None:
     from twisted.internet import reactor
     from twisted.internet.protocol import Factory, Protocol
 
+    from twistedlrp.web import ports
     from twistedlrp.web.pool import ThreadPool
 
     pool = ThreadPool(reactor, threads, 10_000, name="bare")
@@ -118,15 +119,8 @@ def serve(sock: socket.socket, application, threads: int) -> None:
                 self.transport.loseConnection()
 
     factory = Factory.forProtocol(Connection)
-    port = reactor.adoptStreamPort(sock.fileno(), socket.AF_INET, factory)
-    take_all = port.doRead
-
-    def take_one():
-        # Twisted's port raises numberAccepts after a full burst; keep it 1.
-        port.numberAccepts = 1
-        take_all()
-
-    port.doRead = take_one
+    # As lrp's web processes: one connection per reactor turn from a shared socket.
+    ports.adopt(reactor, sock.fileno(), socket.AF_INET, factory, shared=True)
     sock.close()
     reactor.callWhenRunning(pool.start)
     reactor.run()
