@@ -101,8 +101,14 @@ def test_successors_are_forked_from_a_template_started_near_the_limit(template, 
         wait_for(lambda: not alive(first[0]), 10, message="the replaced worker gone")
         assert stats(server)["workers_forked"] >= 1
         assert "Worker template" in server.output() and "ready" in server.output()
+        # It opens a database connection of its own (the template closed
+        # its connections before forking).
+        job = api(server, "submit", name="testapp.jobs.stored_jobs")["job"]
+        info = api(server, "wait", id=job["id"])["job"]
+        assert info["state"] == "succeeded", info
+        assert info["result"]["pid"] == second and info["result"]["jobs"] > int(LIMIT)
         # Every replacement after it comes from the same template.
-        third = run_whoami(server, int(LIMIT))
+        third = run_whoami(server, int(LIMIT) - 1)
         assert set(third) == {second, third[-1]} and third[-1] != second
         assert psutil.Process(third[-1]).ppid() == template_pid
         assert stats(server)["worker_template"]["pid"] == template_pid

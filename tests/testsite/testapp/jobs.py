@@ -32,6 +32,14 @@ def whoami():
 
 
 @job
+def stored_jobs():
+    """This worker's pid and how many jobs the database holds (a query of its own)."""
+    from twistedlrp.models import Job
+
+    return {"pid": os.getpid(), "jobs": Job.objects.count()}
+
+
+@job
 def loaded_modules(prefix):
     """The modules named C{prefix} or C{prefix.*} that this worker has imported."""
     return sorted(m for m in sys.modules if m == prefix or m.startswith(prefix + "."))
