@@ -5,8 +5,9 @@ when a worker nears C{--max-jobs-per-worker}; successors are its children;
 a forked worker killed mid-job, or whose job times out, is seen and
 replaced like any other; killing the template takes its workers with it
 and the pool carries on; a template that cannot start, or
-C{--no-worker-template}, leaves the pool spawning workers itself; a stop
-leaves no process behind.
+C{--no-worker-template}, leaves the pool spawning workers itself; threads
+the template started are named in a warning; a stop leaves no process
+behind.
 """
 
 from __future__ import annotations
@@ -221,6 +222,35 @@ def test_without_a_template_workers_are_spawned(template, tmp_path):
         described = stats(server)
         assert described["worker_template"] is None and described["workers_forked"] == 0
         assert "Worker template" not in server.output()
+    finally:
+        server.kill()
+
+
+def test_a_thread_the_template_started_is_named_in_a_warning(template, tmp_path):
+    server = start_server(
+        template,
+        tmp_path / "server",
+        "--workers",
+        "1",
+        "--max-jobs-per-worker",
+        LIMIT,
+        env={"LRP_TEST_TEMPLATE_THREAD": "1"},
+    )
+    try:
+        run_whoami(server, int(LIMIT))
+        template_pid = ready_template(server)
+        wait_for(
+            lambda: (
+                "runs 1 thread(s) that setting Django up started (import-time-sender)"
+                in server.output()
+            ),
+            10,
+            message="the warning",
+        )
+        assert "--no-worker-template" in server.output()
+        # The forked worker runs jobs all the same.
+        forked = idle_worker(server, template_pid)
+        assert run_whoami(server, 1) == [forked]
     finally:
         server.kill()
 

@@ -146,7 +146,10 @@ def serve_template(control_fd: int = 3) -> None:
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    send({"ready": True})
+    # Threads that setting Django up started (an error reporter's sender,
+    # say) are not in the forked workers: the pool warns about them.
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    send({"ready": True, "threads": others})
     fd_size = array.array("i").itemsize
     template = os.getpid()
     while True:

@@ -197,8 +197,9 @@ class WorkerTemplate(protocol.ProcessProtocol):
     """
     One template process. C{state}: C{starting}, C{ready}, C{dead}.
 
-    @param on_ready: called once the template can fork.
-    @param on_ended: C{(template, was_ready)}: it has ended.
+    @param on_ready: called with the names of the template's other threads
+        (which forked workers do not have) once it can fork.
+    @param on_ended: C{(template, was_ready, reason)}: it has ended.
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
@@ -279,7 +280,7 @@ class WorkerTemplate(protocol.ProcessProtocol):
         if "ready" in message:
             if self.state == "starting":
                 self.state = "ready"
-                self._on_ready()
+                self._on_ready([str(name) for name in message.get("threads") or []])
         elif "forked" in message:
             forked = self._pending.pop(message["forked"], None)
             if forked is None:
@@ -329,6 +330,9 @@ class WorkerTemplate(protocol.ProcessProtocol):
     def processExited(self, reason):
         was_ready = self.state == "ready"
         self.state = "dead"
+        if self._control is not None:
+            # What it reported before it ended (a child's exit) still counts.
+            self._control.doRead()
         self.stop()
         # Its children got SIGKILL with it (PR_SET_PDEATHSIG); what they
         # started goes too, and nobody will report their exits now.

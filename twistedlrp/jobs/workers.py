@@ -196,11 +196,19 @@ class WorkerPool:
             return
         self.template = started
 
-    def _template_ready(self) -> None:
+    def _template_ready(self, threads: list[str]) -> None:
         log.info(
             "Worker template {pid} ready: replacement workers are forked from it",
             pid=self.template.pid,
         )
+        if threads:
+            log.warn(
+                "The worker template runs {n} thread(s) that setting Django up started "
+                "({names}); workers forked from it do not have them. If jobs rely on "
+                "them, start workers with --no-worker-template",
+                n=len(threads),
+                names=", ".join(threads[:10]),
+            )
 
     def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, reason) -> None:
         if self.template is ended:

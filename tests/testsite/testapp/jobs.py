@@ -13,6 +13,11 @@ if os.environ.get("LRP_TEST_WORKER_BOOT_FAIL") and "--worker-id" in sys.argv:
     raise RuntimeError("this worker fails to start on purpose")
 if os.environ.get("LRP_TEST_TEMPLATE_BOOT_FAIL") and "--template" in sys.argv:
     raise RuntimeError("this worker template fails to start on purpose")
+if os.environ.get("LRP_TEST_TEMPLATE_THREAD") and "--template" in sys.argv:
+    # What an error reporter's background sender does at import.
+    import threading
+
+    threading.Thread(target=threading.Event().wait, name="import-time-sender", daemon=True).start()
 
 
 def _mark(marker_dir, name, text=""):
