@@ -75,14 +75,30 @@ def idle_worker(server, parent: int, not_pids=()) -> int:
     return wait_for(check, 30, interval=0.05, message=f"an idle worker forked by {parent}")
 
 
+def start_replacing(template, tmp, *args, workers: int = 1, env=None):
+    """@return: a server whose workers are replaced after L{LIMIT} jobs."""
+    return start_server(
+        template, tmp, "--workers", str(workers), "--max-jobs-per-worker", LIMIT, *args, env=env
+    )
+
+
+def fork_one(server, jobs: int = int(LIMIT)) -> tuple[int, int]:
+    """
+    Run C{jobs} jobs, enough for the workers to be replaced.
+
+    @return: the template's pid, and an idle worker it forked.
+    """
+    run_whoami(server, jobs)
+    template_pid = ready_template(server)
+    return template_pid, idle_worker(server, template_pid)
+
+
 def python_children(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children() if p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_successors_are_forked_from_a_template_started_near_the_limit(template, tmp_path):
-    server = start_server(
-        template, tmp_path / "server", "--workers", "1", "--max-jobs-per-worker", LIMIT
-    )
+    server = start_replacing(template, tmp_path / "server")
     try:
         # No template at start-up: the server costs no more process than before.
         assert stats(server)["worker_template"] is None
@@ -118,15 +134,11 @@ def test_successors_are_forked_from_a_template_started_near_the_limit(template, 
 
 
 def test_a_forked_worker_that_is_killed_or_times_out_is_replaced(template, tmp_path):
-    server = start_server(
-        template, tmp_path / "server", "--workers", "1", "--max-jobs-per-worker", LIMIT
-    )
+    server = start_replacing(template, tmp_path / "server")
     markers = tmp_path / "markers"
     markers.mkdir()
     try:
-        run_whoami(server, int(LIMIT))
-        template_pid = ready_template(server)
-        forked = idle_worker(server, template_pid)
+        template_pid, forked = fork_one(server)
         # SIGKILL mid-job: the template reaps it and says how it ended.
         job = api(server, "submit", name="testapp.jobs.crash_without_retry", args=[str(markers)])
         assert read_pid(markers / "crash_without_retry-attempts") == forked
@@ -156,13 +168,9 @@ def test_a_forked_worker_that_is_killed_or_times_out_is_replaced(template, tmp_p
 
 
 def test_killing_the_template_takes_its_workers_and_the_pool_carries_on(template, tmp_path):
-    server = start_server(
-        template, tmp_path / "server", "--workers", "1", "--max-jobs-per-worker", LIMIT
-    )
+    server = start_replacing(template, tmp_path / "server")
     try:
-        run_whoami(server, int(LIMIT))
-        template_pid = ready_template(server)
-        forked = idle_worker(server, template_pid)
+        template_pid, forked = fork_one(server)
         os.kill(template_pid, signal.SIGKILL)
         wait_for(lambda: not alive(forked), 10, message="the forked worker gone with its template")
         # Replaced by a worker the server starts itself, which runs jobs.
@@ -181,14 +189,8 @@ def test_killing_the_template_takes_its_workers_and_the_pool_carries_on(template
 
 def test_without_a_template_workers_are_spawned(template, tmp_path):
     # A template that cannot start: said once, and the pool spawns workers.
-    server = start_server(
-        template,
-        tmp_path / "broken",
-        "--workers",
-        "1",
-        "--max-jobs-per-worker",
-        LIMIT,
-        env={"LRP_TEST_TEMPLATE_BOOT_FAIL": "1"},
+    server = start_replacing(
+        template, tmp_path / "broken", env={"LRP_TEST_TEMPLATE_BOOT_FAIL": "1"}
     )
     try:
         first = run_whoami(server, int(LIMIT))
@@ -206,15 +208,7 @@ def test_without_a_template_workers_are_spawned(template, tmp_path):
     finally:
         server.kill()
     # --no-worker-template: no template, ever.
-    server = start_server(
-        template,
-        tmp_path / "off",
-        "--workers",
-        "1",
-        "--max-jobs-per-worker",
-        LIMIT,
-        "--no-worker-template",
-    )
+    server = start_replacing(template, tmp_path / "off", "--no-worker-template")
     try:
         first = run_whoami(server, int(LIMIT) + 1)
         assert first[-1] != first[0]
@@ -227,18 +221,9 @@ def test_without_a_template_workers_are_spawned(template, tmp_path):
 
 
 def test_a_thread_the_template_started_is_named_in_a_warning(template, tmp_path):
-    server = start_server(
-        template,
-        tmp_path / "server",
-        "--workers",
-        "1",
-        "--max-jobs-per-worker",
-        LIMIT,
-        env={"LRP_TEST_TEMPLATE_THREAD": "1"},
-    )
+    server = start_replacing(template, tmp_path / "server", env={"LRP_TEST_TEMPLATE_THREAD": "1"})
     try:
-        run_whoami(server, int(LIMIT))
-        template_pid = ready_template(server)
+        template_pid, forked = fork_one(server)
         wait_for(
             lambda: (
                 "runs 1 thread(s) that setting Django up started (import-time-sender)"
@@ -249,20 +234,15 @@ def test_a_thread_the_template_started_is_named_in_a_warning(template, tmp_path)
         )
         assert "--no-worker-template" in server.output()
         # The forked worker runs jobs all the same.
-        forked = idle_worker(server, template_pid)
         assert run_whoami(server, 1) == [forked]
     finally:
         server.kill()
 
 
 def test_a_stop_leaves_neither_template_nor_forked_workers(template, tmp_path):
-    server = start_server(
-        template, tmp_path / "server", "--workers", "2", "--max-jobs-per-worker", LIMIT
-    )
+    server = start_replacing(template, tmp_path / "server", workers=2)
     try:
-        run_whoami(server, 2 * int(LIMIT) + 2)
-        template_pid = ready_template(server)
-        forked = idle_worker(server, template_pid)
+        template_pid, forked = fork_one(server, 2 * int(LIMIT) + 2)
         workers = [w["pid"] for w in stats(server)["workers"] if w["pid"]]
         started = time.monotonic()
         server.signal(signal.SIGTERM)
