@@ -1,7 +1,8 @@
 """
 Serve the same Django site with twistedlrp and its peers, load each with wrk
-in the same run, and report requests/s, latency and the ratio to
-`twistd web --wsgi`.
+in the same run, and report requests/s, latency, the ratio to
+`twistd web --wsgi`, and how wrk's connections fell between a server's
+processes (counted with `ss` halfway through each run).
 
     make bench                         # all servers, all paths
     .venv/bin/python bench/run.py --seconds 5 --servers lrp,twisted-web
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from _shared import free_port, report
@@ -134,13 +136,40 @@ def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 30) -
     raise RuntimeError("server did not open its port")
 
 
-def wrk(url: str, seconds: int, connections: int) -> dict:
+def connection_split(port: int) -> str:
+    """
+    @return: how the established connections to C{port} fall between the
+        server's processes, most first (C{"17/15"}), or C{""} if C{ss}
+        cannot say.
+    """
+    if not shutil.which("ss"):
+        return ""
     out = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", url],
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
         capture_output=True,
         text=True,
-        timeout=seconds + 60,
+        timeout=10,
     ).stdout
+    counts = Counter(re.findall(r"pid=(\d+)", out))
+    return "/".join(str(n) for n in sorted(counts.values(), reverse=True))
+
+
+def wrk(url: str, seconds: int, connections: int, port: int | None = None) -> dict:
+    """
+    Load C{url} with wrk; with C{port}, also count how the connections fall
+    between the server's processes halfway through.
+    """
+    proc = subprocess.Popen(
+        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    split = ""
+    if port is not None:
+        time.sleep(seconds / 2)
+        split = connection_split(port)
+    out, _ = proc.communicate(timeout=seconds + 60)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -157,6 +186,7 @@ def wrk(url: str, seconds: int, connections: int) -> dict:
         "p99_ms": ms(p99),
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
+        "split": split,
     }
 
 
@@ -197,7 +227,7 @@ def main() -> int:
             for path in args.paths.split(","):
                 url = f"http://127.0.0.1:{port}{path}"
                 wrk(url, 2, args.connections)  # warm-up
-                results.setdefault(path, {})[name] = wrk(url, args.seconds, args.connections)
+                results.setdefault(path, {})[name] = wrk(url, args.seconds, args.connections, port)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -213,12 +243,14 @@ def main() -> int:
         lines.append(f"\n{path}")
         lines.append(
             f"  {'server':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs twisted-web':>15}"
+            f" {'connections':>12}"
         )
         for name, r in by_server.items():
             ratio = f"{r['rps'] / base:.2f}x" if base else "-"
             note = f"  ({r['non_2xx']} non-2xx)" if r["non_2xx"] else ""
             lines.append(
-                f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}{note}"
+                f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}"
+                f" {r.get('split', ''):>12}{note}"
             )
         ours = by_server.get("lrp-2", {}).get("rps")
         for peer in ("gunicorn-2", "granian-2", "bare-2"):
