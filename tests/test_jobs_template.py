@@ -3,8 +3,8 @@ Replacement workers forked from the worker template
 (L{twistedlrp.jobs.template}), in a real server: the template appears only
 when a worker nears C{--max-jobs-per-worker}; successors are its children;
 a forked worker killed mid-job, or whose job times out, is seen and
-replaced like any other; killing the template takes its workers with it
-and the pool carries on; a template that cannot start, or
+replaced like any other; killing the template leaves its workers and
+their jobs running, and their ends are still seen; a template that cannot start, or
 C{--no-worker-template}, leaves the pool spawning workers itself; threads
 the template started are named in a warning; a stop leaves no process
 behind.
@@ -167,19 +167,34 @@ def test_a_forked_worker_that_is_killed_or_times_out_is_replaced(template, tmp_p
         server.kill()
 
 
-def test_killing_the_template_takes_its_workers_and_the_pool_carries_on(template, tmp_path):
+def test_a_killed_template_leaves_its_workers_and_their_jobs_running(template, tmp_path):
     server = start_replacing(template, tmp_path / "server")
+    markers = tmp_path / "markers"
+    markers.mkdir()
     try:
         template_pid, forked = fork_one(server)
+        job = api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 1.5])["job"]
+        assert read_pid(markers / "sleeper-started") == forked
         os.kill(template_pid, signal.SIGKILL)
-        wait_for(lambda: not alive(forked), 10, message="the forked worker gone with its template")
-        # Replaced by a worker the server starts itself, which runs jobs.
+        wait_for(
+            lambda: "The worker template killed by signal 9 (SIGKILL)" in server.output(),
+            10,
+            message="the template's end logged",
+        )
+        # Its worker lives on: it finishes its job, then takes the next.
+        info = wait_job(server, job["id"])
+        assert (info["state"], info["result"]) == ("succeeded", "sleeper"), info
+        assert alive(forked)
+        assert run_whoami(server, 1) == [forked]
+        assert stats(server)["worker_template"] is None
+        # Nobody reaps it for the server now, but its end is seen (a pidfd)
+        # and it is replaced by a worker the server starts itself.
+        os.kill(forked, signal.SIGKILL)
         spawned = idle_worker(server, server.proc.pid, not_pids={forked})
         assert run_whoami(server, 1) == [spawned]
-        output = server.output()
-        assert "The worker template killed by signal 9 (SIGKILL)" in output
-        assert "was killed with the worker template" in output
-        assert stats(server)["worker_template"] is None
+        assert "exited after the worker template ended (its exit status is unknown)" in (
+            server.output()
+        )
         # The next replacement starts a new template.
         run_whoami(server, int(LIMIT))
         assert ready_template(server) != template_pid

@@ -152,6 +152,7 @@ def serve_template(control_fd: int = 3) -> None:
     send({"ready": True, "threads": others})
     fd_size = array.array("i").itemsize
     template = os.getpid()
+    orphan_ok = _pidfds_work()
     while True:
         for key, _ in selector.select():
             if key.fileobj is not control:
@@ -195,7 +196,7 @@ def serve_template(control_fd: int = 3) -> None:
                 send({"failed": number, "error": str(e)})
                 continue
             if pid == 0:
-                _become_worker(list(fds), template, control, (wake_r, wake_w), selector)
+                _become_worker(list(fds), template, control, (wake_r, wake_w), selector, orphan_ok)
                 return
             for fd in fds:
                 os.close(fd)
@@ -204,18 +205,29 @@ def serve_template(control_fd: int = 3) -> None:
         reap()
 
 
-def _become_worker(fds: list[int], template: int, control, wake, selector) -> None:
+def _pidfds_work() -> bool:
+    """@return: whether this kernel has C{pidfd_open}, by which the pool watches orphans."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def _become_worker(fds: list[int], template: int, control, wake, selector, orphan_ok) -> None:
     """In a child the template just forked: take the pool's pipes and be a worker."""
     os.setsid()
-    try:
-        import ctypes
+    if not orphan_ok:
+        # The pool could not tell when we end once the template is gone:
+        # die with it (PR_SET_PDEATHSIG).
+        try:
+            import ctypes
 
-        # PR_SET_PDEATHSIG: die with the template, which alone reaps us.
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != template:
-        os._exit(1)  # It died before prctl took effect.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != template:
+            os._exit(1)  # It died before prctl took effect.
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     selector.close()

@@ -17,8 +17,10 @@ a C{SOCK_SEQPACKET} socket pair, so a forked worker is driven by the same
 L{twistedlrp.jobs.worker.Worker} protocol through L{ForkedProcess}, which
 plays the part of Twisted's process transport. A forked worker is the
 template's child, not ours: the template reaps it and reports its exit
-status. A forked worker dies with its template (C{PR_SET_PDEATHSIG}), and
-the pool declares the template's workers dead when the template ends.
+status. If the template dies, its workers live on with their jobs, and a
+pidfd (C{pidfd_open}, Linux 5.3) tells the pool when each one ends, its
+exit status unknown; where pidfds are missing, forked workers die with
+their template (C{PR_SET_PDEATHSIG}) and are declared dead at once.
 
 The child's side is L{twistedlrp.jobs.child.serve_template}.
 """
@@ -128,6 +130,26 @@ class ForkedProcess:
         for child_fd in list(self.pipes):
             self.closeChildFD(child_fd)
 
+    def watch_exit(self, reactor) -> bool:
+        """
+        The template is gone and this worker lives on: learn of its end
+        from a pidfd (its exit status is lost with the template).
+
+        @return: whether it is watched (C{False}: pidfds are not available).
+        """
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self.exited(None, "ended with the worker template (its exit status is unknown)")
+            return True
+        except (AttributeError, OSError):
+            return False
+        _ExitWatcher(reactor, pidfd, self._orphan_ended).startReading()
+        return True
+
+    def _orphan_ended(self) -> None:
+        self.exited(None, "exited after the worker template ended (its exit status is unknown)")
+
     def exited(self, status: int | None, how: str | None = None) -> None:
         """
         The template reaped the child (C{status} C{None}: lost with the
@@ -153,6 +175,27 @@ class ForkedProcess:
             self.proto.processEnded(Failure(error.ProcessDone(0)))
         except BaseException:
             log.failure("Error in a worker's processEnded")
+
+
+class _ExitWatcher(abstract.FileDescriptor):
+    """A pidfd in the reactor: readable once its process has ended."""
+
+    def __init__(self, reactor, pidfd: int, on_exit: Callable):
+        super().__init__(reactor)
+        self._pidfd = pidfd
+        self._on_exit = on_exit
+
+    def fileno(self):
+        return self._pidfd
+
+    def doRead(self):
+        return error.ConnectionDone("the process ended")
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self._on_exit()
 
 
 class _ControlReader(abstract.FileDescriptor):
@@ -334,20 +377,23 @@ class WorkerTemplate(protocol.ProcessProtocol):
             # What it reported before it ended (a child's exit) still counts.
             self._control.doRead()
         self.stop()
-        # Its children got SIGKILL with it (PR_SET_PDEATHSIG); what they
-        # started goes too, and nobody will report their exits now.
-        lost = list(self._pending.values()) + list(self._children.values())
+        pending = list(self._pending.values())
+        orphans = list(self._children.values())
         self._pending.clear()
         self._children.clear()
-        for forked in lost:
-            if forked.pid is None:
-                forked.exited(None, "was not forked (the worker template ended first)")
-                continue
-            try:
-                os.killpg(forked.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            forked.exited(None, "was killed with the worker template")
+        for forked in pending:
+            forked.exited(None, "was not forked (the worker template ended first)")
+        # Its workers live on, and their jobs with them; nobody reaps them
+        # for us now, but a pidfd says when each one ends.
+        for forked in orphans:
+            if not forked.watch_exit(self.reactor):
+                # No pidfd here (Linux before 5.3): they died with the
+                # template (PR_SET_PDEATHSIG); what they started goes too.
+                try:
+                    os.killpg(forked.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                forked.exited(None, "was killed with the worker template")
         self._on_ended(self, was_ready, reason)
 
     def output(self) -> str:
