@@ -8,8 +8,9 @@ It is started lazily, when the first worker comes within
 L{template_ahead} jobs of C{--max-jobs-per-worker}: a server whose
 workers are never replaced never pays for one more process. From then on
 standby successors, and the replacements of workers that died, are forked
-from it; the pool falls back to starting workers itself (C{spawnProcess})
-whenever the template is not ready, was refused a fork, or is gone.
+from it (a fork asked of a template still starting waits for it); the pool
+falls back to starting workers itself (C{spawnProcess}) when the template
+could not be asked, could not fork, or is gone.
 
 The pool passes each fork the child's ends of four pipes (its stdout,
 stderr, command and answer pipes, the fds 1 to 4 of a spawned worker) over
