@@ -131,7 +131,7 @@ class ForkedProcess:
         for child_fd in list(self.pipes):
             self.closeChildFD(child_fd)
 
-    def watch_exit(self, reactor) -> bool:
+    def watch_exit(self) -> bool:
         """
         The template is gone and this worker lives on: learn of its end
         from a pidfd (its exit status is lost with the template).
@@ -145,7 +145,7 @@ class ForkedProcess:
             return True
         except (AttributeError, OSError):
             return False
-        _ExitWatcher(reactor, pidfd, self._orphan_ended).startReading()
+        _ExitWatcher(self.reactor, pidfd, self._orphan_ended).startReading()
         return True
 
     def _orphan_ended(self) -> None:
@@ -387,7 +387,7 @@ class WorkerTemplate(protocol.ProcessProtocol):
         # Its workers live on, and their jobs with them; nobody reaps them
         # for us now, but a pidfd says when each one ends.
         for forked in orphans:
-            if not forked.watch_exit(self.reactor):
+            if not forked.watch_exit():
                 # No pidfd here (Linux before 5.3): they died with the
                 # template (PR_SET_PDEATHSIG); what they started goes too.
                 try:
