@@ -127,6 +127,13 @@ def read_pid(path: Path, timeout: float = 30) -> int:
     return int(text.split()[0])
 
 
+def read_tree(path: Path) -> tuple[int, int]:
+    """@return: (the job's subprocess, its worker), from a process_tree marker."""
+    read_pid(path)
+    grandchild, worker = path.read_text().split()[:2]
+    return int(grandchild), int(worker)
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

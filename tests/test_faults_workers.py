@@ -15,7 +15,15 @@ import time
 
 import psutil
 import pytest
-from jobsupport import alive, api, make_template_db, read_pid, rows, start_server, wait_job
+from jobsupport import (
+    alive,
+    api,
+    make_template_db,
+    read_tree,
+    rows,
+    start_server,
+    wait_job,
+)
 
 from support import wait_for
 
@@ -51,13 +59,6 @@ def leftovers():
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def read_tree(path) -> tuple[int, int]:
-    """@return: (the job's subprocess, its worker), from a process_tree marker."""
-    read_pid(path)
-    grandchild, worker = path.read_text().split()[:2]
-    return int(grandchild), int(worker)
 
 
 def the_slot_works(server) -> None:

@@ -18,7 +18,15 @@ import time
 
 import psutil
 import pytest
-from jobsupport import alive, api, make_template_db, read_pid, start_server, wait_job
+from jobsupport import (
+    alive,
+    api,
+    make_template_db,
+    read_pid,
+    read_tree,
+    start_server,
+    wait_job,
+)
 
 from support import wait_for
 
@@ -93,6 +101,18 @@ def fork_one(server, jobs: int = int(LIMIT)) -> tuple[int, int]:
     return template_pid, idle_worker(server, template_pid)
 
 
+@pytest.fixture
+def forked_env(template, tmp_path):
+    """@return: a server, a marker directory, its template's pid and an idle forked worker."""
+    server = start_replacing(template, tmp_path / "server")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    try:
+        yield (server, markers, *fork_one(server))
+    finally:
+        server.kill()
+
+
 def python_children(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children() if p.status() != psutil.STATUS_ZOMBIE]
 
@@ -133,73 +153,60 @@ def test_successors_are_forked_from_a_template_started_near_the_limit(template, 
         server.kill()
 
 
-def test_a_forked_worker_that_is_killed_or_times_out_is_replaced(template, tmp_path):
-    server = start_replacing(template, tmp_path / "server")
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    try:
-        template_pid, forked = fork_one(server)
-        # SIGKILL mid-job: the template reaps it and says how it ended.
-        job = api(server, "submit", name="testapp.jobs.crash_without_retry", args=[str(markers)])
-        assert read_pid(markers / "crash_without_retry-attempts") == forked
-        os.kill(forked, signal.SIGKILL)
-        info = wait_job(server, job["job"]["id"])
-        assert info["state"] == "failed", info
-        assert "worker died" in info["error"] and "SIGKILL" in info["error"], info
-        replacement = idle_worker(server, template_pid, not_pids={forked})
-        # A timeout ends the forked worker's whole process tree.
-        job = api(
-            server,
-            "submit",
-            name="testapp.jobs.process_tree_timeout",
-            args=[str(markers), "timeout"],
-        )["job"]
-        read_pid(markers / "timeout-tree")
-        grandchild, worker = (int(p) for p in (markers / "timeout-tree").read_text().split()[:2])
-        assert worker == replacement
-        info = wait_job(server, job["id"], timeout=15)
-        assert info["state"] == "failed" and "timed out" in info["error"], info
-        wait_for(lambda: not alive(grandchild), 10, message="the job's subprocess gone")
-        wait_for(lambda: not alive(worker), 10, message="the timed-out worker gone")
-        after = idle_worker(server, template_pid, not_pids={forked, replacement})
-        assert run_whoami(server, 1) == [after]
-    finally:
-        server.kill()
+def test_a_forked_worker_that_is_killed_or_times_out_is_replaced(forked_env):
+    server, markers, template_pid, forked = forked_env
+    # SIGKILL mid-job: the template reaps it and says how it ended.
+    job = api(server, "submit", name="testapp.jobs.crash_without_retry", args=[str(markers)])
+    assert read_pid(markers / "crash_without_retry-attempts") == forked
+    os.kill(forked, signal.SIGKILL)
+    info = wait_job(server, job["job"]["id"])
+    assert info["state"] == "failed", info
+    assert "worker died" in info["error"] and "SIGKILL" in info["error"], info
+    replacement = idle_worker(server, template_pid, not_pids={forked})
+    # A timeout ends the forked worker's whole process tree.
+    job = api(
+        server,
+        "submit",
+        name="testapp.jobs.process_tree_timeout",
+        args=[str(markers), "timeout"],
+    )["job"]
+    grandchild, worker = read_tree(markers / "timeout-tree")
+    assert worker == replacement
+    info = wait_job(server, job["id"], timeout=15)
+    assert info["state"] == "failed" and "timed out" in info["error"], info
+    wait_for(lambda: not alive(grandchild), 10, message="the job's subprocess gone")
+    wait_for(lambda: not alive(worker), 10, message="the timed-out worker gone")
+    after = idle_worker(server, template_pid, not_pids={forked, replacement})
+    assert run_whoami(server, 1) == [after]
 
 
-def test_a_killed_template_leaves_its_workers_and_their_jobs_running(template, tmp_path):
-    server = start_replacing(template, tmp_path / "server")
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    try:
-        template_pid, forked = fork_one(server)
-        job = api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 1.5])["job"]
-        assert read_pid(markers / "sleeper-started") == forked
-        os.kill(template_pid, signal.SIGKILL)
-        wait_for(
-            lambda: "The worker template killed by signal 9 (SIGKILL)" in server.output(),
-            10,
-            message="the template's end logged",
-        )
-        # Its worker lives on: it finishes its job, then takes the next.
-        info = wait_job(server, job["id"])
-        assert (info["state"], info["result"]) == ("succeeded", "sleeper"), info
-        assert alive(forked)
-        assert run_whoami(server, 1) == [forked]
-        assert stats(server)["worker_template"] is None
-        # Nobody reaps it for the server now, but its end is seen (a pidfd)
-        # and it is replaced by a worker the server starts itself.
-        os.kill(forked, signal.SIGKILL)
-        spawned = idle_worker(server, server.proc.pid, not_pids={forked})
-        assert run_whoami(server, 1) == [spawned]
-        assert "exited after the worker template ended (its exit status is unknown)" in (
-            server.output()
-        )
-        # The next replacement starts a new template.
-        run_whoami(server, int(LIMIT))
-        assert ready_template(server) != template_pid
-    finally:
-        server.kill()
+def test_a_killed_template_leaves_its_workers_and_their_jobs_running(forked_env):
+    server, markers, template_pid, forked = forked_env
+    job = api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 1.5])["job"]
+    assert read_pid(markers / "sleeper-started") == forked
+    os.kill(template_pid, signal.SIGKILL)
+    wait_for(
+        lambda: "The worker template killed by signal 9 (SIGKILL)" in server.output(),
+        10,
+        message="the template's end logged",
+    )
+    # Its worker lives on: it finishes its job, then takes the next.
+    info = wait_job(server, job["id"])
+    assert (info["state"], info["result"]) == ("succeeded", "sleeper"), info
+    assert alive(forked)
+    assert run_whoami(server, 1) == [forked]
+    assert stats(server)["worker_template"] is None
+    # Nobody reaps it for the server now, but its end is seen (a pidfd)
+    # and it is replaced by a worker the server starts itself.
+    os.kill(forked, signal.SIGKILL)
+    spawned = idle_worker(server, server.proc.pid, not_pids={forked})
+    assert run_whoami(server, 1) == [spawned]
+    assert "exited after the worker template ended (its exit status is unknown)" in (
+        server.output()
+    )
+    # The next replacement starts a new template.
+    run_whoami(server, int(LIMIT))
+    assert ready_template(server) != template_pid
 
 
 def test_without_a_template_workers_are_spawned(template, tmp_path):
