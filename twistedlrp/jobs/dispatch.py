@@ -2,10 +2,11 @@
 Dispatch: which queued job runs on which worker, and what is recorded when
 it ends.
 
-Free workers take the next job from the L{JobQueue}. A job whose settings
-and arguments the service holds in memory is sent to its worker at once,
-while its claim commits with the next batch; any other is claimed first
-(the claim reads it).
+Free workers take the next job from the L{JobQueue}. A job is sent to its
+worker only once its claim (C{running}, one more attempt) is committed, so
+that after a crash a job either had not started or counts as started:
+claims share the batches of other changes, and a job whose settings and
+arguments the service holds in memory is not read back by its claim.
 
 With several job nodes on one PostgreSQL database (C{shared}), there is no
 queue in memory: free workers claim the next due jobs of the node's queues
@@ -234,28 +235,29 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def _start_held(self, worker, record: JobRecord) -> defer.Deferred:
         """
-        Start a job whose payload the service holds: it is sent at once and
-        the claim is committed with the next batch meanwhile. (Were the
-        server to die before that commit, the job is still queued in the
-        store and runs again after a restart.) Plain callbacks, no
-        coroutine: this runs once per job.
+        Start a job whose payload the service holds, once its claim is
+        committed (claims share the batches of other changes): were the
+        server to die after the commit, the attempt counts as started and
+        the job is retried or failed by its policy, never run again as if
+        new. Plain callbacks, no coroutine: this runs once per job.
         """
-        try:
-            record.attempts += 1
-            check_record(record)
-            self._run_on(worker, record, record.payload)
-        except Exception:
-            return defer.fail()
         d = self.store.run(ops.claim, record.id, worker.ident, False, self.node)
         return d.addCallback(self._held_claimed, worker, record)
 
-    def _held_claimed(self, claimed, worker, record: JobRecord) -> None:
-        if claimed is None and self.running.get(record.id) is record:
-            # No longer queued in the store (changed behind our back):
-            # this run must not count; stop it and record nothing.
-            log.warn("Job {job_id} was no longer queued in the store: stopped", job_id=record.id)
-            self._forget(record)
-            worker.signal("KILL", "orphan")
+    def _held_claimed(self, claimed, worker, record: JobRecord):
+        if claimed is None:
+            # Cancelled (or taken) meanwhile.
+            if worker.state == "claiming":
+                worker.state = "idle"
+            self.dispatch()
+            return None
+        if worker.state != "claiming":
+            # The worker died (or the service began stopping) during the claim.
+            return self._put_back(record)
+        record.attempts += 1
+        check_record(record)
+        self._run_on(worker, record, record.payload)
+        return None
 
     async def _start(self, worker, record: JobRecord) -> None:
         """Claim a job whose payload is in the store only, then start it."""
