@@ -115,3 +115,20 @@ class Schedule(models.Model):
 
     def __str__(self):
         return f"{self.name} ({self.cron})"
+
+
+class Announcement(models.Model):
+    """
+    A job stored through a site's own transaction (a submission made inside
+    C{transaction.atomic()}), which the job service has not yet taken into
+    its queue. The row commits with the job; the submitting process tells
+    the service after the commit, and the service also sweeps this table,
+    so a job whose process died between its commit and that word still
+    runs. Used on SQLite, where the service keeps its queue in memory; on
+    PostgreSQL the job nodes claim from the job table itself.
+    """
+
+    job = models.UUIDField(primary_key=True)
+
+    def __str__(self):
+        return str(self.job)

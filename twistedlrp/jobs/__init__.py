@@ -31,6 +31,7 @@ from twistedlrp.jobs.errors import (
     UnknownJob,
 )
 from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
+from twistedlrp.jobs.transactions import outside_transaction
 
 __all__ = [
     "job",
@@ -40,6 +41,7 @@ __all__ = [
     "wait",
     "list_jobs",
     "stats",
+    "outside_transaction",
     "progress",
     "cancelled",
     "JobInfo",
@@ -211,9 +213,13 @@ def submit(
     key: str | None = None,
     timeout: float | None = None,
     id: str | None = None,
+    join_transaction: bool = True,
 ) -> JobInfo:
     """
-    Store a job and queue it. Returns once the job is committed.
+    Store a job and queue it. Returns once the job is committed, or, inside
+    C{transaction.atomic()}, once it is part of that transaction: then it
+    is committed with it (and runs only then) or vanishes with its
+    rollback, and the call never waits for the job service.
 
     To retry a submission safely (after L{JobServiceUnavailable}, whose
     outcome may be unknown), submit again with the same C{id} (or C{key}):
@@ -224,6 +230,9 @@ def submit(
     @param timeout: seconds per attempt, overriding the registered one.
     @param id: a UUID chosen by the caller (C{uuid.uuid4()}); if a job has
         it already, that job is returned.
+    @param join_transaction: C{False}: store it through the job service at
+        once, whatever becomes of the caller's transaction (a job that must
+        run even if the request fails); see L{outside_transaction}.
     @return: the new (or existing, see C{key} and C{id}) job's L{JobInfo}.
     @raise NotRegistered: no job is registered under C{name}.
     @raise InvalidArguments: the arguments are not JSON-serialisable, or
@@ -244,6 +253,18 @@ def submit(
         raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs: expected a dict, got {type(kwargs).__name__}")
+    if not join_transaction:
+        with outside_transaction():
+            return submit(
+                name,
+                args,
+                kwargs,
+                priority=priority,
+                run_after=run_after,
+                key=key,
+                timeout=timeout,
+                id=id,
+            )
     return JobInfo.from_dict(
         client.call(
             "submit",

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs import limits, wire
+from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.client import unix_client_endpoint
 from twistedlrp.jobs.errors import AuthenticationFailed, JobError, PayloadTooLarge
 from twistedlrp.services import StartupFailed
@@ -56,9 +57,7 @@ class ServiceProtocol(wire.QuietAMP):
         self.gate = gate
         bounds = gate.limits if gate is not None else limits.Limits()
         self.pre_login_bytes = bounds.pre_login_bytes
-        self.max_box = (
-            getattr(service, "max_payload", limits.DEFAULT_MAX_PAYLOAD) + limits.BOX_FRAMING
-        )
+        self.max_box = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD) + limits.BOX_FRAMING
         # Bytes of the box being parsed; before Login, of all boxes so far.
         self._received = 0
         self._refused = False  # closing: whatever else arrives is dropped
@@ -301,6 +300,10 @@ class ServiceProtocol(wire.QuietAMP):
     def submit(self, name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
         d = _guard(self.service.submit, name, payload, priority, run_after, key, timeout, id)
         return d.addCallback(lambda job: {"job": job})
+
+    @wire.Announce.responder
+    def announce(self, job_ids):
+        return _guard(self.service.announce, job_ids)
 
     @wire.Status.responder
     def status(self, job_id):

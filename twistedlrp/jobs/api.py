@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.arguments import check_submission
+from twistedlrp.jobs.arguments import check_submission, submission_fields
 from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -28,6 +28,8 @@ from twistedlrp.jobs.errors import (
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import operations as ops
+
+log = Logger()
 
 
 class JobOperations:
@@ -69,8 +71,7 @@ class JobOperations:
         if self.unavailable:
             raise JobServiceUnavailable(self.unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
-        priority, run_after, key = checked["priority"], checked["run_after"], checked["key"]
-        timeout, job_id = checked["timeout"], checked["job_id"]
+        run_after, job_id = checked["run_after"], checked["job_id"]
         if not isinstance(payload, bytes):
             raise InvalidArguments(f"the payload of {name} must be JSON bytes")
         definition = registry.require(name)
@@ -80,18 +81,7 @@ class JobOperations:
                 f"job service's limit of {self.max_payload} bytes (--max-job-payload)"
             )
         args, kwargs = _decode_arguments(name, payload)
-        fields = {
-            "name": name,
-            "args": args,
-            "kwargs": kwargs,
-            "priority": definition.priority if priority is None else priority,
-            "queue": definition.queue,
-            "run_after": datetime.fromtimestamp(run_after, UTC) if run_after else None,
-            "max_attempts": definition.retries + 1,
-            "retry_delay": definition.retry_delay,
-            "timeout": definition.timeout if timeout is None else timeout,
-            "key": key,
-        }
+        fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
         held = len(payload) <= KEEP_PAYLOAD
         # A job that would start at once is stored running on a worker
@@ -135,6 +125,55 @@ class JobOperations:
         if reserved is not None:
             d.addErrback(not_stored)
         return d.addCallback(stored)
+
+    def announce(self, job_ids: list[str]) -> defer.Deferred:
+        """
+        A process committed these jobs through its own transaction
+        (L{twistedlrp.jobs.transactions}): queue them. Answered at once;
+        they are read from the store meanwhile. With several job nodes
+        (PostgreSQL) there is nothing to do: the commit notified them.
+
+        @return: a Deferred firing with C{{"ok": True}}.
+        """
+        if not self.shared and self.dispatcher.accepting and job_ids:
+            d = self.take_announced([str(job_id) for job_id in job_ids[: ops.TAKE_ANNOUNCED]])
+            # They stay announced: the next sweep queues them.
+            d.addErrback(
+                lambda f: log.warn(
+                    "Could not queue announced jobs yet: {error}", error=f.getErrorMessage()
+                )
+            )
+        return defer.succeed({"ok": True})
+
+    def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
+        """
+        Queue the announced jobs C{job_ids} (C{None}: any announced job; the
+        sweep that finds those whose process died before it told us).
+        """
+        d = self.store.run(ops.take_announced, job_ids)
+
+        def queue(rows):
+            for row in rows:
+                if self.queues is not None and row["queue"] not in self.queues:
+                    continue
+                self.dispatcher.counters["submitted"] += 1
+                job_metrics.count("submitted", row["name"])
+                payload = row["payload"]
+                record = JobRecord(
+                    row["id"],
+                    row["priority"],
+                    row["created_at"].timestamp(),
+                    name=row["name"],
+                    max_attempts=row["max_attempts"],
+                    retry_delay=row["retry_delay"],
+                    timeout=row["timeout"],
+                    payload=payload if len(payload) <= KEEP_PAYLOAD else None,
+                )
+                run_after = row["run_after"].timestamp() if row["run_after"] else None
+                self.dispatcher.enqueue(record, run_after)
+            return len(rows)
+
+        return d.addCallback(queue)
 
     def status(self, job_id: str) -> defer.Deferred:
         """

@@ -18,6 +18,8 @@ PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 #: Seconds: a limit of over 30 years is a mistake, not a limit.
 MAX_SECONDS = 1e9
 KEY_LENGTH = 255
+#: The default of C{--max-job-payload}: the JSON of a job's arguments, or of its result.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Unix times that every database's timestamp column (and Python) can hold.
 _RUN_AFTER_RANGE = (0.0, datetime(9999, 1, 1, tzinfo=UTC).timestamp())
 
@@ -111,3 +113,25 @@ def check_job_id(value) -> str | None:
         return str(uuid.UUID(str(value)))
     except ValueError:
         raise InvalidArguments(f"id: expected a UUID, got {value!r}") from None
+
+
+def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> dict:
+    """
+    @param definition: the job's L{twistedlrp.jobs.registry.JobDefinition}.
+    @param checked: what L{check_submission} returned.
+    @return: the columns of the job a submission stores (without its id),
+        the definition's defaults filled in where the submission named none.
+    """
+    run_after = checked["run_after"]
+    return {
+        "name": definition.name,
+        "args": args,
+        "kwargs": kwargs,
+        "priority": definition.priority if checked["priority"] is None else checked["priority"],
+        "queue": definition.queue,
+        "run_after": datetime.fromtimestamp(run_after, UTC) if run_after else None,
+        "max_attempts": definition.retries + 1,
+        "retry_delay": definition.retry_delay,
+        "timeout": definition.timeout if checked["timeout"] is None else checked["timeout"],
+        "key": checked["key"],
+    }

@@ -81,6 +81,7 @@ COMMANDS = {
             "id": kw.get("id"),
         },
     ),
+    "announce": lambda kw: (wire.Announce, "ok", {"job_ids": [str(i) for i in kw["job_ids"]]}),
     "status": lambda kw: (wire.Status, "job", {"job_id": kw["job_id"]}),
     "cancel": lambda kw: (wire.Cancel, "job", {"job_id": kw["job_id"]}),
     "wait": lambda kw: (
@@ -166,13 +167,20 @@ def call(op: str, call_timeout: float | None = None, **kw):
     @raise JobServiceUnavailable: the service cannot be reached or answer in time.
     @raise JobError: the service refused the operation (a subclass says why).
     """
-    if op == "submit":
+    if op == "submit" and "payload" not in kw:
         kw["payload"] = encode_payload(kw.pop("args"), kw.pop("kwargs"))
     from twistedlrp.jobs import eager
 
     if eager.enabled():
         # The site's tests: run and answer here, in the calling thread.
         return eager.call(op, kw)
+    if op == "submit":
+        from twistedlrp.jobs import transactions
+
+        if transactions.joins():
+            return transactions.submit(kw)
+        if transactions.in_sqlite_transaction():
+            return transactions.submit_detached(kw)
     client = _client
     if client is None and threads._mode != "server":
         from twistedlrp.jobs.blocking import blocking_client

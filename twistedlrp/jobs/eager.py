@@ -100,7 +100,7 @@ def _definition(name: str):
 
 def _submit(name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
     from twistedlrp.jobs.api import _decode_arguments
-    from twistedlrp.jobs.limits import DEFAULT_MAX_PAYLOAD
+    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 
     definition = _definition(name)
     if len(payload) > DEFAULT_MAX_PAYLOAD:
@@ -188,8 +188,8 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
 
 def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> dict:
     """@return: the outcome of one attempt, as a worker child would send it."""
+    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
     from twistedlrp.jobs.child import call_job, describe_error
-    from twistedlrp.jobs.limits import DEFAULT_MAX_PAYLOAD
 
     def report(current, total, message):
         with _lock:

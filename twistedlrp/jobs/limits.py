@@ -17,8 +17,6 @@ from twisted.logger import Logger
 
 from twistedlrp.services import StartupFailed
 
-# The default of --max-job-payload (for a service object that names none).
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # What a client may send before its login succeeds, in bytes, over all its
 # boxes (or PB messages): a Challenge and a Login take about 100, PB's login
 # about 100 plus the user name.

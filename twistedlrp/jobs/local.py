@@ -86,6 +86,7 @@ _LOCAL = {
         "submit",
         (a["name"], a["payload"], a["priority"], a["run_after"], a["key"], a["timeout"], a["id"]),
     ),
+    "announce": lambda a: ("announce", (a["job_ids"],)),
     "status": lambda a: ("status", (a["job_id"],)),
     "cancel": lambda a: ("cancel", (a["job_id"],)),
     "wait": lambda a: ("wait", (a["job_id"], a["timeout"], a["seen"])),

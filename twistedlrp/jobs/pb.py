@@ -39,6 +39,7 @@ from twisted.spread import banana, pb
 from zope.interface import implementer
 
 from twistedlrp.jobs import errors, limits, wire
+from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.client import encode_payload
 from twistedlrp.services import StartupFailed
 
@@ -405,7 +406,7 @@ def listen_pb(
         raise ValueError("the PB job service needs a non-empty shared secret")
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
-    max_payload = getattr(service, "max_payload", limits.DEFAULT_MAX_PAYLOAD)
+    max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, endpoint).listen(factory)
 

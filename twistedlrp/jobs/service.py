@@ -33,7 +33,7 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twistedlrp.jobs import eager, registry
+from twistedlrp.jobs import eager, registry, transactions
 from twistedlrp.jobs.api import JobOperations
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import (
@@ -44,6 +44,7 @@ from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, recovery
+from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
@@ -58,6 +59,9 @@ WORKER_GRACE = 5.0
 DEFAULT_NODE_LEASE = 15.0
 # Several nodes: seconds between claims that no notification asked for.
 POLL_INTERVAL = 5.0
+# One node: seconds between looks for jobs that a site's transaction
+# committed without the job service being told (its process died first).
+SWEEP_INTERVAL = 2.0
 
 
 def node_name(options) -> str:
@@ -115,6 +119,8 @@ class JobService(JobOperations, service.Service):
         self.reactor = reactor
         self.options = options
         self.max_payload = options["max-job-payload"]
+        # Submissions inside a transaction of this process's views check it there.
+        transactions.limit_payload(self.max_payload)
         self.front_ends = list(front_ends)
         self.store = Store(reactor)
         self.worker_env: dict[str, str] = {}
@@ -165,6 +171,8 @@ class JobService(JobOperations, service.Service):
         self.listener = None
         self._poll = task.LoopingCall(self.dispatcher.wake)
         self._poll.clock = reactor
+        self._sweep = task.LoopingCall(self._sweep_announced)
+        self._sweep.clock = reactor
         self._registered = False
         self.unavailable: str | None = "the job service is starting"
         # When a worker could last take a job (or the workers were started).
@@ -226,6 +234,8 @@ class JobService(JobOperations, service.Service):
             self.listener = Listener(self.reactor, self._notified, self.dispatcher.wake)
             self.listener.start()
             self._poll.start(POLL_INTERVAL, now=False)
+        else:
+            self._sweep.start(SWEEP_INTERVAL, now=False)
         if eager.enabled():
             log.warn(
                 "LRP_JOBS_EAGER is set (a setting for tests): jobs submitted in this process run "
@@ -270,6 +280,17 @@ class JobService(JobOperations, service.Service):
             d.addCallback(lambda info: info["state"] in FINISHED and self._notify(info))
             d.addErrback(lambda _: None)
 
+    def _sweep_announced(self) -> defer.Deferred:
+        """Queue the announced jobs nobody told us of (their process died first)."""
+
+        def look(waiting):
+            if waiting and self.dispatcher.accepting:
+                return self.take_announced()
+
+        d = self.store.run_alone(ops.announced).addCallback(look)
+        # The store's own trouble is the watchdog's to report; try again next time.
+        return d.addErrback(lambda _: None)
+
     @property
     def client_endpoint(self) -> str | None:
         """The client endpoint string of the first front end, once it listens."""
@@ -303,8 +324,9 @@ class JobService(JobOperations, service.Service):
         self.watchdog.stop()
         self.scheduler.stop()
         self.pruner.stop()
-        if self._poll.running:
-            self._poll.stop()
+        for loop in (self._poll, self._sweep):
+            if loop.running:
+                loop.stop()
         if self.listener is not None:
             self.listener.stop()
         dispatcher.stop_accepting()

@@ -175,6 +175,17 @@ class Submit(_Command):
     response = [(b"job", BigJSON())]
 
 
+class Announce(_Command):
+    """
+    The client committed these jobs through its own database transaction
+    (L{twistedlrp.jobs.transactions}): the job service queues them.
+    Answered at once, before they are read.
+    """
+
+    arguments = [(b"job_ids", amp.ListOf(amp.Unicode()))]
+    response = [(b"ok", amp.Boolean())]
+
+
 class Status(_Command):
     arguments = [(b"job_id", amp.Unicode())]
     response = [(b"job", BigJSON())]
@@ -246,6 +257,8 @@ class RunJob(amp.Command):
         (b"name", amp.Unicode()),
         (b"payload", BigBytes()),
         (b"attempt", amp.Integer()),
+        # The module the server registered the job from.
+        (b"module", amp.Unicode(optional=True)),
     ]
     response = [(b"outcome", BigJSON())]
 

@@ -261,3 +261,35 @@ def log_records(message):
         logger.exception("error: %s", message)
     sys.stdout.write(f"printed: {message}\n")
     return message
+
+
+@job
+def read_note(note_id):
+    """The text of a note the submitting view wrote (DoesNotExist before its commit)."""
+    from testapp.models import Note
+
+    return Note.objects.get(id=note_id).text
+
+
+def _runs(path, tag, seconds):
+    # One write per line (O_APPEND): lines of concurrent workers do not mix.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{tag} start {os.getpid()}\n".encode())
+        time.sleep(seconds)
+        os.write(fd, f"{tag} end {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return tag
+
+
+@job
+def counted_run(path, tag, seconds=0.02):
+    """Record each run of the job C{tag} (its start and end) in the file C{path}."""
+    return _runs(path, tag, seconds)
+
+
+@job(retries=1, retry_delay=0.1)
+def counted_run_retried(path, tag, seconds=0.02):
+    """L{counted_run} with one retry."""
+    return _runs(path, tag, seconds)

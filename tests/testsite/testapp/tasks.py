@@ -40,3 +40,11 @@ async def async_double(x):
 @task(takes_context=True)
 def attempt(context, tag):
     return {"attempt": context.attempt, "id": context.task_result.id, "tag": tag}
+
+
+@task
+def read_note_task(note_id):
+    """The text of a note the enqueuing view wrote (DoesNotExist before its commit)."""
+    from testapp.models import Note
+
+    return Note.objects.get(id=note_id).text

@@ -137,6 +137,77 @@ def jobs_api(request):
     return JsonResponse({"job": info, "elapsed": elapsed, "pid": os.getpid()})
 
 
+class _RolledBack(Exception):
+    pass
+
+
+def txn_api(request):
+    """
+    POST {"then": "commit"|"rollback"|"savepoint_rollback", "hold": seconds,
+    "join": bool, "key": ..., "id": ..., "task": bool}: inside
+    transaction.atomic(), write a note, then submit testapp.jobs.read_note
+    (or enqueue the read_note_task) for it, hold the transaction open for
+    "hold" seconds, then end it as "then" says.
+    @return: the note, the job's id and state as submit returned it, and
+    how long the submission took.
+    """
+    from django.db import transaction
+
+    from testapp.jobs import read_note
+    from testapp.models import Note
+    from twistedlrp import jobs
+
+    data = json.loads(request.body)
+    then = data.get("then", "commit")
+    answer = {}
+    try:
+        with transaction.atomic():
+            note = Note.objects.create(text=data.get("text", "a note"))
+            answer["note"] = note.id
+
+            def submit():
+                started = time.perf_counter()
+                if data.get("task"):
+                    from testapp.tasks import read_note_task
+
+                    result = read_note_task.enqueue(note.id)
+                    info = {"id": result.id, "state": str(result.status)}
+                else:
+                    job = jobs.submit(
+                        read_note.job_name,
+                        [note.id],
+                        key=data.get("key"),
+                        id=data.get("id"),
+                        join_transaction=data.get("join", True),
+                    )
+                    info = {"id": job.id, "state": job.state}
+                info["elapsed"] = time.perf_counter() - started
+                return info
+
+            if then == "savepoint_rollback":
+                try:
+                    with transaction.atomic():
+                        answer["job"] = submit()
+                        raise _RolledBack()
+                except _RolledBack:
+                    pass
+            else:
+                answer["job"] = submit()
+            if data.get("marker"):
+                with open(data["marker"], "w") as f:
+                    f.write(answer["job"]["id"])
+            if data.get("hold"):
+                time.sleep(data["hold"])
+            if then == "rollback":
+                raise _RolledBack()
+    except _RolledBack:
+        pass
+    except jobs.JobError as e:
+        return JsonResponse({"error": type(e).__name__, "message": str(e)}, status=400)
+    answer["committed"] = Note.objects.filter(id=answer["note"]).exists()
+    return JsonResponse(answer)
+
+
 def tasks_api(request):
     """
     POST {"op": "enqueue", "task": NAME, "args": [...], "delay": seconds} or

@@ -16,6 +16,7 @@ urlpatterns = [
     path("service", views.service),
     path("jobs/api", views.jobs_api),
     path("tasks/api", views.tasks_api),
+    path("txn/api", views.txn_api),
     path("progress/<uuid:job_id>", views.progress_page),
     path("lrp/", include("twistedlrp.urls")),
 ]

@@ -49,6 +49,10 @@ def recover(
             notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
     if shared:
         return [], failed
+    from twistedlrp.models import Announcement
+
+    # Every queued job is listed below: the announced ones too (same transaction).
+    Announcement.objects.all().delete()
     queued = Job.objects.filter(state=QUEUED)
     if queues is not None:
         queued = queued.filter(queue__in=queues)

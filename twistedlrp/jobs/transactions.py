@@ -1,0 +1,288 @@
+"""
+Submissions that join the caller's database transaction.
+
+A job submitted while the calling thread is inside C{transaction.atomic()}
+on the default database (the one that holds the job table) is stored
+through the caller's own connection, inside its transaction: it commits
+with it and vanishes with its rollback (a savepoint's too), so it never
+runs before the rows it needs are committed. Such a submission never waits
+for the job service: on SQLite, a job service waiting for the write lock
+the caller holds while the caller waits for the job service would hang
+both.
+
+The job service learns of the job at the commit. On PostgreSQL the insert
+sends C{NOTIFY}, which the database delivers with the commit, and any job
+node claims the job from the table. On SQLite, where the only job service
+keeps its queue in memory, the job is also recorded in the announcement
+table (L{twistedlrp.models.Announcement}); after the commit the submitting
+process tells the service (C{Announce}), and the service sweeps that table
+every few seconds for jobs whose process died between the commit and the
+word.
+
+L{outside_transaction} (and C{jobs.submit(..., join_transaction=False)})
+submits through the job service at once instead, whatever the caller's
+transaction does: for a job that must run even if the request fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_submission, submission_fields
+from twistedlrp.jobs.errors import JobError, PayloadTooLarge
+
+# Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
+log = logging.getLogger(__name__)
+
+#: Seconds the word to the job service after a commit may take; the sweep
+#: finds the job anyway if it does not arrive.
+ANNOUNCE_TIMEOUT = 2.0
+#: Job ids one Announce carries (an AMP value holds 64 KiB).
+ANNOUNCE_BATCH = 500
+# Ids waiting for their commit, per thread; a rolled-back transaction's stay
+# until the next commit sends them too (the service ignores what was never
+# committed), so the list is capped.
+_MAX_PENDING = 10_000
+
+_local = threading.local()
+_max_payload = DEFAULT_MAX_PAYLOAD
+
+
+def limit_payload(limit: int) -> None:
+    """Set this process's C{--max-job-payload} (the server and its children know it)."""
+    global _max_payload
+    _max_payload = int(limit)
+
+
+@contextlib.contextmanager
+def outside_transaction():
+    """
+    Within this block, submissions from this thread go to the job service at
+    once and are committed there, whatever becomes of the caller's
+    transaction (a job that must run even if the request fails).
+
+    On SQLite a transaction that has written holds the database's only
+    write lock until it ends, so the job service cannot store the job
+    before then: inside C{atomic()} on SQLite such a submission is handed to
+    the job service without waiting, and it is stored once the caller's
+    transaction ends, committed or not.
+    """
+    depth = getattr(_local, "outside", 0)
+    _local.outside = depth + 1
+    try:
+        yield
+    finally:
+        _local.outside = depth
+
+
+def joins() -> bool:
+    """@return: whether a submission from this thread now joins its transaction."""
+    if getattr(_local, "outside", 0):
+        return False
+    from django.db import connection
+
+    return connection.in_atomic_block
+
+
+def in_sqlite_transaction() -> bool:
+    """@return: whether this thread is inside C{atomic()} on an SQLite default database."""
+    from django.db import connection
+
+    return connection.in_atomic_block and connection.vendor == "sqlite"
+
+
+def submit(kw: dict) -> dict:
+    """
+    Store a job through the caller's connection, inside its transaction.
+
+    @param kw: the submission as L{twistedlrp.jobs.client.call} has it
+        (C{name}, C{payload} and the optional C{priority}, C{run_after},
+        C{key}, C{timeout}, C{id}).
+    @return: the job's wire description (an existing one's when C{id}
+        names one, or C{key} an unfinished one).
+    @raise NotRegistered: the job is not registered in this process (nor
+        in the job modules of the site).
+    @raise InvalidArguments: a bad value; nothing is stored and the
+        caller's transaction is unharmed.
+    @raise PayloadTooLarge: the arguments exceed C{--max-job-payload}.
+    """
+    from django.db import IntegrityError, connection, transaction
+
+    from twistedlrp.jobs.store import operations as ops
+
+    name = kw["name"]
+    checked = check_submission(
+        name,
+        kw.get("priority"),
+        kw.get("run_after"),
+        kw.get("key"),
+        kw.get("timeout"),
+        kw.get("id"),
+    )
+    definition = _definition(name)
+    payload = kw["payload"]
+    if len(payload) > _max_payload:
+        raise PayloadTooLarge(
+            f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
+            f"limit of {_max_payload} bytes (--max-job-payload)"
+        )
+    data = json.loads(payload)
+    fields = submission_fields(definition, data["args"], data["kwargs"], checked)
+    postgres = connection.vendor == "postgresql"
+    for attempt in (1, 2):
+        try:
+            # A savepoint: a refused insert leaves the caller's transaction usable.
+            with transaction.atomic():
+                created, info = ops.create(
+                    fields, checked["job_id"], notify=postgres, announce=not postgres
+                )
+            break
+        except IntegrityError:
+            # Another transaction committed a job with this key (or id)
+            # meanwhile: the second look returns it.
+            if attempt == 2:
+                raise
+    if created:
+        if postgres:
+            transaction.on_commit(lambda: _count(definition.name))
+        else:
+            pending = _pending()
+            pending.append(info["id"])
+            del pending[:-_MAX_PENDING]
+            transaction.on_commit(_announce_pending)
+    return info
+
+
+def _definition(name: str) -> registry.JobDefinition:
+    definition = registry.lookup(name)
+    if definition is None:
+        # A process that has not imported the site's job modules yet (a
+        # script, a shell): they are what the job service imports too.
+        with contextlib.suppress(Exception):
+            registry.discover()
+    return registry.require(name)
+
+
+def _pending() -> list[str]:
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        pending = _local.pending = []
+    return pending
+
+
+def _count(name: str) -> None:
+    from twistedlrp.jobs import metrics as job_metrics
+
+    job_metrics.count("submitted", name)
+
+
+def _announce_pending() -> None:
+    """After a commit: tell the job service of the jobs this thread committed."""
+    pending = _pending()
+    if not pending:
+        return  # An earlier callback of the same commit sent them.
+    ids = list(pending)
+    pending.clear()
+    from twistedlrp.jobs import client
+
+    for start in range(0, len(ids), ANNOUNCE_BATCH):
+        try:
+            client.call(
+                "announce",
+                call_timeout=ANNOUNCE_TIMEOUT,
+                job_ids=ids[start : start + ANNOUNCE_BATCH],
+            )
+        except (JobError, TimeoutError) as e:
+            log.warning(
+                "The job service was not told of %d job(s) committed just now (%s); "
+                "it finds them by itself within seconds",
+                len(ids) - start,
+                e,
+            )
+            return
+
+
+#: Seconds a detached submission keeps trying to reach a job service that
+#: waits for the caller's SQLite write lock.
+DETACHED_DEADLINE = 120.0
+
+
+def submit_detached(kw: dict) -> dict:
+    """
+    Submit a job independently of the caller's SQLite transaction, which
+    may hold the only write lock until it ends: a thread of its own hands
+    the job to the job service and retries with the same id until it is
+    stored. The job is checked here first (its name, its arguments' size).
+
+    @return: the job's wire description as it will be stored (C{queued}).
+    """
+    import time
+    import uuid
+    from datetime import UTC, datetime
+
+    from twistedlrp.jobs.states import QUEUED
+
+    name = kw["name"]
+    checked = check_submission(
+        name,
+        kw.get("priority"),
+        kw.get("run_after"),
+        kw.get("key"),
+        kw.get("timeout"),
+        kw.get("id"),
+    )
+    definition = _definition(name)
+    if len(kw["payload"]) > _max_payload:
+        raise PayloadTooLarge(
+            f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than the "
+            f"limit of {_max_payload} bytes (--max-job-payload)"
+        )
+    kw = dict(kw, id=checked["job_id"] or str(uuid.uuid4()))
+
+    def hand_over() -> None:
+        from twistedlrp.jobs import client
+
+        deadline = time.monotonic() + DETACHED_DEADLINE
+        while True:
+            try:
+                with outside_transaction():
+                    client.call("submit", **kw)
+                return
+            except (JobError, TimeoutError) as e:
+                if isinstance(e, JobError) and not _retryable(e):
+                    log.error("Job %s (%s) was refused: %s", kw["id"], name, e)
+                    return
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "Job %s (%s) could not be stored within %g s: %s",
+                        kw["id"],
+                        name,
+                        DETACHED_DEADLINE,
+                        e,
+                    )
+                    return
+                time.sleep(0.5)
+
+    threading.Thread(target=hand_over, name="twistedlrp-detached-submit", daemon=True).start()
+    created = datetime.now(UTC).isoformat()
+    return {
+        "id": kw["id"],
+        "name": name,
+        "state": QUEUED,
+        "attempts": 0,
+        "max_attempts": definition.retries + 1,
+        "priority": definition.priority if checked["priority"] is None else checked["priority"],
+        "created_at": created,
+    }
+
+
+def _retryable(error: JobError) -> bool:
+    from twistedlrp.jobs.errors import JobServiceUnavailable
+
+    # The service's store waiting for the lock answers late, or fails its
+    # batch ("database is locked"): both pass once the caller's transaction ends.
+    return isinstance(error, JobServiceUnavailable) or "locked" in str(error)
