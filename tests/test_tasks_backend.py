@@ -77,18 +77,15 @@ def test_a_failing_task_is_failed_with_its_exception_class_path(server):
     assert "return_value" not in info
 
 
-def test_a_task_the_workers_do_not_import_is_refused_at_enqueue(server):
-    response = request(
-        server.port,
-        "/tasks/api",
-        method="POST",
-        body=json.dumps({"op": "enqueue", "task": "stray", "args": [1]}).encode(),
-    )
-    assert response.status == 400, response.text
-    error = response.json()
-    assert error["error"] in ("InvalidTask", "InvalidTaskError")
-    assert "testapp.views._stray cannot run in twistedlrp's worker processes" in error["message"]
-    assert "LRP_JOB_MODULES" in error["message"]
+def test_a_task_defined_in_a_views_module_runs_in_a_worker(server):
+    # Not a "tasks" or "jobs" module: the server registered it when the
+    # URLconf imported the views, and its workers import what it registered.
+    enqueued = tasks_api(server, op="enqueue", task="stray", args=[41])
+    assert enqueued["task"] == "testapp.views._stray"
+    info = finished(server, enqueued["id"])
+    assert info["status"] == "SUCCESSFUL", info
+    assert info["return_value"] == 41
+    assert info["worker_ids"] and all(info["worker_ids"])
 
 
 def test_priority_and_run_after(server):
@@ -139,3 +136,16 @@ def test_another_process_enqueues_refreshes_and_uses_the_async_api(server):
     assert out["attempt"]["return_value"] == {"attempt": 1, "id": out["attempt"]["id"], "tag": "t"}
     assert out["async"] == {"status": "SUCCESSFUL", "return_value": 42}
     assert out["unknown"] == "TaskResultDoesNotExist"
+    # A task registered in the client only is refused by the job service,
+    # which names what it can run: what its start-up log listed.
+    kind, message = out["client_only"]
+    assert kind == "NotRegistered", message
+    assert "'client_only_tasks.client_only'" in message
+    [ready] = [line for line in server.output().splitlines() if "Job service ready" in line]
+    listed = set(ready.split("jobs: ", 1)[1].split(", "))
+    assert "testapp.views._stray" in listed and "testapp.tasks.add" in listed
+    registered = message.split("registered: ", 1)[1].split(" (jobs are", 1)[0].split(", ")
+    assert registered and set(registered) <= listed, (registered, listed)
+    status, error = out["client_only_in_transaction"]
+    assert status == out["failed"], error
+    assert "in this job service, no job is registered under the name 'client_only_tasks" in error

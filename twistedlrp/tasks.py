@@ -7,12 +7,19 @@ It works with Django 6's C{django.tasks} and with the C{django-tasks}
 backport (C{django_tasks}) on Django 5.2; C{django.tasks} is preferred
 when both exist.
 
-A C{@task} function must live in a module the job service and its workers
-import at start-up: the C{tasks} (or C{jobs}) module of an installed app,
-or one listed in C{settings.LRP_JOB_MODULES}. Creating the task (the
-decorator, or C{task.using(...)}) validates it with this backend, which
-registers it as a job under C{task.module_path}; the result id is the
-job's id. Arguments and return values are JSON, as with every job.
+Creating a task (the C{@task} decorator, or C{task.using(...)}) validates
+it with this backend, which registers it as a job under
+C{task.module_path}. A task can run if the job service's process
+registered it: it imports the C{tasks} and C{jobs} modules of the
+installed apps, those in C{settings.LRP_JOB_MODULES}, and whatever they,
+the apps and the URLconf import (a third-party app's own task module
+included); its workers import every module it registered a job from. The
+result id is the job's id. Arguments and return values are JSON, as with
+every job.
+
+Enqueued inside C{transaction.atomic()}, a task is part of that
+transaction (L{twistedlrp.jobs.transactions}): it runs only once the
+transaction commits, and never if it rolls back.
 
 Statuses: C{queued} is READY, C{running} RUNNING, C{succeeded} SUCCESSFUL;
 C{failed} and C{cancelled} are FAILED. A task's priority (-100 to 100,
@@ -35,13 +42,12 @@ try:
     from django.tasks import TaskResultStatus, signals
     from django.tasks.backends.base import BaseTaskBackend
     from django.tasks.base import TaskContext, TaskError, TaskResult
-    from django.tasks.exceptions import InvalidTask, TaskResultDoesNotExist
+    from django.tasks.exceptions import TaskResultDoesNotExist
 except ImportError:
     try:
         from django_tasks import TaskResultStatus, signals
         from django_tasks.backends.base import BaseTaskBackend
         from django_tasks.base import TaskContext, TaskError, TaskResult
-        from django_tasks.exceptions import InvalidTaskError as InvalidTask
         from django_tasks.exceptions import TaskResultDoesNotExist
     except ImportError:
         BaseTaskBackend = None
@@ -95,17 +101,12 @@ else:
 
         def validate_task(self, task) -> None:
             """
-            Check C{task} and register it as a job under C{task.module_path}:
-            the job service and its workers import the module that defines it,
-            and thereby register it, at start-up.
+            Check C{task} and register it as a job under C{task.module_path}
+            (the job service's workers import the module that defines it).
 
             @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
             """
             super().validate_task(task)
-            if not _imported_by_workers(task.func.__module__):
-                # Not registered: the service would accept it and the
-                # workers would not know it. enqueue() says why.
-                return
             registry.register(
                 registry.JobDefinition(
                     name=task.module_path,
@@ -117,12 +118,15 @@ else:
 
         def enqueue(self, task, args, kwargs):
             """
-            Submit C{task} as a job; returns once it is committed.
+            Submit C{task} as a job; returns once it is committed, or,
+            inside C{transaction.atomic()}, once it is part of that
+            transaction (it is committed with it, without waiting for the
+            job service).
 
             @return: a C{TaskResult} with status READY (or the state of an
                 existing job when the job service de-duplicated it).
-            @raise InvalidTask: (C{InvalidTaskError} in the backport) its
-                module is not one the workers import.
+            @raise InvalidTask: (C{InvalidTaskError} in the backport) the
+                task is not one this backend can run.
             @raise twistedlrp.jobs.JobError: the job service refused it (the
                 arguments are not JSON or too large, the task is not
                 registered there); L{twistedlrp.jobs.JobServiceUnavailable}
@@ -131,14 +135,6 @@ else:
             from twistedlrp.jobs import client
 
             self.validate_task(task)
-            module = task.func.__module__
-            if not _imported_by_workers(module):
-                raise InvalidTask(
-                    f"{task.module_path} cannot run in twistedlrp's worker processes: they "
-                    f"import the 'tasks' and 'jobs' modules of the installed apps and those "
-                    f"in settings.LRP_JOB_MODULES, not {module!r}. Move the task to one of "
-                    f"them, or add {module!r} to LRP_JOB_MODULES."
-                )
             info = client.call(
                 "submit",
                 name=task.module_path,
@@ -176,10 +172,15 @@ else:
                 info = client.call("status", job_id=str(result_id))
             except UnknownJob:
                 raise TaskResultDoesNotExist(result_id) from None
-            try:
-                task = import_string(info["name"])
-            except ImportError:
-                task = None
+            # The task registered under that name (its module_path names the
+            # function, which need not be the name the Task is bound to).
+            definition = registry.lookup(info["name"])
+            task = getattr(definition.function, "task", None) if definition else None
+            if task is None:
+                try:
+                    task = import_string(info["name"])
+                except ImportError:
+                    task = None
             if not hasattr(task, "module_path") or not hasattr(task, "func"):
                 raise TaskResultDoesNotExist(
                     f"{result_id} is the job {info['name']!r}, not a django.tasks task"
@@ -227,22 +228,6 @@ else:
             if info["state"] == states.SUCCEEDED:
                 object.__setattr__(result, "_return_value", info.get("result"))
             return result
-
-
-def _imported_by_workers(module: str) -> bool:
-    """
-    @return: whether the job service and its workers import C{module} at
-        start-up (see L{registry.discover}); C{True} while the app registry
-        is still loading, when it cannot be told yet.
-    """
-    from django.apps import apps
-    from django.conf import settings
-
-    if module in (getattr(settings, "LRP_JOB_MODULES", None) or []):
-        return True
-    if not apps.ready:
-        return True
-    return any(module in (f"{c.name}.tasks", f"{c.name}.jobs") for c in apps.get_app_configs())
 
 
 def _status(state: str):

@@ -68,7 +68,26 @@ def main():
         default_task_backend.get_result("00000000-0000-0000-0000-000000000000")
     except TaskResultDoesNotExist:
         out["unknown"] = "TaskResultDoesNotExist"
+    # Registered here only: the job service, which never imported its
+    # module, refuses it (no worker could run it).
+    import client_only_tasks
+
+    from twistedlrp.jobs import JobError
+
+    try:
+        client_only_tasks.client_only.enqueue(1)
+    except JobError as e:
+        out["client_only"] = [type(e).__name__, str(e)]
+    # Inside a transaction it is stored without the job service (which
+    # cannot refuse it then): it fails when the service would run it.
+    from django.db import transaction
+
+    with transaction.atomic():
+        result = client_only_tasks.client_only.enqueue(2)
+    result = finish(result, deadline)
+    out["client_only_in_transaction"] = [str(result.status), result.errors[0].traceback]
     out["successful"] = str(TaskResultStatus.SUCCESSFUL)
+    out["failed"] = str(TaskResultStatus.FAILED)
     sys.stdout.write(json.dumps(out) + "\n")
 
 

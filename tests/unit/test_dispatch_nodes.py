@@ -19,6 +19,21 @@ from twistedlrp.jobs.workers import Worker
 MIB = 1024 * 1024
 
 
+@pytest.fixture(autouse=True)
+def registered():
+    """The job these tests claim is registered, as in a job service that imported it."""
+    from twistedlrp.jobs import registry
+
+    definition = registry.JobDefinition(name="testapp.jobs.add", function=lambda a, b: a + b)
+    previous = registry.lookup(definition.name)
+    registry.register(definition)
+    yield
+    if previous is None:
+        registry._registry.pop(definition.name, None)
+    else:
+        registry.register(previous)
+
+
 class FakeStore:
     """Records each operation; C{claim_next} answers are given by the test."""
 

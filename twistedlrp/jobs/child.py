@@ -88,6 +88,10 @@ def main(argv=None) -> None:
         sys.stderr.flush()
         os._exit(3)
 
+    from twistedlrp.jobs import transactions
+
+    # A job submitting jobs inside a transaction checks their size here.
+    transactions.limit_payload(args.max_payload)
     if args.template:
         serve_template()
     Conversation(args.max_payload).serve()
@@ -401,12 +405,14 @@ class Conversation:
     def _received(self, box: dict[bytes, bytes]) -> None:
         command = box.get(b"_command")
         if command == b"RunJob":
+            module = box.get(b"module")
             self.jobs.put(
                 (
                     box[b"_ask"],
                     box[b"job_id"].decode("utf-8"),
                     box[b"name"].decode("utf-8"),
                     get_big(box, b"payload"),
+                    module.decode("utf-8") if module else None,
                 )
             )
         elif command == b"CancelJob":
@@ -424,8 +430,8 @@ class Conversation:
 
     def _job_thread(self) -> None:
         while True:
-            tag, job_id, name, payload = self.jobs.get()
-            outcome = self._run(job_id, name, payload)
+            tag, job_id, name, payload, module = self.jobs.get()
+            outcome = self._run(job_id, name, payload, module)
             answer = {b"_answer": tag}
             try:
                 put_big(answer, b"outcome", json.dumps(outcome, separators=(",", ":")).encode())
@@ -472,15 +478,27 @@ class Conversation:
             self._pending_progress = (job_id, current, total, message)
             self._progress.notify()
 
-    def _run(self, job_id, name, payload) -> dict:
+    def _run(self, job_id, name, payload, module=None) -> dict:
         from django.db import close_old_connections
 
         from twistedlrp.jobs import registry
         from twistedlrp.jobs.errors import JobCancelled
 
         definition = registry.lookup(name)
+        problem = ""
+        if definition is None and module:
+            # The server registered it from a module the site's job modules
+            # do not import (a third-party app's tasks, a task in a views
+            # module): imported here at its first job, not at start-up, so
+            # that workers stay as small as those modules allow.
+            problem = registry.import_registered(module)
+            problem = f" ({problem})" if problem else ""
+            definition = registry.lookup(name)
         if definition is None:
-            return {"ok": False, "error": f"no job named {name!r} is registered in the worker"}
+            return {
+                "ok": False,
+                "error": f"no job named {name!r} is registered in the worker{problem}",
+            }
         _context.begin(job_id, lambda *p: self._report(job_id, *p))
         close_old_connections()
         try:

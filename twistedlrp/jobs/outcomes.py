@@ -16,6 +16,7 @@ from twistedlrp import logs
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_priority, check_seconds
+from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED
 from twistedlrp.jobs.store import operations as ops
@@ -158,7 +159,17 @@ class Outcomes:
 
 
 def check_record(record: JobRecord) -> None:
-    """@raise InvalidArguments: the job holds a value it cannot run with (an old or foreign row)."""
+    """
+    @raise InvalidArguments: the job holds a value it cannot run with (an
+        old or foreign row), or no job of its name is registered in this
+        job service (one stored through a site's transaction where it was
+        registered, which this service never imported).
+    """
+    if registry.lookup(record.name) is None:
+        try:
+            registry.require(record.name)
+        except NotRegistered as e:
+            raise InvalidArguments(f"in this job service, {e}") from None
     check_seconds("timeout", record.timeout)
     if record.retry_delay:
         check_seconds("retry_delay", record.retry_delay)

@@ -1,11 +1,16 @@
 """
 Which functions may run as jobs.
 
-A function is registered by the L{twistedlrp.jobs.job} decorator when its
-module is imported. The server and every worker child import the same
-modules at start-up (L{discover}): the C{jobs} and C{tasks} modules of the
-installed apps and those named in C{settings.LRP_JOB_MODULES}. A name that
-is not registered is refused at submission.
+A function is registered by the L{twistedlrp.jobs.job} decorator (or a
+C{django.tasks} C{@task} with twistedlrp's backend) when its module is
+imported. The server imports the C{jobs} and C{tasks} modules of the
+installed apps and those named in C{settings.LRP_JOB_MODULES} at start-up
+(L{discover}), and with them, through the URLconf and the apps, whatever
+modules those import. Its workers import the same, and every other module
+the server registered a job from, at its first job from there (the
+server names it with the job): a third-party app's task module, a task
+defined in a views module. A name that is not registered
+is refused at submission.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ class JobDefinition:
     queue: str = "default"
     # Seconds a finished job is kept, "forever", or None: settings.LRP_JOBS_KEEP.
     keep: float | str | None = None
+
+    @property
+    def module(self) -> str | None:
+        """The module that defines the job: importing it registers the job."""
+        return getattr(self.function, "__module__", None)
 
 
 def retry_delay(base: float, attempt: int) -> float:
@@ -74,6 +84,20 @@ def require(name: str) -> JobDefinition:
             f"or in settings.LRP_JOB_MODULES)"
         )
     return definition
+
+
+def import_registered(module: str) -> str:
+    """
+    Import C{module}, one the server registered a job from (a worker, at
+    that job's first run there).
+
+    @return: C{""}, or why it could not be imported (only its jobs fail).
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as e:
+        return f"cannot import {module}: {type(e).__name__}: {e}"
+    return ""
 
 
 def names() -> list[str]:

@@ -20,7 +20,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twistedlrp import stdlog
-from twistedlrp.jobs import wire
+from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.framing import BoxReader, get_big, put_big
 
@@ -273,6 +273,11 @@ class Worker(protocol.ProcessProtocol):
         # AMP's Command machinery would convert each argument and the answer
         # through their Argument classes, for every job.
         box = {b"job_id": job_id.encode(), b"name": name.encode(), b"attempt": b"%d" % attempt}
+        definition = registry.lookup(name)
+        if definition is not None and definition.module:
+            # Registered here after the worker started (a module a view
+            # imported late): the worker imports it if it does not know the job.
+            box[b"module"] = definition.module.encode()
         put_big(box, b"payload", payload)
         d = self.amp.callRemoteString(
             wire.RunJob.commandName, True, **{key.decode(): value for key, value in box.items()}
