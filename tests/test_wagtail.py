@@ -298,7 +298,9 @@ def error_lines(log: str) -> list[str]:
     return [
         line.strip()
         for line in log.splitlines()
-        if re.match(r"\s*[\w.]+(Error|Exception|Unavailable|DoesNotExist)\w*: ", line)
+        # A dotted class path (django.tasks.exceptions.InvalidTask: ...), or a
+        # bare name of an error (ValueError: ...).
+        if re.match(r"\s*((?:[a-z_]\w*\.)+(?:[A-Z]\w*\.)*[A-Z]\w*|\w*(Error|Exception)): \S", line)
     ]
 
 
