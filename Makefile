@@ -2,6 +2,8 @@
 # make test  venv + install + lint + the whole test suite
 # make test-postgres LRP_TEST_POSTGRES="host=... user=... dbname=..."
 #            the job and server tests with the test site on PostgreSQL
+# make test-wagtail [LRP_TEST_POSTGRES=...]
+#            a stock Wagtail site under twistd lrp, on SQLite (and on PostgreSQL if given)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +19,7 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 	tests/test_jobs_schedules.py tests/test_docs_several_machines.py tests/test_jobs_retention.py \
 	tests/test_jobs_template.py
 
-.PHONY: install run test test-postgres lint format bench bench-jobs clean
+.PHONY: install run test test-postgres test-wagtail lint format bench bench-jobs clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +51,17 @@ $(VENV)/.installed-postgres: $(STAMP)
 
 test-postgres: $(VENV)/.installed-postgres
 	LRP_TEST_POSTGRES='$(LRP_TEST_POSTGRES)' $(VENV)/bin/pytest $(POSTGRES_TESTS) $(PYTEST_ARGS)
+
+# The PostgreSQL run only when LRP_TEST_POSTGRES is given (command line or
+# environment), not with the default above.
+WAGTAIL_POSTGRES := $(if $(filter file,$(origin LRP_TEST_POSTGRES)),,$(LRP_TEST_POSTGRES))
+
+$(VENV)/.installed-wagtail: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,reload,postgres,thirdparty]'
+	touch $@
+
+test-wagtail: $(VENV)/.installed-wagtail
+	LRP_TEST_POSTGRES='$(WAGTAIL_POSTGRES)' $(VENV)/bin/pytest tests/test_wagtail.py $(PYTEST_ARGS)
 
 # Needs wrk (Debian: apt-get install wrk).
 bench: install
