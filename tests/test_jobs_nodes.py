@@ -285,3 +285,39 @@ def test_a_second_job_node_on_sqlite_is_refused_with_one_line(template, tmp_path
         c.stop()
     finally:
         a.kill()
+
+
+@needs_postgres
+def test_a_web_node_submits_in_a_transaction_with_no_job_node_up(template, tmp_path):
+    # The job node it names is down; a job submitted inside a transaction
+    # needs none: it is stored with the view's commit, and a job node that
+    # starts later runs it.
+    import json
+
+    from support import request
+
+    db = shared_db(template, tmp_path)
+    (tmp_path / "web").mkdir()
+    web = LRPProcess(
+        "--no-jobs",
+        "--jobs-connect",
+        f"unix:path={tmp_path / 'nowhere' / 'jobs.sock'}",
+        tmp=tmp_path / "web",
+        env={"LRP_TEST_DB": str(db)},
+    ).start()
+    try:
+        response = request(
+            web.port, "/txn/api", method="POST", body=json.dumps({"text": "no node"}).encode()
+        )
+        assert response.status == 200, response.text
+        job = response.json()["job"]
+        assert job["state"] == "queued" and job["elapsed"] < 0.5, job
+        node = job_node(db, tmp_path / "node", "late")
+        try:
+            jobs = wait_all_finished(db, [job["id"]], 30)
+            assert jobs[job["id"]][0] == "succeeded", jobs
+            assert jobs[job["id"]][1] == "late"
+        finally:
+            node.kill()
+    finally:
+        web.kill()
