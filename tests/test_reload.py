@@ -208,6 +208,15 @@ def test_polling_fallback(supervisor, site):
     assert "(polling)" in server.output()
     set_hello(site, "hello polled")
     wait_for(lambda: server.get("/hello").text == "hello polled\n", 10, message="the change")
+    # Templates too, without a restart.
+    pid = _template_page(server.port)["pid"]
+    (site / "testapp" / "templates" / "testapp" / "page.html").write_text("page polled\n")
+    wait_for(
+        lambda: _template_page(server.port) == {"pid": pid, "text": "page polled\n"},
+        10,
+        message="the new template from the same server",
+    )
+    assert server.output().count("changed: restarting the server") == 1
 
 
 def _group_members(pgid: int) -> list[int]:
