@@ -137,6 +137,16 @@ def test_a_serving_server_is_told_and_a_starting_one_once_it_runs():
     assert gated.templates_changed == set()
 
 
+def test_a_server_that_closed_its_pipe_is_not_an_error():
+    class Closed(_Transport):
+        def writeToChild(self, fd, data):
+            raise KeyError(fd)  # Twisted's Process, once the pipe is gone
+
+    ending = _server_process("serving")
+    ending.transport = Closed()
+    ending.reload_templates(["/site/t/a.html"])
+
+
 def _supervisor(tree, current, pending=None):
     root, templates, outside = tree
     supervisor = ReloadSupervisor.__new__(ReloadSupervisor)

@@ -113,7 +113,10 @@ class ServerProcess(protocol.ProcessProtocol):
             return
         self.templates_changed.clear()
         line = json.dumps({"event": "templates", "files": files}) + "\n"
-        self.transport.writeToChild(self.gate_fd, line.encode("utf-8"))
+        try:
+            self.transport.writeToChild(self.gate_fd, line.encode("utf-8"))
+        except KeyError:
+            pass  # It closed the pipe: it is ending, and says so soon.
 
     def signal_leader(self, number: int) -> None:
         if self.state != "ended" and self.pid:
