@@ -508,5 +508,7 @@ def test_template_change_reaches_every_web_process(supervisor, site, tmp_path):
     assert answers("page v2\n") == pids
     assert once_events.read_text().count("each-startup") == started
     output = server.output()
-    assert "templates reloaded without a restart (and in 2 web processes)" in output, output
+    assert (
+        "templates reloaded without a restart; 2 web processes told to reload theirs" in output
+    ), output
     assert "restarting the server" not in output

@@ -216,7 +216,7 @@ class LRPServer(OrderedService):
             log.info(
                 "{changes} changed: templates reloaded without a restart{where}",
                 changes=templates.describe_changes(files),
-                where=f" (and in {told} web processes)" if told is not None else "",
+                where=f"; {told} web processes told to reload theirs" if told is not None else "",
             )
 
         d = templates.reset_in_thread(self.reactor)
