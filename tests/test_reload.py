@@ -208,6 +208,15 @@ def test_polling_fallback(supervisor, site):
     assert "(polling)" in server.output()
     set_hello(site, "hello polled")
     wait_for(lambda: server.get("/hello").text == "hello polled\n", 10, message="the change")
+    # Templates too, without a restart.
+    pid = _template_page(server.port)["pid"]
+    (site / "testapp" / "templates" / "testapp" / "page.html").write_text("page polled\n")
+    wait_for(
+        lambda: _template_page(server.port) == {"pid": pid, "text": "page polled\n"},
+        10,
+        message="the new template from the same server",
+    )
+    assert server.output().count("changed: restarting the server") == 1
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -390,3 +399,116 @@ def test_unix_socket_keeps_its_path_and_mode_across_restarts(tmp_path, site):
         assert not os.path.exists(path)
     finally:
         _kill_tree(server)
+
+
+# -- templates: reloaded, not the server ------------------------------------------------
+
+
+def _template_page(port: int) -> dict:
+    response = request(port, "/template", timeout=10)
+    assert response.status == 200, response.text
+    return response.json()
+
+
+def _startups(events) -> int:
+    return events.read_text().count("startup-begin") if events.exists() else 0
+
+
+def test_template_change_reloads_the_templates_not_the_server(supervisor, site, tmp_path):
+    import http.client
+
+    from jobsupport import api, job_state, make_template_db, read_pid
+
+    events = tmp_path / "events"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    db = make_template_db(tmp_path)
+    server = supervisor("--workers=1", env={"LRP_TEST_EVENTS": str(events), "LRP_TEST_DB": str(db)})
+    page = site / "testapp" / "templates" / "testapp" / "page.html"
+    first = _template_page(server.port)
+    assert first["text"] == "page v1\n"
+    assert _startups(events) == 1
+    # A job that runs through the change, and a keep-alive connection.
+    job = api(server, "submit", name="testapp.jobs.sleeper", args=[str(markers), 30, "long"])["job"]
+    worker = read_pid(markers / "long-started", 20)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/template")
+    assert conn.getresponse().read()
+    local = conn.sock.getsockname()
+    wait_for(
+        lambda: "template directories: a template change" in server.output(),
+        10,
+        message="the template directories watched",
+    )
+
+    # Not a template (outside the template directories): runserver ignores it too.
+    (site / "notes.html").write_text("<p>notes</p>\n")
+    page.write_text("page v2\n")
+    wait_for(
+        lambda: _template_page(server.port)["text"] == "page v2\n", 10, message="the new template"
+    )
+    # The same server: same pid, its start-up hooks did not run again, the
+    # job still runs in the same worker, the connection still serves.
+    assert _template_page(server.port)["pid"] == first["pid"]
+    assert _startups(events) == 1
+    assert job_state(server, job["id"])["state"] == "running"
+    assert os.path.exists(f"/proc/{worker}") and not (markers / "long-done").exists()
+    conn.request("GET", "/template")
+    assert b"page v2" in conn.getresponse().read()
+    assert conn.sock is not None and conn.sock.getsockname() == local
+    conn.close()
+    output = server.output()
+    assert (
+        "testapp/templates/testapp/page.html changed: templates reloaded without a restart"
+        in output
+    ), output
+    assert "restarting the server" not in output
+    assert "notes.html" not in output
+
+    # A .py file still restarts the server.
+    set_hello(site, "hello restarted")
+    wait_for(
+        lambda: server.get("/hello").text == "hello restarted\n", 10, message="the restarted server"
+    )
+    assert _template_page(server.port)["pid"] != first["pid"]
+    assert _startups(events) == 2
+    assert "notes.html" not in server.output()
+
+
+def test_template_change_reaches_every_web_process(supervisor, site, tmp_path):
+    once_events = tmp_path / "once-events"
+    server = supervisor(
+        "--web-workers=2", "--no-jobs", env={"LRP_TEST_ONCE_EVENTS": str(once_events)}
+    )
+    page = site / "testapp" / "templates" / "testapp" / "page.html"
+
+    def answers(text: str) -> set[int]:
+        """Pids of the web processes that answered C{text}, on new connections, until both did."""
+        seen: dict[int, str] = {}
+
+        def both():
+            body = _template_page(server.port)
+            seen[body["pid"]] = body["text"]
+            return len(seen) >= 2 and all(t == text for t in seen.values())
+
+        wait_for(both, 30, interval=0.0, message=f"both web processes answering {text!r}")
+        return set(seen)
+
+    pids = answers("page v1\n")
+    started = once_events.read_text().count("each-startup")
+    assert started == 2
+    wait_for(
+        lambda: "template directories: a template change" in server.output(),
+        10,
+        message="the template directories watched",
+    )
+    page.write_text("page v2\n")
+    # Every web process answers the new text (each caches the template it
+    # rendered before): the same processes, none started again.
+    assert answers("page v2\n") == pids
+    assert once_events.read_text().count("each-startup") == started
+    output = server.output()
+    assert (
+        "templates reloaded without a restart; 2 web processes told to reload theirs" in output
+    ), output
+    assert "restarting the server" not in output

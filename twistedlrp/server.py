@@ -197,6 +197,32 @@ class LRPServer(OrderedService):
         if self.reactor.running:
             self.reactor.stop()
 
+    # -- templates (development) ----------------------------------------
+
+    def reload_templates(self, files: list[str]) -> defer.Deferred:
+        """
+        Template files changed (the reload supervisor says so, with
+        C{--reload}): reset Django's template loaders in this process, in a
+        thread of the reactor's pool, and have every web process do the
+        same, so that the next render reads them again. Nothing restarts.
+        """
+        from twistedlrp.reload import templates
+
+        told = None
+        if self.web_processes is not None:
+            told = self.web_processes.reload_templates()
+
+        def done(_):
+            log.info(
+                "{changes} changed: templates reloaded without a restart{where}",
+                changes=templates.describe_changes(files),
+                where=f"; {told} web processes told to reload theirs" if told is not None else "",
+            )
+
+        d = templates.reset_in_thread(self.reactor)
+        d.addCallbacks(done, lambda f: log.failure("Reloading the templates failed", f))
+        return d
+
     # -- signals --------------------------------------------------------
 
     def _first_signal(self, name: str) -> None:

@@ -15,14 +15,18 @@ additions, all steered by the supervisor through the environment:
    (L{twistedlrp.web.ports.listen} adopts a UNIX one without changing its
    path or mode, so the next server can adopt it too);
  - it reports to the supervisor, one JSON object a line on the report
-   descriptor: C{{"event": "booted", "files": [...]}} once Django is set up
-   (the files are those of every imported module), C{{"event": "failed",
+   descriptor: C{{"event": "booted", "files": [...], "template_dirs":
+   [...]}} once Django is set up (the files are those of every imported
+   module, the directories those Django loads templates from),
+   C{{"event": "failed",
    "error": ..., "files": [...]}} when set-up fails (with the files named in
    the traceback), and C{{"event": "files", ...}} when modules are imported
    later. After "booted" it waits, before its reactor runs, until the
    supervisor writes to the gate descriptor: the supervisor lets it start
    only once the previous server is gone. End of file on the gate (the
-   supervisor died) stops the server gracefully.
+   supervisor died) stops the server gracefully. While the server runs,
+   C{{"event": "templates", "files": [...]}} on the gate makes it reload
+   its templates, without a restart (L{twistedlrp.server.LRPServer.reload_templates}).
 
 This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
 L{twisted.internet.endpoints} reads the environment once, at import.
@@ -177,25 +181,44 @@ def _report_builds(channel: _Channel) -> None:
                 cause = cause.__cause__ or cause.__context__
             channel.send_files("failed", error=text, extra=extra)
             raise
-        channel.send_files("booted")
+        channel.send_files("booted", template_dirs=_template_dirs())
         if not channel.wait_for_gate():
             raise SystemExit(0)
-        _watch_supervisor(channel)
+        _watch_supervisor(channel, service)
         return service
 
     tap.wrap_builds(build_and_report)
 
 
+def _template_dirs() -> list[str]:
+    """The template directories to report (none if they cannot be known)."""
+    from twisted.logger import Logger
+
+    from twistedlrp.reload.templates import template_directories
+
+    try:
+        return template_directories()
+    except Exception as e:
+        Logger(namespace="twistedlrp.reload").warn(
+            "The template directories are unknown ({error}): template changes are not watched",
+            error=f"{type(e).__name__}: {e}",
+        )
+        return []
+
+
 class _Lifeline:
     """
     Reads the gate descriptor in the reactor: end of file means the
-    supervisor is gone, and the server stops gracefully.
+    supervisor is gone, and the server stops gracefully. The JSON objects
+    the supervisor writes on it go to C{on_message}.
     """
 
-    def __init__(self, reactor, fd: int):
+    def __init__(self, reactor, fd: int, on_message=None, buffered: bytes = b""):
         self.reactor = reactor
         self.fd = fd
         self.closed = False
+        self.on_message = on_message
+        self._buffer = buffered
 
     def fileno(self) -> int:
         return self.fd
@@ -215,7 +238,27 @@ class _Lifeline:
 
             self.closed = True
             return CONNECTION_DONE
+        self._buffer += data
+        self._deliver()
         return None
+
+    def _deliver(self) -> None:
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # "go", "boot": read before the reactor ran
+            if not isinstance(message, dict) or self.on_message is None:
+                continue
+            try:
+                self.on_message(message)
+            except Exception:
+                from twisted.logger import Logger
+
+                Logger(namespace="twistedlrp.reload").failure(
+                    "The reload supervisor's {event!r} message failed", event=message.get("event")
+                )
 
     def connectionLost(self, reason) -> None:
         from twisted.internet.error import ConnectionDone
@@ -234,13 +277,26 @@ class _Lifeline:
             self.reactor.stop()
 
 
-def _watch_supervisor(channel: _Channel) -> None:
+def _supervisor_said(service, message: dict) -> None:
+    if message.get("event") == "templates":
+        reload_templates = getattr(service, "reload_templates", None)
+        if reload_templates is not None:
+            reload_templates(list(message.get("files", [])))
+
+
+def _watch_supervisor(channel: _Channel, service=None) -> None:
     from twisted.internet import reactor, task
 
     os.set_blocking(channel.gate_fd, False)
+    # What the gate held after "go" (a message sent right after it).
+    buffered, channel._gate_buffer = channel._gate_buffer, b""
 
     def begin():
-        reactor.addReader(_Lifeline(reactor, channel.gate_fd))
+        lifeline = _Lifeline(
+            reactor, channel.gate_fd, lambda message: _supervisor_said(service, message), buffered
+        )
+        reactor.addReader(lifeline)
+        lifeline._deliver()
         files = task.LoopingCall(channel.send_files, "files")
         files.start(FILES_INTERVAL, now=False)
 

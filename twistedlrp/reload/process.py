@@ -4,7 +4,9 @@ and the signals that stop it.
 
 The server (L{twistedlrp.reload.child}) reports on one pipe, one JSON
 object a line, and waits on another for the supervisor's word ("boot" to a
-spare, "go" to a server that has set Django up).
+spare, "go" to a server that has set Django up). Once it runs, the second
+pipe carries JSON objects too: C{{"event": "templates", "files": [...]}}
+makes it reload its templates (L{twistedlrp.reload.templates}).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ class ServerProcess(protocol.ProcessProtocol):
         # since it started: if they meet, it may hold old code.
         self.files: set[str] | None = None
         self.changes_seen: set[str] = set()
+        # The template directories it reported once Django was set up, and
+        # templates changed while it was not running yet.
+        self.template_dirs: list[str] = []
+        self.templates_changed: set[str] = set()
         self.abandoned = False
         self.error: str | None = None
         self.exit_code: int | None = None
@@ -97,6 +103,20 @@ class ServerProcess(protocol.ProcessProtocol):
     def let_run(self) -> None:
         self.state = "serving"
         self.transport.writeToChild(self.gate_fd, b"go\n")
+        if self.templates_changed:
+            self.reload_templates(sorted(self.templates_changed))
+
+    def reload_templates(self, files: list[str]) -> None:
+        """Have the server reload its templates (C{files} changed): no restart."""
+        if self.state != "serving":
+            self.templates_changed.update(files)
+            return
+        self.templates_changed.clear()
+        line = json.dumps({"event": "templates", "files": files}) + "\n"
+        try:
+            self.transport.writeToChild(self.gate_fd, line.encode("utf-8"))
+        except KeyError:
+            pass  # It closed the pipe: it is ending, and says so soon.
 
     def signal_leader(self, number: int) -> None:
         if self.state != "ended" and self.pid:

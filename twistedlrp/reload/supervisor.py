@@ -7,8 +7,11 @@ and passes them to each server it starts (as C{systemd:} endpoints, file
 descriptors 3, 4, ...), so a request sent while the server restarts waits
 in the kernel's backlog and is answered, never refused.
 
-A change of a watched file starts a new server (L{twistedlrp.reload.child})
-next to the running one. The new one sets Django up and reports; only then
+A change of templates only (files in the template directories the server
+reported, none of them a C{.py} file) restarts nothing: the serving server
+is told to reload its templates (L{twistedlrp.reload.templates}), as
+C{runserver} does. Any other change of a watched file starts a new server
+(L{twistedlrp.reload.child}) next to the running one. The new one sets Django up and reports; only then
 is the old one stopped (SIGTERM, the graceful timeout, then SIGKILL to its
 whole process group, so no job worker is left), and the new one may run its
 reactor, start its job service and hooks, and accept connections. If the new
@@ -34,6 +37,7 @@ from twisted.logger import Logger
 from twistedlrp.reload.errorpage import ErrorPage
 from twistedlrp.reload.process import ServerProcess
 from twistedlrp.reload.sockets import adoptable, bind
+from twistedlrp.reload.templates import describe_changes
 from twistedlrp.reload.watcher import make_watcher
 from twistedlrp.signals import StopSignals
 
@@ -240,6 +244,7 @@ class ReloadSupervisor(service.Service):
         if child.abandoned:
             return
         if event == "booted" and child is self.pending:
+            child.template_dirs = list(message.get("template_dirs", []))
             child.state = "gated"
             child.booted_after = time.monotonic() - child.started_at
             defer.ensureDeferred(self._promote(child)).addErrback(
@@ -265,6 +270,7 @@ class ReloadSupervisor(service.Service):
             return
         self.pending = None
         self.current = child
+        self._watch_templates(child)
         child.let_run()
         self._ensure_spare()
         took = time.monotonic() - child.started_at
@@ -359,6 +365,17 @@ class ReloadSupervisor(service.Service):
             self._ensure_spare()
         child.kill_group()
 
+    def _watch_templates(self, child: ServerProcess) -> None:
+        """Watch the template directories of the server that serves now."""
+        before = self.watcher.template_dirs
+        self.watcher.set_template_dirs(child.template_dirs)
+        if self.watcher.template_dirs != before:
+            log.info(
+                "Watching {count} template directories: a template change reloads the "
+                "templates, not the server",
+                count=len(self.watcher.template_dirs),
+            )
+
     # -- changes --------------------------------------------------------
 
     def _changed(self, paths: list[str]) -> None:
@@ -381,10 +398,10 @@ class ReloadSupervisor(service.Service):
         changes, self._changes = sorted(self._changes), set()
         if self.stopping or not changes:
             return
-        cwd = os.getcwd()
-        shown = os.path.relpath(changes[0], cwd) if changes[0].startswith(cwd) else changes[0]
-        more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
-        log.info("{path}{more} changed: restarting the server", path=shown, more=more)
+        if all(self.watcher.is_template(path) for path in changes):
+            if self._reload_templates(changes):
+                return
+        log.info("{changes} changed: restarting the server", changes=describe_changes(changes))
         if self.pending is not None:
             self._abandon(self.pending)
         spare, self.spare = self.spare, None
@@ -395,3 +412,17 @@ class ReloadSupervisor(service.Service):
             spare.boot()
         else:
             self._spawn()
+
+    def _reload_templates(self, changes: list[str]) -> bool:
+        """
+        Only templates changed: the server reloads them (it logs so). A
+        server still starting reloads them once it runs.
+
+        @return: C{False} if no server runs or starts (one is started then).
+        """
+        if self.current is None and self.pending is None:
+            return False
+        for child in (self.current, self.pending):
+            if child is not None:
+                child.reload_templates(changes)
+        return True

@@ -1,15 +1,24 @@
 """
 Watching source files for the reload supervisor.
 
-Two kinds of paths are watched: I{roots} (the site's directories), in which
-every C{.py} and C{.html} file counts, recursively; and single I{files} (the modules the
-server imported, the configuration file, a file a traceback named).
+Three kinds of paths are watched: I{roots} (the site's directories), in
+which every C{.py} file counts, recursively; single I{files} (the modules
+the server imported, the configuration file, a file a traceback named); and
+I{template directories} (the ones Django loads templates from, which the
+server reports), in which every file counts, recursively, except editors'
+swap and backup files. A change of a template (L{_BaseWatcher.is_template}:
+a file in a template directory that is not a C{.py} file) reloads the
+templates; any other change restarts the server
+(L{twistedlrp.reload.supervisor}). Other files in the roots (an C{.html}
+file outside the template directories, say) are not watched, as
+C{runserver} watches only Python files and template directories.
 
 With the C{watchfiles} package (the C{reload} extra) the operating system
 reports changes (inotify, FSEvents, ...): one thread watches the roots
-recursively, another the directories of the single files outside them. The
-fallback polls modification times in a thread every half second. Either way
-the callback runs in the reactor thread, with the changed paths.
+recursively, one the template directories outside them, another the
+directories of the single files outside them. The fallback polls
+modification times in a thread every half second. Either way the callback
+runs in the reactor thread, with the changed paths.
 """
 
 from __future__ import annotations
@@ -45,17 +54,30 @@ IGNORED_DIRS = frozenset(
 POLL_INTERVAL = 0.5
 
 
-# Files in the roots whose change restarts the server: Python source, and
-# templates (Django's cached template loader would keep the old ones).
-SOURCE_SUFFIXES = (".py", ".html")
+# Files in the roots whose change restarts the server: Python source. (Files in
+# the template directories reload the templates instead.)
+SOURCE_SUFFIXES = (".py",)
+# Names in template directories that are editors' swap, lock and backup
+# files (as watchfiles' default filter has them), not templates.
+_LITTER_PREFIXES = (".", "#", "flycheck_")
+_LITTER_SUFFIXES = ("~", ".swp", ".swo", ".swx", "___", ".pyc", ".pyo")
 
 
 def is_source(path: str) -> bool:
-    """A source file or template outside the ignored directories."""
+    """A source file outside the ignored directories."""
     if not path.endswith(SOURCE_SUFFIXES):
         return False
     parts = path.split(os.sep)
     return not any(part in IGNORED_DIRS for part in parts[:-1])
+
+
+def _litter(path: str) -> bool:
+    name = os.path.basename(path)
+    return (
+        name.startswith(_LITTER_PREFIXES)
+        or name.endswith(_LITTER_SUFFIXES)
+        or f"{os.sep}__pycache__{os.sep}" in path
+    )
 
 
 def _under(path: str, roots: Iterable[str]) -> bool:
@@ -64,7 +86,9 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 def make_watcher(reactor, roots, on_change, polling: bool | None = None):
     """
-    @param roots: directories whose C{.py} files are watched recursively.
+    @param roots: directories whose C{.py} files are watched recursively
+        (template directories are added later, with
+        L{_BaseWatcher.set_template_dirs}).
     @param on_change: called in the reactor thread with a sorted list of
         changed paths.
     @param polling: force (C{True}) or refuse (C{False}) polling; C{None}
@@ -89,7 +113,41 @@ class _BaseWatcher:
         self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
         self.on_change = on_change
         self.files: set[str] = set()
+        # Replaced whole (the watching threads read it): the template
+        # directories, resolved.
+        self.template_dirs: tuple[str, ...] = ()
         self.running = False
+
+    def set_template_dirs(self, dirs: Iterable[str]) -> None:
+        """Watch these template directories (recursively, every file) instead of the previous ones."""
+        new = tuple(sorted({os.path.realpath(d) for d in dirs}))
+        if new == self.template_dirs:
+            return
+        # Directories added or dropped: their files are neither new nor gone.
+        moved = set(new) ^ set(self.template_dirs)
+        self.template_dirs = new
+        self._template_dirs_changed(moved)
+
+    def _template_dirs_changed(self, moved: set[str]) -> None:
+        pass
+
+    def external_template_dirs(self) -> list[str]:
+        """The existing template directories outside the roots (and outside each other)."""
+        dirs = [d for d in self.template_dirs if not _under(d, self.roots) and os.path.isdir(d)]
+        return [d for d in dirs if not _under(d, [o for o in dirs if o != d])]
+
+    def in_template_dir(self, path: str) -> bool:
+        """A file (not an editor's swap or backup file) in a template directory."""
+        return _under(path, self.template_dirs) and not _litter(path)
+
+    def is_template(self, path: str) -> bool:
+        """
+        A change of C{path} reloads the templates rather than restart the
+        server: it is in a template directory and neither a C{.py} file nor
+        a file watched for another reason (an imported module, the
+        configuration file).
+        """
+        return self.in_template_dir(path) and not path.endswith(".py") and path not in self.files
 
     def add_files(self, paths: Iterable[str]) -> None:
         """Watch these files too (the roots' C{.py} files always are)."""
@@ -103,7 +161,7 @@ class _BaseWatcher:
         pass
 
     def _accept_in_root(self, path: str) -> bool:
-        return is_source(path) or path in self.files
+        return is_source(path) or path in self.files or self.in_template_dir(path)
 
     def _report(self, paths: Iterable[str]) -> None:
         paths = sorted(set(paths))
@@ -124,16 +182,19 @@ class EventWatcher(_BaseWatcher):
         self._root_stop: threading.Event | None = None
         self._flat_stop: threading.Event | None = None
         self._flat_dirs: frozenset[str] = frozenset()
+        self._template_stop: threading.Event | None = None
+        self._template_watched: tuple[str, ...] = ()
 
     def start(self) -> None:
         self.running = True
         if self.roots:
             self._root_stop = self._spawn(self.roots, True, self._accept_in_root)
         self._update_flat()
+        self._update_templates()
 
     def stop(self) -> defer.Deferred:
         self.running = False
-        for event in (self._root_stop, self._flat_stop):
+        for event in (self._root_stop, self._flat_stop, self._template_stop):
             if event is not None:
                 event.set()
         # The threads are daemons and notice the event within 50 ms; nothing
@@ -143,6 +204,22 @@ class EventWatcher(_BaseWatcher):
     def _files_added(self, new) -> None:
         if self.running:
             self._update_flat()
+
+    def _template_dirs_changed(self, moved) -> None:
+        if self.running:
+            self._update_templates()
+
+    def _update_templates(self) -> None:
+        """One thread for the template directories the root thread does not see."""
+        dirs = tuple(self.external_template_dirs())
+        if dirs == self._template_watched:
+            return
+        if self._template_stop is not None:
+            self._template_stop.set()
+            self._template_stop = None
+        self._template_watched = dirs
+        if dirs:
+            self._template_stop = self._spawn(dirs, True, self.in_template_dir)
 
     def _update_flat(self) -> None:
         dirs = frozenset(
@@ -208,6 +285,7 @@ class PollingWatcher(_BaseWatcher):
         super().__init__(reactor, roots, on_change)
         self._snapshot: dict[str, tuple] | None = None
         self._fresh: set[str] = set()
+        self._fresh_dirs: set[str] = set()
         self._loop = task.LoopingCall(self._poll)
         self._loop.clock = reactor
         self._scanning = False
@@ -226,16 +304,26 @@ class PollingWatcher(_BaseWatcher):
         # A newly watched file is compared from its next scan on.
         self._fresh |= new
 
+    def _template_dirs_changed(self, moved) -> None:
+        # So are the files of a template directory watched or dropped now.
+        self._fresh_dirs |= moved
+
     def _poll(self):
         if self._scanning:
             return None
         self._scanning = True
         fresh, self._fresh = self._fresh, set()
+        fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
         roots, files = list(self.roots), set(self.files)
         d = threads.deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(), _scan, roots, files
+            self.reactor,
+            self.reactor.getThreadPool(),
+            _scan,
+            roots,
+            files,
+            self.template_dirs,
         )
-        d.addCallback(self._compare, fresh)
+        d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
 
         def done(_):
@@ -244,18 +332,23 @@ class PollingWatcher(_BaseWatcher):
         d.addBoth(done)
         return None
 
-    def _compare(self, snapshot: dict, fresh: set[str]) -> None:
+    def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
         old, self._snapshot = self._snapshot, snapshot
         if old is None:
             return
         changed = [p for p, stamp in snapshot.items() if old.get(p, stamp) != stamp]
-        changed += [p for p in snapshot if p not in old and p not in fresh]
-        changed += [p for p in old if p not in snapshot]
+        changed += [
+            p for p in snapshot if p not in old and p not in fresh and not _under(p, fresh_dirs)
+        ]
+        changed += [p for p in old if p not in snapshot and not _under(p, fresh_dirs)]
         self._report(changed)
 
 
-def _scan(roots: list[str], files: set[str]) -> dict[str, tuple]:
-    """Modification stamps of the roots' source files and of C{files}."""
+def _scan(roots: list[str], files: set[str], template_dirs=()) -> dict[str, tuple]:
+    """
+    Modification stamps of the roots' source files, of C{files} and of
+    every file in C{template_dirs} (editors' swap and backup files aside).
+    """
     stamps = {}
 
     def stamp(path):
@@ -271,6 +364,13 @@ def _scan(roots: list[str], files: set[str]) -> dict[str, tuple]:
             for name in filenames:
                 if name.endswith(SOURCE_SUFFIXES):
                     stamp(os.path.join(directory, name))
+    for root in template_dirs:
+        for directory, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for name in filenames:
+                path = os.path.join(directory, name)
+                if path not in stamps and not _litter(path):
+                    stamp(path)
     for path in files:
         if path not in stamps:
             stamp(path)

@@ -196,8 +196,9 @@ class MainChannel(service.Service):
     """
     A web process's link to the main process: its status goes up every
     second (and at each change of state), the state of every web process and
-    of the job service comes down for its health endpoint; end of file means
-    the main process is gone, and the web process stops gracefully.
+    of the job service comes down for its health endpoint, and (with
+    C{--reload}) word that templates changed; end of file means the main
+    process is gone, and the web process stops gracefully.
     """
 
     name = "main-process"
@@ -223,8 +224,21 @@ class MainChannel(service.Service):
         self._loop.start(STATUS_INTERVAL, now=True)
 
     def _said(self, message: dict) -> None:
-        if message.get("event") == "workers":
+        event = message.get("event")
+        if event == "workers":
             self.received(message)
+        elif event == "templates":
+            self.reload_templates()
+
+    def reload_templates(self) -> None:
+        """A template changed (C{--reload}): reset this process's template loaders, in a thread."""
+        from twistedlrp.reload.templates import reset_in_thread
+
+        d = reset_in_thread(self.reactor)
+        d.addCallbacks(
+            lambda _: log.debug("Templates reloaded"),
+            lambda f: log.failure("Reloading the templates failed", f),
+        )
 
     def status(self) -> dict:
         body = {

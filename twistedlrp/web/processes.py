@@ -320,6 +320,24 @@ class WebProcesses(service.Service):
             if slot.channel is not None and slot.channel.transport is not None:
                 slot.channel.sendLine(line)
 
+    def reload_templates(self) -> int:
+        """
+        Have every web process reset its template loaders (C{--reload}, a
+        template changed), and the template too, so that a web process
+        forked later starts without cached templates.
+
+        @return: how many web processes were told.
+        """
+        line = json.dumps({"event": "templates"}).encode()
+        told = 0
+        for slot in self.slots:
+            if slot.channel is not None and slot.channel.transport is not None:
+                slot.channel.sendLine(line)
+                told += 1
+        if self.control is not None and self.control.transport is not None:
+            self.control.sendLine(json.dumps({"op": "templates"}).encode())
+        return told
+
     def health(self) -> list[dict]:
         now = self.reactor.seconds()
         return [slot.describe(now) for slot in self.slots]

@@ -92,7 +92,24 @@ class _Template:
             message = json.loads(line)
             if message.get("op") == "fork":
                 self.fork(message, self._fds.pop(0))
+            elif message.get("op") == "templates":
+                self.reload_templates()
         return True
+
+    def reload_templates(self) -> None:
+        """
+        A template changed (C{--reload}): reset the template loaders here
+        too, so that a web process forked later caches none of the old
+        ones. (This process runs no threads: no reactor to keep free.)
+        """
+        if self.application is None:
+            return  # No Django here: each web process sets it up itself.
+        from twistedlrp.reload.templates import reset_loaders
+
+        try:
+            reset_loaders()
+        except Exception:
+            log.failure("Reloading the templates in the web process template failed")
 
     def fork(self, message: dict, channel_fd: int) -> None:
         index = message["index"]

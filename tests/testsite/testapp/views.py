@@ -12,6 +12,13 @@ def hello(request):
     return HttpResponse(b"hello\n", content_type="text/plain")
 
 
+def template_page(request):
+    """testapp/page.html rendered, and the pid of the process that rendered it."""
+    from django.template.loader import render_to_string
+
+    return JsonResponse({"pid": os.getpid(), "text": render_to_string("testapp/page.html")})
+
+
 def sleep(request):
     seconds = float(request.GET.get("seconds", "1"))
     started = time.time()

@@ -5,6 +5,7 @@ from testapp import views
 urlpatterns = [
     path("", views.hello),
     path("hello", views.hello),
+    path("template", views.template_page),
     path("sleep", views.sleep),
     path("hook", views.hook),
     path("environ", views.environ),
