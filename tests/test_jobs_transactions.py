@@ -40,6 +40,13 @@ def unknown(server, job_id: str) -> bool:
     return answer.get("error") == "UnknownJob"
 
 
+def known(server, job_id: str) -> bool:
+    body = json.dumps({"op": "get", "id": job_id}).encode()
+    response = request(server.port, "/jobs/api", method="POST", body=body)
+    assert response.status == 200 or response.json()["error"] == "UnknownJob", response.text
+    return response.status == 200
+
+
 def barrier(server) -> None:
     """Return once a job submitted now has run: what came before it was seen."""
     job = api(server, "add", a=1, b=2)["job"]
@@ -118,6 +125,8 @@ def test_join_transaction_false_runs_the_job_even_when_the_transaction_rolls_bac
     assert not answer["committed"]
     job = answer["job"]
     assert job["elapsed"] < 0.5, job
+    # On SQLite it is stored once the view's transaction let go of the write lock.
+    wait_for(lambda: known(server, job["id"]), 20, message="the job stored")
     info = wait_job(server, job["id"])
     # It ran although the note it reads was rolled back.
     assert info["state"] == "failed", info
@@ -140,6 +149,26 @@ def test_the_same_id_or_key_in_a_transaction_is_one_job(server):
     same = txn(server, key=key)["job"]
     assert same["id"] == held["job"]["id"]
     api(server, "cancel", id=held["job"]["id"])
+
+
+def test_a_cancellation_in_a_transaction_takes_effect_at_the_commit(server, tmp_path):
+    # A delayed job: cancelled in a transaction that rolls back, it stays queued.
+    queued = api(server, "submit", name="testapp.jobs.add", args=[1, 2], run_after=time.time() + 60)
+    job_id = queued["job"]["id"]
+    answer = txn(server, cancel=job_id, then="rollback")
+    assert answer["job"]["state"] == "cancelled" and answer["job"]["elapsed"] < 0.5, answer
+    assert api(server, "get", id=job_id)["job"]["state"] == "queued"
+    # Committed, it is cancelled.
+    answer = txn(server, cancel=job_id)
+    assert wait_job(server, job_id)["state"] == "cancelled"
+    # A running job: the commit asks it to stop, and the job service stops it.
+    running = api(server, "submit", name="testapp.jobs.cooperative", args=[str(tmp_path)])
+    job_id = running["job"]["id"]
+    wait_for(lambda: (tmp_path / "cooperative").exists(), 20, message="job started")
+    answer = txn(server, cancel=job_id)
+    assert answer["job"]["state"] == "running" and answer["job"]["elapsed"] < 0.5, answer
+    info = wait_job(server, job_id)
+    assert info["state"] == "cancelled", info
 
 
 def server_db(server):

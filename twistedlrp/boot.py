@@ -81,11 +81,44 @@ def setup_django(load_urlconf: bool = True) -> None:
     from twistedlrp import logs
 
     logs.drop_django_console()
+    immediate = sqlite_immediate_transactions()
+    if immediate:
+        _log().info(
+            "SQLite ({aliases}): transactions begin IMMEDIATE, as the job service writes "
+            "concurrently (OPTIONS['transaction_mode'] in DATABASES chooses otherwise)",
+            aliases=", ".join(immediate),
+        )
     run_system_checks()
     warn_unapplied_migrations()
     if load_urlconf:
         load_root_urlconf()
     close_connections()
+
+
+def sqlite_immediate_transactions() -> list[str]:
+    """
+    Make every SQLite database whose settings choose no
+    C{OPTIONS["transaction_mode"]} begin its transactions C{IMMEDIATE}
+    (Django 5.1+), in this process: the job service and the other threads
+    write concurrently, and SQLite fails a deferred transaction that read,
+    then writes after another connection committed ("database is locked"
+    at once, whatever the timeout). An immediate one takes the write lock
+    when it begins and waits for it. Rails does the same for SQLite.
+
+    @return: the aliases changed.
+    """
+    from django.db import connections
+
+    changed = []
+    for alias in connections:
+        connection = connections[alias]
+        options = connection.settings_dict.setdefault("OPTIONS", {})
+        if connection.vendor == "sqlite" and "transaction_mode" not in options:
+            options["transaction_mode"] = "IMMEDIATE"
+            # The mode is read when a connection opens.
+            connection.close()
+            changed.append(alias)
+    return changed
 
 
 def run_system_checks() -> None:

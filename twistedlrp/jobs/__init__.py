@@ -295,7 +295,9 @@ def cancel(job_id) -> JobInfo:
     """
     Cancel a job: a queued one never runs; a running one sees L{cancelled}
     return true, and its process is terminated after a grace period if it
-    goes on. Cancelling a finished job changes nothing.
+    goes on. Cancelling a finished job changes nothing. Inside
+    C{transaction.atomic()} the cancellation is part of the transaction: it
+    takes effect when it commits, not if it rolls back.
 
     @return: the job's L{JobInfo} after the request.
     @raise UnknownJob: no job has this id.

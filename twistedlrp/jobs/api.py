@@ -181,7 +181,7 @@ class JobOperations:
             progress while it runs), or failing with L{UnknownJob}.
         """
         self._check_store()
-        return self.store.run(ops.get, job_id).addCallback(self._overlay)
+        return self.store.read(ops.get, job_id).addCallback(self._overlay)
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """
@@ -247,7 +247,7 @@ class JobOperations:
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
         """@return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}."""
         self._check_store()
-        d = self.store.run(ops.list_jobs, state, name, min(int(limit), 1000))
+        d = self.store.read(ops.list_jobs, state, name, min(int(limit), 1000))
         return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
 
     def stats(self) -> defer.Deferred:
@@ -276,7 +276,7 @@ class JobOperations:
                 "retention": self.pruner.describe(),
             }
 
-        return self.store.run(ops.counts).addCallback(assemble)
+        return self.store.read(ops.counts).addCallback(assemble)
 
     def _check_store(self) -> None:
         if self.store.closed or (

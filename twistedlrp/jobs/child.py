@@ -77,6 +77,8 @@ def main(argv=None) -> None:
         import django
 
         django.setup()
+        # As in the server: jobs write concurrently with it and each other.
+        boot.sqlite_immediate_transactions()
         from twistedlrp import stdlog
 
         stdlog.install_worker_handler()

@@ -174,13 +174,15 @@ def call(op: str, call_timeout: float | None = None, **kw):
     if eager.enabled():
         # The site's tests: run and answer here, in the calling thread.
         return eager.call(op, kw)
-    if op == "submit":
+    if op in ("submit", "cancel"):
         from twistedlrp.jobs import transactions
 
+        # Changes made inside transaction.atomic() are part of it (the job
+        # service would wait for the caller's own SQLite write lock).
         if transactions.joins():
-            return transactions.submit(kw)
+            return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
         if transactions.in_sqlite_transaction():
-            return transactions.submit_detached(kw)
+            return transactions.detached(op, kw)
     client = _client
     if client is None and threads._mode != "server":
         from twistedlrp.jobs.blocking import blocking_client

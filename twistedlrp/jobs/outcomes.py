@@ -123,7 +123,7 @@ class Outcomes:
     def _finish(self, record: JobRecord, state: str, **fields) -> None:
         job_metrics.count(state, record.name)
         # Read the job back only when someone waits for it; a waiter that
-        # comes later reads it after this commit anyway.
+        # comes after the commit reads it finished.
         d = self.store.run(
             ops.finish, record.id, state, fields, self._waiting(record.id), *self._node_args()
         )
@@ -135,6 +135,13 @@ class Outcomes:
             log_lost(record)
         elif info:
             self._notify(info)
+        elif self._waiting(record.id):
+            # A waiter came while the end was being committed: its own read
+            # (which does not wait for the store's writes) may have seen the
+            # job still running. Tell it now.
+            d = self.store.read(ops.get, record.id)
+            d.addCallback(self._notify)
+            d.addErrback(lambda f: log.failure("Reading job {job_id}", f, job_id=record.id))
 
     def _unrecorded(self, failure, record: JobRecord) -> None:
         """

@@ -157,6 +157,30 @@ def submit(kw: dict) -> dict:
     return info
 
 
+def cancel(kw: dict) -> dict:
+    """
+    Cancel a job through the caller's connection, inside its transaction:
+    a queued job is cancelled, a running one flagged, both only if the
+    transaction commits; then the job service is told (on PostgreSQL by
+    the C{NOTIFY} the commit delivers), and it stops the job or takes it
+    out of its queue.
+
+    @return: the job's wire description after the request.
+    @raise UnknownJob: no job has this id (for this transaction).
+    """
+    from django.db import connection, transaction
+
+    from twistedlrp.jobs.store import operations as ops
+
+    job_id = kw["job_id"]
+    postgres = connection.vendor == "postgresql"
+    with transaction.atomic():
+        info = ops.mark_cancel(job_id, notify=postgres)
+    if not postgres:
+        transaction.on_commit(lambda: _tell("cancel", job_id=info["id"]))
+    return info
+
+
 def _definition(name: str) -> registry.JobDefinition:
     definition = registry.lookup(name)
     if definition is None:
@@ -187,97 +211,108 @@ def _announce_pending() -> None:
         return  # An earlier callback of the same commit sent them.
     ids = list(pending)
     pending.clear()
-    from twistedlrp.jobs import client
-
     for start in range(0, len(ids), ANNOUNCE_BATCH):
-        try:
-            client.call(
-                "announce",
-                call_timeout=ANNOUNCE_TIMEOUT,
-                job_ids=ids[start : start + ANNOUNCE_BATCH],
-            )
-        except (JobError, TimeoutError) as e:
-            log.warning(
-                "The job service was not told of %d job(s) committed just now (%s); "
-                "it finds them by itself within seconds",
-                len(ids) - start,
-                e,
-            )
+        if not _tell("announce", job_ids=ids[start : start + ANNOUNCE_BATCH]):
             return
 
 
-#: Seconds a detached submission keeps trying to reach a job service that
+def _tell(op: str, **kw) -> bool:
+    """
+    After a commit: tell the job service what it committed (C{announce},
+    C{cancel}), within L{ANNOUNCE_TIMEOUT}.
+
+    @return: whether it was told; if not, a warning says so (the service
+        finds announced jobs by itself; a cancelled queued job does not
+        run, its claim finds it cancelled).
+    """
+    from twistedlrp.jobs import client
+
+    try:
+        with outside_transaction():
+            client.call(op, call_timeout=ANNOUNCE_TIMEOUT, **kw)
+    except (JobError, TimeoutError) as e:
+        log.warning("The job service was not told of a commit (%s %s): %s", op, kw, e)
+        return False
+    return True
+
+
+#: Seconds a detached change keeps trying to reach a job service that
 #: waits for the caller's SQLite write lock.
 DETACHED_DEADLINE = 120.0
 
 
-def submit_detached(kw: dict) -> dict:
+def detached(op: str, kw: dict) -> dict:
     """
-    Submit a job independently of the caller's SQLite transaction, which
-    may hold the only write lock until it ends: a thread of its own hands
-    the job to the job service and retries with the same id until it is
-    stored. The job is checked here first (its name, its arguments' size).
+    Submit or cancel a job independently of the caller's SQLite
+    transaction, which may hold the only write lock until it ends: a thread
+    of its own hands the request to the job service, and retries it (a
+    submission with the same id) until the service could store it. A
+    submission is checked here first (its name, its arguments' size).
 
-    @return: the job's wire description as it will be stored (C{queued}).
+    @return: the job's wire description: a submission as it will be stored
+        (C{queued}); a cancelled job as it is now.
     """
-    import time
     import uuid
     from datetime import UTC, datetime
 
     from twistedlrp.jobs.states import QUEUED
 
-    name = kw["name"]
-    checked = check_submission(
-        name,
-        kw.get("priority"),
-        kw.get("run_after"),
-        kw.get("key"),
-        kw.get("timeout"),
-        kw.get("id"),
-    )
-    definition = _definition(name)
-    if len(kw["payload"]) > _max_payload:
-        raise PayloadTooLarge(
-            f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than the "
-            f"limit of {_max_payload} bytes (--max-job-payload)"
+    if op == "cancel":
+        from twistedlrp.jobs.store import operations as ops
+
+        answer = ops.get(kw["job_id"], full=False)
+    else:
+        name = kw["name"]
+        checked = check_submission(
+            name,
+            kw.get("priority"),
+            kw.get("run_after"),
+            kw.get("key"),
+            kw.get("timeout"),
+            kw.get("id"),
         )
-    kw = dict(kw, id=checked["job_id"] or str(uuid.uuid4()))
+        definition = _definition(name)
+        if len(kw["payload"]) > _max_payload:
+            raise PayloadTooLarge(
+                f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than "
+                f"the limit of {_max_payload} bytes (--max-job-payload)"
+            )
+        kw = dict(kw, id=checked["job_id"] or str(uuid.uuid4()))
+        answer = {
+            "id": kw["id"],
+            "name": name,
+            "state": QUEUED,
+            "attempts": 0,
+            "max_attempts": definition.retries + 1,
+            "priority": definition.priority if checked["priority"] is None else checked["priority"],
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    threading.Thread(
+        target=_hand_over, args=(op, kw), name=f"twistedlrp-detached-{op}", daemon=True
+    ).start()
+    return answer
 
-    def hand_over() -> None:
-        from twistedlrp.jobs import client
 
-        deadline = time.monotonic() + DETACHED_DEADLINE
-        while True:
-            try:
-                with outside_transaction():
-                    client.call("submit", **kw)
+def _hand_over(op: str, kw: dict) -> None:
+    import time
+
+    from twistedlrp.jobs import client
+
+    which = kw.get("id") or kw.get("job_id")
+    deadline = time.monotonic() + DETACHED_DEADLINE
+    while True:
+        try:
+            with outside_transaction():
+                client.call(op, **kw)
+            return
+        except (JobError, TimeoutError) as e:
+            if isinstance(e, JobError) and not _retryable(e):
+                log.error("Job %s: %s was refused: %s", which, op, e)
                 return
-            except (JobError, TimeoutError) as e:
-                if isinstance(e, JobError) and not _retryable(e):
-                    log.error("Job %s (%s) was refused: %s", kw["id"], name, e)
-                    return
-                if time.monotonic() >= deadline:
-                    log.error(
-                        "Job %s (%s) could not be stored within %g s: %s",
-                        kw["id"],
-                        name,
-                        DETACHED_DEADLINE,
-                        e,
-                    )
-                    return
-                time.sleep(0.5)
-
-    threading.Thread(target=hand_over, name="twistedlrp-detached-submit", daemon=True).start()
-    created = datetime.now(UTC).isoformat()
-    return {
-        "id": kw["id"],
-        "name": name,
-        "state": QUEUED,
-        "attempts": 0,
-        "max_attempts": definition.retries + 1,
-        "priority": definition.priority if checked["priority"] is None else checked["priority"],
-        "created_at": created,
-    }
+            if time.monotonic() >= deadline:
+                log.error("Job %s: %s failed for %g s: %s", which, op, DETACHED_DEADLINE, e)
+                return
+            time.sleep(0.5)
 
 
 def _retryable(error: JobError) -> bool:

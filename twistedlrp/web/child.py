@@ -114,6 +114,7 @@ def prepare(lrp_args: list[str]):
     import django
 
     django.setup()
+    boot.sqlite_immediate_transactions()
     boot.load_root_urlconf()
     application = boot.load_wsgi_application()
     boot.close_connections()

@@ -167,6 +167,20 @@ def txn_api(request):
     data = json.loads(request.body)
     then = data.get("then", "commit")
     answer = {}
+    if data.get("cancel"):
+        # Cancel a job inside a transaction that writes first, then ends as "then" says.
+        try:
+            with transaction.atomic():
+                Note.objects.create(text="cancelling")
+                started = time.perf_counter()
+                job = jobs.cancel(data["cancel"])
+                answer["job"] = {"id": job.id, "state": job.state}
+                answer["job"]["elapsed"] = time.perf_counter() - started
+                if then == "rollback":
+                    raise _RolledBack()
+        except _RolledBack:
+            pass
+        return JsonResponse(answer)
     try:
         with transaction.atomic():
             note = Note.objects.create(text=data.get("text", "a note"))

@@ -21,7 +21,13 @@ __all__ = ["Store", "operations"]
 
 
 class Store(GroupCommitThread):
-    """The job service's store thread."""
+    """
+    The job service's store thread, and beside it a reader thread with a
+    connection of its own for reads (L{read}): they run in autocommit, so
+    on SQLite (WAL) they never wait for a writer's lock, neither the
+    store's nor that of a site's transaction (a view inside C{atomic()}
+    that reads a job would otherwise wait for itself).
+    """
 
     def __init__(self, reactor):
         super().__init__(
@@ -30,6 +36,28 @@ class Store(GroupCommitThread):
             write_coalesced=operations.write_progress,
             begin_batch=_begin_batch,
         )
+        self.reader = GroupCommitThread(
+            reactor, "twistedlrp-job-reads", write_coalesced=_nothing, begin_batch=_begin_batch
+        )
+
+    def start(self) -> None:
+        super().start()
+        self.reader.start()
+
+    def stop(self) -> defer.Deferred:
+        """@return: a Deferred that fires once both threads have ended."""
+        reads = self.reader.stop()
+        writes = super().stop()
+        return defer.gatherResults([writes, reads]).addCallback(lambda _: None)
+
+    def read(self, fn, *args) -> defer.Deferred:
+        """
+        Run C{fn(*args)}, which only reads, in the reader thread, outside any
+        transaction: it sees what was committed when it runs.
+
+        @return: a Deferred firing in the reactor with C{fn}'s result.
+        """
+        return self.reader.run_alone(fn, *args)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
         """Record a progress report; only the latest per job is written, in the next batch."""
@@ -38,6 +66,10 @@ class Store(GroupCommitThread):
     def prepare(self) -> defer.Deferred:
         """@return: a Deferred firing with C{None} or a reason the store cannot be used."""
         return self.run_alone(operations.prepare)
+
+
+def _nothing(_coalesced: dict) -> None:
+    pass
 
 
 def _begin_batch() -> None:

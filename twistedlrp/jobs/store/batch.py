@@ -143,6 +143,7 @@ class GroupCommitThread:
     def _run_alone(self, op) -> None:
         fn, args, d, _ = op
         try:
+            self._begin_batch()
             outcome, failed = fn(*args), False
         except Exception:
             outcome, failed = Failure(), True
