@@ -98,7 +98,6 @@ class WebProcesses(service.Service):
         self.template: TemplateProcess | None = None
         self.template_ready: defer.Deferred | None = None
         self.template_backoff = Backoff()
-        self.template_restarts = 0
         self._template_call = None
         self.preload: bool | None = None
         self.jobs_connect: str | None = None
@@ -318,7 +317,6 @@ class WebProcesses(service.Service):
             if self.on_fatal is not None:
                 self.on_fatal(message)
             return
-        self.template_restarts += 1
         log.error(
             "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "
             "processes keep serving; starting a new template in {delay:g} s. Its last "
