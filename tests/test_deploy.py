@@ -39,6 +39,35 @@ def test_service_unit_runs_twistd_in_the_foreground_with_the_systemd_endpoint():
     assert "--config" in command
 
 
+def unit_settings() -> dict[str, dict[str, str]]:
+    """The settings of conf/lrp.service, by section (the last value of a key)."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in (ROOT / "conf" / "lrp.service").read_text().splitlines():
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+        elif current is not None and "=" in line and not line.startswith(("#", " ")):
+            key, _, value = line.partition("=")
+            current[key] = value
+    return sections
+
+
+def test_service_unit_restarts_after_a_failure_and_never_gives_up():
+    unit = unit_settings()
+    service = unit["Service"]
+    # Restarted after a non-zero exit or a death by a signal, not after a stop (exit 0).
+    assert service["Restart"] == "on-failure"
+    # SIGTERM to twistd only (it drains its web processes and workers), SIGKILL to the rest.
+    assert service["KillMode"] == "mixed" and service["KillSignal"] == "SIGTERM"
+    # Longer than graceful-timeout in conf/lrp.toml.
+    toml = (ROOT / "conf" / "lrp.toml").read_text()
+    graceful = float(re.search(r"^#?\s*graceful-timeout = (\d+)", toml, re.M).group(1))
+    assert float(service["TimeoutStopSec"]) > graceful
+    # In [Unit], where systemd reads it: restarts are not rate-limited into giving up.
+    assert unit["Unit"]["StartLimitIntervalSec"] == "0"
+    assert "StartLimitIntervalSec" not in service
+
+
 @pytest.mark.skipif(ACTIVATE is None, reason="systemd-socket-activate is not installed")
 @pytest.mark.parametrize(
     "endpoint", ["systemd:domain=INET:index=0", "systemd:domain=INET:name=http"]

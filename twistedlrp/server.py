@@ -100,6 +100,7 @@ class LRPServer(OrderedService):
                 options,
                 job_service.health if job_service is not None else None,
                 job_service,
+                on_fatal=self.fail,
             )
         elif application is not None:
             from twistedlrp.web.service import build_web
@@ -184,12 +185,18 @@ class LRPServer(OrderedService):
             cause = e.__cause__ or e
             failure = Failure(cause, type(cause), cause.__traceback__)
             log.failure("twistd lrp: {error}", failure, error=str(e))
-            self._fail_startup(str(e))
+            self.fail(str(e))
         except Exception as e:
             log.failure("twistd lrp: start-up failed: {error}", error=f"{type(e).__name__}: {e}")
-            self._fail_startup(f"start-up failed: {type(e).__name__}: {e}")
+            self.fail(f"start-up failed: {type(e).__name__}: {e}")
 
-    def _fail_startup(self, message: str) -> None:
+    def fail(self, message: str) -> None:
+        """
+        Stop the server (gracefully) with exit status 1: it cannot start, or
+        cannot go on. Only the operator's signals stop it with 0, so that a
+        supervisor restarts it after any other stop (systemd's
+        C{Restart=on-failure}).
+        """
         set_exit_code(1)
         self.exit_code = 1
         # One plain line on the terminal too, in case the log goes elsewhere.

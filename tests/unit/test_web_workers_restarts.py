@@ -1,15 +1,19 @@
-"""WebProcesses on a fake clock: the back-off of restarts, and what a stop signals."""
+"""WebProcesses on a fake clock: the back-off of restarts (of web processes and of their template), and what a stop signals."""
 
 from __future__ import annotations
 
 import signal
 
 import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from twistedlrp.options import Options
 from twistedlrp.services import StartupFailed
 from twistedlrp.web import processes
+from twistedlrp.web import slot as slot_module
 from twistedlrp.web.processes import WebProcesses
 from twistedlrp.web.slot import how_ended
 
@@ -58,7 +62,7 @@ def test_the_back_off_resets_once_a_web_process_ran_a_while():
         clock.advance(slot.restart_call.getTime() - clock.seconds())
     clock.advance(processes.RESET_AFTER)
     web._slot_ended(slot, 1, None)
-    assert slot.restart_call.getTime() - clock.seconds() == processes.FIRST_DELAY
+    assert slot.restart_call.getTime() - clock.seconds() == slot_module.FIRST_DELAY
 
 
 def test_no_restart_while_stopping():
@@ -96,3 +100,128 @@ def test_health_describes_every_slot():
 )
 def test_how(code, signal_number, text):
     assert how_ended(code, signal_number) == text
+
+
+# -- the template --------------------------------------------------------------
+
+
+class FakeTemplate(slot_module.TemplateProcess):
+    """A template without a process: what it is asked is kept in C{asked}."""
+
+    pids = iter(range(5000, 6000))
+
+    def __init__(self, owner, reactor):
+        super().__init__(owner, reactor)
+        self.pid = next(self.pids)
+        self.asked: list[dict] = []
+
+    def send(self, message, fd=None):
+        self.asked.append(message)
+        return True
+
+    def ready(self):
+        self.owner._template_said(self, {"event": "ready", "pid": self.pid, "preload": True})
+
+    def forked(self, index: int, pid: int):
+        self.owner._template_said(self, {"event": "forked", "index": index, "pid": pid})
+
+    def die(self, signal_number=signal.SIGKILL, code=None):
+        reason = ProcessTerminated(code, signal_number)
+        self.processEnded(Failure(reason))
+
+
+def running(monkeypatch, count: int = 2):
+    """WebProcesses started on a fake clock, its template ready and its web processes running."""
+    options = Options()
+    options.parseOptions(["--web-workers", str(count)])
+    clock = Clock()
+    fatal: list[str] = []
+    web = WebProcesses(clock, options, on_fatal=fatal.append)
+    templates: list[FakeTemplate] = []
+
+    def spawn():
+        templates.append(FakeTemplate(web, clock))
+        web.template = templates[-1]
+
+    monkeypatch.setattr(web, "_spawn_template", spawn)
+    monkeypatch.setattr(processes, "adopt_connection", lambda reactor, sock, proto: sock.close())
+    web.template_ready = Deferred()
+    spawn()
+    templates[0].ready()
+    for slot in web.slots:
+        web._fork(slot)
+        templates[0].forked(slot.index, 100 + slot.index)
+        web._web_said(slot, slot.channel, {"event": "status", "state": "running"})
+    web.started = True
+    return web, clock, templates, fatal
+
+
+def test_a_template_that_dies_is_restarted_and_its_web_processes_keep_running(monkeypatch):
+    web, clock, templates, fatal = running(monkeypatch)
+    templates[0].die()
+    assert web.template is None
+    assert [slot.state for slot in web.slots] == ["running", "running"]
+    assert [slot.pid for slot in web.slots] == [100, 101]
+    clock.advance(slot_module.FIRST_DELAY)
+    assert len(templates) == 2 and web.template is templates[1]
+    # A web process that ends while the new template starts waits for it...
+    web._channel_lost(web.slots[0], web.slots[0].channel)
+    assert web.slots[0].state == "waiting" and web.slots[1].state == "running"
+    clock.advance(slot_module.FIRST_DELAY)
+    assert web.slots[0].state == "waiting" and templates[1].asked == []
+    # ... and is forked by it once it is ready.
+    templates[1].ready()
+    assert templates[1].asked == [{"op": "fork", "index": 0, "jobs_connect": None}]
+    templates[1].forked(0, 200)
+    assert web.slots[0].state == "starting" and web.slots[0].pid == 200
+    assert fatal == []
+
+
+def test_a_fork_the_dead_template_never_answered_is_asked_of_the_next(monkeypatch):
+    web, clock, templates, fatal = running(monkeypatch)
+    slot = web.slots[1]
+    web._slot_ended(slot, 1, None)
+    clock.advance(slot.restart_call.getTime() - clock.seconds())
+    assert templates[0].asked[-1]["index"] == 1 and slot.pending_fork is templates[0]
+    templates[0].die()
+    assert slot.state == "waiting" and slot.pending_fork is None and slot.channel is None
+    clock.advance(slot_module.FIRST_DELAY)
+    templates[1].ready()
+    assert templates[1].asked == [{"op": "fork", "index": 1, "jobs_connect": None}]
+
+
+def test_templates_that_keep_failing_wait_longer_then_stop_the_server(monkeypatch):
+    web, clock, templates, fatal = running(monkeypatch)
+    delays = []
+    for _ in range(processes.MAX_TEMPLATE_FAILURES - 1):
+        templates[-1].die(None, 1)
+        delays.append(web._template_call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [0.5, 1, 2, 4]
+    assert fatal == []
+    templates[-1].die(None, 1)
+    assert web._template_call is None
+    assert fatal == [
+        "the web process template failed 5 times in a row (the last one: exit code 1, "
+        "before it was ready): stopping the server"
+    ]
+    # The web processes were left alone: the server's stop drains them.
+    assert [slot.state for slot in web.slots] == ["running", "running"]
+
+
+def test_a_template_that_ran_well_resets_the_count(monkeypatch):
+    web, clock, templates, fatal = running(monkeypatch)
+    for _ in range(processes.MAX_TEMPLATE_FAILURES * 2):
+        clock.advance(processes.RESET_AFTER)
+        templates[-1].die()
+        assert web._template_call.getTime() - clock.seconds() == slot_module.FIRST_DELAY
+        clock.advance(slot_module.FIRST_DELAY)
+        templates[-1].ready()
+    assert fatal == [] and len(templates) == processes.MAX_TEMPLATE_FAILURES * 2 + 1
+
+
+def test_a_template_that_dies_while_stopping_is_not_restarted(monkeypatch):
+    web, clock, templates, fatal = running(monkeypatch)
+    web.stopping = True
+    templates[0].die()
+    assert web._template_call is None and fatal == []

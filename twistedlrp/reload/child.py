@@ -270,9 +270,12 @@ class _Lifeline:
         # with ConnectionLost.
         if not (self.closed or reason.check(ConnectionDone)):
             return
+        from twistedlrp.server import set_exit_code
+
         Logger(namespace="twistedlrp.reload").warn(
             "The reload supervisor is gone: stopping the server"
         )
+        set_exit_code(1)  # A stop nobody asked for.
         if self.reactor.running:
             self.reactor.stop()
 

@@ -4,7 +4,8 @@ The web processes of C{--web-workers N} (N above 1), seen from inside.
 The main process (L{twistedlrp.web.processes.WebProcesses}) spawns one
 I{template}::
 
-    python -m twistedlrp.web.child --template --control-fd=K --socket=FD:FAMILY... -- LRP-ARGS
+    python -m twistedlrp.web.child --template --control-fd=K --output-fds=O,E
+        --socket=FD:FAMILY... -- LRP-ARGS
 
 which parses the options, sets Django up (C{django.setup()}, the URLconf,
 the WSGI application; the main process ran the system checks already) and
@@ -16,6 +17,11 @@ reactor, imports the site's C{lrp} modules and job modules, and runs
 L{twistedlrp.server.LRPServer} in its C{"web"} role on the inherited
 listening sockets. The template reports C{forked} and C{exited} (with the
 exit status it reaped) to the main process, which restarts web processes.
+The template's standard output and error are pipes to the main process
+(which passes them on and keeps their tail, to log when the template ends);
+each web process takes the main process's own, C{O} and C{E}, instead, so
+that it needs nothing of the template once forked: a template that dies
+leaves its web processes serving, and the main process starts another.
 
 A reactor must not run in a process that forks (the child would share its
 epoll descriptor and waker). If setting Django up imported
@@ -267,6 +273,8 @@ class MainChannel(service.Service):
         if self._closing:
             return
         log.warn("The main process is gone: stopping this web process")
+        if self.server is not None:
+            self.server.exit_code = 1  # A stop nobody asked for.
         if self.reactor.running:
             self.reactor.stop()
 

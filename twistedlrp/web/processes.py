@@ -17,6 +17,18 @@ socket pair, one end passed to the template with C{SCM_RIGHTS}); the main
 process sends every web process the list of them all and its job service's
 health section, which their health endpoints show.
 
+A template that ends is started again with the same back-off, its exit
+status and last output logged. The web processes it forked keep serving
+meanwhile: they need it only to be forked, and share the listening sockets
+with this process, which holds them. Nobody reaps them for us then: the end
+of a web process's channel is its end (its exit status is lost). A web
+process that ends while there is no template is forked as soon as a new one
+is ready, rather than spawned directly: one way for a web process to start,
+and each one shares a warm template's memory. L{MAX_TEMPLATE_FAILURES}
+templates in a row that end before they are ready, or within 10 s, stop
+the server with exit status 1 (the site cannot start any more, and its
+supervisor, systemd's C{Restart=on-failure}, should know).
+
 Stopping it (shut-down step 1) sends SIGTERM to every web process, which
 drains; the ones left at the graceful deadline get SIGKILL; then the
 template's control socket is closed (it exits) and the sockets are closed.
@@ -38,8 +50,8 @@ from twistedlrp import metrics
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.slot import (
-    FIRST_DELAY,
-    MAX_DELAY,
+    RESET_AFTER,
+    Backoff,
     Lines,
     Slot,
     TemplateProcess,
@@ -49,10 +61,13 @@ from twistedlrp.web.slot import (
 
 log = Logger(namespace="twistedlrp.web")
 
-# A web process that ran this long resets the back-off.
-RESET_AFTER = 10.0
 BROADCAST_INTERVAL = 1.0
+# Templates in a row that end before they were ready, or within
+# RESET_AFTER: the last one stops the server (exit status 1).
+MAX_TEMPLATE_FAILURES = 5
 _FIRST_FD = 3
+# How a web process ended when its template, which reaps it, is gone.
+_STATUS_LOST = "ended (its exit status went with its template)"
 
 
 class WebProcesses(service.Service):
@@ -61,12 +76,15 @@ class WebProcesses(service.Service):
     @param job_service: this process's job service, whose endpoint the web
         processes' job clients connect to (C{None}: they use
         C{--jobs-connect} or the settings, as this process does).
+    @param on_fatal: called with an error message when the web processes
+        cannot go on (templates keep failing): it stops the server with a
+        non-zero exit status.
     """
 
     name = "web-processes"
     stop_description = "stopping the web processes"
 
-    def __init__(self, reactor, options, jobs_health=None, job_service=None):
+    def __init__(self, reactor, options, jobs_health=None, job_service=None, on_fatal=None):
         self.reactor = reactor
         self.options = options
         self.count = options["web-workers"]
@@ -76,11 +94,14 @@ class WebProcesses(service.Service):
         self.addresses: list[str] = []
         self._sockets: list[tuple[int, int]] = []  # (fd, family)
         self._closers: list = []
+        self.on_fatal = on_fatal
         self.template: TemplateProcess | None = None
-        self.control: Lines | None = None
         self.template_ready: defer.Deferred | None = None
+        self.template_backoff = Backoff()
+        self._template_call = None
         self.preload: bool | None = None
         self.jobs_connect: str | None = None
+        self.started = False
         self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
 
@@ -96,6 +117,7 @@ class WebProcesses(service.Service):
             self.jobs_connect = await self.job_service.when_listening()
         else:
             self.jobs_connect = self.options["jobs-connect"]
+        self.template_ready = defer.Deferred()
         self._spawn_template()
         ready = await self.template_ready
         self.preload = ready.get("preload")
@@ -114,6 +136,7 @@ class WebProcesses(service.Service):
         for slot in self.slots:
             self._fork(slot)
         await defer.gatherResults([slot.first_run for slot in self.slots], consumeErrors=True)
+        self.started = True
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
 
     def _open_sockets(self) -> None:
@@ -146,51 +169,68 @@ class WebProcesses(service.Service):
         return self.options.to_argv(exclude={"listen", "config", "reload"}, include_file=True)
 
     def _spawn_template(self) -> None:
+        """
+        Start a template. Its descriptors: 0 /dev/null, 1 and 2 pipes to us
+        (its output, passed on), the listening sockets from 3, its control
+        socket, then our own standard output and error, which each web
+        process takes as its 1 and 2 (so that it does not outlive the
+        template's pipes, and its log goes where ours goes).
+        """
         n = len(self._sockets)
         control_fd = _FIRST_FD + n
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        fds = {0: devnull, 1: 1, 2: 2, control_fd: theirs.fileno()}
+        fds = {0: devnull, 1: "r", 2: "r", control_fd: theirs.fileno()}
+        fds[control_fd + 1], fds[control_fd + 2] = 1, 2
         args = [sys.executable, "-m", "twistedlrp.web.child", "--template"]
         args.append(f"--control-fd={control_fd}")
+        args.append(f"--output-fds={control_fd + 1},{control_fd + 2}")
         for index, (fd, family) in enumerate(self._sockets):
             fds[_FIRST_FD + index] = fd
             args.append(f"--socket={_FIRST_FD + index}:{int(family)}")
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        self.template_ready = defer.Deferred()
-        self.template = TemplateProcess(self)
+        template = TemplateProcess(self, self.reactor)
         try:
             self.reactor.spawnProcess(
-                self.template,
+                template,
                 sys.executable,
                 [*args, "--", *self._lrp_args()],
                 env=env,
                 childFDs=fds,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
             os.close(devnull)
-        self.control = Lines(self._template_said, self._control_lost)
-        adopt_connection(self.reactor, ours, self.control)
+        template.attach(ours)
+        self.template = template
 
-    # -- the template's reports -------------------------------------------
+    # -- the template ---------------------------------------------------------
 
-    def _template_said(self, message: dict) -> None:
+    def _template_said(self, template: TemplateProcess, message: dict) -> None:
         event = message.get("event")
         if event == "ready":
-            if not self.template_ready.called:
-                self.template_ready.callback(message)
+            if template.state == "starting":
+                template.state = "ready"
+                template.was_ready = True
+                self._template_is_ready(template, message)
         elif event == "failed":
+            first = (message.get("error") or "").strip().splitlines()
+            template.error = first[-1] if first else "unknown error"
             if not self.template_ready.called:
-                first = (message.get("error") or "").strip().splitlines()
                 self.template_ready.errback(
                     StartupFailed(
-                        "the web process template could not set Django up: "
-                        + (first[-1] if first else "unknown error")
+                        "the web process template could not set Django up: " + template.error
                     )
                 )
         elif event == "forked":
             slot = self.slots[message["index"]]
+            if slot.pending_fork is not template:
+                return
+            slot.pending_fork = None
+            slot.parent = template
             slot.pid = message["pid"]
             slot.started_at = self.reactor.seconds()
             if slot.peer is not None:
@@ -201,50 +241,138 @@ class WebProcesses(service.Service):
             if slot.pid == message["pid"]:
                 self._slot_ended(slot, message.get("code"), message.get("signal"))
 
-    def _control_lost(self) -> None:
-        self.control = None
-
-    def template_ended(self, code, signal_number) -> None:
-        how = how_ended(code, signal_number)
-        if self.template_ready is not None and not self.template_ready.called:
-            self.template_ready.errback(
-                StartupFailed(f"the web process template ended ({how}) before it was ready")
-            )
+    def _template_is_ready(self, template: TemplateProcess, message: dict) -> None:
+        self.preload = message.get("preload")
+        if not self.template_ready.called:
+            self.template_ready.callback(message)
             return
+        log.info(
+            "Web process template (pid {pid}) ready again in {seconds:g} s",
+            pid=template.pid,
+            seconds=message.get("seconds", 0),
+        )
         for slot in self.slots:
-            if slot.pid is not None and slot.state != "ended":
-                # Its children were reaped by nobody we hear from: end them.
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                self._slot_ended(slot, None, signal.SIGKILL)
-        if not self.stopping:
-            log.error("The web process template ended ({how}): stopping the server", how=how)
-            if self.reactor.running:
-                self.reactor.stop()
+            if slot.state == "waiting" and slot.restart_call is None:
+                self._fork(slot)
+
+    def _template_ended(self, template: TemplateProcess, code, signal_number) -> None:
+        if template is not self.template:
+            return
+        self.template = None
+        how = how_ended(code, signal_number)
+        for slot in self.slots:
+            if slot.pending_fork is template:
+                # It asked, and the template died first: the next one forks it.
+                slot.pending_fork = None
+                if slot.channel is not None and slot.channel.transport is not None:
+                    slot.channel.transport.loseConnection()
+                slot.channel = None
+                if slot.peer is not None:
+                    slot.peer.close()
+                    slot.peer = None
+                if slot.state != "ended":
+                    slot.state = "waiting"
+            elif slot.parent is template and slot.channel is None:
+                # Its channel closed, and no exit status came before the template died.
+                self._slot_ended(slot, None, None, _STATUS_LOST)
+        if self.stopping:
+            return
+        if not self.started:
+            # Start-up: a template that is not ready, or web processes that
+            # cannot all be forked, fail it.
+            when = (
+                "while the web processes started" if template.was_ready else "before it was ready"
+            )
+            error = StartupFailed(f"the web process template ended ({how}) {when}")
+            if not self.template_ready.called:
+                self.template_ready.errback(error)
+            elif template.was_ready:
+                for slot in self.slots:
+                    if slot.first_run is not None and not slot.first_run.called:
+                        slot.first_run.errback(error)
+            return
+        self._template_down(template, how, self.reactor.seconds() - template.started_at)
+
+    def _template_down(self, template: TemplateProcess | None, how: str, ran: float) -> None:
+        """The template ended (or could not be spawned): start another, or give up."""
+        ready = template is not None and template.was_ready
+        delay = self.template_backoff.next(ready and ran >= RESET_AFTER)
+        output = template.output() if template is not None else ""
+        if self.template_backoff.failures >= MAX_TEMPLATE_FAILURES:
+            when = "" if ready else ", before it was ready"
+            message = (
+                f"the web process template failed {self.template_backoff.failures} times in a "
+                f"row (the last one: {how}{when}): stopping the server"
+            )
+            log.critical(
+                "The web process template failed {count} times in a row (the last one, pid "
+                "{pid}: {how}{when}): stopping the server with exit status 1. Its last "
+                "output:\n{output}",
+                count=self.template_backoff.failures,
+                pid=template.pid if template is not None else None,
+                how=how,
+                when=when,
+                output=output or "(none)",
+            )
+            if self.on_fatal is not None:
+                self.on_fatal(message)
+            return
+        log.error(
+            "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "
+            "processes keep serving; starting a new template in {delay:g} s. Its last "
+            "output:\n{output}",
+            pid=template.pid if template is not None else None,
+            how=how,
+            ran=ran,
+            delay=delay,
+            output=output or "(none)",
+        )
+        self._template_call = self.reactor.callLater(delay, self._restart_template)
+
+    def _restart_template(self) -> None:
+        self._template_call = None
+        if self.stopping:
+            return
+        try:
+            self._spawn_template()
+        except Exception as e:
+            self._template_down(None, f"it could not be started: {e}", 0.0)
 
     # -- web processes --------------------------------------------------
 
     def _fork(self, slot: Slot) -> None:
-        if self.stopping or self.control is None:
-            return
+        """Ask the template to fork C{slot}'s web process (once one is ready)."""
         slot.restart_call = None
+        if self.stopping:
+            return
+        template = self.template
+        if template is None or template.state != "ready":
+            slot.state = "waiting"
+            log.info(
+                "Web process {index} is started once the web process template is ready",
+                index=slot.index,
+            )
+            return
         slot.state = "starting"
         slot.status = {}
+        slot.pid = None
+        slot.parent = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         slot.peer = theirs
-        slot.channel = Lines(
-            lambda message, slot=slot: self._web_said(slot, message),
-            lambda slot=slot: self._channel_lost(slot),
+        channel = Lines(
+            lambda message: self._web_said(slot, channel, message),
+            lambda: self._channel_lost(slot, channel),
         )
-        adopt_connection(self.reactor, ours, slot.channel)
+        slot.channel = channel
+        adopt_connection(self.reactor, ours, channel)
         request = {"op": "fork", "index": slot.index, "jobs_connect": self.jobs_connect}
-        self.control.transport.sendFileDescriptor(theirs.fileno())
-        self.control.sendLine(json.dumps(request).encode())
+        # Unsent (its control socket is closing), or unanswered, it is asked
+        # of the next template when this one has ended.
+        slot.pending_fork = template
+        template.send(request, theirs.fileno())
 
-    def _web_said(self, slot: Slot, message: dict) -> None:
-        if message.get("event") != "status":
+    def _web_said(self, slot: Slot, channel: Lines, message: dict) -> None:
+        if message.get("event") != "status" or channel is not slot.channel:
             return
         slot.status = message
         if message.get("state") == "running" and slot.state == "starting":
@@ -261,13 +389,24 @@ class WebProcesses(service.Service):
         elif message.get("state") == "stopping" and slot.state == "running":
             slot.state = "stopping"
 
-    def _channel_lost(self, slot: Slot) -> None:
-        slot.channel = None
-
-    def _slot_ended(self, slot: Slot, code, signal_number) -> None:
-        if slot.state == "ended":
+    def _channel_lost(self, slot: Slot, channel: Lines) -> None:
+        if channel is not slot.channel:
             return
-        how = how_ended(code, signal_number)
+        slot.channel = None
+        if slot.parent is not None and slot.parent.state == "ended":
+            # Forked by a template that is gone: nobody reaps it for us, and
+            # the end of its channel is the end of the process.
+            self._slot_ended(slot, None, None, _STATUS_LOST)
+
+    def _slot_ended(self, slot: Slot, code, signal_number, how: str | None = None) -> None:
+        """
+        C{slot}'s web process ended, with this exit status, or C{how} in
+        words when its status is lost.
+        """
+        if slot.state in ("ended", "waiting"):
+            return
+        status = how_ended(code, signal_number) if how is None else how
+        how = f"exited ({status})" if how is None else how
         now = self.reactor.seconds()
         ran = now - slot.started_at
         slot.state = "ended"
@@ -281,17 +420,15 @@ class WebProcesses(service.Service):
             return
         if slot.first_run is not None and not slot.first_run.called:
             slot.first_run.errback(
-                StartupFailed(f"web process {slot.index} (pid {slot.pid}) failed to start ({how})")
+                StartupFailed(
+                    f"web process {slot.index} (pid {slot.pid}) failed to start ({status})"
+                )
             )
             return
-        if ran >= RESET_AFTER:
-            slot.delay = FIRST_DELAY
-        delay = slot.delay
-        slot.delay = min(delay * 2, MAX_DELAY)
+        delay = slot.backoff.next(ran >= RESET_AFTER)
         slot.restarts += 1
         log.warn(
-            "Web process {index} (pid {pid}) exited ({how}) after {ran:.1f} s; restarting it "
-            "in {delay:g} s",
+            "Web process {index} (pid {pid}) {how} after {ran:.1f} s; restarting it in {delay:g} s",
             index=slot.index,
             pid=slot.pid,
             how=how,
@@ -334,8 +471,8 @@ class WebProcesses(service.Service):
             if slot.channel is not None and slot.channel.transport is not None:
                 slot.channel.sendLine(line)
                 told += 1
-        if self.control is not None and self.control.transport is not None:
-            self.control.sendLine(json.dumps({"op": "templates"}).encode())
+        if self.template is not None:
+            self.template.send({"op": "templates"})
         return told
 
     def health(self) -> list[dict]:
@@ -352,6 +489,8 @@ class WebProcesses(service.Service):
         self.stopping = True
         if self._broadcast.running:
             self._broadcast.stop()
+        if self._template_call is not None and self._template_call.active():
+            self._template_call.cancel()
         for slot in self.slots:
             if slot.restart_call is not None and slot.restart_call.active():
                 slot.restart_call.cancel()
@@ -380,11 +519,11 @@ class WebProcesses(service.Service):
         self._closers = []
 
     async def _end_template(self) -> None:
-        if self.template is None:
+        template = self.template
+        if template is None:
             return
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.loseConnection()
-        ended = self.template.ended
+        template.close()
+        ended = template.ended
         if not ended.called:
             copy = defer.Deferred()
             ended.addBoth(lambda r: None if copy.called else copy.callback(None))

@@ -1,13 +1,15 @@
 """
 One web process of C{--web-workers}, seen from the main process: its
 L{Slot} (pid, state, restart back-off, last status), the line channel it
-reports over (L{Lines}), and the template's process protocol
-(L{TemplateProcess}). L{twistedlrp.web.processes} runs them.
+reports over (L{Lines}), the template's process protocol
+(L{TemplateProcess}), and the back-off both are restarted with
+(L{Backoff}). L{twistedlrp.web.processes} runs them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 from typing import TYPE_CHECKING
@@ -22,6 +24,12 @@ if TYPE_CHECKING:
 
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
+# A process that ran this long resets the back-off.
+RESET_AFTER = 10.0
+# How much of the template's output is kept, to log when it ends.
+OUTPUT_TAIL = 4000
+# How long after the template ended its control socket may still be read.
+CONTROL_GRACE = 2.0
 
 
 def how_ended(code, signal_number) -> str:
@@ -31,6 +39,28 @@ def how_ended(code, signal_number) -> str:
         except ValueError:
             return f"signal {signal_number}"
     return f"exit code {code}"
+
+
+class Backoff:
+    """
+    The delays before restarting a process that keeps ending: L{FIRST_DELAY},
+    doubling up to L{MAX_DELAY}, and back to L{FIRST_DELAY} once one ran
+    well; L{failures} counts the ends in a row that did not.
+    """
+
+    def __init__(self):
+        self.delay = FIRST_DELAY
+        self.failures = 0
+
+    def next(self, ran_well: bool) -> float:
+        """A process ended (C{ran_well}: it ran long enough): @return: the delay before the next."""
+        if ran_well:
+            self.delay = FIRST_DELAY
+            self.failures = 0
+        delay = self.delay
+        self.delay = min(delay * 2, MAX_DELAY)
+        self.failures += 1
+        return delay
 
 
 class Lines(LineOnlyReceiver):
@@ -79,8 +109,11 @@ class Slot:
         self.channel: Lines | None = None
         self.peer: socket.socket | None = None  # its channel end, until forked
         self.started_at = 0.0
-        self.delay = FIRST_DELAY
+        self.backoff = Backoff()
         self.restarts = 0
+        # The template asked to fork it (until it says it did), and the one that did.
+        self.pending_fork: TemplateProcess | None = None
+        self.parent: TemplateProcess | None = None
         self.restart_call = None
         self.first_run: defer.Deferred | None = defer.Deferred()
         self.ended = Waiters()
@@ -102,11 +135,108 @@ class Slot:
 
 
 class TemplateProcess(protocol.ProcessProtocol):
-    def __init__(self, owner: WebProcesses):
+    """
+    The web process template, seen from the main process. C{state}:
+    C{starting}, C{ready}, C{ended}.
+
+    Its messages go to C{owner._template_said(template, message)}; its
+    output is passed on to ours, line by line, and the last L{OUTPUT_TAIL}
+    bytes are kept (L{output}). C{owner._template_ended(template, code,
+    signal)} is called once, when the process has ended and its control
+    socket was read to its end (what it reported before it died, a web
+    process's exit, still counts), or L{CONTROL_GRACE} seconds after it
+    ended, whichever is first.
+    """
+
+    def __init__(self, owner: WebProcesses, reactor):
         self.owner = owner
+        self.reactor = reactor
+        self.state = "starting"
+        self.was_ready = False
+        self.error: str | None = None  # why it could not set Django up
+        self.pid: int | None = None
+        self.started_at = reactor.seconds()
+        self.control: Lines | None = None
         self.ended = defer.Deferred()
+        self._exit: tuple | None = None
+        self._partial: dict[int, bytes] = {}
+        self._tail = bytearray()
+        self._grace = None
+
+    def attach(self, sock: socket.socket) -> None:
+        """Read and write the control socket C{sock} (our end; it is closed)."""
+        self.control = Lines(self._said, self._control_lost)
+        adopt_connection(self.reactor, sock, self.control)
+
+    def send(self, message: dict, fd: int | None = None) -> bool:
+        """@return: whether C{message} (with the descriptor C{fd}) was sent."""
+        if self.control is None or self.control.transport is None:
+            return False
+        if fd is not None:
+            self.control.transport.sendFileDescriptor(fd)
+        self.control.sendLine(json.dumps(message).encode())
+        return True
+
+    def close(self) -> None:
+        """Close the control socket: the template ends once its web processes did."""
+        if self.control is not None and self.control.transport is not None:
+            self.control.transport.loseConnection()
+
+    def output(self) -> str:
+        return bytes(self._tail).decode("utf-8", "replace").strip()
+
+    def _said(self, message: dict) -> None:
+        self.owner._template_said(self, message)
+
+    def _control_lost(self) -> None:
+        self.control = None
+        self._maybe_ended()
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def childDataReceived(self, fd, data):
+        self._tail += data
+        del self._tail[:-OUTPUT_TAIL]
+        lines, _, self._partial[fd] = (self._partial.get(fd, b"") + data).rpartition(b"\n")
+        if lines:
+            _pass_on(fd, lines + b"\n")
 
     def processEnded(self, reason):
+        for fd, rest in self._partial.items():
+            if rest:
+                _pass_on(fd, rest + b"\n")
+        self._partial.clear()
         value = reason.value
-        self.owner.template_ended(getattr(value, "exitCode", None), getattr(value, "signal", None))
+        self._exit = (getattr(value, "exitCode", None), getattr(value, "signal", None))
+        if self.control is not None:
+            self._grace = self.reactor.callLater(CONTROL_GRACE, self._give_up_control)
+        self._maybe_ended()
+
+    def _give_up_control(self) -> None:
+        self._grace = None
+        if self.control is not None and self.control.transport is not None:
+            self.control.transport.abortConnection()  # connectionLost follows
+        else:
+            self._control_lost()
+
+    def _maybe_ended(self) -> None:
+        if self._exit is None or self.control is not None or self.state == "ended":
+            return
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self.state = "ended"
+        self.owner._template_ended(self, *self._exit)
         self.ended.callback(None)
+
+
+def _pass_on(fd: int, data: bytes) -> None:
+    """Write the template's output C{data} to our descriptor C{fd} (1 or 2)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # Nowhere to write it: it stays in the tail.

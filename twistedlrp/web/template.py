@@ -35,8 +35,10 @@ log = Logger(namespace="twistedlrp.web")
 
 
 class _Template:
-    def __init__(self, control: socket.socket, sockets, lrp_args, options, application):
+    def __init__(self, control: socket.socket, sockets, lrp_args, options, application, output):
         self.control = control
+        # The main process's standard output and error, a web process's 1 and 2.
+        self.output: tuple[int, int] | None = output
         self.sockets = sockets
         self.lrp_args = lrp_args
         self.options = options
@@ -118,6 +120,12 @@ class _Template:
         if pid == 0:
             code = 1
             try:
+                if self.output is not None:
+                    # Our 1 and 2 are pipes to the main process, for our own
+                    # output: a web process writes where the main process does.
+                    for fd, target in zip(self.output, (1, 2), strict=True):
+                        os.dup2(fd, target)
+                        os.close(fd)
                 self.control.close()
                 signal.set_wakeup_fd(-1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -204,6 +212,10 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=int(ours["control-fd"]))
+    # The main process's standard output and error (ours are pipes to it).
+    output = (
+        tuple(int(fd) for fd in ours["output-fds"].split(",")) if "output-fds" in ours else None
+    )
     _begin_logging(lrp_args)
     started = time.monotonic()
 
@@ -217,7 +229,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
 
         options = Options()
         options.parseOptions(lrp_args)
-        template = _Template(control, ours["sockets"], lrp_args, options, None)
+        template = _Template(control, ours["sockets"], lrp_args, options, None, output)
         template.preload = False
         reason = ours.get("reason") or (
             f"{NO_PRELOAD_VARIABLE} is set: each web process sets Django up itself"
@@ -232,7 +244,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
             sys.stderr.write(text)
             send({"event": "failed", "error": text})
             return 1
-        template = _Template(control, ours["sockets"], lrp_args, options, application)
+        template = _Template(control, ours["sockets"], lrp_args, options, application, output)
         _preimport()
         # A reactor that was imported (installed) but never ran holds only a
         # poller and a waker: a forked web process can replace both.
@@ -280,6 +292,10 @@ def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
     for fd, _ in ours["sockets"]:
         os.set_inheritable(fd, True)
     args = [sys.executable, "-m", MODULE, "--template", "--bare", f"--control-fd={control_fd}"]
+    if ours.get("output-fds"):
+        for fd in ours["output-fds"].split(","):
+            os.set_inheritable(int(fd), True)
+        args.append(f"--output-fds={ours['output-fds']}")
     args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
     args.append(f"--reason={reason}")
     _flush()

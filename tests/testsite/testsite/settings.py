@@ -9,6 +9,13 @@ if os.environ.get("LRP_TEST_IMPORT_LOG"):
     with open(os.environ["LRP_TEST_IMPORT_LOG"], "a") as f:
         f.write(f"{os.getpid()} {__name__} {time.time()}\n")
 
+# LRP_TEST_SETTINGS_FAIL_IF: a path; importing the settings fails while it exists
+# (a process started after the test creates it cannot set Django up).
+if os.environ.get("LRP_TEST_SETTINGS_FAIL_IF") and os.path.exists(
+    os.environ["LRP_TEST_SETTINGS_FAIL_IF"]
+):
+    raise RuntimeError("the test asked the settings to fail")
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 SECRET_KEY = "tests-only"
 # LRP_TEST_DEBUG: DEBUG = True (Django's console handler, development static files).
