@@ -1,8 +1,9 @@
 """
 Faults on the HTTP side, against real servers: slow and oversized request
-heads, bare LF line ends, forwarded hops that are not addresses, a client
-that stops reading a streaming response, and a slowloris of 1,500
-connections against the default connection cap (docs/serving.md, "Limits").
+heads, bare LF line ends, forwarded hops that are not addresses, clients
+that stop reading a streaming response (cut at the write timeout; streams
+take at most half the threads), and a slowloris of 1,500 connections
+against the default connection cap (docs/serving.md, "Limits").
 
 Every socket here is on loopback; every loop is bounded and every socket is
 closed at the end.
@@ -185,37 +186,120 @@ def test_a_forwarded_hop_that_is_not_an_address_is_ignored(server, forwarded, cl
     assert data["REMOTE_ADDR"] == client
 
 
-# -- a client that reads nothing -------------------------------------------------
+# -- clients that read nothing ---------------------------------------------------
 
 
-def test_a_client_that_stops_reading_a_stream_frees_its_thread(server):
+def _never_reading(port: int, path: str = "/stream?count=50000000") -> socket.socket:
+    """A client that asks for C{path} and reads nothing (a small window fills at once)."""
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+def _cut(sock: socket.socket) -> bool:
+    """Whether the server has cut C{sock} (its TCP state, read without reading data)."""
+    tcp_established = 1
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != tcp_established
+
+
+def test_a_client_that_stops_reading_a_stream_is_cut_at_the_write_timeout(server):
+    sock = _never_reading(server.port)
     try:
-        # A small window and small segments, so that the kernel buffers fill quickly.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-        sock.settimeout(10)
-        sock.connect(("127.0.0.1", server.port))
-        sock.sendall(b"GET /stream?count=5000000 HTTP/1.1\r\nHost: x\r\n\r\n")
-        wait_for(lambda: _busy(server) == 1, timeout=10, message="the stream holding a thread")
-        started = time.monotonic()
-        # The client reads nothing: once the buffers are full, the thread
-        # waits at most --write-timeout, then gives up.
-        wait_for(lambda: _busy(server) == 0, timeout=20, message="the thread freed")
-        freed_after = time.monotonic() - started
-        # The connection was cut: what is left to read ends in a close or reset.
-        _read_to_close(sock)
+        sent = time.monotonic()
+        wait_for(lambda: _cut(sock), timeout=WRITE_TIMEOUT + 10, message="the connection cut")
+        cut_after = time.monotonic() - sent
+        wait_for(lambda: _busy(server) == 0, timeout=5, message="the thread freed")
     finally:
         sock.close()
-    assert freed_after < 15
+    # Counted from when the first write could not go out (at once: the
+    # client reads nothing), not from when the socket buffers filled up.
+    assert cut_after < WRITE_TIMEOUT + 2
     assert server.get("/hello").status == 200
     log = server.output()
-    warnings = [
-        line for line in log.splitlines() if "#warn]" in line and "Streaming GET /stream" in line
-    ]
+    warnings = [line for line in log.splitlines() if "#warn]" in line and "GET /stream" in line]
     assert len(warnings) == 1, log[-3000:]
-    assert "the client did not read the response within 1 s" in warnings[0]
+    assert (
+        "the client read nothing for 1 s (--write-timeout); "
+        "the connection is cut and its thread freed" in warnings[0]
+    )
     assert "Error in the WSGI application" not in log
+
+
+def test_a_slow_reader_is_cut_only_write_timeout_after_its_last_read(server):
+    sock = _never_reading(server.port)
+    try:
+        # Reading a little now and then is progress: the stream goes on for
+        # three times the write timeout.
+        started = time.monotonic()
+        received = 0
+        while True:
+            data = sock.recv(4096)
+            last_read = time.monotonic()
+            assert data, "the server cut a client that reads"
+            received += len(data)
+            if last_read - started > 3 * WRITE_TIMEOUT:
+                break
+            time.sleep(WRITE_TIMEOUT / 4)  # the client's pace, not synchronisation
+        assert not _cut(sock)
+        # Then it stops reading.
+        wait_for(lambda: _cut(sock), timeout=WRITE_TIMEOUT + 10, message="the connection cut")
+        cut_after = time.monotonic() - last_read
+    finally:
+        sock.close()
+    assert received > 8 * 4096
+    assert WRITE_TIMEOUT * 0.9 <= cut_after < WRITE_TIMEOUT + 2
+    wait_for(lambda: _busy(server) == 0, timeout=5, message="the thread freed")
+
+
+def test_twelve_clients_that_never_read_take_at_most_half_the_threads(tmp_path):
+    write_timeout = 3.0
+    server = LRPProcess(
+        "--no-jobs", "--threads", "8", "--write-timeout", str(write_timeout), tmp=tmp_path
+    )
+    server.start()
+    sockets: list[tuple[socket.socket, float]] = []
+    try:
+        for _ in range(12):
+            sockets.append((_never_reading(server.port), time.monotonic()))
+        # /hello keeps answering at once while the streams hold their threads.
+        hello_times = []
+        cut_after: dict[int, float] = {}
+        started = time.monotonic()
+        while len(cut_after) < 4 and time.monotonic() - started < write_timeout + 10:
+            before = time.monotonic()
+            assert server.get("/hello", timeout=5).body == b"hello\n"
+            hello_times.append(time.monotonic() - before)
+            health = server.get("/-/health").json()["threads"]
+            assert health["streaming"] <= 4
+            for i, (sock, sent) in enumerate(sockets):
+                if i not in cut_after and _cut(sock):
+                    cut_after[i] = time.monotonic() - sent
+        assert len(hello_times) > 10
+        assert max(hello_times) < 1.0, hello_times
+        # Four streamed (half the threads) and were cut at the write timeout.
+        assert len(cut_after) == 4, cut_after
+        assert all(t < write_timeout + 2 for t in cut_after.values()), cut_after
+        wait_for(lambda: _busy(server) == 0, timeout=5, message="the threads freed")
+        # The other eight were answered 503 at once, on connections still open.
+        for i, (sock, _) in enumerate(sockets):
+            if i in cut_after:
+                continue
+            sock.settimeout(5)
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert b"\r\nRetry-After: 1\r\n" in answer
+            assert answer.endswith(b"too many streaming responses. Retry shortly.\n")
+        assert server.get("/-/health").json()["threads"]["streaming"] == 0
+    finally:
+        for sock, _ in sockets:
+            sock.close()
+        server.kill()
+    log = server.output()
+    assert log.count("threads stream responses already (--stream-threads)") == 1, log[-3000:]
+    assert log.count("(--write-timeout); the connection is cut and its thread freed") == 4
 
 
 # -- a slowloris of 1,500 connections ---------------------------------------------

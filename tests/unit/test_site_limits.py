@@ -448,21 +448,37 @@ class InlineReactor:
 
 
 class StreamRequest:
-    def __init__(self):
-        self.channel = None
+    def __init__(self, reads=False):
+        self.aborted = False
+        transport = SimpleNamespace(abortConnection=lambda: setattr(self, "aborted", True))
+        self.channel = SimpleNamespace(transport=transport)
         self.written = []
         self.responseHeaders = Headers()
         self.code = 200
+        self.reads = reads
+        self.finished = False
 
     def setResponseCode(self, code, reason=b""):
         self.code = code
 
     def registerProducer(self, producer, streaming):
-        # The client reads nothing: the transport pauses the producer at once.
-        producer.pauseProducing()
+        if not self.reads:
+            # The client reads nothing: the transport pauses the producer at once.
+            producer.pauseProducing()
+
+    def unregisterProducer(self):
+        pass
 
     def write(self, data):
         self.written.append(data)
+
+    def finish(self):
+        self.finished = True
+
+
+def _stream_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return iter([b"first\n", b"second\n", b"third\n"])
 
 
 def test_a_client_that_reads_nothing_frees_the_thread_after_the_write_deadline():
@@ -485,7 +501,7 @@ def test_a_client_that_reads_nothing_frees_the_thread_after_the_write_deadline()
         globalLogPublisher.removeObserver(events.append)
     assert not thread.is_alive()
     assert request.written == []
-    assert reactor.calls[-1] == "_cut"
+    assert reactor.calls[-1] == "_cut" and request.aborted
     assert response.disconnected
     warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 1
@@ -543,3 +559,71 @@ def test_an_error_while_routing_is_answered_500_in_plain_text():
     assert b"content-length: 22" in answer.lower()
     assert answer.endswith(b"\r\n\r\nInternal Server Error\n")
     assert any("Error while routing" in str(e.get("log_format")) for e in errors)
+
+
+def test_with_the_transport_keeping_the_deadline_the_thread_waits_for_its_cut():
+    # The transport cuts a client --write-timeout after its last progress; a
+    # slow client may take longer than that in all, so the thread waits.
+    reactor, request = InlineReactor(), StreamRequest()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    response = _WSGIResponse(
+        reactor, request, _stream_app, environ, write_timeout=0.05, reactor_deadline=True
+    )
+    thread = threading.Thread(target=response.run)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive()
+    response.connection_lost(None)  # the transport's cut
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "_cut" not in reactor.calls and request.written == []
+
+
+def test_small_chunks_reach_the_reactor_together_and_in_order():
+    reactor, request = InlineReactor(), StreamRequest(reads=True)
+
+    def application(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"%d\n" % i for i in range(1000))
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    _WSGIResponse(reactor, request, application, environ).run()
+    assert b"".join(request.written) == b"".join(b"%d\n" % i for i in range(1000))
+    assert request.finished
+    assert reactor.calls[0] == "_start_stream" and reactor.calls[-1] == "_finish_stream"
+
+
+def test_a_stream_beyond_the_stream_threads_is_answered_503_before_its_head():
+    from twistedlrp.web.wsgi import StreamSlots
+
+    slots = StreamSlots(1)
+    assert slots.take()  # another thread streams
+    reactor, request = InlineReactor(), StreamRequest(reads=True)
+    closed = []
+
+    def application(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def chunks():
+            try:
+                yield b"never sent\n"
+            finally:
+                closed.append(True)
+
+        return chunks()
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    _WSGIResponse(reactor, request, application, environ, streams=slots).run()
+    assert request.code == 503
+    assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    assert (
+        b"".join(request.written) == b"Server busy: too many streaming responses. Retry shortly.\n"
+    )
+    assert closed == [True]
+    assert (slots.taken, slots.refused) == (1, 1)
+    slots.give_back()
+    # With a free slot it streams, and gives the slot back at the end.
+    request = StreamRequest(reads=True)
+    _WSGIResponse(InlineReactor(), request, _stream_app, environ, streams=slots).run()
+    assert request.code == 200 and b"".join(request.written) == b"first\nsecond\nthird\n"
+    assert slots.taken == 0

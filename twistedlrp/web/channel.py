@@ -7,12 +7,15 @@ it at shut-down and to make room when the connection limit is reached.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
+from twistedlrp.web import ports
+from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
 
 log = Logger()
 
@@ -57,9 +60,54 @@ class LRPChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_header_size
         self.maxHeaders = limits.max_headers
         self.site.channel_opened(self)
+        self._watch_writes(limits.write_timeout)
         self._await_head()
         # The first request head is timed from the connection.
         self._start_head_deadline()
+
+    # -- the write deadline ------------------------------------------------
+
+    # Whether the transport cuts a client that reads nothing (--write-timeout).
+    write_deadline = False
+    # The request last received on this connection (named when it is cut).
+    lrp_last_request = None
+
+    def _watch_writes(self, timeout: float) -> None:
+        transport = ports.socket_transport(self.transport)
+        watch = getattr(transport, "watch_writes", None)
+        if not timeout or watch is None:
+            return
+        watch(timeout, self._write_stalled)
+        self.write_deadline = True
+        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
+        # does not let out yet (by default, megabytes on loopback), so a
+        # send stops taking data soon after the client stops reading.
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        sock = transport.socket
+        if lowat is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
+            except OSError:
+                pass
+
+    def _write_stalled(self) -> None:
+        """The client has taken none of the response for --write-timeout: cut it."""
+        if self.transport is None:
+            return
+        request = self.lrp_last_request
+        log.warn(
+            "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
+            "the connection is cut{freed}",
+            what=(
+                f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
+                if request is not None
+                else "A response"
+            ),
+            timeout=self.site.limits.write_timeout,
+            freed=" and its thread freed" if getattr(request, "lrp_streaming", False) else "",
+        )
+        self._leave()
+        self.transport.abortConnection()
 
     # A connection's two addresses do not change: twisted.web asks for them
     # at every request, and the local one costs a getsockname() call.
@@ -258,13 +306,11 @@ class LRPChannel(http.HTTPChannel):
         next turn, and one turn may accept hundreds of connections.
         """
         self._leave()
-        transport = self.transport
-        transport.abortConnection()
+        self.transport.abortConnection()
         # The socket's own transport, under TLS if any (tcp and unix ones
         # ignore a second connectionLost, the one abortConnection scheduled).
-        while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
-            transport = transport.transport
-        if getattr(transport, "socket", None) is not None:
+        transport = ports.socket_transport(self.transport)
+        if transport is not None:
             transport.connectionLost(Failure(error.ConnectionAborted()))
 
     def _send100Continue(self):

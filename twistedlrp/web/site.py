@@ -163,6 +163,7 @@ class LRPRequest(server.Request):
 
     def process(self):
         self.lrp_started = monotonic()
+        self.channel.lrp_last_request = self
         site = self.channel.site
         self.site = site
         self.setHeader(b"server", SERVER_HEADER)
