@@ -1,6 +1,7 @@
 """
 Faults on the HTTP side, against real servers: slow and oversized request
-heads, bare LF line ends, forwarded hops that are not addresses, clients
+heads, bare LF line ends, request targets that are not paths, two Host
+headers, obs-fold, oversized chunk sizes, forwarded hops that are not addresses, clients
 that stop reading a streaming response (cut at the write timeout; streams
 take at most half the threads), and a slowloris of 1,500 connections
 against the default connection cap (docs/serving.md, "Limits").
@@ -12,6 +13,7 @@ closed at the end.
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import shutil
 import socket
@@ -167,6 +169,122 @@ def test_bare_line_feeds_get_400_and_close(server):
     assert time.monotonic() - started < HEADER_TIMEOUT
     # The server is fine.
     assert server.get("/hello").status == 200
+
+
+# -- request targets, Host headers, obs-fold, chunk sizes ----------------------------
+
+
+def _ask(port: int, raw: bytes) -> bytes:
+    with _connect(port) as sock:
+        sock.sendall(raw)
+        return _read_to_close(sock)
+
+
+def test_an_absolute_form_target_is_reduced_to_its_path_and_names_the_host(server):
+    answer = _ask(
+        server.port,
+        b"GET http://evil.example:8080/environ?a=1 HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    environ = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert (environ["PATH_INFO"], environ["QUERY_STRING"]) == ("/environ", "a=1")
+    # RFC 9112 section 3.3: the target's authority is the request's host.
+    assert environ["headers"]["HTTP_HOST"] == "evil.example:8080"
+    for target in (b"HTTP://h", b"http://h?x=1", b"https://h/"):
+        answer = _ask(
+            server.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"hello\n"), answer
+    assert "#critical]" not in server.output()
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b"GET * HTTP/1.1", b"* is a request target of OPTIONS only"),
+        (b"POST * HTTP/1.1", b"* is a request target of OPTIONS only"),
+        (b"GET hello HTTP/1.1", b"the request target must be a path"),
+        (b"CONNECT evil:443 HTTP/1.1", b"the request target must be a path"),
+        (b"GET ftp://evil/x HTTP/1.1", b"the request target must be a path"),
+        (b"GET http://user@evil/x HTTP/1.1", b"the request target must be a path"),
+        (b"GET http:///x HTTP/1.1", b"the request target must be a path"),
+    ],
+)
+def test_a_target_that_is_not_a_path_gets_400_and_close(server, line, reason):
+    answer = _ask(server.port, line + b"\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert b"\r\nConnection: close\r\n" in answer
+    assert reason in answer
+    assert "Error in the WSGI application" not in server.output()
+
+
+def test_options_star_is_answered_by_the_server_on_a_kept_connection(server):
+    with _connect(server.port) as sock:
+        sock.sendall(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = b""
+        while not answers.endswith(b"hello\n"):
+            chunk = sock.recv(65536)
+            assert chunk, answers
+            answers += chunk
+    first, second = answers.split(b"HTTP/1.1 ")[1:]
+    assert first.startswith(b"200 OK\r\n") and b"\r\nContent-Length: 0\r\n" in first
+    assert second.startswith(b"200 OK\r\n")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [b"Host: x\r\nHost: y\r\n", b"Host: x\r\nhost: x\r\n", b"HOST: a\r\nX-A: 1\r\nHost: b\r\n"],
+)
+def test_two_host_headers_get_400(server, headers):
+    answer = _ask(server.port, b"GET /hello HTTP/1.1\r\n" + headers + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.endswith(b"Bad request: more than one Host header.\n")
+
+
+@pytest.mark.parametrize("fold", [b" folded", b"\tfolded"])
+def test_an_obs_fold_header_line_gets_400(server, fold):
+    answer = _ask(server.port, b"GET /hello HTTP/1.1\r\nHost: x\r\nX-A: a\r\n" + fold + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.endswith(b"Bad request: a header line begins with whitespace.\n")
+
+
+def _chunked(size_line: bytes) -> bytes:
+    return (
+        b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + size_line
+        + b"\r\nabc"
+    )
+
+
+def test_an_oversized_chunk_size_gets_400_at_once(server):
+    started = time.monotonic()
+    answer = _ask(server.port, _chunked(b"f" * 20))
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.endswith(b"Bad request: chunk size too large.\n")
+    assert time.monotonic() - started < 2
+
+
+def test_a_chunk_larger_than_the_body_limit_gets_413_before_it_is_sent(server):
+    # 1 GB in one chunk: refused on its size line (--max-body-size is 10 MiB).
+    with _connect(server.port) as sock:
+        started = time.monotonic()
+        sock.sendall(_chunked(b"3b9aca00"))
+        answer = b""
+        while not answer.endswith(b"\r\n\r\nRequest body too large.\n"):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+        answered_after = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert answered_after < 2
+    # A small chunked body is fine.
+    answer = _ask(
+        server.port,
+        b"POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"length": 3}'), answer
 
 
 # -- forwarded hops ----------------------------------------------------------

@@ -256,6 +256,71 @@ def test_a_cr_at_the_end_of_a_packet_is_not_a_bare_line_feed():
     assert status(transport) == b"HTTP/1.1 200 OK"
 
 
+class Seen(Answer):
+    """Answers at once, keeping what each request looked like."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def render(self, request):
+        self.seen.append((request.uri, request.requestHeaders.getRawHeaders(b"host")))
+        return b"ok\n"
+
+
+def test_an_absolute_form_target_reaches_the_application_as_a_path_with_its_host():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(
+        b"GET http://evil.example/x?y=1 HTTP/1.1\r\nHost: good\r\n\r\n"
+        b"GET HTTPS://h HTTP/1.1\r\n\r\n"
+    )
+    assert application.seen == [(b"/x?y=1", [b"evil.example"]), (b"/", [b"h"])]
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://a@b/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n\tc\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 17 + b"\r\n",
+    ],
+)
+def test_heads_the_application_never_sees_get_400(head):
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(head)
+    assert status(transport) == b"HTTP/1.1 400 Bad Request"
+    assert transport.disconnecting
+    assert application.seen == []
+    assert b"Connection: close\r\n" in transport.value()
+
+
+def test_options_star_is_answered_without_the_application():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(transport) == b"HTTP/1.1 200 OK"
+    assert b"content-length: 0\r\n" in transport.value().lower()
+    assert application.seen == [] and not transport.disconnecting
+
+
+def test_a_chunk_over_the_body_limit_gets_413_on_its_size_line():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))  # 1000 bytes at most
+    channel.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"100\r\n" + b"a" * 256 + b"\r\n3e9\r\n"
+    )
+    assert status(transport) == b"HTTP/1.1 413 Content Too Large"
+    assert application.seen == []
+
+
 def test_twisted_web_s_own_400_says_connection_close():
     clock = Clock()
     site = make_site(clock)
