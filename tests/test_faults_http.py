@@ -1,7 +1,8 @@
 """
 Faults on the HTTP side, against real servers: slow and oversized request
 heads, bare LF line ends, request targets that are not paths, two Host
-headers, obs-fold, oversized chunk sizes, forwarded hops that are not addresses, clients
+headers, obs-fold, oversized chunk sizes, tokens in the access log, the
+security headers of static answers, forwarded hops that are not addresses, clients
 that stop reading a streaming response (cut at the write timeout; streams
 take at most half the threads), and a slowloris of 1,500 connections
 against the default connection cap (docs/serving.md, "Limits").
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import shutil
 import socket
+import stat
 import time
 
 import psutil
@@ -285,6 +288,54 @@ def test_a_chunk_larger_than_the_body_limit_gets_413_before_it_is_sent(server):
         b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     )
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"length": 3}'), answer
+
+
+# -- the access log and static answers ----------------------------------------------
+
+
+def test_the_access_log_is_created_0640_and_masks_tokens(tmp_path):
+    path = tmp_path / "access.log"
+    server = LRPProcess("--no-jobs", "--access-log", str(path), tmp=tmp_path)
+    server.start()
+    try:
+        response = server.get(
+            "/environ?token=SECRET-ONE&x=1",
+            headers={"Referer": "http://x/page?a=1&Token=SECRET-TWO"},
+        )
+        assert response.status == 200
+        wait_for(lambda: "/environ" in path.read_text(), timeout=10, message="the access line")
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640 & ~umask
+    finally:
+        server.kill()
+    text = path.read_text()
+    assert "SECRET" not in text, text
+    assert '"GET /environ?token=[masked]&x=1 HTTP/1.1"' in text
+    assert '"http://x/page?a=1&Token=[masked]"' in text
+
+
+def test_static_answers_carry_the_headers_of_django_security_middleware(server, tmp_path):
+    answer = server.get("/static/testapp/style.css")
+    assert answer.status == 200
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    # The test site runs no SecurityMiddleware: no policies of its own.
+    assert "referrer-policy" not in answer.headers
+    assert "cross-origin-opener-policy" not in answer.headers
+    assert server.get("/static/nothing.css").headers["x-content-type-options"] == "nosniff"
+
+    secured = LRPProcess("--no-jobs", env={"LRP_TEST_SECURITY_MIDDLEWARE": "1"}, tmp=tmp_path)
+    secured.start()
+    try:
+        static = secured.get("/static/testapp/style.css")
+        page = secured.get("/hello")
+    finally:
+        secured.kill()
+    assert static.status == 200 and page.status == 200
+    names = ("x-content-type-options", "referrer-policy", "cross-origin-opener-policy")
+    assert [static.headers.get(n) for n in names] == [page.headers.get(n) for n in names]
+    assert static.headers["referrer-policy"] == "strict-origin,no-referrer"
+    assert static.headers["cross-origin-opener-policy"] == "same-origin-allow-popups"
 
 
 # -- forwarded hops ----------------------------------------------------------

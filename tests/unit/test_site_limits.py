@@ -692,3 +692,23 @@ def test_a_stream_beyond_the_stream_threads_is_answered_503_before_its_head():
     _WSGIResponse(InlineReactor(), request, _stream_app, environ, streams=slots).run()
     assert request.code == 200 and b"".join(request.written) == b"first\nsecond\nthird\n"
     assert slots.taken == 0
+
+
+# -- the access log --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("/-/jobs/1/events?token=abc.def", "/-/jobs/1/events?token=[masked]"),
+        ("/x?a=1&TOKEN=abc&b=2", "/x?a=1&TOKEN=[masked]&b=2"),
+        ("/x?a=1;token=abc#f", "/x?a=1;token=[masked]#f"),
+        ("/x?mytoken=abc&token=", "/x?mytoken=abc&token=[masked]"),
+        ("/token=abc", "/token=abc"),
+        ("-", "-"),
+    ],
+)
+def test_the_access_log_masks_token_values(text, masked):
+    from twistedlrp.web.accesslog import mask_tokens
+
+    assert mask_tokens(text) == masked

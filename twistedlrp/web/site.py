@@ -217,6 +217,8 @@ class Router(Resource):
             key=lambda item: -len(item[0]),
         )
         self._application = application
+        # What Django's SecurityMiddleware would add, on every static answer.
+        self._static_headers = static.security_headers() if self._statics else []
 
     def route(self, request):
         path = request.path
@@ -231,6 +233,8 @@ class Router(Resource):
             return b""
         for prefix, files in self._statics:
             if path.startswith(prefix) or path + b"/" == prefix:
+                for name, value in self._static_headers:
+                    request.setHeader(name, value)
                 if request.method not in (b"GET", b"HEAD"):
                     request.setResponseCode(405)
                     request.setHeader(b"allow", b"GET, HEAD")
