@@ -712,3 +712,19 @@ def test_the_access_log_masks_token_values(text, masked):
     from twistedlrp.web.accesslog import mask_tokens
 
     assert mask_tokens(text) == masked
+
+
+def test_a_cut_for_the_write_timeout_names_the_request_without_its_token():
+    application = Answer(hold=True)
+    channel, transport = connect(make_site(Clock(), application, write_timeout=5))
+    channel.dataReceived(b"GET /-/jobs/1/events?token=SECRET HTTP/1.1\r\nHost: x\r\n\r\n")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel._write_stalled()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.aborted
+    (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert warning["what"] == "GET /-/jobs/1/events?token=[masked]"
+    assert warning["freed"] == ""

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from twistedlrp.web import ports
+from twistedlrp.web.accesslog import mask_tokens, quote
 from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
 
 log = Logger()
@@ -106,7 +107,7 @@ class LRPChannel(http.HTTPChannel):
             "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
             "the connection is cut{freed}",
             what=(
-                f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
+                f"{request.method.decode('latin-1')} {mask_tokens(quote(request.uri))}"
                 if request is not None
                 else "A response"
             ),

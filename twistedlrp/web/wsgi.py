@@ -299,6 +299,8 @@ class _WSGIResponse:
             self._request.write(b"".join(chunks))
 
     def _finish_stream(self) -> None:
+        # The thread is done with it (what is left to send holds no thread).
+        self._request.lrp_streaming = False
         if self.disconnected:
             return
         self._request.unregisterProducer()
