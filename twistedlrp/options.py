@@ -120,9 +120,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-connections", None, values.whole(1), "Open HTTP connections at most; a new one "
            "beyond closes the one that waited longest for a request head", kind=WHOLE,
            shown="the open-file limit minus 128, 4 per thread and 10 per worker"),
-    Option("write-timeout", 60.0, values.seconds, "Seconds a streaming response waits for a client "
-           "that reads nothing before its connection is cut (0: no limit)", kind=SECONDS,
+    Option("write-timeout", 60.0, values.seconds, "Seconds a response waits for a client that "
+           "takes none of it (counted from when a write could not go out, restarted by each "
+           "byte taken) before its connection is cut (0: no limit)", kind=SECONDS,
            unparse=values.number_text),
+    Option("stream-threads", None, values.whole(1), "Threads that may stream a response "
+           "(StreamingHttpResponse, FileResponse) at once; a response that would stream beyond "
+           "gets 503", kind=WHOLE, shown="half of --threads, at least 1"),
     Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
            "--forwarded-allow-ips"),
     Option("forwarded-allow-ips", ["127.0.0.1"], values.networks, "Addresses or networks "

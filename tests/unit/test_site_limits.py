@@ -256,6 +256,71 @@ def test_a_cr_at_the_end_of_a_packet_is_not_a_bare_line_feed():
     assert status(transport) == b"HTTP/1.1 200 OK"
 
 
+class Seen(Answer):
+    """Answers at once, keeping what each request looked like."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def render(self, request):
+        self.seen.append((request.uri, request.requestHeaders.getRawHeaders(b"host")))
+        return b"ok\n"
+
+
+def test_an_absolute_form_target_reaches_the_application_as_a_path_with_its_host():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(
+        b"GET http://evil.example/x?y=1 HTTP/1.1\r\nHost: good\r\n\r\n"
+        b"GET HTTPS://h HTTP/1.1\r\n\r\n"
+    )
+    assert application.seen == [(b"/x?y=1", [b"evil.example"]), (b"/", [b"h"])]
+    assert transport.value().count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET x HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET http://a@b/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nHost: x\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\nA: b\r\n c\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: x\r\n\tc\r\n\r\n",
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 17 + b"\r\n",
+    ],
+)
+def test_heads_the_application_never_sees_get_400(head):
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(head)
+    assert status(transport) == b"HTTP/1.1 400 Bad Request"
+    assert transport.disconnecting
+    assert application.seen == []
+    assert b"Connection: close\r\n" in transport.value()
+
+
+def test_options_star_is_answered_without_the_application():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))
+    channel.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(transport) == b"HTTP/1.1 200 OK"
+    assert b"content-length: 0\r\n" in transport.value().lower()
+    assert application.seen == [] and not transport.disconnecting
+
+
+def test_a_chunk_over_the_body_limit_gets_413_on_its_size_line():
+    application = Seen()
+    channel, transport = connect(make_site(Clock(), application))  # 1000 bytes at most
+    channel.dataReceived(
+        b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"100\r\n" + b"a" * 256 + b"\r\n3e9\r\n"
+    )
+    assert status(transport) == b"HTTP/1.1 413 Content Too Large"
+    assert application.seen == []
+
+
 def test_twisted_web_s_own_400_says_connection_close():
     clock = Clock()
     site = make_site(clock)
@@ -448,21 +513,37 @@ class InlineReactor:
 
 
 class StreamRequest:
-    def __init__(self):
-        self.channel = None
+    def __init__(self, reads=False):
+        self.aborted = False
+        transport = SimpleNamespace(abortConnection=lambda: setattr(self, "aborted", True))
+        self.channel = SimpleNamespace(transport=transport)
         self.written = []
         self.responseHeaders = Headers()
         self.code = 200
+        self.reads = reads
+        self.finished = False
 
     def setResponseCode(self, code, reason=b""):
         self.code = code
 
     def registerProducer(self, producer, streaming):
-        # The client reads nothing: the transport pauses the producer at once.
-        producer.pauseProducing()
+        if not self.reads:
+            # The client reads nothing: the transport pauses the producer at once.
+            producer.pauseProducing()
+
+    def unregisterProducer(self):
+        pass
 
     def write(self, data):
         self.written.append(data)
+
+    def finish(self):
+        self.finished = True
+
+
+def _stream_app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return iter([b"first\n", b"second\n", b"third\n"])
 
 
 def test_a_client_that_reads_nothing_frees_the_thread_after_the_write_deadline():
@@ -485,7 +566,7 @@ def test_a_client_that_reads_nothing_frees_the_thread_after_the_write_deadline()
         globalLogPublisher.removeObserver(events.append)
     assert not thread.is_alive()
     assert request.written == []
-    assert reactor.calls[-1] == "_cut"
+    assert reactor.calls[-1] == "_cut" and request.aborted
     assert response.disconnected
     warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 1
@@ -543,3 +624,107 @@ def test_an_error_while_routing_is_answered_500_in_plain_text():
     assert b"content-length: 22" in answer.lower()
     assert answer.endswith(b"\r\n\r\nInternal Server Error\n")
     assert any("Error while routing" in str(e.get("log_format")) for e in errors)
+
+
+def test_with_the_transport_keeping_the_deadline_the_thread_waits_for_its_cut():
+    # The transport cuts a client --write-timeout after its last progress; a
+    # slow client may take longer than that in all, so the thread waits.
+    reactor, request = InlineReactor(), StreamRequest()
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    response = _WSGIResponse(
+        reactor, request, _stream_app, environ, write_timeout=0.05, reactor_deadline=True
+    )
+    thread = threading.Thread(target=response.run)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive()
+    response.connection_lost(None)  # the transport's cut
+    thread.join(5)
+    assert not thread.is_alive()
+    assert "_cut" not in reactor.calls and request.written == []
+
+
+def test_small_chunks_reach_the_reactor_together_and_in_order():
+    reactor, request = InlineReactor(), StreamRequest(reads=True)
+
+    def application(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"%d\n" % i for i in range(1000))
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    _WSGIResponse(reactor, request, application, environ).run()
+    assert b"".join(request.written) == b"".join(b"%d\n" % i for i in range(1000))
+    assert request.finished
+    assert reactor.calls[0] == "_start_stream" and reactor.calls[-1] == "_finish_stream"
+
+
+def test_a_stream_beyond_the_stream_threads_is_answered_503_before_its_head():
+    from twistedlrp.web.wsgi import StreamSlots
+
+    slots = StreamSlots(1)
+    assert slots.take()  # another thread streams
+    reactor, request = InlineReactor(), StreamRequest(reads=True)
+    closed = []
+
+    def application(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain")])
+
+        def chunks():
+            try:
+                yield b"never sent\n"
+            finally:
+                closed.append(True)
+
+        return chunks()
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/stream"}
+    _WSGIResponse(reactor, request, application, environ, streams=slots).run()
+    assert request.code == 503
+    assert request.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    assert (
+        b"".join(request.written) == b"Server busy: too many streaming responses. Retry shortly.\n"
+    )
+    assert closed == [True]
+    assert (slots.taken, slots.refused) == (1, 1)
+    slots.give_back()
+    # With a free slot it streams, and gives the slot back at the end.
+    request = StreamRequest(reads=True)
+    _WSGIResponse(InlineReactor(), request, _stream_app, environ, streams=slots).run()
+    assert request.code == 200 and b"".join(request.written) == b"first\nsecond\nthird\n"
+    assert slots.taken == 0
+
+
+# -- the access log --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("/-/jobs/1/events?token=abc.def", "/-/jobs/1/events?token=[masked]"),
+        ("/x?a=1&TOKEN=abc&b=2", "/x?a=1&TOKEN=[masked]&b=2"),
+        ("/x?a=1;token=abc#f", "/x?a=1;token=[masked]#f"),
+        ("/x?mytoken=abc&token=", "/x?mytoken=abc&token=[masked]"),
+        ("/token=abc", "/token=abc"),
+        ("-", "-"),
+    ],
+)
+def test_the_access_log_masks_token_values(text, masked):
+    from twistedlrp.web.accesslog import mask_tokens
+
+    assert mask_tokens(text) == masked
+
+
+def test_a_cut_for_the_write_timeout_names_the_request_without_its_token():
+    application = Answer(hold=True)
+    channel, transport = connect(make_site(Clock(), application, write_timeout=5))
+    channel.dataReceived(b"GET /-/jobs/1/events?token=SECRET HTTP/1.1\r\nHost: x\r\n\r\n")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel._write_stalled()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.aborted
+    (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert warning["what"] == "GET /-/jobs/1/events?token=[masked]"
+    assert warning["freed"] == ""

@@ -7,16 +7,26 @@ C{$request_time}).
 Lines go to a file of their own, flushed each second (not per line: a
 write per request would cost more than the request), or with C{-} to the
 server's log under the namespace C{twistedlrp.access}, with the fields a
-C{--log-format json} line carries.
+C{--log-format json} line carries. A file the server creates has mode
+0640 (client addresses are personal data); a C{token=} value in the
+target or the referrer (the job progress streams' tokens) is masked.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 
 from twisted.logger import Logger
 
 _log = Logger(namespace="twistedlrp.access")
+
+# The mode of an access log file the server creates (before the umask).
+FILE_MODE = 0o640
+# A query parameter named token (any case), up to the end of its value.
+_TOKEN = re.compile(r"([?&;]token=)[^&;#\s]*", re.IGNORECASE)
+MASK = "[masked]"
 
 
 class AccessLog:
@@ -32,7 +42,8 @@ class AccessLog:
     def open(self) -> None:
         """Open the log file (once), when the site starts listening."""
         if self.path and self.path != "-" and self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            self._file = os.fdopen(fd, "a", encoding="utf-8")
             self._flush_call = self.reactor.callLater(1, self._flush)
 
     def _flush(self) -> None:
@@ -66,7 +77,7 @@ class AccessLog:
                 log_text=line,
                 client=request.lrp_client or None,
                 method=quote(request.method),
-                uri=quote(request.uri),
+                uri=mask_tokens(quote(request.uri)),
                 status=request.code,
                 bytes=request.sentLength,
                 duration=round(duration, 6),
@@ -82,6 +93,13 @@ def quote(value: bytes | str | None) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
+def mask_tokens(text: str) -> str:
+    """@return: C{text} with the value of each C{token=} query parameter masked."""
+    if "=" not in text:
+        return text
+    return _TOKEN.sub(r"\1" + MASK, text)
+
+
 def combined_line(request, timestamp: str) -> str:
     """@return: the combined-log-format line of a finished request."""
     length = request.sentLength or "-"
@@ -89,10 +107,10 @@ def combined_line(request, timestamp: str) -> str:
         request.lrp_client or "-",
         timestamp,
         quote(request.method),
-        quote(request.uri),
+        mask_tokens(quote(request.uri)),
         quote(request.clientproto),
         request.code,
         length,
-        quote(request.getHeader(b"referer") or "-"),
+        mask_tokens(quote(request.getHeader(b"referer") or "-")),
         quote(request.getHeader(b"user-agent") or "-"),
     )

@@ -7,18 +7,24 @@ it at shut-down and to make room when the connection limit is reached.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
-from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
+from twistedlrp.web import ports
+from twistedlrp.web.accesslog import mask_tokens, quote
+from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
 
 log = Logger()
 
 # Seconds a connection accepted just before shut-down may take to send its
 # first request (it is answered, with Connection: close).
 DRAIN_GRACE = 1.0
+# A chunk size this large (2**63, beyond a signed 64-bit length) gets 400.
+MAX_CHUNK_SIZE = 2**63
 
 
 class LRPChannel(http.HTTPChannel):
@@ -35,6 +41,11 @@ class LRPChannel(http.HTTPChannel):
     awaiting_head = False
     # Bytes of the current request head in complete lines, line ends included.
     _head_bytes = 0
+    # Whether the request line, and a Host header, of the head have arrived.
+    _request_line_seen = False
+    _host_seen = False
+    # The host of an absolute-form request target, which becomes the Host.
+    _authority: bytes | None = None
     # Whether a byte of the current request has arrived.
     _head_begun = False
     # The head deadline (a DelayedCall), running while awaiting_head.
@@ -57,9 +68,54 @@ class LRPChannel(http.HTTPChannel):
         self.totalHeadersSize = limits.max_header_size
         self.maxHeaders = limits.max_headers
         self.site.channel_opened(self)
+        self._watch_writes(limits.write_timeout)
         self._await_head()
         # The first request head is timed from the connection.
         self._start_head_deadline()
+
+    # -- the write deadline ------------------------------------------------
+
+    # Whether the transport cuts a client that reads nothing (--write-timeout).
+    write_deadline = False
+    # The request last received on this connection (named when it is cut).
+    lrp_last_request = None
+
+    def _watch_writes(self, timeout: float) -> None:
+        transport = ports.socket_transport(self.transport)
+        watch = getattr(transport, "watch_writes", None)
+        if not timeout or watch is None:
+            return
+        watch(timeout, self._write_stalled)
+        self.write_deadline = True
+        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
+        # does not let out yet (by default, megabytes on loopback), so a
+        # send stops taking data soon after the client stops reading.
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        sock = transport.socket
+        if lowat is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
+            except OSError:
+                pass
+
+    def _write_stalled(self) -> None:
+        """The client has taken none of the response for --write-timeout: cut it."""
+        if self.transport is None:
+            return
+        request = self.lrp_last_request
+        log.warn(
+            "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
+            "the connection is cut{freed}",
+            what=(
+                f"{request.method.decode('latin-1')} {mask_tokens(quote(request.uri))}"
+                if request is not None
+                else "A response"
+            ),
+            timeout=self.site.limits.write_timeout,
+            freed=" and its thread freed" if getattr(request, "lrp_streaming", False) else "",
+        )
+        self._leave()
+        self.transport.abortConnection()
 
     # A connection's two addresses do not change: twisted.web asks for them
     # at every request, and the local one costs a getsockname() call.
@@ -91,6 +147,9 @@ class LRPChannel(http.HTTPChannel):
         self.awaiting_head = True
         self._head_bytes = 0
         self._head_begun = False
+        self._request_line_seen = False
+        self._host_seen = False
+        self._authority = None
         self.site.waiting_for_head(self)
 
     def _start_head_deadline(self) -> None:
@@ -142,13 +201,91 @@ class LRPChannel(http.HTTPChannel):
                 return self._head_too_large()
             if b"\n" in line:
                 return self._bare_line_feed()
+            if not self._request_line_seen:
+                # twisted.web skips one empty line before a request line.
+                if line:
+                    self._request_line_seen = True
+                    line = self._origin_form(line)
+                    if line is None:
+                        return None
+            elif line[:1] in (b" ", b"\t"):
+                # obs-fold (RFC 9112 section 5.2): a server may reject it with 400.
+                return self.answer_and_close(
+                    b"400 Bad Request", b"Bad request: a header line begins with whitespace.\n"
+                )
         return super().lineReceived(line)
+
+    def _origin_form(self, line: bytes) -> bytes | None:
+        """
+        @return: the request line C{line} with its target as a path: an
+            absolute-form target (C{http://host/path?query}) is reduced to
+            its path and query, and its host becomes the request's C{Host}
+            (RFC 9112 sections 3.2.2 and 3.3); C{*} is left for C{OPTIONS}.
+            C{None} after answering 400: any other target that does not
+            begin with C{/} (C{*} for another method, the authority form,
+            a relative path, a URL of another scheme or with user info).
+        """
+        parts = line.split(b" ")
+        if len(parts) != 3:
+            return line  # twisted.web answers 400
+        method, target, version = parts
+        if target[:1] == b"/":
+            return line
+        if target == b"*":
+            if method == b"OPTIONS":
+                return line
+            self.answer_and_close(
+                b"400 Bad Request", b"Bad request: * is a request target of OPTIONS only.\n"
+            )
+            return None
+        scheme, separator, rest = target.partition(b"://")
+        if separator and scheme.lower() in (b"http", b"https"):
+            end = len(rest)
+            for mark in (b"/", b"?"):
+                found = rest.find(mark)
+                if found != -1:
+                    end = min(end, found)
+            authority, path = rest[:end], rest[end:]
+            if authority and b"@" not in authority:
+                self._authority = authority
+                if not path.startswith(b"/"):
+                    path = b"/" + path
+                return b" ".join((method, path, version))
+        self.answer_and_close(
+            b"400 Bad Request",
+            b"Bad request: the request target must be a path (/...), an http or https URL, "
+            b"or * for OPTIONS.\n",
+        )
+        return None
 
     def headerReceived(self, line):
         if self._receivedHeaderCount >= self.maxHeaders:
             self._head_too_large()
             return False
+        if line[:5].lower() == b"host:":
+            if self._host_seen:
+                self.answer_and_close(
+                    b"400 Bad Request", b"Bad request: more than one Host header.\n"
+                )
+                return False
+            self._host_seen = True
         return super().headerReceived(line)
+
+    def rawDataReceived(self, data):
+        super().rawDataReceived(data)
+        # twisted.web takes any chunk size; one no body can have is refused
+        # now, before the client sends (or pretends to send) that much.
+        decoder = self._transferDecoder
+        remaining = getattr(decoder, "length", 0) if getattr(decoder, "state", "") == "BODY" else 0
+        if not remaining or self.closing or not self.requests:
+            return
+        request = self.requests[-1]
+        if remaining >= MAX_CHUNK_SIZE:
+            self.answer_and_close(b"400 Bad Request", b"Bad request: chunk size too large.\n")
+        elif (
+            not request.lrp_rejected and request.lrp_received + remaining > self.site.max_body_size
+        ):
+            request.refuse_body()
 
     def lineLengthExceeded(self, line):
         if self.awaiting_head:
@@ -156,6 +293,9 @@ class LRPChannel(http.HTTPChannel):
         return super().lineLengthExceeded(line)
 
     def allHeadersReceived(self):
+        if self._authority is not None:
+            # The host of an absolute-form target wins over the Host header.
+            self.requests[-1].requestHeaders.setRawHeaders(b"host", [self._authority])
         # A whole head: a real request, no longer subject to the head deadline
         # and no longer one to close for room.
         self.awaiting_head = False
@@ -258,13 +398,11 @@ class LRPChannel(http.HTTPChannel):
         next turn, and one turn may accept hundreds of connections.
         """
         self._leave()
-        transport = self.transport
-        transport.abortConnection()
+        self.transport.abortConnection()
         # The socket's own transport, under TLS if any (tcp and unix ones
         # ignore a second connectionLost, the one abortConnection scheduled).
-        while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
-            transport = transport.transport
-        if getattr(transport, "socket", None) is not None:
+        transport = ports.socket_transport(self.transport)
+        if transport is not None:
             transport.connectionLost(Failure(error.ConnectionAborted()))
 
     def _send100Continue(self):

@@ -34,6 +34,8 @@ class HealthResource(Resource):
         # name -> callable returning a JSON-able dict (or None: no section),
         # for other components (the job service adds its counts here).
         self.sections: dict[str, Callable[[], dict]] = {}
+        # The threads that may stream (web/wsgi.py StreamSlots), if any.
+        self.streams = None
 
     def render(self, request):
         state = self._server_state()
@@ -45,6 +47,8 @@ class HealthResource(Resource):
         if self._pool is not None:
             stats = self._pool.stats()
             body["threads"] = {"busy": stats["busy"], "idle": stats["idle"], "size": stats["size"]}
+            if self.streams is not None:
+                body["threads"]["streaming"] = self.streams.taken
             body["waiting"] = stats["waiting"]
         healthy = True
         for name, section in self.sections.items():

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 HEADER_TIMEOUT = 60.0  # --header-timeout: seconds to receive a whole request head
 MAX_HEADER_SIZE = 64 * 1024  # --max-header-size: request line + headers, in bytes
 MAX_HEADERS = 500  # header lines in one request head (twisted.web's own cap)
-WRITE_TIMEOUT = 60.0  # --write-timeout: seconds a streaming response may wait for the client
+WRITE_TIMEOUT = 60.0  # --write-timeout: seconds a response may wait for a client that reads nothing
+# Bytes the kernel may hold for a TCP client beyond what its window lets out
+# (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
+# after a client stops reading, and a fast one is not slowed down.
+UNSENT_LOWAT = 128 * 1024
 # The default --max-connections is the soft open-file limit minus what the
 # rest of the process may need at once: FD_RESERVE for the listening and
 # job-service sockets, logs, the reactor's own descriptors, outbound HTTP,
@@ -53,6 +57,15 @@ def default_max_connections(threads: int, workers: int, limit: int | None = None
     return max(limit - reserve, limit // 2, 1)
 
 
+def default_stream_threads(threads: int) -> int:
+    """
+    @return: the default C{--stream-threads}: half the pool's C{threads}
+        (at least one), so that the other half answers short requests
+        whatever the streams do.
+    """
+    return max(threads // 2, 1)
+
+
 @dataclass(frozen=True)
 class Limits:
     """
@@ -65,6 +78,7 @@ class Limits:
     max_headers: int = MAX_HEADERS
     max_connections: int = field(default_factory=lambda: default_max_connections(8, 2))
     write_timeout: float = WRITE_TIMEOUT
+    stream_threads: int = field(default_factory=lambda: default_stream_threads(8))
 
     @classmethod
     def from_options(cls, options) -> Limits:
@@ -79,6 +93,8 @@ class Limits:
             max_header_size=options.get("max-header-size", MAX_HEADER_SIZE),
             max_connections=max_connections,
             write_timeout=options.get("write-timeout", WRITE_TIMEOUT),
+            stream_threads=options.get("stream-threads")
+            or default_stream_threads(options.get("threads", 8)),
         )
 
 

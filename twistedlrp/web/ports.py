@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
+import sys
 
 from twisted.internet import defer, error, fdesc, protocol, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -24,7 +26,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.util import untilConcludes
 
-__all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen"]
+__all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen", "socket_transport"]
 
 
 class AdoptedUNIXPort(unix.Port):
@@ -151,6 +153,30 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
 # -- the connections' transport ---------------------------------------------
 
 
+# Looks at a connection whose bytes wait, per write timeout: the peer's
+# acknowledgements are seen within a quarter of it.
+STALL_CHECKS = 4
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+# Where Linux's struct tcp_info holds tcpi_bytes_acked (since Linux 4.1).
+_BYTES_ACKED_AT = 120
+
+
+def bytes_acked(sock) -> int | None:
+    """
+    @return: the bytes the peer of the TCP socket C{sock} has acknowledged
+        so far, or C{None} where the system does not say (not Linux, not TCP).
+    """
+    if _TCP_INFO is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED_AT + 8)
+    except OSError:
+        return None
+    if len(info) < _BYTES_ACKED_AT + 8:
+        return None
+    return struct.unpack_from("=Q", info, _BYTES_ACKED_AT)[0]
+
+
 class _CorkedWrites:
     """
     A connection's transport that can hold writes between L{cork} and
@@ -159,9 +185,79 @@ class _CorkedWrites:
     only when the reactor next finds its socket writable: for every
     response, a registration with the reactor, a turn of the reactor and a
     removal. A buffered response sent at once costs none of them.
+
+    It also keeps a write deadline (L{watch_writes}): while bytes wait in
+    Twisted's buffer, the peer must make progress within C{timeout} seconds,
+    else C{on_stalled} is called. Progress is a byte that goes out to the
+    kernel or, on Linux, a byte the peer acknowledges (it takes data from
+    the kernel's buffer: a client that reads slowly is not cut).
+
+    @ivar waiting_since: the reactor time since which bytes have waited to
+        go out without progress (the write that found nothing waiting, or
+        the last progress seen), if the deadline is kept.
     """
 
     _corked: list | None = None
+    _write_timeout = 0.0
+    _on_stalled = None
+    _stall_call = None
+    # The bytes the peer had acknowledged at the last look (Linux).
+    _acked: int | None = None
+    waiting_since: float | None = None
+
+    def watch_writes(self, timeout: float, on_stalled) -> None:
+        """
+        Call C{on_stalled()} once bytes have waited C{timeout} seconds (0:
+        never) to go out without one going out.
+        """
+        self._write_timeout = timeout
+        self._on_stalled = on_stalled
+
+    def _waiting(self) -> bool:
+        """Whether bytes wait in Twisted's buffer."""
+        return len(self.dataBuffer) > self.offset or bool(self._tempDataLen)
+
+    def _begin_wait(self, waiting_before: bool) -> None:
+        # After a write: if nothing waited before it, its bytes wait from now.
+        if not waiting_before and self._waiting():
+            self.waiting_since = self.reactor.seconds()
+            if self._stall_call is None:
+                # One call per connection at most, never cancelled while the
+                # connection lives: it finds out when it fires.
+                self._stall_call = self.reactor.callLater(
+                    self._write_timeout / STALL_CHECKS, self._check_stall
+                )
+
+    def _check_stall(self) -> None:
+        self._stall_call = None
+        if not self.connected or not self._waiting():
+            self.waiting_since = None
+            return
+        now = self.reactor.seconds()
+        acked = bytes_acked(self.socket)
+        if acked is not None:
+            if self._acked is not None and acked != self._acked:
+                self.waiting_since = now
+            self._acked = acked
+        left = self.waiting_since + self._write_timeout - now
+        if left > 0:
+            self._stall_call = self.reactor.callLater(
+                min(left, self._write_timeout / STALL_CHECKS), self._check_stall
+            )
+        elif self._on_stalled is not None:
+            self._on_stalled()
+
+    def writeSomeData(self, data):
+        sent = super().writeSomeData(data)
+        if self._write_timeout and isinstance(sent, int) and sent > 0:
+            self.waiting_since = self.reactor.seconds()
+        return sent
+
+    def connectionLost(self, reason):
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = self._on_stalled = None
+        return super().connectionLost(reason)
 
     def cork(self) -> None:
         """Hold the writes that follow, if nothing is queued before them."""
@@ -190,19 +286,31 @@ class _CorkedWrites:
         except OSError:
             sent = 0
         if sent < len(data):
-            super().write(data[sent:])
+            self._write(data[sent:])
+
+    def _write(self, data) -> None:
+        if not self._write_timeout:
+            return super().write(data)
+        waiting = self._waiting()
+        super().write(data)
+        self._begin_wait(waiting)
 
     def write(self, data):
         if self._corked is None or not isinstance(data, bytes):
-            return super().write(data)
+            return self._write(data)
         if data:
             self._corked.append(data)
 
     def writeSequence(self, iovec):
-        if self._corked is None:
-            return super().writeSequence(iovec)
-        for data in iovec:
-            self.write(data)
+        if self._corked is not None:
+            for data in iovec:
+                self.write(data)
+        elif not self._write_timeout:
+            super().writeSequence(iovec)
+        else:
+            waiting = self._waiting()
+            super().writeSequence(iovec)
+            self._begin_wait(waiting)
 
 
 class _CorkedTCPServer(_CorkedWrites, tcp.Server):
@@ -214,6 +322,16 @@ class _CorkedUNIXServer(_CorkedWrites, unix.Server):
 
 
 _CORKED = {tcp.Server: _CorkedTCPServer, unix.Server: _CorkedUNIXServer}
+
+
+def socket_transport(transport):
+    """
+    @return: the transport that owns the socket under C{transport} (itself,
+        or the TCP transport under TLS), or C{None}.
+    """
+    while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
+        transport = transport.transport
+    return transport if getattr(transport, "socket", None) is not None else None
 
 
 def cork_writes(port) -> None:

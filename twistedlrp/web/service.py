@@ -21,7 +21,7 @@ from twistedlrp.web.events import JobEvents
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.site import Limits, LRPSite, Router
-from twistedlrp.web.wsgi import WSGIResource
+from twistedlrp.web.wsgi import StreamSlots, WSGIResource
 
 
 class ThreadPoolService(service.Service):
@@ -126,7 +126,9 @@ def build_web(
         reactor, options["threads"], options["max-waiting"], on_thread_exit=_close_db_connections
     )
     health = HealthResource(reactor, server_state, pool, started_at)
-    wsgi = WSGIResource(reactor, pool, application, _saturated)
+    limits = Limits.from_options(options)
+    wsgi = WSGIResource(reactor, pool, application, _saturated, StreamSlots(limits.stream_threads))
+    health.streams = wsgi.streams
     statics = list(options["static"])
     if not statics and not options["no-static"]:
         from twistedlrp.web.static import default_static_mapping
@@ -143,7 +145,7 @@ def build_web(
         forwarded_allow_ips=options["forwarded-allow-ips"],
         access_log_path=options["access-log"],
         access_log_format=options["access-log-format"],
-        limits=Limits.from_options(options),
+        limits=limits,
     )
     web = WebService(reactor, site, options["listen"], sockets)
     _add_metrics(options, router, site, pool)

@@ -121,26 +121,31 @@ class LRPRequest(server.Request):
 
     lrp_started: float | None = None  # monotonic seconds, once the head is in
 
+    # Bytes of the body received so far.
+    lrp_received = 0
+
     def gotLength(self, length):
-        self._lrp_received = 0
+        self.lrp_received = 0
         site = self.channel.site
         if length is not None and length > site.max_body_size:
-            self._refuse_body()
+            self.refuse_body()
             return
         super().gotLength(length)
 
     def handleContentChunk(self, data):
         if self.lrp_rejected:
             return
-        self._lrp_received += len(data)
-        if self._lrp_received > self.channel.site.max_body_size:
+        self.lrp_received += len(data)
+        if self.lrp_received > self.channel.site.max_body_size:
             # A chunked body with no declared length grew past the limit.
-            self.content.close()
-            self._refuse_body()
+            self.refuse_body()
             return
         self.content.write(data)
 
-    def _refuse_body(self) -> None:
+    def refuse_body(self) -> None:
+        """Answer 413 now, and read (and drop) the rest of the body for a little while."""
+        if self.content is not None:
+            self.content.close()
         self.lrp_rejected = True
         self.content = _Discard()
         channel = self.channel
@@ -153,6 +158,8 @@ class LRPRequest(server.Request):
         channel.site.reactor.callLater(_LINGER_SECONDS, channel.transport.abortConnection)
 
     def requestReceived(self, command, path, version):
+        if self.channel.closing and not self.lrp_rejected:
+            return  # answered 400 already
         if self.lrp_rejected:
             self.method, self.uri, self.clientproto = command, path, version
             self.path = path.split(b"?", 1)[0]
@@ -163,6 +170,7 @@ class LRPRequest(server.Request):
 
     def process(self):
         self.lrp_started = monotonic()
+        self.channel.lrp_last_request = self
         site = self.channel.site
         self.site = site
         self.setHeader(b"server", SERVER_HEADER)
@@ -209,6 +217,8 @@ class Router(Resource):
             key=lambda item: -len(item[0]),
         )
         self._application = application
+        # What Django's SecurityMiddleware would add, on every static answer.
+        self._static_headers = static.security_headers() if self._statics else []
 
     def route(self, request):
         path = request.path
@@ -216,8 +226,15 @@ class Router(Resource):
             return self._health.render(request)
         if path == self.metrics_path:
             return self.metrics.render(request)
+        if path == b"*":
+            # OPTIONS * (the channel answers * with another method 400): the
+            # server in general, which has nothing more to say.
+            request.setHeader(b"content-length", b"0")
+            return b""
         for prefix, files in self._statics:
             if path.startswith(prefix) or path + b"/" == prefix:
+                for name, value in self._static_headers:
+                    request.setHeader(name, value)
                 if request.method not in (b"GET", b"HEAD"):
                     request.setResponseCode(405)
                     request.setHeader(b"allow", b"GET, HEAD")

@@ -128,6 +128,36 @@ def default_static_mapping() -> list[tuple[str, str]]:
     return [(url, str(root))]
 
 
+SECURITY_MIDDLEWARE = "django.middleware.security.SecurityMiddleware"
+
+
+def security_headers() -> list[tuple[bytes, bytes]]:
+    """
+    @return: the headers every static answer carries: C{X-Content-Type-Options:
+        nosniff}, and when the site runs Django's C{SecurityMiddleware}, the
+        C{Referrer-Policy} and C{Cross-Origin-Opener-Policy} it would add
+        to a page (from C{SECURE_REFERRER_POLICY} and
+        C{SECURE_CROSS_ORIGIN_OPENER_POLICY}, if set).
+    """
+    headers = [(b"x-content-type-options", b"nosniff")]
+    try:
+        from django.conf import settings
+
+        if SECURITY_MIDDLEWARE not in (getattr(settings, "MIDDLEWARE", None) or ()):
+            return headers
+        referrer = getattr(settings, "SECURE_REFERRER_POLICY", None)
+        opener = getattr(settings, "SECURE_CROSS_ORIGIN_OPENER_POLICY", None)
+    except Exception:  # Django is not set up (a test of the site alone).
+        return headers
+    if referrer:
+        # As the middleware does: a comma-separated string or a list of fallbacks.
+        values = [v.strip() for v in referrer.split(",")] if isinstance(referrer, str) else referrer
+        headers.append((b"referrer-policy", ",".join(values).encode("latin-1")))
+    if opener:
+        headers.append((b"cross-origin-opener-policy", str(opener).encode("latin-1")))
+    return headers
+
+
 def serve(files: StaticDirectory | FoundFiles, request, remaining: list[bytes]):
     """
     Render the file named by the path segments C{remaining} below C{files}.

@@ -7,14 +7,17 @@ response back to the reactor.
 application call runs in a pool thread and a response that is not streamed
 is delivered to the reactor in a single ``callFromThread``. Streaming
 responses (``StreamingHttpResponse``, ``FileResponse``, any iterable that is
-not a list) are written chunk by chunk with flow control instead; a client
-that stops reading holds the pool thread at most C{--write-timeout} seconds
-per chunk, then its connection is cut and the thread freed.
+not a list) are written chunk by chunk with flow control instead. The
+connection's transport cuts a client that takes nothing for
+C{--write-timeout} seconds (L{twistedlrp.web.channel}), which frees the
+thread; at most C{--stream-threads} threads stream at once (L{StreamSlots}),
+so that short requests keep threads to run on.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
@@ -27,6 +30,14 @@ log = Logger()
 # the site does not say (--write-timeout).
 _STREAM_WRITE_TIMEOUT = 60.0
 _NO_BODY_STATUSES = {204, 304}
+# Seconds between two looks at the reactor while a stream waits for a slow
+# client (the reactor's write deadline, not this, ends the wait).
+_WAIT_SLICE = 5.0
+# Bytes of a stream handed to the reactor and not written yet, at most (then
+# the thread waits for the reactor to take them).
+_QUEUED_BYTES = 64 * 1024
+# Seconds between two warnings that streams were refused a thread.
+_REFUSED_WARNING_INTERVAL = 60.0
 
 
 class _ErrorStream:
@@ -50,6 +61,49 @@ _ERRORS = _ErrorStream()
 
 class _TooSlow(ConnectionError):
     """A streaming response could not be written within the write deadline."""
+
+
+class _NoStreamSlot(Exception):
+    """Every thread that may stream a response does (--stream-threads)."""
+
+
+class StreamSlots:
+    """
+    How many pool threads may stream a response at once (C{--stream-threads}).
+    A response that would stream beyond is answered 503 before its head
+    is sent. Used from the pool threads.
+
+    @ivar taken: threads streaming now.
+    @ivar refused: responses answered 503 for want of a slot, so far.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.taken = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._warned_at: float | None = None
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.taken >= self.limit:
+                self.refused += 1
+                return False
+            self.taken += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+    def should_warn(self) -> bool:
+        """@return: whether to warn about a refusal now (at most once a minute)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._warned_at is not None and now - self._warned_at < _REFUSED_WARNING_INTERVAL:
+                return False
+            self._warned_at = now
+            return True
 
 
 def build_environ(request, remote_addr: str, scheme: str) -> dict:
@@ -108,21 +162,29 @@ class WSGIResource(Resource):
 
     @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
     @param on_saturated: called with the request when the pool refuses it.
+    @param streams: how many of its threads may stream at once (none: all).
     """
 
     isLeaf = True
 
-    def __init__(self, reactor, pool, application, on_saturated):
+    def __init__(self, reactor, pool, application, on_saturated, streams=None):
         super().__init__()
         self._reactor = reactor
         self._pool = pool
         self._application = application
         self._on_saturated = on_saturated
+        self.streams: StreamSlots | None = streams
 
     def render(self, request):
         environ = build_environ(request, request.lrp_client, request.lrp_scheme)
         response = _WSGIResponse(
-            self._reactor, request, self._application, environ, _write_timeout(request)
+            self._reactor,
+            request,
+            self._application,
+            environ,
+            _write_timeout(request),
+            streams=self.streams,
+            reactor_deadline=getattr(request.channel, "write_deadline", False),
         )
         if not self._pool.submit(response.run):
             return self._on_saturated(request)
@@ -140,9 +202,23 @@ def _write_timeout(request) -> float | None:
 class _WSGIResponse:
     """One application call: runs in a pool thread, answers in the reactor."""
 
-    def __init__(self, reactor, request, application, environ, write_timeout=_STREAM_WRITE_TIMEOUT):
+    def __init__(
+        self,
+        reactor,
+        request,
+        application,
+        environ,
+        write_timeout=_STREAM_WRITE_TIMEOUT,
+        streams: StreamSlots | None = None,
+        reactor_deadline: bool = False,
+    ):
         self._reactor = reactor
         self._write_timeout = write_timeout
+        self._streams = streams
+        self._slot = False
+        # Whether the connection's transport cuts a client that reads nothing
+        # (then this thread waits for that, however long a slow client takes).
+        self._reactor_deadline = reactor_deadline
         self._request = request
         self._application = application
         self._environ = environ
@@ -154,6 +230,13 @@ class _WSGIResponse:
         self.disconnected = False
         # Made when the response streams (most responses are buffered).
         self._resumed: threading.Event | None = None
+        # Chunks handed to the reactor and not written yet (under _lock),
+        # at most _QUEUED_BYTES before the thread waits for _room.
+        self._lock = threading.Lock()
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._flush_scheduled = False
+        self._room: threading.Event | None = None
 
     # -- reactor thread -------------------------------------------------
 
@@ -161,6 +244,7 @@ class _WSGIResponse:
         self.disconnected = True
         if self._resumed is not None:
             self._resumed.set()
+            self._room.set()
 
     def _send_headers(self, status: str, headers: list) -> None:
         request = self._request
@@ -200,16 +284,23 @@ class _WSGIResponse:
 
     def _start_stream(self, status: str, headers: list, done: threading.Event) -> None:
         if not self.disconnected:
+            self._request.lrp_streaming = True
             self._send_headers(status, headers)
             self._request.registerProducer(self, True)
         done.set()
 
-    def _write_chunk(self, data: bytes, done: threading.Event) -> None:
+    def _flush(self) -> None:
+        with self._lock:
+            chunks, self._queued = self._queued, []
+            self._queued_bytes = 0
+            self._flush_scheduled = False
+            self._room.set()
         if not self.disconnected:
-            self._request.write(data)
-        done.set()
+            self._request.write(b"".join(chunks))
 
     def _finish_stream(self) -> None:
+        # The thread is done with it (what is left to send holds no thread).
+        self._request.lrp_streaming = False
         if self.disconnected:
             return
         self._request.unregisterProducer()
@@ -234,6 +325,7 @@ class _WSGIResponse:
     def stopProducing(self):
         self.disconnected = True
         self._resumed.set()
+        self._room.set()
 
     # -- pool thread ----------------------------------------------------
 
@@ -267,11 +359,17 @@ class _WSGIResponse:
     def _begin_stream(self) -> None:
         if self._status is None:
             raise RuntimeError("the application wrote before calling start_response()")
+        if self._streams is not None:
+            if not self._streams.take():
+                raise _NoStreamSlot()
+            self._slot = True
         self._streaming = True
         self._headers_sent = True
         # Before the reactor may pause this producer (its first write).
         self._resumed = threading.Event()
         self._resumed.set()
+        self._room = threading.Event()
+        self._room.set()
         self._call_and_wait(self._start_stream, self._status, self._headers)
         for chunk in self._written:
             self._stream(chunk)
@@ -280,9 +378,36 @@ class _WSGIResponse:
     def _stream(self, data: bytes) -> None:
         if self.disconnected or not data:
             return
-        if not self._resumed.wait(self._write_timeout):
-            raise _TooSlow("the client did not read the response")
-        self._call_and_wait(self._write_chunk, data)
+        self._wait_for_client()
+        if self.disconnected:
+            return
+        # Handed over without waiting for the reactor (a round trip per
+        # chunk is most of a stream's cost); small chunks go out together.
+        with self._lock:
+            self._queued.append(data)
+            self._queued_bytes += len(data)
+            schedule = not self._flush_scheduled
+            self._flush_scheduled = True
+            full = self._queued_bytes >= _QUEUED_BYTES
+            if full:
+                self._room.clear()
+        if schedule:
+            self._reactor.callFromThread(self._flush)
+        if full and not self._room.wait(self._write_timeout):
+            raise _TooSlow("the reactor did not take a response chunk")
+
+    def _wait_for_client(self) -> None:
+        """Wait while the reactor has paused this producer (the client is behind)."""
+        if not self._reactor_deadline:
+            if not self._resumed.wait(self._write_timeout):
+                raise _TooSlow("the client did not read the response")
+            return
+        # The transport cuts the connection --write-timeout after the client's
+        # last progress, and the cut wakes this thread; until then the client
+        # reads, however slowly.
+        while not self._resumed.wait(_WAIT_SLICE):
+            if not getattr(self._reactor, "running", True):
+                raise _TooSlow("the reactor stopped while the client did not read the response")
 
     def run(self) -> None:
         if self.disconnected:
@@ -307,6 +432,9 @@ class _WSGIResponse:
                     self._begin_stream()
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
+        except _NoStreamSlot:
+            self._refuse_stream()
+            return
         except _TooSlow as e:
             # Not the application's fault: say so once, free the thread, cut
             # the connection (what was sent cannot be taken back).
@@ -336,12 +464,30 @@ class _WSGIResponse:
                     close()
                 except BaseException:
                     log.failure("Error while closing the WSGI response")
+            if self._slot:
+                self._slot = False
+                self._streams.give_back()
         if self._streaming:
             self._reactor.callFromThread(self._finish_stream)
         else:
             self._reactor.callFromThread(
                 self._deliver, self._status, self._headers, b"".join(self._written)
             )
+
+    def _refuse_stream(self) -> None:
+        streams = self._streams
+        if streams.should_warn():
+            log.warn(
+                "{limit} threads stream responses already (--stream-threads): "
+                "{method} {path} is answered 503 ({refused} so far)",
+                limit=streams.limit,
+                method=self._environ["REQUEST_METHOD"],
+                path=self._environ["PATH_INFO"],
+                refused=streams.refused,
+            )
+        body = b"Server busy: too many streaming responses. Retry shortly.\n"
+        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")]
+        self._reactor.callFromThread(self._deliver, "503 Service Unavailable", headers, body)
 
     def _fail(self) -> None:
         if self._headers_sent:

@@ -30,6 +30,12 @@ INSTALLED_APPS = [
     "testapp",
 ]
 MIDDLEWARE = []
+# LRP_TEST_SECURITY_MIDDLEWARE: Django's SecurityMiddleware, with policies
+# that are not Django's defaults (static answers must carry them too).
+if os.environ.get("LRP_TEST_SECURITY_MIDDLEWARE"):
+    MIDDLEWARE = ["django.middleware.security.SecurityMiddleware"]
+    SECURE_REFERRER_POLICY = ["strict-origin", "no-referrer"]
+    SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin-allow-popups"
 ROOT_URLCONF = "testsite.urls"
 # A job node needs no URLconf (the test of --jobs-only removes it).
 if os.environ.get("LRP_TEST_NO_URLCONF"):
