@@ -43,9 +43,9 @@ class ServiceProtocol(wire.QuietAMP):
     (more is answered with C{PAYLOAD_TOO_LARGE}, the rest of the box is
     read and dropped, and the connection is closed).
 
-    @param gate: the listener's L{limits.Gate} (login deadline, count of the
-        connections waiting to log in, rate-limited refusal warnings), or
-        C{None} for none of those.
+    @param gate: the listener's L{limits.Gate} (login deadline, bounds on
+        the connections waiting to log in, rate-limited refusal warnings),
+        or C{None} for none of those.
     """
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
@@ -69,7 +69,11 @@ class ServiceProtocol(wire.QuietAMP):
     def connectionMade(self):
         super().connectionMade()
         if not self.authenticated and self.gate is not None:
-            self.gate.enter(self, self._login_expired)
+            self.gate.enter(self, self._transportPeer, self._login_expired)
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        self._refused = True
 
     def connectionLost(self, reason):
         if self.gate is not None:
@@ -347,8 +351,8 @@ def _guard(fn, *args) -> defer.Deferred:
 class ServiceFactory(protocol.Factory):
     """
     Builds a L{ServiceProtocol} per connection; C{secret} C{None} means
-    trusted (UNIX socket). With a C{gate}, a connection beyond the number
-    that may wait to log in is closed as soon as it is accepted.
+    trusted (UNIX socket). With a C{gate}, each connection waits its turn
+    to log in there (a new one may close the one that has waited longest).
     """
 
     noisy = False
@@ -359,8 +363,6 @@ class ServiceFactory(protocol.Factory):
         self.gate = gate
 
     def buildProtocol(self, addr):
-        if self.secret is not None and self.gate is not None and not self.gate.admit(addr):
-            return None  # the transport closes the socket at once
         return ServiceProtocol(self.service, self.secret, self.gate)
 
 
@@ -411,7 +413,7 @@ class AMPFrontEnd:
             secret = wire.read_secret(self.secret_file)
         gate = limits.Gate(self.reactor, endpoint, limits.configured_limits(), log)
         try:
-            self.port = await serverFromString(self.reactor, endpoint).listen(
+            self.port = await serverFromString(self.reactor, limits.with_backlog(endpoint)).listen(
                 ServiceFactory(service, secret, gate)
             )
         except Exception as e:

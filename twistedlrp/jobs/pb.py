@@ -23,9 +23,9 @@ never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
 What a client may send is bounded as it arrives (L{GuardedBroker}): a few
-KiB before its login succeeds, within a deadline, with a cap on the
-connections waiting to log in at once (as on the AMP listeners, see
-L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
+KiB before its login succeeds, within a deadline, with bounds on the
+connections waiting to log in at once, in all and per address (as on the
+AMP listeners, see L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
 C{--max-job-payload} plus framing.
 """
 
@@ -294,9 +294,14 @@ class GuardedBroker(pb.Broker):
         self._peer = "?"
 
     def connectionMade(self):
-        self._peer = limits.describe_peer(self.transport.getPeer())
-        self.gate.enter(self, self._login_expired)
+        peer = self.transport.getPeer()
+        self._peer = limits.describe_peer(peer)
+        self.gate.enter(self, peer, self._login_expired)
         super().connectionMade()
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        self._refused = True
 
     def connectionLost(self, reason):
         self.gate.leave(self)
@@ -361,8 +366,9 @@ class GuardedBroker(pb.Broker):
 
 class GuardedPBServerFactory(pb.PBServerFactory):
     """
-    A C{PBServerFactory} of L{GuardedBroker}s; a connection beyond the
-    number that may wait to log in is closed as soon as it is accepted.
+    A C{PBServerFactory} of L{GuardedBroker}s; each connection waits its
+    turn to log in at the gate (a new one may close the one that has
+    waited longest, see L{limits.Gate}).
     """
 
     noisy = False
@@ -373,8 +379,6 @@ class GuardedPBServerFactory(pb.PBServerFactory):
         self.max_message = max_message
 
     def buildProtocol(self, addr):
-        if not self.gate.admit(addr):
-            return None  # the transport closes the socket at once
         proto = GuardedBroker(self.gate, self.max_message, security=self.security)
         proto.factory = self
         proto.setNameForLocal("root", self.root.rootObject(proto))
@@ -408,7 +412,7 @@ def listen_pb(
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
-    d = serverFromString(reactor, endpoint).listen(factory)
+    d = serverFromString(reactor, limits.with_backlog(endpoint)).listen(factory)
 
     def listening(port):
         log.info("Job service (Perspective Broker) listening on {endpoint}", endpoint=endpoint)

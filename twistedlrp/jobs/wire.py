@@ -14,10 +14,10 @@ JSON bytes of up to C{--max-job-payload}: L{BigBytes} splits them over
 several keys of the same box (C{name} holds the count, C{name.0},
 C{name.1}, ... the pieces) and joins them on arrival, so nothing is cut.
 
-The listeners bound what a client may send (see L{Gate} and the constants
-below): a few KiB before its Login succeeds, within a deadline, with a cap
-on how many connections may wait to log in at once; after Login, one box of
-at most C{--max-job-payload} plus L{BOX_FRAMING}.
+The listeners bound what a client may send (see L{twistedlrp.jobs.limits}):
+a few KiB before its Login succeeds, within a deadline, with bounds on how
+many connections may wait to log in at once (in all and per address); after
+Login, one box of at most C{--max-job-payload} plus C{BOX_FRAMING}.
 
 The parent and its worker children speak the same way over pipes with
 C{RunJob}, C{CancelJob}, C{WorkerReady} and C{ReportProgress}.
