@@ -534,3 +534,15 @@ def test_a_missing_state_dir_is_created_private(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+
+
+def test_tcp_job_listeners_get_a_longer_listen_queue():
+    assert limits.with_backlog("tcp:8790") == "tcp:8790:backlog=1024"
+    assert limits.with_backlog("tcp6:port=8790:interface=\\:\\:1") == (
+        "tcp6:port=8790:interface=\\:\\:1:backlog=1024"
+    )
+    assert (
+        limits.with_backlog("ssl:443:privateKey=k.pem") == "ssl:443:privateKey=k.pem:backlog=1024"
+    )
+    assert limits.with_backlog("tcp:8790:backlog=10") == "tcp:8790:backlog=10"
+    assert limits.with_backlog("unix:/run/x.sock") == "unix:/run/x.sock"

@@ -23,7 +23,12 @@ from twisted.protocols import amp
 from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.client import unix_client_endpoint
-from twistedlrp.jobs.errors import AuthenticationFailed, JobError, PayloadTooLarge
+from twistedlrp.jobs.errors import (
+    AuthenticationFailed,
+    InvalidArguments,
+    JobError,
+    PayloadTooLarge,
+)
 from twistedlrp.services import StartupFailed
 from twistedlrp.values import permissions_problem
 
@@ -258,10 +263,40 @@ class ServiceProtocol(wire.QuietAMP):
 
     # -- commands -------------------------------------------------------
 
+    def ampBoxReceived(self, box):
+        if amp.COMMAND not in box:
+            # An answer, an error or nothing: this service asks its clients nothing.
+            self._warn(
+                "not-a-command", "Job client {peer} sent a box that is not a command: disconnected"
+            )
+            self._close()
+            return
+        super().ampBoxReceived(box)
+
+    def unhandledError(self, failure):
+        """
+        A command sent without C{_ask} failed (AMP would log it with a
+        traceback and close): our own refusals are dropped quietly (the
+        connection closes when they are fatal); anything else is an
+        internal error, logged at most once per cause and interval.
+        """
+        if failure.check(amp.RemoteAmpError):
+            if failure.value.fatal:
+                self._close()
+            return
+        limits.internal_errors.failure(
+            log,
+            failure,
+            "Job client {peer}: {op} failed unexpectedly; the connection is closed",
+            op="connection",
+            peer=limits.describe_peer(getattr(self, "_transportPeer", None)),
+        )
+        self._close()
+
     def locateResponder(self, name):
         responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            return responder
+            return None if responder is None else self._reading_arguments(responder)
 
         def refuse(box):
             self._warn(
@@ -279,6 +314,26 @@ class ServiceProtocol(wire.QuietAMP):
             )
 
         return refuse
+
+    def _reading_arguments(self, responder):
+        """
+        C{responder}, whose arguments that cannot be read are answered with
+        C{INVALID_ARGUMENTS} naming them (see L{wire._Command.parseArguments};
+        AMP would answer an unknown error, log a traceback and close);
+        before Login, the connection is closed after that answer.
+        """
+
+        def read(box):
+            try:
+                return responder(box)
+            except InvalidArguments as e:
+                return defer.fail(
+                    amp.RemoteAmpError(
+                        wire.ERRORS[InvalidArguments], str(e), fatal=not self.authenticated
+                    )
+                )
+
+        return read
 
     @wire.Challenge.responder
     def challenge(self):
@@ -335,15 +390,18 @@ class ServiceProtocol(wire.QuietAMP):
 
 def _guard(fn, *args) -> defer.Deferred:
     """
-    Call a service operation; an unexpected error is logged and sent as a
+    Call a service operation; an unexpected error is logged (at most one
+    traceback per cause and interval, L{limits.FailureLog}) and sent as a
     L{JobError} (an error AMP does not know would close the connection).
     """
 
     def translate(failure):
         if failure.check(JobError):
             return failure
-        log.failure("Job service operation {op} failed", failure, op=fn.__name__)
-        raise JobError(f"internal error in the job service: {failure.getErrorMessage()}")
+        limits.internal_errors.failure(
+            log, failure, "Job service operation {op} failed", op=fn.__name__
+        )
+        raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
 
     return defer.maybeDeferred(fn, *args).addErrback(translate)
 

@@ -47,6 +47,8 @@ BOX_FRAMING = 256 * 1024
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
+# At most one traceback of each cause of an internal error in this many seconds.
+FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,90 @@ class RefusalLog:
             **state.kwargs,
         )
         state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+
+
+@dataclass
+class _Failures:
+    """The tracebacks of one cause (see L{FailureLog})."""
+
+    logged_at: float
+    left_out: int = 0
+    last: str = ""
+    summary: object = None  # the IDelayedCall that logs the count of those left out
+
+
+class FailureLog:
+    """
+    Tracebacks of the job service's internal errors (an operation failed
+    in a way it does not expect, answered as "internal error"), at most
+    one per cause every C{interval} seconds, so that a client that finds
+    one cannot fill the log: the first is logged whole (CRITICAL, with its
+    traceback); the others of the same cause in the interval are counted,
+    and one line at its end says how many there were, with the last one's
+    message. A cause is the operation, the exception's type and the line
+    that raised it.
+
+    @param clock: the reactor (the global one by default, looked up when needed).
+    """
+
+    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
+        self._clock = clock
+        self.interval = interval
+        self._causes: dict[tuple, _Failures] = {}
+
+    @property
+    def clock(self):
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
+
+    def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
+        """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
+        place = _raised_at(failure)
+        cause = (log.namespace, op, failure.type, place)
+        now = self.clock.seconds()
+        state = self._causes.get(cause)
+        if state is None or (now - state.logged_at >= self.interval and not state.left_out):
+            log.failure(format, failure, op=op, **kwargs)
+            self._causes[cause] = _Failures(now)
+            return
+        state.left_out += 1
+        state.last = failure.getErrorMessage()[:500]
+        if state.summary is None:
+            delay = max(state.logged_at + self.interval - now, 0)
+            state.summary = self.clock.callLater(
+                delay, self._summary, log, format, op, kwargs, failure.type, place, state
+            )
+
+    def _summary(self, log, format, op, kwargs, error_type, place, state: _Failures) -> None:
+        log.critical(
+            format + " ({failures_left_out} more times, of the same cause ({error_type} at "
+            "{error_place}), in the last {failure_interval:g} s; their tracebacks are not "
+            "logged one by one; the last: {last_error})",
+            op=op,
+            failures_left_out=state.left_out,
+            error_type=getattr(error_type, "__qualname__", error_type),
+            error_place=place,
+            failure_interval=self.interval,
+            last_error=state.last,
+            **kwargs,
+        )
+        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+
+
+def _raised_at(failure: Failure) -> str:
+    """@return: C{file:line} of the innermost frame of C{failure}'s traceback, if it has one."""
+    frames = getattr(failure, "frames", None)
+    if not frames:
+        return "?"
+    _, filename, line = frames[-1][:3]
+    return f"{filename}:{line}"
+
+
+#: The job service's one L{FailureLog} (its front ends and its local client share it).
+internal_errors = FailureLog()
 
 
 class Gate:
