@@ -254,9 +254,13 @@ def test_idle_connections_from_another_address_do_not_keep_a_client_out(node):
             sock.close()
     # The same while 127.0.0.2 opens new connections without end.
     with Churn(node.amp_port, "127.0.0.2") as churn:
-        before = churn.opened
-        slowest = max(timed_login(node.amp_port) for _ in range(10))
-        assert churn.opened > before  # it went on meanwhile
+        # At least 10 logins, while at least 200 more connections come from 127.0.0.2.
+        times, until = [], churn.opened + 200
+        deadline = time.monotonic() + 30
+        while (len(times) < 10 or churn.opened < until) and time.monotonic() < deadline:
+            times.append(timed_login(node.amp_port))
+        assert churn.opened >= until, (churn.opened, until)
+        slowest = max(times)
     assert slowest < 1, slowest
     client.close()
     output = node.output()
@@ -385,7 +389,7 @@ def test_idle_pb_connections_from_another_address_do_not_keep_a_client_out(node)
         answer = pb_login(node.pb_port, times=5)
         assert churn.opened > before
     assert answer.get("stats") and answer["seconds"] < 1, answer
-    assert "PB job client" not in node.output() or "failed to log in" not in node.output()
+    assert "failed to log in" not in node.output()
 
 
 # -- permissions -----------------------------------------------------------------------
