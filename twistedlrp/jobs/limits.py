@@ -1,8 +1,9 @@
 """
 The limits of the job listeners (docs/protocol.md, "Limits"): what a client
 may send before it logs in and for how long, how many may wait to log in at
-once, in all and per peer address (L{Gate}), and warnings about refused clients that a flood cannot turn
-into a flood of log lines (L{RefusalLog}). The AMP front end
+once, in all and per peer address (L{Gate}), and warnings about refused
+clients (L{RefusalLog}) and tracebacks of internal errors (L{FailureLog})
+that a flood cannot turn into a flood of log lines. The AMP front end
 (L{twistedlrp.jobs.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
 apply them.
 """
