@@ -9,16 +9,28 @@ test_faults_workers).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import sqlite3
+import struct
 import time
 import uuid
 
 import pytest
 import pytest_twisted
-from jobsupport import AMPClient, api, count_jobs, make_template_db, start_server, wait_job
+from jobsupport import (
+    AMPClient,
+    api,
+    count_jobs,
+    make_template_db,
+    rows,
+    start_server,
+    stored_id,
+    wait_job,
+)
 from test_jobs_pb import Connection, _failure_of
 
 from support import free_port, postgres, request, wait_for
@@ -403,3 +415,276 @@ def test_a_submit_whose_answer_is_lost_says_so_and_a_retry_with_its_id_is_safe(t
         node.kill()
         if web is not None:
             web.kill()
+
+
+# -- malformed arguments, job ids, internal errors ---------------------------------
+
+
+def _gated_job(server, marker_dir) -> str:
+    """@return: the id of a job that runs until the file marker_dir/go-1 exists."""
+    return api(server, "submit", name="testapp.jobs.gated_steps", args=[str(marker_dir), 1])["job"][
+        "id"
+    ]
+
+
+def _amp_box(**values) -> bytes:
+    data = b""
+    for key, value in values.items():
+        key = key.replace("__", ".").encode()
+        value = value if isinstance(value, bytes) else str(value).encode()
+        data += struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+    return data + b"\x00\x00"
+
+
+def test_malformed_amp_arguments_are_answered_invalid_arguments(server, tmp_path):
+    job_id = _gated_job(server, tmp_path)
+    submit = {"name": "testapp.jobs.add"}
+    cases = [
+        ("Submit", {**submit, "payload": b"1", "payload.0": b"[" * 30_000}, "nested too deeply"),
+        ("Submit", {**submit, "payload": b"abc"}, "payload: cannot be read (expected a count"),
+        ("Submit", {**submit, "payload": b"99999"}, "count of pieces from 1 to 2000"),
+        ("Submit", {**submit, "payload": b"3", "payload.0": b"{}"}, "piece 1 of 3 is missing"),
+        ("Submit", {"payload": b"1", "payload.0": b"{}"}, "name: missing"),
+        ("Wait", {"job_id": job_id, "timeout": b"nan"}, "timeout: must be a finite number"),
+        ("Wait", {"job_id": job_id, "timeout": b"inf"}, "timeout: must be a finite number"),
+        ("Wait", {"job_id": job_id, "timeout": b"1e308"}, "a Wait waits from 0 to 3600 seconds"),
+        ("Wait", {"job_id": job_id, "timeout": b"3600.5"}, "a Wait waits from 0 to 3600 seconds"),
+        ("Wait", {"job_id": job_id, "timeout": b"-1"}, "a Wait waits from 0 to 3600 seconds"),
+        ("Wait", {"job_id": job_id, "timeout": b"soon"}, "timeout: cannot be read"),
+        ("Wait", {"job_id": job_id}, "timeout: missing"),
+        ("Wait", {"job_id": job_id, "timeout": b"1", "seen": b"s" * 100}, "seen: expected"),
+        ("ListJobs", {"limit": b"1000000000"}, "limit: expected a whole number from 0 to 1000"),
+        ("ListJobs", {"limit": b"1001"}, "limit: expected a whole number from 0 to 1000"),
+        ("ListJobs", {"limit": b"-1"}, "limit: expected a whole number from 0 to 1000"),
+        ("ListJobs", {"limit": b"1e9"}, "limit: cannot be read"),
+        ("ListJobs", {"limit": b"10", "state": b"done"}, "state: expected one of queued,"),
+        ("Status", {"job_id": b"\xff\xfe"}, "job_id: cannot be read"),
+        ("Cancel", {}, "job_id: missing"),
+        ("Announce", {"job_ids": b"\x00\x02\xff\xfe"}, "job_ids: cannot be read"),
+    ]
+    client = _amp_login(server)
+    try:
+        for command, arguments, said in cases:
+            answer = client.call(command, **arguments)
+            assert answer.get(b"_error_code") == b"INVALID_ARGUMENTS", (command, arguments, answer)
+            assert said.encode() in answer[b"_error_description"], (command, answer)
+        # The connection is still usable, the job untouched.
+        answer = client.call("Status", job_id=job_id)
+        assert json.loads(answer[b"job.0"])["state"] in ("queued", "running"), answer
+        assert json.loads(client.call("ListJobs", limit=1000)[b"jobs.0"])["jobs"]
+        assert json.loads(client.call("ListJobs", limit=0)[b"jobs.0"]) == {"jobs": []}
+    finally:
+        client.close()
+        (tmp_path / "go-1").touch()
+    assert wait_job(server, job_id)["state"] == "succeeded"
+    _no_internal_errors(server)
+    assert "Traceback" not in server.output()
+
+
+def test_boxes_that_are_not_commands_close_the_connection_without_a_traceback(server):
+    for box in (_amp_box(x=b"y"), _amp_box(_answer=b"99"), _amp_box(_command=b"Stats")):
+        sock = socket.create_connection(("127.0.0.1", server.amp_port), timeout=10)
+        try:
+            sock.sendall(box)
+            assert sock.recv(65536) == b""  # closed, without an answer
+        finally:
+            sock.close()
+    wait_for(
+        lambda: "sent a box that is not a command: disconnected" in server.output(),
+        10,
+        message="the warning",
+    )
+    assert "Job client 127.0.0.1:" in server.output()
+    assert "Traceback" not in server.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_pb_calls_are_answered_invalid_arguments(server, tmp_path):
+    job_id = _gated_job(server, tmp_path)
+    cases = [
+        (("wait", job_id, float("nan")), "timeout: must be a finite number"),
+        (("wait", job_id, 1e308), "a Wait waits from 0 to 3600 seconds"),
+        (("wait", job_id, -1), "a Wait waits from 0 to 3600 seconds"),
+        (("wait", job_id, "soon"), "timeout: expected a number"),
+        (("wait",), "wait: missing a required argument: 'job_id'"),
+        (("wait", job_id, 1, 2), "wait: too many positional arguments"),
+        (("list_jobs", None, None, 10**9), "limit: expected a whole number from 0 to 1000"),
+        (("list_jobs", None, None, -1), "limit: expected a whole number from 0 to 1000"),
+        (("list_jobs", None, None, "ten"), "limit: expected a whole number from 0 to 1000"),
+        (("list_jobs", "done"), "state: expected one of"),
+        (("list_jobs", None, ["a"]), "name: expected a job name"),
+        (("status", [1]), "job_id: expected a job id (a UUID), got [1]"),
+        (("cancel", 12), "job_id: expected a job id (a UUID), got 12"),
+        (("submit", "testapp.jobs.add", [1, 2], None, 10**30), "priority: must be between"),
+        (("submit", "x" * 300, [1, 2]), "name: a job name has at most 255 characters"),
+        (("nope",), "the job service has no operation 'nope'"),
+    ]
+    connection = Connection(server.pb_port)
+    try:
+        avatar = await connection.login(SECRET)
+        for call, said in cases:
+            failure = await _failure_of(avatar.callRemote(*call))
+            assert failure.check("twistedlrp.jobs.pb.InvalidArgumentsError"), (call, failure)
+            assert said in failure.getErrorMessage(), (call, failure.getErrorMessage())
+        # Still usable.
+        job = await avatar.callRemote("status", job_id)
+        assert job["state"] in ("queued", "running")
+        assert len(await avatar.callRemote("list_jobs", None, None, 1000)) >= 1
+    finally:
+        connection.close()
+        (tmp_path / "go-1").touch()
+    assert wait_job(server, job_id)["state"] == "succeeded"
+    _no_internal_errors(server)
+    assert "Traceback" not in server.output()
+
+
+def _banana_string(value: bytes) -> bytes:
+    return _b128(len(value)) + b"\x82" + value
+
+
+def _b128(number: int) -> bytes:
+    from twisted.spread import banana
+
+    pieces = []
+    banana.int2b128(number, pieces.append)
+    return b"".join(pieces)
+
+
+def _banana_list(*encoded: bytes) -> bytes:
+    return _b128(len(encoded)) + b"\x80" + b"".join(encoded)
+
+
+def test_pb_calls_that_cannot_be_read_before_login_are_refused_without_tracebacks(server):
+    def login_call(*arguments: bytes) -> bytes:
+        # ["message", request id, "root", "login", answer required, args, kwargs] (jelly)
+        return _banana_list(
+            _banana_string(b"message"),
+            _b128(1) + b"\x81",
+            _banana_string(b"root"),
+            _banana_string(b"login"),
+            _b128(1) + b"\x81",
+            _banana_list(_banana_string(b"tuple"), *arguments),
+            _banana_list(_banana_string(b"dictionary")),
+        )
+
+    deep = _b128(1) + b"\x81"
+    for _ in range(450):  # a list in a list ...: jelly reads it recursively
+        deep = _banana_list(_banana_string(b"list"), deep)
+    messages = {
+        "no user name": login_call(),
+        "nested too deeply": login_call(deep),
+        "not a list": _b128(7) + b"\x81",
+    }
+    for what, message in messages.items():
+        assert len(message) < 4000, what
+        sock = socket.create_connection(("127.0.0.1", server.pb_port), timeout=10)
+        try:
+            # The dialect ("none": no abbreviations), then the message.
+            sock.sendall(_banana_string(b"none") + message)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+                if what != "not a list" and b"InvalidArgumentsError" in received:
+                    break
+            if what == "not a list":
+                assert b"InvalidArgumentsError" not in received  # closed
+            else:
+                assert b"the call cannot be made" in received, (what, received)
+        finally:
+            sock.close()
+    output = server.output()
+    wait_for(
+        lambda: "sent what Perspective Broker cannot read" in server.output(),
+        10,
+        message="the warning",
+    )
+    assert "made a call that cannot be made ('login': " in output
+    assert "Traceback" not in server.output()
+
+
+def test_job_ids_have_one_canonical_form(server, tmp_path):
+    job_id = _gated_job(server, tmp_path)
+    client = _amp_login(server)
+    waiter = _amp_login(server)
+    try:
+        spellings = [job_id.upper(), job_id.replace("-", ""), "{" + job_id + "}", job_id]
+        for spelling in spellings:
+            answer = client.call("Status", job_id=spelling)
+            assert json.loads(answer[b"job.0"])["id"] == job_id, (spelling, answer)
+        assert api(server, "get", id=job_id.upper())["job"]["id"] == job_id
+        # A Wait under another spelling is answered when the job ends, not at its timeout.
+        started = time.monotonic()
+        waiter.sock.sendall(_amp_box(_command="Wait", _ask="w", job_id=job_id.upper(), timeout=60))
+        # A round trip on another connection: the Wait has been read by now.
+        state = json.loads(client.call("Status", job_id=job_id)[b"job.0"])["state"]
+        assert state in ("queued", "running")
+        (tmp_path / "go-1").touch()
+        answer = waiter.read_box()
+        assert json.loads(answer[b"job.0"])["state"] == "succeeded", answer
+        assert time.monotonic() - started < 30
+        # A submission's chosen id, in capitals: stored and answered in the canonical form.
+        chosen = str(uuid.uuid4())
+        payload = {"payload": b"1", "payload.0": b'{"args":[1,2],"kwargs":{}}'}
+        answer = client.call("Submit", name="testapp.jobs.add", id=chosen.upper(), **payload)
+        assert json.loads(answer[b"job.0"])["id"] == chosen, answer
+        again = api(server, "submit", name="testapp.jobs.add", args=[1, 2], id=chosen)["job"]
+        assert again["id"] == chosen
+        assert (
+            rows(
+                server.db,
+                "select count(*) from twistedlrp_job where id = ?",
+                stored_id(chosen),
+            )[0][0]
+            == 1
+        )
+        # Not a UUID at all: no job has it.
+        answer = client.call("Status", job_id="no-such-job")
+        assert answer[b"_error_code"] == b"UNKNOWN_JOB", answer
+    finally:
+        client.close()
+        waiter.close()
+
+
+@pytest.mark.skipif(bool(postgres()), reason="writes the SQLite store directly")
+def test_an_internal_error_is_logged_once_per_cause_not_once_per_call(template, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)
+    amp_port = free_port()
+    node = start_server(
+        template,
+        tmp_path / "node",
+        "--jobs-listen",
+        f"tcp:{amp_port}:interface=127.0.0.1",
+        "--jobs-secret-file",
+        str(secret),
+        "--workers",
+        "0",
+    )
+    try:
+        node.amp_port = amp_port
+        # A row the store cannot read (as a bug or a hand edit could leave): its
+        # result is JSON nested deeper than Python's json module reads.
+        broken = _insert_job(
+            tmp_path / "node" / "db.sqlite3", state="succeeded", result="[" * 995 + "]" * 995
+        )
+        client = _amp_login(node)
+        try:
+            for _ in range(20):
+                answer = client.call("Status", job_id=broken)
+                assert answer.get(b"_error_code") == b"JOB_ERROR", answer
+                assert b"internal error in the job service" in answer[b"_error_description"]
+            # The service is fine otherwise.
+            assert b"stats" in client.call("Stats")
+        finally:
+            client.close()
+        wait_for(
+            lambda: "Job service operation status failed" in node.output(),
+            10,
+            message="the traceback",
+        )
+        output = node.output()
+        assert output.count("Job service operation status failed") == 1, output
+        assert output.count("Traceback") == 1, output
+    finally:
+        node.kill()

@@ -7,12 +7,18 @@ refusal to start on a state directory or secret file others may use.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
+import json
 import select
 import socket
 import struct
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -174,43 +180,110 @@ def test_a_client_that_does_not_log_in_is_closed_after_the_deadline(node):
     assert f"did not log in within {LOGIN_TIMEOUT} s: disconnected" in node.output()
 
 
-def test_connections_that_do_not_log_in_are_capped(node):
-    client = logged_in_client(node.amp_port)
-    flood = []
+def flood(port: int, source: str, count: int) -> list[socket.socket]:
+    """C{count} connections from C{source} that never log in (closed ones are kept too)."""
+    held = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        held.append(sock)
+    return held
+
+
+class Churn(threading.Thread):
+    """Connects from C{source} as fast as it can without logging in, holding the last C{hold}."""
+
+    def __init__(self, port: int, source: str, hold: int = 1000):
+        super().__init__(daemon=True)
+        self.port, self.source, self.hold = port, source, hold
+        self.held: collections.deque[socket.socket] = collections.deque()
+        self.opened = 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            try:
+                self.held.extend(flood(self.port, self.source, 1))
+                self.opened += 1
+            except OSError:
+                continue
+            while len(self.held) > self.hold:
+                self.held.popleft().close()
+
+    def __enter__(self):
+        self.start()
+        wait_for(lambda: self.opened >= self.hold, 30, message=f"{self.hold} connections")
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join(10)
+        for sock in self.held:
+            sock.close()
+
+
+def timed_login(port: int) -> float:
+    started = time.monotonic()
+    client = logged_in_client(port)
     try:
-        started = time.monotonic()
-        for _ in range(100):
-            flood.append(socket.create_connection(("127.0.0.1", node.amp_port), timeout=10))
-        # Those over the cap of 64 are closed at once; the others wait for their deadline.
-        wait_for(
-            lambda: sum(map(closed, flood)) >= 36, LOGIN_TIMEOUT - 2, interval=0.05, message="36"
-        )
-        assert sum(map(closed, flood)) == 36
-        # A new one has to wait for room ...
-        newcomer = AMPClient("127.0.0.1", node.amp_port)
-        assert newcomer.closed_by_server(1)
-        newcomer.close()
-        # (all that before the deadline of the 64 that wait)
-        assert time.monotonic() - started < LOGIN_TIMEOUT - 0.5
-        # ... while a client that logged in before is not affected.
         assert stats_work(client)
     finally:
-        for sock in flood:
+        client.close()
+    return time.monotonic() - started
+
+
+def test_idle_connections_from_another_address_do_not_keep_a_client_out(node):
+    client = logged_in_client(node.amp_port)
+    held = flood(node.amp_port, "127.0.0.2", 1000)
+    try:
+        # 8 of them wait to log in; each new one closed the oldest from its address.
+        wait_for(
+            lambda: sum(map(closed, held)) >= 1000 - 8,
+            LOGIN_TIMEOUT - 1,
+            interval=0.05,
+            message="closed",
+        )
+        assert sum(map(closed, held)) == 1000 - 8
+        # A client from 127.0.0.1 logs in at once, and the one logged in before is fine.
+        assert timed_login(node.amp_port) < 1
+        assert stats_work(client)
+    finally:
+        for sock in held:
             sock.close()
-    # The room is back as they go.
-    late = wait_for(lambda: _try_login(node.amp_port), 10, interval=0.1, message="a login")
-    assert stats_work(late)
-    late.close()
-    assert stats_work(client)
+    # The same while 127.0.0.2 opens new connections without end.
+    with Churn(node.amp_port, "127.0.0.2") as churn:
+        # At least 10 logins, while at least 200 more connections come from 127.0.0.2.
+        times, until = [], churn.opened + 200
+        deadline = time.monotonic() + 30
+        while (len(times) < 10 or churn.opened < until) and time.monotonic() < deadline:
+            times.append(timed_login(node.amp_port))
+        assert churn.opened >= until, (churn.opened, until)
+        slowest = max(times)
+    assert slowest < 1, slowest
     client.close()
+    output = node.output()
+    assert "8 connections from 127.0.0.2 were waiting to log in, the most allowed from one " in (
+        output
+    )
+    assert "Job client 127.0.0.2:" in output
 
-    # One line for the flood, and one more at the end of the interval that counts the others.
-    def lines():
-        return [line for line in node.output().splitlines() if "already waiting to log in" in line]
 
-    wait_for(lambda: len(lines()) >= 2, 10, message="the count line")
-    assert len(lines()) == 2, lines()
-    assert "(36 more like this in the last 5 s" in lines()[1]
+def test_when_all_addresses_together_fill_the_listener_a_new_client_still_logs_in(node):
+    # 8 addresses × 8 connections: the 64 the listener lets wait.
+    held = [sock for n in range(3, 11) for sock in flood(node.amp_port, f"127.0.0.{n}", 8)]
+    try:
+        # One more, from another address, closes the one that waited longest.
+        assert timed_login(node.amp_port) < 1
+        wait_for(lambda: closed(held[0]), 2, interval=0.05, message="the oldest closed")
+        assert not any(closed(sock) for sock in held[1:])
+    finally:
+        for sock in held:
+            sock.close()
+    assert "64 connections were waiting to log in, the most allowed; a new one took" in (
+        node.output()
+    )
 
 
 def _try_login(port):
@@ -281,6 +354,42 @@ def test_a_huge_pb_message_before_login_is_cut_off(node):
         10,
         message="the warning",
     )
+
+
+def pb_login(port: int, times: int = 1) -> dict:
+    """@return: what tests/programs/pb_login.py says of C{times} logins from 127.0.0.1."""
+    program = Path(__file__).parent / "programs" / "pb_login.py"
+    done = subprocess.run(
+        [sys.executable, str(program), str(port), SECRET.decode(), "127.0.0.1", str(times)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_idle_pb_connections_from_another_address_do_not_keep_a_client_out(node):
+    held = flood(node.pb_port, "127.0.0.2", 1000)
+    try:
+        wait_for(
+            lambda: sum(map(closed, held)) >= 1000 - 8,
+            LOGIN_TIMEOUT - 1,
+            interval=0.05,
+            message="closed",
+        )
+        answer = pb_login(node.pb_port)
+    finally:
+        for sock in held:
+            sock.close()
+    assert answer.get("stats"), answer
+    assert answer["seconds"] < 1, answer
+    with Churn(node.pb_port, "127.0.0.2") as churn:
+        before = churn.opened
+        answer = pb_login(node.pb_port, times=5)
+        assert churn.opened > before
+    assert answer.get("stats") and answer["seconds"] < 1, answer
+    assert "failed to log in" not in node.output()
 
 
 # -- permissions -----------------------------------------------------------------------

@@ -126,10 +126,13 @@ async def test_nothing_but_login_before_authentication(server):
     try:
         root = await connection.factory.getRootObject()
         failure = await _failure_of(root.callRemote("submit", "testapp.jobs.add", [1, 2]))
-        assert failure.check("twisted.spread.flavors.NoSuchMethod"), failure.type
-        assert "submit" in failure.getErrorMessage()
+        assert failure.check("twistedlrp.jobs.pb.JobServiceError"), failure.type
+        assert "'submit': no such method before login" in failure.getErrorMessage()
     finally:
         connection.close()
+    # A refusal, logged as such, not as a traceback.
+    assert "called 'submit' before logging in: refused" in server.output()
+    assert "Traceback" not in server.output()
 
 
 @pytest_twisted.ensureDeferred

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 from twisted.cred import credentials, portal
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -80,8 +80,8 @@ def amp_server(secret=SECRET, bounds=limits.Limits(), service=None):
     return clock, gate, factory
 
 
-def connect(factory, port=40000):
-    peer = IPv4Address("TCP", "127.0.0.1", port)
+def connect(factory, port=40000, host="127.0.0.1"):
+    peer = IPv4Address("TCP", host, port)
     proto = factory.buildProtocol(peer)
     if proto is None:
         return None, None
@@ -219,25 +219,63 @@ def test_the_login_deadline(warnings):
     assert gate.waiting == 0 and not clock.getDelayedCalls()
 
 
-def test_connections_waiting_to_log_in_are_capped(warnings):
-    clock, gate, factory = amp_server(bounds=limits.Limits(max_unauthenticated=3))
-    waiting = [connect(factory, 40000 + n) for n in range(3)]
-    assert connect(factory, 40010) == (None, None)
-    assert connect(factory, 40011) == (None, None)
-    # One line for the two refusals, and a count at the end of the interval.
-    refused = [w for w in warnings if "already waiting to log in" in w]
-    assert len(refused) == 1 and "127.0.0.1:40010" in refused[0]
-    # A login makes room, and so does a connection that goes away.
-    login(*waiting[0])
-    proto, transport = connect(factory, 40012)
-    assert proto is not None
-    waiting[1][0].connectionLost(Failure(ConnectionDone()))
-    assert connect(factory, 40013)[0] is not None
-    assert connect(factory, 40014) == (None, None)
+def test_connections_from_one_address_make_room_among_themselves(warnings):
+    bounds = limits.Limits(max_unauthenticated=5, max_unauthenticated_per_peer=2)
+    clock, gate, factory = amp_server(bounds=bounds)
+    first = connect(factory, 40000)
+    second = connect(factory, 40001)
+    other = connect(factory, 40100, host="127.0.0.2")
+    assert gate.waiting == 3 and gate.waiting_from(first[0]._transportPeer) == 2
+    # A third from 127.0.0.1 closes the one from there that has waited longest ...
+    third = connect(factory, 40002)
+    assert third[0] is not None
+    assert first[1].disconnecting and first[0]._refused
+    assert not second[1].disconnecting and not other[1].disconnecting
+    assert gate.waiting == 3 and gate.evictions == 1
+    # ... and that one's data is dropped, its deadline is gone.
+    first[0].dataReceived(encode({b"_command": b"Challenge", b"_ask": b"1"}))
+    assert boxes(first[1]) == []
+    assert len(clock.getDelayedCalls()) == 3
+    # Many more from 127.0.0.1: 127.0.0.2 keeps its place and logs in.
+    for port in range(40003, 40050):
+        connect(factory, port)
+    assert gate.waiting == 3 and gate.evictions == 48
+    assert not other[1].disconnecting
+    login(*other)
+    assert gate.waiting == 2
+    refused = [w for w in warnings if "from one address" in w]
+    assert len(refused) == 1 and "127.0.0.1:40000" in refused[0]
+    assert "2 connections from 127.0.0.1 were waiting to log in" in refused[0]
     clock.advance(limits.REFUSAL_LOG_INTERVAL)
-    refused = [w for w in warnings if "already waiting to log in" in w]
-    assert len(refused) == 2
-    assert "2 more like this in the last 5 s" in refused[1] and "40014" in refused[1]
+    refused = [w for w in warnings if "from one address" in w]
+    assert len(refused) == 2 and "47 more like this in the last 5 s" in refused[1]
+
+
+def test_when_all_are_waiting_the_one_that_waited_longest_makes_room(warnings):
+    bounds = limits.Limits(max_unauthenticated=3, max_unauthenticated_per_peer=2)
+    clock, gate, factory = amp_server(bounds=bounds)
+    waiting = [connect(factory, 40000 + n, host=f"127.0.0.{n + 2}") for n in range(3)]
+    clock.advance(1)
+    newcomer = connect(factory, 40010, host="127.0.0.9")
+    assert waiting[0][1].disconnecting
+    assert not any(transport.disconnecting for _, transport in waiting[1:])
+    assert gate.waiting == 3
+    assert "connections were waiting to log in, the most allowed" in warnings[-1]
+    assert "127.0.0.2:40000" in warnings[-1]
+    # A login, or a connection that goes away, makes room without closing any.
+    login(*newcomer)
+    waiting[1][0].connectionLost(Failure(ConnectionDone()))
+    connect(factory, 40011, host="127.0.0.9")
+    connect(factory, 40012, host="127.0.0.10")
+    assert gate.evictions == 1 and gate.waiting == 3
+
+
+def test_ipv6_peers_are_counted_by_their_64():
+    assert limits.peer_key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1)) == "2001:db8:1:2::/64"
+    assert limits.peer_key(IPv6Address("TCP", "2001:db8:1:2:bbbb::7", 1)) == "2001:db8:1:2::/64"
+    assert limits.peer_key(IPv6Address("TCP", "2001:db8:1:3::1", 1)) == "2001:db8:1:3::/64"
+    assert limits.peer_key(IPv6Address("TCP", "::ffff:10.0.0.7", 1)) == "10.0.0.7"
+    assert limits.peer_key(IPv4Address("TCP", "10.0.0.7", 1)) == "10.0.0.7"
 
 
 def test_the_trusted_socket_has_no_deadline_and_no_cap():
@@ -341,13 +379,14 @@ def pb_server(bounds=limits.Limits(), max_message=300_000):
     return clock, gate, GuardedPBServerFactory(guard, gate, max_message)
 
 
-def pb_connect(factory):
-    server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40100))
-    if server is None:
-        return None, None, None
+def pb_connect(factory, host="127.0.0.1"):
+    peer = IPv4Address("TCP", host, 40100)
+    server = factory.buildProtocol(peer)
     client_factory = pb.PBClientFactory()
     client = client_factory.buildProtocol(None)
-    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+    server_transport = iosim.makeFakeServer(server)
+    server_transport.peerAddress = peer
+    pump = iosim.connect(server, server_transport, client, iosim.makeFakeClient(client))
     return server, client_factory, pump
 
 
@@ -394,13 +433,22 @@ def test_pb_login_deadline():
     assert server.transport.disconnecting
 
 
-def test_pb_connections_waiting_to_log_in_are_capped():
-    clock, gate, factory = pb_server(bounds=limits.Limits(max_unauthenticated=2))
+def test_pb_connections_from_one_address_make_room_among_themselves():
+    bounds = limits.Limits(max_unauthenticated=4, max_unauthenticated_per_peer=2)
+    clock, gate, factory = pb_server(bounds=bounds)
+    other = pb_connect(factory, host="127.0.0.2")
     first = pb_connect(factory)
     pb_connect(factory)
-    assert pb_connect(factory) == (None, None, None)
-    pb_login(first[1], first[2])
-    assert pb_connect(factory)[0] is not None
+    pb_connect(factory)
+    assert first[0]._refused and first[0].transport.disconnecting
+    assert gate.waiting == 3
+    # The one from the other address was not pushed out: it logs in.
+    avatar = pb_login(other[1], other[2])
+    assert other[0].authenticated and gate.waiting == 2
+    answers = []
+    avatar.callRemote("stats").addBoth(answers.append)
+    other[2].flush()
+    assert answers == [{"counters": {}}]
 
 
 def test_pb_a_message_over_the_limit_after_login_disconnects(warnings):
@@ -486,3 +534,15 @@ def test_a_missing_state_dir_is_created_private(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+
+
+def test_tcp_job_listeners_get_a_longer_listen_queue():
+    assert limits.with_backlog("tcp:8790") == "tcp:8790:backlog=1024"
+    assert limits.with_backlog("tcp6:port=8790:interface=\\:\\:1") == (
+        "tcp6:port=8790:interface=\\:\\:1:backlog=1024"
+    )
+    assert (
+        limits.with_backlog("ssl:443:privateKey=k.pem") == "ssl:443:privateKey=k.pem:backlog=1024"
+    )
+    assert limits.with_backlog("tcp:8790:backlog=10") == "tcp:8790:backlog=10"
+    assert limits.with_backlog("unix:/run/x.sock") == "unix:/run/x.sock"

@@ -311,15 +311,28 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     """
     Wait until the job finishes (succeeded, failed or cancelled).
 
+    @param timeout: seconds (0 or more); longer than the job service's
+        longest C{Wait} (L{arguments.MAX_WAIT_TIMEOUT}), it is waited in
+        several calls.
     @return: its final L{JobInfo}.
     @raise TimeoutError: it did not finish within C{timeout} seconds.
     @raise UnknownJob: no job has this id.
+    @raise InvalidArguments: C{timeout} is not a finite number of 0 or more.
     """
-    from twistedlrp.jobs import client
+    import time
 
-    info = JobInfo.from_dict(
-        client.call("wait", job_id=str(job_id), timeout=timeout, call_timeout=timeout + 10)
-    )
+    from twistedlrp.jobs import arguments, client
+
+    job_id = arguments.canonical_job_id(job_id)
+    seconds = arguments.check_duration("timeout", timeout)
+    deadline = time.monotonic() + seconds
+    while True:
+        step = min(max(deadline - time.monotonic(), 0.0), arguments.MAX_WAIT_TIMEOUT)
+        info = JobInfo.from_dict(
+            client.call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
+        )
+        if info.finished or time.monotonic() >= deadline:
+            break
     if not info.finished:
         raise TimeoutError(f"job {job_id} did not finish within {timeout} s (it is {info.state})")
     return info

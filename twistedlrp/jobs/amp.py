@@ -23,7 +23,12 @@ from twisted.protocols import amp
 from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.client import unix_client_endpoint
-from twistedlrp.jobs.errors import AuthenticationFailed, JobError, PayloadTooLarge
+from twistedlrp.jobs.errors import (
+    AuthenticationFailed,
+    InvalidArguments,
+    JobError,
+    PayloadTooLarge,
+)
 from twistedlrp.services import StartupFailed
 from twistedlrp.values import permissions_problem
 
@@ -43,9 +48,9 @@ class ServiceProtocol(wire.QuietAMP):
     (more is answered with C{PAYLOAD_TOO_LARGE}, the rest of the box is
     read and dropped, and the connection is closed).
 
-    @param gate: the listener's L{limits.Gate} (login deadline, count of the
-        connections waiting to log in, rate-limited refusal warnings), or
-        C{None} for none of those.
+    @param gate: the listener's L{limits.Gate} (login deadline, bounds on
+        the connections waiting to log in, rate-limited refusal warnings),
+        or C{None} for none of those.
     """
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
@@ -69,7 +74,11 @@ class ServiceProtocol(wire.QuietAMP):
     def connectionMade(self):
         super().connectionMade()
         if not self.authenticated and self.gate is not None:
-            self.gate.enter(self, self._login_expired)
+            self.gate.enter(self, self._transportPeer, self._login_expired)
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        self._refused = True
 
     def connectionLost(self, reason):
         if self.gate is not None:
@@ -254,10 +263,40 @@ class ServiceProtocol(wire.QuietAMP):
 
     # -- commands -------------------------------------------------------
 
+    def ampBoxReceived(self, box):
+        if amp.COMMAND not in box:
+            # An answer, an error or nothing: this service asks its clients nothing.
+            self._warn(
+                "not-a-command", "Job client {peer} sent a box that is not a command: disconnected"
+            )
+            self._close()
+            return
+        super().ampBoxReceived(box)
+
+    def unhandledError(self, failure):
+        """
+        A command sent without C{_ask} failed (AMP would log it with a
+        traceback and close): our own refusals are dropped quietly (the
+        connection closes when they are fatal); anything else is an
+        internal error, logged at most once per cause and interval.
+        """
+        if failure.check(amp.RemoteAmpError):
+            if failure.value.fatal:
+                self._close()
+            return
+        limits.internal_errors.failure(
+            log,
+            failure,
+            "Job client {peer}: {op} failed unexpectedly; the connection is closed",
+            op="connection",
+            peer=limits.describe_peer(getattr(self, "_transportPeer", None)),
+        )
+        self._close()
+
     def locateResponder(self, name):
         responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            return responder
+            return None if responder is None else self._reading_arguments(responder)
 
         def refuse(box):
             self._warn(
@@ -275,6 +314,26 @@ class ServiceProtocol(wire.QuietAMP):
             )
 
         return refuse
+
+    def _reading_arguments(self, responder):
+        """
+        C{responder}, whose arguments that cannot be read are answered with
+        C{INVALID_ARGUMENTS} naming them (see L{wire._Command.parseArguments};
+        AMP would answer an unknown error, log a traceback and close);
+        before Login, the connection is closed after that answer.
+        """
+
+        def read(box):
+            try:
+                return responder(box)
+            except InvalidArguments as e:
+                return defer.fail(
+                    amp.RemoteAmpError(
+                        wire.ERRORS[InvalidArguments], str(e), fatal=not self.authenticated
+                    )
+                )
+
+        return read
 
     @wire.Challenge.responder
     def challenge(self):
@@ -331,15 +390,18 @@ class ServiceProtocol(wire.QuietAMP):
 
 def _guard(fn, *args) -> defer.Deferred:
     """
-    Call a service operation; an unexpected error is logged and sent as a
+    Call a service operation; an unexpected error is logged (at most one
+    traceback per cause and interval, L{limits.FailureLog}) and sent as a
     L{JobError} (an error AMP does not know would close the connection).
     """
 
     def translate(failure):
         if failure.check(JobError):
             return failure
-        log.failure("Job service operation {op} failed", failure, op=fn.__name__)
-        raise JobError(f"internal error in the job service: {failure.getErrorMessage()}")
+        limits.internal_errors.failure(
+            log, failure, "Job service operation {op} failed", op=fn.__name__
+        )
+        raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
 
     return defer.maybeDeferred(fn, *args).addErrback(translate)
 
@@ -347,8 +409,8 @@ def _guard(fn, *args) -> defer.Deferred:
 class ServiceFactory(protocol.Factory):
     """
     Builds a L{ServiceProtocol} per connection; C{secret} C{None} means
-    trusted (UNIX socket). With a C{gate}, a connection beyond the number
-    that may wait to log in is closed as soon as it is accepted.
+    trusted (UNIX socket). With a C{gate}, each connection waits its turn
+    to log in there (a new one may close the one that has waited longest).
     """
 
     noisy = False
@@ -359,8 +421,6 @@ class ServiceFactory(protocol.Factory):
         self.gate = gate
 
     def buildProtocol(self, addr):
-        if self.secret is not None and self.gate is not None and not self.gate.admit(addr):
-            return None  # the transport closes the socket at once
         return ServiceProtocol(self.service, self.secret, self.gate)
 
 
@@ -411,7 +471,7 @@ class AMPFrontEnd:
             secret = wire.read_secret(self.secret_file)
         gate = limits.Gate(self.reactor, endpoint, limits.configured_limits(), log)
         try:
-            self.port = await serverFromString(self.reactor, endpoint).listen(
+            self.port = await serverFromString(self.reactor, limits.with_backlog(endpoint)).listen(
                 ServiceFactory(service, secret, gate)
             )
         except Exception as e:

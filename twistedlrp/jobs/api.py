@@ -18,7 +18,14 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.arguments import check_submission, submission_fields
+from twistedlrp.jobs.arguments import (
+    canonical_job_id,
+    check_listing,
+    check_seen,
+    check_submission,
+    check_wait_timeout,
+    submission_fields,
+)
 from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -134,8 +141,12 @@ class JobOperations:
         (PostgreSQL) there is nothing to do: the commit notified them.
 
         @return: a Deferred firing with C{{"ok": True}}.
+        @raise InvalidArguments: C{job_ids} is not a list.
         """
+        if not isinstance(job_ids, list | tuple):
+            raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
+            # Ids that are not UUIDs name no job: ignored, as unknown ones are.
             d = self.take_announced([str(job_id) for job_id in job_ids[: ops.TAKE_ANNOUNCED]])
             # They stay announced: the next sweep queues them.
             d.addErrback(
@@ -179,7 +190,9 @@ class JobOperations:
         """
         @return: a Deferred firing with the job's description (live
             progress while it runs), or failing with L{UnknownJob}.
+        @raise InvalidArguments: C{job_id} is not a string.
         """
+        job_id = canonical_job_id(job_id)
         self._check_store()
         return self.store.read(ops.get, job_id).addCallback(self._overlay)
 
@@ -195,11 +208,8 @@ class JobOperations:
         return defer.ensureDeferred(self._cancel(job_id))
 
     async def _cancel(self, job_id: str) -> dict:
+        job_id = canonical_job_id(job_id)
         self._check_store()
-        try:
-            job_id = str(uuid.UUID(str(job_id)))
-        except ValueError:
-            pass  # the store says it is unknown
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
         info = await self.store.run(ops.mark_cancel, job_id, self.shared)
@@ -216,11 +226,16 @@ class JobOperations:
             when it starts or reports progress on this node.
         @return: a Deferred firing with the job's description once it is
             finished (or, with C{seen}, changed), or after C{timeout}
-            seconds with its current one.
+            seconds with its current one. It fails with L{InvalidArguments}
+            when C{timeout} is not from 0 to
+            L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT} seconds.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
     async def _wait(self, job_id: str, timeout: float, seen: str | None = None) -> dict:
+        job_id = canonical_job_id(job_id)
+        timeout = check_wait_timeout(timeout)
+        seen = check_seen(seen)
         self._check_store()
         finished = defer.Deferred()
         # Registered before reading, so a finish (or change) in between is not missed.
@@ -231,7 +246,7 @@ class JobOperations:
             info = await self.status(job_id)
             if info["state"] in FINISHED or (seen is not None and wire.seen_mark(info) != seen):
                 return info
-            call = self.reactor.callLater(max(timeout, 0), _fire, finished, None)
+            call = self.reactor.callLater(timeout, _fire, finished, None)
             outcome = await finished
             if call.active():
                 call.cancel()
@@ -245,9 +260,14 @@ class JobOperations:
                         del table[job_id]
 
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
-        """@return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}."""
+        """
+        @return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}.
+        @raise InvalidArguments: C{state} is not a job state, or C{limit}
+            not a whole number from 0 to L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}.
+        """
+        listing = check_listing(state, name, limit)
         self._check_store()
-        d = self.store.read(ops.list_jobs, state, name, min(int(limit), 1000))
+        d = self.store.read(ops.list_jobs, listing["state"], listing["name"], listing["limit"])
         return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
 
     def stats(self) -> defer.Deferred:
@@ -307,6 +327,10 @@ def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
         args, kwargs = data["args"], data["kwargs"]
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise ValueError("args must be a list and kwargs an object")
+    except RecursionError:
+        raise InvalidArguments(
+            f"the payload of {name} is not valid job arguments: JSON nested too deeply"
+        ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise InvalidArguments(f"the payload of {name} is not valid job arguments: {e}") from None
     return args, kwargs

@@ -1,8 +1,15 @@
 """
-What a submission may ask for, checked where it enters: in the calling
-process (L{twistedlrp.jobs.submit}) and again in the job service (whatever
-front end it came through), so that a bad value is refused with
-L{InvalidArguments} naming the field, and nothing is stored.
+What a client may ask for, checked where it enters: in the calling process
+(L{twistedlrp.jobs.submit}, L{twistedlrp.jobs.wait}, ...) and again in the
+job service (whatever front end it came through), so that a bad value is
+refused with L{InvalidArguments} naming the field, and nothing is stored.
+
+Job ids are UUIDs with one canonical form, lower-case and hyphenated
+(C{str(uuid.UUID(...))}), the form the job service stores and answers:
+every other spelling a client may use (upper case, without hyphens, in
+braces) is brought to it where it enters (L{canonical_job_id}), so that
+the same job is the same key everywhere (waiters, the progress streams,
+the eager mode).
 """
 
 from __future__ import annotations
@@ -11,13 +18,25 @@ import math
 import uuid
 from datetime import UTC, datetime
 
-from twistedlrp.jobs.errors import InvalidArguments
+from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
+from twistedlrp.jobs.states import ALL as STATES
 
 #: The job table's integer column for priorities (a 32-bit integer everywhere).
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 #: Seconds: a limit of over 30 years is a mistake, not a limit.
 MAX_SECONDS = 1e9
 KEY_LENGTH = 255
+#: The longest job name (the job table's column): a longer one cannot be registered.
+NAME_LENGTH = 255
+#: C{Wait}: the longest time one call may wait, in seconds (L{twistedlrp.jobs.wait}
+#: waits longer in several calls).
+MAX_WAIT_TIMEOUT = 3600.0
+#: C{ListJobs}: the most jobs one call may list.
+MAX_LIST_LIMIT = 1000
+#: The longest C{seen} mark of a C{Wait} (L{twistedlrp.jobs.wire.seen_mark} makes 32 characters).
+SEEN_LENGTH = 64
+#: A job id is read from at most this many characters (a UUID takes 36 to 45).
+_JOB_ID_LENGTH = 64
 #: The default of C{--max-job-payload}: the JSON of a job's arguments, or of its result.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Unix times that every database's timestamp column (and Python) can hold.
@@ -35,7 +54,11 @@ def check_submission(
         message names the field and the value.
     """
     if not isinstance(name, str) or not name:
-        raise InvalidArguments(f"name: expected a job's registered name, got {name!r}")
+        raise InvalidArguments(f"name: expected a job's registered name, got {shown(name)}")
+    if len(name) > NAME_LENGTH:
+        raise InvalidArguments(
+            f"name: a job name has at most {NAME_LENGTH} characters, this one has {len(name)}"
+        )
     return {
         "name": name,
         "priority": check_priority(priority),
@@ -53,19 +76,22 @@ def check_priority(value):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise InvalidArguments(f"priority: expected a whole number, got {value!r}")
+            raise InvalidArguments(f"priority: expected a whole number, got {shown(value)}")
     low, high = PRIORITY_RANGE
     if not low <= value <= high:
-        raise InvalidArguments(f"priority: must be between {low} and {high}, got {value}")
+        raise InvalidArguments(f"priority: must be between {low} and {high}, got {shown(value)}")
     return value
 
 
 def _number(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArguments(f"{field}: expected a number, got {value!r}")
-    number = float(value)
+        raise InvalidArguments(f"{field}: expected a number, got {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
     if not math.isfinite(number):
-        raise InvalidArguments(f"{field}: must be a finite number, got {value!r}")
+        raise InvalidArguments(f"{field}: must be a finite number, got {shown(value)}")
     return number
 
 
@@ -76,7 +102,7 @@ def check_seconds(field: str, value) -> float | None:
     seconds = _number(field, value)
     if not 0 < seconds <= MAX_SECONDS:
         raise InvalidArguments(
-            f"{field}: must be more than 0 and at most {MAX_SECONDS:g} seconds, got {value!r}"
+            f"{field}: must be more than 0 and at most {MAX_SECONDS:g} seconds, got {shown(value)}"
         )
     return seconds
 
@@ -89,7 +115,7 @@ def check_run_after(value) -> float | None:
     low, high = _RUN_AFTER_RANGE
     if not low <= when < high:
         raise InvalidArguments(
-            f"run_after: expected a Unix time between 1970 and 9999, got {value!r}"
+            f"run_after: expected a Unix time between 1970 and 9999, got {shown(value)}"
         )
     return when
 
@@ -98,7 +124,7 @@ def check_key(value) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise InvalidArguments(f"key: expected a string, got {value!r}")
+        raise InvalidArguments(f"key: expected a string, got {shown(value)}")
     if len(value) > KEY_LENGTH:
         raise InvalidArguments(
             f"key: a job key has at most {KEY_LENGTH} characters, this one has {len(value)}"
@@ -107,12 +133,104 @@ def check_key(value) -> str | None:
 
 
 def check_job_id(value) -> str | None:
+    """The C{id} a submission chose: C{None}, or a UUID in its canonical form."""
     if value is None:
         return None
+    job_id = _as_uuid(value)
+    if job_id is None:
+        raise InvalidArguments(f"id: expected a UUID, got {shown(value)}")
+    return job_id
+
+
+def canonical_job_id(value, field: str = "job_id") -> str:
+    """
+    @return: the job id C{value} (a string or a C{uuid.UUID}) in its
+        canonical form, lower-case and hyphenated.
+    @raise UnknownJob: C{value} is a string but not a UUID: no job has it.
+    @raise InvalidArguments: C{value} is not a string.
+    """
+    if not isinstance(value, str | uuid.UUID):
+        raise InvalidArguments(f"{field}: expected a job id (a UUID), got {shown(value)}")
+    job_id = _as_uuid(value)
+    if job_id is None:
+        raise UnknownJob(f"no job has the id {shown(value)} (a job id is a UUID)")
+    return job_id
+
+
+def _as_uuid(value) -> str | None:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or len(value) > _JOB_ID_LENGTH:
+        return None
     try:
-        return str(uuid.UUID(str(value)))
+        return str(uuid.UUID(value))
     except ValueError:
-        raise InvalidArguments(f"id: expected a UUID, got {value!r}") from None
+        return None
+
+
+def check_duration(field: str, value) -> float:
+    """A finite number of seconds, 0 or more."""
+    seconds = _number(field, value)
+    if seconds < 0:
+        raise InvalidArguments(f"{field}: must be 0 or more seconds, got {shown(value)}")
+    return seconds
+
+
+def check_wait_timeout(value) -> float:
+    """The C{timeout} of a C{Wait}: 0 to L{MAX_WAIT_TIMEOUT} seconds."""
+    seconds = _number("timeout", value)
+    if not 0 <= seconds <= MAX_WAIT_TIMEOUT:
+        raise InvalidArguments(
+            f"timeout: a Wait waits from 0 to {MAX_WAIT_TIMEOUT:g} seconds, got {shown(value)}"
+        )
+    return seconds
+
+
+def check_seen(value) -> str | None:
+    """The C{seen} mark of a C{Wait}: C{None} or a short string."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > SEEN_LENGTH:
+        raise InvalidArguments(
+            f"seen: expected the mark of a job (at most {SEEN_LENGTH} characters), "
+            f"got {shown(value)}"
+        )
+    return value
+
+
+def check_listing(state=None, name=None, limit=100) -> dict:
+    """
+    @return: the filters and C{limit} of a C{ListJobs}, normalised (C{None}
+        for no filter).
+    @raise InvalidArguments: C{state} is not a job state, C{name} not a
+        job name, C{limit} not a whole number from 0 to L{MAX_LIST_LIMIT}.
+    """
+    if state in (None, ""):
+        state = None
+    elif state not in STATES:
+        raise InvalidArguments(
+            f"state: expected one of {', '.join(STATES)} (or none), got {shown(state)}"
+        )
+    if name in (None, ""):
+        name = None
+    elif not isinstance(name, str) or len(name) > NAME_LENGTH:
+        raise InvalidArguments(f"name: expected a job name, got {shown(name)}")
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIST_LIMIT:
+        raise InvalidArguments(
+            f"limit: expected a whole number from 0 to {MAX_LIST_LIMIT}, got {shown(limit)}"
+        )
+    return {"state": state, "name": name, "limit": limit}
+
+
+def shown(value, length: int = 80) -> str:
+    """@return: C{repr(value)}, cut to about C{length} characters (for messages)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= length else f"{text[:length]}... ({len(text)} characters)"
 
 
 def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> dict:

@@ -28,6 +28,7 @@ import uuid
 from datetime import UTC, datetime
 
 from twistedlrp.jobs import _context, registry
+from twistedlrp.jobs.arguments import canonical_job_id, check_listing, check_wait_timeout
 from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobCancelled,
@@ -100,8 +101,9 @@ def _definition(name: str):
 
 def _submit(name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
     from twistedlrp.jobs.api import _decode_arguments
-    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
+    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_job_id
 
+    id = check_job_id(id)
     definition = _definition(name)
     if len(payload) > DEFAULT_MAX_PAYLOAD:
         raise PayloadTooLarge(
@@ -212,7 +214,7 @@ def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> 
 
 
 def _get(job_id: str) -> dict:
-    job = _jobs.get(str(job_id))
+    job = _jobs.get(canonical_job_id(job_id))
     if job is None:
         raise UnknownJob(f"no job has the id {job_id!r}")
     return job
@@ -237,19 +239,22 @@ def _cancel(job_id):
 
 def _wait(job_id, timeout=60.0):
     """@return: the job, once finished or after C{timeout} seconds (for one in another thread)."""
+    timeout = check_wait_timeout(timeout)
     with _lock:
         _lock.wait_for(lambda: _get(job_id)["state"] in FINISHED, timeout)
         return _copy(_get(job_id))
 
 
 def _list_jobs(state=None, name=None, limit=100):
+    listing = check_listing(state, name, limit)
+    state, name, limit = listing["state"], listing["name"], listing["limit"]
     with _lock:
         found = [
             _copy(job, full=False, arguments=False)
             for job in reversed(_jobs.values())
             if (not state or job["state"] == state) and (not name or job["name"] == name)
         ]
-    return {"jobs": found[: max(int(limit), 0)]}
+    return {"jobs": found[:limit]}
 
 
 def _stats():

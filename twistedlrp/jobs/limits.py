@@ -1,19 +1,24 @@
 """
 The limits of the job listeners (docs/protocol.md, "Limits"): what a client
 may send before it logs in and for how long, how many may wait to log in at
-once (L{Gate}), and warnings about refused clients that a flood cannot turn
-into a flood of log lines (L{RefusalLog}). The AMP front end
+once, in all and per peer address (L{Gate}), and warnings about refused
+clients (L{RefusalLog}) and tracebacks of internal errors (L{FailureLog})
+that a flood cannot turn into a flood of log lines. The AMP front end
 (L{twistedlrp.jobs.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
 apply them.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionAborted
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedlrp.services import StartupFailed
 
@@ -24,9 +29,16 @@ PRE_LOGIN_BYTES = 4096
 # Seconds a connection has to log in before it is closed (the setting
 # LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
 LOGIN_TIMEOUT = 10.0
-# Connections of one listener that may wait to log in at once; further ones
-# are closed as soon as they are accepted.
+# Connections of one listener that may wait to log in at once, in all and from
+# one peer address (an IPv6 /64); a new one beyond either closes the one that
+# has waited longest (see Gate).
 MAX_UNAUTHENTICATED = 64
+MAX_UNAUTHENTICATED_PER_PEER = 8
+# The listen queue of a TCP or TLS job listener whose endpoint names none
+# (Twisted's default is 50; the kernel caps it at net.core.somaxconn): a flood
+# of connections faster than the server accepts them fills the queue, and the
+# kernel then drops new connections, a login's too, for a second or more.
+LISTEN_BACKLOG = 1024
 # After login, one AMP box may hold --max-job-payload bytes of payload plus
 # this much for its other keys and the framing (a name and a key of up to
 # 64 KiB each, 14 bytes per 65,000-byte piece).
@@ -36,6 +48,8 @@ BOX_FRAMING = 256 * 1024
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
+# At most one traceback of each cause of an internal error in this many seconds.
+FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class Limits:
     login_timeout: float = LOGIN_TIMEOUT
     pre_login_bytes: int = PRE_LOGIN_BYTES
     max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_peer: int = MAX_UNAUTHENTICATED_PER_PEER
 
 
 def describe_peer(address) -> str:
@@ -109,12 +124,103 @@ class RefusalLog:
         state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
 
 
+@dataclass
+class _Failures:
+    """The tracebacks of one cause (see L{FailureLog})."""
+
+    logged_at: float
+    left_out: int = 0
+    last: str = ""
+    summary: object = None  # the IDelayedCall that logs the count of those left out
+
+
+class FailureLog:
+    """
+    Tracebacks of the job service's internal errors (an operation failed
+    in a way it does not expect, answered as "internal error"), at most
+    one per cause every C{interval} seconds, so that a client that finds
+    one cannot fill the log: the first is logged whole (CRITICAL, with its
+    traceback); the others of the same cause in the interval are counted,
+    and one line at its end says how many there were, with the last one's
+    message. A cause is the operation, the exception's type and the line
+    that raised it.
+
+    @param clock: the reactor (the global one by default, looked up when needed).
+    """
+
+    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
+        self._clock = clock
+        self.interval = interval
+        self._causes: dict[tuple, _Failures] = {}
+
+    @property
+    def clock(self):
+        if self._clock is None:
+            from twisted.internet import reactor
+
+            self._clock = reactor
+        return self._clock
+
+    def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
+        """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
+        place = _raised_at(failure)
+        cause = (log.namespace, op, failure.type, place)
+        now = self.clock.seconds()
+        state = self._causes.get(cause)
+        if state is None or (now - state.logged_at >= self.interval and not state.left_out):
+            log.failure(format, failure, op=op, **kwargs)
+            self._causes[cause] = _Failures(now)
+            return
+        state.left_out += 1
+        state.last = failure.getErrorMessage()[:500]
+        if state.summary is None:
+            delay = max(state.logged_at + self.interval - now, 0)
+            state.summary = self.clock.callLater(
+                delay, self._summary, log, format, op, kwargs, failure.type, place, state
+            )
+
+    def _summary(self, log, format, op, kwargs, error_type, place, state: _Failures) -> None:
+        log.critical(
+            format + " ({failures_left_out} more times, of the same cause ({error_type} at "
+            "{error_place}), in the last {failure_interval:g} s; their tracebacks are not "
+            "logged one by one; the last: {last_error})",
+            op=op,
+            failures_left_out=state.left_out,
+            error_type=getattr(error_type, "__qualname__", error_type),
+            error_place=place,
+            failure_interval=self.interval,
+            last_error=state.last,
+            **kwargs,
+        )
+        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+
+
+def _raised_at(failure: Failure) -> str:
+    """@return: C{file:line} of the innermost frame of C{failure}'s traceback, if it has one."""
+    frames = getattr(failure, "frames", None)
+    if not frames:
+        return "?"
+    _, filename, line = frames[-1][:3]
+    return f"{filename}:{line}"
+
+
+#: The job service's one L{FailureLog} (its front ends and its local client share it).
+internal_errors = FailureLog()
+
+
 class Gate:
     """
-    One listener's connections that have not logged in yet: at most
-    C{limits.max_unauthenticated} at once (L{admit} says whether one more
-    may), each closed after C{limits.login_timeout} seconds unless it logs
-    in first; and the listener's L{RefusalLog}.
+    One listener's connections that have not logged in yet (its pending
+    logins): each is closed after C{limits.login_timeout} seconds unless it
+    logs in first, and they are bounded per peer address and in all, the
+    way C{--max-connections} bounds HTTP connections: a new connection is
+    always taken, and makes room by closing the pending login that has
+    waited longest, from its own address when that address already has
+    C{limits.max_unauthenticated_per_peer} (so that connections from one
+    address only ever push out each other), else from any address when the
+    listener has C{limits.max_unauthenticated}. So idle connections from
+    one address cannot keep a client at another from logging in. Also
+    holds the listener's L{RefusalLog}.
 
     @param listener: the listener's endpoint, for the messages.
     """
@@ -124,36 +230,146 @@ class Gate:
         self.listener = listener
         self.limits = limits
         self.refusals = RefusalLog(clock, log or Logger())
-        self._waiting: dict[object, object] = {}  # protocol -> its deadline (an IDelayedCall)
+        # protocol -> its pending login, longest waiting first
+        self._waiting: OrderedDict[object, _Pending] = OrderedDict()
+        # peer address key -> its protocols waiting, longest waiting first
+        self._by_peer: dict[str, OrderedDict[object, None]] = {}
+        self.evictions = 0
 
     @property
     def waiting(self) -> int:
         """How many connections are waiting to log in."""
         return len(self._waiting)
 
-    def admit(self, address) -> bool:
-        """@return: whether a new connection (from C{address}) may wait to log in."""
-        if len(self._waiting) < self.limits.max_unauthenticated:
-            return True
-        self.refusals.warn(
-            "over-cap",
-            "Job client {peer} refused on {listener}: {count} connections are already waiting "
-            "to log in, the most allowed",
-            peer=describe_peer(address),
-            listener=self.listener,
-            count=len(self._waiting),
-        )
-        return False
+    def waiting_from(self, address) -> int:
+        """How many connections from C{address} (its L{peer_key}) are waiting to log in."""
+        return len(self._by_peer.get(peer_key(address), ()))
 
-    def enter(self, protocol, expired: Callable[[], object]) -> None:
-        """C{protocol}'s connection waits to log in; C{expired()} is called at its deadline."""
-        self._waiting[protocol] = self.clock.callLater(self.limits.login_timeout, expired)
+    def enter(self, protocol, address, expired: Callable[[], object]) -> None:
+        """
+        C{protocol}'s connection, from C{address}, waits to log in;
+        C{expired()} is called at its deadline. Room is made first (see
+        the class).
+        """
+        key = peer_key(address)
+        same = self._by_peer.get(key)
+        if same and len(same) >= self.limits.max_unauthenticated_per_peer:
+            self._evict(
+                next(iter(same)),
+                "full-peer",
+                "Job client {peer} closed on {listener}: {count} connections from {address} "
+                "were waiting to log in, the most allowed from one address; a new one took "
+                "the place of the one that had waited longest ({evictions} so far)",
+                count=len(same),
+                address=key,
+            )
+        elif len(self._waiting) >= self.limits.max_unauthenticated:
+            self._evict(
+                next(iter(self._waiting)),
+                "full",
+                "Job client {peer} closed on {listener}: {count} connections were waiting to "
+                "log in, the most allowed; a new one took the place of the one that had waited "
+                "longest ({evictions} so far)",
+                count=len(self._waiting),
+            )
+        deadline = self.clock.callLater(self.limits.login_timeout, expired)
+        self._waiting[protocol] = _Pending(key, address, deadline)
+        self._by_peer.setdefault(key, OrderedDict())[protocol] = None
 
     def leave(self, protocol) -> None:
-        """C{protocol} logged in, or its connection is lost (or refused)."""
-        deadline = self._waiting.pop(protocol, None)
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        """C{protocol} logged in, or its connection is lost (or evicted)."""
+        pending = self._waiting.pop(protocol, None)
+        if pending is None:
+            return
+        if pending.deadline.active():
+            pending.deadline.cancel()
+        same = self._by_peer.get(pending.key)
+        if same is not None:
+            same.pop(protocol, None)
+            if not same:
+                del self._by_peer[pending.key]
+
+    def _evict(self, protocol, kind: str, format: str, **kwargs) -> None:
+        """Close C{protocol}'s connection at once (it waits to log in; room is needed)."""
+        pending = self._waiting[protocol]
+        self.leave(protocol)
+        self.evictions += 1
+        self.refusals.warn(
+            kind,
+            format,
+            peer=describe_peer(pending.address),
+            listener=self.listener,
+            evictions=self.evictions,
+            **kwargs,
+        )
+        evicted = getattr(protocol, "evicted", None)
+        if evicted is not None:
+            evicted()
+        transport = getattr(protocol, "transport", None)
+        if transport is not None:
+            abort_now(transport)
+
+
+@dataclass
+class _Pending:
+    """A connection waiting to log in (see L{Gate})."""
+
+    key: str
+    address: object
+    deadline: object  # an IDelayedCall
+
+
+def peer_key(address) -> str:
+    """
+    @return: what L{Gate} counts pending logins by: the host of an IPv4
+        address, the /64 network of an IPv6 one (one site or host usually
+        holds a whole /64; an IPv4 address mapped into IPv6 counts as
+        itself), C{"unix"} for a UNIX socket peer.
+    """
+    if isinstance(address, IPv4Address):
+        return address.host
+    if isinstance(address, IPv6Address):
+        try:
+            ip = ipaddress.IPv6Address(address.host.split("%", 1)[0])
+        except ValueError:
+            return address.host
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    if isinstance(address, UNIXAddress):
+        return "unix"
+    return str(address)
+
+
+def abort_now(transport) -> None:
+    """
+    Close a connection at once and free its descriptor now: the reactor
+    would close it only on its next turn, and one turn may accept hundreds
+    of connections (the same as the HTTP side's eviction).
+    """
+    transport.abortConnection()
+    # The socket's own transport, under TLS if any (tcp and unix ones
+    # ignore a second connectionLost, the one abortConnection scheduled).
+    while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
+        transport = transport.transport
+    if getattr(transport, "socket", None) is not None and not getattr(
+        transport, "disconnected", False
+    ):
+        transport.connectionLost(Failure(ConnectionAborted()))
+
+
+def with_backlog(endpoint: str) -> str:
+    """
+    @return: the server endpoint string C{endpoint}, with
+        C{backlog=}L{LISTEN_BACKLOG} when it is a C{tcp:}, C{tcp6:} or
+        C{ssl:} one that does not name its own.
+    """
+    kind, _, rest = endpoint.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl") or not rest:
+        return endpoint
+    if any(part.startswith("backlog=") for part in rest.split(":")):
+        return endpoint
+    return f"{endpoint}:backlog={LISTEN_BACKLOG}"
 
 
 def configured_limits() -> Limits:

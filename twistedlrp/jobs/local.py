@@ -11,7 +11,9 @@ import json
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from twistedlrp.jobs import limits
 from twistedlrp.jobs.client import COMMANDS, no_answer
 from twistedlrp.jobs.errors import JobError, JobServiceUnavailable
 
@@ -74,8 +76,10 @@ class LocalClient:
         except JobError:
             raise
         except Exception as e:
-            log.failure("Job service operation {op} failed", op=method)
-            raise JobError(f"internal error in the job service: {e}") from None
+            limits.internal_errors.failure(
+                log, Failure(), "Job service operation {op} failed", op=method
+            )
+            raise JobError(f"internal error in the job service: {str(e)[:500]}") from None
         # A copy, as the wire gives each caller its own.
         return json.loads(json.dumps(answer))
 

@@ -23,13 +23,15 @@ never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
 What a client may send is bounded as it arrives (L{GuardedBroker}): a few
-KiB before its login succeeds, within a deadline, with a cap on the
-connections waiting to log in at once (as on the AMP listeners, see
-L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
+KiB before its login succeeds, within a deadline, with bounds on the
+connections waiting to log in at once, in all and per address (as on the
+AMP listeners, see L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
 C{--max-job-payload} plus framing.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from twisted.cred import checkers, credentials, error, portal
 from twisted.internet import defer
@@ -39,7 +41,7 @@ from twisted.spread import banana, pb
 from zope.interface import implementer
 
 from twistedlrp.jobs import errors, limits, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, shown
 from twistedlrp.jobs.client import encode_payload
 from twistedlrp.services import StartupFailed
 
@@ -71,7 +73,10 @@ class UnknownJobError(JobServiceError):
 
 
 class InvalidArgumentsError(JobServiceError):
-    """The arguments are not JSON (or not a list and a dict); nothing was stored."""
+    """
+    An argument is of the wrong type or out of range, or the call does not
+    fit the operation (or cannot be read); nothing was stored.
+    """
 
 
 class PayloadTooLargeError(JobServiceError):
@@ -173,6 +178,31 @@ class JobsAvatar(pb.Avatar):
         self.service = service
         self.name = name
 
+    def perspectiveMessageReceived(self, broker, message, args, kw):
+        """
+        As C{pb.Avatar}'s, except that a call that cannot be made (arguments
+        PB cannot read, an operation that does not exist, arguments that do
+        not fit it) is refused with L{InvalidArgumentsError} saying why,
+        without a traceback in the log (PB would log one each time).
+        """
+        try:
+            args = broker.unserialize(args, self)
+            kw = broker.unserialize(kw, self)
+        except Exception as e:
+            raise InvalidArgumentsError(
+                f"{shown(message)}: the arguments cannot be read ({_reason(e)})"
+            ) from None
+        method = getattr(self, f"perspective_{message}", None) if isinstance(message, str) else None
+        if method is None:
+            raise InvalidArgumentsError(
+                f"the job service has no operation {shown(message)}; it has {', '.join(OPERATIONS)}"
+            )
+        try:
+            inspect.signature(method).bind(*args, **kw)
+        except TypeError as e:
+            raise InvalidArgumentsError(f"{message}: {_reason(e)}") from None
+        return broker.serialize(method(*args, **kw), self, method, args, kw)
+
     def perspective_submit(
         self,
         name,
@@ -202,24 +232,40 @@ class JobsAvatar(pb.Avatar):
 
     def perspective_status(self, job_id):
         """@return: the job's description, with live progress while it runs."""
-        return _call(self.service.status, str(job_id))
+        return _call(self.service.status, job_id)
 
     def perspective_cancel(self, job_id):
         """@return: the job's description after the cancellation request."""
-        return _call(self.service.cancel, str(job_id))
+        return _call(self.service.cancel, job_id)
 
     def perspective_wait(self, job_id, timeout=60.0):
-        """@return: the job's description once finished, or after C{timeout} seconds."""
-        return _call(self.service.wait, str(job_id), float(timeout))
+        """
+        @param timeout: seconds, from 0 to 3600
+            (L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT}).
+        @return: the job's description once finished, or after C{timeout} seconds.
+        """
+        return _call(self.service.wait, job_id, timeout)
 
     def perspective_list_jobs(self, state=None, name=None, limit=100):
-        """@return: the newest jobs' descriptions (without results), newest first."""
-        d = _call(self.service.list_jobs, state, name, int(limit))
+        """
+        @param limit: from 0 to 1000 (L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}).
+        @return: the newest jobs' descriptions (without results), newest first.
+        """
+        d = _call(self.service.list_jobs, state, name, limit)
         return d.addCallback(lambda answer: answer["jobs"])
 
     def perspective_stats(self):
         """@return: the service's counters, queue, workers and store figures."""
         return _call(self.service.stats)
+
+
+OPERATIONS = ("submit", "status", "cancel", "wait", "list_jobs", "stats")
+
+
+def _reason(error: Exception) -> str:
+    """@return: what C{error} says, cut to a sensible length."""
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _submit(service, name, args, kwargs, priority, run_after, key, timeout, job_id):
@@ -233,7 +279,8 @@ def _submit(service, name, args, kwargs, priority, run_after, key, timeout, job_
 def _call(fn, *args) -> defer.Deferred:
     """
     Run a service operation for a PB client: its own errors become
-    L{JobServiceError}s with the same message, anything else is logged and
+    L{JobServiceError}s with the same message, anything else is logged (at
+    most one traceback per cause and interval, L{limits.FailureLog}) and
     reported as an internal error (PB would otherwise send a traceback).
     """
 
@@ -241,8 +288,12 @@ def _call(fn, *args) -> defer.Deferred:
         for ours, theirs in _ERRORS:
             if failure.check(ours):
                 raise theirs(failure.getErrorMessage())
-        log.failure("PB job service operation {op} failed", failure, op=fn.__name__)
-        raise JobServiceError(f"internal error in the job service: {failure.getErrorMessage()}")
+        limits.internal_errors.failure(
+            log, failure, "PB job service operation {op} failed", op=fn.__name__
+        )
+        raise JobServiceError(
+            f"internal error in the job service: {failure.getErrorMessage()[:500]}"
+        )
 
     return defer.maybeDeferred(fn, *args).addCallbacks(_fits_banana, translate)
 
@@ -294,9 +345,14 @@ class GuardedBroker(pb.Broker):
         self._peer = "?"
 
     def connectionMade(self):
-        self._peer = limits.describe_peer(self.transport.getPeer())
-        self.gate.enter(self, self._login_expired)
+        peer = self.transport.getPeer()
+        self._peer = limits.describe_peer(peer)
+        self.gate.enter(self, peer, self._login_expired)
         super().connectionMade()
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        self._refused = True
 
     def connectionLost(self, reason):
         self.gate.leave(self)
@@ -329,7 +385,17 @@ class GuardedBroker(pb.Broker):
             )
             return self._close()
         self._expression_ended = False
-        super().dataReceived(chunk)
+        try:
+            super().dataReceived(chunk)
+        except Exception as e:
+            # What Banana or PB cannot read (PB would log a traceback each time).
+            self.warn(
+                "unreadable",
+                "PB job client {peer} sent what Perspective Broker cannot read ({error}): "
+                "disconnected",
+                error=_reason(e),
+            )
+            return self._close()
         if self._expression_ended and self.authenticated:
             # A message ended in this chunk: what follows it (in the
             # chunk) is the start of the next one.
@@ -338,6 +404,14 @@ class GuardedBroker(pb.Broker):
     def expressionReceived(self, sexp):
         self._expression_ended = True
         return super().expressionReceived(sexp)
+
+    def _recvMessage(self, findObjMethod, requestID, objectID, message, *rest):
+        # Each call goes through a _Refusing (see there).
+        def find(objectID):
+            target = findObjMethod(objectID)
+            return None if target is None else _Refusing(target)
+
+        return super()._recvMessage(find, requestID, objectID, message, *rest)
 
     def _close(self) -> None:
         self._refused = True
@@ -359,10 +433,52 @@ class GuardedBroker(pb.Broker):
         self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
 
 
+class _Refusing:
+    """
+    An object a PB client calls (the login's objects before its login, the
+    avatar after), whose calls that fail before they start (arguments PB
+    cannot read, a call that does not fit) are refused with
+    L{InvalidArgumentsError} and a rate-limited warning, where PB would log
+    a traceback each time.
+    """
+
+    def __init__(self, target):
+        self.target = target
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        try:
+            return self.target.remoteMessageReceived(broker, message, args, kw)
+        except pb.Error:
+            raise
+        except pb.NoSuchMethod:
+            # Before login: only the login's methods are there.
+            broker.warn(
+                "before-login",
+                "PB job client {peer} called {message} before logging in: refused",
+                message=shown(message),
+            )
+            raise JobServiceError(
+                f"{shown(message)}: no such method before login (the job service's operations "
+                f"are its avatar's, which a login gives)"
+            ) from None
+        except Exception as e:
+            broker.warn(
+                "unreadable-call",
+                "PB job client {peer} made a call that cannot be made ({message}: {error}): "
+                "refused",
+                message=shown(message),
+                error=_reason(e),
+            )
+            raise InvalidArgumentsError(
+                f"{shown(message)}: the call cannot be made ({_reason(e)})"
+            ) from None
+
+
 class GuardedPBServerFactory(pb.PBServerFactory):
     """
-    A C{PBServerFactory} of L{GuardedBroker}s; a connection beyond the
-    number that may wait to log in is closed as soon as it is accepted.
+    A C{PBServerFactory} of L{GuardedBroker}s; each connection waits its
+    turn to log in at the gate (a new one may close the one that has
+    waited longest, see L{limits.Gate}).
     """
 
     noisy = False
@@ -373,8 +489,6 @@ class GuardedPBServerFactory(pb.PBServerFactory):
         self.max_message = max_message
 
     def buildProtocol(self, addr):
-        if not self.gate.admit(addr):
-            return None  # the transport closes the socket at once
         proto = GuardedBroker(self.gate, self.max_message, security=self.security)
         proto.factory = self
         proto.setNameForLocal("root", self.root.rootObject(proto))
@@ -408,7 +522,7 @@ def listen_pb(
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
-    d = serverFromString(reactor, endpoint).listen(factory)
+    d = serverFromString(reactor, limits.with_backlog(endpoint)).listen(factory)
 
     def listening(port):
         log.info("Job service (Perspective Broker) listening on {endpoint}", endpoint=endpoint)

@@ -32,7 +32,12 @@ import logging
 import threading
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_submission, submission_fields
+from twistedlrp.jobs.arguments import (
+    DEFAULT_MAX_PAYLOAD,
+    canonical_job_id,
+    check_submission,
+    submission_fields,
+)
 from twistedlrp.jobs.errors import JobError, PayloadTooLarge
 
 # Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
@@ -172,7 +177,7 @@ def cancel(kw: dict) -> dict:
 
     from twistedlrp.jobs.store import operations as ops
 
-    job_id = kw["job_id"]
+    job_id = canonical_job_id(kw["job_id"])
     postgres = connection.vendor == "postgresql"
     with transaction.atomic():
         info = ops.mark_cancel(job_id, notify=postgres)
@@ -260,6 +265,7 @@ def detached(op: str, kw: dict) -> dict:
     if op == "cancel":
         from twistedlrp.jobs.store import operations as ops
 
+        kw = dict(kw, job_id=canonical_job_id(kw["job_id"]))
         answer = ops.get(kw["job_id"], full=False)
     else:
         name = kw["name"]

@@ -14,10 +14,10 @@ JSON bytes of up to C{--max-job-payload}: L{BigBytes} splits them over
 several keys of the same box (C{name} holds the count, C{name.0},
 C{name.1}, ... the pieces) and joins them on arrival, so nothing is cut.
 
-The listeners bound what a client may send (see L{Gate} and the constants
-below): a few KiB before its Login succeeds, within a deadline, with a cap
-on how many connections may wait to log in at once; after Login, one box of
-at most C{--max-job-payload} plus L{BOX_FRAMING}.
+The listeners bound what a client may send (see L{twistedlrp.jobs.limits}):
+a few KiB before its Login succeeds, within a deadline, with bounds on how
+many connections may wait to log in at once (in all and per address); after
+Login, one box of at most C{--max-job-payload} plus C{BOX_FRAMING}.
 
 The parent and its worker children speak the same way over pipes with
 C{RunJob}, C{CancelJob}, C{WorkerReady} and C{ReportProgress}.
@@ -79,11 +79,20 @@ class BigBytes(amp.Argument):
                 objects[key] = None
                 return
             raise KeyError(name)
-        count = int(count)
-        if not 0 < count <= MAX_CHUNKS:
-            raise ValueError(f"{name!r}: bad piece count {count}")
-        data = b"".join(strings.pop(name + b".%d" % i) for i in range(count))
-        objects[key] = self.decode(data)
+        raw = count
+        try:
+            count = int(raw) if len(raw) <= 10 else None
+        except ValueError:
+            count = None
+        if count is None or not 0 < count <= MAX_CHUNKS:
+            raise ValueError(f"expected a count of pieces from 1 to {MAX_CHUNKS}, got {raw[:20]!r}")
+        pieces = []
+        for i in range(count):
+            piece = strings.pop(name + b".%d" % i, None)
+            if piece is None:
+                raise ValueError(f"piece {i} of {count} is missing")
+            pieces.append(piece)
+        objects[key] = self.decode(b"".join(pieces))
 
     def encode(self, value) -> bytes:
         return value
@@ -135,8 +144,33 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 class _Command(amp.Command):
+    """
+    A command of the job service: its errors travel with their codes, and an
+    argument that cannot be read (missing, not a number, not UTF-8, ...)
+    raises L{InvalidArguments} naming it (AMP's own parser would raise
+    whatever the value's type raises, which AMP answers as an unknown
+    error and logs with a traceback).
+    """
+
     errors = ERRORS
     fatalErrors = FATAL_ERRORS
+
+    @classmethod
+    def parseArguments(cls, box, protocol):
+        strings = box.copy()
+        objects: dict = {}
+        for name, argument in cls.arguments:
+            try:
+                argument.fromBox(name, strings, objects, protocol)
+            except Exception as e:
+                field = name.decode("ascii", "replace")
+                if isinstance(e, KeyError) and name not in box:
+                    raise InvalidArguments(f"{field}: missing") from None
+                reason = str(e) or type(e).__name__
+                if len(reason) > 160:
+                    reason = reason[:160] + "..."
+                raise InvalidArguments(f"{field}: cannot be read ({reason})") from None
+        return objects
 
 
 # -- client → job service ---------------------------------------------------
