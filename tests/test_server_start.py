@@ -75,7 +75,7 @@ def test_health_endpoint_reports_state_and_threads(lrp_server):
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["status"] == "running"
-    assert body["threads"] == {"busy": 0, "idle": 3, "size": 3}
+    assert body["threads"] == {"busy": 0, "idle": 3, "size": 3, "streaming": 0}
     assert body["waiting"] == 0
     assert body["uptime"] >= 0
     assert body["pid"] == server.proc.pid
