@@ -66,15 +66,17 @@ def limit_payload(limit: int) -> None:
 @contextlib.contextmanager
 def outside_transaction():
     """
-    Within this block, submissions from this thread go to the job service at
-    once and are committed there, whatever becomes of the caller's
-    transaction (a job that must run even if the request fails).
+    Within this block, submissions (and cancellations) from this thread go
+    to the job service at once and are committed there, whatever becomes
+    of the caller's transaction (a job that must run even if the request
+    fails).
 
-    On SQLite a transaction that has written holds the database's only
-    write lock until it ends, so the job service cannot store the job
-    before then: inside C{atomic()} on SQLite such a submission is handed to
-    the job service without waiting, and it is stored once the caller's
-    transaction ends, committed or not.
+    On SQLite a transaction holds the database's only write lock until it
+    ends (from its start, in the server: see
+    L{twistedlrp.boot.sqlite_immediate_transactions}), so the job service
+    cannot store anything before then: inside C{atomic()} on SQLite such a
+    change is handed to the job service without waiting (L{detached}), and
+    it is stored once the caller's transaction ends, committed or not.
     """
     depth = getattr(_local, "outside", 0)
     _local.outside = depth + 1
@@ -119,23 +121,8 @@ def submit(kw: dict) -> dict:
 
     from twistedlrp.jobs.store import operations as ops
 
-    name = kw["name"]
-    checked = check_submission(
-        name,
-        kw.get("priority"),
-        kw.get("run_after"),
-        kw.get("key"),
-        kw.get("timeout"),
-        kw.get("id"),
-    )
-    definition = _definition(name)
-    payload = kw["payload"]
-    if len(payload) > _max_payload:
-        raise PayloadTooLarge(
-            f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
-            f"limit of {_max_payload} bytes (--max-job-payload)"
-        )
-    data = json.loads(payload)
+    definition, checked = _checked(kw)
+    data = json.loads(kw["payload"])
     fields = submission_fields(definition, data["args"], data["kwargs"], checked)
     postgres = connection.vendor == "postgresql"
     for attempt in (1, 2):
@@ -184,6 +171,32 @@ def cancel(kw: dict) -> dict:
     if not postgres:
         transaction.on_commit(lambda: _tell("cancel", job_id=info["id"]))
     return info
+
+
+def _checked(kw: dict) -> tuple[registry.JobDefinition, dict]:
+    """
+    Check a submission in the submitting process (the job service does not
+    see it first).
+
+    @return: the job's definition and what L{check_submission} returned.
+    @raise JobError: L{NotRegistered}, L{InvalidArguments} or L{PayloadTooLarge}.
+    """
+    name = kw["name"]
+    checked = check_submission(
+        name,
+        kw.get("priority"),
+        kw.get("run_after"),
+        kw.get("key"),
+        kw.get("timeout"),
+        kw.get("id"),
+    )
+    definition = _definition(name)
+    if len(kw["payload"]) > _max_payload:
+        raise PayloadTooLarge(
+            f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than the "
+            f"limit of {_max_payload} bytes (--max-job-payload)"
+        )
+    return definition, checked
 
 
 def _definition(name: str) -> registry.JobDefinition:
@@ -268,25 +281,11 @@ def detached(op: str, kw: dict) -> dict:
         kw = dict(kw, job_id=canonical_job_id(kw["job_id"]))
         answer = ops.get(kw["job_id"], full=False)
     else:
-        name = kw["name"]
-        checked = check_submission(
-            name,
-            kw.get("priority"),
-            kw.get("run_after"),
-            kw.get("key"),
-            kw.get("timeout"),
-            kw.get("id"),
-        )
-        definition = _definition(name)
-        if len(kw["payload"]) > _max_payload:
-            raise PayloadTooLarge(
-                f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than "
-                f"the limit of {_max_payload} bytes (--max-job-payload)"
-            )
+        definition, checked = _checked(kw)
         kw = dict(kw, id=checked["job_id"] or str(uuid.uuid4()))
         answer = {
             "id": kw["id"],
-            "name": name,
+            "name": definition.name,
             "state": QUEUED,
             "attempts": 0,
             "max_attempts": definition.retries + 1,
