@@ -321,3 +321,56 @@ def test_a_web_node_submits_in_a_transaction_with_no_job_node_up(template, tmp_p
             node.kill()
     finally:
         web.kill()
+
+
+def enter_node(db: Path, name: str, pid: int) -> None:
+    """Write a node row as a node on this machine with C{pid} would have, just now."""
+    from datetime import UTC, datetime
+
+    host = os.uname().nodename
+    now = datetime.now(UTC)
+    sql = (
+        "INSERT INTO twistedlrp_node (name, host, pid, queues, started_at, heartbeat_at) "
+        "VALUES (?, ?, ?, '', ?, ?)"
+    )
+    if postgres():
+        from support import pg_connect
+
+        with pg_connect(db) as con:
+            con.execute(sql.replace("?", "%s"), (name, host, pid, now, now))
+    else:
+        import sqlite3
+
+        con = sqlite3.connect(db, timeout=20)
+        stamp = now.strftime("%Y-%m-%d %H:%M:%S.%f")
+        with con:
+            con.execute(sql, (name, host, pid, stamp, stamp))
+        con.close()
+
+
+def test_a_node_name_held_by_a_dead_or_foreign_pid_does_not_block_a_start(template, tmp_path):
+    import subprocess
+
+    db = shared_db(template, tmp_path)
+    # A pid that now belongs to another program (not a job node)...
+    foreign = subprocess.Popen(["sleep", "60"])
+    # ... and one killed whose parent has not reaped it yet (a zombie), as
+    # right after a kill -9 under a supervisor that has not waited for it.
+    zombie = subprocess.Popen(["sleep", "60"])
+    os.kill(zombie.pid, signal.SIGKILL)
+    wait_for(
+        lambda: Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+        10,
+        message="a zombie",
+    )
+    try:
+        enter_node(db, "held-by-sleep", foreign.pid)
+        enter_node(db, "held-by-zombie", zombie.pid)
+        for name in ("held-by-sleep", "held-by-zombie"):
+            node = job_node(db, tmp_path / name, name)
+            assert "Job node " + name in node.output()
+            node.stop()
+    finally:
+        foreign.kill()
+        foreign.wait()
+        zombie.wait()

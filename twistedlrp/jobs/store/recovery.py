@@ -159,14 +159,31 @@ def db_now() -> datetime:
 
 
 def _pid_alive(pid: int) -> bool:
-
+    """
+    @return: whether C{pid}, on this machine, may still be a job node: a
+        process that exists, is not a zombie (one killed whose parent has
+        not reaped it yet, as right after a C{kill -9}), and, where
+        C{/proc} tells, runs Python (a pid reused by another program is not
+        a job node).
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:
-        pass
-    return True
+        pass  # Another user's process: it exists.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read()
+    except OSError:
+        return True  # No /proc (not Linux), or it ended meanwhile: assume alive.
+    # The state follows the command name in parentheses, which may hold spaces.
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
+    if state in (b"Z", b"X"):
+        return False
+    return b"python" in command or b"twistd" in command
 
 
 def register_node(
