@@ -24,7 +24,7 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,reload]'
+	$(PY) -m pip install -q -e '.[test,reload,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,7 +46,7 @@ test: install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 $(VENV)/.installed-postgres: $(STAMP)
-	$(PY) -m pip install -q -e '.[test,reload,postgres]'
+	$(PY) -m pip install -q -e '.[test,reload,demo,postgres]'
 	touch $@
 
 test-postgres: $(VENV)/.installed-postgres
@@ -57,7 +57,7 @@ test-postgres: $(VENV)/.installed-postgres
 WAGTAIL_POSTGRES := $(if $(filter file,$(origin LRP_TEST_POSTGRES)),,$(LRP_TEST_POSTGRES))
 
 $(VENV)/.installed-wagtail: $(STAMP)
-	$(PY) -m pip install -q -e '.[test,reload,postgres,thirdparty]'
+	$(PY) -m pip install -q -e '.[test,reload,demo,postgres,thirdparty]'
 	touch $@
 
 test-wagtail: $(VENV)/.installed-wagtail

@@ -174,3 +174,38 @@ def test_import_without_javascript_then_cancel(demo):
 
 def test_unknown_job_is_404(demo):
     assert demo.get("/jobs/00000000-0000-0000-0000-000000000000.json").status == 404
+
+
+def test_the_demo_reads_its_database_and_hosts_from_the_environment(lrp_server, tmp_path):
+    # What a deployment of the demo sets (docs/deploying.md): its database as
+    # a URL (PostgreSQL there; SQLite here unless the suite has PostgreSQL),
+    # and the names it answers to.
+    from support import pg_connect, pg_ensure, postgres
+
+    if postgres():
+        name = pg_ensure(tmp_path / "demo")
+        with pg_connect(tmp_path / "demo") as con:
+            user, host, port = con.info.user, con.info.host, con.info.port
+        url = f"postgres://{user}@/{name}?host={host}&port={port}"
+    else:
+        url = f"sqlite:///{tmp_path / 'from-url.sqlite3'}"
+    env = {"DATABASE_URL": url, "DJANGO_ALLOWED_HOSTS": "demo.example,127.0.0.1"}
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
+        cwd=EXAMPLE,
+        env={**os.environ, **env},
+        check=True,
+        timeout=120,
+    )
+    if not postgres():
+        assert (tmp_path / "from-url.sqlite3").exists()
+    server = lrp_server("--workers", "1", settings="mysite.settings", cwd=EXAMPLE, env=env)
+    assert server.get("/", headers={"Host": "demo.example"}).status == 200
+    assert server.get("/", headers={"Host": "elsewhere.example"}).status == 400
+    # The job table is in that database: the demo's import runs there.
+    browser = Browser(server)
+    response = browser.post("/import")
+    assert response.status == 202, response.text
+    job_id = response.json()["id"]
+    info = wait_for(lambda: (j := browser.job(job_id))["finished"] and j, 60, message="import")
+    assert info["state"] == "succeeded", info

@@ -7,7 +7,8 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "demo-only-not-secret")
 DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
-ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+# The names the site answers to, comma-separated (a deployment sets its own).
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]").split(",")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -47,13 +48,20 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("LRP_DEMO_DB", str(BASE_DIR / "db.sqlite3")),
-        "OPTIONS": {"timeout": 20},
+# DATABASE_URL (postgres://user:password@host:5432/name, sqlite:////path)
+# for a deployment; by default an SQLite file next to manage.py (LRP_DEMO_DB).
+if os.environ.get("DATABASE_URL"):
+    import dj_database_url
+
+    DATABASES = {"default": dj_database_url.config(conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("LRP_DEMO_DB", str(BASE_DIR / "db.sqlite3")),
+            "OPTIONS": {"timeout": 20},
+        }
     }
-}
 
 STATIC_URL = "/static/"
 STATIC_ROOT = os.environ.get("LRP_DEMO_STATIC_ROOT") or BASE_DIR / "staticfiles"
