@@ -222,7 +222,11 @@ def test_version(capsys):
             "unknown option --no (did you mean one of --no-jobs, --no-metrics, --no-static, "
             "--no-worker-template or --node-name?)",
         ),
-        (["-sx.settings", "--health=/x"], "unknown option --health (did you mean --health-path?)"),
+        (
+            ["-sx.settings", "--health=/x"],
+            "unknown option --health (did you mean one of --health-listen, --health-path or "
+            "--health-requires-jobs?)",
+        ),
     ],
 )
 def test_unknown_options_and_prefixes_are_refused(args, message):
