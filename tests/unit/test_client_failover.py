@@ -244,11 +244,23 @@ async def test_a_frozen_node_is_dropped_by_the_ping(sockets, monkeypatch):
         await b.kill()
 
 
-def test_call_slots_refuse_beyond_their_limit():
+def test_call_slots_wait_for_quick_calls_and_refuse_beside_slow_ones():
+    import threading
+
     slots = client.CallSlots(2)
-    assert slots.take() and slots.take()
-    assert not slots.take()
-    slots.give_back()
+    first, second = slots.take(), slots.take()
+    assert first and second and slots.taken == 2
+    # Both calls are young: a third waits for a slot, and gets the one given back.
+    threading.Timer(0.05, slots.give_back, [first]).start()
+    started = time.monotonic()
+    third = slots.take()
+    assert third and 0.04 < time.monotonic() - started < 0.2
+    # Both holders are old (a slow service, long waits): refused at once.
+    time.sleep(slots.QUICK + 0.05)  # let them age, nothing to synchronise
+    started = time.monotonic()
+    assert slots.take() is None
+    assert time.monotonic() - started < 0.05
+    slots.give_back(second)
     assert slots.take()
     assert slots.describe() == {"busy": 2, "max": 2, "refused": 1}
 

@@ -127,43 +127,63 @@ _slots: CallSlots | None = None
 
 class CallSlots:
     """
-    How many threads may be in a job call at once (C{--job-threads}): a
-    call beyond fails at once with L{JobServiceUnavailable} instead of
-    taking one more thread of the web pool, so that views that never touch
-    jobs keep threads while the job service is slow.
+    How many threads may be in a job call at once (C{--job-threads}), so
+    that views that never touch jobs keep threads while the job service is
+    slow. A call beyond waits for a slot while the calls that hold them are
+    quick (the youngest began less than L{QUICK} seconds ago), for at most
+    L{WAIT} seconds; else it fails at once with L{JobServiceUnavailable}
+    instead of taking one more thread of the web pool.
 
-    @ivar taken: threads in a job call now.
     @ivar refused: calls refused for want of a slot, so far.
     """
 
+    QUICK = 0.25
+    WAIT = 1.0
+
     def __init__(self, limit: int):
         self.limit = limit
-        self.taken = 0
         self.refused = 0
-        self._lock = threading.Lock()
+        self._holders: dict[int, float] = {}
+        self._tokens = 0
+        self._cond = threading.Condition()
         self._warned_at: float | None = None
 
-    def take(self) -> bool:
-        with self._lock:
-            if self.taken >= self.limit:
-                self.refused += 1
-                warn = self._warned_at is None or time.monotonic() - self._warned_at >= 60
-                if warn:
-                    self._warned_at = time.monotonic()
+    @property
+    def taken(self) -> int:
+        """@return: the threads in a job call now."""
+        return len(self._holders)
+
+    def take(self) -> int | None:
+        """@return: the slot taken (give it back), or C{None}: refused."""
+        now = time.monotonic()
+        deadline = now + self.WAIT
+        with self._cond:
+            while len(self._holders) >= self.limit:
+                now = time.monotonic()
+                age = now - max(self._holders.values())
+                if age >= self.QUICK or now >= deadline:
+                    self.refused += 1
+                    warn = self._warned_at is None or now - self._warned_at >= 60
+                    if warn:
+                        self._warned_at = now
+                    break
+                self._cond.wait(min(deadline - now, self.QUICK - age))
             else:
-                self.taken += 1
-                return True
+                self._tokens += 1
+                self._holders[self._tokens] = time.monotonic()
+                return self._tokens
         if warn:
             log.warn(
                 "{limit} threads wait for the job service already (--job-threads): a job call "
                 "was refused (said at most once a minute)",
                 limit=self.limit,
             )
-        return False
+        return None
 
-    def give_back(self) -> None:
-        with self._lock:
-            self.taken -= 1
+    def give_back(self, token: int) -> None:
+        with self._cond:
+            self._holders.pop(token, None)
+            self._cond.notify()
 
     def describe(self) -> dict:
         return {"busy": self.taken, "max": self.limit, "refused": self.refused}
@@ -285,7 +305,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
     slots = _slots
     if slots is None:
         return _call(op, kw, call_timeout)
-    if not slots.take():
+    slot = slots.take()
+    if slot is None:
         raise JobServiceUnavailable(
             f"{slots.limit} threads wait for the job service already (--job-threads): "
             f"{op} was not sent; try again shortly"
@@ -293,7 +314,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
     try:
         return _call(op, kw, call_timeout)
     finally:
-        slots.give_back()
+        slots.give_back(slot)
 
 
 def _call(op: str, kw: dict, call_timeout: float | None):
