@@ -235,7 +235,8 @@ class BlockingClient:
             if conversation is not None and conversation.usable():
                 if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
                     return conversation
-            for node in self.nodes:
+            # Those this call did not try yet first (in order), then the one whose connection broke.
+            for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
                 if tries.get(node, 0) >= _TRIES_PER_NODE or node.down_until > time.monotonic():
                     continue
                 if time.monotonic() >= deadline:
