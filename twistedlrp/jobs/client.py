@@ -303,7 +303,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
     slots = _slots
-    if slots is None:
+    if slots is None or threads.in_reactor_thread():
+        # (From the reactor thread the call is refused below: it must not wait for a slot.)
         return _call(op, kw, call_timeout)
     slot = slots.take()
     if slot is None:
