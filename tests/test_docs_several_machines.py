@@ -6,7 +6,8 @@ itself. Only what names a machine is replaced: addresses by 127.0.0.1,
 ports by free ones, /etc/lrp by a temporary directory, mysite.settings by
 the test site, and 8 workers by 2 (to keep the suite fast). On PostgreSQL
 (LRP_TEST_POSTGRES) the "second job node" file runs too, beside the
-first, and both nodes run jobs of one web node.
+first, and both nodes run jobs of one web node, which names both (the
+"several job nodes" web node file).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from jobsupport import api, make_template_db, rows, shared_db, wait_job
 
-from support import LRPProcess, port_open, postgres, wait_for
+from support import LRPProcess, port_open, postgres, request, wait_for
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "deploying.md"
 
@@ -33,7 +34,7 @@ def section() -> str:
 def toml_block(after: str) -> str:
     """@return: the TOML code block whose first line is the comment C{after}."""
     blocks = re.findall(r"```toml\n(.*?)```", section(), re.S)
-    found = [b for b in blocks if b.splitlines()[0].startswith(f"# {after}")]
+    found = [b for b in blocks if b.splitlines()[0] == f"# {after}"]
     assert len(found) == 1, f"one TOML block starting '# {after}' in {DOC}, found {len(found)}"
     return found[0]
 
@@ -65,6 +66,7 @@ class Machines:
             ("tcp:8001:interface=10.0.0.5", f"tcp:{jobs_1}:interface=127.0.0.1"),
             ("tcp:8001:interface=10.0.0.6", f"tcp:{jobs_2}:interface=127.0.0.1"),
             ("tcp:10.0.0.5:8001", f"tcp:127.0.0.1:{jobs_1}"),
+            ("tcp:10.0.0.6:8001", f"tcp:127.0.0.1:{jobs_2}"),
             ("tcp:8000:interface=10.0.0.11", f"tcp:{web}:interface=127.0.0.1"),
             ("/etc/lrp", str(self.etc)),
             ('"mysite.settings"', '"testsite.settings"'),
@@ -110,7 +112,10 @@ def test_the_documented_secret_job_node_and_web_node_work(template, tmp_path):
 
     db = shared_db(template, tmp_path)
     job_config = machines.write("job-node.toml", toml_block("/etc/lrp/lrp.toml on the job node"))
-    web_config = machines.write("web-node.toml", toml_block("/etc/lrp/lrp.toml on each web node"))
+    web_block = "/etc/lrp/lrp.toml on each web node"
+    if postgres():
+        web_block += ", with several job nodes"
+    web_config = machines.write("web-node.toml", toml_block(web_block))
     nodes = [start_job_node(machines, db, tmp_path / "job-1", job_config, machines.port("jobs-1"))]
     web = LRPProcess(
         "--config",
@@ -139,6 +144,10 @@ def test_the_documented_secret_job_node_and_web_node_work(template, tmp_path):
             assert (info["state"], info["result"]) == ("succeeded", i + 1), info
         names = {r[0] for r in rows(db, "select name from twistedlrp_node")}
         assert len(names) == len(nodes) and (not postgres() or "jobs-2" in names), names
+        # Its health shows the job link: to the first job node, each listed node up.
+        link = request(web.port, "/-/health").json()["job_link"]
+        assert link["node"] == f"tcp:127.0.0.1:{machines.port('jobs-1')}", link
+        assert [n["state"] for n in link["nodes"]] == ["up"] * len(nodes), link
         # The web node reached the job node over TCP with the secret, not a
         # job service of its own: it has none.
         assert "Job service ready" not in web.output()

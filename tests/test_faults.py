@@ -339,6 +339,12 @@ def test_a_web_node_without_its_job_node_warns_once_and_reconnects(template, tmp
             assert error["error"] == "JobServiceUnavailable"
             assert "its socket does not exist" in error["message"]
             assert time.monotonic() - started < 1
+        # Its health says so, and stays 200 (no --health-requires-jobs).
+        health = request(web.port, "/-/health")
+        assert health.status == 200, health.text
+        link = health.json()["job_link"]
+        assert (link["state"], link["node"]) == ("down", None), link
+        assert "its socket does not exist" in link["nodes"][0]["error"]
         node = start_server(
             template,
             tmp_path / "node",
@@ -348,15 +354,13 @@ def test_a_web_node_without_its_job_node_warns_once_and_reconnects(template, tmp
             wait=False,
         )
         wait_for(lambda: (state / "jobs.sock").exists(), 30, message="the job node's socket")
-        job = wait_for(
-            lambda: (
-                api(web, "submit", name="testapp.jobs.add", args=[1, 2])["job"]
-                if request(web.port, "/-/health").status == 200
-                else None
-            ),
+        # Back within the client's back-off (5 s at most) once the node listens.
+        wait_for(
+            lambda: request(web.port, "/-/health").json()["job_link"]["state"] == "up",
             30,
-            message="a submission through the job node",
+            message="the job link up",
         )
+        job = api(web, "submit", name="testapp.jobs.add", args=[1, 2])["job"]
         assert wait_job(web, job["id"])["result"] == 3
         output = web.output()
         assert output.count("Cannot reach the job service") == 1, output

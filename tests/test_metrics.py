@@ -269,7 +269,11 @@ def test_metrics_listen_on_a_jobs_only_node(template, tmp_path):
         assert value(samples, "lrp_jobs_queued") == 0
         # No web server here, so no HTTP metrics.
         assert not [name for name, _ in samples if name.startswith("lrp_http")]
-        assert request(port, "/-/health").status == 404
+        # The health endpoint is served there too (the job service's section), nothing else.
+        health = request(port, "/-/health")
+        assert health.status == 200 and health.json()["jobs"]["workers"] == 2, health.text
+        assert "threads" not in health.json()
+        assert request(port, "/-/other").status == 404
         forwarded = request(port, "/-/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
         assert forwarded.status == 200  # no --proxy-headers: the peer (loopback) is the client
     finally:

@@ -75,8 +75,18 @@ def test_health_endpoint_reports_state_and_threads(lrp_server):
     assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["status"] == "running"
-    assert body["threads"] == {"busy": 0, "idle": 3, "size": 3, "streaming": 0}
+    # Threads that stream and that wait in job calls, with their limits (half of --threads).
+    job_calls = {"busy": 0, "max": 1, "refused": 0}
+    assert body["threads"] == {
+        "busy": 0,
+        "idle": 3,
+        "size": 3,
+        "streaming": 0,
+        "job_calls": job_calls,
+    }
     assert body["waiting"] == 0
+    # --no-jobs without a job node: the link is reported, and the node stays healthy.
+    assert body["job_link"]["state"] in ("down", "connecting")
     assert body["uptime"] >= 0
     assert body["pid"] == server.proc.pid
 

@@ -140,8 +140,15 @@ OPTIONS: tuple[Option, ...] = (
            "(comma-separated, or '*') that may read the metrics endpoint", kind=STRINGS,
            unparse=",".join),
     Option("no-metrics", False, None, "Serve no metrics endpoint and keep no metrics"),
-    Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics endpoint, and "
-           "nothing else, on this endpoint (a --jobs-only node's only one)", shown="off"),
+    Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics endpoint and "
+           "the health endpoint, and nothing else, on this endpoint (a --jobs-only node's only "
+           "HTTP port)", shown="off"),
+    Option("health-listen", None, values.server_endpoint, "Also serve the health endpoint, and "
+           "nothing else, on this endpoint (for a --jobs-only node, or a separate port for "
+           "health checks)", shown="off"),
+    Option("health-requires-jobs", False, None, "Answer the health endpoint with 503 "
+           "('degraded') while no job node given by --jobs-connect (or LRP_JOBS_CONNECT) can be "
+           "reached; by default the job link is reported and the node stays healthy"),
     # The job service.
     Option("state-dir", ".lrp", values.text, "Directory for the job service's socket and state"),
     Option("jobs-listen", None, values.server_endpoint, "AMP endpoint of the job service",
@@ -152,8 +159,13 @@ OPTIONS: tuple[Option, ...] = (
            "must prove they know"),
     Option("allow-open-permissions", False, None, "Start even if group or others may read "
            "--jobs-secret-file or write to --state-dir"),
-    Option("jobs-connect", None, values.client_endpoint, "Run no job service here; send jobs to the "
-           "one at this client endpoint"),
+    Option("jobs-connect", [], values.client_endpoint, "Run no job service here; send jobs to the "
+           "job node at this client endpoint (repeatable: the first that answers is used, the "
+           "next when it is lost)", repeatable=True),
+    Option("job-threads", None, values.whole(1), "Threads that may wait for the job service at "
+           "once; a job call beyond raises JobServiceUnavailable at once, so that the other "
+           "threads keep answering views that do not touch jobs", kind=WHOLE,
+           shown="half of --threads, at least 1"),
     Option("no-jobs", False, None, "Run no job service and no workers in this process"),
     Option("jobs-only", False, None, "Run the job service and workers, but no web server"),
     Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs", kind=WHOLE),

@@ -86,12 +86,6 @@ class LRPServer(OrderedService):
             from twistedlrp.jobs import metrics as job_metrics
 
             job_metrics.watch(self.metrics, job_service)
-        metrics_listener = None
-        # A job node without --metrics-listen imports no web module.
-        if role != "web" and options["metrics-listen"]:
-            from twistedlrp.web.metrics import metrics_listener as listener
-
-            metrics_listener = listener(reactor, options, self.metrics)
         if role == "main":
             from twistedlrp.web.processes import WebProcesses
 
@@ -115,6 +109,19 @@ class LRPServer(OrderedService):
                 channel.pool = pool.pool
                 self.health.sections["jobs"] = channel.jobs_section
                 self.health.sections["web_workers"] = channel.workers_section
+            if job_client is not None:
+                # Job calls take at most this many of the pool's threads.
+                job_client.call_threads = options["job-threads"] or max(options["threads"] // 2, 1)
+                self.health.sections["job_link"] = job_client.describe
+                self.health.job_calls = _call_slots
+        metrics_listener = health_listener = None
+        # A job node without --metrics-listen or --health-listen imports no web module.
+        if role != "web" and (options["metrics-listen"] or options["health-listen"]):
+            from twistedlrp.web import metrics as web_metrics
+
+            health = self.health or self._side_health(job_service, job_client)
+            metrics_listener = web_metrics.metrics_listener(reactor, options, self.metrics, health)
+            health_listener = web_metrics.health_listener(reactor, options, health)
         from twistedlrp import http as outbound
 
         for child in (
@@ -131,9 +138,21 @@ class LRPServer(OrderedService):
             self.web,
             self.web_processes,
             metrics_listener,
+            health_listener,
         ):
             if child is not None:
                 self.addService(child)
+
+    def _side_health(self, job_service, job_client):
+        """@return: the health endpoint of a process that serves no site (a job node)."""
+        from twistedlrp.web.health import HealthResource
+
+        health = HealthResource(self.reactor, lambda: self.state, None, self.started_at)
+        if job_service is not None:
+            health.sections["jobs"] = job_service.health
+        if job_client is not None:
+            health.sections["job_link"] = job_client.describe
+        return health
 
     # -- start ----------------------------------------------------------
 
@@ -353,3 +372,11 @@ def _write_stderr(text: str) -> None:
         os.write(2, text.encode("utf-8", "replace"))
     except OSError:
         pass
+
+
+def _call_slots() -> dict | None:
+    """@return: the threads in a job call and the most allowed (the health endpoint's)."""
+    from twistedlrp.jobs import client
+
+    slots = client._slots
+    return slots.describe() if slots is not None else None

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -219,3 +220,63 @@ def test_login_with_the_secret_before_anything_else(sock_path):
             submit(make_client(sock_path, secret=b"wrong"))
     finally:
         service.close()
+
+
+# -- several endpoints ----------------------------------------------------------------
+
+
+def make_several(paths, timeout=2.0):
+    endpoints = [client.unix_client_endpoint(str(p)) for p in paths]
+    return blocking.BlockingClient(
+        endpoints, [blocking.socket_address(e) for e in endpoints], None, timeout
+    )
+
+
+def answered_by(name):
+    return lambda box: job_answer(box, node=name)
+
+
+def test_the_first_endpoint_that_answers_then_back_to_an_earlier_one(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    b = FakeService(second, answered_by("b"))
+    a = None
+    try:
+        several = make_several([first, second])
+        assert several.request("status", {"job_id": "j1"})["node"] == "b"
+        a = FakeService(first, answered_by("a"))
+        # The first is tried again in the background (at most every 5 s), then used.
+        deadline = time.monotonic() + 12
+        while several.request("status", {"job_id": "j1"})["node"] != "a":
+            assert time.monotonic() < deadline, "never back to the first endpoint"
+            threading.Event().wait(0.05)
+        assert several.request("status", {"job_id": "j1"})["node"] == "a"
+    finally:
+        b.close()
+        if a is not None:
+            a.close()
+
+
+def test_a_submission_whose_connection_breaks_goes_to_the_next_with_its_id(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    a = FakeService(first, lambda box: None if box[b"_command"] == b"Submit" else job_answer(box))
+    b = FakeService(second, answered_by("b"))
+    try:
+        several = make_several([first, second])
+        kw = {"name": "f", "payload": b"{}", "id": "22222222-2222-4222-8222-222222222222"}
+        assert several.request("submit", kw)["node"] == "b"
+        assert [box[b"id"] for box in a.boxes + b.boxes] == [kw["id"].encode()] * 2
+        # Without an id it is not sent again.
+        with pytest.raises(JobServiceUnavailable, match="may or may not"):
+            make_several([first, second]).request("submit", {"name": "f", "payload": b"{}"})
+    finally:
+        a.close()
+        b.close()
+
+
+def test_with_no_endpoint_reachable_calls_fail_at_once(tmp_path):
+    several = make_several([tmp_path / "a", tmp_path / "b"], timeout=5)
+    for _ in range(5):
+        started = time.monotonic()
+        with pytest.raises(JobServiceUnavailable, match="no job service could be reached"):
+            several.request("status", {"job_id": "j1"})
+        assert time.monotonic() - started < 0.05

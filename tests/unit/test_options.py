@@ -222,7 +222,11 @@ def test_version(capsys):
             "unknown option --no (did you mean one of --no-jobs, --no-metrics, --no-static, "
             "--no-worker-template or --node-name?)",
         ),
-        (["-sx.settings", "--health=/x"], "unknown option --health (did you mean --health-path?)"),
+        (
+            ["-sx.settings", "--health=/x"],
+            "unknown option --health (did you mean one of --health-listen, --health-path or "
+            "--health-requires-jobs?)",
+        ),
     ],
 )
 def test_unknown_options_and_prefixes_are_refused(args, message):
@@ -355,3 +359,35 @@ def test_keyword_options():
         assert str(raised.value) == message
     with pytest.raises(usage.UsageError, match="unknown option 'config'"):
         Options().set_option("config", "x.toml")
+
+
+def test_several_job_nodes_on_the_command_line_in_a_file_and_in_the_environment(
+    tmp_path, monkeypatch
+):
+    options = parse("--no-jobs", "--jobs-connect", "tcp:a:1", "--jobs-connect=unix:path=/b")
+    assert options["jobs-connect"] == ["tcp:a:1", "unix:path=/b"]
+    assert options.to_argv() == [
+        "--jobs-connect=tcp:a:1",
+        "--jobs-connect=unix:path=/b",
+        "--no-jobs",
+    ]
+    assert parse()["jobs-connect"] == [] and parse()["job-threads"] is None
+    config = tmp_path / "web.toml"
+    config.write_text('no-jobs = true\njobs-connect = ["tcp:a:1", "tcp:b:2"]\njob-threads = 3\n')
+    options = parse("--config", str(config))
+    assert (options["jobs-connect"], options["job-threads"]) == (["tcp:a:1", "tcp:b:2"], 3)
+    config.write_text('jobs-connect = "tcp:a:1"\n')
+    assert parse("--config", str(config))["jobs-connect"] == ["tcp:a:1"]
+    # LRP_JOBS_CONNECT: several separated by commas.
+    import types
+
+    from twistedlrp.jobs import client
+
+    monkeypatch.setattr("django.conf.settings", types.SimpleNamespace())
+    monkeypatch.setenv("LRP_JOBS_CONNECT", "tcp:host=a:port=1, unix:path=/x\\,y")
+    assert client.configured_endpoints() == ["tcp:host=a:port=1", "unix:path=/x\\,y"]
+    monkeypatch.delenv("LRP_JOBS_CONNECT")
+    monkeypatch.setenv("LRP_STATE_DIR", str(tmp_path))
+    assert client.configured_endpoints() == [f"unix:path={tmp_path}/jobs.sock"]
+    monkeypatch.setattr("django.conf.settings", types.SimpleNamespace(LRP_JOBS_CONNECT=["tcp:a:1"]))
+    assert client.configured_endpoints() == ["tcp:a:1"]

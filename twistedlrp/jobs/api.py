@@ -92,10 +92,11 @@ class JobOperations:
         ours = self.queues is None or definition.queue in self.queues
         held = len(payload) <= KEEP_PAYLOAD
         # A job that would start at once is stored running on a worker
-        # reserved now: one transaction instead of a submission and a claim.
+        # reserved now: one transaction instead of a submission and a claim
+        # (under the id the client chose, if it is not a job's already).
         reserved = None
-        if ours and held and not run_after and job_id is None:
-            reserved = self.dispatcher.reserve(str(uuid.uuid4()))
+        if ours and held and not run_after:
+            reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
         start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}

@@ -1,10 +1,17 @@
 """
 The job client without a reactor: outside the server (a script, a worker's
-job, another WSGI server) a C{unix:} or C{tcp:} endpoint is reached over
+job, another WSGI server) C{unix:} or C{tcp:} endpoints are reached over
 the process's one AMP connection, written by the calling thread itself and
 read by a reader thread that hands each caller its answer
 (L{BlockingClient}): one thread hop instead of the two to a reactor thread
 and back. L{twistedlrp.jobs.client.call} uses it when it can.
+
+With several endpoints (C{LRP_JOBS_CONNECT} separated by commas) it uses
+the first that answers, the next when that one is lost or refuses, and
+goes back to an earlier one once it answers again (tried by a thread of
+its own, at most every few seconds). An endpoint that could not be reached
+is not tried again before its back-off has passed: calls fail (or go to
+the next) at once meanwhile.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from twistedlrp.jobs.client import (
     DEFAULT_TIMEOUT,
     UNKNOWN_OUTCOME,
     configured,
-    configured_endpoint,
+    configured_endpoints,
     no_answer,
     split_endpoint,
 )
@@ -34,24 +41,30 @@ _lock = threading.Lock()
 _blocking: BlockingClient | None = None
 _NO_BLOCKING = object()
 
+# Back-off of an endpoint that could not be reached.
+_FIRST_RETRY = 0.05
+_MAX_RETRY = 5.0
+# A call tries one endpoint at most this many times.
+_TRIES_PER_NODE = 2
+
 
 def blocking_client() -> BlockingClient | None:
-    """@return: this process's L{BlockingClient}, or C{None} if its endpoint needs a reactor."""
+    """@return: this process's L{BlockingClient}, or C{None} if an endpoint needs a reactor."""
     global _blocking
     if _blocking is None:
         with _lock:
             if _blocking is None:
                 from django.conf import settings
 
-                endpoint = configured_endpoint()
-                address = socket_address(endpoint)
-                if address is None:
+                endpoints = configured_endpoints()
+                addresses = [socket_address(endpoint) for endpoint in endpoints]
+                if None in addresses:
                     _blocking = _NO_BLOCKING
                 else:
                     secret_file = configured("LRP_JOBS_SECRET_FILE")
                     secret = wire.read_secret(secret_file) if secret_file else None
                     timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-                    _blocking = BlockingClient(endpoint, address, secret, timeout)
+                    _blocking = BlockingClient(endpoints, addresses, secret, timeout)
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
@@ -80,6 +93,32 @@ def socket_address(endpoint: str) -> tuple[int, object] | None:
     return None
 
 
+class _Node:
+    """One endpoint of a L{BlockingClient}, and whether it could be reached lately."""
+
+    def __init__(self, endpoint: str, address, secret: bytes | None):
+        self.endpoint = endpoint
+        self.family, self.address = address
+        self.secret = secret
+        self.down_until = 0.0
+        self.delay = _FIRST_RETRY
+        self.last_error: str | None = None
+
+    def up(self) -> None:
+        self.down_until = 0.0
+        self.delay = _FIRST_RETRY
+        self.last_error = None
+
+    def down(self, reason: str) -> None:
+        self.last_error = reason
+        self.down_until = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, _MAX_RETRY)
+
+    def problem(self) -> str:
+        text = f"the job service at {self.endpoint} could not be reached"
+        return text + (f": {self.last_error}" if self.last_error else "")
+
+
 class BlockingClient:
     """
     One AMP connection to one job service (a UNIX or TCP socket) that every
@@ -87,21 +126,28 @@ class BlockingClient:
     request itself and waits; a reader thread hands each answer to the
     caller that waits for it. It connects at the first call and again after
     the connection broke. Its answers and errors are those of
-    L{JobClient.request}. (One shared connection, like the reactor's, lets
-    the service read the requests of many threads at once and commit them
-    together.)
+    L{twistedlrp.jobs.connection.JobClient.request}: a request whose
+    connection broke is sent again (to the next endpoint, or the same one
+    reconnected) unless it is a submission without an id. (One shared
+    connection, like the reactor's, lets the service read the requests of
+    many threads at once and commit them together.)
 
-    @param address: C{(family, address)} (L{socket_address}).
+    @param endpoints: the endpoint string, or a list of them in order of preference.
+    @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
     @param secret: the shared secret (Login after each connect), or C{None}.
     """
 
-    def __init__(self, endpoint: str, address, secret: bytes | None, timeout: float):
-        self.endpoint = endpoint
-        self.family, self.address = address
-        self.secret = secret
+    def __init__(self, endpoints, addresses, secret: bytes | None, timeout: float):
+        if isinstance(endpoints, str):
+            endpoints, addresses = [endpoints], [addresses]
+        self.nodes = [_Node(e, a, secret) for e, a in zip(endpoints, addresses, strict=True)]
+        self.endpoint = endpoints[0]
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conversation: _Conversation | None = None
+        self._probing = False
+        self._probe_lock = threading.Lock()
+        self._next_probe = 0.0
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
         """
@@ -111,82 +157,202 @@ class BlockingClient:
         @raise JobError: the service's own error (a subclass says which).
         @raise JobServiceUnavailable: unreachable, or the connection broke.
         """
-        command, answer_key, arguments = COMMANDS[op](kw)
-        for attempt in (1, 2):
-            conversation = self._connected()
+        limit = timeout or self.timeout
+        started = time.monotonic()
+        deadline = started + limit
+        repeatable = op != "submit" or bool(kw.get("id"))
+        tries: dict[_Node, int] = {}
+        problems: list[str] = []
+        unknown = False
+        sends = 0
+        while True:
+            conversation = self._connected(tries, deadline, problems)
+            if conversation is None:
+                break
+            node = conversation.node
+            tries[node] = tries.get(node, 0) + 1
+            sent = kw
+            sends += 1
+            if op == "wait" and sends > 1:
+                left = float(kw["timeout"]) - (time.monotonic() - started)
+                sent = dict(kw, timeout=max(0.0, left))
+            command, answer_key, arguments = COMMANDS[op](sent)
             box = command.makeArguments(arguments, None)
             try:
-                answer = conversation.ask(command, box, timeout or self.timeout, op)
+                answer = conversation.ask(
+                    command, box, max(deadline - time.monotonic(), 0.001), op, kw.get("id"), limit
+                )
             except _NotSent:
-                # It broke before our request left: nothing happened; once more.
-                if attempt == 2:
-                    raise JobServiceUnavailable(
-                        f"the connection to the job service at {self.endpoint} broke before "
-                        f"{op} could be sent"
-                    ) from None
+                # It broke before our request left: nothing happened; again.
                 continue
+            except _Broken as e:
+                if not repeatable:
+                    raise JobServiceUnavailable(str(e) + UNKNOWN_OUTCOME.get(op, "")) from None
+                problems.append(str(e))
+                unknown = True
+                continue
+            except JobServiceUnavailable as e:
+                # The service refused it (stopping, its store away): the next may not.
+                if not repeatable or len(self.nodes) == 1:
+                    raise
+                problems.append(f"the job service at {node.endpoint} answered: {e}")
+                tries[node] = _TRIES_PER_NODE
+                unknown = unknown or "may or may not" in str(e)
+                self._drop(conversation)
+                continue
+            self._maybe_probe(node)
             return answer[answer_key]
+        from twistedlrp.jobs.connection import unknown_outcome
 
-    def _connected(self) -> _Conversation:
-        with self._lock:
+        if not problems:
+            problems = [n.problem() for n in self.nodes]
+        message = (
+            problems[0]
+            if len(problems) == 1
+            else ("no job service could be reached: " + "; ".join(dict.fromkeys(problems)))
+        )
+        raise JobServiceUnavailable(
+            message + (unknown_outcome(op, kw.get("id")) if unknown else "")
+        )
+
+    def _connected(self, tries: dict, deadline: float, problems: list[str]):
+        """
+        @return: the connection to use (to the first endpoint that answers,
+            among those not tried too often and not in their back-off), or
+            C{None} when there is none.
+        @raise AuthenticationFailed: a service refused our secret.
+        """
+        conversation = self._conversation
+        if conversation is not None and conversation.usable():
+            if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+                return conversation
+        # Another thread may be connecting: wait for it, not beyond the deadline.
+        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
+            problems.append("another thread was still connecting to the job service")
+            return None
+        try:
             conversation = self._conversation
             if conversation is not None and conversation.usable():
-                return conversation
-            self._conversation = None
-            conversation = self._connect()
-            self._conversation = conversation
-            return conversation
-
-    def _connect(self) -> _Conversation:
-        if self.family == socket.AF_UNIX and not os.path.exists(self.address):
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} could not be reached: its socket does "
-                f"not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
-            )
-        deadline = time.monotonic() + self.timeout
-        while True:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(max(deadline - time.monotonic(), 0.01))
-                sock.connect(self.address)
-                sock.settimeout(None)
-            except OSError as e:
-                sock.close()
-                reason = e.strerror or type(e).__name__
-                if time.monotonic() + 0.05 >= deadline:
-                    raise JobServiceUnavailable(
-                        f"the job service at {self.endpoint} could not be reached within "
-                        f"{self.timeout:g} s ({reason})"
-                    ) from None
-                time.sleep(0.05)
-                continue
-            if self.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conversation = _Conversation(sock, self.endpoint)
-            if self.secret is not None:
+                if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+                    return conversation
+            # Those this call did not try yet first (in order), then the one whose connection broke.
+            for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
+                if tries.get(node, 0) >= _TRIES_PER_NODE or node.down_until > time.monotonic():
+                    continue
+                if time.monotonic() >= deadline:
+                    break
                 try:
-                    nonce = conversation.ask(
-                        wire.Challenge,
-                        wire.Challenge.makeArguments({}, None),
-                        self.timeout,
-                        "login",
-                    )["nonce"]
-                    digest = wire.digest(self.secret, nonce)
-                    conversation.ask(
-                        wire.Login,
-                        wire.Login.makeArguments({"digest": digest}, None),
-                        self.timeout,
-                        "login",
-                    )
-                except AuthenticationFailed as e:
-                    conversation.close("login refused")
-                    raise AuthenticationFailed(
-                        f"the job service at {self.endpoint} refused the shared secret ({e})"
-                    ) from None
-                except BaseException:
-                    conversation.close("login failed")
-                    raise
-            return conversation
+                    fresh = self._connect(node, deadline)
+                except JobServiceUnavailable as e:
+                    problems.append(str(e))
+                    tries[node] = _TRIES_PER_NODE
+                    continue
+                node.up()
+                if self._conversation is not None:
+                    self._conversation.retire()
+                self._conversation = fresh
+                return fresh
+            if conversation is None or not conversation.usable():
+                self._conversation = None
+            return None
+        finally:
+            self._lock.release()
+
+    def _drop(self, conversation: _Conversation) -> None:
+        with self._lock:
+            if self._conversation is conversation:
+                self._conversation = None
+        conversation.retire()
+
+    def _connect(self, node: _Node, deadline: float) -> _Conversation:
+        """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
+        if node.family == socket.AF_UNIX and not os.path.exists(node.address):
+            node.down(
+                "its socket does not exist (is the server running, with this --state-dir or "
+                "LRP_STATE_DIR?)"
+            )
+            raise JobServiceUnavailable(node.problem())
+        limit = max(min(self.timeout, deadline - time.monotonic()), 0.01)
+        sock = socket.socket(node.family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(limit)
+            sock.connect(node.address)
+            sock.settimeout(None)
+        except OSError as e:
+            sock.close()
+            node.down(e.strerror or type(e).__name__)
+            raise JobServiceUnavailable(node.problem()) from None
+        if node.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conversation = _Conversation(sock, node)
+        if node.secret is not None:
+            try:
+                nonce = conversation.ask(
+                    wire.Challenge, wire.Challenge.makeArguments({}, None), limit, "login"
+                )["nonce"]
+                digest = wire.digest(node.secret, nonce)
+                conversation.ask(
+                    wire.Login, wire.Login.makeArguments({"digest": digest}, None), limit, "login"
+                )
+            except AuthenticationFailed as e:
+                conversation.close("login refused")
+                node.down(f"it refused the shared secret ({e})")
+                raise AuthenticationFailed(
+                    f"the job service at {node.endpoint} refused the shared secret ({e})"
+                ) from None
+            except (_NotSent, _Broken, JobServiceUnavailable) as e:
+                conversation.close("login failed")
+                node.down(f"login failed: {e}")
+                raise JobServiceUnavailable(node.problem()) from None
+            except BaseException:
+                conversation.close("login failed")
+                raise
+        return conversation
+
+    # -- going back to an earlier endpoint -------------------------------------------
+
+    def _maybe_probe(self, node: _Node) -> None:
+        """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
+        if node is self.nodes[0] or self._probing or time.monotonic() < self._next_probe:
+            return
+        with self._probe_lock:
+            if self._probing:
+                return
+            self._probing = True
+            self._next_probe = time.monotonic() + _MAX_RETRY
+        threading.Thread(
+            target=self._probe, name="twistedlrp-job-client-probe", daemon=True
+        ).start()
+
+    def _probe(self) -> None:
+        try:
+            for node in self.nodes:
+                current = self._conversation
+                if current is not None and current.usable() and current.node is node:
+                    return  # Nothing earlier answers.
+                if node.down_until > time.monotonic():
+                    continue
+                try:
+                    fresh = self._connect(node, time.monotonic() + self.timeout)
+                except Exception:
+                    continue
+                node.up()
+                if not self._lock.acquire(timeout=self.timeout):
+                    fresh.close("not needed")
+                    return
+                try:
+                    old, self._conversation = self._conversation, fresh
+                finally:
+                    self._lock.release()
+                if old is not None:
+                    old.retire()
+                return
+        finally:
+            self._probing = False
+
+
+class _Broken(Exception):
+    """The connection broke after the request was written: its outcome is unknown."""
 
 
 class _NotSent(Exception):
@@ -205,22 +371,32 @@ class _Waiter:
 class _Conversation:
     """One blocking AMP connection: requests tagged, answers read by a thread of its own."""
 
-    def __init__(self, sock: socket.socket, endpoint: str):
+    def __init__(self, sock: socket.socket, node: _Node):
         from twistedlrp.jobs.framing import BoxReader
 
         self.sock = sock
-        self.endpoint = endpoint
+        self.node = node
+        self.endpoint = node.endpoint
         self.reader = BoxReader()
         self.asks = 0
         self.pid = os.getpid()
         self.broken: str | None = None
+        self.retired = False
         self._lock = threading.Lock()
         self._pending: dict[bytes, _Waiter] = {}
         threading.Thread(target=self._read, name="twistedlrp-job-client", daemon=True).start()
 
     def usable(self) -> bool:
         # A copy in a forked process has no reader: the connection is its parent's.
-        return self.broken is None and self.pid == os.getpid()
+        return self.broken is None and not self.retired and self.pid == os.getpid()
+
+    def retire(self) -> None:
+        """Take no new request; close once the pending ones are answered."""
+        with self._lock:
+            self.retired = True
+            idle = not self._pending
+        if idle:
+            self.close("replaced by another connection")
 
     def close(self, reason: str) -> None:
         """Fail every waiting request with C{reason} and close the socket."""
@@ -249,17 +425,31 @@ class _Conversation:
                     tag = box.get(b"_answer") or box.get(b"_error")
                     with self._lock:
                         waiter = self._pending.pop(tag, None)
+                        done = self.retired and not self._pending
                     if waiter is not None:
                         waiter.box = box
                         waiter.event.set()
+                    if done:
+                        self.close("replaced by another connection")
+                        return
         except OSError as e:
             reason = e.strerror or str(e)
         self.close(reason)
 
-    def ask(self, command, box, timeout: float, op: str) -> dict:
+    def ask(
+        self,
+        command,
+        box,
+        timeout: float,
+        op: str,
+        job_id: str | None = None,
+        limit: float | None = None,
+    ) -> dict:
         """
+        @param limit: the call's timeout, as its error says it.
         @return: the parsed answer.
         @raise _NotSent: the connection had broken before the request was written.
+        @raise _Broken: it broke after (the outcome is unknown).
         """
         waiter = _Waiter()
         with self._lock:
@@ -279,18 +469,17 @@ class _Conversation:
                 sent = e.strerror or str(e)
         if sent is not None:
             self.close(sent)
-            raise JobServiceUnavailable(
-                f"the connection to the job service at {self.endpoint} broke during {op}: "
-                f"{sent}" + UNKNOWN_OUTCOME.get(op, "")
+            raise _Broken(
+                f"the connection to the job service at {self.endpoint} broke during {op}: {sent}"
             )
         if not waiter.event.wait(timeout):
             with self._lock:
                 self._pending.pop(tag, None)
-            raise no_answer(self.endpoint, op, timeout)
+            raise no_answer(self.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
-            raise JobServiceUnavailable(
+            raise _Broken(
                 f"the connection to the job service at {self.endpoint} broke during {op}: "
-                f"{waiter.broken}" + UNKNOWN_OUTCOME.get(op, "")
+                f"{waiter.broken}"
             )
         if b"_error" in waiter.box:
             self._raise(command, waiter.box, op)
@@ -302,7 +491,7 @@ class _Conversation:
         error_class = command.reverseErrors.get(code)
         if error_class is None:
             raise JobServiceUnavailable(
-                f"the connection to the job service at {self.endpoint} broke during {op}: "
+                f"the job service at {self.endpoint} failed during {op}: "
                 f"{description}" + UNKNOWN_OUTCOME.get(op, "")
             )
         if code in command.fatalErrors.values():

@@ -8,14 +8,20 @@ other reaches a C{unix:} or C{tcp:} endpoint without a reactor
 (L{twistedlrp.jobs.blocking}).
 
 In the server, the job client service (L{twistedlrp.jobs.node}) installs a
-client connected to the local job service (or to C{--jobs-connect}). In any
-other process with Django set up, the first call creates one from
-C{LRP_JOBS_CONNECT} (a client endpoint string), else
-C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock}; C{LRP_JOBS_SECRET_FILE}
+client connected to the local job service (or to the job nodes of
+C{--jobs-connect}). In any other process with Django set up, the first call
+creates one from C{LRP_JOBS_CONNECT} (client endpoint strings separated by
+commas, tried in order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock};
+C{LRP_JOBS_SECRET_FILE}
 names the shared secret for network endpoints. Each is read from the
 environment first, then from the Django settings: a worker process is told
 its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
 (a setting, seconds, default 10) bounds reaching the service and each answer.
+
+Every submission carries an id (a UUID the caller gave, else one chosen
+here before it is sent), so that a client may send it again after its
+answer was lost without making a second job. In the server, at most
+C{--job-threads} threads may be in a job call at once (L{CallSlots}).
 
 Outside the server (a script, a worker's job, another WSGI server) a
 C{unix:} or C{tcp:} endpoint is reached without a reactor: the calling
@@ -30,6 +36,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
+import uuid
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -59,11 +67,19 @@ UNKNOWN_OUTCOME = {
 }
 
 
-def no_answer(endpoint, op: str, seconds: float) -> JobServiceUnavailable:
+def no_answer(
+    endpoint, op: str, seconds: float, job_id: str | None = None
+) -> JobServiceUnavailable:
     """@return: the error of an operation the job service did not answer in time."""
+    if op == "submit" and job_id:
+        outcome = (
+            f"; the job may or may not have been stored: submit again with id={job_id} to get "
+            f"the same job instead of a second one"
+        )
+    else:
+        outcome = UNKNOWN_OUTCOME.get(op, "")
     return JobServiceUnavailable(
-        f"the job service at {endpoint} did not answer {op} within {seconds:g} s"
-        + UNKNOWN_OUTCOME.get(op, "")
+        f"the job service at {endpoint} did not answer {op} within {seconds:g} s" + outcome
     )
 
 
@@ -106,12 +122,82 @@ def _float(value):
 
 _client: JobClient | None = None
 _lock = threading.Lock()
+_slots: CallSlots | None = None
 
 
-def install(client: JobClient | None) -> None:
-    """Make C{client} the one the public API uses in this process (the server does this)."""
-    global _client
+class CallSlots:
+    """
+    How many threads may be in a job call at once (C{--job-threads}), so
+    that views that never touch jobs keep threads while the job service is
+    slow. A call beyond waits for a slot while the calls that hold them are
+    quick (the youngest began less than L{QUICK} seconds ago), for at most
+    L{WAIT} seconds; else it fails at once with L{JobServiceUnavailable}
+    instead of taking one more thread of the web pool.
+
+    @ivar refused: calls refused for want of a slot, so far.
+    """
+
+    QUICK = 0.25
+    WAIT = 1.0
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.refused = 0
+        self._holders: dict[int, float] = {}
+        self._tokens = 0
+        self._cond = threading.Condition()
+        self._warned_at: float | None = None
+
+    @property
+    def taken(self) -> int:
+        """@return: the threads in a job call now."""
+        return len(self._holders)
+
+    def take(self) -> int | None:
+        """@return: the slot taken (give it back), or C{None}: refused."""
+        now = time.monotonic()
+        deadline = now + self.WAIT
+        with self._cond:
+            while len(self._holders) >= self.limit:
+                now = time.monotonic()
+                age = now - max(self._holders.values())
+                if age >= self.QUICK or now >= deadline:
+                    self.refused += 1
+                    warn = self._warned_at is None or now - self._warned_at >= 60
+                    if warn:
+                        self._warned_at = now
+                    break
+                self._cond.wait(min(deadline - now, self.QUICK - age))
+            else:
+                self._tokens += 1
+                self._holders[self._tokens] = time.monotonic()
+                return self._tokens
+        if warn:
+            log.warn(
+                "{limit} threads wait for the job service already (--job-threads): a job call "
+                "was refused (said at most once a minute)",
+                limit=self.limit,
+            )
+        return None
+
+    def give_back(self, token: int) -> None:
+        with self._cond:
+            self._holders.pop(token, None)
+            self._cond.notify()
+
+    def describe(self) -> dict:
+        return {"busy": self.taken, "max": self.limit, "refused": self.refused}
+
+
+def install(client: JobClient | None, call_threads: int | None = None) -> None:
+    """
+    Make C{client} the one the public API uses in this process (the server
+    does this), with at most C{call_threads} threads in a job call at once
+    (C{None}: no limit).
+    """
+    global _client, _slots
     _client = client
+    _slots = CallSlots(call_threads) if client is not None and call_threads else None
 
 
 def configured(name: str) -> str | None:
@@ -121,17 +207,47 @@ def configured(name: str) -> str | None:
     return os.environ.get(name) or getattr(settings, name, None) or None
 
 
-def configured_endpoint(state_dir: str | None = None) -> str:
+def configured_endpoints(state_dir: str | None = None) -> list[str]:
     """
-    @return: the client endpoint string of the job service this process
-        should reach: C{LRP_JOBS_CONNECT}, else the socket in C{state_dir}
-        (or C{LRP_STATE_DIR}, or C{.lrp}).
+    @return: the client endpoint strings of the job services this process
+        should reach, in order of preference: C{LRP_JOBS_CONNECT} (several
+        separated by commas; a list or tuple in the settings), else the
+        socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
     """
-    endpoint = configured("LRP_JOBS_CONNECT")
-    if endpoint:
-        return endpoint
+    from django.conf import settings
+
+    value = os.environ.get("LRP_JOBS_CONNECT") or getattr(settings, "LRP_JOBS_CONNECT", None)
+    if isinstance(value, list | tuple):
+        endpoints = [str(item).strip() for item in value if str(item).strip()]
+    else:
+        endpoints = split_endpoints(value or "")
+    if endpoints:
+        return endpoints
     state = state_dir or configured("LRP_STATE_DIR") or ".lrp"
-    return unix_client_endpoint(os.path.join(state, "jobs.sock"))
+    return [unix_client_endpoint(os.path.join(state, "jobs.sock"))]
+
+
+def split_endpoints(text: str) -> list[str]:
+    """
+    @return: the endpoint strings of C{text}, separated by commas (a comma
+        inside one is written C{\\,}, as endpoint strings escape any
+        character), without the spaces around them.
+    """
+    endpoints, current, escaped = [], "", False
+    for char in text:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            current += char
+            escaped = True
+        elif char == ",":
+            endpoints.append(current)
+            current = ""
+        else:
+            current += char
+    endpoints.append(current)
+    return [endpoint.strip() for endpoint in endpoints if endpoint.strip()]
 
 
 def _settings_client() -> JobClient:
@@ -143,11 +259,11 @@ def _settings_client() -> JobClient:
 
         from twistedlrp.jobs.connection import JobClient
 
-        endpoint = configured_endpoint()
+        endpoints = configured_endpoints()
         secret_file = configured("LRP_JOBS_SECRET_FILE")
         secret = wire.read_secret(secret_file) if secret_file else None
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-        client = JobClient(reactor, endpoint, secret, timeout)
+        client = JobClient(reactor, endpoints, secret, timeout)
         client.start()
         _client = client
     return _client
@@ -183,6 +299,26 @@ def call(op: str, call_timeout: float | None = None, **kw):
             return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
         if transactions.in_sqlite_transaction():
             return transactions.detached(op, kw)
+    if op == "submit" and not kw.get("id"):
+        # Chosen before it is sent: sent again (its answer lost), it is the same job.
+        kw["id"] = str(uuid.uuid4())
+    slots = _slots
+    if slots is None or threads.in_reactor_thread():
+        # (From the reactor thread the call is refused below: it must not wait for a slot.)
+        return _call(op, kw, call_timeout)
+    slot = slots.take()
+    if slot is None:
+        raise JobServiceUnavailable(
+            f"{slots.limit} threads wait for the job service already (--job-threads): "
+            f"{op} was not sent; try again shortly"
+        )
+    try:
+        return _call(op, kw, call_timeout)
+    finally:
+        slots.give_back(slot)
+
+
+def _call(op: str, kw: dict, call_timeout: float | None):
     client = _client
     if client is None and threads._mode != "server":
         from twistedlrp.jobs.blocking import blocking_client

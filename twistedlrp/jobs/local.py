@@ -72,7 +72,7 @@ class LocalClient:
         try:
             answer = await d
         except defer.TimeoutError:
-            raise no_answer(self.endpoint, op, limit) from None
+            raise no_answer(self.endpoint, op, limit, kw.get("id")) from None
         except JobError:
             raise
         except Exception as e:

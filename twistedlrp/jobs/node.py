@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 
 from twisted.application import service
-from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IStreamClientEndpoint
-from zope.interface import implementer
 
 from twistedlrp.jobs import client as jobs_client
 from twistedlrp.jobs import registry, wire
@@ -63,25 +60,14 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
     return jobs, JobClientService(reactor, options, jobs)
 
 
-@implementer(IStreamClientEndpoint)
-class _LocalServiceEndpoint:
-    """Connects to this process's job service once it listens."""
-
-    def __init__(self, reactor, jobs):
-        self.reactor = reactor
-        self.jobs = jobs
-
-    def connect(self, factory):
-        d = self.jobs.when_listening()
-        return d.addCallback(
-            lambda endpoint: clientFromString(self.reactor, endpoint).connect(factory)
-        )
-
-
 class JobClientService(service.Service):
     """
     The process's job client (L{twistedlrp.jobs.client}): to this server's
-    job service, to C{--jobs-connect}, or to what the settings name.
+    job service, to the job nodes of C{--jobs-connect}, or to what the
+    settings name.
+
+    @ivar call_threads: at most this many threads in a job call at once
+        (the server sets it to C{--job-threads} where a web pool runs views).
     """
 
     name = "job-client"
@@ -91,34 +77,45 @@ class JobClientService(service.Service):
         self.options = options
         self.local = local
         self.client: JobClient | LocalClient | None = None
+        self.call_threads: int | None = None
 
     def startService(self) -> None:
         from django.conf import settings
 
         super().startService()
         options = self.options
-        description = None
-        if options["jobs-connect"]:
-            endpoint = options["jobs-connect"]
-        elif self.local is not None:
-            endpoint = _LocalServiceEndpoint(self.reactor, self.local)
+        secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
+        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
+        if self.local is not None and not options["jobs-connect"]:
+            # This process's own service: called directly, without AMP or a socket.
             description = options["jobs-listen"] or jobs_client.unix_client_endpoint(
                 os.path.join(options["state-dir"], "jobs.sock")
             )
-        else:
-            endpoint = jobs_client.configured_endpoint(options["state-dir"])
-        secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
-        secret = wire.read_secret(secret_file) if secret_file else None
-        if (description or endpoint).startswith("unix:"):
-            secret = None
-        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
-        if isinstance(endpoint, _LocalServiceEndpoint):
-            # This process's own service: called directly, without AMP or a socket.
             self.client = LocalClient(self.reactor, self.local, timeout, description)
         else:
-            self.client = JobClient(self.reactor, endpoint, secret, timeout, description)
+            endpoints = list(options["jobs-connect"]) or jobs_client.configured_endpoints(
+                options["state-dir"]
+            )
+            secret = wire.read_secret(secret_file) if secret_file else None
+            self.client = JobClient(self.reactor, endpoints, secret, timeout)
         self.client.start()
-        jobs_client.install(self.client)
+        jobs_client.install(self.client, self.call_threads)
+
+    def describe(self) -> dict | None:
+        """
+        @return: the health endpoint's C{job_link} section: the job node
+            calls go to, up or down and since when (with
+            C{--health-requires-jobs}, C{healthy} too); C{None} with no
+            client, or one in this very process (its C{jobs} section says it all).
+        """
+        client = self.client
+        if not isinstance(client, JobClient):
+            return None
+        body = client.describe(requires=bool(self.options["health-requires-jobs"]))
+        slots = jobs_client._slots
+        if slots is not None:
+            body["calls"] = slots.describe()
+        return body
 
     def stopService(self):
         super().stopService()

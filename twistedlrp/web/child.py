@@ -97,6 +97,8 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
         if name == "--socket":
             fd, family = value.split(":")
             ours["sockets"].append((int(fd), int(family)))
+        elif name == "--jobs-connect":
+            ours.setdefault("jobs-connect", []).append(value)
         else:
             ours[name.lstrip("-")] = value or True
     return ours, list(rest)
@@ -166,7 +168,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
         sys.stderr.write(f"twistd lrp: error: {e}\n")
         return 1
     if jobs_connect:
-        options["jobs-connect"] = jobs_connect
+        options["jobs-connect"] = [jobs_connect] if isinstance(jobs_connect, str) else jobs_connect
     channel = MainChannel(reactor, channel_fd, index)
     server = LRPServer(
         options,

@@ -36,6 +36,8 @@ class HealthResource(Resource):
         self.sections: dict[str, Callable[[], dict]] = {}
         # The threads that may stream (web/wsgi.py StreamSlots), if any.
         self.streams = None
+        # Returns the threads in a job call (jobs/client.py CallSlots), if limited.
+        self.job_calls: Callable[[], dict | None] | None = None
 
     def render(self, request):
         state = self._server_state()
@@ -49,6 +51,9 @@ class HealthResource(Resource):
             body["threads"] = {"busy": stats["busy"], "idle": stats["idle"], "size": stats["size"]}
             if self.streams is not None:
                 body["threads"]["streaming"] = self.streams.taken
+            job_calls = self.job_calls() if self.job_calls is not None else None
+            if job_calls is not None:
+                body["threads"]["job_calls"] = job_calls
             body["waiting"] = stats["waiting"]
         healthy = True
         for name, section in self.sections.items():

@@ -142,41 +142,79 @@ def _failed(request, failure) -> None:
 
 
 class MetricsOnly:
-    """The root of the C{--metrics-listen} site: the metrics endpoint, 404 elsewhere."""
+    """
+    The root of the C{--metrics-listen} and C{--health-listen} sites: the
+    metrics endpoint (if given), the health endpoint (if given), 404 elsewhere.
+    """
 
-    def __init__(self, path: bytes, resource: MetricsResource):
+    def __init__(
+        self,
+        path: bytes | None,
+        resource: MetricsResource | None,
+        health_path: bytes | None = None,
+        health=None,
+    ):
         self._path = path
         self._resource = resource
+        self._health_path = health_path
+        self._health = health
 
     def route(self, request):
         """@return: the answer's body (see L{MetricsResource.render})."""
-        if request.path == self._path:
+        if self._resource is not None and request.path == self._path:
             return self._resource.render(request)
+        if self._health is not None and request.path == self._health_path:
+            return self._health.render(request)
+        served = [
+            p.decode()
+            for p, r in ((self._path, self._resource), (self._health_path, self._health))
+            if r is not None
+        ]
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return b"Not Found: this port serves --metrics-path only.\n"
+        return f"Not Found: this port serves {' and '.join(served)} only.\n".encode()
 
 
-def metrics_listener(reactor, options, metrics: Metrics | None):
+def metrics_listener(reactor, options, metrics: Metrics | None, health=None):
     """
+    @param health: the health resource to serve at C{--health-path} too, or C{None}.
     @return: the service listening on C{--metrics-listen} for the metrics
-        endpoint alone (with C{--jobs-only}, the only way to read a job
-        node's metrics), or C{None} if not asked for or the metrics are off.
+        endpoint and the health endpoint alone (with C{--jobs-only}, the
+        only way to read a job node's metrics), or C{None} if not asked for
+        or the metrics are off.
     """
     if not options["metrics-listen"] or metrics is None:
         return None
+    resource = MetricsResource(metrics, options["metrics-allow-ips"])
+    root = MetricsOnly(
+        options["metrics-path"].encode(), resource, options["health-path"].encode(), health
+    )
+    return _side_listener(reactor, options, root, options["metrics-listen"], "metrics-listener")
+
+
+def health_listener(reactor, options, health):
+    """
+    @return: the service listening on C{--health-listen} for the health
+        endpoint alone, or C{None} if not asked for.
+    """
+    if not options["health-listen"]:
+        return None
+    root = MetricsOnly(None, None, options["health-path"].encode(), health)
+    return _side_listener(reactor, options, root, options["health-listen"], "health-listener")
+
+
+def _side_listener(reactor, options, root: MetricsOnly, endpoint: str, name: str):
     from twistedlrp.web.service import WebService
     from twistedlrp.web.site import LRPSite
 
-    resource = MetricsResource(metrics, options["metrics-allow-ips"])
     site = LRPSite(
         reactor,
-        MetricsOnly(options["metrics-path"].encode(), resource),
+        root,
         max_body_size=0,
         proxy_headers=options["proxy-headers"],
         forwarded_allow_ips=options["forwarded-allow-ips"],
         access_log_path=None,
     )
-    listener = WebService(reactor, site, [options["metrics-listen"]])
-    listener.name = "metrics-listener"
+    listener = WebService(reactor, site, [endpoint])
+    listener.name = name
     return listener

@@ -100,7 +100,7 @@ class WebProcesses(service.Service):
         self.template_backoff = Backoff()
         self._template_call = None
         self.preload: bool | None = None
-        self.jobs_connect: str | None = None
+        self.jobs_connect: list[str] | None = None
         self.started = False
         self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
@@ -114,9 +114,9 @@ class WebProcesses(service.Service):
     async def _start(self) -> None:
         self._open_sockets()
         if self.job_service is not None:
-            self.jobs_connect = await self.job_service.when_listening()
+            self.jobs_connect = [await self.job_service.when_listening()]
         else:
-            self.jobs_connect = self.options["jobs-connect"]
+            self.jobs_connect = list(self.options["jobs-connect"]) or None
         self.template_ready = defer.Deferred()
         self._spawn_template()
         ready = await self.template_ready

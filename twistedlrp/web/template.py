@@ -163,8 +163,8 @@ class _Template:
         args = [sys.executable, "-m", MODULE, "--web", f"--channel-fd={channel_fd}"]
         args += [f"--socket={fd}:{family}" for fd, family in self.sockets]
         args.append(f"--index={message['index']}")
-        if message.get("jobs_connect"):
-            args.append(f"--jobs-connect={message['jobs_connect']}")
+        for endpoint in message.get("jobs_connect") or ():
+            args.append(f"--jobs-connect={endpoint}")
         os.execv(sys.executable, [*args, "--", *self.lrp_args])
 
     def reap(self) -> None:
