@@ -172,13 +172,11 @@ def warn_missing_tables() -> None:
         _log().warn("Could not check the tables of --app: {error}", error=_last_line(e))
         return
     if missing:
-        spec = site.current_spec()
         _log().warn(
-            "{file} defines models without tables ({models}): run "
-            "'twistd lrp --app {app} --migrate' once",
-            file=spec.label,
+            "{file} defines models without tables ({models}): run '{command} --migrate' once",
+            file=site.current_spec().label,
             models=", ".join(missing),
-            app=spec.given,
+            command=site.command(),
         )
 
 

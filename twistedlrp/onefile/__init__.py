@@ -10,7 +10,7 @@ installed app's do: every process of the server imports it by its path,
 under its module name. The modules: L{spec} (what C{--app} names),
 L{defaults} and L{settings} (the settings every process builds from the
 environment), L{site} (importing the file in each process), L{router},
-L{serve} (C{python hello.py}), L{urls} (the root URLconf).
+L{runner} (C{serve()}: C{python hello.py}), L{urls} (the root URLconf).
 """
 
 __all__ = ["Router", "serve"]
@@ -24,7 +24,7 @@ def __getattr__(name):
 
         return Router
     if name == "serve":
-        from twistedlrp.onefile.serve import prepare_script, serve
+        from twistedlrp.onefile.runner import prepare_script, serve
 
         prepare_script()
         return serve

@@ -1,6 +1,6 @@
 """
 ``python -m twistedlrp.onefile ARGS``: ``twistd --nodaemon --pidfile= lrp ARGS``,
-what L{twistedlrp.onefile.serve.serve} replaces ``python hello.py`` with.
+what L{twistedlrp.onefile.runner.serve} replaces ``python hello.py`` with.
 """
 
 import sys

@@ -28,6 +28,8 @@ APP_VARIABLE = "LRP_APP"
 SETTINGS_VARIABLE = "LRP_APP_SETTINGS"
 #: The absolute C{--state-dir}: the SQLite database and the secret key.
 STATE_DIR_VARIABLE = "LRP_STATE_DIR"
+#: The command that started the server, when not C{twistd lrp --app} (C{python hello.py}).
+COMMAND_VARIABLE = "LRP_APP_COMMAND"
 #: "1", "true", "yes" or "on" turn C{DEBUG} on (off by default).
 DEBUG_VARIABLE = "DJANGO_DEBUG"
 #: Host names accepted besides localhost, comma-separated (C{ALLOWED_HOSTS}).

@@ -22,6 +22,7 @@ Each is a no-op without C{--app}. No Twisted here: the job workers use it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -55,6 +56,8 @@ class Site:
 
 
 _loaded: Site | None = None
+# The --app value as typed, and its normalised form (the environment's): messages show the first.
+_typed: tuple[str, str] | None = None
 # True while twistedlrp imports the file: serve() called from it does nothing.
 loading = False
 
@@ -71,9 +74,12 @@ def current_spec() -> AppSpec | None:
     if not value:
         return None
     try:
-        return parse(value)
+        spec = parse(value)
     except SpecError as e:
         raise _error(f"--app {e}") from None
+    if _typed is not None and _typed[1] == value:
+        spec = dataclasses.replace(spec, given=_typed[0])
+    return spec
 
 
 def loaded() -> Site | None:
@@ -98,6 +104,8 @@ def configure(options) -> str | None:
         L{defaults.SETTINGS_MODULE} with C{--app}, else C{options["settings"]}
         (C{$DJANGO_SETTINGS_MODULE}).
     """
+    if not options["app"]:
+        os.environ.pop(defaults.COMMAND_VARIABLE, None)
     for variable in (
         defaults.APP_VARIABLE,
         defaults.SETTINGS_VARIABLE,
@@ -110,7 +118,9 @@ def configure(options) -> str | None:
         spec = parse(options["app"])
     except SpecError as e:
         raise _error(f"--app {e}") from None
+    global _typed
     os.environ[defaults.APP_VARIABLE] = spec.as_value()
+    _typed = (options["app"], spec.as_value())
     os.environ[defaults.STATE_DIR_VARIABLE] = os.path.abspath(options["state-dir"])
     _put_on_path(spec)
     if options.given.get("settings"):
@@ -123,6 +133,15 @@ def _put_on_path(spec: AppSpec) -> None:
     directory = spec.directory
     if directory and directory not in sys.path:
         sys.path.insert(0, directory)
+
+
+def command() -> str:
+    """How to start this site again, for messages: C{python hello.py} or C{twistd lrp --app ...}."""
+    spec = current_spec()
+    given = os.environ.get(defaults.COMMAND_VARIABLE)
+    if given:
+        return given
+    return f"twistd lrp --app {spec.given if spec is not None else 'FILE.py'}"
 
 
 def given_settings() -> dict:
@@ -190,12 +209,7 @@ def after_setup() -> Site | None:
     if _loaded is not None and _loaded.spec == spec:
         return _loaded
     module = import_app(spec)
-    if own_settings():
-        from django.apps import apps
-
-        config = apps.app_configs.get(spec.module.rpartition(".")[2])
-        if config is not None and config.name == spec.module:
-            config.module = module
+    _adopt_models(spec, module)
     obj, name = find_object(spec, module)
     _loaded = classify(spec.with_attr(name), module, obj)
     if _loaded.nanodjango:
@@ -203,6 +217,20 @@ def after_setup() -> Site | None:
         # before the URLconf loads: twistedlrp serves Django's handler.
         obj._prepare()
     return _loaded
+
+
+def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
+    """
+    The file is its app's models module (nanodjango's too): C{migrate
+    --run-syncdb} creates the tables of an app's models only when it has one.
+    """
+    from django.apps import apps
+
+    for config in apps.get_app_configs():
+        if config.name == spec.module or config.module is module:
+            config.module = module
+            if config.models_module is None and config.models:
+                config.models_module = module
 
 
 # -- importing ------------------------------------------------------------------------

@@ -52,6 +52,8 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     caller = sys._getframe(1).f_globals
     spec = _caller_spec(caller, app)
     argv = server_arguments(spec, listen, keywords, sys.argv[1:])
+    # How the server's messages name this command ("run 'python hello.py --migrate'").
+    os.environ[defaults.COMMAND_VARIABLE] = f"python {sys.argv[0]}"
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
