@@ -27,6 +27,7 @@ class Router:
 
     def __init__(self, *routes: tuple):
         self.urlpatterns: list = []
+        self._resolver: URLResolver | None = None
         for route in routes:
             if not isinstance(route, tuple | list) or len(route) not in (2, 3):
                 raise TypeError(
@@ -37,6 +38,7 @@ class Router:
     def add(self, pattern: str, view, name: str | None = None) -> None:
         """Route C{pattern} (path syntax; a leading slash is dropped) to C{view}."""
         pattern = pattern.lstrip("/")
+        self._resolver = None
         if isinstance(view, Router):
             self.urlpatterns.append(path(pattern, include(view.urlpatterns)))
             return
@@ -57,8 +59,10 @@ class Router:
 
     def __call__(self, request, *args, **kwargs):
         """Serve C{request} as a view: resolve its path here, call the view found."""
+        if self._resolver is None:
+            self._resolver = URLResolver(RegexPattern(r"^/"), self.urlpatterns)
         try:
-            match = URLResolver(RegexPattern(r"^/"), self.urlpatterns).resolve(request.path_info)
+            match = self._resolver.resolve(request.path_info)
         except Resolver404:
             raise Http404(f"no route of this router matches {request.path_info!r}") from None
         request.resolver_match = match
