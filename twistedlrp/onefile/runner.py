@@ -12,7 +12,9 @@ file runs as ``__main__``: jobs defined there would be registered as
 (``os.execv``, same pid, so Ctrl-C and a supervisor's signals reach the
 server) with ``twistd -n lrp --app /abs/hello.py:app`` and the options:
 the server imports the file under its module name, as uvicorn does with
-``"module:app"``, and so do its workers. There, ``serve()`` does nothing.
+``"module:app"``, and so do its workers. There, ``serve()`` only records
+what it was given (so ``serve(Router(...))`` at module level needs no name)
+and returns.
 
 Keywords in lower case are ``twistd lrp`` options (``threads=4``,
 ``reload=True``); upper-case ones are Django settings, passed as ``--set``.
@@ -48,6 +50,8 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     from twistedlrp.onefile import site
 
     if site.loading:
+        # The server (or a worker) imports the file: it serves what was given.
+        site.served.append(app)
         return None
     caller = sys._getframe(1).f_globals
     spec = _caller_spec(caller, app)
@@ -63,15 +67,15 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
 
 
 def _caller_spec(caller: dict, app) -> AppSpec:
-    """The C{--app} value naming C{app} in the module whose globals are C{caller}."""
+    """
+    The C{--app} value naming C{app} in the module whose globals are
+    C{caller}; with no name when the module does not name it (C{serve(Router(...))}
+    at module level: importing the file calls C{serve()} again, which gives it).
+    """
     name = next((key for key, value in caller.items() if value is app), None)
     path = caller.get("__file__")
-    if name is None or not path:
-        raise TypeError(
-            "serve(): give it an object the file names at module level "
-            "(app = Router(...), then serve(app)): the server and its workers import "
-            "the file and take the object by its name"
-        )
+    if not path:
+        raise TypeError("serve(): call it from a file (python hello.py)")
     module = caller.get("__name__")
     loader_spec = caller.get("__spec__")
     if module == "__main__":
@@ -207,7 +211,30 @@ def prepare_script() -> None:
         django.setup()
     except Exception:
         # The server sets the file up again and reports what is wrong.
-        pass
+        return
+    _explain_missing_settings(os.path.basename(path))
+
+
+def _explain_missing_settings(label: str) -> None:
+    """
+    A setting the file reads as it runs, which the defaults do not give,
+    ends this run with one line instead of a traceback: only the command
+    line's C{--set} reaches it (C{serve()}'s keywords come too late).
+    """
+    from twistedlrp.onefile.site import missing_setting
+
+    previous = sys.excepthook
+
+    def explain(kind, error, tb):
+        name = missing_setting(error)
+        if name is None:
+            return previous(kind, error, tb)
+        sys.stderr.write(
+            f"{label}: error: {label} needs the setting {name}, which the defaults do not "
+            f"give: add --set {name}=VALUE to the command line\n"
+        )
+
+    sys.excepthook = explain
 
 
 def _imported_by(main) -> bool:

@@ -58,8 +58,12 @@ class Site:
 _loaded: Site | None = None
 # The --app value as typed, and its normalised form (the environment's): messages show the first.
 _typed: tuple[str, str] | None = None
-# True while twistedlrp imports the file: serve() called from it does nothing.
+# True once this process sets a site given with --app up (a server, a
+# worker): the file may be imported from then on (by us, or by Django's admin
+# autodiscovery as django.setup() runs), and serve() called as it imports
+# does nothing but add its object to served.
 loading = False
+served: list = []
 
 
 def _error(message: str):
@@ -158,9 +162,11 @@ def before_settings(settings_module: str) -> None:
     settings, a file that makes a nanodjango app is imported first (its
     C{Django()} sets Django up, from L{defaults.nanodjango_settings}).
     """
+    global loading
     spec = current_spec()
     if spec is None:
         return
+    loading = True
     _put_on_path(spec)
     if settings_module == defaults.SETTINGS_MODULE and uses_nanodjango(spec):
         import_app(spec)
@@ -206,12 +212,12 @@ def after_setup() -> Site | None:
     spec = current_spec()
     if spec is None:
         return None
-    if _loaded is not None and _loaded.spec == spec:
+    if _loaded is not None and _loaded.spec.module == spec.module:
         return _loaded
     module = import_app(spec)
     _adopt_models(spec, module)
     obj, name = find_object(spec, module)
-    _loaded = classify(spec.with_attr(name), module, obj)
+    _loaded = classify(spec.with_attr(name) if name else spec, module, obj)
     if _loaded.nanodjango:
         # What its wsgi() does at each request (admin and API URLs), once,
         # before the URLconf loads: twistedlrp serves Django's handler.
@@ -286,8 +292,6 @@ def import_app(spec: AppSpec) -> types.ModuleType:
             raise _import_error(spec, e) from None
         except Exception as e:
             raise _import_error(spec, e) from None
-        finally:
-            loading = False
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
         if not found or os.path.realpath(found) != os.path.realpath(spec.path):
@@ -298,12 +302,22 @@ def import_app(spec: AppSpec) -> types.ModuleType:
     return existing
 
 
+def missing_setting(e: BaseException) -> str | None:
+    """The name of the setting C{e} says Django's settings lack, if it is such an error."""
+    name = getattr(e, "name", None)
+    owner = type(getattr(e, "obj", None)).__name__
+    holders = ("Settings", "LazySettings", "UserSettingsHolder")
+    if isinstance(e, AttributeError) and name and name.isupper():
+        if owner in holders or getattr(e.obj, "__name__", "") == "django.conf.global_settings":
+            return name
+    return None
+
+
 def _import_error(spec: AppSpec, e: Exception):
     from django.core.exceptions import ImproperlyConfigured
 
-    name = getattr(e, "name", None)
-    owner = type(getattr(e, "obj", None)).__name__
-    if isinstance(e, AttributeError) and name and owner in ("Settings", "LazySettings"):
+    name = missing_setting(e)
+    if name:
         return _error(
             f"{spec.label} needs the setting {name}, which the defaults do not give: "
             f"add --set {name}=VALUE (or serve(..., {name}=...))"
@@ -316,10 +330,11 @@ def _import_error(spec: AppSpec, e: Exception):
     return _error(f"cannot import {spec.label}: {type(e).__name__}: {last}\n{details}")
 
 
-def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str]:
+def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
     """
-    @return: the object C{spec} names in C{module} (the first of
-        L{DEFAULT_NAMES} there when it names none), and its name.
+    @return: the object C{spec} names in C{module} (when it names none: the
+        one the file gave C{serve()} as it imported, else the first of
+        L{DEFAULT_NAMES} there), and its name (C{None} for the first).
     """
     if spec.attr:
         obj = module
@@ -329,13 +344,15 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str]:
             except AttributeError:
                 raise _error(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
         return obj, spec.attr
+    if served:
+        return served[-1], None
     for name in DEFAULT_NAMES:
         if hasattr(module, name):
             return getattr(module, name), name
     names = ", ".join(DEFAULT_NAMES[:-1]) + " or " + DEFAULT_NAMES[-1]
     raise _error(
-        f"--app {spec.given}: {spec.label} defines none of {names}; "
-        f"name the object: --app {spec.given}:NAME"
+        f"--app {spec.given}: {spec.label} defines none of {names} and calls no serve() "
+        f"as it imports; name the object: --app {spec.given}:NAME"
     )
 
 
@@ -368,7 +385,8 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
     if callable(view) and not isinstance(view, type):
         arity = _positional(view)
         if arity == 1:
-            return Site(spec, module, obj, VIEW, [re_path(r"^", view, name=spec.attr)])
+            name = spec.attr or getattr(view, "__name__", None)
+            return Site(spec, module, obj, VIEW, [re_path(r"^", view, name=name)])
         if arity == 2:
             return Site(spec, module, obj, WSGI, [])
     raise _error(
