@@ -1,4 +1,4 @@
-# make run   venv + install + demo site migrated + twistd -n lrp on 127.0.0.1:8000
+# make run   venv + install + demo site migrated (+ its admin user, printed once) + twistd -n lrp on 127.0.0.1:8000
 # make hello venv + install + example/hello.py, a site in one file, on 127.0.0.1:8000
 # make test  venv + install + lint + the whole test suite
 # make test-postgres LRP_TEST_POSTGRES="host=... user=... dbname=..."
@@ -32,6 +32,7 @@ install: $(STAMP)
 
 run: install
 	cd example && ../$(PY) manage.py migrate --noinput -v0
+	cd example && ../$(PY) manage.py demo_user
 	cd example && ../$(PY) manage.py collectstatic --noinput -v0
 	cd example && ../$(VENV)/bin/twistd -n --pidfile= lrp --settings mysite.settings
 
