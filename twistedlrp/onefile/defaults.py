@@ -27,7 +27,7 @@ APP_VARIABLE = "LRP_APP"
 #: The C{--set} values and C{serve()} settings, a JSON object.
 SETTINGS_VARIABLE = "LRP_APP_SETTINGS"
 #: The absolute C{--state-dir}: the SQLite database and the secret key.
-STATE_DIR_VARIABLE = "LRP_STATE_DIR"
+STATE_DIR_VARIABLE = "LRP_APP_STATE_DIR"
 #: The command that started the server, when not C{twistd lrp --app} (C{python hello.py}).
 COMMAND_VARIABLE = "LRP_APP_COMMAND"
 #: "1", "true", "yes" or "on" turn C{DEBUG} on (off by default).

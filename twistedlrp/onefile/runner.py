@@ -101,6 +101,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
 
     prog = os.path.basename(sys.argv[0] or "serve")
     options = _unchecked_options()
+    options.synopsis = f"Usage: python {prog} [options]"
     try:
         options.parseOptions(list(argv))
         if options.given.get("app"):
@@ -252,9 +253,13 @@ def _imported_by(main) -> bool:
 
 
 def _command_line_settings() -> dict:
+    argv = sys.argv[1:]
+    # --help and --version act when serve() parses the command line, not here.
+    if not any(arg.startswith("--set") for arg in argv) or {"--help", "--version"} & set(argv):
+        return {}
     options = _unchecked_options()
     try:
-        options.parseOptions(sys.argv[1:])
+        options.parseOptions(argv)
     except (Exception, SystemExit):
         return {}
     return defaults.setting_values(options["set"])
