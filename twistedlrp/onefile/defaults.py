@@ -13,7 +13,6 @@ it), and Django only for what settings need.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import secrets
@@ -44,6 +43,8 @@ def decode_value(text: str):
         return json.loads(text)
     except ValueError:
         pass
+    import ast
+
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):

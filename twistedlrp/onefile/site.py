@@ -21,7 +21,6 @@ Each is a no-op without C{--app}. No Twisted here: the job workers use it.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -244,6 +243,8 @@ def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
 
 def uses_nanodjango(spec: AppSpec) -> bool:
     """Whether the file (or module) imports nanodjango: its C{Django()} configures Django."""
+    import ast
+
     path = spec.path
     if path is None:
         try:
