@@ -8,7 +8,9 @@ Every file lives in the test's own folder, outside the test site.
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,11 +32,12 @@ HELLO = textwrap.dedent(
 
     from django.db import models
     from django.http import HttpResponse, JsonResponse
+    from django.template import engines
     from django.urls import reverse
     from django.views.decorators.csrf import csrf_exempt
 
     from twistedlrp import Router, serve
-    from twistedlrp.jobs import get, job, progress
+    from twistedlrp.jobs import JobCancelled, cancel, cancelled, get, job, progress
     from twistedlrp.lifecycle import on_shutdown, on_startup
 
     MARKS = Path(os.environ["HELLO_MARKS"])
@@ -49,6 +52,8 @@ HELLO = textwrap.dedent(
         progress(1, n, "first")
         deadline = time.monotonic() + 60
         while not (MARKS / "go").exists():  # the test says when
+            if cancelled():
+                raise JobCancelled("cancelled at the first step")
             if time.monotonic() > deadline:
                 raise TimeoutError("no go")
             time.sleep(0.02)
@@ -82,6 +87,16 @@ HELLO = textwrap.dedent(
         )
 
 
+    def page(request, id):
+        widget = engines["django"].from_string("{% load lrp %}{% lrp_job_progress job %}")
+        return HttpResponse(widget.render({"job": str(id)}, request))
+
+
+    def stop(request, id):
+        cancel(str(id))
+        return HttpResponse("asked")
+
+
     @csrf_exempt
     def notes(request):
         if request.method == "POST":
@@ -89,7 +104,14 @@ HELLO = textwrap.dedent(
         return HttpResponse(str(Note.objects.count()))
 
 
-    app = Router(("", hello), ("start/<int:n>", start), ("jobs/<uuid:id>", status), ("notes", notes))
+    app = Router(
+        ("", hello),
+        ("start/<int:n>", start),
+        ("jobs/<uuid:id>", status),
+        ("jobs/<uuid:id>/page", page),
+        ("jobs/<uuid:id>/stop", stop),
+        ("notes", notes),
+    )
 
     if __name__ == "__main__":
         serve(app, workers=1, threads=4)
@@ -271,6 +293,21 @@ def test_python_hello_py_job_hooks_model_and_ctrl_c(folder, started):
     worker = done["result"]["pid"]
     assert worker != pid and worker in children_of(pid)
     assert "job hello.count" in server.output()
+
+    # The progress widget (its views are in the root URLconf, its script
+    # served with no collectstatic), and cancelling a running job.
+    (folder / "marks" / "go").unlink()
+    second = server.get("/start/3").json()["id"]
+    wait_for(lambda: server.get(f"/jobs/{second}").json()["progress"][0] == 1, 60)
+    page = server.get(f"/jobs/{second}/page").text
+    assert f'data-lrp-job="{second}"' in page and 'data-state="running"' in page
+    status_url = html.unescape(re.search(r'data-status="([^"]+)"', page).group(1))
+    assert status_url.startswith(f"/lrp/jobs/{second}/status?token=")
+    assert server.get(status_url).json()["state"] == "running"
+    script = re.search(r'<script src="([^"]+)"', page).group(1)
+    assert server.get(script).status == 200
+    assert server.get(f"/jobs/{second}/stop").text == "asked"
+    wait_for(lambda: server.get(f"/jobs/{second}").json()["state"] == "cancelled", 30)
 
     server.signal(signal.SIGINT)
     assert server.wait_exit(30) == 0, server.output()
