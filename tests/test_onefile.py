@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support import ROOT, TWISTD, LRPProcess, wait_for
+from support import ROOT, TESTSITE, TWISTD, LRPProcess, wait_for
 
 HELLO = textwrap.dedent(
     '''
@@ -132,6 +132,12 @@ KINDS = textwrap.dedent(
 
     def page(request, n):
         return HttpResponse(f"page {n} at {reverse('page', args=[n])}")
+
+
+    def which(request):
+        from django.conf import settings
+
+        return HttpResponse(f"{settings.SETTINGS_MODULE} {request.path}")
 
 
     NUMBER = 42
@@ -360,6 +366,19 @@ def test_the_four_kinds(folder, started, app, path, status, body):
     assert (folder / "state" / "db.sqlite3").exists()
     assert (folder / "state" / "secret_key").stat().st_mode & 0o777 == 0o600
     assert "Applied " in server.output()
+
+
+def test_a_settings_module_wins(folder, started):
+    """--settings and --app: the module's settings, the URLs of what --app names."""
+    (folder / "kinds.py").write_text(KINDS)
+    server = started(
+        LRPProcess(
+            "--app", "kinds.py:which", "--pythonpath", str(TESTSITE), "--no-jobs",
+            settings="testsite.settings", cwd=folder, tmp=folder,
+        )
+    )  # fmt: skip
+    assert server.get("/a/b").text == "testsite.settings /a/b"
+    assert not (folder / "state" / "db.sqlite3").exists()
 
 
 # -- --reload --------------------------------------------------------------------------------

@@ -221,6 +221,11 @@ def after_setup() -> Site | None:
         # What its wsgi() does at each request (admin and API URLs), once,
         # before the URLconf loads: twistedlrp serves Django's handler.
         obj._prepare()
+    elif _loaded.kind != WSGI and not own_settings():
+        # --settings too: its settings, but the URLs of what --app names.
+        from django.conf import settings
+
+        settings.ROOT_URLCONF = "twistedlrp.onefile.urls"
     return _loaded
 
 
