@@ -344,20 +344,23 @@ def test_the_example(started, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "app, path, status, body",
+    "app, path, status, body, extra",
     [
-        ("kinds.py:index", "/any/path", 200, "view /any/path"),
-        ("kinds.py:router", "/page/3", 200, "page 3 at /page/3"),
-        ("kinds.py:router", "/p/3", 404, None),
-        ("kinds.py:urlpatterns", "/p/4", 200, "page 4 at /p/4"),
-        ("kinds:application", "/x/y", 200, "wsgi /x/y"),
+        ("kinds.py:index", "/any/path", 200, "view /any/path", ()),
+        ("kinds.py:router", "/page/3", 200, "page 3 at /page/3", ()),
+        ("kinds.py:router", "/p/3", 404, None, ()),
+        ("kinds.py:urlpatterns", "/p/4", 200, "page 4 at /p/4", ()),
+        # Web processes set the site up as the server does.
+        ("kinds.py:urlpatterns", "/p/5", 200, "page 5 at /p/5", ("--web-workers=2",)),
+        ("kinds:application", "/x/y", 200, "wsgi /x/y", ()),
         # No name: the first of app, application, urlpatterns.
-        ("kinds.py", "/z", 200, "wsgi /z"),
+        ("kinds.py", "/z", 200, "wsgi /z", ()),
     ],
 )
-def test_the_four_kinds(folder, started, app, path, status, body):
+def test_the_four_kinds(folder, started, app, path, status, body, extra):
     (folder / "kinds.py").write_text(KINDS)
-    server = started(LRPProcess("--app", app, "--no-jobs", settings=None, cwd=folder, tmp=folder))
+    args = ["--app", app, "--no-jobs", *extra]
+    server = started(LRPProcess(*args, settings=None, cwd=folder, tmp=folder))
     response = server.get(path)
     assert response.status == status, response.text
     if body is not None:
