@@ -118,8 +118,17 @@ def test_the_command_line_wins_over_serve_keywords(folder):
     )
     assert [a for a in args if a.startswith("--listen")] == ["--listen=tcp:9001"]
     assert "--workers=1" in args and "--reload" in args
-    sets = [a for a in args if a.startswith("--set=")]
-    assert sets == ['--set=TIME_ZONE="UTC"', "--set=DEBUG=false"]
+    sets = [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+    assert defaults.setting_values(sets) == {"DEBUG": False, "TIME_ZONE": "UTC"}
+
+
+def test_serve_keywords_win_over_a_config_file(folder):
+    (folder / "lrp.toml").write_text("workers = 3\nthreads = 5\nset = { DEBUG = true, A = 1 }\n")
+    args = arguments({"workers": 4, "DEBUG": False}, argv=["--config", "lrp.toml"])
+    assert "--workers=4" in args and f"--config={folder / 'lrp.toml'}" in args
+    assert not any(a.startswith("--threads") for a in args)  # the server reads the file again
+    sets = [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+    assert defaults.setting_values(sets) == {"DEBUG": False, "A": 1}
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     """
     from twisted.python import usage
 
+    from twistedlrp.config import COMMAND_LINE
     from twistedlrp.options import Options
 
     prog = os.path.basename(sys.argv[0] or "serve")
@@ -109,7 +110,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
                 "--app: the file that calls serve() is what it serves; "
                 "use twistd -n lrp --app to serve another"
             )
-        given_here = set(options.given)
+        on_command_line = {n for n, source in options.given.items() if source == COMMAND_LINE}
         settings = {}
         if listen is not None:
             keywords = {"listen": listen, **keywords}
@@ -120,13 +121,15 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
             name = key.replace("_", "-")
             if name not in Options.option_names or name in ("app", "set"):
                 raise usage.UsageError(f"serve(): unknown option {key!r}")
-            if name not in given_here:
+            if name not in on_command_line:
                 options.set_option(name, value)
-        named = {item.partition("=")[0] for item in options["set"]}
-        items = [
-            f"{key}={_json(key, value)}" for key, value in settings.items() if key not in named
-        ]
-        options.set_option("set", items + list(options["set"]))
+        # The last value of a name wins: the file's, the keywords', the command line's.
+        sets = [f"{key}={_json(key, value)}" for key, value in settings.items()]
+        if "set" in on_command_line:
+            sets = sets + options["set"]
+        elif options.given.get("set"):
+            sets = options["set"] + sets
+        options.set_option("set", sets)
         options.set_option("app", spec.as_value())
         options.check()
     except usage.UsageError as e:

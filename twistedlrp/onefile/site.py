@@ -107,8 +107,7 @@ def configure(options) -> str | None:
         L{defaults.SETTINGS_MODULE} with C{--app}, else C{options["settings"]}
         (C{$DJANGO_SETTINGS_MODULE}).
     """
-    if not options["app"]:
-        os.environ.pop(defaults.COMMAND_VARIABLE, None)
+    global _typed
     for variable in (
         defaults.APP_VARIABLE,
         defaults.SETTINGS_VARIABLE,
@@ -116,12 +115,12 @@ def configure(options) -> str | None:
     ):
         os.environ.pop(variable, None)
     if not options["app"]:
+        os.environ.pop(defaults.COMMAND_VARIABLE, None)
         return options["settings"]
     try:
         spec = parse(options["app"])
     except SpecError as e:
         raise _error(f"--app {e}") from None
-    global _typed
     os.environ[defaults.APP_VARIABLE] = spec.as_value()
     _typed = (options["app"], spec.as_value())
     os.environ[defaults.STATE_DIR_VARIABLE] = os.path.abspath(options["state-dir"])
