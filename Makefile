@@ -1,4 +1,5 @@
-# make run   venv + install + demo site migrated + twistd -n lrp on 127.0.0.1:8000
+# make run   venv + install + demo site migrated (+ its admin user, printed once) + twistd -n lrp on 127.0.0.1:8000
+# make hello venv + install + example/hello.py, a site in one file, on 127.0.0.1:8000
 # make test  venv + install + lint + the whole test suite
 # make test-postgres LRP_TEST_POSTGRES="host=... user=... dbname=..."
 #            the job and server tests with the test site on PostgreSQL
@@ -19,7 +20,7 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 	tests/test_jobs_schedules.py tests/test_docs_several_machines.py tests/test_jobs_retention.py \
 	tests/test_jobs_template.py tests/test_jobs_transactions.py tests/test_jobs_crash.py
 
-.PHONY: install run test test-postgres test-wagtail lint format bench bench-jobs clean
+.PHONY: install run hello test test-postgres test-wagtail lint format bench bench-jobs clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +32,12 @@ install: $(STAMP)
 
 run: install
 	cd example && ../$(PY) manage.py migrate --noinput -v0
+	cd example && ../$(PY) manage.py demo_user
 	cd example && ../$(PY) manage.py collectstatic --noinput -v0
 	cd example && ../$(VENV)/bin/twistd -n --pidfile= lrp --settings mysite.settings
+
+hello: install
+	cd example && ../$(PY) hello.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -209,3 +209,29 @@ def test_the_demo_reads_its_database_and_hosts_from_the_environment(lrp_server, 
     job_id = response.json()["id"]
     info = wait_for(lambda: (j := browser.job(job_id))["finished"] and j, 60, message="import")
     assert info["state"] == "succeeded", info
+
+
+def test_make_run_makes_a_demo_superuser_once(tmp_path):
+    """What make run runs after migrate: the admin's password, printed the first time only."""
+    env = {**os.environ, "LRP_DEMO_DB": str(tmp_path / "demo.sqlite3")}
+
+    def manage(*args):
+        return subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=EXAMPLE,
+            env=env,
+            check=True,
+            timeout=120,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+    manage("migrate", "--noinput", "-v0")
+    first = manage("demo_user")
+    password = re.search(r"admin / (\S+) ", first).group(1)
+    assert manage("demo_user") == ""
+    check = (
+        "from django.contrib.auth import authenticate; "
+        f"print(authenticate(username='admin', password={password!r}).is_superuser)"
+    )
+    assert manage("shell", "-c", check).strip().splitlines()[-1] == "True"

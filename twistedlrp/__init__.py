@@ -3,12 +3,19 @@ twistedlrp: a Twisted application server for Django.
 
 The public surface is small: :func:`call_in_reactor` to reach the reactor
 from a view or a job, :func:`make_service` to build the server in a ``.tac``
-file, and the modules :mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http`
+file, :func:`serve` and :class:`Router` for a site in one file, and the modules :mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http`
 and :mod:`twistedlrp.jobs`.
 """
 
 __version__ = "0.1.0"
-__all__ = ["ShutdownInProgress", "call_in_reactor", "make_service", "__version__"]
+__all__ = [
+    "Router",
+    "ShutdownInProgress",
+    "call_in_reactor",
+    "make_service",
+    "serve",
+    "__version__",
+]
 
 
 def __getattr__(name):
@@ -18,6 +25,11 @@ def __getattr__(name):
         from twistedlrp import threads
 
         return getattr(threads, name)
+    if name in ("Router", "serve"):
+        # A site in one file (docs/one-file.md).
+        from twistedlrp import onefile
+
+        return getattr(onefile, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -48,6 +60,11 @@ def _service_from_options(options):
         reload supervisor that runs it as a child process.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
+    if options["migrate"]:
+        from twistedlrp.boot import migrate
+
+        migrate(options)
+        raise SystemExit(0)
     if options["reload"]:
         from twistedlrp.reload.supervisor import make_supervisor
 

@@ -43,8 +43,15 @@ def configure_settings(settings_module: str | None) -> str:
     @raise BootError: no module is named, or it cannot be imported.
     """
     if not settings_module:
-        raise BootError("no Django settings: pass --settings MODULE or set DJANGO_SETTINGS_MODULE")
+        raise BootError(
+            "no Django settings: pass --settings MODULE or set DJANGO_SETTINGS_MODULE "
+            "(or serve a site in one file: --app hello.py)"
+        )
+    from twistedlrp.onefile import site
+
     os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+    # A nanodjango file is imported first: it configures Django itself.
+    site.before_settings(settings_module)
     try:
         importlib.import_module(settings_module)
     except ImportError as e:
@@ -72,12 +79,9 @@ def setup_django(load_urlconf: bool = True) -> None:
 
     @raise BootError: set-up failed or a system check reported an error.
     """
-    import django
+    from twistedlrp.onefile import site
 
-    try:
-        django.setup()
-    except Exception as e:
-        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+    django_setup()
     from twistedlrp import logs
 
     logs.drop_django_console()
@@ -89,10 +93,112 @@ def setup_django(load_urlconf: bool = True) -> None:
             aliases=", ".join(immediate),
         )
     run_system_checks()
+    if site.migrates_at_start():
+        migrate_at_start()
     warn_unapplied_migrations()
+    warn_missing_tables()
     if load_urlconf:
         load_root_urlconf()
     close_connections()
+
+
+def django_setup() -> None:
+    """
+    C{django.setup()}, with the site given with C{--app} (if any) imported
+    around it as L{twistedlrp.onefile.site} says: every process of the
+    server (the server, its web processes, its job workers) calls this.
+
+    @raise BootError: set-up failed, or the site's file did.
+    """
+    import django
+    from django.core.exceptions import ImproperlyConfigured
+
+    from twistedlrp.onefile import site
+
+    try:
+        site.before_setup()
+        django.setup()
+    except ImproperlyConfigured as e:
+        spec = site.current_spec()
+        if spec is not None and "labels aren't unique" in str(e):
+            raise BootError(
+                f"--app {spec.given}: its module name {spec.module!r} is the label of an "
+                f"installed app; rename the file"
+            ) from None
+        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+    except BootError:
+        raise
+    except Exception as e:
+        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+    site.after_setup()
+
+
+def migrate_at_start() -> None:
+    """
+    Apply the installed apps' migrations (twistedlrp's job tables, Django's
+    own apps'): a site given with C{--app} on the database twistedlrp chose
+    gets its tables at the first start, with no other command.
+
+    @raise BootError: a migration failed.
+    """
+    from django.core.management import call_command
+    from django.db import DEFAULT_DB_ALIAS, connections
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connections[DEFAULT_DB_ALIAS])
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if not plan:
+        return
+    apps = sorted({migration.app_label for migration, _ in plan})
+    try:
+        call_command("migrate", interactive=False, verbosity=0)
+    except Exception as e:
+        raise BootError(f"migrating the database failed: {_last_line(e)}\n{_traceback()}") from None
+    _log().info(
+        "Applied {count} migration(s) of {apps} to {database}",
+        count=len(plan),
+        apps=", ".join(apps),
+        database=connections[DEFAULT_DB_ALIAS].settings_dict["NAME"],
+    )
+
+
+def warn_missing_tables() -> None:
+    """Log a warning when models of the site's file (C{--app}) have no table."""
+    from twistedlrp.onefile import site
+
+    try:
+        missing = site.tables_missing()
+    except Exception as e:
+        _log().warn("Could not check the tables of --app: {error}", error=_last_line(e))
+        return
+    if missing:
+        _log().warn(
+            "{file} defines models without tables ({models}): run '{command} --migrate' once",
+            file=site.current_spec().label,
+            models=", ".join(missing),
+            command=site.command(),
+        )
+
+
+def migrate(options) -> None:
+    """
+    C{twistd lrp --migrate}: set Django up, apply the migrations and create
+    the tables of apps without migrations (C{migrate --run-syncdb}: the
+    models of an C{--app} file), printing what is done.
+
+    @raise BootError: set-up or a migration failed.
+    """
+    from twistedlrp.onefile import site
+
+    prepare_path(options["pythonpath"])
+    configure_settings(site.configure(options))
+    django_setup()
+    from django.core.management import call_command
+
+    try:
+        call_command("migrate", interactive=False, run_syncdb=True, verbosity=1)
+    except Exception as e:
+        raise BootError(f"migrate failed: {_last_line(e)}\n{_traceback()}") from None
 
 
 def sqlite_immediate_transactions() -> list[str]:
@@ -199,15 +305,20 @@ def load_root_urlconf() -> None:
 
 def load_wsgi_application():
     """
-    @return: the WSGI application named by C{WSGI_APPLICATION} (Django's own
-        handler when unset), with its middleware loaded.
+    @return: the WSGI application given with C{--app}, or the one named by
+        C{WSGI_APPLICATION} (Django's own handler when unset), with its
+        middleware loaded.
     @raise BootError: it cannot be imported.
     """
     from django.core.exceptions import ImproperlyConfigured
     from django.core.servers.basehttp import get_internal_wsgi_application
 
     from twistedlrp import logs
+    from twistedlrp.onefile import site
 
+    loaded = site.loaded()
+    if loaded is not None and not loaded.serves_django:
+        return loaded.obj
     try:
         application = get_internal_wsgi_application()
     except ImproperlyConfigured as e:

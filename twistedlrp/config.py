@@ -87,6 +87,15 @@ def static_values(value):
     return value
 
 
+def setting_values(value):
+    """C{set} as a table (C{{ DEBUG = true }}): NAME=VALUE strings, each value in JSON."""
+    if isinstance(value, dict):
+        import json
+
+        return [f"{name}={json.dumps(item)}" for name, item in value.items()]
+    return value
+
+
 def typed(value) -> str:
     """C{value} for an error message, with its TOML type."""
     kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}

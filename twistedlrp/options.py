@@ -33,6 +33,7 @@ from twistedlrp.config import (
     Kind,
     apply_config_file,
     python_value,
+    setting_values,
     static_values,
 )
 
@@ -85,6 +86,14 @@ SHARED_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
 OPTIONS: tuple[Option, ...] = (
     Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), values.module_path,
            "Dotted path of the Django settings module", short="s", shown="$DJANGO_SETTINGS_MODULE"),
+    Option("app", None, values.app_spec, "A site in one file or module, served with no settings module: "
+           "FILE.py[:NAME] or MODULE:NAME, naming a view, a twistedlrp Router, a list of URL "
+           "patterns or a WSGI application (docs/one-file.md)", shown="none"),
+    Option("set", [], values.setting, "A Django setting for --app without --settings, as NAME=VALUE "
+           "(VALUE in JSON, or text; repeatable)", repeatable=True, kind=STRINGS,
+           from_python=setting_values),
+    Option("migrate", False, None, "Apply the migrations and create the tables of models without "
+           "migrations (those of an --app file), then exit", in_file=False),
     Option("pythonpath", [], values.existing_directory, "Directory to put on sys.path (repeatable). "
            "The working directory always is", repeatable=True),
     Option("listen", [DEFAULT_LISTEN], values.server_endpoint, "Endpoint to serve HTTP on (repeatable)",
@@ -356,6 +365,11 @@ class Options(usage.Options):
         """
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["set"] and (not self["app"] or self.given.get("settings")):
+            raise usage.UsageError(
+                "--set gives settings to a site given with --app and no --settings "
+                "(a settings module sets its own)"
+            )
         if self["no-jobs"] and self["jobs-only"]:
             raise usage.UsageError("--no-jobs and --jobs-only exclude each other")
         if self["jobs-connect"] and self["jobs-only"]:

@@ -310,8 +310,10 @@ def build_server(options, reactor=None) -> LRPServer:
     from twistedlrp import boot
 
     threads.serving_reactor()
+    from twistedlrp.onefile import site
+
     boot.prepare_path(options["pythonpath"])
-    boot.configure_settings(options["settings"])
+    boot.configure_settings(site.configure(options))
     boot.bridge_stdlib_logging(options["log-level"])
     web = not options["jobs-only"]
     boot.setup_django(load_urlconf=web)

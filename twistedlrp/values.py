@@ -178,5 +178,36 @@ def url_path(option: str, path) -> str:
     return path
 
 
+def app_spec(option: str, value) -> str:
+    """
+    A site in one file or module (L{twistedlrp.onefile.spec}): C{FILE.py[:NAME]}
+    or C{MODULE[:NAME]}; a file must exist.
+    """
+    from twistedlrp.onefile.spec import SpecError, parse
+
+    try:
+        parse(value)
+    except SpecError as e:
+        raise usage.UsageError(f"--{option} {e}") from None
+    return str(value).strip()
+
+
+def setting(option: str, value) -> str:
+    """
+    C{NAME=VALUE}: a Django setting for a site given with C{--app}. NAME is
+    upper case; VALUE is JSON if it parses (C{true}, C{3}, C{["a", "b"]}),
+    else a Python literal (C{True}), else the text itself
+    (L{twistedlrp.onefile.defaults.setting_values}).
+    """
+    name, sep, _ = str(value).partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier() or not name.isupper():
+        raise usage.UsageError(
+            f"--{option}: expected NAME=VALUE with an upper-case setting name, such as "
+            f"DEBUG=true, got {value!r}"
+        )
+    return f"{name}={value.partition('=')[2]}"
+
+
 def number_text(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)

@@ -74,9 +74,9 @@ def main(argv=None) -> None:
     try:
         boot.prepare_path(args.pythonpath)
         boot.configure_settings(args.settings)
-        import django
-
-        django.setup()
+        # django.setup(), and the file of a site given with --app imported
+        # under its module name (twistedlrp.onefile.site).
+        boot.django_setup()
         # As in the server: jobs write concurrently with it and each other.
         boot.sqlite_immediate_transactions()
         from twistedlrp import stdlog

@@ -9,7 +9,9 @@ installed apps and those named in C{settings.LRP_JOB_MODULES} at start-up
 modules those import. Its workers import the same, and every other module
 the server registered a job from, at its first job from there (the
 server names it with the job): a third-party app's task module, a task
-defined in a views module. A name that is not registered
+defined in a views module. The file of a site given with C{--app} is
+imported by every process as it sets Django up, under its module name
+(L{twistedlrp.onefile.site}). A name that is not registered
 is refused at submission.
 """
 

@@ -112,16 +112,15 @@ def prepare(lrp_args: list[str]):
     @return: C{(options, WSGI application)}.
     """
     from twistedlrp import boot
+    from twistedlrp.onefile import site
     from twistedlrp.options import Options
 
     options = Options()
     options.parseOptions(lrp_args)
     boot.prepare_path(options["pythonpath"])
-    boot.configure_settings(options["settings"])
+    boot.configure_settings(site.configure(options))
     boot.bridge_stdlib_logging(options["log-level"])
-    import django
-
-    django.setup()
+    boot.django_setup()
     boot.sqlite_immediate_transactions()
     boot.load_root_urlconf()
     application = boot.load_wsgi_application()

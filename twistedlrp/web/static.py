@@ -94,12 +94,16 @@ def default_static_mapping() -> list[tuple[str, str]]:
 
     @return: C{[(STATIC_URL, STATIC_ROOT)]} from the Django settings when
         STATIC_ROOT is set and STATIC_URL is a path on this site (not
-        another host); with C{DEBUG} and C{django.contrib.staticfiles}
-        installed, and no STATIC_ROOT or none collected yet (not a
-        directory), C{[(STATIC_URL, FINDERS)]}; else an empty list.
+        another host); with C{DEBUG} (or a site in one file on twistedlrp's
+        settings, which has no C{manage.py collectstatic}) and
+        C{django.contrib.staticfiles} installed, and no STATIC_ROOT or none
+        collected yet (not a directory), C{[(STATIC_URL, FINDERS)]}; else an
+        empty list.
     """
     from django.apps import apps
     from django.conf import settings
+
+    from twistedlrp.onefile import site
 
     root = getattr(settings, "STATIC_ROOT", None)
     url = getattr(settings, "STATIC_URL", None)
@@ -110,15 +114,17 @@ def default_static_mapping() -> list[tuple[str, str]]:
         return []
     if not url.startswith("/"):
         url = "/" + url
+    one_file = site.own_settings()
     if (
-        settings.DEBUG
+        (settings.DEBUG or one_file)
         and apps.is_installed("django.contrib.staticfiles")
         and not (root and os.path.isdir(root))
     ):
         log.info(
             "Static files: {url} from the staticfiles finders, as runserver serves them "
-            "(DEBUG, and STATIC_ROOT is {why})",
+            "({why_here}, and STATIC_ROOT is {why})",
             url=url,
+            why_here="DEBUG" if settings.DEBUG else "a site in one file",
             why="not collected" if root else "not set",
         )
         return [(url, FINDERS)]

@@ -1,0 +1,200 @@
+"""
+The settings of a site given with ``--app`` and no ``--settings``: what
+``django-admin startproject`` writes, with twistedlrp installed, the
+database and the secret key in the state directory, and the ``--set``
+values (or ``serve()`` keywords) on top.
+
+Every process of the server reads them the same way, from the environment
+the server sets (L{twistedlrp.onefile.site.configure}): the worker, web and
+reload processes start with ``--settings twistedlrp.onefile.settings``, the
+module that calls L{from_environment}. No Twisted here (job workers import
+it), and Django only for what settings need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+#: The settings module of a site given with C{--app}.
+SETTINGS_MODULE = "twistedlrp.onefile.settings"
+#: The C{--app} value, its path absolute (L{twistedlrp.onefile.spec.AppSpec.as_value}).
+APP_VARIABLE = "LRP_APP"
+#: The C{--set} values and C{serve()} settings, a JSON object.
+SETTINGS_VARIABLE = "LRP_APP_SETTINGS"
+#: The absolute C{--state-dir}: the SQLite database and the secret key.
+STATE_DIR_VARIABLE = "LRP_APP_STATE_DIR"
+#: The command that started the server, when not C{twistd lrp --app} (C{python hello.py}).
+COMMAND_VARIABLE = "LRP_APP_COMMAND"
+#: "1", "true", "yes" or "on" turn C{DEBUG} on (off by default).
+DEBUG_VARIABLE = "DJANGO_DEBUG"
+#: Host names accepted besides localhost, comma-separated (C{ALLOWED_HOSTS}).
+HOSTS_VARIABLE = "DJANGO_ALLOWED_HOSTS"
+SECRET_KEY_FILE = "secret_key"
+DATABASE_FILE = "db.sqlite3"
+
+
+def decode_value(text: str):
+    """A C{--set} value: JSON if it parses, else a Python literal, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def setting_values(items: list[str]) -> dict:
+    """@return: C{{NAME: value}} of C{--set NAME=VALUE} items (the last one of a name wins)."""
+    values = {}
+    for item in items:
+        name, _, text = item.partition("=")
+        values[name.strip()] = decode_value(text)
+    return values
+
+
+def debug_from_environment() -> bool:
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def allowed_hosts() -> list[str]:
+    extra = [h.strip() for h in os.environ.get(HOSTS_VARIABLE, "").split(",") if h.strip()]
+    return ["localhost", "127.0.0.1", "[::1]", *extra]
+
+
+def secret_key(state_dir: str | None) -> str:
+    """
+    @return: the key kept in C{state_dir/secret_key} (mode 0600), made at
+        the first start; with no state directory, a key for this process only.
+    """
+    if not state_dir:
+        return secrets.token_urlsafe(50)
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    path = os.path.join(state_dir, SECRET_KEY_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path) as f:
+            key = f.read().strip()
+        if key:
+            return key
+        # Empty: a start that died between creating and writing it.
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    key = secrets.token_urlsafe(50)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
+    """The settings C{startproject} writes, with twistedlrp installed and our URLconf."""
+    database = os.path.join(state_dir, DATABASE_FILE) if state_dir else ":memory:"
+    return {
+        "BASE_DIR": Path(base_dir),
+        "SECRET_KEY": key,
+        "DEBUG": debug_from_environment(),
+        "ALLOWED_HOSTS": allowed_hosts(),
+        "INSTALLED_APPS": [
+            "django.contrib.admin",
+            "django.contrib.auth",
+            "django.contrib.contenttypes",
+            "django.contrib.sessions",
+            "django.contrib.messages",
+            "django.contrib.staticfiles",
+            "twistedlrp",
+        ],
+        "MIDDLEWARE": [
+            "django.middleware.security.SecurityMiddleware",
+            "django.contrib.sessions.middleware.SessionMiddleware",
+            "django.middleware.common.CommonMiddleware",
+            "django.middleware.csrf.CsrfViewMiddleware",
+            "django.contrib.auth.middleware.AuthenticationMiddleware",
+            "django.contrib.messages.middleware.MessageMiddleware",
+            "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        ],
+        "ROOT_URLCONF": "twistedlrp.onefile.urls",
+        "TEMPLATES": [
+            {
+                "BACKEND": "django.template.backends.django.DjangoTemplates",
+                "DIRS": [os.path.join(base_dir, "templates")],
+                "APP_DIRS": True,
+                "OPTIONS": {
+                    "context_processors": [
+                        "django.template.context_processors.request",
+                        "django.contrib.auth.context_processors.auth",
+                        "django.contrib.messages.context_processors.messages",
+                    ],
+                },
+            }
+        ],
+        "DATABASES": {
+            "default": {"ENGINE": "django.db.backends.sqlite3", "NAME": database},
+        },
+        "AUTH_PASSWORD_VALIDATORS": [
+            {"NAME": f"django.contrib.auth.password_validation.{name}"}
+            for name in (
+                "UserAttributeSimilarityValidator",
+                "MinimumLengthValidator",
+                "CommonPasswordValidator",
+                "NumericPasswordValidator",
+            )
+        ],
+        "LANGUAGE_CODE": "en-us",
+        "TIME_ZONE": "UTC",
+        "USE_I18N": True,
+        "USE_TZ": True,
+        "STATIC_URL": "static/",
+        "DEFAULT_AUTO_FIELD": "django.db.models.BigAutoField",
+    }
+
+
+def nanodjango_settings(state_dir: str | None) -> dict | None:
+    """
+    @return: the settings of the nanodjango app being constructed (its
+        C{Django()} imports the settings module while the app's file
+        imports), with twistedlrp installed and C{DEBUG} as for any site;
+        or C{None} when no nanodjango app is being set up.
+    """
+    meta = sys.modules.get("nanodjango.app_meta")
+    if meta is None or getattr(meta, "_app_module", None) is None:
+        return None
+    import importlib
+
+    base = importlib.import_module("nanodjango.settings")
+    values = {name: getattr(base, name) for name in dir(base) if name.isupper()}
+    values["INSTALLED_APPS"] = [*values["INSTALLED_APPS"], "twistedlrp"]
+    # As under gunicorn, where nanodjango turns DEBUG off at the first request.
+    values["DEBUG"] = debug_from_environment()
+    if not os.environ.get("DJANGO_SECRET_KEY"):
+        values["SECRET_KEY"] = secret_key(state_dir)
+    return values
+
+
+def from_environment() -> dict:
+    """
+    @return: the settings of the site named by C{LRP_APP}: nanodjango's if
+        its file makes a nanodjango app, else L{startproject}'s; then the
+        C{LRP_APP_SETTINGS} values.
+    """
+    from twistedlrp.onefile.spec import parse
+
+    value = os.environ.get(APP_VARIABLE)
+    if not value:
+        raise RuntimeError(
+            f"{SETTINGS_MODULE} is the settings of a site given with twistd lrp --app; "
+            f"{APP_VARIABLE} is not set"
+        )
+    spec = parse(value)
+    state_dir = os.environ.get(STATE_DIR_VARIABLE) or None
+    values = nanodjango_settings(state_dir)
+    if values is None:
+        values = startproject(spec.directory or os.getcwd(), state_dir, secret_key(state_dir))
+    values.update(json.loads(os.environ.get(SETTINGS_VARIABLE) or "{}"))
+    return values

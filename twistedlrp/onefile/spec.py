@@ -1,0 +1,80 @@
+"""
+What ``--app`` names: ``hello.py``, ``hello.py:index``, ``path/to/hello.py``,
+``hello:index`` or ``pkg.module:site``. A value with ``.py`` at the end of
+its file part, or a slash in it, is a file; anything else is a module on
+``sys.path`` (the working directory and ``--pythonpath``). No Django and no
+Twisted here: the option parser and the job workers use it.
+"""
+
+from __future__ import annotations
+
+import keyword
+import os
+from dataclasses import dataclass
+
+#: The names looked up, in this order, when C{--app} names no object.
+DEFAULT_NAMES = ("app", "application", "urlpatterns")
+
+
+class SpecError(ValueError):
+    """The C{--app} value is malformed or names a file that does not exist."""
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    """A parsed C{--app} value."""
+
+    given: str  # as typed
+    module: str  # the name the module is imported under
+    path: str | None  # the file's absolute path, or None for a module
+    attr: str | None  # the object's name in the module, or None: DEFAULT_NAMES
+
+    @property
+    def directory(self) -> str | None:
+        """The file's folder (put on C{sys.path} and watched by C{--reload}), if a file."""
+        return os.path.dirname(self.path) if self.path else None
+
+    @property
+    def label(self) -> str:
+        """How messages name the site: the file's name, or the module's."""
+        return os.path.basename(self.path) if self.path else self.module
+
+    def with_attr(self, attr: str) -> AppSpec:
+        return AppSpec(self.given, self.module, self.path, attr)
+
+    def as_value(self) -> str:
+        """An equivalent C{--app} value that does not depend on the working directory."""
+        target = self.path or self.module
+        return f"{target}:{self.attr}" if self.attr else target
+
+
+def _identifier(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def parse(value: str, cwd: str | None = None) -> AppSpec:
+    """
+    @raise SpecError: with a one-line message.
+    """
+    value = str(value).strip()
+    if not value:
+        raise SpecError("expected FILE.py[:NAME] or MODULE[:NAME], got nothing")
+    target, sep, attr = value.rpartition(":")
+    if not sep:
+        target, attr = value, None
+    elif not attr or not all(_identifier(part) for part in attr.split(".")):
+        raise SpecError(f"{value}: {attr!r} is not a name of an object (FILE.py:NAME)")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = os.path.abspath(os.path.join(cwd or os.getcwd(), target))
+        if not os.path.isfile(path):
+            raise SpecError(f"{value}: no such file: {path}")
+        module = os.path.splitext(os.path.basename(path))[0]
+        if not _identifier(module):
+            raise SpecError(
+                f"{value}: the file's name must be a Python name to import it by "
+                f"(letters, digits, underscores), not {module!r}"
+            )
+        return AppSpec(value, module, path, attr)
+    if not target or not all(_identifier(part) for part in target.split(".")):
+        raise SpecError(f"{value}: expected FILE.py[:NAME] or MODULE[:NAME]")
+    return AppSpec(value, target, None, attr)

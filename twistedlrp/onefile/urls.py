@@ -1,0 +1,19 @@
+"""
+The root URLconf of a site given with ``--app`` and no ``--settings``: the
+job progress widget's views under ``lrp/`` (``{% lrp_job_progress %}``),
+then the site's own patterns (L{twistedlrp.onefile.site.Site.urlpatterns}).
+"""
+
+from django.core.exceptions import ImproperlyConfigured
+from django.urls import include, path
+
+from twistedlrp.onefile import site as _site
+
+_loaded = _site.loaded()
+if _loaded is None:
+    raise ImproperlyConfigured(
+        "twistedlrp.onefile.urls serves the site given with twistd lrp --app, "
+        "which this process has not imported"
+    )
+
+urlpatterns = [path("lrp/", include("twistedlrp.urls")), *_loaded.urlpatterns]
