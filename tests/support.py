@@ -79,6 +79,69 @@ def pg_drop_created() -> None:
             con.execute(f'DROP DATABASE IF EXISTS "{_created_databases.pop()}" WITH (FORCE)')
 
 
+class PostgresControl:
+    """
+    Stops and starts the PostgreSQL test server (LRP_TEST_POSTGRES) itself,
+    as its owner, to simulate a database restart: found through the server
+    (its data directory, its binaries, the options it was started with).
+    L{available} is False (the test skips) when this process cannot do it.
+    """
+
+    def __init__(self):
+        import pwd
+        import shlex
+
+        self.available = False
+        self.why = ""
+        try:
+            with pg_connect(autocommit=True) as con:
+                self.data = con.execute("SHOW data_directory").fetchone()[0]
+                bindir = con.execute(
+                    "SELECT setting FROM pg_config WHERE name = 'BINDIR'"
+                ).fetchone()[0]
+            words = shlex.split(Path(self.data, "postmaster.opts").read_text())
+        except Exception as e:
+            self.why = f"cannot control the PostgreSQL server: {e}"
+            return
+        options, skip = [], False
+        for word in words[1:]:
+            if skip:
+                skip = False
+            elif word == "-D":
+                skip = True
+            else:
+                options.append(word)
+        self.options = shlex.join(options)
+        self.pg_ctl = str(Path(bindir) / "pg_ctl")
+        owner = Path(self.data).stat().st_uid
+        self.prefix = []
+        if os.getuid() != owner:
+            if os.getuid() != 0:
+                self.why = "the PostgreSQL server belongs to another user"
+                return
+            self.prefix = ["runuser", "-u", pwd.getpwuid(owner).pw_name, "--"]
+        self.available = True
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self.prefix, self.pg_ctl, "-D", self.data, *args],
+            check=True,
+            timeout=90,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        """Stop the server as an operator would (fast: sessions are ended, no wait for them)."""
+        self._pg_ctl("-m", "fast", "-w", "-t", "60", "stop")
+
+    def start(self) -> None:
+        log = os.path.join(self.data, "lrp-test-restart.log")
+        self._pg_ctl("-l", log, "-w", "-t", "60", "-o", self.options, "start")
+
+    def running(self) -> bool:
+        return Path(self.data, "postmaster.pid").exists()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

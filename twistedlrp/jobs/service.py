@@ -43,7 +43,7 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, recovery
+from twistedlrp.jobs.store import Store, StoreUnavailable, recovery
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
@@ -57,6 +57,12 @@ DEFAULT_CANCEL_GRACE = 5.0
 WORKER_GRACE = 5.0
 # Seconds without a heartbeat after which the other nodes take a job node for dead.
 DEFAULT_NODE_LEASE = 15.0
+# The share of LRP_JOBS_TIMEOUT (the clients' deadline) that an operation
+# waits for a store that cannot be reached, so that the client hears why
+# before its own deadline.
+STORE_WAIT_SHARE = 0.8
+# Seconds the start waits for a store that cannot be reached before it fails.
+START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
 POLL_INTERVAL = 5.0
 # One node: seconds between looks for jobs that a site's transaction
@@ -96,6 +102,23 @@ def node_lease() -> float:
     return lease
 
 
+def store_wait() -> float:
+    """
+    @return: the seconds an operation waits for a store that cannot be
+        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (the clients'
+        timeout, 10 s by default), so 8 s.
+    """
+    from django.conf import settings
+
+    from twistedlrp.jobs.client import DEFAULT_TIMEOUT
+
+    try:
+        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+    except (TypeError, ValueError):
+        timeout = DEFAULT_TIMEOUT
+    return max(timeout * STORE_WAIT_SHARE, 0.1)
+
+
 def _definitions() -> list:
     """@return: the registered job definitions (the pruner reads their C{keep})."""
     return [registry.lookup(name) for name in registry.names()]
@@ -122,9 +145,6 @@ class JobService(JobOperations, service.Service):
         # Submissions inside a transaction of this process's views check it there.
         transactions.limit_payload(self.max_payload)
         self.front_ends = list(front_ends)
-        self.store = Store(reactor)
-        self.worker_env: dict[str, str] = {}
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         from django.db import connection
 
         # Several job nodes share a PostgreSQL database; any other is one node's.
@@ -132,6 +152,11 @@ class JobService(JobOperations, service.Service):
         self.node = node_name(options)
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
+        self.store = Store(reactor)
+        self.store_wait = store_wait()
+        self.store.availability.wait = self.store_wait
+        self.worker_env: dict[str, str] = {}
+        self.waiters: dict[str, list[defer.Deferred]] = {}
         self.dispatcher = Dispatcher(
             reactor,
             self.store,
@@ -193,15 +218,21 @@ class JobService(JobOperations, service.Service):
         with a message saying to migrate (and starts no workers).
         """
         self.store.start()
-        reason = await self.store.prepare()
+        try:
+            reason = await self.store.prepare(within=START_WAIT)
+        except StoreUnavailable as e:
+            raise StartupFailed(f"the job service cannot start: {e}") from None
         if reason:
             self.unavailable = reason
             log.error("The job service cannot run: {reason}", reason=reason)
         else:
             await self._register()
-            queued, failed = await self.store.run(
-                recovery.recover, self.node, self.queues, self.shared
-            )
+            try:
+                queued, failed = await self.store.run(
+                    recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
+                )
+            except StoreUnavailable as e:
+                raise StartupFailed(f"the job service cannot start: {e}") from None
             for job_id in failed:
                 log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
             for row in queued:
@@ -231,7 +262,12 @@ class JobService(JobOperations, service.Service):
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
 
-            self.listener = Listener(self.reactor, self._notified, self.dispatcher.wake)
+            self.listener = Listener(
+                self.reactor,
+                self._notified,
+                self.dispatcher.wake,
+                availability=self.store.availability,
+            )
             self.listener.start()
             self._poll.start(POLL_INTERVAL, now=False)
         else:
@@ -263,6 +299,8 @@ class JobService(JobOperations, service.Service):
             await self.lease_keeper.register()
         except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
+        except StoreUnavailable as e:
+            raise StartupFailed(f"the job service cannot start: {e}") from None
         self._registered = True
 
     def _notified(self, payload: str) -> None:
@@ -369,14 +407,17 @@ class JobService(JobOperations, service.Service):
         """
         @return: the job service's part of the health endpoint; C{healthy}
             is false (the endpoint answers 503, "degraded") when the service
-            is unavailable, its store cannot be reached, or no worker has
-            been able to take a job for L{WORKER_GRACE} seconds.
+            is unavailable, its store cannot be reached (from the first
+            failed attempt to the first that succeeds again), or no worker
+            has been able to take a job for L{WORKER_GRACE} seconds.
         """
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()
         if usable or not self.pool.size:
             self._last_usable = now
         problem = self.unavailable
+        if problem is None and self.store.away:
+            problem = f"the job store cannot be reached: {self.store.away}"
         if problem is None and self.watchdog.store_error:
             problem = f"the job store cannot be reached: {self.watchdog.store_error}"
         if problem is None and now - self._last_usable > WORKER_GRACE:
