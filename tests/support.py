@@ -142,6 +142,100 @@ class PostgresControl:
         return Path(self.data, "postmaster.pid").exists()
 
 
+class PausableProxy:
+    """
+    A UNIX socket in front of the PostgreSQL test server, for one process
+    to connect through (as C{host} of its LRP_TEST_POSTGRES): L{pause}
+    holds every byte in both directions and lets no new connection reach
+    the server, as a network cut does (connections stay open, nothing
+    answers); L{resume} lets everything through again.
+    """
+
+    def __init__(self):
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(postgres())
+        host = params.get("host") or "/var/run/postgresql"
+        port = int(params.get("port") or 5432)
+        self.target = (
+            os.path.join(host, f".s.PGSQL.{port}") if host.startswith("/") else (host, port)
+        )
+        # Short: a UNIX socket's path has at most 107 bytes.
+        self.directory = tempfile.mkdtemp(prefix="lrp-pg-", dir="/tmp")
+        params["host"] = self.directory
+        self.conninfo = " ".join(f"{k}={v}" for k, v in params.items())
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        import shutil
+
+        self._closed = True
+        self._flowing.set()
+        for sock in [self._listener, *self._sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _wait_flowing(self) -> bool:
+        while not self._flowing.wait(0.5):
+            if self._closed:
+                return False
+        return not self._closed
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        if not self._wait_flowing():
+            return
+        family = socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET
+        upstream = socket.socket(family)
+        self._sockets.append(upstream)
+        try:
+            upstream.connect(self.target)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        self._pump(upstream, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data or not self._wait_flowing():
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -106,6 +106,9 @@ class JobOperations:
         start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
+            if self.shared:
+                # Stored running only while this node's lease is fresh.
+                start["lease"] = self.dispatcher.lease_check
         d = self.store.run(ops.create, fields, job_id, self.shared, start, within=self.store_wait)
 
         def stored(outcome):

@@ -45,7 +45,7 @@ from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, recovery
 from twistedlrp.jobs.store import operations as ops
-from twistedlrp.jobs.watchdog import NodeLease, Watchdog
+from twistedlrp.jobs.watchdog import NodeLease, Watchdog, fence_margin, renewal_interval
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
 
@@ -55,8 +55,12 @@ DEFAULT_CANCEL_GRACE = 5.0
 # Seconds without a usable worker before the health endpoint says "degraded"
 # (a worker being replaced takes about one).
 WORKER_GRACE = 5.0
-# Seconds without a heartbeat after which the other nodes take a job node for dead.
-DEFAULT_NODE_LEASE = 15.0
+# Seconds without a heartbeat after which the other nodes take a job node for
+# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
+# 3 s before it expires (fencing, see watchdog.py): so a cut of the network or
+# of the database shorter than about 24 s stops nothing and runs nothing twice,
+# and the jobs of a node that died wait 30 to 32 s before another retries them.
+DEFAULT_NODE_LEASE = 30.0
 # The share of LRP_JOBS_TIMEOUT (the clients' deadline) that an operation
 # waits for a store that cannot be reached, so that the client hears why
 # before its own deadline.
@@ -152,7 +156,8 @@ class JobService(JobOperations, service.Service):
         self.node = node_name(options)
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
-        self.store = Store(reactor)
+        # Several nodes: the lease is renewed by a thread of its own.
+        self.store = Store(reactor, renewal_interval(self.lease) if self.shared else None)
         self.store_wait = store_wait()
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}
@@ -170,6 +175,9 @@ class JobService(JobOperations, service.Service):
             queues=self.queues,
         )
         self.pool = self.dispatcher.pool
+        if self.shared:
+            # Claim only while this node's lease is fresh (as fencing counts it).
+            self.dispatcher.lease_check = self.lease - fence_margin(self.lease)
         self.watchdog = Watchdog(
             reactor,
             self.dispatcher,
@@ -187,6 +195,9 @@ class JobService(JobOperations, service.Service):
             self.lease,
             self.shared,
             on_requeued=self.dispatcher.wake,
+            runner=self.store.lease,
+            on_fenced=self.dispatcher.fence if self.shared else None,
+            on_unfenced=self.dispatcher.unfence,
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
@@ -287,7 +298,8 @@ class JobService(JobOperations, service.Service):
             "Job node {node}: {mode}; queues: {queues}",
             node=self.node,
             mode="one of several on PostgreSQL (SKIP LOCKED claims, LISTEN/NOTIFY, lease "
-            f"{self.lease:g} s)"
+            f"{self.lease:g} s renewed every {self.lease_keeper.interval:g} s, running jobs "
+            f"stopped after {self.lease - self.lease_keeper.margin:g} s without renewal)"
             if self.shared
             else "the only one on this database",
             queues=", ".join(self.queues) if self.queues else "all",
@@ -408,8 +420,9 @@ class JobService(JobOperations, service.Service):
         @return: the job service's part of the health endpoint; C{healthy}
             is false (the endpoint answers 503, "degraded") when the service
             is unavailable, its store cannot be reached (from the first
-            failed attempt to the first that succeeds again), or no worker
-            has been able to take a job for L{WORKER_GRACE} seconds.
+            failed attempt to the first that succeeds again), this node
+            stopped its jobs for want of a lease, or no worker has been able
+            to take a job for L{WORKER_GRACE} seconds.
         """
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()
@@ -418,6 +431,10 @@ class JobService(JobOperations, service.Service):
         problem = self.unavailable
         if problem is None and self.store.away:
             problem = f"the job store cannot be reached: {self.store.away}"
+        if problem is None and self.lease_keeper.fenced is not None:
+            problem = (
+                "this job node could not renew its lease in time: it runs no job until it does"
+            )
         if problem is None and self.watchdog.store_error:
             problem = f"the job store cannot be reached: {self.watchdog.store_error}"
         if problem is None and now - self._last_usable > WORKER_GRACE:

@@ -45,9 +45,14 @@ class Store(GroupCommitThread):
     on SQLite (WAL) they never wait for a writer's lock, neither the
     store's nor that of a site's transaction (a view inside C{atomic()}
     that reads a job would otherwise wait for itself).
+
+    With several job nodes (C{lease_interval}, PostgreSQL) a third thread,
+    L{lease}, renews this node's lease on a connection of its own, so that
+    neither a long batch nor a wait for a lock delays it, and gives up on a
+    connection that stops answering within about two renewals.
     """
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, lease_interval: float | None = None):
         super().__init__(
             reactor,
             "twistedlrp-job-store",
@@ -64,14 +69,28 @@ class Store(GroupCommitThread):
             setup=lambda: tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT),
         )
         self.reader.availability = self.availability
+        self.lease: GroupCommitThread = self
+        if lease_interval is not None:
+            self.lease = GroupCommitThread(
+                reactor,
+                "twistedlrp-job-lease",
+                write_coalesced=_nothing,
+                begin_batch=_begin_batch,
+                setup=lambda: tune_connection(2, max(2 * lease_interval, 1.0)),
+            )
+            self.lease.availability = self.availability
 
     def start(self) -> None:
         super().start()
         self.reader.start()
+        if self.lease is not self:
+            self.lease.start()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once every thread has ended."""
         threads = [self.reader.stop(), super().stop()]
+        if self.lease is not self:
+            threads.append(self.lease.stop())
         return defer.gatherResults(threads).addCallback(lambda _: None)
 
     @property
