@@ -140,8 +140,9 @@ SCRIPT = textwrap.dedent(
     assert thread.availability.outages == 3 and thread.availability.reason is None
 
     # An operation withdrawn at its deadline before the thread took it never
-    # runs; one withdrawn while it runs fails as "may have run", and its
-    # result, when it comes, is dropped.
+    # runs; one running at its deadline gets a tenth more: if it ends
+    # meanwhile its result is delivered, else it fails as "may have run",
+    # and its result, when it comes, is dropped.
     import threading
 
     started = threading.Event()
@@ -153,13 +154,20 @@ SCRIPT = textwrap.dedent(
 
     held = thread.run(hold, 0.5, within=5)
     assert started.wait(10)
+    started.clear()
     late = thread.run(insert, "withdrawn", within=0.2)
     reactor.timers[-1].fire()
-    reactor.timers[-2].fire()
     failure = reactor.until(late)
     assert failure.check(StoreUnavailable) and not failure.value.started, failure
     assert str(failure.value) == "the job store did not answer within 0.2 s", failure
-    failure = reactor.until(held)
+    reactor.timers[-2].fire()  # held's deadline: it is running, a grace begins
+    assert not held.called
+    assert reactor.until(held) == 0.5
+    slow = thread.run(hold, 1.0, within=5)
+    assert started.wait(10)
+    reactor.timers[-1].fire()
+    reactor.timers[-1].fire()  # the grace ends too
+    failure = reactor.until(slow)
     assert failure.check(StoreUnavailable) and failure.value.started, failure
     assert reactor.until(thread.run(insert, "after")) == "after"
     assert "withdrawn" not in runs and rows("withdrawn") == 0

@@ -67,12 +67,13 @@ class StoreUnavailable(JobServiceUnavailable):
 
 
 class _Op:
-    __slots__ = ("fn", "args", "d", "alone", "state", "timer", "within")
+    __slots__ = ("fn", "args", "d", "alone", "state", "timer", "within", "graced")
 
     def __init__(self, fn, args, d, alone, within):
         self.fn, self.args, self.d, self.alone, self.within = fn, args, d, alone, within
         self.state = _QUEUED
         self.timer = None
+        self.graced = False
 
 
 class GroupCommitThread:
@@ -131,7 +132,8 @@ class GroupCommitThread:
         @param within: seconds after which, if it has not begun (the store
             cannot be reached, or is busy), the operation is withdrawn and
             fails with L{StoreUnavailable} (C{started} false); one that has
-            begun fails then too, with C{started} true (it may commit).
+            begun gets a tenth more (at most 1 s) to finish, then fails
+            too, with C{started} true (it may commit).
             C{None}: it waits for the store as long as it takes. Cancelling
             the Deferred withdraws it the same way.
         @return: a Deferred that fires, in the reactor, with C{fn}'s result
@@ -150,13 +152,13 @@ class GroupCommitThread:
         if self.closed:
             return defer.fail(JobServiceUnavailable("the job store is closed"))
         op = _Op(fn, args, None, alone, within)
-        op.d = defer.Deferred(canceller=lambda _: self._withdraw(op))
+        op.d = defer.Deferred(canceller=lambda _: self._withdraw(op, cancelled=True))
         if within is not None:
             op.timer = self.reactor.callLater(max(within, 0.0), self._withdraw, op)
         self._queue.put(op)
         return op.d
 
-    def _withdraw(self, op: _Op) -> None:
+    def _withdraw(self, op: _Op, cancelled: bool = False) -> None:
         """In the reactor: C{op}'s deadline passed (or it was cancelled)."""
         if op.timer is not None and op.timer.active():
             op.timer.cancel()
@@ -166,6 +168,12 @@ class GroupCommitThread:
             started = op.state == _RUNNING
             if not started:
                 op.state = _ABANDONED
+        if started and not cancelled and not op.graced:
+            # Its transaction is running (the database just came back, say):
+            # a moment more for its own answer rather than "it may have run".
+            op.graced = True
+            op.timer = self.reactor.callLater(min(op.within * 0.1, 1.0), self._withdraw, op)
+            return
         reason = self.availability.reason if self.availability is not None else None
         if reason is not None:
             message = f"the job store cannot be reached ({reason})"
