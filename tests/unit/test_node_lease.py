@@ -145,3 +145,30 @@ def test_back_after_the_fence_it_reports_the_stopped_jobs_then_takes_work():
     # Fenced again only if renewals stop again, a whole lease later.
     advance(reactor, mono, 20.0)
     assert len(fenced) == 1
+
+
+def test_the_server_fences_by_its_monotonic_clock_whatever_the_wall_clock_does():
+    """The server's alarm is a thread on the monotonic clock, not a reactor timer."""
+    import queue
+
+    from twistedlrp.jobs.watchdog import MonotonicAlarm
+
+    calls = queue.SimpleQueue()
+
+    class Reactor:
+        def callFromThread(self, fn, *args):
+            calls.put(fn)
+
+    mono = Monotonic()
+    alarm = MonotonicAlarm(Reactor(), lambda: "fence", mono)
+    try:
+        alarm.set(mono.now + 100)
+        # The monotonic clock gets there (the wall clock may have gone back):
+        # the thread, which looks at least every second, calls it.
+        mono.now += 100
+        assert calls.get(timeout=5)() == "fence"
+        alarm.set(mono.now + 3600)
+        alarm.set(mono.now - 1)  # moved: due now
+        assert calls.get(timeout=5)() == "fence"
+    finally:
+        alarm.stop()

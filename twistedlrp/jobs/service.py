@@ -198,6 +198,7 @@ class JobService(JobOperations, service.Service):
             runner=self.store.lease,
             on_fenced=self.dispatcher.fence if self.shared else None,
             on_unfenced=self.dispatcher.unfence,
+            monotonic_alarm=True,
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)

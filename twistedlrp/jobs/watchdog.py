@@ -29,6 +29,7 @@ again; it records nothing else for them.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -78,6 +79,9 @@ class Watchdog:
     def check(self) -> None:
         self.check_workers()
         now = self.reactor.seconds()
+        if getattr(self.dispatcher, "fenced", False):
+            # The jobs it stopped are the lease's to deal with once it is renewed.
+            return
         if now - self._last_store_check >= STORE_INTERVAL and not self._store_check_running:
             self._last_store_check = now
             self._store_check_running = True
@@ -131,6 +135,72 @@ class Watchdog:
         self.dispatcher.enqueue(record)
 
 
+class MonotonicAlarm:
+    """
+    Calls C{fn} in the reactor once C{clock()} (monotonic) reaches the time
+    last given to L{set}, whatever the system's wall clock does meanwhile
+    (Twisted's timers follow it: a clock stepped back would delay them). A
+    daemon thread that waits with timeouts; it holds nothing else.
+    """
+
+    def __init__(self, reactor, fn, clock=time.monotonic):
+        self.reactor, self.fn, self.clock = reactor, fn, clock
+        self._cond = threading.Condition()
+        self._due: float | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def set(self, due: float | None) -> None:
+        """Call C{fn} at C{due} (on C{clock}); C{None}: not at all."""
+        with self._cond:
+            self._due = due
+            self._cond.notify()
+        if self._thread is None and due is not None:
+            self._thread = threading.Thread(
+                target=self._run, name="twistedlrp-job-lease-alarm", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                due = self._due
+                if due is None:
+                    self._cond.wait(1.0)
+                    continue
+                remaining = due - self.clock()
+                if remaining > 0:
+                    self._cond.wait(min(remaining, 1.0))
+                    continue
+                self._due = None
+            self.reactor.callFromThread(self.fn)
+
+
+class _ReactorAlarm:
+    """L{MonotonicAlarm}'s interface on the reactor's own timers (for a fake reactor)."""
+
+    def __init__(self, reactor, fn, clock):
+        self.reactor, self.fn, self.clock = reactor, fn, clock
+        self._call = None
+
+    def set(self, due: float | None) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if due is not None:
+            self._call = self.reactor.callLater(max(due - self.clock(), 0.0), self.fn)
+
+    def stop(self) -> None:
+        self.set(None)
+
+
 def renewal_interval(lease: float) -> float:
     """@return: the seconds between two renewals of a lease of C{lease} seconds."""
     return max(min(2.0, lease / 4), 0.1)
@@ -159,6 +229,8 @@ class NodeLease:
     @param on_requeued: called when jobs went back to the queue (so free
         workers claim them).
     @param clock: the monotonic clock the lease is measured on.
+    @param monotonic_alarm: fence on time by a L{MonotonicAlarm} (the
+        server), not by the reactor's timers (a test's fake reactor).
     """
 
     def __init__(
@@ -176,6 +248,7 @@ class NodeLease:
         on_fenced=None,
         on_unfenced=None,
         clock=time.monotonic,
+        monotonic_alarm=False,
     ):
         self.reactor = reactor
         self.store = store
@@ -197,7 +270,8 @@ class NodeLease:
         # The jobs stopped by fencing, until a renewal dealt with them; None: not fenced.
         self.fenced: list[str] | None = None
         self._fenced_for = ""
-        self._fence_call = None
+        alarm = MonotonicAlarm if monotonic_alarm else _ReactorAlarm
+        self._alarm = alarm(reactor, self._check_fence, clock)
         self._beat_error: str | None = None
         self._again = False
 
@@ -237,8 +311,7 @@ class NodeLease:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
-        if self._fence_call is not None and self._fence_call.active():
-            self._fence_call.cancel()
+        self._alarm.stop()
 
     def beat(self) -> None:
         if self._busy or self.runner.closed:
@@ -323,19 +396,16 @@ class NodeLease:
         """(Re)schedule the fence for when the lease, as last renewed, runs out less the margin."""
         if not self.fencing or self.renewed_at is None or not self._loop.running:
             return
-        if self._fence_call is not None and self._fence_call.active():
-            self._fence_call.cancel()
         if self.fenced is not None:
+            self._alarm.set(None)
             return
-        due = self.renewed_at + self.lease - self.margin - self.clock()
-        self._fence_call = self.reactor.callLater(max(due, 0.0), self._check_fence)
+        self._alarm.set(self.renewed_at + self.lease - self.margin)
 
     def _check_fence(self) -> None:
-        self._fence_call = None
         if self.fenced is not None or not self._loop.running:
             return
         if self.renewed_at + self.lease - self.margin - self.clock() > 0:
-            # The reactor's clock ran ahead of the monotonic one: not yet.
+            # A timer on another clock (the reactor's) came early: not yet.
             self._arm()
             return
         age = self.clock() - self.renewed_at
