@@ -18,7 +18,8 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 	tests/test_tasks_backend.py tests/test_server_start.py tests/test_server_stop.py \
 	tests/test_server_http.py tests/test_health.py tests/test_faults.py tests/test_jobs_nodes.py \
 	tests/test_jobs_schedules.py tests/test_docs_several_machines.py tests/test_jobs_retention.py \
-	tests/test_jobs_template.py tests/test_jobs_transactions.py tests/test_jobs_crash.py
+	tests/test_jobs_template.py tests/test_jobs_transactions.py tests/test_jobs_crash.py \
+	tests/test_store_batch.py
 
 .PHONY: install run hello test test-postgres test-wagtail lint format bench bench-jobs clean
 

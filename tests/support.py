@@ -79,6 +79,163 @@ def pg_drop_created() -> None:
             con.execute(f'DROP DATABASE IF EXISTS "{_created_databases.pop()}" WITH (FORCE)')
 
 
+class PostgresControl:
+    """
+    Stops and starts the PostgreSQL test server (LRP_TEST_POSTGRES) itself,
+    as its owner, to simulate a database restart: found through the server
+    (its data directory, its binaries, the options it was started with).
+    L{available} is False (the test skips) when this process cannot do it.
+    """
+
+    def __init__(self):
+        import pwd
+        import shlex
+
+        self.available = False
+        self.why = ""
+        try:
+            with pg_connect(autocommit=True) as con:
+                self.data = con.execute("SHOW data_directory").fetchone()[0]
+                bindir = con.execute(
+                    "SELECT setting FROM pg_config WHERE name = 'BINDIR'"
+                ).fetchone()[0]
+            words = shlex.split(Path(self.data, "postmaster.opts").read_text())
+        except Exception as e:
+            self.why = f"cannot control the PostgreSQL server: {e}"
+            return
+        options, skip = [], False
+        for word in words[1:]:
+            if skip:
+                skip = False
+            elif word == "-D":
+                skip = True
+            else:
+                options.append(word)
+        self.options = shlex.join(options)
+        self.pg_ctl = str(Path(bindir) / "pg_ctl")
+        owner = Path(self.data).stat().st_uid
+        self.prefix = []
+        if os.getuid() != owner:
+            if os.getuid() != 0:
+                self.why = "the PostgreSQL server belongs to another user"
+                return
+            self.prefix = ["runuser", "-u", pwd.getpwuid(owner).pw_name, "--"]
+        self.available = True
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self.prefix, self.pg_ctl, "-D", self.data, *args],
+            check=True,
+            timeout=90,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        """Stop the server as an operator would (fast: sessions are ended, no wait for them)."""
+        self._pg_ctl("-m", "fast", "-w", "-t", "60", "stop")
+
+    def start(self) -> None:
+        log = os.path.join(self.data, "lrp-test-restart.log")
+        self._pg_ctl("-l", log, "-w", "-t", "60", "-o", self.options, "start")
+
+    def running(self) -> bool:
+        return Path(self.data, "postmaster.pid").exists()
+
+
+class PausableProxy:
+    """
+    A UNIX socket in front of the PostgreSQL test server, for one process
+    to connect through (as C{host} of its LRP_TEST_POSTGRES): L{pause}
+    holds every byte in both directions and lets no new connection reach
+    the server, as a network cut does (connections stay open, nothing
+    answers); L{resume} lets everything through again.
+    """
+
+    def __init__(self):
+        from psycopg.conninfo import conninfo_to_dict
+
+        params = conninfo_to_dict(postgres())
+        host = params.get("host") or "/var/run/postgresql"
+        port = int(params.get("port") or 5432)
+        self.target = (
+            os.path.join(host, f".s.PGSQL.{port}") if host.startswith("/") else (host, port)
+        )
+        # Short: a UNIX socket's path has at most 107 bytes.
+        self.directory = tempfile.mkdtemp(prefix="lrp-pg-", dir="/tmp")
+        params["host"] = self.directory
+        self.conninfo = " ".join(f"{k}={v}" for k, v in params.items())
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.socket(socket.AF_UNIX)
+        self._listener.bind(os.path.join(self.directory, f".s.PGSQL.{port}"))
+        self._listener.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def pause(self) -> None:
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        import shutil
+
+        self._closed = True
+        self._flowing.set()
+        for sock in [self._listener, *self._sockets]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _wait_flowing(self) -> bool:
+        while not self._flowing.wait(0.5):
+            if self._closed:
+                return False
+        return not self._closed
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(client)
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        if not self._wait_flowing():
+            return
+        family = socket.AF_UNIX if isinstance(self.target, str) else socket.AF_INET
+        upstream = socket.socket(family)
+        self._sockets.append(upstream)
+        try:
+            upstream.connect(self.target)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+        self._pump(upstream, client)
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data or not self._wait_flowing():
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

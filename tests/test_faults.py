@@ -322,6 +322,152 @@ def test_health_is_degraded_while_the_store_cannot_be_reached(template, tmp_path
         server.kill()
 
 
+@pytest.mark.skipif(not postgres(), reason="stops and starts the PostgreSQL test server")
+def test_a_database_restart_is_an_outage_not_a_failure(template, tmp_path):
+    """
+    PostgreSQL stopped (fast) for 6 s and started again, with one server
+    (web and job service in one process) submitting and running jobs:
+    submissions wait for the store up to their deadline (80 % of the
+    clients' 3 s here) and then fail with JobServiceUnavailable, saying
+    nothing was stored; the jobs that ended meanwhile are recorded once it
+    is back, none failed for it; health says degraded throughout; the log
+    has one WARNING each way and no traceback.
+    """
+    import threading
+
+    from support import PostgresControl
+
+    cluster = PostgresControl()
+    if not cluster.available:
+        pytest.skip(cluster.why)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    server = start_server(
+        template, tmp_path / "server", "--workers", "2", env={"LRP_TEST_JOBS_TIMEOUT": "3"}
+    )
+    results, health = [], []
+    stop = threading.Event()
+
+    def submitter():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                response = request(
+                    server.port,
+                    "/jobs/api",
+                    method="POST",
+                    body=json.dumps(
+                        {"op": "submit", "name": "testapp.jobs.add", "args": [1, 2]}
+                    ).encode(),
+                    timeout=10,
+                )
+                results.append(
+                    (started, time.monotonic() - started, response.status, response.json())
+                )
+            except Exception as e:  # noqa: BLE001 - recorded, asserted below
+                results.append((started, time.monotonic() - started, None, repr(e)))
+
+    def health_poller():
+        while not stop.is_set():
+            try:
+                response = request(server.port, "/-/health", timeout=5)
+                health.append((time.monotonic(), response.status, response.json()))
+            except Exception as e:  # noqa: BLE001
+                health.append((time.monotonic(), None, repr(e)))
+            stop.wait(0.1)
+
+    threads = [threading.Thread(target=submitter), threading.Thread(target=health_poller)]
+    try:
+        sleepers = [
+            api(server, "submit", name="testapp.jobs.sleeper", args=[str(marks), 3, f"s{i}"])[
+                "job"
+            ]["id"]
+            for i in range(2)
+        ]
+        wait_for(
+            lambda: all((marks / f"s{i}-started").exists() for i in range(2)),
+            20,
+            message="both sleepers running",
+        )
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(results) >= 5, 20, message="submissions before the restart")
+        cluster.stop()
+        stopped = time.monotonic()
+        # Long enough for the sleepers to end, and for submissions to reach their deadline.
+        wait_for(
+            lambda: (
+                time.monotonic() - stopped >= 6
+                and all((marks / f"s{i}-done").exists() for i in range(2))
+            ),
+            30,
+            message="the outage",
+        )
+        cluster.start()
+        started = time.monotonic()
+        wait_for(
+            lambda: any(r[0] > started and r[2] == 200 for r in results),
+            30,
+            message="a submission after the restart",
+        )
+        wait_for(lambda: health and health[-1][1] == 200, 30, message="healthy again")
+    finally:
+        stop.set()
+        for thread in threads:
+            if thread.is_alive() or thread.ident is not None:
+                thread.join(30)
+        if not cluster.running():
+            cluster.start()
+    try:
+        # Every submission succeeded, or failed with JobServiceUnavailable within its deadline.
+        ok = [r for r in results if r[2] == 200]
+        refused = [r for r in results if r[2] != 200]
+        assert ok and refused, results
+        for _, took, status, body in refused:
+            assert status == 400 and body["error"] == "JobServiceUnavailable", body
+            assert "the job store cannot be reached" in body["message"], body
+            assert took < 3.0, (took, body)
+        # One never stored says so (it waited in the job service up to 2.4 s).
+        assert any("the job was not stored" in r[3]["message"] for r in refused), refused
+        # ... and was not stored: the table holds exactly the jobs answered.
+        ids = {r[3]["job"]["id"] for r in ok}
+        maybe = sum("may or may not" in r[3]["message"] for r in refused)
+        stored = {
+            str(r[0])
+            for r in rows(
+                db_of(server), "select id from twistedlrp_job where name = ?", "testapp.jobs.add"
+            )
+        }
+        assert ids <= stored and len(stored) - len(ids) <= maybe, (len(ids), len(stored), maybe)
+        for job_id in ids:
+            assert wait_job(server, job_id)["state"] == "succeeded"
+        # The sleepers ended during the outage: recorded once it was back, not failed.
+        for job_id in sleepers:
+            info = wait_job(server, job_id)
+            assert (info["state"], info["attempts"]) == ("succeeded", 1), info
+        for i in range(2):
+            assert len((marks / f"s{i}-started").read_text().splitlines()) == 1
+        # Health: degraded during the outage (the reason says why), 200 before and after.
+        degraded = [h for h in health if h[1] == 503]
+        assert degraded, health
+        for _, _status, body in degraded:
+            assert body["status"] == "degraded", body
+            assert "the job store cannot be reached" in body["jobs"]["reason"], body
+        assert health[0][1] == 200 and health[-1][1] == 200, health
+        output = server.output()
+        assert output.count("The job store cannot be reached") == 1, output
+        assert output.count("The job store can be reached again") == 1, output
+        assert "Traceback" not in output and "#critical" not in output, output
+    finally:
+        server.kill()
+
+
+def db_of(server):
+    from pathlib import Path
+
+    return Path(server.env["LRP_TEST_DB"])
+
+
 def test_a_web_node_without_its_job_node_warns_once_and_reconnects(template, tmp_path):
     state = tmp_path / "state"
     web = start_server(

@@ -374,3 +374,126 @@ def test_a_node_name_held_by_a_dead_or_foreign_pid_does_not_block_a_start(templa
         foreign.kill()
         foreign.wait()
         zombie.wait()
+
+
+def runs_of(path: Path) -> list[dict]:
+    """
+    @return: the runs a ticker job's marker file records, in order: each
+        C{{"pid", "start", "last"(its last line's time), "done"(bool)}}.
+    """
+    runs: dict[int, dict] = {}
+    for line in lines(path):
+        what, pid, stamp = line.split()
+        run = runs.setdefault(int(pid), {"pid": int(pid), "start": float(stamp), "done": False})
+        run["last"] = float(stamp)
+        run["done"] = run["done"] or what == "done"
+    return sorted(runs.values(), key=lambda run: run["start"])
+
+
+def submit_tickers(web, marks: Path, names, seconds: float) -> dict[str, str]:
+    """@return: {name: job id} of ticker jobs submitted through C{web}."""
+    return {
+        name: api(web, "submit", name="testapp.jobs.ticker", args=[str(marks), name, seconds])[
+            "job"
+        ]["id"]
+        for name in names
+    }
+
+
+def running_on(db: Path, ids, node: str) -> bool:
+    jobs = jobs_by_id(db, ids)
+    return len(jobs) == len(ids) and all(j[:2] == ("running", node) for j in jobs.values())
+
+
+@needs_postgres
+def test_a_node_cut_off_from_the_database_stops_its_jobs_before_another_runs_them(
+    template, tmp_path
+):
+    from support import PausableProxy
+
+    db = shared_db(template, tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # Lease 4 s: renewed every second; a node that cannot renew it stops its
+    # jobs 3 s after its last renewal, the others take it for dead after 4 s.
+    lease = {"LRP_JOBS_NODE_LEASE": "4"}
+    proxy = PausableProxy()
+    a = job_node(
+        db, tmp_path / "a", "node-a", "--workers", "2", LRP_TEST_POSTGRES=proxy.conninfo, **lease
+    )
+    web = web_node(db, tmp_path / "web", a)
+    b = None
+    try:
+        # 1. A cut shorter than the lease less the margin stops nothing: the
+        #    jobs run once, on their first attempt, and nothing is logged.
+        short = submit_tickers(web, marks, ["short-1", "short-2"], 4)
+        wait_for(lambda: running_on(db, short.values(), "node-a"), 20, message="A runs them")
+        proxy.pause()
+        time.sleep(1.5)  # the cut
+        proxy.resume()
+        jobs = wait_all_finished(db, short.values(), 30)
+        assert {j[:3] for j in jobs.values()} == {("succeeded", "node-a", 1)}, jobs
+        for name in short:
+            assert [run["done"] for run in runs_of(marks / name)] == [True], name
+        assert "stopping its" not in a.output()
+
+        # 2. Alone, cut off for longer than the lease: A stops its jobs before
+        #    the lease runs out and, back, retries them itself (they were not
+        #    taken over by anyone), recording nothing else for the killed runs.
+        alone = submit_tickers(web, marks, ["alone-1", "alone-2"], 3)
+        wait_for(lambda: running_on(db, alone.values(), "node-a"), 20, message="A runs them")
+        cut = time.time()
+        proxy.pause()
+        wait_for(lambda: "stopping its 2 running job(s)" in a.output(), 15, message="the fence")
+        time.sleep(max(0.0, cut + 6 - time.time()))  # a cut of 6 s, longer than the lease
+        proxy.resume()
+        jobs = wait_all_finished(db, alone.values(), 40)
+        for name, job_id in alone.items():
+            state, node, attempts, error, _ = jobs[job_id]
+            assert (state, node, attempts) == ("succeeded", "node-a", 2), jobs[job_id]
+            first, second = runs_of(marks / name)
+            # The first run was stopped within the lease (3 s after the last
+            # renewal, itself within a second before the cut).
+            assert not first["done"] and second["done"], name
+            assert first["last"] < cut + 4.0, (name, first["last"] - cut)
+        output = a.output()
+        assert "renewed its lease again: it takes work again" in output
+        assert "could not renew its lease for" in output
+
+        # 3. With another node: A's jobs are stopped on A before B retries
+        #    them; every job runs to its end once, and no two runs overlap.
+        taken = submit_tickers(web, marks, ["a-1", "a-2"], 12)
+        wait_for(lambda: running_on(db, taken.values(), "node-a"), 20, message="A runs them")
+        b = job_node(db, tmp_path / "b", "node-b", "--workers", "2", **lease)
+        # A's workers are busy: these go to B.
+        on_b = submit_tickers(web, marks, ["b-1", "b-2"], 3)
+        wait_for(lambda: running_on(db, on_b.values(), "node-b"), 20, message="B runs its jobs")
+        cut = time.time()
+        proxy.pause()
+        wait_for(
+            lambda: all(len(runs_of(marks / name)) == 2 for name in taken),
+            30,
+            message="B runs A's jobs again",
+        )
+        time.sleep(max(0.0, cut + 8 - time.time()))  # a cut of 8 s
+        proxy.resume()
+        everything = {**on_b, **taken}
+        jobs = wait_all_finished(db, everything.values(), 60)
+        assert {j[0] for j in jobs.values()} == {"succeeded"}, jobs
+        for name in on_b:
+            assert [run["done"] for run in runs_of(marks / name)] == [True], name
+        for name, job_id in taken.items():
+            first, second = runs_of(marks / name)
+            assert not first["done"] and second["done"], name
+            # A's run had ended (its last line) before B's began: never both at once.
+            assert first["last"] < second["start"], (name, first, second)
+            assert jobs[job_id][:3] == ("succeeded", "node-b", 2), jobs[job_id]
+        assert "Job node node-a: no heartbeat for" in b.output()
+        wait_for(lambda: a.output().count("renewed its lease again") == 2, 20, message="A back")
+        for server in (a, b):
+            assert "Traceback" not in server.output(), server.output()
+    finally:
+        for server in (web, a, b):
+            if server is not None:
+                server.kill()
+        proxy.close()

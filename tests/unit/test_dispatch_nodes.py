@@ -43,7 +43,7 @@ class FakeStore:
         self.calls = []
         self.claims: list[defer.Deferred] = []
 
-    def run(self, operation, *args):
+    def run(self, operation, *args, within=None):
         self.calls.append((operation.__name__, args))
         if operation.__name__ == "claim_next":
             d = defer.Deferred()
@@ -73,8 +73,12 @@ class FakeProcess:
     def closeChildFD(self, fd):
         pass
 
+    signals: list[str] | None = None
+
     def signalProcess(self, name):
-        raise AssertionError(f"no signal expected, got {name}")
+        if self.signals is None:
+            raise AssertionError(f"no signal expected, got {name}")
+        self.signals.append(name)
 
 
 @pytest.fixture
@@ -121,8 +125,8 @@ def row(job_id, worker):
 def test_a_wake_claims_for_every_free_worker_then_nothing_until_the_next(node):
     dispatcher, store, clock = node
     dispatcher.wake()
-    ((queues, name, idents),) = store.named("claim_next")
-    assert (queues, name) == (["a"], "n1")
+    ((queues, name, idents, lease),) = store.named("claim_next")
+    assert (queues, name, lease) == (["a"], "n1", None)
     workers = dispatcher.pool.workers
     assert idents == [w.ident for w in workers]
     assert all(w.state == "claiming" for w in workers)
@@ -253,4 +257,55 @@ def test_a_reserved_worker_that_died_meanwhile_sends_its_job_back_without_an_att
     assert dispatcher.claiming == set() and reservation._done.called
     assert reservation._done not in dispatcher._claiming
     # Back in the table: the free worker claims again.
+    assert len(store.named("claim_next")) == 2
+
+
+# -- fencing: a node that could not renew its lease --------------------------------------
+
+
+def test_fencing_kills_the_running_jobs_records_nothing_and_claims_nothing(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    idents = store.named("claim_next")[0][2]
+    store.claims[0].callback({"claimed": [row("j1", idents[0])], "next_due": None})
+    worker = dispatcher.running["j1"].worker
+    worker.transport.signals = []
+    calls = len(store.calls)
+    assert dispatcher.fence() == ["j1"]
+    assert worker.kill_reason == "fence" and worker.transport.signals == ["KILL"]
+    assert not dispatcher.running
+    # Its outcome, or its worker's death, is not recorded (the store is not told anything).
+    dispatcher._job_ended(record("j1"), {"ok": True, "result": 3})
+    dispatcher._worker_died(worker, "j1", "killed by signal 9")
+    assert len(store.calls) == calls
+    # No claim and no reservation while fenced, whatever wakes it.
+    dispatcher.wake()
+    dispatcher._wanted = False
+    assert dispatcher.reserve("j2") is None
+    assert len(store.named("claim_next")) == 1
+    dispatcher.unfence()
+    assert len(store.named("claim_next")) == 2
+
+
+def test_a_claim_answered_after_the_fence_starts_nothing_and_gives_the_job_back(node):
+    dispatcher, store, clock = node
+    dispatcher.wake()
+    idents = store.named("claim_next")[0][2]
+    dispatcher.fence()
+    store.claims[0].callback({"claimed": [row("j1", idents[0])], "next_due": None})
+    assert not dispatcher.running
+    assert all(w.state == "idle" for w in dispatcher.pool.workers)
+    ((job_id, _, count_attempt, name),) = store.named("requeue")
+    assert (job_id, count_attempt, name) == ("j1", False, "n1")
+
+
+def test_a_claim_refused_for_a_stale_lease_frees_the_workers_and_tries_again(node):
+    dispatcher, store, clock = node
+    dispatcher.lease_check = 27.0
+    dispatcher.wake()
+    assert store.named("claim_next")[0][3] == 27.0
+    store.claims[0].callback({"claimed": [], "next_due": None, "no_lease": True})
+    assert all(w.state == "idle" for w in dispatcher.pool.workers)
+    assert dispatcher._wanted
+    clock.advance(1.0)
     assert len(store.named("claim_next")) == 2

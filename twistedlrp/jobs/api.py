@@ -34,6 +34,7 @@ from twistedlrp.jobs.errors import (
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
+from twistedlrp.jobs.store import StoreUnavailable
 from twistedlrp.jobs.store import operations as ops
 
 log = Logger()
@@ -43,8 +44,14 @@ class JobOperations:
     """
     What clients call. It uses the service's C{reactor}, C{store},
     C{dispatcher}, C{pool}, C{waiters}, C{max_payload}, C{unavailable},
-    C{shared}, C{node}, C{queues} and C{pruner}.
+    C{shared}, C{node}, C{queues}, C{pruner} and C{store_wait}.
+
+    While the store cannot be reached, an operation waits for it up to
+    C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
+    so (and, for a submission, whether the job was stored).
     """
+
+    store_wait: float | None = None
 
     def submit(
         self,
@@ -100,13 +107,18 @@ class JobOperations:
         start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
-        d = self.store.run(ops.create, fields, job_id, self.shared, start)
+            if self.shared:
+                # Stored running only while this node's lease is fresh.
+                start["lease"] = self.dispatcher.lease_check
+        d = self.store.run(ops.create, fields, job_id, self.shared, start, within=self.store_wait)
 
         def stored(outcome):
+            nonlocal reserved
             created, info = outcome
+            if reserved is not None and (not created or not ours or info["state"] != RUNNING):
+                reserved.release()
+                reserved = None
             if not created or not ours:
-                if reserved is not None:
-                    reserved.release()
                 return self._overlay(info)
             self.dispatcher.counters["submitted"] += 1
             job_metrics.count("submitted", name)
@@ -127,12 +139,11 @@ class JobOperations:
             return self._overlay(info)
 
         def not_stored(failure):
-            reserved.release()
-            return failure
+            if reserved is not None:
+                reserved.release()
+            return _store_failure(failure, "the job was not stored", _MAY_BE_STORED)
 
-        if reserved is not None:
-            d.addErrback(not_stored)
-        return d.addCallback(stored)
+        return d.addCallbacks(stored, not_stored)
 
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
@@ -195,7 +206,8 @@ class JobOperations:
         """
         job_id = canonical_job_id(job_id)
         self._check_store()
-        return self.store.read(ops.get, job_id).addCallback(self._overlay)
+        d = self.store.read(ops.get, job_id, within=self.store_wait)
+        return d.addCallbacks(self._overlay, _store_failure)
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """
@@ -213,7 +225,10 @@ class JobOperations:
         self._check_store()
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
-        info = await self.store.run(ops.mark_cancel, job_id, self.shared)
+        d = self.store.run(ops.mark_cancel, job_id, self.shared, within=self.store_wait)
+        info = await d.addErrback(
+            _store_failure, "the cancellation was not stored", _MAY_BE_CANCELLED
+        )
         # A running job's cancellation may have been asked before its claim was read.
         self.dispatcher.request_cancel(job_id)
         if info["state"] in FINISHED:
@@ -268,8 +283,16 @@ class JobOperations:
         """
         listing = check_listing(state, name, limit)
         self._check_store()
-        d = self.store.read(ops.list_jobs, listing["state"], listing["name"], listing["limit"])
-        return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
+        d = self.store.read(
+            ops.list_jobs,
+            listing["state"],
+            listing["name"],
+            listing["limit"],
+            within=self.store_wait,
+        )
+        return d.addCallbacks(
+            lambda jobs: {"jobs": [self._overlay(j) for j in jobs]}, _store_failure
+        )
 
     def stats(self) -> defer.Deferred:
         """@return: a Deferred firing with the service's counters and workers."""
@@ -297,7 +320,8 @@ class JobOperations:
                 "retention": self.pruner.describe(),
             }
 
-        return self.store.read(ops.counts).addCallback(assemble)
+        d = self.store.read(ops.counts, within=self.store_wait)
+        return d.addCallbacks(assemble, _store_failure)
 
     def _check_store(self) -> None:
         if self.store.closed or (
@@ -315,6 +339,26 @@ class JobOperations:
     def _notify(self, info: dict) -> None:
         for d in self.waiters.pop(info["id"], []):
             _fire(d, info)
+
+
+_MAY_BE_STORED = (
+    "the job may or may not have been stored: submit again with its id to get the same job "
+    "rather than a second one"
+)
+_MAY_BE_CANCELLED = "the cancellation may or may not have been stored"
+
+
+def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
+    """
+    An operation the store did not run in time (L{StoreUnavailable}): fail
+    with L{JobServiceUnavailable}, saying whether its change was made
+    (C{not_done}) or may have been (C{maybe_done}).
+    """
+    if failure.check(StoreUnavailable):
+        what = maybe_done if failure.value.started else not_done
+        message = str(failure.value) + (f"; {what}" if what else "")
+        raise JobServiceUnavailable(message)
+    return failure
 
 
 def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:

@@ -40,7 +40,9 @@ class SharedClaims:
             worker.state = "claiming"
         self._claim_running = True
         wakes = self._wakes
-        d = self.store.run(ops.claim_next, self.queues, self.node, [w.ident for w in idle])
+        d = self.store.run(
+            ops.claim_next, self.queues, self.node, [w.ident for w in idle], self.lease_check
+        )
         self._claiming.add(d)
         d.addCallbacks(
             self._claimed_next, self._claim_failed, callbackArgs=(idle, wakes), errbackArgs=(idle,)
@@ -50,6 +52,15 @@ class SharedClaims:
 
     def _claimed_next(self, answer: dict, workers: list, wakes: int) -> None:
         self._claim_running = False
+        if answer.get("no_lease"):
+            # This node's lease is not fresh (it is being renewed, or cannot
+            # be): no claim until it is.
+            for worker in workers:
+                if worker.state == "claiming":
+                    worker.state = "idle"
+            if self.accepting:
+                self.reactor.callLater(1.0, self.wake)
+            return
         by_ident = {worker.ident: worker for worker in workers}
         claimed = answer["claimed"]
         for row in claimed:

@@ -103,6 +103,12 @@ class Dispatcher(SharedClaims, Outcomes):
         self._wakes = 0
         self._claim_running = False
         self._due_timer = None
+        # Shared: this node could not renew its lease in time and stopped its
+        # jobs (fencing): it starts none until it renewed it (L{fence}).
+        self.fenced = False
+        # Shared: claims succeed only if this node renewed its lease within
+        # this many seconds (the database checks; see ops.claim_next).
+        self.lease_check: float | None = None
 
     # -- what the service asks ---------------------------------------------------------
 
@@ -153,6 +159,38 @@ class Dispatcher(SharedClaims, Outcomes):
             )
         return False
 
+    def fence(self) -> list[str]:
+        """
+        This node could not renew its lease in time: kill the process group
+        of every running job's worker at once, record nothing for them (the
+        node that renews the lease deals with them), and start no job until
+        L{unfence}.
+
+        @return: the ids of the jobs stopped.
+        """
+        self.fenced = True
+        stopped = []
+        for record in list(self.running.values()):
+            worker = record.worker
+            self._forget(record)
+            stopped.append(record.id)
+            log.warn(
+                "Job {job_id}: stopped (attempt {attempt}, worker {pid}): this job node could "
+                "not renew its lease",
+                job_id=record.id,
+                attempt=record.attempts,
+                pid=getattr(worker, "pid", None),
+            )
+            if worker is not None:
+                worker.signal("KILL", "fence")
+        return stopped
+
+    def unfence(self) -> None:
+        """The lease is renewed: take work again."""
+        self.fenced = False
+        if self.accepting:
+            self.wake()
+
     def stop_accepting(self) -> None:
         self.accepting = False
         self.queue.pause()
@@ -189,7 +227,7 @@ class Dispatcher(SharedClaims, Outcomes):
     # -- dispatch --------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        if not self.accepting:
+        if not self.accepting or self.fenced:
             return
         if self.shared:
             self._claim_next()
@@ -221,7 +259,7 @@ class Dispatcher(SharedClaims, Outcomes):
 
         @return: the L{Reservation}, or C{None} (the job is queued as usual).
         """
-        if not self.accepting:
+        if not self.accepting or self.fenced:
             return None
         if self.shared:
             if self._wanted or self._claim_running:
@@ -326,6 +364,14 @@ class Dispatcher(SharedClaims, Outcomes):
         self.dispatch()
 
     def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+        if self.fenced:
+            # Claimed before this node lost its lease (the claim's answer came
+            # late): another node may take the job over any moment; not started.
+            if worker.state == "claiming":
+                worker.state = "idle"
+            d = self._put_back(record)
+            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
+            return
         record.worker = worker
         self.running[record.id] = record
         record.started = self.reactor.seconds()

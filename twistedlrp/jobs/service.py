@@ -43,9 +43,9 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, recovery
+from twistedlrp.jobs.store import Store, StoreUnavailable, recovery
 from twistedlrp.jobs.store import operations as ops
-from twistedlrp.jobs.watchdog import NodeLease, Watchdog
+from twistedlrp.jobs.watchdog import NodeLease, Watchdog, fence_margin, renewal_interval
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
 
@@ -55,8 +55,18 @@ DEFAULT_CANCEL_GRACE = 5.0
 # Seconds without a usable worker before the health endpoint says "degraded"
 # (a worker being replaced takes about one).
 WORKER_GRACE = 5.0
-# Seconds without a heartbeat after which the other nodes take a job node for dead.
-DEFAULT_NODE_LEASE = 15.0
+# Seconds without a heartbeat after which the other nodes take a job node for
+# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
+# 3 s before it expires (fencing, see watchdog.py): so a cut of the network or
+# of the database shorter than about 24 s stops nothing and runs nothing twice,
+# and the jobs of a node that died wait 30 to 32 s before another retries them.
+DEFAULT_NODE_LEASE = 30.0
+# The share of LRP_JOBS_TIMEOUT (the clients' deadline) that an operation
+# waits for a store that cannot be reached, so that the client hears why
+# before its own deadline.
+STORE_WAIT_SHARE = 0.8
+# Seconds the start waits for a store that cannot be reached before it fails.
+START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
 POLL_INTERVAL = 5.0
 # One node: seconds between looks for jobs that a site's transaction
@@ -96,6 +106,23 @@ def node_lease() -> float:
     return lease
 
 
+def store_wait() -> float:
+    """
+    @return: the seconds an operation waits for a store that cannot be
+        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (the clients'
+        timeout, 10 s by default), so 8 s.
+    """
+    from django.conf import settings
+
+    from twistedlrp.jobs.client import DEFAULT_TIMEOUT
+
+    try:
+        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+    except (TypeError, ValueError):
+        timeout = DEFAULT_TIMEOUT
+    return max(timeout * STORE_WAIT_SHARE, 0.1)
+
+
 def _definitions() -> list:
     """@return: the registered job definitions (the pruner reads their C{keep})."""
     return [registry.lookup(name) for name in registry.names()]
@@ -122,9 +149,6 @@ class JobService(JobOperations, service.Service):
         # Submissions inside a transaction of this process's views check it there.
         transactions.limit_payload(self.max_payload)
         self.front_ends = list(front_ends)
-        self.store = Store(reactor)
-        self.worker_env: dict[str, str] = {}
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         from django.db import connection
 
         # Several job nodes share a PostgreSQL database; any other is one node's.
@@ -132,6 +156,12 @@ class JobService(JobOperations, service.Service):
         self.node = node_name(options)
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
+        # Several nodes: the lease is renewed by a thread of its own.
+        self.store = Store(reactor, renewal_interval(self.lease) if self.shared else None)
+        self.store_wait = store_wait()
+        self.store.availability.wait = self.store_wait
+        self.worker_env: dict[str, str] = {}
+        self.waiters: dict[str, list[defer.Deferred]] = {}
         self.dispatcher = Dispatcher(
             reactor,
             self.store,
@@ -145,6 +175,9 @@ class JobService(JobOperations, service.Service):
             queues=self.queues,
         )
         self.pool = self.dispatcher.pool
+        if self.shared:
+            # Claim only while this node's lease is fresh (as fencing counts it).
+            self.dispatcher.lease_check = self.lease - fence_margin(self.lease)
         self.watchdog = Watchdog(
             reactor,
             self.dispatcher,
@@ -162,6 +195,10 @@ class JobService(JobOperations, service.Service):
             self.lease,
             self.shared,
             on_requeued=self.dispatcher.wake,
+            runner=self.store.lease,
+            on_fenced=self.dispatcher.fence if self.shared else None,
+            on_unfenced=self.dispatcher.unfence,
+            monotonic_alarm=True,
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
@@ -193,15 +230,21 @@ class JobService(JobOperations, service.Service):
         with a message saying to migrate (and starts no workers).
         """
         self.store.start()
-        reason = await self.store.prepare()
+        try:
+            reason = await self.store.prepare(within=START_WAIT)
+        except StoreUnavailable as e:
+            raise StartupFailed(f"the job service cannot start: {e}") from None
         if reason:
             self.unavailable = reason
             log.error("The job service cannot run: {reason}", reason=reason)
         else:
             await self._register()
-            queued, failed = await self.store.run(
-                recovery.recover, self.node, self.queues, self.shared
-            )
+            try:
+                queued, failed = await self.store.run(
+                    recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
+                )
+            except StoreUnavailable as e:
+                raise StartupFailed(f"the job service cannot start: {e}") from None
             for job_id in failed:
                 log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
             for row in queued:
@@ -231,7 +274,12 @@ class JobService(JobOperations, service.Service):
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
 
-            self.listener = Listener(self.reactor, self._notified, self.dispatcher.wake)
+            self.listener = Listener(
+                self.reactor,
+                self._notified,
+                self.dispatcher.wake,
+                availability=self.store.availability,
+            )
             self.listener.start()
             self._poll.start(POLL_INTERVAL, now=False)
         else:
@@ -251,7 +299,8 @@ class JobService(JobOperations, service.Service):
             "Job node {node}: {mode}; queues: {queues}",
             node=self.node,
             mode="one of several on PostgreSQL (SKIP LOCKED claims, LISTEN/NOTIFY, lease "
-            f"{self.lease:g} s)"
+            f"{self.lease:g} s renewed every {self.lease_keeper.interval:g} s, running jobs "
+            f"stopped after {self.lease - self.lease_keeper.margin:g} s without renewal)"
             if self.shared
             else "the only one on this database",
             queues=", ".join(self.queues) if self.queues else "all",
@@ -263,6 +312,8 @@ class JobService(JobOperations, service.Service):
             await self.lease_keeper.register()
         except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
+        except StoreUnavailable as e:
+            raise StartupFailed(f"the job service cannot start: {e}") from None
         self._registered = True
 
     def _notified(self, payload: str) -> None:
@@ -369,14 +420,22 @@ class JobService(JobOperations, service.Service):
         """
         @return: the job service's part of the health endpoint; C{healthy}
             is false (the endpoint answers 503, "degraded") when the service
-            is unavailable, its store cannot be reached, or no worker has
-            been able to take a job for L{WORKER_GRACE} seconds.
+            is unavailable, its store cannot be reached (from the first
+            failed attempt to the first that succeeds again), this node
+            stopped its jobs for want of a lease, or no worker has been able
+            to take a job for L{WORKER_GRACE} seconds.
         """
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()
         if usable or not self.pool.size:
             self._last_usable = now
         problem = self.unavailable
+        if problem is None and self.store.away:
+            problem = f"the job store cannot be reached: {self.store.away}"
+        if problem is None and self.lease_keeper.fenced is not None:
+            problem = (
+                "this job node could not renew its lease in time: it runs no job until it does"
+            )
         if problem is None and self.watchdog.store_error:
             problem = f"the job store cannot be reached: {self.watchdog.store_error}"
         if problem is None and now - self._last_usable > WORKER_GRACE:

@@ -276,7 +276,7 @@ class WorkerPool:
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan"):
+            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
                 log.warn(
                     "Worker {pid} {how}; its standby successor {successor} takes its place",
                     pid=worker.pid,
@@ -306,7 +306,7 @@ class WorkerPool:
             )
             self.reactor.callLater(delay, self.spawn)
         else:
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan"):
+            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
                 log.warn("Worker {pid} {how}; starting a replacement", pid=worker.pid, how=how)
             self.spawn()
 

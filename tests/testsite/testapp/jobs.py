@@ -128,6 +128,28 @@ def sleeper(marker_dir, seconds, name="sleeper"):
     return name
 
 
+@job(retries=2, retry_delay=0.1)
+def ticker(marker_dir, name, seconds):
+    """
+    Runs C{seconds}, writing to marker_dir/<name> a line "start PID TIME",
+    then "tick PID TIME" every 50 ms, and "done PID TIME" at its end (with
+    several job nodes, the times show whether two runs overlapped).
+    """
+    path = Path(marker_dir) / name
+
+    def line(what):
+        with open(path, "a") as f:
+            f.write(f"{what} {os.getpid()} {time.time():.3f}\n")
+
+    line("start")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+        line("tick")
+    line("done")
+    return name
+
+
 @job
 def big_result(size):
     return "x" * size

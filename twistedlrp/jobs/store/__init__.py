@@ -8,6 +8,10 @@ transactions with C{BEGIN IMMEDIATE}, so that it waits for (rather than
 fails on) the locks of job code writing from worker processes. Progress
 reports are coalesced: only the latest one per job is written, in the next
 batch.
+
+While the database cannot be reached the threads keep their operations
+and run them once it is back (L{batch}); L{Store.availability} says
+whether it can be reached now, and logs each outage once.
 """
 
 from __future__ import annotations
@@ -15,9 +19,23 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from twistedlrp.jobs.store import operations
-from twistedlrp.jobs.store.batch import GroupCommitThread
+from twistedlrp.jobs.store.availability import Availability
+from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
 
-__all__ = ["Store", "operations"]
+__all__ = ["Store", "StoreUnavailable", "operations"]
+
+# PostgreSQL: the options the job service's own connections get unless the
+# site's OPTIONS set them, so that a network cut breaks them within seconds
+# (rather than leaving a thread waiting on a dead connection for minutes)
+# and a connection attempt to an unreachable server gives up.
+CONNECT_TIMEOUT = 5
+USER_TIMEOUT = 10.0
+KEEPALIVE = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
 
 
 class Store(GroupCommitThread):
@@ -27,49 +45,116 @@ class Store(GroupCommitThread):
     on SQLite (WAL) they never wait for a writer's lock, neither the
     store's nor that of a site's transaction (a view inside C{atomic()}
     that reads a job would otherwise wait for itself).
+
+    With several job nodes (C{lease_interval}, PostgreSQL) a third thread,
+    L{lease}, renews this node's lease on a connection of its own, so that
+    neither a long batch nor a wait for a lock delays it, and gives up on a
+    connection that stops answering within about two renewals.
     """
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, lease_interval: float | None = None):
         super().__init__(
             reactor,
             "twistedlrp-job-store",
             write_coalesced=operations.write_progress,
             begin_batch=_begin_batch,
+            setup=lambda: tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT),
         )
+        self.availability = Availability(reactor)
         self.reader = GroupCommitThread(
-            reactor, "twistedlrp-job-reads", write_coalesced=_nothing, begin_batch=_begin_batch
+            reactor,
+            "twistedlrp-job-reads",
+            write_coalesced=_nothing,
+            begin_batch=_begin_batch,
+            setup=lambda: tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT),
         )
+        self.reader.availability = self.availability
+        self.lease: GroupCommitThread = self
+        if lease_interval is not None:
+            self.lease = GroupCommitThread(
+                reactor,
+                "twistedlrp-job-lease",
+                write_coalesced=_nothing,
+                begin_batch=_begin_batch,
+                setup=lambda: tune_connection(2, max(2 * lease_interval, 1.0)),
+            )
+            self.lease.availability = self.availability
 
     def start(self) -> None:
         super().start()
         self.reader.start()
+        if self.lease is not self:
+            self.lease.start()
 
     def stop(self) -> defer.Deferred:
-        """@return: a Deferred that fires once both threads have ended."""
-        reads = self.reader.stop()
-        writes = super().stop()
-        return defer.gatherResults([writes, reads]).addCallback(lambda _: None)
+        """@return: a Deferred that fires once every thread has ended."""
+        threads = [self.reader.stop(), super().stop()]
+        if self.lease is not self:
+            threads.append(self.lease.stop())
+        return defer.gatherResults(threads).addCallback(lambda _: None)
 
-    def read(self, fn, *args) -> defer.Deferred:
+    @property
+    def away(self) -> str | None:
+        """@return: why the store cannot be reached now, or C{None} when it can."""
+        return self.availability.reason
+
+    def read(self, fn, *args, within: float | None = None) -> defer.Deferred:
         """
         Run C{fn(*args)}, which only reads, in the reader thread, outside any
         transaction: it sees what was committed when it runs.
 
+        @param within: as for L{run}.
         @return: a Deferred firing in the reactor with C{fn}'s result.
         """
-        return self.reader.run_alone(fn, *args)
+        return self.reader.run_alone(fn, *args, within=within)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
         """Record a progress report; only the latest per job is written, in the next batch."""
         self.coalesce(job_id, (current, total, message))
 
-    def prepare(self) -> defer.Deferred:
+    def prepare(self, within: float | None = None) -> defer.Deferred:
         """@return: a Deferred firing with C{None} or a reason the store cannot be used."""
-        return self.run_alone(operations.prepare)
+        return self.run_alone(operations.prepare, within=within)
 
 
 def _nothing(_coalesced: dict) -> None:
     pass
+
+
+def tune_connection(connect_timeout: int, user_timeout: float) -> None:
+    """
+    In a thread of the job service, before it connects: on PostgreSQL, give
+    this thread's connection a connect timeout, TCP keepalives and (libpq
+    12 and later) a TCP user timeout of C{user_timeout} seconds, each
+    unless the site's C{OPTIONS} name it. Other threads keep the settings.
+    """
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    options = dict(connection.settings_dict.get("OPTIONS") or {})
+    wanted = {"connect_timeout": max(int(connect_timeout), 2), **KEEPALIVE}
+    if _libpq_version() >= 120000:
+        wanted["tcp_user_timeout"] = int(user_timeout * 1000)
+    for name, value in wanted.items():
+        options.setdefault(name, value)
+    # This thread's connection object only: the settings' dict is shared.
+    connection.settings_dict = {**connection.settings_dict, "OPTIONS": options}
+
+
+def _libpq_version() -> int:
+    try:
+        import psycopg
+
+        return psycopg.pq.version()
+    except ImportError:
+        pass
+    try:
+        import psycopg2.extensions
+
+        return psycopg2.extensions.libpq_version()
+    except (ImportError, AttributeError):
+        return 0
 
 
 def _begin_batch() -> None:
@@ -79,7 +164,7 @@ def _begin_batch() -> None:
     # rather than failing every batch from now on. Only then: the store keeps
     # its one connection whatever CONN_MAX_AGE says (the views' setting).
     if connection.errors_occurred:
-        if not connection.is_usable():
+        if connection.connection is not None and not connection.is_usable():
             connection.close()
         connection.errors_occurred = False
     fresh = connection.connection is None

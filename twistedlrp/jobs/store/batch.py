@@ -11,6 +11,18 @@ operations share one commit; an idle thread costs nothing (it blocks on its
 queue, it does not poll). A Deferred fires only after the commit that made
 its change durable.
 
+When the database cannot be reached (it restarts, the network is cut, its
+connection was dropped) no operation fails for it: the thread keeps them,
+tries to connect again every second at most, and runs them once it can. An
+operation given a deadline (C{within}) that has not begun by then is
+withdrawn and fails with L{StoreUnavailable}; the others (the outcomes of
+jobs) wait for as long as it takes. A transaction whose commit was sent
+when the connection broke is looked up once the database is back
+(PostgreSQL's C{txid_status}): committed, its results are delivered;
+otherwise it runs again. The thread reports losing and regaining the
+database to an L{twistedlrp.jobs.store.availability.Availability}, which
+logs it once.
+
 Nothing here knows about jobs; values that only the latest counts for
 (progress reports) are I{coalesced}: L{GroupCommitThread.coalesce} keeps the
 newest value per key, written with the next batch.
@@ -28,11 +40,40 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import JobServiceUnavailable
+from twistedlrp.jobs.store.availability import first_line
 
 log = Logger()
 
 _STOP = object()
 _WAKE = object()
+
+# Seconds between attempts to reach a database that cannot be reached (doubling up to the last).
+RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)
+
+# What an operation is doing (L{_Op.state}).
+_QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
+
+
+class StoreUnavailable(JobServiceUnavailable):
+    """
+    An operation could not run in time: the store cannot be reached, or
+    did not answer. C{started} says whether it may have run (its
+    transaction had begun) or certainly did not.
+    """
+
+    def __init__(self, message: str, started: bool):
+        super().__init__(message)
+        self.started = started
+
+
+class _Op:
+    __slots__ = ("fn", "args", "d", "alone", "state", "timer", "within", "graced")
+
+    def __init__(self, fn, args, d, alone, within):
+        self.fn, self.args, self.d, self.alone, self.within = fn, args, d, alone, within
+        self.state = _QUEUED
+        self.timer = None
+        self.graced = False
 
 
 class GroupCommitThread:
@@ -42,10 +83,14 @@ class GroupCommitThread:
         last batch.
     @param begin_batch: called in the thread before each batch (to prepare
         the connection).
+    @param setup: called once in the thread before anything else (to set
+        the options of its connection).
     """
 
     # Called in the thread with each batch's size (the job metrics), if set.
     observe_batch: Callable[[int], None] | None = None
+    # Told when this thread loses and regains the database, if set.
+    availability = None
 
     def __init__(
         self,
@@ -53,44 +98,90 @@ class GroupCommitThread:
         name: str,
         write_coalesced: Callable[[dict], None],
         begin_batch: Callable[[], None] = lambda: None,
+        setup: Callable[[], None] = lambda: None,
     ):
         self.reactor = reactor
         self.name = name
         self._write_coalesced = write_coalesced
         self._begin_batch = begin_batch
+        self._setup = setup
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._coalesced: dict = {}
         self._coalesced_lock = threading.Lock()
+        # Guards the state of operations (withdrawn by the reactor, begun by the thread).
+        self._state_lock = threading.Lock()
+        self._stopping = threading.Event()
         self._stopped = defer.Deferred()
         self.batches = 0
         self.operations = 0
         self.closed = False
+        # In the thread: the database cannot be reached (since the last failure).
+        self._away = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, within: float | None = None
+    ) -> defer.Deferred:
         """
         Run C{fn(*args)} in the thread, inside a transaction.
 
+        @param within: seconds after which, if it has not begun (the store
+            cannot be reached, or is busy), the operation is withdrawn and
+            fails with L{StoreUnavailable} (C{started} false); one that has
+            begun gets a tenth more (at most 1 s) to finish, then fails
+            too, with C{started} true (it may commit).
+            C{None}: it waits for the store as long as it takes. Cancelling
+            the Deferred withdraws it the same way.
         @return: a Deferred that fires, in the reactor, with C{fn}'s result
             once the transaction is committed, or fails with its exception
             (L{JobServiceUnavailable} once the thread is stopping).
         """
-        return self._put(fn, args, False)
+        return self._put(fn, args, False, within)
 
-    def run_alone(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """Like L{run}, but outside any transaction (for PRAGMAs and checks)."""
-        return self._put(fn, args, True)
+    def run_alone(
+        self, fn: Callable[..., Any], *args: Any, within: float | None = None
+    ) -> defer.Deferred:
+        """Like L{run}, but outside any transaction (for PRAGMAs, checks and reads)."""
+        return self._put(fn, args, True, within)
 
-    def _put(self, fn, args, alone: bool) -> defer.Deferred:
+    def _put(self, fn, args, alone: bool, within: float | None) -> defer.Deferred:
         if self.closed:
             return defer.fail(JobServiceUnavailable("the job store is closed"))
-        d = defer.Deferred()
-        self._queue.put((fn, args, d, alone))
-        return d
+        op = _Op(fn, args, None, alone, within)
+        op.d = defer.Deferred(canceller=lambda _: self._withdraw(op, cancelled=True))
+        if within is not None:
+            op.timer = self.reactor.callLater(max(within, 0.0), self._withdraw, op)
+        self._queue.put(op)
+        return op.d
+
+    def _withdraw(self, op: _Op, cancelled: bool = False) -> None:
+        """In the reactor: C{op}'s deadline passed (or it was cancelled)."""
+        if op.timer is not None and op.timer.active():
+            op.timer.cancel()
+        if op.d.called:
+            return
+        with self._state_lock:
+            started = op.state == _RUNNING
+            if not started:
+                op.state = _ABANDONED
+        if started and not cancelled and not op.graced:
+            # Its transaction is running (the database just came back, say):
+            # a moment more for its own answer rather than "it may have run".
+            op.graced = True
+            op.timer = self.reactor.callLater(min(op.within * 0.1, 1.0), self._withdraw, op)
+            return
+        reason = self.availability.reason if self.availability is not None else None
+        if reason is not None:
+            message = f"the job store cannot be reached ({reason})"
+        elif op.within is not None:
+            message = f"the job store did not answer within {op.within:g} s"
+        else:
+            message = "the job store did not answer"
+        op.d.errback(StoreUnavailable(message, started))
 
     def coalesce(self, key, value) -> None:
         """Keep C{value} as the newest for C{key}; it is written with the next batch."""
@@ -102,12 +193,14 @@ class GroupCommitThread:
 
     def stop(self) -> defer.Deferred:
         """
-        Finish the queued operations, then end the thread.
+        Finish the queued operations, then end the thread (at once, failing
+        them, if the database cannot be reached).
 
         @return: a Deferred that fires when the thread has ended.
         """
         if not self.closed:
             self.closed = True
+            self._stopping.set()
             if self._thread is None:
                 self._stopped.callback(None)
             else:
@@ -119,77 +212,321 @@ class GroupCommitThread:
     def _loop(self) -> None:
         from django.db import connection
 
+        pending: list[_Op] = []
+        # Transactions whose commit was sent when the connection broke:
+        # (transaction id, operations, their results, coalesced values).
+        doubtful: list[tuple] = []
+        stopping = False
+        tries = 0
         try:
+            self._setup()
             while True:
-                items = [self._queue.get()]
-                while True:
-                    try:
-                        items.append(self._queue.get_nowait())
-                    except queue.Empty:
+                block = not (pending or doubtful or self._away)
+                stopping = self._gather(pending, block) or stopping
+                if self._away:
+                    if stopping:
+                        self._give_up(pending, doubtful)
                         break
-                stopping = _STOP in items
-                ops = [item for item in items if item is not _STOP and item is not _WAKE]
-                for op in [op for op in ops if op[3]]:
-                    self._run_alone(op)
-                ops = [op for op in ops if not op[3]]
-                if ops or self._coalesced:
-                    self._run_batch(ops)
-                if stopping:
+                    if not self._reachable():
+                        self._stopping.wait(RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])
+                        tries += 1
+                        continue
+                    tries = 0
+                    self._came_back()
+                if doubtful and not self._resolve(doubtful, pending):
+                    continue
+                alone = self._begin([op for op in pending if op.alone])
+                batch = self._begin([op for op in pending if not op.alone])
+                pending = []
+                for i, op in enumerate(alone):
+                    if not self._run_alone(op):
+                        pending.extend(self._requeue(alone[i:] + batch))
+                        batch = []
+                        break
+                if batch or (self._coalesced and not self._away):
+                    self._run_batch(batch, pending, doubtful)
+                if stopping and not self._away and not pending and not doubtful:
                     break
+        except Exception:
+            log.failure("{name} stopped on an unexpected error", name=self.name)
+            self._give_up(pending, doubtful)
         finally:
-            connection.close()
+            try:
+                connection.close()
+            except Exception:
+                pass
             self.reactor.callFromThread(self._stopped.callback, None)
 
-    def _run_alone(self, op) -> None:
-        fn, args, d, _ = op
+    def _gather(self, pending: list, block: bool) -> bool:
+        """Add what is queued to C{pending} (waiting for something if C{block}); @return: stop?"""
+        items = [self._queue.get()] if block else []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        pending.extend(item for item in items if item is not _STOP and item is not _WAKE)
+        return _STOP in items
+
+    def _begin(self, ops: list[_Op]) -> list[_Op]:
+        """@return: C{ops} but those withdrawn, marked as begun (no longer withdrawable)."""
+        begun = []
+        with self._state_lock:
+            for op in ops:
+                if op.state != _ABANDONED:
+                    op.state = _RUNNING
+                    begun.append(op)
+        return begun
+
+    def _requeue(self, ops: list[_Op]) -> list[_Op]:
+        """C{ops} did not run (the database went away): withdrawable again until they do."""
+        with self._state_lock:
+            for op in ops:
+                if op.state == _RUNNING:
+                    op.state = _QUEUED
+        return list(ops)
+
+    def _run_alone(self, op: _Op) -> bool:
+        """@return: False if the database could not be reached (C{op} did not run)."""
+        from django.db import connection
+
+        raw = None
         try:
             self._begin_batch()
-            outcome, failed = fn(*args), False
-        except Exception:
+            raw = connection.connection
+            outcome, failed = op.fn(*op.args), False
+        except Exception as e:
+            if self._lost(e, raw):
+                return False
             outcome, failed = Failure(), True
-        self.reactor.callFromThread(_deliver, [(d, outcome, failed)])
+        self.reactor.callFromThread(self._deliver, [(op, outcome, failed)])
+        return True
 
-    def _run_batch(self, ops: list) -> None:
-        from django.db import transaction
-
+    def _run_batch(self, ops: list[_Op], pending: list, doubtful: list) -> None:
         with self._coalesced_lock:
             coalesced, self._coalesced = self._coalesced, {}
-        self._begin_batch()
-        try:
-            # The common case: every operation succeeds, one commit for all.
-            with transaction.atomic():
-                results = [(fn(*args), False) for fn, args, _, _ in ops]
-                if coalesced:
-                    self._write_coalesced(coalesced)
-        except Exception:
+        # The common case: every operation succeeds, one commit for all.
+        how, xid, results = self._transaction(ops, coalesced)
+        if how == "ok":
+            self._delivered(ops, results)
+        elif how == "lost":
+            self._keep_coalesced(coalesced)
+            pending.extend(self._requeue(ops))
+        elif how == "doubt":
+            doubtful.append((xid, ops, results, coalesced))
+        else:
             # One of them failed (an unknown id, a broken row): the batch
             # was rolled back; run each alone so the others still succeed.
-            results = []
-            for fn, args, _, _ in ops:
-                try:
-                    with transaction.atomic():
-                        results.append((fn(*args), False))
-                except Exception:
-                    results.append((Failure(), True))
-            if coalesced:
-                try:
-                    with transaction.atomic():
-                        self._write_coalesced(coalesced)
-                except Exception:
-                    log.failure("{name} could not write its coalesced values", name=self.name)
-        self.batches += 1
-        self.operations += len(ops)
-        if ops and self.observe_batch is not None:
-            self.observe_batch(len(ops))
+            self._run_each(ops, coalesced, pending, doubtful)
+
+    def _run_each(self, ops: list[_Op], coalesced: dict, pending: list, doubtful: list) -> None:
+        done: list[tuple] = []
+        for i, op in enumerate(ops):
+            how, xid, results = self._transaction([op], None)
+            if how == "lost":
+                pending.extend(self._requeue(ops[i:]))
+                break
+            if how == "doubt":
+                doubtful.append((xid, [op], results, None))
+            elif how == "ok":
+                done.append((op, results[0][0], False))
+            else:
+                done.append((op, results, True))
+        if coalesced:
+            how, xid, outcome = (
+                self._transaction([], coalesced) if not self._away else ("lost", None, None)
+            )
+            if how == "lost":
+                self._keep_coalesced(coalesced)
+            elif how == "doubt":
+                doubtful.append((xid, [], [], coalesced))
+            elif how == "error":
+                log.failure("{name} could not write its coalesced values", outcome, name=self.name)
+        if done:
+            self._count(len(done))
+            self.reactor.callFromThread(self._deliver, done)
+
+    def _transaction(self, ops: list[_Op], coalesced: dict | None) -> tuple:
+        """
+        Run C{ops} (and write C{coalesced}) in one transaction.
+
+        @return: C{("ok", None, [(result, False)])}; C{("error", None,
+            failure)} when one of them failed; C{("lost", None, None)} when
+            the database could not be reached (nothing committed); or
+            C{("doubt", transaction id, [(result, False)])} when the
+            connection broke while committing.
+        """
+        from django.db import connection, transaction
+
+        body_done = False
+        xid = None
+        results = None
+        raw = None
+        try:
+            self._begin_batch()
+            with transaction.atomic():
+                raw = connection.connection
+                xid = _transaction_id(connection)
+                results = [(op.fn(*op.args), False) for op in ops]
+                if coalesced:
+                    self._write_coalesced(coalesced)
+                body_done = True
+        except Exception as e:
+            if self._lost(e, raw):
+                if body_done and xid is not None:
+                    return "doubt", xid, results
+                return "lost", None, None
+            return "error", None, Failure()
+        return "ok", None, results
+
+    def _resolve(self, doubtful: list, pending: list) -> bool:
+        """
+        The database is back: deliver the results of the doubtful
+        transactions that committed, run the others again.
+
+        @return: False if the database went away again meanwhile.
+        """
+        from django.db import connection
+
+        while doubtful:
+            xid, ops, results, coalesced = doubtful[0]
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT txid_status(%s)", [xid])
+                    status = cursor.fetchone()[0]
+            except Exception as e:
+                if self._lost(e):
+                    return False
+                status = None
+            if status == "in progress":
+                # The old session is still finishing: look again shortly.
+                self._stopping.wait(RETRY_DELAYS[-1])
+                return False
+            doubtful.pop(0)
+            if status == "committed":
+                self._delivered(ops, results)
+            else:
+                if coalesced:
+                    self._keep_coalesced(coalesced)
+                pending.extend(self._requeue(ops))
+        return True
+
+    def _delivered(self, ops: list[_Op], results: list) -> None:
+        self._count(len(ops))
         if ops:
             self.reactor.callFromThread(
-                _deliver, [(d, r, f) for (_, _, d, _), (r, f) in zip(ops, results, strict=True)]
+                self._deliver, [(op, r, f) for op, (r, f) in zip(ops, results, strict=True)]
             )
 
+    def _count(self, n: int) -> None:
+        self.batches += 1
+        self.operations += n
+        if n and self.observe_batch is not None:
+            self.observe_batch(n)
 
-def _deliver(items) -> None:
-    for d, result, failed in items:
+    def _keep_coalesced(self, coalesced: dict) -> None:
+        """Values of a batch that did not commit: written with the next one (unless newer came)."""
+        with self._coalesced_lock:
+            for key, value in coalesced.items():
+                self._coalesced.setdefault(key, value)
+
+    def _lost(self, error: Exception, raw=None) -> bool:
+        """
+        @param raw: the DB-API connection the failed work began on, if any.
+        @return: whether C{error} means the database cannot be reached (the
+            connection cannot be opened, broke, or was replaced meanwhile),
+            not that an operation failed; then the thread goes away (and
+            says so once).
+        """
+        from django.db import connection
+        from django.db.utils import InterfaceError, OperationalError
+
+        if not isinstance(error, OperationalError | InterfaceError):
+            return False
+        if not _broken(connection, raw):
+            return False
+        if not self._away:
+            self._away = True
+            self.reactor.callFromThread(self._report, "lost", first_line(error))
+        return True
+
+    def _reachable(self) -> bool:
+        """Away: try the database again. @return: whether it answers."""
+        from django.db import connection
+
+        try:
+            self._begin_batch()
+            if connection.connection is not None and not connection.is_usable():
+                connection.close()
+            connection.ensure_connection()
+            return connection.is_usable()
+        except Exception:
+            return False
+
+    def _came_back(self) -> None:
+        self._away = False
+        self.reactor.callFromThread(self._report, "back", None)
+
+    def _give_up(self, pending: list, doubtful: list) -> None:
+        """Stopping while the database cannot be reached: fail what waits for it."""
+        failed = [
+            (op, Failure(JobServiceUnavailable("the job store cannot be reached")), True)
+            for op in self._begin(pending)
+        ]
+        for _, ops, _, _ in doubtful:
+            error = JobServiceUnavailable(
+                "the job store's connection broke while committing; the change may or may not "
+                "have been stored"
+            )
+            failed.extend((op, Failure(error), True) for op in ops)
+        pending.clear()
+        doubtful.clear()
         if failed:
-            d.errback(result)
+            self.reactor.callFromThread(self._deliver, failed)
+
+    # -- in the reactor ----------------------------------------------------------
+
+    def _report(self, what: str, reason: str | None) -> None:
+        if self.availability is None:
+            return
+        if what == "lost":
+            self.availability.lost(self.name, reason)
         else:
-            d.callback(result)
+            self.availability.back(self.name)
+
+    @staticmethod
+    def _deliver(items) -> None:
+        for op, result, failed in items:
+            if op.timer is not None and op.timer.active():
+                op.timer.cancel()
+            if op.d.called:
+                continue  # Withdrawn at its deadline meanwhile.
+            if failed:
+                op.d.errback(result)
+            else:
+                op.d.callback(result)
+
+
+def _broken(connection, raw) -> bool:
+    """
+    @return: whether Django's C{connection} is not the usable DB-API
+        connection C{raw} any more (closed, broken, replaced, or none).
+    """
+    current = connection.connection
+    if current is None or (raw is not None and current is not raw):
+        return True
+    if getattr(current, "broken", False) or getattr(current, "closed", False):
+        return True
+    try:
+        return not connection.is_usable()
+    except Exception:
+        return True
+
+
+def _transaction_id(connection) -> int | None:
+    """@return: the current transaction's id on PostgreSQL (to look it up after a lost commit)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT txid_current()")
+        return cursor.fetchone()[0]

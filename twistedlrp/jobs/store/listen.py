@@ -9,6 +9,9 @@ waits for notifications and hands each payload to the reactor. The reactor
 never waits for it. When the connection breaks it is opened again with
 back-off, and C{on_reconnect} is called (notifications may have been lost
 meanwhile); the job service also polls slowly to cover anything missed.
+Losing the database and having it back are reported to the store's
+L{twistedlrp.jobs.store.availability.Availability}, which logs them once
+for all the job service's connections.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
+from twistedlrp.jobs.store.availability import first_line
 from twistedlrp.jobs.store.operations import NOTIFY_CHANNEL
 
 log = Logger()
 
 # Seconds between checks of the stop flag while no notification comes.
 _WAIT = 1.0
-_MAX_BACKOFF = 10.0
+_MAX_BACKOFF = 1.0
 
 
 class Listener:
@@ -40,8 +44,10 @@ class Listener:
         on_notify: Callable[[str], None],
         on_reconnect: Callable[[], None],
         alias: str = "default",
+        availability=None,
     ):
         self.reactor = reactor
+        self.availability = availability
         self.on_notify = on_notify
         self.on_reconnect = on_reconnect
         self.alias = alias
@@ -63,6 +69,10 @@ class Listener:
         import psycopg
         from django.db import connections
 
+        from twistedlrp.jobs.store import CONNECT_TIMEOUT, USER_TIMEOUT, tune_connection
+
+        if self.alias == "default":
+            tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT)
         params = dict(connections[self.alias].get_connection_params())
         # Django's own cursor class and context are not needed here.
         params.pop("cursor_factory", None)
@@ -81,22 +91,23 @@ class Listener:
                 "'psycopg[binary]'): it looks for new jobs every few seconds instead"
             )
             return
-        backoff = 0.5
+        backoff = 0.25
+        lost = False
         while not self._stopping.is_set():
             try:
                 connection = self._connect()
             except Exception as e:
-                log.warn(
-                    "The job listener cannot connect to the database: {error}; retrying "
-                    "in {delay:g} s",
-                    error=str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                    delay=backoff,
-                )
+                if not lost:
+                    lost = True
+                    self._lost(first_line(e))
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
-            backoff = 0.5
+            backoff = 0.25
             self.connected = True
+            if lost:
+                lost = False
+                self._back()
             self.reactor.callFromThread(self.on_reconnect)
             try:
                 while not self._stopping.is_set():
@@ -104,13 +115,22 @@ class Listener:
                         self.reactor.callFromThread(self.on_notify, notify.payload)
             except Exception as e:
                 if not self._stopping.is_set():
-                    log.warn(
-                        "The job listener lost its database connection: {error}",
-                        error=str(e).strip() or type(e).__name__,
-                    )
+                    lost = True
+                    self._lost(first_line(e))
             finally:
                 self.connected = False
                 try:
                     connection.close()
                 except Exception:
                     pass
+
+    def _lost(self, reason: str) -> None:
+        reason = f"{reason} (the job listener's connection)"
+        if self.availability is None:
+            log.warn("The job store cannot be reached ({reason}); retrying", reason=reason)
+        else:
+            self.reactor.callFromThread(self.availability.lost, "listener", reason)
+
+    def _back(self) -> None:
+        if self.availability is not None:
+            self.reactor.callFromThread(self.availability.back, "listener")

@@ -120,6 +120,9 @@ def create(
     @param start: C{{"id", "worker", "node"}}: store the job already running
         its first attempt on that worker (one the dispatcher reserved for
         it), under that id, so that starting it needs no claim of its own.
+        With C{"lease"} (seconds; several job nodes), only if the node
+        renewed its lease within that time (see L{claim_next}); else the
+        job is stored C{queued} (the description says which).
 
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
@@ -156,6 +159,11 @@ def create(
             return False, job_dict(existing)
     if start is not None:
         new_id = uuid.UUID(start["id"])
+        if start.get("lease") is not None:
+            from twistedlrp.jobs.store.recovery import lease_fresh
+
+            if not lease_fresh(start["node"], start["lease"]):
+                start = None
     else:
         new_id = uuid.UUID(job_id) if job_id is not None else uuid.uuid4()
     created_at = now()
@@ -302,7 +310,9 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     return row
 
 
-def claim_next(queues: list[str] | None, node: str, workers: list[str]) -> dict:
+def claim_next(
+    queues: list[str] | None, node: str, workers: list[str], lease: float | None = None
+) -> dict:
     """
     Claim up to one due job per worker in C{workers}, the next ones of
     C{queues} (C{None}: every queue) by priority, then age, when several
@@ -316,9 +326,18 @@ def claim_next(queues: list[str] | None, node: str, workers: list[str]) -> dict:
         C{max_attempts}, C{retry_delay}, C{timeout}, C{priority},
         C{cancel_requested}; C{next_due} is when the first delayed job of
         these queues becomes due (read when fewer jobs than workers were
-        claimed).
+        claimed). With C{lease} (seconds), nothing is claimed unless this
+        node renewed its lease within that time (an answer with
+        C{"no_lease": True}): a node that could not renew it may have been
+        taken for dead meanwhile, and what it claimed would be taken over.
     """
     from django.db import connection
+
+    if lease is not None:
+        from twistedlrp.jobs.store.recovery import lease_fresh
+
+        if not lease_fresh(node, lease):
+            return {"claimed": [], "next_due": None, "no_lease": True}
 
     sql = statements()
     c = sql.column

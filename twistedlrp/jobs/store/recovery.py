@@ -101,17 +101,23 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
     ]
 
 
-def end_orphan(job_id: str, reason: str) -> dict | None:
+def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
     """
     Retry or end a job found C{running} without a worker that holds it, by
     its retry policy (a cancelled one ends cancelled).
 
+    @param node: with several job nodes, the node that found it: only a job
+        still running on that node is touched (another may have taken it
+        over since it was found).
     @return: C{{"state": ..., "priority", "created_at"}} after the change, or
-        C{None} when it is no longer running.
+        C{None} when it is no longer running (there).
     """
     from twistedlrp.models import Job
 
-    job = Job.objects.filter(id=job_id, state=RUNNING).first()
+    running = Job.objects.filter(id=job_id, state=RUNNING)
+    if node is not None:
+        running = running.filter(node=node)
+    job = running.first()
     if job is None:
         return None
     state = _end_orphan(job, reason)
@@ -241,28 +247,81 @@ def _vendor() -> str:
     return {"sqlite": "SQLite"}.get(connection.vendor, connection.vendor)
 
 
-def heartbeat(name: str, host: str, pid: int, queues: list[str] | None) -> bool:
+def heartbeat(
+    name: str,
+    host: str,
+    pid: int,
+    queues: list[str] | None,
+    fenced: list[str] | None = None,
+    why: str = "",
+) -> dict:
     """
     Renew this node's lease.
 
-    @return: whether its row was still there (C{False}: another node took
-        it for dead and retried or failed its running jobs; the row is
-        entered again).
+    @param fenced: jobs this node stopped because it could not renew its
+        lease in time (fencing): those still recorded as running on it (no
+        other node took them over) are retried or failed by their policy,
+        as another node would have done, with C{why} in their error.
+    @return: C{{"held": whether its row was still there (C{False}: another
+        node took it for dead and retried or failed its running jobs; the
+        row is entered again), "ended": [{"id", "state"}] (of C{fenced})}}.
     """
-    from twistedlrp.models import Node
+    from twistedlrp.models import Job, Node
 
     stamp = db_now()
-    if Node.objects.filter(name=name).update(heartbeat_at=stamp):
-        return True
-    Node.objects.create(
-        name=name,
-        host=host,
-        pid=pid,
-        queues=",".join(queues or ()),
-        started_at=stamp,
-        heartbeat_at=stamp,
-    )
-    return False
+    held = bool(Node.objects.filter(name=name).update(heartbeat_at=stamp))
+    if not held:
+        Node.objects.create(
+            name=name,
+            host=host,
+            pid=pid,
+            queues=",".join(queues or ()),
+            started_at=stamp,
+            heartbeat_at=stamp,
+        )
+    ended = []
+    if fenced:
+        for job in Job.objects.filter(id__in=fenced, state=RUNNING, node=name):
+            reason = (
+                f"the worker died: {why} while attempt {job.attempts} ran on "
+                f"{job.worker or 'a worker'}"
+            )
+            state = _end_orphan(job, reason)
+            if _shared():
+                notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+            ended.append({"id": str(job.id), "state": state})
+    return {"held": held, "ended": ended}
+
+
+def _shared() -> bool:
+    from django.db import connection
+
+    return connection.vendor == "postgresql"
+
+
+def lease_fresh(node: str, within: float) -> bool:
+    """
+    @return: whether the node C{node} renewed its lease less than C{within}
+        seconds ago (database clock): a node that did not may have been
+        taken for dead by the others, or soon will be, and must not claim.
+    """
+    from django.db import connection
+
+    from twistedlrp.models import Node
+
+    if connection.vendor != "postgresql":
+        stamp = db_now()
+        return Node.objects.filter(
+            name=node, heartbeat_at__gte=stamp - timedelta(seconds=within)
+        ).exists()
+    table = connection.ops.quote_name(Node._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {table} WHERE name = %s "
+            "AND heartbeat_at >= statement_timestamp() - %s * interval '1 second'",
+            [node, within],
+        )
+        return cursor.fetchone() is not None
 
 
 def leave_node(name: str, pid: int) -> None:

@@ -1,0 +1,70 @@
+"""
+Whether the job store's database can be reached, as the store's
+connections find it (L{Availability}).
+
+Each connection of the job service (the store thread's, the reader's, the
+lease thread's, the notification listener's) reports here when it finds the
+database gone and when it has it again. The job service logs one WARNING
+when the first of them loses it and one when the last has it back, never a
+line per operation, and its health says C{degraded} in between.
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class Availability:
+    """
+    Kept in the reactor thread (the connections' threads report with
+    C{callFromThread}).
+
+    @param wait: the seconds a submission waits for the store, for the log line.
+    """
+
+    def __init__(self, reactor, wait: float | None = None):
+        self.reactor = reactor
+        self.wait = wait
+        # source -> reason, for the sources that cannot reach the database now.
+        self._lost: dict[str, str] = {}
+        self.since: float | None = None
+        self.outages = 0
+
+    @property
+    def reason(self) -> str | None:
+        """@return: why the store cannot be reached now, or C{None} when it can."""
+        if not self._lost:
+            return None
+        return next(iter(self._lost.values()))
+
+    def lost(self, source: str, reason: str) -> None:
+        """C{source} (a connection) cannot reach the database: C{reason}."""
+        first = not self._lost
+        self._lost.setdefault(source, reason)
+        if not first:
+            return
+        self.since = self.reactor.seconds()
+        self.outages += 1
+        waits = f"submissions wait for it up to {self.wait:g} s, " if self.wait is not None else ""
+        log.warn(
+            "The job store cannot be reached: {reason}; {waits}outcomes of jobs are kept and "
+            "written once it is back",
+            reason=reason,
+            waits=waits,
+        )
+
+    def back(self, source: str) -> None:
+        """C{source} reaches the database (again)."""
+        if self._lost.pop(source, None) is None or self._lost:
+            return
+        took = self.reactor.seconds() - (self.since or self.reactor.seconds())
+        self.since = None
+        log.warn("The job store can be reached again, after {took:.1f} s", took=took)
+
+
+def first_line(error: BaseException) -> str:
+    """@return: the first line of C{error}'s text (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
