@@ -7,6 +7,7 @@ and a minimal blocking AMP client (independent of the implementation).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,9 +25,31 @@ from support import TESTSITE, LRPProcess, pg_connect, pg_ensure, postgres, reque
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+_migrated: Path | None = None
+
+
 def make_template_db(directory: Path) -> Path:
-    """@return: the path of an SQLite database with every migration applied."""
+    """
+    @return: the path of a database (SQLite, or the PostgreSQL database
+        standing for it) with every migration applied: the first call of
+        this test process migrates, later ones copy that database.
+    """
+    global _migrated
+    if _migrated is None:
+        # Kept apart from every test's files, so no test can change it.
+        pristine = Path(tempfile.mkdtemp(prefix="lrp-migrated-")) / "template.sqlite3"
+        atexit.register(shutil.rmtree, pristine.parent, True)
+        _migrate(pristine)
+        _migrated = pristine
     path = directory / "template.sqlite3"
+    if postgres():
+        pg_ensure(path, template=_migrated)
+    else:
+        shutil.copy(_migrated, path)
+    return path
+
+
+def _migrate(path: Path) -> None:
     if postgres():
         pg_ensure(path)
     env = dict(os.environ, LRP_TEST_DB=str(path))
@@ -45,7 +69,6 @@ def make_template_db(directory: Path) -> Path:
         cwd=TESTSITE,
         timeout=120,
     )
-    return path
 
 
 def shared_db(template: Path, tmp: Path) -> Path:

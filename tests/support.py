@@ -236,10 +236,35 @@ class PausableProxy:
                 pass
 
 
+def _port_range() -> range:
+    # Tests run in parallel (pytest-xdist): each worker takes ports from a
+    # range of its own, below the kernel's ephemeral range, so a port handed
+    # to a server is neither handed to another worker nor taken meanwhile by
+    # some outgoing connection's local end (as a port the kernel picked for
+    # bind(0) and that was then closed can be).
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = 12000 + (index % 16) * 1200
+    return range(start, start + 1200)
+
+
+_ports = _port_range()
+_next_port = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """@return: a loopback TCP port that nobody listens on, for this worker only."""
+    global _next_port
+    for _ in range(len(_ports)):
+        port = _ports[_next_port % len(_ports)]
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {_ports}")
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, message: str = ""):

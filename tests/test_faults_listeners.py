@@ -234,6 +234,7 @@ def timed_login(port: int) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.alone  # measures time
 def test_idle_connections_from_another_address_do_not_keep_a_client_out(node):
     client = logged_in_client(node.amp_port)
     held = flood(node.amp_port, "127.0.0.2", 1000)
@@ -369,6 +370,7 @@ def pb_login(port: int, times: int = 1) -> dict:
     return json.loads(done.stdout)
 
 
+@pytest.mark.alone  # measures time
 def test_idle_pb_connections_from_another_address_do_not_keep_a_client_out(node):
     held = flood(node.pb_port, "127.0.0.2", 1000)
     try:

@@ -14,6 +14,7 @@ import threading
 import time
 
 import psutil
+import pytest
 
 from support import request, wait_for
 
@@ -81,6 +82,7 @@ class Client(threading.Thread):
         return self.outcomes
 
 
+@pytest.mark.alone  # measures time
 def test_a_killed_template_comes_back_while_the_web_processes_keep_answering(lrp_server):
     server = lrp_server("--web-workers", "2", "--no-jobs")
     pids = web_pids(server)

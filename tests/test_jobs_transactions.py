@@ -191,7 +191,7 @@ def test_a_job_whose_process_died_after_the_commit_still_runs(server):
     )
     assert done.returncode == 7, done.stderr  # it died in its on_commit callback
     job_id = done.stdout.split()[-1]
-    assert rows(server_db(server), "SELECT job FROM twistedlrp_announcement")
+    # (Its announcement may already be taken by now: the sweep runs every 2 s.)
     info = wait_job(server, job_id, timeout=20)
     assert info["state"] == "succeeded", info
     assert info["result"] == "committed, then the process died"

@@ -105,6 +105,7 @@ class Client(threading.Thread):
         return [r for _, r in self.results if not (isinstance(r, tuple) and r[0] == 200)]
 
 
+@pytest.mark.alone  # measures time
 def test_change_is_served_within_two_seconds_and_no_request_fails(supervisor, site):
     server = supervisor()
     assert "Django loaded in the supervisor: False" in server.output()

@@ -4,6 +4,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from support import BackgroundRequest, port_open, wait_for
 
 
@@ -75,6 +77,7 @@ def test_idle_keep_alive_connections_are_closed(lrp_server):
     assert server.wait_exit(20) == 0
 
 
+@pytest.mark.alone  # measures time
 def test_a_request_longer_than_the_graceful_timeout_is_cut_at_the_deadline(lrp_server, tmp_path):
     events = tmp_path / "events"
     server = lrp_server(

@@ -260,14 +260,19 @@ def get(job_id: str, full: bool = True) -> dict:
     @return: the job's wire description (with its arguments when C{full}).
     @raise UnknownJob: no such job.
     """
-    from django.core.exceptions import ValidationError
-
     from twistedlrp.models import Job
 
     try:
-        return job_dict(Job.objects.get(id=job_id), full, arguments=full)
-    except (Job.DoesNotExist, ValidationError, ValueError):
+        key = uuid.UUID(str(job_id))
+    except ValueError:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
+    # A row that cannot be read (its result, say) is an internal error, not
+    # an unknown job: only the lookup's own miss says the job is not there.
+    try:
+        job = Job.objects.get(id=key)
+    except Job.DoesNotExist:
+        raise UnknownJob(f"no job has the id {job_id!r}") from None
+    return job_dict(job, full, arguments=full)
 
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
