@@ -322,6 +322,7 @@ def test_health_is_degraded_while_the_store_cannot_be_reached(template, tmp_path
         server.kill()
 
 
+@pytest.mark.alone  # stops the PostgreSQL server that the other tests use
 @pytest.mark.skipif(not postgres(), reason="stops and starts the PostgreSQL test server")
 def test_a_database_restart_is_an_outage_not_a_failure(template, tmp_path):
     """

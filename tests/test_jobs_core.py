@@ -37,8 +37,17 @@ def env(tmp_path_factory):
     template = make_template_db(base)
     markers = base / "markers"
     markers.mkdir()
+    # Every pool thread may wait on the job service: 20 clients submitting at
+    # once to a loaded machine would otherwise meet the --job-threads share
+    # (half the pool), which refuses calls beyond it by design.
     server = start_server(
-        template, base / "server", "--workers", "2", env={"LRP_TEST_CANCEL_GRACE": "0.5"}
+        template,
+        base / "server",
+        "--workers",
+        "2",
+        "--job-threads",
+        "8",
+        env={"LRP_TEST_CANCEL_GRACE": "0.5"},
     )
     yield server, markers
     server.kill()

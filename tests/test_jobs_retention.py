@@ -79,7 +79,7 @@ def test_old_finished_jobs_are_deleted_and_unfinished_or_recent_ones_kept(env):
         age(db, job_id, finished=False)
     wait_for(
         lambda: not exists(db, succeeded) and not exists(db, failed),
-        10,
+        30,
         interval=0.1,
         message="the old finished jobs deleted",
     )
