@@ -43,7 +43,7 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, StoreUnavailable, recovery
+from twistedlrp.jobs.store import Store, StoreUnavailable, recovery, session_limit
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog, fence_margin, renewal_interval
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
@@ -157,7 +157,11 @@ class JobService(JobOperations, service.Service):
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
         # Several nodes: the lease is renewed by a thread of its own.
-        self.store = Store(reactor, renewal_interval(self.lease) if self.shared else None)
+        self.store = Store(
+            reactor,
+            renewal_interval(self.lease) if self.shared else None,
+            idle_limit=session_limit(self.lease),
+        )
         self.store_wait = store_wait()
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}
