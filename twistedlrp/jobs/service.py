@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry, transactions
 from twistedlrp.jobs.api import JobOperations
+from twistedlrp.jobs.client import STORE_WAIT_SHARE
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import (
     JobServiceUnavailable,
@@ -61,10 +62,6 @@ WORKER_GRACE = 5.0
 # of the database shorter than about 24 s stops nothing and runs nothing twice,
 # and the jobs of a node that died wait 30 to 32 s before another retries them.
 DEFAULT_NODE_LEASE = 30.0
-# The share of LRP_JOBS_TIMEOUT (the clients' deadline) that an operation
-# waits for a store that cannot be reached, so that the client hears why
-# before its own deadline.
-STORE_WAIT_SHARE = 0.8
 # Seconds the start waits for a store that cannot be reached before it fails.
 START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
