@@ -24,8 +24,9 @@ requests going through nginx all along:
 4. a rolling restart of both web nodes behind nginx, each drained first
    as the document says: no request lost, POSTs included.
 
-Needs root, `ip netns`, PostgreSQL (/usr/lib/postgresql/*/bin) and nginx;
-skipped otherwise. `make test-topology`. The times it measures are
+Runs with LRP_TEST_TOPOLOGY=1 (`make test-topology` sets it; not in the
+whole suite); needs root, `ip netns`, PostgreSQL (/usr/lib/postgresql/*/bin)
+and nginx, and is skipped without them. The times it measures are
 printed (pytest -s) and stated in the document.
 """
 
@@ -72,10 +73,13 @@ ADDRESSES = {
 HOST = "example.com"
 CSRF = "t" * 32
 LINK_CUT = 20.0
-DB_OUTAGE = 6.0
+DB_OUTAGE = 10.0
 
 
 def _why_not() -> str | None:
+    if os.environ.get("LRP_TEST_TOPOLOGY") != "1":
+        # Two minutes of six servers: not in the whole suite, on its own (CI does).
+        return "run by make test-topology (LRP_TEST_TOPOLOGY=1)"
     if not sys.platform.startswith("linux"):
         return "network namespaces are Linux's"
     if os.geteuid() != 0:
@@ -355,13 +359,15 @@ class Load:
     C{every} s; each one recorded with its start, its duration and its answer.
     """
 
-    def __init__(self, client: Client, pages: int = 2, every: float = 0.5, submit: bool = True):
+    def __init__(self, client: Client, pages: int = 2, every: float = 0.5, submitters: int = 1):
         self.client, self.stop_at = client, threading.Event()
         self.records: list[dict] = []
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._pages, daemon=True) for _ in range(pages)]
-        if submit:
-            self.threads.append(threading.Thread(target=self._submits, args=(every,), daemon=True))
+        self.threads += [
+            threading.Thread(target=self._submits, args=(every,), daemon=True)
+            for _ in range(submitters)
+        ]
 
     def __enter__(self):
         for thread in self.threads:
@@ -718,13 +724,22 @@ def test_several_machines_survive_a_crash_a_cut_a_database_restart_and_a_rolling
     site.idle()
     down = time.monotonic()
     site.pg.stop("fast")
-    with Load(site.client, pages=0, every=0.5) as load:
+    with Load(site.client, pages=0, every=0.5, submitters=2) as load:
+        # Each job node says it is degraded, and is healthy again once it is back.
+        for name in ("jobs1", "jobs2"):
+            wait_for(lambda n=name: site.health(n)[0] == 503, DB_OUTAGE, 0.1, f"{name} degraded")
+        degraded = time.monotonic() - down
         wait_for(lambda: time.monotonic() - down >= DB_OUTAGE, DB_OUTAGE + 1, 0.25, "outage")
         site.pg.start()
         up = time.monotonic()
+        for name in ("jobs1", "jobs2"):
+            wait_for(lambda n=name: site.health(n)[0] == 200, 30, 0.1, f"{name} healthy")
+        healthy = time.monotonic() - up
         load.wait_for("submit", len(load.of("submit")) + 4)
     refused = [r for r in load.records if r["status"] == 503]
-    assert all(b"not stored" in r["body"] or b"unavailable" in r["body"] for r in refused), refused
+    # Refused in time, and so for certain: "not stored", never "may or may not".
+    assert all(b"not stored" in r["body"] for r in refused), refused
+    assert not any(b"may or may not" in r["body"] for r in refused), refused
     assert not failures(load.records, (202, 503)), failures(load.records, (202, 503))
     finished = site.wait_finished(load.jobs())
     assert {v[0] for v in finished.values()} == {"succeeded"}, finished
@@ -732,6 +747,10 @@ def test_several_machines_survive_a_crash_a_cut_a_database_restart_and_a_rolling
            f"{len(load.jobs())} / {len(refused)} (outage {up - down:.1f} s)")  # fmt: skip
     report(
         "database restart: slowest submission (s)", round(max(r["took"] for r in load.records), 2)
+    )
+    report(
+        "database restart: job nodes degraded after / healthy again after (s)",
+        f"{degraded:.1f} / {healthy:.1f}",
     )
     report("database restart phase took (s)", round(time.monotonic() - phase, 1))
     site.idle()
