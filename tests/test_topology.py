@@ -37,6 +37,7 @@ import glob
 import http.client
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -88,6 +89,10 @@ def _why_not() -> str | None:
         return "needs ip (iproute2)"
     if not PG_BINS:
         return "needs PostgreSQL (/usr/lib/postgresql/*/bin)"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "needs a postgres user to run PostgreSQL as"
     if not NGINX or not shutil.which("openssl"):
         return "needs nginx and openssl"
     probe = f"lrpt-probe-{os.getpid()}"
@@ -157,13 +162,38 @@ class Network:
     """A bridge in a namespace of its own, and one namespace per machine plugged into it."""
 
     def __init__(self):
-        self.prefix = f"lrpt{os.getpid() % 100000}"
+        self.prefix = f"lrpt{os.getpid()}"
         self.made: list[str] = []
+
+    @staticmethod
+    def sweep() -> None:
+        """Remove the namespaces of earlier runs whose test process is gone (killed)."""
+        for line in run("ip", "netns", "list").stdout.splitlines():
+            match = re.match(r"(lrpt(\d+)-\S+)", line)
+            if match and not os.path.exists(f"/proc/{match.group(2)}"):
+                Network._empty(match.group(1))
+                run("ip", "netns", "del", match.group(1), check=False)
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), "lrp-topology-pg-*-*")):
+            pid = path.rsplit("lrp-topology-pg-", 1)[1].split("-")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _empty(ns: str) -> None:
+        """Kill what still runs inside C{ns} (only this test's processes run there)."""
+        for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
+            if int(pid) == os.getpid():
+                continue  # (never the test itself)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def ns(self, machine: str) -> str:
         return f"{self.prefix}-{machine}"
 
     def build(self) -> None:
+        self.sweep()
         switch = self.ns("switch")
         run("ip", "netns", "add", switch)
         self.made.append(switch)
@@ -187,14 +217,7 @@ class Network:
     def destroy(self) -> None:
         # Whatever still runs inside (only this test's processes) goes first.
         for ns in self.made:
-            pids = run("ip", "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:
-                if int(pid) == os.getpid():
-                    continue  # (never the test itself)
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
+            self._empty(ns)
         for ns in reversed(self.made):
             run("ip", "netns", "del", ns, check=False)
         self.made.clear()
@@ -205,7 +228,7 @@ class Postgres:
 
     def __init__(self, network: Network):
         self.bin = PG_BINS[-1]
-        self.dir = Path(tempfile.mkdtemp(prefix="lrp-topology-pg-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"lrp-topology-pg-{os.getpid()}-"))
         self.data = self.dir / "data"
         self.network = network
         shutil.chown(self.dir, "postgres")
@@ -613,9 +636,15 @@ class Site:
         self.network.destroy()
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("SIGTERM")
+
+
 @pytest.fixture
 def site(tmp_path):
     site = Site(tmp_path)
+    # A CI timeout's SIGTERM still takes everything down (the finally below).
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         site.build()
         yield site
@@ -625,7 +654,10 @@ def site(tmp_path):
                 sys.stderr.write(f"---- {node.name} ----\n{node.output()[-6000:]}\n")
         raise
     finally:
-        site.close()
+        try:
+            site.close()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def report(name: str, value) -> None:
@@ -634,6 +666,8 @@ def report(name: str, value) -> None:
 
 
 def test_several_machines_survive_a_crash_a_cut_a_database_restart_and_a_rolling_restart(site):
+    # Again: pytest-twisted's reactor, started since the fixture, put its own.
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     jobs1, jobs2 = site.nodes["jobs1"], site.nodes["jobs2"]
     ran_once_before = 0
