@@ -85,7 +85,7 @@ bench-jobs: install
 clean:
 	rm -rf $(VENV) build *.egg-info example/staticfiles example/db.sqlite3 example/.lrp
 
-# The job store's PostgreSQL sessions (run by test-postgres too).
+# test-postgres runs the test of the job store's PostgreSQL sessions too.
 POSTGRES_TESTS += tests/test_store_sessions.py
 
 # Needs root, ip (iproute2), PostgreSQL (/usr/lib/postgresql/*/bin) and nginx; skips without them.
