@@ -5,6 +5,9 @@
 #            the job and server tests with the test site on PostgreSQL
 # make test-wagtail [LRP_TEST_POSTGRES=...]
 #            a stock Wagtail site under twistd lrp, on SQLite (and on PostgreSQL if given)
+# make test-topology
+#            as root: docs/deploying.md's several machines in network namespaces (PostgreSQL,
+#            two job nodes, two web nodes, nginx): a crash, a cut, a database restart, a rolling restart
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -91,3 +94,11 @@ bench-jobs: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info example/staticfiles example/db.sqlite3 example/.lrp
+
+# test-postgres runs the test of the job store's PostgreSQL sessions too.
+POSTGRES_TESTS += tests/test_store_sessions.py
+
+# Needs root, ip (iproute2), PostgreSQL (/usr/lib/postgresql/*/bin) and nginx; skips without them.
+.PHONY: test-topology
+test-topology: $(VENV)/.installed-postgres
+	LRP_TEST_TOPOLOGY=1 $(VENV)/bin/pytest -s tests/test_topology.py $(PYTEST_ARGS)

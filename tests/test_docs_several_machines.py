@@ -65,6 +65,8 @@ class Machines:
         for old, new in [
             ("tcp:8001:interface=10.0.0.5", f"tcp:{jobs_1}:interface=127.0.0.1"),
             ("tcp:8001:interface=10.0.0.6", f"tcp:{jobs_2}:interface=127.0.0.1"),
+            ("tcp:9101:interface=10.0.0.5", f"tcp:{self.port('health-1')}:interface=127.0.0.1"),
+            ("tcp:9101:interface=10.0.0.6", f"tcp:{self.port('health-2')}:interface=127.0.0.1"),
             ("tcp:10.0.0.5:8001", f"tcp:127.0.0.1:{jobs_1}"),
             ("tcp:10.0.0.6:8001", f"tcp:127.0.0.1:{jobs_2}"),
             ("tcp:8000:interface=10.0.0.11", f"tcp:{web}:interface=127.0.0.1"),

@@ -50,10 +50,13 @@ TEMPLATES = [
 
 # DATABASE_URL (postgres://user:password@host:5432/name, sqlite:////path)
 # for a deployment; by default an SQLite file next to manage.py (LRP_DEMO_DB).
+# Connections are kept for a minute, and checked before the first use in
+# each request or job: one the server dropped (a restart, a failover) is
+# replaced instead of failing that request or job.
 if os.environ.get("DATABASE_URL"):
     import dj_database_url
 
-    DATABASES = {"default": dj_database_url.config(conn_max_age=60)}
+    DATABASES = {"default": dj_database_url.config(conn_max_age=60, conn_health_checks=True)}
 else:
     DATABASES = {
         "default": {

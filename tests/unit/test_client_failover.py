@@ -32,6 +32,10 @@ class FakeNode:
         self.waits: list[tuple[str, float]] = []
         self.frozen = False
         self.drop_next_submit = False
+        # Its store cannot be reached: a submission waits for it as long as
+        # the client says it may ("wait"), then is refused, not stored.
+        self.store_away = False
+        self.submit_waits: list[float | None] = []
         # Answers to Wait that are held until release().
         self.held: list[defer.Deferred] = []
 
@@ -50,9 +54,24 @@ class FakeNode:
 
             @wire.Submit.responder
             def submit(
-                self, name, payload, priority=None, run_after=None, key=None, timeout=None, id=None
+                self,
+                name,
+                payload,
+                priority=None,
+                run_after=None,
+                key=None,
+                timeout=None,
+                id=None,
+                wait=None,
             ):
                 node.submits.append(id)
+                node.submit_waits.append(wait)
+                if node.store_away:
+                    refused = JobServiceUnavailable(
+                        "the job store cannot be reached (connection refused); "
+                        "the job was not stored"
+                    )
+                    return task.deferLater(reactor, min(wait or 8.0, 8.0), _raise, refused)
                 if node.drop_next_submit:
                     # Stored, but the answer never leaves: the connection breaks.
                     node.drop_next_submit = False
@@ -103,6 +122,10 @@ class FakeNode:
         if self.port is not None:
             await self.port.stopListening()
             self.port = None
+
+
+def _raise(error):
+    raise error
 
 
 def _fire(d, value):
@@ -192,6 +215,34 @@ async def test_a_submit_whose_answer_is_lost_is_sent_again_with_its_id(sockets):
         with pytest.raises(JobServiceUnavailable, match="may or may not have been stored"):
             await jobs.request("submit", {"name": "f", "payload": b"{}"})
         assert a.submits[-1] is None and b.submits == [kw["id"]]
+    finally:
+        await jobs.stop()
+        await a.kill()
+        await b.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_submit_refused_for_the_shared_store_says_not_stored_in_time(sockets):
+    """
+    The nodes share the store: while it is away, the first node refuses
+    after the share of the call's time the client gave it, and the next one
+    within what is left, so that the caller hears "not stored" (safe to
+    submit again) before its deadline, not "may or may not have been stored".
+    """
+    a, b, jobs = await two_nodes(sockets)
+    a.store_away = b.store_away = True
+    try:
+        kw = {"name": "f", "payload": b"{}", "id": "22222222-2222-4222-8222-222222222222"}
+        started = time.monotonic()
+        with pytest.raises(JobServiceUnavailable) as refused:
+            await jobs.request("submit", kw)
+        took = time.monotonic() - started
+        assert "not stored" in str(refused.value), refused.value
+        assert "may or may not" not in str(refused.value), refused.value
+        assert took < 5.0, took
+        # 80 % of the 5 s to the first node, 80 % of the rest to the next.
+        assert a.submit_waits == [pytest.approx(4.0, abs=0.1)], a.submit_waits
+        assert b.submit_waits == [pytest.approx(0.8, abs=0.1)], b.submit_waits
     finally:
         await jobs.stop()
         await a.kill()

@@ -172,3 +172,13 @@ def test_the_server_fences_by_its_monotonic_clock_whatever_the_wall_clock_does()
         assert calls.get(timeout=5)() == "fence"
     finally:
         alarm.stop()
+
+
+def test_the_store_sessions_idle_limit_is_well_inside_the_lease():
+    from twistedlrp.jobs.store import session_limit
+
+    # A node blocked behind a cut-off node's locks gets them back before it must renew.
+    assert session_limit(30) == 10 and session_limit(None) == 10
+    assert session_limit(12) == 4 and session_limit(4) == 2 and session_limit(600) == 10
+    for lease in (1, 4, 12, 30, 60):
+        assert session_limit(lease) + renewal_interval(lease) <= max(lease - fence_margin(lease), 3)

@@ -356,8 +356,20 @@ class ServiceProtocol(wire.QuietAMP):
         return {"ok": True}
 
     @wire.Submit.responder
-    def submit(self, name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
-        d = _guard(self.service.submit, name, payload, priority, run_after, key, timeout, id)
+    def submit(
+        self,
+        name,
+        payload,
+        priority=None,
+        run_after=None,
+        key=None,
+        timeout=None,
+        id=None,
+        wait=None,
+    ):
+        d = _guard(
+            self.service.submit, name, payload, priority, run_after, key, timeout, id, wait=wait
+        )
         return d.addCallback(lambda job: {"job": job})
 
     @wire.Announce.responder
@@ -388,7 +400,7 @@ class ServiceProtocol(wire.QuietAMP):
         return _guard(self.service.stats).addCallback(lambda stats: {"stats": stats})
 
 
-def _guard(fn, *args) -> defer.Deferred:
+def _guard(fn, *args, **kwargs) -> defer.Deferred:
     """
     Call a service operation; an unexpected error is logged (at most one
     traceback per cause and interval, L{limits.FailureLog}) and sent as a
@@ -403,7 +415,7 @@ def _guard(fn, *args) -> defer.Deferred:
         )
         raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
 
-    return defer.maybeDeferred(fn, *args).addErrback(translate)
+    return defer.maybeDeferred(fn, *args, **kwargs).addErrback(translate)
 
 
 class ServiceFactory(protocol.Factory):

@@ -62,6 +62,7 @@ class JobOperations:
         key: str | None = None,
         timeout: float | None = None,
         job_id: str | None = None,
+        wait: float | None = None,
     ) -> defer.Deferred:
         """
         Store and queue a job. C{payload} is the JSON of
@@ -69,6 +70,8 @@ class JobOperations:
 
         @param job_id: the id the client chose (a UUID): submitting again
             with it returns the job stored the first time.
+        @param wait: seconds to wait for a store that cannot be reached, if
+            less than C{store_wait} (the client's time left).
         @return: a Deferred firing, after the commit, with the job's
             description (an existing one's when C{job_id} names one, or
             C{key} an unfinished one). It fails with L{NotRegistered},
@@ -76,11 +79,13 @@ class JobOperations:
             L{JobServiceUnavailable}; then nothing was stored.
         """
         try:
-            return self._submit(name, payload, priority, run_after, key, timeout, job_id)
+            return self._submit(name, payload, priority, run_after, key, timeout, job_id, wait)
         except Exception:
             return defer.fail()
 
-    def _submit(self, name, payload, priority, run_after, key, timeout, job_id) -> defer.Deferred:
+    def _submit(
+        self, name, payload, priority, run_after, key, timeout, job_id, wait=None
+    ) -> defer.Deferred:
         # Plain callbacks, no coroutine: this runs once per job.
         if self.unavailable:
             raise JobServiceUnavailable(self.unavailable)
@@ -110,7 +115,10 @@ class JobOperations:
             if self.shared:
                 # Stored running only while this node's lease is fresh.
                 start["lease"] = self.dispatcher.lease_check
-        d = self.store.run(ops.create, fields, job_id, self.shared, start, within=self.store_wait)
+        within = self.store_wait
+        if wait is not None and wait == wait and (within is None or wait < within):
+            within = max(float(wait), 0.05)
+        d = self.store.run(ops.create, fields, job_id, self.shared, start, within=within)
 
         def stored(outcome):
             nonlocal reserved

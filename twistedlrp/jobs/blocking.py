@@ -30,6 +30,7 @@ from twistedlrp.jobs.client import (
     configured_endpoints,
     no_answer,
     split_endpoint,
+    with_store_wait,
 )
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
@@ -176,6 +177,7 @@ class BlockingClient:
             if op == "wait" and sends > 1:
                 left = float(kw["timeout"]) - (time.monotonic() - started)
                 sent = dict(kw, timeout=max(0.0, left))
+            sent = with_store_wait(op, sent, deadline - time.monotonic())
             command, answer_key, arguments = COMMANDS[op](sent)
             box = command.makeArguments(arguments, None)
             try:

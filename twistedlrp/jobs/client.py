@@ -58,6 +58,19 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
+# The share of a call's time a job node may spend waiting for a store it
+# cannot reach before it refuses a submission ("not stored"): the rest is
+# for the answer to come back, and for the next node to be asked (with the
+# same share of what is left then; they share the store, so it usually
+# refuses too, in time).
+STORE_WAIT_SHARE = 0.8
+
+
+def with_store_wait(op: str, kw: dict, left: float) -> dict:
+    """@return: C{kw}, for a submission with C{left} seconds to go with its store wait."""
+    if op != "submit":
+        return kw
+    return dict(kw, wait=round(max(left, 0.0) * STORE_WAIT_SHARE, 3))
 
 
 UNKNOWN_OUTCOME = {
@@ -95,6 +108,7 @@ COMMANDS = {
             "key": kw.get("key"),
             "timeout": _float(kw.get("timeout")),
             "id": kw.get("id"),
+            "wait": _float(kw.get("wait")),
         },
     ),
     "announce": lambda kw: (wire.Announce, "ok", {"job_ids": [str(i) for i in kw["job_ids"]]}),

@@ -29,7 +29,14 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs import wire
-from twistedlrp.jobs.client import COMMANDS, DEFAULT_TIMEOUT, UNKNOWN_OUTCOME, no_answer, unix_path
+from twistedlrp.jobs.client import (
+    COMMANDS,
+    DEFAULT_TIMEOUT,
+    UNKNOWN_OUTCOME,
+    no_answer,
+    unix_path,
+    with_store_wait,
+)
 from twistedlrp.jobs.errors import AuthenticationFailed, JobError, JobServiceUnavailable
 
 log = Logger()
@@ -504,6 +511,7 @@ class JobClient:
                 # Sent again: wait until the first one would have stopped.
                 left = float(kw["timeout"]) - (self.reactor.seconds() - started)
                 sent = dict(kw, timeout=max(0.0, left))
+            sent = with_store_wait(op, sent, deadline - self.reactor.seconds())
             command, answer_key, arguments = COMMANDS[op](sent)
             d = proto.callRemote(command, **arguments)
             d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry, transactions
 from twistedlrp.jobs.api import JobOperations
+from twistedlrp.jobs.client import STORE_WAIT_SHARE
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import (
     JobServiceUnavailable,
@@ -43,7 +44,7 @@ from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, StoreUnavailable, recovery
+from twistedlrp.jobs.store import Store, StoreUnavailable, recovery, session_limit
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.watchdog import NodeLease, Watchdog, fence_margin, renewal_interval
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
@@ -61,10 +62,6 @@ WORKER_GRACE = 5.0
 # of the database shorter than about 24 s stops nothing and runs nothing twice,
 # and the jobs of a node that died wait 30 to 32 s before another retries them.
 DEFAULT_NODE_LEASE = 30.0
-# The share of LRP_JOBS_TIMEOUT (the clients' deadline) that an operation
-# waits for a store that cannot be reached, so that the client hears why
-# before its own deadline.
-STORE_WAIT_SHARE = 0.8
 # Seconds the start waits for a store that cannot be reached before it fails.
 START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
@@ -157,7 +154,11 @@ class JobService(JobOperations, service.Service):
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
         # Several nodes: the lease is renewed by a thread of its own.
-        self.store = Store(reactor, renewal_interval(self.lease) if self.shared else None)
+        self.store = Store(
+            reactor,
+            renewal_interval(self.lease) if self.shared else None,
+            idle_limit=session_limit(self.lease),
+        )
         self.store_wait = store_wait()
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}

@@ -205,6 +205,10 @@ class Submit(_Command):
         (b"timeout", amp.Float(optional=True)),
         # A UUID the client chose: the same id submitted again returns the same job.
         (b"id", amp.Unicode(optional=True)),
+        # Seconds the node may wait for a store it cannot reach (at most its
+        # own store wait): the client's time left, so that a refusal comes in
+        # time for it to say "not stored" rather than "may or may not".
+        (b"wait", amp.Float(optional=True)),
     ]
     response = [(b"job", BigJSON())]
 

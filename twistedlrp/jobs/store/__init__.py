@@ -36,6 +36,35 @@ KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
+# And on the server's side of the same connections, so that PostgreSQL ends
+# the sessions a cut or a dead machine left behind: idle ones after about
+# 11 s of silence, ones with unacknowledged data after USER_TIMEOUT, and
+# above all ones left idle inside a transaction (a cut between two
+# statements of a batch) after SESSION_LIMIT (L{session_limit}). Without
+# them such a session holds its row locks for as long as the server's
+# keepalives take (hours by default), and every other node that needs those
+# rows waits behind it, its lease renewal included, until it fences itself.
+SERVER_KEEPALIVE = {
+    "tcp_keepalives_idle": 5,
+    "tcp_keepalives_interval": 2,
+    "tcp_keepalives_count": 3,
+}
+SESSION_LIMIT = 10.0
+
+
+def session_limit(lease: float | None) -> float:
+    """
+    @return: the seconds PostgreSQL lets a session of the job service stay
+        idle inside a transaction before it ends the session: a third of the
+        lease (at least 2 s, at most L{SESSION_LIMIT}), so that a node left
+        waiting for the locks of a node that was cut off gets them back well
+        before it must renew its lease (the lease less its margin, 27 s by
+        default). The store's own transactions never pause between two
+        statements for anything near that.
+    """
+    if lease is None:
+        return SESSION_LIMIT
+    return min(max(lease / 3, 2.0), SESSION_LIMIT)
 
 
 class Store(GroupCommitThread):
@@ -52,13 +81,18 @@ class Store(GroupCommitThread):
     connection that stops answering within about two renewals.
     """
 
-    def __init__(self, reactor, lease_interval: float | None = None):
+    def __init__(
+        self, reactor, lease_interval: float | None = None, idle_limit: float = SESSION_LIMIT
+    ):
+        def tune(connect_timeout, user_timeout):
+            return lambda: tune_connection(connect_timeout, user_timeout, idle_limit)
+
         super().__init__(
             reactor,
             "twistedlrp-job-store",
             write_coalesced=operations.write_progress,
             begin_batch=_begin_batch,
-            setup=lambda: tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT),
+            setup=tune(CONNECT_TIMEOUT, USER_TIMEOUT),
         )
         self.availability = Availability(reactor)
         self.reader = GroupCommitThread(
@@ -66,7 +100,7 @@ class Store(GroupCommitThread):
             "twistedlrp-job-reads",
             write_coalesced=_nothing,
             begin_batch=_begin_batch,
-            setup=lambda: tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT),
+            setup=tune(CONNECT_TIMEOUT, USER_TIMEOUT),
         )
         self.reader.availability = self.availability
         self.lease: GroupCommitThread = self
@@ -76,7 +110,7 @@ class Store(GroupCommitThread):
                 "twistedlrp-job-lease",
                 write_coalesced=_nothing,
                 begin_batch=_begin_batch,
-                setup=lambda: tune_connection(2, max(2 * lease_interval, 1.0)),
+                setup=tune(2, max(2 * lease_interval, 1.0)),
             )
             self.lease.availability = self.availability
 
@@ -121,12 +155,17 @@ def _nothing(_coalesced: dict) -> None:
     pass
 
 
-def tune_connection(connect_timeout: int, user_timeout: float) -> None:
+def tune_connection(
+    connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
+) -> None:
     """
     In a thread of the job service, before it connects: on PostgreSQL, give
     this thread's connection a connect timeout, TCP keepalives and (libpq
     12 and later) a TCP user timeout of C{user_timeout} seconds, each
-    unless the site's C{OPTIONS} name it. Other threads keep the settings.
+    unless the site's C{OPTIONS} name it; and the server's side of it
+    (C{OPTIONS["options"]}, each unless the site's names it) keepalives,
+    the same user timeout and an C{idle_in_transaction_session_timeout} of
+    C{idle_limit} seconds. Other threads keep the settings.
     """
     from django.db import connection
 
@@ -138,6 +177,14 @@ def tune_connection(connect_timeout: int, user_timeout: float) -> None:
         wanted["tcp_user_timeout"] = int(user_timeout * 1000)
     for name, value in wanted.items():
         options.setdefault(name, value)
+    server = {
+        "idle_in_transaction_session_timeout": int(idle_limit * 1000),
+        **SERVER_KEEPALIVE,
+        "tcp_user_timeout": int(user_timeout * 1000),
+    }
+    given = str(options.get("options") or "")
+    extra = [f"-c {name}={value}" for name, value in server.items() if name not in given]
+    options["options"] = " ".join([given, *extra]).strip()
     # This thread's connection object only: the settings' dict is shared.
     connection.settings_dict = {**connection.settings_dict, "OPTIONS": options}
 
