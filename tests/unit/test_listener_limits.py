@@ -42,7 +42,7 @@ class FakeService:
     def stats(self):
         return {"counters": {}}
 
-    def submit(self, name, payload, *rest):
+    def submit(self, name, payload, *rest, **options):
         self.submitted.append((name, len(payload)))
         return {"id": "1", "name": name}
 
