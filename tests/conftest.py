@@ -23,3 +23,4 @@ def lrp_server(tmp_path):
 def pytest_sessionfinish(session, exitstatus):
     if postgres():
         pg_drop_created()
+

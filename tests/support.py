@@ -349,6 +349,11 @@ class LRPProcess:
             self.args += ["--listen", f"tcp:{self.port}:interface=127.0.0.1"]
         if settings and not any(a.startswith("--settings") for a in args):
             self.args += ["--settings", settings]
+        # One job worker unless the test names a number (the server's default
+        # is 2): a worker is a Python process setting Django up, half of what
+        # a test server costs in CPU, and the suite's CPU is what bounds it.
+        if not any(a.startswith(("--workers", "--config", "--app", "--no-jobs")) for a in args):
+            self.args += ["--workers", "1"]
         if not any(a.startswith("--state-dir") for a in args):
             self.args += ["--state-dir", str(self.tmp / "state")]
         self.env = dict(os.environ)

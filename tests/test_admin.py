@@ -46,7 +46,9 @@ def test_the_admin_of_jobs_and_schedules(tmp_path):
     marks = tmp_path / "marks"
     marks.mkdir()
     schedule = {"yearly": {"job": "testapp.jobs.add", "cron": "0 0 1 1 *", "args": [1, 2]}}
-    server = start_server(db, tmp_path / "s", env={"LRP_TEST_SCHEDULE": json.dumps(schedule)})
+    server = start_server(
+        db, tmp_path / "s", "--workers", "2", env={"LRP_TEST_SCHEDULE": json.dumps(schedule)}
+    )
     try:
         finished = api(server, "submit", name="testapp.jobs.add", args=[2, 3])["job"]["id"]
         wait_job(server, finished)

@@ -34,6 +34,8 @@ def template(tmp_path_factory):
 def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> LRPProcess:
     """Start a job node (--jobs-only) on the database C{db}, its state under C{tmp}."""
     extra = ["--node-name", name] if name else []
+    if not any(a.startswith("--workers") for a in args):
+        extra += ["--workers", "2"]  # the server's default (the tests' is 1)
     tmp.mkdir(parents=True, exist_ok=True)
     node = LRPProcess(
         "--jobs-only",

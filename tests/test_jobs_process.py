@@ -133,6 +133,8 @@ def test_jobs_only_node_and_web_node_over_tcp_with_secret(template, tmp_path):
         template,
         tmp_path / "node",
         "--jobs-only",
+        "--workers",
+        "2",
         "--jobs-listen",
         f"tcp:{port}:interface=127.0.0.1",
         "--jobs-secret-file",

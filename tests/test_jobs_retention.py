@@ -52,7 +52,9 @@ def env(tmp_path_factory):
     template = make_template_db(tmp)
     # A keep of 20 s by default; testapp.jobs.short_lived keeps 2 s, so the
     # pruner passes every second.
-    server = start_server(template, tmp / "server", env={"LRP_TEST_JOBS_KEEP": "20s"})
+    server = start_server(
+        template, tmp / "server", "--workers", "2", env={"LRP_TEST_JOBS_KEEP": "20s"}
+    )
     yield server, tmp / "server" / "db.sqlite3", template, tmp
     server.kill()
 

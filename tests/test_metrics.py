@@ -53,7 +53,7 @@ def all_gets(samples: dict) -> float:
 
 
 def test_requests_jobs_and_gauges(template, tmp_path):
-    server = start_server(template, tmp_path, "--threads", "3")
+    server = start_server(template, tmp_path, "--threads", "3", "--workers", "2")
     try:
         before = scrape(server)
         for _ in range(5):
@@ -252,6 +252,8 @@ def test_metrics_listen_on_a_jobs_only_node(template, tmp_path):
         template,
         tmp_path,
         "--jobs-only",
+        "--workers",
+        "2",
         "--metrics-listen",
         f"tcp:{port}:interface=127.0.0.1",
         listen=False,
