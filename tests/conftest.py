@@ -23,4 +23,3 @@ def lrp_server(tmp_path):
 def pytest_sessionfinish(session, exitstatus):
     if postgres():
         pg_drop_created()
-
