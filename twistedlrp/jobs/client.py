@@ -44,6 +44,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import threads
+from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -58,12 +59,20 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
+# Reconnection back-off of a job node that is down (L{reconnect_backoff}):
+# from a blink to a few seconds, so a node that is back is used again soon.
+MAX_RECONNECT_DELAY = 5.0
 # The share of a call's time a job node may spend waiting for a store it
 # cannot reach before it refuses a submission ("not stored"): the rest is
 # for the answer to come back, and for the next node to be asked (with the
 # same share of what is left then; they share the store, so it usually
 # refuses too, in time).
 STORE_WAIT_SHARE = 0.8
+
+
+def reconnect_backoff() -> Backoff:
+    """@return: the back-off of reconnections to a job node: 0.05 s doubling to 5 s, ±10 %."""
+    return Backoff(0.05, MAX_RECONNECT_DELAY, jitter=0.1)
 
 
 def with_store_wait(op: str, kw: dict, left: float) -> dict:
