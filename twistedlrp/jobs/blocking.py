@@ -25,7 +25,6 @@ from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
     COMMANDS,
     DEFAULT_TIMEOUT,
-    MAX_RECONNECT_DELAY,
     UNKNOWN_OUTCOME,
     configured,
     configured_endpoints,
@@ -319,7 +318,7 @@ class BlockingClient:
             if self._probing:
                 return
             self._probing = True
-            self._next_probe = time.monotonic() + MAX_RECONNECT_DELAY
+            self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
         ).start()

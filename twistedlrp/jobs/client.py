@@ -59,9 +59,6 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
-# Reconnection back-off of a job node that is down (L{reconnect_backoff}):
-# from a blink to a few seconds, so a node that is back is used again soon.
-MAX_RECONNECT_DELAY = 5.0
 # The share of a call's time a job node may spend waiting for a store it
 # cannot reach before it refuses a submission ("not stored"): the rest is
 # for the answer to come back, and for the next node to be asked (with the
@@ -71,8 +68,8 @@ STORE_WAIT_SHARE = 0.8
 
 
 def reconnect_backoff() -> Backoff:
-    """@return: the back-off of reconnections to a job node: 0.05 s doubling to 5 s, ±10 %."""
-    return Backoff(0.05, MAX_RECONNECT_DELAY, jitter=0.1)
+    """Reconnections to a job node: from a blink to a few seconds (when one is back, it is used)."""
+    return Backoff(0.05, 5.0, jitter=0.1)
 
 
 def with_store_wait(op: str, kw: dict, left: float) -> dict:

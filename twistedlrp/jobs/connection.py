@@ -32,7 +32,6 @@ from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
     COMMANDS,
     DEFAULT_TIMEOUT,
-    MAX_RECONNECT_DELAY,
     UNKNOWN_OUTCOME,
     no_answer,
     reconnect_backoff,
@@ -219,7 +218,7 @@ class JobLink:
                     "every {most:g} s",
                     endpoint=self.endpoint,
                     reason=self.last_error,
-                    most=MAX_RECONNECT_DELAY,
+                    most=self._backoff.maximum,
                 )
             self._retry = self.reactor.callLater(self._backoff.next(), self._attempt)
             self._set_state(DOWN)
