@@ -99,14 +99,13 @@ class _Node:
         self.endpoint = endpoint
         self.family, self.address = address
         self.secret = secret
-        self.down_until = 0.0
         self.backoff = reconnect_backoff()
-        self.last_error: str | None = None
+        self.up()
 
     def up(self) -> None:
         self.down_until = 0.0
         self.backoff.reset()
-        self.last_error = None
+        self.last_error: str | None = None
 
     def down(self, reason: str) -> None:
         self.last_error = reason

@@ -38,6 +38,7 @@ import os
 import threading
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -65,11 +66,8 @@ DEFAULT_TIMEOUT = 10.0
 # same share of what is left then; they share the store, so it usually
 # refuses too, in time).
 STORE_WAIT_SHARE = 0.8
-
-
-def reconnect_backoff() -> Backoff:
-    """Reconnections to a job node: from a blink to a few seconds (when one is back, it is used)."""
-    return Backoff(0.05, 5.0, jitter=0.1)
+# Reconnections to a job node that is down: from a blink to a few seconds.
+reconnect_backoff = partial(Backoff, 0.05, 5.0, jitter=0.1)
 
 
 def with_store_wait(op: str, kw: dict, left: float) -> dict:

@@ -246,7 +246,6 @@ class JobLink:
         log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
         self._warned = True
         self.last_error = "the connection was lost"
-        self._backoff.reset()
         self._set_state(DOWN)
         # Again at once (a restart, a dropped connection); back-off if refused.
         self._attempt()

@@ -46,11 +46,7 @@ class JobDefinition:
 
 
 def retry_delay(base: float, attempt: int) -> float:
-    """
-    @param attempt: the attempts made so far (1 after the first failure).
-    @return: C{base * 2 ** (attempt - 1)}, capped at an hour, with up to 25 % jitter
-        so that jobs failing together do not retry together.
-    """
+    """@return: the delay after C{attempt} failed attempts: C{base}, doubling up to an hour, ±25 %."""
     return Backoff(max(base, 0.0), 3600.0, jitter=0.25).delay(attempt)
 
 

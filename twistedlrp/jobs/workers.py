@@ -114,7 +114,6 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.stopping = False
         self._count = 0
-        # Workers that die before they are ready are started again 0.5 s later, doubling to 30 s.
         self._start_backoff = Backoff(0.5, 30.0)
         self._all_ended = Waiters()
         self.started = 0

@@ -22,8 +22,7 @@ from twistedlrp.services import Waiters
 if TYPE_CHECKING:
     from twistedlrp.web.processes import WebProcesses
 
-# Restarts of a process that keeps ending wait FIRST_DELAY, doubling up to
-# MAX_DELAY; one that ran RESET_AFTER seconds resets the back-off.
+# Restarts of a process that keeps ending: one that ran RESET_AFTER s resets the back-off.
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
 RESET_AFTER = 10.0

@@ -48,8 +48,7 @@ log = Logger()
 _STOP = object()
 _WAKE = object()
 
-# Seconds between attempts to reach a database that cannot be reached: 0.1,
-# doubling up to RECONNECT_MAX, give or take 10 %.
+# The longest wait between attempts to reach a database that cannot be reached.
 RECONNECT_MAX = 1.0
 
 # What an operation is doing (L{_Op.state}).
