@@ -29,6 +29,7 @@ from twistedlrp.jobs.client import (
     configured,
     configured_endpoints,
     no_answer,
+    reconnect_backoff,
     split_endpoint,
     with_store_wait,
 )
@@ -42,9 +43,6 @@ _lock = threading.Lock()
 _blocking: BlockingClient | None = None
 _NO_BLOCKING = object()
 
-# Back-off of an endpoint that could not be reached.
-_FIRST_RETRY = 0.05
-_MAX_RETRY = 5.0
 # A call tries one endpoint at most this many times.
 _TRIES_PER_NODE = 2
 
@@ -101,19 +99,17 @@ class _Node:
         self.endpoint = endpoint
         self.family, self.address = address
         self.secret = secret
-        self.down_until = 0.0
-        self.delay = _FIRST_RETRY
-        self.last_error: str | None = None
+        self.backoff = reconnect_backoff()
+        self.up()
 
     def up(self) -> None:
         self.down_until = 0.0
-        self.delay = _FIRST_RETRY
-        self.last_error = None
+        self.backoff.reset()
+        self.last_error: str | None = None
 
     def down(self, reason: str) -> None:
         self.last_error = reason
-        self.down_until = time.monotonic() + self.delay
-        self.delay = min(self.delay * 2, _MAX_RETRY)
+        self.down_until = time.monotonic() + self.backoff.next()
 
     def problem(self) -> str:
         text = f"the job service at {self.endpoint} could not be reached"
@@ -321,7 +317,7 @@ class BlockingClient:
             if self._probing:
                 return
             self._probing = True
-            self._next_probe = time.monotonic() + _MAX_RETRY
+            self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
         ).start()

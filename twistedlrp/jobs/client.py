@@ -38,12 +38,14 @@ import os
 import threading
 import time
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import threads
+from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -64,6 +66,8 @@ DEFAULT_TIMEOUT = 10.0
 # same share of what is left then; they share the store, so it usually
 # refuses too, in time).
 STORE_WAIT_SHARE = 0.8
+# Reconnections to a job node that is down: from a blink to a few seconds.
+reconnect_backoff = partial(Backoff, 0.05, 5.0, jitter=0.1)
 
 
 def with_store_wait(op: str, kw: dict, left: float) -> dict:

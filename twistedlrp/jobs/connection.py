@@ -34,6 +34,7 @@ from twistedlrp.jobs.client import (
     DEFAULT_TIMEOUT,
     UNKNOWN_OUTCOME,
     no_answer,
+    reconnect_backoff,
     unix_path,
     with_store_wait,
 )
@@ -41,10 +42,6 @@ from twistedlrp.jobs.errors import AuthenticationFailed, JobError, JobServiceUna
 
 log = Logger()
 
-# Reconnection back-off of a node that is down: from a blink to a few seconds
-# (so a node that is back is used again within that long).
-_FIRST_RETRY = 0.05
-_MAX_RETRY = 5.0
 # A connection that has received nothing for PING_IDLE seconds is pinged
 # (an empty Announce, answered by the node's reactor without its store);
 # without an answer within PING_TIMEOUT it is dropped, and counts as lost.
@@ -104,7 +101,7 @@ class JobLink:
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = None
-        self._delay = _FIRST_RETRY
+        self._backoff = reconnect_backoff()
         self._warned = False
         self._stopped = True
         self._closed: defer.Deferred | None = None
@@ -194,7 +191,7 @@ class JobLink:
         protocol.last_received = now
         self.last_error = None
         self.refused = False
-        self._delay = _FIRST_RETRY
+        self._backoff.reset()
         self._set_state(UP)
         self._fire_waiting(protocol)
 
@@ -221,10 +218,9 @@ class JobLink:
                     "every {most:g} s",
                     endpoint=self.endpoint,
                     reason=self.last_error,
-                    most=_MAX_RETRY,
+                    most=self._backoff.maximum,
                 )
-            self._retry = self.reactor.callLater(self._delay, self._attempt)
-            self._delay = min(self._delay * 2, _MAX_RETRY)
+            self._retry = self.reactor.callLater(self._backoff.next(), self._attempt)
             self._set_state(DOWN)
         self._fire_waiting(failure)
 
@@ -250,7 +246,6 @@ class JobLink:
         log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
         self._warned = True
         self.last_error = "the connection was lost"
-        self._delay = _FIRST_RETRY
         self._set_state(DOWN)
         # Again at once (a restart, a dropped connection); back-off if refused.
         self._attempt()

@@ -18,10 +18,11 @@ is refused at submission.
 from __future__ import annotations
 
 import importlib
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from twistedlrp.backoff import Backoff
 
 
 @dataclass
@@ -45,15 +46,8 @@ class JobDefinition:
 
 
 def retry_delay(base: float, attempt: int) -> float:
-    """
-    @param attempt: the attempts made so far (1 after the first failure).
-    @return: C{base * 2 ** (attempt - 1)}, capped at an hour, with up to 25 % jitter
-        so that jobs failing together do not retry together.
-    """
-    if base <= 0:
-        return 0.0
-    delay = min(base * 2 ** max(attempt - 1, 0), 3600.0)
-    return delay * (1 + random.uniform(-0.25, 0.25))
+    """@return: the delay after C{attempt} failed attempts: C{base}, doubling up to an hour, ±25 %."""
+    return Backoff(max(base, 0.0), 3600.0, jitter=0.25).delay(attempt)
 
 
 _registry: dict[str, JobDefinition] = {}

@@ -38,6 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
+from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import template
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.worker import (
@@ -63,8 +64,6 @@ __all__ = [
 ]
 
 log = Logger()
-
-_MAX_START_DELAY = 30.0
 
 
 def standby_ahead(max_jobs: int) -> int:
@@ -115,7 +114,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.stopping = False
         self._count = 0
-        self._failures = 0
+        self._start_backoff = Backoff(0.5, 30.0)
         self._all_ended = Waiters()
         self.started = 0
         # Workers the template has forked so far (of those started).
@@ -239,7 +238,7 @@ class WorkerPool:
     # -- events from workers --------------------------------------------------------
 
     def on_ready(self, worker: Worker) -> None:
-        self._failures = 0
+        self._start_backoff.reset()
         log.debug("Worker {pid} ready", pid=worker.pid)
         if self.stopping:
             worker.retire()
@@ -294,8 +293,7 @@ class WorkerPool:
         if not worker.was_ready and worker.kill_reason is None:
             # It died before it was ready: something in the site or the
             # environment is wrong; do not spin.
-            self._failures += 1
-            delay = min(0.5 * 2 ** (self._failures - 1), _MAX_START_DELAY)
+            delay = self._start_backoff.next()
             log.error(
                 "Worker {pid} {how} before it was ready; next attempt in {delay:.1f} s. "
                 "Its output:\n{output}",

@@ -47,11 +47,13 @@ from twisted.internet import defer, fdesc, task
 from twisted.logger import Logger
 
 from twistedlrp import metrics
+from twistedlrp.backoff import Backoff
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.slot import (
+    FIRST_DELAY,
+    MAX_DELAY,
     RESET_AFTER,
-    Backoff,
     Lines,
     Slot,
     TemplateProcess,
@@ -97,7 +99,7 @@ class WebProcesses(service.Service):
         self.on_fatal = on_fatal
         self.template: TemplateProcess | None = None
         self.template_ready: defer.Deferred | None = None
-        self.template_backoff = Backoff()
+        self.template_backoff = Backoff(FIRST_DELAY, MAX_DELAY)
         self._template_call = None
         self.preload: bool | None = None
         self.jobs_connect: list[str] | None = None
@@ -296,7 +298,9 @@ class WebProcesses(service.Service):
     def _template_down(self, template: TemplateProcess | None, how: str, ran: float) -> None:
         """The template ended (or could not be spawned): start another, or give up."""
         ready = template is not None and template.was_ready
-        delay = self.template_backoff.next(ready and ran >= RESET_AFTER)
+        if ready and ran >= RESET_AFTER:
+            self.template_backoff.reset()
+        delay = self.template_backoff.next()
         output = template.output() if template is not None else ""
         if self.template_backoff.failures >= MAX_TEMPLATE_FAILURES:
             when = "" if ready else ", before it was ready"
@@ -425,7 +429,9 @@ class WebProcesses(service.Service):
                 )
             )
             return
-        delay = slot.backoff.next(ran >= RESET_AFTER)
+        if ran >= RESET_AFTER:
+            slot.backoff.reset()
+        delay = slot.backoff.next()
         slot.restarts += 1
         log.warn(
             "Web process {index} (pid {pid}) {how} after {ran:.1f} s; restarting it in {delay:g} s",

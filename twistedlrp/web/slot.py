@@ -1,9 +1,8 @@
 """
 One web process of C{--web-workers}, seen from the main process: its
 L{Slot} (pid, state, restart back-off, last status), the line channel it
-reports over (L{Lines}), the template's process protocol
-(L{TemplateProcess}), and the back-off both are restarted with
-(L{Backoff}). L{twistedlrp.web.processes} runs them.
+reports over (L{Lines}) and the template's process protocol
+(L{TemplateProcess}). L{twistedlrp.web.processes} runs them.
 """
 
 from __future__ import annotations
@@ -17,14 +16,15 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer, protocol
 from twisted.protocols.basic import LineOnlyReceiver
 
+from twistedlrp.backoff import Backoff
 from twistedlrp.services import Waiters
 
 if TYPE_CHECKING:
     from twistedlrp.web.processes import WebProcesses
 
+# Restarts of a process that keeps ending: one that ran RESET_AFTER s resets the back-off.
 FIRST_DELAY = 0.5
 MAX_DELAY = 30.0
-# A process that ran this long resets the back-off.
 RESET_AFTER = 10.0
 # How much of the template's output is kept, to log when it ends.
 OUTPUT_TAIL = 4000
@@ -39,28 +39,6 @@ def how_ended(code, signal_number) -> str:
         except ValueError:
             return f"signal {signal_number}"
     return f"exit code {code}"
-
-
-class Backoff:
-    """
-    The delays before restarting a process that keeps ending: L{FIRST_DELAY},
-    doubling up to L{MAX_DELAY}, and back to L{FIRST_DELAY} once one ran
-    well; L{failures} counts the ends in a row that did not.
-    """
-
-    def __init__(self):
-        self.delay = FIRST_DELAY
-        self.failures = 0
-
-    def next(self, ran_well: bool) -> float:
-        """A process ended (C{ran_well}: it ran long enough): @return: the delay before the next."""
-        if ran_well:
-            self.delay = FIRST_DELAY
-            self.failures = 0
-        delay = self.delay
-        self.delay = min(delay * 2, MAX_DELAY)
-        self.failures += 1
-        return delay
 
 
 class Lines(LineOnlyReceiver):
@@ -109,7 +87,7 @@ class Slot:
         self.channel: Lines | None = None
         self.peer: socket.socket | None = None  # its channel end, until forked
         self.started_at = 0.0
-        self.backoff = Backoff()
+        self.backoff = Backoff(FIRST_DELAY, MAX_DELAY)
         self.restarts = 0
         # The template asked to fork it (until it says it did), and the one that did.
         self.pending_fork: TemplateProcess | None = None

@@ -13,9 +13,9 @@ its change durable.
 
 When the database cannot be reached (it restarts, the network is cut, its
 connection was dropped) no operation fails for it: the thread keeps them,
-tries to connect again every second at most, and runs them once it can. An
-operation given a deadline (C{within}) that has not begun by then is
-withdrawn and fails with L{StoreUnavailable}; the others (the outcomes of
+tries to connect again about every second at most, and runs them once it
+can. An operation given a deadline (C{within}) that has not begun by then
+is withdrawn and fails with L{StoreUnavailable}; the others (the outcomes of
 jobs) wait for as long as it takes. A transaction whose commit was sent
 when the connection broke is looked up once the database is back
 (PostgreSQL's C{txid_status}): committed, its results are delivered;
@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.store.availability import first_line
 
@@ -47,8 +48,8 @@ log = Logger()
 _STOP = object()
 _WAKE = object()
 
-# Seconds between attempts to reach a database that cannot be reached (doubling up to the last).
-RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0)
+# The longest wait between attempts to reach a database that cannot be reached.
+RECONNECT_MAX = 1.0
 
 # What an operation is doing (L{_Op.state}).
 _QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
@@ -217,7 +218,7 @@ class GroupCommitThread:
         # (transaction id, operations, their results, coalesced values).
         doubtful: list[tuple] = []
         stopping = False
-        tries = 0
+        reconnect = Backoff(0.1, RECONNECT_MAX, jitter=0.1)
         try:
             self._setup()
             while True:
@@ -228,10 +229,9 @@ class GroupCommitThread:
                         self._give_up(pending, doubtful)
                         break
                     if not self._reachable():
-                        self._stopping.wait(RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])
-                        tries += 1
+                        self._stopping.wait(reconnect.next())
                         continue
-                    tries = 0
+                    reconnect.reset()
                     self._came_back()
                 if doubtful and not self._resolve(doubtful, pending):
                     continue
@@ -400,7 +400,7 @@ class GroupCommitThread:
                 status = None
             if status == "in progress":
                 # The old session is still finishing: look again shortly.
-                self._stopping.wait(RETRY_DELAYS[-1])
+                self._stopping.wait(RECONNECT_MAX)
                 return False
             doubtful.pop(0)
             if status == "committed":

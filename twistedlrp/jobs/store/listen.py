@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
+from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.store.availability import first_line
 from twistedlrp.jobs.store.operations import NOTIFY_CHANNEL
 
@@ -28,7 +29,6 @@ log = Logger()
 
 # Seconds between checks of the stop flag while no notification comes.
 _WAIT = 1.0
-_MAX_BACKOFF = 1.0
 
 
 class Listener:
@@ -91,7 +91,7 @@ class Listener:
                 "'psycopg[binary]'): it looks for new jobs every few seconds instead"
             )
             return
-        backoff = 0.25
+        backoff = Backoff(0.25, 1.0, jitter=0.1)
         lost = False
         while not self._stopping.is_set():
             try:
@@ -100,10 +100,9 @@ class Listener:
                 if not lost:
                     lost = True
                     self._lost(first_line(e))
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                self._stopping.wait(backoff.next())
                 continue
-            backoff = 0.25
+            backoff.reset()
             self.connected = True
             if lost:
                 lost = False
