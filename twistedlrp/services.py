@@ -84,7 +84,10 @@ def stop_child(reactor, child: service.IService, deadline: float) -> defer.Defer
         d = defer.maybeDeferred(stop_by, deadline)
     else:
         d = defer.maybeDeferred(child.stopService)
-    remaining = max(deadline - reactor.seconds(), LATE_STEP_SECONDS)
+    # The step's own cut-offs aim at the deadline itself: this one comes
+    # after them, or it would cancel a step at the moment it is cutting its
+    # own work (a drain aborting the connections left), as a tie can.
+    remaining = max(deadline - reactor.seconds(), 0) + LATE_STEP_SECONDS
     what = getattr(child, "stop_description", None)
     what = what or f"stopping {child.name or type(child).__name__}"
     return defer.ensureDeferred(within(reactor, d, remaining, what))

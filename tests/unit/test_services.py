@@ -2,9 +2,9 @@
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 
-from twistedlrp.services import OrderedService, StartupFailed
+from twistedlrp.services import LATE_STEP_SECONDS, OrderedService, StartupFailed, within
 
 
 class Step(service.Service):
@@ -59,7 +59,41 @@ def test_a_stop_that_hangs_is_cut_at_the_deadline_and_the_rest_still_stop():
     stopped = parent.stopService()
     assert log[-1] == "stop hangs" and not stopped.called
     clock.advance(5)
+    # A step's own cut-offs aim at the deadline; the step is cut just after.
+    assert not stopped.called
+    clock.advance(LATE_STEP_SECONDS)
     assert stopped.called and log[-1] == "stop first"
+
+
+class Draining(service.Service):
+    """Stops as the web service does: a first step, then a drain cut at the deadline."""
+
+    name = "draining"
+
+    def __init__(self, clock, log):
+        self.clock, self.log = clock, log
+
+    def stop_by(self, deadline):
+        return defer.ensureDeferred(self._drain(deadline))
+
+    async def _drain(self, deadline):
+        await deferLater(self.clock, 0.5)  # closing the listeners, say
+        if not await within(self.clock, defer.Deferred(), deadline - self.clock.seconds(), "drain"):
+            self.log.append("connections aborted")
+
+
+def test_a_step_cut_by_its_own_deadline_is_not_cancelled_first():
+    # The drain's cut-off is set after the step's, for the same moment: the
+    # step's must still come second, or the drain never aborts what is left.
+    clock, log = Clock(), []
+    parent = OrderedService(clock, graceful_timeout=5)
+    parent.addService(Draining(clock, log))
+    parent.startService()
+    stopped = parent.stopService()
+    clock.advance(0.5)
+    clock.advance(4.5)
+    assert log == ["connections aborted"]
+    assert stopped.called
 
 
 def test_a_failing_start_names_the_child_and_starts_nothing_after_it():
