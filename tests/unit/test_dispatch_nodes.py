@@ -309,3 +309,20 @@ def test_a_claim_refused_for_a_stale_lease_frees_the_workers_and_tries_again(nod
     assert dispatcher._wanted
     clock.advance(1.0)
     assert len(store.named("claim_next")) == 2
+
+
+def test_a_forked_worker_ready_before_its_pid_arrives_is_claimed_for_under_its_own_pid(node):
+    # A worker forked from the template says "ready" on its pipe; the template
+    # says its pid on another channel, which can come second. A job claimed
+    # for it meanwhile was recorded as held by "host:None" and never started.
+    dispatcher, store, clock = node
+    pool = dispatcher.pool
+    pool.workers.clear()
+    forked = Worker(pool, 7)
+    pool.workers.append(forked)
+    forked.became_ready(FakeProcess.pid + 7)  # and claims at once
+    ((_, _, idents, _),) = store.named("claim_next")
+    assert idents == [forked.ident] and not forked.ident.endswith(":None")
+    forked.forked(FakeProcess.pid + 7)  # the template's word, late: the same pid
+    store.claims[0].callback({"claimed": [row("j1", idents[0])], "next_due": None})
+    assert forked.state == "busy" and "j1" in dispatcher.running

@@ -44,14 +44,17 @@ class SharedClaims:
             ops.claim_next, self.queues, self.node, [w.ident for w in idle], self.lease_check
         )
         self._claiming.add(d)
+        # The answer names workers by the idents sent, whatever happens meanwhile.
+        sent = {w.ident: w for w in idle}
         d.addCallbacks(
-            self._claimed_next, self._claim_failed, callbackArgs=(idle, wakes), errbackArgs=(idle,)
+            self._claimed_next, self._claim_failed, callbackArgs=(sent, wakes), errbackArgs=(idle,)
         )
         d.addErrback(lambda f: log.failure("While starting claimed jobs", f))
         d.addBoth(lambda _: self._claiming.discard(d))
 
-    def _claimed_next(self, answer: dict, workers: list, wakes: int) -> None:
+    def _claimed_next(self, answer: dict, sent: dict, wakes: int) -> None:
         self._claim_running = False
+        workers = list(sent.values())
         if answer.get("no_lease"):
             # This node's lease is not fresh (it is being renewed, or cannot
             # be): no claim until it is.
@@ -61,7 +64,7 @@ class SharedClaims:
             if self.accepting:
                 self.reactor.callLater(1.0, self.wake)
             return
-        by_ident = {worker.ident: worker for worker in workers}
+        by_ident = dict(sent)
         claimed = answer["claimed"]
         for row in claimed:
             worker = by_ident.pop(row["worker"])

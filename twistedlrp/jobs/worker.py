@@ -89,7 +89,7 @@ class _ParentProtocol(wire.QuietAMP):
 
     @wire.WorkerReady.responder
     def ready(self, pid):
-        self.worker.became_ready()
+        self.worker.became_ready(pid)
         return {}
 
     @wire.ReportProgress.responder
@@ -252,7 +252,12 @@ class Worker(protocol.ProcessProtocol):
 
     # -- control ------------------------------------------------------------------
 
-    def became_ready(self) -> None:
+    def became_ready(self, pid: int | None = None) -> None:
+        if self.pid is None and pid:
+            # A forked worker can say it is ready before the template's word of
+            # its pid arrives (another channel): a job claimed for it must not
+            # be recorded as held by "host:None".
+            self.pid = pid
         if self.state == "starting":
             self.state = "idle"
             self.was_ready = True
