@@ -17,34 +17,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from deploydoc import block, commands
 from jobsupport import api, make_template_db, rows, shared_db, wait_job
 
 from support import LRPProcess, port_open, postgres, request, wait_for
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "deploying.md"
-
-
-def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Several machines")
-    end = text.index("\n## ", start + 1) if "\n## " in text[start + 1 :] else len(text)
-    return text[start:end]
-
-
-def toml_block(after: str) -> str:
-    """@return: the TOML code block whose first line is the comment C{after}."""
-    blocks = re.findall(r"```toml\n(.*?)```", section(), re.S)
-    found = [b for b in blocks if b.splitlines()[0] == f"# {after}"]
-    assert len(found) == 1, f"one TOML block starting '# {after}' in {DOC}, found {len(found)}"
-    return found[0]
-
-
-def shell_lines(*starts: str) -> list[str]:
-    """@return: the indented command lines of the section beginning with C{starts}."""
-    lines = [line.strip() for line in section().splitlines() if line.startswith("    ")]
-    found = [line.split("  #")[0].strip() for line in lines if line.startswith(starts)]
-    assert len(found) == len(starts), (starts, found)
-    return found
 
 
 class Machines:
@@ -106,18 +82,18 @@ def start_job_node(machines: Machines, db: Path, tmp: Path, config: Path, port: 
 
 def test_the_documented_secret_job_node_and_web_node_work(template, tmp_path):
     machines = Machines(tmp_path)
-    make_secret, protect = shell_lines("head -c 32 /dev/urandom", "chmod 600")
+    make_secret, protect = commands("head -c 32 /dev/urandom", "chmod 600")
     for command in (make_secret, protect):
         subprocess.run(["bash", "-ec", machines.localise(command)], check=True, timeout=30)
     secret = machines.etc / "jobs.secret"
     assert len(secret.read_text().strip()) >= 40 and secret.stat().st_mode & 0o077 == 0
 
     db = shared_db(template, tmp_path)
-    job_config = machines.write("job-node.toml", toml_block("/etc/lrp/lrp.toml on the job node"))
+    job_config = machines.write("job-node.toml", block("toml", "/etc/lrp/lrp.toml on the job node"))
     web_block = "/etc/lrp/lrp.toml on each web node"
     if postgres():
         web_block += ", with several job nodes"
-    web_config = machines.write("web-node.toml", toml_block(web_block))
+    web_config = machines.write("web-node.toml", block("toml", web_block))
     nodes = [start_job_node(machines, db, tmp_path / "job-1", job_config, machines.port("jobs-1"))]
     web = LRPProcess(
         "--config",
@@ -132,7 +108,7 @@ def test_the_documented_secret_job_node_and_web_node_work(template, tmp_path):
     try:
         if postgres():
             second = machines.write(
-                "job-node-2.toml", toml_block("/etc/lrp/lrp.toml on a second job node")
+                "job-node-2.toml", block("toml", "/etc/lrp/lrp.toml on a second job node")
             )
             nodes.append(
                 start_job_node(machines, db, tmp_path / "job-2", second, machines.port("jobs-2"))

@@ -51,12 +51,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from deploydoc import block, commands
 
 from support import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example"
-DOC = ROOT / "docs" / "deploying.md"
 BIN = Path(sys.executable).parent
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
@@ -108,36 +108,6 @@ pytestmark = [
     pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or ""),
     pytest.mark.timeout(600),
 ]
-
-
-# -- the document --------------------------------------------------------------
-
-
-def section() -> str:
-    text = DOC.read_text()
-    start = text.index("## Several machines")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end > 0 else len(text)]
-
-
-def block(language: str, title: str) -> str:
-    found = [
-        b
-        for b in re.findall(rf"```{language}\n(.*?)```", section(), re.S)
-        if b.splitlines()[0] == f"# {title}"
-    ]
-    assert len(found) == 1, f"one ```{language} block '# {title}' in {DOC}"
-    return found[0]
-
-
-def commands(*starts: str) -> list[str]:
-    lines = [line.strip() for line in section().splitlines() if line.startswith("    ")]
-    found = [line.split("  #")[0].strip() for line in lines if line.startswith(starts)]
-    assert len(found) == len(starts), (starts, found)
-    return found
-
-
-# -- the machines --------------------------------------------------------------
 
 
 def run(*args, check=True, timeout=60, **kwargs) -> subprocess.CompletedProcess:
