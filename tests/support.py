@@ -70,6 +70,30 @@ def pg_ensure(db_path, template=None) -> str:
     return name
 
 
+# The start of a child script (python -c) that sets Django up with
+# twistedlrp on the database named by its DB environment variable, on the
+# LRP_TEST_POSTGRES server; DB_OPTIONS (a Python literal) is the database's
+# OPTIONS. For tests of the job store's own connection handling.
+PG_DJANGO_CHILD = """\
+import ast, os, sys
+import django
+from django.conf import settings
+from psycopg.conninfo import conninfo_to_dict
+
+pg = conninfo_to_dict(os.environ["LRP_TEST_POSTGRES"])
+settings.configure(
+    INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "twistedlrp"],
+    DATABASES={"default": {
+        "ENGINE": "django.db.backends.postgresql", "NAME": os.environ["DB"],
+        "USER": pg.pop("user", ""), "HOST": pg.pop("host", ""), "PORT": pg.pop("port", ""),
+        "OPTIONS": ast.literal_eval(os.environ.get("DB_OPTIONS", "{}")),
+    }},
+    USE_TZ=True,
+)
+django.setup()
+"""
+
+
 def pg_drop_created() -> None:
     """Drop the databases this session created (servers still connected are cut off)."""
     if not _created_databases:

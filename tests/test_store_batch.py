@@ -18,27 +18,13 @@ import textwrap
 
 import pytest
 
-from support import pg_ensure, pg_name, postgres
+from support import PG_DJANGO_CHILD, pg_ensure, pg_name, postgres
 
 pytestmark = pytest.mark.skipif(not postgres(), reason="needs PostgreSQL (LRP_TEST_POSTGRES)")
 
-SCRIPT = textwrap.dedent(
+SCRIPT = PG_DJANGO_CHILD + textwrap.dedent(
     """
-    import os, queue, time
-    import django
-    from django.conf import settings
-    from psycopg.conninfo import conninfo_to_dict
-
-    pg = conninfo_to_dict(os.environ["LRP_TEST_POSTGRES"])
-    settings.configure(
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "twistedlrp"],
-        DATABASES={"default": {
-            "ENGINE": "django.db.backends.postgresql", "NAME": os.environ["DB"],
-            "USER": pg.pop("user", ""), "HOST": pg.pop("host", ""), "PORT": pg.pop("port", ""),
-        }},
-        USE_TZ=True,
-    )
-    django.setup()
+    import queue, time
     from django.db import connection, utils
     from django.db.backends.postgresql.base import DatabaseWrapper
 

@@ -24,29 +24,12 @@ import time
 
 import pytest
 
-from support import pg_connect, pg_ensure, pg_name, postgres
+from support import PG_DJANGO_CHILD, pg_connect, pg_ensure, pg_name, postgres
 
 pytestmark = pytest.mark.skipif(not postgres(), reason="needs PostgreSQL (LRP_TEST_POSTGRES)")
 
-SCRIPT = textwrap.dedent(
+SCRIPT = PG_DJANGO_CHILD + textwrap.dedent(
     """
-    import os, sys
-    import django
-    from django.conf import settings
-    from psycopg.conninfo import conninfo_to_dict
-
-    pg = conninfo_to_dict(os.environ["LRP_TEST_POSTGRES"])
-    settings.configure(
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "twistedlrp"],
-        DATABASES={"default": {
-            "ENGINE": "django.db.backends.postgresql", "NAME": os.environ["DB"],
-            "USER": pg.pop("user", ""), "HOST": pg.pop("host", ""), "PORT": pg.pop("port", ""),
-            # A site's own server options are kept beside the job service's.
-            "OPTIONS": {"options": "-c application_name=cut-off-node"},
-        }},
-        USE_TZ=True,
-    )
-    django.setup()
     from django.db import connection
 
     from twistedlrp.jobs.store import tune_connection
@@ -77,7 +60,8 @@ def test_a_session_left_idle_in_a_transaction_is_ended_by_the_server(tmp_path):
     with pg_connect(tmp_path / "sessions", autocommit=True) as con:
         con.execute("CREATE TABLE t (n integer)")
         con.execute("INSERT INTO t VALUES (0)")
-    env = dict(os.environ, DB=db)
+    # A site's own server options are kept beside the job service's.
+    env = dict(os.environ, DB=db, DB_OPTIONS=repr({"options": "-c application_name=cut-off-node"}))
     node = subprocess.Popen(
         [sys.executable, "-c", SCRIPT],
         env=env,
