@@ -40,12 +40,10 @@ class SharedClaims:
             worker.state = "claiming"
         self._claim_running = True
         wakes = self._wakes
-        d = self.store.run(
-            ops.claim_next, self.queues, self.node, [w.ident for w in idle], self.lease_check
-        )
-        self._claiming.add(d)
         # The answer names workers by the idents sent, whatever happens meanwhile.
         sent = {w.ident: w for w in idle}
+        d = self.store.run(ops.claim_next, self.queues, self.node, list(sent), self.lease_check)
+        self._claiming.add(d)
         d.addCallbacks(
             self._claimed_next, self._claim_failed, callbackArgs=(sent, wakes), errbackArgs=(idle,)
         )
