@@ -511,8 +511,10 @@ def test_template_change_reaches_every_web_process(supervisor, site, tmp_path):
     # The server logs once its own loaders are reset, which may come after
     # the web processes already answer with the new text.
     wait_for(
-        lambda: "templates reloaded without a restart; 2 web processes told to reload theirs"
-        in server.output(),
+        lambda: (
+            "templates reloaded without a restart; 2 web processes told to reload theirs"
+            in server.output()
+        ),
         10,
         message="the reload logged",
     )
