@@ -1,6 +1,7 @@
 # make run   venv + install + demo site migrated (+ its admin user, printed once) + twistd -n lrp on 127.0.0.1:8000
 # make hello venv + install + example/hello.py, a site in one file, on 127.0.0.1:8000
 # make test  venv + install + lint + the whole test suite
+# make test-fast  the tests that start no process (tests/unit), in well under a minute
 # make test-postgres LRP_TEST_POSTGRES="host=... user=... dbname=..."
 #            the job and server tests with the test site on PostgreSQL
 # make test-wagtail [LRP_TEST_POSTGRES=...]
@@ -24,7 +25,7 @@ POSTGRES_TESTS ?= tests/test_jobs_core.py tests/test_jobs_process.py tests/test_
 	tests/test_jobs_template.py tests/test_jobs_transactions.py tests/test_jobs_crash.py \
 	tests/test_store_batch.py
 
-.PHONY: install run hello test test-postgres test-wagtail lint format bench bench-jobs clean
+.PHONY: install run hello test test-fast test-postgres test-wagtail lint format bench bench-jobs clean
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +61,10 @@ TEST_PROCESSES ?= 4
 test: install lint
 	$(VENV)/bin/pytest -n $(TEST_PROCESSES) --dist loadscope -m "not alone" $(PYTEST_ARGS)
 	$(VENV)/bin/pytest -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# The tests that start no process (tests/unit), for the edit-test loop.
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 $(VENV)/.installed-postgres: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,reload,demo,postgres]'

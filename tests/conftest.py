@@ -1,4 +1,7 @@
+from pathlib import Path
+
 import pytest
+from jobsupport import make_template_db
 
 from support import LRPProcess, pg_drop_created, postgres
 
@@ -18,6 +21,21 @@ def lrp_server(tmp_path):
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    """The migrated test database (SQLite, or PostgreSQL with LRP_TEST_POSTGRES) that servers copy."""
+    return make_template_db(tmp_path_factory.mktemp("template"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test outside tests/unit starts real processes: "slow", so that
+    # -m "not slow" (make test-fast) runs only the in-memory ones.
+    unit = Path(__file__).parent / "unit"
+    for item in items:
+        if unit not in Path(item.path).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):

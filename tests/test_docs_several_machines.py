@@ -16,9 +16,8 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 from deploydoc import block, commands
-from jobsupport import api, make_template_db, rows, shared_db, wait_job
+from jobsupport import api, rows, shared_db, wait_job
 
 from support import LRPProcess, port_open, postgres, request, wait_for
 
@@ -60,11 +59,6 @@ class Machines:
         path = self.etc / name
         path.write_text(self.localise(text))
         return path
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("docs"))
 
 
 def start_job_node(machines: Machines, db: Path, tmp: Path, config: Path, port: int) -> LRPProcess:

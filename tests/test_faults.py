@@ -25,7 +25,6 @@ from jobsupport import (
     AMPClient,
     api,
     count_jobs,
-    make_template_db,
     rows,
     start_server,
     stored_id,
@@ -49,11 +48,6 @@ BAD_VALUES = [
     ("run_after", 1e30, b"1e30", "run_after: expected a Unix time between 1970 and 9999"),
     ("priority", 10**30, b"1" + b"0" * 30, "priority: must be between"),
 ]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from jobsupport import AMPClient, api, make_template_db, start_server
+from jobsupport import AMPClient, api, start_server
 from twisted.spread import banana
 
 from support import free_port, port_open, run_to_exit, wait_for
@@ -30,11 +30,6 @@ from support import free_port, port_open, run_to_exit, wait_for
 SECRET = b"a long random secret for the listener tests"
 LOGIN_TIMEOUT = 5  # LRP_JOBS_LOGIN_TIMEOUT of the server below
 MB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("faults-listeners"))
 
 
 def secret_file(directory, mode=0o600):

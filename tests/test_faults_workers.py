@@ -18,7 +18,6 @@ import pytest
 from jobsupport import (
     alive,
     api,
-    make_template_db,
     read_tree,
     rows,
     start_server,
@@ -28,11 +27,6 @@ from jobsupport import (
 from support import wait_for
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("faults-workers"))
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,7 @@ import sqlite3
 import threading
 import time
 
-import pytest
-from jobsupport import alive, api, make_template_db, rows, start_server
+from jobsupport import alive, api, rows, start_server
 
 from support import pg_connect, postgres, wait_for
 
@@ -28,11 +27,6 @@ MOST_JOBS = 1200
 # Each submitter pauses between submissions, so that the jobs keep coming
 # while the server is killed (the workers run fewer jobs a second than this).
 PAUSE = 0.05
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("jobs-crash"))
 
 
 def runs_by_tag(path) -> tuple[collections.Counter, set[int]]:

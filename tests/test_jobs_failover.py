@@ -19,8 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from jobsupport import FINISHED, api, make_template_db, rows, shared_db, start_server, wait_job
+from jobsupport import FINISHED, api, rows, shared_db, start_server, wait_job
 from progresssupport import EventStream, Page
 from test_jobs_nodes import job_node, needs_postgres
 
@@ -30,11 +29,6 @@ from twistedlrp.jobs.framing import BoxReader, encode_box
 # What the docs promise: a job node that dies (kill -9, a crash) is replaced
 # by the next at once; calls in flight on it are sent again.
 FAILOVER = 1.0
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("failover"))
 
 
 def timed(fn, *args, **kwargs):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobsupport import FINISHED, api, make_template_db, rows, shared_db
+from jobsupport import FINISHED, api, rows, shared_db
 
 from support import LRPProcess, postgres, wait_for
 
@@ -24,11 +24,6 @@ needs_postgres = pytest.mark.skipif(
     not postgres(), reason="several job nodes need PostgreSQL (LRP_TEST_POSTGRES)"
 )
 needs_sqlite = pytest.mark.skipif(bool(postgres()), reason="the SQLite one-node check")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("nodes"))
 
 
 def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> LRPProcess:

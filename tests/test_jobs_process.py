@@ -14,12 +14,10 @@ import signal
 import time
 
 import psutil
-import pytest
 from jobsupport import (
     AMPClient,
     alive,
     api,
-    make_template_db,
     read_pid,
     rows,
     start_server,
@@ -27,11 +25,6 @@ from jobsupport import (
 )
 
 from support import LRPProcess, free_port, port_open, request, run_to_exit, wait_for
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("jobs-process"))
 
 
 def job_row(db, job_id):

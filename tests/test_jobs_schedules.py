@@ -12,17 +12,12 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from jobsupport import make_template_db, rows, shared_db, start_server
+from jobsupport import rows, shared_db, start_server
 
 from support import LRPProcess, postgres, run_to_exit, wait_for
 from twistedlrp.jobs.schedules import job_id
 
 EVERY_SECOND = "* * * * * *"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("schedules"))
 
 
 def lines(path) -> list[str]:

@@ -21,7 +21,6 @@ import pytest
 from jobsupport import (
     alive,
     api,
-    make_template_db,
     read_pid,
     read_tree,
     start_server,
@@ -33,11 +32,6 @@ from support import wait_for
 # The smallest limit with a standby successor (workers.standby_ahead), and
 # so with a template: started 10 jobs before it, the standby 5 before.
 LIMIT = "100"
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("jobs-template"))
 
 
 def run_whoami(server, count: int) -> list[int]:

@@ -11,14 +11,9 @@ import json
 import re
 
 import pytest
-from jobsupport import api, make_template_db, start_server, wait_job
+from jobsupport import api, start_server, wait_job
 
 from support import run_to_exit, wait_for
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("logging"))
 
 
 def json_lines(output: str) -> list[dict]:

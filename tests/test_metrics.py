@@ -13,15 +13,10 @@ import signal
 import time
 
 import pytest
-from jobsupport import api, make_template_db, read_pid, start_server, wait_job
+from jobsupport import api, read_pid, start_server, wait_job
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import free_port, port_open, request, run_to_exit, wait_for
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("metrics"))
 
 
 def scrape(server, path: str = "/-/metrics", port: int | None = None) -> dict:

@@ -14,15 +14,9 @@ import textwrap
 import time
 
 import psutil
-import pytest
-from jobsupport import api, make_template_db, start_server
+from jobsupport import api, start_server
 
 from support import TESTSITE, BackgroundRequest, LRPProcess, request, wait_for
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template_db(tmp_path_factory.mktemp("web-workers"))
 
 
 def health(server) -> dict:

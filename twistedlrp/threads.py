@@ -88,11 +88,6 @@ def begin_shutdown() -> None:
         call.finish(ShutdownInProgress("the server is shutting down"), True)
 
 
-def _reset_for_tests() -> None:
-    global _shutting_down
-    _shutting_down = False
-
-
 def _ensure_running(timeout: float) -> None:
     global _mode, _reactor_thread
     reactor = _reactor()
