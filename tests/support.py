@@ -273,7 +273,9 @@ def _port_range() -> range:
 
 
 _ports = _port_range()
-_next_port = 0
+# A start of its own for each test process, so that two suites running at
+# once on one machine (two checkouts) rarely hand out the same port.
+_next_port = os.getpid() * 7919 % len(_ports)
 
 
 def free_port() -> int:
