@@ -251,7 +251,7 @@ class Options(usage.Options):
 
     @property
     def command_line(self) -> set[str]:
-        """The options given on the command line (for the reload supervisor; use L{to_argv})."""
+        """The names of the options given on the command line (not by a file or the environment)."""
         return {name for name, source in self.given.items() if source == COMMAND_LINE}
 
     # -- parsing --------------------------------------------------------
