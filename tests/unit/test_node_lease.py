@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs.watchdog import NodeLease, fence_margin, renewal_interval
+from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
 
 
 class FakeRunner:
@@ -151,7 +151,7 @@ def test_the_server_fences_by_its_monotonic_clock_whatever_the_wall_clock_does()
     """The server's alarm is a thread on the monotonic clock, not a reactor timer."""
     import queue
 
-    from twistedlrp.jobs.watchdog import MonotonicAlarm
+    from twistedlrp.jobs.lease import MonotonicAlarm
 
     calls = queue.SimpleQueue()
 

@@ -10,7 +10,7 @@ state change goes through the store thread and is acknowledged only after
 its commit. Which job runs where is L{twistedlrp.jobs.dispatch}'s business.
 
 Job nodes: each service is a node, named in the node table, with a
-heartbeat (L{twistedlrp.jobs.watchdog.NodeLease}). On SQLite it is the only
+heartbeat (L{twistedlrp.jobs.lease.NodeLease}). On SQLite it is the only
 one (a second node on the same database is refused at start-up), holds the
 queue in memory and never polls. On PostgreSQL several nodes may share the
 database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
@@ -40,13 +40,14 @@ from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import (
     JobServiceUnavailable,
 )
+from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, recovery, session_limit
 from twistedlrp.jobs.store import operations as ops
-from twistedlrp.jobs.watchdog import NodeLease, Watchdog, fence_margin, renewal_interval
+from twistedlrp.jobs.watchdog import Watchdog
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
 

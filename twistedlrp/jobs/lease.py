@@ -1,0 +1,352 @@
+"""
+This job node's lease in the node table (L{NodeLease}).
+
+With several job nodes on one database, L{NodeLease} keeps this node's
+lease: a heartbeat in the node table every few seconds, and the check for
+other nodes whose lease expired, whose running jobs it retries or fails.
+
+Fencing: a node that could not renew its lease for the lease less a margin
+(L{fence_margin}), measured on its own monotonic clock from the moment it
+sent its last renewal that succeeded, stops its running jobs (their
+workers' process groups are killed) and claims nothing, before any other
+node may take its lease for expired; so a job never runs on two nodes at
+once. Once it renews its lease again, it retries or fails by their policy
+those of the stopped jobs that no other node took over, and takes work
+again; it records nothing else for them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from twistedlrp.jobs.states import QUEUED
+from twistedlrp.jobs.store import recovery
+from twistedlrp.jobs.watchdog import CLAIM_GRACE
+
+log = Logger()
+
+# Seconds registering a node at start-up waits for a store that cannot be reached.
+REGISTER_WAIT = 30.0
+
+
+class MonotonicAlarm:
+    """
+    Calls C{fn} in the reactor once C{clock()} (monotonic) reaches the time
+    last given to L{set}, whatever the system's wall clock does meanwhile
+    (Twisted's timers follow it: a clock stepped back would delay them). A
+    daemon thread that waits with timeouts; it holds nothing else.
+    """
+
+    def __init__(self, reactor, fn, clock=time.monotonic):
+        self.reactor, self.fn, self.clock = reactor, fn, clock
+        self._cond = threading.Condition()
+        self._due: float | None = None
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    def set(self, due: float | None) -> None:
+        """Call C{fn} at C{due} (on C{clock}); C{None}: not at all."""
+        with self._cond:
+            self._due = due
+            self._cond.notify()
+        if self._thread is None and due is not None:
+            self._thread = threading.Thread(
+                target=self._run, name="twistedlrp-job-lease-alarm", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopped:
+                    return
+                due = self._due
+                if due is None:
+                    self._cond.wait(1.0)
+                    continue
+                remaining = due - self.clock()
+                if remaining > 0:
+                    self._cond.wait(min(remaining, 1.0))
+                    continue
+                self._due = None
+            self.reactor.callFromThread(self.fn)
+
+
+class _ReactorAlarm:
+    """L{MonotonicAlarm}'s interface on the reactor's own timers (for a fake reactor)."""
+
+    def __init__(self, reactor, fn, clock):
+        self.reactor, self.fn, self.clock = reactor, fn, clock
+        self._call = None
+
+    def set(self, due: float | None) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if due is not None:
+            self._call = self.reactor.callLater(max(due - self.clock(), 0.0), self.fn)
+
+    def stop(self) -> None:
+        self.set(None)
+
+
+def renewal_interval(lease: float) -> float:
+    """@return: the seconds between two renewals of a lease of C{lease} seconds."""
+    return max(min(2.0, lease / 4), 0.1)
+
+
+def fence_margin(lease: float) -> float:
+    """
+    @return: how long before its lease can expire elsewhere a node that
+        could not renew it stops its jobs: a tenth of the lease, at least
+        1 s and at most 5 s (and at most half the lease).
+    """
+    return min(max(lease / 10, 1.0), 5.0, lease / 2)
+
+
+class NodeLease:
+    """
+    This job node's entry in the node table: a heartbeat every C{interval}
+    seconds (run by C{runner}: the store's lease thread with several nodes,
+    else the store thread), and, when several nodes share the database
+    (C{shared}), the check that retries or fails by their policy the
+    running jobs of nodes without a heartbeat for C{lease} seconds, and the
+    fencing of this node (see the module's docstring) through C{on_fenced}
+    (which stops the running jobs and returns their ids) and
+    C{on_unfenced} (this node may take work again).
+
+    @param on_requeued: called when jobs went back to the queue (so free
+        workers claim them).
+    @param clock: the monotonic clock the lease is measured on.
+    @param monotonic_alarm: fence on time by a L{MonotonicAlarm} (the
+        server), not by the reactor's timers (a test's fake reactor).
+    """
+
+    def __init__(
+        self,
+        reactor,
+        store,
+        node: str,
+        host: str,
+        pid: int,
+        queues: list[str] | None,
+        lease: float,
+        shared: bool,
+        on_requeued,
+        runner=None,
+        on_fenced=None,
+        on_unfenced=None,
+        clock=time.monotonic,
+        monotonic_alarm=False,
+    ):
+        self.reactor = reactor
+        self.store = store
+        self.runner = runner if runner is not None else store
+        self.node, self.host, self.pid, self.queues = node, host, pid, queues
+        self.lease = lease
+        self.shared = shared
+        self.on_requeued = on_requeued
+        self.on_fenced = on_fenced
+        self.on_unfenced = on_unfenced
+        self.clock = clock
+        self.interval = renewal_interval(lease)
+        self.margin = fence_margin(lease)
+        self._loop = task.LoopingCall(self.beat)
+        self._loop.clock = reactor
+        self._busy = False
+        # When (self.clock) the last renewal that succeeded was sent.
+        self.renewed_at: float | None = None
+        # The jobs stopped by fencing, until a renewal dealt with them; None: not fenced.
+        self.fenced: list[str] | None = None
+        self._fenced_for = ""
+        alarm = MonotonicAlarm if monotonic_alarm else _ReactorAlarm
+        self._alarm = alarm(reactor, self._check_fence, clock)
+        self._beat_error: str | None = None
+        self._again = False
+
+    @property
+    def fencing(self) -> bool:
+        return self.shared and self.on_fenced is not None
+
+    def register(self) -> defer.Deferred:
+        """
+        Enter this node in the node table.
+
+        @return: a Deferred failing with L{recovery.NodeConflict} when another
+            live node forbids it (a second node on SQLite).
+        """
+        sent = self.clock()
+        d = self.runner.run(
+            recovery.register_node,
+            self.node,
+            self.host,
+            self.pid,
+            self.queues,
+            self.lease,
+            self.shared,
+            within=REGISTER_WAIT,
+        )
+
+        def registered(result):
+            self.renewed_at = sent
+            return result
+
+        return d.addCallback(registered)
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=False)
+        self._arm()
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        self._alarm.stop()
+
+    def beat(self) -> None:
+        if self._busy or self.runner.closed:
+            return
+        self._busy = True
+        sent = self.clock()
+        fenced = list(self.fenced) if self.fenced is not None else None
+        d = self.runner.run(
+            recovery.heartbeat,
+            self.node,
+            self.host,
+            self.pid,
+            self.queues,
+            fenced,
+            self._fenced_for,
+        )
+        d.addCallbacks(self._beaten, self._beat_failed, callbackArgs=(sent, fenced))
+        if self.shared:
+            grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
+            expired = self.runner.run(recovery.expire_nodes, self.node, self.lease, grace)
+            expired.addCallbacks(self._expired, self._expire_failed)
+            d = defer.DeferredList([d, expired], consumeErrors=True)
+        d.addBoth(self._done)
+
+    def _done(self, _) -> None:
+        self._busy = False
+        if self._again:
+            # Renewed, but the jobs it stopped are still to be dealt with: at once.
+            self._again = False
+            if self._loop.running:
+                self.reactor.callLater(0, self.beat)
+
+    def _beaten(self, outcome: dict, sent: float, fenced: list[str] | None) -> None:
+        self._beat_error = None
+        if self.renewed_at is None or sent > self.renewed_at:
+            self.renewed_at = sent
+        if not outcome["held"]:
+            log.warn(
+                "This job node ({node}) was missing from the node table: another node took it "
+                "for dead (no heartbeat for {lease:g} s) and retried or failed the jobs it was "
+                "running; {what}",
+                node=self.node,
+                lease=self.lease,
+                what="it had stopped them already (fenced)"
+                if fenced is not None or self.fenced is not None
+                else "their outcomes here are not recorded",
+            )
+        for job in outcome["ended"]:
+            log.warn(
+                "Job {job_id}: {state} ({why}); it was stopped here when this node could not "
+                "renew its lease",
+                job_id=job["id"],
+                state="retried" if job["state"] == QUEUED else job["state"],
+                why=self._fenced_for,
+            )
+        if any(job["state"] == QUEUED for job in outcome["ended"]):
+            self.on_requeued()
+        if self.fenced is None:
+            self._arm()
+            return
+        if fenced is not None and set(self.fenced) <= set(fenced):
+            self.fenced = None
+            log.warn(
+                "Job node {node} renewed its lease again: it takes work again",
+                node=self.node,
+            )
+            if self.on_unfenced is not None:
+                self.on_unfenced()
+            self._arm()
+        else:
+            self._again = True
+
+    def _beat_failed(self, failure) -> None:
+        # A database that cannot be reached makes the heartbeat wait, not fail:
+        # this is another error (said once until a heartbeat succeeds).
+        error = failure.getErrorMessage() or failure.type.__name__
+        if self._beat_error is None:
+            log.warn("Could not renew this job node's lease: {error}", error=error)
+        self._beat_error = error
+
+    def _arm(self) -> None:
+        """(Re)schedule the fence for when the lease, as last renewed, runs out less the margin."""
+        if not self.fencing or self.renewed_at is None or not self._loop.running:
+            return
+        if self.fenced is not None:
+            self._alarm.set(None)
+            return
+        self._alarm.set(self.renewed_at + self.lease - self.margin)
+
+    def _check_fence(self) -> None:
+        if self.fenced is not None or not self._loop.running:
+            return
+        if self.renewed_at + self.lease - self.margin - self.clock() > 0:
+            # A timer on another clock (the reactor's) came early: not yet.
+            self._arm()
+            return
+        age = self.clock() - self.renewed_at
+        self._fenced_for = (
+            f"the job node {self.node} could not renew its lease for {age:.0f} s "
+            f"(lease {self.lease:g} s) and stopped the job"
+        )
+        stopped = list(self.on_fenced())
+        self.fenced = stopped
+        log.warn(
+            "Job node {node}: its lease could not be renewed for {age:.1f} s (lease {lease:g} s; "
+            "the job store: {reason}): stopping its {n} running job(s) and taking no work until "
+            "it renews it, before another node may take it for dead and run them",
+            node=self.node,
+            age=age,
+            lease=self.lease,
+            reason=getattr(self.store, "away", None) or self._beat_error or "no answer",
+            n=len(stopped),
+        )
+
+    def _expire_failed(self, failure) -> None:
+        log.warn(
+            "Could not check the leases of the other job nodes: {error}",
+            error=failure.getErrorMessage() or failure.type.__name__,
+        )
+
+    def _expired(self, outcome: dict) -> None:
+        for name, age in outcome["nodes"]:
+            log.warn(
+                "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead",
+                name=name,
+                age=age,
+                lease=self.lease,
+            )
+        requeued = False
+        for job in outcome["jobs"]:
+            log.warn(
+                "Job {job_id}: {state} ({reason})",
+                job_id=job["id"],
+                state="retried" if job["state"] == QUEUED else job["state"],
+                reason=job["reason"],
+            )
+            requeued = requeued or job["state"] == QUEUED
+        if requeued:
+            self.on_requeued()
