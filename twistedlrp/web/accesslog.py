@@ -19,6 +19,7 @@ import re
 import time
 
 from twisted.logger import Logger
+from twisted.web.http import datetimeToLogString
 
 _log = Logger(namespace="twistedlrp.access")
 
@@ -60,11 +61,17 @@ class AccessLog:
             self._file.close()
             self._file = None
 
-    def write(self, request, timestamp: str) -> None:
-        """Log the response to C{request}, finished at C{timestamp} (CLF time)."""
+    # The time stamp of this second (as twisted.web's own log keeps it).
+    _second = (None, "")
+
+    def write(self, request) -> None:
+        """Log the response to C{request}, finished now."""
         if not self.path:
             return
-        line = combined_line(request, timestamp)
+        second = int(self.reactor.seconds())
+        if self._second[0] != second:
+            self._second = (second, datetimeToLogString(second))
+        line = combined_line(self._second[1], request)
         duration = time.monotonic() - request.lrp_arrived
         if self.with_duration:
             line += f" rt={duration:.3f}"
@@ -100,8 +107,11 @@ def mask_tokens(text: str) -> str:
     return _TOKEN.sub(r"\1" + MASK, text)
 
 
-def combined_line(request, timestamp: str) -> str:
-    """@return: the combined-log-format line of a finished request."""
+def combined_line(timestamp: str, request) -> str:
+    """
+    @return: the combined-log-format line of a finished request, finished
+        at C{timestamp} (an C{IAccessLogFormatter}, as twisted.web's own).
+    """
     length = request.sentLength or "-"
     return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
         request.lrp_client or "-",

@@ -106,8 +106,6 @@ class TrustedProxies:
 class LRPRequest(server.Request):
     """A request that enforces the body limit and knows its real client."""
 
-    # Django parses bodies itself; twisted.web would parse form posts again.
-    _parsePOSTFormSubmission = False
     defaultContentType = None
     lrp_rejected = False
     lrp_client = ""
@@ -271,7 +269,11 @@ class LRPSite(server.Site):
         limits: Limits | None = None,
         access_log_format: str = "combined",
     ):
-        super().__init__(root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor)
+        # Django parses bodies itself; twisted.web would parse form posts
+        # again (and answer 400 to a multipart body it cannot parse).
+        super().__init__(
+            root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor, parsePOSTFormSubmission=False
+        )
         self.limits = limits if limits is not None else Limits()
         self.root = root
         self.noisy = False
@@ -412,13 +414,10 @@ class LRPSite(server.Site):
         super().stopFactory()
         self.access_log.close()
 
-    def _openLogFile(self, path):
-        return None
-
     def log(self, request):
         if self.metrics is not None:
             self.metrics.observe(request)
-        self.access_log.write(request, self._logDateTime or http.datetimeToLogString())
+        self.access_log.write(request)
 
     # -- shut-down ------------------------------------------------------
 
