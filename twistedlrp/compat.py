@@ -10,21 +10,20 @@ touches a private attribute of an object it did not define.
 """
 
 # -- Twisted: listening ports and HTTP -----------------------------------
+# Mixins and functions: importing this module imports neither twisted.web nor
+# a port module (a job worker imports no Twisted, a job node no web module).
 
 import os
 import stat
 
-from twisted.internet import tcp, unix
-from twisted.web import http
 
-
-class AdoptedUNIXPort(unix.Port):
+class AdoptedUNIX:
     """
-    A UNIX listening port on a socket that another process bound (systemd,
-    the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s, it
-    leaves the path's mode as its owner chose (not 0666), and when it stops
-    it neither shuts the socket down (which stops it for every process) nor
-    removes the path (which the next server needs).
+    The mixin of a C{unix.Port} on a socket that another process bound
+    (systemd, the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s
+    port, it leaves the path's mode as its owner chose (not 0666), and when
+    it stops it neither shuts the socket down (which stops it for every
+    process) nor removes the path (which the next server needs).
     """
 
     # To file: "adoptStreamPort(AF_UNIX) chmods, shuts down and unlinks a
@@ -32,7 +31,7 @@ class AdoptedUNIXPort(unix.Port):
     _shouldShutdown = False
 
     @classmethod
-    def adopt(cls, reactor, fd: int, factory) -> "AdoptedUNIXPort":
+    def adopt(cls, reactor, fd: int, factory):
         """
         Listen on a duplicate of C{fd}, a listening UNIX stream socket; the
         caller keeps C{fd}.
@@ -51,6 +50,8 @@ class AdoptedUNIXPort(unix.Port):
         super().startListening()
 
     def connectionLost(self, reason):
+        from twisted.internet import tcp
+
         # Not unix.Port's, which removes the path. An adopted port never
         # holds a lock file (that needs wantPID).
         tcp.Port.connectionLost(self, reason)
@@ -112,10 +113,11 @@ def set_connection_class(port, connection_class) -> None:
     port.transport = connection_class
 
 
-class HTTPChannel(http.HTTPChannel):
+class HTTPChannelHooks:
     """
-    twisted.web's channel with public names for the internals the server's
-    channel needs. Issue 20 replaces it with a protocol of our own.
+    The mixin of a C{twisted.web.http.HTTPChannel} that gives public names
+    to the internals the server's channel needs (issue 20 replaces the
+    channel with a protocol of our own).
     """
 
     def answer_bad_request(self) -> None:
@@ -162,3 +164,17 @@ class HTTPChannel(http.HTTPChannel):
 
 
 # -- Django ------------------------------------------------------------------
+
+
+def take_connection_errors(connection) -> bool:
+    """
+    @return: whether a database error was raised on the Django C{connection}
+        since the last call (the error may have left it unusable); the
+        record is cleared.
+    """
+    # Django sets this flag for close_if_unusable_or_obsolete(), which also
+    # closes a connection older than CONN_MAX_AGE (the store keeps its own
+    # whatever that setting says). To file: "a public way to know that a
+    # connection saw an error, without the CONN_MAX_AGE check".
+    errors, connection.errors_occurred = connection.errors_occurred, False
+    return errors

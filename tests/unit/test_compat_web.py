@@ -11,8 +11,10 @@ import stat
 import pytest
 from twisted.internet import abstract, protocol, tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.web import http
 
 from twistedlrp import compat
+from twistedlrp.web.ports import AdoptedUNIXPort
 
 
 def _changed(internal: str) -> str:
@@ -37,7 +39,7 @@ def unix_socket(tmp_path):
 
 def test_an_adopted_unix_port_keeps_mode_path_and_listening_state(unix_socket):
     path, sock = unix_socket
-    port = compat.AdoptedUNIXPort.adopt(
+    port = AdoptedUNIXPort.adopt(
         MemoryReactor(), sock.fileno(), protocol.Factory.forProtocol(_Null)
     )
     assert port._bindPath == os.fsencode(path), _changed("unix.Port._bindPath")
@@ -125,7 +127,7 @@ def test_the_buffered_bytes_and_the_closed_write_side_of_a_transport_are_seen():
 # -- the HTTP channel -----------------------------------------------------------
 
 
-class _Channel(compat.HTTPChannel):
+class _Channel(compat.HTTPChannelHooks, http.HTTPChannel):
     """Records what the shims see."""
 
     def __init__(self, continue_=True):
@@ -146,10 +148,8 @@ class _Channel(compat.HTTPChannel):
 
 
 def _channel(**kwargs) -> tuple[_Channel, StringTransport]:
-    from twisted.web.http import Request
-
     channel = _Channel(**kwargs)
-    channel.requestFactory = Request
+    channel.requestFactory = http.Request
     transport = StringTransport()
     channel.makeConnection(transport)
     return channel, transport
@@ -189,3 +189,17 @@ def test_the_bytes_left_of_a_chunk_are_seen():
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc"
     )
     assert channel.chunk_left == 13, _changed("HTTPChannel._transferDecoder")
+
+
+def test_importing_compat_imports_no_web_or_port_module():
+    # A job node (--jobs-only) imports no web module (test_jobs_worker_imports).
+    import subprocess
+    import sys
+
+    heavy = ("twisted.web", "twisted.spread", "twisted.internet.tcp", "twisted.internet.unix")
+    program = (
+        "import sys, twistedlrp.compat\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

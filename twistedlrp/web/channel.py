@@ -12,6 +12,7 @@ import socket
 from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 
 from twistedlrp import compat
 from twistedlrp.web import ports
@@ -27,7 +28,7 @@ DRAIN_GRACE = 1.0
 MAX_CHUNK_SIZE = 2**63
 
 
-class LRPChannel(compat.HTTPChannel):
+class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
     """
     An HTTP connection the site keeps track of (to drain it at shut-down, and
     to count it against C{--max-connections}) that enforces the limits on

@@ -22,9 +22,12 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.python.util import untilConcludes
 
 from twistedlrp import compat
-from twistedlrp.compat import AdoptedUNIXPort
 
 __all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen", "socket_transport"]
+
+
+class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
+    """A UNIX port on a socket another process bound: it keeps the socket's path and mode."""
 
 
 class _SharedTCPPort(compat.OneAcceptPerTurn, tcp.Port):
