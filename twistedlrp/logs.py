@@ -31,17 +31,15 @@ from datetime import UTC, datetime
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
-    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
-    PredicateResult,
+    LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     globalLogBeginner,
 )
 from twisted.python import usage
-from zope.interface import implementer
 
 from twistedlrp.stdlog import NUMBERS as _STDLIB
 from twistedlrp.stdlog import drop_django_console  # noqa: F401 - also offered here
@@ -202,20 +200,6 @@ def _second_time(when: float | None) -> str:
     return _last_second[1]
 
 
-@implementer(ILogFilterPredicate)
-class _AtLeast:
-    """Lets through the events of a level and above (whatever their namespace)."""
-
-    def __init__(self, level: LogLevel):
-        self.rank = _RANK[level]
-
-    def __call__(self, event: dict) -> PredicateResult:
-        level = event.get("log_level")
-        if level is not None and _RANK.get(level, 1) < self.rank:
-            return PredicateResult.no
-        return PredicateResult.maybe
-
-
 def make_observer(stream, log_format: str = "text", level: str = "info") -> ILogObserver:
     """
     @param stream: a text file (standard output, or twistd's log file).
@@ -224,7 +208,7 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
         (L{json_line}).
     """
     observer = FileLogObserver(stream, json_line if log_format == "json" else text_line)
-    return FilteringLogObserver(observer, [_AtLeast(LEVELS[level])])
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(LEVELS[level])])
 
 
 def twistd_log_file(twistd_options):

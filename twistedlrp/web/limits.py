@@ -9,11 +9,13 @@ from __future__ import annotations
 import resource as _resource
 from dataclasses import dataclass, field
 
-# The defaults of the limits (the options say the same, docs/serving.md).
-HEADER_TIMEOUT = 60.0  # --header-timeout: seconds to receive a whole request head
-MAX_HEADER_SIZE = 64 * 1024  # --max-header-size: request line + headers, in bytes
+from twistedlrp.options import default
+
+# The defaults of the limits are the options' (docs/serving.md).
+HEADER_TIMEOUT = default("header-timeout")
+MAX_HEADER_SIZE = default("max-header-size")
 MAX_HEADERS = 500  # header lines in one request head (twisted.web's own cap)
-WRITE_TIMEOUT = 60.0  # --write-timeout: seconds a response may wait for a client that reads nothing
+WRITE_TIMEOUT = default("write-timeout")
 # Bytes the kernel may hold for a TCP client beyond what its window lets out
 # (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
 # after a client stops reading, and a fast one is not slowed down.

@@ -127,7 +127,14 @@ def build_web(
     )
     health = HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
-    wsgi = WSGIResource(reactor, pool, application, _saturated, StreamSlots(limits.stream_threads))
+    wsgi = WSGIResource(
+        reactor,
+        pool,
+        application,
+        _saturated,
+        StreamSlots(limits.stream_threads),
+        multiprocess=options["web-workers"] > 1,
+    )
     health.streams = wsgi.streams
     statics = list(options["static"])
     if not statics and not options["no-static"]:

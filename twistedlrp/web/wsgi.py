@@ -24,11 +24,10 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from twistedlrp.web.limits import WRITE_TIMEOUT
+
 log = Logger()
 
-# Seconds a streaming write may wait for the reactor or a slow client, when
-# the site does not say (--write-timeout).
-_STREAM_WRITE_TIMEOUT = 60.0
 _NO_BODY_STATUSES = {204, 304}
 # Seconds between two looks at the reactor while a stream waits for a slow
 # client (the reactor's write deadline, not this, ends the wait).
@@ -106,8 +105,10 @@ class StreamSlots:
             return True
 
 
-def build_environ(request, remote_addr: str, scheme: str) -> dict:
+def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = False) -> dict:
     """
+    @param multiprocess: other processes serve the same application
+        (C{--web-workers} above 1).
     @return: the PEP 3333 environ for a twisted.web C{request}, built in the
         reactor thread before the request is handed to a pool thread.
     """
@@ -129,7 +130,7 @@ def build_environ(request, remote_addr: str, scheme: str) -> dict:
         "wsgi.input": request.content,
         "wsgi.errors": _ERRORS,
         "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
+        "wsgi.multiprocess": multiprocess,
         "wsgi.run_once": False,
     }
     for name, values in request.requestHeaders.getAllRawHeaders():
@@ -163,12 +164,14 @@ class WSGIResource(Resource):
     @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
     @param on_saturated: called with the request when the pool refuses it.
     @param streams: how many of its threads may stream at once (none: all).
+    @param multiprocess: other processes serve the same application.
     """
 
     isLeaf = True
 
-    def __init__(self, reactor, pool, application, on_saturated, streams=None):
+    def __init__(self, reactor, pool, application, on_saturated, streams=None, multiprocess=False):
         super().__init__()
+        self.multiprocess = multiprocess
         self._reactor = reactor
         self._pool = pool
         self._application = application
@@ -176,7 +179,7 @@ class WSGIResource(Resource):
         self.streams: StreamSlots | None = streams
 
     def render(self, request):
-        environ = build_environ(request, request.lrp_client, request.lrp_scheme)
+        environ = build_environ(request, request.lrp_client, request.lrp_scheme, self.multiprocess)
         response = _WSGIResponse(
             self._reactor,
             request,
@@ -195,7 +198,7 @@ class WSGIResource(Resource):
 def _write_timeout(request) -> float | None:
     """@return: the site's write deadline in seconds, or C{None} for none."""
     limits = getattr(getattr(request.channel, "site", None), "limits", None)
-    timeout = getattr(limits, "write_timeout", _STREAM_WRITE_TIMEOUT)
+    timeout = getattr(limits, "write_timeout", WRITE_TIMEOUT)
     return timeout or None
 
 
@@ -208,7 +211,7 @@ class _WSGIResponse:
         request,
         application,
         environ,
-        write_timeout=_STREAM_WRITE_TIMEOUT,
+        write_timeout=WRITE_TIMEOUT,
         streams: StreamSlots | None = None,
         reactor_deadline: bool = False,
     ):
