@@ -433,7 +433,7 @@ class BusyAnswer(protocol.Protocol):
         self._cut = None
 
     def connectionMade(self):
-        self._site._busy_answers += 1
+        self._site.busy_answers += 1
         body = b"Server busy: too many open connections. Retry shortly.\n"
         self.transport.write(short_answer(b"503 Service Unavailable", body, b"Retry-After: 1\r\n"))
         half_close = getattr(self.transport, "loseWriteConnection", None)
@@ -447,6 +447,6 @@ class BusyAnswer(protocol.Protocol):
         pass
 
     def connectionLost(self, reason):
-        self._site._busy_answers -= 1
+        self._site.busy_answers -= 1
         if self._cut is not None and self._cut.active():
             self._cut.cancel()

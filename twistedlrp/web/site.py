@@ -288,7 +288,7 @@ class LRPSite(server.Site):
         self._evicted: set[LRPChannel] = set()
         self.evictions = 0
         self.refusals = 0
-        self._busy_answers = 0  # 503 answers being sent
+        self.busy_answers = 0  # 503 answers being sent
         self._warned_full_at: float | None = None
         self._drained: defer.Deferred | None = None
         self.access_log = AccessLog(reactor, access_log_path, access_log_format)
@@ -305,7 +305,7 @@ class LRPSite(server.Site):
             if not self._make_room():
                 self.refusals += 1
                 self._warn_full()
-                if self._busy_answers >= MAX_BUSY_ANSWERS:
+                if self.busy_answers >= MAX_BUSY_ANSWERS:
                     return None  # closed at once
                 return BusyAnswer(self)
             self.evictions += 1
