@@ -10,8 +10,8 @@ touches a private attribute of an object it did not define.
 """
 
 # -- Twisted: listening ports and HTTP -----------------------------------
-# Mixins and functions: importing this module imports neither twisted.web nor
-# a port module (a job worker imports no Twisted, a job node no web module).
+# Mixins and functions: importing them imports neither twisted.web nor a port
+# module (a job worker imports no Twisted, a job node no web module).
 
 import os
 import stat
@@ -19,27 +19,19 @@ import stat
 
 class AdoptedUNIX:
     """
-    The mixin of a C{unix.Port} on a socket that another process bound
-    (systemd, the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s
-    port, it leaves the path's mode as its owner chose (not 0666), and when
-    it stops it neither shuts the socket down (which stops it for every
-    process) nor removes the path (which the next server needs).
+    The mixin of a C{unix.Port} on a socket another process bound (systemd,
+    the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s port, it
+    keeps the path's mode (not 0666), and when it stops it neither shuts the
+    socket down (for every process) nor removes the path (the next server's).
     """
 
     # To file: "adoptStreamPort(AF_UNIX) chmods, shuts down and unlinks a
-    # socket it did not bind" (TCP's adopted port already skips shutdown).
+    # socket it did not bind" (its TCP port already skips the shutdown).
     _shouldShutdown = False
 
     @classmethod
     def adopt(cls, reactor, fd: int, factory):
-        """
-        Listen on a duplicate of C{fd}, a listening UNIX stream socket; the
-        caller keeps C{fd}.
-
-        @return: the port, listening.
-        @raise OSError: C{fd} is not a socket.
-        @raise twisted.internet.error.CannotListenError: it cannot listen.
-        """
+        """@return: a port of this class listening on a duplicate of C{fd} (L{adopt_port})."""
         return adopt_port(cls, reactor, fd, None, factory)
 
     def startListening(self):
@@ -52,19 +44,20 @@ class AdoptedUNIX:
     def connectionLost(self, reason):
         from twisted.internet import tcp
 
-        # Not unix.Port's, which removes the path. An adopted port never
-        # holds a lock file (that needs wantPID).
+        # Not unix.Port's, which removes the path (and a lock file, which
+        # only wantPID makes).
         tcp.Port.connectionLost(self, reason)
 
 
 def adopt_port(port_class, reactor, fd: int, family: int | None, factory):
     """
-    Listen on a duplicate of C{fd} with a port of C{port_class} (a subclass
-    of C{tcp.Port}, given the address C{family}, or of C{unix.Port}, given
-    C{None}), as C{reactor.adoptStreamPort} does with Twisted's own classes.
+    Listen on a duplicate of C{fd} with a C{port_class} port (a C{tcp.Port}
+    given the address C{family}, a C{unix.Port} given C{None}), as
+    C{reactor.adoptStreamPort} does with Twisted's own classes.
 
     @return: the port, listening.
     @raise OSError: C{fd} is not a socket.
+    @raise twisted.internet.error.CannotListenError: it cannot listen.
     """
     # To file: "adoptStreamPort cannot be given the port class to use".
     args = (reactor, fd, factory) if family is None else (reactor, fd, family, factory)
@@ -75,25 +68,20 @@ def adopt_port(port_class, reactor, fd: int, family: int | None, factory):
 
 class OneAcceptPerTurn:
     """
-    A port mixin that accepts one connection per turn of the reactor
-    (Twisted accepts up to a hundred whenever the socket is readable), so
-    that processes sharing a listening socket share a burst of connections.
+    A port mixin that accepts one connection per turn of the reactor, not up
+    to a hundred: processes that share a socket share a burst of connections.
     """
 
-    # To file: "a public way to bound the accepts of one doRead" (Twisted
-    # resets this public-looking but undocumented counter after each turn).
+    # To file: "a public bound on the accepts of one doRead" (this counter
+    # is undocumented, and doRead resets it).
     def doRead(self):
         self.numberAccepts = 1
         return super().doRead()
 
 
 def buffered(transport) -> int:
-    """
-    @return: the bytes a TCP or UNIX transport holds that have not been
-        handed to the kernel yet (0 when it holds none).
-    """
-    # To file: "ITransport has no public count of buffered bytes" (see
-    # twisted/twisted#12742 for how doWrite handles these buffers).
+    """@return: the bytes a TCP or UNIX transport holds that the kernel has not taken."""
+    # To file: "ITransport has no public count of buffered bytes".
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
@@ -104,24 +92,22 @@ def write_shut(transport) -> bool:
 
 def set_connection_class(port, connection_class) -> None:
     """
-    Make the connections that a TCP or UNIX C{port} accepts from now on
-    instances of C{connection_class}, a subclass of the class it uses
-    (C{tcp.Server} or C{unix.Server}).
+    Make the connections a TCP or UNIX C{port} accepts from now on instances
+    of C{connection_class}, a subclass of its own (C{tcp.Server}, C{unix.Server}).
     """
-    # twisted/twisted#5303: a transport writes only on the reactor's next
-    # turn; a subclass that can send at once has no public hook to plug in.
+    # twisted/twisted#5303 (a transport writes on the reactor's next turn):
+    # a transport that sends at once has no public way in.
     port.transport = connection_class
 
 
 class HTTPChannelHooks:
     """
-    The mixin of a C{twisted.web.http.HTTPChannel} that gives public names
-    to the internals the server's channel needs (issue 20 replaces the
-    channel with a protocol of our own).
+    The mixin of a C{twisted.web.http.HTTPChannel} that names the internals
+    the server's channel needs (issue 20 replaces the channel with our own).
     """
 
     def answer_bad_request(self) -> None:
-        """Answer a request twisted.web cannot parse (it writes a bare 400)."""
+        """Answer a request twisted.web cannot parse (by default a bare 400)."""
         super()._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self):
@@ -133,28 +119,26 @@ class HTTPChannelHooks:
         return True
 
     def _send100Continue(self):
-        # twisted/twisted#7544: the 100 is sent with no say of the server.
+        # twisted/twisted#7544: the 100 is sent without asking the server.
         if self.may_continue():
             super()._send100Continue()
 
     @property
     def partial_line(self) -> bytes:
-        """The bytes after the last complete line received (line mode)."""
+        """The bytes after the last complete line received (in line mode)."""
         return self._buffer
 
     @property
     def parsing(self) -> bool:
-        """Whether LineReceiver's loop is on the stack (it re-enters with pipelined data)."""
+        """Whether LineReceiver's loop is on the stack (it re-enters for pipelined data)."""
         return bool(self._busyReceiving)
 
     @property
     def chunk_left(self) -> int:
-        """Bytes left of the chunk of a chunked body being read, else 0."""
+        """The bytes left of the chunk being read of a chunked body, else 0."""
         # To file: "no public view of a chunked body's current chunk size".
         decoder = self._transferDecoder
-        if getattr(decoder, "state", "") != "BODY":
-            return 0
-        return decoder.length
+        return decoder.length if getattr(decoder, "state", "") == "BODY" else 0
 
 
 # -- Twisted: AMP and transports -------------------------------------------

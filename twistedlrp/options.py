@@ -199,15 +199,6 @@ OPTIONS: tuple[Option, ...] = (
 )  # fmt: skip
 _BY_NAME = {option.name: option for option in OPTIONS}
 
-
-def default(name: str):
-    """
-    @return: the default of the option C{name} (the one place it is written).
-    @raise KeyError: there is no such option.
-    """
-    return _BY_NAME[name].default_value()
-
-
 # Options of other servers that people type by habit: what to say instead of
 # "did you mean" from difflib. Keys are spelled as typed.
 _HINTS: dict[str, tuple[str, str]] = {

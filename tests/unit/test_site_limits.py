@@ -681,7 +681,7 @@ def test_small_chunks_reach_the_reactor_together_and_in_order():
 
 
 def test_a_stream_beyond_the_stream_threads_is_answered_503_before_its_head():
-    from twistedlrp.web.wsgi import StreamSlots
+    from twistedlrp.web.limits import StreamSlots
 
     slots = StreamSlots(1)
     assert slots.take()  # another thread streams

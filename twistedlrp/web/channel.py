@@ -347,14 +347,11 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
 
     def close_for_drain(self) -> None:
         """
-        The server is stopping and this connection has no request in
-        progress. Between two requests of a keep-alive connection it is
-        closed now: a client must be ready for that and retries. A
-        connection whose first request has not been read yet is kept for
-        L{DRAIN_GRACE} seconds: it was accepted just before the listening
-        stopped, and its request is likely in the socket already. A request
-        head under way is answered; the head deadline and the graceful
-        deadline bound it.
+        The server stops, and this connection has no request in progress:
+        between two requests it is closed now (a client retries); before its
+        first, it gets L{DRAIN_GRACE} seconds (accepted just before the
+        listening stopped, its request is likely on its way); a head under
+        way is answered, within the head and graceful deadlines.
         """
         if self.answered and not self._head_begun:
             self.transport.loseConnection()
@@ -401,9 +398,9 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
 
     def evict(self) -> None:
         """
-        Cut this connection (it waits for a request head; room is needed),
-        and free its descriptor now: the reactor would close it only on its
-        next turn, and one turn may accept hundreds of connections.
+        Cut this connection (it awaits a request head; room is needed) and
+        free its descriptor now, not on the reactor's next turn (one turn
+        may accept hundreds of connections).
         """
         self._leave()
         self.transport.abortConnection()

@@ -1,16 +1,9 @@
 """
-The HTTP side of the server: connections, requests and where each goes.
-
-A request is routed by path: the health endpoint and static files are
-answered in the reactor; everything else goes to the WSGI container, which
-runs Django in the thread pool. This module also enforces the limits of
-docs/serving.md ("Limits"): a deadline for the request head (408), its size
-and number of header lines (431), the number of open connections (the one
-that waited longest for a request head makes room), the body size (413
-before the body is read); it answers a request head with bare LF line ends
-with 400, decides which forwarded headers to trust, hands each response to
-the access log (L{twistedlrp.web.accesslog}), and drains connections at
-shut-down.
+The HTTP side of the server: the site, its requests and where each goes (the
+health endpoint and static files in the reactor, the rest to the WSGI
+container). It enforces the connection and body limits of docs/serving.md
+(the head's are the channel's, L{twistedlrp.web.channel}), decides which
+forwarded headers to trust, logs each response and drains at shut-down.
 """
 
 from __future__ import annotations
@@ -65,25 +58,6 @@ KEEP_ALIVE_TIMEOUT = 60
 # Seconds we keep reading (and discarding) an oversized body after the 413,
 # so the client reads our answer instead of a connection reset.
 _LINGER_SECONDS = 5.0
-
-
-class _Discard:
-    """A request body sink that keeps nothing (for refused bodies)."""
-
-    def write(self, data):
-        pass
-
-    def seek(self, *args):
-        return 0
-
-    def tell(self):
-        return 0
-
-    def read(self, *args):
-        return b""
-
-    def close(self):
-        pass
 
 
 class TrustedProxies:
@@ -145,7 +119,8 @@ class LRPRequest(server.Request):
         if self.content is not None:
             self.content.close()
         self.lrp_rejected = True
-        self.content = _Discard()
+        # The rest of the body is dropped as it comes (handleContentChunk).
+        self.content = None
         channel = self.channel
         channel.persistent = False
         body = b"Request body too large.\n"
