@@ -14,6 +14,7 @@ target or the referrer (the job progress streams' tokens) is masked.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -22,6 +23,8 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 
 _log = Logger(namespace="twistedlrp.access")
+# The time stamp of the second (twisted.web's own log keeps one too).
+_log_time = functools.lru_cache(maxsize=1)(datetimeToLogString)
 
 # The mode of an access log file the server creates (before the umask).
 FILE_MODE = 0o640
@@ -61,17 +64,11 @@ class AccessLog:
             self._file.close()
             self._file = None
 
-    # The time stamp of this second (as twisted.web's own log keeps it).
-    _second = (None, "")
-
     def write(self, request) -> None:
         """Log the response to C{request}, finished now."""
         if not self.path:
             return
-        second = int(self.reactor.seconds())
-        if self._second[0] != second:
-            self._second = (second, datetimeToLogString(second))
-        line = combined_line(self._second[1], request)
+        line = combined_line(_log_time(int(self.reactor.seconds())), request)
         duration = time.monotonic() - request.lrp_arrived
         if self.with_duration:
             line += f" rt={duration:.3f}"
