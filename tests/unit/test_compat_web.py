@@ -203,3 +203,25 @@ def test_importing_compat_imports_no_web_or_port_module():
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_no_other_module_touches_the_internals_compat_names():
+    """The internals named in compat's ports, HTTP and Django sections appear nowhere else."""
+    import pathlib
+    import re
+
+    internals = re.compile(
+        r"\b(_fromListeningDescriptor|_shouldShutdown|_bindPath|numberAccepts|_tempDataLen"
+        r"|_writeDisconnected|_busyReceiving|_receivedHeaderCount|_abortingCall|_transferDecoder"
+        r"|_respondToBadRequestAndDisconnect|_send100Continue|_parsePOSTFormSubmission"
+        r"|_openLogFile|_logDateTime|_installSignalHandlers|errors_occurred|_populate)\b"
+    )
+    package = pathlib.Path(compat.__file__).parent
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "compat.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if internals.search(line)
+    ]
+    assert found == []
