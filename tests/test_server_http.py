@@ -52,6 +52,7 @@ def test_wsgi_environ_passes_wsgiref_validate(shared_server):
     assert data["SERVER_PORT"] == str(shared_server.port)
     assert data["REMOTE_ADDR"] == "127.0.0.1"
     assert data["wsgi.url_scheme"] == "http"
+    assert data["wsgi.multiprocess"] is False  # one process serves views
     assert data["headers"]["HTTP_X_CUSTOM"] == "yes"
     assert data["pid"] == shared_server.proc.pid
     posted = shared_server.get(

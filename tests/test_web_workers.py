@@ -73,6 +73,7 @@ def test_two_web_processes_serve_report_and_drain(lrp_server):
     assert distinct_pids(server) == set(pids.values())
     response = request(server.port, "/hello")
     assert response.status == 200 and response.text == "hello\n"
+    assert request(server.port, "/environ").json()["wsgi.multiprocess"] is True
     # Each web process's health lists them all, with their threads.
     body = health(server)
     assert body["status"] == "running" and body["pid"] in pids.values()

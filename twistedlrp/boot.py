@@ -294,7 +294,7 @@ def load_root_urlconf() -> None:
     try:
         resolver = get_resolver()
         resolver.url_patterns  # noqa: B018 - imports the URLconf module
-        resolver._populate()
+        resolver.reverse_dict  # noqa: B018 - builds the lookups for reverse()
         try:
             resolver.resolve("/")
         except Resolver404:

@@ -10,6 +10,135 @@ touches a private attribute of an object it did not define.
 """
 
 # -- Twisted: listening ports and HTTP -----------------------------------
+# Mixins and functions: importing them imports neither twisted.web nor a port
+# module (a job worker imports no Twisted, a job node no web module).
+
+import os
+import stat
+
+
+class AdoptedUNIX:
+    """
+    The mixin of a C{unix.Port} on a socket another process bound (systemd,
+    the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s port, it
+    keeps the path's mode (not 0666), and when it stops it neither shuts the
+    socket down (for every process) nor removes the path (the next server's).
+    """
+
+    # To file: "adoptStreamPort(AF_UNIX) chmods, shuts down and unlinks a
+    # socket it did not bind" (its TCP port already skips the shutdown).
+    _shouldShutdown = False
+
+    @classmethod
+    def adopt(cls, reactor, fd: int, factory):
+        """@return: a port of this class listening on a duplicate of C{fd} (L{adopt_port})."""
+        return adopt_port(cls, reactor, fd, None, factory)
+
+    def startListening(self):
+        try:
+            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
+        except (OSError, TypeError, ValueError):
+            pass  # Unnamed or abstract: Twisted does not chmod those.
+        super().startListening()
+
+    def connectionLost(self, reason):
+        from twisted.internet import tcp
+
+        # Not unix.Port's, which removes the path (and a lock file, which
+        # only wantPID makes).
+        tcp.Port.connectionLost(self, reason)
+
+
+def adopt_port(port_class, reactor, fd: int, family: int | None, factory):
+    """
+    Listen on a duplicate of C{fd} with a C{port_class} port (a C{tcp.Port}
+    given the address C{family}, a C{unix.Port} given C{None}), as
+    C{reactor.adoptStreamPort} does with Twisted's own classes.
+
+    @return: the port, listening.
+    @raise OSError: C{fd} is not a socket.
+    @raise twisted.internet.error.CannotListenError: it cannot listen.
+    """
+    # To file: "adoptStreamPort cannot be given the port class to use".
+    args = (reactor, fd, factory) if family is None else (reactor, fd, family, factory)
+    port = port_class._fromListeningDescriptor(*args)
+    port.startListening()
+    return port
+
+
+class OneAcceptPerTurn:
+    """
+    A port mixin that accepts one connection per turn of the reactor, not up
+    to a hundred: processes that share a socket share a burst of connections.
+    """
+
+    # To file: "a public bound on the accepts of one doRead" (this counter
+    # is undocumented, and doRead resets it).
+    def doRead(self):
+        self.numberAccepts = 1
+        return super().doRead()
+
+
+def buffered(transport) -> int:
+    """@return: the bytes a TCP or UNIX transport holds that the kernel has not taken."""
+    # To file: "ITransport has no public count of buffered bytes".
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def write_shut(transport) -> bool:
+    """@return: whether the transport's write side is closed (loseWriteConnection)."""
+    return bool(transport._writeDisconnected)
+
+
+def set_connection_class(port, connection_class) -> None:
+    """
+    Make the connections a TCP or UNIX C{port} accepts from now on instances
+    of C{connection_class}, a subclass of its own (C{tcp.Server}, C{unix.Server}).
+    """
+    # twisted/twisted#5303 (a transport writes on the reactor's next turn):
+    # a transport that sends at once has no public way in.
+    port.transport = connection_class
+
+
+class HTTPChannelHooks:
+    """
+    The mixin of a C{twisted.web.http.HTTPChannel} that names the internals
+    the server's channel needs (issue 20 replaces the channel with our own).
+    """
+
+    def answer_bad_request(self) -> None:
+        """Answer a request twisted.web cannot parse (by default a bare 400)."""
+        super()._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self):
+        # twisted/twisted#8250: no hook to answer (and cut) a bad request.
+        self.answer_bad_request()
+
+    def may_continue(self) -> bool:
+        """@return: whether to answer C{Expect: 100-continue} with 100."""
+        return True
+
+    def _send100Continue(self):
+        # twisted/twisted#7544: the 100 is sent without asking the server.
+        if self.may_continue():
+            super()._send100Continue()
+
+    @property
+    def partial_line(self) -> bytes:
+        """The bytes after the last complete line received (in line mode)."""
+        return self._buffer
+
+    @property
+    def parsing(self) -> bool:
+        """Whether LineReceiver's loop is on the stack (it re-enters for pipelined data)."""
+        return bool(self._busyReceiving)
+
+    @property
+    def chunk_left(self) -> int:
+        """The bytes left of the chunk being read of a chunked body, else 0."""
+        # To file: "no public view of a chunked body's current chunk size".
+        decoder = self._transferDecoder
+        return decoder.length if getattr(decoder, "state", "") == "BODY" else 0
 
 
 # -- Twisted: AMP and transports -------------------------------------------
@@ -19,3 +148,17 @@ touches a private attribute of an object it did not define.
 
 
 # -- Django ------------------------------------------------------------------
+
+
+def take_connection_errors(connection) -> bool:
+    """
+    @return: whether a database error was raised on the Django C{connection}
+        since the last call (the error may have left it unusable); the
+        record is cleared.
+    """
+    # Django sets this flag for close_if_unusable_or_obsolete(), which also
+    # closes a connection older than CONN_MAX_AGE (the store keeps its own
+    # whatever that setting says). To file: "a public way to know that a
+    # connection saw an error, without the CONN_MAX_AGE check".
+    errors, connection.errors_occurred = connection.errors_occurred, False
+    return errors

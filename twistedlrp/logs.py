@@ -22,6 +22,7 @@ the event carries a failure.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -31,17 +32,15 @@ from datetime import UTC, datetime
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
-    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
-    PredicateResult,
+    LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     globalLogBeginner,
 )
 from twisted.python import usage
-from zope.interface import implementer
 
 from twistedlrp.stdlog import NUMBERS as _STDLIB
 from twistedlrp.stdlog import drop_django_console  # noqa: F401 - also offered here
@@ -189,31 +188,12 @@ def _message(event: dict) -> str:
     return formatEvent(event)
 
 
-_last_second: list = [None, ""]
+# twistd's time stamps have whole seconds: each is formatted once.
+_format_second = functools.lru_cache(maxsize=1)(formatTime)
 
 
 def _second_time(when: float | None) -> str:
-    # twistd's time stamps have whole seconds: format each second once.
-    if when is None:
-        return formatTime(when)
-    second = int(when)
-    if _last_second[0] != second:
-        _last_second[:] = [second, formatTime(second)]
-    return _last_second[1]
-
-
-@implementer(ILogFilterPredicate)
-class _AtLeast:
-    """Lets through the events of a level and above (whatever their namespace)."""
-
-    def __init__(self, level: LogLevel):
-        self.rank = _RANK[level]
-
-    def __call__(self, event: dict) -> PredicateResult:
-        level = event.get("log_level")
-        if level is not None and _RANK.get(level, 1) < self.rank:
-            return PredicateResult.no
-        return PredicateResult.maybe
+    return _format_second(None if when is None else int(when))
 
 
 def make_observer(stream, log_format: str = "text", level: str = "info") -> ILogObserver:
@@ -224,7 +204,7 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
         (L{json_line}).
     """
     observer = FileLogObserver(stream, json_line if log_format == "json" else text_line)
-    return FilteringLogObserver(observer, [_AtLeast(LEVELS[level])])
+    return FilteringLogObserver(observer, [LogLevelFilterPredicate(LEVELS[level])])
 
 
 def twistd_log_file(twistd_options):
@@ -312,6 +292,14 @@ def begin(lrp_args: list[str], stream=None) -> None:
 # -- stdlib logging ----------------------------------------------------------------
 
 
+_FROM_STDLIB = (
+    (logging.CRITICAL, LogLevel.critical),
+    (logging.ERROR, LogLevel.error),
+    (logging.WARNING, LogLevel.warn),
+    (logging.INFO, LogLevel.info),
+)
+
+
 class _Bridge(logging.Handler):
     """Hands stdlib records to twisted.logger, under the record's logger name."""
 
@@ -324,16 +312,9 @@ class _Bridge(logging.Handler):
             text = record.getMessage()
             if record.exc_info:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
-            if record.levelno >= logging.CRITICAL:
-                level = LogLevel.critical
-            elif record.levelno >= logging.ERROR:
-                level = LogLevel.error
-            elif record.levelno >= logging.WARNING:
-                level = LogLevel.warn
-            elif record.levelno >= logging.INFO:
-                level = LogLevel.info
-            else:
-                level = LogLevel.debug
+            level = next(
+                (ours for at, ours in _FROM_STDLIB if record.levelno >= at), LogLevel.debug
+            )
             Logger(namespace=record.name).emit(level, "{log_text}", log_text=text)
         except Exception:
             self.handleError(record)

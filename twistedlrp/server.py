@@ -168,7 +168,7 @@ class LRPServer(OrderedService):
 
     def _begin(self) -> None:
         self.stop_signals.install()
-        if self.role == "web" and getattr(self.reactor, "_installSignalHandlers", False):
+        if self.role == "web" and self.stop_signals.installed:
             # The main process stops its web processes (SIGTERM, or end of
             # file on the channel); a Ctrl-C on the terminal reaches it.
             signal.signal(signal.SIGINT, signal.SIG_IGN)

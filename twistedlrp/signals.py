@@ -25,11 +25,18 @@ class StopSignals:
         self._on_first = on_first
         self._on_second = on_second
         self.seen = 0
+        self.installed = False
 
     def install(self) -> None:
-        """Replace the reactor's SIGTERM and SIGINT handlers (when it installed any)."""
-        if not getattr(self._reactor, "_installSignalHandlers", False):
+        """
+        Replace the reactor's SIGTERM and SIGINT handlers, when it installed
+        any (C{installed} says whether it did).
+        """
+        # A running reactor that handles signals always sets SIGTERM's
+        # handler (SIGINT's only when it is Python's default).
+        if not callable(signal.getsignal(signal.SIGTERM)):
             return
+        self.installed = True
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._received)
 

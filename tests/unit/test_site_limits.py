@@ -331,6 +331,28 @@ def test_twisted_web_s_own_400_says_connection_close():
     assert b"Connection: close\r\n" in transport.value()
 
 
+@pytest.mark.parametrize(
+    "content_type, body",
+    [
+        (b"application/x-www-form-urlencoded", b"a=1&b=2"),
+        (b"multipart/form-data; boundary=x", b"--x\r\nnot a part"),
+    ],
+)
+def test_a_form_body_is_left_to_the_application_unparsed(content_type, body):
+    clock = Clock()
+    application = Answer(hold=True)
+    site = make_site(clock, application)
+    channel, transport = connect(site)
+    channel.dataReceived(
+        b"POST /form HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (content_type, len(body), body)
+    )
+    (request,) = application.held
+    assert request.args == {}
+    assert request.content.read() == body
+    assert transport.value() == b""
+
+
 # -- the connection cap -------------------------------------------------------
 
 
@@ -659,7 +681,7 @@ def test_small_chunks_reach_the_reactor_together_and_in_order():
 
 
 def test_a_stream_beyond_the_stream_threads_is_answered_503_before_its_head():
-    from twistedlrp.web.wsgi import StreamSlots
+    from twistedlrp.web.limits import StreamSlots
 
     slots = StreamSlots(1)
     assert slots.take()  # another thread streams

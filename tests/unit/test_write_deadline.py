@@ -3,7 +3,7 @@ The write deadline of a connection's transport (web/ports.py) on a fake
 clock: bytes that cannot go out are cut --write-timeout after the last
 progress (a byte sent, or on Linux a byte the peer acknowledged), counted
 from the write that could not go out; and the share of the pool that
-streaming responses may take (web/wsgi.py StreamSlots).
+streaming responses may take (web/limits.py StreamSlots).
 """
 
 import struct
@@ -15,8 +15,7 @@ from twisted.internet.task import Clock
 
 from twistedlrp.options import Options
 from twistedlrp.web import ports
-from twistedlrp.web.limits import Limits, default_stream_threads
-from twistedlrp.web.wsgi import StreamSlots
+from twistedlrp.web.limits import Limits, StreamSlots, default_stream_threads
 
 TIMEOUT = 10.0
 

@@ -2,6 +2,7 @@
 
 import io
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.web.http_headers import Headers
 
@@ -61,3 +62,21 @@ def test_a_body_without_content_length_gets_its_buffered_size():
     assert environ["wsgi.input"].read() == b"0123456789"
     empty = build_environ(FakeRequest(b"/"), "", "http")
     assert "CONTENT_LENGTH" not in empty
+
+
+def test_wsgi_multiprocess_says_whether_other_processes_serve_the_application():
+    assert build_environ(FakeRequest(b"/"), "", "http")["wsgi.multiprocess"] is False
+    assert build_environ(FakeRequest(b"/"), "", "http", True)["wsgi.multiprocess"] is True
+
+
+@pytest.mark.parametrize("web_workers, multiprocess", [("1", False), ("2", True)])
+def test_the_web_side_is_multiprocess_with_several_web_workers(web_workers, multiprocess):
+    from twisted.internet.task import Clock
+
+    from twistedlrp.options import Options
+    from twistedlrp.web.service import build_web
+
+    options = Options()
+    options.parseOptions(["--web-workers", web_workers, "--no-static", "--no-metrics"])
+    _, web, _ = build_web(Clock(), options, lambda environ, start: [], lambda: "running", 0.0)
+    assert web.site.root._application.multiprocess is multiprocess

@@ -14,13 +14,17 @@ target or the referrer (the job progress streams' tokens) is masked.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 
 from twisted.logger import Logger
+from twisted.web.http import datetimeToLogString
 
 _log = Logger(namespace="twistedlrp.access")
+# The time stamp of the second (twisted.web's own log keeps one too).
+_log_time = functools.lru_cache(maxsize=1)(datetimeToLogString)
 
 # The mode of an access log file the server creates (before the umask).
 FILE_MODE = 0o640
@@ -60,11 +64,11 @@ class AccessLog:
             self._file.close()
             self._file = None
 
-    def write(self, request, timestamp: str) -> None:
-        """Log the response to C{request}, finished at C{timestamp} (CLF time)."""
+    def write(self, request) -> None:
+        """Log the response to C{request}, finished now."""
         if not self.path:
             return
-        line = combined_line(request, timestamp)
+        line = combined_line(_log_time(int(self.reactor.seconds())), request)
         duration = time.monotonic() - request.lrp_arrived
         if self.with_duration:
             line += f" rt={duration:.3f}"
@@ -100,8 +104,11 @@ def mask_tokens(text: str) -> str:
     return _TOKEN.sub(r"\1" + MASK, text)
 
 
-def combined_line(request, timestamp: str) -> str:
-    """@return: the combined-log-format line of a finished request."""
+def combined_line(timestamp: str, request) -> str:
+    """
+    @return: the combined-log-format line of a finished request, finished
+        at C{timestamp} (an C{IAccessLogFormatter}, as twisted.web's own).
+    """
     length = request.sentLength or "-"
     return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
         request.lrp_client or "-",

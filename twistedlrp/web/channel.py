@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 
+from twistedlrp import compat
 from twistedlrp.web import ports
 from twistedlrp.web.accesslog import mask_tokens, quote
 from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
@@ -27,7 +28,7 @@ DRAIN_GRACE = 1.0
 MAX_CHUNK_SIZE = 2**63
 
 
-class LRPChannel(http.HTTPChannel):
+class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
     """
     An HTTP connection the site keeps track of (to drain it at shut-down, and
     to count it against C{--max-connections}) that enforces the limits on
@@ -48,6 +49,8 @@ class LRPChannel(http.HTTPChannel):
     _authority: bytes | None = None
     # Whether a byte of the current request has arrived.
     _head_begun = False
+    # Header lines of the current request head.
+    _header_lines = 0
     # The head deadline (a DelayedCall), running while awaiting_head.
     _head_call = None
     # Answered or cut already: it is on its way out.
@@ -58,6 +61,8 @@ class LRPChannel(http.HTTPChannel):
     draining = False
     # The shut-down's grace for a first request (a DelayedCall).
     _drain_call = None
+    # Cuts a connection that does not read its last answer (a DelayedCall).
+    _cut_call = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -135,8 +140,9 @@ class LRPChannel(http.HTTPChannel):
 
     def connectionLost(self, reason):
         self._stop_head_deadline()
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
+        for call in (self._drain_call, self._cut_call):
+            if call is not None and call.active():
+                call.cancel()
         self.site.channel_gone(self)
         super().connectionLost(reason)
         self.site.channel_closed()
@@ -146,6 +152,7 @@ class LRPChannel(http.HTTPChannel):
     def _await_head(self) -> None:
         self.awaiting_head = True
         self._head_bytes = 0
+        self._header_lines = 0
         self._head_begun = False
         self._request_line_seen = False
         self._host_seen = False
@@ -183,12 +190,12 @@ class LRPChannel(http.HTTPChannel):
         if (
             self.awaiting_head
             and self.line_mode
-            and not self._busyReceiving
+            and not self.parsing
             and not self.closing
             and not self.transport.disconnecting
         ):
             # What is left is an incomplete line of the head.
-            pending = self._buffer
+            pending = self.partial_line
             if b"\n" in pending:
                 self._bare_line_feed()
             elif self._head_bytes + len(pending) > self.site.limits.max_header_size:
@@ -259,9 +266,10 @@ class LRPChannel(http.HTTPChannel):
         return None
 
     def headerReceived(self, line):
-        if self._receivedHeaderCount >= self.maxHeaders:
+        if self._header_lines >= self.maxHeaders:
             self._head_too_large()
             return False
+        self._header_lines += 1
         if line[:5].lower() == b"host:":
             if self._host_seen:
                 self.answer_and_close(
@@ -275,8 +283,7 @@ class LRPChannel(http.HTTPChannel):
         super().rawDataReceived(data)
         # twisted.web takes any chunk size; one no body can have is refused
         # now, before the client sends (or pretends to send) that much.
-        decoder = self._transferDecoder
-        remaining = getattr(decoder, "length", 0) if getattr(decoder, "state", "") == "BODY" else 0
+        remaining = self.chunk_left
         if not remaining or self.closing or not self.requests:
             return
         request = self.requests[-1]
@@ -309,7 +316,7 @@ class LRPChannel(http.HTTPChannel):
             # Before twisted.web replays pipelined data into dataReceived.
             self._await_head()
         super().requestDone(request)
-        if self.awaiting_head and self._buffer:
+        if self.awaiting_head and self.partial_line:
             # Answered while its bytes were being parsed: the bytes after it
             # (still in the line buffer) begin the next request.
             self._head_begun = True
@@ -332,7 +339,7 @@ class LRPChannel(http.HTTPChannel):
     def _bare_line_feed(self) -> None:
         self.answer_and_close(b"400 Bad Request", b"Bad request: lines must end with CRLF.\n")
 
-    def _respondToBadRequestAndDisconnect(self):
+    def answer_bad_request(self):
         # twisted.web's own answer is a bare status line, without Connection: close.
         self.answer_and_close(b"400 Bad Request", b"Bad request.\n")
 
@@ -340,14 +347,11 @@ class LRPChannel(http.HTTPChannel):
 
     def close_for_drain(self) -> None:
         """
-        The server is stopping and this connection has no request in
-        progress. Between two requests of a keep-alive connection it is
-        closed now: a client must be ready for that and retries. A
-        connection whose first request has not been read yet is kept for
-        L{DRAIN_GRACE} seconds: it was accepted just before the listening
-        stopped, and its request is likely in the socket already. A request
-        head under way is answered; the head deadline and the graceful
-        deadline bound it.
+        The server stops, and this connection has no request in progress:
+        between two requests it is closed now (a client retries); before its
+        first, it gets L{DRAIN_GRACE} seconds (accepted just before the
+        listening stopped, its request is likely on its way); a head under
+        way is answered, within the head and graceful deadlines.
         """
         if self.answered and not self._head_begun:
             self.transport.loseConnection()
@@ -381,21 +385,22 @@ class LRPChannel(http.HTTPChannel):
         self._leave()
         if not under_way:
             self.transport.write(short_answer(status, body))
-        self.loseConnection()
-        if self._abortingCall is None:
-            self._abortingCall = self.callLater(ANSWER_SECONDS, self.forceAbortClient)
+        self._lose_within_seconds()
 
     def _close_quietly(self) -> None:
         self._leave()
+        self._lose_within_seconds()
+
+    def _lose_within_seconds(self) -> None:
         self.loseConnection()
-        if self._abortingCall is None:
-            self._abortingCall = self.callLater(ANSWER_SECONDS, self.forceAbortClient)
+        if self._cut_call is None:
+            self._cut_call = self.callLater(ANSWER_SECONDS, self.forceAbortClient)
 
     def evict(self) -> None:
         """
-        Cut this connection (it waits for a request head; room is needed),
-        and free its descriptor now: the reactor would close it only on its
-        next turn, and one turn may accept hundreds of connections.
+        Cut this connection (it awaits a request head; room is needed) and
+        free its descriptor now, not on the reactor's next turn (one turn
+        may accept hundreds of connections).
         """
         self._leave()
         self.transport.abortConnection()
@@ -405,10 +410,8 @@ class LRPChannel(http.HTTPChannel):
         if transport is not None:
             transport.connectionLost(Failure(error.ConnectionAborted()))
 
-    def _send100Continue(self):
-        if self.requests and self.requests[-1].lrp_rejected:
-            return
-        super()._send100Continue()
+    def may_continue(self) -> bool:
+        return not (self.requests and self.requests[-1].lrp_rejected)
 
     @property
     def idle(self) -> bool:
@@ -427,7 +430,7 @@ class BusyAnswer(protocol.Protocol):
         self._cut = None
 
     def connectionMade(self):
-        self._site._busy_answers += 1
+        self._site.busy_answers += 1
         body = b"Server busy: too many open connections. Retry shortly.\n"
         self.transport.write(short_answer(b"503 Service Unavailable", body, b"Retry-After: 1\r\n"))
         half_close = getattr(self.transport, "loseWriteConnection", None)
@@ -441,6 +444,6 @@ class BusyAnswer(protocol.Protocol):
         pass
 
     def connectionLost(self, reason):
-        self._site._busy_answers -= 1
+        self._site.busy_answers -= 1
         if self._cut is not None and self._cut.active():
             self._cut.cancel()

@@ -34,7 +34,7 @@ class HealthResource(Resource):
         # name -> callable returning a JSON-able dict (or None: no section),
         # for other components (the job service adds its counts here).
         self.sections: dict[str, Callable[[], dict]] = {}
-        # The threads that may stream (web/wsgi.py StreamSlots), if any.
+        # The threads that may stream (web/limits.py StreamSlots), if any.
         self.streams = None
         # Returns the threads in a job call (jobs/client.py CallSlots), if limited.
         self.job_calls: Callable[[], dict | None] | None = None

@@ -7,13 +7,18 @@ short answers a refused connection gets.
 from __future__ import annotations
 
 import resource as _resource
+import threading
+import time
 from dataclasses import dataclass, field
 
-# The defaults of the limits (the options say the same, docs/serving.md).
-HEADER_TIMEOUT = 60.0  # --header-timeout: seconds to receive a whole request head
-MAX_HEADER_SIZE = 64 * 1024  # --max-header-size: request line + headers, in bytes
+from twistedlrp.options import OPTIONS
+
+# The defaults of the limits are the options' (docs/serving.md).
+_DEFAULT = {option.name: option.default for option in OPTIONS}
+HEADER_TIMEOUT = _DEFAULT["header-timeout"]
+MAX_HEADER_SIZE = _DEFAULT["max-header-size"]
 MAX_HEADERS = 500  # header lines in one request head (twisted.web's own cap)
-WRITE_TIMEOUT = 60.0  # --write-timeout: seconds a response may wait for a client that reads nothing
+WRITE_TIMEOUT = _DEFAULT["write-timeout"]
 # Bytes the kernel may hold for a TCP client beyond what its window lets out
 # (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
 # after a client stops reading, and a fast one is not slowed down.
@@ -32,7 +37,8 @@ ANSWER_SECONDS = 5.0
 # 503 answers (connection limit, every connection busy) sent at once at most;
 # beyond, a new connection is closed without one.
 MAX_BUSY_ANSWERS = 32
-# Seconds between two warnings that the connection limit is reached.
+# Seconds between two warnings that the connection limit is reached, or
+# that streams were refused a thread.
 FULL_WARNING_INTERVAL = 60.0
 
 
@@ -96,6 +102,45 @@ class Limits:
             stream_threads=options.get("stream-threads")
             or default_stream_threads(options.get("threads", 8)),
         )
+
+
+class StreamSlots:
+    """
+    How many pool threads may stream a response at once (C{--stream-threads}).
+    A response that would stream beyond is answered 503 before its head
+    is sent. Used from the pool threads.
+
+    @ivar taken: threads streaming now.
+    @ivar refused: responses answered 503 for want of a slot, so far.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.taken = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._warned_at: float | None = None
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.taken >= self.limit:
+                self.refused += 1
+                return False
+            self.taken += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.taken -= 1
+
+    def should_warn(self) -> bool:
+        """@return: whether to warn about a refusal now (at most once a minute)."""
+        now = time.monotonic()
+        with self._lock:
+            if self._warned_at is not None and now - self._warned_at < FULL_WARNING_INTERVAL:
+                return False
+            self._warned_at = now
+            return True
 
 
 def short_answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:

@@ -4,19 +4,14 @@ process, and the transport of their connections (L{cork_writes}).
 
 A socket that another process bound (systemd, or the C{--reload}
 supervisor, which passes its sockets to each server as C{systemd:}
-endpoints) belongs to that process, and outlives every port that adopts it.
-Twisted's UNIX port treats an adopted socket like one it bound itself: it
-sets the path's mode to 0666 when it starts, and shuts the socket down and
-removes its path when it stops. L{AdoptedUNIXPort} does none of that, so
-the next server (or the supervisor's error page) can listen on the same
-socket, at the same path, with the mode its owner chose.
+endpoints) belongs to that process, and outlives every port that adopts it:
+a UNIX one is adopted with L{AdoptedUNIXPort}, which keeps its path and mode.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import stat
 import struct
 import sys
 
@@ -26,70 +21,20 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IListeningPort
 from twisted.python.util import untilConcludes
 
+from twistedlrp import compat
+
 __all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen", "socket_transport"]
 
 
-class AdoptedUNIXPort(unix.Port):
-    """
-    A UNIX listening port on a socket that someone else bound: it leaves the
-    socket's path and mode as they are, and does not shut the socket down
-    when it stops listening (it only closes its own descriptor).
-    """
-
-    # Twisted's TCP port sets this for an adopted socket; its UNIX port
-    # does not, and shutdown() would stop the socket for every process.
-    _shouldShutdown = False
-
-    @classmethod
-    def adopt(cls, reactor, fd: int, factory) -> AdoptedUNIXPort:
-        """
-        Listen on a duplicate of C{fd}, a listening UNIX stream socket; the
-        caller keeps C{fd} open or closes it as it likes.
-
-        @return: the port, listening.
-        @raise OSError: C{fd} is not a socket.
-        @raise twisted.internet.error.CannotListenError: it cannot listen.
-        """
-        # The same constructor as reactor.adoptStreamPort uses, for this class.
-        port = cls._fromListeningDescriptor(reactor, fd, factory)
-        port.startListening()
-        return port
-
-    def startListening(self):
-        # Twisted's port sets its path to self.mode (0666 by default).
-        try:
-            self.mode = stat.S_IMODE(os.stat(self._bindPath).st_mode)
-        except (OSError, TypeError, ValueError):
-            pass  # Unnamed or abstract: Twisted does not chmod those.
-        super().startListening()
-
-    def connectionLost(self, reason):
-        # Not unix.Port's: it removes the path, which the next server needs.
-        # An adopted port never holds a lock file (that needs wantPID).
-        tcp.Port.connectionLost(self, reason)
+class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
+    """A UNIX port on a socket another process bound: it keeps the socket's path and mode."""
 
 
-class _OneAcceptPerTurn:
-    """
-    A port on a socket that other processes accept on too (the web
-    processes of C{--web-workers}). Twisted's port accepts up to a hundred
-    connections whenever its socket is readable, so the first process to
-    wake takes a whole burst (all 32 connections of a load test, and the
-    other process idles). Taking one per turn of its reactor leaves the
-    next connection to whichever process is free first.
-    """
-
-    def doRead(self):
-        # Twisted raises it after a turn that accepted as many as it could.
-        self.numberAccepts = 1
-        return super().doRead()
-
-
-class _SharedTCPPort(_OneAcceptPerTurn, tcp.Port):
+class _SharedTCPPort(compat.OneAcceptPerTurn, tcp.Port):
     pass
 
 
-class _SharedUNIXPort(_OneAcceptPerTurn, AdoptedUNIXPort):
+class _SharedUNIXPort(compat.OneAcceptPerTurn, AdoptedUNIXPort):
     pass
 
 
@@ -100,7 +45,7 @@ def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IList
     C{reactor.adoptStreamPort}. The caller keeps C{fd}.
 
     @param shared: other processes accept on the same socket at the same
-        time: take one connection at a time (L{_OneAcceptPerTurn}).
+        time: take one connection per turn (L{compat.OneAcceptPerTurn}).
     @return: the port, listening.
     @raise OSError: C{fd} is not a socket.
     @raise twisted.internet.error.UnsupportedAddressFamily: the reactor
@@ -112,10 +57,7 @@ def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IList
         return reactor.adoptStreamPort(fd, family, factory)
     if family not in (socket.AF_INET, socket.AF_INET6):
         raise error.UnsupportedAddressFamily(family)
-    # As reactor.adoptStreamPort does, for this class.
-    port = _SharedTCPPort._fromListeningDescriptor(reactor, fd, family, factory)
-    port.startListening()
-    return port
+    return compat.adopt_port(_SharedTCPPort, reactor, fd, family, factory)
 
 
 def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:
@@ -214,8 +156,7 @@ class _CorkedWrites:
         self._on_stalled = on_stalled
 
     def _waiting(self) -> bool:
-        """Whether bytes wait in Twisted's buffer."""
-        return len(self.dataBuffer) > self.offset or bool(self._tempDataLen)
+        return compat.buffered(self) > 0
 
     def _begin_wait(self, waiting_before: bool) -> None:
         # After a write: if nothing waited before it, its bytes wait from now.
@@ -263,10 +204,9 @@ class _CorkedWrites:
         """Hold the writes that follow, if nothing is queued before them."""
         if not (
             self.TLS
-            or self.dataBuffer
-            or self._tempDataLen
+            or compat.buffered(self)
             or self.disconnecting
-            or self._writeDisconnected
+            or compat.write_shut(self)
             or not self.connected
         ):
             self._corked = []
@@ -342,7 +282,7 @@ def cork_writes(port) -> None:
     """
     corked = _CORKED.get(getattr(port, "transport", None))
     if corked is not None:
-        port.transport = corked
+        compat.set_connection_class(port, corked)
 
 
 # -- sockets held for other processes ---------------------------------------
@@ -407,8 +347,6 @@ def bind(reactor, endpoint: str) -> ListeningSocket:
     @raise Exception: it cannot listen (the endpoint's own error), or the
         endpoint does not listen synchronously.
     """
-    from twisted.internet.endpoints import serverFromString
-
     results = []
     serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
     if not results:

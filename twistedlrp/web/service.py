@@ -19,9 +19,10 @@ from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.events import JobEvents
 from twistedlrp.web.health import HealthResource
+from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
-from twistedlrp.web.site import Limits, LRPSite, Router
-from twistedlrp.web.wsgi import StreamSlots, WSGIResource
+from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.wsgi import WSGIResource
 
 
 class ThreadPoolService(service.Service):
@@ -127,7 +128,8 @@ def build_web(
     )
     health = HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
-    wsgi = WSGIResource(reactor, pool, application, _saturated, StreamSlots(limits.stream_threads))
+    streams, multiprocess = StreamSlots(limits.stream_threads), options["web-workers"] > 1
+    wsgi = WSGIResource(reactor, pool, application, _saturated, streams, multiprocess)
     health.streams = wsgi.streams
     statics = list(options["static"])
     if not statics and not options["no-static"]:

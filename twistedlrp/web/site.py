@@ -1,20 +1,14 @@
 """
-The HTTP side of the server: connections, requests and where each goes.
-
-A request is routed by path: the health endpoint and static files are
-answered in the reactor; everything else goes to the WSGI container, which
-runs Django in the thread pool. This module also enforces the limits of
-docs/serving.md ("Limits"): a deadline for the request head (408), its size
-and number of header lines (431), the number of open connections (the one
-that waited longest for a request head makes room), the body size (413
-before the body is read); it answers a request head with bare LF line ends
-with 400, decides which forwarded headers to trust, hands each response to
-the access log (L{twistedlrp.web.accesslog}), and drains connections at
-shut-down.
+The HTTP side of the server: the site, its requests and where each goes (the
+health endpoint and static files in the reactor, the rest to the WSGI
+container). It enforces the connection and body limits of docs/serving.md
+(the head's are the channel's, L{twistedlrp.web.channel}), decides which
+forwarded headers to trust, logs each response and drains at shut-down.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -37,18 +31,14 @@ log = Logger()
 
 SERVER_HEADER = b"twistedlrp"
 
-# The Date header of this second (formatting it for every request took 2 % of
-# the reactor's time under load).
-_date = (0, b"")
+# Formatting the Date header for every request took 2 % of the reactor's
+# time under load: it is formatted once a second.
+_http_date = functools.lru_cache(maxsize=1)(http.datetimeToString)
 
 
 def http_date() -> bytes:
-    """@return: the current time as an HTTP date (computed once a second; reactor thread)."""
-    global _date
-    second = int(time.time())
-    if _date[0] != second:
-        _date = (second, http.datetimeToString(second))
-    return _date[1]
+    """@return: the current time as an HTTP date."""
+    return _http_date(int(time.time()))
 
 
 def finish_with_text(request, code: int, body: bytes) -> None:
@@ -65,25 +55,6 @@ KEEP_ALIVE_TIMEOUT = 60
 # Seconds we keep reading (and discarding) an oversized body after the 413,
 # so the client reads our answer instead of a connection reset.
 _LINGER_SECONDS = 5.0
-
-
-class _Discard:
-    """A request body sink that keeps nothing (for refused bodies)."""
-
-    def write(self, data):
-        pass
-
-    def seek(self, *args):
-        return 0
-
-    def tell(self):
-        return 0
-
-    def read(self, *args):
-        return b""
-
-    def close(self):
-        pass
 
 
 class TrustedProxies:
@@ -106,8 +77,6 @@ class TrustedProxies:
 class LRPRequest(server.Request):
     """A request that enforces the body limit and knows its real client."""
 
-    # Django parses bodies itself; twisted.web would parse form posts again.
-    _parsePOSTFormSubmission = False
     defaultContentType = None
     lrp_rejected = False
     lrp_client = ""
@@ -147,7 +116,8 @@ class LRPRequest(server.Request):
         if self.content is not None:
             self.content.close()
         self.lrp_rejected = True
-        self.content = _Discard()
+        # The rest of the body is dropped as it comes (handleContentChunk).
+        self.content = None
         channel = self.channel
         channel.persistent = False
         body = b"Request body too large.\n"
@@ -271,7 +241,11 @@ class LRPSite(server.Site):
         limits: Limits | None = None,
         access_log_format: str = "combined",
     ):
-        super().__init__(root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor)
+        # Django parses bodies itself; twisted.web would parse form posts
+        # again (and answer 400 to a multipart body it cannot parse).
+        super().__init__(
+            root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor, parsePOSTFormSubmission=False
+        )
         self.limits = limits if limits is not None else Limits()
         self.root = root
         self.noisy = False
@@ -286,7 +260,7 @@ class LRPSite(server.Site):
         self._evicted: set[LRPChannel] = set()
         self.evictions = 0
         self.refusals = 0
-        self._busy_answers = 0  # 503 answers being sent
+        self.busy_answers = 0  # 503 answers being sent
         self._warned_full_at: float | None = None
         self._drained: defer.Deferred | None = None
         self.access_log = AccessLog(reactor, access_log_path, access_log_format)
@@ -303,7 +277,7 @@ class LRPSite(server.Site):
             if not self._make_room():
                 self.refusals += 1
                 self._warn_full()
-                if self._busy_answers >= MAX_BUSY_ANSWERS:
+                if self.busy_answers >= MAX_BUSY_ANSWERS:
                     return None  # closed at once
                 return BusyAnswer(self)
             self.evictions += 1
@@ -412,13 +386,10 @@ class LRPSite(server.Site):
         super().stopFactory()
         self.access_log.close()
 
-    def _openLogFile(self, path):
-        return None
-
     def log(self, request):
         if self.metrics is not None:
             self.metrics.observe(request)
-        self.access_log.write(request, self._logDateTime or http.datetimeToLogString())
+        self.access_log.write(request)
 
     # -- shut-down ------------------------------------------------------
 

@@ -20,7 +20,9 @@ FINDERS = "<staticfiles finders>"
 
 
 class StaticDirectory(static.File):
-    """A directory of files with no directory listings."""
+    """A directory of files with no directory listings, and no index files."""
+
+    indexNames: list[str] = []
 
     def directoryListing(self):
         return resource.NoResource("No such file.")
@@ -28,7 +30,6 @@ class StaticDirectory(static.File):
     def createSimilarFile(self, path):
         similar = StaticDirectory(path, self.defaultType, self.ignoredExts, self.registry)
         similar.processors = self.processors
-        similar.indexNames = []
         return similar
 
 
@@ -81,11 +82,7 @@ def make_static(directory: str) -> StaticDirectory | FoundFiles:
     @return: a resource serving the files below C{directory}, or through
         the staticfiles finders if C{directory} is L{FINDERS}.
     """
-    if directory == FINDERS:
-        return FoundFiles()
-    files = StaticDirectory(directory)
-    files.indexNames = []
-    return files
+    return FoundFiles() if directory == FINDERS else StaticDirectory(directory)
 
 
 def default_static_mapping() -> list[tuple[str, str]]:
@@ -165,9 +162,7 @@ def security_headers() -> list[tuple[bytes, bytes]]:
 
 
 def serve(files: StaticDirectory | FoundFiles, request, remaining: list[bytes]):
-    """
-    Render the file named by the path segments C{remaining} below C{files}.
-    """
+    """Render the file named by the path segments C{remaining} below C{files}."""
     if isinstance(files, FoundFiles):
         return files.render(request, remaining)
     request.postpath = list(remaining)

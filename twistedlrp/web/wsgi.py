@@ -1,34 +1,27 @@
 """
-The WSGI container: runs the application in the thread pool and hands the
-response back to the reactor.
-
-``twisted.web.wsgi`` makes one blocking round trip to the reactor for every
-``write``; that hand-off is most of its cost (see docs/performance.md). Here the whole
-application call runs in a pool thread and a response that is not streamed
-is delivered to the reactor in a single ``callFromThread``. Streaming
-responses (``StreamingHttpResponse``, ``FileResponse``, any iterable that is
-not a list) are written chunk by chunk with flow control instead. The
-connection's transport cuts a client that takes nothing for
-C{--write-timeout} seconds (L{twistedlrp.web.channel}), which frees the
-thread; at most C{--stream-threads} threads stream at once (L{StreamSlots}),
-so that short requests keep threads to run on.
+The WSGI container: the application runs in a pool thread, and a response
+that is not streamed reaches the reactor in one C{callFromThread}
+(C{twisted.web.wsgi} makes a blocking round trip per C{write}, most of its
+cost). Streaming responses (C{StreamingHttpResponse}, C{FileResponse}, any
+iterable that is not a list) are written chunk by chunk with flow control;
+the transport cuts a client that takes nothing for C{--write-timeout}
+seconds, which frees the thread; at most C{--stream-threads} threads stream
+at once (L{twistedlrp.web.limits.StreamSlots}).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from twistedlrp.web.limits import WRITE_TIMEOUT, StreamSlots
+
 log = Logger()
 
-# Seconds a streaming write may wait for the reactor or a slow client, when
-# the site does not say (--write-timeout).
-_STREAM_WRITE_TIMEOUT = 60.0
 _NO_BODY_STATUSES = {204, 304}
 # Seconds between two looks at the reactor while a stream waits for a slow
 # client (the reactor's write deadline, not this, ends the wait).
@@ -36,8 +29,6 @@ _WAIT_SLICE = 5.0
 # Bytes of a stream handed to the reactor and not written yet, at most (then
 # the thread waits for the reactor to take them).
 _QUEUED_BYTES = 64 * 1024
-# Seconds between two warnings that streams were refused a thread.
-_REFUSED_WARNING_INTERVAL = 60.0
 
 
 class _ErrorStream:
@@ -67,47 +58,10 @@ class _NoStreamSlot(Exception):
     """Every thread that may stream a response does (--stream-threads)."""
 
 
-class StreamSlots:
+def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = False) -> dict:
     """
-    How many pool threads may stream a response at once (C{--stream-threads}).
-    A response that would stream beyond is answered 503 before its head
-    is sent. Used from the pool threads.
-
-    @ivar taken: threads streaming now.
-    @ivar refused: responses answered 503 for want of a slot, so far.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.taken = 0
-        self.refused = 0
-        self._lock = threading.Lock()
-        self._warned_at: float | None = None
-
-    def take(self) -> bool:
-        with self._lock:
-            if self.taken >= self.limit:
-                self.refused += 1
-                return False
-            self.taken += 1
-            return True
-
-    def give_back(self) -> None:
-        with self._lock:
-            self.taken -= 1
-
-    def should_warn(self) -> bool:
-        """@return: whether to warn about a refusal now (at most once a minute)."""
-        now = time.monotonic()
-        with self._lock:
-            if self._warned_at is not None and now - self._warned_at < _REFUSED_WARNING_INTERVAL:
-                return False
-            self._warned_at = now
-            return True
-
-
-def build_environ(request, remote_addr: str, scheme: str) -> dict:
-    """
+    @param multiprocess: other processes serve the same application
+        (C{--web-workers} above 1).
     @return: the PEP 3333 environ for a twisted.web C{request}, built in the
         reactor thread before the request is handed to a pool thread.
     """
@@ -129,7 +83,7 @@ def build_environ(request, remote_addr: str, scheme: str) -> dict:
         "wsgi.input": request.content,
         "wsgi.errors": _ERRORS,
         "wsgi.multithread": True,
-        "wsgi.multiprocess": False,
+        "wsgi.multiprocess": multiprocess,
         "wsgi.run_once": False,
     }
     for name, values in request.requestHeaders.getAllRawHeaders():
@@ -163,12 +117,14 @@ class WSGIResource(Resource):
     @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
     @param on_saturated: called with the request when the pool refuses it.
     @param streams: how many of its threads may stream at once (none: all).
+    @param multiprocess: other processes serve the same application.
     """
 
     isLeaf = True
 
-    def __init__(self, reactor, pool, application, on_saturated, streams=None):
+    def __init__(self, reactor, pool, application, on_saturated, streams=None, multiprocess=False):
         super().__init__()
+        self.multiprocess = multiprocess
         self._reactor = reactor
         self._pool = pool
         self._application = application
@@ -176,7 +132,7 @@ class WSGIResource(Resource):
         self.streams: StreamSlots | None = streams
 
     def render(self, request):
-        environ = build_environ(request, request.lrp_client, request.lrp_scheme)
+        environ = build_environ(request, request.lrp_client, request.lrp_scheme, self.multiprocess)
         response = _WSGIResponse(
             self._reactor,
             request,
@@ -195,7 +151,7 @@ class WSGIResource(Resource):
 def _write_timeout(request) -> float | None:
     """@return: the site's write deadline in seconds, or C{None} for none."""
     limits = getattr(getattr(request.channel, "site", None), "limits", None)
-    timeout = getattr(limits, "write_timeout", _STREAM_WRITE_TIMEOUT)
+    timeout = getattr(limits, "write_timeout", WRITE_TIMEOUT)
     return timeout or None
 
 
@@ -208,7 +164,7 @@ class _WSGIResponse:
         request,
         application,
         environ,
-        write_timeout=_STREAM_WRITE_TIMEOUT,
+        write_timeout=WRITE_TIMEOUT,
         streams: StreamSlots | None = None,
         reactor_deadline: bool = False,
     ):
@@ -306,10 +262,6 @@ class _WSGIResponse:
         self._request.unregisterProducer()
         self._request.finish()
 
-    def _abort(self) -> None:
-        if not self.disconnected:
-            self._cut()
-
     def _cut(self) -> None:
         transport = self._request.channel and self._request.channel.transport
         if transport is not None:
@@ -402,9 +354,8 @@ class _WSGIResponse:
             if not self._resumed.wait(self._write_timeout):
                 raise _TooSlow("the client did not read the response")
             return
-        # The transport cuts the connection --write-timeout after the client's
-        # last progress, and the cut wakes this thread; until then the client
-        # reads, however slowly.
+        # The transport's cut (--write-timeout after the client's last
+        # progress) wakes this thread; until then the client reads, however slowly.
         while not self._resumed.wait(_WAIT_SLICE):
             if not getattr(self._reactor, "running", True):
                 raise _TooSlow("the reactor stopped while the client did not read the response")
@@ -436,8 +387,7 @@ class _WSGIResponse:
             self._refuse_stream()
             return
         except _TooSlow as e:
-            # Not the application's fault: say so once, free the thread, cut
-            # the connection (what was sent cannot be taken back).
+            # Not the application's fault: free the thread, cut the connection.
             log.warn(
                 "Streaming {method} {path}: {reason} within {timeout:g} s; "
                 "the connection is cut and the thread freed",
@@ -491,7 +441,7 @@ class _WSGIResponse:
 
     def _fail(self) -> None:
         if self._headers_sent:
-            self._reactor.callFromThread(self._abort)
+            self._reactor.callFromThread(lambda: self.disconnected or self._cut())
             return
         body = b"Internal Server Error\n"
         headers = [("Content-Type", "text/plain; charset=utf-8")]

@@ -42,6 +42,7 @@ def environ(request):
         "QUERY_STRING",
         "SCRIPT_NAME",
         "SERVER_PROTOCOL",
+        "wsgi.multiprocess",
     ]
     data = {k: request.META.get(k) for k in keys}
     data["is_secure"] = request.is_secure()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from twisted.internet import defer
 
+from twistedlrp import compat
 from twistedlrp.jobs.store import operations
 from twistedlrp.jobs.store.availability import Availability
 from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
@@ -210,10 +211,9 @@ def _begin_batch() -> None:
     # A connection the database dropped (a restart, a failover) is replaced
     # rather than failing every batch from now on. Only then: the store keeps
     # its one connection whatever CONN_MAX_AGE says (the views' setting).
-    if connection.errors_occurred:
+    if compat.take_connection_errors(connection):
         if connection.connection is not None and not connection.is_usable():
             connection.close()
-        connection.errors_occurred = False
     fresh = connection.connection is None
     if connection.vendor == "sqlite":
         connection.ensure_connection()
