@@ -170,7 +170,7 @@ class _SampledCollector:
 def configure(role: str, options) -> Metrics | None:
     """
     Turn this process's metrics on (unless C{--no-metrics}) for its C{role}
-    (see L{twistedlrp.server.LRPServer}); the main process of several web
+    (see L{twistedlrp.server}); the main process of several web
     processes empties and names the shared directory, which they inherit.
 
     @return: the metrics (also L{current}), or C{None} when off.

@@ -35,113 +35,95 @@ from twistedlrp.signals import StopSignals
 log = Logger()
 
 
-class LRPServer(OrderedService):
+class Server(OrderedService):
     """
-    @param options: checked L{twistedlrp.options.Options}.
-    @param application: the WSGI application, or C{None} with C{--jobs-only}.
-    @param jobs: the job service and the job client services
-        (L{twistedlrp.jobs.node.job_services}); either may be C{None}.
-    @param role: C{"single"}: the one process serves everything (one web
-        process, the default). C{"main"} (C{--web-workers} above 1): the
-        job service, the C{once} hooks and services, and the web processes
-        (L{twistedlrp.web.processes.WebProcesses}), but no HTTP itself.
-        C{"web"}: one of those web processes (L{twistedlrp.web.child}):
-        the pool, the site on the sockets in C{sockets}, the plain hooks and
-        services, and C{channel}, its link to the main process.
+    What the three kinds of server process share: the start-up and
+    shut-down contracts, the signals, the exit status and the template
+    reload. L{SingleServer}, L{MainServer} and L{WebProcessServer} say
+    which services they run, in the order of the module's docstring.
+
+    @cvar role: the process's kind, as the metrics name it.
+    @cvar scope: which hooks and site services run here (L{lifecycle}):
+        C{"all"}, only the C{once} ones (C{"once"}) or only the plain ones
+        (C{"each"}).
     """
 
     name = "lrp"
+    role = scope = ""
+    channel = None
+    web_processes = None
 
-    def __init__(
-        self,
-        options,
-        application,
-        jobs=(None, None),
-        reactor=None,
-        role: str = "single",
-        sockets=None,
-        channel=None,
-    ):
+    def __init__(self, options, reactor=None):
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(reactor, options["graceful-timeout"])
         self.options = options
-        self.role = role
-        self.channel = channel
-        self.web_processes = None
         self.state = "starting"
         self.exit_code = 0
         self.stop_signals = StopSignals(reactor, self._first_signal, self._second_signal)
         self.started_at = reactor.seconds()
         self._starting: defer.Deferred | None = None
         self.web = self.health = None
-        job_service, job_client = jobs
-        pool = None
-        scope = {"single": "all", "main": "once", "web": "each"}[role]
-        lifecycle.site_services.scope = scope
+        lifecycle.site_services.scope = self.scope
         from twistedlrp import metrics
 
-        self.metrics = metrics.configure(role, options)
-        if job_service is not None:
-            from twistedlrp.jobs import metrics as job_metrics
+        self.metrics = metrics.configure(self.role, options)
 
-            job_metrics.watch(self.metrics, job_service)
-        if role == "main":
-            from twistedlrp.web.processes import WebProcesses
-
-            self.web_processes = WebProcesses(
-                reactor,
-                options,
-                job_service.health if job_service is not None else None,
-                job_service,
-                on_fatal=self.fail,
-            )
-        elif application is not None:
-            from twistedlrp.web.service import build_web
-
-            pool, self.web, self.health = build_web(
-                reactor, options, application, lambda: self.state, self.started_at, sockets
-            )
-            if job_service is not None:
-                self.health.sections["jobs"] = job_service.health
-            if channel is not None:
-                channel.server = self
-                channel.pool = pool.pool
-                self.health.sections["jobs"] = channel.jobs_section
-                self.health.sections["web_workers"] = channel.workers_section
-            if job_client is not None:
-                # Job calls take at most this many of the pool's threads.
-                job_client.call_threads = options["job-threads"] or max(options["threads"] // 2, 1)
-                self.health.sections["job_link"] = job_client.describe
-                self.health.job_calls = _call_slots
-        metrics_listener = health_listener = None
-        # A job node without --metrics-listen or --health-listen imports no web module.
-        if role != "web" and (options["metrics-listen"] or options["health-listen"]):
-            from twistedlrp.web import metrics as web_metrics
-
-            health = self.health or self._side_health(job_service, job_client)
-            metrics_listener = web_metrics.metrics_listener(reactor, options, self.metrics, health)
-            health_listener = web_metrics.health_listener(reactor, options, health)
+    def _add_children(self, job_service, job_client, pool=None, serving=()) -> None:
+        """Add the services in the order of the start-up contract, C{serving} last."""
         from twistedlrp import http as outbound
+        from twistedlrp import metrics
 
         for child in (
-            channel,
+            self.channel,
             pool,
             _Closer("outbound-http", outbound.close_connections),
             lifecycle.site_services,
             job_client,
-            lifecycle.ShutdownHooks(reactor, scope),
+            lifecycle.ShutdownHooks(self.reactor, self.scope),
             job_service,
-            lifecycle.StartupHooks(scope),
+            lifecycle.StartupHooks(self.scope),
             _Closer("calls-from-threads", threads.begin_shutdown),
-            metrics.refresh_service(reactor, self.metrics),
-            self.web,
-            self.web_processes,
-            metrics_listener,
-            health_listener,
+            metrics.refresh_service(self.reactor, self.metrics),
+            *serving,
         ):
             if child is not None:
                 self.addService(child)
+
+    def _build_web(self, application, job_client, sections: dict, sockets=None):
+        """
+        Build the site, its health endpoint showing C{sections} (and the
+        job client's); @return: its thread pool service.
+        """
+        from twistedlrp.web.service import build_web
+
+        pool, self.web, self.health = build_web(
+            self.reactor, self.options, application, lambda: self.state, self.started_at, sockets
+        )
+        self.health.sections.update(sections)
+        if job_client is not None:
+            # Job calls take at most this many of the pool's threads.
+            job_client.call_threads = self.options["job-threads"] or max(
+                self.options["threads"] // 2, 1
+            )
+            self.health.sections["job_link"] = job_client.describe
+            self.health.job_calls = _call_slots
+        return pool
+
+    def _side_listeners(self, job_service, job_client) -> tuple:
+        """
+        @return: the C{--metrics-listen} and C{--health-listen} services. A
+            job node without them imports no web module.
+        """
+        if not (self.options["metrics-listen"] or self.options["health-listen"]):
+            return ()
+        from twistedlrp.web import metrics as web_metrics
+
+        health = self.health or self._side_health(job_service, job_client)
+        return (
+            web_metrics.metrics_listener(self.reactor, self.options, self.metrics, health),
+            web_metrics.health_listener(self.reactor, self.options, health),
+        )
 
     def _side_health(self, job_service, job_client):
         """@return: the health endpoint of a process that serves no site (a job node)."""
@@ -168,10 +150,6 @@ class LRPServer(OrderedService):
 
     def _begin(self) -> None:
         self.stop_signals.install()
-        if self.role == "web" and self.stop_signals.installed:
-            # The main process stops its web processes (SIGTERM, or end of
-            # file on the channel); a Ctrl-C on the terminal reaches it.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
         defer.ensureDeferred(self._start()).chainDeferred(self._starting)
 
     async def _start(self) -> None:
@@ -180,26 +158,7 @@ class LRPServer(OrderedService):
             if self.state != "starting":
                 return
             self.state = "running"
-            if self.channel is not None:
-                self.channel.send_status()
-            if self.web_processes is not None:
-                log.info(
-                    "twistedlrp running (pid {pid}): {addresses}, {count} web processes "
-                    "of {threads} threads each",
-                    pid=os.getpid(),
-                    addresses=", ".join(self.web_processes.addresses) or "no HTTP port",
-                    count=self.web_processes.count,
-                    threads=self.options["threads"],
-                )
-                return
-            ports = self.web.ports if self.web is not None else []
-            log.info(
-                "twistedlrp {what} (pid {pid}): {addresses}, {threads} threads",
-                what="web process running" if self.role == "web" else "running",
-                pid=os.getpid(),
-                addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
-                threads=self.options["threads"] if self.web is not None else 0,
-            )
+            self._running()
         except StartupFailed as e:
             cause = e.__cause__ or e
             failure = Failure(cause, type(cause), cause.__traceback__)
@@ -222,6 +181,16 @@ class LRPServer(OrderedService):
         _write_stderr(f"twistd lrp: error: {message.splitlines()[0]}\n")
         if self.reactor.running:
             self.reactor.stop()
+
+    def _running(self) -> None:
+        """Say that the server runs, and where."""
+        ports = self.web.ports if self.web is not None else []
+        log.info(
+            "twistedlrp running (pid {pid}): {addresses}, {threads} threads",
+            pid=os.getpid(),
+            addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
+            threads=self.options["threads"] if self.web is not None else 0,
+        )
 
     # -- templates (development) ----------------------------------------
 
@@ -260,10 +229,6 @@ class LRPServer(OrderedService):
         )
 
     def _second_signal(self, name: str) -> None:
-        if self.role == "web":
-            # SIGTERM to the whole group (systemd) and the main process's
-            # own: still one graceful stop; the main process kills at its deadline.
-            return
         _write_stderr(f"twistd lrp: second {name}: exiting at once\n")
         for child in self:
             force_exit = getattr(child, "force_exit", None)
@@ -282,10 +247,125 @@ class LRPServer(OrderedService):
             if self.state == "running":
                 log.info("Stopping: draining requests")
             self.state = "stopping"
-            if self.channel is not None:
-                self.channel.send_status()
+            self._stopping_now()
             super().stopService().addCallback(lambda _: log.info("twistedlrp stopped"))
         return self._stopping
+
+    def _stopping_now(self) -> None:
+        """The graceful stop begins (before the children stop)."""
+
+
+class SingleServer(Server):
+    """
+    The one process that serves everything (no C{--web-workers}, or 1): the
+    site (unless C{--jobs-only}), the job service, every hook and site
+    service.
+
+    @param application: the WSGI application, or C{None} with C{--jobs-only}.
+    @param jobs: the job service and the job client services
+        (L{twistedlrp.jobs.node.job_services}); either may be C{None}.
+    """
+
+    role, scope = "single", "all"
+
+    def __init__(self, options, application, jobs=(None, None), reactor=None):
+        super().__init__(options, reactor)
+        job_service, job_client = jobs
+        _watch_jobs(self.metrics, job_service)
+        pool = None
+        if application is not None:
+            sections = {"jobs": job_service.health} if job_service is not None else {}
+            pool = self._build_web(application, job_client, sections)
+        serving = (self.web, *self._side_listeners(job_service, job_client))
+        self._add_children(job_service, job_client, pool, serving)
+
+
+class MainServer(Server):
+    """
+    The main process of C{--web-workers N} (N above 1): the job service, the
+    C{once} hooks and site services, and the web processes
+    (L{twistedlrp.web.processes.WebProcesses}), but no HTTP itself.
+    """
+
+    role, scope = "main", "once"
+
+    def __init__(self, options, jobs=(None, None), reactor=None):
+        super().__init__(options, reactor)
+        job_service, job_client = jobs
+        _watch_jobs(self.metrics, job_service)
+        from twistedlrp.web.processes import WebProcesses
+
+        self.web_processes = WebProcesses(
+            self.reactor,
+            options,
+            job_service.health if job_service is not None else None,
+            job_service,
+            on_fatal=self.fail,
+        )
+        serving = (self.web_processes, *self._side_listeners(job_service, job_client))
+        self._add_children(job_service, job_client, serving=serving)
+
+    def _running(self) -> None:
+        log.info(
+            "twistedlrp running (pid {pid}): {addresses}, {count} web processes "
+            "of {threads} threads each",
+            pid=os.getpid(),
+            addresses=", ".join(self.web_processes.addresses) or "no HTTP port",
+            count=self.web_processes.count,
+            threads=self.options["threads"],
+        )
+
+
+class WebProcessServer(Server):
+    """
+    One web process of C{--web-workers} (L{twistedlrp.web.child}): the pool,
+    the site on the inherited C{sockets}, the plain hooks and site
+    services, and C{channel}, its link to the main process, which stops it.
+
+    @param job_client: the job client service, or C{None}.
+    """
+
+    role, scope = "web", "each"
+
+    def __init__(self, options, application, job_client, sockets, channel, reactor=None):
+        super().__init__(options, reactor)
+        self.channel = channel
+        sections = {"jobs": channel.jobs_section, "web_workers": channel.workers_section}
+        pool = self._build_web(application, job_client, sections, sockets)
+        channel.server = self
+        channel.pool = pool.pool
+        self._add_children(None, job_client, pool, (self.web,))
+
+    def _begin(self) -> None:
+        super()._begin()
+        if self.stop_signals.installed:
+            # The main process stops its web processes (SIGTERM, or end of
+            # file on the channel); a Ctrl-C on the terminal reaches it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def _running(self) -> None:
+        self.channel.send_status()
+        log.info(
+            "twistedlrp web process running (pid {pid}): {addresses}, {threads} threads",
+            pid=os.getpid(),
+            addresses=", ".join(_describe_port(p) for p in self.web.ports) or "no HTTP port",
+            threads=self.options["threads"],
+        )
+
+    def _second_signal(self, name: str) -> None:
+        # SIGTERM to the whole group (systemd) and the main process's own:
+        # still one graceful stop; the main process kills at its deadline.
+        pass
+
+    def _stopping_now(self) -> None:
+        self.channel.send_status()
+
+
+def _watch_jobs(registry, job_service) -> None:
+    if job_service is not None:
+        from twistedlrp.jobs import metrics as job_metrics
+
+        job_metrics.watch(registry, job_service)
 
 
 class _Closer(service.Service):
@@ -300,10 +380,11 @@ class _Closer(service.Service):
         return self.close()
 
 
-def build_server(options, reactor=None) -> LRPServer:
+def build_server(options, reactor=None) -> Server:
     """
     Run the start-up steps that precede the reactor (docs/design.md, steps
-    1 to 3) and return the L{LRPServer}.
+    1 to 3) and return the L{SingleServer} or, with C{--web-workers} above
+    1, the L{MainServer}.
 
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
@@ -324,10 +405,11 @@ def build_server(options, reactor=None) -> LRPServer:
 
     if reactor is None:
         from twisted.internet import reactor
-    role = "main" if web and options["web-workers"] > 1 else "single"
-    server = LRPServer(
-        options, application, job_services(reactor, options), reactor=reactor, role=role
-    )
+    jobs = job_services(reactor, options)
+    if web and options["web-workers"] > 1:
+        server = MainServer(options, jobs, reactor=reactor)
+    else:
+        server = SingleServer(options, application, jobs, reactor=reactor)
     boot.close_connections()
     return server
 

@@ -26,7 +26,7 @@ additions, all steered by the supervisor through the environment:
    only once the previous server is gone. End of file on the gate (the
    supervisor died) stops the server gracefully. While the server runs,
    C{{"event": "templates", "files": [...]}} on the gate makes it reload
-   its templates, without a restart (L{twistedlrp.server.LRPServer.reload_templates}).
+   its templates, without a restart (L{twistedlrp.server.Server.reload_templates}).
 
 This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
 L{twisted.internet.endpoints} reads the environment once, at import.

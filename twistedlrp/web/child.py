@@ -14,7 +14,7 @@ one end of a socket pair to the main process, its I{channel}) it forks a web
 process, so that every web process shares the template's warm memory copy
 on write (gunicorn's C{preload}). A forked web process installs a fresh
 reactor, imports the site's C{lrp} modules and job modules, and runs
-L{twistedlrp.server.LRPServer} in its C{"web"} role on the inherited
+L{twistedlrp.server.WebProcessServer} on the inherited
 listening sockets. The template reports C{forked} and C{exited} (with the
 exit status it reaped) to the main process, which restarts web processes.
 The template's standard output and error are pipes to the main process
@@ -158,7 +158,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
     from twistedlrp import boot
     from twistedlrp.jobs import registry
     from twistedlrp.jobs.node import JobClientService
-    from twistedlrp.server import LRPServer
+    from twistedlrp.server import WebProcessServer
 
     try:
         boot.import_app_modules("lrp")
@@ -169,14 +169,8 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
     if jobs_connect:
         options["jobs-connect"] = [jobs_connect] if isinstance(jobs_connect, str) else jobs_connect
     channel = MainChannel(reactor, channel_fd, index)
-    server = LRPServer(
-        options,
-        application,
-        (None, JobClientService(reactor, options, None)),
-        reactor=reactor,
-        role="web",
-        sockets=sockets,
-        channel=channel,
+    server = WebProcessServer(
+        options, application, JobClientService(reactor, options, None), sockets, channel, reactor
     )
     server.startService()
     reactor.addSystemEventTrigger("before", "shutdown", server.stopService)
@@ -215,7 +209,7 @@ class MainChannel(service.Service):
         self.reactor = reactor
         self.fd = fd
         self.index = index
-        self.server = None  # the LRPServer, which sets it
+        self.server = None  # the WebProcessServer, which sets it
         self.pool = None  # its thread pool, for the counts
         self.protocol: Lines | None = None
         self.workers: dict | None = None

@@ -1,7 +1,7 @@
 """
 The web processes of C{--web-workers N} (N above 1), seen from the main
-process: the last child of L{twistedlrp.server.LRPServer} in its C{"main"}
-role, in the place of the listening site.
+process: the last child of L{twistedlrp.server.MainServer}, in the place
+of the listening site.
 
 Starting it (start-up step 5, once the job service and the C{once} hooks
 ran) binds the C{--listen} sockets (or takes the C{systemd:} ones the main
