@@ -2,7 +2,7 @@
 Every use twistedlrp makes of a private attribute of Twisted or Django, in
 one place.
 
-Each has no public API that does the same (the comment at each names the
+Each has no public API that does the same (nanodjango's too, at the end) (the comment at each names the
 upstream ticket filed or to file), and each has a test in
 C{tests/unit/test_compat_*.py} that fails loudly, naming the internal, when
 a new release of Twisted or Django changes it. Nothing else in twistedlrp
@@ -162,3 +162,18 @@ def take_connection_errors(connection) -> bool:
     # connection saw an error, without the CONN_MAX_AGE check".
     errors, connection.errors_occurred = connection.errors_occurred, False
     return errors
+
+
+# -- nanodjango ----------------------------------------------------------------
+
+
+def prepare_nanodjango(app) -> None:
+    """
+    Have the nanodjango C{app} add its admin, API and media URLs, as its own
+    C{wsgi} property does at the first request, before the URLconf loads:
+    twistedlrp serves Django's handler, not nanodjango's.
+    """
+    # The public wsgi property would do it too, but also turns DEBUG off
+    # and collects static files. To file (nanodjango): "a public prepare()
+    # for servers that serve Django's handler themselves".
+    app._prepare()

@@ -217,9 +217,9 @@ def after_setup() -> Site | None:
     obj, name = find_object(spec, module)
     _loaded = classify(spec.with_attr(name) if name else spec, module, obj)
     if _loaded.nanodjango:
-        # What its wsgi() does at each request (admin and API URLs), once,
-        # before the URLconf loads: twistedlrp serves Django's handler.
-        obj._prepare()
+        from twistedlrp import compat
+
+        compat.prepare_nanodjango(obj)
     elif _loaded.kind != WSGI and not own_settings():
         # --settings too: its settings, but the URLs of what --app names.
         from django.conf import settings
