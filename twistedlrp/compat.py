@@ -1,8 +1,8 @@
 """
-Every use twistedlrp makes of a private attribute of Twisted or Django, in
-one place.
+Every use twistedlrp makes of a private attribute of Twisted or Django (and
+of nanodjango, at the end), in one place.
 
-Each has no public API that does the same (nanodjango's too, at the end) (the comment at each names the
+Each has no public API that does the same (the comment at each names the
 upstream ticket filed or to file), and each has a test in
 C{tests/unit/test_compat_*.py} that fails loudly, naming the internal, when
 a new release of Twisted or Django changes it. Nothing else in twistedlrp
