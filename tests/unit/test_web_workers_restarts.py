@@ -144,7 +144,7 @@ def running(monkeypatch, count: int = 2):
         web.template = templates[-1]
 
     monkeypatch.setattr(web, "_spawn_template", spawn)
-    monkeypatch.setattr(processes, "adopt_connection", lambda reactor, sock, proto: sock.close())
+    monkeypatch.setattr(processes, "adopt", lambda reactor, sock, channel: sock.close())
     web.template_ready = Deferred()
     spawn()
     templates[0].ready()

@@ -23,6 +23,7 @@ from twistedlrp import stdlog
 from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.framing import BoxReader, get_big, put_big
+from twistedlrp.process.exits import Exit
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
@@ -384,15 +385,4 @@ def bounded_outcome(outcome: dict) -> dict:
 
 def describe_exit(value) -> str:
     """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
-    told = getattr(value, "how", None)
-    if told:
-        return told  # Said by the worker template (twistedlrp.jobs.template).
-    number = getattr(value, "signal", None)
-    if number:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {number} ({name})"
-    code = getattr(value, "exitCode", None)
-    return f"exited with code {code if code is not None else 0}"
+    return str(Exit.of(value))

@@ -42,7 +42,6 @@ graceful timeout are killed).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -51,7 +50,7 @@ import sys
 from twisted.application import service
 from twisted.logger import Logger
 
-from twistedlrp.web.slot import Lines, adopt_connection
+from twistedlrp.process.channel import Channel, adopt
 
 log = Logger(namespace="twistedlrp.web")
 
@@ -217,7 +216,7 @@ class MainChannel(service.Service):
         self.index = index
         self.server = None  # the LRPServer, which sets it
         self.pool = None  # its thread pool, for the counts
-        self.protocol: Lines | None = None
+        self.protocol: Channel | None = None
         self.workers: dict | None = None
         self._loop = None
         self._closing = False
@@ -226,8 +225,9 @@ class MainChannel(service.Service):
         from twisted.internet import task
 
         super().startService()
-        self.protocol = Lines(self._said, self.lost)
-        adopt_connection(self.reactor, socket.socket(fileno=self.fd), self.protocol)
+        self.protocol = adopt(
+            self.reactor, socket.socket(fileno=self.fd), Channel(self._said, self.lost)
+        )
         self._loop = task.LoopingCall(self.send_status)
         self._loop.start(STATUS_INTERVAL, now=True)
 
@@ -261,15 +261,14 @@ class MainChannel(service.Service):
         return body
 
     def send_status(self) -> None:
-        if self.protocol is None or self.protocol.transport is None:
-            return
-        self.protocol.sendLine(json.dumps({"event": "status", **self.status()}).encode())
+        if self.protocol is not None:
+            self.protocol.send({"event": "status", **self.status()})
 
     def received(self, message: dict) -> None:
         message["received_at"] = self.reactor.seconds()
         self.workers = message
 
-    def lost(self) -> None:
+    def lost(self, reason=None) -> None:
         self.protocol = None
         if self._closing:
             return
@@ -304,8 +303,8 @@ class MainChannel(service.Service):
         self._closing = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
+        if self.protocol is not None:
+            self.protocol.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,6 @@ template's control socket is closed (it exits) and the sockets are closed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -48,16 +47,16 @@ from twisted.logger import Logger
 
 from twistedlrp import metrics
 from twistedlrp.backoff import Backoff
+from twistedlrp.process.channel import Channel, adopt
+from twistedlrp.process.exits import Exit
 from twistedlrp.services import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.slot import (
     FIRST_DELAY,
     MAX_DELAY,
     RESET_AFTER,
-    Lines,
     Slot,
     TemplateProcess,
-    adopt_connection,
     how_ended,
 )
 
@@ -257,17 +256,17 @@ class WebProcesses(service.Service):
             if slot.state == "waiting" and slot.restart_call is None:
                 self._fork(slot)
 
-    def _template_ended(self, template: TemplateProcess, code, signal_number) -> None:
+    def _template_ended(self, template: TemplateProcess, exit: Exit) -> None:
         if template is not self.template:
             return
         self.template = None
-        how = how_ended(code, signal_number)
+        how = exit.status()
         for slot in self.slots:
             if slot.pending_fork is template:
                 # It asked, and the template died first: the next one forks it.
                 slot.pending_fork = None
-                if slot.channel is not None and slot.channel.transport is not None:
-                    slot.channel.transport.loseConnection()
+                if slot.channel is not None:
+                    slot.channel.close()
                 slot.channel = None
                 if slot.peer is not None:
                     slot.peer.close()
@@ -363,19 +362,19 @@ class WebProcesses(service.Service):
         slot.parent = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         slot.peer = theirs
-        channel = Lines(
+        channel = Channel(
             lambda message: self._web_said(slot, channel, message),
-            lambda: self._channel_lost(slot, channel),
+            lambda reason: self._channel_lost(slot, channel),
         )
         slot.channel = channel
-        adopt_connection(self.reactor, ours, channel)
+        adopt(self.reactor, ours, channel)
         request = {"op": "fork", "index": slot.index, "jobs_connect": self.jobs_connect}
         # Unsent (its control socket is closing), or unanswered, it is asked
         # of the next template when this one has ended.
         slot.pending_fork = template
         template.send(request, theirs.fileno())
 
-    def _web_said(self, slot: Slot, channel: Lines, message: dict) -> None:
+    def _web_said(self, slot: Slot, channel: Channel, message: dict) -> None:
         if message.get("event") != "status" or channel is not slot.channel:
             return
         slot.status = message
@@ -393,7 +392,7 @@ class WebProcesses(service.Service):
         elif message.get("state") == "stopping" and slot.state == "running":
             slot.state = "stopping"
 
-    def _channel_lost(self, slot: Slot, channel: Lines) -> None:
+    def _channel_lost(self, slot: Slot, channel: Channel) -> None:
         if channel is not slot.channel:
             return
         slot.channel = None
@@ -458,10 +457,9 @@ class WebProcesses(service.Service):
                 message["jobs"] = self.jobs_health()
             except Exception as e:
                 message["jobs"] = {"healthy": False, "error": str(e)}
-        line = json.dumps(message).encode()
         for slot in self.slots:
-            if slot.channel is not None and slot.channel.transport is not None:
-                slot.channel.sendLine(line)
+            if slot.channel is not None:
+                slot.channel.send(message)
 
     def reload_templates(self) -> int:
         """
@@ -471,11 +469,9 @@ class WebProcesses(service.Service):
 
         @return: how many web processes were told.
         """
-        line = json.dumps({"event": "templates"}).encode()
         told = 0
         for slot in self.slots:
-            if slot.channel is not None and slot.channel.transport is not None:
-                slot.channel.sendLine(line)
+            if slot.channel is not None and slot.channel.send({"event": "templates"}):
                 told += 1
         if self.template is not None:
             self.template.send({"op": "templates"})

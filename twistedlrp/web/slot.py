@@ -1,22 +1,21 @@
 """
 One web process of C{--web-workers}, seen from the main process: its
-L{Slot} (pid, state, restart back-off, last status), the line channel it
-reports over (L{Lines}) and the template's process protocol
+L{Slot} (pid, state, restart back-off, last status) and the template's
+process protocol
 (L{TemplateProcess}). L{twistedlrp.web.processes} runs them.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
-from twisted.protocols.basic import LineOnlyReceiver
 
 from twistedlrp.backoff import Backoff
+from twistedlrp.process.channel import Channel, adopt
+from twistedlrp.process.exits import Exit
 from twistedlrp.services import Waiters
 
 if TYPE_CHECKING:
@@ -33,46 +32,8 @@ CONTROL_GRACE = 2.0
 
 
 def how_ended(code, signal_number) -> str:
-    if signal_number:
-        try:
-            return f"signal {signal.Signals(signal_number).name}"
-        except ValueError:
-            return f"signal {signal_number}"
-    return f"exit code {code}"
-
-
-class Lines(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 4 * 1024 * 1024
-
-    def __init__(self, on_message, on_lost):
-        self.on_message = on_message
-        self.on_lost = on_lost
-
-    def lineReceived(self, line):
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        self.on_message(message)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.on_lost()
-
-
-class _OneProtocol(protocol.Factory):
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
-def adopt_connection(reactor, sock: socket.socket, proto) -> None:
-    """Hand the connected UNIX socket C{sock} to the reactor (C{sock} is closed)."""
-    sock.setblocking(False)
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(proto))
-    sock.close()
+    """@return: C{"exit code 3"}, C{"signal SIGKILL"}."""
+    return Exit(code, signal_number).status()
 
 
 class Slot:
@@ -84,7 +45,7 @@ class Slot:
         # starting, running, stopping, waiting (to be restarted), ended
         self.state = "starting"
         self.status: dict = {}
-        self.channel: Lines | None = None
+        self.channel: Channel | None = None
         self.peer: socket.socket | None = None  # its channel end, until forked
         self.started_at = 0.0
         self.backoff = Backoff(FIRST_DELAY, MAX_DELAY)
@@ -134,31 +95,27 @@ class TemplateProcess(protocol.ProcessProtocol):
         self.error: str | None = None  # why it could not set Django up
         self.pid: int | None = None
         self.started_at = reactor.seconds()
-        self.control: Lines | None = None
+        self.control: Channel | None = None
         self.ended = defer.Deferred()
-        self._exit: tuple | None = None
+        self._exit: Exit | None = None
         self._partial: dict[int, bytes] = {}
         self._tail = bytearray()
         self._grace = None
 
     def attach(self, sock: socket.socket) -> None:
         """Read and write the control socket C{sock} (our end; it is closed)."""
-        self.control = Lines(self._said, self._control_lost)
-        adopt_connection(self.reactor, sock, self.control)
+        self.control = adopt(self.reactor, sock, Channel(self._said, self._control_lost))
 
     def send(self, message: dict, fd: int | None = None) -> bool:
         """@return: whether C{message} (with the descriptor C{fd}) was sent."""
-        if self.control is None or self.control.transport is None:
+        if self.control is None:
             return False
-        if fd is not None:
-            self.control.transport.sendFileDescriptor(fd)
-        self.control.sendLine(json.dumps(message).encode())
-        return True
+        return self.control.send(message, () if fd is None else (fd,))
 
     def close(self) -> None:
         """Close the control socket: the template ends once its web processes did."""
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.loseConnection()
+        if self.control is not None:
+            self.control.close()
 
     def output(self) -> str:
         return bytes(self._tail).decode("utf-8", "replace").strip()
@@ -166,7 +123,7 @@ class TemplateProcess(protocol.ProcessProtocol):
     def _said(self, message: dict) -> None:
         self.owner._template_said(self, message)
 
-    def _control_lost(self) -> None:
+    def _control_lost(self, reason=None) -> None:
         self.control = None
         self._maybe_ended()
 
@@ -185,16 +142,15 @@ class TemplateProcess(protocol.ProcessProtocol):
             if rest:
                 _pass_on(fd, rest + b"\n")
         self._partial.clear()
-        value = reason.value
-        self._exit = (getattr(value, "exitCode", None), getattr(value, "signal", None))
+        self._exit = Exit.of(reason)
         if self.control is not None:
             self._grace = self.reactor.callLater(CONTROL_GRACE, self._give_up_control)
         self._maybe_ended()
 
     def _give_up_control(self) -> None:
         self._grace = None
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.abortConnection()  # connectionLost follows
+        if self.control is not None and self.control.open:
+            self.control.abort()  # connectionLost follows
         else:
             self._control_lost()
 
@@ -204,7 +160,7 @@ class TemplateProcess(protocol.ProcessProtocol):
         if self._grace is not None and self._grace.active():
             self._grace.cancel()
         self.state = "ended"
-        self.owner._template_ended(self, *self._exit)
+        self.owner._template_ended(self, self._exit)
         self.ended.callback(None)
 
 

@@ -10,7 +10,6 @@ it cannot be, the web processes are exec'd instead.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import selectors
 import signal
@@ -21,6 +20,7 @@ import traceback
 
 from twisted.logger import Logger
 
+from twistedlrp.process.channel import BlockingChannel
 from twistedlrp.web.child import (
     MODULE,
     NO_PRELOAD_VARIABLE,
@@ -35,7 +35,7 @@ log = Logger(namespace="twistedlrp.web")
 
 
 class _Template:
-    def __init__(self, control: socket.socket, sockets, lrp_args, options, application, output):
+    def __init__(self, control: BlockingChannel, sockets, lrp_args, options, application, output):
         self.control = control
         # The main process's standard output and error, a web process's 1 and 2.
         self.output: tuple[int, int] | None = output
@@ -45,18 +45,12 @@ class _Template:
         self.application = application
         self.preload = not os.environ.get(NO_PRELOAD_VARIABLE)
         self.children: dict[int, int] = {}  # pid -> index
-        self._buffer = b""
-        self._fds: list[int] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
 
     def send(self, message: dict) -> None:
-        data = (json.dumps(message) + "\n").encode()
-        try:
-            self.control.sendall(data)
-        except OSError:
-            pass  # The main process is gone; end of file tells us.
+        self.control.send(message)  # if the main process is gone, end of file says so
 
     def run(self) -> int:
         signal.set_wakeup_fd(self._wake_w)
@@ -79,21 +73,12 @@ class _Template:
             self.reap()
 
     def _read(self) -> bool:
-        try:
-            data, fds, _, _ = socket.recv_fds(self.control, 65536, 16)
-        except BlockingIOError:
-            return True
-        except OSError:
+        if not self.control.receive():
             return False
-        self._fds += fds
-        if not data:
-            return False
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            message = json.loads(line)
+        while self.control.pending:
+            message = self.control.pending.pop(0)
             if message.get("op") == "fork":
-                self.fork(message, self._fds.pop(0))
+                self.fork(message, message["fds"][0])
             elif message.get("op") == "templates":
                 self.reload_templates()
         return True
@@ -132,7 +117,7 @@ class _Template:
                 # SIGTERM ends it until its reactor runs (then it drains);
                 # SIGINT stays ignored (a Ctrl-C is for the main process).
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                for fd in (self._wake_r, self._wake_w, *self._fds):
+                for fd in (self._wake_r, self._wake_w):
                     os.close(fd)
                 if self.preload:
                     _refresh_reactor()
@@ -211,16 +196,13 @@ class _Template:
 def template_main(ours: dict, lrp_args: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    control = socket.socket(fileno=int(ours["control-fd"]))
+    control = BlockingChannel(socket.socket(fileno=int(ours["control-fd"])))
     # The main process's standard output and error (ours are pipes to it).
     output = (
         tuple(int(fd) for fd in ours["output-fds"].split(",")) if "output-fds" in ours else None
     )
     _begin_logging(lrp_args)
     started = time.monotonic()
-
-    def send(message):
-        control.sendall((json.dumps(message) + "\n").encode())
 
     if "bare" in ours or os.environ.get(NO_PRELOAD_VARIABLE):
         # Each web process is exec'd and sets Django up itself: this
@@ -242,7 +224,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
                 raise
             text = "".join(traceback.format_exception(e))
             sys.stderr.write(text)
-            send({"event": "failed", "error": text})
+            control.send({"event": "failed", "error": text})
             return 1
         template = _Template(control, ours["sockets"], lrp_args, options, application, output)
         _preimport()
@@ -273,7 +255,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         gc.collect()
         gc.freeze()
         reason = None
-    send(
+    control.send(
         {
             "event": "ready",
             "pid": os.getpid(),
