@@ -24,6 +24,7 @@ from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.framing import BoxReader, get_big, put_big
 from twistedlrp.process.exits import Exit
+from twistedlrp.process.supervise import send_signal
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
@@ -319,15 +320,9 @@ class Worker(protocol.ProcessProtocol):
             self.kill_reason = reason
         if self.exited or self.pid is None:
             return
-        if self._leads_group():
-            try:
-                os.killpg(self.pid, getattr(signal, f"SIG{name}"))
-                return
-            except ProcessLookupError:
-                return
-            except OSError:
-                pass
-        # Not (yet) in a group of its own: the child alone.
+        if self._leads_group() and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
+            return
+        # Not (yet) in a group of its own (or gone): the child alone.
         try:
             self.transport.signalProcess(name)
         except (error.ProcessExitedAlready, AttributeError, OSError):
@@ -344,12 +339,7 @@ class Worker(protocol.ProcessProtocol):
         """SIGKILL what is left of the child's group once the child has exited."""
         # Its pid is not reused while the group still exists; the group's
         # id is the pid only if the child led it (else there is no such group).
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        send_signal(self.pid, signal.SIGKILL, group=True)
 
     def retire(self) -> None:
         """Let the child exit on end of file of its command pipe."""

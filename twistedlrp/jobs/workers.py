@@ -38,7 +38,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
-from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import template
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.worker import (
@@ -48,6 +47,7 @@ from twistedlrp.jobs.worker import (
     describe_exit,
     worker_id_prefix,
 )
+from twistedlrp.process.supervise import restart_backoff
 from twistedlrp.services import Waiters
 
 # Also named here: the pool's users and older imports find them in this module.
@@ -114,7 +114,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.stopping = False
         self._count = 0
-        self._start_backoff = Backoff(0.5, 30.0)
+        self._start_backoff = restart_backoff()
         self._all_ended = Waiters()
         self.started = 0
         # Workers the template has forked so far (of those started).
@@ -209,7 +209,7 @@ class WorkerPool:
                 names=", ".join(threads[:10]),
             )
 
-    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, reason) -> None:
+    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, exit) -> None:
         if self.template is ended:
             self.template = None
         if self.stopping:
@@ -219,13 +219,13 @@ class WorkerPool:
             log.error(
                 "The worker template {how} before it was ready; workers are started "
                 "directly from now on. Its output:\n{output}",
-                how=describe_exit(reason.value),
+                how=str(exit),
                 output=ended.output() or "(none)",
             )
         else:
             log.warn(
                 "The worker template {how}; it is started again when a worker nears its limit",
-                how=describe_exit(reason.value),
+                how=str(exit),
             )
 
     def _stop_template(self) -> None:

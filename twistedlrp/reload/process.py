@@ -12,7 +12,6 @@ C{{"event": "templates", "files": [...]}} to make it reload its templates
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from twisted.internet import defer, protocol
 
 from twistedlrp.process.channel import Channel
 from twistedlrp.process.exits import Exit
+from twistedlrp.process.supervise import send_signal
 from twistedlrp.services import Waiters
 
 if TYPE_CHECKING:
@@ -92,18 +92,10 @@ class ServerProcess(protocol.ProcessProtocol):
         self.channel.send({"event": "templates", "files": files})
 
     def signal_leader(self, number: int) -> None:
-        if self.state != "ended" and self.pid:
-            try:
-                os.kill(self.pid, number)
-            except (ProcessLookupError, PermissionError):
-                pass
+        if self.state != "ended":
+            send_signal(self.pid, number)
 
     def kill_group(self) -> None:
         """SIGKILL the server and everything in its process group (job workers)."""
-        if not self.pid:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        send_signal(self.pid, signal.SIGKILL, group=True)
         self.signal_leader(signal.SIGKILL)

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 
 from twistedlrp.process.channel import adopt
 from twistedlrp.process.exits import Exit
+from twistedlrp.process.supervise import child_environment, stop_within
 from twistedlrp.reload.child import CONTROL_VARIABLE, SPARE_VARIABLE
 from twistedlrp.reload.errorpage import ErrorPage
 from twistedlrp.reload.process import ServerProcess
@@ -201,7 +202,7 @@ class ReloadSupervisor(service.Service):
         child = ServerProcess(self, self.count, spare=spare)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = {0: self._devnull, 1: 1, 2: 2, control_fd: theirs.fileno()}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        env = child_environment()
         for index, sock in enumerate(self.listening):
             fds[_FIRST_LISTEN_FD + index] = sock.fileno()
         if n:
@@ -293,30 +294,32 @@ class ReloadSupervisor(service.Service):
 
     async def _retire(self, child: ServerProcess) -> None:
         """SIGTERM, the graceful timeout, then SIGKILL to the process group."""
-        if child.state not in ("ended", "stopping"):
+        # A second SIGTERM would stop a server at once: one only.
+        first = child.state not in ("ended", "stopping")
+        if first:
             child.state = "stopping"
-            child.signal_leader(signal.SIGTERM)
-        kill = self.reactor.callLater(self.graceful_timeout, self._kill_late, child)
-        try:
-            await child.when_ended()
-        finally:
-            if kill.active():
-                kill.cancel()
+
+        def send(number):
+            if number == signal.SIGKILL:
+                child.kill_group()
+            elif first:
+                child.signal_leader(number)
+
+        def late():
+            log.warn(
+                "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
+                "process group",
+                number=child.number,
+                pid=child.pid,
+                timeout=self.graceful_timeout,
+            )
+
+        await stop_within(self.reactor, child.when_ended(), send, self.graceful_timeout, late)
         # The server is gone: whatever it left in its group (job workers
         # still winding down) goes with it.
         child.kill_group()
         if child in self.retiring:
             self.retiring.remove(child)
-
-    def _kill_late(self, child: ServerProcess) -> None:
-        log.warn(
-            "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
-            "process group",
-            number=child.number,
-            pid=child.pid,
-            timeout=self.graceful_timeout,
-        )
-        child.kill_group()
 
     def _abandon(self, child: ServerProcess) -> None:
         """A server that never served is not needed any more."""

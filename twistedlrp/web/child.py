@@ -9,7 +9,7 @@ I{template}::
 
 which parses the options, sets Django up (C{django.setup()}, the URLconf,
 the WSGI application; the main process ran the system checks already) and
-then waits on its control socket. For each C{fork} request (which carries
+then serves as a fork server (L{twistedlrp.process.forkserver}). For each C{fork} request (which carries
 one end of a socket pair to the main process, its I{channel}) it forks a web
 process, so that every web process shares the template's warm memory copy
 on write (gunicorn's C{preload}). A forked web process installs a fresh
@@ -27,8 +27,9 @@ A reactor must not run in a process that forks (the child would share its
 epoll descriptor and waker). If setting Django up imported
 C{twisted.internet.reactor} (a views module that imports it, directly or
 through an C{lrp} module), the reactor is installed but never ran: each
-forked web process gives it a new poller and waker (L{twistedlrp.web.template._refresh_reactor}).
-When that cannot be done (L{twistedlrp.web.template._refreshable}), or with C{LRP_WEB_NO_PRELOAD}
+forked web process gives it a new poller and waker
+(L{twistedlrp.compat.renew_forked_reactor}). When that cannot be done
+(L{twistedlrp.compat.reactor_renewable}), or with C{LRP_WEB_NO_PRELOAD}
 set, the template says so, re-execs itself without Django (C{--bare}) and
 execs each web process instead (C{--web}), which sets Django up itself: no
 memory is shared.
