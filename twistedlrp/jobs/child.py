@@ -36,6 +36,7 @@ import traceback
 
 from twistedlrp.jobs import _context
 from twistedlrp.jobs.framing import BoxReader, encode_box, get_big, put_big
+from twistedlrp.process.forkserver import flush_stdio
 
 #: The longest error text a job's record keeps (characters).
 MAX_ERROR = 64 * 1024
@@ -104,11 +105,7 @@ def main(argv=None) -> None:
     if args.template:
         serve_template()
     Conversation(args.max_payload).serve()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # The parent is gone, and the pipe with it.
+    flush_stdio()  # (if the parent is gone, with the pipe)
     # The job thread may still run (the parent is gone): end it, and
     # whatever its job started, with us.
     from twistedlrp.process.supervise import end_own_group

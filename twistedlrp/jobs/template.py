@@ -1,30 +1,23 @@
 """
-The worker template: a child with Django set up and the site's job modules
-imported, as in a worker, that never runs a job and forks new workers on
-the pool's request, so that replacing a worker costs a fork instead of a
-Django start-up (gunicorn's C{preload}, for job workers).
+The worker template: a fork server (L{twistedlrp.process.forkserver}) with
+Django set up and the site's job modules imported, as in a worker, so that
+replacing a worker costs a fork instead of a Django start-up.
 
 It is started lazily, when the first worker comes within
 L{template_ahead} jobs of C{--max-jobs-per-worker}: a server whose
 workers are never replaced never pays for one more process. From then on
-standby successors, and the replacements of workers that died, are forked
-from it (a fork asked of a template still starting waits for it); the pool
-falls back to starting workers itself (C{spawnProcess}) when the template
-could not be asked, could not fork, or is gone.
+standby successors and replacements are forked from it; the pool spawns
+workers itself when the template could not be asked, could not fork, or
+is gone.
 
-It is a fork server (L{twistedlrp.process.forkserver}). The pool passes
-each fork the child's ends of four pipes (its stdout, stderr, command and
-answer pipes, the fds 1 to 4 of a spawned worker), so a forked worker is
-driven by the same
-L{twistedlrp.jobs.worker.Worker} protocol through L{ForkedProcess}, which
-plays the part of Twisted's process transport. A forked worker is the
-template's child, not ours: the template reaps it and reports its exit
-status. If the template dies, its workers live on with their jobs, and a
-pidfd (C{pidfd_open}, Linux 5.3) tells the pool when each one ends, its
-exit status unknown; where pidfds are missing, forked workers die with
-their template (C{PR_SET_PDEATHSIG}) and are declared dead at once.
-
-The child's side is L{twistedlrp.jobs.child.serve_template}.
+Each fork gets the child's ends of four pipes (the fds 1 to 4 of a spawned
+worker), so that the same L{twistedlrp.jobs.worker.Worker} protocol drives
+it, through L{ForkedProcess}. A forked worker is the template's child: the
+template reaps it and reports its exit. If the template dies, its workers
+live on with their jobs, and a pidfd (Linux 5.3) tells the pool when each
+one ends; without pidfds they die with their template
+(C{PR_SET_PDEATHSIG}). The template's own side is
+L{twistedlrp.jobs.child.serve_template}.
 """
 
 from __future__ import annotations
@@ -246,10 +239,7 @@ class WorkerTemplate:
     def _message(self, server, message: dict) -> None:
         event = message.get("event")
         if event == "ready":
-            if server.state == "starting":
-                server.state = "ready"
-                server.was_ready = True
-                self._on_ready([str(name) for name in message.get("threads") or []])
+            self._on_ready([str(name) for name in message.get("threads") or []])
         elif event == "forked":
             forked = self._pending.pop(message["index"], None)
             if forked is None:

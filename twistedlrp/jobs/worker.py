@@ -180,7 +180,7 @@ class Worker(protocol.ProcessProtocol):
         # Our ends of its pipes: nothing more comes from the child itself.
         for fd in list(getattr(self.transport, "pipes", {})):
             self.transport.closeChildFD(fd)
-        self.pool.on_ended(self, describe_exit(reason.value))
+        self.pool.on_ended(self, str(Exit.of(reason)))
 
     def processEnded(self, reason):
         # Every pipe is closed too; processExited has said everything.
@@ -371,8 +371,3 @@ def bounded_outcome(outcome: dict) -> dict:
     if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
         outcome = dict(outcome, error=cut_text(error_text))
     return outcome
-
-
-def describe_exit(value) -> str:
-    """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
-    return str(Exit.of(value))

@@ -1,17 +1,15 @@
 """
 The one warm fork server: a process that has set Django up, runs no
 reactor, and forks a child for each request of its parent, so that every
-child shares its warm memory copy on write (gunicorn's C{preload}). The web
+child shares its memory copy on write (gunicorn's C{preload}): the web
 template of C{--web-workers} (L{twistedlrp.web.template}) and the worker
-template (L{twistedlrp.jobs.template}) are both one.
+template (L{twistedlrp.jobs.template}).
 
-The parent sends C{{"op": "fork", "index": N, ...}} with the descriptors
-the child is to have; the server answers C{{"event": "forked", "index": N,
-"pid": P}} (or C{"fork_failed"} with an C{"error"}), and reports each
-child's end as C{{"event": "exited", "index": N, "pid": P, "code": C,
-"signal": S}}: the children are the server's, which reaps them. Other
-messages go to the server's owner. The server's side is L{ForkServer},
-the parent's L{ForkServerProcess}.
+On its control channel the parent sends C{{"op": "fork", "index": N, ...}}
+with the child's descriptors; the server (L{ForkServer}) answers
+C{{"event": "forked", "index": N, "pid": P}} (or C{"fork_failed"} and an
+C{"error"}), and reaps the child: C{{"event": "exited", "index": N, "pid":
+P, "code": C, "signal": S}}. The parent's side is L{ForkServerProcess}.
 """
 
 from __future__ import annotations
@@ -26,10 +24,8 @@ import time
 from twistedlrp.process.channel import BlockingChannel, Channel, adopt
 from twistedlrp.process.exits import Exit
 
-# How much of the server's output is kept, to log when it ends.
-OUTPUT_TAIL = 4000
-# How long after the server ended its control socket may still be read.
-CONTROL_GRACE = 2.0
+OUTPUT_TAIL = 4000  # bytes of the server's output kept, to log when it ends
+CONTROL_GRACE = 2.0  # how long its control socket is read once it exited
 
 
 def flush_stdio() -> None:
@@ -38,6 +34,17 @@ def flush_stdio() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def preimport(names) -> None:
+    """Import the modules C{names} ahead of time, so that every fork shares them."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            pass  # The process that needs it imports it again, and reports the error.
 
 
 class ForkServer:
@@ -72,7 +79,7 @@ class ForkServer:
             while True:
                 for key, _ in selector.select(1.0):
                     if key.fileobj is not self.control:
-                        self._drain_wake()
+                        _drain(self._wake_r)
                     elif not self.control.receive():
                         return None
                     while self.control.pending:
@@ -85,13 +92,6 @@ class ForkServer:
                 self.reap()
         finally:
             selector.close()
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
 
     def _fork(self, request: dict) -> int | None:
         """@return: 0 in the child, its pid here, C{None} if it could not fork."""
@@ -128,17 +128,9 @@ class ForkServer:
             if pid == 0:
                 return
             if pid in self.children:
-                ended = Exit.of_status(status)
+                end = Exit.of_status(status)
                 index = self.children.pop(pid)
-                self.send(
-                    {
-                        "event": "exited",
-                        "index": index,
-                        "pid": pid,
-                        "code": ended.code,
-                        "signal": ended.signal,
-                    }
-                )
+                self.send({"event": "exited", "index": index, "pid": pid, **end.code_and_signal()})
 
     def end_children(self, seconds: float) -> None:
         """Wait up to C{seconds} for the children to end, then SIGKILL the ones left."""
@@ -159,14 +151,14 @@ class ForkServer:
 class ForkServerProcess:
     """
     The parent's side: the process protocol of a fork server it spawned.
-    C{state}: C{starting}, C{ready} (its owner says so), C{ended}.
+    C{state}: C{starting}, C{ready} (once it said so), C{ended}.
 
-    Each message goes to C{on_message(server, message)}; each line of its
-    output to C{on_output(fd, line)} (with its newline), and the last L{OUTPUT_TAIL} bytes are kept
-    (L{output}). C{on_ended(server, exit)} is called once, when the process
-    has exited and its control socket was read to its end (what it
-    reported before it died, a child's exit, still counts), or
-    L{CONTROL_GRACE} seconds after it exited, whichever is first.
+    Each message goes to C{on_message(server, message)} (C{"ready"} once),
+    each line of its output to C{on_output(fd, line)}, and the last
+    L{OUTPUT_TAIL} bytes are kept (L{output}). C{on_ended(server, exit)} is
+    called once the process has exited and its control socket was read to
+    its end (a child's exit it reported still counts), or L{CONTROL_GRACE}
+    seconds after it exited.
     """
 
     def __init__(self, reactor, on_message, on_ended, on_output=None):
@@ -247,8 +239,13 @@ class ForkServerProcess:
         return bytes(self._tail).decode("utf-8", "replace").strip()
 
     def _said(self, message: dict) -> None:
-        if message.get("event") in ("forked", "fork_failed"):
+        event = message.get("event")
+        if event in ("forked", "fork_failed"):
             _close(self._held.pop(message.get("index"), []))
+        elif event == "ready":
+            if self.state != "starting":
+                return
+            self.state, self.was_ready = "ready", True
         self.on_message(self, message)
 
     def _control_lost(self, reason=None) -> None:
@@ -302,6 +299,14 @@ class ForkServerProcess:
         self._held.clear()
         self.on_ended(self, self.exit)
         self.ended.callback(None)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _close(fds) -> None:

@@ -14,19 +14,15 @@ additions, all steered by the supervisor through the environment:
    supervisor bound and passed as file descriptors 3, 4, ...
    (L{twistedlrp.web.ports.listen} adopts a UNIX one without changing its
    path or mode, so the next server can adopt it too);
- - it reports to the supervisor on its control channel
-   (L{twistedlrp.process.channel}): C{{"event": "booted", "files": [...], "template_dirs":
-   [...]}} once Django is set up (the files are those of every imported
-   module, the directories those Django loads templates from),
-   C{{"event": "failed",
-   "error": ..., "files": [...]}} when set-up fails (with the files named in
-   the traceback), and C{{"event": "files", ...}} when modules are imported
-   later. After "booted" it waits, before its reactor runs, for the
-   supervisor's C{go}: the supervisor lets it start only once the previous
-   server is gone. End of file on the channel (the supervisor died) stops
-   the server gracefully. While the server runs,
-   C{{"event": "templates", "files": [...]}} makes it reload
-   its templates, without a restart (L{twistedlrp.server.LRPServer.reload_templates}).
+ - it reports on its control channel (L{twistedlrp.process.channel}):
+   C{booted} once Django is set up (with the files of every imported
+   module, and the directories Django loads templates from), C{failed}
+   when set-up fails (with the files the traceback names), C{files} when
+   modules are imported later. After C{booted} it waits, before its
+   reactor runs, for the supervisor's C{go}, sent once the previous server
+   is gone. End of file on the channel (the supervisor died) stops the
+   server gracefully; C{templates} makes it reload its templates
+   (L{twistedlrp.server.LRPServer.reload_templates}).
 
 This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
 L{twisted.internet.endpoints} reads the environment once, at import.
@@ -253,16 +249,6 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     reactor.callWhenRunning(begin)
 
 
-def _preimport() -> None:
-    import importlib
-
-    for name in PREIMPORT:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # The server imports it again, and reports the error.
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -277,7 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         os.set_inheritable(int(fd), False)
         channel = _Reporter(int(fd))
         if spare:
-            _preimport()
+            from twistedlrp.process.forkserver import preimport
+
+            preimport(PREIMPORT)
             channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
             if not channel.wait_for_word():
                 raise SystemExit(0)

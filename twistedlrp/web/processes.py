@@ -172,10 +172,7 @@ class WebProcesses(service.Service):
     def _template_said(self, template: ForkServerProcess, message: dict) -> None:
         event = message.get("event")
         if event == "ready":
-            if template.state == "starting":
-                template.state = "ready"
-                template.was_ready = True
-                self._template_is_ready(template, message)
+            self._template_is_ready(template, message)
         elif event == "failed" and not self.template_ready.called:
             error = ((message.get("error") or "").strip().splitlines() or ["unknown error"])[-1]
             self.template_ready.errback(

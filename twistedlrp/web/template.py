@@ -21,13 +21,12 @@ from twisted.logger import Logger
 
 from twistedlrp import compat
 from twistedlrp.process.channel import BlockingChannel
-from twistedlrp.process.forkserver import ForkServer
+from twistedlrp.process.forkserver import ForkServer, flush_stdio, preimport
 from twistedlrp.web.child import (
     MODULE,
     NO_PRELOAD_VARIABLE,
     PREIMPORT,
     _begin_logging,
-    _flush,
     prepare,
     run_web,
 )
@@ -104,7 +103,7 @@ class _Template:
             # Through the log, so that --log-format json stays JSON.
             log.failure("Web process {index} failed", index=index)
         finally:
-            _flush()
+            flush_stdio()
             os._exit(code)
 
     def _exec(self, channel_fd: int, message: dict) -> None:
@@ -153,7 +152,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
             server.send({"event": "failed", "error": text})
             return 1
         template = _Template(server, ours["sockets"], lrp_args, options, application, output)
-        _preimport()
+        preimport(PREIMPORT)
         # A reactor that was imported (installed) but never ran holds only a
         # poller and a waker: a forked web process can replace both.
         reactor = sys.modules.get("twisted.internet.reactor")
@@ -206,18 +205,8 @@ def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
         args.append(f"--output-fds={ours['output-fds']}")
     args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
     args.append(f"--reason={reason}")
-    _flush()
+    flush_stdio()
     os.execv(sys.executable, [*args, "--", *lrp_args])
-
-
-def _preimport() -> None:
-    import importlib
-
-    for name in PREIMPORT:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # The web process imports it again, and reports the error.
 
 
 def _reactor_holders() -> list[str]:
