@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import defer, endpoints, protocol
 
 from twistedlrp.reload.errorpage import ErrorPage
-from twistedlrp.reload.sockets import adoptable, bind
+from twistedlrp.web.ports import adoptable, bind
 
 
 class _Reader(protocol.Protocol):

@@ -6,14 +6,15 @@ loaders reset in a real (small) Django process.
 
 from __future__ import annotations
 
-import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from twistedlrp.process.channel import Channel
 from twistedlrp.reload import child
 from twistedlrp.reload.process import ServerProcess
 from twistedlrp.reload.supervisor import ReloadSupervisor
@@ -102,19 +103,21 @@ def test_polling_reports_template_edits_but_not_a_newly_watched_directory(tree):
     assert reported == [[str(outside / "base.html")]]
 
 
-class _Transport:
-    pid = 4242
+class _Channel:
+    """The supervisor's end of a server's control channel: what it sends is kept."""
 
     def __init__(self):
-        self.written: list[bytes] = []
+        self.sent: list[dict] = []
 
-    def writeToChild(self, fd, data):
-        self.written.append(data)
+    def send(self, message):
+        self.sent.append(message)
+        return True
 
 
 def _server_process(state: str) -> ServerProcess:
-    process = ServerProcess(None, 1, 5, 6)
-    process.transport = _Transport()
+    process = ServerProcess(None, 1)
+    process.pid = 4242
+    process.channel = _Channel()
     process.state = state
     return process
 
@@ -122,28 +125,22 @@ def _server_process(state: str) -> ServerProcess:
 def test_a_serving_server_is_told_and_a_starting_one_once_it_runs():
     serving = _server_process("serving")
     serving.reload_templates(["/site/t/a.html"])
-    assert [json.loads(line) for line in serving.transport.written] == [
-        {"event": "templates", "files": ["/site/t/a.html"]}
-    ]
+    assert serving.channel.sent == [{"event": "templates", "files": ["/site/t/a.html"]}]
     gated = _server_process("gated")
     gated.reload_templates(["/site/t/a.html"])
-    assert gated.transport.written == []
+    assert gated.channel.sent == []
     gated.let_run()
-    assert gated.transport.written[0] == b"go\n"
-    assert json.loads(gated.transport.written[1]) == {
+    assert gated.channel.sent[0] == {"event": "go"}
+    assert gated.channel.sent[1] == {
         "event": "templates",
         "files": ["/site/t/a.html"],
     }
     assert gated.templates_changed == set()
 
 
-def test_a_server_that_closed_its_pipe_is_not_an_error():
-    class Closed(_Transport):
-        def writeToChild(self, fd, data):
-            raise KeyError(fd)  # Twisted's Process, once the pipe is gone
-
+def test_a_server_that_closed_its_channel_is_not_an_error():
     ending = _server_process("serving")
-    ending.transport = Closed()
+    ending.channel = Channel(lambda message: None)  # never connected, or lost
     ending.reload_templates(["/site/t/a.html"])
 
 
@@ -181,7 +178,7 @@ def test_templates_only_reload_anything_else_restarts(tree, changed, restarts):
     supervisor._changes = {str(root / path) for path in changed}
     supervisor._restart()
     assert supervisor.spawned == (1 if restarts else 0)
-    told = [json.loads(line) for line in current.transport.written]
+    told = current.channel.sent
     if restarts:
         assert told == []
     else:
@@ -196,20 +193,19 @@ def test_a_template_change_starts_a_server_when_none_runs(tree):
 
 
 def test_the_server_reads_messages_after_go_and_across_reads():
-    read, write = os.pipe()
+    ours, theirs = socket.socketpair()
     got = []
-    lifeline = child._Lifeline(
-        None, read, got.append, b'{"event": "templates", "files": ["a"]}\n{"ev'
-    )
+    reporter = child._Reporter(theirs.detach())
     try:
-        lifeline._deliver()
+        ours.sendall(b'{"event": "go"}\n{"event": "templates", "files": ["a"]}\n{"ev')
+        assert reporter.wait_for_word()
+        channel = child._hand_over(reporter, got.append, None)
         assert got == [{"event": "templates", "files": ["a"]}]
-        os.write(write, b'ent": "templates", "files": ["b"]}\nnot json\n')
-        assert lifeline.doRead() is None
+        channel.dataReceived(b'ent": "templates", "files": ["b"]}\nnot json\n')
         assert got[1:] == [{"event": "templates", "files": ["b"]}]
     finally:
-        os.close(read)
-        os.close(write)
+        ours.close()
+        reporter.blocking.close()
 
 
 def test_describe_changes():

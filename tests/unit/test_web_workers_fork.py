@@ -1,6 +1,6 @@
 """
 A reactor installed but never run, renewed in a forked process
-(twistedlrp.web.template._refresh_reactor), in a fresh interpreter each time.
+(twistedlrp.compat.renew_forked_reactor), in a fresh interpreter each time.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import os, sys
 from twisted.internet import {module}
 {module}.install()
 from twisted.internet import reactor
-from twistedlrp.web import template as child
+from twistedlrp import compat
 
-assert child._refreshable(reactor)
+assert compat.reactor_renewable(reactor)
 pids = []
 for n in range(2):
     pid = os.fork()
     if pid == 0:
-        child._refresh_reactor()
+        compat.renew_forked_reactor()
         assert set(reactor.getReaders()) == {{reactor.waker}}
         done = []
         reactor.callLater(0.05, lambda: (done.append(1), reactor.stop()))
@@ -61,7 +61,7 @@ def test_a_reactor_that_ran_or_watches_something_is_not_refreshable():
         """
         import os
         from twisted.internet import reactor
-        from twistedlrp.web import template as child
+        from twistedlrp import compat
         r, w = os.pipe()
 
         class Reader:
@@ -72,12 +72,12 @@ def test_a_reactor_that_ran_or_watches_something_is_not_refreshable():
 
         reader = Reader()
         reactor.addReader(reader)
-        assert not child._refreshable(reactor)
+        assert not compat.reactor_renewable(reactor)
         reactor.removeReader(reader)
-        assert child._refreshable(reactor)
+        assert compat.reactor_renewable(reactor)
         reactor.callLater(0, reactor.stop)
         reactor.run(installSignalHandlers=False)
-        assert not child._refreshable(reactor)
+        assert not compat.reactor_renewable(reactor)
         print("ok")
         """
     )

@@ -11,9 +11,10 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from twistedlrp.options import Options
+from twistedlrp.process import supervise
+from twistedlrp.process.forkserver import ForkServerProcess
 from twistedlrp.services import StartupFailed
 from twistedlrp.web import processes
-from twistedlrp.web import slot as slot_module
 from twistedlrp.web.processes import WebProcesses
 from twistedlrp.web.slot import how_ended
 
@@ -60,9 +61,9 @@ def test_the_back_off_resets_once_a_web_process_ran_a_while():
     for _ in range(3):
         web._slot_ended(slot, 1, None)
         clock.advance(slot.restart_call.getTime() - clock.seconds())
-    clock.advance(processes.RESET_AFTER)
+    clock.advance(supervise.RESET_AFTER)
     web._slot_ended(slot, 1, None)
-    assert slot.restart_call.getTime() - clock.seconds() == slot_module.FIRST_DELAY
+    assert slot.restart_call.getTime() - clock.seconds() == supervise.FIRST_DELAY
 
 
 def test_no_restart_while_stopping():
@@ -105,29 +106,29 @@ def test_how(code, signal_number, text):
 # -- the template --------------------------------------------------------------
 
 
-class FakeTemplate(slot_module.TemplateProcess):
+class FakeTemplate(ForkServerProcess):
     """A template without a process: what it is asked is kept in C{asked}."""
 
     pids = iter(range(5000, 6000))
 
     def __init__(self, owner, reactor):
-        super().__init__(owner, reactor)
+        super().__init__(reactor, owner._template_said, owner._template_ended)
         self.pid = next(self.pids)
         self.asked: list[dict] = []
 
-    def send(self, message, fd=None):
+    def send(self, message, fds=()):
         self.asked.append(message)
         return True
 
     def ready(self):
-        self.owner._template_said(self, {"event": "ready", "pid": self.pid, "preload": True})
+        self._said({"event": "ready", "pid": self.pid, "preload": True})
 
     def forked(self, index: int, pid: int):
-        self.owner._template_said(self, {"event": "forked", "index": index, "pid": pid})
+        self._said({"event": "forked", "index": index, "pid": pid})
 
     def die(self, signal_number=signal.SIGKILL, code=None):
         reason = ProcessTerminated(code, signal_number)
-        self.processEnded(Failure(reason))
+        self.processExited(Failure(reason))
 
 
 def running(monkeypatch, count: int = 2):
@@ -144,7 +145,7 @@ def running(monkeypatch, count: int = 2):
         web.template = templates[-1]
 
     monkeypatch.setattr(web, "_spawn_template", spawn)
-    monkeypatch.setattr(processes, "adopt_connection", lambda reactor, sock, proto: sock.close())
+    monkeypatch.setattr(processes, "adopt", lambda reactor, sock, channel: sock.close())
     web.template_ready = Deferred()
     spawn()
     templates[0].ready()
@@ -162,12 +163,12 @@ def test_a_template_that_dies_is_restarted_and_its_web_processes_keep_running(mo
     assert web.template is None
     assert [slot.state for slot in web.slots] == ["running", "running"]
     assert [slot.pid for slot in web.slots] == [100, 101]
-    clock.advance(slot_module.FIRST_DELAY)
+    clock.advance(supervise.FIRST_DELAY)
     assert len(templates) == 2 and web.template is templates[1]
     # A web process that ends while the new template starts waits for it...
     web._channel_lost(web.slots[0], web.slots[0].channel)
     assert web.slots[0].state == "waiting" and web.slots[1].state == "running"
-    clock.advance(slot_module.FIRST_DELAY)
+    clock.advance(supervise.FIRST_DELAY)
     assert web.slots[0].state == "waiting" and templates[1].asked == []
     # ... and is forked by it once it is ready.
     templates[1].ready()
@@ -185,7 +186,7 @@ def test_a_fork_the_dead_template_never_answered_is_asked_of_the_next(monkeypatc
     assert templates[0].asked[-1]["index"] == 1 and slot.pending_fork is templates[0]
     templates[0].die()
     assert slot.state == "waiting" and slot.pending_fork is None and slot.channel is None
-    clock.advance(slot_module.FIRST_DELAY)
+    clock.advance(supervise.FIRST_DELAY)
     templates[1].ready()
     assert templates[1].asked == [{"op": "fork", "index": 1, "jobs_connect": None}]
 
@@ -212,10 +213,10 @@ def test_templates_that_keep_failing_wait_longer_then_stop_the_server(monkeypatc
 def test_a_template_that_ran_well_resets_the_count(monkeypatch):
     web, clock, templates, fatal = running(monkeypatch)
     for _ in range(processes.MAX_TEMPLATE_FAILURES * 2):
-        clock.advance(processes.RESET_AFTER)
+        clock.advance(supervise.RESET_AFTER)
         templates[-1].die()
-        assert web._template_call.getTime() - clock.seconds() == slot_module.FIRST_DELAY
-        clock.advance(slot_module.FIRST_DELAY)
+        assert web._template_call.getTime() - clock.seconds() == supervise.FIRST_DELAY
+        clock.advance(supervise.FIRST_DELAY)
         templates[-1].ready()
     assert fatal == [] and len(templates) == processes.MAX_TEMPLATE_FAILURES * 2 + 1
 

@@ -36,6 +36,7 @@ import traceback
 
 from twistedlrp.jobs import _context
 from twistedlrp.jobs.framing import BoxReader, encode_box, get_big, put_big
+from twistedlrp.process.forkserver import flush_stdio
 
 #: The longest error text a job's record keeps (characters).
 MAX_ERROR = 64 * 1024
@@ -49,11 +50,18 @@ def _parse(argv):
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
-    parser.add_argument("--max-payload", type=int, default=1024 * 1024)
+    # The pool always gives it; the default is the option's (imported only
+    # then: the option table imports Twisted, which a worker does without).
+    parser.add_argument("--max-payload", type=int, default=None)
     parser.add_argument(
         "--template", action="store_true", help="fork workers on request (twistedlrp.jobs.template)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_payload is None:
+        from twistedlrp.options import OPTIONS
+
+        args.max_payload = next(o.default for o in OPTIONS if o.name == "max-job-payload")
+    return args
 
 
 def main(argv=None) -> None:
@@ -97,14 +105,12 @@ def main(argv=None) -> None:
     if args.template:
         serve_template()
     Conversation(args.max_payload).serve()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass  # The parent is gone, and the pipe with it.
+    flush_stdio()  # (if the parent is gone, with the pipe)
     # The job thread may still run (the parent is gone): end it, and
     # whatever its job started, with us.
-    end_group()
+    from twistedlrp.process.supervise import end_own_group
+
+    end_own_group()
     os._exit(0)
 
 
@@ -115,100 +121,27 @@ FORK_FDS = (1, 2, 3, 4)
 
 def serve_template(control_fd: int = 3) -> None:
     """
-    Be the worker template (L{twistedlrp.jobs.template}): fork a worker
-    for each request read from C{control_fd}, report each fork and each
-    child's exit status, and exit when the control socket closes. Returns
-    only in a forked child, whose fds 1 to 4 are then its worker's pipes.
+    Be the worker template (L{twistedlrp.jobs.template}), a fork server
+    (L{twistedlrp.process.forkserver}) on C{control_fd}, and exit when its
+    control channel closes. Returns only in a forked child, whose fds 1 to
+    4 are then its worker's pipes.
     """
-    import array
-    import selectors
     import socket
 
-    control = socket.socket(fileno=control_fd)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: set[int] = set()
+    from twistedlrp.process.channel import BlockingChannel
+    from twistedlrp.process.forkserver import ForkServer
 
-    def send(message: dict) -> None:
-        try:
-            control.send(json.dumps(message).encode())
-        except OSError:
-            os._exit(0)  # The job service is gone.
-
-    def reap() -> None:
-        while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            children.discard(pid)
-            send({"exited": pid, "status": status})
-
-    selector = selectors.DefaultSelector()
-    selector.register(control, selectors.EVENT_READ)
-    selector.register(wake_r, selectors.EVENT_READ)
+    server = ForkServer(BlockingChannel(socket.socket(fileno=control_fd)))
     # Threads that setting Django up started (an error reporter's sender,
     # say) are not in the forked workers: the pool warns about them.
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    send({"ready": True, "threads": others})
-    fd_size = array.array("i").itemsize
+    server.send({"event": "ready", "pid": os.getpid(), "threads": others})
     template = os.getpid()
     orphan_ok = _pidfds_work()
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj is not control:
-                try:
-                    while os.read(wake_r, 512):
-                        pass
-                except BlockingIOError:
-                    pass
-                continue
-            try:
-                data, ancillary, _, _ = control.recvmsg(
-                    65536, socket.CMSG_SPACE(len(FORK_FDS) * fd_size)
-                )
-            except InterruptedError:
-                continue
-            if not data:
-                os._exit(0)
-            fds = array.array("i")
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % fd_size])
-            try:
-                request = json.loads(data)
-                number = request["fork"]
-            except (ValueError, KeyError, TypeError):
-                for fd in fds:
-                    os.close(fd)
-                continue
-            if len(fds) != len(FORK_FDS):
-                for fd in fds:
-                    os.close(fd)
-                send({"failed": number, "error": f"{len(fds)} pipes, not {len(FORK_FDS)}"})
-                continue
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            try:
-                pid = os.fork()
-            except OSError as e:
-                for fd in fds:
-                    os.close(fd)
-                send({"failed": number, "error": str(e)})
-                continue
-            if pid == 0:
-                _become_worker(list(fds), template, control, (wake_r, wake_w), selector, orphan_ok)
-                return
-            for fd in fds:
-                os.close(fd)
-            children.add(pid)
-            send({"forked": number, "pid": pid})
-        reap()
+    request = server.serve()
+    if request is None:
+        os._exit(0)  # The job service closed the channel, or is gone.
+    _become_worker(request["fds"], template, orphan_ok)
 
 
 def _pidfds_work() -> bool:
@@ -220,7 +153,7 @@ def _pidfds_work() -> bool:
     return True
 
 
-def _become_worker(fds: list[int], template: int, control, wake, selector, orphan_ok) -> None:
+def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
     """In a child the template just forked: take the pool's pipes and be a worker."""
     os.setsid()
     if not orphan_ok:
@@ -234,12 +167,6 @@ def _become_worker(fds: list[int], template: int, control, wake, selector, orpha
             pass
         if os.getppid() != template:
             os._exit(1)  # It died before prctl took effect.
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    selector.close()
-    for fd in wake:
-        os.close(fd)
-    control.close()
     # Each pipe onto its number; a pipe already at a number it must leave is
     # moved out of the way first.
     fds = [os.dup(fd) if fd in FORK_FDS else fd for fd in fds]
@@ -264,43 +191,6 @@ def cut_text(text: str, limit: int = MAX_ERROR) -> str:
     tail = keep - head
     cut = len(text) - head - tail
     return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail :]}"
-
-
-def end_group() -> None:
-    """
-    SIGKILL the other processes of our process group (what jobs started),
-    if we lead one and it has any; we go with them. The parent does the
-    same once we have exited, but it may be gone (killed): this is what
-    ends a job's subprocesses then.
-    """
-    group = os.getpid()
-    try:
-        if os.getpgrp() != group or not _others_in_group(group):
-            return
-        os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _others_in_group(group: int) -> bool:
-    """@return: whether a live process other than this one is in C{group} (true if unknown)."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return True
-    me = str(os.getpid())
-    for name in names:
-        if not name.isdigit() or name == me:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[0] != b"Z" and fields[2] == str(group).encode():
-            return True
-    return False
 
 
 def describe_error(e: BaseException) -> str:

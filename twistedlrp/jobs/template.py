@@ -1,52 +1,41 @@
 """
-The worker template: a child with Django set up and the site's job modules
-imported, as in a worker, that never runs a job and forks new workers on
-the pool's request, so that replacing a worker costs a fork instead of a
-Django start-up (gunicorn's C{preload}, for job workers).
+The worker template: a fork server (L{twistedlrp.process.forkserver}) with
+Django set up and the site's job modules imported, as in a worker, so that
+replacing a worker costs a fork instead of a Django start-up.
 
 It is started lazily, when the first worker comes within
 L{template_ahead} jobs of C{--max-jobs-per-worker}: a server whose
 workers are never replaced never pays for one more process. From then on
-standby successors, and the replacements of workers that died, are forked
-from it (a fork asked of a template still starting waits for it); the pool
-falls back to starting workers itself (C{spawnProcess}) when the template
-could not be asked, could not fork, or is gone.
+standby successors and replacements are forked from it; the pool spawns
+workers itself when the template could not be asked, could not fork, or
+is gone.
 
-The pool passes each fork the child's ends of four pipes (its stdout,
-stderr, command and answer pipes, the fds 1 to 4 of a spawned worker) over
-a C{SOCK_SEQPACKET} socket pair, so a forked worker is driven by the same
-L{twistedlrp.jobs.worker.Worker} protocol through L{ForkedProcess}, which
-plays the part of Twisted's process transport. A forked worker is the
-template's child, not ours: the template reaps it and reports its exit
-status. If the template dies, its workers live on with their jobs, and a
-pidfd (C{pidfd_open}, Linux 5.3) tells the pool when each one ends, its
-exit status unknown; where pidfds are missing, forked workers die with
-their template (C{PR_SET_PDEATHSIG}) and are declared dead at once.
-
-The child's side is L{twistedlrp.jobs.child.serve_template}.
+Each fork gets the child's ends of four pipes (the fds 1 to 4 of a spawned
+worker), so that the same L{twistedlrp.jobs.worker.Worker} protocol drives
+it, through L{ForkedProcess}. A forked worker is the template's child: the
+template reaps it and reports its exit. If the template dies, its workers
+live on with their jobs, and a pidfd (Linux 5.3) tells the pool when each
+one ends; without pidfds they die with their template
+(C{PR_SET_PDEATHSIG}). The template's own side is
+L{twistedlrp.jobs.child.serve_template}.
 """
 
 from __future__ import annotations
 
-import array
 import itertools
-import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable
 
-from twisted.internet import abstract, error, process, protocol
+from twisted.internet import abstract, error, process
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs.child import FORK_FDS
+from twistedlrp.process.exits import Exit
+from twistedlrp.process.forkserver import ForkServerProcess
 
 log = Logger(namespace="twistedlrp.jobs.workers")
-
-# What one control message may be, at most (they are small JSON objects).
-_MAX_MESSAGE = 64 * 1024
 
 
 def template_ahead(max_jobs: int, standby: int) -> int:
@@ -62,18 +51,7 @@ def template_ahead(max_jobs: int, standby: int) -> int:
 
 def supported() -> bool:
     """@return: whether this platform can fork workers from a template (Linux)."""
-    return sys.platform.startswith("linux") and hasattr(socket, "SOCK_SEQPACKET")
-
-
-def _wait_reason(status: int | None) -> BaseException:
-    if status is None:
-        return error.ProcessTerminated(None, signal.SIGKILL, None)
-    if os.WIFEXITED(status):
-        code = os.WEXITSTATUS(status)
-        return (
-            error.ProcessDone(status) if code == 0 else error.ProcessTerminated(code, None, status)
-        )
-    return error.ProcessTerminated(None, os.WTERMSIG(status), status)
+    return sys.platform.startswith("linux")
 
 
 class ForkedProcess:
@@ -141,7 +119,7 @@ class ForkedProcess:
         try:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
-            self.exited(None, "ended with the worker template (its exit status is unknown)")
+            self.exited(Exit(lost="ended with the worker template (its exit status is unknown)"))
             return True
         except (AttributeError, OSError):
             return False
@@ -149,21 +127,17 @@ class ForkedProcess:
         return True
 
     def _orphan_ended(self) -> None:
-        self.exited(None, "exited after the worker template ended (its exit status is unknown)")
+        self.exited(
+            Exit(lost="exited after the worker template ended (its exit status is unknown)")
+        )
 
-    def exited(self, status: int | None, how: str | None = None) -> None:
-        """
-        The template reaped the child (C{status} C{None}: lost with the
-        template, or never forked), C{how} in words if not by its status.
-        """
+    def exited(self, ended: Exit) -> None:
+        """The template reaped the child (or it was lost with the template, or never forked)."""
         if self.lost_process:
             return
         self.lost_process = True
-        reason = _wait_reason(status)
-        if how:
-            reason.how = how
         try:
-            self.proto.processExited(Failure(reason))
+            self.proto.processExited(ended.reason())
         except BaseException:
             log.failure("Error in a worker's processExited")
         self._maybe_ended()
@@ -173,7 +147,7 @@ class ForkedProcess:
             return
         self._ended = True
         try:
-            self.proto.processEnded(Failure(error.ProcessDone(0)))
+            self.proto.processEnded(Exit(0).reason())
         except BaseException:
             log.failure("Error in a worker's processEnded")
 
@@ -199,85 +173,38 @@ class _ExitWatcher(abstract.FileDescriptor):
         self._on_exit()
 
 
-class _ControlReader(abstract.FileDescriptor):
-    """Our end of the template's control socket: one JSON message per datagram."""
-
-    def __init__(self, reactor, sock: socket.socket, on_message: Callable, on_closed: Callable):
-        super().__init__(reactor)
-        self.socket = sock
-        self._on_message = on_message
-        self._on_closed = on_closed
-
-    def fileno(self):
-        return self.socket.fileno()
-
-    def doRead(self):
-        for _ in range(64):
-            try:
-                data = self.socket.recv(_MAX_MESSAGE)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                return error.ConnectionLost(str(e))
-            if not data:
-                return error.ConnectionDone("the template closed its control socket")
-            try:
-                message = json.loads(data)
-            except ValueError:
-                log.warn(
-                    "The worker template sent an unreadable message: {data!r}", data=data[:200]
-                )
-                continue
-            self._on_message(message)
-        return None
-
-    def connectionLost(self, reason):
-        super().connectionLost(reason)
-        self.socket.close()
-        self._on_closed()
-
-
-class WorkerTemplate(protocol.ProcessProtocol):
+class WorkerTemplate:
     """
-    One template process. C{state}: C{starting}, C{ready}, C{dead}.
+    One template process. C{state}: C{starting}, C{ready}, C{ended}.
 
     @param on_ready: called with the names of the template's other threads
         (which forked workers do not have) once it can fork.
-    @param on_ended: C{(template, was_ready, reason)}: it has ended.
+    @param on_ended: C{(template, was_ready, exit)}: it has ended.
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
         self.reactor = reactor
-        self.state = "starting"
-        self.pid: int | None = None
         self._on_ready = on_ready
         self._on_ended = on_ended
-        self._control: _ControlReader | None = None
+        self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
         self._numbers = itertools.count(1)
         # Forks asked for and not answered yet, by request number.
         self._pending: dict[int, ForkedProcess] = {}
         # The template's live children, by pid.
         self._children: dict[int, ForkedProcess] = {}
-        self._output = bytearray()
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.pid
+
+    @property
+    def state(self) -> str:
+        return self.server.state
 
     def start(self, args: list[str], env: dict, path: str) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        try:
-            self.reactor.spawnProcess(
-                self,
-                sys.executable,
-                args,
-                env=env,
-                path=path,
-                childFDs={0: "w", 1: "r", 2: "r", 3: theirs.fileno()},
-            )
-        finally:
-            theirs.close()
-        self._control = _ControlReader(self.reactor, ours, self._message, self._control_closed)
-        self._control.startReading()
-
-    # -- forking ----------------------------------------------------------------------
+        """@raise OSError: it could not be started."""
+        self.server.spawn(args, env, {0: "w", 1: "r", 2: "r"}, 3, path)
+        self.server.transport.closeChildFD(0)
 
     def fork(self, worker, worker_id: str) -> bool:
         """
@@ -289,101 +216,63 @@ class WorkerTemplate(protocol.ProcessProtocol):
         @return: whether the request was sent (if not, start the worker
             another way).
         """
-        if self.state == "dead" or self._control is None:
-            return False
         ours: dict[int, int] = {}
         theirs: list[int] = []
-        try:
-            for child_fd in FORK_FDS:
-                read_end, write_end = os.pipe()
-                # fd 3 carries commands to the child; the others come from it.
-                if child_fd == 3:
-                    ours[child_fd], theirs_fd = write_end, read_end
-                else:
-                    ours[child_fd], theirs_fd = read_end, write_end
-                theirs.append(theirs_fd)
-            number = next(self._numbers)
-            message = json.dumps({"fork": number, "worker_id": worker_id}).encode()
-            self._control.socket.sendmsg(
-                [message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", theirs))]
-            )
-        except OSError as e:
-            log.warn("The worker template could not be asked to fork: {e}", e=e)
-            for fd in list(ours.values()):
+        for child_fd in FORK_FDS:
+            read_end, write_end = os.pipe()
+            # fd 3 carries commands to the child; the others come from it.
+            if child_fd == 3:
+                ours[child_fd], theirs_fd = write_end, read_end
+            else:
+                ours[child_fd], theirs_fd = read_end, write_end
+            theirs.append(theirs_fd)
+        number = next(self._numbers)
+        if not self.server.fork({"index": number, "worker_id": worker_id}, theirs):
+            for fd in ours.values():
                 os.close(fd)
             return False
-        finally:
-            for fd in theirs:
-                os.close(fd)
         forked = ForkedProcess(self.reactor, worker, ours)
         self._pending[number] = forked
         worker.makeConnection(forked)
         return True
 
-    def _message(self, message: dict) -> None:
-        if "ready" in message:
-            if self.state == "starting":
-                self.state = "ready"
-                self._on_ready([str(name) for name in message.get("threads") or []])
-        elif "forked" in message:
-            forked = self._pending.pop(message["forked"], None)
+    def _message(self, server, message: dict) -> None:
+        event = message.get("event")
+        if event == "ready":
+            self._on_ready([str(name) for name in message.get("threads") or []])
+        elif event == "forked":
+            forked = self._pending.pop(message["index"], None)
             if forked is None:
                 return
             forked.pid = message["pid"]
             self._children[forked.pid] = forked
             forked.proto.forked(forked.pid)
-        elif "failed" in message:
-            forked = self._pending.pop(message["failed"], None)
+        elif event == "fork_failed":
+            forked = self._pending.pop(message["index"], None)
             log.warn("The worker template could not fork: {error}", error=message.get("error"))
             if forked is not None:
-                forked.exited(None, f"was not forked ({message.get('error')})")
-        elif "exited" in message:
-            forked = self._children.pop(message["exited"], None)
+                forked.exited(Exit(lost=f"was not forked ({message.get('error')})"))
+        elif event == "exited":
+            forked = self._children.pop(message["pid"], None)
             if forked is not None:
-                forked.exited(message["status"])
+                forked.exited(Exit(message.get("code"), message.get("signal")))
 
     def stop(self) -> None:
         """Close the control socket: the template exits, and its workers with it."""
-        control, self._control = self._control, None
-        if control is not None:
-            control.stopReading()
-            control.socket.close()
+        self.server.close()
 
-    def _control_closed(self) -> None:
-        # The template closed its end: it is ending, or must.
-        self._control = None
-        if self.state != "dead" and self.pid is not None:
-            try:
-                self.transport.signalProcess("TERM")
-            except (error.ProcessExitedAlready, OSError):
-                pass
+    def _output(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip()
+        if text.strip():
+            log.info("worker template {pid}: {line}", pid=self.pid, line=text)
 
-    # -- process protocol -------------------------------------------------------------
-
-    def connectionMade(self):
-        self.pid = self.transport.pid
-        self.transport.closeChildFD(0)
-
-    def childDataReceived(self, fd, data):
-        self._output += data
-        del self._output[:-4000]
-        for line in data.decode("utf-8", "replace").splitlines():
-            if line.strip():
-                log.info("worker template {pid}: {line}", pid=self.pid, line=line.rstrip())
-
-    def processExited(self, reason):
-        was_ready = self.state == "ready"
-        self.state = "dead"
-        if self._control is not None:
-            # What it reported before it ended (a child's exit) still counts.
-            self._control.doRead()
-        self.stop()
+    def _ended(self, server, ended: Exit) -> None:
         pending = list(self._pending.values())
         orphans = list(self._children.values())
         self._pending.clear()
         self._children.clear()
         for forked in pending:
-            forked.exited(None, "was not forked (the worker template ended first)")
+            forked.exited(Exit(lost="was not forked (the worker template ended first)"))
         # Its workers live on, and their jobs with them; nobody reaps them
         # for us now, but a pidfd says when each one ends.
         for forked in orphans:
@@ -394,8 +283,8 @@ class WorkerTemplate(protocol.ProcessProtocol):
                     os.killpg(forked.pid, signal.SIGKILL)
                 except OSError:
                     pass
-                forked.exited(None, "was killed with the worker template")
-        self._on_ended(self, was_ready, reason)
+                forked.exited(Exit(lost="was killed with the worker template"))
+        self._on_ended(self, server.was_ready, ended)
 
     def output(self) -> str:
-        return bytes(self._output).decode("utf-8", "replace").strip()
+        return self.server.output()

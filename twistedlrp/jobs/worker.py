@@ -23,6 +23,8 @@ from twistedlrp import stdlog
 from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.framing import BoxReader, get_big, put_big
+from twistedlrp.process.exits import Exit
+from twistedlrp.process.supervise import send_signal
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.workers import WorkerPool
@@ -178,7 +180,7 @@ class Worker(protocol.ProcessProtocol):
         # Our ends of its pipes: nothing more comes from the child itself.
         for fd in list(getattr(self.transport, "pipes", {})):
             self.transport.closeChildFD(fd)
-        self.pool.on_ended(self, describe_exit(reason.value))
+        self.pool.on_ended(self, str(Exit.of(reason)))
 
     def processEnded(self, reason):
         # Every pipe is closed too; processExited has said everything.
@@ -318,15 +320,9 @@ class Worker(protocol.ProcessProtocol):
             self.kill_reason = reason
         if self.exited or self.pid is None:
             return
-        if self._leads_group():
-            try:
-                os.killpg(self.pid, getattr(signal, f"SIG{name}"))
-                return
-            except ProcessLookupError:
-                return
-            except OSError:
-                pass
-        # Not (yet) in a group of its own: the child alone.
+        if self._leads_group() and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
+            return
+        # Not (yet) in a group of its own (or gone): the child alone.
         try:
             self.transport.signalProcess(name)
         except (error.ProcessExitedAlready, AttributeError, OSError):
@@ -343,12 +339,7 @@ class Worker(protocol.ProcessProtocol):
         """SIGKILL what is left of the child's group once the child has exited."""
         # Its pid is not reused while the group still exists; the group's
         # id is the pid only if the child led it (else there is no such group).
-        if self.pid is None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except OSError:
-            pass
+        send_signal(self.pid, signal.SIGKILL, group=True)
 
     def retire(self) -> None:
         """Let the child exit on end of file of its command pipe."""
@@ -380,19 +371,3 @@ def bounded_outcome(outcome: dict) -> dict:
     if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
         outcome = dict(outcome, error=cut_text(error_text))
     return outcome
-
-
-def describe_exit(value) -> str:
-    """@return: how a process ended, in words: "killed by signal 9 (SIGKILL)", "exited with code 3"."""
-    told = getattr(value, "how", None)
-    if told:
-        return told  # Said by the worker template (twistedlrp.jobs.template).
-    number = getattr(value, "signal", None)
-    if number:
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {number} ({name})"
-    code = getattr(value, "exitCode", None)
-    return f"exited with code {code if code is not None else 0}"

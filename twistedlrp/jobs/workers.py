@@ -1,31 +1,24 @@
 """
 The worker pool: warm child processes that run one job at a time.
 
-Each child (L{twistedlrp.jobs.child}) is started with C{spawnProcess} and
-driven by a L{Worker} process protocol (L{twistedlrp.jobs.worker}). The parent speaks AMP with it over
-two extra pipes (the child's fd 3 carries commands in, fd 4 answers out);
-the child's stdout and stderr belong to the job: they are logged with the
-job id and their tail is kept for the job's record.
+Each child (L{twistedlrp.jobs.child}) is spawned, or forked from the
+worker template (L{twistedlrp.jobs.template}), and driven by a L{Worker}
+process protocol (L{twistedlrp.jobs.worker}): AMP over two extra pipes,
+its stdout and stderr logged with the job's id. Each child leads a process
+group of its own, so that a timeout, a cancel, a shut-down or a retirement
+signals what its job started too.
 
-Each child leads a session and process group of its own (it calls
-C{setsid} first thing), so the processes a job starts belong to it: a
-timeout, a cancel, a shut-down or a retirement signals the whole group
-(C{killpg}), and once the child itself has exited whatever is left of its
-group is killed too.
+A child that dies is seen at once in C{processExited} (a job's subprocess
+may hold copies of its pipes, which C{processEnded} would wait for): the
+pool tells the job service (which retries or fails the job) and starts a
+replacement, with the restart back-off when children die before they are
+ready (L{twistedlrp.process.supervise}).
 
-A child that dies is seen at once in C{processExited} (not
-C{processEnded}, which would wait for every copy of its pipes to close, and
-a job's subprocess holds copies): what it wrote is read, its group is
-killed, our ends of its pipes are closed, and the pool tells the job
-service (which retries or fails the job) and starts a replacement, with
-back-off when children die before they are ready.
-
-A worker that will soon reach C{--max-jobs-per-worker} (50 jobs before, for
-limits of 1000 and more; see L{standby_ahead}) gets its successor started
-ahead of time: once ready it waits in state C{standby}, taking no job,
-and takes the worker's place the moment it retires (or dies), so that
-replacing workers costs no start-up time and never runs more than
-C{--workers} jobs at once.
+A worker that will soon reach C{--max-jobs-per-worker} (see
+L{standby_ahead}) gets its successor started ahead of time: once ready it
+waits in state C{standby}, taking no job, and takes the worker's place the
+moment it retires (or dies), so that replacing workers costs no start-up
+time and never runs more than C{--workers} jobs at once.
 """
 
 from __future__ import annotations
@@ -38,30 +31,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
-from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import template
-from twistedlrp.jobs.child import MAX_ERROR, cut_text
-from twistedlrp.jobs.worker import (
-    OUTPUT_TAIL,
-    Worker,
-    bounded_outcome,
-    describe_exit,
-    worker_id_prefix,
-)
+from twistedlrp.jobs.worker import Worker
+from twistedlrp.process.supervise import restart_backoff
 from twistedlrp.services import Waiters
-
-# Also named here: the pool's users and older imports find them in this module.
-__all__ = [
-    "MAX_ERROR",
-    "OUTPUT_TAIL",
-    "Worker",
-    "WorkerPool",
-    "bounded_outcome",
-    "cut_text",
-    "describe_exit",
-    "standby_ahead",
-    "worker_id_prefix",
-]
 
 log = Logger()
 
@@ -114,7 +87,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.stopping = False
         self._count = 0
-        self._start_backoff = Backoff(0.5, 30.0)
+        self._start_backoff = restart_backoff()
         self._all_ended = Waiters()
         self.started = 0
         # Workers the template has forked so far (of those started).
@@ -209,7 +182,7 @@ class WorkerPool:
                 names=", ".join(threads[:10]),
             )
 
-    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, reason) -> None:
+    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, exit) -> None:
         if self.template is ended:
             self.template = None
         if self.stopping:
@@ -219,13 +192,13 @@ class WorkerPool:
             log.error(
                 "The worker template {how} before it was ready; workers are started "
                 "directly from now on. Its output:\n{output}",
-                how=describe_exit(reason.value),
+                how=str(exit),
                 output=ended.output() or "(none)",
             )
         else:
             log.warn(
                 "The worker template {how}; it is started again when a worker nears its limit",
-                how=describe_exit(reason.value),
+                how=str(exit),
             )
 
     def _stop_template(self) -> None:

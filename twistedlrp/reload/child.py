@@ -14,19 +14,15 @@ additions, all steered by the supervisor through the environment:
    supervisor bound and passed as file descriptors 3, 4, ...
    (L{twistedlrp.web.ports.listen} adopts a UNIX one without changing its
    path or mode, so the next server can adopt it too);
- - it reports to the supervisor, one JSON object a line on the report
-   descriptor: C{{"event": "booted", "files": [...], "template_dirs":
-   [...]}} once Django is set up (the files are those of every imported
-   module, the directories those Django loads templates from),
-   C{{"event": "failed",
-   "error": ..., "files": [...]}} when set-up fails (with the files named in
-   the traceback), and C{{"event": "files", ...}} when modules are imported
-   later. After "booted" it waits, before its reactor runs, until the
-   supervisor writes to the gate descriptor: the supervisor lets it start
-   only once the previous server is gone. End of file on the gate (the
-   supervisor died) stops the server gracefully. While the server runs,
-   C{{"event": "templates", "files": [...]}} on the gate makes it reload
-   its templates, without a restart (L{twistedlrp.server.Server.reload_templates}).
+ - it reports on its control channel (L{twistedlrp.process.channel}):
+   C{booted} once Django is set up (with the files of every imported
+   module, and the directories Django loads templates from), C{failed}
+   when set-up fails (with the files the traceback names), C{files} when
+   modules are imported later. After C{booted} it waits, before its
+   reactor runs, for the supervisor's C{go}, sent once the previous server
+   is gone. End of file on the channel (the supervisor died) stops the
+   server gracefully; C{templates} makes it reload its templates
+   (L{twistedlrp.server.Server.reload_templates}).
 
 This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
 L{twisted.internet.endpoints} reads the environment once, at import.
@@ -34,16 +30,15 @@ L{twisted.internet.endpoints} reads the environment once, at import.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 
-# Set by the supervisor: "REPORT_FD,GATE_FD".
-FDS_VARIABLE = "LRP_RELOAD_FDS"
+# Set by the supervisor: the control channel's descriptor.
+CONTROL_VARIABLE = "LRP_RELOAD_FD"
 # Set by the supervisor for a spare: a process that imports what every
 # server needs (Twisted, Django's framework, not the site) ahead of time and
-# waits for "boot" on the gate, so that a restart skips that part.
+# waits for "boot", so that a restart skips that part.
 SPARE_VARIABLE = "LRP_RELOAD_SPARE"
 PREIMPORT = (
     "twisted.internet.defer",
@@ -78,23 +73,23 @@ FILES_INTERVAL = 2.0
 _TRACEBACK_FILE = re.compile(r'File "([^"]+)", line \d+')
 
 
-class _Channel:
-    """The two pipes to the supervisor."""
+class _Reporter:
+    """The control channel to the supervisor, before the reactor runs and after."""
 
-    def __init__(self, report_fd: int, gate_fd: int):
-        self.report_fd = report_fd
-        self.gate_fd = gate_fd
+    def __init__(self, fd: int):
+        import socket
+
+        from twistedlrp.process.channel import BlockingChannel
+
+        self.blocking = BlockingChannel(socket.socket(fileno=fd))
+        self.channel = None  # the reactor's end, once the reactor runs
         self.reported: set[str] = set()
-        self._gate_buffer = b""
 
     def send(self, message: dict) -> None:
-        data = (json.dumps(message) + "\n").encode("utf-8")
-        try:
-            while data:
-                written = os.write(self.report_fd, data)
-                data = data[written:]
-        except OSError:
-            pass  # The supervisor is gone; the gate tells us so.
+        if self.channel is not None:
+            self.channel.send(message)
+        else:
+            self.blocking.send(message)  # if the supervisor is gone, end of file says so
 
     def send_files(self, event: str, **extra) -> None:
         files = imported_files() - self.reported
@@ -102,25 +97,14 @@ class _Channel:
         if files or event != "files":
             self.send({"event": event, "pid": os.getpid(), "files": sorted(files), **extra})
 
-    def wait_for_gate(self) -> bool:
+    def wait_for_word(self) -> bool:
         """
-        Block until the supervisor writes a line (the reactor does not run
-        yet): "boot" to a spare, "go" to a server that is set up.
+        Block until the supervisor's word (the reactor does not run yet):
+        "boot" to a spare, "go" to a server that is set up.
 
-        @return: C{False} if the supervisor closed the gate instead.
+        @return: C{False} if the supervisor closed the channel instead.
         """
-        while b"\n" not in self._gate_buffer:
-            try:
-                data = os.read(self.gate_fd, 64)
-            except InterruptedError:
-                continue
-            except OSError:
-                return False
-            if not data:
-                return False
-            self._gate_buffer += data
-        _, self._gate_buffer = self._gate_buffer.split(b"\n", 1)
-        return True
+        return self.blocking.wait() is not None
 
 
 def imported_files() -> set[str]:
@@ -160,7 +144,7 @@ def _error_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(error))
 
 
-def _report_builds(channel: _Channel) -> None:
+def _report_builds(channel: _Reporter) -> None:
     import twistedlrp.tap as tap
 
     def build_and_report(build, options):
@@ -182,7 +166,7 @@ def _report_builds(channel: _Channel) -> None:
             channel.send_files("failed", error=text, extra=extra)
             raise
         channel.send_files("booted", template_dirs=_template_dirs())
-        if not channel.wait_for_gate():
+        if not channel.wait_for_word():
             raise SystemExit(0)
         _watch_supervisor(channel, service)
         return service
@@ -206,114 +190,63 @@ def _template_dirs() -> list[str]:
         return []
 
 
-class _Lifeline:
+def _hand_over(reporter: _Reporter, on_message, on_lost):
     """
-    Reads the gate descriptor in the reactor: end of file means the
-    supervisor is gone, and the server stops gracefully. The JSON objects
-    the supervisor writes on it go to C{on_message}.
+    @return: the reactor's end of the channel, which reads on from where
+        the blocking end stopped (C{on_message} has had what it read ahead).
     """
+    from twistedlrp.process.channel import Channel
 
-    def __init__(self, reactor, fd: int, on_message=None, buffered: bytes = b""):
-        self.reactor = reactor
-        self.fd = fd
-        self.closed = False
-        self.on_message = on_message
-        self._buffer = buffered
+    reporter.channel = Channel(on_message, on_lost, reporter.blocking.decoder)
+    pending, reporter.blocking.pending = reporter.blocking.pending, []
+    for message in pending:
+        on_message(message)
+    return reporter.channel
 
-    def fileno(self) -> int:
-        return self.fd
 
-    def logPrefix(self) -> str:
-        return "reload-supervisor"
+def _supervisor_gone(reactor, reason) -> None:
+    """The channel closed: by the supervisor (it is gone), or by our reactor's shut-down."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.logger import Logger
 
-    def doRead(self):
-        try:
-            data = os.read(self.fd, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            data = b""
-        if not data:
-            from twisted.internet.main import CONNECTION_DONE
+    if not reason.check(ConnectionDone):
+        return
+    from twistedlrp.server import set_exit_code
 
-            self.closed = True
-            return CONNECTION_DONE
-        self._buffer += data
-        self._deliver()
-        return None
-
-    def _deliver(self) -> None:
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue  # "go", "boot": read before the reactor ran
-            if not isinstance(message, dict) or self.on_message is None:
-                continue
-            try:
-                self.on_message(message)
-            except Exception:
-                from twisted.logger import Logger
-
-                Logger(namespace="twistedlrp.reload").failure(
-                    "The reload supervisor's {event!r} message failed", event=message.get("event")
-                )
-
-    def connectionLost(self, reason) -> None:
-        from twisted.internet.error import ConnectionDone
-        from twisted.logger import Logger
-
-        self.reactor.removeReader(self)
-        # The reactor reports the pipe's hang-up as ConnectionDone without
-        # calling doRead; at its own shutdown it lets go of every reader
-        # with ConnectionLost.
-        if not (self.closed or reason.check(ConnectionDone)):
-            return
-        from twistedlrp.server import set_exit_code
-
-        Logger(namespace="twistedlrp.reload").warn(
-            "The reload supervisor is gone: stopping the server"
-        )
-        set_exit_code(1)  # A stop nobody asked for.
-        if self.reactor.running:
-            self.reactor.stop()
+    Logger(namespace="twistedlrp.reload").warn("The reload supervisor is gone: stopping the server")
+    set_exit_code(1)  # A stop nobody asked for.
+    if reactor.running:
+        reactor.stop()
 
 
 def _supervisor_said(service, message: dict) -> None:
     if message.get("event") == "templates":
         reload_templates = getattr(service, "reload_templates", None)
         if reload_templates is not None:
-            reload_templates(list(message.get("files", [])))
+            try:
+                reload_templates(list(message.get("files", [])))
+            except Exception:
+                from twisted.logger import Logger
+
+                Logger(namespace="twistedlrp.reload").failure("Reloading the templates failed")
 
 
-def _watch_supervisor(channel: _Channel, service=None) -> None:
+def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     from twisted.internet import reactor, task
 
-    os.set_blocking(channel.gate_fd, False)
-    # What the gate held after "go" (a message sent right after it).
-    buffered, channel._gate_buffer = channel._gate_buffer, b""
+    from twistedlrp.process.channel import adopt
 
     def begin():
-        lifeline = _Lifeline(
-            reactor, channel.gate_fd, lambda message: _supervisor_said(service, message), buffered
+        channel = _hand_over(
+            reporter,
+            lambda message: _supervisor_said(service, message),
+            lambda reason: _supervisor_gone(reactor, reason),
         )
-        reactor.addReader(lifeline)
-        lifeline._deliver()
-        files = task.LoopingCall(channel.send_files, "files")
+        adopt(reactor, reporter.blocking.socket, channel)
+        files = task.LoopingCall(reporter.send_files, "files")
         files.start(FILES_INTERVAL, now=False)
 
     reactor.callWhenRunning(begin)
-
-
-def _preimport() -> None:
-    import importlib
-
-    for name in PREIMPORT:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # The server imports it again, and reports the error.
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,17 +257,17 @@ def main(argv: list[str] | None = None) -> None:
         pass  # Already a session leader.
     if os.environ.get("LISTEN_FDS"):
         os.environ["LISTEN_PID"] = str(os.getpid())
-    fds = os.environ.pop(FDS_VARIABLE, "")
+    fd = os.environ.pop(CONTROL_VARIABLE, "")
     spare = os.environ.pop(SPARE_VARIABLE, "")
-    if fds:
-        report_fd, gate_fd = (int(fd) for fd in fds.split(","))
-        for fd in (report_fd, gate_fd):
-            os.set_inheritable(fd, False)
-        channel = _Channel(report_fd, gate_fd)
+    if fd:
+        os.set_inheritable(int(fd), False)
+        channel = _Reporter(int(fd))
         if spare:
-            _preimport()
+            from twistedlrp.process.forkserver import preimport
+
+            preimport(PREIMPORT)
             channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
-            if not channel.wait_for_gate():
+            if not channel.wait_for_word():
                 raise SystemExit(0)
         _report_builds(channel)
 

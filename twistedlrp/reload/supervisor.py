@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -34,12 +35,16 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp.process.channel import adopt
+from twistedlrp.process.exits import Exit
+from twistedlrp.process.supervise import child_environment, stop_within
+from twistedlrp.reload.child import CONTROL_VARIABLE, SPARE_VARIABLE
 from twistedlrp.reload.errorpage import ErrorPage
 from twistedlrp.reload.process import ServerProcess
-from twistedlrp.reload.sockets import adoptable, bind
 from twistedlrp.reload.templates import describe_changes
 from twistedlrp.reload.watcher import make_watcher
 from twistedlrp.signals import StopSignals
+from twistedlrp.web.ports import adoptable, bind
 
 log = Logger(namespace="twistedlrp.reload")
 
@@ -193,21 +198,19 @@ class ReloadSupervisor(service.Service):
             return
         self.count += 1
         n = len(self.listening)
-        report_fd, gate_fd = _FIRST_LISTEN_FD + n, _FIRST_LISTEN_FD + n + 1
-        child = ServerProcess(self, self.count, report_fd, gate_fd, spare=spare)
-        fds = {0: self._devnull, 1: 1, 2: 2, report_fd: "r", gate_fd: "w"}
-        env = dict(os.environ)
-        env.pop("LISTEN_PID", None)
-        env.pop("LISTEN_FDS", None)
-        env.pop("LISTEN_FDNAMES", None)
+        control_fd = _FIRST_LISTEN_FD + n
+        child = ServerProcess(self, self.count, spare=spare)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = {0: self._devnull, 1: 1, 2: 2, control_fd: theirs.fileno()}
+        env = child_environment()
         for index, sock in enumerate(self.listening):
             fds[_FIRST_LISTEN_FD + index] = sock.fileno()
         if n:
             env["LISTEN_FDS"] = str(n)
             env["LISTEN_FDNAMES"] = ":".join(f"lrp{i}" for i in range(n))
-        env["LRP_RELOAD_FDS"] = f"{report_fd},{gate_fd}"
+        env[CONTROL_VARIABLE] = str(control_fd)
         if spare:
-            env["LRP_RELOAD_SPARE"] = "1"
+            env[SPARE_VARIABLE] = "1"
         args = [
             sys.executable,
             "-m",
@@ -219,7 +222,11 @@ class ReloadSupervisor(service.Service):
         else:
             self.pending = child
         self.children.append(child)
-        self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
+        try:
+            self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
+        finally:
+            theirs.close()
+        adopt(self.reactor, ours, child.channel)
 
     def _ensure_spare(self) -> None:
         """Have a spare ready for the next restart, while nothing boots."""
@@ -287,30 +294,32 @@ class ReloadSupervisor(service.Service):
 
     async def _retire(self, child: ServerProcess) -> None:
         """SIGTERM, the graceful timeout, then SIGKILL to the process group."""
-        if child.state not in ("ended", "stopping"):
+        # A second SIGTERM would stop a server at once: one only.
+        first = child.state not in ("ended", "stopping")
+        if first:
             child.state = "stopping"
-            child.signal_leader(signal.SIGTERM)
-        kill = self.reactor.callLater(self.graceful_timeout, self._kill_late, child)
-        try:
-            await child.when_ended()
-        finally:
-            if kill.active():
-                kill.cancel()
+
+        def send(number):
+            if number == signal.SIGKILL:
+                child.kill_group()
+            elif first:
+                child.signal_leader(number)
+
+        def late():
+            log.warn(
+                "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
+                "process group",
+                number=child.number,
+                pid=child.pid,
+                timeout=self.graceful_timeout,
+            )
+
+        await stop_within(self.reactor, child.when_ended(), send, self.graceful_timeout, late)
         # The server is gone: whatever it left in its group (job workers
         # still winding down) goes with it.
         child.kill_group()
         if child in self.retiring:
             self.retiring.remove(child)
-
-    def _kill_late(self, child: ServerProcess) -> None:
-        log.warn(
-            "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
-            "process group",
-            number=child.number,
-            pid=child.pid,
-            timeout=self.graceful_timeout,
-        )
-        child.kill_group()
 
     def _abandon(self, child: ServerProcess) -> None:
         """A server that never served is not needed any more."""
@@ -319,7 +328,7 @@ class ReloadSupervisor(service.Service):
             self.pending = None
         child.kill_group()
 
-    def child_ended(self, child: ServerProcess, code, signal_number) -> None:
+    def child_ended(self, child: ServerProcess, exit: Exit) -> None:
         if child in self.children:
             self.children.remove(child)
         if child is self.spare:
@@ -328,13 +337,13 @@ class ReloadSupervisor(service.Service):
                 # Never loop: without spares, restarts start from scratch.
                 self._spares_work = False
                 log.warn(
-                    "A spare server process exited ({code}); restarts no longer use spares",
-                    code=code,
+                    "A spare server process ended ({how}); restarts no longer use spares",
+                    how=exit.status(),
                 )
             return
         if child.abandoned or self.stopping or child in self.retiring:
             return
-        how = f"exit code {code}" if code is not None else f"signal {signal_number}"
+        how = exit.status()
         if child is self.pending:
             self.pending = None
             first = (child.error or "").strip().splitlines()

@@ -7,42 +7,34 @@ I{template}::
     python -m twistedlrp.web.child --template --control-fd=K --output-fds=O,E
         --socket=FD:FAMILY... -- LRP-ARGS
 
-which parses the options, sets Django up (C{django.setup()}, the URLconf,
-the WSGI application; the main process ran the system checks already) and
-then waits on its control socket. For each C{fork} request (which carries
-one end of a socket pair to the main process, its I{channel}) it forks a web
-process, so that every web process shares the template's warm memory copy
-on write (gunicorn's C{preload}). A forked web process installs a fresh
-reactor, imports the site's C{lrp} modules and job modules, and runs
-L{twistedlrp.server.WebProcessServer} on the inherited
-listening sockets. The template reports C{forked} and C{exited} (with the
-exit status it reaped) to the main process, which restarts web processes.
-The template's standard output and error are pipes to the main process
-(which passes them on and keeps their tail, to log when the template ends);
-each web process takes the main process's own, C{O} and C{E}, instead, so
-that it needs nothing of the template once forked: a template that dies
-leaves its web processes serving, and the main process starts another.
+which sets Django up as the main process did (without its system checks)
+and serves as a fork server (L{twistedlrp.process.forkserver}): each fork
+request carries one end of a socket pair to the main process, the web
+process's I{channel}. A forked web process renews the reactor, imports the
+site's C{lrp} and job modules, and runs L{twistedlrp.server.WebProcessServer} on
+the inherited listening sockets. The template's
+output goes through pipes to the main process (which keeps its tail);
+each web process writes to the main process's own, C{O} and C{E}, so that
+it needs nothing of the template once forked: a template that dies leaves
+its web processes serving.
 
 A reactor must not run in a process that forks (the child would share its
 epoll descriptor and waker). If setting Django up imported
-C{twisted.internet.reactor} (a views module that imports it, directly or
-through an C{lrp} module), the reactor is installed but never ran: each
-forked web process gives it a new poller and waker (L{twistedlrp.web.template._refresh_reactor}).
-When that cannot be done (L{twistedlrp.web.template._refreshable}), or with C{LRP_WEB_NO_PRELOAD}
-set, the template says so, re-execs itself without Django (C{--bare}) and
-execs each web process instead (C{--web}), which sets Django up itself: no
-memory is shared.
+C{twisted.internet.reactor}, the reactor is installed but never ran: each
+forked web process gives it a new poller and waker
+(L{twistedlrp.compat.renew_forked_reactor}). When that cannot be done, or
+with C{LRP_WEB_NO_PRELOAD} set, the template re-execs itself without Django
+(C{--bare}) and execs each web process instead (C{--web}), which sets
+Django up itself: no memory is shared.
 
-The template ignores SIGINT and SIGTERM (a Ctrl-C on the terminal reaches
-the whole process group; the main process decides); it ends when its control
-socket closes, after its web processes have ended (those notice the end of
-their own channel and stop gracefully; the ones still running at the
-graceful timeout are killed).
+The template ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process
+group; the main process decides); it ends when its control socket closes,
+after its web processes have ended (they see the end of their own channel
+and stop gracefully; those left at the graceful timeout are killed).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -51,7 +43,8 @@ import sys
 from twisted.application import service
 from twisted.logger import Logger
 
-from twistedlrp.web.slot import Lines, adopt_connection
+from twistedlrp.process.channel import Channel, adopt
+from twistedlrp.process.forkserver import flush_stdio
 
 log = Logger(namespace="twistedlrp.web")
 
@@ -135,14 +128,6 @@ def _begin_logging(lrp_args: list[str]) -> None:
     logs.begin(lrp_args, sys.stdout)
 
 
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
 # -- a web process --------------------------------------------------------------
 
 
@@ -211,7 +196,7 @@ class MainChannel(service.Service):
         self.index = index
         self.server = None  # the WebProcessServer, which sets it
         self.pool = None  # its thread pool, for the counts
-        self.protocol: Lines | None = None
+        self.protocol: Channel | None = None
         self.workers: dict | None = None
         self._loop = None
         self._closing = False
@@ -220,8 +205,9 @@ class MainChannel(service.Service):
         from twisted.internet import task
 
         super().startService()
-        self.protocol = Lines(self._said, self.lost)
-        adopt_connection(self.reactor, socket.socket(fileno=self.fd), self.protocol)
+        self.protocol = adopt(
+            self.reactor, socket.socket(fileno=self.fd), Channel(self._said, self.lost)
+        )
         self._loop = task.LoopingCall(self.send_status)
         self._loop.start(STATUS_INTERVAL, now=True)
 
@@ -255,15 +241,14 @@ class MainChannel(service.Service):
         return body
 
     def send_status(self) -> None:
-        if self.protocol is None or self.protocol.transport is None:
-            return
-        self.protocol.sendLine(json.dumps({"event": "status", **self.status()}).encode())
+        if self.protocol is not None:
+            self.protocol.send({"event": "status", **self.status()})
 
     def received(self, message: dict) -> None:
         message["received_at"] = self.reactor.seconds()
         self.workers = message
 
-    def lost(self) -> None:
+    def lost(self, reason=None) -> None:
         self.protocol = None
         if self._closing:
             return
@@ -298,8 +283,8 @@ class MainChannel(service.Service):
         self._closing = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
+        if self.protocol is not None:
+            self.protocol.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         code = template_main(ours, lrp_args)
     else:
         code = web_main(ours, lrp_args)
-    _flush()
+    flush_stdio()
     os._exit(code)
 
 

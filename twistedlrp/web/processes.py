@@ -3,31 +3,29 @@ The web processes of C{--web-workers N} (N above 1), seen from the main
 process: the last child of L{twistedlrp.server.MainServer}, in the place
 of the listening site.
 
-Starting it (start-up step 5, once the job service and the C{once} hooks
-ran) binds the C{--listen} sockets (or takes the C{systemd:} ones the main
-process inherited), spawns the template (L{twistedlrp.web.child}), which
-sets Django up and forks one web process per slot on request, and waits
-until every web process runs (its plain hooks done, its sockets adopted).
-A web process that fails before it first runs fails the start-up.
+Starting it (start-up step 5) binds the C{--listen} sockets (or takes the
+C{systemd:} ones the main process inherited), spawns the template
+(L{twistedlrp.web.child}, a fork server: L{twistedlrp.process.forkserver}),
+which sets Django up and forks one web process per slot on request, and
+waits until every web process runs. A web process that fails before it
+first runs fails the start-up.
 
-Later, a web process that ends is forked again after a back-off (0.5 s,
-doubling up to 30 s, back to 0.5 s once one ran for 10 s), and the reason is
-logged. Each web process sends its status every second over its channel (a
-socket pair, one end passed to the template with C{SCM_RIGHTS}); the main
-process sends every web process the list of them all and its job service's
-health section, which their health endpoints show.
+Later, a web process that ends is forked again after the restart back-off
+(L{twistedlrp.process.supervise}), and the reason is logged. Each web
+process sends its status every second over its channel (a socket pair, one
+end passed to the template with the fork request); the main process sends
+every web process the list of them all and its job service's health
+section, which their health endpoints show.
 
 A template that ends is started again with the same back-off, its exit
 status and last output logged. The web processes it forked keep serving
-meanwhile: they need it only to be forked, and share the listening sockets
-with this process, which holds them. Nobody reaps them for us then: the end
-of a web process's channel is its end (its exit status is lost). A web
-process that ends while there is no template is forked as soon as a new one
-is ready, rather than spawned directly: one way for a web process to start,
-and each one shares a warm template's memory. L{MAX_TEMPLATE_FAILURES}
-templates in a row that end before they are ready, or within 10 s, stop
-the server with exit status 1 (the site cannot start any more, and its
-supervisor, systemd's C{Restart=on-failure}, should know).
+meanwhile (they share the listening sockets with this process, which holds
+them), but nobody reaps them for us then: the end of a web process's
+channel is its end (its exit status is lost). A web process that ends while
+there is no template is forked once a new one is ready: one way for a web
+process to start. L{MAX_TEMPLATE_FAILURES} templates in a row that end
+before they are ready, or within C{RESET_AFTER}, stop the server with exit
+status 1 (its supervisor, systemd's C{Restart=on-failure}, should know).
 
 Stopping it (shut-down step 1) sends SIGTERM to every web process, which
 drains; the ones left at the graceful deadline get SIGKILL; then the
@@ -36,40 +34,36 @@ template's control socket is closed (it exits) and the sockets are closed.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, fdesc, task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp import metrics
-from twistedlrp.backoff import Backoff
-from twistedlrp.services import StartupFailed, within
-from twistedlrp.web import ports
-from twistedlrp.web.slot import (
-    FIRST_DELAY,
-    MAX_DELAY,
-    RESET_AFTER,
-    Lines,
-    Slot,
-    TemplateProcess,
-    adopt_connection,
-    how_ended,
+from twistedlrp.process.channel import Channel, adopt
+from twistedlrp.process.exits import Exit
+from twistedlrp.process.forkserver import ForkServerProcess
+from twistedlrp.process.supervise import (
+    child_environment,
+    ended_within,
+    restart_backoff,
+    restart_delay,
+    send_signal,
+    stop_within,
 )
+from twistedlrp.services import StartupFailed
+from twistedlrp.web.slot import Slot, how_ended, listening_socket, pass_on
 
 log = Logger(namespace="twistedlrp.web")
 
 BROADCAST_INTERVAL = 1.0
-# Templates in a row that end before they were ready, or within
-# RESET_AFTER: the last one stops the server (exit status 1).
-MAX_TEMPLATE_FAILURES = 5
+MAX_TEMPLATE_FAILURES = 5  # in a row (before ready, or within RESET_AFTER): the server stops
 _FIRST_FD = 3
-# How a web process ended when its template, which reaps it, is gone.
-_STATUS_LOST = "ended (its exit status went with its template)"
+_STATUS_LOST = "ended (its exit status went with its template)"  # its reaper is gone
 
 
 class WebProcesses(service.Service):
@@ -78,9 +72,8 @@ class WebProcesses(service.Service):
     @param job_service: this process's job service, whose endpoint the web
         processes' job clients connect to (C{None}: they use
         C{--jobs-connect} or the settings, as this process does).
-    @param on_fatal: called with an error message when the web processes
-        cannot go on (templates keep failing): it stops the server with a
-        non-zero exit status.
+    @param on_fatal: called with an error message when templates keep
+        failing: it stops the server with a non-zero exit status.
     """
 
     name = "web-processes"
@@ -97,9 +90,9 @@ class WebProcesses(service.Service):
         self._sockets: list[tuple[int, int]] = []  # (fd, family)
         self._closers: list = []
         self.on_fatal = on_fatal
-        self.template: TemplateProcess | None = None
+        self.template: ForkServerProcess | None = None
         self.template_ready: defer.Deferred | None = None
-        self.template_backoff = Backoff(FIRST_DELAY, MAX_DELAY)
+        self.template_backoff = restart_backoff()
         self._template_call = None
         self.preload: bool | None = None
         self.jobs_connect: list[str] | None = None
@@ -127,14 +120,10 @@ class WebProcesses(service.Service):
             log.info(
                 "Web process template (pid {pid}) set Django up in {seconds:g} s; web "
                 "processes fork from it and share its memory",
-                pid=ready.get("pid"),
-                seconds=ready.get("seconds", 0),
+                **ready,
             )
         else:
-            log.warn(
-                "Web processes cannot be forked from a warm template: {reason}",
-                reason=ready.get("reason"),
-            )
+            log.warn("Web processes cannot be forked from a warm template: {reason}", **ready)
         for slot in self.slots:
             self._fork(slot)
         await defer.gatherResults([slot.first_run for slot in self.slots], consumeErrors=True)
@@ -142,138 +131,80 @@ class WebProcesses(service.Service):
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
 
     def _open_sockets(self) -> None:
-        from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
-
         for endpoint in self.options["listen"]:
             try:
-                server = serverFromString(self.reactor, endpoint)
-                if isinstance(server, AdoptedStreamServerEndpoint):
-                    fd, family = server.fileno, server.addressFamily
-                    fdesc.setNonBlocking(fd)
-                    with socket.socket(fileno=os.dup(fd)) as sock:
-                        name = sock.getsockname()
-                    self._closers.append(lambda fd=fd: os.close(fd))
-                    if family == socket.AF_UNIX:
-                        name = name.decode() if isinstance(name, bytes) else name
-                        self.addresses.append(f"unix:{name}")
-                    else:
-                        self.addresses.append(f"http://{name[0]}:{name[1]}/")
-                else:
-                    held = ports.bind(self.reactor, endpoint)
-                    fd, family = held.fileno(), held.port.socket.family
-                    self._closers.append(held.close)
-                    self.addresses.append(held.address)
+                fd, family, address, close = listening_socket(self.reactor, endpoint)
             except Exception as e:
                 raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
             self._sockets.append((fd, family))
-
-    def _lrp_args(self) -> list[str]:
-        return self.options.to_argv(exclude={"listen", "config", "reload"}, include_file=True)
+            self.addresses.append(address)
+            self._closers.append(close)
 
     def _spawn_template(self) -> None:
         """
-        Start a template. Its descriptors: 0 /dev/null, 1 and 2 pipes to us
-        (its output, passed on), the listening sockets from 3, its control
-        socket, then our own standard output and error, which each web
-        process takes as its 1 and 2 (so that it does not outlive the
-        template's pipes, and its log goes where ours goes).
+        Start a template: 0 /dev/null, 1 and 2 pipes to us (its output,
+        passed on), the listening sockets from 3, its control socket, then
+        our own 1 and 2, which each web process takes as its 1 and 2 (so that
+        it does not outlive the template's pipes, and logs where we do).
         """
-        n = len(self._sockets)
-        control_fd = _FIRST_FD + n
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        fds = {0: devnull, 1: "r", 2: "r", control_fd: theirs.fileno()}
-        fds[control_fd + 1], fds[control_fd + 2] = 1, 2
-        args = [sys.executable, "-m", "twistedlrp.web.child", "--template"]
-        args.append(f"--control-fd={control_fd}")
+        control_fd = _FIRST_FD + len(self._sockets)
+        args = ["-m", "twistedlrp.web.child", "--template", f"--control-fd={control_fd}"]
         args.append(f"--output-fds={control_fd + 1},{control_fd + 2}")
-        for index, (fd, family) in enumerate(self._sockets):
-            fds[_FIRST_FD + index] = fd
-            args.append(f"--socket={_FIRST_FD + index}:{int(family)}")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-        template = TemplateProcess(self, self.reactor)
+        fds = {1: "r", 2: "r", control_fd + 1: 1, control_fd + 2: 2}
+        for index, (fd, family) in enumerate(self._sockets, _FIRST_FD):
+            fds[index] = fd
+            args.append(f"--socket={index}:{int(family)}")
+        lrp_args = self.options.to_argv(exclude={"listen", "config", "reload"}, include_file=True)
+        template = ForkServerProcess(
+            self.reactor, self._template_said, self._template_ended, pass_on
+        )
+        fds[0] = devnull = os.open(os.devnull, os.O_RDONLY)
         try:
-            self.reactor.spawnProcess(
-                template,
-                sys.executable,
-                [*args, "--", *self._lrp_args()],
-                env=env,
-                childFDs=fds,
+            template.spawn(
+                [sys.executable, *args, "--", *lrp_args], child_environment(), fds, control_fd
             )
-        except BaseException:
-            ours.close()
-            raise
         finally:
-            theirs.close()
             os.close(devnull)
-        template.attach(ours)
         self.template = template
 
     # -- the template ---------------------------------------------------------
 
-    def _template_said(self, template: TemplateProcess, message: dict) -> None:
+    def _template_said(self, template: ForkServerProcess, message: dict) -> None:
         event = message.get("event")
         if event == "ready":
-            if template.state == "starting":
-                template.state = "ready"
-                template.was_ready = True
-                self._template_is_ready(template, message)
-        elif event == "failed":
-            first = (message.get("error") or "").strip().splitlines()
-            template.error = first[-1] if first else "unknown error"
-            if not self.template_ready.called:
-                self.template_ready.errback(
-                    StartupFailed(
-                        "the web process template could not set Django up: " + template.error
-                    )
-                )
+            self._template_is_ready(template, message)
+        elif event == "failed" and not self.template_ready.called:
+            error = ((message.get("error") or "").strip().splitlines() or ["unknown error"])[-1]
+            self.template_ready.errback(
+                StartupFailed(f"the web process template could not set Django up: {error}")
+            )
         elif event == "forked":
             slot = self.slots[message["index"]]
-            if slot.pending_fork is not template:
-                return
-            slot.pending_fork = None
-            slot.parent = template
-            slot.pid = message["pid"]
-            slot.started_at = self.reactor.seconds()
-            if slot.peer is not None:
-                slot.peer.close()
-                slot.peer = None
+            if slot.pending_fork is template:
+                slot.forked(template, message["pid"], self.reactor.seconds())
         elif event == "exited":
             slot = self.slots[message["index"]]
             if slot.pid == message["pid"]:
                 self._slot_ended(slot, message.get("code"), message.get("signal"))
 
-    def _template_is_ready(self, template: TemplateProcess, message: dict) -> None:
+    def _template_is_ready(self, template: ForkServerProcess, message: dict) -> None:
         self.preload = message.get("preload")
         if not self.template_ready.called:
             self.template_ready.callback(message)
             return
-        log.info(
-            "Web process template (pid {pid}) ready again in {seconds:g} s",
-            pid=template.pid,
-            seconds=message.get("seconds", 0),
-        )
+        log.info("Web process template (pid {pid}) ready again in {seconds:g} s", **message)
         for slot in self.slots:
             if slot.state == "waiting" and slot.restart_call is None:
                 self._fork(slot)
 
-    def _template_ended(self, template: TemplateProcess, code, signal_number) -> None:
+    def _template_ended(self, template: ForkServerProcess, exit: Exit) -> None:
         if template is not self.template:
             return
         self.template = None
-        how = how_ended(code, signal_number)
+        how = exit.status()
         for slot in self.slots:
             if slot.pending_fork is template:
-                # It asked, and the template died first: the next one forks it.
-                slot.pending_fork = None
-                if slot.channel is not None and slot.channel.transport is not None:
-                    slot.channel.transport.loseConnection()
-                slot.channel = None
-                if slot.peer is not None:
-                    slot.peer.close()
-                    slot.peer = None
-                if slot.state != "ended":
-                    slot.state = "waiting"
+                slot.not_forked()
             elif slot.parent is template and slot.channel is None:
                 # Its channel closed, and no exit status came before the template died.
                 self._slot_ended(slot, None, None, _STATUS_LOST)
@@ -295,43 +226,41 @@ class WebProcesses(service.Service):
             return
         self._template_down(template, how, self.reactor.seconds() - template.started_at)
 
-    def _template_down(self, template: TemplateProcess | None, how: str, ran: float) -> None:
+    def _template_down(self, template: ForkServerProcess | None, how: str, ran: float) -> None:
         """The template ended (or could not be spawned): start another, or give up."""
         ready = template is not None and template.was_ready
-        if ready and ran >= RESET_AFTER:
-            self.template_backoff.reset()
-        delay = self.template_backoff.next()
-        output = template.output() if template is not None else ""
-        if self.template_backoff.failures >= MAX_TEMPLATE_FAILURES:
-            when = "" if ready else ", before it was ready"
-            message = (
-                f"the web process template failed {self.template_backoff.failures} times in a "
-                f"row (the last one: {how}{when}): stopping the server"
-            )
-            log.critical(
-                "The web process template failed {count} times in a row (the last one, pid "
-                "{pid}: {how}{when}): stopping the server with exit status 1. Its last "
+        delay = restart_delay(self.template_backoff, ran if ready else 0.0)
+        failures = self.template_backoff.failures
+        details = {
+            "pid": template.pid if template is not None else None,
+            "how": how,
+            "output": (template.output() if template is not None else "") or "(none)",
+        }
+        if failures < MAX_TEMPLATE_FAILURES:
+            log.error(
+                "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "
+                "processes keep serving; starting a new template in {delay:g} s. Its last "
                 "output:\n{output}",
-                count=self.template_backoff.failures,
-                pid=template.pid if template is not None else None,
-                how=how,
-                when=when,
-                output=output or "(none)",
+                ran=ran,
+                delay=delay,
+                **details,
             )
-            if self.on_fatal is not None:
-                self.on_fatal(message)
+            self._template_call = self.reactor.callLater(delay, self._restart_template)
             return
-        log.error(
-            "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "
-            "processes keep serving; starting a new template in {delay:g} s. Its last "
+        when = "" if ready else ", before it was ready"
+        log.critical(
+            "The web process template failed {count} times in a row (the last one, pid "
+            "{pid}: {how}{when}): stopping the server with exit status 1. Its last "
             "output:\n{output}",
-            pid=template.pid if template is not None else None,
-            how=how,
-            ran=ran,
-            delay=delay,
-            output=output or "(none)",
+            count=failures,
+            when=when,
+            **details,
         )
-        self._template_call = self.reactor.callLater(delay, self._restart_template)
+        if self.on_fatal is not None:
+            self.on_fatal(
+                f"the web process template failed {failures} times in a row (the last one: "
+                f"{how}{when}): stopping the server"
+            )
 
     def _restart_template(self) -> None:
         self._template_call = None
@@ -357,43 +286,31 @@ class WebProcesses(service.Service):
                 index=slot.index,
             )
             return
-        slot.state = "starting"
-        slot.status = {}
-        slot.pid = None
-        slot.parent = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        slot.peer = theirs
-        channel = Lines(
+        channel = Channel(
             lambda message: self._web_said(slot, channel, message),
-            lambda: self._channel_lost(slot, channel),
+            lambda reason: self._channel_lost(slot, channel),
         )
-        slot.channel = channel
-        adopt_connection(self.reactor, ours, channel)
-        request = {"op": "fork", "index": slot.index, "jobs_connect": self.jobs_connect}
         # Unsent (its control socket is closing), or unanswered, it is asked
         # of the next template when this one has ended.
-        slot.pending_fork = template
-        template.send(request, theirs.fileno())
+        slot.start(template, channel)
+        adopt(self.reactor, ours, channel)
+        template.fork({"index": slot.index, "jobs_connect": self.jobs_connect}, [theirs.detach()])
 
-    def _web_said(self, slot: Slot, channel: Lines, message: dict) -> None:
+    def _web_said(self, slot: Slot, channel: Channel, message: dict) -> None:
         if message.get("event") != "status" or channel is not slot.channel:
             return
-        slot.status = message
-        if message.get("state") == "running" and slot.state == "starting":
-            slot.state = "running"
-            if slot.first_run is not None and not slot.first_run.called:
-                slot.first_run.callback(None)
-            elif slot.restarts:
-                log.info(
-                    "Web process {index} (pid {pid}) running again",
-                    index=slot.index,
-                    pid=slot.pid,
-                )
-            self.broadcast()
-        elif message.get("state") == "stopping" and slot.state == "running":
-            slot.state = "stopping"
+        if not slot.received(message):
+            return
+        if slot.first_run is not None and not slot.first_run.called:
+            slot.first_run.callback(None)
+        elif slot.restarts:
+            log.info(
+                "Web process {index} (pid {pid}) running again", index=slot.index, pid=slot.pid
+            )
+        self.broadcast()
 
-    def _channel_lost(self, slot: Slot, channel: Lines) -> None:
+    def _channel_lost(self, slot: Slot, channel: Channel) -> None:
         if channel is not slot.channel:
             return
         slot.channel = None
@@ -403,22 +320,15 @@ class WebProcesses(service.Service):
             self._slot_ended(slot, None, None, _STATUS_LOST)
 
     def _slot_ended(self, slot: Slot, code, signal_number, how: str | None = None) -> None:
-        """
-        C{slot}'s web process ended, with this exit status, or C{how} in
-        words when its status is lost.
-        """
+        """C{slot}'s web process ended, with this status, or C{how} when its status is lost."""
         if slot.state in ("ended", "waiting"):
             return
         status = how_ended(code, signal_number) if how is None else how
         how = f"exited ({status})" if how is None else how
-        now = self.reactor.seconds()
-        ran = now - slot.started_at
+        ran = self.reactor.seconds() - slot.started_at
         slot.state = "ended"
         if metrics.current is not None and slot.pid is not None:
             metrics.current.process_ended(slot.pid)  # its gauges no longer count
-        if slot.peer is not None:
-            slot.peer.close()
-            slot.peer = None
         slot.ended.fire()
         if self.stopping:
             return
@@ -429,9 +339,7 @@ class WebProcesses(service.Service):
                 )
             )
             return
-        if ran >= RESET_AFTER:
-            slot.backoff.reset()
-        delay = slot.backoff.next()
+        delay = restart_delay(slot.backoff, ran)
         slot.restarts += 1
         log.warn(
             "Web process {index} (pid {pid}) {how} after {ran:.1f} s; restarting it in {delay:g} s",
@@ -447,35 +355,26 @@ class WebProcesses(service.Service):
 
     def broadcast(self) -> None:
         """Tell every web process about all of them (and the job service's health)."""
-        now = self.reactor.seconds()
-        message = {
-            "event": "workers",
-            "main_pid": os.getpid(),
-            "workers": [slot.describe(now) for slot in self.slots],
-        }
+        message = {"event": "workers", "main_pid": os.getpid(), "workers": self.health()}
         if self.jobs_health is not None:
             try:
                 message["jobs"] = self.jobs_health()
             except Exception as e:
                 message["jobs"] = {"healthy": False, "error": str(e)}
-        line = json.dumps(message).encode()
         for slot in self.slots:
-            if slot.channel is not None and slot.channel.transport is not None:
-                slot.channel.sendLine(line)
+            if slot.channel is not None:
+                slot.channel.send(message)
 
     def reload_templates(self) -> int:
         """
-        Have every web process reset its template loaders (C{--reload}, a
-        template changed), and the template too, so that a web process
-        forked later starts without cached templates.
+        Have every web process, and the template (for those forked later),
+        reset their template loaders (C{--reload}, a template changed).
 
         @return: how many web processes were told.
         """
-        line = json.dumps({"event": "templates"}).encode()
         told = 0
         for slot in self.slots:
-            if slot.channel is not None and slot.channel.transport is not None:
-                slot.channel.sendLine(line)
+            if slot.channel is not None and slot.channel.send({"event": "templates"}):
                 told += 1
         if self.template is not None:
             self.template.send({"op": "templates"})
@@ -489,10 +388,10 @@ class WebProcesses(service.Service):
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         super().stopService()
+        self.stopping = True
         return defer.ensureDeferred(self._stop(deadline))
 
     async def _stop(self, deadline: float) -> None:
-        self.stopping = True
         if self._broadcast.running:
             self._broadcast.stop()
         if self._template_call is not None and self._template_call.active():
@@ -502,20 +401,23 @@ class WebProcesses(service.Service):
                 slot.restart_call.cancel()
             if slot.state == "waiting":
                 slot.state = "ended"
-            self._signal(slot, signal.SIGTERM)
-        left = max(deadline - self.reactor.seconds(), 0.05)
-        waits = defer.gatherResults([slot.when_ended() for slot in self.slots])
-        if not await within(self.reactor, waits, left):
-            late = [slot for slot in self.slots if slot.pid and slot.state != "ended"]
+
+        def late():
+            pids = [str(slot.pid) for slot in self.slots if slot.pid and slot.state != "ended"]
             log.warn(
                 "{count} web process(es) did not stop within the graceful timeout: killing {pids}",
-                count=len(late),
-                pids=", ".join(str(slot.pid) for slot in late),
+                count=len(pids),
+                pids=", ".join(pids),
             )
-            for slot in late:
-                self._signal(slot, signal.SIGKILL)
-            waits = defer.gatherResults([slot.when_ended() for slot in self.slots])
-            await within(self.reactor, waits, 5.0, "waiting for killed web processes")
+
+        await stop_within(
+            self.reactor,
+            defer.gatherResults([slot.when_ended() for slot in self.slots]),
+            self._signal_all,
+            max(deadline - self.reactor.seconds(), 0.05),
+            late,
+            after_kill=5.0,
+        )
         await self._end_template()
         for close in self._closers:
             try:
@@ -529,26 +431,16 @@ class WebProcesses(service.Service):
         if template is None:
             return
         template.close()
-        ended = template.ended
-        if not ended.called:
-            copy = defer.Deferred()
-            ended.addBoth(lambda r: None if copy.called else copy.callback(None))
-            if not await within(self.reactor, copy, 5.0):
-                self.force_exit()
+        if not await ended_within(self.reactor, template.ended, 5.0):
+            self.force_exit()
 
-    def _signal(self, slot: Slot, number: int) -> None:
-        if slot.pid is not None and slot.state not in ("ended",):
-            try:
-                os.kill(slot.pid, number)
-            except (ProcessLookupError, PermissionError):
-                pass
+    def _signal_all(self, number: int) -> None:
+        for slot in self.slots:
+            if slot.state != "ended":
+                send_signal(slot.pid, number)
 
     def force_exit(self) -> None:
         """SIGKILL every web process and the template (a second signal)."""
-        for slot in self.slots:
-            self._signal(slot, signal.SIGKILL)
-        if self.template is not None and self.template.transport is not None:
-            try:
-                self.template.transport.signalProcess("KILL")
-            except Exception:
-                pass
+        self._signal_all(signal.SIGKILL)
+        if self.template is not None:
+            self.template.kill()

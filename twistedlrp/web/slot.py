@@ -1,78 +1,28 @@
 """
 One web process of C{--web-workers}, seen from the main process: its
-L{Slot} (pid, state, restart back-off, last status), the line channel it
-reports over (L{Lines}) and the template's process protocol
-(L{TemplateProcess}). L{twistedlrp.web.processes} runs them.
+L{Slot} (pid, state, restart back-off, last status), the listening sockets
+they share, and their output. L{twistedlrp.web.processes} runs them.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from twisted.internet import defer, protocol
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet import defer, fdesc
 
-from twistedlrp.backoff import Backoff
+from twistedlrp.process.channel import Channel
+from twistedlrp.process.exits import Exit
+from twistedlrp.process.forkserver import ForkServerProcess
+from twistedlrp.process.supervise import restart_backoff
 from twistedlrp.services import Waiters
-
-if TYPE_CHECKING:
-    from twistedlrp.web.processes import WebProcesses
-
-# Restarts of a process that keeps ending: one that ran RESET_AFTER s resets the back-off.
-FIRST_DELAY = 0.5
-MAX_DELAY = 30.0
-RESET_AFTER = 10.0
-# How much of the template's output is kept, to log when it ends.
-OUTPUT_TAIL = 4000
-# How long after the template ended its control socket may still be read.
-CONTROL_GRACE = 2.0
+from twistedlrp.web import ports
 
 
 def how_ended(code, signal_number) -> str:
-    if signal_number:
-        try:
-            return f"signal {signal.Signals(signal_number).name}"
-        except ValueError:
-            return f"signal {signal_number}"
-    return f"exit code {code}"
-
-
-class Lines(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 4 * 1024 * 1024
-
-    def __init__(self, on_message, on_lost):
-        self.on_message = on_message
-        self.on_lost = on_lost
-
-    def lineReceived(self, line):
-        try:
-            message = json.loads(line)
-        except ValueError:
-            return
-        self.on_message(message)
-
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.on_lost()
-
-
-class _OneProtocol(protocol.Factory):
-    def __init__(self, proto):
-        self.proto = proto
-
-    def buildProtocol(self, addr):
-        return self.proto
-
-
-def adopt_connection(reactor, sock: socket.socket, proto) -> None:
-    """Hand the connected UNIX socket C{sock} to the reactor (C{sock} is closed)."""
-    sock.setblocking(False)
-    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, _OneProtocol(proto))
-    sock.close()
+    """@return: C{"exit code 3"}, C{"signal SIGKILL"}."""
+    return Exit(code, signal_number).status()
 
 
 class Slot:
@@ -84,14 +34,13 @@ class Slot:
         # starting, running, stopping, waiting (to be restarted), ended
         self.state = "starting"
         self.status: dict = {}
-        self.channel: Lines | None = None
-        self.peer: socket.socket | None = None  # its channel end, until forked
+        self.channel: Channel | None = None
         self.started_at = 0.0
-        self.backoff = Backoff(FIRST_DELAY, MAX_DELAY)
+        self.backoff = restart_backoff()
         self.restarts = 0
         # The template asked to fork it (until it says it did), and the one that did.
-        self.pending_fork: TemplateProcess | None = None
-        self.parent: TemplateProcess | None = None
+        self.pending_fork: ForkServerProcess | None = None
+        self.parent: ForkServerProcess | None = None
         self.restart_call = None
         self.first_run: defer.Deferred | None = defer.Deferred()
         self.ended = Waiters()
@@ -100,6 +49,33 @@ class Slot:
         if self.state == "ended" or self.pid is None:
             return defer.succeed(None)
         return self.ended.wait()
+
+    def start(self, template: ForkServerProcess, channel: Channel) -> None:
+        """Its web process is asked of C{template}, and will report on C{channel}."""
+        self.state, self.status, self.pid, self.parent = "starting", {}, None, None
+        self.channel, self.pending_fork = channel, template
+
+    def forked(self, template: ForkServerProcess, pid: int, now: float) -> None:
+        self.pending_fork, self.parent, self.pid, self.started_at = None, template, pid, now
+
+    def not_forked(self) -> None:
+        """The template asked died first: the next one forks it."""
+        self.pending_fork = None
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
+        if self.state != "ended":
+            self.state = "waiting"
+
+    def received(self, message: dict) -> bool:
+        """Its status came: @return: whether it runs now, and did not before."""
+        self.status = message
+        if message.get("state") == "running" and self.state == "starting":
+            self.state = "running"
+            return True
+        if message.get("state") == "stopping" and self.state == "running":
+            self.state = "stopping"
+        return False
 
     def describe(self, now: float) -> dict:
         body = {"index": self.index, "pid": self.pid, "state": self.state}
@@ -112,103 +88,7 @@ class Slot:
         return body
 
 
-class TemplateProcess(protocol.ProcessProtocol):
-    """
-    The web process template, seen from the main process. C{state}:
-    C{starting}, C{ready}, C{ended}.
-
-    Its messages go to C{owner._template_said(template, message)}; its
-    output is passed on to ours, line by line, and the last L{OUTPUT_TAIL}
-    bytes are kept (L{output}). C{owner._template_ended(template, code,
-    signal)} is called once, when the process has ended and its control
-    socket was read to its end (what it reported before it died, a web
-    process's exit, still counts), or L{CONTROL_GRACE} seconds after it
-    ended, whichever is first.
-    """
-
-    def __init__(self, owner: WebProcesses, reactor):
-        self.owner = owner
-        self.reactor = reactor
-        self.state = "starting"
-        self.was_ready = False
-        self.error: str | None = None  # why it could not set Django up
-        self.pid: int | None = None
-        self.started_at = reactor.seconds()
-        self.control: Lines | None = None
-        self.ended = defer.Deferred()
-        self._exit: tuple | None = None
-        self._partial: dict[int, bytes] = {}
-        self._tail = bytearray()
-        self._grace = None
-
-    def attach(self, sock: socket.socket) -> None:
-        """Read and write the control socket C{sock} (our end; it is closed)."""
-        self.control = Lines(self._said, self._control_lost)
-        adopt_connection(self.reactor, sock, self.control)
-
-    def send(self, message: dict, fd: int | None = None) -> bool:
-        """@return: whether C{message} (with the descriptor C{fd}) was sent."""
-        if self.control is None or self.control.transport is None:
-            return False
-        if fd is not None:
-            self.control.transport.sendFileDescriptor(fd)
-        self.control.sendLine(json.dumps(message).encode())
-        return True
-
-    def close(self) -> None:
-        """Close the control socket: the template ends once its web processes did."""
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.loseConnection()
-
-    def output(self) -> str:
-        return bytes(self._tail).decode("utf-8", "replace").strip()
-
-    def _said(self, message: dict) -> None:
-        self.owner._template_said(self, message)
-
-    def _control_lost(self) -> None:
-        self.control = None
-        self._maybe_ended()
-
-    def connectionMade(self):
-        self.pid = self.transport.pid
-
-    def childDataReceived(self, fd, data):
-        self._tail += data
-        del self._tail[:-OUTPUT_TAIL]
-        lines, _, self._partial[fd] = (self._partial.get(fd, b"") + data).rpartition(b"\n")
-        if lines:
-            _pass_on(fd, lines + b"\n")
-
-    def processEnded(self, reason):
-        for fd, rest in self._partial.items():
-            if rest:
-                _pass_on(fd, rest + b"\n")
-        self._partial.clear()
-        value = reason.value
-        self._exit = (getattr(value, "exitCode", None), getattr(value, "signal", None))
-        if self.control is not None:
-            self._grace = self.reactor.callLater(CONTROL_GRACE, self._give_up_control)
-        self._maybe_ended()
-
-    def _give_up_control(self) -> None:
-        self._grace = None
-        if self.control is not None and self.control.transport is not None:
-            self.control.transport.abortConnection()  # connectionLost follows
-        else:
-            self._control_lost()
-
-    def _maybe_ended(self) -> None:
-        if self._exit is None or self.control is not None or self.state == "ended":
-            return
-        if self._grace is not None and self._grace.active():
-            self._grace.cancel()
-        self.state = "ended"
-        self.owner._template_ended(self, *self._exit)
-        self.ended.callback(None)
-
-
-def _pass_on(fd: int, data: bytes) -> None:
+def pass_on(fd: int, data: bytes) -> None:
     """Write the template's output C{data} to our descriptor C{fd} (1 or 2)."""
     view = memoryview(data)
     while view:
@@ -218,3 +98,28 @@ def _pass_on(fd: int, data: bytes) -> None:
             continue
         except OSError:
             return  # Nowhere to write it: it stays in the tail.
+
+
+def listening_socket(reactor, endpoint: str) -> tuple[int, int, str, Callable]:
+    """
+    Bind C{endpoint}, or take the socket a C{systemd:} one names.
+
+    @return: its descriptor, address family, address in words, and what
+        closes it.
+    @raise Exception: it cannot be bound.
+    """
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+
+    server = serverFromString(reactor, endpoint)
+    if not isinstance(server, AdoptedStreamServerEndpoint):
+        held = ports.bind(reactor, endpoint)
+        return held.fileno(), held.port.socket.family, held.address, held.close
+    fd, family = server.fileno, server.addressFamily
+    fdesc.setNonBlocking(fd)
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        name = sock.getsockname()
+    if family == socket.AF_UNIX:
+        address = f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    else:
+        address = f"http://{name[0]}:{name[1]}/"
+    return fd, family, address, lambda: os.close(fd)

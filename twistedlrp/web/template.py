@@ -10,9 +10,7 @@ it cannot be, the web processes are exec'd instead.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -21,12 +19,14 @@ import traceback
 
 from twisted.logger import Logger
 
+from twistedlrp import compat
+from twistedlrp.process.channel import BlockingChannel
+from twistedlrp.process.forkserver import ForkServer, flush_stdio, preimport
 from twistedlrp.web.child import (
     MODULE,
     NO_PRELOAD_VARIABLE,
     PREIMPORT,
     _begin_logging,
-    _flush,
     prepare,
     run_web,
 )
@@ -35,8 +35,8 @@ log = Logger(namespace="twistedlrp.web")
 
 
 class _Template:
-    def __init__(self, control: socket.socket, sockets, lrp_args, options, application, output):
-        self.control = control
+    def __init__(self, server: ForkServer, sockets, lrp_args, options, application, output):
+        self.server = server
         # The main process's standard output and error, a web process's 1 and 2.
         self.output: tuple[int, int] | None = output
         self.sockets = sockets
@@ -44,59 +44,19 @@ class _Template:
         self.options = options
         self.application = application
         self.preload = not os.environ.get(NO_PRELOAD_VARIABLE)
-        self.children: dict[int, int] = {}  # pid -> index
-        self._buffer = b""
-        self._fds: list[int] = []
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
-        os.set_blocking(self._wake_r, False)
-
-    def send(self, message: dict) -> None:
-        data = (json.dumps(message) + "\n").encode()
-        try:
-            self.control.sendall(data)
-        except OSError:
-            pass  # The main process is gone; end of file tells us.
 
     def run(self) -> int:
-        signal.set_wakeup_fd(self._wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        selector = selectors.DefaultSelector()
-        selector.register(self.control, selectors.EVENT_READ)
-        selector.register(self._wake_r, selectors.EVENT_READ)
-        self.reap()
-        while True:
-            for key, _ in selector.select(1.0):
-                if key.fileobj is self.control:
-                    if not self._read():
-                        return self._finish()
-                else:
-                    try:
-                        while os.read(self._wake_r, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
-            self.reap()
+        request = self.server.serve(self._said)
+        if request is not None:
+            self._web_process(request)  # in a forked web process: never returns
+        # The main process closed the control socket (it is done, or gone):
+        # the web processes see the end of their own channels and stop.
+        self.server.end_children(float(self.options["graceful-timeout"]) + 1)
+        return 0
 
-    def _read(self) -> bool:
-        try:
-            data, fds, _, _ = socket.recv_fds(self.control, 65536, 16)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        self._fds += fds
-        if not data:
-            return False
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            message = json.loads(line)
-            if message.get("op") == "fork":
-                self.fork(message, self._fds.pop(0))
-            elif message.get("op") == "templates":
-                self.reload_templates()
-        return True
+    def _said(self, message: dict) -> None:
+        if message.get("op") == "templates":
+            self.reload_templates()
 
     def reload_templates(self) -> None:
         """
@@ -113,48 +73,38 @@ class _Template:
         except Exception:
             log.failure("Reloading the templates in the web process template failed")
 
-    def fork(self, message: dict, channel_fd: int) -> None:
-        index = message["index"]
-        _flush()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                if self.output is not None:
-                    # Our 1 and 2 are pipes to the main process, for our own
-                    # output: a web process writes where the main process does.
-                    for fd, target in zip(self.output, (1, 2), strict=True):
-                        os.dup2(fd, target)
-                        os.close(fd)
-                self.control.close()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                # SIGTERM ends it until its reactor runs (then it drains);
-                # SIGINT stays ignored (a Ctrl-C is for the main process).
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                for fd in (self._wake_r, self._wake_w, *self._fds):
+    def _web_process(self, request: dict) -> None:
+        """In a forked child: be the web process C{request} asked for, then exit."""
+        index, channel_fd = request["index"], request["fds"][0]
+        code = 1
+        try:
+            if self.output is not None:
+                # Our 1 and 2 are pipes to the main process, for our own
+                # output: a web process writes where the main process does.
+                for fd, target in zip(self.output, (1, 2), strict=True):
+                    os.dup2(fd, target)
                     os.close(fd)
-                if self.preload:
-                    _refresh_reactor()
-                    code = run_web(
-                        self.options,
-                        self.application,
-                        channel_fd,
-                        self.sockets,
-                        message.get("jobs_connect"),
-                        index,
-                    )
-                else:
-                    self._exec(channel_fd, message)
-            except BaseException:
-                # Through the log, so that --log-format json stays JSON.
-                log.failure("Web process {index} failed", index=index)
-            finally:
-                _flush()
-                os._exit(code)
-        os.close(channel_fd)
-        self.children[pid] = index
-        self.send({"event": "forked", "index": index, "pid": pid})
+            # SIGTERM ends it until its reactor runs (then it drains);
+            # SIGINT stays ignored (a Ctrl-C is for the main process).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            if self.preload:
+                compat.renew_forked_reactor()
+                code = run_web(
+                    self.options,
+                    self.application,
+                    channel_fd,
+                    self.sockets,
+                    request.get("jobs_connect"),
+                    index,
+                )
+            else:
+                self._exec(channel_fd, request)
+        except BaseException:
+            # Through the log, so that --log-format json stays JSON.
+            log.failure("Web process {index} failed", index=index)
+        finally:
+            flush_stdio()
+            os._exit(code)
 
     def _exec(self, channel_fd: int, message: dict) -> None:
         os.set_inheritable(channel_fd, True)
@@ -167,60 +117,17 @@ class _Template:
             args.append(f"--jobs-connect={endpoint}")
         os.execv(sys.executable, [*args, "--", *self.lrp_args])
 
-    def reap(self) -> None:
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.children.clear()
-                return
-            if pid == 0:
-                return
-            index = self.children.pop(pid, None)
-            if index is None:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            self.send(
-                {
-                    "event": "exited",
-                    "index": index,
-                    "pid": pid,
-                    "code": code if code >= 0 else None,
-                    "signal": -code if code < 0 else None,
-                }
-            )
-
-    def _finish(self) -> int:
-        # The main process closed the control socket (it is done, or gone):
-        # the web processes see the end of their own channels and stop.
-        deadline = time.monotonic() + float(self.options["graceful-timeout"]) + 1
-        while self.children and time.monotonic() < deadline:
-            self.reap()
-            time.sleep(0.05)
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while self.children:
-            self.reap()
-            time.sleep(0.01)
-        return 0
-
 
 def template_main(ours: dict, lrp_args: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    control = socket.socket(fileno=int(ours["control-fd"]))
+    server = ForkServer(BlockingChannel(socket.socket(fileno=int(ours["control-fd"]))))
     # The main process's standard output and error (ours are pipes to it).
     output = (
         tuple(int(fd) for fd in ours["output-fds"].split(",")) if "output-fds" in ours else None
     )
     _begin_logging(lrp_args)
     started = time.monotonic()
-
-    def send(message):
-        control.sendall((json.dumps(message) + "\n").encode())
 
     if "bare" in ours or os.environ.get(NO_PRELOAD_VARIABLE):
         # Each web process is exec'd and sets Django up itself: this
@@ -229,7 +136,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
 
         options = Options()
         options.parseOptions(lrp_args)
-        template = _Template(control, ours["sockets"], lrp_args, options, None, output)
+        template = _Template(server, ours["sockets"], lrp_args, options, None, output)
         template.preload = False
         reason = ours.get("reason") or (
             f"{NO_PRELOAD_VARIABLE} is set: each web process sets Django up itself"
@@ -242,14 +149,14 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
                 raise
             text = "".join(traceback.format_exception(e))
             sys.stderr.write(text)
-            send({"event": "failed", "error": text})
+            server.send({"event": "failed", "error": text})
             return 1
-        template = _Template(control, ours["sockets"], lrp_args, options, application, output)
-        _preimport()
+        template = _Template(server, ours["sockets"], lrp_args, options, application, output)
+        preimport(PREIMPORT)
         # A reactor that was imported (installed) but never ran holds only a
         # poller and a waker: a forked web process can replace both.
         reactor = sys.modules.get("twisted.internet.reactor")
-        template.preload = reactor is None or _refreshable(reactor)
+        template.preload = reactor is None or compat.reactor_renewable(reactor)
         if reactor is not None and template.preload:
             holders = _reactor_holders()
             log.info(
@@ -273,7 +180,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         gc.collect()
         gc.freeze()
         reason = None
-    send(
+    server.send(
         {
             "event": "ready",
             "pid": os.getpid(),
@@ -298,70 +205,8 @@ def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
         args.append(f"--output-fds={ours['output-fds']}")
     args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
     args.append(f"--reason={reason}")
-    _flush()
+    flush_stdio()
     os.execv(sys.executable, [*args, "--", *lrp_args])
-
-
-def _preimport() -> None:
-    import importlib
-
-    for name in PREIMPORT:
-        try:
-            importlib.import_module(name)
-        except Exception:
-            pass  # The web process imports it again, and reports the error.
-
-
-def _refreshable(reactor) -> bool:
-    """
-    Whether a forked process can give C{reactor} (installed, not running)
-    a poller and a waker of its own (L{_refresh_reactor}): an epoll, poll or
-    select reactor that never ran and watches nothing but its waker.
-    """
-    from twisted.internet import epollreactor, pollreactor, selectreactor
-
-    kinds = (epollreactor.EPollReactor, pollreactor.PollReactor, selectreactor.SelectReactor)
-    if type(reactor) not in kinds:
-        return False
-    if reactor.running or reactor._started or reactor._startedBefore:
-        return False
-    waker = reactor.waker
-    return set(reactor.getReaders()) <= {waker} and not reactor.getWriters()
-
-
-def _refresh_reactor() -> None:
-    """
-    In a forked web process: the inherited (never run) reactor, if there is
-    one, gets a new poller and a new waker, so that it shares no kernel
-    object with the template or another web process.
-    """
-    import select
-
-    reactor = sys.modules.get("twisted.internet.reactor")
-    if reactor is None:
-        return
-    from twisted.internet import epollreactor, pollreactor
-
-    waker = reactor.waker
-    if isinstance(reactor, epollreactor.EPollReactor):
-        old, reactor._poller = reactor._poller, select.epoll(1024)
-        old.close()  # our descriptor only: the epoll instance lives on elsewhere
-        reactor._reads.clear()
-        reactor._writes.clear()
-        reactor._selectables.clear()
-    elif isinstance(reactor, pollreactor.PollReactor):
-        reactor._poller = select.poll()
-        reactor._reads.clear()
-        reactor._writes.clear()
-        reactor._selectables.clear()
-    else:
-        reactor._reads.clear()
-        reactor._writes.clear()
-    if waker is not None:
-        reactor._internalReaders.discard(waker)
-        waker.connectionLost(None)  # closes the inherited pipe's ends
-        reactor.waker = None
-    reactor.installWaker()
 
 
 def _reactor_holders() -> list[str]:

@@ -1,0 +1,200 @@
+"""
+The one control channel between a process and its parent: JSON objects,
+one a line, over a UNIX stream socket, which carries file descriptors too.
+
+The reload supervisor and its server, the main process and each web
+process, the main process and the web template, the worker pool and the
+worker template all talk over it. L{Channel} is the end for a running
+reactor, L{BlockingChannel} the end for a process that runs none (a fork
+server, a server that has not started its reactor yet).
+
+A message sent with descriptors says how many in its C{"fds"} key; the
+receiving end replaces the count by the descriptors. (Twisted sends each
+descriptor with one byte of the line, so all of them have come in by the
+line's end.) A line that is not a JSON object is skipped.
+
+This module imports nothing of Twisted: a worker process, which runs no
+reactor, uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+# A line longer than this is a broken peer: the channel is closed.
+MAX_LENGTH = 4 * 1024 * 1024
+_MAX_FDS = 16
+
+
+def encode(message: dict) -> bytes:
+    return (json.dumps(message) + "\n").encode("utf-8")
+
+
+class Decoder:
+    """Bytes in, messages out (the partial last line is kept for the next bytes)."""
+
+    def __init__(self):
+        self._buffer = b""
+        self.fds: list[int] = []  # received, not handed out yet
+
+    def feed(self, data: bytes) -> list[dict]:
+        """@raise ValueError: a line is longer than L{MAX_LENGTH}."""
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        if len(self._buffer) > MAX_LENGTH:
+            raise ValueError(f"a control line longer than {MAX_LENGTH} bytes")
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(message, dict):
+                continue
+            if "fds" in message:
+                count = message["fds"]
+                message["fds"], self.fds = self.fds[:count], self.fds[count:]
+            messages.append(message)
+        return messages
+
+
+class Channel:
+    """
+    The reactor's end: a protocol for C{adoptStreamConnection} (see
+    L{adopt}); each message goes to C{on_message}, and C{on_lost} is called
+    with the reason once the connection is gone (C{ConnectionDone}: the
+    other process closed it, or died; C{ConnectionLost}: this reactor stops).
+
+    @param decoder: the L{BlockingChannel}'s decoder, when a process that
+        read this socket before its reactor ran hands it over.
+    """
+
+    def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):
+        self.on_message = on_message
+        self.on_lost = on_lost
+        self.transport = None
+        self._decoder = decoder or Decoder()
+
+    @property
+    def open(self) -> bool:
+        return self.transport is not None
+
+    # The protocol's part (IProtocol, IFileDescriptorReceiver), and its own factory.
+    def buildProtocol(self, addr):
+        return self
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except ValueError:
+            self.transport.loseConnection()
+            return
+        for message in messages:
+            self.on_message(message)
+
+    def fileDescriptorReceived(self, fd: int) -> None:
+        self._decoder.fds.append(fd)
+
+    def connectionLost(self, reason=None) -> None:
+        self.transport = None
+        for fd in self._decoder.fds:
+            os.close(fd)
+        self._decoder.fds = []
+        if self.on_lost is not None:
+            self.on_lost(reason)
+
+    def send(self, message: dict, fds=()) -> bool:
+        """
+        Send C{message}, and the descriptors C{fds} with it (keep them open
+        until the other end answers: they are sent when the socket is
+        writable).
+
+        @return: whether it was sent (C{False}: the connection is gone).
+        """
+        if self.transport is None:
+            return False
+        if fds:
+            message = {**message, "fds": len(fds)}
+            for fd in fds:
+                self.transport.sendFileDescriptor(fd)
+        self.transport.write(encode(message))
+        return True
+
+    def close(self) -> None:
+        """Close it once what was sent is written (C{on_lost} follows)."""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def adopt(reactor, sock: socket.socket, channel: Channel) -> Channel:
+    """Run C{channel} on the connected UNIX socket C{sock} (C{sock} itself is closed)."""
+    sock.setblocking(False)
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, channel)
+    sock.close()
+    return channel
+
+
+class BlockingChannel:
+    """The end of a process that runs no reactor: it blocks, or polls with L{fileno}."""
+
+    def __init__(self, sock: socket.socket):
+        self.socket = sock
+        self.decoder = Decoder()
+        self.pending: list[dict] = []  # read, not asked for yet
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def send(self, message: dict, fds=()) -> bool:
+        """@return: whether C{message} (with the descriptors C{fds}) was sent."""
+        data = encode({**message, "fds": len(fds)} if fds else message)
+        try:
+            if fds:
+                sent = socket.send_fds(self.socket, [data], list(fds))
+                data = data[sent:]
+            self.socket.sendall(data)
+        except OSError:
+            return False  # The other process is gone; end of file says so.
+        return True
+
+    def receive(self) -> bool:
+        """
+        Read once (blocking, unless the socket is not): the messages read
+        join L{pending}.
+
+        @return: C{False} at end of file.
+        """
+        try:
+            data, fds, _, _ = socket.recv_fds(self.socket, 65536, _MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        self.decoder.fds += fds
+        try:
+            self.pending += self.decoder.feed(data)
+        except ValueError:
+            return False
+        return bool(data)
+
+    def wait(self) -> dict | None:
+        """@return: the next message (blocking), or C{None} at end of file."""
+        while not self.pending:
+            if not self.receive():
+                return None
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        """Close the socket, and the descriptors received with messages not taken yet."""
+        self.socket.close()
+        for fd in [*self.decoder.fds, *(fd for m in self.pending for fd in m.get("fds", ()))]:
+            os.close(fd)
+        self.decoder.fds, self.pending = [], []
