@@ -8,7 +8,6 @@ import os
 import socket
 import stat
 
-import pytest
 from twisted.internet import abstract, protocol, tcp
 from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.web import http
@@ -25,20 +24,8 @@ class _Null(protocol.Protocol):
     pass
 
 
-@pytest.fixture
-def unix_socket(tmp_path):
-    path = str(tmp_path / "s.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(10)
-    sock.setblocking(False)
-    os.chmod(path, 0o600)
-    yield path, sock
-    sock.close()
-
-
-def test_an_adopted_unix_port_keeps_mode_path_and_listening_state(unix_socket):
-    path, sock = unix_socket
+def test_an_adopted_unix_port_keeps_mode_path_and_listening_state(bound_unix_socket):
+    path, sock = bound_unix_socket
     port = AdoptedUNIXPort.adopt(
         MemoryReactor(), sock.fileno(), protocol.Factory.forProtocol(_Null)
     )

@@ -53,28 +53,15 @@ async def _read(path: str, send: bytes = b"") -> bytes:
     return await reader.done
 
 
-@pytest.fixture
-def bound(tmp_path):
-    """A listening UNIX socket with mode 0600, as its owner made it."""
-    path = str(tmp_path / "http.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(50)
-    sock.setblocking(False)
-    os.chmod(path, 0o600)
-    yield path, sock
-    sock.close()
-
-
 def _mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
 @pytest_twisted.ensureDeferred
-async def test_adopted_unix_port_keeps_path_mode_and_socket(bound):
+async def test_adopted_unix_port_keeps_path_mode_and_socket(bound_unix_socket):
     from twisted.internet import reactor
 
-    path, sock = bound
+    path, sock = bound_unix_socket
     port = AdoptedUNIXPort.adopt(reactor, sock.fileno(), _factory(b"first"))
     assert _mode(path) == 0o600
     assert await _read(path) == b"first"
@@ -99,10 +86,10 @@ def test_adopt_refuses_a_descriptor_that_is_not_a_socket(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_listen_adopts_an_inherited_unix_socket(bound, monkeypatch):
+async def test_listen_adopts_an_inherited_unix_socket(bound_unix_socket, monkeypatch):
     from twisted.internet import reactor
 
-    path, sock = bound
+    path, sock = bound_unix_socket
     inherited, named = os.dup(sock.fileno()), os.dup(sock.fileno())
     # What Twisted's systemd endpoint parser read from LISTEN_FDS at import.
     monkeypatch.setattr(
