@@ -17,11 +17,8 @@ exit. A second signal ends the process at once.
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
 import signal
-import sys
 
 from twisted.application import service
 from twisted.internet import defer
@@ -30,7 +27,7 @@ from twisted.python.failure import Failure
 
 from twistedlrp import lifecycle, threads
 from twistedlrp.services import OrderedService, StartupFailed
-from twistedlrp.signals import StopSignals
+from twistedlrp.signals import StopSignals, flush_everything, set_exit_code, write_stderr
 
 log = Logger()
 
@@ -178,7 +175,7 @@ class Server(OrderedService):
         set_exit_code(1)
         self.exit_code = 1
         # One plain line on the terminal too, in case the log goes elsewhere.
-        _write_stderr(f"twistd lrp: error: {message.splitlines()[0]}\n")
+        write_stderr(f"twistd lrp: error: {message.splitlines()[0]}\n")
         if self.reactor.running:
             self.reactor.stop()
 
@@ -229,7 +226,7 @@ class Server(OrderedService):
         )
 
     def _second_signal(self, name: str) -> None:
-        _write_stderr(f"twistd lrp: second {name}: exiting at once\n")
+        write_stderr(f"twistd lrp: second {name}: exiting at once\n")
         for child in self:
             force_exit = getattr(child, "force_exit", None)
             if force_exit is not None:
@@ -237,7 +234,7 @@ class Server(OrderedService):
                     force_exit()
                 except Exception:
                     pass
-        _flush_everything()
+        flush_everything()
         os._exit(1)
 
     # -- stop -----------------------------------------------------------
@@ -420,42 +417,6 @@ def _describe_port(port) -> str:
         return f"http://{host.host}:{host.port}/"
     name = getattr(host, "name", host)
     return f"unix:{name.decode(errors='replace') if isinstance(name, bytes) else name}"
-
-
-_exit_code = 0
-
-
-def set_exit_code(code: int) -> None:
-    """
-    Make the process exit with C{code} once twistd returns (twistd itself
-    always exits 0 after the reactor stops).
-    """
-    global _exit_code
-    if _exit_code == 0:
-        atexit.register(_exit_with_code)
-    _exit_code = code
-
-
-def _exit_with_code() -> None:
-    if _exit_code:
-        _flush_everything()
-        os._exit(_exit_code)
-
-
-def _flush_everything() -> None:
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
-def _write_stderr(text: str) -> None:
-    try:
-        os.write(2, text.encode("utf-8", "replace"))
-    except OSError:
-        pass
 
 
 def _call_slots() -> dict | None:

@@ -1,6 +1,7 @@
 """
-The stop signals of a twistd process: the first SIGTERM or SIGINT stops the
-reactor (a graceful stop), the second ends the process at once.
+How a twistd process ends: the stop signals (the first SIGTERM or SIGINT
+stops the reactor, a graceful stop; the second ends the process at once),
+and its exit status (L{set_exit_code}: twistd itself always exits 0).
 
 The server and the ``--reload`` supervisor both use this; it imports
 neither Django nor the reactor.
@@ -8,7 +9,11 @@ neither Django nor the reactor.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import signal
+import sys
 from collections.abc import Callable
 
 
@@ -52,3 +57,39 @@ class StopSignals:
     def _stop_reactor(self) -> None:
         if self._reactor.running:
             self._reactor.stop()
+
+
+_exit_code = 0
+
+
+def set_exit_code(code: int) -> None:
+    """
+    Make the process exit with C{code} once twistd returns (twistd itself
+    always exits 0 after the reactor stops).
+    """
+    global _exit_code
+    if _exit_code == 0:
+        atexit.register(_exit_with_code)
+    _exit_code = code
+
+
+def _exit_with_code() -> None:
+    if _exit_code:
+        flush_everything()
+        os._exit(_exit_code)
+
+
+def flush_everything() -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def write_stderr(text: str) -> None:
+    try:
+        os.write(2, text.encode("utf-8", "replace"))
+    except OSError:
+        pass

@@ -211,7 +211,7 @@ def _supervisor_gone(reactor, reason) -> None:
 
     if not reason.check(ConnectionDone):
         return
-    from twistedlrp.server import set_exit_code
+    from twistedlrp.signals import set_exit_code
 
     Logger(namespace="twistedlrp.reload").warn("The reload supervisor is gone: stopping the server")
     set_exit_code(1)  # A stop nobody asked for.

@@ -1,6 +1,7 @@
 """
 Whether the job store's database can be reached, as the store's
-connections find it (L{Availability}).
+connections find it (L{Availability}), how an operation that could not
+reach it fails (L{StoreUnavailable}), and how a connection is found broken.
 
 Each connection of the job service (the store thread's, the reader's, the
 lease thread's, the notification listener's) reports here when it finds the
@@ -13,7 +14,21 @@ from __future__ import annotations
 
 from twisted.logger import Logger
 
+from twistedlrp.jobs.errors import JobServiceUnavailable
+
 log = Logger()
+
+
+class StoreUnavailable(JobServiceUnavailable):
+    """
+    An operation could not run in time: the store cannot be reached, or
+    did not answer. C{started} says whether it may have run (its
+    transaction had begun) or certainly did not.
+    """
+
+    def __init__(self, message: str, started: bool):
+        super().__init__(message)
+        self.started = started
 
 
 class Availability:
@@ -68,3 +83,28 @@ def first_line(error: BaseException) -> str:
     """@return: the first line of C{error}'s text (its type's name when it has none)."""
     text = str(error).strip()
     return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def broken(connection, raw) -> bool:
+    """
+    @return: whether Django's C{connection} is not the usable DB-API
+        connection C{raw} any more (closed, broken, replaced, or none).
+    """
+    current = connection.connection
+    if current is None or (raw is not None and current is not raw):
+        return True
+    if getattr(current, "broken", False) or getattr(current, "closed", False):
+        return True
+    try:
+        return not connection.is_usable()
+    except Exception:
+        return True
+
+
+def transaction_id(connection) -> int | None:
+    """@return: the current transaction's id on PostgreSQL (to look it up after a lost commit)."""
+    if connection.vendor != "postgresql":
+        return None
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT txid_current()")
+        return cursor.fetchone()[0]

@@ -41,7 +41,12 @@ from twisted.python.failure import Failure
 
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.store.availability import first_line
+from twistedlrp.jobs.store.availability import (
+    StoreUnavailable,
+    broken,
+    first_line,
+    transaction_id,
+)
 
 log = Logger()
 
@@ -53,18 +58,6 @@ RECONNECT_MAX = 1.0
 
 # What an operation is doing (L{_Op.state}).
 _QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
-
-
-class StoreUnavailable(JobServiceUnavailable):
-    """
-    An operation could not run in time: the store cannot be reached, or
-    did not answer. C{started} says whether it may have run (its
-    transaction had begun) or certainly did not.
-    """
-
-    def __init__(self, message: str, started: bool):
-        super().__init__(message)
-        self.started = started
 
 
 class _Op:
@@ -366,7 +359,7 @@ class GroupCommitThread:
             self._begin_batch()
             with transaction.atomic():
                 raw = connection.connection
-                xid = _transaction_id(connection)
+                xid = transaction_id(connection)
                 results = [(op.fn(*op.args), False) for op in ops]
                 if coalesced:
                     self._write_coalesced(coalesced)
@@ -443,7 +436,7 @@ class GroupCommitThread:
 
         if not isinstance(error, OperationalError | InterfaceError):
             return False
-        if not _broken(connection, raw):
+        if not broken(connection, raw):
             return False
         if not self._away:
             self._away = True
@@ -505,28 +498,3 @@ class GroupCommitThread:
                 op.d.errback(result)
             else:
                 op.d.callback(result)
-
-
-def _broken(connection, raw) -> bool:
-    """
-    @return: whether Django's C{connection} is not the usable DB-API
-        connection C{raw} any more (closed, broken, replaced, or none).
-    """
-    current = connection.connection
-    if current is None or (raw is not None and current is not raw):
-        return True
-    if getattr(current, "broken", False) or getattr(current, "closed", False):
-        return True
-    try:
-        return not connection.is_usable()
-    except Exception:
-        return True
-
-
-def _transaction_id(connection) -> int | None:
-    """@return: the current transaction's id on PostgreSQL (to look it up after a lost commit)."""
-    if connection.vendor != "postgresql":
-        return None
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT txid_current()")
-        return cursor.fetchone()[0]
