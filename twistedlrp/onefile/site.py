@@ -140,10 +140,8 @@ def _put_on_path(spec: AppSpec) -> None:
 def command() -> str:
     """How to start this site again, for messages: C{python hello.py} or C{twistd lrp --app ...}."""
     spec = current_spec()
-    given = os.environ.get(defaults.COMMAND_VARIABLE)
-    if given:
-        return given
-    return f"twistd lrp --app {spec.given if spec is not None else 'FILE.py'}"
+    given = spec.given if spec is not None else "FILE.py"
+    return os.environ.get(defaults.COMMAND_VARIABLE) or f"twistd lrp --app {given}"
 
 
 def given_settings() -> dict:
