@@ -24,7 +24,7 @@ class SharedClaims:
     """
     The dispatcher's claims from the table. It uses the dispatcher's
     C{reactor}, C{store}, C{pool}, C{queues}, C{node}, C{accepting},
-    C{counters}, C{_wanted}, C{_wakes}, C{_claim_running}, C{_claiming},
+    C{_wanted}, C{_wakes}, C{_claim_running}, C{_claiming},
     C{_due_timer}, C{wake}, C{dispatch}, C{request_cancel}, C{_run_on} and
     C{_finish}.
     """
@@ -92,7 +92,6 @@ class SharedClaims:
             except InvalidArguments as e:
                 worker.state = "idle"
                 error = f"the job could not start: {e}"
-                self.counters["failed"] += 1
                 log_failed(record, error)
                 self._finish(record, FAILED, error=error)
                 continue

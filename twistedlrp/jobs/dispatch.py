@@ -31,9 +31,9 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs.claims import SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import Outcomes, check_record, job_lines, log_failed
+from twistedlrp.jobs.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
 from twistedlrp.jobs.queue import JobQueue, JobRecord
-from twistedlrp.jobs.states import CANCELLED, FAILED, SUCCEEDED
+from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
@@ -129,6 +129,11 @@ class Dispatcher(SharedClaims, Outcomes):
         self._wanted = True
         self.dispatch()
 
+    def count(self, event: str, name: str) -> None:
+        """Count one C{event} of a job named C{name}: in L{counters} (stats) and the metrics."""
+        self.counters[event] += 1
+        job_metrics.count(event, name)
+
     def _node_args(self) -> tuple:
         return (self.node,) if self.shared else ()
 
@@ -142,8 +147,7 @@ class Dispatcher(SharedClaims, Outcomes):
         """
         removed = self.queue.remove(job_id)
         if removed is not None:
-            self.counters["cancelled"] += 1
-            job_metrics.count("cancelled", removed.name)
+            self.count("cancelled", removed.name)
             return True
         record = self.running.get(job_id)
         if record is not None and not record.cancel_requested:
@@ -354,7 +358,6 @@ class Dispatcher(SharedClaims, Outcomes):
             worker.state = "idle"
         if failure.check(InvalidArguments):
             error = f"the job could not start: {failure.getErrorMessage()}"
-            self.counters["failed"] += 1
             log_failed(record, error)
             self._finish(record, FAILED, error=error)
         else:
@@ -396,12 +399,12 @@ class Dispatcher(SharedClaims, Outcomes):
                 pid=worker.pid,
                 reason=worker.broken,
             )
-            self._job_ended(
-                record,
-                {"ok": False, "error": f"the worker's answer could not be read: {worker.broken}"},
-            )
+            error = f"the worker's answer could not be read: {worker.broken}"
+            self._job_ended(record, Outcome(False, error=error))
 
-        d.addCallbacks(lambda outcome: self._job_ended(record, outcome), answer_failed)
+        d.addCallbacks(
+            lambda outcome: self._job_ended(record, Outcome.read(outcome)), answer_failed
+        )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
 
     # -- worker events ----------------------------------------------------------------------
@@ -413,7 +416,7 @@ class Dispatcher(SharedClaims, Outcomes):
             self.store.set_progress(job_id, current, total, message)
             self._changed(job_id)
 
-    def _job_ended(self, record: JobRecord, outcome: dict) -> None:
+    def _job_ended(self, record: JobRecord, outcome: Outcome) -> None:
         if self.running.get(record.id) is not record:
             return
         self._forget(record)
@@ -427,23 +430,18 @@ class Dispatcher(SharedClaims, Outcomes):
         fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
             record.progress
         )
-        if outcome.get("ok") and not record.cancel_requested:
-            self.counters["succeeded"] += 1
+        state, error = outcome.final_state(record.cancel_requested)
+        if state is None:
+            self._retry_or_fail(record, error, fields)
+            return
+        if state == SUCCEEDED:
             job_lines.succeeded(record, self.reactor.seconds())
-            self._finish(record, SUCCEEDED, result=outcome.get("result"), error="", **fields)
-        elif record.cancel_requested or outcome.get("cancelled"):
-            self.counters["cancelled"] += 1
-            if outcome.get("ok"):
-                fields["result"] = outcome.get("result")
-            error = "cancelled while running" + (
-                ""
-                if outcome.get("ok") or outcome.get("error") == "cancelled"
-                else f": {outcome.get('error')}"
-            )
-            job_lines.cancelled(record, self.reactor.seconds())
-            self._finish(record, CANCELLED, error=error, **fields)
+            fields["result"] = outcome.result
         else:
-            self._retry_or_fail(record, outcome.get("error") or "failed", fields)
+            if outcome.ok:
+                fields["result"] = outcome.result
+            job_lines.cancelled(record, self.reactor.seconds())
+        self._finish(record, state, error=error, **fields)
 
     def _changed(self, job_id: str) -> None:
         # Not on the way out of running: the end is told once committed (outcomes.py).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
 from twistedlrp.jobs.states import (
@@ -183,7 +184,7 @@ def create(
         from twistedlrp.models import Announcement
 
         Announcement.objects.create(job=new_id)
-    return True, job_dict(_Row(row))
+    return True, job_dict(SimpleNamespace(**row))
 
 
 #: The most announced jobs one take reads (the next take reads the rest).
@@ -246,13 +247,6 @@ def take_announced(job_ids: list[str] | None = None) -> list[dict]:
             {"args": row.pop("args"), "kwargs": row.pop("kwargs")}, separators=(",", ":")
         ).encode()
     return rows
-
-
-class _Row:
-    """Attribute access to a dict, for L{job_dict}."""
-
-    def __init__(self, values: dict):
-        self.__dict__.update(values)
 
 
 def get(job_id: str, full: bool = True) -> dict:
