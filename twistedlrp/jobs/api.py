@@ -10,13 +10,13 @@ acknowledged only after its commit.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.arguments import (
     canonical_job_id,
@@ -128,8 +128,7 @@ class JobOperations:
                 reserved = None
             if not created or not ours:
                 return self._overlay(info)
-            self.dispatcher.counters["submitted"] += 1
-            job_metrics.count("submitted", name)
+            self.dispatcher.count("submitted", name)
             record = JobRecord(
                 info["id"],
                 fields["priority"],
@@ -160,7 +159,7 @@ class JobOperations:
         they are read from the store meanwhile. With several job nodes
         (PostgreSQL) there is nothing to do: the commit notified them.
 
-        @return: a Deferred firing with C{{"ok": True}}.
+        @return: a Deferred firing with C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
         """
         if not isinstance(job_ids, list | tuple):
@@ -174,7 +173,7 @@ class JobOperations:
                     "Could not queue announced jobs yet: {error}", error=f.getErrorMessage()
                 )
             )
-        return defer.succeed({"ok": True})
+        return defer.succeed(True)
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
         """
@@ -187,8 +186,7 @@ class JobOperations:
             for row in rows:
                 if self.queues is not None and row["queue"] not in self.queues:
                     continue
-                self.dispatcher.counters["submitted"] += 1
-                job_metrics.count("submitted", row["name"])
+                self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
                 record = JobRecord(
                     row["id"],
@@ -345,8 +343,9 @@ class JobOperations:
         return info
 
     def _notify(self, info: dict) -> None:
-        for d in self.waiters.pop(info["id"], []):
-            _fire(d, info)
+        # Each waiter its own copy: callers in this process get the answer itself.
+        for i, d in enumerate(self.waiters.pop(info["id"], [])):
+            _fire(d, copy.deepcopy(info) if i else info)
 
 
 _MAY_BE_STORED = (

@@ -23,15 +23,16 @@ import time
 
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
-    COMMANDS,
     DEFAULT_TIMEOUT,
-    UNKNOWN_OUTCOME,
+    TRIES_PER_NODE,
+    Attempts,
     configured,
     configured_endpoints,
     no_answer,
     reconnect_backoff,
     split_endpoint,
-    with_store_wait,
+    unknown_outcome,
+    unreachable,
 )
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
@@ -42,9 +43,6 @@ _lock = threading.Lock()
 
 _blocking: BlockingClient | None = None
 _NO_BLOCKING = object()
-
-# A call tries one endpoint at most this many times.
-_TRIES_PER_NODE = 2
 
 
 def blocking_client() -> BlockingClient | None:
@@ -112,8 +110,7 @@ class _Node:
         self.down_until = time.monotonic() + self.backoff.next()
 
     def problem(self) -> str:
-        text = f"the job service at {self.endpoint} could not be reached"
-        return text + (f": {self.last_error}" if self.last_error else "")
+        return unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
 
 
 class BlockingClient:
@@ -154,64 +151,32 @@ class BlockingClient:
         @raise JobError: the service's own error (a subclass says which).
         @raise JobServiceUnavailable: unreachable, or the connection broke.
         """
-        limit = timeout or self.timeout
-        started = time.monotonic()
-        deadline = started + limit
-        repeatable = op != "submit" or bool(kw.get("id"))
-        tries: dict[_Node, int] = {}
-        problems: list[str] = []
-        unknown = False
-        sends = 0
+        attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
+        tries, deadline = attempts.tries, attempts.deadline
         while True:
-            conversation = self._connected(tries, deadline, problems)
+            conversation = self._connected(tries, deadline, attempts.problems)
             if conversation is None:
-                break
+                raise attempts.failed(self.nodes)
             node = conversation.node
             tries[node] = tries.get(node, 0) + 1
-            sent = kw
-            sends += 1
-            if op == "wait" and sends > 1:
-                left = float(kw["timeout"]) - (time.monotonic() - started)
-                sent = dict(kw, timeout=max(0.0, left))
-            sent = with_store_wait(op, sent, deadline - time.monotonic())
-            command, answer_key, arguments = COMMANDS[op](sent)
-            box = command.makeArguments(arguments, None)
+            operation = wire.OPERATIONS[op]
+            box = operation.command.makeArguments(attempts.arguments(time.monotonic()), None)
+            left = max(deadline - time.monotonic(), 0.001)
             try:
                 answer = conversation.ask(
-                    command, box, max(deadline - time.monotonic(), 0.001), op, kw.get("id"), limit
+                    operation.command, box, left, op, kw.get("id"), attempts.limit
                 )
             except _NotSent:
-                # It broke before our request left: nothing happened; again.
-                continue
+                continue  # It broke before our request left: nothing happened; again.
             except _Broken as e:
-                if not repeatable:
-                    raise JobServiceUnavailable(str(e) + UNKNOWN_OUTCOME.get(op, "")) from None
-                problems.append(str(e))
-                unknown = True
+                attempts.broke(str(e))
                 continue
             except JobServiceUnavailable as e:
-                # The service refused it (stopping, its store away): the next may not.
-                if not repeatable or len(self.nodes) == 1:
-                    raise
-                problems.append(f"the job service at {node.endpoint} answered: {e}")
-                tries[node] = _TRIES_PER_NODE
-                unknown = unknown or "may or may not" in str(e)
+                attempts.refused(node, e, len(self.nodes))
                 self._drop(conversation)
                 continue
             self._maybe_probe(node)
-            return answer[answer_key]
-        from twistedlrp.jobs.connection import unknown_outcome
-
-        if not problems:
-            problems = [n.problem() for n in self.nodes]
-        message = (
-            problems[0]
-            if len(problems) == 1
-            else ("no job service could be reached: " + "; ".join(dict.fromkeys(problems)))
-        )
-        raise JobServiceUnavailable(
-            message + (unknown_outcome(op, kw.get("id")) if unknown else "")
-        )
+            return answer[operation.answer]
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
         """
@@ -222,7 +187,7 @@ class BlockingClient:
         """
         conversation = self._conversation
         if conversation is not None and conversation.usable():
-            if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+            if tries.get(conversation.node, 0) < TRIES_PER_NODE:
                 return conversation
         # Another thread may be connecting: wait for it, not beyond the deadline.
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
@@ -231,11 +196,11 @@ class BlockingClient:
         try:
             conversation = self._conversation
             if conversation is not None and conversation.usable():
-                if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+                if tries.get(conversation.node, 0) < TRIES_PER_NODE:
                     return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
-                if tries.get(node, 0) >= _TRIES_PER_NODE or node.down_until > time.monotonic():
+                if tries.get(node, 0) >= TRIES_PER_NODE or node.down_until > time.monotonic():
                     continue
                 if time.monotonic() >= deadline:
                     break
@@ -243,7 +208,7 @@ class BlockingClient:
                     fresh = self._connect(node, deadline)
                 except JobServiceUnavailable as e:
                     problems.append(str(e))
-                    tries[node] = _TRIES_PER_NODE
+                    tries[node] = TRIES_PER_NODE
                     continue
                 node.up()
                 if self._conversation is not None:
@@ -490,7 +455,7 @@ class _Conversation:
         if error_class is None:
             raise JobServiceUnavailable(
                 f"the job service at {self.endpoint} failed during {op}: "
-                f"{description}" + UNKNOWN_OUTCOME.get(op, "")
+                f"{description}" + unknown_outcome(op)
             )
         if code in command.fatalErrors.values():
             self.close(description)  # the service closes it too

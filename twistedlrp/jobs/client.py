@@ -47,6 +47,7 @@ from twisted.logger import Logger
 from twistedlrp import threads
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
+from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobError,
@@ -77,63 +78,122 @@ def with_store_wait(op: str, kw: dict, left: float) -> dict:
     return dict(kw, wait=round(max(left, 0.0) * STORE_WAIT_SHARE, 3))
 
 
-UNKNOWN_OUTCOME = {
+_UNKNOWN_OUTCOME = {
     "submit": "; the job may or may not have been stored: submit again with the same id "
     "(or key) to get the same job instead of a second one",
     "cancel": "; the cancellation may or may not have been requested: cancel again",
 }
 
 
+def unknown_outcome(op: str, job_id: str | None = None) -> str:
+    """@return: what the caller must know about an operation whose outcome is unknown."""
+    if op == "submit" and job_id:
+        return (
+            f"; the job may or may not have been stored: submit again with id={job_id} to "
+            f"get the same job instead of a second one"
+        )
+    return _UNKNOWN_OUTCOME.get(op, "")
+
+
+def unreachable(endpoint, detail: str = "") -> str:
+    """@return: the message of a job service that cannot be reached (C{detail} says more)."""
+    return f"the job service at {endpoint} could not be reached{detail}"
+
+
 def no_answer(
     endpoint, op: str, seconds: float, job_id: str | None = None
 ) -> JobServiceUnavailable:
     """@return: the error of an operation the job service did not answer in time."""
-    if op == "submit" and job_id:
-        outcome = (
-            f"; the job may or may not have been stored: submit again with id={job_id} to get "
-            f"the same job instead of a second one"
-        )
-    else:
-        outcome = UNKNOWN_OUTCOME.get(op, "")
     return JobServiceUnavailable(
-        f"the job service at {endpoint} did not answer {op} within {seconds:g} s" + outcome
+        f"the job service at {endpoint} did not answer {op} within {seconds:g} s"
+        + unknown_outcome(op, job_id)
     )
 
 
-COMMANDS = {
-    "submit": lambda kw: (
-        wire.Submit,
-        "job",
-        {
-            "name": kw["name"],
-            "payload": kw["payload"],
-            "priority": None if kw.get("priority") is None else int(kw["priority"]),
-            "run_after": _float(kw.get("run_after")),
-            "key": kw.get("key"),
-            "timeout": _float(kw.get("timeout")),
-            "id": kw.get("id"),
-            "wait": _float(kw.get("wait")),
-        },
-    ),
-    "announce": lambda kw: (wire.Announce, "ok", {"job_ids": [str(i) for i in kw["job_ids"]]}),
-    "status": lambda kw: (wire.Status, "job", {"job_id": kw["job_id"]}),
-    "cancel": lambda kw: (wire.Cancel, "job", {"job_id": kw["job_id"]}),
-    "wait": lambda kw: (
-        wire.Wait,
-        "job",
-        {"job_id": kw["job_id"], "timeout": float(kw["timeout"]), "seen": kw.get("seen")},
-    ),
-    "list_jobs": lambda kw: (
-        wire.ListJobs,
-        "jobs",
-        {"state": kw.get("state"), "name": kw.get("name"), "limit": kw.get("limit", 100)},
-    ),
-    "stats": lambda kw: (wire.Stats, "stats", {}),
-}
+def wire_arguments(op: str, kw: dict) -> dict:
+    """
+    @return: the arguments of C{op}'s AMP command, for a transport that
+        encodes them (a submission is checked first: the job service checks
+        it again, in its own process).
+    @raise InvalidArguments: a submission's value of the wrong type or out of range.
+    """
+    if op == "submit":
+        checked = check_submission(
+            kw["name"],
+            kw.get("priority"),
+            kw.get("run_after"),
+            kw.get("key"),
+            kw.get("timeout"),
+            kw.get("id"),
+        )
+        kw = dict(kw, id=checked.pop("job_id"), **checked)
+    return wire.OPERATIONS[op].arguments(kw, encoded=True)
 
 
-def _float(value):
-    return None if value is None else float(value)
+class Attempts:
+    """
+    One call's tries over the job nodes, as both clients that fail over
+    (L{twistedlrp.jobs.connection.JobClient} in a reactor,
+    L{twistedlrp.jobs.blocking.BlockingClient} without one) make them: a
+    request whose connection broke is sent again (to the next node, or the
+    same one reconnected) unless it is a submission without an id; a node
+    that answers C{UNAVAILABLE} (stopping, its store away) is replaced by
+    the next for this call.
+
+    @ivar tries: how many times each node was tried.
+    """
+
+    def __init__(self, op: str, kw: dict, limit: float, now: float):
+        self.op, self.kw, self.limit = op, kw, limit
+        self.started, self.deadline = now, now + limit
+        self.repeatable = op != "submit" or bool(kw.get("id"))
+        self.tries: dict = {}
+        self.problems: list[str] = []
+        self.unknown = False  # may an earlier send have taken effect?
+        self._sends = 0
+
+    def arguments(self, now: float) -> dict:
+        """@return: the AMP arguments of the next send (see L{wire_arguments})."""
+        sent = self.kw
+        self._sends += 1
+        if self.op == "wait" and self._sends > 1:
+            # Sent again: wait until the first one would have stopped.
+            sent = dict(sent, timeout=max(0.0, float(sent["timeout"]) - (now - self.started)))
+        return wire_arguments(self.op, with_store_wait(self.op, sent, self.deadline - now))
+
+    def broke(self, message: str) -> None:
+        """
+        The connection broke after the request was sent: try again.
+        @raise JobServiceUnavailable: it may not be sent again.
+        """
+        if not self.repeatable:
+            raise JobServiceUnavailable(message + unknown_outcome(self.op))
+        self.problems.append(message)
+        self.unknown = True
+
+    def refused(self, node, error: JobServiceUnavailable, nodes: int) -> None:
+        """
+        C{node} answered C{error} (L{JobServiceUnavailable}): try the next.
+        @raise JobServiceUnavailable: C{error}, when there is no other node to ask.
+        """
+        if not self.repeatable or nodes == 1:
+            raise error
+        self.problems.append(f"the job service at {node.endpoint} answered: {error}")
+        self.tries[node] = TRIES_PER_NODE
+        self.unknown = self.unknown or "may or may not" in str(error)
+
+    def failed(self, nodes: list) -> JobServiceUnavailable:
+        """@return: the error of a call no node answered (each C{node.problem()} if no other)."""
+        problems = self.problems or [node.problem() for node in nodes]
+        message = problems[0]
+        if len(problems) > 1:
+            message = "no job service could be reached: " + "; ".join(dict.fromkeys(problems))
+        outcome = unknown_outcome(self.op, self.kw.get("id")) if self.unknown else ""
+        return JobServiceUnavailable(message + outcome)
+
+
+# A call tries one node at most this many times.
+TRIES_PER_NODE = 2
 
 
 # -- the process-wide client -------------------------------------------------------

@@ -30,15 +30,16 @@ from twisted.python.failure import Failure
 
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
-    COMMANDS,
     DEFAULT_TIMEOUT,
-    UNKNOWN_OUTCOME,
+    TRIES_PER_NODE,
+    Attempts,
     no_answer,
     reconnect_backoff,
     unix_path,
-    with_store_wait,
+    unknown_outcome,
+    unreachable,
 )
-from twistedlrp.jobs.errors import AuthenticationFailed, JobError, JobServiceUnavailable
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
 
 log = Logger()
 
@@ -51,8 +52,6 @@ PING_TIMEOUT = 3.0
 # for the node's immediate reconnection (a restart, a dropped idle
 # connection) to resend the request there, when no other node is up.
 RECONNECT_WAIT = 2.0
-# A call tries one node at most this many times.
-_TRIES_PER_NODE = 2
 
 UP, DOWN, CONNECTING = "up", "down", "connecting"
 
@@ -288,9 +287,7 @@ class JobLink:
 
     def problem(self) -> str:
         """@return: why calls to this node fail now."""
-        text = f"the job service at {self.endpoint} could not be reached"
-        if self.last_error:
-            text += f": {self.last_error}"
+        text = unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
         if self.state == DOWN:
             text += (
                 f" (down for {self.reactor.seconds() - self.since:.1f} s; "
@@ -298,7 +295,7 @@ class JobLink:
             )
         return text
 
-    async def connected(self, deadline: float, wait_reconnect: bool = False) -> amp.AMP:
+    async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
         @return: the connected protocol: at once when up; when connecting
             for the first time, once connected (until C{deadline}); when
@@ -325,9 +322,7 @@ class JobLink:
         try:
             return await d
         except defer.TimeoutError:
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} could not be reached in time"
-            ) from None
+            raise JobServiceUnavailable(unreachable(self.endpoint, " in time")) from None
 
 
 class JobClient:
@@ -454,12 +449,12 @@ class JobClient:
     def _choose(self, tries: dict, lost: JobLink | None) -> tuple[JobLink | None, bool]:
         """@return: the node to try next and whether to wait for its reconnection."""
         for link in self.links:
-            if link.state == UP and tries.get(link, 0) < _TRIES_PER_NODE:
+            if link.state == UP and tries.get(link, 0) < TRIES_PER_NODE:
                 return link, False
         for link in self.links:
             if link.state == CONNECTING and not tries.get(link):
                 return link, False
-        if lost is not None and lost.reconnecting and tries.get(lost, 0) < _TRIES_PER_NODE:
+        if lost is not None and lost.reconnecting and tries.get(lost, 0) < TRIES_PER_NODE:
             return lost, True
         return None, False
 
@@ -473,95 +468,44 @@ class JobClient:
             connection broke (then the message says whether the outcome
             is unknown).
         """
-        limit = timeout or self.timeout
-        started = self.reactor.seconds()
-        deadline = started + limit
-        # May it be sent again after its connection broke?
-        repeatable = op != "submit" or bool(kw.get("id"))
-        unknown = False
-        tries: dict[JobLink, int] = {}
-        sends = 0
-        problems: list[str] = []
+        attempts = Attempts(op, kw, timeout or self.timeout, self.reactor.seconds())
+        deadline = attempts.deadline
         lost: JobLink | None = None
         while True:
-            link, wait_reconnect = self._choose(tries, lost)
+            link, wait_reconnect = self._choose(attempts.tries, lost)
             if link is None:
-                break
-            tries[link] = tries.get(link, 0) + 1
+                raise attempts.failed(self.links)
+            attempts.tries[link] = attempts.tries.get(link, 0) + 1
+            wait_until = deadline
             if wait_reconnect:
                 wait_until = min(deadline, self.reactor.seconds() + RECONNECT_WAIT)
-            else:
-                wait_until = deadline
+            lost = None
             try:
                 proto = await link.connected(wait_until, wait_reconnect)
             except AuthenticationFailed:
                 raise
             except JobServiceUnavailable as e:
-                problems.append(str(e))
-                lost = None
+                attempts.problems.append(str(e))
                 continue
-            sent = kw
-            sends += 1
-            if op == "wait" and sends > 1:
-                # Sent again: wait until the first one would have stopped.
-                left = float(kw["timeout"]) - (self.reactor.seconds() - started)
-                sent = dict(kw, timeout=max(0.0, left))
-            sent = with_store_wait(op, sent, deadline - self.reactor.seconds())
-            command, answer_key, arguments = COMMANDS[op](sent)
-            d = proto.callRemote(command, **arguments)
+            operation = wire.OPERATIONS[op]
+            d = proto.callRemote(operation.command, **attempts.arguments(self.reactor.seconds()))
             d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
             try:
-                answer = await d
+                return (await d)[operation.answer]
             except defer.TimeoutError:
-                raise no_answer(link.endpoint, op, limit, kw.get("id")) from None
+                raise no_answer(link.endpoint, op, attempts.limit, kw.get("id")) from None
             except (error.ConnectionLost, error.ConnectionDone) as e:
-                message = (
+                attempts.broke(
                     f"the connection to the job service at {link.endpoint} broke during {op}: {e}"
                 )
-                if not repeatable:
-                    raise JobServiceUnavailable(message + UNKNOWN_OUTCOME.get(op, "")) from None
-                problems.append(message)
-                unknown = True
                 lost = link
-                continue
             except amp.UnknownRemoteError as e:
                 raise JobServiceUnavailable(
                     f"the job service at {link.endpoint} failed during {op}: {e}"
-                    + UNKNOWN_OUTCOME.get(op, "")
+                    + unknown_outcome(op)
                 ) from None
             except JobServiceUnavailable as e:
-                # The node refused it (stopping, its store away): the next may not.
-                if not repeatable or len(self.links) == 1:
-                    raise
-                problems.append(f"the job service at {link.endpoint} answered: {e}")
-                tries[link] = _TRIES_PER_NODE
-                unknown = unknown or "may or may not" in str(e)
-                lost = None
-                continue
-            except JobError:
-                raise
-            return answer[answer_key]
-        raise JobServiceUnavailable(
-            _no_node(problems, self.links) + (unknown_outcome(op, kw.get("id")) if unknown else "")
-        )
-
-
-def unknown_outcome(op: str, job_id: str | None) -> str:
-    """@return: what the caller must know about an operation whose outcome is unknown."""
-    if op == "submit" and job_id:
-        return (
-            f"; the job may or may not have been stored: submit again with id={job_id} to "
-            f"get the same job instead of a second one"
-        )
-    return UNKNOWN_OUTCOME.get(op, "")
-
-
-def _no_node(problems: list[str], links: list[JobLink]) -> str:
-    if not problems:
-        problems = [link.problem() for link in links]
-    if len(problems) == 1:
-        return problems[0]
-    return "no job service could be reached: " + "; ".join(dict.fromkeys(problems))
+                attempts.refused(link, e, len(self.links))
 
 
 class _ClientAMP(wire.QuietAMP):

@@ -23,11 +23,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import sys
 import threading
 import uuid
 from datetime import UTC, datetime
 
-from twistedlrp.jobs import _context, registry
+from twistedlrp.jobs import _context, registry, wire
 from twistedlrp.jobs.arguments import canonical_job_id, check_listing, check_wait_timeout
 from twistedlrp.jobs.errors import (
     InvalidArguments,
@@ -36,6 +37,7 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.outcomes import Outcome
 from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
 
 log = logging.getLogger(__name__)
@@ -64,15 +66,16 @@ def reset() -> None:
 
 def call(op: str, kw: dict):
     """
-    Answer one job operation as the job service would (the same dicts).
+    Answer one job operation as the job service would (the same dicts), by
+    the function of this module of the operation's name.
 
     @return: the operation's answer.
     @raise JobError: a subclass says why, as the job service's would.
     """
-    handler = _OPERATIONS.get(op)
-    if handler is None:
+    operation = wire.OPERATIONS.get(op)
+    if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
-    return handler(**kw)
+    return operation.call(sys.modules[__name__], operation.arguments(kw))
 
 
 def _now() -> str:
@@ -99,11 +102,14 @@ def _definition(name: str):
     return registry.require(name)
 
 
-def _submit(name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
+def submit(
+    name, payload, priority=None, run_after=None, key=None, timeout=None, id=None, wait=None
+):
     from twistedlrp.jobs.api import _decode_arguments
-    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_job_id
+    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_submission
 
-    id = check_job_id(id)
+    checked = check_submission(name, priority, run_after, key, timeout, id)
+    id, priority, timeout = checked["job_id"], checked["priority"], checked["timeout"]
     definition = _definition(name)
     if len(payload) > DEFAULT_MAX_PAYLOAD:
         raise PayloadTooLarge(
@@ -160,12 +166,12 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
             job.update(state=RUNNING, attempts=job["attempts"] + 1, started_at=_now())
         outcome = _attempt(job, definition, payload, cancel)
         with _lock:
-            if outcome["ok"]:
-                job.update(state=SUCCEEDED, result=outcome["result"], error="")
-            elif outcome.get("cancelled"):
-                job.update(state=CANCELLED, error=outcome["error"])
+            if outcome.ok:
+                job.update(state=SUCCEEDED, result=outcome.result, error="")
+            elif outcome.cancelled:
+                job.update(state=CANCELLED, error=outcome.error)
             elif job["attempts"] < job["max_attempts"]:
-                job.update(state=QUEUED, error=outcome["error"])
+                job.update(state=QUEUED, error=outcome.error)
                 log.info(
                     "Job %s (%s) failed, attempt %d of %d: retried at once (eager mode)",
                     job["id"],
@@ -175,20 +181,20 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
                 )
                 continue
             else:
-                job.update(state=FAILED, error=outcome["error"])
+                job.update(state=FAILED, error=outcome.error)
                 log.warning(
                     "Job %s (%s) failed, attempt %d of %d: %s",
                     job["id"],
                     job["name"],
                     job["attempts"],
                     job["max_attempts"],
-                    outcome["error"].splitlines()[0] if outcome["error"] else "",
+                    outcome.error.splitlines()[0] if outcome.error else "",
                 )
             job["finished_at"] = _now()
             return
 
 
-def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> dict:
+def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> Outcome:
     """@return: the outcome of one attempt, as a worker child would send it."""
     from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
     from twistedlrp.jobs.child import call_job, describe_error
@@ -199,16 +205,16 @@ def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> 
 
     previous = _context.begin_local(job["id"], report, cancel)
     try:
-        outcome = call_job(definition.function, payload, DEFAULT_MAX_PAYLOAD)
-        if outcome["ok"]:
+        outcome = Outcome.read(call_job(definition.function, payload, DEFAULT_MAX_PAYLOAD))
+        if outcome.ok:
             # As it would come back from a worker: through JSON.
-            outcome["result"] = json.loads(json.dumps(outcome["result"]))
+            return Outcome(True, json.loads(json.dumps(outcome.result)))
         return outcome
     except JobCancelled:
-        return {"ok": False, "cancelled": True, "error": "cancelled"}
+        return Outcome(False, error="cancelled", cancelled=True)
     except (Exception, SystemExit) as e:
         # KeyboardInterrupt still stops the tests; anything else fails the job.
-        return {"ok": False, "error": describe_error(e), "cancelled": cancel.is_set()}
+        return Outcome(False, error=describe_error(e), cancelled=cancel.is_set())
     finally:
         _context.end_local(previous)
 
@@ -220,12 +226,12 @@ def _get(job_id: str) -> dict:
     return job
 
 
-def _status(job_id):
+def status(job_id):
     with _lock:
         return _copy(_get(job_id))
 
 
-def _cancel(job_id):
+def cancel(job_id):
     """A running job (in another thread) sees C{cancelled()} turn true; a finished one stays."""
     with _lock:
         job = _get(job_id)
@@ -237,7 +243,7 @@ def _cancel(job_id):
         return _copy(job)
 
 
-def _wait(job_id, timeout=60.0):
+def wait(job_id, timeout=60.0, seen=None):
     """@return: the job, once finished or after C{timeout} seconds (for one in another thread)."""
     timeout = check_wait_timeout(timeout)
     with _lock:
@@ -245,7 +251,7 @@ def _wait(job_id, timeout=60.0):
         return _copy(_get(job_id))
 
 
-def _list_jobs(state=None, name=None, limit=100):
+def list_jobs(state=None, name=None, limit=100):
     listing = check_listing(state, name, limit)
     state, name, limit = listing["state"], listing["name"], listing["limit"]
     with _lock:
@@ -257,17 +263,7 @@ def _list_jobs(state=None, name=None, limit=100):
     return {"jobs": found[:limit]}
 
 
-def _stats():
+def stats():
     with _lock:
         counts = collections.Counter(job["state"] for job in _jobs.values())
     return {"jobs": dict(counts), "eager": True, "workers": [], "running": counts[RUNNING]}
-
-
-_OPERATIONS = {
-    "submit": _submit,
-    "status": _status,
-    "cancel": _cancel,
-    "wait": _wait,
-    "list_jobs": _list_jobs,
-    "stats": _stats,
-}

@@ -15,11 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionAborted
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.jobs.errors import JobError
 from twistedlrp.services import StartupFailed
 
 # What a client may send before its login succeeds, in bytes, over all its
@@ -206,6 +208,23 @@ def _raised_at(failure: Failure) -> str:
 
 #: The job service's one L{FailureLog} (its front ends and its local client share it).
 internal_errors = FailureLog()
+
+
+def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
+    """
+    @return: a Deferred of C{fn(*args)}, the service's operation C{op}: its
+        L{JobError}s pass; anything else is logged (at most one traceback
+        per cause and interval) and becomes a L{JobError} saying it was
+        internal (a front end would otherwise send a traceback or close).
+    """
+
+    def translate(failure):
+        if failure.check(JobError):
+            return failure
+        internal_errors.failure(log, failure, what + " operation {op} failed", op=op)
+        raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
+
+    return defer.maybeDeferred(fn, *args).addErrback(translate)
 
 
 class Gate:

@@ -170,8 +170,11 @@ class JobsRealm:
 
 class JobsAvatar(pb.Avatar):
     """
-    What a logged-in PB client may call. Each method returns (a Deferred
-    of) a job description dict, or fails with a L{JobServiceError}.
+    What a logged-in PB client may call: the public operations of
+    L{wire.OPERATIONS}, with their arguments (C{submit} takes C{args} and
+    C{kwargs} instead of their JSON); each returns (a Deferred of) what the
+    AMP front end answers (C{list_jobs}: the list of jobs), or fails with a
+    L{JobServiceError}.
     """
 
     def __init__(self, service, name: str = "lrp"):
@@ -180,7 +183,7 @@ class JobsAvatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         """
-        As C{pb.Avatar}'s, except that a call that cannot be made (arguments
+        Run the operation C{message}; a call that cannot be made (arguments
         PB cannot read, an operation that does not exist, arguments that do
         not fit it) is refused with L{InvalidArgumentsError} saying why,
         without a traceback in the log (PB would log one each time).
@@ -192,74 +195,55 @@ class JobsAvatar(pb.Avatar):
             raise InvalidArgumentsError(
                 f"{shown(message)}: the arguments cannot be read ({_reason(e)})"
             ) from None
-        method = getattr(self, f"perspective_{message}", None) if isinstance(message, str) else None
-        if method is None:
+        signature = _SIGNATURES.get(message) if isinstance(message, str) else None
+        if signature is None:
             raise InvalidArgumentsError(
                 f"the job service has no operation {shown(message)}; it has {', '.join(OPERATIONS)}"
             )
         try:
-            inspect.signature(method).bind(*args, **kw)
+            bound = signature.bind(*args, **kw)
         except TypeError as e:
             raise InvalidArgumentsError(f"{message}: {_reason(e)}") from None
-        return broker.serialize(method(*args, **kw), self, method, args, kw)
+        bound.apply_defaults()
+        return broker.serialize(self._call(message, bound.arguments), self, None, args, kw)
 
-    def perspective_submit(
-        self,
-        name,
-        args=(),
-        kwargs=None,
-        priority=None,
-        run_after=None,
-        key=None,
-        timeout=None,
-        id=None,
-    ):
-        """
-        Store and queue a job; answered after the commit.
+    def _call(self, name: str, arguments: dict) -> defer.Deferred:
+        operation = wire.OPERATIONS[name]
+        if name == "submit":
+            d = _call(_submit, self.service, arguments)
+        else:
+            d = _call(operation.call, self.service, arguments, name=name)
+        if name == "list_jobs":
+            d.addCallback(lambda answer: answer["jobs"])
+        return d
 
-        @param run_after: a Unix time before which it does not start.
-        @param id: a UUID the client chose; submitting again with it returns the same job.
-        @return: the job's description (an existing one's when C{id} names
-            one, or an unfinished one's when C{key} matches).
-        @raise NotRegisteredError: no job is registered under C{name}.
-        @raise InvalidArgumentsError: C{args} or C{kwargs} are not JSON, or
-            another value is of the wrong type or out of range.
-        @raise PayloadTooLargeError: they exceed C{--max-job-payload}.
-        """
-        return _call(
-            _submit, self.service, name, args, kwargs or {}, priority, run_after, key, timeout, id
+
+def _signature(operation: wire.Operation) -> inspect.Signature:
+    """@return: the PB signature of C{operation}: its arguments, with their defaults."""
+    parameters = []
+    for name, argument in operation.command.arguments:
+        name = name.decode()
+        if name in operation.hidden:
+            continue
+        if name == "payload":
+            # PB carries the arguments themselves: the service gets their JSON.
+            parameters += [
+                inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=()),
+                inspect.Parameter("kwargs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            ]
+            continue
+        if name in operation.defaults or argument.optional:
+            default = operation.defaults.get(name)
+        else:
+            default = inspect.Parameter.empty
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
         )
-
-    def perspective_status(self, job_id):
-        """@return: the job's description, with live progress while it runs."""
-        return _call(self.service.status, job_id)
-
-    def perspective_cancel(self, job_id):
-        """@return: the job's description after the cancellation request."""
-        return _call(self.service.cancel, job_id)
-
-    def perspective_wait(self, job_id, timeout=60.0):
-        """
-        @param timeout: seconds, from 0 to 3600
-            (L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT}).
-        @return: the job's description once finished, or after C{timeout} seconds.
-        """
-        return _call(self.service.wait, job_id, timeout)
-
-    def perspective_list_jobs(self, state=None, name=None, limit=100):
-        """
-        @param limit: from 0 to 1000 (L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}).
-        @return: the newest jobs' descriptions (without results), newest first.
-        """
-        d = _call(self.service.list_jobs, state, name, limit)
-        return d.addCallback(lambda answer: answer["jobs"])
-
-    def perspective_stats(self):
-        """@return: the service's counters, queue, workers and store figures."""
-        return _call(self.service.stats)
+    return inspect.Signature(parameters)
 
 
-OPERATIONS = ("submit", "status", "cancel", "wait", "list_jobs", "stats")
+_SIGNATURES = {op.name: _signature(op) for op in wire.OPERATIONS.values() if op.public}
+OPERATIONS = tuple(_SIGNATURES)
 
 
 def _reason(error: Exception) -> str:
@@ -268,34 +252,29 @@ def _reason(error: Exception) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def _submit(service, name, args, kwargs, priority, run_after, key, timeout, job_id):
+def _submit(service, arguments: dict):
+    args, kwargs = arguments["args"], arguments["kwargs"] or {}
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise errors.InvalidArguments("args must be a list and kwargs a dict")
     payload = encode_payload(args, kwargs)
     # The service checks every other value (and says which one is wrong).
-    return service.submit(name, payload, priority, run_after, key, timeout, job_id)
+    return wire.OPERATIONS["submit"].call(service, dict(arguments, payload=payload))
 
 
-def _call(fn, *args) -> defer.Deferred:
+def _call(fn, *args, name: str = "submit") -> defer.Deferred:
     """
-    Run a service operation for a PB client: its own errors become
-    L{JobServiceError}s with the same message, anything else is logged (at
-    most one traceback per cause and interval, L{limits.FailureLog}) and
-    reported as an internal error (PB would otherwise send a traceback).
+    Run a service operation for a PB client (L{limits.guarded}): its errors
+    become L{JobServiceError}s with the same message.
     """
 
     def translate(failure):
         for ours, theirs in _ERRORS:
             if failure.check(ours):
                 raise theirs(failure.getErrorMessage())
-        limits.internal_errors.failure(
-            log, failure, "PB job service operation {op} failed", op=fn.__name__
-        )
-        raise JobServiceError(
-            f"internal error in the job service: {failure.getErrorMessage()[:500]}"
-        )
+        return failure
 
-    return defer.maybeDeferred(fn, *args).addCallbacks(_fits_banana, translate)
+    d = limits.guarded(log, name, fn, *args, what="PB job service")
+    return d.addCallbacks(_fits_banana, translate)
 
 
 def _fits_banana(answer):
