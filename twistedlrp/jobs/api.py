@@ -1,11 +1,10 @@
 """
 The operations clients call on the job service (L{JobOperations}, part of
-L{twistedlrp.jobs.service.JobService}): C{submit}, C{status}, C{cancel},
-C{wait}, C{list_jobs} and C{stats}, plain methods returning Deferreds of
-JSON-ready dicts. The AMP front end (L{twistedlrp.jobs.amp}), the Perspective
-Broker one (L{twistedlrp.jobs.pb}) and views in the same process
-(L{twistedlrp.jobs.client}) call the same methods. Every change is
-acknowledged only after its commit.
+L{twistedlrp.jobs.service.JobService}): a method per operation of
+L{twistedlrp.jobs.wire.OPERATIONS}, taking its command's arguments in order
+and returning a Deferred of its JSON-ready answer. Every front end and the
+in-process client call these. Every change is acknowledged only after its
+commit.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from twistedlrp.jobs.errors import (
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
-from twistedlrp.jobs.store import StoreUnavailable
+from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
 
 log = Logger()
@@ -166,7 +165,9 @@ class JobOperations:
             raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
             # Ids that are not UUIDs name no job: ignored, as unknown ones are.
-            d = self.take_announced([str(job_id) for job_id in job_ids[: ops.TAKE_ANNOUNCED]])
+            d = self.take_announced(
+                [str(job_id) for job_id in job_ids[: announcements.TAKE_ANNOUNCED]]
+            )
             # They stay announced: the next sweep queues them.
             d.addErrback(
                 lambda f: log.warn(
@@ -180,7 +181,7 @@ class JobOperations:
         Queue the announced jobs C{job_ids} (C{None}: any announced job; the
         sweep that finds those whose process died before it told us).
         """
-        d = self.store.run(ops.take_announced, job_ids)
+        d = self.store.run(announcements.take_announced, job_ids)
 
         def queue(rows):
             for row in rows:

@@ -1,17 +1,14 @@
 """
-The job client without a reactor: outside the server (a script, a worker's
-job, another WSGI server) C{unix:} or C{tcp:} endpoints are reached over
-the process's one AMP connection, written by the calling thread itself and
-read by a reader thread that hands each caller its answer
-(L{BlockingClient}): one thread hop instead of the two to a reactor thread
-and back. L{twistedlrp.jobs.client.call} uses it when it can.
+The job client without a reactor (L{BlockingClient}): outside the server,
+C{unix:} or C{tcp:} endpoints are reached over the process's one AMP
+connection, written by the calling thread itself and read by a reader
+thread that hands each caller its answer: one thread hop instead of two.
 
-With several endpoints (C{LRP_JOBS_CONNECT} separated by commas) it uses
-the first that answers, the next when that one is lost or refuses, and
-goes back to an earlier one once it answers again (tried by a thread of
-its own, at most every few seconds). An endpoint that could not be reached
-is not tried again before its back-off has passed: calls fail (or go to
-the next) at once meanwhile.
+With several endpoints it uses the first that answers, the next when that
+one is lost or refuses, and goes back to an earlier one once it answers
+again (tried by a thread of its own, at most every few seconds). An
+endpoint that could not be reached is not tried before its back-off has
+passed: calls fail (or go to the next) at once meanwhile.
 """
 
 from __future__ import annotations
@@ -23,11 +20,10 @@ import time
 
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
-    DEFAULT_TIMEOUT,
     TRIES_PER_NODE,
     Attempts,
-    configured,
     configured_endpoints,
+    configured_login,
     no_answer,
     reconnect_backoff,
     split_endpoint,
@@ -51,17 +47,12 @@ def blocking_client() -> BlockingClient | None:
     if _blocking is None:
         with _lock:
             if _blocking is None:
-                from django.conf import settings
-
                 endpoints = configured_endpoints()
                 addresses = [socket_address(endpoint) for endpoint in endpoints]
                 if None in addresses:
                     _blocking = _NO_BLOCKING
                 else:
-                    secret_file = configured("LRP_JOBS_SECRET_FILE")
-                    secret = wire.read_secret(secret_file) if secret_file else None
-                    timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-                    _blocking = BlockingClient(endpoints, addresses, secret, timeout)
+                    _blocking = BlockingClient(endpoints, addresses, *configured_login())
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
@@ -116,15 +107,12 @@ class _Node:
 class BlockingClient:
     """
     One AMP connection to one job service (a UNIX or TCP socket) that every
-    thread of the process shares without a reactor: a caller writes its
-    request itself and waits; a reader thread hands each answer to the
-    caller that waits for it. It connects at the first call and again after
-    the connection broke. Its answers and errors are those of
-    L{twistedlrp.jobs.connection.JobClient.request}: a request whose
-    connection broke is sent again (to the next endpoint, or the same one
-    reconnected) unless it is a submission without an id. (One shared
-    connection, like the reactor's, lets the service read the requests of
-    many threads at once and commit them together.)
+    thread of the process shares: a caller writes its request itself and
+    waits; a reader thread hands each answer to the caller that waits for
+    it. It connects at the first call and again after the connection broke.
+    Its answers, errors and failover are those of
+    L{twistedlrp.jobs.connection.JobClient.request} (L{Attempts}). (One
+    shared connection lets the service commit many threads' requests together.)
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.

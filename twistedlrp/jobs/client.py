@@ -1,34 +1,27 @@
 """
 The job client: the thread-safe facade the public API (L{twistedlrp.jobs})
-uses, the process's client behind it, and how a process finds its job
-service. The client is one of three: in the server, views call the local
-service directly (L{twistedlrp.jobs.local}); a process with a reactor keeps
-one reconnecting AMP connection in it (L{twistedlrp.jobs.connection}); any
-other reaches a C{unix:} or C{tcp:} endpoint without a reactor
-(L{twistedlrp.jobs.blocking}).
+uses (L{call}), the process's client behind it, and how a process finds its
+job service. The client is one of three transports: in the server, views
+call the local service directly (L{twistedlrp.jobs.local}); a process with a
+reactor keeps a reconnecting AMP connection to each node
+(L{twistedlrp.jobs.connection}); any other reaches a C{unix:} or C{tcp:}
+endpoint without a reactor, the calling thread writing its request itself
+(L{twistedlrp.jobs.blocking}); TLS goes through the reactor. The eager
+test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
 
-In the server, the job client service (L{twistedlrp.jobs.node}) installs a
-client connected to the local job service (or to the job nodes of
-C{--jobs-connect}). In any other process with Django set up, the first call
-creates one from C{LRP_JOBS_CONNECT} (client endpoint strings separated by
-commas, tried in order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock};
-C{LRP_JOBS_SECRET_FILE}
-names the shared secret for network endpoints. Each is read from the
-environment first, then from the Django settings: a worker process is told
-its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
-(a setting, seconds, default 10) bounds reaching the service and each answer.
+In the server, the job client service (L{twistedlrp.jobs.node}) installs
+the client, and at most C{--job-threads} threads may be in a job call at
+once (L{CallSlots}). Elsewhere, the first call creates one from
+C{LRP_JOBS_CONNECT} (client endpoint strings separated by commas, tried in
+order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock}, with the secret
+of C{LRP_JOBS_SECRET_FILE}: each read from the environment first (a worker
+process is told its own job service that way), then from the settings.
+C{LRP_JOBS_TIMEOUT} (a setting, seconds, default 10) bounds reaching the
+service and each answer.
 
-Every submission carries an id (a UUID the caller gave, else one chosen
-here before it is sent), so that a client may send it again after its
-answer was lost without making a second job. In the server, at most
-C{--job-threads} threads may be in a job call at once (L{CallSlots}).
-
-Outside the server (a script, a worker's job, another WSGI server) a
-C{unix:} or C{tcp:} endpoint is reached without a reactor: the calling
-thread writes its request to the process's one AMP connection itself and a
-reader thread hands it the answer (L{twistedlrp.jobs.blocking.BlockingClient}), one thread hop
-instead of the two to a reactor thread and back.
-Other endpoint types (TLS) go through a L{JobClient} in a reactor thread.
+Every submission carries an id (the caller's UUID, else one chosen here
+before it is sent), so that it may be sent again after its answer was lost
+without making a second job.
 """
 
 from __future__ import annotations
@@ -48,12 +41,7 @@ from twistedlrp import threads
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.arguments import check_submission
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobError,
-    JobServiceUnavailable,
-    PayloadTooLarge,
-)
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.connection import JobClient
@@ -132,15 +120,11 @@ def wire_arguments(op: str, kw: dict) -> dict:
 
 class Attempts:
     """
-    One call's tries over the job nodes, as both clients that fail over
-    (L{twistedlrp.jobs.connection.JobClient} in a reactor,
-    L{twistedlrp.jobs.blocking.BlockingClient} without one) make them: a
-    request whose connection broke is sent again (to the next node, or the
-    same one reconnected) unless it is a submission without an id; a node
-    that answers C{UNAVAILABLE} (stopping, its store away) is replaced by
-    the next for this call.
-
-    @ivar tries: how many times each node was tried.
+    One call's tries over the job nodes (in a reactor's client and the
+    blocking one): a request whose connection broke is sent again (to the
+    next node, or the same one reconnected) unless it is a submission
+    without an id; a node that answers C{UNAVAILABLE} (stopping, its store
+    away) is replaced by the next. C{tries} counts each node's.
     """
 
     def __init__(self, op: str, kw: dict, limit: float, now: float):
@@ -311,37 +295,46 @@ def split_endpoints(text: str) -> list[str]:
         inside one is written C{\\,}, as endpoint strings escape any
         character), without the spaces around them.
     """
-    endpoints, current, escaped = [], "", False
+    return [endpoint.strip() for endpoint in _split(text, ",", False) if endpoint.strip()]
+
+
+def _split(text: str, separator: str, unescape: bool) -> list[str]:
+    """@return: the parts of C{text} between unescaped C{separator}s (unescaped if C{unescape})."""
+    parts, current, escaped = [], "", False
     for char in text:
         if escaped:
             current += char
             escaped = False
         elif char == "\\":
-            current += char
+            current += "" if unescape else char
             escaped = True
-        elif char == ",":
-            endpoints.append(current)
+        elif char == separator:
+            parts.append(current)
             current = ""
         else:
             current += char
-    endpoints.append(current)
-    return [endpoint.strip() for endpoint in endpoints if endpoint.strip()]
+    parts.append(current)
+    return parts
+
+
+def configured_login() -> tuple[bytes | None, float]:
+    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
+    from django.conf import settings
+
+    secret_file = configured("LRP_JOBS_SECRET_FILE")
+    secret = wire.read_secret(secret_file) if secret_file else None
+    return secret, float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
 
 
 def _settings_client() -> JobClient:
     """Build (in the reactor thread) this process's client from its configuration."""
     global _client
     if _client is None:
-        from django.conf import settings
         from twisted.internet import reactor
 
         from twistedlrp.jobs.connection import JobClient
 
-        endpoints = configured_endpoints()
-        secret_file = configured("LRP_JOBS_SECRET_FILE")
-        secret = wire.read_secret(secret_file) if secret_file else None
-        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-        client = JobClient(reactor, endpoints, secret, timeout)
+        client = JobClient(reactor, configured_endpoints(), *configured_login())
         client.start()
         _client = client
     return _client
@@ -437,25 +430,9 @@ def encode_payload(args, kwargs) -> bytes:
     return data
 
 
-__all__ = ["call", "install", "JobError"]
-
-
 def split_endpoint(endpoint: str) -> list[str]:
     """@return: the parts of an endpoint string between unescaped colons, unescaped."""
-    parts, current, escaped = [], "", False
-    for char in endpoint:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
+    return _split(endpoint, ":", True)
 
 
 def unix_path(endpoint: str) -> str | None:

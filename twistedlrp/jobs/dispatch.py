@@ -4,19 +4,12 @@ it ends.
 
 Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
-that after a crash a job either had not started or counts as started:
-claims share the batches of other changes, and a job whose settings and
-arguments the service holds in memory is not read back by its claim.
-
-With several job nodes on one PostgreSQL database (C{shared}), there is no
-queue in memory: free workers claim the next due jobs of the node's queues
-from the table (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before a
-job is sent), whenever there may be work (L{Dispatcher.wake}: a
-submission here, a notification from another node, a delayed job coming
-due, the service's slow poll). When an attempt ends (an outcome from the worker, or
-the worker's death seen in C{processEnded}) the job is finished, retried
-after its delay, or put back in the queue, and the store is told; waiters
-hear of a final state after its commit.
+that after a crash it either had not started or counts as started. With
+several job nodes on one PostgreSQL database (C{shared}), the table is the
+queue (L{twistedlrp.jobs.claims}), claimed whenever there may be work
+(L{Dispatcher.wake}). When an attempt ends (an L{Outcome} from the worker,
+or the worker's death) the job is finished, retried after its delay, or put
+back in the queue; waiters hear of a final state after its commit.
 """
 
 from __future__ import annotations
@@ -26,10 +19,9 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs import metrics as job_metrics
-from twistedlrp.jobs.claims import SharedClaims
+from twistedlrp.jobs.claims import Reservation, SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
 from twistedlrp.jobs.queue import JobQueue, JobRecord
@@ -456,46 +448,3 @@ class Dispatcher(SharedClaims, Outcomes):
         record.stop_timers()
         if not self.running:
             self._idle.fire()
-
-
-class Reservation:
-    """
-    A free worker held (C{claiming}) for one job while its submission
-    commits; the submission then calls L{start} with the stored job, or
-    L{release} when nothing was stored.
-    """
-
-    def __init__(self, dispatcher: Dispatcher, worker, job_id: str):
-        self.dispatcher, self.worker, self.job_id = dispatcher, worker, job_id
-        worker.state = "claiming"
-        dispatcher.claiming.add(job_id)
-        # Stopping waits for it, as for a claim.
-        self._done = defer.Deferred()
-        dispatcher._claiming.add(self._done)
-
-    def _end(self) -> None:
-        self.dispatcher._claimed(self._done, self.job_id)
-        self._done.callback(None)
-
-    def release(self) -> None:
-        self._end()
-        if self.worker.state == "claiming":
-            self.worker.state = "idle"
-        self.dispatcher.dispatch()
-
-    def start(self, record: JobRecord) -> None:
-        """C{record} is stored running (attempt 1) on the reserved worker: send it."""
-        dispatcher, worker = self.dispatcher, self.worker
-        self._end()
-        if worker.state != "claiming":
-            # The worker died (or is being replaced) while the job was stored:
-            # back to the queue, without the attempt (its claim will count one).
-            d = dispatcher._put_back(record)
-            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
-            return
-        record.attempts = 1
-        try:
-            check_record(record)
-            dispatcher._run_on(worker, record, record.payload)
-        except Exception:
-            dispatcher._start_failed(Failure(), worker, record)
