@@ -38,7 +38,7 @@ from twistedlrp.jobs.errors import (
     UnknownJob,
 )
 from twistedlrp.jobs.outcomes import Outcome
-from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
+from twistedlrp.jobs.states import FAILED, FINISHED, QUEUED, RUNNING
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,13 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
             job.update(state=RUNNING, attempts=job["attempts"] + 1, started_at=_now())
         outcome = _attempt(job, definition, payload, cancel)
         with _lock:
-            if outcome.ok:
-                job.update(state=SUCCEEDED, result=outcome.result, error="")
-            elif outcome.cancelled:
-                job.update(state=CANCELLED, error=outcome.error)
+            # What the job service decides (L{Outcome.final_state}), but retried at once.
+            state, error = outcome.final_state(job["cancel_requested"])
+            if state is not None:
+                result = outcome.result if outcome.ok else None
+                job.update(state=state, result=result, error=error)
             elif job["attempts"] < job["max_attempts"]:
-                job.update(state=QUEUED, error=outcome.error)
+                job.update(state=QUEUED, error=error)
                 log.info(
                     "Job %s (%s) failed, attempt %d of %d: retried at once (eager mode)",
                     job["id"],
@@ -181,14 +182,14 @@ def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None
                 )
                 continue
             else:
-                job.update(state=FAILED, error=outcome.error)
+                job.update(state=FAILED, error=error)
                 log.warning(
                     "Job %s (%s) failed, attempt %d of %d: %s",
                     job["id"],
                     job["name"],
                     job["attempts"],
                     job["max_attempts"],
-                    outcome.error.splitlines()[0] if outcome.error else "",
+                    error.splitlines()[0],
                 )
             job["finished_at"] = _now()
             return
