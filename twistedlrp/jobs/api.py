@@ -10,7 +10,6 @@ commit.
 from __future__ import annotations
 
 import copy
-import json
 import uuid
 
 from twisted.internet import defer
@@ -20,6 +19,7 @@ from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.arguments import (
     canonical_job_id,
     check_listing,
+    check_payload,
     check_seen,
     check_submission,
     check_wait_timeout,
@@ -29,7 +29,6 @@ from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobServiceUnavailable,
-    PayloadTooLarge,
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
@@ -90,15 +89,8 @@ class JobOperations:
             raise JobServiceUnavailable(self.unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
         run_after, job_id = checked["run_after"], checked["job_id"]
-        if not isinstance(payload, bytes):
-            raise InvalidArguments(f"the payload of {name} must be JSON bytes")
         definition = registry.require(name)
-        if len(payload) > self.max_payload:
-            raise PayloadTooLarge(
-                f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
-                f"job service's limit of {self.max_payload} bytes (--max-job-payload)"
-            )
-        args, kwargs = _decode_arguments(name, payload)
+        args, kwargs = check_payload(name, payload, self.max_payload)
         fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
         held = len(payload) <= KEEP_PAYLOAD
@@ -367,34 +359,6 @@ def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
         message = str(failure.value) + (f"; {what}" if what else "")
         raise JobServiceUnavailable(message)
     return failure
-
-
-def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
-    """
-    @return: the C{args} and C{kwargs} of a submission's JSON payload.
-    @raise InvalidArguments: it is not JSON, or not a list and an object.
-    """
-    try:
-        # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
-        data = _DECODER.decode(payload.decode("utf-8"))
-        args, kwargs = data["args"], data["kwargs"]
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ValueError("args must be a list and kwargs an object")
-    except RecursionError:
-        raise InvalidArguments(
-            f"the payload of {name} is not valid job arguments: JSON nested too deeply"
-        ) from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidArguments(f"the payload of {name} is not valid job arguments: {e}") from None
-    return args, kwargs
-
-
-def _not_json(constant: str):
-    raise ValueError(f"{constant} is not JSON")
-
-
-# One decoder for every submission (json.loads with an option builds one a call).
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _fire(d: defer.Deferred, value) -> None:

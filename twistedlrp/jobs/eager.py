@@ -34,7 +34,6 @@ from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobCancelled,
     JobError,
-    PayloadTooLarge,
     UnknownJob,
 )
 from twistedlrp.jobs.outcomes import Outcome
@@ -48,7 +47,6 @@ MAX_KEPT = 10_000
 _lock = threading.Condition()
 _jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
 _cancels: dict[str, threading.Event] = {}
-_discovered = False
 
 
 def enabled() -> bool:
@@ -93,30 +91,15 @@ def _copy(job: dict, full: bool = True, arguments: bool = True) -> dict:
     return data
 
 
-def _definition(name: str):
-    """@return: the job registered as C{name}, importing the job modules once if needed."""
-    global _discovered
-    if registry.lookup(name) is None and not _discovered:
-        _discovered = True
-        registry.discover()
-    return registry.require(name)
-
-
 def submit(
     name, payload, priority=None, run_after=None, key=None, timeout=None, id=None, wait=None
 ):
-    from twistedlrp.jobs.api import _decode_arguments
-    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_submission
+    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_payload, check_submission
 
     checked = check_submission(name, priority, run_after, key, timeout, id)
     id, priority, timeout = checked["job_id"], checked["priority"], checked["timeout"]
-    definition = _definition(name)
-    if len(payload) > DEFAULT_MAX_PAYLOAD:
-        raise PayloadTooLarge(
-            f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
-            f"job service's limit of {DEFAULT_MAX_PAYLOAD} bytes (--max-job-payload)"
-        )
-    args, kwargs = _decode_arguments(name, payload)
+    definition = registry.find(name)
+    args, kwargs = check_payload(name, payload, DEFAULT_MAX_PAYLOAD)
     with _lock:
         existing = _jobs.get(id) if id else None
         if existing is not None:
