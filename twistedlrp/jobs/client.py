@@ -370,7 +370,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
             return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
         if transactions.in_sqlite_transaction():
             return transactions.detached(op, kw)
-    if op == "submit" and not kw.get("id"):
+    if op == "submit" and kw.get("id") is None:
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
     slots = _slots

@@ -209,14 +209,10 @@ class JobsAvatar(pb.Avatar):
         return broker.serialize(self._call(message, bound.arguments), self, None, args, kw)
 
     def _call(self, name: str, arguments: dict) -> defer.Deferred:
-        operation = wire.OPERATIONS[name]
         if name == "submit":
-            d = _call(_submit, self.service, arguments)
-        else:
-            d = _call(operation.call, self.service, arguments, name=name)
-        if name == "list_jobs":
-            d.addCallback(lambda answer: answer["jobs"])
-        return d
+            return _call(_submit, self.service, arguments)
+        d = _call(wire.OPERATIONS[name].call, self.service, arguments, name=name)
+        return d.addCallback(lambda answer: answer["jobs"]) if name == "list_jobs" else d
 
 
 def _signature(operation: wire.Operation) -> inspect.Signature:
