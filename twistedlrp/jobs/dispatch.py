@@ -39,9 +39,10 @@ KEEP_PAYLOAD = 64 * 1024
 
 class Dispatcher(SharedClaims, Outcomes):
     """
-    @param store: the L{twistedlrp.jobs.store.Store}.
+    @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
     @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
     @param notify: C{(description)}: a job reached a final state (committed).
+    @param pool: the workers [default: a L{WorkerPool} of processes].
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Dispatcher(SharedClaims, Outcomes):
         node: str = "",
         shared: bool = False,
         queues: list[str] | None = None,
+        pool=None,
     ):
         self.reactor = reactor
         self.store = store
@@ -64,7 +66,7 @@ class Dispatcher(SharedClaims, Outcomes):
         self._waiting = waiting
         self._notify = notify
         self.queue = JobQueue(reactor, self.dispatch)
-        self.pool = WorkerPool(
+        self.pool = pool or WorkerPool(
             reactor,
             options["workers"],
             settings_module=os.environ["DJANGO_SETTINGS_MODULE"],
@@ -73,7 +75,7 @@ class Dispatcher(SharedClaims, Outcomes):
             env=worker_env,
             on_ready=lambda worker: self.dispatch(),
             on_died=self._worker_died,
-            on_progress=self._progress,
+            on_progress=self.progress,
             fork_from_template=not options.get("no-worker-template", False),
         )
         self.accepting = False
@@ -196,9 +198,7 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def when_idle(self) -> defer.Deferred:
         """@return: a Deferred that fires once no job runs."""
-        if not self.running:
-            return defer.succeed(None)
-        return self._idle.wait()
+        return self._idle.wait() if self.running else defer.succeed(None)
 
     def claims_in_flight(self) -> defer.Deferred:
         return defer.DeferredList(list(self._claiming))
@@ -401,7 +401,7 @@ class Dispatcher(SharedClaims, Outcomes):
 
     # -- worker events ----------------------------------------------------------------------
 
-    def _progress(self, job_id, current, total, message) -> None:
+    def progress(self, job_id, current, total, message) -> None:
         record = self.running.get(job_id)
         if record is not None:
             record.progress = (current, total, message)
