@@ -29,7 +29,8 @@ SCRIPT = PG_DJANGO_CHILD + textwrap.dedent(
     from django.db.backends.postgresql.base import DatabaseWrapper
 
     from twistedlrp.jobs.store.availability import Availability
-    from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
+    from twistedlrp.jobs.store.availability import StoreUnavailable
+    from twistedlrp.jobs.store.batch import GroupCommitThread
 
 
     class Reactor:

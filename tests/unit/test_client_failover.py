@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 
-from twistedlrp.jobs import client, connection, wire
+from twistedlrp.jobs import client, connection, link, wire
 from twistedlrp.jobs.errors import JobServiceUnavailable
 
 
@@ -278,8 +278,8 @@ async def test_with_no_node_up_calls_fail_at_once_and_the_link_comes_back(socket
 
 @pytest_twisted.ensureDeferred
 async def test_a_frozen_node_is_dropped_by_the_ping(sockets, monkeypatch):
-    monkeypatch.setattr(connection, "PING_IDLE", 0.3)
-    monkeypatch.setattr(connection, "PING_TIMEOUT", 0.5)
+    monkeypatch.setattr(link, "PING_IDLE", 0.3)
+    monkeypatch.setattr(link, "PING_TIMEOUT", 0.5)
     a, b, jobs = await two_nodes(sockets)
     try:
         a.frozen = True

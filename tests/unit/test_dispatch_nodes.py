@@ -12,6 +12,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs.outcomes import Outcome
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import SUCCEEDED
 from twistedlrp.jobs.workers import Worker
@@ -183,7 +184,7 @@ def test_an_outcome_is_recorded_only_while_this_node_holds_the_job(node):
         {"claimed": [row("ok-job", idents[0]), row("lost-job", idents[1])], "next_due": None}
     )
     for job_id in ("ok-job", "lost-job"):
-        dispatcher._job_ended(dispatcher.running[job_id], {"ok": True, "result": 3})
+        dispatcher._job_ended(dispatcher.running[job_id], Outcome(True, 3))
     finishes = store.named("finish")
     assert [(f[0], f[1], f[4]) for f in finishes] == [
         ("ok-job", SUCCEEDED, "n1"),
@@ -275,7 +276,7 @@ def test_fencing_kills_the_running_jobs_records_nothing_and_claims_nothing(node)
     assert worker.kill_reason == "fence" and worker.transport.signals == ["KILL"]
     assert not dispatcher.running
     # Its outcome, or its worker's death, is not recorded (the store is not told anything).
-    dispatcher._job_ended(record("j1"), {"ok": True, "result": 3})
+    dispatcher._job_ended(record("j1"), Outcome(True, 3))
     dispatcher._worker_died(worker, "j1", "killed by signal 9")
     assert len(store.calls) == calls
     # No claim and no reservation while fenced, whatever wakes it.

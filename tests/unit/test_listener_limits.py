@@ -126,7 +126,7 @@ def test_a_large_box_before_login_is_refused_as_it_arrives(warnings):
     assert b"at most 4096 bytes before" in error[b"_error_description"]
     # What comes after is dropped.
     proto.dataReceived(data[offset : offset + 65536])
-    assert len(proto._unprocessed) < 65536
+    assert proto.reader.buffered < 65536
     assert any("sent more than 4096 bytes before logging in" in w for w in warnings)
     assert "127.0.0.1:40000" in warnings[-1]
 
@@ -225,7 +225,7 @@ def test_connections_from_one_address_make_room_among_themselves(warnings):
     first = connect(factory, 40000)
     second = connect(factory, 40001)
     other = connect(factory, 40100, host="127.0.0.2")
-    assert gate.waiting == 3 and gate.waiting_from(first[0]._transportPeer) == 2
+    assert gate.waiting == 3 and gate.waiting_from(first[0].peer) == 2
     # A third from 127.0.0.1 closes the one from there that has waited longest ...
     third = connect(factory, 40002)
     assert third[0] is not None
@@ -313,8 +313,8 @@ def test_a_box_over_the_payload_limit_is_refused_and_dropped(secret, warnings):
     # closes at the end of the box.
     for offset in range(sent, len(data) - 2, 65536):
         proto.dataReceived(data[offset : min(offset + 65536, len(data) - 2)])
-        assert proto._currentBox is None or len(proto._currentBox) == 0
-        assert len(proto._unprocessed) <= 65537
+        assert len(proto.reader.box) == 0
+        assert proto.reader.buffered <= 65537
     assert not transport.disconnecting
     proto.dataReceived(data[-2:])
     assert transport.disconnecting

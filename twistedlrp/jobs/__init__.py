@@ -242,13 +242,11 @@ def submit(
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
     from twistedlrp.jobs import client
-    from twistedlrp.jobs.arguments import check_submission
 
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
             raise InvalidArguments("run_after: must be an aware datetime (or a Unix time)")
         run_after = run_after.timestamp()
-    checked = check_submission(name, priority, run_after, key, timeout, id)
     if isinstance(args, str | bytes | dict) or not isinstance(args, list | tuple):
         raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
@@ -265,17 +263,18 @@ def submit(
                 timeout=timeout,
                 id=id,
             )
+    # Its values are checked once, where it is stored (or before it is sent).
     return JobInfo.from_dict(
         client.call(
             "submit",
             name=name,
             args=list(args),
             kwargs=dict(kwargs or {}),
-            priority=checked["priority"],
-            run_after=checked["run_after"],
-            key=checked["key"],
-            timeout=checked["timeout"],
-            id=checked["job_id"],
+            priority=priority,
+            run_after=run_after,
+            key=key,
+            timeout=timeout,
+            id=id,
         )
     )
 

@@ -26,13 +26,24 @@ from twistedlrp.jobs.client import unix_client_endpoint
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     InvalidArguments,
-    JobError,
     PayloadTooLarge,
 )
+from twistedlrp.jobs.framing import BoxReader, BoxTooLarge
 from twistedlrp.services import StartupFailed
 from twistedlrp.values import permissions_problem
 
 log = Logger()
+
+
+def _answering(operation: wire.Operation):
+    """@return: the AMP responder of C{operation}: the service's method (L{limits.guarded})."""
+
+    def respond(self, **arguments):
+        d = limits.guarded(log, operation.name, operation.call, self.service, arguments)
+        return d.addCallback(lambda answer: {operation.answer: answer})
+
+    respond.__name__ = operation.name
+    return respond
 
 
 class ServiceProtocol(wire.QuietAMP):
@@ -60,11 +71,12 @@ class ServiceProtocol(wire.QuietAMP):
         self.authenticated = secret is None
         self.nonce: bytes | None = None
         self.gate = gate
+        self.peer = None
         bounds = gate.limits if gate is not None else limits.Limits()
         self.pre_login_bytes = bounds.pre_login_bytes
         self.max_box = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD) + limits.BOX_FRAMING
-        # Bytes of the box being parsed; before Login, of all boxes so far.
-        self._received = 0
+        # Boxes are read here, each within its limit, before AMP sees them.
+        self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
         self._discard_deadline = None  # an IDelayedCall
@@ -73,8 +85,9 @@ class ServiceProtocol(wire.QuietAMP):
 
     def connectionMade(self):
         super().connectionMade()
+        self.peer = self.transport.getPeer()
         if not self.authenticated and self.gate is not None:
-            self.gate.enter(self, self._transportPeer, self._login_expired)
+            self.gate.enter(self, self.peer, self._login_expired)
 
     def evicted(self) -> None:
         """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
@@ -87,102 +100,39 @@ class ServiceProtocol(wire.QuietAMP):
         super().connectionLost(reason)
 
     def _limit(self) -> int:
-        return self.max_box if self.authenticated else self.pre_login_bytes
+        """@return: the most bytes the box being read may take."""
+        if self.authenticated:
+            return self.max_box
+        # Before Login, over all boxes.
+        reader = self.reader
+        return self.pre_login_bytes - (reader.consumed - reader.size)
 
     def dataReceived(self, data):
+        reader = self.reader
         if self._refused:
             return
-        if self._between_boxes():
-            data = self._whole_boxes(data)
-            if not data or self._refused:
-                return
-        super().dataReceived(data)
-        # What is left unparsed is the start of a key or value (at most 64 KiB).
-        if not (self._refused or self._discarding) and (
-            self._received + len(self._unprocessed) > self._limit()
-        ):
-            self._too_large()
-
-    def _between_boxes(self) -> bool:
-        """Is AMP's own parser between two boxes, with no limit of the login phase to keep?"""
-        return (
-            self.authenticated
-            and not self._discarding
-            and self.state == "init"
-            and not self._unprocessed
-            and self.innerProtocol is None
-            and not self.paused
-        )
-
-    def _whole_boxes(self, data: bytes) -> bytes:
-        """
-        The common case, read fast: each complete box at the start of
-        C{data} that is within the limits goes to AMP's dispatch whole (AMP's
-        own parser takes a box string by string: about 35 µs more per
-        Submit, measured in memory).
-
-        @return: the rest of C{data}, for AMP's own parser: a box not
-            complete yet, or one over a limit (refused there, as it arrives).
-        """
-        limit, size = self.max_box, len(data)
-        offset = 0
-        while offset < size:
-            box = amp.AmpBox()
-            at = offset
-            while True:
-                if size - at < 2:
-                    return data[offset:]
-                key_length = int.from_bytes(data[at : at + 2], "big")
-                if key_length == 0:
-                    at += 2
-                    break
-                value_at = at + 2 + key_length
-                if key_length > self._MAX_KEY_LENGTH or size < value_at + 2:
-                    return data[offset:]
-                end = value_at + 2 + int.from_bytes(data[value_at : value_at + 2], "big")
-                if size < end or end - offset > limit:
-                    return data[offset:]
-                box[data[at + 2 : value_at]] = data[value_at + 2 : end]
-                at = end
-            if at - offset > limit:
-                return data[offset:]
-            offset = at
-            self.ampBoxReceived(box)
-            if not self._between_boxes() or self.transport is None:
-                return data[offset:]
-        return b""
-
-    def stringReceived(self, string):
-        if self._refused:
-            return
-        if not self._discarding:
-            self._received += 2 + len(string)
-            if self._received > self._limit():
-                self._too_large()
-                if self._refused:
+        reader.add(data)
+        while not self._refused and self.transport is not None:
+            try:
+                if self._discarding:
+                    if reader.next_box(keep=False) is not None:
+                        self._close()  # the end of the refused box
                     return
-        super().stringReceived(string)
-        if self.state == "init" and self.authenticated:
-            self._received = 0  # a box ended
-
-    def proto_key(self, string):
-        if self._discarding and not string:
-            # The end of the refused box.
-            self._currentBox = None
-            self._close()
-            return "init"
-        return super().proto_key(string)
-
-    def proto_value(self, string):
-        if self._discarding:
-            self._currentKey = None
-            self.MAX_LENGTH = self._MAX_KEY_LENGTH
-            return "key"
-        return super().proto_value(string)
+                box = reader.next_box(self._limit())
+            except BoxTooLarge:
+                self._too_large()
+                continue
+            except ValueError:
+                # A key longer than AMP allows: not AMP.
+                self._close()
+                return
+            if box is None:
+                return
+            self.ampBoxReceived(box)
 
     def _too_large(self) -> None:
         """The box being received (or what came before Login) is over the limit."""
-        box = self._currentBox or {}
+        box = self.reader.box
         ask = box.get(b"_ask")
         command = box.get(b"_command", b"?").decode("ascii", "replace")
         if not self.authenticated:
@@ -216,7 +166,7 @@ class ServiceProtocol(wire.QuietAMP):
         )
         # Read the rest of the box without keeping it, so that the client
         # finishes sending and reads the answer; then close.
-        self._currentBox = None
+        self.reader.box.clear()
         self._discarding = True
         if self.gate is not None:
             self._discard_deadline = self.gate.clock.callLater(limits.DISCARD_TIMEOUT, self._close)
@@ -255,7 +205,7 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _warn(self, kind: str, format: str, **kwargs) -> None:
         """A rate-limited warning (per listener and kind) about the client."""
-        peer = limits.describe_peer(getattr(self, "_transportPeer", None))
+        peer = limits.describe_peer(self.peer)
         if self.gate is not None:
             self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
         else:
@@ -289,7 +239,7 @@ class ServiceProtocol(wire.QuietAMP):
             failure,
             "Job client {peer}: {op} failed unexpectedly; the connection is closed",
             op="connection",
-            peer=limits.describe_peer(getattr(self, "_transportPeer", None)),
+            peer=limits.describe_peer(self.peer),
         )
         self._close()
 
@@ -355,67 +305,10 @@ class ServiceProtocol(wire.QuietAMP):
             self.gate.leave(self)
         return {"ok": True}
 
-    @wire.Submit.responder
-    def submit(
-        self,
-        name,
-        payload,
-        priority=None,
-        run_after=None,
-        key=None,
-        timeout=None,
-        id=None,
-        wait=None,
-    ):
-        d = _guard(
-            self.service.submit, name, payload, priority, run_after, key, timeout, id, wait=wait
-        )
-        return d.addCallback(lambda job: {"job": job})
-
-    @wire.Announce.responder
-    def announce(self, job_ids):
-        return _guard(self.service.announce, job_ids)
-
-    @wire.Status.responder
-    def status(self, job_id):
-        return _guard(self.service.status, job_id).addCallback(lambda job: {"job": job})
-
-    @wire.Cancel.responder
-    def cancel(self, job_id):
-        return _guard(self.service.cancel, job_id).addCallback(lambda job: {"job": job})
-
-    @wire.Wait.responder
-    def wait(self, job_id, timeout, seen=None):
-        d = _guard(self.service.wait, job_id, timeout, seen)
-        return d.addCallback(lambda job: {"job": job})
-
-    @wire.ListJobs.responder
-    def list_jobs(self, limit, state=None, name=None):
-        return _guard(self.service.list_jobs, state, name, limit).addCallback(
-            lambda jobs: {"jobs": jobs}
-        )
-
-    @wire.Stats.responder
-    def stats(self):
-        return _guard(self.service.stats).addCallback(lambda stats: {"stats": stats})
-
-
-def _guard(fn, *args, **kwargs) -> defer.Deferred:
-    """
-    Call a service operation; an unexpected error is logged (at most one
-    traceback per cause and interval, L{limits.FailureLog}) and sent as a
-    L{JobError} (an error AMP does not know would close the connection).
-    """
-
-    def translate(failure):
-        if failure.check(JobError):
-            return failure
-        limits.internal_errors.failure(
-            log, failure, "Job service operation {op} failed", op=fn.__name__
-        )
-        raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
-
-    return defer.maybeDeferred(fn, *args, **kwargs).addErrback(translate)
+    # One responder per operation, calling the service's method of its name.
+    for _op in wire.OPERATIONS.values():
+        locals()[_op.name] = _op.command.responder(_answering(_op))
+    del _op
 
 
 class ServiceFactory(protocol.Factory):

@@ -1,26 +1,25 @@
 """
 The operations clients call on the job service (L{JobOperations}, part of
-L{twistedlrp.jobs.service.JobService}): C{submit}, C{status}, C{cancel},
-C{wait}, C{list_jobs} and C{stats}, plain methods returning Deferreds of
-JSON-ready dicts. The AMP front end (L{twistedlrp.jobs.amp}), the Perspective
-Broker one (L{twistedlrp.jobs.pb}) and views in the same process
-(L{twistedlrp.jobs.client}) call the same methods. Every change is
-acknowledged only after its commit.
+L{twistedlrp.jobs.service.JobService}): a method per operation of
+L{twistedlrp.jobs.wire.OPERATIONS}, taking its command's arguments in order
+and returning a Deferred of its JSON-ready answer. Every front end and the
+in-process client call these. Every change is acknowledged only after its
+commit.
 """
 
 from __future__ import annotations
 
-import json
+import copy
 import uuid
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry, wire
 from twistedlrp.jobs.arguments import (
     canonical_job_id,
     check_listing,
+    check_payload,
     check_seen,
     check_submission,
     check_wait_timeout,
@@ -30,11 +29,10 @@ from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.errors import (
     InvalidArguments,
     JobServiceUnavailable,
-    PayloadTooLarge,
 )
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
-from twistedlrp.jobs.store import StoreUnavailable
+from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
 
 log = Logger()
@@ -91,15 +89,8 @@ class JobOperations:
             raise JobServiceUnavailable(self.unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
         run_after, job_id = checked["run_after"], checked["job_id"]
-        if not isinstance(payload, bytes):
-            raise InvalidArguments(f"the payload of {name} must be JSON bytes")
         definition = registry.require(name)
-        if len(payload) > self.max_payload:
-            raise PayloadTooLarge(
-                f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
-                f"job service's limit of {self.max_payload} bytes (--max-job-payload)"
-            )
-        args, kwargs = _decode_arguments(name, payload)
+        args, kwargs = check_payload(name, payload, self.max_payload)
         fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
         held = len(payload) <= KEEP_PAYLOAD
@@ -128,8 +119,7 @@ class JobOperations:
                 reserved = None
             if not created or not ours:
                 return self._overlay(info)
-            self.dispatcher.counters["submitted"] += 1
-            job_metrics.count("submitted", name)
+            self.dispatcher.count("submitted", name)
             record = JobRecord(
                 info["id"],
                 fields["priority"],
@@ -160,35 +150,36 @@ class JobOperations:
         they are read from the store meanwhile. With several job nodes
         (PostgreSQL) there is nothing to do: the commit notified them.
 
-        @return: a Deferred firing with C{{"ok": True}}.
+        @return: a Deferred firing with C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
         """
         if not isinstance(job_ids, list | tuple):
             raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
             # Ids that are not UUIDs name no job: ignored, as unknown ones are.
-            d = self.take_announced([str(job_id) for job_id in job_ids[: ops.TAKE_ANNOUNCED]])
+            d = self.take_announced(
+                [str(job_id) for job_id in job_ids[: announcements.TAKE_ANNOUNCED]]
+            )
             # They stay announced: the next sweep queues them.
             d.addErrback(
                 lambda f: log.warn(
                     "Could not queue announced jobs yet: {error}", error=f.getErrorMessage()
                 )
             )
-        return defer.succeed({"ok": True})
+        return defer.succeed(True)
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
         """
         Queue the announced jobs C{job_ids} (C{None}: any announced job; the
         sweep that finds those whose process died before it told us).
         """
-        d = self.store.run(ops.take_announced, job_ids)
+        d = self.store.run(announcements.take_announced, job_ids)
 
         def queue(rows):
             for row in rows:
                 if self.queues is not None and row["queue"] not in self.queues:
                     continue
-                self.dispatcher.counters["submitted"] += 1
-                job_metrics.count("submitted", row["name"])
+                self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
                 record = JobRecord(
                     row["id"],
@@ -345,8 +336,9 @@ class JobOperations:
         return info
 
     def _notify(self, info: dict) -> None:
-        for d in self.waiters.pop(info["id"], []):
-            _fire(d, info)
+        # Each waiter its own copy: callers in this process get the answer itself.
+        for i, d in enumerate(self.waiters.pop(info["id"], [])):
+            _fire(d, copy.deepcopy(info) if i else info)
 
 
 _MAY_BE_STORED = (
@@ -367,34 +359,6 @@ def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
         message = str(failure.value) + (f"; {what}" if what else "")
         raise JobServiceUnavailable(message)
     return failure
-
-
-def _decode_arguments(name: str, payload: bytes) -> tuple[list, dict]:
-    """
-    @return: the C{args} and C{kwargs} of a submission's JSON payload.
-    @raise InvalidArguments: it is not JSON, or not a list and an object.
-    """
-    try:
-        # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
-        data = _DECODER.decode(payload.decode("utf-8"))
-        args, kwargs = data["args"], data["kwargs"]
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ValueError("args must be a list and kwargs an object")
-    except RecursionError:
-        raise InvalidArguments(
-            f"the payload of {name} is not valid job arguments: JSON nested too deeply"
-        ) from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise InvalidArguments(f"the payload of {name} is not valid job arguments: {e}") from None
-    return args, kwargs
-
-
-def _not_json(constant: str):
-    raise ValueError(f"{constant} is not JSON")
-
-
-# One decoder for every submission (json.loads with an option builds one a call).
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _fire(d: defer.Deferred, value) -> None:

@@ -14,11 +14,12 @@ the eager mode).
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from datetime import UTC, datetime
 
-from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
+from twistedlrp.jobs.errors import InvalidArguments, PayloadTooLarge, UnknownJob
 from twistedlrp.jobs.states import ALL as STATES
 
 #: The job table's integer column for priorities (a 32-bit integer everywhere).
@@ -253,3 +254,41 @@ def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> di
         "timeout": definition.timeout if checked["timeout"] is None else checked["timeout"],
         "key": checked["key"],
     }
+
+
+def check_payload(
+    name: str, payload, limit: int, whose: str = "the job service's limit"
+) -> tuple[list, dict]:
+    """
+    @return: the C{args} and C{kwargs} of a submission's JSON payload.
+    @raise InvalidArguments: it is not JSON bytes of a list and an object.
+    @raise PayloadTooLarge: it takes more than C{limit} bytes.
+    """
+    if not isinstance(payload, bytes):
+        raise InvalidArguments(f"the payload of {name} must be JSON bytes")
+    if len(payload) > limit:
+        raise PayloadTooLarge(
+            f"the arguments of {name} take {len(payload)} bytes of JSON, more than {whose} "
+            f"of {limit} bytes (--max-job-payload)"
+        )
+    try:
+        # NaN and Infinity are not JSON (and PostgreSQL's jsonb refuses them).
+        data = _DECODER.decode(payload.decode("utf-8"))
+        args, kwargs = data["args"], data["kwargs"]
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ValueError("args must be a list and kwargs an object")
+    except RecursionError:
+        raise InvalidArguments(
+            f"the payload of {name} is not valid job arguments: JSON nested too deeply"
+        ) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidArguments(f"the payload of {name} is not valid job arguments: {e}") from None
+    return args, kwargs
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every submission (json.loads with an option builds one a call).
+_DECODER = json.JSONDecoder(parse_constant=_not_json)

@@ -1,17 +1,14 @@
 """
-The job client without a reactor: outside the server (a script, a worker's
-job, another WSGI server) C{unix:} or C{tcp:} endpoints are reached over
-the process's one AMP connection, written by the calling thread itself and
-read by a reader thread that hands each caller its answer
-(L{BlockingClient}): one thread hop instead of the two to a reactor thread
-and back. L{twistedlrp.jobs.client.call} uses it when it can.
+The job client without a reactor (L{BlockingClient}): outside the server,
+C{unix:} or C{tcp:} endpoints are reached over the process's one AMP
+connection, written by the calling thread itself and read by a reader
+thread that hands each caller its answer: one thread hop instead of two.
 
-With several endpoints (C{LRP_JOBS_CONNECT} separated by commas) it uses
-the first that answers, the next when that one is lost or refuses, and
-goes back to an earlier one once it answers again (tried by a thread of
-its own, at most every few seconds). An endpoint that could not be reached
-is not tried again before its back-off has passed: calls fail (or go to
-the next) at once meanwhile.
+With several endpoints it uses the first that answers, the next when that
+one is lost or refuses, and goes back to an earlier one once it answers
+again (tried by a thread of its own, at most every few seconds). An
+endpoint that could not be reached is not tried before its back-off has
+passed: calls fail (or go to the next) at once meanwhile.
 """
 
 from __future__ import annotations
@@ -23,15 +20,15 @@ import time
 
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.client import (
-    COMMANDS,
-    DEFAULT_TIMEOUT,
-    UNKNOWN_OUTCOME,
-    configured,
+    TRIES_PER_NODE,
+    Attempts,
     configured_endpoints,
+    configured_login,
     no_answer,
     reconnect_backoff,
     split_endpoint,
-    with_store_wait,
+    unknown_outcome,
+    unreachable,
 )
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
@@ -43,9 +40,6 @@ _lock = threading.Lock()
 _blocking: BlockingClient | None = None
 _NO_BLOCKING = object()
 
-# A call tries one endpoint at most this many times.
-_TRIES_PER_NODE = 2
-
 
 def blocking_client() -> BlockingClient | None:
     """@return: this process's L{BlockingClient}, or C{None} if an endpoint needs a reactor."""
@@ -53,17 +47,12 @@ def blocking_client() -> BlockingClient | None:
     if _blocking is None:
         with _lock:
             if _blocking is None:
-                from django.conf import settings
-
                 endpoints = configured_endpoints()
                 addresses = [socket_address(endpoint) for endpoint in endpoints]
                 if None in addresses:
                     _blocking = _NO_BLOCKING
                 else:
-                    secret_file = configured("LRP_JOBS_SECRET_FILE")
-                    secret = wire.read_secret(secret_file) if secret_file else None
-                    timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-                    _blocking = BlockingClient(endpoints, addresses, secret, timeout)
+                    _blocking = BlockingClient(endpoints, addresses, *configured_login())
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
@@ -112,22 +101,18 @@ class _Node:
         self.down_until = time.monotonic() + self.backoff.next()
 
     def problem(self) -> str:
-        text = f"the job service at {self.endpoint} could not be reached"
-        return text + (f": {self.last_error}" if self.last_error else "")
+        return unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
 
 
 class BlockingClient:
     """
     One AMP connection to one job service (a UNIX or TCP socket) that every
-    thread of the process shares without a reactor: a caller writes its
-    request itself and waits; a reader thread hands each answer to the
-    caller that waits for it. It connects at the first call and again after
-    the connection broke. Its answers and errors are those of
-    L{twistedlrp.jobs.connection.JobClient.request}: a request whose
-    connection broke is sent again (to the next endpoint, or the same one
-    reconnected) unless it is a submission without an id. (One shared
-    connection, like the reactor's, lets the service read the requests of
-    many threads at once and commit them together.)
+    thread of the process shares: a caller writes its request itself and
+    waits; a reader thread hands each answer to the caller that waits for
+    it. It connects at the first call and again after the connection broke.
+    Its answers, errors and failover are those of
+    L{twistedlrp.jobs.connection.JobClient.request} (L{Attempts}). (One
+    shared connection lets the service commit many threads' requests together.)
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
@@ -154,64 +139,32 @@ class BlockingClient:
         @raise JobError: the service's own error (a subclass says which).
         @raise JobServiceUnavailable: unreachable, or the connection broke.
         """
-        limit = timeout or self.timeout
-        started = time.monotonic()
-        deadline = started + limit
-        repeatable = op != "submit" or bool(kw.get("id"))
-        tries: dict[_Node, int] = {}
-        problems: list[str] = []
-        unknown = False
-        sends = 0
+        attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
+        tries, deadline = attempts.tries, attempts.deadline
         while True:
-            conversation = self._connected(tries, deadline, problems)
+            conversation = self._connected(tries, deadline, attempts.problems)
             if conversation is None:
-                break
+                raise attempts.failed(self.nodes)
             node = conversation.node
             tries[node] = tries.get(node, 0) + 1
-            sent = kw
-            sends += 1
-            if op == "wait" and sends > 1:
-                left = float(kw["timeout"]) - (time.monotonic() - started)
-                sent = dict(kw, timeout=max(0.0, left))
-            sent = with_store_wait(op, sent, deadline - time.monotonic())
-            command, answer_key, arguments = COMMANDS[op](sent)
-            box = command.makeArguments(arguments, None)
+            operation = wire.OPERATIONS[op]
+            box = operation.command.makeArguments(attempts.arguments(time.monotonic()), None)
+            left = max(deadline - time.monotonic(), 0.001)
             try:
                 answer = conversation.ask(
-                    command, box, max(deadline - time.monotonic(), 0.001), op, kw.get("id"), limit
+                    operation.command, box, left, op, kw.get("id"), attempts.limit
                 )
             except _NotSent:
-                # It broke before our request left: nothing happened; again.
-                continue
+                continue  # It broke before our request left: nothing happened; again.
             except _Broken as e:
-                if not repeatable:
-                    raise JobServiceUnavailable(str(e) + UNKNOWN_OUTCOME.get(op, "")) from None
-                problems.append(str(e))
-                unknown = True
+                attempts.broke(str(e))
                 continue
             except JobServiceUnavailable as e:
-                # The service refused it (stopping, its store away): the next may not.
-                if not repeatable or len(self.nodes) == 1:
-                    raise
-                problems.append(f"the job service at {node.endpoint} answered: {e}")
-                tries[node] = _TRIES_PER_NODE
-                unknown = unknown or "may or may not" in str(e)
+                attempts.refused(node, e, len(self.nodes))
                 self._drop(conversation)
                 continue
             self._maybe_probe(node)
-            return answer[answer_key]
-        from twistedlrp.jobs.connection import unknown_outcome
-
-        if not problems:
-            problems = [n.problem() for n in self.nodes]
-        message = (
-            problems[0]
-            if len(problems) == 1
-            else ("no job service could be reached: " + "; ".join(dict.fromkeys(problems)))
-        )
-        raise JobServiceUnavailable(
-            message + (unknown_outcome(op, kw.get("id")) if unknown else "")
-        )
+            return answer[operation.answer]
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
         """
@@ -222,7 +175,7 @@ class BlockingClient:
         """
         conversation = self._conversation
         if conversation is not None and conversation.usable():
-            if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+            if tries.get(conversation.node, 0) < TRIES_PER_NODE:
                 return conversation
         # Another thread may be connecting: wait for it, not beyond the deadline.
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
@@ -231,11 +184,11 @@ class BlockingClient:
         try:
             conversation = self._conversation
             if conversation is not None and conversation.usable():
-                if tries.get(conversation.node, 0) < _TRIES_PER_NODE:
+                if tries.get(conversation.node, 0) < TRIES_PER_NODE:
                     return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
-                if tries.get(node, 0) >= _TRIES_PER_NODE or node.down_until > time.monotonic():
+                if tries.get(node, 0) >= TRIES_PER_NODE or node.down_until > time.monotonic():
                     continue
                 if time.monotonic() >= deadline:
                     break
@@ -243,7 +196,7 @@ class BlockingClient:
                     fresh = self._connect(node, deadline)
                 except JobServiceUnavailable as e:
                     problems.append(str(e))
-                    tries[node] = _TRIES_PER_NODE
+                    tries[node] = TRIES_PER_NODE
                     continue
                 node.up()
                 if self._conversation is not None:
@@ -490,7 +443,7 @@ class _Conversation:
         if error_class is None:
             raise JobServiceUnavailable(
                 f"the job service at {self.endpoint} failed during {op}: "
-                f"{description}" + UNKNOWN_OUTCOME.get(op, "")
+                f"{description}" + unknown_outcome(op)
             )
         if code in command.fatalErrors.values():
             self.close(description)  # the service closes it too

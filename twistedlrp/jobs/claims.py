@@ -1,6 +1,8 @@
 """
-Claiming from the table, when several job nodes share one PostgreSQL
-database (L{SharedClaims}, part of L{twistedlrp.jobs.dispatch.Dispatcher}):
+Claims: a free worker reserved for a job about to be stored running on it
+(L{Reservation}); and claiming from the table, when several job nodes share
+one PostgreSQL database (L{SharedClaims}, part of
+L{twistedlrp.jobs.dispatch.Dispatcher}):
 one claim at a time takes a due job of this node's queues for each free
 worker (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before the job is
 sent); a timer wakes it when the first delayed job it knows of is due.
@@ -8,7 +10,9 @@ sent); a timer wakes it when the first delayed job it knows of is due.
 
 from __future__ import annotations
 
+from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.outcomes import check_record, log_failed
@@ -24,7 +28,7 @@ class SharedClaims:
     """
     The dispatcher's claims from the table. It uses the dispatcher's
     C{reactor}, C{store}, C{pool}, C{queues}, C{node}, C{accepting},
-    C{counters}, C{_wanted}, C{_wakes}, C{_claim_running}, C{_claiming},
+    C{_wanted}, C{_wakes}, C{_claim_running}, C{_claiming},
     C{_due_timer}, C{wake}, C{dispatch}, C{request_cancel}, C{_run_on} and
     C{_finish}.
     """
@@ -92,7 +96,6 @@ class SharedClaims:
             except InvalidArguments as e:
                 worker.state = "idle"
                 error = f"the job could not start: {e}"
-                self.counters["failed"] += 1
                 log_failed(record, error)
                 self._finish(record, FAILED, error=error)
                 continue
@@ -131,3 +134,46 @@ class SharedClaims:
             timer.cancel()
         delay = max(when - self.reactor.seconds(), 0) + 0.01
         self._due_timer = self.reactor.callLater(delay, self.wake)
+
+
+class Reservation:
+    """
+    A free worker held (C{claiming}) for one job while its submission
+    commits; the submission then calls L{start} with the stored job, or
+    L{release} when nothing was stored.
+    """
+
+    def __init__(self, dispatcher, worker, job_id: str):
+        self.dispatcher, self.worker, self.job_id = dispatcher, worker, job_id
+        worker.state = "claiming"
+        dispatcher.claiming.add(job_id)
+        # Stopping waits for it, as for a claim.
+        self._done = defer.Deferred()
+        dispatcher._claiming.add(self._done)
+
+    def _end(self) -> None:
+        self.dispatcher._claimed(self._done, self.job_id)
+        self._done.callback(None)
+
+    def release(self) -> None:
+        self._end()
+        if self.worker.state == "claiming":
+            self.worker.state = "idle"
+        self.dispatcher.dispatch()
+
+    def start(self, record: JobRecord) -> None:
+        """C{record} is stored running (attempt 1) on the reserved worker: send it."""
+        dispatcher, worker = self.dispatcher, self.worker
+        self._end()
+        if worker.state != "claiming":
+            # The worker died (or is being replaced) while the job was stored:
+            # back to the queue, without the attempt (its claim will count one).
+            d = dispatcher._put_back(record)
+            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
+            return
+        record.attempts = 1
+        try:
+            check_record(record)
+            dispatcher._run_on(worker, record, record.payload)
+        except Exception:
+            dispatcher._start_failed(Failure(), worker, record)

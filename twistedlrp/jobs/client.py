@@ -1,34 +1,27 @@
 """
 The job client: the thread-safe facade the public API (L{twistedlrp.jobs})
-uses, the process's client behind it, and how a process finds its job
-service. The client is one of three: in the server, views call the local
-service directly (L{twistedlrp.jobs.local}); a process with a reactor keeps
-one reconnecting AMP connection in it (L{twistedlrp.jobs.connection}); any
-other reaches a C{unix:} or C{tcp:} endpoint without a reactor
-(L{twistedlrp.jobs.blocking}).
+uses (L{call}), the process's client behind it, and how a process finds its
+job service. The client is one of three transports: in the server, views
+call the local service directly (L{twistedlrp.jobs.local}); a process with a
+reactor keeps a reconnecting AMP connection to each node
+(L{twistedlrp.jobs.connection}); any other reaches a C{unix:} or C{tcp:}
+endpoint without a reactor, the calling thread writing its request itself
+(L{twistedlrp.jobs.blocking}); TLS goes through the reactor. The eager
+test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
 
-In the server, the job client service (L{twistedlrp.jobs.node}) installs a
-client connected to the local job service (or to the job nodes of
-C{--jobs-connect}). In any other process with Django set up, the first call
-creates one from C{LRP_JOBS_CONNECT} (client endpoint strings separated by
-commas, tried in order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock};
-C{LRP_JOBS_SECRET_FILE}
-names the shared secret for network endpoints. Each is read from the
-environment first, then from the Django settings: a worker process is told
-its own job service that way, whatever the settings say. C{LRP_JOBS_TIMEOUT}
-(a setting, seconds, default 10) bounds reaching the service and each answer.
+In the server, the job client service (L{twistedlrp.jobs.node}) installs
+the client, and at most C{--job-threads} threads may be in a job call at
+once (L{CallSlots}). Elsewhere, the first call creates one from
+C{LRP_JOBS_CONNECT} (client endpoint strings separated by commas, tried in
+order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock}, with the secret
+of C{LRP_JOBS_SECRET_FILE}: each read from the environment first (a worker
+process is told its own job service that way), then from the settings.
+C{LRP_JOBS_TIMEOUT} (a setting, seconds, default 10) bounds reaching the
+service and each answer.
 
-Every submission carries an id (a UUID the caller gave, else one chosen
-here before it is sent), so that a client may send it again after its
-answer was lost without making a second job. In the server, at most
-C{--job-threads} threads may be in a job call at once (L{CallSlots}).
-
-Outside the server (a script, a worker's job, another WSGI server) a
-C{unix:} or C{tcp:} endpoint is reached without a reactor: the calling
-thread writes its request to the process's one AMP connection itself and a
-reader thread hands it the answer (L{twistedlrp.jobs.blocking.BlockingClient}), one thread hop
-instead of the two to a reactor thread and back.
-Other endpoint types (TLS) go through a L{JobClient} in a reactor thread.
+Every submission carries an id (the caller's UUID, else one chosen here
+before it is sent), so that it may be sent again after its answer was lost
+without making a second job.
 """
 
 from __future__ import annotations
@@ -47,12 +40,8 @@ from twisted.logger import Logger
 from twistedlrp import threads
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobError,
-    JobServiceUnavailable,
-    PayloadTooLarge,
-)
+from twistedlrp.jobs.arguments import check_submission
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.connection import JobClient
@@ -77,63 +66,118 @@ def with_store_wait(op: str, kw: dict, left: float) -> dict:
     return dict(kw, wait=round(max(left, 0.0) * STORE_WAIT_SHARE, 3))
 
 
-UNKNOWN_OUTCOME = {
+_UNKNOWN_OUTCOME = {
     "submit": "; the job may or may not have been stored: submit again with the same id "
     "(or key) to get the same job instead of a second one",
     "cancel": "; the cancellation may or may not have been requested: cancel again",
 }
 
 
+def unknown_outcome(op: str, job_id: str | None = None) -> str:
+    """@return: what the caller must know about an operation whose outcome is unknown."""
+    if op == "submit" and job_id:
+        return (
+            f"; the job may or may not have been stored: submit again with id={job_id} to "
+            f"get the same job instead of a second one"
+        )
+    return _UNKNOWN_OUTCOME.get(op, "")
+
+
+def unreachable(endpoint, detail: str = "") -> str:
+    """@return: the message of a job service that cannot be reached (C{detail} says more)."""
+    return f"the job service at {endpoint} could not be reached{detail}"
+
+
 def no_answer(
     endpoint, op: str, seconds: float, job_id: str | None = None
 ) -> JobServiceUnavailable:
     """@return: the error of an operation the job service did not answer in time."""
-    if op == "submit" and job_id:
-        outcome = (
-            f"; the job may or may not have been stored: submit again with id={job_id} to get "
-            f"the same job instead of a second one"
-        )
-    else:
-        outcome = UNKNOWN_OUTCOME.get(op, "")
     return JobServiceUnavailable(
-        f"the job service at {endpoint} did not answer {op} within {seconds:g} s" + outcome
+        f"the job service at {endpoint} did not answer {op} within {seconds:g} s"
+        + unknown_outcome(op, job_id)
     )
 
 
-COMMANDS = {
-    "submit": lambda kw: (
-        wire.Submit,
-        "job",
-        {
-            "name": kw["name"],
-            "payload": kw["payload"],
-            "priority": None if kw.get("priority") is None else int(kw["priority"]),
-            "run_after": _float(kw.get("run_after")),
-            "key": kw.get("key"),
-            "timeout": _float(kw.get("timeout")),
-            "id": kw.get("id"),
-            "wait": _float(kw.get("wait")),
-        },
-    ),
-    "announce": lambda kw: (wire.Announce, "ok", {"job_ids": [str(i) for i in kw["job_ids"]]}),
-    "status": lambda kw: (wire.Status, "job", {"job_id": kw["job_id"]}),
-    "cancel": lambda kw: (wire.Cancel, "job", {"job_id": kw["job_id"]}),
-    "wait": lambda kw: (
-        wire.Wait,
-        "job",
-        {"job_id": kw["job_id"], "timeout": float(kw["timeout"]), "seen": kw.get("seen")},
-    ),
-    "list_jobs": lambda kw: (
-        wire.ListJobs,
-        "jobs",
-        {"state": kw.get("state"), "name": kw.get("name"), "limit": kw.get("limit", 100)},
-    ),
-    "stats": lambda kw: (wire.Stats, "stats", {}),
-}
+def wire_arguments(op: str, kw: dict) -> dict:
+    """
+    @return: the arguments of C{op}'s AMP command, for a transport that
+        encodes them (a submission is checked first: the job service checks
+        it again, in its own process).
+    @raise InvalidArguments: a submission's value of the wrong type or out of range.
+    """
+    if op == "submit":
+        checked = check_submission(
+            kw["name"],
+            kw.get("priority"),
+            kw.get("run_after"),
+            kw.get("key"),
+            kw.get("timeout"),
+            kw.get("id"),
+        )
+        kw = dict(kw, id=checked.pop("job_id"), **checked)
+    return wire.OPERATIONS[op].arguments(kw, encoded=True)
 
 
-def _float(value):
-    return None if value is None else float(value)
+class Attempts:
+    """
+    One call's tries over the job nodes (in a reactor's client and the
+    blocking one): a request whose connection broke is sent again (to the
+    next node, or the same one reconnected) unless it is a submission
+    without an id; a node that answers C{UNAVAILABLE} (stopping, its store
+    away) is replaced by the next. C{tries} counts each node's.
+    """
+
+    def __init__(self, op: str, kw: dict, limit: float, now: float):
+        self.op, self.kw, self.limit = op, kw, limit
+        self.started, self.deadline = now, now + limit
+        self.repeatable = op != "submit" or bool(kw.get("id"))
+        self.tries: dict = {}
+        self.problems: list[str] = []
+        self.unknown = False  # may an earlier send have taken effect?
+        self._sends = 0
+
+    def arguments(self, now: float) -> dict:
+        """@return: the AMP arguments of the next send (see L{wire_arguments})."""
+        sent = self.kw
+        self._sends += 1
+        if self.op == "wait" and self._sends > 1:
+            # Sent again: wait until the first one would have stopped.
+            sent = dict(sent, timeout=max(0.0, float(sent["timeout"]) - (now - self.started)))
+        return wire_arguments(self.op, with_store_wait(self.op, sent, self.deadline - now))
+
+    def broke(self, message: str) -> None:
+        """
+        The connection broke after the request was sent: try again.
+        @raise JobServiceUnavailable: it may not be sent again.
+        """
+        if not self.repeatable:
+            raise JobServiceUnavailable(message + unknown_outcome(self.op))
+        self.problems.append(message)
+        self.unknown = True
+
+    def refused(self, node, error: JobServiceUnavailable, nodes: int) -> None:
+        """
+        C{node} answered C{error} (L{JobServiceUnavailable}): try the next.
+        @raise JobServiceUnavailable: C{error}, when there is no other node to ask.
+        """
+        if not self.repeatable or nodes == 1:
+            raise error
+        self.problems.append(f"the job service at {node.endpoint} answered: {error}")
+        self.tries[node] = TRIES_PER_NODE
+        self.unknown = self.unknown or "may or may not" in str(error)
+
+    def failed(self, nodes: list) -> JobServiceUnavailable:
+        """@return: the error of a call no node answered (each C{node.problem()} if no other)."""
+        problems = self.problems or [node.problem() for node in nodes]
+        message = problems[0]
+        if len(problems) > 1:
+            message = "no job service could be reached: " + "; ".join(dict.fromkeys(problems))
+        outcome = unknown_outcome(self.op, self.kw.get("id")) if self.unknown else ""
+        return JobServiceUnavailable(message + outcome)
+
+
+# A call tries one node at most this many times.
+TRIES_PER_NODE = 2
 
 
 # -- the process-wide client -------------------------------------------------------
@@ -251,37 +295,46 @@ def split_endpoints(text: str) -> list[str]:
         inside one is written C{\\,}, as endpoint strings escape any
         character), without the spaces around them.
     """
-    endpoints, current, escaped = [], "", False
+    return [endpoint.strip() for endpoint in _split(text, ",", False) if endpoint.strip()]
+
+
+def _split(text: str, separator: str, unescape: bool) -> list[str]:
+    """@return: the parts of C{text} between unescaped C{separator}s (unescaped if C{unescape})."""
+    parts, current, escaped = [], "", False
     for char in text:
         if escaped:
             current += char
             escaped = False
         elif char == "\\":
-            current += char
+            current += "" if unescape else char
             escaped = True
-        elif char == ",":
-            endpoints.append(current)
+        elif char == separator:
+            parts.append(current)
             current = ""
         else:
             current += char
-    endpoints.append(current)
-    return [endpoint.strip() for endpoint in endpoints if endpoint.strip()]
+    parts.append(current)
+    return parts
+
+
+def configured_login() -> tuple[bytes | None, float]:
+    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
+    from django.conf import settings
+
+    secret_file = configured("LRP_JOBS_SECRET_FILE")
+    secret = wire.read_secret(secret_file) if secret_file else None
+    return secret, float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
 
 
 def _settings_client() -> JobClient:
     """Build (in the reactor thread) this process's client from its configuration."""
     global _client
     if _client is None:
-        from django.conf import settings
         from twisted.internet import reactor
 
         from twistedlrp.jobs.connection import JobClient
 
-        endpoints = configured_endpoints()
-        secret_file = configured("LRP_JOBS_SECRET_FILE")
-        secret = wire.read_secret(secret_file) if secret_file else None
-        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
-        client = JobClient(reactor, endpoints, secret, timeout)
+        client = JobClient(reactor, configured_endpoints(), *configured_login())
         client.start()
         _client = client
     return _client
@@ -317,7 +370,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
             return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
         if transactions.in_sqlite_transaction():
             return transactions.detached(op, kw)
-    if op == "submit" and not kw.get("id"):
+    if op == "submit" and kw.get("id") is None:
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
     slots = _slots
@@ -377,25 +430,9 @@ def encode_payload(args, kwargs) -> bytes:
     return data
 
 
-__all__ = ["call", "install", "JobError"]
-
-
 def split_endpoint(endpoint: str) -> list[str]:
     """@return: the parts of an endpoint string between unescaped colons, unescaped."""
-    parts, current, escaped = [], "", False
-    for char in endpoint:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    parts.append(current)
-    return parts
+    return _split(endpoint, ":", True)
 
 
 def unix_path(endpoint: str) -> str | None:

@@ -4,19 +4,12 @@ it ends.
 
 Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
-that after a crash a job either had not started or counts as started:
-claims share the batches of other changes, and a job whose settings and
-arguments the service holds in memory is not read back by its claim.
-
-With several job nodes on one PostgreSQL database (C{shared}), there is no
-queue in memory: free workers claim the next due jobs of the node's queues
-from the table (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before a
-job is sent), whenever there may be work (L{Dispatcher.wake}: a
-submission here, a notification from another node, a delayed job coming
-due, the service's slow poll). When an attempt ends (an outcome from the worker, or
-the worker's death seen in C{processEnded}) the job is finished, retried
-after its delay, or put back in the queue, and the store is told; waiters
-hear of a final state after its commit.
+that after a crash it either had not started or counts as started. With
+several job nodes on one PostgreSQL database (C{shared}), the table is the
+queue (L{twistedlrp.jobs.claims}), claimed whenever there may be work
+(L{Dispatcher.wake}). When an attempt ends (an L{Outcome} from the worker,
+or the worker's death) the job is finished, retried after its delay, or put
+back in the queue; waiters hear of a final state after its commit.
 """
 
 from __future__ import annotations
@@ -26,14 +19,13 @@ from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs import metrics as job_metrics
-from twistedlrp.jobs.claims import SharedClaims
+from twistedlrp.jobs.claims import Reservation, SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import Outcomes, check_record, job_lines, log_failed
+from twistedlrp.jobs.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
 from twistedlrp.jobs.queue import JobQueue, JobRecord
-from twistedlrp.jobs.states import CANCELLED, FAILED, SUCCEEDED
+from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
@@ -47,9 +39,10 @@ KEEP_PAYLOAD = 64 * 1024
 
 class Dispatcher(SharedClaims, Outcomes):
     """
-    @param store: the L{twistedlrp.jobs.store.Store}.
+    @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
     @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
     @param notify: C{(description)}: a job reached a final state (committed).
+    @param pool: the workers [default: a L{WorkerPool} of processes].
     """
 
     def __init__(
@@ -64,6 +57,7 @@ class Dispatcher(SharedClaims, Outcomes):
         node: str = "",
         shared: bool = False,
         queues: list[str] | None = None,
+        pool=None,
     ):
         self.reactor = reactor
         self.store = store
@@ -72,7 +66,7 @@ class Dispatcher(SharedClaims, Outcomes):
         self._waiting = waiting
         self._notify = notify
         self.queue = JobQueue(reactor, self.dispatch)
-        self.pool = WorkerPool(
+        self.pool = pool or WorkerPool(
             reactor,
             options["workers"],
             settings_module=os.environ["DJANGO_SETTINGS_MODULE"],
@@ -81,7 +75,7 @@ class Dispatcher(SharedClaims, Outcomes):
             env=worker_env,
             on_ready=lambda worker: self.dispatch(),
             on_died=self._worker_died,
-            on_progress=self._progress,
+            on_progress=self.progress,
             fork_from_template=not options.get("no-worker-template", False),
         )
         self.accepting = False
@@ -129,6 +123,11 @@ class Dispatcher(SharedClaims, Outcomes):
         self._wanted = True
         self.dispatch()
 
+    def count(self, event: str, name: str) -> None:
+        """Count one C{event} of a job named C{name}: in L{counters} (stats) and the metrics."""
+        self.counters[event] += 1
+        job_metrics.count(event, name)
+
     def _node_args(self) -> tuple:
         return (self.node,) if self.shared else ()
 
@@ -142,8 +141,7 @@ class Dispatcher(SharedClaims, Outcomes):
         """
         removed = self.queue.remove(job_id)
         if removed is not None:
-            self.counters["cancelled"] += 1
-            job_metrics.count("cancelled", removed.name)
+            self.count("cancelled", removed.name)
             return True
         record = self.running.get(job_id)
         if record is not None and not record.cancel_requested:
@@ -200,9 +198,7 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def when_idle(self) -> defer.Deferred:
         """@return: a Deferred that fires once no job runs."""
-        if not self.running:
-            return defer.succeed(None)
-        return self._idle.wait()
+        return self._idle.wait() if self.running else defer.succeed(None)
 
     def claims_in_flight(self) -> defer.Deferred:
         return defer.DeferredList(list(self._claiming))
@@ -354,7 +350,6 @@ class Dispatcher(SharedClaims, Outcomes):
             worker.state = "idle"
         if failure.check(InvalidArguments):
             error = f"the job could not start: {failure.getErrorMessage()}"
-            self.counters["failed"] += 1
             log_failed(record, error)
             self._finish(record, FAILED, error=error)
         else:
@@ -396,24 +391,24 @@ class Dispatcher(SharedClaims, Outcomes):
                 pid=worker.pid,
                 reason=worker.broken,
             )
-            self._job_ended(
-                record,
-                {"ok": False, "error": f"the worker's answer could not be read: {worker.broken}"},
-            )
+            error = f"the worker's answer could not be read: {worker.broken}"
+            self._job_ended(record, Outcome(False, error=error))
 
-        d.addCallbacks(lambda outcome: self._job_ended(record, outcome), answer_failed)
+        d.addCallbacks(
+            lambda outcome: self._job_ended(record, Outcome.read(outcome)), answer_failed
+        )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
 
     # -- worker events ----------------------------------------------------------------------
 
-    def _progress(self, job_id, current, total, message) -> None:
+    def progress(self, job_id, current, total, message) -> None:
         record = self.running.get(job_id)
         if record is not None:
             record.progress = (current, total, message)
             self.store.set_progress(job_id, current, total, message)
             self._changed(job_id)
 
-    def _job_ended(self, record: JobRecord, outcome: dict) -> None:
+    def _job_ended(self, record: JobRecord, outcome: Outcome) -> None:
         if self.running.get(record.id) is not record:
             return
         self._forget(record)
@@ -427,23 +422,18 @@ class Dispatcher(SharedClaims, Outcomes):
         fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
             record.progress
         )
-        if outcome.get("ok") and not record.cancel_requested:
-            self.counters["succeeded"] += 1
+        state, error = outcome.final_state(record.cancel_requested)
+        if state is None:
+            self._retry_or_fail(record, error, fields)
+            return
+        if state == SUCCEEDED:
             job_lines.succeeded(record, self.reactor.seconds())
-            self._finish(record, SUCCEEDED, result=outcome.get("result"), error="", **fields)
-        elif record.cancel_requested or outcome.get("cancelled"):
-            self.counters["cancelled"] += 1
-            if outcome.get("ok"):
-                fields["result"] = outcome.get("result")
-            error = "cancelled while running" + (
-                ""
-                if outcome.get("ok") or outcome.get("error") == "cancelled"
-                else f": {outcome.get('error')}"
-            )
-            job_lines.cancelled(record, self.reactor.seconds())
-            self._finish(record, CANCELLED, error=error, **fields)
+            fields["result"] = outcome.result
         else:
-            self._retry_or_fail(record, outcome.get("error") or "failed", fields)
+            if outcome.ok:
+                fields["result"] = outcome.result
+            job_lines.cancelled(record, self.reactor.seconds())
+        self._finish(record, state, error=error, **fields)
 
     def _changed(self, job_id: str) -> None:
         # Not on the way out of running: the end is told once committed (outcomes.py).
@@ -458,46 +448,3 @@ class Dispatcher(SharedClaims, Outcomes):
         record.stop_timers()
         if not self.running:
             self._idle.fire()
-
-
-class Reservation:
-    """
-    A free worker held (C{claiming}) for one job while its submission
-    commits; the submission then calls L{start} with the stored job, or
-    L{release} when nothing was stored.
-    """
-
-    def __init__(self, dispatcher: Dispatcher, worker, job_id: str):
-        self.dispatcher, self.worker, self.job_id = dispatcher, worker, job_id
-        worker.state = "claiming"
-        dispatcher.claiming.add(job_id)
-        # Stopping waits for it, as for a claim.
-        self._done = defer.Deferred()
-        dispatcher._claiming.add(self._done)
-
-    def _end(self) -> None:
-        self.dispatcher._claimed(self._done, self.job_id)
-        self._done.callback(None)
-
-    def release(self) -> None:
-        self._end()
-        if self.worker.state == "claiming":
-            self.worker.state = "idle"
-        self.dispatcher.dispatch()
-
-    def start(self, record: JobRecord) -> None:
-        """C{record} is stored running (attempt 1) on the reserved worker: send it."""
-        dispatcher, worker = self.dispatcher, self.worker
-        self._end()
-        if worker.state != "claiming":
-            # The worker died (or is being replaced) while the job was stored:
-            # back to the queue, without the attempt (its claim will count one).
-            d = dispatcher._put_back(record)
-            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
-            return
-        record.attempts = 1
-        try:
-            check_record(record)
-            dispatcher._run_on(worker, record, record.payload)
-        except Exception:
-            dispatcher._start_failed(Failure(), worker, record)

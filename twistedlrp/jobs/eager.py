@@ -8,45 +8,44 @@ reached, no database row is written: the jobs are kept in this process's
 memory (the last L{MAX_KEPT}; L{reset} forgets them), so a site's own tests
 need neither a server nor database access for them.
 
-What a worker does is done the same way: the arguments are checked (JSON,
-C{--max-job-payload}'s default of 1 MiB) and round-tripped through JSON,
-as is the result; C{progress()} and C{cancelled()} work inside the job
-(also in jobs that submit jobs, and in several threads at once); an
-exception fails the job with the worker's error text; C{retries} are
-honoured at once, without their delays. Not honoured: C{timeout} (a thread
-cannot be killed), C{run_after}, C{priority}, C{queue} and C{key} (every
-job runs at once), and the job's output is not captured.
+The answers are the job service's own: its operations
+(L{twistedlrp.jobs.api.JobOperations}) and its dispatcher run here, over a
+store in memory (L{twistedlrp.jobs.store.memory}), with a worker that runs
+the job in the thread that submitted it, as a worker child would run it
+(C{progress()} and C{cancelled()} work, also in jobs that submit jobs and
+in several threads at once). Retries come at once, without their delays;
+C{run_after} is not waited for. Not honoured: C{timeout} (a thread cannot
+be killed), and the job's output is not captured. (Like dramatiq's
+C{StubBroker}, which reuses its worker.)
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
+import os
 import threading
-import uuid
-from datetime import UTC, datetime
+import time
 
-from twistedlrp.jobs import _context, registry
-from twistedlrp.jobs.arguments import canonical_job_id, check_listing, check_wait_timeout
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobCancelled,
-    JobError,
-    PayloadTooLarge,
-    UnknownJob,
-)
-from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from twistedlrp.jobs import _context, registry, wire
+from twistedlrp.jobs.api import JobOperations
+from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs.errors import JobCancelled, JobError
+from twistedlrp.jobs.states import FAILED
+from twistedlrp.jobs.store.memory import MAX_KEPT, MemoryStore
 
 log = logging.getLogger(__name__)
 
-#: The eager jobs a process remembers (the oldest are forgotten first).
-MAX_KEPT = 10_000
+__all__ = ["MAX_KEPT", "call", "enabled", "reset"]
 
+# Every change to the service happens under it; jobs run outside it.
 _lock = threading.Condition()
-_jobs: collections.OrderedDict[str, dict] = collections.OrderedDict()
-_cancels: dict[str, threading.Event] = {}
-_discovered = False
+_local = threading.local()
+_service: EagerService | None = None
 
 
 def enabled() -> bool:
@@ -58,216 +57,252 @@ def enabled() -> bool:
 
 def reset() -> None:
     """Forget every eager job of this process (between tests)."""
+    global _service
     with _lock:
-        _jobs.clear()
+        _service = None
 
 
 def call(op: str, kw: dict):
     """
-    Answer one job operation as the job service would (the same dicts).
+    Answer one job operation as the job service would: its own operation,
+    with the jobs it starts run in this thread first.
 
     @return: the operation's answer.
     @raise JobError: a subclass says why, as the job service's would.
     """
-    handler = _OPERATIONS.get(op)
-    if handler is None:
+    operation = wire.OPERATIONS.get(op)
+    if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
-    return handler(**kw)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
-def _copy(job: dict, full: bool = True, arguments: bool = True) -> dict:
-    data = dict(job, progress=list(job["progress"]))
-    if not full:
-        data.pop("result", None)
-        data.pop("output", None)
-    if not arguments:
-        data.pop("args", None)
-        data.pop("kwargs", None)
-    return data
-
-
-def _definition(name: str):
-    """@return: the job registered as C{name}, importing the job modules once if needed."""
-    global _discovered
-    if registry.lookup(name) is None and not _discovered:
-        _discovered = True
-        registry.discover()
-    return registry.require(name)
-
-
-def _submit(name, payload, priority=None, run_after=None, key=None, timeout=None, id=None):
-    from twistedlrp.jobs.api import _decode_arguments
-    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, check_job_id
-
-    id = check_job_id(id)
-    definition = _definition(name)
-    if len(payload) > DEFAULT_MAX_PAYLOAD:
-        raise PayloadTooLarge(
-            f"the arguments of {name} take {len(payload)} bytes of JSON, more than the "
-            f"job service's limit of {DEFAULT_MAX_PAYLOAD} bytes (--max-job-payload)"
-        )
-    args, kwargs = _decode_arguments(name, payload)
+    global _service
     with _lock:
-        existing = _jobs.get(id) if id else None
-        if existing is not None:
-            if existing["name"] != name:
-                raise InvalidArguments(f"id: {id} is the id of a job of another name")
-            return _copy(existing, arguments=False)
-        job = {
-            "id": id or str(uuid.uuid4()),
-            "name": name,
-            "state": QUEUED,
-            "priority": definition.priority if priority is None else priority,
-            "queue": definition.queue,
-            "attempts": 0,
-            "max_attempts": definition.retries + 1,
-            "progress": [0, None, ""],
-            "error": "",
-            "worker": f"eager:{threading.current_thread().name}",
-            "key": key,
-            "timeout": definition.timeout if timeout is None else timeout,
-            "run_after": None,
-            "created_at": _now(),
-            "started_at": None,
-            "finished_at": None,
-            "cancel_requested": False,
-            "result": None,
-            "output": "",
-            "args": args,
-            "kwargs": kwargs,
-        }
-        _jobs[job["id"]] = job
-        while len(_jobs) > MAX_KEPT:
-            _jobs.popitem(last=False)
-        cancel = _cancels[job["id"]] = threading.Event()
-    try:
-        _run(job, definition, payload, cancel)
-    finally:
+        if _service is None:
+            _service = EagerService()
+        service = _service
+        d = defer.maybeDeferred(operation.call, service, operation.arguments(kw))
+        _lock.notify_all()
+    service.run_started()
+    outcome = service.outcome_of(d)
+    if op == "submit":
+        # Finished now (unless another thread runs it): as it is now.
         with _lock:
-            _cancels.pop(job["id"], None)
+            outcome = service.outcome_of(service.status(outcome["id"]))
+        outcome.pop("args", None)
+        outcome.pop("kwargs", None)
+    return outcome
+
+
+class _Clock:
+    """The service's clock: Unix time, its calls made by timer threads, under the lock."""
+
+    def seconds(self) -> float:
+        return time.time()
+
+    def callLater(self, delay, fn, *args, **kwargs):
+        return _Call(self, delay, fn, args, kwargs)
+
+
+class _Call:
+    """An C{IDelayedCall} of L{_Clock}."""
+
+    def __init__(self, clock, delay, fn, args, kwargs):
+        self.time = clock.seconds() + delay
+        self.called = self.cancelled = False
+        self._timer = threading.Timer(max(delay, 0), self._fire, (fn, args, kwargs))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self, fn, args, kwargs) -> None:
+        with _lock:
+            if self.cancelled:
+                return
+            self.called = True
+            fn(*args, **kwargs)
             _lock.notify_all()
-    return _copy(job, arguments=False)
+
+    def getTime(self) -> float:
+        return self.time
+
+    def active(self) -> bool:
+        return not (self.called or self.cancelled)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._timer.cancel()
 
 
-def _run(job: dict, definition, payload: bytes, cancel: threading.Event) -> None:
-    """Run C{job}'s attempts in this thread; it ends in a final state."""
-    while True:
+class EagerWorker:
+    """
+    A worker of the eager pool: its job is run by the thread that dispatched
+    it (L{EagerService.run_started}), outside the lock, as a worker child
+    runs it; the dispatcher hears the outcome as from a worker.
+    """
+
+    pid = os.getpid()
+    kill_reason = None
+
+    def __init__(self):
+        self.ident = f"eager:{threading.current_thread().name}"
+        self.state = "idle"
+        self.job_id: str | None = None
+        self.cancel_event = threading.Event()
+
+    def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
+        self.state, self.job_id = "busy", job_id
+        d = defer.Deferred()
+        started = getattr(_local, "started", None)
+        if started is None:
+            started = _local.started = []
+        started.append((self, name, payload, d))
+        return d
+
+    def cancel(self, job_id: str) -> None:
+        if job_id == self.job_id:
+            self.cancel_event.set()
+
+    def signal(self, name: str, reason: str) -> None:
+        """A thread cannot be killed: the job's timeout and a cancel's grace are not kept."""
+
+    def take_output(self) -> str:
+        return ""
+
+    def gone(self, failure) -> bool:
+        return False
+
+
+class _EagerPool:
+    """As many workers as the threads that submit jobs (one made for each job)."""
+
+    size = started = forked = 0
+    workers: list = []
+
+    def idle(self) -> list[EagerWorker]:
+        return [EagerWorker()]
+
+    def job_done(self, worker, max_jobs, max_memory) -> bool:
+        worker.state = "dead"
+        return False
+
+    def describe(self) -> list:
+        return []
+
+    def describe_template(self) -> None:
+        return None
+
+    def stop_idle(self) -> None:
+        pass
+
+
+class _NoPruning:
+    def describe(self) -> dict:
+        return {"keep": None, "passes": 0, "deleted": 0}
+
+
+class EagerService(JobOperations):
+    """The job service's operations and dispatcher, over a store in memory."""
+
+    def __init__(self):
+        self.reactor = _Clock()
+        self.store = MemoryStore()
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.unavailable = None
+        self.shared, self.node, self.queues, self.lease = False, "eager", None, None
+        self.pruner = _NoPruning()
+        self.waiters: dict[str, list[defer.Deferred]] = {}
+        options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}
+        self.pool = _EagerPool()
+        self.dispatcher = Dispatcher(
+            self.reactor,
+            self.store,
+            options,
+            {},
+            0.0,
+            waiting=self.waiters.__contains__,
+            notify=self._notify,
+            node=self.node,
+            pool=self.pool,
+        )
+        self.dispatcher.accepting = True
+
+    def submit(self, name, *arguments) -> defer.Deferred:
+        try:
+            registry.find(name)  # the site's job modules, imported once needed
+        except JobError:
+            pass  # the service says so
+        return super().submit(name, *arguments)
+
+    def run_started(self) -> None:
+        """Run the jobs this thread's calls started, and those they start, retries at once."""
+        while True:
+            with _lock:
+                # Delayed jobs (run_after, retries) are not waited for.
+                self.dispatcher.queue.release_all()
+                self.dispatcher.dispatch()
+            started = getattr(_local, "started", None) or []
+            _local.started = []
+            if not started:
+                return
+            for worker, name, payload, d in started:
+                with _lock:
+                    self.store.begin(worker.job_id)
+                outcome = _attempt(worker, name, payload, self.dispatcher)
+                with _lock:
+                    d.callback(outcome)
+                    job = self.store.jobs.get(worker.job_id) or {}
+                    if job.get("state") == FAILED:
+                        # As the job service logs it, where a site's tests see it.
+                        log.warning(
+                            "Job %s (%s) failed, attempt %d of %d: %s",
+                            job["id"],
+                            name,
+                            job["attempts"],
+                            job["max_attempts"],
+                            (job["error"] or FAILED).splitlines()[0],
+                        )
+                    _lock.notify_all()
+
+    def stats(self) -> defer.Deferred:
+        return super().stats().addCallback(lambda stats: dict(stats, eager=True))
+
+    def _overlay(self, info: dict) -> dict:
+        # Not running yet where the caller can tell (see MemoryStore.starting).
+        return info if info["id"] in self.store.starting else super()._overlay(info)
+
+    def outcome_of(self, d: defer.Deferred):
+        """@return: the result of C{d}, once it has one (another thread may give it)."""
+        outcome: list = []
+        d.addBoth(outcome.append)
         with _lock:
-            job.update(state=RUNNING, attempts=job["attempts"] + 1, started_at=_now())
-        outcome = _attempt(job, definition, payload, cancel)
-        with _lock:
-            if outcome["ok"]:
-                job.update(state=SUCCEEDED, result=outcome["result"], error="")
-            elif outcome.get("cancelled"):
-                job.update(state=CANCELLED, error=outcome["error"])
-            elif job["attempts"] < job["max_attempts"]:
-                job.update(state=QUEUED, error=outcome["error"])
-                log.info(
-                    "Job %s (%s) failed, attempt %d of %d: retried at once (eager mode)",
-                    job["id"],
-                    job["name"],
-                    job["attempts"],
-                    job["max_attempts"],
-                )
-                continue
-            else:
-                job.update(state=FAILED, error=outcome["error"])
-                log.warning(
-                    "Job %s (%s) failed, attempt %d of %d: %s",
-                    job["id"],
-                    job["name"],
-                    job["attempts"],
-                    job["max_attempts"],
-                    outcome["error"].splitlines()[0] if outcome["error"] else "",
-                )
-            job["finished_at"] = _now()
-            return
+            _lock.wait_for(lambda: outcome)
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        return outcome[0]
 
 
-def _attempt(job: dict, definition, payload: bytes, cancel: threading.Event) -> dict:
-    """@return: the outcome of one attempt, as a worker child would send it."""
-    from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
+def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatcher) -> dict:
+    """@return: the outcome of one attempt, as a worker child sends it."""
     from twistedlrp.jobs.child import call_job, describe_error
+
+    job_id = worker.job_id
 
     def report(current, total, message):
         with _lock:
-            job["progress"] = [current, total, message]
+            dispatcher.progress(job_id, current, total, message)
 
-    previous = _context.begin_local(job["id"], report, cancel)
+    previous = _context.begin_local(job_id, report, worker.cancel_event)
     try:
-        outcome = call_job(definition.function, payload, DEFAULT_MAX_PAYLOAD)
+        outcome = call_job(registry.find(name).function, payload, DEFAULT_MAX_PAYLOAD)
         if outcome["ok"]:
             # As it would come back from a worker: through JSON.
             outcome["result"] = json.loads(json.dumps(outcome["result"]))
-        return outcome
     except JobCancelled:
-        return {"ok": False, "cancelled": True, "error": "cancelled"}
+        outcome = {"ok": False, "error": "cancelled", "cancelled": True}
     except (Exception, SystemExit) as e:
-        # KeyboardInterrupt still stops the tests; anything else fails the job.
-        return {"ok": False, "error": describe_error(e), "cancelled": cancel.is_set()}
+        # KeyboardInterrupt still stops the tests; anything else fails the attempt.
+        outcome = {
+            "ok": False,
+            "error": describe_error(e),
+            "cancelled": worker.cancel_event.is_set(),
+        }
     finally:
         _context.end_local(previous)
-
-
-def _get(job_id: str) -> dict:
-    job = _jobs.get(canonical_job_id(job_id))
-    if job is None:
-        raise UnknownJob(f"no job has the id {job_id!r}")
-    return job
-
-
-def _status(job_id):
-    with _lock:
-        return _copy(_get(job_id))
-
-
-def _cancel(job_id):
-    """A running job (in another thread) sees C{cancelled()} turn true; a finished one stays."""
-    with _lock:
-        job = _get(job_id)
-        if job["state"] not in FINISHED:
-            job["cancel_requested"] = True
-            event = _cancels.get(job["id"])
-            if event is not None:
-                event.set()
-        return _copy(job)
-
-
-def _wait(job_id, timeout=60.0):
-    """@return: the job, once finished or after C{timeout} seconds (for one in another thread)."""
-    timeout = check_wait_timeout(timeout)
-    with _lock:
-        _lock.wait_for(lambda: _get(job_id)["state"] in FINISHED, timeout)
-        return _copy(_get(job_id))
-
-
-def _list_jobs(state=None, name=None, limit=100):
-    listing = check_listing(state, name, limit)
-    state, name, limit = listing["state"], listing["name"], listing["limit"]
-    with _lock:
-        found = [
-            _copy(job, full=False, arguments=False)
-            for job in reversed(_jobs.values())
-            if (not state or job["state"] == state) and (not name or job["name"] == name)
-        ]
-    return {"jobs": found[:limit]}
-
-
-def _stats():
-    with _lock:
-        counts = collections.Counter(job["state"] for job in _jobs.values())
-    return {"jobs": dict(counts), "eager": True, "workers": [], "running": counts[RUNNING]}
-
-
-_OPERATIONS = {
-    "submit": _submit,
-    "status": _status,
-    "cancel": _cancel,
-    "wait": _wait,
-    "list_jobs": _list_jobs,
-    "stats": _stats,
-}
+    return outcome

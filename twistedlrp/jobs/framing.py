@@ -15,6 +15,7 @@ from __future__ import annotations
 
 _CHUNK = 65_000  # wire.CHUNK
 _MAX_VALUE = 0xFFFF
+_MAX_KEY = 255
 
 
 def encode_box(box: dict[bytes, bytes]) -> bytes:
@@ -41,36 +42,96 @@ def get_big(box: dict[bytes, bytes], name: bytes) -> bytes:
     return b"".join(box[name + b".%d" % i] for i in range(int(box[name])))
 
 
-class BoxReader:
-    """Splits a byte stream into AMP boxes (dicts of bytes)."""
+class BoxTooLarge(ValueError):
+    """The box being read is over the limit it is read with (L{BoxReader.next_box})."""
 
-    def __init__(self):
+
+class BoxReader:
+    """
+    Splits a byte stream into AMP boxes (dicts of bytes), one at a time
+    when it must keep a limit (the job service's listeners, before AMP
+    sees a box).
+
+    @ivar box: the box being read (what is complete of it).
+    @ivar size: the bytes of it read so far.
+    @ivar consumed: the bytes of the stream read into boxes so far.
+    """
+
+    def __init__(self, box_type=dict):
         self._buffer = bytearray()
-        self._box: dict[bytes, bytes] = {}
+        self._offset = 0
+        self._skip = 0  # bytes of a dropped value still to come
+        self._box_type = box_type
+        self.box = box_type()
+        self.size = 0
+        self.consumed = 0
+
+    @property
+    def buffered(self) -> int:
+        """@return: the bytes received and not read into a box yet."""
+        return len(self._buffer) - self._offset
 
     def feed(self, data: bytes) -> list[dict[bytes, bytes]]:
-        buffer = self._buffer
-        buffer += data
+        """@return: the boxes C{data} completes."""
+        self.add(data)
         boxes = []
-        offset = 0
-        while True:
-            if len(buffer) - offset < 2:
-                break
-            key_length = int.from_bytes(buffer[offset : offset + 2], "big")
-            if key_length == 0:
-                boxes.append(self._box)
-                self._box = {}
-                offset += 2
-                continue
-            value_at = offset + 2 + key_length
-            if len(buffer) < value_at + 2:
-                break
-            value_length = int.from_bytes(buffer[value_at : value_at + 2], "big")
-            end = value_at + 2 + value_length
-            if len(buffer) < end:
-                break
-            key = bytes(buffer[offset + 2 : value_at])
-            self._box[key] = bytes(buffer[value_at + 2 : end])
-            offset = end
-        del buffer[:offset]
+        while (box := self.next_box()) is not None:
+            boxes.append(box)
         return boxes
+
+    def add(self, data: bytes) -> None:
+        """Take C{data} (read it with L{next_box})."""
+        if self._skip:
+            dropped = min(self._skip, len(data))
+            self._skip -= dropped
+            data = data[dropped:]
+        if self._offset:
+            del self._buffer[: self._offset]
+            self._offset = 0
+        self._buffer += data
+
+    def next_box(self, limit: int | None = None, keep: bool = True):
+        """
+        @param limit: the most bytes the box may take.
+        @param keep: C{False}: drop its keys and values as they arrive
+            (the rest of a refused box), keeping at most one key in memory.
+        @return: the next complete box, or C{None} when it is not complete yet.
+        @raise BoxTooLarge: the box (what was read of it and what waits) is
+            over C{limit}; L{box} holds what was read of it.
+        @raise ValueError: a key is longer than AMP allows (255 bytes).
+        """
+        buffer, offset, size = self._buffer, self._offset, len(self._buffer)
+        try:
+            while not self._skip and size - offset >= 2:
+                key_length = int.from_bytes(buffer[offset : offset + 2], "big")
+                if key_length == 0:
+                    offset += 2
+                    self.consumed += 2
+                    box, self.box, self.size = self.box, self._box_type(), 0
+                    return box
+                if key_length > _MAX_KEY:
+                    raise ValueError(f"an AMP key of {key_length} bytes (at most {_MAX_KEY})")
+                value_at = offset + 2 + key_length
+                if size < value_at + 2:
+                    break
+                end = value_at + 2 + int.from_bytes(buffer[value_at : value_at + 2], "big")
+                if limit is not None and self.size + end - offset > limit:
+                    raise BoxTooLarge(self.size + end - offset)
+                if size < end:
+                    if keep:
+                        break
+                    # Dropped as it arrives.
+                    self._skip = end - size
+                    end = size
+                elif keep:
+                    self.box[bytes(buffer[offset + 2 : value_at])] = bytes(
+                        buffer[value_at + 2 : end]
+                    )
+                self.size += end - offset
+                self.consumed += end - offset
+                offset = end
+            if limit is not None and self.size + size - offset > limit:
+                raise BoxTooLarge(self.size + size - offset)
+            return None
+        finally:
+            self._offset = offset

@@ -15,11 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionAborted
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.jobs.errors import JobError
 from twistedlrp.services import StartupFailed
 
 # What a client may send before its login succeeds, in bytes, over all its
@@ -76,82 +78,28 @@ def describe_peer(address) -> str:
 
 
 @dataclass
-class _Refusals:
-    """The warnings of one kind of refusal (see L{RefusalLog})."""
+class _Burst:
+    """One key's lines in an interval (see L{_Throttle})."""
 
     logged_at: float
     left_out: int = 0
-    format: str = ""
-    kwargs: dict | None = None
+    last: tuple = ()  # what the last line left out would have said
     summary: object = None  # the IDelayedCall that logs the count of those left out
 
 
-class RefusalLog:
+class _Throttle:
     """
-    Warnings about refused clients, at most one of each kind every
-    C{interval} seconds: a flood of refusals makes one line, and one more at
-    the end of the interval that counts those left out (and shows the last).
-    """
-
-    def __init__(self, clock, log: Logger, interval: float = REFUSAL_LOG_INTERVAL):
-        self.clock = clock
-        self.log = log
-        self.interval = interval
-        self._kinds: dict[str, _Refusals] = {}
-
-    def warn(self, kind: str, format: str, **kwargs) -> None:
-        """Log C{format} with C{kwargs} at WARNING, unless a refusal of C{kind} was just logged."""
-        now = self.clock.seconds()
-        state = self._kinds.get(kind)
-        if state is None or (now - state.logged_at >= self.interval and not state.left_out):
-            self.log.warn(format, **kwargs)
-            self._kinds[kind] = _Refusals(now)
-            return
-        state.left_out += 1
-        state.format, state.kwargs = format, kwargs
-        if state.summary is None:
-            delay = max(state.logged_at + self.interval - now, 0)
-            state.summary = self.clock.callLater(delay, self._summary, state)
-
-    def _summary(self, state: _Refusals) -> None:
-        self.log.warn(
-            state.format + " ({refusals_left_out} more like this in the last "
-            "{refusal_interval:g} s, not logged one by one; this is the last)",
-            refusals_left_out=state.left_out,
-            refusal_interval=self.interval,
-            **state.kwargs,
-        )
-        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
-
-
-@dataclass
-class _Failures:
-    """The tracebacks of one cause (see L{FailureLog})."""
-
-    logged_at: float
-    left_out: int = 0
-    last: str = ""
-    summary: object = None  # the IDelayedCall that logs the count of those left out
-
-
-class FailureLog:
-    """
-    Tracebacks of the job service's internal errors (an operation failed
-    in a way it does not expect, answered as "internal error"), at most
-    one per cause every C{interval} seconds, so that a client that finds
-    one cannot fill the log: the first is logged whole (CRITICAL, with its
-    traceback); the others of the same cause in the interval are counted,
-    and one line at its end says how many there were, with the last one's
-    message. A cause is the operation, the exception's type and the line
-    that raised it.
+    At most one line per key every C{interval} seconds, so that a flood
+    makes one line, and one more at the end of the interval that counts
+    those left out (and shows the last).
 
     @param clock: the reactor (the global one by default, looked up when needed).
     """
 
-    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
+    def __init__(self, clock=None, interval: float = REFUSAL_LOG_INTERVAL):
         self._clock = clock
         self.interval = interval
-        self._causes: dict[tuple, _Failures] = {}
+        self._keys: dict = {}
 
     @property
     def clock(self):
@@ -161,25 +109,74 @@ class FailureLog:
             self._clock = reactor
         return self._clock
 
+    def _left_out(self, key, last: tuple, summarize) -> bool:
+        """
+        @return: whether this line of C{key} is left out (counted, with
+            C{last}; C{summarize(burst)} logs the count at the interval's end).
+        """
+        now = self.clock.seconds()
+        state = self._keys.get(key)
+        if state is None or (now - state.logged_at >= self.interval and not state.left_out):
+            self._keys[key] = _Burst(now)
+            return False
+        state.left_out += 1
+        state.last = last
+        if state.summary is None:
+            delay = max(state.logged_at + self.interval - now, 0)
+            state.summary = self.clock.callLater(delay, self._summarize, state, summarize)
+        return True
+
+    def _summarize(self, state: _Burst, summarize) -> None:
+        summarize(state)
+        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+
+
+class RefusalLog(_Throttle):
+    """Warnings about refused clients, at most one of each kind every C{interval} seconds."""
+
+    def __init__(self, clock, log: Logger, interval: float = REFUSAL_LOG_INTERVAL):
+        super().__init__(clock, interval)
+        self.log = log
+
+    def warn(self, kind: str, format: str, **kwargs) -> None:
+        """Log C{format} with C{kwargs} at WARNING, unless a refusal of C{kind} was just logged."""
+        if not self._left_out(kind, (format, kwargs), self._summary):
+            self.log.warn(format, **kwargs)
+
+    def _summary(self, state: _Burst) -> None:
+        format, kwargs = state.last
+        self.log.warn(
+            format + " ({refusals_left_out} more like this in the last "
+            "{refusal_interval:g} s, not logged one by one; this is the last)",
+            refusals_left_out=state.left_out,
+            refusal_interval=self.interval,
+            **kwargs,
+        )
+
+
+class FailureLog(_Throttle):
+    """
+    Tracebacks of the job service's internal errors (an operation failed
+    in a way it does not expect, answered as "internal error"), at most
+    one per cause every C{interval} seconds, so that a client that finds
+    one cannot fill the log: the first is logged whole (CRITICAL, with its
+    traceback); one line at the interval's end counts the others, with the
+    last one's message. A cause is the operation, the exception's type and
+    the line that raised it.
+    """
+
+    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
+        super().__init__(clock, interval)
+
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
         place = _raised_at(failure)
-        cause = (log.namespace, op, failure.type, place)
-        now = self.clock.seconds()
-        state = self._causes.get(cause)
-        if state is None or (now - state.logged_at >= self.interval and not state.left_out):
+        last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
+        if not self._left_out((log.namespace, op, failure.type, place), last, self._summary):
             log.failure(format, failure, op=op, **kwargs)
-            self._causes[cause] = _Failures(now)
-            return
-        state.left_out += 1
-        state.last = failure.getErrorMessage()[:500]
-        if state.summary is None:
-            delay = max(state.logged_at + self.interval - now, 0)
-            state.summary = self.clock.callLater(
-                delay, self._summary, log, format, op, kwargs, failure.type, place, state
-            )
 
-    def _summary(self, log, format, op, kwargs, error_type, place, state: _Failures) -> None:
+    def _summary(self, state: _Burst) -> None:
+        log, format, op, kwargs, error_type, place, message = state.last
         log.critical(
             format + " ({failures_left_out} more times, of the same cause ({error_type} at "
             "{error_place}), in the last {failure_interval:g} s; their tracebacks are not "
@@ -189,10 +186,9 @@ class FailureLog:
             error_type=getattr(error_type, "__qualname__", error_type),
             error_place=place,
             failure_interval=self.interval,
-            last_error=state.last,
+            last_error=message,
             **kwargs,
         )
-        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
 
 
 def _raised_at(failure: Failure) -> str:
@@ -206,6 +202,23 @@ def _raised_at(failure: Failure) -> str:
 
 #: The job service's one L{FailureLog} (its front ends and its local client share it).
 internal_errors = FailureLog()
+
+
+def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
+    """
+    @return: a Deferred of C{fn(*args)}, the service's operation C{op}: its
+        L{JobError}s pass; anything else is logged (at most one traceback
+        per cause and interval) and becomes a L{JobError} saying it was
+        internal (a front end would otherwise send a traceback or close).
+    """
+
+    def translate(failure):
+        if failure.check(JobError):
+            return failure
+        internal_errors.failure(log, failure, what + " operation {op} failed", op=op)
+        raise JobError(f"internal error in the job service: {failure.getErrorMessage()[:500]}")
+
+    return defer.maybeDeferred(fn, *args).addErrback(translate)
 
 
 class Gate:

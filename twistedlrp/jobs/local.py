@@ -1,21 +1,18 @@
 """
 The job client of views that run in the process hosting the job service
 (L{LocalClient}): the service's methods are called in the reactor, with no
-AMP and no socket; answers are copied as the wire would copy them, and an
-unexpected error becomes a L{JobError}, as the AMP front end makes it.
+AMP and no socket; an unexpected error becomes a L{JobError}, as the AMP
+front end makes it.
 """
 
 from __future__ import annotations
 
-import json
-
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from twistedlrp.jobs import limits
-from twistedlrp.jobs.client import COMMANDS, no_answer
-from twistedlrp.jobs.errors import JobError, JobServiceUnavailable
+from twistedlrp.jobs import limits, wire
+from twistedlrp.jobs.client import no_answer, unreachable
+from twistedlrp.jobs.errors import JobServiceUnavailable
 
 log = Logger()
 
@@ -25,10 +22,9 @@ class LocalClient:
     The job service of this very process, called directly: a view's call
     runs the service's method in the reactor (through
     L{twistedlrp.threads.call_in_reactor}, as every call does) without AMP,
-    a socket or a second reactor turn. Answers and errors are those of
-    L{JobClient.request}; the answer is a copy (as if it had crossed the
-    wire), and the service's unexpected errors become a L{JobError}, as the
-    AMP front end makes them.
+    a socket, a second encoding or a second reactor turn. Answers and errors
+    are those of L{JobClient.request}; the service builds each answer for
+    its caller, so nothing is copied.
 
     @param service: the L{twistedlrp.jobs.service.JobService}.
     @param description: the endpoint named in messages.
@@ -62,41 +58,12 @@ class LocalClient:
                 await listening
             except defer.TimeoutError:
                 raise JobServiceUnavailable(
-                    f"the job service at {self.endpoint} could not be reached within "
-                    f"{limit:g} s (it is starting)"
+                    unreachable(self.endpoint, f" within {limit:g} s (it is starting)")
                 ) from None
-        _, _, arguments = COMMANDS[op](kw)
-        method, args = _LOCAL[op](arguments)
-        d = defer.maybeDeferred(getattr(self.service, method), *args)
+        operation = wire.OPERATIONS[op]
+        d = limits.guarded(log, op, operation.call, self.service, operation.arguments(kw))
         d.addTimeout(limit, self.reactor)
         try:
-            answer = await d
+            return await d
         except defer.TimeoutError:
             raise no_answer(self.endpoint, op, limit, kw.get("id")) from None
-        except JobError:
-            raise
-        except Exception as e:
-            limits.internal_errors.failure(
-                log, Failure(), "Job service operation {op} failed", op=method
-            )
-            raise JobError(f"internal error in the job service: {str(e)[:500]}") from None
-        # A copy, as the wire gives each caller its own.
-        return json.loads(json.dumps(answer))
-
-
-# The service's method for each operation, and its arguments in order.
-_LOCAL = {
-    "submit": lambda a: (
-        "submit",
-        (a["name"], a["payload"], a["priority"], a["run_after"], a["key"], a["timeout"], a["id"]),
-    ),
-    "announce": lambda a: ("announce", (a["job_ids"],)),
-    "status": lambda a: ("status", (a["job_id"],)),
-    "cancel": lambda a: ("cancel", (a["job_id"],)),
-    "wait": lambda a: ("wait", (a["job_id"], a["timeout"], a["seen"])),
-    "list_jobs": lambda a: ("list_jobs", (a["state"], a["name"], a["limit"])),
-    "stats": lambda a: ("stats", ()),
-}
-
-
-# What a caller must know when an answer is lost: the request may have taken effect.

@@ -8,17 +8,18 @@ lines.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from twisted.logger import Logger, LogLevel
 
 from twistedlrp import logs
-from twistedlrp.jobs import metrics as job_metrics
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import check_priority, check_seconds
 from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
 from twistedlrp.jobs.queue import JobRecord
-from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED
+from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 
@@ -27,11 +28,49 @@ log = Logger()
 _job_log = Logger(namespace="twistedlrp.jobs")
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """
+    How one attempt of a job ended, as its worker (or the eager mode) says:
+    it returned C{result}, or it failed with C{error}, C{cancelled} when it
+    stopped because its cancellation was asked. A worker sends it as the
+    JSON object of L{twistedlrp.jobs.wire.RunJob}'s answer (L{read}).
+    """
+
+    ok: bool
+    result: Any = None
+    error: str = ""
+    cancelled: bool = False
+
+    @classmethod
+    def read(cls, data: dict) -> Outcome:
+        """@return: the outcome a worker sent as C{{"ok", "result", "error", "cancelled"}}."""
+        return cls(
+            bool(data.get("ok")),
+            data.get("result"),
+            data.get("error") or "",
+            bool(data.get("cancelled")),
+        )
+
+    def final_state(self, cancel_requested: bool = False) -> tuple[str | None, str]:
+        """
+        @return: the job's final state and error after this attempt:
+            C{SUCCEEDED}, C{CANCELLED}, or C{None} when it failed (retried
+            or failed by the job's policy).
+        """
+        if self.ok and not cancel_requested:
+            return SUCCEEDED, ""
+        if cancel_requested or self.cancelled:
+            detail = "" if self.ok or self.error == "cancelled" else f": {self.error}"
+            return CANCELLED, "cancelled while running" + detail
+        return None, self.error or "failed"
+
+
 class Outcomes:
     """
     The dispatcher's recording of outcomes, and what a worker's death
     means for its job (L{_worker_died}). It uses the dispatcher's
-    C{reactor}, C{store}, C{counters}, C{accepting}, C{node}, C{running},
+    C{reactor}, C{store}, C{count}, C{accepting}, C{node}, C{running},
     C{cancel_grace}, C{enqueue}, C{_forget}, C{_waiting} and C{_notify}.
     """
 
@@ -65,7 +104,6 @@ class Outcomes:
             )
             self._retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
-            self.counters["cancelled"] += 1
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
             if reason == "cancel":
                 log.warn(
@@ -92,15 +130,13 @@ class Outcomes:
 
     def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
         if record.attempts >= record.max_attempts or self.store.closed:
-            self.counters["failed"] += 1
             log_failed(record, error, self.reactor.seconds())
             self._finish(record, FAILED, error=error, **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
         # The reactor's clock is Unix time, as run_after is.
         run_after = self.reactor.seconds() + delay
-        self.counters["retried"] += 1
-        job_metrics.count("retried", record.name)
+        self.count("retried", record.name)
         job_lines.failed(record, error, self.reactor.seconds(), retry_in=delay)
         d = self.store.run(
             ops.finish,
@@ -121,7 +157,7 @@ class Outcomes:
         d.addErrback(self._unrecorded, record)
 
     def _finish(self, record: JobRecord, state: str, **fields) -> None:
-        job_metrics.count(state, record.name)
+        self.count(state, record.name)
         # Read the job back only when someone waits for it; a waiter that
         # comes after the commit reads it finished.
         d = self.store.run(

@@ -22,7 +22,7 @@ Login is PB's own challenge-response (see L{SecretChecker}): the secret
 never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
-What a client may send is bounded as it arrives (L{GuardedBroker}): a few
+What a client may send is bounded as it arrives (L{twistedlrp.jobs.pb_guard}): a few
 KiB before its login succeeds, within a deadline, with bounds on the
 connections waiting to log in at once, in all and per address (as on the
 AMP listeners, see L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
@@ -43,6 +43,7 @@ from zope.interface import implementer
 from twistedlrp.jobs import errors, limits, wire
 from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, shown
 from twistedlrp.jobs.client import encode_payload
+from twistedlrp.jobs.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
 from twistedlrp.services import StartupFailed
 
 log = Logger()
@@ -170,8 +171,11 @@ class JobsRealm:
 
 class JobsAvatar(pb.Avatar):
     """
-    What a logged-in PB client may call. Each method returns (a Deferred
-    of) a job description dict, or fails with a L{JobServiceError}.
+    What a logged-in PB client may call: the public operations of
+    L{wire.OPERATIONS}, with their arguments (C{submit} takes C{args} and
+    C{kwargs} instead of their JSON); each returns (a Deferred of) what the
+    AMP front end answers (C{list_jobs}: the list of jobs), or fails with a
+    L{JobServiceError}.
     """
 
     def __init__(self, service, name: str = "lrp"):
@@ -180,7 +184,7 @@ class JobsAvatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         """
-        As C{pb.Avatar}'s, except that a call that cannot be made (arguments
+        Run the operation C{message}; a call that cannot be made (arguments
         PB cannot read, an operation that does not exist, arguments that do
         not fit it) is refused with L{InvalidArgumentsError} saying why,
         without a traceback in the log (PB would log one each time).
@@ -190,112 +194,78 @@ class JobsAvatar(pb.Avatar):
             kw = broker.unserialize(kw, self)
         except Exception as e:
             raise InvalidArgumentsError(
-                f"{shown(message)}: the arguments cannot be read ({_reason(e)})"
+                f"{shown(message)}: the arguments cannot be read ({shown_error(e)})"
             ) from None
-        method = getattr(self, f"perspective_{message}", None) if isinstance(message, str) else None
-        if method is None:
+        signature = _SIGNATURES.get(message) if isinstance(message, str) else None
+        if signature is None:
             raise InvalidArgumentsError(
                 f"the job service has no operation {shown(message)}; it has {', '.join(OPERATIONS)}"
             )
         try:
-            inspect.signature(method).bind(*args, **kw)
+            bound = signature.bind(*args, **kw)
         except TypeError as e:
-            raise InvalidArgumentsError(f"{message}: {_reason(e)}") from None
-        return broker.serialize(method(*args, **kw), self, method, args, kw)
+            raise InvalidArgumentsError(f"{message}: {shown_error(e)}") from None
+        bound.apply_defaults()
+        return broker.serialize(self._call(message, bound.arguments), self, None, args, kw)
 
-    def perspective_submit(
-        self,
-        name,
-        args=(),
-        kwargs=None,
-        priority=None,
-        run_after=None,
-        key=None,
-        timeout=None,
-        id=None,
-    ):
-        """
-        Store and queue a job; answered after the commit.
+    def _call(self, name: str, arguments: dict) -> defer.Deferred:
+        if name == "submit":
+            return _call(_submit, self.service, arguments)
+        d = _call(wire.OPERATIONS[name].call, self.service, arguments, name=name)
+        return d.addCallback(lambda answer: answer["jobs"]) if name == "list_jobs" else d
 
-        @param run_after: a Unix time before which it does not start.
-        @param id: a UUID the client chose; submitting again with it returns the same job.
-        @return: the job's description (an existing one's when C{id} names
-            one, or an unfinished one's when C{key} matches).
-        @raise NotRegisteredError: no job is registered under C{name}.
-        @raise InvalidArgumentsError: C{args} or C{kwargs} are not JSON, or
-            another value is of the wrong type or out of range.
-        @raise PayloadTooLargeError: they exceed C{--max-job-payload}.
-        """
-        return _call(
-            _submit, self.service, name, args, kwargs or {}, priority, run_after, key, timeout, id
+
+def _signature(operation: wire.Operation) -> inspect.Signature:
+    """@return: the PB signature of C{operation}: its arguments, with their defaults."""
+    parameters = []
+    for name, argument in operation.command.arguments:
+        name = name.decode()
+        if name in operation.hidden:
+            continue
+        if name == "payload":
+            # PB carries the arguments themselves: the service gets their JSON.
+            parameters += [
+                inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=()),
+                inspect.Parameter("kwargs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            ]
+            continue
+        if name in operation.defaults or argument.optional:
+            default = operation.defaults.get(name)
+        else:
+            default = inspect.Parameter.empty
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
         )
-
-    def perspective_status(self, job_id):
-        """@return: the job's description, with live progress while it runs."""
-        return _call(self.service.status, job_id)
-
-    def perspective_cancel(self, job_id):
-        """@return: the job's description after the cancellation request."""
-        return _call(self.service.cancel, job_id)
-
-    def perspective_wait(self, job_id, timeout=60.0):
-        """
-        @param timeout: seconds, from 0 to 3600
-            (L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT}).
-        @return: the job's description once finished, or after C{timeout} seconds.
-        """
-        return _call(self.service.wait, job_id, timeout)
-
-    def perspective_list_jobs(self, state=None, name=None, limit=100):
-        """
-        @param limit: from 0 to 1000 (L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}).
-        @return: the newest jobs' descriptions (without results), newest first.
-        """
-        d = _call(self.service.list_jobs, state, name, limit)
-        return d.addCallback(lambda answer: answer["jobs"])
-
-    def perspective_stats(self):
-        """@return: the service's counters, queue, workers and store figures."""
-        return _call(self.service.stats)
+    return inspect.Signature(parameters)
 
 
-OPERATIONS = ("submit", "status", "cancel", "wait", "list_jobs", "stats")
+_SIGNATURES = {op.name: _signature(op) for op in wire.OPERATIONS.values() if op.public}
+OPERATIONS = tuple(_SIGNATURES)
 
 
-def _reason(error: Exception) -> str:
-    """@return: what C{error} says, cut to a sensible length."""
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _submit(service, name, args, kwargs, priority, run_after, key, timeout, job_id):
+def _submit(service, arguments: dict):
+    args, kwargs = arguments["args"], arguments["kwargs"] or {}
     if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
         raise errors.InvalidArguments("args must be a list and kwargs a dict")
     payload = encode_payload(args, kwargs)
     # The service checks every other value (and says which one is wrong).
-    return service.submit(name, payload, priority, run_after, key, timeout, job_id)
+    return wire.OPERATIONS["submit"].call(service, dict(arguments, payload=payload))
 
 
-def _call(fn, *args) -> defer.Deferred:
+def _call(fn, *args, name: str = "submit") -> defer.Deferred:
     """
-    Run a service operation for a PB client: its own errors become
-    L{JobServiceError}s with the same message, anything else is logged (at
-    most one traceback per cause and interval, L{limits.FailureLog}) and
-    reported as an internal error (PB would otherwise send a traceback).
+    Run a service operation for a PB client (L{limits.guarded}): its errors
+    become L{JobServiceError}s with the same message.
     """
 
     def translate(failure):
         for ours, theirs in _ERRORS:
             if failure.check(ours):
                 raise theirs(failure.getErrorMessage())
-        limits.internal_errors.failure(
-            log, failure, "PB job service operation {op} failed", op=fn.__name__
-        )
-        raise JobServiceError(
-            f"internal error in the job service: {failure.getErrorMessage()[:500]}"
-        )
+        return failure
 
-    return defer.maybeDeferred(fn, *args).addCallbacks(_fits_banana, translate)
+    d = limits.guarded(log, name, fn, *args, what="PB job service")
+    return d.addCallbacks(_fits_banana, translate)
 
 
 def _fits_banana(answer):
@@ -319,180 +289,6 @@ def _fits_banana(answer):
         elif isinstance(value, list | tuple):
             stack.extend(value)
     return answer
-
-
-# -- the connections' limits ------------------------------------------------
-
-
-class GuardedBroker(pb.Broker):
-    """
-    A PB server connection that bounds what the client sends, counted as it
-    arrives (before Banana buffers or decodes it): before its login
-    succeeds, C{gate.limits.pre_login_bytes} in all, within
-    C{gate.limits.login_timeout} seconds; after it, C{max_message} bytes
-    in one message (top-level Banana expression). Beyond, the connection
-    is closed (PB has no error answer for a message it has not decoded).
-    """
-
-    def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
-        super().__init__(isClient=False, **kwargs)
-        self.gate = gate
-        self.max_message = max_message
-        self.authenticated = False
-        self._received = 0  # before login: all bytes so far; after: those of this message
-        self._expression_ended = False
-        self._refused = False
-        self._peer = "?"
-
-    def connectionMade(self):
-        peer = self.transport.getPeer()
-        self._peer = limits.describe_peer(peer)
-        self.gate.enter(self, peer, self._login_expired)
-        super().connectionMade()
-
-    def evicted(self) -> None:
-        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
-        self._refused = True
-
-    def connectionLost(self, reason):
-        self.gate.leave(self)
-        super().connectionLost(reason)
-
-    def logged_in(self) -> None:
-        """The client's login succeeded (L{SecretChecker} says so)."""
-        if not self.authenticated:
-            self.authenticated = True
-            self._received = 0
-            self.gate.leave(self)
-
-    def dataReceived(self, chunk):
-        if self._refused:
-            return
-        self._received += len(chunk)
-        if not self.authenticated and self._received > self.gate.limits.pre_login_bytes:
-            self.warn(
-                "pre-login-size",
-                "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=self.gate.limits.pre_login_bytes,
-            )
-            return self._close()
-        if self.authenticated and self._received > self.max_message:
-            self.warn(
-                "message-size",
-                "PB job client {peer} sent a message of more than {limit} bytes (twice "
-                "--max-job-payload plus framing): disconnected",
-                limit=self.max_message,
-            )
-            return self._close()
-        self._expression_ended = False
-        try:
-            super().dataReceived(chunk)
-        except Exception as e:
-            # What Banana or PB cannot read (PB would log a traceback each time).
-            self.warn(
-                "unreadable",
-                "PB job client {peer} sent what Perspective Broker cannot read ({error}): "
-                "disconnected",
-                error=_reason(e),
-            )
-            return self._close()
-        if self._expression_ended and self.authenticated:
-            # A message ended in this chunk: what follows it (in the
-            # chunk) is the start of the next one.
-            self._received = len(chunk) if self.listStack else len(self.buffer)
-
-    def expressionReceived(self, sexp):
-        self._expression_ended = True
-        return super().expressionReceived(sexp)
-
-    def _recvMessage(self, findObjMethod, requestID, objectID, message, *rest):
-        # Each call goes through a _Refusing (see there).
-        def find(objectID):
-            target = findObjMethod(objectID)
-            return None if target is None else _Refusing(target)
-
-        return super()._recvMessage(find, requestID, objectID, message, *rest)
-
-    def _close(self) -> None:
-        self._refused = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def _login_expired(self) -> None:
-        if self.authenticated or self._refused:
-            return
-        self.warn(
-            "login-timeout",
-            "PB job client {peer} did not log in within {timeout:g} s: disconnected",
-            timeout=self.gate.limits.login_timeout,
-        )
-        self._close()
-
-    def warn(self, kind: str, format: str, **kwargs) -> None:
-        """A rate-limited warning (per listener and kind) about this client."""
-        self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
-
-
-class _Refusing:
-    """
-    An object a PB client calls (the login's objects before its login, the
-    avatar after), whose calls that fail before they start (arguments PB
-    cannot read, a call that does not fit) are refused with
-    L{InvalidArgumentsError} and a rate-limited warning, where PB would log
-    a traceback each time.
-    """
-
-    def __init__(self, target):
-        self.target = target
-
-    def remoteMessageReceived(self, broker, message, args, kw):
-        try:
-            return self.target.remoteMessageReceived(broker, message, args, kw)
-        except pb.Error:
-            raise
-        except pb.NoSuchMethod:
-            # Before login: only the login's methods are there.
-            broker.warn(
-                "before-login",
-                "PB job client {peer} called {message} before logging in: refused",
-                message=shown(message),
-            )
-            raise JobServiceError(
-                f"{shown(message)}: no such method before login (the job service's operations "
-                f"are its avatar's, which a login gives)"
-            ) from None
-        except Exception as e:
-            broker.warn(
-                "unreadable-call",
-                "PB job client {peer} made a call that cannot be made ({message}: {error}): "
-                "refused",
-                message=shown(message),
-                error=_reason(e),
-            )
-            raise InvalidArgumentsError(
-                f"{shown(message)}: the call cannot be made ({_reason(e)})"
-            ) from None
-
-
-class GuardedPBServerFactory(pb.PBServerFactory):
-    """
-    A C{PBServerFactory} of L{GuardedBroker}s; each connection waits its
-    turn to log in at the gate (a new one may close the one that has
-    waited longest, see L{limits.Gate}).
-    """
-
-    noisy = False
-
-    def __init__(self, root, gate: limits.Gate, max_message: int):
-        super().__init__(root)
-        self.gate = gate
-        self.max_message = max_message
-
-    def buildProtocol(self, addr):
-        proto = GuardedBroker(self.gate, self.max_message, security=self.security)
-        proto.factory = self
-        proto.setNameForLocal("root", self.root.rootObject(proto))
-        return proto
 
 
 def listen_pb(

@@ -121,6 +121,14 @@ class JobQueue:
         """@return: the queued record of C{job_id}, now out of the queue, or C{None}."""
         return self._records.pop(job_id, None)
 
+    def release_all(self) -> None:
+        """Make every delayed job ready now (the eager mode does not wait)."""
+        while self._delayed:
+            heapq.heappush(self._ready, heapq.heappop(self._delayed)[1])
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def pause(self) -> None:
         """Stop the timer: delayed jobs stay where they are (the service is stopping)."""
         self._paused = True

@@ -17,6 +17,7 @@ is refused at submission.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,6 +81,19 @@ def require(name: str) -> JobDefinition:
             f"or in settings.LRP_JOB_MODULES)"
         )
     return definition
+
+
+def find(name: str) -> JobDefinition:
+    """
+    L{require}, after importing the site's job modules if C{name} is not
+    registered yet (a process that has not: a script, a shell, a test).
+
+    @raise NotRegistered: it is not registered there either.
+    """
+    if name not in _registry:
+        with contextlib.suppress(Exception):
+            discover()
+    return require(name)
 
 
 def import_registered(module: str) -> str:

@@ -2,12 +2,10 @@
 The job service: a Twisted service holding the store, the queue, the
 workers and the front ends that clients reach it through.
 
-The operations clients use (L{JobService.submit}, C{status}, C{cancel},
-C{wait}, C{list_jobs}, C{stats}) are plain methods returning Deferreds of
-JSON-ready dicts; the AMP front end (L{twistedlrp.jobs.amp}) and the
-Perspective Broker one (L{twistedlrp.jobs.pb}) call the same methods. Every
-state change goes through the store thread and is acknowledged only after
-its commit. Which job runs where is L{twistedlrp.jobs.dispatch}'s business.
+The operations of L{twistedlrp.jobs.wire.OPERATIONS} are its methods of
+the same names (L{twistedlrp.jobs.api}), returning Deferreds of JSON-ready
+dicts; every change is acknowledged only after its commit. Which job runs
+where is L{twistedlrp.jobs.dispatch}'s business.
 
 Job nodes: each service is a node, named in the node table, with a
 heartbeat (L{twistedlrp.jobs.lease.NodeLease}). On SQLite it is the only
@@ -19,8 +17,8 @@ and polls slowly (L{POLL_INTERVAL}) for anything missed; the other nodes
 retry or fail the running jobs of a node whose lease expired.
 
 Start (see docs/design.md): open the store, enter the node, recover what
-this node left when it died, listen, then start the workers (so that they know the address a job
-submitting a job must use). Stop: no new work, running jobs get until
+this node left when it died, listen, then start the workers (they are told
+the address a job submitting a job must use). Stop: no new work, running jobs get until
 shortly before the graceful deadline, then are stopped and put back in the
 queue; the store thread ends once every change is committed.
 """
@@ -37,16 +35,13 @@ from twistedlrp.jobs import eager, registry, transactions
 from twistedlrp.jobs.api import JobOperations
 from twistedlrp.jobs.client import STORE_WAIT_SHARE
 from twistedlrp.jobs.dispatch import Dispatcher
-from twistedlrp.jobs.errors import (
-    JobServiceUnavailable,
-)
+from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
 from twistedlrp.jobs.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, StoreUnavailable, recovery, session_limit
-from twistedlrp.jobs.store import operations as ops
+from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
 from twistedlrp.jobs.watchdog import Watchdog
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.services import StartupFailed, Waiters, within
@@ -59,7 +54,7 @@ DEFAULT_CANCEL_GRACE = 5.0
 WORKER_GRACE = 5.0
 # Seconds without a heartbeat after which the other nodes take a job node for
 # dead. A node renews it every 2 s and, when it cannot, stops its running jobs
-# 3 s before it expires (fencing, see watchdog.py): so a cut of the network or
+# 3 s before it expires (fencing, see lease.py): so a cut of the network or
 # of the database shorter than about 24 s stops nothing and runs nothing twice,
 # and the jobs of a node that died wait 30 to 32 s before another retries them.
 DEFAULT_NODE_LEASE = 30.0
@@ -340,7 +335,7 @@ class JobService(JobOperations, service.Service):
             if waiting and self.dispatcher.accepting:
                 return self.take_announced()
 
-        d = self.store.run_alone(ops.announced).addCallback(look)
+        d = self.store.run_alone(announcements.announced).addCallback(look)
         # The store's own trouble is the watchdog's to report; try again next time.
         return d.addErrback(lambda _: None)
 

@@ -27,7 +27,6 @@ transaction does: for a job that must run even if the request fails.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 
@@ -35,10 +34,11 @@ from twistedlrp.jobs import registry
 from twistedlrp.jobs.arguments import (
     DEFAULT_MAX_PAYLOAD,
     canonical_job_id,
+    check_payload,
     check_submission,
     submission_fields,
 )
-from twistedlrp.jobs.errors import JobError, PayloadTooLarge
+from twistedlrp.jobs.errors import JobError
 
 # Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
 log = logging.getLogger(__name__)
@@ -121,9 +121,8 @@ def submit(kw: dict) -> dict:
 
     from twistedlrp.jobs.store import operations as ops
 
-    definition, checked = _checked(kw)
-    data = json.loads(kw["payload"])
-    fields = submission_fields(definition, data["args"], data["kwargs"], checked)
+    definition, checked, args, kwargs = _checked(kw)
+    fields = submission_fields(definition, args, kwargs, checked)
     postgres = connection.vendor == "postgresql"
     for attempt in (1, 2):
         try:
@@ -173,12 +172,13 @@ def cancel(kw: dict) -> dict:
     return info
 
 
-def _checked(kw: dict) -> tuple[registry.JobDefinition, dict]:
+def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
     """
     Check a submission in the submitting process (the job service does not
     see it first).
 
-    @return: the job's definition and what L{check_submission} returned.
+    @return: the job's definition, what L{check_submission} returned, and
+        its C{args} and C{kwargs}.
     @raise JobError: L{NotRegistered}, L{InvalidArguments} or L{PayloadTooLarge}.
     """
     name = kw["name"]
@@ -190,23 +190,8 @@ def _checked(kw: dict) -> tuple[registry.JobDefinition, dict]:
         kw.get("timeout"),
         kw.get("id"),
     )
-    definition = _definition(name)
-    if len(kw["payload"]) > _max_payload:
-        raise PayloadTooLarge(
-            f"the arguments of {name} take {len(kw['payload'])} bytes of JSON, more than the "
-            f"limit of {_max_payload} bytes (--max-job-payload)"
-        )
-    return definition, checked
-
-
-def _definition(name: str) -> registry.JobDefinition:
-    definition = registry.lookup(name)
-    if definition is None:
-        # A process that has not imported the site's job modules yet (a
-        # script, a shell): they are what the job service imports too.
-        with contextlib.suppress(Exception):
-            registry.discover()
-    return registry.require(name)
+    definition = registry.find(name)
+    return (definition, checked, *check_payload(name, kw["payload"], _max_payload, "the limit"))
 
 
 def _pending() -> list[str]:
@@ -281,7 +266,7 @@ def detached(op: str, kw: dict) -> dict:
         kw = dict(kw, job_id=canonical_job_id(kw["job_id"]))
         answer = ops.get(kw["job_id"], full=False)
     else:
-        definition, checked = _checked(kw)
+        definition, checked, _, _ = _checked(kw)
         kw = dict(kw, id=checked["job_id"] or str(uuid.uuid4()))
         answer = {
             "id": kw["id"],

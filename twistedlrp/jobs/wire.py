@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import json
 import os
+from dataclasses import dataclass, field
 
 from twisted.protocols import amp
 
@@ -111,19 +112,20 @@ class BigJSON(BigBytes):
         return json.loads(data)
 
 
-class QuietAMP(amp.AMP):
+class QuietAMP(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
     """
-    AMP without its info line for every connection made and lost: worker
-    pipes and client connections come and go; the job service logs what matters.
+    AMP without its info line for every connection made and lost (worker
+    pipes and client connections come and go; the job service logs what
+    matters): C{amp.AMP} put together from its public parts, as AMP's own
+    docs show, without the C{makeConnection} and C{connectionLost} that log.
     """
 
-    def makeConnection(self, transport):
-        self._transportPeer = transport.getPeer()
-        self._transportHost = transport.getHost()
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
+    def __init__(self):
+        amp.BoxDispatcher.__init__(self, self)
+        amp.BinaryBoxProtocol.__init__(self, self)
 
     def connectionLost(self, reason):
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        super().connectionLost(reason)
         self.transport = None
 
 
@@ -274,6 +276,77 @@ class Stats(_Command):
     response = [(b"stats", BigJSON())]
 
 
+@dataclass(frozen=True)
+class Operation:
+    """
+    One operation of the job service, named once: the public API, the
+    clients of every transport (in-process, AMP, blocking, eager), the AMP
+    responders and the Perspective Broker avatar are all derived from it.
+    Its typed arguments are its AMP C{command}'s, in order; the service's
+    method of the same name takes them in that order and answers the
+    value of the command's only response key.
+
+    @ivar defaults: what the public API and PB take for an argument not given.
+    @ivar hidden: arguments that only twistedlrp's own clients send (not
+        offered through PB).
+    @ivar public: offered through PB (C{announce} is the site's
+        transactions' word to the service, L{twistedlrp.jobs.transactions}).
+    """
+
+    name: str
+    command: type[amp.Command]
+    defaults: dict = field(default_factory=dict)
+    hidden: tuple[str, ...] = ()
+    public: bool = True
+
+    @property
+    def parameters(self) -> list[str]:
+        return [_python_name(name) for name, _ in self.command.arguments]
+
+    @property
+    def answer(self) -> str:
+        return _python_name(self.command.response[0][0])
+
+    def arguments(self, kw: dict, encoded: bool = False) -> dict:
+        """
+        @param encoded: for AMP: a number it sends as a float is made one.
+        @return: the command's arguments taken from C{kw}: a missing one is
+            its default (or C{None}).
+        @raise KeyError: a required argument is missing and has no default.
+        """
+        values = {}
+        for key, argument in self.command.arguments:
+            name = _python_name(key)
+            if name in kw:
+                value = kw[name]
+            elif name in self.defaults or argument.optional:
+                value = self.defaults.get(name)
+            else:
+                raise KeyError(name)
+            if encoded and value is not None and isinstance(argument, amp.Float):
+                value = float(value)
+            values[name] = value
+        return values
+
+    def call(self, target, arguments: dict):
+        """@return: what C{target}'s method of this operation answers to C{arguments}."""
+        return getattr(target, self.name)(*(arguments.get(p) for p in self.parameters))
+
+
+OPERATIONS = {
+    op.name: op
+    for op in (
+        Operation("submit", Submit, hidden=("wait",)),
+        Operation("announce", Announce, public=False),
+        Operation("status", Status),
+        Operation("cancel", Cancel),
+        Operation("wait", Wait, defaults={"timeout": 60.0}, hidden=("seen",)),
+        Operation("list_jobs", ListJobs, defaults={"limit": 100}),
+        Operation("stats", Stats),
+    )
+}
+
+
 # -- parent ↔ worker child ----------------------------------------------------
 
 
@@ -346,7 +419,7 @@ def read_secret(path: str) -> bytes:
     return secret
 
 
-async def login(protocol: amp.AMP, secret: bytes) -> None:
+async def login(protocol: amp.BoxDispatcher, secret: bytes) -> None:
     """
     Authenticate C{protocol}'s connection.
 

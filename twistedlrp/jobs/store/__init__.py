@@ -20,8 +20,8 @@ from twisted.internet import defer
 
 from twistedlrp import compat
 from twistedlrp.jobs.store import operations
-from twistedlrp.jobs.store.availability import Availability
-from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
+from twistedlrp.jobs.store.availability import Availability, StoreUnavailable
+from twistedlrp.jobs.store.batch import GroupCommitThread
 
 __all__ = ["Store", "StoreUnavailable", "operations"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
 from twistedlrp.jobs.states import (
@@ -116,7 +117,7 @@ def create(
         notification, delivered with the commit (PostgreSQL, several nodes).
     @param announce: also record the job in the announcement table, for a
         job service that keeps its queue in memory and did not store the
-        job itself (SQLite; see L{take_announced}).
+        job itself (SQLite; see L{twistedlrp.jobs.store.announcements}).
     @param start: C{{"id", "worker", "node"}}: store the job already running
         its first attempt on that worker (one the dispatcher reserved for
         it), under that id, so that starting it needs no claim of its own.
@@ -183,76 +184,7 @@ def create(
         from twistedlrp.models import Announcement
 
         Announcement.objects.create(job=new_id)
-    return True, job_dict(_Row(row))
-
-
-#: The most announced jobs one take reads (the next take reads the rest).
-TAKE_ANNOUNCED = 500
-
-
-def announced() -> bool:
-    """@return: whether any job waits in the announcement table (read outside a transaction)."""
-    from twistedlrp.models import Announcement
-
-    return Announcement.objects.exists()
-
-
-def take_announced(job_ids: list[str] | None = None) -> list[dict]:
-    """
-    Take jobs out of the announcement table (jobs a site's transaction
-    stored; see L{create}): each is taken once, whoever asks.
-
-    @param job_ids: the jobs a process said it committed, or C{None} for
-        any (the sweep).
-    @return: the queued ones among them, oldest first: C{{"id", "priority",
-        "created_at", "run_after", "queue", "name", "max_attempts",
-        "retry_delay", "timeout", "payload"}}.
-    """
-    from twistedlrp.models import Announcement, Job
-
-    notices = Announcement.objects.all()
-    if job_ids is not None:
-        valid = []
-        for job_id in job_ids:
-            try:
-                valid.append(uuid.UUID(str(job_id)))
-            except ValueError:
-                continue
-        notices = notices.filter(job__in=valid)
-    taken = list(notices.values_list("job", flat=True)[:TAKE_ANNOUNCED])
-    if not taken:
-        return []
-    Announcement.objects.filter(job__in=taken).delete()
-    rows = list(
-        Job.objects.filter(id__in=taken, state=QUEUED)
-        .order_by("created_at")
-        .values(
-            "id",
-            "priority",
-            "created_at",
-            "run_after",
-            "queue",
-            "name",
-            "max_attempts",
-            "retry_delay",
-            "timeout",
-            "args",
-            "kwargs",
-        )
-    )
-    for row in rows:
-        row["id"] = str(row["id"])
-        row["payload"] = json.dumps(
-            {"args": row.pop("args"), "kwargs": row.pop("kwargs")}, separators=(",", ":")
-        ).encode()
-    return rows
-
-
-class _Row:
-    """Attribute access to a dict, for L{job_dict}."""
-
-    def __init__(self, values: dict):
-        self.__dict__.update(values)
+    return True, job_dict(SimpleNamespace(**row))
 
 
 def get(job_id: str, full: bool = True) -> dict:

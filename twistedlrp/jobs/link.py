@@ -1,0 +1,332 @@
+"""
+One persistent AMP connection to one job node (L{JobLink}), kept by the
+reactor for L{twistedlrp.jobs.connection.JobClient}: retried in the
+background with back-off while the node is down (calls fail at once
+meanwhile), and pinged when silent, so that a frozen node or a network cut
+counts as lost within seconds, not when TCP gives up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from twisted.internet import defer, protocol, task
+from twisted.internet.endpoints import clientFromString
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from twistedlrp.jobs import wire
+from twistedlrp.jobs.client import DEFAULT_TIMEOUT, reconnect_backoff, unix_path, unreachable
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
+
+log = Logger()
+
+# A connection that has received nothing for PING_IDLE seconds is pinged
+# (an empty Announce, answered by the node's reactor without its store);
+# without an answer within PING_TIMEOUT it is dropped, and counts as lost.
+PING_IDLE = 2.0
+PING_TIMEOUT = 3.0
+
+UP, DOWN, CONNECTING = "up", "down", "connecting"
+
+
+class JobLink:
+    """
+    A persistent connection to one job node.
+
+    It connects at L{start}. Until that first attempt ends its state is
+    C{"connecting"} and calls wait for it; then it is C{"up"} or C{"down"}.
+    A lost connection, or an attempt that fails, makes it C{"down"} at once
+    (one warning), and it is retried in the background with back-off (the
+    first retry at once), then one line when it is up again.
+
+    @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
+        (then C{description} names it in messages).
+    @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
+    @param on_change: called with the link after each change of state.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        endpoint,
+        secret: bytes | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        description: str | None = None,
+        on_change: Callable[[JobLink], None] | None = None,
+    ):
+        self.reactor = reactor
+        self.endpoint = description or str(endpoint)
+        # A UNIX socket that does not exist means no service: say so at once.
+        self._socket_path = unix_path(endpoint) if isinstance(endpoint, str) else None
+        if isinstance(endpoint, str):
+            endpoint = clientFromString(reactor, endpoint)
+        self._connector = endpoint
+        self.secret = secret
+        self.timeout = timeout
+        self.on_change = on_change
+        self.state = CONNECTING
+        self.since = reactor.seconds()
+        self.last_error: str | None = None
+        # The service refused our secret: calls say so, not "unavailable".
+        self.refused = False
+        self.protocol: _ClientAMP | None = None
+        self._attempting: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
+        self._retry = None
+        self._backoff = reconnect_backoff()
+        self._warned = False
+        self._stopped = True
+        self._closed: defer.Deferred | None = None
+        self._pinging = False
+        self._watch = task.LoopingCall(self._check)
+        self._watch.clock = reactor
+
+    # -- life ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopped = False
+        self._attempt()
+        self._watch.start(min(PING_IDLE, 1.0), now=False)
+
+    def stop(self) -> defer.Deferred:
+        """@return: a Deferred that fires once the connection is closed."""
+        self._stopped = True
+        if self._watch.running:
+            self._watch.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._attempting is not None:
+            self._attempting.cancel()
+        protocol = self.protocol
+        if protocol is None or protocol.transport is None:
+            return defer.succeed(None)
+        self._closed = defer.Deferred()
+        protocol.transport.loseConnection()
+        return self._closed
+
+    @property
+    def reconnecting(self) -> bool:
+        """@return: whether an attempt to connect is under way."""
+        return self._attempting is not None
+
+    # -- connecting ----------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        if self._attempting is not None or self._stopped:
+            return
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._socket_path is not None and not os.path.exists(self._socket_path):
+            self._failed(
+                Failure(
+                    JobServiceUnavailable(
+                        "its socket does not exist (is the server running, with this "
+                        "--state-dir or LRP_STATE_DIR?)"
+                    )
+                )
+            )
+            return
+        d = defer.ensureDeferred(self._connect())
+        d.addTimeout(self.timeout, self.reactor)
+        self._attempting = d
+        d.addCallbacks(self._connected, self._failed)
+
+    async def _connect(self):
+        protocol = await self._connector.connect(_ClientFactory(self.reactor, self._lost))
+        if self.secret is not None:
+            try:
+                await wire.login(protocol, self.secret)
+            except BaseException:
+                if protocol.transport is not None:
+                    protocol.transport.loseConnection()
+                raise
+        return protocol
+
+    def _connected(self, protocol) -> None:
+        self._attempting = None
+        if self._stopped:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+            self._fire_waiting(Failure(JobServiceUnavailable("the job client is stopped")))
+            return
+        now = self.reactor.seconds()
+        if self._warned:
+            log.info(
+                "Connected to the job service at {endpoint} again (after {seconds:.1f} s)",
+                endpoint=self.endpoint,
+                seconds=now - self.since,
+            )
+        self._warned = False
+        self.protocol = protocol
+        protocol.last_received = now
+        self.last_error = None
+        self.refused = False
+        self._backoff.reset()
+        self._set_state(UP)
+        self._fire_waiting(protocol)
+
+    def _failed(self, failure: Failure) -> None:
+        self._attempting = None
+        if failure.check(defer.CancelledError) and self._stopped:
+            failure = Failure(JobServiceUnavailable("the job client is stopped"))
+        if failure.check(defer.TimeoutError):
+            self.last_error = f"no connection within {self.timeout:g} s"
+        else:
+            self.last_error = _reason(failure)
+        self.refused = bool(failure.check(AuthenticationFailed))
+        if self.refused:
+            self.last_error = f"it refused the shared secret ({failure.getErrorMessage()})"
+            failure = Failure(AuthenticationFailed(self.problem()))
+        else:
+            failure = Failure(JobServiceUnavailable(self.problem()))
+        if not self._stopped:
+            if not self._warned:
+                self._warned = True
+                log.warn(
+                    "Cannot reach the job service at {endpoint} ({reason}); job calls "
+                    "to it fail at once while it is retried in the background, up to "
+                    "every {most:g} s",
+                    endpoint=self.endpoint,
+                    reason=self.last_error,
+                    most=self._backoff.maximum,
+                )
+            self._retry = self.reactor.callLater(self._backoff.next(), self._attempt)
+            self._set_state(DOWN)
+        self._fire_waiting(failure)
+
+    def _fire_waiting(self, outcome) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
+                else:
+                    d.callback(outcome)
+
+    def _lost(self, protocol) -> None:
+        """The connection of C{protocol} is lost (before its pending calls fail)."""
+        if protocol is not self.protocol:
+            return
+        self.protocol = None
+        if self._closed is not None:
+            closed, self._closed = self._closed, None
+            closed.callback(None)
+        if self._stopped:
+            return
+        log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
+        self._warned = True
+        self.last_error = "the connection was lost"
+        self._set_state(DOWN)
+        # Again at once (a restart, a dropped connection); back-off if refused.
+        self._attempt()
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = self.reactor.seconds()
+        if self.on_change is not None:
+            self.on_change(self)
+
+    # -- the ping ------------------------------------------------------------------
+
+    def _check(self) -> None:
+        protocol = self.protocol
+        if protocol is None or self._pinging:
+            return
+        if self.reactor.seconds() - protocol.last_received < PING_IDLE:
+            return
+        self._pinging = True
+        d = protocol.callRemote(wire.Announce, job_ids=[])
+        d.addTimeout(PING_TIMEOUT, self.reactor)
+
+        def answered(outcome):
+            self._pinging = False
+            if isinstance(outcome, Failure) and outcome.check(defer.TimeoutError):
+                if protocol is self.protocol and protocol.transport is not None:
+                    log.warn(
+                        "The job service at {endpoint} did not answer a ping within "
+                        "{seconds:g} s: dropping its connection",
+                        endpoint=self.endpoint,
+                        seconds=PING_TIMEOUT,
+                    )
+                    protocol.transport.abortConnection()
+            # Any other answer, an error included, came from a live service.
+
+        d.addBoth(answered)
+
+    # -- calls ---------------------------------------------------------------------
+
+    def problem(self) -> str:
+        """@return: why calls to this node fail now."""
+        text = unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
+        if self.state == DOWN:
+            text += (
+                f" (down for {self.reactor.seconds() - self.since:.1f} s; "
+                f"retried in the background)"
+            )
+        return text
+
+    async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
+        """
+        @return: the connected protocol: at once when up; when connecting
+            for the first time, once connected (until C{deadline}); when
+            down, only with C{wait_reconnect} and an attempt under way
+            (until C{deadline}).
+        @raise JobServiceUnavailable: down, or not connected in time.
+        @raise AuthenticationFailed: the service refused our secret.
+        """
+        if self.protocol is not None:
+            return self.protocol
+        if self._stopped:
+            raise JobServiceUnavailable(f"the job client of {self.endpoint} is stopped")
+        if self.state == DOWN and not (wait_reconnect and self._attempting is not None):
+            raise (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
+        if self._attempting is None:
+            self._attempt()
+            if self.protocol is not None:
+                return self.protocol
+            if self._attempting is None:
+                raise JobServiceUnavailable(self.problem())
+        d = defer.Deferred()
+        self._waiting.append(d)
+        d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise JobServiceUnavailable(unreachable(self.endpoint, " in time")) from None
+
+
+class _ClientAMP(wire.QuietAMP):
+    def __init__(self, clock, on_lost):
+        super().__init__()
+        self._clock = clock
+        self._on_lost = on_lost
+        self.last_received = clock.seconds()
+
+    def ampBoxReceived(self, box):
+        self.last_received = self._clock.seconds()
+        super().ampBoxReceived(box)
+
+    def connectionLost(self, reason):
+        # First the link (it is down before the calls on it fail and look for another).
+        self._on_lost(self)
+        super().connectionLost(reason)
+
+
+class _ClientFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, clock, on_lost):
+        self._clock = clock
+        self._on_lost = on_lost
+
+    def buildProtocol(self, addr):
+        return _ClientAMP(self._clock, self._on_lost)
+
+
+def _reason(failure: Failure) -> str:
+    return failure.getErrorMessage() or failure.type.__name__

@@ -1,0 +1,73 @@
+"""
+The announcement table: jobs a site's own transaction stored on SQLite
+(L{twistedlrp.jobs.transactions}), which the job service, keeping its queue
+in memory, takes from there. These run in the store thread.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from twistedlrp.jobs.states import QUEUED
+
+#: The most announced jobs one take reads (the next take reads the rest).
+TAKE_ANNOUNCED = 500
+
+
+def announced() -> bool:
+    """@return: whether any job waits in the announcement table (read outside a transaction)."""
+    from twistedlrp.models import Announcement
+
+    return Announcement.objects.exists()
+
+
+def take_announced(job_ids: list[str] | None = None) -> list[dict]:
+    """
+    Take jobs out of the announcement table (jobs a site's transaction
+    stored; see L{operations.create}): each is taken once, whoever asks.
+
+    @param job_ids: the jobs a process said it committed, or C{None} for
+        any (the sweep).
+    @return: the queued ones among them, oldest first: C{{"id", "priority",
+        "created_at", "run_after", "queue", "name", "max_attempts",
+        "retry_delay", "timeout", "payload"}}.
+    """
+    from twistedlrp.models import Announcement, Job
+
+    notices = Announcement.objects.all()
+    if job_ids is not None:
+        valid = []
+        for job_id in job_ids:
+            try:
+                valid.append(uuid.UUID(str(job_id)))
+            except ValueError:
+                continue
+        notices = notices.filter(job__in=valid)
+    taken = list(notices.values_list("job", flat=True)[:TAKE_ANNOUNCED])
+    if not taken:
+        return []
+    Announcement.objects.filter(job__in=taken).delete()
+    rows = list(
+        Job.objects.filter(id__in=taken, state=QUEUED)
+        .order_by("created_at")
+        .values(
+            "id",
+            "priority",
+            "created_at",
+            "run_after",
+            "queue",
+            "name",
+            "max_attempts",
+            "retry_delay",
+            "timeout",
+            "args",
+            "kwargs",
+        )
+    )
+    for row in rows:
+        row["id"] = str(row["id"])
+        row["payload"] = json.dumps(
+            {"args": row.pop("args"), "kwargs": row.pop("kwargs")}, separators=(",", ":")
+        ).encode()
+    return rows
