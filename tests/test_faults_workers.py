@@ -309,7 +309,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
 
 
 def test_the_childs_error_text_is_bounded():
-    from twistedlrp.jobs.child import MAX_ERROR, cut_text, describe_error
+    from twistedlrp.jobs.worker_main import MAX_ERROR, cut_text, describe_error
 
     assert cut_text("short") == "short"
     cut = cut_text("a" * 100 + "b" * 100, 100)

@@ -22,9 +22,9 @@ def __getattr__(name):
     # Imported on first use: a job worker imports this package (its models,
     # its registry) but never the reactor, and Twisted costs it ~15 MiB.
     if name in ("ShutdownInProgress", "call_in_reactor"):
-        from twistedlrp import threads
+        from twistedlrp import reactor_bridge
 
-        return getattr(threads, name)
+        return getattr(reactor_bridge, name)
     if name in ("Router", "serve"):
         # A site in one file (docs/one-file.md).
         from twistedlrp import onefile

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json as _json
 from typing import Any
 
-from twistedlrp.threads import DEFAULT_TIMEOUT, ShutdownInProgress, call_in_reactor
+from twistedlrp.reactor_bridge import DEFAULT_TIMEOUT, ShutdownInProgress, call_in_reactor
 
 __all__ = [
     "HTTPError",

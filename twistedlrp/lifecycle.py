@@ -20,7 +20,7 @@ by what is left of the graceful deadline. Registered services start before
 the job service and the hooks, and stop after the shut-down hooks, newest
 first (docs/design.md).
 
-The server runs these as children of its L{twistedlrp.services.OrderedService}:
+The server runs these as children of its L{twistedlrp.ordered_service.OrderedService}:
 L{site_services} holds the registered services, L{StartupHooks} and
 L{ShutdownHooks} run the hooks.
 """
@@ -35,7 +35,7 @@ from twisted.application import service
 from twisted.application.service import IService
 from twisted.internet import defer
 
-from twistedlrp.services import OrderedService, StartupFailed, stop_child
+from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
 
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []

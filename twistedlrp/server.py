@@ -1,6 +1,6 @@
 """
 The server: the root service of ``twistd lrp``, an
-L{twistedlrp.services.OrderedService} whose children start in order and
+L{twistedlrp.ordered_service.OrderedService} whose children start in order and
 stop in reverse, within one graceful deadline (docs/design.md):
 
     thread pool · outbound HTTP connections · the site's services ·
@@ -25,8 +25,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp import lifecycle, threads
-from twistedlrp.services import OrderedService, StartupFailed
+from twistedlrp import lifecycle, reactor_bridge
+from twistedlrp.ordered_service import OrderedService, StartupFailed
 from twistedlrp.signals import StopSignals, flush_everything, set_exit_code, write_stderr
 
 log = Logger()
@@ -80,7 +80,7 @@ class Server(OrderedService):
             lifecycle.ShutdownHooks(self.reactor, self.scope),
             job_service,
             lifecycle.StartupHooks(self.scope),
-            _Closer("calls-from-threads", threads.begin_shutdown),
+            _Closer("calls-from-threads", reactor_bridge.begin_shutdown),
             metrics.refresh_service(self.reactor, self.metrics),
             *serving,
         ):
@@ -137,7 +137,7 @@ class Server(OrderedService):
 
     def startService(self):
         service.Service.startService(self)
-        threads.serving_reactor()
+        reactor_bridge.serving_reactor()
         # twistd calls startService before the reactor runs; the real start
         # (and our signal handlers, which must replace the reactor's) waits
         # for the reactor.
@@ -260,7 +260,7 @@ class SingleServer(Server):
 
     @param application: the WSGI application, or C{None} with C{--jobs-only}.
     @param jobs: the job service and the job client services
-        (L{twistedlrp.jobs.node.job_services}); either may be C{None}.
+        (L{twistedlrp.jobs.wiring.job_services}); either may be C{None}.
     """
 
     role, scope = "single", "all"
@@ -315,7 +315,7 @@ class MainServer(Server):
 
 class WebProcessServer(Server):
     """
-    One web process of C{--web-workers} (L{twistedlrp.web.child}): the pool,
+    One web process of C{--web-workers} (L{twistedlrp.web.process_main}): the pool,
     the site on the inherited C{sockets}, the plain hooks and site
     services, and C{channel}, its link to the main process, which stops it.
 
@@ -387,7 +387,7 @@ def build_server(options, reactor=None) -> Server:
     """
     from twistedlrp import boot
 
-    threads.serving_reactor()
+    reactor_bridge.serving_reactor()
     from twistedlrp.onefile import site
 
     boot.prepare_path(options["pythonpath"])
@@ -398,7 +398,7 @@ def build_server(options, reactor=None) -> Server:
     application = boot.load_wsgi_application() if web else None
     boot.import_app_modules("lrp")
 
-    from twistedlrp.jobs.node import job_services
+    from twistedlrp.jobs.wiring import job_services
 
     if reactor is None:
         from twisted.internet import reactor

@@ -3,7 +3,7 @@
 ``twisted/plugins/twistedlrp_plugin.py``.
 
 A process that runs servers on another's behalf (the reload supervisor's
-child, L{twistedlrp.reload.child}) wraps every build with L{wrap_builds}
+child, L{twistedlrp.reload.server_main}) wraps every build with L{wrap_builds}
 instead of replacing L{makeService}.
 """
 

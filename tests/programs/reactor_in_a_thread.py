@@ -11,8 +11,8 @@ import time
 
 from twisted.internet import defer, reactor, task
 
-from twistedlrp import http, threads
-from twistedlrp.threads import ShutdownInProgress, call_in_reactor
+from twistedlrp import http, reactor_bridge
+from twistedlrp.reactor_bridge import ShutdownInProgress, call_in_reactor
 
 outcomes = {}
 
@@ -80,7 +80,7 @@ waiter = threading.Thread(
 )
 waiter.start()
 time.sleep(0.2)
-threads.begin_shutdown()
+reactor_bridge.begin_shutdown()
 waiter.join(10)
 outcomes["woken_after"] = time.monotonic() - waiter_started
 record("after_shutdown", lambda: call_in_reactor(lambda: 1))

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from twistedlrp.jobs import blocking, child, client
+from twistedlrp.jobs import blocking, client, worker_main
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     JobServiceUnavailable,
@@ -45,7 +45,7 @@ class FakeService:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
-        reader = child.BoxReader()
+        reader = worker_main.BoxReader()
         with conn:
             while data := conn.recv(65536):
                 for box in reader.feed(data):
@@ -56,9 +56,9 @@ class FakeService:
                     if reply == "silence":
                         continue
                     if isinstance(reply, tuple):
-                        conn.sendall(child.encode_box(reply[1]))
+                        conn.sendall(worker_main.encode_box(reply[1]))
                         return
-                    conn.sendall(child.encode_box(reply))
+                    conn.sendall(worker_main.encode_box(reply))
 
     def close(self):
         self.listener.close()
@@ -66,7 +66,7 @@ class FakeService:
 
 def job_answer(box, **job):
     reply = {b"_answer": box[b"_ask"]}
-    child.put_big(reply, b"job", json.dumps({"id": "j1", "state": "queued", **job}).encode())
+    worker_main.put_big(reply, b"job", json.dumps({"id": "j1", "state": "queued", **job}).encode())
     return reply
 
 
@@ -119,7 +119,9 @@ def test_a_submission_and_its_answer(sock_path):
         assert submit(blocking) == {"id": "j1", "state": "queued", "name": "app.jobs.f"}
         assert submit(blocking)["id"] == "j1"
         box = service.boxes[0]
-        assert box[b"_command"] == b"Submit" and child.get_big(box, b"payload").startswith(b"{")
+        assert box[b"_command"] == b"Submit" and worker_main.get_big(box, b"payload").startswith(
+            b"{"
+        )
         # Optional arguments left out are not sent.
         assert b"priority" not in box and service.connections == 1
         # Other threads share the connection, each getting its own answer.

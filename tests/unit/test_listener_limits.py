@@ -27,7 +27,7 @@ from twistedlrp.jobs import limits, wire
 from twistedlrp.jobs.amp import AMPFrontEnd, ServiceFactory, ServiceProtocol
 from twistedlrp.jobs.pb import GuardedPBServerFactory, JobsRealm, SecretChecker
 from twistedlrp.options import Options
-from twistedlrp.services import StartupFailed
+from twistedlrp.ordered_service import StartupFailed
 
 SECRET = b"correct horse battery staple"
 MAX_PAYLOAD = 100_000

@@ -1,5 +1,5 @@
 """
-One job progress stream (twistedlrp/web/events.py) on a fake clock, with a
+One job progress stream (twistedlrp/web/progress_stream.py) on a fake clock, with a
 fake request and a job client whose answers the test gives: the heartbeat
 comment after 15 s of silence, a client that stops reading (only the final
 state is queued; cut after --write-timeout, unless it reads again), a job
@@ -15,8 +15,8 @@ from twisted.internet.task import Clock
 
 from twistedlrp.jobs.errors import JobServiceUnavailable, UnknownJob
 from twistedlrp.jobs.wire import seen_mark
-from twistedlrp.web import events
-from twistedlrp.web.events import HEARTBEAT, MIN_INTERVAL, JobEvents, _Stream
+from twistedlrp.web import progress_stream
+from twistedlrp.web.progress_stream import HEARTBEAT, MIN_INTERVAL, JobEvents, _Stream
 
 JOB_ID = "6f1c2a34-5b6d-4e7f-8a9b-0c1d2e3f4a5b"
 
@@ -113,7 +113,11 @@ def test_changes_only_then_the_end():
     # Then waits for a change, one after another, at most every MIN_INTERVAL.
     assert len(client.calls) == 1
     clock.advance(MIN_INTERVAL)
-    wait = {"job_id": JOB_ID, "timeout": events.WAIT_TIMEOUT, "seen": seen_mark(job(current=0))}
+    wait = {
+        "job_id": JOB_ID,
+        "timeout": progress_stream.WAIT_TIMEOUT,
+        "seen": seen_mark(job(current=0)),
+    }
     assert client.calls[1][:2] == ("wait", wait)
     clock.advance(1)
     client.answer(current=0)
@@ -198,7 +202,7 @@ def test_an_unreachable_service_then_an_unknown_job():
     client.fail(JobServiceUnavailable("the job service at unix:x could not be reached"))
     assert request.take().startswith(b'event: unavailable\ndata: {"error":"the job service')
     assert len(client.calls) == 1
-    clock.advance(events._UNAVAILABLE_DELAY)
+    clock.advance(progress_stream._UNAVAILABLE_DELAY)
     assert client.calls[1][0] == "status"
     client.fail(UnknownJob(f"no job {JOB_ID}"))
     assert (

@@ -1,5 +1,5 @@
 """
-call_in_reactor (twistedlrp.threads), the bridge from a view's or a job's
+call_in_reactor (twistedlrp.reactor_bridge), the bridge from a view's or a job's
 thread to the reactor: answers, errors, deadlines and shut-down. The
 reactor is a thread of this test that runs what it is handed, in order,
 and counts as the reactor thread; tests/test_threads.py runs the real one.
@@ -14,7 +14,7 @@ import time
 import pytest
 from twisted.internet import defer
 
-from twistedlrp import threads
+from twistedlrp import reactor_bridge
 
 
 class ReactorThread:
@@ -43,45 +43,45 @@ class ReactorThread:
 @pytest.fixture
 def loop(monkeypatch):
     fake = ReactorThread()
-    monkeypatch.setattr(threads, "_reactor", lambda: fake)
-    monkeypatch.setattr(threads, "_shutting_down", False)
+    monkeypatch.setattr(reactor_bridge, "_reactor", lambda: fake)
+    monkeypatch.setattr(reactor_bridge, "_shutting_down", False)
     # Which thread is Twisted's I/O thread is global (pytest-twisted's own
     # reactor may claim the main thread); this loop's thread stands for it.
     monkeypatch.setattr(
-        threads, "in_reactor_thread", lambda: threading.get_ident() == fake.thread.ident
+        reactor_bridge, "in_reactor_thread", lambda: threading.get_ident() == fake.thread.ident
     )
     yield fake
     fake.stop()
 
 
 def test_plain_values_deferreds_and_coroutines_are_answered(loop):
-    assert threads.call_in_reactor(lambda a, b=0: a + b, 2, b=3) == 5
+    assert reactor_bridge.call_in_reactor(lambda a, b=0: a + b, 2, b=3) == 5
 
     def later():
         d = defer.Deferred()
         loop.callFromThread(d.callback, "later")
         return d
 
-    assert threads.call_in_reactor(later) == "later"
+    assert reactor_bridge.call_in_reactor(later) == "later"
 
     async def coroutine():
         return await later()
 
-    assert threads.call_in_reactor(coroutine) == "later"
+    assert reactor_bridge.call_in_reactor(coroutine) == "later"
 
 
 def test_errors_are_raised_in_the_calling_thread(loop):
     with pytest.raises(KeyError):
-        threads.call_in_reactor(lambda: {}["missing"])
+        reactor_bridge.call_in_reactor(lambda: {}["missing"])
     with pytest.raises(ZeroDivisionError):
-        threads.call_in_reactor(lambda: defer.fail(ZeroDivisionError()))
+        reactor_bridge.call_in_reactor(lambda: defer.fail(ZeroDivisionError()))
 
 
 def test_a_call_past_its_timeout_raises_and_cancels_its_deferred(loop):
     pending = defer.Deferred()
     started = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
-        threads.call_in_reactor(lambda: pending, timeout=0.2)
+        reactor_bridge.call_in_reactor(lambda: pending, timeout=0.2)
     assert time.monotonic() - started < 5
     cancelled = threading.Event()
     loop.callFromThread(lambda: pending.called and cancelled.set())
@@ -95,24 +95,24 @@ def test_shutdown_wakes_waiting_callers_and_refuses_later_calls(loop):
 
     def caller():
         try:
-            threads.call_in_reactor(lambda: never, timeout=30)
+            reactor_bridge.call_in_reactor(lambda: never, timeout=30)
         except Exception as e:
             errors.append(e)
 
     waiting = threading.Thread(target=caller)
     waiting.start()
     deadline = time.monotonic() + 5
-    while not threads._pending and time.monotonic() < deadline:
+    while not reactor_bridge._pending and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert threads._pending, "the call never started waiting"
-    threads.begin_shutdown()
+    assert reactor_bridge._pending, "the call never started waiting"
+    reactor_bridge.begin_shutdown()
     waiting.join(5)
     assert not waiting.is_alive()
-    assert [type(e) for e in errors] == [threads.ShutdownInProgress]
-    with pytest.raises(threads.ShutdownInProgress):
-        threads.call_in_reactor(lambda: 1)
+    assert [type(e) for e in errors] == [reactor_bridge.ShutdownInProgress]
+    with pytest.raises(reactor_bridge.ShutdownInProgress):
+        reactor_bridge.call_in_reactor(lambda: 1)
     # It is a RuntimeError, as code catching the reactor's errors expects.
-    assert issubclass(threads.ShutdownInProgress, RuntimeError)
+    assert issubclass(reactor_bridge.ShutdownInProgress, RuntimeError)
 
 
 def test_a_call_from_the_reactor_thread_is_refused_rather_than_deadlocking(loop):
@@ -120,7 +120,7 @@ def test_a_call_from_the_reactor_thread_is_refused_rather_than_deadlocking(loop)
 
     def from_reactor():
         try:
-            threads.call_in_reactor(lambda: 1, timeout=1)
+            reactor_bridge.call_in_reactor(lambda: 1, timeout=1)
         except Exception as e:
             answer.put(e)
 

@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from twistedlrp.process.channel import Channel
-from twistedlrp.reload import child
+from twistedlrp.reload import server_main
 from twistedlrp.reload.process import ServerProcess
 from twistedlrp.reload.supervisor import ReloadSupervisor
 from twistedlrp.reload.templates import describe_changes
@@ -195,11 +195,11 @@ def test_a_template_change_starts_a_server_when_none_runs(tree):
 def test_the_server_reads_messages_after_go_and_across_reads():
     ours, theirs = socket.socketpair()
     got = []
-    reporter = child._Reporter(theirs.detach())
+    reporter = server_main._Reporter(theirs.detach())
     try:
         ours.sendall(b'{"event": "go"}\n{"event": "templates", "files": ["a"]}\n{"ev')
         assert reporter.wait_for_word()
-        channel = child._hand_over(reporter, got.append, None)
+        channel = server_main._hand_over(reporter, got.append, None)
         assert got == [{"event": "templates", "files": ["a"]}]
         channel.dataReceived(b'ent": "templates", "files": ["b"]}\nnot json\n')
         assert got[1:] == [{"event": "templates", "files": ["b"]}]

@@ -4,7 +4,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.task import Clock, deferLater
 
-from twistedlrp.services import LATE_STEP_SECONDS, OrderedService, StartupFailed, within
+from twistedlrp.ordered_service import LATE_STEP_SECONDS, OrderedService, StartupFailed, within
 
 
 class Step(service.Service):
@@ -120,7 +120,7 @@ def test_a_child_added_while_running_starts_at_once_and_stops_first():
 
 
 def test_waiters_fire_every_deferred_handed_out_so_far_once():
-    from twistedlrp.services import Waiters
+    from twistedlrp.ordered_service import Waiters
 
     waiters, results = Waiters(), []
     first, second = waiters.wait(), waiters.wait()

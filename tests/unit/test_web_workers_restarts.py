@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from twistedlrp.options import Options
+from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.process import supervise
 from twistedlrp.process.forkserver import ForkServerProcess
-from twistedlrp.services import StartupFailed
 from twistedlrp.web import processes
 from twistedlrp.web.processes import WebProcesses
 from twistedlrp.web.slot import how_ended

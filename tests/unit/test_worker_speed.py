@@ -12,7 +12,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 
-from twistedlrp.jobs import child, wire
+from twistedlrp.jobs import wire, worker_main
 from twistedlrp.jobs.workers import WorkerPool, standby_ahead
 
 # -- framing -----------------------------------------------------------------------
@@ -20,8 +20,8 @@ from twistedlrp.jobs.workers import WorkerPool, standby_ahead
 
 def test_boxes_the_child_writes_are_what_twisted_amp_reads():
     box = {b"_command": b"ReportProgress", b"job_id": b"j1", b"current": b"3", b"message": b"hi"}
-    child.put_big(box, b"outcome", b"x" * 200_000)
-    data = child.encode_box(box)
+    worker_main.put_big(box, b"outcome", b"x" * 200_000)
+    data = worker_main.encode_box(box)
     receiver = _Receiver()
     protocol = amp.BinaryBoxProtocol(receiver)
     protocol.makeConnection(_NullTransport())
@@ -46,20 +46,20 @@ def test_the_child_reads_the_boxes_twisted_amp_writes():
     strings[b"_command"] = b"RunJob"
     strings[b"_ask"] = b"7"
     data = strings.serialize() + amp.AmpBox(_command=b"CancelJob", job_id=b"j2").serialize()
-    reader = child.BoxReader()
+    reader = worker_main.BoxReader()
     boxes = []
     for i in range(0, len(data), 1000):
         boxes += reader.feed(data[i : i + 1000])
     first, second = boxes
     assert first[b"_ask"] == b"7" and first[b"job_id"].decode() == "j\u00e9"
-    assert child.get_big(first, b"payload") == big
+    assert worker_main.get_big(first, b"payload") == big
     assert second == {b"_command": b"CancelJob", b"job_id": b"j2"}
 
 
 def test_the_conversation_answers_a_job_after_its_last_progress_report(tmp_path):
     commands_r, commands_w = os.pipe()
     answers_r, answers_w = os.pipe()
-    conversation = child.Conversation(1024, commands_r, answers_w)
+    conversation = worker_main.Conversation(1024, commands_r, answers_w)
     conversation._report("j1", 1, 10, "first")
     conversation._report("j1", 2, 10, "latest")
     with conversation._write_lock:
@@ -69,7 +69,7 @@ def test_the_conversation_answers_a_job_after_its_last_progress_report(tmp_path)
     data = b""
     while chunk := os.read(answers_r, 65536):
         data += chunk
-    progress, answer = child.BoxReader().feed(data)
+    progress, answer = worker_main.BoxReader().feed(data)
     # Only the latest report waited, and it went first.
     assert progress[b"_command"] == b"ReportProgress" and progress[b"message"] == b"latest"
     assert progress[b"current"] == b"2" and progress[b"total"] == b"10"

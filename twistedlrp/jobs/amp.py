@@ -29,7 +29,7 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
 )
 from twistedlrp.jobs.framing import BoxReader, BoxTooLarge
-from twistedlrp.services import StartupFailed
+from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.values import permissions_problem
 
 log = Logger()

@@ -9,7 +9,7 @@ endpoint without a reactor, the calling thread writing its request itself
 (L{twistedlrp.jobs.blocking}); TLS goes through the reactor. The eager
 test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
 
-In the server, the job client service (L{twistedlrp.jobs.node}) installs
+In the server, the job client service (L{twistedlrp.jobs.wiring}) installs
 the client, and at most C{--job-threads} threads may be in a job call at
 once (L{CallSlots}). Elsewhere, the first call creates one from
 C{LRP_JOBS_CONNECT} (client endpoint strings separated by commas, tried in
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp import threads
+from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs import wire
 from twistedlrp.jobs.arguments import check_submission
@@ -374,7 +374,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
     slots = _slots
-    if slots is None or threads.in_reactor_thread():
+    if slots is None or reactor_bridge.in_reactor_thread():
         # (From the reactor thread the call is refused below: it must not wait for a slot.)
         return _call(op, kw, call_timeout)
     slot = slots.take()
@@ -391,7 +391,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
 
 def _call(op: str, kw: dict, call_timeout: float | None):
     client = _client
-    if client is None and threads._mode != "server":
+    if client is None and reactor_bridge._mode != "server":
         from twistedlrp.jobs.blocking import blocking_client
 
         blocking = blocking_client()
@@ -405,7 +405,7 @@ def _call(op: str, kw: dict, call_timeout: float | None):
         return defer.ensureDeferred(target.request(op, kw, call_timeout))
 
     try:
-        return threads.call_in_reactor(run, timeout=2 * timeout + 1)
+        return reactor_bridge.call_in_reactor(run, timeout=2 * timeout + 1)
     except TimeoutError as e:
         raise JobServiceUnavailable(f"the job service did not answer in time ({e})") from None
 

@@ -29,7 +29,7 @@ from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers import WorkerPool
-from twistedlrp.services import Waiters
+from twistedlrp.ordered_service import Waiters
 
 log = Logger()
 

@@ -9,7 +9,7 @@ memory (the last L{MAX_KEPT}; L{reset} forgets them), so a site's own tests
 need neither a server nor database access for them.
 
 The answers are the job service's own: its operations
-(L{twistedlrp.jobs.api.JobOperations}) and its dispatcher run here, over a
+(L{twistedlrp.jobs.handlers.JobOperations}) and its dispatcher run here, over a
 store in memory (L{twistedlrp.jobs.store.memory}), with a worker that runs
 the job in the thread that submitted it, as a worker child would run it
 (C{progress()} and C{cancelled()} work, also in jobs that submit jobs and
@@ -31,10 +31,10 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs import _context, registry, wire
-from twistedlrp.jobs.api import JobOperations
 from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import JobCancelled, JobError
+from twistedlrp.jobs.handlers import JobOperations
 from twistedlrp.jobs.states import FAILED
 from twistedlrp.jobs.store.memory import MAX_KEPT, MemoryStore
 
@@ -280,7 +280,7 @@ class EagerService(JobOperations):
 
 def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatcher) -> dict:
     """@return: the outcome of one attempt, as a worker child sends it."""
-    from twistedlrp.jobs.child import call_job, describe_error
+    from twistedlrp.jobs.worker_main import call_job, describe_error
 
     job_id = worker.job_id
 

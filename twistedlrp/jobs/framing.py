@@ -1,6 +1,6 @@
 """
 AMP's framing without Twisted, for processes that run no reactor: the
-worker child (L{twistedlrp.jobs.child}) and the blocking job client
+worker child (L{twistedlrp.jobs.worker_main}) and the blocking job client
 (L{twistedlrp.jobs.blocking}).
 
 The other end speaks AMP (twisted.protocols.amp, L{twistedlrp.jobs.wire});

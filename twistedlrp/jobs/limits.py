@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import JobError
-from twistedlrp.services import StartupFailed
+from twistedlrp.ordered_service import StartupFailed
 
 # What a client may send before its login succeeds, in bytes, over all its
 # boxes (or PB messages): a Challenge and a Login take about 100, PB's login

@@ -21,7 +21,7 @@ class LocalClient:
     """
     The job service of this very process, called directly: a view's call
     runs the service's method in the reactor (through
-    L{twistedlrp.threads.call_in_reactor}, as every call does) without AMP,
+    L{twistedlrp.reactor_bridge.call_in_reactor}, as every call does) without AMP,
     a socket, a second encoding or a second reactor turn. Answers and errors
     are those of L{JobClient.request}; the service builds each answer for
     its caller, so nothing is copied.

@@ -44,7 +44,7 @@ from twistedlrp.jobs import errors, limits, wire
 from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, shown
 from twistedlrp.jobs.client import encode_payload
 from twistedlrp.jobs.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
-from twistedlrp.services import StartupFailed
+from twistedlrp.ordered_service import StartupFailed
 
 log = Logger()
 

@@ -3,7 +3,7 @@ The job service: a Twisted service holding the store, the queue, the
 workers and the front ends that clients reach it through.
 
 The operations of L{twistedlrp.jobs.wire.OPERATIONS} are its methods of
-the same names (L{twistedlrp.jobs.api}), returning Deferreds of JSON-ready
+the same names (L{twistedlrp.jobs.handlers}), returning Deferreds of JSON-ready
 dicts; every change is acknowledged only after its commit. Which job runs
 where is L{twistedlrp.jobs.dispatch}'s business.
 
@@ -32,10 +32,10 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry, transactions
-from twistedlrp.jobs.api import JobOperations
 from twistedlrp.jobs.client import STORE_WAIT_SHARE
 from twistedlrp.jobs.dispatch import Dispatcher
 from twistedlrp.jobs.errors import JobServiceUnavailable
+from twistedlrp.jobs.handlers import JobOperations
 from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
 from twistedlrp.jobs.queue import JobRecord
 from twistedlrp.jobs.retention import Pruner, default_keep
@@ -44,7 +44,7 @@ from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
 from twistedlrp.jobs.watchdog import Watchdog
 from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
-from twistedlrp.services import StartupFailed, Waiters, within
+from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
 log = Logger()
 

@@ -242,7 +242,7 @@ class Wait(_Command):
     first. With C{seen} (the L{seen_mark} of the job as the caller last saw
     it), also at once if the job differs from that, and when it starts or
     reports progress on the answering node (the progress streams of
-    web/events.py).
+    web/progress_stream.py).
     """
 
     arguments = [

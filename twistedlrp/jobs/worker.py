@@ -21,8 +21,8 @@ from twisted.python.failure import Failure
 
 from twistedlrp import stdlog
 from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.child import MAX_ERROR, cut_text
 from twistedlrp.jobs.framing import BoxReader, get_big, put_big
+from twistedlrp.jobs.worker_main import MAX_ERROR, cut_text
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import send_signal
 
@@ -144,7 +144,7 @@ class Worker(protocol.ProcessProtocol):
         self.amp.makeConnection(_PipeTransport(self))
 
     def forked(self, pid: int) -> None:
-        """The worker template has forked this worker's child (L{twistedlrp.jobs.template})."""
+        """The worker template has forked this worker's child (L{twistedlrp.jobs.preload})."""
         self.pid = pid
         self.pool.on_forked(self)
         if self.kill_reason is not None and self.kill_reason != "retire":

@@ -1,8 +1,8 @@
 """
 The worker pool: warm child processes that run one job at a time.
 
-Each child (L{twistedlrp.jobs.child}) is spawned, or forked from the
-worker template (L{twistedlrp.jobs.template}), and driven by a L{Worker}
+Each child (L{twistedlrp.jobs.worker_main}) is spawned, or forked from the
+worker template (L{twistedlrp.jobs.preload}), and driven by a L{Worker}
 process protocol (L{twistedlrp.jobs.worker}): AMP over two extra pipes,
 its stdout and stderr logged with the job's id. Each child leads a process
 group of its own, so that a timeout, a cancel, a shut-down or a retirement
@@ -31,10 +31,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
-from twistedlrp.jobs import template
+from twistedlrp.jobs import preload
 from twistedlrp.jobs.worker import Worker
+from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.supervise import restart_backoff
-from twistedlrp.services import Waiters
 
 log = Logger()
 
@@ -92,7 +92,7 @@ class WorkerPool:
         self.started = 0
         # Workers the template has forked so far (of those started).
         self.forked = 0
-        self.template: template.WorkerTemplate | None = None
+        self.template: preload.WorkerTemplate | None = None
         # Off (--no-worker-template), or a template could not start: workers
         # are spawned from then on.
         self._template_broken = not fork_from_template
@@ -106,7 +106,7 @@ class WorkerPool:
         args = [
             sys.executable,
             "-m",
-            "twistedlrp.jobs.child",
+            "twistedlrp.jobs.worker_main",
             "--settings",
             self.settings_module,
             "--worker-id",
@@ -154,10 +154,10 @@ class WorkerPool:
         """Start the worker template, unless it runs, cannot, or is not wanted now."""
         if self.template is not None or self._template_broken or self.stopping:
             return
-        if not template.supported():
+        if not preload.supported():
             return
         args, env = self._child_command("template")
-        started = template.WorkerTemplate(self.reactor, self._template_ready, self._template_ended)
+        started = preload.WorkerTemplate(self.reactor, self._template_ready, self._template_ended)
         try:
             started.start(args + ["--template"], env, os.getcwd())
         except OSError as e:
@@ -182,7 +182,7 @@ class WorkerPool:
                 names=", ".join(threads[:10]),
             )
 
-    def _template_ended(self, ended: template.WorkerTemplate, was_ready: bool, exit) -> None:
+    def _template_ended(self, ended: preload.WorkerTemplate, was_ready: bool, exit) -> None:
         if self.template is ended:
             self.template = None
         if self.stopping:
@@ -295,7 +295,7 @@ class WorkerPool:
         if worker.exited:
             return False
         ahead = standby_ahead(max_jobs)
-        early = template.template_ahead(max_jobs, ahead)
+        early = preload.template_ahead(max_jobs, ahead)
         if early and worker.jobs_done == max_jobs - early and self.template is None:
             self.start_template()
         if (

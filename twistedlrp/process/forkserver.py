@@ -2,8 +2,8 @@
 The one warm fork server: a process that has set Django up, runs no
 reactor, and forks a child for each request of its parent, so that every
 child shares its memory copy on write (gunicorn's C{preload}): the web
-template of C{--web-workers} (L{twistedlrp.web.template}) and the worker
-template (L{twistedlrp.jobs.template}).
+template of C{--web-workers} (L{twistedlrp.web.preload}) and the worker
+template (L{twistedlrp.jobs.preload}).
 
 On its control channel the parent sends C{{"op": "fork", "index": N, ...}}
 with the child's descriptors; the server (L{ForkServer}) answers

@@ -105,7 +105,7 @@ async def ended_within(reactor, ended: defer.Deferred, seconds: float, what=None
     """@return: whether C{ended} fired within C{seconds} (it is not cancelled)."""
     from twisted.internet import defer
 
-    from twistedlrp.services import within
+    from twistedlrp.ordered_service import within
 
     waiting = defer.Deferred()
     ended.addBoth(lambda _: None if waiting.called else waiting.callback(None))

@@ -2,7 +2,7 @@
 A server process seen from the reload supervisor: its state, its reports,
 and the signals that stop it.
 
-The server (L{twistedlrp.reload.child}) and the supervisor talk over one
+The server (L{twistedlrp.reload.server_main}) and the supervisor talk over one
 control channel (L{twistedlrp.process.channel}): the server reports
 (C{spare}, C{booted}, C{failed}, C{files}), the supervisor answers
 C{boot} to a spare, C{go} to a server that has set Django up, and later
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from twisted.internet import defer, protocol
 
+from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.channel import Channel
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import send_signal
-from twistedlrp.services import Waiters
 
 if TYPE_CHECKING:
     from twistedlrp.reload.supervisor import ReloadSupervisor

@@ -11,7 +11,7 @@ A change of templates only (files in the template directories the server
 reported, none of them a C{.py} file) restarts nothing: the serving server
 is told to reload its templates (L{twistedlrp.reload.templates}), as
 C{runserver} does. Any other change of a watched file starts a new server
-(L{twistedlrp.reload.child}) next to the running one. The new one sets Django up and reports; only then
+(L{twistedlrp.reload.server_main}) next to the running one. The new one sets Django up and reports; only then
 is the old one stopped (SIGTERM, the graceful timeout, then SIGKILL to its
 whole process group, so no job worker is left), and the new one may run its
 reactor, start its job service and hooks, and accept connections. If the new
@@ -38,9 +38,9 @@ from twisted.logger import Logger
 from twistedlrp.process.channel import adopt
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import child_environment, stop_within
-from twistedlrp.reload.child import CONTROL_VARIABLE, SPARE_VARIABLE
 from twistedlrp.reload.errorpage import ErrorPage
 from twistedlrp.reload.process import ServerProcess
+from twistedlrp.reload.server_main import CONTROL_VARIABLE, SPARE_VARIABLE
 from twistedlrp.reload.templates import describe_changes
 from twistedlrp.reload.watcher import make_watcher
 from twistedlrp.signals import StopSignals
@@ -214,7 +214,7 @@ class ReloadSupervisor(service.Service):
         args = [
             sys.executable,
             "-m",
-            "twistedlrp.reload.child",
+            "twistedlrp.reload.server_main",
             *child_arguments(self.options, self.listening, self.passed_through),
         ]
         if spare:

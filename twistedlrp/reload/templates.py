@@ -2,7 +2,7 @@
 Template changes in development: reload the templates, not the server, as
 C{manage.py runserver} does.
 
-The server (L{twistedlrp.reload.child}) tells the supervisor which template
+The server (L{twistedlrp.reload.server_main}) tells the supervisor which template
 directories Django loads from (L{template_directories}, Django's own
 C{get_template_directories()}), once Django is set up. The supervisor
 watches them; when only files in them changed (no C{.py} file), it sends

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.services import Waiters
+from twistedlrp.ordered_service import Waiters
 
 log = Logger()
 

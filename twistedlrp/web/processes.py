@@ -5,7 +5,7 @@ of the listening site.
 
 Starting it (start-up step 5) binds the C{--listen} sockets (or takes the
 C{systemd:} ones the main process inherited), spawns the template
-(L{twistedlrp.web.child}, a fork server: L{twistedlrp.process.forkserver}),
+(L{twistedlrp.web.process_main}, a fork server: L{twistedlrp.process.forkserver}),
 which sets Django up and forks one web process per slot on request, and
 waits until every web process runs. A web process that fails before it
 first runs fails the start-up.
@@ -44,6 +44,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp import metrics
+from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.process.channel import Channel, adopt
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
@@ -55,7 +56,6 @@ from twistedlrp.process.supervise import (
     send_signal,
     stop_within,
 )
-from twistedlrp.services import StartupFailed
 from twistedlrp.web.slot import Slot, how_ended, listening_socket, pass_on
 
 log = Logger(namespace="twistedlrp.web")
@@ -148,7 +148,7 @@ class WebProcesses(service.Service):
         it does not outlive the template's pipes, and logs where we do).
         """
         control_fd = _FIRST_FD + len(self._sockets)
-        args = ["-m", "twistedlrp.web.child", "--template", f"--control-fd={control_fd}"]
+        args = ["-m", "twistedlrp.web.process_main", "--template", f"--control-fd={control_fd}"]
         args.append(f"--output-fds={control_fd + 1},{control_fd + 2}")
         fds = {1: "r", 2: "r", control_fd + 1: 1, control_fd + 2: 2}
         for index, (fd, family) in enumerate(self._sockets, _FIRST_FD):

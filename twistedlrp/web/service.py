@@ -15,12 +15,12 @@ from collections.abc import Callable
 from twisted.application import service
 from twisted.internet import defer, fdesc
 
-from twistedlrp.services import StartupFailed, within
+from twistedlrp.ordered_service import StartupFailed, within
 from twistedlrp.web import ports
-from twistedlrp.web.events import JobEvents
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
+from twistedlrp.web.progress_stream import JobEvents
 from twistedlrp.web.site import LRPSite, Router
 from twistedlrp.web.wsgi import WSGIResource
 

@@ -179,7 +179,7 @@ class Router(Resource):
         super().__init__()
         self._health_path = health_path.encode()
         self._health = health
-        # The jobs' progress streams (web/events.py), answered in the reactor.
+        # The jobs' progress streams (web/progress_stream.py), answered in the reactor.
         self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(

@@ -12,11 +12,11 @@ from collections.abc import Callable
 
 from twisted.internet import defer, fdesc
 
+from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.channel import Channel
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
 from twistedlrp.process.supervise import restart_backoff
-from twistedlrp.services import Waiters
 from twistedlrp.web import ports
 
 

@@ -1,5 +1,5 @@
 """
-A worker child: ``python -m twistedlrp.jobs.child --settings MODULE
+A worker child: ``python -m twistedlrp.jobs.worker_main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
 
 It sets Django up, imports the site's job modules, then speaks AMP with
@@ -11,7 +11,7 @@ Twisted reactor and imports no AMP: it frames the few boxes it exchanges
 itself (L{Conversation}), which keeps each worker about 16 MB smaller and
 saves two thread hops per job. A job that submits a job gets the reactor
 in a thread of its own, as any other process does
-(L{twistedlrp.threads.call_in_reactor}).
+(L{twistedlrp.reactor_bridge.call_in_reactor}).
 
 The child leads a session (and process group) of its own, which the
 processes its jobs start inherit: the job service signals the whole group.
@@ -46,7 +46,7 @@ MAX_TRACEBACK_LINE = 4 * 1024
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="twistedlrp.jobs.child")
+    parser = argparse.ArgumentParser(prog="twistedlrp.jobs.worker_main")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
@@ -54,7 +54,7 @@ def _parse(argv):
     # then: the option table imports Twisted, which a worker does without).
     parser.add_argument("--max-payload", type=int, default=None)
     parser.add_argument(
-        "--template", action="store_true", help="fork workers on request (twistedlrp.jobs.template)"
+        "--template", action="store_true", help="fork workers on request (twistedlrp.jobs.preload)"
     )
     args = parser.parse_args(argv)
     if args.max_payload is None:
@@ -115,13 +115,13 @@ def main(argv=None) -> None:
 
 
 #: The fds a forked worker is given (its stdout, stderr, command and answer
-#: pipes), in the order the pool sends them (L{twistedlrp.jobs.template}).
+#: pipes), in the order the pool sends them (L{twistedlrp.jobs.preload}).
 FORK_FDS = (1, 2, 3, 4)
 
 
 def serve_template(control_fd: int = 3) -> None:
     """
-    Be the worker template (L{twistedlrp.jobs.template}), a fork server
+    Be the worker template (L{twistedlrp.jobs.preload}), a fork server
     (L{twistedlrp.process.forkserver}) on C{control_fd}, and exit when its
     control channel closes. Returns only in a forked child, whose fds 1 to
     4 are then its worker's pipes.

@@ -4,7 +4,7 @@ The web processes of C{--web-workers N} (N above 1), seen from inside.
 The main process (L{twistedlrp.web.processes.WebProcesses}) spawns one
 I{template}::
 
-    python -m twistedlrp.web.child --template --control-fd=K --output-fds=O,E
+    python -m twistedlrp.web.process_main --template --control-fd=K --output-fds=O,E
         --socket=FD:FAMILY... -- LRP-ARGS
 
 which sets Django up as the main process did (without its system checks)
@@ -48,7 +48,7 @@ from twistedlrp.process.forkserver import flush_stdio
 
 log = Logger(namespace="twistedlrp.web")
 
-MODULE = "twistedlrp.web.child"
+MODULE = "twistedlrp.web.process_main"
 # Imported by the template ahead of the forks (none imports the reactor), so
 # that every web process shares them.
 PREIMPORT = (
@@ -62,7 +62,7 @@ PREIMPORT = (
     "twistedlrp.http",
     "twistedlrp.jobs",
     "twistedlrp.jobs.client",
-    "twistedlrp.jobs.node",
+    "twistedlrp.jobs.wiring",
     "twistedlrp.server",
     "twistedlrp.web.service",
     "twistedlrp.web.site",
@@ -142,7 +142,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
 
     from twistedlrp import boot
     from twistedlrp.jobs import registry
-    from twistedlrp.jobs.node import JobClientService
+    from twistedlrp.jobs.wiring import JobClientService
     from twistedlrp.server import WebProcessServer
 
     try:
@@ -290,7 +290,7 @@ class MainChannel(service.Service):
 def main(argv: list[str] | None = None) -> None:
     ours, lrp_args = _parse(list(sys.argv[1:] if argv is None else argv))
     if "template" in ours:
-        from twistedlrp.web.template import template_main
+        from twistedlrp.web.preload import template_main
 
         code = template_main(ours, lrp_args)
     else:

@@ -1,7 +1,7 @@
 """
 The server process that the reload supervisor runs::
 
-    python -m twistedlrp.reload.child LRP-ARGUMENTS...
+    python -m twistedlrp.reload.server_main LRP-ARGUMENTS...
 
 runs C{twistd --nodaemon --pidfile= lrp LRP-ARGUMENTS...} with three
 additions, all steered by the supervisor through the environment:

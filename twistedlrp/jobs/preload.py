@@ -17,7 +17,7 @@ template reaps it and reports its exit. If the template dies, its workers
 live on with their jobs, and a pidfd (Linux 5.3) tells the pool when each
 one ends; without pidfds they die with their template
 (C{PR_SET_PDEATHSIG}). The template's own side is
-L{twistedlrp.jobs.child.serve_template}.
+L{twistedlrp.jobs.worker_main.serve_template}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from twisted.internet import abstract, error, process
 from twisted.logger import Logger
 
-from twistedlrp.jobs.child import FORK_FDS
+from twistedlrp.jobs.worker_main import FORK_FDS
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
 

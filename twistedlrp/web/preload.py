@@ -2,7 +2,7 @@
 The template of C{--web-workers N}: a process with Django set up and no
 running reactor, which forks each web process on the main process's
 request so that they share its warm memory copy on write (gunicorn's
-C{preload}); see L{twistedlrp.web.child} for both kinds of process, and why
+C{preload}); see L{twistedlrp.web.process_main} for both kinds of process, and why
 a reactor that setting Django up imported is renewed in each fork or, when
 it cannot be, the web processes are exec'd instead.
 """
@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twistedlrp import compat
 from twistedlrp.process.channel import BlockingChannel
 from twistedlrp.process.forkserver import ForkServer, flush_stdio, preimport
-from twistedlrp.web.child import (
+from twistedlrp.web.process_main import (
     MODULE,
     NO_PRELOAD_VARIABLE,
     PREIMPORT,

@@ -1,6 +1,6 @@
 """
 The job parts of a server, as services for its parent
-(L{twistedlrp.services.OrderedService}): the job service with its front
+(L{twistedlrp.ordered_service.OrderedService}): the job service with its front
 ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client that
 views use.
 """
