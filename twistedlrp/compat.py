@@ -141,7 +141,27 @@ class HTTPChannelHooks:
         return decoder.length if getattr(decoder, "state", "") == "BODY" else 0
 
 
-# -- Twisted: AMP and transports -------------------------------------------
+# -- Twisted: AMP, Perspective Broker and transports -----------------------
+
+
+class BrokerCallTargets:
+    """
+    A mixin for C{pb.Broker}: the object each remote call is sent to passes
+    through L{call_target} first (which may wrap it, to refuse calls).
+    """
+
+    def call_target(self, target):
+        return target
+
+    def _recvMessage(self, findObjMethod, requestID, objectID, message, *rest):
+        # To file: "pb.Broker: a public hook on the object a remote call is
+        # sent to" (an avatar's perspective_* methods see the call too late
+        # to refuse it before Banana decoded its arguments).
+        def find(objectID):
+            target = findObjMethod(objectID)
+            return None if target is None else self.call_target(target)
+
+        return super()._recvMessage(find, requestID, objectID, message, *rest)
 
 
 # -- Twisted: the reactor, in a forked process -----------------------------

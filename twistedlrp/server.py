@@ -423,5 +423,5 @@ def _call_slots() -> dict | None:
     """@return: the threads in a job call and the most allowed (the health endpoint's)."""
     from twistedlrp.jobs import client
 
-    slots = client._slots
+    slots = client.call_slots()
     return slots.describe() if slots is not None else None

@@ -262,6 +262,16 @@ def install(client: JobClient | None, call_threads: int | None = None) -> None:
     _slots = CallSlots(call_threads) if client is not None and call_threads else None
 
 
+def installed() -> JobClient | None:
+    """@return: the job client this process's views use, if the server installed one."""
+    return _client
+
+
+def call_slots() -> CallSlots | None:
+    """@return: what bounds the pool threads in job calls at once, if anything."""
+    return _slots
+
+
 def configured(name: str) -> str | None:
     """@return: C{name} from the environment, else from the Django settings, else C{None}."""
     from django.conf import settings

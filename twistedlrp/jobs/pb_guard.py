@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from twisted.spread import pb
 
+from twistedlrp import compat
 from twistedlrp.jobs import limits
 from twistedlrp.jobs.arguments import shown
 
@@ -18,7 +19,7 @@ def shown_error(error: Exception) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-class GuardedBroker(pb.Broker):
+class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
     """
     A PB server connection that bounds what the client sends, counted as it
     arrives (before Banana buffers or decodes it): before its login
@@ -99,13 +100,9 @@ class GuardedBroker(pb.Broker):
         self._expression_ended = True
         return super().expressionReceived(sexp)
 
-    def _recvMessage(self, findObjMethod, requestID, objectID, message, *rest):
+    def call_target(self, target):
         # Each call goes through a _Refusing (see there).
-        def find(objectID):
-            target = findObjMethod(objectID)
-            return None if target is None else _Refusing(target)
-
-        return super()._recvMessage(find, requestID, objectID, message, *rest)
+        return _Refusing(target)
 
     def _close(self) -> None:
         self._refused = True

@@ -112,7 +112,7 @@ class JobClientService(service.Service):
         if not isinstance(client, JobClient):
             return None
         body = client.describe(requires=bool(self.options["health-requires-jobs"]))
-        slots = jobs_client._slots
+        slots = jobs_client.call_slots()
         if slots is not None:
             body["calls"] = slots.describe()
         return body

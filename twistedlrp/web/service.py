@@ -173,7 +173,7 @@ def _job_events(reactor) -> JobEvents:
     """@return: the progress streams, which reach the job service through this process's client."""
     from twistedlrp.jobs import client
 
-    return JobEvents(reactor, lambda: client._client)
+    return JobEvents(reactor, client.installed)
 
 
 def _saturated(request) -> bytes:
