@@ -109,6 +109,7 @@ def test_a_killed_template_comes_back_while_the_web_processes_keep_answering(lrp
     # The web processes the dead template forked are the same, still serving.
     assert web_pids(server) == pids
     # A web process killed now is replaced, forked from the new template.
+    web_killed_at = time.monotonic()
     os.kill(pids[0], signal.SIGKILL)
 
     def replaced():
@@ -125,8 +126,20 @@ def test_a_killed_template_comes_back_while_the_web_processes_keep_answering(lrp
     )
     outcomes = client.stop()
 
-    # No request failed: nothing refused, reset or unanswered by a live web process.
-    failed = [(round(when - killed_at, 3), o) for when, o in outcomes if o != 200]
+    # No request failed: nothing refused, reset or unanswered by a live web
+    # process. The one this test kills may take the request it was answering
+    # with it (its connection closed unanswered, at once).
+    in_flight = [
+        (when, o)
+        for when, o in outcomes
+        if isinstance(o, ConnectionError) and web_killed_at <= when < web_killed_at + 0.5
+    ]
+    assert len(in_flight) <= 1, in_flight
+    failed = [
+        (round(when - killed_at, 3), o)
+        for when, o in outcomes
+        if o != 200 and (when, o) not in in_flight
+    ]
     assert failed == []
     after = [when for when, _ in outcomes if when > killed_at]
     assert after and after[0] - killed_at < RESUMED_WITHIN
