@@ -146,8 +146,11 @@ class Server(OrderedService):
         return self._starting
 
     def _begin(self) -> None:
-        self.stop_signals.install()
+        self._install_signals()
         defer.ensureDeferred(self._start()).chainDeferred(self._starting)
+
+    def _install_signals(self) -> None:
+        self.stop_signals.install()
 
     async def _start(self) -> None:
         try:
@@ -333,8 +336,8 @@ class WebProcessServer(Server):
         channel.pool = pool.pool
         self._add_children(None, job_client, pool, (self.web,))
 
-    def _begin(self) -> None:
-        super()._begin()
+    def _install_signals(self) -> None:
+        super()._install_signals()
         if self.stop_signals.installed:
             # The main process stops its web processes (SIGTERM, or end of
             # file on the channel); a Ctrl-C on the terminal reaches it.
