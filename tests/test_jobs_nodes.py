@@ -26,6 +26,17 @@ needs_postgres = pytest.mark.skipif(
 needs_sqlite = pytest.mark.skipif(bool(postgres()), reason="the SQLite one-node check")
 
 
+_started: list[LRPProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_node_outlives_its_test():
+    """A test that fails half-way leaves no job node (and its workers) running."""
+    yield
+    while _started:
+        _started.pop().kill()
+
+
 def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> LRPProcess:
     """Start a job node (--jobs-only) on the database C{db}, its state under C{tmp}."""
     extra = ["--node-name", name] if name else []
@@ -45,6 +56,7 @@ def job_node(db: Path, tmp: Path, name: str | None, *args, wait=True, **env) -> 
             **env,
         },
     )
+    _started.append(node)
     node.start(wait=False)
     if wait:
         wait_for(
