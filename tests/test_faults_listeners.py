@@ -257,7 +257,10 @@ def test_idle_connections_from_another_address_do_not_keep_a_client_out(node):
             times.append(timed_login(node.amp_port))
         assert churn.opened >= until, (churn.opened, until)
         slowest = max(times)
-    assert slowest < 1, slowest
+    # Typically 0.1-0.2 s here; once in CI 1.07 s with the machine otherwise
+    # idle. Kept out, as before the per-address limit, means every login
+    # refused for the whole flood.
+    assert slowest < 2, slowest
     client.close()
     output = node.output()
     assert "8 connections from 127.0.0.2 were waiting to log in, the most allowed from one " in (
