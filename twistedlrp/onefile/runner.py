@@ -58,11 +58,9 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     argv = server_arguments(spec, listen, keywords, sys.argv[1:])
     # How the server's messages name this command ("run 'python hello.py --migrate'").
     os.environ[defaults.COMMAND_VARIABLE] = f"python {sys.argv[0]}"
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    from twistedlrp.process.forkserver import flush_stdio
+
+    flush_stdio()
     os.execv(sys.executable, [sys.executable, "-m", RUNNER, *argv])
 
 
