@@ -411,13 +411,20 @@ class LRPProcess:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if not port_open(self.port):
                 return False
             try:
-                health = request(self.port, "/-/health", timeout=2)
+                # Up to the deadline, not less: a probe given up on while the
+                # server still answers it would be counted later, in the
+                # middle of a test that counts requests (test_metrics).
+                health = request(
+                    self.port, "/-/health", timeout=max(2.0, deadline - time.monotonic())
+                )
             except OSError:
                 return False
             # "degraded": serving, but a part is not working (many tests run
