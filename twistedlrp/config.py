@@ -43,6 +43,7 @@ FLAG = Kind("true or false", lambda v: isinstance(v, bool))
 WHOLE = Kind("a whole number", _no_bool(int))
 SECONDS = Kind("a number of seconds", _no_bool(int, float))
 STRING = Kind("a string", lambda v: isinstance(v, str))
+WHOLE_OR_AUTO = Kind("a whole number or 'auto'", lambda v: isinstance(v, str) or WHOLE.accepts(v))
 STRINGS = Kind(
     "a string or a list of strings",
     lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(i, str) for i in v),

@@ -1,14 +1,8 @@
 """
-The options of ``twistd lrp``, shared by the command line, ``--config`` files
-(:mod:`twistedlrp.config`) and :func:`twistedlrp.make_service`.
-
-Each option is one entry of :data:`OPTIONS`: its name, default, parser and
-help. The entry makes the option's ``opt_`` method (so ``--help`` lists it
-with its default), says what Python value a config file or keyword may give,
-and turns a value back into a command-line argument (:meth:`Options.to_argv`).
-Values are stored under the long name (``options["graceful-timeout"]``). A
-wrong value raises :class:`usage.UsageError` with a one-line message naming
-the option.
+The options of ``twistd lrp``, for the command line, ``--config`` files and
+:func:`twistedlrp.make_service`: one row of :data:`OPTIONS` each (name,
+default, parser, help), stored under the long name. A wrong value raises
+:class:`usage.UsageError` with a one-line message naming the option.
 """
 
 from __future__ import annotations
@@ -26,10 +20,8 @@ from twistedlrp import logs, values
 from twistedlrp.config import (
     COMMAND_LINE,
     CONFIG_FILE,
-    SECONDS,
     STRING,
     STRINGS,
-    WHOLE,
     Kind,
     apply_config_file,
     python_value,
@@ -43,7 +35,7 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class Option:
-    """One option of C{twistd lrp}."""
+    """One option of C{twistd lrp}: a row of L{OPTIONS}."""
 
     name: str  # the long name, also the key of its value
     default: Any  # a value, or a function that returns it
@@ -51,11 +43,18 @@ class Option:
     help: str  # for --help, without the default or a final full stop
     short: str | None = None
     repeatable: bool = False  # a list; each use adds one item (the first replaces the default)
-    kind: Kind = STRING  # what a config file or keyword gives (each item, if repeatable)
+    # What a config file or keyword gives (each item, if repeatable), and a
+    # value (or item) as a command-line value: the parser's, if it says.
+    kind: Kind | None = None
+    unparse: Callable[[Any], str] | None = None
     shown: str | None = None  # the default as --help shows it, if not the value itself
-    unparse: Callable[[Any], str] = str  # a value (or item) as a command-line value
     from_python: Callable[[Any], Any] | None = None  # normalises a config file's value
     in_file: bool = True  # may a config file or keyword give it?
+
+    def __post_init__(self):
+        for field, fallback in (("kind", STRING), ("unparse", str)):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, getattr(self.parse, field, fallback))
 
     @property
     def flag(self) -> bool:
@@ -76,10 +75,6 @@ class Option:
 
 
 _WHOLE_ANY = values.whole(0)
-WHOLE_OR_AUTO = Kind(
-    "a whole number or 'auto'",
-    lambda v: isinstance(v, str) or isinstance(v, int) and not isinstance(v, bool),
-)
 # Endpoint types whose sockets can be shared by several web processes.
 SHARED_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
 
@@ -98,17 +93,16 @@ OPTIONS: tuple[Option, ...] = (
            "The working directory always is", repeatable=True),
     Option("listen", [DEFAULT_LISTEN], values.server_endpoint, "Endpoint to serve HTTP on (repeatable)",
            short="l", repeatable=True),
-    Option("threads", 8, values.whole(), "Threads that run the Django application", kind=WHOLE),
+    Option("threads", 8, values.whole(), "Threads that run the Django application"),
     Option("web-workers", 1, values.count_or_auto, "Web processes that serve views, each with "
            "--threads threads ('auto': one per core); beyond 1, this process runs the jobs and "
-           "hooks and hands the sockets to them", kind=WHOLE_OR_AUTO),
+           "hooks and hands the sockets to them"),
     Option("graceful-timeout", 30.0, values.seconds, "Seconds that draining requests, jobs and "
-           "shut-down hooks may take together", kind=SECONDS, unparse=values.number_text),
+           "shut-down hooks may take together"),
     Option("static", [], values.static_mapping, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
            "(repeatable)", repeatable=True, shown="STATIC_URL=STATIC_ROOT when both are local",
            unparse="=".join, from_python=static_values),
-    Option("no-static", False, None, "Serve no static files from the reactor, not even "
-           "STATIC_ROOT"),
+    Option("no-static", False, None, "Serve no static files from the reactor, not even STATIC_ROOT"),
     Option("access-log", None, values.access_log_file, "Write an access log in combined log format to "
            "FILE ('-' for the server log)"),
     Option("access-log-format", "combined", logs.access_log_format, "Format of --access-log lines: "
@@ -118,36 +112,32 @@ OPTIONS: tuple[Option, ...] = (
     Option("log-format", "text", logs.log_format, "Format of the server log: 'text' (twistd's), "
            "or 'json' (one JSON object a line)"),
     Option("max-body-size", 10 * MiB, _WHOLE_ANY, "Largest request body accepted, in bytes; "
-           "larger ones get 413 unread", kind=WHOLE),
+           "larger ones get 413 unread"),
     Option("max-waiting", 100, _WHOLE_ANY, "Requests that may wait for a busy thread pool "
-           "before new ones get 503", kind=WHOLE),
+           "before new ones get 503"),
     Option("header-timeout", 60.0, values.seconds, "Seconds a client has to send a whole request "
-           "head, from the connection or the request's first byte; then 408 (0: no limit)",
-           kind=SECONDS, unparse=values.number_text),
+           "head, from the connection or the request's first byte; then 408 (0: no limit)"),
     Option("max-header-size", 64 * 1024, values.whole(1024), "Largest request head (request line "
-           "and headers), in bytes; larger ones get 431", kind=WHOLE),
+           "and headers), in bytes; larger ones get 431"),
     Option("max-connections", None, values.whole(1), "Open HTTP connections at most; a new one "
-           "beyond closes the one that waited longest for a request head", kind=WHOLE,
+           "beyond closes the one that waited longest for a request head",
            shown="the open-file limit minus 128, 4 per thread and 10 per worker"),
     Option("write-timeout", 60.0, values.seconds, "Seconds a response waits for a client that "
            "takes none of it (counted from when a write could not go out, restarted by each "
-           "byte taken) before its connection is cut (0: no limit)", kind=SECONDS,
-           unparse=values.number_text),
+           "byte taken) before its connection is cut (0: no limit)"),
     Option("stream-threads", None, values.whole(1), "Threads that may stream a response "
            "(StreamingHttpResponse, FileResponse) at once; a response that would stream beyond "
-           "gets 503", kind=WHOLE, shown="half of --threads, at least 1"),
+           "gets 503", shown="half of --threads, at least 1"),
     Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
            "--forwarded-allow-ips"),
     Option("forwarded-allow-ips", ["127.0.0.1"], values.networks, "Addresses or networks "
-           "(comma-separated, or '*') whose X-Forwarded-* headers are trusted", kind=STRINGS,
-           unparse=",".join),
+           "(comma-separated, or '*') whose X-Forwarded-* headers are trusted"),
     Option("health-path", "/-/health", values.url_path, "Path of the health endpoint, answered by "
            "the reactor"),
     Option("metrics-path", "/-/metrics", values.url_path, "Path of the Prometheus metrics endpoint, "
            "answered by the reactor"),
     Option("metrics-allow-ips", ["127.0.0.1", "::1"], values.networks, "Addresses or networks "
-           "(comma-separated, or '*') that may read the metrics endpoint", kind=STRINGS,
-           unparse=",".join),
+           "(comma-separated, or '*') that may read the metrics endpoint"),
     Option("no-metrics", False, None, "Serve no metrics endpoint and keep no metrics"),
     Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics endpoint and "
            "the health endpoint, and nothing else, on this endpoint (a --jobs-only node's only "
@@ -173,23 +163,18 @@ OPTIONS: tuple[Option, ...] = (
            "next when it is lost)", repeatable=True),
     Option("job-threads", None, values.whole(1), "Threads that may wait for the job service at "
            "once; a job call beyond raises JobServiceUnavailable at once, so that the other "
-           "threads keep answering views that do not touch jobs", kind=WHOLE,
-           shown="half of --threads, at least 1"),
+           "threads keep answering views that do not touch jobs", shown="half of --threads, at least 1"),
     Option("no-jobs", False, None, "Run no job service and no workers in this process"),
     Option("jobs-only", False, None, "Run the job service and workers, but no web server"),
-    Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs", kind=WHOLE),
-    Option("max-jobs-per-worker", 1000, values.whole(), "Replace a worker after it ran this many "
-           "jobs", kind=WHOLE),
+    Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs"),
+    Option("max-jobs-per-worker", 1000, values.whole(), "Replace a worker after it ran this many jobs"),
     Option("max-worker-memory", 0, _WHOLE_ANY, "Replace a worker whose resident memory exceeds "
-           "this many MB (0: no limit)", kind=WHOLE),
+           "this many MB (0: no limit)"),
     Option("no-worker-template", False, None, "Start each replacement worker as a new process that "
            "sets Django up, instead of forking it from a Django-ready template"),
-    Option("max-job-payload", MiB, values.whole(1024), "Largest job arguments or result, in bytes",
-           kind=WHOLE),
-    Option("queues", None, lambda option, value: [q.strip() for q in (
-               value if isinstance(value, list) else str(value).split(",")) if str(q).strip()] or None,
-           "Run only the jobs of these queues (comma-separated)", kind=STRINGS, shown="all",
-           unparse=",".join),
+    Option("max-job-payload", MiB, values.whole(1024), "Largest job arguments or result, in bytes"),
+    Option("queues", None, values.names, "Run only the jobs of these queues (comma-separated)",
+           shown="all"),
     Option("node-name", None, values.text, "Name of this job node in the node table, unique among "
            "the nodes sharing the database", shown="<host name>:<absolute state-dir>"),
     # Development and deployment.
@@ -198,6 +183,12 @@ OPTIONS: tuple[Option, ...] = (
            "command line wins", in_file=False),
 )  # fmt: skip
 _BY_NAME = {option.name: option for option in OPTIONS}
+# Options that cannot be given together (their error message names them in this order).
+_EXCLUSIVE = (
+    ("no-jobs", "jobs-only"),
+    ("jobs-connect", "jobs-only"),
+    ("metrics-listen", "no-metrics"),
+)
 
 # Options of other servers that people type by habit: what to say instead of
 # "did you mean" from difflib. Keys are spelled as typed.
@@ -228,10 +219,7 @@ def version() -> str:
 
 
 class Options(usage.Options):
-    """
-    Options for C{twistd lrp}. Values are stored under the long option names;
-    L{given} says which were given, and where.
-    """
+    """Options for C{twistd lrp}; L{given} says which were given, and where."""
 
     synopsis = "[options]"
     longdesc = (
@@ -248,11 +236,6 @@ class Options(usage.Options):
             self[option.name] = option.default_value()
         # Long name -> COMMAND_LINE or CONFIG_FILE, for each option given.
         self.given: dict[str, str] = {}
-
-    @property
-    def command_line(self) -> set[str]:
-        """The names of the options given on the command line (not by a file or the environment)."""
-        return {name for name, source in self.given.items() if source == COMMAND_LINE}
 
     # -- parsing --------------------------------------------------------
 
@@ -279,10 +262,7 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def _refuse_unknown(self, args: list[str]) -> None:
-        """
-        Refuse unknown options before getopt sees them: getopt would take a
-        unique prefix (C{--thread}) for the option it starts.
-        """
+        """Refuse unknown options: getopt would take a prefix (C{--thread}) for the option."""
         longs = {name.removesuffix("="): name.endswith("=") for name in self.longOpt}
         shorts = {c: self.shortOpt[i + 1 : i + 2] == ":" for i, c in enumerate(self.shortOpt)}
         shorts.pop(":", None)
@@ -315,13 +295,11 @@ class Options(usage.Options):
 
     def set_option(self, name: str, value, source: str = COMMAND_LINE) -> None:
         """
-        Set option C{name} (its long name) from a Python value (a config
-        file's, or a keyword's), with the same checks as the command line.
-        A repeatable option's list replaces the one it had.
+        Set option C{name} from a Python value (a config file's, a keyword's)
+        with the command line's checks; a list replaces a repeatable one's.
 
         @param source: where the value comes from, recorded in L{given}.
-        @raise usage.UsageError: unknown name, or the value has the wrong
-            type or is invalid.
+        @raise usage.UsageError: unknown name, or a wrong type or value.
         """
         option = _BY_NAME.get(name)
         if option is None or not option.in_file:
@@ -335,13 +313,10 @@ class Options(usage.Options):
 
     def to_argv(self, exclude: Collection[str] = (), *, include_file: bool = False) -> list[str]:
         """
-        The C{twistd lrp} arguments of the options given on the command line
-        (or through L{set_option}, as C{make_service()} keywords are), in
-        the order of L{OPTIONS}: C{["--threads=4", "--proxy-headers",
-        "--pythonpath=/a", "--static=/static/=/dir"]}. With C{include_file},
-        also those taken from the C{--config} file. Options named in
-        C{exclude} (long names) are left out, and so are flags that are off.
-        Parsing the result with a fresh L{Options} gives the same values.
+        @return: the arguments (C{["--threads=4", "--proxy-headers"]}) of the
+            options given on the command line or by L{set_option} (and the
+            C{--config} file's with C{include_file}), except those named in
+            C{exclude} and flags that are off; parsed again, the same values.
         """
         sources = {COMMAND_LINE, CONFIG_FILE} if include_file else {COMMAND_LINE}
         args = []
@@ -370,10 +345,9 @@ class Options(usage.Options):
                 "--set gives settings to a site given with --app and no --settings "
                 "(a settings module sets its own)"
             )
-        if self["no-jobs"] and self["jobs-only"]:
-            raise usage.UsageError("--no-jobs and --jobs-only exclude each other")
-        if self["jobs-connect"] and self["jobs-only"]:
-            raise usage.UsageError("--jobs-connect and --jobs-only exclude each other")
+        for one, other in _EXCLUSIVE:
+            if self[one] and self[other]:
+                raise usage.UsageError(f"--{one} and --{other} exclude each other")
         if self["web-workers"] > 1:
             if self["jobs-only"] and self.given.get("web-workers"):
                 raise usage.UsageError("--web-workers and --jobs-only exclude each other")
@@ -384,8 +358,6 @@ class Options(usage.Options):
                         f"--web-workers {self['web-workers']}: --listen {endpoint} cannot be "
                         f"shared by several web processes (use tcp:, tcp6:, unix: or systemd:)"
                     )
-        if self["no-metrics"] and self["metrics-listen"]:
-            raise usage.UsageError("--metrics-listen and --no-metrics exclude each other")
         if not self["no-metrics"] and self["metrics-path"] == self["health-path"]:
             raise usage.UsageError(f"--metrics-path {self['metrics-path']} is --health-path too")
         for name in ("jobs-listen", "pb-listen"):
@@ -406,18 +378,13 @@ class Options(usage.Options):
 
 
 def _handler(option: Option):
-    """The C{opt_} method of C{option}, whose docstring is its C{--help} text."""
+    """The C{opt_} method of C{option} (usage.Options reads a flag from its arity)."""
     if option.flag:
-
-        def handler(self):
-            self._take(option, True)
+        handler = lambda self: self._take(option, True)  # noqa: E731
     else:
-
-        def handler(self, value):
-            self._take(option, value)
-
+        handler = lambda self, value: self._take(option, value)  # noqa: E731
     handler.__name__ = "opt_" + option.name.replace("-", "_")
-    handler.__doc__ = option.doc()
+    handler.__doc__ = option.doc()  # its --help text
     return handler
 
 
@@ -429,10 +396,7 @@ del _option
 
 
 class TapOptions(Options):
-    """
-    The options as C{twistd lrp} parses them: a wrong value ends the process
-    with one line on stderr instead of twistd's full usage text.
-    """
+    """A wrong value ends C{twistd lrp} with one line on stderr, not twistd's usage text."""
 
     def parseOptions(self, options=None):
         try:

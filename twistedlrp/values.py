@@ -15,6 +15,12 @@ from typing import Any
 
 from twisted.python import usage
 
+from twistedlrp.config import SECONDS, STRINGS, WHOLE, WHOLE_OR_AUTO
+
+# A parser may say what Python type a config file must give (C{kind}) and how
+# its value is written on a command line (C{unparse}): the option table's
+# defaults for the options it parses.
+
 
 def whole(minimum: int = 1) -> Callable[[str, Any], int]:
     def parse(option: str, value) -> int:
@@ -28,6 +34,7 @@ def whole(minimum: int = 1) -> Callable[[str, Any], int]:
             raise usage.UsageError(f"--{option}: must be at least {minimum}, got {number}")
         return number
 
+    parse.kind = WHOLE
     return parse
 
 
@@ -44,6 +51,9 @@ def count_or_auto(option: str, value) -> int:
     return whole(1)(option, value)
 
 
+count_or_auto.kind = WHOLE_OR_AUTO
+
+
 def seconds(option: str, value) -> float:
     try:
         number = float(value)
@@ -52,6 +62,13 @@ def seconds(option: str, value) -> float:
     if number < 0 or number != number:
         raise usage.UsageError(f"--{option}: must not be negative, got {value!r}")
     return number
+
+
+def number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+seconds.kind, seconds.unparse = SECONDS, number_text
 
 
 def text(option: str, value) -> str:
@@ -172,6 +189,16 @@ def networks(option: str, addresses) -> list[str]:
     return parsed
 
 
+def names(option: str, value) -> list[str] | None:
+    """Comma-separated names (or a list of them), or C{None} for none."""
+    items = value if isinstance(value, list) else str(value).split(",")
+    return [str(item).strip() for item in items if str(item).strip()] or None
+
+
+networks.kind = names.kind = STRINGS
+networks.unparse = names.unparse = ",".join
+
+
 def url_path(option: str, path) -> str:
     if not path.startswith("/"):
         raise usage.UsageError(f"--{option}: must start with '/', got {path!r}")
@@ -207,7 +234,3 @@ def setting(option: str, value) -> str:
             f"DEBUG=true, got {value!r}"
         )
     return f"{name}={value.partition('=')[2]}"
-
-
-def number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)

@@ -95,6 +95,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     """
     from twisted.python import usage
 
+    from twistedlrp.config import COMMAND_LINE
     from twistedlrp.options import Options
 
     prog = os.path.basename(sys.argv[0] or "serve")
@@ -107,7 +108,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
                 "--app: the file that calls serve() is what it serves; "
                 "use twistd -n lrp --app to serve another"
             )
-        on_command_line = options.command_line
+        on_command_line = {n for n, source in options.given.items() if source == COMMAND_LINE}
         settings = {}
         if listen is not None:
             keywords = {"listen": listen, **keywords}
