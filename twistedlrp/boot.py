@@ -1,9 +1,7 @@
 """
-Setting Django up before the server accepts a connection (docs/design.md,
-start-up steps 1 to 3), in the main thread, before the reactor runs.
-
-Every failure here raises :class:`BootError` with a message fit for one line
-of a terminal; the tap turns it into a non-zero exit.
+Setting Django up in the main thread before the reactor runs (docs/design.md,
+start-up steps 1 to 3). A failure raises :class:`BootError`, one line for the
+terminal; the tap turns it into a non-zero exit.
 """
 
 from __future__ import annotations
@@ -72,10 +70,9 @@ def configure_settings(settings_module: str | None) -> str:
 
 def setup_django(load_urlconf: bool = True) -> None:
     """
-    Run C{django.setup()}, the system checks, the migration check, and load
-    the URLconf (unless not C{load_urlconf}: a job node serves no URLs and
-    needs no C{ROOT_URLCONF}), then close the main thread's database
-    connections.
+    C{django.setup()}, the system checks and the migration check, the
+    URLconf (unless not C{load_urlconf}: a job node needs no
+    C{ROOT_URLCONF}); then close the main thread's database connections.
 
     @raise BootError: set-up failed or a system check reported an error.
     """
@@ -104,21 +101,21 @@ def setup_django(load_urlconf: bool = True) -> None:
 
 def django_setup() -> None:
     """
-    C{django.setup()}, with the site given with C{--app} (if any) imported
-    around it as L{twistedlrp.onefile.site} says: every process of the
-    server (the server, its web processes, its job workers) calls this.
+    C{django.setup()} with the C{--app} site (if any) imported around it
+    (L{twistedlrp.onefile.site}), in every process of the server.
 
     @raise BootError: set-up failed, or the site's file did.
     """
     import django
-    from django.core.exceptions import ImproperlyConfigured
 
     from twistedlrp.onefile import site
 
     try:
         site.before_setup()
         django.setup()
-    except ImproperlyConfigured as e:
+    except BootError:
+        raise
+    except Exception as e:
         spec = site.current_spec()
         if spec is not None and "labels aren't unique" in str(e):
             raise BootError(
@@ -126,30 +123,22 @@ def django_setup() -> None:
                 f"installed app; rename the file"
             ) from None
         raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
-    except BootError:
-        raise
-    except Exception as e:
-        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
     site.after_setup()
 
 
 def migrate_at_start() -> None:
     """
-    Apply the installed apps' migrations (twistedlrp's job tables, Django's
-    own apps'): a site given with C{--app} on the database twistedlrp chose
+    Apply the migrations: an C{--app} site on the database twistedlrp chose
     gets its tables at the first start, with no other command.
 
     @raise BootError: a migration failed.
     """
     from django.core.management import call_command
     from django.db import DEFAULT_DB_ALIAS, connections
-    from django.db.migrations.executor import MigrationExecutor
 
-    executor = MigrationExecutor(connections[DEFAULT_DB_ALIAS])
-    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    plan, apps = _unapplied(DEFAULT_DB_ALIAS)
     if not plan:
         return
-    apps = sorted({migration.app_label for migration, _ in plan})
     try:
         call_command("migrate", interactive=False, verbosity=0)
     except Exception as e:
@@ -157,7 +146,7 @@ def migrate_at_start() -> None:
     _log().info(
         "Applied {count} migration(s) of {apps} to {database}",
         count=len(plan),
-        apps=", ".join(apps),
+        apps=apps,
         database=connections[DEFAULT_DB_ALIAS].settings_dict["NAME"],
     )
 
@@ -182,9 +171,8 @@ def warn_missing_tables() -> None:
 
 def migrate(options) -> None:
     """
-    C{twistd lrp --migrate}: set Django up, apply the migrations and create
-    the tables of apps without migrations (C{migrate --run-syncdb}: the
-    models of an C{--app} file), printing what is done.
+    C{twistd lrp --migrate}: set Django up and run C{migrate --run-syncdb}
+    (the models of an C{--app} file have no migrations), printing what is done.
 
     @raise BootError: set-up or a migration failed.
     """
@@ -204,12 +192,11 @@ def migrate(options) -> None:
 def sqlite_immediate_transactions() -> list[str]:
     """
     Make every SQLite database whose settings choose no
-    C{OPTIONS["transaction_mode"]} begin its transactions C{IMMEDIATE}
-    (Django 5.1+), in this process: the job service and the other threads
-    write concurrently, and SQLite fails a deferred transaction that read,
-    then writes after another connection committed ("database is locked"
-    at once, whatever the timeout). An immediate one takes the write lock
-    when it begins and waits for it. Rails does the same for SQLite.
+    C{OPTIONS["transaction_mode"]} begin its transactions C{IMMEDIATE} in
+    this process (Django 5.1+, as Rails does): the job service and the other
+    threads write concurrently, and SQLite fails a deferred transaction that
+    read, then writes after another connection committed ("database is
+    locked" at once, whatever the timeout); an immediate one waits for the lock.
 
     @return: the aliases changed.
     """
@@ -239,13 +226,10 @@ def run_system_checks() -> None:
         messages = checks.run_checks(include_deployment_checks=False)
     except Exception as e:
         raise BootError(f"the system checks crashed: {_last_line(e)}\n{_traceback()}") from None
-    errors = [m for m in messages if m.level >= checks.ERROR and not m.is_silenced()]
+    messages = [m for m in messages if m.level >= checks.WARNING and not m.is_silenced()]
+    errors = [m for m in messages if m.level >= checks.ERROR]
     for message in messages:
-        if (
-            message.level < checks.ERROR
-            and message.level >= checks.WARNING
-            and not message.is_silenced()
-        ):
+        if message.level < checks.ERROR:
             _log().warn("System check: {message}", message=str(message))
     if errors:
         lines = "\n".join(f"  {m}" for m in errors)
@@ -256,13 +240,11 @@ def run_system_checks() -> None:
 def warn_unapplied_migrations() -> None:
     """Log a warning for each database with unapplied migrations."""
     from django.conf import settings
-    from django.db import DEFAULT_DB_ALIAS, connections
-    from django.db.migrations.executor import MigrationExecutor
+    from django.db import DEFAULT_DB_ALIAS
 
     for alias in settings.DATABASES:
         try:
-            executor = MigrationExecutor(connections[alias])
-            plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+            plan, apps = _unapplied(alias)
         except Exception as e:
             _log().warn(
                 "Could not check migrations of database {alias!r}: {error}",
@@ -271,21 +253,30 @@ def warn_unapplied_migrations() -> None:
             )
             continue
         if plan:
-            apps = sorted({migration.app_label for migration, _ in plan})
             _log().warn(
                 "Database {alias!r} has {count} unapplied migration(s) for app(s) {apps}; "
                 "run 'python manage.py migrate{database}'.",
                 alias=alias,
                 count=len(plan),
-                apps=", ".join(apps),
+                apps=apps,
                 database="" if alias == DEFAULT_DB_ALIAS else f" --database {alias}",
             )
 
 
+def _unapplied(alias: str) -> tuple[list, str]:
+    """@return: the migration plan of database C{alias}, and its apps' labels as text."""
+    from django.db import connections
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connections[alias])
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    return plan, ", ".join(sorted({migration.app_label for migration, _ in plan}))
+
+
 def load_root_urlconf() -> None:
     """
-    Import the root URLconf and everything it includes, and resolve once, so
-    that no request pays for (or races) the first import.
+    Import the root URLconf and resolve once, so that no request pays for
+    (or races) the first import.
 
     @raise BootError: the URLconf cannot be imported.
     """
@@ -335,10 +326,9 @@ def load_wsgi_application():
 
 def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
     """
-    Import the module C{name} of every installed app that has one (the
-    C{lrp} modules register hooks and services as they import).
+    Import the module C{name} of every installed app that has one, except
+    the apps named in C{skip} (the C{lrp} modules register hooks as they import).
 
-    @param skip: the names of apps whose module is left alone.
     @return: the dotted names of the modules imported.
     @raise BootError: one of them failed to import.
     """
@@ -375,10 +365,7 @@ def _traceback() -> str:
 
 
 def bridge_stdlib_logging(level: str = "warn") -> None:
-    """
-    Send stdlib logging records of C{level} and above to the server log
-    (L{twistedlrp.logs.bridge_stdlib_logging}).
-    """
+    """L{twistedlrp.logs.bridge_stdlib_logging}, without importing Twisted before it is needed."""
     from twistedlrp import logs
 
     logs.bridge_stdlib_logging(level)
