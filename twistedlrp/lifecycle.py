@@ -1,28 +1,15 @@
 """
-The site's own start-up and shut-down: hooks and long-lived services.
-
-Register from an ``lrp`` module of an installed app (imported at start-up)
-or from ``AppConfig.ready()``::
-
-    from twistedlrp.lifecycle import on_startup, on_shutdown, add_service
+The site's own start-up and shut-down hooks and long-lived services, registered
+from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/design.md)::
 
     @on_startup
     async def warm_cache():
         ...
 
-Start-up hooks run in registration order in the reactor thread, after the
-thread pool, the registered services and the job service have started and
-before any port opens. A hook may be a plain function, return a Deferred, or
-be ``async def``; its result is awaited. Blocking work in a hook delays
-start-up only; push it to a thread (``deferToThread``) in shut-down hooks,
-which run in reverse order once requests and jobs have drained, each bounded
-by what is left of the graceful deadline. Registered services start before
-the job service and the hooks, and stop after the shut-down hooks, newest
-first (docs/design.md).
-
-The server runs these as children of its L{twistedlrp.ordered_service.OrderedService}:
-L{site_services} holds the registered services, L{StartupHooks} and
-L{ShutdownHooks} run the hooks.
+Start-up hooks run in registration order in the reactor thread before any
+port opens; shut-down hooks in reverse once requests and jobs have drained,
+each within what is left of the graceful deadline. A hook may return a
+Deferred or be ``async def``: its result is awaited.
 """
 
 from __future__ import annotations
@@ -44,10 +31,7 @@ _once: set[int] = set()  # ids of the hooks registered with once=True
 
 
 class _SiteServices(OrderedService):
-    """
-    The registered services that run in this process: all of them, or
-    (L{scope}) those of the main process or of a web process.
-    """
+    """The registered services; those of L{scope} (L{in_scope}) run in this process."""
 
     scope = "all"
 
@@ -63,8 +47,7 @@ class _SiteServices(OrderedService):
         self.services.append(child)
 
 
-#: The services the site registered, started and stopped by the server in
-#: registration order (and the reverse); one added while it runs starts at once.
+#: The services the site registered; one added while it runs starts at once.
 site_services = _SiteServices()
 site_services.setName("site-services")
 
@@ -84,14 +67,12 @@ def _register(hooks: list, hook, once: bool, what: str):
 
 def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server start, before the ports open. Use as
+    Register C{hook} to run at server start, before the ports open: as
     C{@on_startup} or C{@on_startup(once=True)}.
 
     @param once: with C{--web-workers} above 1, run it once, in the main
-        process (the one that runs the job service); a plain hook runs in
-        every web process instead, where the views that read what it
-        prepares run. With one web process (the default) both kinds run in
-        the one process.
+        process (the job service's); a plain hook runs in every web process
+        instead, where the views run. With one web process both kinds run there.
     @return: C{hook} itself (or a decorator, when called without it).
     """
     return _register(_startup_hooks, hook, once, "on_startup")
@@ -99,9 +80,8 @@ def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
 
 def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server stop, after requests and jobs drained.
-    Use as C{@on_shutdown} or C{@on_shutdown(once=True)}; C{once} as for
-    L{on_startup}.
+    Register C{hook} to run at server stop, after requests and jobs drained
+    (C{once} as for L{on_startup}).
 
     @return: C{hook} itself (or a decorator, when called without it).
     """
@@ -110,13 +90,10 @@ def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
 
 def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
     """
-    Start C{svc} (any Twisted L{IService}) with the server and stop it
-    with the server, in registration order (and the reverse at stop). A
-    Deferred returned by its C{startService} or C{stopService} is awaited.
+    Start and stop C{svc} (any L{IService}) with the server, in registration
+    order and the reverse, awaiting a Deferred its C{startService} or
+    C{stopService} returns (C{once} as for L{on_startup}).
 
-    @param once: with C{--web-workers} above 1, run it in the main process
-        only; otherwise it runs in every web process (the views' process),
-        and not in the main one. With one web process it just runs.
     @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
     @raise TypeError: C{svc} does not provide L{IService}.
@@ -176,16 +153,9 @@ def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
     @return: a Deferred that fires with its result once any Deferred or
         coroutine it returned has finished, or fails with its exception.
     """
-    if inspect.iscoroutinefunction(hook):
-        return defer.Deferred.fromCoroutine(hook())
-    result = defer.maybeDeferred(hook)
-
-    def _await_coroutine(value):
-        if inspect.iscoroutine(value):
-            return defer.Deferred.fromCoroutine(value)
-        return value
-
-    return result.addCallback(_await_coroutine)
+    return defer.maybeDeferred(hook).addCallback(
+        lambda value: defer.Deferred.fromCoroutine(value) if inspect.iscoroutine(value) else value
+    )
 
 
 def hook_name(hook: Callable[[], Any]) -> str:
@@ -194,12 +164,11 @@ def hook_name(hook: Callable[[], Any]) -> str:
 
 
 def hooks_in_scope(hooks: list, scope: str) -> list:
-    """The hooks of C{hooks} that run in a process of C{scope} (L{in_scope})."""
     return [hook for hook in hooks if in_scope(scope, id(hook) in _once)]
 
 
 class StartupHooks(service.Service):
-    """Runs the start-up hooks (of C{scope}, L{in_scope}) in registration order when it starts."""
+    """Runs the start-up hooks of C{scope} in registration order when it starts."""
 
     name = "startup-hooks"
 
@@ -241,7 +210,7 @@ class ShutdownHooks(service.Service):
 
 
 class _Hook(service.Service):
-    """One shut-down hook, stopped like a service (so that it is bounded and logged alike)."""
+    """One shut-down hook, stopped like a service: bounded and logged alike."""
 
     def __init__(self, hook: Callable[[], Any]):
         self.hook = hook

@@ -1,23 +1,8 @@
 """
-The server log: its level (C{--log-level}) and format (C{--log-format}), for
-twisted.logger events and stdlib logging records alike (docs/logging.md).
-
-Every process of the server logs through one observer made here: the
-C{twistd} process (L{observe_for_twistd}: the observer becomes the
-application's C{ILogObserver}, which twistd prefers to its own, on the same
-file twistd would have chosen), the reload supervisor's server child (a
-C{twistd} too) and each web process (L{begin}). Job worker processes write
-to their pipes, their stdlib records as lines the job service reads back
-(L{twistedlrp.stdlog}, L{twistedlrp.jobs.worker}).
-
-The JSON format writes one object per line::
-
-    {"time": "2026-12-01T10:20:23.123Z", "level": "info", "namespace": "twistedlrp.jobs",
-     "message": "job testapp.jobs.add 3f2a... succeeded in 0.012 s", "pid": 4242,
-     "job_id": "3f2a...", "name": "testapp.jobs.add", "duration": 0.012}
-
-with the event's own fields after the five fixed ones, and C{traceback} when
-the event carries a failure.
+The server log's level (C{--log-level}) and format (C{--log-format}), for
+twisted.logger events and stdlib records alike (docs/logging.md): every
+process but the job workers (L{twistedlrp.stdlog}) logs through one observer
+made here (L{observe_for_twistd} in a twistd process, L{begin} elsewhere).
 """
 
 from __future__ import annotations
@@ -42,19 +27,12 @@ from twisted.logger import (
 )
 from twisted.python import usage
 
+from twistedlrp import values
 from twistedlrp.stdlog import NUMBERS as _STDLIB
 from twistedlrp.stdlog import drop_django_console  # noqa: F401 - also offered here
 
-LEVELS = {
-    "debug": LogLevel.debug,
-    "info": LogLevel.info,
-    "warn": LogLevel.warn,
-    "error": LogLevel.error,
-}
-_ALIASES = {"warning": "warn"}
-FORMATS = ("text", "json")
-_RANK = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3}
-_RANK[LogLevel.critical] = 4
+LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
+_RANK = {level: rank for rank, level in enumerate([*LEVELS.values(), LogLevel.critical])}
 # Keys of events from twisted.python.log (legacy) that repeat what the fixed fields say.
 _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why", "failure"})
 
@@ -63,33 +41,10 @@ _threshold = _RANK[LogLevel.info]
 _level_name = "info"
 
 
-# -- option values ------------------------------------------------------------------
-
-
-def log_level(option: str, value) -> str:
-    """
-    @return: C{debug}, C{info}, C{warn} or C{error} (C{warning} is taken for C{warn}).
-    @raise usage.UsageError: another value.
-    """
-    name = str(value).strip().lower()
-    name = _ALIASES.get(name, name)
-    if name not in LEVELS:
-        raise usage.UsageError(f"--{option}: expected one of {', '.join(LEVELS)}, got {value!r}")
-    return name
-
-
-def log_format(option: str, value) -> str:
-    """
-    @return: C{text} or C{json}.
-    @raise usage.UsageError: another value.
-    """
-    name = str(value).strip().lower()
-    if name not in FORMATS:
-        raise usage.UsageError(f"--{option}: expected text or json, got {value!r}")
-    return name
-
-
-# -- the level --------------------------------------------------------------------
+# The parsers of --log-level, --log-format and --access-log-format.
+log_level = values.choice(*LEVELS, aliases={"warning": "warn"})
+log_format = values.choice("text", "json")
+access_log_format = values.choice("combined", "combined+duration")
 
 
 def set_level(name: str) -> None:
@@ -105,14 +60,8 @@ def level_name() -> str:
 
 
 def enabled(level: LogLevel) -> bool:
-    """
-    @return: whether an event of C{level} would be written: callers on hot
-        paths (each job's start and end) skip building the event when not.
-    """
+    """@return: whether an event of C{level} is written (hot paths skip building it if not)."""
     return _RANK[level] >= _threshold
-
-
-# -- observers ----------------------------------------------------------------------
 
 
 def json_line(event: dict) -> str:
@@ -159,10 +108,7 @@ def json_line(event: dict) -> str:
 
 
 def text_line(event: dict) -> str | None:
-    """
-    @return: the event as twistd writes it
-        (C{2026-12-01T10:20:23+0000 [namespace#level] message}).
-    """
+    """@return: the event as twistd writes it (C{2026-12-01T10:20:23+0000 [namespace#level] text})."""
     text = event.get("log_text")
     level = event.get("log_level")
     if (
@@ -197,12 +143,7 @@ def _second_time(when: float | None) -> str:
 
 
 def make_observer(stream, log_format: str = "text", level: str = "info") -> ILogObserver:
-    """
-    @param stream: a text file (standard output, or twistd's log file).
-    @return: an observer that writes the events of C{level} and above to
-        C{stream}, in twistd's text format (L{text_line}) or as JSON lines
-        (L{json_line}).
-    """
+    """@return: an observer writing the events of C{level} and above to C{stream}, text or JSON."""
     observer = FileLogObserver(stream, json_line if log_format == "json" else text_line)
     return FilteringLogObserver(observer, [LogLevelFilterPredicate(LEVELS[level])])
 
@@ -210,11 +151,10 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 def twistd_log_file(twistd_options):
     """
     @param twistd_options: twistd's own options (C{-n}, C{--logfile}, C{--syslog}).
-    @return: the file twistd would log to: standard output with C{-n} and no
-        C{--logfile} (or C{--logfile -}), else the log file (C{twistd.log}
-        by default), rotated on SIGUSR1 as twistd does; C{None} where
-        twistd's own logging must stay (C{--syslog}, C{--logger}, or C{-}
-        without C{-n}, which twistd refuses itself).
+    @return: the file twistd would log to (standard output with C{-n} and no
+        C{--logfile}, or C{--logfile -}; else the log file, rotated on
+        SIGUSR1 as twistd does), or C{None} where twistd's own logging must
+        stay (C{--syslog}, C{--logger}, C{-} without C{-n}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -240,13 +180,10 @@ def twistd_log_file(twistd_options):
 
 def observe_for_twistd(root, options) -> None:
     """
-    Have twistd log through L{make_observer} with C{options}' level and
-    format: when twistd gives C{root} (what C{makeService} returned) its
-    application, the observer becomes the application's C{ILogObserver}
-    component, which twistd's logger prefers to the one it would make.
-    Nothing changes when C{options} did not come from twistd's command line
-    (a C{.tac} sets its own observer) or twistd must keep its own
-    (L{twistd_log_file}).
+    Have twistd log through L{make_observer}: when twistd gives C{root} its
+    application, the observer becomes the application's C{ILogObserver},
+    which twistd prefers to its own. Not for options that did not come from
+    twistd's command line (a C{.tac} sets its own observer).
     """
     set_level(options["log-level"])
     twistd_options = getattr(options, "parent", None)
@@ -271,9 +208,8 @@ def observe_for_twistd(root, options) -> None:
 
 def begin(lrp_args: list[str], stream=None) -> None:
     """
-    Begin logging in a process that is not twistd (a web process, the web
-    template), to C{stream} (standard output) with the level and format of
-    the C{twistd lrp} arguments C{lrp_args} (the defaults if they do not parse).
+    Begin logging in a process that is not twistd (a web process) to
+    C{stream}, with the level and format of C{lrp_args} (or the defaults).
     """
     from twistedlrp.options import Options
 
@@ -287,9 +223,6 @@ def begin(lrp_args: list[str], stream=None) -> None:
     set_level(level)
     observer = make_observer(stream or sys.stdout, log_format, level)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-
-# -- stdlib logging ----------------------------------------------------------------
 
 
 _FROM_STDLIB = (
@@ -322,11 +255,10 @@ class _Bridge(logging.Handler):
 
 def bridge_stdlib_logging(level: str = "warn") -> None:
     """
-    Send stdlib logging records of C{level} and above (Django's
-    C{django.request} errors among them) to the server log, through one
-    handler on the root logger (added once; a later call changes its
-    level), and lower the root logger's level to C{level} if it is higher.
-    A C{LOGGING} setting that configures the root logger replaces the handler.
+    Send stdlib records of C{level} and above to the server log through one
+    handler on the root logger (added once; a later call changes its level),
+    lowering the root logger's level to C{level}. A C{LOGGING} setting that
+    configures the root logger replaces the handler.
     """
     number = _STDLIB[level]
     root = logging.getLogger()
@@ -337,14 +269,3 @@ def bridge_stdlib_logging(level: str = "warn") -> None:
     handler.setLevel(number)
     if root.level > number or root.level == logging.NOTSET:
         root.setLevel(number)
-
-
-def access_log_format(option: str, value) -> str:
-    """
-    @return: C{combined} or C{combined+duration}.
-    @raise usage.UsageError: another value.
-    """
-    name = str(value).strip().lower()
-    if name not in ("combined", "combined+duration"):
-        raise usage.UsageError(f"--{option}: expected combined or combined+duration, got {value!r}")
-    return name

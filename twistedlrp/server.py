@@ -1,18 +1,13 @@
 """
-The server: the root service of ``twistd lrp``, an
-L{twistedlrp.ordered_service.OrderedService} whose children start in order and
-stop in reverse, within one graceful deadline (docs/design.md):
+The root service of ``twistd lrp``: an L{OrderedService} whose children
+start in this order and stop in reverse, within one graceful deadline
+(docs/design.md, the start-up and shut-down contracts):
 
     thread pool · outbound HTTP connections · the site's services ·
     job client · shut-down hooks · job service · start-up hooks ·
     calls from threads · listening site
 
-So at start the pool, the site's services, the job service and the start-up
-hooks run before any port opens; at stop (SIGTERM/SIGINT) the site drains
-first, threads can no longer call into the reactor, the job service drains
-its jobs, the shut-down hooks run newest first, then the job client, the
-site's services and the outbound connections close and the pool's threads
-exit. A second signal ends the process at once.
+A second SIGTERM or SIGINT ends the process at once.
 """
 
 from __future__ import annotations
@@ -34,15 +29,11 @@ log = Logger()
 
 class Server(OrderedService):
     """
-    What the three kinds of server process share: the start-up and
-    shut-down contracts, the signals, the exit status and the template
-    reload. L{SingleServer}, L{MainServer} and L{WebProcessServer} say
-    which services they run, in the order of the module's docstring.
+    What the three kinds of server process share: the contracts, the
+    signals, the exit status and the template reload.
 
     @cvar role: the process's kind, as the metrics name it.
-    @cvar scope: which hooks and site services run here (L{lifecycle}):
-        C{"all"}, only the C{once} ones (C{"once"}) or only the plain ones
-        (C{"each"}).
+    @cvar scope: which hooks and site services run here (L{lifecycle.in_scope}).
     """
 
     name = "lrp"
@@ -88,10 +79,7 @@ class Server(OrderedService):
                 self.addService(child)
 
     def _build_web(self, application, job_client, sections: dict, sockets=None):
-        """
-        Build the site, its health endpoint showing C{sections} (and the
-        job client's); @return: its thread pool service.
-        """
+        """@return: the thread pool service of the site built, whose health shows C{sections}."""
         from twistedlrp.web.service import build_web
 
         pool, self.web, self.health = build_web(
@@ -108,10 +96,7 @@ class Server(OrderedService):
         return pool
 
     def _side_listeners(self, job_service, job_client) -> tuple:
-        """
-        @return: the C{--metrics-listen} and C{--health-listen} services. A
-            job node without them imports no web module.
-        """
+        """@return: the C{--metrics-listen} and C{--health-listen} services (or no web import)."""
         if not (self.options["metrics-listen"] or self.options["health-listen"]):
             return ()
         from twistedlrp.web import metrics as web_metrics
@@ -170,10 +155,8 @@ class Server(OrderedService):
 
     def fail(self, message: str) -> None:
         """
-        Stop the server (gracefully) with exit status 1: it cannot start, or
-        cannot go on. Only the operator's signals stop it with 0, so that a
-        supervisor restarts it after any other stop (systemd's
-        C{Restart=on-failure}).
+        Stop gracefully with exit status 1: only the operator's signals stop
+        with 0, so that systemd's C{Restart=on-failure} restarts after any other.
         """
         set_exit_code(1)
         self.exit_code = 1
@@ -183,7 +166,6 @@ class Server(OrderedService):
             self.reactor.stop()
 
     def _running(self) -> None:
-        """Say that the server runs, and where."""
         ports = self.web.ports if self.web is not None else []
         log.info(
             "twistedlrp running (pid {pid}): {addresses}, {threads} threads",
@@ -196,10 +178,8 @@ class Server(OrderedService):
 
     def reload_templates(self, files: list[str]) -> defer.Deferred:
         """
-        Template files changed (the reload supervisor says so, with
-        C{--reload}): reset Django's template loaders in this process, in a
-        thread of the reactor's pool, and have every web process do the
-        same, so that the next render reads them again. Nothing restarts.
+        Template C{files} changed (C{--reload}): reset Django's template
+        loaders here, in a pool thread, and in every web process; nothing restarts.
         """
         from twistedlrp.reload import templates
 
@@ -252,18 +232,15 @@ class Server(OrderedService):
         return self._stopping
 
     def _stopping_now(self) -> None:
-        """The graceful stop begins (before the children stop)."""
+        """Called as the graceful stop begins, before the children stop."""
 
 
 class SingleServer(Server):
     """
-    The one process that serves everything (no C{--web-workers}, or 1): the
-    site (unless C{--jobs-only}), the job service, every hook and site
-    service.
+    The one process that serves everything (C{--web-workers 1}).
 
     @param application: the WSGI application, or C{None} with C{--jobs-only}.
-    @param jobs: the job service and the job client services
-        (L{twistedlrp.jobs.wiring.job_services}); either may be C{None}.
+    @param jobs: the job service and the job client service (either may be C{None}).
     """
 
     role, scope = "single", "all"
@@ -281,11 +258,7 @@ class SingleServer(Server):
 
 
 class MainServer(Server):
-    """
-    The main process of C{--web-workers N} (N above 1): the job service, the
-    C{once} hooks and site services, and the web processes
-    (L{twistedlrp.web.processes.WebProcesses}), but no HTTP itself.
-    """
+    """The main process of C{--web-workers} above 1: the jobs, the C{once} hooks, no HTTP."""
 
     role, scope = "main", "once"
 
@@ -318,11 +291,8 @@ class MainServer(Server):
 
 class WebProcessServer(Server):
     """
-    One web process of C{--web-workers} (L{twistedlrp.web.process_main}): the pool,
-    the site on the inherited C{sockets}, the plain hooks and site
-    services, and C{channel}, its link to the main process, which stops it.
-
-    @param job_client: the job client service, or C{None}.
+    One web process of C{--web-workers}: the site on the inherited
+    C{sockets}, the plain hooks, and C{channel} to the main process.
     """
 
     role, scope = "web", "each"
@@ -382,10 +352,9 @@ class _Closer(service.Service):
 
 def build_server(options, reactor=None) -> Server:
     """
-    Run the start-up steps that precede the reactor (docs/design.md, steps
-    1 to 3) and return the L{SingleServer} or, with C{--web-workers} above
-    1, the L{MainServer}.
+    Run the start-up steps that precede the reactor (docs/design.md, 1 to 3).
 
+    @return: the L{SingleServer}, or the L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
     from twistedlrp import boot

@@ -71,6 +71,20 @@ def number_text(value: float) -> str:
 seconds.kind, seconds.unparse = SECONDS, number_text
 
 
+def choice(*names: str, aliases: dict[str, str] | None = None) -> Callable[[str, Any], str]:
+    """@return: a parser of one of C{names}, in any case (C{aliases} map other names to them)."""
+    expected = " or ".join(names) if len(names) == 2 else "one of " + ", ".join(names)
+
+    def parse(option: str, value) -> str:
+        name = str(value).strip().lower()
+        name = (aliases or {}).get(name, name)
+        if name not in names:
+            raise usage.UsageError(f"--{option}: expected {expected}, got {value!r}")
+        return name
+
+    return parse
+
+
 def text(option: str, value) -> str:
     return value
 
