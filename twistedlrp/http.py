@@ -1,10 +1,7 @@
 """
-Outbound HTTP for views and jobs, over connections the reactor keeps open.
-
-Each call runs a treq request in the reactor through
-:func:`twistedlrp.call_in_reactor` and waits for the whole body. The
-connection pool is persistent and lives as long as the process; the server
-closes it at shut-down. ::
+Outbound HTTP for views and jobs: a treq request run in the reactor through
+:func:`twistedlrp.call_in_reactor`, over a persistent connection pool the
+server closes at shut-down. ::
 
     from twistedlrp import http
 
@@ -56,13 +53,7 @@ class HTTPStatusError(HTTPError):
 
 
 class Response:
-    """
-    A complete HTTP response.
-
-    @ivar status_code: the status as an int.
-    @ivar headers: a dict of lower-case header names to their last value.
-    @ivar content: the body as bytes.
-    """
+    """A complete HTTP response; C{headers} maps lower-case names to their last value."""
 
     def __init__(self, url: str, status_code: int, headers: dict[str, str], content: bytes):
         self.url = url
@@ -118,11 +109,7 @@ def _connection_pool():
 
 
 def close_connections():
-    """
-    Close the pooled connections (the server calls this at shut-down).
-
-    @return: a Deferred that fires when they are closed.
-    """
+    """@return: a Deferred that fires once the pooled connections are closed."""
     global _pool
     from twisted.internet import defer
 
@@ -189,10 +176,8 @@ def request(method: str, url: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs
 
 
 def get(url: str, **kwargs: Any) -> Response:
-    """C{request("GET", url, ...)}."""
     return request("GET", url, **kwargs)
 
 
 def post(url: str, **kwargs: Any) -> Response:
-    """C{request("POST", url, ...)}."""
     return request("POST", url, **kwargs)

@@ -1,25 +1,14 @@
 """
-The server's Prometheus metrics (docs/metrics.md): where their values live
-and how a scrape collects them, for the web side (L{twistedlrp.web.metrics})
-and the job side (L{twistedlrp.jobs.metrics}).
+Where the server's Prometheus metrics live and how a scrape collects them
+(docs/metrics.md).
 
-One process (C{--web-workers 1}, role C{"single"}) keeps its values in
-memory, in a registry of its own (never C{prometheus_client}'s global one, so
-a site's own metrics and ours do not mix, and a test can build several).
-Values that can be read when scraped (busy threads, queued jobs, workers and
-their memory) are read then, by a collector, so the hot paths only pay for
-counters and histograms.
-
-With several web processes (role C{"main"} and its C{"web"} processes) a
-scrape reaches one web process, but the counts are spread over all of them
-and the main process (which hosts the job service). They use
-C{prometheus_client}'s multiprocess mode, as gunicorn users do: the main
-process empties C{<state-dir>/metrics} and names it in
-C{PROMETHEUS_MULTIPROC_DIR} before it starts the template, so every process
-it forks writes its values to memory-mapped files there, and the web process
-that answers a scrape merges them all. A value read at scrape time cannot be
-read from another process, so there each process copies its own into a gauge
-every L{REFRESH_INTERVAL} seconds (the scraped process just before it answers).
+One process keeps its values in a registry of its own (never
+C{prometheus_client}'s global one, which is the site's), and reads the values
+that can be read at scrape time (busy threads, queued jobs) then. Several web
+processes use C{prometheus_client}'s multiprocess mode: the main process
+empties C{<state-dir>/metrics} and names it in C{PROMETHEUS_MULTIPROC_DIR}
+for every process it starts, and each process copies its scrape-time values
+into gauges there every L{REFRESH_INTERVAL} seconds.
 """
 
 from __future__ import annotations
@@ -50,7 +39,6 @@ class Metrics:
     The metrics of this process.
 
     @param directory: the multiprocess directory, or C{None}: values in memory.
-    @ivar registry: the registry a scrape collects.
     """
 
     def __init__(self, directory: str | None = None):
@@ -78,13 +66,11 @@ class Metrics:
             MultiProcessCollector(self.registry, path=directory)
 
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()):
-        """@return: a new C{prometheus_client.Counter} of this process."""
         from prometheus_client import Counter
 
         return Counter(name, doc, labels, registry=self._own)
 
     def histogram(self, name: str, doc: str, buckets, labels: tuple[str, ...] = ()):
-        """@return: a new C{prometheus_client.Histogram} of this process."""
         from prometheus_client import Histogram
 
         return Histogram(name, doc, labels, registry=self._own, buckets=buckets)
@@ -93,9 +79,8 @@ class Metrics:
         self, name: str, doc: str, labels: tuple[str, ...], read: Callable[[], dict]
     ) -> None:
         """
-        Add a gauge whose values C{read()} returns, as C{{label values: value}}
-        (C{{(): value}} without labels), when scraped (or refreshed). In
-        multiprocess mode the values of every process add up.
+        Add a gauge read when scraped (or refreshed): C{read()} returns
+        C{{label values: value}}. The values of several processes add up.
         """
         gauge = None
         if self.directory is not None:
@@ -170,12 +155,10 @@ class _SampledCollector:
 def configure(role: str, options) -> Metrics | None:
     """
     Turn this process's metrics on (unless C{--no-metrics}) for its C{role}
-    (see L{twistedlrp.server}); the main process of several web
-    processes empties and names the shared directory, which they inherit.
+    (L{twistedlrp.server}); the C{"main"} one prepares the shared directory.
 
     @return: the metrics (also L{current}), or C{None} when off.
-    @raise twistedlrp.boot.BootError: the main process cannot make or empty
-        the directory.
+    @raise twistedlrp.boot.BootError: the directory cannot be made or emptied.
     """
     global current
     if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:

@@ -1,15 +1,9 @@
 """
-The one service model of the server: L{OrderedService}, a Twisted
-C{MultiService} whose children start in order, each awaited, and stop in
-reverse order, within one deadline.
-
-Twisted's C{MultiService} ignores a Deferred returned by C{startService}
-and stops its children concurrently; the server's start-up and shut-down
-contracts (docs/design.md) need both ordered and awaited. A child that can
-use the deadline (the job service drains its jobs until shortly before it)
-has a C{stop_by(deadline)} method returning a Deferred; any other child's
-C{stopService} is awaited until the deadline. Nothing waits past it but
-for a short grace per step, so quick steps still run and slow ones are cut.
+L{OrderedService}: a C{MultiService} whose children start in order, each
+awaited, and stop in reverse within one deadline, as the server's contracts
+need (docs/design.md); Twisted's ignores a Deferred from C{startService}
+and stops its children concurrently. A child that can use the deadline has
+a C{stop_by(deadline)} method.
 """
 
 from __future__ import annotations
@@ -25,22 +19,17 @@ LATE_STEP_SECONDS = 0.2
 
 
 class Waiters:
-    """
-    Deferreds waiting for one moment (a pool that stopped, a process that
-    ended): L{wait} hands out one, L{fire} fires all those handed out so far.
-    """
+    """Deferreds waiting for one moment: L{wait} hands out one, L{fire} fires those out."""
 
     def __init__(self):
         self._waiting: list[defer.Deferred] = []
 
     def wait(self) -> defer.Deferred:
-        """@return: a Deferred that fires at the next L{fire}."""
         d = defer.Deferred()
         self._waiting.append(d)
         return d
 
     def fire(self, result=None) -> None:
-        """Fire every Deferred handed out so far (those not fired, or cancelled, already)."""
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             if not d.called:
@@ -53,8 +42,7 @@ class StartupFailed(Exception):
 
 async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = None) -> bool:
     """
-    Wait for C{d} at most C{seconds} (it is cancelled then). A failure of
-    C{d} is logged, not raised.
+    Wait for C{d} at most C{seconds} (then cancel it); log its failure.
 
     @param what: what C{d} does, for the log line when it is cut.
     @return: whether C{d} finished (successfully or not) in time.
@@ -73,8 +61,8 @@ async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = 
 
 def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
     """
-    Stop C{child}, through its C{stop_by(deadline)} if it has one. Its
-    C{stop_description}, if any, names the step in the log.
+    Stop C{child}, through its C{stop_by(deadline)} if it has one (its
+    C{stop_description} names the step in the log).
 
     @return: a Deferred firing with whether it stopped before the deadline
         (plus L{LATE_STEP_SECONDS}); it never fails.
@@ -95,13 +83,10 @@ def stop_child(reactor, child: service.IService, deadline: float) -> defer.Defer
 
 class OrderedService(service.MultiService):
     """
-    Children start in the order they were added, each awaited before the
-    next; C{stopService} stops the started ones newest first, bounded by
-    C{graceful_timeout} in all. A child added while this service runs
-    starts at once (and stops in its place).
+    A child added while this service runs starts at once (and stops in its
+    place); C{stopService} takes C{graceful_timeout} at most.
 
-    @param reactor: the clock the deadline is measured on (the global
-        reactor when C{None}, looked up when first needed).
+    @param reactor: the clock of the deadline (the global reactor when C{None}).
     """
 
     def __init__(self, reactor=None, graceful_timeout: float = 30.0):
@@ -126,13 +111,10 @@ class OrderedService(service.MultiService):
 
     async def start_children(self) -> None:
         """
-        Start each child not started yet, in order. A child counts as
-        started from the moment its start begins, so that a stop during a
-        slow start stops it too.
+        Start each child not started yet, in order; one counts as started as
+        its start begins, so that a stop during a slow start stops it too.
 
-        @raise StartupFailed: a child's start failed (the children after it
-            are not started); the message names it, unless it was a
-            L{StartupFailed} already.
+        @raise StartupFailed: a child's start failed (those after it do not start).
         """
         for child in list(self):
             if not self.running:
@@ -168,11 +150,9 @@ class OrderedService(service.MultiService):
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         """
-        Stop the started children newest first; each may take what is left
-        until C{deadline}.
+        Stop the started children newest first, each within what is left until C{deadline}.
 
-        @return: a Deferred that fires when all have stopped or been cut off;
-            it never fails.
+        @return: a Deferred that fires when all have stopped or been cut off; it never fails.
         """
         if self._stopping is None:
             service.Service.stopService(self)

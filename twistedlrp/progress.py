@@ -1,15 +1,9 @@
 """
 What the live progress widget (docs/jobs.md, "Showing progress") shares
-between its template tag, its views and the reactor's event stream: the
-signed token that lets a page follow one job, and the JSON a job is shown
-as.
-
-A token is C{django.core.signing} over the job id and the id of the user
-the page was rendered for (C{None} when anonymous), with the salt
-C{"twistedlrp.progress"}: only a page rendered with the tag hands one out,
-so only who could load that page can follow, or cancel, that job. It
-expires after C{LRP_PROGRESS_TOKEN_MAX_AGE} seconds (a setting, default
-21,600: six hours).
+between its template tag, its views and the reactor's event stream: the JSON
+a job is shown as, and the token that lets a page follow one job, signed
+over the job id and the page's user id, so that only who could load that
+page can follow or cancel that job (for C{LRP_PROGRESS_TOKEN_MAX_AGE} s).
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ class BadToken(Exception):
 
 
 def max_age() -> float:
-    """@return: the seconds a token stays valid (C{LRP_PROGRESS_TOKEN_MAX_AGE})."""
     return float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
 
 
@@ -40,14 +33,7 @@ def max_streams() -> int:
 
 
 def check_settings(app_configs=None, **kwargs) -> list:
-    """
-    The system check of the widget's settings (so a bad one stops the
-    server at start, and shows in C{manage.py check}).
-
-    @return: a C{checks.Error} for each of C{LRP_PROGRESS_TOKEN_MAX_AGE}
-        (seconds, above 0) and C{LRP_PROGRESS_MAX_STREAMS} (a whole number,
-        at least 1) that is set to something else.
-    """
+    """@return: the system check's C{checks.Error} for each of the widget's settings that is wrong."""
     from django.core import checks
 
     errors = []
@@ -71,11 +57,7 @@ def check_settings(app_configs=None, **kwargs) -> list:
 
 
 def user_key(request=None, user=None) -> str | None:
-    """
-    @param user: the user, when there is no C{request} to take it from.
-    @return: the id (as text) of C{request}'s (or C{user}'s) authenticated
-        user, else C{None}.
-    """
+    """@return: the id (as text) of C{request}'s (or C{user}'s) authenticated user, else C{None}."""
     if request is not None:
         user = getattr(request, "user", None)
     if user is None or not getattr(user, "is_authenticated", False):
@@ -94,9 +76,8 @@ def make_token(job_id, user: str | None = None) -> str:
 
 def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
     """
-    Verify C{token} for job C{job_id}; and for C{user} unless C{check_user}
-    is false (the reactor's event stream has no Django request, hence no
-    user: the token alone admits it).
+    Verify C{token} for job C{job_id}, and for C{user} unless not
+    C{check_user} (the reactor's event stream knows no user: the token admits).
 
     @raise BadToken: the token is missing, forged, older than L{max_age},
         or made for another job or user (the message says which).
@@ -126,10 +107,8 @@ def events_path(job_id, token: str) -> str:
 
 def describe(info) -> dict:
     """
-    @param info: a L{twistedlrp.jobs.JobInfo}, or a job as the wire
-        describes it (a dict).
-    @return: the JSON-ready view of the job that the widget shows (the
-        event stream's data and the status view's answer).
+    @param info: a L{twistedlrp.jobs.JobInfo}, or a job as a dict.
+    @return: the job as the widget shows it (the event stream's data, the status view's).
     """
     from twistedlrp.jobs import SUCCEEDED, JobInfo
 

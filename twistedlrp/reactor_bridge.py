@@ -1,14 +1,9 @@
 """
-Reaching the reactor from other threads.
-
-Django code runs in pool threads; reactor-side resources (the job client,
-the outbound HTTP pool, services the site registers) live in the reactor
-thread. :func:`call_in_reactor` is the one bridge between them. Unlike
-``blockingCallFromThread`` it has a timeout, and it fails at once when the
-server is shutting down instead of hanging (Twisted issue 10124).
-
-In a process that has no running reactor (``manage.py shell``, a test,
-another WSGI server) the first call starts the reactor in a daemon thread.
+:func:`call_in_reactor`, the one way from a Django thread into the reactor.
+Unlike ``blockingCallFromThread`` it has a timeout and fails at once when the
+server is shutting down instead of hanging (Twisted issue 10124). In a
+process with no running reactor (``manage.py shell``, another WSGI server)
+the first call starts the reactor in a daemon thread.
 """
 
 from __future__ import annotations
@@ -39,8 +34,6 @@ _reactor_thread: threading.Thread | None = None
 
 
 class _Call:
-    """One call waiting in a foreign thread for the reactor's answer."""
-
     def __init__(self):
         self.event = threading.Event()
         self.deferred: defer.Deferred | None = None
@@ -71,7 +64,6 @@ def serving_reactor() -> None:
 
 
 def in_reactor_thread() -> bool:
-    """@return: whether the caller runs in the reactor thread."""
     return threadable.isInIOThread()
 
 
@@ -122,11 +114,8 @@ def call_in_reactor(
     """
     Run C{fn(*args, **kwargs)} in the reactor thread and wait for its result.
 
-    C{fn} may return a plain value, a Deferred or a coroutine; the result is
-    what the Deferred or coroutine finally produces.
-
     @param timeout: seconds to wait; on expiry the Deferred is cancelled.
-    @return: the result of C{fn}.
+    @return: the result of C{fn}, or of the Deferred or coroutine it returned.
     @raise TimeoutError: no result within C{timeout} seconds.
     @raise ShutdownInProgress: the server is shutting down.
     @raise RuntimeError: called from the reactor thread itself (that would

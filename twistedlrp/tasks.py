@@ -1,29 +1,12 @@
 """
-A C{django.tasks} backend that runs tasks as twistedlrp jobs::
+A C{django.tasks} backend (Django 6, or the C{django-tasks} backport on
+Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md)::
 
     TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 
-It works with Django 6's C{django.tasks} and with the C{django-tasks}
-backport (C{django_tasks}) on Django 5.2; C{django.tasks} is preferred
-when both exist.
-
-Creating a task (the C{@task} decorator, or C{task.using(...)}) validates
-it with this backend, which registers it as a job under
-C{task.module_path}. A task can run if the job service's process
-registered it: it imports the C{tasks} and C{jobs} modules of the
-installed apps, those in C{settings.LRP_JOB_MODULES}, and whatever they,
-the apps and the URLconf import (a third-party app's own task module
-included); its workers import every module it registered a job from. The
-result id is the job's id. Arguments and return values are JSON, as with
-every job.
-
-Enqueued inside C{transaction.atomic()}, a task is part of that
-transaction (L{twistedlrp.jobs.transactions}): it runs only once the
-transaction commits, and never if it rolls back.
-
-Statuses: C{queued} is READY, C{running} RUNNING, C{succeeded} SUCCESSFUL;
-C{failed} and C{cancelled} are FAILED. A task's priority (-100 to 100,
-higher first) is the job's priority; C{run_after} is honoured.
+A task is registered as a job under C{task.module_path} when it is created;
+the result id is the job's id. Enqueued inside C{transaction.atomic()}, it
+runs once the transaction commits, never if it rolls back.
 """
 
 from __future__ import annotations
@@ -87,11 +70,8 @@ else:
 
     class LRPBackend(BaseTaskBackend):
         """
-        Runs C{django.tasks} tasks in the worker processes of the twistedlrp
-        job service. Every call goes to the job service (the local one in
-        the server, or the one the settings name in other processes) and
-        blocks the calling thread, never the reactor, for at most the job
-        client's timeout.
+        Runs tasks in the job service's workers; each call blocks the
+        calling thread (never the reactor) for at most the job client's timeout.
         """
 
         supports_defer = True
@@ -101,8 +81,7 @@ else:
 
         def validate_task(self, task) -> None:
             """
-            Check C{task} and register it as a job under C{task.module_path}
-            (the job service's workers import the module that defines it).
+            Check C{task} and register it as a job under C{task.module_path}.
 
             @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
             """
@@ -118,19 +97,15 @@ else:
 
         def enqueue(self, task, args, kwargs):
             """
-            Submit C{task} as a job; returns once it is committed, or,
-            inside C{transaction.atomic()}, once it is part of that
-            transaction (it is committed with it, without waiting for the
-            job service).
+            Submit C{task} as a job, committed (or part of the open
+            C{transaction.atomic()}) when this returns.
 
             @return: a C{TaskResult} with status READY (or the state of an
                 existing job when the job service de-duplicated it).
-            @raise InvalidTask: (C{InvalidTaskError} in the backport) the
-                task is not one this backend can run.
-            @raise twistedlrp.jobs.JobError: the job service refused it (the
-                arguments are not JSON or too large, the task is not
-                registered there); L{twistedlrp.jobs.JobServiceUnavailable}
-                when it cannot be reached.
+            @raise InvalidTask: (C{InvalidTaskError} in the backport) this
+                backend cannot run the task.
+            @raise twistedlrp.jobs.JobError: the job service refused it;
+                L{twistedlrp.jobs.JobServiceUnavailable} when it cannot be reached.
             """
             from twistedlrp.jobs import client
 
@@ -154,15 +129,12 @@ else:
             return result
 
         async def aenqueue(self, task, args, kwargs):
-            """See L{enqueue}; the blocking call runs in a worker thread of its own."""
             return await sync_to_async(self.enqueue, thread_sensitive=False)(task, args, kwargs)
 
         def get_result(self, result_id):
             """
-            @return: the C{TaskResult} of the job C{result_id}, as the job
-                service knows it now.
-            @raise TaskResultDoesNotExist: no job has this id, or that job
-                is not a task of this backend.
+            @return: the C{TaskResult} of the job C{result_id}, as it is now.
+            @raise TaskResultDoesNotExist: no job has this id, or it is not a task.
             @raise twistedlrp.jobs.JobServiceUnavailable: the job service
                 cannot be reached in time.
             """
@@ -188,7 +160,6 @@ else:
             return self._to_result(task, info)
 
         async def aget_result(self, result_id):
-            """See L{get_result}."""
             return await sync_to_async(self.get_result, thread_sensitive=False)(result_id)
 
         def _to_result(self, task, info: dict):
@@ -252,12 +223,10 @@ def _errors(info: dict) -> list:
 def exception_class_path(error: str) -> str:
     """
     @param error: a job's error text: C{"Name: message"}, a blank line, then
-        the traceback as Python formats it, whose exception line names the
-        class with its module (C{"myapp.tasks.Refused: ..."}) unless it is
-        a built-in one (C{"ValueError: ..."}).
+        the traceback, whose exception line names the class with its module
+        (C{"myapp.tasks.Refused: ..."}) unless it is a built-in.
     @return: the dotted path of the exception's class (C{"builtins.ValueError"}),
-        or C{"twistedlrp.jobs.errors.JobError"} for an error of the job
-        service's own (a timeout, a worker that died).
+        or L{_SERVICE_ERROR} for an error of the job service's own (a timeout).
     """
     lines = error.splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
@@ -276,12 +245,7 @@ def exception_class_path(error: str) -> str:
 
 
 class _TaskRunner:
-    """
-    The job function of a task, as the worker child calls it: it runs the
-    task (a coroutine function too, through C{Task.call}), with a
-    C{TaskContext} first when the task takes one. The worker sends the
-    return value as JSON (a tuple arrives as a list).
-    """
+    """The job function of a task: C{Task.call}, with a C{TaskContext} first if it takes one."""
 
     def __init__(self, name: str, task):
         self.name = name
@@ -299,9 +263,8 @@ class _TaskRunner:
 
 def _current_result(task):
     """
-    @return: the C{TaskResult} of the job this worker runs now (for a
-        C{TaskContext}), read from the job store: the claim that started
-        the job was committed before the job was sent to this worker.
+    @return: the C{TaskResult} of the job this worker runs now, from the job
+        store (its claim was committed before the job was sent here).
     """
     from twistedlrp.jobs import _context
     from twistedlrp.jobs.store import operations

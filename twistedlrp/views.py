@@ -1,10 +1,7 @@
 """
-The views behind the live progress widget (docs/jobs.md, "Showing
-progress"): the job's state as JSON, which the widget polls when
-Server-Sent Events are not available, and its cancel button. Both need the
-signed token the page's C{{% lrp_job_progress %}} gave (L{twistedlrp.progress}),
-made for the same job and the same user; without it they answer 403.
-Include them with C{path("lrp/", include("twistedlrp.urls"))}.
+The live progress widget's views (L{twistedlrp.urls}): the job's state, which
+it polls without Server-Sent Events, and its cancel button; each needs the
+widget's token for the same job and user (L{twistedlrp.progress}), or answers 403.
 """
 
 from __future__ import annotations
@@ -19,61 +16,42 @@ from twistedlrp.progress import BadToken, check_token, describe, user_key
 
 @require_GET
 def job_status(request, job_id):
-    """
-    @return: the job as the widget shows it (JSON; see
-        L{twistedlrp.progress.describe}); 403 for a bad token, 404 for an
-        unknown job, 503 when the job service cannot be reached.
-    """
-    refused = _refused_token(request, request.GET.get("token"), job_id)
-    if refused is not None:
-        return refused
-    try:
-        info = jobs.get(job_id)
-    except jobs.JobError as e:
-        return _job_error(e)
-    return _json(describe(info))
+    """@return: the job as JSON (L{twistedlrp.progress.describe}), or an error (L{_call})."""
+    return _call(request, request.GET.get("token"), job_id, jobs.get)
 
 
 @require_POST
 def cancel_job(request, job_id):
     """
-    Cancel the job (the form's C{token} must be the widget's).
+    Cancel the job.
 
-    @return: the job after the request as JSON when the client accepts
-        JSON (the widget's script), else a redirect to the form's C{next}
-        (the page it was on), or the job as JSON without one; 403 for a bad
-        token, 404 for an unknown job, 503 when the service is unreachable.
+    @return: a redirect to the form's C{next} (the page it was on) unless the
+        client accepts JSON or there is none; else as L{job_status}.
     """
-    refused = _refused_token(request, request.POST.get("token"), job_id)
-    if refused is not None:
-        return refused
-    try:
-        info = jobs.cancel(job_id)
-    except jobs.JobError as e:
-        return _job_error(e)
+    response = _call(request, request.POST.get("token"), job_id, jobs.cancel)
     target = request.POST.get("next", "")
     wants_json = "application/json" in request.headers.get("Accept", "")
-    if target and not wants_json and _safe(request, target):
+    if response.status_code == 200 and target and not wants_json and _safe(request, target):
         return HttpResponseRedirect(target, status=303)
-    return _json(describe(info))
+    return response
 
 
-def _refused_token(request, token, job_id) -> JsonResponse | None:
+def _call(request, token, job_id, operation) -> JsonResponse:
+    """
+    @return: the job after C{operation(job_id)} as JSON; 403 for a bad
+        token, 404 for an unknown job, 503 when the service is unreachable.
+    """
     try:
         check_token(token, job_id, user_key(request))
+        return _json(describe(operation(job_id)))
     except BadToken as e:
         return _json({"error": str(e)}, status=403)
-    return None
-
-
-def _job_error(error: jobs.JobError) -> JsonResponse:
-    if isinstance(error, jobs.UnknownJob):
-        status = 404
-    elif isinstance(error, jobs.JobServiceUnavailable):
-        status = 503
-    else:
-        status = 400
-    return _json({"error": str(error)}, status=status)
+    except jobs.UnknownJob as e:
+        return _json({"error": str(e)}, status=404)
+    except jobs.JobServiceUnavailable as e:
+        return _json({"error": str(e)}, status=503)
+    except jobs.JobError as e:
+        return _json({"error": str(e)}, status=400)
 
 
 def _json(data: dict, status: int = 200) -> JsonResponse:
