@@ -1,12 +1,7 @@
 """
-Options given as Python values: ``--config FILE`` (a TOML file) and
-:func:`twistedlrp.make_service` keywords.
-
-The file's keys are the long option names (``graceful-timeout``, or
-``graceful_timeout``), at the top level or in a ``[lrp]`` table. Its values
-go through the same checks as :func:`twistedlrp.make_service` keywords
-(:meth:`twistedlrp.options.Options.set_option`). Options given on the
-command line win over the file.
+Options given as Python values: ``--config FILE`` (TOML; the long option
+names as keys, at the top level or in a ``[lrp]`` table) and
+:func:`twistedlrp.make_service` keywords. The command line wins over the file.
 """
 
 from __future__ import annotations
@@ -52,8 +47,7 @@ STRINGS = Kind(
 
 def python_value(option, value):
     """
-    Check the type of a Python C{value} for C{option} (an
-    L{twistedlrp.options.Option}) before its parser checks the value.
+    Check the type of a Python C{value} for C{option} before its parser does.
 
     @return: C{value}, normalised; for a repeatable option, a list of items.
     @raise usage.UsageError: the value has the wrong type.
@@ -97,19 +91,13 @@ def setting_values(value):
     return value
 
 
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+_TOML_TYPES.update({list: "a list", tuple: "a list", dict: "a table"})
+
+
 def typed(value) -> str:
     """C{value} for an error message, with its TOML type."""
-    kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-    kind = next((k for t, k in kinds.items() if type(value) is t), None)
-    if kind is None:
-        kind = (
-            "a list"
-            if isinstance(value, list | tuple)
-            else "a table"
-            if isinstance(value, dict)
-            else type(value).__name__
-        )
-    return f"{kind} ({value!r})"
+    return f"{_TOML_TYPES.get(type(value), type(value).__name__)} ({value!r})"
 
 
 def read_config_file(path: str) -> dict:
@@ -131,12 +119,11 @@ def read_config_file(path: str) -> dict:
 
 def apply_config_file(options, path: str) -> None:
     """
-    Set the options in the TOML file at C{path} on C{options} (an
-    L{twistedlrp.options.Options}), except those already given on the
-    command line, and record them as given by the file.
+    Set the options in the TOML file at C{path} on C{options}, except those
+    given on the command line, as given by the file.
 
-    @raise usage.UsageError: the file is not TOML, or has an unknown key
-        or a value of the wrong type; the message names the file and key.
+    @raise usage.UsageError: not TOML, an unknown key or a wrong value; the
+        message names the file and key.
     """
     for key, value in read_config_file(path).items():
         name = key.replace("_", "-")

@@ -1,10 +1,7 @@
 """
-How a twistd process ends: the stop signals (the first SIGTERM or SIGINT
-stops the reactor, a graceful stop; the second ends the process at once),
-and its exit status (L{set_exit_code}: twistd itself always exits 0).
-
-The server and the ``--reload`` supervisor both use this; it imports
-neither Django nor the reactor.
+How a twistd process ends (the server's, the ``--reload`` supervisor's): the
+first SIGTERM or SIGINT stops the reactor, the second ends the process at
+once; and its exit status (twistd itself always exits 0).
 """
 
 from __future__ import annotations
@@ -33,12 +30,9 @@ class StopSignals:
         self.installed = False
 
     def install(self) -> None:
-        """
-        Replace the reactor's SIGTERM and SIGINT handlers, when it installed
-        any (C{installed} says whether it did).
-        """
-        # A running reactor that handles signals always sets SIGTERM's
-        # handler (SIGINT's only when it is Python's default).
+        """Replace the reactor's SIGTERM and SIGINT handlers, if it installed any (C{installed})."""
+        # A reactor that handles signals always sets SIGTERM's (SIGINT's
+        # only when it is Python's default).
         if not callable(signal.getsignal(signal.SIGTERM)):
             return
         self.installed = True
@@ -63,10 +57,7 @@ _exit_code = 0
 
 
 def set_exit_code(code: int) -> None:
-    """
-    Make the process exit with C{code} once twistd returns (twistd itself
-    always exits 0 after the reactor stops).
-    """
+    """Make the process exit with C{code} once twistd returns."""
     global _exit_code
     if _exit_code == 0:
         atexit.register(_exit_with_code)

@@ -1,16 +1,8 @@
 """
-stdlib logging in the server's processes, without Twisted (job worker
-processes import this module, and Twisted would cost each of them ~15 MiB):
-Django's console handler that would print a line twice, and the lines a
-job worker writes for its records, which the job service reads back as
-log events of the record's level and logger (L{twistedlrp.jobs.worker}).
-
-A worker's record is one line on its standard error, readable in the job's
-output too::
-
-    WARNING myapp.jobs: the report has no rows
-
-(a traceback follows on the next lines, as text).
+stdlib logging without Twisted (a job worker would pay ~15 MiB for it):
+Django's console handler, which would print a line twice, and a worker's
+records, one line each on its standard error (C{WARNING myapp.jobs: text},
+then any traceback), which the job service logs at the record's level.
 """
 
 from __future__ import annotations
@@ -35,12 +27,9 @@ _NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 def drop_django_console() -> int:
     """
-    Remove Django's own console handler (C{DEFAULT_LOGGING}'s C{console}:
-    standard error, when C{DEBUG}) from the loggers that propagate to a
-    root handler of twistedlrp's (the server log's bridge, a worker's
-    L{install_worker_handler}): their records reach the log through it and
-    would otherwise be printed twice. Call it after C{django.setup()}, which
-    installs the handler.
+    After C{django.setup()}: remove Django's C{console} handler (standard
+    error, when C{DEBUG}) from the loggers whose records reach a root handler
+    of ours, which would print them twice.
 
     @return: how many handlers were removed.
     """
@@ -85,11 +74,9 @@ class _WorkerHandler(logging.StreamHandler):
 
 def install_worker_handler() -> None:
     """
-    In a job worker: write stdlib records of the server's C{--log-level}
-    (L{LEVEL_VARIABLE}, C{warn} without it) and above to standard error,
-    one line each that the job service logs at the record's level, unless
-    the site's C{LOGGING} gave the root logger handlers of its own. Call it
-    after C{django.setup()}.
+    In a job worker, after C{django.setup()}: write stdlib records of the
+    server's C{--log-level} (L{LEVEL_VARIABLE}) and above to standard error,
+    unless the site's C{LOGGING} gave the root logger handlers of its own.
     """
     root = logging.getLogger()
     if root.handlers:
@@ -104,11 +91,7 @@ def install_worker_handler() -> None:
 
 
 def parse_record(line: str) -> tuple[str, str, str] | None:
-    """
-    @return: C{(level, logger name, message)} of a worker's record line
-        (C{level} as C{--log-level} names it, C{critical} too), or C{None}
-        for any other line.
-    """
+    """@return: C{(level, logger name, message)} of a worker's record line, or C{None}."""
     match = _RECORD.match(line)
     if match is None:
         return None
