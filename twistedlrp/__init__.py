@@ -35,12 +35,9 @@ def __getattr__(name):
 
 def make_service(**options):
     """
-    Build the server's service tree from keyword options named like the
-    command-line options (C{listen=["tcp:8000"]}, C{threads=16},
-    C{graceful_timeout=10}, ...), with the same defaults and checks.
-    Django is set up before it returns (with C{reload=True}, it is not: the
-    service is the reload supervisor, which runs the server in a child
-    process). For a C{.tac} file::
+    Build the server from keyword options named like the command line's
+    (C{threads=16}, C{graceful_timeout=10}), Django set up (with
+    C{reload=True}: the reload supervisor). For a C{.tac} file::
 
         application = service.Application("lrp")
         make_service(settings="mysite.settings").setServiceParent(application)
@@ -55,11 +52,6 @@ def make_service(**options):
 
 
 def _service_from_options(options):
-    """
-    @return: the server built from checked options, or with C{reload} the
-        reload supervisor that runs it as a child process.
-    @raise twistedlrp.boot.BootError: Django could not be set up.
-    """
     if options["migrate"]:
         from twistedlrp.boot import migrate
 

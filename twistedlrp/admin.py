@@ -1,11 +1,7 @@
 """
-The job store and the schedules in the Django admin.
-
-Jobs: browse, filter, search; times to the second and each job's duration;
-"cancel" and "run again" actions (through the job service, which owns the
-rows and the workers); a queued or running job cannot be deleted (cancel it
-first). Schedules: name, job, cron, last and next run. Both change pages
-are read-only: the rows belong to the job service.
+The jobs and schedules in the Django admin, read-only (the job service owns
+the rows): jobs can be cancelled or run again through the job service, and
+deleted once finished.
 """
 
 from datetime import UTC, datetime
@@ -57,17 +53,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
-    list_display = (
-        "name",
-        "state",
-        "priority",
-        "attempts",
-        "progress",
-        "node",
-        "created",
-        "duration",
-        "finished",
-    )
+    list_display = ("name", "state", "priority", "attempts", "progress", "node", "created")
+    list_display += ("duration", "finished")
     list_filter = ("state", "name", "queue", "node")
     search_fields = ("id", "name", "key", "error")
     # The change page: every field, its times to the second.

@@ -119,13 +119,9 @@ class Schedule(models.Model):
 
 class Announcement(models.Model):
     """
-    A job stored through a site's own transaction (a submission made inside
-    C{transaction.atomic()}), which the job service has not yet taken into
-    its queue. The row commits with the job; the submitting process tells
-    the service after the commit, and the service also sweeps this table,
-    so a job whose process died between its commit and that word still
-    runs. Used on SQLite, where the service keeps its queue in memory; on
-    PostgreSQL the job nodes claim from the job table itself.
+    A job submitted inside a site's C{transaction.atomic()} on SQLite, not
+    yet in the job service's queue: the service sweeps this table, so the job
+    runs even if its process died between its commit and its word to the service.
     """
 
     job = models.UUIDField(primary_key=True)

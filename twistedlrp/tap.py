@@ -1,11 +1,4 @@
-"""
-``twistd lrp``: the options and the service maker behind the dropin in
-``twisted/plugins/twistedlrp_plugin.py``.
-
-A process that runs servers on another's behalf (the reload supervisor's
-child, L{twistedlrp.reload.server_main}) wraps every build with L{wrap_builds}
-instead of replacing L{makeService}.
-"""
+"""``twistd lrp``: the options and the service maker of the ``lrp`` dropin."""
 
 from __future__ import annotations
 
@@ -24,21 +17,15 @@ _wrapper: BuildWrapper | None = None
 
 def wrap_builds(wrapper: BuildWrapper | None) -> None:
     """
-    Route every later L{makeService} through C{wrapper(build, options)},
-    which must call C{build()} and return (or replace) its service; C{None}
-    removes it.
+    Route every later L{makeService} through C{wrapper(build, options)}, which
+    returns (or replaces) C{build()}'s service (the reload child's report).
     """
     global _wrapper
     _wrapper = wrapper
 
 
 def makeService(options) -> IService:
-    """
-    Set Django up and build the server's service tree (or, with
-    C{--reload}, the supervisor that runs the server as a child).
-
-    A failure ends the process with a one-line error and exit code 1.
-    """
+    """Set Django up and build the server (a failure ends the process with one line)."""
 
     def build() -> IService:
         from twistedlrp import _service_from_options

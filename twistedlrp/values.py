@@ -1,8 +1,6 @@
 """
-The parsers of option values: each takes the option's long name and a value
-(a command-line string, or what a config file or keyword gave) and returns
-the value to store, or raises L{usage.UsageError} with a one-line message
-that names the option.
+The parsers of option values: C{(long name, value) -> value to store}, or
+L{usage.UsageError} with a one-line message that names the option.
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ def whole(minimum: int = 1) -> Callable[[str, Any], int]:
 
 
 def cpu_count() -> int:
-    """The cores this process may use (C{os.process_cpu_count()} where Python has it)."""
+    """@return: the cores this process may use (C{os.process_cpu_count()} from Python 3.13)."""
     count = getattr(os, "process_cpu_count", None)
     return (count() if count is not None else None) or os.cpu_count() or 1
 
@@ -109,9 +107,8 @@ def existing_file(option: str, path) -> str:
 
 def permissions_problem(mode: int, mask: int = 0o077) -> str | None:
     """
-    @param mode: a file's C{st_mode}.
-    @param mask: the permission bits of its group and others that are a problem.
-    @return: what is wrong, such as C{"readable by others (mode 0644)"}, or C{None}.
+    @param mask: the permission bits of a file's group and others that are a problem.
+    @return: what is wrong with C{mode}, such as C{"readable by others (mode 0644)"}, or C{None}.
     """
     bad = stat.S_IMODE(mode) & mask
     if not bad:
@@ -128,8 +125,7 @@ def permissions_problem(mode: int, mask: int = 0o077) -> str | None:
 
 def private_file(option: str, path: str, allow_open: bool = False) -> None:
     """
-    Refuse a secret file that its group or others may read or write, as ssh
-    refuses such a private key, unless C{allow_open} (C{--allow-open-permissions}).
+    Refuse a secret file its group or others may use, as ssh does, unless C{allow_open}.
 
     @raise usage.UsageError: it is open, or cannot be read.
     """
@@ -220,10 +216,7 @@ def url_path(option: str, path) -> str:
 
 
 def app_spec(option: str, value) -> str:
-    """
-    A site in one file or module (L{twistedlrp.onefile.spec}): C{FILE.py[:NAME]}
-    or C{MODULE[:NAME]}; a file must exist.
-    """
+    """C{FILE.py[:NAME]} (an existing file) or C{MODULE[:NAME]} (L{twistedlrp.onefile.spec})."""
     from twistedlrp.onefile.spec import SpecError, parse
 
     try:
@@ -234,12 +227,7 @@ def app_spec(option: str, value) -> str:
 
 
 def setting(option: str, value) -> str:
-    """
-    C{NAME=VALUE}: a Django setting for a site given with C{--app}. NAME is
-    upper case; VALUE is JSON if it parses (C{true}, C{3}, C{["a", "b"]}),
-    else a Python literal (C{True}), else the text itself
-    (L{twistedlrp.onefile.defaults.setting_values}).
-    """
+    """C{NAME=VALUE}, an upper-case setting's name (L{twistedlrp.onefile.defaults.decode_value})."""
     name, sep, _ = str(value).partition("=")
     name = name.strip()
     if not sep or not name.isidentifier() or not name.isupper():
