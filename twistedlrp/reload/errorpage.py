@@ -1,12 +1,4 @@
-"""
-The page the reload supervisor shows while no server runs.
-
-When the code is broken and no server is left to serve, the supervisor
-answers every request on its sockets itself (503, the error and a
-C{Retry-After}), instead of leaving connections waiting in the backlog. It
-adopts the sockets as a server would, and lets go of them before the next
-server starts.
-"""
+"""The page the reload supervisor shows while no server runs."""
 
 from __future__ import annotations
 
@@ -23,8 +15,8 @@ log = Logger(namespace="twistedlrp.reload")
 class ErrorPage:
     """
     While no server runs (the code is broken), the supervisor answers every
-    request on its sockets itself: 503 and the error, instead of leaving
-    connections waiting in the backlog. It stops before a server starts.
+    request on its sockets itself (503 and the error) rather than leave them
+    waiting in the backlog, until a server starts.
     """
 
     def __init__(self, reactor, listening):
@@ -34,10 +26,7 @@ class ErrorPage:
         self.ports: list = []
 
     def start(self, error: str) -> None:
-        """
-        Show C{error} on every socket, adopting them if not done yet. A
-        socket that cannot be adopted is logged and left waiting.
-        """
+        """Show C{error} on every socket that can be adopted (if not done yet)."""
         self.error = error
         if self.ports:
             return
@@ -52,8 +41,7 @@ class ErrorPage:
                 )
 
     def _site(self):
-        # Imported only now: a supervisor whose servers start never needs
-        # twisted.web.
+        # A supervisor whose servers start never needs twisted.web.
         from twisted.web import resource, server
 
         page = self

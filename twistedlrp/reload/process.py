@@ -1,13 +1,7 @@
 """
-A server process seen from the reload supervisor: its state, its reports,
-and the signals that stop it.
-
-The server (L{twistedlrp.reload.server_main}) and the supervisor talk over one
-control channel (L{twistedlrp.process.channel}): the server reports
-(C{spare}, C{booted}, C{failed}, C{files}), the supervisor answers
-C{boot} to a spare, C{go} to a server that has set Django up, and later
-C{{"event": "templates", "files": [...]}} to make it reload its templates
-(L{twistedlrp.reload.templates}).
+A server process seen from the reload supervisor. On their control channel
+the server reports (C{spare}, C{booted}, C{failed}, C{files}); the supervisor
+answers C{boot} to a spare, C{go} to a server set up, and C{templates}.
 """
 
 from __future__ import annotations
@@ -29,10 +23,8 @@ if TYPE_CHECKING:
 
 class ServerProcess(protocol.ProcessProtocol):
     """
-    One server process and its state, seen from the supervisor:
-    C{"spare"} (Twisted and Django imported, waiting to boot), C{"booting"}
-    (setting Django up), C{"gated"} (set up, waiting to be let
-    run), C{"serving"}, C{"stopping"}, C{"ended"}.
+    C{state}: C{"spare"} (Django imported, waiting to boot), C{"booting"},
+    C{"gated"} (set up, waiting to be let run), C{"serving"}, C{"stopping"}, C{"ended"}.
     """
 
     def __init__(self, supervisor: ReloadSupervisor, number: int, spare: bool = False):
@@ -83,7 +75,6 @@ class ServerProcess(protocol.ProcessProtocol):
             self.reload_templates(sorted(self.templates_changed))
 
     def reload_templates(self, files: list[str]) -> None:
-        """Have the server reload its templates (C{files} changed): no restart."""
         if self.state != "serving":
             self.templates_changed.update(files)
             return

@@ -1,31 +1,15 @@
 """
-The server process that the reload supervisor runs::
+C{python -m twistedlrp.reload.server_main ARGS}, the reload supervisor's
+server: C{twistd --nodaemon --pidfile= lrp ARGS} in a session of its own (the
+supervisor kills its process group; Ctrl-C reaches only the supervisor), with
+C{LISTEN_PID} set so that its C{systemd:} endpoints adopt the supervisor's
+sockets. It reports on its control channel C{booted} (with its imported
+files and template directories) or C{failed} (with the files the traceback
+names), then C{files} now and then; after C{booted} it waits for C{go}
+before its reactor runs. End of file on the channel stops it.
 
-    python -m twistedlrp.reload.server_main LRP-ARGUMENTS...
-
-runs C{twistd --nodaemon --pidfile= lrp LRP-ARGUMENTS...} with three
-additions, all steered by the supervisor through the environment:
-
- - it starts a new session, so that the supervisor can end the server and
-   its job workers together by process group, and a Ctrl-C on the terminal
-   reaches the supervisor only;
- - it sets C{LISTEN_PID} to its own pid before Twisted reads it, so the
-   C{systemd:} endpoints in its C{--listen} options adopt the sockets the
-   supervisor bound and passed as file descriptors 3, 4, ...
-   (L{twistedlrp.web.ports.listen} adopts a UNIX one without changing its
-   path or mode, so the next server can adopt it too);
- - it reports on its control channel (L{twistedlrp.process.channel}):
-   C{booted} once Django is set up (with the files of every imported
-   module, and the directories Django loads templates from), C{failed}
-   when set-up fails (with the files the traceback names), C{files} when
-   modules are imported later. After C{booted} it waits, before its
-   reactor runs, for the supervisor's C{go}, sent once the previous server
-   is gone. End of file on the channel (the supervisor died) stops the
-   server gracefully; C{templates} makes it reload its templates
-   (L{twistedlrp.server.Server.reload_templates}).
-
-This module must not import Twisted's endpoints before C{LISTEN_PID} is set:
-L{twisted.internet.endpoints} reads the environment once, at import.
+Twisted's endpoints must not be imported before C{LISTEN_PID} is set: they
+read the environment once, at import.
 """
 
 from __future__ import annotations
@@ -40,33 +24,15 @@ CONTROL_VARIABLE = "LRP_RELOAD_FD"
 # server needs (Twisted, Django's framework, not the site) ahead of time and
 # waits for "boot", so that a restart skips that part.
 SPARE_VARIABLE = "LRP_RELOAD_SPARE"
-PREIMPORT = (
-    "twisted.internet.defer",
-    "twisted.internet.endpoints",
-    "twisted.internet.protocol",
-    "twisted.application.service",
-    "twisted.scripts.twistd",
-    "twisted.logger",
-    "twisted.protocols.amp",
-    "twisted.web.server",
-    "twisted.web.resource",
-    "twisted.web.static",
-    "django",
-    "django.core.checks",
-    "django.core.handlers.wsgi",
-    "django.core.management",
-    "django.db.migrations.executor",
-    "django.db.models",
-    "django.forms",
-    "django.http",
-    "django.shortcuts",
-    "django.template",
-    "django.urls",
-    "twistedlrp.boot",
-    "twistedlrp.server",
-    "twistedlrp.tap",
-    "twistedlrp.web.ports",
-)
+PREIMPORT = """
+    twisted.internet.defer twisted.internet.endpoints twisted.internet.protocol
+    twisted.application.service twisted.scripts.twistd twisted.logger twisted.protocols.amp
+    twisted.web.server twisted.web.resource twisted.web.static
+    django django.core.checks django.core.handlers.wsgi django.core.management
+    django.db.migrations.executor django.db.models django.forms django.http django.shortcuts
+    django.template django.urls
+    twistedlrp.boot twistedlrp.server twistedlrp.tap twistedlrp.web.ports
+""".split()
 # How often the running server looks for newly imported modules.
 FILES_INTERVAL = 2.0
 
@@ -74,7 +40,7 @@ _TRACEBACK_FILE = re.compile(r'File "([^"]+)", line \d+')
 
 
 class _Reporter:
-    """The control channel to the supervisor, before the reactor runs and after."""
+    """The control channel to the supervisor, blocking until the reactor runs."""
 
     def __init__(self, fd: int):
         import socket
@@ -86,10 +52,8 @@ class _Reporter:
         self.reported: set[str] = set()
 
     def send(self, message: dict) -> None:
-        if self.channel is not None:
-            self.channel.send(message)
-        else:
-            self.blocking.send(message)  # if the supervisor is gone, end of file says so
+        # If the supervisor is gone, end of file says so.
+        (self.channel or self.blocking).send(message)
 
     def send_files(self, event: str, **extra) -> None:
         files = imported_files() - self.reported
@@ -98,17 +62,12 @@ class _Reporter:
             self.send({"event": event, "pid": os.getpid(), "files": sorted(files), **extra})
 
     def wait_for_word(self) -> bool:
-        """
-        Block until the supervisor's word (the reactor does not run yet):
-        "boot" to a spare, "go" to a server that is set up.
-
-        @return: C{False} if the supervisor closed the channel instead.
-        """
+        """@return: once the supervisor says C{boot} or C{go}, C{True}; C{False} at end of file."""
         return self.blocking.wait() is not None
 
 
 def imported_files() -> set[str]:
-    """The source files of the modules imported so far, standard library excluded."""
+    """@return: the source files of the modules imported so far, but the standard library's."""
     import sysconfig
 
     stdlib = tuple(
@@ -131,7 +90,7 @@ def imported_files() -> set[str]:
 
 
 def traceback_files(text: str) -> list[str]:
-    """The files a traceback (or a SyntaxError message) names."""
+    """@return: the files a traceback (or a SyntaxError message) names."""
     files = [m.group(1) for m in _TRACEBACK_FILE.finditer(text)]
     return [os.path.realpath(f) for f in files if os.path.isfile(f)]
 
@@ -175,7 +134,6 @@ def _report_builds(channel: _Reporter) -> None:
 
 
 def _template_dirs() -> list[str]:
-    """The template directories to report (none if they cannot be known)."""
     from twisted.logger import Logger
 
     from twistedlrp.reload.templates import template_directories
@@ -191,10 +149,7 @@ def _template_dirs() -> list[str]:
 
 
 def _hand_over(reporter: _Reporter, on_message, on_lost):
-    """
-    @return: the reactor's end of the channel, which reads on from where
-        the blocking end stopped (C{on_message} has had what it read ahead).
-    """
+    """@return: the reactor's end of the channel, reading on where the blocking end stopped."""
     from twistedlrp.process.channel import Channel
 
     reporter.channel = Channel(on_message, on_lost, reporter.blocking.decoder)

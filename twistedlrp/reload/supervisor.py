@@ -1,26 +1,15 @@
 """
-The reload supervisor: what C{twistd lrp --reload} runs instead of the
-server.
+What C{twistd lrp --reload} runs instead of the server; it never imports
+Django or the site. It binds the C{--listen} sockets once and passes them to
+each server it starts (L{twistedlrp.reload.server_main}, as C{systemd:}
+endpoints), so a request sent during a restart waits in the backlog.
 
-It never imports Django or the site. It binds the C{--listen} sockets once
-and passes them to each server it starts (as C{systemd:} endpoints, file
-descriptors 3, 4, ...), so a request sent while the server restarts waits
-in the kernel's backlog and is answered, never refused.
-
-A change of templates only (files in the template directories the server
-reported, none of them a C{.py} file) restarts nothing: the serving server
-is told to reload its templates (L{twistedlrp.reload.templates}), as
-C{runserver} does. Any other change of a watched file starts a new server
-(L{twistedlrp.reload.server_main}) next to the running one. The new one sets Django up and reports; only then
-is the old one stopped (SIGTERM, the graceful timeout, then SIGKILL to its
-whole process group, so no job worker is left), and the new one may run its
-reactor, start its job service and hooks, and accept connections. If the new
-code fails to start, the error is logged, the previous server keeps serving,
-the files the traceback names are watched too, and nothing restarts until
-the next change: it never loops.
-
-SIGINT or SIGTERM stops the server gracefully and then the supervisor; a
-second one kills the server's process group at once.
+A change of templates only reloads the templates (L{twistedlrp.reload.templates}).
+Any other change starts a new server, warmed up ahead as a spare; once it
+has set Django up the old one is stopped (SIGTERM, the graceful timeout,
+then SIGKILL to its process group, job workers included) and the new one
+runs. If the new code fails, the old server keeps serving and nothing
+restarts until the next change: it never loops.
 """
 
 from __future__ import annotations
@@ -80,11 +69,10 @@ def make_supervisor(options) -> ReloadSupervisor:
 
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
-    The C{twistd lrp} arguments of a server: the options given on the command
-    line, C{--config} (re-read by each server, so a change applies on
-    restart), and C{--listen} options that adopt the supervisor's sockets
-    (in their order: index N is file descriptor 3 + N) or, for endpoints it
-    could not bind, rebind them.
+    @return: the C{twistd lrp} arguments of a server: the command line's,
+        C{--config} (re-read at each restart), and C{--listen} options that
+        adopt the supervisor's sockets (index N is descriptor 3 + N) or
+        bind again those it could not bind.
     """
     args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
@@ -267,13 +255,17 @@ class ReloadSupervisor(service.Service):
             self.current = None
             self.retiring.append(old)
             await self._retire(old)
+
+        def superseded() -> bool:
+            return child is not self.pending or self.stopping or child.state != "gated"
+
         waits = [c.when_ended() for c in self.retiring]
         if waits:
             await defer.gatherResults(waits)
-        if child is not self.pending or self.stopping or child.state != "gated":
+        if superseded():
             return
         await self.error_page.stop()
-        if child is not self.pending or self.stopping or child.state != "gated":
+        if superseded():
             return
         self.pending = None
         self.current = child
@@ -375,7 +367,6 @@ class ReloadSupervisor(service.Service):
         child.kill_group()
 
     def _watch_templates(self, child: ServerProcess) -> None:
-        """Watch the template directories of the server that serves now."""
         before = self.watcher.template_dirs
         self.watcher.set_template_dirs(child.template_dirs)
         if self.watcher.template_dirs != before:
@@ -424,8 +415,7 @@ class ReloadSupervisor(service.Service):
 
     def _reload_templates(self, changes: list[str]) -> bool:
         """
-        Only templates changed: the server reloads them (it logs so). A
-        server still starting reloads them once it runs.
+        Only templates changed: the server reloads them (one still starting, once it runs).
 
         @return: C{False} if no server runs or starts (one is started then).
         """

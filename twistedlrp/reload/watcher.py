@@ -1,24 +1,12 @@
 """
-Watching source files for the reload supervisor.
-
-Three kinds of paths are watched: I{roots} (the site's directories), in
-which every C{.py} file counts, recursively; single I{files} (the modules
-the server imported, the configuration file, a file a traceback named); and
-I{template directories} (the ones Django loads templates from, which the
-server reports), in which every file counts, recursively, except editors'
-swap and backup files. A change of a template (L{_BaseWatcher.is_template}:
-a file in a template directory that is not a C{.py} file) reloads the
-templates; any other change restarts the server
-(L{twistedlrp.reload.supervisor}). Other files in the roots (an C{.html}
-file outside the template directories, say) are not watched, as
-C{runserver} watches only Python files and template directories.
-
-With the C{watchfiles} package (the C{reload} extra) the operating system
-reports changes (inotify, FSEvents, ...): one thread watches the roots
-recursively, one the template directories outside them, another the
-directories of the single files outside them. The fallback polls
-modification times in a thread every half second. Either way the callback
-runs in the reactor thread, with the changed paths.
+Watching files for the reload supervisor, as C{runserver} does: every C{.py}
+file in the I{roots} (the site's directories), single I{files} (the modules
+the server imported, the config file), and every file but editors' litter
+in the I{template directories} the server reports. With C{watchfiles} the
+operating system reports changes (a thread for the roots, one for the
+template directories outside them, one for the single files outside them);
+without it a thread polls every half second. The callback runs in the
+reactor thread.
 """
 
 from __future__ import annotations
@@ -34,28 +22,11 @@ log = Logger(namespace="twistedlrp.reload")
 
 # Directories never worth watching inside a root.
 IGNORED_DIRS = frozenset(
-    {
-        ".git",
-        ".hg",
-        ".svn",
-        "__pycache__",
-        "node_modules",
-        ".venv",
-        "venv",
-        ".tox",
-        ".nox",
-        ".mypy_cache",
-        ".pytest_cache",
-        ".ruff_cache",
-        "site-packages",
-        ".lrp",
-    }
+    ".git .hg .svn __pycache__ node_modules .venv venv .tox .nox .mypy_cache .pytest_cache "
+    ".ruff_cache site-packages .lrp".split()
 )
 POLL_INTERVAL = 0.5
-
-
-# Files in the roots whose change restarts the server: Python source. (Files in
-# the template directories reload the templates instead.)
+# Files in the roots whose change restarts the server.
 SOURCE_SUFFIXES = (".py",)
 # Names in template directories that are editors' swap, lock and backup
 # files (as watchfiles' default filter has them), not templates.
@@ -64,7 +35,6 @@ _LITTER_SUFFIXES = ("~", ".swp", ".swo", ".swx", "___", ".pyc", ".pyo")
 
 
 def is_source(path: str) -> bool:
-    """A source file outside the ignored directories."""
     if not path.endswith(SOURCE_SUFFIXES):
         return False
     parts = path.split(os.sep)
@@ -86,13 +56,9 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 def make_watcher(reactor, roots, on_change, polling: bool | None = None):
     """
-    @param roots: directories whose C{.py} files are watched recursively
-        (template directories are added later, with
-        L{_BaseWatcher.set_template_dirs}).
-    @param on_change: called in the reactor thread with a sorted list of
-        changed paths.
+    @param on_change: called in the reactor thread with the changed paths, sorted.
     @param polling: force (C{True}) or refuse (C{False}) polling; C{None}
-        uses C{watchfiles} when it is installed.
+        polls only without C{watchfiles} (or with C{LRP_RELOAD_POLL}).
     """
     if polling is None:
         polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
@@ -119,7 +85,7 @@ class _BaseWatcher:
         self.running = False
 
     def set_template_dirs(self, dirs: Iterable[str]) -> None:
-        """Watch these template directories (recursively, every file) instead of the previous ones."""
+        """Watch these template directories instead of the previous ones."""
         new = tuple(sorted({os.path.realpath(d) for d in dirs}))
         if new == self.template_dirs:
             return
@@ -137,20 +103,17 @@ class _BaseWatcher:
         return [d for d in dirs if not _under(d, [o for o in dirs if o != d])]
 
     def in_template_dir(self, path: str) -> bool:
-        """A file (not an editor's swap or backup file) in a template directory."""
         return _under(path, self.template_dirs) and not _litter(path)
 
     def is_template(self, path: str) -> bool:
         """
-        A change of C{path} reloads the templates rather than restart the
-        server: it is in a template directory and neither a C{.py} file nor
-        a file watched for another reason (an imported module, the
-        configuration file).
+        @return: whether a change of C{path} reloads the templates (not the
+            server): a file of a template directory, neither a C{.py} file nor
+            watched for another reason.
         """
         return self.in_template_dir(path) and not path.endswith(".py") and path not in self.files
 
     def add_files(self, paths: Iterable[str]) -> None:
-        """Watch these files too (the roots' C{.py} files always are)."""
         new = {os.path.realpath(p) for p in paths} - self.files
         new = {p for p in new if os.path.isfile(p)}
         if new:
@@ -179,24 +142,20 @@ class EventWatcher(_BaseWatcher):
 
     def __init__(self, reactor, roots, on_change):
         super().__init__(reactor, roots, on_change)
-        self._root_stop: threading.Event | None = None
-        self._flat_stop: threading.Event | None = None
-        self._flat_dirs: frozenset[str] = frozenset()
-        self._template_stop: threading.Event | None = None
-        self._template_watched: tuple[str, ...] = ()
+        # "roots", "flat" (the single files' directories), "templates":
+        # (the paths watched, the event that stops their thread).
+        self._threads: dict[str, tuple[tuple[str, ...], threading.Event]] = {}
 
     def start(self) -> None:
         self.running = True
-        if self.roots:
-            self._root_stop = self._spawn(self.roots, True, self._accept_in_root)
+        self._watch("roots", tuple(self.roots), True, self._accept_in_root)
         self._update_flat()
         self._update_templates()
 
     def stop(self) -> defer.Deferred:
         self.running = False
-        for event in (self._root_stop, self._flat_stop, self._template_stop):
-            if event is not None:
-                event.set()
+        for _, stop in self._threads.values():
+            stop.set()
         # The threads are daemons and notice the event within 50 ms; nothing
         # waits for them.
         return defer.succeed(None)
@@ -210,42 +169,30 @@ class EventWatcher(_BaseWatcher):
             self._update_templates()
 
     def _update_templates(self) -> None:
-        """One thread for the template directories the root thread does not see."""
-        dirs = tuple(self.external_template_dirs())
-        if dirs == self._template_watched:
-            return
-        if self._template_stop is not None:
-            self._template_stop.set()
-            self._template_stop = None
-        self._template_watched = dirs
-        if dirs:
-            self._template_stop = self._spawn(dirs, True, self.in_template_dir)
+        self._watch("templates", tuple(self.external_template_dirs()), True, self.in_template_dir)
 
     def _update_flat(self) -> None:
-        dirs = frozenset(
-            os.path.dirname(f)
-            for f in self.files
-            if not _under(f, self.roots) and os.path.isdir(os.path.dirname(f))
-        )
-        if dirs == self._flat_dirs:
-            return
-        if self._flat_stop is not None:
-            self._flat_stop.set()
-            self._flat_stop = None
-        self._flat_dirs = dirs
-        if dirs:
-            self._flat_stop = self._spawn(sorted(dirs), False, self.files.__contains__)
+        dirs = {os.path.dirname(f) for f in self.files if not _under(f, self.roots)}
+        dirs = tuple(sorted(d for d in dirs if os.path.isdir(d)))
+        self._watch("flat", dirs, False, self.files.__contains__)
 
-    def _spawn(self, paths, recursive: bool, accept) -> threading.Event:
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=self._run,
-            args=(list(paths), recursive, accept, stop),
-            name="lrp-reload-watch",
-            daemon=True,
-        )
-        thread.start()
-        return stop
+    def _watch(self, key: str, paths: tuple[str, ...], recursive: bool, accept) -> None:
+        """Have a thread watch C{paths} under C{key}, replacing the one that watched others."""
+        watched, stop = self._threads.get(key, ((), None))
+        if paths == watched:
+            return
+        if stop is not None:
+            stop.set()
+            del self._threads[key]
+        if paths:
+            stop = threading.Event()
+            self._threads[key] = (paths, stop)
+            threading.Thread(
+                target=self._run,
+                args=(list(paths), recursive, accept, stop),
+                name="lrp-reload-watch",
+                daemon=True,
+            ).start()
 
     def _run(self, paths, recursive, accept, stop) -> None:
         import watchfiles
@@ -345,10 +292,7 @@ class PollingWatcher(_BaseWatcher):
 
 
 def _scan(roots: list[str], files: set[str], template_dirs=()) -> dict[str, tuple]:
-    """
-    Modification stamps of the roots' source files, of C{files} and of
-    every file in C{template_dirs} (editors' swap and backup files aside).
-    """
+    """@return: the modification stamps of the files watched."""
     stamps = {}
 
     def stamp(path):
