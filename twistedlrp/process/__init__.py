@@ -1,8 +1,5 @@
 """
-The one way twistedlrp runs a child process, used by the reload supervisor
-(L{twistedlrp.reload}), the web processes of C{--web-workers}
-(L{twistedlrp.web.processes}) and the job workers
-(L{twistedlrp.jobs.workers}): one control channel (L{channel}), one
-description of how a process ended (L{exits}), one warm fork server
-(L{forkserver}) and one restart and stop policy (L{supervise}).
+The one way twistedlrp runs a child process (the reload supervisor's
+server, the web processes, the job workers): one control channel, one
+description of an exit, one warm fork server, one restart and stop policy.
 """

@@ -1,20 +1,11 @@
 """
-The one control channel between a process and its parent: JSON objects,
-one a line, over a UNIX stream socket, which carries file descriptors too.
+The one control channel between a process and its parent: JSON objects, one
+a line, over a UNIX stream socket. L{Channel} is a running reactor's end,
+L{BlockingChannel} the end of a process that runs none (it imports no Twisted).
 
-The reload supervisor and its server, the main process and each web
-process, the main process and the web template, the worker pool and the
-worker template all talk over it. L{Channel} is the end for a running
-reactor, L{BlockingChannel} the end for a process that runs none (a fork
-server, a server that has not started its reactor yet).
-
-A message sent with descriptors says how many in its C{"fds"} key; the
-receiving end replaces the count by the descriptors. (Twisted sends each
-descriptor with one byte of the line, so all of them have come in by the
-line's end.) A line that is not a JSON object is skipped.
-
-This module imports nothing of Twisted: a worker process, which runs no
-reactor, uses it too.
+A message sent with descriptors says how many in its C{"fds"} key, which the
+receiving end replaces with them (Twisted sends each with one byte of the
+line: all have come by its end). A line that is not a JSON object is skipped.
 """
 
 from __future__ import annotations
@@ -61,13 +52,11 @@ class Decoder:
 
 class Channel:
     """
-    The reactor's end: a protocol for C{adoptStreamConnection} (see
-    L{adopt}); each message goes to C{on_message}, and C{on_lost} is called
-    with the reason once the connection is gone (C{ConnectionDone}: the
-    other process closed it, or died; C{ConnectionLost}: this reactor stops).
+    The reactor's end (a protocol, and its own factory, for L{adopt}): each
+    message goes to C{on_message}, and C{on_lost} gets the reason once the
+    connection is gone (C{ConnectionDone}: the other process closed it or died).
 
-    @param decoder: the L{BlockingChannel}'s decoder, when a process that
-        read this socket before its reactor ran hands it over.
+    @param decoder: the L{BlockingChannel}'s, when it read this socket first.
     """
 
     def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):
@@ -80,7 +69,6 @@ class Channel:
     def open(self) -> bool:
         return self.transport is not None
 
-    # The protocol's part (IProtocol, IFileDescriptorReceiver), and its own factory.
     def buildProtocol(self, addr):
         return self
 
@@ -109,9 +97,8 @@ class Channel:
 
     def send(self, message: dict, fds=()) -> bool:
         """
-        Send C{message}, and the descriptors C{fds} with it (keep them open
-        until the other end answers: they are sent when the socket is
-        writable).
+        Send C{message} with the descriptors C{fds} (keep them open until the
+        other end answers: they go when the socket is writable).
 
         @return: whether it was sent (C{False}: the connection is gone).
         """
@@ -166,12 +153,7 @@ class BlockingChannel:
         return True
 
     def receive(self) -> bool:
-        """
-        Read once (blocking, unless the socket is not): the messages read
-        join L{pending}.
-
-        @return: C{False} at end of file.
-        """
+        """Read once (blocking, if the socket is) into L{pending}; @return: C{False} at end of file."""
         try:
             data, fds, _, _ = socket.recv_fds(self.socket, 65536, _MAX_FDS)
         except (BlockingIOError, InterruptedError):

@@ -16,10 +16,7 @@ def _signal_name(number: int) -> str | None:
 
 @dataclass(frozen=True)
 class Exit:
-    """
-    An exit code, or the signal that killed the process, or neither when
-    the status is lost (C{lost} says how, in words).
-    """
+    """An exit code, or the signal that killed the process, or C{lost}: how the status was lost."""
 
     code: int | None = None
     signal: int | None = None

@@ -1,19 +1,17 @@
 """
-The one warm fork server: a process that has set Django up, runs no
-reactor, and forks a child for each request of its parent, so that every
-child shares its memory copy on write (gunicorn's C{preload}): the web
-template of C{--web-workers} (L{twistedlrp.web.preload}) and the worker
-template (L{twistedlrp.jobs.preload}).
+The one warm fork server (the web template, the worker template): a process
+that has set Django up, runs no reactor, and forks a child for each request
+of its parent, which shares its memory copy on write (gunicorn's C{preload}).
 
-On its control channel the parent sends C{{"op": "fork", "index": N, ...}}
-with the child's descriptors; the server (L{ForkServer}) answers
-C{{"event": "forked", "index": N, "pid": P}} (or C{"fork_failed"} and an
-C{"error"}), and reaps the child: C{{"event": "exited", "index": N, "pid":
-P, "code": C, "signal": S}}. The parent's side is L{ForkServerProcess}.
+The parent (L{ForkServerProcess}) sends C{{"op": "fork", "index": N, ...}}
+with the child's descriptors; the server (L{ForkServer}) answers C{forked}
+(with its C{pid}) or C{fork_failed} (with an C{error}), and C{exited} (with
+its C{code} and C{signal}) once it reaped the child.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -30,10 +28,8 @@ CONTROL_GRACE = 2.0  # how long its control socket is read once it exited
 
 def flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
 
 
 def preimport(names) -> None:
@@ -62,12 +58,11 @@ class ForkServer:
 
     def serve(self, on_message=None) -> dict | None:
         """
-        Fork a child for each request, pass other messages to
-        C{on_message}, reap the children and report their ends.
+        Fork a child for each request, pass other messages to C{on_message},
+        reap the children and report their ends.
 
-        @return: C{None} in this process, when the control channel has
-            closed; in a forked child, its request (C{"fds"}: the
-            descriptors sent with it, for the child to put in place).
+        @return: C{None} here, once the control channel closed; in a forked
+            child, its request (with its descriptors in C{"fds"}).
         """
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -150,15 +145,11 @@ class ForkServer:
 
 class ForkServerProcess:
     """
-    The parent's side: the process protocol of a fork server it spawned.
-    C{state}: C{starting}, C{ready} (once it said so), C{ended}.
-
-    Each message goes to C{on_message(server, message)} (C{"ready"} once),
-    each line of its output to C{on_output(fd, line)}, and the last
-    L{OUTPUT_TAIL} bytes are kept (L{output}). C{on_ended(server, exit)} is
-    called once the process has exited and its control socket was read to
-    its end (a child's exit it reported still counts), or L{CONTROL_GRACE}
-    seconds after it exited.
+    The parent's side, the process protocol of a fork server (C{state}:
+    C{starting}, C{ready}, C{ended}). Its messages go to C{on_message(server,
+    message)}, its output lines to C{on_output(fd, line)}; C{on_ended(server,
+    exit)} is called once it exited and its control socket was read to the
+    end (or L{CONTROL_GRACE} seconds after it exited).
     """
 
     def __init__(self, reactor, on_message, on_ended, on_output=None):
@@ -183,8 +174,7 @@ class ForkServerProcess:
 
     def spawn(self, args: list[str], env: dict, child_fds: dict, control_fd: int, path=None):
         """
-        Spawn the server (C{sys.executable} with C{args}), its end of the
-        control channel at C{control_fd} beside C{child_fds}.
+        Spawn C{sys.executable} with C{args}, its end of the control channel at C{control_fd}.
 
         @raise OSError: it could not be spawned.
         """
@@ -211,9 +201,8 @@ class ForkServerProcess:
 
     def fork(self, request: dict, fds: list[int]) -> bool:
         """
-        Ask for a child: C{request} (C{"index"} names it in the answers)
-        with the descriptors C{fds}, which are closed here once the server
-        has answered (or ended).
+        Ask for a child: C{request} (its C{"index"} names it in the answers)
+        with the descriptors C{fds}, closed here once the server answered.
 
         @return: whether it was asked (if not, C{fds} are closed already).
         """
@@ -302,16 +291,12 @@ class ForkServerProcess:
 
 
 def _drain(fd: int) -> None:
-    try:
+    with contextlib.suppress(BlockingIOError):
         while os.read(fd, 512):
             pass
-    except BlockingIOError:
-        pass
 
 
 def _close(fds) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

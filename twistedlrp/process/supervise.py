@@ -1,11 +1,7 @@
 """
 What the reload supervisor, the web processes and the worker pool do alike
-with the processes they run: the environment they spawn them with, how
-they signal them (a process, or its whole group), how soon they start one
-again after it ended, and how they stop them within a deadline.
-
-It imports Twisted only where it waits: a worker process, which runs no
-reactor, ends its process group with it too.
+with their processes: the environment, the signals, the restart back-off and
+the stop within a deadline. (Twisted only where it waits: a worker uses it too.)
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ RESET_AFTER = 10.0
 
 
 def restart_backoff() -> Backoff:
-    """@return: the back-off of restarts (L{FIRST_DELAY}, up to L{MAX_DELAY})."""
     return Backoff(FIRST_DELAY, MAX_DELAY)
 
 
@@ -40,10 +35,7 @@ def restart_delay(backoff: Backoff, ran: float) -> float:
 
 
 def child_environment(extra: dict | None = None) -> dict:
-    """
-    @return: our environment for a child, without the C{LISTEN_*} variables
-        of sockets passed to us (the child is given its own, or none).
-    """
+    """@return: our environment for a child, without the C{LISTEN_*} of the sockets we got."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     env.update(extra or {})
     return env
@@ -51,8 +43,7 @@ def child_environment(extra: dict | None = None) -> dict:
 
 def send_signal(pid: int | None, number: int, group: bool = False) -> bool:
     """
-    Send signal C{number} to process C{pid}, or to the process group it
-    leads (C{group}).
+    Send signal C{number} to process C{pid}, or to the process group it leads.
 
     @return: whether it was sent (C{False}: no such process or group).
     """
@@ -67,10 +58,8 @@ def send_signal(pid: int | None, number: int, group: bool = False) -> bool:
 
 def end_own_group() -> None:
     """
-    SIGKILL the other processes of our process group (what a job started),
-    if we lead one and it has any; we go with them. The parent does the
-    same once we have exited, but it may be gone (killed): this is what
-    ends a job's subprocesses then.
+    SIGKILL the other processes of the group we lead (what a job started),
+    and us with them: the parent, which would, may be gone.
     """
     group = os.getpid()
     try:
@@ -121,9 +110,8 @@ async def stop_within(
     after_kill: float | None = None,
 ) -> bool:
     """
-    C{send(SIGTERM)}, wait up to C{seconds} for C{ended}, and then
-    C{on_late()} and C{send(SIGKILL)}, and wait for C{ended} again (at most
-    C{after_kill} seconds, if given).
+    C{send(SIGTERM)}, wait up to C{seconds} for C{ended}, then C{on_late()},
+    C{send(SIGKILL)} and wait for C{ended} again (at most C{after_kill} s).
 
     @return: whether C{ended} fired within C{seconds}.
     """
