@@ -1,14 +1,8 @@
 """
-The settings of a site given with ``--app`` and no ``--settings``: what
-``django-admin startproject`` writes, with twistedlrp installed, the
-database and the secret key in the state directory, and the ``--set``
-values (or ``serve()`` keywords) on top.
-
-Every process of the server reads them the same way, from the environment
-the server sets (L{twistedlrp.onefile.site.configure}): the worker, web and
-reload processes start with ``--settings twistedlrp.onefile.settings``, the
-module that calls L{from_environment}. No Twisted here (job workers import
-it), and Django only for what settings need.
+The settings of a site given with ``--app`` and no ``--settings``, which
+every process reads from the environment (L{from_environment}): what
+``startproject`` writes, with twistedlrp installed, the database and secret
+key in the state directory, and the ``--set`` values on top. No Twisted here.
 """
 
 from __future__ import annotations
@@ -33,6 +27,7 @@ COMMAND_VARIABLE = "LRP_APP_COMMAND"
 DEBUG_VARIABLE = "DJANGO_DEBUG"
 #: Host names accepted besides localhost, comma-separated (C{ALLOWED_HOSTS}).
 HOSTS_VARIABLE = "DJANGO_ALLOWED_HOSTS"
+CONTRIB_APPS = ("admin", "auth", "contenttypes", "sessions", "messages", "staticfiles")
 SECRET_KEY_FILE = "secret_key"
 DATABASE_FILE = "db.sqlite3"
 
@@ -70,10 +65,7 @@ def allowed_hosts() -> list[str]:
 
 
 def secret_key(state_dir: str | None) -> str:
-    """
-    @return: the key kept in C{state_dir/secret_key} (mode 0600), made at
-        the first start; with no state directory, a key for this process only.
-    """
+    """@return: the key in C{state_dir/secret_key} (mode 0600, made once), or one for this process."""
     if not state_dir:
         return secrets.token_urlsafe(50)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -101,15 +93,7 @@ def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
         "SECRET_KEY": key,
         "DEBUG": debug_from_environment(),
         "ALLOWED_HOSTS": allowed_hosts(),
-        "INSTALLED_APPS": [
-            "django.contrib.admin",
-            "django.contrib.auth",
-            "django.contrib.contenttypes",
-            "django.contrib.sessions",
-            "django.contrib.messages",
-            "django.contrib.staticfiles",
-            "twistedlrp",
-        ],
+        "INSTALLED_APPS": [*(f"django.contrib.{app}" for app in CONTRIB_APPS), "twistedlrp"],
         "MIDDLEWARE": [
             "django.middleware.security.SecurityMiddleware",
             "django.contrib.sessions.middleware.SessionMiddleware",
@@ -157,10 +141,9 @@ def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
 
 def nanodjango_settings(state_dir: str | None) -> dict | None:
     """
-    @return: the settings of the nanodjango app being constructed (its
-        C{Django()} imports the settings module while the app's file
-        imports), with twistedlrp installed and C{DEBUG} as for any site;
-        or C{None} when no nanodjango app is being set up.
+    @return: the settings of the nanodjango app being made (its C{Django()}
+        imports the settings module), with twistedlrp installed and C{DEBUG}
+        as for any site; or C{None} if none is.
     """
     meta = sys.modules.get("nanodjango.app_meta")
     if meta is None or getattr(meta, "_app_module", None) is None:
@@ -178,11 +161,7 @@ def nanodjango_settings(state_dir: str | None) -> dict | None:
 
 
 def from_environment() -> dict:
-    """
-    @return: the settings of the site named by C{LRP_APP}: nanodjango's if
-        its file makes a nanodjango app, else L{startproject}'s; then the
-        C{LRP_APP_SETTINGS} values.
-    """
+    """@return: the settings of the site C{LRP_APP} names (nanodjango's, or L{startproject}'s)."""
     from twistedlrp.onefile.spec import parse
 
     value = os.environ.get(APP_VARIABLE)

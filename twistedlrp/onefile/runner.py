@@ -1,25 +1,12 @@
 """
-``python hello.py``: a file that ends with ``serve(app)`` runs the server.
+``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``.
 
-    from twistedlrp import serve      # at the top: see prepare_script()
-    ...
-    if __name__ == "__main__":
-        serve(app, listen="tcp:8000", workers=4, DEBUG=True)
-
-L{serve} does not serve the object it is given from this process, where the
-file runs as ``__main__``: jobs defined there would be registered as
-``__main__.name``, which no worker can import. It replaces the process
-(``os.execv``, same pid, so Ctrl-C and a supervisor's signals reach the
-server) with ``twistd -n lrp --app /abs/hello.py:app`` and the options:
-the server imports the file under its module name, as uvicorn does with
-``"module:app"``, and so do its workers. There, ``serve()`` only records
-what it was given (so ``serve(Router(...))`` at module level needs no name)
-and returns.
-
-Keywords in lower case are ``twistd lrp`` options (``threads=4``,
-``reload=True``); upper-case ones are Django settings, passed as ``--set``.
-Options on the command line (``python hello.py --reload --workers 4``)
-win over the keywords, which win over a ``--config`` file.
+L{serve} replaces the process (same pid, for the signals) with ``twistd -n
+lrp --app /abs/hello.py:app``: the server and its workers import the file
+under its module name, not as ``__main__`` (whose jobs no worker could
+import), and there ``serve()`` only records what it was given. Lower-case
+keywords are options, upper-case ones settings; the command line wins over
+them, and they over a ``--config`` file.
 """
 
 from __future__ import annotations
@@ -37,14 +24,11 @@ RUNNER = "twistedlrp.onefile"
 
 def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     """
-    Serve C{app} (a view, a L{twistedlrp.onefile.router.Router}, a list of
-    URL patterns or a WSGI application, named at module level in the
-    calling file) with C{twistd -n lrp}, in place of this process.
+    Serve C{app} (a view, a Router, a list of URL patterns or a WSGI
+    application) with C{twistd -n lrp}, in place of this process.
 
-    @param listen: endpoint(s) to serve HTTP on [default: tcp:8000 on 127.0.0.1].
-    @param keywords: C{twistd lrp} options by their long names with
-        underscores (C{web_workers=2}), and Django settings (C{DEBUG=True}).
-    @return: only when the server imports the file itself (it does nothing there).
+    @param keywords: options (C{web_workers=2}) and Django settings (C{DEBUG=True}).
+    @return: only in the server, which imports the file (it does nothing there).
     @raise SystemExit: a wrong option, on one line.
     """
     from twistedlrp.onefile import site
@@ -66,9 +50,8 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
 
 def _caller_spec(caller: dict, app) -> AppSpec:
     """
-    The C{--app} value naming C{app} in the module whose globals are
-    C{caller}; with no name when the module does not name it (C{serve(Router(...))}
-    at module level: importing the file calls C{serve()} again, which gives it).
+    @return: the C{--app} value naming C{app} in the module whose globals are
+        C{caller} (no name if it has none: the file's import gives it to C{serve()}).
     """
     name = next((key for key, value in caller.items() if value is app), None)
     path = caller.get("__file__")
@@ -88,9 +71,8 @@ def _caller_spec(caller: dict, app) -> AppSpec:
 
 def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> list[str]:
     """
-    The C{twistd lrp} arguments that serve C{spec}: the command line's
-    options, then the keywords' for options it does not give.
-
+    @return: the C{twistd lrp} arguments that serve C{spec}: the command
+        line's, then the keywords' for options it does not give.
     @raise SystemExit: an unknown option or a wrong value, on one line.
     """
     from twisted.python import usage
@@ -166,18 +148,11 @@ def _json(name: str, value) -> str:
         ) from None
 
 
-# -- the file's own run, before serve() -------------------------------------------------
-
-
 def prepare_script() -> None:
     """
-    When the C{__main__} file being run imports C{serve} (at its top), set
-    Django up with the defaults (L{defaults.startproject}, the C{--set}
-    values of the command line, an in-memory database), so that the rest of
-    the file runs: model classes, C{django.contrib.auth} imports. That run
-    only leads to L{serve}, which replaces the process with the server. A
-    file that makes a nanodjango app, or has Django configured already, is
-    left alone.
+    When the C{__main__} file imports C{serve} at its top, set Django up with
+    the defaults and an in-memory database, so that the rest of the file (its
+    models) runs up to L{serve}. Not for a nanodjango file, or Django configured.
     """
     from twistedlrp.onefile import site
     from twistedlrp.onefile.site import uses_nanodjango
@@ -219,9 +194,8 @@ def prepare_script() -> None:
 
 def _explain_missing_settings(label: str) -> None:
     """
-    A setting the file reads as it runs, which the defaults do not give,
-    ends this run with one line instead of a traceback: only the command
-    line's C{--set} reaches it (C{serve()}'s keywords come too late).
+    A setting the file reads as it runs that the defaults lack ends the run
+    with one line, not a traceback (C{serve()}'s keywords come too late).
     """
     from twistedlrp.onefile.site import missing_setting
 
@@ -240,7 +214,7 @@ def _explain_missing_settings(label: str) -> None:
 
 
 def _imported_by(main) -> bool:
-    """Whether the code importing us is the body of the C{__main__} module."""
+    """@return: whether the code importing us is the body of the C{__main__} module."""
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")

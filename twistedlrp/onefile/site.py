@@ -1,22 +1,9 @@
 """
-A site given with ``--app``, in each process of the server (the server, its
-web processes, its job workers, a reload child): where its settings come
-from, and importing its file at the right moment.
-
-    configure(options)   the server and web processes: the environment every
-                         child reads (defaults.APP_VARIABLE, ...) and the
-                         settings module to use
-    before_settings()    before the settings module is imported: a file
-                         that makes a nanodjango app is imported now (its
-                         C{Django()} configures Django and sets it up)
-    before_setup()       before C{django.setup()}: the file's module gets an
-                         app config (label: its name) so models defined in it
-                         have an app, as nanodjango does
-    after_setup()        after C{django.setup()}: the file is imported, under
-                         its module name (never C{__main__}), and the object
-                         it names is checked (L{Site})
-
-Each is a no-op without C{--app}. No Twisted here: the job workers use it.
+A site given with ``--app``, in each process of the server (job workers too:
+no Twisted here): its settings (L{configure}, the environment every process
+reads), and its file imported at the right moment around ``django.setup()``
+(L{before_settings}, L{before_setup}, L{after_setup}; each a no-op without
+``--app``).
 """
 
 from __future__ import annotations
@@ -31,6 +18,7 @@ import traceback
 import types
 from dataclasses import dataclass
 
+from twistedlrp.boot import BootError
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
 
@@ -39,7 +27,7 @@ VIEW, ROUTER, URLPATTERNS, WSGI = "view", "router", "urlpatterns", "wsgi"
 
 @dataclass
 class Site:
-    """The object C{--app} names, and what it is."""
+    """The object C{--app} names, and its kind."""
 
     spec: AppSpec
     module: types.ModuleType
@@ -50,7 +38,6 @@ class Site:
 
     @property
     def serves_django(self) -> bool:
-        """Whether requests go through Django's handler (not a WSGI application's own)."""
         return self.kind != WSGI or self.nanodjango
 
 
@@ -65,28 +52,21 @@ loading = False
 served: list = []
 
 
-def _error(message: str):
-    from twistedlrp.boot import BootError
-
-    return BootError(message)
-
-
 def current_spec() -> AppSpec | None:
-    """The site given with C{--app} in this process (from the environment), if any."""
+    """@return: the site given with C{--app}, from the environment, if any."""
     value = os.environ.get(defaults.APP_VARIABLE)
     if not value:
         return None
     try:
         spec = parse(value)
     except SpecError as e:
-        raise _error(f"--app {e}") from None
+        raise BootError(f"--app {e}") from None
     if _typed is not None and _typed[1] == value:
         spec = dataclasses.replace(spec, given=_typed[0])
     return spec
 
 
 def loaded() -> Site | None:
-    """The site imported by L{after_setup}, or C{None}."""
     return _loaded
 
 
@@ -95,17 +75,13 @@ def own_settings() -> bool:
     return os.environ.get("DJANGO_SETTINGS_MODULE") == defaults.SETTINGS_MODULE
 
 
-# -- the environment ------------------------------------------------------------------
-
-
 def configure(options) -> str | None:
     """
-    Set the environment that every process of this server reads for
+    Set the environment every process of this server reads for
     C{options["app"]}, and put the file's folder on C{sys.path}.
 
-    @return: the settings module: the one given with C{--settings}, else
-        L{defaults.SETTINGS_MODULE} with C{--app}, else C{options["settings"]}
-        (C{$DJANGO_SETTINGS_MODULE}).
+    @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
+        with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
     """
     global _typed
     for variable in (
@@ -120,7 +96,7 @@ def configure(options) -> str | None:
     try:
         spec = parse(options["app"])
     except SpecError as e:
-        raise _error(f"--app {e}") from None
+        raise BootError(f"--app {e}") from None
     os.environ[defaults.APP_VARIABLE] = spec.as_value()
     _typed = (options["app"], spec.as_value())
     os.environ[defaults.STATE_DIR_VARIABLE] = os.path.abspath(options["state-dir"])
@@ -138,26 +114,18 @@ def _put_on_path(spec: AppSpec) -> None:
 
 
 def command() -> str:
-    """How to start this site again, for messages: C{python hello.py} or C{twistd lrp --app ...}."""
+    """@return: how to start this site again: C{python hello.py} or C{twistd lrp --app ...}."""
     spec = current_spec()
     given = spec.given if spec is not None else "FILE.py"
     return os.environ.get(defaults.COMMAND_VARIABLE) or f"twistd lrp --app {given}"
 
 
 def given_settings() -> dict:
-    """The settings given with C{--set} or C{serve()} keywords."""
     return json.loads(os.environ.get(defaults.SETTINGS_VARIABLE) or "{}")
 
 
-# -- the three moments ----------------------------------------------------------------
-
-
 def before_settings(settings_module: str) -> None:
-    """
-    Called before C{settings_module} is imported: with twistedlrp's
-    settings, a file that makes a nanodjango app is imported first (its
-    C{Django()} sets Django up, from L{defaults.nanodjango_settings}).
-    """
+    """Before the settings: import a nanodjango file, whose C{Django()} sets Django up."""
     global loading
     spec = current_spec()
     if spec is None:
@@ -170,9 +138,8 @@ def before_settings(settings_module: str) -> None:
 
 def before_setup() -> None:
     """
-    Called before C{django.setup()}: with twistedlrp's settings, give the
-    file's module an app config, so that models defined in the file belong
-    to an app labelled by its name (as in nanodjango).
+    Before C{django.setup()}, with twistedlrp's settings: give the file an
+    app config, so that its models belong to an app of its name (as in nanodjango).
     """
     spec = current_spec()
     if spec is None or not own_settings() or spec.module in sys.modules:
@@ -197,8 +164,7 @@ def before_setup() -> None:
 
 def after_setup() -> Site | None:
     """
-    Called after C{django.setup()}: import the file (unless
-    L{before_settings} did) and find the object it names.
+    After C{django.setup()}: import the file and find the object it names.
 
     @return: the site, or C{None} without C{--app}.
     @raise twistedlrp.boot.BootError: the file does not import, has no such
@@ -227,10 +193,8 @@ def after_setup() -> Site | None:
 
 
 def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
-    """
-    The file is its app's models module (nanodjango's too): C{migrate
-    --run-syncdb} creates the tables of an app's models only when it has one.
-    """
+    # The file is its app's models module: migrate --run-syncdb creates the
+    # tables of an app's models only when it has one.
     from django.apps import apps
 
     for config in apps.get_app_configs():
@@ -240,11 +204,8 @@ def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
                 config.models_module = module
 
 
-# -- importing ------------------------------------------------------------------------
-
-
 def uses_nanodjango(spec: AppSpec) -> bool:
-    """Whether the file (or module) imports nanodjango: its C{Django()} configures Django."""
+    """@return: whether the file (or module) imports nanodjango."""
     import ast
 
     path = spec.path
@@ -275,9 +236,8 @@ def import_app(spec: AppSpec) -> types.ModuleType:
     """
     Import the file (by its path, under its module name) or the module.
 
-    @raise twistedlrp.boot.BootError: with one line for a missing module, a
-        setting the defaults do not give, or Django's configuration
-        errors; with the traceback for any other error.
+    @raise twistedlrp.boot.BootError: one line for a missing module or
+        setting, or a configuration error; else with the traceback.
     """
     global loading
     existing = sys.modules.get(spec.module)
@@ -288,17 +248,17 @@ def import_app(spec: AppSpec) -> types.ModuleType:
             existing = importlib.import_module(spec.module)
         except ModuleNotFoundError as e:
             if spec.path is None and e.name and spec.module.startswith(e.name):
-                raise _error(
+                raise BootError(
                     f"--app {spec.given}: no module named {e.name!r} (is its folder the "
                     f"working directory or given with --pythonpath?)"
                 ) from None
-            raise _import_error(spec, e) from None
+            raise _importBootError(spec, e) from None
         except Exception as e:
-            raise _import_error(spec, e) from None
+            raise _importBootError(spec, e) from None
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
         if not found or os.path.realpath(found) != os.path.realpath(spec.path):
-            raise _error(
+            raise BootError(
                 f"--app {spec.given}: the module name {spec.module!r} is taken by "
                 f"{found or 'a built-in module'}; rename the file"
             )
@@ -306,7 +266,7 @@ def import_app(spec: AppSpec) -> types.ModuleType:
 
 
 def missing_setting(e: BaseException) -> str | None:
-    """The name of the setting C{e} says Django's settings lack, if it is such an error."""
+    """@return: the name of the setting C{e} says Django's settings lack, if it says so."""
     name = getattr(e, "name", None)
     owner = type(getattr(e, "obj", None)).__name__
     holders = ("Settings", "LazySettings", "UserSettingsHolder")
@@ -316,28 +276,28 @@ def missing_setting(e: BaseException) -> str | None:
     return None
 
 
-def _import_error(spec: AppSpec, e: Exception):
+def _importBootError(spec: AppSpec, e: Exception):
     from django.core.exceptions import ImproperlyConfigured
 
     name = missing_setting(e)
     if name:
-        return _error(
+        return BootError(
             f"{spec.label} needs the setting {name}, which the defaults do not give: "
             f"add --set {name}=VALUE (or serve(..., {name}=...))"
         )
     text = str(e).strip().splitlines()
     last = text[-1] if text else ""
     if isinstance(e, ImproperlyConfigured):
-        return _error(f"{spec.label}: {last}")
+        return BootError(f"{spec.label}: {last}")
     details = traceback.format_exc().rstrip()
-    return _error(f"cannot import {spec.label}: {type(e).__name__}: {last}\n{details}")
+    return BootError(f"cannot import {spec.label}: {type(e).__name__}: {last}\n{details}")
 
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
     """
-    @return: the object C{spec} names in C{module} (when it names none: the
-        one the file gave C{serve()} as it imported, else the first of
-        L{DEFAULT_NAMES} there), and its name (C{None} for the first).
+    @return: the object C{spec} names in C{module} (else the one given to
+        C{serve()} as it imported, else the first of L{DEFAULT_NAMES}) and
+        its name (C{None} for C{serve()}'s).
     """
     if spec.attr:
         obj = module
@@ -345,7 +305,7 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
             try:
                 obj = getattr(obj, part)
             except AttributeError:
-                raise _error(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
+                raise BootError(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
         return obj, spec.attr
     if served:
         return served[-1], None
@@ -353,20 +313,17 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
         if hasattr(module, name):
             return getattr(module, name), name
     names = ", ".join(DEFAULT_NAMES[:-1]) + " or " + DEFAULT_NAMES[-1]
-    raise _error(
+    raise BootError(
         f"--app {spec.given}: {spec.label} defines none of {names} and calls no serve() "
         f"as it imports; name the object: --app {spec.given}:NAME"
     )
 
 
-# -- the four kinds -------------------------------------------------------------------
-
-
 def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
     """
-    @raise twistedlrp.boot.BootError: C{obj} is none of a view, a
-        L{twistedlrp.onefile.router.Router}, a list of URL patterns and a
-        WSGI application.
+    @return: the L{Site} of C{obj}.
+    @raise twistedlrp.boot.BootError: C{obj} is none of a view, a Router,
+        a list of URL patterns and a WSGI application.
     """
     from django.urls import URLPattern, URLResolver, re_path
 
@@ -378,7 +335,7 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
         wrong = [p for p in obj if not isinstance(p, URLPattern | URLResolver)]
         if not wrong:
             return Site(spec, module, obj, URLPATTERNS, list(obj))
-        raise _error(
+        raise BootError(
             f"--app {spec.given}: a list of URL patterns holds only path() and re_path() "
             f"entries, not {_describe(wrong[0])}"
         )
@@ -392,14 +349,14 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
             return Site(spec, module, obj, VIEW, [re_path(r"^", view, name=name)])
         if arity == 2:
             return Site(spec, module, obj, WSGI, [])
-    raise _error(
+    raise BootError(
         f"--app {spec.given}: expected a view (a callable taking a request), a Router, "
         f"a list of URL patterns or a WSGI application, got {_describe(obj)}"
     )
 
 
 def _positional(function) -> int | None:
-    """1 if C{function} can be called with one argument (a view), 2 if only with two (WSGI)."""
+    """@return: 1 if C{function} takes one argument (a view), 2 if only two (WSGI), else C{None}."""
     import inspect
 
     try:
@@ -421,16 +378,13 @@ def _describe(obj) -> str:
     return f"{type(obj).__name__} {text}"
 
 
-# -- tables ---------------------------------------------------------------------------
-
-
 def migrates_at_start() -> bool:
-    """Whether the server applies the migrations at its start: twistedlrp's settings, no DATABASES given."""
+    """@return: whether the server migrates at its start (twistedlrp's settings, their database)."""
     return own_settings() and "DATABASES" not in given_settings()
 
 
 def tables_missing() -> list[str]:
-    """The models of the site's file whose tables the default database lacks."""
+    """@return: the names of the site's models whose tables the database lacks."""
     site = loaded()
     if site is None:
         return []
