@@ -1,8 +1,4 @@
-"""
-The URLs of the live progress widget's views (L{twistedlrp.views}).
-A site includes them once, under any prefix:
-C{path("lrp/", include("twistedlrp.urls"))}.
-"""
+"""The progress widget's views: C{path("lrp/", include("twistedlrp.urls"))}."""
 
 from django.urls import path
 

@@ -1,9 +1,6 @@
 """
-The ``lrp`` dropin for ``twistd``.
-
-Twisted imports every module in this folder whenever it scans for plugins
-(``twistd --help`` does), so this module names its service maker by string
-and imports neither the reactor nor Django.
+The ``lrp`` dropin for ``twistd``: Twisted imports it whenever it scans for
+plugins, so it names its service maker by string and imports no reactor.
 """
 
 from twisted.application.service import ServiceMaker

@@ -1,13 +1,8 @@
 """
-A router: (pattern, view) pairs over Django's own URL resolver.
+A router of ``path()`` patterns to views, each route named after its view
+(or its third item) for ``reverse()``; a Router as a view includes it::
 
     app = Router(("", index), ("hello/<int:id>", hello), ("api/", api_router))
-
-Patterns use ``path()`` syntax and converters; each route is named after
-its view (or the name given as a third item), so ``reverse("hello",
-args=[3])`` works; a pair whose view is another L{Router} includes it.
-Served with ``--app``, the router's patterns are the root URLconf; called
-as a view, it resolves the request's path itself.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """
-What ``--app`` names: ``hello.py``, ``hello.py:index``, ``path/to/hello.py``,
-``hello:index`` or ``pkg.module:site``. A value with ``.py`` at the end of
-its file part, or a slash in it, is a file; anything else is a module on
-``sys.path`` (the working directory and ``--pythonpath``). No Django and no
-Twisted here: the option parser and the job workers use it.
+What ``--app`` names: a file (``hello.py``, ``path/to/hello.py:index``: a
+name ending in ``.py`` or with a slash) or a module on ``sys.path``
+(``pkg.module:site``). No Django and no Twisted here.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ class AppSpec:
 
     @property
     def directory(self) -> str | None:
-        """The file's folder (put on C{sys.path} and watched by C{--reload}), if a file."""
         return os.path.dirname(self.path) if self.path else None
 
     @property
@@ -43,7 +40,7 @@ class AppSpec:
         return AppSpec(self.given, self.module, self.path, attr)
 
     def as_value(self) -> str:
-        """An equivalent C{--app} value that does not depend on the working directory."""
+        """@return: the C{--app} value, independent of the working directory."""
         target = self.path or self.module
         return f"{target}:{self.attr}" if self.attr else target
 
@@ -53,9 +50,7 @@ def _identifier(name: str) -> bool:
 
 
 def parse(value: str, cwd: str | None = None) -> AppSpec:
-    """
-    @raise SpecError: with a one-line message.
-    """
+    """@return: the parsed C{value}. @raise SpecError: with a one-line message."""
     value = str(value).strip()
     if not value:
         raise SpecError("expected FILE.py[:NAME] or MODULE[:NAME], got nothing")

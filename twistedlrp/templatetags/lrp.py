@@ -1,11 +1,7 @@
 """
-C{{% load lrp %}}{% lrp_job_progress job %}}: a job's live progress on a
-page (docs/jobs.md, "Showing progress"). It renders
-C{twistedlrp/job_progress.html}: a C{<progress>} bar, the state, the
-message and a cancel form, as they are when the page is rendered (so the
-page works without JavaScript), and C{twistedlrp/progress.js}, which
-follows the job over Server-Sent Events from the reactor (or polls the
-status view) until it finishes.
+C{{% load lrp %}}{% lrp_job_progress job %}}: a job's progress bar, state and
+cancel form as they are when the page renders, followed live by
+C{twistedlrp/progress.js} (docs/jobs.md, "Showing progress").
 """
 
 from __future__ import annotations
@@ -23,11 +19,8 @@ register = template.Library()
 @register.inclusion_tag("twistedlrp/job_progress.html", takes_context=True)
 def lrp_job_progress(context, job, cancel=True):
     """
-    @param job: a L{twistedlrp.jobs.JobInfo}, or a job id (then the job is
-        read from the job service while the page renders).
-    @param cancel: whether to show the cancel button.
-    @return: the template's context. A job the service does not know, or
-        cannot be reached for, is shown as such (without a live stream).
+    @param job: a L{twistedlrp.jobs.JobInfo}, or a job id (read now).
+    @return: the template's context (a problem, if the job cannot be read).
     @raise ImproperlyConfigured: the site does not include C{twistedlrp.urls}.
     """
     problem = ""

@@ -1,9 +1,6 @@
 """
-C{manage.py lrp_prune --older-than 2d}: delete finished jobs by hand.
-
-It works on the database directly (the Django ORM), whether a server runs
-or not, in batches of one transaction each, like the job service's own
-pruner (L{twistedlrp.jobs.retention}); running both at once is safe.
+C{manage.py lrp_prune --older-than 2d}: delete finished jobs by hand, in
+batches of one transaction, as the job service's pruner does (both may run).
 """
 
 from __future__ import annotations
