@@ -6,6 +6,7 @@ terminal; the tap turns it into a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -139,10 +140,8 @@ def migrate_at_start() -> None:
     plan, apps = _unapplied(DEFAULT_DB_ALIAS)
     if not plan:
         return
-    try:
+    with _failing("migrating the database failed"):
         call_command("migrate", interactive=False, verbosity=0)
-    except Exception as e:
-        raise BootError(f"migrating the database failed: {_last_line(e)}\n{_traceback()}") from None
     _log().info(
         "Applied {count} migration(s) of {apps} to {database}",
         count=len(plan),
@@ -183,10 +182,8 @@ def migrate(options) -> None:
     django_setup()
     from django.core.management import call_command
 
-    try:
+    with _failing("migrate failed"):
         call_command("migrate", interactive=False, run_syncdb=True, verbosity=1)
-    except Exception as e:
-        raise BootError(f"migrate failed: {_last_line(e)}\n{_traceback()}") from None
 
 
 def sqlite_immediate_transactions() -> list[str]:
@@ -222,10 +219,8 @@ def run_system_checks() -> None:
     """
     from django.core import checks
 
-    try:
+    with _failing("the system checks crashed"):
         messages = checks.run_checks(include_deployment_checks=False)
-    except Exception as e:
-        raise BootError(f"the system checks crashed: {_last_line(e)}\n{_traceback()}") from None
     messages = [m for m in messages if m.level >= checks.WARNING and not m.is_silenced()]
     errors = [m for m in messages if m.level >= checks.ERROR]
     for message in messages:
@@ -282,16 +277,12 @@ def load_root_urlconf() -> None:
     """
     from django.urls import Resolver404, get_resolver
 
-    try:
+    with _failing("cannot load the URLconf"):
         resolver = get_resolver()
         resolver.url_patterns  # noqa: B018 - imports the URLconf module
         resolver.reverse_dict  # noqa: B018 - builds the lookups for reverse()
-        try:
+        with contextlib.suppress(Resolver404):
             resolver.resolve("/")
-        except Resolver404:
-            pass
-    except Exception as e:
-        raise BootError(f"cannot load the URLconf: {_last_line(e)}\n{_traceback()}") from None
 
 
 def load_wsgi_application():
@@ -340,10 +331,8 @@ def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
         if config.name in skip or not module_has_submodule(config.module, name):
             continue
         dotted = f"{config.name}.{name}"
-        try:
+        with _failing(f"cannot import {dotted}"):
             importlib.import_module(dotted)
-        except Exception as e:
-            raise BootError(f"cannot import {dotted}: {_last_line(e)}\n{_traceback()}") from None
         imported.append(dotted)
     return imported
 
@@ -362,6 +351,15 @@ def _last_line(error: BaseException) -> str:
 
 def _traceback() -> str:
     return traceback.format_exc().rstrip()
+
+
+@contextlib.contextmanager
+def _failing(what: str):
+    """Turn an exception into a L{BootError}: C{what}, the error's last line, the traceback."""
+    try:
+        yield
+    except Exception as e:
+        raise BootError(f"{what}: {_last_line(e)}\n{_traceback()}") from None
 
 
 def bridge_stdlib_logging(level: str = "warn") -> None:

@@ -133,15 +133,19 @@ def _report_builds(channel: _Reporter) -> None:
     tap.wrap_builds(build_and_report)
 
 
-def _template_dirs() -> list[str]:
+def _log():
     from twisted.logger import Logger
 
+    return Logger(namespace="twistedlrp.reload")
+
+
+def _template_dirs() -> list[str]:
     from twistedlrp.reload.templates import template_directories
 
     try:
         return template_directories()
     except Exception as e:
-        Logger(namespace="twistedlrp.reload").warn(
+        _log().warn(
             "The template directories are unknown ({error}): template changes are not watched",
             error=f"{type(e).__name__}: {e}",
         )
@@ -159,44 +163,31 @@ def _hand_over(reporter: _Reporter, on_message, on_lost):
     return reporter.channel
 
 
-def _supervisor_gone(reactor, reason) -> None:
-    """The channel closed: by the supervisor (it is gone), or by our reactor's shut-down."""
+def _watch_supervisor(reporter: _Reporter, service=None) -> None:
+    from twisted.internet import reactor, task
     from twisted.internet.error import ConnectionDone
-    from twisted.logger import Logger
 
-    if not reason.check(ConnectionDone):
-        return
+    from twistedlrp.process.channel import adopt
     from twistedlrp.signals import set_exit_code
 
-    Logger(namespace="twistedlrp.reload").warn("The reload supervisor is gone: stopping the server")
-    set_exit_code(1)  # A stop nobody asked for.
-    if reactor.running:
-        reactor.stop()
-
-
-def _supervisor_said(service, message: dict) -> None:
-    if message.get("event") == "templates":
+    def said(message: dict) -> None:
         reload_templates = getattr(service, "reload_templates", None)
-        if reload_templates is not None:
+        if message.get("event") == "templates" and reload_templates is not None:
             try:
                 reload_templates(list(message.get("files", [])))
             except Exception:
-                from twisted.logger import Logger
+                _log().failure("Reloading the templates failed")
 
-                Logger(namespace="twistedlrp.reload").failure("Reloading the templates failed")
-
-
-def _watch_supervisor(reporter: _Reporter, service=None) -> None:
-    from twisted.internet import reactor, task
-
-    from twistedlrp.process.channel import adopt
+    def lost(reason) -> None:
+        # Closed by the supervisor (it is gone), not by our reactor's shut-down.
+        if reason.check(ConnectionDone):
+            _log().warn("The reload supervisor is gone: stopping the server")
+            set_exit_code(1)  # A stop nobody asked for.
+            if reactor.running:
+                reactor.stop()
 
     def begin():
-        channel = _hand_over(
-            reporter,
-            lambda message: _supervisor_said(service, message),
-            lambda reason: _supervisor_gone(reactor, reason),
-        )
+        channel = _hand_over(reporter, said, lost)
         adopt(reactor, reporter.blocking.socket, channel)
         files = task.LoopingCall(reporter.send_files, "files")
         files.start(FILES_INTERVAL, now=False)
