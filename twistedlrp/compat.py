@@ -1,17 +1,12 @@
 """
-Every use twistedlrp makes of a private attribute of Twisted or Django (and
-of nanodjango, at the end), in one place.
-
-Each has no public API that does the same (the comment at each names the
-upstream ticket filed or to file), and each has a test in
-C{tests/unit/test_compat_*.py} that fails loudly, naming the internal, when
-a new release of Twisted or Django changes it. Nothing else in twistedlrp
-touches a private attribute of an object it did not define.
+Every use twistedlrp makes of a private attribute of Twisted, Django or
+nanodjango, and nowhere else: each has no public API that does the same (its
+comment names the upstream ticket filed or to file) and a test in
+C{tests/unit/test_compat_*.py} that fails loudly when a release changes it.
 """
 
 # -- Twisted: listening ports and HTTP -----------------------------------
-# Mixins and functions: importing them imports neither twisted.web nor a port
-# module (a job worker imports no Twisted, a job node no web module).
+# Importing these imports neither twisted.web nor a port module.
 
 import os
 import stat
@@ -19,10 +14,9 @@ import stat
 
 class AdoptedUNIX:
     """
-    The mixin of a C{unix.Port} on a socket another process bound (systemd,
-    the C{--reload} supervisor): unlike C{reactor.adoptStreamPort}'s port, it
-    keeps the path's mode (not 0666), and when it stops it neither shuts the
-    socket down (for every process) nor removes the path (the next server's).
+    The mixin of a C{unix.Port} on a socket another process bound: unlike
+    C{adoptStreamPort}'s, it keeps the path's mode (not 0666), and when it
+    stops it neither shuts the socket down nor removes the path.
     """
 
     # To file: "adoptStreamPort(AF_UNIX) chmods, shuts down and unlinks a
@@ -52,8 +46,7 @@ class AdoptedUNIX:
 def adopt_port(port_class, reactor, fd: int, family: int | None, factory):
     """
     Listen on a duplicate of C{fd} with a C{port_class} port (a C{tcp.Port}
-    given the address C{family}, a C{unix.Port} given C{None}), as
-    C{reactor.adoptStreamPort} does with Twisted's own classes.
+    given the address C{family}, a C{unix.Port} given C{None}).
 
     @return: the port, listening.
     @raise OSError: C{fd} is not a socket.
@@ -67,10 +60,7 @@ def adopt_port(port_class, reactor, fd: int, family: int | None, factory):
 
 
 class OneAcceptPerTurn:
-    """
-    A port mixin that accepts one connection per turn of the reactor, not up
-    to a hundred: processes that share a socket share a burst of connections.
-    """
+    """A port mixin that accepts one connection per turn, so that processes share a burst."""
 
     # To file: "a public bound on the accepts of one doRead" (this counter
     # is undocumented, and doRead resets it).
@@ -91,20 +81,14 @@ def write_shut(transport) -> bool:
 
 
 def set_connection_class(port, connection_class) -> None:
-    """
-    Make the connections a TCP or UNIX C{port} accepts from now on instances
-    of C{connection_class}, a subclass of its own (C{tcp.Server}, C{unix.Server}).
-    """
+    """Make C{port}'s next connections C{connection_class}, a subclass of its own."""
     # twisted/twisted#5303 (a transport writes on the reactor's next turn):
     # a transport that sends at once has no public way in.
     port.transport = connection_class
 
 
 class HTTPChannelHooks:
-    """
-    The mixin of a C{twisted.web.http.HTTPChannel} that names the internals
-    the server's channel needs (issue 20 replaces the channel with our own).
-    """
+    """The mixin of an C{HTTPChannel} naming the internals the server's channel needs."""
 
     def answer_bad_request(self) -> None:
         """Answer a request twisted.web cannot parse (by default a bare 400)."""
@@ -145,10 +129,7 @@ class HTTPChannelHooks:
 
 
 class BrokerCallTargets:
-    """
-    A mixin for C{pb.Broker}: the object each remote call is sent to passes
-    through L{call_target} first (which may wrap it, to refuse calls).
-    """
+    """A C{pb.Broker} mixin: the target of each remote call passes through L{call_target}."""
 
     def call_target(self, target):
         return target
@@ -180,10 +161,8 @@ _RENEWABLE_REACTORS = ("EPollReactor", "PollReactor", "SelectReactor")
 
 def reactor_renewable(reactor) -> bool:
     """
-    @return: whether a forked process can give C{reactor} (installed, not
-        running) a poller and a waker of its own (L{renew_forked_reactor}):
-        an epoll, poll or select reactor that never ran and watches nothing
-        but its waker.
+    @return: whether a forked process can renew C{reactor} (L{renew_forked_reactor}):
+        an epoll, poll or select reactor that never ran, watching only its waker.
     """
     if type(reactor).__name__ not in _RENEWABLE_REACTORS:
         return False
@@ -195,11 +174,7 @@ def reactor_renewable(reactor) -> bool:
 
 
 def renew_forked_reactor() -> None:
-    """
-    In a forked process: the inherited (never run) reactor, if there is
-    one, gets a new poller and a new waker, so that it shares no kernel
-    object with its parent or another fork.
-    """
+    """In a forked process, give the inherited reactor (if any) a poller and waker of its own."""
     import select
     import sys
 
@@ -228,11 +203,7 @@ def renew_forked_reactor() -> None:
 
 
 def take_connection_errors(connection) -> bool:
-    """
-    @return: whether a database error was raised on the Django C{connection}
-        since the last call (the error may have left it unusable); the
-        record is cleared.
-    """
+    """@return: whether a database error was raised on C{connection} since the last call."""
     # Django sets this flag for close_if_unusable_or_obsolete(), which also
     # closes a connection older than CONN_MAX_AGE (the store keeps its own
     # whatever that setting says). To file: "a public way to know that a
@@ -245,11 +216,7 @@ def take_connection_errors(connection) -> bool:
 
 
 def prepare_nanodjango(app) -> None:
-    """
-    Have the nanodjango C{app} add its admin, API and media URLs, as its own
-    C{wsgi} property does at the first request, before the URLconf loads:
-    twistedlrp serves Django's handler, not nanodjango's.
-    """
+    """Have the nanodjango C{app} add its URLs, as its C{wsgi} does at the first request."""
     # The public wsgi property would do it too, but also turns DEBUG off
     # and collects static files. To file (nanodjango): "a public prepare()
     # for servers that serve Django's handler themselves".
