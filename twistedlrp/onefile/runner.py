@@ -64,9 +64,7 @@ def _caller_spec(caller: dict, app) -> AppSpec:
         module = loader_spec.name if loader_spec is not None else None
     if module and module != "__main__":
         return AppSpec(module, module, None, name)
-    path = os.path.abspath(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return AppSpec(path, stem, path, name)
+    return AppSpec.of_file(path, name)
 
 
 def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> list[str]:
@@ -165,31 +163,21 @@ def prepare_script() -> None:
 
     if settings.configured:
         return
-    path = os.path.abspath(path)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    spec = AppSpec(path, stem, path, None)
-    if not stem.isidentifier() or uses_nanodjango(spec):
+    spec = AppSpec.of_file(path)
+    if not spec.module.isidentifier() or uses_nanodjango(spec):
         return
     import django
-    from django.apps import AppConfig, apps
 
-    values = defaults.startproject(os.path.dirname(path), None, "not-served-from-here")
+    values = defaults.startproject(spec.directory, None, "not-served-from-here")
     values.update(_command_line_settings())
     try:
         settings.configure(**values)
-        config_class = type(
-            "ScriptConfig",
-            (AppConfig,),
-            {"__module__": __name__, "label": stem, "path": os.path.dirname(path)},
-        )
-        config = config_class("__main__", main)
-        config.apps = apps
-        apps.app_configs.setdefault(config.label, config)
+        site.add_app_config("__main__", main, spec.directory, label=spec.module)
         django.setup()
     except Exception:
         # The server sets the file up again and reports what is wrong.
         return
-    _explain_missing_settings(os.path.basename(path))
+    _explain_missing_settings(spec.label)
 
 
 def _explain_missing_settings(label: str) -> None:

@@ -144,22 +144,23 @@ def before_setup() -> None:
     spec = current_spec()
     if spec is None or not own_settings() or spec.module in sys.modules:
         return
-    from django.apps import AppConfig, apps
+    from django.apps import apps
 
     if apps.ready or apps.loading:
         return
     placeholder = types.ModuleType(spec.module)
     placeholder.__file__ = spec.path or ""
-    config_class = type(
-        "SiteConfig",
-        (AppConfig,),
-        {"__module__": __name__, "path": spec.directory or os.getcwd()},
-    )
-    config = config_class(spec.module, placeholder)
-    if config.label in apps.app_configs:
-        return
+    add_app_config(spec.module, placeholder, spec.directory or os.getcwd())
+
+
+def add_app_config(name: str, module, path: str, label: str | None = None) -> None:
+    """Give C{module} an app config (unless its label is taken), so that its models have an app."""
+    from django.apps import AppConfig, apps
+
+    attributes = {"__module__": __name__, "path": path, **({"label": label} if label else {})}
+    config = type("SiteConfig", (AppConfig,), attributes)(name, module)
     config.apps = apps
-    apps.app_configs[config.label] = config
+    apps.app_configs.setdefault(config.label, config)
 
 
 def after_setup() -> Site | None:

@@ -36,6 +36,12 @@ class AppSpec:
         """How messages name the site: the file's name, or the module's."""
         return os.path.basename(self.path) if self.path else self.module
 
+    @classmethod
+    def of_file(cls, path: str, attr: str | None = None, given: str | None = None) -> AppSpec:
+        """@return: the spec of the file at C{path}, imported under its name."""
+        path = os.path.abspath(path)
+        return cls(given or path, os.path.splitext(os.path.basename(path))[0], path, attr)
+
     def with_attr(self, attr: str) -> AppSpec:
         return AppSpec(self.given, self.module, self.path, attr)
 
@@ -60,16 +66,15 @@ def parse(value: str, cwd: str | None = None) -> AppSpec:
     elif not attr or not all(_identifier(part) for part in attr.split(".")):
         raise SpecError(f"{value}: {attr!r} is not a name of an object (FILE.py:NAME)")
     if target.endswith(".py") or "/" in target or os.sep in target:
-        path = os.path.abspath(os.path.join(cwd or os.getcwd(), target))
-        if not os.path.isfile(path):
-            raise SpecError(f"{value}: no such file: {path}")
-        module = os.path.splitext(os.path.basename(path))[0]
-        if not _identifier(module):
+        spec = AppSpec.of_file(os.path.join(cwd or os.getcwd(), target), attr, given=value)
+        if not os.path.isfile(spec.path):
+            raise SpecError(f"{value}: no such file: {spec.path}")
+        if not _identifier(spec.module):
             raise SpecError(
                 f"{value}: the file's name must be a Python name to import it by "
-                f"(letters, digits, underscores), not {module!r}"
+                f"(letters, digits, underscores), not {spec.module!r}"
             )
-        return AppSpec(value, module, path, attr)
+        return spec
     if not target or not all(_identifier(part) for part in target.split(".")):
         raise SpecError(f"{value}: expected FILE.py[:NAME] or MODULE[:NAME]")
     return AppSpec(value, target, None, attr)
