@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 
 # A line longer than this is a broken peer: the channel is closed.
 MAX_LENGTH = 4 * 1024 * 1024
@@ -127,6 +128,26 @@ def adopt(reactor, sock: socket.socket, channel: Channel) -> Channel:
     reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, channel)
     sock.close()
     return channel
+
+
+def spawn(reactor, protocol, channel: Channel, args, env, child_fds, control_fd, path=None):
+    """
+    Spawn C{sys.executable} with C{args} for C{protocol}, the other end of
+    C{channel} at descriptor C{control_fd} beside C{child_fds}.
+
+    @return: C{channel}, connected.
+    @raise OSError: it could not be spawned.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child_fds = {**child_fds, control_fd: theirs.fileno()}
+    try:
+        reactor.spawnProcess(protocol, sys.executable, args, env=env, path=path, childFDs=child_fds)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return adopt(reactor, ours, channel)
 
 
 class BlockingChannel:

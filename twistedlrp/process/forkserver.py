@@ -15,11 +15,10 @@ import contextlib
 import os
 import selectors
 import signal
-import socket
 import sys
 import time
 
-from twistedlrp.process.channel import BlockingChannel, Channel, adopt
+from twistedlrp.process.channel import BlockingChannel, Channel, spawn
 from twistedlrp.process.exits import Exit
 
 OUTPUT_TAIL = 4000  # bytes of the server's output kept, to log when it ends
@@ -178,22 +177,8 @@ class ForkServerProcess:
 
         @raise OSError: it could not be spawned.
         """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.reactor.spawnProcess(
-                self,
-                sys.executable,
-                args,
-                env=env,
-                path=path,
-                childFDs={**child_fds, control_fd: theirs.fileno()},
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        self.control = adopt(self.reactor, ours, Channel(self._said, self._control_lost))
+        channel = Channel(self._said, self._control_lost)
+        self.control = spawn(self.reactor, self, channel, args, env, child_fds, control_fd, path)
 
     def send(self, message: dict, fds=()) -> bool:
         """@return: whether C{message} (with the descriptors C{fds}) was sent."""

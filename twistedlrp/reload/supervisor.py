@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 
@@ -24,7 +23,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.process.channel import adopt
+from twistedlrp.process.channel import spawn
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import child_environment, stop_within
 from twistedlrp.reload.errorpage import ErrorPage
@@ -188,8 +187,7 @@ class ReloadSupervisor(service.Service):
         n = len(self.listening)
         control_fd = _FIRST_LISTEN_FD + n
         child = ServerProcess(self, self.count, spare=spare)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fds = {0: self._devnull, 1: 1, 2: 2, control_fd: theirs.fileno()}
+        fds = {0: self._devnull, 1: 1, 2: 2}
         env = child_environment()
         for index, sock in enumerate(self.listening):
             fds[_FIRST_LISTEN_FD + index] = sock.fileno()
@@ -210,11 +208,7 @@ class ReloadSupervisor(service.Service):
         else:
             self.pending = child
         self.children.append(child)
-        try:
-            self.reactor.spawnProcess(child, sys.executable, args, env=env, childFDs=fds)
-        finally:
-            theirs.close()
-        adopt(self.reactor, ours, child.channel)
+        spawn(self.reactor, child, child.channel, args, env, fds, control_fd)
 
     def _ensure_spare(self) -> None:
         """Have a spare ready for the next restart, while nothing boots."""
