@@ -19,8 +19,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from twisted.application import service
-from twisted.internet import task
+from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
 log = Logger()
@@ -185,27 +184,11 @@ def configure(role: str, options) -> Metrics | None:
     return current
 
 
-class RefreshService(service.Service):
-    """Multiprocess mode: refreshes this process's sampled gauges every second."""
-
-    name = "metrics-refresh"
-
-    def __init__(self, reactor, metrics: Metrics):
-        self._loop = task.LoopingCall(metrics.refresh)
-        self._loop.clock = reactor
-
-    def startService(self):
-        super().startService()
-        self._loop.start(REFRESH_INTERVAL, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-
-
-def refresh_service(reactor, metrics: Metrics | None) -> RefreshService | None:
-    """@return: the service that refreshes C{metrics}, if they are shared by processes."""
+def refresh_service(reactor, metrics: Metrics | None):
+    """@return: the service that refreshes C{metrics} every second, if processes share them."""
     if metrics is None or metrics.directory is None:
         return None
-    return RefreshService(reactor, metrics)
+    refresher = TimerService(REFRESH_INTERVAL, metrics.refresh)
+    refresher.clock = reactor
+    refresher.setName("metrics-refresh")
+    return refresher
