@@ -8,7 +8,7 @@ application's C{ILogObserver}, which twistd prefers to its own, on the same
 file twistd would have chosen), the reload supervisor's server child (a
 C{twistd} too) and each web process (L{begin}). Job worker processes write
 to their pipes, their stdlib records as lines the job service reads back
-(L{twistedlrp.stdlog}, L{twistedlrp.jobs.worker}).
+(L{twistedlrp.stdlog}, L{twistedlrp.jobs.workers.worker}).
 
 The JSON format writes one object per line::
 

@@ -1,7 +1,7 @@
 """
 The server's Prometheus metrics (docs/metrics.md): where their values live
 and how a scrape collects them, for the web side (L{twistedlrp.web.metrics})
-and the job side (L{twistedlrp.jobs.metrics}).
+and the job side (L{twistedlrp.jobs.service.metrics}).
 
 One process (C{--web-workers 1}, role C{"single"}) keeps its values in
 memory, in a registry of its own (never C{prometheus_client}'s global one, so

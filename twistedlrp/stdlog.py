@@ -3,7 +3,7 @@ stdlib logging in the server's processes, without Twisted (job worker
 processes import this module, and Twisted would cost each of them ~15 MiB):
 Django's console handler that would print a line twice, and the lines a
 job worker writes for its records, which the job service reads back as
-log events of the record's level and logger (L{twistedlrp.jobs.worker}).
+log events of the record's level and logger (L{twistedlrp.jobs.workers.worker}).
 
 A worker's record is one line on its standard error, readable in the job's
 output too::

@@ -18,7 +18,7 @@ result id is the job's id. Arguments and return values are JSON, as with
 every job.
 
 Enqueued inside C{transaction.atomic()}, a task is part of that
-transaction (L{twistedlrp.jobs.transactions}): it runs only once the
+transaction (L{twistedlrp.jobs.client.transactions}): it runs only once the
 transaction commits, and never if it rolls back.
 
 Statuses: C{queued} is READY, C{running} RUNNING, C{succeeded} SUCCESSFUL;
@@ -132,7 +132,7 @@ else:
                 registered there); L{twistedlrp.jobs.JobServiceUnavailable}
                 when it cannot be reached.
             """
-            from twistedlrp.jobs import client
+            from twistedlrp.jobs.client import calls as client
 
             self.validate_task(task)
             info = client.call(
@@ -166,7 +166,8 @@ else:
             @raise twistedlrp.jobs.JobServiceUnavailable: the job service
                 cannot be reached in time.
             """
-            from twistedlrp.jobs import UnknownJob, client
+            from twistedlrp.jobs import UnknownJob
+            from twistedlrp.jobs.client import calls as client
 
             try:
                 info = client.call("status", job_id=str(result_id))
@@ -303,8 +304,8 @@ def _current_result(task):
         C{TaskContext}), read from the job store: the claim that started
         the job was committed before the job was sent to this worker.
     """
-    from twistedlrp.jobs import _context
     from twistedlrp.jobs.store import operations
+    from twistedlrp.jobs.workers import context as _context
 
     job_id = _context.current_job_id()
     try:

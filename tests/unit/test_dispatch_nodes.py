@@ -11,11 +11,11 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs.dispatch import Dispatcher
-from twistedlrp.jobs.outcomes import Outcome
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.outcomes import Outcome
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import SUCCEEDED
-from twistedlrp.jobs.workers import Worker
+from twistedlrp.jobs.workers.pool import Worker
 
 MIB = 1024 * 1024
 

@@ -9,7 +9,7 @@ memory (the last L{MAX_KEPT}; L{reset} forgets them), so a site's own tests
 need neither a server nor database access for them.
 
 The answers are the job service's own: its operations
-(L{twistedlrp.jobs.handlers.JobOperations}) and its dispatcher run here, over a
+(L{twistedlrp.jobs.service.handlers.JobOperations}) and its dispatcher run here, over a
 store in memory (L{twistedlrp.jobs.store.memory}), with a worker that runs
 the job in the thread that submitted it, as a worker child would run it
 (C{progress()} and C{cancelled()} work, also in jobs that submit jobs and
@@ -30,13 +30,15 @@ import time
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs import _context, registry, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
-from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs import registry
 from twistedlrp.jobs.errors import JobCancelled, JobError
-from twistedlrp.jobs.handlers import JobOperations
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.handlers import JobOperations
 from twistedlrp.jobs.states import FAILED
 from twistedlrp.jobs.store.memory import MAX_KEPT, MemoryStore
+from twistedlrp.jobs.workers import context as _context
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +282,7 @@ class EagerService(JobOperations):
 
 def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatcher) -> dict:
     """@return: the outcome of one attempt, as a worker child sends it."""
-    from twistedlrp.jobs.worker_main import call_job, describe_error
+    from twistedlrp.jobs.workers.main import call_job, describe_error
 
     job_id = worker.job_id
 

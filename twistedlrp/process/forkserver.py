@@ -3,7 +3,7 @@ The one warm fork server: a process that has set Django up, runs no
 reactor, and forks a child for each request of its parent, so that every
 child shares its memory copy on write (gunicorn's C{preload}): the web
 template of C{--web-workers} (L{twistedlrp.web.preload}) and the worker
-template (L{twistedlrp.jobs.preload}).
+template (L{twistedlrp.jobs.workers.preload}).
 
 On its control channel the parent sends C{{"op": "fork", "index": N, ...}}
 with the child's descriptors; the server (L{ForkServer}) answers

@@ -3,14 +3,14 @@ C{manage.py lrp_prune --older-than 2d}: delete finished jobs by hand.
 
 It works on the database directly (the Django ORM), whether a server runs
 or not, in batches of one transaction each, like the job service's own
-pruner (L{twistedlrp.jobs.retention}); running both at once is safe.
+pruner (L{twistedlrp.jobs.service.retention}); running both at once is safe.
 """
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from twistedlrp.jobs import retention
+from twistedlrp.jobs.service import retention
 
 MAX_BATCH_SIZE = 10_000
 

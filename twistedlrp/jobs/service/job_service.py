@@ -2,13 +2,13 @@
 The job service: a Twisted service holding the store, the queue, the
 workers and the front ends that clients reach it through.
 
-The operations of L{twistedlrp.jobs.wire.OPERATIONS} are its methods of
-the same names (L{twistedlrp.jobs.handlers}), returning Deferreds of JSON-ready
+The operations of L{twistedlrp.jobs.protocol.wire.OPERATIONS} are its methods of
+the same names (L{twistedlrp.jobs.service.handlers}), returning Deferreds of JSON-ready
 dicts; every change is acknowledged only after its commit. Which job runs
-where is L{twistedlrp.jobs.dispatch}'s business.
+where is L{twistedlrp.jobs.service.dispatch}'s business.
 
 Job nodes: each service is a node, named in the node table, with a
-heartbeat (L{twistedlrp.jobs.lease.NodeLease}). On SQLite it is the only
+heartbeat (L{twistedlrp.jobs.service.lease.NodeLease}). On SQLite it is the only
 one (a second node on the same database is refused at start-up), holds the
 queue in memory and never polls. On PostgreSQL several nodes may share the
 database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
@@ -31,19 +31,20 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twistedlrp.jobs import eager, registry, transactions
-from twistedlrp.jobs.client import STORE_WAIT_SHARE
-from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs import eager, registry
+from twistedlrp.jobs.client import transactions
+from twistedlrp.jobs.client.calls import STORE_WAIT_SHARE
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.handlers import JobOperations
-from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
-from twistedlrp.jobs.queue import JobRecord
-from twistedlrp.jobs.retention import Pruner, default_keep
-from twistedlrp.jobs.schedules import Scheduler, configured
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.handlers import JobOperations
+from twistedlrp.jobs.service.lease import NodeLease, fence_margin, renewal_interval
+from twistedlrp.jobs.service.queue import JobRecord
+from twistedlrp.jobs.service.retention import Pruner, default_keep
+from twistedlrp.jobs.service.schedules import Scheduler, configured
+from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
-from twistedlrp.jobs.watchdog import Watchdog
-from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
+from twistedlrp.jobs.workers.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
 log = Logger()
@@ -107,7 +108,7 @@ def store_wait() -> float:
     """
     from django.conf import settings
 
-    from twistedlrp.jobs.client import DEFAULT_TIMEOUT
+    from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT
 
     try:
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))

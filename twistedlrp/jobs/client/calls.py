@@ -2,11 +2,11 @@
 The job client: the thread-safe facade the public API (L{twistedlrp.jobs})
 uses (L{call}), the process's client behind it, and how a process finds its
 job service. The client is one of three transports: in the server, views
-call the local service directly (L{twistedlrp.jobs.local}); a process with a
+call the local service directly (L{twistedlrp.jobs.client.local}); a process with a
 reactor keeps a reconnecting AMP connection to each node
-(L{twistedlrp.jobs.connection}); any other reaches a C{unix:} or C{tcp:}
+(L{twistedlrp.jobs.client.connection}); any other reaches a C{unix:} or C{tcp:}
 endpoint without a reactor, the calling thread writing its request itself
-(L{twistedlrp.jobs.blocking}); TLS goes through the reactor. The eager
+(L{twistedlrp.jobs.client.blocking}); TLS goes through the reactor. The eager
 test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
 
 In the server, the job client service (L{twistedlrp.jobs.wiring}) installs
@@ -39,12 +39,12 @@ from twisted.logger import Logger
 
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import check_submission
 
 if TYPE_CHECKING:
-    from twistedlrp.jobs.connection import JobClient
+    from twistedlrp.jobs.client.connection import JobClient
 
 log = Logger()
 
@@ -342,7 +342,7 @@ def _settings_client() -> JobClient:
     if _client is None:
         from twisted.internet import reactor
 
-        from twistedlrp.jobs.connection import JobClient
+        from twistedlrp.jobs.client.connection import JobClient
 
         client = JobClient(reactor, configured_endpoints(), *configured_login())
         client.start()
@@ -372,7 +372,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
         # The site's tests: run and answer here, in the calling thread.
         return eager.call(op, kw)
     if op in ("submit", "cancel"):
-        from twistedlrp.jobs import transactions
+        from twistedlrp.jobs.client import transactions
 
         # Changes made inside transaction.atomic() are part of it (the job
         # service would wait for the caller's own SQLite write lock).
@@ -402,7 +402,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
 def _call(op: str, kw: dict, call_timeout: float | None):
     client = _client
     if client is None and reactor_bridge._mode != "server":
-        from twistedlrp.jobs.blocking import blocking_client
+        from twistedlrp.jobs.client.blocking import blocking_client
 
         blocking = blocking_client()
         if blocking is not None:

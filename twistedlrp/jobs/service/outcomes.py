@@ -1,6 +1,6 @@
 """
 Recording the end of an attempt: a final state, or a retry after its delay
-(L{Outcomes}, part of L{twistedlrp.jobs.dispatch.Dispatcher}), each
+(L{Outcomes}, part of L{twistedlrp.jobs.service.dispatch.Dispatcher}), each
 committed before waiters hear of it, including what the death of a worker
 means for its job (shut-down, timeout, cancel or crash); and the job's log
 lines.
@@ -16,9 +16,9 @@ from twisted.logger import Logger, LogLevel
 
 from twistedlrp import logs
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.arguments import check_priority, check_seconds
 from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -34,7 +34,7 @@ class Outcome:
     How one attempt of a job ended, as its worker (or the eager mode) says:
     it returned C{result}, or it failed with C{error}, C{cancelled} when it
     stopped because its cancellation was asked. A worker sends it as the
-    JSON object of L{twistedlrp.jobs.wire.RunJob}'s answer (L{read}).
+    JSON object of L{twistedlrp.jobs.protocol.wire.RunJob}'s answer (L{read}).
     """
 
     ok: bool

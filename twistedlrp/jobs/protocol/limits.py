@@ -4,7 +4,7 @@ may send before it logs in and for how long, how many may wait to log in at
 once, in all and per peer address (L{Gate}), and warnings about refused
 clients (L{RefusalLog}) and tracebacks of internal errors (L{FailureLog})
 that a flood cannot turn into a flood of log lines. The AMP front end
-(L{twistedlrp.jobs.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
+(L{twistedlrp.jobs.protocol.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
 apply them.
 """
 

@@ -1,7 +1,7 @@
 """
 The operations clients call on the job service (L{JobOperations}, part of
-L{twistedlrp.jobs.service.JobService}): a method per operation of
-L{twistedlrp.jobs.wire.OPERATIONS}, taking its command's arguments in order
+L{twistedlrp.jobs.service.job_service.JobService}): a method per operation of
+L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking its command's arguments in order
 and returning a Deferred of its JSON-ready answer. Every front end and the
 in-process client call these. Every change is acknowledged only after its
 commit.
@@ -15,8 +15,13 @@ import uuid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.arguments import (
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.errors import (
+    InvalidArguments,
+    JobServiceUnavailable,
+)
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import (
     canonical_job_id,
     check_listing,
     check_payload,
@@ -25,12 +30,8 @@ from twistedlrp.jobs.arguments import (
     check_wait_timeout,
     submission_fields,
 )
-from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobServiceUnavailable,
-)
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.dispatch import KEEP_PAYLOAD
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
@@ -146,7 +147,7 @@ class JobOperations:
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
         A process committed these jobs through its own transaction
-        (L{twistedlrp.jobs.transactions}): queue them. Answered at once;
+        (L{twistedlrp.jobs.client.transactions}): queue them. Answered at once;
         they are read from the store meanwhile. With several job nodes
         (PostgreSQL) there is nothing to do: the commit notified them.
 
@@ -243,7 +244,7 @@ class JobOperations:
             finished (or, with C{seen}, changed), or after C{timeout}
             seconds with its current one. It fails with L{InvalidArguments}
             when C{timeout} is not from 0 to
-            L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT} seconds.
+            L{twistedlrp.jobs.protocol.arguments.MAX_WAIT_TIMEOUT} seconds.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
@@ -278,7 +279,7 @@ class JobOperations:
         """
         @return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}.
         @raise InvalidArguments: C{state} is not a job state, or C{limit}
-            not a whole number from 0 to L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}.
+            not a whole number from 0 to L{twistedlrp.jobs.protocol.arguments.MAX_LIST_LIMIT}.
         """
         listing = check_listing(state, name, limit)
         self._check_store()

@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from twistedlrp.jobs.service.watchdog import CLAIM_GRACE
 from twistedlrp.jobs.states import QUEUED
 from twistedlrp.jobs.store import recovery
-from twistedlrp.jobs.watchdog import CLAIM_GRACE
 
 log = Logger()
 

@@ -5,7 +5,7 @@ connection, and L{AMPFrontEnd}, which listens.
 By default the service listens on a UNIX socket of mode 0600 in the state
 directory, trusted without a login. Any other listener requires the shared
 secret: nothing but C{Challenge} and C{Login} is answered before a
-successful Login (see L{twistedlrp.jobs.wire}).
+successful Login (see L{twistedlrp.jobs.protocol.wire}).
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedlrp.jobs import limits, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
-from twistedlrp.jobs.client import unix_client_endpoint
+from twistedlrp.jobs.client.calls import unix_client_endpoint
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     InvalidArguments,
     PayloadTooLarge,
 )
-from twistedlrp.jobs.framing import BoxReader, BoxTooLarge
+from twistedlrp.jobs.protocol import limits, wire
+from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
 from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.values import permissions_problem
 

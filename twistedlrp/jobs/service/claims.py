@@ -2,7 +2,7 @@
 Claims: a free worker reserved for a job about to be stored running on it
 (L{Reservation}); and claiming from the table, when several job nodes share
 one PostgreSQL database (L{SharedClaims}, part of
-L{twistedlrp.jobs.dispatch.Dispatcher}):
+L{twistedlrp.jobs.service.dispatch.Dispatcher}):
 one claim at a time takes a due job of this node's queues for each free
 worker (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before the job is
 sent); a timer wakes it when the first delayed job it knows of is due.
@@ -15,8 +15,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import check_record, log_failed
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.outcomes import check_record, log_failed
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import FAILED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery

@@ -6,7 +6,7 @@ Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
 that after a crash it either had not started or counts as started. With
 several job nodes on one PostgreSQL database (C{shared}), the table is the
-queue (L{twistedlrp.jobs.claims}), claimed whenever there may be work
+queue (L{twistedlrp.jobs.service.claims}), claimed whenever there may be work
 (L{Dispatcher.wake}). When an attempt ends (an L{Outcome} from the worker,
 or the worker's death) the job is finished, retried after its delay, or put
 back in the queue; waiters hear of a final state after its commit.
@@ -20,15 +20,15 @@ from collections.abc import Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import metrics as job_metrics
-from twistedlrp.jobs.claims import Reservation, SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
-from twistedlrp.jobs.queue import JobQueue, JobRecord
+from twistedlrp.jobs.service import metrics as job_metrics
+from twistedlrp.jobs.service.claims import Reservation, SharedClaims
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
+from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
-from twistedlrp.jobs.workers import WorkerPool
+from twistedlrp.jobs.workers.pool import WorkerPool
 from twistedlrp.ordered_service import Waiters
 
 log = Logger()
