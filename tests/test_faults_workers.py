@@ -282,7 +282,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
         "max-jobs-per-worker": 1000,
         "max-worker-memory": 0,
     }
-    dispatcher = Dispatcher(Clock(), store, options, {}, 5.0, lambda _: False, lambda _: None)
+    dispatcher = Dispatcher(Clock(), store, options, {}, 5.0)
     worker = Worker(dispatcher.pool, 1)
     process = _FakeProcess()
     worker.makeConnection(process)

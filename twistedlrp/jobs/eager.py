@@ -75,19 +75,25 @@ def call(op: str, kw: dict):
     operation = wire.OPERATIONS.get(op)
     if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
+    arguments = operation.arguments(kw)
+    if op == "submit":
+        try:
+            registry.find(arguments["name"])  # the site's job modules, imported once needed
+        except JobError:
+            pass  # the service says so
     global _service
     with _lock:
         if _service is None:
             _service = EagerService()
         service = _service
-        d = defer.maybeDeferred(operation.call, service, operation.arguments(kw))
+        d = defer.maybeDeferred(operation.call, service.operations, arguments)
         _lock.notify_all()
     service.run_started()
     outcome = service.outcome_of(d)
     if op == "submit":
         # Finished now (unless another thread runs it): as it is now.
         with _lock:
-            outcome = service.outcome_of(service.status(outcome["id"]))
+            outcome = service.outcome_of(service.operations.status(outcome["id"]))
         outcome.pop("args", None)
         outcome.pop("kwargs", None)
     return outcome
@@ -194,43 +200,41 @@ class _EagerPool:
         pass
 
 
-class _NoPruning:
-    def describe(self) -> dict:
-        return {"keep": None, "passes": 0, "deleted": 0}
+class _EagerOperations(JobOperations):
+    def _overlay(self, info: dict) -> dict:
+        # Not running yet where the caller can tell (see MemoryStore.starting).
+        return info if info["id"] in self.store.starting else super()._overlay(info)
 
 
-class EagerService(JobOperations):
+def _about() -> dict:
+    node = {"name": "eager", "shared": False, "queues": None, "lease": None}
+    retention = {"keep": None, "passes": 0, "deleted": 0}
+    return {"unavailable": None, "node": node, "retention": retention, "eager": True}
+
+
+class EagerService:
     """The job service's operations and dispatcher, over a store in memory."""
 
     def __init__(self):
         self.reactor = _Clock()
         self.store = MemoryStore()
-        self.max_payload = DEFAULT_MAX_PAYLOAD
-        self.unavailable = None
-        self.shared, self.node, self.queues, self.lease = False, "eager", None, None
-        self.pruner = _NoPruning()
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}
-        self.pool = _EagerPool()
         self.dispatcher = Dispatcher(
-            self.reactor,
-            self.store,
-            options,
-            {},
-            0.0,
-            waiting=self.waiters.__contains__,
-            notify=self._notify,
-            node=self.node,
-            pool=self.pool,
+            self.reactor, self.store, options, {}, 0.0, node="eager", pool=_EagerPool()
         )
         self.dispatcher.accepting = True
-
-    def submit(self, name, *arguments) -> defer.Deferred:
-        try:
-            registry.find(name)  # the site's job modules, imported once needed
-        except JobError:
-            pass  # the service says so
-        return super().submit(name, *arguments)
+        self.operations = _EagerOperations(
+            self.reactor,
+            self.store,
+            self.dispatcher,
+            "eager",
+            False,
+            None,
+            DEFAULT_MAX_PAYLOAD,
+            None,
+            unavailable=lambda: None,
+            about=_about,
+        )
 
     def run_started(self) -> None:
         """Run the jobs this thread's calls started, and those they start, retries at once."""
@@ -261,13 +265,6 @@ class EagerService(JobOperations):
                             (job["error"] or FAILED).splitlines()[0],
                         )
                     _lock.notify_all()
-
-    def stats(self) -> defer.Deferred:
-        return super().stats().addCallback(lambda stats: dict(stats, eager=True))
-
-    def _overlay(self, info: dict) -> dict:
-        # Not running yet where the caller can tell (see MemoryStore.starting).
-        return info if info["id"] in self.store.starting else super()._overlay(info)
 
     def outcome_of(self, d: defer.Deferred):
         """@return: the result of C{d}, once it has one (another thread may give it)."""

@@ -302,7 +302,9 @@ def listen_pb(
     """
     Serve C{service} over Perspective Broker on C{endpoint}.
 
-    @param service: the L{twistedlrp.jobs.service.job_service.JobService}.
+    @param service: a L{twistedlrp.jobs.service.job_service.JobService},
+        or the L{twistedlrp.jobs.service.handlers.JobOperations} it answers
+        clients with.
     @param endpoint: a server endpoint string (C{tcp:8790:interface=127.0.0.1}).
     @param secret: the shared secret clients log in with (any user name).
     @param bounds: what clients may do before logging in (the defaults of
@@ -315,6 +317,7 @@ def listen_pb(
     """
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")
+    service = getattr(service, "operations", service)
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)

@@ -44,7 +44,11 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
         return None, JobClientService(reactor, options, None)
     front_ends = [
         AMPFrontEnd(
-            reactor, options["jobs-listen"], options["state-dir"], options["jobs-secret-file"]
+            reactor,
+            options["jobs-listen"],
+            options["state-dir"],
+            options["jobs-secret-file"],
+            bool(options.get("allow-open-permissions")),
         )
     ]
     if options["pb-listen"]:

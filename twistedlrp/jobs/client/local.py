@@ -61,7 +61,9 @@ class LocalClient:
                     unreachable(self.endpoint, f" within {limit:g} s (it is starting)")
                 ) from None
         operation = wire.OPERATIONS[op]
-        d = limits.guarded(log, op, operation.call, self.service, operation.arguments(kw))
+        d = limits.guarded(
+            log, op, operation.call, self.service.operations, operation.arguments(kw)
+        )
         d.addTimeout(limit, self.reactor)
         try:
             return await d

@@ -1,11 +1,10 @@
 """
-Claims: a free worker reserved for a job about to be stored running on it
-(L{Reservation}); and claiming from the table, when several job nodes share
-one PostgreSQL database (L{SharedClaims}, part of
-L{twistedlrp.jobs.service.dispatch.Dispatcher}):
-one claim at a time takes a due job of this node's queues for each free
-worker (C{SELECT ... FOR UPDATE SKIP LOCKED}, committed before the job is
-sent); a timer wakes it when the first delayed job it knows of is due.
+Claims: from the table, when several job nodes share one PostgreSQL
+database (L{TableClaims}): one claim at a time takes a due job of this
+node's queues for each free worker (C{SELECT ... FOR UPDATE SKIP LOCKED},
+committed before the job is sent), and a timer wakes it when the first
+delayed job it knows of is due; and a free worker reserved for a job about
+to be stored running on it (L{Reservation}).
 """
 
 from __future__ import annotations
@@ -24,47 +23,83 @@ from twistedlrp.jobs.store import recovery
 log = Logger()
 
 
-class SharedClaims:
+class TableClaims:
     """
-    The dispatcher's claims from the table. It uses the dispatcher's
-    C{reactor}, C{store}, C{pool}, C{queues}, C{node}, C{accepting},
-    C{_wanted}, C{_wakes}, C{_claim_running}, C{_claiming},
-    C{_due_timer}, C{wake}, C{dispatch}, C{request_cancel}, C{_run_on} and
-    C{_finish}.
+    The dispatcher's claims from the table.
+
+    @param pool: the workers; its idle ones claim.
+    @param outcomes: the L{Outcomes} that fails a claimed job that cannot run.
+    @param in_flight: the Deferreds of the claims under way (stopping waits for them).
+    @param accepting: C{()}: does the dispatcher take work?
+    @param dispatch: C{()}: hand work to free workers (claims again).
+    @param run: C{(worker, record, payload)}: send a claimed job to its worker.
+    @param cancel: C{(job_id)}: a claimed job's cancellation was asked.
+    @ivar wanted: may the table hold due jobs for us? (Cleared by a claim
+        that found fewer than it asked for, unless a wake came meanwhile.)
+    @ivar lease_check: claims succeed only if this node renewed its lease
+        within this many seconds (the database checks; see C{ops.claim_next}).
     """
 
-    def _claim_next(self) -> None:
-        """Shared: claim one due job per free worker from the table (one claim at a time)."""
-        if self._claim_running or not self._wanted:
+    def __init__(
+        self,
+        reactor,
+        store,
+        pool,
+        outcomes,
+        node,
+        queues,
+        in_flight,
+        accepting,
+        dispatch,
+        run,
+        cancel,
+    ):
+        self.reactor, self.store, self.pool, self.outcomes = reactor, store, pool, outcomes
+        self.node, self.queues, self.in_flight = node, queues, in_flight
+        self.accepting, self.dispatch, self.run, self.cancel = accepting, dispatch, run, cancel
+        self.wanted = True
+        self.wakes = 0
+        self.running = False
+        self.lease_check: float | None = None
+        self._due_timer = None
+
+    def want(self) -> None:
+        """There may be due jobs in the table (a notification, a submission, a timer)."""
+        self.wakes += 1
+        self.wanted = True
+
+    def _wake(self) -> None:
+        self.want()
+        self.dispatch()
+
+    def claim_next(self) -> None:
+        """Claim one due job per free worker from the table (one claim at a time)."""
+        if self.running or not self.wanted:
             return
         idle = self.pool.idle()
         if not idle:
             return
         for worker in idle:
             worker.state = "claiming"
-        self._claim_running = True
-        wakes = self._wakes
+        self.running = True
+        wakes = self.wakes
         # The answer names workers by the idents sent, whatever happens meanwhile.
         sent = {w.ident: w for w in idle}
         d = self.store.run(ops.claim_next, self.queues, self.node, list(sent), self.lease_check)
-        self._claiming.add(d)
-        d.addCallbacks(
-            self._claimed_next, self._claim_failed, callbackArgs=(sent, wakes), errbackArgs=(idle,)
-        )
+        self.in_flight.add(d)
+        d.addCallbacks(self._claimed, self._failed, callbackArgs=(sent, wakes), errbackArgs=(idle,))
         d.addErrback(lambda f: log.failure("While starting claimed jobs", f))
-        d.addBoth(lambda _: self._claiming.discard(d))
+        d.addBoth(lambda _: self.in_flight.discard(d))
 
-    def _claimed_next(self, answer: dict, sent: dict, wakes: int) -> None:
-        self._claim_running = False
+    def _claimed(self, answer: dict, sent: dict, wakes: int) -> None:
+        self.running = False
         workers = list(sent.values())
         if answer.get("no_lease"):
             # This node's lease is not fresh (it is being renewed, or cannot
             # be): no claim until it is.
-            for worker in workers:
-                if worker.state == "claiming":
-                    worker.state = "idle"
-            if self.accepting:
-                self.reactor.callLater(1.0, self.wake)
+            _free(workers)
+            if self.accepting():
+                self.reactor.callLater(1.0, self._wake)
             return
         by_ident = dict(sent)
         claimed = answer["claimed"]
@@ -79,10 +114,9 @@ class SharedClaims:
                 retry_delay=row["retry_delay"],
                 timeout=row["timeout"],
             )
-            if worker.state != "claiming" or not self.accepting:
+            if worker.state != "claiming" or not self.accepting():
                 # The worker died, or the service began stopping, during the claim.
-                if worker.state == "claiming":
-                    worker.state = "idle"
+                _free([worker])
                 self.store.run(
                     recovery.requeue,
                     record.id,
@@ -97,35 +131,31 @@ class SharedClaims:
                 worker.state = "idle"
                 error = f"the job could not start: {e}"
                 log_failed(record, error)
-                self._finish(record, FAILED, error=error)
+                self.outcomes.finish(record, FAILED, error=error)
                 continue
-            self._run_on(worker, record, row["payload"])
+            self.run(worker, record, row["payload"])
             if row["cancel_requested"]:
-                self.request_cancel(record.id)
-        for worker in by_ident.values():
-            if worker.state == "claiming":
-                worker.state = "idle"
+                self.cancel(record.id)
+        _free(by_ident.values())
         if len(claimed) < len(workers):
-            if wakes == self._wakes:
-                self._wanted = False
-            self._arm_due(answer["next_due"])
+            if wakes == self.wakes:
+                self.wanted = False
+            self.arm_due(answer["next_due"])
         self.dispatch()
 
-    def _claim_failed(self, failure, workers: list) -> None:
-        self._claim_running = False
-        for worker in workers:
-            if worker.state == "claiming":
-                worker.state = "idle"
+    def _failed(self, failure, workers: list) -> None:
+        self.running = False
+        _free(workers)
         log.warn(
             "Could not claim jobs: {error}; trying again in 1 s",
             error=failure.getErrorMessage() or failure.type.__name__,
         )
-        if self.accepting:
-            self.reactor.callLater(1.0, self.wake)
+        if self.accepting():
+            self.reactor.callLater(1.0, self._wake)
 
-    def _arm_due(self, when: float | None) -> None:
-        """Shared: wake when the first delayed job we know of becomes due."""
-        if when is None or not self.accepting:
+    def arm_due(self, when: float | None) -> None:
+        """Wake when the first delayed job we know of becomes due (at C{when})."""
+        if when is None or not self.accepting():
             return
         timer = self._due_timer
         if timer is not None and timer.active():
@@ -133,7 +163,19 @@ class SharedClaims:
                 return
             timer.cancel()
         delay = max(when - self.reactor.seconds(), 0) + 0.01
-        self._due_timer = self.reactor.callLater(delay, self.wake)
+        self._due_timer = self.reactor.callLater(delay, self._wake)
+
+    def stop(self) -> None:
+        """Wake no more for delayed jobs."""
+        if self._due_timer is not None and self._due_timer.active():
+            self._due_timer.cancel()
+
+
+def _free(workers) -> None:
+    """The workers held for a claim that did not give them a job are idle again."""
+    for worker in workers:
+        if worker.state == "claiming":
+            worker.state = "idle"
 
 
 class Reservation:

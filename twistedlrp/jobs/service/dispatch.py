@@ -6,24 +6,28 @@ Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
 that after a crash it either had not started or counts as started. With
 several job nodes on one PostgreSQL database (C{shared}), the table is the
-queue (L{twistedlrp.jobs.service.claims}), claimed whenever there may be work
-(L{Dispatcher.wake}). When an attempt ends (an L{Outcome} from the worker,
-or the worker's death) the job is finished, retried after its delay, or put
-back in the queue; waiters hear of a final state after its commit.
+queue, claimed whenever there may be work (L{Dispatcher.wake},
+L{TableClaims}). When an attempt ends (an L{Outcome} from the worker, or
+the worker's death) L{Outcomes} records it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
-from twistedlrp.jobs.service.claims import Reservation, SharedClaims
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
+from twistedlrp.jobs.service.claims import Reservation, TableClaims
+from twistedlrp.jobs.service.outcomes import (
+    Outcome,
+    Outcomes,
+    check_record,
+    job_lines,
+    log_failed,
+)
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
@@ -37,12 +41,12 @@ log = Logger()
 KEEP_PAYLOAD = 64 * 1024
 
 
-class Dispatcher(SharedClaims, Outcomes):
+class Dispatcher:
     """
     @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
-    @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
-    @param notify: C{(description)}: a job reached a final state (committed).
     @param pool: the workers [default: a L{WorkerPool} of processes].
+    @ivar outcomes: the L{Outcomes} that records how attempts end.
+    @ivar claims: the L{TableClaims} of a node sharing its database.
     """
 
     def __init__(
@@ -52,8 +56,6 @@ class Dispatcher(SharedClaims, Outcomes):
         options,
         worker_env: dict,
         cancel_grace: float,
-        waiting: Callable[[str], bool],
-        notify: Callable[[dict], None],
         node: str = "",
         shared: bool = False,
         queues: list[str] | None = None,
@@ -63,8 +65,6 @@ class Dispatcher(SharedClaims, Outcomes):
         self.store = store
         self.options = options
         self.cancel_grace = cancel_grace
-        self._waiting = waiting
-        self._notify = notify
         self.queue = JobQueue(reactor, self.dispatch)
         self.pool = pool or WorkerPool(
             reactor,
@@ -90,19 +90,26 @@ class Dispatcher(SharedClaims, Outcomes):
         # This job node, and how it finds work (see the module's docstring).
         self.node = node
         self.shared = shared
-        self.queues = queues
-        # Shared: may the table hold due jobs for us? (Cleared by a claim that
-        # found fewer than it asked for, unless a wake came meanwhile.)
-        self._wanted = True
-        self._wakes = 0
-        self._claim_running = False
-        self._due_timer = None
+        self._node_args = (node,) if shared else ()
         # Shared: this node could not renew its lease in time and stopped its
         # jobs (fencing): it starts none until it renewed it (L{fence}).
         self.fenced = False
-        # Shared: claims succeed only if this node renewed its lease within
-        # this many seconds (the database checks; see ops.claim_next).
-        self.lease_check: float | None = None
+        self.outcomes = Outcomes(
+            reactor, store, self.count, self._requeue, cancel_grace, node if shared else None
+        )
+        self.claims = TableClaims(
+            reactor,
+            store,
+            self.pool,
+            self.outcomes,
+            node,
+            queues,
+            self._claiming,
+            lambda: self.accepting,
+            self.dispatch,
+            self._run_on,
+            self.request_cancel,
+        )
 
     # -- what the service asks ---------------------------------------------------------
 
@@ -110,7 +117,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if self.shared:
             # The table is the queue.
             if not_before is not None and not_before > self.reactor.seconds():
-                self._arm_due(not_before)
+                self.claims.arm_due(not_before)
             else:
                 self.wake()
             return
@@ -119,17 +126,13 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def wake(self) -> None:
         """Shared: there may be due jobs in the table; free workers claim them."""
-        self._wakes += 1
-        self._wanted = True
+        self.claims.want()
         self.dispatch()
 
     def count(self, event: str, name: str) -> None:
         """Count one C{event} of a job named C{name}: in L{counters} (stats) and the metrics."""
         self.counters[event] += 1
         job_metrics.count(event, name)
-
-    def _node_args(self) -> tuple:
-        return (self.node,) if self.shared else ()
 
     def request_cancel(self, job_id: str) -> bool:
         """
@@ -192,8 +195,7 @@ class Dispatcher(SharedClaims, Outcomes):
     def stop_accepting(self) -> None:
         self.accepting = False
         self.queue.pause()
-        if self._due_timer is not None and self._due_timer.active():
-            self._due_timer.cancel()
+        self.claims.stop()
         self.pool.stop_idle()
 
     def when_idle(self) -> defer.Deferred:
@@ -218,7 +220,7 @@ class Dispatcher(SharedClaims, Outcomes):
         worker = record.worker
         error = f"the job was running without a live worker ({reason})"
         log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
-        self._retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
+        self.outcomes.retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -226,7 +228,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if not self.accepting or self.fenced:
             return
         if self.shared:
-            self._claim_next()
+            self.claims.claim_next()
             return
         while self.queue.has_ready():
             idle = self.pool.idle()
@@ -258,7 +260,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if not self.accepting or self.fenced:
             return None
         if self.shared:
-            if self._wanted or self._claim_running:
+            if self.claims.wanted or self.claims.running:
                 return None
         elif self.queue.has_ready():
             return None
@@ -328,14 +330,13 @@ class Dispatcher(SharedClaims, Outcomes):
             record.id,
             "its worker ended before the job started",
             False,
-            *self._node_args(),
+            *self._node_args,
         )
+        return d.addCallback(lambda _: self._requeue(record))
 
-        def requeued(_):
-            if self.accepting:
-                self.enqueue(record)
-
-        return d.addCallback(requeued)
+    def _requeue(self, record: JobRecord, not_before: float | None = None) -> None:
+        if self.accepting:
+            self.enqueue(record, not_before)
 
     def _start_failed(self, failure, worker, record: JobRecord) -> None:
         """
@@ -351,7 +352,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if failure.check(InvalidArguments):
             error = f"the job could not start: {failure.getErrorMessage()}"
             log_failed(record, error)
-            self._finish(record, FAILED, error=error)
+            self.outcomes.finish(record, FAILED, error=error)
         else:
             log.failure("Could not start job {job_id}; it waits 1 s", failure, job_id=record.id)
             if self.accepting:
@@ -424,7 +425,7 @@ class Dispatcher(SharedClaims, Outcomes):
         )
         state, error = outcome.final_state(record.cancel_requested)
         if state is None:
-            self._retry_or_fail(record, error, fields)
+            self.outcomes.retry_or_fail(record, error, fields)
             return
         if state == SUCCEEDED:
             job_lines.succeeded(record, self.reactor.seconds())
@@ -433,7 +434,13 @@ class Dispatcher(SharedClaims, Outcomes):
             if outcome.ok:
                 fields["result"] = outcome.result
             job_lines.cancelled(record, self.reactor.seconds())
-        self._finish(record, state, error=error, **fields)
+        self.outcomes.finish(record, state, error=error, **fields)
+
+    def _worker_died(self, worker, job_id: str, how: str) -> None:
+        record = self.running.get(job_id)
+        if record is not None:
+            self._forget(record)
+            self.outcomes.worker_died(record, worker, how)
 
     def _changed(self, job_id: str) -> None:
         # Not on the way out of running: the end is told once committed (outcomes.py).

@@ -2,10 +2,8 @@
 The job service: a Twisted service holding the store, the queue, the
 workers and the front ends that clients reach it through.
 
-The operations of L{twistedlrp.jobs.protocol.wire.OPERATIONS} are its methods of
-the same names (L{twistedlrp.jobs.service.handlers}), returning Deferreds of JSON-ready
-dicts; every change is acknowledged only after its commit. Which job runs
-where is L{twistedlrp.jobs.service.dispatch}'s business.
+Clients call its L{JobOperations} (C{operations}); which job runs where
+is its L{Dispatcher}'s business.
 
 Job nodes: each service is a node, named in the node table, with a
 heartbeat (L{twistedlrp.jobs.service.lease.NodeLease}). On SQLite it is the only
@@ -122,7 +120,7 @@ def _definitions() -> list:
     return [registry.lookup(name) for name in registry.names()]
 
 
-class JobService(JobOperations, service.Service):
+class JobService(service.Service):
     """
     @param options: the server's checked options (C{workers},
         C{max-job-payload}, C{max-jobs-per-worker}, C{max-worker-memory},
@@ -159,15 +157,12 @@ class JobService(JobOperations, service.Service):
         self.store_wait = store_wait()
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         self.dispatcher = Dispatcher(
             reactor,
             self.store,
             options,
             self.worker_env,
             cancel_grace,
-            waiting=self.waiters.__contains__,
-            notify=self._notify,
             node=self.node,
             shared=self.shared,
             queues=self.queues,
@@ -175,7 +170,20 @@ class JobService(JobOperations, service.Service):
         self.pool = self.dispatcher.pool
         if self.shared:
             # Claim only while this node's lease is fresh (as fencing counts it).
-            self.dispatcher.lease_check = self.lease - fence_margin(self.lease)
+            self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
+        self.unavailable: str | None = "the job service is starting"
+        self.operations = JobOperations(
+            reactor,
+            self.store,
+            self.dispatcher,
+            self.node,
+            self.shared,
+            self.queues,
+            self.max_payload,
+            self.store_wait,
+            unavailable=lambda: self.unavailable,
+            about=self._about,
+        )
         self.watchdog = Watchdog(
             reactor,
             self.dispatcher,
@@ -202,14 +210,13 @@ class JobService(JobOperations, service.Service):
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
         # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
         self.schedules = configured()
-        self.scheduler = Scheduler(reactor, self.store, self.submit, self.queues)
+        self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
         self.listener = None
         self._poll = task.LoopingCall(self.dispatcher.wake)
         self._poll.clock = reactor
         self._sweep = task.LoopingCall(self._sweep_announced)
         self._sweep.clock = reactor
         self._registered = False
-        self.unavailable: str | None = "the job service is starting"
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
         # Waiting for the front ends to listen (fired once they do).
@@ -253,7 +260,7 @@ class JobService(JobOperations, service.Service):
             self.unavailable = None
         # Listening even when unavailable: clients are told why, not refused.
         for front_end in self.front_ends:
-            await front_end.listen(self)
+            await front_end.listen(self.operations)
         if self.front_ends:
             self.worker_env["LRP_JOBS_CONNECT"] = self.front_ends[0].client_endpoint
             if self.options["jobs-secret-file"]:
@@ -324,9 +331,10 @@ class JobService(JobOperations, service.Service):
                 self.dispatcher.wake()
         elif what == "cancel":
             self.dispatcher.request_cancel(value)
-        elif what == "finished" and value in self.waiters:
-            d = self.status(value)
-            d.addCallback(lambda info: info["state"] in FINISHED and self._notify(info))
+        elif what == "finished" and value in self.operations.waiters:
+            d = self.operations.status(value)
+            outcomes = self.dispatcher.outcomes
+            d.addCallback(lambda info: info["state"] in FINISHED and outcomes.notify(info))
             d.addErrback(lambda _: None)
 
     def _sweep_announced(self) -> defer.Deferred:
@@ -334,7 +342,7 @@ class JobService(JobOperations, service.Service):
 
         def look(waiting):
             if waiting and self.dispatcher.accepting:
-                return self.take_announced()
+                return self.operations.take_announced()
 
         d = self.store.run_alone(announcements.announced).addCallback(look)
         # The store's own trouble is the watchdog's to report; try again next time.
@@ -381,11 +389,7 @@ class JobService(JobOperations, service.Service):
         dispatcher.stop_accepting()
         if self.unavailable is None:
             self.unavailable = "the job service is shutting down"
-        for waiters in self.waiters.values():
-            for d in waiters:
-                if not d.called:
-                    d.errback(JobServiceUnavailable("the job service is shutting down"))
-        self.waiters.clear()
+        dispatcher.outcomes.fail_waiters(JobServiceUnavailable("the job service is shutting down"))
         remaining = deadline - reactor.seconds()
         margin = min(1.0, max(0.3, remaining * 0.2))
         if dispatcher.running:
@@ -409,6 +413,19 @@ class JobService(JobOperations, service.Service):
             # The node's row goes with the last batch: a successor need not wait for its lease.
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
+
+    def _about(self) -> dict:
+        """@return: the service's own part of the C{stats} operation's answer."""
+        return {
+            "unavailable": self.unavailable,
+            "node": {
+                "name": self.node,
+                "shared": self.shared,
+                "queues": self.queues,
+                "lease": self.lease,
+            },
+            "retention": self.pruner.describe(),
+        }
 
     def force_exit(self) -> None:
         """The process ends at once: leave no worker behind."""

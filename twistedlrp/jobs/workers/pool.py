@@ -36,7 +36,7 @@ from twistedlrp.jobs.workers.worker import Worker
 from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.supervise import restart_backoff
 
-log = Logger()
+log = Logger(namespace="twistedlrp.jobs.workers")
 
 
 def standby_ahead(max_jobs: int) -> int:
