@@ -238,10 +238,7 @@ class Dispatcher:
             worker = idle[0]
             worker.state = "claiming"
             self.claiming.add(record.id)
-            if record.payload is not None:
-                d = self._start_held(worker, record)
-            else:
-                d = defer.ensureDeferred(self._start(worker, record))
+            d = self._start(worker, record)
             d.addErrback(self._start_failed, worker, record)
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
@@ -269,18 +266,20 @@ class Dispatcher:
             return None
         return Reservation(self, idle[0], job_id)
 
-    def _start_held(self, worker, record: JobRecord) -> defer.Deferred:
+    def _start(self, worker, record: JobRecord) -> defer.Deferred:
         """
-        Start a job whose payload the service holds, once its claim is
-        committed (claims share the batches of other changes): were the
-        server to die after the commit, the attempt counts as started and
-        the job is retried or failed by its policy, never run again as if
-        new. Plain callbacks, no coroutine: this runs once per job.
+        Start a job once its claim is committed (claims share the batches of
+        other changes): were the server to die after the commit, the attempt
+        counts as started and the job is retried or failed by its policy,
+        never run again as if new. The claim reads the job unless the
+        service holds its payload. Plain callbacks, no coroutine: this runs
+        once per job.
         """
-        d = self.store.run(ops.claim, record.id, worker.ident, False, self.node)
-        return d.addCallback(self._held_claimed, worker, record)
+        load = record.payload is None
+        d = self.store.run(ops.claim, record.id, worker.ident, load, self.node)
+        return d.addCallback(self._claimed_one, worker, record, load)
 
-    def _held_claimed(self, claimed, worker, record: JobRecord):
+    def _claimed_one(self, claimed, worker, record: JobRecord, load: bool):
         if claimed is None:
             # Cancelled (or taken) meanwhile.
             if worker.state == "claiming":
@@ -290,34 +289,17 @@ class Dispatcher:
         if worker.state != "claiming":
             # The worker died (or the service began stopping) during the claim.
             return self._put_back(record)
-        record.attempts += 1
-        check_record(record)
-        self._run_on(worker, record, record.payload)
-        return None
-
-    async def _start(self, worker, record: JobRecord) -> None:
-        """Claim a job whose payload is in the store only, then start it."""
-        claimed = await self.store.run(ops.claim, record.id, worker.ident, True, self.node)
-        if claimed is None:
-            # Cancelled (or taken) meanwhile.
-            if worker.state == "claiming":
-                worker.state = "idle"
-            self.dispatch()
-            return
-        if worker.state != "claiming":
-            # The worker died (or the service began stopping) during the claim.
-            await self._put_back(record)
-            return
-        payload = claimed["payload"]
-        record.name = claimed["name"]
-        record.attempts = claimed["attempts"]
-        record.max_attempts = claimed["max_attempts"]
-        record.retry_delay = claimed["retry_delay"]
-        record.timeout = claimed["timeout"]
-        record.priority = claimed["priority"]
-        record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        if load:
+            for name in ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority"):
+                setattr(record, name, claimed[name])
+            payload = claimed["payload"]
+            record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        else:
+            record.attempts += 1
+            payload = record.payload
         check_record(record)
         self._run_on(worker, record, payload)
+        return None
 
     def _put_back(self, record: JobRecord) -> defer.Deferred:
         """

@@ -35,7 +35,7 @@ from twistedlrp.jobs.client.calls import STORE_WAIT_SHARE
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
-from twistedlrp.jobs.service.lease import NodeLease, fence_margin, renewal_interval
+from twistedlrp.jobs.service.lease import NodeLease, fence_margin, node_lease, renewal_interval
 from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.service.retention import Pruner, default_keep
 from twistedlrp.jobs.service.schedules import Scheduler, configured
@@ -51,12 +51,6 @@ DEFAULT_CANCEL_GRACE = 5.0
 # Seconds without a usable worker before the health endpoint says "degraded"
 # (a worker being replaced takes about one).
 WORKER_GRACE = 5.0
-# Seconds without a heartbeat after which the other nodes take a job node for
-# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
-# 3 s before it expires (fencing, see lease.py): so a cut of the network or
-# of the database shorter than about 24 s stops nothing and runs nothing twice,
-# and the jobs of a node that died wait 30 to 32 s before another retries them.
-DEFAULT_NODE_LEASE = 30.0
 # Seconds the start waits for a store that cannot be reached before it fails.
 START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
@@ -72,30 +66,6 @@ def node_name(options) -> str:
     if name:
         return name
     return f"{HOSTNAME}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
-
-
-def node_lease() -> float:
-    """
-    @return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE}
-        (environment, then setting).
-    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
-    """
-    from django.conf import settings
-
-    from twistedlrp.boot import BootError
-
-    value = os.environ.get("LRP_JOBS_NODE_LEASE") or getattr(
-        settings, "LRP_JOBS_NODE_LEASE", DEFAULT_NODE_LEASE
-    )
-    try:
-        lease = float(value)
-    except (TypeError, ValueError):
-        raise BootError(
-            f"LRP_JOBS_NODE_LEASE: expected a number of seconds, got {value!r}"
-        ) from None
-    if not 0.5 <= lease < 1e9:
-        raise BootError(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
-    return lease
 
 
 def store_wait() -> float:
@@ -234,30 +204,7 @@ class JobService(service.Service):
         When the job table is missing the service stays up but refuses work
         with a message saying to migrate (and starts no workers).
         """
-        self.store.start()
-        try:
-            reason = await self.store.prepare(within=START_WAIT)
-        except StoreUnavailable as e:
-            raise StartupFailed(f"the job service cannot start: {e}") from None
-        if reason:
-            self.unavailable = reason
-            log.error("The job service cannot run: {reason}", reason=reason)
-        else:
-            await self._register()
-            try:
-                queued, failed = await self.store.run(
-                    recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
-                )
-            except StoreUnavailable as e:
-                raise StartupFailed(f"the job service cannot start: {e}") from None
-            for job_id in failed:
-                log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
-            for row in queued:
-                record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
-                self.dispatcher.queue.push(
-                    record, row["run_after"].timestamp() if row["run_after"] else None
-                )
-            self.unavailable = None
+        reason = await self._open()
         # Listening even when unavailable: clients are told why, not refused.
         for front_end in self.front_ends:
             await front_end.listen(self.operations)
@@ -311,15 +258,39 @@ class JobService(service.Service):
             queues=", ".join(self.queues) if self.queues else "all",
         )
 
-    async def _register(self) -> None:
-        """Enter this node in the node table, or refuse to start beside another live one."""
+    async def _open(self) -> str | None:
+        """
+        Open the store, enter this node in the node table and queue what it
+        left when it died.
+
+        @return: why the service cannot run (the job table is missing), or C{None}.
+        @raise StartupFailed: the store cannot be reached, or another live
+            node holds the database.
+        """
+        self.store.start()
         try:
+            reason = await self.store.prepare(within=START_WAIT)
+            if reason:
+                self.unavailable = reason
+                log.error("The job service cannot run: {reason}", reason=reason)
+                return reason
             await self.lease_keeper.register()
+            self._registered = True
+            queued, failed = await self.store.run(
+                recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
+            )
         except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
         except StoreUnavailable as e:
             raise StartupFailed(f"the job service cannot start: {e}") from None
-        self._registered = True
+        for job_id in failed:
+            log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
+        for row in queued:
+            record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
+            run_after = row["run_after"].timestamp() if row["run_after"] else None
+            self.dispatcher.queue.push(record, run_after)
+        self.unavailable = None
+        return None
 
     def _notified(self, payload: str) -> None:
         """A notification from a job node on the database (possibly this one)."""
@@ -416,16 +387,13 @@ class JobService(service.Service):
 
     def _about(self) -> dict:
         """@return: the service's own part of the C{stats} operation's answer."""
-        return {
-            "unavailable": self.unavailable,
-            "node": {
-                "name": self.node,
-                "shared": self.shared,
-                "queues": self.queues,
-                "lease": self.lease,
-            },
-            "retention": self.pruner.describe(),
+        node = {
+            "name": self.node,
+            "shared": self.shared,
+            "queues": self.queues,
+            "lease": self.lease,
         }
+        return {"unavailable": self.unavailable, "node": node, "retention": self.pruner.describe()}
 
     def force_exit(self) -> None:
         """The process ends at once: leave no worker behind."""
