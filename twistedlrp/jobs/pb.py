@@ -4,7 +4,7 @@ The job service's Perspective Broker front end.
 A C{twisted.cred} portal guards it: a client logs in with the shared secret
 of C{--jobs-secret-file} and gets an avatar offering the operations of the
 AMP front end (C{submit}, C{status}, C{cancel}, C{wait}, C{list_jobs},
-C{stats}); they call the same L{JobService} methods. From Twisted::
+C{stats}); they call the job service's L{JobOperations}. From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
