@@ -14,9 +14,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.service.outcomes import check_record, log_failed
+from twistedlrp.jobs.service.outcomes import check_record
 from twistedlrp.jobs.service.queue import JobRecord
-from twistedlrp.jobs.states import FAILED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 
@@ -129,9 +128,7 @@ class TableClaims:
                 check_record(record)
             except InvalidArguments as e:
                 worker.state = "idle"
-                error = f"the job could not start: {e}"
-                log_failed(record, error)
-                self.outcomes.finish(record, FAILED, error=error)
+                self.outcomes.fail(record, f"the job could not start: {e}")
                 continue
             self.run(worker, record, row["payload"])
             if row["cancel_requested"]:

@@ -26,10 +26,8 @@ from twistedlrp.jobs.service.outcomes import (
     Outcomes,
     check_record,
     job_lines,
-    log_failed,
 )
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
-from twistedlrp.jobs.states import FAILED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers.pool import WorkerPool
@@ -332,13 +330,10 @@ class Dispatcher:
         elif worker.state == "claiming":
             worker.state = "idle"
         if failure.check(InvalidArguments):
-            error = f"the job could not start: {failure.getErrorMessage()}"
-            log_failed(record, error)
-            self.outcomes.finish(record, FAILED, error=error)
+            self.outcomes.fail(record, f"the job could not start: {failure.getErrorMessage()}")
         else:
             log.failure("Could not start job {job_id}; it waits 1 s", failure, job_id=record.id)
-            if self.accepting:
-                self.enqueue(record.requeued(), self.reactor.seconds() + 1.0)
+            self._requeue(record.requeued(), self.reactor.seconds() + 1.0)
         self.dispatch()
 
     def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
@@ -405,18 +400,7 @@ class Dispatcher:
         fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
             record.progress
         )
-        state, error = outcome.final_state(record.cancel_requested)
-        if state is None:
-            self.outcomes.retry_or_fail(record, error, fields)
-            return
-        if state == SUCCEEDED:
-            job_lines.succeeded(record, self.reactor.seconds())
-            fields["result"] = outcome.result
-        else:
-            if outcome.ok:
-                fields["result"] = outcome.result
-            job_lines.cancelled(record, self.reactor.seconds())
-        self.outcomes.finish(record, state, error=error, **fields)
+        self.outcomes.ended(record, outcome, fields)
 
     def _worker_died(self, worker, job_id: str, how: str) -> None:
         record = self.running.get(job_id)

@@ -102,6 +102,18 @@ class Outcomes:
                     d.errback(error)
         self.waiters.clear()
 
+    def ended(self, record: JobRecord, outcome: Outcome, fields: dict) -> None:
+        """C{record}'s attempt ended with C{outcome} (its worker's C{fields}): record it."""
+        state, error = outcome.final_state(record.cancel_requested)
+        if state is None:
+            self.retry_or_fail(record, error, fields)
+            return
+        if outcome.ok:
+            fields["result"] = outcome.result
+        now = self.reactor.seconds()
+        (job_lines.succeeded if state == SUCCEEDED else job_lines.cancelled)(record, now)
+        self.finish(record, state, error=error, **fields)
+
     def worker_died(self, record: JobRecord, worker, how: str) -> None:
         """The worker running C{record} ended (C{how}): requeue, retry, fail or cancel it."""
         job_id = record.id
@@ -157,8 +169,7 @@ class Outcomes:
     def retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
         """The attempt failed with C{error}: retry the job after its delay, or fail it."""
         if record.attempts >= record.max_attempts or self.store.closed:
-            log_failed(record, error, self.reactor.seconds())
-            self.finish(record, FAILED, error=error, **fields)
+            self.fail(record, error, self.reactor.seconds(), **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
         # The reactor's clock is Unix time, as run_after is.
@@ -182,6 +193,11 @@ class Outcomes:
 
         d.addCallback(queued)
         d.addErrback(self._unrecorded, record)
+
+    def fail(self, record: JobRecord, error: str, now: float | None = None, **fields) -> None:
+        """C{record} failed for good with C{error}: log it (at WARNING), store it."""
+        job_lines.failed(record, error, now)
+        self.finish(record, FAILED, error=error, **fields)
 
     def finish(self, record: JobRecord, state: str, **fields) -> None:
         """Store C{record}'s final C{state}, then tell its waiters."""
@@ -260,11 +276,6 @@ def log_lost(record: JobRecord) -> None:
         job_id=record.id,
         attempt=record.attempts,
     )
-
-
-def log_failed(record: JobRecord, error: str, now: float | None = None) -> None:
-    """Log that C{record} failed for good (at WARNING; see L{JobLines})."""
-    job_lines.failed(record, error, now)
 
 
 class JobLines:
