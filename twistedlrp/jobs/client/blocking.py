@@ -29,10 +29,7 @@ from twistedlrp.jobs.client.calls import (
     unknown_outcome,
     unreachable,
 )
-from twistedlrp.jobs.errors import (
-    AuthenticationFailed,
-    JobServiceUnavailable,
-)
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 
 _lock = threading.Lock()

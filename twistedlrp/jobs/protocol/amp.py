@@ -21,11 +21,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs.client.calls import unix_client_endpoint
-from twistedlrp.jobs.errors import (
-    AuthenticationFailed,
-    InvalidArguments,
-    PayloadTooLarge,
-)
+from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, PayloadTooLarge
 from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
 from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge

@@ -67,11 +67,8 @@ class Limits:
 def describe_peer(address) -> str:
     """@return: C{host:port} of a TCP peer, C{"the UNIX socket"}, else the address as text."""
     if isinstance(address, IPv4Address | IPv6Address):
-        return (
-            f"[{address.host}]:{address.port}"
-            if ":" in address.host
-            else (f"{address.host}:{address.port}")
-        )
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{host}:{address.port}"
     if isinstance(address, UNIXAddress):
         return "the UNIX socket"
     return str(address)

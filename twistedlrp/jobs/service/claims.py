@@ -104,15 +104,7 @@ class TableClaims:
         claimed = answer["claimed"]
         for row in claimed:
             worker = by_ident.pop(row["worker"])
-            record = JobRecord(
-                row["id"],
-                row["priority"],
-                name=row["name"],
-                attempts=row["attempts"],
-                max_attempts=row["max_attempts"],
-                retry_delay=row["retry_delay"],
-                timeout=row["timeout"],
-            )
+            record = JobRecord.from_row(row)
             if worker.state != "claiming" or not self.accepting():
                 # The worker died, or the service began stopping, during the claim.
                 _free([worker])

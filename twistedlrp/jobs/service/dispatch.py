@@ -21,12 +21,7 @@ from twisted.logger import Logger
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
 from twistedlrp.jobs.service.claims import Reservation, TableClaims
-from twistedlrp.jobs.service.outcomes import (
-    Outcome,
-    Outcomes,
-    check_record,
-    job_lines,
-)
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery

@@ -15,10 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobServiceUnavailable,
-)
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 from twistedlrp.jobs.protocol.arguments import (
     canonical_job_id,
@@ -204,15 +201,9 @@ class JobOperations:
                     continue
                 self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
-                record = JobRecord(
-                    row["id"],
-                    row["priority"],
-                    row["created_at"].timestamp(),
-                    name=row["name"],
-                    max_attempts=row["max_attempts"],
-                    retry_delay=row["retry_delay"],
-                    timeout=row["timeout"],
-                    payload=payload if len(payload) <= KEEP_PAYLOAD else None,
+                held = payload if len(payload) <= KEEP_PAYLOAD else None
+                record = JobRecord.from_row(
+                    row, created=row["created_at"].timestamp(), payload=held
                 )
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)

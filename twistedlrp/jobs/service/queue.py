@@ -48,6 +48,12 @@ class JobRecord:
     cancel_requested: bool = False
     timers: list[IDelayedCall] = field(default_factory=list)
 
+    @classmethod
+    def from_row(cls, row, **values) -> JobRecord:
+        """@return: the record of a job as the store reads it (C{values} win)."""
+        names = ("name", "attempts", "max_attempts", "retry_delay", "timeout")
+        return cls(row["id"], row["priority"], **{n: row[n] for n in names if n in row}, **values)
+
     def stop_timers(self) -> None:
         for timer in self.timers:
             if timer.active():

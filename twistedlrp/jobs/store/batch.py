@@ -33,12 +33,7 @@ from twisted.python.failure import Failure
 
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.store.availability import (
-    StoreUnavailable,
-    broken,
-    first_line,
-    transaction_id,
-)
+from twistedlrp.jobs.store.availability import StoreUnavailable, broken, first_line, transaction_id
 
 log = Logger()
 
