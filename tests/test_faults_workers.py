@@ -268,10 +268,10 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
     from twisted.internet.task import Clock
     from twisted.protocols import amp
 
-    from twistedlrp.jobs.dispatch import Dispatcher
-    from twistedlrp.jobs.queue import JobRecord
+    from twistedlrp.jobs.service.dispatch import Dispatcher
+    from twistedlrp.jobs.service.queue import JobRecord
     from twistedlrp.jobs.states import FAILED
-    from twistedlrp.jobs.workers import Worker
+    from twistedlrp.jobs.workers.pool import Worker
 
     monkeypatch.setenv("DJANGO_SETTINGS_MODULE", "testsite.settings")
     store = _FakeStore()
@@ -282,7 +282,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
         "max-jobs-per-worker": 1000,
         "max-worker-memory": 0,
     }
-    dispatcher = Dispatcher(Clock(), store, options, {}, 5.0, lambda _: False, lambda _: None)
+    dispatcher = Dispatcher(Clock(), store, options, {}, 5.0)
     worker = Worker(dispatcher.pool, 1)
     process = _FakeProcess()
     worker.makeConnection(process)
@@ -309,7 +309,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
 
 
 def test_the_childs_error_text_is_bounded():
-    from twistedlrp.jobs.worker_main import MAX_ERROR, cut_text, describe_error
+    from twistedlrp.jobs.workers.main import MAX_ERROR, cut_text, describe_error
 
     assert cut_text("short") == "short"
     cut = cut_text("a" * 100 + "b" * 100, 100)

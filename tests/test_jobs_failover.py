@@ -24,7 +24,7 @@ from progresssupport import EventStream, Page
 from test_jobs_nodes import job_node, needs_postgres
 
 from support import LRPProcess, free_port, port_open, request, wait_for
-from twistedlrp.jobs.framing import BoxReader, encode_box
+from twistedlrp.jobs.protocol.framing import BoxReader, encode_box
 
 # What the docs promise: a job node that dies (kill -9, a crash) is replaced
 # by the next at once; calls in flight on it are sent again.

@@ -15,7 +15,7 @@ import pytest
 from jobsupport import rows, shared_db, start_server
 
 from support import LRPProcess, postgres, run_to_exit, wait_for
-from twistedlrp.jobs.schedules import job_id
+from twistedlrp.jobs.service.schedules import job_id
 
 EVERY_SECOND = "* * * * * *"
 

@@ -1,6 +1,6 @@
 """
 Replacement workers forked from the worker template
-(L{twistedlrp.jobs.preload}), in a real server: the template appears only
+(L{twistedlrp.jobs.workers.preload}), in a real server: the template appears only
 when a worker nears C{--max-jobs-per-worker}; successors are its children;
 a forked worker killed mid-job, or whose job times out, is seen and
 replaced like any other; killing the template leaves its workers and

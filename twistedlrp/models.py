@@ -93,7 +93,7 @@ class Node(models.Model):
 
 class Schedule(models.Model):
     """
-    A periodic job (L{twistedlrp.jobs.schedules}): C{@job(schedule=...)} or
+    A periodic job (L{twistedlrp.jobs.service.schedules}): C{@job(schedule=...)} or
     an entry of C{settings.LRP_SCHEDULE}, synced into this table at each job
     node's start. The job node that moves C{next_due} on (a conditional
     update) submits the job of that due time.

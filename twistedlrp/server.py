@@ -333,7 +333,7 @@ class WebProcessServer(Server):
 
 def _watch_jobs(registry, job_service) -> None:
     if job_service is not None:
-        from twistedlrp.jobs import metrics as job_metrics
+        from twistedlrp.jobs.service import metrics as job_metrics
 
         job_metrics.watch(registry, job_service)
 
@@ -393,7 +393,7 @@ def _describe_port(port) -> str:
 
 def _call_slots() -> dict | None:
     """@return: the threads in a job call and the most allowed (the health endpoint's)."""
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     slots = client.call_slots()
     return slots.describe() if slots is not None else None

@@ -107,7 +107,7 @@ else:
             @raise twistedlrp.jobs.JobError: the job service refused it;
                 L{twistedlrp.jobs.JobServiceUnavailable} when it cannot be reached.
             """
-            from twistedlrp.jobs import client
+            from twistedlrp.jobs.client import calls as client
 
             self.validate_task(task)
             info = client.call(
@@ -138,7 +138,8 @@ else:
             @raise twistedlrp.jobs.JobServiceUnavailable: the job service
                 cannot be reached in time.
             """
-            from twistedlrp.jobs import UnknownJob, client
+            from twistedlrp.jobs import UnknownJob
+            from twistedlrp.jobs.client import calls as client
 
             try:
                 info = client.call("status", job_id=str(result_id))
@@ -266,8 +267,8 @@ def _current_result(task):
     @return: the C{TaskResult} of the job this worker runs now, from the job
         store (its claim was committed before the job was sent here).
     """
-    from twistedlrp.jobs import _context
     from twistedlrp.jobs.store import operations
+    from twistedlrp.jobs.workers import context as _context
 
     job_id = _context.current_job_id()
     try:

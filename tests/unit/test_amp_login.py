@@ -4,9 +4,9 @@ from twisted.internet import defer
 from twisted.protocols import amp
 from twisted.test import iosim
 
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.amp import ServiceProtocol
 from twistedlrp.jobs.errors import AuthenticationFailed
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.amp import ServiceProtocol
 
 SECRET = b"correct horse battery staple"
 

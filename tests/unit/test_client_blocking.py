@@ -14,12 +14,14 @@ import time
 
 import pytest
 
-from twistedlrp.jobs import blocking, client, worker_main
+from twistedlrp.jobs.client import blocking
+from twistedlrp.jobs.client import calls as client
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     JobServiceUnavailable,
     NotRegistered,
 )
+from twistedlrp.jobs.workers import main as worker_main
 
 
 class FakeService:

@@ -1,5 +1,5 @@
 """
-The reactor's job client (L{twistedlrp.jobs.connection.JobClient}) against
+The reactor's job client (L{twistedlrp.jobs.client.connection.JobClient}) against
 fake job nodes in this process (AMP servers on UNIX sockets): calls go to
 the first node that is up, move to the next when it is lost (a request in
 flight is sent again), come back to the first once it is up again, fail at
@@ -15,8 +15,10 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 
-from twistedlrp.jobs import client, connection, link, wire
+from twistedlrp.jobs.client import calls as client
+from twistedlrp.jobs.client import connection, link
 from twistedlrp.jobs.errors import JobServiceUnavailable
+from twistedlrp.jobs.protocol import wire
 
 
 class FakeNode:

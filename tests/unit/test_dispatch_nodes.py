@@ -11,11 +11,11 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs.dispatch import Dispatcher
-from twistedlrp.jobs.outcomes import Outcome
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.outcomes import Outcome
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import SUCCEEDED
-from twistedlrp.jobs.workers import Worker
+from twistedlrp.jobs.workers.pool import Worker
 
 MIB = 1024 * 1024
 
@@ -94,9 +94,7 @@ def node(monkeypatch):
         "max-worker-memory": 0,
     }
     clock = Clock()
-    dispatcher = Dispatcher(
-        clock, store, options, {}, 5.0, lambda _: False, lambda _: None, "n1", True, ["a"]
-    )
+    dispatcher = Dispatcher(clock, store, options, {}, 5.0, "n1", True, ["a"])
     for i in range(2):
         worker = Worker(dispatcher.pool, i)
         process = FakeProcess()
@@ -199,7 +197,7 @@ def found_nothing(dispatcher, store):
     """Let a claim find the table empty: nothing is due ahead of a new job."""
     dispatcher.wake()
     store.claims[-1].callback({"claimed": [], "next_due": None})
-    assert not dispatcher._wanted
+    assert not dispatcher.claims.wanted
 
 
 def record(job_id):
@@ -281,7 +279,7 @@ def test_fencing_kills_the_running_jobs_records_nothing_and_claims_nothing(node)
     assert len(store.calls) == calls
     # No claim and no reservation while fenced, whatever wakes it.
     dispatcher.wake()
-    dispatcher._wanted = False
+    dispatcher.claims.wanted = False
     assert dispatcher.reserve("j2") is None
     assert len(store.named("claim_next")) == 1
     dispatcher.unfence()
@@ -302,12 +300,12 @@ def test_a_claim_answered_after_the_fence_starts_nothing_and_gives_the_job_back(
 
 def test_a_claim_refused_for_a_stale_lease_frees_the_workers_and_tries_again(node):
     dispatcher, store, clock = node
-    dispatcher.lease_check = 27.0
+    dispatcher.claims.lease_check = 27.0
     dispatcher.wake()
     assert store.named("claim_next")[0][3] == 27.0
     store.claims[0].callback({"claimed": [], "next_due": None, "no_lease": True})
     assert all(w.state == "idle" for w in dispatcher.pool.workers)
-    assert dispatcher._wanted
+    assert dispatcher.claims.wanted
     clock.advance(1.0)
     assert len(store.named("claim_next")) == 2
 

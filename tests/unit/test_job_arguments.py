@@ -18,8 +18,8 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from twistedlrp import jobs
-from twistedlrp.jobs import arguments, limits, wire
 from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
+from twistedlrp.jobs.protocol import arguments, limits, wire
 
 JOB_ID = "0b5e4a8c-3f0e-4d7e-9a43-1f2b3c4d5e6f"
 
@@ -128,7 +128,7 @@ def test_jobs_wait_waits_long_timeouts_in_several_calls(monkeypatch):
         now[0] += kw["timeout"]
         return {"id": kw["job_id"], "name": "x", "state": "running"}
 
-    monkeypatch.setattr("twistedlrp.jobs.client.call", call)
+    monkeypatch.setattr("twistedlrp.jobs.client.calls.call", call)
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     with pytest.raises(TimeoutError):
         jobs.wait(JOB_ID.upper(), timeout=9000)
@@ -164,7 +164,7 @@ def amp_connection(secret=None):
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
-    from twistedlrp.jobs.amp import ServiceFactory
+    from twistedlrp.jobs.protocol.amp import ServiceFactory
 
     service = FakeService()
     gate = limits.Gate(Clock(), "tcp:8001")

@@ -13,9 +13,10 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs import pb, wire
-from twistedlrp.jobs.amp import ServiceProtocol
-from twistedlrp.jobs.framing import BoxReader, BoxTooLarge, encode_box
+from twistedlrp.jobs import pb
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.amp import ServiceProtocol
+from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge, encode_box
 
 
 def test_every_operation_has_its_responder_and_the_public_ones_their_pb_signature():

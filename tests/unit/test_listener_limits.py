@@ -23,9 +23,9 @@ from twisted.python.failure import Failure
 from twisted.spread import banana, pb
 from twisted.test import iosim
 
-from twistedlrp.jobs import limits, wire
-from twistedlrp.jobs.amp import AMPFrontEnd, ServiceFactory, ServiceProtocol
 from twistedlrp.jobs.pb import GuardedPBServerFactory, JobsRealm, SecretChecker
+from twistedlrp.jobs.protocol import limits, wire
+from twistedlrp.jobs.protocol.amp import AMPFrontEnd, ServiceFactory, ServiceProtocol
 from twistedlrp.options import Options
 from twistedlrp.ordered_service import StartupFailed
 

@@ -1,5 +1,5 @@
 """
-Fencing (jobs/watchdog.py NodeLease): a job node that cannot renew its
+Fencing (jobs/service/watchdog.py NodeLease): a job node that cannot renew its
 lease stops its jobs before the lease can expire elsewhere, measured on
 its own monotonic clock from the last renewal that succeeded, and takes
 work again only once a renewal dealt with the jobs it stopped. A fake
@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
+from twistedlrp.jobs.service.lease import NodeLease, fence_margin, renewal_interval
 
 
 class FakeRunner:
@@ -151,7 +151,7 @@ def test_the_server_fences_by_its_monotonic_clock_whatever_the_wall_clock_does()
     """The server's alarm is a thread on the monotonic clock, not a reactor timer."""
     import queue
 
-    from twistedlrp.jobs.lease import MonotonicAlarm
+    from twistedlrp.jobs.service.lease import MonotonicAlarm
 
     calls = queue.SimpleQueue()
 

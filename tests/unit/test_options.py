@@ -381,7 +381,7 @@ def test_several_job_nodes_on_the_command_line_in_a_file_and_in_the_environment(
     # LRP_JOBS_CONNECT: several separated by commas.
     import types
 
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     monkeypatch.setattr("django.conf.settings", types.SimpleNamespace())
     monkeypatch.setenv("LRP_JOBS_CONNECT", "tcp:host=a:port=1, unix:path=/x\\,y")

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from twistedlrp.jobs.errors import JobServiceUnavailable, UnknownJob
-from twistedlrp.jobs.wire import seen_mark
+from twistedlrp.jobs.protocol.wire import seen_mark
 from twistedlrp.web import progress_stream
 from twistedlrp.web.progress_stream import HEARTBEAT, MIN_INTERVAL, JobEvents, _Stream
 

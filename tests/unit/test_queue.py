@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs.queue import JobQueue, JobRecord
+from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 
 
 def make_queue():

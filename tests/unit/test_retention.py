@@ -8,9 +8,10 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs import InvalidArguments, job, retention
+from twistedlrp.jobs import InvalidArguments, job
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.registry import JobDefinition
+from twistedlrp.jobs.service import retention
 
 
 @pytest.mark.parametrize(

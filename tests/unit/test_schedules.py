@@ -13,8 +13,9 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from twistedlrp.jobs import job, registry, schedules
+from twistedlrp.jobs import job, registry
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+from twistedlrp.jobs.service import schedules
 
 PARIS = ZoneInfo("Europe/Paris")
 

@@ -1,5 +1,5 @@
 """
-The job service's watchdog (twistedlrp.jobs.watchdog) on a fake clock: a
+The job service's watchdog (twistedlrp.jobs.service.watchdog) on a fake clock: a
 running job whose worker is gone or holds another job is handed back to
 the dispatcher; the store's running jobs that nobody holds are ended by
 their retry policy and queued again; a store that cannot be reached is
@@ -16,9 +16,9 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.queue import JobRecord
+from twistedlrp.jobs.service.watchdog import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 from twistedlrp.jobs.states import QUEUED
-from twistedlrp.jobs.watchdog import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 
 # Above the kernel's largest pid: no process has it.
 NO_SUCH_PID = 2**22 + 4321

@@ -12,8 +12,9 @@ import os
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 
-from twistedlrp.jobs import wire, worker_main
-from twistedlrp.jobs.workers import WorkerPool, standby_ahead
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.workers import main as worker_main
+from twistedlrp.jobs.workers.pool import WorkerPool, standby_ahead
 
 # -- framing -----------------------------------------------------------------------
 
@@ -162,7 +163,7 @@ def test_how_far_ahead_a_standby_starts():
 
 
 def test_a_standby_successor_takes_over_at_the_job_limit(monkeypatch):
-    monkeypatch.setattr("twistedlrp.jobs.workers.Worker.retire", retire_without_a_pipe)
+    monkeypatch.setattr("twistedlrp.jobs.workers.pool.Worker.retire", retire_without_a_pipe)
     reactor, pool, ready = make_pool()
     pool.start()
     (first,) = reactor.spawned
@@ -187,7 +188,7 @@ def test_a_standby_successor_takes_over_at_the_job_limit(monkeypatch):
 
 
 def test_a_successor_still_starting_takes_jobs_once_ready(monkeypatch):
-    monkeypatch.setattr("twistedlrp.jobs.workers.Worker.retire", retire_without_a_pipe)
+    monkeypatch.setattr("twistedlrp.jobs.workers.pool.Worker.retire", retire_without_a_pipe)
     reactor, pool, ready = make_pool()
     pool.start()
     (first,) = reactor.spawned
@@ -202,7 +203,7 @@ def test_a_successor_still_starting_takes_jobs_once_ready(monkeypatch):
 
 
 def test_a_worker_that_dies_hands_over_to_its_standby(monkeypatch):
-    monkeypatch.setattr("twistedlrp.jobs.workers.Worker.retire", retire_without_a_pipe)
+    monkeypatch.setattr("twistedlrp.jobs.workers.pool.Worker.retire", retire_without_a_pipe)
     reactor, pool, ready = make_pool()
     pool.start()
     (first,) = reactor.spawned
@@ -216,7 +217,7 @@ def test_a_worker_that_dies_hands_over_to_its_standby(monkeypatch):
 
 
 def test_a_standby_that_dies_is_not_replaced_until_needed(monkeypatch):
-    monkeypatch.setattr("twistedlrp.jobs.workers.Worker.retire", retire_without_a_pipe)
+    monkeypatch.setattr("twistedlrp.jobs.workers.pool.Worker.retire", retire_without_a_pipe)
     reactor, pool, ready = make_pool()
     pool.start()
     (first,) = reactor.spawned
@@ -235,7 +236,7 @@ def test_a_standby_that_dies_is_not_replaced_until_needed(monkeypatch):
 
 def test_stopping_retires_a_standby(monkeypatch):
     retired = []
-    monkeypatch.setattr("twistedlrp.jobs.workers.Worker.retire", lambda w: retired.append(w))
+    monkeypatch.setattr("twistedlrp.jobs.workers.pool.Worker.retire", lambda w: retired.append(w))
     reactor, pool, ready = make_pool()
     pool.start()
     (first,) = reactor.spawned

@@ -19,7 +19,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from twistedlrp.jobs import _context, registry
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.client.transactions import outside_transaction
 from twistedlrp.jobs.errors import (
     AuthenticationFailed,
     InvalidArguments,
@@ -31,7 +32,7 @@ from twistedlrp.jobs.errors import (
     UnknownJob,
 )
 from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
-from twistedlrp.jobs.transactions import outside_transaction
+from twistedlrp.jobs.workers import context as _context
 
 __all__ = [
     "job",
@@ -150,7 +151,7 @@ def job(
         (it returns a L{JobInfo}) and C{job_name}.
     """
 
-    from twistedlrp.jobs.arguments import check_priority, check_seconds
+    from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
 
     check_seconds("timeout", timeout)
     check_priority(priority)
@@ -181,7 +182,7 @@ def job(
         function.submit = submit_this
         function.job_name = definition.name
         if schedule is not None:
-            from twistedlrp.jobs import schedules
+            from twistedlrp.jobs.service import schedules
 
             # A bad expression fails the import of the job's module, at start-up.
             schedules.declare(definition.name, schedule)
@@ -192,7 +193,7 @@ def job(
 
 def _checked_keep(keep):
     """@return: C{keep} as seconds, C{"forever"} or C{None}; @raise InvalidArguments: not a keep."""
-    from twistedlrp.jobs import retention
+    from twistedlrp.jobs.service import retention
 
     if keep is None:
         return None
@@ -241,7 +242,7 @@ def submit(
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
@@ -285,7 +286,7 @@ def get(job_id) -> JobInfo:
     @raise UnknownJob: no job has this id.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     return JobInfo.from_dict(client.call("status", job_id=str(job_id)))
 
@@ -301,7 +302,7 @@ def cancel(job_id) -> JobInfo:
     @return: the job's L{JobInfo} after the request.
     @raise UnknownJob: no job has this id.
     """
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     return JobInfo.from_dict(client.call("cancel", job_id=str(job_id)))
 
@@ -320,7 +321,8 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     """
     import time
 
-    from twistedlrp.jobs import arguments, client
+    from twistedlrp.jobs.client import calls as client
+    from twistedlrp.jobs.protocol import arguments
 
     job_id = arguments.canonical_job_id(job_id)
     seconds = arguments.check_duration("timeout", timeout)
@@ -339,7 +341,7 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
 
 def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
     """@return: the newest jobs (without results or output), optionally filtered."""
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     return [
         JobInfo.from_dict(d)
@@ -349,7 +351,7 @@ def list_jobs(state: str | None = None, name: str | None = None, limit: int = 10
 
 def stats() -> dict:
     """@return: the job service's counters: jobs by state, workers, throughput."""
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     return client.call("stats")
 

@@ -9,7 +9,7 @@ memory (the last L{MAX_KEPT}; L{reset} forgets them), so a site's own tests
 need neither a server nor database access for them.
 
 The answers are the job service's own: its operations
-(L{twistedlrp.jobs.handlers.JobOperations}) and its dispatcher run here, over a
+(L{twistedlrp.jobs.service.handlers.JobOperations}) and its dispatcher run here, over a
 store in memory (L{twistedlrp.jobs.store.memory}), with a worker that runs
 the job in the thread that submitted it, as a worker child would run it
 (C{progress()} and C{cancelled()} work, also in jobs that submit jobs and
@@ -30,13 +30,15 @@ import time
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs import _context, registry, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
-from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs import registry
 from twistedlrp.jobs.errors import JobCancelled, JobError
-from twistedlrp.jobs.handlers import JobOperations
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.handlers import JobOperations
 from twistedlrp.jobs.states import FAILED
 from twistedlrp.jobs.store.memory import MAX_KEPT, MemoryStore
+from twistedlrp.jobs.workers import context as _context
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +75,25 @@ def call(op: str, kw: dict):
     operation = wire.OPERATIONS.get(op)
     if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
+    arguments = operation.arguments(kw)
+    if op == "submit":
+        try:
+            registry.find(arguments["name"])  # the site's job modules, imported once needed
+        except JobError:
+            pass  # the service says so
     global _service
     with _lock:
         if _service is None:
             _service = EagerService()
         service = _service
-        d = defer.maybeDeferred(operation.call, service, operation.arguments(kw))
+        d = defer.maybeDeferred(operation.call, service.operations, arguments)
         _lock.notify_all()
     service.run_started()
     outcome = service.outcome_of(d)
     if op == "submit":
         # Finished now (unless another thread runs it): as it is now.
         with _lock:
-            outcome = service.outcome_of(service.status(outcome["id"]))
+            outcome = service.outcome_of(service.operations.status(outcome["id"]))
         outcome.pop("args", None)
         outcome.pop("kwargs", None)
     return outcome
@@ -192,43 +200,41 @@ class _EagerPool:
         pass
 
 
-class _NoPruning:
-    def describe(self) -> dict:
-        return {"keep": None, "passes": 0, "deleted": 0}
+class _EagerOperations(JobOperations):
+    def _overlay(self, info: dict) -> dict:
+        # Not running yet where the caller can tell (see MemoryStore.starting).
+        return info if info["id"] in self.store.starting else super()._overlay(info)
 
 
-class EagerService(JobOperations):
+def _about() -> dict:
+    node = {"name": "eager", "shared": False, "queues": None, "lease": None}
+    retention = {"keep": None, "passes": 0, "deleted": 0}
+    return {"unavailable": None, "node": node, "retention": retention, "eager": True}
+
+
+class EagerService:
     """The job service's operations and dispatcher, over a store in memory."""
 
     def __init__(self):
         self.reactor = _Clock()
         self.store = MemoryStore()
-        self.max_payload = DEFAULT_MAX_PAYLOAD
-        self.unavailable = None
-        self.shared, self.node, self.queues, self.lease = False, "eager", None, None
-        self.pruner = _NoPruning()
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}
-        self.pool = _EagerPool()
         self.dispatcher = Dispatcher(
-            self.reactor,
-            self.store,
-            options,
-            {},
-            0.0,
-            waiting=self.waiters.__contains__,
-            notify=self._notify,
-            node=self.node,
-            pool=self.pool,
+            self.reactor, self.store, options, {}, 0.0, node="eager", pool=_EagerPool()
         )
         self.dispatcher.accepting = True
-
-    def submit(self, name, *arguments) -> defer.Deferred:
-        try:
-            registry.find(name)  # the site's job modules, imported once needed
-        except JobError:
-            pass  # the service says so
-        return super().submit(name, *arguments)
+        self.operations = _EagerOperations(
+            self.reactor,
+            self.store,
+            self.dispatcher,
+            "eager",
+            False,
+            None,
+            DEFAULT_MAX_PAYLOAD,
+            None,
+            unavailable=lambda: None,
+            about=_about,
+        )
 
     def run_started(self) -> None:
         """Run the jobs this thread's calls started, and those they start, retries at once."""
@@ -260,13 +266,6 @@ class EagerService(JobOperations):
                         )
                     _lock.notify_all()
 
-    def stats(self) -> defer.Deferred:
-        return super().stats().addCallback(lambda stats: dict(stats, eager=True))
-
-    def _overlay(self, info: dict) -> dict:
-        # Not running yet where the caller can tell (see MemoryStore.starting).
-        return info if info["id"] in self.store.starting else super()._overlay(info)
-
     def outcome_of(self, d: defer.Deferred):
         """@return: the result of C{d}, once it has one (another thread may give it)."""
         outcome: list = []
@@ -280,7 +279,7 @@ class EagerService(JobOperations):
 
 def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatcher) -> dict:
     """@return: the outcome of one attempt, as a worker child sends it."""
-    from twistedlrp.jobs.worker_main import call_job, describe_error
+    from twistedlrp.jobs.workers.main import call_job, describe_error
 
     job_id = worker.job_id
 

@@ -4,7 +4,7 @@ The job service's Perspective Broker front end.
 A C{twisted.cred} portal guards it: a client logs in with the shared secret
 of C{--jobs-secret-file} and gets an avatar offering the operations of the
 AMP front end (C{submit}, C{status}, C{cancel}, C{wait}, C{list_jobs},
-C{stats}); they call the same L{JobService} methods. From Twisted::
+C{stats}); they call the job service's L{JobOperations}. From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
@@ -22,10 +22,10 @@ Login is PB's own challenge-response (see L{SecretChecker}): the secret
 never crosses the wire. The user name is free (C{b"lrp"} by convention);
 it only names the client in the logs.
 
-What a client may send is bounded as it arrives (L{twistedlrp.jobs.pb_guard}): a few
+What a client may send is bounded as it arrives (L{twistedlrp.jobs.protocol.pb_guard}): a few
 KiB before its login succeeds, within a deadline, with bounds on the
 connections waiting to log in at once, in all and per address (as on the
-AMP listeners, see L{twistedlrp.jobs.limits.Gate}); after login, one message of at most twice
+AMP listeners, see L{twistedlrp.jobs.protocol.limits.Gate}); after login, one message of at most twice
 C{--max-job-payload} plus framing.
 """
 
@@ -40,10 +40,11 @@ from twisted.logger import Logger
 from twisted.spread import banana, pb
 from zope.interface import implementer
 
-from twistedlrp.jobs import errors, limits, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD, shown
-from twistedlrp.jobs.client import encode_payload
-from twistedlrp.jobs.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
+from twistedlrp.jobs import errors
+from twistedlrp.jobs.client.calls import encode_payload
+from twistedlrp.jobs.protocol import limits, wire
+from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD, shown
+from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
 from twistedlrp.ordered_service import StartupFailed
 
 log = Logger()
@@ -301,11 +302,13 @@ def listen_pb(
     """
     Serve C{service} over Perspective Broker on C{endpoint}.
 
-    @param service: the L{twistedlrp.jobs.service.JobService}.
+    @param service: a L{twistedlrp.jobs.service.job_service.JobService},
+        or the L{twistedlrp.jobs.service.handlers.JobOperations} it answers
+        clients with.
     @param endpoint: a server endpoint string (C{tcp:8790:interface=127.0.0.1}).
     @param secret: the shared secret clients log in with (any user name).
     @param bounds: what clients may do before logging in (the defaults of
-        L{twistedlrp.jobs.wire} if C{None}). After login, one message may
+        L{twistedlrp.jobs.protocol.wire} if C{None}). After login, one message may
         hold twice C{service.max_payload} plus L{limits.BOX_FRAMING} bytes
         (PB's encoding of a JSON value can take twice its JSON's size).
     @return: a Deferred firing with the C{IListeningPort}, or failing when
@@ -314,6 +317,7 @@ def listen_pb(
     """
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")
+    service = getattr(service, "operations", service)
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)

@@ -11,10 +11,11 @@ import os
 
 from twisted.application import service
 
-from twistedlrp.jobs import client as jobs_client
-from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.connection import JobClient
-from twistedlrp.jobs.local import LocalClient
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.client import calls as jobs_client
+from twistedlrp.jobs.client.connection import JobClient
+from twistedlrp.jobs.client.local import LocalClient
+from twistedlrp.jobs.protocol import wire
 
 
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
@@ -29,8 +30,8 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
     from django.conf import settings
 
     from twistedlrp.boot import BootError
-    from twistedlrp.jobs.amp import AMPFrontEnd
-    from twistedlrp.jobs.service import DEFAULT_CANCEL_GRACE, JobService
+    from twistedlrp.jobs.protocol.amp import AMPFrontEnd
+    from twistedlrp.jobs.service.job_service import DEFAULT_CANCEL_GRACE, JobService
 
     run_service = not options["no-jobs"] and not options["jobs-connect"]
     if run_service and not apps.is_installed("twistedlrp"):
@@ -43,7 +44,11 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
         return None, JobClientService(reactor, options, None)
     front_ends = [
         AMPFrontEnd(
-            reactor, options["jobs-listen"], options["state-dir"], options["jobs-secret-file"]
+            reactor,
+            options["jobs-listen"],
+            options["state-dir"],
+            options["jobs-secret-file"],
+            bool(options.get("allow-open-permissions")),
         )
     ]
     if options["pb-listen"]:
@@ -62,7 +67,7 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
 
 class JobClientService(service.Service):
     """
-    The process's job client (L{twistedlrp.jobs.client}): to this server's
+    The process's job client (L{twistedlrp.jobs.client.calls}): to this server's
     job service, to the job nodes of C{--jobs-connect}, or to what the
     settings name.
 

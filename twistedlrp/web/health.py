@@ -36,7 +36,7 @@ class HealthResource(Resource):
         self.sections: dict[str, Callable[[], dict]] = {}
         # The threads that may stream (web/limits.py StreamSlots), if any.
         self.streams = None
-        # Returns the threads in a job call (jobs/client.py CallSlots), if limited.
+        # Returns the threads in a job call (jobs/client/calls.py CallSlots), if limited.
         self.job_calls: Callable[[], dict | None] | None = None
 
     def render(self, request):

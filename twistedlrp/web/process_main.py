@@ -61,7 +61,7 @@ PREIMPORT = (
     "twisted.web.static",
     "twistedlrp.http",
     "twistedlrp.jobs",
-    "twistedlrp.jobs.client",
+    "twistedlrp.jobs.client.calls",
     "twistedlrp.jobs.wiring",
     "twistedlrp.server",
     "twistedlrp.web.service",

@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from twistedlrp import progress
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.wire import seen_mark
+from twistedlrp.jobs.protocol.wire import seen_mark
 from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
 
 log = Logger()

@@ -171,7 +171,7 @@ def _add_metrics(options, router: Router, site: LRPSite, pool: ThreadPool) -> No
 
 def _job_events(reactor) -> JobEvents:
     """@return: the progress streams, which reach the job service through this process's client."""
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     return JobEvents(reactor, client.installed)
 

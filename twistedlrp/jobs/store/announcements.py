@@ -1,6 +1,6 @@
 """
 The announcement table: jobs a site's own transaction stored on SQLite
-(L{twistedlrp.jobs.transactions}), which the job service, keeping its queue
+(L{twistedlrp.jobs.client.transactions}), which the job service, keeping its queue
 in memory, takes from there. These run in the store thread.
 """
 

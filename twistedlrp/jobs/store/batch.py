@@ -1,35 +1,27 @@
 """
-A group-commit thread: database work from the reactor, one transaction for
-everything queued at once.
+A group-commit thread: the reactor hands it functions
+(L{GroupCommitThread.run}); it runs every operation queued so far in one
+transaction (should one fail, each in its own, so that one failure does not
+undo the others) and fires each Deferred in the reactor after the commit
+that made its change durable. An idle thread blocks on its queue.
 
-The reactor never touches the database. It calls L{GroupCommitThread.run}
-with a function; the thread takes every operation queued so far, runs them
-all in one transaction (and, should one fail, each in a transaction of its
-own, so one failure does not undo the others), commits once, and hands each
-result back to the reactor as the firing of its Deferred. Under load, many
-operations share one commit; an idle thread costs nothing (it blocks on its
-queue, it does not poll). A Deferred fires only after the commit that made
-its change durable.
+When the database cannot be reached no operation fails for it: the thread
+keeps them and tries to connect again (at most a second apart). An
+operation given a deadline (C{within}) that has not begun by then fails
+with L{StoreUnavailable}; the others (the outcomes of jobs) wait as long as
+it takes. A transaction whose commit was sent when the connection broke is
+looked up once the database is back (PostgreSQL's C{txid_status}): its
+results are delivered if it committed, otherwise it runs again. Losing and
+regaining the database is told to an
+L{twistedlrp.jobs.store.availability.Availability}.
 
-When the database cannot be reached (it restarts, the network is cut, its
-connection was dropped) no operation fails for it: the thread keeps them,
-tries to connect again about every second at most, and runs them once it
-can. An operation given a deadline (C{within}) that has not begun by then
-is withdrawn and fails with L{StoreUnavailable}; the others (the outcomes of
-jobs) wait for as long as it takes. A transaction whose commit was sent
-when the connection broke is looked up once the database is back
-(PostgreSQL's C{txid_status}): committed, its results are delivered;
-otherwise it runs again. The thread reports losing and regaining the
-database to an L{twistedlrp.jobs.store.availability.Availability}, which
-logs it once.
-
-Nothing here knows about jobs; values that only the latest counts for
-(progress reports) are I{coalesced}: L{GroupCommitThread.coalesce} keeps the
-newest value per key, written with the next batch.
+Values that only the latest counts for (progress reports) are coalesced
+(L{GroupCommitThread.coalesce}): the newest per key is written with the next batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -41,12 +33,7 @@ from twisted.python.failure import Failure
 
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.store.availability import (
-    StoreUnavailable,
-    broken,
-    first_line,
-    transaction_id,
-)
+from twistedlrp.jobs.store.availability import StoreUnavailable, broken, first_line, transaction_id
 
 log = Logger()
 
@@ -65,25 +52,18 @@ class _Op:
 
     def __init__(self, fn, args, d, alone, within):
         self.fn, self.args, self.d, self.alone, self.within = fn, args, d, alone, within
-        self.state = _QUEUED
-        self.timer = None
-        self.graced = False
+        self.state, self.timer, self.graced = _QUEUED, None, False
 
 
 class GroupCommitThread:
     """
-    @param write_coalesced: called in the thread, inside a batch's
-        transaction, with the dict of coalesced values gathered since the
-        last batch.
-    @param begin_batch: called in the thread before each batch (to prepare
-        the connection).
-    @param setup: called once in the thread before anything else (to set
-        the options of its connection).
+    Called in the thread: C{write_coalesced} with the coalesced values,
+    inside each batch's transaction; C{begin_batch} before each batch;
+    C{setup} once before anything else; C{observe_batch}, if set, with each
+    batch's size (the job metrics).
     """
 
-    # Called in the thread with each batch's size (the job metrics), if set.
     observe_batch: Callable[[int], None] | None = None
-    # Told when this thread loses and regains the database, if set.
     availability = None
 
     def __init__(
@@ -94,11 +74,8 @@ class GroupCommitThread:
         begin_batch: Callable[[], None] = lambda: None,
         setup: Callable[[], None] = lambda: None,
     ):
-        self.reactor = reactor
-        self.name = name
-        self._write_coalesced = write_coalesced
-        self._begin_batch = begin_batch
-        self._setup = setup
+        self.reactor, self.name = reactor, name
+        self._write_coalesced, self._begin_batch, self._setup = write_coalesced, begin_batch, setup
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._coalesced: dict = {}
@@ -107,8 +84,7 @@ class GroupCommitThread:
         self._state_lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = defer.Deferred()
-        self.batches = 0
-        self.operations = 0
+        self.batches = self.operations = 0
         self.closed = False
         # In the thread: the database cannot be reached (since the last failure).
         self._away = False
@@ -117,28 +93,20 @@ class GroupCommitThread:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
-    def run(
-        self, fn: Callable[..., Any], *args: Any, within: float | None = None
-    ) -> defer.Deferred:
+    def run(self, fn: Callable[..., Any], *args, within: float | None = None) -> defer.Deferred:
         """
         Run C{fn(*args)} in the thread, inside a transaction.
 
-        @param within: seconds after which, if it has not begun (the store
-            cannot be reached, or is busy), the operation is withdrawn and
+        @param within: seconds after which an operation that has not begun
             fails with L{StoreUnavailable} (C{started} false); one that has
-            begun gets a tenth more (at most 1 s) to finish, then fails
-            too, with C{started} true (it may commit).
-            C{None}: it waits for the store as long as it takes. Cancelling
-            the Deferred withdraws it the same way.
-        @return: a Deferred that fires, in the reactor, with C{fn}'s result
-            once the transaction is committed, or fails with its exception
-            (L{JobServiceUnavailable} once the thread is stopping).
+            gets a tenth more (at most 1 s), then fails with C{started} true
+            (it may commit). C{None}: no limit. Cancelling withdraws it too.
+        @return: a Deferred firing with C{fn}'s result once committed, or
+            failing with its exception (L{JobServiceUnavailable} once stopping).
         """
         return self._put(fn, args, False, within)
 
-    def run_alone(
-        self, fn: Callable[..., Any], *args: Any, within: float | None = None
-    ) -> defer.Deferred:
+    def run_alone(self, fn: Callable, *args, within: float | None = None) -> defer.Deferred:
         """Like L{run}, but outside any transaction (for PRAGMAs, checks and reads)."""
         return self._put(fn, args, True, within)
 
@@ -171,10 +139,9 @@ class GroupCommitThread:
         reason = self.availability.reason if self.availability is not None else None
         if reason is not None:
             message = f"the job store cannot be reached ({reason})"
-        elif op.within is not None:
-            message = f"the job store did not answer within {op.within:g} s"
         else:
-            message = "the job store did not answer"
+            within = f" within {op.within:g} s" if op.within is not None else ""
+            message = f"the job store did not answer{within}"
         op.d.errback(StoreUnavailable(message, started))
 
     def coalesce(self, key, value) -> None:
@@ -187,10 +154,8 @@ class GroupCommitThread:
 
     def stop(self) -> defer.Deferred:
         """
-        Finish the queued operations, then end the thread (at once, failing
-        them, if the database cannot be reached).
-
-        @return: a Deferred that fires when the thread has ended.
+        Finish the queued operations (fail them if the database cannot be
+        reached), then end the thread. @return: a Deferred firing once it has.
         """
         if not self.closed:
             self.closed = True
@@ -244,10 +209,8 @@ class GroupCommitThread:
             log.failure("{name} stopped on an unexpected error", name=self.name)
             self._give_up(pending, doubtful)
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 connection.close()
-            except Exception:
-                pass
             self.reactor.callFromThread(self._stopped.callback, None)
 
     def _gather(self, pending: list, block: bool) -> bool:
@@ -313,6 +276,7 @@ class GroupCommitThread:
             self._run_each(ops, coalesced, pending, doubtful)
 
     def _run_each(self, ops: list[_Op], coalesced: dict, pending: list, doubtful: list) -> None:
+        """Run each of C{ops} in its own transaction, then write C{coalesced}."""
         done: list[tuple] = []
         for i, op in enumerate(ops):
             how, xid, results = self._transaction([op], None)
@@ -344,17 +308,13 @@ class GroupCommitThread:
         Run C{ops} (and write C{coalesced}) in one transaction.
 
         @return: C{("ok", None, [(result, False)])}; C{("error", None,
-            failure)} when one of them failed; C{("lost", None, None)} when
-            the database could not be reached (nothing committed); or
-            C{("doubt", transaction id, [(result, False)])} when the
-            connection broke while committing.
+            failure)}: one failed; C{("lost", None, None)}: the database
+            could not be reached; C{("doubt", transaction id, [(result,
+            False)])}: the connection broke while committing.
         """
         from django.db import connection, transaction
 
-        body_done = False
-        xid = None
-        results = None
-        raw = None
+        body_done, xid, results, raw = False, None, None, None
         try:
             self._begin_batch()
             with transaction.atomic():
@@ -374,10 +334,8 @@ class GroupCommitThread:
 
     def _resolve(self, doubtful: list, pending: list) -> bool:
         """
-        The database is back: deliver the results of the doubtful
-        transactions that committed, run the others again.
-
-        @return: False if the database went away again meanwhile.
+        The database is back: deliver the doubtful transactions that
+        committed, run the others again. @return: False if it went away again.
         """
         from django.db import connection
 
@@ -399,8 +357,7 @@ class GroupCommitThread:
             if status == "committed":
                 self._delivered(ops, results)
             else:
-                if coalesced:
-                    self._keep_coalesced(coalesced)
+                self._keep_coalesced(coalesced or {})
                 pending.extend(self._requeue(ops))
         return True
 
@@ -427,20 +384,17 @@ class GroupCommitThread:
         """
         @param raw: the DB-API connection the failed work began on, if any.
         @return: whether C{error} means the database cannot be reached (the
-            connection cannot be opened, broke, or was replaced meanwhile),
-            not that an operation failed; then the thread goes away (and
-            says so once).
+            connection cannot be opened, broke, or was replaced), not that
+            an operation failed; then the thread goes away (and says so once).
         """
         from django.db import connection
         from django.db.utils import InterfaceError, OperationalError
 
-        if not isinstance(error, OperationalError | InterfaceError):
-            return False
-        if not broken(connection, raw):
+        if not isinstance(error, OperationalError | InterfaceError) or not broken(connection, raw):
             return False
         if not self._away:
             self._away = True
-            self.reactor.callFromThread(self._report, "lost", first_line(error))
+            self._report("lost", self.name, first_line(error))
         return True
 
     def _reachable(self) -> bool:
@@ -458,43 +412,30 @@ class GroupCommitThread:
 
     def _came_back(self) -> None:
         self._away = False
-        self.reactor.callFromThread(self._report, "back", None)
+        self._report("back", self.name)
+
+    def _report(self, what: str, *args) -> None:
+        if self.availability is not None:
+            self.reactor.callFromThread(getattr(self.availability, what), *args)
 
     def _give_up(self, pending: list, doubtful: list) -> None:
         """Stopping while the database cannot be reached: fail what waits for it."""
-        failed = [
-            (op, Failure(JobServiceUnavailable("the job store cannot be reached")), True)
-            for op in self._begin(pending)
-        ]
-        for _, ops, _, _ in doubtful:
-            error = JobServiceUnavailable(
-                "the job store's connection broke while committing; the change may or may not "
-                "have been stored"
-            )
-            failed.extend((op, Failure(error), True) for op in ops)
+        away = "the job store cannot be reached"
+        failed = [(op, Failure(JobServiceUnavailable(away)), True) for op in self._begin(pending)]
+        doubt = JobServiceUnavailable(
+            "the job store's connection broke while committing; the change may or may not "
+            "have been stored"
+        )
+        failed.extend((op, Failure(doubt), True) for _, ops, _, _ in doubtful for op in ops)
         pending.clear()
         doubtful.clear()
         if failed:
             self.reactor.callFromThread(self._deliver, failed)
-
-    # -- in the reactor ----------------------------------------------------------
-
-    def _report(self, what: str, reason: str | None) -> None:
-        if self.availability is None:
-            return
-        if what == "lost":
-            self.availability.lost(self.name, reason)
-        else:
-            self.availability.back(self.name)
 
     @staticmethod
     def _deliver(items) -> None:
         for op, result, failed in items:
             if op.timer is not None and op.timer.active():
                 op.timer.cancel()
-            if op.d.called:
-                continue  # Withdrawn at its deadline meanwhile.
-            if failed:
-                op.d.errback(result)
-            else:
-                op.d.callback(result)
+            if not op.d.called:  # else withdrawn at its deadline meanwhile
+                (op.d.errback if failed else op.d.callback)(result)

@@ -111,7 +111,7 @@ def create(
     with the id C{job_id} exists (a submission retried with the id it chose).
 
     It runs in the store thread, or in a thread of the site inside its own
-    transaction (L{twistedlrp.jobs.transactions}).
+    transaction (L{twistedlrp.jobs.client.transactions}).
 
     @param notify: send the job nodes listening on the database a
         notification, delivered with the commit (PostgreSQL, several nodes).

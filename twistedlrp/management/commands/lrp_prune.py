@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from twistedlrp.jobs import retention
+from twistedlrp.jobs.service import retention
 
 MAX_BATCH_SIZE = 10_000
 

@@ -1,9 +1,9 @@
 """
 The worker pool: warm child processes that run one job at a time.
 
-Each child (L{twistedlrp.jobs.worker_main}) is spawned, or forked from the
-worker template (L{twistedlrp.jobs.preload}), and driven by a L{Worker}
-process protocol (L{twistedlrp.jobs.worker}): AMP over two extra pipes,
+Each child (L{twistedlrp.jobs.workers.main}) is spawned, or forked from the
+worker template (L{twistedlrp.jobs.workers.preload}), and driven by a L{Worker}
+process protocol (L{twistedlrp.jobs.workers.worker}): AMP over two extra pipes,
 its stdout and stderr logged with the job's id. Each child leads a process
 group of its own, so that a timeout, a cancel, a shut-down or a retirement
 signals what its job started too.
@@ -31,12 +31,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp import logs, stdlog
-from twistedlrp.jobs import preload
-from twistedlrp.jobs.worker import Worker
+from twistedlrp.jobs.workers import preload
+from twistedlrp.jobs.workers.worker import Worker
 from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.supervise import restart_backoff
 
-log = Logger()
+log = Logger(namespace="twistedlrp.jobs.workers")
 
 
 def standby_ahead(max_jobs: int) -> int:
@@ -106,7 +106,7 @@ class WorkerPool:
         args = [
             sys.executable,
             "-m",
-            "twistedlrp.jobs.worker_main",
+            "twistedlrp.jobs.workers.main",
             "--settings",
             self.settings_module,
             "--worker-id",

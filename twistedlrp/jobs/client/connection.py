@@ -5,7 +5,7 @@ goes to the first node whose connection is up, and to the next when that
 connection is lost; a node that comes back is used again as soon as its
 connection is up. A node known to be down is never waited for: its calls
 fail (or go to the next node) at once while it is retried in the
-background. L{twistedlrp.jobs.client} holds the process's client and the
+background. L{twistedlrp.jobs.client.calls} holds the process's client and the
 thread-safe facade the public API uses.
 
 Why not C{ClientService}: it logs every retry at info level
@@ -22,16 +22,16 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.client import (
+from twistedlrp.jobs.client.calls import (
     DEFAULT_TIMEOUT,
     TRIES_PER_NODE,
     Attempts,
     no_answer,
     unknown_outcome,
 )
+from twistedlrp.jobs.client.link import CONNECTING, DOWN, UP, JobLink
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
-from twistedlrp.jobs.link import CONNECTING, DOWN, UP, JobLink
+from twistedlrp.jobs.protocol import wire
 
 log = Logger()
 
@@ -51,7 +51,7 @@ class JobClient:
     the call, the request is sent again to the next node that is up, or to
     the same node once it reconnected (within L{RECONNECT_WAIT}), within the
     call's deadline: every operation may be repeated (a submission carries
-    the id the client chose, L{twistedlrp.jobs.client.call}); a submission
+    the id the client chose, L{twistedlrp.jobs.client.calls.call}); a submission
     without an id is not repeated. A node that answers C{UNAVAILABLE}
     (stopping, its store away) is replaced by the next for that call. When
     no node is up the call fails at once with L{JobServiceUnavailable}.

@@ -9,8 +9,8 @@ from __future__ import annotations
 from twisted.spread import pb
 
 from twistedlrp import compat
-from twistedlrp.jobs import limits
-from twistedlrp.jobs.arguments import shown
+from twistedlrp.jobs.protocol import limits
+from twistedlrp.jobs.protocol.arguments import shown
 
 
 def shown_error(error: Exception) -> str:

@@ -5,7 +5,7 @@ connection, and L{AMPFrontEnd}, which listens.
 By default the service listens on a UNIX socket of mode 0600 in the state
 directory, trusted without a login. Any other listener requires the shared
 secret: nothing but C{Challenge} and C{Login} is answered before a
-successful Login (see L{twistedlrp.jobs.wire}).
+successful Login (see L{twistedlrp.jobs.protocol.wire}).
 """
 
 from __future__ import annotations
@@ -20,15 +20,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from twistedlrp.jobs import limits, wire
-from twistedlrp.jobs.arguments import DEFAULT_MAX_PAYLOAD
-from twistedlrp.jobs.client import unix_client_endpoint
-from twistedlrp.jobs.errors import (
-    AuthenticationFailed,
-    InvalidArguments,
-    PayloadTooLarge,
-)
-from twistedlrp.jobs.framing import BoxReader, BoxTooLarge
+from twistedlrp.jobs.client.calls import unix_client_endpoint
+from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, PayloadTooLarge
+from twistedlrp.jobs.protocol import limits, wire
+from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
 from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.values import permissions_problem
 
@@ -337,8 +333,7 @@ class AMPFrontEnd:
         socket C{jobs.sock} in C{state_dir} (mode 0600, no login).
     @param secret_file: the shared secret's file, required for any other endpoint.
     @param allow_open_permissions: use a C{state_dir} that its group or
-        others may write to (otherwise refused); C{None}: as the service's
-        option C{--allow-open-permissions} says.
+        others may write to (otherwise refused).
     @ivar client_endpoint: once listening, the client endpoint string that
         reaches it (for the workers and the local job client).
     """
@@ -349,7 +344,7 @@ class AMPFrontEnd:
         endpoint: str | None,
         state_dir: str,
         secret_file: str | None,
-        allow_open_permissions: bool | None = None,
+        allow_open_permissions: bool = False,
     ):
         self.reactor = reactor
         self.endpoint = endpoint
@@ -361,15 +356,15 @@ class AMPFrontEnd:
 
     async def listen(self, service) -> None:
         """
+        Serve C{service}, the job service's
+        L{twistedlrp.jobs.service.handlers.JobOperations}.
+
         @raise StartupFailed: the endpoint cannot listen, another service owns
             the socket, or others may write to the state directory.
         """
         endpoint = self.endpoint
         if endpoint is None:
-            allow = self.allow_open_permissions
-            if allow is None:
-                allow = bool(getattr(service, "options", {}).get("allow-open-permissions"))
-            path = self._prepare_socket_path(allow)
+            path = self._prepare_socket_path(self.allow_open_permissions)
             endpoint = "unix:" + path.replace(":", "\\:") + ":mode=600:lockfile=0"
         secret = None
         if not endpoint.startswith("unix:"):

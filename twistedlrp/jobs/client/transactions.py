@@ -31,14 +31,14 @@ import logging
 import threading
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.arguments import (
+from twistedlrp.jobs.errors import JobError
+from twistedlrp.jobs.protocol.arguments import (
     DEFAULT_MAX_PAYLOAD,
     canonical_job_id,
     check_payload,
     check_submission,
     submission_fields,
 )
-from twistedlrp.jobs.errors import JobError
 
 # Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def submit(kw: dict) -> dict:
     """
     Store a job through the caller's connection, inside its transaction.
 
-    @param kw: the submission as L{twistedlrp.jobs.client.call} has it
+    @param kw: the submission as L{twistedlrp.jobs.client.calls.call} has it
         (C{name}, C{payload} and the optional C{priority}, C{run_after},
         C{key}, C{timeout}, C{id}).
     @return: the job's wire description (an existing one's when C{id}
@@ -202,7 +202,7 @@ def _pending() -> list[str]:
 
 
 def _count(name: str) -> None:
-    from twistedlrp.jobs import metrics as job_metrics
+    from twistedlrp.jobs.service import metrics as job_metrics
 
     job_metrics.count("submitted", name)
 
@@ -228,7 +228,7 @@ def _tell(op: str, **kw) -> bool:
         finds announced jobs by itself; a cancelled queued job does not
         run, its claim finds it cancelled).
     """
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     try:
         with outside_transaction():
@@ -286,7 +286,7 @@ def detached(op: str, kw: dict) -> dict:
 def _hand_over(op: str, kw: dict) -> None:
     import time
 
-    from twistedlrp.jobs import client
+    from twistedlrp.jobs.client import calls as client
 
     which = kw.get("id") or kw.get("job_id")
     deadline = time.monotonic() + DETACHED_DEADLINE

@@ -2,13 +2,11 @@
 The job service: a Twisted service holding the store, the queue, the
 workers and the front ends that clients reach it through.
 
-The operations of L{twistedlrp.jobs.wire.OPERATIONS} are its methods of
-the same names (L{twistedlrp.jobs.handlers}), returning Deferreds of JSON-ready
-dicts; every change is acknowledged only after its commit. Which job runs
-where is L{twistedlrp.jobs.dispatch}'s business.
+Clients call its L{JobOperations} (C{operations}); which job runs where
+is its L{Dispatcher}'s business.
 
 Job nodes: each service is a node, named in the node table, with a
-heartbeat (L{twistedlrp.jobs.lease.NodeLease}). On SQLite it is the only
+heartbeat (L{twistedlrp.jobs.service.lease.NodeLease}). On SQLite it is the only
 one (a second node on the same database is refused at start-up), holds the
 queue in memory and never polls. On PostgreSQL several nodes may share the
 database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
@@ -31,19 +29,20 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twistedlrp.jobs import eager, registry, transactions
-from twistedlrp.jobs.client import STORE_WAIT_SHARE
-from twistedlrp.jobs.dispatch import Dispatcher
+from twistedlrp.jobs import eager, registry
+from twistedlrp.jobs.client import transactions
+from twistedlrp.jobs.client.calls import STORE_WAIT_SHARE
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.handlers import JobOperations
-from twistedlrp.jobs.lease import NodeLease, fence_margin, renewal_interval
-from twistedlrp.jobs.queue import JobRecord
-from twistedlrp.jobs.retention import Pruner, default_keep
-from twistedlrp.jobs.schedules import Scheduler, configured
+from twistedlrp.jobs.service.dispatch import Dispatcher
+from twistedlrp.jobs.service.handlers import JobOperations
+from twistedlrp.jobs.service.lease import NodeLease, fence_margin, node_lease, renewal_interval
+from twistedlrp.jobs.service.queue import JobRecord
+from twistedlrp.jobs.service.retention import Pruner, default_keep
+from twistedlrp.jobs.service.schedules import Scheduler, configured
+from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
-from twistedlrp.jobs.watchdog import Watchdog
-from twistedlrp.jobs.worker import HOSTNAME, worker_id_prefix
+from twistedlrp.jobs.workers.worker import HOSTNAME, worker_id_prefix
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
 log = Logger()
@@ -52,12 +51,6 @@ DEFAULT_CANCEL_GRACE = 5.0
 # Seconds without a usable worker before the health endpoint says "degraded"
 # (a worker being replaced takes about one).
 WORKER_GRACE = 5.0
-# Seconds without a heartbeat after which the other nodes take a job node for
-# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
-# 3 s before it expires (fencing, see lease.py): so a cut of the network or
-# of the database shorter than about 24 s stops nothing and runs nothing twice,
-# and the jobs of a node that died wait 30 to 32 s before another retries them.
-DEFAULT_NODE_LEASE = 30.0
 # Seconds the start waits for a store that cannot be reached before it fails.
 START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
@@ -75,30 +68,6 @@ def node_name(options) -> str:
     return f"{HOSTNAME}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
 
 
-def node_lease() -> float:
-    """
-    @return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE}
-        (environment, then setting).
-    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
-    """
-    from django.conf import settings
-
-    from twistedlrp.boot import BootError
-
-    value = os.environ.get("LRP_JOBS_NODE_LEASE") or getattr(
-        settings, "LRP_JOBS_NODE_LEASE", DEFAULT_NODE_LEASE
-    )
-    try:
-        lease = float(value)
-    except (TypeError, ValueError):
-        raise BootError(
-            f"LRP_JOBS_NODE_LEASE: expected a number of seconds, got {value!r}"
-        ) from None
-    if not 0.5 <= lease < 1e9:
-        raise BootError(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
-    return lease
-
-
 def store_wait() -> float:
     """
     @return: the seconds an operation waits for a store that cannot be
@@ -107,7 +76,7 @@ def store_wait() -> float:
     """
     from django.conf import settings
 
-    from twistedlrp.jobs.client import DEFAULT_TIMEOUT
+    from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT
 
     try:
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
@@ -121,7 +90,7 @@ def _definitions() -> list:
     return [registry.lookup(name) for name in registry.names()]
 
 
-class JobService(JobOperations, service.Service):
+class JobService(service.Service):
     """
     @param options: the server's checked options (C{workers},
         C{max-job-payload}, C{max-jobs-per-worker}, C{max-worker-memory},
@@ -158,15 +127,12 @@ class JobService(JobOperations, service.Service):
         self.store_wait = store_wait()
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}
-        self.waiters: dict[str, list[defer.Deferred]] = {}
         self.dispatcher = Dispatcher(
             reactor,
             self.store,
             options,
             self.worker_env,
             cancel_grace,
-            waiting=self.waiters.__contains__,
-            notify=self._notify,
             node=self.node,
             shared=self.shared,
             queues=self.queues,
@@ -174,7 +140,20 @@ class JobService(JobOperations, service.Service):
         self.pool = self.dispatcher.pool
         if self.shared:
             # Claim only while this node's lease is fresh (as fencing counts it).
-            self.dispatcher.lease_check = self.lease - fence_margin(self.lease)
+            self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
+        self.unavailable: str | None = "the job service is starting"
+        self.operations = JobOperations(
+            reactor,
+            self.store,
+            self.dispatcher,
+            self.node,
+            self.shared,
+            self.queues,
+            self.max_payload,
+            self.store_wait,
+            unavailable=lambda: self.unavailable,
+            about=self._about,
+        )
         self.watchdog = Watchdog(
             reactor,
             self.dispatcher,
@@ -201,14 +180,13 @@ class JobService(JobOperations, service.Service):
         self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
         # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
         self.schedules = configured()
-        self.scheduler = Scheduler(reactor, self.store, self.submit, self.queues)
+        self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
         self.listener = None
         self._poll = task.LoopingCall(self.dispatcher.wake)
         self._poll.clock = reactor
         self._sweep = task.LoopingCall(self._sweep_announced)
         self._sweep.clock = reactor
         self._registered = False
-        self.unavailable: str | None = "the job service is starting"
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
         # Waiting for the front ends to listen (fired once they do).
@@ -226,33 +204,10 @@ class JobService(JobOperations, service.Service):
         When the job table is missing the service stays up but refuses work
         with a message saying to migrate (and starts no workers).
         """
-        self.store.start()
-        try:
-            reason = await self.store.prepare(within=START_WAIT)
-        except StoreUnavailable as e:
-            raise StartupFailed(f"the job service cannot start: {e}") from None
-        if reason:
-            self.unavailable = reason
-            log.error("The job service cannot run: {reason}", reason=reason)
-        else:
-            await self._register()
-            try:
-                queued, failed = await self.store.run(
-                    recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
-                )
-            except StoreUnavailable as e:
-                raise StartupFailed(f"the job service cannot start: {e}") from None
-            for job_id in failed:
-                log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
-            for row in queued:
-                record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
-                self.dispatcher.queue.push(
-                    record, row["run_after"].timestamp() if row["run_after"] else None
-                )
-            self.unavailable = None
+        reason = await self._open()
         # Listening even when unavailable: clients are told why, not refused.
         for front_end in self.front_ends:
-            await front_end.listen(self)
+            await front_end.listen(self.operations)
         if self.front_ends:
             self.worker_env["LRP_JOBS_CONNECT"] = self.front_ends[0].client_endpoint
             if self.options["jobs-secret-file"]:
@@ -303,15 +258,39 @@ class JobService(JobOperations, service.Service):
             queues=", ".join(self.queues) if self.queues else "all",
         )
 
-    async def _register(self) -> None:
-        """Enter this node in the node table, or refuse to start beside another live one."""
+    async def _open(self) -> str | None:
+        """
+        Open the store, enter this node in the node table and queue what it
+        left when it died.
+
+        @return: why the service cannot run (the job table is missing), or C{None}.
+        @raise StartupFailed: the store cannot be reached, or another live
+            node holds the database.
+        """
+        self.store.start()
         try:
+            reason = await self.store.prepare(within=START_WAIT)
+            if reason:
+                self.unavailable = reason
+                log.error("The job service cannot run: {reason}", reason=reason)
+                return reason
             await self.lease_keeper.register()
+            self._registered = True
+            queued, failed = await self.store.run(
+                recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
+            )
         except recovery.NodeConflict as e:
             raise StartupFailed(str(e)) from None
         except StoreUnavailable as e:
             raise StartupFailed(f"the job service cannot start: {e}") from None
-        self._registered = True
+        for job_id in failed:
+            log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
+        for row in queued:
+            record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
+            run_after = row["run_after"].timestamp() if row["run_after"] else None
+            self.dispatcher.queue.push(record, run_after)
+        self.unavailable = None
+        return None
 
     def _notified(self, payload: str) -> None:
         """A notification from a job node on the database (possibly this one)."""
@@ -323,9 +302,10 @@ class JobService(JobOperations, service.Service):
                 self.dispatcher.wake()
         elif what == "cancel":
             self.dispatcher.request_cancel(value)
-        elif what == "finished" and value in self.waiters:
-            d = self.status(value)
-            d.addCallback(lambda info: info["state"] in FINISHED and self._notify(info))
+        elif what == "finished" and value in self.operations.waiters:
+            d = self.operations.status(value)
+            outcomes = self.dispatcher.outcomes
+            d.addCallback(lambda info: info["state"] in FINISHED and outcomes.notify(info))
             d.addErrback(lambda _: None)
 
     def _sweep_announced(self) -> defer.Deferred:
@@ -333,7 +313,7 @@ class JobService(JobOperations, service.Service):
 
         def look(waiting):
             if waiting and self.dispatcher.accepting:
-                return self.take_announced()
+                return self.operations.take_announced()
 
         d = self.store.run_alone(announcements.announced).addCallback(look)
         # The store's own trouble is the watchdog's to report; try again next time.
@@ -380,11 +360,7 @@ class JobService(JobOperations, service.Service):
         dispatcher.stop_accepting()
         if self.unavailable is None:
             self.unavailable = "the job service is shutting down"
-        for waiters in self.waiters.values():
-            for d in waiters:
-                if not d.called:
-                    d.errback(JobServiceUnavailable("the job service is shutting down"))
-        self.waiters.clear()
+        dispatcher.outcomes.fail_waiters(JobServiceUnavailable("the job service is shutting down"))
         remaining = deadline - reactor.seconds()
         margin = min(1.0, max(0.3, remaining * 0.2))
         if dispatcher.running:
@@ -408,6 +384,16 @@ class JobService(JobOperations, service.Service):
             # The node's row goes with the last batch: a successor need not wait for its lease.
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
+
+    def _about(self) -> dict:
+        """@return: the service's own part of the C{stats} operation's answer."""
+        node = {
+            "name": self.node,
+            "shared": self.shared,
+            "queues": self.queues,
+            "lease": self.lease,
+        }
+        return {"unavailable": self.unavailable, "node": node, "retention": self.pruner.describe()}
 
     def force_exit(self) -> None:
         """The process ends at once: leave no worker behind."""

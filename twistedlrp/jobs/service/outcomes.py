@@ -1,24 +1,23 @@
 """
-Recording the end of an attempt: a final state, or a retry after its delay
-(L{Outcomes}, part of L{twistedlrp.jobs.dispatch.Dispatcher}), each
-committed before waiters hear of it, including what the death of a worker
-means for its job (shut-down, timeout, cancel or crash); and the job's log
-lines.
+How an attempt ended (L{Outcome}), recording it (L{Outcomes}, which the
+dispatcher holds), and the jobs' own log lines (L{JobLines}).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger, LogLevel
 
 from twistedlrp import logs
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.arguments import check_priority, check_seconds
 from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -34,7 +33,7 @@ class Outcome:
     How one attempt of a job ended, as its worker (or the eager mode) says:
     it returned C{result}, or it failed with C{error}, C{cancelled} when it
     stopped because its cancellation was asked. A worker sends it as the
-    JSON object of L{twistedlrp.jobs.wire.RunJob}'s answer (L{read}).
+    JSON object of L{twistedlrp.jobs.protocol.wire.RunJob}'s answer (L{read}).
     """
 
     ok: bool
@@ -68,17 +67,56 @@ class Outcome:
 
 class Outcomes:
     """
-    The dispatcher's recording of outcomes, and what a worker's death
-    means for its job (L{_worker_died}). It uses the dispatcher's
-    C{reactor}, C{store}, C{count}, C{accepting}, C{node}, C{running},
-    C{cancel_grace}, C{enqueue}, C{_forget}, C{_waiting} and C{_notify}.
+    Records how attempts end: a final state, or a retry after its delay,
+    each committed before the job's waiters hear of it; and what the death
+    of a worker means for its job (shut-down, timeout, cancel or crash).
+
+    @param count: C{(event, job name)}: counts an event (stats, metrics).
+    @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
+    @param cancel_grace: the seconds a cancelled job had to stop (for the log).
+    @param node: this node's name, when several share the database (the
+        store then changes only the jobs this node holds), or C{None}.
+    @ivar waiters: Deferreds by job id, fired with the job's description
+        once its final state is committed (L{notify}).
     """
 
-    def _worker_died(self, worker, job_id: str, how: str) -> None:
-        record = self.running.get(job_id)
-        if record is None:
+    def __init__(self, reactor, store, count, requeue, cancel_grace: float, node=None):
+        self.reactor = reactor
+        self.store = store
+        self.count = count
+        self.requeue = requeue
+        self.cancel_grace = cancel_grace
+        self.node_args = () if node is None else (node,)
+        self.waiters: dict[str, list[defer.Deferred]] = {}
+
+    def notify(self, info: dict) -> None:
+        """Fire the waiters of the job C{info} describes, each with its own copy."""
+        for i, d in enumerate(self.waiters.pop(info["id"], [])):
+            fire(d, copy.deepcopy(info) if i else info)
+
+    def fail_waiters(self, error: Exception) -> None:
+        """Fail every waiter with C{error} (the service is stopping)."""
+        for ds in self.waiters.values():
+            for d in ds:
+                if not d.called:
+                    d.errback(error)
+        self.waiters.clear()
+
+    def ended(self, record: JobRecord, outcome: Outcome, fields: dict) -> None:
+        """C{record}'s attempt ended with C{outcome} (its worker's C{fields}): record it."""
+        state, error = outcome.final_state(record.cancel_requested)
+        if state is None:
+            self.retry_or_fail(record, error, fields)
             return
-        self._forget(record)
+        if outcome.ok:
+            fields["result"] = outcome.result
+        now = self.reactor.seconds()
+        (job_lines.succeeded if state == SUCCEEDED else job_lines.cancelled)(record, now)
+        self.finish(record, state, error=error, **fields)
+
+    def worker_died(self, record: JobRecord, worker, how: str) -> None:
+        """The worker running C{record} ended (C{how}): requeue, retry, fail or cancel it."""
+        job_id = record.id
         fields = {"output": worker.take_output(), "worker": worker.ident}
         reason = worker.kill_reason
         if reason == "shutdown":
@@ -88,7 +126,7 @@ class Outcomes:
                 job_id,
                 "interrupted by a server shut-down before it finished; it runs again",
                 False,
-                *self._node_args(),
+                *self.node_args,
             )
         elif reason == "timeout":
             error = (
@@ -102,7 +140,7 @@ class Outcomes:
                 timeout=record.timeout,
                 how=how,
             )
-            self._retry_or_fail(record, error, fields)
+            self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
             if reason == "cancel":
@@ -122,16 +160,16 @@ class Outcomes:
                     how=how,
                 )
             job_lines.cancelled(record, self.reactor.seconds())
-            self._finish(record, CANCELLED, error=error, **fields)
+            self.finish(record, CANCELLED, error=error, **fields)
         else:
             error = f"the worker died: process {worker.pid} {how} while running the job"
             log.warn("Job {job_id}: {error}", job_id=job_id, error=error)
-            self._retry_or_fail(record, error, fields)
+            self.retry_or_fail(record, error, fields)
 
-    def _retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
+    def retry_or_fail(self, record: JobRecord, error: str, fields: dict) -> None:
+        """The attempt failed with C{error}: retry the job after its delay, or fail it."""
         if record.attempts >= record.max_attempts or self.store.closed:
-            log_failed(record, error, self.reactor.seconds())
-            self._finish(record, FAILED, error=error, **fields)
+            self.fail(record, error, self.reactor.seconds(), **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
         # The reactor's clock is Unix time, as run_after is.
@@ -144,24 +182,30 @@ class Outcomes:
             QUEUED,
             dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
             False,
-            *self._node_args(),
+            *self.node_args,
         )
 
         def queued(info):
             if info and info.get("lost"):
                 log_lost(record)
-            elif self.accepting:
-                self.enqueue(record.requeued(), run_after)
+            else:
+                self.requeue(record.requeued(), run_after)
 
         d.addCallback(queued)
         d.addErrback(self._unrecorded, record)
 
-    def _finish(self, record: JobRecord, state: str, **fields) -> None:
+    def fail(self, record: JobRecord, error: str, now: float | None = None, **fields) -> None:
+        """C{record} failed for good with C{error}: log it (at WARNING), store it."""
+        job_lines.failed(record, error, now)
+        self.finish(record, FAILED, error=error, **fields)
+
+    def finish(self, record: JobRecord, state: str, **fields) -> None:
+        """Store C{record}'s final C{state}, then tell its waiters."""
         self.count(state, record.name)
         # Read the job back only when someone waits for it; a waiter that
         # comes after the commit reads it finished.
         d = self.store.run(
-            ops.finish, record.id, state, fields, self._waiting(record.id), *self._node_args()
+            ops.finish, record.id, state, fields, record.id in self.waiters, *self.node_args
         )
         d.addCallback(self._finished, record)
         d.addErrback(self._unrecorded, record)
@@ -170,13 +214,13 @@ class Outcomes:
         if info and info.get("lost"):
             log_lost(record)
         elif info:
-            self._notify(info)
-        elif self._waiting(record.id):
+            self.notify(info)
+        elif record.id in self.waiters:
             # A waiter came while the end was being committed: its own read
             # (which does not wait for the store's writes) may have seen the
             # job still running. Tell it now.
             d = self.store.read(ops.get, record.id)
-            d.addCallback(self._notify)
+            d.addCallback(self.notify)
             d.addErrback(lambda f: log.failure("Reading job {job_id}", f, job_id=record.id))
 
     def _unrecorded(self, failure, record: JobRecord) -> None:
@@ -194,11 +238,17 @@ class Outcomes:
             record.id,
             FAILED,
             {"error": error},
-            self._waiting(record.id),
-            *self._node_args(),
+            record.id in self.waiters,
+            *self.node_args,
         )
         d.addCallback(self._finished, record)
         d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
+
+
+def fire(d: defer.Deferred, value) -> None:
+    """Fire C{d} with C{value} unless it fired already (a timeout, another answer)."""
+    if not d.called:
+        d.callback(value)
 
 
 def check_record(record: JobRecord) -> None:
@@ -226,11 +276,6 @@ def log_lost(record: JobRecord) -> None:
         job_id=record.id,
         attempt=record.attempts,
     )
-
-
-def log_failed(record: JobRecord, error: str, now: float | None = None) -> None:
-    """Log that C{record} failed for good (at WARNING; see L{JobLines})."""
-    job_lines.failed(record, error, now)
 
 
 class JobLines:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import limits, wire
-from twistedlrp.jobs.client import no_answer, unreachable
+from twistedlrp.jobs.client.calls import no_answer, unreachable
 from twistedlrp.jobs.errors import JobServiceUnavailable
+from twistedlrp.jobs.protocol import limits, wire
 
 log = Logger()
 
@@ -26,7 +26,7 @@ class LocalClient:
     are those of L{JobClient.request}; the service builds each answer for
     its caller, so nothing is copied.
 
-    @param service: the L{twistedlrp.jobs.service.JobService}.
+    @param service: the L{twistedlrp.jobs.service.job_service.JobService}.
     @param description: the endpoint named in messages.
     """
 
@@ -61,7 +61,9 @@ class LocalClient:
                     unreachable(self.endpoint, f" within {limit:g} s (it is starting)")
                 ) from None
         operation = wire.OPERATIONS[op]
-        d = limits.guarded(log, op, operation.call, self.service, operation.arguments(kw))
+        d = limits.guarded(
+            log, op, operation.call, self.service.operations, operation.arguments(kw)
+        )
         d.addTimeout(limit, self.reactor)
         try:
             return await d

@@ -14,7 +14,7 @@ JSON bytes of up to C{--max-job-payload}: L{BigBytes} splits them over
 several keys of the same box (C{name} holds the count, C{name.0},
 C{name.1}, ... the pieces) and joins them on arrival, so nothing is cut.
 
-The listeners bound what a client may send (see L{twistedlrp.jobs.limits}):
+The listeners bound what a client may send (see L{twistedlrp.jobs.protocol.limits}):
 a few KiB before its Login succeeds, within a deadline, with bounds on how
 many connections may wait to log in at once (in all and per address); after
 Login, one box of at most C{--max-job-payload} plus C{BOX_FRAMING}.
@@ -218,7 +218,7 @@ class Submit(_Command):
 class Announce(_Command):
     """
     The client committed these jobs through its own database transaction
-    (L{twistedlrp.jobs.transactions}): the job service queues them.
+    (L{twistedlrp.jobs.client.transactions}): the job service queues them.
     Answered at once, before they are read.
     """
 
@@ -290,7 +290,7 @@ class Operation:
     @ivar hidden: arguments that only twistedlrp's own clients send (not
         offered through PB).
     @ivar public: offered through PB (C{announce} is the site's
-        transactions' word to the service, L{twistedlrp.jobs.transactions}).
+        transactions' word to the service, L{twistedlrp.jobs.client.transactions}).
     """
 
     name: str

@@ -17,6 +17,7 @@ again; it records nothing else for them.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -24,14 +25,20 @@ from datetime import UTC, datetime
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from twistedlrp.jobs.service.watchdog import CLAIM_GRACE
 from twistedlrp.jobs.states import QUEUED
 from twistedlrp.jobs.store import recovery
-from twistedlrp.jobs.watchdog import CLAIM_GRACE
 
 log = Logger()
 
 # Seconds registering a node at start-up waits for a store that cannot be reached.
 REGISTER_WAIT = 30.0
+# Seconds without a heartbeat after which the other nodes take a job node for
+# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
+# 3 s before it expires (fencing): so a cut of the network or of the database
+# shorter than about 24 s stops nothing and runs nothing twice, and the jobs
+# of a node that died wait 30 to 32 s before another retries them.
+DEFAULT_NODE_LEASE = 30.0
 
 
 class MonotonicAlarm:
@@ -98,6 +105,30 @@ class _ReactorAlarm:
 
     def stop(self) -> None:
         self.set(None)
+
+
+def node_lease() -> float:
+    """
+    @return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE}
+        (environment, then setting).
+    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
+    """
+    from django.conf import settings
+
+    from twistedlrp.boot import BootError
+
+    value = os.environ.get("LRP_JOBS_NODE_LEASE") or getattr(
+        settings, "LRP_JOBS_NODE_LEASE", DEFAULT_NODE_LEASE
+    )
+    try:
+        lease = float(value)
+    except (TypeError, ValueError):
+        raise BootError(
+            f"LRP_JOBS_NODE_LEASE: expected a number of seconds, got {value!r}"
+        ) from None
+    if not 0.5 <= lease < 1e9:
+        raise BootError(f"LRP_JOBS_NODE_LEASE: must be at least 0.5 s, got {value!r}")
+    return lease
 
 
 def renewal_interval(lease: float) -> float:

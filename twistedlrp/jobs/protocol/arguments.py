@@ -34,7 +34,7 @@ NAME_LENGTH = 255
 MAX_WAIT_TIMEOUT = 3600.0
 #: C{ListJobs}: the most jobs one call may list.
 MAX_LIST_LIMIT = 1000
-#: The longest C{seen} mark of a C{Wait} (L{twistedlrp.jobs.wire.seen_mark} makes 32 characters).
+#: The longest C{seen} mark of a C{Wait} (L{twistedlrp.jobs.protocol.wire.seen_mark} makes 32 characters).
 SEEN_LENGTH = 64
 #: A job id is read from at most this many characters (a UUID takes 36 to 45).
 _JOB_ID_LENGTH = 64

@@ -1,6 +1,6 @@
 """
 One persistent AMP connection to one job node (L{JobLink}), kept by the
-reactor for L{twistedlrp.jobs.connection.JobClient}: retried in the
+reactor for L{twistedlrp.jobs.client.connection.JobClient}: retried in the
 background with back-off while the node is down (calls fail at once
 meanwhile), and pinged when silent, so that a frozen node or a network cut
 counts as lost within seconds, not when TCP gives up.
@@ -16,9 +16,9 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.client import DEFAULT_TIMEOUT, reconnect_backoff, unix_path, unreachable
+from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, reconnect_backoff, unix_path, unreachable
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
+from twistedlrp.jobs.protocol import wire
 
 log = Logger()
 

@@ -6,29 +6,26 @@ Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
 that after a crash it either had not started or counts as started. With
 several job nodes on one PostgreSQL database (C{shared}), the table is the
-queue (L{twistedlrp.jobs.claims}), claimed whenever there may be work
-(L{Dispatcher.wake}). When an attempt ends (an L{Outcome} from the worker,
-or the worker's death) the job is finished, retried after its delay, or put
-back in the queue; waiters hear of a final state after its commit.
+queue, claimed whenever there may be work (L{Dispatcher.wake},
+L{TableClaims}). When an attempt ends (an L{Outcome} from the worker, or
+the worker's death) L{Outcomes} records it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import metrics as job_metrics
-from twistedlrp.jobs.claims import Reservation, SharedClaims
 from twistedlrp.jobs.errors import InvalidArguments
-from twistedlrp.jobs.outcomes import Outcome, Outcomes, check_record, job_lines, log_failed
-from twistedlrp.jobs.queue import JobQueue, JobRecord
-from twistedlrp.jobs.states import FAILED, SUCCEEDED
+from twistedlrp.jobs.service import metrics as job_metrics
+from twistedlrp.jobs.service.claims import Reservation, TableClaims
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines
+from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
-from twistedlrp.jobs.workers import WorkerPool
+from twistedlrp.jobs.workers.pool import WorkerPool
 from twistedlrp.ordered_service import Waiters
 
 log = Logger()
@@ -37,12 +34,12 @@ log = Logger()
 KEEP_PAYLOAD = 64 * 1024
 
 
-class Dispatcher(SharedClaims, Outcomes):
+class Dispatcher:
     """
     @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
-    @param waiting: C{(job_id) -> bool}: does someone wait for this job's end?
-    @param notify: C{(description)}: a job reached a final state (committed).
     @param pool: the workers [default: a L{WorkerPool} of processes].
+    @ivar outcomes: the L{Outcomes} that records how attempts end.
+    @ivar claims: the L{TableClaims} of a node sharing its database.
     """
 
     def __init__(
@@ -52,8 +49,6 @@ class Dispatcher(SharedClaims, Outcomes):
         options,
         worker_env: dict,
         cancel_grace: float,
-        waiting: Callable[[str], bool],
-        notify: Callable[[dict], None],
         node: str = "",
         shared: bool = False,
         queues: list[str] | None = None,
@@ -63,8 +58,6 @@ class Dispatcher(SharedClaims, Outcomes):
         self.store = store
         self.options = options
         self.cancel_grace = cancel_grace
-        self._waiting = waiting
-        self._notify = notify
         self.queue = JobQueue(reactor, self.dispatch)
         self.pool = pool or WorkerPool(
             reactor,
@@ -90,19 +83,26 @@ class Dispatcher(SharedClaims, Outcomes):
         # This job node, and how it finds work (see the module's docstring).
         self.node = node
         self.shared = shared
-        self.queues = queues
-        # Shared: may the table hold due jobs for us? (Cleared by a claim that
-        # found fewer than it asked for, unless a wake came meanwhile.)
-        self._wanted = True
-        self._wakes = 0
-        self._claim_running = False
-        self._due_timer = None
+        self._node_args = (node,) if shared else ()
         # Shared: this node could not renew its lease in time and stopped its
         # jobs (fencing): it starts none until it renewed it (L{fence}).
         self.fenced = False
-        # Shared: claims succeed only if this node renewed its lease within
-        # this many seconds (the database checks; see ops.claim_next).
-        self.lease_check: float | None = None
+        self.outcomes = Outcomes(
+            reactor, store, self.count, self._requeue, cancel_grace, node if shared else None
+        )
+        self.claims = TableClaims(
+            reactor,
+            store,
+            self.pool,
+            self.outcomes,
+            node,
+            queues,
+            self._claiming,
+            lambda: self.accepting,
+            self.dispatch,
+            self._run_on,
+            self.request_cancel,
+        )
 
     # -- what the service asks ---------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if self.shared:
             # The table is the queue.
             if not_before is not None and not_before > self.reactor.seconds():
-                self._arm_due(not_before)
+                self.claims.arm_due(not_before)
             else:
                 self.wake()
             return
@@ -119,17 +119,13 @@ class Dispatcher(SharedClaims, Outcomes):
 
     def wake(self) -> None:
         """Shared: there may be due jobs in the table; free workers claim them."""
-        self._wakes += 1
-        self._wanted = True
+        self.claims.want()
         self.dispatch()
 
     def count(self, event: str, name: str) -> None:
         """Count one C{event} of a job named C{name}: in L{counters} (stats) and the metrics."""
         self.counters[event] += 1
         job_metrics.count(event, name)
-
-    def _node_args(self) -> tuple:
-        return (self.node,) if self.shared else ()
 
     def request_cancel(self, job_id: str) -> bool:
         """
@@ -192,8 +188,7 @@ class Dispatcher(SharedClaims, Outcomes):
     def stop_accepting(self) -> None:
         self.accepting = False
         self.queue.pause()
-        if self._due_timer is not None and self._due_timer.active():
-            self._due_timer.cancel()
+        self.claims.stop()
         self.pool.stop_idle()
 
     def when_idle(self) -> defer.Deferred:
@@ -218,7 +213,7 @@ class Dispatcher(SharedClaims, Outcomes):
         worker = record.worker
         error = f"the job was running without a live worker ({reason})"
         log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
-        self._retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
+        self.outcomes.retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -226,7 +221,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if not self.accepting or self.fenced:
             return
         if self.shared:
-            self._claim_next()
+            self.claims.claim_next()
             return
         while self.queue.has_ready():
             idle = self.pool.idle()
@@ -236,10 +231,7 @@ class Dispatcher(SharedClaims, Outcomes):
             worker = idle[0]
             worker.state = "claiming"
             self.claiming.add(record.id)
-            if record.payload is not None:
-                d = self._start_held(worker, record)
-            else:
-                d = defer.ensureDeferred(self._start(worker, record))
+            d = self._start(worker, record)
             d.addErrback(self._start_failed, worker, record)
             self._claiming.add(d)
             d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
@@ -258,7 +250,7 @@ class Dispatcher(SharedClaims, Outcomes):
         if not self.accepting or self.fenced:
             return None
         if self.shared:
-            if self._wanted or self._claim_running:
+            if self.claims.wanted or self.claims.running:
                 return None
         elif self.queue.has_ready():
             return None
@@ -267,18 +259,20 @@ class Dispatcher(SharedClaims, Outcomes):
             return None
         return Reservation(self, idle[0], job_id)
 
-    def _start_held(self, worker, record: JobRecord) -> defer.Deferred:
+    def _start(self, worker, record: JobRecord) -> defer.Deferred:
         """
-        Start a job whose payload the service holds, once its claim is
-        committed (claims share the batches of other changes): were the
-        server to die after the commit, the attempt counts as started and
-        the job is retried or failed by its policy, never run again as if
-        new. Plain callbacks, no coroutine: this runs once per job.
+        Start a job once its claim is committed (claims share the batches of
+        other changes): were the server to die after the commit, the attempt
+        counts as started and the job is retried or failed by its policy,
+        never run again as if new. The claim reads the job unless the
+        service holds its payload. Plain callbacks, no coroutine: this runs
+        once per job.
         """
-        d = self.store.run(ops.claim, record.id, worker.ident, False, self.node)
-        return d.addCallback(self._held_claimed, worker, record)
+        load = record.payload is None
+        d = self.store.run(ops.claim, record.id, worker.ident, load, self.node)
+        return d.addCallback(self._claimed_one, worker, record, load)
 
-    def _held_claimed(self, claimed, worker, record: JobRecord):
+    def _claimed_one(self, claimed, worker, record: JobRecord, load: bool):
         if claimed is None:
             # Cancelled (or taken) meanwhile.
             if worker.state == "claiming":
@@ -288,34 +282,17 @@ class Dispatcher(SharedClaims, Outcomes):
         if worker.state != "claiming":
             # The worker died (or the service began stopping) during the claim.
             return self._put_back(record)
-        record.attempts += 1
-        check_record(record)
-        self._run_on(worker, record, record.payload)
-        return None
-
-    async def _start(self, worker, record: JobRecord) -> None:
-        """Claim a job whose payload is in the store only, then start it."""
-        claimed = await self.store.run(ops.claim, record.id, worker.ident, True, self.node)
-        if claimed is None:
-            # Cancelled (or taken) meanwhile.
-            if worker.state == "claiming":
-                worker.state = "idle"
-            self.dispatch()
-            return
-        if worker.state != "claiming":
-            # The worker died (or the service began stopping) during the claim.
-            await self._put_back(record)
-            return
-        payload = claimed["payload"]
-        record.name = claimed["name"]
-        record.attempts = claimed["attempts"]
-        record.max_attempts = claimed["max_attempts"]
-        record.retry_delay = claimed["retry_delay"]
-        record.timeout = claimed["timeout"]
-        record.priority = claimed["priority"]
-        record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        if load:
+            for name in ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority"):
+                setattr(record, name, claimed[name])
+            payload = claimed["payload"]
+            record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+        else:
+            record.attempts += 1
+            payload = record.payload
         check_record(record)
         self._run_on(worker, record, payload)
+        return None
 
     def _put_back(self, record: JobRecord) -> defer.Deferred:
         """
@@ -328,14 +305,13 @@ class Dispatcher(SharedClaims, Outcomes):
             record.id,
             "its worker ended before the job started",
             False,
-            *self._node_args(),
+            *self._node_args,
         )
+        return d.addCallback(lambda _: self._requeue(record))
 
-        def requeued(_):
-            if self.accepting:
-                self.enqueue(record)
-
-        return d.addCallback(requeued)
+    def _requeue(self, record: JobRecord, not_before: float | None = None) -> None:
+        if self.accepting:
+            self.enqueue(record, not_before)
 
     def _start_failed(self, failure, worker, record: JobRecord) -> None:
         """
@@ -349,13 +325,10 @@ class Dispatcher(SharedClaims, Outcomes):
         elif worker.state == "claiming":
             worker.state = "idle"
         if failure.check(InvalidArguments):
-            error = f"the job could not start: {failure.getErrorMessage()}"
-            log_failed(record, error)
-            self._finish(record, FAILED, error=error)
+            self.outcomes.fail(record, f"the job could not start: {failure.getErrorMessage()}")
         else:
             log.failure("Could not start job {job_id}; it waits 1 s", failure, job_id=record.id)
-            if self.accepting:
-                self.enqueue(record.requeued(), self.reactor.seconds() + 1.0)
+            self._requeue(record.requeued(), self.reactor.seconds() + 1.0)
         self.dispatch()
 
     def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
@@ -422,18 +395,13 @@ class Dispatcher(SharedClaims, Outcomes):
         fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
             record.progress
         )
-        state, error = outcome.final_state(record.cancel_requested)
-        if state is None:
-            self._retry_or_fail(record, error, fields)
-            return
-        if state == SUCCEEDED:
-            job_lines.succeeded(record, self.reactor.seconds())
-            fields["result"] = outcome.result
-        else:
-            if outcome.ok:
-                fields["result"] = outcome.result
-            job_lines.cancelled(record, self.reactor.seconds())
-        self._finish(record, state, error=error, **fields)
+        self.outcomes.ended(record, outcome, fields)
+
+    def _worker_died(self, worker, job_id: str, how: str) -> None:
+        record = self.running.get(job_id)
+        if record is not None:
+            self._forget(record)
+            self.outcomes.worker_died(record, worker, how)
 
     def _changed(self, job_id: str) -> None:
         # Not on the way out of running: the end is told once committed (outcomes.py).

@@ -18,8 +18,7 @@ import socket
 import threading
 import time
 
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.client import (
+from twistedlrp.jobs.client.calls import (
     TRIES_PER_NODE,
     Attempts,
     configured_endpoints,
@@ -30,10 +29,8 @@ from twistedlrp.jobs.client import (
     unknown_outcome,
     unreachable,
 )
-from twistedlrp.jobs.errors import (
-    AuthenticationFailed,
-    JobServiceUnavailable,
-)
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
+from twistedlrp.jobs.protocol import wire
 
 _lock = threading.Lock()
 
@@ -111,7 +108,7 @@ class BlockingClient:
     waits; a reader thread hands each answer to the caller that waits for
     it. It connects at the first call and again after the connection broke.
     Its answers, errors and failover are those of
-    L{twistedlrp.jobs.connection.JobClient.request} (L{Attempts}). (One
+    L{twistedlrp.jobs.client.connection.JobClient.request} (L{Attempts}). (One
     shared connection lets the service commit many threads' requests together.)
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
@@ -323,7 +320,7 @@ class _Conversation:
     """One blocking AMP connection: requests tagged, answers read by a thread of its own."""
 
     def __init__(self, sock: socket.socket, node: _Node):
-        from twistedlrp.jobs.framing import BoxReader
+        from twistedlrp.jobs.protocol.framing import BoxReader
 
         self.sock = sock
         self.node = node

@@ -81,7 +81,7 @@ def batch(size: int) -> None:
 def watch(metrics: Metrics | None, job_service) -> None:
     """
     Turn the job metrics on in C{metrics} (nothing if C{None}) for
-    C{job_service} (a L{twistedlrp.jobs.service.JobService}), whose queue
+    C{job_service} (a L{twistedlrp.jobs.service.job_service.JobService}), whose queue
     and workers are read at scrape time.
     """
     global _jobs

@@ -4,7 +4,7 @@ may send before it logs in and for how long, how many may wait to log in at
 once, in all and per peer address (L{Gate}), and warnings about refused
 clients (L{RefusalLog}) and tracebacks of internal errors (L{FailureLog})
 that a flood cannot turn into a flood of log lines. The AMP front end
-(L{twistedlrp.jobs.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
+(L{twistedlrp.jobs.protocol.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
 apply them.
 """
 
@@ -67,11 +67,8 @@ class Limits:
 def describe_peer(address) -> str:
     """@return: C{host:port} of a TCP peer, C{"the UNIX socket"}, else the address as text."""
     if isinstance(address, IPv4Address | IPv6Address):
-        return (
-            f"[{address.host}]:{address.port}"
-            if ":" in address.host
-            else (f"{address.host}:{address.port}")
-        )
+        host = f"[{address.host}]" if ":" in address.host else address.host
+        return f"{host}:{address.port}"
     if isinstance(address, UNIXAddress):
         return "the UNIX socket"
     return str(address)

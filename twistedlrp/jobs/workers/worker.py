@@ -3,7 +3,7 @@ One worker child process, seen from the server: the L{Worker} process
 protocol that starts it, speaks AMP with it over two extra pipes (the
 child's fd 3 carries commands in, fd 4 answers out), logs its stdout and
 stderr with the job's id and keeps their tail, signals its whole process
-group, and declares it dead in C{processExited}. L{twistedlrp.jobs.workers}
+group, and declares it dead in C{processExited}. L{twistedlrp.jobs.workers.pool}
 keeps the pool of them; see there for the life of a worker.
 """
 
@@ -20,14 +20,15 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from twistedlrp import stdlog
-from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.framing import BoxReader, get_big, put_big
-from twistedlrp.jobs.worker_main import MAX_ERROR, cut_text
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.framing import BoxReader, get_big, put_big
+from twistedlrp.jobs.workers.main import MAX_ERROR, cut_text
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import send_signal
 
 if TYPE_CHECKING:
-    from twistedlrp.jobs.workers import WorkerPool
+    from twistedlrp.jobs.workers.pool import WorkerPool
 
 log = Logger(namespace="twistedlrp.jobs.workers")
 # Worker and node ids name the machine, for when job nodes share a database.
@@ -144,7 +145,7 @@ class Worker(protocol.ProcessProtocol):
         self.amp.makeConnection(_PipeTransport(self))
 
     def forked(self, pid: int) -> None:
-        """The worker template has forked this worker's child (L{twistedlrp.jobs.preload})."""
+        """The worker template has forked this worker's child (L{twistedlrp.jobs.workers.preload})."""
         self.pid = pid
         self.pool.on_forked(self)
         if self.kill_reason is not None and self.kill_reason != "retire":

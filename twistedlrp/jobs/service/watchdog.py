@@ -11,7 +11,7 @@ by a bug, or by an operation that failed half-way) is dealt with the same
 way in the store. That query is also how the service learns that its store
 is unreachable (L{Watchdog.store_error}), which the health endpoint reports.
 With several job nodes on one database the store check is per node (the
-jobs recorded as running on this node); L{twistedlrp.jobs.lease} keeps
+jobs recorded as running on this node); L{twistedlrp.jobs.service.lease} keeps
 this node's lease.
 """
 
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from twisted.internet import task
 from twisted.logger import Logger
 
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import QUEUED
 from twistedlrp.jobs.store import recovery
 
@@ -37,7 +37,7 @@ CLAIM_GRACE = 10.0
 
 class Watchdog:
     """
-    @param dispatcher: the L{twistedlrp.jobs.dispatch.Dispatcher}.
+    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}.
     @param worker_prefix: the start of this machine's worker ids (C{"host:"}).
     """
 

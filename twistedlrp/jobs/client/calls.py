@@ -1,27 +1,23 @@
 """
-The job client: the thread-safe facade the public API (L{twistedlrp.jobs})
-uses (L{call}), the process's client behind it, and how a process finds its
-job service. The client is one of three transports: in the server, views
-call the local service directly (L{twistedlrp.jobs.local}); a process with a
-reactor keeps a reconnecting AMP connection to each node
-(L{twistedlrp.jobs.connection}); any other reaches a C{unix:} or C{tcp:}
-endpoint without a reactor, the calling thread writing its request itself
-(L{twistedlrp.jobs.blocking}); TLS goes through the reactor. The eager
-test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
+A job call from any thread (L{call}), the thread-safe facade of the public
+API (L{twistedlrp.jobs}), and how a process finds its job service. Behind
+it, one of three clients: in the server, views call the local service
+directly (L{twistedlrp.jobs.client.local}); a process with a reactor keeps
+a reconnecting AMP connection to each node
+(L{twistedlrp.jobs.client.connection}); any other reaches a C{unix:} or
+C{tcp:} endpoint from the calling thread (L{twistedlrp.jobs.client.blocking};
+TLS goes through the reactor).
+The eager test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
 
-In the server, the job client service (L{twistedlrp.jobs.wiring}) installs
-the client, and at most C{--job-threads} threads may be in a job call at
-once (L{CallSlots}). Elsewhere, the first call creates one from
-C{LRP_JOBS_CONNECT} (client endpoint strings separated by commas, tried in
-order), else C{unix:path=<LRP_STATE_DIR or .lrp>/jobs.sock}, with the secret
-of C{LRP_JOBS_SECRET_FILE}: each read from the environment first (a worker
-process is told its own job service that way), then from the settings.
-C{LRP_JOBS_TIMEOUT} (a setting, seconds, default 10) bounds reaching the
-service and each answer.
-
-Every submission carries an id (the caller's UUID, else one chosen here
-before it is sent), so that it may be sent again after its answer was lost
-without making a second job.
+The server installs its client (L{install}) and lets at most
+C{--job-threads} threads be in a job call at once (L{CallSlots}).
+Elsewhere the first call builds one from C{LRP_JOBS_CONNECT} (endpoints
+separated by commas, tried in order; default: the C{jobs.sock} of
+C{LRP_STATE_DIR} or C{.lrp}) and C{LRP_JOBS_SECRET_FILE}, each read from
+the environment first (a worker is told its own service that way), then
+from the settings; C{LRP_JOBS_TIMEOUT} (default 10 s) bounds each call.
+A submission carries an id chosen before it is sent, so that sending it
+again after a lost answer makes no second job.
 """
 
 from __future__ import annotations
@@ -39,12 +35,12 @@ from twisted.logger import Logger
 
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
-from twistedlrp.jobs import wire
-from twistedlrp.jobs.arguments import check_submission
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import check_submission
 
 if TYPE_CHECKING:
-    from twistedlrp.jobs.connection import JobClient
+    from twistedlrp.jobs.client.connection import JobClient
 
 log = Logger()
 
@@ -178,10 +174,7 @@ class Attempts:
 
 # A call tries one node at most this many times.
 TRIES_PER_NODE = 2
-
-
-# -- the process-wide client -------------------------------------------------------
-
+# The process-wide client.
 _client: JobClient | None = None
 _lock = threading.Lock()
 _slots: CallSlots | None = None
@@ -342,7 +335,7 @@ def _settings_client() -> JobClient:
     if _client is None:
         from twisted.internet import reactor
 
-        from twistedlrp.jobs.connection import JobClient
+        from twistedlrp.jobs.client.connection import JobClient
 
         client = JobClient(reactor, configured_endpoints(), *configured_login())
         client.start()
@@ -372,7 +365,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
         # The site's tests: run and answer here, in the calling thread.
         return eager.call(op, kw)
     if op in ("submit", "cancel"):
-        from twistedlrp.jobs import transactions
+        from twistedlrp.jobs.client import transactions
 
         # Changes made inside transaction.atomic() are part of it (the job
         # service would wait for the caller's own SQLite write lock).
@@ -402,7 +395,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
 def _call(op: str, kw: dict, call_timeout: float | None):
     client = _client
     if client is None and reactor_bridge._mode != "server":
-        from twistedlrp.jobs.blocking import blocking_client
+        from twistedlrp.jobs.client.blocking import blocking_client
 
         blocking = blocking_client()
         if blocking is not None:

@@ -1,22 +1,23 @@
 """
-The operations clients call on the job service (L{JobOperations}, part of
-L{twistedlrp.jobs.service.JobService}): a method per operation of
-L{twistedlrp.jobs.wire.OPERATIONS}, taking its command's arguments in order
-and returning a Deferred of its JSON-ready answer. Every front end and the
-in-process client call these. Every change is acknowledged only after its
-commit.
+The operations clients call on the job service (L{JobOperations}): a
+method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking
+its command's arguments in order and returning a Deferred of its JSON-ready
+answer. Every front end and the in-process client call these. Every change
+is acknowledged only after its commit.
 """
 
 from __future__ import annotations
 
-import copy
 import uuid
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from twistedlrp.jobs import registry, wire
-from twistedlrp.jobs.arguments import (
+from twistedlrp.jobs import registry
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.arguments import (
     canonical_job_id,
     check_listing,
     check_payload,
@@ -25,12 +26,9 @@ from twistedlrp.jobs.arguments import (
     check_wait_timeout,
     submission_fields,
 )
-from twistedlrp.jobs.dispatch import KEEP_PAYLOAD
-from twistedlrp.jobs.errors import (
-    InvalidArguments,
-    JobServiceUnavailable,
-)
-from twistedlrp.jobs.queue import JobRecord
+from twistedlrp.jobs.service.dispatch import KEEP_PAYLOAD
+from twistedlrp.jobs.service.outcomes import fire
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
@@ -40,16 +38,37 @@ log = Logger()
 
 class JobOperations:
     """
-    What clients call. It uses the service's C{reactor}, C{store},
-    C{dispatcher}, C{pool}, C{waiters}, C{max_payload}, C{unavailable},
-    C{shared}, C{node}, C{queues}, C{pruner} and C{store_wait}.
+    What clients call. While the store cannot be reached, an operation
+    waits for it up to C{store_wait} seconds, then fails with
+    L{JobServiceUnavailable} saying so (and, for a submission, whether the
+    job was stored).
 
-    While the store cannot be reached, an operation waits for it up to
-    C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
-    so (and, for a submission, whether the job was stored).
+    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}
+        that runs the jobs (and records their ends, L{Outcomes}).
+    @param node: this job node's name; C{shared}: whether other nodes share its database.
+    @param queues: the queues this node runs, or C{None} for all.
+    @param unavailable: C{()}: why the service takes no work now, or C{None}.
+    @param about: C{()}: the service's own part of L{stats}.
     """
 
-    store_wait: float | None = None
+    def __init__(
+        self,
+        reactor,
+        store,
+        dispatcher,
+        node: str,
+        shared: bool,
+        queues: list[str] | None,
+        max_payload: int,
+        store_wait: float | None,
+        unavailable: Callable[[], str | None],
+        about: Callable[[], dict],
+    ):
+        self.reactor, self.store, self.dispatcher = reactor, store, dispatcher
+        self.node, self.shared, self.queues = node, shared, queues
+        self.max_payload, self.store_wait = max_payload, store_wait
+        self.unavailable, self.about = unavailable, about
+        self.waiters = dispatcher.outcomes.waiters
 
     def submit(
         self,
@@ -85,8 +104,9 @@ class JobOperations:
         self, name, payload, priority, run_after, key, timeout, job_id, wait=None
     ) -> defer.Deferred:
         # Plain callbacks, no coroutine: this runs once per job.
-        if self.unavailable:
-            raise JobServiceUnavailable(self.unavailable)
+        unavailable = self.unavailable()
+        if unavailable:
+            raise JobServiceUnavailable(unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
         run_after, job_id = checked["run_after"], checked["job_id"]
         definition = registry.require(name)
@@ -105,7 +125,7 @@ class JobOperations:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
             if self.shared:
                 # Stored running only while this node's lease is fresh.
-                start["lease"] = self.dispatcher.lease_check
+                start["lease"] = self.dispatcher.claims.lease_check
         within = self.store_wait
         if wait is not None and wait == wait and (within is None or wait < within):
             within = max(float(wait), 0.05)
@@ -146,7 +166,7 @@ class JobOperations:
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
         A process committed these jobs through its own transaction
-        (L{twistedlrp.jobs.transactions}): queue them. Answered at once;
+        (L{twistedlrp.jobs.client.transactions}): queue them. Answered at once;
         they are read from the store meanwhile. With several job nodes
         (PostgreSQL) there is nothing to do: the commit notified them.
 
@@ -181,15 +201,9 @@ class JobOperations:
                     continue
                 self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
-                record = JobRecord(
-                    row["id"],
-                    row["priority"],
-                    row["created_at"].timestamp(),
-                    name=row["name"],
-                    max_attempts=row["max_attempts"],
-                    retry_delay=row["retry_delay"],
-                    timeout=row["timeout"],
-                    payload=payload if len(payload) <= KEEP_PAYLOAD else None,
+                held = payload if len(payload) <= KEEP_PAYLOAD else None
+                record = JobRecord.from_row(
+                    row, created=row["created_at"].timestamp(), payload=held
                 )
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)
@@ -231,7 +245,7 @@ class JobOperations:
         # A running job's cancellation may have been asked before its claim was read.
         self.dispatcher.request_cancel(job_id)
         if info["state"] in FINISHED:
-            self._notify(info)
+            self.dispatcher.outcomes.notify(info)
         return self._overlay(info)
 
     def wait(self, job_id: str, timeout: float, seen: str | None = None) -> defer.Deferred:
@@ -243,7 +257,7 @@ class JobOperations:
             finished (or, with C{seen}, changed), or after C{timeout}
             seconds with its current one. It fails with L{InvalidArguments}
             when C{timeout} is not from 0 to
-            L{twistedlrp.jobs.arguments.MAX_WAIT_TIMEOUT} seconds.
+            L{twistedlrp.jobs.protocol.arguments.MAX_WAIT_TIMEOUT} seconds.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
@@ -261,7 +275,7 @@ class JobOperations:
             info = await self.status(job_id)
             if info["state"] in FINISHED or (seen is not None and wire.seen_mark(info) != seen):
                 return info
-            call = self.reactor.callLater(timeout, _fire, finished, None)
+            call = self.reactor.callLater(timeout, fire, finished, None)
             outcome = await finished
             if call.active():
                 call.cancel()
@@ -278,7 +292,7 @@ class JobOperations:
         """
         @return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}.
         @raise InvalidArguments: C{state} is not a job state, or C{limit}
-            not a whole number from 0 to L{twistedlrp.jobs.arguments.MAX_LIST_LIMIT}.
+            not a whole number from 0 to L{twistedlrp.jobs.protocol.arguments.MAX_LIST_LIMIT}.
         """
         listing = check_listing(state, name, limit)
         self._check_store()
@@ -296,37 +310,31 @@ class JobOperations:
     def stats(self) -> defer.Deferred:
         """@return: a Deferred firing with the service's counters and workers."""
         self._check_store()
-        dispatcher = self.dispatcher
+        dispatcher, pool = self.dispatcher, self.dispatcher.pool
 
         def assemble(counts):
             return {
                 "jobs": counts,
                 "queued_in_memory": len(dispatcher.queue),
                 "running": len(dispatcher.running),
-                "workers": self.pool.describe(),
-                "workers_started": self.pool.started,
-                "workers_forked": self.pool.forked,
-                "worker_template": self.pool.describe_template(),
+                "workers": pool.describe(),
+                "workers_started": pool.started,
+                "workers_forked": pool.forked,
+                "worker_template": pool.describe_template(),
                 "counters": dict(dispatcher.counters),
                 "store": {"batches": self.store.batches, "operations": self.store.operations},
-                "unavailable": self.unavailable,
-                "node": {
-                    "name": self.node,
-                    "shared": self.shared,
-                    "queues": self.queues,
-                    "lease": self.lease,
-                },
-                "retention": self.pruner.describe(),
+                **self.about(),
             }
 
         d = self.store.read(ops.counts, within=self.store_wait)
         return d.addCallbacks(assemble, _store_failure)
 
     def _check_store(self) -> None:
+        unavailable = self.unavailable()
         if self.store.closed or (
-            self.unavailable and not self.dispatcher.accepting and self.store.batches == 0
+            unavailable and not self.dispatcher.accepting and self.store.batches == 0
         ):
-            raise JobServiceUnavailable(self.unavailable or "the job store is closed")
+            raise JobServiceUnavailable(unavailable or "the job store is closed")
 
     def _overlay(self, info: dict) -> dict:
         record = self.dispatcher.running.get(info["id"])
@@ -334,11 +342,6 @@ class JobOperations:
             info["state"] = RUNNING
             info["progress"] = list(record.progress)
         return info
-
-    def _notify(self, info: dict) -> None:
-        # Each waiter its own copy: callers in this process get the answer itself.
-        for i, d in enumerate(self.waiters.pop(info["id"], [])):
-            _fire(d, copy.deepcopy(info) if i else info)
 
 
 _MAY_BE_STORED = (
@@ -359,8 +362,3 @@ def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
         message = str(failure.value) + (f"; {what}" if what else "")
         raise JobServiceUnavailable(message)
     return failure
-
-
-def _fire(d: defer.Deferred, value) -> None:
-    if not d.called:
-        d.callback(value)

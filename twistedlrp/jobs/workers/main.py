@@ -1,5 +1,5 @@
 """
-A worker child: ``python -m twistedlrp.jobs.worker_main --settings MODULE
+A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
 
 It sets Django up, imports the site's job modules, then speaks AMP with
@@ -34,8 +34,8 @@ import sys
 import threading
 import traceback
 
-from twistedlrp.jobs import _context
-from twistedlrp.jobs.framing import BoxReader, encode_box, get_big, put_big
+from twistedlrp.jobs.protocol.framing import BoxReader, encode_box, get_big, put_big
+from twistedlrp.jobs.workers import context as _context
 from twistedlrp.process.forkserver import flush_stdio
 
 #: The longest error text a job's record keeps (characters).
@@ -46,7 +46,7 @@ MAX_TRACEBACK_LINE = 4 * 1024
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="twistedlrp.jobs.worker_main")
+    parser = argparse.ArgumentParser(prog="twistedlrp.jobs.workers.main")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
@@ -54,7 +54,9 @@ def _parse(argv):
     # then: the option table imports Twisted, which a worker does without).
     parser.add_argument("--max-payload", type=int, default=None)
     parser.add_argument(
-        "--template", action="store_true", help="fork workers on request (twistedlrp.jobs.preload)"
+        "--template",
+        action="store_true",
+        help="fork workers on request (twistedlrp.jobs.workers.preload)",
     )
     args = parser.parse_args(argv)
     if args.max_payload is None:
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         sys.stderr.flush()
         os._exit(3)
 
-    from twistedlrp.jobs import transactions
+    from twistedlrp.jobs.client import transactions
 
     # A job submitting jobs inside a transaction checks their size here.
     transactions.limit_payload(args.max_payload)
@@ -115,13 +117,13 @@ def main(argv=None) -> None:
 
 
 #: The fds a forked worker is given (its stdout, stderr, command and answer
-#: pipes), in the order the pool sends them (L{twistedlrp.jobs.preload}).
+#: pipes), in the order the pool sends them (L{twistedlrp.jobs.workers.preload}).
 FORK_FDS = (1, 2, 3, 4)
 
 
 def serve_template(control_fd: int = 3) -> None:
     """
-    Be the worker template (L{twistedlrp.jobs.preload}), a fork server
+    Be the worker template (L{twistedlrp.jobs.workers.preload}), a fork server
     (L{twistedlrp.process.forkserver}) on C{control_fd}, and exit when its
     control channel closes. Returns only in a forked child, whose fds 1 to
     4 are then its worker's pipes.

@@ -1,9 +1,9 @@
 """
 AMP's framing without Twisted, for processes that run no reactor: the
-worker child (L{twistedlrp.jobs.worker_main}) and the blocking job client
-(L{twistedlrp.jobs.blocking}).
+worker child (L{twistedlrp.jobs.workers.main}) and the blocking job client
+(L{twistedlrp.jobs.client.blocking}).
 
-The other end speaks AMP (twisted.protocols.amp, L{twistedlrp.jobs.wire});
+The other end speaks AMP (twisted.protocols.amp, L{twistedlrp.jobs.protocol.wire});
 these need only its framing: a box is pairs of 16-bit length-prefixed keys
 and values, ended by an empty key. Payloads and outcomes travel as
 L{wire.BigBytes} does it: C{name} holds the count of pieces, C{name.0},

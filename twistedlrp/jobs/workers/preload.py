@@ -11,13 +11,13 @@ workers itself when the template could not be asked, could not fork, or
 is gone.
 
 Each fork gets the child's ends of four pipes (the fds 1 to 4 of a spawned
-worker), so that the same L{twistedlrp.jobs.worker.Worker} protocol drives
+worker), so that the same L{twistedlrp.jobs.workers.worker.Worker} protocol drives
 it, through L{ForkedProcess}. A forked worker is the template's child: the
 template reaps it and reports its exit. If the template dies, its workers
 live on with their jobs, and a pidfd (Linux 5.3) tells the pool when each
 one ends; without pidfds they die with their template
 (C{PR_SET_PDEATHSIG}). The template's own side is
-L{twistedlrp.jobs.worker_main.serve_template}.
+L{twistedlrp.jobs.workers.main.serve_template}.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from twisted.internet import abstract, error, process
 from twisted.logger import Logger
 
-from twistedlrp.jobs.worker_main import FORK_FDS
+from twistedlrp.jobs.workers.main import FORK_FDS
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
 

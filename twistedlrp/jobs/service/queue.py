@@ -23,11 +23,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 @dataclass(eq=False)
 class JobRecord:
     """
-    One job the service holds, queued or running.
-
-    A record built at start-up from the store knows only the job's id,
-    priority and age (C{loaded} is false): the rest is read when the job
-    is claimed.
+    One job the service holds, queued or running. Without C{payload} (one
+    recovered at start-up, or too large to keep) the rest is read when the
+    job is claimed.
     """
 
     id: str
@@ -40,9 +38,8 @@ class JobRecord:
     max_attempts: int = 1
     retry_delay: float = 0.0
     timeout: float | None = None
-    #: The JSON arguments, kept in memory when small (see L{JobService}).
+    #: The JSON arguments, kept in memory when small (L{dispatch.KEEP_PAYLOAD}).
     payload: bytes | None = None
-    loaded: bool = False
     # While it runs:
     worker: object = None
     #: When the running attempt was sent to its worker (the clock's seconds), for the log.
@@ -50,6 +47,12 @@ class JobRecord:
     progress: tuple = (0, None, "")
     cancel_requested: bool = False
     timers: list[IDelayedCall] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row, **values) -> JobRecord:
+        """@return: the record of a job as the store reads it (C{values} win)."""
+        names = ("name", "attempts", "max_attempts", "retry_delay", "timeout")
+        return cls(row["id"], row["priority"], **{n: row[n] for n in names if n in row}, **values)
 
     def stop_timers(self) -> None:
         for timer in self.timers:
