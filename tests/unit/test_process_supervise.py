@@ -148,3 +148,17 @@ def test_descriptors_sent_with_a_fork_are_closed_once_answered():
     with pytest.raises(OSError):
         os.fstat(write)
     os.close(read)
+
+
+@pytest.mark.parametrize("where", ["twistedlrp.reload.server_main", "twistedlrp.web.process_main"])
+def test_every_preimported_module_exists(where):
+    """
+    preimport() skips a module it cannot import (the process that needs it
+    reports the error): a name left behind by a move would silently cost
+    every fork its warm import.
+    """
+    import importlib.util
+
+    names = importlib.import_module(where).PREIMPORT
+    assert names
+    assert [n for n in names if importlib.util.find_spec(n) is None] == []
