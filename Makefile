@@ -87,10 +87,16 @@ $(VENV)/.installed-wagtail: $(STAMP)
 test-wagtail: $(VENV)/.installed-wagtail
 	LRP_TEST_POSTGRES='$(WAGTAIL_POSTGRES)' $(VENV)/bin/pytest tests/test_wagtail.py $(PYTEST_ARGS)
 
-# Needs wrk (Debian: apt-get install wrk).
+# Needs wrk: installed with apt-get when missing and run as root on Debian.
+# BENCH_ARGS="--rounds 3 --servers lrp-2,gunicorn-2" for a shorter run (bench/run.py --help).
+BENCH_ARGS ?=
+
 bench: install
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q wrk >/dev/null; } \
+		|| { echo "make bench needs wrk (Debian: apt-get install wrk)"; exit 2; }
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Needs redis-server (Debian: apt-get install redis-server); Celery is skipped without it.
 bench-jobs: install

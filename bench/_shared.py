@@ -1,6 +1,7 @@
 """What the benchmark scripts in this folder share."""
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -24,3 +25,45 @@ def report(lines: list[str], results: dict, json_path: str | None) -> int:
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _stat(pid: int, tid: int | None = None) -> list[str] | None:
+    """@return: the fields of /proc/C{pid}/stat after the command name, or C{None} if gone."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    try:
+        return Path(path).read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None  # gone meanwhile
+
+
+def descendants(leader: int) -> list[int]:
+    """@return: the live processes below C{leader} (its children, theirs, ...)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        fields = _stat(int(stat.parent.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [leader]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def thread_cpu(leader: int) -> dict[str, float]:
+    """
+    @return: CPU seconds (user + system) used so far by C{leader} and the
+        live processes below it: C{"main"} in their main threads (a Twisted
+        server's reactors), C{"threads"} in their other threads, live or
+        ended (C{"total"} minus C{"main"}), C{"total"} in all.
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    main = total = 0.0
+    for pid in [leader, *descendants(leader)]:
+        process, thread = _stat(pid), _stat(pid, pid)
+        if process is None or thread is None:
+            continue
+        total += (int(process[11]) + int(process[12])) / tick
+        main += (int(thread[11]) + int(thread[12])) / tick
+    return {"main": main, "threads": total - main, "total": total}

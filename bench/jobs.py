@@ -57,7 +57,7 @@ import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _shared import free_port, report
+from _shared import _stat, descendants, free_port, report
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -124,28 +124,6 @@ def wait_for(check, what, procs, timeout: float, every: float = 0.02, error=Runt
             return value
         time.sleep(every)
     raise error(f"{what}: not within {timeout:g} s" + (f" ({last})" if last else ""))
-
-
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None  # gone meanwhile
-
-
-def descendants(leader: int) -> list[int]:
-    """@return: the live processes below C{leader} (its children, theirs, ...)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        fields = _stat(int(stat.parent.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [leader]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def session_cpu(leader: int) -> tuple[float, float]:

@@ -1,11 +1,11 @@
 """
-Serve the same Django site with twistedlrp and its peers, load each with wrk
-in the same run, and report requests/s, latency, the ratio to
-`twistd web --wsgi`, and how wrk's connections fell between a server's
-processes (counted with `ss` halfway through each run).
+Serve the same Django site with twistedlrp and its peers, load each with wrk,
+and report requests/s, latency, CPU per request and lrp's ratio to each peer
+(issue 20's targets), over several rounds that alternate the servers' order,
+as medians.
 
-    make bench                         # all servers, all paths
-    .venv/bin/python bench/run.py --seconds 5 --servers lrp,twisted-web
+    make bench                         # 5 rounds of the target servers
+    .venv/bin/python bench/run.py --rounds 3 --seconds 5 --servers lrp-2,gunicorn-2
 
 Each server runs with one process and with two (`lrp --web-workers 2`,
 gunicorn and granian `--workers 2`; `twistd web` has one), every process
@@ -14,29 +14,36 @@ runs (Twisted's `ThreadPool` maximum, 20), which it has no option to
 change. `bare-1` and `bare-2` are bench/bare.py: a bare Twisted protocol
 with httptools and lrp's thread pool, no limits, no logging, which is the
 most any server built on a Twisted reactor and a thread pool can serve.
-wrk must be installed (Debian: apt-get install wrk); gunicorn, granian,
-httptools and matplotlib (for the PNG chart of the table) come with the
-bench extra (pip install -e '.[bench]'); a server that is missing is
-skipped.
+The paths: `/hello` (a few bytes: the server's own cost), `/page` (a
+template of 20 rows from SQLite: what a site sees) and `/io` (a view that
+waits 10 ms). CPU per request is read from /proc for the server's
+processes (main threads, which are lrp's reactors, and the others, its
+pool) over each measured run. wrk must be installed (Debian: apt-get
+install wrk); gunicorn, granian, httptools and matplotlib (for the PNG
+chart) come with the bench extra (pip install -e '.[bench]'); a server
+that is missing is skipped.
 """
 
 import argparse
+import http.client
 import importlib.util
 import os
 import re
 import shutil
 import signal
-import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-from _shared import free_port, report
+from _shared import free_port, report, thread_cpu
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+RESULTS = HERE / "results"
 
 
 def _twisted_web_threads() -> int:
@@ -121,19 +128,31 @@ def servers(port: int, threads: int) -> dict[str, list[str]]:
 
 
 ALL_SERVERS = "lrp-1,lrp-2,twisted-web,gunicorn-1,gunicorn-2,granian-1,granian-2,bare-1,bare-2"
+# The servers of issue 20's targets: what make bench runs.
+TARGET_SERVERS = "lrp-1,granian-1,lrp-2,granian-2,gunicorn-2"
 
 
-def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """
+    Wait until the server answers C{/hello} (a port that accepts is not
+    enough: lrp's main process listens before its web processes run).
+
+    @raise RuntimeError: if it exits, or does not answer within C{timeout}.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            connection.request("GET", "/hello")
+            if connection.getresponse().status == 200:
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             time.sleep(0.05)
-    raise RuntimeError("server did not open its port")
+        finally:
+            connection.close()
+    raise RuntimeError("server did not answer /hello")
 
 
 def connection_split(port: int) -> str:
@@ -154,11 +173,13 @@ def connection_split(port: int) -> str:
     return "/".join(str(n) for n in sorted(counts.values(), reverse=True))
 
 
-def wrk(url: str, seconds: int, connections: int, port: int | None = None) -> dict:
+def wrk(url: str, seconds: int, connections: int, port: int | None = None, pid=None) -> dict:
     """
     Load C{url} with wrk; with C{port}, also count how the connections fall
-    between the server's processes halfway through.
+    between the server's processes halfway through; with C{pid}, the CPU
+    its processes used per request (microseconds).
     """
+    before = thread_cpu(pid) if pid else None
     proc = subprocess.Popen(
         ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", url],
         stdout=subprocess.PIPE,
@@ -170,7 +191,8 @@ def wrk(url: str, seconds: int, connections: int, port: int | None = None) -> di
         time.sleep(seconds / 2)
         split = connection_split(port)
     out, _ = proc.communicate(timeout=seconds + 60)
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    after = thread_cpu(pid) if pid else None
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -180,85 +202,191 @@ def wrk(url: str, seconds: int, connections: int, port: int | None = None) -> di
         value, unit = float(match.group(1)), match.group(2)
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    return {
-        "rps": rps,
+    result = {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "p50_ms": ms(p50),
         "p99_ms": ms(p99),
         "non_2xx": int(errors.group(1)) if errors else 0,
         "socket_errors": socket_errors.group(1) if socket_errors else "",
         "split": split,
     }
+    if before and requests:
+        for kind in ("main", "threads", "total"):
+            result[f"cpu_{kind}_us"] = round((after[kind] - before[kind]) / requests * 1e6)
+    return result
+
+
+def migrate(env: dict) -> None:
+    """Make the SQLite database /page reads (C{env}'s BENCH_DB)."""
+    command = [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"]
+    subprocess.run(command, cwd=HERE, env=env, check=True)
+
+
+def serve_and_load(command: list[str], args, env: dict) -> dict:
+    """Start one server, load each path (after a warm-up), stop it. @return: results by path."""
+    proc = subprocess.Popen(
+        command,
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    results = {}
+    try:
+        wait_until_serving(args.port, proc)
+        for path in args.paths.split(","):
+            url = f"http://127.0.0.1:{args.port}{path}"
+            wrk(url, args.warmup, args.connections)
+            results[path] = wrk(url, args.seconds, args.connections, args.port, proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return results
+
+
+# lrp's ratio to a peer, issue 20's target for it, and whether every round
+# must reach it (else the median).
+TARGETS = [
+    ("lrp-1", "granian-1", 1.0, False),
+    ("lrp-2", "granian-2", 0.9, False),
+    ("lrp-2", "gunicorn-2", 1.3, True),
+    ("lrp-2", "bare-2", None, False),
+]
+# Issue 20's target for lrp's CPU per request (reactor + pool), microseconds.
+CPU_TARGET_US = 300
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarise(rounds: list[dict]) -> tuple[dict, dict]:
+    """
+    @return: the median of each server's numbers on each path, and each
+        target's ratio in every round (rounds where both servers ran).
+    """
+    medians: dict = {}
+    ratios: dict = {}
+    for path in dict.fromkeys(p for r in rounds for p in r):
+        names = dict.fromkeys(n for r in rounds for n in r.get(path, {}))
+        for name in names:
+            runs = [r[path][name] for r in rounds if name in r.get(path, {})]
+            medians.setdefault(path, {})[name] = {
+                key: round(median([run[key] for run in runs]), 2)
+                for key in runs[0]
+                if isinstance(runs[0][key], int | float)
+            } | {"split": runs[-1]["split"], "rounds": len(runs)}
+        for ours, peer, _, _ in TARGETS:
+            values = [
+                round(r[path][ours]["rps"] / r[path][peer]["rps"], 3)
+                for r in rounds
+                if ours in r.get(path, {}) and peer in r.get(path, {})
+            ]
+            if values:
+                ratios.setdefault(path, {})[f"{ours} / {peer}"] = values
+    return medians, ratios
+
+
+def table(args, medians: dict, ratios: dict) -> list[str]:
+    """@return: the report's lines: each server's medians, then lrp's ratios against the targets."""
+    lines = [
+        f"# {args.rounds} rounds (order alternated), medians; {args.connections} connections, "
+        f"{args.threads} threads per process, {args.seconds} s per run, "
+        f"Python {sys.version.split()[0]}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}"
+    ]
+    for path, by_server in medians.items():
+        lines.append(f"\n{path}")
+        lines.append(
+            f"  {'server':<12} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU µs/req':>11}"
+            f" {'(main':>6} {'+ others)':>9} {'connections':>12}"
+        )
+        for name, r in by_server.items():
+            note = f"  ({r['non_2xx']:.0f} non-2xx)" if r.get("non_2xx") else ""
+            cpu = " ".join(
+                f"{r[key]:>{width}.0f}" if key in r else f"{'-':>{width}}"
+                for key, width in (("cpu_total_us", 11), ("cpu_main_us", 6), ("cpu_threads_us", 9))
+            )
+            lines.append(
+                f"  {name:<12} {r['rps']:>8.0f} {r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {cpu}"
+                f" {r.get('split', ''):>12}{note}"
+            )
+        for ours, peer, target, every in TARGETS:
+            values = ratios.get(path, {}).get(f"{ours} / {peer}")
+            if not values:
+                continue
+            mid = median(values)
+            goal = ""
+            if target is not None:
+                met = (min(values) if every else mid) >= target
+                goal = f"  target {'every round ' if every else ''}≥ {target}: {'met' if met else 'NOT met'}"
+            each = " ".join(f"{v:.2f}" for v in values)
+            lines.append(f"  {ours} / {peer}: median {mid:.2f}x  (rounds: {each}){goal}")
+        for name in ("lrp-1", "lrp-2"):
+            cpu = by_server.get(name, {}).get("cpu_total_us")
+            if cpu is not None and path == "/hello":
+                met = "met" if cpu <= CPU_TARGET_US else "NOT met"
+                lines.append(
+                    f"  {name} CPU per request: {cpu:.0f} µs, target ≤ {CPU_TARGET_US}: {met}"
+                )
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=_twisted_web_threads())
-    parser.add_argument("--servers", default=ALL_SERVERS)
-    parser.add_argument("--paths", default="/hello,/io")
-    parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument(
-        "--chart", default=str(HERE / "results" / "http.png"), help="PNG chart ('' for none)"
+        "--servers", default=TARGET_SERVERS, help=f"comma-separated, or 'all' ({ALL_SERVERS})"
     )
+    parser.add_argument("--paths", default="/hello,/page,/io")
+    parser.add_argument("--json", default=str(RESULTS / "http.json"), help="'' for none")
+    parser.add_argument("--chart", default=str(RESULTS / "http.png"), help="'' for none")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.stderr.write("bench: wrk is not installed (Debian: apt-get install wrk)\n")
         return 2
-    env = dict(os.environ, PYTHONPATH=str(HERE), DJANGO_SETTINGS_MODULE="benchsite.settings")
-    results: dict = {}
-    for name in args.servers.split(","):
-        port = free_port()
-        command = servers(port, args.threads)[name]
-        missing = name.startswith("bare") and importlib.util.find_spec("httptools") is None
-        if missing or not Path(command[0]).exists():
-            sys.stderr.write(f"bench: {name} is not installed, skipped\n")
-            continue
-        proc = subprocess.Popen(
-            command,
-            cwd=HERE,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_until_serving(port, proc)
-            for path in args.paths.split(","):
-                url = f"http://127.0.0.1:{port}{path}"
-                wrk(url, 2, args.connections)  # warm-up
-                results.setdefault(path, {})[name] = wrk(url, args.seconds, args.connections, port)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-    lines = [
-        f"# {args.connections} connections, {args.threads} threads per process, "
-        f"{args.seconds} s per run, Python {sys.version.split()[0]}, {os.cpu_count()} cores"
-    ]
-    for path, by_server in results.items():
-        base = by_server.get("twisted-web", {}).get("rps")
-        lines.append(f"\n{path}")
-        lines.append(
-            f"  {'server':<12} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs twisted-web':>15}"
-            f" {'connections':>12}"
-        )
-        for name, r in by_server.items():
-            ratio = f"{r['rps'] / base:.2f}x" if base else "-"
-            note = f"  ({r['non_2xx']} non-2xx)" if r["non_2xx"] else ""
-            lines.append(
-                f"  {name:<12} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {ratio:>15}"
-                f" {r.get('split', ''):>12}{note}"
-            )
-        ours = by_server.get("lrp-2", {}).get("rps")
-        for peer in ("gunicorn-2", "granian-2", "bare-2"):
-            theirs = by_server.get(peer, {}).get("rps")
-            if ours and theirs:
-                lines.append(f"  lrp-2 / {peer}: {ours / theirs:.2f}x")
-    if args.chart and results:
-        lines.append(f"\nchart: {chart(results, args.chart, lines[0])}")
+    names = (ALL_SERVERS if args.servers == "all" else args.servers).split(",")
+    scratch = Path(tempfile.mkdtemp(prefix="lrp-bench-"))
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(HERE),
+        DJANGO_SETTINGS_MODULE="benchsite.settings",
+        BENCH_DB=str(scratch / "bench.sqlite3"),
+    )
+    migrate(env)
+    rounds: list[dict] = []
+    try:
+        for number in range(args.rounds):
+            this_round: dict = {}
+            # Reversed every other round: no server always runs first or last.
+            for name in names if number % 2 == 0 else names[::-1]:
+                args.port = free_port()
+                command = servers(args.port, args.threads)[name]
+                missing = name.startswith("bare") and importlib.util.find_spec("httptools") is None
+                if missing or not Path(command[0]).exists():
+                    if number == 0:
+                        sys.stderr.write(f"bench: {name} is not installed, skipped\n")
+                    continue
+                for path, result in serve_and_load(command, args, env).items():
+                    this_round.setdefault(path, {})[name] = result
+            rounds.append(this_round)
+            sys.stderr.write(f"bench: round {number + 1} of {args.rounds} done\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    medians, ratios = summarise(rounds)
+    lines = table(args, medians, ratios)
+    if args.chart and medians:
+        lines.append(f"\nchart: {chart(medians, args.chart, lines[0])}")
+    if args.json:
+        Path(args.json).with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    results = {"medians": medians, "ratios": ratios, "rounds": rounds, "title": lines[0]}
     return report(lines, results, args.json)
 
 

@@ -1,7 +1,10 @@
 import time
 
 from django.http import HttpResponse
+from django.shortcuts import render
 from django.urls import path
+
+from benchsite.models import Article
 
 
 def hello(request):
@@ -14,4 +17,10 @@ def io(request):
     return HttpResponse(b"waited\n", content_type="text/plain")
 
 
-urlpatterns = [path("hello", hello), path("io", io)]
+def page(request):
+    # What a site's page does: a query, a template with a base, filters and a loop.
+    articles = Article.objects.order_by("-published")[:20]
+    return render(request, "benchsite/page.html", {"articles": articles})
+
+
+urlpatterns = [path("hello", hello), path("io", io), path("page", page)]

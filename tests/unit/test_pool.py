@@ -13,7 +13,7 @@ import time
 import pytest
 from twisted.logger import globalLogPublisher
 
-from twistedlrp.web.pool import ThreadPool
+from twistedlrp.web.pool import Replies, ThreadPool
 
 DEADLINE = 10.0
 
@@ -155,3 +155,42 @@ def test_a_failing_clean_up_is_logged_and_the_pool_still_stops(reactor):
         globalLogPublisher.removeObserver(events.append)
     failures = [e for e in events if "log_failure" in e]
     assert [f["log_failure"].check(RuntimeError) for f in failures] == [RuntimeError] * 2
+
+
+def test_replies_made_before_the_reactor_runs_them_share_one_wake_up(reactor):
+    replies = Replies(reactor)
+    ran = []
+    threads = [
+        threading.Thread(
+            target=lambda n=n: [replies.callFromThread(ran.append, (n, i)) for i in range(50)]
+        )
+        for n in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    # 200 calls, one wake-up of the reactor; each thread's calls in order.
+    assert reactor.calls.qsize() == 1
+    reactor.run_until(lambda: len(ran) == 200, "the replies")
+    for n in range(4):
+        assert [i for m, i in ran if m == n] == list(range(50))
+    # Once run, the next call wakes the reactor again.
+    replies.callFromThread(ran.append, "next")
+    reactor.run_until(lambda: ran[-1] == "next", "a reply after the batch")
+
+
+def test_a_failing_reply_is_logged_and_the_others_run(reactor):
+    events = []
+    replies = Replies(reactor)
+    ran = []
+    replies.callFromThread(lambda: 1 / 0)
+    replies.callFromThread(ran.append, 1)
+    globalLogPublisher.addObserver(events.append)
+    try:
+        reactor.run_until(lambda: ran == [1], "the reply after the failing one")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["log_failure"].check(ZeroDivisionError) for e in events if "log_failure" in e] == [
+        ZeroDivisionError
+    ]

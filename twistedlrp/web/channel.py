@@ -1,8 +1,7 @@
 """
 One HTTP connection of the site (L{LRPChannel}): twisted.web's channel with
-the limits of docs/serving.md on the request head (its deadline, size and
-line count), the answer to bare-LF heads, and what the site needs to drain
-it at shut-down and to make room when the connection limit is reached.
+the limits and answers of docs/serving.md on request heads and framing, and
+what the site needs to drain it and to make room for a new connection.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
 
 log = Logger()
 
-# Seconds a connection accepted just before shut-down may take to send its
-# first request (it is answered, with Connection: close).
+# Seconds a connection accepted just before shut-down has to send its first request.
 DRAIN_GRACE = 1.0
 # A chunk size this large (2**63, beyond a signed 64-bit length) gets 400.
 MAX_CHUNK_SIZE = 2**63
@@ -42,9 +40,10 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
     awaiting_head = False
     # Bytes of the current request head in complete lines, line ends included.
     _head_bytes = 0
-    # Whether the request line, and a Host header, of the head have arrived.
+    # Whether the request line, a Host and a Transfer-Encoding header arrived.
     _request_line_seen = False
     _host_seen = False
+    _chunked_seen = False
     # The host of an absolute-form request target, which becomes the Host.
     _authority: bytes | None = None
     # Whether a byte of the current request has arrived.
@@ -156,6 +155,7 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
         self._head_begun = False
         self._request_line_seen = False
         self._host_seen = False
+        self._chunked_seen = False
         self._authority = None
         self.site.waiting_for_head(self)
 
@@ -224,13 +224,11 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
 
     def _origin_form(self, line: bytes) -> bytes | None:
         """
-        @return: the request line C{line} with its target as a path: an
-            absolute-form target (C{http://host/path?query}) is reduced to
-            its path and query, and its host becomes the request's C{Host}
-            (RFC 9112 sections 3.2.2 and 3.3); C{*} is left for C{OPTIONS}.
-            C{None} after answering 400: any other target that does not
-            begin with C{/} (C{*} for another method, the authority form,
-            a relative path, a URL of another scheme or with user info).
+        @return: the request line C{line} with its target as a path (an
+            absolute-form target is reduced to its path and query, and its
+            host becomes the C{Host}: RFC 9112 sections 3.2.2 and 3.3), or
+            C{*} for C{OPTIONS}; C{None} after answering 400 to any other
+            target that does not begin with C{/}.
         """
         parts = line.split(b" ")
         if len(parts) != 3:
@@ -270,13 +268,20 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
             self._head_too_large()
             return False
         self._header_lines += 1
+        bad = None
         if line[:5].lower() == b"host:":
-            if self._host_seen:
-                self.answer_and_close(
-                    b"400 Bad Request", b"Bad request: more than one Host header.\n"
-                )
-                return False
+            bad = b"more than one Host header" if self._host_seen else None
             self._host_seen = True
+        elif line[:18].lower() == b"transfer-encoding:":
+            # twisted.web skips "identity" and takes a second header: a body
+            # framed so, or by its Content-Length, could hide a request that
+            # a proxy in front frames otherwise (RFC 9112 section 6.3).
+            if self._chunked_seen or line[18:].strip(b" \t").lower() != b"chunked":
+                bad = b"the only transfer coding is chunked, once"
+            self._chunked_seen = True
+        if bad is not None:
+            self.answer_and_close(b"400 Bad Request", b"Bad request: %s.\n" % bad)
+            return False
         return super().headerReceived(line)
 
     def rawDataReceived(self, data):
@@ -317,16 +322,14 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
             self._await_head()
         super().requestDone(request)
         if self.awaiting_head and self.partial_line:
-            # Answered while its bytes were being parsed: the bytes after it
-            # (still in the line buffer) begin the next request.
+            # Bytes after it (answered while they were parsed) begin the next.
             self._head_begun = True
             self._start_head_deadline()
 
     def checkPersistence(self, request, version):
         persistent = super().checkPersistence(request, version)
         if self.draining:
-            # A request read after the drain began (its connection was
-            # accepted just before): answered, then the connection closes.
+            # Read after the drain began: answered, then the connection closes.
             request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return False
         return persistent
@@ -348,10 +351,9 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
     def close_for_drain(self) -> None:
         """
         The server stops, and this connection has no request in progress:
-        between two requests it is closed now (a client retries); before its
-        first, it gets L{DRAIN_GRACE} seconds (accepted just before the
-        listening stopped, its request is likely on its way); a head under
-        way is answered, within the head and graceful deadlines.
+        closed now between two requests (a client retries); before its
+        first, given L{DRAIN_GRACE} seconds (its request is likely on its
+        way); a head under way is answered within the head deadline.
         """
         if self.answered and not self._head_begun:
             self.transport.loseConnection()
@@ -399,8 +401,7 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
     def evict(self) -> None:
         """
         Cut this connection (it awaits a request head; room is needed) and
-        free its descriptor now, not on the reactor's next turn (one turn
-        may accept hundreds of connections).
+        free its descriptor now: one reactor turn may accept hundreds.
         """
         self._leave()
         self.transport.abortConnection()
@@ -420,9 +421,9 @@ class LRPChannel(compat.HTTPChannelHooks, http.HTTPChannel):
 
 class BusyAnswer(protocol.Protocol):
     """
-    A connection over C{--max-connections} while every open one is busy
-    with a request: answered 503 at once. The request is read and dropped
-    for a moment so that the client reads the answer instead of a reset.
+    A connection over C{--max-connections} while every open one is busy:
+    answered 503 at once, its request read and dropped for a moment so
+    that the client reads the answer instead of a reset.
     """
 
     def __init__(self, site):

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.web.limits import WRITE_TIMEOUT, StreamSlots
+from twistedlrp.web.pool import Replies
 
 log = Logger()
 
@@ -125,7 +126,8 @@ class WSGIResource(Resource):
     def __init__(self, reactor, pool, application, on_saturated, streams=None, multiprocess=False):
         super().__init__()
         self.multiprocess = multiprocess
-        self._reactor = reactor
+        # A response's calls into the reactor: batched, as Replies says why.
+        self._reactor = Replies(reactor)
         self._pool = pool
         self._application = application
         self._on_saturated = on_saturated
