@@ -205,18 +205,22 @@ def test_cancel_queued_job_never_runs(env):
     server, markers = env
     marker = markers / "cancel-queued"
     marker.mkdir()
-    # Both workers busy, so the next job waits in the queue.
-    busy = [
-        api(server, "submit", name="testapp.jobs.sleeper", args=[str(marker), 1.5, f"busy{i}"])[
-            "job"
-        ]
-        for i in range(2)
-    ]
-    for i in range(2):
-        read_pid(marker / f"busy{i}-started")
+    # Both workers busy until the test lets them go (a job that sleeps a
+    # fixed time may end, on a loaded machine, before the cancel arrives).
+    gates = [marker / f"busy{i}" for i in range(2)]
+    busy = []
+    for gate in gates:
+        gate.mkdir()
+        busy.append(
+            api(server, "submit", name="testapp.jobs.gated_steps", args=[str(gate), 1])["job"]
+        )
+    for gate in gates:
+        read_pid(gate / "gated-started")
     queued = api(server, "submit", name="testapp.jobs.record", args=[str(marker), "never"])["job"]
     info = api(server, "cancel", id=queued["id"])["job"]
     assert info["state"] == "cancelled"
+    for gate in gates:
+        (gate / "go-1").touch()
     for job in busy:
         assert wait_job(server, job["id"])["state"] == "succeeded"
     after = api(server, "submit", name="testapp.jobs.add", args=[1, 1])["job"]
