@@ -383,7 +383,10 @@ def main() -> int:
     medians, ratios = summarise(rounds)
     lines = table(args, medians, ratios)
     if args.chart and medians:
-        lines.append(f"\nchart: {chart(medians, args.chart, lines[0])}")
+        drawn = chart(medians, args.chart, lines[0])
+        # Relative to the checkout: the results are committed.
+        drawn = drawn.replace(str(HERE.parent) + "/", "")
+        lines.append(f"\nchart: {drawn}")
     if args.json:
         Path(args.json).with_suffix(".txt").write_text("\n".join(lines) + "\n")
     results = {"medians": medians, "ratios": ratios, "rounds": rounds, "title": lines[0]}
