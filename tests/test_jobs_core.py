@@ -202,26 +202,40 @@ def test_timeout_kills_the_process(env):
     wait_for(lambda: not alive(pid), 10, message="the timed-out worker gone")
 
 
+def _hold_workers(server, marker, count: int = 2):
+    """
+    Keep C{count} workers busy, each with a job that runs until released.
+
+    @return: the jobs, and a function that releases them.
+    """
+    gates = [marker / f"held{i}" for i in range(count)]
+    jobs = []
+    for gate in gates:
+        gate.mkdir()
+        jobs.append(
+            api(server, "submit", name="testapp.jobs.gated_steps", args=[str(gate), 1])["job"]
+        )
+    for gate in gates:
+        read_pid(gate / "gated-started")
+
+    def release():
+        for gate in gates:
+            (gate / "go-1").touch()
+
+    return jobs, release
+
+
 def test_cancel_queued_job_never_runs(env):
     server, markers = env
     marker = markers / "cancel-queued"
     marker.mkdir()
     # Both workers busy until the test lets them go (a job that sleeps a
     # fixed time may end, on a loaded machine, before the cancel arrives).
-    gates = [marker / f"busy{i}" for i in range(2)]
-    busy = []
-    for gate in gates:
-        gate.mkdir()
-        busy.append(
-            api(server, "submit", name="testapp.jobs.gated_steps", args=[str(gate), 1])["job"]
-        )
-    for gate in gates:
-        read_pid(gate / "gated-started")
+    busy, release = _hold_workers(server, marker)
     queued = api(server, "submit", name="testapp.jobs.record", args=[str(marker), "never"])["job"]
     info = api(server, "cancel", id=queued["id"])["job"]
     assert info["state"] == "cancelled"
-    for gate in gates:
-        (gate / "go-1").touch()
+    release()
     for job in busy:
         assert wait_job(server, job["id"])["state"] == "succeeded"
     after = api(server, "submit", name="testapp.jobs.add", args=[1, 1])["job"]
@@ -380,21 +394,12 @@ def test_priority_and_run_after(env):
     marker = markers / "order"
     marker.mkdir()
     # Both workers busy until the three jobs below are queued.
-    gates = [marker / f"b{i}" for i in range(2)]
-    busy = []
-    for gate in gates:
-        gate.mkdir()
-        busy.append(
-            api(server, "submit", name="testapp.jobs.gated_steps", args=[str(gate), 1])["job"]
-        )
-    for gate in gates:
-        read_pid(gate / "gated-started")
+    busy, release = _hold_workers(server, marker)
     run_after = time.time() + 4
     later = api(server, "submit", name="testapp.jobs.add", args=[0, 0], run_after=run_after)["job"]
     low = api(server, "submit", name="testapp.jobs.add", args=[0, 1], priority=-5)["job"]
     high = api(server, "submit", name="testapp.jobs.add", args=[0, 2], priority=5)["job"]
-    for gate in gates:
-        (gate / "go-1").touch()
+    release()
     for job in busy:
         wait_job(server, job["id"])
     high_info, low_info = wait_job(server, high["id"]), wait_job(server, low["id"])
