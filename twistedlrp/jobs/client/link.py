@@ -16,7 +16,13 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, reconnect_backoff, unix_path, unreachable
+from twistedlrp.jobs.client.calls import (
+    DEFAULT_TIMEOUT,
+    NO_SOCKET,
+    reconnect_backoff,
+    unix_path,
+    unreachable,
+)
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 
@@ -33,13 +39,10 @@ UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 class JobLink:
     """
-    A persistent connection to one job node.
-
-    It connects at L{start}. Until that first attempt ends its state is
-    C{"connecting"} and calls wait for it; then it is C{"up"} or C{"down"}.
-    A lost connection, or an attempt that fails, makes it C{"down"} at once
-    (one warning), and it is retried in the background with back-off (the
-    first retry at once), then one line when it is up again.
+    A persistent connection to one job node. Until the first attempt (at
+    L{start}) ends its state is C{"connecting"} and calls wait for it; then
+    it is C{"up"} or C{"down"}. Down, it is retried in the background with
+    back-off (one warning, then one line when it is up again).
 
     @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
         (then C{description} names it in messages).
@@ -83,8 +86,6 @@ class JobLink:
         self._watch = task.LoopingCall(self._check)
         self._watch.clock = reactor
 
-    # -- life ----------------------------------------------------------------------
-
     def start(self) -> None:
         self._stopped = False
         self._attempt()
@@ -95,9 +96,7 @@ class JobLink:
         self._stopped = True
         if self._watch.running:
             self._watch.stop()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_retry()
         if self._attempting is not None:
             self._attempting.cancel()
         protocol = self.protocol
@@ -112,23 +111,17 @@ class JobLink:
         """@return: whether an attempt to connect is under way."""
         return self._attempting is not None
 
-    # -- connecting ----------------------------------------------------------------
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
 
     def _attempt(self) -> None:
         if self._attempting is not None or self._stopped:
             return
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_retry()
         if self._socket_path is not None and not os.path.exists(self._socket_path):
-            self._failed(
-                Failure(
-                    JobServiceUnavailable(
-                        "its socket does not exist (is the server running, with this "
-                        "--state-dir or LRP_STATE_DIR?)"
-                    )
-                )
-            )
+            self._failed(Failure(JobServiceUnavailable(NO_SOCKET)))
             return
         d = defer.ensureDeferred(self._connect())
         d.addTimeout(self.timeout, self.reactor)
@@ -231,8 +224,6 @@ class JobLink:
         if self.on_change is not None:
             self.on_change(self)
 
-    # -- the ping ------------------------------------------------------------------
-
     def _check(self) -> None:
         protocol = self.protocol
         if protocol is None or self._pinging:
@@ -258,11 +249,9 @@ class JobLink:
 
         d.addBoth(answered)
 
-    # -- calls ---------------------------------------------------------------------
-
     def problem(self) -> str:
         """@return: why calls to this node fail now."""
-        text = unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
+        text = unreachable(self.endpoint, self.last_error)
         if self.state == DOWN:
             text += (
                 f" (down for {self.reactor.seconds() - self.since:.1f} s; "
@@ -272,10 +261,9 @@ class JobLink:
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; when connecting
-            for the first time, once connected (until C{deadline}); when
-            down, only with C{wait_reconnect} and an attempt under way
-            (until C{deadline}).
+        @return: the connected protocol: at once when up; else, when
+            connecting for the first time or (with C{wait_reconnect}) again,
+            once connected before C{deadline}.
         @raise JobServiceUnavailable: down, or not connected in time.
         @raise AuthenticationFailed: the service refused our secret.
         """
@@ -297,7 +285,7 @@ class JobLink:
         try:
             return await d
         except defer.TimeoutError:
-            raise JobServiceUnavailable(unreachable(self.endpoint, " in time")) from None
+            raise JobServiceUnavailable(unreachable(self.endpoint, detail=" in time")) from None
 
 
 class _ClientAMP(wire.QuietAMP):

@@ -2,24 +2,13 @@
 A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
 
-It sets Django up, imports the site's job modules, then speaks AMP with
-the job service over fd 3 (commands in) and fd 4 (answers out), leaving
-stdout and stderr to the jobs. Jobs run one at a time in one job thread;
-the main thread keeps reading commands meanwhile (a cancellation), and a
-progress thread sends the latest progress report. The child runs no
-Twisted reactor and imports no AMP: it frames the few boxes it exchanges
-itself (L{Conversation}), which keeps each worker about 16 MB smaller and
-saves two thread hops per job. A job that submits a job gets the reactor
-in a thread of its own, as any other process does
-(L{twistedlrp.reactor_bridge.call_in_reactor}).
-
-The child leads a session (and process group) of its own, which the
-processes its jobs start inherit: the job service signals the whole group.
-When fd 3 reaches end of file (the parent retires it, or is gone) the child
-kills whatever else is left in its group and exits at once.
-
-A job's error is cut to a bounded size here (see L{describe_error}), so an
-exception with a huge text never crosses the pipe whole.
+It sets Django up, imports the site's job modules, then speaks AMP with the
+job service over fd 3 (commands in) and fd 4 (answers out), leaving stdout
+and stderr to the jobs. It runs no reactor and imports no AMP: it frames
+its few boxes itself (L{Conversation}), which keeps each worker about 16 MB
+smaller. It leads a process group of its own, which the processes its jobs
+start inherit: the job service signals the whole group. At the end of
+fd 3 it kills what is left in its group and exits.
 """
 
 from __future__ import annotations
@@ -50,8 +39,7 @@ def _parse(argv):
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
-    # The pool always gives it; the default is the option's (imported only
-    # then: the option table imports Twisted, which a worker does without).
+    # The pool always gives it (the option table's default imports Twisted).
     parser.add_argument("--max-payload", type=int, default=None)
     parser.add_argument(
         "--template",
@@ -60,9 +48,9 @@ def _parse(argv):
     )
     args = parser.parse_args(argv)
     if args.max_payload is None:
-        from twistedlrp.options import OPTIONS
+        from twistedlrp.jobs.protocol.arguments import default_max_payload
 
-        args.max_payload = next(o.default for o in OPTIONS if o.name == "max-job-payload")
+        args.max_payload = default_max_payload()
     return args
 
 
@@ -123,10 +111,9 @@ FORK_FDS = (1, 2, 3, 4)
 
 def serve_template(control_fd: int = 3) -> None:
     """
-    Be the worker template (L{twistedlrp.jobs.workers.preload}), a fork server
-    (L{twistedlrp.process.forkserver}) on C{control_fd}, and exit when its
-    control channel closes. Returns only in a forked child, whose fds 1 to
-    4 are then its worker's pipes.
+    Be the worker template (L{preload}), a fork server on C{control_fd},
+    until its control channel closes. Returns only in a forked child, whose
+    fds 1 to 4 are then its worker's pipes.
     """
     import socket
 
@@ -181,11 +168,7 @@ def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
 
 
 def cut_text(text: str, limit: int = MAX_ERROR) -> str:
-    """
-    @return: C{text}, or when it is longer than C{limit} its beginning and
-        its end around a line C{[... N characters cut ...]}, C{limit}
-        characters at most.
-    """
+    """@return: C{text}, or its beginning and end around C{[... N characters cut ...]}: C{limit} at most."""
     if len(text) <= limit:
         return text
     keep = max(limit - 64, 0)
@@ -196,11 +179,7 @@ def cut_text(text: str, limit: int = MAX_ERROR) -> str:
 
 
 def describe_error(e: BaseException) -> str:
-    """
-    @return: C{"Type: message"}, a blank line and the traceback, each part
-        cut to a bounded size (the message's beginning and end are kept, and
-        the traceback's), L{MAX_ERROR} characters at most in all.
-    """
+    """@return: C{"Type: message"}, a blank line and the traceback, L{MAX_ERROR} characters at most."""
     details = traceback.TracebackException(type(e), e, e.__traceback__)
     try:
         message = str(e)
@@ -235,11 +214,10 @@ def _join_bounded(lines, limit: int) -> str:
 
 class Conversation:
     """
-    The child's end of the AMP conversation with the job service: the main
-    thread reads commands from C{commands} (fd 3), the job thread runs one
-    job at a time and writes its answer to C{answers} (fd 4) itself; a
-    progress thread sends the latest progress report (older ones are
-    dropped), always before the answer of its job.
+    The child's end of the AMP conversation: the main thread reads commands
+    from C{commands}, a job thread runs one job at a time and writes its
+    answer to C{answers}; a progress thread sends the latest progress report
+    (older ones are dropped), always before the answer of its job.
     """
 
     def __init__(self, max_payload: int, commands: int = 3, answers: int = 4):
@@ -252,8 +230,6 @@ class Conversation:
         self._pending_progress = None
         self._asks = 0
         self.gone = False
-
-    # -- writing -------------------------------------------------------------
 
     def send(self, box: dict[bytes, bytes]) -> None:
         """Write one box (call it holding C{_write_lock})."""
@@ -273,8 +249,6 @@ class Conversation:
         with self._write_lock:
             self._asks += 1
             self.send({b"_command": command, b"_ask": b"%d" % self._asks, **box})
-
-    # -- the threads ------------------------------------------------------------
 
     def serve(self) -> None:
         """Say we are ready, then run until fd 3 reaches end of file."""
@@ -331,12 +305,9 @@ class Conversation:
                 put_big(answer, b"outcome", json.dumps(outcome, separators=(",", ":")).encode())
             except (TypeError, ValueError) as e:
                 # A value json cannot write (a lone surrogate in an error text).
-                text = json.dumps(
-                    {"ok": False, "error": f"the job's outcome could not be sent: {e}"},
-                    separators=(",", ":"),
-                )
+                error = {"ok": False, "error": f"the job's outcome could not be sent: {e}"}
                 answer = {b"_answer": tag}
-                put_big(answer, b"outcome", text.encode())
+                put_big(answer, b"outcome", json.dumps(error, separators=(",", ":")).encode())
             with self._write_lock:
                 self._send_progress()  # its last progress report first
                 self.send(answer)

@@ -1,24 +1,9 @@
 """
-The worker pool: warm child processes that run one job at a time.
-
-Each child (L{twistedlrp.jobs.workers.main}) is spawned, or forked from the
-worker template (L{twistedlrp.jobs.workers.preload}), and driven by a L{Worker}
-process protocol (L{twistedlrp.jobs.workers.worker}): AMP over two extra pipes,
-its stdout and stderr logged with the job's id. Each child leads a process
-group of its own, so that a timeout, a cancel, a shut-down or a retirement
-signals what its job started too.
-
-A child that dies is seen at once in C{processExited} (a job's subprocess
-may hold copies of its pipes, which C{processEnded} would wait for): the
-pool tells the job service (which retries or fails the job) and starts a
-replacement, with the restart back-off when children die before they are
-ready (L{twistedlrp.process.supervise}).
-
-A worker that will soon reach C{--max-jobs-per-worker} (see
-L{standby_ahead}) gets its successor started ahead of time: once ready it
-waits in state C{standby}, taking no job, and takes the worker's place the
-moment it retires (or dies), so that replacing workers costs no start-up
-time and never runs more than C{--workers} jobs at once.
+The worker pool: warm child processes (L{main}) that run one job at a time,
+each spawned or forked from the worker template (L{preload}) and driven by a
+L{Worker}. A dead child is replaced, with the restart back-off when it died
+before it was ready; a worker near C{--max-jobs-per-worker} gets a standby
+successor started ahead (docs/jobs.md, "Replacing workers").
 """
 
 from __future__ import annotations
@@ -40,11 +25,7 @@ log = Logger(namespace="twistedlrp.jobs.workers")
 
 
 def standby_ahead(max_jobs: int) -> int:
-    """
-    @return: how many jobs before C{max_jobs} a worker's standby successor
-        is started (0: none, for limits below 100, where a spare process
-        would be more surprising than useful).
-    """
+    """@return: how many jobs before C{max_jobs} a worker's standby successor is started (0: none)."""
     if max_jobs < 100:
         return 0
     return min(50, max_jobs // 20)
@@ -52,8 +33,7 @@ def standby_ahead(max_jobs: int) -> int:
 
 class WorkerPool:
     """
-    C{size} warm workers. The job service receives the pool's events
-    through the callables it passes in.
+    C{size} warm workers, whose events go to the job service's callables.
 
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
@@ -125,10 +105,9 @@ class WorkerPool:
 
     def spawn(self, standby: bool = False) -> Worker | None:
         """
-        Start a child. A C{standby} one, once ready, waits (state
-        C{standby}) until L{job_done} makes it take over from a worker
-        that reached its job limit, so that replacing a worker costs no
-        start-up time.
+        Start a child (a C{standby} one waits, once ready, until L{job_done} makes it take over).
+
+        @return: its L{Worker}, or C{None} when the pool is stopping.
         """
         if self.stopping:
             return None
@@ -147,8 +126,6 @@ class WorkerPool:
         self.workers.append(worker)
         self.started += 1
         return worker
-
-    # -- the template -----------------------------------------------------------------
 
     def start_template(self) -> None:
         """Start the worker template, unless it runs, cannot, or is not wanted now."""
@@ -207,8 +184,6 @@ class WorkerPool:
 
     def idle(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "idle"]
-
-    # -- events from workers --------------------------------------------------------
 
     def on_ready(self, worker: Worker) -> None:
         self._start_backoff.reset()
@@ -283,12 +258,9 @@ class WorkerPool:
 
     def job_done(self, worker: Worker, max_jobs: int, max_memory_mb: int) -> bool:
         """
-        The worker's job ended normally: make it idle, or retire it. A
-        worker close to C{max_jobs} gets a standby successor started, which
-        takes its place when it retires.
+        The worker's job ended normally: make it idle, or retire it.
 
-        @return: whether a worker is available again (this one, or its
-            successor).
+        @return: whether a worker is available again (this one, or its successor).
         """
         worker.job_id = None
         worker.jobs_done += 1
@@ -338,8 +310,7 @@ class WorkerPool:
 
     def _take_over(self, worker: Worker) -> bool:
         """
-        C{worker} retires: its standby successor, if it still lives, takes
-        its place (at once when ready, else once ready).
+        C{worker} retires: its standby successor, if it lives, takes its place.
 
         @return: whether the successor is idle now.
         """
@@ -356,8 +327,6 @@ class WorkerPool:
             successor.state = "idle"
             return True
         return False
-
-    # -- stopping ---------------------------------------------------------------------
 
     def stop_idle(self) -> None:
         """Stop taking work: idle and starting workers exit; busy ones finish first."""
@@ -380,7 +349,6 @@ class WorkerPool:
         return self._all_ended.wait()
 
     def describe_template(self) -> dict | None:
-        """@return: the worker template's pid and state, or C{None} when there is none."""
         if self.template is None:
             return None
         return {"pid": self.template.pid, "state": self.template.state}

@@ -1,10 +1,8 @@
 """
-One worker child process, seen from the server: the L{Worker} process
-protocol that starts it, speaks AMP with it over two extra pipes (the
-child's fd 3 carries commands in, fd 4 answers out), logs its stdout and
-stderr with the job's id and keeps their tail, signals its whole process
-group, and declares it dead in C{processExited}. L{twistedlrp.jobs.workers.pool}
-keeps the pool of them; see there for the life of a worker.
+One worker child, seen from the server (L{Worker}): AMP over its fds 3 and
+4, its stdout and stderr logged with the job's id, its process group
+signalled, and its death seen in C{processExited} (a job's subprocess may
+hold copies of its pipes, which C{processEnded} would wait for).
 """
 
 from __future__ import annotations
@@ -136,8 +134,6 @@ class Worker(protocol.ProcessProtocol):
     def ident(self) -> str:
         return f"{HOSTNAME}:{self.pid}"
 
-    # -- process protocol ---------------------------------------------------------
-
     def connectionMade(self):
         self.pid = self.transport.pid
         # Jobs that read stdin see end of file.
@@ -168,10 +164,6 @@ class Worker(protocol.ProcessProtocol):
             self._partial[fd] = b""
 
     def processExited(self, reason):
-        """
-        The child has exited. Subprocesses of its job may still hold its
-        pipes, so C{processEnded} may be far away: the worker is dead now.
-        """
         self.exited = True
         self.state = "dead"
         # Whatever its job started and left in its group goes with it.
@@ -204,8 +196,6 @@ class Worker(protocol.ProcessProtocol):
                     break
                 budget -= len(data)
                 self.childDataReceived(fd, data)
-
-    # -- output ---------------------------------------------------------------
 
     def _output(self, fd: int, data: bytes) -> None:
         if self.job_id is not None:
@@ -253,8 +243,6 @@ class Worker(protocol.ProcessProtocol):
     def startup_output(self) -> str:
         return bytes(self._startup_output).decode("utf-8", "replace").strip()
 
-    # -- control ------------------------------------------------------------------
-
     def became_ready(self, pid: int | None = None) -> None:
         if self.pid is None and pid:
             # A forked worker can say it is ready before the template's word of
@@ -268,11 +256,8 @@ class Worker(protocol.ProcessProtocol):
 
     def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
         """
-        Send a job to the child.
-
-        @return: a Deferred firing with the outcome dict when the job ends in
-            the child; it fails if the child dies first (the death itself is
-            reported through the pool's C{on_ended}).
+        @return: a Deferred firing with the job's outcome when it ends in the
+            child; it fails if the child dies first (the pool's C{on_ended} says so).
         """
         self.state = "busy"
         self.job_id = job_id
@@ -300,11 +285,7 @@ class Worker(protocol.ProcessProtocol):
         return failure
 
     def gone(self, failure: Failure) -> bool:
-        """
-        @return: whether a failed L{run} means that the child's process has
-            ended or is ending (its death is reported through the pool's
-            C{on_ended}), rather than that its answer was bad.
-        """
+        """@return: whether a failed L{run} means that the child ended or is ending (not a bad answer)."""
         return self.exited or failure.check(error.ConnectionDone, error.ConnectionLost) is not None
 
     def cancel(self, job_id: str) -> None:
@@ -313,10 +294,7 @@ class Worker(protocol.ProcessProtocol):
             self.amp.callRemote(wire.CancelJob, job_id=job_id)
 
     def signal(self, name: str, reason: str | None = None) -> None:
-        """
-        Send C{SIG<name>} to the child and to every process of its group
-        (what its job started), if it still runs, noting why.
-        """
+        """Send C{SIG<name>} to the child and its process group, if it still runs, noting why."""
         if reason and self.kill_reason is None:
             self.kill_reason = reason
         if self.exited or self.pid is None:
