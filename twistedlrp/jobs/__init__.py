@@ -14,8 +14,10 @@ whether cancellation was requested.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,36 +33,16 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.protocol import arguments
 from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
 from twistedlrp.jobs.workers import context as _context
 
 __all__ = [
-    "job",
-    "submit",
-    "get",
-    "cancel",
-    "wait",
-    "list_jobs",
-    "stats",
-    "outside_transaction",
-    "progress",
-    "cancelled",
-    "JobInfo",
-    "Progress",
-    "JobError",
-    "JobServiceUnavailable",
-    "UnknownJob",
-    "NotRegistered",
-    "InvalidArguments",
-    "PayloadTooLarge",
-    "AuthenticationFailed",
-    "JobCancelled",
-    "QUEUED",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-]
+    "job", "submit", "get", "cancel", "wait", "list_jobs", "stats", "outside_transaction",
+    "progress", "cancelled", "JobInfo", "Progress", "JobError", "JobServiceUnavailable",
+    "UnknownJob", "NotRegistered", "InvalidArguments", "PayloadTooLarge", "AuthenticationFailed",
+    "JobCancelled", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
+]  # fmt: skip
 
 
 class Progress(NamedTuple):
@@ -151,14 +133,12 @@ def job(
         (it returns a L{JobInfo}) and C{job_name}.
     """
 
-    from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
-
-    check_seconds("timeout", timeout)
-    check_priority(priority)
+    arguments.check_seconds("timeout", timeout)
+    arguments.check_priority(priority)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise InvalidArguments(f"retries: expected a whole number of at least 0, got {retries!r}")
     if retry_delay != 0:
-        check_seconds("retry_delay", retry_delay)
+        arguments.check_seconds("retry_delay", retry_delay)
     keep = _checked_keep(keep)
 
     def register(function):
@@ -242,8 +222,6 @@ def submit(
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs.client import calls as client
-
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
             raise InvalidArguments("run_after: must be an aware datetime (or a Unix time)")
@@ -252,32 +230,20 @@ def submit(
         raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs: expected a dict, got {type(kwargs).__name__}")
-    if not join_transaction:
-        with outside_transaction():
-            return submit(
-                name,
-                args,
-                kwargs,
-                priority=priority,
-                run_after=run_after,
-                key=key,
-                timeout=timeout,
-                id=id,
-            )
     # Its values are checked once, where it is stored (or before it is sent).
-    return JobInfo.from_dict(
-        client.call(
-            "submit",
-            name=name,
-            args=list(args),
-            kwargs=dict(kwargs or {}),
-            priority=priority,
-            run_after=run_after,
-            key=key,
-            timeout=timeout,
-            id=id,
-        )
-    )
+    with contextlib.nullcontext() if join_transaction else outside_transaction():
+        return _call(
+            "submit", name=name, args=list(args), kwargs=dict(kwargs or {}),
+            priority=priority, run_after=run_after, key=key, timeout=timeout, id=id,
+        )  # fmt: skip
+
+
+def _call(op: str, **kw) -> JobInfo:
+    """@return: the L{JobInfo} the job service answers to C{op}."""
+    # Imported here: a worker imports this module, and no Twisted.
+    from twistedlrp.jobs.client import calls
+
+    return JobInfo.from_dict(calls.call(op, **kw))
 
 
 def get(job_id) -> JobInfo:
@@ -286,9 +252,7 @@ def get(job_id) -> JobInfo:
     @raise UnknownJob: no job has this id.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs.client import calls as client
-
-    return JobInfo.from_dict(client.call("status", job_id=str(job_id)))
+    return _call("status", job_id=str(job_id))
 
 
 def cancel(job_id) -> JobInfo:
@@ -302,9 +266,7 @@ def cancel(job_id) -> JobInfo:
     @return: the job's L{JobInfo} after the request.
     @raise UnknownJob: no job has this id.
     """
-    from twistedlrp.jobs.client import calls as client
-
-    return JobInfo.from_dict(client.call("cancel", job_id=str(job_id)))
+    return _call("cancel", job_id=str(job_id))
 
 
 def wait(job_id, timeout: float = 60.0) -> JobInfo:
@@ -319,19 +281,12 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     @raise UnknownJob: no job has this id.
     @raise InvalidArguments: C{timeout} is not a finite number of 0 or more.
     """
-    import time
-
-    from twistedlrp.jobs.client import calls as client
-    from twistedlrp.jobs.protocol import arguments
-
     job_id = arguments.canonical_job_id(job_id)
     seconds = arguments.check_duration("timeout", timeout)
     deadline = time.monotonic() + seconds
     while True:
         step = min(max(deadline - time.monotonic(), 0.0), arguments.MAX_WAIT_TIMEOUT)
-        info = JobInfo.from_dict(
-            client.call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
-        )
+        info = _call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
         if info.finished or time.monotonic() >= deadline:
             break
     if not info.finished:
@@ -341,19 +296,17 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
 
 def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
     """@return: the newest jobs (without results or output), optionally filtered."""
-    from twistedlrp.jobs.client import calls as client
+    from twistedlrp.jobs.client import calls
 
-    return [
-        JobInfo.from_dict(d)
-        for d in client.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
-    ]
+    jobs = calls.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
+    return [JobInfo.from_dict(d) for d in jobs]
 
 
 def stats() -> dict:
     """@return: the job service's counters: jobs by state, workers, throughput."""
-    from twistedlrp.jobs.client import calls as client
+    from twistedlrp.jobs.client import calls
 
-    return client.call("stats")
+    return calls.call("stats")
 
 
 def progress(current: int, total: int | None = None, message: str = "") -> None:

@@ -104,22 +104,16 @@ class SecretChecker:
         self.secret = secret
 
     def requestAvatarId(self, creds):
-        # PB's challenger (pb._PortalAuthChallenger) knows the connection.
-        broker = getattr(creds, "broker", None)
+        # PB's challenger (pb._PortalAuthChallenger) knows the connection:
+        # a GuardedBroker, which GuardedPBServerFactory builds.
+        broker: GuardedBroker = creds.broker
         if creds.checkPassword(self.secret):
-            if isinstance(broker, GuardedBroker):
-                broker.logged_in()
+            broker.logged_in()
             return defer.succeed(creds.username)
-        if isinstance(broker, GuardedBroker):
-            broker.warn(
-                "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
-            )
-        else:
-            peer = broker.transport.getPeer() if broker and broker.transport else "?"
-            log.warn(
-                "PB job client {peer} failed to log in (wrong secret): disconnected", peer=peer
-            )
-        if broker is not None and broker.transport is not None:
+        broker.warn(
+            "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
+        )
+        if broker.transport is not None:
             # After the refusal has been written.
             self.reactor.callLater(0, broker.transport.loseConnection)
         return defer.fail(LoginRefused("login refused: wrong secret"))

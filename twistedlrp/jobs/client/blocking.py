@@ -19,7 +19,7 @@ from twistedlrp.jobs.client.calls import (
     configured_login,
     no_answer,
     reconnect_backoff,
-    split_endpoint,
+    socket_address,
     unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
@@ -44,31 +44,6 @@ def blocking_client() -> BlockingClient | None:
                 else:
                     _blocking = BlockingClient(endpoints, addresses, *configured_login())
     return None if _blocking is _NO_BLOCKING else _blocking
-
-
-def socket_address(endpoint: str) -> tuple[int, object] | None:
-    """
-    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
-        endpoint string, or C{None} for any other (or one with options a
-        plain socket does not have, such as C{bindAddress}).
-    """
-    parts = split_endpoint(endpoint)
-    kind, rest = parts[0], parts[1:]
-    positional = [p for p in rest if "=" not in p]
-    named = dict(p.split("=", 1) for p in rest if "=" in p)
-    if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
-        return None
-    if kind == "unix":
-        path = named.get("path") or (positional[0] if positional else None)
-        return (socket.AF_UNIX, path) if path else None
-    if kind == "tcp":
-        host = named.get("host") or (positional[0] if positional else None)
-        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
-        if not host or not port or not port.isdigit():
-            return None
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return family, (host, int(port))
-    return None
 
 
 class _Node:

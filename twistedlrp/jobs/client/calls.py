@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from twisted.logger import Logger
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge, unsure
-from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol import framing, wire
 from twistedlrp.jobs.protocol.arguments import check_submitted
 
 if TYPE_CHECKING:
@@ -371,22 +372,37 @@ def encode_payload(args, kwargs) -> bytes:
             f"job arguments must be JSON (lists, dicts, strings, numbers, booleans, None): {e}"
         ) from None
     data = payload.encode()
-    if len(data) > wire.CHUNK * wire.MAX_CHUNKS:
+    if len(data) > framing.CHUNK * wire.MAX_CHUNKS:
         raise PayloadTooLarge(f"the job's arguments take {len(data)} bytes of JSON")
     return data
 
 
-def split_endpoint(endpoint: str) -> list[str]:
-    """@return: the parts of an endpoint string between unescaped colons, unescaped."""
-    return _split(endpoint, ":", True)
+def socket_address(endpoint: str) -> tuple[int, object] | None:
+    """
+    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
+        endpoint string, or C{None} for any other (or one with options a
+        plain socket does not have, such as C{bindAddress}).
+    """
+    parts = _split(endpoint, ":", True)
+    kind, rest = parts[0], parts[1:]
+    positional = [p for p in rest if "=" not in p]
+    named = dict(p.split("=", 1) for p in rest if "=" in p)
+    if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
+        return None
+    if kind == "unix":
+        path = named.get("path") or (positional[0] if positional else None)
+        return (socket.AF_UNIX, path) if path else None
+    if kind == "tcp":
+        host = named.get("host") or (positional[0] if positional else None)
+        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+        if not host or not port or not port.isdigit():
+            return None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, int(port))
+    return None
 
 
 def unix_path(endpoint: str) -> str | None:
     """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
-    parts = split_endpoint(endpoint)
-    if parts[0] != "unix" or len(parts) < 2:
-        return None
-    for part in parts[1:]:
-        if part.startswith("path="):
-            return part[len("path=") :]
-    return parts[1] if "=" not in parts[1] else None
+    address = socket_address(endpoint)
+    return address[1] if address and address[0] == socket.AF_UNIX else None

@@ -22,9 +22,8 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.protocol.framing import put_big
 
-# Below AMP's 65,535-byte limit for one value.
-CHUNK = 65_000
 # A sanity bound on one value (about 130 MB), far above any payload limit in use;
 # the real limit (--max-job-payload) is checked by the service.
 MAX_CHUNKS = 2000
@@ -36,7 +35,7 @@ def _python_name(name: bytes) -> str:
 
 
 class BigBytes(amp.Argument):
-    """Bytes of any size, split over several AMP keys."""
+    """Bytes of any size, split over several AMP keys (L{framing.put_big})."""
 
     def toBox(self, name, strings, objects, proto):
         value = objects.pop(_python_name(name), None)
@@ -44,11 +43,7 @@ class BigBytes(amp.Argument):
             if self.optional:
                 return
             raise ValueError(f"missing value for {name!r}")
-        value = self.encode(value)
-        pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
-        strings[name] = str(len(pieces)).encode()
-        for i, piece in enumerate(pieces):
-            strings[name + b".%d" % i] = piece
+        put_big(strings, name, self.encode(value))
 
     def fromBox(self, name, strings, objects, proto):
         key = _python_name(name)

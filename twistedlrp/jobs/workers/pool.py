@@ -22,6 +22,8 @@ from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.supervise import restart_backoff
 
 log = Logger(namespace="twistedlrp.jobs.workers")
+# A worker that ended for one of these reasons is replaced without a warning.
+_KILLED_ON_PURPOSE = ("retire", "timeout", "cancel", "orphan", "fence")
 
 
 def standby_ahead(max_jobs: int) -> int:
@@ -83,17 +85,8 @@ class WorkerPool:
 
     def _child_command(self, worker_id: str) -> tuple[list[str], dict]:
         """@return: the command line and environment of a worker (or the template)."""
-        args = [
-            sys.executable,
-            "-m",
-            "twistedlrp.jobs.workers.main",
-            "--settings",
-            self.settings_module,
-            "--worker-id",
-            worker_id,
-            "--max-payload",
-            str(self.max_payload),
-        ]
+        args = [sys.executable, "-m", "twistedlrp.jobs.workers.main", "--worker-id", worker_id]
+        args += ["--settings", self.settings_module, "--max-payload", str(self.max_payload)]
         for entry in self.pythonpath:
             args += ["--pythonpath", entry]
         env = dict(os.environ)
@@ -223,7 +216,7 @@ class WorkerPool:
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
+            if worker.kill_reason not in _KILLED_ON_PURPOSE:
                 log.warn(
                     "Worker {pid} {how}; its standby successor {successor} takes its place",
                     pid=worker.pid,
@@ -248,11 +241,11 @@ class WorkerPool:
                 pid=worker.pid,
                 how=how,
                 delay=delay,
-                output=worker.startup_output() or "(none)",
+                output=worker.startup_output.decode("utf-8", "replace").strip() or "(none)",
             )
             self.reactor.callLater(delay, self.spawn)
         else:
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
+            if worker.kill_reason not in _KILLED_ON_PURPOSE:
                 log.warn("Worker {pid} {how}; starting a replacement", pid=worker.pid, how=how)
             self.spawn()
 

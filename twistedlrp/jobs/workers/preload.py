@@ -54,10 +54,8 @@ class ForkedProcess:
         self.lost_process = False
         self._ended = False
         for child_fd, fd in fds.items():
-            if child_fd == 3:
-                self.pipes[child_fd] = process.ProcessWriter(reactor, self, child_fd, fd)
-            else:
-                self.pipes[child_fd] = process.ProcessReader(reactor, self, child_fd, fd)
+            pipe = process.ProcessWriter if child_fd == 3 else process.ProcessReader
+            self.pipes[child_fd] = pipe(reactor, self, child_fd, fd)
 
     # What ProcessReader and ProcessWriter call.
     def childDataReceived(self, name, data):
@@ -70,10 +68,7 @@ class ForkedProcess:
                 os.close(pipe.fileno())
             except OSError:
                 pass
-        try:
-            self.proto.childConnectionLost(name)
-        except BaseException:
-            log.failure("Error in a worker's childConnectionLost")
+        self._tell("childConnectionLost", name)
         self._maybe_ended()
 
     # IProcessTransport, as much as Worker uses.
@@ -117,20 +112,21 @@ class ForkedProcess:
         if self.lost_process:
             return
         self.lost_process = True
-        try:
-            self.proto.processExited(ended.reason())
-        except BaseException:
-            log.failure("Error in a worker's processExited")
+        self._tell("processExited", ended.reason())
         self._maybe_ended()
 
     def _maybe_ended(self) -> None:
         if self.pipes or not self.lost_process or self._ended:
             return
         self._ended = True
+        self._tell("processEnded", Exit(0).reason())
+
+    def _tell(self, event: str, *args) -> None:
+        """Call the worker's C{event} method as the reactor would: its error is logged."""
         try:
-            self.proto.processEnded(Exit(0).reason())
+            getattr(self.proto, event)(*args)
         except BaseException:
-            log.failure("Error in a worker's processEnded")
+            log.failure("Error in a worker's {event}", event=event)
 
 
 class _ExitWatcher(abstract.FileDescriptor):

@@ -128,7 +128,7 @@ class Worker(protocol.ProcessProtocol):
         self.broken: str | None = None
         self.output_tail = bytearray()
         self._partial = {1: b"", 2: b""}
-        self._startup_output = bytearray()
+        self.startup_output = bytearray()  # its last output before it was ready
 
     @property
     def ident(self) -> str:
@@ -166,8 +166,9 @@ class Worker(protocol.ProcessProtocol):
     def processExited(self, reason):
         self.exited = True
         self.state = "dead"
-        # Whatever its job started and left in its group goes with it.
-        self._kill_group()
+        # Whatever its job started and left in its group goes with it (its
+        # pid is not reused while the group exists; if it led none, there is none).
+        send_signal(self.pid, signal.SIGKILL, group=True)
         # What the child wrote before it ended (its last output, an answer).
         self._drain()
         # Our ends of its pipes: nothing more comes from the child itself.
@@ -203,8 +204,8 @@ class Worker(protocol.ProcessProtocol):
             if len(self.output_tail) > OUTPUT_TAIL:
                 del self.output_tail[: len(self.output_tail) - OUTPUT_TAIL]
         elif self.state == "starting":
-            self._startup_output += data
-            del self._startup_output[:-4000]
+            self.startup_output += data
+            del self.startup_output[:-4000]
         lines = (self._partial[fd] + data).split(b"\n")
         self._partial[fd] = lines.pop()
         if len(self._partial[fd]) > 8192:
@@ -239,9 +240,6 @@ class Worker(protocol.ProcessProtocol):
         text = bytes(self.output_tail).decode("utf-8", "replace")
         self.output_tail = bytearray()
         return text
-
-    def startup_output(self) -> str:
-        return bytes(self._startup_output).decode("utf-8", "replace").strip()
 
     def became_ready(self, pid: int | None = None) -> None:
         if self.pid is None and pid:
@@ -299,26 +297,18 @@ class Worker(protocol.ProcessProtocol):
             self.kill_reason = reason
         if self.exited or self.pid is None:
             return
-        if self._leads_group() and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
+        try:
+            # Until its first line has run the child is in the server's group.
+            leads_group = os.getpgid(self.pid) == self.pid
+        except OSError:
+            leads_group = False
+        if leads_group and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
             return
         # Not (yet) in a group of its own (or gone): the child alone.
         try:
             self.transport.signalProcess(name)
         except (error.ProcessExitedAlready, AttributeError, OSError):
             pass
-
-    def _leads_group(self) -> bool:
-        # Until its first line has run the child is in the server's group.
-        try:
-            return os.getpgid(self.pid) == self.pid
-        except OSError:
-            return False
-
-    def _kill_group(self) -> None:
-        """SIGKILL what is left of the child's group once the child has exited."""
-        # Its pid is not reused while the group still exists; the group's
-        # id is the pid only if the child led it (else there is no such group).
-        send_signal(self.pid, signal.SIGKILL, group=True)
 
     def retire(self) -> None:
         """Let the child exit on end of file of its command pipe."""
@@ -337,15 +327,10 @@ class Worker(protocol.ProcessProtocol):
 
 
 def _outcome_of(answer) -> dict:
-    """@return: the outcome of a RunJob answer box (see L{wire.RunJob})."""
+    """@return: the outcome of a RunJob answer box, its error cut to L{MAX_ERROR}."""
     outcome = json.loads(get_big(answer, b"outcome"))
     if not isinstance(outcome, dict):
         raise ValueError(f"the worker's outcome is not an object: {outcome!r}"[:200])
-    return bounded_outcome(outcome)
-
-
-def bounded_outcome(outcome: dict) -> dict:
-    """@return: a job's outcome with its error text cut to L{MAX_ERROR}."""
     error_text = outcome.get("error")
     if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
         outcome = dict(outcome, error=cut_text(error_text))
