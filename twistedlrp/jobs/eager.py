@@ -9,6 +9,7 @@ submitted it (as dramatiq's C{StubBroker} reuses its worker).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,10 +66,8 @@ def call(op: str, kw: dict):
         raise JobError(f"the eager job mode has no operation {op!r}")
     arguments = operation.arguments(kw)
     if op == "submit":
-        try:
+        with contextlib.suppress(JobError):  # the service says so
             registry.find(arguments["name"])  # the site's job modules, imported once needed
-        except JobError:
-            pass  # the service says so
     global _service
     with _lock:
         if _service is None:

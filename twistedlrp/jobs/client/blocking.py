@@ -5,6 +5,7 @@ C{tcp:} endpoints outside the server: one thread hop per call instead of two.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -223,8 +224,6 @@ class BlockingClient:
                 raise
         return conversation
 
-    # -- going back to an earlier endpoint -------------------------------------------
-
     def _maybe_probe(self, node: _Node) -> None:
         """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
         if node is self.nodes[0] or self._probing or time.monotonic() < self._next_probe:
@@ -273,13 +272,9 @@ class _NotSent(Exception):
     """The connection broke before the request was written."""
 
 
-class _Waiter:
-    __slots__ = ("event", "box", "broken")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.box: dict | None = None
-        self.broken: str | None = None
+class _Waiter(threading.Event):
+    box: dict | None = None  # the answer
+    broken: str | None = None  # or why the connection broke
 
 
 class _Conversation:
@@ -321,11 +316,9 @@ class _Conversation:
             waiting, self._pending = list(self._pending.values()), {}
         for waiter in waiting:
             waiter.broken = reason
-            waiter.event.set()
-        try:
+            waiter.set()
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
     def _read(self) -> None:
@@ -342,7 +335,7 @@ class _Conversation:
                         done = self.retired and not self._pending
                     if waiter is not None:
                         waiter.box = box
-                        waiter.event.set()
+                        waiter.set()
                     if done:
                         self.close("replaced by another connection")
                         return
@@ -384,7 +377,7 @@ class _Conversation:
         if sent is not None:
             self.close(sent)
             raise _Broken(broke_during(self.endpoint, op, sent))
-        if not waiter.event.wait(timeout):
+        if not waiter.wait(timeout):
             with self._lock:
                 self._pending.pop(tag, None)
             raise no_answer(self.endpoint, op, limit or timeout, job_id)

@@ -34,11 +34,9 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
-# The share of a call's time a job node may spend waiting for a store it
-# cannot reach before it refuses a submission ("not stored"): the rest is
-# for the answer to come back, and for the next node to be asked (with the
-# same share of what is left then; they share the store, so it usually
-# refuses too, in time).
+# The share of a call's time a job node may wait for a store it cannot reach
+# before it refuses a submission ("not stored"): the rest is for the answer,
+# and for the next node to be asked (which usually refuses too, in time).
 STORE_WAIT_SHARE = 0.8
 NO_SOCKET = (
     "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
@@ -100,20 +98,14 @@ class Attempts:
         return wire.OPERATIONS[self.op].arguments(sent, encoded=True)
 
     def broke(self, message: str) -> None:
-        """
-        The connection broke after the request was sent: try again.
-        @raise JobServiceUnavailable: it may not be sent again.
-        """
+        """The connection broke after the request was sent. @raise JobServiceUnavailable: not again."""
         if not self.repeatable:
             raise unsure(message, self.op)
         self.problems.append(message)
         self.unknown = True
 
     def refused(self, node, error: JobServiceUnavailable, nodes: int) -> None:
-        """
-        C{node} answered C{error} (L{JobServiceUnavailable}): try the next.
-        @raise JobServiceUnavailable: C{error}, when there is no other node to ask.
-        """
+        """C{node} answered C{error}. @raise JobServiceUnavailable: C{error}, if no other node may be asked."""
         if not self.repeatable or nodes == 1:
             raise error
         self.problems.append(f"the job service at {node.endpoint} answered: {error}")
@@ -126,18 +118,13 @@ class Attempts:
         message = problems[0]
         if len(problems) > 1:
             message = "no job service could be reached: " + "; ".join(dict.fromkeys(problems))
-        return (
-            unsure(message, self.op, self.kw.get("id"))
-            if self.unknown
-            else JobServiceUnavailable(message)
-        )
+        if self.unknown:
+            return unsure(message, self.op, self.kw.get("id"))
+        return JobServiceUnavailable(message)
 
 
-# A call tries one node at most this many times.
-TRIES_PER_NODE = 2
-# The process-wide client.
-_client: JobClient | None = None
-_lock = threading.Lock()
+TRIES_PER_NODE = 2  # a call tries one node at most this many times
+_client: JobClient | None = None  # the process-wide client
 _slots: CallSlots | None = None
 
 

@@ -1,8 +1,5 @@
 """
-The job client in a reactor (L{JobClient}): a persistent connection to each
-job node it is given (C{--jobs-connect}, repeatable; L{JobLink}).
-
-Why not C{ClientService}: it logs every retry at info level
+The job client in a reactor (L{JobClient}). Why not C{ClientService}: it logs every retry at info level
 ("Scheduling retry ...", which tests/test_faults.py checks the log is
 without), and a call made while it waits to retry waits for the next
 attempt instead of failing at once.
@@ -99,10 +96,7 @@ class JobClient:
 
     def current(self) -> JobLink | None:
         """@return: the node calls go to now: the first that is up."""
-        for link in self.links:
-            if link.state == UP:
-                return link
-        return None
+        return next((link for link in self.links if link.state == UP), None)
 
     def _changed(self, link: JobLink) -> None:
         current = self.current()
@@ -122,12 +116,8 @@ class JobClient:
         now = self.reactor.seconds()
         wall = time.time()
         current = self.current()
-        if current is not None:
-            state = UP
-        elif any(link.state == CONNECTING for link in self.links):
-            state = CONNECTING
-        else:
-            state = DOWN
+        connecting = any(link.state == CONNECTING for link in self.links)
+        state = UP if current is not None else CONNECTING if connecting else DOWN
         body = {
             "state": state,
             "node": current.endpoint if current is not None else None,

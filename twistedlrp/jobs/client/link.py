@@ -1,10 +1,4 @@
-"""
-One persistent AMP connection to one job node (L{JobLink}), kept by the
-reactor for L{twistedlrp.jobs.client.connection.JobClient}: retried in the
-background with back-off while the node is down (calls fail at once
-meanwhile), and pinged when silent, so that a frozen node or a network cut
-counts as lost within seconds, not when TCP gives up.
-"""
+"""One persistent AMP connection to one job node (L{JobLink}), for L{JobClient}."""
 
 from __future__ import annotations
 
@@ -41,8 +35,9 @@ class JobLink:
     """
     A persistent connection to one job node. Until the first attempt (at
     L{start}) ends its state is C{"connecting"} and calls wait for it; then
-    it is C{"up"} or C{"down"}. Down, it is retried in the background with
-    back-off (one warning, then one line when it is up again).
+    it is C{"up"} or C{"down"}. Down, calls fail at once while it is retried
+    in the background with back-off; pinged when silent, a frozen node or a
+    network cut counts as lost within seconds, not when TCP gives up.
 
     @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
         (then C{description} names it in messages).
@@ -195,10 +190,7 @@ class JobLink:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             if not d.called:
-                if isinstance(outcome, Failure):
-                    d.errback(outcome)
-                else:
-                    d.callback(outcome)
+                (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 
     def _lost(self, protocol) -> None:
         """The connection of C{protocol} is lost (before its pending calls fail)."""

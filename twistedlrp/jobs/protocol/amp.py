@@ -1,8 +1,4 @@
-"""
-The job service's AMP front end (docs/protocol.md): L{AMPFrontEnd} listens,
-by default on a UNIX socket of mode 0600 trusted without a login, and
-serves a L{ServiceProtocol} per client connection.
-"""
+"""The job service's AMP front end (docs/protocol.md): L{AMPFrontEnd} and its L{ServiceProtocol}."""
 
 from __future__ import annotations
 
@@ -308,7 +304,7 @@ class AMPFrontEnd:
     Listens for job clients over AMP.
 
     @param endpoint: a server endpoint string, or C{None} for the UNIX
-        socket C{jobs.sock} in C{state_dir}.
+        socket C{jobs.sock} in C{state_dir} (mode 0600, trusted without a login).
     @param secret_file: the shared secret's file, required for any other endpoint.
     @ivar client_endpoint: once listening, the client endpoint string that reaches it.
     """

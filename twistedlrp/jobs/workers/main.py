@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -57,10 +58,8 @@ def _parse(argv):
 def main(argv=None) -> None:
     # A session and process group of our own, before any job can start a
     # process: the job service ends a job's whole process tree with killpg.
-    try:
+    with contextlib.suppress(OSError):  # then the job service signals this process alone
         os.setsid()
-    except OSError:
-        pass  # Then the job service signals this process alone.
     args = _parse(sys.argv[1:] if argv is None else argv)
     # Were we still in the server's group, a Ctrl-C there must not stop us:
     # the parent decides what stops.
@@ -148,12 +147,10 @@ def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
     if not orphan_ok:
         # The pool could not tell when we end once the template is gone:
         # die with it (PR_SET_PDEATHSIG).
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
         if os.getppid() != template:
             os._exit(1)  # It died before prctl took effect.
     # Each pipe onto its number; a pipe already at a number it must leave is
@@ -273,16 +270,7 @@ class Conversation:
     def _received(self, box: dict[bytes, bytes]) -> None:
         command = box.get(b"_command")
         if command == b"RunJob":
-            module = box.get(b"module")
-            self.jobs.put(
-                (
-                    box[b"_ask"],
-                    box[b"job_id"].decode("utf-8"),
-                    box[b"name"].decode("utf-8"),
-                    get_big(box, b"payload"),
-                    module.decode("utf-8") if module else None,
-                )
-            )
+            self.jobs.put(box)  # read by the job thread
         elif command == b"CancelJob":
             _context.request_cancel(box[b"job_id"].decode("utf-8"))
         elif command is not None and b"_ask" in box:
@@ -298,15 +286,17 @@ class Conversation:
 
     def _job_thread(self) -> None:
         while True:
-            tag, job_id, name, payload, module = self.jobs.get()
-            outcome = self._run(job_id, name, payload, module)
-            answer = {b"_answer": tag}
+            box = self.jobs.get()
+            module = box.get(b"module")
+            job_id, name = box[b"job_id"].decode("utf-8"), box[b"name"].decode("utf-8")
+            outcome = self._run(job_id, name, get_big(box, b"payload"), module and module.decode())
+            answer = {b"_answer": box[b"_ask"]}
             try:
                 put_big(answer, b"outcome", json.dumps(outcome, separators=(",", ":")).encode())
             except (TypeError, ValueError) as e:
                 # A value json cannot write (a lone surrogate in an error text).
                 error = {"ok": False, "error": f"the job's outcome could not be sent: {e}"}
-                answer = {b"_answer": tag}
+                answer = {b"_answer": box[b"_ask"]}
                 put_big(answer, b"outcome", json.dumps(error, separators=(",", ":")).encode())
             with self._write_lock:
                 self._send_progress()  # its last progress report first

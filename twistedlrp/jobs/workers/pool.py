@@ -1,10 +1,4 @@
-"""
-The worker pool: warm child processes (L{main}) that run one job at a time,
-each spawned or forked from the worker template (L{preload}) and driven by a
-L{Worker}. A dead child is replaced, with the restart back-off when it died
-before it was ready; a worker near C{--max-jobs-per-worker} gets a standby
-successor started ahead (docs/jobs.md, "Replacing workers").
-"""
+"""The worker pool (L{WorkerPool}); how workers are replaced: docs/jobs.md, "Replacing workers"."""
 
 from __future__ import annotations
 
@@ -35,7 +29,10 @@ def standby_ahead(max_jobs: int) -> int:
 
 class WorkerPool:
     """
-    C{size} warm workers, whose events go to the job service's callables.
+    C{size} warm child processes (L{main}) that run one job at a time, each
+    spawned or forked from the worker template (L{preload}) and driven by a
+    L{Worker}. A dead child is replaced, with the restart back-off when it
+    died before it was ready. Events go to the job service's callables.
 
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.

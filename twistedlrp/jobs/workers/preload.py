@@ -9,6 +9,7 @@ side is L{main.serve_template}.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -64,10 +65,8 @@ class ForkedProcess:
     def childConnectionLost(self, name, reason):
         pipe = self.pipes.pop(name, None)
         if pipe is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(pipe.fileno())
-            except OSError:
-                pass
         self._tell("childConnectionLost", name)
         self._maybe_ended()
 
@@ -253,10 +252,8 @@ class WorkerTemplate:
             if not forked.watch_exit():
                 # No pidfd here (Linux before 5.3): they died with the
                 # template (PR_SET_PDEATHSIG); what they started goes too.
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
-                except OSError:
-                    pass
                 forked.exited(Exit(lost="was killed with the worker template"))
         self._on_ended(self, server.was_ready, ended)
 

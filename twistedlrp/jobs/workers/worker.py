@@ -7,6 +7,7 @@ hold copies of its pipes, which C{processEnded} would wait for).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,10 +54,8 @@ class _PipeTransport:
     def write(self, data: bytes) -> None:
         worker = self.worker
         if worker.transport is not None and not self.disconnecting and not worker.exited:
-            try:
+            with contextlib.suppress(KeyError):  # the pipe is closed already
                 worker.transport.writeToChild(3, data)
-            except KeyError:
-                pass  # The pipe is closed already.
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -305,10 +304,8 @@ class Worker(protocol.ProcessProtocol):
         if leads_group and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
             return
         # Not (yet) in a group of its own (or gone): the child alone.
-        try:
+        with contextlib.suppress(error.ProcessExitedAlready, AttributeError, OSError):
             self.transport.signalProcess(name)
-        except (error.ProcessExitedAlready, AttributeError, OSError):
-            pass
 
     def retire(self) -> None:
         """Let the child exit on end of file of its command pipe."""
