@@ -1,15 +1,9 @@
 """
-Long-running jobs: define them with L{job}, start them from views with
-C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}.
-
-Jobs run in worker processes of the job service; arguments and results are
-JSON. Every call here is thread-safe and blocks the calling thread (never
-the reactor) for at most its timeout. It works in the server's views and in
-any other Python process with Django set up (a management command, a shell,
-a test), which then talks to the job service over its socket.
-
-Inside a running job, L{progress} reports progress and L{cancelled} says
-whether cancellation was requested.
+Long-running jobs (docs/jobs.md): define them with L{job}, start them with
+C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}; inside
+a job, L{progress} and L{cancelled}. Every call is thread-safe and blocks
+the calling thread (never the reactor) for at most its timeout, in the
+server's views and in any other process with Django set up.
 """
 
 from __future__ import annotations
@@ -197,14 +191,10 @@ def submit(
     join_transaction: bool = True,
 ) -> JobInfo:
     """
-    Store a job and queue it. Returns once the job is committed, or, inside
-    C{transaction.atomic()}, once it is part of that transaction: then it
-    is committed with it (and runs only then) or vanishes with its
-    rollback, and the call never waits for the job service.
-
-    To retry a submission safely (after L{JobServiceUnavailable}, whose
-    outcome may be unknown), submit again with the same C{id} (or C{key}):
-    the job stored the first time is returned instead of a second one.
+    Store a job and queue it; inside C{transaction.atomic()}, as part of
+    that transaction (docs/jobs.md, "Jobs and transactions"). After
+    L{JobServiceUnavailable}, submit again with the same C{id} (or C{key}):
+    the job stored the first time, if any, is returned instead of a second one.
 
     @param run_after: an aware datetime or a Unix time before which it does not start.
     @param key: if an unfinished job has this key, return that job instead.
@@ -216,9 +206,8 @@ def submit(
         run even if the request fails); see L{outside_transaction}.
     @return: the new (or existing, see C{key} and C{id}) job's L{JobInfo}.
     @raise NotRegistered: no job is registered under C{name}.
-    @raise InvalidArguments: the arguments are not JSON-serialisable, or
-        C{priority}, C{run_after}, C{key}, C{timeout} or C{id} is out of
-        range or of the wrong type (the message names it).
+    @raise InvalidArguments: the arguments are not JSON, or another value
+        is of the wrong type or out of range (the message names it).
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
@@ -258,10 +247,8 @@ def get(job_id) -> JobInfo:
 def cancel(job_id) -> JobInfo:
     """
     Cancel a job: a queued one never runs; a running one sees L{cancelled}
-    return true, and its process is terminated after a grace period if it
-    goes on. Cancelling a finished job changes nothing. Inside
-    C{transaction.atomic()} the cancellation is part of the transaction: it
-    takes effect when it commits, not if it rolls back.
+    return true, and is killed after a grace period. Inside
+    C{transaction.atomic()} it takes effect when the transaction commits.
 
     @return: the job's L{JobInfo} after the request.
     @raise UnknownJob: no job has this id.

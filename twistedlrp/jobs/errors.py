@@ -33,20 +33,14 @@ class JobCancelled(JobError):
     """Raised inside a job (by the job itself) to stop after L{cancelled} said so."""
 
 
-def unknown_outcome(op: str, job_id: str | None = None) -> str:
-    """@return: what the caller of C{op} must do when its outcome is unknown ("" if nothing)."""
+def unsure(message: str, op: str, job_id: str | None = None) -> JobServiceUnavailable:
+    """@return: the error of C{op} that failed with C{message}, saying what to do if it may have taken effect."""
     if op == "submit":
         again = f"id={job_id}" if job_id else "the same id (or key)"
-        return (
-            f"the job may or may not have been stored: submit again with {again} to get the "
+        message += (
+            f"; the job may or may not have been stored: submit again with {again} to get the "
             f"same job instead of a second one"
         )
-    if op == "cancel":
-        return "the cancellation may or may not have been requested: cancel again"
-    return ""
-
-
-def unsure(message: str, op: str, job_id: str | None = None) -> JobServiceUnavailable:
-    """@return: the error of C{op} that failed with C{message}, its outcome unknown."""
-    outcome = unknown_outcome(op, job_id)
-    return JobServiceUnavailable(f"{message}; {outcome}" if outcome else message)
+    elif op == "cancel":
+        message += "; the cancellation may or may not have been requested: cancel again"
+    return JobServiceUnavailable(message)

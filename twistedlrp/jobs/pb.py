@@ -34,16 +34,9 @@ from twistedlrp.ordered_service import StartupFailed
 log = Logger()
 
 __all__ = [
-    "listen_pb",
-    "PBFrontEnd",
-    "JobServiceError",
-    "NotRegisteredError",
-    "UnknownJobError",
-    "InvalidArgumentsError",
-    "PayloadTooLargeError",
-    "ServiceUnavailableError",
-    "LoginRefused",
-]
+    "listen_pb", "PBFrontEnd", "JobServiceError", "NotRegisteredError", "UnknownJobError",
+    "InvalidArgumentsError", "PayloadTooLargeError", "ServiceUnavailableError", "LoginRefused",
+]  # fmt: skip
 
 
 class JobServiceError(pb.Error):
@@ -178,26 +171,17 @@ class JobsAvatar(pb.Avatar):
 
 def _signature(operation: wire.Operation) -> inspect.Signature:
     """@return: the PB signature of C{operation}: its arguments, with their defaults."""
-    parameters = []
+    defaults = {}
     for name, argument in operation.command.arguments:
         name = name.decode()
-        if name in operation.hidden:
-            continue
         if name == "payload":
             # PB carries the arguments themselves: the service gets their JSON.
-            parameters += [
-                inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=()),
-                inspect.Parameter("kwargs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-            ]
-            continue
-        if name in operation.defaults or argument.optional:
-            default = operation.defaults.get(name)
-        else:
-            default = inspect.Parameter.empty
-        parameters.append(
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
-        )
-    return inspect.Signature(parameters)
+            defaults.update(args=(), kwargs=None)
+        elif name not in operation.hidden:
+            optional = name in operation.defaults or argument.optional
+            defaults[name] = operation.defaults.get(name) if optional else inspect.Parameter.empty
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(n, kind, default=d) for n, d in defaults.items()])
 
 
 _SIGNATURES = {op.name: _signature(op) for op in wire.OPERATIONS.values() if op.public}
@@ -284,16 +268,13 @@ def listen_pb(
     return d.addCallback(listening)
 
 
-class PBFrontEnd:
+class PBFrontEnd(limits.FrontEnd):
     """Listens for Perspective Broker job clients (always with a login: C{secret_file})."""
-
-    client_endpoint = None
 
     def __init__(self, reactor, endpoint: str, secret_file: str | None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.secret_file = secret_file
-        self.port = None
 
     async def listen(self, service) -> None:
         """@raise StartupFailed: no secret file, or the endpoint cannot listen."""
@@ -308,7 +289,3 @@ class PBFrontEnd:
             self.port = await listen_pb(self.reactor, service, self.endpoint, secret, bounds)
         except Exception as e:
             raise StartupFailed(f"the job service cannot listen on {self.endpoint}: {e}") from e
-
-    def stop(self) -> defer.Deferred:
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)

@@ -161,16 +161,16 @@ class JobLink:
         self._attempting = None
         if failure.check(defer.CancelledError) and self._stopped:
             failure = Failure(JobServiceUnavailable("the job client is stopped"))
-        if failure.check(defer.TimeoutError):
-            self.last_error = f"no connection within {self.timeout:g} s"
-        else:
-            self.last_error = _reason(failure)
         self.refused = bool(failure.check(AuthenticationFailed))
         if self.refused:
             self.last_error = f"it refused the shared secret ({failure.getErrorMessage()})"
-            failure = Failure(AuthenticationFailed(self.problem()))
+        elif failure.check(defer.TimeoutError):
+            self.last_error = f"no connection within {self.timeout:g} s"
         else:
-            failure = Failure(JobServiceUnavailable(self.problem()))
+            self.last_error = failure.getErrorMessage() or failure.type.__name__
+        failure = Failure(
+            (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
+        )
         if not self._stopped:
             if not self._warned:
                 self._warned = True
@@ -306,7 +306,3 @@ class _ClientFactory(protocol.Factory):
 
     def buildProtocol(self, addr):
         return _ClientAMP(self._clock, self._on_lost)
-
-
-def _reason(failure: Failure) -> str:
-    return failure.getErrorMessage() or failure.type.__name__

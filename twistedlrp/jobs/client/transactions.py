@@ -40,7 +40,15 @@ ANNOUNCE_BATCH = 500
 # committed), so the list is capped.
 _MAX_PENDING = 10_000
 
-_local = threading.local()
+
+class _Local(threading.local):
+    outside = 0  # depth of outside_transaction() blocks
+
+    def __init__(self):
+        self.pending: list[str] = []  # ids committed, not announced yet
+
+
+_local = _Local()
 _max_payload: int | None = None  # the option's default until the server or its child says
 
 
@@ -59,7 +67,7 @@ def outside_transaction():
     lock until it ends, so inside C{atomic()} there the change is handed
     over without waiting (L{detached}) and stored once that transaction ends.
     """
-    depth = getattr(_local, "outside", 0)
+    depth = _local.outside
     _local.outside = depth + 1
     try:
         yield
@@ -69,7 +77,7 @@ def outside_transaction():
 
 def joins() -> bool:
     """@return: whether a submission from this thread now joins its transaction."""
-    if getattr(_local, "outside", 0):
+    if _local.outside:
         return False
     from django.db import connection
 
@@ -115,11 +123,12 @@ def submit(kw: dict) -> dict:
                 raise
     if created:
         if postgres:
-            transaction.on_commit(lambda: _count(definition.name))
+            from twistedlrp.jobs.service import metrics as job_metrics
+
+            transaction.on_commit(lambda: job_metrics.count("submitted", definition.name))
         else:
-            pending = _pending()
-            pending.append(info["id"])
-            del pending[:-_MAX_PENDING]
+            _local.pending.append(info["id"])
+            del _local.pending[:-_MAX_PENDING]
             transaction.on_commit(_announce_pending)
     return info
 
@@ -157,26 +166,9 @@ def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
     return (definition, checked, *check_payload(kw["name"], kw["payload"], limit, "the limit"))
 
 
-def _pending() -> list[str]:
-    pending = getattr(_local, "pending", None)
-    if pending is None:
-        pending = _local.pending = []
-    return pending
-
-
-def _count(name: str) -> None:
-    from twistedlrp.jobs.service import metrics as job_metrics
-
-    job_metrics.count("submitted", name)
-
-
 def _announce_pending() -> None:
     """After a commit: tell the job service of the jobs this thread committed."""
-    pending = _pending()
-    if not pending:
-        return  # An earlier callback of the same commit sent them.
-    ids = list(pending)
-    pending.clear()
+    ids, _local.pending = _local.pending, []
     for start in range(0, len(ids), ANNOUNCE_BATCH):
         if not _tell("announce", job_ids=ids[start : start + ANNOUNCE_BATCH]):
             return

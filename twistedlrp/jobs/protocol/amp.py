@@ -299,14 +299,13 @@ class ServiceFactory(protocol.Factory):
         return ServiceProtocol(self.service, self.secret, self.gate)
 
 
-class AMPFrontEnd:
+class AMPFrontEnd(limits.FrontEnd):
     """
     Listens for job clients over AMP.
 
     @param endpoint: a server endpoint string, or C{None} for the UNIX
         socket C{jobs.sock} in C{state_dir} (mode 0600, trusted without a login).
     @param secret_file: the shared secret's file, required for any other endpoint.
-    @ivar client_endpoint: once listening, the client endpoint string that reaches it.
     """
 
     def __init__(
@@ -322,8 +321,6 @@ class AMPFrontEnd:
         self.state_dir = state_dir
         self.secret_file = secret_file
         self.allow_open_permissions = allow_open_permissions
-        self.client_endpoint: str | None = None
-        self.port = None
 
     async def listen(self, service) -> None:
         """
@@ -356,10 +353,6 @@ class AMPFrontEnd:
             os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
             self.client_endpoint = unix_client_endpoint(path)
             log.info("Job service listening on unix:{path} (mode 0600)", path=path)
-
-    def stop(self) -> defer.Deferred:
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
 
     def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
         """

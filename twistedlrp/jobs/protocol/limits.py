@@ -19,7 +19,6 @@ from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import JobError
 from twistedlrp.ordered_service import StartupFailed
-from twistedlrp.web.ports import socket_transport
 
 # What a client may send before its login succeeds, in bytes, over all its
 # boxes (or PB messages): a Challenge and a Login take about 100, PB's login
@@ -150,12 +149,10 @@ class FailureLog(_Throttle):
     C{interval} seconds, so that a client that finds one cannot fill the log.
     """
 
-    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
-        super().__init__(clock, interval)
-
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
-        place = _raised_at(failure)
+        frames = getattr(failure, "frames", None)
+        place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
         if not self._left_out((log.namespace, op, failure.type, place), last, self._summary):
             log.failure(format, failure, op=op, **kwargs)
@@ -176,17 +173,8 @@ class FailureLog(_Throttle):
         )
 
 
-def _raised_at(failure: Failure) -> str:
-    """@return: C{file:line} of the innermost frame of C{failure}'s traceback, if it has one."""
-    frames = getattr(failure, "frames", None)
-    if not frames:
-        return "?"
-    _, filename, line = frames[-1][:3]
-    return f"{filename}:{line}"
-
-
 #: The job service's one L{FailureLog} (its front ends and its local client share it).
-internal_errors = FailureLog()
+internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
 
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
@@ -330,11 +318,26 @@ def abort_now(transport) -> None:
     next turn (one turn may accept hundreds of connections).
     """
     transport.abortConnection()
-    # The socket's own transport (under TLS if any) ignores the second
-    # connectionLost, the one abortConnection scheduled.
-    own = socket_transport(transport)
-    if own is not None and not getattr(own, "disconnected", False):
-        own.connectionLost(Failure(ConnectionAborted()))
+    # The socket's own transport, under TLS if any (tcp and unix ones ignore
+    # a second connectionLost, the one abortConnection scheduled). (As
+    # web.ports.socket_transport, which a job node without HTTP does not import.)
+    while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
+        transport = transport.transport
+    if getattr(transport, "socket", None) is not None and not getattr(
+        transport, "disconnected", False
+    ):
+        transport.connectionLost(Failure(ConnectionAborted()))
+
+
+class FrontEnd:
+    """A listener of the job service, stopped by L{stop}."""
+
+    port = None
+    client_endpoint: str | None = None  # once listening, the client endpoint that reaches it
+
+    def stop(self) -> defer.Deferred:
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
 
 
 def with_backlog(endpoint: str) -> str:

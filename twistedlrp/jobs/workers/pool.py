@@ -260,13 +260,8 @@ class WorkerPool:
         early = preload.template_ahead(max_jobs, ahead)
         if early and worker.jobs_done == max_jobs - early and self.template is None:
             self.start_template()
-        if (
-            ahead
-            and worker.successor is None
-            and worker.jobs_done == max_jobs - ahead
-            and not self.stopping
-        ):
-            worker.successor = self.spawn(standby=True)
+        if ahead and worker.successor is None and worker.jobs_done == max_jobs - ahead:
+            worker.successor = self.spawn(standby=True)  # None when stopping
         if self.stopping:
             worker.retire()
             return False
@@ -276,27 +271,22 @@ class WorkerPool:
                 pid=worker.pid,
                 reason=worker.broken,
             )
-            worker.retire()
-            return self._take_over(worker)
-        if worker.jobs_done >= max_jobs:
+        elif worker.jobs_done >= max_jobs:
             log.info("Worker {pid} ran {n} jobs: replacing it", pid=worker.pid, n=worker.jobs_done)
-            worker.retire()
-            return self._take_over(worker)
-        if max_memory_mb:
-            rss = worker.rss_mb()
-            if rss > max_memory_mb:
-                # Replacements come from the template from now on.
-                self.start_template()
-                log.info(
-                    "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
-                    pid=worker.pid,
-                    rss=rss,
-                    limit=max_memory_mb,
-                )
-                worker.retire()
-                return self._take_over(worker)
-        worker.state = "idle"
-        return True
+        elif max_memory_mb and (rss := worker.rss_mb()) > max_memory_mb:
+            # Replacements come from the template from now on.
+            self.start_template()
+            log.info(
+                "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
+                pid=worker.pid,
+                rss=rss,
+                limit=max_memory_mb,
+            )
+        else:
+            worker.state = "idle"
+            return True
+        worker.retire()
+        return self._take_over(worker)
 
     def _take_over(self, worker: Worker) -> bool:
         """
@@ -304,19 +294,14 @@ class WorkerPool:
 
         @return: whether the successor is idle now.
         """
-        successor = worker.successor
-        if (
-            successor is None
-            or successor not in self.workers
-            or successor.state not in ("starting", "standby")
-        ):
+        successor = worker.successor  # (None is not among the workers)
+        if successor not in self.workers or successor.state not in ("starting", "standby"):
             return False
         worker.succeeded = True
         successor.standby = False
         if successor.state == "standby":
             successor.state = "idle"
-            return True
-        return False
+        return successor.state == "idle"
 
     def stop_idle(self) -> None:
         """Stop taking work: idle and starting workers exit; busy ones finish first."""

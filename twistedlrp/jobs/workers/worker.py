@@ -200,8 +200,7 @@ class Worker(protocol.ProcessProtocol):
     def _output(self, fd: int, data: bytes) -> None:
         if self.job_id is not None:
             self.output_tail += data
-            if len(self.output_tail) > OUTPUT_TAIL:
-                del self.output_tail[: len(self.output_tail) - OUTPUT_TAIL]
+            del self.output_tail[:-OUTPUT_TAIL]
         elif self.state == "starting":
             self.startup_output += data
             del self.startup_output[:-4000]
