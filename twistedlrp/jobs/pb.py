@@ -27,8 +27,8 @@ from zope.interface import implementer
 from twistedlrp.jobs import errors
 from twistedlrp.jobs.client.calls import encode_payload
 from twistedlrp.jobs.protocol import limits, wire
-from twistedlrp.jobs.protocol.arguments import default_max_payload, shown
-from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
+from twistedlrp.jobs.protocol.arguments import default_max_payload, shown, shown_error
+from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory
 from twistedlrp.ordered_service import StartupFailed
 
 log = Logger()

@@ -124,15 +124,17 @@ class JobLink:
         d.addCallbacks(self._connected, self._failed)
 
     async def _connect(self):
-        protocol = await self._connector.connect(_ClientFactory(self.reactor, self._lost))
+        factory = protocol.Factory.forProtocol(_ClientAMP)
+        factory.noisy, factory.link = False, self
+        proto = await self._connector.connect(factory)
         if self.secret is not None:
             try:
-                await wire.login(protocol, self.secret)
+                await wire.login(proto, self.secret)
             except BaseException:
-                if protocol.transport is not None:
-                    protocol.transport.loseConnection()
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
                 raise
-        return protocol
+        return proto
 
     def _connected(self, protocol) -> None:
         self._attempting = None
@@ -281,28 +283,15 @@ class JobLink:
 
 
 class _ClientAMP(wire.QuietAMP):
-    def __init__(self, clock, on_lost):
-        super().__init__()
-        self._clock = clock
-        self._on_lost = on_lost
-        self.last_received = clock.seconds()
+    """Built by a factory whose C{link} is its L{JobLink}."""
+
+    last_received = 0.0  # the link's clock
 
     def ampBoxReceived(self, box):
-        self.last_received = self._clock.seconds()
+        self.last_received = self.factory.link.reactor.seconds()
         super().ampBoxReceived(box)
 
     def connectionLost(self, reason):
         # First the link (it is down before the calls on it fail and look for another).
-        self._on_lost(self)
+        self.factory.link._lost(self)
         super().connectionLost(reason)
-
-
-class _ClientFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, clock, on_lost):
-        self._clock = clock
-        self._on_lost = on_lost
-
-    def buildProtocol(self, addr):
-        return _ClientAMP(self._clock, self._on_lost)

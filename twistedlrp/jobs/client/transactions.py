@@ -1,14 +1,10 @@
 """
 Submissions that join the caller's database transaction (docs/jobs.md,
 "Jobs and transactions"): stored through the caller's own connection, they
-commit with it and vanish with its rollback, and never wait for the job
-service (on SQLite, a service waiting for the write lock the caller holds
-while the caller waits for the service would hang both).
-
-The service learns of the job at the commit: on PostgreSQL by the insert's
-C{NOTIFY}; on SQLite by an C{Announce} after the commit, and by sweeping
-the announcement table (L{twistedlrp.models.Announcement}) for jobs whose
-process died between the commit and the word.
+never wait for the job service (on SQLite, a service waiting for the write
+lock the caller holds while the caller waits for it would hang both). The
+service learns of them at the commit: by the insert's C{NOTIFY} on
+PostgreSQL, on SQLite by an C{Announce}, or its sweep of the announcement table.
 """
 
 from __future__ import annotations

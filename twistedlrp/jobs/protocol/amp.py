@@ -153,11 +153,7 @@ class ServiceProtocol(wire.QuietAMP):
         if ask is None or self.transport is None:
             return
         self.sendBox(
-            amp.AmpBox(
-                _error=ask,
-                _error_code=code,
-                _error_description=description.encode("utf-8"),
-            )
+            amp.AmpBox(_error=ask, _error_code=code, _error_description=description.encode())
         )
 
     def _close(self) -> None:

@@ -236,6 +236,12 @@ def shown(value, length: int = 80) -> str:
     return text if len(text) <= length else f"{text[:length]}... ({len(text)} characters)"
 
 
+def shown_error(error: Exception, length: int = 200) -> str:
+    """@return: what C{error} says, cut to about C{length} characters."""
+    text = str(error) or type(error).__name__
+    return text if len(text) <= length else text[:length] + "..."
+
+
 def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> dict:
     """
     @param checked: what L{check_submission} returned.

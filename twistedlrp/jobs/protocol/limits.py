@@ -27,11 +27,6 @@ PRE_LOGIN_BYTES = 4096
 # Seconds a connection has to log in before it is closed (the setting
 # LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
 LOGIN_TIMEOUT = 10.0
-# Connections of one listener that may wait to log in at once, in all and from
-# one peer address (an IPv6 /64); a new one beyond either closes the one that
-# has waited longest (see Gate).
-MAX_UNAUTHENTICATED = 64
-MAX_UNAUTHENTICATED_PER_PEER = 8
 # The listen queue of a TCP or TLS job listener whose endpoint names none
 # (Twisted's default is 50; the kernel caps it at net.core.somaxconn): a flood
 # of connections faster than the server accepts them fills the queue, and the
@@ -56,8 +51,10 @@ class Limits:
 
     login_timeout: float = LOGIN_TIMEOUT
     pre_login_bytes: int = PRE_LOGIN_BYTES
-    max_unauthenticated: int = MAX_UNAUTHENTICATED
-    max_unauthenticated_per_peer: int = MAX_UNAUTHENTICATED_PER_PEER
+    # Connections that may wait to log in at once, in all and from one peer
+    # address (an IPv6 /64); a new one beyond either closes one (see Gate).
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_peer: int = 8
 
 
 def describe_peer(address) -> str:

@@ -10,13 +10,7 @@ from twisted.spread import pb
 
 from twistedlrp import compat
 from twistedlrp.jobs.protocol import limits
-from twistedlrp.jobs.protocol.arguments import shown
-
-
-def shown_error(error: Exception) -> str:
-    """@return: what C{error} says, cut to a sensible length."""
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+from twistedlrp.jobs.protocol.arguments import shown, shown_error
 
 
 class GuardedBroker(compat.BrokerCallTargets, pb.Broker):

@@ -22,6 +22,7 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.protocol.arguments import shown_error
 from twistedlrp.jobs.protocol.framing import put_big
 
 # A sanity bound on one value (about 130 MB), far above any payload limit in use;
@@ -136,9 +137,7 @@ class _Command(amp.Command):
                 field = name.decode("ascii", "replace")
                 if isinstance(e, KeyError) and name not in box:
                     raise InvalidArguments(f"{field}: missing") from None
-                reason = str(e) or type(e).__name__
-                if len(reason) > 160:
-                    reason = reason[:160] + "..."
+                reason = shown_error(e, 160)
                 raise InvalidArguments(f"{field}: cannot be read ({reason})") from None
         return objects
 

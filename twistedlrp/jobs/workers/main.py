@@ -2,13 +2,10 @@
 A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
 
-It sets Django up, imports the site's job modules, then speaks AMP with the
-job service over fd 3 (commands in) and fd 4 (answers out), leaving stdout
-and stderr to the jobs. It runs no reactor and imports no AMP: it frames
-its few boxes itself (L{Conversation}), which keeps each worker about 16 MB
-smaller. It leads a process group of its own, which the processes its jobs
-start inherit: the job service signals the whole group. At the end of
-fd 3 it kills what is left in its group and exits.
+It sets Django up, then speaks AMP with the job service over fd 3 (commands
+in) and fd 4 (answers out) without a reactor or Twisted's AMP, which keeps
+each worker about 16 MB smaller (L{Conversation}). It leads a process group
+of its own, which the job service signals whole.
 """
 
 from __future__ import annotations
