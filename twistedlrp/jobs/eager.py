@@ -35,7 +35,14 @@ __all__ = ["MAX_KEPT", "call", "enabled", "reset"]
 
 # Every change to the service happens under it; jobs run outside it.
 _lock = threading.Condition()
-_local = threading.local()
+
+
+class _Local(threading.local):
+    def __init__(self):
+        self.started: list = []  # (worker, name, payload, Deferred) of jobs this thread runs
+
+
+_local = _Local()
 _service: EagerService | None = None
 
 
@@ -140,10 +147,7 @@ class EagerWorker:
     def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
         self.state, self.job_id = "busy", job_id
         d = defer.Deferred()
-        started = getattr(_local, "started", None)
-        if started is None:
-            started = _local.started = []
-        started.append((self, name, payload, d))
+        _local.started.append((self, name, payload, d))
         return d
 
     def cancel(self, job_id: str) -> None:
@@ -221,8 +225,7 @@ class EagerService:
                 # Delayed jobs (run_after, retries) are not waited for.
                 self.dispatcher.queue.release_all()
                 self.dispatcher.dispatch()
-            started = getattr(_local, "started", None) or []
-            _local.started = []
+            started, _local.started = _local.started, []
             if not started:
                 return
             for worker, name, payload, d in started:

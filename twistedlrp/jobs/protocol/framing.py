@@ -45,11 +45,9 @@ class BoxTooLarge(ValueError):
 class BoxReader:
     """
     Splits a byte stream into AMP boxes (dicts of bytes), one at a time
-    when it must keep a limit (the job service's listeners, before AMP
-    sees a box).
+    when it must keep a limit.
 
-    @ivar box: the box being read (what is complete of it).
-    @ivar size: the bytes of it read so far.
+    @ivar box: the box being read (what is complete of it), C{size} bytes so far.
     @ivar consumed: the bytes of the stream read into boxes so far.
     """
 

@@ -194,11 +194,9 @@ class WorkerTemplate:
         for child_fd in FORK_FDS:
             read_end, write_end = os.pipe()
             # fd 3 carries commands to the child; the others come from it.
-            if child_fd == 3:
-                ours[child_fd], theirs_fd = write_end, read_end
-            else:
-                ours[child_fd], theirs_fd = read_end, write_end
-            theirs.append(theirs_fd)
+            mine, child = (write_end, read_end) if child_fd == 3 else (read_end, write_end)
+            ours[child_fd] = mine
+            theirs.append(child)
         number = next(self._numbers)
         if not self.server.fork({"index": number, "worker_id": worker_id}, theirs):
             for fd in ours.values():
