@@ -234,11 +234,7 @@ def _fits_banana(answer):
 
 
 def listen_pb(
-    reactor,
-    service,
-    endpoint: str,
-    secret: bytes,
-    bounds: limits.Limits | None = None,
+    reactor, service, endpoint: str, secret: bytes, bounds: limits.Limits | None = None
 ) -> defer.Deferred:
     """
     Serve C{service} (a L{JobService}, or its L{JobOperations}) over

@@ -358,11 +358,7 @@ class Conversation:
         except JobCancelled:
             return {"ok": False, "cancelled": True, "error": "cancelled"}
         except BaseException as e:
-            return {
-                "ok": False,
-                "error": describe_error(e),
-                "cancelled": _context.is_cancelled(),
-            }
+            return {"ok": False, "error": describe_error(e), "cancelled": _context.is_cancelled()}
         finally:
             _context.end()
             sys.stdout.flush()

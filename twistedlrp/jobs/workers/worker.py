@@ -222,11 +222,7 @@ class Worker(protocol.ProcessProtocol):
             # A stdlib record of the job's: at its level, under its logger.
             level, name, message = record
             Logger(namespace=name).emit(
-                _LEVELS[level],
-                "{log_text}",
-                log_text=message,
-                job_id=self.job_id,
-                worker=self.pid,
+                _LEVELS[level], "{log_text}", log_text=message, job_id=self.job_id, worker=self.pid
             )
         elif self.job_id is not None:
             log.info("job {job_id} {stream}: {line}", job_id=self.job_id, stream=stream, line=text)
