@@ -5,7 +5,7 @@ from twisted.protocols import amp
 from twisted.test import iosim
 
 from twistedlrp.jobs.errors import AuthenticationFailed
-from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol import framing, wire
 from twistedlrp.jobs.protocol.amp import ServiceProtocol
 
 SECRET = b"correct horse battery staple"
@@ -74,7 +74,7 @@ def test_big_values_are_split_and_joined():
     big = {"text": "x" * 200_000}
     strings = {}
     wire.BigJSON().toBox(b"job", strings, {"job": big}, None)
-    assert int(strings[b"job"]) == 4 and all(len(v) <= wire.CHUNK for v in strings.values())
+    assert int(strings[b"job"]) == 4 and all(len(v) <= framing.CHUNK for v in strings.values())
     objects = {}
     wire.BigJSON().fromBox(b"job", dict(strings), objects, None)
     assert objects["job"] == big

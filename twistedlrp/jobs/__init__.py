@@ -1,21 +1,17 @@
 """
-Long-running jobs: define them with L{job}, start them from views with
-C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}.
-
-Jobs run in worker processes of the job service; arguments and results are
-JSON. Every call here is thread-safe and blocks the calling thread (never
-the reactor) for at most its timeout. It works in the server's views and in
-any other Python process with Django set up (a management command, a shell,
-a test), which then talks to the job service over its socket.
-
-Inside a running job, L{progress} reports progress and L{cancelled} says
-whether cancellation was requested.
+Long-running jobs (docs/jobs.md): define them with L{job}, start them with
+C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}; inside
+a job, L{progress} and L{cancelled}. Every call is thread-safe and blocks
+the calling thread (never the reactor) for at most its timeout, in the
+server's views and in any other process with Django set up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,36 +27,16 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.protocol import arguments
 from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, SUCCEEDED
 from twistedlrp.jobs.workers import context as _context
 
 __all__ = [
-    "job",
-    "submit",
-    "get",
-    "cancel",
-    "wait",
-    "list_jobs",
-    "stats",
-    "outside_transaction",
-    "progress",
-    "cancelled",
-    "JobInfo",
-    "Progress",
-    "JobError",
-    "JobServiceUnavailable",
-    "UnknownJob",
-    "NotRegistered",
-    "InvalidArguments",
-    "PayloadTooLarge",
-    "AuthenticationFailed",
-    "JobCancelled",
-    "QUEUED",
-    "RUNNING",
-    "SUCCEEDED",
-    "FAILED",
-    "CANCELLED",
-]
+    "job", "submit", "get", "cancel", "wait", "list_jobs", "stats", "outside_transaction",
+    "progress", "cancelled", "JobInfo", "Progress", "JobError", "JobServiceUnavailable",
+    "UnknownJob", "NotRegistered", "InvalidArguments", "PayloadTooLarge", "AuthenticationFailed",
+    "JobCancelled", "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED",
+]  # fmt: skip
 
 
 class Progress(NamedTuple):
@@ -151,14 +127,12 @@ def job(
         (it returns a L{JobInfo}) and C{job_name}.
     """
 
-    from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
-
-    check_seconds("timeout", timeout)
-    check_priority(priority)
+    arguments.check_seconds("timeout", timeout)
+    arguments.check_priority(priority)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise InvalidArguments(f"retries: expected a whole number of at least 0, got {retries!r}")
     if retry_delay != 0:
-        check_seconds("retry_delay", retry_delay)
+        arguments.check_seconds("retry_delay", retry_delay)
     keep = _checked_keep(keep)
 
     def register(function):
@@ -217,14 +191,10 @@ def submit(
     join_transaction: bool = True,
 ) -> JobInfo:
     """
-    Store a job and queue it. Returns once the job is committed, or, inside
-    C{transaction.atomic()}, once it is part of that transaction: then it
-    is committed with it (and runs only then) or vanishes with its
-    rollback, and the call never waits for the job service.
-
-    To retry a submission safely (after L{JobServiceUnavailable}, whose
-    outcome may be unknown), submit again with the same C{id} (or C{key}):
-    the job stored the first time is returned instead of a second one.
+    Store a job and queue it; inside C{transaction.atomic()}, as part of
+    that transaction (docs/jobs.md, "Jobs and transactions"). After
+    L{JobServiceUnavailable}, submit again with the same C{id} (or C{key}):
+    the job stored the first time, if any, is returned instead of a second one.
 
     @param run_after: an aware datetime or a Unix time before which it does not start.
     @param key: if an unfinished job has this key, return that job instead.
@@ -236,14 +206,11 @@ def submit(
         run even if the request fails); see L{outside_transaction}.
     @return: the new (or existing, see C{key} and C{id}) job's L{JobInfo}.
     @raise NotRegistered: no job is registered under C{name}.
-    @raise InvalidArguments: the arguments are not JSON-serialisable, or
-        C{priority}, C{run_after}, C{key}, C{timeout} or C{id} is out of
-        range or of the wrong type (the message names it).
+    @raise InvalidArguments: the arguments are not JSON, or another value
+        is of the wrong type or out of range (the message names it).
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs.client import calls as client
-
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
             raise InvalidArguments("run_after: must be an aware datetime (or a Unix time)")
@@ -252,32 +219,20 @@ def submit(
         raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs: expected a dict, got {type(kwargs).__name__}")
-    if not join_transaction:
-        with outside_transaction():
-            return submit(
-                name,
-                args,
-                kwargs,
-                priority=priority,
-                run_after=run_after,
-                key=key,
-                timeout=timeout,
-                id=id,
-            )
     # Its values are checked once, where it is stored (or before it is sent).
-    return JobInfo.from_dict(
-        client.call(
-            "submit",
-            name=name,
-            args=list(args),
-            kwargs=dict(kwargs or {}),
-            priority=priority,
-            run_after=run_after,
-            key=key,
-            timeout=timeout,
-            id=id,
-        )
-    )
+    with contextlib.nullcontext() if join_transaction else outside_transaction():
+        return _call(
+            "submit", name=name, args=list(args), kwargs=dict(kwargs or {}),
+            priority=priority, run_after=run_after, key=key, timeout=timeout, id=id,
+        )  # fmt: skip
+
+
+def _call(op: str, **kw) -> JobInfo:
+    """@return: the L{JobInfo} the job service answers to C{op}."""
+    # Imported here: a worker imports this module, and no Twisted.
+    from twistedlrp.jobs.client import calls
+
+    return JobInfo.from_dict(calls.call(op, **kw))
 
 
 def get(job_id) -> JobInfo:
@@ -286,25 +241,19 @@ def get(job_id) -> JobInfo:
     @raise UnknownJob: no job has this id.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
-    from twistedlrp.jobs.client import calls as client
-
-    return JobInfo.from_dict(client.call("status", job_id=str(job_id)))
+    return _call("status", job_id=str(job_id))
 
 
 def cancel(job_id) -> JobInfo:
     """
     Cancel a job: a queued one never runs; a running one sees L{cancelled}
-    return true, and its process is terminated after a grace period if it
-    goes on. Cancelling a finished job changes nothing. Inside
-    C{transaction.atomic()} the cancellation is part of the transaction: it
-    takes effect when it commits, not if it rolls back.
+    return true, and is killed after a grace period. Inside
+    C{transaction.atomic()} it takes effect when the transaction commits.
 
     @return: the job's L{JobInfo} after the request.
     @raise UnknownJob: no job has this id.
     """
-    from twistedlrp.jobs.client import calls as client
-
-    return JobInfo.from_dict(client.call("cancel", job_id=str(job_id)))
+    return _call("cancel", job_id=str(job_id))
 
 
 def wait(job_id, timeout: float = 60.0) -> JobInfo:
@@ -319,19 +268,12 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     @raise UnknownJob: no job has this id.
     @raise InvalidArguments: C{timeout} is not a finite number of 0 or more.
     """
-    import time
-
-    from twistedlrp.jobs.client import calls as client
-    from twistedlrp.jobs.protocol import arguments
-
     job_id = arguments.canonical_job_id(job_id)
     seconds = arguments.check_duration("timeout", timeout)
     deadline = time.monotonic() + seconds
     while True:
         step = min(max(deadline - time.monotonic(), 0.0), arguments.MAX_WAIT_TIMEOUT)
-        info = JobInfo.from_dict(
-            client.call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
-        )
+        info = _call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
         if info.finished or time.monotonic() >= deadline:
             break
     if not info.finished:
@@ -341,19 +283,17 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
 
 def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
     """@return: the newest jobs (without results or output), optionally filtered."""
-    from twistedlrp.jobs.client import calls as client
+    from twistedlrp.jobs.client import calls
 
-    return [
-        JobInfo.from_dict(d)
-        for d in client.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
-    ]
+    jobs = calls.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
+    return [JobInfo.from_dict(d) for d in jobs]
 
 
 def stats() -> dict:
     """@return: the job service's counters: jobs by state, workers, throughput."""
-    from twistedlrp.jobs.client import calls as client
+    from twistedlrp.jobs.client import calls
 
-    return client.call("stats")
+    return calls.call("stats")
 
 
 def progress(current: int, total: int | None = None, message: str = "") -> None:

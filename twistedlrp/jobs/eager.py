@@ -1,26 +1,15 @@
 """
-The eager test mode: with C{settings.LRP_JOBS_EAGER} true, every job call
-of the process (C{submit}, C{fn.submit}, C{get}, C{cancel}, C{wait},
-C{list_jobs}, C{stats}, and the C{django.tasks} backend, which makes the
-same calls) is answered here, and C{submit} runs the job in the calling
-thread before it returns its finished C{JobInfo}. No job service is
-reached, no database row is written: the jobs are kept in this process's
-memory (the last L{MAX_KEPT}; L{reset} forgets them), so a site's own tests
-need neither a server nor database access for them.
-
-The answers are the job service's own: its operations
-(L{twistedlrp.jobs.service.handlers.JobOperations}) and its dispatcher run here, over a
-store in memory (L{twistedlrp.jobs.store.memory}), with a worker that runs
-the job in the thread that submitted it, as a worker child would run it
-(C{progress()} and C{cancelled()} work, also in jobs that submit jobs and
-in several threads at once). Retries come at once, without their delays;
-C{run_after} is not waited for. Not honoured: C{timeout} (a thread cannot
-be killed), and the job's output is not captured. (Like dramatiq's
-C{StubBroker}, which reuses its worker.)
+The eager test mode (docs/jobs.md, "Testing your jobs"): with
+C{settings.LRP_JOBS_EAGER} true, every job call of the process is answered
+here, and C{submit} runs the job in the calling thread before it returns.
+The answers are the job service's own: its operations and dispatcher run
+over a store in memory, with a worker that runs the job in the thread that
+submitted it (as dramatiq's C{StubBroker} reuses its worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +22,7 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.errors import JobCancelled, JobError
 from twistedlrp.jobs.protocol import wire
-from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
 from twistedlrp.jobs.states import FAILED
@@ -46,7 +35,14 @@ __all__ = ["MAX_KEPT", "call", "enabled", "reset"]
 
 # Every change to the service happens under it; jobs run outside it.
 _lock = threading.Condition()
-_local = threading.local()
+
+
+class _Local(threading.local):
+    def __init__(self):
+        self.started: list = []  # (worker, name, payload, Deferred) of jobs this thread runs
+
+
+_local = _Local()
 _service: EagerService | None = None
 
 
@@ -66,8 +62,8 @@ def reset() -> None:
 
 def call(op: str, kw: dict):
     """
-    Answer one job operation as the job service would: its own operation,
-    with the jobs it starts run in this thread first.
+    Answer one job operation as the job service would, the jobs it starts
+    run in this thread first.
 
     @return: the operation's answer.
     @raise JobError: a subclass says why, as the job service's would.
@@ -77,10 +73,8 @@ def call(op: str, kw: dict):
         raise JobError(f"the eager job mode has no operation {op!r}")
     arguments = operation.arguments(kw)
     if op == "submit":
-        try:
+        with contextlib.suppress(JobError):  # the service says so
             registry.find(arguments["name"])  # the site's job modules, imported once needed
-        except JobError:
-            pass  # the service says so
     global _service
     with _lock:
         if _service is None:
@@ -139,11 +133,7 @@ class _Call:
 
 
 class EagerWorker:
-    """
-    A worker of the eager pool: its job is run by the thread that dispatched
-    it (L{EagerService.run_started}), outside the lock, as a worker child
-    runs it; the dispatcher hears the outcome as from a worker.
-    """
+    """A worker whose job the thread that dispatched it runs (L{EagerService.run_started})."""
 
     pid = os.getpid()
     kill_reason = None
@@ -157,10 +147,7 @@ class EagerWorker:
     def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
         self.state, self.job_id = "busy", job_id
         d = defer.Deferred()
-        started = getattr(_local, "started", None)
-        if started is None:
-            started = _local.started = []
-        started.append((self, name, payload, d))
+        _local.started.append((self, name, payload, d))
         return d
 
     def cancel(self, job_id: str) -> None:
@@ -190,14 +177,8 @@ class _EagerPool:
         worker.state = "dead"
         return False
 
-    def describe(self) -> list:
-        return []
-
-    def describe_template(self) -> None:
-        return None
-
-    def stop_idle(self) -> None:
-        pass
+    describe = staticmethod(list)
+    describe_template = stop_idle = staticmethod(lambda: None)
 
 
 class _EagerOperations(JobOperations):
@@ -218,6 +199,7 @@ class EagerService:
     def __init__(self):
         self.reactor = _Clock()
         self.store = MemoryStore()
+        self.max_payload = default_max_payload()
         options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}
         self.dispatcher = Dispatcher(
             self.reactor, self.store, options, {}, 0.0, node="eager", pool=_EagerPool()
@@ -230,7 +212,7 @@ class EagerService:
             "eager",
             False,
             None,
-            DEFAULT_MAX_PAYLOAD,
+            self.max_payload,
             None,
             unavailable=lambda: None,
             about=_about,
@@ -243,14 +225,13 @@ class EagerService:
                 # Delayed jobs (run_after, retries) are not waited for.
                 self.dispatcher.queue.release_all()
                 self.dispatcher.dispatch()
-            started = getattr(_local, "started", None) or []
-            _local.started = []
+            started, _local.started = _local.started, []
             if not started:
                 return
             for worker, name, payload, d in started:
                 with _lock:
                     self.store.begin(worker.job_id)
-                outcome = _attempt(worker, name, payload, self.dispatcher)
+                outcome = _attempt(worker, name, payload, self)
                 with _lock:
                     d.callback(outcome)
                     job = self.store.jobs.get(worker.job_id) or {}
@@ -277,8 +258,9 @@ class EagerService:
         return outcome[0]
 
 
-def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatcher) -> dict:
+def _attempt(worker: EagerWorker, name: str, payload: bytes, service: EagerService) -> dict:
     """@return: the outcome of one attempt, as a worker child sends it."""
+    dispatcher = service.dispatcher
     from twistedlrp.jobs.workers.main import call_job, describe_error
 
     job_id = worker.job_id
@@ -289,7 +271,7 @@ def _attempt(worker: EagerWorker, name: str, payload: bytes, dispatcher: Dispatc
 
     previous = _context.begin_local(job_id, report, worker.cancel_event)
     try:
-        outcome = call_job(registry.find(name).function, payload, DEFAULT_MAX_PAYLOAD)
+        outcome = call_job(registry.find(name).function, payload, service.max_payload)
         if outcome["ok"]:
             # As it would come back from a worker: through JSON.
             outcome["result"] = json.loads(json.dumps(outcome["result"]))

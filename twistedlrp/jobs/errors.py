@@ -31,3 +31,16 @@ class AuthenticationFailed(JobError):
 
 class JobCancelled(JobError):
     """Raised inside a job (by the job itself) to stop after L{cancelled} said so."""
+
+
+def unsure(message: str, op: str, job_id: str | None = None) -> JobServiceUnavailable:
+    """@return: the error of C{op} that failed with C{message}, saying what to do if it may have taken effect."""
+    if op == "submit":
+        again = f"id={job_id}" if job_id else "the same id (or key)"
+        message += (
+            f"; the job may or may not have been stored: submit again with {again} to get the "
+            f"same job instead of a second one"
+        )
+    elif op == "cancel":
+        message += "; the cancellation may or may not have been requested: cancel again"
+    return JobServiceUnavailable(message)

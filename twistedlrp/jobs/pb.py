@@ -1,32 +1,16 @@
 """
-The job service's Perspective Broker front end.
-
-A C{twisted.cred} portal guards it: a client logs in with the shared secret
-of C{--jobs-secret-file} and gets an avatar offering the operations of the
-AMP front end (C{submit}, C{status}, C{cancel}, C{wait}, C{list_jobs},
-C{stats}); they call the job service's L{JobOperations}. From Twisted::
+The job service's Perspective Broker front end (docs/protocol.md, "The
+Perspective Broker front end"). A client logs in with the shared secret
+(any user name; it names the client in the logs) and gets an avatar with
+the public operations of L{wire.OPERATIONS}. From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
     avatar = await factory.login(credentials.UsernamePassword(b"lrp", secret))
     job = await avatar.callRemote("submit", "myapp.jobs.resize", [path, 800])
-    job = await avatar.callRemote("wait", job["id"], 60)
 
-Answers are plain dicts, lists, strings and numbers (the job descriptions
-of the AMP protocol); nothing but PB's basic types travels. Refusals are
-L{JobServiceError} subclasses: on the client, C{failure.check(
-"twistedlrp.jobs.pb.NotRegisteredError")} says which and
-C{failure.getErrorMessage()} says why.
-
-Login is PB's own challenge-response (see L{SecretChecker}): the secret
-never crosses the wire. The user name is free (C{b"lrp"} by convention);
-it only names the client in the logs.
-
-What a client may send is bounded as it arrives (L{twistedlrp.jobs.protocol.pb_guard}): a few
-KiB before its login succeeds, within a deadline, with bounds on the
-connections waiting to log in at once, in all and per address (as on the
-AMP listeners, see L{twistedlrp.jobs.protocol.limits.Gate}); after login, one message of at most twice
-C{--max-job-payload} plus framing.
+Answers are PB's basic types; refusals are L{JobServiceError} subclasses.
+What a client sends is bounded as it arrives (L{pb_guard}).
 """
 
 from __future__ import annotations
@@ -43,23 +27,16 @@ from zope.interface import implementer
 from twistedlrp.jobs import errors
 from twistedlrp.jobs.client.calls import encode_payload
 from twistedlrp.jobs.protocol import limits, wire
-from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD, shown
-from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory, shown_error
+from twistedlrp.jobs.protocol.arguments import default_max_payload, shown, shown_error
+from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory
 from twistedlrp.ordered_service import StartupFailed
 
 log = Logger()
 
 __all__ = [
-    "listen_pb",
-    "PBFrontEnd",
-    "JobServiceError",
-    "NotRegisteredError",
-    "UnknownJobError",
-    "InvalidArgumentsError",
-    "PayloadTooLargeError",
-    "ServiceUnavailableError",
-    "LoginRefused",
-]
+    "listen_pb", "PBFrontEnd", "JobServiceError", "NotRegisteredError", "UnknownJobError",
+    "InvalidArgumentsError", "PayloadTooLargeError", "ServiceUnavailableError", "LoginRefused",
+]  # fmt: skip
 
 
 class JobServiceError(pb.Error):
@@ -90,10 +67,7 @@ class ServiceUnavailableError(JobServiceError):
 
 
 class LoginRefused(error.UnauthorizedLogin, pb.Error):
-    """
-    The secret was wrong. An C{UnauthorizedLogin} for the client; a
-    C{pb.Error} so that PB does not log it as an unhandled traceback.
-    """
+    """The secret was wrong (a C{pb.Error}, which PB does not log as a traceback)."""
 
 
 # Most specific first: the first class that matches wins.
@@ -110,22 +84,10 @@ _ERRORS = [
 @implementer(checkers.ICredentialsChecker)
 class SecretChecker:
     """
-    Accepts any user name with the shared secret, by challenge-response.
-
-    PB never sends the password: C{PBClientFactory.login} asks the root
-    object's C{remote_login(username)} for a challenge (C{pb.challenge()}:
-    an MD5 digest of random bytes) and answers C{pb.respond(challenge,
-    password)}, that is C{md5(md5(password) + challenge)}; the server side
-    (C{pb._PortalAuthChallenger}, an C{IUsernameHashedPassword}) recomputes
-    it in C{checkPassword}. So the secret is safe from a listener, but the
-    exchange is MD5-based, its challenge comes from C{random}, not
-    C{secrets}, and the digests are compared with C{==}: a short secret
-    could be guessed offline from one recorded login. Use a long random secret, and a C{ssl:} endpoint across networks
-    you do not trust.
-
-    A wrong secret is refused and the connection is closed (as the AMP
-    front end does), so a client cannot try secrets one after another on
-    one connection.
+    Accepts any user name with the shared secret, by PB's challenge-response
+    (C{md5(md5(secret) + challenge)}; its weaknesses are in docs/protocol.md).
+    A wrong secret closes the connection, so a client cannot try secrets
+    one after another on one connection.
     """
 
     credentialInterfaces = (credentials.IUsernameHashedPassword,)
@@ -135,22 +97,16 @@ class SecretChecker:
         self.secret = secret
 
     def requestAvatarId(self, creds):
-        # PB's challenger (pb._PortalAuthChallenger) knows the connection.
-        broker = getattr(creds, "broker", None)
+        # PB's challenger (pb._PortalAuthChallenger) knows the connection:
+        # a GuardedBroker, which GuardedPBServerFactory builds.
+        broker: GuardedBroker = creds.broker
         if creds.checkPassword(self.secret):
-            if isinstance(broker, GuardedBroker):
-                broker.logged_in()
+            broker.logged_in()
             return defer.succeed(creds.username)
-        if isinstance(broker, GuardedBroker):
-            broker.warn(
-                "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
-            )
-        else:
-            peer = broker.transport.getPeer() if broker and broker.transport else "?"
-            log.warn(
-                "PB job client {peer} failed to log in (wrong secret): disconnected", peer=peer
-            )
-        if broker is not None and broker.transport is not None:
+        broker.warn(
+            "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
+        )
+        if broker.transport is not None:
             # After the refusal has been written.
             self.reactor.callLater(0, broker.transport.loseConnection)
         return defer.fail(LoginRefused("login refused: wrong secret"))
@@ -173,10 +129,9 @@ class JobsRealm:
 class JobsAvatar(pb.Avatar):
     """
     What a logged-in PB client may call: the public operations of
-    L{wire.OPERATIONS}, with their arguments (C{submit} takes C{args} and
-    C{kwargs} instead of their JSON); each returns (a Deferred of) what the
-    AMP front end answers (C{list_jobs}: the list of jobs), or fails with a
-    L{JobServiceError}.
+    L{wire.OPERATIONS} (C{submit} takes C{args} and C{kwargs}, not their
+    JSON), each answering what the AMP front end answers (C{list_jobs}: the
+    list of jobs), or failing with a L{JobServiceError}.
     """
 
     def __init__(self, service, name: str = "lrp"):
@@ -185,10 +140,8 @@ class JobsAvatar(pb.Avatar):
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         """
-        Run the operation C{message}; a call that cannot be made (arguments
-        PB cannot read, an operation that does not exist, arguments that do
-        not fit it) is refused with L{InvalidArgumentsError} saying why,
-        without a traceback in the log (PB would log one each time).
+        Run the operation C{message}; a call that cannot be made is refused
+        with L{InvalidArgumentsError} saying why (PB would log a traceback).
         """
         try:
             args = broker.unserialize(args, self)
@@ -218,26 +171,17 @@ class JobsAvatar(pb.Avatar):
 
 def _signature(operation: wire.Operation) -> inspect.Signature:
     """@return: the PB signature of C{operation}: its arguments, with their defaults."""
-    parameters = []
+    defaults = {}
     for name, argument in operation.command.arguments:
         name = name.decode()
-        if name in operation.hidden:
-            continue
         if name == "payload":
             # PB carries the arguments themselves: the service gets their JSON.
-            parameters += [
-                inspect.Parameter("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=()),
-                inspect.Parameter("kwargs", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
-            ]
-            continue
-        if name in operation.defaults or argument.optional:
-            default = operation.defaults.get(name)
-        else:
-            default = inspect.Parameter.empty
-        parameters.append(
-            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default)
-        )
-    return inspect.Signature(parameters)
+            defaults.update(args=(), kwargs=None)
+        elif name not in operation.hidden:
+            optional = name in operation.defaults or argument.optional
+            defaults[name] = operation.defaults.get(name) if optional else inspect.Parameter.empty
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Signature([inspect.Parameter(n, kind, default=d) for n, d in defaults.items()])
 
 
 _SIGNATURES = {op.name: _signature(op) for op in wire.OPERATIONS.values() if op.public}
@@ -254,10 +198,7 @@ def _submit(service, arguments: dict):
 
 
 def _call(fn, *args, name: str = "submit") -> defer.Deferred:
-    """
-    Run a service operation for a PB client (L{limits.guarded}): its errors
-    become L{JobServiceError}s with the same message.
-    """
+    """@return: a Deferred of the operation C{fn}, its errors L{JobServiceError}s."""
 
     def translate(failure):
         for ours, theirs in _ERRORS:
@@ -293,24 +234,16 @@ def _fits_banana(answer):
 
 
 def listen_pb(
-    reactor,
-    service,
-    endpoint: str,
-    secret: bytes,
-    bounds: limits.Limits | None = None,
+    reactor, service, endpoint: str, secret: bytes, bounds: limits.Limits | None = None
 ) -> defer.Deferred:
     """
-    Serve C{service} over Perspective Broker on C{endpoint}.
+    Serve C{service} (a L{JobService}, or its L{JobOperations}) over
+    Perspective Broker on C{endpoint}.
 
-    @param service: a L{twistedlrp.jobs.service.job_service.JobService},
-        or the L{twistedlrp.jobs.service.handlers.JobOperations} it answers
-        clients with.
-    @param endpoint: a server endpoint string (C{tcp:8790:interface=127.0.0.1}).
-    @param secret: the shared secret clients log in with (any user name).
-    @param bounds: what clients may do before logging in (the defaults of
-        L{twistedlrp.jobs.protocol.wire} if C{None}). After login, one message may
-        hold twice C{service.max_payload} plus L{limits.BOX_FRAMING} bytes
-        (PB's encoding of a JSON value can take twice its JSON's size).
+    @param bounds: what clients may do before logging in. After login, one
+        message may hold twice C{service.max_payload} plus
+        L{limits.BOX_FRAMING} bytes (PB's encoding of a JSON value can take
+        twice its JSON's size).
     @return: a Deferred firing with the C{IListeningPort}, or failing when
         the endpoint cannot listen.
     @raise ValueError: C{secret} is empty.
@@ -320,7 +253,7 @@ def listen_pb(
     service = getattr(service, "operations", service)
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
-    max_payload = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD)
+    max_payload = getattr(service, "max_payload", None) or default_max_payload()
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, limits.with_backlog(endpoint)).listen(factory)
 
@@ -331,21 +264,13 @@ def listen_pb(
     return d.addCallback(listening)
 
 
-class PBFrontEnd:
-    """
-    Listens for Perspective Broker job clients (always with a login).
-
-    @param endpoint: a server endpoint string.
-    @param secret_file: the shared secret's file (required).
-    """
-
-    client_endpoint = None
+class PBFrontEnd(limits.FrontEnd):
+    """Listens for Perspective Broker job clients (always with a login: C{secret_file})."""
 
     def __init__(self, reactor, endpoint: str, secret_file: str | None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.secret_file = secret_file
-        self.port = None
 
     async def listen(self, service) -> None:
         """@raise StartupFailed: no secret file, or the endpoint cannot listen."""
@@ -360,7 +285,3 @@ class PBFrontEnd:
             self.port = await listen_pb(self.reactor, service, self.endpoint, secret, bounds)
         except Exception as e:
             raise StartupFailed(f"the job service cannot listen on {self.endpoint}: {e}") from e
-
-    def stop(self) -> defer.Deferred:
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)

@@ -1,35 +1,29 @@
 """
-The job client without a reactor (L{BlockingClient}): outside the server,
-C{unix:} or C{tcp:} endpoints are reached over the process's one AMP
-connection, written by the calling thread itself and read by a reader
-thread that hands each caller its answer: one thread hop instead of two.
-
-With several endpoints it uses the first that answers, the next when that
-one is lost or refuses, and goes back to an earlier one once it answers
-again (tried by a thread of its own, at most every few seconds). An
-endpoint that could not be reached is not tried before its back-off has
-passed: calls fail (or go to the next) at once meanwhile.
+The job client without a reactor (L{BlockingClient}), for C{unix:} and
+C{tcp:} endpoints outside the server: one thread hop per call instead of two.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 
 from twistedlrp.jobs.client.calls import (
+    NO_SOCKET,
     TRIES_PER_NODE,
     Attempts,
+    broke_during,
     configured_endpoints,
     configured_login,
     no_answer,
     reconnect_backoff,
-    split_endpoint,
-    unknown_outcome,
+    socket_address,
     unreachable,
 )
-from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 
 _lock = threading.Lock()
@@ -53,31 +47,6 @@ def blocking_client() -> BlockingClient | None:
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
-def socket_address(endpoint: str) -> tuple[int, object] | None:
-    """
-    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
-        endpoint string, or C{None} for any other (or one with options a
-        plain socket does not have, such as C{bindAddress}).
-    """
-    parts = split_endpoint(endpoint)
-    kind, rest = parts[0], parts[1:]
-    positional = [p for p in rest if "=" not in p]
-    named = dict(p.split("=", 1) for p in rest if "=" in p)
-    if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
-        return None
-    if kind == "unix":
-        path = named.get("path") or (positional[0] if positional else None)
-        return (socket.AF_UNIX, path) if path else None
-    if kind == "tcp":
-        host = named.get("host") or (positional[0] if positional else None)
-        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
-        if not host or not port or not port.isdigit():
-            return None
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return family, (host, int(port))
-    return None
-
-
 class _Node:
     """One endpoint of a L{BlockingClient}, and whether it could be reached lately."""
 
@@ -98,18 +67,18 @@ class _Node:
         self.down_until = time.monotonic() + self.backoff.next()
 
     def problem(self) -> str:
-        return unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
+        return unreachable(self.endpoint, self.last_error)
 
 
 class BlockingClient:
     """
-    One AMP connection to one job service (a UNIX or TCP socket) that every
-    thread of the process shares: a caller writes its request itself and
-    waits; a reader thread hands each answer to the caller that waits for
-    it. It connects at the first call and again after the connection broke.
-    Its answers, errors and failover are those of
-    L{twistedlrp.jobs.client.connection.JobClient.request} (L{Attempts}). (One
-    shared connection lets the service commit many threads' requests together.)
+    One AMP connection that every thread of the process shares (so that the
+    service commits many threads' requests together): a caller writes its
+    request itself and waits; a reader thread hands each answer to its
+    caller. It connects at the first call, again after the connection broke,
+    to the first endpoint that answers and is not in its back-off; a thread
+    of its own goes back to an earlier endpoint once it answers again. Its
+    answers, errors and failover are those of L{JobClient.request} (L{Attempts}).
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
@@ -130,8 +99,6 @@ class BlockingClient:
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
         """
-        Send one operation and wait for its answer.
-
         @return: the operation's answer.
         @raise JobError: the service's own error (a subclass says which).
         @raise JobServiceUnavailable: unreachable, or the connection broke.
@@ -170,19 +137,22 @@ class BlockingClient:
             C{None} when there is none.
         @raise AuthenticationFailed: a service refused our secret.
         """
-        conversation = self._conversation
-        if conversation is not None and conversation.usable():
-            if tries.get(conversation.node, 0) < TRIES_PER_NODE:
-                return conversation
+
+        def current():
+            c = self._conversation
+            return c if c and c.usable() and tries.get(c.node, 0) < TRIES_PER_NODE else None
+
+        conversation = current()
+        if conversation is not None:
+            return conversation
         # Another thread may be connecting: wait for it, not beyond the deadline.
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
             problems.append("another thread was still connecting to the job service")
             return None
         try:
-            conversation = self._conversation
-            if conversation is not None and conversation.usable():
-                if tries.get(conversation.node, 0) < TRIES_PER_NODE:
-                    return conversation
+            conversation = current()
+            if conversation is not None:
+                return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
                 if tries.get(node, 0) >= TRIES_PER_NODE or node.down_until > time.monotonic():
@@ -200,7 +170,7 @@ class BlockingClient:
                     self._conversation.retire()
                 self._conversation = fresh
                 return fresh
-            if conversation is None or not conversation.usable():
+            if self._conversation is not None and not self._conversation.usable():
                 self._conversation = None
             return None
         finally:
@@ -215,10 +185,7 @@ class BlockingClient:
     def _connect(self, node: _Node, deadline: float) -> _Conversation:
         """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
         if node.family == socket.AF_UNIX and not os.path.exists(node.address):
-            node.down(
-                "its socket does not exist (is the server running, with this --state-dir or "
-                "LRP_STATE_DIR?)"
-            )
+            node.down(NO_SOCKET)
             raise JobServiceUnavailable(node.problem())
         limit = max(min(self.timeout, deadline - time.monotonic()), 0.01)
         sock = socket.socket(node.family, socket.SOCK_STREAM)
@@ -256,8 +223,6 @@ class BlockingClient:
                 conversation.close("login failed")
                 raise
         return conversation
-
-    # -- going back to an earlier endpoint -------------------------------------------
 
     def _maybe_probe(self, node: _Node) -> None:
         """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
@@ -307,13 +272,9 @@ class _NotSent(Exception):
     """The connection broke before the request was written."""
 
 
-class _Waiter:
-    __slots__ = ("event", "box", "broken")
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.box: dict | None = None
-        self.broken: str | None = None
+class _Waiter(threading.Event):
+    box: dict | None = None  # the answer
+    broken: str | None = None  # or why the connection broke
 
 
 class _Conversation:
@@ -355,11 +316,9 @@ class _Conversation:
             waiting, self._pending = list(self._pending.values()), {}
         for waiter in waiting:
             waiter.broken = reason
-            waiter.event.set()
-        try:
+            waiter.set()
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
     def _read(self) -> None:
@@ -376,7 +335,7 @@ class _Conversation:
                         done = self.retired and not self._pending
                     if waiter is not None:
                         waiter.box = box
-                        waiter.event.set()
+                        waiter.set()
                     if done:
                         self.close("replaced by another connection")
                         return
@@ -417,18 +376,13 @@ class _Conversation:
                 sent = e.strerror or str(e)
         if sent is not None:
             self.close(sent)
-            raise _Broken(
-                f"the connection to the job service at {self.endpoint} broke during {op}: {sent}"
-            )
-        if not waiter.event.wait(timeout):
+            raise _Broken(broke_during(self.endpoint, op, sent))
+        if not waiter.wait(timeout):
             with self._lock:
                 self._pending.pop(tag, None)
             raise no_answer(self.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
-            raise _Broken(
-                f"the connection to the job service at {self.endpoint} broke during {op}: "
-                f"{waiter.broken}"
-            )
+            raise _Broken(broke_during(self.endpoint, op, waiter.broken))
         if b"_error" in waiter.box:
             self._raise(command, waiter.box, op)
         return command.parseResponse(waiter.box, None)
@@ -438,9 +392,8 @@ class _Conversation:
         description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
         error_class = command.reverseErrors.get(code)
         if error_class is None:
-            raise JobServiceUnavailable(
-                f"the job service at {self.endpoint} failed during {op}: "
-                f"{description}" + unknown_outcome(op)
+            raise unsure(
+                f"the job service at {self.endpoint} failed during {op}: {description}", op
             )
         if code in command.fatalErrors.values():
             self.close(description)  # the service closes it too

@@ -1,29 +1,18 @@
 """
-A job call from any thread (L{call}), the thread-safe facade of the public
-API (L{twistedlrp.jobs}), and how a process finds its job service. Behind
-it, one of three clients: in the server, views call the local service
-directly (L{twistedlrp.jobs.client.local}); a process with a reactor keeps
-a reconnecting AMP connection to each node
-(L{twistedlrp.jobs.client.connection}); any other reaches a C{unix:} or
-C{tcp:} endpoint from the calling thread (L{twistedlrp.jobs.client.blocking};
-TLS goes through the reactor).
-The eager test mode answers in the calling thread (L{twistedlrp.jobs.eager}).
-
-The server installs its client (L{install}) and lets at most
-C{--job-threads} threads be in a job call at once (L{CallSlots}).
-Elsewhere the first call builds one from C{LRP_JOBS_CONNECT} (endpoints
-separated by commas, tried in order; default: the C{jobs.sock} of
-C{LRP_STATE_DIR} or C{.lrp}) and C{LRP_JOBS_SECRET_FILE}, each read from
-the environment first (a worker is told its own service that way), then
-from the settings; C{LRP_JOBS_TIMEOUT} (default 10 s) bounds each call.
-A submission carries an id chosen before it is sent, so that sending it
-again after a lost answer makes no second job.
+A job call from any thread (L{call}), behind the public API: the server's
+views call the local service (L{local}), a process with a reactor keeps an
+AMP connection to each node (L{connection}), any other reaches a C{unix:}
+or C{tcp:} endpoint from the calling thread (L{blocking}); the eager test
+mode answers in the calling thread (L{twistedlrp.jobs.eager}). Outside the
+server the settings name the service (docs/jobs.md, "Jobs from other
+processes"); the environment is read first, so a worker is told its own.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -35,9 +24,9 @@ from twisted.logger import Logger
 
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
-from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge
-from twistedlrp.jobs.protocol import wire
-from twistedlrp.jobs.protocol.arguments import check_submission
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge, unsure
+from twistedlrp.jobs.protocol import framing, wire
+from twistedlrp.jobs.protocol.arguments import check_submitted
 
 if TYPE_CHECKING:
     from twistedlrp.jobs.client.connection import JobClient
@@ -45,73 +34,32 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
-# The share of a call's time a job node may spend waiting for a store it
-# cannot reach before it refuses a submission ("not stored"): the rest is
-# for the answer to come back, and for the next node to be asked (with the
-# same share of what is left then; they share the store, so it usually
-# refuses too, in time).
+# The share of a call's time a job node may wait for a store it cannot reach
+# before it refuses a submission ("not stored"): the rest is for the answer,
+# and for the next node to be asked (which usually refuses too, in time).
 STORE_WAIT_SHARE = 0.8
+NO_SOCKET = (
+    "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
+)
 # Reconnections to a job node that is down: from a blink to a few seconds.
 reconnect_backoff = partial(Backoff, 0.05, 5.0, jitter=0.1)
 
 
-def with_store_wait(op: str, kw: dict, left: float) -> dict:
-    """@return: C{kw}, for a submission with C{left} seconds to go with its store wait."""
-    if op != "submit":
-        return kw
-    return dict(kw, wait=round(max(left, 0.0) * STORE_WAIT_SHARE, 3))
+def unreachable(endpoint, error: str | None = None, detail: str = "") -> str:
+    """@return: the message of a job service that cannot be reached (because of C{error})."""
+    because = f": {error}" if error else ""
+    return f"the job service at {endpoint} could not be reached{detail}{because}"
 
 
-_UNKNOWN_OUTCOME = {
-    "submit": "; the job may or may not have been stored: submit again with the same id "
-    "(or key) to get the same job instead of a second one",
-    "cancel": "; the cancellation may or may not have been requested: cancel again",
-}
+def broke_during(endpoint, op: str, reason) -> str:
+    return f"the connection to the job service at {endpoint} broke during {op}: {reason}"
 
 
-def unknown_outcome(op: str, job_id: str | None = None) -> str:
-    """@return: what the caller must know about an operation whose outcome is unknown."""
-    if op == "submit" and job_id:
-        return (
-            f"; the job may or may not have been stored: submit again with id={job_id} to "
-            f"get the same job instead of a second one"
-        )
-    return _UNKNOWN_OUTCOME.get(op, "")
-
-
-def unreachable(endpoint, detail: str = "") -> str:
-    """@return: the message of a job service that cannot be reached (C{detail} says more)."""
-    return f"the job service at {endpoint} could not be reached{detail}"
-
-
-def no_answer(
-    endpoint, op: str, seconds: float, job_id: str | None = None
-) -> JobServiceUnavailable:
+def no_answer(endpoint, op: str, seconds: float, job_id: str | None = None):
     """@return: the error of an operation the job service did not answer in time."""
-    return JobServiceUnavailable(
-        f"the job service at {endpoint} did not answer {op} within {seconds:g} s"
-        + unknown_outcome(op, job_id)
+    return unsure(
+        f"the job service at {endpoint} did not answer {op} within {seconds:g} s", op, job_id
     )
-
-
-def wire_arguments(op: str, kw: dict) -> dict:
-    """
-    @return: the arguments of C{op}'s AMP command, for a transport that
-        encodes them (a submission is checked first: the job service checks
-        it again, in its own process).
-    @raise InvalidArguments: a submission's value of the wrong type or out of range.
-    """
-    if op == "submit":
-        checked = check_submission(
-            kw["name"],
-            kw.get("priority"),
-            kw.get("run_after"),
-            kw.get("key"),
-            kw.get("timeout"),
-            kw.get("id"),
-        )
-        kw = dict(kw, id=checked.pop("job_id"), **checked)
-    return wire.OPERATIONS[op].arguments(kw, encoded=True)
 
 
 class Attempts:
@@ -119,8 +67,8 @@ class Attempts:
     One call's tries over the job nodes (in a reactor's client and the
     blocking one): a request whose connection broke is sent again (to the
     next node, or the same one reconnected) unless it is a submission
-    without an id; a node that answers C{UNAVAILABLE} (stopping, its store
-    away) is replaced by the next. C{tries} counts each node's.
+    without an id; a node that answers C{UNAVAILABLE} is replaced by the
+    next. C{tries} counts each node's.
     """
 
     def __init__(self, op: str, kw: dict, limit: float, now: float):
@@ -133,29 +81,31 @@ class Attempts:
         self._sends = 0
 
     def arguments(self, now: float) -> dict:
-        """@return: the AMP arguments of the next send (see L{wire_arguments})."""
+        """
+        @return: the AMP arguments of the next send (a submission is checked
+            here first; the job service checks it again, in its own process).
+        @raise InvalidArguments: a submission's value of the wrong type or out of range.
+        """
         sent = self.kw
         self._sends += 1
         if self.op == "wait" and self._sends > 1:
             # Sent again: wait until the first one would have stopped.
             sent = dict(sent, timeout=max(0.0, float(sent["timeout"]) - (now - self.started)))
-        return wire_arguments(self.op, with_store_wait(self.op, sent, self.deadline - now))
+        if self.op == "submit":
+            checked = check_submitted(sent)
+            wait = round(max(self.deadline - now, 0.0) * STORE_WAIT_SHARE, 3)
+            sent = dict(sent, id=checked.pop("job_id"), wait=wait, **checked)
+        return wire.OPERATIONS[self.op].arguments(sent, encoded=True)
 
     def broke(self, message: str) -> None:
-        """
-        The connection broke after the request was sent: try again.
-        @raise JobServiceUnavailable: it may not be sent again.
-        """
+        """The connection broke after the request was sent. @raise JobServiceUnavailable: not again."""
         if not self.repeatable:
-            raise JobServiceUnavailable(message + unknown_outcome(self.op))
+            raise unsure(message, self.op)
         self.problems.append(message)
         self.unknown = True
 
     def refused(self, node, error: JobServiceUnavailable, nodes: int) -> None:
-        """
-        C{node} answered C{error} (L{JobServiceUnavailable}): try the next.
-        @raise JobServiceUnavailable: C{error}, when there is no other node to ask.
-        """
+        """C{node} answered C{error}. @raise JobServiceUnavailable: C{error}, if no other node may be asked."""
         if not self.repeatable or nodes == 1:
             raise error
         self.problems.append(f"the job service at {node.endpoint} answered: {error}")
@@ -168,15 +118,13 @@ class Attempts:
         message = problems[0]
         if len(problems) > 1:
             message = "no job service could be reached: " + "; ".join(dict.fromkeys(problems))
-        outcome = unknown_outcome(self.op, self.kw.get("id")) if self.unknown else ""
-        return JobServiceUnavailable(message + outcome)
+        if self.unknown:
+            return unsure(message, self.op, self.kw.get("id"))
+        return JobServiceUnavailable(message)
 
 
-# A call tries one node at most this many times.
-TRIES_PER_NODE = 2
-# The process-wide client.
-_client: JobClient | None = None
-_lock = threading.Lock()
+TRIES_PER_NODE = 2  # a call tries one node at most this many times
+_client: JobClient | None = None  # the process-wide client
 _slots: CallSlots | None = None
 
 
@@ -184,12 +132,9 @@ class CallSlots:
     """
     How many threads may be in a job call at once (C{--job-threads}), so
     that views that never touch jobs keep threads while the job service is
-    slow. A call beyond waits for a slot while the calls that hold them are
-    quick (the youngest began less than L{QUICK} seconds ago), for at most
-    L{WAIT} seconds; else it fails at once with L{JobServiceUnavailable}
-    instead of taking one more thread of the web pool.
-
-    @ivar refused: calls refused for want of a slot, so far.
+    slow. A call beyond waits for a slot while the youngest holder began
+    less than L{QUICK} seconds ago, for at most L{WAIT} seconds; else it is
+    refused (L{call} raises L{JobServiceUnavailable}).
     """
 
     QUICK = 0.25
@@ -205,7 +150,6 @@ class CallSlots:
 
     @property
     def taken(self) -> int:
-        """@return: the threads in a job call now."""
         return len(self._holders)
 
     def take(self) -> int | None:
@@ -245,23 +189,17 @@ class CallSlots:
 
 
 def install(client: JobClient | None, call_threads: int | None = None) -> None:
-    """
-    Make C{client} the one the public API uses in this process (the server
-    does this), with at most C{call_threads} threads in a job call at once
-    (C{None}: no limit).
-    """
+    """Make C{client} this process's, with at most C{call_threads} threads in a call at once."""
     global _client, _slots
     _client = client
     _slots = CallSlots(call_threads) if client is not None and call_threads else None
 
 
 def installed() -> JobClient | None:
-    """@return: the job client this process's views use, if the server installed one."""
     return _client
 
 
 def call_slots() -> CallSlots | None:
-    """@return: what bounds the pool threads in job calls at once, if anything."""
     return _slots
 
 
@@ -274,10 +212,9 @@ def configured(name: str) -> str | None:
 
 def configured_endpoints(state_dir: str | None = None) -> list[str]:
     """
-    @return: the client endpoint strings of the job services this process
-        should reach, in order of preference: C{LRP_JOBS_CONNECT} (several
-        separated by commas; a list or tuple in the settings), else the
-        socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
+    @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or
+        separated by commas), else of the socket in C{state_dir} (or
+        C{LRP_STATE_DIR}, or C{.lrp}).
     """
     from django.conf import settings
 
@@ -293,11 +230,7 @@ def configured_endpoints(state_dir: str | None = None) -> list[str]:
 
 
 def split_endpoints(text: str) -> list[str]:
-    """
-    @return: the endpoint strings of C{text}, separated by commas (a comma
-        inside one is written C{\\,}, as endpoint strings escape any
-        character), without the spaces around them.
-    """
+    """@return: the endpoint strings of C{text} between unescaped commas, stripped."""
     return [endpoint.strip() for endpoint in _split(text, ",", False) if endpoint.strip()]
 
 
@@ -330,7 +263,7 @@ def configured_login() -> tuple[bytes | None, float]:
 
 
 def _settings_client() -> JobClient:
-    """Build (in the reactor thread) this process's client from its configuration."""
+    """@return: this process's client, built (in the reactor thread) from its settings."""
     global _client
     if _client is None:
         from twisted.internet import reactor
@@ -362,7 +295,6 @@ def call(op: str, call_timeout: float | None = None, **kw):
     from twistedlrp.jobs import eager
 
     if eager.enabled():
-        # The site's tests: run and answer here, in the calling thread.
         return eager.call(op, kw)
     if op in ("submit", "cancel"):
         from twistedlrp.jobs.client import transactions
@@ -404,7 +336,6 @@ def _call(op: str, kw: dict, call_timeout: float | None):
 
     def run():
         target = _client or _settings_client()
-        # Connecting and answering each get the client's timeout.
         return defer.ensureDeferred(target.request(op, kw, call_timeout))
 
     try:
@@ -428,22 +359,37 @@ def encode_payload(args, kwargs) -> bytes:
             f"job arguments must be JSON (lists, dicts, strings, numbers, booleans, None): {e}"
         ) from None
     data = payload.encode()
-    if len(data) > wire.CHUNK * wire.MAX_CHUNKS:
+    if len(data) > framing.CHUNK * wire.MAX_CHUNKS:
         raise PayloadTooLarge(f"the job's arguments take {len(data)} bytes of JSON")
     return data
 
 
-def split_endpoint(endpoint: str) -> list[str]:
-    """@return: the parts of an endpoint string between unescaped colons, unescaped."""
-    return _split(endpoint, ":", True)
+def socket_address(endpoint: str) -> tuple[int, object] | None:
+    """
+    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
+        endpoint string, or C{None} for any other (or one with options a
+        plain socket does not have, such as C{bindAddress}).
+    """
+    parts = _split(endpoint, ":", True)
+    kind, rest = parts[0], parts[1:]
+    positional = [p for p in rest if "=" not in p]
+    named = dict(p.split("=", 1) for p in rest if "=" in p)
+    if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
+        return None
+    if kind == "unix":
+        path = named.get("path") or (positional[0] if positional else None)
+        return (socket.AF_UNIX, path) if path else None
+    if kind == "tcp":
+        host = named.get("host") or (positional[0] if positional else None)
+        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+        if not host or not port or not port.isdigit():
+            return None
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, int(port))
+    return None
 
 
 def unix_path(endpoint: str) -> str | None:
     """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
-    parts = split_endpoint(endpoint)
-    if parts[0] != "unix" or len(parts) < 2:
-        return None
-    for part in parts[1:]:
-        if part.startswith("path="):
-            return part[len("path=") :]
-    return parts[1] if "=" not in parts[1] else None
+    address = socket_address(endpoint)
+    return address[1] if address and address[0] == socket.AF_UNIX else None

@@ -1,14 +1,5 @@
 """
-The job client in a reactor (L{JobClient}): a persistent connection to each
-job node it is given (C{--jobs-connect}, repeatable; L{JobLink}). Each call
-goes to the first node whose connection is up, and to the next when that
-connection is lost; a node that comes back is used again as soon as its
-connection is up. A node known to be down is never waited for: its calls
-fail (or go to the next node) at once while it is retried in the
-background. L{twistedlrp.jobs.client.calls} holds the process's client and the
-thread-safe facade the public API uses.
-
-Why not C{ClientService}: it logs every retry at info level
+The job client in a reactor (L{JobClient}). Why not C{ClientService}: it logs every retry at info level
 ("Scheduling retry ...", which tests/test_faults.py checks the log is
 without), and a call made while it waits to retry waits for the next
 attempt instead of failing at once.
@@ -26,11 +17,11 @@ from twistedlrp.jobs.client.calls import (
     DEFAULT_TIMEOUT,
     TRIES_PER_NODE,
     Attempts,
+    broke_during,
     no_answer,
-    unknown_outcome,
 )
 from twistedlrp.jobs.client.link import CONNECTING, DOWN, UP, JobLink
-from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
+from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 
 log = Logger()
@@ -43,18 +34,12 @@ RECONNECT_WAIT = 2.0
 
 class JobClient:
     """
-    The process's job client in the reactor: a L{JobLink} to each job node
-    given, in order of preference.
-
-    Each call goes to the first node whose connection is up (or, before any
-    first attempt ended, waits for it). When its connection breaks during
-    the call, the request is sent again to the next node that is up, or to
-    the same node once it reconnected (within L{RECONNECT_WAIT}), within the
-    call's deadline: every operation may be repeated (a submission carries
-    the id the client chose, L{twistedlrp.jobs.client.calls.call}); a submission
-    without an id is not repeated. A node that answers C{UNAVAILABLE}
-    (stopping, its store away) is replaced by the next for that call. When
-    no node is up the call fails at once with L{JobServiceUnavailable}.
+    A L{JobLink} to each job node given, in order of preference. Each call
+    goes to the first node that is up (before any first attempt ended, it
+    waits for one); when its connection breaks during the call, the request
+    goes again to the next node that is up, or to the same one once it
+    reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows. When no
+    node is up the call fails at once.
 
     @param endpoints: a client endpoint string, a list of them, or an
         C{IStreamClientEndpoint} (then C{description} names it).
@@ -111,10 +96,7 @@ class JobClient:
 
     def current(self) -> JobLink | None:
         """@return: the node calls go to now: the first that is up."""
-        for link in self.links:
-            if link.state == UP:
-                return link
-        return None
+        return next((link for link in self.links if link.state == UP), None)
 
     def _changed(self, link: JobLink) -> None:
         current = self.current()
@@ -130,19 +112,12 @@ class JobClient:
             log.info("Job calls go to the job service at {endpoint}", endpoint=current.endpoint)
 
     def describe(self, requires: bool = False) -> dict:
-        """
-        @param requires: whether the node needs a job node to be healthy.
-        @return: the C{job_link} section of the health endpoint.
-        """
+        """@return: the C{job_link} section of the health endpoint (C{healthy} if C{requires})."""
         now = self.reactor.seconds()
         wall = time.time()
         current = self.current()
-        if current is not None:
-            state = UP
-        elif any(link.state == CONNECTING for link in self.links):
-            state = CONNECTING
-        else:
-            state = DOWN
+        connecting = any(link.state == CONNECTING for link in self.links)
+        state = UP if current is not None else CONNECTING if connecting else DOWN
         body = {
             "state": state,
             "node": current.endpoint if current is not None else None,
@@ -176,13 +151,10 @@ class JobClient:
 
     async def request(self, op: str, kw: dict, timeout: float | None = None):
         """
-        Send one operation (to the first node that is up; see the class).
-
         @return: the operation's answer (a job description, a list, stats).
         @raise JobError: the service's own error (a subclass says which).
         @raise JobServiceUnavailable: no node could be reached, or the
-            connection broke (then the message says whether the outcome
-            is unknown).
+            connection broke (then the message says whether the outcome is unknown).
         """
         attempts = Attempts(op, kw, timeout or self.timeout, self.reactor.seconds())
         deadline = attempts.deadline
@@ -211,14 +183,11 @@ class JobClient:
             except defer.TimeoutError:
                 raise no_answer(link.endpoint, op, attempts.limit, kw.get("id")) from None
             except (error.ConnectionLost, error.ConnectionDone) as e:
-                attempts.broke(
-                    f"the connection to the job service at {link.endpoint} broke during {op}: {e}"
-                )
+                attempts.broke(broke_during(link.endpoint, op, e))
                 lost = link
             except amp.UnknownRemoteError as e:
-                raise JobServiceUnavailable(
-                    f"the job service at {link.endpoint} failed during {op}: {e}"
-                    + unknown_outcome(op)
+                raise unsure(
+                    f"the job service at {link.endpoint} failed during {op}: {e}", op
                 ) from None
             except JobServiceUnavailable as e:
                 attempts.refused(link, e, len(self.links))

@@ -1,10 +1,4 @@
-"""
-One persistent AMP connection to one job node (L{JobLink}), kept by the
-reactor for L{twistedlrp.jobs.client.connection.JobClient}: retried in the
-background with back-off while the node is down (calls fail at once
-meanwhile), and pinged when silent, so that a frozen node or a network cut
-counts as lost within seconds, not when TCP gives up.
-"""
+"""One persistent AMP connection to one job node (L{JobLink}), for L{JobClient}."""
 
 from __future__ import annotations
 
@@ -16,7 +10,13 @@ from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, reconnect_backoff, unix_path, unreachable
+from twistedlrp.jobs.client.calls import (
+    DEFAULT_TIMEOUT,
+    NO_SOCKET,
+    reconnect_backoff,
+    unix_path,
+    unreachable,
+)
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 
@@ -33,13 +33,11 @@ UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 class JobLink:
     """
-    A persistent connection to one job node.
-
-    It connects at L{start}. Until that first attempt ends its state is
-    C{"connecting"} and calls wait for it; then it is C{"up"} or C{"down"}.
-    A lost connection, or an attempt that fails, makes it C{"down"} at once
-    (one warning), and it is retried in the background with back-off (the
-    first retry at once), then one line when it is up again.
+    A persistent connection to one job node. Until the first attempt (at
+    L{start}) ends its state is C{"connecting"} and calls wait for it; then
+    it is C{"up"} or C{"down"}. Down, calls fail at once while it is retried
+    in the background with back-off; pinged when silent, a frozen node or a
+    network cut counts as lost within seconds, not when TCP gives up.
 
     @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
         (then C{description} names it in messages).
@@ -83,8 +81,6 @@ class JobLink:
         self._watch = task.LoopingCall(self._check)
         self._watch.clock = reactor
 
-    # -- life ----------------------------------------------------------------------
-
     def start(self) -> None:
         self._stopped = False
         self._attempt()
@@ -95,9 +91,7 @@ class JobLink:
         self._stopped = True
         if self._watch.running:
             self._watch.stop()
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_retry()
         if self._attempting is not None:
             self._attempting.cancel()
         protocol = self.protocol
@@ -112,23 +106,17 @@ class JobLink:
         """@return: whether an attempt to connect is under way."""
         return self._attempting is not None
 
-    # -- connecting ----------------------------------------------------------------
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
 
     def _attempt(self) -> None:
         if self._attempting is not None or self._stopped:
             return
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+        self._cancel_retry()
         if self._socket_path is not None and not os.path.exists(self._socket_path):
-            self._failed(
-                Failure(
-                    JobServiceUnavailable(
-                        "its socket does not exist (is the server running, with this "
-                        "--state-dir or LRP_STATE_DIR?)"
-                    )
-                )
-            )
+            self._failed(Failure(JobServiceUnavailable(NO_SOCKET)))
             return
         d = defer.ensureDeferred(self._connect())
         d.addTimeout(self.timeout, self.reactor)
@@ -136,15 +124,17 @@ class JobLink:
         d.addCallbacks(self._connected, self._failed)
 
     async def _connect(self):
-        protocol = await self._connector.connect(_ClientFactory(self.reactor, self._lost))
+        factory = protocol.Factory.forProtocol(_ClientAMP)
+        factory.noisy, factory.link = False, self
+        proto = await self._connector.connect(factory)
         if self.secret is not None:
             try:
-                await wire.login(protocol, self.secret)
+                await wire.login(proto, self.secret)
             except BaseException:
-                if protocol.transport is not None:
-                    protocol.transport.loseConnection()
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
                 raise
-        return protocol
+        return proto
 
     def _connected(self, protocol) -> None:
         self._attempting = None
@@ -173,16 +163,16 @@ class JobLink:
         self._attempting = None
         if failure.check(defer.CancelledError) and self._stopped:
             failure = Failure(JobServiceUnavailable("the job client is stopped"))
-        if failure.check(defer.TimeoutError):
-            self.last_error = f"no connection within {self.timeout:g} s"
-        else:
-            self.last_error = _reason(failure)
         self.refused = bool(failure.check(AuthenticationFailed))
         if self.refused:
             self.last_error = f"it refused the shared secret ({failure.getErrorMessage()})"
-            failure = Failure(AuthenticationFailed(self.problem()))
+        elif failure.check(defer.TimeoutError):
+            self.last_error = f"no connection within {self.timeout:g} s"
         else:
-            failure = Failure(JobServiceUnavailable(self.problem()))
+            self.last_error = failure.getErrorMessage() or failure.type.__name__
+        failure = Failure(
+            (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
+        )
         if not self._stopped:
             if not self._warned:
                 self._warned = True
@@ -202,10 +192,7 @@ class JobLink:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             if not d.called:
-                if isinstance(outcome, Failure):
-                    d.errback(outcome)
-                else:
-                    d.callback(outcome)
+                (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 
     def _lost(self, protocol) -> None:
         """The connection of C{protocol} is lost (before its pending calls fail)."""
@@ -230,8 +217,6 @@ class JobLink:
             self.since = self.reactor.seconds()
         if self.on_change is not None:
             self.on_change(self)
-
-    # -- the ping ------------------------------------------------------------------
 
     def _check(self) -> None:
         protocol = self.protocol
@@ -258,11 +243,9 @@ class JobLink:
 
         d.addBoth(answered)
 
-    # -- calls ---------------------------------------------------------------------
-
     def problem(self) -> str:
         """@return: why calls to this node fail now."""
-        text = unreachable(self.endpoint, f": {self.last_error}" if self.last_error else "")
+        text = unreachable(self.endpoint, self.last_error)
         if self.state == DOWN:
             text += (
                 f" (down for {self.reactor.seconds() - self.since:.1f} s; "
@@ -272,10 +255,9 @@ class JobLink:
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; when connecting
-            for the first time, once connected (until C{deadline}); when
-            down, only with C{wait_reconnect} and an attempt under way
-            (until C{deadline}).
+        @return: the connected protocol: at once when up; else, when
+            connecting for the first time or (with C{wait_reconnect}) again,
+            once connected before C{deadline}.
         @raise JobServiceUnavailable: down, or not connected in time.
         @raise AuthenticationFailed: the service refused our secret.
         """
@@ -297,36 +279,19 @@ class JobLink:
         try:
             return await d
         except defer.TimeoutError:
-            raise JobServiceUnavailable(unreachable(self.endpoint, " in time")) from None
+            raise JobServiceUnavailable(unreachable(self.endpoint, detail=" in time")) from None
 
 
 class _ClientAMP(wire.QuietAMP):
-    def __init__(self, clock, on_lost):
-        super().__init__()
-        self._clock = clock
-        self._on_lost = on_lost
-        self.last_received = clock.seconds()
+    """Built by a factory whose C{link} is its L{JobLink}."""
+
+    last_received = 0.0  # the link's clock
 
     def ampBoxReceived(self, box):
-        self.last_received = self._clock.seconds()
+        self.last_received = self.factory.link.reactor.seconds()
         super().ampBoxReceived(box)
 
     def connectionLost(self, reason):
         # First the link (it is down before the calls on it fail and look for another).
-        self._on_lost(self)
+        self.factory.link._lost(self)
         super().connectionLost(reason)
-
-
-class _ClientFactory(protocol.Factory):
-    noisy = False
-
-    def __init__(self, clock, on_lost):
-        self._clock = clock
-        self._on_lost = on_lost
-
-    def buildProtocol(self, addr):
-        return _ClientAMP(self._clock, self._on_lost)
-
-
-def _reason(failure: Failure) -> str:
-    return failure.getErrorMessage() or failure.type.__name__

@@ -1,9 +1,4 @@
-"""
-The job client of views that run in the process hosting the job service
-(L{LocalClient}): the service's methods are called in the reactor, with no
-AMP and no socket; an unexpected error becomes a L{JobError}, as the AMP
-front end makes it.
-"""
+"""The job client of views in the process that hosts the job service (L{LocalClient})."""
 
 from __future__ import annotations
 
@@ -19,12 +14,10 @@ log = Logger()
 
 class LocalClient:
     """
-    The job service of this very process, called directly: a view's call
-    runs the service's method in the reactor (through
-    L{twistedlrp.reactor_bridge.call_in_reactor}, as every call does) without AMP,
-    a socket, a second encoding or a second reactor turn. Answers and errors
-    are those of L{JobClient.request}; the service builds each answer for
-    its caller, so nothing is copied.
+    The job service of this very process, its methods called in the reactor
+    without AMP, a socket or a second encoding; answers and errors are those
+    of L{JobClient.request} (an unexpected error becomes a L{JobError}, as
+    the AMP front end makes it).
 
     @param service: the L{twistedlrp.jobs.service.job_service.JobService}.
     @param description: the endpoint named in messages.
@@ -58,7 +51,7 @@ class LocalClient:
                 await listening
             except defer.TimeoutError:
                 raise JobServiceUnavailable(
-                    unreachable(self.endpoint, f" within {limit:g} s (it is starting)")
+                    unreachable(self.endpoint, detail=f" within {limit:g} s (it is starting)")
                 ) from None
         operation = wire.OPERATIONS[op]
         d = limits.guarded(

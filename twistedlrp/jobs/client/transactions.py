@@ -1,27 +1,10 @@
 """
-Submissions that join the caller's database transaction.
-
-A job submitted while the calling thread is inside C{transaction.atomic()}
-on the default database (the one that holds the job table) is stored
-through the caller's own connection, inside its transaction: it commits
-with it and vanishes with its rollback (a savepoint's too), so it never
-runs before the rows it needs are committed. Such a submission never waits
-for the job service: on SQLite, a job service waiting for the write lock
-the caller holds while the caller waits for the job service would hang
-both.
-
-The job service learns of the job at the commit. On PostgreSQL the insert
-sends C{NOTIFY}, which the database delivers with the commit, and any job
-node claims the job from the table. On SQLite, where the only job service
-keeps its queue in memory, the job is also recorded in the announcement
-table (L{twistedlrp.models.Announcement}); after the commit the submitting
-process tells the service (C{Announce}), and the service sweeps that table
-every few seconds for jobs whose process died between the commit and the
-word.
-
-L{outside_transaction} (and C{jobs.submit(..., join_transaction=False)})
-submits through the job service at once instead, whatever the caller's
-transaction does: for a job that must run even if the request fails.
+Submissions that join the caller's database transaction (docs/jobs.md,
+"Jobs and transactions"): stored through the caller's own connection, they
+never wait for the job service (on SQLite, a service waiting for the write
+lock the caller holds while the caller waits for it would hang both). The
+service learns of them at the commit: by the insert's C{NOTIFY} on
+PostgreSQL, on SQLite by an C{Announce}, or its sweep of the announcement table.
 """
 
 from __future__ import annotations
@@ -33,10 +16,10 @@ import threading
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.errors import JobError
 from twistedlrp.jobs.protocol.arguments import (
-    DEFAULT_MAX_PAYLOAD,
     canonical_job_id,
     check_payload,
-    check_submission,
+    check_submitted,
+    default_max_payload,
     submission_fields,
 )
 
@@ -53,8 +36,16 @@ ANNOUNCE_BATCH = 500
 # committed), so the list is capped.
 _MAX_PENDING = 10_000
 
-_local = threading.local()
-_max_payload = DEFAULT_MAX_PAYLOAD
+
+class _Local(threading.local):
+    outside = 0  # depth of outside_transaction() blocks
+
+    def __init__(self):
+        self.pending: list[str] = []  # ids committed, not announced yet
+
+
+_local = _Local()
+_max_payload: int | None = None  # the option's default until the server or its child says
 
 
 def limit_payload(limit: int) -> None:
@@ -67,18 +58,12 @@ def limit_payload(limit: int) -> None:
 def outside_transaction():
     """
     Within this block, submissions (and cancellations) from this thread go
-    to the job service at once and are committed there, whatever becomes
-    of the caller's transaction (a job that must run even if the request
-    fails).
-
-    On SQLite a transaction holds the database's only write lock until it
-    ends (from its start, in the server: see
-    L{twistedlrp.boot.sqlite_immediate_transactions}), so the job service
-    cannot store anything before then: inside C{atomic()} on SQLite such a
-    change is handed to the job service without waiting (L{detached}), and
-    it is stored once the caller's transaction ends, committed or not.
+    to the job service at once, whatever becomes of the caller's
+    transaction. On SQLite the caller's transaction holds the only write
+    lock until it ends, so inside C{atomic()} there the change is handed
+    over without waiting (L{detached}) and stored once that transaction ends.
     """
-    depth = getattr(_local, "outside", 0)
+    depth = _local.outside
     _local.outside = depth + 1
     try:
         yield
@@ -88,7 +73,7 @@ def outside_transaction():
 
 def joins() -> bool:
     """@return: whether a submission from this thread now joins its transaction."""
-    if getattr(_local, "outside", 0):
+    if _local.outside:
         return False
     from django.db import connection
 
@@ -106,16 +91,11 @@ def submit(kw: dict) -> dict:
     """
     Store a job through the caller's connection, inside its transaction.
 
-    @param kw: the submission as L{twistedlrp.jobs.client.calls.call} has it
-        (C{name}, C{payload} and the optional C{priority}, C{run_after},
-        C{key}, C{timeout}, C{id}).
+    @param kw: the submission as L{twistedlrp.jobs.client.calls.call} has it.
     @return: the job's wire description (an existing one's when C{id}
         names one, or C{key} an unfinished one).
-    @raise NotRegistered: the job is not registered in this process (nor
-        in the job modules of the site).
-    @raise InvalidArguments: a bad value; nothing is stored and the
-        caller's transaction is unharmed.
-    @raise PayloadTooLarge: the arguments exceed C{--max-job-payload}.
+    @raise JobError: L{NotRegistered}, L{InvalidArguments} or
+        L{PayloadTooLarge}; nothing is stored, the transaction is unharmed.
     """
     from django.db import IntegrityError, connection, transaction
 
@@ -139,22 +119,20 @@ def submit(kw: dict) -> dict:
                 raise
     if created:
         if postgres:
-            transaction.on_commit(lambda: _count(definition.name))
+            from twistedlrp.jobs.service import metrics as job_metrics
+
+            transaction.on_commit(lambda: job_metrics.count("submitted", definition.name))
         else:
-            pending = _pending()
-            pending.append(info["id"])
-            del pending[:-_MAX_PENDING]
+            _local.pending.append(info["id"])
+            del _local.pending[:-_MAX_PENDING]
             transaction.on_commit(_announce_pending)
     return info
 
 
 def cancel(kw: dict) -> dict:
     """
-    Cancel a job through the caller's connection, inside its transaction:
-    a queued job is cancelled, a running one flagged, both only if the
-    transaction commits; then the job service is told (on PostgreSQL by
-    the C{NOTIFY} the commit delivers), and it stops the job or takes it
-    out of its queue.
+    Cancel a job through the caller's connection, inside its transaction;
+    the job service is told after the commit.
 
     @return: the job's wire description after the request.
     @raise UnknownJob: no job has this id (for this transaction).
@@ -174,46 +152,19 @@ def cancel(kw: dict) -> dict:
 
 def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
     """
-    Check a submission in the submitting process (the job service does not
-    see it first).
-
-    @return: the job's definition, what L{check_submission} returned, and
+    @return: the job's definition, what L{check_submitted} returned, and
         its C{args} and C{kwargs}.
     @raise JobError: L{NotRegistered}, L{InvalidArguments} or L{PayloadTooLarge}.
     """
-    name = kw["name"]
-    checked = check_submission(
-        name,
-        kw.get("priority"),
-        kw.get("run_after"),
-        kw.get("key"),
-        kw.get("timeout"),
-        kw.get("id"),
-    )
-    definition = registry.find(name)
-    return (definition, checked, *check_payload(name, kw["payload"], _max_payload, "the limit"))
-
-
-def _pending() -> list[str]:
-    pending = getattr(_local, "pending", None)
-    if pending is None:
-        pending = _local.pending = []
-    return pending
-
-
-def _count(name: str) -> None:
-    from twistedlrp.jobs.service import metrics as job_metrics
-
-    job_metrics.count("submitted", name)
+    checked = check_submitted(kw)
+    definition = registry.find(kw["name"])
+    limit = default_max_payload() if _max_payload is None else _max_payload
+    return (definition, checked, *check_payload(kw["name"], kw["payload"], limit, "the limit"))
 
 
 def _announce_pending() -> None:
     """After a commit: tell the job service of the jobs this thread committed."""
-    pending = _pending()
-    if not pending:
-        return  # An earlier callback of the same commit sent them.
-    ids = list(pending)
-    pending.clear()
+    ids, _local.pending = _local.pending, []
     for start in range(0, len(ids), ANNOUNCE_BATCH):
         if not _tell("announce", job_ids=ids[start : start + ANNOUNCE_BATCH]):
             return
@@ -221,12 +172,10 @@ def _announce_pending() -> None:
 
 def _tell(op: str, **kw) -> bool:
     """
-    After a commit: tell the job service what it committed (C{announce},
-    C{cancel}), within L{ANNOUNCE_TIMEOUT}.
+    After a commit: tell the job service what it committed, within L{ANNOUNCE_TIMEOUT}.
 
     @return: whether it was told; if not, a warning says so (the service
-        finds announced jobs by itself; a cancelled queued job does not
-        run, its claim finds it cancelled).
+        finds announced jobs by itself; a cancelled job's claim finds it cancelled).
     """
     from twistedlrp.jobs.client import calls as client
 
@@ -246,14 +195,13 @@ DETACHED_DEADLINE = 120.0
 
 def detached(op: str, kw: dict) -> dict:
     """
-    Submit or cancel a job independently of the caller's SQLite
-    transaction, which may hold the only write lock until it ends: a thread
-    of its own hands the request to the job service, and retries it (a
-    submission with the same id) until the service could store it. A
-    submission is checked here first (its name, its arguments' size).
+    Submit or cancel a job apart from the caller's SQLite transaction: a
+    thread of its own hands it to the job service, again (with the same
+    id) until the service could store it. A submission is checked here first.
 
     @return: the job's wire description: a submission as it will be stored
         (C{queued}); a cancelled job as it is now.
+    @raise JobError: the submission's L{_checked} failed.
     """
     import uuid
     from datetime import UTC, datetime

@@ -1,12 +1,4 @@
-"""
-The job service's AMP front end: one L{ServiceProtocol} per client
-connection, and L{AMPFrontEnd}, which listens.
-
-By default the service listens on a UNIX socket of mode 0600 in the state
-directory, trusted without a login. Any other listener requires the shared
-secret: nothing but C{Challenge} and C{Login} is answered before a
-successful Login (see L{twistedlrp.jobs.protocol.wire}).
-"""
+"""The job service's AMP front end (docs/protocol.md): L{AMPFrontEnd} and its L{ServiceProtocol}."""
 
 from __future__ import annotations
 
@@ -23,7 +15,7 @@ from twisted.protocols import amp
 from twistedlrp.jobs.client.calls import unix_client_endpoint
 from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, PayloadTooLarge
 from twistedlrp.jobs.protocol import limits, wire
-from twistedlrp.jobs.protocol.arguments import DEFAULT_MAX_PAYLOAD
+from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
 from twistedlrp.ordered_service import StartupFailed
 from twistedlrp.values import permissions_problem
@@ -46,18 +38,11 @@ class ServiceProtocol(wire.QuietAMP):
     """
     One client connection. With C{secret} set, nothing but C{Challenge}
     and C{Login} is answered before a successful Login; anything else, or
-    a wrong digest, gets an error and the connection is closed.
+    a wrong digest, gets an error and the connection is closed. What the
+    client sends is bounded as it arrives, never buffered whole (docs/protocol.md, "Limits").
 
-    What the client may send is bounded as it arrives, never buffered
-    whole: before Login, C{gate.limits.pre_login_bytes} over all its boxes
-    (more closes the connection); after Login (from the start without a
-    secret), C{service.max_payload} plus L{limits.BOX_FRAMING} in one box
-    (more is answered with C{PAYLOAD_TOO_LARGE}, the rest of the box is
-    read and dropped, and the connection is closed).
-
-    @param gate: the listener's L{limits.Gate} (login deadline, bounds on
-        the connections waiting to log in, rate-limited refusal warnings),
-        or C{None} for none of those.
+    @param gate: the listener's L{limits.Gate}, or C{None} for no login
+        deadline, no bounds on waiting logins and unthrottled warnings.
     """
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
@@ -70,14 +55,13 @@ class ServiceProtocol(wire.QuietAMP):
         self.peer = None
         bounds = gate.limits if gate is not None else limits.Limits()
         self.pre_login_bytes = bounds.pre_login_bytes
-        self.max_box = getattr(service, "max_payload", DEFAULT_MAX_PAYLOAD) + limits.BOX_FRAMING
+        max_payload = getattr(service, "max_payload", None) or default_max_payload()
+        self.max_box = max_payload + limits.BOX_FRAMING
         # Boxes are read here, each within its limit, before AMP sees them.
         self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
         self._discard_deadline = None  # an IDelayedCall
-
-    # -- limits ---------------------------------------------------------
 
     def connectionMade(self):
         super().connectionMade()
@@ -86,7 +70,7 @@ class ServiceProtocol(wire.QuietAMP):
             self.gate.enter(self, self.peer, self._login_expired)
 
     def evicted(self) -> None:
-        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        """The gate closes this connection to make room for a newer one."""
         self._refused = True
 
     def connectionLost(self, reason):
@@ -96,10 +80,9 @@ class ServiceProtocol(wire.QuietAMP):
         super().connectionLost(reason)
 
     def _limit(self) -> int:
-        """@return: the most bytes the box being read may take."""
+        """@return: the most bytes the box being read may take (before Login, over all boxes)."""
         if self.authenticated:
             return self.max_box
-        # Before Login, over all boxes.
         reader = self.reader
         return self.pre_login_bytes - (reader.consumed - reader.size)
 
@@ -127,7 +110,6 @@ class ServiceProtocol(wire.QuietAMP):
             self.ampBoxReceived(box)
 
     def _too_large(self) -> None:
-        """The box being received (or what came before Login) is over the limit."""
         box = self.reader.box
         ask = box.get(b"_ask")
         command = box.get(b"_command", b"?").decode("ascii", "replace")
@@ -171,11 +153,7 @@ class ServiceProtocol(wire.QuietAMP):
         if ask is None or self.transport is None:
             return
         self.sendBox(
-            amp.AmpBox(
-                _error=ask,
-                _error_code=code,
-                _error_description=description.encode("utf-8"),
-            )
+            amp.AmpBox(_error=ask, _error_code=code, _error_description=description.encode())
         )
 
     def _close(self) -> None:
@@ -207,8 +185,6 @@ class ServiceProtocol(wire.QuietAMP):
         else:
             log.warn(format, peer=peer, **kwargs)
 
-    # -- commands -------------------------------------------------------
-
     def ampBoxReceived(self, box):
         if amp.COMMAND not in box:
             # An answer, an error or nothing: this service asks its clients nothing.
@@ -221,10 +197,9 @@ class ServiceProtocol(wire.QuietAMP):
 
     def unhandledError(self, failure):
         """
-        A command sent without C{_ask} failed (AMP would log it with a
-        traceback and close): our own refusals are dropped quietly (the
-        connection closes when they are fatal); anything else is an
-        internal error, logged at most once per cause and interval.
+        A command sent without C{_ask} failed (AMP would log a traceback):
+        our own refusals pass quietly (closing when fatal); anything else
+        is an internal error.
         """
         if failure.check(amp.RemoteAmpError):
             if failure.value.fatal:
@@ -263,10 +238,9 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _reading_arguments(self, responder):
         """
-        C{responder}, whose arguments that cannot be read are answered with
-        C{INVALID_ARGUMENTS} naming them (see L{wire._Command.parseArguments};
-        AMP would answer an unknown error, log a traceback and close);
-        before Login, the connection is closed after that answer.
+        @return: C{responder}, whose arguments that cannot be read are
+            answered with C{INVALID_ARGUMENTS} (fatal before Login), where
+            AMP would answer an unknown error and log a traceback.
         """
 
         def read(box):
@@ -283,7 +257,7 @@ class ServiceProtocol(wire.QuietAMP):
 
     @wire.Challenge.responder
     def challenge(self):
-        self.nonce = wire.new_nonce()
+        self.nonce = os.urandom(32)
         return {"nonce": self.nonce}
 
     @wire.Login.responder
@@ -308,11 +282,7 @@ class ServiceProtocol(wire.QuietAMP):
 
 
 class ServiceFactory(protocol.Factory):
-    """
-    Builds a L{ServiceProtocol} per connection; C{secret} C{None} means
-    trusted (UNIX socket). With a C{gate}, each connection waits its turn
-    to log in there (a new one may close the one that has waited longest).
-    """
+    """Builds a L{ServiceProtocol} per connection; C{secret} C{None} means trusted."""
 
     noisy = False
 
@@ -325,17 +295,13 @@ class ServiceFactory(protocol.Factory):
         return ServiceProtocol(self.service, self.secret, self.gate)
 
 
-class AMPFrontEnd:
+class AMPFrontEnd(limits.FrontEnd):
     """
     Listens for job clients over AMP.
 
     @param endpoint: a server endpoint string, or C{None} for the UNIX
-        socket C{jobs.sock} in C{state_dir} (mode 0600, no login).
+        socket C{jobs.sock} in C{state_dir} (mode 0600, trusted without a login).
     @param secret_file: the shared secret's file, required for any other endpoint.
-    @param allow_open_permissions: use a C{state_dir} that its group or
-        others may write to (otherwise refused).
-    @ivar client_endpoint: once listening, the client endpoint string that
-        reaches it (for the workers and the local job client).
     """
 
     def __init__(
@@ -351,13 +317,10 @@ class AMPFrontEnd:
         self.state_dir = state_dir
         self.secret_file = secret_file
         self.allow_open_permissions = allow_open_permissions
-        self.client_endpoint: str | None = None
-        self.port = None
 
     async def listen(self, service) -> None:
         """
-        Serve C{service}, the job service's
-        L{twistedlrp.jobs.service.handlers.JobOperations}.
+        Serve C{service}, the job service's L{JobOperations}.
 
         @raise StartupFailed: the endpoint cannot listen, another service owns
             the socket, or others may write to the state directory.
@@ -387,14 +350,10 @@ class AMPFrontEnd:
             self.client_endpoint = unix_client_endpoint(path)
             log.info("Job service listening on unix:{path} (mode 0600)", path=path)
 
-    def stop(self) -> defer.Deferred:
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
-
     def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
         """
-        @return: the path of the socket in the state directory (created with
-            mode 0700 if missing); a socket left there by a dead server is removed.
+        @return: the socket's path in the state directory (made with mode
+            0700 if missing), where a dead server's socket is removed.
         @raise StartupFailed: another service listens there, or the
             directory's group or others may write to it.
         """

@@ -1,15 +1,9 @@
 """
-What a client may ask for, checked where it enters: in the calling process
-(L{twistedlrp.jobs.submit}, L{twistedlrp.jobs.wait}, ...) and again in the
-job service (whatever front end it came through), so that a bad value is
-refused with L{InvalidArguments} naming the field, and nothing is stored.
-
-Job ids are UUIDs with one canonical form, lower-case and hyphenated
-(C{str(uuid.UUID(...))}), the form the job service stores and answers:
-every other spelling a client may use (upper case, without hyphens, in
-braces) is brought to it where it enters (L{canonical_job_id}), so that
-the same job is the same key everywhere (waiters, the progress streams,
-the eager mode).
+What a client may ask for, checked in the calling process and again in the
+job service, so that a bad value is refused with L{InvalidArguments} naming
+the field, and nothing is stored. Job ids are brought to one form where
+they enter (L{canonical_job_id}), so that the same job is the same key
+everywhere (waiters, the progress streams, the eager mode).
 """
 
 from __future__ import annotations
@@ -34,12 +28,10 @@ NAME_LENGTH = 255
 MAX_WAIT_TIMEOUT = 3600.0
 #: C{ListJobs}: the most jobs one call may list.
 MAX_LIST_LIMIT = 1000
-#: The longest C{seen} mark of a C{Wait} (L{twistedlrp.jobs.protocol.wire.seen_mark} makes 32 characters).
+#: The longest C{seen} mark of a C{Wait} (L{wire.seen_mark} makes 32 characters).
 SEEN_LENGTH = 64
 #: A job id is read from at most this many characters (a UUID takes 36 to 45).
 _JOB_ID_LENGTH = 64
-#: The default of C{--max-job-payload}: the JSON of a job's arguments, or of its result.
-DEFAULT_MAX_PAYLOAD = 1024 * 1024
 # Unix times that every database's timestamp column (and Python) can hold.
 _RUN_AFTER_RANGE = (0.0, datetime(9999, 1, 1, tzinfo=UTC).timestamp())
 
@@ -48,11 +40,8 @@ def check_submission(
     name, priority=None, run_after=None, key=None, timeout=None, job_id=None
 ) -> dict:
     """
-    @return: the values, normalised (C{priority} an int, C{run_after} and
-        C{timeout} floats, C{key} a string or C{None}, C{job_id} the
-        canonical form of a UUID or C{None}).
-    @raise InvalidArguments: a value of the wrong type or out of range; the
-        message names the field and the value.
+    @return: the values, normalised (C{job_id} a canonical UUID or C{None}).
+    @raise InvalidArguments: a value of the wrong type or out of range.
     """
     if not isinstance(name, str) or not name:
         raise InvalidArguments(f"name: expected a job's registered name, got {shown(name)}")
@@ -68,6 +57,19 @@ def check_submission(
         "timeout": check_seconds("timeout", timeout),
         "job_id": check_job_id(job_id),
     }
+
+
+def check_submitted(kw: dict) -> dict:
+    """@return: L{check_submission} of a submission as the client has it (C{id} is its job id)."""
+    fields = ("priority", "run_after", "key", "timeout", "id")
+    return check_submission(kw["name"], *(kw.get(field) for field in fields))
+
+
+def default_max_payload() -> int:
+    """@return: the option table's default of C{--max-job-payload} (it imports Twisted: when needed)."""
+    from twistedlrp.options import OPTIONS
+
+    return next(o.default_value() for o in OPTIONS if o.name == "max-job-payload")
 
 
 def check_priority(value):
@@ -145,8 +147,7 @@ def check_job_id(value) -> str | None:
 
 def canonical_job_id(value, field: str = "job_id") -> str:
     """
-    @return: the job id C{value} (a string or a C{uuid.UUID}) in its
-        canonical form, lower-case and hyphenated.
+    @return: the job id C{value} (a string or a C{uuid.UUID}) in its canonical form.
     @raise UnknownJob: C{value} is a string but not a UUID: no job has it.
     @raise InvalidArguments: C{value} is not a string.
     """
@@ -159,6 +160,7 @@ def canonical_job_id(value, field: str = "job_id") -> str:
 
 
 def _as_uuid(value) -> str | None:
+    """@return: C{value} in the canonical form of a UUID (lower-case, hyphenated), or C{None}."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if not isinstance(value, str) or len(value) > _JOB_ID_LENGTH:
@@ -234,12 +236,17 @@ def shown(value, length: int = 80) -> str:
     return text if len(text) <= length else f"{text[:length]}... ({len(text)} characters)"
 
 
+def shown_error(error: Exception, length: int = 200) -> str:
+    """@return: what C{error} says, cut to about C{length} characters."""
+    text = str(error) or type(error).__name__
+    return text if len(text) <= length else text[:length] + "..."
+
+
 def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> dict:
     """
-    @param definition: the job's L{twistedlrp.jobs.registry.JobDefinition}.
     @param checked: what L{check_submission} returned.
     @return: the columns of the job a submission stores (without its id),
-        the definition's defaults filled in where the submission named none.
+        the C{definition}'s defaults where the submission named none.
     """
     run_after = checked["run_after"]
     return {

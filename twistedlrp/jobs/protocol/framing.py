@@ -1,19 +1,15 @@
 """
-AMP's framing without Twisted, for processes that run no reactor: the
-worker child (L{twistedlrp.jobs.workers.main}) and the blocking job client
-(L{twistedlrp.jobs.client.blocking}).
-
-The other end speaks AMP (twisted.protocols.amp, L{twistedlrp.jobs.protocol.wire});
-these need only its framing: a box is pairs of 16-bit length-prefixed keys
-and values, ended by an empty key. Payloads and outcomes travel as
-L{wire.BigBytes} does it: C{name} holds the count of pieces, C{name.0},
-C{name.1}, ... the pieces. Leaving Twisted's reactor and AMP out of the
-worker saves about 16 MB of memory per worker and two thread hops per job.
+AMP's framing without Twisted, for the worker child (L{workers.main}), the
+blocking job client and the job service's listeners, which read each box
+within a limit: a box is pairs of 16-bit length-prefixed keys and values,
+ended by an empty key. A big value is split into pieces (L{put_big}):
+C{name} holds their count, C{name.0}, C{name.1}, ... the pieces.
 """
 
 from __future__ import annotations
 
-_CHUNK = 65_000  # wire.CHUNK
+# Below AMP's 65,535-byte limit for one value.
+CHUNK = 65_000
 _MAX_VALUE = 0xFFFF
 _MAX_KEY = 255
 
@@ -30,8 +26,8 @@ def encode_box(box: dict[bytes, bytes]) -> bytes:
 
 
 def put_big(box: dict[bytes, bytes], name: bytes, value: bytes) -> None:
-    """Add C{value} to C{box} under C{name}, in pieces (L{wire.BigBytes})."""
-    pieces = [value[i : i + _CHUNK] for i in range(0, len(value), _CHUNK)] or [b""]
+    """Add C{value} to C{box} under C{name}, in pieces."""
+    pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
     box[name] = str(len(pieces)).encode()
     for i, piece in enumerate(pieces):
         box[name + b".%d" % i] = piece
@@ -49,11 +45,9 @@ class BoxTooLarge(ValueError):
 class BoxReader:
     """
     Splits a byte stream into AMP boxes (dicts of bytes), one at a time
-    when it must keep a limit (the job service's listeners, before AMP
-    sees a box).
+    when it must keep a limit.
 
-    @ivar box: the box being read (what is complete of it).
-    @ivar size: the bytes of it read so far.
+    @ivar box: the box being read (what is complete of it), C{size} bytes so far.
     @ivar consumed: the bytes of the stream read into boxes so far.
     """
 

@@ -1,11 +1,7 @@
 """
-The limits of the job listeners (docs/protocol.md, "Limits"): what a client
-may send before it logs in and for how long, how many may wait to log in at
-once, in all and per peer address (L{Gate}), and warnings about refused
-clients (L{RefusalLog}) and tracebacks of internal errors (L{FailureLog})
-that a flood cannot turn into a flood of log lines. The AMP front end
-(L{twistedlrp.jobs.protocol.amp}) and the Perspective Broker one (L{twistedlrp.jobs.pb})
-apply them.
+The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"):
+the connections waiting to log in (L{Gate}), and warnings (L{RefusalLog})
+and tracebacks (L{FailureLog}) that a flood cannot turn into a flood of lines.
 """
 
 from __future__ import annotations
@@ -31,11 +27,6 @@ PRE_LOGIN_BYTES = 4096
 # Seconds a connection has to log in before it is closed (the setting
 # LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
 LOGIN_TIMEOUT = 10.0
-# Connections of one listener that may wait to log in at once, in all and from
-# one peer address (an IPv6 /64); a new one beyond either closes the one that
-# has waited longest (see Gate).
-MAX_UNAUTHENTICATED = 64
-MAX_UNAUTHENTICATED_PER_PEER = 8
 # The listen queue of a TCP or TLS job listener whose endpoint names none
 # (Twisted's default is 50; the kernel caps it at net.core.somaxconn): a flood
 # of connections faster than the server accepts them fills the queue, and the
@@ -60,8 +51,10 @@ class Limits:
 
     login_timeout: float = LOGIN_TIMEOUT
     pre_login_bytes: int = PRE_LOGIN_BYTES
-    max_unauthenticated: int = MAX_UNAUTHENTICATED
-    max_unauthenticated_per_peer: int = MAX_UNAUTHENTICATED_PER_PEER
+    # Connections that may wait to log in at once, in all and from one peer
+    # address (an IPv6 /64); a new one beyond either closes one (see Gate).
+    max_unauthenticated: int = 64
+    max_unauthenticated_per_peer: int = 8
 
 
 def describe_peer(address) -> str:
@@ -76,8 +69,6 @@ def describe_peer(address) -> str:
 
 @dataclass
 class _Burst:
-    """One key's lines in an interval (see L{_Throttle})."""
-
     logged_at: float
     left_out: int = 0
     last: tuple = ()  # what the last line left out would have said
@@ -86,9 +77,8 @@ class _Burst:
 
 class _Throttle:
     """
-    At most one line per key every C{interval} seconds, so that a flood
-    makes one line, and one more at the end of the interval that counts
-    those left out (and shows the last).
+    At most one line per key every C{interval} seconds, and one more at the
+    interval's end that counts those left out (and shows the last).
 
     @param clock: the reactor (the global one by default, looked up when needed).
     """
@@ -129,8 +119,6 @@ class _Throttle:
 
 
 class RefusalLog(_Throttle):
-    """Warnings about refused clients, at most one of each kind every C{interval} seconds."""
-
     def __init__(self, clock, log: Logger, interval: float = REFUSAL_LOG_INTERVAL):
         super().__init__(clock, interval)
         self.log = log
@@ -153,21 +141,15 @@ class RefusalLog(_Throttle):
 
 class FailureLog(_Throttle):
     """
-    Tracebacks of the job service's internal errors (an operation failed
-    in a way it does not expect, answered as "internal error"), at most
-    one per cause every C{interval} seconds, so that a client that finds
-    one cannot fill the log: the first is logged whole (CRITICAL, with its
-    traceback); one line at the interval's end counts the others, with the
-    last one's message. A cause is the operation, the exception's type and
-    the line that raised it.
+    Tracebacks of the job service's internal errors, at most one per cause
+    (the operation, the exception's type, the line that raised it) every
+    C{interval} seconds, so that a client that finds one cannot fill the log.
     """
-
-    def __init__(self, clock=None, interval: float = FAILURE_LOG_INTERVAL):
-        super().__init__(clock, interval)
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
-        place = _raised_at(failure)
+        frames = getattr(failure, "frames", None)
+        place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
         if not self._left_out((log.namespace, op, failure.type, place), last, self._summary):
             log.failure(format, failure, op=op, **kwargs)
@@ -188,25 +170,15 @@ class FailureLog(_Throttle):
         )
 
 
-def _raised_at(failure: Failure) -> str:
-    """@return: C{file:line} of the innermost frame of C{failure}'s traceback, if it has one."""
-    frames = getattr(failure, "frames", None)
-    if not frames:
-        return "?"
-    _, filename, line = frames[-1][:3]
-    return f"{filename}:{line}"
-
-
 #: The job service's one L{FailureLog} (its front ends and its local client share it).
-internal_errors = FailureLog()
+internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
 
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
     """
-    @return: a Deferred of C{fn(*args)}, the service's operation C{op}: its
-        L{JobError}s pass; anything else is logged (at most one traceback
-        per cause and interval) and becomes a L{JobError} saying it was
-        internal (a front end would otherwise send a traceback or close).
+    @return: a Deferred of C{fn(*args)}, the service's operation C{op}:
+        anything but a L{JobError} is logged (L{internal_errors}) and
+        becomes a L{JobError} saying it was internal.
     """
 
     def translate(failure):
@@ -220,17 +192,12 @@ def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer
 
 class Gate:
     """
-    One listener's connections that have not logged in yet (its pending
-    logins): each is closed after C{limits.login_timeout} seconds unless it
-    logs in first, and they are bounded per peer address and in all, the
-    way C{--max-connections} bounds HTTP connections: a new connection is
-    always taken, and makes room by closing the pending login that has
-    waited longest, from its own address when that address already has
-    C{limits.max_unauthenticated_per_peer} (so that connections from one
-    address only ever push out each other), else from any address when the
-    listener has C{limits.max_unauthenticated}. So idle connections from
-    one address cannot keep a client at another from logging in. Also
-    holds the listener's L{RefusalLog}.
+    One listener's connections that have not logged in yet: each is closed
+    after C{limits.login_timeout} seconds unless it logs in first. A new
+    one is always taken, and makes room by closing the one that has waited
+    longest: from its own address when that address has
+    C{max_unauthenticated_per_peer} already (so that one address only ever
+    pushes out its own), else from any when the listener has C{max_unauthenticated}.
 
     @param listener: the listener's endpoint, for the messages.
     """
@@ -248,19 +215,13 @@ class Gate:
 
     @property
     def waiting(self) -> int:
-        """How many connections are waiting to log in."""
         return len(self._waiting)
 
     def waiting_from(self, address) -> int:
-        """How many connections from C{address} (its L{peer_key}) are waiting to log in."""
         return len(self._by_peer.get(peer_key(address), ()))
 
     def enter(self, protocol, address, expired: Callable[[], object]) -> None:
-        """
-        C{protocol}'s connection, from C{address}, waits to log in;
-        C{expired()} is called at its deadline. Room is made first (see
-        the class).
-        """
+        """C{protocol}, from C{address}, waits to log in; C{expired()} is called at its deadline."""
         key = peer_key(address)
         same = self._by_peer.get(key)
         if same and len(same) >= self.limits.max_unauthenticated_per_peer:
@@ -322,8 +283,6 @@ class Gate:
 
 @dataclass
 class _Pending:
-    """A connection waiting to log in (see L{Gate})."""
-
     key: str
     address: object
     deadline: object  # an IDelayedCall
@@ -332,9 +291,8 @@ class _Pending:
 def peer_key(address) -> str:
     """
     @return: what L{Gate} counts pending logins by: the host of an IPv4
-        address, the /64 network of an IPv6 one (one site or host usually
-        holds a whole /64; an IPv4 address mapped into IPv6 counts as
-        itself), C{"unix"} for a UNIX socket peer.
+        address (mapped into IPv6 too), the /64 network of an IPv6 one (one
+        site usually holds a whole /64), C{"unix"} for a UNIX socket peer.
     """
     if isinstance(address, IPv4Address):
         return address.host
@@ -353,13 +311,13 @@ def peer_key(address) -> str:
 
 def abort_now(transport) -> None:
     """
-    Close a connection at once and free its descriptor now: the reactor
-    would close it only on its next turn, and one turn may accept hundreds
-    of connections (the same as the HTTP side's eviction).
+    Close a connection and free its descriptor now, not on the reactor's
+    next turn (one turn may accept hundreds of connections).
     """
     transport.abortConnection()
-    # The socket's own transport, under TLS if any (tcp and unix ones
-    # ignore a second connectionLost, the one abortConnection scheduled).
+    # The socket's own transport, under TLS if any (tcp and unix ones ignore
+    # a second connectionLost, the one abortConnection scheduled). (As
+    # web.ports.socket_transport, which a job node without HTTP does not import.)
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
     if getattr(transport, "socket", None) is not None and not getattr(
@@ -368,12 +326,19 @@ def abort_now(transport) -> None:
         transport.connectionLost(Failure(ConnectionAborted()))
 
 
+class FrontEnd:
+    """A listener of the job service, stopped by L{stop}."""
+
+    port = None
+    client_endpoint: str | None = None  # once listening, the client endpoint that reaches it
+
+    def stop(self) -> defer.Deferred:
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
 def with_backlog(endpoint: str) -> str:
-    """
-    @return: the server endpoint string C{endpoint}, with
-        C{backlog=}L{LISTEN_BACKLOG} when it is a C{tcp:}, C{tcp6:} or
-        C{ssl:} one that does not name its own.
-    """
+    """@return: C{endpoint}, with C{backlog=}L{LISTEN_BACKLOG} if a TCP or TLS one names none."""
     kind, _, rest = endpoint.partition(":")
     if kind not in ("tcp", "tcp6", "ssl") or not rest:
         return endpoint
@@ -384,8 +349,7 @@ def with_backlog(endpoint: str) -> str:
 
 def configured_limits() -> Limits:
     """
-    @return: the listeners' limits, with C{LRP_JOBS_LOGIN_TIMEOUT} from the
-        Django settings (when they are configured).
+    @return: the listeners' limits, with the setting C{LRP_JOBS_LOGIN_TIMEOUT}.
     @raise StartupFailed: the setting is not a positive number.
     """
     from django.conf import settings

@@ -10,23 +10,15 @@ from twisted.spread import pb
 
 from twistedlrp import compat
 from twistedlrp.jobs.protocol import limits
-from twistedlrp.jobs.protocol.arguments import shown
-
-
-def shown_error(error: Exception) -> str:
-    """@return: what C{error} says, cut to a sensible length."""
-    text = str(error) or type(error).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+from twistedlrp.jobs.protocol.arguments import shown, shown_error
 
 
 class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
     """
-    A PB server connection that bounds what the client sends, counted as it
-    arrives (before Banana buffers or decodes it): before its login
-    succeeds, C{gate.limits.pre_login_bytes} in all, within
-    C{gate.limits.login_timeout} seconds; after it, C{max_message} bytes
-    in one message (top-level Banana expression). Beyond, the connection
-    is closed (PB has no error answer for a message it has not decoded).
+    A PB server connection that bounds what the client sends as it arrives,
+    before Banana buffers it: before login, as the C{gate} says; after it,
+    C{max_message} bytes in one message (top-level Banana expression).
+    Beyond, the connection is closed (PB cannot answer what it has not decoded).
     """
 
     def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
@@ -46,7 +38,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
         super().connectionMade()
 
     def evicted(self) -> None:
-        """The gate closes this connection to make room for a newer one (see L{limits.Gate})."""
+        """The gate closes this connection to make room for a newer one."""
         self._refused = True
 
     def connectionLost(self, reason):
@@ -54,7 +46,6 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
         super().connectionLost(reason)
 
     def logged_in(self) -> None:
-        """The client's login succeeded (L{SecretChecker} says so)."""
         if not self.authenticated:
             self.authenticated = True
             self._received = 0
@@ -101,7 +92,6 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
         return super().expressionReceived(sexp)
 
     def call_target(self, target):
-        # Each call goes through a _Refusing (see there).
         return _Refusing(target)
 
     def _close(self) -> None:
@@ -126,11 +116,9 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
 
 class _Refusing:
     """
-    An object a PB client calls (the login's objects before its login, the
-    avatar after), whose calls that fail before they start (arguments PB
-    cannot read, a call that does not fit) are refused with
-    L{InvalidArgumentsError} and a rate-limited warning, where PB would log
-    a traceback each time.
+    What a PB client calls (the login's objects, then the avatar): a call
+    that fails before it starts is refused with L{InvalidArgumentsError}
+    and a rate-limited warning, where PB would log a traceback each time.
     """
 
     def __init__(self, target):
@@ -168,11 +156,7 @@ class _Refusing:
 
 
 class GuardedPBServerFactory(pb.PBServerFactory):
-    """
-    A C{PBServerFactory} of L{GuardedBroker}s; each connection waits its
-    turn to log in at the gate (a new one may close the one that has
-    waited longest, see L{limits.Gate}).
-    """
+    """A C{PBServerFactory} of L{GuardedBroker}s."""
 
     noisy = False
 

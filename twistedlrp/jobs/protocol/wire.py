@@ -1,28 +1,7 @@
 """
-The job service's AMP protocol.
-
-Clients (views, other processes, other machines) send C{Submit}, C{Status},
-C{Cancel}, C{Wait}, C{ListJobs} and C{Stats}. On a network listener they
-must first prove they know the shared secret: C{Challenge} returns a fresh
-server nonce, C{Login} answers with C{HMAC-SHA256(secret, nonce)}; the
-secret never crosses the wire. Any other command before a successful Login,
-and a wrong Login, is answered with an error and the connection is closed.
-A UNIX socket (mode 0600) is trusted without Login.
-
-AMP caps one value at 65,535 bytes. Job payloads (arguments, results) are
-JSON bytes of up to C{--max-job-payload}: L{BigBytes} splits them over
-several keys of the same box (C{name} holds the count, C{name.0},
-C{name.1}, ... the pieces) and joins them on arrival, so nothing is cut.
-
-The listeners bound what a client may send (see L{twistedlrp.jobs.protocol.limits}):
-a few KiB before its Login succeeds, within a deadline, with bounds on how
-many connections may wait to log in at once (in all and per address); after
-Login, one box of at most C{--max-job-payload} plus C{BOX_FRAMING}.
-
-The parent and its worker children speak the same way over pipes with
-C{RunJob}, C{CancelJob}, C{WorkerReady} and C{ReportProgress}.
-
-JSON only: no pickle anywhere.
+The job service's AMP protocol (docs/protocol.md, "The AMP wire protocol"):
+the commands of its clients and of its worker children, each operation
+named once (L{OPERATIONS}), and the login's HMAC. JSON only: no pickle.
 """
 
 from __future__ import annotations
@@ -30,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 from dataclasses import dataclass, field
 
 from twisted.protocols import amp
@@ -44,9 +22,9 @@ from twistedlrp.jobs.errors import (
     PayloadTooLarge,
     UnknownJob,
 )
+from twistedlrp.jobs.protocol.arguments import shown_error
+from twistedlrp.jobs.protocol.framing import put_big
 
-# Below AMP's 65,535-byte limit for one value.
-CHUNK = 65_000
 # A sanity bound on one value (about 130 MB), far above any payload limit in use;
 # the real limit (--max-job-payload) is checked by the service.
 MAX_CHUNKS = 2000
@@ -58,7 +36,7 @@ def _python_name(name: bytes) -> str:
 
 
 class BigBytes(amp.Argument):
-    """Bytes of any size, split over several AMP keys."""
+    """Bytes of any size, split over several AMP keys (L{framing.put_big})."""
 
     def toBox(self, name, strings, objects, proto):
         value = objects.pop(_python_name(name), None)
@@ -66,11 +44,7 @@ class BigBytes(amp.Argument):
             if self.optional:
                 return
             raise ValueError(f"missing value for {name!r}")
-        value = self.encode(value)
-        pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
-        strings[name] = str(len(pieces)).encode()
-        for i, piece in enumerate(pieces):
-            strings[name + b".%d" % i] = piece
+        put_big(strings, name, self.encode(value))
 
     def fromBox(self, name, strings, objects, proto):
         key = _python_name(name)
@@ -82,10 +56,10 @@ class BigBytes(amp.Argument):
             raise KeyError(name)
         raw = count
         try:
-            count = int(raw) if len(raw) <= 10 else None
+            count = int(raw) if len(raw) <= 10 else 0
         except ValueError:
-            count = None
-        if count is None or not 0 < count <= MAX_CHUNKS:
+            count = 0
+        if not 0 < count <= MAX_CHUNKS:
             raise ValueError(f"expected a count of pieces from 1 to {MAX_CHUNKS}, got {raw[:20]!r}")
         pieces = []
         for i in range(count):
@@ -114,10 +88,8 @@ class BigJSON(BigBytes):
 
 class QuietAMP(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
     """
-    AMP without its info line for every connection made and lost (worker
-    pipes and client connections come and go; the job service logs what
-    matters): C{amp.AMP} put together from its public parts, as AMP's own
-    docs show, without the C{makeConnection} and C{connectionLost} that log.
+    C{amp.AMP} put together from its public parts, as AMP's docs show,
+    without its info line for every connection made and lost.
     """
 
     def __init__(self):
@@ -128,8 +100,6 @@ class QuietAMP(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
         super().connectionLost(reason)
         self.transport = None
 
-
-# -- errors as they travel --------------------------------------------------
 
 ERRORS = {
     UnknownJob: b"UNKNOWN_JOB",
@@ -148,10 +118,9 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 class _Command(amp.Command):
     """
     A command of the job service: its errors travel with their codes, and an
-    argument that cannot be read (missing, not a number, not UTF-8, ...)
-    raises L{InvalidArguments} naming it (AMP's own parser would raise
-    whatever the value's type raises, which AMP answers as an unknown
-    error and logs with a traceback).
+    argument that cannot be read raises L{InvalidArguments} naming it (AMP's
+    parser would raise what the value's type raises: an unknown error, logged
+    with a traceback).
     """
 
     errors = ERRORS
@@ -168,14 +137,9 @@ class _Command(amp.Command):
                 field = name.decode("ascii", "replace")
                 if isinstance(e, KeyError) and name not in box:
                     raise InvalidArguments(f"{field}: missing") from None
-                reason = str(e) or type(e).__name__
-                if len(reason) > 160:
-                    reason = reason[:160] + "..."
+                reason = shown_error(e, 160)
                 raise InvalidArguments(f"{field}: cannot be read ({reason})") from None
         return objects
-
-
-# -- client → job service ---------------------------------------------------
 
 
 class Challenge(_Command):
@@ -193,10 +157,7 @@ class Login(_Command):
 
 
 class Submit(_Command):
-    """
-    Store and queue a job. C{payload} is the JSON object
-    C{{"args": [...], "kwargs": {...}}}. Answered after the commit.
-    """
+    """Store and queue a job, C{payload} its JSON C{{"args": [...], "kwargs": {...}}}."""
 
     arguments = [
         (b"name", amp.Unicode()),
@@ -216,11 +177,7 @@ class Submit(_Command):
 
 
 class Announce(_Command):
-    """
-    The client committed these jobs through its own database transaction
-    (L{twistedlrp.jobs.client.transactions}): the job service queues them.
-    Answered at once, before they are read.
-    """
+    """The client committed these jobs in its own transaction: queue them (answered at once)."""
 
     arguments = [(b"job_ids", amp.ListOf(amp.Unicode()))]
     response = [(b"ok", amp.Boolean())]
@@ -238,11 +195,8 @@ class Cancel(_Command):
 
 class Wait(_Command):
     """
-    Answered when the job finishes or after C{timeout} seconds, whichever is
-    first. With C{seen} (the L{seen_mark} of the job as the caller last saw
-    it), also at once if the job differs from that, and when it starts or
-    reports progress on the answering node (the progress streams of
-    web/progress_stream.py).
+    Answered when the job finishes or after C{timeout} seconds; with C{seen}
+    (L{seen_mark}), also when the job differs from it, starts or reports progress.
     """
 
     arguments = [
@@ -254,10 +208,7 @@ class Wait(_Command):
 
 
 def seen_mark(job: dict) -> str:
-    """
-    @return: what a watcher of the job (C{Wait} with C{seen}) compares: a
-        short digest of its state and progress.
-    """
+    """@return: a short digest of the job's state and progress, for C{Wait}'s C{seen}."""
     seen = json.dumps([job["state"], list(job.get("progress") or ())], separators=(",", ":"))
     return hashlib.sha256(seen.encode()).hexdigest()[:32]
 
@@ -279,18 +230,15 @@ class Stats(_Command):
 @dataclass(frozen=True)
 class Operation:
     """
-    One operation of the job service, named once: the public API, the
-    clients of every transport (in-process, AMP, blocking, eager), the AMP
-    responders and the Perspective Broker avatar are all derived from it.
-    Its typed arguments are its AMP C{command}'s, in order; the service's
-    method of the same name takes them in that order and answers the
-    value of the command's only response key.
+    One operation of the job service, named once: every client, the AMP
+    responders and the PB avatar derive from it. Its arguments are its
+    AMP C{command}'s, in order, as the service's method of the same name
+    takes them; that method answers the value of the command's only
+    response key.
 
     @ivar defaults: what the public API and PB take for an argument not given.
-    @ivar hidden: arguments that only twistedlrp's own clients send (not
-        offered through PB).
-    @ivar public: offered through PB (C{announce} is the site's
-        transactions' word to the service, L{twistedlrp.jobs.client.transactions}).
+    @ivar hidden: arguments that only twistedlrp's own clients send (not through PB).
+    @ivar public: offered through PB and the eager mode.
     """
 
     name: str
@@ -347,9 +295,6 @@ OPERATIONS = {
 }
 
 
-# -- parent ↔ worker child ----------------------------------------------------
-
-
 class WorkerReady(amp.Command):
     """Child → parent: Django is set up and jobs can run."""
 
@@ -358,10 +303,7 @@ class WorkerReady(amp.Command):
 
 
 class RunJob(amp.Command):
-    """
-    Parent → child: run one job. Answered when it ends, with C{outcome}:
-    C{{"ok": true, "result": ...}} or C{{"ok": false, "error": "...", "cancelled": bool}}.
-    """
+    """Parent → child: run one job; answered with its C{outcome} (L{workers.main.call_job})."""
 
     arguments = [
         (b"job_id", amp.Unicode()),
@@ -393,14 +335,6 @@ class ReportProgress(amp.Command):
     requiresAnswer = False
 
 
-# -- authentication ------------------------------------------------------------
-
-
-def new_nonce() -> bytes:
-    """@return: 32 random bytes."""
-    return os.urandom(32)
-
-
 def digest(secret: bytes, nonce: bytes) -> bytes:
     """@return: the Login answer to C{nonce}: HMAC-SHA256 of it keyed with C{secret}."""
     return hmac.new(secret, b"twistedlrp-jobs-login:" + nonce, hashlib.sha256).digest()
@@ -420,10 +354,6 @@ def read_secret(path: str) -> bytes:
 
 
 async def login(protocol: amp.BoxDispatcher, secret: bytes) -> None:
-    """
-    Authenticate C{protocol}'s connection.
-
-    @raise AuthenticationFailed: the service refused the secret (and closed the connection).
-    """
+    """@raise AuthenticationFailed: the service refused the secret (and closed the connection)."""
     answer = await protocol.callRemote(Challenge)
     await protocol.callRemote(Login, digest=digest(secret, answer["nonce"]))

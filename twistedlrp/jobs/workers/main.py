@@ -2,30 +2,17 @@
 A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
 
-It sets Django up, imports the site's job modules, then speaks AMP with
-the job service over fd 3 (commands in) and fd 4 (answers out), leaving
-stdout and stderr to the jobs. Jobs run one at a time in one job thread;
-the main thread keeps reading commands meanwhile (a cancellation), and a
-progress thread sends the latest progress report. The child runs no
-Twisted reactor and imports no AMP: it frames the few boxes it exchanges
-itself (L{Conversation}), which keeps each worker about 16 MB smaller and
-saves two thread hops per job. A job that submits a job gets the reactor
-in a thread of its own, as any other process does
-(L{twistedlrp.reactor_bridge.call_in_reactor}).
-
-The child leads a session (and process group) of its own, which the
-processes its jobs start inherit: the job service signals the whole group.
-When fd 3 reaches end of file (the parent retires it, or is gone) the child
-kills whatever else is left in its group and exits at once.
-
-A job's error is cut to a bounded size here (see L{describe_error}), so an
-exception with a huge text never crosses the pipe whole.
+It sets Django up, then speaks AMP with the job service over fd 3 (commands
+in) and fd 4 (answers out) without a reactor or Twisted's AMP, which keeps
+each worker about 16 MB smaller (L{Conversation}). It leads a process group
+of its own, which the job service signals whole.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import queue
@@ -50,8 +37,7 @@ def _parse(argv):
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
     parser.add_argument("--worker-id", default="worker")
-    # The pool always gives it; the default is the option's (imported only
-    # then: the option table imports Twisted, which a worker does without).
+    # The pool always gives it (the option table's default imports Twisted).
     parser.add_argument("--max-payload", type=int, default=None)
     parser.add_argument(
         "--template",
@@ -60,19 +46,17 @@ def _parse(argv):
     )
     args = parser.parse_args(argv)
     if args.max_payload is None:
-        from twistedlrp.options import OPTIONS
+        from twistedlrp.jobs.protocol.arguments import default_max_payload
 
-        args.max_payload = next(o.default for o in OPTIONS if o.name == "max-job-payload")
+        args.max_payload = default_max_payload()
     return args
 
 
 def main(argv=None) -> None:
     # A session and process group of our own, before any job can start a
     # process: the job service ends a job's whole process tree with killpg.
-    try:
+    with contextlib.suppress(OSError):  # then the job service signals this process alone
         os.setsid()
-    except OSError:
-        pass  # Then the job service signals this process alone.
     args = _parse(sys.argv[1:] if argv is None else argv)
     # Were we still in the server's group, a Ctrl-C there must not stop us:
     # the parent decides what stops.
@@ -123,10 +107,9 @@ FORK_FDS = (1, 2, 3, 4)
 
 def serve_template(control_fd: int = 3) -> None:
     """
-    Be the worker template (L{twistedlrp.jobs.workers.preload}), a fork server
-    (L{twistedlrp.process.forkserver}) on C{control_fd}, and exit when its
-    control channel closes. Returns only in a forked child, whose fds 1 to
-    4 are then its worker's pipes.
+    Be the worker template (L{preload}), a fork server on C{control_fd},
+    until its control channel closes. Returns only in a forked child, whose
+    fds 1 to 4 are then its worker's pipes.
     """
     import socket
 
@@ -161,12 +144,10 @@ def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
     if not orphan_ok:
         # The pool could not tell when we end once the template is gone:
         # die with it (PR_SET_PDEATHSIG).
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
         if os.getppid() != template:
             os._exit(1)  # It died before prctl took effect.
     # Each pipe onto its number; a pipe already at a number it must leave is
@@ -181,11 +162,7 @@ def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
 
 
 def cut_text(text: str, limit: int = MAX_ERROR) -> str:
-    """
-    @return: C{text}, or when it is longer than C{limit} its beginning and
-        its end around a line C{[... N characters cut ...]}, C{limit}
-        characters at most.
-    """
+    """@return: C{text}, or its beginning and end around C{[... N characters cut ...]}: C{limit} at most."""
     if len(text) <= limit:
         return text
     keep = max(limit - 64, 0)
@@ -196,11 +173,7 @@ def cut_text(text: str, limit: int = MAX_ERROR) -> str:
 
 
 def describe_error(e: BaseException) -> str:
-    """
-    @return: C{"Type: message"}, a blank line and the traceback, each part
-        cut to a bounded size (the message's beginning and end are kept, and
-        the traceback's), L{MAX_ERROR} characters at most in all.
-    """
+    """@return: C{"Type: message"}, a blank line and the traceback, L{MAX_ERROR} characters at most."""
     details = traceback.TracebackException(type(e), e, e.__traceback__)
     try:
         message = str(e)
@@ -235,11 +208,10 @@ def _join_bounded(lines, limit: int) -> str:
 
 class Conversation:
     """
-    The child's end of the AMP conversation with the job service: the main
-    thread reads commands from C{commands} (fd 3), the job thread runs one
-    job at a time and writes its answer to C{answers} (fd 4) itself; a
-    progress thread sends the latest progress report (older ones are
-    dropped), always before the answer of its job.
+    The child's end of the AMP conversation: the main thread reads commands
+    from C{commands}, a job thread runs one job at a time and writes its
+    answer to C{answers}; a progress thread sends the latest progress report
+    (older ones are dropped), always before the answer of its job.
     """
 
     def __init__(self, max_payload: int, commands: int = 3, answers: int = 4):
@@ -252,8 +224,6 @@ class Conversation:
         self._pending_progress = None
         self._asks = 0
         self.gone = False
-
-    # -- writing -------------------------------------------------------------
 
     def send(self, box: dict[bytes, bytes]) -> None:
         """Write one box (call it holding C{_write_lock})."""
@@ -273,8 +243,6 @@ class Conversation:
         with self._write_lock:
             self._asks += 1
             self.send({b"_command": command, b"_ask": b"%d" % self._asks, **box})
-
-    # -- the threads ------------------------------------------------------------
 
     def serve(self) -> None:
         """Say we are ready, then run until fd 3 reaches end of file."""
@@ -299,16 +267,7 @@ class Conversation:
     def _received(self, box: dict[bytes, bytes]) -> None:
         command = box.get(b"_command")
         if command == b"RunJob":
-            module = box.get(b"module")
-            self.jobs.put(
-                (
-                    box[b"_ask"],
-                    box[b"job_id"].decode("utf-8"),
-                    box[b"name"].decode("utf-8"),
-                    get_big(box, b"payload"),
-                    module.decode("utf-8") if module else None,
-                )
-            )
+            self.jobs.put(box)  # read by the job thread
         elif command == b"CancelJob":
             _context.request_cancel(box[b"job_id"].decode("utf-8"))
         elif command is not None and b"_ask" in box:
@@ -324,19 +283,18 @@ class Conversation:
 
     def _job_thread(self) -> None:
         while True:
-            tag, job_id, name, payload, module = self.jobs.get()
-            outcome = self._run(job_id, name, payload, module)
-            answer = {b"_answer": tag}
+            box = self.jobs.get()
+            module = box.get(b"module")
+            job_id, name = box[b"job_id"].decode("utf-8"), box[b"name"].decode("utf-8")
+            outcome = self._run(job_id, name, get_big(box, b"payload"), module and module.decode())
+            answer = {b"_answer": box[b"_ask"]}
             try:
                 put_big(answer, b"outcome", json.dumps(outcome, separators=(",", ":")).encode())
             except (TypeError, ValueError) as e:
                 # A value json cannot write (a lone surrogate in an error text).
-                text = json.dumps(
-                    {"ok": False, "error": f"the job's outcome could not be sent: {e}"},
-                    separators=(",", ":"),
-                )
-                answer = {b"_answer": tag}
-                put_big(answer, b"outcome", text.encode())
+                error = {"ok": False, "error": f"the job's outcome could not be sent: {e}"}
+                answer = {b"_answer": box[b"_ask"]}
+                put_big(answer, b"outcome", json.dumps(error, separators=(",", ":")).encode())
             with self._write_lock:
                 self._send_progress()  # its last progress report first
                 self.send(answer)
@@ -400,11 +358,7 @@ class Conversation:
         except JobCancelled:
             return {"ok": False, "cancelled": True, "error": "cancelled"}
         except BaseException as e:
-            return {
-                "ok": False,
-                "error": describe_error(e),
-                "cancelled": _context.is_cancelled(),
-            }
+            return {"ok": False, "error": describe_error(e), "cancelled": _context.is_cancelled()}
         finally:
             _context.end()
             sys.stdout.flush()

@@ -1,25 +1,4 @@
-"""
-The worker pool: warm child processes that run one job at a time.
-
-Each child (L{twistedlrp.jobs.workers.main}) is spawned, or forked from the
-worker template (L{twistedlrp.jobs.workers.preload}), and driven by a L{Worker}
-process protocol (L{twistedlrp.jobs.workers.worker}): AMP over two extra pipes,
-its stdout and stderr logged with the job's id. Each child leads a process
-group of its own, so that a timeout, a cancel, a shut-down or a retirement
-signals what its job started too.
-
-A child that dies is seen at once in C{processExited} (a job's subprocess
-may hold copies of its pipes, which C{processEnded} would wait for): the
-pool tells the job service (which retries or fails the job) and starts a
-replacement, with the restart back-off when children die before they are
-ready (L{twistedlrp.process.supervise}).
-
-A worker that will soon reach C{--max-jobs-per-worker} (see
-L{standby_ahead}) gets its successor started ahead of time: once ready it
-waits in state C{standby}, taking no job, and takes the worker's place the
-moment it retires (or dies), so that replacing workers costs no start-up
-time and never runs more than C{--workers} jobs at once.
-"""
+"""The worker pool (L{WorkerPool}); how workers are replaced: docs/jobs.md, "Replacing workers"."""
 
 from __future__ import annotations
 
@@ -37,14 +16,12 @@ from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.supervise import restart_backoff
 
 log = Logger(namespace="twistedlrp.jobs.workers")
+# A worker that ended for one of these reasons is replaced without a warning.
+_KILLED_ON_PURPOSE = ("retire", "timeout", "cancel", "orphan", "fence")
 
 
 def standby_ahead(max_jobs: int) -> int:
-    """
-    @return: how many jobs before C{max_jobs} a worker's standby successor
-        is started (0: none, for limits below 100, where a spare process
-        would be more surprising than useful).
-    """
+    """@return: how many jobs before C{max_jobs} a worker's standby successor is started (0: none)."""
     if max_jobs < 100:
         return 0
     return min(50, max_jobs // 20)
@@ -52,8 +29,10 @@ def standby_ahead(max_jobs: int) -> int:
 
 class WorkerPool:
     """
-    C{size} warm workers. The job service receives the pool's events
-    through the callables it passes in.
+    C{size} warm child processes (L{main}) that run one job at a time, each
+    spawned or forked from the worker template (L{preload}) and driven by a
+    L{Worker}. A dead child is replaced, with the restart back-off when it
+    died before it was ready. Events go to the job service's callables.
 
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
@@ -103,17 +82,8 @@ class WorkerPool:
 
     def _child_command(self, worker_id: str) -> tuple[list[str], dict]:
         """@return: the command line and environment of a worker (or the template)."""
-        args = [
-            sys.executable,
-            "-m",
-            "twistedlrp.jobs.workers.main",
-            "--settings",
-            self.settings_module,
-            "--worker-id",
-            worker_id,
-            "--max-payload",
-            str(self.max_payload),
-        ]
+        args = [sys.executable, "-m", "twistedlrp.jobs.workers.main", "--worker-id", worker_id]
+        args += ["--settings", self.settings_module, "--max-payload", str(self.max_payload)]
         for entry in self.pythonpath:
             args += ["--pythonpath", entry]
         env = dict(os.environ)
@@ -125,10 +95,9 @@ class WorkerPool:
 
     def spawn(self, standby: bool = False) -> Worker | None:
         """
-        Start a child. A C{standby} one, once ready, waits (state
-        C{standby}) until L{job_done} makes it take over from a worker
-        that reached its job limit, so that replacing a worker costs no
-        start-up time.
+        Start a child (a C{standby} one waits, once ready, until L{job_done} makes it take over).
+
+        @return: its L{Worker}, or C{None} when the pool is stopping.
         """
         if self.stopping:
             return None
@@ -147,8 +116,6 @@ class WorkerPool:
         self.workers.append(worker)
         self.started += 1
         return worker
-
-    # -- the template -----------------------------------------------------------------
 
     def start_template(self) -> None:
         """Start the worker template, unless it runs, cannot, or is not wanted now."""
@@ -208,8 +175,6 @@ class WorkerPool:
     def idle(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "idle"]
 
-    # -- events from workers --------------------------------------------------------
-
     def on_ready(self, worker: Worker) -> None:
         self._start_backoff.reset()
         log.debug("Worker {pid} ready", pid=worker.pid)
@@ -248,7 +213,7 @@ class WorkerPool:
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
+            if worker.kill_reason not in _KILLED_ON_PURPOSE:
                 log.warn(
                     "Worker {pid} {how}; its standby successor {successor} takes its place",
                     pid=worker.pid,
@@ -273,22 +238,19 @@ class WorkerPool:
                 pid=worker.pid,
                 how=how,
                 delay=delay,
-                output=worker.startup_output() or "(none)",
+                output=worker.startup_output.decode("utf-8", "replace").strip() or "(none)",
             )
             self.reactor.callLater(delay, self.spawn)
         else:
-            if worker.kill_reason not in ("retire", "timeout", "cancel", "orphan", "fence"):
+            if worker.kill_reason not in _KILLED_ON_PURPOSE:
                 log.warn("Worker {pid} {how}; starting a replacement", pid=worker.pid, how=how)
             self.spawn()
 
     def job_done(self, worker: Worker, max_jobs: int, max_memory_mb: int) -> bool:
         """
-        The worker's job ended normally: make it idle, or retire it. A
-        worker close to C{max_jobs} gets a standby successor started, which
-        takes its place when it retires.
+        The worker's job ended normally: make it idle, or retire it.
 
-        @return: whether a worker is available again (this one, or its
-            successor).
+        @return: whether a worker is available again (this one, or its successor).
         """
         worker.job_id = None
         worker.jobs_done += 1
@@ -298,13 +260,8 @@ class WorkerPool:
         early = preload.template_ahead(max_jobs, ahead)
         if early and worker.jobs_done == max_jobs - early and self.template is None:
             self.start_template()
-        if (
-            ahead
-            and worker.successor is None
-            and worker.jobs_done == max_jobs - ahead
-            and not self.stopping
-        ):
-            worker.successor = self.spawn(standby=True)
+        if ahead and worker.successor is None and worker.jobs_done == max_jobs - ahead:
+            worker.successor = self.spawn(standby=True)  # None when stopping
         if self.stopping:
             worker.retire()
             return False
@@ -314,50 +271,37 @@ class WorkerPool:
                 pid=worker.pid,
                 reason=worker.broken,
             )
-            worker.retire()
-            return self._take_over(worker)
-        if worker.jobs_done >= max_jobs:
+        elif worker.jobs_done >= max_jobs:
             log.info("Worker {pid} ran {n} jobs: replacing it", pid=worker.pid, n=worker.jobs_done)
-            worker.retire()
-            return self._take_over(worker)
-        if max_memory_mb:
-            rss = worker.rss_mb()
-            if rss > max_memory_mb:
-                # Replacements come from the template from now on.
-                self.start_template()
-                log.info(
-                    "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
-                    pid=worker.pid,
-                    rss=rss,
-                    limit=max_memory_mb,
-                )
-                worker.retire()
-                return self._take_over(worker)
-        worker.state = "idle"
-        return True
+        elif max_memory_mb and (rss := worker.rss_mb()) > max_memory_mb:
+            # Replacements come from the template from now on.
+            self.start_template()
+            log.info(
+                "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
+                pid=worker.pid,
+                rss=rss,
+                limit=max_memory_mb,
+            )
+        else:
+            worker.state = "idle"
+            return True
+        worker.retire()
+        return self._take_over(worker)
 
     def _take_over(self, worker: Worker) -> bool:
         """
-        C{worker} retires: its standby successor, if it still lives, takes
-        its place (at once when ready, else once ready).
+        C{worker} retires: its standby successor, if it lives, takes its place.
 
         @return: whether the successor is idle now.
         """
-        successor = worker.successor
-        if (
-            successor is None
-            or successor not in self.workers
-            or successor.state not in ("starting", "standby")
-        ):
+        successor = worker.successor  # (None is not among the workers)
+        if successor not in self.workers or successor.state not in ("starting", "standby"):
             return False
         worker.succeeded = True
         successor.standby = False
         if successor.state == "standby":
             successor.state = "idle"
-            return True
-        return False
-
-    # -- stopping ---------------------------------------------------------------------
+        return successor.state == "idle"
 
     def stop_idle(self) -> None:
         """Stop taking work: idle and starting workers exit; busy ones finish first."""
@@ -380,7 +324,6 @@ class WorkerPool:
         return self._all_ended.wait()
 
     def describe_template(self) -> dict | None:
-        """@return: the worker template's pid and state, or C{None} when there is none."""
         if self.template is None:
             return None
         return {"pid": self.template.pid, "state": self.template.state}

@@ -1,27 +1,15 @@
 """
-The worker template: a fork server (L{twistedlrp.process.forkserver}) with
-Django set up and the site's job modules imported, as in a worker, so that
-replacing a worker costs a fork instead of a Django start-up.
-
-It is started lazily, when the first worker comes within
-L{template_ahead} jobs of C{--max-jobs-per-worker}: a server whose
-workers are never replaced never pays for one more process. From then on
-standby successors and replacements are forked from it; the pool spawns
-workers itself when the template could not be asked, could not fork, or
-is gone.
-
-Each fork gets the child's ends of four pipes (the fds 1 to 4 of a spawned
-worker), so that the same L{twistedlrp.jobs.workers.worker.Worker} protocol drives
-it, through L{ForkedProcess}. A forked worker is the template's child: the
-template reaps it and reports its exit. If the template dies, its workers
-live on with their jobs, and a pidfd (Linux 5.3) tells the pool when each
-one ends; without pidfds they die with their template
-(C{PR_SET_PDEATHSIG}). The template's own side is
-L{twistedlrp.jobs.workers.main.serve_template}.
+The worker template (docs/jobs.md, "Replacing workers"): a fork server
+(L{twistedlrp.process.forkserver}) with Django set up as in a worker, so that
+replacing a worker costs a fork instead of a Django start-up. Each fork
+gets the child's ends of the four pipes of a spawned worker, so that the
+same L{Worker} drives it, through L{ForkedProcess}. The template's own
+side is L{main.serve_template}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -41,8 +29,7 @@ log = Logger(namespace="twistedlrp.jobs.workers")
 def template_ahead(max_jobs: int, standby: int) -> int:
     """
     @return: how many jobs before C{max_jobs} a worker starts the template
-        (0: never), given that its standby successor is started C{standby}
-        jobs before: twice that, so that the template is ready by then.
+        (0: never): twice C{standby}, so that it is ready by then.
     """
     if not standby or not supported():
         return 0
@@ -57,8 +44,7 @@ def supported() -> bool:
 class ForkedProcess:
     """
     The transport of a L{Worker} forked by the template: the parts of
-    Twisted's C{IProcessTransport} the worker uses, over the pipes the pool
-    made. C{pid} is C{None} until the template has forked.
+    C{IProcessTransport} it uses, over the pool's pipes (C{pid} C{None} until forked).
     """
 
     def __init__(self, reactor, proto, fds: dict[int, int]):
@@ -69,10 +55,8 @@ class ForkedProcess:
         self.lost_process = False
         self._ended = False
         for child_fd, fd in fds.items():
-            if child_fd == 3:
-                self.pipes[child_fd] = process.ProcessWriter(reactor, self, child_fd, fd)
-            else:
-                self.pipes[child_fd] = process.ProcessReader(reactor, self, child_fd, fd)
+            pipe = process.ProcessWriter if child_fd == 3 else process.ProcessReader
+            self.pipes[child_fd] = pipe(reactor, self, child_fd, fd)
 
     # What ProcessReader and ProcessWriter call.
     def childDataReceived(self, name, data):
@@ -81,14 +65,9 @@ class ForkedProcess:
     def childConnectionLost(self, name, reason):
         pipe = self.pipes.pop(name, None)
         if pipe is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(pipe.fileno())
-            except OSError:
-                pass
-        try:
-            self.proto.childConnectionLost(name)
-        except BaseException:
-            log.failure("Error in a worker's childConnectionLost")
+        self._tell("childConnectionLost", name)
         self._maybe_ended()
 
     # IProcessTransport, as much as Worker uses.
@@ -123,33 +102,30 @@ class ForkedProcess:
             return True
         except (AttributeError, OSError):
             return False
-        _ExitWatcher(self.reactor, pidfd, self._orphan_ended).startReading()
+        lost = Exit(lost="exited after the worker template ended (its exit status is unknown)")
+        _ExitWatcher(self.reactor, pidfd, lambda: self.exited(lost)).startReading()
         return True
 
-    def _orphan_ended(self) -> None:
-        self.exited(
-            Exit(lost="exited after the worker template ended (its exit status is unknown)")
-        )
-
     def exited(self, ended: Exit) -> None:
-        """The template reaped the child (or it was lost with the template, or never forked)."""
+        """The template reaped the child (or it was lost, or never forked)."""
         if self.lost_process:
             return
         self.lost_process = True
-        try:
-            self.proto.processExited(ended.reason())
-        except BaseException:
-            log.failure("Error in a worker's processExited")
+        self._tell("processExited", ended.reason())
         self._maybe_ended()
 
     def _maybe_ended(self) -> None:
         if self.pipes or not self.lost_process or self._ended:
             return
         self._ended = True
+        self._tell("processEnded", Exit(0).reason())
+
+    def _tell(self, event: str, *args) -> None:
+        """Call the worker's C{event} method as the reactor would: its error is logged."""
         try:
-            self.proto.processEnded(Exit(0).reason())
+            getattr(self.proto, event)(*args)
         except BaseException:
-            log.failure("Error in a worker's processEnded")
+            log.failure("Error in a worker's {event}", event=event)
 
 
 class _ExitWatcher(abstract.FileDescriptor):
@@ -177,9 +153,9 @@ class WorkerTemplate:
     """
     One template process. C{state}: C{starting}, C{ready}, C{ended}.
 
-    @param on_ready: called with the names of the template's other threads
-        (which forked workers do not have) once it can fork.
-    @param on_ended: C{(template, was_ready, exit)}: it has ended.
+    @param on_ready: called, once it can fork, with the names of its other
+        threads (which forked workers do not have).
+    @param on_ended: C{(template, was_ready, exit)}.
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
@@ -208,24 +184,19 @@ class WorkerTemplate:
 
     def fork(self, worker, worker_id: str) -> bool:
         """
-        Ask for a worker driven by C{worker} (a L{Worker}); its transport is
-        connected at once and gets its pid once the template has forked. A
-        template still starting finds the request waiting in its socket
-        when it is ready.
+        Ask for a worker driven by C{worker}, connected at once (a template
+        still starting finds the request in its socket when ready).
 
-        @return: whether the request was sent (if not, start the worker
-            another way).
+        @return: whether the request was sent (if not, start the worker another way).
         """
         ours: dict[int, int] = {}
         theirs: list[int] = []
         for child_fd in FORK_FDS:
             read_end, write_end = os.pipe()
             # fd 3 carries commands to the child; the others come from it.
-            if child_fd == 3:
-                ours[child_fd], theirs_fd = write_end, read_end
-            else:
-                ours[child_fd], theirs_fd = read_end, write_end
-            theirs.append(theirs_fd)
+            mine, child = (write_end, read_end) if child_fd == 3 else (read_end, write_end)
+            ours[child_fd] = mine
+            theirs.append(child)
         number = next(self._numbers)
         if not self.server.fork({"index": number, "worker_id": worker_id}, theirs):
             for fd in ours.values():
@@ -279,10 +250,8 @@ class WorkerTemplate:
             if not forked.watch_exit():
                 # No pidfd here (Linux before 5.3): they died with the
                 # template (PR_SET_PDEATHSIG); what they started goes too.
-                try:
+                with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
-                except OSError:
-                    pass
                 forked.exited(Exit(lost="was killed with the worker template"))
         self._on_ended(self, server.was_ready, ended)
 

@@ -1,14 +1,13 @@
 """
-One worker child process, seen from the server: the L{Worker} process
-protocol that starts it, speaks AMP with it over two extra pipes (the
-child's fd 3 carries commands in, fd 4 answers out), logs its stdout and
-stderr with the job's id and keeps their tail, signals its whole process
-group, and declares it dead in C{processExited}. L{twistedlrp.jobs.workers.pool}
-keeps the pool of them; see there for the life of a worker.
+One worker child, seen from the server (L{Worker}): AMP over its fds 3 and
+4, its stdout and stderr logged with the job's id, its process group
+signalled, and its death seen in C{processExited} (a job's subprocess may
+hold copies of its pipes, which C{processEnded} would wait for).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,10 +54,8 @@ class _PipeTransport:
     def write(self, data: bytes) -> None:
         worker = self.worker
         if worker.transport is not None and not self.disconnecting and not worker.exited:
-            try:
+            with contextlib.suppress(KeyError):  # the pipe is closed already
                 worker.transport.writeToChild(3, data)
-            except KeyError:
-                pass  # The pipe is closed already.
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
@@ -130,13 +127,11 @@ class Worker(protocol.ProcessProtocol):
         self.broken: str | None = None
         self.output_tail = bytearray()
         self._partial = {1: b"", 2: b""}
-        self._startup_output = bytearray()
+        self.startup_output = bytearray()  # its last output before it was ready
 
     @property
     def ident(self) -> str:
         return f"{HOSTNAME}:{self.pid}"
-
-    # -- process protocol ---------------------------------------------------------
 
     def connectionMade(self):
         self.pid = self.transport.pid
@@ -168,14 +163,11 @@ class Worker(protocol.ProcessProtocol):
             self._partial[fd] = b""
 
     def processExited(self, reason):
-        """
-        The child has exited. Subprocesses of its job may still hold its
-        pipes, so C{processEnded} may be far away: the worker is dead now.
-        """
         self.exited = True
         self.state = "dead"
-        # Whatever its job started and left in its group goes with it.
-        self._kill_group()
+        # Whatever its job started and left in its group goes with it (its
+        # pid is not reused while the group exists; if it led none, there is none).
+        send_signal(self.pid, signal.SIGKILL, group=True)
         # What the child wrote before it ended (its last output, an answer).
         self._drain()
         # Our ends of its pipes: nothing more comes from the child itself.
@@ -205,16 +197,13 @@ class Worker(protocol.ProcessProtocol):
                 budget -= len(data)
                 self.childDataReceived(fd, data)
 
-    # -- output ---------------------------------------------------------------
-
     def _output(self, fd: int, data: bytes) -> None:
         if self.job_id is not None:
             self.output_tail += data
-            if len(self.output_tail) > OUTPUT_TAIL:
-                del self.output_tail[: len(self.output_tail) - OUTPUT_TAIL]
+            del self.output_tail[:-OUTPUT_TAIL]
         elif self.state == "starting":
-            self._startup_output += data
-            del self._startup_output[:-4000]
+            self.startup_output += data
+            del self.startup_output[:-4000]
         lines = (self._partial[fd] + data).split(b"\n")
         self._partial[fd] = lines.pop()
         if len(self._partial[fd]) > 8192:
@@ -233,11 +222,7 @@ class Worker(protocol.ProcessProtocol):
             # A stdlib record of the job's: at its level, under its logger.
             level, name, message = record
             Logger(namespace=name).emit(
-                _LEVELS[level],
-                "{log_text}",
-                log_text=message,
-                job_id=self.job_id,
-                worker=self.pid,
+                _LEVELS[level], "{log_text}", log_text=message, job_id=self.job_id, worker=self.pid
             )
         elif self.job_id is not None:
             log.info("job {job_id} {stream}: {line}", job_id=self.job_id, stream=stream, line=text)
@@ -249,11 +234,6 @@ class Worker(protocol.ProcessProtocol):
         text = bytes(self.output_tail).decode("utf-8", "replace")
         self.output_tail = bytearray()
         return text
-
-    def startup_output(self) -> str:
-        return bytes(self._startup_output).decode("utf-8", "replace").strip()
-
-    # -- control ------------------------------------------------------------------
 
     def became_ready(self, pid: int | None = None) -> None:
         if self.pid is None and pid:
@@ -268,11 +248,8 @@ class Worker(protocol.ProcessProtocol):
 
     def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
         """
-        Send a job to the child.
-
-        @return: a Deferred firing with the outcome dict when the job ends in
-            the child; it fails if the child dies first (the death itself is
-            reported through the pool's C{on_ended}).
+        @return: a Deferred firing with the job's outcome when it ends in the
+            child; it fails if the child dies first (the pool's C{on_ended} says so).
         """
         self.state = "busy"
         self.job_id = job_id
@@ -300,11 +277,7 @@ class Worker(protocol.ProcessProtocol):
         return failure
 
     def gone(self, failure: Failure) -> bool:
-        """
-        @return: whether a failed L{run} means that the child's process has
-            ended or is ending (its death is reported through the pool's
-            C{on_ended}), rather than that its answer was bad.
-        """
+        """@return: whether a failed L{run} means that the child ended or is ending (not a bad answer)."""
         return self.exited or failure.check(error.ConnectionDone, error.ConnectionLost) is not None
 
     def cancel(self, job_id: str) -> None:
@@ -313,34 +286,21 @@ class Worker(protocol.ProcessProtocol):
             self.amp.callRemote(wire.CancelJob, job_id=job_id)
 
     def signal(self, name: str, reason: str | None = None) -> None:
-        """
-        Send C{SIG<name>} to the child and to every process of its group
-        (what its job started), if it still runs, noting why.
-        """
+        """Send C{SIG<name>} to the child and its process group, if it still runs, noting why."""
         if reason and self.kill_reason is None:
             self.kill_reason = reason
         if self.exited or self.pid is None:
             return
-        if self._leads_group() and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
+        try:
+            # Until its first line has run the child is in the server's group.
+            leads_group = os.getpgid(self.pid) == self.pid
+        except OSError:
+            leads_group = False
+        if leads_group and send_signal(self.pid, getattr(signal, f"SIG{name}"), True):
             return
         # Not (yet) in a group of its own (or gone): the child alone.
-        try:
+        with contextlib.suppress(error.ProcessExitedAlready, AttributeError, OSError):
             self.transport.signalProcess(name)
-        except (error.ProcessExitedAlready, AttributeError, OSError):
-            pass
-
-    def _leads_group(self) -> bool:
-        # Until its first line has run the child is in the server's group.
-        try:
-            return os.getpgid(self.pid) == self.pid
-        except OSError:
-            return False
-
-    def _kill_group(self) -> None:
-        """SIGKILL what is left of the child's group once the child has exited."""
-        # Its pid is not reused while the group still exists; the group's
-        # id is the pid only if the child led it (else there is no such group).
-        send_signal(self.pid, signal.SIGKILL, group=True)
 
     def retire(self) -> None:
         """Let the child exit on end of file of its command pipe."""
@@ -359,15 +319,10 @@ class Worker(protocol.ProcessProtocol):
 
 
 def _outcome_of(answer) -> dict:
-    """@return: the outcome of a RunJob answer box (see L{wire.RunJob})."""
+    """@return: the outcome of a RunJob answer box, its error cut to L{MAX_ERROR}."""
     outcome = json.loads(get_big(answer, b"outcome"))
     if not isinstance(outcome, dict):
         raise ValueError(f"the worker's outcome is not an object: {outcome!r}"[:200])
-    return bounded_outcome(outcome)
-
-
-def bounded_outcome(outcome: dict) -> dict:
-    """@return: a job's outcome with its error text cut to L{MAX_ERROR}."""
     error_text = outcome.get("error")
     if isinstance(error_text, str) and len(error_text) > MAX_ERROR:
         outcome = dict(outcome, error=cut_text(error_text))
