@@ -8,7 +8,6 @@ once on a dict of rows, in the calling thread, with the same answers.
 from __future__ import annotations
 
 import collections
-import json
 import uuid
 from types import SimpleNamespace
 
@@ -121,7 +120,7 @@ class MemoryStore:
         self.starting.add(job_id)
         claimed = {"started_at": ops.iso(job["started_at"])}
         if load:
-            payload = json.dumps({"args": job["args"], "kwargs": job["kwargs"]}).encode()
+            payload = ops.payload_of(job["args"], job["kwargs"])
             names = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
             claimed.update({name: job[name] for name in names}, payload=payload)
         return claimed
