@@ -1,5 +1,5 @@
 """
-Claims: from the table, when several job nodes share one PostgreSQL
+Claims from the table, when several job nodes share one PostgreSQL
 database (L{TableClaims}): one claim at a time takes a due job of this
 node's queues for each free worker (C{SELECT ... FOR UPDATE SKIP LOCKED},
 committed before the job is sent), and a timer wakes it when the first
@@ -9,9 +9,10 @@ to be stored running on it (L{Reservation}).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service.outcomes import check_record
@@ -28,11 +29,11 @@ class TableClaims:
 
     @param pool: the workers; its idle ones claim.
     @param outcomes: the L{Outcomes} that fails a claimed job that cannot run.
-    @param in_flight: the Deferreds of the claims under way (stopping waits for them).
     @param accepting: C{()}: does the dispatcher take work?
     @param dispatch: C{()}: hand work to free workers (claims again).
     @param run: C{(worker, record, payload)}: send a claimed job to its worker.
     @param cancel: C{(job_id)}: a claimed job's cancellation was asked.
+    @ivar in_flight: the Deferreds of the claims under way (stopping waits for them).
     @ivar wanted: may the table hold due jobs for us? (Cleared by a claim
         that found fewer than it asked for, unless a wake came meanwhile.)
     @ivar lease_check: claims succeed only if this node renewed its lease
@@ -40,22 +41,12 @@ class TableClaims:
     """
 
     def __init__(
-        self,
-        reactor,
-        store,
-        pool,
-        outcomes,
-        node,
-        queues,
-        in_flight,
-        accepting,
-        dispatch,
-        run,
-        cancel,
+        self, reactor, store, pool, outcomes, node, queues, accepting, dispatch, run, cancel
     ):
         self.reactor, self.store, self.pool, self.outcomes = reactor, store, pool, outcomes
-        self.node, self.queues, self.in_flight = node, queues, in_flight
+        self.node, self.queues = node, queues
         self.accepting, self.dispatch, self.run, self.cancel = accepting, dispatch, run, cancel
+        self.in_flight: set[defer.Deferred] = set()
         self.wanted = True
         self.wakes = 0
         self.running = False
@@ -81,40 +72,32 @@ class TableClaims:
         for worker in idle:
             worker.state = "claiming"
         self.running = True
-        wakes = self.wakes
         # The answer names workers by the idents sent, whatever happens meanwhile.
         sent = {w.ident: w for w in idle}
         d = self.store.run(ops.claim_next, self.queues, self.node, list(sent), self.lease_check)
         self.in_flight.add(d)
-        d.addCallbacks(self._claimed, self._failed, callbackArgs=(sent, wakes), errbackArgs=(idle,))
+        d.addCallbacks(
+            self._claimed, self._failed, callbackArgs=(sent, self.wakes), errbackArgs=(idle,)
+        )
         d.addErrback(lambda f: log.failure("While starting claimed jobs", f))
         d.addBoth(lambda _: self.in_flight.discard(d))
 
     def _claimed(self, answer: dict, sent: dict, wakes: int) -> None:
         self.running = False
-        workers = list(sent.values())
         if answer.get("no_lease"):
-            # This node's lease is not fresh (it is being renewed, or cannot
-            # be): no claim until it is.
-            _free(workers)
-            if self.accepting():
-                self.reactor.callLater(1.0, self._wake)
+            # This node's lease is not fresh (being renewed, or cannot be): no claim until it is.
+            self._failed(None, list(sent.values()))
             return
-        by_ident = dict(sent)
+        free = dict(sent)
         claimed = answer["claimed"]
         for row in claimed:
-            worker = by_ident.pop(row["worker"])
+            worker = free.pop(row["worker"])
             record = JobRecord.from_row(row)
             if worker.state != "claiming" or not self.accepting():
                 # The worker died, or the service began stopping, during the claim.
                 _free([worker])
-                self.store.run(
-                    recovery.requeue,
-                    record.id,
-                    "its worker ended before the job started",
-                    False,
-                    self.node,
-                )
+                error = "its worker ended before the job started"
+                self.store.run(recovery.requeue, record.id, error, False, self.node)
                 continue
             try:
                 check_record(record)
@@ -125,20 +108,22 @@ class TableClaims:
             self.run(worker, record, row["payload"])
             if row["cancel_requested"]:
                 self.cancel(record.id)
-        _free(by_ident.values())
-        if len(claimed) < len(workers):
+        _free(free.values())
+        if len(claimed) < len(sent):
             if wakes == self.wakes:
                 self.wanted = False
             self.arm_due(answer["next_due"])
         self.dispatch()
 
     def _failed(self, failure, workers: list) -> None:
+        """The claim failed (C{None}: this node's lease is not fresh): again in 1 s."""
         self.running = False
         _free(workers)
-        log.warn(
-            "Could not claim jobs: {error}; trying again in 1 s",
-            error=failure.getErrorMessage() or failure.type.__name__,
-        )
+        if failure is not None:
+            log.warn(
+                "Could not claim jobs: {error}; trying again in 1 s",
+                error=failure.getErrorMessage() or failure.type.__name__,
+            )
         if self.accepting():
             self.reactor.callLater(1.0, self._wake)
 
@@ -167,44 +152,15 @@ def _free(workers) -> None:
             worker.state = "idle"
 
 
+@dataclass(eq=False)
 class Reservation:
     """
     A free worker held (C{claiming}) for one job while its submission
-    commits; the submission then calls L{start} with the stored job, or
-    L{release} when nothing was stored.
+    commits (L{Dispatcher.reserve}); then the dispatcher starts the stored
+    job on it (L{Dispatcher.start_reserved}) or frees it (L{Dispatcher.release}).
     """
 
-    def __init__(self, dispatcher, worker, job_id: str):
-        self.dispatcher, self.worker, self.job_id = dispatcher, worker, job_id
-        worker.state = "claiming"
-        dispatcher.claiming.add(job_id)
-        # Stopping waits for it, as for a claim.
-        self._done = defer.Deferred()
-        dispatcher._claiming.add(self._done)
-
-    def _end(self) -> None:
-        self.dispatcher._claimed(self._done, self.job_id)
-        self._done.callback(None)
-
-    def release(self) -> None:
-        self._end()
-        if self.worker.state == "claiming":
-            self.worker.state = "idle"
-        self.dispatcher.dispatch()
-
-    def start(self, record: JobRecord) -> None:
-        """C{record} is stored running (attempt 1) on the reserved worker: send it."""
-        dispatcher, worker = self.dispatcher, self.worker
-        self._end()
-        if worker.state != "claiming":
-            # The worker died (or is being replaced) while the job was stored:
-            # back to the queue, without the attempt (its claim will count one).
-            d = dispatcher._put_back(record)
-            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
-            return
-        record.attempts = 1
-        try:
-            check_record(record)
-            dispatcher._run_on(worker, record, record.payload)
-        except Exception:
-            dispatcher._start_failed(Failure(), worker, record)
+    worker: object
+    job_id: str
+    #: Fires once it ended either way: stopping waits for it, as for a claim.
+    done: defer.Deferred = field(default_factory=defer.Deferred)

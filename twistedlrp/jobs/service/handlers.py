@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
+from twistedlrp.jobs.client.calls import unknown_outcome
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 from twistedlrp.jobs.protocol.arguments import (
@@ -117,10 +118,9 @@ class JobOperations:
         # A job that would start at once is stored running on a worker
         # reserved now: one transaction instead of a submission and a claim
         # (under the id the client chose, if it is not a job's already).
-        reserved = None
+        reserved = start = None
         if ours and held and not run_after:
             reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
-        start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
             if self.shared:
@@ -132,34 +132,33 @@ class JobOperations:
         d = self.store.run(ops.create, fields, job_id, self.shared, start, within=within)
 
         def stored(outcome):
-            nonlocal reserved
             created, info = outcome
-            if reserved is not None and (not created or not ours or info["state"] != RUNNING):
-                reserved.release()
-                reserved = None
-            if not created or not ours:
-                return self._overlay(info)
-            self.dispatcher.count("submitted", name)
-            record = JobRecord(
-                info["id"],
-                fields["priority"],
-                self.reactor.seconds(),
-                name=name,
-                max_attempts=fields["max_attempts"],
-                retry_delay=fields["retry_delay"],
-                timeout=fields["timeout"],
-                payload=payload if held else None,
-            )
-            if reserved is not None:
-                reserved.start(record)
-            else:
-                self.dispatcher.enqueue(record, run_after)
+            started = reserved is not None and created and info["state"] == RUNNING
+            if reserved is not None and not started:
+                self.dispatcher.release(reserved)
+            if created and ours:
+                self.dispatcher.count("submitted", name)
+                record = JobRecord(
+                    info["id"],
+                    fields["priority"],
+                    self.reactor.seconds(),
+                    name=name,
+                    max_attempts=fields["max_attempts"],
+                    retry_delay=fields["retry_delay"],
+                    timeout=fields["timeout"],
+                    payload=payload if held else None,
+                )
+                if started:
+                    self.dispatcher.start_reserved(reserved, record)
+                else:
+                    self.dispatcher.enqueue(record, run_after)
             return self._overlay(info)
 
         def not_stored(failure):
             if reserved is not None:
-                reserved.release()
-            return _store_failure(failure, "the job was not stored", _MAY_BE_STORED)
+                self.dispatcher.release(reserved)
+            chosen = job_id or (reserved.job_id if reserved is not None else None)
+            return _store_failure(failure, "submit", chosen)
 
         return d.addCallbacks(stored, not_stored)
 
@@ -202,9 +201,7 @@ class JobOperations:
                 self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
                 held = payload if len(payload) <= KEEP_PAYLOAD else None
-                record = JobRecord.from_row(
-                    row, created=row["created_at"].timestamp(), payload=held
-                )
+                record = JobRecord.from_row(row, payload=held)
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)
             return len(rows)
@@ -239,9 +236,7 @@ class JobOperations:
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
         d = self.store.run(ops.mark_cancel, job_id, self.shared, within=self.store_wait)
-        info = await d.addErrback(
-            _store_failure, "the cancellation was not stored", _MAY_BE_CANCELLED
-        )
+        info = await d.addErrback(_store_failure, "cancel")
         # A running job's cancellation may have been asked before its claim was read.
         self.dispatcher.request_cancel(job_id)
         if info["state"] in FINISHED:
@@ -344,21 +339,20 @@ class JobOperations:
         return info
 
 
-_MAY_BE_STORED = (
-    "the job may or may not have been stored: submit again with its id to get the same job "
-    "rather than a second one"
-)
-_MAY_BE_CANCELLED = "the cancellation may or may not have been stored"
+# What was not done when the store could not be reached in time.
+_NOT_DONE = {"submit": "the job was not stored", "cancel": "the cancellation was not stored"}
 
 
-def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
+def _store_failure(failure, op: str = "", job_id: str | None = None):
     """
     An operation the store did not run in time (L{StoreUnavailable}): fail
-    with L{JobServiceUnavailable}, saying whether its change was made
-    (C{not_done}) or may have been (C{maybe_done}).
+    with L{JobServiceUnavailable}, saying whether C{op}'s change was not
+    made or may have been (then how to make it safely).
     """
     if failure.check(StoreUnavailable):
-        what = maybe_done if failure.value.started else not_done
-        message = str(failure.value) + (f"; {what}" if what else "")
-        raise JobServiceUnavailable(message)
+        if failure.value.started:
+            what = unknown_outcome(op, job_id)
+        else:
+            what = f"; {_NOT_DONE[op]}" if op in _NOT_DONE else ""
+        raise JobServiceUnavailable(str(failure.value) + what)
     return failure

@@ -1,24 +1,14 @@
 """
 The job service: a Twisted service holding the store, the queue, the
-workers and the front ends that clients reach it through.
+workers and the front ends clients reach it through. Clients call its
+L{JobOperations}; its L{Dispatcher} decides which job runs where.
 
-Clients call its L{JobOperations} (C{operations}); which job runs where
-is its L{Dispatcher}'s business.
-
-Job nodes: each service is a node, named in the node table, with a
-heartbeat (L{twistedlrp.jobs.service.lease.NodeLease}). On SQLite it is the only
-one (a second node on the same database is refused at start-up), holds the
-queue in memory and never polls. On PostgreSQL several nodes may share the
-database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
-SKIP LOCKED}, is woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen})
-and polls slowly (L{POLL_INTERVAL}) for anything missed; the other nodes
-retry or fail the running jobs of a node whose lease expired.
-
-Start (see docs/design.md): open the store, enter the node, recover what
-this node left when it died, listen, then start the workers (they are told
-the address a job submitting a job must use). Stop: no new work, running jobs get until
-shortly before the graceful deadline, then are stopped and put back in the
-queue; the store thread ends once every change is committed.
+Each service is a job node (L{twistedlrp.jobs.service.lease}). On SQLite it
+is the only one, holds the queue in memory and never polls. On PostgreSQL
+several nodes share the database: each claims due jobs from the table, is
+woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen}) and polls
+slowly (L{POLL_INTERVAL}) for anything missed. docs/design.md says in what
+order it starts and stops.
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry
 from twistedlrp.jobs.client import transactions
-from twistedlrp.jobs.client.calls import STORE_WAIT_SHARE
+from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, STORE_WAIT_SHARE
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
@@ -71,23 +61,15 @@ def node_name(options) -> str:
 def store_wait() -> float:
     """
     @return: the seconds an operation waits for a store that cannot be
-        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (the clients'
-        timeout, 10 s by default), so 8 s.
+        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (8 s by default).
     """
     from django.conf import settings
-
-    from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT
 
     try:
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
     except (TypeError, ValueError):
         timeout = DEFAULT_TIMEOUT
     return max(timeout * STORE_WAIT_SHARE, 0.1)
-
-
-def _definitions() -> list:
-    """@return: the registered job definitions (the pruner reads their C{keep})."""
-    return [registry.lookup(name) for name in registry.names()]
 
 
 class JobService(service.Service):
@@ -133,9 +115,9 @@ class JobService(service.Service):
             options,
             self.worker_env,
             cancel_grace,
-            node=self.node,
-            shared=self.shared,
-            queues=self.queues,
+            self.node,
+            self.shared,
+            self.queues,
         )
         self.pool = self.dispatcher.pool
         if self.shared:
@@ -154,12 +136,9 @@ class JobService(service.Service):
             unavailable=lambda: self.unavailable,
             about=self._about,
         )
+        shared_node = self.node if self.shared else None
         self.watchdog = Watchdog(
-            reactor,
-            self.dispatcher,
-            self.store,
-            worker_id_prefix(),
-            self.node if self.shared else None,
+            reactor, self.dispatcher, self.store, worker_id_prefix(), shared_node
         )
         self.lease_keeper = NodeLease(
             reactor,
@@ -177,7 +156,8 @@ class JobService(service.Service):
             monotonic_alarm=True,
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
-        self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
+        definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
+        self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
         # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
         self.schedules = configured()
         self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
@@ -286,9 +266,8 @@ class JobService(service.Service):
         for job_id in failed:
             log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
         for row in queued:
-            record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
             run_after = row["run_after"].timestamp() if row["run_after"] else None
-            self.dispatcher.queue.push(record, run_after)
+            self.dispatcher.queue.push(JobRecord.from_row(row), run_after)
         self.unavailable = None
         return None
 
@@ -387,12 +366,7 @@ class JobService(service.Service):
 
     def _about(self) -> dict:
         """@return: the service's own part of the C{stats} operation's answer."""
-        node = {
-            "name": self.node,
-            "shared": self.shared,
-            "queues": self.queues,
-            "lease": self.lease,
-        }
+        node = dict(name=self.node, shared=self.shared, queues=self.queues, lease=self.lease)
         return {"unavailable": self.unavailable, "node": node, "retention": self.pruner.describe()}
 
     def force_exit(self) -> None:
@@ -412,20 +386,18 @@ class JobService(service.Service):
         now = self.reactor.seconds()
         if usable or not self.pool.size:
             self._last_usable = now
-        problem = self.unavailable
-        if problem is None and self.store.away:
-            problem = f"the job store cannot be reached: {self.store.away}"
-        if problem is None and self.lease_keeper.fenced is not None:
-            problem = (
-                "this job node could not renew its lease in time: it runs no job until it does"
-            )
-        if problem is None and self.watchdog.store_error:
-            problem = f"the job store cannot be reached: {self.watchdog.store_error}"
-        if problem is None and now - self._last_usable > WORKER_GRACE:
-            problem = (
-                f"no worker can take a job (0 of {self.pool.size} usable for "
-                f"{now - self._last_usable:.0f} s)"
-            )
+        store_error = self.watchdog.store_error
+        problems = (
+            self.unavailable,
+            self.store.away and f"the job store cannot be reached: {self.store.away}",
+            self.lease_keeper.fenced is not None
+            and "this job node could not renew its lease in time: it runs no job until it does",
+            store_error and f"the job store cannot be reached: {store_error}",
+            now - self._last_usable > WORKER_GRACE
+            and f"no worker can take a job (0 of {self.pool.size} usable for "
+            f"{now - self._last_usable:.0f} s)",
+        )
+        problem = next((p for p in problems if p), None)
         return {
             "healthy": problem is None,
             "state": "running" if problem is None else "degraded",

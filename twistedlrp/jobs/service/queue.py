@@ -52,7 +52,10 @@ class JobRecord:
     def from_row(cls, row, **values) -> JobRecord:
         """@return: the record of a job as the store reads it (C{values} win)."""
         names = ("name", "attempts", "max_attempts", "retry_delay", "timeout")
-        return cls(row["id"], row["priority"], **{n: row[n] for n in names if n in row}, **values)
+        fields = {n: row[n] for n in names if n in row}
+        if row.get("created_at"):
+            fields["created"] = row["created_at"].timestamp()
+        return cls(row["id"], row["priority"], **(fields | values))
 
     def stop_timers(self) -> None:
         for timer in self.timers:
