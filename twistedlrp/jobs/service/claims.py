@@ -25,14 +25,8 @@ log = Logger()
 
 class TableClaims:
     """
-    The dispatcher's claims from the table.
+    The claims from the table of a L{Dispatcher} whose node shares its database.
 
-    @param pool: the workers; its idle ones claim.
-    @param outcomes: the L{Outcomes} that fails a claimed job that cannot run.
-    @param accepting: C{()}: does the dispatcher take work?
-    @param dispatch: C{()}: hand work to free workers (claims again).
-    @param run: C{(worker, record, payload)}: send a claimed job to its worker.
-    @param cancel: C{(job_id)}: a claimed job's cancellation was asked.
     @ivar in_flight: the Deferreds of the claims under way (stopping waits for them).
     @ivar wanted: may the table hold due jobs for us? (Cleared by a claim
         that found fewer than it asked for, unless a wake came meanwhile.)
@@ -40,12 +34,9 @@ class TableClaims:
         within this many seconds (the database checks; see C{ops.claim_next}).
     """
 
-    def __init__(
-        self, reactor, store, pool, outcomes, node, queues, accepting, dispatch, run, cancel
-    ):
-        self.reactor, self.store, self.pool, self.outcomes = reactor, store, pool, outcomes
-        self.node, self.queues = node, queues
-        self.accepting, self.dispatch, self.run, self.cancel = accepting, dispatch, run, cancel
+    def __init__(self, dispatcher, queues: list[str] | None):
+        self.dispatcher, self.queues = dispatcher, queues
+        self.reactor, self.store = dispatcher.reactor, dispatcher.store
         self.in_flight: set[defer.Deferred] = set()
         self.wanted = True
         self.wakes = 0
@@ -60,13 +51,13 @@ class TableClaims:
 
     def _wake(self) -> None:
         self.want()
-        self.dispatch()
+        self.dispatcher.dispatch()
 
     def claim_next(self) -> None:
         """Claim one due job per free worker from the table (one claim at a time)."""
         if self.running or not self.wanted:
             return
-        idle = self.pool.idle()
+        idle = self.dispatcher.pool.idle()
         if not idle:
             return
         for worker in idle:
@@ -74,7 +65,8 @@ class TableClaims:
         self.running = True
         # The answer names workers by the idents sent, whatever happens meanwhile.
         sent = {w.ident: w for w in idle}
-        d = self.store.run(ops.claim_next, self.queues, self.node, list(sent), self.lease_check)
+        node = self.dispatcher.node
+        d = self.store.run(ops.claim_next, self.queues, node, list(sent), self.lease_check)
         self.in_flight.add(d)
         d.addCallbacks(
             self._claimed, self._failed, callbackArgs=(sent, self.wakes), errbackArgs=(idle,)
@@ -88,32 +80,32 @@ class TableClaims:
             # This node's lease is not fresh (being renewed, or cannot be): no claim until it is.
             self._failed(None, list(sent.values()))
             return
-        free = dict(sent)
+        dispatcher, free = self.dispatcher, dict(sent)
         claimed = answer["claimed"]
         for row in claimed:
             worker = free.pop(row["worker"])
             record = JobRecord.from_row(row)
-            if worker.state != "claiming" or not self.accepting():
+            if worker.state != "claiming" or not dispatcher.accepting:
                 # The worker died, or the service began stopping, during the claim.
                 _free([worker])
                 error = "its worker ended before the job started"
-                self.store.run(recovery.requeue, record.id, error, False, self.node)
+                self.store.run(recovery.requeue, record.id, error, False, dispatcher.node)
                 continue
             try:
                 check_record(record)
             except InvalidArguments as e:
                 worker.state = "idle"
-                self.outcomes.fail(record, f"the job could not start: {e}")
+                dispatcher.outcomes.fail(record, f"the job could not start: {e}")
                 continue
-            self.run(worker, record, row["payload"])
+            dispatcher.run_on(worker, record, row["payload"])
             if row["cancel_requested"]:
-                self.cancel(record.id)
+                dispatcher.request_cancel(record.id)
         _free(free.values())
         if len(claimed) < len(sent):
             if wakes == self.wakes:
                 self.wanted = False
             self.arm_due(answer["next_due"])
-        self.dispatch()
+        dispatcher.dispatch()
 
     def _failed(self, failure, workers: list) -> None:
         """The claim failed (C{None}: this node's lease is not fresh): again in 1 s."""
@@ -124,12 +116,12 @@ class TableClaims:
                 "Could not claim jobs: {error}; trying again in 1 s",
                 error=failure.getErrorMessage() or failure.type.__name__,
             )
-        if self.accepting():
+        if self.dispatcher.accepting:
             self.reactor.callLater(1.0, self._wake)
 
     def arm_due(self, when: float | None) -> None:
         """Wake when the first delayed job we know of becomes due (at C{when})."""
-        if when is None or not self.accepting():
+        if when is None or not self.dispatcher.accepting:
             return
         timer = self._due_timer
         if timer is not None and timer.active():

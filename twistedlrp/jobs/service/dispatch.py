@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
 from twistedlrp.jobs.service.claims import Reservation, TableClaims
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, log_started
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -85,18 +85,7 @@ class Dispatcher:
         self.outcomes = Outcomes(
             reactor, store, self.count, self._requeue, cancel_grace, node if shared else None
         )
-        self.claims = TableClaims(
-            reactor,
-            store,
-            self.pool,
-            self.outcomes,
-            node,
-            queues,
-            lambda: self.accepting,
-            self.dispatch,
-            self._run_on,
-            self.request_cancel,
-        )
+        self.claims = TableClaims(self, queues)
 
     # -- what the service asks ---------------------------------------------------------
 
@@ -269,7 +258,7 @@ class Dispatcher:
         record.attempts = 1
         try:
             check_record(record)
-            self._run_on(worker, record, record.payload)
+            self.run_on(worker, record, record.payload)
         except Exception:
             self._start_failed(Failure(), worker, record)
 
@@ -305,7 +294,7 @@ class Dispatcher:
             record.attempts += 1
             payload = record.payload
         check_record(record)
-        self._run_on(worker, record, payload)
+        self.run_on(worker, record, payload)
         return None
 
     def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:
@@ -343,7 +332,8 @@ class Dispatcher:
             self._requeue(record.requeued(), self.reactor.seconds() + 1.0)
         self.dispatch()
 
-    def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+    def run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+        """Send C{record}, claimed for C{worker}, to it (fenced: back to the queue)."""
         if self.fenced:
             # Claimed before this node lost its lease (the claim's answer came
             # late): another node may take the job over any moment; not started.
@@ -354,7 +344,7 @@ class Dispatcher:
         record.worker = worker
         self.running[record.id] = record
         record.started = self.reactor.seconds()
-        job_lines.started(record, worker.pid)
+        log_started(record, worker.pid)
         self._changed(record.id)
         if record.timeout:
             record.timers.append(

@@ -1,11 +1,8 @@
 """
-The job service's metrics (docs/metrics.md): jobs submitted, succeeded,
-failed, cancelled and retried by job name, how long attempts ran, the store
-thread's batch sizes (counters and histograms the service updates), and the
-queue, running jobs and workers with their memory (read at scrape time).
-
-They live in the process that hosts the job service. The functions below do
-nothing while the metrics are off (C{--no-metrics}, or no job service here).
+The job service's metrics (docs/metrics.md), in the process that hosts it:
+counters and histograms the service updates, and the queue, running jobs
+and workers read at scrape time. The functions below do nothing while the
+metrics are off (C{--no-metrics}, or no job service here).
 """
 
 from __future__ import annotations

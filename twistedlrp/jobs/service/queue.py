@@ -1,13 +1,9 @@
 """
 The job service's memory of queued jobs: one L{JobRecord} per job, and the
-L{JobQueue} that orders them.
-
-The service knows what it queued (there is no polling of the database): the
-queue holds every queued job, ready ones by priority then age, delayed ones
+L{JobQueue} that orders them: ready ones by priority then age, delayed ones
 (C{run_after}, retries) until their time, on one timer. It is driven only
-by its clock's C{seconds()} and C{callLater}, so tests drive it with
-L{twisted.internet.task.Clock}; the reactor's clock is Unix time, which is
-what C{run_after} is.
+by its clock's C{seconds()} and C{callLater} (the reactor's clock is Unix
+time, as C{run_after} is), so tests drive it with a C{Clock}.
 """
 
 from __future__ import annotations
