@@ -1,9 +1,8 @@
 """
-The operations clients call on the job service (L{JobOperations}): a
-method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking
-its command's arguments in order and returning a Deferred of its JSON-ready
-answer. Every front end and the in-process client call these. Every change
-is acknowledged only after its commit.
+The operations clients call on the job service (L{JobOperations}), from
+every front end and the in-process client: a method per operation of
+L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking its command's arguments
+and returning a Deferred of its JSON-ready answer, after its commit.
 """
 
 from __future__ import annotations
@@ -39,13 +38,11 @@ log = Logger()
 
 class JobOperations:
     """
-    What clients call. While the store cannot be reached, an operation
-    waits for it up to C{store_wait} seconds, then fails with
-    L{JobServiceUnavailable} saying so (and, for a submission, whether the
-    job was stored).
+    While the store cannot be reached, an operation waits for it up to
+    C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
+    so (and whether its change was made).
 
-    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}
-        that runs the jobs (and records their ends, L{Outcomes}).
+    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}.
     @param node: this job node's name; C{shared}: whether other nodes share its database.
     @param queues: the queues this node runs, or C{None} for all.
     @param unavailable: C{()}: why the service takes no work now, or C{None}.
@@ -164,27 +161,21 @@ class JobOperations:
 
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
-        A process committed these jobs through its own transaction
-        (L{twistedlrp.jobs.client.transactions}): queue them. Answered at once;
-        they are read from the store meanwhile. With several job nodes
-        (PostgreSQL) there is nothing to do: the commit notified them.
+        A process committed these jobs in its own transaction
+        (L{twistedlrp.jobs.client.transactions}): queue them (several job
+        nodes: nothing to do, the commit notified them).
 
-        @return: a Deferred firing with C{True}.
+        @return: a Deferred firing at once with C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
         """
         if not isinstance(job_ids, list | tuple):
             raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
             # Ids that are not UUIDs name no job: ignored, as unknown ones are.
-            d = self.take_announced(
-                [str(job_id) for job_id in job_ids[: announcements.TAKE_ANNOUNCED]]
-            )
+            d = self.take_announced([str(i) for i in job_ids[: announcements.TAKE_ANNOUNCED]])
             # They stay announced: the next sweep queues them.
-            d.addErrback(
-                lambda f: log.warn(
-                    "Could not queue announced jobs yet: {error}", error=f.getErrorMessage()
-                )
-            )
+            message = "Could not queue announced jobs yet: {error}"
+            d.addErrback(lambda f: log.warn(message, error=f.getErrorMessage()))
         return defer.succeed(True)
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
@@ -221,10 +212,8 @@ class JobOperations:
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """
-        Cancel a job: a queued one is cancelled at once and never runs; a
-        running one is asked to stop (C{cancelled()} turns true), its
-        process gets SIGTERM after the grace period and SIGKILL after twice
-        that. A finished job is left as it is.
+        Cancel a queued job at once, or ask a running one to stop
+        (L{Dispatcher.request_cancel}); a finished one is left as it is.
 
         @return: a Deferred firing with the job's description after the request.
         """
@@ -250,9 +239,8 @@ class JobOperations:
             when it starts or reports progress on this node.
         @return: a Deferred firing with the job's description once it is
             finished (or, with C{seen}, changed), or after C{timeout}
-            seconds with its current one. It fails with L{InvalidArguments}
-            when C{timeout} is not from 0 to
-            L{twistedlrp.jobs.protocol.arguments.MAX_WAIT_TIMEOUT} seconds.
+            seconds with its current one; failing with L{InvalidArguments}
+            for a C{timeout} out of range.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 

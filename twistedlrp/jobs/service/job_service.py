@@ -74,10 +74,8 @@ def store_wait() -> float:
 
 class JobService(service.Service):
     """
-    @param options: the server's checked options (C{workers},
-        C{max-job-payload}, C{max-jobs-per-worker}, C{max-worker-memory},
-        C{pythonpath}, C{jobs-secret-file}, C{graceful-timeout}).
-    @param front_ends: what listens for clients: objects with C{listen(service)}
+    @param options: the server's checked options.
+    @param front_ends: what listens for clients: objects with C{listen(operations)}
         (awaited) and C{stop()}; the first one's C{client_endpoint} is given
         to the workers, whose jobs may submit jobs.
     @param cancel_grace: seconds a running job has to stop after a cancel
@@ -87,8 +85,7 @@ class JobService(service.Service):
     name = "jobs"
 
     def __init__(self, reactor, options, front_ends=(), cancel_grace=DEFAULT_CANCEL_GRACE):
-        self.reactor = reactor
-        self.options = options
+        self.reactor, self.options = reactor, options
         self.max_payload = options["max-job-payload"]
         # Submissions inside a transaction of this process's views check it there.
         transactions.limit_payload(self.max_payload)
@@ -136,10 +133,8 @@ class JobService(service.Service):
             unavailable=lambda: self.unavailable,
             about=self._about,
         )
-        shared_node = self.node if self.shared else None
-        self.watchdog = Watchdog(
-            reactor, self.dispatcher, self.store, worker_id_prefix(), shared_node
-        )
+        prefix, node = worker_id_prefix(), self.node if self.shared else None
+        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
         self.lease_keeper = NodeLease(
             reactor,
             self.store,
@@ -162,10 +157,11 @@ class JobService(service.Service):
         self.schedules = configured()
         self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
         self.listener = None
-        self._poll = task.LoopingCall(self.dispatcher.wake)
-        self._poll.clock = reactor
-        self._sweep = task.LoopingCall(self._sweep_announced)
-        self._sweep.clock = reactor
+        # Several nodes poll the table; one looks for jobs announced to nobody.
+        self._loop = task.LoopingCall(
+            self.dispatcher.wake if self.shared else self._sweep_announced
+        )
+        self._loop.clock = reactor
         self._registered = False
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
@@ -206,16 +202,10 @@ class JobService(service.Service):
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
 
-            self.listener = Listener(
-                self.reactor,
-                self._notified,
-                self.dispatcher.wake,
-                availability=self.store.availability,
-            )
+            wake = self.dispatcher.wake
+            self.listener = Listener(self.reactor, self._notified, wake, self.store.availability)
             self.listener.start()
-            self._poll.start(POLL_INTERVAL, now=False)
-        else:
-            self._sweep.start(SWEEP_INTERVAL, now=False)
+        self._loop.start(POLL_INTERVAL if self.shared else SWEEP_INTERVAL, now=False)
         if eager.enabled():
             log.warn(
                 "LRP_JOBS_EAGER is set (a setting for tests): jobs submitted in this process run "
@@ -331,9 +321,8 @@ class JobService(service.Service):
         self.watchdog.stop()
         self.scheduler.stop()
         self.pruner.stop()
-        for loop in (self._poll, self._sweep):
-            if loop.running:
-                loop.stop()
+        if self._loop.running:
+            self._loop.stop()
         if self.listener is not None:
             self.listener.stop()
         dispatcher.stop_accepting()
@@ -375,12 +364,9 @@ class JobService(service.Service):
 
     def health(self) -> dict:
         """
-        @return: the job service's part of the health endpoint; C{healthy}
-            is false (the endpoint answers 503, "degraded") when the service
-            is unavailable, its store cannot be reached (from the first
-            failed attempt to the first that succeeds again), this node
-            stopped its jobs for want of a lease, or no worker has been able
-            to take a job for L{WORKER_GRACE} seconds.
+        @return: the job service's part of the health endpoint: C{healthy}
+            (else the endpoint answers 503, "degraded") unless one of
+            C{problems} below is true.
         """
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()

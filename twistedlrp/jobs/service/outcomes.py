@@ -32,8 +32,7 @@ class Outcome:
     """
     How one attempt of a job ended, as its worker (or the eager mode) says:
     it returned C{result}, or it failed with C{error}, C{cancelled} when it
-    stopped because its cancellation was asked. A worker sends it as the
-    JSON object of L{twistedlrp.jobs.protocol.wire.RunJob}'s answer (L{read}).
+    stopped because its cancellation was asked.
     """
 
     ok: bool
@@ -67,9 +66,8 @@ class Outcome:
 
 class Outcomes:
     """
-    Records how attempts end: a final state, or a retry after its delay,
-    each committed before the job's waiters hear of it; and what the death
-    of a worker means for its job (shut-down, timeout, cancel or crash).
+    Records how attempts end (a final state, or a retry after its delay),
+    each committed before the job's waiters hear of it.
 
     @param count: C{(event, job name)}: counts an event (stats, metrics).
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
@@ -125,13 +123,9 @@ class Outcomes:
                 f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
                 f"killed ({how})"
             )
-            log.warn(
-                "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})",
-                job_id=job_id,
-                pid=worker.pid,
-                timeout=record.timeout,
-                how=how,
-            )
+            pid, timeout = worker.pid, record.timeout
+            message = "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})"
+            log.warn(message, job_id=job_id, pid=pid, timeout=timeout, how=how)
             self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
@@ -145,12 +139,8 @@ class Outcomes:
                     how=how,
                 )
             else:
-                log.warn(
-                    "Job {job_id}: worker {pid} {how} after its cancellation was requested",
-                    job_id=job_id,
-                    pid=worker.pid,
-                    how=how,
-                )
+                message = "Job {job_id}: worker {pid} {how} after its cancellation was requested"
+                log.warn(message, job_id=job_id, pid=worker.pid, how=how)
             log_ended(record, self.reactor.seconds(), "cancelled after")
             self.finish(record, CANCELLED, error=error, **fields)
         else:
@@ -236,9 +226,8 @@ def fire(d: defer.Deferred, value) -> None:
 def check_record(record: JobRecord) -> None:
     """
     @raise InvalidArguments: the job holds a value it cannot run with (an
-        old or foreign row), or no job of its name is registered in this
-        job service (one stored through a site's transaction where it was
-        registered, which this service never imported).
+        old or foreign row), or its name is not registered in this job
+        service (stored by a site's transaction where it was).
     """
     if registry.lookup(record.name) is None:
         try:

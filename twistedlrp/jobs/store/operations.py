@@ -32,36 +32,26 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+# A job's wire description, in this order ("progress" and the times adapted).
+_DESCRIBED = (
+    "id", "name", "state", "priority", "queue", "attempts", "max_attempts", "progress", "error",
+    "worker", "key", "timeout", "run_after", "created_at", "started_at", "finished_at",
+    "cancel_requested",
+)  # fmt: skip
+_TIMES = ("run_after", "created_at", "started_at", "finished_at")
+
+
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
     """
     @return: the wire description of a C{Job} row (without result and
         output unless C{full}, without args and kwargs unless C{arguments}).
     """
+    names = _DESCRIBED + (("result", "output") if full else ())
     data = {
-        "id": str(job.id),
-        "name": job.name,
-        "state": job.state,
-        "priority": job.priority,
-        "queue": job.queue,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "progress": [job.progress_current, job.progress_total, job.progress_message],
-        "error": job.error,
-        "worker": job.worker,
-        "key": job.key,
-        "timeout": job.timeout,
-        "run_after": iso(job.run_after),
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "cancel_requested": job.cancel_requested,
+        name: getattr(job, name, None) for name in names + (("args", "kwargs") if arguments else ())
     }
-    if full:
-        data["result"] = job.result
-        data["output"] = job.output
-    if arguments:
-        data["args"] = job.args
-        data["kwargs"] = job.kwargs
+    data.update({name: iso(data[name]) for name in _TIMES}, id=str(job.id))
+    data["progress"] = [job.progress_current, job.progress_total, job.progress_message]
     return data
 
 
@@ -209,33 +199,19 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt).
+    Mark a queued job running (one more attempt), by a conditional update:
+    of several job services on one database only one gets the row.
 
-    The conditional update is what makes a claim exclusive: on a database
-    shared by several job services only one of them gets the row.
-
-    @param load: also read what the service does not hold in memory (the
-        payload and the job's settings).
-    @return: C{None} if the job is no longer queued; else C{{"started_at": ...}},
-        with C{payload}, C{attempts}, C{name}, C{timeout}, C{max_attempts},
-        C{retry_delay} when C{load}.
+    @param load: also read the payload and the job's settings.
+    @return: C{None} if the job is no longer queued; else C{{"started_at"}}
+        (and with C{load}, C{payload} and the settings).
     """
     from twistedlrp.models import Job
 
     sql = statements()
     started = now()
-    updated = sql.execute(
-        sql.claim,
-        [
-            RUNNING,
-            sql.prep("started_at", started),
-            worker,
-            node,
-            sql.prep("id", as_uuid(job_id)),
-            QUEUED,
-        ],
-    )
-    if not updated:
+    when, key = sql.prep("started_at", started), sql.prep("id", as_uuid(job_id))
+    if not sql.execute(sql.claim, [RUNNING, when, worker, node, key, QUEUED]):
         return None
     if not load:
         return {"started_at": iso(started)}
@@ -345,12 +321,8 @@ def finish(
     sql = statements()
     fields = dict(fields, state=state)
     if sql.nul_free and state == SUCCEEDED and holds_nul(fields.get("result")):
-        fields.update(
-            state=FAILED,
-            result=None,
-            error="the job's result contains a NUL character (\\u0000), which PostgreSQL "
-            "cannot store",
-        )
+        error = "the job's result contains a NUL character (\\u0000), which PostgreSQL cannot store"
+        fields.update(state=FAILED, result=None, error=error)
     if state in FINISHED:
         fields.setdefault("finished_at", now())
     if node is None:
@@ -358,10 +330,7 @@ def finish(
         return get(job_id) if describe else None
     if not sql.update(job_id, fields, only_state=RUNNING, only_node=node):
         return {"lost": True}
-    if state in FINISHED:
-        notify_nodes(f"finished:{job_id}")
-    else:
-        notify_nodes(f"queued:{queue_of(job_id)}")
+    notify_nodes(f"finished:{job_id}" if state in FINISHED else f"queued:{queue_of(job_id)}")
     return get(job_id) if describe else None
 
 
@@ -382,12 +351,9 @@ def mark_cancel(job_id: str, notify: bool = False) -> dict:
 
     job = get(job_id, full=False)
     if job["state"] == QUEUED:
-        Job.objects.filter(id=job_id, state=QUEUED).update(
-            state=CANCELLED,
-            cancel_requested=True,
-            finished_at=now(),
-            error="cancelled while queued",
-        )
+        error = "cancelled while queued"
+        queued = Job.objects.filter(id=job_id, state=QUEUED)
+        queued.update(state=CANCELLED, cancel_requested=True, finished_at=now(), error=error)
         if notify:
             notify_nodes(f"finished:{job_id}")
     elif job["state"] == RUNNING:
