@@ -31,12 +31,8 @@ class _JobMetrics:
             event: metrics.counter(f"lrp_jobs_{event}", _EVENT_HELP[event], ("name",))
             for event in EVENTS
         }
-        self.run_seconds = metrics.histogram(
-            "lrp_job_run_seconds",
-            "Seconds each attempt of a job ran in its worker, by job name",
-            RUN_BUCKETS,
-            ("name",),
-        )
+        what = "Seconds each attempt of a job ran in its worker, by job name"
+        self.run_seconds = metrics.histogram("lrp_job_run_seconds", what, RUN_BUCKETS, ("name",))
         self.batch_size = metrics.histogram(
             "lrp_job_store_batch_size",
             "Operations committed together in one transaction of the job store's thread",
@@ -47,10 +43,9 @@ class _JobMetrics:
         self._children: dict = {}
 
     def child(self, metric, name: str):
-        key = (metric, name)
-        found = self._children.get(key)
+        found = self._children.get((metric, name))
         if found is None:
-            found = self._children[key] = metric.labels(name)
+            found = self._children[metric, name] = metric.labels(name)
         return found
 
 

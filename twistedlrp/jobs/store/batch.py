@@ -186,7 +186,8 @@ class GroupCommitThread:
                         self._stopping.wait(reconnect.next())
                         continue
                     reconnect.reset()
-                    self._came_back()
+                    self._away = False
+                    self._report("back", self.name)
                 if doubtful and not self._resolve(doubtful, pending):
                     continue
                 alone = self._begin([op for op in pending if op.alone])
@@ -405,10 +406,6 @@ class GroupCommitThread:
             return connection.is_usable()
         except Exception:
             return False
-
-    def _came_back(self) -> None:
-        self._away = False
-        self._report("back", self.name)
 
     def _report(self, what: str, *args) -> None:
         if self.availability is not None:
