@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, NotRegistered
 
 
 @functools.cache
@@ -117,21 +117,19 @@ def configured() -> list[ScheduleSpec]:
         if set(entry) - _KEYS:
             unknown = ", ".join(sorted(map(str, set(entry) - _KEYS)))
             raise BootError(f"{what}: unknown keys {unknown} (known: args, cron, job, kwargs)")
-        if registry.lookup(entry["job"]) is None:
-            raise BootError(
-                f"{what}: no job is registered under the name {entry['job']!r}; registered: "
-                f"{', '.join(registry.names()[:20]) or 'none'}"
-            )
         args, kwargs = entry.get("args", []), entry.get("kwargs", {})
-        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-            raise BootError(f"{what}: args must be a list and kwargs a dict")
         try:
+            registry.require(entry["job"])
+            if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+                raise BootError(f"{what}: args must be a list and kwargs a dict")
             json.dumps([args, kwargs], allow_nan=False)
             check_cron(entry["cron"], what)
+        except NotRegistered as e:
+            raise BootError(f"{what}: {e}") from None
+        except InvalidArguments as e:  # a TypeError: before the JSON's errors
+            raise BootError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise BootError(f"{what}: the arguments are not JSON: {e}") from None
-        except InvalidArguments as e:
-            raise BootError(str(e)) from None
         if name in specs:
             raise BootError(f"{what}: the job {name} has a schedule of that name already")
         specs[name] = ScheduleSpec(name, entry["job"], entry["cron"], list(args), dict(kwargs))
