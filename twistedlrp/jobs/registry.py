@@ -79,9 +79,7 @@ def require(name: str) -> JobDefinition:
 def find(name: str) -> JobDefinition:
     """
     L{require}, after importing the site's job modules if C{name} is not
-    registered yet (a process that has not: a script, a shell, a test).
-
-    @raise NotRegistered: it is not registered there either.
+    registered yet (a script, a shell, a test). @raise NotRegistered: not there either.
     """
     if name not in _registry:
         with contextlib.suppress(Exception):

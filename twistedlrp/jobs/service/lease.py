@@ -281,10 +281,7 @@ class NodeLease:
             return
         if fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
-            log.warn(
-                "Job node {node} renewed its lease again: it takes work again",
-                node=self.node,
-            )
+            log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
             if self.on_unfenced is not None:
                 self.on_unfenced()
             self._arm()
@@ -303,10 +300,9 @@ class NodeLease:
         """(Re)schedule the fence for when the lease, as last renewed, runs out less the margin."""
         if not self.fencing or self.renewed_at is None or not self._loop.running:
             return
-        if self.fenced is not None:
-            self._alarm.set(None)
-            return
-        self._alarm.set(self.renewed_at + self.lease - self.margin)
+        self._alarm.set(
+            None if self.fenced is not None else self.renewed_at + self.lease - self.margin
+        )
 
     def _check_fence(self) -> None:
         if self.fenced is not None or not self._loop.running:
@@ -340,21 +336,16 @@ class NodeLease:
         )
 
     def _expired(self, outcome: dict) -> None:
+        dead = "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead"
         for name, age in outcome["nodes"]:
-            log.warn(
-                "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead",
-                name=name,
-                age=age,
-                lease=self.lease,
-            )
-        requeued = False
+            log.warn(dead, name=name, age=age, lease=self.lease)
         for job in outcome["jobs"]:
+            state = "retried" if job["state"] == QUEUED else job["state"]
             log.warn(
                 "Job {job_id}: {state} ({reason})",
                 job_id=job["id"],
-                state="retried" if job["state"] == QUEUED else job["state"],
+                state=state,
                 reason=job["reason"],
             )
-            requeued = requeued or job["state"] == QUEUED
-        if requeued:
+        if any(job["state"] == QUEUED for job in outcome["jobs"]):
             self.on_requeued()

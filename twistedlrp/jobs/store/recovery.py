@@ -86,10 +86,9 @@ def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
     """
-    @return: the jobs C{running} on workers whose id starts with
-        C{worker_prefix} (this machine's), or with several job nodes on
-        the node C{node}, started before C{started_before}:
-        C{{"id", "worker", "attempts"}}.
+    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since
+        before C{started_before} on this machine's workers (C{worker_prefix}),
+        or with several job nodes on the node C{node}.
     """
     from django.db.models import Q
 
@@ -247,13 +246,12 @@ def heartbeat(
     """
     Renew this node's lease.
 
-    @param fenced: jobs this node stopped because it could not renew its
-        lease in time (fencing, so several nodes): those still recorded as
-        running on it (no other node took them over) are retried or failed
-        by their policy, as another node would have done, with C{why}.
-    @return: C{{"held": whether its row was still there (C{False}: another
-        node took it for dead and retried or failed its running jobs; the
-        row is entered again), "ended": [{"id", "state"}] (of C{fenced})}}.
+    @param fenced: jobs this node stopped when it could not renew its lease
+        (fencing): those still running on it (no other node took them over)
+        are retried or failed by their policy because C{why}.
+    @return: C{{"held": whether its row was still there (else another node
+        took it for dead; the row is entered again), "ended": [{"id",
+        "state"}] (of C{fenced})}}.
     """
     from twistedlrp.models import Job, Node
 

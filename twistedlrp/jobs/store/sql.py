@@ -119,12 +119,7 @@ class Statements:
         return value
 
     def execute(self, statement: str, params) -> int:
-        """
-        Run one statement (C{%s} placeholders) in the calling thread's
-        connection and transaction.
-
-        @return: the number of rows changed.
-        """
+        """@return: the rows a statement (C{%s} placeholders) changed, in this thread's transaction."""
         if not self.direct:
             from django.db import connection
 
