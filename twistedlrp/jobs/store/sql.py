@@ -119,7 +119,7 @@ class Statements:
         return value
 
     def execute(self, statement: str, params) -> int:
-        """@return: the rows a statement (C{%s} for values) changed, in this thread's transaction."""
+        """@return: the rows a statement (values as C{%s}) changed, in this thread's transaction."""
         if not self.direct:
             from django.db import connection
 
