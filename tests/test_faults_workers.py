@@ -291,7 +291,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
     assert worker.state == "idle"
 
     record = JobRecord("job-1", name="testapp.jobs.add", attempts=1, max_attempts=1)
-    dispatcher._run_on(worker, record, b'{"args":[1,2],"kwargs":{}}')
+    dispatcher.run_on(worker, record, b'{"args":[1,2],"kwargs":{}}')
     assert _box(process.written)[b"_command"] == b"RunJob"
     # The child answers, but its outcome is not JSON.
     tag = _box(process.written)[b"_ask"]

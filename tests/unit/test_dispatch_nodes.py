@@ -225,18 +225,18 @@ def test_a_reserved_worker_waits_for_its_job_to_be_stored_then_runs_it(node):
     first, second = dispatcher.reserve("j1"), dispatcher.reserve("j2")
     assert first.worker is not second.worker
     assert first.worker.state == second.worker.state == "claiming"
-    assert dispatcher.claiming == {"j1", "j2"}
+    assert set(dispatcher.claiming) == {"j1", "j2"}
     # Both workers are held: a third job is stored queued, as before.
     assert dispatcher.reserve("j3") is None
     # Stopping would wait for both.
-    assert len(dispatcher._claiming) == 2
+    assert len(dispatcher.claiming) == 2
     job = record("j1")
-    first.start(job)
+    dispatcher.start_reserved(first, job)
     assert dispatcher.running["j1"] is job and job.attempts == 1
     assert first.worker.state == "busy" and b"RunJob" in first.worker.transport.written
-    second.release()
+    dispatcher.release(second)
     assert second.worker.state == "idle"
-    assert dispatcher.claiming == set() and not dispatcher._claiming
+    assert not dispatcher.claiming
     assert store.named("claim") == []  # no claim of their own
 
 
@@ -246,15 +246,14 @@ def test_a_reserved_worker_that_died_meanwhile_sends_its_job_back_without_an_att
     reservation = dispatcher.reserve("j1")
     reservation.worker.state = "dead"
     job = record("j1")
-    reservation.start(job)
+    dispatcher.start_reserved(reservation, job)
     assert "j1" not in dispatcher.running
     ((job_id, error, count_attempt, node_name),) = store.named("requeue")
     assert (job_id, count_attempt, node_name) == ("j1", False, "n1")
     assert "its worker ended before the job started" in error
     # Its claim, when a worker takes it, counts the first attempt.
     assert job.attempts == 0
-    assert dispatcher.claiming == set() and reservation._done.called
-    assert reservation._done not in dispatcher._claiming
+    assert not dispatcher.claiming and reservation.done.called
     # Back in the table: the free worker claims again.
     assert len(store.named("claim_next")) == 2
 

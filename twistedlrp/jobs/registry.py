@@ -1,18 +1,11 @@
 """
-Which functions may run as jobs.
-
-A function is registered by the L{twistedlrp.jobs.job} decorator (or a
-C{django.tasks} C{@task} with twistedlrp's backend) when its module is
-imported. The server imports the C{jobs} and C{tasks} modules of the
-installed apps and those named in C{settings.LRP_JOB_MODULES} at start-up
-(L{discover}), and with them, through the URLconf and the apps, whatever
-modules those import. Its workers import the same, and every other module
-the server registered a job from, at its first job from there (the
-server names it with the job): a third-party app's task module, a task
-defined in a views module. The file of a site given with C{--app} is
-imported by every process as it sets Django up, under its module name
-(L{twistedlrp.onefile.site}). A name that is not registered
-is refused at submission.
+Which functions may run as jobs: those the L{twistedlrp.jobs.job}
+decorator (or a C{django.tasks} C{@task} with twistedlrp's backend)
+registered when their module was imported. The server imports the C{jobs}
+and C{tasks} modules of the installed apps and C{settings.LRP_JOB_MODULES}
+at start-up (L{discover}); a worker imports them too, and any other module
+the server registered a job from at its first job from there. A name that
+is not registered is refused at submission.
 """
 
 from __future__ import annotations
@@ -86,9 +79,7 @@ def require(name: str) -> JobDefinition:
 def find(name: str) -> JobDefinition:
     """
     L{require}, after importing the site's job modules if C{name} is not
-    registered yet (a process that has not: a script, a shell, a test).
-
-    @raise NotRegistered: it is not registered there either.
+    registered yet (a script, a shell, a test). @raise NotRegistered: not there either.
     """
     if name not in _registry:
         with contextlib.suppress(Exception):

@@ -1,8 +1,6 @@
 """
-The job parts of a server, as services for its parent
-(L{twistedlrp.ordered_service.OrderedService}): the job service with its front
-ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client that
-views use.
+The job parts of a server, as services for its parent: the job service with
+its front ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client.
 """
 
 from __future__ import annotations
@@ -67,9 +65,8 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
 
 class JobClientService(service.Service):
     """
-    The process's job client (L{twistedlrp.jobs.client.calls}): to this server's
-    job service, to the job nodes of C{--jobs-connect}, or to what the
-    settings name.
+    The process's job client (L{twistedlrp.jobs.client.calls}): to this
+    server's job service, the nodes of C{--jobs-connect}, or the settings'.
 
     @ivar call_threads: at most this many threads in a job call at once
         (the server sets it to C{--job-threads} where a web pool runs views).
@@ -88,7 +85,7 @@ class JobClientService(service.Service):
         from django.conf import settings
 
         super().startService()
-        options = self.options
+        options, reactor = self.options, self.reactor
         secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
         if self.local is not None and not options["jobs-connect"]:
@@ -96,22 +93,21 @@ class JobClientService(service.Service):
             description = options["jobs-listen"] or jobs_client.unix_client_endpoint(
                 os.path.join(options["state-dir"], "jobs.sock")
             )
-            self.client = LocalClient(self.reactor, self.local, timeout, description)
+            self.client = LocalClient(reactor, self.local, timeout, description)
         else:
             endpoints = list(options["jobs-connect"]) or jobs_client.configured_endpoints(
                 options["state-dir"]
             )
             secret = wire.read_secret(secret_file) if secret_file else None
-            self.client = JobClient(self.reactor, endpoints, secret, timeout)
+            self.client = JobClient(reactor, endpoints, secret, timeout)
         self.client.start()
         jobs_client.install(self.client, self.call_threads)
 
     def describe(self) -> dict | None:
         """
-        @return: the health endpoint's C{job_link} section: the job node
-            calls go to, up or down and since when (with
-            C{--health-requires-jobs}, C{healthy} too); C{None} with no
-            client, or one in this very process (its C{jobs} section says it all).
+        @return: the health endpoint's C{job_link} section (the job node
+            calls go to, up or down and since when), or C{None} for a
+            client in this very process (its C{jobs} section says it all).
         """
         client = self.client
         if not isinstance(client, JobClient):

@@ -1,14 +1,11 @@
 """
-Dispatch: which queued job runs on which worker, and what is recorded when
-it ends.
+Dispatch: which queued job runs on which worker.
 
 Free workers take the next job from the L{JobQueue}. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
 that after a crash it either had not started or counts as started. With
-several job nodes on one PostgreSQL database (C{shared}), the table is the
-queue, claimed whenever there may be work (L{Dispatcher.wake},
-L{TableClaims}). When an attempt ends (an L{Outcome} from the worker, or
-the worker's death) L{Outcomes} records it.
+several job nodes on one PostgreSQL database (C{shared}) the table is the
+queue (L{TableClaims}). L{Outcomes} records how an attempt ended.
 """
 
 from __future__ import annotations
@@ -17,11 +14,12 @@ import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
 from twistedlrp.jobs.service.claims import Reservation, TableClaims
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, job_lines
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, log_started
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -40,6 +38,12 @@ class Dispatcher:
     @param pool: the workers [default: a L{WorkerPool} of processes].
     @ivar outcomes: the L{Outcomes} that records how attempts end.
     @ivar claims: the L{TableClaims} of a node sharing its database.
+    @ivar claiming: the jobs being claimed for a worker (or reserved one), by
+        id, with a Deferred that fires once that is over: the watchdog
+        leaves them be, and their outcome must be recorded before the
+        store closes.
+    @ivar fenced: this node could not renew its lease in time and stopped
+        its jobs: it starts none until it renewed it (L{fence}).
     """
 
     def __init__(
@@ -54,9 +58,7 @@ class Dispatcher:
         queues: list[str] | None = None,
         pool=None,
     ):
-        self.reactor = reactor
-        self.store = store
-        self.options = options
+        self.reactor, self.store, self.options = reactor, store, options
         self.cancel_grace = cancel_grace
         self.queue = JobQueue(reactor, self.dispatch)
         self.pool = pool or WorkerPool(
@@ -77,45 +79,24 @@ class Dispatcher:
         self.watchers: dict[str, list[defer.Deferred]] = {}
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self._idle = Waiters()
-        # Jobs being claimed: their outcome must be recorded before the store closes.
-        self._claiming: set[defer.Deferred] = set()
-        self.claiming: set[str] = set()
-        # This job node, and how it finds work (see the module's docstring).
-        self.node = node
-        self.shared = shared
-        self._node_args = (node,) if shared else ()
-        # Shared: this node could not renew its lease in time and stopped its
-        # jobs (fencing): it starts none until it renewed it (L{fence}).
+        self.claiming: dict[str, defer.Deferred] = {}
+        self.node, self.shared = node, shared
         self.fenced = False
         self.outcomes = Outcomes(
             reactor, store, self.count, self._requeue, cancel_grace, node if shared else None
         )
-        self.claims = TableClaims(
-            reactor,
-            store,
-            self.pool,
-            self.outcomes,
-            node,
-            queues,
-            self._claiming,
-            lambda: self.accepting,
-            self.dispatch,
-            self._run_on,
-            self.request_cancel,
-        )
+        self.claims = TableClaims(self, queues)
 
     # -- what the service asks ---------------------------------------------------------
 
     def enqueue(self, record: JobRecord, not_before: float | None = None) -> None:
-        if self.shared:
-            # The table is the queue.
-            if not_before is not None and not_before > self.reactor.seconds():
-                self.claims.arm_due(not_before)
-            else:
-                self.wake()
-            return
-        self.queue.push(record, not_before)
-        self.dispatch()
+        if not self.shared:
+            self.queue.push(record, not_before)
+            self.dispatch()
+        elif not_before is not None and not_before > self.reactor.seconds():
+            self.claims.arm_due(not_before)
+        else:
+            self.wake()
 
     def wake(self) -> None:
         """Shared: there may be due jobs in the table; free workers claim them."""
@@ -145,12 +126,8 @@ class Dispatcher:
             worker = record.worker
             worker.cancel(job_id)
             log.info("Job {job_id}: cancellation requested", job_id=job_id)
-            record.timers.append(
-                self.reactor.callLater(self.cancel_grace, worker.signal, "TERM", "cancel")
-            )
-            record.timers.append(
-                self.reactor.callLater(2 * self.cancel_grace, worker.signal, "KILL", "cancel")
-            )
+            for signal, after in (("TERM", self.cancel_grace), ("KILL", 2 * self.cancel_grace)):
+                record.timers.append(self.reactor.callLater(after, worker.signal, signal, "cancel"))
         return False
 
     def fence(self) -> list[str]:
@@ -196,11 +173,8 @@ class Dispatcher:
         return self._idle.wait() if self.running else defer.succeed(None)
 
     def claims_in_flight(self) -> defer.Deferred:
-        return defer.DeferredList(list(self._claiming))
-
-    def _claimed(self, d: defer.Deferred, job_id: str) -> None:
-        self._claiming.discard(d)
-        self.claiming.discard(job_id)
+        """@return: a Deferred that fires once the claims (and reservations) under way are over."""
+        return defer.DeferredList([*self.claiming.values(), *self.claims.in_flight])
 
     def orphaned(self, record: JobRecord, reason: str) -> None:
         """
@@ -210,10 +184,9 @@ class Dispatcher:
         if self.running.get(record.id) is not record:
             return
         self._forget(record)
-        worker = record.worker
         error = f"the job was running without a live worker ({reason})"
         log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
-        self.outcomes.retry_or_fail(record, error, {"worker": getattr(worker, "ident", "")})
+        self.outcomes.retry_or_fail(record, error, {"worker": getattr(record.worker, "ident", "")})
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -227,14 +200,20 @@ class Dispatcher:
             idle = self.pool.idle()
             if not idle:
                 return
-            record = self.queue.pop()
-            worker = idle[0]
+            record, worker = self.queue.pop(), idle[0]
             worker.state = "claiming"
-            self.claiming.add(record.id)
             d = self._start(worker, record)
-            d.addErrback(self._start_failed, worker, record)
-            self._claiming.add(d)
-            d.addBoth(lambda _, d=d, job_id=record.id: self._claimed(d, job_id))
+            self._hold(record.id, d.addErrback(self._start_failed, worker, record))
+
+    def _hold(self, job_id: str, d: defer.Deferred) -> None:
+        """C{job_id} is being claimed (or reserved) until C{d} fires."""
+        self.claiming[job_id] = d
+
+        def over(_):
+            if self.claiming.get(job_id) is d:
+                del self.claiming[job_id]
+
+        d.addBoth(over)
 
     def reserve(self, job_id: str) -> Reservation | None:
         """
@@ -243,21 +222,45 @@ class Dispatcher:
         the queue; with several nodes, in the table as this node's last
         claim found it, no wake since). The store then writes the job
         running on that worker in its submission's transaction, and it
-        starts with no claim of its own.
+        starts with no claim of its own (L{start_reserved}).
 
         @return: the L{Reservation}, or C{None} (the job is queued as usual).
         """
         if not self.accepting or self.fenced:
             return None
-        if self.shared:
-            if self.claims.wanted or self.claims.running:
-                return None
-        elif self.queue.has_ready():
-            return None
-        idle = self.pool.idle()
+        ahead = (
+            (self.claims.wanted or self.claims.running) if self.shared else self.queue.has_ready()
+        )
+        idle = not ahead and self.pool.idle()
         if not idle:
             return None
-        return Reservation(self, idle[0], job_id)
+        reserved = Reservation(idle[0], job_id)
+        reserved.worker.state = "claiming"
+        self._hold(job_id, reserved.done)
+        return reserved
+
+    def release(self, reserved: Reservation) -> None:
+        """Nothing was stored running on C{reserved}'s worker: it is free again."""
+        reserved.done.callback(None)
+        if reserved.worker.state == "claiming":
+            reserved.worker.state = "idle"
+        self.dispatch()
+
+    def start_reserved(self, reserved: Reservation, record: JobRecord) -> None:
+        """C{record} is stored running (attempt 1) on C{reserved}'s worker: send it."""
+        worker = reserved.worker
+        reserved.done.callback(None)
+        if worker.state != "claiming":
+            # The worker died (or is being replaced) while the job was stored:
+            # back to the queue, without the attempt (its claim will count one).
+            self._put_back(record, log_failure=True)
+            return
+        record.attempts = 1
+        try:
+            check_record(record)
+            self.run_on(worker, record, record.payload)
+        except Exception:
+            self._start_failed(Failure(), worker, record)
 
     def _start(self, worker, record: JobRecord) -> defer.Deferred:
         """
@@ -291,23 +294,21 @@ class Dispatcher:
             record.attempts += 1
             payload = record.payload
         check_record(record)
-        self._run_on(worker, record, payload)
+        self.run_on(worker, record, payload)
         return None
 
-    def _put_back(self, record: JobRecord) -> defer.Deferred:
+    def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:
         """
         C{record} was claimed (or stored running) for a worker that ended
         before the job reached it: put it back in the queue without the
         attempt; the Deferred fires once that is committed.
         """
-        d = self.store.run(
-            recovery.requeue,
-            record.id,
-            "its worker ended before the job started",
-            False,
-            *self._node_args,
-        )
-        return d.addCallback(lambda _: self._requeue(record))
+        error = "its worker ended before the job started"
+        d = self.store.run(recovery.requeue, record.id, error, False, *self.outcomes.node_args)
+        d.addCallback(lambda _: self._requeue(record))
+        if log_failure:
+            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
+        return d
 
     def _requeue(self, record: JobRecord, not_before: float | None = None) -> None:
         if self.accepting:
@@ -331,19 +332,19 @@ class Dispatcher:
             self._requeue(record.requeued(), self.reactor.seconds() + 1.0)
         self.dispatch()
 
-    def _run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+    def run_on(self, worker, record: JobRecord, payload: bytes) -> None:
+        """Send C{record}, claimed for C{worker}, to it (fenced: back to the queue)."""
         if self.fenced:
             # Claimed before this node lost its lease (the claim's answer came
             # late): another node may take the job over any moment; not started.
             if worker.state == "claiming":
                 worker.state = "idle"
-            d = self._put_back(record)
-            d.addErrback(lambda f: log.failure("Requeuing job {job_id}", f, job_id=record.id))
+            self._put_back(record, log_failure=True)
             return
         record.worker = worker
         self.running[record.id] = record
         record.started = self.reactor.seconds()
-        job_lines.started(record, worker.pid)
+        log_started(record, worker.pid)
         self._changed(record.id)
         if record.timeout:
             record.timers.append(
@@ -387,14 +388,12 @@ class Dispatcher:
         self._forget(record)
         worker = record.worker
         output = worker.take_output()
-        if self.pool.job_done(
-            worker, self.options["max-jobs-per-worker"], self.options["max-worker-memory"]
-        ):
+        options = self.options
+        if self.pool.job_done(worker, options["max-jobs-per-worker"], options["max-worker-memory"]):
             self.dispatch()
-        fields = {"output": output, "worker": worker.ident}
-        fields["progress_current"], fields["progress_total"], fields["progress_message"] = (
-            record.progress
-        )
+        current, total, message = record.progress
+        fields = {"output": output, "worker": worker.ident, "progress_current": current}
+        fields.update(progress_total=total, progress_message=message)
         self.outcomes.ended(record, outcome, fields)
 
     def _worker_died(self, worker, job_id: str, how: str) -> None:

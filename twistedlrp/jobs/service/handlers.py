@@ -1,9 +1,8 @@
 """
-The operations clients call on the job service (L{JobOperations}): a
-method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking
-its command's arguments in order and returning a Deferred of its JSON-ready
-answer. Every front end and the in-process client call these. Every change
-is acknowledged only after its commit.
+The operations clients call on the job service (L{JobOperations}), from
+every front end and the in-process client: a method per operation of
+L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking its command's arguments
+and returning a Deferred of its JSON-ready answer, after its commit.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
+from twistedlrp.jobs.client.calls import unknown_outcome
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 from twistedlrp.jobs.protocol.arguments import (
@@ -38,13 +38,11 @@ log = Logger()
 
 class JobOperations:
     """
-    What clients call. While the store cannot be reached, an operation
-    waits for it up to C{store_wait} seconds, then fails with
-    L{JobServiceUnavailable} saying so (and, for a submission, whether the
-    job was stored).
+    While the store cannot be reached, an operation waits for it up to
+    C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
+    so (and whether its change was made).
 
-    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}
-        that runs the jobs (and records their ends, L{Outcomes}).
+    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}.
     @param node: this job node's name; C{shared}: whether other nodes share its database.
     @param queues: the queues this node runs, or C{None} for all.
     @param unavailable: C{()}: why the service takes no work now, or C{None}.
@@ -117,10 +115,9 @@ class JobOperations:
         # A job that would start at once is stored running on a worker
         # reserved now: one transaction instead of a submission and a claim
         # (under the id the client chose, if it is not a job's already).
-        reserved = None
+        reserved = start = None
         if ours and held and not run_after:
             reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
-        start = None
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
             if self.shared:
@@ -132,60 +129,53 @@ class JobOperations:
         d = self.store.run(ops.create, fields, job_id, self.shared, start, within=within)
 
         def stored(outcome):
-            nonlocal reserved
             created, info = outcome
-            if reserved is not None and (not created or not ours or info["state"] != RUNNING):
-                reserved.release()
-                reserved = None
-            if not created or not ours:
-                return self._overlay(info)
-            self.dispatcher.count("submitted", name)
-            record = JobRecord(
-                info["id"],
-                fields["priority"],
-                self.reactor.seconds(),
-                name=name,
-                max_attempts=fields["max_attempts"],
-                retry_delay=fields["retry_delay"],
-                timeout=fields["timeout"],
-                payload=payload if held else None,
-            )
-            if reserved is not None:
-                reserved.start(record)
-            else:
-                self.dispatcher.enqueue(record, run_after)
+            started = reserved is not None and created and info["state"] == RUNNING
+            if reserved is not None and not started:
+                self.dispatcher.release(reserved)
+            if created and ours:
+                self.dispatcher.count("submitted", name)
+                record = JobRecord(
+                    info["id"],
+                    fields["priority"],
+                    self.reactor.seconds(),
+                    name=name,
+                    max_attempts=fields["max_attempts"],
+                    retry_delay=fields["retry_delay"],
+                    timeout=fields["timeout"],
+                    payload=payload if held else None,
+                )
+                if started:
+                    self.dispatcher.start_reserved(reserved, record)
+                else:
+                    self.dispatcher.enqueue(record, run_after)
             return self._overlay(info)
 
         def not_stored(failure):
             if reserved is not None:
-                reserved.release()
-            return _store_failure(failure, "the job was not stored", _MAY_BE_STORED)
+                self.dispatcher.release(reserved)
+            chosen = job_id or (reserved.job_id if reserved is not None else None)
+            return _store_failure(failure, "submit", chosen)
 
         return d.addCallbacks(stored, not_stored)
 
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
-        A process committed these jobs through its own transaction
-        (L{twistedlrp.jobs.client.transactions}): queue them. Answered at once;
-        they are read from the store meanwhile. With several job nodes
-        (PostgreSQL) there is nothing to do: the commit notified them.
+        A process committed these jobs in its own transaction
+        (L{twistedlrp.jobs.client.transactions}): queue them (several job
+        nodes: nothing to do, the commit notified them).
 
-        @return: a Deferred firing with C{True}.
+        @return: a Deferred firing at once with C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
         """
         if not isinstance(job_ids, list | tuple):
             raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
             # Ids that are not UUIDs name no job: ignored, as unknown ones are.
-            d = self.take_announced(
-                [str(job_id) for job_id in job_ids[: announcements.TAKE_ANNOUNCED]]
-            )
+            d = self.take_announced([str(i) for i in job_ids[: announcements.TAKE_ANNOUNCED]])
             # They stay announced: the next sweep queues them.
-            d.addErrback(
-                lambda f: log.warn(
-                    "Could not queue announced jobs yet: {error}", error=f.getErrorMessage()
-                )
-            )
+            message = "Could not queue announced jobs yet: {error}"
+            d.addErrback(lambda f: log.warn(message, error=f.getErrorMessage()))
         return defer.succeed(True)
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
@@ -202,9 +192,7 @@ class JobOperations:
                 self.dispatcher.count("submitted", row["name"])
                 payload = row["payload"]
                 held = payload if len(payload) <= KEEP_PAYLOAD else None
-                record = JobRecord.from_row(
-                    row, created=row["created_at"].timestamp(), payload=held
-                )
+                record = JobRecord.from_row(row, payload=held)
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)
             return len(rows)
@@ -224,10 +212,8 @@ class JobOperations:
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """
-        Cancel a job: a queued one is cancelled at once and never runs; a
-        running one is asked to stop (C{cancelled()} turns true), its
-        process gets SIGTERM after the grace period and SIGKILL after twice
-        that. A finished job is left as it is.
+        Cancel a queued job at once, or ask a running one to stop
+        (L{Dispatcher.request_cancel}); a finished one is left as it is.
 
         @return: a Deferred firing with the job's description after the request.
         """
@@ -239,9 +225,7 @@ class JobOperations:
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
         d = self.store.run(ops.mark_cancel, job_id, self.shared, within=self.store_wait)
-        info = await d.addErrback(
-            _store_failure, "the cancellation was not stored", _MAY_BE_CANCELLED
-        )
+        info = await d.addErrback(_store_failure, "cancel")
         # A running job's cancellation may have been asked before its claim was read.
         self.dispatcher.request_cancel(job_id)
         if info["state"] in FINISHED:
@@ -255,9 +239,8 @@ class JobOperations:
             when it starts or reports progress on this node.
         @return: a Deferred firing with the job's description once it is
             finished (or, with C{seen}, changed), or after C{timeout}
-            seconds with its current one. It fails with L{InvalidArguments}
-            when C{timeout} is not from 0 to
-            L{twistedlrp.jobs.protocol.arguments.MAX_WAIT_TIMEOUT} seconds.
+            seconds with its current one; failing with L{InvalidArguments}
+            for a C{timeout} out of range.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
@@ -344,21 +327,20 @@ class JobOperations:
         return info
 
 
-_MAY_BE_STORED = (
-    "the job may or may not have been stored: submit again with its id to get the same job "
-    "rather than a second one"
-)
-_MAY_BE_CANCELLED = "the cancellation may or may not have been stored"
+# What was not done when the store could not be reached in time.
+_NOT_DONE = {"submit": "the job was not stored", "cancel": "the cancellation was not stored"}
 
 
-def _store_failure(failure, not_done: str = "", maybe_done: str = ""):
+def _store_failure(failure, op: str = "", job_id: str | None = None):
     """
     An operation the store did not run in time (L{StoreUnavailable}): fail
-    with L{JobServiceUnavailable}, saying whether its change was made
-    (C{not_done}) or may have been (C{maybe_done}).
+    with L{JobServiceUnavailable}, saying whether C{op}'s change was not
+    made or may have been (then how to make it safely).
     """
     if failure.check(StoreUnavailable):
-        what = maybe_done if failure.value.started else not_done
-        message = str(failure.value) + (f"; {what}" if what else "")
-        raise JobServiceUnavailable(message)
+        if failure.value.started:
+            what = unknown_outcome(op, job_id)
+        else:
+            what = f"; {_NOT_DONE[op]}" if op in _NOT_DONE else ""
+        raise JobServiceUnavailable(str(failure.value) + what)
     return failure

@@ -1,24 +1,14 @@
 """
 The job service: a Twisted service holding the store, the queue, the
-workers and the front ends that clients reach it through.
+workers and the front ends clients reach it through. Clients call its
+L{JobOperations}; its L{Dispatcher} decides which job runs where.
 
-Clients call its L{JobOperations} (C{operations}); which job runs where
-is its L{Dispatcher}'s business.
-
-Job nodes: each service is a node, named in the node table, with a
-heartbeat (L{twistedlrp.jobs.service.lease.NodeLease}). On SQLite it is the only
-one (a second node on the same database is refused at start-up), holds the
-queue in memory and never polls. On PostgreSQL several nodes may share the
-database: each claims due jobs from the table with C{SELECT ... FOR UPDATE
-SKIP LOCKED}, is woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen})
-and polls slowly (L{POLL_INTERVAL}) for anything missed; the other nodes
-retry or fail the running jobs of a node whose lease expired.
-
-Start (see docs/design.md): open the store, enter the node, recover what
-this node left when it died, listen, then start the workers (they are told
-the address a job submitting a job must use). Stop: no new work, running jobs get until
-shortly before the graceful deadline, then are stopped and put back in the
-queue; the store thread ends once every change is committed.
+Each service is a job node (L{twistedlrp.jobs.service.lease}). On SQLite it
+is the only one, holds the queue in memory and never polls. On PostgreSQL
+several nodes share the database: each claims due jobs from the table, is
+woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen}) and polls
+slowly (L{POLL_INTERVAL}) for anything missed. docs/design.md says in what
+order it starts and stops.
 """
 
 from __future__ import annotations
@@ -31,7 +21,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry
 from twistedlrp.jobs.client import transactions
-from twistedlrp.jobs.client.calls import STORE_WAIT_SHARE
+from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, STORE_WAIT_SHARE
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
@@ -71,12 +61,9 @@ def node_name(options) -> str:
 def store_wait() -> float:
     """
     @return: the seconds an operation waits for a store that cannot be
-        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (the clients'
-        timeout, 10 s by default), so 8 s.
+        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (8 s by default).
     """
     from django.conf import settings
-
-    from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT
 
     try:
         timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
@@ -85,17 +72,10 @@ def store_wait() -> float:
     return max(timeout * STORE_WAIT_SHARE, 0.1)
 
 
-def _definitions() -> list:
-    """@return: the registered job definitions (the pruner reads their C{keep})."""
-    return [registry.lookup(name) for name in registry.names()]
-
-
 class JobService(service.Service):
     """
-    @param options: the server's checked options (C{workers},
-        C{max-job-payload}, C{max-jobs-per-worker}, C{max-worker-memory},
-        C{pythonpath}, C{jobs-secret-file}, C{graceful-timeout}).
-    @param front_ends: what listens for clients: objects with C{listen(service)}
+    @param options: the server's checked options.
+    @param front_ends: what listens for clients: objects with C{listen(operations)}
         (awaited) and C{stop()}; the first one's C{client_endpoint} is given
         to the workers, whose jobs may submit jobs.
     @param cancel_grace: seconds a running job has to stop after a cancel
@@ -105,8 +85,7 @@ class JobService(service.Service):
     name = "jobs"
 
     def __init__(self, reactor, options, front_ends=(), cancel_grace=DEFAULT_CANCEL_GRACE):
-        self.reactor = reactor
-        self.options = options
+        self.reactor, self.options = reactor, options
         self.max_payload = options["max-job-payload"]
         # Submissions inside a transaction of this process's views check it there.
         transactions.limit_payload(self.max_payload)
@@ -133,9 +112,9 @@ class JobService(service.Service):
             options,
             self.worker_env,
             cancel_grace,
-            node=self.node,
-            shared=self.shared,
-            queues=self.queues,
+            self.node,
+            self.shared,
+            self.queues,
         )
         self.pool = self.dispatcher.pool
         if self.shared:
@@ -154,13 +133,8 @@ class JobService(service.Service):
             unavailable=lambda: self.unavailable,
             about=self._about,
         )
-        self.watchdog = Watchdog(
-            reactor,
-            self.dispatcher,
-            self.store,
-            worker_id_prefix(),
-            self.node if self.shared else None,
-        )
+        prefix, node = worker_id_prefix(), self.node if self.shared else None
+        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
         self.lease_keeper = NodeLease(
             reactor,
             self.store,
@@ -177,15 +151,17 @@ class JobService(service.Service):
             monotonic_alarm=True,
         )
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
-        self.pruner = Pruner(reactor, self.store, default_keep(), _definitions)
+        definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
+        self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
         # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
         self.schedules = configured()
         self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
         self.listener = None
-        self._poll = task.LoopingCall(self.dispatcher.wake)
-        self._poll.clock = reactor
-        self._sweep = task.LoopingCall(self._sweep_announced)
-        self._sweep.clock = reactor
+        # Several nodes poll the table; one looks for jobs announced to nobody.
+        self._loop = task.LoopingCall(
+            self.dispatcher.wake if self.shared else self._sweep_announced
+        )
+        self._loop.clock = reactor
         self._registered = False
         # When a worker could last take a job (or the workers were started).
         self._last_usable = reactor.seconds()
@@ -226,16 +202,10 @@ class JobService(service.Service):
         if self.shared:
             from twistedlrp.jobs.store.listen import Listener
 
-            self.listener = Listener(
-                self.reactor,
-                self._notified,
-                self.dispatcher.wake,
-                availability=self.store.availability,
-            )
+            wake = self.dispatcher.wake
+            self.listener = Listener(self.reactor, self._notified, wake, self.store.availability)
             self.listener.start()
-            self._poll.start(POLL_INTERVAL, now=False)
-        else:
-            self._sweep.start(SWEEP_INTERVAL, now=False)
+        self._loop.start(POLL_INTERVAL if self.shared else SWEEP_INTERVAL, now=False)
         if eager.enabled():
             log.warn(
                 "LRP_JOBS_EAGER is set (a setting for tests): jobs submitted in this process run "
@@ -286,9 +256,8 @@ class JobService(service.Service):
         for job_id in failed:
             log.warn("Job {job_id} was running when the server died: failed", job_id=job_id)
         for row in queued:
-            record = JobRecord(row["id"], row["priority"], row["created_at"].timestamp())
             run_after = row["run_after"].timestamp() if row["run_after"] else None
-            self.dispatcher.queue.push(record, run_after)
+            self.dispatcher.queue.push(JobRecord.from_row(row), run_after)
         self.unavailable = None
         return None
 
@@ -352,9 +321,8 @@ class JobService(service.Service):
         self.watchdog.stop()
         self.scheduler.stop()
         self.pruner.stop()
-        for loop in (self._poll, self._sweep):
-            if loop.running:
-                loop.stop()
+        if self._loop.running:
+            self._loop.stop()
         if self.listener is not None:
             self.listener.stop()
         dispatcher.stop_accepting()
@@ -387,12 +355,7 @@ class JobService(service.Service):
 
     def _about(self) -> dict:
         """@return: the service's own part of the C{stats} operation's answer."""
-        node = {
-            "name": self.node,
-            "shared": self.shared,
-            "queues": self.queues,
-            "lease": self.lease,
-        }
+        node = dict(name=self.node, shared=self.shared, queues=self.queues, lease=self.lease)
         return {"unavailable": self.unavailable, "node": node, "retention": self.pruner.describe()}
 
     def force_exit(self) -> None:
@@ -401,31 +364,26 @@ class JobService(service.Service):
 
     def health(self) -> dict:
         """
-        @return: the job service's part of the health endpoint; C{healthy}
-            is false (the endpoint answers 503, "degraded") when the service
-            is unavailable, its store cannot be reached (from the first
-            failed attempt to the first that succeeds again), this node
-            stopped its jobs for want of a lease, or no worker has been able
-            to take a job for L{WORKER_GRACE} seconds.
+        @return: the job service's part of the health endpoint: C{healthy}
+            (else the endpoint answers 503, "degraded") unless one of
+            C{problems} below is true.
         """
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()
         if usable or not self.pool.size:
             self._last_usable = now
-        problem = self.unavailable
-        if problem is None and self.store.away:
-            problem = f"the job store cannot be reached: {self.store.away}"
-        if problem is None and self.lease_keeper.fenced is not None:
-            problem = (
-                "this job node could not renew its lease in time: it runs no job until it does"
-            )
-        if problem is None and self.watchdog.store_error:
-            problem = f"the job store cannot be reached: {self.watchdog.store_error}"
-        if problem is None and now - self._last_usable > WORKER_GRACE:
-            problem = (
-                f"no worker can take a job (0 of {self.pool.size} usable for "
-                f"{now - self._last_usable:.0f} s)"
-            )
+        store_error = self.watchdog.store_error
+        problems = (
+            self.unavailable,
+            self.store.away and f"the job store cannot be reached: {self.store.away}",
+            self.lease_keeper.fenced is not None
+            and "this job node could not renew its lease in time: it runs no job until it does",
+            store_error and f"the job store cannot be reached: {store_error}",
+            now - self._last_usable > WORKER_GRACE
+            and f"no worker can take a job (0 of {self.pool.size} usable for "
+            f"{now - self._last_usable:.0f} s)",
+        )
+        problem = next((p for p in problems if p), None)
         return {
             "healthy": problem is None,
             "state": "running" if problem is None else "degraded",

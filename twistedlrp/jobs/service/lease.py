@@ -1,18 +1,15 @@
 """
-This job node's lease in the node table (L{NodeLease}).
-
-With several job nodes on one database, L{NodeLease} keeps this node's
-lease: a heartbeat in the node table every few seconds, and the check for
-other nodes whose lease expired, whose running jobs it retries or fails.
+This job node's lease in the node table (L{NodeLease}): a heartbeat every
+few seconds and, with several nodes on one database, the check for nodes
+whose lease expired, whose running jobs it retries or fails.
 
 Fencing: a node that could not renew its lease for the lease less a margin
-(L{fence_margin}), measured on its own monotonic clock from the moment it
-sent its last renewal that succeeded, stops its running jobs (their
-workers' process groups are killed) and claims nothing, before any other
-node may take its lease for expired; so a job never runs on two nodes at
-once. Once it renews its lease again, it retries or fails by their policy
-those of the stopped jobs that no other node took over, and takes work
-again; it records nothing else for them.
+(L{fence_margin}), on its own monotonic clock from when it sent its last
+renewal that succeeded, stops its running jobs (their workers' process
+groups are killed) and claims nothing, before any other node may take its
+lease for expired: a job never runs on two nodes at once. Once it renews
+its lease, it retries or fails by their policy those of the stopped jobs
+that no other node took over, and takes work again.
 """
 
 from __future__ import annotations
@@ -147,17 +144,16 @@ def fence_margin(lease: float) -> float:
 
 class NodeLease:
     """
-    This job node's entry in the node table: a heartbeat every C{interval}
-    seconds (run by C{runner}: the store's lease thread with several nodes,
-    else the store thread), and, when several nodes share the database
-    (C{shared}), the check that retries or fails by their policy the
-    running jobs of nodes without a heartbeat for C{lease} seconds, and the
-    fencing of this node (see the module's docstring) through C{on_fenced}
-    (which stops the running jobs and returns their ids) and
-    C{on_unfenced} (this node may take work again).
+    This job node's entry in the node table, its heartbeat every
+    C{interval} seconds and, when several nodes share the database
+    (C{shared}), the expiry of the others and this node's fencing.
 
+    @param runner: what runs the heartbeats: the store's lease thread with
+        several nodes [default: the store thread].
     @param on_requeued: called when jobs went back to the queue (so free
         workers claim them).
+    @param on_fenced: C{()}: stop the running jobs; @return: their ids.
+    @param on_unfenced: C{()}: this node may take work again.
     @param clock: the monotonic clock the lease is measured on.
     @param monotonic_alarm: fence on time by a L{MonotonicAlarm} (the
         server), not by the reactor's timers (a test's fake reactor).
@@ -180,16 +176,12 @@ class NodeLease:
         clock=time.monotonic,
         monotonic_alarm=False,
     ):
-        self.reactor = reactor
-        self.store = store
+        self.reactor, self.store = reactor, store
         self.runner = runner if runner is not None else store
-        self.node, self.host, self.pid, self.queues = node, host, pid, queues
-        self.lease = lease
-        self.shared = shared
-        self.on_requeued = on_requeued
-        self.on_fenced = on_fenced
-        self.on_unfenced = on_unfenced
-        self.clock = clock
+        self.node, self.lease, self.shared, self.clock = node, lease, shared, clock
+        # What the node table holds of this node.
+        self._entry = (node, host, pid, queues)
+        self.on_requeued, self.on_fenced, self.on_unfenced = on_requeued, on_fenced, on_unfenced
         self.interval = renewal_interval(lease)
         self.margin = fence_margin(lease)
         self._loop = task.LoopingCall(self.beat)
@@ -218,14 +210,7 @@ class NodeLease:
         """
         sent = self.clock()
         d = self.runner.run(
-            recovery.register_node,
-            self.node,
-            self.host,
-            self.pid,
-            self.queues,
-            self.lease,
-            self.shared,
-            within=REGISTER_WAIT,
+            recovery.register_node, *self._entry, self.lease, self.shared, within=REGISTER_WAIT
         )
 
         def registered(result):
@@ -249,15 +234,7 @@ class NodeLease:
         self._busy = True
         sent = self.clock()
         fenced = list(self.fenced) if self.fenced is not None else None
-        d = self.runner.run(
-            recovery.heartbeat,
-            self.node,
-            self.host,
-            self.pid,
-            self.queues,
-            fenced,
-            self._fenced_for,
-        )
+        d = self.runner.run(recovery.heartbeat, *self._entry, fenced, self._fenced_for)
         d.addCallbacks(self._beaten, self._beat_failed, callbackArgs=(sent, fenced))
         if self.shared:
             grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
@@ -304,10 +281,7 @@ class NodeLease:
             return
         if fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
-            log.warn(
-                "Job node {node} renewed its lease again: it takes work again",
-                node=self.node,
-            )
+            log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
             if self.on_unfenced is not None:
                 self.on_unfenced()
             self._arm()
@@ -326,10 +300,9 @@ class NodeLease:
         """(Re)schedule the fence for when the lease, as last renewed, runs out less the margin."""
         if not self.fencing or self.renewed_at is None or not self._loop.running:
             return
-        if self.fenced is not None:
-            self._alarm.set(None)
-            return
-        self._alarm.set(self.renewed_at + self.lease - self.margin)
+        self._alarm.set(
+            None if self.fenced is not None else self.renewed_at + self.lease - self.margin
+        )
 
     def _check_fence(self) -> None:
         if self.fenced is not None or not self._loop.running:
@@ -363,21 +336,16 @@ class NodeLease:
         )
 
     def _expired(self, outcome: dict) -> None:
+        dead = "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead"
         for name, age in outcome["nodes"]:
-            log.warn(
-                "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead",
-                name=name,
-                age=age,
-                lease=self.lease,
-            )
-        requeued = False
+            log.warn(dead, name=name, age=age, lease=self.lease)
         for job in outcome["jobs"]:
+            state = "retried" if job["state"] == QUEUED else job["state"]
             log.warn(
                 "Job {job_id}: {state} ({reason})",
                 job_id=job["id"],
-                state="retried" if job["state"] == QUEUED else job["state"],
+                state=state,
                 reason=job["reason"],
             )
-            requeued = requeued or job["state"] == QUEUED
-        if requeued:
+        if any(job["state"] == QUEUED for job in outcome["jobs"]):
             self.on_requeued()

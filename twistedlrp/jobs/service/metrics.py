@@ -1,11 +1,8 @@
 """
-The job service's metrics (docs/metrics.md): jobs submitted, succeeded,
-failed, cancelled and retried by job name, how long attempts ran, the store
-thread's batch sizes (counters and histograms the service updates), and the
-queue, running jobs and workers with their memory (read at scrape time).
-
-They live in the process that hosts the job service. The functions below do
-nothing while the metrics are off (C{--no-metrics}, or no job service here).
+The job service's metrics (docs/metrics.md), in the process that hosts it:
+counters and histograms the service updates, and the queue, running jobs
+and workers read at scrape time. The functions below do nothing while the
+metrics are off (C{--no-metrics}, or no job service here).
 """
 
 from __future__ import annotations
@@ -34,12 +31,8 @@ class _JobMetrics:
             event: metrics.counter(f"lrp_jobs_{event}", _EVENT_HELP[event], ("name",))
             for event in EVENTS
         }
-        self.run_seconds = metrics.histogram(
-            "lrp_job_run_seconds",
-            "Seconds each attempt of a job ran in its worker, by job name",
-            RUN_BUCKETS,
-            ("name",),
-        )
+        what = "Seconds each attempt of a job ran in its worker, by job name"
+        self.run_seconds = metrics.histogram("lrp_job_run_seconds", what, RUN_BUCKETS, ("name",))
         self.batch_size = metrics.histogram(
             "lrp_job_store_batch_size",
             "Operations committed together in one transaction of the job store's thread",
@@ -50,10 +43,9 @@ class _JobMetrics:
         self._children: dict = {}
 
     def child(self, metric, name: str):
-        key = (metric, name)
-        found = self._children.get(key)
+        found = self._children.get((metric, name))
         if found is None:
-            found = self._children[key] = metric.labels(name)
+            found = self._children[metric, name] = metric.labels(name)
         return found
 
 

@@ -1,6 +1,6 @@
 """
 How an attempt ended (L{Outcome}), recording it (L{Outcomes}, which the
-dispatcher holds), and the jobs' own log lines (L{JobLines}).
+dispatcher holds), and the jobs' own log lines.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 
 log = Logger()
-# The jobs' own lines (L{JobLines}), for a log shipper to pick out.
+# The jobs' own lines, for a log shipper to pick out.
 _job_log = Logger(namespace="twistedlrp.jobs")
 
 
@@ -32,8 +32,7 @@ class Outcome:
     """
     How one attempt of a job ended, as its worker (or the eager mode) says:
     it returned C{result}, or it failed with C{error}, C{cancelled} when it
-    stopped because its cancellation was asked. A worker sends it as the
-    JSON object of L{twistedlrp.jobs.protocol.wire.RunJob}'s answer (L{read}).
+    stopped because its cancellation was asked.
     """
 
     ok: bool
@@ -67,9 +66,8 @@ class Outcome:
 
 class Outcomes:
     """
-    Records how attempts end: a final state, or a retry after its delay,
-    each committed before the job's waiters hear of it; and what the death
-    of a worker means for its job (shut-down, timeout, cancel or crash).
+    Records how attempts end (a final state, or a retry after its delay),
+    each committed before the job's waiters hear of it.
 
     @param count: C{(event, job name)}: counts an event (stats, metrics).
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
@@ -81,10 +79,7 @@ class Outcomes:
     """
 
     def __init__(self, reactor, store, count, requeue, cancel_grace: float, node=None):
-        self.reactor = reactor
-        self.store = store
-        self.count = count
-        self.requeue = requeue
+        self.reactor, self.store, self.count, self.requeue = reactor, store, count, requeue
         self.cancel_grace = cancel_grace
         self.node_args = () if node is None else (node,)
         self.waiters: dict[str, list[defer.Deferred]] = {}
@@ -110,8 +105,8 @@ class Outcomes:
             return
         if outcome.ok:
             fields["result"] = outcome.result
-        now = self.reactor.seconds()
-        (job_lines.succeeded if state == SUCCEEDED else job_lines.cancelled)(record, now)
+        how = "succeeded in" if state == SUCCEEDED else "cancelled after"
+        log_ended(record, self.reactor.seconds(), how)
         self.finish(record, state, error=error, **fields)
 
     def worker_died(self, record: JobRecord, worker, how: str) -> None:
@@ -121,25 +116,16 @@ class Outcomes:
         reason = worker.kill_reason
         if reason == "shutdown":
             log.info("Job {job_id} interrupted by the shut-down: back in the queue", job_id=job_id)
-            self.store.run(
-                recovery.requeue,
-                job_id,
-                "interrupted by a server shut-down before it finished; it runs again",
-                False,
-                *self.node_args,
-            )
+            error = "interrupted by a server shut-down before it finished; it runs again"
+            self.store.run(recovery.requeue, job_id, error, False, *self.node_args)
         elif reason == "timeout":
             error = (
                 f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
                 f"killed ({how})"
             )
-            log.warn(
-                "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})",
-                job_id=job_id,
-                pid=worker.pid,
-                timeout=record.timeout,
-                how=how,
-            )
+            pid, timeout = worker.pid, record.timeout
+            message = "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})"
+            log.warn(message, job_id=job_id, pid=pid, timeout=timeout, how=how)
             self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
@@ -153,13 +139,9 @@ class Outcomes:
                     how=how,
                 )
             else:
-                log.warn(
-                    "Job {job_id}: worker {pid} {how} after its cancellation was requested",
-                    job_id=job_id,
-                    pid=worker.pid,
-                    how=how,
-                )
-            job_lines.cancelled(record, self.reactor.seconds())
+                message = "Job {job_id}: worker {pid} {how} after its cancellation was requested"
+                log.warn(message, job_id=job_id, pid=worker.pid, how=how)
+            log_ended(record, self.reactor.seconds(), "cancelled after")
             self.finish(record, CANCELLED, error=error, **fields)
         else:
             error = f"the worker died: process {worker.pid} {how} while running the job"
@@ -173,17 +155,12 @@ class Outcomes:
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
         # The reactor's clock is Unix time, as run_after is.
-        run_after = self.reactor.seconds() + delay
+        now = self.reactor.seconds()
+        run_after = now + delay
         self.count("retried", record.name)
-        job_lines.failed(record, error, self.reactor.seconds(), retry_in=delay)
-        d = self.store.run(
-            ops.finish,
-            record.id,
-            QUEUED,
-            dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC)),
-            False,
-            *self.node_args,
-        )
+        log_failed(record, error, now, retry_in=delay)
+        fields = dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC))
+        d = self._store(record, QUEUED, fields, False)
 
         def queued(info):
             if info and info.get("lost"):
@@ -196,7 +173,7 @@ class Outcomes:
 
     def fail(self, record: JobRecord, error: str, now: float | None = None, **fields) -> None:
         """C{record} failed for good with C{error}: log it (at WARNING), store it."""
-        job_lines.failed(record, error, now)
+        log_failed(record, error, now)
         self.finish(record, FAILED, error=error, **fields)
 
     def finish(self, record: JobRecord, state: str, **fields) -> None:
@@ -204,11 +181,13 @@ class Outcomes:
         self.count(state, record.name)
         # Read the job back only when someone waits for it; a waiter that
         # comes after the commit reads it finished.
-        d = self.store.run(
-            ops.finish, record.id, state, fields, record.id in self.waiters, *self.node_args
-        )
+        d = self._store(record, state, fields, record.id in self.waiters)
         d.addCallback(self._finished, record)
         d.addErrback(self._unrecorded, record)
+
+    def _store(self, record: JobRecord, state: str, fields: dict, describe: bool):
+        """@return: a Deferred of L{ops.finish} of C{record}'s attempt, on this node."""
+        return self.store.run(ops.finish, record.id, state, fields, describe, *self.node_args)
 
     def _finished(self, info: dict | None, record: JobRecord) -> None:
         if info and info.get("lost"):
@@ -233,14 +212,7 @@ class Outcomes:
             return
         error = f"the outcome of attempt {record.attempts} could not be stored: "
         error += failure.getErrorMessage()
-        d = self.store.run(
-            ops.finish,
-            record.id,
-            FAILED,
-            {"error": error},
-            record.id in self.waiters,
-            *self.node_args,
-        )
+        d = self._store(record, FAILED, {"error": error}, record.id in self.waiters)
         d.addCallback(self._finished, record)
         d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
 
@@ -254,9 +226,8 @@ def fire(d: defer.Deferred, value) -> None:
 def check_record(record: JobRecord) -> None:
     """
     @raise InvalidArguments: the job holds a value it cannot run with (an
-        old or foreign row), or no job of its name is registered in this
-        job service (one stored through a site's transaction where it was
-        registered, which this service never imported).
+        old or foreign row), or its name is not registered in this job
+        service (stored by a site's transaction where it was).
     """
     if registry.lookup(record.name) is None:
         try:
@@ -278,70 +249,60 @@ def log_lost(record: JobRecord) -> None:
     )
 
 
-class JobLines:
-    """
-    One line per job start (INFO) and end: succeeded or cancelled at INFO,
-    failed or retrying at WARNING, each with the job's name, id, attempt
-    and duration as fields (C{job_id}, C{name}, C{attempt}, C{attempts},
-    C{duration}; C{worker}, C{error}, C{retry_in}), under the namespace
-    C{twistedlrp.jobs}. INFO lines are not even built when the log's level
-    is above INFO (they come with every job).
-    """
+# The jobs' own lines: one per start (INFO) and end (succeeded or cancelled
+# at INFO, failed or retrying at WARNING), with the job's name, id, attempt
+# and duration as fields. INFO lines are not even built when the log's level
+# is above INFO (they come with every job).
 
-    def started(self, record: JobRecord, worker_pid) -> None:
-        if logs.enabled(LogLevel.info):
-            name = record.name or "?"
-            _job_log.info(
-                "{log_text}",
-                log_text=f"job {name} {record.id} started (attempt {record.attempts} of "
-                f"{record.max_attempts}) on worker {worker_pid}",
-                name=name,
-                job_id=record.id,
-                attempt=record.attempts,
-                attempts=record.max_attempts,
-                worker=worker_pid,
-            )
 
-    def succeeded(self, record: JobRecord, now: float) -> None:
-        self._ended(record, now, "succeeded in")
-
-    def cancelled(self, record: JobRecord, now: float) -> None:
-        self._ended(record, now, "cancelled after")
-
-    def _ended(self, record: JobRecord, now: float, how: str) -> None:
-        if logs.enabled(LogLevel.info):
-            name, duration = record.name or "?", _duration(record, now)
-            _job_log.info(
-                "{log_text}",
-                log_text=f"job {name} {record.id} {how} {duration or 0:.3f} s",
-                name=name,
-                job_id=record.id,
-                attempt=record.attempts,
-                duration=duration,
-            )
-
-    def failed(
-        self, record: JobRecord, error: str, now: float | None, retry_in: float | None = None
-    ) -> None:
-        """The attempt failed: for good, or to be retried after C{retry_in} seconds."""
-        duration = _duration(record, now)
-        retrying = {} if retry_in is None else {"retry_in": retry_in}
-        _job_log.warn(
-            "job {name} {job_id} failed{took} (attempt {attempt} of {attempts})"
-            + (", retrying in {retry_in:.1f} s" if retrying else "")
-            + ": {error}",
-            name=record.name or "?",
+def log_started(record: JobRecord, worker_pid) -> None:
+    if logs.enabled(LogLevel.info):
+        name = record.name or "?"
+        _job_log.info(
+            "{log_text}",
+            log_text=f"job {name} {record.id} started (attempt {record.attempts} of "
+            f"{record.max_attempts}) on worker {worker_pid}",
+            name=name,
             job_id=record.id,
             attempt=record.attempts,
             attempts=record.max_attempts,
-            duration=duration,
-            took=f" in {duration:.3f} s" if duration is not None else "",
-            error=error_line(error),
-            **retrying,
+            worker=worker_pid,
         )
 
 
-job_lines = JobLines()
+def log_ended(record: JobRecord, now: float, how: str) -> None:
+    """C{record} ended: C{how} is C{"succeeded in"} or C{"cancelled after"}."""
+    if logs.enabled(LogLevel.info):
+        name, duration = record.name or "?", _duration(record, now)
+        _job_log.info(
+            "{log_text}",
+            log_text=f"job {name} {record.id} {how} {duration or 0:.3f} s",
+            name=name,
+            job_id=record.id,
+            attempt=record.attempts,
+            duration=duration,
+        )
+
+
+def log_failed(
+    record: JobRecord, error: str, now: float | None, retry_in: float | None = None
+) -> None:
+    """The attempt failed: for good, or to be retried after C{retry_in} seconds."""
+    duration = _duration(record, now)
+    retrying = {} if retry_in is None else {"retry_in": retry_in}
+    _job_log.warn(
+        "job {name} {job_id} failed{took} (attempt {attempt} of {attempts})"
+        + (", retrying in {retry_in:.1f} s" if retrying else "")
+        + ": {error}",
+        name=record.name or "?",
+        job_id=record.id,
+        attempt=record.attempts,
+        attempts=record.max_attempts,
+        duration=duration,
+        took=f" in {duration:.3f} s" if duration is not None else "",
+        error=error_line(error),
+        **retrying,
+    )
 
 
 def error_line(error: str) -> str:

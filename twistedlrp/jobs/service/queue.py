@@ -1,13 +1,9 @@
 """
 The job service's memory of queued jobs: one L{JobRecord} per job, and the
-L{JobQueue} that orders them.
-
-The service knows what it queued (there is no polling of the database): the
-queue holds every queued job, ready ones by priority then age, delayed ones
+L{JobQueue} that orders them: ready ones by priority then age, delayed ones
 (C{run_after}, retries) until their time, on one timer. It is driven only
-by its clock's C{seconds()} and C{callLater}, so tests drive it with
-L{twisted.internet.task.Clock}; the reactor's clock is Unix time, which is
-what C{run_after} is.
+by its clock's C{seconds()} and C{callLater} (the reactor's clock is Unix
+time, as C{run_after} is), so tests drive it with a C{Clock}.
 """
 
 from __future__ import annotations
@@ -52,7 +48,10 @@ class JobRecord:
     def from_row(cls, row, **values) -> JobRecord:
         """@return: the record of a job as the store reads it (C{values} win)."""
         names = ("name", "attempts", "max_attempts", "retry_delay", "timeout")
-        return cls(row["id"], row["priority"], **{n: row[n] for n in names if n in row}, **values)
+        fields = {n: row[n] for n in names if n in row}
+        if row.get("created_at"):
+            fields["created"] = row["created_at"].timestamp()
+        return cls(row["id"], row["priority"], **(fields | values))
 
     def stop_timers(self) -> None:
         for timer in self.timers:

@@ -3,17 +3,13 @@ Retention: finished jobs are deleted once they are older than
 C{settings.LRP_JOBS_KEEP} (7 days by default) or their job's own
 C{@job(keep=...)}.
 
-The job service runs a L{Pruner} on a reactor timer. Each pass deletes in
-small batches (at most L{BATCH_SIZE} rows a statement, fewer when a batch
-takes longer than L{TARGET_BATCH_SECONDS}; by primary key, oldest first)
-through the store thread, and pauses between batches at least as long as
-the last one took, so that submits and claims queued meanwhile get the
-store thread at least half of the time and wait for one short batch at
-most. Only jobs in a final state
-(L{twistedlrp.jobs.states.FINISHED}) whose C{finished_at} is older than
-their keep are deleted; the delete names the ids I{and} the final states,
-so running it from several job nodes at once (PostgreSQL) deletes each row
-once and nothing else. C{manage.py lrp_prune} uses L{prune} directly.
+The job service's L{Pruner} deletes in small batches through the store
+thread (by primary key, oldest first, fewer rows when a batch takes longer
+than L{TARGET_BATCH_SECONDS}) and pauses between batches at least as long as
+the last one took, so that submits and claims get the store thread at least
+half of the time. The delete names the ids I{and} the final states, so
+several job nodes pruning at once delete each row once and nothing else.
+C{manage.py lrp_prune} uses L{prune}.
 """
 
 from __future__ import annotations
@@ -175,15 +171,14 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
     # after `limit` rows. "state || ''" keeps SQLite off the state indexes,
     # through which it would read every finished job and sort them (measured:
     # 0.4 s a batch with 200,000 jobs, instead of milliseconds).
-    finished = ", ".join(["%s"] * len(FINISHED))
     state = f"({c['state']} || '')" if connection.vendor == "sqlite" else c["state"]
-    where = f"{c['created_at']} < %s AND {c['finished_at']} < %s AND {state} IN ({finished})"
+    where = f"{c['created_at']} < %s AND {c['finished_at']} < %s AND {state} IN {_in(FINISHED)}"
     params = [sql.prep("created_at", cutoff), sql.prep("finished_at", cutoff), *FINISHED]
     if rule.names is not None:
-        where += f" AND {c['name']} IN ({', '.join(['%s'] * len(rule.names))})"
+        where += f" AND {c['name']} IN {_in(rule.names)}"
         params += rule.names
     if rule.exclude:
-        where += f" AND {c['name']} NOT IN ({', '.join(['%s'] * len(rule.exclude))})"
+        where += f" AND {c['name']} NOT IN {_in(rule.exclude)}"
         params += rule.exclude
     select = f"SELECT {c['id']} FROM {sql.table} WHERE {where} ORDER BY {c['created_at']} LIMIT %s"
     if connection.features.has_select_for_update_skip_locked:
@@ -197,11 +192,15 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
         # By primary key (not through a state index: 5 times slower), and only
         # in a final state: idempotent from any node.
         cursor.execute(
-            f"DELETE FROM {sql.table} WHERE {c['id']} IN ({', '.join(['%s'] * len(ids))}) "
-            f"AND {state} IN ({finished})",
+            f"DELETE FROM {sql.table} WHERE {c['id']} IN {_in(ids)} AND {state} IN {_in(FINISHED)}",
             [*ids, *FINISHED],
         )
         return cursor.rowcount
+
+
+def _in(values) -> str:
+    """@return: the placeholders of an C{IN} list of C{values}."""
+    return f"({', '.join(['%s'] * len(values))})"
 
 
 def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
@@ -265,11 +264,8 @@ class Pruner:
     """
 
     def __init__(self, reactor, store, default: float | None, definitions, batch_size=BATCH_SIZE):
-        self.reactor = reactor
-        self.store = store
-        self.default = default
-        self.definitions = definitions
-        self.batch_size = batch_size
+        self.reactor, self.store, self.default = reactor, store, default
+        self.definitions, self.batch_size = definitions, batch_size
         # The rows of the next batch (L{TARGET_BATCH_SECONDS}).
         self.size = batch_size
         self.deleted = 0
@@ -278,10 +274,7 @@ class Pruner:
         self._running = False
 
     def start(self) -> None:
-        """
-        Run the first pass L{FIRST_PASS} seconds after the start (or one
-        interval, if shorter), then one every interval.
-        """
+        """Run the first pass after L{FIRST_PASS} seconds at most, then one every interval."""
         self._running = True
         # Soon, but off the start-up path; and a server restarted more often
         # than every interval (deploys, --reload) still prunes.

@@ -1,25 +1,20 @@
 """
 Periodic jobs: C{@job(schedule="*/5 * * * *")} and C{settings.LRP_SCHEDULE}.
 
-Every schedule has a row in the table C{twistedlrp_schedule} with its next
-due time (L{twistedlrp.models.Schedule}). Each job node syncs the schedules
-it knows into the table at start-up (L{sync}) and then, on a reactor timer,
-runs the due ones (L{Scheduler}):
+Every schedule has a row in C{twistedlrp_schedule} with its next due time
+(L{twistedlrp.models.Schedule}). Each job node syncs the schedules it knows
+into the table at start-up (L{sync}), then runs the due ones (L{Scheduler}):
 
  1. submit the job of the due time with an id derived from the schedule's
-    name and that due time (L{job_id}): a second submission of the same due
-    time, by another node or after a crash, returns the first job instead
-    of storing another;
+    name and that due time (L{job_id}): submitting it again (another node,
+    or after a crash) returns the first job instead of storing another;
  2. move C{next_due} on with C{UPDATE ... WHERE name = n AND next_due = old}
     (L{claim}): only one node's update matches.
 
-So each due time runs once, whichever nodes see it. A node that was down
-(or a schedule whose runs were all missed) runs a late schedule once, and
-its next due time is the first one after now: missed runs are not made up.
-
-Cron expressions are evaluated in Django's C{TIME_ZONE} (cronsim, which
-follows daylight saving time); the table holds aware UTC datetimes. A cron
-expression has 5 fields, or 6 with seconds first (C{"*/10 * * * * *"}).
+So each due time runs once, whichever nodes see it; missed runs are not
+made up (a late schedule runs once, then at its first due time after now).
+Cron expressions (5 fields, or 6 with seconds first) are read in Django's
+C{TIME_ZONE} (cronsim, which follows daylight saving time).
 """
 
 from __future__ import annotations
@@ -31,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, NotRegistered
 
 
 @functools.cache
@@ -122,21 +117,19 @@ def configured() -> list[ScheduleSpec]:
         if set(entry) - _KEYS:
             unknown = ", ".join(sorted(map(str, set(entry) - _KEYS)))
             raise BootError(f"{what}: unknown keys {unknown} (known: args, cron, job, kwargs)")
-        if registry.lookup(entry["job"]) is None:
-            raise BootError(
-                f"{what}: no job is registered under the name {entry['job']!r}; registered: "
-                f"{', '.join(registry.names()[:20]) or 'none'}"
-            )
         args, kwargs = entry.get("args", []), entry.get("kwargs", {})
-        if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
-            raise BootError(f"{what}: args must be a list and kwargs a dict")
         try:
+            registry.require(entry["job"])
+            if not isinstance(args, list | tuple) or not isinstance(kwargs, dict):
+                raise BootError(f"{what}: args must be a list and kwargs a dict")
             json.dumps([args, kwargs], allow_nan=False)
             check_cron(entry["cron"], what)
+        except NotRegistered as e:
+            raise BootError(f"{what}: {e}") from None
+        except InvalidArguments as e:  # a TypeError: before the JSON's errors
+            raise BootError(str(e)) from None
         except (TypeError, ValueError) as e:
             raise BootError(f"{what}: the arguments are not JSON: {e}") from None
-        except InvalidArguments as e:
-            raise BootError(str(e)) from None
         if name in specs:
             raise BootError(f"{what}: the job {name} has a schedule of that name already")
         specs[name] = ScheduleSpec(name, entry["job"], entry["cron"], list(args), dict(kwargs))
@@ -163,16 +156,8 @@ def job_id(name: str, due: datetime) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{name}@{due.astimezone(UTC).isoformat()}"))
 
 
-def row_dict(row) -> dict:
-    return {
-        "name": row.name,
-        "job": row.job,
-        "cron": row.cron,
-        "args": row.args,
-        "kwargs": row.kwargs,
-        "next_due": row.next_due,
-        "last_run_at": row.last_run_at,
-    }
+# A schedule's row as the scheduler reads it.
+_COLUMNS = ("name", "job", "cron", "args", "kwargs", "next_due", "last_run_at")
 
 
 # -- in the store thread -------------------------------------------------------------
@@ -185,7 +170,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
     time, changed arguments are written, and rows of schedules that are
     not in C{specs} are deleted.
 
-    @return: the rows of C{specs} (L{row_dict}), sorted by name.
+    @return: the rows of C{specs} (L{_COLUMNS}), sorted by name.
     """
     from twistedlrp.models import Schedule
 
@@ -198,16 +183,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
     for spec in specs:
         row = existing.get(spec.name)
         if row is None:
-            new.append(
-                Schedule(
-                    name=spec.name,
-                    job=spec.job,
-                    cron=spec.cron,
-                    args=spec.args,
-                    kwargs=spec.kwargs,
-                    next_due=next_due(spec.cron, now, zone),
-                )
-            )
+            new.append(Schedule(**vars(spec), next_due=next_due(spec.cron, now, zone)))
             continue
         changes = {}
         if row.cron != spec.cron:
@@ -220,7 +196,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
             Schedule.objects.filter(name=row.name, cron=row.cron).update(**changes)
     # Another node starting at the same moment may add the same rows.
     Schedule.objects.bulk_create(new, ignore_conflicts=True)
-    return [row_dict(row) for row in Schedule.objects.filter(name__in=names).order_by("name")]
+    return list(Schedule.objects.filter(name__in=names).order_by("name").values(*_COLUMNS))
 
 
 def due(names: list[str]) -> dict:
@@ -235,7 +211,7 @@ def due(names: list[str]) -> dict:
     now = datetime.now(UTC)
     rows = Schedule.objects.filter(name__in=names)
     return {
-        "due": [row_dict(row) for row in rows.filter(next_due__lte=now)],
+        "due": list(rows.filter(next_due__lte=now).values(*_COLUMNS)),
         "next_due": rows.filter(next_due__gt=now).aggregate(n=Min("next_due"))["n"],
     }
 
@@ -271,10 +247,7 @@ class Scheduler:
     """
 
     def __init__(self, reactor, store, submit, queues=None):
-        self.reactor = reactor
-        self.store = store
-        self.submit = submit
-        self.queues = queues
+        self.reactor, self.store, self.submit, self.queues = reactor, store, submit, queues
         self.names: list[str] = []
         self.rows: list[dict] = []
         self.runs = 0

@@ -2,17 +2,13 @@
 The job service's watchdog: no job stays C{running} without a live worker
 process that holds it.
 
-Every L{CHECK_INTERVAL} seconds it looks at the jobs the service runs: one
-whose worker process is gone, or that its worker no longer holds, is
-retried or failed by its retry policy, and logged. Every L{STORE_INTERVAL}
-seconds it asks the store for the jobs it records as running on this
-machine's workers: one that the service neither runs nor is claiming (left
-by a bug, or by an operation that failed half-way) is dealt with the same
-way in the store. That query is also how the service learns that its store
-is unreachable (L{Watchdog.store_error}), which the health endpoint reports.
-With several job nodes on one database the store check is per node (the
-jobs recorded as running on this node); L{twistedlrp.jobs.service.lease} keeps
-this node's lease.
+Every L{CHECK_INTERVAL} seconds, a job the service runs whose worker is
+gone, or holds another job, is retried or failed by its policy. Every
+L{STORE_INTERVAL} seconds, a job the store records as running on this
+machine's workers (with several nodes: on this node) that the service
+neither runs nor is claiming is dealt with the same way in the store; that
+query is also how the service learns that its store cannot be reached
+(L{Watchdog.store_error}, for the health endpoint).
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """
-The job store: every database access of the job service, in one dedicated
-thread with group commit (L{batch}), through a few statements in plain SQL
-(L{sql}) and the operations the service runs (L{operations}).
-
-On SQLite the store switches the database to WAL mode and opens its write
-transactions with C{BEGIN IMMEDIATE}, so that it waits for (rather than
-fails on) the locks of job code writing from worker processes. Progress
-reports are coalesced: only the latest one per job is written, in the next
-batch.
-
-While the database cannot be reached the threads keep their operations
-and run them once it is back (L{batch}); L{Store.availability} says
-whether it can be reached now, and logs each outage once.
+The job store: every database access of the job service, in dedicated
+threads with group commit (L{batch}), through a few statements in plain SQL
+(L{sql}) and the operations the service runs (L{operations}). While the
+database cannot be reached the threads keep their operations and run them
+once it is back; L{Store.availability} says whether it can be reached now.
 """
 
 from __future__ import annotations
@@ -56,16 +48,13 @@ SESSION_LIMIT = 10.0
 def session_limit(lease: float | None) -> float:
     """
     @return: the seconds PostgreSQL lets a session of the job service stay
-        idle inside a transaction before it ends the session: a third of the
-        lease (at least 2 s, at most L{SESSION_LIMIT}), so that a node left
-        waiting for the locks of a node that was cut off gets them back well
-        before it must renew its lease (the lease less its margin, 27 s by
-        default). The store's own transactions never pause between two
-        statements for anything near that.
+        idle inside a transaction: a third of the lease (2 s to
+        L{SESSION_LIMIT}), so that a node waiting for the locks of a node
+        that was cut off gets them back well before it must renew its lease
+        (the lease less its margin). The store's own transactions never
+        pause between two statements for anything near that.
     """
-    if lease is None:
-        return SESSION_LIMIT
-    return min(max(lease / 3, 2.0), SESSION_LIMIT)
+    return SESSION_LIMIT if lease is None else min(max(lease / 3, 2.0), SESSION_LIMIT)
 
 
 class Store(GroupCommitThread):
@@ -85,35 +74,21 @@ class Store(GroupCommitThread):
     def __init__(
         self, reactor, lease_interval: float | None = None, idle_limit: float = SESSION_LIMIT
     ):
-        def tune(connect_timeout, user_timeout):
+        def tuned(connect_timeout=CONNECT_TIMEOUT, user_timeout=USER_TIMEOUT):
             return lambda: tune_connection(connect_timeout, user_timeout, idle_limit)
 
-        super().__init__(
-            reactor,
-            "twistedlrp-job-store",
-            write_coalesced=operations.write_progress,
-            begin_batch=_begin_batch,
-            setup=tune(CONNECT_TIMEOUT, USER_TIMEOUT),
-        )
+        def beside(name, setup) -> GroupCommitThread:
+            thread = GroupCommitThread(reactor, name, begin_batch=_begin_batch, setup=setup)
+            thread.availability = self.availability
+            return thread
+
+        name = "twistedlrp-job-store"
+        super().__init__(reactor, name, operations.write_progress, _begin_batch, tuned())
         self.availability = Availability(reactor)
-        self.reader = GroupCommitThread(
-            reactor,
-            "twistedlrp-job-reads",
-            write_coalesced=_nothing,
-            begin_batch=_begin_batch,
-            setup=tune(CONNECT_TIMEOUT, USER_TIMEOUT),
-        )
-        self.reader.availability = self.availability
+        self.reader = beside("twistedlrp-job-reads", tuned())
         self.lease: GroupCommitThread = self
         if lease_interval is not None:
-            self.lease = GroupCommitThread(
-                reactor,
-                "twistedlrp-job-lease",
-                write_coalesced=_nothing,
-                begin_batch=_begin_batch,
-                setup=tune(2, max(2 * lease_interval, 1.0)),
-            )
-            self.lease.availability = self.availability
+            self.lease = beside("twistedlrp-job-lease", tuned(2, max(2 * lease_interval, 1.0)))
 
     def start(self) -> None:
         super().start()
@@ -138,8 +113,7 @@ class Store(GroupCommitThread):
         Run C{fn(*args)}, which only reads, in the reader thread, outside any
         transaction: it sees what was committed when it runs.
 
-        @param within: as for L{run}.
-        @return: a Deferred firing in the reactor with C{fn}'s result.
+        @return: a Deferred firing in the reactor with C{fn}'s result (see L{run}).
         """
         return self.reader.run_alone(fn, *args, within=within)
 
@@ -152,21 +126,16 @@ class Store(GroupCommitThread):
         return self.run_alone(operations.prepare, within=within)
 
 
-def _nothing(_coalesced: dict) -> None:
-    pass
-
-
 def tune_connection(
     connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
 ) -> None:
     """
     In a thread of the job service, before it connects: on PostgreSQL, give
     this thread's connection a connect timeout, TCP keepalives and (libpq
-    12 and later) a TCP user timeout of C{user_timeout} seconds, each
-    unless the site's C{OPTIONS} name it; and the server's side of it
-    (C{OPTIONS["options"]}, each unless the site's names it) keepalives,
-    the same user timeout and an C{idle_in_transaction_session_timeout} of
-    C{idle_limit} seconds. Other threads keep the settings.
+    12 and later) a TCP user timeout of C{user_timeout} seconds, and its
+    server's side keepalives, the same user timeout and an
+    C{idle_in_transaction_session_timeout} of C{idle_limit} seconds, each
+    unless the site's C{OPTIONS} name it. Other threads keep the settings.
     """
     from django.db import connection
 

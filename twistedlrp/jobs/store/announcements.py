@@ -6,10 +6,11 @@ in memory, takes from there. These run in the store thread.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import uuid
 
 from twistedlrp.jobs.states import QUEUED
+from twistedlrp.jobs.store.operations import payload_of
 
 #: The most announced jobs one take reads (the next take reads the rest).
 TAKE_ANNOUNCED = 500
@@ -39,10 +40,8 @@ def take_announced(job_ids: list[str] | None = None) -> list[dict]:
     if job_ids is not None:
         valid = []
         for job_id in job_ids:
-            try:
+            with contextlib.suppress(ValueError):
                 valid.append(uuid.UUID(str(job_id)))
-            except ValueError:
-                continue
         notices = notices.filter(job__in=valid)
     taken = list(notices.values_list("job", flat=True)[:TAKE_ANNOUNCED])
     if not taken:
@@ -66,8 +65,5 @@ def take_announced(job_ids: list[str] | None = None) -> list[dict]:
         )
     )
     for row in rows:
-        row["id"] = str(row["id"])
-        row["payload"] = json.dumps(
-            {"args": row.pop("args"), "kwargs": row.pop("kwargs")}, separators=(",", ":")
-        ).encode()
+        row.update(id=str(row["id"]), payload=payload_of(row.pop("args"), row.pop("kwargs")))
     return rows

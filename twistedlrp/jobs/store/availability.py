@@ -1,13 +1,10 @@
 """
-Whether the job store's database can be reached, as the store's
-connections find it (L{Availability}), how an operation that could not
-reach it fails (L{StoreUnavailable}), and how a connection is found broken.
-
-Each connection of the job service (the store thread's, the reader's, the
-lease thread's, the notification listener's) reports here when it finds the
-database gone and when it has it again. The job service logs one WARNING
-when the first of them loses it and one when the last has it back, never a
-line per operation, and its health says C{degraded} in between.
+Whether the job store's database can be reached (L{Availability}), how an
+operation that could not reach it fails (L{StoreUnavailable}), and how a
+connection is found broken. Each connection of the job service reports
+here when it loses the database and when it has it back: one WARNING when
+the first loses it and one when the last has it back, never a line per
+operation (the health says C{degraded} in between).
 """
 
 from __future__ import annotations

@@ -1,22 +1,18 @@
 """
-A group-commit thread: the reactor hands it functions
-(L{GroupCommitThread.run}); it runs every operation queued so far in one
-transaction (should one fail, each in its own, so that one failure does not
-undo the others) and fires each Deferred in the reactor after the commit
-that made its change durable. An idle thread blocks on its queue.
+A group-commit thread: it runs every operation the reactor queued so far
+(L{GroupCommitThread.run}) in one transaction (should one fail, each in its
+own) and fires each Deferred in the reactor after the commit that made its
+change durable. Values only the latest of which counts (progress reports)
+are coalesced: the newest per key is written with the next batch.
 
-When the database cannot be reached no operation fails for it: the thread
-keeps them and tries to connect again (at most a second apart). An
-operation given a deadline (C{within}) that has not begun by then fails
-with L{StoreUnavailable}; the others (the outcomes of jobs) wait as long as
-it takes. A transaction whose commit was sent when the connection broke is
+While the database cannot be reached no operation fails for it: the thread
+keeps them and tries again (at most a second apart), and tells an
+L{twistedlrp.jobs.store.availability.Availability}. An operation given a
+deadline (C{within}) that has not begun by then fails with
+L{StoreUnavailable}; the others (the outcomes of jobs) wait as long as it
+takes. A transaction whose commit was sent when the connection broke is
 looked up once the database is back (PostgreSQL's C{txid_status}): its
-results are delivered if it committed, otherwise it runs again. Losing and
-regaining the database is told to an
-L{twistedlrp.jobs.store.availability.Availability}.
-
-Values that only the latest counts for (progress reports) are coalesced
-(L{GroupCommitThread.coalesce}): the newest per key is written with the next batch.
+results are delivered if it committed, otherwise it runs again.
 """
 
 from __future__ import annotations
@@ -70,7 +66,7 @@ class GroupCommitThread:
         self,
         reactor,
         name: str,
-        write_coalesced: Callable[[dict], None],
+        write_coalesced: Callable[[dict], None] = lambda _: None,
         begin_batch: Callable[[], None] = lambda: None,
         setup: Callable[[], None] = lambda: None,
     ):
@@ -190,7 +186,8 @@ class GroupCommitThread:
                         self._stopping.wait(reconnect.next())
                         continue
                     reconnect.reset()
-                    self._came_back()
+                    self._away = False
+                    self._report("back", self.name)
                 if doubtful and not self._resolve(doubtful, pending):
                     continue
                 alone = self._begin([op for op in pending if op.alone])
@@ -409,10 +406,6 @@ class GroupCommitThread:
             return connection.is_usable()
         except Exception:
             return False
-
-    def _came_back(self) -> None:
-        self._away = False
-        self._report("back", self.name)
 
     def _report(self, what: str, *args) -> None:
         if self.availability is not None:

@@ -8,7 +8,6 @@ once on a dict of rows, in the calling thread, with the same answers.
 from __future__ import annotations
 
 import collections
-import json
 import uuid
 from types import SimpleNamespace
 
@@ -21,6 +20,15 @@ from twistedlrp.jobs.store import recovery
 
 #: The jobs it remembers (the oldest are forgotten first).
 MAX_KEPT = 10_000
+
+
+# The columns of a new job beside those its submission gives.
+_BLANK = {
+    **dict.fromkeys(("progress_total", "started_at", "finished_at", "result")),
+    **dict.fromkeys(("progress_message", "error", "worker", "output"), ""),
+    **dict.fromkeys(("attempts", "progress_current"), 0),
+    "cancel_requested": False,
+}
 
 
 class MemoryStore:
@@ -82,23 +90,7 @@ class MemoryStore:
                 return False, self._described(job, shown=False)
         now = ops.now()
         new_id = start["id"] if start else job_id or str(uuid.uuid4())
-        job = {
-            **fields,
-            "id": new_id,
-            "state": QUEUED,
-            "attempts": 0,
-            "progress_current": 0,
-            "progress_total": None,
-            "progress_message": "",
-            "error": "",
-            "worker": "",
-            "created_at": now,
-            "started_at": None,
-            "finished_at": None,
-            "cancel_requested": False,
-            "result": None,
-            "output": "",
-        }
+        job = {**fields, **_BLANK, "id": new_id, "state": QUEUED, "created_at": now}
         if start:
             job.update(state=RUNNING, attempts=1, started_at=now, worker=start["worker"])
             self.starting.add(new_id)
@@ -121,7 +113,7 @@ class MemoryStore:
         self.starting.add(job_id)
         claimed = {"started_at": ops.iso(job["started_at"])}
         if load:
-            payload = json.dumps({"args": job["args"], "kwargs": job["kwargs"]}).encode()
+            payload = ops.payload_of(job["args"], job["kwargs"])
             names = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
             claimed.update({name: job[name] for name in names}, payload=payload)
         return claimed

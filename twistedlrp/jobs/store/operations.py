@@ -32,37 +32,32 @@ def iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+# A job's wire description, in this order ("progress" and the times adapted).
+_DESCRIBED = (
+    "id", "name", "state", "priority", "queue", "attempts", "max_attempts", "progress", "error",
+    "worker", "key", "timeout", "run_after", "created_at", "started_at", "finished_at",
+    "cancel_requested",
+)  # fmt: skip
+_TIMES = ("run_after", "created_at", "started_at", "finished_at")
+
+
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
     """
     @return: the wire description of a C{Job} row (without result and
         output unless C{full}, without args and kwargs unless C{arguments}).
     """
+    names = _DESCRIBED + (("result", "output") if full else ())
     data = {
-        "id": str(job.id),
-        "name": job.name,
-        "state": job.state,
-        "priority": job.priority,
-        "queue": job.queue,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "progress": [job.progress_current, job.progress_total, job.progress_message],
-        "error": job.error,
-        "worker": job.worker,
-        "key": job.key,
-        "timeout": job.timeout,
-        "run_after": iso(job.run_after),
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at),
-        "cancel_requested": job.cancel_requested,
+        name: getattr(job, name, None) for name in names + (("args", "kwargs") if arguments else ())
     }
-    if full:
-        data["result"] = job.result
-        data["output"] = job.output
-    if arguments:
-        data["args"] = job.args
-        data["kwargs"] = job.kwargs
+    data.update({name: iso(data[name]) for name in _TIMES}, id=str(job.id))
+    data["progress"] = [job.progress_current, job.progress_total, job.progress_message]
     return data
+
+
+def payload_of(args, kwargs) -> bytes:
+    """@return: the payload (JSON) of a job of arguments C{args} and C{kwargs}, as submitted."""
+    return json.dumps({"args": args, "kwargs": kwargs}, separators=(",", ":")).encode()
 
 
 def write_progress(progress: dict) -> None:
@@ -108,23 +103,18 @@ def create(
 ) -> dict:
     """
     Insert a job, unless C{fields["key"]} names an unfinished job or a job
-    with the id C{job_id} exists (a submission retried with the id it chose).
-
-    It runs in the store thread, or in a thread of the site inside its own
+    with the id C{job_id} exists (a submission retried with the id it
+    chose). Runs in the store thread, or in a site's thread inside its own
     transaction (L{twistedlrp.jobs.client.transactions}).
 
-    @param notify: send the job nodes listening on the database a
-        notification, delivered with the commit (PostgreSQL, several nodes).
-    @param announce: also record the job in the announcement table, for a
-        job service that keeps its queue in memory and did not store the
-        job itself (SQLite; see L{twistedlrp.jobs.store.announcements}).
-    @param start: C{{"id", "worker", "node"}}: store the job already running
-        its first attempt on that worker (one the dispatcher reserved for
-        it), under that id, so that starting it needs no claim of its own.
-        With C{"lease"} (seconds; several job nodes), only if the node
-        renewed its lease within that time (see L{claim_next}); else the
-        job is stored C{queued} (the description says which).
-
+    @param notify: notify the job nodes listening on the database (with the commit).
+    @param announce: also record the job in the announcement table (SQLite:
+        L{twistedlrp.jobs.store.announcements}).
+    @param start: C{{"id", "worker", "node"}}: store the job running its
+        first attempt on that worker (reserved for it), under that id, so
+        that it starts without a claim; with C{"lease"} (seconds, several
+        nodes) only if the node renewed its lease within that time (see
+        L{claim_next}), else queued (the description says which).
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
@@ -209,40 +199,26 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt).
+    Mark a queued job running (one more attempt), by a conditional update:
+    of several job services on one database only one gets the row.
 
-    The conditional update is what makes a claim exclusive: on a database
-    shared by several job services only one of them gets the row.
-
-    @param load: also read what the service does not hold in memory (the
-        payload and the job's settings).
-    @return: C{None} if the job is no longer queued; else C{{"started_at": ...}},
-        with C{payload}, C{attempts}, C{name}, C{timeout}, C{max_attempts},
-        C{retry_delay} when C{load}.
+    @param load: also read the payload and the job's settings.
+    @return: C{None} if the job is no longer queued; else C{{"started_at"}}
+        (and with C{load}, C{payload} and the settings).
     """
     from twistedlrp.models import Job
 
     sql = statements()
     started = now()
-    updated = sql.execute(
-        sql.claim,
-        [
-            RUNNING,
-            sql.prep("started_at", started),
-            worker,
-            node,
-            sql.prep("id", as_uuid(job_id)),
-            QUEUED,
-        ],
-    )
-    if not updated:
+    when, key = sql.prep("started_at", started), sql.prep("id", as_uuid(job_id))
+    if not sql.execute(sql.claim, [RUNNING, when, worker, node, key, QUEUED]):
         return None
     if not load:
         return {"started_at": iso(started)}
     row = Job.objects.values(
         "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay", "priority"
     ).get(id=job_id)
-    row["payload"] = json.dumps({"args": row.pop("args"), "kwargs": row.pop("kwargs")}).encode()
+    row["payload"] = payload_of(row.pop("args"), row.pop("kwargs"))
     row["started_at"] = iso(started)
     return row
 
@@ -252,21 +228,17 @@ def claim_next(
 ) -> dict:
     """
     Claim up to one due job per worker in C{workers}, the next ones of
-    C{queues} (C{None}: every queue) by priority, then age, when several
-    job nodes share a PostgreSQL database: C{SELECT ... FOR UPDATE SKIP
-    LOCKED} lets each node take different rows without waiting for the
-    others. The claim (C{running}, one more attempt, the worker and the
-    node) commits before the job is sent to its worker.
+    C{queues} (C{None}: all) by priority, then age, with C{SELECT ... FOR
+    UPDATE SKIP LOCKED}: nodes sharing a PostgreSQL database take different
+    rows without waiting for each other.
 
+    @param lease: claim nothing unless this node renewed its lease within
+        as many seconds (then the answer has C{"no_lease": True}): a node
+        that did not may have been taken for dead, its claims taken over.
     @return: C{{"claimed": [rows], "next_due": Unix time or None}}: each row
-        has C{id}, C{worker}, C{payload}, C{name}, C{attempts},
-        C{max_attempts}, C{retry_delay}, C{timeout}, C{priority},
-        C{cancel_requested}; C{next_due} is when the first delayed job of
-        these queues becomes due (read when fewer jobs than workers were
-        claimed). With C{lease} (seconds), nothing is claimed unless this
-        node renewed its lease within that time (an answer with
-        C{"no_lease": True}): a node that could not renew it may have been
-        taken for dead meanwhile, and what it claimed would be taken over.
+        has C{id}, C{worker}, C{payload}, C{cancel_requested} and the job's
+        settings; C{next_due}, read when fewer jobs than workers were
+        claimed, is when the first delayed job of these queues is due.
     """
     from django.db import connection
 
@@ -279,22 +251,20 @@ def claim_next(
     sql = statements()
     c = sql.column
     started = now()
-    where = f"{c['state']} = %s AND ({c['run_after']} IS NULL OR {c['run_after']} <= %s)"
-    params: list = [QUEUED, sql.prep("run_after", started)]
-    if queues is not None:
-        where += f" AND {c['queue']} = ANY(%s)"
-        params.append(list(queues))
+    mine = f" AND {c['queue']} = ANY(%s)" if queues is not None else ""
+    params: list = [QUEUED, sql.prep("run_after", started)] + ([list(queues)] if mine else [])
     select = (
-        f"SELECT {c['id']} FROM {sql.table} WHERE {where} "
-        f"ORDER BY {c['priority']} DESC, {c['created_at']} LIMIT %s FOR UPDATE SKIP LOCKED"
+        f"SELECT {c['id']} FROM {sql.table} WHERE {c['state']} = %s AND ({c['run_after']} IS NULL "
+        f"OR {c['run_after']} <= %s){mine} ORDER BY {c['priority']} DESC, {c['created_at']} "
+        "LIMIT %s FOR UPDATE SKIP LOCKED"
     )
+    returned = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
     update = (
         f"UPDATE {sql.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
         f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s "
         f"WHERE {c['id']} = %s RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
-        f"{c['name']}, {c['attempts']}, {c['max_attempts']}, {c['retry_delay']}, "
-        f"{c['timeout']}, {c['priority']}, {c['cancel_requested']}"
+        f"{', '.join(c[name] for name in returned)}, {c['cancel_requested']}"
     )
     claimed = []
     with connection.cursor() as cursor:
@@ -302,31 +272,16 @@ def claim_next(
         ids = [row[0] for row in cursor.fetchall()]
         for job_id, worker in zip(ids, workers, strict=False):
             cursor.execute(update, [RUNNING, sql.prep("started_at", started), worker, node, job_id])
-            payload, name, attempts, max_attempts, retry_delay, timeout, priority, cancel = (
-                cursor.fetchone()
-            )
-            claimed.append(
-                {
-                    "id": str(job_id),
-                    "worker": worker,
-                    "payload": payload.encode(),
-                    "name": name,
-                    "attempts": attempts,
-                    "max_attempts": max_attempts,
-                    "retry_delay": retry_delay,
-                    "timeout": timeout,
-                    "priority": priority,
-                    "cancel_requested": cancel,
-                }
-            )
+            payload, *values, cancel = cursor.fetchone()
+            row = dict(zip(returned, values, strict=True), cancel_requested=cancel)
+            claimed.append(dict(row, id=str(job_id), worker=worker, payload=payload.encode()))
         next_due = None
         if len(claimed) < len(workers):
-            where = f"{c['state']} = %s AND {c['run_after']} > %s"
-            params = [QUEUED, sql.prep("run_after", started)]
-            if queues is not None:
-                where += f" AND {c['queue']} = ANY(%s)"
-                params.append(list(queues))
-            cursor.execute(f"SELECT min({c['run_after']}) FROM {sql.table} WHERE {where}", params)
+            cursor.execute(
+                f"SELECT min({c['run_after']}) FROM {sql.table} "
+                f"WHERE {c['state']} = %s AND {c['run_after']} > %s{mine}",
+                params,
+            )
             first = cursor.fetchone()[0]
             next_due = first.timestamp() if first is not None else None
     return {"claimed": claimed, "next_due": next_due}
@@ -366,12 +321,8 @@ def finish(
     sql = statements()
     fields = dict(fields, state=state)
     if sql.nul_free and state == SUCCEEDED and holds_nul(fields.get("result")):
-        fields.update(
-            state=FAILED,
-            result=None,
-            error="the job's result contains a NUL character (\\u0000), which PostgreSQL "
-            "cannot store",
-        )
+        error = "the job's result contains a NUL character (\\u0000), which PostgreSQL cannot store"
+        fields.update(state=FAILED, result=None, error=error)
     if state in FINISHED:
         fields.setdefault("finished_at", now())
     if node is None:
@@ -379,10 +330,7 @@ def finish(
         return get(job_id) if describe else None
     if not sql.update(job_id, fields, only_state=RUNNING, only_node=node):
         return {"lost": True}
-    if state in FINISHED:
-        notify_nodes(f"finished:{job_id}")
-    else:
-        notify_nodes(f"queued:{queue_of(job_id)}")
+    notify_nodes(f"finished:{job_id}" if state in FINISHED else f"queued:{queue_of(job_id)}")
     return get(job_id) if describe else None
 
 
@@ -403,12 +351,9 @@ def mark_cancel(job_id: str, notify: bool = False) -> dict:
 
     job = get(job_id, full=False)
     if job["state"] == QUEUED:
-        Job.objects.filter(id=job_id, state=QUEUED).update(
-            state=CANCELLED,
-            cancel_requested=True,
-            finished_at=now(),
-            error="cancelled while queued",
-        )
+        error = "cancelled while queued"
+        queued = Job.objects.filter(id=job_id, state=QUEUED)
+        queued.update(state=CANCELLED, cancel_requested=True, finished_at=now(), error=error)
         if notify:
             notify_nodes(f"finished:{job_id}")
     elif job["state"] == RUNNING:

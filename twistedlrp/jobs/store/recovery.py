@@ -1,9 +1,8 @@
 """
 What dead processes leave behind, in the store: start-up recovery of this
 node's jobs, jobs running without a worker that holds them (the watchdog),
-jobs put back at shut-down, and the table of job nodes with their
-heartbeats and the leases the other nodes expire. Each function runs in the
-store thread, inside the batch's transaction.
+jobs put back at shut-down, and the node table with its heartbeats and
+leases. Each function runs in the store thread, inside the batch's transaction.
 """
 
 from __future__ import annotations
@@ -21,36 +20,23 @@ def recover(
     """
     Deal with jobs left C{running} by a server that died, then list the queued jobs.
 
-    @param node: this job node's name.
     @param queues: the queues this node runs (C{None}: all): only their
         queued jobs are listed.
     @param shared: several job nodes may share the database: only this
-        node's running jobs are touched (another node's may be alive; those
-        of a dead node are the business of the lease check), and no queued
-        job is listed (the nodes claim them from the table).
+        node's running jobs are touched (those of a dead node are the lease
+        check's), and no queued job is listed (the nodes claim from the table).
     @return: C{(queued, failed)}: the queued jobs (light descriptions,
         oldest first) and the jobs just failed because no attempts remained.
     """
-    from twistedlrp.models import Job
+    from twistedlrp.models import Announcement, Job
 
     failed = []
     running = Job.objects.filter(state=RUNNING)
-    if shared:
-        running = running.filter(node=node)
-    for job in running:
-        reason = (
-            f"the worker died: the job service stopped (crash or kill) while attempt "
-            f"{job.attempts} ran on {job.worker or 'a worker'}"
-        )
-        state = _end_orphan(job, reason)
-        if state == FAILED:
+    for job in running.filter(node=node) if shared else running:
+        if _died(job, "the job service stopped (crash or kill)", shared)[0] == FAILED:
             failed.append(str(job.id))
-        if shared:
-            notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
     if shared:
         return [], failed
-    from twistedlrp.models import Announcement
-
     # Every queued job is listed below: the announced ones too (same transaction).
     Announcement.objects.all().delete()
     queued = Job.objects.filter(state=QUEUED)
@@ -64,27 +50,45 @@ def recover(
     return queued, failed
 
 
-def _end_orphan(job, reason: str) -> str:
-    """Retry or end a job that is C{running} with no worker; @return: its new state."""
+def _end(job, error: str) -> str:
+    """
+    Retry or fail a job C{running} with no worker by its policy (cancel it if asked).
+
+    @return: its new state.
+    """
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job.id, state=RUNNING)
     if job.cancel_requested:
-        running.update(state=CANCELLED, finished_at=now(), error=reason)
+        running.update(state=CANCELLED, finished_at=now(), error=error)
         return CANCELLED
     if job.attempts < job.max_attempts:
-        running.update(state=QUEUED, error=reason + "; retried", worker="")
+        running.update(state=QUEUED, error=error + "; retried", worker="")
         return QUEUED
-    running.update(state=FAILED, finished_at=now(), error=reason)
+    running.update(state=FAILED, finished_at=now(), error=error)
     return FAILED
+
+
+def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
+    """
+    L{_end} a job whose worker died because C{why}; C{notify}: tell the other nodes.
+
+    @return: its new state and the reason given.
+    """
+    reason = (
+        f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
+    )
+    state = _end(job, reason)
+    if notify:
+        notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+    return state, reason
 
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
     """
-    @return: the jobs C{running} on workers whose id starts with
-        C{worker_prefix} (this machine's), or with several job nodes on
-        the node C{node}, started before C{started_before}:
-        C{{"id", "worker", "attempts"}}.
+    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since
+        before C{started_before} on this machine's workers (C{worker_prefix}),
+        or with several job nodes on the node C{node}.
     """
     from django.db.models import Q
 
@@ -103,25 +107,20 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
     """
-    Retry or end a job found C{running} without a worker that holds it, by
-    its retry policy (a cancelled one ends cancelled).
+    L{_end} for a job found C{running} without a worker that holds it.
 
     @param node: with several job nodes, the node that found it: only a job
-        still running on that node is touched (another may have taken it
-        over since it was found).
-    @return: C{{"state": ..., "priority", "created_at"}} after the change, or
+        still running on that node is touched (another may have taken it over).
+    @return: C{{"state", "priority", "created_at"}} after the change, or
         C{None} when it is no longer running (there).
     """
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job_id, state=RUNNING)
-    if node is not None:
-        running = running.filter(node=node)
-    job = running.first()
+    job = (running if node is None else running.filter(node=node)).first()
     if job is None:
         return None
-    state = _end_orphan(job, reason)
-    return {"state": state, "priority": job.priority, "created_at": job.created_at}
+    return {"state": _end(job, reason), "priority": job.priority, "created_at": job.created_at}
 
 
 def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
@@ -129,8 +128,7 @@ def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = Non
     Put an interrupted job back in the queue (a graceful shut-down did not let it finish).
 
     @param node: with several job nodes, the node that ran it (the job is
-        put back only if that node still holds it); the other nodes are
-        notified.
+        put back only if that node still holds it); the other nodes are notified.
     """
     from django.db.models import F
 
@@ -167,10 +165,9 @@ def db_now() -> datetime:
 def _pid_alive(pid: int) -> bool:
     """
     @return: whether C{pid}, on this machine, may still be a job node: a
-        process that exists, is not a zombie (one killed whose parent has
-        not reaped it yet, as right after a C{kill -9}), and, where
-        C{/proc} tells, runs Python (a pid reused by another program is not
-        a job node).
+        process that exists, is not a zombie (killed, not reaped yet, as
+        right after a C{kill -9}), and, where C{/proc} tells, runs Python (a
+        pid reused by another program is not a job node).
     """
     try:
         os.kill(pid, 0)
@@ -192,6 +189,15 @@ def _pid_alive(pid: int) -> bool:
     return b"python" in command or b"twistd" in command
 
 
+def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: datetime) -> None:
+    from twistedlrp.models import Node
+
+    fields = {"host": host, "pid": pid, "queues": ",".join(queues or ())}
+    Node.objects.update_or_create(
+        name=name, defaults=dict(fields, started_at=stamp, heartbeat_at=stamp)
+    )
+
+
 def register_node(
     name: str, host: str, pid: int, queues: list[str] | None, lease: float, shared: bool
 ) -> None:
@@ -203,100 +209,59 @@ def register_node(
     @raise NodeConflict: a live node stands in the way: another one on a
         database for one node, or one of the same name elsewhere.
     """
+    from django.db import connection
+
     from twistedlrp.models import Node
 
     stamp = db_now()
     cutoff = stamp - timedelta(seconds=lease)
 
     def alive(other) -> bool:
-        if other.heartbeat_at < cutoff:
-            return False
         # On this machine a dead process is known at once.
-        return other.host != host or (other.pid != pid and _pid_alive(other.pid))
+        return other.heartbeat_at >= cutoff and (
+            other.host != host or (other.pid != pid and _pid_alive(other.pid))
+        )
 
-    if not shared:
-        for other in Node.objects.exclude(name=name):
-            if alive(other):
-                age = (stamp - other.heartbeat_at).total_seconds()
-                raise NodeConflict(
-                    f"another job node, {other.name} (pid {other.pid} on {other.host}, last "
-                    f"heartbeat {age:.1f} s ago), uses this {_vendor()} database: it "
-                    "supports one job node only; use PostgreSQL to run several job nodes"
-                )
+    for other in () if shared else Node.objects.exclude(name=name):
+        if alive(other):
+            age = (stamp - other.heartbeat_at).total_seconds()
+            vendor = {"sqlite": "SQLite"}.get(connection.vendor, connection.vendor)
+            raise NodeConflict(
+                f"another job node, {other.name} (pid {other.pid} on {other.host}, last "
+                f"heartbeat {age:.1f} s ago), uses this {vendor} database: it "
+                "supports one job node only; use PostgreSQL to run several job nodes"
+            )
     same = Node.objects.filter(name=name).first()
     if same is not None and alive(same) and (same.host, same.pid) != (host, pid):
         raise NodeConflict(
             f"a job node named {name} already runs (pid {same.pid} on {same.host}): give "
             "each job node a name of its own (--node-name, or another --state-dir)"
         )
-    Node.objects.update_or_create(
-        name=name,
-        defaults={
-            "host": host,
-            "pid": pid,
-            "queues": ",".join(queues or ()),
-            "started_at": stamp,
-            "heartbeat_at": stamp,
-        },
-    )
-
-
-def _vendor() -> str:
-    from django.db import connection
-
-    return {"sqlite": "SQLite"}.get(connection.vendor, connection.vendor)
+    _enter(name, host, pid, queues, stamp)
 
 
 def heartbeat(
-    name: str,
-    host: str,
-    pid: int,
-    queues: list[str] | None,
-    fenced: list[str] | None = None,
-    why: str = "",
+    name: str, host: str, pid: int, queues: list[str] | None, fenced=None, why: str = ""
 ) -> dict:
     """
     Renew this node's lease.
 
-    @param fenced: jobs this node stopped because it could not renew its
-        lease in time (fencing): those still recorded as running on it (no
-        other node took them over) are retried or failed by their policy,
-        as another node would have done, with C{why} in their error.
-    @return: C{{"held": whether its row was still there (C{False}: another
-        node took it for dead and retried or failed its running jobs; the
-        row is entered again), "ended": [{"id", "state"}] (of C{fenced})}}.
+    @param fenced: jobs this node stopped when it could not renew its lease
+        (fencing): those still running on it (no other node took them over)
+        are retried or failed by their policy because C{why}.
+    @return: C{{"held": whether its row was still there (else another node
+        took it for dead; the row is entered again), "ended": [{"id",
+        "state"}] (of C{fenced})}}.
     """
     from twistedlrp.models import Job, Node
 
     stamp = db_now()
     held = bool(Node.objects.filter(name=name).update(heartbeat_at=stamp))
     if not held:
-        Node.objects.create(
-            name=name,
-            host=host,
-            pid=pid,
-            queues=",".join(queues or ()),
-            started_at=stamp,
-            heartbeat_at=stamp,
-        )
-    ended = []
-    if fenced:
-        for job in Job.objects.filter(id__in=fenced, state=RUNNING, node=name):
-            reason = (
-                f"the worker died: {why} while attempt {job.attempts} ran on "
-                f"{job.worker or 'a worker'}"
-            )
-            state = _end_orphan(job, reason)
-            if _shared():
-                notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
-            ended.append({"id": str(job.id), "state": state})
+        _enter(name, host, pid, queues, stamp)
+    jobs = Job.objects.filter(id__in=fenced, state=RUNNING, node=name) if fenced else ()
+    ended = [{"id": str(job.id), "state": _died(job, why)[0]} for job in jobs]
     return {"held": held, "ended": ended}
-
-
-def _shared() -> bool:
-    from django.db import connection
-
-    return connection.vendor == "postgresql"
 
 
 def lease_fresh(node: str, within: float) -> bool:
@@ -334,10 +299,10 @@ def leave_node(name: str, pid: int) -> None:
 def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
     """
     Retry or fail (by each job's policy) the running jobs of the job nodes
-    whose lease expired (no heartbeat for C{lease} seconds: the node died
-    or lost the database), and of nodes that are not in the node table;
-    the rows of dead nodes go. Rows another node is dealing with at the
-    same moment are skipped (C{FOR UPDATE SKIP LOCKED}). PostgreSQL only.
+    whose lease expired (no heartbeat for C{lease} seconds), and of nodes
+    not in the node table; the rows of dead nodes go. Rows another node is
+    dealing with at the same moment are skipped (C{FOR UPDATE SKIP
+    LOCKED}). PostgreSQL only.
 
     @param node: this node (never expired by itself).
     @param started_before: a job without a node counts only if it started before.
@@ -373,11 +338,7 @@ def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
             )
         else:
             why = f"the job node {job.node or '(none)'} it was running on is not alive"
-        reason = (
-            f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
-        )
-        state = _end_orphan(job, reason)
-        notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
+        state, reason = _died(job, why)
         ended.append({"id": str(job.id), "state": state, "node": job.node, "reason": reason})
     if dead:
         Node.objects.filter(name__in=[n.name for n in dead], heartbeat_at__lt=cutoff).delete()

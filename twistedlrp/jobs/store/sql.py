@@ -1,22 +1,19 @@
 """
 The job table's hot statements in plain SQL, and the adapters of their values.
 
-Submitting, claiming, finishing and progress run once or more per job; the
-ORM's query building costs about ten times the SQL itself there. These few
-statements are written out once; values go through each field's own
-C{get_db_prep_save}, so every database backend Django supports adapts them.
-On SQLite (the default, one node) the statements skip Django's cursor
-wrapper and go to the DB-API connection inside the same transaction, and
-the datetimes, UUIDs and JSON of the job table are adapted the way Django's
-SQLite backend does it, written out: together those wrappers cost the
-store thread more than the SQL (measured: half of its time at 10
-submitting threads). L{tests/unit/test_store_sql} checks the adapters
-against Django's.
+Submitting, claiming, finishing and progress run once or more per job, and
+the ORM's query building costs about ten times the SQL itself there. Values
+go through each field's C{get_db_prep_save}, so every backend adapts them.
+On SQLite the statements skip Django's cursor wrapper for the DB-API
+connection (same transaction), and datetimes, UUIDs and JSON are adapted as
+Django's SQLite backend does, written out: those wrappers cost the store
+thread more than the SQL (half its time at 10 submitting threads).
+L{tests/unit/test_store_sql} checks the adapters against Django's.
 
-On PostgreSQL, text and jsonb columns cannot hold the NUL character: in a
-job's output, error or progress message it is stored as U+FFFD (L{Statements.prep});
-arguments holding one are refused at submission, a result holding one fails
-the job (L{holds_nul}).
+On PostgreSQL, text and jsonb cannot hold NUL: in a job's output, error or
+progress message it is stored as U+FFFD (L{Statements.prep}); arguments
+holding one are refused at submission, a result holding one fails the job
+(L{holds_nul}).
 """
 
 from __future__ import annotations
@@ -55,15 +52,8 @@ class Statements:
         # PostgreSQL's text columns refuse NUL; job output, errors and progress
         # messages may hold one (SQLite stores it as it is).
         self.nul_free = connection.vendor == "postgresql"
-        self.text = (
-            {
-                n
-                for n, f in self.fields.items()
-                if f.get_internal_type() in ("CharField", "TextField")
-            }
-            if self.nul_free
-            else set()
-        )
+        texts = ("CharField", "TextField") if self.nul_free else ()
+        self.text = {n for n, f in self.fields.items() if f.get_internal_type() in texts}
         self.adapters = {
             name: self._adapter(self.fields[name], connection) for name in self.adapted
         }
@@ -73,8 +63,7 @@ class Statements:
         self._qmark: dict[str, str] = {}
         self._local = threading.local()
         self.key_length = self.fields["key"].max_length
-        names = list(self.fields)
-        self.insert_names = names
+        self.insert_names = names = list(self.fields)
         self.insert = (
             f"INSERT INTO {self.table} ({', '.join(self.column[n] for n in names)}) "
             f"VALUES ({', '.join(['%s'] * len(names))})"
@@ -91,9 +80,8 @@ class Statements:
     def _adapter(field, connection):
         """
         @return: a function adapting a value of C{field} for the database:
-            Django's own C{get_db_prep_save}, or on SQLite the same
-            conversion written out (datetimes as naive UTC text, UUIDs as
-            hex, JSON as text), which is several times cheaper.
+            C{get_db_prep_save}, or on SQLite the same written out (several
+            times cheaper).
         """
         from django.conf import settings
 
@@ -131,12 +119,7 @@ class Statements:
         return value
 
     def execute(self, statement: str, params) -> int:
-        """
-        Run one statement (C{%s} placeholders) in the calling thread's
-        connection and transaction.
-
-        @return: the number of rows changed.
-        """
+        """@return: the rows a statement (values as C{%s}) changed, in this thread's transaction."""
         if not self.direct:
             from django.db import connection
 
