@@ -14,8 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.client.calls import unknown_outcome
-from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable
+from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 from twistedlrp.jobs.protocol.arguments import (
     canonical_job_id,
@@ -339,8 +338,7 @@ def _store_failure(failure, op: str = "", job_id: str | None = None):
     """
     if failure.check(StoreUnavailable):
         if failure.value.started:
-            what = unknown_outcome(op, job_id)
-        else:
-            what = f"; {_NOT_DONE[op]}" if op in _NOT_DONE else ""
+            raise unsure(str(failure.value), op, job_id)
+        what = f"; {_NOT_DONE[op]}" if op in _NOT_DONE else ""
         raise JobServiceUnavailable(str(failure.value) + what)
     return failure
