@@ -110,7 +110,12 @@ def test_a_job_keeps_its_own_time(env):
     assert exists(db, default)
     # keep="forever": kept however old.
     assert exists(db, forever)
-    assert "older than 2s (testapp.jobs.short_lived)" in server.output()
+    # Logged once the deletion committed, which the query above may see first.
+    wait_for(
+        lambda: "older than 2s (testapp.jobs.short_lived)" in server.output(),
+        10,
+        message="the deletion's log line",
+    )
 
 
 def test_a_bad_keep_stops_the_server_at_start(env, tmp_path):
