@@ -3,8 +3,30 @@
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def bench_site(scratch: Path) -> dict:
+    """
+    Migrate the bench site's SQLite database (the one C{/page} reads) in
+    C{scratch}.
+
+    @return: the environment a server of the bench site runs with.
+    @raise subprocess.CalledProcessError: if the migration failed.
+    """
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(BENCH_DIR),
+        DJANGO_SETTINGS_MODULE="benchsite.settings",
+        BENCH_DB=str(scratch / "bench.sqlite3"),
+    )
+    command = [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"]
+    subprocess.run(command, cwd=BENCH_DIR, env=env, check=True)
+    return env
 
 
 def free_port() -> int:

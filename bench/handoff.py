@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _shared import free_port, thread_cpu
+from _shared import bench_site, free_port, thread_cpu
 
 HERE = Path(__file__).resolve().parent
 
@@ -123,15 +123,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=20)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="lrp-handoff-"))
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(HERE),
-        DJANGO_SETTINGS_MODULE="benchsite.settings",
-        BENCH_DB=str(scratch / "bench.sqlite3"),
-    )
-    subprocess.run(
-        [sys.executable, "-m", "django", "migrate", "-v0"], cwd=HERE, env=env, check=True
-    )
+    env = bench_site(scratch)
     port, totals = free_port(), scratch / "totals.json"
     listen = f"tcp:{port}:interface=127.0.0.1:backlog=2048"
     twistd = [

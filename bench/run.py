@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _shared import free_port, report, thread_cpu
+from _shared import bench_site, free_port, report, thread_cpu
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -216,12 +216,6 @@ def wrk(url: str, seconds: int, connections: int, port: int | None = None, pid=N
     return result
 
 
-def migrate(env: dict) -> None:
-    """Make the SQLite database /page reads (C{env}'s BENCH_DB)."""
-    command = [sys.executable, "-m", "django", "migrate", "--noinput", "-v0"]
-    subprocess.run(command, cwd=HERE, env=env, check=True)
-
-
 def serve_and_load(command: list[str], args, env: dict) -> dict:
     """Start one server, load each path (after a warm-up), stop it. @return: results by path."""
     proc = subprocess.Popen(
@@ -354,13 +348,7 @@ def main() -> int:
         return 2
     names = (ALL_SERVERS if args.servers == "all" else args.servers).split(",")
     scratch = Path(tempfile.mkdtemp(prefix="lrp-bench-"))
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(HERE),
-        DJANGO_SETTINGS_MODULE="benchsite.settings",
-        BENCH_DB=str(scratch / "bench.sqlite3"),
-    )
-    migrate(env)
+    env = bench_site(scratch)
     rounds: list[dict] = []
     try:
         for number in range(args.rounds):
