@@ -313,6 +313,25 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def read_to_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """
+    @return: everything the server sends on C{sock} until it closes (a reset
+        counts as closed).
+    @raise AssertionError: if it keeps the connection open for C{timeout}
+        seconds without sending anything (naming what it sent before).
+    """
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        raise AssertionError(f"the connection was kept open after {data!r}") from None
+    return data
+
+
 class Response:
     def __init__(self, status: int, headers: dict, body: bytes):
         self.status = status

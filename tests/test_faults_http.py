@@ -26,7 +26,7 @@ import psutil
 import pytest
 from jobsupport import api, make_template_db
 
-from support import LRPProcess, wait_for
+from support import LRPProcess, read_to_close, wait_for
 
 HEADER_TIMEOUT = 1.0
 WRITE_TIMEOUT = 1.0
@@ -57,18 +57,6 @@ def _connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
-def _read_to_close(sock: socket.socket, timeout: float = 10.0) -> bytes:
-    """Everything the server sends until it closes (a reset counts as closed)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def _busy(server) -> int:
     return server.get("/-/health").json()["threads"]["busy"]
 
@@ -90,7 +78,7 @@ def test_a_slowloris_head_gets_408_at_the_deadline(server):
             except TimeoutError:
                 sock.sendall(b"a")
         elapsed = time.monotonic() - started
-        answer += _read_to_close(sock)
+        answer += read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
     assert b"\r\nConnection: close\r\n" in answer
     assert answer.endswith(b"\r\n\r\nRequest head not received in time.\n")
@@ -100,7 +88,7 @@ def test_a_slowloris_head_gets_408_at_the_deadline(server):
 def test_a_connection_that_sends_nothing_is_closed_at_the_deadline(server):
     with _connect(server.port) as sock:
         started = time.monotonic()
-        assert _read_to_close(sock) == b""
+        assert read_to_close(sock) == b""
         elapsed = time.monotonic() - started
     assert HEADER_TIMEOUT * 0.9 <= elapsed < HEADER_TIMEOUT + 2
 
@@ -119,7 +107,7 @@ def test_each_request_on_a_keep_alive_connection_gets_its_own_deadline(server):
         # timed from its own first byte.
         sent = time.monotonic()
         sock.sendall(b"GET /hello HTTP/1.1\r\n")
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
         elapsed = time.monotonic() - sent
     assert answer.startswith(b"HTTP/1.1 408 "), answer
     assert HEADER_TIMEOUT * 0.9 <= elapsed < HEADER_TIMEOUT + 2
@@ -143,7 +131,7 @@ def test_a_head_over_max_header_size_gets_431_and_close(server):
     for head in (_head(5000), _head(100, count=60), _head(10, count=501)):
         with _connect(server.port) as sock:
             sock.sendall(head)
-            answer = _read_to_close(sock)
+            answer = read_to_close(sock)
         assert answer.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"), answer
         assert b"\r\nConnection: close\r\n" in answer
         assert answer.endswith(b"\r\n\r\nRequest header fields too large.\n")
@@ -157,7 +145,7 @@ def test_a_header_line_sent_without_end_gets_431(server):
                 sock.sendall(b"e" * 1000)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer
 
 
@@ -165,7 +153,7 @@ def test_bare_line_feeds_get_400_and_close(server):
     with _connect(server.port) as sock:
         sock.sendall(b"GET / HTTP/1.1\nHost: x\n\n")
         started = time.monotonic()
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
     assert b"\r\nConnection: close\r\n" in answer
     # At once, not at the head deadline.
@@ -180,7 +168,7 @@ def test_bare_line_feeds_get_400_and_close(server):
 def _ask(port: int, raw: bytes) -> bytes:
     with _connect(port) as sock:
         sock.sendall(raw)
-        return _read_to_close(sock)
+        return read_to_close(sock)
 
 
 def test_an_absolute_form_target_is_reduced_to_its_path_and_names_the_host(server):

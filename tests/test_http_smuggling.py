@@ -16,7 +16,7 @@ import socket
 
 import pytest
 
-from support import LRPProcess, wait_for
+from support import LRPProcess, read_to_close, wait_for
 
 # What a lenient parser would take for the next request on the connection;
 # each test puts a mark of its own in place of the zeros.
@@ -167,14 +167,7 @@ def _exchange(server, raw: bytes) -> bytes:
     mark = os.urandom(4).hex().encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(raw.replace(b"smuggled=00000000", b"smuggled=" + mark))
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except ConnectionResetError:
-            pass
-        except TimeoutError:
-            raise AssertionError(f"the connection was kept open after {data!r}") from None
+        data = read_to_close(sock)
     # A request sent after it is logged after it, had it been answered.
     after = f"/hello?after={mark.decode()}"
     assert server.get(after).status == 200
