@@ -283,7 +283,7 @@ def test_an_answer_that_cannot_be_read_fails_the_job_and_replaces_the_worker(mon
         "max-worker-memory": 0,
     }
     dispatcher = Dispatcher(Clock(), store, options, {}, 5.0)
-    worker = Worker(dispatcher.pool, 1)
+    worker = Worker(dispatcher.pool)
     process = _FakeProcess()
     worker.makeConnection(process)
     dispatcher.pool.workers.append(worker)

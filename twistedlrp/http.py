@@ -15,17 +15,9 @@ from __future__ import annotations
 import json as _json
 from typing import Any
 
-from twistedlrp.reactor_bridge import DEFAULT_TIMEOUT, ShutdownInProgress, call_in_reactor
+from twistedlrp.reactor_bridge import DEFAULT_TIMEOUT, call_in_reactor
 
-__all__ = [
-    "HTTPError",
-    "HTTPTimeout",
-    "HTTPConnectionError",
-    "Response",
-    "get",
-    "post",
-    "request",
-]
+__all__ = ["HTTPError", "HTTPTimeout", "HTTPConnectionError", "Response", "get", "post", "request"]
 
 # Idle connections kept per host and how long they may stay idle.
 MAX_PERSISTENT_PER_HOST = 8
@@ -56,10 +48,7 @@ class Response:
     """A complete HTTP response; C{headers} maps lower-case names to their last value."""
 
     def __init__(self, url: str, status_code: int, headers: dict[str, str], content: bytes):
-        self.url = url
-        self.status_code = status_code
-        self.headers = headers
-        self.content = content
+        self.url, self.status_code, self.headers, self.content = url, status_code, headers, content
 
     @property
     def ok(self) -> bool:
@@ -122,11 +111,8 @@ def close_connections():
 async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Response:
     import treq
     from twisted.internet import defer, error
-    from twisted.web.client import (
-        RequestTransmissionFailed,
-        ResponseFailed,
-        ResponseNeverReceived,
-    )
+    from twisted.web.client import RequestTransmissionFailed as Unsent
+    from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
     try:
         response = await treq.request(
@@ -137,7 +123,7 @@ async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Respons
         raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
     except (error.ConnectError, error.DNSLookupError, error.ConnectionLost) as e:
         raise HTTPConnectionError(f"{method} {url}: {e}") from e
-    except (ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed) as e:
+    except (ResponseNeverReceived, ResponseFailed, Unsent) as e:
         reasons = e.reasons
         # treq's timeout cancels the request, which surfaces as a reason.
         if any(r.check(defer.CancelledError, error.TimeoutError) for r in reasons):
@@ -167,8 +153,6 @@ def request(method: str, url: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs
     try:
         # The reactor-side timeout fires first; the thread-side one is a backstop.
         return call_in_reactor(_fetch, method, url, kwargs, timeout, timeout=timeout + 5)
-    except ShutdownInProgress:
-        raise
     except TimeoutError as e:
         if isinstance(e, HTTPTimeout):
             raise

@@ -29,7 +29,7 @@ from twisted.python import usage
 
 from twistedlrp import values
 from twistedlrp.stdlog import NUMBERS as _STDLIB
-from twistedlrp.stdlog import drop_django_console  # noqa: F401 - also offered here
+from twistedlrp.stdlog import add_root_handler, drop_django_console  # noqa: F401 (also here)
 
 LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
 _RANK = {level: rank for rank, level in enumerate([*LEVELS.values(), LogLevel.critical])}
@@ -236,8 +236,6 @@ _FROM_STDLIB = (
 class _Bridge(logging.Handler):
     """Hands stdlib records to twisted.logger, under the record's logger name."""
 
-    _twistedlrp = True
-
     def emit(self, record):
         from twisted.logger import Logger
 
@@ -260,12 +258,5 @@ def bridge_stdlib_logging(level: str = "warn") -> None:
     lowering the root logger's level to C{level}. A C{LOGGING} setting that
     configures the root logger replaces the handler.
     """
-    number = _STDLIB[level]
-    root = logging.getLogger()
-    handler = next((h for h in root.handlers if getattr(h, "_twistedlrp", False)), None)
-    if handler is None:
-        handler = _Bridge()
-        root.addHandler(handler)
-    handler.setLevel(number)
-    if root.level > number or root.level == logging.NOTSET:
-        root.setLevel(number)
+    ours = (h for h in logging.getLogger().handlers if getattr(h, "_twistedlrp", False))
+    add_root_handler(next(ours, None) or _Bridge(), _STDLIB[level])

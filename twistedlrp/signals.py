@@ -7,6 +7,7 @@ once; and its exit status (twistd itself always exits 0).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -23,11 +24,8 @@ class StopSignals:
     """
 
     def __init__(self, reactor, on_first: Callable[[str], None], on_second: Callable[[str], None]):
-        self._reactor = reactor
-        self._on_first = on_first
-        self._on_second = on_second
-        self.seen = 0
-        self.installed = False
+        self._reactor, self._on_first, self._on_second = reactor, on_first, on_second
+        self.seen, self.installed = 0, False
 
     def install(self) -> None:
         """Replace the reactor's SIGTERM and SIGINT handlers, if it installed any (C{installed})."""
@@ -73,14 +71,10 @@ def _exit_with_code() -> None:
 def flush_everything() -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
 
 
 def write_stderr(text: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.write(2, text.encode("utf-8", "replace"))
-    except OSError:
-        pass

@@ -62,32 +62,30 @@ def _propagates_to_root(logger: logging.Logger) -> bool:
     return True
 
 
-class _WorkerHandler(logging.StreamHandler):
-    """A worker's records on its standard error, one L{_RECORD} line each."""
-
-    _twistedlrp = True
-
-    def __init__(self):
-        super().__init__(sys.stderr)
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-
-
 def install_worker_handler() -> None:
     """
     In a job worker, after C{django.setup()}: write stdlib records of the
     server's C{--log-level} (L{LEVEL_VARIABLE}) and above to standard error,
     unless the site's C{LOGGING} gave the root logger handlers of its own.
     """
-    root = logging.getLogger()
-    if root.handlers:
+    if logging.getLogger().handlers:
         return
-    number = NUMBERS.get(os.environ.get(LEVEL_VARIABLE, ""), logging.WARNING)
-    handler = _WorkerHandler()
+    # One L{_RECORD} line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    add_root_handler(handler, NUMBERS.get(os.environ.get(LEVEL_VARIABLE, ""), logging.WARNING))
+    drop_django_console()
+
+
+def add_root_handler(handler: logging.Handler, number: int) -> None:
+    """Give the root logger C{handler} (once) for records of level C{number} and above."""
+    handler._twistedlrp = True  # (L{drop_django_console})
     handler.setLevel(number)
-    root.addHandler(handler)
+    root = logging.getLogger()
+    if handler not in root.handlers:
+        root.addHandler(handler)
     if root.level > number or root.level == logging.NOTSET:
         root.setLevel(number)
-    drop_django_console()
 
 
 def parse_record(line: str) -> tuple[str, str, str] | None:

@@ -95,10 +95,10 @@ def node(monkeypatch):
     }
     clock = Clock()
     dispatcher = Dispatcher(clock, store, options, {}, 5.0, "n1", True, ["a"])
-    for i in range(2):
-        worker = Worker(dispatcher.pool, i)
+    for _ in range(2):
+        worker = Worker(dispatcher.pool)
         process = FakeProcess()
-        process.pid += i
+        process.pid += len(dispatcher.pool.workers)
         worker.makeConnection(process)
         dispatcher.pool.workers.append(worker)
         worker.became_ready()
@@ -316,7 +316,7 @@ def test_a_forked_worker_ready_before_its_pid_arrives_is_claimed_for_under_its_o
     dispatcher, store, clock = node
     pool = dispatcher.pool
     pool.workers.clear()
-    forked = Worker(pool, 7)
+    forked = Worker(pool)
     pool.workers.append(forked)
     forked.became_ready(FakeProcess.pid + 7)  # and claims at once
     ((_, _, idents, _),) = store.named("claim_next")

@@ -136,18 +136,14 @@ def rules(default: float | None, definitions) -> list[Rule]:
     @return: what to delete: one rule per distinct job keep, then the
         default for every other name (none when the default is for ever).
     """
+    own = [d for d in definitions if getattr(d, "keep", None) is not None]
     by_keep: dict[float, list[str]] = {}
-    own = []
-    for definition in definitions:
-        keep = getattr(definition, "keep", None)
-        if keep is None:
-            continue
-        own.append(definition.name)
-        if keep != FOREVER:
-            by_keep.setdefault(float(keep), []).append(definition.name)
+    for definition in own:
+        if definition.keep != FOREVER:
+            by_keep.setdefault(float(definition.keep), []).append(definition.name)
     found = [Rule(keep, tuple(sorted(names))) for keep, names in sorted(by_keep.items())]
     if default is not None:
-        found.append(Rule(default, None, tuple(sorted(own))))
+        found.append(Rule(default, None, tuple(sorted(d.name for d in own))))
     return found
 
 
@@ -199,7 +195,6 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
 
 
 def _in(values) -> str:
-    """@return: the placeholders of an C{IN} list of C{values}."""
     return f"({', '.join(['%s'] * len(values))})"
 
 
@@ -266,12 +261,9 @@ class Pruner:
     def __init__(self, reactor, store, default: float | None, definitions, batch_size=BATCH_SIZE):
         self.reactor, self.store, self.default = reactor, store, default
         self.definitions, self.batch_size = definitions, batch_size
-        # The rows of the next batch (L{TARGET_BATCH_SECONDS}).
-        self.size = batch_size
-        self.deleted = 0
-        self.passes = 0
-        self._call = None
-        self._running = False
+        self.size = batch_size  # of the next batch (L{TARGET_BATCH_SECONDS})
+        self.deleted = self.passes = 0
+        self._call, self._running = None, False
 
     def start(self) -> None:
         """Run the first pass after L{FIRST_PASS} seconds at most, then one every interval."""
@@ -288,10 +280,7 @@ class Pruner:
         self._call = None
 
     def describe(self) -> dict:
-        """
-        @return: for C{jobs.stats()}: the default keep (seconds; C{None}: for
-            ever), the passes so far and the rows they deleted.
-        """
+        """@return: for C{jobs.stats()}: the default keep (C{None}: for ever), passes, rows deleted."""
         return {"keep": self.default, "passes": self.passes, "deleted": self.deleted}
 
     def _schedule(self, at_most: float = MAX_INTERVAL) -> None:
@@ -301,13 +290,11 @@ class Pruner:
 
     def _pass(self) -> defer.Deferred:
         """@return: a Deferred firing when the pass is over (it never fails)."""
-        self._call = None
         from twisted.internet import defer
 
-        d = defer.ensureDeferred(self._prune_all())
-        d.addErrback(self._failed)
-        d.addBoth(lambda _: self._schedule())
-        return d
+        self._call = None
+        d = defer.ensureDeferred(self._prune_all()).addErrback(self._failed)
+        return d.addBoth(lambda _: self._schedule())
 
     async def _prune_all(self) -> None:
         self.passes += 1

@@ -251,10 +251,8 @@ class Scheduler:
         self.names: list[str] = []
         self.rows: list[dict] = []
         self.runs = 0
-        # Django's TIME_ZONE, read at start().
-        self.zone: tzinfo = UTC
-        self._timer = None
-        self._running = False
+        self.zone: tzinfo = UTC  # Django's TIME_ZONE, read at start()
+        self._timer, self._running = None, False
 
     async def start(self, specs: list[ScheduleSpec] | None = None) -> None:
         """Sync the schedules into the table, log them, and start the timer."""
@@ -272,7 +270,7 @@ class Scheduler:
                 next=row["next_due"].astimezone(zone).isoformat(sep=" "),
                 skipped=self._elsewhere(row),
             )
-        self.names = [row["name"] for row in self.rows if self._runs_here(row)]
+        self.names = [row["name"] for row in self.rows if not self._elsewhere(row)]
         if self.names:
             self._tick()
 
@@ -288,22 +286,15 @@ class Scheduler:
         definition = registry.lookup(row["job"])
         if definition is None:
             return " (not on this node: its job is not registered here)"
-        if not self._runs_here(row):
+        if self.queues is not None and definition.queue not in self.queues:
             return f" (not on this node: its queue {definition.queue!r} is not in --queues)"
         return ""
 
-    def _runs_here(self, row: dict) -> bool:
-        definition = registry.lookup(row["job"])
-        if definition is None:
-            return False
-        return self.queues is None or definition.queue in self.queues
-
     def _tick(self) -> None:
-        self._timer = None
         from twisted.internet import defer
 
-        d = defer.ensureDeferred(self._run_due())
-        d.addCallbacks(self._sleep, self._failed)
+        self._timer = None
+        defer.ensureDeferred(self._run_due()).addCallbacks(self._sleep, self._failed)
 
     async def _run_due(self) -> datetime | None:
         """@return: the earliest next due time of this node's schedules."""

@@ -38,12 +38,9 @@ class Watchdog:
     """
 
     def __init__(self, reactor, dispatcher, store, worker_prefix: str, node: str | None = None):
-        self.reactor = reactor
-        self.dispatcher = dispatcher
-        self.store = store
+        self.reactor, self.dispatcher, self.store = reactor, dispatcher, store
         self.worker_prefix = worker_prefix
-        # Several nodes: the store check looks at this node's jobs only.
-        self.node = node
+        self.node = node  # several nodes: the store check looks at this node's jobs only
         self.store_error: str | None = None
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor
@@ -58,30 +55,19 @@ class Watchdog:
             self._loop.stop()
 
     def check(self) -> None:
-        self.check_workers()
-        now = self.reactor.seconds()
-        if getattr(self.dispatcher, "fenced", False):
-            # The jobs it stopped are the lease's to deal with once it is renewed.
-            return
-        if now - self._last_store_check >= STORE_INTERVAL and not self._store_check_running:
-            self._last_store_check = now
-            self._store_check_running = True
-            d = self.check_store()
-            d.addBoth(self._store_checked)
-
-    def check_workers(self) -> None:
-        """Retry or fail each running job whose worker is gone or holds another job."""
         for record in list(self.dispatcher.running.values()):
             reason = _why_orphaned(record, self.dispatcher.pool.workers)
             if reason:
                 self.dispatcher.orphaned(record, reason)
-
-    def check_store(self):
-        """@return: a Deferred firing once the store's running jobs have been checked."""
-        grace = datetime.fromtimestamp(self.reactor.seconds() - CLAIM_GRACE, UTC)
-        d = self.store.run(recovery.running_on, self.worker_prefix, grace, self.node)
-        d.addCallback(self._orphans_in_store)
-        return d
+        now = self.reactor.seconds()
+        # Fenced: the jobs it stopped are the lease's to deal with once it is renewed.
+        if getattr(self.dispatcher, "fenced", False) or self._store_check_running:
+            return
+        if now - self._last_store_check >= STORE_INTERVAL:
+            self._last_store_check, self._store_check_running = now, True
+            grace = datetime.fromtimestamp(now - CLAIM_GRACE, UTC)
+            d = self.store.run(recovery.running_on, self.worker_prefix, grace, self.node)
+            d.addCallback(self._orphans_in_store).addBoth(self._store_checked)
 
     def _store_checked(self, outcome) -> None:
         self._store_check_running = False

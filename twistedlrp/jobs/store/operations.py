@@ -72,9 +72,7 @@ def write_progress(progress: dict) -> None:
 
 
 def prepare():
-    """
-    @return: C{None} when the job table is ready, else a sentence saying why not.
-    """
+    """@return: C{None} when the job table is ready, else a sentence saying why not."""
     from django.db import DEFAULT_DB_ALIAS, connection
     from django.db.migrations.executor import MigrationExecutor
 
@@ -127,15 +125,14 @@ def create(
         raise InvalidArguments(
             f"a job key has at most {sql.key_length} characters, this one has {len(key)}"
         )
-    if sql.nul_free:
-        if holds_nul([fields["args"], fields["kwargs"]]):
-            raise InvalidArguments(
-                f"the arguments of {fields['name']} contain a NUL character (\\u0000), "
-                "which PostgreSQL cannot store"
-            )
-        if key:
-            key = sql.prep("key", key)
-            fields = dict(fields, key=key)
+    if sql.nul_free and holds_nul([fields["args"], fields["kwargs"]]):
+        raise InvalidArguments(
+            f"the arguments of {fields['name']} contain a NUL character (\\u0000), "
+            "which PostgreSQL cannot store"
+        )
+    if sql.nul_free and key:
+        key = sql.prep("key", key)
+        fields = dict(fields, key=key)
     if job_id is not None:
         existing = Job.objects.filter(id=job_id).first()
         if existing is not None:
@@ -160,13 +157,8 @@ def create(
     created_at = now()
     row = dict(sql.defaults, id=new_id, created_at=created_at, state=QUEUED, **fields)
     if start is not None:
-        row.update(
-            state=RUNNING,
-            attempts=1,
-            started_at=created_at,
-            worker=start["worker"],
-            node=start["node"],
-        )
+        row.update(state=RUNNING, attempts=1, started_at=created_at, worker=start["worker"])
+        row["node"] = start["node"]
     sql.execute(sql.insert, [sql.prep(name, row.get(name)) for name in sql.insert_names])
     if notify and start is None:
         notify_nodes(f"queued:{fields['queue']}")
@@ -317,7 +309,6 @@ def finish(
     @return: the job's wire description, or C{None} when not C{describe}
         (or when C{node} no longer holds the job: C{{"lost": True}}).
     """
-
     sql = statements()
     fields = dict(fields, state=state)
     if sql.nul_free and state == SUCCEEDED and holds_nul(fields.get("result")):
@@ -327,10 +318,10 @@ def finish(
         fields.setdefault("finished_at", now())
     if node is None:
         sql.update(job_id, fields)
-        return get(job_id) if describe else None
-    if not sql.update(job_id, fields, only_state=RUNNING, only_node=node):
+    elif not sql.update(job_id, fields, only_state=RUNNING, only_node=node):
         return {"lost": True}
-    notify_nodes(f"finished:{job_id}" if state in FINISHED else f"queued:{queue_of(job_id)}")
+    else:
+        notify_nodes(f"finished:{job_id}" if state in FINISHED else f"queued:{queue_of(job_id)}")
     return get(job_id) if describe else None
 
 

@@ -39,11 +39,8 @@ def _parse(argv):
     parser.add_argument("--worker-id", default="worker")
     # The pool always gives it (the option table's default imports Twisted).
     parser.add_argument("--max-payload", type=int, default=None)
-    parser.add_argument(
-        "--template",
-        action="store_true",
-        help="fork workers on request (twistedlrp.jobs.workers.preload)",
-    )
+    # Fork workers on request (twistedlrp.jobs.workers.preload).
+    parser.add_argument("--template", action="store_true")
     args = parser.parse_args(argv)
     if args.max_payload is None:
         from twistedlrp.jobs.protocol.arguments import default_max_payload
@@ -122,20 +119,15 @@ def serve_template(control_fd: int = 3) -> None:
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
     server.send({"event": "ready", "pid": os.getpid(), "threads": others})
     template = os.getpid()
-    orphan_ok = _pidfds_work()
+    try:  # Has this kernel pidfd_open, by which the pool watches orphans?
+        os.close(os.pidfd_open(template))
+        orphan_ok = True
+    except (AttributeError, OSError):
+        orphan_ok = False
     request = server.serve()
     if request is None:
         os._exit(0)  # The job service closed the channel, or is gone.
     _become_worker(request["fds"], template, orphan_ok)
-
-
-def _pidfds_work() -> bool:
-    """@return: whether this kernel has C{pidfd_open}, by which the pool watches orphans."""
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except (AttributeError, OSError):
-        return False
-    return True
 
 
 def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
@@ -215,9 +207,7 @@ class Conversation:
     """
 
     def __init__(self, max_payload: int, commands: int = 3, answers: int = 4):
-        self.max_payload = max_payload
-        self.commands = commands
-        self.answers = answers
+        self.max_payload, self.commands, self.answers = max_payload, commands, answers
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._write_lock = threading.Lock()
         self._progress = threading.Condition(threading.Lock())
@@ -287,14 +277,14 @@ class Conversation:
             module = box.get(b"module")
             job_id, name = box[b"job_id"].decode("utf-8"), box[b"name"].decode("utf-8")
             outcome = self._run(job_id, name, get_big(box, b"payload"), module and module.decode())
-            answer = {b"_answer": box[b"_ask"]}
             try:
-                put_big(answer, b"outcome", json.dumps(outcome, separators=(",", ":")).encode())
+                encoded = json.dumps(outcome, separators=(",", ":")).encode()
             except (TypeError, ValueError) as e:
                 # A value json cannot write (a lone surrogate in an error text).
                 error = {"ok": False, "error": f"the job's outcome could not be sent: {e}"}
-                answer = {b"_answer": box[b"_ask"]}
-                put_big(answer, b"outcome", json.dumps(error, separators=(",", ":")).encode())
+                encoded = json.dumps(error).encode()
+            answer = {b"_answer": box[b"_ask"]}
+            put_big(answer, b"outcome", encoded)
             with self._write_lock:
                 self._send_progress()  # its last progress report first
                 self.send(answer)

@@ -102,7 +102,7 @@ class WorkerPool:
         if self.stopping:
             return None
         self._count += 1
-        worker = Worker(self, self._count, standby)
+        worker = Worker(self, standby)
         if self.template is None or not self.template.fork(worker, str(self._count)):
             args, env = self._child_command(str(self._count))
             self.reactor.spawnProcess(

@@ -105,9 +105,8 @@ class Worker(protocol.ProcessProtocol):
     replaced), C{retiring} (will exit after its job or now), C{dead}.
     """
 
-    def __init__(self, pool: WorkerPool, number: int, standby: bool = False):
+    def __init__(self, pool: WorkerPool, standby: bool = False):
         self.pool = pool
-        self.number = number
         self.state = "starting"
         # Started ahead of time to take over from a worker at its job limit.
         self.standby = standby
