@@ -27,29 +27,28 @@ from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
 _services: dict[str, IService] = {}
+_registered: list[_Named] = []
+_serving: SiteServices | None = None  # the server's, once it is built
 _once: set[int] = set()  # ids of the hooks registered with once=True
 
 
-class _SiteServices(OrderedService):
-    """The registered services; those of L{scope} (L{in_scope}) run in this process."""
+class SiteServices(OrderedService):
+    """The server's registered services of C{scope} (L{in_scope}); one registered later joins."""
 
-    scope = "all"
+    name = "site-services"
 
-    def __iter__(self):
-        return iter([s for s in self.services if in_scope(self.scope, getattr(s, "once", False))])
+    def __init__(self, scope: str = "all"):
+        global _serving
+        super().__init__()
+        self.scope = scope
+        _serving = self
+        for named in _registered:
+            self.take(named)
 
-    def addService(self, child: IService) -> None:
-        if in_scope(self.scope, getattr(child, "once", False)):
-            return super().addService(child)
-        # Not run in this process: registered, never started.
-        if child.name is not None:
-            self.namedServices[child.name] = child
-        self.services.append(child)
-
-
-#: The services the site registered; one added while it runs starts at once.
-site_services = _SiteServices()
-site_services.setName("site-services")
+    def take(self, named: _Named) -> None:
+        """Run C{named} here if it is of this scope (at once if this service runs)."""
+        if in_scope(self.scope, named.once):
+            self.addService(named)
 
 
 def _register(hooks: list, hook, once: bool, what: str):
@@ -103,9 +102,10 @@ def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
     _services[name] = svc
-    named = _Named(name, svc)
-    named.once = once
-    site_services.addService(named)
+    named = _Named(name, svc, once)
+    _registered.append(named)
+    if _serving is not None:
+        _serving.take(named)
     return svc
 
 
@@ -133,9 +133,8 @@ def get_service(name: str) -> IService:
 class _Named(service.Service):
     """A registered service under its registered name (its own name may differ or be unset)."""
 
-    def __init__(self, name: str, wrapped: IService):
-        self.name = name
-        self.wrapped = wrapped
+    def __init__(self, name: str, wrapped: IService, once: bool):
+        self.name, self.wrapped, self.once = name, wrapped, once
 
     def startService(self):
         super().startService()
@@ -222,10 +221,10 @@ class _Hook(service.Service):
 
 def _reset() -> None:
     """Forget every hook and service (for tests that register their own)."""
+    global _serving
     _startup_hooks.clear()
     _shutdown_hooks.clear()
     _services.clear()
+    _registered.clear()
     _once.clear()
-    site_services.scope = "all"
-    for child in list(site_services):
-        site_services.removeService(child)
+    _serving = None

@@ -52,7 +52,6 @@ class Server(OrderedService):
         self.started_at = reactor.seconds()
         self._starting: defer.Deferred | None = None
         self.web = self.health = None
-        lifecycle.site_services.scope = self.scope
         from twistedlrp import metrics
 
         self.metrics = metrics.configure(self.role, options)
@@ -66,7 +65,7 @@ class Server(OrderedService):
             self.channel,
             pool,
             _Closer("outbound-http", outbound.close_connections),
-            lifecycle.site_services,
+            lifecycle.SiteServices(self.scope),
             job_client,
             lifecycle.ShutdownHooks(self.reactor, self.scope),
             job_service,

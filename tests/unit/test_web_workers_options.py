@@ -116,8 +116,8 @@ def test_services_of_the_other_scope_are_registered_but_not_started(clean_lifecy
     lifecycle.add_service("plain", plain)
     lifecycle.add_service("once", once, once=True)
     assert lifecycle.get_service("once") is once
-    lifecycle.site_services.scope = "each"
-    lifecycle.site_services.startService()
+    services = lifecycle.SiteServices("each")
+    services.startService()
     assert plain.running and not once.running
-    lifecycle.site_services.stopService()
+    services.stopService()
     assert not plain.running
