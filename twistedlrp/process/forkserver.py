@@ -133,10 +133,8 @@ class ForkServer:
             self.reap()
             time.sleep(0.05)
         for pid in list(self.children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         while self.children:
             self.reap()
             time.sleep(0.01)
@@ -154,12 +152,9 @@ class ForkServerProcess:
     def __init__(self, reactor, on_message, on_ended, on_output=None):
         from twisted.internet import defer
 
-        self.reactor = reactor
-        self.on_message = on_message
-        self.on_ended = on_ended
-        self.on_output = on_output
-        self.state = "starting"
-        self.was_ready = False
+        self.reactor, self.on_message = reactor, on_message
+        self.on_ended, self.on_output = on_ended, on_output
+        self.state, self.was_ready = "starting", False
         self.pid: int | None = None
         self.transport = None
         self.started_at = reactor.seconds()
@@ -204,10 +199,8 @@ class ForkServerProcess:
 
     def kill(self) -> None:
         if self.transport is not None and self.state != "ended":
-            try:
+            with contextlib.suppress(Exception):  # it ended already
                 self.transport.signalProcess("KILL")
-            except Exception:
-                pass  # It ended already.
 
     def output(self) -> str:
         return bytes(self._tail).decode("utf-8", "replace").strip()

@@ -92,10 +92,7 @@ class _BaseWatcher:
         # Directories added or dropped: their files are neither new nor gone.
         moved = set(new) ^ set(self.template_dirs)
         self.template_dirs = new
-        self._template_dirs_changed(moved)
-
-    def _template_dirs_changed(self, moved: set[str]) -> None:
-        pass
+        self._template_dirs_changed(moved)  # (each kind of watcher has its own)
 
     def external_template_dirs(self) -> list[str]:
         """The existing template directories outside the roots (and outside each other)."""
@@ -119,9 +116,6 @@ class _BaseWatcher:
         if new:
             self.files |= new
             self._files_added(new)
-
-    def _files_added(self, new: set[str]) -> None:
-        pass
 
     def _accept_in_root(self, path: str) -> bool:
         return is_source(path) or path in self.files or self.in_template_dir(path)

@@ -14,6 +14,10 @@ from twistedlrp.jobs.store.operations import payload_of
 
 #: The most announced jobs one take reads (the next take reads the rest).
 TAKE_ANNOUNCED = 500
+_TAKEN = (
+    "id", "priority", "created_at", "run_after", "queue", "name", "max_attempts", "retry_delay",
+    "timeout", "args", "kwargs",
+)  # fmt: skip
 
 
 def announced() -> bool:
@@ -47,23 +51,8 @@ def take_announced(job_ids: list[str] | None = None) -> list[dict]:
     if not taken:
         return []
     Announcement.objects.filter(job__in=taken).delete()
-    rows = list(
-        Job.objects.filter(id__in=taken, state=QUEUED)
-        .order_by("created_at")
-        .values(
-            "id",
-            "priority",
-            "created_at",
-            "run_after",
-            "queue",
-            "name",
-            "max_attempts",
-            "retry_delay",
-            "timeout",
-            "args",
-            "kwargs",
-        )
-    )
+    queued = Job.objects.filter(id__in=taken, state=QUEUED).order_by("created_at")
+    rows = list(queued.values(*_TAKEN))
     for row in rows:
         row.update(id=str(row["id"]), payload=payload_of(row.pop("args"), row.pop("kwargs")))
     return rows

@@ -136,12 +136,8 @@ class MemoryStore:
         self.get(job_id)
         job = self.jobs[job_id]
         if job["state"] == QUEUED:
-            job.update(
-                state=CANCELLED,
-                cancel_requested=True,
-                finished_at=ops.now(),
-                error="cancelled while queued",
-            )
+            job.update(state=CANCELLED, cancel_requested=True, finished_at=ops.now())
+            job["error"] = "cancelled while queued"
         elif job["state"] == RUNNING:
             job["cancel_requested"] = True
         return self.get(job_id)
@@ -156,6 +152,5 @@ class MemoryStore:
         return found[: max(limit, 0)]
 
     def counts(self) -> dict:
-        return dict(
-            collections.Counter(self._described(job)["state"] for job in self.jobs.values())
-        )
+        states = collections.Counter(self._described(job)["state"] for job in self.jobs.values())
+        return dict(states)
