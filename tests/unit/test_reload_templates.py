@@ -199,7 +199,7 @@ def test_the_server_reads_messages_after_go_and_across_reads():
     try:
         ours.sendall(b'{"event": "go"}\n{"event": "templates", "files": ["a"]}\n{"ev')
         assert reporter.wait_for_word()
-        channel = server_main._hand_over(reporter, got.append, None)
+        channel = reporter.hand_over(got.append, None)
         assert got == [{"event": "templates", "files": ["a"]}]
         channel.dataReceived(b'ent": "templates", "files": ["b"]}\nnot json\n')
         assert got[1:] == [{"event": "templates", "files": ["b"]}]

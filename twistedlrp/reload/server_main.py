@@ -14,6 +14,7 @@ read the environment once, at import.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -60,6 +61,16 @@ class _Reporter:
         self.reported |= files
         if files or event != "files":
             self.send({"event": event, "pid": os.getpid(), "files": sorted(files), **extra})
+
+    def hand_over(self, on_message, on_lost):
+        """@return: the reactor's end of the channel, reading on where the blocking end stopped."""
+        from twistedlrp.process.channel import Channel
+
+        self.channel = Channel(on_message, on_lost, self.blocking.decoder)
+        pending, self.blocking.pending = self.blocking.pending, []
+        for message in pending:
+            on_message(message)
+        return self.channel
 
     def wait_for_word(self) -> bool:
         """@return: once the supervisor says C{boot} or C{go}, C{True}; C{False} at end of file."""
@@ -152,17 +163,6 @@ def _template_dirs() -> list[str]:
         return []
 
 
-def _hand_over(reporter: _Reporter, on_message, on_lost):
-    """@return: the reactor's end of the channel, reading on where the blocking end stopped."""
-    from twistedlrp.process.channel import Channel
-
-    reporter.channel = Channel(on_message, on_lost, reporter.blocking.decoder)
-    pending, reporter.blocking.pending = reporter.blocking.pending, []
-    for message in pending:
-        on_message(message)
-    return reporter.channel
-
-
 def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     from twisted.internet import reactor, task
     from twisted.internet.error import ConnectionDone
@@ -187,8 +187,7 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
                 reactor.stop()
 
     def begin():
-        channel = _hand_over(reporter, said, lost)
-        adopt(reactor, reporter.blocking.socket, channel)
+        adopt(reactor, reporter.blocking.socket, reporter.hand_over(said, lost))
         files = task.LoopingCall(reporter.send_files, "files")
         files.start(FILES_INTERVAL, now=False)
 
@@ -197,10 +196,8 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+    with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
-    except OSError:
-        pass  # Already a session leader.
     if os.environ.get("LISTEN_FDS"):
         os.environ["LISTEN_PID"] = str(os.getpid())
     fd = os.environ.pop(CONTROL_VARIABLE, "")

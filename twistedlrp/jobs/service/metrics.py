@@ -94,25 +94,21 @@ def watch(metrics: Metrics | None, job_service) -> None:
         "lrp_jobs_running", "Jobs running now", (), lambda: {(): len(dispatcher.running)}
     )
     pool = dispatcher.pool
-    metrics.sampled("lrp_job_workers", "Worker processes, by state", ("state",), _states(pool))
+
+    def worker_states() -> dict:
+        # Every state, 0 or not: a gauge copied to the multiprocess files
+        # keeps the last value of a label no longer given.
+        counts = dict.fromkeys(WORKER_STATES, 0)
+        for worker in pool.workers:
+            if worker.state != "dead":
+                state = "busy" if worker.state == "claiming" else worker.state
+                counts[state if state in counts else "other"] += 1
+        return {(state,): n for state, n in counts.items()}
+
+    metrics.sampled("lrp_job_workers", "Worker processes, by state", ("state",), worker_states)
     metrics.sampled(
         "lrp_job_workers_rss_bytes",
         "Resident memory of all worker processes together, in bytes",
         (),
         lambda: {(): sum(w.rss_mb() for w in pool.workers if w.pid) * 1024 * 1024},
     )
-
-
-def _states(pool):
-    def read() -> dict:
-        # Every state, 0 or not: a gauge copied to the multiprocess files
-        # keeps the last value of a label no longer given.
-        counts = dict.fromkeys(WORKER_STATES, 0)
-        for worker in pool.workers:
-            if worker.state == "dead":
-                continue
-            state = "busy" if worker.state == "claiming" else worker.state
-            counts[state if state in counts else "other"] += 1
-        return {(state,): n for state, n in counts.items()}
-
-    return read

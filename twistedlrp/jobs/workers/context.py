@@ -29,8 +29,7 @@ def end_local(previous) -> None:
 def begin(job_id: str, reporter) -> None:
     global _reporter, _job_id
     _cancel.clear()
-    _job_id = job_id
-    _reporter = reporter
+    _job_id, _reporter = job_id, reporter
     if job_id in _cancel_early:
         _cancel_early.discard(job_id)
         _cancel.set()
@@ -38,8 +37,7 @@ def begin(job_id: str, reporter) -> None:
 
 def end() -> None:
     global _reporter, _job_id
-    _reporter = None
-    _job_id = None
+    _reporter = _job_id = None
 
 
 def request_cancel(job_id: str) -> None:
