@@ -18,6 +18,7 @@ holding one are refused at submission, a result holding one fails the job
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import uuid
@@ -162,14 +163,9 @@ class Statements:
         return self.execute(sql, params)
 
 
-_sql: Statements | None = None
-
-
+@functools.cache
 def statements() -> Statements:
-    global _sql
-    if _sql is None:
-        _sql = Statements()
-    return _sql
+    return Statements()
 
 
 def holds_nul(value) -> bool:
