@@ -54,7 +54,7 @@ class Metrics:
             # environment names a directory (a web process of a previous life).
             values.ValueClass = values.MutexValue
             self._own = self.registry
-            self.registry.register(_SampledCollector(self._samplers))
+            self.registry.register(self)  # the sampled gauges (L{collect})
         else:
             from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -112,6 +112,19 @@ class Metrics:
                 time.sleep(0.05)
         return generate_latest(self.registry)
 
+    def collect(self):
+        """In memory mode, this registry's collector of the sampled gauges: read them now."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        for name, doc, labels, read, _ in self._samplers:
+            values = _sample(name, read)
+            if values is None:
+                continue  # left out of this scrape
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            for key, value in values.items():
+                family.add_metric(list(key), value)
+            yield family
+
     def process_ended(self, pid: int) -> None:
         """Multiprocess mode: drop the gauges of process C{pid}, which ended."""
         if self.directory is not None:
@@ -127,28 +140,6 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
     except Exception:
         log.failure("Could not read the metric {name}", name=name)
         return None
-
-
-class _SampledCollector:
-    """Yields the sampled gauges, read now (in-memory mode)."""
-
-    def __init__(self, samplers: list):
-        self._samplers = samplers
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        for name, doc, labels, read, _ in self._samplers:
-            values = _sample(name, read)
-            if values is None:
-                continue  # left out of this scrape
-            family = GaugeMetricFamily(name, doc, labels=labels)
-            for key, value in values.items():
-                family.add_metric(list(key), value)
-            yield family
 
 
 def configure(role: str, options) -> Metrics | None:

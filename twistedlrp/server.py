@@ -100,22 +100,19 @@ class Server(OrderedService):
             return ()
         from twistedlrp.web import metrics as web_metrics
 
-        health = self.health or self._side_health(job_service, job_client)
+        health = self.health
+        if health is None:  # a process that serves no site (a job node)
+            from twistedlrp.web.health import HealthResource
+
+            health = HealthResource(self.reactor, lambda: self.state, None, self.started_at)
+            if job_service is not None:
+                health.sections["jobs"] = job_service.health
+            if job_client is not None:
+                health.sections["job_link"] = job_client.describe
         return (
             web_metrics.metrics_listener(self.reactor, self.options, self.metrics, health),
             web_metrics.health_listener(self.reactor, self.options, health),
         )
-
-    def _side_health(self, job_service, job_client):
-        """@return: the health endpoint of a process that serves no site (a job node)."""
-        from twistedlrp.web.health import HealthResource
-
-        health = HealthResource(self.reactor, lambda: self.state, None, self.started_at)
-        if job_service is not None:
-            health.sections["jobs"] = job_service.health
-        if job_client is not None:
-            health.sections["job_link"] = job_client.describe
-        return health
 
     # -- start ----------------------------------------------------------
 
