@@ -180,7 +180,7 @@ def after_setup() -> Site | None:
     module = import_app(spec)
     _adopt_models(spec, module)
     obj, name = find_object(spec, module)
-    _loaded = classify(spec.with_attr(name) if name else spec, module, obj)
+    _loaded = classify(dataclasses.replace(spec, attr=name) if name else spec, module, obj)
     if _loaded.nanodjango:
         from twistedlrp import compat
 

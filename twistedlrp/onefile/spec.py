@@ -42,9 +42,6 @@ class AppSpec:
         path = os.path.abspath(path)
         return cls(given or path, os.path.splitext(os.path.basename(path))[0], path, attr)
 
-    def with_attr(self, attr: str) -> AppSpec:
-        return AppSpec(self.given, self.module, self.path, attr)
-
     def as_value(self) -> str:
         """@return: the C{--app} value, independent of the working directory."""
         target = self.path or self.module
