@@ -6,20 +6,23 @@ its front ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from twisted.application import service
 
 from twistedlrp.jobs import registry
 from twistedlrp.jobs.client import calls as jobs_client
-from twistedlrp.jobs.client.connection import JobClient
-from twistedlrp.jobs.client.local import LocalClient
-from twistedlrp.jobs.protocol import wire
+
+if TYPE_CHECKING:
+    from twistedlrp.jobs.client.connection import JobClient
+    from twistedlrp.jobs.client.local import LocalClient
 
 
 def jobs_timeout() -> float:
     """
     @return: C{LRP_JOBS_TIMEOUT}, the seconds a job call may take (the one
-        place it is read).
+        place it is read; this module imports no job client at its top, so
+        that every process may ask it).
     @raise ValueError: the setting is not a number.
     """
     from django.conf import settings
@@ -93,6 +96,10 @@ class JobClientService(service.Service):
         self.call_threads: int | None = None
 
     def startService(self) -> None:
+        from twistedlrp.jobs.client.connection import JobClient
+        from twistedlrp.jobs.client.local import LocalClient
+        from twistedlrp.jobs.protocol import wire
+
         super().startService()
         options, reactor = self.options, self.reactor
         secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
@@ -118,6 +125,8 @@ class JobClientService(service.Service):
             calls go to, up or down and since when), or C{None} for a
             client in this very process (its C{jobs} section says it all).
         """
+        from twistedlrp.jobs.client.connection import JobClient
+
         client = self.client
         if not isinstance(client, JobClient):
             return None
