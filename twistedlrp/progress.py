@@ -39,20 +39,12 @@ def check_settings(app_configs=None, **kwargs) -> list:
     errors = []
     age = getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE)
     if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age < float("inf"):
-        errors.append(
-            checks.Error(
-                f"LRP_PROGRESS_TOKEN_MAX_AGE must be a number of seconds above 0, not {age!r}",
-                id="twistedlrp.E101",
-            )
-        )
+        message = f"LRP_PROGRESS_TOKEN_MAX_AGE must be a number of seconds above 0, not {age!r}"
+        errors.append(checks.Error(message, id="twistedlrp.E101"))
     streams = getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS)
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-        errors.append(
-            checks.Error(
-                f"LRP_PROGRESS_MAX_STREAMS must be a whole number of at least 1, not {streams!r}",
-                id="twistedlrp.E102",
-            )
-        )
+        message = f"LRP_PROGRESS_MAX_STREAMS must be a whole number of at least 1, not {streams!r}"
+        errors.append(checks.Error(message, id="twistedlrp.E102"))
     return errors
 
 

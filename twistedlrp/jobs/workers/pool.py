@@ -54,23 +54,15 @@ class WorkerPool:
         on_progress: Callable,
         fork_from_template: bool = True,
     ):
-        self.reactor = reactor
-        self.size = size
-        self.settings_module = settings_module
-        self.pythonpath = pythonpath
-        self.max_payload = max_payload
-        self.env = env
-        self._on_ready = on_ready
-        self._on_died = on_died
-        self._on_progress = on_progress
+        self.reactor, self.size, self.env, self.pythonpath = reactor, size, env, pythonpath
+        self.settings_module, self.max_payload = settings_module, max_payload
+        self._on_ready, self._on_died, self._on_progress = on_ready, on_died, on_progress
         self.workers: list[Worker] = []
         self.stopping = False
         self._count = 0
         self._start_backoff = restart_backoff()
         self._all_ended = Waiters()
-        self.started = 0
-        # Workers the template has forked so far (of those started).
-        self.forked = 0
+        self.started = self.forked = 0  # workers started; of those, forked from the template
         self.template: preload.WorkerTemplate | None = None
         # Off (--no-worker-template), or a template could not start: workers
         # are spawned from then on.
