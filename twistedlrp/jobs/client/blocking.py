@@ -301,7 +301,8 @@ class _Conversation:
         self._lock = threading.Lock()
         self._pending: dict[bytes, _Waiter] = {}
         self._reading = False
-        self._poll = select.poll()  # (a socket timeout would bound other threads' sendall too)
+        # Only the reader polls. (A socket timeout would bound other threads' sendall too.)
+        self._poll = select.poll()
         self._poll.register(sock, select.POLLIN)
 
     def usable(self) -> bool:
@@ -311,14 +312,13 @@ class _Conversation:
         if not self._pending:
             # Idle, nobody reads: a service that closed the connection (a
             # restart) is seen here, before a request is written to it.
-            if self._poll.poll(0):
-                try:
-                    if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
-                        self.close("the service closed the connection")
-                except BlockingIOError:
-                    pass
-                except OSError as e:
-                    self.close(e.strerror or str(e))
+            try:
+                if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self.close("the service closed the connection")
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                self.close(e.strerror or str(e))
         return self.broken is None
 
     def retire(self) -> None:
