@@ -13,17 +13,19 @@ import socket
 import threading
 import time
 
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
 from twistedlrp.jobs.client.calls import (
     NO_SOCKET,
     TRIES_PER_NODE,
     Attempts,
+    Node,
     broke_during,
     configured_endpoints,
     configured_login,
     no_answer,
-    reconnect_backoff,
     socket_address,
-    unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
@@ -49,27 +51,12 @@ def blocking_client() -> BlockingClient | None:
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
-class _Node:
-    """One endpoint of a L{BlockingClient}, and whether it could be reached lately."""
+class _Node(Node):
+    """One endpoint of a L{BlockingClient}: its socket's address family and address."""
 
     def __init__(self, endpoint: str, address, secret: bytes | None):
-        self.endpoint = endpoint
+        super().__init__(endpoint, secret, time.monotonic)
         self.family, self.address = address
-        self.secret = secret
-        self.backoff = reconnect_backoff()
-        self.up()
-
-    def up(self) -> None:
-        self.down_until = 0.0
-        self.backoff.reset()
-        self.last_error: str | None = None
-
-    def down(self, reason: str) -> None:
-        self.last_error = reason
-        self.down_until = time.monotonic() + self.backoff.next()
-
-    def problem(self) -> str:
-        return unreachable(self.endpoint, self.last_error)
 
 
 class BlockingClient:
@@ -156,7 +143,7 @@ class BlockingClient:
                 return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
-                if tries.get(node, 0) >= TRIES_PER_NODE or node.down_until > time.monotonic():
+                if tries.get(node, 0) >= TRIES_PER_NODE or node.retry_at > time.monotonic():
                     continue
                 if time.monotonic() >= deadline:
                     break
@@ -202,17 +189,16 @@ class BlockingClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conversation = _Conversation(sock, node)
         if node.secret is not None:
+            conversation.limit = limit
+            # The reactor client's login: here each call's Deferred has fired when it returns.
+            failed: list[Failure] = []
+            defer.ensureDeferred(wire.login(conversation, node.secret)).addErrback(failed.append)
             try:
-                nonce = conversation.ask(
-                    wire.Challenge, wire.Challenge.makeArguments({}, None), limit, "login"
-                )["nonce"]
-                digest = wire.digest(node.secret, nonce)
-                conversation.ask(
-                    wire.Login, wire.Login.makeArguments({"digest": digest}, None), limit, "login"
-                )
+                if failed:
+                    failed[0].raiseException()
             except AuthenticationFailed as e:
                 conversation.close("login refused")
-                node.down(f"it refused the shared secret ({e})")
+                node.down(f"it refused the shared secret ({e})", refused=True)
                 raise AuthenticationFailed(
                     f"the job service at {node.endpoint} refused the shared secret ({e})"
                 ) from None
@@ -243,7 +229,7 @@ class BlockingClient:
                 current = self._conversation
                 if current is not None and current.usable() and current.node is node:
                     return  # Nothing earlier answers.
-                if node.down_until > time.monotonic():
+                if node.retry_at > time.monotonic():
                     continue
                 try:
                     fresh = self._connect(node, time.monotonic() + self.timeout)
@@ -402,6 +388,11 @@ class _Conversation:
             reason = e.strerror or str(e)
         self.close(reason)
         return True
+
+    def callRemote(self, command, **arguments) -> defer.Deferred:
+        """@return: the fired Deferred of L{ask} of a login command, within C{limit}."""
+        box = command.makeArguments(arguments, None)
+        return defer.maybeDeferred(self.ask, command, box, self.limit, "login")
 
     def ask(self, command, box, timeout: float, op: str, job_id=None, limit=None) -> dict:
         """

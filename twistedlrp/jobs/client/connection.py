@@ -14,13 +14,16 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs.client.calls import (
+    CONNECTING,
     DEFAULT_TIMEOUT,
+    DOWN,
     TRIES_PER_NODE,
+    UP,
     Attempts,
     broke_during,
     no_answer,
 )
-from twistedlrp.jobs.client.link import CONNECTING, DOWN, UP, JobLink
+from twistedlrp.jobs.client.link import JobLink
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 
