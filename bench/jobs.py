@@ -663,7 +663,7 @@ def table(results: dict, args) -> list[str]:
         ("node_memory", "pss_mib", "idle PSS MiB, lrp --jobs-only (no HTTP)", False),
         ("memory_after", "rss_mib", "idle RSS MiB after the phases", False),
         ("memory_after", "pss_mib", "idle PSS MiB after the phases", False),
-        ("round_trip", "get_ms", "jobs.get round trip ms, another process, --jobs-only", False),
+        ("round_trip", "get_ms", "jobs.get round trip ms, --jobs-only node", False),
         ("round_trip", "stats_ms", "jobs.stats round trip ms", False),
         ("round_trip", "submit_ms", "durable submit round trip ms", False),
     ]

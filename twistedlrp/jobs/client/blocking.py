@@ -62,11 +62,12 @@ class _Node(Node):
 class BlockingClient:
     """
     One AMP connection that every thread of the process shares (so that the
-    service commits many threads' requests together): a caller writes its
-    request and reads the answers itself (L{_Conversation}). It connects at the first call, again after the connection broke,
-    to the first endpoint that answers and is not in its back-off; a thread
-    of its own goes back to an earlier endpoint once it answers again. Its
-    answers, errors and failover are those of L{JobClient.request} (L{Attempts}).
+    service commits many threads' requests together), each caller reading
+    its own answer (L{_Conversation}). It connects at the first call, again
+    after the connection broke, to the first endpoint that answers and is
+    not in its back-off; a thread of its own goes back to an earlier
+    endpoint once it answers again. Its answers, errors and failover are
+    those of L{JobClient.request} (L{Attempts}).
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
