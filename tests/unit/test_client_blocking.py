@@ -170,6 +170,21 @@ def test_many_threads_each_get_their_own_answers_whoever_reads_them(sock_path):
         service.close()
 
 
+def test_an_answer_that_is_not_amp_breaks_the_connection_not_the_client(sock_path):
+    def answer(box):
+        if service.connections == 1:
+            return {b"k" * 300: b"x"}  # a key longer than AMP allows
+        return job_answer(box)
+
+    service = FakeService(sock_path, answer)
+    try:
+        # A status is sent again on a new connection.
+        assert make_client(sock_path).request("status", {"job_id": "j1"})["id"] == "j1"
+        assert service.connections == 2
+    finally:
+        service.close()
+
+
 def test_the_services_errors_are_raised_as_their_own_classes(sock_path):
     def refuse(box):
         return {

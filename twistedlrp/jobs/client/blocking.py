@@ -350,13 +350,17 @@ class _Conversation:
                 self._reading = self._reading or reads
             left = deadline - time.monotonic()
             if reads:
-                came = left > 0 and self._read_until(waiter, left)
-                with self._lock:
-                    self._reading = False
-                    if not came:
-                        self._pending.pop(tag, None)
-                    self._hand_over()
-                    done = self.retired and not self._pending
+                came = False
+                try:
+                    came = left > 0 and self._read_until(waiter, left)
+                finally:
+                    # Whatever stopped it (an interrupt too), the reading goes on.
+                    with self._lock:
+                        self._reading = False
+                        if not came:
+                            self._pending.pop(tag, None)
+                        self._hand_over()
+                        done = self.retired and not self._pending
                 if done:
                     self.close("replaced by another connection")
                 return came
@@ -387,6 +391,8 @@ class _Conversation:
             return True
         except OSError as e:
             reason = e.strerror or str(e)
+        except ValueError as e:  # not AMP (BoxReader)
+            reason = str(e)
         self.close(reason)
         return True
 
