@@ -19,7 +19,9 @@ system, then on the other, so that both see the same machine:
   and the same for a job node alone (`twistd lrp --jobs-only`, its own
   database and state directory, the same warm-up), which like Celery's side
   serves no HTTP; and once more after all the phases, when lrp's workers
-  have been replaced and its worker template runs;
+  have been replaced and its worker template runs; then, on that job node,
+  the median round trip of `jobs.get`, `jobs.stats` and a durable submit
+  from another process (`--round-trips`, 1000), one at a time;
 - many: N jobs (`--jobs`, 2000) from T threads (`--threads`, 10) of this
   process (`noop.submit(i)` over the server's UNIX socket; `noop.delay(i)`);
   jobs/s counts from the first submission to the last finish as the system
@@ -322,11 +324,38 @@ for job_id in [noop.submit(-1 - i).id for i in range(int(sys.argv[1]))]:
 """
 
 
-def job_node_memory(args, scratch: Path, env: dict) -> dict:
+# Run in a job node's environment: the blocking client's round trips, in ms.
+_ROUND_TRIPS = """
+import json, sys, time
+import django
+django.setup()
+from jobsite.jobs import noop
+from twistedlrp import jobs
+def median(call, n):
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[n // 2] * 1000
+n = int(sys.argv[1])
+job_id = noop.submit(-1).id
+jobs.wait(job_id, timeout=60)
+print(json.dumps({
+    "get_ms": median(lambda: jobs.get(job_id), n),
+    "stats_ms": median(jobs.stats, n // 4),
+    "submit_ms": median(lambda: noop.submit(-2), n),
+}))
+"""
+
+
+def job_node(args, scratch: Path, env: dict) -> dict:
     """
     @return: the idle RSS and PSS of a C{twistd lrp --jobs-only} node and its
         workers, on a database and state directory of their own, after the
-        warm-up the other systems had.
+        warm-up the other systems had; then (C{round_trip}) the median time
+        of one C{jobs.get}, C{jobs.stats} and durable submit from another
+        process (the blocking client, over the node's UNIX socket).
     """
     directory = scratch / "job-node"
     directory.mkdir()
@@ -342,7 +371,12 @@ def job_node_memory(args, scratch: Path, env: dict) -> dict:
         warm_up = [sys.executable, "-c", _WARM_UP, str(args.warmup)]
         subprocess.run(warm_up, cwd=HERE, env=node_env, check=True, timeout=args.timeout)
         time.sleep(1.0)  # idle, as the others
-        return memory_mib([node.pid, *descendants(node.pid)])
+        memory = memory_mib([node.pid, *descendants(node.pid)])
+        trips = [sys.executable, "-c", _ROUND_TRIPS, str(args.round_trips)]
+        done = subprocess.run(
+            trips, cwd=HERE, env=node_env, check=True, timeout=args.timeout, capture_output=True
+        )
+        return memory | {"round_trip": json.loads(done.stdout)}
     finally:
         stop(node)
 
@@ -629,6 +663,9 @@ def table(results: dict, args) -> list[str]:
         ("node_memory", "pss_mib", "idle PSS MiB, lrp --jobs-only (no HTTP)", False),
         ("memory_after", "rss_mib", "idle RSS MiB after the phases", False),
         ("memory_after", "pss_mib", "idle PSS MiB after the phases", False),
+        ("round_trip", "get_ms", "jobs.get round trip ms, --jobs-only node", False),
+        ("round_trip", "stats_ms", "jobs.stats round trip ms", False),
+        ("round_trip", "submit_ms", "durable submit round trip ms", False),
     ]
     width = 48
     lines = [
@@ -642,7 +679,9 @@ def table(results: dict, args) -> list[str]:
         values = [results[n].get(phase if n == "lrp" else theirs, {}).get(key) for n in names]
         if all(v is None for v in values):
             continue
-        cells = "".join(f" {v:>10.1f}" if v is not None else f" {'-':>10}" for v in values)
+        cells = "".join(
+            f" {'-':>10}" if v is None else f" {v:>10.{2 if v < 10 else 1}f}" for v in values
+        )
         r = "-"
         if celery and "lrp" in results:
             r = ratio(
@@ -687,6 +726,9 @@ def main() -> int:
         type=int,
         default=300,
         help="jobs a view in lrp's server submits one after another, per system (0: skip)",
+    )
+    parser.add_argument(
+        "--round-trips", type=int, default=1000, help="jobs.get and submits timed one by one"
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes per system")
     parser.add_argument(
@@ -749,7 +791,9 @@ def main() -> int:
         for system in running:
             results[system.name]["memory"] = system.idle_memory()
         if "lrp" in results:
-            results["lrp"]["node_memory"] = job_node_memory(args, scratch, env)
+            node = job_node(args, scratch, env)
+            results["lrp"]["round_trip"] = node.pop("round_trip")
+            results["lrp"]["node_memory"] = node
         # Phase by phase, the systems one after the other, so that both see
         # the same machine (other load on it comes and goes).
         for system in running:

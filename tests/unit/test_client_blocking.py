@@ -142,6 +142,49 @@ def test_a_submission_and_its_answer(sock_path):
         service.close()
 
 
+def test_many_threads_each_get_their_own_answers_whoever_reads_them(sock_path):
+    service = FakeService(sock_path, lambda box: job_answer(box, id=box[b"job_id"].decode()))
+    blocking = make_client(sock_path)
+    wrong, failed = [], []
+
+    def ask(thread):
+        for i in range(40):
+            job_id = f"{thread}-{i}"
+            try:
+                answer = blocking.request("status", {"job_id": job_id})
+            except Exception as e:
+                failed.append(e)
+                return
+            if answer["id"] != job_id:
+                wrong.append((job_id, answer["id"]))
+
+    try:
+        threads = [threading.Thread(target=ask, args=(t,)) for t in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not failed and not wrong and service.connections == 1
+        assert len(service.boxes) == 12 * 40
+    finally:
+        service.close()
+
+
+def test_an_answer_that_is_not_amp_breaks_the_connection_not_the_client(sock_path):
+    def answer(box):
+        if service.connections == 1:
+            return {b"k" * 300: b"x"}  # a key longer than AMP allows
+        return job_answer(box)
+
+    service = FakeService(sock_path, answer)
+    try:
+        # A status is sent again on a new connection.
+        assert make_client(sock_path).request("status", {"job_id": "j1"})["id"] == "j1"
+        assert service.connections == 2
+    finally:
+        service.close()
+
+
 def test_the_services_errors_are_raised_as_their_own_classes(sock_path):
     def refuse(box):
         return {

@@ -1,27 +1,31 @@
 """
 The job client without a reactor (L{BlockingClient}), for C{unix:} and
-C{tcp:} endpoints outside the server: one thread hop per call instead of two.
+C{tcp:} endpoints outside the server: no reactor thread to hand a call to,
+and no reader thread to hand its answer back (L{_Conversation}).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
     NO_SOCKET,
     TRIES_PER_NODE,
     Attempts,
+    Node,
     broke_during,
     configured_endpoints,
     configured_login,
     no_answer,
-    reconnect_backoff,
     socket_address,
-    unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
@@ -47,38 +51,23 @@ def blocking_client() -> BlockingClient | None:
     return None if _blocking is _NO_BLOCKING else _blocking
 
 
-class _Node:
-    """One endpoint of a L{BlockingClient}, and whether it could be reached lately."""
+class _Node(Node):
+    """One endpoint of a L{BlockingClient}: its socket's address family and address."""
 
     def __init__(self, endpoint: str, address, secret: bytes | None):
-        self.endpoint = endpoint
+        super().__init__(endpoint, secret, time.monotonic)
         self.family, self.address = address
-        self.secret = secret
-        self.backoff = reconnect_backoff()
-        self.up()
-
-    def up(self) -> None:
-        self.down_until = 0.0
-        self.backoff.reset()
-        self.last_error: str | None = None
-
-    def down(self, reason: str) -> None:
-        self.last_error = reason
-        self.down_until = time.monotonic() + self.backoff.next()
-
-    def problem(self) -> str:
-        return unreachable(self.endpoint, self.last_error)
 
 
 class BlockingClient:
     """
     One AMP connection that every thread of the process shares (so that the
-    service commits many threads' requests together): a caller writes its
-    request itself and waits; a reader thread hands each answer to its
-    caller. It connects at the first call, again after the connection broke,
-    to the first endpoint that answers and is not in its back-off; a thread
-    of its own goes back to an earlier endpoint once it answers again. Its
-    answers, errors and failover are those of L{JobClient.request} (L{Attempts}).
+    service commits many threads' requests together), each caller reading
+    its own answer (L{_Conversation}). It connects at the first call, again
+    after the connection broke, to the first endpoint that answers and is
+    not in its back-off; a thread of its own goes back to an earlier
+    endpoint once it answers again. Its answers, errors and failover are
+    those of L{JobClient.request} (L{Attempts}).
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
@@ -155,7 +144,7 @@ class BlockingClient:
                 return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
-                if tries.get(node, 0) >= TRIES_PER_NODE or node.down_until > time.monotonic():
+                if tries.get(node, 0) >= TRIES_PER_NODE or node.retry_at > time.monotonic():
                     continue
                 if time.monotonic() >= deadline:
                     break
@@ -201,27 +190,25 @@ class BlockingClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conversation = _Conversation(sock, node)
         if node.secret is not None:
+            conversation.limit = limit
+            # The reactor client's login: here each call's Deferred has fired when it returns.
+            failed: list[Failure] = []
+            defer.ensureDeferred(wire.login(conversation, node.secret)).addErrback(failed.append)
             try:
-                nonce = conversation.ask(
-                    wire.Challenge, wire.Challenge.makeArguments({}, None), limit, "login"
-                )["nonce"]
-                digest = wire.digest(node.secret, nonce)
-                conversation.ask(
-                    wire.Login, wire.Login.makeArguments({"digest": digest}, None), limit, "login"
-                )
+                if failed:
+                    failed[0].raiseException()
             except AuthenticationFailed as e:
                 conversation.close("login refused")
-                node.down(f"it refused the shared secret ({e})")
+                node.down(f"it refused the shared secret ({e})", refused=True)
                 raise AuthenticationFailed(
                     f"the job service at {node.endpoint} refused the shared secret ({e})"
                 ) from None
-            except (_NotSent, _Broken, JobServiceUnavailable) as e:
+            except BaseException as e:
                 conversation.close("login failed")
+                if not isinstance(e, _NotSent | _Broken | JobServiceUnavailable):
+                    raise
                 node.down(f"login failed: {e}")
                 raise JobServiceUnavailable(node.problem()) from None
-            except BaseException:
-                conversation.close("login failed")
-                raise
         return conversation
 
     def _maybe_probe(self, node: _Node) -> None:
@@ -243,7 +230,7 @@ class BlockingClient:
                 current = self._conversation
                 if current is not None and current.usable() and current.node is node:
                     return  # Nothing earlier answers.
-                if node.down_until > time.monotonic():
+                if node.retry_at > time.monotonic():
                     continue
                 try:
                     fresh = self._connect(node, time.monotonic() + self.timeout)
@@ -273,12 +260,19 @@ class _NotSent(Exception):
 
 
 class _Waiter(threading.Event):
-    box: dict | None = None  # the answer
-    broken: str | None = None  # or why the connection broke
+    """Set when its answer came (C{box}), the connection broke, or it is its turn to read."""
+
+    box: dict | None = None
+    broken: str | None = None
 
 
 class _Conversation:
-    """One blocking AMP connection: requests tagged, answers read by a thread of its own."""
+    """
+    One blocking AMP connection, requests tagged. No thread of its own: a
+    caller reads the socket itself while no other caller does, hands the
+    answers it reads to their callers, then the reading to one still waiting
+    (one wake-up per call, not three with a reader thread).
+    """
 
     def __init__(self, sock: socket.socket, node: _Node):
         from twistedlrp.jobs.protocol.framing import BoxReader
@@ -293,11 +287,26 @@ class _Conversation:
         self.retired = False
         self._lock = threading.Lock()
         self._pending: dict[bytes, _Waiter] = {}
-        threading.Thread(target=self._read, name="twistedlrp-job-client", daemon=True).start()
+        self._reading = False
+        # Only the reader polls. (A socket timeout would bound other threads' sendall too.)
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def usable(self) -> bool:
-        # A copy in a forked process has no reader: the connection is its parent's.
-        return self.broken is None and not self.retired and self.pid == os.getpid()
+        # A copy in a forked process is its parent's connection.
+        if self.broken is not None or self.retired or self.pid != os.getpid():
+            return False
+        if not self._pending:
+            # Idle, nobody reads: a service that closed the connection (a
+            # restart) is seen here, before a request is written to it.
+            try:
+                if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    self.close("the service closed the connection")
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                self.close(e.strerror or str(e))
+        return self.broken is None
 
     def retire(self) -> None:
         """Take no new request; close once the pending ones are answered."""
@@ -321,40 +330,80 @@ class _Conversation:
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
-    def _read(self) -> None:
+    def _hand_over(self) -> None:
+        """Under the lock, nobody reading: wake a waiting caller to read in its turn."""
+        if not self._reading and self._pending:
+            next(iter(self._pending.values())).set()
+
+    def _answer(self, waiter: _Waiter, tag: bytes, deadline: float) -> bool:
+        """
+        Wait for C{waiter}'s answer until C{deadline}, reading the socket
+        when no other caller does. @return: whether it came (or the
+        connection broke); C{False}: the deadline passed (then it is withdrawn).
+        """
+        while True:
+            with self._lock:
+                waiter.clear()
+                if waiter.box is not None or waiter.broken is not None:
+                    return True
+                reads = not self._reading
+                self._reading = self._reading or reads
+            left = deadline - time.monotonic()
+            if reads:
+                came = False
+                try:
+                    came = left > 0 and self._read_until(waiter, left)
+                finally:
+                    # Whatever stopped it (an interrupt too), the reading goes on.
+                    with self._lock:
+                        self._reading = False
+                        if not came:
+                            self._pending.pop(tag, None)
+                        self._hand_over()
+                        done = self.retired and not self._pending
+                if done:
+                    self.close("replaced by another connection")
+                return came
+            if left <= 0 or not waiter.wait(left):
+                with self._lock:
+                    self._pending.pop(tag, None)
+                    self._hand_over()
+                return waiter.box is not None or waiter.broken is not None
+
+    def _read_until(self, waiter: _Waiter, left: float) -> bool:
+        """As the reader: hand out answers until C{waiter}'s. @return: False on timeout."""
         reason = "the service closed the connection"
+        deadline = time.monotonic() + left
         try:
-            while True:
+            while waiter.box is None:
+                if not self._poll.poll(max(deadline - time.monotonic(), 0.0) * 1000):
+                    return False
                 data = self.sock.recv(65536)
                 if not data:
                     break
                 for box in self.reader.feed(data):
                     tag = box.get(b"_answer") or box.get(b"_error")
                     with self._lock:
-                        waiter = self._pending.pop(tag, None)
-                        done = self.retired and not self._pending
-                    if waiter is not None:
-                        waiter.box = box
-                        waiter.set()
-                    if done:
-                        self.close("replaced by another connection")
-                        return
+                        other = self._pending.pop(tag, None)
+                    if other is not None:
+                        other.box = box
+                        other.set()
+            return True
         except OSError as e:
             reason = e.strerror or str(e)
+        except ValueError as e:  # not AMP (BoxReader)
+            reason = str(e)
         self.close(reason)
+        return True
 
-    def ask(
-        self,
-        command,
-        box,
-        timeout: float,
-        op: str,
-        job_id: str | None = None,
-        limit: float | None = None,
-    ) -> dict:
+    def callRemote(self, command, **arguments) -> defer.Deferred:
+        """@return: the fired Deferred of L{ask} of a login command, within C{limit}."""
+        box = command.makeArguments(arguments, None)
+        return defer.maybeDeferred(self.ask, command, box, self.limit, "login")
+
+    def ask(self, command, box, timeout: float, op: str, job_id=None, limit=None) -> dict:
         """
-        @param limit: the call's timeout, as its error says it.
-        @return: the parsed answer.
+        @param limit: the call's timeout, as its error says it. @return: the parsed answer.
         @raise _NotSent: the connection had broken before the request was written.
         @raise _Broken: it broke after (the outcome is unknown).
         """
@@ -377,9 +426,7 @@ class _Conversation:
         if sent is not None:
             self.close(sent)
             raise _Broken(broke_during(self.endpoint, op, sent))
-        if not waiter.wait(timeout):
-            with self._lock:
-                self._pending.pop(tag, None)
+        if not self._answer(waiter, tag, time.monotonic() + timeout):
             raise no_answer(self.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
             raise _Broken(broke_during(self.endpoint, op, waiter.broken))

@@ -62,6 +62,45 @@ def no_answer(endpoint, op: str, seconds: float, job_id: str | None = None):
     )
 
 
+UP, DOWN, CONNECTING = "up", "down", "connecting"
+
+
+class Node:
+    """
+    One job node of a client (L{JobLink}, the blocking client's): C{state}
+    (C{CONNECTING} until its first attempt ends) since C{since}, the last
+    error, and C{retry_at}, the end of its back-off. C{clock()}: seconds now.
+    """
+
+    def __init__(self, endpoint: str, secret: bytes | None, clock):
+        self.endpoint, self.secret, self.clock = endpoint, secret, clock
+        self.backoff = reconnect_backoff()
+        self.state, self.since, self.retry_at = CONNECTING, clock(), 0.0
+        self.last_error: str | None = None
+        self.refused = False  # it refused our secret: calls say so, not "unavailable"
+
+    def up(self) -> None:
+        self.last_error, self.refused, self.retry_at = None, False, 0.0
+        self.backoff.reset()
+        self.set_state(UP)
+
+    def down(self, reason: str, refused: bool = False, lost: bool = False) -> float:
+        """@return: seconds until it is tried again (at once after a lost connection)."""
+        self.last_error, self.refused = reason, refused
+        delay = 0.0 if lost else self.backoff.next()
+        self.retry_at = self.clock() + delay
+        self.set_state(DOWN)
+        return delay
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, self.clock()
+
+    def problem(self) -> str:
+        """@return: why calls to this node fail now."""
+        return unreachable(self.endpoint, self.last_error)
+
+
 class Attempts:
     """
     One call's tries over the job nodes (in a reactor's client and the

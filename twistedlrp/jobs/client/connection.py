@@ -1,8 +1,12 @@
 """
-The job client in a reactor (L{JobClient}). Why not C{ClientService}: it logs every retry at info level
-("Scheduling retry ...", which tests/test_faults.py checks the log is
-without), and a call made while it waits to retry waits for the next
-attempt instead of failing at once.
+The job client in a reactor (L{JobClient}). Why not C{ClientService}
+(Twisted 26.10): a call must fail at once while its node is down, but
+C{whenConnected()} while it waits to retry (even with C{failAfterFailures})
+waits for the next attempt; it shows neither its state nor the last
+connection error, which the calls' errors and the health endpoint's
+C{job_link} section say (we would keep our own state beside its own); and
+it logs every retry at info level ("Scheduling retry ...", which
+tests/test_faults.py checks the log is without).
 """
 
 from __future__ import annotations
@@ -14,13 +18,16 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs.client.calls import (
+    CONNECTING,
     DEFAULT_TIMEOUT,
+    DOWN,
     TRIES_PER_NODE,
+    UP,
     Attempts,
     broke_during,
     no_answer,
 )
-from twistedlrp.jobs.client.link import CONNECTING, DOWN, UP, JobLink
+from twistedlrp.jobs.client.link import JobLink
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 

@@ -12,8 +12,9 @@ from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
     DEFAULT_TIMEOUT,
+    DOWN,
     NO_SOCKET,
-    reconnect_backoff,
+    Node,
     unix_path,
     unreachable,
 )
@@ -28,10 +29,8 @@ log = Logger()
 PING_IDLE = 2.0
 PING_TIMEOUT = 3.0
 
-UP, DOWN, CONNECTING = "up", "down", "connecting"
 
-
-class JobLink:
+class JobLink(Node):
     """
     A persistent connection to one job node. Until the first attempt (at
     L{start}) ends its state is C{"connecting"} and calls wait for it; then
@@ -54,26 +53,19 @@ class JobLink:
         description: str | None = None,
         on_change: Callable[[JobLink], None] | None = None,
     ):
+        super().__init__(description or str(endpoint), secret, reactor.seconds)
         self.reactor = reactor
-        self.endpoint = description or str(endpoint)
         # A UNIX socket that does not exist means no service: say so at once.
         self._socket_path = unix_path(endpoint) if isinstance(endpoint, str) else None
         if isinstance(endpoint, str):
             endpoint = clientFromString(reactor, endpoint)
         self._connector = endpoint
-        self.secret = secret
         self.timeout = timeout
         self.on_change = on_change
-        self.state = CONNECTING
-        self.since = reactor.seconds()
-        self.last_error: str | None = None
-        # The service refused our secret: calls say so, not "unavailable".
-        self.refused = False
         self.protocol: _ClientAMP | None = None
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = None
-        self._backoff = reconnect_backoff()
         self._warned = False
         self._stopped = True
         self._closed: defer.Deferred | None = None
@@ -153,26 +145,22 @@ class JobLink:
         self._warned = False
         self.protocol = protocol
         protocol.last_received = now
-        self.last_error = None
-        self.refused = False
-        self._backoff.reset()
-        self._set_state(UP)
+        self.up()
         self._fire_waiting(protocol)
 
     def _failed(self, failure: Failure) -> None:
         self._attempting = None
         if failure.check(defer.CancelledError) and self._stopped:
             failure = Failure(JobServiceUnavailable("the job client is stopped"))
-        self.refused = bool(failure.check(AuthenticationFailed))
-        if self.refused:
-            self.last_error = f"it refused the shared secret ({failure.getErrorMessage()})"
+        refused = bool(failure.check(AuthenticationFailed))
+        if refused:
+            reason = f"it refused the shared secret ({failure.getErrorMessage()})"
         elif failure.check(defer.TimeoutError):
-            self.last_error = f"no connection within {self.timeout:g} s"
+            reason = f"no connection within {self.timeout:g} s"
         else:
-            self.last_error = failure.getErrorMessage() or failure.type.__name__
-        failure = Failure(
-            (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
-        )
+            reason = failure.getErrorMessage() or failure.type.__name__
+        self.last_error, self.refused = reason, refused
+        error = (AuthenticationFailed if refused else JobServiceUnavailable)(self.problem())
         if not self._stopped:
             if not self._warned:
                 self._warned = True
@@ -181,12 +169,11 @@ class JobLink:
                     "to it fail at once while it is retried in the background, up to "
                     "every {most:g} s",
                     endpoint=self.endpoint,
-                    reason=self.last_error,
-                    most=self._backoff.maximum,
+                    reason=reason,
+                    most=self.backoff.maximum,
                 )
-            self._retry = self.reactor.callLater(self._backoff.next(), self._attempt)
-            self._set_state(DOWN)
-        self._fire_waiting(failure)
+            self._retry = self.reactor.callLater(self.down(reason, refused), self._attempt)
+        self._fire_waiting(Failure(error))
 
     def _fire_waiting(self, outcome) -> None:
         waiting, self._waiting = self._waiting, []
@@ -206,15 +193,12 @@ class JobLink:
             return
         log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
         self._warned = True
-        self.last_error = "the connection was lost"
-        self._set_state(DOWN)
+        self.down("the connection was lost", lost=True)
         # Again at once (a restart, a dropped connection); back-off if refused.
         self._attempt()
 
-    def _set_state(self, state: str) -> None:
-        if state != self.state:
-            self.state = state
-            self.since = self.reactor.seconds()
+    def set_state(self, state: str) -> None:
+        super().set_state(state)
         if self.on_change is not None:
             self.on_change(self)
 
@@ -244,8 +228,7 @@ class JobLink:
         d.addBoth(answered)
 
     def problem(self) -> str:
-        """@return: why calls to this node fail now."""
-        text = unreachable(self.endpoint, self.last_error)
+        text = super().problem()
         if self.state == DOWN:
             text += (
                 f" (down for {self.reactor.seconds() - self.since:.1f} s; "
