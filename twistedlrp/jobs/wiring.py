@@ -18,18 +18,6 @@ if TYPE_CHECKING:
     from twistedlrp.jobs.client.local import LocalClient
 
 
-def jobs_timeout() -> float:
-    """
-    @return: C{LRP_JOBS_TIMEOUT}, the seconds a job call may take (the one
-        place it is read; this module imports no job client at its top, so
-        that every process may ask it).
-    @raise ValueError: the setting is not a number.
-    """
-    from django.conf import settings
-
-    return float(getattr(settings, "LRP_JOBS_TIMEOUT", jobs_client.DEFAULT_TIMEOUT))
-
-
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
     """
     @return: C{(job service or None, job client service)}: the parent starts
@@ -103,7 +91,7 @@ class JobClientService(service.Service):
         super().startService()
         options, reactor = self.options, self.reactor
         secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
-        timeout = jobs_timeout()
+        timeout = jobs_client.jobs_timeout()
         if self.local is not None and not options["jobs-connect"]:
             # This process's own service: called directly, without AMP or a socket.
             description = options["jobs-listen"] or jobs_client.unix_client_endpoint(

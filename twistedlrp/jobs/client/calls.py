@@ -292,13 +292,22 @@ def _split(text: str, separator: str, unescape: bool) -> list[str]:
     return parts
 
 
-def configured_login() -> tuple[bytes | None, float]:
-    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
+def jobs_timeout() -> float:
+    """
+    @return: C{LRP_JOBS_TIMEOUT}, the seconds a job call may take (the one
+        place it is read).
+    @raise ValueError: the setting is not a number.
+    """
     from django.conf import settings
 
+    return float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+
+
+def configured_login() -> tuple[bytes | None, float]:
+    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
     secret_file = configured("LRP_JOBS_SECRET_FILE")
     secret = wire.read_secret(secret_file) if secret_file else None
-    return secret, float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+    return secret, jobs_timeout()
 
 
 def _settings_client() -> JobClient:

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from twistedlrp.jobs import eager, registry
 from twistedlrp.jobs.client import transactions
-from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, STORE_WAIT_SHARE
+from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, STORE_WAIT_SHARE, jobs_timeout
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
@@ -63,10 +63,8 @@ def store_wait() -> float:
     @return: the seconds an operation waits for a store that cannot be
         reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (8 s by default).
     """
-    from django.conf import settings
-
     try:
-        timeout = float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
+        timeout = jobs_timeout()
     except (TypeError, ValueError):
         timeout = DEFAULT_TIMEOUT
     return max(timeout * STORE_WAIT_SHARE, 0.1)
