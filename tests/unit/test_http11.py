@@ -1,0 +1,484 @@
+"""
+The HTTP/1.1 protocol over httptools (twistedlrp.web.http), in memory on a
+fake clock: framing both ways, keep-alive and pipelining, 100-continue, the
+limits of docs/serving.md (408, 431, 413, 400 for bad targets, two Hosts,
+obs-fold, bare LF, oversized chunk sizes and every smuggling case), the
+drain, the write deadline hook and the request's API.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("httptools")
+
+from twisted.internet.address import IPv4Address  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
+from twisted.python.failure import Failure  # noqa: E402
+from twisted.web.http import CACHED  # noqa: E402
+
+from twistedlrp.web.http import reading  # noqa: E402
+from twistedlrp.web.http.protocol import DRAIN_GRACE, HTTPSite  # noqa: E402
+from twistedlrp.web.limits import Limits  # noqa: E402
+
+HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class Transport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
+
+
+class App(HTTPSite):
+    """Answers /hello at once, echoes /echo's body, streams /stream, holds /hold."""
+
+    def __init__(self, reactor, **kwargs):
+        super().__init__(reactor, **kwargs)
+        self.handled = []
+        self.logged = []
+        self.held = []
+
+    def handle(self, request):
+        self.handled.append(request)
+        if request.path == b"/hold":
+            self.held.append(request)
+            return
+        if request.path == b"/stream":
+            request.write(b"abc")
+            request.write(b"")
+            request.write(b"defgh")
+        elif request.path == b"/echo":
+            body = request.content.read()
+            request.setHeader(b"content-length", b"%d" % len(body))
+            request.write(body)
+        elif request.path == b"/fail":
+            raise RuntimeError("a bug")
+        else:
+            request.setHeader(b"content-type", b"text/plain")
+            request.setHeader(b"content-length", b"6")
+            request.write(b"hello\n")
+        request.finish()
+
+    def log(self, request):
+        self.logged.append(request)
+
+
+def connect(limits=None, max_body_size=100):
+    reactor = MemoryReactorClock()
+    site = App(
+        reactor,
+        limits=limits or Limits(header_timeout=10, write_timeout=0),
+        max_body_size=max_body_size,
+    )
+    connection = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+    connection.makeConnection(transport)
+    return reactor, site, connection, transport
+
+
+def responses(data: bytes) -> list[bytes]:
+    return [b"HTTP/1.1 " + part for part in data.split(b"HTTP/1.1 ")[1:]]
+
+
+# -- answers, keep-alive, pipelining ---------------------------------------------
+
+
+def test_a_request_is_answered_and_the_connection_kept():
+    _, site, connection, transport = connect()
+    connection.dataReceived(HELLO)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nContent-Type: text/plain\r\n" in answer and b"Connection" not in answer
+    assert answer.endswith(b"\r\n\r\nhello\n")
+    assert not transport.disconnecting and connection.awaiting_head
+    request = site.logged[0]
+    assert (request.method, request.uri, request.path, request.clientproto) == (
+        b"GET",
+        b"/hello",
+        b"/hello",
+        b"HTTP/1.1",
+    )
+    assert request.getHeader(b"HOST") == b"x" and request.sentLength == 6
+    assert request.getPeer().host == "127.0.0.1"
+
+
+def test_pipelined_requests_are_read_one_at_a_time_and_answered_in_order():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + HELLO + b"GET /echo HTTP/1.1\r\n")
+    # The second is not parsed before the first is answered.
+    assert [r.path for r in site.handled] == [b"/hold"] and transport.value() == b""
+    connection.dataReceived(b"Content-Length: 2\r\n\r\nhi")
+    held = site.held[0]
+    held.setHeader(b"content-length", b"4")
+    held.write(b"held")
+    held.finish()
+    assert [r.path for r in site.handled] == [b"/hold", b"/hello", b"/echo"]
+    bodies = [r.split(b"\r\n\r\n", 1)[1] for r in responses(transport.value())]
+    assert bodies == [b"held", b"hello\n", b"hi"]
+
+
+def test_a_pipeline_past_the_buffer_stops_the_reading_until_answered():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + HELLO * 3000)
+    assert transport.producerState == "paused"
+    site.held[0].finish()
+    assert transport.producerState == "producing"
+    assert len(site.handled) == 3001
+
+
+@pytest.mark.parametrize(
+    "head, persistent, header",
+    [
+        (b"GET /hello HTTP/1.0\r\n\r\n", False, b"Connection: close"),
+        (b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True, b"Connection: keep-alive"),
+        (b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n", False, b"Connection: close"),
+    ],
+)
+def test_connection_close_and_http_1_0_keep_alive(head, persistent, header):
+    _, _, connection, transport = connect()
+    connection.dataReceived(head)
+    assert b"\r\n" + header + b"\r\n" in transport.value()
+    assert transport.disconnecting is not persistent
+
+
+def test_a_response_without_length_is_chunked_or_close_delimited():
+    _, _, connection, transport = connect()
+    connection.dataReceived(b"GET /stream HTTP/1.1\r\n\r\n")
+    head, body = transport.value().split(b"\r\n\r\n", 1)
+    assert b"\r\nTransfer-Encoding: chunked" in head
+    assert body == b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"
+    assert not transport.disconnecting
+    _, _, connection, transport = connect()
+    connection.dataReceived(b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    head, body = transport.value().split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head and b"\r\nConnection: close" in head
+    assert body == b"abcdefgh" and transport.disconnecting
+
+
+def test_head_gets_the_headers_of_get_and_no_body():
+    for path in (b"/hello", b"/stream"):
+        _, _, connection, transport = connect()
+        connection.dataReceived(b"GET " + path + b" HTTP/1.1\r\n\r\n")
+        get_head = transport.value().split(b"\r\n\r\n", 1)[0]
+        _, _, connection, transport = connect()
+        connection.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\n\r\n" + HELLO)
+        answers = responses(transport.value())
+        assert answers[0] == get_head + b"\r\n\r\n"
+        assert answers[1].endswith(b"hello\n")
+
+
+def test_a_body_longer_than_its_length_is_cut_and_the_connection_closed():
+    _, site, connection, transport = connect()
+    site.handle = lambda r: (r.setHeader(b"content-length", b"2"), r.write(b"abc"), r.finish())
+    connection.dataReceived(HELLO)
+    assert transport.value().endswith(b"\r\n\r\nab") and transport.disconnecting
+
+
+def test_a_failing_handler_gets_500():
+    _, _, connection, transport = connect()
+    connection.dataReceived(b"GET /fail HTTP/1.1\r\n\r\n" + HELLO)
+    answers = responses(transport.value())
+    assert answers[0].startswith(b"HTTP/1.1 500 ") and answers[1].endswith(b"hello\n")
+
+
+# -- request bodies ------------------------------------------------------------------
+
+
+def test_a_chunked_body_with_trailers_is_read_in_pieces():
+    _, site, connection, transport = connect()
+    raw = (
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n3\r\n abc\r\n0\r\nX-Trailer: 1\r\n\r\n" + HELLO
+    )
+    raw = raw.replace(b"3\r\n abc", b"4\r\n abc")
+    for i in range(len(raw)):
+        connection.dataReceived(raw[i : i + 1])
+    answers = responses(transport.value())
+    assert answers[0].endswith(b"\r\n\r\nhello abc") and answers[1].endswith(b"hello\n")
+
+
+def test_expect_100_continue_is_answered_only_when_the_body_will_be_read():
+    _, _, connection, transport = connect()
+    connection.dataReceived(
+        b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+    )
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    connection.dataReceived(b"ok")
+    assert transport.value().endswith(b"\r\n\r\nok")
+    _, site, connection, transport = connect()
+    connection.dataReceived(
+        b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 200\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert site.logged[0].code == 413
+
+
+def test_a_body_over_the_limit_gets_413_and_is_dropped_for_a_while():
+    reactor, site, connection, transport = connect()
+    connection.dataReceived(b"POST /echo HTTP/1.1\r\nContent-Length: 101\r\n\r\n" + b"x" * 50)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b"Request body too large.\n")
+    assert b"\r\nConnection: close\r\n" in answer and not transport.disconnecting
+    connection.dataReceived(b"x" * 30)
+    assert not site.handled
+    reactor.advance(reading.LINGER_SECONDS)
+    assert transport.aborted
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[b"65\r\n"], [b"40\r\n" + b"x" * 64 + b"\r\n", b"40\r\n"], [b"40\r\n" + b"x" * 64, b"\r\n41"]],
+)
+def test_a_chunked_body_over_the_limit_gets_413_on_its_size_line(chunks):
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for chunk in chunks:
+        connection.dataReceived(chunk)
+    if not transport.value():
+        connection.dataReceived(b"\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert not site.handled
+
+
+def test_an_upgrade_request_is_answered_as_any_with_its_body():
+    _, site, connection, transport = connect()
+    connection.dataReceived(
+        b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\n"
+        b"abc" + HELLO
+    )
+    answers = responses(transport.value())
+    assert answers[0].endswith(b"\r\n\r\nabc") and answers[1].endswith(b"hello\n")
+
+
+# -- the head and its limits ---------------------------------------------------------
+
+
+def test_the_head_deadline_gives_408_once_bytes_came_and_closes_quietly_before():
+    reactor, _, connection, transport = connect()
+    reactor.advance(9)
+    connection.dataReceived(b"GET /hello HTTP/1.1\r\n")
+    reactor.advance(1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    reactor, _, connection, transport = connect()
+    reactor.advance(10)
+    assert transport.value() == b"" and transport.disconnecting
+
+
+def test_a_later_head_is_timed_from_its_first_byte_and_idle_connections_close():
+    reactor, _, connection, transport = connect()
+    connection.dataReceived(HELLO)
+    reactor.advance(30)
+    transport.clear()
+    connection.dataReceived(b"GET /hello HTTP/1.1\r\n")
+    reactor.advance(9.9)
+    assert transport.value() == b""
+    reactor.advance(0.2)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    reactor, _, connection, transport = connect()
+    connection.dataReceived(HELLO)
+    reactor.advance(reading.KEEP_ALIVE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /hello HTTP/1.1\r\nX: " + b"x" * 5000 + b"\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nX: " + b"x" * 5000,
+        b"GET /hello HTTP/1.1\r\n" + b"X: 1\r\n" * 501 + b"\r\n",
+    ],
+)
+def test_a_head_too_large_gets_431(raw):
+    _, _, connection, transport = connect(Limits(max_header_size=4096, write_timeout=0))
+    connection.dataReceived(raw)
+    assert transport.value().startswith(b"HTTP/1.1 431 ") and transport.disconnecting
+
+
+def test_a_head_as_large_as_the_limit_is_taken():
+    head = b"GET /hello HTTP/1.1\r\nX: "
+    head += b"x" * (4096 - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == 4096
+    _, _, connection, transport = connect(Limits(max_header_size=4096, write_timeout=0))
+    connection.dataReceived(head)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"GET * HTTP/1.1\r\n\r\n", b"* is a request target of OPTIONS only"),
+        (b"GET hello HTTP/1.1\r\n\r\n", b""),
+        (b"CONNECT evil:443 HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET ftp://evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET http://user@evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", b"more than one Host header"),
+        (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", b"a header line begins with whitespace"),
+        (b"GET / HTTP/1.1\nHost: x\n\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.1\r\nHost: x\n\r\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.2\r\n\r\n", b""),
+        (b"GET /\r\n\r\n", b"unsupported HTTP version"),
+    ],
+)
+def test_bad_heads_get_400_and_close(raw, reason):
+    _, site, connection, transport = connect()
+    connection.dataReceived(raw + HELLO)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and reason in answer
+    assert b"\r\nConnection: close\r\n" in answer and transport.disconnecting
+    assert not site.handled
+
+
+def test_absolute_form_and_options_star():
+    _, site, connection, transport = connect()
+    connection.dataReceived(
+        b"GET http://evil.example:8080/x?a=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"OPTIONS * HTTP/1.1\r\n\r\nGET HTTP://h HTTP/1.1\r\n\r\n"
+    )
+    first, star, bare = site.handled
+    assert (first.uri, first.path, first.query) == (b"/x?a=1", b"/x", b"a=1")
+    assert first.getHeader(b"host") == b"evil.example:8080" and first.args == {b"a": [b"1"]}
+    assert star.uri == b"*" and bare.uri == b"/" and bare.getHeader(b"host") == b"h"
+
+
+SMUGGLING = {
+    "CL+TE": b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+    "TE+CL": b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+    "two Content-Lengths": b"Content-Length: 5\r\nContent-Length: 5\r\n",
+    "+5": b"Content-Length: +5\r\n",
+    "-1": b"Content-Length: -1\r\n",
+    "identity, chunked": b"Transfer-Encoding: identity, chunked\r\n",
+    "xchunked": b"Transfer-Encoding: xchunked\r\n",
+    "space before colon": b"Transfer-Encoding : chunked\r\n",
+    "folded TE": b"Transfer-Encoding:\r\n chunked\r\n",
+    "NUL": b"X-A: a\x00b\r\nTransfer-Encoding: chunked\r\n",
+    "bare CR": b"X-A: a\rTransfer-Encoding: chunked\r\n",
+    "0x5": b"Transfer-Encoding: chunked\r\n\r\n0x5",
+    "chunk size of 2**63": b"Transfer-Encoding: chunked\r\n\r\n8000000000000000",
+    "chunk size of 20 digits": b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 20,
+    "TE in HTTP/1.0": b"Transfer-Encoding: chunked\r\n",
+}
+
+
+@pytest.mark.parametrize("name", SMUGGLING)
+def test_each_smuggling_case_gets_400_and_close(name):
+    version = b"HTTP/1.0" if "1.0" in name else b"HTTP/1.1"
+    headers = SMUGGLING[name]
+    # The chunk size cases end their head in SMUGGLING: their line ends here.
+    raw = b"POST /echo " + version + b"\r\nHost: x\r\n" + headers + b"\r\n"
+    raw += b"5\r\nhello\r\n0\r\n\r\n" + HELLO
+    _, site, connection, transport = connect()
+    connection.dataReceived(raw)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
+    assert answer.count(b"HTTP/1.1 ") == 1 and transport.disconnecting
+    assert not site.handled
+
+
+# -- closing -----------------------------------------------------------------------
+
+
+def test_drain_closes_idle_connections_and_answers_busy_ones_with_close():
+    reactor, site, busy, busy_transport = connect()
+    busy.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    idle = site.buildProtocol(None)
+    idle_transport = Transport()
+    idle.makeConnection(idle_transport)
+    idle.dataReceived(HELLO)
+    fresh = site.buildProtocol(None)
+    fresh_transport = Transport()
+    fresh.makeConnection(fresh_transport)
+    drained = site.drain()
+    assert idle_transport.disconnecting and not fresh_transport.disconnecting
+    reactor.advance(DRAIN_GRACE)
+    assert fresh_transport.disconnecting
+    site.held[0].finish()
+    assert b"\r\nConnection: close\r\n" in busy_transport.value() and busy_transport.disconnecting
+    for connection in (busy, idle, fresh):
+        connection.connectionLost(Failure(ConnectionError()))
+    assert drained.called
+
+
+def test_a_half_closed_client_gets_its_answer_then_the_close():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    connection.readConnectionLost()
+    assert not transport.disconnecting
+    site.held[0].finish()
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and transport.disconnecting
+
+
+def test_notify_finish_and_a_lost_connection():
+    _, site, connection, _ = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + b"GET /hold HTTP/1.1\r\n\r\n")
+    first = site.held[0]
+    finished = first.notifyFinish()
+    first.finish()
+    assert finished.called and finished.result is None
+    second = site.held[1]
+    lost = second.notifyFinish()
+    failures = []
+    lost.addErrback(failures.append)
+    connection.connectionLost(Failure(ConnectionError("gone")))
+    assert failures and second.channel is None
+    second.write(b"ignored")
+    second.finish()
+
+
+def test_the_write_deadline_hook_cuts_a_client_that_reads_nothing():
+    class Watched(Transport):
+        socket = None
+
+        def watch_writes(self, timeout, on_stalled):
+            self.watched = (timeout, on_stalled)
+
+    reactor = MemoryReactorClock()
+    site = App(reactor, limits=Limits(write_timeout=5))
+    connection = site.buildProtocol(None)
+    transport = Watched()
+    transport.socket = type("S", (), {"family": None})()
+    connection.makeConnection(transport)
+    assert connection.write_deadline and transport.watched[0] == 5
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    transport.watched[1]()
+    assert transport.aborted and connection.closing
+
+
+def test_a_producer_writes_through_the_request_with_framing():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    request = site.held[0]
+
+    class Pull:
+        def resumeProducing(self):
+            request.write(b"data")
+
+        def stopProducing(self):
+            pass
+
+    producer = Pull()
+    request.registerProducer(producer, False)
+    assert transport.producer is producer and not transport.streaming
+    producer.resumeProducing()
+    request.unregisterProducer()
+    request.finish()
+    assert transport.producer is None
+    assert transport.value().endswith(b"\r\n\r\n4\r\ndata\r\n0\r\n\r\n")
+
+
+def test_last_modified_and_if_modified_since():
+    _, site, connection, transport = connect()
+    connection.dataReceived(
+        b"GET /hold HTTP/1.1\r\nIf-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n"
+    )
+    request = site.held[0]
+    assert request.setLastModified(784111777) is CACHED and request.code == 304
+    request.finish()
+    head = transport.value()
+    assert head.startswith(b"HTTP/1.1 304 ") and b"Content-Length" not in head
+    assert b"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\n" in head
