@@ -54,6 +54,10 @@ SPOOL_SIZE = 1024 * 1024
 # answered, or ever again once it closes.
 _HEAD, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS, _ANSWERING, _CLOSED = range(7)
 
+# The request headers the protocol itself looks at.
+_FRAMING = frozenset((b"host", b"transfer-encoding", b"content-length", b"expect"))
+_OWS = (b" ", b"\t")
+
 _400 = b"400 Bad Request"
 _CRLF_ONLY = b"Bad request: lines must end with CRLF.\n"
 _OBS_FOLD = b"Bad request: a header line begins with whitespace.\n"
@@ -275,18 +279,19 @@ class MessageReader:
         if len(headers) >= self.limits.max_headers:
             raise _TOO_LARGE
         key = name.lower()
-        if value[-1:] in (b" ", b"\t"):
+        if value[-1:] in _OWS:
             value = value.rstrip(b" \t")
-        if key == b"host":
-            if self._host_seen:
-                raise _bad(b"more than one Host header.")
-            self._host_seen = True
-        elif key == b"transfer-encoding":
-            self._te = value if self._te is None else self._te + b"," + value
-        elif key == b"content-length":
-            self._cl = value
-        elif key == b"expect":
-            self._expect_continue = value.lower() == b"100-continue"
+        if key in _FRAMING:
+            if key == b"host":
+                if self._host_seen:
+                    raise _bad(b"more than one Host header.")
+                self._host_seen = True
+            elif key == b"transfer-encoding":
+                self._te = value if self._te is None else self._te + b"," + value
+            elif key == b"content-length":
+                self._cl = value
+            else:
+                self._expect_continue = value.lower() == b"100-continue"
         headers.append((key, value))
 
     def on_headers_complete(self):

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the old one)
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 # Responses that never have a body, whatever their headers say.
 _NO_BODY = frozenset((204, 304))
 # Header names as they are sent: what the server sets in lower case is
@@ -202,12 +203,15 @@ class Request:
             headers[b"connection"] = (b"Connection", [b"close"])
         elif self.clientproto == b"HTTP/1.0":
             headers[b"connection"] = (b"Connection", [b"keep-alive"])
-        reason = self.reason or _REASONS.get(code, b"Unknown")
-        lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
+        if self.reason is None and code in _STATUS_LINES:
+            lines = [_STATUS_LINES[code]]
+        else:
+            reason = self.reason or _REASONS.get(code, b"Unknown")
+            lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
         for name, values in headers.values():
-            name = _spelled(name)
+            name = _SPELLING.get(name) or _spelled(name)
             for value in values:
-                lines.append(b"%s: %s\r\n" % (name, value))
+                lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 
