@@ -11,7 +11,9 @@ Servers, one process each on loopback, all serving ``/hello`` (6 bytes):
   files, ``/-/health`` and ``/-/metrics`` cost);
 - ``http11-pool``: our protocol, a trivial WSGI application run in the pool
   (``twistedlrp.web.pool``), handed off and back as ``bench/bare.py`` does;
-- ``bare``: ``bench/bare.py`` with the same application.
+- ``bare``: ``bench/bare.py`` with the same application;
+- ``bare-reactor``: ``bench/bare.py``'s protocol answering in the reactor
+  (the floor of ``http11-reactor``).
 
 Each round runs ``wrk -t1 -c32 -d5s`` against each server in turn (the
 rounds alternate, as the machine is shared); the reactor thread's CPU (and
@@ -34,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+FLOOR_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 6\r\n\r\nhello\n"
 
 
 def application(environ, start_response):
@@ -47,7 +50,9 @@ def serve(mode: str, port: int, threads: int) -> None:
     from twisted.internet import epollreactor
 
     epollreactor.install()
+    import httptools
     from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
 
     from twistedlrp.web import ports
     from twistedlrp.web.http.protocol import HTTPSite
@@ -93,9 +98,25 @@ def serve(mode: str, port: int, threads: int) -> None:
         body = b"".join(application(environ, start_response))
         call_from_thread(deliver, request, answer[0], answer[1], body)
 
+    class Floor(Protocol):
+        """bench/bare.py's protocol, answering in the reactor: the least it can cost."""
+
+        def connectionMade(self):
+            self.parser = httptools.HttpRequestParser(self)
+
+        def dataReceived(self, data):
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                self.transport.loseConnection()
+
+        def on_message_complete(self):
+            self.transport.write(FLOOR_ANSWER)
+
+    factory = Factory.forProtocol(Floor) if mode == "floor" else Site(reactor)
     sock = socket.create_server(("127.0.0.1", port), backlog=2048)
     sock.setblocking(False)
-    ports.adopt(reactor, sock.fileno(), socket.AF_INET, Site(reactor), shared=True)
+    ports.adopt(reactor, sock.fileno(), socket.AF_INET, factory, shared=True)
     sock.close()
     reactor.callWhenRunning(pool.start)
     reactor.run()
@@ -114,7 +135,8 @@ def start(name: str, threads: int) -> tuple[subprocess.Popen, int]:
     if name == "bare":
         args = [HERE / "bare.py", "--port", port, "--threads", threads, "http11_probe"]
     else:
-        args = [__file__, "--serve", name.split("-")[1], "--port", port, "--threads", threads]
+        mode = "floor" if name == "bare-reactor" else name.split("-")[1]
+        args = [__file__, "--serve", mode, "--port", port, "--threads", threads]
     process = subprocess.Popen([sys.executable, *map(str, args)], env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -163,7 +185,7 @@ def measure(pid: int, port: int, duration: int) -> tuple[float, float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve", choices=("reactor", "pool"))
+    parser.add_argument("--serve", choices=("reactor", "pool", "floor"))
     parser.add_argument("--port", type=int)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
@@ -172,7 +194,7 @@ def main() -> int:
     if args.serve:
         serve(args.serve, args.port, args.threads)
         return 0
-    names = ["http11-reactor", "http11-pool", "bare"]
+    names = ["http11-reactor", "http11-pool", "bare", "bare-reactor"]
     servers = {name: start(name, args.threads) for name in names}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     try:

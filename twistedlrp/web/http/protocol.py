@@ -160,12 +160,14 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         """The client took none of the response for --write-timeout: cut it."""
         if self.transport is None:
             return
+        from twistedlrp.web.accesslog import mask_tokens, quote
+
         request = self.last_request
         log.warn(
             "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
             "the connection is cut{freed}",
             what=(
-                f"{request.method.decode('latin-1')} {request.uri.decode('latin-1')}"
+                f"{request.method.decode('latin-1')} {mask_tokens(quote(request.uri))}"
                 if request is not None
                 else "A response"
             ),

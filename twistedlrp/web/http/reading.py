@@ -342,8 +342,8 @@ class MessageReader:
             self._state, self._left = _LENGTH, length
         if length is not None and length > self.site.max_body_size:
             self._refuse_body()
-        elif self._expect_continue and proto == b"HTTP/1.1":
-            # The body will be read: the client may send it.
+        elif self._expect_continue and proto == b"HTTP/1.1" and not self._buffer:
+            # The body will be read: the client may send it (unless it has).
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):

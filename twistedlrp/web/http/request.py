@@ -145,6 +145,11 @@ class Request:
         known = self._response.get(name.lower())
         return known[1][-1] if known else None
 
+    def redirect(self, url: bytes) -> None:
+        """Answer 302 to C{url} (twisted.web.static redirects a directory so)."""
+        self.setResponseCode(302)
+        self.setHeader(b"location", url)
+
     def setLastModified(self, when: float):
         """
         Set C{Last-Modified} (a later time wins over an earlier one).
@@ -231,12 +236,18 @@ class Request:
                     self.persistent = False
                 self._left = left - len(data)
             self.sentLength += len(data)
-            if self._chunked and data:
-                data = b"%x\r\n%s\r\n" % (len(data), data)
-            if len(data) < 65536:
-                channel.transport.write(head + data)
+            size = len(data)
+            if not data:
+                pieces = (head,)
+            elif self._chunked:
+                pieces = (head, b"%x\r\n" % size, data, b"\r\n")
             else:
-                channel.transport.writeSequence((head, data))
+                pieces = (head, data)
+            if size < 65536:
+                channel.transport.write(b"".join(pieces))
+            else:
+                # Not copied into one string: the transport sends them in turn.
+                channel.transport.writeSequence(pieces)
         elif head:
             channel.transport.write(head)
 
