@@ -13,7 +13,10 @@ Servers, one process each on loopback, all serving ``/hello`` (6 bytes):
   (``twistedlrp.web.pool``), handed off and back as ``bench/bare.py`` does;
 - ``bare``: ``bench/bare.py`` with the same application;
 - ``bare-reactor``: ``bench/bare.py``'s protocol answering in the reactor
-  (the floor of ``http11-reactor``).
+  (the floor of ``http11-reactor``);
+- ``twisted.web``: the serving path of today (twisted.web's channel and
+  request under lrp's site, router and WSGI container) with the same
+  application, no access log: what ``http11-pool`` would replace.
 
 Each round runs ``wrk -t1 -c32 -d5s`` against each server in turn (the
 rounds alternate, as the machine is shared); the reactor thread's CPU (and
@@ -113,13 +116,39 @@ def serve(mode: str, port: int, threads: int) -> None:
         def on_message_complete(self):
             self.transport.write(FLOOR_ANSWER)
 
-    factory = Factory.forProtocol(Floor) if mode == "floor" else Site(reactor)
+    if mode == "floor":
+        factory = Factory.forProtocol(Floor)
+    elif mode == "today":
+        factory = twisted_web_site(reactor, pool)
+    else:
+        factory = Site(reactor)
     sock = socket.create_server(("127.0.0.1", port), backlog=2048)
     sock.setblocking(False)
     ports.adopt(reactor, sock.fileno(), socket.AF_INET, factory, shared=True)
     sock.close()
     reactor.callWhenRunning(pool.start)
     reactor.run()
+
+
+def twisted_web_site(reactor, pool):
+    """@return: the serving path of today: twisted.web's channel under lrp's site and WSGI container."""
+    from twistedlrp.web.site import LRPSite, Router
+    from twistedlrp.web.wsgi import WSGIResource
+
+    def saturated(request):
+        request.setResponseCode(503)
+        return b"busy\n"
+
+    wsgi = WSGIResource(reactor, pool, application, saturated)
+    root = Router("/-/health", None, [], wsgi)
+    return LRPSite(
+        reactor,
+        root,
+        max_body_size=10 * 2**20,
+        proxy_headers=False,
+        forwarded_allow_ips=[],
+        access_log_path=None,
+    )
 
 
 def free_port() -> int:
@@ -135,7 +164,7 @@ def start(name: str, threads: int) -> tuple[subprocess.Popen, int]:
     if name == "bare":
         args = [HERE / "bare.py", "--port", port, "--threads", threads, "http11_probe"]
     else:
-        mode = "floor" if name == "bare-reactor" else name.split("-")[1]
+        mode = {"bare-reactor": "floor", "twisted.web": "today"}.get(name) or name.split("-")[1]
         args = [__file__, "--serve", mode, "--port", port, "--threads", threads]
     process = subprocess.Popen([sys.executable, *map(str, args)], env=env)
     deadline = time.monotonic() + 30
@@ -185,7 +214,7 @@ def measure(pid: int, port: int, duration: int) -> tuple[float, float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve", choices=("reactor", "pool", "floor"))
+    parser.add_argument("--serve", choices=("reactor", "pool", "floor", "today"))
     parser.add_argument("--port", type=int)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
@@ -194,7 +223,7 @@ def main() -> int:
     if args.serve:
         serve(args.serve, args.port, args.threads)
         return 0
-    names = ["http11-reactor", "http11-pool", "bare", "bare-reactor"]
+    names = ["http11-reactor", "http11-pool", "bare", "bare-reactor", "twisted.web"]
     servers = {name: start(name, args.threads) for name in names}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     try:
