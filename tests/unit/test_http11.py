@@ -482,3 +482,25 @@ def test_last_modified_and_if_modified_since():
     head = transport.value()
     assert head.startswith(b"HTTP/1.1 304 ") and b"Content-Length" not in head
     assert b"\r\nLast-Modified: Sun, 06 Nov 1994 08:49:37 GMT\r\n" in head
+
+
+def test_a_response_with_connection_close_closes_and_a_redirect():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + HELLO)
+    request = site.held[0]
+    request.setHeader(b"Connection", b"close")
+    request.redirect(b"/elsewhere/")
+    request.finish()
+    head = transport.value()
+    assert head.startswith(b"HTTP/1.1 302 Found\r\n") and b"\r\nLocation: /elsewhere/\r\n" in head
+    assert head.count(b"HTTP/1.1 ") == 1 and transport.disconnecting
+
+
+def test_a_connection_awaiting_a_head_can_be_evicted():
+    _, site, connection, transport = connect()
+    connection.dataReceived(b"GET /hel")
+    assert connection.awaiting_head and connection.idle
+    connection.evict()
+    assert transport.aborted and connection.closing and not connection.awaiting_head
+    connection.dataReceived(b"lo HTTP/1.1\r\n\r\n")
+    assert not site.handled

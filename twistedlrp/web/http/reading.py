@@ -1,8 +1,7 @@
 """
-The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, the Python
-binding of llhttp (Node.js's parser), with the limits and answers of
-docs/serving.md. A site is an L{HTTPSite}: it answers each L{Request} in
-C{handle}.
+How the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol.HTTPConnection})
+reads requests, over httptools, the Python binding of llhttp (Node.js's
+parser).
 
 llhttp, strict as httptools leaves it, refuses what a request smuggler
 sends: Content-Length with Transfer-Encoding, two Content-Lengths, a sign
@@ -80,7 +79,8 @@ def _bad(text: bytes) -> _Answer:
     return _Answer(_400, b"Bad request: " + text + b"\n")
 
 
-_TOO_LARGE = _Answer(b"431 Request Header Fields Too Large", b"Request header fields too large.\n")
+def _too_large() -> _Answer:
+    return _Answer(b"431 Request Header Fields Too Large", b"Request header fields too large.\n")
 
 
 def _refusal(exc: httptools.HttpParserError) -> _Answer:
@@ -175,7 +175,7 @@ class MessageReader:
             take = len(buffer) if end == -1 else end + 4 - len(self._tail)
             self._head_bytes += take
             if self._head_bytes > self.limits.max_header_size:
-                raise _TOO_LARGE
+                raise _too_large()
             self._tail = window[-3:] if end == -1 else b""
             self._buffer = buffer[take:]
             self._feed(buffer[:take])
@@ -261,6 +261,9 @@ class MessageReader:
     def on_message_begin(self):
         if self._synthetic:
             return
+        if self.request is not None:
+            # The parser saw the end of a message before this protocol did.
+            raise _bad(b"a message began inside another.")
         self._begun = True
         self._arrived = time.monotonic()
         self._url = b""
@@ -277,7 +280,7 @@ class MessageReader:
             return
         headers = self._headers
         if len(headers) >= self.limits.max_headers:
-            raise _TOO_LARGE
+            raise _too_large()
         key = name.lower()
         if value[-1:] in _OWS:
             value = value.rstrip(b" \t")
