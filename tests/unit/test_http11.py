@@ -504,3 +504,42 @@ def test_a_connection_awaiting_a_head_can_be_evicted():
     assert transport.aborted and connection.closing and not connection.awaiting_head
     connection.dataReceived(b"lo HTTP/1.1\r\n\r\n")
     assert not site.handled
+
+
+def test_twisted_web_static_files_are_served_through_the_request(tmp_path):
+    from twisted.web import resource, static
+    from twisted.web.server import NOT_DONE_YET
+
+    (tmp_path / "a.txt").write_bytes(b"0123456789")
+    (tmp_path / "sub").mkdir()
+    files = static.File(str(tmp_path))
+    _, site, connection, transport = connect()
+
+    def handle(request):  # as the site's router does
+        request.postpath = request.path.split(b"/")[1:]
+        body = resource.getChildForRequest(files, request).render(request)
+        if body is not NOT_DONE_YET:
+            if body:
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+            request.finish()
+        while transport.producer is not None:  # a pull producer, as the reactor drives it
+            transport.producer.resumeProducing()
+
+    site.handle = handle
+    connection.dataReceived(
+        b"GET /a.txt HTTP/1.1\r\n\r\n"
+        b"GET /a.txt HTTP/1.1\r\nRange: bytes=2-4\r\n\r\n"
+        b"GET /a.txt HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n\r\n"
+        b"HEAD /a.txt HTTP/1.1\r\n\r\n"
+        b"GET /sub HTTP/1.1\r\n\r\n"
+    )
+    whole, ranged, cached, head, directory = responses(transport.value())
+    assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b"\r\n\r\n0123456789")
+    assert b"\r\nLast-Modified: " in whole and b"\r\nContent-Type: text/plain" in whole
+    assert ranged.startswith(b"HTTP/1.1 206 ") and ranged.endswith(b"\r\n\r\n234")
+    assert b"\r\nContent-Range: bytes 2-4/10\r\n" in ranged
+    assert cached.startswith(b"HTTP/1.1 304 ") and cached.endswith(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 10\r\n" in head and head.endswith(b"\r\n\r\n")
+    assert directory.startswith(b"HTTP/1.1 302 ") and b"\r\nLocation: " in directory
+    assert not transport.disconnecting
