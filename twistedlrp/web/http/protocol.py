@@ -78,8 +78,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         site.channel_opened(self)
         self._watch_writes(self.limits.write_timeout)
         self._await_head()
-        # The first request head is timed from the connection.
-        self._arm(self.limits.header_timeout, self._head_timed_out)
+        self._time_head()  # the first request head is timed from the connection
 
     # A connection's addresses do not change (getsockname() costs a call).
     @property
@@ -123,6 +122,12 @@ class HTTPConnection(MessageReader, protocol.Protocol):
             return
         on_due, self._on_due = self._on_due, None
         on_due()
+
+    def _time_head(self) -> None:
+        if self.limits.header_timeout:
+            self._arm(self.limits.header_timeout, self._head_timed_out)
+        else:
+            self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
 
     def _head_timed_out(self) -> None:
         if self.awaiting_head and not self.closing:
@@ -196,7 +201,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
                 if self.answered:
                     # A later request is timed from its first byte (until
                     # then the keep-alive timeout applies).
-                    self._arm(self.limits.header_timeout, self._head_timed_out)
+                    self._time_head()
         elif self._state != _ANSWERING:
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
         self._buffer = self._buffer + data if self._buffer else data
@@ -247,7 +252,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         if self._buffer:
             # Pipelined: its bytes are here already.
             self._head_begun = True
-            self._arm(self.limits.header_timeout, self._head_timed_out)
+            self._time_head()
             self._advance()
         elif self._peer_done:
             self._close_quietly()
