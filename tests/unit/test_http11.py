@@ -543,3 +543,11 @@ def test_twisted_web_static_files_are_served_through_the_request(tmp_path):
     assert b"\r\nContent-Length: 10\r\n" in head and head.endswith(b"\r\n\r\n")
     assert directory.startswith(b"HTTP/1.1 302 ") and b"\r\nLocation: " in directory
     assert not transport.disconnecting
+
+
+def test_without_a_head_deadline_a_silent_connection_closes_when_idle():
+    reactor, _, connection, transport = connect(Limits(header_timeout=0, write_timeout=0))
+    reactor.advance(reading.KEEP_ALIVE_TIMEOUT - 1)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting and transport.value() == b""
