@@ -2,9 +2,10 @@
 The HTTP/1.1 protocol over httptools (twistedlrp.web.http) on a real
 loopback port, in a process of its own (this file, run as a script, serves
 a tiny site), spoken to with raw bytes: keep-alive, pipelining,
-100-continue, chunked bodies both ways, the write deadline, and every
-request-smuggling case of issue 20: each answered 400 and the connection
-closed, the smuggled request never answered.
+100-continue, chunked bodies both ways, HTTP/1.0, the write deadline, heads
+too large (431) or bad (400), and every request-smuggling case of issue
+20: each answered 400 and the connection closed, the smuggled request
+never answered.
 """
 
 from __future__ import annotations
@@ -64,8 +65,13 @@ def serve() -> None:
                 big.go()
                 return
             if request.path == b"/stream":
-                for piece in (b"one ", b"two ", b"three"):
+                for piece in (b"abc", b"", b"defgh"):
                     request.write(piece)
+            elif request.path == b"/fail":
+                raise RuntimeError("a bug")
+            elif request.path == b"/long":
+                request.setHeader(b"content-length", b"2")
+                request.write(b"abc")
             else:
                 body = {
                     b"/hello": b"hello\n",
@@ -151,7 +157,7 @@ def test_expect_100_continue_and_chunked_bodies_both_ways(port):
         answer = _read_to_close(sock)
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"\r\nTransfer-Encoding: chunked\r\n" in head and b"\r\nConnection: close" in head
-    assert body == b"4\r\none \r\n4\r\ntwo \r\n5\r\nthree\r\n0\r\n\r\n"
+    assert body == b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"
 
 
 def _tcp_state(sock: socket.socket) -> int:
@@ -171,6 +177,110 @@ def test_a_client_that_reads_nothing_is_cut_at_the_write_deadline(port):
         elapsed = time.monotonic() - started
         assert _tcp_state(sock) == 7
     assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
+
+
+# What is sent, what each answer holds (in order), and whether the connection closes.
+EXCHANGES = {
+    "HTTP/1.0 closes": (b"GET /hello HTTP/1.0\r\n\r\n", [b"Connection: close\r\n"], True),
+    "HTTP/1.0 keep-alive": (
+        b"GET /hello HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" + HELLO,
+        [b"\r\nConnection: keep-alive\r\n", b"hello\n"],
+        False,
+    ),
+    "Connection: close": (
+        b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n" + HELLO,
+        [b"\r\nConnection: close\r\n"],
+        True,
+    ),
+    "chunked answer": (
+        b"GET /stream HTTP/1.1\r\n\r\n" + HELLO,
+        [b"\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n", b"hello\n"],
+        False,
+    ),
+    "HTTP/1.0 answer ended by the close": (
+        b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        [b"\r\nConnection: close\r\n\r\nabcdefgh"],
+        True,
+    ),
+    "more than Content-Length": (b"GET /long HTTP/1.1\r\n\r\n" + HELLO, [b"\r\n\r\nab"], True),
+    "a failing handler": (b"GET /fail HTTP/1.1\r\n\r\n" + HELLO, [b" 500 ", b"hello\n"], False),
+    "chunked body with trailers": (
+        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n4\r\n abc\r\n0\r\nX-Trailer: 1\r\n\r\n" + HELLO,
+        [b"\r\n\r\nhello abc", b"hello\n"],
+        False,
+    ),
+    "an Upgrade with a body": (
+        b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n"
+        b"\r\nabc" + HELLO,
+        [b"\r\n\r\nabc", b"hello\n"],
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", EXCHANGES)
+def test_exchanges(port, name):
+    raw, expected, closes = EXCHANGES[name]
+    with _connect(port) as sock:
+        sock.sendall(raw)
+        if closes:
+            data = _read_to_close(sock)
+        else:
+            data = b""
+            while data.count(b"HTTP/1.1 ") < len(expected) or not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+    answers = [b"HTTP/1.1 " + part for part in data.split(b"HTTP/1.1 ")[1:]]
+    assert len(answers) == len(expected), answers
+    for answer, part in zip(answers, expected, strict=True):
+        assert part in answer, answer
+
+
+_PREFIX = b"GET /hello HTTP/1.1\r\nX: "
+AT_LIMIT = _PREFIX + b"x" * (4096 - len(_PREFIX) - 4) + b"\r\n\r\n"  # the server's limit
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (AT_LIMIT, b"200"),
+        (AT_LIMIT[:-4] + b"x\r\n\r\n", b"431"),
+        (b"GET /hello HTTP/1.1\r\nX: " + b"x" * 5000, b"431"),
+        (b"GET /hello HTTP/1.1\r\n" + b"X: 1\r\n" * 501 + b"\r\n", b"431"),
+    ],
+)
+def test_a_head_over_the_size_or_line_limit_gets_431(port, raw, status):
+    with _connect(port) as sock:
+        sock.sendall(raw)
+        answer = _read_until(sock, b"hello\n") if status == b"200" else _read_to_close(sock)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"GET * HTTP/1.1\r\n\r\n", b"* is a request target of OPTIONS only"),
+        (b"GET hello HTTP/1.1\r\n\r\n", b""),
+        (b"CONNECT evil:443 HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET ftp://evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET http://user@evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", b"more than one Host header"),
+        (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", b"a header line begins with whitespace"),
+        (b"GET / HTTP/1.1\nHost: x\n\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.1\r\nHost: x\n\r\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"lines must end with CRLF"),
+        (b"GET / HTTP/1.2\r\n\r\n", b""),
+        (b"GET /\r\n\r\n", b"unsupported HTTP version"),
+    ],
+)
+def test_bad_heads_get_400_and_close(port, raw, reason):
+    with _connect(port) as sock:
+        sock.sendall(raw + HELLO)
+        answer = _read_to_close(sock)
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and reason in answer
+    assert b"\r\nConnection: close\r\n" in answer and answer.count(b"HTTP/1.1") == 1
 
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
