@@ -151,9 +151,6 @@ def test_head_gets_the_headers_of_get_and_no_body():
         assert answers[1].endswith(b"hello\n")
 
 
-# -- request bodies ------------------------------------------------------------------
-
-
 def test_expect_100_continue_is_answered_only_when_the_body_will_be_read():
     _, _, connection, transport = connect()
     connection.dataReceived(
