@@ -276,8 +276,8 @@ class MessageReader:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes):
-        if self._synthetic:
-            return
+        if self._synthetic or self._state == _TRAILERS:
+            return  # trailer fields are not headers (a proxy may not have seen them)
         headers = self._headers
         if len(headers) >= self.limits.max_headers:
             raise _too_large()
