@@ -135,7 +135,7 @@ def test_keep_alive_and_pipelining(port):
     with _connect(port) as sock:
         sock.sendall(HELLO)
         assert _read_until(sock, b"hello\n").startswith(b"HTTP/1.1 200 OK\r\n")
-        sock.sendall(HELLO + b"GET /nothing HTTP/1.1\r\n\r\n" + HELLO)
+        sock.sendall(HELLO + b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO)
         answers = b""
         while answers.count(b"HTTP/1.1 ") < 3 or not answers.endswith(b"hello\n"):
             chunk = sock.recv(65536)
@@ -148,12 +148,12 @@ def test_keep_alive_and_pipelining(port):
 def test_expect_100_continue_and_chunked_bodies_both_ways(port):
     with _connect(port) as sock:
         sock.sendall(
-            b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         assert _read_until(sock, b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
         assert _read_until(sock, b"hello world").startswith(b"HTTP/1.1 200 ")
-        sock.sendall(b"GET /stream HTTP/1.1\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = _read_to_close(sock)
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"\r\nTransfer-Encoding: chunked\r\n" in head and b"\r\nConnection: close" in head
@@ -168,7 +168,7 @@ def _tcp_state(sock: socket.socket) -> int:
 def test_a_client_that_reads_nothing_is_cut_at_the_write_deadline(port):
     with _connect(port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
         started = time.monotonic()
         # Never read: the server's reset moves the socket to TCP_CLOSE (7).
         deadline = started + 30
@@ -188,12 +188,12 @@ EXCHANGES = {
         False,
     ),
     "Connection: close": (
-        b"GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n" + HELLO,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + HELLO,
         [b"\r\nConnection: close\r\n"],
         True,
     ),
     "chunked answer": (
-        b"GET /stream HTTP/1.1\r\n\r\n" + HELLO,
+        b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO,
         [b"\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n", b"hello\n"],
         False,
     ),
@@ -202,16 +202,24 @@ EXCHANGES = {
         [b"\r\nConnection: close\r\n\r\nabcdefgh"],
         True,
     ),
-    "more than Content-Length": (b"GET /long HTTP/1.1\r\n\r\n" + HELLO, [b"\r\n\r\nab"], True),
-    "a failing handler": (b"GET /fail HTTP/1.1\r\n\r\n" + HELLO, [b" 500 ", b"hello\n"], False),
+    "more than Content-Length": (
+        b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO,
+        [b"\r\n\r\nab"],
+        True,
+    ),
+    "a failing handler": (
+        b"GET /fail HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO,
+        [b" 500 ", b"hello\n"],
+        False,
+    ),
     "chunked body with trailers": (
-        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5;ext=1\r\nhello\r\n4\r\n abc\r\n0\r\nX-Trailer: 1\r\n\r\n" + HELLO,
         [b"\r\n\r\nhello abc", b"hello\n"],
         False,
     ),
     "an Upgrade with a body": (
-        b"POST /echo HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n"
         b"\r\nabc" + HELLO,
         [b"\r\n\r\nabc", b"hello\n"],
         False,
@@ -238,7 +246,7 @@ def test_exchanges(port, name):
         assert part in answer, answer
 
 
-_PREFIX = b"GET /hello HTTP/1.1\r\nX: "
+_PREFIX = b"GET /hello HTTP/1.1\r\nHost: x\r\nX: "
 AT_LIMIT = _PREFIX + b"x" * (4096 - len(_PREFIX) - 4) + b"\r\n\r\n"  # the server's limit
 
 
@@ -247,7 +255,7 @@ AT_LIMIT = _PREFIX + b"x" * (4096 - len(_PREFIX) - 4) + b"\r\n\r\n"  # the serve
     [
         (AT_LIMIT, b"200"),
         (AT_LIMIT[:-4] + b"x\r\n\r\n", b"431"),
-        (b"GET /hello HTTP/1.1\r\nX: " + b"x" * 5000, b"431"),
+        (b"GET /hello HTTP/1.1\r\nHost: x\r\nX: " + b"x" * 5000, b"431"),
         (b"GET /hello HTTP/1.1\r\n" + b"X: 1\r\n" * 501 + b"\r\n", b"431"),
     ],
 )
@@ -261,13 +269,19 @@ def test_a_head_over_the_size_or_line_limit_gets_431(port, raw, status):
 @pytest.mark.parametrize(
     "raw, reason",
     [
-        (b"GET * HTTP/1.1\r\n\r\n", b"* is a request target of OPTIONS only"),
-        (b"GET hello HTTP/1.1\r\n\r\n", b""),
-        (b"CONNECT evil:443 HTTP/1.1\r\n\r\n", b"the request target must be a path"),
-        (b"GET ftp://evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
-        (b"GET http://user@evil/x HTTP/1.1\r\n\r\n", b"the request target must be a path"),
+        (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", b"* is a request target of OPTIONS only"),
+        (b"GET hello HTTP/1.1\r\nHost: x\r\n\r\n", b""),
+        (b"CONNECT evil:443 HTTP/1.1\r\nHost: x\r\n\r\n", b"the request target must be a path"),
+        (b"GET ftp://evil/x HTTP/1.1\r\nHost: x\r\n\r\n", b"the request target must be a path"),
+        (
+            b"GET http://user@evil/x HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"the request target must be a path",
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", b"more than one Host header"),
-        (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", b"a header line begins with whitespace"),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n folded\r\n\r\n",
+            b"a header line begins with whitespace",
+        ),
         (b"GET / HTTP/1.1\nHost: x\n\n", b"lines must end with CRLF"),
         (b"GET / HTTP/1.1\r\nHost: x\n\r\n", b"lines must end with CRLF"),
         (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"lines must end with CRLF"),

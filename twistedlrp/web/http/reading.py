@@ -20,7 +20,10 @@ not do is done here:
    or more (400) or past the body limit (413 on its size line).
  - The target (absolute form reduced to a path, C{*} for OPTIONS only), a
    second Host, C{identity, chunked} (only C{chunked} is a coding we take),
-   Transfer-Encoding in an HTTP/1.0 request, versions other than 1.0 and 1.1.
+   versions other than 1.0 and 1.1, runs of spaces in the request line, an
+   HTTP/1.1 request without Host. An HTTP/1.0 request with Transfer-Encoding
+   is read as chunked and answered, then the connection closes (RFC 9112
+   section 6.1; llhttp says it is not kept alive).
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ def _too_large() -> _Answer:
 
 def _refusal(exc: httptools.HttpParserError) -> _Answer:
     """@return: the answer to a request the parser refused with C{exc}."""
+    if isinstance(exc, httptools.HttpParserInvalidURLError):
+        return _Answer(_400, _NOT_A_PATH)
     reason = str(exc)
     if reason == "Chunk size overflow":
         return _Answer(_400, _CHUNK_TOO_LARGE)
@@ -135,6 +140,7 @@ class MessageReader:
     _paused = False
     _advancing = False
     _peer_done = False  # the client closed its side
+    _line: bytes | None = None  # the request line so far, until it is whole
 
     def _advance(self) -> None:
         """Parse what is buffered, up to the end of a request still to answer."""
@@ -168,6 +174,8 @@ class MessageReader:
                 stripped = buffer.lstrip(b"\r\n")
                 self._head_bytes += len(buffer) - len(stripped)
                 buffer = stripped
+            if self._line is not None and state == _HEAD:
+                self._request_line(buffer)
             # The part ends at the first empty line (a bare LF is refused by
             # the parser before it could end a line).
             window = self._tail + buffer
@@ -194,6 +202,18 @@ class MessageReader:
         else:
             return self._chunk_line(buffer)
         return True
+
+    def _request_line(self, buffer: bytes) -> None:
+        # llhttp takes runs of spaces between the request line's parts, which
+        # a proxy in front may split otherwise.
+        end = buffer.find(b"\n")
+        line = self._line + (buffer if end == -1 else buffer[:end])
+        if end == -1:
+            self._line = line  # bounded: it is part of the head
+        elif line.count(b" ") != 2:
+            raise _bad(b"a request line is a method, a target and a version, one space apart.")
+        else:
+            self._line = None
 
     def _chunk_line(self, buffer: bytes) -> bool:
         end = buffer.find(b"\r\n")
@@ -313,18 +333,19 @@ class MessageReader:
         method = parser.get_method()
         target = self._url
         headers = self._headers
+        authority = None
         if target[:1] != b"/":
             target, authority = origin_form(method, target)
             if authority is not None:
                 # The host of an absolute-form target wins over the Host header.
                 headers = [h for h in headers if h[0] != b"host"]
                 headers.append((b"host", authority))
+        if authority is None and not self._host_seen and proto == b"HTTP/1.1":
+            raise _bad(b"an HTTP/1.1 request must have a Host header (RFC 9112 section 3.2).")
         te = self._te
         if te is not None:
             if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
                 raise _bad(b"the only transfer coding taken is chunked.")
-            if proto == b"HTTP/1.0":
-                raise _bad(b"Transfer-Encoding in an HTTP/1.0 request.")
         request = Request(self, method, target, proto, headers, self._arrived)
         request.persistent = parser.should_keep_alive() and not self.draining
         self.request = request

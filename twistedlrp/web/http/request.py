@@ -15,7 +15,10 @@ from urllib.parse import parse_qs
 
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+_log = Logger()
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the old one)
@@ -25,6 +28,13 @@ _NO_BODY = frozenset((204, 304))
 # Header names as they are sent: what the server sets in lower case is
 # sent capitalised (content-type: Content-Type); other spellings are kept.
 _SPELLING: dict[bytes, bytes] = {}
+
+
+def _masked(uri: bytes) -> str:
+    """@return: C{uri} as the access log shows it (its tokens masked)."""
+    from twistedlrp.web.accesslog import mask_tokens, quote
+
+    return mask_tokens(quote(uri))
 
 
 def _spelled(name: bytes) -> bytes:
@@ -122,7 +132,8 @@ class Request:
 
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
-        self.reason = message
+        # The usual phrase: the status line is made once per process.
+        self.reason = None if message == _REASONS.get(code) else message
 
     def setHeader(self, name: bytes, value: bytes) -> None:
         """Set the response header C{name} to C{value} alone."""
@@ -232,6 +243,12 @@ class Request:
                 if len(data) > left:
                     # More than Content-Length said would be read as the
                     # next response: cut, and close after.
+                    _log.warn(
+                        "{method} {uri}: the response is longer than its Content-Length; "
+                        "cut there, and the connection closed",
+                        method=self.method.decode("latin-1"),
+                        uri=_masked(self.uri),
+                    )
                     data = data[:left]
                     self.persistent = False
                 self._left = left - len(data)
