@@ -298,6 +298,10 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         self._peer_done = True
         if self.request is None or self._state != _ANSWERING:
             self._close_quietly()
+        elif self.request._producer is not None:
+            # A stream (events, a file, a streaming response) whose client
+            # left: nobody reads it (twisted.web ended these at once too).
+            self.transport.abortConnection()
 
     def writeConnectionLost(self):
         pass

@@ -210,7 +210,7 @@ class MessageReader:
         line = self._line + (buffer if end == -1 else buffer[:end])
         if end == -1:
             self._line = line  # bounded: it is part of the head
-        elif line.count(b" ") != 2:
+        elif line.count(b" ") > 2:
             raise _bad(b"a request line is a method, a target and a version, one space apart.")
         else:
             self._line = None
@@ -347,7 +347,13 @@ class MessageReader:
             if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
                 raise _bad(b"the only transfer coding taken is chunked.")
         request = Request(self, method, target, proto, headers, self._arrived)
-        request.persistent = parser.should_keep_alive() and not self.draining
+        # An HTTP/1.0 request with Transfer-Encoding: "close the connection
+        # after processing" (RFC 9112 section 6.1).
+        request.persistent = (
+            parser.should_keep_alive()
+            and not self.draining
+            and (te is None or proto != b"HTTP/1.0")
+        )
         self.request = request
         # A whole head: no longer subject to the head deadline, nor one to close for room.
         self.awaiting_head = False
