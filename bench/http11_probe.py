@@ -14,9 +14,10 @@ Servers, one process each on loopback, all serving ``/hello`` (6 bytes):
 - ``bare``: ``bench/bare.py`` with the same application;
 - ``bare-reactor``: ``bench/bare.py``'s protocol answering in the reactor
   (the floor of ``http11-reactor``);
-- ``twisted.web``: the serving path of today (twisted.web's channel and
-  request under lrp's site, router and WSGI container) with the same
-  application, no access log: what ``http11-pool`` would replace.
+- ``lrp``: the server's serving path (the protocol under lrp's site, router
+  and WSGI container, with its Server and Date headers and forwarded-header
+  checks) with the same application, no access log: what ``http11-pool``
+  costs once wired in.
 
 Each round runs ``wrk -t1 -c32 -d5s`` against each server in turn (the
 rounds alternate, as the machine is shared); the reactor thread's CPU (and
@@ -58,8 +59,8 @@ def serve(mode: str, port: int, threads: int) -> None:
     from twisted.internet.protocol import Factory, Protocol
 
     from twistedlrp.web import ports
-    from twistedlrp.web.http.protocol import HTTPSite
     from twistedlrp.web.pool import ThreadPool
+    from twistedlrp.web.site import LRPSite
 
     pool = ThreadPool(reactor, threads, 10_000, name="probe")
     call_from_thread = reactor.callFromThread
@@ -72,7 +73,7 @@ def serve(mode: str, port: int, threads: int) -> None:
         request.write(body)
         request.finish()
 
-    class Site(HTTPSite):
+    class Site(LRPSite):
         def handle(self, request):
             if mode == "reactor":
                 request.setHeader(b"content-type", b"text/plain")
@@ -119,7 +120,7 @@ def serve(mode: str, port: int, threads: int) -> None:
     if mode == "floor":
         factory = Factory.forProtocol(Floor)
     elif mode == "today":
-        factory = twisted_web_site(reactor, pool)
+        factory = lrp_site(reactor, pool)
     else:
         factory = Site(reactor)
     sock = socket.create_server(("127.0.0.1", port), backlog=2048)
@@ -130,8 +131,8 @@ def serve(mode: str, port: int, threads: int) -> None:
     reactor.run()
 
 
-def twisted_web_site(reactor, pool):
-    """@return: the serving path of today: twisted.web's channel under lrp's site and WSGI container."""
+def lrp_site(reactor, pool):
+    """@return: the server's serving path: lrp's site, router and WSGI container."""
     from twistedlrp.web.site import LRPSite, Router
     from twistedlrp.web.wsgi import WSGIResource
 
@@ -141,14 +142,7 @@ def twisted_web_site(reactor, pool):
 
     wsgi = WSGIResource(reactor, pool, application, saturated)
     root = Router("/-/health", None, [], wsgi)
-    return LRPSite(
-        reactor,
-        root,
-        max_body_size=10 * 2**20,
-        proxy_headers=False,
-        forwarded_allow_ips=[],
-        access_log_path=None,
-    )
+    return LRPSite(reactor, root)
 
 
 def free_port() -> int:
@@ -164,7 +158,7 @@ def start(name: str, threads: int) -> tuple[subprocess.Popen, int]:
     if name == "bare":
         args = [HERE / "bare.py", "--port", port, "--threads", threads, "http11_probe"]
     else:
-        mode = {"bare-reactor": "floor", "twisted.web": "today"}.get(name) or name.split("-")[1]
+        mode = {"bare-reactor": "floor", "lrp": "today"}.get(name) or name.split("-")[1]
         args = [__file__, "--serve", mode, "--port", port, "--threads", threads]
     process = subprocess.Popen([sys.executable, *map(str, args)], env=env)
     deadline = time.monotonic() + 30
@@ -223,7 +217,7 @@ def main() -> int:
     if args.serve:
         serve(args.serve, args.port, args.threads)
         return 0
-    names = ["http11-reactor", "http11-pool", "bare", "bare-reactor", "twisted.web"]
+    names = ["http11-reactor", "http11-pool", "bare", "bare-reactor", "lrp"]
     servers = {name: start(name, args.threads) for name in names}
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     try:

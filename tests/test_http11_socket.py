@@ -29,8 +29,8 @@ def serve() -> None:
     from twisted.internet import reactor
 
     from twistedlrp.web import ports
-    from twistedlrp.web.http.protocol import HTTPSite
     from twistedlrp.web.limits import Limits
+    from twistedlrp.web.site import LRPSite
 
     class Big:
         """A push producer of 64 KiB chunks, paused while the client is behind."""
@@ -57,7 +57,7 @@ def serve() -> None:
         def stopProducing(self):
             self.paused = True
 
-    class Site(HTTPSite):
+    class Site(LRPSite):
         def handle(self, request):
             if request.path == b"/big":
                 big = Big(request)
@@ -87,7 +87,7 @@ def serve() -> None:
     )
     site = Site(reactor, limits=limits, max_body_size=1000)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    ports.cork_writes(port)  # the transports lrp's ports give (the write deadline)
+    ports.keep_write_deadlines(port)  # the transports lrp's ports give (the write deadline)
     sys.stdout.write(f"{port.getHost().port}\n")
     sys.stdout.flush()
     reactor.run()

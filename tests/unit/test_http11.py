@@ -19,8 +19,9 @@ from twisted.python.failure import Failure  # noqa: E402
 from twisted.web.http import CACHED  # noqa: E402
 
 from twistedlrp.web.http import reading  # noqa: E402
-from twistedlrp.web.http.protocol import DRAIN_GRACE, HTTPSite  # noqa: E402
+from twistedlrp.web.http.protocol import DRAIN_GRACE  # noqa: E402
 from twistedlrp.web.limits import Limits  # noqa: E402
+from twistedlrp.web.site import LRPSite  # noqa: E402
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -33,7 +34,7 @@ class Transport(StringTransport):
         super().abortConnection()
 
 
-class App(HTTPSite):
+class App(LRPSite):
     """Answers /hello at once, echoes /echo's body, streams /stream, holds /hold."""
 
     def __init__(self, reactor, **kwargs):

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.web.http import datetimeToString
@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.web import static
 from twistedlrp.web.accesslog import AccessLog
-from twistedlrp.web.http.protocol import HTTPConnection, HTTPSite
+from twistedlrp.web.http.protocol import HTTPConnection
 from twistedlrp.web.limits import FULL_WARNING_INTERVAL, MAX_BUSY_ANSWERS, Limits, short_answer
 
 log = Logger()
@@ -117,24 +117,34 @@ class Router:
         return self._application.render(request)
 
 
-class LRPSite(HTTPSite):
-    """The site of the server: see the module docstring."""
+class LRPSite(protocol.Factory):
+    """
+    The site of the server: see the module docstring.
 
+    @ivar channels: the open connections.
+    """
+
+    protocol = HTTPConnection
+    noisy = False
     metrics = None  # the HTTP metrics (web/metrics.py), if on
 
     def __init__(
         self,
         reactor,
-        root: Router,
+        root: Router | None = None,
         *,
-        max_body_size: int,
-        proxy_headers: bool,
-        forwarded_allow_ips: list[str],
-        access_log_path: str | None,
+        max_body_size: int = 10 * 2**20,
+        proxy_headers: bool = False,
+        forwarded_allow_ips: list[str] = (),
+        access_log_path: str | None = None,
         limits: Limits | None = None,
         access_log_format: str = "combined",
     ):
-        super().__init__(reactor, limits, max_body_size)
+        self.reactor = reactor
+        self.limits = limits if limits is not None else Limits()
+        self.max_body_size = max_body_size
+        self.channels: set[HTTPConnection] = set()
+        self._drained: defer.Deferred | None = None
         self.root = root
         self.proxy_headers = proxy_headers
         self.trusted = TrustedProxies(forwarded_allow_ips)
@@ -149,6 +159,7 @@ class LRPSite(HTTPSite):
         self.access_log = AccessLog(reactor, access_log_path, access_log_format)
 
     def handle(self, request) -> None:
+        """Answer C{request} (now, or later with C{request.finish()})."""
         request.setHeader(b"server", SERVER_HEADER)
         request.setHeader(b"date", http_date())
         request.client, request.scheme = self.client_of(request)
@@ -203,8 +214,11 @@ class LRPSite(HTTPSite):
             refused=self.refusals,
         )
 
+    def channel_opened(self, channel: HTTPConnection) -> None:
+        self.channels.add(channel)
+
     def channel_gone(self, channel: HTTPConnection) -> None:
-        super().channel_gone(channel)
+        self.channels.discard(channel)
         self._evicted.discard(channel)
         self._awaiting.pop(channel, None)
 
@@ -214,6 +228,7 @@ class LRPSite(HTTPSite):
         self._awaiting[channel] = None
 
     def request_started(self, channel: HTTPConnection) -> None:
+        """C{channel} has a whole request head now, or is closing."""
         self._awaiting.pop(channel, None)
 
     # -- addresses ------------------------------------------------------
@@ -274,17 +289,35 @@ class LRPSite(HTTPSite):
         self.access_log.close()
 
     def log(self, request):
+        """C{request} was answered (its response is finished, or refused with 413)."""
         if self.metrics is not None:
             self.metrics.observe(request)
         self.access_log.write(request)
 
-    def drain(self):
-        drained = super().drain()
+    def drain(self) -> defer.Deferred:
+        """
+        Close idle connections and the busy ones once answered (L{HTTPConnection.drain}).
+
+        @return: a Deferred that fires when no connection is left.
+        """
+        for channel in list(self.channels):
+            channel.drain()
         streams = getattr(self.root, "events", None)
         if streams is not None:
             # Progress streams never end by themselves soon enough.
             streams.close_all()
-        return drained
+        self._drained = defer.Deferred()
+        self.channel_closed()
+        return self._drained
+
+    def channel_closed(self) -> None:
+        if self._drained is not None and not self.channels and not self._drained.called:
+            self._drained.callback(None)
+
+    def abort_all(self) -> None:
+        """Cut every remaining connection (the graceful deadline has passed)."""
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
 
 
 class BusyAnswer(protocol.Protocol):

@@ -1,7 +1,7 @@
 """
 The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, with the
-limits and answers of docs/serving.md, and its factory (L{HTTPSite}), which
-answers each L{Request} in C{handle}. How a request is read, and what the
+limits and answers of docs/serving.md; its factory is the site
+(L{twistedlrp.web.site.LRPSite}), which answers each L{Request} in C{handle}. How a request is read, and what the
 parser checks: L{twistedlrp.web.http.reading}.
 """
 
@@ -11,7 +11,7 @@ import socket
 import time
 
 import httptools
-from twisted.internet import defer, error, protocol
+from twisted.internet import error, protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ from twistedlrp.web.http.reading import (
     MessageReader,
 )
 from twistedlrp.web.http.request import Request, _masked
-from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, Limits, short_answer
+from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
 
 log = Logger()
 
@@ -352,63 +352,3 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         transport = ports.socket_transport(self.transport)
         if transport is not None:
             transport.connectionLost(Failure(error.ConnectionAborted()))
-
-
-class HTTPSite(protocol.Factory):
-    """
-    The factory of L{HTTPConnection}s, and what they need of a site: its
-    limits, where requests go (L{handle}), the hooks the connection limit
-    uses, and the drain at shut-down.
-
-    @ivar channels: the open connections.
-    """
-
-    protocol = HTTPConnection
-    noisy = False
-
-    def __init__(self, reactor, limits: Limits | None = None, max_body_size: int = 10 * 2**20):
-        self.reactor = reactor
-        self.limits = limits if limits is not None else Limits()
-        self.max_body_size = max_body_size
-        self.channels: set[HTTPConnection] = set()
-        self._drained: defer.Deferred | None = None
-
-    def handle(self, request: Request) -> None:
-        """Answer C{request} (now or later, with C{request.finish()})."""
-        raise NotImplementedError
-
-    def log(self, request: Request) -> None:
-        """C{request} was answered (its response is finished, or refused with 413)."""
-
-    def channel_opened(self, channel: HTTPConnection) -> None:
-        self.channels.add(channel)
-
-    def channel_gone(self, channel: HTTPConnection) -> None:
-        self.channels.discard(channel)
-
-    def channel_closed(self) -> None:
-        if self._drained is not None and not self.channels and not self._drained.called:
-            self._drained.callback(None)
-
-    def waiting_for_head(self, channel: HTTPConnection) -> None:
-        """C{channel} awaits a request head from now on."""
-
-    def request_started(self, channel: HTTPConnection) -> None:
-        """C{channel} has a whole request head now, or is closing."""
-
-    def drain(self) -> defer.Deferred:
-        """
-        Close idle connections and the busy ones once answered (L{HTTPConnection.drain}).
-
-        @return: a Deferred that fires when no connection is left.
-        """
-        for channel in list(self.channels):
-            channel.drain()
-        self._drained = defer.Deferred()
-        self.channel_closed()
-        return self._drained
-
-    def abort_all(self) -> None:
-        """Cut every remaining connection (the graceful deadline has passed)."""
-        for channel in list(self.channels):
-            channel.transport.abortConnection()
