@@ -18,8 +18,6 @@ import time
 
 import pytest
 
-pytest.importorskip("httptools")
-
 HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 WRITE_TIMEOUT = 1.0
 

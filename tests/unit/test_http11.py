@@ -10,18 +10,15 @@ import random
 from types import SimpleNamespace
 
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.http import CACHED
 
-pytest.importorskip("httptools")
-
-from twisted.internet.address import IPv4Address  # noqa: E402
-from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
-from twisted.python.failure import Failure  # noqa: E402
-from twisted.web.http import CACHED  # noqa: E402
-
-from twistedlrp.web.http import reading  # noqa: E402
-from twistedlrp.web.http.protocol import DRAIN_GRACE  # noqa: E402
-from twistedlrp.web.limits import Limits  # noqa: E402
-from twistedlrp.web.site import LRPSite  # noqa: E402
+from twistedlrp.web.http import reading
+from twistedlrp.web.http.protocol import DRAIN_GRACE
+from twistedlrp.web.limits import Limits
+from twistedlrp.web.site import LRPSite
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 
