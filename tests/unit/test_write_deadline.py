@@ -23,6 +23,8 @@ TIMEOUT = 10.0
 class FakeSocket:
     """What the deadline reads of a socket: the bytes its peer acknowledged."""
 
+    family = None  # neither TCP family: no TCP_NOTSENT_LOWAT
+
     def __init__(self):
         self.acked = 0
 

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IListeningPort
 
 from twistedlrp import compat
+from twistedlrp.web.limits import UNSENT_LOWAT
 
 __all__ = ["AdoptedUNIXPort", "adopt", "keep_write_deadlines", "listen", "socket_transport"]
 
@@ -146,6 +147,15 @@ class _WatchedWrites:
         """
         self._write_timeout = timeout
         self._on_stalled = on_stalled
+        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
+        # does not let out yet (by default, megabytes on loopback), so a
+        # send stops taking data soon after the client stops reading.
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        if lowat is not None and self.socket.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self.socket.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
+            except OSError:
+                pass
 
     def _waiting(self) -> bool:
         return compat.buffered(self) > 0

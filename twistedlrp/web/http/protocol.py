@@ -7,7 +7,6 @@ parser checks: L{twistedlrp.web.http.reading}.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httptools
@@ -30,7 +29,7 @@ from twistedlrp.web.http.reading import (
     MessageReader,
 )
 from twistedlrp.web.http.request import Request, _masked
-from twistedlrp.web.limits import ANSWER_SECONDS, UNSENT_LOWAT, short_answer
+from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
 log = Logger()
 
@@ -148,20 +147,9 @@ class HTTPConnection(MessageReader, protocol.Protocol):
 
     def _watch_writes(self, timeout: float) -> None:
         transport = ports.socket_transport(self.transport)
-        watch = getattr(transport, "watch_writes", None)
-        if timeout and watch is not None:
-            watch(timeout, self._write_stalled)
+        if timeout and hasattr(transport, "watch_writes"):
+            transport.watch_writes(timeout, self._write_stalled)
             self.write_deadline = True
-            # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
-            # does not let out yet (by default, megabytes on loopback), so a
-            # send stops taking data soon after the client stops reading.
-            lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-            sock = transport.socket
-            if lowat is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
-                except OSError:
-                    pass
 
     def _write_stalled(self) -> None:
         """The client took none of the response for --write-timeout: cut it."""

@@ -29,6 +29,7 @@ not do is done here:
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import time
 
@@ -59,6 +60,8 @@ _HEAD, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS, _ANSWERING, _CLOSED = range
 # The request headers the protocol itself looks at.
 _FRAMING = frozenset((b"host", b"transfer-encoding", b"content-length", b"expect"))
 _OWS = (b" ", b"\t")
+# An absolute-form target: its authority (no user info), and its path and query.
+_ABSOLUTE = re.compile(rb"https?://([^/?@]+)((?:[/?].*)?)\Z", re.IGNORECASE | re.DOTALL)
 
 _400 = b"400 Bad Request"
 _CRLF_ONLY = b"Bad request: lines must end with CRLF.\n"
@@ -113,17 +116,11 @@ def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
         if method == b"OPTIONS":
             return target, None
         raise _bad(b"* is a request target of OPTIONS only.")
-    scheme, separator, rest = target.partition(b"://")
-    if separator and scheme.lower() in (b"http", b"https"):
-        end = len(rest)
-        for mark in (b"/", b"?"):
-            found = rest.find(mark)
-            if found != -1:
-                end = min(end, found)
-        authority, path = rest[:end], rest[end:]
-        if authority and b"@" not in authority:
-            return (path if path.startswith(b"/") else b"/" + path), authority
-    raise _Answer(_400, _NOT_A_PATH)
+    absolute = _ABSOLUTE.match(target)
+    if absolute is None:
+        raise _Answer(_400, _NOT_A_PATH)
+    authority, path = absolute.groups()
+    return (path if path.startswith(b"/") else b"/" + path), authority
 
 
 class MessageReader:
