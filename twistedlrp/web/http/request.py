@@ -111,11 +111,10 @@ class Request:
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
-        """The query's arguments (C{name: [values]}), parsed when asked for."""
+        """The query's arguments (C{name: [values]})."""
         return parse_qs(self.query, keep_blank_values=True)
 
     def getHost(self):
-        """@return: the server's address on this connection."""
         return self.channel.host
 
     def getPeer(self):
@@ -294,11 +293,7 @@ class Request:
     # -- streaming ---------------------------------------------------------
 
     def registerProducer(self, producer, streaming: bool) -> None:
-        """
-        Have C{producer} write the body with flow control: a push producer
-        (C{streaming}) is paused while the client is behind, a pull producer
-        asked for more as the client takes what it wrote.
-        """
+        """Have C{producer} write the body, with the transport's flow control."""
         self._producer = producer
         self.channel.transport.registerProducer(producer, streaming)
 
@@ -309,10 +304,7 @@ class Request:
                 self.channel.transport.unregisterProducer()
 
     def notifyFinish(self) -> defer.Deferred:
-        """
-        @return: a Deferred that fires with C{None} when the response is
-            finished, or fails when the connection is lost before.
-        """
+        """@return: a Deferred fired when the response is finished, failed if the connection is lost first."""
         d = defer.Deferred()
         if self.finished:
             d.callback(None)
