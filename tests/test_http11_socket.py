@@ -285,6 +285,10 @@ def test_a_head_over_the_size_or_line_limit_gets_431(port, raw, status):
         (b"GET / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n", b"lines must end with CRLF"),
         (b"GET / HTTP/1.2\r\n\r\n", b""),
         (b"GET /\r\n\r\n", b"unsupported HTTP version"),
+        (b"GET /hello HTTP/1.1\r\nX: y\r\n\r\n", b"no Host header"),
+        (b"OPTIONS * HTTP/1.1\r\n\r\n", b"no Host header"),
+        (b"FOO /hello HTTP/1.1\r\nHost: x\r\n\r\n", b"Bad request: "),
+        (b"GET /hello  HTTP/1.1\r\nHost: x\r\n\r\n", b"one space apart"),
     ],
 )
 def test_bad_heads_get_400_and_close(port, raw, reason):

@@ -68,11 +68,8 @@ class App(LRPSite):
 
 def connect(limits=None, max_body_size=100):
     reactor = MemoryReactorClock()
-    site = App(
-        reactor,
-        limits=limits or Limits(header_timeout=10, write_timeout=0),
-        max_body_size=max_body_size,
-    )
+    limits = limits or Limits(header_timeout=10, write_timeout=0)
+    site = App(reactor, limits=limits, max_body_size=max_body_size)
     connection = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
     transport = Transport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
     connection.makeConnection(transport)
@@ -117,9 +114,8 @@ def test_pipelined_requests_are_read_one_at_a_time_and_answered_in_order():
     connection.dataReceived(
         b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n" + HELLO + b"GET /echo HTTP/1.1\r\nHost: x\r\n"
     )
-    assert [r.path for r in site.handled] == [
-        b"/hold"
-    ] and transport.value() == b""  # not parsed yet
+    assert [r.path for r in site.handled] == [b"/hold"]
+    assert transport.value() == b""  # not parsed yet
     connection.dataReceived(b"Content-Length: 2\r\n\r\nhi")
     held = site.held[0]
     held.setHeader(b"content-length", b"4")

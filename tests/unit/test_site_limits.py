@@ -769,3 +769,25 @@ def test_a_cut_for_the_write_timeout_names_the_request_without_its_token():
     (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert warning["what"] == "GET /-/jobs/1/events?token=[masked]"
     assert warning["freed"] == ""
+
+
+def test_a_response_longer_than_its_content_length_is_cut_and_logged():
+    class Long:
+        def render(self, request):
+            request.setHeader(b"content-length", b"2")
+            request.write(b"abc")
+            request.finish()
+            return NOT_DONE_YET
+
+    channel, transport = connect(make_site(Clock(), Long()))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel.dataReceived(REQUEST + REQUEST)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.value().endswith(b"\r\n\r\nab") and transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1 200") == 1
+    (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert "longer than its Content-Length" in warning["log_format"]
+    assert warning["uri"] == "/hello"

@@ -338,7 +338,7 @@ class MessageReader:
                 headers = [h for h in headers if h[0] != b"host"]
                 headers.append((b"host", authority))
         if authority is None and not self._host_seen and proto == b"HTTP/1.1":
-            raise _bad(b"an HTTP/1.1 request must have a Host header (RFC 9112 section 3.2).")
+            raise _bad(b"no Host header (RFC 9112 section 3.2).")
         te = self._te
         if te is not None:
             if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
