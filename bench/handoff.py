@@ -32,8 +32,8 @@ HERE = Path(__file__).resolve().parent
 # (module, class or None, function, label): what is timed, in the server.
 PARTS = [
     (
-        "twistedlrp.web.channel",
-        "LRPChannel",
+        "twistedlrp.web.http.protocol",
+        "HTTPConnection",
         "dataReceived",
         "reactor: request in (parse, route, render)",
     ),

@@ -19,14 +19,13 @@ template of 20 rows from SQLite: what a site sees) and `/io` (a view that
 waits 10 ms). CPU per request is read from /proc for the server's
 processes (main threads, which are lrp's reactors, and the others, its
 pool) over each measured run. wrk must be installed (Debian: apt-get
-install wrk); gunicorn, granian, httptools and matplotlib (for the PNG
+install wrk); gunicorn, granian and matplotlib (for the PNG
 chart) come with the bench extra (pip install -e '.[bench]'); a server
 that is missing is skipped.
 """
 
 import argparse
 import http.client
-import importlib.util
 import os
 import re
 import shutil
@@ -357,8 +356,7 @@ def main() -> int:
             for name in names if number % 2 == 0 else names[::-1]:
                 args.port = free_port()
                 command = servers(args.port, args.threads)[name]
-                missing = name.startswith("bare") and importlib.util.find_spec("httptools") is None
-                if missing or not Path(command[0]).exists():
+                if not Path(command[0]).exists():
                     if number == 0:
                         sys.stderr.write(f"bench: {name} is not installed, skipped\n")
                     continue

@@ -5,7 +5,7 @@ comment names the upstream ticket filed or to file) and a test in
 C{tests/unit/test_compat_*.py} that fails loudly when a release changes it.
 """
 
-# -- Twisted: listening ports and HTTP -----------------------------------
+# -- Twisted: listening ports and transports -----------------------------
 # Importing these imports neither twisted.web nor a port module.
 
 import os
@@ -85,44 +85,6 @@ def set_connection_class(port, connection_class) -> None:
     # twisted/twisted#5303 (a transport writes on the reactor's next turn):
     # a transport that sends at once has no public way in.
     port.transport = connection_class
-
-
-class HTTPChannelHooks:
-    """The mixin of an C{HTTPChannel} naming the internals the server's channel needs."""
-
-    def answer_bad_request(self) -> None:
-        """Answer a request twisted.web cannot parse (by default a bare 400)."""
-        super()._respondToBadRequestAndDisconnect()
-
-    def _respondToBadRequestAndDisconnect(self):
-        # twisted/twisted#8250: no hook to answer (and cut) a bad request.
-        self.answer_bad_request()
-
-    def may_continue(self) -> bool:
-        """@return: whether to answer C{Expect: 100-continue} with 100."""
-        return True
-
-    def _send100Continue(self):
-        # twisted/twisted#7544: the 100 is sent without asking the server.
-        if self.may_continue():
-            super()._send100Continue()
-
-    @property
-    def partial_line(self) -> bytes:
-        """The bytes after the last complete line received (in line mode)."""
-        return self._buffer
-
-    @property
-    def parsing(self) -> bool:
-        """Whether LineReceiver's loop is on the stack (it re-enters for pipelined data)."""
-        return bool(self._busyReceiving)
-
-    @property
-    def chunk_left(self) -> int:
-        """The bytes left of the chunk being read of a chunked body, else 0."""
-        # To file: "no public view of a chunked body's current chunk size".
-        decoder = self._transferDecoder
-        return decoder.length if getattr(decoder, "state", "") == "BODY" else 0
 
 
 # -- Twisted: AMP, Perspective Broker and transports -----------------------

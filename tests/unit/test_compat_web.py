@@ -1,6 +1,6 @@
 """
 The Twisted internals that twistedlrp.compat leans on for its listening
-ports, their connections and the HTTP channel: each test fails, naming the
+ports and their connections: each test fails, naming the
 internal, when a Twisted release changes it.
 """
 
@@ -9,8 +9,7 @@ import socket
 import stat
 
 from twisted.internet import abstract, protocol, tcp
-from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.web import http
+from twisted.internet.testing import MemoryReactor
 
 from twistedlrp import compat
 from twistedlrp.web.ports import AdoptedUNIXPort
@@ -111,73 +110,6 @@ def test_the_buffered_bytes_and_the_closed_write_side_of_a_transport_are_seen():
     assert compat.write_shut(transport), _changed("FileDescriptor._writeDisconnected")
 
 
-# -- the HTTP channel -----------------------------------------------------------
-
-
-class _Channel(compat.HTTPChannelHooks, http.HTTPChannel):
-    """Records what the shims see."""
-
-    def __init__(self, continue_=True):
-        super().__init__()
-        self.continue_ = continue_
-        self.bad = 0
-        self.parsing_seen = []
-
-    def answer_bad_request(self):
-        self.bad += 1
-
-    def may_continue(self):
-        return self.continue_
-
-    def lineReceived(self, line):
-        self.parsing_seen.append(self.parsing)
-        return super().lineReceived(line)
-
-
-def _channel(**kwargs) -> tuple[_Channel, StringTransport]:
-    channel = _Channel(**kwargs)
-    channel.requestFactory = http.Request
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
-
-
-def test_a_bad_request_goes_to_answer_bad_request():
-    channel, transport = _channel()
-    channel.dataReceived(b"NONSENSE\r\n")
-    assert channel.bad == 1, _changed("HTTPChannel._respondToBadRequestAndDisconnect")
-    assert transport.value() == b""
-
-
-def test_expect_100_continue_asks_may_continue():
-    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-    channel, transport = _channel(continue_=False)
-    channel.dataReceived(head)
-    assert transport.value() == b"", _changed("HTTPChannel._send100Continue")
-    channel, transport = _channel(continue_=True)
-    channel.dataReceived(head)
-    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n", _changed(
-        "HTTPChannel._send100Continue"
-    )
-
-
-def test_the_partial_line_and_the_parsing_state_are_seen():
-    channel, _ = _channel()
-    channel.dataReceived(b"GET / HTTP/1.1\r\nHos")
-    assert channel.partial_line == b"Hos", _changed("LineReceiver._buffer")
-    assert channel.parsing_seen == [True], _changed("LineReceiver._busyReceiving")
-    assert not channel.parsing
-
-
-def test_the_bytes_left_of_a_chunk_are_seen():
-    channel, _ = _channel()
-    assert channel.chunk_left == 0
-    channel.dataReceived(
-        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc"
-    )
-    assert channel.chunk_left == 13, _changed("HTTPChannel._transferDecoder")
-
-
 def test_importing_compat_imports_no_web_or_port_module():
     # A job node (--jobs-only) imports no web module (test_jobs_worker_imports).
     import subprocess
@@ -193,7 +125,7 @@ def test_importing_compat_imports_no_web_or_port_module():
 
 
 def test_no_other_module_touches_the_internals_compat_names():
-    """The internals named in compat's ports, HTTP and Django sections appear nowhere else."""
+    """The internals named in compat's ports, transports and Django sections appear nowhere else."""
     import pathlib
     import re
 

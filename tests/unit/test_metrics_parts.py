@@ -15,7 +15,7 @@ from twistedlrp.web.metrics import HTTPMetrics, MetricsResource
 class _Request:
     def __init__(self, method=b"GET", code=200, path=b"/hello"):
         self.method, self.code, self.path = method, code, path
-        self.lrp_started = time.monotonic()
+        self.started = time.monotonic()
 
 
 def samples(metrics: Metrics) -> dict:
@@ -63,7 +63,7 @@ def _render(client: str, method: bytes = b"GET"):
     resource = MetricsResource(metrics, ["127.0.0.1", "10.0.0.0/8"])
     request = DummyRequest([b""])
     request.method = method
-    request.lrp_client = client
+    request.client = client
     return request, resource.render(request)
 
 

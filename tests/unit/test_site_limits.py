@@ -20,9 +20,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.options import Options
 from twistedlrp.web import limits
-from twistedlrp.web.channel import BusyAnswer
 from twistedlrp.web.limits import Limits, default_max_connections
-from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.site import BusyAnswer, LRPSite, Router
 from twistedlrp.web.wsgi import _WSGIResponse
 
 REQUEST = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -218,10 +217,10 @@ def test_too_many_header_lines_get_431():
     clock = Clock()
     site = make_site(clock)
     channel, transport = connect(site)
-    channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 500 + b"\r\n")
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 499 + b"\r\n")
     assert status(transport) == b"HTTP/1.1 200 OK"
     channel, transport = connect(site)
-    channel.dataReceived(b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 501 + b"\r\n")
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 500 + b"\r\n")
     assert status(transport) == b"HTTP/1.1 431 Request Header Fields Too Large"
 
 
@@ -264,7 +263,7 @@ class Seen(Answer):
         self.seen = []
 
     def render(self, request):
-        self.seen.append((request.uri, request.requestHeaders.getRawHeaders(b"host")))
+        self.seen.append((request.uri, [v for k, v in request.headers if k == b"host"]))
         return b"ok\n"
 
 
@@ -435,10 +434,13 @@ def test_the_cap_warns_once_a_minute(monkeypatch):
 
 class ForwardedRequest:
     def __init__(self, forwarded_for, peer="127.0.0.1", channel=None):
-        self.requestHeaders = Headers({b"X-Forwarded-For": [forwarded_for]})
+        self.headers = [(b"x-forwarded-for", forwarded_for)]
         self._peer = IPv4Address("TCP", peer, 5555)
-        self.channel = channel or SimpleNamespace(lrp_peer=None)
+        self.channel = channel or SimpleNamespace(judged=None)
         self.peer_asked = 0
+
+    def getHeader(self, name):
+        return None
 
     def getClientAddress(self):
         self.peer_asked += 1
@@ -470,7 +472,7 @@ def test_a_forwarded_hop_that_is_not_an_address_never_becomes_the_client(forward
 
 def test_the_peer_is_judged_once_per_connection_and_each_request_forwards_its_own():
     site = make_site(Clock())
-    channel = SimpleNamespace(lrp_peer=None)
+    channel = SimpleNamespace(judged=None)
     first = ForwardedRequest(b"203.0.113.9", channel=channel)
     second = ForwardedRequest(b"198.51.100.7", channel=channel)
     assert site.client_of(first) == ("203.0.113.9", "http")
@@ -548,6 +550,18 @@ class StreamRequest:
     def setResponseCode(self, code, reason=b""):
         self.code = code
 
+    def setHeader(self, name, value):
+        self.responseHeaders.setRawHeaders(name, [value])
+
+    def addHeader(self, name, value):
+        self.responseHeaders.addRawHeader(name, value)
+
+    def removeHeader(self, name):
+        self.responseHeaders.removeHeader(name)
+
+    def responseHeader(self, name):
+        return (self.responseHeaders.getRawHeaders(name) or [None])[-1]
+
     def registerProducer(self, producer, streaming):
         if not self.reads:
             # The client reads nothing: the transport pauses the producer at once.
@@ -615,7 +629,12 @@ def test_the_date_header_is_the_current_second_and_follows_the_clock(monkeypatch
 
 
 def test_each_request_on_a_connection_sees_its_addresses_asked_for_once():
-    site = make_site(Clock())
+    class AsksHost:  # as the WSGI container does, for SERVER_NAME and SERVER_PORT
+        def render(self, request):
+            request.getHost()
+            return b"ok\n"
+
+    site = make_site(Clock(), application=AsksHost())
     channel, transport = connect(site)
     asked = []
     real_host = transport.getHost
@@ -750,3 +769,25 @@ def test_a_cut_for_the_write_timeout_names_the_request_without_its_token():
     (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert warning["what"] == "GET /-/jobs/1/events?token=[masked]"
     assert warning["freed"] == ""
+
+
+def test_a_response_longer_than_its_content_length_is_cut_and_logged():
+    class Long:
+        def render(self, request):
+            request.setHeader(b"content-length", b"2")
+            request.write(b"abc")
+            request.finish()
+            return NOT_DONE_YET
+
+    channel, transport = connect(make_site(Clock(), Long()))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel.dataReceived(REQUEST + REQUEST)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.value().endswith(b"\r\n\r\nab") and transport.disconnecting
+    assert transport.value().count(b"HTTP/1.1 200") == 1
+    (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
+    assert "longer than its Content-Length" in warning["log_format"]
+    assert warning["uri"] == "/hello"

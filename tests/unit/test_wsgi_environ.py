@@ -1,22 +1,21 @@
-"""The PEP 3333 environ that the WSGI container builds from a twisted.web request."""
+"""The PEP 3333 environ that the WSGI container builds from a request."""
 
 import io
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.web.http_headers import Headers
 
 from twistedlrp.web.wsgi import build_environ
 
 
 class FakeRequest:
-    """What build_environ reads of a twisted.web request."""
+    """What build_environ reads of a request (twistedlrp.web.http.request)."""
 
     def __init__(self, uri, method=b"GET", headers=None, body=b""):
-        self.uri = uri
+        self.path, _, self.query = uri.partition(b"?")
         self.method = method
         self.clientproto = b"HTTP/1.1"
-        self.requestHeaders = Headers(headers or {})
+        self.headers = [(k.lower(), v) for k, values in (headers or {}).items() for v in values]
         self.content = io.BytesIO(body)
 
     def getHost(self):

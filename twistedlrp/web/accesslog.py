@@ -69,7 +69,7 @@ class AccessLog:
         if not self.path:
             return
         line = combined_line(_log_time(int(self.reactor.seconds())), request)
-        duration = time.monotonic() - request.lrp_arrived
+        duration = time.monotonic() - request.arrived
         if self.with_duration:
             line += f" rt={duration:.3f}"
         if self._file is not None:
@@ -79,7 +79,7 @@ class AccessLog:
             _log.info(
                 "{log_text}",
                 log_text=line,
-                client=request.lrp_client or None,
+                client=request.client or None,
                 method=quote(request.method),
                 uri=mask_tokens(quote(request.uri)),
                 status=request.code,
@@ -111,7 +111,7 @@ def combined_line(timestamp: str, request) -> str:
     """
     length = request.sentLength or "-"
     return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
-        request.lrp_client or "-",
+        request.client or "-",
         timestamp,
         quote(request.method),
         mask_tokens(quote(request.uri)),

@@ -13,20 +13,15 @@ import json
 import os
 from collections.abc import Callable
 
-from twisted.web.resource import Resource
 
-
-class HealthResource(Resource):
+class HealthResource:
     """
     @param server_state: returns C{"starting"}, C{"running"} or C{"stopping"}.
     @param pool: the WSGI thread pool, whose counts are reported.
     @param started_at: the reactor time the process started at.
     """
 
-    isLeaf = True
-
     def __init__(self, reactor, server_state: Callable[[], str], pool, started_at: float):
-        super().__init__()
         self._reactor = reactor
         self._server_state = server_state
         self._pool = pool

@@ -70,7 +70,7 @@ class HTTPMetrics:
             if len(self._children) < 100:  # bounded: the methods are the client's
                 self._children[key] = child
         child.inc()
-        started = getattr(request, "lrp_started", None)
+        started = request.started
         if started is not None:
             self._latency.observe(monotonic() - started)
 
@@ -105,7 +105,7 @@ class MetricsResource:
     def render(self, request):
         """@return: the answer's body, or C{NOT_DONE_YET} while the files are merged."""
         request.setHeader(b"cache-control", b"no-store")
-        if not request.lrp_client or request.lrp_client not in self._allowed:
+        if not request.client or request.client not in self._allowed:
             # A UNIX-socket peer without forwarded headers is a proxy whose
             # client is unknown: refused too.
             request.setResponseCode(403)

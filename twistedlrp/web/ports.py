@@ -1,6 +1,6 @@
 """
 The server's listening ports, including sockets adopted from another
-process, and the transport of their connections (L{cork_writes}).
+process, and the transport of their connections (L{keep_write_deadlines}).
 
 A socket that another process bound (systemd, or the C{--reload}
 supervisor, which passes its sockets to each server as C{systemd:}
@@ -19,11 +19,11 @@ from twisted.internet import defer, error, fdesc, protocol, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort
-from twisted.python.util import untilConcludes
 
 from twistedlrp import compat
+from twistedlrp.web.limits import UNSENT_LOWAT
 
-__all__ = ["AdoptedUNIXPort", "adopt", "cork_writes", "listen", "socket_transport"]
+__all__ = ["AdoptedUNIXPort", "adopt", "keep_write_deadlines", "listen", "socket_transport"]
 
 
 class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
@@ -119,27 +119,20 @@ def bytes_acked(sock) -> int | None:
     return struct.unpack_from("=Q", info, _BYTES_ACKED_AT)[0]
 
 
-class _CorkedWrites:
+class _WatchedWrites:
     """
-    A connection's transport that can hold writes between L{cork} and
-    L{uncork} and send them in one C{send()} at once. twisted.web writes a
-    response's head and body separately, and a Twisted transport sends
-    only when the reactor next finds its socket writable: for every
-    response, a registration with the reactor, a turn of the reactor and a
-    removal. A buffered response sent at once costs none of them.
-
-    It also keeps a write deadline (L{watch_writes}): while bytes wait in
-    Twisted's buffer, the peer must make progress within C{timeout} seconds,
-    else C{on_stalled} is called. Progress is a byte that goes out to the
-    kernel or, on Linux, a byte the peer acknowledges (it takes data from
-    the kernel's buffer: a client that reads slowly is not cut).
+    A connection's transport that keeps a write deadline (L{watch_writes}):
+    while bytes wait in Twisted's buffer, the peer must make progress within
+    C{timeout} seconds, else C{on_stalled} is called. Progress is a byte
+    that goes out to the kernel or, on Linux, a byte the peer acknowledges
+    (it takes data from the kernel's buffer: a client that reads slowly is
+    not cut).
 
     @ivar waiting_since: the reactor time since which bytes have waited to
         go out without progress (the write that found nothing waiting, or
         the last progress seen), if the deadline is kept.
     """
 
-    _corked: list | None = None
     _write_timeout = 0.0
     _on_stalled = None
     _stall_call = None
@@ -154,6 +147,15 @@ class _CorkedWrites:
         """
         self._write_timeout = timeout
         self._on_stalled = on_stalled
+        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
+        # does not let out yet (by default, megabytes on loopback), so a
+        # send stops taking data soon after the client stops reading.
+        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+        if lowat is not None and self.socket.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                self.socket.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
+            except OSError:
+                pass
 
     def _waiting(self) -> bool:
         return compat.buffered(self) > 0
@@ -200,52 +202,15 @@ class _CorkedWrites:
         self._stall_call = self._on_stalled = None
         return super().connectionLost(reason)
 
-    def cork(self) -> None:
-        """Hold the writes that follow, if nothing is queued before them."""
-        if not (
-            self.TLS
-            or compat.buffered(self)
-            or self.disconnecting
-            or compat.write_shut(self)
-            or not self.connected
-        ):
-            self._corked = []
-
-    def uncork(self) -> None:
-        """
-        Send what was held. What the socket does not take now, or a failed
-        send, goes to Twisted's buffer: the reactor sends the rest, or finds
-        the error and closes the connection, as for any write.
-        """
-        pending, self._corked = self._corked, None
-        if not pending or not self.connected:
-            return
-        data = b"".join(pending)
-        try:
-            sent = untilConcludes(self.socket.send, data)
-        except OSError:
-            sent = 0
-        if sent < len(data):
-            self._write(data[sent:])
-
-    def _write(self, data) -> None:
+    def write(self, data):
         if not self._write_timeout:
             return super().write(data)
         waiting = self._waiting()
         super().write(data)
         self._begin_wait(waiting)
 
-    def write(self, data):
-        if self._corked is None or not isinstance(data, bytes):
-            return self._write(data)
-        if data:
-            self._corked.append(data)
-
     def writeSequence(self, iovec):
-        if self._corked is not None:
-            for data in iovec:
-                self.write(data)
-        elif not self._write_timeout:
+        if not self._write_timeout:
             super().writeSequence(iovec)
         else:
             waiting = self._waiting()
@@ -253,15 +218,15 @@ class _CorkedWrites:
             self._begin_wait(waiting)
 
 
-class _CorkedTCPServer(_CorkedWrites, tcp.Server):
+class _WatchedTCPServer(_WatchedWrites, tcp.Server):
     pass
 
 
-class _CorkedUNIXServer(_CorkedWrites, unix.Server):
+class _WatchedUNIXServer(_WatchedWrites, unix.Server):
     pass
 
 
-_CORKED = {tcp.Server: _CorkedTCPServer, unix.Server: _CorkedUNIXServer}
+_WATCHED = {tcp.Server: _WatchedTCPServer, unix.Server: _WatchedUNIXServer}
 
 
 def socket_transport(transport):
@@ -274,15 +239,14 @@ def socket_transport(transport):
     return transport if getattr(transport, "socket", None) is not None else None
 
 
-def cork_writes(port) -> None:
+def keep_write_deadlines(port) -> None:
     """
-    Give the connections that C{port} accepts from now on a transport with
-    C{cork()} and C{uncork()} (a TCP or UNIX port; others are left as they
-    are).
+    Give the connections that C{port} accepts from now on a transport that
+    can keep a write deadline (a TCP or UNIX port; others are left as they are).
     """
-    corked = _CORKED.get(getattr(port, "transport", None))
-    if corked is not None:
-        compat.set_connection_class(port, corked)
+    watched = _WATCHED.get(getattr(port, "transport", None))
+    if watched is not None:
+        compat.set_connection_class(port, watched)
 
 
 # -- sockets held for other processes ---------------------------------------

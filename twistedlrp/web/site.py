@@ -1,9 +1,11 @@
 """
-The HTTP side of the server: the site, its requests and where each goes (the
-health endpoint and static files in the reactor, the rest to the WSGI
-container). It enforces the connection and body limits of docs/serving.md
-(the head's are the channel's, L{twistedlrp.web.channel}), decides which
-forwarded headers to trust, logs each response and drains at shut-down.
+The HTTP side of the server: the site (L{LRPSite}, the factory of
+L{twistedlrp.web.http.protocol.HTTPConnection}s) and where each request
+goes (the health endpoint, metrics, static files and progress streams in
+the reactor, the rest to the WSGI container). It caps the connections
+(C{--max-connections}), decides which forwarded headers to trust, logs
+each response and drains at shut-down; the limits on heads and bodies are
+the protocol's.
 """
 
 from __future__ import annotations
@@ -12,19 +14,17 @@ import functools
 import ipaddress
 import time
 from collections import OrderedDict
-from time import monotonic
 from urllib.parse import unquote_to_bytes
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web import http, server
-from twisted.web.resource import Resource
+from twisted.web.http import datetimeToString
+from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.web import static
 from twistedlrp.web.accesslog import AccessLog
-from twistedlrp.web.channel import BusyAnswer, LRPChannel
+from twistedlrp.web.http.protocol import HTTPConnection
 from twistedlrp.web.limits import FULL_WARNING_INTERVAL, MAX_BUSY_ANSWERS, Limits, short_answer
 
 log = Logger()
@@ -33,7 +33,7 @@ SERVER_HEADER = b"twistedlrp"
 
 # Formatting the Date header for every request took 2 % of the reactor's
 # time under load: it is formatted once a second.
-_http_date = functools.lru_cache(maxsize=1)(http.datetimeToString)
+_http_date = functools.lru_cache(maxsize=1)(datetimeToString)
 
 
 def http_date() -> bytes:
@@ -48,13 +48,6 @@ def finish_with_text(request, code: int, body: bytes) -> None:
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
-
-
-# Seconds an idle keep-alive connection stays open.
-KEEP_ALIVE_TIMEOUT = 60
-# Seconds we keep reading (and discarding) an oversized body after the 413,
-# so the client reads our answer instead of a connection reset.
-_LINGER_SECONDS = 5.0
 
 
 class TrustedProxies:
@@ -74,100 +67,7 @@ class TrustedProxies:
         return any(ip in network for network in self.networks)
 
 
-class LRPRequest(server.Request):
-    """A request that enforces the body limit and knows its real client."""
-
-    defaultContentType = None
-    lrp_rejected = False
-    lrp_client = ""
-    lrp_scheme = "http"
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # Made when the request line arrives: the access log's duration
-        # counts from there, as nginx's $request_time does.
-        self.lrp_arrived = time.monotonic()
-
-    lrp_started: float | None = None  # monotonic seconds, once the head is in
-
-    # Bytes of the body received so far.
-    lrp_received = 0
-
-    def gotLength(self, length):
-        self.lrp_received = 0
-        site = self.channel.site
-        if length is not None and length > site.max_body_size:
-            self.refuse_body()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        if self.lrp_rejected:
-            return
-        self.lrp_received += len(data)
-        if self.lrp_received > self.channel.site.max_body_size:
-            # A chunked body with no declared length grew past the limit.
-            self.refuse_body()
-            return
-        self.content.write(data)
-
-    def refuse_body(self) -> None:
-        """Answer 413 now, and read (and drop) the rest of the body for a little while."""
-        if self.content is not None:
-            self.content.close()
-        self.lrp_rejected = True
-        # The rest of the body is dropped as it comes (handleContentChunk).
-        self.content = None
-        channel = self.channel
-        channel.persistent = False
-        body = b"Request body too large.\n"
-        channel.transport.write(short_answer(b"413 Content Too Large", body))
-        self.code = 413
-        self.sentLength = len(body)
-        # Read the rest of the body (and drop it) for a little while, then close.
-        channel.site.reactor.callLater(_LINGER_SECONDS, channel.transport.abortConnection)
-
-    def requestReceived(self, command, path, version):
-        if self.channel.closing and not self.lrp_rejected:
-            return  # answered 400 already
-        if self.lrp_rejected:
-            self.method, self.uri, self.clientproto = command, path, version
-            self.path = path.split(b"?", 1)[0]
-            self.channel.site.log(self)
-            self.channel.transport.loseConnection()
-            return
-        super().requestReceived(command, path, version)
-
-    def process(self):
-        self.lrp_started = monotonic()
-        self.channel.lrp_last_request = self
-        site = self.channel.site
-        self.site = site
-        self.setHeader(b"server", SERVER_HEADER)
-        self.setHeader(b"date", http_date())
-        self.lrp_client, self.lrp_scheme = site.client_of(self)
-        self.prepath = []
-        self.postpath = []
-        try:
-            body = site.root.route(self)
-            if body is not server.NOT_DONE_YET:
-                if body:
-                    self.setHeader(b"content-length", b"%d" % len(body))
-                    self.write(body)
-                self.finish()
-        except BaseException:
-            self.processingFailed(Failure())
-
-    def processingFailed(self, reason):
-        log.failure("Error while routing {uri}", failure=reason, uri=self.uri)
-        if self.startedWriting:
-            self.channel.transport.abortConnection()
-            return
-        finish_with_text(self, 500, b"Internal Server Error\n")
-        return reason
-
-
-class Router(Resource):
+class Router:
     """Send a request to the health endpoint, static files or the application."""
 
     isLeaf = True
@@ -176,7 +76,6 @@ class Router(Resource):
     metrics = None
 
     def __init__(self, health_path: str, health, statics: list, application, events=None):
-        super().__init__()
         self._health_path = health_path.encode()
         self._health = health
         # The jobs' progress streams (web/progress_stream.py), answered in the reactor.
@@ -218,52 +117,58 @@ class Router(Resource):
         return self._application.render(request)
 
 
-class LRPSite(server.Site):
+class LRPSite(protocol.Factory):
     """
-    The twisted.web Site of the server.
+    The site of the server: see the module docstring.
 
     @ivar channels: the open connections.
     """
 
-    protocol = LRPChannel
-    requestFactory = LRPRequest
+    protocol = HTTPConnection
+    noisy = False
     metrics = None  # the HTTP metrics (web/metrics.py), if on
 
     def __init__(
         self,
         reactor,
-        root: Router,
+        root: Router | None = None,
         *,
-        max_body_size: int,
-        proxy_headers: bool,
-        forwarded_allow_ips: list[str],
-        access_log_path: str | None,
+        max_body_size: int = 10 * 2**20,
+        proxy_headers: bool = False,
+        forwarded_allow_ips: list[str] = (),
+        access_log_path: str | None = None,
         limits: Limits | None = None,
         access_log_format: str = "combined",
     ):
-        # Django parses bodies itself; twisted.web would parse form posts
-        # again (and answer 400 to a multipart body it cannot parse).
-        super().__init__(
-            root, timeout=KEEP_ALIVE_TIMEOUT, reactor=reactor, parsePOSTFormSubmission=False
-        )
+        self.reactor = reactor
         self.limits = limits if limits is not None else Limits()
-        self.root = root
-        self.noisy = False
-        self.displayTracebacks = False
         self.max_body_size = max_body_size
+        self.channels: set[HTTPConnection] = set()
+        self._drained: defer.Deferred | None = None
+        self.root = root
         self.proxy_headers = proxy_headers
         self.trusted = TrustedProxies(forwarded_allow_ips)
-        self.channels: set[LRPChannel] = set()
         # The connections awaiting a request head, longest waiting first.
-        self._awaiting: OrderedDict[LRPChannel, None] = OrderedDict()
+        self._awaiting: OrderedDict[HTTPConnection, None] = OrderedDict()
         # Cut to make room, but not gone yet (the reactor closes them next).
-        self._evicted: set[LRPChannel] = set()
+        self._evicted: set[HTTPConnection] = set()
         self.evictions = 0
         self.refusals = 0
         self.busy_answers = 0  # 503 answers being sent
         self._warned_full_at: float | None = None
-        self._drained: defer.Deferred | None = None
         self.access_log = AccessLog(reactor, access_log_path, access_log_format)
+
+    def handle(self, request) -> None:
+        """Answer C{request} (now, or later with C{request.finish()})."""
+        request.setHeader(b"server", SERVER_HEADER)
+        request.setHeader(b"date", http_date())
+        request.client, request.scheme = self.client_of(request)
+        body = self.root.route(request)
+        if body is not NOT_DONE_YET:
+            if body:
+                request.setHeader(b"content-length", b"%d" % len(body))
+                request.write(body)
+            request.finish()
 
     # -- connections ------------------------------------------------------
 
@@ -309,20 +214,20 @@ class LRPSite(server.Site):
             refused=self.refusals,
         )
 
-    def channel_opened(self, channel: LRPChannel) -> None:
+    def channel_opened(self, channel: HTTPConnection) -> None:
         self.channels.add(channel)
 
-    def channel_gone(self, channel: LRPChannel) -> None:
+    def channel_gone(self, channel: HTTPConnection) -> None:
         self.channels.discard(channel)
         self._evicted.discard(channel)
         self._awaiting.pop(channel, None)
 
-    def waiting_for_head(self, channel: LRPChannel) -> None:
+    def waiting_for_head(self, channel: HTTPConnection) -> None:
         """C{channel} awaits a request head from now on: it joins the end of the line."""
         self._awaiting.pop(channel, None)
         self._awaiting[channel] = None
 
-    def request_started(self, channel: LRPChannel) -> None:
+    def request_started(self, channel: HTTPConnection) -> None:
         """C{channel} has a whole request head now, or is closing."""
         self._awaiting.pop(channel, None)
 
@@ -335,7 +240,7 @@ class LRPSite(server.Site):
         """
         channel = request.channel
         # The peer, and whether it is trusted, do not change on a connection.
-        known = channel.lrp_peer
+        known = channel.judged
         if known is None:
             peer = request.getClientAddress()
             if isinstance(peer, IPv4Address | IPv6Address):
@@ -344,12 +249,11 @@ class LRPSite(server.Site):
                 # A UNIX socket peer is a local proxy (nginx, say).
                 known = ("", self.proxy_headers)
             known += ("https" if request.isSecure() else "http",)
-            channel.lrp_peer = known
+            channel.judged = known
         client, trusted, scheme = known
         if not trusted:
             return client, scheme
-        headers = request.requestHeaders
-        forwarded_for = headers.getRawHeaders(b"x-forwarded-for")
+        forwarded_for = [v for k, v in request.headers if k == b"x-forwarded-for"]
         if forwarded_for:
             hops = [
                 hop.strip()
@@ -369,48 +273,35 @@ class LRPSite(server.Site):
                 client = address
                 if address not in self.trusted:
                     break
-        proto = headers.getRawHeaders(b"x-forwarded-proto")
+        proto = request.getHeader(b"x-forwarded-proto")
         if proto:
-            value = proto[-1].decode("latin-1").split(",")[-1].strip().lower()
+            value = proto.decode("latin-1").split(",")[-1].strip().lower()
             if value in ("http", "https"):
                 scheme = value
         return client, scheme
 
-    # -- access log -----------------------------------------------------
+    # -- access log and shut-down ----------------------------------------
 
     def startFactory(self):
-        super().startFactory()
         self.access_log.open()
 
     def stopFactory(self):
-        super().stopFactory()
         self.access_log.close()
 
     def log(self, request):
+        """C{request} was answered (its response is finished, or refused with 413)."""
         if self.metrics is not None:
             self.metrics.observe(request)
         self.access_log.write(request)
 
-    # -- shut-down ------------------------------------------------------
-
     def drain(self) -> defer.Deferred:
         """
-        Close idle connections (L{LRPChannel.close_for_drain}) and the busy
-        ones once their response is sent (each answered with
-        C{Connection: close}).
+        Close idle connections and the busy ones once answered (L{HTTPConnection.drain}).
 
         @return: a Deferred that fires when no connection is left.
         """
         for channel in list(self.channels):
-            channel.draining = True
-            channel.setTimeout(None)
-            if channel.idle:
-                channel.close_for_drain()
-            else:
-                channel.persistent = False
-                for request in channel.requests:
-                    if not request.startedWriting:
-                        request.setHeader(b"connection", b"close")
+            channel.drain()
         streams = getattr(self.root, "events", None)
         if streams is not None:
             # Progress streams never end by themselves soon enough.
@@ -427,3 +318,34 @@ class LRPSite(server.Site):
         """Cut every remaining connection (the graceful deadline has passed)."""
         for channel in list(self.channels):
             channel.transport.abortConnection()
+
+
+class BusyAnswer(protocol.Protocol):
+    """
+    A connection over C{--max-connections} while every open one is busy:
+    answered 503 at once, its request read and dropped for a moment so
+    that the client reads the answer instead of a reset.
+    """
+
+    def __init__(self, site):
+        self._site = site
+        self._cut = None
+
+    def connectionMade(self):
+        self._site.busy_answers += 1
+        body = b"Server busy: too many open connections. Retry shortly.\n"
+        self.transport.write(short_answer(b"503 Service Unavailable", body, b"Retry-After: 1\r\n"))
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:  # TLS
+            self.transport.loseConnection()
+        else:
+            half_close()
+        self._cut = self._site.reactor.callLater(2.0, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        self._site.busy_answers -= 1
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()

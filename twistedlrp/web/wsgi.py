@@ -15,7 +15,6 @@ import threading
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
-from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from twistedlrp.web.limits import WRITE_TIMEOUT, StreamSlots
@@ -63,10 +62,11 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
     """
     @param multiprocess: other processes serve the same application
         (C{--web-workers} above 1).
-    @return: the PEP 3333 environ for a twisted.web C{request}, built in the
-        reactor thread before the request is handed to a pool thread.
+    @return: the PEP 3333 environ for C{request} (a
+        L{twistedlrp.web.http.request.Request}), built in the reactor thread
+        before the request is handed to a pool thread.
     """
-    path, _, query = request.uri.partition(b"?")
+    path, query = request.path, request.query
     host = request.getHost()
     server_port = str(getattr(host, "port", "") or "")
     server_name = getattr(host, "host", None) or "localhost"
@@ -87,18 +87,18 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         "wsgi.multiprocess": multiprocess,
         "wsgi.run_once": False,
     }
-    for name, values in request.requestHeaders.getAllRawHeaders():
+    for name, value in request.headers:
         key = name.decode("latin-1").upper()
         # A header spelled with "_" would collide with its "-" twin (and could
         # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
         if "_" in key:
             continue
         key = key.replace("-", "_")
-        value = ",".join(v.decode("latin-1") for v in values)
-        if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-            environ[key] = value
-        else:
-            environ["HTTP_" + key] = value
+        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+            key = "HTTP_" + key
+        text = value.decode("latin-1")
+        known = environ.get(key)
+        environ[key] = text if known is None else known + "," + text
     if "CONTENT_LENGTH" not in environ:
         # A chunked body has no Content-Length, and Django reads exactly
         # CONTENT_LENGTH bytes; the body is buffered already, so say its size.
@@ -111,9 +111,9 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
     return environ
 
 
-class WSGIResource(Resource):
+class WSGIResource:
     """
-    A leaf resource that answers every request with C{application}.
+    Answers every request with C{application}.
 
     @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
     @param on_saturated: called with the request when the pool refuses it.
@@ -121,10 +121,7 @@ class WSGIResource(Resource):
     @param multiprocess: other processes serve the same application.
     """
 
-    isLeaf = True
-
     def __init__(self, reactor, pool, application, on_saturated, streams=None, multiprocess=False):
-        super().__init__()
         self.multiprocess = multiprocess
         # A response's calls into the reactor: batched, as Replies says why.
         self._reactor = Replies(reactor)
@@ -134,27 +131,21 @@ class WSGIResource(Resource):
         self.streams: StreamSlots | None = streams
 
     def render(self, request):
-        environ = build_environ(request, request.lrp_client, request.lrp_scheme, self.multiprocess)
+        environ = build_environ(request, request.client, request.scheme, self.multiprocess)
+        channel = request.channel
         response = _WSGIResponse(
             self._reactor,
             request,
             self._application,
             environ,
-            _write_timeout(request),
+            channel.limits.write_timeout or None,
             streams=self.streams,
-            reactor_deadline=getattr(request.channel, "write_deadline", False),
+            reactor_deadline=channel.write_deadline,
         )
         if not self._pool.submit(response.run):
             return self._on_saturated(request)
         request.notifyFinish().addErrback(response.connection_lost)
         return NOT_DONE_YET
-
-
-def _write_timeout(request) -> float | None:
-    """@return: the site's write deadline in seconds, or C{None} for none."""
-    limits = getattr(getattr(request.channel, "site", None), "limits", None)
-    timeout = getattr(limits, "write_timeout", WRITE_TIMEOUT)
-    return timeout or None
 
 
 class _WSGIResponse:
@@ -208,41 +199,31 @@ class _WSGIResponse:
         request = self._request
         code_text, _, reason = status.partition(" ")
         request.setResponseCode(int(code_text), reason.encode("latin-1"))
-        response_headers = request.responseHeaders
         for name, _ in headers:
             if name.lower() in ("server", "date"):
-                response_headers.removeHeader(name)
+                request.removeHeader(name.encode("latin-1"))
         for name, value in headers:
-            response_headers.addRawHeader(name.encode("latin-1"), value.encode("latin-1"))
+            request.addHeader(name.encode("latin-1"), value.encode("latin-1"))
 
     def _deliver(self, status: str, headers: list, body: bytes) -> None:
         request = self._request
         if self.disconnected:
             return
-        # The head and the body leave in one send, now (web/ports.py).
-        transport = request.channel.transport
-        corked = hasattr(transport, "cork")
-        if corked:
-            transport.cork()
-        try:
-            self._send_headers(status, headers)
-            code = request.code
-            if (
-                not request.responseHeaders.hasHeader(b"content-length")
-                and code not in _NO_BODY_STATUSES
-                and code >= 200
-            ):
-                request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
-            if body:
-                request.write(body)
-            request.finish()
-        finally:
-            if corked:
-                transport.uncork()
+        self._send_headers(status, headers)
+        code = request.code
+        if (
+            request.responseHeader(b"content-length") is None
+            and code not in _NO_BODY_STATUSES
+            and code >= 200
+        ):
+            request.setHeader(b"content-length", b"%d" % len(body))
+        # The head and a body under 64 KiB leave in one write (Request.write).
+        request.write(body)
+        request.finish()
 
     def _start_stream(self, status: str, headers: list, done: threading.Event) -> None:
         if not self.disconnected:
-            self._request.lrp_streaming = True
+            self._request.streaming = True
             self._send_headers(status, headers)
             self._request.registerProducer(self, True)
         done.set()
@@ -258,7 +239,7 @@ class _WSGIResponse:
 
     def _finish_stream(self) -> None:
         # The thread is done with it (what is left to send holds no thread).
-        self._request.lrp_streaming = False
+        self._request.streaming = False
         if self.disconnected:
             return
         self._request.unregisterProducer()

@@ -1,0 +1,342 @@
+"""
+The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, with the
+limits and answers of docs/serving.md; its factory is the site
+(L{twistedlrp.web.site.LRPSite}), which answers each L{Request} in C{handle}. How a request is read, and what the
+parser checks: L{twistedlrp.web.http.reading}.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httptools
+from twisted.internet import error, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from twistedlrp.web import ports
+from twistedlrp.web.http.reading import (
+    _ANSWERING,
+    _CHUNK_DATA,
+    _CHUNK_LINE,
+    _CLOSED,
+    _HEAD,
+    _LENGTH,
+    _TRAILERS,
+    KEEP_ALIVE_TIMEOUT,
+    MessageReader,
+)
+from twistedlrp.web.http.request import Request, _masked
+from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
+
+log = Logger()
+
+# Seconds a connection accepted just before shut-down may take to send its
+# first request (it is answered, with Connection: close).
+DRAIN_GRACE = 1.0
+
+
+@implementer(IHalfCloseableProtocol)
+class HTTPConnection(MessageReader, protocol.Protocol):
+    """
+    One HTTP/1.1 connection: requests are read one at a time and handed to
+    the site's C{handle}; the next is read once the response is finished.
+
+    @ivar awaiting_head: from the connection (or the end of the previous
+        response) until a whole request head has arrived: only such a
+        connection may be closed to make room for a new one.
+    @ivar request: the request being read or answered, if any.
+    @ivar closing: answered or cut already: on its way out.
+    @ivar draining: the server stops; every answer now closes the connection.
+    """
+
+    awaiting_head = False
+    closing = False
+    draining = False
+    answered = 0
+    last_request: Request | None = None  # named when the connection is cut
+    write_deadline = False  # the transport cuts a client that reads nothing
+    _head_begun = False
+    _timer = None
+    _due = 0.0
+    _on_due = None
+    _cut_call = None
+    _linger_call = None
+    _drain_call = None
+    _host = _peer = None
+    # (client address, trusted proxy, scheme) of the peer (LRPSite.client_of).
+    judged = None
+
+    def connectionMade(self):
+        site = self.factory
+        self.site = site
+        self.reactor = site.reactor
+        self.limits = site.limits
+        self._parser = httptools.HttpRequestParser(self)
+        self._buffer = b""
+        site.channel_opened(self)
+        self._watch_writes(self.limits.write_timeout)
+        self._await_head()
+        self._time_head()  # the first request head is timed from the connection
+
+    # A connection's addresses do not change (getsockname() costs a call).
+    @property
+    def host(self):
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    @property
+    def peer(self):
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    @property
+    def idle(self) -> bool:
+        """Whether no request is being read or answered."""
+        return self.request is None
+
+    # -- deadlines: one DelayedCall per connection, moved lazily -----------
+
+    def _arm(self, seconds: float, on_due) -> None:
+        """Call C{on_due()} in C{seconds} (0: never), instead of what was due."""
+        if not seconds:
+            self._on_due = None
+            return
+        due = self.reactor.seconds() + seconds
+        self._due, self._on_due = due, on_due
+        if self._timer is None:
+            self._timer = self.reactor.callLater(seconds, self._timer_fired)
+        elif self._timer.getTime() > due:
+            self._timer.reset(seconds)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._on_due is None:
+            return
+        left = self._due - self.reactor.seconds()
+        if left > 0:
+            self._timer = self.reactor.callLater(left, self._timer_fired)
+            return
+        on_due, self._on_due = self._on_due, None
+        on_due()
+
+    def _time_head(self) -> None:
+        if self.limits.header_timeout:
+            self._arm(self.limits.header_timeout, self._head_timed_out)
+        else:
+            self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
+
+    def _head_timed_out(self) -> None:
+        if self.awaiting_head and not self.closing:
+            if self._head_begun:
+                self.answer_and_close(
+                    b"408 Request Timeout", b"Request head not received in time.\n"
+                )
+            else:
+                self._close_quietly()  # nothing of a request came: nothing to answer
+
+    def _idle_timed_out(self) -> None:
+        if self.request is None or self._state in (_LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS):
+            self._close_quietly()
+
+    # -- the write deadline ------------------------------------------------
+
+    def _watch_writes(self, timeout: float) -> None:
+        transport = ports.socket_transport(self.transport)
+        if timeout and hasattr(transport, "watch_writes"):
+            transport.watch_writes(timeout, self._write_stalled)
+            self.write_deadline = True
+
+    def _write_stalled(self) -> None:
+        """The client took none of the response for --write-timeout: cut it."""
+        if self.transport is None:
+            return
+        request = self.last_request
+        log.warn(
+            "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
+            "the connection is cut{freed}",
+            what=(
+                f"{request.method.decode('latin-1')} {_masked(request.uri)}"
+                if request is not None
+                else "A response"
+            ),
+            timeout=self.limits.write_timeout,
+            freed=" and its thread freed" if getattr(request, "streaming", False) else "",
+        )
+        self._leave()
+        self.transport.abortConnection()
+
+    # -- reading -------------------------------------------------------------
+
+    def _await_head(self) -> None:
+        self._state = _HEAD
+        self.awaiting_head = True
+        self._head_begun = self._begun = False
+        self._head_bytes = 0
+        self._tail = self._line = b""
+        self.site.waiting_for_head(self)
+
+    def dataReceived(self, data: bytes):
+        if self._state == _CLOSED:
+            return
+        if self.awaiting_head:
+            if not self._head_begun:
+                self._head_begun = True
+                if self.answered:
+                    # A later request is timed from its first byte (until
+                    # then the keep-alive timeout applies).
+                    self._time_head()
+        elif self._state != _ANSWERING:
+            self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
+        self._buffer = self._buffer + data if self._buffer else data
+        self._advance()
+
+    # -- answering -----------------------------------------------------------
+
+    def _message_done(self) -> None:
+        request = self.request
+        self._state = _ANSWERING
+        self._on_due = None
+        if request.rejected:
+            self._leave()
+            self._lose_within_seconds()
+            return
+        request.content.seek(0)
+        self.last_request = request
+        request.started = time.monotonic()
+        try:
+            self.site.handle(request)
+        except Exception:
+            log.failure("Error while routing {uri}", uri=request.uri)
+            if request.startedWriting:
+                self.transport.abortConnection()
+            elif not request.finished:
+                request._response.clear()
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.setHeader(b"content-length", b"22")
+                request.write(b"Internal Server Error\n")
+                request.finish()
+
+    def request_done(self, request: Request) -> None:
+        """C{request}'s response is finished (L{Request.finish})."""
+        self.answered += 1
+        self.request = None
+        self.site.log(request)
+        if self.closing or self._state == _CLOSED:
+            return
+        if not request.persistent:
+            self._leave()
+            self.transport.loseConnection()
+            return
+        self._await_head()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
+        if self._buffer:
+            # Pipelined: its bytes are here already.
+            self._head_begun = True
+            self._time_head()
+            self._advance()
+        elif self._peer_done:
+            self._close_quietly()
+        else:
+            self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
+
+    def answer_and_close(self, status: bytes, body: bytes) -> None:
+        """
+        Answer C{status} with a short text C{body} and close the connection,
+        unless a response is under way already (then only close). A client
+        that does not read the answer is cut after a few seconds.
+        """
+        if self.closing or self.transport is None or self.transport.disconnecting:
+            return
+        request = self.request
+        under_way = request is not None and (request.startedWriting or request.rejected)
+        self._leave()
+        if not under_way:
+            self.transport.write(short_answer(status, body))
+        self._lose_within_seconds()
+
+    def _leave(self) -> None:
+        self.closing = True
+        self.awaiting_head = False
+        self._state = _CLOSED
+        self._buffer = b""
+        self._on_due = None
+        self.site.request_started(self)
+
+    def _close_quietly(self) -> None:
+        self._leave()
+        self._lose_within_seconds()
+
+    def _lose_within_seconds(self) -> None:
+        self.transport.loseConnection()
+        if self._cut_call is None:
+            self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.transport.abortConnection)
+
+    # -- closing -----------------------------------------------------------
+
+    def readConnectionLost(self):
+        # The client sent all it will: its request (if whole) is answered.
+        self._peer_done = True
+        if self.request is None or self._state != _ANSWERING:
+            self._close_quietly()
+        elif self.request._producer is not None:
+            # A stream (events, a file, a streaming response) whose client
+            # left: nobody reads it (twisted.web ended these at once too).
+            self.transport.abortConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self._state = _CLOSED
+        self._on_due = None
+        for call in (self._timer, self._cut_call, self._linger_call, self._drain_call):
+            if call is not None and call.active():
+                call.cancel()
+        self.site.channel_gone(self)
+        request, self.request = self.request, None
+        if request is not None and not request.finished:
+            request.connection_lost(reason)
+        self.site.channel_closed()
+
+    def drain(self) -> None:
+        """
+        The server stops: a busy connection closes after its response
+        (C{Connection: close}); an idle one between two requests closes now
+        (a client retries); before its first, it gets L{DRAIN_GRACE} seconds
+        (accepted just before the listening stopped, its request is likely on
+        its way); a head under way is answered, within the head deadline.
+        """
+        self.draining = True
+        if self.request is not None:
+            self.request.persistent = False
+        elif self.answered and not self._head_begun:
+            self.transport.loseConnection()
+        elif not self._head_begun:
+            self._drain_call = self.reactor.callLater(DRAIN_GRACE, self._drain_grace_over)
+
+    def _drain_grace_over(self) -> None:
+        self._drain_call = None
+        if self.awaiting_head and not self._head_begun and not self.closing:
+            self._close_quietly()
+
+    def evict(self) -> None:
+        """
+        Cut this connection (it awaits a request head; room is needed) and
+        free its descriptor now, not on the reactor's next turn (one turn
+        may accept hundreds of connections).
+        """
+        self._leave()
+        self.transport.abortConnection()
+        # The socket's own transport, under TLS if any (TCP and UNIX ones
+        # ignore a second connectionLost, the one abortConnection scheduled).
+        transport = ports.socket_transport(self.transport)
+        if transport is not None:
+            transport.connectionLost(Failure(error.ConnectionAborted()))

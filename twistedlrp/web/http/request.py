@@ -1,0 +1,325 @@
+"""
+One request of the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol}):
+what the handler reads (method, target, headers, the body as a file, the
+peer) and how it answers (status and headers, then C{write}/C{finish} or a
+producer). The response is framed here: C{Content-Length} when given,
+else chunked (HTTP/1.1) or delimited by the close (HTTP/1.0); no body for
+C{HEAD}, 1xx, 204 and 304, with the same headers a C{GET} would get.
+"""
+
+from __future__ import annotations
+
+import math
+from http import HTTPStatus
+from urllib.parse import parse_qs
+
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+_log = Logger()
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the old one)
+_STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
+# Responses that never have a body, whatever their headers say.
+_NO_BODY = frozenset((204, 304))
+# Header names as they are sent: what the server sets in lower case is
+# sent capitalised (content-type: Content-Type); other spellings are kept.
+_SPELLING: dict[bytes, bytes] = {}
+
+
+def _masked(uri: bytes) -> str:
+    """@return: C{uri} as the access log shows it (its tokens masked)."""
+    from twistedlrp.web.accesslog import mask_tokens, quote
+
+    return mask_tokens(quote(uri))
+
+
+def _spelled(name: bytes) -> bytes:
+    spelled = _SPELLING.get(name)
+    if spelled is None:
+        spelled = name.title() if name.islower() else name
+        if len(_SPELLING) < 1000:  # the names are the application's: bounded
+            _SPELLING[name] = spelled
+    return spelled
+
+
+class Request:
+    """
+    One request, and its response.
+
+    @ivar method: C{b"GET"}, ...
+    @ivar uri: the request target as received, in origin form (an absolute
+        form is reduced to its path and query), or C{b"*"} for C{OPTIONS}.
+    @ivar path: the target up to C{?}, not unquoted; C{query}: after it.
+    @ivar clientproto: C{b"HTTP/1.1"} or C{b"HTTP/1.0"}.
+    @ivar headers: the request headers, C{(lower-case name, value)} in order.
+    @ivar content: the body, a file at offset 0 (empty without a body).
+    @ivar arrived: monotonic seconds when the request head began to arrive;
+        C{started}: when the handler got the request.
+    @ivar client, scheme: the client address and URL scheme (the site sets
+        them from the peer and any trusted forwarded headers).
+    @ivar persistent: whether the connection may carry another request
+        after this one (the protocol decides; a response may turn it off).
+    @ivar channel: the connection (L{HTTPConnection}); C{None} once lost.
+    """
+
+    code = 200
+    reason: bytes | None = None
+    client = ""
+    scheme = "http"
+    started: float | None = None
+    streaming = False
+    rejected = False
+    persistent = True
+    finished = False
+    startedWriting = False
+    sentLength = 0  # bytes of the body sent
+    lastModified: int | None = None
+    content = None
+    # How the body goes out, decided with the head: chunked, or a length.
+    _chunked = False
+    _left: int | None = None
+    _body_allowed = True
+    _producer = None
+    _waiters: list | None = None
+
+    def __init__(self, channel, method: bytes, target: bytes, version: bytes, headers, arrived):
+        self.channel = channel
+        self.method = method
+        self.uri = target
+        self.path, _, self.query = target.partition(b"?")
+        self.clientproto = version
+        self.headers = headers
+        self.arrived = arrived
+        self.prepath: list[bytes] = []
+        self.postpath: list[bytes] = []
+        self._response: dict[bytes, tuple[bytes, list[bytes]]] = {}
+
+    # -- what the request says ------------------------------------------
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """@return: the last value of the request header C{name} (any case), or C{None}."""
+        name = name.lower()
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    @property
+    def args(self) -> dict[bytes, list[bytes]]:
+        """The query's arguments (C{name: [values]})."""
+        return parse_qs(self.query, keep_blank_values=True)
+
+    def getHost(self):
+        return self.channel.host
+
+    def getPeer(self):
+        """@return: the peer's address (a proxy's, behind one: see C{client})."""
+        return self.channel.peer
+
+    getClientAddress = getPeer
+
+    def isSecure(self) -> bool:
+        """@return: whether the connection is TLS."""
+        return self.channel is not None and ISSLTransport.providedBy(self.channel.transport)
+
+    # -- the response -----------------------------------------------------
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        self.code = code
+        # The usual phrase: the status line is made once per process.
+        self.reason = None if message == _REASONS.get(code) else message
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        """Set the response header C{name} to C{value} alone."""
+        self._response[name.lower()] = (name, [value])
+
+    def addHeader(self, name: bytes, value: bytes) -> None:
+        """Add C{value} to the response header C{name} (a header line more)."""
+        key = name.lower()
+        known = self._response.get(key)
+        if known is None:
+            self._response[key] = (name, [value])
+        else:
+            known[1].append(value)
+
+    def removeHeader(self, name: bytes) -> None:
+        self._response.pop(name.lower(), None)
+
+    def responseHeader(self, name: bytes) -> bytes | None:
+        """@return: the last value of the response header C{name}, or C{None}."""
+        known = self._response.get(name.lower())
+        return known[1][-1] if known else None
+
+    def redirect(self, url: bytes) -> None:
+        """Answer 302 to C{url} (twisted.web.static redirects a directory so)."""
+        self.setResponseCode(302)
+        self.setHeader(b"location", url)
+
+    def setLastModified(self, when: float):
+        """
+        Set C{Last-Modified} (a later time wins over an earlier one).
+
+        @return: C{twisted.web.http.CACHED} after setting the status to 304
+            when C{If-Modified-Since} is not older, else C{None}.
+        """
+        from twisted.web.http import CACHED, datetimeToString, stringToDatetime
+
+        when = int(math.ceil(when))
+        if self.lastModified is None or self.lastModified < when:
+            self.lastModified = when
+            self.setHeader(b"last-modified", datetimeToString(when))
+        since = self.getHeader(b"if-modified-since")
+        if since:
+            try:
+                since_time = stringToDatetime(since.split(b";", 1)[0])
+            except ValueError:
+                return None
+            if since_time >= self.lastModified:
+                self.setResponseCode(304)
+                return CACHED
+        return None
+
+    def _head(self) -> bytes:
+        """@return: the status line and headers; decides how the body is framed."""
+        self.startedWriting = True
+        channel = self.channel
+        code = self.code
+        headers = self._response
+        headers.pop(b"transfer-encoding", None)  # ours to decide
+        if code < 200 or code in _NO_BODY:
+            self._body_allowed = False
+            headers.pop(b"content-length", None)
+        else:
+            if self.method == b"HEAD":
+                self._body_allowed = False
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    if self._body_allowed:
+                        self._left = int(length[1][-1])
+                except ValueError:
+                    self.persistent = False
+            elif self.clientproto == b"HTTP/1.1":
+                self._chunked = True
+                headers[b"transfer-encoding"] = (b"Transfer-Encoding", [b"chunked"])
+            else:
+                self.persistent = False  # the close ends the body
+        connection = headers.get(b"connection")
+        if connection is not None and b"close" in b",".join(connection[1]).lower():
+            self.persistent = False
+        if channel.draining or channel.closing:
+            self.persistent = False
+        if not self.persistent:
+            headers[b"connection"] = (b"Connection", [b"close"])
+        elif self.clientproto == b"HTTP/1.0":
+            headers[b"connection"] = (b"Connection", [b"keep-alive"])
+        if self.reason is None and code in _STATUS_LINES:
+            lines = [_STATUS_LINES[code]]
+        else:
+            reason = self.reason or _REASONS.get(code, b"Unknown")
+            lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
+        for name, values in headers.values():
+            name = _SPELLING.get(name) or _spelled(name)
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    def write(self, data: bytes) -> None:
+        """Send C{data} as (more of) the body, after the head on the first call."""
+        channel = self.channel
+        if self.finished or channel is None or channel.transport is None:
+            return
+        head = b"" if self.startedWriting else self._head()
+        if data and self._body_allowed:
+            left = self._left
+            if left is not None:
+                if len(data) > left:
+                    # More than Content-Length said would be read as the
+                    # next response: cut, and close after.
+                    _log.warn(
+                        "{method} {uri}: the response is longer than its Content-Length; "
+                        "cut there, and the connection closed",
+                        method=self.method.decode("latin-1"),
+                        uri=_masked(self.uri),
+                    )
+                    data = data[:left]
+                    self.persistent = False
+                self._left = left - len(data)
+            self.sentLength += len(data)
+            size = len(data)
+            if not data:
+                pieces = (head,)
+            elif self._chunked:
+                pieces = (head, b"%x\r\n" % size, data, b"\r\n")
+            else:
+                pieces = (head, data)
+            if size < 65536:
+                channel.transport.write(b"".join(pieces))
+            else:
+                # Not copied into one string: the transport sends them in turn.
+                channel.transport.writeSequence(pieces)
+        elif head:
+            channel.transport.write(head)
+
+    def finish(self) -> None:
+        """End the response; the connection goes on to the next request, or closes."""
+        channel = self.channel
+        if self.finished or channel is None:
+            return
+        if not self.startedWriting:
+            code = self.code
+            if not (self.method == b"HEAD" or code < 200 or code in _NO_BODY):
+                if b"content-length" not in self._response:
+                    self.setHeader(b"content-length", b"0")
+            self.write(b"")
+        elif self._chunked and self._body_allowed:
+            channel.transport.write(b"0\r\n\r\n")
+        if self._left:
+            self.persistent = False  # fewer bytes than Content-Length said
+        if self._producer is not None:
+            self.unregisterProducer()
+        self.finished = True
+        channel.request_done(self)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            waiter.callback(None)
+
+    # -- streaming ---------------------------------------------------------
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        """Have C{producer} write the body, with the transport's flow control."""
+        self._producer = producer
+        self.channel.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            if self.channel is not None and self.channel.transport is not None:
+                self.channel.transport.unregisterProducer()
+
+    def notifyFinish(self) -> defer.Deferred:
+        """@return: a Deferred fired when the response is finished, failed if the connection is lost first."""
+        d = defer.Deferred()
+        if self.finished:
+            d.callback(None)
+        elif self.channel is None:
+            d.errback(Failure(ConnectionError("the connection was lost")))
+        else:
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(d)
+        return d
+
+    def connection_lost(self, reason: Failure) -> None:
+        """The connection was lost before the response was finished."""
+        self.channel = None
+        self._producer = None
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            waiter.errback(reason)
