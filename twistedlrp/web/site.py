@@ -70,7 +70,6 @@ class TrustedProxies:
 class Router:
     """Send a request to the health endpoint, static files or the application."""
 
-    isLeaf = True
     # The metrics endpoint (web/metrics.py), if on.
     metrics_path: bytes | None = None
     metrics = None
