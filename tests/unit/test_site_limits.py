@@ -664,6 +664,7 @@ def test_an_error_while_routing_is_answered_500_in_plain_text():
     assert b"content-type: text/plain; charset=utf-8" in answer.lower()
     assert b"content-length: 22" in answer.lower()
     assert answer.endswith(b"\r\n\r\nInternal Server Error\n")
+    assert b"\r\nserver: " in answer.lower() and b"\r\ndate: " in answer.lower()
     assert any("Error while routing" in str(e.get("log_format")) for e in errors)
 
 

@@ -215,7 +215,9 @@ class HTTPConnection(MessageReader, protocol.Protocol):
             if request.startedWriting:
                 self.transport.abortConnection()
             elif not request.finished:
-                request._response.clear()
+                # The application's headers go; the server's own (Server, Date) stay.
+                for name in [n for n in request._response if n not in (b"server", b"date")]:
+                    request.removeHeader(name)
                 request.setResponseCode(500)
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
                 request.setHeader(b"content-length", b"22")
