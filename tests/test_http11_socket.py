@@ -18,6 +18,8 @@ import time
 
 import pytest
 
+from support import read_to_close
+
 HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 WRITE_TIMEOUT = 1.0
 
@@ -111,16 +113,6 @@ def _connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
 
 
-def _read_to_close(sock: socket.socket) -> bytes:
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def _read_until(sock: socket.socket, end: bytes, data: bytes = b"") -> bytes:
     while not data.endswith(end):
         chunk = sock.recv(65536)
@@ -152,7 +144,7 @@ def test_expect_100_continue_and_chunked_bodies_both_ways(port):
         sock.sendall(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
         assert _read_until(sock, b"hello world").startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"\r\nTransfer-Encoding: chunked\r\n" in head and b"\r\nConnection: close" in head
     assert body == b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"
@@ -231,7 +223,7 @@ def test_exchanges(port, name):
     with _connect(port) as sock:
         sock.sendall(raw)
         if closes:
-            data = _read_to_close(sock)
+            data = read_to_close(sock)
         else:
             data = b""
             while data.count(b"HTTP/1.1 ") < len(expected) or not data.endswith(b"\n"):
@@ -260,7 +252,7 @@ AT_LIMIT = _PREFIX + b"x" * (4096 - len(_PREFIX) - 4) + b"\r\n\r\n"  # the serve
 def test_a_head_over_the_size_or_line_limit_gets_431(port, raw, status):
     with _connect(port) as sock:
         sock.sendall(raw)
-        answer = _read_until(sock, b"hello\n") if status == b"200" else _read_to_close(sock)
+        answer = _read_until(sock, b"hello\n") if status == b"200" else read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer
 
 
@@ -294,7 +286,7 @@ def test_a_head_over_the_size_or_line_limit_gets_431(port, raw, status):
 def test_bad_heads_get_400_and_close(port, raw, reason):
     with _connect(port) as sock:
         sock.sendall(raw + HELLO)
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n") and reason in answer
     assert b"\r\nConnection: close\r\n" in answer and answer.count(b"HTTP/1.1") == 1
 
@@ -328,7 +320,7 @@ def test_each_smuggling_case_gets_400_and_close(port, name):
     with _connect(port) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\n" + CASES[name] + SMUGGLED + HELLO)
         started = time.monotonic()
-        answer = _read_to_close(sock)
+        answer = read_to_close(sock)
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
     assert b"\r\nConnection: close\r\n" in answer
     assert answer.count(b"HTTP/1.1 ") == 1 and b"SMUGGLED" not in answer
