@@ -28,7 +28,6 @@ def serve() -> None:
     """Serve the tiny site on a free loopback port; print the port."""
     from twisted.internet import reactor
 
-    from twistedlrp.web import ports
     from twistedlrp.web.limits import Limits
     from twistedlrp.web.site import LRPSite
 
@@ -87,7 +86,6 @@ def serve() -> None:
     )
     site = Site(reactor, limits=limits, max_body_size=1000)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    ports.keep_write_deadlines(port)  # the transports lrp's ports give (the write deadline)
     sys.stdout.write(f"{port.getHost().port}\n")
     sys.stdout.flush()
     reactor.run()

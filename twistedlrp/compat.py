@@ -69,24 +69,6 @@ class OneAcceptPerTurn:
         return super().doRead()
 
 
-def buffered(transport) -> int:
-    """@return: the bytes a TCP or UNIX transport holds that the kernel has not taken."""
-    # To file: "ITransport has no public count of buffered bytes".
-    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-
-
-def write_shut(transport) -> bool:
-    """@return: whether the transport's write side is closed (loseWriteConnection)."""
-    return bool(transport._writeDisconnected)
-
-
-def set_connection_class(port, connection_class) -> None:
-    """Make C{port}'s next connections C{connection_class}, a subclass of its own."""
-    # twisted/twisted#5303 (a transport writes on the reactor's next turn):
-    # a transport that sends at once has no public way in.
-    port.transport = connection_class
-
-
 # -- Twisted: AMP, Perspective Broker and transports -----------------------
 
 

@@ -8,7 +8,7 @@ import os
 import socket
 import stat
 
-from twisted.internet import abstract, protocol, tcp
+from twisted.internet import protocol, tcp
 from twisted.internet.testing import MemoryReactor
 
 from twistedlrp import compat
@@ -51,11 +51,7 @@ def _connect_many(address, count: int, family=socket.AF_INET) -> list[socket.soc
     return clients
 
 
-class _Marked(tcp.Server):
-    pass
-
-
-def test_a_shared_port_accepts_one_connection_per_read_with_the_class_it_is_given():
+def test_a_shared_port_accepts_one_connection_per_read():
     class Shared(compat.OneAcceptPerTurn, tcp.Port):
         pass
 
@@ -71,43 +67,17 @@ def test_a_shared_port_accepts_one_connection_per_read_with_the_class_it_is_give
             return _Null()
 
     port = compat.adopt_port(Shared, MemoryReactor(), server.fileno(), socket.AF_INET, Factory())
-    assert port.transport is tcp.Server, _changed("tcp.Port.transport")
-    compat.set_connection_class(port, _Marked)
     clients = _connect_many(server.getsockname(), 3)
     try:
         port.doRead()
         assert len(built) == 1, _changed("tcp.Port.numberAccepts")
         port.doRead()
         assert len(built) == 2, _changed("tcp.Port.numberAccepts")
-        connection = next(c for c in port.reactor.readers if isinstance(c, tcp.Server))
-        assert isinstance(connection, _Marked), _changed("tcp.Port.transport")
     finally:
         for client in clients:
             client.close()
         port.connectionLost(None)
         server.close()
-
-
-def test_the_buffered_bytes_and_the_closed_write_side_of_a_transport_are_seen():
-    class Descriptor(abstract.FileDescriptor):
-        connected = True
-
-        def writeSomeData(self, data):
-            return min(2, len(data))
-
-    transport = Descriptor(MemoryReactor())
-    assert compat.buffered(transport) == 0
-    transport.write(b"abc")
-    transport.write(b"de")
-    assert compat.buffered(transport) == 5, _changed("FileDescriptor._tempDataLen")
-    transport.doWrite()  # takes 2
-    assert compat.buffered(transport) == 3, _changed("FileDescriptor.dataBuffer/offset")
-    assert not compat.write_shut(transport)
-    transport.loseWriteConnection()
-    for _ in range(3):
-        transport.doWrite()
-    assert compat.buffered(transport) == 0
-    assert compat.write_shut(transport), _changed("FileDescriptor._writeDisconnected")
 
 
 def test_importing_compat_imports_no_web_or_port_module():

@@ -7,7 +7,6 @@ smuggling cases split anyhow, the drain, the write deadline and the request's AP
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -332,19 +331,17 @@ def test_notify_finish_and_a_lost_connection():
     second.finish()
 
 
-def test_the_write_deadline_hook_cuts_a_client_that_reads_nothing():
-    class Watched(Transport):
-        socket = SimpleNamespace(family=None)  # not TCP: no TCP_NOTSENT_LOWAT
-
-        def watch_writes(self, timeout, on_stalled):
-            self.watched = (timeout, on_stalled)
-
-    connection = App(MemoryReactorClock(), limits=Limits(write_timeout=5)).buildProtocol(None)
-    transport = Watched()
+def test_the_write_deadline_cuts_a_client_that_reads_nothing():
+    reactor = MemoryReactorClock()
+    connection = App(reactor, limits=Limits(write_timeout=5)).buildProtocol(None)
+    transport = Transport()
     connection.makeConnection(transport)
-    assert connection.write_deadline and transport.watched[0] == 5
+    assert connection.write_deadline and transport.producer is connection and transport.streaming
     connection.dataReceived(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
-    transport.watched[1]()
+    connection.pauseProducing()  # as the transport does when its buffer is full
+    reactor.advance(4.9)
+    assert not transport.aborted
+    reactor.advance(0.1)
     assert transport.aborted and connection.closing
 
 
@@ -362,11 +359,14 @@ def test_a_producer_writes_through_the_request_with_framing():
 
     producer = Pull()
     request.registerProducer(producer, False)
-    assert transport.producer is producer and not transport.streaming
-    producer.resumeProducing()
+    # The transport asks the connection, which asks the producer.
+    assert connection.producer is producer
+    assert transport.producer is connection and not transport.streaming
+    transport.producer.resumeProducing()
     request.unregisterProducer()
     request.finish()
-    assert transport.producer is None
+    assert connection.producer is None
+    assert transport.producer is connection and transport.streaming
     assert transport.value().endswith(b"\r\n\r\n4\r\ndata\r\n0\r\n\r\n")
 
 
@@ -409,7 +409,7 @@ def test_twisted_web_static_files_are_served_through_the_request(tmp_path):
                 request.setHeader(b"content-length", b"%d" % len(body))
                 request.write(body)
             request.finish()
-        while transport.producer is not None:  # a pull producer, as the reactor drives it
+        while connection.producer is not None:  # a pull producer, as the reactor drives it
             transport.producer.resumeProducing()
 
     site.handle = handle

@@ -1,9 +1,9 @@
 """
-The write deadline of a connection's transport (web/ports.py) on a fake
-clock: bytes that cannot go out are cut --write-timeout after the last
-progress (a byte sent, or on Linux a byte the peer acknowledged), counted
-from the write that could not go out; and the share of the pool that
-streaming responses may take (web/limits.py StreamSlots).
+The write deadline of a connection (web/http/writing.py) on a fake clock: a
+connection that its transport pauses is cut --write-timeout after the last
+progress (a resume, or on Linux a byte the peer acknowledged), counted from
+the pause; and the share of the pool that streaming responses may take
+(web/limits.py StreamSlots).
 """
 
 import struct
@@ -11,11 +11,14 @@ import sys
 import threading
 
 import pytest
-from twisted.internet.task import Clock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from twistedlrp.options import Options
-from twistedlrp.web import ports
+from twistedlrp.web.http import writing
 from twistedlrp.web.limits import Limits, StreamSlots, default_stream_threads
+from twistedlrp.web.site import LRPSite
 
 TIMEOUT = 10.0
 
@@ -32,79 +35,61 @@ class FakeSocket:
         return bytes(120) + struct.pack("=Q", self.acked)
 
 
-class FakeDescriptor:
-    """The parts of Twisted's FileDescriptor the deadline uses; C{accept} bytes go out per send."""
+class Transport(StringTransport):
+    """A transport whose socket says what its peer acknowledged."""
 
-    SEND_LIMIT = 128 * 1024
-    TLS = False
-    disconnecting = False
-    _writeDisconnected = False
+    aborted = False
 
-    def __init__(self, clock):
-        self.reactor = clock
+    def __init__(self):
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
         self.socket = FakeSocket()
-        self.connected = True
-        self.dataBuffer = b""
-        self.offset = 0
-        self._tempDataBuffer = []
-        self._tempDataLen = 0
-        self.accept = 0
 
-    def write(self, data):
-        self._tempDataBuffer.append(data)
-        self._tempDataLen += len(data)
-
-    def writeSequence(self, iovec):
-        for data in iovec:
-            self.write(data)
-
-    def writeSomeData(self, data):
-        return min(len(data), self.accept)
-
-    def doWrite(self):
-        """A turn of the reactor with the socket writable (as FileDescriptor.doWrite)."""
-        self.dataBuffer = bytes(self.dataBuffer[self.offset :]) + b"".join(self._tempDataBuffer)
-        self.offset = 0
-        self._tempDataBuffer, self._tempDataLen = [], 0
-        self.offset += self.writeSomeData(self.dataBuffer)
-        if self.offset == len(self.dataBuffer):
-            self.dataBuffer, self.offset = b"", 0
-
-    def connectionLost(self, reason):
-        self.connected = False
+    def abortConnection(self):
+        self.aborted = True
+        super().abortConnection()
 
 
-class Transport(ports._WatchedWrites, FakeDescriptor):
-    pass
+class Holding(LRPSite):
+    """Holds every request unanswered."""
+
+    def handle(self, request):
+        self.held = request
 
 
 def watched(timeout=TIMEOUT):
-    clock = Clock()
-    transport = Transport(clock)
+    """@return: the clock, a connection answering a request, its transport, and its cuts."""
+    clock = MemoryReactorClock()
+    site = Holding(clock, limits=Limits(header_timeout=0, write_timeout=timeout))
+    connection = site.buildProtocol(None)
+    transport = Transport()
+    connection.makeConnection(transport)
+    connection.dataReceived(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
     stalls = []
-    transport.watch_writes(timeout, lambda: stalls.append(clock.seconds()))
-    return clock, transport, stalls
+    connection._write_stalled = lambda: stalls.append(clock.seconds())
+    return clock, connection, transport, stalls
 
 
-def test_bytes_that_cannot_go_out_are_cut_at_the_timeout_from_the_write():
-    clock, transport, stalls = watched()
+def _checks(clock, connection):
+    return [c for c in clock.getDelayedCalls() if c.func == connection._check_flow]
+
+
+def test_a_transport_paused_for_the_timeout_is_cut():
+    clock, connection, transport, stalls = watched()
+    assert transport.producer is connection and transport.streaming
     clock.advance(3)
-    transport.write(b"x" * 1000)
-    transport.doWrite()  # the socket takes nothing
+    connection.pauseProducing()  # the transport's buffer is full
     clock.advance(TIMEOUT - 0.01)
     assert stalls == []
     clock.advance(0.01)
     assert stalls == [3 + TIMEOUT]
 
 
-def test_each_byte_that_goes_out_restarts_the_count():
-    clock, transport, stalls = watched()
-    transport.write(b"x" * 1000)
-    transport.doWrite()
+def test_each_resume_restarts_the_count():
+    clock, connection, transport, stalls = watched()
+    connection.pauseProducing()
     clock.advance(6)
-    transport.accept = 10
-    transport.doWrite()  # some progress at 6
-    transport.accept = 0
+    connection.resumeProducing()  # all that waited went out at 6
+    connection.pauseProducing()
     clock.advance(TIMEOUT - 0.01)
     assert stalls == []
     clock.advance(0.01)
@@ -114,50 +99,79 @@ def test_each_byte_that_goes_out_restarts_the_count():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="acknowledgements: Linux")
 def test_bytes_the_peer_acknowledges_are_progress():
     # A client that reads slowly: the kernel's buffer drains, Twisted's does not.
-    clock, transport, stalls = watched()
-    transport.write(b"x" * 1000)
-    transport.doWrite()
+    clock, connection, transport, stalls = watched()
+    connection.pauseProducing()
     for _ in range(8):
         clock.advance(TIMEOUT / 2)
         transport.socket.acked += 100
     assert stalls == []
     last_ack = clock.seconds()
     # Small steps: Clock runs every call that falls due at the step's end time.
-    for _ in range(int((TIMEOUT + TIMEOUT / ports.STALL_CHECKS) / 0.5)):
+    for _ in range(int((TIMEOUT + TIMEOUT / writing.STALL_CHECKS) / 0.5)):
         clock.advance(0.5)
     assert len(stalls) == 1
     # Seen at most a quarter of the timeout late.
     assert last_ack + TIMEOUT <= stalls[0] <= last_ack + TIMEOUT * 1.25
 
 
-def test_bytes_that_go_out_at_once_start_no_deadline():
-    clock, transport, stalls = watched()
-    transport.accept = 10**9
+def test_a_connection_never_paused_starts_no_deadline():
+    clock, connection, transport, stalls = watched()
     for _ in range(100):
-        transport.write(b"response")
-        transport.doWrite()
+        connection.request.write(b"response")
         clock.advance(1)
+    assert _checks(clock, connection) == []
     clock.advance(10 * TIMEOUT)
     assert stalls == []
-    # The one check that was made found nothing waiting, and made no other.
-    assert clock.getDelayedCalls() == []
 
 
 def test_no_timeout_no_deadline():
-    clock, transport, stalls = watched(timeout=0)
-    transport.write(b"x")
-    transport.doWrite()
-    assert clock.getDelayedCalls() == []
+    clock, connection, transport, stalls = watched(timeout=0)
+    connection.pauseProducing()
+    assert _checks(clock, connection) == []
+    clock.advance(10 * TIMEOUT)
+    assert stalls == [] and not connection.write_deadline
 
 
 def test_a_lost_connection_stops_the_deadline():
-    clock, transport, stalls = watched()
-    transport.write(b"x")
-    transport.doWrite()
-    transport.connectionLost(None)
+    clock, connection, transport, stalls = watched()
+    connection.pauseProducing()
+    connection.connectionLost(Failure(ConnectionError("gone")))
     clock.advance(2 * TIMEOUT)
     assert stalls == []
-    assert clock.getDelayedCalls() == []
+    assert _checks(clock, connection) == []
+
+
+def test_pauses_and_resumes_pass_on_to_the_response_producer():
+    clock, connection, transport, stalls = watched()
+    events = []
+
+    class Push:
+        def pauseProducing(self):
+            events.append("pause")
+
+        def resumeProducing(self):
+            events.append("resume")
+
+        def stopProducing(self):
+            events.append("stop")
+
+    connection.pauseProducing()
+    connection.request.registerProducer(Push(), True)  # paused already: paused at once
+    connection.resumeProducing()
+    connection.pauseProducing()
+    clock.advance(TIMEOUT)
+    assert stalls == [TIMEOUT]
+    connection.connectionLost(Failure(ConnectionError("gone")))
+    assert events == ["pause", "resume", "pause", "stop"]
+
+
+def test_a_closing_connection_whose_client_reads_nothing_is_cut():
+    clock, connection, transport, stalls = watched()
+    connection.request.setHeader(b"connection", b"close")
+    connection.request.finish()
+    assert transport.disconnecting and transport.producer is None
+    clock.advance(TIMEOUT)
+    assert stalls == [TIMEOUT]
 
 
 # -- the share of the pool that streams may take ------------------------------

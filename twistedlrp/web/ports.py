@@ -1,6 +1,6 @@
 """
 The server's listening ports, including sockets adopted from another
-process, and the transport of their connections (L{keep_write_deadlines}).
+process.
 
 A socket that another process bound (systemd, or the C{--reload}
 supervisor, which passes its sockets to each server as C{systemd:}
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
-import sys
 
 from twisted.internet import defer, error, fdesc, protocol, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -21,9 +19,8 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.internet.interfaces import IListeningPort
 
 from twistedlrp import compat
-from twistedlrp.web.limits import UNSENT_LOWAT
 
-__all__ = ["AdoptedUNIXPort", "adopt", "keep_write_deadlines", "listen", "socket_transport"]
+__all__ = ["AdoptedUNIXPort", "adopt", "listen", "socket_transport"]
 
 
 class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
@@ -92,141 +89,7 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
     return port
 
 
-# -- the connections' transport ---------------------------------------------
-
-
-# Looks at a connection whose bytes wait, per write timeout: the peer's
-# acknowledgements are seen within a quarter of it.
-STALL_CHECKS = 4
-_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-# Where Linux's struct tcp_info holds tcpi_bytes_acked (since Linux 4.1).
-_BYTES_ACKED_AT = 120
-
-
-def bytes_acked(sock) -> int | None:
-    """
-    @return: the bytes the peer of the TCP socket C{sock} has acknowledged
-        so far, or C{None} where the system does not say (not Linux, not TCP).
-    """
-    if _TCP_INFO is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED_AT + 8)
-    except OSError:
-        return None
-    if len(info) < _BYTES_ACKED_AT + 8:
-        return None
-    return struct.unpack_from("=Q", info, _BYTES_ACKED_AT)[0]
-
-
-class _WatchedWrites:
-    """
-    A connection's transport that keeps a write deadline (L{watch_writes}):
-    while bytes wait in Twisted's buffer, the peer must make progress within
-    C{timeout} seconds, else C{on_stalled} is called. Progress is a byte
-    that goes out to the kernel or, on Linux, a byte the peer acknowledges
-    (it takes data from the kernel's buffer: a client that reads slowly is
-    not cut).
-
-    @ivar waiting_since: the reactor time since which bytes have waited to
-        go out without progress (the write that found nothing waiting, or
-        the last progress seen), if the deadline is kept.
-    """
-
-    _write_timeout = 0.0
-    _on_stalled = None
-    _stall_call = None
-    # The bytes the peer had acknowledged at the last look (Linux).
-    _acked: int | None = None
-    waiting_since: float | None = None
-
-    def watch_writes(self, timeout: float, on_stalled) -> None:
-        """
-        Call C{on_stalled()} once bytes have waited C{timeout} seconds (0:
-        never) to go out without one going out.
-        """
-        self._write_timeout = timeout
-        self._on_stalled = on_stalled
-        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
-        # does not let out yet (by default, megabytes on loopback), so a
-        # send stops taking data soon after the client stops reading.
-        lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-        if lowat is not None and self.socket.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                self.socket.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
-            except OSError:
-                pass
-
-    def _waiting(self) -> bool:
-        return compat.buffered(self) > 0
-
-    def _begin_wait(self, waiting_before: bool) -> None:
-        # After a write: if nothing waited before it, its bytes wait from now.
-        if not waiting_before and self._waiting():
-            self.waiting_since = self.reactor.seconds()
-            if self._stall_call is None:
-                # One call per connection at most, never cancelled while the
-                # connection lives: it finds out when it fires.
-                self._stall_call = self.reactor.callLater(
-                    self._write_timeout / STALL_CHECKS, self._check_stall
-                )
-
-    def _check_stall(self) -> None:
-        self._stall_call = None
-        if not self.connected or not self._waiting():
-            self.waiting_since = None
-            return
-        now = self.reactor.seconds()
-        acked = bytes_acked(self.socket)
-        if acked is not None:
-            if self._acked is not None and acked != self._acked:
-                self.waiting_since = now
-            self._acked = acked
-        left = self.waiting_since + self._write_timeout - now
-        if left > 0:
-            self._stall_call = self.reactor.callLater(
-                min(left, self._write_timeout / STALL_CHECKS), self._check_stall
-            )
-        elif self._on_stalled is not None:
-            self._on_stalled()
-
-    def writeSomeData(self, data):
-        sent = super().writeSomeData(data)
-        if self._write_timeout and isinstance(sent, int) and sent > 0:
-            self.waiting_since = self.reactor.seconds()
-        return sent
-
-    def connectionLost(self, reason):
-        if self._stall_call is not None and self._stall_call.active():
-            self._stall_call.cancel()
-        self._stall_call = self._on_stalled = None
-        return super().connectionLost(reason)
-
-    def write(self, data):
-        if not self._write_timeout:
-            return super().write(data)
-        waiting = self._waiting()
-        super().write(data)
-        self._begin_wait(waiting)
-
-    def writeSequence(self, iovec):
-        if not self._write_timeout:
-            super().writeSequence(iovec)
-        else:
-            waiting = self._waiting()
-            super().writeSequence(iovec)
-            self._begin_wait(waiting)
-
-
-class _WatchedTCPServer(_WatchedWrites, tcp.Server):
-    pass
-
-
-class _WatchedUNIXServer(_WatchedWrites, unix.Server):
-    pass
-
-
-_WATCHED = {tcp.Server: _WatchedTCPServer, unix.Server: _WatchedUNIXServer}
+# -- the connections' transport --------------------------------------------
 
 
 def socket_transport(transport):
@@ -237,16 +100,6 @@ def socket_transport(transport):
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
     return transport if getattr(transport, "socket", None) is not None else None
-
-
-def keep_write_deadlines(port) -> None:
-    """
-    Give the connections that C{port} accepts from now on a transport that
-    can keep a write deadline (a TCP or UNIX port; others are left as they are).
-    """
-    watched = _WATCHED.get(getattr(port, "transport", None))
-    if watched is not None:
-        compat.set_connection_class(port, watched)
 
 
 # -- sockets held for other processes ---------------------------------------

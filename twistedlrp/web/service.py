@@ -76,7 +76,6 @@ class WebService(service.Service):
                     port = ports.adopt(self.reactor, fd, family, self.site, shared=True)
                 except Exception as e:
                     raise StartupFailed(f"cannot adopt listening socket {fd}: {e}") from e
-                ports.keep_write_deadlines(port)
                 self.ports.append(port)
             return
         for endpoint in self.endpoints:
@@ -84,7 +83,6 @@ class WebService(service.Service):
                 port = await ports.listen(self.reactor, endpoint, self.site)
             except Exception as e:
                 raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
-            ports.keep_write_deadlines(port)
             self.ports.append(port)
 
     def stop_by(self, deadline: float) -> defer.Deferred:

@@ -29,6 +29,7 @@ from twistedlrp.web.http.reading import (
     MessageReader,
 )
 from twistedlrp.web.http.request import Request, _masked
+from twistedlrp.web.http.writing import WriteFlow
 from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
 log = Logger()
@@ -39,7 +40,7 @@ DRAIN_GRACE = 1.0
 
 
 @implementer(IHalfCloseableProtocol)
-class HTTPConnection(MessageReader, protocol.Protocol):
+class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     """
     One HTTP/1.1 connection: requests are read one at a time and handed to
     the site's C{handle}; the next is read once the response is finished.
@@ -57,7 +58,6 @@ class HTTPConnection(MessageReader, protocol.Protocol):
     draining = False
     answered = 0
     last_request: Request | None = None  # named when the connection is cut
-    write_deadline = False  # the transport cuts a client that reads nothing
     _head_begun = False
     _timer = None
     _due = 0.0
@@ -77,7 +77,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._buffer = b""
         site.channel_opened(self)
-        self._watch_writes(self.limits.write_timeout)
+        self._start_flow()
         self._await_head()
         self._time_head()  # the first request head is timed from the connection
 
@@ -144,12 +144,6 @@ class HTTPConnection(MessageReader, protocol.Protocol):
             self._close_quietly()
 
     # -- the write deadline ------------------------------------------------
-
-    def _watch_writes(self, timeout: float) -> None:
-        transport = ports.socket_transport(self.transport)
-        if timeout and hasattr(transport, "watch_writes"):
-            transport.watch_writes(timeout, self._write_stalled)
-            self.write_deadline = True
 
     def _write_stalled(self) -> None:
         """The client took none of the response for --write-timeout: cut it."""
@@ -233,7 +227,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
             return
         if not request.persistent:
             self._leave()
-            self.transport.loseConnection()
+            self._lose()
             return
         self._await_head()
         if self._paused:
@@ -277,7 +271,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         self._lose_within_seconds()
 
     def _lose_within_seconds(self) -> None:
-        self.transport.loseConnection()
+        self._lose()
         if self._cut_call is None:
             self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.transport.abortConnection)
 
@@ -299,6 +293,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone):
         self._state = _CLOSED
         self._on_due = None
+        self._stop_flow()
         for call in (self._timer, self._cut_call, self._linger_call, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
@@ -320,7 +315,7 @@ class HTTPConnection(MessageReader, protocol.Protocol):
         if self.request is not None:
             self.request.persistent = False
         elif self.answered and not self._head_begun:
-            self.transport.loseConnection()
+            self._lose()
         elif not self._head_begun:
             self._drain_call = self.reactor.callLater(DRAIN_GRACE, self._drain_grace_over)
 

@@ -295,13 +295,13 @@ class Request:
     def registerProducer(self, producer, streaming: bool) -> None:
         """Have C{producer} write the body, with the transport's flow control."""
         self._producer = producer
-        self.channel.transport.registerProducer(producer, streaming)
+        self.channel.register_producer(producer, streaming)
 
     def unregisterProducer(self) -> None:
         if self._producer is not None:
             self._producer = None
-            if self.channel is not None and self.channel.transport is not None:
-                self.channel.transport.unregisterProducer()
+            if self.channel is not None:
+                self.channel.unregister_producer()
 
     def notifyFinish(self) -> defer.Deferred:
         """@return: a Deferred fired when the response is finished, failed if the connection is lost first."""
