@@ -58,6 +58,37 @@ class _NoStreamSlot(Exception):
     """Every thread that may stream a response does (--stream-threads)."""
 
 
+# What every environ holds, copied per request (multiprocess: False, True).
+_BASE = {
+    multiprocess: {
+        "SCRIPT_NAME": "",
+        "wsgi.version": (1, 0),
+        "wsgi.errors": _ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": multiprocess,
+        "wsgi.run_once": False,
+    }
+    for multiprocess in (False, True)
+}
+# The environ key of each request header name seen (None: dropped).
+_KEYS: dict[bytes, str | None] = {}
+
+
+def _key(name: bytes) -> str | None:
+    key = name.decode("latin-1").upper()
+    # A header spelled with "_" would collide with its "-" twin (and could
+    # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
+    if "_" in key:
+        key = None
+    else:
+        key = key.replace("-", "_")
+        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+            key = "HTTP_" + key
+    if len(_KEYS) < 1000:  # the names are the clients': bounded
+        _KEYS[name] = key
+    return key
+
+
 def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = False) -> dict:
     """
     @param multiprocess: other processes serve the same application
@@ -66,36 +97,22 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         L{twistedlrp.web.http.request.Request}), built in the reactor thread
         before the request is handed to a pool thread.
     """
-    path, query = request.path, request.query
     host = request.getHost()
     server_port = str(getattr(host, "port", "") or "")
-    server_name = getattr(host, "host", None) or "localhost"
-    environ = {
-        "REQUEST_METHOD": request.method.decode("latin-1"),
-        "SCRIPT_NAME": "",
-        "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
-        "QUERY_STRING": query.decode("latin-1"),
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": server_port or ("443" if scheme == "https" else "80"),
-        "SERVER_PROTOCOL": request.clientproto.decode("latin-1"),
-        "REMOTE_ADDR": remote_addr,
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": scheme,
-        "wsgi.input": request.content,
-        "wsgi.errors": _ERRORS,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": multiprocess,
-        "wsgi.run_once": False,
-    }
+    environ = _BASE[multiprocess].copy()
+    environ["REQUEST_METHOD"] = request.method.decode("latin-1")
+    environ["PATH_INFO"] = unquote_to_bytes(request.path).decode("latin-1")
+    environ["QUERY_STRING"] = request.query.decode("latin-1")
+    environ["SERVER_NAME"] = getattr(host, "host", None) or "localhost"
+    environ["SERVER_PORT"] = server_port or ("443" if scheme == "https" else "80")
+    environ["SERVER_PROTOCOL"] = request.clientproto.decode("latin-1")
+    environ["REMOTE_ADDR"] = remote_addr
+    environ["wsgi.url_scheme"] = scheme
+    environ["wsgi.input"] = request.content
     for name, value in request.headers:
-        key = name.decode("latin-1").upper()
-        # A header spelled with "_" would collide with its "-" twin (and could
-        # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
-        if "_" in key:
+        key = _KEYS[name] if name in _KEYS else _key(name)
+        if key is None:
             continue
-        key = key.replace("-", "_")
-        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-            key = "HTTP_" + key
         text = value.decode("latin-1")
         known = environ.get(key)
         environ[key] = text if known is None else known + "," + text
@@ -144,7 +161,7 @@ class WSGIResource:
         )
         if not self._pool.submit(response.run):
             return self._on_saturated(request)
-        request.notifyFinish().addErrback(response.connection_lost)
+        request.on_lost = response.connection_lost
         return NOT_DONE_YET
 
 
@@ -180,11 +197,9 @@ class _WSGIResponse:
         # Made when the response streams (most responses are buffered).
         self._resumed: threading.Event | None = None
         # Chunks handed to the reactor and not written yet (under _lock),
-        # at most _QUEUED_BYTES before the thread waits for _room.
-        self._lock = threading.Lock()
-        self._queued: list[bytes] = []
-        self._queued_bytes = 0
-        self._flush_scheduled = False
+        # at most _QUEUED_BYTES before the thread waits for _room; made when
+        # the response streams.
+        self._lock: threading.Lock | None = None
         self._room: threading.Event | None = None
 
     # -- reactor thread -------------------------------------------------
@@ -305,6 +320,10 @@ class _WSGIResponse:
         self._resumed.set()
         self._room = threading.Event()
         self._room.set()
+        self._lock = threading.Lock()
+        self._queued: list[bytes] = []
+        self._queued_bytes = 0
+        self._flush_scheduled = False
         self._call_and_wait(self._start_stream, self._status, self._headers)
         for chunk in self._written:
             self._stream(chunk)

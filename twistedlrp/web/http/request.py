@@ -85,6 +85,9 @@ class Request:
     _body_allowed = True
     _producer = None
     _waiters: list | None = None
+    # Called with the reason if the connection is lost before the response
+    # is finished (what notifyFinish does, without a Deferred per request).
+    on_lost = None
 
     def __init__(self, channel, method: bytes, target: bytes, version: bytes, headers, arrived):
         self.channel = channel
@@ -320,6 +323,8 @@ class Request:
         """The connection was lost before the response was finished."""
         self.channel = None
         self._producer = None
+        if self.on_lost is not None:
+            self.on_lost(reason)
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             waiter.errback(reason)
