@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from twistedlrp.metrics import Metrics
-from twistedlrp.web.site import TrustedProxies, finish_with_text
+from twistedlrp.web.site import TrustedProxies
 
 log = Logger()
 
@@ -138,7 +138,7 @@ def _failed(request, failure) -> None:
     log.failure("Could not collect the metrics", failure)
     if request.finished or request.channel is None:
         return
-    finish_with_text(request, 500, b"Could not collect the metrics.\n")
+    request.answer_text(500, b"Could not collect the metrics.\n")
 
 
 class MetricsOnly:

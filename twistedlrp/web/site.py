@@ -41,15 +41,6 @@ def http_date() -> bytes:
     return _http_date(int(time.time()))
 
 
-def finish_with_text(request, code: int, body: bytes) -> None:
-    """Answer C{request} with status C{code} and the plain text C{body}, and finish it."""
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
-
-
 class TrustedProxies:
     """The addresses whose X-Forwarded-* headers are believed."""
 

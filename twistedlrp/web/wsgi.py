@@ -4,8 +4,8 @@ that is not streamed reaches the reactor in one C{callFromThread}
 (C{twisted.web.wsgi} makes a blocking round trip per C{write}, most of its
 cost). Streaming responses (C{StreamingHttpResponse}, C{FileResponse}, any
 iterable that is not a list) are written chunk by chunk with flow control;
-the transport cuts a client that takes nothing for C{--write-timeout}
-seconds, which frees the thread; at most C{--stream-threads} threads stream
+the connection cuts a client that takes nothing for C{--write-timeout}
+seconds (L{twistedlrp.web.http.writing}), which frees the thread; at most C{--stream-threads} threads stream
 at once (L{twistedlrp.web.limits.StreamSlots}).
 """
 
@@ -168,6 +168,19 @@ class WSGIResource:
 class _WSGIResponse:
     """One application call: runs in a pool thread, answers in the reactor."""
 
+    _slot = False  # holds one of the stream slots
+    _status: str | None = None
+    _headers: list | None = None
+    _headers_sent = False
+    _streaming = False
+    disconnected = False
+    # Made when the response streams (most responses are buffered): the
+    # reactor's pause, and the chunks handed to it and not written yet
+    # (under _lock), at most _QUEUED_BYTES before the thread waits for _room.
+    _resumed: threading.Event | None = None
+    _lock: threading.Lock | None = None
+    _room: threading.Event | None = None
+
     def __init__(
         self,
         reactor,
@@ -181,34 +194,23 @@ class _WSGIResponse:
         self._reactor = reactor
         self._write_timeout = write_timeout
         self._streams = streams
-        self._slot = False
-        # Whether the connection's transport cuts a client that reads nothing
-        # (then this thread waits for that, however long a slow client takes).
+        # Whether the connection cuts a client that reads nothing (then this
+        # thread waits for that, however long a slow client takes).
         self._reactor_deadline = reactor_deadline
         self._request = request
         self._application = application
         self._environ = environ
-        self._status: str | None = None
-        self._headers: list | None = None
-        self._headers_sent = False
         self._written: list[bytes] = []
-        self._streaming = False
-        self.disconnected = False
-        # Made when the response streams (most responses are buffered).
-        self._resumed: threading.Event | None = None
-        # Chunks handed to the reactor and not written yet (under _lock),
-        # at most _QUEUED_BYTES before the thread waits for _room; made when
-        # the response streams.
-        self._lock: threading.Lock | None = None
-        self._room: threading.Event | None = None
 
     # -- reactor thread -------------------------------------------------
 
-    def connection_lost(self, reason):
+    def connection_lost(self, reason=None):
         self.disconnected = True
         if self._resumed is not None:
             self._resumed.set()
             self._room.set()
+
+    stopProducing = connection_lost  # of the IPushProducer below
 
     def _send_headers(self, status: str, headers: list) -> None:
         request = self._request
@@ -271,11 +273,6 @@ class _WSGIResponse:
 
     def resumeProducing(self):
         self._resumed.set()
-
-    def stopProducing(self):
-        self.disconnected = True
-        self._resumed.set()
-        self._room.set()
 
     # -- pool thread ----------------------------------------------------
 

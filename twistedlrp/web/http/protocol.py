@@ -10,13 +10,12 @@ from __future__ import annotations
 import time
 
 import httptools
-from twisted.internet import error, protocol
+from twisted.internet import protocol
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from twistedlrp.web import ports
+from twistedlrp.jobs.protocol.limits import abort_now
 from twistedlrp.web.http.reading import (
     _ANSWERING,
     _CHUNK_DATA,
@@ -212,11 +211,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
                 # The application's headers go; the server's own (Server, Date) stay.
                 for name in [n for n in request._response if n not in (b"server", b"date")]:
                     request.removeHeader(name)
-                request.setResponseCode(500)
-                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-                request.setHeader(b"content-length", b"22")
-                request.write(b"Internal Server Error\n")
-                request.finish()
+                request.answer_text(500, b"Internal Server Error\n")
 
     def request_done(self, request: Request) -> None:
         """C{request}'s response is finished (L{Request.finish})."""
@@ -331,9 +326,4 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         may accept hundreds of connections).
         """
         self._leave()
-        self.transport.abortConnection()
-        # The socket's own transport, under TLS if any (TCP and UNIX ones
-        # ignore a second connectionLost, the one abortConnection scheduled).
-        transport = ports.socket_transport(self.transport)
-        if transport is not None:
-            transport.connectionLost(Failure(error.ConnectionAborted()))
+        abort_now(self.transport)

@@ -187,6 +187,14 @@ class Request:
                 return CACHED
         return None
 
+    def answer_text(self, code: int, body: bytes) -> None:
+        """Answer status C{code} with the plain text C{body}, and finish."""
+        self.setResponseCode(code)
+        self.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
     def _head(self) -> bytes:
         """@return: the status line and headers; decides how the body is framed."""
         self.startedWriting = True
