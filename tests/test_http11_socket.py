@@ -2,7 +2,7 @@
 The HTTP/1.1 protocol over httptools (twistedlrp.web.http) on a real
 loopback port, in a process of its own (this file, run as a script, serves
 a tiny site), spoken to with raw bytes: keep-alive, pipelining,
-100-continue, chunked bodies both ways, HTTP/1.0, the write deadline, heads
+100-continue, chunked bodies both ways, HTTP/1.0, the write deadline (over TLS too), heads
 too large (431) or bad (400), and every request-smuggling case of issue
 20: each answered 400 and the connection closed, the smuggled request
 never answered.
@@ -86,25 +86,39 @@ def serve() -> None:
     )
     site = Site(reactor, limits=limits, max_body_size=1000)
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
-    sys.stdout.write(f"{port.getHost().port}\n")
+    # The same site over TLS, with Twisted's own test certificate.
+    import os
+
+    import twisted.test
+    from twisted.internet import ssl
+
+    with open(os.path.join(os.path.dirname(twisted.test.__file__), "server.pem"), "rb") as pem:
+        certificate = ssl.PrivateCertificate.loadPEM(pem.read())
+    tls = reactor.listenSSL(0, site, certificate.options(), interface="127.0.0.1")
+    sys.stdout.write(f"{port.getHost().port} {tls.getHost().port}\n")
     sys.stdout.flush()
     reactor.run()
 
 
 @pytest.fixture(scope="module")
-def port():
+def ports():
     process = subprocess.Popen(
         [sys.executable, __file__], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         ready, _, _ = select.select([process.stdout], [], [], 30)
         line = process.stdout.readline() if ready else b""
-        assert line.strip().isdigit(), line
-        yield int(line)
+        assert line.replace(b" ", b"").strip().isdigit(), line
+        yield [int(number) for number in line.split()]
     finally:
         process.kill()
         process.wait(10)
         process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def port(ports):
+    return ports[0]
 
 
 def _connect(port: int) -> socket.socket:
@@ -164,6 +178,25 @@ def test_a_client_that_reads_nothing_is_cut_at_the_write_deadline(port):
             time.sleep(0.05)
         elapsed = time.monotonic() - started
         assert _tcp_state(sock) == 7
+    assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is Linux's")
+def test_a_tls_client_that_reads_nothing_is_cut_at_the_write_deadline(ports):
+    import ssl
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    sock = socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with context.wrap_socket(sock) as tls:
+        tls.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        deadline = started + 30
+        while _tcp_state(tls) != 7 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+        assert _tcp_state(tls) == 7
     assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
 
 

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 
 from twistedlrp import compat
 
-__all__ = ["AdoptedUNIXPort", "adopt", "listen", "socket_transport"]
+__all__ = ["AdoptedUNIXPort", "adopt", "listen"]
 
 
 class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
@@ -87,19 +87,6 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
     port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
     os.close(server.fileno)
     return port
-
-
-# -- the connections' transport --------------------------------------------
-
-
-def socket_transport(transport):
-    """
-    @return: the transport that owns the socket under C{transport} (itself,
-        or the TCP transport under TLS), or C{None}.
-    """
-    while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
-        transport = transport.transport
-    return transport if getattr(transport, "socket", None) is not None else None
 
 
 # -- sockets held for other processes ---------------------------------------

@@ -20,7 +20,6 @@ import sys
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from twistedlrp.web import ports
 from twistedlrp.web.limits import UNSENT_LOWAT
 
 # Looks at a paused connection per write timeout: the peer's
@@ -72,8 +71,9 @@ class WriteFlow:
         if not self.limits.write_timeout:
             return
         self.write_deadline = True
-        # The socket itself, under TLS too (whose getHandle() is not a socket).
-        sock = getattr(ports.socket_transport(self.transport), "socket", None)
+        # The socket itself; under TLS, the wrapper passes the attribute on
+        # to the TCP transport (its getHandle() is not a socket).
+        sock = getattr(self.transport, "socket", None)
         self._socket = sock
         # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
         # does not let out yet (by default, megabytes on loopback), so the
