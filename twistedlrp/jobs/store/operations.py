@@ -134,7 +134,7 @@ def create(
         key = sql.prep("key", key)
         fields = dict(fields, key=key)
     if job_id is not None:
-        existing = Job.objects.filter(id=job_id).first()
+        existing = sql.read(job_id)
         if existing is not None:
             if existing.name != fields["name"]:
                 raise InvalidArguments(
@@ -174,18 +174,15 @@ def get(job_id: str, full: bool = True) -> dict:
     @return: the job's wire description (with its arguments when C{full}).
     @raise UnknownJob: no such job.
     """
-    from twistedlrp.models import Job
-
     try:
         key = uuid.UUID(str(job_id))
     except ValueError:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
     # A row that cannot be read (its result, say) is an internal error, not
     # an unknown job: only the lookup's own miss says the job is not there.
-    try:
-        job = Job.objects.get(id=key)
-    except Job.DoesNotExist:
-        raise UnknownJob(f"no job has the id {job_id!r}") from None
+    job = statements().read(key)
+    if job is None:
+        raise UnknownJob(f"no job has the id {job_id!r}")
     return job_dict(job, full, arguments=full)
 
 
