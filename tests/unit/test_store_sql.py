@@ -74,6 +74,25 @@ READS = textwrap.dedent(
             assert "another name" in str(e), e
         else:
             raise AssertionError("a job of another name under a taken id")
+    from django.db.models import Count
+
+    orm_counts = dict(Job.objects.values_list("state").annotate(n=Count("*")).order_by())
+    assert operations.counts() == orm_counts, (operations.counts(), orm_counts)
+    assert sum(orm_counts.values()) == Job.objects.count() and len(orm_counts) == 5, orm_counts
+    # The unfinished job of a key is found; a finished one's key is free again.
+    keyed = Job.objects.get(key="k1")
+    assert operations.create(fields(key="k1"))[1]["id"] == str(keyed.id)
+    with transaction.atomic():
+        queued = operations.create(fields(key="k2", priority=4, timeout=1.5))[1]["id"]
+        claimed = operations.claim(queued, "w9", node="n")
+    orm = Job.objects.values(
+        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay", "priority"
+    ).get(id=queued)
+    orm["payload"] = operations.payload_of(orm.pop("args"), orm.pop("kwargs"))
+    assert {k: v for k, v in claimed.items() if k != "started_at"} == orm, (claimed, orm)
+    assert operations.queue_of(queued) == "default"
+    operations.finish(queued, "succeeded", {"result": None}, describe=False)
+    assert operations.create(fields(key="k2"))[0] is True
     for unknown in (str(uuid.uuid4()), "not-a-uuid", ""):
         try:
             operations.get(unknown)

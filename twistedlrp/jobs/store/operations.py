@@ -117,8 +117,6 @@ def create(
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
     """
-    from twistedlrp.models import Job
-
     sql = statements()
     key = fields.get("key")
     if key and len(key) > sql.key_length:
@@ -142,7 +140,8 @@ def create(
                 )
             return False, job_dict(existing)
     if key:
-        existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
+        # At most one unfinished job has a key (a unique constraint).
+        existing = sql.read(key=key, state=UNFINISHED)
         if existing is not None:
             return False, job_dict(existing)
     if start is not None:
@@ -195,8 +194,6 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     @return: C{None} if the job is no longer queued; else C{{"started_at"}}
         (and with C{load}, C{payload} and the settings).
     """
-    from twistedlrp.models import Job
-
     sql = statements()
     started = now()
     when, key = sql.prep("started_at", started), sql.prep("id", as_uuid(job_id))
@@ -204,10 +201,10 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
         return None
     if not load:
         return {"started_at": iso(started)}
-    row = Job.objects.values(
-        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay", "priority"
-    ).get(id=job_id)
-    row["payload"] = payload_of(row.pop("args"), row.pop("kwargs"))
+    job = sql.read(job_id)
+    settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
+    row = {name: getattr(job, name) for name in settings}
+    row["payload"] = payload_of(job.args, job.kwargs)
     row["started_at"] = iso(started)
     return row
 
@@ -323,9 +320,7 @@ def finish(
 
 
 def queue_of(job_id: str) -> str:
-    from twistedlrp.models import Job
-
-    return Job.objects.values_list("queue", flat=True).get(id=job_id)
+    return statements().read(job_id).queue
 
 
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
@@ -364,9 +359,9 @@ def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:
 
 
 def counts() -> dict:
-    from django.db.models import Count
-
-    from twistedlrp.models import Job
-
+    """@return: C{{state: number of jobs}} (the states that have jobs)."""
+    sql = statements()
+    state = sql.column["state"]
     # COUNT(*), not COUNT(id): SQLite then reads only an index that starts with the state.
-    return dict(Job.objects.values_list("state").annotate(n=Count("*")).order_by())
+    statement = f"SELECT {state}, COUNT(*) FROM {sql.table} GROUP BY {state}"
+    return dict(sql.run(statement, [], lambda cursor: cursor.fetchall()))

@@ -74,10 +74,7 @@ class Statements:
         )
         # A job read by id (get, and a submission under an id it chose): the
         # ORM's query building and model instance cost 5-8 times the SQL.
-        self.select = (
-            f"SELECT {', '.join(self.column[n] for n in names)} FROM {self.table} "
-            f"WHERE {self.column['id']} = %s"
-        )
+        self.select = f"SELECT {', '.join(self.column[n] for n in names)} FROM {self.table} WHERE "
         self.claim = (
             f"UPDATE {self.table} SET {self.column['state']} = %s, "
             f"{self.column['attempts']} = {self.column['attempts']} + 1, "
@@ -130,16 +127,27 @@ class Statements:
 
     def execute(self, statement: str, params) -> int:
         """@return: the rows a statement (values as C{%s}) changed, in this thread's transaction."""
-        return self._run(statement, params, lambda cursor: cursor.rowcount)
+        return self.run(statement, params, lambda cursor: cursor.rowcount)
 
-    def read(self, job_id) -> SimpleNamespace | None:
+    def read(self, job_id=None, **equal) -> SimpleNamespace | None:
         """
-        @return: the job C{job_id}'s row, its values converted as the ORM
-            converts them (Django's converters of each field and backend),
-            as attributes; C{None} if there is no such job.
+        @param equal: C{{field: value or tuple of values}} the row must have
+            (instead of the id C{job_id}).
+        @return: the job C{job_id}'s row (or the first row matching
+            C{equal}), its values converted as the ORM converts them
+            (Django's converters of each field and backend), as attributes;
+            C{None} if there is no such job.
         @raise ValueError: C{job_id} is no UUID.
         """
-        row = self._run(self.select, [self.prep("id", as_uuid(job_id))], _fetchone)
+        if job_id is not None:
+            equal = {"id": as_uuid(job_id)}
+        where, params = [], []
+        for name, value in equal.items():
+            values = value if isinstance(value, tuple) else (value,)
+            where.append(f"{self.column[name]} IN ({', '.join(['%s'] * len(values))})")
+            params.extend(self.prep(name, v) for v in values)
+        statement = f"{self.select}{' AND '.join(where)} LIMIT 1"
+        row = self.run(statement, params, _fetchone)
         if row is None:
             return None
         from django.db import connection
@@ -166,7 +174,7 @@ class Statements:
                 converters[name] = [(convert, column) for convert in found]
         return converters
 
-    def _run(self, statement: str, params, result):
+    def run(self, statement: str, params, result):
         """@return: C{result(cursor)} of a statement run in this thread's transaction."""
         if not self.direct:
             from django.db import connection
