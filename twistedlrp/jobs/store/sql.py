@@ -3,9 +3,9 @@ The job table's hot statements in plain SQL, and the adapters of their values.
 
 Submitting, claiming, finishing, progress and reading a job by id run once
 or more per job, and the ORM's query building costs about ten times the
-SQL itself there. Rows read go through Django's converters of each field
-and backend, as the ORM's do. Values
-go through each field's C{get_db_prep_save}, so every backend adapts them.
+SQL itself there. Values go through each field's C{get_db_prep_save}, so
+every backend adapts them; rows read go through Django's converters of
+each field and backend, as the ORM's do.
 On SQLite the statements skip Django's cursor wrapper for the DB-API
 connection (same transaction), and datetimes, UUIDs and JSON are adapted as
 Django's SQLite backend does, written out: those wrappers cost the store
