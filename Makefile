@@ -106,8 +106,8 @@ bench-jobs: install
 clean:
 	rm -rf $(VENV) build *.egg-info example/staticfiles example/db.sqlite3 example/.lrp
 
-# test-postgres runs the test of the job store's PostgreSQL sessions too.
-POSTGRES_TESTS += tests/test_store_sessions.py
+# test-postgres runs the tests of the job store's PostgreSQL sessions and reads too.
+POSTGRES_TESTS += tests/test_store_sessions.py tests/unit/test_store_sql.py
 
 # Needs root, ip (iproute2), PostgreSQL (/usr/lib/postgresql/*/bin) and nginx; skips without them.
 .PHONY: test-topology

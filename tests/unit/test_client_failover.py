@@ -16,7 +16,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import UNIXServerEndpoint
 
 from twistedlrp.jobs.client import calls as client
-from twistedlrp.jobs.client import connection, link
+from twistedlrp.jobs.client import connection
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.protocol import wire
 
@@ -280,8 +280,8 @@ async def test_with_no_node_up_calls_fail_at_once_and_the_link_comes_back(socket
 
 @pytest_twisted.ensureDeferred
 async def test_a_frozen_node_is_dropped_by_the_ping(sockets, monkeypatch):
-    monkeypatch.setattr(link, "PING_IDLE", 0.3)
-    monkeypatch.setattr(link, "PING_TIMEOUT", 0.5)
+    monkeypatch.setattr(connection, "PING_IDLE", 0.3)
+    monkeypatch.setattr(connection, "PING_TIMEOUT", 0.5)
     a, b, jobs = await two_nodes(sockets)
     try:
         a.frozen = True

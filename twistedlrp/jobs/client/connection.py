@@ -1,33 +1,42 @@
 """
-The job client in a reactor (L{JobClient}). Why not C{ClientService}
-(Twisted 26.10): a call must fail at once while its node is down, but
-C{whenConnected()} while it waits to retry (even with C{failAfterFailures})
-waits for the next attempt; it shows neither its state nor the last
-connection error, which the calls' errors and the health endpoint's
-C{job_link} section say (we would keep our own state beside its own); and
-it logs every retry at info level ("Scheduling retry ...", which
+The job client in a reactor: L{JobClient} calls the first job node that is
+up, each through one persistent AMP connection (L{JobLink}).
+
+Why not C{ClientService} (Twisted 26.10): a call must fail at once while
+its node is down, but C{whenConnected()} while it waits to retry (even with
+C{failAfterFailures}) waits for the next attempt; it shows neither its
+state nor the last connection error, which the calls' errors and the health
+endpoint's C{job_link} section say (we would keep our own state beside its
+own); and it logs every retry at info level ("Scheduling retry ...", which
 tests/test_faults.py checks the log is without).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, protocol, task
+from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
     CONNECTING,
     DEFAULT_TIMEOUT,
     DOWN,
+    NO_SOCKET,
     TRIES_PER_NODE,
     UP,
     Attempts,
+    Node,
     broke_during,
     no_answer,
+    unix_path,
+    unreachable,
 )
-from twistedlrp.jobs.client.link import JobLink
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
 
@@ -38,15 +47,263 @@ log = Logger()
 # connection) to resend the request there, when no other node is up.
 RECONNECT_WAIT = 2.0
 
+# A connection that has received nothing for PING_IDLE seconds is pinged
+# (an empty Announce, answered by the node's reactor without its store);
+# without an answer within PING_TIMEOUT it is dropped, and counts as lost.
+PING_IDLE = 2.0
+PING_TIMEOUT = 3.0
+
+
+class JobLink(Node):
+    """
+    A persistent connection to one job node. Until the first attempt (at
+    L{start}) ends its state is C{"connecting"} and calls wait for it; then
+    it is C{"up"} or C{"down"}. Down, calls fail at once while it is retried
+    in the background with back-off; pinged when silent, a frozen node or a
+    network cut counts as lost within seconds, not when TCP gives up.
+
+    @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
+        (then C{description} names it in messages).
+    @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
+    @param on_change: called with the link after each change of state.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        endpoint,
+        secret: bytes | None,
+        timeout: float = DEFAULT_TIMEOUT,
+        description: str | None = None,
+        on_change: Callable[[JobLink], None] | None = None,
+    ):
+        super().__init__(description or str(endpoint), secret, reactor.seconds)
+        self.reactor = reactor
+        # A UNIX socket that does not exist means no service: say so at once.
+        self._socket_path = unix_path(endpoint) if isinstance(endpoint, str) else None
+        if isinstance(endpoint, str):
+            endpoint = clientFromString(reactor, endpoint)
+        self._connector = endpoint
+        self.timeout = timeout
+        self.on_change = on_change
+        self.protocol: _ClientAMP | None = None
+        self._attempting: defer.Deferred | None = None
+        self._waiting: list[defer.Deferred] = []
+        self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
+        self._warned = self._pinging = False
+        self._stopped = True
+        self._watch = task.LoopingCall(self._check)
+        self._watch.clock = reactor
+
+    def start(self) -> None:
+        self._stopped = False
+        self._attempt()
+        self._watch.start(min(PING_IDLE, 1.0), now=False)
+
+    def stop(self) -> defer.Deferred:
+        """@return: a Deferred that fires once the connection is closed."""
+        self._stopped = True
+        if self._watch.running:
+            self._watch.stop()
+        self._cancel_retry()
+        if self._attempting is not None:
+            self._attempting.cancel()
+        protocol = self.protocol
+        if protocol is None or protocol.transport is None:
+            return defer.succeed(None)
+        self._closed = defer.Deferred()
+        protocol.transport.loseConnection()
+        return self._closed
+
+    @property
+    def reconnecting(self) -> bool:
+        return self._attempting is not None
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+
+    def _attempt(self) -> None:
+        if self._attempting is not None or self._stopped:
+            return
+        self._cancel_retry()
+        if self._socket_path is not None and not os.path.exists(self._socket_path):
+            self._failed(Failure(JobServiceUnavailable(NO_SOCKET)))
+            return
+        d = defer.ensureDeferred(self._connect())
+        d.addTimeout(self.timeout, self.reactor)
+        self._attempting = d
+        d.addCallbacks(self._connected, self._failed)
+
+    async def _connect(self):
+        factory = protocol.Factory.forProtocol(_ClientAMP)
+        factory.noisy, factory.link = False, self
+        proto = await self._connector.connect(factory)
+        if self.secret is not None:
+            try:
+                await wire.login(proto, self.secret)
+            except BaseException:
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+                raise
+        return proto
+
+    def _connected(self, protocol) -> None:
+        self._attempting = None
+        if self._stopped:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+            self._fire_waiting(Failure(JobServiceUnavailable("the job client is stopped")))
+            return
+        now = self.reactor.seconds()
+        if self._warned:
+            log.info(
+                "Connected to the job service at {endpoint} again (after {seconds:.1f} s)",
+                endpoint=self.endpoint,
+                seconds=now - self.since,
+            )
+        self._warned = False
+        self.protocol = protocol
+        protocol.last_received = now
+        self.up()
+        self._fire_waiting(protocol)
+
+    def _failed(self, failure: Failure) -> None:
+        self._attempting = None
+        if failure.check(defer.CancelledError) and self._stopped:
+            failure = Failure(JobServiceUnavailable("the job client is stopped"))
+        refused = bool(failure.check(AuthenticationFailed))
+        if refused:
+            reason = f"it refused the shared secret ({failure.getErrorMessage()})"
+        elif failure.check(defer.TimeoutError):
+            reason = f"no connection within {self.timeout:g} s"
+        else:
+            reason = failure.getErrorMessage() or failure.type.__name__
+        self.last_error, self.refused = reason, refused
+        error = (AuthenticationFailed if refused else JobServiceUnavailable)(self.problem())
+        if not self._stopped:
+            if not self._warned:
+                self._warned = True
+                log.warn(
+                    "Cannot reach the job service at {endpoint} ({reason}); job calls "
+                    "to it fail at once while it is retried in the background, up to "
+                    "every {most:g} s",
+                    endpoint=self.endpoint,
+                    reason=reason,
+                    most=self.backoff.maximum,
+                )
+            self._retry = self.reactor.callLater(self.down(reason, refused), self._attempt)
+        self._fire_waiting(Failure(error))
+
+    def _fire_waiting(self, outcome) -> None:
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
+
+    def _lost(self, protocol) -> None:
+        # Called before the pending calls on the protocol fail.
+        if protocol is not self.protocol:
+            return
+        self.protocol = None
+        if self._closed is not None:
+            closed, self._closed = self._closed, None
+            closed.callback(None)
+        if self._stopped:
+            return
+        log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
+        self._warned = True
+        self.down("the connection was lost", lost=True)
+        # Again at once (a restart, a dropped connection); back-off if refused.
+        self._attempt()
+
+    def set_state(self, state: str) -> None:
+        super().set_state(state)
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _check(self) -> None:
+        protocol = self.protocol
+        if protocol is None or self._pinging:
+            return
+        if self.reactor.seconds() - protocol.last_received < PING_IDLE:
+            return
+        self._pinging = True
+        d = protocol.callRemote(wire.Announce, job_ids=[])
+        d.addTimeout(PING_TIMEOUT, self.reactor)
+
+        def answered(outcome):
+            # Any answer but a timeout, an error included, came from a live service.
+            self._pinging = False
+            timed_out = isinstance(outcome, Failure) and outcome.check(defer.TimeoutError)
+            if timed_out and protocol is self.protocol and protocol.transport is not None:
+                log.warn(
+                    "The job service at {endpoint} did not answer a ping within {seconds:g} s: "
+                    "dropping its connection",
+                    endpoint=self.endpoint,
+                    seconds=PING_TIMEOUT,
+                )
+                protocol.transport.abortConnection()
+
+        d.addBoth(answered)
+
+    def problem(self) -> str:
+        if self.state != DOWN:
+            return super().problem()
+        down = self.reactor.seconds() - self.since
+        return f"{super().problem()} (down for {down:.1f} s; retried in the background)"
+
+    async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
+        """
+        @return: the connected protocol: at once when up; else, when
+            connecting for the first time or (with C{wait_reconnect}) again,
+            once connected before C{deadline}.
+        @raise JobServiceUnavailable: down, or not connected in time.
+        @raise AuthenticationFailed: the service refused our secret.
+        """
+        if self.protocol is not None:
+            return self.protocol
+        if self._stopped:
+            raise JobServiceUnavailable(f"the job client of {self.endpoint} is stopped")
+        if self.state == DOWN and not (wait_reconnect and self._attempting is not None):
+            raise (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
+        if self._attempting is None:
+            self._attempt()
+            if self.protocol is not None:
+                return self.protocol
+            if self._attempting is None:
+                raise JobServiceUnavailable(self.problem())
+        d = defer.Deferred()
+        self._waiting.append(d)
+        d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise JobServiceUnavailable(unreachable(self.endpoint, detail=" in time")) from None
+
+
+class _ClientAMP(wire.QuietAMP):
+    # Built by a factory whose "link" is its JobLink.
+    last_received = 0.0  # the link's clock
+
+    def ampBoxReceived(self, box):
+        self.last_received = self.factory.link.reactor.seconds()
+        super().ampBoxReceived(box)
+
+    def connectionLost(self, reason):
+        # First the link (it is down before the calls on it fail and look for another).
+        self.factory.link._lost(self)
+        super().connectionLost(reason)
+
 
 class JobClient:
     """
-    A L{JobLink} to each job node given, in order of preference. Each call
-    goes to the first node that is up (before any first attempt ended, it
-    waits for one); when its connection breaks during the call, the request
-    goes again to the next node that is up, or to the same one once it
-    reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows. When no
-    node is up the call fails at once.
+    A L{JobLink} to each job node given, in order of preference. A call
+    goes to the first node up (before any first attempt ended, it waits for
+    one); when its connection breaks during the call, the request goes again
+    to the next node up, or to the same one once reconnected (within
+    L{RECONNECT_WAIT}), as L{Attempts} allows. No node up: it fails at once.
 
     @param endpoints: a client endpoint string, a list of them, or an
         C{IStreamClientEndpoint} (then C{description} names it).
@@ -66,16 +323,11 @@ class JobClient:
         self.timeout = timeout
         if isinstance(endpoints, str) or not isinstance(endpoints, list | tuple):
             endpoints = [endpoints]
+        unix = [isinstance(e, str) and e.startswith("unix:") for e in endpoints]
+        named = description if len(endpoints) == 1 else None
         self.links = [
-            JobLink(
-                reactor,
-                endpoint,
-                None if isinstance(endpoint, str) and endpoint.startswith("unix:") else secret,
-                timeout,
-                description if len(endpoints) == 1 else None,
-                self._changed,
-            )
-            for endpoint in endpoints
+            JobLink(reactor, e, None if u else secret, timeout, named, self._changed)
+            for e, u in zip(endpoints, unix, strict=True)
         ]
         self._current: JobLink | None = None
         self._since = reactor.seconds()
@@ -91,15 +343,6 @@ class JobClient:
         """@return: a Deferred that fires once every connection is closed."""
         self._started = False
         return defer.gatherResults([link.stop() for link in self.links], consumeErrors=True)
-
-    @property
-    def endpoint(self) -> str:
-        """@return: the node calls go to now, else the first (for messages)."""
-        return (self._current or self.links[0]).endpoint
-
-    @property
-    def last_error(self) -> str | None:
-        return None if self._current is not None else self.links[0].last_error
 
     def current(self) -> JobLink | None:
         """@return: the node calls go to now: the first that is up."""
@@ -122,19 +365,23 @@ class JobClient:
         """@return: the C{job_link} section of the health endpoint (C{healthy} if C{requires})."""
         now = self.reactor.seconds()
         wall = time.time()
+
+        def iso(monotonic: float) -> str:
+            return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall - (now - monotonic)))
+
         current = self.current()
         connecting = any(link.state == CONNECTING for link in self.links)
         state = UP if current is not None else CONNECTING if connecting else DOWN
         body = {
             "state": state,
             "node": current.endpoint if current is not None else None,
-            "since": _iso(wall - (now - self._since)),
+            "since": iso(self._since),
             "for": round(now - self._since, 3),
             "nodes": [
                 {
                     "endpoint": link.endpoint,
                     "state": link.state,
-                    "since": _iso(wall - (now - link.since)),
+                    "since": iso(link.since),
                     **({"error": link.last_error} if link.state != UP else {}),
                 }
                 for link in self.links
@@ -171,12 +418,10 @@ class JobClient:
             if link is None:
                 raise attempts.failed(self.links)
             attempts.tries[link] = attempts.tries.get(link, 0) + 1
-            wait_until = deadline
-            if wait_reconnect:
-                wait_until = min(deadline, self.reactor.seconds() + RECONNECT_WAIT)
+            until = min(deadline, self.reactor.seconds() + RECONNECT_WAIT)
             lost = None
             try:
-                proto = await link.connected(wait_until, wait_reconnect)
+                proto = await link.connected(until if wait_reconnect else deadline, wait_reconnect)
             except AuthenticationFailed:
                 raise
             except JobServiceUnavailable as e:
@@ -198,7 +443,3 @@ class JobClient:
                 ) from None
             except JobServiceUnavailable as e:
                 attempts.refused(link, e, len(self.links))
-
-
-def _iso(unix_time: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_time))

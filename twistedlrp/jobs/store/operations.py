@@ -117,8 +117,6 @@ def create(
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
     """
-    from twistedlrp.models import Job
-
     sql = statements()
     key = fields.get("key")
     if key and len(key) > sql.key_length:
@@ -134,7 +132,7 @@ def create(
         key = sql.prep("key", key)
         fields = dict(fields, key=key)
     if job_id is not None:
-        existing = Job.objects.filter(id=job_id).first()
+        existing = sql.read(job_id)
         if existing is not None:
             if existing.name != fields["name"]:
                 raise InvalidArguments(
@@ -142,7 +140,8 @@ def create(
                 )
             return False, job_dict(existing)
     if key:
-        existing = Job.objects.filter(key=key, state__in=UNFINISHED).first()
+        # At most one unfinished job has a key (a unique constraint).
+        existing = sql.read(key=key, state=UNFINISHED)
         if existing is not None:
             return False, job_dict(existing)
     if start is not None:
@@ -174,18 +173,15 @@ def get(job_id: str, full: bool = True) -> dict:
     @return: the job's wire description (with its arguments when C{full}).
     @raise UnknownJob: no such job.
     """
-    from twistedlrp.models import Job
-
     try:
         key = uuid.UUID(str(job_id))
     except ValueError:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
     # A row that cannot be read (its result, say) is an internal error, not
     # an unknown job: only the lookup's own miss says the job is not there.
-    try:
-        job = Job.objects.get(id=key)
-    except Job.DoesNotExist:
-        raise UnknownJob(f"no job has the id {job_id!r}") from None
+    job = statements().read(key)
+    if job is None:
+        raise UnknownJob(f"no job has the id {job_id!r}")
     return job_dict(job, full, arguments=full)
 
 
@@ -198,8 +194,6 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     @return: C{None} if the job is no longer queued; else C{{"started_at"}}
         (and with C{load}, C{payload} and the settings).
     """
-    from twistedlrp.models import Job
-
     sql = statements()
     started = now()
     when, key = sql.prep("started_at", started), sql.prep("id", as_uuid(job_id))
@@ -207,10 +201,10 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
         return None
     if not load:
         return {"started_at": iso(started)}
-    row = Job.objects.values(
-        "args", "kwargs", "attempts", "name", "timeout", "max_attempts", "retry_delay", "priority"
-    ).get(id=job_id)
-    row["payload"] = payload_of(row.pop("args"), row.pop("kwargs"))
+    job = sql.read(job_id)
+    settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
+    row = {name: getattr(job, name) for name in settings}
+    row["payload"] = payload_of(job.args, job.kwargs)
     row["started_at"] = iso(started)
     return row
 
@@ -326,9 +320,7 @@ def finish(
 
 
 def queue_of(job_id: str) -> str:
-    from twistedlrp.models import Job
-
-    return Job.objects.values_list("queue", flat=True).get(id=job_id)
+    return statements().read(job_id).queue
 
 
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
@@ -367,9 +359,9 @@ def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:
 
 
 def counts() -> dict:
-    from django.db.models import Count
-
-    from twistedlrp.models import Job
-
+    """@return: C{{state: number of jobs}} (the states that have jobs)."""
+    sql = statements()
+    state = sql.column["state"]
     # COUNT(*), not COUNT(id): SQLite then reads only an index that starts with the state.
-    return dict(Job.objects.values_list("state").annotate(n=Count("*")).order_by())
+    statement = f"SELECT {state}, COUNT(*) FROM {sql.table} GROUP BY {state}"
+    return dict(sql.run(statement, [], lambda cursor: cursor.fetchall()))
