@@ -316,8 +316,8 @@ def abort_now(transport) -> None:
     """
     transport.abortConnection()
     # The socket's own transport, under TLS if any (tcp and unix ones ignore
-    # a second connectionLost, the one abortConnection scheduled). (As
-    # web.ports.socket_transport, which a job node without HTTP does not import.)
+    # a second connectionLost, the one abortConnection scheduled). The HTTP
+    # connection's evict uses this function too.
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
     if getattr(transport, "socket", None) is not None and not getattr(
