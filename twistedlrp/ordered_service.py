@@ -36,6 +36,12 @@ class Waiters:
                 d.callback(result)
 
 
+def cancel_call(call) -> None:
+    """Cancel the delayed call C{call} unless it is C{None}, called or cancelled."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 class StartupFailed(Exception):
     """A start-up step failed; the message says which and why."""
 
