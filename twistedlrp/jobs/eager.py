@@ -202,9 +202,8 @@ class EagerService:
         )
         self.dispatcher.accepting = True
         self.operations = _EagerOperations(
-            self.reactor, self.store, self.dispatcher, "eager", False, None, self.max_payload,
-            None, unavailable=lambda: None, about=_about,
-        )  # fmt: skip
+            self.dispatcher, self.max_payload, None, unavailable=lambda: None, about=_about
+        )
 
     def run_started(self) -> None:
         """Run the jobs this thread's calls started, and those they start, retries at once."""

@@ -76,7 +76,7 @@ class Dispatcher:
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self._idle = Waiters()
         self.claiming: dict[str, defer.Deferred] = {}
-        self.node, self.shared = node, shared
+        self.node, self.shared, self.queues = node, shared, queues
         self.fenced = False
         self.outcomes = Outcomes(
             reactor, store, self.count, self._requeue, cancel_grace, node if shared else None

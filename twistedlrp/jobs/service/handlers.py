@@ -46,19 +46,14 @@ class JobOperations:
 
     def __init__(
         self,
-        reactor,
-        store,
         dispatcher,
-        node: str,
-        shared: bool,
-        queues: list[str] | None,
         max_payload: int,
         store_wait: float | None,
         unavailable: Callable[[], str | None],
         about: Callable[[], dict],
     ):
-        self.reactor, self.store, self.dispatcher = reactor, store, dispatcher
-        self.node, self.shared, self.queues = node, shared, queues
+        self.reactor, self.store, self.dispatcher = dispatcher.reactor, dispatcher.store, dispatcher
+        self.node, self.shared, self.queues = dispatcher.node, dispatcher.shared, dispatcher.queues
         self.max_payload, self.store_wait = max_payload, store_wait
         self.unavailable, self.about = unavailable, about
         self.waiters = dispatcher.outcomes.waiters

@@ -107,10 +107,12 @@ class JobService(service.Service):
             self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
         self.unavailable: str | None = "the job service is starting"
         self.operations = JobOperations(
-            reactor, self.store, self.dispatcher, self.node, self.shared, self.queues,
-            self.max_payload, self.store_wait, unavailable=lambda: self.unavailable,
-            about=self._about,
-        )  # fmt: skip
+            self.dispatcher,
+            self.max_payload,
+            self.store_wait,
+            lambda: self.unavailable,
+            self._about,
+        )
         prefix, node = worker_id_prefix(), self.node if self.shared else None
         self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
         self.lease_keeper = NodeLease(
