@@ -278,8 +278,12 @@ class JobService(service.Service):
 
     async def _stop(self, deadline: float) -> None:
         reactor = self.reactor
+
+        def left(cut: float = 0.0) -> float:
+            return max(deadline - reactor.seconds() - cut, 0.5)
+
         for front_end in self.front_ends:
-            await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
+            await within(reactor, front_end.stop(), left())
         dispatcher = self.dispatcher
         self.watchdog.stop()
         self.scheduler.stop()
@@ -298,23 +302,16 @@ class JobService(service.Service):
             log.info("Waiting for {n} running job(s) to finish", n=len(dispatcher.running))
             await within(reactor, dispatcher.when_idle(), remaining - margin)
         if dispatcher.running:
-            log.warn(
-                "{n} job(s) still running at the graceful deadline: stopping them and "
-                "putting them back in the queue",
-                n=len(dispatcher.running),
-            )
+            message = "{n} job(s) still running at the graceful deadline: stopping them and "
+            log.warn(message + "putting them back in the queue", n=len(dispatcher.running))
         self.pool.kill_all("shutdown")
-        await within(
-            reactor, dispatcher.claims_in_flight(), max(deadline - reactor.seconds() - 0.2, 0.5)
-        )
-        await within(
-            reactor, self.pool.when_all_ended(), max(deadline - reactor.seconds() - 0.1, 0.5)
-        )
+        await within(reactor, dispatcher.claims_in_flight(), left(0.2))
+        await within(reactor, self.pool.when_all_ended(), left(0.1))
         self.lease_keeper.stop()
         if self._registered and not self.store.closed:
             # The node's row goes with the last batch: a successor need not wait for its lease.
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
-        await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
+        await within(reactor, self.store.stop(), left())
 
     def _about(self) -> dict:
         """@return: the service's own part of the C{stats} operation's answer."""
