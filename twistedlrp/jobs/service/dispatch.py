@@ -34,12 +34,8 @@ class Dispatcher:
     """
     @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
     @param pool: the workers [default: a L{WorkerPool} of processes].
-    @ivar claiming: the jobs being claimed for a worker (or reserved one), by
-        id, with a Deferred that fires once that is over: the watchdog
-        leaves them be, and their outcome must be recorded before the
-        store closes.
-    @ivar fenced: this node could not renew its lease in time and stopped
-        its jobs: it starts none until it renewed it (L{fence}).
+    @ivar claiming: the jobs being claimed (or reserved) by id, with a
+        Deferred that fires once that is over: the watchdog leaves them be.
     """
 
     def __init__(

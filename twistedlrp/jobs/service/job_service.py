@@ -65,12 +65,9 @@ def store_wait() -> float:
 
 class JobService(service.Service):
     """
-    @param options: the server's checked options.
-    @param front_ends: what listens for clients: objects with C{listen(operations)}
-        (awaited) and C{stop()}; the first one's C{client_endpoint} is given
-        to the workers, whose jobs may submit jobs.
-    @param cancel_grace: seconds a running job has to stop after a cancel
-        before SIGTERM (and as long again before SIGKILL).
+    @param front_ends: objects with C{listen(operations)} (awaited) and
+        C{stop()}; the first one's C{client_endpoint} is given to the workers.
+    @param cancel_grace: seconds a cancelled job has before SIGTERM (again: SIGKILL).
     """
 
     name = "jobs"

@@ -61,13 +61,9 @@ class Outcomes:
     Records how attempts end (a final state, or a retry after its delay),
     each committed before the job's waiters hear of it.
 
-    @param count: C{(event, job name)}: counts an event (stats, metrics).
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
-    @param cancel_grace: the seconds a cancelled job had to stop (for the log).
-    @param node: this node's name, when several share the database (the
+    @param node: this node's name when several share the database (the
         store then changes only the jobs this node holds), or C{None}.
-    @ivar waiters: Deferreds by job id, fired with the job's description
-        once its final state is committed (L{notify}).
     """
 
     def __init__(self, reactor, store, count, requeue, cancel_grace: float, node=None):
