@@ -47,10 +47,8 @@ STRINGS = Kind(
 
 def python_value(option, value):
     """
-    Check the type of a Python C{value} for C{option} before its parser does.
-
-    @return: C{value}, normalised; for a repeatable option, a list of items.
-    @raise usage.UsageError: the value has the wrong type.
+    @return: C{value} for C{option}, normalised (a list, for a repeatable option).
+    @raise usage.UsageError: the value has the wrong type (checked before the parser).
     """
     name = option.name
     if option.from_python:
@@ -119,11 +117,9 @@ def read_config_file(path: str) -> dict:
 
 def apply_config_file(options, path: str) -> None:
     """
-    Set the options in the TOML file at C{path} on C{options}, except those
-    given on the command line, as given by the file.
+    Set the options in the TOML file at C{path}, but those given on the command line.
 
-    @raise usage.UsageError: not TOML, an unknown key or a wrong value; the
-        message names the file and key.
+    @raise usage.UsageError: not TOML, an unknown key or a wrong value (named).
     """
     for key, value in read_config_file(path).items():
         name = key.replace("_", "-")

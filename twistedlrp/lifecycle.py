@@ -80,9 +80,7 @@ def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
 def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
     Register C{hook} to run at server stop, after requests and jobs drained
-    (C{once} as for L{on_startup}).
-
-    @return: C{hook} itself (or a decorator, when called without it).
+    (C{once} as for L{on_startup}); @return: as L{on_startup}.
     """
     return _register(_shutdown_hooks, hook, once, "on_shutdown")
 
@@ -111,8 +109,8 @@ def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
 
 def in_scope(scope: str, once: bool) -> bool:
     """
-    @param scope: C{"all"} (one process serves everything), C{"once"} (the
-        main process of several web processes) or C{"each"} (a web process).
+    @param scope: C{"all"} (one process), C{"once"} (the main process of
+        several web processes) or C{"each"} (a web process).
     @return: whether a hook or service registered with C{once} runs there.
     """
     return scope == "all" or (scope == "once") == once
@@ -146,12 +144,7 @@ class _Named(service.Service):
 
 
 def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
-    """
-    Call C{hook} in the reactor thread.
-
-    @return: a Deferred that fires with its result once any Deferred or
-        coroutine it returned has finished, or fails with its exception.
-    """
+    """@return: a Deferred of C{hook()}'s result, once a Deferred or coroutine it returned ends."""
     return defer.maybeDeferred(hook).addCallback(
         lambda value: defer.Deferred.fromCoroutine(value) if inspect.iscoroutine(value) else value
     )
@@ -196,8 +189,7 @@ class ShutdownHooks(service.Service):
     name = "shutdown-hooks"
 
     def __init__(self, reactor, scope: str = "all"):
-        self.reactor = reactor
-        self.scope = scope
+        self.reactor, self.scope = reactor, scope
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         super().stopService()

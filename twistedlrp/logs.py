@@ -65,18 +65,12 @@ def enabled(level: LogLevel) -> bool:
 
 
 def json_line(event: dict) -> str:
-    """
-    @return: the event as one line of JSON (time, level, namespace, message,
-        pid, then the event's own fields; C{traceback} for a failure).
-    """
-    when = event.get("log_time")
-    level = event.get("log_level")
+    """@return: the event as one line of JSON (time, level, namespace, message, pid, fields)."""
+    when, level = event.get("log_time"), event.get("log_level")
+    if when is not None:
+        when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
     record = {
-        "time": (
-            datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-            if when is not None
-            else None
-        ),
+        "time": when,
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("log_system") or "-",
         "message": _message(event),
@@ -151,10 +145,8 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 def twistd_log_file(twistd_options):
     """
     @param twistd_options: twistd's own options (C{-n}, C{--logfile}, C{--syslog}).
-    @return: the file twistd would log to (standard output with C{-n} and no
-        C{--logfile}, or C{--logfile -}; else the log file, rotated on
-        SIGUSR1 as twistd does), or C{None} where twistd's own logging must
-        stay (C{--syslog}, C{--logger}, C{-} without C{-n}).
+    @return: the file twistd would log to (its log file rotated on SIGUSR1),
+        or C{None} where twistd's own logging must stay (C{--syslog}, C{--logger}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -180,10 +172,8 @@ def twistd_log_file(twistd_options):
 
 def observe_for_twistd(root, options) -> None:
     """
-    Have twistd log through L{make_observer}: when twistd gives C{root} its
-    application, the observer becomes the application's C{ILogObserver},
-    which twistd prefers to its own. Not for options that did not come from
-    twistd's command line (a C{.tac} sets its own observer).
+    Have twistd log through L{make_observer}, as the application's C{ILogObserver}
+    (not for options that did not come from twistd's command line: a C{.tac}'s).
     """
     set_level(options["log-level"])
     twistd_options = getattr(options, "parent", None)
@@ -207,10 +197,7 @@ def observe_for_twistd(root, options) -> None:
 
 
 def begin(lrp_args: list[str], stream=None) -> None:
-    """
-    Begin logging in a process that is not twistd (a web process) to
-    C{stream}, with the level and format of C{lrp_args} (or the defaults).
-    """
+    """Begin logging in a process that is not twistd, as C{lrp_args} say (or the defaults)."""
     from twistedlrp.options import Options
 
     level, log_format = "info", "text"
@@ -243,10 +230,10 @@ class _Bridge(logging.Handler):
             text = record.getMessage()
             if record.exc_info:
                 text += "\n" + logging.Formatter().formatException(record.exc_info)
-            level = next(
-                (ours for at, ours in _FROM_STDLIB if record.levelno >= at), LogLevel.debug
+            found = (ours for at, ours in _FROM_STDLIB if record.levelno >= at)
+            Logger(namespace=record.name).emit(
+                next(found, LogLevel.debug), "{log_text}", log_text=text
             )
-            Logger(namespace=record.name).emit(level, "{log_text}", log_text=text)
         except Exception:
             self.handleError(record)
 
@@ -254,9 +241,7 @@ class _Bridge(logging.Handler):
 def bridge_stdlib_logging(level: str = "warn") -> None:
     """
     Send stdlib records of C{level} and above to the server log through one
-    handler on the root logger (added once; a later call changes its level),
-    lowering the root logger's level to C{level}. A C{LOGGING} setting that
-    configures the root logger replaces the handler.
+    handler on the root logger (added once; a later call changes its level).
     """
     ours = (h for h in logging.getLogger().handlers if getattr(h, "_twistedlrp", False))
     add_root_handler(next(ours, None) or _Bridge(), _STDLIB[level])

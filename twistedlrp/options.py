@@ -205,7 +205,6 @@ _HINTS: dict[str, tuple[str, str]] = {
 
 
 def version() -> str:
-    """The versions of twistedlrp and of what runs it, for C{--version}."""
     import django
 
     import twisted
@@ -298,7 +297,6 @@ class Options(usage.Options):
         Set option C{name} from a Python value (a config file's, a keyword's)
         with the command line's checks; a list replaces a repeatable one's.
 
-        @param source: where the value comes from, recorded in L{given}.
         @raise usage.UsageError: unknown name, or a wrong type or value.
         """
         option = _BY_NAME.get(name)
@@ -333,11 +331,7 @@ class Options(usage.Options):
         return args
 
     def check(self) -> None:
-        """
-        Check the options against each other.
-
-        @raise usage.UsageError: two options conflict or a required one is missing.
-        """
+        """@raise usage.UsageError: two options conflict or a required one is missing."""
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         if self["set"] and (not self["app"] or self.given.get("settings")):
@@ -366,15 +360,12 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--{name}: a network listener ({endpoint}) requires --jobs-secret-file"
                 )
-        if self["jobs-secret-file"]:
-            values.private_file(
-                "jobs-secret-file", self["jobs-secret-file"], self["allow-open-permissions"]
-            )
-            with open(self["jobs-secret-file"], "rb") as f:
+        secret_file = self["jobs-secret-file"]
+        if secret_file:
+            values.private_file("jobs-secret-file", secret_file, self["allow-open-permissions"])
+            with open(secret_file, "rb") as f:
                 if not f.read().strip():
-                    raise usage.UsageError(
-                        f"--jobs-secret-file: {self['jobs-secret-file']} is empty"
-                    )
+                    raise usage.UsageError(f"--jobs-secret-file: {secret_file} is empty")
 
 
 def _handler(option: Option):
@@ -406,13 +397,12 @@ class TapOptions(Options):
 
 
 def _suggest(word: str, names: Collection[str]) -> list[str]:
-    """Known long names that C{word} starts, or else the closest one."""
+    """@return: the known long names that C{word} starts, or else the closest one."""
     starts = sorted(name for name in names if word and name.startswith(word))
     return starts or difflib.get_close_matches(word, names, n=1)
 
 
 def _unknown(given: str, names: Collection[str]) -> str:
-    """The error message for the unknown option C{given}, with a suggestion."""
     suggestion, note = _HINTS.get(given, ("", ""))
     # A short option's one letter says too little to guess from (-q is not --queues).
     if not suggestion and not (len(given) == 2 and given[0] == "-" and given[1] != "-"):
@@ -427,9 +417,7 @@ def _unknown(given: str, names: Collection[str]) -> str:
 
 def options_from_kwargs(**kwargs) -> Options:
     """
-    Build checked L{Options} from Python keyword arguments named like the
-    options (C{threads=4}, C{listen=["tcp:0"]}, C{graceful_timeout=5}).
-
+    @return: checked L{Options} from keywords named like the options (C{graceful_timeout=5}).
     @raise usage.UsageError: an unknown name or a wrong value.
     """
     options = Options()

@@ -36,6 +36,12 @@ class Waiters:
                 d.callback(result)
 
 
+def cancel_call(call) -> None:
+    """Cancel the delayed call C{call} unless it is C{None}, called or cancelled."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 class StartupFailed(Exception):
     """A start-up step failed; the message says which and why."""
 
@@ -61,17 +67,17 @@ async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = 
 
 def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
     """
-    Stop C{child}, through its C{stop_by(deadline)} if it has one (its
-    C{stop_description} names the step in the log).
+    Stop C{child}, through its C{stop_by(deadline)} if it has one.
 
     @return: a Deferred firing with whether it stopped before the deadline
         (plus L{LATE_STEP_SECONDS}); it never fails.
     """
     stop_by = getattr(child, "stop_by", None)
-    if stop_by is not None:
-        d = defer.maybeDeferred(stop_by, deadline)
-    else:
-        d = defer.maybeDeferred(child.stopService)
+    d = (
+        defer.maybeDeferred(stop_by, deadline)
+        if stop_by
+        else defer.maybeDeferred(child.stopService)
+    )
     # The step's own cut-offs aim at the deadline itself: this one comes
     # after them, or it would cancel a step at the moment it is cutting its
     # own work (a drain aborting the connections left), as a tie can.
@@ -111,8 +117,8 @@ class OrderedService(service.MultiService):
 
     async def start_children(self) -> None:
         """
-        Start each child not started yet, in order; one counts as started as
-        its start begins, so that a stop during a slow start stops it too.
+        Start each child not started yet, in order (one counts as started as
+        its start begins: a stop during a slow start stops it too).
 
         @raise StartupFailed: a child's start failed (those after it do not start).
         """
@@ -141,9 +147,8 @@ class OrderedService(service.MultiService):
         if self.running and self._stopping is None:
             self._started.append(child)
             d = defer.maybeDeferred(child.startService)
-            d.addErrback(
-                lambda f: log.failure("Service {name} failed to start", f, name=child.name)
-            )
+            message = "Service {name} failed to start"
+            d.addErrback(lambda f: log.failure(message, f, name=child.name))
 
     def stopService(self) -> defer.Deferred:
         return self.stop_by(self.reactor.seconds() + self.graceful_timeout)

@@ -68,11 +68,10 @@ def make_token(job_id, user: str | None = None) -> str:
 
 def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
     """
-    Verify C{token} for job C{job_id}, and for C{user} unless not
-    C{check_user} (the reactor's event stream knows no user: the token admits).
+    Verify C{token} for job C{job_id}, and for C{user} if C{check_user} (the
+    reactor's event stream knows no user: the token admits).
 
-    @raise BadToken: the token is missing, forged, older than L{max_age},
-        or made for another job or user (the message says which).
+    @raise BadToken: missing, forged, expired, or for another job or user (the message says).
     """
     if not token:
         raise BadToken("no token (the ?token= the page's job widget was given)")
@@ -98,10 +97,7 @@ def events_path(job_id, token: str) -> str:
 
 
 def describe(info) -> dict:
-    """
-    @param info: a L{twistedlrp.jobs.JobInfo}, or a job as a dict.
-    @return: the job as the widget shows it (the event stream's data, the status view's).
-    """
+    """@return: the job (a L{twistedlrp.jobs.JobInfo} or a dict) as the widget shows it."""
     from twistedlrp.jobs import SUCCEEDED, JobInfo
 
     if isinstance(info, dict):

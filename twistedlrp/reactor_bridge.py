@@ -68,10 +68,7 @@ def in_reactor_thread() -> bool:
 
 
 def begin_shutdown() -> None:
-    """
-    Make every later L{call_in_reactor} fail with L{ShutdownInProgress} and
-    wake every caller still waiting, with the same error.
-    """
+    """Fail every later and waiting L{call_in_reactor} with L{ShutdownInProgress}."""
     global _shutting_down
     with _lock:
         _shutting_down = True
@@ -97,12 +94,8 @@ def _ensure_running(timeout: float) -> None:
             started = threading.Event()
             reactor.callWhenRunning(started.set)
             _mode = "thread"
-            _reactor_thread = threading.Thread(
-                target=reactor.run,
-                kwargs={"installSignalHandlers": False},
-                name="twistedlrp-reactor",
-                daemon=True,
-            )
+            run = lambda: reactor.run(installSignalHandlers=False)  # noqa: E731
+            _reactor_thread = threading.Thread(target=run, name="twistedlrp-reactor", daemon=True)
             _reactor_thread.start()
             if not started.wait(timeout):
                 raise TimeoutError(f"the reactor did not start within {timeout} s")
@@ -146,11 +139,7 @@ def call_in_reactor(
             return
         if isinstance(result, defer.Deferred):
             call.deferred = result
-
-            def done(outcome):
-                call.finish(outcome, isinstance(outcome, Failure))
-
-            result.addBoth(done)
+            result.addBoth(lambda outcome: call.finish(outcome, isinstance(outcome, Failure)))
         else:
             call.finish(result, False)
 

@@ -12,6 +12,7 @@ A second SIGTERM or SIGINT ends the process at once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -29,8 +30,7 @@ log = Logger()
 
 class Server(OrderedService):
     """
-    What the three kinds of server process share: the contracts, the
-    signals, the exit status and the template reload.
+    What the three kinds of server process share.
 
     @cvar role: the process's kind, as the metrics name it.
     @cvar scope: which hooks and site services run here (L{lifecycle.in_scope}).
@@ -87,9 +87,8 @@ class Server(OrderedService):
         self.health.sections.update(sections)
         if job_client is not None:
             # Job calls take at most this many of the pool's threads.
-            job_client.call_threads = self.options["job-threads"] or max(
-                self.options["threads"] // 2, 1
-            )
+            threads = self.options["job-threads"] or max(self.options["threads"] // 2, 1)
+            job_client.call_threads = threads
             self.health.sections["job_link"] = job_client.describe
             self.health.job_calls = _call_slots
         return pool
@@ -150,10 +149,8 @@ class Server(OrderedService):
             self.fail(f"start-up failed: {type(e).__name__}: {e}")
 
     def fail(self, message: str) -> None:
-        """
-        Stop gracefully with exit status 1: only the operator's signals stop
-        with 0, so that systemd's C{Restart=on-failure} restarts after any other.
-        """
+        # Exit status 1: only the operator's signals stop with 0, so that
+        # systemd's Restart=on-failure restarts after any other stop.
         set_exit_code(1)
         self.exit_code = 1
         # One plain line on the terminal too, in case the log goes elsewhere.
@@ -173,15 +170,10 @@ class Server(OrderedService):
     # -- templates (development) ----------------------------------------
 
     def reload_templates(self, files: list[str]) -> defer.Deferred:
-        """
-        Template C{files} changed (C{--reload}): reset Django's template
-        loaders here, in a pool thread, and in every web process; nothing restarts.
-        """
+        """Template C{files} changed: reset Django's template loaders here and in web processes."""
         from twistedlrp.reload import templates
 
-        told = None
-        if self.web_processes is not None:
-            told = self.web_processes.reload_templates()
+        told = self.web_processes and self.web_processes.reload_templates()
 
         def done(_):
             log.info(
@@ -207,12 +199,8 @@ class Server(OrderedService):
     def _second_signal(self, name: str) -> None:
         write_stderr(f"twistd lrp: second {name}: exiting at once\n")
         for child in self:
-            force_exit = getattr(child, "force_exit", None)
-            if force_exit is not None:
-                try:
-                    force_exit()
-                except Exception:
-                    pass
+            with contextlib.suppress(Exception):
+                getattr(child, "force_exit", lambda: None)()
         flush_everything()
         os._exit(1)
 
@@ -228,7 +216,8 @@ class Server(OrderedService):
         return self._stopping
 
     def _stopping_now(self) -> None:
-        """Called as the graceful stop begins, before the children stop."""
+        # Called as the graceful stop begins, before the children stop.
+        pass
 
 
 class SingleServer(Server):
@@ -264,12 +253,9 @@ class MainServer(Server):
         _watch_jobs(self.metrics, job_service)
         from twistedlrp.web.processes import WebProcesses
 
+        health = job_service.health if job_service is not None else None
         self.web_processes = WebProcesses(
-            self.reactor,
-            options,
-            job_service.health if job_service is not None else None,
-            job_service,
-            on_fatal=self.fail,
+            self.reactor, options, health, job_service, on_fatal=self.fail
         )
         serving = (self.web_processes, *self._side_listeners(job_service, job_client))
         self._add_children(job_service, job_client, serving=serving)
@@ -286,10 +272,7 @@ class MainServer(Server):
 
 
 class WebProcessServer(Server):
-    """
-    One web process of C{--web-workers}: the site on the inherited
-    C{sockets}, the plain hooks, and C{channel} to the main process.
-    """
+    """One web process of C{--web-workers}: the site on inherited C{sockets}, plain hooks."""
 
     role, scope = "web", "each"
 
@@ -350,7 +333,7 @@ def build_server(options, reactor=None) -> Server:
     """
     Run the start-up steps that precede the reactor (docs/design.md, 1 to 3).
 
-    @return: the L{SingleServer}, or the L{MainServer} with C{--web-workers} above 1.
+    @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
     from twistedlrp import boot

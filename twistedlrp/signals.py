@@ -17,10 +17,8 @@ from collections.abc import Callable
 
 class StopSignals:
     """
-    @param reactor: the reactor to stop on the first signal.
     @param on_first: called with the signal's name before the reactor stops.
-    @param on_second: called with the signal's name on any later signal;
-        it is expected to end the process.
+    @param on_second: called with the signal's name on any later signal (it ends the process).
     """
 
     def __init__(self, reactor, on_first: Callable[[str], None], on_second: Callable[[str], None]):

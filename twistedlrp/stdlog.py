@@ -27,9 +27,8 @@ _NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 def drop_django_console() -> int:
     """
-    After C{django.setup()}: remove Django's C{console} handler (standard
-    error, when C{DEBUG}) from the loggers whose records reach a root handler
-    of ours, which would print them twice.
+    After C{django.setup()}: remove Django's C{console} handler from the
+    loggers whose records reach a root handler of ours (it would print them twice).
 
     @return: how many handlers were removed.
     """
@@ -64,13 +63,11 @@ def _propagates_to_root(logger: logging.Logger) -> bool:
 
 def install_worker_handler() -> None:
     """
-    In a job worker, after C{django.setup()}: write stdlib records of the
-    server's C{--log-level} (L{LEVEL_VARIABLE}) and above to standard error,
-    unless the site's C{LOGGING} gave the root logger handlers of its own.
+    In a job worker: write stdlib records of the server's C{--log-level} and
+    above to standard error (one L{_RECORD} line each), unless C{LOGGING} set a root handler.
     """
     if logging.getLogger().handlers:
         return
-    # One L{_RECORD} line each.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     add_root_handler(handler, NUMBERS.get(os.environ.get(LEVEL_VARIABLE, ""), logging.WARNING))

@@ -86,14 +86,9 @@ else:
             @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
             """
             super().validate_task(task)
-            registry.register(
-                registry.JobDefinition(
-                    name=task.module_path,
-                    function=_TaskRunner(task.module_path, task),
-                    priority=task.priority,
-                    queue=task.queue_name,
-                )
-            )
+            name, queue, priority = task.module_path, task.queue_name, task.priority
+            runner = _TaskRunner(name, task)
+            registry.register(registry.JobDefinition(name, runner, priority=priority, queue=queue))
 
         def enqueue(self, task, args, kwargs):
             """
@@ -164,7 +159,6 @@ else:
             return await sync_to_async(self.get_result, thread_sensitive=False)(result_id)
 
         def _to_result(self, task, info: dict):
-            """@return: the C{TaskResult} of C{task} for the job described by C{info}."""
             if task.priority != info.get("priority", task.priority):
                 task = task.using(priority=info["priority"])
             started = _time(info.get("started_at"))
@@ -188,14 +182,13 @@ else:
             }
             # The dataclass differs between the backport's versions and Django's:
             # fill what this one has, with a neutral value for any field unknown here.
-            fields = {}
-            for f in dataclasses.fields(TaskResult):
-                if not f.init:
-                    continue
-                if f.name in values:
-                    fields[f.name] = values[f.name]
-                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                    fields[f.name] = None
+            missing = dataclasses.MISSING
+            fields = {
+                f.name: values.get(f.name)
+                for f in dataclasses.fields(TaskResult)
+                if f.init
+                and (f.name in values or (f.default is missing and f.default_factory is missing))
+            }
             result = TaskResult(**fields)
             if info["state"] == states.SUCCEEDED:
                 object.__setattr__(result, "_return_value", info.get("result"))
@@ -223,9 +216,7 @@ def _errors(info: dict) -> list:
 
 def exception_class_path(error: str) -> str:
     """
-    @param error: a job's error text: C{"Name: message"}, a blank line, then
-        the traceback, whose exception line names the class with its module
-        (C{"myapp.tasks.Refused: ..."}) unless it is a built-in.
+    @param error: a job's error text: C{"Name: message"}, a blank line, then the traceback.
     @return: the dotted path of the exception's class (C{"builtins.ValueError"}),
         or L{_SERVICE_ERROR} for an error of the job service's own (a timeout).
     """
@@ -249,8 +240,7 @@ class _TaskRunner:
     """The job function of a task: C{Task.call}, with a C{TaskContext} first if it takes one."""
 
     def __init__(self, name: str, task):
-        self.name = name
-        self.task = task
+        self.name, self.task = name, task
         self.__name__ = self.__qualname__ = name
         self.__module__ = getattr(task.func, "__module__", __name__)
 
@@ -263,10 +253,7 @@ class _TaskRunner:
 
 
 def _current_result(task):
-    """
-    @return: the C{TaskResult} of the job this worker runs now, from the job
-        store (its claim was committed before the job was sent here).
-    """
+    """@return: the C{TaskResult} of the job this worker runs now, from the job store."""
     from twistedlrp.jobs.store import operations
     from twistedlrp.jobs.workers import context as _context
 

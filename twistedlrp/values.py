@@ -106,10 +106,7 @@ def existing_file(option: str, path) -> str:
 
 
 def permissions_problem(mode: int, mask: int = 0o077) -> str | None:
-    """
-    @param mask: the permission bits of a file's group and others that are a problem.
-    @return: what is wrong with C{mode}, such as C{"readable by others (mode 0644)"}, or C{None}.
-    """
+    """@return: what is wrong with C{mode} (C{"readable by others (mode 0644)"}), or C{None}."""
     bad = stat.S_IMODE(mode) & mask
     if not bad:
         return None
@@ -124,11 +121,7 @@ def permissions_problem(mode: int, mask: int = 0o077) -> str | None:
 
 
 def private_file(option: str, path: str, allow_open: bool = False) -> None:
-    """
-    Refuse a secret file its group or others may use, as ssh does, unless C{allow_open}.
-
-    @raise usage.UsageError: it is open, or cannot be read.
-    """
+    """@raise usage.UsageError: C{path} is open to its group or others (as ssh has it)."""
     try:
         mode = os.stat(path).st_mode
     except OSError as e:

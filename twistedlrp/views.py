@@ -22,12 +22,7 @@ def job_status(request, job_id):
 
 @require_POST
 def cancel_job(request, job_id):
-    """
-    Cancel the job.
-
-    @return: a redirect to the form's C{next} (the page it was on) unless the
-        client accepts JSON or there is none; else as L{job_status}.
-    """
+    """@return: after the cancel, a redirect to the form's C{next}, or (JSON) as L{job_status}."""
     response = _call(request, request.POST.get("token"), job_id, jobs.cancel)
     target = request.POST.get("next", "")
     wants_json = "application/json" in request.headers.get("Accept", "")
@@ -37,10 +32,7 @@ def cancel_job(request, job_id):
 
 
 def _call(request, token, job_id, operation) -> JsonResponse:
-    """
-    @return: the job after C{operation(job_id)} as JSON; 403 for a bad
-        token, 404 for an unknown job, 503 when the service is unreachable.
-    """
+    """@return: the job after C{operation(job_id)} as JSON, or the error (403, 404, 503, 400)."""
     try:
         check_token(token, job_id, user_key(request))
         return _json(describe(operation(job_id)))

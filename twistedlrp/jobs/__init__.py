@@ -73,23 +73,15 @@ class JobInfo:
     @classmethod
     def from_dict(cls, data: dict) -> JobInfo:
         """@return: the L{JobInfo} of a job as the wire protocol describes it."""
+        get = data.get
+        times = {f: _parse_time(get(f)) for f in ("created_at", "started_at", "finished_at")}
         return cls(
-            id=data["id"],
-            name=data["name"],
-            state=data["state"],
-            attempts=data.get("attempts", 0),
-            progress=Progress(*data.get("progress", (0, None, ""))),
-            result=data.get("result"),
-            error=data.get("error") or "",
-            created_at=_parse_time(data.get("created_at")),
-            started_at=_parse_time(data.get("started_at")),
-            finished_at=_parse_time(data.get("finished_at")),
-            max_attempts=data.get("max_attempts", 1),
-            worker=data.get("worker") or "",
-            output=data.get("output") or "",
-            args=list(data.get("args") or []),
-            kwargs=dict(data.get("kwargs") or {}),
-        )
+            data["id"], data["name"], data["state"], get("attempts", 0),
+            Progress(*get("progress", (0, None, ""))), get("result"), get("error") or "", **times,
+            max_attempts=get("max_attempts", 1), worker=get("worker") or "",
+            output=get("output") or "", args=list(get("args") or []),
+            kwargs=dict(get("kwargs") or {}),
+        )  # fmt: skip
 
 
 def _parse_time(value):

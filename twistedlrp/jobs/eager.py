@@ -63,10 +63,7 @@ def reset() -> None:
 def call(op: str, kw: dict):
     """
     Answer one job operation as the job service would, the jobs it starts
-    run in this thread first.
-
-    @return: the operation's answer.
-    @raise JobError: a subclass says why, as the job service's would.
+    run in this thread first; @raise JobError: as the job service would.
     """
     operation = wire.OPERATIONS.get(op)
     if operation is None or not operation.public:
@@ -115,11 +112,10 @@ class _Call:
 
     def _fire(self, fn, args, kwargs) -> None:
         with _lock:
-            if self.cancelled:
-                return
-            self.called = True
-            fn(*args, **kwargs)
-            _lock.notify_all()
+            if not self.cancelled:
+                self.called = True
+                fn(*args, **kwargs)
+                _lock.notify_all()
 
     def getTime(self) -> float:
         return self.time
@@ -206,16 +202,7 @@ class EagerService:
         )
         self.dispatcher.accepting = True
         self.operations = _EagerOperations(
-            self.reactor,
-            self.store,
-            self.dispatcher,
-            "eager",
-            False,
-            None,
-            self.max_payload,
-            None,
-            unavailable=lambda: None,
-            about=_about,
+            self.dispatcher, self.max_payload, None, unavailable=lambda: None, about=_about
         )
 
     def run_started(self) -> None:
@@ -237,14 +224,10 @@ class EagerService:
                     job = self.store.jobs.get(worker.job_id) or {}
                     if job.get("state") == FAILED:
                         # As the job service logs it, where a site's tests see it.
-                        log.warning(
-                            "Job %s (%s) failed, attempt %d of %d: %s",
-                            job["id"],
-                            name,
-                            job["attempts"],
-                            job["max_attempts"],
-                            (job["error"] or FAILED).splitlines()[0],
-                        )
+                        error = (job["error"] or FAILED).splitlines()[0]
+                        attempts = job["attempts"], job["max_attempts"]
+                        message = "Job %s (%s) failed, attempt %d of %d: %s"
+                        log.warning(message, job["id"], name, *attempts, error)
                     _lock.notify_all()
 
     def outcome_of(self, d: defer.Deferred):
@@ -279,11 +262,8 @@ def _attempt(worker: EagerWorker, name: str, payload: bytes, service: EagerServi
         outcome = {"ok": False, "error": "cancelled", "cancelled": True}
     except (Exception, SystemExit) as e:
         # KeyboardInterrupt still stops the tests; anything else fails the attempt.
-        outcome = {
-            "ok": False,
-            "error": describe_error(e),
-            "cancelled": worker.cancel_event.is_set(),
-        }
+        cancelled = worker.cancel_event.is_set()
+        outcome = {"ok": False, "error": describe_error(e), "cancelled": cancelled}
     finally:
         _context.end_local(previous)
     return outcome

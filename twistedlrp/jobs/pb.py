@@ -85,16 +85,14 @@ _ERRORS = [
 class SecretChecker:
     """
     Accepts any user name with the shared secret, by PB's challenge-response
-    (C{md5(md5(secret) + challenge)}; its weaknesses are in docs/protocol.md).
-    A wrong secret closes the connection, so a client cannot try secrets
-    one after another on one connection.
+    (docs/protocol.md says its weaknesses). A wrong secret closes the
+    connection: a client cannot try secrets one after another on one.
     """
 
     credentialInterfaces = (credentials.IUsernameHashedPassword,)
 
     def __init__(self, reactor, secret: bytes):
-        self.reactor = reactor
-        self.secret = secret
+        self.reactor, self.secret = reactor, secret
 
     def requestAvatarId(self, creds):
         # PB's challenger (pb._PortalAuthChallenger) knows the connection:
@@ -130,19 +128,15 @@ class JobsAvatar(pb.Avatar):
     """
     What a logged-in PB client may call: the public operations of
     L{wire.OPERATIONS} (C{submit} takes C{args} and C{kwargs}, not their
-    JSON), each answering what the AMP front end answers (C{list_jobs}: the
-    list of jobs), or failing with a L{JobServiceError}.
+    JSON; C{list_jobs} answers the list), failing with a L{JobServiceError}.
     """
 
     def __init__(self, service, name: str = "lrp"):
-        self.service = service
-        self.name = name
+        self.service, self.name = service, name
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
-        """
-        Run the operation C{message}; a call that cannot be made is refused
-        with L{InvalidArgumentsError} saying why (PB would log a traceback).
-        """
+        # A call that cannot be made is refused with InvalidArgumentsError
+        # saying why (PB would log a traceback).
         try:
             args = broker.unserialize(args, self)
             kw = broker.unserialize(kw, self)
@@ -212,10 +206,9 @@ def _call(fn, *args, name: str = "submit") -> defer.Deferred:
 
 def _fits_banana(answer):
     """
-    PB's wire format drops the connection on a string or list longer than
-    C{banana.SIZE_LIMIT} (640 KiB); say so instead.
-
-    @raise PayloadTooLargeError: some value of C{answer} is that long.
+    @return: C{answer}.
+    @raise PayloadTooLargeError: a value of C{answer} is longer than PB carries
+        (it would drop the connection).
     """
     stack = [answer]
     while stack:
@@ -240,10 +233,7 @@ def listen_pb(
     Serve C{service} (a L{JobService}, or its L{JobOperations}) over
     Perspective Broker on C{endpoint}.
 
-    @param bounds: what clients may do before logging in. After login, one
-        message may hold twice C{service.max_payload} plus
-        L{limits.BOX_FRAMING} bytes (PB's encoding of a JSON value can take
-        twice its JSON's size).
+    @param bounds: what clients may do before logging in.
     @return: a Deferred firing with the C{IListeningPort}, or failing when
         the endpoint cannot listen.
     @raise ValueError: C{secret} is empty.
@@ -254,23 +244,18 @@ def listen_pb(
     guard = portal.Portal(JobsRealm(service), [SecretChecker(reactor, secret)])
     gate = limits.Gate(reactor, endpoint, bounds or limits.Limits(), log)
     max_payload = getattr(service, "max_payload", None) or default_max_payload()
+    # PB's encoding of a JSON value can take twice its JSON's size.
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, limits.with_backlog(endpoint)).listen(factory)
-
-    def listening(port):
-        log.info("Job service (Perspective Broker) listening on {endpoint}", endpoint=endpoint)
-        return port
-
-    return d.addCallback(listening)
+    message = "Job service (Perspective Broker) listening on {endpoint}"
+    return d.addCallback(lambda port: log.info(message, endpoint=endpoint) or port)
 
 
 class PBFrontEnd(limits.FrontEnd):
     """Listens for Perspective Broker job clients (always with a login: C{secret_file})."""
 
     def __init__(self, reactor, endpoint: str, secret_file: str | None):
-        self.reactor = reactor
-        self.endpoint = endpoint
-        self.secret_file = secret_file
+        self.reactor, self.endpoint, self.secret_file = reactor, endpoint, secret_file
 
     async def listen(self, service) -> None:
         """@raise StartupFailed: no secret file, or the endpoint cannot listen."""

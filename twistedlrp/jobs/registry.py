@@ -1,11 +1,9 @@
 """
-Which functions may run as jobs: those the L{twistedlrp.jobs.job}
-decorator (or a C{django.tasks} C{@task} with twistedlrp's backend)
-registered when their module was imported. The server imports the C{jobs}
-and C{tasks} modules of the installed apps and C{settings.LRP_JOB_MODULES}
-at start-up (L{discover}); a worker imports them too, and any other module
-the server registered a job from at its first job from there. A name that
-is not registered is refused at submission.
+Which functions may run as jobs: those C{@job} (or a C{django.tasks}
+C{@task} with twistedlrp's backend) registered as their module was
+imported: the C{jobs} and C{tasks} modules of the installed apps and
+C{settings.LRP_JOB_MODULES} (L{discover}), and in a worker any other module
+the server registered a job from, at its first job from there.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ class JobDefinition:
 
     @property
     def module(self) -> str | None:
-        """The module that defines the job: importing it registers the job."""
         return getattr(self.function, "__module__", None)
 
 
@@ -52,16 +49,11 @@ def register(definition: JobDefinition) -> None:
     _registry[definition.name] = definition
 
 
-def lookup(name: str) -> JobDefinition | None:
-    """@return: the definition registered under C{name}, or C{None}."""
-    return _registry.get(name)
+lookup = _registry.get
 
 
 def require(name: str) -> JobDefinition:
-    """
-    @return: the definition registered under C{name}.
-    @raise NotRegistered: none is, with the names that are.
-    """
+    """@return: the definition registered under C{name}; @raise NotRegistered: none is."""
     definition = _registry.get(name)
     if definition is None:
         from twistedlrp.jobs.errors import NotRegistered
@@ -77,10 +69,7 @@ def require(name: str) -> JobDefinition:
 
 
 def find(name: str) -> JobDefinition:
-    """
-    L{require}, after importing the site's job modules if C{name} is not
-    registered yet (a script, a shell, a test). @raise NotRegistered: not there either.
-    """
+    """L{require}, after importing the site's job modules if C{name} is not registered yet."""
     if name not in _registry:
         with contextlib.suppress(Exception):
             discover()
@@ -88,12 +77,7 @@ def find(name: str) -> JobDefinition:
 
 
 def import_registered(module: str) -> str:
-    """
-    Import C{module}, one the server registered a job from (a worker, at
-    that job's first run there).
-
-    @return: C{""}, or why it could not be imported (only its jobs fail).
-    """
+    """@return: C{""} once C{module} is imported, or why it could not be (only its jobs fail)."""
     try:
         importlib.import_module(module)
     except Exception as e:
@@ -102,15 +86,12 @@ def import_registered(module: str) -> str:
 
 
 def names() -> list[str]:
-    """@return: the registered names, sorted."""
     return sorted(_registry)
 
 
 def discover() -> list[str]:
     """
-    Import the job modules of the site (once per process).
-
-    @return: the dotted names of the modules imported.
+    @return: the dotted names of the site's job modules, imported.
     @raise twistedlrp.boot.BootError: one of them failed to import.
     """
     from django.conf import settings
@@ -120,9 +101,8 @@ def discover() -> list[str]:
     # Our own "tasks" module is the django.tasks backend, not tasks: a site
     # that uses it loads it through TASKS; importing it anyway would cost
     # every worker ~3.5 MiB (django.tasks or its backport).
-    imported = boot.import_app_modules("jobs") + boot.import_app_modules(
-        "tasks", skip=("twistedlrp",)
-    )
+    imported = boot.import_app_modules("jobs")
+    imported += boot.import_app_modules("tasks", skip=("twistedlrp",))
     for dotted in getattr(settings, "LRP_JOB_MODULES", []) or []:
         try:
             importlib.import_module(dotted)

@@ -20,9 +20,7 @@ if TYPE_CHECKING:
 
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
     """
-    @return: C{(job service or None, job client service)}: the parent starts
-        the client first (it connects once the service listens) and the
-        service after the site's services, so that it stops first.
+    @return: C{(job service or None, job client service)}.
     @raise twistedlrp.boot.BootError: the service is wanted but the
         C{twistedlrp} app is not installed, or a job module fails to import.
     """
@@ -42,26 +40,20 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
     registry.discover()
     if not run_service:
         return None, JobClientService(reactor, options, None)
+    open_permissions = bool(options.get("allow-open-permissions"))
     front_ends = [
         AMPFrontEnd(
-            reactor,
-            options["jobs-listen"],
-            options["state-dir"],
-            options["jobs-secret-file"],
-            bool(options.get("allow-open-permissions")),
+            reactor, options["jobs-listen"], options["state-dir"], options["jobs-secret-file"],
+            open_permissions,
         )
-    ]
+    ]  # fmt: skip
     if options["pb-listen"]:
         # Only then: twisted.spread is not imported otherwise.
         from twistedlrp.jobs.pb import PBFrontEnd
 
         front_ends.append(PBFrontEnd(reactor, options["pb-listen"], options["jobs-secret-file"]))
-    jobs = JobService(
-        reactor,
-        options,
-        front_ends,
-        cancel_grace=float(getattr(settings, "LRP_JOBS_CANCEL_GRACE", DEFAULT_CANCEL_GRACE)),
-    )
+    grace = float(getattr(settings, "LRP_JOBS_CANCEL_GRACE", DEFAULT_CANCEL_GRACE))
+    jobs = JobService(reactor, options, front_ends, cancel_grace=grace)
     return jobs, JobClientService(reactor, options, jobs)
 
 
@@ -77,9 +69,7 @@ class JobClientService(service.Service):
     name = "job-client"
 
     def __init__(self, reactor, options, local):
-        self.reactor = reactor
-        self.options = options
-        self.local = local
+        self.reactor, self.options, self.local = reactor, options, local
         self.client: JobClient | LocalClient | None = None
         self.call_threads: int | None = None
 
@@ -108,17 +98,12 @@ class JobClientService(service.Service):
         jobs_client.install(self.client, self.call_threads)
 
     def describe(self) -> dict | None:
-        """
-        @return: the health endpoint's C{job_link} section (the job node
-            calls go to, up or down and since when), or C{None} for a
-            client in this very process (its C{jobs} section says it all).
-        """
+        """@return: the health endpoint's C{job_link} section (C{None}: an in-process client)."""
         from twistedlrp.jobs.client.connection import JobClient
 
-        client = self.client
-        if not isinstance(client, JobClient):
+        if not isinstance(self.client, JobClient):
             return None
-        body = client.describe(requires=bool(self.options["health-requires-jobs"]))
+        body = self.client.describe(requires=bool(self.options["health-requires-jobs"]))
         slots = jobs_client.call_slots()
         if slots is not None:
             body["calls"] = slots.describe()

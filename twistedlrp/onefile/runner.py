@@ -1,12 +1,10 @@
 """
-``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``.
-
+``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``:
 L{serve} replaces the process (same pid, for the signals) with ``twistd -n
-lrp --app /abs/hello.py:app``: the server and its workers import the file
-under its module name, not as ``__main__`` (whose jobs no worker could
-import), and there ``serve()`` only records what it was given. Lower-case
-keywords are options, upper-case ones settings; the command line wins over
-them, and they over a ``--config`` file.
+lrp --app /abs/hello.py:app``, whose processes import the file under its
+module name, not as ``__main__`` (whose jobs no worker could import).
+Lower-case keywords are options, upper-case ones settings; the command line
+wins over them, and they over a ``--config`` file.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ RUNNER = "twistedlrp.onefile"
 
 def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     """
-    Serve C{app} (a view, a Router, a list of URL patterns or a WSGI
-    application) with C{twistd -n lrp}, in place of this process.
+    Serve C{app} (a view, a Router, URL patterns or a WSGI application) with
+    C{twistd -n lrp}, in place of this process.
 
     @param keywords: options (C{web_workers=2}) and Django settings (C{DEBUG=True}).
     @return: only in the server, which imports the file (it does nothing there).
@@ -37,8 +35,7 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
         # The server (or a worker) imports the file: it serves what was given.
         site.served.append(app)
         return None
-    caller = sys._getframe(1).f_globals
-    spec = _caller_spec(caller, app)
+    spec = _caller_spec(sys._getframe(1).f_globals, app)
     argv = server_arguments(spec, listen, keywords, sys.argv[1:])
     # How the server's messages name this command ("run 'python hello.py --migrate'").
     os.environ[defaults.COMMAND_VARIABLE] = f"python {sys.argv[0]}"
@@ -49,10 +46,7 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
 
 
 def _caller_spec(caller: dict, app) -> AppSpec:
-    """
-    @return: the C{--app} value naming C{app} in the module whose globals are
-        C{caller} (no name if it has none: the file's import gives it to C{serve()}).
-    """
+    """@return: the C{--app} value naming C{app} in the module whose globals are C{caller}."""
     name = next((key for key, value in caller.items() if value is app), None)
     path = caller.get("__file__")
     if not path:
@@ -148,9 +142,8 @@ def _json(name: str, value) -> str:
 
 def prepare_script() -> None:
     """
-    When the C{__main__} file imports C{serve} at its top, set Django up with
-    the defaults and an in-memory database, so that the rest of the file (its
-    models) runs up to L{serve}. Not for a nanodjango file, or Django configured.
+    The C{__main__} file imports C{serve}: set Django up (defaults, a database
+    in memory) so that its models run up to L{serve} (unless nanodjango's).
     """
     from twistedlrp.onefile import site
     from twistedlrp.onefile.site import uses_nanodjango
@@ -181,10 +174,8 @@ def prepare_script() -> None:
 
 
 def _explain_missing_settings(label: str) -> None:
-    """
-    A setting the file reads as it runs that the defaults lack ends the run
-    with one line, not a traceback (C{serve()}'s keywords come too late).
-    """
+    # A setting the defaults lack that the file reads as it runs ends the run
+    # with one line, not a traceback (serve()'s keywords come too late).
     from twistedlrp.onefile.site import missing_setting
 
     previous = sys.excepthook
@@ -206,12 +197,10 @@ def _imported_by(main) -> bool:
     frame = sys._getframe(1)
     while frame is not None:
         name = frame.f_globals.get("__name__", "")
-        if frame.f_code.co_filename.startswith("<frozen importlib") or name.startswith(
-            "twistedlrp"
-        ):
-            frame = frame.f_back
-            continue
-        return frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"
+        if not frame.f_code.co_filename.startswith("<frozen importlib"):
+            if not name.startswith("twistedlrp"):
+                return frame.f_globals is vars(main) and frame.f_code.co_name == "<module>"
+        frame = frame.f_back
     return False
 
 

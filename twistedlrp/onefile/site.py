@@ -77,8 +77,7 @@ def own_settings() -> bool:
 
 def configure(options) -> str | None:
     """
-    Set the environment every process of this server reads for
-    C{options["app"]}, and put the file's folder on C{sys.path}.
+    Set the environment every process of this server reads for C{--app}.
 
     @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
         with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
@@ -137,10 +136,7 @@ def before_settings(settings_module: str) -> None:
 
 
 def before_setup() -> None:
-    """
-    Before C{django.setup()}, with twistedlrp's settings: give the file an
-    app config, so that its models belong to an app of its name (as in nanodjango).
-    """
+    """Before C{django.setup()}: give the file an app config, so that its models have an app."""
     spec = current_spec()
     if spec is None or not own_settings() or spec.module in sys.modules:
         return
@@ -168,8 +164,7 @@ def after_setup() -> Site | None:
     After C{django.setup()}: import the file and find the object it names.
 
     @return: the site, or C{None} without C{--app}.
-    @raise twistedlrp.boot.BootError: the file does not import, has no such
-        object, or the object is not one of the four kinds.
+    @raise twistedlrp.boot.BootError: the file does not import, or names no site.
     """
     global _loaded
     spec = current_spec()
@@ -225,11 +220,13 @@ def uses_nanodjango(spec: AppSpec) -> bool:
         return False  # The import says what is wrong.
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            if any(alias.name.split(".")[0] == "nanodjango" for alias in node.names):
-                return True
-        elif isinstance(node, ast.ImportFrom):
-            if node.level == 0 and (node.module or "").split(".")[0] == "nanodjango":
-                return True
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] == "nanodjango" for name in names):
+            return True
     return False
 
 
@@ -237,8 +234,7 @@ def import_app(spec: AppSpec) -> types.ModuleType:
     """
     Import the file (by its path, under its module name) or the module.
 
-    @raise twistedlrp.boot.BootError: one line for a missing module or
-        setting, or a configuration error; else with the traceback.
+    @raise twistedlrp.boot.BootError: it does not import (with the traceback if not obvious).
     """
     global loading
     existing = sys.modules.get(spec.module)
@@ -296,9 +292,8 @@ def _importBootError(spec: AppSpec, e: Exception):
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
     """
-    @return: the object C{spec} names in C{module} (else the one given to
-        C{serve()} as it imported, else the first of L{DEFAULT_NAMES}) and
-        its name (C{None} for C{serve()}'s).
+    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the
+        first of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
     """
     if spec.attr:
         obj = module
@@ -323,8 +318,7 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
 def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
     """
     @return: the L{Site} of C{obj}.
-    @raise twistedlrp.boot.BootError: C{obj} is none of a view, a Router,
-        a list of URL patterns and a WSGI application.
+    @raise twistedlrp.boot.BootError: C{obj} is not a view, Router, URL patterns or WSGI app.
     """
     from django.urls import URLPattern, URLResolver, re_path
 

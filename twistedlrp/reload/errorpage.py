@@ -13,11 +13,7 @@ log = Logger(namespace="twistedlrp.reload")
 
 
 class ErrorPage:
-    """
-    While no server runs (the code is broken), the supervisor answers every
-    request on its sockets itself (503 and the error) rather than leave them
-    waiting in the backlog, until a server starts.
-    """
+    """While no server runs (broken code), answer every request 503 with the error."""
 
     def __init__(self, reactor, listening):
         self.reactor = reactor
@@ -36,9 +32,8 @@ class ErrorPage:
             try:
                 self.ports.append(adopt(self.reactor, sock.fileno(), family, site))
             except Exception:
-                log.failure(
-                    "Cannot answer on {address} while the server is down", address=sock.address
-                )
+                message = "Cannot answer on {address} while the server is down"
+                log.failure(message, address=sock.address)
 
     def _site(self):
         # A supervisor whose servers start never needs twisted.web.

@@ -58,12 +58,9 @@ class ServerProcess(protocol.ProcessProtocol):
         self.supervisor.child_ended(self, self.exit)
 
     def when_ended(self) -> defer.Deferred:
-        if self.state == "ended":
-            return defer.succeed(None)
-        return self._ended.wait()
+        return defer.succeed(None) if self.state == "ended" else self._ended.wait()
 
     def boot(self) -> None:
-        """Let a spare go on to set Django up."""
         self.state = "booting"
         self.started_at = time.monotonic()
         self.channel.send({"event": "boot"})

@@ -81,10 +81,8 @@ def imported_files() -> set[str]:
     """@return: the source files of the modules imported so far, but the standard library's."""
     import sysconfig
 
-    stdlib = tuple(
-        os.path.realpath(p) + os.sep
-        for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
-    )
+    paths = sysconfig.get_paths()
+    stdlib = tuple(os.path.realpath(paths[p]) + os.sep for p in ("stdlib", "platstdlib"))
     files = set()
     for module in list(sys.modules.values()):
         spec = getattr(module, "__spec__", None)

@@ -23,6 +23,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from twistedlrp.ordered_service import cancel_call
 from twistedlrp.process.channel import spawn
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.supervise import child_environment, stop_within
@@ -42,17 +43,12 @@ _FIRST_LISTEN_FD = 3
 
 
 def make_supervisor(options) -> ReloadSupervisor:
-    """
-    Bind the listening sockets and return the supervisor service.
-
-    @raise SystemExit: a socket cannot be bound (one line, exit code 1).
-    """
+    """@raise SystemExit: a listening socket cannot be bound (one line, exit code 1)."""
     from twisted.internet import reactor
 
     if os.name != "posix":
         raise SystemExit("twistd lrp: error: --reload needs a POSIX system (process groups)")
-    listening = []
-    passed_through = []
+    listening, passed_through = [], []
     # A job node serves no HTTP: nothing to bind.
     endpoints = [] if options["jobs-only"] else options["listen"]
     for endpoint in endpoints:
@@ -86,10 +82,8 @@ class ReloadSupervisor(service.Service):
     name = "lrp-reload"
 
     def __init__(self, options, listening, passed_through, reactor):
-        self.options = options
-        self.listening = listening
+        self.options, self.listening, self.reactor = options, listening, reactor
         self.passed_through = passed_through
-        self.reactor = reactor
         self.graceful_timeout = options["graceful-timeout"]
         self.current: ServerProcess | None = None
         self.pending: ServerProcess | None = None
@@ -97,8 +91,7 @@ class ReloadSupervisor(service.Service):
         self._spares_work = True
         self.retiring: list[ServerProcess] = []
         self.children: list[ServerProcess] = []
-        self.count = 0
-        self.promoted = 0
+        self.count = self.promoted = 0
         self.stopping = False
         self._debounce = None
         self._changes: set[str] = set()
@@ -142,8 +135,7 @@ class ReloadSupervisor(service.Service):
 
     async def _stop(self) -> None:
         self.stopping = True
-        if self._debounce is not None and self._debounce.active():
-            self._debounce.cancel()
+        cancel_call(self._debounce)
         await self.watcher.stop()
         for child in (self.pending, self.spare):
             if child is not None:
@@ -197,12 +189,8 @@ class ReloadSupervisor(service.Service):
         env[CONTROL_VARIABLE] = str(control_fd)
         if spare:
             env[SPARE_VARIABLE] = "1"
-        args = [
-            sys.executable,
-            "-m",
-            "twistedlrp.reload.server_main",
-            *child_arguments(self.options, self.listening, self.passed_through),
-        ]
+        args = [sys.executable, "-m", "twistedlrp.reload.server_main"]
+        args += child_arguments(self.options, self.listening, self.passed_through)
         if spare:
             self.spare = child
         else:
@@ -243,7 +231,6 @@ class ReloadSupervisor(service.Service):
             child.error = message.get("error") or "unknown error"
 
     async def _promote(self, child: ServerProcess) -> None:
-        """Stop the serving server, then let C{child} run."""
         old = self.current
         if old is not None:
             self.current = None
@@ -292,13 +279,9 @@ class ReloadSupervisor(service.Service):
                 child.signal_leader(number)
 
         def late():
-            log.warn(
-                "Server {number} (pid {pid}) did not stop within {timeout:g} s: killing its "
-                "process group",
-                number=child.number,
-                pid=child.pid,
-                timeout=self.graceful_timeout,
-            )
+            message = "Server {n} (pid {pid}) did not stop within {timeout:g} s: killing its "
+            message += "process group"
+            log.warn(message, n=child.number, pid=child.pid, timeout=self.graceful_timeout)
 
         await stop_within(self.reactor, child.when_ended(), send, self.graceful_timeout, late)
         # The server is gone: whatever it left in its group (job workers
@@ -308,7 +291,6 @@ class ReloadSupervisor(service.Service):
             self.retiring.remove(child)
 
     def _abandon(self, child: ServerProcess) -> None:
-        """A server that never served is not needed any more."""
         child.abandoned = True
         if self.pending is child:
             self.pending = None
@@ -332,8 +314,7 @@ class ReloadSupervisor(service.Service):
         how = exit.status()
         if child is self.pending:
             self.pending = None
-            first = (child.error or "").strip().splitlines()
-            reason = first[0] if first else how
+            reason = next(iter((child.error or "").strip().splitlines()), how)
             if self.current is not None:
                 log.error(
                     "The changed code failed to start ({reason}); the previous server "
@@ -351,11 +332,10 @@ class ReloadSupervisor(service.Service):
         elif child is self.current:
             self.current = None
             log.error(
-                "The server stopped ({how}). It restarts when a watched file changes.",
-                how=how,
+                "The server stopped ({how}). It restarts when a watched file changes.", how=how
             )
             self.error_page.start(
-                (child.error or "") + f"\nThe server stopped with {how}; see the log."
+                f"{child.error or ''}\nThe server stopped with {how}; see the log."
             )
             self._ensure_spare()
         child.kill_group()
@@ -408,11 +388,7 @@ class ReloadSupervisor(service.Service):
             self._spawn()
 
     def _reload_templates(self, changes: list[str]) -> bool:
-        """
-        Only templates changed: the server reloads them (one still starting, once it runs).
-
-        @return: C{False} if no server runs or starts (one is started then).
-        """
+        """Only templates changed: reload them; @return: C{False} if no server runs or starts."""
         if self.current is None and self.pending is None:
             return False
         for child in (self.current, self.pending):

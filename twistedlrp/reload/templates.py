@@ -1,11 +1,7 @@
 """
-Template changes in development reload the templates, not the server, as
-C{manage.py runserver} does: the server reports the template directories
-Django loads from, the supervisor watches them, and a change of templates
-only has the server reset Django's template loaders (in each web process
-too), so that the next render reads them from disk.
-
-Django is imported only inside the functions: the supervisor imports none.
+Template changes in development reset Django's template loaders instead of
+restarting the server, as C{runserver} does. Django is imported only inside
+the functions: the supervisor imports none.
 """
 
 from __future__ import annotations
@@ -17,22 +13,14 @@ from twisted.internet import defer, threads
 
 
 def template_directories() -> list[str]:
-    """
-    @return: the directories Django's template engines load from, resolved
-        and sorted (Django's C{get_template_directories()}, which
-        C{runserver} watches). Django must be set up.
-    """
+    """@return: the directories Django's template engines load from, resolved and sorted."""
     from django.template.autoreload import get_template_directories
 
     return sorted({os.path.realpath(d) for d in get_template_directories()})
 
 
 def reset_loaders() -> None:
-    """
-    Empty every template engine's loaders' caches (Django's
-    C{reset_loaders()}). It may build an engine, which imports template tag
-    libraries: call it from a thread, not the reactor's.
-    """
+    """Django's C{reset_loaders()}: it may import template tag libraries, so not in the reactor."""
     from django.template.autoreload import reset_loaders as django_reset_loaders
 
     django_reset_loaders()

@@ -2,11 +2,8 @@
 Watching files for the reload supervisor, as C{runserver} does: every C{.py}
 file in the I{roots} (the site's directories), single I{files} (the modules
 the server imported, the config file), and every file but editors' litter
-in the I{template directories} the server reports. With C{watchfiles} the
-operating system reports changes (a thread for the roots, one for the
-template directories outside them, one for the single files outside them);
-without it a thread polls every half second. The callback runs in the
-reactor thread.
+in the I{template directories} the server reports; by C{watchfiles}, else by
+polling every half second. The callback runs in the reactor thread.
 """
 
 from __future__ import annotations
@@ -43,11 +40,8 @@ def is_source(path: str) -> bool:
 
 def _litter(path: str) -> bool:
     name = os.path.basename(path)
-    return (
-        name.startswith(_LITTER_PREFIXES)
-        or name.endswith(_LITTER_SUFFIXES)
-        or f"{os.sep}__pycache__{os.sep}" in path
-    )
+    litter = name.startswith(_LITTER_PREFIXES) or name.endswith(_LITTER_SUFFIXES)
+    return litter or f"{os.sep}__pycache__{os.sep}" in path
 
 
 def _under(path: str, roots: Iterable[str]) -> bool:
@@ -67,8 +61,7 @@ def make_watcher(reactor, roots, on_change, polling: bool | None = None):
             import watchfiles  # noqa: F401
         except ImportError:
             polling = True
-    cls = PollingWatcher if polling else EventWatcher
-    return cls(reactor, roots, on_change)
+    return (PollingWatcher if polling else EventWatcher)(reactor, roots, on_change)
 
 
 class _BaseWatcher:
@@ -103,11 +96,7 @@ class _BaseWatcher:
         return _under(path, self.template_dirs) and not _litter(path)
 
     def is_template(self, path: str) -> bool:
-        """
-        @return: whether a change of C{path} reloads the templates (not the
-            server): a file of a template directory, neither a C{.py} file nor
-            watched for another reason.
-        """
+        """@return: whether a change of C{path} reloads the templates (not the server)."""
         return self.in_template_dir(path) and not path.endswith(".py") and path not in self.files
 
     def add_files(self, paths: Iterable[str]) -> None:
@@ -256,21 +245,11 @@ class PollingWatcher(_BaseWatcher):
         fresh, self._fresh = self._fresh, set()
         fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
         roots, files = list(self.roots), set(self.files)
-        d = threads.deferToThreadPool(
-            self.reactor,
-            self.reactor.getThreadPool(),
-            _scan,
-            roots,
-            files,
-            self.template_dirs,
-        )
+        pool = self.reactor.getThreadPool()
+        d = threads.deferToThreadPool(self.reactor, pool, _scan, roots, files, self.template_dirs)
         d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
-
-        def done(_):
-            self._scanning = False
-
-        d.addBoth(done)
+        d.addBoth(lambda _: setattr(self, "_scanning", False))
         return None
 
     def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
@@ -296,20 +275,17 @@ def _scan(roots: list[str], files: set[str], template_dirs=()) -> dict[str, tupl
             return
         stamps[path] = (st.st_mtime_ns, st.st_size, st.st_ino)
 
-    for root in roots:
+    def walk(root, ignored, wanted):
         for directory, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d not in IGNORED_DIRS]
-            for name in filenames:
-                if name.endswith(SOURCE_SUFFIXES):
-                    stamp(os.path.join(directory, name))
-    for root in template_dirs:
-        for directory, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-            for name in filenames:
-                path = os.path.join(directory, name)
-                if path not in stamps and not _litter(path):
+            dirnames[:] = [d for d in dirnames if d not in ignored]
+            for path in (os.path.join(directory, name) for name in filenames):
+                if path not in stamps and wanted(path):
                     stamp(path)
-    for path in files:
-        if path not in stamps:
-            stamp(path)
+
+    for root in roots:
+        walk(root, IGNORED_DIRS, lambda path: path.endswith(SOURCE_SUFFIXES))
+    for root in template_dirs:
+        walk(root, ("__pycache__",), lambda path: not _litter(path))
+    for path in files - stamps.keys():
+        stamp(path)
     return stamps

@@ -1,10 +1,8 @@
 """
-Claims from the table, when several job nodes share one PostgreSQL
-database (L{TableClaims}): one claim at a time takes a due job of this
-node's queues for each free worker (C{SELECT ... FOR UPDATE SKIP LOCKED},
-committed before the job is sent), and a timer wakes it when the first
-delayed job it knows of is due; and a free worker reserved for a job about
-to be stored running on it (L{Reservation}).
+Claims from the table when several job nodes share one PostgreSQL database
+(L{TableClaims}): one claim at a time takes a due job for each free worker
+(C{FOR UPDATE SKIP LOCKED}, committed before the job is sent); and a free
+worker reserved for a job about to be stored running on it (L{Reservation}).
 """
 
 from __future__ import annotations
@@ -19,14 +17,13 @@ from twistedlrp.jobs.service.outcomes import check_record
 from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
+from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
 
 class TableClaims:
     """
-    The claims from the table of a L{Dispatcher} whose node shares its database.
-
     @ivar in_flight: the Deferreds of the claims under way (stopping waits for them).
     @ivar wanted: may the table hold due jobs for us? (Cleared by a claim
         that found fewer than it asked for, unless a wake came meanwhile.)
@@ -45,7 +42,6 @@ class TableClaims:
         self._due_timer = None
 
     def want(self) -> None:
-        """There may be due jobs in the table (a notification, a submission, a timer)."""
         self.wakes += 1
         self.wanted = True
 
@@ -54,10 +50,7 @@ class TableClaims:
         self.dispatcher.dispatch()
 
     def claim_next(self) -> None:
-        """Claim one due job per free worker from the table (one claim at a time)."""
-        if self.running or not self.wanted:
-            return
-        idle = self.dispatcher.pool.idle()
+        idle = not self.running and self.wanted and self.dispatcher.pool.idle()
         if not idle:
             return
         for worker in idle:
@@ -80,14 +73,14 @@ class TableClaims:
             # This node's lease is not fresh (being renewed, or cannot be): no claim until it is.
             self._failed(None, list(sent.values()))
             return
-        dispatcher, free = self.dispatcher, dict(sent)
+        dispatcher, unclaimed = self.dispatcher, dict(sent)
         claimed = answer["claimed"]
         for row in claimed:
-            worker = free.pop(row["worker"])
+            worker = unclaimed.pop(row["worker"])
             record = JobRecord.from_row(row)
             if worker.state != "claiming" or not dispatcher.accepting:
                 # The worker died, or the service began stopping, during the claim.
-                _free([worker])
+                free(worker)
                 error = "its worker ended before the job started"
                 self.store.run(recovery.requeue, record.id, error, False, dispatcher.node)
                 continue
@@ -100,7 +93,7 @@ class TableClaims:
             dispatcher.run_on(worker, record, row["payload"])
             if row["cancel_requested"]:
                 dispatcher.request_cancel(record.id)
-        _free(free.values())
+        free(*unclaimed.values())
         if len(claimed) < len(sent):
             if wakes == self.wakes:
                 self.wanted = False
@@ -110,7 +103,7 @@ class TableClaims:
     def _failed(self, failure, workers: list) -> None:
         """The claim failed (C{None}: this node's lease is not fresh): again in 1 s."""
         self.running = False
-        _free(workers)
+        free(*workers)
         if failure is not None:
             log.warn(
                 "Could not claim jobs: {error}; trying again in 1 s",
@@ -132,12 +125,10 @@ class TableClaims:
         self._due_timer = self.reactor.callLater(delay, self._wake)
 
     def stop(self) -> None:
-        """Wake no more for delayed jobs."""
-        if self._due_timer is not None and self._due_timer.active():
-            self._due_timer.cancel()
+        cancel_call(self._due_timer)
 
 
-def _free(workers) -> None:
+def free(*workers) -> None:
     """The workers held for a claim that did not give them a job are idle again."""
     for worker in workers:
         if worker.state == "claiming":
@@ -146,11 +137,7 @@ def _free(workers) -> None:
 
 @dataclass(eq=False)
 class Reservation:
-    """
-    A free worker held (C{claiming}) for one job while its submission
-    commits (L{Dispatcher.reserve}); then the dispatcher starts the stored
-    job on it (L{Dispatcher.start_reserved}) or frees it (L{Dispatcher.release}).
-    """
+    """A free worker held (C{claiming}) for one job while its submission commits."""
 
     worker: object
     job_id: str

@@ -1,11 +1,9 @@
 """
-Dispatch: which queued job runs on which worker.
-
-Free workers take the next job from the L{JobQueue}. A job is sent to its
+Dispatch: which queued job runs on which worker. A job is sent to its
 worker only once its claim (C{running}, one more attempt) is committed, so
 that after a crash it either had not started or counts as started. With
-several job nodes on one PostgreSQL database (C{shared}) the table is the
-queue (L{TableClaims}). L{Outcomes} records how an attempt ended.
+several job nodes on one PostgreSQL database the table is the queue
+(L{TableClaims}).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
-from twistedlrp.jobs.service.claims import Reservation, TableClaims
+from twistedlrp.jobs.service.claims import Reservation, TableClaims, free
 from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, log_started
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
@@ -36,14 +34,8 @@ class Dispatcher:
     """
     @param store: the L{twistedlrp.jobs.store.Store} (or the eager mode's in memory).
     @param pool: the workers [default: a L{WorkerPool} of processes].
-    @ivar outcomes: the L{Outcomes} that records how attempts end.
-    @ivar claims: the L{TableClaims} of a node sharing its database.
-    @ivar claiming: the jobs being claimed for a worker (or reserved one), by
-        id, with a Deferred that fires once that is over: the watchdog
-        leaves them be, and their outcome must be recorded before the
-        store closes.
-    @ivar fenced: this node could not renew its lease in time and stopped
-        its jobs: it starts none until it renewed it (L{fence}).
+    @ivar claiming: the jobs being claimed (or reserved) by id, with a
+        Deferred that fires once that is over: the watchdog leaves them be.
     """
 
     def __init__(
@@ -80,7 +72,7 @@ class Dispatcher:
         self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
         self._idle = Waiters()
         self.claiming: dict[str, defer.Deferred] = {}
-        self.node, self.shared = node, shared
+        self.node, self.shared, self.queues = node, shared, queues
         self.fenced = False
         self.outcomes = Outcomes(
             reactor, store, self.count, self._requeue, cancel_grace, node if shared else None
@@ -104,15 +96,13 @@ class Dispatcher:
         self.dispatch()
 
     def count(self, event: str, name: str) -> None:
-        """Count one C{event} of a job named C{name}: in L{counters} (stats) and the metrics."""
         self.counters[event] += 1
         job_metrics.count(event, name)
 
     def request_cancel(self, job_id: str) -> bool:
         """
-        Take a queued job out of the queue, or ask a running one to stop:
-        C{cancelled()} turns true in the job, its process gets SIGTERM after
-        the grace period and SIGKILL after twice that.
+        Take a queued job out of the queue, or ask a running one to stop
+        (SIGTERM after the grace period, SIGKILL after twice that).
 
         @return: whether the job was queued here (and is now cancelled).
         """
@@ -132,10 +122,9 @@ class Dispatcher:
 
     def fence(self) -> list[str]:
         """
-        This node could not renew its lease in time: kill the process group
-        of every running job's worker at once, record nothing for them (the
-        node that renews the lease deals with them), and start no job until
-        L{unfence}.
+        This node could not renew its lease in time: kill every running
+        job's worker, record nothing for them (the node that renews the
+        lease deals with them), start no job until L{unfence}.
 
         @return: the ids of the jobs stopped.
         """
@@ -157,7 +146,6 @@ class Dispatcher:
         return stopped
 
     def unfence(self) -> None:
-        """The lease is renewed: take work again."""
         self.fenced = False
         if self.accepting:
             self.wake()
@@ -169,18 +157,13 @@ class Dispatcher:
         self.pool.stop_idle()
 
     def when_idle(self) -> defer.Deferred:
-        """@return: a Deferred that fires once no job runs."""
         return self._idle.wait() if self.running else defer.succeed(None)
 
     def claims_in_flight(self) -> defer.Deferred:
-        """@return: a Deferred that fires once the claims (and reservations) under way are over."""
         return defer.DeferredList([*self.claiming.values(), *self.claims.in_flight])
 
     def orphaned(self, record: JobRecord, reason: str) -> None:
-        """
-        C{record} is running with no live worker holding it (the watchdog
-        saw it): retry or fail it by its policy, as if its worker had died.
-        """
+        """The watchdog saw C{record} running on no live worker: retry or fail it."""
         if self.running.get(record.id) is not record:
             return
         self._forget(record)
@@ -206,7 +189,6 @@ class Dispatcher:
             self._hold(record.id, d.addErrback(self._start_failed, worker, record))
 
     def _hold(self, job_id: str, d: defer.Deferred) -> None:
-        """C{job_id} is being claimed (or reserved) until C{d} fires."""
         self.claiming[job_id] = d
 
         def over(_):
@@ -218,11 +200,9 @@ class Dispatcher:
     def reserve(self, job_id: str) -> Reservation | None:
         """
         Reserve a free worker for a job about to be stored, when it would
-        start at once anyway: accepting, and nothing due ahead of it (in
-        the queue; with several nodes, in the table as this node's last
-        claim found it, no wake since). The store then writes the job
-        running on that worker in its submission's transaction, and it
-        starts with no claim of its own (L{start_reserved}).
+        start at once anyway (nothing due ahead of it, in the queue or, with
+        several nodes, in the table as the last claim found it): the store
+        writes it running in its submission's transaction (L{start_reserved}).
 
         @return: the L{Reservation}, or C{None} (the job is queued as usual).
         """
@@ -240,10 +220,9 @@ class Dispatcher:
         return reserved
 
     def release(self, reserved: Reservation) -> None:
-        """Nothing was stored running on C{reserved}'s worker: it is free again."""
+        # Nothing was stored running on the reserved worker.
         reserved.done.callback(None)
-        if reserved.worker.state == "claiming":
-            reserved.worker.state = "idle"
+        free(reserved.worker)
         self.dispatch()
 
     def start_reserved(self, reserved: Reservation, record: JobRecord) -> None:
@@ -263,23 +242,16 @@ class Dispatcher:
             self._start_failed(Failure(), worker, record)
 
     def _start(self, worker, record: JobRecord) -> defer.Deferred:
-        """
-        Start a job once its claim is committed (claims share the batches of
-        other changes): were the server to die after the commit, the attempt
-        counts as started and the job is retried or failed by its policy,
-        never run again as if new. The claim reads the job unless the
-        service holds its payload. Plain callbacks, no coroutine: this runs
-        once per job.
-        """
+        # Sent once its claim is committed: were the server to die after the
+        # commit, the attempt counts as started. Plain callbacks, no
+        # coroutine: this runs once per job.
         load = record.payload is None
         d = self.store.run(ops.claim, record.id, worker.ident, load, self.node)
         return d.addCallback(self._claimed_one, worker, record, load)
 
     def _claimed_one(self, claimed, worker, record: JobRecord, load: bool):
         if claimed is None:
-            # Cancelled (or taken) meanwhile.
-            if worker.state == "claiming":
-                worker.state = "idle"
+            free(worker)  # cancelled (or taken) meanwhile
             self.dispatch()
             return None
         if worker.state != "claiming":
@@ -298,11 +270,7 @@ class Dispatcher:
         return None
 
     def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:
-        """
-        C{record} was claimed (or stored running) for a worker that ended
-        before the job reached it: put it back in the queue without the
-        attempt; the Deferred fires once that is committed.
-        """
+        """The worker ended before the job reached it: requeue it without the attempt."""
         error = "its worker ended before the job started"
         d = self.store.run(recovery.requeue, record.id, error, False, *self.outcomes.node_args)
         d.addCallback(lambda _: self._requeue(record))
@@ -315,16 +283,11 @@ class Dispatcher:
             self.enqueue(record, not_before)
 
     def _start_failed(self, failure, worker, record: JobRecord) -> None:
-        """
-        A job could not be started: a row the store holds with a value that
-        cannot run (the job fails, with the reason), or the store failed
-        (the job waits a moment in the queue). Either way the worker is freed.
-        """
+        """A row with a value that cannot run fails the job; a store error requeues it (1 s)."""
         self._forget(record)
         if worker.state == "busy" and worker.job_id == record.id:
             worker.signal("KILL", "orphan")  # it may have begun: a fresh process is cleaner
-        elif worker.state == "claiming":
-            worker.state = "idle"
+        free(worker)
         if failure.check(InvalidArguments):
             self.outcomes.fail(record, f"the job could not start: {failure.getErrorMessage()}")
         else:
@@ -333,12 +296,10 @@ class Dispatcher:
         self.dispatch()
 
     def run_on(self, worker, record: JobRecord, payload: bytes) -> None:
-        """Send C{record}, claimed for C{worker}, to it (fenced: back to the queue)."""
         if self.fenced:
             # Claimed before this node lost its lease (the claim's answer came
             # late): another node may take the job over any moment; not started.
-            if worker.state == "claiming":
-                worker.state = "idle"
+            free(worker)
             self._put_back(record, log_failure=True)
             return
         record.worker = worker

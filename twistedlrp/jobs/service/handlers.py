@@ -1,8 +1,7 @@
 """
-The operations clients call on the job service (L{JobOperations}), from
-every front end and the in-process client: a method per operation of
-L{twistedlrp.jobs.protocol.wire.OPERATIONS}, taking its command's arguments
-and returning a Deferred of its JSON-ready answer, after its commit.
+The operations clients call on the job service, from every front end: a
+method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS},
+returning a Deferred of its JSON-ready answer, after its commit.
 """
 
 from __future__ import annotations
@@ -41,28 +40,20 @@ class JobOperations:
     C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
     so (and whether its change was made).
 
-    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}.
-    @param node: this job node's name; C{shared}: whether other nodes share its database.
-    @param queues: the queues this node runs, or C{None} for all.
     @param unavailable: C{()}: why the service takes no work now, or C{None}.
     @param about: C{()}: the service's own part of L{stats}.
     """
 
     def __init__(
         self,
-        reactor,
-        store,
         dispatcher,
-        node: str,
-        shared: bool,
-        queues: list[str] | None,
         max_payload: int,
         store_wait: float | None,
         unavailable: Callable[[], str | None],
         about: Callable[[], dict],
     ):
-        self.reactor, self.store, self.dispatcher = reactor, store, dispatcher
-        self.node, self.shared, self.queues = node, shared, queues
+        self.reactor, self.store, self.dispatcher = dispatcher.reactor, dispatcher.store, dispatcher
+        self.node, self.shared, self.queues = dispatcher.node, dispatcher.shared, dispatcher.queues
         self.max_payload, self.store_wait = max_payload, store_wait
         self.unavailable, self.about = unavailable, about
         self.waiters = dispatcher.outcomes.waiters
@@ -79,16 +70,12 @@ class JobOperations:
         wait: float | None = None,
     ) -> defer.Deferred:
         """
-        Store and queue a job. C{payload} is the JSON of
-        C{{"args": [...], "kwargs": {...}}}.
+        Store and queue a job (C{payload}: the JSON of C{{"args", "kwargs"}});
+        C{wait}: the client's time left, if less than C{store_wait}.
 
-        @param job_id: the id the client chose (a UUID): submitting again
-            with it returns the job stored the first time.
-        @param wait: seconds to wait for a store that cannot be reached, if
-            less than C{store_wait} (the client's time left).
         @return: a Deferred firing, after the commit, with the job's
             description (an existing one's when C{job_id} names one, or
-            C{key} an unfinished one). It fails with L{NotRegistered},
+            C{key} an unfinished one), or failing with L{NotRegistered},
             L{PayloadTooLarge}, L{InvalidArguments} or
             L{JobServiceUnavailable}; then nothing was stored.
         """
@@ -160,9 +147,8 @@ class JobOperations:
 
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
-        A process committed these jobs in its own transaction
-        (L{twistedlrp.jobs.client.transactions}): queue them (several job
-        nodes: nothing to do, the commit notified them).
+        A process committed these jobs in its own transaction: queue them
+        (several job nodes: nothing to do, the commit notified them).
 
         @return: a Deferred firing at once with C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
@@ -178,10 +164,7 @@ class JobOperations:
         return defer.succeed(True)
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
-        """
-        Queue the announced jobs C{job_ids} (C{None}: any announced job; the
-        sweep that finds those whose process died before it told us).
-        """
+        """Queue the announced jobs C{job_ids} (C{None}: any, for the sweep)."""
         d = self.store.run(announcements.take_announced, job_ids)
 
         def queue(rows):
@@ -211,15 +194,13 @@ class JobOperations:
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """
-        Cancel a queued job at once, or ask a running one to stop
-        (L{Dispatcher.request_cancel}); a finished one is left as it is.
+        Cancel a queued job at once, or ask a running one to stop.
 
         @return: a Deferred firing with the job's description after the request.
         """
-        return defer.ensureDeferred(self._cancel(job_id))
+        return defer.ensureDeferred(self._cancel(canonical_job_id(job_id)))
 
     async def _cancel(self, job_id: str) -> dict:
-        job_id = canonical_job_id(job_id)
         self._check_store()
         # Out of the queue first, before any await: it can no longer be dispatched.
         self.dispatcher.request_cancel(job_id)
@@ -234,12 +215,10 @@ class JobOperations:
     def wait(self, job_id: str, timeout: float, seen: str | None = None) -> defer.Deferred:
         """
         @param seen: the L{wire.seen_mark} of the job as the caller saw it
-            last: then answer also at once if the job differs from it, and
-            when it starts or reports progress on this node.
+            last: answer also once the job differs from it.
         @return: a Deferred firing with the job's description once it is
-            finished (or, with C{seen}, changed), or after C{timeout}
-            seconds with its current one; failing with L{InvalidArguments}
-            for a C{timeout} out of range.
+            finished (or changed), or after C{timeout} seconds with its
+            current one; failing with L{InvalidArguments} for a bad C{timeout}.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
@@ -273,18 +252,11 @@ class JobOperations:
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
         """
         @return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}.
-        @raise InvalidArguments: C{state} is not a job state, or C{limit}
-            not a whole number from 0 to L{twistedlrp.jobs.protocol.arguments.MAX_LIST_LIMIT}.
+        @raise InvalidArguments: a bad C{state} or C{limit}.
         """
         listing = check_listing(state, name, limit)
         self._check_store()
-        d = self.store.read(
-            ops.list_jobs,
-            listing["state"],
-            listing["name"],
-            listing["limit"],
-            within=self.store_wait,
-        )
+        d = self.store.read(ops.list_jobs, *listing.values(), within=self.store_wait)
         return d.addCallbacks(
             lambda jobs: {"jobs": [self._overlay(j) for j in jobs]}, _store_failure
         )
@@ -331,11 +303,7 @@ _NOT_DONE = {"submit": "the job was not stored", "cancel": "the cancellation was
 
 
 def _store_failure(failure, op: str = "", job_id: str | None = None):
-    """
-    An operation the store did not run in time (L{StoreUnavailable}): fail
-    with L{JobServiceUnavailable}, saying whether C{op}'s change was not
-    made or may have been (then how to make it safely).
-    """
+    """An operation the store did not run in time: say whether C{op}'s change was made."""
     if failure.check(StoreUnavailable):
         if failure.value.started:
             raise unsure(str(failure.value), op, job_id)

@@ -1,14 +1,10 @@
 """
-The job service: a Twisted service holding the store, the queue, the
-workers and the front ends clients reach it through. Clients call its
-L{JobOperations}; its L{Dispatcher} decides which job runs where.
-
+The job service: the store, the queue, the workers and the front ends.
 Each service is a job node (L{twistedlrp.jobs.service.lease}). On SQLite it
-is the only one, holds the queue in memory and never polls. On PostgreSQL
-several nodes share the database: each claims due jobs from the table, is
-woken by C{LISTEN/NOTIFY} (L{twistedlrp.jobs.store.listen}) and polls
-slowly (L{POLL_INTERVAL}) for anything missed. docs/design.md says in what
-order it starts and stops.
+is the only one and holds the queue in memory. On PostgreSQL several nodes
+share the database: each claims due jobs from the table, is woken by
+C{LISTEN/NOTIFY} and polls slowly (L{POLL_INTERVAL}) for anything missed.
+docs/design.md says in what order it starts and stops.
 """
 
 from __future__ import annotations
@@ -59,10 +55,7 @@ def node_name(options) -> str:
 
 
 def store_wait() -> float:
-    """
-    @return: the seconds an operation waits for a store that cannot be
-        reached: L{STORE_WAIT_SHARE} of C{LRP_JOBS_TIMEOUT} (8 s by default).
-    """
+    """@return: the seconds an operation waits for an unreachable store (8 s by default)."""
     try:
         timeout = jobs_timeout()
     except (TypeError, ValueError):
@@ -72,12 +65,9 @@ def store_wait() -> float:
 
 class JobService(service.Service):
     """
-    @param options: the server's checked options.
-    @param front_ends: what listens for clients: objects with C{listen(operations)}
-        (awaited) and C{stop()}; the first one's C{client_endpoint} is given
-        to the workers, whose jobs may submit jobs.
-    @param cancel_grace: seconds a running job has to stop after a cancel
-        before SIGTERM (and as long again before SIGKILL).
+    @param front_ends: objects with C{listen(operations)} (awaited) and
+        C{stop()}; the first one's C{client_endpoint} is given to the workers.
+    @param cancel_grace: seconds a cancelled job has before SIGTERM (again: SIGKILL).
     """
 
     name = "jobs"
@@ -105,49 +95,29 @@ class JobService(service.Service):
         self.store.availability.wait = self.store_wait
         self.worker_env: dict[str, str] = {}
         self.dispatcher = Dispatcher(
-            reactor,
-            self.store,
-            options,
-            self.worker_env,
-            cancel_grace,
-            self.node,
-            self.shared,
+            reactor, self.store, options, self.worker_env, cancel_grace, self.node, self.shared,
             self.queues,
-        )
+        )  # fmt: skip
         self.pool = self.dispatcher.pool
         if self.shared:
             # Claim only while this node's lease is fresh (as fencing counts it).
             self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
         self.unavailable: str | None = "the job service is starting"
         self.operations = JobOperations(
-            reactor,
-            self.store,
             self.dispatcher,
-            self.node,
-            self.shared,
-            self.queues,
             self.max_payload,
             self.store_wait,
-            unavailable=lambda: self.unavailable,
-            about=self._about,
+            lambda: self.unavailable,
+            self._about,
         )
         prefix, node = worker_id_prefix(), self.node if self.shared else None
         self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
         self.lease_keeper = NodeLease(
-            reactor,
-            self.store,
-            self.node,
-            HOSTNAME,
-            os.getpid(),
-            self.queues,
-            self.lease,
-            self.shared,
-            on_requeued=self.dispatcher.wake,
-            runner=self.store.lease,
+            reactor, self.store, self.node, HOSTNAME, os.getpid(), self.queues, self.lease,
+            self.shared, on_requeued=self.dispatcher.wake, runner=self.store.lease,
             on_fenced=self.dispatcher.fence if self.shared else None,
-            on_unfenced=self.dispatcher.unfence,
-            monotonic_alarm=True,
-        )
+            on_unfenced=self.dispatcher.unfence, monotonic_alarm=True,
+        )  # fmt: skip
         # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
         self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
@@ -174,10 +144,8 @@ class JobService(service.Service):
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        """
-        When the job table is missing the service stays up but refuses work
-        with a message saying to migrate (and starts no workers).
-        """
+        # Without the job table the service stays up, refusing work with a
+        # message saying to migrate.
         reason = await self._open()
         # Listening even when unavailable: clients are told why, not refused.
         for front_end in self.front_ends:
@@ -228,8 +196,7 @@ class JobService(service.Service):
 
     async def _open(self) -> str | None:
         """
-        Open the store, enter this node in the node table and queue what it
-        left when it died.
+        Open the store, register this node and queue what it left when it died.
 
         @return: why the service cannot run (the job table is missing), or C{None}.
         @raise StartupFailed: the store cannot be reached, or another live
@@ -260,7 +227,6 @@ class JobService(service.Service):
         return None
 
     def _notified(self, payload: str) -> None:
-        """A notification from a job node on the database (possibly this one)."""
         if not self.dispatcher.accepting:
             return
         what, _, value = payload.partition(":")
@@ -277,18 +243,15 @@ class JobService(service.Service):
 
     def _sweep_announced(self) -> defer.Deferred:
         """Queue the announced jobs nobody told us of (their process died first)."""
-
-        def look(waiting):
-            if waiting and self.dispatcher.accepting:
-                return self.operations.take_announced()
-
-        d = self.store.run_alone(announcements.announced).addCallback(look)
+        d = self.store.run_alone(announcements.announced)
+        d.addCallback(
+            lambda n: self.operations.take_announced() if n and self.dispatcher.accepting else None
+        )
         # The store's own trouble is the watchdog's to report; try again next time.
         return d.addErrback(lambda _: None)
 
     @property
     def client_endpoint(self) -> str | None:
-        """The client endpoint string of the first front end, once it listens."""
         return self.front_ends[0].client_endpoint if self.front_ends else None
 
     def when_listening(self) -> defer.Deferred:
@@ -302,9 +265,8 @@ class JobService(service.Service):
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         """
-        Stop taking work; running jobs may finish until shortly before
-        C{deadline}, then their processes are killed and the jobs go back
-        to the queue (without using up an attempt).
+        Stop taking work; jobs still running shortly before C{deadline} are
+        killed and go back to the queue (without using up an attempt).
 
         @return: a Deferred that fires once the store thread has ended.
         """
@@ -313,8 +275,12 @@ class JobService(service.Service):
 
     async def _stop(self, deadline: float) -> None:
         reactor = self.reactor
+
+        def left(cut: float = 0.0) -> float:
+            return max(deadline - reactor.seconds() - cut, 0.5)
+
         for front_end in self.front_ends:
-            await within(reactor, front_end.stop(), max(deadline - reactor.seconds(), 0.5))
+            await within(reactor, front_end.stop(), left())
         dispatcher = self.dispatcher
         self.watchdog.stop()
         self.scheduler.stop()
@@ -333,23 +299,16 @@ class JobService(service.Service):
             log.info("Waiting for {n} running job(s) to finish", n=len(dispatcher.running))
             await within(reactor, dispatcher.when_idle(), remaining - margin)
         if dispatcher.running:
-            log.warn(
-                "{n} job(s) still running at the graceful deadline: stopping them and "
-                "putting them back in the queue",
-                n=len(dispatcher.running),
-            )
+            message = "{n} job(s) still running at the graceful deadline: stopping them and "
+            log.warn(message + "putting them back in the queue", n=len(dispatcher.running))
         self.pool.kill_all("shutdown")
-        await within(
-            reactor, dispatcher.claims_in_flight(), max(deadline - reactor.seconds() - 0.2, 0.5)
-        )
-        await within(
-            reactor, self.pool.when_all_ended(), max(deadline - reactor.seconds() - 0.1, 0.5)
-        )
+        await within(reactor, dispatcher.claims_in_flight(), left(0.2))
+        await within(reactor, self.pool.when_all_ended(), left(0.1))
         self.lease_keeper.stop()
         if self._registered and not self.store.closed:
             # The node's row goes with the last batch: a successor need not wait for its lease.
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
-        await within(reactor, self.store.stop(), max(deadline - reactor.seconds(), 0.5))
+        await within(reactor, self.store.stop(), left())
 
     def _about(self) -> dict:
         """@return: the service's own part of the C{stats} operation's answer."""
@@ -357,15 +316,10 @@ class JobService(service.Service):
         return {"unavailable": self.unavailable, "node": node, "retention": self.pruner.describe()}
 
     def force_exit(self) -> None:
-        """The process ends at once: leave no worker behind."""
         self.pool.kill_all("shutdown")
 
     def health(self) -> dict:
-        """
-        @return: the job service's part of the health endpoint: C{healthy}
-            (else the endpoint answers 503, "degraded") unless one of
-            C{problems} below is true.
-        """
+        """@return: the job service's part of the health endpoint (C{healthy}: else 503)."""
         usable = sum(1 for w in self.pool.workers if w.state in ("idle", "busy", "claiming"))
         now = self.reactor.seconds()
         if usable or not self.pool.size:

@@ -1,15 +1,13 @@
 """
 This job node's lease in the node table (L{NodeLease}): a heartbeat every
-few seconds and, with several nodes on one database, the check for nodes
-whose lease expired, whose running jobs it retries or fails.
+few seconds and, with several nodes on one database, the expiry of the
+others, whose running jobs it retries or fails.
 
 Fencing: a node that could not renew its lease for the lease less a margin
-(L{fence_margin}), on its own monotonic clock from when it sent its last
-renewal that succeeded, stops its running jobs (their workers' process
-groups are killed) and claims nothing, before any other node may take its
-lease for expired: a job never runs on two nodes at once. Once it renews
-its lease, it retries or fails by their policy those of the stopped jobs
-that no other node took over, and takes work again.
+(on its own monotonic clock) kills its running jobs and claims nothing
+before any other node may take its lease for expired: a job never runs on
+two nodes at once. Once renewed, it deals with the stopped jobs no other
+node took over, and takes work again.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from twisted.logger import Logger
 from twistedlrp.jobs.service.watchdog import CLAIM_GRACE
 from twistedlrp.jobs.states import QUEUED
 from twistedlrp.jobs.store import recovery
+from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
@@ -41,9 +40,8 @@ DEFAULT_NODE_LEASE = 30.0
 class MonotonicAlarm:
     """
     Calls C{fn} in the reactor once C{clock()} (monotonic) reaches the time
-    last given to L{set}, whatever the system's wall clock does meanwhile
-    (Twisted's timers follow it: a clock stepped back would delay them). A
-    daemon thread that waits with timeouts; it holds nothing else.
+    last given to L{set}: Twisted's timers follow the wall clock, which a
+    step back would delay. A daemon thread that waits with timeouts.
     """
 
     def __init__(self, reactor, fn, clock=time.monotonic):
@@ -94,8 +92,7 @@ class _ReactorAlarm:
         self._call = None
 
     def set(self, due: float | None) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel_call(self._call)
         self._call = None
         if due is not None:
             self._call = self.reactor.callLater(max(due - self.clock(), 0.0), self.fn)
@@ -106,8 +103,7 @@ class _ReactorAlarm:
 
 def node_lease() -> float:
     """
-    @return: the seconds of a node's lease, from C{LRP_JOBS_NODE_LEASE}
-        (environment, then setting).
+    @return: C{LRP_JOBS_NODE_LEASE} (environment, then setting) in seconds.
     @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
     """
     from django.conf import settings
@@ -129,32 +125,19 @@ def node_lease() -> float:
 
 
 def renewal_interval(lease: float) -> float:
-    """@return: the seconds between two renewals of a lease of C{lease} seconds."""
     return max(min(2.0, lease / 4), 0.1)
 
 
 def fence_margin(lease: float) -> float:
-    """
-    @return: how long before its lease can expire elsewhere a node that
-        could not renew it stops its jobs: a tenth of the lease, at least
-        1 s and at most 5 s (and at most half the lease).
-    """
+    """@return: how long before its lease can expire elsewhere a node stops its jobs."""
     return min(max(lease / 10, 1.0), 5.0, lease / 2)
 
 
 class NodeLease:
     """
-    This job node's entry in the node table, its heartbeat every
-    C{interval} seconds and, when several nodes share the database
-    (C{shared}), the expiry of the others and this node's fencing.
-
-    @param runner: what runs the heartbeats: the store's lease thread with
-        several nodes [default: the store thread].
-    @param on_requeued: called when jobs went back to the queue (so free
-        workers claim them).
+    @param runner: what runs the heartbeats [default: the store thread].
+    @param on_requeued: called when jobs went back to the queue.
     @param on_fenced: C{()}: stop the running jobs; @return: their ids.
-    @param on_unfenced: C{()}: this node may take work again.
-    @param clock: the monotonic clock the lease is measured on.
     @param monotonic_alarm: fence on time by a L{MonotonicAlarm} (the
         server), not by the reactor's timers (a test's fake reactor).
     """
@@ -203,8 +186,6 @@ class NodeLease:
 
     def register(self) -> defer.Deferred:
         """
-        Enter this node in the node table.
-
         @return: a Deferred failing with L{recovery.NodeConflict} when another
             live node forbids it (a second node on SQLite).
         """
@@ -212,12 +193,7 @@ class NodeLease:
         d = self.runner.run(
             recovery.register_node, *self._entry, self.lease, self.shared, within=REGISTER_WAIT
         )
-
-        def registered(result):
-            self.renewed_at = sent
-            return result
-
-        return d.addCallback(registered)
+        return d.addCallback(lambda result: setattr(self, "renewed_at", sent) or result)
 
     def start(self) -> None:
         self._loop.start(self.interval, now=False)
@@ -297,7 +273,6 @@ class NodeLease:
         self._beat_error = error
 
     def _arm(self) -> None:
-        """(Re)schedule the fence for when the lease, as last renewed, runs out less the margin."""
         if not self.fencing or self.renewed_at is None or not self._loop.running:
             return
         self._alarm.set(
@@ -342,10 +317,7 @@ class NodeLease:
         for job in outcome["jobs"]:
             state = "retried" if job["state"] == QUEUED else job["state"]
             log.warn(
-                "Job {job_id}: {state} ({reason})",
-                job_id=job["id"],
-                state=state,
-                reason=job["reason"],
+                "Job {id}: {state} ({reason})", id=job["id"], state=state, reason=job["reason"]
             )
         if any(job["state"] == QUEUED for job in outcome["jobs"]):
             self.on_requeued()

@@ -1,8 +1,7 @@
 """
-The job service's metrics (docs/metrics.md), in the process that hosts it:
-counters and histograms the service updates, and the queue, running jobs
-and workers read at scrape time. The functions below do nothing while the
-metrics are off (C{--no-metrics}, or no job service here).
+The job service's metrics (docs/metrics.md): counters and histograms the
+service updates, the queue and workers read at scrape time. The functions
+below do nothing while the metrics are off.
 """
 
 from __future__ import annotations
@@ -71,11 +70,7 @@ def batch(size: int) -> None:
 
 
 def watch(metrics: Metrics | None, job_service) -> None:
-    """
-    Turn the job metrics on in C{metrics} (nothing if C{None}) for
-    C{job_service} (a L{twistedlrp.jobs.service.job_service.JobService}), whose queue
-    and workers are read at scrape time.
-    """
+    """Turn the job metrics on in C{metrics} (off if C{None}) for C{job_service}."""
     global _jobs
     if metrics is None:
         _jobs = None
@@ -90,9 +85,8 @@ def watch(metrics: Metrics | None, job_service) -> None:
         (),
         lambda: {(): len(dispatcher.queue)},
     )
-    metrics.sampled(
-        "lrp_jobs_running", "Jobs running now", (), lambda: {(): len(dispatcher.running)}
-    )
+    running = lambda: {(): len(dispatcher.running)}  # noqa: E731
+    metrics.sampled("lrp_jobs_running", "Jobs running now", (), running)
     pool = dispatcher.pool
 
     def worker_states() -> dict:

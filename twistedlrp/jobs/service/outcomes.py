@@ -29,11 +29,7 @@ _job_log = Logger(namespace="twistedlrp.jobs")
 
 @dataclass(frozen=True)
 class Outcome:
-    """
-    How one attempt of a job ended, as its worker (or the eager mode) says:
-    it returned C{result}, or it failed with C{error}, C{cancelled} when it
-    stopped because its cancellation was asked.
-    """
+    """How one attempt ended, as its worker (or the eager mode) says."""
 
     ok: bool
     result: Any = None
@@ -43,12 +39,8 @@ class Outcome:
     @classmethod
     def read(cls, data: dict) -> Outcome:
         """@return: the outcome a worker sent as C{{"ok", "result", "error", "cancelled"}}."""
-        return cls(
-            bool(data.get("ok")),
-            data.get("result"),
-            data.get("error") or "",
-            bool(data.get("cancelled")),
-        )
+        get = data.get
+        return cls(bool(get("ok")), get("result"), get("error") or "", bool(get("cancelled")))
 
     def final_state(self, cancel_requested: bool = False) -> tuple[str | None, str]:
         """
@@ -69,13 +61,9 @@ class Outcomes:
     Records how attempts end (a final state, or a retry after its delay),
     each committed before the job's waiters hear of it.
 
-    @param count: C{(event, job name)}: counts an event (stats, metrics).
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
-    @param cancel_grace: the seconds a cancelled job had to stop (for the log).
-    @param node: this node's name, when several share the database (the
+    @param node: this node's name when several share the database (the
         store then changes only the jobs this node holds), or C{None}.
-    @ivar waiters: Deferreds by job id, fired with the job's description
-        once its final state is committed (L{notify}).
     """
 
     def __init__(self, reactor, store, count, requeue, cancel_grace: float, node=None):
@@ -91,10 +79,8 @@ class Outcomes:
 
     def fail_waiters(self, error: Exception) -> None:
         """Fail every waiter with C{error} (the service is stopping)."""
-        for ds in self.waiters.values():
-            for d in ds:
-                if not d.called:
-                    d.errback(error)
+        for d in [d for ds in self.waiters.values() for d in ds if not d.called]:
+            d.errback(error)
         self.waiters.clear()
 
     def ended(self, record: JobRecord, outcome: Outcome, fields: dict) -> None:
@@ -161,14 +147,13 @@ class Outcomes:
         log_failed(record, error, now, retry_in=delay)
         fields = dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC))
         d = self._store(record, QUEUED, fields, False)
-
-        def queued(info):
-            if info and info.get("lost"):
+        d.addCallback(
+            lambda info: (
                 log_lost(record)
-            else:
-                self.requeue(record.requeued(), run_after)
-
-        d.addCallback(queued)
+                if info and info.get("lost")
+                else self.requeue(record.requeued(), run_after)
+            )
+        )
         d.addErrback(self._unrecorded, record)
 
     def fail(self, record: JobRecord, error: str, now: float | None = None, **fields) -> None:
@@ -186,7 +171,6 @@ class Outcomes:
         d.addErrback(self._unrecorded, record)
 
     def _store(self, record: JobRecord, state: str, fields: dict, describe: bool):
-        """@return: a Deferred of L{ops.finish} of C{record}'s attempt, on this node."""
         return self.store.run(ops.finish, record.id, state, fields, describe, *self.node_args)
 
     def _finished(self, info: dict | None, record: JobRecord) -> None:
@@ -203,10 +187,8 @@ class Outcomes:
             d.addErrback(lambda f: log.failure("Reading job {job_id}", f, job_id=record.id))
 
     def _unrecorded(self, failure, record: JobRecord) -> None:
-        """
-        The end of an attempt could not be stored (a value the database
-        refuses): record the failure alone rather than leave the job C{running}.
-        """
+        # A value the database refuses: record the failure alone rather
+        # than leave the job running.
         log.failure("Could not record job {job_id}", failure, job_id=record.id)
         if self.store.closed:
             return
@@ -306,10 +288,7 @@ def log_failed(
 
 
 def error_line(error: str) -> str:
-    """
-    @return: the line of C{error} that says what went wrong (a traceback's
-        last line: the exception), at most 300 characters.
-    """
+    """@return: C{error}'s last line (a traceback's exception), at most 300 characters."""
     lines = [line for line in error.strip().splitlines() if line.strip()]
     return (lines[-1].strip() if lines else "failed")[:300]
 

@@ -1,9 +1,7 @@
 """
-The job service's memory of queued jobs: one L{JobRecord} per job, and the
-L{JobQueue} that orders them: ready ones by priority then age, delayed ones
-(C{run_after}, retries) until their time, on one timer. It is driven only
-by its clock's C{seconds()} and C{callLater} (the reactor's clock is Unix
-time, as C{run_after} is), so tests drive it with a C{Clock}.
+The job service's memory of queued jobs (L{JobRecord}) and the L{JobQueue}
+that orders them: ready ones by priority then age, delayed ones until their
+time, on one timer of its clock (Unix time, as C{run_after} is).
 """
 
 from __future__ import annotations
@@ -15,14 +13,12 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from twistedlrp.ordered_service import cancel_call
+
 
 @dataclass(eq=False)
 class JobRecord:
-    """
-    One job the service holds, queued or running. Without C{payload} (one
-    recovered at start-up, or too large to keep) the rest is read when the
-    job is claimed.
-    """
+    """One job the service holds, queued or running (without C{payload}: read at its claim)."""
 
     id: str
     priority: int = 0
@@ -55,8 +51,7 @@ class JobRecord:
 
     def stop_timers(self) -> None:
         for timer in self.timers:
-            if timer.active():
-                timer.cancel()
+            cancel_call(timer)
         self.timers = []
 
     def requeued(self) -> JobRecord:
@@ -72,7 +67,6 @@ class JobQueue:
     """
     Queued jobs: the next ready one by priority (higher first), then age.
 
-    @param clock: an L{IReactorTime}.
     @param on_due: called (from the clock) when delayed jobs became ready.
     """
 
@@ -127,15 +121,13 @@ class JobQueue:
         """Make every delayed job ready now (the eager mode does not wait)."""
         while self._delayed:
             heapq.heappush(self._ready, heapq.heappop(self._delayed)[1])
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
     def pause(self) -> None:
         """Stop the timer: delayed jobs stay where they are (the service is stopping)."""
         self._paused = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel_call(self._timer)
         self._timer = None
 
     def next_due(self) -> float | None:

@@ -1,15 +1,10 @@
 """
-Retention: finished jobs are deleted once they are older than
-C{settings.LRP_JOBS_KEEP} (7 days by default) or their job's own
-C{@job(keep=...)}.
-
-The job service's L{Pruner} deletes in small batches through the store
-thread (by primary key, oldest first, fewer rows when a batch takes longer
-than L{TARGET_BATCH_SECONDS}) and pauses between batches at least as long as
-the last one took, so that submits and claims get the store thread at least
-half of the time. The delete names the ids I{and} the final states, so
-several job nodes pruning at once delete each row once and nothing else.
-C{manage.py lrp_prune} uses L{prune}.
+Retention: finished jobs are deleted once older than C{settings.LRP_JOBS_KEEP}
+(7 days by default) or their job's own C{@job(keep=...)}. The L{Pruner}
+deletes in small batches through the store thread and pauses between
+batches at least as long as the last one took, so that submits and claims
+get the store thread at least half of the time. The delete names the ids
+I{and} the final states: nodes pruning at once delete each row once.
 """
 
 from __future__ import annotations
@@ -61,9 +56,7 @@ _MAX_SECONDS = 1e9
 
 def parse_duration(value, field: str) -> float:
     """
-    @param value: seconds (a number), a C{datetime.timedelta}, or a string
-        of a number and a unit: C{"90"}, C{"30s"}, C{"15m"}, C{"12h"},
-        C{"2d"}, C{"1w"}.
+    @param value: seconds, a C{timedelta}, or a string such as C{"90"}, C{"15m"}, C{"2d"}.
     @return: the seconds, more than 0.
     @raise ValueError: anything else; the message starts with C{field}.
     """
@@ -94,11 +87,7 @@ def parse_duration(value, field: str) -> float:
 
 
 def parse_keep(value, field: str) -> float | None:
-    """
-    @return: the seconds a finished job is kept, or C{None} for ever
-        (C{value} is C{None} or C{"forever"}).
-    @raise ValueError: see L{parse_duration}.
-    """
+    """@return: L{parse_duration}, or C{None} (for ever) for C{None} or C{"forever"}."""
     if value is None or (isinstance(value, str) and value.strip().lower() == FOREVER):
         return None
     return parse_duration(value, field)
@@ -129,13 +118,7 @@ class Rule:
 
 
 def rules(default: float | None, definitions) -> list[Rule]:
-    """
-    @param definitions: the registered L{twistedlrp.jobs.registry.JobDefinition}s;
-        those whose C{keep} is not C{None} keep their jobs their own time
-        (C{FOREVER}: for ever).
-    @return: what to delete: one rule per distinct job keep, then the
-        default for every other name (none when the default is for ever).
-    """
+    """@return: one rule per distinct C{@job(keep=)}, then the default's for every other name."""
     own = [d for d in definitions if getattr(d, "keep", None) is not None]
     by_keep: dict[float, list[str]] = {}
     for definition in own:
@@ -148,13 +131,7 @@ def rules(default: float | None, definitions) -> list[Rule]:
 
 
 def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
-    """
-    Delete up to C{limit} finished jobs that C{rule} matches, oldest first.
-    Runs in the store thread inside its transaction (or in any thread inside
-    C{transaction.atomic}).
-
-    @return: how many rows were deleted.
-    """
+    """Delete up to C{limit} finished jobs C{rule} matches, oldest first; @return: how many."""
     from django.db import connection
 
     from twistedlrp.jobs.store.sql import statements
@@ -199,12 +176,7 @@ def _in(values) -> str:
 
 
 def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) -> int:
-    """
-    Delete every finished job C{rule} matches, one transaction per batch
-    (for C{manage.py lrp_prune}, outside the server).
-
-    @return: how many rows were deleted.
-    """
+    """Delete every finished job C{rule} matches, a transaction a batch; @return: how many."""
     from django.db import connection, transaction
 
     # SQLite: take the write lock at BEGIN (waiting for it, as the store
@@ -250,10 +222,6 @@ def interval_for(found: list[Rule]) -> float:
 
 class Pruner:
     """
-    Deletes the finished jobs past their keep, from the job service's
-    reactor, through its store thread.
-
-    @param store: the service's L{twistedlrp.jobs.store.Store}.
     @param default: C{LRP_JOBS_KEEP} in seconds (L{default_keep}); C{None}: for ever.
     @param definitions: a callable returning the registered job definitions.
     """
@@ -273,14 +241,12 @@ class Pruner:
         self._schedule(FIRST_PASS)
 
     def stop(self) -> None:
-        """No further batch starts; one in the store thread finishes with the store."""
         self._running = False
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
 
     def describe(self) -> dict:
-        """@return: for C{jobs.stats()}: the default keep (C{None}: for ever), passes, rows deleted."""
         return {"keep": self.default, "passes": self.passes, "deleted": self.deleted}
 
     def _schedule(self, at_most: float = MAX_INTERVAL) -> None:

@@ -1,20 +1,13 @@
 """
 Periodic jobs: C{@job(schedule="*/5 * * * *")} and C{settings.LRP_SCHEDULE}.
 
-Every schedule has a row in C{twistedlrp_schedule} with its next due time
-(L{twistedlrp.models.Schedule}). Each job node syncs the schedules it knows
-into the table at start-up (L{sync}), then runs the due ones (L{Scheduler}):
-
- 1. submit the job of the due time with an id derived from the schedule's
-    name and that due time (L{job_id}): submitting it again (another node,
-    or after a crash) returns the first job instead of storing another;
- 2. move C{next_due} on with C{UPDATE ... WHERE name = n AND next_due = old}
-    (L{claim}): only one node's update matches.
-
-So each due time runs once, whichever nodes see it; missed runs are not
-made up (a late schedule runs once, then at its first due time after now).
-Cron expressions (5 fields, or 6 with seconds first) are read in Django's
-C{TIME_ZONE} (cronsim, which follows daylight saving time).
+Each schedule has a row in C{twistedlrp_schedule} with its next due time;
+each job node syncs its schedules into the table at start-up (L{sync}), then
+for each due one (L{Scheduler}) submits the job under an id derived from the
+name and due time (L{job_id}: submitted again, by another node or after a
+crash, it is the same job), then moves C{next_due} on with C{UPDATE ...
+WHERE next_due = old} (L{claim}): so each due time runs once; missed runs
+are not made up. Cron expressions are read in Django's C{TIME_ZONE} (cronsim).
 """
 
 from __future__ import annotations
@@ -64,11 +57,7 @@ _declared: dict[str, ScheduleSpec] = {}
 
 
 def check_cron(cron, what: str) -> str:
-    """
-    @return: C{cron}, a valid cron expression.
-    @raise InvalidArguments: it is not a string cronsim accepts (the message
-        names C{what} and says why).
-    """
+    """@return: C{cron}; @raise InvalidArguments: not a valid cron expression."""
     from cronsim import CronSim, CronSimError
 
     if not isinstance(cron, str):
@@ -81,11 +70,7 @@ def check_cron(cron, what: str) -> str:
 
 
 def declare(job_name: str, cron) -> None:
-    """
-    Give the job C{job_name} a schedule of its own (C{@job(schedule=...)}).
-
-    @raise InvalidArguments: C{cron} is not a valid cron expression.
-    """
+    """@raise InvalidArguments: C{cron} is not a valid cron expression."""
     _declared[job_name] = ScheduleSpec(
         job_name, job_name, check_cron(cron, f"{job_name}: schedule")
     )
@@ -93,12 +78,8 @@ def declare(job_name: str, cron) -> None:
 
 def configured() -> list[ScheduleSpec]:
     """
-    @return: every schedule of the site: those of C{@job(schedule=...)} and
-        the entries of C{settings.LRP_SCHEDULE}, sorted by name.
-    @raise twistedlrp.boot.BootError: an entry of C{LRP_SCHEDULE} is not a
-        dict with a registered C{job} and a valid C{cron} (and optional
-        C{args}, a list, and C{kwargs}, a dict, of JSON), or has the name
-        of another schedule.
+    @return: the schedules of C{@job(schedule=...)} and C{LRP_SCHEDULE}, sorted by name.
+    @raise twistedlrp.boot.BootError: an entry of C{LRP_SCHEDULE} is wrong (the message says how).
     """
     from django.conf import settings
 
@@ -165,10 +146,7 @@ _COLUMNS = ("name", "job", "cron", "args", "kwargs", "next_due", "last_run_at")
 
 def sync(specs: list[ScheduleSpec]) -> list[dict]:
     """
-    Make the table hold C{specs}: new schedules are added (due at their
-    next time from now), a changed cron expression gets a new next due
-    time, changed arguments are written, and rows of schedules that are
-    not in C{specs} are deleted.
+    Make the table hold C{specs} (a changed cron gets a new due time; others' rows go).
 
     @return: the rows of C{specs} (L{_COLUMNS}), sorted by name.
     """
@@ -200,10 +178,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
 
 
 def due(names: list[str]) -> dict:
-    """
-    @return: C{{"due": rows due now, "next_due": the earliest next due time
-        of the others or None}} among the schedules C{names}.
-    """
+    """@return: C{{"due": rows due now, "next_due": the others' earliest or None}}."""
     from django.db.models import Min
 
     from twistedlrp.models import Schedule
@@ -217,12 +192,7 @@ def due(names: list[str]) -> dict:
 
 
 def claim(name: str, old_due: datetime, cron: str, submitted: str) -> datetime | None:
-    """
-    Move the schedule C{name} on from C{old_due} to its first due time
-    after now, if no other node did.
-
-    @return: the new due time, or C{None} when the row had moved on already.
-    """
+    """@return: the new due time after now, or C{None} when the row had moved on already."""
     from twistedlrp.models import Schedule
 
     now = datetime.now(UTC)
@@ -238,12 +208,9 @@ def claim(name: str, old_due: datetime, cron: str, submitted: str) -> datetime |
 
 class Scheduler:
     """
-    Runs the due schedules of one job node.
+    Runs the due schedules of one job node (those of its C{queues}, C{None}: all).
 
-    @param submit: C{submit(name, payload, job_id=...)} of the job service
-        (a Deferred of the job's description).
-    @param queues: the queues this node runs (C{None}: all); a schedule runs
-        on the nodes that run its job's queue.
+    @param submit: C{submit(name, payload, job_id=...)} of the job service.
     """
 
     def __init__(self, reactor, store, submit, queues=None):
@@ -255,7 +222,6 @@ class Scheduler:
         self._timer, self._running = None, False
 
     async def start(self, specs: list[ScheduleSpec] | None = None) -> None:
-        """Sync the schedules into the table, log them, and start the timer."""
         specs = configured() if specs is None else specs
         self.rows = await self.store.run(sync, specs)
         self._running = True
@@ -275,7 +241,6 @@ class Scheduler:
             self._tick()
 
     def stop(self) -> None:
-        """Run no more schedules (a look at the table in progress finishes)."""
         self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

@@ -1,14 +1,9 @@
 """
 The job service's watchdog: no job stays C{running} without a live worker
-process that holds it.
-
-Every L{CHECK_INTERVAL} seconds, a job the service runs whose worker is
-gone, or holds another job, is retried or failed by its policy. Every
-L{STORE_INTERVAL} seconds, a job the store records as running on this
-machine's workers (with several nodes: on this node) that the service
-neither runs nor is claiming is dealt with the same way in the store; that
-query is also how the service learns that its store cannot be reached
-(L{Watchdog.store_error}, for the health endpoint).
+that holds it, in the service (every L{CHECK_INTERVAL} s) or in the store
+(every L{STORE_INTERVAL} s, jobs recorded as running on this machine's
+workers or node that the service neither runs nor claims); that query also
+tells the health endpoint whether the store can be reached.
 """
 
 from __future__ import annotations
@@ -32,10 +27,7 @@ CLAIM_GRACE = 10.0
 
 
 class Watchdog:
-    """
-    @param dispatcher: the L{twistedlrp.jobs.service.dispatch.Dispatcher}.
-    @param worker_prefix: the start of this machine's worker ids (C{"host:"}).
-    """
+    """@param worker_prefix: the start of this machine's worker ids (C{"host:"})."""
 
     def __init__(self, reactor, dispatcher, store, worker_prefix: str, node: str | None = None):
         self.reactor, self.dispatcher, self.store = reactor, dispatcher, store

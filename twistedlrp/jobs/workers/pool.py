@@ -32,13 +32,11 @@ class WorkerPool:
     C{size} warm child processes (L{main}) that run one job at a time, each
     spawned or forked from the worker template (L{preload}) and driven by a
     L{Worker}. A dead child is replaced, with the restart back-off when it
-    died before it was ready. Events go to the job service's callables.
+    died before it was ready.
 
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.
-    @param fork_from_template: fork replacements from a worker template
-        (C{--no-worker-template} turns it off).
     """
 
     def __init__(
@@ -78,12 +76,9 @@ class WorkerPool:
         args += ["--settings", self.settings_module, "--max-payload", str(self.max_payload)]
         for entry in self.pythonpath:
             args += ["--pythonpath", entry]
-        env = dict(os.environ)
-        env.update(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
         # The worker writes its stdlib records of this level up (twistedlrp.stdlog).
-        env[stdlog.LEVEL_VARIABLE] = logs.level_name()
-        return args, env
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        return args, env | {stdlog.LEVEL_VARIABLE: logs.level_name()}
 
     def spawn(self, standby: bool = False) -> Worker | None:
         """
@@ -97,23 +92,15 @@ class WorkerPool:
         worker = Worker(self, standby)
         if self.template is None or not self.template.fork(worker, str(self._count)):
             args, env = self._child_command(str(self._count))
-            self.reactor.spawnProcess(
-                worker,
-                sys.executable,
-                args,
-                env=env,
-                path=os.getcwd(),
-                childFDs={0: "w", 1: "r", 2: "r", 3: "w", 4: "r"},
-            )
+            fds = {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"}
+            self.reactor.spawnProcess(worker, args[0], args, env, os.getcwd(), childFDs=fds)
         self.workers.append(worker)
         self.started += 1
         return worker
 
     def start_template(self) -> None:
         """Start the worker template, unless it runs, cannot, or is not wanted now."""
-        if self.template is not None or self._template_broken or self.stopping:
-            return
-        if not preload.supported():
+        if self.template or self._template_broken or self.stopping or not preload.supported():
             return
         args, env = self._child_command("template")
         started = preload.WorkerTemplate(self.reactor, self._template_ready, self._template_ended)
@@ -160,10 +147,6 @@ class WorkerPool:
                 how=str(exit),
             )
 
-    def _stop_template(self) -> None:
-        if self.template is not None:
-            self.template.stop()
-
     def idle(self) -> list[Worker]:
         return [w for w in self.workers if w.state == "idle"]
 
@@ -194,7 +177,8 @@ class WorkerPool:
             self._on_died(worker, job_id, how)
         if self.stopping:
             if not self.workers:
-                self._stop_template()
+                if self.template:
+                    self.template.stop()
                 self._all_ended.fire()
             return
         if worker.succeeded:
@@ -281,11 +265,7 @@ class WorkerPool:
         return self._take_over(worker)
 
     def _take_over(self, worker: Worker) -> bool:
-        """
-        C{worker} retires: its standby successor, if it lives, takes its place.
-
-        @return: whether the successor is idle now.
-        """
+        """C{worker} retires: its live standby successor takes its place; @return: idle now?"""
         successor = worker.successor  # (None is not among the workers)
         if successor not in self.workers or successor.state not in ("starting", "standby"):
             return False
@@ -301,8 +281,8 @@ class WorkerPool:
         for worker in list(self.workers):
             if worker.state in ("idle", "starting", "standby"):
                 worker.retire()
-        if not self.workers:
-            self._stop_template()
+        if not self.workers and self.template:
+            self.template.stop()
 
     def kill_all(self, reason: str = "shutdown") -> None:
         """SIGKILL every child, and every process of its group, at once."""
@@ -310,15 +290,11 @@ class WorkerPool:
             worker.signal("KILL", reason)
 
     def when_all_ended(self) -> defer.Deferred:
-        """@return: a Deferred that fires when no child is left."""
-        if not self.workers:
-            return defer.succeed(None)
-        return self._all_ended.wait()
+        return self._all_ended.wait() if self.workers else defer.succeed(None)
 
     def describe_template(self) -> dict | None:
-        if self.template is None:
-            return None
-        return {"pid": self.template.pid, "state": self.template.state}
+        template = self.template
+        return template and {"pid": template.pid, "state": template.state}
 
     def describe(self) -> list[dict]:
         return [

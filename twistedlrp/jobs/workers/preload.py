@@ -1,10 +1,8 @@
 """
-The worker template (docs/jobs.md, "Replacing workers"): a fork server
-(L{twistedlrp.process.forkserver}) with Django set up as in a worker, so that
-replacing a worker costs a fork instead of a Django start-up. Each fork
-gets the child's ends of the four pipes of a spawned worker, so that the
-same L{Worker} drives it, through L{ForkedProcess}. The template's own
-side is L{main.serve_template}.
+The worker template (docs/jobs.md, "Replacing workers"): a fork server with
+Django set up as in a worker, so that replacing a worker costs a fork
+instead of a Django start-up. Each fork gets the child's ends of the four
+pipes of a spawned worker, so that the same L{Worker} drives it.
 """
 
 from __future__ import annotations
@@ -27,10 +25,7 @@ log = Logger(namespace="twistedlrp.jobs.workers")
 
 
 def template_ahead(max_jobs: int, standby: int) -> int:
-    """
-    @return: how many jobs before C{max_jobs} a worker starts the template
-        (0: never): twice C{standby}, so that it is ready by then.
-    """
+    """@return: how many jobs before C{max_jobs} a worker starts the template (0: never)."""
     if not standby or not supported():
         return 0
     return min(max_jobs - 1, 2 * standby)
@@ -42,14 +37,10 @@ def supported() -> bool:
 
 
 class ForkedProcess:
-    """
-    The transport of a L{Worker} forked by the template: the parts of
-    C{IProcessTransport} it uses, over the pool's pipes (C{pid} C{None} until forked).
-    """
+    """The transport of a forked L{Worker}: what it uses of C{IProcessTransport}, over pipes."""
 
     def __init__(self, reactor, proto, fds: dict[int, int]):
-        self.reactor = reactor
-        self.proto = proto
+        self.reactor, self.proto = reactor, proto
         self.pid: int | None = None
         self.pipes: dict[int, abstract.FileDescriptor] = {}
         self.lost_process = False
@@ -90,8 +81,7 @@ class ForkedProcess:
 
     def watch_exit(self) -> bool:
         """
-        The template is gone and this worker lives on: learn of its end
-        from a pidfd (its exit status is lost with the template).
+        The template is gone and this worker lives on: learn of its end from a pidfd.
 
         @return: whether it is watched (C{False}: pidfds are not available).
         """
@@ -107,7 +97,6 @@ class ForkedProcess:
         return True
 
     def exited(self, ended: Exit) -> None:
-        """The template reaped the child (or it was lost, or never forked)."""
         if self.lost_process:
             return
         self.lost_process = True
@@ -121,7 +110,6 @@ class ForkedProcess:
         self._tell("processEnded", Exit(0).reason())
 
     def _tell(self, event: str, *args) -> None:
-        """Call the worker's C{event} method as the reactor would: its error is logged."""
         try:
             getattr(self.proto, event)(*args)
         except BaseException:
@@ -133,8 +121,7 @@ class _ExitWatcher(abstract.FileDescriptor):
 
     def __init__(self, reactor, pidfd: int, on_exit: Callable):
         super().__init__(reactor)
-        self._pidfd = pidfd
-        self._on_exit = on_exit
+        self._pidfd, self._on_exit = pidfd, on_exit
 
     def fileno(self):
         return self._pidfd
@@ -159,9 +146,7 @@ class WorkerTemplate:
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
-        self.reactor = reactor
-        self._on_ready = on_ready
-        self._on_ended = on_ended
+        self.reactor, self._on_ready, self._on_ended = reactor, on_ready, on_ended
         self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
         self._numbers = itertools.count(1)
         # Forks asked for and not answered yet, by request number.
@@ -187,7 +172,7 @@ class WorkerTemplate:
         Ask for a worker driven by C{worker}, connected at once (a template
         still starting finds the request in its socket when ready).
 
-        @return: whether the request was sent (if not, start the worker another way).
+        @return: whether the request was sent.
         """
         ours: dict[int, int] = {}
         theirs: list[int] = []
@@ -229,7 +214,7 @@ class WorkerTemplate:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
 
     def stop(self) -> None:
-        """Close the control socket: the template exits, and its workers with it."""
+        # The template exits, and its workers with it.
         self.server.close()
 
     def _output(self, fd: int, line: bytes) -> None:
@@ -238,10 +223,8 @@ class WorkerTemplate:
             log.info("worker template {pid}: {line}", pid=self.pid, line=text)
 
     def _ended(self, server, ended: Exit) -> None:
-        pending = list(self._pending.values())
-        orphans = list(self._children.values())
-        self._pending.clear()
-        self._children.clear()
+        pending, self._pending = list(self._pending.values()), {}
+        orphans, self._children = list(self._children.values()), {}
         for forked in pending:
             forked.exited(Exit(lost="was not forked (the worker template ended first)"))
         # Its workers live on, and their jobs with them; nobody reaps them

@@ -100,9 +100,8 @@ class _ParentProtocol(wire.QuietAMP):
 
 class Worker(protocol.ProcessProtocol):
     """
-    One child process. C{state}: C{starting}, C{idle}, C{busy},
-    C{standby} (ready, waiting to succeed a worker that is about to be
-    replaced), C{retiring} (will exit after its job or now), C{dead}.
+    One child process. C{state}: C{starting}, C{idle}, C{busy}, C{standby}
+    (ready to succeed a worker about to be replaced), C{retiring}, C{dead}.
     """
 
     def __init__(self, pool: WorkerPool, standby: bool = False):
@@ -139,7 +138,6 @@ class Worker(protocol.ProcessProtocol):
         self.amp.makeConnection(_PipeTransport(self))
 
     def forked(self, pid: int) -> None:
-        """The worker template has forked this worker's child (L{twistedlrp.jobs.workers.preload})."""
         self.pid = pid
         self.pool.on_forked(self)
         if self.kill_reason is not None and self.kill_reason != "retire":
@@ -230,8 +228,7 @@ class Worker(protocol.ProcessProtocol):
 
     def take_output(self) -> str:
         """@return: the job's output tail (and forget it)."""
-        text = bytes(self.output_tail).decode("utf-8", "replace")
-        self.output_tail = bytearray()
+        text, self.output_tail = bytes(self.output_tail).decode("utf-8", "replace"), bytearray()
         return text
 
     def became_ready(self, pid: int | None = None) -> None:
@@ -246,10 +243,7 @@ class Worker(protocol.ProcessProtocol):
             self.pool.on_ready(self)
 
     def run(self, job_id: str, name: str, payload: bytes, attempt: int) -> defer.Deferred:
-        """
-        @return: a Deferred firing with the job's outcome when it ends in the
-            child; it fails if the child dies first (the pool's C{on_ended} says so).
-        """
+        """@return: a Deferred of the job's outcome; it fails if the child dies first."""
         self.state = "busy"
         self.job_id = job_id
         self.output_tail = bytearray()
@@ -280,7 +274,6 @@ class Worker(protocol.ProcessProtocol):
         return self.exited or failure.check(error.ConnectionDone, error.ConnectionLost) is not None
 
     def cancel(self, job_id: str) -> None:
-        """Make C{cancelled()} true in the child for this job."""
         if self.state == "busy" and self.job_id == job_id:
             self.amp.callRemote(wire.CancelJob, job_id=job_id)
 
@@ -302,7 +295,7 @@ class Worker(protocol.ProcessProtocol):
             self.transport.signalProcess(name)
 
     def retire(self) -> None:
-        """Let the child exit on end of file of its command pipe."""
+        # The child exits on end of file of its command pipe.
         self.state = "retiring"
         self.kill_reason = self.kill_reason or "retire"
         self.amp.transport.loseConnection()
