@@ -53,17 +53,33 @@ _exit_code = 0
 
 
 def set_exit_code(code: int) -> None:
-    """Make the process exit with C{code} once twistd returns."""
+    """Make the process exit with C{code} (L{end_at_exit} applies it; twistd always exits 0)."""
     global _exit_code
-    if _exit_code == 0:
-        atexit.register(_exit_with_code)
     _exit_code = code
 
 
-def _exit_with_code() -> None:
-    if _exit_code:
-        flush_everything()
-        os._exit(_exit_code)
+def end_at_exit(reactor) -> None:
+    """
+    At interpreter exit, after the other exit handlers, end the process with
+    the status L{set_exit_code} set. After a clean stop (the reactor's "after
+    shutdown") it ends without the interpreter's finalisation, which frees
+    every module and object of a Django site for 0.4-0.5 s of CPU and changes
+    nothing (gunicorn's and multiprocessing's children end the same way). An
+    exception that reached the top with no status set (C{sys.last_value})
+    and an exit before the reactor stopped are left to Python.
+    """
+    stopped = []
+    reactor.addSystemEventTrigger("after", "shutdown", stopped.append, True)
+
+    def end() -> None:
+        if _exit_code or (stopped and not hasattr(sys, "last_value")):
+            flush_everything()
+            os._exit(_exit_code)
+
+    # atexit runs the last registered first: registered before Django is set
+    # up, this runs after every handler the site registers; logging's own,
+    # registered earlier, is what flush_everything does.
+    atexit.register(end)
 
 
 def flush_everything() -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import os
-import sys
 from collections.abc import Callable
 
 from twisted.application.service import IService
@@ -27,39 +24,13 @@ def wrap_builds(wrapper: BuildWrapper | None) -> None:
     _wrapper = wrapper
 
 
-def _end_after_clean_stop(reactor) -> None:
-    """
-    Once the reactor stopped after every service did (logs flushed, files
-    closed), end the process at interpreter exit without its finalisation:
-    freeing every module and object of a Django site costs 0.4-0.5 s of
-    CPU and changes nothing (gunicorn's and multiprocessing's children end
-    the same way). Any other way out (a failed start, an exception) keeps
-    Python's own exit.
-    """
-    stopped = []
-    reactor.addSystemEventTrigger("after", "shutdown", stopped.append, True)
-
-    def end() -> None:
-        from twistedlrp import signals
-
-        # sys.last_value: an exception that reached the top after the stop
-        # (its exit status 1 is Python's to give).
-        if stopped and not hasattr(sys, "last_value"):
-            signals.flush_everything()
-            os._exit(signals._exit_code)
-
-    # atexit runs its handlers last registered first: this one, registered
-    # before Django's and the job service's, runs after theirs (weakref
-    # finalizers among them); logging's, registered before it, is what
-    # flush_everything does.
-    atexit.register(end)
-
-
 def makeService(options) -> IService:
     """Set Django up and build the server (a failure ends the process with one line)."""
     from twisted.internet import reactor
 
-    _end_after_clean_stop(reactor)
+    from twistedlrp.signals import end_at_exit
+
+    end_at_exit(reactor)
 
     def build() -> IService:
         from twistedlrp import _service_from_options
