@@ -166,19 +166,24 @@ def _tcp_state(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
 
 
+def _assert_cut_at_the_write_deadline(sock: socket.socket) -> None:
+    """Ask for a large response, never read it, and see the server reset the connection in time."""
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    started = time.monotonic()
+    # Polled with a deadline: the server's reset moves the socket to TCP_CLOSE (7).
+    deadline = started + 30
+    while _tcp_state(sock) != 7 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert _tcp_state(sock) == 7
+    assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
+
+
 @pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is Linux's")
 def test_a_client_that_reads_nothing_is_cut_at_the_write_deadline(port):
     with _connect(port) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        started = time.monotonic()
-        # Never read: the server's reset moves the socket to TCP_CLOSE (7).
-        deadline = started + 30
-        while _tcp_state(sock) != 7 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - started
-        assert _tcp_state(sock) == 7
-    assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
+        _assert_cut_at_the_write_deadline(sock)
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is Linux's")
@@ -190,14 +195,7 @@ def test_a_tls_client_that_reads_nothing_is_cut_at_the_write_deadline(ports):
     sock = socket.create_connection(("127.0.0.1", ports[1]), timeout=10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     with context.wrap_socket(sock) as tls:
-        tls.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        started = time.monotonic()
-        deadline = started + 30
-        while _tcp_state(tls) != 7 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        elapsed = time.monotonic() - started
-        assert _tcp_state(tls) == 7
-    assert WRITE_TIMEOUT * 0.9 <= elapsed < WRITE_TIMEOUT + 10
+        _assert_cut_at_the_write_deadline(tls)
 
 
 # What is sent, what each answer holds (in order), and whether the connection closes.
