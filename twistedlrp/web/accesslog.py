@@ -22,6 +22,8 @@ import time
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
 
+from twistedlrp.ordered_service import cancel_call
+
 _log = Logger(namespace="twistedlrp.access")
 # The time stamp of the second (twisted.web's own log keeps one too).
 _log_time = functools.lru_cache(maxsize=1)(datetimeToLogString)
@@ -57,8 +59,7 @@ class AccessLog:
 
     def close(self) -> None:
         """Flush and close the log file (at shut-down); idempotent."""
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
+        cancel_call(self._flush_call)
         self._flush_call = None
         if self._file is not None:
             self._file.close()

@@ -33,6 +33,7 @@ from zope.interface import implementer
 from twistedlrp import progress
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.protocol.wire import seen_mark
+from twistedlrp.ordered_service import cancel_call
 from twistedlrp.progress import EVENTS_PREFIX, BadToken, check_token, describe
 
 log = Logger()
@@ -233,9 +234,8 @@ class _Stream:
     def _end(self) -> None:
         self.done = True
         self.events.streams.discard(self)
-        for call in (self._heartbeat, self._cut_call):
-            if call is not None and call.active():
-                call.cancel()
+        cancel_call(self._heartbeat)
+        cancel_call(self._cut_call)
         self._heartbeat = self._cut_call = None
         sleep, self._sleep = self._sleep, None
         if sleep is not None:
@@ -251,8 +251,7 @@ class _Stream:
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._cut_call is not None and self._cut_call.active():
-            self._cut_call.cancel()
+        cancel_call(self._cut_call)
         self._cut_call = None
 
     def stopProducing(self) -> None:

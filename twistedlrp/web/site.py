@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToString
 from twisted.web.server import NOT_DONE_YET
 
+from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web import static
 from twistedlrp.web.accesslog import AccessLog
 from twistedlrp.web.http.protocol import HTTPConnection
@@ -337,5 +338,4 @@ class BusyAnswer(protocol.Protocol):
 
     def connectionLost(self, reason):
         self._site.busy_answers -= 1
-        if self._cut is not None and self._cut.active():
-            self._cut.cancel()
+        cancel_call(self._cut)

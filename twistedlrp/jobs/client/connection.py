@@ -39,6 +39,7 @@ from twistedlrp.jobs.client.calls import (
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
+from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
@@ -120,8 +121,7 @@ class JobLink(Node):
         return self._attempting is not None
 
     def _cancel_retry(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        cancel_call(self._retry)
         self._retry = None
 
     def _attempt(self) -> None:

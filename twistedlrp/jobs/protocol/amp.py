@@ -17,7 +17,7 @@ from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, Paylo
 from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
-from twistedlrp.ordered_service import StartupFailed
+from twistedlrp.ordered_service import StartupFailed, cancel_call
 from twistedlrp.values import permissions_problem
 
 log = Logger()
@@ -164,8 +164,7 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _cancel_discard_deadline(self) -> None:
         deadline, self._discard_deadline = self._discard_deadline, None
-        if deadline is not None and deadline.active():
-            deadline.cancel()
+        cancel_call(deadline)
 
     def _login_expired(self) -> None:
         if self.authenticated or self.transport is None:

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import JobError
-from twistedlrp.ordered_service import StartupFailed
+from twistedlrp.ordered_service import StartupFailed, cancel_call
 
 # What a client may send before its login succeeds, in bytes, over all its
 # boxes (or PB messages): a Challenge and a Login take about 100, PB's login
@@ -252,8 +252,7 @@ class Gate:
         pending = self._waiting.pop(protocol, None)
         if pending is None:
             return
-        if pending.deadline.active():
-            pending.deadline.cancel()
+        cancel_call(pending.deadline)
         same = self._by_peer.get(pending.key)
         if same is not None:
             same.pop(protocol, None)

@@ -30,6 +30,7 @@ from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
+from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
@@ -238,8 +239,7 @@ class JobOperations:
                 return info
             call = self.reactor.callLater(timeout, fire, finished, None)
             outcome = await finished
-            if call.active():
-                call.cancel()
+            cancel_call(call)
             return outcome if outcome is not None else await self.status(job_id)
         finally:
             for table in (self.waiters, self.dispatcher.watchers):

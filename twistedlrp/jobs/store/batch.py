@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.store.availability import StoreUnavailable, broken, first_line, transaction_id
+from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
@@ -118,8 +119,7 @@ class GroupCommitThread:
 
     def _withdraw(self, op: _Op, cancelled: bool = False) -> None:
         """In the reactor: C{op}'s deadline passed (or it was cancelled)."""
-        if op.timer is not None and op.timer.active():
-            op.timer.cancel()
+        cancel_call(op.timer)
         if op.d.called:
             return
         with self._state_lock:
@@ -428,7 +428,6 @@ class GroupCommitThread:
     @staticmethod
     def _deliver(items) -> None:
         for op, result, failed in items:
-            if op.timer is not None and op.timer.active():
-                op.timer.cancel()
+            cancel_call(op.timer)
             if not op.d.called:  # else withdrawn at its deadline meanwhile
                 (op.d.errback if failed else op.d.callback)(result)

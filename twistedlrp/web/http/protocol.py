@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from twistedlrp.jobs.protocol.limits import abort_now
+from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web.http.reading import (
     _ANSWERING,
     _CHUNK_DATA,
@@ -290,8 +291,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._on_due = None
         self._stop_flow()
         for call in (self._timer, self._cut_call, self._linger_call, self._drain_call):
-            if call is not None and call.active():
-                call.cancel()
+            cancel_call(call)
         self.site.channel_gone(self)
         request, self.request = self.request, None
         if request is not None and not request.finished:

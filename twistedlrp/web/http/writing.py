@@ -20,6 +20,7 @@ import sys
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web.limits import UNSENT_LOWAT
 
 # Looks at a paused connection per write timeout: the peer's
@@ -170,7 +171,6 @@ class WriteFlow:
 
     def _stop_flow(self) -> None:
         self._blocked_since = None
-        if self._flow_call is not None and self._flow_call.active():
-            self._flow_call.cancel()
+        cancel_call(self._flow_call)
         self._flow_call = None
         self.stopProducing()
