@@ -1,8 +1,7 @@
 """
 The worker template (docs/jobs.md, "Replacing workers"): a fork server with
-Django set up as in a worker, so that replacing a worker costs a fork
-instead of a Django start-up. Each fork gets the child's ends of the four
-pipes of a spawned worker, so that the same L{Worker} drives it.
+Django set up as in a worker, so that replacing a worker costs a fork instead
+of a Django start-up. Each fork gets the four pipes of a spawned worker.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ class ForkedProcess:
             pipe = process.ProcessWriter if child_fd == 3 else process.ProcessReader
             self.pipes[child_fd] = pipe(reactor, self, child_fd, fd)
 
-    # What ProcessReader and ProcessWriter call.
     def childDataReceived(self, name, data):
         self.proto.childDataReceived(name, data)
 
@@ -61,7 +59,6 @@ class ForkedProcess:
         self._tell("childConnectionLost", name)
         self._maybe_ended()
 
-    # IProcessTransport, as much as Worker uses.
     def writeToChild(self, child_fd, data):
         self.pipes[child_fd].write(data)
 
@@ -80,11 +77,7 @@ class ForkedProcess:
             self.closeChildFD(child_fd)
 
     def watch_exit(self) -> bool:
-        """
-        The template is gone and this worker lives on: learn of its end from a pidfd.
-
-        @return: whether it is watched (C{False}: pidfds are not available).
-        """
+        """The template is gone: watch this worker's end by a pidfd; @return: whether it can."""
         try:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
@@ -149,9 +142,7 @@ class WorkerTemplate:
         self.reactor, self._on_ready, self._on_ended = reactor, on_ready, on_ended
         self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
         self._numbers = itertools.count(1)
-        # Forks asked for and not answered yet, by request number.
-        self._pending: dict[int, ForkedProcess] = {}
-        # The template's live children, by pid.
+        self._pending: dict[int, ForkedProcess] = {}  # forks asked for, by request number
         self._children: dict[int, ForkedProcess] = {}
 
     @property
@@ -169,10 +160,8 @@ class WorkerTemplate:
 
     def fork(self, worker, worker_id: str) -> bool:
         """
-        Ask for a worker driven by C{worker}, connected at once (a template
-        still starting finds the request in its socket when ready).
-
-        @return: whether the request was sent.
+        Ask for a worker driven by C{worker}, connected at once (a template still
+        starting finds the request when ready). @return: whether it was sent.
         """
         ours: dict[int, int] = {}
         theirs: list[int] = []
@@ -214,7 +203,6 @@ class WorkerTemplate:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
 
     def stop(self) -> None:
-        # The template exits, and its workers with it.
         self.server.close()
 
     def _output(self, fd: int, line: bytes) -> None:
@@ -227,12 +215,11 @@ class WorkerTemplate:
         orphans, self._children = list(self._children.values()), {}
         for forked in pending:
             forked.exited(Exit(lost="was not forked (the worker template ended first)"))
-        # Its workers live on, and their jobs with them; nobody reaps them
-        # for us now, but a pidfd says when each one ends.
+        # Its workers live on, unreaped: a pidfd says when each one ends.
         for forked in orphans:
             if not forked.watch_exit():
-                # No pidfd here (Linux before 5.3): they died with the
-                # template (PR_SET_PDEATHSIG); what they started goes too.
+                # No pidfd (Linux before 5.3): they died with the template
+                # (PR_SET_PDEATHSIG); what they started goes too.
                 with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
                 forked.exited(Exit(lost="was killed with the worker template"))
