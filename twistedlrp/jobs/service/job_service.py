@@ -26,7 +26,7 @@ from twistedlrp.jobs.service.schedules import Scheduler, configured
 from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
-from twistedlrp.jobs.workers.worker import HOSTNAME, worker_id_prefix
+from twistedlrp.jobs.workers.worker import HOSTNAME
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
 log = Logger()
@@ -106,8 +106,8 @@ class JobService(service.Service):
             lambda: self.unavailable,
             self._about,
         )
-        prefix, node = worker_id_prefix(), self.node if self.shared else None
-        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
+        node = self.node if self.shared else None
+        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, f"{HOSTNAME}:", node)
         self.lease_keeper = NodeLease(
             reactor, self.store, self.node, HOSTNAME, os.getpid(), self.queues, self.lease,
             self.shared, on_requeued=self.dispatcher.wake, runner=self.store.lease,

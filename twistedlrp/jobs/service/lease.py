@@ -67,11 +67,7 @@ class MonotonicAlarm:
             with self._cond:
                 if self._stopped:
                     return
-                due = self._due
-                if due is None:
-                    self._cond.wait(1.0)
-                    continue
-                remaining = due - self.clock()
+                remaining = 1.0 if self._due is None else self._due - self.clock()
                 if remaining > 0:
                     self._cond.wait(min(remaining, 1.0))
                     continue

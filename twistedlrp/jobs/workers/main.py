@@ -195,7 +195,6 @@ class Conversation:
         self._write_lock = threading.Lock()
         self._progress = threading.Condition(threading.Lock())
         self._pending_progress = None
-        self._asks = 0
         self.gone = False
 
     def send(self, box: dict[bytes, bytes]) -> None:
@@ -204,17 +203,10 @@ class Conversation:
         while data:
             try:
                 written = os.write(self.answers, data)
-            except InterruptedError:
-                continue
             except OSError:  # the parent is gone
                 self.gone = True
                 return
             data = data[written:]
-
-    def _ask(self, command: bytes, box: dict[bytes, bytes]) -> None:
-        with self._write_lock:
-            self._asks += 1
-            self.send({b"_command": command, b"_ask": b"%d" % self._asks, **box})
 
     def serve(self) -> None:
         """Say we are ready, then run until the commands reach end of file."""
@@ -222,13 +214,12 @@ class Conversation:
         threading.Thread(
             target=self._progress_thread, name="twistedlrp-progress", daemon=True
         ).start()
-        self._ask(b"WorkerReady", {b"pid": b"%d" % os.getpid()})
+        with self._write_lock:
+            self.send({b"_command": b"WorkerReady", b"_ask": b"1", b"pid": b"%d" % os.getpid()})
         reader = BoxReader()
         while True:
             try:
                 data = os.read(self.commands, 65536)
-            except InterruptedError:
-                continue
             except OSError:
                 data = b""
             if not data:

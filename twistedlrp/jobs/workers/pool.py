@@ -176,8 +176,6 @@ class WorkerPool:
                     self.template.stop()
                 self._all_ended.fire()
             return
-        if worker.succeeded:
-            return  # Its standby successor has taken its place already.
         if worker.standby:  # its worker is replaced the usual way when its time comes
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
@@ -191,8 +189,8 @@ class WorkerPool:
                 )
             self._on_ready(worker.successor)
             return
-        if worker.succeeded:
-            return  # Its successor is still starting; it takes jobs once ready.
+        if worker.succeeded:  # its successor has taken its place, or will once ready
+            return
         if worker.pid is None:
             log.info("A worker {how}: starting it directly", how=how)
             self.spawn()
@@ -224,7 +222,8 @@ class WorkerPool:
         if worker.exited:
             return False
         ahead = standby_ahead(max_jobs)
-        early = preload.template_ahead(max_jobs, ahead)
+        # The template starts twice as many jobs ahead as the standby successor.
+        early = min(max_jobs - 1, 2 * ahead) if ahead and preload.supported() else 0
         if early and worker.jobs_done == max_jobs - early and self.template is None:
             self.start_template()
         if ahead and worker.successor is None and worker.jobs_done == max_jobs - ahead:

@@ -23,13 +23,6 @@ from twistedlrp.process.forkserver import ForkServerProcess
 log = Logger(namespace="twistedlrp.jobs.workers")
 
 
-def template_ahead(max_jobs: int, standby: int) -> int:
-    """@return: how many jobs before C{max_jobs} a worker starts the template (0: never)."""
-    if not standby or not supported():
-        return 0
-    return min(max_jobs - 1, 2 * standby)
-
-
 def supported() -> bool:
     """@return: whether this platform can fork workers from a template (Linux)."""
     return sys.platform.startswith("linux")

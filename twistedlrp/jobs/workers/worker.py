@@ -38,11 +38,6 @@ _LEVELS = {name: getattr(LogLevel, name) for name in ("debug", "info", "warn", "
 _DRAIN_LIMIT = 1024 * 1024
 
 
-def worker_id_prefix() -> str:
-    """@return: how the ids of this machine's workers begin (C{"host:"})."""
-    return f"{HOSTNAME}:"
-
-
 class _PipeTransport:
     """The transport AMP sees: writes go to the child's fd 3."""
 
