@@ -44,10 +44,6 @@ class TableClaims:
         self.wakes += 1
         self.wanted = True
 
-    def _wake(self) -> None:
-        self.want()
-        self.dispatcher.dispatch()
-
     def claim_next(self) -> None:
         idle = not self.running and self.wanted and self.dispatcher.pool.idle()
         if not idle:
@@ -107,7 +103,7 @@ class TableClaims:
                 error=failure.getErrorMessage() or failure.type.__name__,
             )
         if self.dispatcher.accepting:
-            self.reactor.callLater(1.0, self._wake)
+            self.reactor.callLater(1.0, self.dispatcher.wake)
 
     def arm_due(self, when: float | None) -> None:
         """Wake when the first delayed job we know of becomes due (at C{when})."""
@@ -119,7 +115,7 @@ class TableClaims:
                 return
             timer.cancel()
         delay = max(when - self.reactor.seconds(), 0) + 0.01
-        self._due_timer = self.reactor.callLater(delay, self._wake)
+        self._due_timer = self.reactor.callLater(delay, self.dispatcher.wake)
 
     def stop(self) -> None:
         cancel_call(self._due_timer)

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
 from twistedlrp.jobs.service.claims import Reservation, TableClaims, free
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, log_started
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, fire, log_started
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -98,15 +98,12 @@ class Dispatcher:
         self.counters[event] += 1
         job_metrics.count(event, name)
 
-    def request_cancel(self, job_id: str) -> bool:
-        """
-        Dequeue a queued job, or ask a running one to stop (SIGTERM after the
-        grace period, SIGKILL after twice that); @return: whether it was queued.
-        """
+    def request_cancel(self, job_id: str) -> None:
+        """Dequeue a queued job, or ask a running one to stop (then SIGTERM, then SIGKILL)."""
         removed = self.queue.remove(job_id)
         if removed is not None:
             self.count("cancelled", removed.name)
-            return True
+            return
         record = self.running.get(job_id)
         if record is not None and not record.cancel_requested:
             record.cancel_requested = True
@@ -115,7 +112,6 @@ class Dispatcher:
             log.info("Job {job_id}: cancellation requested", job_id=job_id)
             for signal, after in (("TERM", self.cancel_grace), ("KILL", 2 * self.cancel_grace)):
                 record.timers.append(self.reactor.callLater(after, worker.signal, signal, "cancel"))
-        return False
 
     def fence(self) -> list[str]:
         """
@@ -126,7 +122,6 @@ class Dispatcher:
         self.fenced = True
         stopped = []
         for record in list(self.running.values()):
-            worker = record.worker
             self._forget(record)
             stopped.append(record.id)
             log.warn(
@@ -134,10 +129,9 @@ class Dispatcher:
                 "not renew its lease",
                 job_id=record.id,
                 attempt=record.attempts,
-                pid=getattr(worker, "pid", None),
+                pid=record.worker.pid,
             )
-            if worker is not None:
-                worker.signal("KILL", "fence")
+            record.worker.signal("KILL", "fence")
         return stopped
 
     def unfence(self) -> None:
@@ -250,7 +244,6 @@ class Dispatcher:
             payload = record.payload
         check_record(record)
         self.run_on(worker, record, payload)
-        return None
 
     def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:
         """The worker ended before the job reached it: requeue it, without the attempt."""
@@ -345,8 +338,7 @@ class Dispatcher:
     def _changed(self, job_id: str) -> None:
         # Not for the end of running: that is told once committed (outcomes.py).
         for d in self.watchers.pop(job_id, ()):
-            if not d.called:
-                d.callback(None)
+            fire(d, None)
 
     def _forget(self, record: JobRecord) -> None:
         self.running.pop(record.id, None)

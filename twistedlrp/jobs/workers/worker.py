@@ -39,7 +39,7 @@ _DRAIN_LIMIT = 1024 * 1024
 
 
 class _PipeTransport:
-    """The transport AMP sees: writes go to the child's fd 3."""
+    """The transport AMP sees (it only writes and loses it): writes go to the child's fd 3."""
 
     disconnecting = False
 
@@ -52,21 +52,10 @@ class _PipeTransport:
             with contextlib.suppress(KeyError):  # the pipe is closed already
                 worker.transport.writeToChild(3, data)
 
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
-
     def loseConnection(self) -> None:
         if not self.disconnecting and self.worker.transport is not None:
             self.disconnecting = True
             self.worker.transport.closeChildFD(3)
-
-    abortConnection = loseConnection
-
-    def getPeer(self):
-        return ("worker", self.worker.pid)
-
-    def getHost(self):
-        return ("job-service", os.getpid())
 
 
 class _ParentProtocol(wire.QuietAMP):
