@@ -62,12 +62,7 @@ class ForkedProcess:
     def signalProcess(self, name):
         if self.pid is None or self.lost_process:
             raise error.ProcessExitedAlready()
-        number = getattr(signal, f"SIG{name}") if isinstance(name, str) else name
-        os.kill(self.pid, number)
-
-    def loseConnection(self):
-        for child_fd in list(self.pipes):
-            self.closeChildFD(child_fd)
+        os.kill(self.pid, getattr(signal, f"SIG{name}"))
 
     def watch_exit(self) -> bool:
         """The template is gone: watch this worker's end by a pidfd; @return: whether it can."""
@@ -180,11 +175,10 @@ class WorkerTemplate:
             self._on_ready([str(name) for name in message.get("threads") or []])
         elif event == "forked":
             forked = self._pending.pop(message["index"], None)
-            if forked is None:
-                return
-            forked.pid = message["pid"]
-            self._children[forked.pid] = forked
-            forked.proto.forked(forked.pid)
+            if forked is not None:
+                forked.pid = message["pid"]
+                self._children[forked.pid] = forked
+                forked.proto.forked(forked.pid)
         elif event == "fork_failed":
             forked = self._pending.pop(message["index"], None)
             log.warn("The worker template could not fork: {error}", error=message.get("error"))
