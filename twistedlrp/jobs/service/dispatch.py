@@ -78,8 +78,6 @@ class Dispatcher:
         )
         self.claims = TableClaims(self, queues)
 
-    # -- what the service asks ---------------------------------------------------------
-
     def enqueue(self, record: JobRecord, not_before: float | None = None) -> None:
         if not self.shared:
             self.queue.push(record, not_before)
@@ -159,8 +157,6 @@ class Dispatcher:
         error = f"the job was running without a live worker ({reason})"
         log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
         self.outcomes.retry_or_fail(record, error, {"worker": getattr(record.worker, "ident", "")})
-
-    # -- dispatch --------------------------------------------------------------------------
 
     def dispatch(self) -> None:
         if not self.accepting or self.fenced:
@@ -305,8 +301,6 @@ class Dispatcher:
             lambda outcome: self._job_ended(record, Outcome.read(outcome)), answer_failed
         )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
-
-    # -- worker events ----------------------------------------------------------------------
 
     def progress(self, job_id, current, total, message) -> None:
         record = self.running.get(job_id)

@@ -1,7 +1,6 @@
 """
-The operations clients call on the job service, from every front end: a
-method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS},
-returning a Deferred of its JSON-ready answer, after its commit.
+The operations clients call on the job service, from every front end: a method per
+L{wire.OPERATIONS}, returning a Deferred of its JSON-ready answer, after its commit.
 """
 
 from __future__ import annotations

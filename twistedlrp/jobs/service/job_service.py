@@ -129,8 +129,6 @@ class JobService(service.Service):
         self._listening = Waiters()
         self.listening = False
 
-    # -- life ----------------------------------------------------------------------
-
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._start())

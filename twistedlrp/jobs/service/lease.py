@@ -1,8 +1,6 @@
 """
 This job node's lease in the node table (L{NodeLease}): a heartbeat every few
-seconds and, with several nodes on one database, the expiry of the others,
-whose running jobs it retries or fails.
-
+seconds and, with several nodes on one database, the expiry of the others.
 Fencing: a node that could not renew its lease for the lease less a margin (on
 its own monotonic clock) kills its running jobs and claims nothing before any
 other node may take its lease for expired: a job never runs on two nodes at once.

@@ -1,7 +1,4 @@
-"""
-How an attempt ended (L{Outcome}), recording it (L{Outcomes}, which the
-dispatcher holds), and the jobs' own log lines.
-"""
+"""How an attempt ended (L{Outcome}), recording it (L{Outcomes}), and the jobs' own log lines."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """
 Periodic jobs: C{@job(schedule="*/5 * * * *")} and C{settings.LRP_SCHEDULE}.
-
 Each schedule has a row in C{twistedlrp_schedule} with its next due time. For
 each due one, a job node submits the job under an id derived from the name and
 due time (L{job_id}: submitted again, by another node or after a crash, it is the

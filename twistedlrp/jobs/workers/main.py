@@ -1,7 +1,6 @@
 """
 A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
-
 It sets Django up, then speaks AMP with the job service over fd 3 (commands in)
 and fd 4 (answers out) without a reactor or Twisted's AMP, which keeps each
 worker about 16 MB smaller. It leads a process group of its own, which the job
