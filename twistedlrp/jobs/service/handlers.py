@@ -39,7 +39,6 @@ class JobOperations:
     While the store cannot be reached, an operation waits for it up to
     C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
     so (and whether its change was made).
-
     @param unavailable: C{()}: why the service takes no work now, or C{None}.
     @param about: C{()}: the service's own part of L{stats}.
     """
@@ -72,7 +71,6 @@ class JobOperations:
         """
         Store and queue a job (C{payload}: the JSON of C{{"args", "kwargs"}});
         C{wait}: the client's time left, if less than C{store_wait}.
-
         @return: a Deferred firing after the commit with the job's description
             (an existing one's when C{job_id} names one, or C{key} an unfinished
             one), or failing with L{NotRegistered}, L{PayloadTooLarge},

@@ -45,10 +45,8 @@ SWEEP_INTERVAL = 2.0
 
 def node_name(options) -> str:
     """@return: this job node's name: C{--node-name}, or the host name and the state directory."""
-    name = options.get("node-name")
-    if name:
-        return name
-    return f"{HOSTNAME}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
+    state_dir = os.path.abspath(options.get("state-dir") or ".lrp")
+    return options.get("node-name") or f"{HOSTNAME}:{state_dir}"[:255]
 
 
 def store_wait() -> float:

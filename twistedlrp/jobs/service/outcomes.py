@@ -53,7 +53,6 @@ class Outcomes:
     """
     Records how attempts end (a final state, or a retry after its delay), each
     committed before the job's waiters hear of it.
-
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
     @param node: this node's name when several share the database (the
         store then changes only the jobs this node holds), or C{None}.

@@ -32,7 +32,6 @@ class WorkerPool:
     C{size} warm child processes (L{main}) that run one job at a time, each
     spawned or forked from the worker template (L{preload}) and driven by a
     L{Worker}. One that died before it was ready is replaced after a back-off.
-
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.

@@ -120,7 +120,6 @@ class _ExitWatcher(abstract.FileDescriptor):
 class WorkerTemplate:
     """
     One template process. C{state}: C{starting}, C{ready}, C{ended}.
-
     @param on_ready: called, once it can fork, with the names of its other
         threads (which forked workers do not have).
     @param on_ended: C{(template, was_ready, exit)}.
