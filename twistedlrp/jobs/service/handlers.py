@@ -113,14 +113,10 @@ class JobOperations:
                 self.dispatcher.release(reserved)
             if created and ours:
                 self.dispatcher.count("submitted", name)
-                record = JobRecord(
-                    info["id"],
-                    fields["priority"],
-                    self.reactor.seconds(),
+                record = JobRecord.from_row(
+                    {**fields, "id": info["id"]},
+                    created=self.reactor.seconds(),
                     name=name,
-                    max_attempts=fields["max_attempts"],
-                    retry_delay=fields["retry_delay"],
-                    timeout=fields["timeout"],
                     payload=payload if held else None,
                 )
                 if started:
