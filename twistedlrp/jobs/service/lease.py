@@ -91,10 +91,7 @@ class _ReactorAlarm:
 
 
 def node_lease() -> float:
-    """
-    @return: C{LRP_JOBS_NODE_LEASE} (environment, then setting) in seconds.
-    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
-    """
+    """@return: C{LRP_JOBS_NODE_LEASE} (environment, then setting) in seconds; @raise BootError."""
     from django.conf import settings
 
     from twistedlrp.boot import BootError

@@ -136,10 +136,7 @@ _COLUMNS = ("name", "job", "cron", "args", "kwargs", "next_due", "last_run_at")
 
 
 def sync(specs: list[ScheduleSpec]) -> list[dict]:
-    """
-    Make the table hold C{specs} (a changed cron gets a new due time; others' rows go).
-    @return: the rows of C{specs} (L{_COLUMNS}), sorted by name.
-    """
+    """Make the table hold C{specs} only; @return: their rows (L{_COLUMNS}), sorted by name."""
     from twistedlrp.models import Schedule
 
     now = datetime.now(UTC)
