@@ -175,7 +175,7 @@ class WorkerPool:
                     self.template.stop()
                 self._all_ended.fire()
             return
-        if worker.standby:  # its worker is replaced the usual way when its time comes
+        if worker.standby:  # it ended before it took over: its worker is replaced as usual
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
