@@ -1,8 +1,7 @@
 """
 Claims from the table when several job nodes share one PostgreSQL database
 (L{TableClaims}): one claim at a time takes a due job for each free worker
-(C{FOR UPDATE SKIP LOCKED}, committed before the job is sent); and a free
-worker reserved for a job about to be stored running on it (L{Reservation}).
+(C{FOR UPDATE SKIP LOCKED}, committed before the job is sent).
 """
 
 from __future__ import annotations
@@ -45,10 +44,6 @@ class TableClaims:
         self.wakes += 1
         self.wanted = True
 
-    def _wake(self) -> None:
-        self.want()
-        self.dispatcher.dispatch()
-
     def claim_next(self) -> None:
         idle = not self.running and self.wanted and self.dispatcher.pool.idle()
         if not idle:
@@ -69,8 +64,7 @@ class TableClaims:
 
     def _claimed(self, answer: dict, sent: dict, wakes: int) -> None:
         self.running = False
-        if answer.get("no_lease"):
-            # This node's lease is not fresh (being renewed, or cannot be): no claim until it is.
+        if answer.get("no_lease"):  # this node's lease is not fresh: no claim until it is
             self._failed(None, list(sent.values()))
             return
         dispatcher, unclaimed = self.dispatcher, dict(sent)
@@ -78,8 +72,7 @@ class TableClaims:
         for row in claimed:
             worker = unclaimed.pop(row["worker"])
             record = JobRecord.from_row(row)
-            if worker.state != "claiming" or not dispatcher.accepting:
-                # The worker died, or the service began stopping, during the claim.
+            if worker.state != "claiming" or not dispatcher.accepting:  # died, or stopping
                 free(worker)
                 error = "its worker ended before the job started"
                 self.store.run(recovery.requeue, record.id, error, False, dispatcher.node)
@@ -110,7 +103,7 @@ class TableClaims:
                 error=failure.getErrorMessage() or failure.type.__name__,
             )
         if self.dispatcher.accepting:
-            self.reactor.callLater(1.0, self._wake)
+            self.reactor.callLater(1.0, self.dispatcher.wake)
 
     def arm_due(self, when: float | None) -> None:
         """Wake when the first delayed job we know of becomes due (at C{when})."""
@@ -122,14 +115,14 @@ class TableClaims:
                 return
             timer.cancel()
         delay = max(when - self.reactor.seconds(), 0) + 0.01
-        self._due_timer = self.reactor.callLater(delay, self._wake)
+        self._due_timer = self.reactor.callLater(delay, self.dispatcher.wake)
 
     def stop(self) -> None:
         cancel_call(self._due_timer)
 
 
 def free(*workers) -> None:
-    """The workers held for a claim that did not give them a job are idle again."""
+    """Workers held for a claim that gave them no job are idle again."""
     for worker in workers:
         if worker.state == "claiming":
             worker.state = "idle"

@@ -1,9 +1,8 @@
 """
-Dispatch: which queued job runs on which worker. A job is sent to its
-worker only once its claim (C{running}, one more attempt) is committed, so
-that after a crash it either had not started or counts as started. With
-several job nodes on one PostgreSQL database the table is the queue
-(L{TableClaims}).
+Which queued job runs on which worker. A job is sent to its worker only once
+its claim (C{running}, one more attempt) is committed, so that after a crash it
+either had not started or counts as started. With several job nodes on one
+PostgreSQL database the table is the queue (L{TableClaims}).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
 from twistedlrp.jobs.service.claims import Reservation, TableClaims, free
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, log_started
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, fire, log_started
 from twistedlrp.jobs.service.queue import JobQueue, JobRecord
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
@@ -79,8 +78,6 @@ class Dispatcher:
         )
         self.claims = TableClaims(self, queues)
 
-    # -- what the service asks ---------------------------------------------------------
-
     def enqueue(self, record: JobRecord, not_before: float | None = None) -> None:
         if not self.shared:
             self.queue.push(record, not_before)
@@ -99,17 +96,12 @@ class Dispatcher:
         self.counters[event] += 1
         job_metrics.count(event, name)
 
-    def request_cancel(self, job_id: str) -> bool:
-        """
-        Take a queued job out of the queue, or ask a running one to stop
-        (SIGTERM after the grace period, SIGKILL after twice that).
-
-        @return: whether the job was queued here (and is now cancelled).
-        """
+    def request_cancel(self, job_id: str) -> None:
+        """Dequeue a queued job, or ask a running one to stop (then SIGTERM, then SIGKILL)."""
         removed = self.queue.remove(job_id)
         if removed is not None:
             self.count("cancelled", removed.name)
-            return True
+            return
         record = self.running.get(job_id)
         if record is not None and not record.cancel_requested:
             record.cancel_requested = True
@@ -118,20 +110,16 @@ class Dispatcher:
             log.info("Job {job_id}: cancellation requested", job_id=job_id)
             for signal, after in (("TERM", self.cancel_grace), ("KILL", 2 * self.cancel_grace)):
                 record.timers.append(self.reactor.callLater(after, worker.signal, signal, "cancel"))
-        return False
 
     def fence(self) -> list[str]:
         """
-        This node could not renew its lease in time: kill every running
-        job's worker, record nothing for them (the node that renews the
-        lease deals with them), start no job until L{unfence}.
-
-        @return: the ids of the jobs stopped.
+        This node could not renew its lease in time: kill every running job's
+        worker, record nothing (the lease's renewal deals with them), start no
+        job until L{unfence}. @return: the ids of the jobs stopped.
         """
         self.fenced = True
         stopped = []
         for record in list(self.running.values()):
-            worker = record.worker
             self._forget(record)
             stopped.append(record.id)
             log.warn(
@@ -139,10 +127,9 @@ class Dispatcher:
                 "not renew its lease",
                 job_id=record.id,
                 attempt=record.attempts,
-                pid=getattr(worker, "pid", None),
+                pid=record.worker.pid,
             )
-            if worker is not None:
-                worker.signal("KILL", "fence")
+            record.worker.signal("KILL", "fence")
         return stopped
 
     def unfence(self) -> None:
@@ -171,8 +158,6 @@ class Dispatcher:
         log.warn("Job {job_id}: {error}", job_id=record.id, error=error)
         self.outcomes.retry_or_fail(record, error, {"worker": getattr(record.worker, "ident", "")})
 
-    # -- dispatch --------------------------------------------------------------------------
-
     def dispatch(self) -> None:
         if not self.accepting or self.fenced:
             return
@@ -185,7 +170,9 @@ class Dispatcher:
                 return
             record, worker = self.queue.pop(), idle[0]
             worker.state = "claiming"
-            d = self._start(worker, record)
+            load = record.payload is None  # (plain callbacks, no coroutine: once per job)
+            d = self.store.run(ops.claim, record.id, worker.ident, load, self.node)
+            d.addCallback(self._claimed_one, worker, record, load)
             self._hold(record.id, d.addErrback(self._start_failed, worker, record))
 
     def _hold(self, job_id: str, d: defer.Deferred) -> None:
@@ -199,11 +186,9 @@ class Dispatcher:
 
     def reserve(self, job_id: str) -> Reservation | None:
         """
-        Reserve a free worker for a job about to be stored, when it would
-        start at once anyway (nothing due ahead of it, in the queue or, with
-        several nodes, in the table as the last claim found it): the store
-        writes it running in its submission's transaction (L{start_reserved}).
-
+        Reserve a free worker for a job about to be stored, when nothing due is
+        ahead of it (in the queue, or in the table as the last claim found it):
+        it is stored running in its submission's transaction (L{start_reserved}).
         @return: the L{Reservation}, or C{None} (the job is queued as usual).
         """
         if not self.accepting or self.fenced:
@@ -220,7 +205,6 @@ class Dispatcher:
         return reserved
 
     def release(self, reserved: Reservation) -> None:
-        # Nothing was stored running on the reserved worker.
         reserved.done.callback(None)
         free(reserved.worker)
         self.dispatch()
@@ -229,9 +213,7 @@ class Dispatcher:
         """C{record} is stored running (attempt 1) on C{reserved}'s worker: send it."""
         worker = reserved.worker
         reserved.done.callback(None)
-        if worker.state != "claiming":
-            # The worker died (or is being replaced) while the job was stored:
-            # back to the queue, without the attempt (its claim will count one).
+        if worker.state != "claiming":  # it died while the job was stored
             self._put_back(record, log_failure=True)
             return
         record.attempts = 1
@@ -241,21 +223,12 @@ class Dispatcher:
         except Exception:
             self._start_failed(Failure(), worker, record)
 
-    def _start(self, worker, record: JobRecord) -> defer.Deferred:
-        # Sent once its claim is committed: were the server to die after the
-        # commit, the attempt counts as started. Plain callbacks, no
-        # coroutine: this runs once per job.
-        load = record.payload is None
-        d = self.store.run(ops.claim, record.id, worker.ident, load, self.node)
-        return d.addCallback(self._claimed_one, worker, record, load)
-
     def _claimed_one(self, claimed, worker, record: JobRecord, load: bool):
         if claimed is None:
             free(worker)  # cancelled (or taken) meanwhile
             self.dispatch()
             return None
-        if worker.state != "claiming":
-            # The worker died (or the service began stopping) during the claim.
+        if worker.state != "claiming":  # it died, or the service began stopping
             return self._put_back(record)
         if load:
             for name in ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority"):
@@ -267,10 +240,9 @@ class Dispatcher:
             payload = record.payload
         check_record(record)
         self.run_on(worker, record, payload)
-        return None
 
     def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:
-        """The worker ended before the job reached it: requeue it without the attempt."""
+        """The worker ended before the job reached it: requeue it, without the attempt."""
         error = "its worker ended before the job started"
         d = self.store.run(recovery.requeue, record.id, error, False, *self.outcomes.node_args)
         d.addCallback(lambda _: self._requeue(record))
@@ -297,8 +269,7 @@ class Dispatcher:
 
     def run_on(self, worker, record: JobRecord, payload: bytes) -> None:
         if self.fenced:
-            # Claimed before this node lost its lease (the claim's answer came
-            # late): another node may take the job over any moment; not started.
+            # Claimed before this node lost its lease: another node may take it over.
             free(worker)
             self._put_back(record, log_failure=True)
             return
@@ -315,11 +286,8 @@ class Dispatcher:
 
         def answer_failed(failure):
             if worker.gone(failure):
-                # The worker died: _worker_died, called when its process exits, decides.
-                return
-            # The worker lives, but its answer could not be read (an AMP
-            # error, a value it could not send): the job fails with the
-            # reason, never stays running; the worker is replaced.
+                return  # _worker_died decides, once its process exits
+            # Its answer could not be read: the job fails, the worker is replaced.
             log.warn(
                 "Job {job_id}: the answer of worker {pid} could not be read: {reason}",
                 job_id=record.id,
@@ -333,8 +301,6 @@ class Dispatcher:
             lambda outcome: self._job_ended(record, Outcome.read(outcome)), answer_failed
         )
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
-
-    # -- worker events ----------------------------------------------------------------------
 
     def progress(self, job_id, current, total, message) -> None:
         record = self.running.get(job_id)
@@ -364,10 +330,9 @@ class Dispatcher:
             self.outcomes.worker_died(record, worker, how)
 
     def _changed(self, job_id: str) -> None:
-        # Not on the way out of running: the end is told once committed (outcomes.py).
+        # Not for the end of running: that is told once committed (outcomes.py).
         for d in self.watchers.pop(job_id, ()):
-            if not d.called:
-                d.callback(None)
+            fire(d, None)
 
     def _forget(self, record: JobRecord) -> None:
         self.running.pop(record.id, None)

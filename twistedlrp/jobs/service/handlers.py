@@ -1,7 +1,6 @@
 """
-The operations clients call on the job service, from every front end: a
-method per operation of L{twistedlrp.jobs.protocol.wire.OPERATIONS},
-returning a Deferred of its JSON-ready answer, after its commit.
+The operations clients call on the job service, from every front end: a method per
+L{wire.OPERATIONS}, returning a Deferred of its JSON-ready answer, after its commit.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ class JobOperations:
     While the store cannot be reached, an operation waits for it up to
     C{store_wait} seconds, then fails with L{JobServiceUnavailable} saying
     so (and whether its change was made).
-
     @param unavailable: C{()}: why the service takes no work now, or C{None}.
     @param about: C{()}: the service's own part of L{stats}.
     """
@@ -73,21 +71,15 @@ class JobOperations:
         """
         Store and queue a job (C{payload}: the JSON of C{{"args", "kwargs"}});
         C{wait}: the client's time left, if less than C{store_wait}.
-
-        @return: a Deferred firing, after the commit, with the job's
-            description (an existing one's when C{job_id} names one, or
-            C{key} an unfinished one), or failing with L{NotRegistered},
-            L{PayloadTooLarge}, L{InvalidArguments} or
-            L{JobServiceUnavailable}; then nothing was stored.
+        @return: a Deferred firing after the commit with the job's description
+            (an existing one's when C{job_id} names one, or C{key} an unfinished
+            one), or failing with L{NotRegistered}, L{PayloadTooLarge},
+            L{InvalidArguments} or L{JobServiceUnavailable} (nothing stored).
         """
-        try:
-            return self._submit(name, payload, priority, run_after, key, timeout, job_id, wait)
-        except Exception:
-            return defer.fail()
+        args = (name, payload, priority, run_after, key, timeout, job_id, wait)
+        return defer.maybeDeferred(self._submit, *args)
 
-    def _submit(
-        self, name, payload, priority, run_after, key, timeout, job_id, wait=None
-    ) -> defer.Deferred:
+    def _submit(self, name, payload, priority, run_after, key, timeout, job_id, wait):
         # Plain callbacks, no coroutine: this runs once per job.
         unavailable = self.unavailable()
         if unavailable:
@@ -99,9 +91,8 @@ class JobOperations:
         fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
         held = len(payload) <= KEEP_PAYLOAD
-        # A job that would start at once is stored running on a worker
-        # reserved now: one transaction instead of a submission and a claim
-        # (under the id the client chose, if it is not a job's already).
+        # A job that would start at once is stored running on a worker reserved
+        # now: one transaction instead of a submission and a claim.
         reserved = start = None
         if ours and held and not run_after:
             reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
@@ -122,14 +113,10 @@ class JobOperations:
                 self.dispatcher.release(reserved)
             if created and ours:
                 self.dispatcher.count("submitted", name)
-                record = JobRecord(
-                    info["id"],
-                    fields["priority"],
-                    self.reactor.seconds(),
+                record = JobRecord.from_row(
+                    {**fields, "id": info["id"]},
+                    created=self.reactor.seconds(),
                     name=name,
-                    max_attempts=fields["max_attempts"],
-                    retry_delay=fields["retry_delay"],
-                    timeout=fields["timeout"],
                     payload=payload if held else None,
                 )
                 if started:
@@ -148,10 +135,8 @@ class JobOperations:
 
     def announce(self, job_ids: list[str]) -> defer.Deferred:
         """
-        A process committed these jobs in its own transaction: queue them
-        (several job nodes: nothing to do, the commit notified them).
-
-        @return: a Deferred firing at once with C{True}.
+        A process committed these jobs in its own transaction: queue them (several
+        job nodes: the commit notified them). @return: a Deferred of C{True}.
         @raise InvalidArguments: C{job_ids} is not a list.
         """
         if not isinstance(job_ids, list | tuple):
@@ -184,9 +169,8 @@ class JobOperations:
 
     def status(self, job_id: str) -> defer.Deferred:
         """
-        @return: a Deferred firing with the job's description (live
-            progress while it runs), or failing with L{UnknownJob}.
-        @raise InvalidArguments: C{job_id} is not a string.
+        @return: a Deferred of the job's description (with live progress), or
+            failing with L{UnknownJob}. @raise InvalidArguments: not a string.
         """
         job_id = canonical_job_id(job_id)
         self._check_store()
@@ -194,11 +178,7 @@ class JobOperations:
         return d.addCallbacks(self._overlay, _store_failure)
 
     def cancel(self, job_id: str) -> defer.Deferred:
-        """
-        Cancel a queued job at once, or ask a running one to stop.
-
-        @return: a Deferred firing with the job's description after the request.
-        """
+        """Cancel a queued job, or ask a running one to stop; @return: a Deferred of its description."""
         return defer.ensureDeferred(self._cancel(canonical_job_id(job_id)))
 
     async def _cancel(self, job_id: str) -> dict:
@@ -215,11 +195,10 @@ class JobOperations:
 
     def wait(self, job_id: str, timeout: float, seen: str | None = None) -> defer.Deferred:
         """
-        @param seen: the L{wire.seen_mark} of the job as the caller saw it
-            last: answer also once the job differs from it.
-        @return: a Deferred firing with the job's description once it is
-            finished (or changed), or after C{timeout} seconds with its
-            current one; failing with L{InvalidArguments} for a bad C{timeout}.
+        @param seen: the L{wire.seen_mark} of the job as the caller saw it last:
+            answer also once the job differs from it.
+        @return: a Deferred of the job's description once it is finished (or
+            changed), or after C{timeout} seconds; failing with L{InvalidArguments}.
         """
         return defer.ensureDeferred(self._wait(job_id, timeout, seen))
 
@@ -250,10 +229,7 @@ class JobOperations:
                         del table[job_id]
 
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
-        """
-        @return: a Deferred firing with C{{"jobs": [descriptions, newest first]}}.
-        @raise InvalidArguments: a bad C{state} or C{limit}.
-        """
+        """@return: a Deferred of C{{"jobs": [descriptions, newest first]}}; @raise InvalidArguments."""
         listing = check_listing(state, name, limit)
         self._check_store()
         d = self.store.read(ops.list_jobs, *listing.values(), within=self.store_wait)

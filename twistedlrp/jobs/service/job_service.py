@@ -1,10 +1,8 @@
 """
-The job service: the store, the queue, the workers and the front ends.
-Each service is a job node (L{twistedlrp.jobs.service.lease}). On SQLite it
-is the only one and holds the queue in memory. On PostgreSQL several nodes
-share the database: each claims due jobs from the table, is woken by
-C{LISTEN/NOTIFY} and polls slowly (L{POLL_INTERVAL}) for anything missed.
-docs/design.md says in what order it starts and stops.
+The job service: the store, the queue, the workers and the front ends. Each
+service is a job node (L{lease}): on SQLite the only one, holding the queue in
+memory; on PostgreSQL one of several, each claiming due jobs from the table, woken
+by C{LISTEN/NOTIFY}. docs/design.md says in what order it starts and stops.
 """
 
 from __future__ import annotations
@@ -28,30 +26,27 @@ from twistedlrp.jobs.service.schedules import Scheduler, configured
 from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
-from twistedlrp.jobs.workers.worker import HOSTNAME, worker_id_prefix
+from twistedlrp.jobs.workers.worker import HOSTNAME
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
 log = Logger()
 
 DEFAULT_CANCEL_GRACE = 5.0
-# Seconds without a usable worker before the health endpoint says "degraded"
-# (a worker being replaced takes about one).
+# Seconds without a usable worker before the health endpoint says "degraded".
 WORKER_GRACE = 5.0
 # Seconds the start waits for a store that cannot be reached before it fails.
 START_WAIT = 30.0
 # Several nodes: seconds between claims that no notification asked for.
 POLL_INTERVAL = 5.0
-# One node: seconds between looks for jobs that a site's transaction
-# committed without the job service being told (its process died first).
+# One node: seconds between looks for jobs committed by a site's transaction
+# whose process died before it told the job service.
 SWEEP_INTERVAL = 2.0
 
 
 def node_name(options) -> str:
     """@return: this job node's name: C{--node-name}, or the host name and the state directory."""
-    name = options.get("node-name")
-    if name:
-        return name
-    return f"{HOSTNAME}:{os.path.abspath(options.get('state-dir') or '.lrp')}"[:255]
+    state_dir = os.path.abspath(options.get("state-dir") or ".lrp")
+    return options.get("node-name") or f"{HOSTNAME}:{state_dir}"[:255]
 
 
 def store_wait() -> float:
@@ -85,7 +80,7 @@ class JobService(service.Service):
         self.node = node_name(options)
         self.queues = list(options.get("queues") or ()) or None
         self.lease = node_lease()
-        # Several nodes: the lease is renewed by a thread of its own.
+        # Several nodes: a thread of its own renews the lease.
         self.store = Store(
             reactor,
             renewal_interval(self.lease) if self.shared else None,
@@ -99,8 +94,7 @@ class JobService(service.Service):
             self.queues,
         )  # fmt: skip
         self.pool = self.dispatcher.pool
-        if self.shared:
-            # Claim only while this node's lease is fresh (as fencing counts it).
+        if self.shared:  # claim only while this node's lease is fresh (as fencing counts it)
             self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
         self.unavailable: str | None = "the job service is starting"
         self.operations = JobOperations(
@@ -110,18 +104,16 @@ class JobService(service.Service):
             lambda: self.unavailable,
             self._about,
         )
-        prefix, node = worker_id_prefix(), self.node if self.shared else None
-        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, prefix, node)
+        node = self.node if self.shared else None
+        self.watchdog = Watchdog(reactor, self.dispatcher, self.store, f"{HOSTNAME}:", node)
         self.lease_keeper = NodeLease(
             reactor, self.store, self.node, HOSTNAME, os.getpid(), self.queues, self.lease,
             self.shared, on_requeued=self.dispatcher.wake, runner=self.store.lease,
             on_fenced=self.dispatcher.fence if self.shared else None,
             on_unfenced=self.dispatcher.unfence, monotonic_alarm=True,
         )  # fmt: skip
-        # Deletes finished jobs past their keep (LRP_JOBS_KEEP, @job(keep=...)).
         definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
         self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
-        # Periodic jobs; a bad LRP_SCHEDULE stops the start here (BootError).
         self.schedules = configured()
         self.scheduler = Scheduler(reactor, self.store, self.operations.submit, self.queues)
         self.listener = None
@@ -131,23 +123,18 @@ class JobService(service.Service):
         )
         self._loop.clock = reactor
         self._registered = False
-        # When a worker could last take a job (or the workers were started).
-        self._last_usable = reactor.seconds()
-        # Waiting for the front ends to listen (fired once they do).
+        self._last_usable = reactor.seconds()  # when a worker could last take a job
         self._listening = Waiters()
         self.listening = False
-
-    # -- life ----------------------------------------------------------------------
 
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        # Without the job table the service stays up, refusing work with a
-        # message saying to migrate.
+        # Without the job table the service stays up and listens, telling
+        # clients to migrate.
         reason = await self._open()
-        # Listening even when unavailable: clients are told why, not refused.
         for front_end in self.front_ends:
             await front_end.listen(self.operations)
         if self.front_ends:
@@ -196,11 +183,9 @@ class JobService(service.Service):
 
     async def _open(self) -> str | None:
         """
-        Open the store, register this node and queue what it left when it died.
-
-        @return: why the service cannot run (the job table is missing), or C{None}.
-        @raise StartupFailed: the store cannot be reached, or another live
-            node holds the database.
+        Open the store, register this node, queue what it left when it died.
+        @return: why the service cannot run (no job table), or C{None}.
+        @raise StartupFailed: the store cannot be reached, or another node holds it.
         """
         self.store.start()
         try:
@@ -265,10 +250,8 @@ class JobService(service.Service):
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         """
-        Stop taking work; jobs still running shortly before C{deadline} are
-        killed and go back to the queue (without using up an attempt).
-
-        @return: a Deferred that fires once the store thread has ended.
+        Stop taking work; jobs still running shortly before C{deadline} are killed
+        and requeued without the attempt. @return: a Deferred of the store's end.
         """
         super().stopService()
         return defer.ensureDeferred(self._stop(deadline))
@@ -305,8 +288,7 @@ class JobService(service.Service):
         await within(reactor, dispatcher.claims_in_flight(), left(0.2))
         await within(reactor, self.pool.when_all_ended(), left(0.1))
         self.lease_keeper.stop()
-        if self._registered and not self.store.closed:
-            # The node's row goes with the last batch: a successor need not wait for its lease.
+        if self._registered and not self.store.closed:  # a successor need not wait for the lease
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), left())
 

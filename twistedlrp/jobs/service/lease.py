@@ -1,13 +1,9 @@
 """
-This job node's lease in the node table (L{NodeLease}): a heartbeat every
-few seconds and, with several nodes on one database, the expiry of the
-others, whose running jobs it retries or fails.
-
-Fencing: a node that could not renew its lease for the lease less a margin
-(on its own monotonic clock) kills its running jobs and claims nothing
-before any other node may take its lease for expired: a job never runs on
-two nodes at once. Once renewed, it deals with the stopped jobs no other
-node took over, and takes work again.
+This job node's lease in the node table (L{NodeLease}): a heartbeat every few
+seconds and, with several nodes on one database, the expiry of the others.
+Fencing: a node that could not renew its lease for the lease less a margin (on
+its own monotonic clock) kills its running jobs and claims nothing before any
+other node may take its lease for expired: a job never runs on two nodes at once.
 """
 
 from __future__ import annotations
@@ -30,18 +26,16 @@ log = Logger()
 # Seconds registering a node at start-up waits for a store that cannot be reached.
 REGISTER_WAIT = 30.0
 # Seconds without a heartbeat after which the other nodes take a job node for
-# dead. A node renews it every 2 s and, when it cannot, stops its running jobs
-# 3 s before it expires (fencing): so a cut of the network or of the database
-# shorter than about 24 s stops nothing and runs nothing twice, and the jobs
-# of a node that died wait 30 to 32 s before another retries them.
+# dead. Renewed every 2 s and fenced 3 s before expiry: a cut of the network or
+# the database shorter than about 24 s stops nothing and runs nothing twice.
 DEFAULT_NODE_LEASE = 30.0
 
 
 class MonotonicAlarm:
     """
-    Calls C{fn} in the reactor once C{clock()} (monotonic) reaches the time
-    last given to L{set}: Twisted's timers follow the wall clock, which a
-    step back would delay. A daemon thread that waits with timeouts.
+    Calls C{fn} in the reactor once C{clock()} (monotonic) reaches the time last
+    given to L{set}, from a daemon thread: Twisted's timers follow the wall
+    clock, which a step back would delay.
     """
 
     def __init__(self, reactor, fn, clock=time.monotonic):
@@ -52,7 +46,6 @@ class MonotonicAlarm:
         self._thread: threading.Thread | None = None
 
     def set(self, due: float | None) -> None:
-        """Call C{fn} at C{due} (on C{clock}); C{None}: not at all."""
         with self._cond:
             self._due = due
             self._cond.notify()
@@ -72,11 +65,7 @@ class MonotonicAlarm:
             with self._cond:
                 if self._stopped:
                     return
-                due = self._due
-                if due is None:
-                    self._cond.wait(1.0)
-                    continue
-                remaining = due - self.clock()
+                remaining = 1.0 if self._due is None else self._due - self.clock()
                 if remaining > 0:
                     self._cond.wait(min(remaining, 1.0))
                     continue
@@ -102,10 +91,7 @@ class _ReactorAlarm:
 
 
 def node_lease() -> float:
-    """
-    @return: C{LRP_JOBS_NODE_LEASE} (environment, then setting) in seconds.
-    @raise twistedlrp.boot.BootError: it is not a number of seconds of at least 0.5.
-    """
+    """@return: C{LRP_JOBS_NODE_LEASE} (environment, then setting) in seconds; @raise BootError."""
     from django.conf import settings
 
     from twistedlrp.boot import BootError
@@ -137,9 +123,10 @@ class NodeLease:
     """
     @param runner: what runs the heartbeats [default: the store thread].
     @param on_requeued: called when jobs went back to the queue.
-    @param on_fenced: C{()}: stop the running jobs; @return: their ids.
-    @param monotonic_alarm: fence on time by a L{MonotonicAlarm} (the
-        server), not by the reactor's timers (a test's fake reactor).
+    @param on_fenced: C{()}: stop the running jobs; @return: their ids (only
+        given when several nodes share the database).
+    @param monotonic_alarm: fence by a L{MonotonicAlarm}, not by the
+        reactor's timers (a test's fake reactor).
     """
 
     def __init__(
@@ -170,8 +157,7 @@ class NodeLease:
         self._loop = task.LoopingCall(self.beat)
         self._loop.clock = reactor
         self._busy = False
-        # When (self.clock) the last renewal that succeeded was sent.
-        self.renewed_at: float | None = None
+        self.renewed_at: float | None = None  # (self.clock) the last renewal sent that succeeded
         # The jobs stopped by fencing, until a renewal dealt with them; None: not fenced.
         self.fenced: list[str] | None = None
         self._fenced_for = ""
@@ -180,15 +166,8 @@ class NodeLease:
         self._beat_error: str | None = None
         self._again = False
 
-    @property
-    def fencing(self) -> bool:
-        return self.shared and self.on_fenced is not None
-
     def register(self) -> defer.Deferred:
-        """
-        @return: a Deferred failing with L{recovery.NodeConflict} when another
-            live node forbids it (a second node on SQLite).
-        """
+        """@return: a Deferred failing with L{recovery.NodeConflict} (a second node on SQLite)."""
         sent = self.clock()
         d = self.runner.run(
             recovery.register_node, *self._entry, self.lease, self.shared, within=REGISTER_WAIT
@@ -221,8 +200,7 @@ class NodeLease:
 
     def _done(self, _) -> None:
         self._busy = False
-        if self._again:
-            # Renewed, but the jobs it stopped are still to be dealt with: at once.
+        if self._again:  # renewed, but the jobs it stopped are still to be dealt with
             self._again = False
             if self._loop.running:
                 self.reactor.callLater(0, self.beat)
@@ -265,15 +243,14 @@ class NodeLease:
             self._again = True
 
     def _beat_failed(self, failure) -> None:
-        # A database that cannot be reached makes the heartbeat wait, not fail:
-        # this is another error (said once until a heartbeat succeeds).
+        # Not an unreachable database (the heartbeat waits for it): said once.
         error = failure.getErrorMessage() or failure.type.__name__
         if self._beat_error is None:
             log.warn("Could not renew this job node's lease: {error}", error=error)
         self._beat_error = error
 
     def _arm(self) -> None:
-        if not self.fencing or self.renewed_at is None or not self._loop.running:
+        if self.on_fenced is None or self.renewed_at is None or not self._loop.running:
             return
         self._alarm.set(
             None if self.fenced is not None else self.renewed_at + self.lease - self.margin

@@ -1,7 +1,6 @@
 """
-The job service's metrics (docs/metrics.md): counters and histograms the
-service updates, the queue and workers read at scrape time. The functions
-below do nothing while the metrics are off.
+The job service's metrics (docs/metrics.md): counters and histograms the service
+updates, the queue and workers read at scrape time; nothing while they are off.
 """
 
 from __future__ import annotations

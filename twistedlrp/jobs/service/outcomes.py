@@ -1,7 +1,4 @@
-"""
-How an attempt ended (L{Outcome}), recording it (L{Outcomes}, which the
-dispatcher holds), and the jobs' own log lines.
-"""
+"""How an attempt ended (L{Outcome}), recording it (L{Outcomes}), and the jobs' own log lines."""
 
 from __future__ import annotations
 
@@ -43,11 +40,7 @@ class Outcome:
         return cls(bool(get("ok")), get("result"), get("error") or "", bool(get("cancelled")))
 
     def final_state(self, cancel_requested: bool = False) -> tuple[str | None, str]:
-        """
-        @return: the job's final state and error after this attempt:
-            C{SUCCEEDED}, C{CANCELLED}, or C{None} when it failed (retried
-            or failed by the job's policy).
-        """
+        """@return: the job's final state (C{None}: it failed) and error after this attempt."""
         if self.ok and not cancel_requested:
             return SUCCEEDED, ""
         if cancel_requested or self.cancelled:
@@ -58,9 +51,8 @@ class Outcome:
 
 class Outcomes:
     """
-    Records how attempts end (a final state, or a retry after its delay),
-    each committed before the job's waiters hear of it.
-
+    Records how attempts end (a final state, or a retry after its delay), each
+    committed before the job's waiters hear of it.
     @param requeue: C{(record, run_after)}: a retry is stored: queue it again.
     @param node: this node's name when several share the database (the
         store then changes only the jobs this node holds), or C{None}.
@@ -78,7 +70,6 @@ class Outcomes:
             fire(d, copy.deepcopy(info) if i else info)
 
     def fail_waiters(self, error: Exception) -> None:
-        """Fail every waiter with C{error} (the service is stopping)."""
         for d in [d for ds in self.waiters.values() for d in ds if not d.called]:
             d.errback(error)
         self.waiters.clear()
@@ -140,8 +131,7 @@ class Outcomes:
             self.fail(record, error, self.reactor.seconds(), **fields)
             return
         delay = registry.retry_delay(record.retry_delay, record.attempts)
-        # The reactor's clock is Unix time, as run_after is.
-        now = self.reactor.seconds()
+        now = self.reactor.seconds()  # Unix time, as run_after is
         run_after = now + delay
         self.count("retried", record.name)
         log_failed(record, error, now, retry_in=delay)
@@ -164,8 +154,7 @@ class Outcomes:
     def finish(self, record: JobRecord, state: str, **fields) -> None:
         """Store C{record}'s final C{state}, then tell its waiters."""
         self.count(state, record.name)
-        # Read the job back only when someone waits for it; a waiter that
-        # comes after the commit reads it finished.
+        # Read back only for a waiter; one that comes after the commit reads it finished.
         d = self._store(record, state, fields, record.id in self.waiters)
         d.addCallback(self._finished, record)
         d.addErrback(self._unrecorded, record)
@@ -179,16 +168,13 @@ class Outcomes:
         elif info:
             self.notify(info)
         elif record.id in self.waiters:
-            # A waiter came while the end was being committed: its own read
-            # (which does not wait for the store's writes) may have seen the
-            # job still running. Tell it now.
+            # A waiter came during the commit: its read may have seen the job running.
             d = self.store.read(ops.get, record.id)
             d.addCallback(self.notify)
             d.addErrback(lambda f: log.failure("Reading job {job_id}", f, job_id=record.id))
 
     def _unrecorded(self, failure, record: JobRecord) -> None:
-        # A value the database refuses: record the failure alone rather
-        # than leave the job running.
+        # A value the database refuses: record the failure alone, not leave it running.
         log.failure("Could not record job {job_id}", failure, job_id=record.id)
         if self.store.closed:
             return
@@ -207,9 +193,8 @@ def fire(d: defer.Deferred, value) -> None:
 
 def check_record(record: JobRecord) -> None:
     """
-    @raise InvalidArguments: the job holds a value it cannot run with (an
-        old or foreign row), or its name is not registered in this job
-        service (stored by a site's transaction where it was).
+    @raise InvalidArguments: the job holds a value it cannot run with (an old or
+        foreign row), or its name is not registered in this job service.
     """
     if registry.lookup(record.name) is None:
         try:
@@ -231,10 +216,8 @@ def log_lost(record: JobRecord) -> None:
     )
 
 
-# The jobs' own lines: one per start (INFO) and end (succeeded or cancelled
-# at INFO, failed or retrying at WARNING), with the job's name, id, attempt
-# and duration as fields. INFO lines are not even built when the log's level
-# is above INFO (they come with every job).
+# The jobs' own lines, one per start and end, with the job's name, id, attempt and
+# duration as fields. INFO lines are not even built above INFO (they come per job).
 
 
 def log_started(record: JobRecord, worker_pid) -> None:

@@ -1,7 +1,6 @@
 """
-The job service's memory of queued jobs (L{JobRecord}) and the L{JobQueue}
-that orders them: ready ones by priority then age, delayed ones until their
-time, on one timer of its clock (Unix time, as C{run_after} is).
+The job service's memory of jobs (L{JobRecord}) and the L{JobQueue} that orders
+them: ready ones by priority then age, delayed ones on one timer of its clock.
 """
 
 from __future__ import annotations
@@ -32,9 +31,8 @@ class JobRecord:
     timeout: float | None = None
     #: The JSON arguments, kept in memory when small (L{dispatch.KEEP_PAYLOAD}).
     payload: bytes | None = None
-    # While it runs:
     worker: object = None
-    #: When the running attempt was sent to its worker (the clock's seconds), for the log.
+    #: When the running attempt was sent to its worker (the clock's seconds).
     started: float | None = None
     progress: tuple = (0, None, "")
     cancel_requested: bool = False
@@ -64,19 +62,14 @@ class JobRecord:
 
 
 class JobQueue:
-    """
-    Queued jobs: the next ready one by priority (higher first), then age.
-
-    @param on_due: called (from the clock) when delayed jobs became ready.
-    """
+    """@param on_due: called (from the clock) when delayed jobs became ready."""
 
     def __init__(self, clock: IReactorTime, on_due: Callable[[], None]):
         self._clock = clock
         self._on_due = on_due
         self._records: dict[str, JobRecord] = {}
-        # Heap entries are never removed in place: an entry whose record is
-        # no longer the one queued under its id (cancelled, queued again) is
-        # skipped when it surfaces.
+        # Heap entries are not removed in place: one whose record is no longer
+        # queued under its id is skipped when it surfaces.
         self._ready: list[tuple] = []
         self._delayed: list[tuple] = []
         self._seq = itertools.count()
@@ -148,11 +141,9 @@ class JobQueue:
     def _release(self) -> None:
         self._timer = None
         now = self._clock.seconds()
-        released = False
+        released = bool(self._delayed) and self._delayed[0][0] <= now
         while self._delayed and self._delayed[0][0] <= now:
-            _, entry = heapq.heappop(self._delayed)
-            heapq.heappush(self._ready, entry)
-            released = True
+            heapq.heappush(self._ready, heapq.heappop(self._delayed)[1])
         self._arm()
         if released:
             self._on_due()

@@ -1,16 +1,13 @@
 """
 Retention: finished jobs are deleted once older than C{settings.LRP_JOBS_KEEP}
-(7 days by default) or their job's own C{@job(keep=...)}. The L{Pruner}
-deletes in small batches through the store thread and pauses between
-batches at least as long as the last one took, so that submits and claims
-get the store thread at least half of the time. The delete names the ids
-I{and} the final states: nodes pruning at once delete each row once.
+(7 days by default) or their job's own C{@job(keep=...)}. The L{Pruner} deletes
+in small batches through the store thread and pauses between batches at least as
+long as the last one took, so that submits and claims get half of its time.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,22 +27,15 @@ def _log():
     return Logger(namespace=__name__)
 
 
-#: The default of C{LRP_JOBS_KEEP}: a week.
 DEFAULT_KEEP = 7 * 86400.0
-#: Rows deleted by one statement.
 BATCH_SIZE = 500
-#: The longest time between two passes.
-MAX_INTERVAL = 60.0
-#: Seconds from the start to the first pass, at most.
-FIRST_PASS = 10.0
-#: A batch that takes longer (from the reactor's view: queued, run and
-#: committed) halves the next one, down to L{MIN_BATCH_SIZE}; one under half
-#: of it doubles the next, up to L{BATCH_SIZE}.
+MAX_INTERVAL = 60.0  # between two passes
+FIRST_PASS = 10.0  # seconds from the start, at most
+#: A batch that takes longer (queued, run and committed) halves the next one,
+#: down to L{MIN_BATCH_SIZE}; one under half of it doubles the next.
 TARGET_BATCH_SECONDS = 0.025
 MIN_BATCH_SIZE = 20
-#: The shortest pause between two batches of one pass.
-MIN_PAUSE = 0.05
-#: What C{keep} takes to mean "never delete".
+MIN_PAUSE = 0.05  # between two batches of one pass
 FOREVER = "forever"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -79,7 +69,7 @@ def parse_duration(value, field: str) -> float:
             f"{field}: expected seconds, a datetime.timedelta or a string such as '2d', "
             f"got {value!r}"
         )
-    if not math.isfinite(seconds) or not 0 < seconds <= _MAX_SECONDS:
+    if not 0 < seconds <= _MAX_SECONDS:  # (false for NaN and infinities too)
         raise ValueError(
             f"{field}: must be more than 0 s and at most {_MAX_SECONDS:g} s, got {value!r}"
         )
@@ -94,10 +84,7 @@ def parse_keep(value, field: str) -> float | None:
 
 
 def default_keep() -> float | None:
-    """
-    @return: C{settings.LRP_JOBS_KEEP} in seconds (C{None}: keep for ever).
-    @raise twistedlrp.boot.BootError: it is not a duration (the message says so).
-    """
+    """@return: C{settings.LRP_JOBS_KEEP} in seconds (C{None}: for ever); @raise BootError."""
     from django.conf import settings
 
     from twistedlrp.boot import BootError
@@ -139,11 +126,9 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
     sql = statements()
     c = sql.column
     cutoff = (now or _dt.datetime.now(_dt.UTC)) - _dt.timedelta(seconds=rule.keep)
-    # finished_at >= created_at, so the created_at condition changes nothing
-    # but lets the database walk the created_at index, oldest first, and stop
-    # after `limit` rows. "state || ''" keeps SQLite off the state indexes,
-    # through which it would read every finished job and sort them (measured:
-    # 0.4 s a batch with 200,000 jobs, instead of milliseconds).
+    # The created_at condition (finished_at >= created_at) lets the database walk
+    # that index, oldest first, and stop after `limit` rows. "state || ''" keeps
+    # SQLite off the state indexes (0.4 s a batch with 200,000 jobs, not ms).
     state = f"({c['state']} || '')" if connection.vendor == "sqlite" else c["state"]
     where = f"{c['created_at']} < %s AND {c['finished_at']} < %s AND {state} IN {_in(FINISHED)}"
     params = [sql.prep("created_at", cutoff), sql.prep("finished_at", cutoff), *FINISHED]
@@ -162,8 +147,8 @@ def prune_batch(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = 
         ids = [row[0] for row in cursor.fetchall()]
         if not ids:
             return 0
-        # By primary key (not through a state index: 5 times slower), and only
-        # in a final state: idempotent from any node.
+        # By primary key (a state index is 5 times slower), and only in a final
+        # state: nodes pruning at once delete each row once.
         cursor.execute(
             f"DELETE FROM {sql.table} WHERE {c['id']} IN {_in(ids)} AND {state} IN {_in(FINISHED)}",
             [*ids, *FINISHED],
@@ -179,10 +164,9 @@ def prune(rule: Rule, limit: int = BATCH_SIZE, now: _dt.datetime | None = None) 
     """Delete every finished job C{rule} matches, a transaction a batch; @return: how many."""
     from django.db import connection, transaction
 
-    # SQLite: take the write lock at BEGIN (waiting for it, as the store
-    # thread does); a transaction that reads first and writes then fails at
-    # once if the server's store thread committed in between.
-    # (A new connection resets the mode from OPTIONS: connect first.)
+    # SQLite: take the write lock at BEGIN, or a read then a write fails at once
+    # if the store thread committed in between. (Connect first: a new
+    # connection resets the mode from OPTIONS.)
     connection.ensure_connection()
     mode = getattr(connection, "transaction_mode", None)
     if connection.vendor == "sqlite":
@@ -234,10 +218,8 @@ class Pruner:
         self._call, self._running = None, False
 
     def start(self) -> None:
-        """Run the first pass after L{FIRST_PASS} seconds at most, then one every interval."""
         self._running = True
-        # Soon, but off the start-up path; and a server restarted more often
-        # than every interval (deploys, --reload) still prunes.
+        # Soon, but off the start-up path: a server often restarted still prunes.
         self._schedule(FIRST_PASS)
 
     def stop(self) -> None:
@@ -272,15 +254,13 @@ class Pruner:
                 n = await self.store.run(prune_batch, rule, size)
                 deleted += n
                 took = self.reactor.seconds() - started
-                # A submit arriving meanwhile waits for the batch's commit:
-                # smaller batches on a slow database, up to batch_size again.
+                # A submit waits for the batch's commit: smaller ones on a slow database.
                 if took > TARGET_BATCH_SECONDS:
                     self.size = max(MIN_BATCH_SIZE, size // 2)
                 elif took < TARGET_BATCH_SECONDS / 2:
                     self.size = min(self.batch_size, size * 2)
                 if n < size:
                     break
-                # Give the store thread back for at least as long as the batch took.
                 from twisted.internet import task
 
                 await task.deferLater(self.reactor, max(MIN_PAUSE, took))

@@ -1,13 +1,10 @@
 """
 Periodic jobs: C{@job(schedule="*/5 * * * *")} and C{settings.LRP_SCHEDULE}.
-
-Each schedule has a row in C{twistedlrp_schedule} with its next due time;
-each job node syncs its schedules into the table at start-up (L{sync}), then
-for each due one (L{Scheduler}) submits the job under an id derived from the
-name and due time (L{job_id}: submitted again, by another node or after a
-crash, it is the same job), then moves C{next_due} on with C{UPDATE ...
-WHERE next_due = old} (L{claim}): so each due time runs once; missed runs
-are not made up. Cron expressions are read in Django's C{TIME_ZONE} (cronsim).
+Each schedule has a row in C{twistedlrp_schedule} with its next due time. For
+each due one, a job node submits the job under an id derived from the name and
+due time (L{job_id}: submitted again, by another node or after a crash, it is the
+same job), then moves C{next_due} on with C{UPDATE ... WHERE next_due = old}
+(L{claim}): each due time runs once; missed runs are not made up.
 """
 
 from __future__ import annotations
@@ -31,11 +28,9 @@ def _log():
     return Logger(namespace=__name__)
 
 
-# The longest the scheduler sleeps without looking at the table (another
-# node's start-up may have changed a schedule).
+# The longest sleep without a look at the table (another node may change a schedule).
 MAX_SLEEP = 60.0
-# After a failed look at the table (the database is away), try again after this.
-RETRY_AFTER = 5.0
+RETRY_AFTER = 5.0  # after a failed look
 # Ids of scheduled jobs: uuid5(NAMESPACE, "name@due time").
 NAMESPACE = uuid.UUID("6f0c2f5e-3b0e-4c1a-9d55-8f1f3c7a5e21")
 _KEYS = {"job", "cron", "args", "kwargs"}
@@ -77,10 +72,7 @@ def declare(job_name: str, cron) -> None:
 
 
 def configured() -> list[ScheduleSpec]:
-    """
-    @return: the schedules of C{@job(schedule=...)} and C{LRP_SCHEDULE}, sorted by name.
-    @raise twistedlrp.boot.BootError: an entry of C{LRP_SCHEDULE} is wrong (the message says how).
-    """
+    """@return: the schedules of C{@job(schedule=)} and C{LRP_SCHEDULE} by name; @raise BootError."""
     from django.conf import settings
 
     from twistedlrp.boot import BootError
@@ -137,7 +129,6 @@ def job_id(name: str, due: datetime) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{name}@{due.astimezone(UTC).isoformat()}"))
 
 
-# A schedule's row as the scheduler reads it.
 _COLUMNS = ("name", "job", "cron", "args", "kwargs", "next_due", "last_run_at")
 
 
@@ -145,11 +136,7 @@ _COLUMNS = ("name", "job", "cron", "args", "kwargs", "next_due", "last_run_at")
 
 
 def sync(specs: list[ScheduleSpec]) -> list[dict]:
-    """
-    Make the table hold C{specs} (a changed cron gets a new due time; others' rows go).
-
-    @return: the rows of C{specs} (L{_COLUMNS}), sorted by name.
-    """
+    """Make the table hold C{specs} only; @return: their rows (L{_COLUMNS}), sorted by name."""
     from twistedlrp.models import Schedule
 
     now = datetime.now(UTC)
@@ -209,7 +196,6 @@ def claim(name: str, old_due: datetime, cron: str, submitted: str) -> datetime |
 class Scheduler:
     """
     Runs the due schedules of one job node (those of its C{queues}, C{None}: all).
-
     @param submit: C{submit(name, payload, job_id=...)} of the job service.
     """
 
@@ -221,8 +207,7 @@ class Scheduler:
         self.zone: tzinfo = UTC  # Django's TIME_ZONE, read at start()
         self._timer, self._running = None, False
 
-    async def start(self, specs: list[ScheduleSpec] | None = None) -> None:
-        specs = configured() if specs is None else specs
+    async def start(self, specs: list[ScheduleSpec]) -> None:
         self.rows = await self.store.run(sync, specs)
         self._running = True
         self.zone = zone = time_zone()
@@ -276,8 +261,7 @@ class Scheduler:
             except JobServiceUnavailable:
                 raise
             except Exception:
-                # A job that cannot be stored (its arguments, say) will not be
-                # next time either: this due time is skipped, not retried at once.
+                # It could not be stored next time either: this due time is skipped.
                 _log().failure("Schedule {name}: its job could not be submitted", name=row["name"])
             new = await self.store.run(claim, row["name"], row["next_due"], row["cron"], submitted)
             if new is not None:

@@ -1,9 +1,8 @@
 """
-The job service's watchdog: no job stays C{running} without a live worker
-that holds it, in the service (every L{CHECK_INTERVAL} s) or in the store
-(every L{STORE_INTERVAL} s, jobs recorded as running on this machine's
-workers or node that the service neither runs nor claims); that query also
-tells the health endpoint whether the store can be reached.
+The job service's watchdog: no job stays C{running} without a live worker that
+holds it, in the service or in the store (jobs recorded as running on this
+machine's workers or node that the service neither runs nor claims); that query
+also tells the health endpoint whether the store can be reached.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ class Watchdog:
     def __init__(self, reactor, dispatcher, store, worker_prefix: str, node: str | None = None):
         self.reactor, self.dispatcher, self.store = reactor, dispatcher, store
         self.worker_prefix = worker_prefix
-        self.node = node  # several nodes: the store check looks at this node's jobs only
+        self.node = node  # several nodes: this node's jobs only
         self.store_error: str | None = None
         self._loop = task.LoopingCall(self.check)
         self._loop.clock = reactor

@@ -1,11 +1,10 @@
 """
 A worker child: ``python -m twistedlrp.jobs.workers.main --settings MODULE
 [--pythonpath DIR]... --worker-id ID --max-payload BYTES``.
-
-It sets Django up, then speaks AMP with the job service over fd 3 (commands
-in) and fd 4 (answers out) without a reactor or Twisted's AMP, which keeps
-each worker about 16 MB smaller (L{Conversation}). It leads a process group
-of its own, which the job service signals whole.
+It sets Django up, then speaks AMP with the job service over fd 3 (commands in)
+and fd 4 (answers out) without a reactor or Twisted's AMP, which keeps each
+worker about 16 MB smaller. It leads a process group of its own, which the job
+service signals whole.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ from twistedlrp.jobs.protocol.framing import BoxReader, encode_box, get_big, put
 from twistedlrp.jobs.workers import context as _context
 from twistedlrp.process.forkserver import flush_stdio
 
-#: The longest error text a job's record keeps (characters).
-MAX_ERROR = 64 * 1024
-# The parts of a job's error text: its message, each line of its traceback.
+MAX_ERROR = 64 * 1024  # characters of a job's error text
+# Its parts: the message, each line of the traceback.
 MAX_MESSAGE = 16 * 1024
 MAX_TRACEBACK_LINE = 4 * 1024
 
@@ -36,27 +34,20 @@ def _parse(argv):
     parser = argparse.ArgumentParser(prog="twistedlrp.jobs.workers.main")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
-    parser.add_argument("--worker-id", default="worker")
-    # The pool always gives it (the option table's default imports Twisted).
-    parser.add_argument("--max-payload", type=int, default=None)
+    parser.add_argument("--worker-id", required=True)
+    parser.add_argument("--max-payload", type=int, required=True)
     # Fork workers on request (twistedlrp.jobs.workers.preload).
     parser.add_argument("--template", action="store_true")
-    args = parser.parse_args(argv)
-    if args.max_payload is None:
-        from twistedlrp.jobs.protocol.arguments import default_max_payload
-
-        args.max_payload = default_max_payload()
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    # A session and process group of our own, before any job can start a
-    # process: the job service ends a job's whole process tree with killpg.
+    # A process group of our own, before any job can start a process: the job
+    # service ends a job's whole process tree with killpg.
     with contextlib.suppress(OSError):  # then the job service signals this process alone
         os.setsid()
     args = _parse(sys.argv[1:] if argv is None else argv)
-    # Were we still in the server's group, a Ctrl-C there must not stop us:
-    # the parent decides what stops.
+    # Were we still in the server's group, its Ctrl-C must not stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     from twistedlrp import boot
@@ -65,8 +56,6 @@ def main(argv=None) -> None:
     try:
         boot.prepare_path(args.pythonpath)
         boot.configure_settings(args.settings)
-        # django.setup(), and the file of a site given with --app imported
-        # under its module name (twistedlrp.onefile.site).
         boot.django_setup()
         # As in the server: jobs write concurrently with it and each other.
         boot.sqlite_immediate_transactions()
@@ -83,37 +72,33 @@ def main(argv=None) -> None:
 
     from twistedlrp.jobs.client import transactions
 
-    # A job submitting jobs inside a transaction checks their size here.
     transactions.limit_payload(args.max_payload)
     if args.template:
         serve_template()
     Conversation(args.max_payload).serve()
     flush_stdio()  # (if the parent is gone, with the pipe)
-    # The job thread may still run (the parent is gone): end it, and
-    # whatever its job started, with us.
+    # The parent is gone: the job thread, and what its job started, end with us.
     from twistedlrp.process.supervise import end_own_group
 
     end_own_group()
     os._exit(0)
 
 
-#: The fds a forked worker is given (its stdout, stderr, command and answer
-#: pipes), in the order the pool sends them (L{twistedlrp.jobs.workers.preload}).
+#: A forked worker's stdout, stderr, command and answer pipes, as the pool sends them.
 FORK_FDS = (1, 2, 3, 4)
 
 
-def serve_template(control_fd: int = 3) -> None:
+def serve_template() -> None:
     """
-    Be the worker template (L{preload}), a fork server on C{control_fd},
-    until its control channel closes. Returns only in a forked child, whose
-    fds 1 to 4 are then its worker's pipes.
+    Be the worker template (L{preload}), a fork server on fd 3, until its control
+    channel closes. Returns only in a forked child, whose fds 1 to 4 are its pipes.
     """
     import socket
 
     from twistedlrp.process.channel import BlockingChannel
     from twistedlrp.process.forkserver import ForkServer
 
-    server = ForkServer(BlockingChannel(socket.socket(fileno=control_fd)))
+    server = ForkServer(BlockingChannel(socket.socket(fileno=3)))
     # Threads that setting Django up started (an error reporter's sender,
     # say) are not in the forked workers: the pool warns about them.
     others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
@@ -125,25 +110,22 @@ def serve_template(control_fd: int = 3) -> None:
     except (AttributeError, OSError):
         orphan_ok = False
     request = server.serve()
-    if request is None:
-        os._exit(0)  # The job service closed the channel, or is gone.
+    if request is None:  # the job service closed the channel, or is gone
+        os._exit(0)
     _become_worker(request["fds"], template, orphan_ok)
 
 
 def _become_worker(fds: list[int], template: int, orphan_ok: bool) -> None:
     """In a child the template just forked: take the pool's pipes and be a worker."""
     os.setsid()
-    if not orphan_ok:
-        # The pool could not tell when we end once the template is gone:
-        # die with it (PR_SET_PDEATHSIG).
+    if not orphan_ok:  # the pool could not see our end without the template: die with it
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
         if os.getppid() != template:
             os._exit(1)  # It died before prctl took effect.
-    # Each pipe onto its number; a pipe already at a number it must leave is
-    # moved out of the way first.
+    # Each pipe onto its number, those already at a number they must leave moved first.
     fds = [os.dup(fd) if fd in FORK_FDS else fd for fd in fds]
     for target, fd in zip(FORK_FDS, fds, strict=True):
         os.dup2(fd, target)
@@ -212,41 +194,31 @@ class Conversation:
         self._write_lock = threading.Lock()
         self._progress = threading.Condition(threading.Lock())
         self._pending_progress = None
-        self._asks = 0
         self.gone = False
 
     def send(self, box: dict[bytes, bytes]) -> None:
-        """Write one box (call it holding C{_write_lock})."""
+        """Write one box (holding C{_write_lock})."""
         data = memoryview(encode_box(box))
         while data:
             try:
                 written = os.write(self.answers, data)
-            except InterruptedError:
-                continue
-            except OSError:
-                # The parent is gone: nothing we do matters any more.
+            except OSError:  # the parent is gone
                 self.gone = True
                 return
             data = data[written:]
 
-    def _ask(self, command: bytes, box: dict[bytes, bytes]) -> None:
-        with self._write_lock:
-            self._asks += 1
-            self.send({b"_command": command, b"_ask": b"%d" % self._asks, **box})
-
     def serve(self) -> None:
-        """Say we are ready, then run until fd 3 reaches end of file."""
+        """Say we are ready, then run until the commands reach end of file."""
         threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
         threading.Thread(
             target=self._progress_thread, name="twistedlrp-progress", daemon=True
         ).start()
-        self._ask(b"WorkerReady", {b"pid": b"%d" % os.getpid()})
+        with self._write_lock:
+            self.send({b"_command": b"WorkerReady", b"_ask": b"1", b"pid": b"%d" % os.getpid()})
         reader = BoxReader()
         while True:
             try:
                 data = os.read(self.commands, 65536)
-            except InterruptedError:
-                continue
             except OSError:
                 data = b""
             if not data:
@@ -329,10 +301,8 @@ class Conversation:
         definition = registry.lookup(name)
         problem = ""
         if definition is None and module:
-            # The server registered it from a module the site's job modules
-            # do not import (a third-party app's tasks, a task in a views
-            # module): imported here at its first job, not at start-up, so
-            # that workers stay as small as those modules allow.
+            # Registered from a module the site's job modules do not import (a
+            # third-party app's tasks): imported at its first job, not at start-up.
             problem = registry.import_registered(module)
             problem = f" ({problem})" if problem else ""
             definition = registry.lookup(name)
@@ -359,10 +329,8 @@ class Conversation:
 def call_job(function, payload: bytes, max_payload: int) -> dict:
     """
     Call a job's function with the arguments of its JSON C{payload}.
-
-    @return: the outcome a worker sends: C{{"ok": True, "result": ...}}, or
-        C{{"ok": False, "error": ...}} when the result is not JSON or its
-        JSON is larger than C{max_payload} bytes.
+    @return: the outcome a worker sends: C{{"ok": True, "result": ...}}, or C{{"ok":
+        False, "error": ...}} when the result is not JSON or larger than C{max_payload}.
     @raise BaseException: whatever the job raised.
     """
     data = json.loads(payload)

@@ -31,9 +31,7 @@ class WorkerPool:
     """
     C{size} warm child processes (L{main}) that run one job at a time, each
     spawned or forked from the worker template (L{preload}) and driven by a
-    L{Worker}. A dead child is replaced, with the restart back-off when it
-    died before it was ready.
-
+    L{Worker}. One that died before it was ready is replaced after a back-off.
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.
@@ -62,8 +60,7 @@ class WorkerPool:
         self._all_ended = Waiters()
         self.started = self.forked = 0  # workers started; of those, forked from the template
         self.template: preload.WorkerTemplate | None = None
-        # Off (--no-worker-template), or a template could not start: workers
-        # are spawned from then on.
+        # Off, or a template could not start: workers are spawned from then on.
         self._template_broken = not fork_from_template
 
     def start(self) -> None:
@@ -71,7 +68,6 @@ class WorkerPool:
             self.spawn()
 
     def _child_command(self, worker_id: str) -> tuple[list[str], dict]:
-        """@return: the command line and environment of a worker (or the template)."""
         args = [sys.executable, "-m", "twistedlrp.jobs.workers.main", "--worker-id", worker_id]
         args += ["--settings", self.settings_module, "--max-payload", str(self.max_payload)]
         for entry in self.pythonpath:
@@ -82,9 +78,8 @@ class WorkerPool:
 
     def spawn(self, standby: bool = False) -> Worker | None:
         """
-        Start a child (a C{standby} one waits, once ready, until L{job_done} makes it take over).
-
-        @return: its L{Worker}, or C{None} when the pool is stopping.
+        Start a child (a C{standby} one waits, once ready, until L{job_done} makes
+        it take over). @return: its L{Worker}, or C{None} when the pool is stopping.
         """
         if self.stopping:
             return None
@@ -99,7 +94,6 @@ class WorkerPool:
         return worker
 
     def start_template(self) -> None:
-        """Start the worker template, unless it runs, cannot, or is not wanted now."""
         if self.template or self._template_broken or self.stopping or not preload.supported():
             return
         args, env = self._child_command("template")
@@ -181,11 +175,7 @@ class WorkerPool:
                     self.template.stop()
                 self._all_ended.fire()
             return
-        if worker.succeeded:
-            return  # Its standby successor has taken its place already.
-        if worker.standby:
-            # A standby that ended before it took over: the worker it was
-            # meant for is replaced the usual way when its time comes.
+        if worker.standby:  # it ended before it took over: its worker is replaced as usual
             log.warn("Standby worker {pid} {how}", pid=worker.pid or "(no process)", how=how)
             return
         if self._take_over(worker):
@@ -198,15 +188,14 @@ class WorkerPool:
                 )
             self._on_ready(worker.successor)
             return
-        if worker.succeeded:
-            return  # Its successor is still starting; it takes jobs once ready.
+        if worker.succeeded:  # its successor has taken its place, or will once ready
+            return
         if worker.pid is None:
             log.info("A worker {how}: starting it directly", how=how)
             self.spawn()
             return
         if not worker.was_ready and worker.kill_reason is None:
-            # It died before it was ready: something in the site or the
-            # environment is wrong; do not spin.
+            # Something in the site or the environment is wrong: do not spin.
             delay = self._start_backoff.next()
             log.error(
                 "Worker {pid} {how} before it was ready; next attempt in {delay:.1f} s. "
@@ -225,7 +214,6 @@ class WorkerPool:
     def job_done(self, worker: Worker, max_jobs: int, max_memory_mb: int) -> bool:
         """
         The worker's job ended normally: make it idle, or retire it.
-
         @return: whether a worker is available again (this one, or its successor).
         """
         worker.job_id = None
@@ -233,7 +221,8 @@ class WorkerPool:
         if worker.exited:
             return False
         ahead = standby_ahead(max_jobs)
-        early = preload.template_ahead(max_jobs, ahead)
+        # The template starts twice as many jobs ahead as the standby successor.
+        early = min(max_jobs - 1, 2 * ahead) if ahead and preload.supported() else 0
         if early and worker.jobs_done == max_jobs - early and self.template is None:
             self.start_template()
         if ahead and worker.successor is None and worker.jobs_done == max_jobs - ahead:
@@ -250,8 +239,7 @@ class WorkerPool:
         elif worker.jobs_done >= max_jobs:
             log.info("Worker {pid} ran {n} jobs: replacing it", pid=worker.pid, n=worker.jobs_done)
         elif max_memory_mb and (rss := worker.rss_mb()) > max_memory_mb:
-            # Replacements come from the template from now on.
-            self.start_template()
+            self.start_template()  # replacements are forked from now on
             log.info(
                 "Worker {pid} uses {rss:.0f} MB (limit {limit} MB): replacing it",
                 pid=worker.pid,

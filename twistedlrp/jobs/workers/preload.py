@@ -1,8 +1,7 @@
 """
 The worker template (docs/jobs.md, "Replacing workers"): a fork server with
-Django set up as in a worker, so that replacing a worker costs a fork
-instead of a Django start-up. Each fork gets the child's ends of the four
-pipes of a spawned worker, so that the same L{Worker} drives it.
+Django set up as in a worker, so that replacing a worker costs a fork instead
+of a Django start-up. Each fork gets the four pipes of a spawned worker.
 """
 
 from __future__ import annotations
@@ -24,13 +23,6 @@ from twistedlrp.process.forkserver import ForkServerProcess
 log = Logger(namespace="twistedlrp.jobs.workers")
 
 
-def template_ahead(max_jobs: int, standby: int) -> int:
-    """@return: how many jobs before C{max_jobs} a worker starts the template (0: never)."""
-    if not standby or not supported():
-        return 0
-    return min(max_jobs - 1, 2 * standby)
-
-
 def supported() -> bool:
     """@return: whether this platform can fork workers from a template (Linux)."""
     return sys.platform.startswith("linux")
@@ -49,7 +41,6 @@ class ForkedProcess:
             pipe = process.ProcessWriter if child_fd == 3 else process.ProcessReader
             self.pipes[child_fd] = pipe(reactor, self, child_fd, fd)
 
-    # What ProcessReader and ProcessWriter call.
     def childDataReceived(self, name, data):
         self.proto.childDataReceived(name, data)
 
@@ -61,7 +52,6 @@ class ForkedProcess:
         self._tell("childConnectionLost", name)
         self._maybe_ended()
 
-    # IProcessTransport, as much as Worker uses.
     def writeToChild(self, child_fd, data):
         self.pipes[child_fd].write(data)
 
@@ -72,19 +62,10 @@ class ForkedProcess:
     def signalProcess(self, name):
         if self.pid is None or self.lost_process:
             raise error.ProcessExitedAlready()
-        number = getattr(signal, f"SIG{name}") if isinstance(name, str) else name
-        os.kill(self.pid, number)
-
-    def loseConnection(self):
-        for child_fd in list(self.pipes):
-            self.closeChildFD(child_fd)
+        os.kill(self.pid, getattr(signal, f"SIG{name}"))
 
     def watch_exit(self) -> bool:
-        """
-        The template is gone and this worker lives on: learn of its end from a pidfd.
-
-        @return: whether it is watched (C{False}: pidfds are not available).
-        """
+        """The template is gone: watch this worker's end by a pidfd; @return: whether it can."""
         try:
             pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
@@ -139,7 +120,6 @@ class _ExitWatcher(abstract.FileDescriptor):
 class WorkerTemplate:
     """
     One template process. C{state}: C{starting}, C{ready}, C{ended}.
-
     @param on_ready: called, once it can fork, with the names of its other
         threads (which forked workers do not have).
     @param on_ended: C{(template, was_ready, exit)}.
@@ -149,9 +129,7 @@ class WorkerTemplate:
         self.reactor, self._on_ready, self._on_ended = reactor, on_ready, on_ended
         self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
         self._numbers = itertools.count(1)
-        # Forks asked for and not answered yet, by request number.
-        self._pending: dict[int, ForkedProcess] = {}
-        # The template's live children, by pid.
+        self._pending: dict[int, ForkedProcess] = {}  # forks asked for, by request number
         self._children: dict[int, ForkedProcess] = {}
 
     @property
@@ -169,10 +147,8 @@ class WorkerTemplate:
 
     def fork(self, worker, worker_id: str) -> bool:
         """
-        Ask for a worker driven by C{worker}, connected at once (a template
-        still starting finds the request in its socket when ready).
-
-        @return: whether the request was sent.
+        Ask for a worker driven by C{worker}, connected at once (a template still
+        starting finds the request when ready). @return: whether it was sent.
         """
         ours: dict[int, int] = {}
         theirs: list[int] = []
@@ -198,11 +174,10 @@ class WorkerTemplate:
             self._on_ready([str(name) for name in message.get("threads") or []])
         elif event == "forked":
             forked = self._pending.pop(message["index"], None)
-            if forked is None:
-                return
-            forked.pid = message["pid"]
-            self._children[forked.pid] = forked
-            forked.proto.forked(forked.pid)
+            if forked is not None:
+                forked.pid = message["pid"]
+                self._children[forked.pid] = forked
+                forked.proto.forked(forked.pid)
         elif event == "fork_failed":
             forked = self._pending.pop(message["index"], None)
             log.warn("The worker template could not fork: {error}", error=message.get("error"))
@@ -214,7 +189,6 @@ class WorkerTemplate:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
 
     def stop(self) -> None:
-        # The template exits, and its workers with it.
         self.server.close()
 
     def _output(self, fd: int, line: bytes) -> None:
@@ -227,12 +201,11 @@ class WorkerTemplate:
         orphans, self._children = list(self._children.values()), {}
         for forked in pending:
             forked.exited(Exit(lost="was not forked (the worker template ended first)"))
-        # Its workers live on, and their jobs with them; nobody reaps them
-        # for us now, but a pidfd says when each one ends.
+        # Its workers live on, unreaped: a pidfd says when each one ends.
         for forked in orphans:
             if not forked.watch_exit():
-                # No pidfd here (Linux before 5.3): they died with the
-                # template (PR_SET_PDEATHSIG); what they started goes too.
+                # No pidfd (Linux before 5.3): they died with the template
+                # (PR_SET_PDEATHSIG); what they started goes too.
                 with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
                 forked.exited(Exit(lost="was killed with the worker template"))

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from twistedlrp.jobs.workers.pool import WorkerPool
 
 log = Logger(namespace="twistedlrp.jobs.workers")
-# Worker and node ids name the machine, for when job nodes share a database.
+# Worker and node ids name the machine (job nodes may share a database).
 HOSTNAME = os.uname().nodename
 OUTPUT_TAIL = 16 * 1024
 _LEVELS = {name: getattr(LogLevel, name) for name in ("debug", "info", "warn", "error", "critical")}
@@ -38,13 +38,8 @@ _LEVELS = {name: getattr(LogLevel, name) for name in ("debug", "info", "warn", "
 _DRAIN_LIMIT = 1024 * 1024
 
 
-def worker_id_prefix() -> str:
-    """@return: how the ids of this machine's workers begin (C{"host:"})."""
-    return f"{HOSTNAME}:"
-
-
 class _PipeTransport:
-    """The transport AMP sees: writes go to the child's fd 3."""
+    """The transport AMP sees (it only writes and loses it): writes go to the child's fd 3."""
 
     disconnecting = False
 
@@ -57,21 +52,10 @@ class _PipeTransport:
             with contextlib.suppress(KeyError):  # the pipe is closed already
                 worker.transport.writeToChild(3, data)
 
-    def writeSequence(self, data) -> None:
-        self.write(b"".join(data))
-
     def loseConnection(self) -> None:
         if not self.disconnecting and self.worker.transport is not None:
             self.disconnecting = True
             self.worker.transport.closeChildFD(3)
-
-    abortConnection = loseConnection
-
-    def getPeer(self):
-        return ("worker", self.worker.pid)
-
-    def getHost(self):
-        return ("job-service", os.getpid())
 
 
 class _ParentProtocol(wire.QuietAMP):
@@ -81,9 +65,8 @@ class _ParentProtocol(wire.QuietAMP):
         self._reader = BoxReader()
 
     def dataReceived(self, data):
-        # Boxes are split whole by BoxReader (what the child uses) instead of
-        # AMP's key-by-key state machine: two boxes per job, and the worker
-        # pipe is the busiest connection of the job service.
+        # BoxReader (as in the child) instead of AMP's key-by-key state machine:
+        # the worker pipe is the busiest connection of the job service.
         for box in self._reader.feed(data):
             self.ampBoxReceived(amp.AmpBox(box))
 
@@ -107,8 +90,7 @@ class Worker(protocol.ProcessProtocol):
     def __init__(self, pool: WorkerPool, standby: bool = False):
         self.pool = pool
         self.state = "starting"
-        # Started ahead of time to take over from a worker at its job limit.
-        self.standby = standby
+        self.standby = standby  # started ahead, to take over from a worker at its limit
         # The standby worker started for this one, and whether it took over.
         self.successor: Worker | None = None
         self.succeeded = False
@@ -117,12 +99,9 @@ class Worker(protocol.ProcessProtocol):
         self.job_id: str | None = None
         self.jobs_done = 0
         self.was_ready = False
-        # Why the parent ended the process, if it did: "timeout", "cancel", "shutdown", "retire".
-        self.kill_reason: str | None = None
-        # The child itself has exited (its group may live on until killed).
-        self.exited = False
-        # Why it must not run another job (its answer could not be read), if so.
-        self.broken: str | None = None
+        self.kill_reason: str | None = None  # why the parent ended it ("timeout", ...)
+        self.exited = False  # the child itself (its group may live on until killed)
+        self.broken: str | None = None  # why its answer could not be read (no more jobs)
         self.output_tail = bytearray()
         self._partial = {1: b"", 2: b""}
         self.startup_output = bytearray()  # its last output before it was ready
@@ -133,15 +112,13 @@ class Worker(protocol.ProcessProtocol):
 
     def connectionMade(self):
         self.pid = self.transport.pid
-        # Jobs that read stdin see end of file.
-        self.transport.closeChildFD(0)
+        self.transport.closeChildFD(0)  # jobs that read stdin see end of file
         self.amp.makeConnection(_PipeTransport(self))
 
     def forked(self, pid: int) -> None:
         self.pid = pid
         self.pool.on_forked(self)
-        if self.kill_reason is not None and self.kill_reason != "retire":
-            # Killed before its pid was known: now.
+        if self.kill_reason is not None and self.kill_reason != "retire":  # killed before its pid
             self.signal("KILL")
 
     def childDataReceived(self, fd, data):
@@ -162,10 +139,9 @@ class Worker(protocol.ProcessProtocol):
     def processExited(self, reason):
         self.exited = True
         self.state = "dead"
-        # Whatever its job started and left in its group goes with it (its
-        # pid is not reused while the group exists; if it led none, there is none).
+        # What its job left in its group goes with it (its pid is not reused
+        # while the group exists).
         send_signal(self.pid, signal.SIGKILL, group=True)
-        # What the child wrote before it ended (its last output, an answer).
         self._drain()
         # Our ends of its pipes: nothing more comes from the child itself.
         for fd in list(getattr(self.transport, "pipes", {})):
@@ -173,13 +149,11 @@ class Worker(protocol.ProcessProtocol):
         self.pool.on_ended(self, str(Exit.of(reason)))
 
     def processEnded(self, reason):
-        # Every pipe is closed too; processExited has said everything.
         self.state = "dead"
 
     def _drain(self) -> None:
         pipes = getattr(self.transport, "pipes", {})
-        # Output first, so that an answer read last finds the job's whole output.
-        for fd in (1, 2, 4):
+        for fd in (1, 2, 4):  # output first: the answer, read last, finds all of it
             reader = pipes.get(fd)
             if reader is None:
                 continue
@@ -188,7 +162,7 @@ class Worker(protocol.ProcessProtocol):
                 try:
                     data = os.read(reader.fileno(), min(65536, budget))
                 except OSError:
-                    break  # Nothing more for now (EAGAIN), or closed.
+                    break  # EAGAIN, or closed
                 if not data:
                     break
                 budget -= len(data)
@@ -215,8 +189,7 @@ class Worker(protocol.ProcessProtocol):
             return
         stream = "stdout" if fd == 1 else "stderr"
         record = stdlog.parse_record(text) if fd == 2 else None
-        if record is not None:
-            # A stdlib record of the job's: at its level, under its logger.
+        if record is not None:  # a stdlib record of the job's
             level, name, message = record
             Logger(namespace=name).emit(
                 _LEVELS[level], "{log_text}", log_text=message, job_id=self.job_id, worker=self.pid
@@ -233,9 +206,8 @@ class Worker(protocol.ProcessProtocol):
 
     def became_ready(self, pid: int | None = None) -> None:
         if self.pid is None and pid:
-            # A forked worker can say it is ready before the template's word of
-            # its pid arrives (another channel): a job claimed for it must not
-            # be recorded as held by "host:None".
+            # A forked worker can be ready before the template's word of its pid
+            # arrives: a job claimed for it must not be held by "host:None".
             self.pid = pid
         if self.state == "starting":
             self.state = "idle"
@@ -247,14 +219,11 @@ class Worker(protocol.ProcessProtocol):
         self.state = "busy"
         self.job_id = job_id
         self.output_tail = bytearray()
-        # wire.RunJob's box written out, as the child reads it (framing):
-        # AMP's Command machinery would convert each argument and the answer
-        # through their Argument classes, for every job.
+        # wire.RunJob's box written out, without AMP's Argument classes for every job.
         box = {b"job_id": job_id.encode(), b"name": name.encode(), b"attempt": b"%d" % attempt}
         definition = registry.lookup(name)
         if definition is not None and definition.module:
-            # Registered here after the worker started (a module a view
-            # imported late): the worker imports it if it does not know the job.
+            # Registered after the worker started: it imports the module if need be.
             box[b"module"] = definition.module.encode()
         put_big(box, b"payload", payload)
         d = self.amp.callRemoteString(
@@ -265,7 +234,6 @@ class Worker(protocol.ProcessProtocol):
 
     def _answer_failed(self, failure: Failure) -> Failure:
         if not self.gone(failure):
-            # The child lives but its answer could not be read: it runs no more jobs.
             self.broken = f"{failure.type.__name__}: {failure.getErrorMessage()}"[:2000]
         return failure
 
@@ -295,7 +263,7 @@ class Worker(protocol.ProcessProtocol):
             self.transport.signalProcess(name)
 
     def retire(self) -> None:
-        # The child exits on end of file of its command pipe.
+        # It exits on end of file of its command pipe.
         self.state = "retiring"
         self.kill_reason = self.kill_reason or "retire"
         self.amp.transport.loseConnection()
