@@ -1,7 +1,6 @@
 """
-The job client without a reactor (L{BlockingClient}), for C{unix:} and
-C{tcp:} endpoints outside the server: no reactor thread to hand a call to,
-and no reader thread to hand its answer back (L{_Conversation}).
+The job client without a reactor (L{BlockingClient}) for C{unix:} and C{tcp:}
+endpoints outside the server: no reactor thread, and no reader thread (L{_Conversation}).
 """
 
 from __future__ import annotations
@@ -62,16 +61,13 @@ class _Node(Node):
 class BlockingClient:
     """
     One AMP connection that every thread of the process shares (so that the
-    service commits many threads' requests together), each caller reading
-    its own answer (L{_Conversation}). It connects at the first call, again
-    after the connection broke, to the first endpoint that answers and is
-    not in its back-off; a thread of its own goes back to an earlier
-    endpoint once it answers again. Its answers, errors and failover are
+    service commits many threads' requests together), to the first endpoint
+    that answers and is not in its back-off; a thread of its own goes back to
+    an earlier one once it answers again. Answers, errors and failover are
     those of L{JobClient.request} (L{Attempts}).
 
     @param endpoints: the endpoint string, or a list of them in order of preference.
     @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
-    @param secret: the shared secret (Login after each connect), or C{None}.
     """
 
     def __init__(self, endpoints, addresses, secret: bytes | None, timeout: float):
@@ -82,8 +78,7 @@ class BlockingClient:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conversation: _Conversation | None = None
-        self._probing = False
-        self._probe_lock = threading.Lock()
+        self._probing = threading.Lock()  # held while a probe runs
         self._next_probe = 0.0
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
@@ -213,13 +208,11 @@ class BlockingClient:
 
     def _maybe_probe(self, node: _Node) -> None:
         """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
-        if node is self.nodes[0] or self._probing or time.monotonic() < self._next_probe:
+        if node is self.nodes[0] or time.monotonic() < self._next_probe:
             return
-        with self._probe_lock:
-            if self._probing:
-                return
-            self._probing = True
-            self._next_probe = time.monotonic() + node.backoff.maximum
+        if not self._probing.acquire(blocking=False):
+            return
+        self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
         ).start()
@@ -248,7 +241,7 @@ class BlockingClient:
                     old.retire()
                 return
         finally:
-            self._probing = False
+            self._probing.release()
 
 
 class _Broken(Exception):
@@ -430,13 +423,10 @@ class _Conversation:
             raise no_answer(self.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
             raise _Broken(broke_during(self.endpoint, op, waiter.broken))
-        if b"_error" in waiter.box:
-            self._raise(command, waiter.box, op)
-        return command.parseResponse(waiter.box, None)
-
-    def _raise(self, command, answer: dict, op: str):
-        code = answer.get(b"_error_code", b"")
-        description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
+        if b"_error" not in waiter.box:
+            return command.parseResponse(waiter.box, None)
+        code = waiter.box.get(b"_error_code", b"")
+        description = waiter.box.get(b"_error_description", b"").decode("utf-8", "replace")
         error_class = command.reverseErrors.get(code)
         if error_class is None:
             raise unsure(

@@ -1,11 +1,8 @@
 """
-A job call from any thread (L{call}), behind the public API: the server's
-views call the local service (L{local}), a process with a reactor keeps an
-AMP connection to each node (L{connection}), any other reaches a C{unix:}
-or C{tcp:} endpoint from the calling thread (L{blocking}); the eager test
-mode answers in the calling thread (L{twistedlrp.jobs.eager}). Outside the
-server the settings name the service (docs/jobs.md, "Jobs from other
-processes"); the environment is read first, so a worker is told its own.
+A job call from any thread (L{call}), behind the public API: to the service
+of this process (L{local}), through a reactor's AMP connections (L{connection}),
+from the calling thread (L{blocking}), or answered in it (L{twistedlrp.jobs.eager}).
+Outside the server the environment, then the settings, name the service.
 """
 
 from __future__ import annotations
@@ -121,8 +118,7 @@ class Attempts:
 
     def arguments(self, now: float) -> dict:
         """
-        @return: the AMP arguments of the next send (a submission is checked
-            here first; the job service checks it again, in its own process).
+        @return: the AMP arguments of the next send (a submission checked first).
         @raise InvalidArguments: a submission's value of the wrong type or out of range.
         """
         sent = self.kw
@@ -251,13 +247,10 @@ def configured(name: str) -> str | None:
 
 def configured_endpoints(state_dir: str | None = None) -> list[str]:
     """
-    @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or
-        separated by commas), else of the socket in C{state_dir} (or
-        C{LRP_STATE_DIR}, or C{.lrp}).
+    @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or separated
+        by commas), else of the socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
     """
-    from django.conf import settings
-
-    value = os.environ.get("LRP_JOBS_CONNECT") or getattr(settings, "LRP_JOBS_CONNECT", None)
+    value = configured("LRP_JOBS_CONNECT")
     if isinstance(value, list | tuple):
         endpoints = [str(item).strip() for item in value if str(item).strip()]
     else:
@@ -293,11 +286,7 @@ def _split(text: str, separator: str, unescape: bool) -> list[str]:
 
 
 def jobs_timeout() -> float:
-    """
-    @return: C{LRP_JOBS_TIMEOUT}, the seconds a job call may take (the one
-        place it is read).
-    @raise ValueError: the setting is not a number.
-    """
+    """@return: C{LRP_JOBS_TIMEOUT}, a job call's seconds. @raise ValueError: not a number."""
     from django.conf import settings
 
     return float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
@@ -393,11 +382,7 @@ def _call(op: str, kw: dict, call_timeout: float | None):
 
 
 def encode_payload(args, kwargs) -> bytes:
-    """
-    @return: the JSON payload of a submission.
-    @raise InvalidArguments: the arguments are not JSON-serialisable.
-    @raise PayloadTooLarge: far beyond any limit the wire can carry.
-    """
+    """@return: a submission's JSON. @raise InvalidArguments, PayloadTooLarge: not JSON, too big."""
     try:
         payload = json.dumps(
             {"args": list(args), "kwargs": dict(kwargs)}, allow_nan=False, separators=(",", ":")
@@ -414,9 +399,8 @@ def encode_payload(args, kwargs) -> bytes:
 
 def socket_address(endpoint: str) -> tuple[int, object] | None:
     """
-    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
-        endpoint string, or C{None} for any other (or one with options a
-        plain socket does not have, such as C{bindAddress}).
+    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client endpoint
+        string, or C{None} for any other (or with options such as C{bindAddress}).
     """
     parts = _split(endpoint, ":", True)
     kind, rest = parts[0], parts[1:]

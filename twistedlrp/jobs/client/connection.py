@@ -2,20 +2,16 @@
 The job client in a reactor: L{JobClient} calls the first job node that is
 up, each through one persistent AMP connection (L{JobLink}).
 
-Why not C{ClientService} (Twisted 26.10): a call must fail at once while
-its node is down, but C{whenConnected()} while it waits to retry (even with
-C{failAfterFailures}) waits for the next attempt; it shows neither its
-state nor the last connection error, which the calls' errors and the health
-endpoint's C{job_link} section say (we would keep our own state beside its
-own); and it logs every retry at info level ("Scheduling retry ...", which
-tests/test_faults.py checks the log is without).
+Not C{ClientService} (Twisted 26.10): its C{whenConnected()} waits for the
+next attempt where a call to a node that is down must fail at once; it shows
+neither its state nor the last error (which call errors and the health
+endpoint say); and it logs every retry at info level ("Scheduling retry ...").
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import clientFromString
@@ -59,32 +55,20 @@ class JobLink(Node):
     """
     A persistent connection to one job node. Until the first attempt (at
     L{start}) ends its state is C{"connecting"} and calls wait for it; then
-    it is C{"up"} or C{"down"}. Down, calls fail at once while it is retried
-    in the background with back-off; pinged when silent, a frozen node or a
+    C{"up"} or C{"down"}. Down, calls fail at once while it is retried in
+    the background with back-off; pinged when silent, a frozen node or a
     network cut counts as lost within seconds, not when TCP gives up.
 
-    @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
-        (then C{description} names it in messages).
     @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
     @param on_change: called with the link after each change of state.
     """
 
-    def __init__(
-        self,
-        reactor,
-        endpoint,
-        secret: bytes | None,
-        timeout: float = DEFAULT_TIMEOUT,
-        description: str | None = None,
-        on_change: Callable[[JobLink], None] | None = None,
-    ):
-        super().__init__(description or str(endpoint), secret, reactor.seconds)
+    def __init__(self, reactor, endpoint: str, secret: bytes | None, timeout: float, on_change):
+        super().__init__(endpoint, secret, reactor.seconds)
         self.reactor = reactor
         # A UNIX socket that does not exist means no service: say so at once.
-        self._socket_path = unix_path(endpoint) if isinstance(endpoint, str) else None
-        if isinstance(endpoint, str):
-            endpoint = clientFromString(reactor, endpoint)
-        self._connector = endpoint
+        self._socket_path = unix_path(endpoint)
+        self._connector = clientFromString(reactor, endpoint)
         self.timeout = timeout
         self.on_change = on_change
         self.protocol: _ClientAMP | None = None
@@ -115,10 +99,6 @@ class JobLink(Node):
         self._closed = defer.Deferred()
         protocol.transport.loseConnection()
         return self._closed
-
-    @property
-    def reconnecting(self) -> bool:
-        return self._attempting is not None
 
     def _cancel_retry(self) -> None:
         cancel_call(self._retry)
@@ -220,8 +200,7 @@ class JobLink(Node):
 
     def set_state(self, state: str) -> None:
         super().set_state(state)
-        if self.on_change is not None:
-            self.on_change(self)
+        self.on_change(self)
 
     def _check(self) -> None:
         protocol = self.protocol
@@ -256,9 +235,8 @@ class JobLink(Node):
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; else, when
-            connecting for the first time or (with C{wait_reconnect}) again,
-            once connected before C{deadline}.
+        @return: the connected protocol: at once when up; else, when connecting
+            (with C{wait_reconnect}, again), once connected before C{deadline}.
         @raise JobServiceUnavailable: down, or not connected in time.
         @raise AuthenticationFailed: the service refused our secret.
         """
@@ -305,29 +283,18 @@ class JobClient:
     to the next node up, or to the same one once reconnected (within
     L{RECONNECT_WAIT}), as L{Attempts} allows. No node up: it fails at once.
 
-    @param endpoints: a client endpoint string, a list of them, or an
-        C{IStreamClientEndpoint} (then C{description} names it).
-    @param secret: the shared secret, for every node but those on a UNIX
-        socket, or C{None}.
+    @param endpoints: a client endpoint string, or a list of them.
+    @param secret: the shared secret, for every node but those on a UNIX socket, or C{None}.
     """
 
-    def __init__(
-        self,
-        reactor,
-        endpoints,
-        secret: bytes | None,
-        timeout: float = DEFAULT_TIMEOUT,
-        description: str | None = None,
-    ):
+    def __init__(self, reactor, endpoints, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT):
         self.reactor = reactor
         self.timeout = timeout
-        if isinstance(endpoints, str) or not isinstance(endpoints, list | tuple):
+        if isinstance(endpoints, str):
             endpoints = [endpoints]
-        unix = [isinstance(e, str) and e.startswith("unix:") for e in endpoints]
-        named = description if len(endpoints) == 1 else None
         self.links = [
-            JobLink(reactor, e, None if u else secret, timeout, named, self._changed)
-            for e, u in zip(endpoints, unix, strict=True)
+            JobLink(reactor, e, None if e.startswith("unix:") else secret, timeout, self._changed)
+            for e in endpoints
         ]
         self._current: JobLink | None = None
         self._since = reactor.seconds()
@@ -399,7 +366,7 @@ class JobClient:
         for link in self.links:
             if link.state == CONNECTING and not tries.get(link):
                 return link, False
-        if lost is not None and lost.reconnecting and tries.get(lost, 0) < TRIES_PER_NODE:
+        if lost and lost._attempting and tries.get(lost, 0) < TRIES_PER_NODE:
             return lost, True
         return None, False
 

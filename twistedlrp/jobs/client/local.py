@@ -14,12 +14,10 @@ log = Logger()
 
 class LocalClient:
     """
-    The job service of this very process, its methods called in the reactor
-    without AMP, a socket or a second encoding; answers and errors are those
-    of L{JobClient.request} (an unexpected error becomes a L{JobError}, as
-    the AMP front end makes it).
+    The job service of this very process, called in the reactor without AMP,
+    a socket or a second encoding; answers and errors are those of
+    L{JobClient.request} (an unexpected error becomes a L{JobError}).
 
-    @param service: the L{twistedlrp.jobs.service.job_service.JobService}.
     @param description: the endpoint named in messages.
     """
 
@@ -28,7 +26,6 @@ class LocalClient:
         self.service = service
         self.timeout = timeout
         self.endpoint = description
-        self.last_error: str | None = None
 
     def start(self) -> None:
         pass
@@ -37,11 +34,7 @@ class LocalClient:
         return defer.succeed(None)
 
     async def request(self, op: str, kw: dict, timeout: float | None = None):
-        """
-        @return: the operation's answer.
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: the service did not answer in time.
-        """
+        """@return: the answer. @raise JobError: the service's, or it did not answer in time."""
         limit = timeout or self.timeout
         listening = self.service.when_listening()
         if not listening.called:
