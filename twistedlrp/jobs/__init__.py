@@ -1,9 +1,8 @@
 """
 Long-running jobs (docs/jobs.md): define them with L{job}, start them with
-C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}; inside
-a job, L{progress} and L{cancelled}. Every call is thread-safe and blocks
-the calling thread (never the reactor) for at most its timeout, in the
-server's views and in any other process with Django set up.
+C{fn.submit(...)} or L{submit}, follow them with L{get} and L{wait}; inside a
+job, L{progress} and L{cancelled}. Every call is thread-safe and blocks the
+calling thread (never the reactor) for at most its timeout.
 """
 
 from __future__ import annotations
@@ -45,6 +44,9 @@ class Progress(NamedTuple):
     message: str
 
 
+_TIMES = ("created_at", "started_at", "finished_at")
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """What is known of a job at one moment."""
@@ -74,7 +76,7 @@ class JobInfo:
     def from_dict(cls, data: dict) -> JobInfo:
         """@return: the L{JobInfo} of a job as the wire protocol describes it."""
         get = data.get
-        times = {f: _parse_time(get(f)) for f in ("created_at", "started_at", "finished_at")}
+        times = {f: _dt.datetime.fromisoformat(get(f)) if get(f) else None for f in _TIMES}
         return cls(
             data["id"], data["name"], data["state"], get("attempts", 0),
             Progress(*get("progress", (0, None, ""))), get("result"), get("error") or "", **times,
@@ -82,10 +84,6 @@ class JobInfo:
             output=get("output") or "", args=list(get("args") or []),
             kwargs=dict(get("kwargs") or {}),
         )  # fmt: skip
-
-
-def _parse_time(value):
-    return _dt.datetime.fromisoformat(value) if value else None
 
 
 def job(
@@ -101,22 +99,12 @@ def job(
     keep=None,
 ):
     """
-    Register a module-level function as a job. Use bare (C{@job}) or with
-    options (C{@job(timeout=60, retries=2)}).
+    Register a module-level function as a job, bare (C{@job}) or with the
+    options docs/jobs.md describes (C{@job(timeout=60, retries=2)}).
 
-    @param schedule: a cron expression (5 fields, or 6 with seconds first)
-        in C{settings.TIME_ZONE}: the job also runs by itself, without
-        arguments, at each time it names (docs/jobs.md, "Periodic jobs").
-    @param name: the registered name [default: C{module.qualname}].
-    @param timeout: seconds an attempt may run before its process is killed.
-    @param retries: extra attempts after a failure (a crash or timeout too).
-    @param retry_delay: seconds before the first retry; doubles each time, with jitter.
-    @param priority: higher runs first.
-    @param keep: how long its finished jobs are kept: seconds, a
-        C{timedelta}, a string such as C{"2d"}, or C{"forever"}
-        [default: C{settings.LRP_JOBS_KEEP}].
-    @return: the function, unchanged, with C{submit(*args, **kwargs)} added
-        (it returns a L{JobInfo}) and C{job_name}.
+    @return: the function, unchanged, with C{submit(*args, **kwargs)} (it
+        returns a L{JobInfo}) and C{job_name} added.
+    @raise InvalidArguments: an option of the wrong type or out of range.
     """
 
     arguments.check_seconds("timeout", timeout)
@@ -125,7 +113,14 @@ def job(
         raise InvalidArguments(f"retries: expected a whole number of at least 0, got {retries!r}")
     if retry_delay != 0:
         arguments.check_seconds("retry_delay", retry_delay)
-    keep = _checked_keep(keep)
+    if keep is not None:
+        from twistedlrp.jobs.service import retention
+
+        try:
+            seconds = retention.parse_keep(keep, "keep")
+        except ValueError as e:
+            raise InvalidArguments(str(e)) from None
+        keep = retention.FOREVER if seconds is None else seconds
 
     def register(function):
         definition = registry.JobDefinition(
@@ -157,19 +152,6 @@ def job(
     return register(fn) if fn is not None else register
 
 
-def _checked_keep(keep):
-    """@return: C{keep} as seconds, C{"forever"} or C{None}; @raise InvalidArguments: not a keep."""
-    from twistedlrp.jobs.service import retention
-
-    if keep is None:
-        return None
-    try:
-        seconds = retention.parse_keep(keep, "keep")
-    except ValueError as e:
-        raise InvalidArguments(str(e)) from None
-    return retention.FOREVER if seconds is None else seconds
-
-
 def submit(
     name: str,
     args=(),
@@ -183,23 +165,12 @@ def submit(
     join_transaction: bool = True,
 ) -> JobInfo:
     """
-    Store a job and queue it; inside C{transaction.atomic()}, as part of
-    that transaction (docs/jobs.md, "Jobs and transactions"). After
-    L{JobServiceUnavailable}, submit again with the same C{id} (or C{key}):
-    the job stored the first time, if any, is returned instead of a second one.
+    Store a job and queue it; inside C{transaction.atomic()}, as part of that
+    transaction unless C{join_transaction=False} (docs/jobs.md).
 
-    @param run_after: an aware datetime or a Unix time before which it does not start.
-    @param key: if an unfinished job has this key, return that job instead.
-    @param timeout: seconds per attempt, overriding the registered one.
-    @param id: a UUID chosen by the caller (C{uuid.uuid4()}); if a job has
-        it already, that job is returned.
-    @param join_transaction: C{False}: store it through the job service at
-        once, whatever becomes of the caller's transaction (a job that must
-        run even if the request fails); see L{outside_transaction}.
-    @return: the new (or existing, see C{key} and C{id}) job's L{JobInfo}.
+    @return: the new job's L{JobInfo}, or that of the job C{id} (or C{key}) names.
     @raise NotRegistered: no job is registered under C{name}.
-    @raise InvalidArguments: the arguments are not JSON, or another value
-        is of the wrong type or out of range (the message names it).
+    @raise InvalidArguments: not JSON, or a value of the wrong type or out of range.
     @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
     @raise JobServiceUnavailable: the job service cannot be reached in time.
     """
@@ -239,23 +210,16 @@ def get(job_id) -> JobInfo:
 def cancel(job_id) -> JobInfo:
     """
     Cancel a job: a queued one never runs; a running one sees L{cancelled}
-    return true, and is killed after a grace period. Inside
-    C{transaction.atomic()} it takes effect when the transaction commits.
+    return true, and is killed after a grace period (inside C{atomic()}, at the commit).
 
-    @return: the job's L{JobInfo} after the request.
-    @raise UnknownJob: no job has this id.
+    @return: the job's L{JobInfo} after the request. @raise UnknownJob: no job has this id.
     """
     return _call("cancel", job_id=str(job_id))
 
 
 def wait(job_id, timeout: float = 60.0) -> JobInfo:
     """
-    Wait until the job finishes (succeeded, failed or cancelled).
-
-    @param timeout: seconds (0 or more); longer than the job service's
-        longest C{Wait} (L{arguments.MAX_WAIT_TIMEOUT}), it is waited in
-        several calls.
-    @return: its final L{JobInfo}.
+    @return: the job's final L{JobInfo}, once it finished (in several C{Wait}s if need be).
     @raise TimeoutError: it did not finish within C{timeout} seconds.
     @raise UnknownJob: no job has this id.
     @raise InvalidArguments: C{timeout} is not a finite number of 0 or more.
@@ -289,10 +253,7 @@ def stats() -> dict:
 
 
 def progress(current: int, total: int | None = None, message: str = "") -> None:
-    """
-    Report the running job's progress (cheap: call it as often as you like;
-    the store coalesces updates). Outside a job it does nothing.
-    """
+    """Report the running job's progress (coalesced: call it often); outside a job, nothing."""
     # A message that UTF-8 cannot carry (a lone surrogate from a file name)
     # is mended, not dropped; a long one is cut.
     text = str(message)[:2000].encode("utf-8", "replace").decode("utf-8")

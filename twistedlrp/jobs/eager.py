@@ -1,10 +1,9 @@
 """
 The eager test mode (docs/jobs.md, "Testing your jobs"): with
 C{settings.LRP_JOBS_EAGER} true, every job call of the process is answered
-here, and C{submit} runs the job in the calling thread before it returns.
-The answers are the job service's own: its operations and dispatcher run
-over a store in memory, with a worker that runs the job in the thread that
-submitted it (as dramatiq's C{StubBroker} reuses its worker).
+here, and C{submit} runs the job in the calling thread before it returns, by
+the job service's own operations and dispatcher over a store in memory (as
+dramatiq's C{StubBroker} reuses its worker).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import types
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -90,42 +90,29 @@ def call(op: str, kw: dict):
     return outcome
 
 
-class _Clock:
-    """The service's clock: Unix time, its calls made by timer threads, under the lock."""
+class _Call(threading.Timer):
+    """The service's C{callLater}: an C{IDelayedCall} made by a timer thread, under the lock."""
 
-    def seconds(self) -> float:
-        return time.time()
+    def __init__(self, delay, fn, *args, **kwargs):
+        super().__init__(max(delay, 0), fn, args, kwargs)
+        self.daemon = True
+        self.time = time.time() + delay
+        self.start()
 
-    def callLater(self, delay, fn, *args, **kwargs):
-        return _Call(self, delay, fn, args, kwargs)
-
-
-class _Call:
-    """An C{IDelayedCall} of L{_Clock}."""
-
-    def __init__(self, clock, delay, fn, args, kwargs):
-        self.time = clock.seconds() + delay
-        self.called = self.cancelled = False
-        self._timer = threading.Timer(max(delay, 0), self._fire, (fn, args, kwargs))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self, fn, args, kwargs) -> None:
+    def run(self) -> None:
+        self.finished.wait(self.interval)
         with _lock:
-            if not self.cancelled:
-                self.called = True
-                fn(*args, **kwargs)
+            # finished: cancelled (cancel()), or from now on called.
+            if not self.finished.is_set():
+                self.finished.set()
+                self.function(*self.args, **self.kwargs)
                 _lock.notify_all()
 
     def getTime(self) -> float:
         return self.time
 
     def active(self) -> bool:
-        return not (self.called or self.cancelled)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._timer.cancel()
+        return not self.finished.is_set()
 
 
 class EagerWorker:
@@ -193,7 +180,7 @@ class EagerService:
     """The job service's operations and dispatcher, over a store in memory."""
 
     def __init__(self):
-        self.reactor = _Clock()
+        self.reactor = types.SimpleNamespace(seconds=time.time, callLater=_Call)
         self.store = MemoryStore()
         self.max_payload = default_max_payload()
         options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}

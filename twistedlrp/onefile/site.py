@@ -1,13 +1,12 @@
 """
-A site given with ``--app``, in each process of the server (job workers too:
-no Twisted here): its settings (L{configure}, the environment every process
-reads), and its file imported at the right moment around ``django.setup()``
-(L{before_settings}, L{before_setup}, L{after_setup}; each a no-op without
-``--app``).
+A site given with ``--app``, in each process of the server (job workers too: no
+Twisted here): its settings (L{configure}, in the environment), and its file
+imported at the right moment around ``django.setup()`` (each a no-op without ``--app``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -44,10 +43,9 @@ class Site:
 _loaded: Site | None = None
 # The --app value as typed, and its normalised form (the environment's): messages show the first.
 _typed: tuple[str, str] | None = None
-# True once this process sets a site given with --app up (a server, a
-# worker): the file may be imported from then on (by us, or by Django's admin
-# autodiscovery as django.setup() runs), and serve() called as it imports
-# does nothing but add its object to served.
+# True once this process sets a site given with --app up: the file may be
+# imported from then on (by Django's admin autodiscovery too), and serve()
+# called as it imports only adds its object to served.
 loading = False
 served: list = []
 
@@ -117,10 +115,6 @@ def command() -> str:
     spec = current_spec()
     given = spec.given if spec is not None else "FILE.py"
     return os.environ.get(defaults.COMMAND_VARIABLE) or f"twistd lrp --app {given}"
-
-
-def given_settings() -> dict:
-    return json.loads(os.environ.get(defaults.SETTINGS_VARIABLE) or "{}")
 
 
 def before_settings(settings_module: str) -> None:
@@ -233,7 +227,6 @@ def uses_nanodjango(spec: AppSpec) -> bool:
 def import_app(spec: AppSpec) -> types.ModuleType:
     """
     Import the file (by its path, under its module name) or the module.
-
     @raise twistedlrp.boot.BootError: it does not import (with the traceback if not obvious).
     """
     global loading
@@ -292,8 +285,8 @@ def _importBootError(spec: AppSpec, e: Exception):
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
     """
-    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the
-        first of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
+    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the first
+        of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
     """
     if spec.attr:
         obj = module
@@ -316,10 +309,7 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
 
 
 def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
-    """
-    @return: the L{Site} of C{obj}.
-    @raise twistedlrp.boot.BootError: C{obj} is not a view, Router, URL patterns or WSGI app.
-    """
+    """@return: the L{Site} of C{obj}. @raise BootError: not a view, Router, URLs or WSGI app."""
     from django.urls import URLPattern, URLResolver, re_path
 
     from twistedlrp.onefile.router import Router
@@ -359,11 +349,9 @@ def _positional(function) -> int | None:
     except (TypeError, ValueError):
         return None
     for count in (1, 2):
-        try:
+        with contextlib.suppress(TypeError):
             signature.bind(*range(count))
-        except TypeError:
-            continue
-        return count
+            return count
     return None
 
 
@@ -375,7 +363,9 @@ def _describe(obj) -> str:
 
 def migrates_at_start() -> bool:
     """@return: whether the server migrates at its start (twistedlrp's settings, their database)."""
-    return own_settings() and "DATABASES" not in given_settings()
+    return own_settings() and "DATABASES" not in json.loads(
+        os.environ.get(defaults.SETTINGS_VARIABLE) or "{}"
+    )
 
 
 def tables_missing() -> list[str]:

@@ -6,6 +6,7 @@ endpoints outside the server: no reactor thread, and no reader thread (L{_Conver
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import socket
@@ -31,23 +32,18 @@ from twistedlrp.jobs.protocol import wire
 
 _lock = threading.Lock()
 
-_blocking: BlockingClient | None = None
-_NO_BLOCKING = object()
-
 
 def blocking_client() -> BlockingClient | None:
     """@return: this process's L{BlockingClient}, or C{None} if an endpoint needs a reactor."""
-    global _blocking
-    if _blocking is None:
-        with _lock:
-            if _blocking is None:
-                endpoints = configured_endpoints()
-                addresses = [socket_address(endpoint) for endpoint in endpoints]
-                if None in addresses:
-                    _blocking = _NO_BLOCKING
-                else:
-                    _blocking = BlockingClient(endpoints, addresses, *configured_login())
-    return None if _blocking is _NO_BLOCKING else _blocking
+    with _lock:
+        return _blocking_client()
+
+
+@functools.cache
+def _blocking_client() -> BlockingClient | None:
+    endpoints = configured_endpoints()
+    addresses = [socket_address(endpoint) for endpoint in endpoints]
+    return None if None in addresses else BlockingClient(endpoints, addresses, *configured_login())
 
 
 class _Node(Node):
