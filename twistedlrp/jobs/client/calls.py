@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 import uuid
-from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -38,8 +37,6 @@ STORE_WAIT_SHARE = 0.8
 NO_SOCKET = (
     "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
 )
-# Reconnections to a job node that is down: from a blink to a few seconds.
-reconnect_backoff = partial(Backoff, 0.05, 5.0, jitter=0.1)
 
 
 def unreachable(endpoint, error: str | None = None, detail: str = "") -> str:
@@ -64,14 +61,13 @@ UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 class Node:
     """
-    One job node of a client (L{JobLink}, the blocking client's): C{state}
-    (C{CONNECTING} until its first attempt ends) since C{since}, the last
-    error, and C{retry_at}, the end of its back-off. C{clock()}: seconds now.
+    One job node of a client: C{state} (C{CONNECTING} until its first attempt ends)
+    since C{since}, the last error, and C{retry_at}, the end of its back-off.
     """
 
     def __init__(self, endpoint: str, secret: bytes | None, clock):
         self.endpoint, self.secret, self.clock = endpoint, secret, clock
-        self.backoff = reconnect_backoff()
+        self.backoff = Backoff(0.05, 5.0, jitter=0.1)  # reconnections: a blink to a few seconds
         self.state, self.since, self.retry_at = CONNECTING, clock(), 0.0
         self.last_error: str | None = None
         self.refused = False  # it refused our secret: calls say so, not "unavailable"
@@ -100,11 +96,9 @@ class Node:
 
 class Attempts:
     """
-    One call's tries over the job nodes (in a reactor's client and the
-    blocking one): a request whose connection broke is sent again (to the
-    next node, or the same one reconnected) unless it is a submission
-    without an id; a node that answers C{UNAVAILABLE} is replaced by the
-    next. C{tries} counts each node's.
+    One call's tries over the job nodes: a request whose connection broke is
+    sent again (to the next node, or the same one reconnected) unless it is a
+    submission without an id; a node that answers C{UNAVAILABLE} is replaced by the next.
     """
 
     def __init__(self, op: str, kw: dict, limit: float, now: float):
@@ -299,20 +293,6 @@ def configured_login() -> tuple[bytes | None, float]:
     return secret, jobs_timeout()
 
 
-def _settings_client() -> JobClient:
-    """@return: this process's client, built (in the reactor thread) from its settings."""
-    global _client
-    if _client is None:
-        from twisted.internet import reactor
-
-        from twistedlrp.jobs.client.connection import JobClient
-
-        client = JobClient(reactor, configured_endpoints(), *configured_login())
-        client.start()
-        _client = client
-    return _client
-
-
 def unix_client_endpoint(path: str) -> str:
     """@return: the client endpoint string of the UNIX socket at C{path}."""
     return "unix:path=" + os.path.abspath(path).replace("\\", "\\\\").replace(":", "\\:")
@@ -323,9 +303,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
     Run one job service operation from any thread but the reactor's.
 
     @return: the operation's answer.
-    @raise InvalidArguments: submit arguments that are not JSON.
-    @raise JobServiceUnavailable: the service cannot be reached or answer in time.
-    @raise JobError: the service refused the operation (a subclass says why).
+    @raise JobError: the service refused it (a subclass says why), or
+        L{JobServiceUnavailable}: it cannot be reached or answer in time.
     """
     if op == "submit" and "payload" not in kw:
         kw["payload"] = encode_payload(kw.pop("args"), kw.pop("kwargs"))
@@ -372,8 +351,17 @@ def _call(op: str, kw: dict, call_timeout: float | None):
     timeout = call_timeout or (client.timeout if client else DEFAULT_TIMEOUT)
 
     def run():
-        target = _client or _settings_client()
-        return defer.ensureDeferred(target.request(op, kw, call_timeout))
+        # In the reactor thread: the first call builds this process's client from its settings.
+        global _client
+        if _client is None:
+            from twisted.internet import reactor
+
+            from twistedlrp.jobs.client.connection import JobClient
+
+            client = JobClient(reactor, configured_endpoints(), *configured_login())
+            client.start()
+            _client = client
+        return defer.ensureDeferred(_client.request(op, kw, call_timeout))
 
     try:
         return reactor_bridge.call_in_reactor(run, timeout=2 * timeout + 1)
