@@ -61,10 +61,7 @@ def reset() -> None:
 
 
 def call(op: str, kw: dict):
-    """
-    Answer one job operation as the job service would, the jobs it starts
-    run in this thread first; @raise JobError: as the job service would.
-    """
+    """Answer one job operation as the job service would (@raise JobError), its jobs run first."""
     operation = wire.OPERATIONS.get(op)
     if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
@@ -205,7 +202,7 @@ class EagerService:
             for worker, name, payload, d in started:
                 with _lock:
                     self.store.begin(worker.job_id)
-                outcome = _attempt(worker, name, payload, self)
+                outcome = self._attempt(worker, name, payload)
                 with _lock:
                     d.callback(outcome)
                     job = self.store.jobs.get(worker.job_id) or {}
@@ -227,30 +224,26 @@ class EagerService:
             outcome[0].raiseException()
         return outcome[0]
 
+    def _attempt(self, worker: EagerWorker, name: str, payload: bytes) -> dict:
+        """@return: the outcome of one attempt, as a worker child sends it."""
+        from twistedlrp.jobs.workers.main import call_job, describe_error
 
-def _attempt(worker: EagerWorker, name: str, payload: bytes, service: EagerService) -> dict:
-    """@return: the outcome of one attempt, as a worker child sends it."""
-    dispatcher = service.dispatcher
-    from twistedlrp.jobs.workers.main import call_job, describe_error
+        def report(current, total, message):
+            with _lock:
+                self.dispatcher.progress(worker.job_id, current, total, message)
 
-    job_id = worker.job_id
-
-    def report(current, total, message):
-        with _lock:
-            dispatcher.progress(job_id, current, total, message)
-
-    previous = _context.begin_local(job_id, report, worker.cancel_event)
-    try:
-        outcome = call_job(registry.find(name).function, payload, service.max_payload)
-        if outcome["ok"]:
-            # As it would come back from a worker: through JSON.
-            outcome["result"] = json.loads(json.dumps(outcome["result"]))
-    except JobCancelled:
-        outcome = {"ok": False, "error": "cancelled", "cancelled": True}
-    except (Exception, SystemExit) as e:
-        # KeyboardInterrupt still stops the tests; anything else fails the attempt.
-        cancelled = worker.cancel_event.is_set()
-        outcome = {"ok": False, "error": describe_error(e), "cancelled": cancelled}
-    finally:
-        _context.end_local(previous)
-    return outcome
+        previous = _context.begin_local(worker.job_id, report, worker.cancel_event)
+        try:
+            outcome = call_job(registry.find(name).function, payload, self.max_payload)
+            if outcome["ok"]:
+                # As it would come back from a worker: through JSON.
+                outcome["result"] = json.loads(json.dumps(outcome["result"]))
+        except JobCancelled:
+            outcome = {"ok": False, "error": "cancelled", "cancelled": True}
+        except (Exception, SystemExit) as e:
+            # KeyboardInterrupt still stops the tests; anything else fails the attempt.
+            cancelled = worker.cancel_event.is_set()
+            outcome = {"ok": False, "error": describe_error(e), "cancelled": cancelled}
+        finally:
+            _context.end_local(previous)
+        return outcome

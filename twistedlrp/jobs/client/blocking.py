@@ -29,6 +29,7 @@ from twistedlrp.jobs.client.calls import (
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.framing import BoxReader
 
 _lock = threading.Lock()
 
@@ -46,14 +47,6 @@ def _blocking_client() -> BlockingClient | None:
     return None if None in addresses else BlockingClient(endpoints, addresses, *configured_login())
 
 
-class _Node(Node):
-    """One endpoint of a L{BlockingClient}: its socket's address family and address."""
-
-    def __init__(self, endpoint: str, address, secret: bytes | None):
-        super().__init__(endpoint, secret, time.monotonic)
-        self.family, self.address = address
-
-
 class BlockingClient:
     """
     One AMP connection that every thread of the process shares (so that the
@@ -69,7 +62,8 @@ class BlockingClient:
     def __init__(self, endpoints, addresses, secret: bytes | None, timeout: float):
         if isinstance(endpoints, str):
             endpoints, addresses = [endpoints], [addresses]
-        self.nodes = [_Node(e, a, secret) for e, a in zip(endpoints, addresses, strict=True)]
+        self.nodes = [Node(endpoint, secret, time.monotonic) for endpoint in endpoints]
+        self._addresses = dict(zip(self.nodes, addresses, strict=True))
         self.endpoint = endpoints[0]
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -112,9 +106,8 @@ class BlockingClient:
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
         """
-        @return: the connection to use (to the first endpoint that answers,
-            among those not tried too often and not in their back-off), or
-            C{None} when there is none.
+        @return: the connection to the first endpoint that answers, among those not
+            tried too often and not in their back-off, or C{None} when there is none.
         @raise AuthenticationFailed: a service refused our secret.
         """
 
@@ -162,22 +155,23 @@ class BlockingClient:
                 self._conversation = None
         conversation.retire()
 
-    def _connect(self, node: _Node, deadline: float) -> _Conversation:
+    def _connect(self, node: Node, deadline: float) -> _Conversation:
         """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
-        if node.family == socket.AF_UNIX and not os.path.exists(node.address):
+        family, address = self._addresses[node]
+        if family == socket.AF_UNIX and not os.path.exists(address):
             node.down(NO_SOCKET)
             raise JobServiceUnavailable(node.problem())
         limit = max(min(self.timeout, deadline - time.monotonic()), 0.01)
-        sock = socket.socket(node.family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(limit)
-            sock.connect(node.address)
+            sock.connect(address)
             sock.settimeout(None)
         except OSError as e:
             sock.close()
             node.down(e.strerror or type(e).__name__)
             raise JobServiceUnavailable(node.problem()) from None
-        if node.family != socket.AF_UNIX:
+        if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conversation = _Conversation(sock, node)
         if node.secret is not None:
@@ -202,7 +196,7 @@ class BlockingClient:
                 raise JobServiceUnavailable(node.problem()) from None
         return conversation
 
-    def _maybe_probe(self, node: _Node) -> None:
+    def _maybe_probe(self, node: Node) -> None:
         """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
         if node is self.nodes[0] or time.monotonic() < self._next_probe:
             return
@@ -229,10 +223,8 @@ class BlockingClient:
                 if not self._lock.acquire(timeout=self.timeout):
                     fresh.close("not needed")
                     return
-                try:
-                    old, self._conversation = self._conversation, fresh
-                finally:
-                    self._lock.release()
+                old, self._conversation = self._conversation, fresh
+                self._lock.release()
                 if old is not None:
                     old.retire()
                 return
@@ -257,15 +249,12 @@ class _Waiter(threading.Event):
 
 class _Conversation:
     """
-    One blocking AMP connection, requests tagged. No thread of its own: a
-    caller reads the socket itself while no other caller does, hands the
-    answers it reads to their callers, then the reading to one still waiting
-    (one wake-up per call, not three with a reader thread).
+    One blocking AMP connection, requests tagged. No thread of its own: a caller
+    reads the socket while no other does, hands the answers it reads to their
+    callers, then the reading to one still waiting (one wake-up per call, not three).
     """
 
-    def __init__(self, sock: socket.socket, node: _Node):
-        from twistedlrp.jobs.protocol.framing import BoxReader
-
+    def __init__(self, sock: socket.socket, node: Node):
         self.sock = sock
         self.node = node
         self.endpoint = node.endpoint
@@ -326,9 +315,8 @@ class _Conversation:
 
     def _answer(self, waiter: _Waiter, tag: bytes, deadline: float) -> bool:
         """
-        Wait for C{waiter}'s answer until C{deadline}, reading the socket
-        when no other caller does. @return: whether it came (or the
-        connection broke); C{False}: the deadline passed (then it is withdrawn).
+        Wait for C{waiter}'s answer until C{deadline}, reading the socket when no other
+        caller does. @return: whether it came (or the connection broke); else withdrawn.
         """
         while True:
             with self._lock:
