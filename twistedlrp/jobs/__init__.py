@@ -99,14 +99,11 @@ def job(
     keep=None,
 ):
     """
-    Register a module-level function as a job, bare (C{@job}) or with the
-    options docs/jobs.md describes (C{@job(timeout=60, retries=2)}).
-
-    @return: the function, unchanged, with C{submit(*args, **kwargs)} (it
-        returns a L{JobInfo}) and C{job_name} added.
+    Register a module-level function as a job, bare (C{@job}) or with the options
+    docs/jobs.md describes (C{@job(timeout=60, retries=2)}).
+    @return: the function, with C{submit(*args, **kwargs)} and C{job_name} added.
     @raise InvalidArguments: an option of the wrong type or out of range.
     """
-
     arguments.check_seconds("timeout", timeout)
     arguments.check_priority(priority)
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
@@ -167,12 +164,9 @@ def submit(
     """
     Store a job and queue it; inside C{transaction.atomic()}, as part of that
     transaction unless C{join_transaction=False} (docs/jobs.md).
-
     @return: the new job's L{JobInfo}, or that of the job C{id} (or C{key}) names.
-    @raise NotRegistered: no job is registered under C{name}.
-    @raise InvalidArguments: not JSON, or a value of the wrong type or out of range.
-    @raise PayloadTooLarge: the encoded arguments exceed C{--max-job-payload}.
-    @raise JobServiceUnavailable: the job service cannot be reached in time.
+    @raise JobError: L{NotRegistered}, L{InvalidArguments}, L{PayloadTooLarge} (nothing
+        stored), or L{JobServiceUnavailable}.
     """
     if isinstance(run_after, _dt.datetime):
         if run_after.tzinfo is None:
@@ -199,20 +193,15 @@ def _call(op: str, **kw) -> JobInfo:
 
 
 def get(job_id) -> JobInfo:
-    """
-    @return: the job's L{JobInfo}, with live progress while it runs.
-    @raise UnknownJob: no job has this id.
-    @raise JobServiceUnavailable: the job service cannot be reached in time.
-    """
+    """@return: the job's L{JobInfo}, live progress included. @raise UnknownJob: no such job."""
     return _call("status", job_id=str(job_id))
 
 
 def cancel(job_id) -> JobInfo:
     """
-    Cancel a job: a queued one never runs; a running one sees L{cancelled}
-    return true, and is killed after a grace period (inside C{atomic()}, at the commit).
-
-    @return: the job's L{JobInfo} after the request. @raise UnknownJob: no job has this id.
+    Cancel a job: a queued one never runs; a running one sees L{cancelled} return
+    true, and is killed after a grace period (inside C{atomic()}, at the commit).
+    @return: the job's L{JobInfo} after the request. @raise UnknownJob: no such job.
     """
     return _call("cancel", job_id=str(job_id))
 
@@ -220,9 +209,7 @@ def cancel(job_id) -> JobInfo:
 def wait(job_id, timeout: float = 60.0) -> JobInfo:
     """
     @return: the job's final L{JobInfo}, once it finished (in several C{Wait}s if need be).
-    @raise TimeoutError: it did not finish within C{timeout} seconds.
-    @raise UnknownJob: no job has this id.
-    @raise InvalidArguments: C{timeout} is not a finite number of 0 or more.
+    @raise TimeoutError: not within C{timeout} seconds. @raise UnknownJob: no such job.
     """
     job_id = arguments.canonical_job_id(job_id)
     seconds = arguments.check_duration("timeout", timeout)

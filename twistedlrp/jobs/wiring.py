@@ -56,9 +56,7 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
 class JobClientService(service.Service):
     """
     The process's job client: to this server's job service, the nodes of
-    C{--jobs-connect}, or the settings'.
-
-    @ivar call_threads: at most this many threads in a job call at once (C{--job-threads}).
+    C{--jobs-connect}, or the settings', with at most C{call_threads} threads in a call.
     """
 
     name = "job-client"

@@ -16,9 +16,7 @@ from django.urls.resolvers import RegexPattern
 
 
 class Router:
-    """
-    @param routes: C{(pattern, view)} or C{(pattern, view, name)} tuples.
-    """
+    """Routes C{(pattern, view)} or C{(pattern, view, name)} tuples."""
 
     def __init__(self, *routes: tuple):
         self.urlpatterns: list = []

@@ -20,9 +20,7 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     Serve C{app} (a view, a Router, URL patterns or a WSGI application) with
     C{twistd -n lrp}, in place of this process. Lower-case keywords are options,
     upper-case ones settings; the command line wins over them, they over C{--config}.
-
-    @return: only in the server, which imports the file (it does nothing there).
-    @raise SystemExit: a wrong option, on one line.
+    @return: only in the server, which imports the file. @raise SystemExit: a wrong option.
     """
     from twistedlrp.onefile import site
 
@@ -47,10 +45,9 @@ def _caller_spec(caller: dict, app) -> AppSpec:
     if not path:
         raise TypeError("serve(): call it from a file (python hello.py)")
     module = caller.get("__name__")
-    loader_spec = caller.get("__spec__")
     if module == "__main__":
         # python -m pkg.module: import it under that name; python hello.py: by its path.
-        module = loader_spec.name if loader_spec is not None else None
+        module = getattr(caller.get("__spec__"), "name", None)
     if module and module != "__main__":
         return AppSpec(module, module, None, name)
     return AppSpec.of_file(path, name)

@@ -76,7 +76,6 @@ def own_settings() -> bool:
 def configure(options) -> str | None:
     """
     Set the environment every process of this server reads for C{--app}.
-
     @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
         with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
     """
@@ -156,7 +155,6 @@ def add_app_config(name: str, module, path: str, label: str | None = None) -> No
 def after_setup() -> Site | None:
     """
     After C{django.setup()}: import the file and find the object it names.
-
     @return: the site, or C{None} without C{--app}.
     @raise twistedlrp.boot.BootError: the file does not import, or names no site.
     """

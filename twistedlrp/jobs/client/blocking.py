@@ -49,14 +49,10 @@ def _blocking_client() -> BlockingClient | None:
 
 class BlockingClient:
     """
-    One AMP connection that every thread of the process shares (so that the
-    service commits many threads' requests together), to the first endpoint
-    that answers and is not in its back-off; a thread of its own goes back to
-    an earlier one once it answers again. Answers, errors and failover are
-    those of L{JobClient.request} (L{Attempts}).
-
-    @param endpoints: the endpoint string, or a list of them in order of preference.
-    @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
+    One AMP connection that every thread shares (the service commits their
+    requests together), to the first endpoint (or list's) that answers and is not
+    in its back-off; a thread of its own goes back to an earlier one once it answers.
+    Answers, errors and failover are those of L{JobClient.request} (L{Attempts}).
     """
 
     def __init__(self, endpoints, addresses, secret: bytes | None, timeout: float):
@@ -72,11 +68,7 @@ class BlockingClient:
         self._next_probe = 0.0
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
-        """
-        @return: the operation's answer.
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: unreachable, or the connection broke.
-        """
+        """@return: the answer. @raise JobError: the service's, or unreachable, or it broke."""
         attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
         tries, deadline = attempts.tries, attempts.deadline
         while True:

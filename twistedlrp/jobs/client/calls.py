@@ -159,11 +159,10 @@ _slots: CallSlots | None = None
 
 class CallSlots:
     """
-    How many threads may be in a job call at once (C{--job-threads}), so
-    that views that never touch jobs keep threads while the job service is
-    slow. A call beyond waits for a slot while the youngest holder began
-    less than L{QUICK} seconds ago, for at most L{WAIT} seconds; else it is
-    refused (L{call} raises L{JobServiceUnavailable}).
+    How many threads may be in a job call at once (C{--job-threads}), so that
+    views that never touch jobs keep threads while the job service is slow. A call
+    beyond waits while the youngest holder began less than L{QUICK} seconds ago,
+    for at most L{WAIT} seconds; else it is refused.
     """
 
     QUICK = 0.25
@@ -301,10 +300,8 @@ def unix_client_endpoint(path: str) -> str:
 def call(op: str, call_timeout: float | None = None, **kw):
     """
     Run one job service operation from any thread but the reactor's.
-
-    @return: the operation's answer.
-    @raise JobError: the service refused it (a subclass says why), or
-        L{JobServiceUnavailable}: it cannot be reached or answer in time.
+    @return: its answer. @raise JobError: the service refused it (a subclass says
+        why), or L{JobServiceUnavailable}: it cannot be reached or answer in time.
     """
     if op == "submit" and "payload" not in kw:
         kw["payload"] = encode_payload(kw.pop("args"), kw.pop("kwargs"))

@@ -53,14 +53,10 @@ PING_TIMEOUT = 3.0
 
 class JobLink(Node):
     """
-    A persistent connection to one job node. Until the first attempt (at
-    L{start}) ends its state is C{"connecting"} and calls wait for it; then
-    C{"up"} or C{"down"}. Down, calls fail at once while it is retried in
-    the background with back-off; pinged when silent, a frozen node or a
-    network cut counts as lost within seconds, not when TCP gives up.
-
-    @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
-    @param on_change: called with the link after each change of state.
+    A persistent connection to one job node: C{"connecting"} until the first
+    attempt ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once
+    while it is retried in the background). Pinged when silent, a frozen node or
+    a network cut counts as lost within seconds. C{on_change(link)} after each change.
     """
 
     def __init__(self, reactor, endpoint: str, secret: bytes | None, timeout: float, on_change):
@@ -277,14 +273,10 @@ class _ClientAMP(wire.QuietAMP):
 
 class JobClient:
     """
-    A L{JobLink} to each job node given, in order of preference. A call
-    goes to the first node up (before any first attempt ended, it waits for
-    one); when its connection breaks during the call, the request goes again
-    to the next node up, or to the same one once reconnected (within
-    L{RECONNECT_WAIT}), as L{Attempts} allows. No node up: it fails at once.
-
-    @param endpoints: a client endpoint string, or a list of them.
-    @param secret: the shared secret, for every node but those on a UNIX socket, or C{None}.
+    A L{JobLink} to each job node given (an endpoint string, or a list in order
+    of preference; the secret for those not on a UNIX socket). A call goes to the
+    first node up; when its connection breaks, to the next node up, or to the
+    same one once reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows.
     """
 
     def __init__(self, reactor, endpoints, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT):
@@ -372,10 +364,8 @@ class JobClient:
 
     async def request(self, op: str, kw: dict, timeout: float | None = None):
         """
-        @return: the operation's answer (a job description, a list, stats).
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: no node could be reached, or the
-            connection broke (then the message says whether the outcome is unknown).
+        @return: the operation's answer. @raise JobError: the service's own error, or
+            L{JobServiceUnavailable}: no node answered (the message says if it may have acted).
         """
         attempts = Attempts(op, kw, timeout or self.timeout, self.reactor.seconds())
         deadline = attempts.deadline

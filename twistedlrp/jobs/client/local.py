@@ -14,11 +14,9 @@ log = Logger()
 
 class LocalClient:
     """
-    The job service of this very process, called in the reactor without AMP,
-    a socket or a second encoding; answers and errors are those of
-    L{JobClient.request} (an unexpected error becomes a L{JobError}).
-
-    @param description: the endpoint named in messages.
+    The job service of this very process, called in the reactor without AMP, a
+    socket or a second encoding (C{description} names it in messages); answers
+    and errors are those of L{JobClient.request}.
     """
 
     def __init__(self, reactor, service, timeout: float, description: str):

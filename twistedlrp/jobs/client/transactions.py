@@ -91,10 +91,8 @@ def in_sqlite_transaction() -> bool:
 def submit(kw: dict) -> dict:
     """
     Store a job through the caller's connection, inside its transaction.
-
     @return: the job's wire description (an existing one's if C{id} or C{key} names one).
-    @raise JobError: L{NotRegistered}, L{InvalidArguments} or L{PayloadTooLarge};
-        nothing is stored, the transaction is unharmed.
+    @raise JobError: nothing is stored, the transaction is unharmed.
     """
     from django.db import IntegrityError, connection, transaction
 
@@ -129,11 +127,7 @@ def submit(kw: dict) -> dict:
 
 
 def cancel(kw: dict) -> dict:
-    """
-    Cancel a job inside the caller's transaction (the service is told after the commit).
-
-    @return: the job's wire description after the request. @raise UnknownJob: no such job.
-    """
+    """Cancel a job in the caller's transaction. @return: its wire description. @raise UnknownJob."""
     from django.db import connection, transaction
 
     from twistedlrp.jobs.store import operations as ops
@@ -188,10 +182,7 @@ def detached(op: str, kw: dict) -> dict:
     """
     Submit or cancel a job apart from the caller's SQLite transaction: a thread
     of its own hands it to the job service, again (same id) until it is stored.
-
-    @return: the job's wire description: a submission as it will be stored
-        (C{queued}); a cancelled job as it is now.
-    @raise JobError: the submission's L{_checked} failed.
+    @return: the job's wire description (a submission's as it will be stored).
     """
     if op == "cancel":
         from twistedlrp.jobs.store import operations as ops
