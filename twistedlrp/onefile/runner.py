@@ -161,18 +161,12 @@ def prepare_script() -> None:
     except Exception:
         # The server sets the file up again and reports what is wrong.
         return
-    _explain_missing_settings(spec.label)
-
-
-def _explain_missing_settings(label: str) -> None:
     # A setting the defaults lack that the file reads as it runs ends the run
     # with one line, not a traceback (serve()'s keywords come too late).
-    from twistedlrp.onefile.site import missing_setting
-
-    previous = sys.excepthook
+    previous, label = sys.excepthook, spec.label
 
     def explain(kind, error, tb):
-        name = missing_setting(error)
+        name = site.missing_setting(error)
         if name is None:
             return previous(kind, error, tb)
         sys.stderr.write(

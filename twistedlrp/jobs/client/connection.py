@@ -86,7 +86,7 @@ class JobLink(Node):
         self._stopped = True
         if self._watch.running:
             self._watch.stop()
-        self._cancel_retry()
+        cancel_call(self._retry)
         if self._attempting is not None:
             self._attempting.cancel()
         protocol = self.protocol
@@ -96,14 +96,10 @@ class JobLink(Node):
         protocol.transport.loseConnection()
         return self._closed
 
-    def _cancel_retry(self) -> None:
-        cancel_call(self._retry)
-        self._retry = None
-
     def _attempt(self) -> None:
         if self._attempting is not None or self._stopped:
             return
-        self._cancel_retry()
+        cancel_call(self._retry)
         if self._socket_path is not None and not os.path.exists(self._socket_path):
             self._failed(Failure(JobServiceUnavailable(NO_SOCKET)))
             return

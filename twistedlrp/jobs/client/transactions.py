@@ -101,19 +101,17 @@ def submit(kw: dict) -> dict:
     definition, checked, args, kwargs = _checked(kw)
     fields = submission_fields(definition, args, kwargs, checked)
     postgres = connection.vendor == "postgresql"
-    for attempt in (1, 2):
-        try:
-            # A savepoint: a refused insert leaves the caller's transaction usable.
-            with transaction.atomic():
-                created, info = ops.create(
-                    fields, checked["job_id"], notify=postgres, announce=not postgres
-                )
-            break
-        except IntegrityError:
-            # Another transaction committed a job with this key (or id)
-            # meanwhile: the second look returns it.
-            if attempt == 2:
-                raise
+
+    def create():
+        # A savepoint: a refused insert leaves the caller's transaction usable.
+        with transaction.atomic():
+            return ops.create(fields, checked["job_id"], notify=postgres, announce=not postgres)
+
+    try:
+        created, info = create()
+    except IntegrityError:
+        # Another transaction committed a job with this key (or id) meanwhile: seen now.
+        created, info = create()
     if created:
         if postgres:
             from twistedlrp.jobs.service import metrics as job_metrics
