@@ -7,6 +7,9 @@ and the ``--set`` values on top. No Twisted here.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -28,12 +31,8 @@ CONTRIB_APPS = ("admin", "auth", "contenttypes", "sessions", "messages", "static
 
 def decode_value(text: str):
     """A C{--set} value: JSON if it parses, else a Python literal, else the text itself."""
-    try:
+    with contextlib.suppress(ValueError):
         return json.loads(text)
-    except ValueError:
-        pass
-    import ast
-
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -142,8 +141,6 @@ def nanodjango_settings(state_dir: str | None) -> dict | None:
     meta = sys.modules.get("nanodjango.app_meta")
     if meta is None or getattr(meta, "_app_module", None) is None:
         return None
-    import importlib
-
     base = importlib.import_module("nanodjango.settings")
     values = {name: getattr(base, name) for name in dir(base) if name.isupper()}
     values["INSTALLED_APPS"] = [*values["INSTALLED_APPS"], "twistedlrp"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -234,14 +235,13 @@ def import_app(spec: AppSpec) -> types.ModuleType:
         loading = True
         try:
             existing = importlib.import_module(spec.module)
-        except ModuleNotFoundError as e:
-            if spec.path is None and e.name and spec.module.startswith(e.name):
+        except Exception as e:
+            missing = e.name if isinstance(e, ModuleNotFoundError) else None
+            if spec.path is None and missing and spec.module.startswith(missing):
                 raise BootError(
-                    f"--app {spec.given}: no module named {e.name!r} (is its folder the "
+                    f"--app {spec.given}: no module named {missing!r} (is its folder the "
                     f"working directory or given with --pythonpath?)"
                 ) from None
-            raise _importBootError(spec, e) from None
-        except Exception as e:
             raise _importBootError(spec, e) from None
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
@@ -273,8 +273,7 @@ def _importBootError(spec: AppSpec, e: Exception):
             f"{spec.label} needs the setting {name}, which the defaults do not give: "
             f"add --set {name}=VALUE (or serve(..., {name}=...))"
         )
-    text = str(e).strip().splitlines()
-    last = text[-1] if text else ""
+    last = (str(e).strip().splitlines() or [""])[-1]
     if isinstance(e, ImproperlyConfigured):
         return BootError(f"{spec.label}: {last}")
     details = traceback.format_exc().rstrip()
@@ -287,13 +286,10 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
         of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
     """
     if spec.attr:
-        obj = module
-        for part in spec.attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise BootError(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
-        return obj, spec.attr
+        try:
+            return functools.reduce(getattr, spec.attr.split("."), module), spec.attr
+        except AttributeError:
+            raise BootError(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
     if served:
         return served[-1], None
     for name in DEFAULT_NAMES:
