@@ -172,29 +172,30 @@ def submit(
         if run_after.tzinfo is None:
             raise InvalidArguments("run_after: must be an aware datetime (or a Unix time)")
         run_after = run_after.timestamp()
-    if isinstance(args, str | bytes | dict) or not isinstance(args, list | tuple):
+    if not isinstance(args, list | tuple):
         raise InvalidArguments(f"args: expected a list or a tuple, got {type(args).__name__}")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise InvalidArguments(f"kwargs: expected a dict, got {type(kwargs).__name__}")
     # Its values are checked once, where it is stored (or before it is sent).
     with contextlib.nullcontext() if join_transaction else outside_transaction():
-        return _call(
+        answer = _call(
             "submit", name=name, args=list(args), kwargs=dict(kwargs or {}),
             priority=priority, run_after=run_after, key=key, timeout=timeout, id=id,
         )  # fmt: skip
+    return JobInfo.from_dict(answer)
 
 
-def _call(op: str, **kw) -> JobInfo:
-    """@return: the L{JobInfo} the job service answers to C{op}."""
+def _call(op: str, **kw):
+    """@return: the job service's answer to C{op}."""
     # Imported here: a worker imports this module, and no Twisted.
     from twistedlrp.jobs.client import calls
 
-    return JobInfo.from_dict(calls.call(op, **kw))
+    return calls.call(op, **kw)
 
 
 def get(job_id) -> JobInfo:
     """@return: the job's L{JobInfo}, live progress included. @raise UnknownJob: no such job."""
-    return _call("status", job_id=str(job_id))
+    return JobInfo.from_dict(_call("status", job_id=str(job_id)))
 
 
 def cancel(job_id) -> JobInfo:
@@ -203,7 +204,7 @@ def cancel(job_id) -> JobInfo:
     true, and is killed after a grace period (inside C{atomic()}, at the commit).
     @return: the job's L{JobInfo} after the request. @raise UnknownJob: no such job.
     """
-    return _call("cancel", job_id=str(job_id))
+    return JobInfo.from_dict(_call("cancel", job_id=str(job_id)))
 
 
 def wait(job_id, timeout: float = 60.0) -> JobInfo:
@@ -216,7 +217,7 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     deadline = time.monotonic() + seconds
     while True:
         step = min(max(deadline - time.monotonic(), 0.0), arguments.MAX_WAIT_TIMEOUT)
-        info = _call("wait", job_id=job_id, timeout=step, call_timeout=step + 10)
+        info = JobInfo.from_dict(_call("wait", job_id=job_id, timeout=step, call_timeout=step + 10))
         if info.finished or time.monotonic() >= deadline:
             break
     if not info.finished:
@@ -226,17 +227,13 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
 
 def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
     """@return: the newest jobs (without results or output), optionally filtered."""
-    from twistedlrp.jobs.client import calls
-
-    jobs = calls.call("list_jobs", state=state, name=name, limit=limit)["jobs"]
+    jobs = _call("list_jobs", state=state, name=name, limit=limit)["jobs"]
     return [JobInfo.from_dict(d) for d in jobs]
 
 
 def stats() -> dict:
     """@return: the job service's counters: jobs by state, workers, throughput."""
-    from twistedlrp.jobs.client import calls
-
-    return calls.call("stats")
+    return _call("stats")
 
 
 def progress(current: int, total: int | None = None, message: str = "") -> None:
