@@ -186,7 +186,6 @@ def submit(
 
 
 def _call(op: str, **kw):
-    """@return: the job service's answer to C{op}."""
     # Imported here: a worker imports this module, and no Twisted.
     from twistedlrp.jobs.client import calls
 

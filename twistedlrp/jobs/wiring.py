@@ -87,7 +87,7 @@ class JobClientService(service.Service):
             )
             secret = wire.read_secret(secret_file) if secret_file else None
             self.client = JobClient(reactor, endpoints, secret, timeout)
-        self.client.start()
+            self.client.start()
         jobs_client.install(self.client, self.call_threads)
 
     def describe(self) -> dict | None:

@@ -51,7 +51,6 @@ class Router:
         return register
 
     def __call__(self, request, *args, **kwargs):
-        """Serve C{request} as a view: resolve its path here, call the view found."""
         if self._resolver is None:
             self._resolver = URLResolver(RegexPattern(r"^/"), self.urlpatterns)
         try:

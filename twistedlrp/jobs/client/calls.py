@@ -232,7 +232,6 @@ def call_slots() -> CallSlots | None:
 
 
 def configured(name: str) -> str | None:
-    """@return: C{name} from the environment, else from the Django settings, else C{None}."""
     from django.conf import settings
 
     return os.environ.get(name) or getattr(settings, name, None) or None

@@ -300,7 +300,6 @@ class JobClient:
         return defer.gatherResults([link.stop() for link in self.links], consumeErrors=True)
 
     def current(self) -> JobLink | None:
-        """@return: the node calls go to now: the first that is up."""
         return next((link for link in self.links if link.state == UP), None)
 
     def _changed(self, link: JobLink) -> None:

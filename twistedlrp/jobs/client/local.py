@@ -25,9 +25,6 @@ class LocalClient:
         self.timeout = timeout
         self.endpoint = description
 
-    def start(self) -> None:
-        pass
-
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
 
