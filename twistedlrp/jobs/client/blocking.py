@@ -14,7 +14,6 @@ import threading
 import time
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
     NO_SOCKET,
@@ -168,12 +167,10 @@ class BlockingClient:
         conversation = _Conversation(sock, node)
         if node.secret is not None:
             conversation.limit = limit
-            # The reactor client's login: here each call's Deferred has fired when it returns.
-            failed: list[Failure] = []
-            defer.ensureDeferred(wire.login(conversation, node.secret)).addErrback(failed.append)
             try:
-                if failed:
-                    failed[0].raiseException()
+                # The reactor client's login, run to its end at once: each call's Deferred has fired.
+                with contextlib.suppress(StopIteration):
+                    wire.login(conversation, node.secret).send(None)
             except AuthenticationFailed as e:
                 conversation.close("login refused")
                 node.down(f"it refused the shared secret ({e})", refused=True)
