@@ -386,18 +386,17 @@ def socket_address(endpoint: str) -> tuple[int, object] | None:
     @return: C{(address family, address)} of a C{unix:} or C{tcp:} client endpoint
         string, or C{None} for any other (or with options such as C{bindAddress}).
     """
-    parts = _split(endpoint, ":", True)
-    kind, rest = parts[0], parts[1:]
-    positional = [p for p in rest if "=" not in p]
+    kind, *rest = _split(endpoint, ":", True)
+    positional = [p for p in rest if "=" not in p] + [None, None]
     named = dict(p.split("=", 1) for p in rest if "=" in p)
     if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
         return None
     if kind == "unix":
-        path = named.get("path") or (positional[0] if positional else None)
+        path = named.get("path") or positional[0]
         return (socket.AF_UNIX, path) if path else None
     if kind == "tcp":
-        host = named.get("host") or (positional[0] if positional else None)
-        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+        host = named.get("host") or positional[0]
+        port = named.get("port") or positional[1]
         if not host or not port or not port.isdigit():
             return None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
