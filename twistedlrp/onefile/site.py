@@ -22,23 +22,21 @@ from twistedlrp.boot import BootError
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
 
-VIEW, ROUTER, URLPATTERNS, WSGI = "view", "router", "urlpatterns", "wsgi"
-
 
 @dataclass
 class Site:
-    """The object C{--app} names, and its kind."""
+    """The object C{--app} names: a view, Router or URL patterns, or a WSGI application."""
 
     spec: AppSpec
     module: types.ModuleType
     obj: object
-    kind: str  # VIEW, ROUTER, URLPATTERNS or WSGI
     urlpatterns: list  # the root URL patterns it gives ([] for a WSGI application)
+    wsgi: bool = False
     nanodjango: bool = False
 
     @property
     def serves_django(self) -> bool:
-        return self.kind != WSGI or self.nanodjango
+        return not self.wsgi or self.nanodjango
 
 
 _loaded: Site | None = None
@@ -173,7 +171,7 @@ def after_setup() -> Site | None:
         from twistedlrp import compat
 
         compat.prepare_nanodjango(obj)
-    elif _loaded.kind != WSGI and not own_settings():
+    elif not _loaded.wsgi and not own_settings():
         # --settings too: its settings, but the URLs of what --app names.
         from django.conf import settings
 
@@ -309,25 +307,25 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
     from twistedlrp.onefile.router import Router
 
     if isinstance(obj, Router):
-        return Site(spec, module, obj, ROUTER, obj.urlpatterns)
+        return Site(spec, module, obj, obj.urlpatterns)
     if isinstance(obj, list | tuple):
         wrong = [p for p in obj if not isinstance(p, URLPattern | URLResolver)]
         if not wrong:
-            return Site(spec, module, obj, URLPATTERNS, list(obj))
+            return Site(spec, module, obj, list(obj))
         raise BootError(
             f"--app {spec.given}: a list of URL patterns holds only path() and re_path() "
             f"entries, not {_describe(wrong[0])}"
         )
     if type(obj).__module__.split(".")[0] == "nanodjango" and hasattr(obj, "_prepare"):
-        return Site(spec, module, obj, WSGI, [], nanodjango=True)
+        return Site(spec, module, obj, [], wsgi=True, nanodjango=True)
     view = obj.as_view() if isinstance(obj, type) and hasattr(obj, "as_view") else obj
     if callable(view) and not isinstance(view, type):
         arity = _positional(view)
         if arity == 1:
             name = spec.attr or getattr(view, "__name__", None)
-            return Site(spec, module, obj, VIEW, [re_path(r"^", view, name=name)])
+            return Site(spec, module, obj, [re_path(r"^", view, name=name)])
         if arity == 2:
-            return Site(spec, module, obj, WSGI, [])
+            return Site(spec, module, obj, [], wsgi=True)
     raise BootError(
         f"--app {spec.given}: expected a view (a callable taking a request), a Router, "
         f"a list of URL patterns or a WSGI application, got {_describe(obj)}"
