@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twistedlrp.backoff import Backoff
+from twistedlrp.jobs.errors import NotRegistered
 
 
 @dataclass
@@ -55,8 +56,6 @@ def require(name: str) -> JobDefinition:
     """@return: the definition registered under C{name}; @raise NotRegistered: none is."""
     definition = _registry.get(name)
     if definition is None:
-        from twistedlrp.jobs.errors import NotRegistered
-
         known = names()
         raise NotRegistered(
             f"no job is registered under the name {name!r}; registered: "

@@ -313,7 +313,7 @@ class _Conversation:
                 if waiter.box is not None or waiter.broken is not None:
                     return True
                 reads = not self._reading
-                self._reading = self._reading or reads
+                self._reading = True
             left = deadline - time.monotonic()
             if reads:
                 came = False
