@@ -180,8 +180,7 @@ def after_setup() -> Site | None:
 
 
 def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
-    # The file is its app's models module: migrate --run-syncdb creates the
-    # tables of an app's models only when it has one.
+    # The file is its app's models module (migrate --run-syncdb needs one).
     from django.apps import apps
 
     for config in apps.get_app_configs():

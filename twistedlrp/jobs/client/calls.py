@@ -30,9 +30,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
-# The share of a call's time a job node may wait for a store it cannot reach
-# before it refuses a submission ("not stored"): the rest is for the answer,
-# and for the next node to be asked (which usually refuses too, in time).
+# The share of a call's time a job node may wait for a store it cannot reach before
+# it refuses a submission: the rest is for the answer, and for asking the next node.
 STORE_WAIT_SHARE = 0.8
 NO_SOCKET = (
     "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"

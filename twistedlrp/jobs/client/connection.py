@@ -39,14 +39,11 @@ from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
-# After its connection broke during a call, that call may wait this long
-# for the node's immediate reconnection (a restart, a dropped idle
-# connection) to resend the request there, when no other node is up.
+# A call whose connection broke may wait this long for the node's immediate
+# reconnection (a restart) to resend the request there, when no other node is up.
 RECONNECT_WAIT = 2.0
-
-# A connection that has received nothing for PING_IDLE seconds is pinged
-# (an empty Announce, answered by the node's reactor without its store);
-# without an answer within PING_TIMEOUT it is dropped, and counts as lost.
+# A connection silent for PING_IDLE seconds is pinged (an empty Announce, answered
+# without the store); without an answer within PING_TIMEOUT it counts as lost.
 PING_IDLE = 2.0
 PING_TIMEOUT = 3.0
 

@@ -29,14 +29,12 @@ from twistedlrp.jobs.states import QUEUED
 # Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
 log = logging.getLogger(__name__)
 
-#: Seconds the word to the job service after a commit may take; the sweep
-#: finds the job anyway if it does not arrive.
+#: Seconds the word to the job service after a commit may take (its sweep finds the job anyway).
 ANNOUNCE_TIMEOUT = 2.0
 #: Job ids one Announce carries (an AMP value holds 64 KiB).
 ANNOUNCE_BATCH = 500
-# Ids waiting for their commit, per thread; a rolled-back transaction's stay
-# until the next commit sends them too (the service ignores what was never
-# committed), so the list is capped.
+# Ids waiting for their commit, per thread: a rolled-back transaction's stay until
+# the next commit sends them too (the service ignores them), so the list is capped.
 _MAX_PENDING = 10_000
 
 
@@ -171,8 +169,7 @@ def _tell(op: str, **kw) -> bool:
     return True
 
 
-#: Seconds a detached change keeps trying to reach a job service that
-#: waits for the caller's SQLite write lock.
+#: Seconds a detached change keeps trying a job service that waits for the caller's lock.
 DETACHED_DEADLINE = 120.0
 
 
