@@ -106,16 +106,14 @@ class BlockingClient:
             c = self._conversation
             return c if c and c.usable() and tries.get(c.node, 0) < TRIES_PER_NODE else None
 
-        conversation = current()
-        if conversation is not None:
+        if conversation := current():
             return conversation
         # Another thread may be connecting: wait for it, not beyond the deadline.
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
             problems.append("another thread was still connecting to the job service")
             return None
         try:
-            conversation = current()
-            if conversation is not None:
+            if conversation := current():
                 return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):

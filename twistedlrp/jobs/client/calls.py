@@ -310,12 +310,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
     if op in ("submit", "cancel"):
         from twistedlrp.jobs.client import transactions
 
-        # Changes made inside transaction.atomic() are part of it (the job
-        # service would wait for the caller's own SQLite write lock).
-        if transactions.joins():
-            return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
-        if transactions.in_sqlite_transaction():
-            return transactions.detached(op, kw)
+        if (answer := transactions.in_transaction(op, kw)) is not None:
+            return answer
     if op == "submit" and kw.get("id") is None:
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())

@@ -70,20 +70,19 @@ def outside_transaction():
         _local.outside = depth
 
 
-def joins() -> bool:
-    """@return: whether a submission from this thread now joins its transaction."""
-    if _local.outside:
-        return False
+def in_transaction(op: str, kw: dict) -> dict | None:
+    """
+    @return: the answer to a submit or cancel made inside this thread's C{atomic()}
+        (part of it, or on SQLite apart from it), or C{None}: outside one, send it.
+    """
     from django.db import connection
 
-    return connection.in_atomic_block
-
-
-def in_sqlite_transaction() -> bool:
-    """@return: whether this thread is inside C{atomic()} on an SQLite default database."""
-    from django.db import connection
-
-    return connection.in_atomic_block and connection.vendor == "sqlite"
+    if not connection.in_atomic_block:
+        return None
+    if not _local.outside:
+        # Part of the transaction (the job service would wait for the caller's SQLite lock).
+        return submit(kw) if op == "submit" else cancel(kw)
+    return detached(op, kw) if connection.vendor == "sqlite" else None
 
 
 def submit(kw: dict) -> dict:
