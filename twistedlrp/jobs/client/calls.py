@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
+from twistedlrp.jobs.client import transactions
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge, unsure
 from twistedlrp.jobs.protocol import framing, wire
 from twistedlrp.jobs.protocol.arguments import check_submitted
@@ -307,11 +308,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
 
     if eager.enabled():
         return eager.call(op, kw)
-    if op in ("submit", "cancel"):
-        from twistedlrp.jobs.client import transactions
-
-        if (answer := transactions.in_transaction(op, kw)) is not None:
-            return answer
+    if op in ("submit", "cancel") and (answer := transactions.in_transaction(op, kw)):
+        return answer
     if op == "submit" and kw.get("id") is None:
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
