@@ -155,8 +155,7 @@ def from_environment() -> dict:
     """@return: the settings of the site C{LRP_APP} names (nanodjango's, or L{startproject}'s)."""
     from twistedlrp.onefile.spec import parse
 
-    value = os.environ.get(APP_VARIABLE)
-    if not value:
+    if not (value := os.environ.get(APP_VARIABLE)):
         raise RuntimeError(
             f"{SETTINGS_MODULE} is the settings of a site given with twistd lrp --app; "
             f"{APP_VARIABLE} is not set"

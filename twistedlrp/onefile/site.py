@@ -51,8 +51,7 @@ served: list = []
 
 def current_spec() -> AppSpec | None:
     """@return: the site given with C{--app}, from the environment, if any."""
-    value = os.environ.get(defaults.APP_VARIABLE)
-    if not value:
+    if not (value := os.environ.get(defaults.APP_VARIABLE)):
         return None
     try:
         spec = parse(value)

@@ -334,8 +334,7 @@ def _call(op: str, kw: dict, call_timeout: float | None):
     if client is None and reactor_bridge._mode != "server":
         from twistedlrp.jobs.client.blocking import blocking_client
 
-        blocking = blocking_client()
-        if blocking is not None:
+        if (blocking := blocking_client()) is not None:
             return blocking.request(op, kw, call_timeout)
     timeout = call_timeout or (client.timeout if client else DEFAULT_TIMEOUT)
 
