@@ -1,10 +1,9 @@
 """
 The eager test mode (docs/jobs.md, "Testing your jobs"): with
 C{settings.LRP_JOBS_EAGER} true, every job call of the process is answered
-here, and C{submit} runs the job in the calling thread before it returns.
-The answers are the job service's own: its operations and dispatcher run
-over a store in memory, with a worker that runs the job in the thread that
-submitted it (as dramatiq's C{StubBroker} reuses its worker).
+here, and C{submit} runs the job in the calling thread before it returns, by
+the job service's own operations and dispatcher over a store in memory (as
+dramatiq's C{StubBroker} reuses its worker).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import types
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -61,10 +61,7 @@ def reset() -> None:
 
 
 def call(op: str, kw: dict):
-    """
-    Answer one job operation as the job service would, the jobs it starts
-    run in this thread first; @raise JobError: as the job service would.
-    """
+    """Answer one job operation as the job service would (@raise JobError), its jobs run first."""
     operation = wire.OPERATIONS.get(op)
     if operation is None or not operation.public:
         raise JobError(f"the eager job mode has no operation {op!r}")
@@ -90,42 +87,29 @@ def call(op: str, kw: dict):
     return outcome
 
 
-class _Clock:
-    """The service's clock: Unix time, its calls made by timer threads, under the lock."""
+class _Call(threading.Timer):
+    """The service's C{callLater}: an C{IDelayedCall} made by a timer thread, under the lock."""
 
-    def seconds(self) -> float:
-        return time.time()
+    def __init__(self, delay, fn, *args, **kwargs):
+        super().__init__(max(delay, 0), fn, args, kwargs)
+        self.daemon = True
+        self.time = time.time() + delay
+        self.start()
 
-    def callLater(self, delay, fn, *args, **kwargs):
-        return _Call(self, delay, fn, args, kwargs)
-
-
-class _Call:
-    """An C{IDelayedCall} of L{_Clock}."""
-
-    def __init__(self, clock, delay, fn, args, kwargs):
-        self.time = clock.seconds() + delay
-        self.called = self.cancelled = False
-        self._timer = threading.Timer(max(delay, 0), self._fire, (fn, args, kwargs))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self, fn, args, kwargs) -> None:
+    def run(self) -> None:
+        self.finished.wait(self.interval)
         with _lock:
-            if not self.cancelled:
-                self.called = True
-                fn(*args, **kwargs)
+            # finished: cancelled (cancel()), or from now on called.
+            if not self.finished.is_set():
+                self.finished.set()
+                self.function(*self.args, **self.kwargs)
                 _lock.notify_all()
 
     def getTime(self) -> float:
         return self.time
 
     def active(self) -> bool:
-        return not (self.called or self.cancelled)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._timer.cancel()
+        return not self.finished.is_set()
 
 
 class EagerWorker:
@@ -193,7 +177,7 @@ class EagerService:
     """The job service's operations and dispatcher, over a store in memory."""
 
     def __init__(self):
-        self.reactor = _Clock()
+        self.reactor = types.SimpleNamespace(seconds=time.time, callLater=_Call)
         self.store = MemoryStore()
         self.max_payload = default_max_payload()
         options = {"max-jobs-per-worker": 0, "max-worker-memory": 0}
@@ -218,7 +202,7 @@ class EagerService:
             for worker, name, payload, d in started:
                 with _lock:
                     self.store.begin(worker.job_id)
-                outcome = _attempt(worker, name, payload, self)
+                outcome = self._attempt(worker, name, payload)
                 with _lock:
                     d.callback(outcome)
                     job = self.store.jobs.get(worker.job_id) or {}
@@ -240,30 +224,26 @@ class EagerService:
             outcome[0].raiseException()
         return outcome[0]
 
+    def _attempt(self, worker: EagerWorker, name: str, payload: bytes) -> dict:
+        """@return: the outcome of one attempt, as a worker child sends it."""
+        from twistedlrp.jobs.workers.main import call_job, describe_error
 
-def _attempt(worker: EagerWorker, name: str, payload: bytes, service: EagerService) -> dict:
-    """@return: the outcome of one attempt, as a worker child sends it."""
-    dispatcher = service.dispatcher
-    from twistedlrp.jobs.workers.main import call_job, describe_error
+        def report(current, total, message):
+            with _lock:
+                self.dispatcher.progress(worker.job_id, current, total, message)
 
-    job_id = worker.job_id
-
-    def report(current, total, message):
-        with _lock:
-            dispatcher.progress(job_id, current, total, message)
-
-    previous = _context.begin_local(job_id, report, worker.cancel_event)
-    try:
-        outcome = call_job(registry.find(name).function, payload, service.max_payload)
-        if outcome["ok"]:
-            # As it would come back from a worker: through JSON.
-            outcome["result"] = json.loads(json.dumps(outcome["result"]))
-    except JobCancelled:
-        outcome = {"ok": False, "error": "cancelled", "cancelled": True}
-    except (Exception, SystemExit) as e:
-        # KeyboardInterrupt still stops the tests; anything else fails the attempt.
-        cancelled = worker.cancel_event.is_set()
-        outcome = {"ok": False, "error": describe_error(e), "cancelled": cancelled}
-    finally:
-        _context.end_local(previous)
-    return outcome
+        previous = _context.begin_local(worker.job_id, report, worker.cancel_event)
+        try:
+            outcome = call_job(registry.find(name).function, payload, self.max_payload)
+            if outcome["ok"]:
+                # As it would come back from a worker: through JSON.
+                outcome["result"] = json.loads(json.dumps(outcome["result"]))
+        except JobCancelled:
+            outcome = {"ok": False, "error": "cancelled", "cancelled": True}
+        except (Exception, SystemExit) as e:
+            # KeyboardInterrupt still stops the tests; anything else fails the attempt.
+            cancelled = worker.cancel_event.is_set()
+            outcome = {"ok": False, "error": describe_error(e), "cancelled": cancelled}
+        finally:
+            _context.end_local(previous)
+        return outcome

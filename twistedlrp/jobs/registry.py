@@ -1,9 +1,8 @@
 """
-Which functions may run as jobs: those C{@job} (or a C{django.tasks}
-C{@task} with twistedlrp's backend) registered as their module was
-imported: the C{jobs} and C{tasks} modules of the installed apps and
-C{settings.LRP_JOB_MODULES} (L{discover}), and in a worker any other module
-the server registered a job from, at its first job from there.
+Which functions may run as jobs: those C{@job} (or C{django.tasks} C{@task}
+with twistedlrp's backend) registered as their module was imported: the C{jobs}
+and C{tasks} modules of the installed apps and C{settings.LRP_JOB_MODULES}
+(L{discover}), and in a worker any other module the server registered a job from.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twistedlrp.backoff import Backoff
+from twistedlrp.jobs.errors import NotRegistered
 
 
 @dataclass
@@ -56,8 +56,6 @@ def require(name: str) -> JobDefinition:
     """@return: the definition registered under C{name}; @raise NotRegistered: none is."""
     definition = _registry.get(name)
     if definition is None:
-        from twistedlrp.jobs.errors import NotRegistered
-
         known = names()
         raise NotRegistered(
             f"no job is registered under the name {name!r}; registered: "
@@ -90,17 +88,13 @@ def names() -> list[str]:
 
 
 def discover() -> list[str]:
-    """
-    @return: the dotted names of the site's job modules, imported.
-    @raise twistedlrp.boot.BootError: one of them failed to import.
-    """
+    """@return: the dotted names of the site's job modules, imported. @raise BootError: one failed."""
     from django.conf import settings
 
     from twistedlrp import boot
 
-    # Our own "tasks" module is the django.tasks backend, not tasks: a site
-    # that uses it loads it through TASKS; importing it anyway would cost
-    # every worker ~3.5 MiB (django.tasks or its backport).
+    # Our own "tasks" module is the django.tasks backend, loaded through TASKS if
+    # at all: importing it would cost every worker ~3.5 MiB (django.tasks or its backport).
     imported = boot.import_app_modules("jobs")
     imported += boot.import_app_modules("tasks", skip=("twistedlrp",))
     for dotted in getattr(settings, "LRP_JOB_MODULES", []) or []:

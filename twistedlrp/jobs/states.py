@@ -1,7 +1,5 @@
 """
-The states of a job, defined here and nowhere else.
-
-A job is C{queued}, then C{running}, then C{succeeded}, C{failed} or
+The states of a job: C{queued}, then C{running}, then C{succeeded}, C{failed} or
 C{cancelled}; a failed attempt with retries left goes back to C{queued}.
 """
 

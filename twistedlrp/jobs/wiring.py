@@ -1,7 +1,4 @@
-"""
-The job parts of a server, as services for its parent: the job service with
-its front ends (unless C{--no-jobs} or C{--jobs-connect}) and the job client.
-"""
+"""The job parts of a server: the job service with its front ends, and the job client."""
 
 from __future__ import annotations
 
@@ -20,9 +17,8 @@ if TYPE_CHECKING:
 
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
     """
-    @return: C{(job service or None, job client service)}.
-    @raise twistedlrp.boot.BootError: the service is wanted but the
-        C{twistedlrp} app is not installed, or a job module fails to import.
+    @return: C{(job service, or None with --no-jobs or --jobs-connect; job client service)}.
+    @raise twistedlrp.boot.BootError: no C{twistedlrp} app, or a job module fails to import.
     """
     from django.apps import apps
     from django.conf import settings
@@ -59,11 +55,8 @@ def job_services(reactor, options) -> tuple[service.IService | None, service.ISe
 
 class JobClientService(service.Service):
     """
-    The process's job client (L{twistedlrp.jobs.client.calls}): to this
-    server's job service, the nodes of C{--jobs-connect}, or the settings'.
-
-    @ivar call_threads: at most this many threads in a job call at once
-        (the server sets it to C{--job-threads} where a web pool runs views).
+    The process's job client: to this server's job service, the nodes of
+    C{--jobs-connect}, or the settings', with at most C{call_threads} threads in a call.
     """
 
     name = "job-client"
@@ -94,14 +87,12 @@ class JobClientService(service.Service):
             )
             secret = wire.read_secret(secret_file) if secret_file else None
             self.client = JobClient(reactor, endpoints, secret, timeout)
-        self.client.start()
+            self.client.start()
         jobs_client.install(self.client, self.call_threads)
 
     def describe(self) -> dict | None:
         """@return: the health endpoint's C{job_link} section (C{None}: an in-process client)."""
-        from twistedlrp.jobs.client.connection import JobClient
-
-        if not isinstance(self.client, JobClient):
+        if not hasattr(self.client, "describe"):
             return None
         body = self.client.describe(requires=bool(self.options["health-requires-jobs"]))
         slots = jobs_client.call_slots()

@@ -9,8 +9,7 @@ __all__ = ["Router", "serve"]
 
 
 def __getattr__(name):
-    # Imported on first use: the option parser imports this package, and
-    # the router imports Django.
+    # Imported on first use: the option parser imports this package, the router Django.
     if name == "Router":
         from twistedlrp.onefile.router import Router
 

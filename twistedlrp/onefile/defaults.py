@@ -1,12 +1,15 @@
 """
-The settings of a site given with ``--app`` and no ``--settings``, which
-every process reads from the environment (L{from_environment}): what
-``startproject`` writes, with twistedlrp installed, the database and secret
-key in the state directory, and the ``--set`` values on top. No Twisted here.
+The settings of a site given with ``--app`` and no ``--settings``, which every
+process reads from the environment (L{from_environment}): ``startproject``'s,
+with twistedlrp installed, the database and secret key in the state directory,
+and the ``--set`` values on top. No Twisted here.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import importlib
 import json
 import os
 import secrets
@@ -23,23 +26,13 @@ SETTINGS_VARIABLE = "LRP_APP_SETTINGS"
 STATE_DIR_VARIABLE = "LRP_APP_STATE_DIR"
 #: The command that started the server, when not C{twistd lrp --app} (C{python hello.py}).
 COMMAND_VARIABLE = "LRP_APP_COMMAND"
-#: "1", "true", "yes" or "on" turn C{DEBUG} on (off by default).
-DEBUG_VARIABLE = "DJANGO_DEBUG"
-#: Host names accepted besides localhost, comma-separated (C{ALLOWED_HOSTS}).
-HOSTS_VARIABLE = "DJANGO_ALLOWED_HOSTS"
 CONTRIB_APPS = ("admin", "auth", "contenttypes", "sessions", "messages", "staticfiles")
-SECRET_KEY_FILE = "secret_key"
-DATABASE_FILE = "db.sqlite3"
 
 
 def decode_value(text: str):
     """A C{--set} value: JSON if it parses, else a Python literal, else the text itself."""
-    try:
+    with contextlib.suppress(ValueError):
         return json.loads(text)
-    except ValueError:
-        pass
-    import ast
-
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -56,11 +49,12 @@ def setting_values(items: list[str]) -> dict:
 
 
 def debug_from_environment() -> bool:
-    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get("DJANGO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def allowed_hosts() -> list[str]:
-    extra = [h.strip() for h in os.environ.get(HOSTS_VARIABLE, "").split(",") if h.strip()]
+    """@return: localhost, and the host names of C{DJANGO_ALLOWED_HOSTS} (comma-separated)."""
+    extra = [h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
     return ["localhost", "127.0.0.1", "[::1]", *extra]
 
 
@@ -69,7 +63,7 @@ def secret_key(state_dir: str | None) -> str:
     if not state_dir:
         return secrets.token_urlsafe(50)
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, SECRET_KEY_FILE)
+    path = os.path.join(state_dir, "secret_key")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -87,7 +81,7 @@ def secret_key(state_dir: str | None) -> str:
 
 def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
     """The settings C{startproject} writes, with twistedlrp installed and our URLconf."""
-    database = os.path.join(state_dir, DATABASE_FILE) if state_dir else ":memory:"
+    database = os.path.join(state_dir, "db.sqlite3") if state_dir else ":memory:"
     return {
         "BASE_DIR": Path(base_dir),
         "SECRET_KEY": key,
@@ -141,15 +135,12 @@ def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
 
 def nanodjango_settings(state_dir: str | None) -> dict | None:
     """
-    @return: the settings of the nanodjango app being made (its C{Django()}
-        imports the settings module), with twistedlrp installed and C{DEBUG}
-        as for any site; or C{None} if none is.
+    @return: the settings of the nanodjango app being made (its C{Django()} imports
+        the settings module) with twistedlrp installed, or C{None} if none is.
     """
     meta = sys.modules.get("nanodjango.app_meta")
     if meta is None or getattr(meta, "_app_module", None) is None:
         return None
-    import importlib
-
     base = importlib.import_module("nanodjango.settings")
     values = {name: getattr(base, name) for name in dir(base) if name.isupper()}
     values["INSTALLED_APPS"] = [*values["INSTALLED_APPS"], "twistedlrp"]
@@ -164,8 +155,7 @@ def from_environment() -> dict:
     """@return: the settings of the site C{LRP_APP} names (nanodjango's, or L{startproject}'s)."""
     from twistedlrp.onefile.spec import parse
 
-    value = os.environ.get(APP_VARIABLE)
-    if not value:
+    if not (value := os.environ.get(APP_VARIABLE)):
         raise RuntimeError(
             f"{SETTINGS_MODULE} is the settings of a site given with twistd lrp --app; "
             f"{APP_VARIABLE} is not set"

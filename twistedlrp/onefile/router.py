@@ -16,9 +16,7 @@ from django.urls.resolvers import RegexPattern
 
 
 class Router:
-    """
-    @param routes: C{(pattern, view)} or C{(pattern, view, name)} tuples.
-    """
+    """Routes C{(pattern, view)} or C{(pattern, view, name)} tuples."""
 
     def __init__(self, *routes: tuple):
         self.urlpatterns: list = []
@@ -53,7 +51,6 @@ class Router:
         return register
 
     def __call__(self, request, *args, **kwargs):
-        """Serve C{request} as a view: resolve its path here, call the view found."""
         if self._resolver is None:
             self._resolver = URLResolver(RegexPattern(r"^/"), self.urlpatterns)
         try:

@@ -1,10 +1,8 @@
 """
 ``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``:
-L{serve} replaces the process (same pid, for the signals) with ``twistd -n
-lrp --app /abs/hello.py:app``, whose processes import the file under its
-module name, not as ``__main__`` (whose jobs no worker could import).
-Lower-case keywords are options, upper-case ones settings; the command line
-wins over them, and they over a ``--config`` file.
+L{serve} replaces the process (same pid, for the signals) with ``twistd -n lrp
+--app /abs/hello.py:app``, whose processes import the file under its module
+name, not as ``__main__`` (whose jobs no worker could import).
 """
 
 from __future__ import annotations
@@ -16,18 +14,13 @@ import sys
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import AppSpec
 
-#: The module C{serve()} runs: C{twistd --nodaemon --pidfile= lrp ARGS}.
-RUNNER = "twistedlrp.onefile"
-
 
 def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     """
     Serve C{app} (a view, a Router, URL patterns or a WSGI application) with
-    C{twistd -n lrp}, in place of this process.
-
-    @param keywords: options (C{web_workers=2}) and Django settings (C{DEBUG=True}).
-    @return: only in the server, which imports the file (it does nothing there).
-    @raise SystemExit: a wrong option, on one line.
+    C{twistd -n lrp}, in place of this process. Lower-case keywords are options,
+    upper-case ones settings; the command line wins over them, they over C{--config}.
+    @return: only in the server, which imports the file. @raise SystemExit: a wrong option.
     """
     from twistedlrp.onefile import site
 
@@ -42,7 +35,7 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     from twistedlrp.process.forkserver import flush_stdio
 
     flush_stdio()
-    os.execv(sys.executable, [sys.executable, "-m", RUNNER, *argv])
+    os.execv(sys.executable, [sys.executable, "-m", "twistedlrp.onefile", *argv])
 
 
 def _caller_spec(caller: dict, app) -> AppSpec:
@@ -52,10 +45,9 @@ def _caller_spec(caller: dict, app) -> AppSpec:
     if not path:
         raise TypeError("serve(): call it from a file (python hello.py)")
     module = caller.get("__name__")
-    loader_spec = caller.get("__spec__")
     if module == "__main__":
         # python -m pkg.module: import it under that name; python hello.py: by its path.
-        module = loader_spec.name if loader_spec is not None else None
+        module = getattr(caller.get("__spec__"), "name", None)
     if module and module != "__main__":
         return AppSpec(module, module, None, name)
     return AppSpec.of_file(path, name)
@@ -63,8 +55,8 @@ def _caller_spec(caller: dict, app) -> AppSpec:
 
 def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> list[str]:
     """
-    @return: the C{twistd lrp} arguments that serve C{spec}: the command
-        line's, then the keywords' for options it does not give.
+    @return: the C{twistd lrp} arguments that serve C{spec}: the command line's,
+        then the keywords' for options it does not give.
     @raise SystemExit: an unknown option or a wrong value, on one line.
     """
     from twisted.python import usage
@@ -146,7 +138,6 @@ def prepare_script() -> None:
     in memory) so that its models run up to L{serve} (unless nanodjango's).
     """
     from twistedlrp.onefile import site
-    from twistedlrp.onefile.site import uses_nanodjango
 
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
@@ -157,7 +148,7 @@ def prepare_script() -> None:
     if settings.configured:
         return
     spec = AppSpec.of_file(path)
-    if not spec.module.isidentifier() or uses_nanodjango(spec):
+    if not spec.module.isidentifier() or site.uses_nanodjango(spec):
         return
     import django
 
@@ -170,18 +161,12 @@ def prepare_script() -> None:
     except Exception:
         # The server sets the file up again and reports what is wrong.
         return
-    _explain_missing_settings(spec.label)
-
-
-def _explain_missing_settings(label: str) -> None:
     # A setting the defaults lack that the file reads as it runs ends the run
     # with one line, not a traceback (serve()'s keywords come too late).
-    from twistedlrp.onefile.site import missing_setting
-
-    previous = sys.excepthook
+    previous, label = sys.excepthook, spec.label
 
     def explain(kind, error, tb):
-        name = missing_setting(error)
+        name = site.missing_setting(error)
         if name is None:
             return previous(kind, error, tb)
         sys.stderr.write(

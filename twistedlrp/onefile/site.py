@@ -1,14 +1,14 @@
 """
-A site given with ``--app``, in each process of the server (job workers too:
-no Twisted here): its settings (L{configure}, the environment every process
-reads), and its file imported at the right moment around ``django.setup()``
-(L{before_settings}, L{before_setup}, L{after_setup}; each a no-op without
-``--app``).
+A site given with ``--app``, in each process of the server (job workers too: no
+Twisted here): its settings (L{configure}, in the environment), and its file
+imported at the right moment around ``django.setup()`` (each a no-op without ``--app``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -22,40 +22,36 @@ from twistedlrp.boot import BootError
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
 
-VIEW, ROUTER, URLPATTERNS, WSGI = "view", "router", "urlpatterns", "wsgi"
-
 
 @dataclass
 class Site:
-    """The object C{--app} names, and its kind."""
+    """The object C{--app} names: a view, Router or URL patterns, or a WSGI application."""
 
     spec: AppSpec
     module: types.ModuleType
     obj: object
-    kind: str  # VIEW, ROUTER, URLPATTERNS or WSGI
     urlpatterns: list  # the root URL patterns it gives ([] for a WSGI application)
+    wsgi: bool = False
     nanodjango: bool = False
 
     @property
     def serves_django(self) -> bool:
-        return self.kind != WSGI or self.nanodjango
+        return not self.wsgi or self.nanodjango
 
 
 _loaded: Site | None = None
 # The --app value as typed, and its normalised form (the environment's): messages show the first.
 _typed: tuple[str, str] | None = None
-# True once this process sets a site given with --app up (a server, a
-# worker): the file may be imported from then on (by us, or by Django's admin
-# autodiscovery as django.setup() runs), and serve() called as it imports
-# does nothing but add its object to served.
+# True once this process sets a site given with --app up: the file may be
+# imported from then on (by Django's admin autodiscovery too), and serve()
+# called as it imports only adds its object to served.
 loading = False
 served: list = []
 
 
 def current_spec() -> AppSpec | None:
     """@return: the site given with C{--app}, from the environment, if any."""
-    value = os.environ.get(defaults.APP_VARIABLE)
-    if not value:
+    if not (value := os.environ.get(defaults.APP_VARIABLE)):
         return None
     try:
         spec = parse(value)
@@ -78,7 +74,6 @@ def own_settings() -> bool:
 def configure(options) -> str | None:
     """
     Set the environment every process of this server reads for C{--app}.
-
     @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
         with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
     """
@@ -117,10 +112,6 @@ def command() -> str:
     spec = current_spec()
     given = spec.given if spec is not None else "FILE.py"
     return os.environ.get(defaults.COMMAND_VARIABLE) or f"twistd lrp --app {given}"
-
-
-def given_settings() -> dict:
-    return json.loads(os.environ.get(defaults.SETTINGS_VARIABLE) or "{}")
 
 
 def before_settings(settings_module: str) -> None:
@@ -162,7 +153,6 @@ def add_app_config(name: str, module, path: str, label: str | None = None) -> No
 def after_setup() -> Site | None:
     """
     After C{django.setup()}: import the file and find the object it names.
-
     @return: the site, or C{None} without C{--app}.
     @raise twistedlrp.boot.BootError: the file does not import, or names no site.
     """
@@ -180,7 +170,7 @@ def after_setup() -> Site | None:
         from twistedlrp import compat
 
         compat.prepare_nanodjango(obj)
-    elif _loaded.kind != WSGI and not own_settings():
+    elif not _loaded.wsgi and not own_settings():
         # --settings too: its settings, but the URLs of what --app names.
         from django.conf import settings
 
@@ -189,8 +179,7 @@ def after_setup() -> Site | None:
 
 
 def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
-    # The file is its app's models module: migrate --run-syncdb creates the
-    # tables of an app's models only when it has one.
+    # The file is its app's models module (migrate --run-syncdb needs one).
     from django.apps import apps
 
     for config in apps.get_app_configs():
@@ -233,7 +222,6 @@ def uses_nanodjango(spec: AppSpec) -> bool:
 def import_app(spec: AppSpec) -> types.ModuleType:
     """
     Import the file (by its path, under its module name) or the module.
-
     @raise twistedlrp.boot.BootError: it does not import (with the traceback if not obvious).
     """
     global loading
@@ -243,14 +231,13 @@ def import_app(spec: AppSpec) -> types.ModuleType:
         loading = True
         try:
             existing = importlib.import_module(spec.module)
-        except ModuleNotFoundError as e:
-            if spec.path is None and e.name and spec.module.startswith(e.name):
+        except Exception as e:
+            missing = e.name if isinstance(e, ModuleNotFoundError) else None
+            if spec.path is None and missing and spec.module.startswith(missing):
                 raise BootError(
-                    f"--app {spec.given}: no module named {e.name!r} (is its folder the "
+                    f"--app {spec.given}: no module named {missing!r} (is its folder the "
                     f"working directory or given with --pythonpath?)"
                 ) from None
-            raise _importBootError(spec, e) from None
-        except Exception as e:
             raise _importBootError(spec, e) from None
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
@@ -282,8 +269,7 @@ def _importBootError(spec: AppSpec, e: Exception):
             f"{spec.label} needs the setting {name}, which the defaults do not give: "
             f"add --set {name}=VALUE (or serve(..., {name}=...))"
         )
-    text = str(e).strip().splitlines()
-    last = text[-1] if text else ""
+    last = (str(e).strip().splitlines() or [""])[-1]
     if isinstance(e, ImproperlyConfigured):
         return BootError(f"{spec.label}: {last}")
     details = traceback.format_exc().rstrip()
@@ -292,17 +278,14 @@ def _importBootError(spec: AppSpec, e: Exception):
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
     """
-    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the
-        first of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
+    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the first
+        of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
     """
     if spec.attr:
-        obj = module
-        for part in spec.attr.split("."):
-            try:
-                obj = getattr(obj, part)
-            except AttributeError:
-                raise BootError(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
-        return obj, spec.attr
+        try:
+            return functools.reduce(getattr, spec.attr.split("."), module), spec.attr
+        except AttributeError:
+            raise BootError(f"--app {spec.given}: {spec.label} has no {spec.attr!r}") from None
     if served:
         return served[-1], None
     for name in DEFAULT_NAMES:
@@ -316,34 +299,31 @@ def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | 
 
 
 def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
-    """
-    @return: the L{Site} of C{obj}.
-    @raise twistedlrp.boot.BootError: C{obj} is not a view, Router, URL patterns or WSGI app.
-    """
+    """@return: the L{Site} of C{obj}. @raise BootError: not a view, Router, URLs or WSGI app."""
     from django.urls import URLPattern, URLResolver, re_path
 
     from twistedlrp.onefile.router import Router
 
     if isinstance(obj, Router):
-        return Site(spec, module, obj, ROUTER, obj.urlpatterns)
+        return Site(spec, module, obj, obj.urlpatterns)
     if isinstance(obj, list | tuple):
         wrong = [p for p in obj if not isinstance(p, URLPattern | URLResolver)]
         if not wrong:
-            return Site(spec, module, obj, URLPATTERNS, list(obj))
+            return Site(spec, module, obj, list(obj))
         raise BootError(
             f"--app {spec.given}: a list of URL patterns holds only path() and re_path() "
             f"entries, not {_describe(wrong[0])}"
         )
     if type(obj).__module__.split(".")[0] == "nanodjango" and hasattr(obj, "_prepare"):
-        return Site(spec, module, obj, WSGI, [], nanodjango=True)
+        return Site(spec, module, obj, [], wsgi=True, nanodjango=True)
     view = obj.as_view() if isinstance(obj, type) and hasattr(obj, "as_view") else obj
     if callable(view) and not isinstance(view, type):
         arity = _positional(view)
         if arity == 1:
             name = spec.attr or getattr(view, "__name__", None)
-            return Site(spec, module, obj, VIEW, [re_path(r"^", view, name=name)])
+            return Site(spec, module, obj, [re_path(r"^", view, name=name)])
         if arity == 2:
-            return Site(spec, module, obj, WSGI, [])
+            return Site(spec, module, obj, [], wsgi=True)
     raise BootError(
         f"--app {spec.given}: expected a view (a callable taking a request), a Router, "
         f"a list of URL patterns or a WSGI application, got {_describe(obj)}"
@@ -359,11 +339,9 @@ def _positional(function) -> int | None:
     except (TypeError, ValueError):
         return None
     for count in (1, 2):
-        try:
+        with contextlib.suppress(TypeError):
             signature.bind(*range(count))
-        except TypeError:
-            continue
-        return count
+            return count
     return None
 
 
@@ -375,7 +353,9 @@ def _describe(obj) -> str:
 
 def migrates_at_start() -> bool:
     """@return: whether the server migrates at its start (twistedlrp's settings, their database)."""
-    return own_settings() and "DATABASES" not in given_settings()
+    return own_settings() and "DATABASES" not in json.loads(
+        os.environ.get(defaults.SETTINGS_VARIABLE) or "{}"
+    )
 
 
 def tables_missing() -> list[str]:

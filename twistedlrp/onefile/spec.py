@@ -52,7 +52,7 @@ def _identifier(name: str) -> bool:
     return name.isidentifier() and not keyword.iskeyword(name)
 
 
-def parse(value: str, cwd: str | None = None) -> AppSpec:
+def parse(value: str) -> AppSpec:
     """@return: the parsed C{value}. @raise SpecError: with a one-line message."""
     value = str(value).strip()
     if not value:
@@ -63,7 +63,7 @@ def parse(value: str, cwd: str | None = None) -> AppSpec:
     elif not attr or not all(_identifier(part) for part in attr.split(".")):
         raise SpecError(f"{value}: {attr!r} is not a name of an object (FILE.py:NAME)")
     if target.endswith(".py") or "/" in target or os.sep in target:
-        spec = AppSpec.of_file(os.path.join(cwd or os.getcwd(), target), attr, given=value)
+        spec = AppSpec.of_file(target, attr, given=value)
         if not os.path.isfile(spec.path):
             raise SpecError(f"{value}: no such file: {spec.path}")
         if not _identifier(spec.module):

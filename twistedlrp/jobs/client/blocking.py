@@ -1,12 +1,12 @@
 """
-The job client without a reactor (L{BlockingClient}), for C{unix:} and
-C{tcp:} endpoints outside the server: no reactor thread to hand a call to,
-and no reader thread to hand its answer back (L{_Conversation}).
+The job client without a reactor (L{BlockingClient}) for C{unix:} and C{tcp:}
+endpoints outside the server: no reactor thread, and no reader thread (L{_Conversation}).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import socket
@@ -14,7 +14,6 @@ import threading
 import time
 
 from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
     NO_SOCKET,
@@ -29,69 +28,46 @@ from twistedlrp.jobs.client.calls import (
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
 from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol.framing import BoxReader
 
 _lock = threading.Lock()
-
-_blocking: BlockingClient | None = None
-_NO_BLOCKING = object()
 
 
 def blocking_client() -> BlockingClient | None:
     """@return: this process's L{BlockingClient}, or C{None} if an endpoint needs a reactor."""
-    global _blocking
-    if _blocking is None:
-        with _lock:
-            if _blocking is None:
-                endpoints = configured_endpoints()
-                addresses = [socket_address(endpoint) for endpoint in endpoints]
-                if None in addresses:
-                    _blocking = _NO_BLOCKING
-                else:
-                    _blocking = BlockingClient(endpoints, addresses, *configured_login())
-    return None if _blocking is _NO_BLOCKING else _blocking
+    with _lock:
+        return _blocking_client()
 
 
-class _Node(Node):
-    """One endpoint of a L{BlockingClient}: its socket's address family and address."""
-
-    def __init__(self, endpoint: str, address, secret: bytes | None):
-        super().__init__(endpoint, secret, time.monotonic)
-        self.family, self.address = address
+@functools.cache
+def _blocking_client() -> BlockingClient | None:
+    endpoints = configured_endpoints()
+    addresses = [socket_address(endpoint) for endpoint in endpoints]
+    return None if None in addresses else BlockingClient(endpoints, addresses, *configured_login())
 
 
 class BlockingClient:
     """
-    One AMP connection that every thread of the process shares (so that the
-    service commits many threads' requests together), each caller reading
-    its own answer (L{_Conversation}). It connects at the first call, again
-    after the connection broke, to the first endpoint that answers and is
-    not in its back-off; a thread of its own goes back to an earlier
-    endpoint once it answers again. Its answers, errors and failover are
-    those of L{JobClient.request} (L{Attempts}).
-
-    @param endpoints: the endpoint string, or a list of them in order of preference.
-    @param addresses: C{(family, address)} (L{socket_address}), or a list, one per endpoint.
-    @param secret: the shared secret (Login after each connect), or C{None}.
+    One AMP connection that every thread shares (the service commits their
+    requests together), to the first endpoint (or list's) that answers and is not
+    in its back-off; a thread of its own goes back to an earlier one once it answers.
+    Answers, errors and failover are those of L{JobClient.request} (L{Attempts}).
     """
 
     def __init__(self, endpoints, addresses, secret: bytes | None, timeout: float):
         if isinstance(endpoints, str):
             endpoints, addresses = [endpoints], [addresses]
-        self.nodes = [_Node(e, a, secret) for e, a in zip(endpoints, addresses, strict=True)]
+        self.nodes = [Node(endpoint, secret, time.monotonic) for endpoint in endpoints]
+        self._addresses = dict(zip(self.nodes, addresses, strict=True))
         self.endpoint = endpoints[0]
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conversation: _Conversation | None = None
-        self._probing = False
-        self._probe_lock = threading.Lock()
+        self._probing = threading.Lock()  # held while a probe runs
         self._next_probe = 0.0
 
     def request(self, op: str, kw: dict, timeout: float | None = None):
-        """
-        @return: the operation's answer.
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: unreachable, or the connection broke.
-        """
+        """@return: the answer. @raise JobError: the service's, or unreachable, or it broke."""
         attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
         tries, deadline = attempts.tries, attempts.deadline
         while True:
@@ -121,9 +97,8 @@ class BlockingClient:
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
         """
-        @return: the connection to use (to the first endpoint that answers,
-            among those not tried too often and not in their back-off), or
-            C{None} when there is none.
+        @return: the connection to the first endpoint that answers, among those not
+            tried too often and not in their back-off, or C{None} when there is none.
         @raise AuthenticationFailed: a service refused our secret.
         """
 
@@ -131,16 +106,14 @@ class BlockingClient:
             c = self._conversation
             return c if c and c.usable() and tries.get(c.node, 0) < TRIES_PER_NODE else None
 
-        conversation = current()
-        if conversation is not None:
+        if conversation := current():
             return conversation
         # Another thread may be connecting: wait for it, not beyond the deadline.
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0.001)):
             problems.append("another thread was still connecting to the job service")
             return None
         try:
-            conversation = current()
-            if conversation is not None:
+            if conversation := current():
                 return conversation
             # Those this call did not try yet first (in order), then the one whose connection broke.
             for node in sorted(self.nodes, key=lambda n: tries.get(n, 0)):
@@ -171,32 +144,31 @@ class BlockingClient:
                 self._conversation = None
         conversation.retire()
 
-    def _connect(self, node: _Node, deadline: float) -> _Conversation:
+    def _connect(self, node: Node, deadline: float) -> _Conversation:
         """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
-        if node.family == socket.AF_UNIX and not os.path.exists(node.address):
+        family, address = self._addresses[node]
+        if family == socket.AF_UNIX and not os.path.exists(address):
             node.down(NO_SOCKET)
             raise JobServiceUnavailable(node.problem())
         limit = max(min(self.timeout, deadline - time.monotonic()), 0.01)
-        sock = socket.socket(node.family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.settimeout(limit)
-            sock.connect(node.address)
+            sock.connect(address)
             sock.settimeout(None)
         except OSError as e:
             sock.close()
             node.down(e.strerror or type(e).__name__)
             raise JobServiceUnavailable(node.problem()) from None
-        if node.family != socket.AF_UNIX:
+        if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conversation = _Conversation(sock, node)
         if node.secret is not None:
             conversation.limit = limit
-            # The reactor client's login: here each call's Deferred has fired when it returns.
-            failed: list[Failure] = []
-            defer.ensureDeferred(wire.login(conversation, node.secret)).addErrback(failed.append)
             try:
-                if failed:
-                    failed[0].raiseException()
+                # The reactor client's login, run to its end at once: each call's Deferred has fired.
+                with contextlib.suppress(StopIteration):
+                    wire.login(conversation, node.secret).send(None)
             except AuthenticationFailed as e:
                 conversation.close("login refused")
                 node.down(f"it refused the shared secret ({e})", refused=True)
@@ -211,15 +183,13 @@ class BlockingClient:
                 raise JobServiceUnavailable(node.problem()) from None
         return conversation
 
-    def _maybe_probe(self, node: _Node) -> None:
+    def _maybe_probe(self, node: Node) -> None:
         """Using a later endpoint: now and then, see in the background whether an earlier one answers."""
-        if node is self.nodes[0] or self._probing or time.monotonic() < self._next_probe:
+        if node is self.nodes[0] or time.monotonic() < self._next_probe:
             return
-        with self._probe_lock:
-            if self._probing:
-                return
-            self._probing = True
-            self._next_probe = time.monotonic() + node.backoff.maximum
+        if not self._probing.acquire(blocking=False):
+            return
+        self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
         ).start()
@@ -240,15 +210,13 @@ class BlockingClient:
                 if not self._lock.acquire(timeout=self.timeout):
                     fresh.close("not needed")
                     return
-                try:
-                    old, self._conversation = self._conversation, fresh
-                finally:
-                    self._lock.release()
+                old, self._conversation = self._conversation, fresh
+                self._lock.release()
                 if old is not None:
                     old.retire()
                 return
         finally:
-            self._probing = False
+            self._probing.release()
 
 
 class _Broken(Exception):
@@ -268,15 +236,12 @@ class _Waiter(threading.Event):
 
 class _Conversation:
     """
-    One blocking AMP connection, requests tagged. No thread of its own: a
-    caller reads the socket itself while no other caller does, hands the
-    answers it reads to their callers, then the reading to one still waiting
-    (one wake-up per call, not three with a reader thread).
+    One blocking AMP connection, requests tagged. No thread of its own: a caller
+    reads the socket while no other does, hands the answers it reads to their
+    callers, then the reading to one still waiting (one wake-up per call, not three).
     """
 
-    def __init__(self, sock: socket.socket, node: _Node):
-        from twistedlrp.jobs.protocol.framing import BoxReader
-
+    def __init__(self, sock: socket.socket, node: Node):
         self.sock = sock
         self.node = node
         self.endpoint = node.endpoint
@@ -337,9 +302,8 @@ class _Conversation:
 
     def _answer(self, waiter: _Waiter, tag: bytes, deadline: float) -> bool:
         """
-        Wait for C{waiter}'s answer until C{deadline}, reading the socket
-        when no other caller does. @return: whether it came (or the
-        connection broke); C{False}: the deadline passed (then it is withdrawn).
+        Wait for C{waiter}'s answer until C{deadline}, reading the socket when no other
+        caller does. @return: whether it came (or the connection broke); else withdrawn.
         """
         while True:
             with self._lock:
@@ -347,7 +311,7 @@ class _Conversation:
                 if waiter.box is not None or waiter.broken is not None:
                     return True
                 reads = not self._reading
-                self._reading = self._reading or reads
+                self._reading = True
             left = deadline - time.monotonic()
             if reads:
                 came = False
@@ -430,13 +394,10 @@ class _Conversation:
             raise no_answer(self.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
             raise _Broken(broke_during(self.endpoint, op, waiter.broken))
-        if b"_error" in waiter.box:
-            self._raise(command, waiter.box, op)
-        return command.parseResponse(waiter.box, None)
-
-    def _raise(self, command, answer: dict, op: str):
-        code = answer.get(b"_error_code", b"")
-        description = answer.get(b"_error_description", b"").decode("utf-8", "replace")
+        if b"_error" not in waiter.box:
+            return command.parseResponse(waiter.box, None)
+        code = waiter.box.get(b"_error_code", b"")
+        description = waiter.box.get(b"_error_description", b"").decode("utf-8", "replace")
         error_class = command.reverseErrors.get(code)
         if error_class is None:
             raise unsure(

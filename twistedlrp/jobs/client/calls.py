@@ -1,11 +1,8 @@
 """
-A job call from any thread (L{call}), behind the public API: the server's
-views call the local service (L{local}), a process with a reactor keeps an
-AMP connection to each node (L{connection}), any other reaches a C{unix:}
-or C{tcp:} endpoint from the calling thread (L{blocking}); the eager test
-mode answers in the calling thread (L{twistedlrp.jobs.eager}). Outside the
-server the settings name the service (docs/jobs.md, "Jobs from other
-processes"); the environment is read first, so a worker is told its own.
+A job call from any thread (L{call}), behind the public API: to the service
+of this process (L{local}), through a reactor's AMP connections (L{connection}),
+from the calling thread (L{blocking}), or answered in it (L{twistedlrp.jobs.eager}).
+Outside the server the environment, then the settings, name the service.
 """
 
 from __future__ import annotations
@@ -16,7 +13,6 @@ import socket
 import threading
 import time
 import uuid
-from functools import partial
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer
@@ -24,6 +20,7 @@ from twisted.logger import Logger
 
 from twistedlrp import reactor_bridge
 from twistedlrp.backoff import Backoff
+from twistedlrp.jobs.client import transactions
 from twistedlrp.jobs.errors import InvalidArguments, JobServiceUnavailable, PayloadTooLarge, unsure
 from twistedlrp.jobs.protocol import framing, wire
 from twistedlrp.jobs.protocol.arguments import check_submitted
@@ -34,15 +31,12 @@ if TYPE_CHECKING:
 log = Logger()
 
 DEFAULT_TIMEOUT = 10.0
-# The share of a call's time a job node may wait for a store it cannot reach
-# before it refuses a submission ("not stored"): the rest is for the answer,
-# and for the next node to be asked (which usually refuses too, in time).
+# The share of a call's time a job node may wait for a store it cannot reach before
+# it refuses a submission: the rest is for the answer, and for asking the next node.
 STORE_WAIT_SHARE = 0.8
 NO_SOCKET = (
     "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
 )
-# Reconnections to a job node that is down: from a blink to a few seconds.
-reconnect_backoff = partial(Backoff, 0.05, 5.0, jitter=0.1)
 
 
 def unreachable(endpoint, error: str | None = None, detail: str = "") -> str:
@@ -67,14 +61,13 @@ UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 class Node:
     """
-    One job node of a client (L{JobLink}, the blocking client's): C{state}
-    (C{CONNECTING} until its first attempt ends) since C{since}, the last
-    error, and C{retry_at}, the end of its back-off. C{clock()}: seconds now.
+    One job node of a client: C{state} (C{CONNECTING} until its first attempt ends)
+    since C{since}, the last error, and C{retry_at}, the end of its back-off.
     """
 
     def __init__(self, endpoint: str, secret: bytes | None, clock):
         self.endpoint, self.secret, self.clock = endpoint, secret, clock
-        self.backoff = reconnect_backoff()
+        self.backoff = Backoff(0.05, 5.0, jitter=0.1)  # reconnections: a blink to a few seconds
         self.state, self.since, self.retry_at = CONNECTING, clock(), 0.0
         self.last_error: str | None = None
         self.refused = False  # it refused our secret: calls say so, not "unavailable"
@@ -103,11 +96,9 @@ class Node:
 
 class Attempts:
     """
-    One call's tries over the job nodes (in a reactor's client and the
-    blocking one): a request whose connection broke is sent again (to the
-    next node, or the same one reconnected) unless it is a submission
-    without an id; a node that answers C{UNAVAILABLE} is replaced by the
-    next. C{tries} counts each node's.
+    One call's tries over the job nodes: a request whose connection broke is
+    sent again (to the next node, or the same one reconnected) unless it is a
+    submission without an id; a node that answers C{UNAVAILABLE} is replaced by the next.
     """
 
     def __init__(self, op: str, kw: dict, limit: float, now: float):
@@ -121,8 +112,7 @@ class Attempts:
 
     def arguments(self, now: float) -> dict:
         """
-        @return: the AMP arguments of the next send (a submission is checked
-            here first; the job service checks it again, in its own process).
+        @return: the AMP arguments of the next send (a submission checked first).
         @raise InvalidArguments: a submission's value of the wrong type or out of range.
         """
         sent = self.kw
@@ -169,11 +159,10 @@ _slots: CallSlots | None = None
 
 class CallSlots:
     """
-    How many threads may be in a job call at once (C{--job-threads}), so
-    that views that never touch jobs keep threads while the job service is
-    slow. A call beyond waits for a slot while the youngest holder began
-    less than L{QUICK} seconds ago, for at most L{WAIT} seconds; else it is
-    refused (L{call} raises L{JobServiceUnavailable}).
+    How many threads may be in a job call at once (C{--job-threads}), so that
+    views that never touch jobs keep threads while the job service is slow. A call
+    beyond waits while the youngest holder began less than L{QUICK} seconds ago,
+    for at most L{WAIT} seconds; else it is refused.
     """
 
     QUICK = 0.25
@@ -243,7 +232,6 @@ def call_slots() -> CallSlots | None:
 
 
 def configured(name: str) -> str | None:
-    """@return: C{name} from the environment, else from the Django settings, else C{None}."""
     from django.conf import settings
 
     return os.environ.get(name) or getattr(settings, name, None) or None
@@ -251,13 +239,10 @@ def configured(name: str) -> str | None:
 
 def configured_endpoints(state_dir: str | None = None) -> list[str]:
     """
-    @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or
-        separated by commas), else of the socket in C{state_dir} (or
-        C{LRP_STATE_DIR}, or C{.lrp}).
+    @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or separated
+        by commas), else of the socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
     """
-    from django.conf import settings
-
-    value = os.environ.get("LRP_JOBS_CONNECT") or getattr(settings, "LRP_JOBS_CONNECT", None)
+    value = configured("LRP_JOBS_CONNECT")
     if isinstance(value, list | tuple):
         endpoints = [str(item).strip() for item in value if str(item).strip()]
     else:
@@ -293,11 +278,7 @@ def _split(text: str, separator: str, unescape: bool) -> list[str]:
 
 
 def jobs_timeout() -> float:
-    """
-    @return: C{LRP_JOBS_TIMEOUT}, the seconds a job call may take (the one
-        place it is read).
-    @raise ValueError: the setting is not a number.
-    """
+    """@return: C{LRP_JOBS_TIMEOUT}, a job call's seconds. @raise ValueError: not a number."""
     from django.conf import settings
 
     return float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
@@ -310,20 +291,6 @@ def configured_login() -> tuple[bytes | None, float]:
     return secret, jobs_timeout()
 
 
-def _settings_client() -> JobClient:
-    """@return: this process's client, built (in the reactor thread) from its settings."""
-    global _client
-    if _client is None:
-        from twisted.internet import reactor
-
-        from twistedlrp.jobs.client.connection import JobClient
-
-        client = JobClient(reactor, configured_endpoints(), *configured_login())
-        client.start()
-        _client = client
-    return _client
-
-
 def unix_client_endpoint(path: str) -> str:
     """@return: the client endpoint string of the UNIX socket at C{path}."""
     return "unix:path=" + os.path.abspath(path).replace("\\", "\\\\").replace(":", "\\:")
@@ -332,11 +299,8 @@ def unix_client_endpoint(path: str) -> str:
 def call(op: str, call_timeout: float | None = None, **kw):
     """
     Run one job service operation from any thread but the reactor's.
-
-    @return: the operation's answer.
-    @raise InvalidArguments: submit arguments that are not JSON.
-    @raise JobServiceUnavailable: the service cannot be reached or answer in time.
-    @raise JobError: the service refused the operation (a subclass says why).
+    @return: its answer. @raise JobError: the service refused it (a subclass says
+        why), or L{JobServiceUnavailable}: it cannot be reached or answer in time.
     """
     if op == "submit" and "payload" not in kw:
         kw["payload"] = encode_payload(kw.pop("args"), kw.pop("kwargs"))
@@ -344,15 +308,8 @@ def call(op: str, call_timeout: float | None = None, **kw):
 
     if eager.enabled():
         return eager.call(op, kw)
-    if op in ("submit", "cancel"):
-        from twistedlrp.jobs.client import transactions
-
-        # Changes made inside transaction.atomic() are part of it (the job
-        # service would wait for the caller's own SQLite write lock).
-        if transactions.joins():
-            return transactions.submit(kw) if op == "submit" else transactions.cancel(kw)
-        if transactions.in_sqlite_transaction():
-            return transactions.detached(op, kw)
+    if op in ("submit", "cancel") and (answer := transactions.in_transaction(op, kw)):
+        return answer
     if op == "submit" and kw.get("id") is None:
         # Chosen before it is sent: sent again (its answer lost), it is the same job.
         kw["id"] = str(uuid.uuid4())
@@ -377,14 +334,22 @@ def _call(op: str, kw: dict, call_timeout: float | None):
     if client is None and reactor_bridge._mode != "server":
         from twistedlrp.jobs.client.blocking import blocking_client
 
-        blocking = blocking_client()
-        if blocking is not None:
+        if (blocking := blocking_client()) is not None:
             return blocking.request(op, kw, call_timeout)
     timeout = call_timeout or (client.timeout if client else DEFAULT_TIMEOUT)
 
     def run():
-        target = _client or _settings_client()
-        return defer.ensureDeferred(target.request(op, kw, call_timeout))
+        # In the reactor thread: the first call builds this process's client from its settings.
+        global _client
+        if _client is None:
+            from twisted.internet import reactor
+
+            from twistedlrp.jobs.client.connection import JobClient
+
+            client = JobClient(reactor, configured_endpoints(), *configured_login())
+            client.start()
+            _client = client
+        return defer.ensureDeferred(_client.request(op, kw, call_timeout))
 
     try:
         return reactor_bridge.call_in_reactor(run, timeout=2 * timeout + 1)
@@ -393,11 +358,7 @@ def _call(op: str, kw: dict, call_timeout: float | None):
 
 
 def encode_payload(args, kwargs) -> bytes:
-    """
-    @return: the JSON payload of a submission.
-    @raise InvalidArguments: the arguments are not JSON-serialisable.
-    @raise PayloadTooLarge: far beyond any limit the wire can carry.
-    """
+    """@return: a submission's JSON. @raise InvalidArguments, PayloadTooLarge: not JSON, too big."""
     try:
         payload = json.dumps(
             {"args": list(args), "kwargs": dict(kwargs)}, allow_nan=False, separators=(",", ":")
@@ -414,22 +375,20 @@ def encode_payload(args, kwargs) -> bytes:
 
 def socket_address(endpoint: str) -> tuple[int, object] | None:
     """
-    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client
-        endpoint string, or C{None} for any other (or one with options a
-        plain socket does not have, such as C{bindAddress}).
+    @return: C{(address family, address)} of a C{unix:} or C{tcp:} client endpoint
+        string, or C{None} for any other (or with options such as C{bindAddress}).
     """
-    parts = _split(endpoint, ":", True)
-    kind, rest = parts[0], parts[1:]
-    positional = [p for p in rest if "=" not in p]
+    kind, *rest = _split(endpoint, ":", True)
+    positional = [p for p in rest if "=" not in p] + [None, None]
     named = dict(p.split("=", 1) for p in rest if "=" in p)
     if set(named) - {"host", "port", "path", "timeout", "lockfile", "checkPID"}:
         return None
     if kind == "unix":
-        path = named.get("path") or (positional[0] if positional else None)
+        path = named.get("path") or positional[0]
         return (socket.AF_UNIX, path) if path else None
     if kind == "tcp":
-        host = named.get("host") or (positional[0] if positional else None)
-        port = named.get("port") or (positional[1] if len(positional) > 1 else None)
+        host = named.get("host") or positional[0]
+        port = named.get("port") or positional[1]
         if not host or not port or not port.isdigit():
             return None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -2,20 +2,16 @@
 The job client in a reactor: L{JobClient} calls the first job node that is
 up, each through one persistent AMP connection (L{JobLink}).
 
-Why not C{ClientService} (Twisted 26.10): a call must fail at once while
-its node is down, but C{whenConnected()} while it waits to retry (even with
-C{failAfterFailures}) waits for the next attempt; it shows neither its
-state nor the last connection error, which the calls' errors and the health
-endpoint's C{job_link} section say (we would keep our own state beside its
-own); and it logs every retry at info level ("Scheduling retry ...", which
-tests/test_faults.py checks the log is without).
+Not C{ClientService} (Twisted 26.10): its C{whenConnected()} waits for the
+next attempt where a call to a node that is down must fail at once; it shows
+neither its state nor the last error (which call errors and the health
+endpoint say); and it logs every retry at info level ("Scheduling retry ...").
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import clientFromString
@@ -43,48 +39,29 @@ from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
 
-# After its connection broke during a call, that call may wait this long
-# for the node's immediate reconnection (a restart, a dropped idle
-# connection) to resend the request there, when no other node is up.
+# A call whose connection broke may wait this long for the node's immediate
+# reconnection (a restart) to resend the request there, when no other node is up.
 RECONNECT_WAIT = 2.0
-
-# A connection that has received nothing for PING_IDLE seconds is pinged
-# (an empty Announce, answered by the node's reactor without its store);
-# without an answer within PING_TIMEOUT it is dropped, and counts as lost.
+# A connection silent for PING_IDLE seconds is pinged (an empty Announce, answered
+# without the store); without an answer within PING_TIMEOUT it counts as lost.
 PING_IDLE = 2.0
 PING_TIMEOUT = 3.0
 
 
 class JobLink(Node):
     """
-    A persistent connection to one job node. Until the first attempt (at
-    L{start}) ends its state is C{"connecting"} and calls wait for it; then
-    it is C{"up"} or C{"down"}. Down, calls fail at once while it is retried
-    in the background with back-off; pinged when silent, a frozen node or a
-    network cut counts as lost within seconds, not when TCP gives up.
-
-    @param endpoint: a client endpoint string, or an C{IStreamClientEndpoint}
-        (then C{description} names it in messages).
-    @param secret: the shared secret, or C{None} (no Login; fine on a UNIX socket).
-    @param on_change: called with the link after each change of state.
+    A persistent connection to one job node: C{"connecting"} until the first
+    attempt ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once
+    while it is retried in the background). Pinged when silent, a frozen node or
+    a network cut counts as lost within seconds. C{on_change(link)} after each change.
     """
 
-    def __init__(
-        self,
-        reactor,
-        endpoint,
-        secret: bytes | None,
-        timeout: float = DEFAULT_TIMEOUT,
-        description: str | None = None,
-        on_change: Callable[[JobLink], None] | None = None,
-    ):
-        super().__init__(description or str(endpoint), secret, reactor.seconds)
+    def __init__(self, reactor, endpoint: str, secret: bytes | None, timeout: float, on_change):
+        super().__init__(endpoint, secret, reactor.seconds)
         self.reactor = reactor
         # A UNIX socket that does not exist means no service: say so at once.
-        self._socket_path = unix_path(endpoint) if isinstance(endpoint, str) else None
-        if isinstance(endpoint, str):
-            endpoint = clientFromString(reactor, endpoint)
-        self._connector = endpoint
+        self._socket_path = unix_path(endpoint)
+        self._connector = clientFromString(reactor, endpoint)
         self.timeout = timeout
         self.on_change = on_change
         self.protocol: _ClientAMP | None = None
@@ -106,7 +83,7 @@ class JobLink(Node):
         self._stopped = True
         if self._watch.running:
             self._watch.stop()
-        self._cancel_retry()
+        cancel_call(self._retry)
         if self._attempting is not None:
             self._attempting.cancel()
         protocol = self.protocol
@@ -116,18 +93,10 @@ class JobLink(Node):
         protocol.transport.loseConnection()
         return self._closed
 
-    @property
-    def reconnecting(self) -> bool:
-        return self._attempting is not None
-
-    def _cancel_retry(self) -> None:
-        cancel_call(self._retry)
-        self._retry = None
-
     def _attempt(self) -> None:
         if self._attempting is not None or self._stopped:
             return
-        self._cancel_retry()
+        cancel_call(self._retry)
         if self._socket_path is not None and not os.path.exists(self._socket_path):
             self._failed(Failure(JobServiceUnavailable(NO_SOCKET)))
             return
@@ -220,8 +189,7 @@ class JobLink(Node):
 
     def set_state(self, state: str) -> None:
         super().set_state(state)
-        if self.on_change is not None:
-            self.on_change(self)
+        self.on_change(self)
 
     def _check(self) -> None:
         protocol = self.protocol
@@ -256,9 +224,8 @@ class JobLink(Node):
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; else, when
-            connecting for the first time or (with C{wait_reconnect}) again,
-            once connected before C{deadline}.
+        @return: the connected protocol: at once when up; else, when connecting
+            (with C{wait_reconnect}, again), once connected before C{deadline}.
         @raise JobServiceUnavailable: down, or not connected in time.
         @raise AuthenticationFailed: the service refused our secret.
         """
@@ -299,35 +266,20 @@ class _ClientAMP(wire.QuietAMP):
 
 class JobClient:
     """
-    A L{JobLink} to each job node given, in order of preference. A call
-    goes to the first node up (before any first attempt ended, it waits for
-    one); when its connection breaks during the call, the request goes again
-    to the next node up, or to the same one once reconnected (within
-    L{RECONNECT_WAIT}), as L{Attempts} allows. No node up: it fails at once.
-
-    @param endpoints: a client endpoint string, a list of them, or an
-        C{IStreamClientEndpoint} (then C{description} names it).
-    @param secret: the shared secret, for every node but those on a UNIX
-        socket, or C{None}.
+    A L{JobLink} to each job node given (an endpoint string, or a list in order
+    of preference; the secret for those not on a UNIX socket). A call goes to the
+    first node up; when its connection breaks, to the next node up, or to the
+    same one once reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows.
     """
 
-    def __init__(
-        self,
-        reactor,
-        endpoints,
-        secret: bytes | None,
-        timeout: float = DEFAULT_TIMEOUT,
-        description: str | None = None,
-    ):
+    def __init__(self, reactor, endpoints, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT):
         self.reactor = reactor
         self.timeout = timeout
-        if isinstance(endpoints, str) or not isinstance(endpoints, list | tuple):
+        if isinstance(endpoints, str):
             endpoints = [endpoints]
-        unix = [isinstance(e, str) and e.startswith("unix:") for e in endpoints]
-        named = description if len(endpoints) == 1 else None
         self.links = [
-            JobLink(reactor, e, None if u else secret, timeout, named, self._changed)
-            for e, u in zip(endpoints, unix, strict=True)
+            JobLink(reactor, e, None if e.startswith("unix:") else secret, timeout, self._changed)
+            for e in endpoints
         ]
         self._current: JobLink | None = None
         self._since = reactor.seconds()
@@ -345,7 +297,6 @@ class JobClient:
         return defer.gatherResults([link.stop() for link in self.links], consumeErrors=True)
 
     def current(self) -> JobLink | None:
-        """@return: the node calls go to now: the first that is up."""
         return next((link for link in self.links if link.state == UP), None)
 
     def _changed(self, link: JobLink) -> None:
@@ -399,16 +350,14 @@ class JobClient:
         for link in self.links:
             if link.state == CONNECTING and not tries.get(link):
                 return link, False
-        if lost is not None and lost.reconnecting and tries.get(lost, 0) < TRIES_PER_NODE:
+        if lost and lost._attempting and tries.get(lost, 0) < TRIES_PER_NODE:
             return lost, True
         return None, False
 
     async def request(self, op: str, kw: dict, timeout: float | None = None):
         """
-        @return: the operation's answer (a job description, a list, stats).
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: no node could be reached, or the
-            connection broke (then the message says whether the outcome is unknown).
+        @return: the operation's answer. @raise JobError: the service's own error, or
+            L{JobServiceUnavailable}: no node answered (the message says if it may have acted).
         """
         attempts = Attempts(op, kw, timeout or self.timeout, self.reactor.seconds())
         deadline = attempts.deadline

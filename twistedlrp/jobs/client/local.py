@@ -14,13 +14,9 @@ log = Logger()
 
 class LocalClient:
     """
-    The job service of this very process, its methods called in the reactor
-    without AMP, a socket or a second encoding; answers and errors are those
-    of L{JobClient.request} (an unexpected error becomes a L{JobError}, as
-    the AMP front end makes it).
-
-    @param service: the L{twistedlrp.jobs.service.job_service.JobService}.
-    @param description: the endpoint named in messages.
+    The job service of this very process, called in the reactor without AMP, a
+    socket or a second encoding (C{description} names it in messages); answers
+    and errors are those of L{JobClient.request}.
     """
 
     def __init__(self, reactor, service, timeout: float, description: str):
@@ -28,20 +24,12 @@ class LocalClient:
         self.service = service
         self.timeout = timeout
         self.endpoint = description
-        self.last_error: str | None = None
-
-    def start(self) -> None:
-        pass
 
     def stop(self) -> defer.Deferred:
         return defer.succeed(None)
 
     async def request(self, op: str, kw: dict, timeout: float | None = None):
-        """
-        @return: the operation's answer.
-        @raise JobError: the service's own error (a subclass says which).
-        @raise JobServiceUnavailable: the service did not answer in time.
-        """
+        """@return: the answer. @raise JobError: the service's, or it did not answer in time."""
         limit = timeout or self.timeout
         listening = self.service.when_listening()
         if not listening.called:

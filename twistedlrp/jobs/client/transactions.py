@@ -1,10 +1,9 @@
 """
-Submissions that join the caller's database transaction (docs/jobs.md,
-"Jobs and transactions"): stored through the caller's own connection, they
-never wait for the job service (on SQLite, a service waiting for the write
-lock the caller holds while the caller waits for it would hang both). The
-service learns of them at the commit: by the insert's C{NOTIFY} on
-PostgreSQL, on SQLite by an C{Announce}, or its sweep of the announcement table.
+Submissions that join the caller's database transaction (docs/jobs.md, "Jobs
+and transactions"): stored through the caller's own connection, they never wait
+for the job service (on SQLite, each would wait for the other's write lock). The
+service learns of them at the commit: by C{NOTIFY} on PostgreSQL, on SQLite by
+an C{Announce}, or its sweep of the announcement table.
 """
 
 from __future__ import annotations
@@ -12,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+import uuid
+from datetime import UTC, datetime
 
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import JobError
+from twistedlrp.jobs.errors import JobError, JobServiceUnavailable
 from twistedlrp.jobs.protocol.arguments import (
     canonical_job_id,
     check_payload,
@@ -22,18 +24,17 @@ from twistedlrp.jobs.protocol.arguments import (
     default_max_payload,
     submission_fields,
 )
+from twistedlrp.jobs.states import QUEUED
 
 # Stdlib logging, not Twisted's: worker processes import this module and no Twisted.
 log = logging.getLogger(__name__)
 
-#: Seconds the word to the job service after a commit may take; the sweep
-#: finds the job anyway if it does not arrive.
+#: Seconds the word to the job service after a commit may take (its sweep finds the job anyway).
 ANNOUNCE_TIMEOUT = 2.0
 #: Job ids one Announce carries (an AMP value holds 64 KiB).
 ANNOUNCE_BATCH = 500
-# Ids waiting for their commit, per thread; a rolled-back transaction's stay
-# until the next commit sends them too (the service ignores what was never
-# committed), so the list is capped.
+# Ids waiting for their commit, per thread: a rolled-back transaction's stay until
+# the next commit sends them too (the service ignores them), so the list is capped.
 _MAX_PENDING = 10_000
 
 
@@ -57,11 +58,9 @@ def limit_payload(limit: int) -> None:
 @contextlib.contextmanager
 def outside_transaction():
     """
-    Within this block, submissions (and cancellations) from this thread go
-    to the job service at once, whatever becomes of the caller's
-    transaction. On SQLite the caller's transaction holds the only write
-    lock until it ends, so inside C{atomic()} there the change is handed
-    over without waiting (L{detached}) and stored once that transaction ends.
+    Within this block, submissions (and cancellations) from this thread go to
+    the job service at once, whatever becomes of the caller's transaction (on
+    SQLite, inside C{atomic()}, handed over (L{detached}) and stored once it ends).
     """
     depth = _local.outside
     _local.outside = depth + 1
@@ -71,31 +70,26 @@ def outside_transaction():
         _local.outside = depth
 
 
-def joins() -> bool:
-    """@return: whether a submission from this thread now joins its transaction."""
-    if _local.outside:
-        return False
+def in_transaction(op: str, kw: dict) -> dict | None:
+    """
+    @return: the answer to a submit or cancel made inside this thread's C{atomic()}
+        (part of it, or on SQLite apart from it), or C{None}: outside one, send it.
+    """
     from django.db import connection
 
-    return connection.in_atomic_block
-
-
-def in_sqlite_transaction() -> bool:
-    """@return: whether this thread is inside C{atomic()} on an SQLite default database."""
-    from django.db import connection
-
-    return connection.in_atomic_block and connection.vendor == "sqlite"
+    if not connection.in_atomic_block:
+        return None
+    if not _local.outside:
+        # Part of the transaction (the job service would wait for the caller's SQLite lock).
+        return submit(kw) if op == "submit" else cancel(kw)
+    return detached(op, kw) if connection.vendor == "sqlite" else None
 
 
 def submit(kw: dict) -> dict:
     """
     Store a job through the caller's connection, inside its transaction.
-
-    @param kw: the submission as L{twistedlrp.jobs.client.calls.call} has it.
-    @return: the job's wire description (an existing one's when C{id}
-        names one, or C{key} an unfinished one).
-    @raise JobError: L{NotRegistered}, L{InvalidArguments} or
-        L{PayloadTooLarge}; nothing is stored, the transaction is unharmed.
+    @return: the job's wire description (an existing one's if C{id} or C{key} names one).
+    @raise JobError: nothing is stored, the transaction is unharmed.
     """
     from django.db import IntegrityError, connection, transaction
 
@@ -104,19 +98,17 @@ def submit(kw: dict) -> dict:
     definition, checked, args, kwargs = _checked(kw)
     fields = submission_fields(definition, args, kwargs, checked)
     postgres = connection.vendor == "postgresql"
-    for attempt in (1, 2):
-        try:
-            # A savepoint: a refused insert leaves the caller's transaction usable.
-            with transaction.atomic():
-                created, info = ops.create(
-                    fields, checked["job_id"], notify=postgres, announce=not postgres
-                )
-            break
-        except IntegrityError:
-            # Another transaction committed a job with this key (or id)
-            # meanwhile: the second look returns it.
-            if attempt == 2:
-                raise
+
+    def create():
+        # A savepoint: a refused insert leaves the caller's transaction usable.
+        with transaction.atomic():
+            return ops.create(fields, checked["job_id"], notify=postgres, announce=not postgres)
+
+    try:
+        created, info = create()
+    except IntegrityError:
+        # Another transaction committed a job with this key (or id) meanwhile: seen now.
+        created, info = create()
     if created:
         if postgres:
             from twistedlrp.jobs.service import metrics as job_metrics
@@ -130,13 +122,7 @@ def submit(kw: dict) -> dict:
 
 
 def cancel(kw: dict) -> dict:
-    """
-    Cancel a job through the caller's connection, inside its transaction;
-    the job service is told after the commit.
-
-    @return: the job's wire description after the request.
-    @raise UnknownJob: no job has this id (for this transaction).
-    """
+    """Cancel a job in the caller's transaction. @return: its wire description. @raise UnknownJob."""
     from django.db import connection, transaction
 
     from twistedlrp.jobs.store import operations as ops
@@ -151,11 +137,7 @@ def cancel(kw: dict) -> dict:
 
 
 def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
-    """
-    @return: the job's definition, what L{check_submitted} returned, and
-        its C{args} and C{kwargs}.
-    @raise JobError: L{NotRegistered}, L{InvalidArguments} or L{PayloadTooLarge}.
-    """
+    """@return: the job's definition, what L{check_submitted} returned, its args and kwargs."""
     checked = check_submitted(kw)
     definition = registry.find(kw["name"])
     limit = default_max_payload() if _max_payload is None else _max_payload
@@ -173,9 +155,7 @@ def _announce_pending() -> None:
 def _tell(op: str, **kw) -> bool:
     """
     After a commit: tell the job service what it committed, within L{ANNOUNCE_TIMEOUT}.
-
-    @return: whether it was told; if not, a warning says so (the service
-        finds announced jobs by itself; a cancelled job's claim finds it cancelled).
+    @return: whether it was told; if not, a warning says so (it finds out anyway).
     """
     from twistedlrp.jobs.client import calls as client
 
@@ -188,26 +168,16 @@ def _tell(op: str, **kw) -> bool:
     return True
 
 
-#: Seconds a detached change keeps trying to reach a job service that
-#: waits for the caller's SQLite write lock.
+#: Seconds a detached change keeps trying a job service that waits for the caller's lock.
 DETACHED_DEADLINE = 120.0
 
 
 def detached(op: str, kw: dict) -> dict:
     """
-    Submit or cancel a job apart from the caller's SQLite transaction: a
-    thread of its own hands it to the job service, again (with the same
-    id) until the service could store it. A submission is checked here first.
-
-    @return: the job's wire description: a submission as it will be stored
-        (C{queued}); a cancelled job as it is now.
-    @raise JobError: the submission's L{_checked} failed.
+    Submit or cancel a job apart from the caller's SQLite transaction: a thread
+    of its own hands it to the job service, again (same id) until it is stored.
+    @return: the job's wire description (a submission's as it will be stored).
     """
-    import uuid
-    from datetime import UTC, datetime
-
-    from twistedlrp.jobs.states import QUEUED
-
     if op == "cancel":
         from twistedlrp.jobs.store import operations as ops
 
@@ -232,8 +202,6 @@ def detached(op: str, kw: dict) -> dict:
 
 
 def _hand_over(op: str, kw: dict) -> None:
-    import time
-
     from twistedlrp.jobs.client import calls as client
 
     which = kw.get("id") or kw.get("job_id")
@@ -244,18 +212,13 @@ def _hand_over(op: str, kw: dict) -> None:
                 client.call(op, **kw)
             return
         except (JobError, TimeoutError) as e:
-            if isinstance(e, JobError) and not _retryable(e):
+            # The service's store waiting for the lock answers late, or fails its
+            # batch ("database is locked"): both pass once the caller's transaction ends.
+            late = not isinstance(e, JobError) or isinstance(e, JobServiceUnavailable)
+            if not late and "locked" not in str(e):
                 log.error("Job %s: %s was refused: %s", which, op, e)
                 return
             if time.monotonic() >= deadline:
                 log.error("Job %s: %s failed for %g s: %s", which, op, DETACHED_DEADLINE, e)
                 return
             time.sleep(0.5)
-
-
-def _retryable(error: JobError) -> bool:
-    from twistedlrp.jobs.errors import JobServiceUnavailable
-
-    # The service's store waiting for the lock answers late, or fails its
-    # batch ("database is locked"): both pass once the caller's transaction ends.
-    return isinstance(error, JobServiceUnavailable) or "locked" in str(error)
