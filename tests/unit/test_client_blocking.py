@@ -241,6 +241,27 @@ def test_a_connection_the_service_closed_meanwhile_is_replaced(sock_path):
         service.close()
 
 
+def test_a_forked_child_connects_on_its_own_and_leaves_its_parents_connection_open(sock_path):
+    service = FakeService(sock_path, job_answer)
+    blocking = make_client(sock_path)
+    try:
+        assert submit(blocking)["id"] == "j1"
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if submit(blocking)["id"] == "j1" else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent goes on over the connection it had: the child's was its own.
+        assert submit(blocking)["id"] == "j1"
+        assert service.connections == 2
+    finally:
+        service.close()
+
+
 def test_login_with_the_secret_before_anything_else(sock_path):
     secret = b"s3cret"
     nonce = os.urandom(32)

@@ -291,8 +291,11 @@ class _Conversation:
         for waiter in waiting:
             waiter.broken = reason
             waiter.set()
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
+        if self.pid == os.getpid():
+            # Not in a forked child: there the connection is still the
+            # parent's, and a shutdown would end it for the parent too.
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
     def _hand_over(self) -> None:
