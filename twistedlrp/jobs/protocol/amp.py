@@ -6,6 +6,7 @@ import hmac
 import os
 import socket
 import stat
+from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
@@ -36,10 +37,9 @@ def _answering(operation: wire.Operation):
 
 class ServiceProtocol(wire.QuietAMP):
     """
-    One client connection. With C{secret} set, nothing but C{Challenge}
-    and C{Login} is answered before a successful Login; anything else, or
-    a wrong digest, gets an error and the connection is closed. What the
-    client sends is bounded as it arrives, never buffered whole (docs/protocol.md, "Limits").
+    One client connection. With C{secret} set, anything but C{Challenge} and
+    C{Login} before a successful Login, or a wrong digest, gets an error and
+    the connection is closed. What the client sends is bounded as it arrives.
 
     @param gate: the listener's L{limits.Gate}, or C{None} for no login
         deadline, no bounds on waiting logins and unthrottled warnings.
@@ -57,7 +57,6 @@ class ServiceProtocol(wire.QuietAMP):
         self.pre_login_bytes = bounds.pre_login_bytes
         max_payload = getattr(service, "max_payload", None) or default_max_payload()
         self.max_box = max_payload + limits.BOX_FRAMING
-        # Boxes are read here, each within its limit, before AMP sees them.
         self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
@@ -80,7 +79,7 @@ class ServiceProtocol(wire.QuietAMP):
         super().connectionLost(reason)
 
     def _limit(self) -> int:
-        """@return: the most bytes the box being read may take (before Login, over all boxes)."""
+        """@return: the most bytes the box being read may take (before Login: all boxes)."""
         if self.authenticated:
             return self.max_box
         reader = self.reader
@@ -142,8 +141,7 @@ class ServiceProtocol(wire.QuietAMP):
             f"({self.max_box} bytes: its limit of {self.max_box - limits.BOX_FRAMING} bytes "
             f"(--max-job-payload) plus framing); the connection is closed",
         )
-        # Read the rest of the box without keeping it, so that the client
-        # finishes sending and reads the answer; then close.
+        # Drop the rest of the box as it comes, so that the client reads the answer; then close.
         self.reader.box.clear()
         self._discarding = True
         if self.gate is not None:
@@ -195,11 +193,7 @@ class ServiceProtocol(wire.QuietAMP):
         super().ampBoxReceived(box)
 
     def unhandledError(self, failure):
-        """
-        A command sent without C{_ask} failed (AMP would log a traceback):
-        our own refusals pass quietly (closing when fatal); anything else
-        is an internal error.
-        """
+        """A command sent without C{_ask} failed: our refusals pass quietly, not AMP's traceback."""
         if failure.check(amp.RemoteAmpError):
             if failure.value.fatal:
                 self._close()
@@ -236,11 +230,7 @@ class ServiceProtocol(wire.QuietAMP):
         return refuse
 
     def _reading_arguments(self, responder):
-        """
-        @return: C{responder}, whose arguments that cannot be read are
-            answered with C{INVALID_ARGUMENTS} (fatal before Login), where
-            AMP would answer an unknown error and log a traceback.
-        """
+        """@return: C{responder}, answering arguments it cannot read with C{INVALID_ARGUMENTS}."""
 
         def read(box):
             try:
@@ -294,6 +284,7 @@ class ServiceFactory(protocol.Factory):
         return ServiceProtocol(self.service, self.secret, self.gate)
 
 
+@dataclass(eq=False)
 class AMPFrontEnd(limits.FrontEnd):
     """
     Listens for job clients over AMP.
@@ -303,26 +294,17 @@ class AMPFrontEnd(limits.FrontEnd):
     @param secret_file: the shared secret's file, required for any other endpoint.
     """
 
-    def __init__(
-        self,
-        reactor,
-        endpoint: str | None,
-        state_dir: str,
-        secret_file: str | None,
-        allow_open_permissions: bool = False,
-    ):
-        self.reactor = reactor
-        self.endpoint = endpoint
-        self.state_dir = state_dir
-        self.secret_file = secret_file
-        self.allow_open_permissions = allow_open_permissions
+    reactor: object
+    endpoint: str | None
+    state_dir: str
+    secret_file: str | None
+    allow_open_permissions: bool = False
 
     async def listen(self, service) -> None:
         """
         Serve C{service}, the job service's L{JobOperations}.
 
-        @raise StartupFailed: the endpoint cannot listen, another service owns
-            the socket, or others may write to the state directory.
+        @raise StartupFailed: the endpoint cannot listen, or the socket's path is not ours.
         """
         endpoint = self.endpoint
         if endpoint is None:
@@ -351,10 +333,9 @@ class AMPFrontEnd(limits.FrontEnd):
 
     def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
         """
-        @return: the socket's path in the state directory (made with mode
-            0700 if missing), where a dead server's socket is removed.
-        @raise StartupFailed: another service listens there, or the
-            directory's group or others may write to it.
+        @return: the socket's path in the state directory (made 0700 if
+            missing), a dead server's socket removed.
+        @raise StartupFailed: another service listens there, or others may write to it.
         """
         state_dir = os.path.abspath(self.state_dir)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)

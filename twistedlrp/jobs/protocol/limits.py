@@ -1,7 +1,7 @@
 """
 The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"):
-the connections waiting to log in (L{Gate}), and warnings (L{RefusalLog})
-and tracebacks (L{FailureLog}) that a flood cannot turn into a flood of lines.
+the connections waiting to log in (L{Gate}), and warnings and tracebacks
+that a flood cannot turn into a flood of lines.
 """
 
 from __future__ import annotations
@@ -20,24 +20,20 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs.errors import JobError
 from twistedlrp.ordered_service import StartupFailed, cancel_call
 
-# What a client may send before its login succeeds, in bytes, over all its
-# boxes (or PB messages): a Challenge and a Login take about 100, PB's login
-# about 100 plus the user name.
+# What a client may send before its login succeeds, in bytes (a login takes about 100).
 PRE_LOGIN_BYTES = 4096
 # Seconds a connection has to log in before it is closed (the setting
 # LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
 LOGIN_TIMEOUT = 10.0
 # The listen queue of a TCP or TLS job listener whose endpoint names none
-# (Twisted's default is 50; the kernel caps it at net.core.somaxconn): a flood
-# of connections faster than the server accepts them fills the queue, and the
-# kernel then drops new connections, a login's too, for a second or more.
+# (Twisted's is 50): once a flood fills it, the kernel drops new connections,
+# a login's too, for a second or more.
 LISTEN_BACKLOG = 1024
-# After login, one AMP box may hold --max-job-payload bytes of payload plus
-# this much for its other keys and the framing (a name and a key of up to
-# 64 KiB each, 14 bytes per 65,000-byte piece).
+# After login, one AMP box may hold --max-job-payload bytes plus this much
+# for its other keys and the framing.
 BOX_FRAMING = 256 * 1024
-# A refused box's rest is read and dropped (so that the client can read the
-# error) for at most this many seconds before the connection is closed.
+# Seconds the rest of a refused box is read and dropped (so that the client
+# reads the error) before the connection is closed.
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
@@ -79,8 +75,7 @@ class _Throttle:
     """
     At most one line per key every C{interval} seconds, and one more at the
     interval's end that counts those left out (and shows the last).
-
-    @param clock: the reactor (the global one by default, looked up when needed).
+    C{clock}: the global reactor by default, looked up when needed.
     """
 
     def __init__(self, clock=None, interval: float = REFUSAL_LOG_INTERVAL):
@@ -97,10 +92,7 @@ class _Throttle:
         return self._clock
 
     def _left_out(self, key, last: tuple, summarize) -> bool:
-        """
-        @return: whether this line of C{key} is left out (counted, with
-            C{last}; C{summarize(burst)} logs the count at the interval's end).
-        """
+        """@return: whether this line is left out (C{summarize(burst)} logs them at the end)."""
         now = self.clock.seconds()
         state = self._keys.get(key)
         if state is None or (now - state.logged_at >= self.interval and not state.left_out):
@@ -141,9 +133,8 @@ class RefusalLog(_Throttle):
 
 class FailureLog(_Throttle):
     """
-    Tracebacks of the job service's internal errors, at most one per cause
-    (the operation, the exception's type, the line that raised it) every
-    C{interval} seconds, so that a client that finds one cannot fill the log.
+    Tracebacks of internal errors, at most one per cause (operation, type,
+    line) every C{interval} seconds: a client that finds one cannot fill the log.
     """
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
@@ -176,9 +167,8 @@ internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
     """
-    @return: a Deferred of C{fn(*args)}, the service's operation C{op}:
-        anything but a L{JobError} is logged (L{internal_errors}) and
-        becomes a L{JobError} saying it was internal.
+    @return: a Deferred of C{fn(*args)}, the service's operation C{op}: any
+        error but a L{JobError} is logged and becomes an internal L{JobError}.
     """
 
     def translate(failure):
@@ -192,14 +182,11 @@ def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer
 
 class Gate:
     """
-    One listener's connections that have not logged in yet: each is closed
-    after C{limits.login_timeout} seconds unless it logs in first. A new
-    one is always taken, and makes room by closing the one that has waited
-    longest: from its own address when that address has
-    C{max_unauthenticated_per_peer} already (so that one address only ever
-    pushes out its own), else from any when the listener has C{max_unauthenticated}.
-
-    @param listener: the listener's endpoint, for the messages.
+    One listener's connections that have not logged in yet, each closed
+    after C{limits.login_timeout} seconds. A new one is always taken, and
+    makes room by closing the one that has waited longest: from its own
+    address when that address is full (so that one address only ever pushes
+    out its own), else from any. C{listener}: its endpoint, for the messages.
     """
 
     def __init__(self, clock, listener: str, limits: Limits = Limits(), log: Logger | None = None):
@@ -272,12 +259,9 @@ class Gate:
             evictions=self.evictions,
             **kwargs,
         )
-        evicted = getattr(protocol, "evicted", None)
-        if evicted is not None:
-            evicted()
-        transport = getattr(protocol, "transport", None)
-        if transport is not None:
-            abort_now(transport)
+        protocol.evicted()
+        if protocol.transport is not None:
+            abort_now(protocol.transport)
 
 
 @dataclass
@@ -289,9 +273,8 @@ class _Pending:
 
 def peer_key(address) -> str:
     """
-    @return: what L{Gate} counts pending logins by: the host of an IPv4
-        address (mapped into IPv6 too), the /64 network of an IPv6 one (one
-        site usually holds a whole /64), C{"unix"} for a UNIX socket peer.
+    @return: what L{Gate} counts pending logins by: an IPv4 host (mapped
+        into IPv6 too), an IPv6 /64 network (one site's), C{"unix"}.
     """
     if isinstance(address, IPv4Address):
         return address.host
@@ -309,14 +292,10 @@ def peer_key(address) -> str:
 
 
 def abort_now(transport) -> None:
-    """
-    Close a connection and free its descriptor now, not on the reactor's
-    next turn (one turn may accept hundreds of connections).
-    """
+    """Close a connection and free its descriptor now (one turn may accept hundreds)."""
     transport.abortConnection()
-    # The socket's own transport, under TLS if any (tcp and unix ones ignore
-    # a second connectionLost, the one abortConnection scheduled). The HTTP
-    # connection's evict uses this function too.
+    # The socket's own transport, under TLS if any (it ignores the second
+    # connectionLost, the one abortConnection scheduled).
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
     if getattr(transport, "socket", None) is not None and not getattr(
@@ -347,10 +326,7 @@ def with_backlog(endpoint: str) -> str:
 
 
 def configured_limits() -> Limits:
-    """
-    @return: the listeners' limits, with the setting C{LRP_JOBS_LOGIN_TIMEOUT}.
-    @raise StartupFailed: the setting is not a positive number.
-    """
+    """@return: the listeners' limits. @raise StartupFailed: a bad C{LRP_JOBS_LOGIN_TIMEOUT}."""
     from django.conf import settings
 
     value = getattr(settings, "LRP_JOBS_LOGIN_TIMEOUT", None) if settings.configured else None

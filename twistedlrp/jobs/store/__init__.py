@@ -1,9 +1,7 @@
 """
 The job store: every database access of the job service, in dedicated
-threads with group commit (L{batch}), through a few statements in plain SQL
-(L{sql}) and the operations the service runs (L{operations}). While the
-database cannot be reached the threads keep their operations and run them
-once it is back; L{Store.availability} says whether it can be reached now.
+threads with group commit (L{batch}). While the database cannot be reached
+the threads keep their operations and run them once it is back.
 """
 
 from __future__ import annotations
@@ -17,10 +15,8 @@ from twistedlrp.jobs.store.batch import GroupCommitThread
 
 __all__ = ["Store", "StoreUnavailable", "operations"]
 
-# PostgreSQL: the options the job service's own connections get unless the
-# site's OPTIONS set them, so that a network cut breaks them within seconds
-# (rather than leaving a thread waiting on a dead connection for minutes)
-# and a connection attempt to an unreachable server gives up.
+# PostgreSQL, unless the site's OPTIONS set them: a network cut breaks the job
+# service's connections within seconds, not minutes.
 CONNECT_TIMEOUT = 5
 USER_TIMEOUT = 10.0
 KEEPALIVE = {
@@ -29,14 +25,10 @@ KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
-# And on the server's side of the same connections, so that PostgreSQL ends
-# the sessions a cut or a dead machine left behind: idle ones after about
-# 11 s of silence, ones with unacknowledged data after USER_TIMEOUT, and
-# above all ones left idle inside a transaction (a cut between two
-# statements of a batch) after SESSION_LIMIT (L{session_limit}). Without
-# them such a session holds its row locks for as long as the server's
-# keepalives take (hours by default), and every other node that needs those
-# rows waits behind it, its lease renewal included, until it fences itself.
+# And on the server's side, so that PostgreSQL ends the sessions a cut left
+# behind, above all those idle inside a transaction (L{session_limit}): such a
+# session holds its row locks for hours by default, and every other node
+# waits behind it, its lease renewal included, until it fences itself.
 SERVER_KEEPALIVE = {
     "tcp_keepalives_idle": 5,
     "tcp_keepalives_interval": 2,
@@ -47,28 +39,20 @@ SESSION_LIMIT = 10.0
 
 def session_limit(lease: float | None) -> float:
     """
-    @return: the seconds PostgreSQL lets a session of the job service stay
-        idle inside a transaction: a third of the lease (2 s to
-        L{SESSION_LIMIT}), so that a node waiting for the locks of a node
-        that was cut off gets them back well before it must renew its lease
-        (the lease less its margin). The store's own transactions never
-        pause between two statements for anything near that.
+    @return: the seconds PostgreSQL lets a session stay idle inside a
+        transaction: a third of the lease (2 s to L{SESSION_LIMIT}), so that
+        the locks of a node cut off come back well before others must renew.
     """
     return SESSION_LIMIT if lease is None else min(max(lease / 3, 2.0), SESSION_LIMIT)
 
 
 class Store(GroupCommitThread):
     """
-    The job service's store thread, and beside it a reader thread with a
-    connection of its own for reads (L{read}): they run in autocommit, so
-    on SQLite (WAL) they never wait for a writer's lock, neither the
-    store's nor that of a site's transaction (a view inside C{atomic()}
-    that reads a job would otherwise wait for itself).
-
-    With several job nodes (C{lease_interval}, PostgreSQL) a third thread,
-    L{lease}, renews this node's lease on a connection of its own, so that
-    neither a long batch nor a wait for a lock delays it, and gives up on a
-    connection that stops answering within about two renewals.
+    The job service's store thread, and beside it a reader thread for reads
+    (L{read}) in autocommit: on SQLite (WAL) they never wait for a writer's
+    lock (a view inside C{atomic()} that reads a job would wait for itself).
+    With several job nodes (C{lease_interval}) a third thread, L{lease},
+    renews this node's lease, so that neither a long batch nor a lock delays it.
     """
 
     def __init__(
@@ -109,12 +93,7 @@ class Store(GroupCommitThread):
         return self.availability.reason
 
     def read(self, fn, *args, within: float | None = None) -> defer.Deferred:
-        """
-        Run C{fn(*args)}, which only reads, in the reader thread, outside any
-        transaction: it sees what was committed when it runs.
-
-        @return: a Deferred firing in the reactor with C{fn}'s result (see L{run}).
-        """
+        """@return: a Deferred of C{fn(*args)}, which only reads, run in the reader thread."""
         return self.reader.run_alone(fn, *args, within=within)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
@@ -130,12 +109,9 @@ def tune_connection(
     connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
 ) -> None:
     """
-    In a thread of the job service, before it connects: on PostgreSQL, give
-    this thread's connection a connect timeout, TCP keepalives and (libpq
-    12 and later) a TCP user timeout of C{user_timeout} seconds, and its
-    server's side keepalives, the same user timeout and an
-    C{idle_in_transaction_session_timeout} of C{idle_limit} seconds, each
-    unless the site's C{OPTIONS} name it. Other threads keep the settings.
+    On PostgreSQL, give this thread's next connection the timeouts and
+    keepalives above (a TCP user timeout of C{user_timeout} s, an idle
+    transaction limit of C{idle_limit} s), each unless the site's C{OPTIONS} name it.
     """
     from django.db import connection
 

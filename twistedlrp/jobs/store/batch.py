@@ -1,18 +1,14 @@
 """
-A group-commit thread: it runs every operation the reactor queued so far
-(L{GroupCommitThread.run}) in one transaction (should one fail, each in its
-own) and fires each Deferred in the reactor after the commit that made its
-change durable. Values only the latest of which counts (progress reports)
-are coalesced: the newest per key is written with the next batch.
+A group-commit thread: it runs every operation queued so far in one
+transaction (should one fail, each in its own) and fires each Deferred in
+the reactor after the commit. Progress reports are coalesced: the newest
+per key is written with the next batch.
 
-While the database cannot be reached no operation fails for it: the thread
-keeps them and tries again (at most a second apart), and tells an
-L{twistedlrp.jobs.store.availability.Availability}. An operation given a
-deadline (C{within}) that has not begun by then fails with
-L{StoreUnavailable}; the others (the outcomes of jobs) wait as long as it
-takes. A transaction whose commit was sent when the connection broke is
-looked up once the database is back (PostgreSQL's C{txid_status}): its
-results are delivered if it committed, otherwise it runs again.
+While the database cannot be reached the thread keeps the operations and
+tries again; only one given a deadline (C{within}) fails, with
+L{StoreUnavailable}. A transaction whose commit was sent when the
+connection broke is looked up once the database is back (PostgreSQL's
+C{txid_status}): delivered if it committed, otherwise run again.
 """
 
 from __future__ import annotations
@@ -54,10 +50,9 @@ class _Op:
 
 class GroupCommitThread:
     """
-    Called in the thread: C{write_coalesced} with the coalesced values,
-    inside each batch's transaction; C{begin_batch} before each batch;
-    C{setup} once before anything else; C{observe_batch}, if set, with each
-    batch's size (the job metrics).
+    Called in the thread: C{write_coalesced} inside each batch's transaction,
+    C{begin_batch} before each batch, C{setup} once first, C{observe_batch}
+    (if set) with each batch's size.
     """
 
     observe_batch: Callable[[int], None] | None = None
@@ -95,9 +90,8 @@ class GroupCommitThread:
         Run C{fn(*args)} in the thread, inside a transaction.
 
         @param within: seconds after which an operation that has not begun
-            fails with L{StoreUnavailable} (C{started} false); one that has
-            gets a tenth more (at most 1 s), then fails with C{started} true
-            (it may commit). C{None}: no limit. Cancelling withdraws it too.
+            fails with L{StoreUnavailable}; one that has gets a tenth more (at
+            most 1 s), then fails with C{started} true. Cancelling withdraws it too.
         @return: a Deferred firing with C{fn}'s result once committed, or
             failing with its exception (L{JobServiceUnavailable} once stopping).
         """
@@ -149,10 +143,7 @@ class GroupCommitThread:
             self._queue.put(_WAKE)
 
     def stop(self) -> defer.Deferred:
-        """
-        Finish the queued operations (fail them if the database cannot be
-        reached), then end the thread. @return: a Deferred firing once it has.
-        """
+        """@return: a Deferred firing once the queued operations are done and the thread ended."""
         if not self.closed:
             self.closed = True
             self._stopping.set()
@@ -211,7 +202,7 @@ class GroupCommitThread:
             self.reactor.callFromThread(self._stopped.callback, None)
 
     def _gather(self, pending: list, block: bool) -> bool:
-        """Add what is queued to C{pending} (waiting for something if C{block}); @return: stop?"""
+        """Add what is queued to C{pending} (waiting if C{block}). @return: whether to stop."""
         items = [self._queue.get()] if block else []
         while True:
             try:
@@ -304,10 +295,9 @@ class GroupCommitThread:
         """
         Run C{ops} (and write C{coalesced}) in one transaction.
 
-        @return: C{("ok", None, [(result, False)])}; C{("error", None,
-            failure)}: one failed; C{("lost", None, None)}: the database
-            could not be reached; C{("doubt", transaction id, [(result,
-            False)])}: the connection broke while committing.
+        @return: C{("ok", None, [(result, False)])}; C{("error", None, failure)};
+            C{("lost", None, None)}: the database could not be reached;
+            C{("doubt", xid, [(result, False)])}: it broke while committing.
         """
         from django.db import connection, transaction
 
@@ -330,10 +320,7 @@ class GroupCommitThread:
         return "ok", None, results
 
     def _resolve(self, doubtful: list, pending: list) -> bool:
-        """
-        The database is back: deliver the doubtful transactions that
-        committed, run the others again. @return: False if it went away again.
-        """
+        """Deliver doubtful transactions that committed, rerun others. @return: False if lost."""
         from django.db import connection
 
         while doubtful:
@@ -380,9 +367,8 @@ class GroupCommitThread:
     def _lost(self, error: Exception, raw=None) -> bool:
         """
         @param raw: the DB-API connection the failed work began on, if any.
-        @return: whether C{error} means the database cannot be reached (the
-            connection cannot be opened, broke, or was replaced), not that
-            an operation failed; then the thread goes away (and says so once).
+        @return: whether C{error} means the database cannot be reached, not
+            that an operation failed; then the thread goes away (saying so once).
         """
         from django.db import connection
         from django.db.utils import InterfaceError, OperationalError

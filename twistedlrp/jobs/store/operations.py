@@ -1,7 +1,6 @@
 """
-The job store's operations: each runs in the store thread
-(L{twistedlrp.jobs.store.Store}), inside the batch's transaction, and
-returns plain dicts (the wire descriptions of jobs).
+The job store's operations: each runs in the store thread, inside the
+batch's transaction, and returns plain dicts (the wire descriptions of jobs).
 """
 
 from __future__ import annotations
@@ -42,10 +41,7 @@ _TIMES = ("run_after", "created_at", "started_at", "finished_at")
 
 
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
-    """
-    @return: the wire description of a C{Job} row (without result and
-        output unless C{full}, without args and kwargs unless C{arguments}).
-    """
+    """@return: a C{Job} row's wire description (result, output: C{full}; args: C{arguments})."""
     names = _DESCRIBED + (("result", "output") if full else ())
     data = {
         name: getattr(job, name, None) for name in names + (("args", "kwargs") if arguments else ())
@@ -101,18 +97,14 @@ def create(
 ) -> dict:
     """
     Insert a job, unless C{fields["key"]} names an unfinished job or a job
-    with the id C{job_id} exists (a submission retried with the id it
-    chose). Runs in the store thread, or in a site's thread inside its own
-    transaction (L{twistedlrp.jobs.client.transactions}).
+    with the id C{job_id} exists (a submission retried). Also runs in a
+    site's thread inside its own transaction (L{twistedlrp.jobs.client.transactions}).
 
-    @param notify: notify the job nodes listening on the database (with the commit).
-    @param announce: also record the job in the announcement table (SQLite:
-        L{twistedlrp.jobs.store.announcements}).
-    @param start: C{{"id", "worker", "node"}}: store the job running its
-        first attempt on that worker (reserved for it), under that id, so
-        that it starts without a claim; with C{"lease"} (seconds, several
-        nodes) only if the node renewed its lease within that time (see
-        L{claim_next}), else queued (the description says which).
+    @param notify: notify the job nodes listening on the database.
+    @param announce: also record the job in the announcement table (SQLite).
+    @param start: C{{"id", "worker", "node"}}: store the job running its first
+        attempt on that worker, so that it starts without a claim; with
+        C{"lease"}, only if the node's lease is fresh (L{claim_next}), else queued.
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
@@ -169,10 +161,7 @@ def create(
 
 
 def get(job_id: str, full: bool = True) -> dict:
-    """
-    @return: the job's wire description (with its arguments when C{full}).
-    @raise UnknownJob: no such job.
-    """
+    """@return: the job's wire description (with its arguments when C{full}). @raise UnknownJob."""
     try:
         key = uuid.UUID(str(job_id))
     except ValueError:
@@ -187,12 +176,10 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt), by a conditional update:
-    of several job services on one database only one gets the row.
+    Mark a queued job running (one more attempt), by a conditional update.
 
-    @param load: also read the payload and the job's settings.
     @return: C{None} if the job is no longer queued; else C{{"started_at"}}
-        (and with C{load}, C{payload} and the settings).
+        (and with C{load}, C{payload} and the job's settings).
     """
     sql = statements()
     started = now()
@@ -213,18 +200,16 @@ def claim_next(
     queues: list[str] | None, node: str, workers: list[str], lease: float | None = None
 ) -> dict:
     """
-    Claim up to one due job per worker in C{workers}, the next ones of
-    C{queues} (C{None}: all) by priority, then age, with C{SELECT ... FOR
-    UPDATE SKIP LOCKED}: nodes sharing a PostgreSQL database take different
-    rows without waiting for each other.
+    Claim up to one due job per worker, the next ones of C{queues} (C{None}:
+    all) by priority, then age, with C{FOR UPDATE SKIP LOCKED}: nodes sharing
+    a PostgreSQL database take different rows without waiting for each other.
 
     @param lease: claim nothing unless this node renewed its lease within
-        as many seconds (then the answer has C{"no_lease": True}): a node
-        that did not may have been taken for dead, its claims taken over.
+        as many seconds (then the answer has C{"no_lease": True}).
     @return: C{{"claimed": [rows], "next_due": Unix time or None}}: each row
         has C{id}, C{worker}, C{payload}, C{cancel_requested} and the job's
-        settings; C{next_due}, read when fewer jobs than workers were
-        claimed, is when the first delayed job of these queues is due.
+        settings; C{next_due} (when a worker is left) is when the first
+        delayed job of these queues is due.
     """
     from django.db import connection
 
@@ -277,10 +262,7 @@ NOTIFY_CHANNEL = "twistedlrp_jobs"
 
 
 def notify_nodes(payload: str) -> None:
-    """
-    Tell the job nodes listening on the database (PostgreSQL): sent with
-    the commit, once per distinct payload in a transaction.
-    """
+    """Tell the job nodes listening on the database (PostgreSQL), with the commit."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -291,17 +273,12 @@ def finish(
     job_id: str, state: str, fields: dict, describe: bool = True, node: str | None = None
 ) -> dict | None:
     """
-    End an attempt: C{state} is final, or C{queued} for a retry (then
-    C{run_after} may be set). Output, error and result are in C{fields}.
+    End an attempt: C{state} is final, or C{queued} for a retry. With
+    C{node}, the job changes only if still C{running} on that node (not
+    taken over), and the other nodes are notified.
 
-    @param describe: read the job back (someone waits for it).
-    @param node: with several job nodes, the node ending the attempt: the
-        job changes only if it is still C{running} on that node (not when
-        another node took it over after this node's lease expired), and the
-        other nodes are notified (a final state for their waiters, a retry
-        for their workers).
-    @return: the job's wire description, or C{None} when not C{describe}
-        (or when C{node} no longer holds the job: C{{"lost": True}}).
+    @return: the job's wire description if C{describe}, else C{None};
+        C{{"lost": True}} when C{node} no longer holds the job.
     """
     sql = statements()
     fields = dict(fields, state=state)
@@ -324,12 +301,7 @@ def queue_of(job_id: str) -> str:
 
 
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
-    """
-    Cancel a queued job at once, or flag a running one.
-
-    @return: the job's wire description after the change.
-    @raise UnknownJob: no such job.
-    """
+    """Cancel a queued job, or flag a running one. @return: its description. @raise UnknownJob."""
     from twistedlrp.models import Job
 
     job = get(job_id, full=False)

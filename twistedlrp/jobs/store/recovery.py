@@ -1,8 +1,7 @@
 """
-What dead processes leave behind, in the store: start-up recovery of this
-node's jobs, jobs running without a worker that holds them (the watchdog),
-jobs put back at shut-down, and the node table with its heartbeats and
-leases. Each function runs in the store thread, inside the batch's transaction.
+What dead processes leave behind: start-up recovery, jobs running without a
+worker (the watchdog), jobs put back at shut-down, and the node table with
+its leases. Each function runs in the store thread, inside a transaction.
 """
 
 from __future__ import annotations
@@ -18,15 +17,12 @@ def recover(
     node: str = "", queues: list[str] | None = None, shared: bool = False
 ) -> tuple[list[dict], list[str]]:
     """
-    Deal with jobs left C{running} by a server that died, then list the queued jobs.
+    Deal with jobs left C{running} by a server that died, then list the
+    queued jobs of C{queues} (C{None}: all). C{shared} (several job nodes):
+    only this node's running jobs are touched, and no queued job is listed.
 
-    @param queues: the queues this node runs (C{None}: all): only their
-        queued jobs are listed.
-    @param shared: several job nodes may share the database: only this
-        node's running jobs are touched (those of a dead node are the lease
-        check's), and no queued job is listed (the nodes claim from the table).
-    @return: C{(queued, failed)}: the queued jobs (light descriptions,
-        oldest first) and the jobs just failed because no attempts remained.
+    @return: C{(queued, failed)}: the queued jobs, oldest first, and the
+        ids of the jobs just failed because no attempts remained.
     """
     from twistedlrp.models import Announcement, Job
 
@@ -51,11 +47,7 @@ def recover(
 
 
 def _end(job, error: str) -> str:
-    """
-    Retry or fail a job C{running} with no worker by its policy (cancel it if asked).
-
-    @return: its new state.
-    """
+    """@return: the new state of a job C{running} with no worker, retried, failed or cancelled."""
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job.id, state=RUNNING)
@@ -70,11 +62,7 @@ def _end(job, error: str) -> str:
 
 
 def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
-    """
-    L{_end} a job whose worker died because C{why}; C{notify}: tell the other nodes.
-
-    @return: its new state and the reason given.
-    """
+    """L{_end} a job whose worker died because C{why}. @return: its new state and the reason."""
     reason = (
         f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
     )
@@ -86,9 +74,8 @@ def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
     """
-    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since
-        before C{started_before} on this machine's workers (C{worker_prefix}),
-        or with several job nodes on the node C{node}.
+    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since before
+        C{started_before} on this machine's workers, or on the node C{node}.
     """
     from django.db.models import Q
 
@@ -107,10 +94,8 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
     """
-    L{_end} for a job found C{running} without a worker that holds it.
+    L{_end} for a job found C{running} without a worker (on C{node}, if given).
 
-    @param node: with several job nodes, the node that found it: only a job
-        still running on that node is touched (another may have taken it over).
     @return: C{{"state", "priority", "created_at"}} after the change, or
         C{None} when it is no longer running (there).
     """
@@ -125,10 +110,8 @@ def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None
 
 def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
     """
-    Put an interrupted job back in the queue (a graceful shut-down did not let it finish).
-
-    @param node: with several job nodes, the node that ran it (the job is
-        put back only if that node still holds it); the other nodes are notified.
+    Put a job a shut-down interrupted back in the queue; with C{node}, only
+    if that node still holds it, and the other nodes are told.
     """
     from django.db.models import F
 
@@ -164,10 +147,9 @@ def db_now() -> datetime:
 
 def _pid_alive(pid: int) -> bool:
     """
-    @return: whether C{pid}, on this machine, may still be a job node: a
-        process that exists, is not a zombie (killed, not reaped yet, as
-        right after a C{kill -9}), and, where C{/proc} tells, runs Python (a
-        pid reused by another program is not a job node).
+    @return: whether C{pid}, on this machine, may still be a job node: it
+        exists, is no zombie (as right after a C{kill -9}), and, where
+        C{/proc} tells, runs Python (not a reused pid).
     """
     try:
         os.kill(pid, 0)
@@ -204,10 +186,8 @@ def register_node(
     """
     Enter this job node in the node table, with a fresh heartbeat.
 
-    @param shared: several nodes may share the database (PostgreSQL); if
-        not (SQLite), another node with a fresh heartbeat refuses this one.
     @raise NodeConflict: a live node stands in the way: another one on a
-        database for one node, or one of the same name elsewhere.
+        database for one node (not C{shared}), or one of the same name.
     """
     from django.db import connection
 
@@ -244,14 +224,11 @@ def heartbeat(
     name: str, host: str, pid: int, queues: list[str] | None, fenced=None, why: str = ""
 ) -> dict:
     """
-    Renew this node's lease.
+    Renew this node's lease; the C{fenced} jobs (stopped when it could not)
+    still running on it are retried or failed because C{why}.
 
-    @param fenced: jobs this node stopped when it could not renew its lease
-        (fencing): those still running on it (no other node took them over)
-        are retried or failed by their policy because C{why}.
-    @return: C{{"held": whether its row was still there (else another node
-        took it for dead; the row is entered again), "ended": [{"id",
-        "state"}] (of C{fenced})}}.
+    @return: C{{"held": whether its row was still there (else it is entered
+        again), "ended": [{"id", "state"}] (of C{fenced})}}.
     """
     from twistedlrp.models import Job, Node
 
@@ -266,9 +243,8 @@ def heartbeat(
 
 def lease_fresh(node: str, within: float) -> bool:
     """
-    @return: whether the node C{node} renewed its lease less than C{within}
-        seconds ago (database clock): a node that did not may have been
-        taken for dead by the others, or soon will be, and must not claim.
+    @return: whether C{node} renewed its lease less than C{within} seconds
+        ago (database clock): if not, others may take it for dead.
     """
     from django.db import connection
 
@@ -298,14 +274,11 @@ def leave_node(name: str, pid: int) -> None:
 
 def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
     """
-    Retry or fail (by each job's policy) the running jobs of the job nodes
-    whose lease expired (no heartbeat for C{lease} seconds), and of nodes
-    not in the node table; the rows of dead nodes go. Rows another node is
-    dealing with at the same moment are skipped (C{FOR UPDATE SKIP
-    LOCKED}). PostgreSQL only.
+    Retry or fail the running jobs of the other nodes whose lease expired or
+    that are not in the node table (of no node: if it started before
+    C{started_before}), and delete the dead nodes' rows, skipping rows
+    another node holds. PostgreSQL only.
 
-    @param node: this node (never expired by itself).
-    @param started_before: a job without a node counts only if it started before.
     @return: C{{"nodes": [(name, seconds since its heartbeat)], "jobs":
         [{"id", "state", "node", "reason"}]}}.
     """

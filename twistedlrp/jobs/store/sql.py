@@ -1,21 +1,16 @@
 """
 The job table's hot statements in plain SQL, and the adapters of their values.
 
-Submitting, claiming, finishing, progress and reading a job by id run once
-or more per job, and the ORM's query building costs about ten times the
-SQL itself there. Values go through each field's C{get_db_prep_save}, so
-every backend adapts them; rows read go through Django's converters of
-each field and backend, as the ORM's do.
-On SQLite the statements skip Django's cursor wrapper for the DB-API
-connection (same transaction), and datetimes, UUIDs and JSON are adapted as
-Django's SQLite backend does, written out: those wrappers cost the store
-thread more than the SQL (half its time at 10 submitting threads).
-L{tests/unit/test_store_sql} checks the adapters against Django's.
+These run once or more per job, where the ORM's query building costs about
+ten times the SQL. Values and rows go through Django's adapters and
+converters of each field and backend, as the ORM's do. On SQLite the
+statements skip Django's cursor wrapper, and datetimes, UUIDs and JSON are
+adapted as Django's SQLite backend does, written out: those wrappers cost
+the store thread more than the SQL (L{tests/unit/test_store_sql} checks them).
 
 On PostgreSQL, text and jsonb cannot hold NUL: in a job's output, error or
-progress message it is stored as U+FFFD (L{Statements.prep}); arguments
-holding one are refused at submission, a result holding one fails the job
-(L{holds_nul}).
+progress message it is stored as U+FFFD; arguments holding one are
+refused, a result holding one fails the job (L{holds_nul}).
 """
 
 from __future__ import annotations
@@ -61,8 +56,7 @@ class Statements:
         self.adapters = {
             name: self._adapter(self.fields[name], connection) for name in self.adapted
         }
-        # The DB-API connection is used directly only where Django's wrapper
-        # adds nothing the statements need: SQLite, whose placeholders are "?".
+        # The DB-API connection is used directly on SQLite (placeholders "?").
         self.direct = connection.vendor == "sqlite"
         self._qmark: dict[str, str] = {}
         self._local = threading.local()
@@ -72,8 +66,6 @@ class Statements:
             f"INSERT INTO {self.table} ({', '.join(self.column[n] for n in names)}) "
             f"VALUES ({', '.join(['%s'] * len(names))})"
         )
-        # A job read by id (get, and a submission under an id it chose): the
-        # ORM's query building and model instance cost 5-8 times the SQL.
         self.select = f"SELECT {', '.join(self.column[n] for n in names)} FROM {self.table} WHERE "
         self.claim = (
             f"UPDATE {self.table} SET {self.column['state']} = %s, "
@@ -85,11 +77,7 @@ class Statements:
 
     @staticmethod
     def _adapter(field, connection):
-        """
-        @return: a function adapting a value of C{field} for the database:
-            C{get_db_prep_save}, or on SQLite the same written out (several
-            times cheaper).
-        """
+        """@return: C{field}'s C{get_db_prep_save}, or on SQLite the same written out (cheaper)."""
         from django.conf import settings
 
         kind = field.get_internal_type()
@@ -133,10 +121,8 @@ class Statements:
         """
         @param equal: C{{field: value or tuple of values}} the row must have
             (instead of the id C{job_id}).
-        @return: the job C{job_id}'s row (or the first row matching
-            C{equal}), its values converted as the ORM converts them
-            (Django's converters of each field and backend), as attributes;
-            C{None} if there is no such job.
+        @return: the first matching row, converted as the ORM does, as
+            attributes; C{None} if there is none.
         @raise ValueError: C{job_id} is no UUID.
         """
         if job_id is not None:
@@ -147,7 +133,7 @@ class Statements:
             where.append(f"{self.column[name]} IN ({', '.join(['%s'] * len(values))})")
             params.extend(self.prep(name, v) for v in values)
         statement = f"{self.select}{' AND '.join(where)} LIMIT 1"
-        row = self.run(statement, params, _fetchone)
+        row = self.run(statement, params, lambda cursor: cursor.fetchone())
         if row is None:
             return None
         from django.db import connection
@@ -161,7 +147,6 @@ class Statements:
         return SimpleNamespace(**values)
 
     def _converters(self) -> dict:
-        """@return: C{{field name: [(converter, column)]}} for this thread's connection."""
         converters = getattr(self._local, "converters", None)
         if converters is None:
             from django.db import connection
@@ -240,10 +225,6 @@ def _nul_in(value) -> bool:
     if isinstance(value, list | tuple):
         return any(_nul_in(v) for v in value)
     return False
-
-
-def _fetchone(cursor):
-    return cursor.fetchone()
 
 
 def as_uuid(value) -> uuid.UUID:
