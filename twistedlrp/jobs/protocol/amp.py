@@ -75,7 +75,7 @@ class ServiceProtocol(wire.QuietAMP):
     def connectionLost(self, reason):
         if self.gate is not None:
             self.gate.leave(self)
-        self._cancel_discard_deadline()
+        cancel_call(self._discard_deadline)
         super().connectionLost(reason)
 
     def _limit(self) -> int:
@@ -156,13 +156,9 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _close(self) -> None:
         self._refused = True
-        self._cancel_discard_deadline()
+        cancel_call(self._discard_deadline)
         if self.transport is not None:
             self.transport.loseConnection()
-
-    def _cancel_discard_deadline(self) -> None:
-        deadline, self._discard_deadline = self._discard_deadline, None
-        cancel_call(deadline)
 
     def _login_expired(self) -> None:
         if self.authenticated or self.transport is None:
@@ -210,7 +206,19 @@ class ServiceProtocol(wire.QuietAMP):
     def locateResponder(self, name):
         responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            return None if responder is None else self._reading_arguments(responder)
+            if responder is None:
+                return None
+
+            def read(box):
+                # Arguments it cannot read: INVALID_ARGUMENTS, not AMP's traceback.
+                try:
+                    return responder(box)
+                except InvalidArguments as e:
+                    fatal = not self.authenticated
+                    error = amp.RemoteAmpError(wire.ERRORS[InvalidArguments], str(e), fatal=fatal)
+                    return defer.fail(error)
+
+            return read
 
         def refuse(box):
             self._warn(
@@ -228,21 +236,6 @@ class ServiceProtocol(wire.QuietAMP):
             )
 
         return refuse
-
-    def _reading_arguments(self, responder):
-        """@return: C{responder}, answering arguments it cannot read with C{INVALID_ARGUMENTS}."""
-
-        def read(box):
-            try:
-                return responder(box)
-            except InvalidArguments as e:
-                return defer.fail(
-                    amp.RemoteAmpError(
-                        wire.ERRORS[InvalidArguments], str(e), fatal=not self.authenticated
-                    )
-                )
-
-        return read
 
     @wire.Challenge.responder
     def challenge(self):

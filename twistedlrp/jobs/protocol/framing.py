@@ -1,9 +1,7 @@
 """
-AMP's framing without Twisted, for the worker child (L{workers.main}), the
-blocking job client and the job service's listeners, which read each box
-within a limit: a box is pairs of 16-bit length-prefixed keys and values,
-ended by an empty key. A big value is split into pieces (L{put_big}):
-C{name} holds their count, C{name.0}, C{name.1}, ... the pieces.
+AMP's framing without Twisted, for the worker child, the blocking job client
+and the job service's listeners (which read each box within a limit). A big
+value is split into pieces: C{name} holds their count, C{name.0}, ... the pieces.
 """
 
 from __future__ import annotations
@@ -47,7 +45,7 @@ class BoxReader:
     Splits a byte stream into AMP boxes (dicts of bytes), one at a time
     when it must keep a limit.
 
-    @ivar box: the box being read (what is complete of it), C{size} bytes so far.
+    @ivar box: what is complete of the box being read, C{size} bytes so far.
     @ivar consumed: the bytes of the stream read into boxes so far.
     """
 
@@ -74,7 +72,6 @@ class BoxReader:
         return boxes
 
     def add(self, data: bytes) -> None:
-        """Take C{data} (read it with L{next_box})."""
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -86,12 +83,10 @@ class BoxReader:
 
     def next_box(self, limit: int | None = None, keep: bool = True):
         """
-        @param limit: the most bytes the box may take.
-        @param keep: C{False}: drop its keys and values as they arrive
-            (the rest of a refused box), keeping at most one key in memory.
+        @param keep: C{False}: drop its keys and values as they arrive (the
+            rest of a refused box).
         @return: the next complete box, or C{None} when it is not complete yet.
-        @raise BoxTooLarge: the box (what was read of it and what waits) is
-            over C{limit}; L{box} holds what was read of it.
+        @raise BoxTooLarge: the box is over C{limit} bytes; L{box} holds what was read.
         @raise ValueError: a key is longer than AMP allows (255 bytes).
         """
         buffer, offset, size = self._buffer, self._offset, len(self._buffer)
@@ -114,7 +109,6 @@ class BoxReader:
                 if size < end:
                     if keep:
                         break
-                    # Dropped as it arrives.
                     self._skip = end - size
                     end = size
                 elif keep:

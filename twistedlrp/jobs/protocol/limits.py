@@ -138,7 +138,7 @@ class FailureLog(_Throttle):
     """
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
-        """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
+        """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
         frames = getattr(failure, "frames", None)
         place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])

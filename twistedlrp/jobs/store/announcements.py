@@ -1,7 +1,6 @@
 """
 The announcement table: jobs a site's own transaction stored on SQLite
-(L{twistedlrp.jobs.client.transactions}), which the job service, keeping its queue
-in memory, takes from there. These run in the store thread.
+(L{twistedlrp.jobs.client.transactions}), which the job service takes from there.
 """
 
 from __future__ import annotations
@@ -29,14 +28,10 @@ def announced() -> bool:
 
 def take_announced(job_ids: list[str] | None = None) -> list[dict]:
     """
-    Take jobs out of the announcement table (jobs a site's transaction
-    stored; see L{operations.create}): each is taken once, whoever asks.
+    Take jobs out of the announcement table, each once, whoever asks.
 
-    @param job_ids: the jobs a process said it committed, or C{None} for
-        any (the sweep).
-    @return: the queued ones among them, oldest first: C{{"id", "priority",
-        "created_at", "run_after", "queue", "name", "max_attempts",
-        "retry_delay", "timeout", "payload"}}.
+    @param job_ids: the jobs a process said it committed, or C{None} for any.
+    @return: the queued ones among them, oldest first, with their payload.
     """
     from twistedlrp.models import Announcement, Job
 

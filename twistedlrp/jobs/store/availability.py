@@ -1,10 +1,8 @@
 """
-Whether the job store's database can be reached (L{Availability}), how an
-operation that could not reach it fails (L{StoreUnavailable}), and how a
-connection is found broken. Each connection of the job service reports
-here when it loses the database and when it has it back: one WARNING when
-the first loses it and one when the last has it back, never a line per
-operation (the health says C{degraded} in between).
+Whether the job store's database can be reached: each connection of the
+job service reports here when it loses the database and has it back, for
+one WARNING when the first loses it and one when the last has it back,
+never a line per operation.
 """
 
 from __future__ import annotations
@@ -18,9 +16,8 @@ log = Logger()
 
 class StoreUnavailable(JobServiceUnavailable):
     """
-    An operation could not run in time: the store cannot be reached, or
-    did not answer. C{started} says whether it may have run (its
-    transaction had begun) or certainly did not.
+    An operation could not run in time: the store cannot be reached, or did
+    not answer. C{started}: it may have run (else it certainly did not).
     """
 
     def __init__(self, message: str, started: bool):
@@ -30,16 +27,14 @@ class StoreUnavailable(JobServiceUnavailable):
 
 class Availability:
     """
-    Kept in the reactor thread (the connections' threads report with
-    C{callFromThread}).
-
-    @param wait: the seconds a submission waits for the store, for the log line.
+    Kept in the reactor thread. C{wait}: the seconds a submission waits for
+    the store, for the log line.
     """
 
     def __init__(self, reactor, wait: float | None = None):
         self.reactor = reactor
         self.wait = wait
-        # source -> reason, for the sources that cannot reach the database now.
+        # source -> why it cannot reach the database now
         self._lost: dict[str, str] = {}
         self.since: float | None = None
         self.outages = 0
@@ -83,10 +78,7 @@ def first_line(error: BaseException) -> str:
 
 
 def broken(connection, raw) -> bool:
-    """
-    @return: whether Django's C{connection} is not the usable DB-API
-        connection C{raw} any more (closed, broken, replaced, or none).
-    """
+    """@return: whether Django's C{connection} is no longer the usable DB-API connection C{raw}."""
     current = connection.connection
     if current is None or (raw is not None and current is not raw):
         return True

@@ -1,12 +1,9 @@
 """
 The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own.
 
-A submission, a retry, a job put back in the queue, a cancel and a job's
-end send C{NOTIFY twistedlrp_jobs} in the transaction of their change (so
-it comes with the commit, or not at all). This thread holds a connection of
-its own (psycopg, autocommit) and hands each payload to the reactor. A
-broken connection is opened again with back-off, then C{on_reconnect} is
-called (notifications may have been lost; the service also polls slowly).
+Each change sends C{NOTIFY twistedlrp_jobs} in its transaction (so it comes
+with the commit, or not at all). A broken connection is opened again with
+back-off, then C{on_reconnect} is called (notifications may have been lost).
 """
 
 from __future__ import annotations
@@ -29,9 +26,8 @@ _WAIT = 1.0
 
 class Listener:
     """
-    @param on_notify: called in the reactor with each notification's payload.
-    @param on_reconnect: called in the reactor once listening (again).
-    @param availability: the store's, told when the connection is lost and back.
+    Calls, in the reactor, C{on_notify} with each notification's payload and
+    C{on_reconnect} once listening (again); tells C{availability} of a lost connection.
     """
 
     def __init__(
@@ -49,7 +45,7 @@ class Listener:
         threading.Thread(target=self._loop, name="twistedlrp-job-listener", daemon=True).start()
 
     def stop(self) -> None:
-        """Ask the thread to end (within about a second; it holds nothing else)."""
+        """Ask the thread to end (within about a second)."""
         self._stopping.set()
 
     def _connect(self):
@@ -60,7 +56,6 @@ class Listener:
 
         tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT)
         params = dict(connections["default"].get_connection_params())
-        # Django's own cursor class and context are not needed here.
         for name in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(name, None)
         connection = psycopg.connect(**params, autocommit=True)

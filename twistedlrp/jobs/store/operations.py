@@ -191,9 +191,7 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     job = sql.read(job_id)
     settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
     row = {name: getattr(job, name) for name in settings}
-    row["payload"] = payload_of(job.args, job.kwargs)
-    row["started_at"] = iso(started)
-    return row
+    return dict(row, payload=payload_of(job.args, job.kwargs), started_at=iso(started))
 
 
 def claim_next(

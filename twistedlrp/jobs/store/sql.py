@@ -42,19 +42,16 @@ class Statements:
             for name, f in self.fields.items()
             if f.default is NOT_PROVIDED or not callable(f.default)
         }
-        # Only these need the backend's adaptation; strings and numbers go as they are.
-        self.adapted = {
-            name
-            for name, f in self.fields.items()
-            if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
-        }
         # PostgreSQL's text columns refuse NUL; job output, errors and progress
         # messages may hold one (SQLite stores it as it is).
         self.nul_free = connection.vendor == "postgresql"
         texts = ("CharField", "TextField") if self.nul_free else ()
         self.text = {n for n, f in self.fields.items() if f.get_internal_type() in texts}
+        # Only these need the backend's adaptation; strings and numbers go as they are.
         self.adapters = {
-            name: self._adapter(self.fields[name], connection) for name in self.adapted
+            name: self._adapter(f, connection)
+            for name, f in self.fields.items()
+            if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
         }
         # The DB-API connection is used directly on SQLite (placeholders "?").
         self.direct = connection.vendor == "sqlite"
@@ -194,12 +191,10 @@ class Statements:
         params = [self.prep(name, value) for name, value in values.items()]
         sql = f"UPDATE {self.table} SET {sets} WHERE {self.column['id']} = %s"
         params.append(self.prep("id", as_uuid(job_id)))
-        if only_state is not None:
-            sql += f" AND {self.column['state']} = %s"
-            params.append(only_state)
-        if only_node is not None:
-            sql += f" AND {self.column['node']} = %s"
-            params.append(only_node)
+        for name, value in (("state", only_state), ("node", only_node)):
+            if value is not None:
+                sql += f" AND {self.column[name]} = %s"
+                params.append(value)
         return self.execute(sql, params)
 
 
