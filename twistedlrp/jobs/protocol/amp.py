@@ -38,11 +38,8 @@ def _answering(operation: wire.Operation):
 class ServiceProtocol(wire.QuietAMP):
     """
     One client connection. With C{secret} set, anything but C{Challenge} and
-    C{Login} before a successful Login, or a wrong digest, gets an error and
-    the connection is closed. What the client sends is bounded as it arrives.
-
-    @param gate: the listener's L{limits.Gate}, or C{None} for no login
-        deadline, no bounds on waiting logins and unthrottled warnings.
+    C{Login} before a successful Login, or a wrong digest, closes it. Without
+    a C{gate}: no login deadline and unthrottled warnings.
     """
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
@@ -279,33 +276,22 @@ class ServiceFactory(protocol.Factory):
 
 @dataclass(eq=False)
 class AMPFrontEnd(limits.FrontEnd):
-    """
-    Listens for job clients over AMP.
-
-    @param endpoint: a server endpoint string, or C{None} for the UNIX
-        socket C{jobs.sock} in C{state_dir} (mode 0600, trusted without a login).
-    @param secret_file: the shared secret's file, required for any other endpoint.
-    """
+    """Listens for job clients over AMP (logging in with C{secret_file} but on a UNIX socket)."""
 
     reactor: object
+    # None: the UNIX socket jobs.sock in state_dir (mode 0600, trusted without a login).
     endpoint: str | None
     state_dir: str
     secret_file: str | None
     allow_open_permissions: bool = False
 
     async def listen(self, service) -> None:
-        """
-        Serve C{service}, the job service's L{JobOperations}.
-
-        @raise StartupFailed: the endpoint cannot listen, or the socket's path is not ours.
-        """
+        """Serve C{service}. @raise StartupFailed: it cannot listen, or the socket is not ours."""
         endpoint = self.endpoint
         if endpoint is None:
             path = self._prepare_socket_path(self.allow_open_permissions)
             endpoint = "unix:" + path.replace(":", "\\:") + ":mode=600:lockfile=0"
-        secret = None
-        if not endpoint.startswith("unix:"):
-            secret = wire.read_secret(self.secret_file)
+        secret = None if endpoint.startswith("unix:") else wire.read_secret(self.secret_file)
         gate = limits.Gate(self.reactor, endpoint, limits.configured_limits(), log)
         try:
             self.port = await serverFromString(self.reactor, limits.with_backlog(endpoint)).listen(

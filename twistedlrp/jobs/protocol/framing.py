@@ -83,11 +83,10 @@ class BoxReader:
 
     def next_box(self, limit: int | None = None, keep: bool = True):
         """
-        @param keep: C{False}: drop its keys and values as they arrive (the
-            rest of a refused box).
+        @param keep: C{False}: drop its keys and values as they arrive (a refused box's rest).
         @return: the next complete box, or C{None} when it is not complete yet.
-        @raise BoxTooLarge: the box is over C{limit} bytes; L{box} holds what was read.
-        @raise ValueError: a key is longer than AMP allows (255 bytes).
+        @raise BoxTooLarge: over C{limit} bytes (L{box} holds what was read).
+        @raise ValueError: a key is longer than AMP allows.
         """
         buffer, offset, size = self._buffer, self._offset, len(self._buffer)
         try:

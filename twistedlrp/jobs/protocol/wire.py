@@ -111,11 +111,7 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 class _Command(amp.Command):
-    """
-    A command of the job service: its errors travel with their codes, and an
-    argument that cannot be read raises L{InvalidArguments} naming it (AMP
-    would answer an unknown error and log a traceback).
-    """
+    """A command whose unreadable argument raises L{InvalidArguments} (not AMP's traceback)."""
 
     errors = ERRORS
     fatalErrors = FATAL_ERRORS
@@ -220,14 +216,11 @@ class Stats(_Command):
 @dataclass(frozen=True)
 class Operation:
     """
-    One operation of the job service, named once: every client, the AMP
-    responders and the PB avatar derive from it. The service's method of the
-    same name takes the AMP C{command}'s arguments, in order, and answers
-    its only response key.
-
-    @ivar defaults: what the public API and PB take for an argument not given.
-    @ivar hidden: arguments that only twistedlrp's own clients send (not through PB).
-    @ivar public: offered through PB and the eager mode.
+    One operation of the job service, named once: clients, AMP responders and
+    the PB avatar derive from it. The service's method of the same name takes
+    the C{command}'s arguments in order and answers its only response key.
+    C{defaults}: for arguments not given; C{hidden}: not through PB; C{public}:
+    offered through PB and the eager mode.
     """
 
     name: str
@@ -247,8 +240,7 @@ class Operation:
     def arguments(self, kw: dict, encoded: bool = False) -> dict:
         """
         @param encoded: for AMP: a number it sends as a float is made one.
-        @return: the command's arguments from C{kw}, defaults (or C{None}) for missing ones.
-        @raise KeyError: a required argument is missing and has no default.
+        @return: the command's arguments from C{kw}. @raise KeyError: a required one is missing.
         """
         values = {}
         for key, argument in self.command.arguments:

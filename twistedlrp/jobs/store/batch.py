@@ -1,14 +1,9 @@
 """
-A group-commit thread: it runs every operation queued so far in one
-transaction (should one fail, each in its own) and fires each Deferred in
-the reactor after the commit. Progress reports are coalesced: the newest
-per key is written with the next batch.
-
-While the database cannot be reached the thread keeps the operations and
-tries again; only one given a deadline (C{within}) fails, with
-L{StoreUnavailable}. A transaction whose commit was sent when the
-connection broke is looked up once the database is back (PostgreSQL's
-C{txid_status}): delivered if it committed, otherwise run again.
+A group-commit thread: every operation queued so far runs in one transaction
+(should one fail, each in its own), each Deferred fired after the commit.
+While the database cannot be reached the operations wait (only those with a
+deadline fail). A transaction whose commit was sent when the connection
+broke is looked up once the database is back (C{txid_status}).
 """
 
 from __future__ import annotations
@@ -33,10 +28,9 @@ log = Logger()
 _STOP = object()
 _WAKE = object()
 
-# The longest wait between attempts to reach a database that cannot be reached.
+# The longest wait between attempts to reach the database.
 RECONNECT_MAX = 1.0
 
-# What an operation is doing (L{_Op.state}).
 _QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
 
 
@@ -87,13 +81,9 @@ class GroupCommitThread:
 
     def run(self, fn: Callable[..., Any], *args, within: float | None = None) -> defer.Deferred:
         """
-        Run C{fn(*args)} in the thread, inside a transaction.
-
-        @param within: seconds after which an operation that has not begun
-            fails with L{StoreUnavailable}; one that has gets a tenth more (at
-            most 1 s), then fails with C{started} true. Cancelling withdraws it too.
-        @return: a Deferred firing with C{fn}'s result once committed, or
-            failing with its exception (L{JobServiceUnavailable} once stopping).
+        @param within: seconds after which an operation that has not begun fails with
+            L{StoreUnavailable}; one that has gets a tenth more (at most 1 s).
+        @return: a Deferred of C{fn(*args)} run in a transaction, fired once committed.
         """
         return self._put(fn, args, False, within)
 
@@ -112,7 +102,6 @@ class GroupCommitThread:
         return op.d
 
     def _withdraw(self, op: _Op, cancelled: bool = False) -> None:
-        """In the reactor: C{op}'s deadline passed (or it was cancelled)."""
         cancel_call(op.timer)
         if op.d.called:
             return
@@ -121,8 +110,7 @@ class GroupCommitThread:
             if not started:
                 op.state = _ABANDONED
         if started and not cancelled and not op.graced:
-            # Its transaction is running (the database just came back, say):
-            # a moment more for its own answer rather than "it may have run".
+            # A moment more for its own answer rather than "it may have run".
             op.graced = True
             op.timer = self.reactor.callLater(min(op.within * 0.1, 1.0), self._withdraw, op)
             return

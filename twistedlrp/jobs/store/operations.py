@@ -96,15 +96,11 @@ def create(
     announce: bool = False,
 ) -> dict:
     """
-    Insert a job, unless C{fields["key"]} names an unfinished job or a job
-    with the id C{job_id} exists (a submission retried). Also runs in a
-    site's thread inside its own transaction (L{twistedlrp.jobs.client.transactions}).
+    Insert a job, unless C{fields["key"]} names an unfinished job or the job
+    C{job_id} exists (a submission retried). Also runs in a site's transaction.
 
-    @param notify: notify the job nodes listening on the database.
-    @param announce: also record the job in the announcement table (SQLite).
-    @param start: C{{"id", "worker", "node"}}: store the job running its first
-        attempt on that worker, so that it starts without a claim; with
-        C{"lease"}, only if the node's lease is fresh (L{claim_next}), else queued.
+    @param start: C{{"id", "worker", "node"}}: store it running on that worker,
+        without a claim; with C{"lease"}, only if the node's lease is fresh.
     @return: C{(created, job dict)}.
     @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
         the id of a job of another name.
@@ -132,7 +128,6 @@ def create(
                 )
             return False, job_dict(existing)
     if key:
-        # At most one unfinished job has a key (a unique constraint).
         existing = sql.read(key=key, state=UNFINISHED)
         if existing is not None:
             return False, job_dict(existing)
@@ -166,8 +161,7 @@ def get(job_id: str, full: bool = True) -> dict:
         key = uuid.UUID(str(job_id))
     except ValueError:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
-    # A row that cannot be read (its result, say) is an internal error, not
-    # an unknown job: only the lookup's own miss says the job is not there.
+    # A row that cannot be read is an internal error, not an unknown job.
     job = statements().read(key)
     if job is None:
         raise UnknownJob(f"no job has the id {job_id!r}")
@@ -176,10 +170,10 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt), by a conditional update.
+    Mark a queued job running (one more attempt).
 
-    @return: C{None} if the job is no longer queued; else C{{"started_at"}}
-        (and with C{load}, C{payload} and the job's settings).
+    @return: C{None} if it is no longer queued; else C{{"started_at"}} (with
+        C{load}, also C{payload} and the job's settings).
     """
     sql = statements()
     started = now()
@@ -198,16 +192,12 @@ def claim_next(
     queues: list[str] | None, node: str, workers: list[str], lease: float | None = None
 ) -> dict:
     """
-    Claim up to one due job per worker, the next ones of C{queues} (C{None}:
-    all) by priority, then age, with C{FOR UPDATE SKIP LOCKED}: nodes sharing
-    a PostgreSQL database take different rows without waiting for each other.
+    Claim up to one due job per worker from C{queues} (C{None}: all), with
+    C{FOR UPDATE SKIP LOCKED}: nodes sharing PostgreSQL never wait for each
+    other. Nothing unless the node's lease is fresh within C{lease} s.
 
-    @param lease: claim nothing unless this node renewed its lease within
-        as many seconds (then the answer has C{"no_lease": True}).
-    @return: C{{"claimed": [rows], "next_due": Unix time or None}}: each row
-        has C{id}, C{worker}, C{payload}, C{cancel_requested} and the job's
-        settings; C{next_due} (when a worker is left) is when the first
-        delayed job of these queues is due.
+    @return: C{{"claimed": [rows], "next_due": Unix time or None}} (or
+        C{"no_lease": True}); C{next_due} when a worker is left.
     """
     from django.db import connection
 
@@ -271,9 +261,8 @@ def finish(
     job_id: str, state: str, fields: dict, describe: bool = True, node: str | None = None
 ) -> dict | None:
     """
-    End an attempt: C{state} is final, or C{queued} for a retry. With
-    C{node}, the job changes only if still C{running} on that node (not
-    taken over), and the other nodes are notified.
+    End an attempt in C{state} (C{queued}: a retry); with C{node}, only if it
+    still holds the job, and the other nodes are notified.
 
     @return: the job's wire description if C{describe}, else C{None};
         C{{"lost": True}} when C{node} no longer holds the job.

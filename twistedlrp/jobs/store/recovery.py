@@ -38,12 +38,10 @@ def recover(
     queued = Job.objects.filter(state=QUEUED)
     if queues is not None:
         queued = queued.filter(queue__in=queues)
-    queued = list(
-        queued.order_by("created_at").values("id", "priority", "created_at", "run_after", "queue")
+    rows = queued.order_by("created_at").values(
+        "id", "priority", "created_at", "run_after", "queue"
     )
-    for row in queued:
-        row["id"] = str(row["id"])
-    return queued, failed
+    return [dict(row, id=str(row["id"])) for row in rows], failed
 
 
 def _end(job, error: str) -> str:
@@ -225,10 +223,9 @@ def heartbeat(
 ) -> dict:
     """
     Renew this node's lease; the C{fenced} jobs (stopped when it could not)
-    still running on it are retried or failed because C{why}.
+    still running on it end because C{why}.
 
-    @return: C{{"held": whether its row was still there (else it is entered
-        again), "ended": [{"id", "state"}] (of C{fenced})}}.
+    @return: C{{"held": whether its row was still there, "ended": [{"id", "state"}]}}.
     """
     from twistedlrp.models import Job, Node
 
@@ -242,19 +239,14 @@ def heartbeat(
 
 
 def lease_fresh(node: str, within: float) -> bool:
-    """
-    @return: whether C{node} renewed its lease less than C{within} seconds
-        ago (database clock): if not, others may take it for dead.
-    """
+    """@return: whether C{node} renewed its lease less than C{within} s ago (database clock)."""
     from django.db import connection
 
     from twistedlrp.models import Node
 
     if connection.vendor != "postgresql":
-        stamp = db_now()
-        return Node.objects.filter(
-            name=node, heartbeat_at__gte=stamp - timedelta(seconds=within)
-        ).exists()
+        cutoff = db_now() - timedelta(seconds=within)
+        return Node.objects.filter(name=node, heartbeat_at__gte=cutoff).exists()
     table = connection.ops.quote_name(Node._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
