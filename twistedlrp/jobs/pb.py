@@ -1,16 +1,14 @@
 """
-The job service's Perspective Broker front end (docs/protocol.md, "The
-Perspective Broker front end"). A client logs in with the shared secret
-(any user name; it names the client in the logs) and gets an avatar with
-the public operations of L{wire.OPERATIONS}. From Twisted::
+The job service's Perspective Broker front end (docs/protocol.md): a client
+logs in with the shared secret (any user name) and gets an avatar with the
+public operations of L{wire.OPERATIONS}. From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
     avatar = await factory.login(credentials.UsernamePassword(b"lrp", secret))
     job = await avatar.callRemote("submit", "myapp.jobs.resize", [path, 800])
 
-Answers are PB's basic types; refusals are L{JobServiceError} subclasses.
-What a client sends is bounded as it arrives (L{pb_guard}).
+Refusals are L{JobServiceError} subclasses.
 """
 
 from __future__ import annotations
@@ -214,11 +212,8 @@ def listen_pb(
     reactor, service, endpoint: str, secret: bytes, bounds: limits.Limits | None = None
 ) -> defer.Deferred:
     """
-    Serve C{service} (a L{JobService}, or its L{JobOperations}) over
-    Perspective Broker on C{endpoint}, C{bounds} limiting what comes before login.
-
-    @return: a Deferred firing with the C{IListeningPort}.
-    @raise ValueError: C{secret} is empty.
+    Serve C{service} (a L{JobService}, or its L{JobOperations}) over PB on C{endpoint}.
+    @return: a Deferred of the C{IListeningPort}. @raise ValueError: C{secret} is empty.
     """
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")

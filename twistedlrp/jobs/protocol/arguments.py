@@ -1,8 +1,7 @@
 """
 What a client may ask for, checked in the calling process and again in the
-job service: a bad value is refused with L{InvalidArguments} naming the
-field. Job ids are brought to one form where they enter
-(L{canonical_job_id}), so that the same job is the same key everywhere.
+job service. Job ids are made canonical where they enter, so that the same
+job is the same key everywhere.
 """
 
 from __future__ import annotations

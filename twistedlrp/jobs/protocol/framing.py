@@ -42,11 +42,9 @@ class BoxTooLarge(ValueError):
 
 class BoxReader:
     """
-    Splits a byte stream into AMP boxes (dicts of bytes), one at a time
-    when it must keep a limit.
-
-    @ivar box: what is complete of the box being read, C{size} bytes so far.
-    @ivar consumed: the bytes of the stream read into boxes so far.
+    Splits a byte stream into AMP boxes, one at a time when it must keep a
+    limit. C{box}: what is complete of the box being read, C{size} bytes so
+    far; C{consumed}: the stream's bytes read into boxes.
     """
 
     def __init__(self, box_type=dict):
@@ -66,10 +64,7 @@ class BoxReader:
     def feed(self, data: bytes) -> list[dict[bytes, bytes]]:
         """@return: the boxes C{data} completes."""
         self.add(data)
-        boxes = []
-        while (box := self.next_box()) is not None:
-            boxes.append(box)
-        return boxes
+        return list(iter(self.next_box, None))
 
     def add(self, data: bytes) -> None:
         if self._skip:

@@ -72,11 +72,7 @@ class _Burst:
 
 
 class _Throttle:
-    """
-    At most one line per key every C{interval} seconds, and one more at the
-    interval's end that counts those left out (and shows the last).
-    C{clock}: the global reactor by default, looked up when needed.
-    """
+    """At most one line per key every C{interval} s, then one counting those left out."""
 
     def __init__(self, clock=None, interval: float = REFUSAL_LOG_INTERVAL):
         self._clock = clock
@@ -132,10 +128,7 @@ class RefusalLog(_Throttle):
 
 
 class FailureLog(_Throttle):
-    """
-    Tracebacks of internal errors, at most one per cause (operation, type,
-    line) every C{interval} seconds: a client that finds one cannot fill the log.
-    """
+    """Tracebacks of internal errors: one per cause (operation, type, line) every C{interval} s."""
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
@@ -166,10 +159,7 @@ internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
 
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
-    """
-    @return: a Deferred of C{fn(*args)}, the service's operation C{op}: any
-        error but a L{JobError} is logged and becomes an internal L{JobError}.
-    """
+    """@return: a Deferred of C{fn(*args)}, any error but a L{JobError} logged, made one."""
 
     def translate(failure):
         if failure.check(JobError):
@@ -272,10 +262,7 @@ class _Pending:
 
 
 def peer_key(address) -> str:
-    """
-    @return: what L{Gate} counts pending logins by: an IPv4 host (mapped
-        into IPv6 too), an IPv6 /64 network (one site's), C{"unix"}.
-    """
+    """@return: what L{Gate} counts logins by: an IPv4 host, an IPv6 /64 (one site's), C{"unix"}."""
     if isinstance(address, IPv4Address):
         return address.host
     if isinstance(address, IPv6Address):

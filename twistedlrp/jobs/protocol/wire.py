@@ -46,13 +46,12 @@ class BigBytes(amp.Argument):
 
     def fromBox(self, name, strings, objects, proto):
         key = _python_name(name)
-        count = strings.pop(name, None)
-        if count is None:
+        raw = strings.pop(name, None)
+        if raw is None:
             if self.optional:
                 objects[key] = None
                 return
             raise KeyError(name)
-        raw = count
         try:
             count = int(raw) if len(raw) <= 10 else 0
         except ValueError:

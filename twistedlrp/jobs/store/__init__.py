@@ -38,21 +38,15 @@ SESSION_LIMIT = 10.0
 
 
 def session_limit(lease: float | None) -> float:
-    """
-    @return: the seconds PostgreSQL lets a session stay idle inside a
-        transaction: a third of the lease (2 s to L{SESSION_LIMIT}), so that
-        the locks of a node cut off come back well before others must renew.
-    """
+    """@return: the seconds a session may stay idle in a transaction: a third of the lease."""
     return SESSION_LIMIT if lease is None else min(max(lease / 3, 2.0), SESSION_LIMIT)
 
 
 class Store(GroupCommitThread):
     """
-    The job service's store thread, and beside it a reader thread for reads
-    (L{read}) in autocommit: on SQLite (WAL) they never wait for a writer's
-    lock (a view inside C{atomic()} that reads a job would wait for itself).
-    With several job nodes (C{lease_interval}) a third thread, L{lease},
-    renews this node's lease, so that neither a long batch nor a lock delays it.
+    The store thread, and beside it a reader thread in autocommit (on SQLite
+    it never waits for a writer's lock, such as a site's C{atomic()} reading
+    a job) and, with several job nodes, a L{lease} thread that no batch delays.
     """
 
     def __init__(
@@ -108,21 +102,15 @@ class Store(GroupCommitThread):
 def tune_connection(
     connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
 ) -> None:
-    """
-    On PostgreSQL, give this thread's next connection the timeouts and
-    keepalives above (a TCP user timeout of C{user_timeout} s, an idle
-    transaction limit of C{idle_limit} s), each unless the site's C{OPTIONS} name it.
-    """
+    """On PostgreSQL, give this thread's next connection the timeouts and keepalives above."""
     from django.db import connection
 
     if connection.vendor != "postgresql":
         return
-    options = dict(connection.settings_dict.get("OPTIONS") or {})
     wanted = {"connect_timeout": max(int(connect_timeout), 2), **KEEPALIVE}
     if _libpq_version() >= 120000:
         wanted["tcp_user_timeout"] = int(user_timeout * 1000)
-    for name, value in wanted.items():
-        options.setdefault(name, value)
+    options = {**wanted, **(connection.settings_dict.get("OPTIONS") or {})}
     server = {
         "idle_in_transaction_session_timeout": int(idle_limit * 1000),
         **SERVER_KEEPALIVE,

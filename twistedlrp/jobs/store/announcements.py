@@ -27,12 +27,7 @@ def announced() -> bool:
 
 
 def take_announced(job_ids: list[str] | None = None) -> list[dict]:
-    """
-    Take jobs out of the announcement table, each once, whoever asks.
-
-    @param job_ids: the jobs a process said it committed, or C{None} for any.
-    @return: the queued ones among them, oldest first, with their payload.
-    """
+    """@return: the queued jobs among C{job_ids} (C{None}: any), taken out, oldest first."""
     from twistedlrp.models import Announcement, Job
 
     notices = Announcement.objects.all()

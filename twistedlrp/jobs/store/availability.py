@@ -1,8 +1,6 @@
 """
-Whether the job store's database can be reached: each connection of the
-job service reports here when it loses the database and has it back, for
-one WARNING when the first loses it and one when the last has it back,
-never a line per operation.
+Whether the job store's database can be reached: one WARNING when the first
+connection loses it and one when the last has it back, not one per operation.
 """
 
 from __future__ import annotations
@@ -42,9 +40,7 @@ class Availability:
     @property
     def reason(self) -> str | None:
         """@return: why the store cannot be reached now, or C{None} when it can."""
-        if not self._lost:
-            return None
-        return next(iter(self._lost.values()))
+        return next(iter(self._lost.values()), None)
 
     def lost(self, source: str, reason: str) -> None:
         """C{source} (a connection) cannot reach the database: C{reason}."""

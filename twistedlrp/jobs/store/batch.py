@@ -43,11 +43,7 @@ class _Op:
 
 
 class GroupCommitThread:
-    """
-    Called in the thread: C{write_coalesced} inside each batch's transaction,
-    C{begin_batch} before each batch, C{setup} once first, C{observe_batch}
-    (if set) with each batch's size.
-    """
+    """The callbacks run in the thread; C{observe_batch} (if set) gets each batch's size."""
 
     observe_batch: Callable[[int], None] | None = None
     availability = None
@@ -281,11 +277,9 @@ class GroupCommitThread:
 
     def _transaction(self, ops: list[_Op], coalesced: dict | None) -> tuple:
         """
-        Run C{ops} (and write C{coalesced}) in one transaction.
-
-        @return: C{("ok", None, [(result, False)])}; C{("error", None, failure)};
-            C{("lost", None, None)}: the database could not be reached;
-            C{("doubt", xid, [(result, False)])}: it broke while committing.
+        @return: how running C{ops} (and writing C{coalesced}) in one transaction went:
+            C{("ok" or "doubt" (broke while committing), xid, [(result, False)])},
+            C{("error", None, failure)} or C{("lost", None, None)}.
         """
         from django.db import connection, transaction
 
@@ -353,11 +347,7 @@ class GroupCommitThread:
                 self._coalesced.setdefault(key, value)
 
     def _lost(self, error: Exception, raw=None) -> bool:
-        """
-        @param raw: the DB-API connection the failed work began on, if any.
-        @return: whether C{error} means the database cannot be reached, not
-            that an operation failed; then the thread goes away (saying so once).
-        """
+        """@return: whether C{error} (of work begun on C{raw}) means the database went away."""
         from django.db import connection
         from django.db.utils import InterfaceError, OperationalError
 

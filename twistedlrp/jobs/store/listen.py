@@ -1,9 +1,6 @@
 """
 The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own.
-
-Each change sends C{NOTIFY twistedlrp_jobs} in its transaction (so it comes
-with the commit, or not at all). A broken connection is opened again with
-back-off, then C{on_reconnect} is called (notifications may have been lost).
+After a broken connection, C{on_reconnect} is called (notifications may have been lost).
 """
 
 from __future__ import annotations

@@ -17,12 +17,9 @@ def recover(
     node: str = "", queues: list[str] | None = None, shared: bool = False
 ) -> tuple[list[dict], list[str]]:
     """
-    Deal with jobs left C{running} by a server that died, then list the
-    queued jobs of C{queues} (C{None}: all). C{shared} (several job nodes):
-    only this node's running jobs are touched, and no queued job is listed.
-
-    @return: C{(queued, failed)}: the queued jobs, oldest first, and the
-        ids of the jobs just failed because no attempts remained.
+    End the jobs a dead server left C{running} (if C{shared}, this node's
+    only). @return: C{(queued, failed)}: unless C{shared}, the queued jobs
+    of C{queues}, oldest first; the ids of the jobs failed for lack of attempts.
     """
     from twistedlrp.models import Announcement, Job
 
@@ -71,10 +68,7 @@ def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
 
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
-    """
-    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since before
-        C{started_before} on this machine's workers, or on the node C{node}.
-    """
+    """@return: the jobs C{running} since before C{started_before} here or on C{node}."""
     from django.db.models import Q
 
     from twistedlrp.models import Job
@@ -93,9 +87,7 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
     """
     L{_end} for a job found C{running} without a worker (on C{node}, if given).
-
-    @return: C{{"state", "priority", "created_at"}} after the change, or
-        C{None} when it is no longer running (there).
+    @return: C{{"state", "priority", "created_at"}}, or C{None}: no longer running.
     """
     from twistedlrp.models import Job
 
@@ -144,11 +136,7 @@ def db_now() -> datetime:
 
 
 def _pid_alive(pid: int) -> bool:
-    """
-    @return: whether C{pid}, on this machine, may still be a job node: it
-        exists, is no zombie (as right after a C{kill -9}), and, where
-        C{/proc} tells, runs Python (not a reused pid).
-    """
+    """@return: whether C{pid} here exists, is no zombie, and runs Python (where /proc tells)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -183,9 +171,7 @@ def register_node(
 ) -> None:
     """
     Enter this job node in the node table, with a fresh heartbeat.
-
-    @raise NodeConflict: a live node stands in the way: another one on a
-        database for one node (not C{shared}), or one of the same name.
+    @raise NodeConflict: another live node (unless C{shared}), or one of the same name.
     """
     from django.db import connection
 
@@ -266,13 +252,9 @@ def leave_node(name: str, pid: int) -> None:
 
 def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
     """
-    Retry or fail the running jobs of the other nodes whose lease expired or
-    that are not in the node table (of no node: if it started before
-    C{started_before}), and delete the dead nodes' rows, skipping rows
-    another node holds. PostgreSQL only.
-
-    @return: C{{"nodes": [(name, seconds since its heartbeat)], "jobs":
-        [{"id", "state", "node", "reason"}]}}.
+    End the running jobs of the other nodes that are dead (lease expired, or
+    not in the table), and delete their rows, skipping rows another node
+    holds. PostgreSQL only. @return: C{{"nodes": [(name, age)], "jobs": [...]}}.
     """
     from django.db.models import Q
 

@@ -1,14 +1,10 @@
 """
-The job table's hot statements in plain SQL, and the adapters of their values.
+The job table's hot statements in plain SQL (the ORM's query building costs
+about ten times the SQL), with Django's adapters and converters. On SQLite
+they skip Django's cursor wrapper, and adapt values as Django's SQLite
+backend does, written out: those wrappers cost more than the SQL.
 
-These run once or more per job, where the ORM's query building costs about
-ten times the SQL. Values and rows go through Django's adapters and
-converters of each field and backend, as the ORM's do. On SQLite the
-statements skip Django's cursor wrapper, and datetimes, UUIDs and JSON are
-adapted as Django's SQLite backend does, written out: those wrappers cost
-the store thread more than the SQL (L{tests/unit/test_store_sql} checks them).
-
-On PostgreSQL, text and jsonb cannot hold NUL: in a job's output, error or
+On PostgreSQL, text and jsonb cannot hold NUL: in an output, error or
 progress message it is stored as U+FFFD; arguments holding one are
 refused, a result holding one fails the job (L{holds_nul}).
 """
@@ -116,10 +112,8 @@ class Statements:
 
     def read(self, job_id=None, **equal) -> SimpleNamespace | None:
         """
-        @param equal: C{{field: value or tuple of values}} the row must have
-            (instead of the id C{job_id}).
-        @return: the first matching row, converted as the ORM does, as
-            attributes; C{None} if there is none.
+        @param equal: C{{field: value or tuple of values}} (instead of C{job_id}).
+        @return: the first matching row, as attributes, or C{None}.
         @raise ValueError: C{job_id} is no UUID.
         """
         if job_id is not None:
