@@ -79,8 +79,7 @@ class ServiceProtocol(wire.QuietAMP):
         """@return: the most bytes the box being read may take (before Login: all boxes)."""
         if self.authenticated:
             return self.max_box
-        reader = self.reader
-        return self.pre_login_bytes - (reader.consumed - reader.size)
+        return self.pre_login_bytes - (self.reader.consumed - self.reader.size)
 
     def dataReceived(self, data):
         reader = self.reader

@@ -230,11 +230,10 @@ class Gate:
         if pending is None:
             return
         cancel_call(pending.deadline)
-        same = self._by_peer.get(pending.key)
-        if same is not None:
-            same.pop(protocol, None)
-            if not same:
-                del self._by_peer[pending.key]
+        same = self._by_peer[pending.key]
+        del same[protocol]
+        if not same:
+            del self._by_peer[pending.key]
 
     def _evict(self, protocol, kind: str, format: str, **kwargs) -> None:
         """Close C{protocol}'s connection at once (it waits to log in; room is needed)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
@@ -21,22 +22,18 @@ log = Logger()
 _WAIT = 1.0
 
 
+@dataclass(eq=False)
 class Listener:
     """
     Calls, in the reactor, C{on_notify} with each notification's payload and
     C{on_reconnect} once listening (again); tells C{availability} of a lost connection.
     """
 
-    def __init__(
-        self,
-        reactor,
-        on_notify: Callable[[str], None],
-        on_reconnect: Callable[[], None],
-        availability: Availability,
-    ):
-        self.reactor, self.availability = reactor, availability
-        self.on_notify, self.on_reconnect = on_notify, on_reconnect
-        self._stopping = threading.Event()
+    reactor: object
+    on_notify: Callable[[str], None]
+    on_reconnect: Callable[[], None]
+    availability: Availability
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="twistedlrp-job-listener", daemon=True).start()
