@@ -253,7 +253,6 @@ class ServiceProtocol(wire.QuietAMP):
             self.gate.leave(self)
         return {"ok": True}
 
-    # One responder per operation, calling the service's method of its name.
     for _op in wire.OPERATIONS.values():
         locals()[_op.name] = _op.command.responder(_answering(_op))
     del _op

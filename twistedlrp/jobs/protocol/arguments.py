@@ -252,8 +252,7 @@ def check_payload(
 ) -> tuple[list, dict]:
     """
     @return: the C{args} and C{kwargs} of a submission's JSON payload.
-    @raise InvalidArguments: not JSON bytes of a list and an object.
-    @raise PayloadTooLarge: more than C{limit} bytes.
+    @raise InvalidArguments: not JSON bytes. @raise PayloadTooLarge: over C{limit} bytes.
     """
     if not isinstance(payload, bytes):
         raise InvalidArguments(f"the payload of {name} must be JSON bytes")

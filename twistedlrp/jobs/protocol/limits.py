@@ -1,7 +1,6 @@
 """
-The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"):
-the connections waiting to log in (L{Gate}), and warnings and tracebacks
-that a flood cannot turn into a flood of lines.
+The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"), and
+warnings and tracebacks that a flood cannot turn into a flood of lines.
 """
 
 from __future__ import annotations
@@ -22,18 +21,14 @@ from twistedlrp.ordered_service import StartupFailed, cancel_call
 
 # What a client may send before its login succeeds, in bytes (a login takes about 100).
 PRE_LOGIN_BYTES = 4096
-# Seconds a connection has to log in before it is closed (the setting
-# LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
+# Seconds a connection has to log in (the setting LRP_JOBS_LOGIN_TIMEOUT overrides it).
 LOGIN_TIMEOUT = 10.0
-# The listen queue of a TCP or TLS job listener whose endpoint names none
-# (Twisted's is 50): once a flood fills it, the kernel drops new connections,
-# a login's too, for a second or more.
+# The listen queue of a TCP or TLS listener naming none (Twisted's is 50): once a
+# flood fills it, the kernel drops new connections, a login's too, for a second or more.
 LISTEN_BACKLOG = 1024
-# After login, one AMP box may hold --max-job-payload bytes plus this much
-# for its other keys and the framing.
+# After login, one AMP box may hold --max-job-payload bytes plus this much.
 BOX_FRAMING = 256 * 1024
-# Seconds the rest of a refused box is read and dropped (so that the client
-# reads the error) before the connection is closed.
+# Seconds the rest of a refused box is dropped (so that the client reads the error).
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
@@ -47,8 +42,7 @@ class Limits:
 
     login_timeout: float = LOGIN_TIMEOUT
     pre_login_bytes: int = PRE_LOGIN_BYTES
-    # Connections that may wait to log in at once, in all and from one peer
-    # address (an IPv6 /64); a new one beyond either closes one (see Gate).
+    # Connections that may wait to log in at once, in all and from one peer (see Gate).
     max_unauthenticated: int = 64
     max_unauthenticated_per_peer: int = 8
 
@@ -280,8 +274,7 @@ def peer_key(address) -> str:
 def abort_now(transport) -> None:
     """Close a connection and free its descriptor now (one turn may accept hundreds)."""
     transport.abortConnection()
-    # The socket's own transport, under TLS if any (it ignores the second
-    # connectionLost, the one abortConnection scheduled).
+    # The socket's own transport, under TLS if any (it ignores abortConnection's later one).
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
     if getattr(transport, "socket", None) is not None and not getattr(

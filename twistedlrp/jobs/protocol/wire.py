@@ -1,7 +1,6 @@
 """
-The job service's AMP protocol (docs/protocol.md, "The AMP wire protocol"):
-the commands of its clients and of its worker children, each operation
-named once (L{OPERATIONS}), and the login's HMAC. JSON only: no pickle.
+The job service's AMP protocol (docs/protocol.md): the commands of its clients
+and worker children, each operation named once, and the login's HMAC. No pickle.
 """
 
 from __future__ import annotations
@@ -157,8 +156,7 @@ class Submit(_Command):
         (b"timeout", amp.Float(optional=True)),
         # A UUID the client chose: the same id submitted again returns the same job.
         (b"id", amp.Unicode(optional=True)),
-        # The client's time left: a node that cannot reach its store refuses
-        # in time for the client to say "not stored" rather than "may or may not".
+        # The client's time left, so that a refusal still lets it say "not stored".
         (b"wait", amp.Float(optional=True)),
     ]
     response = [(b"job", BigJSON())]
@@ -218,8 +216,7 @@ class Operation:
     One operation of the job service, named once: clients, AMP responders and
     the PB avatar derive from it. The service's method of the same name takes
     the C{command}'s arguments in order and answers its only response key.
-    C{defaults}: for arguments not given; C{hidden}: not through PB; C{public}:
-    offered through PB and the eager mode.
+    C{hidden}: arguments PB does not take; C{public}: offered through PB and eager mode.
     """
 
     name: str

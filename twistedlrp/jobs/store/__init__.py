@@ -25,10 +25,8 @@ KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
-# And on the server's side, so that PostgreSQL ends the sessions a cut left
-# behind, above all those idle inside a transaction (L{session_limit}): such a
-# session holds its row locks for hours by default, and every other node
-# waits behind it, its lease renewal included, until it fences itself.
+# And the server's side: a session a cut left idle in a transaction would hold
+# its row locks for hours, every other node's lease renewal waiting behind it.
 SERVER_KEEPALIVE = {
     "tcp_keepalives_idle": 5,
     "tcp_keepalives_interval": 2,
@@ -58,11 +56,13 @@ class Store(GroupCommitThread):
         def beside(name, setup) -> GroupCommitThread:
             thread = GroupCommitThread(reactor, name, begin_batch=_begin_batch, setup=setup)
             thread.availability = self.availability
+            self._beside.append(thread)
             return thread
 
         name = "twistedlrp-job-store"
         super().__init__(reactor, name, operations.write_progress, _begin_batch, tuned())
         self.availability = Availability(reactor)
+        self._beside: list[GroupCommitThread] = []
         self.reader = beside("twistedlrp-job-reads", tuned())
         self.lease: GroupCommitThread = self
         if lease_interval is not None:
@@ -70,15 +70,12 @@ class Store(GroupCommitThread):
 
     def start(self) -> None:
         super().start()
-        self.reader.start()
-        if self.lease is not self:
-            self.lease.start()
+        for thread in self._beside:
+            thread.start()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once every thread has ended."""
-        threads = [self.reader.stop(), super().stop()]
-        if self.lease is not self:
-            threads.append(self.lease.stop())
+        threads = [super().stop(), *(thread.stop() for thread in self._beside)]
         return defer.gatherResults(threads).addCallback(lambda _: None)
 
     @property
@@ -141,9 +138,8 @@ def _libpq_version() -> int:
 def _begin_batch() -> None:
     from django.db import connection
 
-    # A connection the database dropped (a restart, a failover) is replaced
-    # rather than failing every batch from now on. Only then: the store keeps
-    # its one connection whatever CONN_MAX_AGE says (the views' setting).
+    # Replace a connection the database dropped (a failover), but only then:
+    # the store keeps its one connection whatever CONN_MAX_AGE says.
     if compat.take_connection_errors(connection):
         if connection.connection is not None and not connection.is_usable():
             connection.close()

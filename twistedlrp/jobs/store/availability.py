@@ -24,10 +24,7 @@ class StoreUnavailable(JobServiceUnavailable):
 
 
 class Availability:
-    """
-    Kept in the reactor thread. C{wait}: the seconds a submission waits for
-    the store, for the log line.
-    """
+    """Kept in the reactor thread; C{wait}: how long a submission waits, for the log line."""
 
     def __init__(self, reactor, wait: float | None = None):
         self.reactor = reactor

@@ -137,14 +137,11 @@ class GroupCommitThread:
                 self._queue.put(_STOP)
         return self._stopped
 
-    # -- in the thread ---------------------------------------------------------
-
     def _loop(self) -> None:
         from django.db import connection
 
         pending: list[_Op] = []
-        # Transactions whose commit was sent when the connection broke:
-        # (transaction id, operations, their results, coalesced values).
+        # (xid, operations, results, coalesced) of commits sent as the connection broke
         doubtful: list[tuple] = []
         stopping = False
         reconnect = Backoff(0.1, RECONNECT_MAX, jitter=0.1)
@@ -243,8 +240,7 @@ class GroupCommitThread:
         elif how == "doubt":
             doubtful.append((xid, ops, results, coalesced))
         else:
-            # One of them failed (an unknown id, a broken row): the batch
-            # was rolled back; run each alone so the others still succeed.
+            # One failed and rolled the batch back: run each alone so the others succeed.
             self._run_each(ops, coalesced, pending, doubtful)
 
     def _run_each(self, ops: list[_Op], coalesced: dict, pending: list, doubtful: list) -> None:

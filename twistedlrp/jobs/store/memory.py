@@ -1,7 +1,6 @@
 """
-A job store in memory, for the eager test mode (L{twistedlrp.jobs.eager}):
-the store operations the service runs, done at once on a dict of rows, in
-the calling thread, with the same answers.
+A job store in memory for the eager test mode: the store operations the
+service runs, done at once on a dict of rows, with the same answers.
 """
 
 from __future__ import annotations

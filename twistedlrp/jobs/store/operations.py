@@ -101,9 +101,7 @@ def create(
 
     @param start: C{{"id", "worker", "node"}}: store it running on that worker,
         without a claim; with C{"lease"}, only if the node's lease is fresh.
-    @return: C{(created, job dict)}.
-    @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
-        the id of a job of another name.
+    @return: C{(created, job dict)}. @raise InvalidArguments: a value the store cannot hold.
     """
     sql = statements()
     key = fields.get("key")
@@ -170,10 +168,8 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt).
-
-    @return: C{None} if it is no longer queued; else C{{"started_at"}} (with
-        C{load}, also C{payload} and the job's settings).
+    Mark a queued job running. @return: C{None} if it is no longer queued, else
+    C{{"started_at"}} (with C{load}, also C{payload} and the job's settings).
     """
     sql = statements()
     started = now()
@@ -195,9 +191,7 @@ def claim_next(
     Claim up to one due job per worker from C{queues} (C{None}: all), with
     C{FOR UPDATE SKIP LOCKED}: nodes sharing PostgreSQL never wait for each
     other. Nothing unless the node's lease is fresh within C{lease} s.
-
-    @return: C{{"claimed": [rows], "next_due": Unix time or None}} (or
-        C{"no_lease": True}); C{next_due} when a worker is left.
+    @return: C{{"claimed": [rows], "next_due": Unix time or None}} (or C{"no_lease"}).
     """
     from django.db import connection
 
@@ -263,9 +257,7 @@ def finish(
     """
     End an attempt in C{state} (C{queued}: a retry); with C{node}, only if it
     still holds the job, and the other nodes are notified.
-
-    @return: the job's wire description if C{describe}, else C{None};
-        C{{"lost": True}} when C{node} no longer holds the job.
+    @return: the job's description if C{describe}; C{{"lost": True}} if C{node} lost it.
     """
     sql = statements()
     fields = dict(fields, state=state)

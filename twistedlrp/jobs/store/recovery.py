@@ -117,9 +117,6 @@ def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = Non
         notify_nodes(f"queued:{queue_of(job_id)}")
 
 
-# -- job nodes ------------------------------------------------------------------------
-
-
 class NodeConflict(Exception):
     """Another live job node stands in the way of this one (its message says which)."""
 
@@ -209,9 +206,7 @@ def heartbeat(
 ) -> dict:
     """
     Renew this node's lease; the C{fenced} jobs (stopped when it could not)
-    still running on it end because C{why}.
-
-    @return: C{{"held": whether its row was still there, "ended": [{"id", "state"}]}}.
+    still running on it end because C{why}. @return: C{{"held", "ended"}}.
     """
     from twistedlrp.models import Job, Node
 

@@ -38,8 +38,7 @@ class Statements:
             for name, f in self.fields.items()
             if f.default is NOT_PROVIDED or not callable(f.default)
         }
-        # PostgreSQL's text columns refuse NUL; job output, errors and progress
-        # messages may hold one (SQLite stores it as it is).
+        # PostgreSQL's text columns refuse NUL (SQLite stores it as it is).
         self.nul_free = connection.vendor == "postgresql"
         texts = ("CharField", "TextField") if self.nul_free else ()
         self.text = {n for n, f in self.fields.items() if f.get_internal_type() in texts}
@@ -168,8 +167,7 @@ class Statements:
         qmark = self._qmark.get(statement)
         if qmark is None:
             qmark = self._qmark[statement] = statement.replace("%s", "?")
-        # Errors still come as Django's (IntegrityError, OperationalError...),
-        # and mark the connection as Django's own cursors would.
+        # Errors still come as Django's, and mark the connection as its cursors would.
         with database.wrap_database_errors:
             cursor = database.connection.execute(qmark, params)
             try:
