@@ -324,18 +324,16 @@ class AMPFrontEnd(limits.FrontEnd):
             )
         path = os.path.join(state_dir, "jobs.sock")
         if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(1)
-                probe.connect(path)
-            except OSError:
-                # Left by a server that died: nobody answers there.
-                os.unlink(path)
-            else:
-                raise StartupFailed(
-                    f"another job service already listens on {path} (is another server "
-                    f"running with --state-dir {state_dir}?)"
-                )
-            finally:
-                probe.close()
+                try:
+                    probe.connect(path)
+                except OSError:
+                    # Left by a server that died: nobody answers there.
+                    os.unlink(path)
+                else:
+                    raise StartupFailed(
+                        f"another job service already listens on {path} (is another server "
+                        f"running with --state-dir {state_dir}?)"
+                    )
         return path

@@ -339,8 +339,7 @@ class GroupCommitThread:
     def _keep_coalesced(self, coalesced: dict) -> None:
         """Values of a batch that did not commit: written with the next one (unless newer came)."""
         with self._coalesced_lock:
-            for key, value in coalesced.items():
-                self._coalesced.setdefault(key, value)
+            self._coalesced = {**coalesced, **self._coalesced}
 
     def _lost(self, error: Exception, raw=None) -> bool:
         """@return: whether C{error} (of work begun on C{raw}) means the database went away."""
