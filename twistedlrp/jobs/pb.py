@@ -1,7 +1,5 @@
 """
-The job service's Perspective Broker front end (docs/protocol.md): a client
-logs in with the shared secret (any user name) and gets an avatar with the
-public operations of L{wire.OPERATIONS}. From Twisted::
+The job service's Perspective Broker front end (docs/protocol.md). From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)

@@ -32,8 +32,6 @@ BOX_FRAMING = 256 * 1024
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
-# At most one traceback of each cause of an internal error in this many seconds.
-FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -148,8 +146,8 @@ class FailureLog(_Throttle):
         )
 
 
-#: The job service's one L{FailureLog} (its front ends and its local client share it).
-internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
+#: The job service's one L{FailureLog}: a traceback per cause a minute at most.
+internal_errors = FailureLog(interval=60.0)
 
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
@@ -166,11 +164,9 @@ def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer
 
 class Gate:
     """
-    One listener's connections that have not logged in yet, each closed
-    after C{limits.login_timeout} seconds. A new one is always taken, and
-    makes room by closing the one that has waited longest: from its own
-    address when that address is full (so that one address only ever pushes
-    out its own), else from any. C{listener}: its endpoint, for the messages.
+    One listener's connections waiting to log in. A new one is always taken,
+    and makes room by closing the one that has waited longest: from its own
+    address when that one is full (so that an address only pushes out its own).
     """
 
     def __init__(self, clock, listener: str, limits: Limits = Limits(), log: Logger | None = None):

@@ -13,10 +13,7 @@ log = Logger()
 
 
 class StoreUnavailable(JobServiceUnavailable):
-    """
-    An operation could not run in time: the store cannot be reached, or did
-    not answer. C{started}: it may have run (else it certainly did not).
-    """
+    """An operation could not run in time; C{started}: it may have run (else it did not)."""
 
     def __init__(self, message: str, started: bool):
         super().__init__(message)

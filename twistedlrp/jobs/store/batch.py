@@ -1,9 +1,8 @@
 """
 A group-commit thread: every operation queued so far runs in one transaction
 (should one fail, each in its own), each Deferred fired after the commit.
-While the database cannot be reached the operations wait (only those with a
-deadline fail). A transaction whose commit was sent when the connection
-broke is looked up once the database is back (C{txid_status}).
+While the database cannot be reached the operations wait; a commit the
+connection broke under is looked up once it is back (C{txid_status}).
 """
 
 from __future__ import annotations

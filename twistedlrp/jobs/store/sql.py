@@ -1,12 +1,8 @@
 """
-The job table's hot statements in plain SQL (the ORM's query building costs
-about ten times the SQL), with Django's adapters and converters. On SQLite
-they skip Django's cursor wrapper, and adapt values as Django's SQLite
-backend does, written out: those wrappers cost more than the SQL.
-
-On PostgreSQL, text and jsonb cannot hold NUL: in an output, error or
-progress message it is stored as U+FFFD; arguments holding one are
-refused, a result holding one fails the job (L{holds_nul}).
+The job table's hot statements in plain SQL (the ORM costs about ten times
+the SQL), with Django's adapters and converters, written out on SQLite.
+PostgreSQL's text and jsonb cannot hold NUL: a message stores it as U+FFFD,
+arguments holding one are refused, a result holding one fails the job.
 """
 
 from __future__ import annotations
