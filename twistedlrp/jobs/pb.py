@@ -146,8 +146,6 @@ class JobsAvatar(pb.Avatar):
         return broker.serialize(self._call(message, bound.arguments), self, None, args, kw)
 
     def _call(self, name: str, arguments: dict) -> defer.Deferred:
-        """@return: a Deferred of the operation C{name}, its errors L{JobServiceError}s."""
-
         def translate(failure):
             for ours, theirs in _ERRORS:
                 if failure.check(ours):

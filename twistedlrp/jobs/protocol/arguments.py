@@ -1,7 +1,6 @@
 """
 What a client may ask for, checked in the calling process and again in the
-job service. Job ids are made canonical where they enter, so that the same
-job is the same key everywhere.
+service. Job ids are made canonical where they enter (one job, one key).
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """
-AMP's framing without Twisted, for the worker child, the blocking job client
-and the job service's listeners (which read each box within a limit). A big
-value is split into pieces: C{name} holds their count, C{name.0}, ... the pieces.
+AMP's framing without Twisted, for the worker child, the blocking client and
+the listeners. A big value is split: C{name} holds the count of C{name.0}, ...
 """
 
 from __future__ import annotations

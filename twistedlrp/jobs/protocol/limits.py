@@ -226,7 +226,6 @@ class Gate:
             del self._by_peer[pending.key]
 
     def _evict(self, protocol, kind: str, format: str, **kwargs) -> None:
-        """Close C{protocol}'s connection at once (it waits to log in; room is needed)."""
         pending = self._waiting[protocol]
         self.leave(protocol)
         self.evictions += 1

@@ -1,7 +1,6 @@
 """
 The job store: every database access of the job service, in dedicated
-threads with group commit (L{batch}). While the database cannot be reached
-the threads keep their operations and run them once it is back.
+threads with group commit (L{batch}).
 """
 
 from __future__ import annotations

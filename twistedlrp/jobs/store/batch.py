@@ -243,7 +243,6 @@ class GroupCommitThread:
             self._run_each(ops, coalesced, pending, doubtful)
 
     def _run_each(self, ops: list[_Op], coalesced: dict, pending: list, doubtful: list) -> None:
-        """Run each of C{ops} in its own transaction, then write C{coalesced}."""
         done: list[tuple] = []
         for i, op in enumerate(ops):
             how, xid, results = self._transaction([op], None)
@@ -353,7 +352,6 @@ class GroupCommitThread:
         return True
 
     def _reachable(self) -> bool:
-        """Away: try the database again. @return: whether it answers."""
         from django.db import connection
 
         try:

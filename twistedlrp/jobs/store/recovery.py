@@ -1,7 +1,6 @@
 """
-What dead processes leave behind: start-up recovery, jobs running without a
-worker (the watchdog), jobs put back at shut-down, and the node table with
-its leases. Each function runs in the store thread, inside a transaction.
+What dead processes leave behind, and the node table with its leases. Each
+function runs in the store thread, inside a transaction.
 """
 
 from __future__ import annotations
@@ -68,20 +67,18 @@ def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
 
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
-    """@return: the jobs C{running} since before C{started_before} here or on C{node}."""
+    """
+    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since before
+        C{started_before} on this machine's workers (C{worker_prefix}), or on C{node}.
+    """
     from django.db.models import Q
 
     from twistedlrp.models import Job
 
-    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before)
-    if node is not None:
-        rows = rows.filter(node=node)
-    else:
-        rows = rows.filter(Q(worker__startswith=worker_prefix) | Q(worker=""))
-    return [
-        {"id": str(row["id"]), "worker": row["worker"], "attempts": row["attempts"]}
-        for row in rows.values("id", "worker", "attempts")
-    ]
+    here = Q(worker__startswith=worker_prefix) | Q(worker="")
+    rows = Job.objects.filter(here if node is None else Q(node=node), state=RUNNING)
+    rows = rows.filter(started_at__lt=started_before).values("id", "worker", "attempts")
+    return [dict(row, id=str(row["id"])) for row in rows]
 
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
