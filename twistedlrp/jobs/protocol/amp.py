@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import socket
@@ -264,12 +265,7 @@ class ServiceFactory(protocol.Factory):
     noisy = False
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
-        self.service = service
-        self.secret = secret
-        self.gate = gate
-
-    def buildProtocol(self, addr):
-        return ServiceProtocol(self.service, self.secret, self.gate)
+        self.protocol = functools.partial(ServiceProtocol, service, secret, gate)
 
 
 @dataclass(eq=False)

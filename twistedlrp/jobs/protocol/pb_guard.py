@@ -5,6 +5,8 @@ bounded as it arrives, and a call that cannot be made is refused without a trace
 
 from __future__ import annotations
 
+import functools
+
 from twisted.spread import pb
 
 from twistedlrp import compat
@@ -20,7 +22,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
     """
 
     def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
-        super().__init__(isClient=False, **kwargs)
+        super().__init__(**kwargs)
         self.gate = gate
         self.max_message = max_message
         self.authenticated = False
@@ -156,11 +158,4 @@ class GuardedPBServerFactory(pb.PBServerFactory):
 
     def __init__(self, root, gate: limits.Gate, max_message: int):
         super().__init__(root)
-        self.gate = gate
-        self.max_message = max_message
-
-    def buildProtocol(self, addr):
-        proto = GuardedBroker(self.gate, self.max_message, security=self.security)
-        proto.factory = self
-        proto.setNameForLocal("root", self.root.rootObject(proto))
-        return proto
+        self.protocol = functools.partial(GuardedBroker, gate, max_message)

@@ -23,9 +23,9 @@ class StoreUnavailable(JobServiceUnavailable):
 class Availability:
     """Kept in the reactor thread; C{wait}: how long a submission waits, for the log line."""
 
-    def __init__(self, reactor, wait: float | None = None):
+    def __init__(self, reactor):
         self.reactor = reactor
-        self.wait = wait
+        self.wait: float | None = None
         # source -> why it cannot reach the database now
         self._lost: dict[str, str] = {}
         self.since: float | None = None
