@@ -292,9 +292,8 @@ class FrontEnd:
 def with_backlog(endpoint: str) -> str:
     """@return: C{endpoint}, with C{backlog=}L{LISTEN_BACKLOG} if a TCP or TLS one names none."""
     kind, _, rest = endpoint.partition(":")
-    if kind not in ("tcp", "tcp6", "ssl") or not rest:
-        return endpoint
-    if any(part.startswith("backlog=") for part in rest.split(":")):
+    named = any(part.startswith("backlog=") for part in rest.split(":"))
+    if kind not in ("tcp", "tcp6", "ssl") or not rest or named:
         return endpoint
     return f"{endpoint}:backlog={LISTEN_BACKLOG}"
 

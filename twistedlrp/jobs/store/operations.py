@@ -301,12 +301,9 @@ def mark_cancel(job_id: str, notify: bool = False) -> dict:
 def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:
     from twistedlrp.models import Job
 
-    query = Job.objects.all()
-    if state:
-        query = query.filter(state=state)
-    if name:
-        query = query.filter(name=name)
-    return [job_dict(job, full=False) for job in query.order_by("-created_at")[: max(limit, 0)]]
+    wanted = {field: value for field, value in (("state", state), ("name", name)) if value}
+    query = Job.objects.filter(**wanted).order_by("-created_at")
+    return [job_dict(job, full=False) for job in query[: max(limit, 0)]]
 
 
 def counts() -> dict:

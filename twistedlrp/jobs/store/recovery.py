@@ -31,12 +31,9 @@ def recover(
         return [], failed
     # Every queued job is listed below: the announced ones too (same transaction).
     Announcement.objects.all().delete()
-    queued = Job.objects.filter(state=QUEUED)
-    if queues is not None:
-        queued = queued.filter(queue__in=queues)
-    rows = queued.order_by("created_at").values(
-        "id", "priority", "created_at", "run_after", "queue"
-    )
+    mine = {} if queues is None else {"queue__in": queues}
+    rows = Job.objects.filter(state=QUEUED, **mine).order_by("created_at")
+    rows = rows.values("id", "priority", "created_at", "run_after", "queue")
     return [dict(row, id=str(row["id"])) for row in rows], failed
 
 
