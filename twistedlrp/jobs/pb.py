@@ -76,10 +76,7 @@ _ERRORS = [
 
 @implementer(checkers.ICredentialsChecker)
 class SecretChecker:
-    """
-    Accepts any user name with the shared secret, by PB's challenge-response.
-    A wrong secret closes the connection: no trying secrets one after another.
-    """
+    """Accepts any user name with the shared secret; a wrong one closes the connection."""
 
     credentialInterfaces = (credentials.IUsernameHashedPassword,)
 
@@ -116,9 +113,8 @@ class JobsRealm:
 
 class JobsAvatar(pb.Avatar):
     """
-    The public operations of L{wire.OPERATIONS}, for a logged-in client
-    (C{submit} takes C{args} and C{kwargs}, not their JSON; C{list_jobs}
-    answers the list), failing with a L{JobServiceError}.
+    The public operations, for a logged-in client (C{submit} takes C{args} and
+    C{kwargs}, not their JSON; C{list_jobs} answers the list).
     """
 
     def __init__(self, service, name: str = "lrp"):

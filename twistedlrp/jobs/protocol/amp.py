@@ -306,8 +306,7 @@ class AMPFrontEnd(limits.FrontEnd):
 
     def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
         """
-        @return: the socket's path in the state directory (made 0700 if
-            missing), a dead server's socket removed.
+        @return: the socket's path in the state directory (made 0700), a dead server's removed.
         @raise StartupFailed: another service listens there, or others may write to it.
         """
         state_dir = os.path.abspath(self.state_dir)

@@ -20,9 +20,7 @@ MAX_SECONDS = 1e9
 KEY_LENGTH = 255
 #: The longest job name (the job table's column): a longer one cannot be registered.
 NAME_LENGTH = 255
-#: C{Wait}: the longest time one call may wait, in seconds.
 MAX_WAIT_TIMEOUT = 3600.0
-#: C{ListJobs}: the most jobs one call may list.
 MAX_LIST_LIMIT = 1000
 #: The longest C{seen} mark of a C{Wait} (L{wire.seen_mark} makes 32 characters).
 SEEN_LENGTH = 64

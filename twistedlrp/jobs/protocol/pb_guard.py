@@ -114,10 +114,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
 
 
 class _Refusing:
-    """
-    What a PB client calls: a call that fails before it starts is refused
-    with a rate-limited warning, where PB would log a traceback each time.
-    """
+    """What a PB client calls: a call that cannot start is refused, without PB's traceback."""
 
     def __init__(self, target):
         self.target = target

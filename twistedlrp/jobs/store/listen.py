@@ -24,10 +24,7 @@ _WAIT = 1.0
 
 @dataclass(eq=False)
 class Listener:
-    """
-    Calls, in the reactor, C{on_notify} with each notification's payload and
-    C{on_reconnect} once listening (again); tells C{availability} of a lost connection.
-    """
+    """Calls C{on_notify} with each payload, C{on_reconnect} once listening (again)."""
 
     reactor: object
     on_notify: Callable[[str], None]

@@ -79,10 +79,7 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
 
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
-    """
-    L{_end} for a job found C{running} without a worker (on C{node}, if given).
-    @return: C{{"state", "priority", "created_at"}}, or C{None}: no longer running.
-    """
+    """L{_end} a job found without a worker. @return: C{None} if no longer running (on C{node})."""
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job_id, state=RUNNING)
@@ -93,10 +90,7 @@ def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None
 
 
 def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
-    """
-    Put a job a shut-down interrupted back in the queue; with C{node}, only
-    if that node still holds it, and the other nodes are told.
-    """
+    """Put back in the queue a job a shut-down interrupted (if C{node} still holds it)."""
     from django.db.models import F
 
     from twistedlrp.models import Job
