@@ -1,7 +1,4 @@
-"""
-What a client may ask for, checked in the calling process and again in the
-service. Job ids are made canonical where they enter (one job, one key).
-"""
+"""What a client may ask for, checked by the caller and again by the service; job ids canonical."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""
-AMP's framing without Twisted, for the worker child, the blocking client and
-the listeners. A big value is split: C{name} holds the count of C{name.0}, ...
-"""
+"""AMP's framing without Twisted, for the worker child, the blocking client and the listeners."""
 
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ def encode_box(box: dict[bytes, bytes]) -> bytes:
 
 
 def put_big(box: dict[bytes, bytes], name: bytes, value: bytes) -> None:
-    """Add C{value} to C{box} under C{name}, in pieces."""
+    """Add C{value} to C{box}: the count of pieces under C{name}, C{name.0}, ... the pieces."""
     pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
     box[name] = str(len(pieces)).encode()
     for i, piece in enumerate(pieces):

@@ -1,7 +1,4 @@
-"""
-The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"), and
-warnings and tracebacks that a flood cannot turn into a flood of lines.
-"""
+"""The job listeners' limits (docs/protocol.md, "Limits"), and logs that a flood cannot flood."""
 
 from __future__ import annotations
 

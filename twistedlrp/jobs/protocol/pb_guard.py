@@ -1,7 +1,4 @@
-"""
-The Perspective Broker listener's connections: what a client sends is
-bounded as it arrives, and a call that cannot be made is refused without a traceback.
-"""
+"""The PB listener's connections: input bounded as it arrives, bad calls refused quietly."""
 
 from __future__ import annotations
 

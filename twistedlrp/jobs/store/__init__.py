@@ -1,7 +1,4 @@
-"""
-The job store: every database access of the job service, in dedicated
-threads with group commit (L{batch}).
-"""
+"""The job store: every database access of the job service, in threads with group commit."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""
-The announcement table: jobs a site's own transaction stored on SQLite
-(L{twistedlrp.jobs.client.transactions}), which the job service takes from there.
-"""
+"""Jobs a site's own transaction stored on SQLite, announced for the job service to take."""
 
 from __future__ import annotations
 

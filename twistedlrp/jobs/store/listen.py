@@ -1,7 +1,4 @@
-"""
-The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own.
-After a broken connection, C{on_reconnect} is called (notifications may have been lost).
-"""
+"""The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""
-A job store in memory for the eager test mode: the store operations the
-service runs, done at once on a dict of rows, with the same answers.
-"""
+"""A job store in memory for the eager test mode: the store operations, on a dict of rows."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""
-The job store's operations: each runs in the store thread, inside the
-batch's transaction, and returns plain dicts (the wire descriptions of jobs).
-"""
+"""The store's operations, each run in the store thread inside a transaction; plain dicts out."""
 
 from __future__ import annotations
 

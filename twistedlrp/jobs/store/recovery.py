@@ -1,7 +1,4 @@
-"""
-What dead processes leave behind, and the node table with its leases. Each
-function runs in the store thread, inside a transaction.
-"""
+"""What dead processes leave behind, and the node table with its leases (in the store thread)."""
 
 from __future__ import annotations
 
