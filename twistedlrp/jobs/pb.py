@@ -203,10 +203,7 @@ def _fits_banana(answer):
 def listen_pb(
     reactor, service, endpoint: str, secret: bytes, bounds: limits.Limits | None = None
 ) -> defer.Deferred:
-    """
-    Serve C{service} (a L{JobService}, or its L{JobOperations}) over PB on C{endpoint}.
-    @return: a Deferred of the C{IListeningPort}. @raise ValueError: C{secret} is empty.
-    """
+    """Serve C{service} over PB on C{endpoint}. @return: a Deferred of the C{IListeningPort}."""
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")
     service = getattr(service, "operations", service)

@@ -75,9 +75,7 @@ class BoxReader:
     def next_box(self, limit: int | None = None, keep: bool = True):
         """
         @param keep: C{False}: drop its keys and values as they arrive (a refused box's rest).
-        @return: the next complete box, or C{None} when it is not complete yet.
-        @raise BoxTooLarge: over C{limit} bytes (L{box} holds what was read).
-        @raise ValueError: a key is longer than AMP allows.
+        @return: the next complete box, or C{None}. @raise BoxTooLarge: over C{limit} bytes.
         """
         buffer, offset, size = self._buffer, self._offset, len(self._buffer)
         try:

@@ -13,9 +13,8 @@ from twistedlrp.jobs.protocol.arguments import shown, shown_error
 
 class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
     """
-    A PB server connection that bounds what the client sends before Banana
-    buffers it: before login, as the C{gate} says; after, C{max_message}
-    bytes a message. Beyond, it closes (PB cannot answer what it has not decoded).
+    A PB server connection that bounds what the client sends before Banana buffers
+    it; beyond, it closes (PB cannot answer what it has not decoded).
     """
 
     def __init__(self, gate: limits.Gate, max_message: int, **kwargs):

@@ -1,7 +1,4 @@
-"""
-The job service's AMP protocol (docs/protocol.md): the commands of its clients
-and worker children, each operation named once, and the login's HMAC. No pickle.
-"""
+"""The job service's AMP commands (docs/protocol.md), each operation named once; JSON, no pickle."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""
-Whether the job store's database can be reached: one WARNING when the first
-connection loses it and one when the last has it back, not one per operation.
-"""
+"""Whether the store can be reached: a WARNING when it is lost, one when it is back, not more."""
 
 from __future__ import annotations
 

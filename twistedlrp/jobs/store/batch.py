@@ -1,8 +1,7 @@
 """
-A group-commit thread: every operation queued so far runs in one transaction
-(should one fail, each in its own), each Deferred fired after the commit.
-While the database cannot be reached the operations wait; a commit the
-connection broke under is looked up once it is back (C{txid_status}).
+A group-commit thread: the operations queued so far run in one transaction
+(should one fail, each in its own). While the database cannot be reached they
+wait; a commit the connection broke under is looked up (C{txid_status}).
 """
 
 from __future__ import annotations

@@ -151,10 +151,7 @@ def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: date
 def register_node(
     name: str, host: str, pid: int, queues: list[str] | None, lease: float, shared: bool
 ) -> None:
-    """
-    Enter this job node in the node table, with a fresh heartbeat.
-    @raise NodeConflict: another live node (unless C{shared}), or one of the same name.
-    """
+    """Enter this node with a fresh heartbeat. @raise NodeConflict: a live one is in the way."""
     from django.db import connection
 
     from twistedlrp.models import Node

@@ -107,9 +107,8 @@ class Statements:
 
     def read(self, job_id=None, **equal) -> SimpleNamespace | None:
         """
-        @param equal: C{{field: value or tuple of values}} (instead of C{job_id}).
-        @return: the first matching row, as attributes, or C{None}.
-        @raise ValueError: C{job_id} is no UUID.
+        @return: the job C{job_id}, or the first row whose fields have the values
+            (or one of the tuple of values) in C{equal}, as attributes; or C{None}.
         """
         if job_id is not None:
             equal = {"id": as_uuid(job_id)}
