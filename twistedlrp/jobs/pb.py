@@ -5,8 +5,6 @@ The job service's Perspective Broker front end (docs/protocol.md). From Twisted:
     reactor.connectTCP(host, port, factory)
     avatar = await factory.login(credentials.UsernamePassword(b"lrp", secret))
     job = await avatar.callRemote("submit", "myapp.jobs.resize", [path, 800])
-
-Refusals are L{JobServiceError} subclasses.
 """
 
 from __future__ import annotations

@@ -38,9 +38,8 @@ def session_limit(lease: float | None) -> float:
 
 class Store(GroupCommitThread):
     """
-    The store thread, and beside it a reader thread in autocommit (on SQLite
-    it never waits for a writer's lock, such as a site's C{atomic()} reading
-    a job) and, with several job nodes, a L{lease} thread that no batch delays.
+    The store thread, a reader thread in autocommit (on SQLite it never waits for
+    a writer's lock) and, with several job nodes, a L{lease} thread no batch delays.
     """
 
     def __init__(

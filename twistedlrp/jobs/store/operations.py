@@ -95,7 +95,6 @@ def create(
     """
     Insert a job, unless C{fields["key"]} names an unfinished job or the job
     C{job_id} exists (a submission retried). Also runs in a site's transaction.
-
     @param start: C{{"id", "worker", "node"}}: store it running on that worker,
         without a claim; with C{"lease"}, only if the node's lease is fresh.
     @return: C{(created, job dict)}. @raise InvalidArguments: a value the store cannot hold.
