@@ -63,11 +63,10 @@ def default_max_payload() -> int:
 def check_priority(value):
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidArguments(f"priority: expected a whole number, got {shown(value)}")
+        raise InvalidArguments(f"priority: expected a whole number, got {shown(value)}")
     low, high = PRIORITY_RANGE
     if not low <= value <= high:
         raise InvalidArguments(f"priority: must be between {low} and {high}, got {shown(value)}")
