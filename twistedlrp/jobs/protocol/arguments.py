@@ -243,10 +243,7 @@ def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> di
 def check_payload(
     name: str, payload, limit: int, whose: str = "the job service's limit"
 ) -> tuple[list, dict]:
-    """
-    @return: the C{args} and C{kwargs} of a submission's JSON payload.
-    @raise InvalidArguments: not JSON bytes. @raise PayloadTooLarge: over C{limit} bytes.
-    """
+    """@return: a JSON payload's C{args} and C{kwargs}. @raise InvalidArguments, PayloadTooLarge."""
     if not isinstance(payload, bytes):
         raise InvalidArguments(f"the payload of {name} must be JSON bytes")
     if len(payload) > limit:

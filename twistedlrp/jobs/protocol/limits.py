@@ -269,9 +269,8 @@ def abort_now(transport) -> None:
     # The socket's own transport, under TLS if any (it ignores abortConnection's later one).
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
-    if getattr(transport, "socket", None) is not None and not getattr(
-        transport, "disconnected", False
-    ):
+    live = getattr(transport, "socket", None) is not None
+    if live and not getattr(transport, "disconnected", False):
         transport.connectionLost(Failure(ConnectionAborted()))
 
 
