@@ -238,12 +238,9 @@ class Operation:
         values = {}
         for key, argument in self.command.arguments:
             name = _python_name(key)
-            if name in kw:
-                value = kw[name]
-            elif name in self.defaults or argument.optional:
-                value = self.defaults.get(name)
-            else:
+            if name not in kw and name not in self.defaults and not argument.optional:
                 raise KeyError(name)
+            value = kw.get(name, self.defaults.get(name))
             if encoded and value is not None and isinstance(argument, amp.Float):
                 value = float(value)
             values[name] = value
