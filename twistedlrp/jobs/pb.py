@@ -1,16 +1,10 @@
 """
-The job service's Perspective Broker front end (docs/protocol.md, "The
-Perspective Broker front end"). A client logs in with the shared secret
-(any user name; it names the client in the logs) and gets an avatar with
-the public operations of L{wire.OPERATIONS}. From Twisted::
+The job service's Perspective Broker front end (docs/protocol.md). From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
     avatar = await factory.login(credentials.UsernamePassword(b"lrp", secret))
     job = await avatar.callRemote("submit", "myapp.jobs.resize", [path, 800])
-
-Answers are PB's basic types; refusals are L{JobServiceError} subclasses.
-What a client sends is bounded as it arrives (L{pb_guard}).
 """
 
 from __future__ import annotations
@@ -52,10 +46,7 @@ class UnknownJobError(JobServiceError):
 
 
 class InvalidArgumentsError(JobServiceError):
-    """
-    An argument is of the wrong type or out of range, or the call does not
-    fit the operation (or cannot be read); nothing was stored.
-    """
+    """An argument is wrong, or the call does not fit the operation; nothing was stored."""
 
 
 class PayloadTooLargeError(JobServiceError):
@@ -83,11 +74,7 @@ _ERRORS = [
 
 @implementer(checkers.ICredentialsChecker)
 class SecretChecker:
-    """
-    Accepts any user name with the shared secret, by PB's challenge-response
-    (docs/protocol.md says its weaknesses). A wrong secret closes the
-    connection: a client cannot try secrets one after another on one.
-    """
+    """Accepts any user name with the shared secret; a wrong one closes the connection."""
 
     credentialInterfaces = (credentials.IUsernameHashedPassword,)
 
@@ -95,8 +82,6 @@ class SecretChecker:
         self.reactor, self.secret = reactor, secret
 
     def requestAvatarId(self, creds):
-        # PB's challenger (pb._PortalAuthChallenger) knows the connection:
-        # a GuardedBroker, which GuardedPBServerFactory builds.
         broker: GuardedBroker = creds.broker
         if creds.checkPassword(self.secret):
             broker.logged_in()
@@ -126,17 +111,15 @@ class JobsRealm:
 
 class JobsAvatar(pb.Avatar):
     """
-    What a logged-in PB client may call: the public operations of
-    L{wire.OPERATIONS} (C{submit} takes C{args} and C{kwargs}, not their
-    JSON; C{list_jobs} answers the list), failing with a L{JobServiceError}.
+    The public operations, for a logged-in client (C{submit} takes C{args} and
+    C{kwargs}, not their JSON; C{list_jobs} answers the list).
     """
 
     def __init__(self, service, name: str = "lrp"):
         self.service, self.name = service, name
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
-        # A call that cannot be made is refused with InvalidArgumentsError
-        # saying why (PB would log a traceback).
+        # A call that cannot be made is refused saying why (PB would log a traceback).
         try:
             args = broker.unserialize(args, self)
             kw = broker.unserialize(kw, self)
@@ -157,9 +140,15 @@ class JobsAvatar(pb.Avatar):
         return broker.serialize(self._call(message, bound.arguments), self, None, args, kw)
 
     def _call(self, name: str, arguments: dict) -> defer.Deferred:
-        if name == "submit":
-            return _call(_submit, self.service, arguments)
-        d = _call(wire.OPERATIONS[name].call, self.service, arguments, name=name)
+        def translate(failure):
+            for ours, theirs in _ERRORS:
+                if failure.check(ours):
+                    raise theirs(failure.getErrorMessage())
+            return failure
+
+        fn = _submit if name == "submit" else wire.OPERATIONS[name].call
+        d = limits.guarded(log, name, fn, self.service, arguments, what="PB job service")
+        d.addCallbacks(_fits_banana, translate)
         return d.addCallback(lambda answer: answer["jobs"]) if name == "list_jobs" else d
 
 
@@ -191,25 +180,8 @@ def _submit(service, arguments: dict):
     return wire.OPERATIONS["submit"].call(service, dict(arguments, payload=payload))
 
 
-def _call(fn, *args, name: str = "submit") -> defer.Deferred:
-    """@return: a Deferred of the operation C{fn}, its errors L{JobServiceError}s."""
-
-    def translate(failure):
-        for ours, theirs in _ERRORS:
-            if failure.check(ours):
-                raise theirs(failure.getErrorMessage())
-        return failure
-
-    d = limits.guarded(log, name, fn, *args, what="PB job service")
-    return d.addCallbacks(_fits_banana, translate)
-
-
 def _fits_banana(answer):
-    """
-    @return: C{answer}.
-    @raise PayloadTooLargeError: a value of C{answer} is longer than PB carries
-        (it would drop the connection).
-    """
+    """@return: C{answer}. @raise PayloadTooLargeError: it holds a value longer than PB carries."""
     stack = [answer]
     while stack:
         value = stack.pop()
@@ -229,15 +201,7 @@ def _fits_banana(answer):
 def listen_pb(
     reactor, service, endpoint: str, secret: bytes, bounds: limits.Limits | None = None
 ) -> defer.Deferred:
-    """
-    Serve C{service} (a L{JobService}, or its L{JobOperations}) over
-    Perspective Broker on C{endpoint}.
-
-    @param bounds: what clients may do before logging in.
-    @return: a Deferred firing with the C{IListeningPort}, or failing when
-        the endpoint cannot listen.
-    @raise ValueError: C{secret} is empty.
-    """
+    """Serve C{service} over PB on C{endpoint}. @return: a Deferred of the C{IListeningPort}."""
     if not secret:
         raise ValueError("the PB job service needs a non-empty shared secret")
     service = getattr(service, "operations", service)

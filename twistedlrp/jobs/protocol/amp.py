@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import socket
 import stat
+from dataclasses import dataclass
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import serverFromString
@@ -36,13 +38,9 @@ def _answering(operation: wire.Operation):
 
 class ServiceProtocol(wire.QuietAMP):
     """
-    One client connection. With C{secret} set, nothing but C{Challenge}
-    and C{Login} is answered before a successful Login; anything else, or
-    a wrong digest, gets an error and the connection is closed. What the
-    client sends is bounded as it arrives, never buffered whole (docs/protocol.md, "Limits").
-
-    @param gate: the listener's L{limits.Gate}, or C{None} for no login
-        deadline, no bounds on waiting logins and unthrottled warnings.
+    One client connection. With C{secret} set, anything but C{Challenge} and
+    C{Login} before a successful Login, or a wrong digest, closes it. Without
+    a C{gate}: no login deadline and unthrottled warnings.
     """
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
@@ -57,7 +55,6 @@ class ServiceProtocol(wire.QuietAMP):
         self.pre_login_bytes = bounds.pre_login_bytes
         max_payload = getattr(service, "max_payload", None) or default_max_payload()
         self.max_box = max_payload + limits.BOX_FRAMING
-        # Boxes are read here, each within its limit, before AMP sees them.
         self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
@@ -76,15 +73,14 @@ class ServiceProtocol(wire.QuietAMP):
     def connectionLost(self, reason):
         if self.gate is not None:
             self.gate.leave(self)
-        self._cancel_discard_deadline()
+        cancel_call(self._discard_deadline)
         super().connectionLost(reason)
 
     def _limit(self) -> int:
-        """@return: the most bytes the box being read may take (before Login, over all boxes)."""
+        """@return: the most bytes the box being read may take (before Login: all boxes)."""
         if self.authenticated:
             return self.max_box
-        reader = self.reader
-        return self.pre_login_bytes - (reader.consumed - reader.size)
+        return self.pre_login_bytes - (self.reader.consumed - self.reader.size)
 
     def dataReceived(self, data):
         reader = self.reader
@@ -142,8 +138,7 @@ class ServiceProtocol(wire.QuietAMP):
             f"({self.max_box} bytes: its limit of {self.max_box - limits.BOX_FRAMING} bytes "
             f"(--max-job-payload) plus framing); the connection is closed",
         )
-        # Read the rest of the box without keeping it, so that the client
-        # finishes sending and reads the answer; then close.
+        # Drop the rest of the box as it comes, so that the client reads the answer; then close.
         self.reader.box.clear()
         self._discarding = True
         if self.gate is not None:
@@ -158,13 +153,9 @@ class ServiceProtocol(wire.QuietAMP):
 
     def _close(self) -> None:
         self._refused = True
-        self._cancel_discard_deadline()
+        cancel_call(self._discard_deadline)
         if self.transport is not None:
             self.transport.loseConnection()
-
-    def _cancel_discard_deadline(self) -> None:
-        deadline, self._discard_deadline = self._discard_deadline, None
-        cancel_call(deadline)
 
     def _login_expired(self) -> None:
         if self.authenticated or self.transport is None:
@@ -195,11 +186,7 @@ class ServiceProtocol(wire.QuietAMP):
         super().ampBoxReceived(box)
 
     def unhandledError(self, failure):
-        """
-        A command sent without C{_ask} failed (AMP would log a traceback):
-        our own refusals pass quietly (closing when fatal); anything else
-        is an internal error.
-        """
+        """A command sent without C{_ask} failed: our refusals pass quietly, not AMP's traceback."""
         if failure.check(amp.RemoteAmpError):
             if failure.value.fatal:
                 self._close()
@@ -216,7 +203,19 @@ class ServiceProtocol(wire.QuietAMP):
     def locateResponder(self, name):
         responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            return None if responder is None else self._reading_arguments(responder)
+            if responder is None:
+                return None
+
+            def read(box):
+                # Arguments it cannot read: INVALID_ARGUMENTS, not AMP's traceback.
+                try:
+                    return responder(box)
+                except InvalidArguments as e:
+                    fatal = not self.authenticated
+                    error = amp.RemoteAmpError(wire.ERRORS[InvalidArguments], str(e), fatal=fatal)
+                    return defer.fail(error)
+
+            return read
 
         def refuse(box):
             self._warn(
@@ -234,25 +233,6 @@ class ServiceProtocol(wire.QuietAMP):
             )
 
         return refuse
-
-    def _reading_arguments(self, responder):
-        """
-        @return: C{responder}, whose arguments that cannot be read are
-            answered with C{INVALID_ARGUMENTS} (fatal before Login), where
-            AMP would answer an unknown error and log a traceback.
-        """
-
-        def read(box):
-            try:
-                return responder(box)
-            except InvalidArguments as e:
-                return defer.fail(
-                    amp.RemoteAmpError(
-                        wire.ERRORS[InvalidArguments], str(e), fatal=not self.authenticated
-                    )
-                )
-
-        return read
 
     @wire.Challenge.responder
     def challenge(self):
@@ -274,7 +254,6 @@ class ServiceProtocol(wire.QuietAMP):
             self.gate.leave(self)
         return {"ok": True}
 
-    # One responder per operation, calling the service's method of its name.
     for _op in wire.OPERATIONS.values():
         locals()[_op.name] = _op.command.responder(_answering(_op))
     del _op
@@ -286,51 +265,27 @@ class ServiceFactory(protocol.Factory):
     noisy = False
 
     def __init__(self, service, secret: bytes | None, gate: limits.Gate | None = None):
-        self.service = service
-        self.secret = secret
-        self.gate = gate
-
-    def buildProtocol(self, addr):
-        return ServiceProtocol(self.service, self.secret, self.gate)
+        self.protocol = functools.partial(ServiceProtocol, service, secret, gate)
 
 
+@dataclass(eq=False)
 class AMPFrontEnd(limits.FrontEnd):
-    """
-    Listens for job clients over AMP.
+    """Listens for job clients over AMP (logging in with C{secret_file} but on a UNIX socket)."""
 
-    @param endpoint: a server endpoint string, or C{None} for the UNIX
-        socket C{jobs.sock} in C{state_dir} (mode 0600, trusted without a login).
-    @param secret_file: the shared secret's file, required for any other endpoint.
-    """
-
-    def __init__(
-        self,
-        reactor,
-        endpoint: str | None,
-        state_dir: str,
-        secret_file: str | None,
-        allow_open_permissions: bool = False,
-    ):
-        self.reactor = reactor
-        self.endpoint = endpoint
-        self.state_dir = state_dir
-        self.secret_file = secret_file
-        self.allow_open_permissions = allow_open_permissions
+    reactor: object
+    # None: the UNIX socket jobs.sock in state_dir (mode 0600, trusted without a login).
+    endpoint: str | None
+    state_dir: str
+    secret_file: str | None
+    allow_open_permissions: bool = False
 
     async def listen(self, service) -> None:
-        """
-        Serve C{service}, the job service's L{JobOperations}.
-
-        @raise StartupFailed: the endpoint cannot listen, another service owns
-            the socket, or others may write to the state directory.
-        """
+        """Serve C{service}. @raise StartupFailed: it cannot listen, or the socket is not ours."""
         endpoint = self.endpoint
         if endpoint is None:
             path = self._prepare_socket_path(self.allow_open_permissions)
             endpoint = "unix:" + path.replace(":", "\\:") + ":mode=600:lockfile=0"
-        secret = None
-        if not endpoint.startswith("unix:"):
-            secret = wire.read_secret(self.secret_file)
+        secret = None if endpoint.startswith("unix:") else wire.read_secret(self.secret_file)
         gate = limits.Gate(self.reactor, endpoint, limits.configured_limits(), log)
         try:
             self.port = await serverFromString(self.reactor, limits.with_backlog(endpoint)).listen(
@@ -351,10 +306,8 @@ class AMPFrontEnd(limits.FrontEnd):
 
     def _prepare_socket_path(self, allow_open_permissions: bool = False) -> str:
         """
-        @return: the socket's path in the state directory (made with mode
-            0700 if missing), where a dead server's socket is removed.
-        @raise StartupFailed: another service listens there, or the
-            directory's group or others may write to it.
+        @return: the socket's path in the state directory (made 0700), a dead server's removed.
+        @raise StartupFailed: another service listens there, or others may write to it.
         """
         state_dir = os.path.abspath(self.state_dir)
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -366,18 +319,16 @@ class AMPFrontEnd(limits.FrontEnd):
             )
         path = os.path.join(state_dir, "jobs.sock")
         if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.settimeout(1)
-                probe.connect(path)
-            except OSError:
-                # Left by a server that died: nobody answers there.
-                os.unlink(path)
-            else:
-                raise StartupFailed(
-                    f"another job service already listens on {path} (is another server "
-                    f"running with --state-dir {state_dir}?)"
-                )
-            finally:
-                probe.close()
+                try:
+                    probe.connect(path)
+                except OSError:
+                    # Left by a server that died: nobody answers there.
+                    os.unlink(path)
+                else:
+                    raise StartupFailed(
+                        f"another job service already listens on {path} (is another server "
+                        f"running with --state-dir {state_dir}?)"
+                    )
         return path

@@ -1,10 +1,4 @@
-"""
-What a client may ask for, checked in the calling process and again in the
-job service, so that a bad value is refused with L{InvalidArguments} naming
-the field, and nothing is stored. Job ids are brought to one form where
-they enter (L{canonical_job_id}), so that the same job is the same key
-everywhere (waiters, the progress streams, the eager mode).
-"""
+"""What a client may ask for, checked by the caller and again by the service; job ids canonical."""
 
 from __future__ import annotations
 
@@ -23,10 +17,7 @@ MAX_SECONDS = 1e9
 KEY_LENGTH = 255
 #: The longest job name (the job table's column): a longer one cannot be registered.
 NAME_LENGTH = 255
-#: C{Wait}: the longest time one call may wait, in seconds (L{twistedlrp.jobs.wait}
-#: waits longer in several calls).
 MAX_WAIT_TIMEOUT = 3600.0
-#: C{ListJobs}: the most jobs one call may list.
 MAX_LIST_LIMIT = 1000
 #: The longest C{seen} mark of a C{Wait} (L{wire.seen_mark} makes 32 characters).
 SEEN_LENGTH = 64
@@ -39,10 +30,7 @@ _RUN_AFTER_RANGE = (0.0, datetime(9999, 1, 1, tzinfo=UTC).timestamp())
 def check_submission(
     name, priority=None, run_after=None, key=None, timeout=None, job_id=None
 ) -> dict:
-    """
-    @return: the values, normalised (C{job_id} a canonical UUID or C{None}).
-    @raise InvalidArguments: a value of the wrong type or out of range.
-    """
+    """@return: the values, normalised. @raise InvalidArguments: one of the wrong type or range."""
     if not isinstance(name, str) or not name:
         raise InvalidArguments(f"name: expected a job's registered name, got {shown(name)}")
     if len(name) > NAME_LENGTH:
@@ -66,7 +54,7 @@ def check_submitted(kw: dict) -> dict:
 
 
 def default_max_payload() -> int:
-    """@return: the option table's default of C{--max-job-payload} (it imports Twisted: when needed)."""
+    """@return: the option table's default of C{--max-job-payload} (imported when needed)."""
     from twistedlrp.options import OPTIONS
 
     return next(o.default_value() for o in OPTIONS if o.name == "max-job-payload")
@@ -75,11 +63,10 @@ def default_max_payload() -> int:
 def check_priority(value):
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise InvalidArguments(f"priority: expected a whole number, got {shown(value)}")
+        raise InvalidArguments(f"priority: expected a whole number, got {shown(value)}")
     low, high = PRIORITY_RANGE
     if not low <= value <= high:
         raise InvalidArguments(f"priority: must be between {low} and {high}, got {shown(value)}")
@@ -148,8 +135,7 @@ def check_job_id(value) -> str | None:
 def canonical_job_id(value, field: str = "job_id") -> str:
     """
     @return: the job id C{value} (a string or a C{uuid.UUID}) in its canonical form.
-    @raise UnknownJob: C{value} is a string but not a UUID: no job has it.
-    @raise InvalidArguments: C{value} is not a string.
+    @raise UnknownJob: a string but not a UUID. @raise InvalidArguments: not a string.
     """
     if not isinstance(value, str | uuid.UUID):
         raise InvalidArguments(f"{field}: expected a job id (a UUID), got {shown(value)}")
@@ -202,12 +188,7 @@ def check_seen(value) -> str | None:
 
 
 def check_listing(state=None, name=None, limit=100) -> dict:
-    """
-    @return: the filters and C{limit} of a C{ListJobs}, normalised (C{None}
-        for no filter).
-    @raise InvalidArguments: C{state} is not a job state, C{name} not a
-        job name, C{limit} not a whole number from 0 to L{MAX_LIST_LIMIT}.
-    """
+    """@return: a C{ListJobs}'s filters (C{None}: none) and limit. @raise InvalidArguments."""
     if state in (None, ""):
         state = None
     elif state not in STATES:
@@ -243,11 +224,7 @@ def shown_error(error: Exception, length: int = 200) -> str:
 
 
 def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> dict:
-    """
-    @param checked: what L{check_submission} returned.
-    @return: the columns of the job a submission stores (without its id),
-        the C{definition}'s defaults where the submission named none.
-    """
+    """@return: the columns a submission stores (not its id), with C{definition}'s defaults."""
     run_after = checked["run_after"]
     return {
         "name": definition.name,
@@ -266,11 +243,7 @@ def submission_fields(definition, args: list, kwargs: dict, checked: dict) -> di
 def check_payload(
     name: str, payload, limit: int, whose: str = "the job service's limit"
 ) -> tuple[list, dict]:
-    """
-    @return: the C{args} and C{kwargs} of a submission's JSON payload.
-    @raise InvalidArguments: it is not JSON bytes of a list and an object.
-    @raise PayloadTooLarge: it takes more than C{limit} bytes.
-    """
+    """@return: a JSON payload's C{args} and C{kwargs}. @raise InvalidArguments, PayloadTooLarge."""
     if not isinstance(payload, bytes):
         raise InvalidArguments(f"the payload of {name} must be JSON bytes")
     if len(payload) > limit:
@@ -297,5 +270,5 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-# One decoder for every submission (json.loads with an option builds one a call).
+# json.loads with an option builds a decoder a call.
 _DECODER = json.JSONDecoder(parse_constant=_not_json)

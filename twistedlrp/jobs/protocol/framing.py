@@ -1,10 +1,4 @@
-"""
-AMP's framing without Twisted, for the worker child (L{workers.main}), the
-blocking job client and the job service's listeners, which read each box
-within a limit: a box is pairs of 16-bit length-prefixed keys and values,
-ended by an empty key. A big value is split into pieces (L{put_big}):
-C{name} holds their count, C{name.0}, C{name.1}, ... the pieces.
-"""
+"""AMP's framing without Twisted, for the worker child, the blocking client and the listeners."""
 
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ def encode_box(box: dict[bytes, bytes]) -> bytes:
 
 
 def put_big(box: dict[bytes, bytes], name: bytes, value: bytes) -> None:
-    """Add C{value} to C{box} under C{name}, in pieces."""
+    """Add C{value} to C{box}: the count of pieces under C{name}, C{name.0}, ... the pieces."""
     pieces = [value[i : i + CHUNK] for i in range(0, len(value), CHUNK)] or [b""]
     box[name] = str(len(pieces)).encode()
     for i, piece in enumerate(pieces):
@@ -44,11 +38,9 @@ class BoxTooLarge(ValueError):
 
 class BoxReader:
     """
-    Splits a byte stream into AMP boxes (dicts of bytes), one at a time
-    when it must keep a limit.
-
-    @ivar box: the box being read (what is complete of it), C{size} bytes so far.
-    @ivar consumed: the bytes of the stream read into boxes so far.
+    Splits a byte stream into AMP boxes, one at a time when it must keep a
+    limit. C{box}: what is complete of the box being read, C{size} bytes so
+    far; C{consumed}: the stream's bytes read into boxes.
     """
 
     def __init__(self, box_type=dict):
@@ -68,13 +60,9 @@ class BoxReader:
     def feed(self, data: bytes) -> list[dict[bytes, bytes]]:
         """@return: the boxes C{data} completes."""
         self.add(data)
-        boxes = []
-        while (box := self.next_box()) is not None:
-            boxes.append(box)
-        return boxes
+        return list(iter(self.next_box, None))
 
     def add(self, data: bytes) -> None:
-        """Take C{data} (read it with L{next_box})."""
         if self._skip:
             dropped = min(self._skip, len(data))
             self._skip -= dropped
@@ -86,13 +74,8 @@ class BoxReader:
 
     def next_box(self, limit: int | None = None, keep: bool = True):
         """
-        @param limit: the most bytes the box may take.
-        @param keep: C{False}: drop its keys and values as they arrive
-            (the rest of a refused box), keeping at most one key in memory.
-        @return: the next complete box, or C{None} when it is not complete yet.
-        @raise BoxTooLarge: the box (what was read of it and what waits) is
-            over C{limit}; L{box} holds what was read of it.
-        @raise ValueError: a key is longer than AMP allows (255 bytes).
+        @param keep: C{False}: drop its keys and values as they arrive (a refused box's rest).
+        @return: the next complete box, or C{None}. @raise BoxTooLarge: over C{limit} bytes.
         """
         buffer, offset, size = self._buffer, self._offset, len(self._buffer)
         try:
@@ -114,7 +97,6 @@ class BoxReader:
                 if size < end:
                     if keep:
                         break
-                    # Dropped as it arrives.
                     self._skip = end - size
                     end = size
                 elif keep:

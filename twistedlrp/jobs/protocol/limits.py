@@ -1,8 +1,4 @@
-"""
-The limits of the job listeners, AMP and PB (docs/protocol.md, "Limits"):
-the connections waiting to log in (L{Gate}), and warnings (L{RefusalLog})
-and tracebacks (L{FailureLog}) that a flood cannot turn into a flood of lines.
-"""
+"""The job listeners' limits (docs/protocol.md, "Limits"), and logs that a flood cannot flood."""
 
 from __future__ import annotations
 
@@ -20,29 +16,19 @@ from twisted.python.failure import Failure
 from twistedlrp.jobs.errors import JobError
 from twistedlrp.ordered_service import StartupFailed, cancel_call
 
-# What a client may send before its login succeeds, in bytes, over all its
-# boxes (or PB messages): a Challenge and a Login take about 100, PB's login
-# about 100 plus the user name.
+# What a client may send before its login succeeds, in bytes (a login takes about 100).
 PRE_LOGIN_BYTES = 4096
-# Seconds a connection has to log in before it is closed (the setting
-# LRP_JOBS_LOGIN_TIMEOUT overrides it in the server).
+# Seconds a connection has to log in (the setting LRP_JOBS_LOGIN_TIMEOUT overrides it).
 LOGIN_TIMEOUT = 10.0
-# The listen queue of a TCP or TLS job listener whose endpoint names none
-# (Twisted's default is 50; the kernel caps it at net.core.somaxconn): a flood
-# of connections faster than the server accepts them fills the queue, and the
-# kernel then drops new connections, a login's too, for a second or more.
+# The listen queue of a TCP or TLS listener naming none (Twisted's is 50): once a
+# flood fills it, the kernel drops new connections, a login's too, for a second or more.
 LISTEN_BACKLOG = 1024
-# After login, one AMP box may hold --max-job-payload bytes of payload plus
-# this much for its other keys and the framing (a name and a key of up to
-# 64 KiB each, 14 bytes per 65,000-byte piece).
+# After login, one AMP box may hold --max-job-payload bytes plus this much.
 BOX_FRAMING = 256 * 1024
-# A refused box's rest is read and dropped (so that the client can read the
-# error) for at most this many seconds before the connection is closed.
+# Seconds the rest of a refused box is dropped (so that the client reads the error).
 DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
-# At most one traceback of each cause of an internal error in this many seconds.
-FAILURE_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -51,8 +37,7 @@ class Limits:
 
     login_timeout: float = LOGIN_TIMEOUT
     pre_login_bytes: int = PRE_LOGIN_BYTES
-    # Connections that may wait to log in at once, in all and from one peer
-    # address (an IPv6 /64); a new one beyond either closes one (see Gate).
+    # Connections that may wait to log in at once, in all and from one peer (see Gate).
     max_unauthenticated: int = 64
     max_unauthenticated_per_peer: int = 8
 
@@ -76,12 +61,7 @@ class _Burst:
 
 
 class _Throttle:
-    """
-    At most one line per key every C{interval} seconds, and one more at the
-    interval's end that counts those left out (and shows the last).
-
-    @param clock: the reactor (the global one by default, looked up when needed).
-    """
+    """At most one line per key every C{interval} s, then one counting those left out."""
 
     def __init__(self, clock=None, interval: float = REFUSAL_LOG_INTERVAL):
         self._clock = clock
@@ -97,10 +77,7 @@ class _Throttle:
         return self._clock
 
     def _left_out(self, key, last: tuple, summarize) -> bool:
-        """
-        @return: whether this line of C{key} is left out (counted, with
-            C{last}; C{summarize(burst)} logs the count at the interval's end).
-        """
+        """@return: whether this line is left out (C{summarize(burst)} logs them at the end)."""
         now = self.clock.seconds()
         state = self._keys.get(key)
         if state is None or (now - state.logged_at >= self.interval and not state.left_out):
@@ -140,14 +117,10 @@ class RefusalLog(_Throttle):
 
 
 class FailureLog(_Throttle):
-    """
-    Tracebacks of the job service's internal errors, at most one per cause
-    (the operation, the exception's type, the line that raised it) every
-    C{interval} seconds, so that a client that finds one cannot fill the log.
-    """
+    """Tracebacks of internal errors: one per cause (operation, type, line) every C{interval} s."""
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
-        """Log C{failure} with C{format} (and C{op}, C{kwargs}), unless its cause was just logged."""
+        """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
         frames = getattr(failure, "frames", None)
         place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
@@ -170,16 +143,12 @@ class FailureLog(_Throttle):
         )
 
 
-#: The job service's one L{FailureLog} (its front ends and its local client share it).
-internal_errors = FailureLog(interval=FAILURE_LOG_INTERVAL)
+#: The job service's one L{FailureLog}: a traceback per cause a minute at most.
+internal_errors = FailureLog(interval=60.0)
 
 
 def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer.Deferred:
-    """
-    @return: a Deferred of C{fn(*args)}, the service's operation C{op}:
-        anything but a L{JobError} is logged (L{internal_errors}) and
-        becomes a L{JobError} saying it was internal.
-    """
+    """@return: a Deferred of C{fn(*args)}, any error but a L{JobError} logged, made one."""
 
     def translate(failure):
         if failure.check(JobError):
@@ -192,14 +161,9 @@ def guarded(log: Logger, op: str, fn, *args, what: str = "Job service") -> defer
 
 class Gate:
     """
-    One listener's connections that have not logged in yet: each is closed
-    after C{limits.login_timeout} seconds unless it logs in first. A new
-    one is always taken, and makes room by closing the one that has waited
-    longest: from its own address when that address has
-    C{max_unauthenticated_per_peer} already (so that one address only ever
-    pushes out its own), else from any when the listener has C{max_unauthenticated}.
-
-    @param listener: the listener's endpoint, for the messages.
+    One listener's connections waiting to log in. A new one is always taken,
+    and makes room by closing the one that has waited longest: from its own
+    address when that one is full (so that an address only pushes out its own).
     """
 
     def __init__(self, clock, listener: str, limits: Limits = Limits(), log: Logger | None = None):
@@ -253,14 +217,12 @@ class Gate:
         if pending is None:
             return
         cancel_call(pending.deadline)
-        same = self._by_peer.get(pending.key)
-        if same is not None:
-            same.pop(protocol, None)
-            if not same:
-                del self._by_peer[pending.key]
+        same = self._by_peer[pending.key]
+        del same[protocol]
+        if not same:
+            del self._by_peer[pending.key]
 
     def _evict(self, protocol, kind: str, format: str, **kwargs) -> None:
-        """Close C{protocol}'s connection at once (it waits to log in; room is needed)."""
         pending = self._waiting[protocol]
         self.leave(protocol)
         self.evictions += 1
@@ -272,12 +234,9 @@ class Gate:
             evictions=self.evictions,
             **kwargs,
         )
-        evicted = getattr(protocol, "evicted", None)
-        if evicted is not None:
-            evicted()
-        transport = getattr(protocol, "transport", None)
-        if transport is not None:
-            abort_now(transport)
+        protocol.evicted()
+        if protocol.transport is not None:
+            abort_now(protocol.transport)
 
 
 @dataclass
@@ -288,11 +247,7 @@ class _Pending:
 
 
 def peer_key(address) -> str:
-    """
-    @return: what L{Gate} counts pending logins by: the host of an IPv4
-        address (mapped into IPv6 too), the /64 network of an IPv6 one (one
-        site usually holds a whole /64), C{"unix"} for a UNIX socket peer.
-    """
+    """@return: what L{Gate} counts logins by: an IPv4 host, an IPv6 /64 (one site's), C{"unix"}."""
     if isinstance(address, IPv4Address):
         return address.host
     if isinstance(address, IPv6Address):
@@ -309,19 +264,13 @@ def peer_key(address) -> str:
 
 
 def abort_now(transport) -> None:
-    """
-    Close a connection and free its descriptor now, not on the reactor's
-    next turn (one turn may accept hundreds of connections).
-    """
+    """Close a connection and free its descriptor now (one turn may accept hundreds)."""
     transport.abortConnection()
-    # The socket's own transport, under TLS if any (tcp and unix ones ignore
-    # a second connectionLost, the one abortConnection scheduled). The HTTP
-    # connection's evict uses this function too.
+    # The socket's own transport, under TLS if any (it ignores abortConnection's later one).
     while getattr(transport, "socket", None) is None and getattr(transport, "transport", None):
         transport = transport.transport
-    if getattr(transport, "socket", None) is not None and not getattr(
-        transport, "disconnected", False
-    ):
+    live = getattr(transport, "socket", None) is not None
+    if live and not getattr(transport, "disconnected", False):
         transport.connectionLost(Failure(ConnectionAborted()))
 
 
@@ -339,18 +288,14 @@ class FrontEnd:
 def with_backlog(endpoint: str) -> str:
     """@return: C{endpoint}, with C{backlog=}L{LISTEN_BACKLOG} if a TCP or TLS one names none."""
     kind, _, rest = endpoint.partition(":")
-    if kind not in ("tcp", "tcp6", "ssl") or not rest:
-        return endpoint
-    if any(part.startswith("backlog=") for part in rest.split(":")):
+    named = any(part.startswith("backlog=") for part in rest.split(":"))
+    if kind not in ("tcp", "tcp6", "ssl") or not rest or named:
         return endpoint
     return f"{endpoint}:backlog={LISTEN_BACKLOG}"
 
 
 def configured_limits() -> Limits:
-    """
-    @return: the listeners' limits, with the setting C{LRP_JOBS_LOGIN_TIMEOUT}.
-    @raise StartupFailed: the setting is not a positive number.
-    """
+    """@return: the listeners' limits. @raise StartupFailed: a bad C{LRP_JOBS_LOGIN_TIMEOUT}."""
     from django.conf import settings
 
     value = getattr(settings, "LRP_JOBS_LOGIN_TIMEOUT", None) if settings.configured else None

@@ -1,10 +1,8 @@
-"""
-The Perspective Broker listener's connections (L{twistedlrp.jobs.pb}):
-what a client sends is bounded as it arrives (L{GuardedBroker}), and a
-call that cannot be made is refused without a traceback (L{_Refusing}).
-"""
+"""The PB listener's connections: input bounded as it arrives, bad calls refused quietly."""
 
 from __future__ import annotations
+
+import functools
 
 from twisted.spread import pb
 
@@ -15,14 +13,12 @@ from twistedlrp.jobs.protocol.arguments import shown, shown_error
 
 class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
     """
-    A PB server connection that bounds what the client sends as it arrives,
-    before Banana buffers it: before login, as the C{gate} says; after it,
-    C{max_message} bytes in one message (top-level Banana expression).
-    Beyond, the connection is closed (PB cannot answer what it has not decoded).
+    A PB server connection that bounds what the client sends before Banana buffers
+    it; beyond, it closes (PB cannot answer what it has not decoded).
     """
 
     def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
-        super().__init__(isClient=False, **kwargs)
+        super().__init__(**kwargs)
         self.gate = gate
         self.max_message = max_message
         self.authenticated = False
@@ -83,8 +79,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
             )
             return self._close()
         if self._expression_ended and self.authenticated:
-            # A message ended in this chunk: what follows it (in the
-            # chunk) is the start of the next one.
+            # What follows a message's end in this chunk starts the next one.
             self._received = len(chunk) if self.listStack else len(self.buffer)
 
     def expressionReceived(self, sexp):
@@ -115,11 +110,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
 
 
 class _Refusing:
-    """
-    What a PB client calls (the login's objects, then the avatar): a call
-    that fails before it starts is refused with L{InvalidArgumentsError}
-    and a rate-limited warning, where PB would log a traceback each time.
-    """
+    """What a PB client calls: a call that cannot start is refused, without PB's traceback."""
 
     def __init__(self, target):
         self.target = target
@@ -156,17 +147,8 @@ class _Refusing:
 
 
 class GuardedPBServerFactory(pb.PBServerFactory):
-    """A C{PBServerFactory} of L{GuardedBroker}s."""
-
     noisy = False
 
     def __init__(self, root, gate: limits.Gate, max_message: int):
         super().__init__(root)
-        self.gate = gate
-        self.max_message = max_message
-
-    def buildProtocol(self, addr):
-        proto = GuardedBroker(self.gate, self.max_message, security=self.security)
-        proto.factory = self
-        proto.setNameForLocal("root", self.root.rootObject(proto))
-        return proto
+        self.protocol = functools.partial(GuardedBroker, gate, max_message)

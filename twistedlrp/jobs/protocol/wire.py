@@ -1,8 +1,4 @@
-"""
-The job service's AMP protocol (docs/protocol.md, "The AMP wire protocol"):
-the commands of its clients and of its worker children, each operation
-named once (L{OPERATIONS}), and the login's HMAC. JSON only: no pickle.
-"""
+"""The job service's AMP commands (docs/protocol.md), each operation named once; JSON, no pickle."""
 
 from __future__ import annotations
 
@@ -25,13 +21,11 @@ from twistedlrp.jobs.errors import (
 from twistedlrp.jobs.protocol.arguments import shown_error
 from twistedlrp.jobs.protocol.framing import put_big
 
-# A sanity bound on one value (about 130 MB), far above any payload limit in use;
-# the real limit (--max-job-payload) is checked by the service.
+# A sanity bound on one value (about 130 MB); the service checks --max-job-payload.
 MAX_CHUNKS = 2000
 
 
 def _python_name(name: bytes) -> str:
-    # The keys of our commands are plain identifiers (AMP would also map "-" to "_").
     return name.decode("ascii").replace("-", "_")
 
 
@@ -48,13 +42,12 @@ class BigBytes(amp.Argument):
 
     def fromBox(self, name, strings, objects, proto):
         key = _python_name(name)
-        count = strings.pop(name, None)
-        if count is None:
+        raw = strings.pop(name, None)
+        if raw is None:
             if self.optional:
                 objects[key] = None
                 return
             raise KeyError(name)
-        raw = count
         try:
             count = int(raw) if len(raw) <= 10 else 0
         except ValueError:
@@ -87,10 +80,7 @@ class BigJSON(BigBytes):
 
 
 class QuietAMP(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
-    """
-    C{amp.AMP} put together from its public parts, as AMP's docs show,
-    without its info line for every connection made and lost.
-    """
+    """C{amp.AMP} from its public parts, without its info line for every connection."""
 
     def __init__(self):
         amp.BoxDispatcher.__init__(self, self)
@@ -116,12 +106,7 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 class _Command(amp.Command):
-    """
-    A command of the job service: its errors travel with their codes, and an
-    argument that cannot be read raises L{InvalidArguments} naming it (AMP's
-    parser would raise what the value's type raises: an unknown error, logged
-    with a traceback).
-    """
+    """A command whose unreadable argument raises L{InvalidArguments} (not AMP's traceback)."""
 
     errors = ERRORS
     fatalErrors = FATAL_ERRORS
@@ -168,9 +153,7 @@ class Submit(_Command):
         (b"timeout", amp.Float(optional=True)),
         # A UUID the client chose: the same id submitted again returns the same job.
         (b"id", amp.Unicode(optional=True)),
-        # Seconds the node may wait for a store it cannot reach (at most its
-        # own store wait): the client's time left, so that a refusal comes in
-        # time for it to say "not stored" rather than "may or may not".
+        # The client's time left, so that a refusal still lets it say "not stored".
         (b"wait", amp.Float(optional=True)),
     ]
     response = [(b"job", BigJSON())]
@@ -194,10 +177,7 @@ class Cancel(_Command):
 
 
 class Wait(_Command):
-    """
-    Answered when the job finishes or after C{timeout} seconds; with C{seen}
-    (L{seen_mark}), also when the job differs from it, starts or reports progress.
-    """
+    """Answered when the job finishes, after C{timeout} s, or when it differs from C{seen}."""
 
     arguments = [
         (b"job_id", amp.Unicode()),
@@ -230,15 +210,10 @@ class Stats(_Command):
 @dataclass(frozen=True)
 class Operation:
     """
-    One operation of the job service, named once: every client, the AMP
-    responders and the PB avatar derive from it. Its arguments are its
-    AMP C{command}'s, in order, as the service's method of the same name
-    takes them; that method answers the value of the command's only
-    response key.
-
-    @ivar defaults: what the public API and PB take for an argument not given.
-    @ivar hidden: arguments that only twistedlrp's own clients send (not through PB).
-    @ivar public: offered through PB and the eager mode.
+    One operation of the job service, named once: clients, AMP responders and
+    the PB avatar derive from it. The service's method of the same name takes
+    the C{command}'s arguments in order and answers its only response key.
+    C{hidden}: arguments PB does not take; C{public}: offered through PB and eager mode.
     """
 
     name: str
@@ -258,19 +233,14 @@ class Operation:
     def arguments(self, kw: dict, encoded: bool = False) -> dict:
         """
         @param encoded: for AMP: a number it sends as a float is made one.
-        @return: the command's arguments taken from C{kw}: a missing one is
-            its default (or C{None}).
-        @raise KeyError: a required argument is missing and has no default.
+        @return: the command's arguments from C{kw}. @raise KeyError: a required one is missing.
         """
         values = {}
         for key, argument in self.command.arguments:
             name = _python_name(key)
-            if name in kw:
-                value = kw[name]
-            elif name in self.defaults or argument.optional:
-                value = self.defaults.get(name)
-            else:
+            if name not in kw and name not in self.defaults and not argument.optional:
                 raise KeyError(name)
+            value = kw.get(name, self.defaults.get(name))
             if encoded and value is not None and isinstance(argument, amp.Float):
                 value = float(value)
             values[name] = value
@@ -341,11 +311,7 @@ def digest(secret: bytes, nonce: bytes) -> bytes:
 
 
 def read_secret(path: str) -> bytes:
-    """
-    @return: the secret in the file at C{path}, without surrounding whitespace.
-    @raise OSError: it cannot be read.
-    @raise ValueError: it is empty.
-    """
+    """@return: the secret in the file C{path}, stripped. @raise ValueError: it is empty."""
     with open(path, "rb") as f:
         secret = f.read().strip()
     if not secret:

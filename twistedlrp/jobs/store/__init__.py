@@ -1,10 +1,4 @@
-"""
-The job store: every database access of the job service, in dedicated
-threads with group commit (L{batch}), through a few statements in plain SQL
-(L{sql}) and the operations the service runs (L{operations}). While the
-database cannot be reached the threads keep their operations and run them
-once it is back; L{Store.availability} says whether it can be reached now.
-"""
+"""The job store: every database access of the job service, in threads with group commit."""
 
 from __future__ import annotations
 
@@ -17,10 +11,8 @@ from twistedlrp.jobs.store.batch import GroupCommitThread
 
 __all__ = ["Store", "StoreUnavailable", "operations"]
 
-# PostgreSQL: the options the job service's own connections get unless the
-# site's OPTIONS set them, so that a network cut breaks them within seconds
-# (rather than leaving a thread waiting on a dead connection for minutes)
-# and a connection attempt to an unreachable server gives up.
+# PostgreSQL, unless the site's OPTIONS set them: a network cut breaks the job
+# service's connections within seconds, not minutes.
 CONNECT_TIMEOUT = 5
 USER_TIMEOUT = 10.0
 KEEPALIVE = {
@@ -29,14 +21,8 @@ KEEPALIVE = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
-# And on the server's side of the same connections, so that PostgreSQL ends
-# the sessions a cut or a dead machine left behind: idle ones after about
-# 11 s of silence, ones with unacknowledged data after USER_TIMEOUT, and
-# above all ones left idle inside a transaction (a cut between two
-# statements of a batch) after SESSION_LIMIT (L{session_limit}). Without
-# them such a session holds its row locks for as long as the server's
-# keepalives take (hours by default), and every other node that needs those
-# rows waits behind it, its lease renewal included, until it fences itself.
+# And the server's side: a session a cut left idle in a transaction would hold
+# its row locks for hours, every other node's lease renewal waiting behind it.
 SERVER_KEEPALIVE = {
     "tcp_keepalives_idle": 5,
     "tcp_keepalives_interval": 2,
@@ -46,29 +32,14 @@ SESSION_LIMIT = 10.0
 
 
 def session_limit(lease: float | None) -> float:
-    """
-    @return: the seconds PostgreSQL lets a session of the job service stay
-        idle inside a transaction: a third of the lease (2 s to
-        L{SESSION_LIMIT}), so that a node waiting for the locks of a node
-        that was cut off gets them back well before it must renew its lease
-        (the lease less its margin). The store's own transactions never
-        pause between two statements for anything near that.
-    """
+    """@return: the seconds a session may stay idle in a transaction: a third of the lease."""
     return SESSION_LIMIT if lease is None else min(max(lease / 3, 2.0), SESSION_LIMIT)
 
 
 class Store(GroupCommitThread):
     """
-    The job service's store thread, and beside it a reader thread with a
-    connection of its own for reads (L{read}): they run in autocommit, so
-    on SQLite (WAL) they never wait for a writer's lock, neither the
-    store's nor that of a site's transaction (a view inside C{atomic()}
-    that reads a job would otherwise wait for itself).
-
-    With several job nodes (C{lease_interval}, PostgreSQL) a third thread,
-    L{lease}, renews this node's lease on a connection of its own, so that
-    neither a long batch nor a wait for a lock delays it, and gives up on a
-    connection that stops answering within about two renewals.
+    The store thread, a reader thread in autocommit (on SQLite it never waits for
+    a writer's lock) and, with several job nodes, a L{lease} thread no batch delays.
     """
 
     def __init__(
@@ -80,11 +51,13 @@ class Store(GroupCommitThread):
         def beside(name, setup) -> GroupCommitThread:
             thread = GroupCommitThread(reactor, name, begin_batch=_begin_batch, setup=setup)
             thread.availability = self.availability
+            self._beside.append(thread)
             return thread
 
         name = "twistedlrp-job-store"
         super().__init__(reactor, name, operations.write_progress, _begin_batch, tuned())
         self.availability = Availability(reactor)
+        self._beside: list[GroupCommitThread] = []
         self.reader = beside("twistedlrp-job-reads", tuned())
         self.lease: GroupCommitThread = self
         if lease_interval is not None:
@@ -92,15 +65,12 @@ class Store(GroupCommitThread):
 
     def start(self) -> None:
         super().start()
-        self.reader.start()
-        if self.lease is not self:
-            self.lease.start()
+        for thread in self._beside:
+            thread.start()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once every thread has ended."""
-        threads = [self.reader.stop(), super().stop()]
-        if self.lease is not self:
-            threads.append(self.lease.stop())
+        threads = [super().stop(), *(thread.stop() for thread in self._beside)]
         return defer.gatherResults(threads).addCallback(lambda _: None)
 
     @property
@@ -109,12 +79,7 @@ class Store(GroupCommitThread):
         return self.availability.reason
 
     def read(self, fn, *args, within: float | None = None) -> defer.Deferred:
-        """
-        Run C{fn(*args)}, which only reads, in the reader thread, outside any
-        transaction: it sees what was committed when it runs.
-
-        @return: a Deferred firing in the reactor with C{fn}'s result (see L{run}).
-        """
+        """@return: a Deferred of C{fn(*args)}, which only reads, run in the reader thread."""
         return self.reader.run_alone(fn, *args, within=within)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
@@ -129,24 +94,15 @@ class Store(GroupCommitThread):
 def tune_connection(
     connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
 ) -> None:
-    """
-    In a thread of the job service, before it connects: on PostgreSQL, give
-    this thread's connection a connect timeout, TCP keepalives and (libpq
-    12 and later) a TCP user timeout of C{user_timeout} seconds, and its
-    server's side keepalives, the same user timeout and an
-    C{idle_in_transaction_session_timeout} of C{idle_limit} seconds, each
-    unless the site's C{OPTIONS} name it. Other threads keep the settings.
-    """
+    """On PostgreSQL, give this thread's next connection the timeouts and keepalives above."""
     from django.db import connection
 
     if connection.vendor != "postgresql":
         return
-    options = dict(connection.settings_dict.get("OPTIONS") or {})
     wanted = {"connect_timeout": max(int(connect_timeout), 2), **KEEPALIVE}
     if _libpq_version() >= 120000:
         wanted["tcp_user_timeout"] = int(user_timeout * 1000)
-    for name, value in wanted.items():
-        options.setdefault(name, value)
+    options = {**wanted, **(connection.settings_dict.get("OPTIONS") or {})}
     server = {
         "idle_in_transaction_session_timeout": int(idle_limit * 1000),
         **SERVER_KEEPALIVE,
@@ -177,9 +133,8 @@ def _libpq_version() -> int:
 def _begin_batch() -> None:
     from django.db import connection
 
-    # A connection the database dropped (a restart, a failover) is replaced
-    # rather than failing every batch from now on. Only then: the store keeps
-    # its one connection whatever CONN_MAX_AGE says (the views' setting).
+    # Replace a connection the database dropped (a failover), but only then:
+    # the store keeps its one connection whatever CONN_MAX_AGE says.
     if compat.take_connection_errors(connection):
         if connection.connection is not None and not connection.is_usable():
             connection.close()

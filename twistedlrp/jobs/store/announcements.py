@@ -1,8 +1,4 @@
-"""
-The announcement table: jobs a site's own transaction stored on SQLite
-(L{twistedlrp.jobs.client.transactions}), which the job service, keeping its queue
-in memory, takes from there. These run in the store thread.
-"""
+"""Jobs a site's own transaction stored on SQLite, announced for the job service to take."""
 
 from __future__ import annotations
 
@@ -28,16 +24,7 @@ def announced() -> bool:
 
 
 def take_announced(job_ids: list[str] | None = None) -> list[dict]:
-    """
-    Take jobs out of the announcement table (jobs a site's transaction
-    stored; see L{operations.create}): each is taken once, whoever asks.
-
-    @param job_ids: the jobs a process said it committed, or C{None} for
-        any (the sweep).
-    @return: the queued ones among them, oldest first: C{{"id", "priority",
-        "created_at", "run_after", "queue", "name", "max_attempts",
-        "retry_delay", "timeout", "payload"}}.
-    """
+    """@return: the queued jobs among C{job_ids} (C{None}: any), taken out, oldest first."""
     from twistedlrp.models import Announcement, Job
 
     notices = Announcement.objects.all()

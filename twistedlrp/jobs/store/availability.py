@@ -1,11 +1,4 @@
-"""
-Whether the job store's database can be reached (L{Availability}), how an
-operation that could not reach it fails (L{StoreUnavailable}), and how a
-connection is found broken. Each connection of the job service reports
-here when it loses the database and when it has it back: one WARNING when
-the first loses it and one when the last has it back, never a line per
-operation (the health says C{degraded} in between).
-"""
+"""Whether the store can be reached: a WARNING when it is lost, one when it is back, not more."""
 
 from __future__ import annotations
 
@@ -17,11 +10,7 @@ log = Logger()
 
 
 class StoreUnavailable(JobServiceUnavailable):
-    """
-    An operation could not run in time: the store cannot be reached, or
-    did not answer. C{started} says whether it may have run (its
-    transaction had begun) or certainly did not.
-    """
+    """An operation could not run in time; C{started}: it may have run (else it did not)."""
 
     def __init__(self, message: str, started: bool):
         super().__init__(message)
@@ -29,17 +18,12 @@ class StoreUnavailable(JobServiceUnavailable):
 
 
 class Availability:
-    """
-    Kept in the reactor thread (the connections' threads report with
-    C{callFromThread}).
+    """Kept in the reactor thread; C{wait}: how long a submission waits, for the log line."""
 
-    @param wait: the seconds a submission waits for the store, for the log line.
-    """
-
-    def __init__(self, reactor, wait: float | None = None):
+    def __init__(self, reactor):
         self.reactor = reactor
-        self.wait = wait
-        # source -> reason, for the sources that cannot reach the database now.
+        self.wait: float | None = None
+        # source -> why it cannot reach the database now
         self._lost: dict[str, str] = {}
         self.since: float | None = None
         self.outages = 0
@@ -47,9 +31,7 @@ class Availability:
     @property
     def reason(self) -> str | None:
         """@return: why the store cannot be reached now, or C{None} when it can."""
-        if not self._lost:
-            return None
-        return next(iter(self._lost.values()))
+        return next(iter(self._lost.values()), None)
 
     def lost(self, source: str, reason: str) -> None:
         """C{source} (a connection) cannot reach the database: C{reason}."""
@@ -83,10 +65,7 @@ def first_line(error: BaseException) -> str:
 
 
 def broken(connection, raw) -> bool:
-    """
-    @return: whether Django's C{connection} is not the usable DB-API
-        connection C{raw} any more (closed, broken, replaced, or none).
-    """
+    """@return: whether Django's C{connection} is no longer the usable DB-API connection C{raw}."""
     current = connection.connection
     if current is None or (raw is not None and current is not raw):
         return True

@@ -1,18 +1,7 @@
 """
-A group-commit thread: it runs every operation the reactor queued so far
-(L{GroupCommitThread.run}) in one transaction (should one fail, each in its
-own) and fires each Deferred in the reactor after the commit that made its
-change durable. Values only the latest of which counts (progress reports)
-are coalesced: the newest per key is written with the next batch.
-
-While the database cannot be reached no operation fails for it: the thread
-keeps them and tries again (at most a second apart), and tells an
-L{twistedlrp.jobs.store.availability.Availability}. An operation given a
-deadline (C{within}) that has not begun by then fails with
-L{StoreUnavailable}; the others (the outcomes of jobs) wait as long as it
-takes. A transaction whose commit was sent when the connection broke is
-looked up once the database is back (PostgreSQL's C{txid_status}): its
-results are delivered if it committed, otherwise it runs again.
+A group-commit thread: the operations queued so far run in one transaction
+(should one fail, each in its own). While the database cannot be reached they
+wait; a commit the connection broke under is looked up (C{txid_status}).
 """
 
 from __future__ import annotations
@@ -37,10 +26,9 @@ log = Logger()
 _STOP = object()
 _WAKE = object()
 
-# The longest wait between attempts to reach a database that cannot be reached.
+# The longest wait between attempts to reach the database.
 RECONNECT_MAX = 1.0
 
-# What an operation is doing (L{_Op.state}).
 _QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
 
 
@@ -53,12 +41,7 @@ class _Op:
 
 
 class GroupCommitThread:
-    """
-    Called in the thread: C{write_coalesced} with the coalesced values,
-    inside each batch's transaction; C{begin_batch} before each batch;
-    C{setup} once before anything else; C{observe_batch}, if set, with each
-    batch's size (the job metrics).
-    """
+    """The callbacks run in the thread; C{observe_batch} (if set) gets each batch's size."""
 
     observe_batch: Callable[[int], None] | None = None
     availability = None
@@ -92,14 +75,9 @@ class GroupCommitThread:
 
     def run(self, fn: Callable[..., Any], *args, within: float | None = None) -> defer.Deferred:
         """
-        Run C{fn(*args)} in the thread, inside a transaction.
-
-        @param within: seconds after which an operation that has not begun
-            fails with L{StoreUnavailable} (C{started} false); one that has
-            gets a tenth more (at most 1 s), then fails with C{started} true
-            (it may commit). C{None}: no limit. Cancelling withdraws it too.
-        @return: a Deferred firing with C{fn}'s result once committed, or
-            failing with its exception (L{JobServiceUnavailable} once stopping).
+        @param within: seconds after which an operation that has not begun fails with
+            L{StoreUnavailable}; one that has gets a tenth more (at most 1 s).
+        @return: a Deferred of C{fn(*args)} run in a transaction, fired once committed.
         """
         return self._put(fn, args, False, within)
 
@@ -118,7 +96,6 @@ class GroupCommitThread:
         return op.d
 
     def _withdraw(self, op: _Op, cancelled: bool = False) -> None:
-        """In the reactor: C{op}'s deadline passed (or it was cancelled)."""
         cancel_call(op.timer)
         if op.d.called:
             return
@@ -127,8 +104,7 @@ class GroupCommitThread:
             if not started:
                 op.state = _ABANDONED
         if started and not cancelled and not op.graced:
-            # Its transaction is running (the database just came back, say):
-            # a moment more for its own answer rather than "it may have run".
+            # A moment more for its own answer rather than "it may have run".
             op.graced = True
             op.timer = self.reactor.callLater(min(op.within * 0.1, 1.0), self._withdraw, op)
             return
@@ -149,10 +125,7 @@ class GroupCommitThread:
             self._queue.put(_WAKE)
 
     def stop(self) -> defer.Deferred:
-        """
-        Finish the queued operations (fail them if the database cannot be
-        reached), then end the thread. @return: a Deferred firing once it has.
-        """
+        """@return: a Deferred firing once the queued operations are done and the thread ended."""
         if not self.closed:
             self.closed = True
             self._stopping.set()
@@ -162,14 +135,11 @@ class GroupCommitThread:
                 self._queue.put(_STOP)
         return self._stopped
 
-    # -- in the thread ---------------------------------------------------------
-
     def _loop(self) -> None:
         from django.db import connection
 
         pending: list[_Op] = []
-        # Transactions whose commit was sent when the connection broke:
-        # (transaction id, operations, their results, coalesced values).
+        # (xid, operations, results, coalesced) of commits sent as the connection broke
         doubtful: list[tuple] = []
         stopping = False
         reconnect = Backoff(0.1, RECONNECT_MAX, jitter=0.1)
@@ -211,7 +181,7 @@ class GroupCommitThread:
             self.reactor.callFromThread(self._stopped.callback, None)
 
     def _gather(self, pending: list, block: bool) -> bool:
-        """Add what is queued to C{pending} (waiting for something if C{block}); @return: stop?"""
+        """Add what is queued to C{pending} (waiting if C{block}). @return: whether to stop."""
         items = [self._queue.get()] if block else []
         while True:
             try:
@@ -268,12 +238,10 @@ class GroupCommitThread:
         elif how == "doubt":
             doubtful.append((xid, ops, results, coalesced))
         else:
-            # One of them failed (an unknown id, a broken row): the batch
-            # was rolled back; run each alone so the others still succeed.
+            # One failed and rolled the batch back: run each alone so the others succeed.
             self._run_each(ops, coalesced, pending, doubtful)
 
     def _run_each(self, ops: list[_Op], coalesced: dict, pending: list, doubtful: list) -> None:
-        """Run each of C{ops} in its own transaction, then write C{coalesced}."""
         done: list[tuple] = []
         for i, op in enumerate(ops):
             how, xid, results = self._transaction([op], None)
@@ -302,12 +270,9 @@ class GroupCommitThread:
 
     def _transaction(self, ops: list[_Op], coalesced: dict | None) -> tuple:
         """
-        Run C{ops} (and write C{coalesced}) in one transaction.
-
-        @return: C{("ok", None, [(result, False)])}; C{("error", None,
-            failure)}: one failed; C{("lost", None, None)}: the database
-            could not be reached; C{("doubt", transaction id, [(result,
-            False)])}: the connection broke while committing.
+        @return: how running C{ops} (and writing C{coalesced}) in one transaction went:
+            C{("ok" or "doubt" (broke while committing), xid, [(result, False)])},
+            C{("error", None, failure)} or C{("lost", None, None)}.
         """
         from django.db import connection, transaction
 
@@ -330,10 +295,7 @@ class GroupCommitThread:
         return "ok", None, results
 
     def _resolve(self, doubtful: list, pending: list) -> bool:
-        """
-        The database is back: deliver the doubtful transactions that
-        committed, run the others again. @return: False if it went away again.
-        """
+        """Deliver doubtful transactions that committed, rerun others. @return: False if lost."""
         from django.db import connection
 
         while doubtful:
@@ -374,16 +336,10 @@ class GroupCommitThread:
     def _keep_coalesced(self, coalesced: dict) -> None:
         """Values of a batch that did not commit: written with the next one (unless newer came)."""
         with self._coalesced_lock:
-            for key, value in coalesced.items():
-                self._coalesced.setdefault(key, value)
+            self._coalesced = {**coalesced, **self._coalesced}
 
     def _lost(self, error: Exception, raw=None) -> bool:
-        """
-        @param raw: the DB-API connection the failed work began on, if any.
-        @return: whether C{error} means the database cannot be reached (the
-            connection cannot be opened, broke, or was replaced), not that
-            an operation failed; then the thread goes away (and says so once).
-        """
+        """@return: whether C{error} (of work begun on C{raw}) means the database went away."""
         from django.db import connection
         from django.db.utils import InterfaceError, OperationalError
 
@@ -395,7 +351,6 @@ class GroupCommitThread:
         return True
 
     def _reachable(self) -> bool:
-        """Away: try the database again. @return: whether it answers."""
         from django.db import connection
 
         try:

@@ -1,19 +1,11 @@
-"""
-The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own.
-
-A submission, a retry, a job put back in the queue, a cancel and a job's
-end send C{NOTIFY twistedlrp_jobs} in the transaction of their change (so
-it comes with the commit, or not at all). This thread holds a connection of
-its own (psycopg, autocommit) and hands each payload to the reactor. A
-broken connection is opened again with back-off, then C{on_reconnect} is
-called (notifications may have been lost; the service also polls slowly).
-"""
+"""The job nodes' wake-up calls on PostgreSQL: C{LISTEN} in a thread of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
@@ -27,29 +19,21 @@ log = Logger()
 _WAIT = 1.0
 
 
+@dataclass(eq=False)
 class Listener:
-    """
-    @param on_notify: called in the reactor with each notification's payload.
-    @param on_reconnect: called in the reactor once listening (again).
-    @param availability: the store's, told when the connection is lost and back.
-    """
+    """Calls C{on_notify} with each payload, C{on_reconnect} once listening (again)."""
 
-    def __init__(
-        self,
-        reactor,
-        on_notify: Callable[[str], None],
-        on_reconnect: Callable[[], None],
-        availability: Availability,
-    ):
-        self.reactor, self.availability = reactor, availability
-        self.on_notify, self.on_reconnect = on_notify, on_reconnect
-        self._stopping = threading.Event()
+    reactor: object
+    on_notify: Callable[[str], None]
+    on_reconnect: Callable[[], None]
+    availability: Availability
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
 
     def start(self) -> None:
         threading.Thread(target=self._loop, name="twistedlrp-job-listener", daemon=True).start()
 
     def stop(self) -> None:
-        """Ask the thread to end (within about a second; it holds nothing else)."""
+        """Ask the thread to end (within about a second)."""
         self._stopping.set()
 
     def _connect(self):
@@ -60,7 +44,6 @@ class Listener:
 
         tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT)
         params = dict(connections["default"].get_connection_params())
-        # Django's own cursor class and context are not needed here.
         for name in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(name, None)
         connection = psycopg.connect(**params, autocommit=True)

@@ -1,9 +1,4 @@
-"""
-A job store in memory, for the eager test mode (L{twistedlrp.jobs.eager}):
-the store operations the service and its dispatcher run
-(L{twistedlrp.jobs.store.operations}, L{recovery.requeue}), each done at
-once on a dict of rows, in the calling thread, with the same answers.
-"""
+"""A job store in memory for the eager test mode: the store operations, on a dict of rows."""
 
 from __future__ import annotations
 
@@ -42,15 +37,9 @@ class MemoryStore:
         # Running for the dispatcher, not begun in their thread yet: shown queued.
         self.starting: set[str] = set()
         self.batches = self.operations = 0
+        done = (ops.create, ops.get, ops.claim, ops.finish, ops.mark_cancel, ops.list_jobs)
         self._done = {
-            ops.create: self.create,
-            ops.get: self.get,
-            ops.claim: self.claim,
-            ops.finish: self.finish,
-            ops.mark_cancel: self.mark_cancel,
-            ops.list_jobs: self.list_jobs,
-            ops.counts: self.counts,
-            recovery.requeue: self.requeue,
+            fn: getattr(self, fn.__name__) for fn in (*done, ops.counts, recovery.requeue)
         }
 
     def run(self, operation, *args, within=None) -> defer.Deferred:
@@ -136,8 +125,8 @@ class MemoryStore:
         self.get(job_id)
         job = self.jobs[job_id]
         if job["state"] == QUEUED:
-            job.update(state=CANCELLED, cancel_requested=True, finished_at=ops.now())
-            job["error"] = "cancelled while queued"
+            error = "cancelled while queued"
+            job.update(state=CANCELLED, cancel_requested=True, finished_at=ops.now(), error=error)
         elif job["state"] == RUNNING:
             job["cancel_requested"] = True
         return self.get(job_id)

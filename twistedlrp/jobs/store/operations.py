@@ -1,8 +1,4 @@
-"""
-The job store's operations: each runs in the store thread
-(L{twistedlrp.jobs.store.Store}), inside the batch's transaction, and
-returns plain dicts (the wire descriptions of jobs).
-"""
+"""The store's operations, each run in the store thread inside a transaction; plain dicts out."""
 
 from __future__ import annotations
 
@@ -42,10 +38,7 @@ _TIMES = ("run_after", "created_at", "started_at", "finished_at")
 
 
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
-    """
-    @return: the wire description of a C{Job} row (without result and
-        output unless C{full}, without args and kwargs unless C{arguments}).
-    """
+    """@return: a C{Job} row's wire description (result, output: C{full}; args: C{arguments})."""
     names = _DESCRIBED + (("result", "output") if full else ())
     data = {
         name: getattr(job, name, None) for name in names + (("args", "kwargs") if arguments else ())
@@ -100,22 +93,11 @@ def create(
     announce: bool = False,
 ) -> dict:
     """
-    Insert a job, unless C{fields["key"]} names an unfinished job or a job
-    with the id C{job_id} exists (a submission retried with the id it
-    chose). Runs in the store thread, or in a site's thread inside its own
-    transaction (L{twistedlrp.jobs.client.transactions}).
-
-    @param notify: notify the job nodes listening on the database (with the commit).
-    @param announce: also record the job in the announcement table (SQLite:
-        L{twistedlrp.jobs.store.announcements}).
-    @param start: C{{"id", "worker", "node"}}: store the job running its
-        first attempt on that worker (reserved for it), under that id, so
-        that it starts without a claim; with C{"lease"} (seconds, several
-        nodes) only if the node renewed its lease within that time (see
-        L{claim_next}), else queued (the description says which).
-    @return: C{(created, job dict)}.
-    @raise InvalidArguments: a value the store cannot hold, or C{job_id} is
-        the id of a job of another name.
+    Insert a job, unless C{fields["key"]} names an unfinished job or the job
+    C{job_id} exists (a submission retried). Also runs in a site's transaction.
+    @param start: C{{"id", "worker", "node"}}: store it running on that worker,
+        without a claim; with C{"lease"}, only if the node's lease is fresh.
+    @return: C{(created, job dict)}. @raise InvalidArguments: a value the store cannot hold.
     """
     sql = statements()
     key = fields.get("key")
@@ -140,7 +122,6 @@ def create(
                 )
             return False, job_dict(existing)
     if key:
-        # At most one unfinished job has a key (a unique constraint).
         existing = sql.read(key=key, state=UNFINISHED)
         if existing is not None:
             return False, job_dict(existing)
@@ -169,16 +150,12 @@ def create(
 
 
 def get(job_id: str, full: bool = True) -> dict:
-    """
-    @return: the job's wire description (with its arguments when C{full}).
-    @raise UnknownJob: no such job.
-    """
+    """@return: the job's wire description (with its arguments when C{full}). @raise UnknownJob."""
     try:
         key = uuid.UUID(str(job_id))
     except ValueError:
         raise UnknownJob(f"no job has the id {job_id!r}") from None
-    # A row that cannot be read (its result, say) is an internal error, not
-    # an unknown job: only the lookup's own miss says the job is not there.
+    # A row that cannot be read is an internal error, not an unknown job.
     job = statements().read(key)
     if job is None:
         raise UnknownJob(f"no job has the id {job_id!r}")
@@ -187,12 +164,8 @@ def get(job_id: str, full: bool = True) -> dict:
 
 def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict | None:
     """
-    Mark a queued job running (one more attempt), by a conditional update:
-    of several job services on one database only one gets the row.
-
-    @param load: also read the payload and the job's settings.
-    @return: C{None} if the job is no longer queued; else C{{"started_at"}}
-        (and with C{load}, C{payload} and the settings).
+    Mark a queued job running. @return: C{None} if it is no longer queued, else
+    C{{"started_at"}} (with C{load}, also C{payload} and the job's settings).
     """
     sql = statements()
     started = now()
@@ -204,27 +177,17 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     job = sql.read(job_id)
     settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
     row = {name: getattr(job, name) for name in settings}
-    row["payload"] = payload_of(job.args, job.kwargs)
-    row["started_at"] = iso(started)
-    return row
+    return dict(row, payload=payload_of(job.args, job.kwargs), started_at=iso(started))
 
 
 def claim_next(
     queues: list[str] | None, node: str, workers: list[str], lease: float | None = None
 ) -> dict:
     """
-    Claim up to one due job per worker in C{workers}, the next ones of
-    C{queues} (C{None}: all) by priority, then age, with C{SELECT ... FOR
-    UPDATE SKIP LOCKED}: nodes sharing a PostgreSQL database take different
-    rows without waiting for each other.
-
-    @param lease: claim nothing unless this node renewed its lease within
-        as many seconds (then the answer has C{"no_lease": True}): a node
-        that did not may have been taken for dead, its claims taken over.
-    @return: C{{"claimed": [rows], "next_due": Unix time or None}}: each row
-        has C{id}, C{worker}, C{payload}, C{cancel_requested} and the job's
-        settings; C{next_due}, read when fewer jobs than workers were
-        claimed, is when the first delayed job of these queues is due.
+    Claim up to one due job per worker from C{queues} (C{None}: all), with
+    C{FOR UPDATE SKIP LOCKED}: nodes sharing PostgreSQL never wait for each
+    other. Nothing unless the node's lease is fresh within C{lease} s.
+    @return: C{{"claimed": [rows], "next_due": Unix time or None}} (or C{"no_lease"}).
     """
     from django.db import connection
 
@@ -277,10 +240,7 @@ NOTIFY_CHANNEL = "twistedlrp_jobs"
 
 
 def notify_nodes(payload: str) -> None:
-    """
-    Tell the job nodes listening on the database (PostgreSQL): sent with
-    the commit, once per distinct payload in a transaction.
-    """
+    """Tell the job nodes listening on the database (PostgreSQL), with the commit."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -291,17 +251,9 @@ def finish(
     job_id: str, state: str, fields: dict, describe: bool = True, node: str | None = None
 ) -> dict | None:
     """
-    End an attempt: C{state} is final, or C{queued} for a retry (then
-    C{run_after} may be set). Output, error and result are in C{fields}.
-
-    @param describe: read the job back (someone waits for it).
-    @param node: with several job nodes, the node ending the attempt: the
-        job changes only if it is still C{running} on that node (not when
-        another node took it over after this node's lease expired), and the
-        other nodes are notified (a final state for their waiters, a retry
-        for their workers).
-    @return: the job's wire description, or C{None} when not C{describe}
-        (or when C{node} no longer holds the job: C{{"lost": True}}).
+    End an attempt in C{state} (C{queued}: a retry); with C{node}, only if it
+    still holds the job, and the other nodes are notified.
+    @return: the job's description if C{describe}; C{{"lost": True}} if C{node} lost it.
     """
     sql = statements()
     fields = dict(fields, state=state)
@@ -324,12 +276,7 @@ def queue_of(job_id: str) -> str:
 
 
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
-    """
-    Cancel a queued job at once, or flag a running one.
-
-    @return: the job's wire description after the change.
-    @raise UnknownJob: no such job.
-    """
+    """Cancel a queued job, or flag a running one. @return: its description. @raise UnknownJob."""
     from twistedlrp.models import Job
 
     job = get(job_id, full=False)
@@ -350,12 +297,9 @@ def mark_cancel(job_id: str, notify: bool = False) -> dict:
 def list_jobs(state: str | None, name: str | None, limit: int) -> list[dict]:
     from twistedlrp.models import Job
 
-    query = Job.objects.all()
-    if state:
-        query = query.filter(state=state)
-    if name:
-        query = query.filter(name=name)
-    return [job_dict(job, full=False) for job in query.order_by("-created_at")[: max(limit, 0)]]
+    wanted = {field: value for field, value in (("state", state), ("name", name)) if value}
+    query = Job.objects.filter(**wanted).order_by("-created_at")
+    return [job_dict(job, full=False) for job in query[: max(limit, 0)]]
 
 
 def counts() -> dict:

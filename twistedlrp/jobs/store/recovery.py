@@ -1,9 +1,4 @@
-"""
-What dead processes leave behind, in the store: start-up recovery of this
-node's jobs, jobs running without a worker that holds them (the watchdog),
-jobs put back at shut-down, and the node table with its heartbeats and
-leases. Each function runs in the store thread, inside the batch's transaction.
-"""
+"""What dead processes leave behind, and the node table with its leases (in the store thread)."""
 
 from __future__ import annotations
 
@@ -18,15 +13,9 @@ def recover(
     node: str = "", queues: list[str] | None = None, shared: bool = False
 ) -> tuple[list[dict], list[str]]:
     """
-    Deal with jobs left C{running} by a server that died, then list the queued jobs.
-
-    @param queues: the queues this node runs (C{None}: all): only their
-        queued jobs are listed.
-    @param shared: several job nodes may share the database: only this
-        node's running jobs are touched (those of a dead node are the lease
-        check's), and no queued job is listed (the nodes claim from the table).
-    @return: C{(queued, failed)}: the queued jobs (light descriptions,
-        oldest first) and the jobs just failed because no attempts remained.
+    End the jobs a dead server left C{running} (if C{shared}, this node's
+    only). @return: C{(queued, failed)}: unless C{shared}, the queued jobs
+    of C{queues}, oldest first; the ids of the jobs failed for lack of attempts.
     """
     from twistedlrp.models import Announcement, Job
 
@@ -39,23 +28,14 @@ def recover(
         return [], failed
     # Every queued job is listed below: the announced ones too (same transaction).
     Announcement.objects.all().delete()
-    queued = Job.objects.filter(state=QUEUED)
-    if queues is not None:
-        queued = queued.filter(queue__in=queues)
-    queued = list(
-        queued.order_by("created_at").values("id", "priority", "created_at", "run_after", "queue")
-    )
-    for row in queued:
-        row["id"] = str(row["id"])
-    return queued, failed
+    mine = {} if queues is None else {"queue__in": queues}
+    rows = Job.objects.filter(state=QUEUED, **mine).order_by("created_at")
+    rows = rows.values("id", "priority", "created_at", "run_after", "queue")
+    return [dict(row, id=str(row["id"])) for row in rows], failed
 
 
 def _end(job, error: str) -> str:
-    """
-    Retry or fail a job C{running} with no worker by its policy (cancel it if asked).
-
-    @return: its new state.
-    """
+    """@return: the new state of a job C{running} with no worker, retried, failed or cancelled."""
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job.id, state=RUNNING)
@@ -70,11 +50,7 @@ def _end(job, error: str) -> str:
 
 
 def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
-    """
-    L{_end} a job whose worker died because C{why}; C{notify}: tell the other nodes.
-
-    @return: its new state and the reason given.
-    """
+    """L{_end} a job whose worker died because C{why}. @return: its new state and the reason."""
     reason = (
         f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
     )
@@ -86,34 +62,21 @@ def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
 
 def running_on(worker_prefix: str, started_before, node: str | None = None) -> list[dict]:
     """
-    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since
-        before C{started_before} on this machine's workers (C{worker_prefix}),
-        or with several job nodes on the node C{node}.
+    @return: C{{"id", "worker", "attempts"}} of the jobs C{running} since before
+        C{started_before} on this machine's workers (C{worker_prefix}), or on C{node}.
     """
     from django.db.models import Q
 
     from twistedlrp.models import Job
 
-    rows = Job.objects.filter(state=RUNNING, started_at__lt=started_before)
-    if node is not None:
-        rows = rows.filter(node=node)
-    else:
-        rows = rows.filter(Q(worker__startswith=worker_prefix) | Q(worker=""))
-    return [
-        {"id": str(row["id"]), "worker": row["worker"], "attempts": row["attempts"]}
-        for row in rows.values("id", "worker", "attempts")
-    ]
+    here = Q(worker__startswith=worker_prefix) | Q(worker="")
+    rows = Job.objects.filter(here if node is None else Q(node=node), state=RUNNING)
+    rows = rows.filter(started_at__lt=started_before).values("id", "worker", "attempts")
+    return [dict(row, id=str(row["id"])) for row in rows]
 
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
-    """
-    L{_end} for a job found C{running} without a worker that holds it.
-
-    @param node: with several job nodes, the node that found it: only a job
-        still running on that node is touched (another may have taken it over).
-    @return: C{{"state", "priority", "created_at"}} after the change, or
-        C{None} when it is no longer running (there).
-    """
+    """L{_end} a job found without a worker. @return: C{None} if no longer running (on C{node})."""
     from twistedlrp.models import Job
 
     running = Job.objects.filter(id=job_id, state=RUNNING)
@@ -124,12 +87,7 @@ def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None
 
 
 def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = None) -> None:
-    """
-    Put an interrupted job back in the queue (a graceful shut-down did not let it finish).
-
-    @param node: with several job nodes, the node that ran it (the job is
-        put back only if that node still holds it); the other nodes are notified.
-    """
+    """Put back in the queue a job a shut-down interrupted (if C{node} still holds it)."""
     from django.db.models import F
 
     from twistedlrp.models import Job
@@ -142,9 +100,6 @@ def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = Non
         running.update(**fields)
     elif running.filter(node=node).update(**fields):
         notify_nodes(f"queued:{queue_of(job_id)}")
-
-
-# -- job nodes ------------------------------------------------------------------------
 
 
 class NodeConflict(Exception):
@@ -163,12 +118,7 @@ def db_now() -> datetime:
 
 
 def _pid_alive(pid: int) -> bool:
-    """
-    @return: whether C{pid}, on this machine, may still be a job node: a
-        process that exists, is not a zombie (killed, not reaped yet, as
-        right after a C{kill -9}), and, where C{/proc} tells, runs Python (a
-        pid reused by another program is not a job node).
-    """
+    """@return: whether C{pid} here exists, is no zombie, and runs Python (where /proc tells)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -201,14 +151,7 @@ def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: date
 def register_node(
     name: str, host: str, pid: int, queues: list[str] | None, lease: float, shared: bool
 ) -> None:
-    """
-    Enter this job node in the node table, with a fresh heartbeat.
-
-    @param shared: several nodes may share the database (PostgreSQL); if
-        not (SQLite), another node with a fresh heartbeat refuses this one.
-    @raise NodeConflict: a live node stands in the way: another one on a
-        database for one node, or one of the same name elsewhere.
-    """
+    """Enter this node with a fresh heartbeat. @raise NodeConflict: a live one is in the way."""
     from django.db import connection
 
     from twistedlrp.models import Node
@@ -244,14 +187,8 @@ def heartbeat(
     name: str, host: str, pid: int, queues: list[str] | None, fenced=None, why: str = ""
 ) -> dict:
     """
-    Renew this node's lease.
-
-    @param fenced: jobs this node stopped when it could not renew its lease
-        (fencing): those still running on it (no other node took them over)
-        are retried or failed by their policy because C{why}.
-    @return: C{{"held": whether its row was still there (else another node
-        took it for dead; the row is entered again), "ended": [{"id",
-        "state"}] (of C{fenced})}}.
+    Renew this node's lease; the C{fenced} jobs (stopped when it could not)
+    still running on it end because C{why}. @return: C{{"held", "ended"}}.
     """
     from twistedlrp.models import Job, Node
 
@@ -265,20 +202,14 @@ def heartbeat(
 
 
 def lease_fresh(node: str, within: float) -> bool:
-    """
-    @return: whether the node C{node} renewed its lease less than C{within}
-        seconds ago (database clock): a node that did not may have been
-        taken for dead by the others, or soon will be, and must not claim.
-    """
+    """@return: whether C{node} renewed its lease less than C{within} s ago (database clock)."""
     from django.db import connection
 
     from twistedlrp.models import Node
 
     if connection.vendor != "postgresql":
-        stamp = db_now()
-        return Node.objects.filter(
-            name=node, heartbeat_at__gte=stamp - timedelta(seconds=within)
-        ).exists()
+        cutoff = db_now() - timedelta(seconds=within)
+        return Node.objects.filter(name=node, heartbeat_at__gte=cutoff).exists()
     table = connection.ops.quote_name(Node._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -298,16 +229,9 @@ def leave_node(name: str, pid: int) -> None:
 
 def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
     """
-    Retry or fail (by each job's policy) the running jobs of the job nodes
-    whose lease expired (no heartbeat for C{lease} seconds), and of nodes
-    not in the node table; the rows of dead nodes go. Rows another node is
-    dealing with at the same moment are skipped (C{FOR UPDATE SKIP
-    LOCKED}). PostgreSQL only.
-
-    @param node: this node (never expired by itself).
-    @param started_before: a job without a node counts only if it started before.
-    @return: C{{"nodes": [(name, seconds since its heartbeat)], "jobs":
-        [{"id", "state", "node", "reason"}]}}.
+    End the running jobs of the other nodes that are dead (lease expired, or
+    not in the table), and delete their rows, skipping rows another node
+    holds. PostgreSQL only. @return: C{{"nodes": [(name, age)], "jobs": [...]}}.
     """
     from django.db.models import Q
 

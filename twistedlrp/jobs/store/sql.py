@@ -1,21 +1,8 @@
 """
-The job table's hot statements in plain SQL, and the adapters of their values.
-
-Submitting, claiming, finishing, progress and reading a job by id run once
-or more per job, and the ORM's query building costs about ten times the
-SQL itself there. Values go through each field's C{get_db_prep_save}, so
-every backend adapts them; rows read go through Django's converters of
-each field and backend, as the ORM's do.
-On SQLite the statements skip Django's cursor wrapper for the DB-API
-connection (same transaction), and datetimes, UUIDs and JSON are adapted as
-Django's SQLite backend does, written out: those wrappers cost the store
-thread more than the SQL (half its time at 10 submitting threads).
-L{tests/unit/test_store_sql} checks the adapters against Django's.
-
-On PostgreSQL, text and jsonb cannot hold NUL: in a job's output, error or
-progress message it is stored as U+FFFD (L{Statements.prep}); arguments
-holding one are refused at submission, a result holding one fails the job
-(L{holds_nul}).
+The job table's hot statements in plain SQL (the ORM costs about ten times
+the SQL), with Django's adapters and converters, written out on SQLite.
+PostgreSQL's text and jsonb cannot hold NUL: a message stores it as U+FFFD,
+arguments holding one are refused, a result holding one fails the job.
 """
 
 from __future__ import annotations
@@ -47,22 +34,17 @@ class Statements:
             for name, f in self.fields.items()
             if f.default is NOT_PROVIDED or not callable(f.default)
         }
-        # Only these need the backend's adaptation; strings and numbers go as they are.
-        self.adapted = {
-            name
-            for name, f in self.fields.items()
-            if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
-        }
-        # PostgreSQL's text columns refuse NUL; job output, errors and progress
-        # messages may hold one (SQLite stores it as it is).
+        # PostgreSQL's text columns refuse NUL (SQLite stores it as it is).
         self.nul_free = connection.vendor == "postgresql"
         texts = ("CharField", "TextField") if self.nul_free else ()
         self.text = {n for n, f in self.fields.items() if f.get_internal_type() in texts}
+        # Only these need the backend's adaptation; strings and numbers go as they are.
         self.adapters = {
-            name: self._adapter(self.fields[name], connection) for name in self.adapted
+            name: self._adapter(f, connection)
+            for name, f in self.fields.items()
+            if f.get_internal_type() in ("JSONField", "UUIDField", "DateTimeField")
         }
-        # The DB-API connection is used directly only where Django's wrapper
-        # adds nothing the statements need: SQLite, whose placeholders are "?".
+        # The DB-API connection is used directly on SQLite (placeholders "?").
         self.direct = connection.vendor == "sqlite"
         self._qmark: dict[str, str] = {}
         self._local = threading.local()
@@ -72,8 +54,6 @@ class Statements:
             f"INSERT INTO {self.table} ({', '.join(self.column[n] for n in names)}) "
             f"VALUES ({', '.join(['%s'] * len(names))})"
         )
-        # A job read by id (get, and a submission under an id it chose): the
-        # ORM's query building and model instance cost 5-8 times the SQL.
         self.select = f"SELECT {', '.join(self.column[n] for n in names)} FROM {self.table} WHERE "
         self.claim = (
             f"UPDATE {self.table} SET {self.column['state']} = %s, "
@@ -85,11 +65,7 @@ class Statements:
 
     @staticmethod
     def _adapter(field, connection):
-        """
-        @return: a function adapting a value of C{field} for the database:
-            C{get_db_prep_save}, or on SQLite the same written out (several
-            times cheaper).
-        """
+        """@return: C{field}'s C{get_db_prep_save}, or on SQLite the same written out (cheaper)."""
         from django.conf import settings
 
         kind = field.get_internal_type()
@@ -131,13 +107,8 @@ class Statements:
 
     def read(self, job_id=None, **equal) -> SimpleNamespace | None:
         """
-        @param equal: C{{field: value or tuple of values}} the row must have
-            (instead of the id C{job_id}).
-        @return: the job C{job_id}'s row (or the first row matching
-            C{equal}), its values converted as the ORM converts them
-            (Django's converters of each field and backend), as attributes;
-            C{None} if there is no such job.
-        @raise ValueError: C{job_id} is no UUID.
+        @return: the job C{job_id}, or the first row whose fields have the values
+            (or one of the tuple of values) in C{equal}, as attributes; or C{None}.
         """
         if job_id is not None:
             equal = {"id": as_uuid(job_id)}
@@ -147,7 +118,7 @@ class Statements:
             where.append(f"{self.column[name]} IN ({', '.join(['%s'] * len(values))})")
             params.extend(self.prep(name, v) for v in values)
         statement = f"{self.select}{' AND '.join(where)} LIMIT 1"
-        row = self.run(statement, params, _fetchone)
+        row = self.run(statement, params, lambda cursor: cursor.fetchone())
         if row is None:
             return None
         from django.db import connection
@@ -161,7 +132,6 @@ class Statements:
         return SimpleNamespace(**values)
 
     def _converters(self) -> dict:
-        """@return: C{{field name: [(converter, column)]}} for this thread's connection."""
         converters = getattr(self._local, "converters", None)
         if converters is None:
             from django.db import connection
@@ -192,8 +162,7 @@ class Statements:
         qmark = self._qmark.get(statement)
         if qmark is None:
             qmark = self._qmark[statement] = statement.replace("%s", "?")
-        # Errors still come as Django's (IntegrityError, OperationalError...),
-        # and mark the connection as Django's own cursors would.
+        # Errors still come as Django's, and mark the connection as its cursors would.
         with database.wrap_database_errors:
             cursor = database.connection.execute(qmark, params)
             try:
@@ -209,12 +178,10 @@ class Statements:
         params = [self.prep(name, value) for name, value in values.items()]
         sql = f"UPDATE {self.table} SET {sets} WHERE {self.column['id']} = %s"
         params.append(self.prep("id", as_uuid(job_id)))
-        if only_state is not None:
-            sql += f" AND {self.column['state']} = %s"
-            params.append(only_state)
-        if only_node is not None:
-            sql += f" AND {self.column['node']} = %s"
-            params.append(only_node)
+        for name, value in (("state", only_state), ("node", only_node)):
+            if value is not None:
+                sql += f" AND {self.column[name]} = %s"
+                params.append(value)
         return self.execute(sql, params)
 
 
@@ -240,10 +207,6 @@ def _nul_in(value) -> bool:
     if isinstance(value, list | tuple):
         return any(_nul_in(v) for v in value)
     return False
-
-
-def _fetchone(cursor):
-    return cursor.fetchone()
 
 
 def as_uuid(value) -> uuid.UUID:
