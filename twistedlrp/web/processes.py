@@ -1,35 +1,22 @@
 """
 The web processes of C{--web-workers N} (N above 1), seen from the main
-process: the last child of L{twistedlrp.server.MainServer}, in the place
-of the listening site.
+process, where they take the place of the listening site.
 
-Starting it (start-up step 5) binds the C{--listen} sockets (or takes the
-C{systemd:} ones the main process inherited), spawns the template
-(L{twistedlrp.web.process_main}, a fork server: L{twistedlrp.process.forkserver}),
-which sets Django up and forks one web process per slot on request, and
-waits until every web process runs. A web process that fails before it
-first runs fails the start-up.
+Starting binds the C{--listen} sockets, spawns the template
+(L{twistedlrp.web.process_main}, a fork server), which sets Django up and
+forks one web process per slot, and waits until every one runs (one that
+fails first fails the start-up). A web process that ends is forked again
+after the restart back-off. Over its channel (a socket pair) each sends
+its status every second and gets the list of all and the job service's
+health, which its health endpoint shows.
 
-Later, a web process that ends is forked again after the restart back-off
-(L{twistedlrp.process.supervise}), and the reason is logged. Each web
-process sends its status every second over its channel (a socket pair, one
-end passed to the template with the fork request); the main process sends
-every web process the list of them all and its job service's health
-section, which their health endpoints show.
+A template that ends is started again with the same back-off; its web
+processes keep serving, but nobody reaps them: the end of a web process's
+channel is its end, its exit status lost. L{MAX_TEMPLATE_FAILURES} in a row
+stop the server with exit status 1.
 
-A template that ends is started again with the same back-off, its exit
-status and last output logged. The web processes it forked keep serving
-meanwhile (they share the listening sockets with this process, which holds
-them), but nobody reaps them for us then: the end of a web process's
-channel is its end (its exit status is lost). A web process that ends while
-there is no template is forked once a new one is ready: one way for a web
-process to start. L{MAX_TEMPLATE_FAILURES} templates in a row that end
-before they are ready, or within C{RESET_AFTER}, stop the server with exit
-status 1 (its supervisor, systemd's C{Restart=on-failure}, should know).
-
-Stopping it (shut-down step 1) sends SIGTERM to every web process, which
-drains; the ones left at the graceful deadline get SIGKILL; then the
-template's control socket is closed (it exits) and the sockets are closed.
+Stopping sends SIGTERM to every web process (they drain), SIGKILL at the
+graceful deadline, then closes the template's control socket and the sockets.
 """
 
 from __future__ import annotations
@@ -44,7 +31,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp import metrics
-from twistedlrp.ordered_service import StartupFailed
+from twistedlrp.ordered_service import StartupFailed, cancel_call
 from twistedlrp.process.channel import Channel, adopt
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
@@ -68,12 +55,9 @@ _STATUS_LOST = "ended (its exit status went with its template)"  # its reaper is
 
 class WebProcesses(service.Service):
     """
-    @param jobs_health: the job service's health section (or C{None}).
-    @param job_service: this process's job service, whose endpoint the web
-        processes' job clients connect to (C{None}: they use
-        C{--jobs-connect} or the settings, as this process does).
-    @param on_fatal: called with an error message when templates keep
-        failing: it stops the server with a non-zero exit status.
+    @param job_service: this process's job service, which the web processes'
+        job clients reach (C{None}: they use C{--jobs-connect} or the settings).
+    @param on_fatal: called with an error message when templates keep failing.
     """
 
     name = "web-processes"
@@ -99,8 +83,6 @@ class WebProcesses(service.Service):
         self.started = False
         self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
-
-    # -- start ----------------------------------------------------------
 
     def startService(self) -> defer.Deferred:
         super().startService()
@@ -142,10 +124,9 @@ class WebProcesses(service.Service):
 
     def _spawn_template(self) -> None:
         """
-        Start a template: 0 /dev/null, 1 and 2 pipes to us (its output,
-        passed on), the listening sockets from 3, its control socket, then
-        our own 1 and 2, which each web process takes as its 1 and 2 (so that
-        it does not outlive the template's pipes, and logs where we do).
+        Start a template on /dev/null, pipes to us for its output, the
+        listening sockets, its control socket and our own 1 and 2 (a web
+        process's 1 and 2, which outlive the template's pipes).
         """
         control_fd = _FIRST_FD + len(self._sockets)
         args = ["-m", "twistedlrp.web.process_main", "--template", f"--control-fd={control_fd}"]
@@ -166,8 +147,6 @@ class WebProcesses(service.Service):
         finally:
             os.close(devnull)
         self.template = template
-
-    # -- the template ---------------------------------------------------------
 
     def _template_said(self, template: ForkServerProcess, message: dict) -> None:
         event = message.get("event")
@@ -211,8 +190,6 @@ class WebProcesses(service.Service):
         if self.stopping:
             return
         if not self.started:
-            # Start-up: a template that is not ready, or web processes that
-            # cannot all be forked, fail it.
             when = (
                 "while the web processes started" if template.was_ready else "before it was ready"
             )
@@ -271,10 +248,7 @@ class WebProcesses(service.Service):
         except Exception as e:
             self._template_down(None, f"it could not be started: {e}", 0.0)
 
-    # -- web processes --------------------------------------------------
-
     def _fork(self, slot: Slot) -> None:
-        """Ask the template to fork C{slot}'s web process (once one is ready)."""
         slot.restart_call = None
         if self.stopping:
             return
@@ -291,8 +265,7 @@ class WebProcesses(service.Service):
             lambda message: self._web_said(slot, channel, message),
             lambda reason: self._channel_lost(slot, channel),
         )
-        # Unsent (its control socket is closing), or unanswered, it is asked
-        # of the next template when this one has ended.
+        # Unsent or unanswered, it is asked of the next template.
         slot.start(template, channel)
         adopt(self.reactor, ours, channel)
         template.fork({"index": slot.index, "jobs_connect": self.jobs_connect}, [theirs.detach()])
@@ -315,8 +288,7 @@ class WebProcesses(service.Service):
             return
         slot.channel = None
         if slot.parent is not None and slot.parent.state == "ended":
-            # Forked by a template that is gone: nobody reaps it for us, and
-            # the end of its channel is the end of the process.
+            # Forked by a template that is gone: nobody reaps it.
             self._slot_ended(slot, None, None, _STATUS_LOST)
 
     def _slot_ended(self, slot: Slot, code, signal_number, how: str | None = None) -> None:
@@ -367,10 +339,8 @@ class WebProcesses(service.Service):
 
     def reload_templates(self) -> int:
         """
-        Have every web process, and the template (for those forked later),
-        reset their template loaders (C{--reload}, a template changed).
-
-        @return: how many web processes were told.
+        Have the web processes and the template reset their template loaders
+        (C{--reload}). @return: how many web processes were told.
         """
         told = 0
         for slot in self.slots:
@@ -384,8 +354,6 @@ class WebProcesses(service.Service):
         now = self.reactor.seconds()
         return [slot.describe(now) for slot in self.slots]
 
-    # -- stop -----------------------------------------------------------
-
     def stop_by(self, deadline: float) -> defer.Deferred:
         super().stopService()
         self.stopping = True
@@ -394,11 +362,9 @@ class WebProcesses(service.Service):
     async def _stop(self, deadline: float) -> None:
         if self._broadcast.running:
             self._broadcast.stop()
-        if self._template_call is not None and self._template_call.active():
-            self._template_call.cancel()
+        cancel_call(self._template_call)
         for slot in self.slots:
-            if slot.restart_call is not None and slot.restart_call.active():
-                slot.restart_call.cancel()
+            cancel_call(slot.restart_call)
             if slot.state == "waiting":
                 slot.state = "ended"
 
