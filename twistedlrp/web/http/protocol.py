@@ -1,12 +1,13 @@
 """
 The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, with the
-limits and answers of docs/serving.md; its factory is the site
-(L{twistedlrp.web.site.LRPSite}), which answers each L{Request} in C{handle}. How a request is read, and what the
-parser checks: L{twistedlrp.web.http.reading}.
+limits and answers of docs/serving.md. Its factory is the site
+(L{twistedlrp.web.site.LRPSite}), which answers each request in C{handle};
+how a request is read: L{twistedlrp.web.http.reading}.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import httptools
@@ -34,8 +35,7 @@ from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
 log = Logger()
 
-# Seconds a connection accepted just before shut-down may take to send its
-# first request (it is answered, with Connection: close).
+# Seconds a connection accepted just before shut-down has to send its first request.
 DRAIN_GRACE = 1.0
 
 
@@ -45,12 +45,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     One HTTP/1.1 connection: requests are read one at a time and handed to
     the site's C{handle}; the next is read once the response is finished.
 
-    @ivar awaiting_head: from the connection (or the end of the previous
-        response) until a whole request head has arrived: only such a
-        connection may be closed to make room for a new one.
-    @ivar request: the request being read or answered, if any.
-    @ivar closing: answered or cut already: on its way out.
-    @ivar draining: the server stops; every answer now closes the connection.
+    @ivar awaiting_head: no whole request head yet (since the connection or
+        the last response): only such a connection is closed to make room.
+    @ivar closing: answered or cut already; C{draining}: the server stops.
     """
 
     awaiting_head = False
@@ -65,7 +62,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     _cut_call = None
     _linger_call = None
     _drain_call = None
-    _host = _peer = None
     # (client address, trusted proxy, scheme) of the peer (LRPSite.client_of).
     judged = None
 
@@ -82,25 +78,19 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._time_head()  # the first request head is timed from the connection
 
     # A connection's addresses do not change (getsockname() costs a call).
-    @property
+    @functools.cached_property
     def host(self):
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
+        return self.transport.getHost()
 
-    @property
+    @functools.cached_property
     def peer(self):
-        if self._peer is None:
-            self._peer = self.transport.getPeer()
-        return self._peer
+        return self.transport.getPeer()
 
     @property
     def idle(self) -> bool:
-        """Whether no request is being read or answered."""
         return self.request is None
 
-    # -- deadlines: one DelayedCall per connection, moved lazily -----------
-
+    # One DelayedCall per connection, moved lazily.
     def _arm(self, seconds: float, on_due) -> None:
         """Call C{on_due()} in C{seconds} (0: never), instead of what was due."""
         if not seconds:
@@ -143,8 +133,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         if self.request is None or self._state in (_LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS):
             self._close_quietly()
 
-    # -- the write deadline ------------------------------------------------
-
     def _write_stalled(self) -> None:
         """The client took none of the response for --write-timeout: cut it."""
         if self.transport is None:
@@ -163,8 +151,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         )
         self._leave()
         self.transport.abortConnection()
-
-    # -- reading -------------------------------------------------------------
 
     def _await_head(self) -> None:
         self._state = _HEAD
@@ -188,8 +174,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
         self._buffer = self._buffer + data if self._buffer else data
         self._advance()
-
-    # -- answering -----------------------------------------------------------
 
     def _message_done(self) -> None:
         request = self.request
@@ -240,11 +224,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
 
     def answer_and_close(self, status: bytes, body: bytes) -> None:
-        """
-        Answer C{status} with a short text C{body} and close the connection,
-        unless a response is under way already (then only close). A client
-        that does not read the answer is cut after a few seconds.
-        """
+        """Answer C{status} with a short text C{body}, unless a response is under way, and close."""
         if self.closing or self.transport is None or self.transport.disconnecting:
             return
         request = self.request
@@ -270,8 +250,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._lose()
         if self._cut_call is None:
             self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.transport.abortConnection)
-
-    # -- closing -----------------------------------------------------------
 
     def readConnectionLost(self):
         # The client sent all it will: its request (if whole) is answered.
@@ -300,10 +278,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def drain(self) -> None:
         """
-        The server stops: a busy connection closes after its response
-        (C{Connection: close}); an idle one between two requests closes now
-        (a client retries); before its first, it gets L{DRAIN_GRACE} seconds
-        (accepted just before the listening stopped, its request is likely on
+        The server stops: a busy connection closes after its response; an
+        idle one between two requests closes now (a client retries); before
+        its first, it gets L{DRAIN_GRACE} seconds (its request is likely on
         its way); a head under way is answered, within the head deadline.
         """
         self.draining = True
@@ -320,10 +297,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._close_quietly()
 
     def evict(self) -> None:
-        """
-        Cut this connection (it awaits a request head; room is needed) and
-        free its descriptor now, not on the reactor's next turn (one turn
-        may accept hundreds of connections).
-        """
+        """Cut this connection to make room, freeing its descriptor now (not next turn)."""
         self._leave()
         abort_now(self.transport)
