@@ -1,10 +1,7 @@
 """
-One request of the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol}):
-what the handler reads (method, target, headers, the body as a file, the
-peer) and how it answers (status and headers, then C{write}/C{finish} or a
-producer). The response is framed here: C{Content-Length} when given,
-else chunked (HTTP/1.1) or delimited by the close (HTTP/1.0); no body for
-C{HEAD}, 1xx, 204 and 304, with the same headers a C{GET} would get.
+One request of the HTTP/1.1 protocol and its response, framed here:
+C{Content-Length} when given, else chunked (HTTP/1.1) or delimited by the
+close (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.
 """
 
 from __future__ import annotations
@@ -50,20 +47,14 @@ class Request:
     """
     One request, and its response.
 
-    @ivar method: C{b"GET"}, ...
-    @ivar uri: the request target as received, in origin form (an absolute
-        form is reduced to its path and query), or C{b"*"} for C{OPTIONS}.
-    @ivar path: the target up to C{?}, not unquoted; C{query}: after it.
-    @ivar clientproto: C{b"HTTP/1.1"} or C{b"HTTP/1.0"}.
+    @ivar uri: the request target in origin form, or C{b"*"} for C{OPTIONS}.
     @ivar headers: the request headers, C{(lower-case name, value)} in order.
-    @ivar content: the body, a file at offset 0 (empty without a body).
-    @ivar arrived: monotonic seconds when the request head began to arrive;
+    @ivar content: the body, a file at offset 0.
+    @ivar arrived: monotonic seconds when the head began to arrive;
         C{started}: when the handler got the request.
-    @ivar client, scheme: the client address and URL scheme (the site sets
-        them from the peer and any trusted forwarded headers).
-    @ivar persistent: whether the connection may carry another request
-        after this one (the protocol decides; a response may turn it off).
-    @ivar channel: the connection (L{HTTPConnection}); C{None} once lost.
+    @ivar client, scheme: the client address and URL scheme (as the site
+        trusts the forwarded headers).
+    @ivar channel: the connection; C{None} once lost.
     """
 
     code = 200
@@ -79,14 +70,13 @@ class Request:
     sentLength = 0  # bytes of the body sent
     lastModified: int | None = None
     content = None
-    # How the body goes out, decided with the head: chunked, or a length.
     _chunked = False
     _left: int | None = None
     _body_allowed = True
     _producer = None
     _waiters: list | None = None
     # Called with the reason if the connection is lost before the response
-    # is finished (what notifyFinish does, without a Deferred per request).
+    # is finished (notifyFinish without a Deferred).
     on_lost = None
 
     def __init__(self, channel, method: bytes, target: bytes, version: bytes, headers, arrived):
@@ -101,16 +91,10 @@ class Request:
         self.postpath: list[bytes] = []
         self._response: dict[bytes, tuple[bytes, list[bytes]]] = {}
 
-    # -- what the request says ------------------------------------------
-
     def getHeader(self, name: bytes) -> bytes | None:
         """@return: the last value of the request header C{name} (any case), or C{None}."""
         name = name.lower()
-        found = None
-        for key, value in self.headers:
-            if key == name:
-                found = value
-        return found
+        return next((value for key, value in reversed(self.headers) if key == name), None)
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
@@ -130,8 +114,6 @@ class Request:
         """@return: whether the connection is TLS."""
         return self.channel is not None and ISSLTransport.providedBy(self.channel.transport)
 
-    # -- the response -----------------------------------------------------
-
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
         # The usual phrase: the status line is made once per process.
@@ -143,12 +125,7 @@ class Request:
 
     def addHeader(self, name: bytes, value: bytes) -> None:
         """Add C{value} to the response header C{name} (a header line more)."""
-        key = name.lower()
-        known = self._response.get(key)
-        if known is None:
-            self._response[key] = (name, [value])
-        else:
-            known[1].append(value)
+        self._response.setdefault(name.lower(), (name, []))[1].append(value)
 
     def removeHeader(self, name: bytes) -> None:
         self._response.pop(name.lower(), None)
@@ -164,12 +141,7 @@ class Request:
         self.setHeader(b"location", url)
 
     def setLastModified(self, when: float):
-        """
-        Set C{Last-Modified} (a later time wins over an earlier one).
-
-        @return: C{twisted.web.http.CACHED} after setting the status to 304
-            when C{If-Modified-Since} is not older, else C{None}.
-        """
+        """Set C{Last-Modified}; @return: C{CACHED} (and 304) if the client's copy is not older."""
         from twisted.web.http import CACHED, datetimeToString, stringToDatetime
 
         when = int(math.ceil(when))
@@ -301,8 +273,6 @@ class Request:
         for waiter in waiters or ():
             waiter.callback(None)
 
-    # -- streaming ---------------------------------------------------------
-
     def registerProducer(self, producer, streaming: bool) -> None:
         """Have C{producer} write the body, with the transport's flow control."""
         self._producer = producer
@@ -315,7 +285,7 @@ class Request:
                 self.channel.unregister_producer()
 
     def notifyFinish(self) -> defer.Deferred:
-        """@return: a Deferred fired when the response is finished, failed if the connection is lost first."""
+        """@return: a Deferred fired when the response ends, or failed if the connection is lost."""
         d = defer.Deferred()
         if self.finished:
             d.callback(None)
@@ -328,7 +298,6 @@ class Request:
         return d
 
     def connection_lost(self, reason: Failure) -> None:
-        """The connection was lost before the response was finished."""
         self.channel = None
         self._producer = None
         if self.on_lost is not None:
