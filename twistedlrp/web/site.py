@@ -1,11 +1,9 @@
 """
-The HTTP side of the server: the site (L{LRPSite}, the factory of
-L{twistedlrp.web.http.protocol.HTTPConnection}s) and where each request
-goes (the health endpoint, metrics, static files and progress streams in
-the reactor, the rest to the WSGI container). It caps the connections
-(C{--max-connections}), decides which forwarded headers to trust, logs
-each response and drains at shut-down; the limits on heads and bodies are
-the protocol's.
+The site (L{LRPSite}, the factory of the HTTP connections) and where each
+request goes: the health endpoint, metrics, static files and progress
+streams in the reactor, the rest to the WSGI container. It caps the
+connections, decides which forwarded headers to trust, logs each response
+and drains at shut-down.
 """
 
 from __future__ import annotations
@@ -62,14 +60,12 @@ class TrustedProxies:
 class Router:
     """Send a request to the health endpoint, static files or the application."""
 
-    # The metrics endpoint (web/metrics.py), if on.
     metrics_path: bytes | None = None
     metrics = None
 
     def __init__(self, health_path: str, health, statics: list, application, events=None):
         self._health_path = health_path.encode()
         self._health = health
-        # The jobs' progress streams (web/progress_stream.py), answered in the reactor.
         self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(
@@ -102,18 +98,14 @@ class Router:
                 rest = path[len(prefix) :].lstrip(b"/")
                 request.prepath = [s for s in prefix.split(b"/") if s]
                 segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
-                return static.serve(files, request, segments)
+                return files.serve(request, segments)
         if self.events is not None and self.events.matches(path):
             return self.events.render(request)
         return self._application.render(request)
 
 
 class LRPSite(protocol.Factory):
-    """
-    The site of the server: see the module docstring.
-
-    @ivar channels: the open connections.
-    """
+    """The site of the server: see the module docstring."""
 
     protocol = HTTPConnection
     noisy = False
@@ -161,8 +153,6 @@ class LRPSite(protocol.Factory):
                 request.write(body)
             request.finish()
 
-    # -- connections ------------------------------------------------------
-
     @property
     def open_connections(self) -> int:
         """The open connections, not counting those cut to make room."""
@@ -205,9 +195,6 @@ class LRPSite(protocol.Factory):
             refused=self.refusals,
         )
 
-    def channel_opened(self, channel: HTTPConnection) -> None:
-        self.channels.add(channel)
-
     def channel_gone(self, channel: HTTPConnection) -> None:
         self.channels.discard(channel)
         self._evicted.discard(channel)
@@ -221,8 +208,6 @@ class LRPSite(protocol.Factory):
     def request_started(self, channel: HTTPConnection) -> None:
         """C{channel} has a whole request head now, or is closing."""
         self._awaiting.pop(channel, None)
-
-    # -- addresses ------------------------------------------------------
 
     def client_of(self, request) -> tuple[str, str]:
         """
@@ -252,10 +237,9 @@ class LRPSite(protocol.Factory):
                 if hop.strip()
             ]
             # Walk back from the nearest hop: the first one that is not a
-            # trusted proxy is the client; earlier entries may be forged. A
-            # hop that is not an IP address ("unknown", or junk) ends the
-            # walk: the last proxy we trust did not know its client, so
-            # that proxy (or the peer) stays the client.
+            # trusted proxy is the client (earlier entries may be forged). A
+            # hop that is not an IP address ends the walk: the last trusted
+            # proxy did not know its client, so it stays the client.
             for hop in reversed(hops):
                 try:
                     address = str(ipaddress.ip_address(hop))
@@ -271,8 +255,6 @@ class LRPSite(protocol.Factory):
                 scheme = value
         return client, scheme
 
-    # -- access log and shut-down ----------------------------------------
-
     def startFactory(self):
         self.access_log.open()
 
@@ -286,11 +268,7 @@ class LRPSite(protocol.Factory):
         self.access_log.write(request)
 
     def drain(self) -> defer.Deferred:
-        """
-        Close idle connections and the busy ones once answered (L{HTTPConnection.drain}).
-
-        @return: a Deferred that fires when no connection is left.
-        """
+        """Close the connections once answered: @return: a Deferred fired when none is left."""
         for channel in list(self.channels):
             channel.drain()
         streams = getattr(self.root, "events", None)
@@ -314,8 +292,7 @@ class LRPSite(protocol.Factory):
 class BusyAnswer(protocol.Protocol):
     """
     A connection over C{--max-connections} while every open one is busy:
-    answered 503 at once, its request read and dropped for a moment so
-    that the client reads the answer instead of a reset.
+    answered 503, its request read and dropped for a moment (not a reset).
     """
 
     def __init__(self, site):

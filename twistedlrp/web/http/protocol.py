@@ -72,7 +72,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self.limits = site.limits
         self._parser = httptools.HttpRequestParser(self)
         self._buffer = b""
-        site.channel_opened(self)
+        site.channels.add(self)
         self._start_flow()
         self._await_head()
         self._time_head()  # the first request head is timed from the connection
