@@ -1,11 +1,8 @@
 """
 The web side of the server as two services of its parent: the thread pool
-(started first, stopped last) and the listening site (started last,
-stopped first).
-
-Stopping the site is step 1 of the shut-down (docs/design.md): stop
-listening, close idle keep-alive connections, let requests in flight finish
-(answered with C{Connection: close}), and cut what is left at the deadline.
+(started first, stopped last) and the listening site, whose stop is step 1
+of the shut-down (docs/design.md): stop listening, close idle connections,
+let requests in flight finish, and cut what is left at the deadline.
 """
 
 from __future__ import annotations
@@ -15,6 +12,7 @@ from collections.abc import Callable
 from twisted.application import service
 from twisted.internet import defer, fdesc
 
+from twistedlrp.jobs.client import calls as client
 from twistedlrp.ordered_service import StartupFailed, within
 from twistedlrp.web import ports
 from twistedlrp.web.health import HealthResource
@@ -44,11 +42,7 @@ class ThreadPoolService(service.Service):
 
 
 class WebService(service.Service):
-    """
-    Listens on the C{--listen} endpoints when it starts; drains when it stops.
-
-    @ivar ports: the listening ports.
-    """
+    """Listens on C{--listen} (or adopts C{sockets}) when it starts; drains when it stops."""
 
     name = "web"
 
@@ -56,8 +50,6 @@ class WebService(service.Service):
         self.reactor = reactor
         self.site = site
         self.endpoints = endpoints
-        # (descriptor, address family) of inherited listening sockets, adopted
-        # instead of the endpoints (a web process of --web-workers).
         self.sockets = sockets
         self.ports: list = []
 
@@ -118,8 +110,7 @@ def build_web(
     @param sockets: (descriptor, address family) of inherited listening
         sockets to adopt instead of listening on C{--listen}.
     @return: the thread pool's service, the site's service and the health
-        resource (to which other parts add sections) for the WSGI
-        C{application}.
+        resource for the WSGI C{application}.
     """
     pool = ThreadPool(
         reactor, options["threads"], options["max-waiting"], on_thread_exit=_close_db_connections
@@ -134,7 +125,7 @@ def build_web(
         from twistedlrp.web.static import default_static_mapping
 
         statics = default_static_mapping()
-    events = _job_events(reactor)
+    events = JobEvents(reactor, client.installed)
     health.sections["progress_streams"] = events.describe
     router = Router(options["health-path"], health, statics, wsgi, events)
     site = LRPSite(
@@ -165,13 +156,6 @@ def _add_metrics(options, router: Router, site: LRPSite, pool: ThreadPool) -> No
     router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
     site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
     web_metrics.watch_pool(metrics.current, pool)
-
-
-def _job_events(reactor) -> JobEvents:
-    """@return: the progress streams, which reach the job service through this process's client."""
-    from twistedlrp.jobs.client import calls as client
-
-    return JobEvents(reactor, client.installed)
 
 
 def _saturated(request) -> bytes:
