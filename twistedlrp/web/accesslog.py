@@ -1,15 +1,10 @@
 """
 The access log (C{--access-log}): one line in combined log format per
-response, with C{ rt=SECONDS} appended under C{--access-log-format
-combined+duration} (counted from the request line, like nginx's
-C{$request_time}).
-
-Lines go to a file of their own, flushed each second (not per line: a
-write per request would cost more than the request), or with C{-} to the
-server's log under the namespace C{twistedlrp.access}, with the fields a
-C{--log-format json} line carries. A file the server creates has mode
-0640 (client addresses are personal data); a C{token=} value in the
-target or the referrer (the job progress streams' tokens) is masked.
+response (with C{ rt=SECONDS} under C{combined+duration}), to a file
+flushed each second, or with C{-} to the server's log under
+C{twistedlrp.access}. A file the server creates has mode 0640 (client
+addresses are personal data); a C{token=} value in the target or the
+referrer (the job progress streams' tokens) is masked.
 """
 
 from __future__ import annotations
@@ -46,7 +41,7 @@ class AccessLog:
         self._flush_call = None
 
     def open(self) -> None:
-        """Open the log file (once), when the site starts listening."""
+        """Open the log file (once)."""
         if self.path and self.path != "-" and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
@@ -106,10 +101,7 @@ def mask_tokens(text: str) -> str:
 
 
 def combined_line(timestamp: str, request) -> str:
-    """
-    @return: the combined-log-format line of a finished request, finished
-        at C{timestamp} (an C{IAccessLogFormatter}, as twisted.web's own).
-    """
+    """@return: the combined-log-format line of a request finished at C{timestamp}."""
     length = request.sentLength or "-"
     return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
         request.client or "-",
