@@ -1,7 +1,6 @@
 """
-One web process of C{--web-workers}, seen from the main process: its
-L{Slot} (pid, state, restart back-off, last status), the listening sockets
-they share, and their output. L{twistedlrp.web.processes} runs them.
+One web process of C{--web-workers}, seen from the main process (L{Slot}),
+the listening sockets they share, and their output.
 """
 
 from __future__ import annotations
@@ -102,11 +101,8 @@ def pass_on(fd: int, data: bytes) -> None:
 
 def listening_socket(reactor, endpoint: str) -> tuple[int, int, str, Callable]:
     """
-    Bind C{endpoint}, or take the socket a C{systemd:} one names.
-
-    @return: its descriptor, address family, address in words, and what
-        closes it.
-    @raise Exception: it cannot be bound.
+    Bind C{endpoint}, or take the socket a C{systemd:} one names: @return: its
+    descriptor, address family, address in words, and what closes it.
     """
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 

@@ -71,15 +71,11 @@ _KEYS: dict[bytes, str | None] = {}
 
 
 def _key(name: bytes) -> str | None:
-    key = name.decode("latin-1").upper()
     # A header spelled with "_" would collide with its "-" twin (and could
     # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
-    if "_" in key:
-        key = None
-    else:
-        key = key.replace("-", "_")
-        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-            key = "HTTP_" + key
+    key = None if b"_" in name else name.decode("latin-1").upper().replace("-", "_")
+    if key is not None and key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+        key = "HTTP_" + key
     if len(_KEYS) < 1000:  # the names are the clients': bounded
         _KEYS[name] = key
     return key

@@ -20,12 +20,8 @@ from twistedlrp.jobs.protocol.limits import abort_now
 from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web.http.reading import (
     _ANSWERING,
-    _CHUNK_DATA,
-    _CHUNK_LINE,
     _CLOSED,
     _HEAD,
-    _LENGTH,
-    _TRAILERS,
     KEEP_ALIVE_TIMEOUT,
     MessageReader,
 )
@@ -66,8 +62,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     judged = None
 
     def connectionMade(self):
-        site = self.factory
-        self.site = site
+        self.site = site = self.factory
         self.reactor = site.reactor
         self.limits = site.limits
         self._parser = httptools.HttpRequestParser(self)
@@ -130,7 +125,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
                 self._close_quietly()  # nothing of a request came: nothing to answer
 
     def _idle_timed_out(self) -> None:
-        if self.request is None or self._state in (_LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS):
+        if self.request is None or _HEAD < self._state < _ANSWERING:  # idle, or reading a body
             self._close_quietly()
 
     def _write_stalled(self) -> None:
@@ -180,8 +175,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._state = _ANSWERING
         self._on_due = None
         if request.rejected:
-            self._leave()
-            self._lose_within_seconds()
+            self._close_quietly()
             return
         request.content.seek(0)
         self.last_request = request

@@ -255,8 +255,6 @@ class MessageReader:
             finally:
                 self._synthetic = False
 
-    # -- the parser's callbacks ----------------------------------------------
-
     def on_message_begin(self):
         if self._synthetic:
             return
