@@ -113,7 +113,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
         sys.stderr.write(f"twistd lrp: error: {e}\n")
         return 1
     if jobs_connect:
-        options["jobs-connect"] = [jobs_connect] if isinstance(jobs_connect, str) else jobs_connect
+        options["jobs-connect"] = jobs_connect
     channel = MainChannel(reactor, channel_fd, index)
     server = WebProcessServer(
         options, application, JobClientService(reactor, options, None), sockets, channel, reactor
@@ -175,18 +175,13 @@ class MainChannel(service.Service):
         if event == "workers":
             message["received_at"] = self.reactor.seconds()
             self.workers = message
-        elif event == "templates":
-            self.reload_templates()
+        elif event == "templates":  # a template changed (--reload)
+            from twistedlrp.reload.templates import reset_in_thread
 
-    def reload_templates(self) -> None:
-        """A template changed (C{--reload}): reset the template loaders, in a thread."""
-        from twistedlrp.reload.templates import reset_in_thread
-
-        d = reset_in_thread(self.reactor)
-        d.addCallbacks(
-            lambda _: log.debug("Templates reloaded"),
-            lambda f: log.failure("Reloading the templates failed", f),
-        )
+            reset_in_thread(self.reactor).addCallbacks(
+                lambda _: log.debug("Templates reloaded"),
+                lambda f: log.failure("Reloading the templates failed", f),
+            )
 
     def status(self) -> dict:
         body = {

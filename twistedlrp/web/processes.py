@@ -78,7 +78,6 @@ class WebProcesses(service.Service):
         self.template_ready: defer.Deferred | None = None
         self.template_backoff = restart_backoff()
         self._template_call = None
-        self.preload: bool | None = None
         self.jobs_connect: list[str] | None = None
         self.started = False
         self.stopping = False
@@ -97,8 +96,7 @@ class WebProcesses(service.Service):
         self.template_ready = defer.Deferred()
         self._spawn_template()
         ready = await self.template_ready
-        self.preload = ready.get("preload")
-        if self.preload:
+        if ready.get("preload"):
             log.info(
                 "Web process template (pid {pid}) set Django up in {seconds:g} s; web "
                 "processes fork from it and share its memory",
@@ -150,8 +148,13 @@ class WebProcesses(service.Service):
 
     def _template_said(self, template: ForkServerProcess, message: dict) -> None:
         event = message.get("event")
-        if event == "ready":
-            self._template_is_ready(template, message)
+        if event == "ready" and not self.template_ready.called:
+            self.template_ready.callback(message)
+        elif event == "ready":
+            log.info("Web process template (pid {pid}) ready again in {seconds:g} s", **message)
+            for slot in self.slots:
+                if slot.state == "waiting" and slot.restart_call is None:
+                    self._fork(slot)
         elif event == "failed" and not self.template_ready.called:
             error = ((message.get("error") or "").strip().splitlines() or ["unknown error"])[-1]
             self.template_ready.errback(
@@ -165,16 +168,6 @@ class WebProcesses(service.Service):
             slot = self.slots[message["index"]]
             if slot.pid == message["pid"]:
                 self._slot_ended(slot, message.get("code"), message.get("signal"))
-
-    def _template_is_ready(self, template: ForkServerProcess, message: dict) -> None:
-        self.preload = message.get("preload")
-        if not self.template_ready.called:
-            self.template_ready.callback(message)
-            return
-        log.info("Web process template (pid {pid}) ready again in {seconds:g} s", **message)
-        for slot in self.slots:
-            if slot.state == "waiting" and slot.restart_call is None:
-                self._fork(slot)
 
     def _template_ended(self, template: ForkServerProcess, exit: Exit) -> None:
         if template is not self.template:
@@ -198,7 +191,7 @@ class WebProcesses(service.Service):
                 self.template_ready.errback(error)
             elif template.was_ready:
                 for slot in self.slots:
-                    if slot.first_run is not None and not slot.first_run.called:
+                    if not slot.first_run.called:
                         slot.first_run.errback(error)
             return
         self._template_down(template, how, self.reactor.seconds() - template.started_at)
@@ -275,7 +268,7 @@ class WebProcesses(service.Service):
             return
         if not slot.received(message):
             return
-        if slot.first_run is not None and not slot.first_run.called:
+        if not slot.first_run.called:
             slot.first_run.callback(None)
         elif slot.restarts:
             log.info(
@@ -304,7 +297,7 @@ class WebProcesses(service.Service):
         slot.ended.fire()
         if self.stopping:
             return
-        if slot.first_run is not None and not slot.first_run.called:
+        if not slot.first_run.called:
             slot.first_run.errback(
                 StartupFailed(
                     f"web process {slot.index} (pid {slot.pid}) failed to start ({status})"

@@ -41,7 +41,7 @@ class Slot:
         self.pending_fork: ForkServerProcess | None = None
         self.parent: ForkServerProcess | None = None
         self.restart_call = None
-        self.first_run: defer.Deferred | None = defer.Deferred()
+        self.first_run = defer.Deferred()
         self.ended = Waiters()
 
     def when_ended(self) -> defer.Deferred:
