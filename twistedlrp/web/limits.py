@@ -19,19 +19,17 @@ WRITE_TIMEOUT = _DEFAULT["write-timeout"]
 # (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
 # after a client stops reading, and a fast one is not slowed down.
 UNSENT_LOWAT = 128 * 1024
-# The default --max-connections is the soft open-file limit minus what the
-# rest of the process may need at once: FD_RESERVE for the listening and
-# job-service sockets, logs, the reactor's own descriptors, outbound HTTP,
-# static files being sent and imports; FD_PER_THREAD for each pool thread's
+# The default --max-connections is the soft open-file limit less what the
+# rest of the process may need: FD_RESERVE for sockets, logs, the reactor,
+# outbound HTTP, static files and imports; FD_PER_THREAD for a pool thread's
 # database connection (SQLite in WAL mode holds 3 files); FD_PER_WORKER for
-# each worker's 5 pipes, twice (a recycled worker overlaps its successor).
+# a worker's 5 pipes, twice (a recycled worker overlaps its successor).
 FD_RESERVE = 128
 FD_PER_THREAD = 4
 FD_PER_WORKER = 10
 # Seconds a refused or timed-out client has to read our short answer.
 ANSWER_SECONDS = 5.0
-# 503 answers (every connection busy) sent at once at most; beyond, a new
-# connection is closed without one.
+# 503 answers (every connection busy) sent at once at most; beyond, none.
 MAX_BUSY_ANSWERS = 32
 # Seconds between two warnings that connections or streams were refused.
 FULL_WARNING_INTERVAL = 60.0

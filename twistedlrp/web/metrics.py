@@ -21,8 +21,7 @@ log = Logger()
 
 # Seconds; a Django view takes milliseconds, a slow one seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Methods counted under their own name; any other is "other" (a client
-# chooses the method: its label values must stay few).
+# Methods counted under their own name; a client's others are "other" (few labels).
 _METHODS = {
     m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 }
@@ -93,8 +92,7 @@ class MetricsResource:
         """@return: the answer's body, or C{NOT_DONE_YET} while the files are merged."""
         request.setHeader(b"cache-control", b"no-store")
         if not request.client or request.client not in self._allowed:
-            # A UNIX-socket peer without forwarded headers is a proxy whose
-            # client is unknown: refused too.
+            # A UNIX-socket peer without forwarded headers is refused too.
             request.setResponseCode(403)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"Forbidden: not an address of --metrics-allow-ips.\n"

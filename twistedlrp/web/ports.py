@@ -67,8 +67,7 @@ def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:
 
 
 def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNIXPort:
-    # As AdoptedStreamServerEndpoint.listen does: the port has a duplicate,
-    # and the inherited descriptor is closed.
+    # The port has a duplicate: the inherited descriptor is closed.
     fdesc.setNonBlocking(server.fileno)
     port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
     os.close(server.fileno)

@@ -49,8 +49,7 @@ class _Template:
         request = self.server.serve(self._said)
         if request is not None:
             self._web_process(request)  # in a forked web process: never returns
-        # The main process closed the control socket: the web processes see
-        # the end of their own channels and stop.
+        # The main process closed the control socket: the web processes stop too.
         self.server.end_children(float(self.options["graceful-timeout"]) + 1)
         return 0
 
@@ -156,8 +155,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
                 "web process forks and gives it a poller and a waker of its own",
                 holders=f" ({holders})" if holders else "",
             )
-        # Objects that exist now stay out of the collector's way, so that it
-        # does not write to (and unshare) the pages that hold them.
+        # The collector must not write to (and unshare) the pages of what exists now.
         gc.collect()
         gc.freeze()
         reason = None

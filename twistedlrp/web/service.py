@@ -61,8 +61,7 @@ class WebService(service.Service):
         if self.sockets is not None:
             for fd, family in self.sockets:
                 try:
-                    # As AdoptedStreamServerEndpoint does: a blocking socket
-                    # (systemd passes them so) would block the reactor in accept().
+                    # A blocking socket (systemd's) would block the reactor in accept().
                     fdesc.setNonBlocking(fd)
                     # The other web processes accept on the same sockets.
                     port = ports.adopt(self.reactor, fd, family, self.site, shared=True)

@@ -30,8 +30,7 @@ log = Logger()
 
 SERVER_HEADER = b"twistedlrp"
 
-# Formatting the Date header for every request took 2 % of the reactor's
-# time under load: it is formatted once a second.
+# Formatted once a second (per request, it took 2 % of the reactor's time).
 _http_date = functools.lru_cache(maxsize=1)(datetimeToString)
 
 
@@ -83,8 +82,7 @@ class Router:
         if path == self.metrics_path:
             return self.metrics.render(request)
         if path == b"*":
-            # OPTIONS * (the channel answers * with another method 400): the
-            # server in general, which has nothing more to say.
+            # OPTIONS * (the server in general): nothing more to say.
             request.setHeader(b"content-length", b"0")
             return b""
         for prefix, files in self._statics:
@@ -236,10 +234,9 @@ class LRPSite(protocol.Factory):
                 for hop in b",".join(forwarded_for).decode("latin-1").split(",")
                 if hop.strip()
             ]
-            # Walk back from the nearest hop: the first one that is not a
-            # trusted proxy is the client (earlier entries may be forged). A
-            # hop that is not an IP address ends the walk: the last trusted
-            # proxy did not know its client, so it stays the client.
+            # Walk back from the nearest hop: the first that is not a trusted
+            # proxy is the client (earlier ones may be forged); at one that is
+            # not an IP address, the last trusted proxy did not know its client.
             for hop in reversed(hops):
                 try:
                     address = str(ipaddress.ip_address(hop))

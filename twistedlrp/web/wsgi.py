@@ -19,11 +19,9 @@ from twistedlrp.web.pool import Replies
 
 log = Logger()
 
-# Seconds between two looks at the reactor while a stream waits for a slow
-# client (the reactor's write deadline, not this, ends the wait).
+# Seconds between two looks at the reactor while a stream waits for a slow client.
 _WAIT_SLICE = 5.0
-# Bytes of a stream handed to the reactor and not written yet, at most (then
-# the thread waits for the reactor to take them).
+# Bytes of a stream handed to the reactor and not written yet, at most.
 _QUEUED_BYTES = 64 * 1024
 
 
@@ -103,8 +101,7 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         known = environ.get(key)
         environ[key] = text if known is None else known + "," + text
     if "CONTENT_LENGTH" not in environ:
-        # A chunked body has no Content-Length, and Django reads exactly
-        # CONTENT_LENGTH bytes; the body is buffered already, so say its size.
+        # Django reads exactly CONTENT_LENGTH bytes: give a chunked body's size.
         content = request.content
         content.seek(0, 2)
         size = content.tell()
@@ -292,8 +289,8 @@ class _WSGIResponse:
         self._wait_for_client()
         if self.disconnected:
             return
-        # Handed over without waiting for the reactor (a round trip per
-        # chunk is most of a stream's cost); small chunks go out together.
+        # Not waiting for the reactor (a round trip per chunk is most of a
+        # stream's cost); small chunks go out together.
         with self._lock:
             self._queued.append(data)
             self._queued_bytes += len(data)

@@ -162,8 +162,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             if not self._head_begun:
                 self._head_begun = True
                 if self.answered:
-                    # A later request is timed from its first byte (until
-                    # then the keep-alive timeout applies).
+                    # A later request is timed from its first byte.
                     self._time_head()
         elif self._state != _ANSWERING:
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
@@ -251,8 +250,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         if self.request is None or self._state != _ANSWERING:
             self._close_quietly()
         elif self.request._producer is not None:
-            # A stream (events, a file, a streaming response) whose client
-            # left: nobody reads it (twisted.web ended these at once too).
+            # A stream whose client left: nobody reads it.
             self.transport.abortConnection()
 
     def writeConnectionLost(self):

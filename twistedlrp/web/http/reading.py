@@ -1,24 +1,17 @@
 """
-How the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol}) reads requests,
-over httptools (llhttp, Node.js's parser).
+How the HTTP/1.1 protocol reads requests, over httptools (llhttp, Node.js's
+parser), which refuses what a request smuggler sends (docs/serving.md has
+the table). What it does not do is done here:
 
-llhttp, strict as httptools leaves it, refuses what a request smuggler
-sends: Content-Length with Transfer-Encoding, two Content-Lengths, a sign
-or a list in one, a transfer coding after chunked or unknown, a space
-before a colon, obs-fold, bare CR or LF, NUL and other controls, a bad
-chunk size, and a bad method or version. What it does not do is done here:
-
- - It cannot pause and does not say where a message ended, so this
-   protocol finds each message's end itself and feeds the parser one
-   message at a time: a pipelined request waits as bytes until the one
-   before is answered. Each part must end where the parser ends it, or 400.
+ - It cannot pause and does not say where a message ended, so each
+   message's end is found here and the parser fed one message at a time:
+   a pipelined request waits as bytes until the one before is answered.
+   Each part must end where the parser ends it, or the request gets 400.
  - Sizes: the head's (431), its header lines' count, a chunk size of 2**63
    or more (400) or past the body limit (413 on its size line).
  - The target (absolute form reduced to a path, C{*} for OPTIONS only), a
    second Host, C{identity, chunked}, versions other than 1.0 and 1.1, runs
-   of spaces in the request line, an HTTP/1.1 request without Host. An
-   HTTP/1.0 request with Transfer-Encoding is read as chunked and answered,
-   then the connection closes (RFC 9112 section 6.1).
+   of spaces in the request line, an HTTP/1.1 request without Host.
 """
 
 from __future__ import annotations
@@ -45,7 +38,7 @@ PIPELINE_BUFFER = 64 * 1024
 # A body larger than this goes to a temporary file.
 SPOOL_SIZE = 1024 * 1024
 
-# What the connection reads now (nothing while a request is answered, or once closed).
+# What the connection reads now, in this order (nothing while a request is answered).
 _HEAD, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS, _ANSWERING, _CLOSED = range(7)
 
 # The request headers the protocol itself looks at.
@@ -155,8 +148,7 @@ class MessageReader:
                 buffer = stripped
             if self._line is not None and state == _HEAD:
                 self._request_line(buffer)
-            # The part ends at the first empty line (a bare LF is refused by
-            # the parser before it could end a line).
+            # The part ends at the first empty line (the parser refuses a bare LF).
             window = self._tail + buffer
             end = window.find(b"\r\n\r\n")
             take = len(buffer) if end == -1 else end + 4 - len(self._tail)
@@ -183,8 +175,7 @@ class MessageReader:
         return True
 
     def _request_line(self, buffer: bytes) -> None:
-        # llhttp takes runs of spaces between the request line's parts, which
-        # a proxy in front may split otherwise.
+        # llhttp takes runs of spaces between the parts, which a proxy may split otherwise.
         end = buffer.find(b"\n")
         line = self._line + (buffer if end == -1 else buffer[:end])
         if end == -1:
@@ -197,8 +188,7 @@ class MessageReader:
     def _chunk_line(self, buffer: bytes) -> bool:
         end = buffer.find(b"\r\n")
         size_text = (buffer if end == -1 else buffer[:end]).split(b";", 1)[0]
-        # The parser takes sizes up to 2**64 - 1, and says nothing of one
-        # before its data: one no body can have is refused now.
+        # The parser takes sizes up to 2**64 - 1, and says nothing before their data.
         if len(size_text.lstrip(b"0")) > 16:
             raise _bad(b"chunk size too large.")
         if end == -1:
@@ -237,10 +227,9 @@ class MessageReader:
             raise _refusal(e) from None
 
     def _upgraded(self) -> None:
-        # llhttp stops at the head of a request with Upgrade (ends it, and
-        # reads no body). No protocol is switched to: a new parser reads the
-        # next message, after a head of our own with this one's framing if
-        # it has a body.
+        # llhttp ends a request with Upgrade at its head. No protocol is
+        # switched to: a new parser reads on, after a head of our own with
+        # this one's framing if it has a body.
         self._parser = httptools.HttpRequestParser(self)
         if self._state in (_LENGTH, _CHUNK_LINE):
             self._complete = False
@@ -322,8 +311,7 @@ class MessageReader:
             if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
                 raise _bad(b"the only transfer coding taken is chunked.")
         request = Request(self, method, target, proto, headers, self._arrived)
-        # An HTTP/1.0 request with Transfer-Encoding: "close the connection
-        # after processing" (RFC 9112 section 6.1).
+        # HTTP/1.0 with Transfer-Encoding: "close the connection after processing" (RFC 9112).
         request.persistent = (
             parser.should_keep_alive()
             and not self.draining

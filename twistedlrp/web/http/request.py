@@ -22,8 +22,7 @@ _REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the o
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 # Responses that never have a body, whatever their headers say.
 _NO_BODY = frozenset((204, 304))
-# Header names as they are sent: what the server sets in lower case is
-# sent capitalised (content-type: Content-Type); other spellings are kept.
+# Header names as sent: lower case is capitalised (Content-Type), others kept.
 _SPELLING: dict[bytes, bytes] = {}
 
 
@@ -223,8 +222,7 @@ class Request:
             left = self._left
             if left is not None:
                 if len(data) > left:
-                    # More than Content-Length said would be read as the
-                    # next response: cut, and close after.
+                    # More would be read as the next response.
                     _log.warn(
                         "{method} {uri}: the response is longer than its Content-Length; "
                         "cut there, and the connection closed",

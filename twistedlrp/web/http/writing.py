@@ -46,8 +46,7 @@ class WriteFlow:
     producer = None
     write_deadline = False
     _pull = False  # registered on the transport as a pull producer
-    # Reactor time since which the transport has been paused (or, pulling,
-    # has not asked for more), without progress since.
+    # Since when the transport has been paused (or has not pulled), without progress.
     _blocked_since: float | None = None
     _acked: int | None = None
     _flow_call = None
@@ -60,9 +59,8 @@ class WriteFlow:
         self.write_deadline = True
         # Under TLS, the wrapper passes the attribute on to the TCP transport.
         self._socket = sock = getattr(self.transport, "socket", None)
-        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
-        # does not let out yet (by default, megabytes on loopback), so the
-        # transport pauses soon after the client stops reading.
+        # The kernel keeps at most UNSENT_LOWAT bytes the peer's window does
+        # not let out: the transport pauses soon after the client stops reading.
         lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
         if lowat is not None and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -116,8 +114,7 @@ class WriteFlow:
         """Pass the transport's flow control on to C{producer} (L{Request.registerProducer})."""
         self.producer = producer
         if not streaming:
-            # The transport asks a pull producer for more each time it has
-            # sent everything (and starts it now).
+            # The transport asks a pull producer for more when it has sent all.
             self._pull = True
             self.transport.unregisterProducer()
             self.transport.registerProducer(self, False)
