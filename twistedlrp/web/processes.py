@@ -335,10 +335,8 @@ class WebProcesses(service.Service):
         Have the web processes and the template reset their template loaders
         (C{--reload}). @return: how many web processes were told.
         """
-        told = 0
-        for slot in self.slots:
-            if slot.channel is not None and slot.channel.send({"event": "templates"}):
-                told += 1
+        channels = [slot.channel for slot in self.slots if slot.channel is not None]
+        told = sum(1 for channel in channels if channel.send({"event": "templates"}))
         if self.template is not None:
             self.template.send({"op": "templates"})
         return told

@@ -65,9 +65,7 @@ class FoundFiles:
             found = finders.find("/".join(names))
         except (SuspiciousFileOperation, ValueError, OSError):
             return None
-        if not isinstance(found, str) or not os.path.isfile(found):
-            return None
-        return found
+        return found if isinstance(found, str) and os.path.isfile(found) else None
 
     def serve(self, request, segments: list[bytes]):
         found = self.path_of(segments)

@@ -213,7 +213,6 @@ class _WSGIResponse:
         with self._lock:
             chunks, self._queued = self._queued, []
             self._queued_bytes = 0
-            self._flush_scheduled = False
             self._room.set()
         if not self.disconnected:
             self._request.write(b"".join(chunks))
@@ -257,18 +256,11 @@ class _WSGIResponse:
             self._begin_stream()
         self._stream(data)
 
-    def _call_and_wait(self, fn, *args) -> None:
-        done = threading.Event()
-        self._reactor.callFromThread(fn, *args, done)
-        if not done.wait(self._write_timeout):
-            raise _TooSlow("the reactor did not take a response chunk")
-
     def _begin_stream(self) -> None:
         if self._status is None:
             raise RuntimeError("the application wrote before calling start_response()")
-        if self._streams is not None:
-            if not self._streams.take():
-                raise _NoStreamSlot()
+        if self._streams is not None and not self._streams.take():
+            raise _NoStreamSlot()
         self._streaming = True
         self._resumed = threading.Event()
         self._resumed.set()
@@ -277,8 +269,10 @@ class _WSGIResponse:
         self._lock = threading.Lock()
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._flush_scheduled = False
-        self._call_and_wait(self._start_stream, self._status, self._headers)
+        done = threading.Event()
+        self._reactor.callFromThread(self._start_stream, self._status, self._headers, done)
+        if not done.wait(self._write_timeout):
+            raise _TooSlow("the reactor did not take a response chunk")
         for chunk in self._written:
             self._stream(chunk)
         self._written = []
@@ -292,10 +286,9 @@ class _WSGIResponse:
         # Not waiting for the reactor (a round trip per chunk is most of a
         # stream's cost); small chunks go out together.
         with self._lock:
+            schedule = not self._queued  # else a flush is on its way
             self._queued.append(data)
             self._queued_bytes += len(data)
-            schedule = not self._flush_scheduled
-            self._flush_scheduled = True
             full = self._queued_bytes >= _QUEUED_BYTES
             if full:
                 self._room.clear()
@@ -330,11 +323,10 @@ class _WSGIResponse:
                     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
                 if self._streaming:
                     self._stream(chunk)
-                elif buffered:
+                elif buffered or chunk:
                     self._written.append(chunk)
-                elif chunk:
-                    self._written.append(chunk)
-                    self._begin_stream()
+                    if not buffered:
+                        self._begin_stream()
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
         except _NoStreamSlot:
