@@ -88,7 +88,14 @@ class WebProcesses(service.Service):
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        self._open_sockets()
+        for endpoint in self.options["listen"]:
+            try:
+                fd, family, address, close = listening_socket(self.reactor, endpoint)
+            except Exception as e:
+                raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
+            self._sockets.append((fd, family))
+            self.addresses.append(address)
+            self._closers.append(close)
         if self.job_service is not None:
             self.jobs_connect = [await self.job_service.when_listening()]
         else:
@@ -109,16 +116,6 @@ class WebProcesses(service.Service):
         await defer.gatherResults([slot.first_run for slot in self.slots], consumeErrors=True)
         self.started = True
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
-
-    def _open_sockets(self) -> None:
-        for endpoint in self.options["listen"]:
-            try:
-                fd, family, address, close = listening_socket(self.reactor, endpoint)
-            except Exception as e:
-                raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
-            self._sockets.append((fd, family))
-            self.addresses.append(address)
-            self._closers.append(close)
 
     def _spawn_template(self) -> None:
         """
@@ -375,21 +372,17 @@ class WebProcesses(service.Service):
             late,
             after_kill=5.0,
         )
-        await self._end_template()
+        template = self.template
+        if template is not None:
+            template.close()
+            if not await ended_within(self.reactor, template.ended, 5.0):
+                self.force_exit()
         for close in self._closers:
             try:
                 await defer.maybeDeferred(close)
             except Exception:
                 log.failure("Closing a listening socket")
         self._closers = []
-
-    async def _end_template(self) -> None:
-        template = self.template
-        if template is None:
-            return
-        template.close()
-        if not await ended_within(self.reactor, template.ended, 5.0):
-            self.force_exit()
 
     def _signal_all(self, number: int) -> None:
         for slot in self.slots:

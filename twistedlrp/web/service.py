@@ -12,8 +12,10 @@ from collections.abc import Callable
 from twisted.application import service
 from twisted.internet import defer, fdesc
 
+from twistedlrp import boot, metrics
 from twistedlrp.jobs.client import calls as client
 from twistedlrp.ordered_service import StartupFailed, within
+from twistedlrp.web import metrics as web_metrics
 from twistedlrp.web import ports
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.limits import Limits, StreamSlots
@@ -111,8 +113,9 @@ def build_web(
     @return: the thread pool's service, the site's service and the health
         resource for the WSGI C{application}.
     """
+    # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
     pool = ThreadPool(
-        reactor, options["threads"], options["max-waiting"], on_thread_exit=_close_db_connections
+        reactor, options["threads"], options["max-waiting"], on_thread_exit=boot.close_connections
     )
     health = HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
@@ -137,24 +140,14 @@ def build_web(
         access_log_format=options["access-log-format"],
         limits=limits,
     )
+    if metrics.current is not None:  # serve this process's metrics, and count requests
+        path = options["metrics-path"].encode()
+        router.metrics_path = path
+        router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
+        site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
+        web_metrics.watch_pool(metrics.current, pool)
     web = WebService(reactor, site, options["listen"], sockets)
-    _add_metrics(options, router, site, pool)
     return ThreadPoolService(pool), web, health
-
-
-def _add_metrics(options, router: Router, site: LRPSite, pool: ThreadPool) -> None:
-    """Serve this process's metrics (if on) at C{--metrics-path}, and count requests."""
-    from twistedlrp import metrics
-
-    if metrics.current is None:
-        return
-    from twistedlrp.web import metrics as web_metrics
-
-    path = options["metrics-path"].encode()
-    router.metrics_path = path
-    router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
-    site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
-    web_metrics.watch_pool(metrics.current, pool)
 
 
 def _saturated(request) -> bytes:
@@ -162,10 +155,3 @@ def _saturated(request) -> bytes:
     request.setHeader(b"retry-after", b"1")
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     return b"Server busy: every thread is taken and the queue is full. Retry shortly.\n"
-
-
-def _close_db_connections() -> None:
-    # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
-    from twistedlrp.boot import close_connections
-
-    close_connections()

@@ -93,8 +93,6 @@ def pass_on(fd: int, data: bytes) -> None:
     while view:
         try:
             view = view[os.write(fd, view) :]
-        except InterruptedError:
-            continue
         except OSError:
             return  # Nowhere to write it: it stays in the tail.
 
