@@ -19,15 +19,14 @@ from twisted.logger import Logger
 from twistedlrp import compat, logs
 from twistedlrp.process.channel import BlockingChannel
 from twistedlrp.process.forkserver import ForkServer, flush_stdio, preimport
-from twistedlrp.web.process_main import (
-    MODULE,
-    NO_PRELOAD_VARIABLE,
-    PREIMPORT,
-    prepare,
-    run_web,
-)
+from twistedlrp.web.process_main import PREIMPORT, prepare, run_web
 
 log = Logger(namespace="twistedlrp.web")
+
+MODULE = "twistedlrp.web.process_main"
+# Set (to anything): exec each web process instead of forking it (to compare
+# memory, or for a site whose import-time state must not be shared).
+NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 
 
 class _Template:

@@ -35,7 +35,6 @@ from twistedlrp.process.forkserver import flush_stdio
 
 log = Logger(namespace="twistedlrp.web")
 
-MODULE = "twistedlrp.web.process_main"
 # Imported by the template ahead of the forks (none imports the reactor).
 PREIMPORT = (
     "twisted.application.service",
@@ -54,9 +53,6 @@ PREIMPORT = (
     "twistedlrp.web.site",
     "twistedlrp.web.wsgi",
 )
-# Set (to anything): exec each web process instead of forking it (to compare
-# memory, or for a site whose import-time state must not be shared).
-NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 STATUS_INTERVAL = 1.0
 
 

@@ -15,6 +15,8 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twistedlrp.web.accesslog import mask_tokens, quote
+
 _log = Logger()
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -28,8 +30,6 @@ _SPELLING: dict[bytes, bytes] = {}
 
 def _masked(uri: bytes) -> str:
     """@return: C{uri} as the access log shows it (its tokens masked)."""
-    from twistedlrp.web.accesslog import mask_tokens, quote
-
     return mask_tokens(quote(uri))
 
 
