@@ -36,10 +36,7 @@ FULL_WARNING_INTERVAL = 60.0
 
 
 def default_max_connections(threads: int, workers: int, limit: int | None = None) -> int:
-    """
-    @return: the default C{--max-connections}: the open-file C{limit} (the
-        process's soft limit by default) less the reserves; at least half of it.
-    """
+    """@return: the default C{--max-connections}: the open-file C{limit} less the reserves."""
     if limit is None:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         limit = 2**20 if soft == resource.RLIM_INFINITY or soft > 2**20 else soft

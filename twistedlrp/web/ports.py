@@ -33,12 +33,9 @@ class _SharedUNIXPort(compat.OneAcceptPerTurn, AdoptedUNIXPort):
 
 def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IListeningPort:
     """
-    Listen on a duplicate of C{fd}, a listening stream socket of C{family}
-    (the caller keeps C{fd}); C{shared}: other processes accept on it too,
-    so take one connection per turn.
-
-    @return: the port, listening.
-    @raise OSError: C{fd} is not a socket (or UnsupportedAddressFamily).
+    Listen on a duplicate of C{fd}, a listening socket of C{family}; C{shared}:
+    other processes accept on it too, so take one connection per turn.
+    @return: the port. @raise OSError: C{fd} is not a socket (or UnsupportedAddressFamily).
     """
     if family == socket.AF_UNIX:
         return (_SharedUNIXPort if shared else AdoptedUNIXPort).adopt(reactor, fd, factory)
@@ -51,9 +48,7 @@ def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IList
 
 def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:
     """
-    Listen on C{endpoint} as C{serverFromString(reactor, endpoint).listen(factory)}
-    does, except that an inherited UNIX socket is adopted with L{AdoptedUNIXPort}.
-
+    Listen on C{endpoint} (an inherited UNIX socket with L{AdoptedUNIXPort}):
     @return: a Deferred firing with the port, or failing with why it cannot listen.
     """
     try:
@@ -97,10 +92,7 @@ class _Held(protocol.Factory):
 
 
 class ListeningSocket:
-    """
-    A socket bound for other processes to adopt: its C{domain} (C{"INET"},
-    C{"INET6"} or C{"UNIX"}, as a C{systemd:} endpoint names it) and C{address}.
-    """
+    """A socket bound for other processes to adopt; C{domain} as a C{systemd:} endpoint names it."""
 
     def __init__(self, endpoint: str, port):
         self.endpoint = endpoint
@@ -124,10 +116,7 @@ class ListeningSocket:
 
 
 def bind(reactor, endpoint: str) -> ListeningSocket:
-    """
-    Bind and listen on C{endpoint} at once, without accepting: @return: the
-    bound socket. @raise Exception: it cannot (or not synchronously).
-    """
+    """Bind C{endpoint} now, not accepting: @return: the socket. @raise Exception: it cannot."""
     results = []
     serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
     if not results:

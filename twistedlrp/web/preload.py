@@ -30,10 +30,7 @@ NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 
 
 class _Template:
-    """
-    Forks a web process per request of the main process; without an
-    C{application} (no Django here), execs it instead.
-    """
+    """Forks a web process per request of the main process (execs it, without Django)."""
 
     def __init__(self, server: ForkServer, sockets, lrp_args, options, application, output):
         self.server = server

@@ -328,10 +328,7 @@ class WebProcesses(service.Service):
                 slot.channel.send(message)
 
     def reload_templates(self) -> int:
-        """
-        Have the web processes and the template reset their template loaders
-        (C{--reload}). @return: how many web processes were told.
-        """
+        """Have everyone reset their template loaders: @return: how many web processes were told."""
         channels = [slot.channel for slot in self.slots if slot.channel is not None]
         told = sum(1 for channel in channels if channel.send({"event": "templates"}))
         if self.template is not None:

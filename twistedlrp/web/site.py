@@ -208,10 +208,7 @@ class LRPSite(protocol.Factory):
         self._awaiting.pop(channel, None)
 
     def client_of(self, request) -> tuple[str, str]:
-        """
-        @return: the client address and URL scheme of C{request}, from the
-            forwarded headers only when the peer is a trusted proxy.
-        """
+        """@return: the client address and URL scheme (forwarded by a trusted proxy)."""
         channel = request.channel
         # The peer, and whether it is trusted, do not change on a connection.
         known = channel.judged
@@ -287,10 +284,7 @@ class LRPSite(protocol.Factory):
 
 
 class BusyAnswer(protocol.Protocol):
-    """
-    A connection over C{--max-connections} while every open one is busy:
-    answered 503, its request read and dropped for a moment (not a reset).
-    """
+    """A connection over C{--max-connections} while all are busy: answered 503 (not reset)."""
 
     def __init__(self, site):
         self._site = site

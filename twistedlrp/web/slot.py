@@ -98,10 +98,7 @@ def pass_on(fd: int, data: bytes) -> None:
 
 
 def listening_socket(reactor, endpoint: str) -> tuple[int, int, str, Callable]:
-    """
-    Bind C{endpoint}, or take the socket a C{systemd:} one names: @return: its
-    descriptor, address family, address in words, and what closes it.
-    """
+    """Bind C{endpoint}: @return: its descriptor, family, address in words, and its closer."""
     from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 
     server = serverFromString(reactor, endpoint)

@@ -38,10 +38,7 @@ class StaticDirectory(static.File):
 
 
 class FoundFiles:
-    """
-    The files the C{django.contrib.staticfiles} finders find, asked at each
-    request (a few C{stat} calls), so a new or changed file is served at once.
-    """
+    """The files the staticfiles finders find, asked at each request (a few C{stat} calls)."""
 
     def path_of(self, segments: list[bytes]) -> str | None:
         """
@@ -125,10 +122,7 @@ SECURITY_MIDDLEWARE = "django.middleware.security.SecurityMiddleware"
 
 
 def security_headers() -> list[tuple[bytes, bytes]]:
-    """
-    @return: the headers every static answer carries: C{X-Content-Type-Options},
-        and those Django's C{SecurityMiddleware} would add to a page, if it runs.
-    """
+    """@return: the headers of every static answer (nosniff, and SecurityMiddleware's)."""
     headers = [(b"x-content-type-options", b"nosniff")]
     try:
         from django.conf import settings
