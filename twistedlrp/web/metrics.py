@@ -111,9 +111,8 @@ class MetricsResource:
         return server.NOT_DONE_YET
 
 
+# A request whose client left writes and finishes nothing.
 def _answer(request, body: bytes) -> None:
-    if request.finished or request.channel is None:
-        return  # the client left
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
@@ -121,8 +120,6 @@ def _answer(request, body: bytes) -> None:
 
 def _failed(request, failure) -> None:
     log.failure("Could not collect the metrics", failure)
-    if request.finished or request.channel is None:
-        return
     request.answer_text(500, b"Could not collect the metrics.\n")
 
 

@@ -294,11 +294,8 @@ class BusyAnswer(protocol.Protocol):
         self._site.busy_answers += 1
         body = b"Server busy: too many open connections. Retry shortly.\n"
         self.transport.write(short_answer(b"503 Service Unavailable", body, b"Retry-After: 1\r\n"))
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:  # TLS
-            self.transport.loseConnection()
-        else:
-            half_close()
+        # A half-close, where the transport has one (not TLS).
+        getattr(self.transport, "loseWriteConnection", self.transport.loseConnection)()
         self._cut = self._site.reactor.callLater(2.0, self.transport.abortConnection)
 
     def dataReceived(self, data):

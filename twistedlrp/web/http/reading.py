@@ -307,9 +307,8 @@ class MessageReader:
         if authority is None and not self._host_seen and proto == b"HTTP/1.1":
             raise _bad(b"no Host header (RFC 9112 section 3.2).")
         te = self._te
-        if te is not None:
-            if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
-                raise _bad(b"the only transfer coding taken is chunked.")
+        if te is not None and [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
+            raise _bad(b"the only transfer coding taken is chunked.")
         request = Request(self, method, target, proto, headers, self._arrived)
         # HTTP/1.0 with Transfer-Encoding: "close the connection after processing" (RFC 9112).
         request.persistent = (
