@@ -116,13 +116,5 @@ class StreamSlots:
 
 def short_answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
     """A whole response that ends the connection (written straight to the transport)."""
-    return (
-        b"HTTP/1.1 " + status + b"\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: "
-        + str(len(body)).encode()
-        + b"\r\n"
-        + extra
-        + b"Connection: close\r\n\r\n"
-        + body
-    )
+    head = b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+    return head % (status, len(body)) + extra + b"Connection: close\r\n\r\n" + body
