@@ -1,7 +1,12 @@
 """
 The template of C{--web-workers N}: a process with Django set up and no
 running reactor, which forks each web process so that they share its warm
-memory copy on write (gunicorn's C{preload}); see L{twistedlrp.web.process_main}.
+memory copy on write (gunicorn's C{preload}). A reactor must not run in a
+process that forks: if setting Django up imported it, each fork gives it a
+new poller and waker; when that cannot be done, or with C{LRP_WEB_NO_PRELOAD}
+set, the template re-execs itself without Django (C{--bare}) and execs each
+web process instead. It ignores SIGINT and SIGTERM (the main process
+decides) and ends when its control socket closes, after its web processes.
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """
-The web processes of C{--web-workers N} (N above 1), seen from inside.
-
-The main process (L{twistedlrp.web.processes}) spawns one I{template}
-(C{--template}, L{twistedlrp.web.preload}), which sets Django up as the main
-process did and forks each web process on request, passing it one end of a
-socket pair to the main process, its I{channel}. A web process runs
-L{twistedlrp.server.WebProcessServer} on the inherited listening sockets and
-writes to the main process's own output, so that a template that dies
-leaves its web processes serving.
-
-A reactor must not run in a process that forks: if setting Django up
-imported the reactor, each fork gives it a new poller and waker
-(L{twistedlrp.compat.renew_forked_reactor}). When that cannot be done, or
-with C{LRP_WEB_NO_PRELOAD} set, the template re-execs itself without Django
-(C{--bare}) and execs each web process (C{--web}), which sets Django up itself.
-
-The template ignores SIGINT and SIGTERM (the main process decides); it ends
-when its control socket closes, after its web processes.
+A web process of C{--web-workers N} (N above 1), seen from inside: forked by
+the template (L{twistedlrp.web.preload}) with one end of a socket pair to the
+main process (its I{channel}), it runs L{twistedlrp.server.WebProcessServer}
+on the inherited listening sockets and writes to the main process's own
+output, so that a template that dies leaves it serving. Where the template
+cannot fork with Django set up, it execs this module with C{--web}, and the
+web process sets Django up itself.
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """
 The web processes of C{--web-workers N} (N above 1), seen from the main
-process, where they take the place of the listening site.
+process, where they take the place of the listening site: it binds the
+C{--listen} sockets, spawns the template (L{twistedlrp.web.preload}), which
+forks one web process per slot, and restarts with back-off a web process or
+a template that ends. Over its channel each web process sends its status
+every second and gets the list of all and the job service's health.
 
-Starting binds the C{--listen} sockets, spawns the template
-(L{twistedlrp.web.process_main}, a fork server), which sets Django up and
-forks one web process per slot, and waits until every one runs (one that
-fails first fails the start-up). A web process that ends is forked again
-after the restart back-off. Over its channel (a socket pair) each sends
-its status every second and gets the list of all and the job service's
-health, which its health endpoint shows.
-
-A template that ends is started again with the same back-off; its web
-processes keep serving, but nobody reaps them: the end of a web process's
-channel is its end, its exit status lost. L{MAX_TEMPLATE_FAILURES} in a row
-stop the server with exit status 1.
-
-Stopping sends SIGTERM to every web process (they drain), SIGKILL at the
-graceful deadline, then closes the template's control socket and the sockets.
+A template's web processes keep serving when it ends, but nobody reaps them:
+the end of a web process's channel is its end, its exit status lost.
+L{MAX_TEMPLATE_FAILURES} in a row stop the server with exit status 1.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """
 The live progress of one job as Server-Sent Events, answered by the reactor:
-C{GET /-/jobs/<id>/events?token=...} with the token the page's
-C{{% lrp_job_progress %}} widget was given (L{twistedlrp.progress}).
-
-Each stream asks the job service for the job with C{wait(seen=...)}, one
-call after another: the answer comes when the job changes on the node that
-answers, else after L{WAIT_TIMEOUT} seconds; never more often than every
-L{MIN_INTERVAL} seconds. An C{event: progress} is sent on each change, and
-the stream ends after the finished state. A comment every L{HEARTBEAT}
-seconds keeps proxies from closing a quiet stream; a client that stops
-reading for C{--write-timeout} is cut. Beyond C{LRP_PROGRESS_MAX_STREAMS}
-per web process, 503: the widget polls instead.
+C{GET /-/jobs/<id>/events?token=...} with the token the page's widget was
+given (L{twistedlrp.progress}). Each stream asks the job service with
+C{wait(seen=...)}, one call after another, at most every L{MIN_INTERVAL}
+seconds, and sends an C{event: progress} on each change until the job
+finishes. Heartbeats keep proxies from closing a quiet stream; beyond
+C{LRP_PROGRESS_MAX_STREAMS} per process, 503 (the widget polls instead).
 """
 
 from __future__ import annotations

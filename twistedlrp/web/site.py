@@ -1,9 +1,7 @@
 """
 The site (L{LRPSite}, the factory of the HTTP connections) and where each
-request goes: the health endpoint, metrics, static files and progress
-streams in the reactor, the rest to the WSGI container. It caps the
-connections, decides which forwarded headers to trust, logs each response
-and drains at shut-down.
+request goes (L{Router}). It caps the connections, decides which forwarded
+headers to trust, logs each response and drains at shut-down.
 """
 
 from __future__ import annotations
@@ -57,7 +55,10 @@ class TrustedProxies:
 
 
 class Router:
-    """Send a request to the health endpoint, static files or the application."""
+    """
+    Send a request to the health or metrics endpoint, static files or a
+    progress stream (answered in the reactor), or to the application.
+    """
 
     metrics_path: bytes | None = None
     metrics = None

@@ -39,11 +39,8 @@ DRAIN_GRACE = 1.0
 class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     """
     One HTTP/1.1 connection: requests are read one at a time and handed to
-    the site's C{handle}; the next is read once the response is finished.
-
-    @ivar awaiting_head: no whole request head yet (since the connection or
-        the last response): only such a connection is closed to make room.
-    @ivar closing: answered or cut already; C{draining}: the server stops.
+    the site's C{handle}. Only a connection C{awaiting_head} (none whole yet)
+    is closed to make room; C{closing}: answered or cut already.
     """
 
     awaiting_head = False

@@ -44,16 +44,11 @@ def _spelled(name: bytes) -> bytes:
 
 class Request:
     """
-    One request, and its response.
-
-    @ivar uri: the request target in origin form, or C{b"*"} for C{OPTIONS}.
-    @ivar headers: the request headers, C{(lower-case name, value)} in order.
-    @ivar content: the body, a file at offset 0.
-    @ivar arrived: monotonic seconds when the head began to arrive;
-        C{started}: when the handler got the request.
-    @ivar client, scheme: the client address and URL scheme (as the site
-        trusts the forwarded headers).
-    @ivar channel: the connection; C{None} once lost.
+    One request and its response: C{uri} is the target in origin form (or
+    C{b"*"}), C{headers} are C{(lower-case name, value)} in order, C{content}
+    is the body (a file at offset 0), C{arrived} and C{started} are monotonic
+    times, C{client} and C{scheme} as the site trusts forwarded headers, and
+    C{channel} is the connection (C{None} once lost).
     """
 
     code = 200
