@@ -27,7 +27,6 @@ _log_time = functools.lru_cache(maxsize=1)(datetimeToLogString)
 FILE_MODE = 0o640
 # A query parameter named token (any case), up to the end of its value.
 _TOKEN = re.compile(r"([?&;]token=)[^&;#\s]*", re.IGNORECASE)
-MASK = "[masked]"
 
 
 class AccessLog:
@@ -95,9 +94,7 @@ def quote(value: bytes | str | None) -> str:
 
 def mask_tokens(text: str) -> str:
     """@return: C{text} with the value of each C{token=} query parameter masked."""
-    if "=" not in text:
-        return text
-    return _TOKEN.sub(r"\1" + MASK, text)
+    return _TOKEN.sub(r"\1[masked]", text) if "=" in text else text
 
 
 def combined_line(timestamp: str, request) -> str:

@@ -105,18 +105,17 @@ def _answer(request, code: int, body: bytes) -> bytes:
 class _Stream:
     """One client's stream of one job's events."""
 
+    done = False
+    _last: dict | None = None
+    _paused = False
+    _cut_call = _heartbeat = _sleep = None
+
     def __init__(self, events: JobEvents, request, client, job_id: str):
         self.events = events
         self.reactor = events.reactor
         self.request = request
         self.client = client
         self.job_id = job_id
-        self.done = False
-        self._last: dict | None = None
-        self._paused = False
-        self._cut_call = None
-        self._heartbeat = None
-        self._sleep = None
 
     def start(self) -> None:
         request = self.request
