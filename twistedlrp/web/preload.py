@@ -97,15 +97,9 @@ class _Template:
             os._exit(code)
 
     def _exec(self, channel_fd: int, message: dict) -> None:
-        os.set_inheritable(channel_fd, True)
-        for fd, _ in self.sockets:
-            os.set_inheritable(fd, True)
-        args = [sys.executable, "-m", MODULE, "--web", f"--channel-fd={channel_fd}"]
-        args += [f"--socket={fd}:{family}" for fd, family in self.sockets]
-        args.append(f"--index={message['index']}")
-        for endpoint in message.get("jobs_connect") or ():
-            args.append(f"--jobs-connect={endpoint}")
-        os.execv(sys.executable, [*args, "--", *self.lrp_args])
+        args = ["--web", f"--channel-fd={channel_fd}", f"--index={message['index']}"]
+        args += [f"--jobs-connect={endpoint}" for endpoint in message.get("jobs_connect") or ()]
+        _exec_self(args, [channel_fd], self.sockets, self.lrp_args)
 
 
 def template_main(ours: dict, lrp_args: list[str]) -> int:
@@ -175,16 +169,18 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
 
 def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
     """Become a template without Django (it only forks and execs web processes)."""
-    control_fd = int(ours["control-fd"])
-    os.set_inheritable(control_fd, True)
-    for fd in [*(fd for fd, _ in ours["sockets"]), *map(int, ours["output-fds"].split(","))]:
+    fds = [int(ours["control-fd"]), *map(int, ours["output-fds"].split(","))]
+    args = ["--template", "--bare", f"--control-fd={fds[0]}", f"--output-fds={ours['output-fds']}"]
+    _exec_self([*args, f"--reason={reason}"], fds, ours["sockets"], lrp_args)
+
+
+def _exec_self(args: list[str], fds: list[int], sockets, lrp_args: list[str]) -> None:
+    """Exec this module with C{args}, keeping C{fds} and the listening C{sockets}."""
+    for fd in [*fds, *(fd for fd, _ in sockets)]:
         os.set_inheritable(fd, True)
-    args = [sys.executable, "-m", MODULE, "--template", "--bare", f"--control-fd={control_fd}"]
-    args.append(f"--output-fds={ours['output-fds']}")
-    args += [f"--socket={fd}:{family}" for fd, family in ours["sockets"]]
-    args.append(f"--reason={reason}")
+    args += [f"--socket={fd}:{family}" for fd, family in sockets]
     flush_stdio()
-    os.execv(sys.executable, [*args, "--", *lrp_args])
+    os.execv(sys.executable, [sys.executable, "-m", MODULE, *args, "--", *lrp_args])
 
 
 def _reactor_holders() -> list[str]:

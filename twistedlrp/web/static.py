@@ -90,17 +90,12 @@ def default_static_mapping() -> list[tuple[str, str]]:
     from twistedlrp.onefile import site
 
     root = getattr(settings, "STATIC_ROOT", None)
-    url = getattr(settings, "STATIC_URL", None)
-    if not url:
+    url = str(getattr(settings, "STATIC_URL", None) or "")
+    if not url or "://" in url or url.startswith("//"):
         return []
-    url = str(url)
-    if "://" in url or url.startswith("//"):
-        return []
-    if not url.startswith("/"):
-        url = "/" + url
-    one_file = site.own_settings()
+    url = url if url.startswith("/") else "/" + url
     if (
-        (settings.DEBUG or one_file)
+        (settings.DEBUG or site.own_settings())
         and apps.is_installed("django.contrib.staticfiles")
         and not (root and os.path.isdir(root))
     ):
