@@ -84,19 +84,17 @@ class WebService(service.Service):
 
     async def _drain(self, deadline: float) -> None:
         reactor = self.reactor
+
+        def left() -> float:
+            return max(deadline - reactor.seconds(), 0.2)
+
         for port in self.ports:
-            await within(reactor, defer.maybeDeferred(port.stopListening), _left(reactor, deadline))
+            await within(reactor, defer.maybeDeferred(port.stopListening), left())
         self.ports = []
-        drained = await within(
-            reactor, self.site.drain(), _left(reactor, deadline), "draining requests"
-        )
+        drained = await within(reactor, self.site.drain(), left(), "draining requests")
         if not drained:
             self.site.abort_all()
         self.site.access_log.close()
-
-
-def _left(reactor, deadline: float) -> float:
-    return max(deadline - reactor.seconds(), 0.2)
 
 
 def build_web(
@@ -108,10 +106,8 @@ def build_web(
     sockets=None,
 ) -> tuple[ThreadPoolService, WebService, HealthResource]:
     """
-    @param sockets: (descriptor, address family) of inherited listening
-        sockets to adopt instead of listening on C{--listen}.
-    @return: the thread pool's service, the site's service and the health
-        resource for the WSGI C{application}.
+    @return: the thread pool's service, the site's service (listening on
+        C{--listen}, or adopting the inherited C{sockets}) and the health resource.
     """
     # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
     pool = ThreadPool(
