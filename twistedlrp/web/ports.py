@@ -69,8 +69,7 @@ def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNI
     return port
 
 
-# Endpoint types whose sockets can be bound once and passed on to other
-# processes. Others (ssl:, ...) must be given to each as they are.
+# Endpoint types whose sockets can be bound once and passed on (not ssl:, ...).
 ADOPTABLE = {"tcp", "tcp6", "unix"}
 
 

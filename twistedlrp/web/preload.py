@@ -55,8 +55,7 @@ class _Template:
         return 0
 
     def _said(self, message: dict) -> None:
-        # A template changed (--reload): a web process forked later must
-        # cache none of the old ones.
+        # A template changed (--reload): later forks must cache none of the old ones.
         if message.get("op") != "templates" or self.application is None:
             return
         from twistedlrp.reload.templates import reset_loaders
@@ -129,8 +128,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
             server.send({"event": "failed", "error": text})
             return 1
         preimport(PREIMPORT)
-        # A reactor that was imported (installed) but never ran holds only a
-        # poller and a waker: a forked web process can replace both.
+        # A reactor imported but never run holds only a poller and a waker, which a fork replaces.
         reactor = sys.modules.get("twisted.internet.reactor")
         if reactor is not None:
             holders = ", ".join(_reactor_holders())

@@ -283,8 +283,7 @@ class _WSGIResponse:
         self._wait_for_client()
         if self.disconnected:
             return
-        # Not waiting for the reactor (a round trip per chunk is most of a
-        # stream's cost); small chunks go out together.
+        # Not waiting for the reactor (most of a stream's cost): small chunks go out together.
         with self._lock:
             schedule = not self._queued  # else a flush is on its way
             self._queued.append(data)

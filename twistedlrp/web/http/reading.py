@@ -227,9 +227,8 @@ class MessageReader:
             raise _refusal(e) from None
 
     def _upgraded(self) -> None:
-        # llhttp ends a request with Upgrade at its head. No protocol is
-        # switched to: a new parser reads on, after a head of our own with
-        # this one's framing if it has a body.
+        # llhttp ends a request with Upgrade at its head; no protocol is switched to: a new
+        # parser reads on, after a head of our own with this one's framing if it has a body.
         self._parser = httptools.HttpRequestParser(self)
         if self._state in (_LENGTH, _CHUNK_LINE):
             self._complete = False

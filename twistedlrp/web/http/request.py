@@ -69,8 +69,7 @@ class Request:
     _body_allowed = True
     _producer = None
     _waiters: list | None = None
-    # Called with the reason if the connection is lost before the response
-    # is finished (notifyFinish without a Deferred).
+    # Called with the reason if the connection is lost first (notifyFinish without a Deferred).
     on_lost = None
 
     def __init__(self, channel, method: bytes, target: bytes, version: bytes, headers, arrived):

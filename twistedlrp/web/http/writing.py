@@ -59,8 +59,6 @@ class WriteFlow:
         self.write_deadline = True
         # Under TLS, the wrapper passes the attribute on to the TCP transport.
         self._socket = sock = getattr(self.transport, "socket", None)
-        # The kernel keeps at most UNSENT_LOWAT bytes the peer's window does
-        # not let out: the transport pauses soon after the client stops reading.
         lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
         if lowat is not None and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
