@@ -216,8 +216,7 @@ class _Stream:
     # IPushProducer: a client that stops reading is cut after --write-timeout.
     def pauseProducing(self) -> None:
         self._paused = True
-        timeout = getattr(getattr(self.request.channel, "site", None), "limits", None)
-        timeout = getattr(timeout, "write_timeout", None)
+        timeout = self.request.channel.site.limits.write_timeout  # the connection pauses it
         if timeout and self._cut_call is None:
             self._cut_call = self.reactor.callLater(timeout, self._cut)
 
