@@ -16,6 +16,7 @@ import socket
 import sys
 
 from twisted.application import service
+from twisted.internet import task
 from twisted.logger import Logger
 
 from twistedlrp import logs
@@ -142,17 +143,14 @@ class MainChannel(service.Service):
         self.pool = None  # its thread pool, for the counts
         self.protocol: Channel | None = None
         self.workers: dict | None = None
-        self._loop = None
+        self._loop = task.LoopingCall(self.send_status)
         self._closing = False
 
     def startService(self):
-        from twisted.internet import task
-
         super().startService()
         self.protocol = adopt(
             self.reactor, socket.socket(fileno=self.fd), Channel(self._said, self.lost)
         )
-        self._loop = task.LoopingCall(self.send_status)
         self._loop.start(STATUS_INTERVAL, now=True)
 
     def _said(self, message: dict) -> None:
@@ -215,7 +213,7 @@ class MainChannel(service.Service):
     def stopService(self):
         super().stopService()
         self._closing = True
-        if self._loop is not None and self._loop.running:
+        if self._loop.running:
             self._loop.stop()
         if self.protocol is not None:
             self.protocol.close()

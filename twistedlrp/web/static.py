@@ -113,16 +113,13 @@ def default_static_mapping() -> list[tuple[str, str]]:
     return [(url, str(root))]
 
 
-SECURITY_MIDDLEWARE = "django.middleware.security.SecurityMiddleware"
-
-
 def security_headers() -> list[tuple[bytes, bytes]]:
     """@return: the headers of every static answer (nosniff, and SecurityMiddleware's)."""
     headers = [(b"x-content-type-options", b"nosniff")]
     try:
         from django.conf import settings
 
-        if SECURITY_MIDDLEWARE not in (getattr(settings, "MIDDLEWARE", None) or ()):
+        if "django.middleware.security.SecurityMiddleware" not in (settings.MIDDLEWARE or ()):
             return headers
         referrer = getattr(settings, "SECURE_REFERRER_POLICY", None)
         opener = getattr(settings, "SECURE_CROSS_ORIGIN_OPENER_POLICY", None)
