@@ -225,24 +225,19 @@ class LRPSite(protocol.Factory):
         client, trusted, scheme = known
         if not trusted:
             return client, scheme
-        forwarded_for = [v for k, v in request.headers if k == b"x-forwarded-for"]
-        if forwarded_for:
-            hops = [
-                hop.strip()
-                for hop in b",".join(forwarded_for).decode("latin-1").split(",")
-                if hop.strip()
-            ]
-            # Walk back from the nearest hop: the first that is not a trusted
-            # proxy is the client (earlier ones may be forged); at one that is
-            # not an IP address, the last trusted proxy did not know its client.
-            for hop in reversed(hops):
-                try:
-                    address = str(ipaddress.ip_address(hop))
-                except ValueError:
-                    break
-                client = address
-                if address not in self.trusted:
-                    break
+        forwarded = b",".join(v for k, v in request.headers if k == b"x-forwarded-for")
+        hops = [hop for hop in map(str.strip, forwarded.decode("latin-1").split(",")) if hop]
+        # Walk back from the nearest hop: the first that is not a trusted
+        # proxy is the client (earlier ones may be forged); at one that is
+        # not an IP address, the last trusted proxy did not know its client.
+        for hop in reversed(hops):
+            try:
+                address = str(ipaddress.ip_address(hop))
+            except ValueError:
+                break
+            client = address
+            if address not in self.trusted:
+                break
         proto = request.getHeader(b"x-forwarded-proto")
         if proto:
             value = proto.decode("latin-1").split(",")[-1].strip().lower()
