@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from twistedlrp.metrics import Metrics
-from twistedlrp.web.site import TrustedProxies
+from twistedlrp.web.site import LRPSite, TrustedProxies
 
 log = Logger()
 
@@ -164,8 +164,7 @@ def health_listener(reactor, options, health):
 
 
 def _side_listener(reactor, options, routes: dict, endpoint: str, name: str):
-    from twistedlrp.web.service import WebService
-    from twistedlrp.web.site import LRPSite
+    from twistedlrp.web.service import WebService  # which imports this module
 
     site = LRPSite(
         reactor,

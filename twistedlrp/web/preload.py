@@ -22,6 +22,7 @@ import traceback
 from twisted.logger import Logger
 
 from twistedlrp import compat, logs
+from twistedlrp.options import Options
 from twistedlrp.process.channel import BlockingChannel
 from twistedlrp.process.forkserver import ForkServer, flush_stdio, preimport
 from twistedlrp.web.process_main import PREIMPORT, prepare, run_web
@@ -109,8 +110,6 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     logs.begin(lrp_args, sys.stdout)
     started = time.monotonic()
     if "bare" in ours or os.environ.get(NO_PRELOAD_VARIABLE):
-        from twistedlrp.options import Options
-
         options = Options()
         options.parseOptions(lrp_args)
         application = None

@@ -22,6 +22,7 @@ from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.progress_stream import JobEvents
 from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.static import default_static_mapping
 from twistedlrp.web.wsgi import WSGIResource
 
 
@@ -120,8 +121,6 @@ def build_web(
     health.streams = wsgi.streams
     statics = list(options["static"])
     if not statics and not options["no-static"]:
-        from twistedlrp.web.static import default_static_mapping
-
         statics = default_static_mapping()
     events = JobEvents(reactor, client.installed)
     health.sections["progress_streams"] = events.describe

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 
 from twisted.internet import defer, fdesc
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 
 from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.channel import Channel
@@ -99,8 +100,6 @@ def pass_on(fd: int, data: bytes) -> None:
 
 def listening_socket(reactor, endpoint: str) -> tuple[int, int, str, Callable]:
     """Bind C{endpoint}: @return: its descriptor, family, address in words, and its closer."""
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
-
     server = serverFromString(reactor, endpoint)
     if not isinstance(server, AdoptedStreamServerEndpoint):
         held = ports.bind(reactor, endpoint)

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import CACHED, datetimeToString, stringToDatetime
 
 from twistedlrp.web.accesslog import mask_tokens, quote
 
@@ -135,8 +136,6 @@ class Request:
 
     def setLastModified(self, when: float):
         """Set C{Last-Modified}; @return: C{CACHED} (and 304) if the client's copy is not older."""
-        from twisted.web.http import CACHED, datetimeToString, stringToDatetime
-
         when = int(math.ceil(when))
         if self.lastModified is None or self.lastModified < when:
             self.lastModified = when
