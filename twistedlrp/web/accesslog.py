@@ -1,15 +1,10 @@
 """
 The access log (C{--access-log}): one line in combined log format per
-response, with C{ rt=SECONDS} appended under C{--access-log-format
-combined+duration} (counted from the request line, like nginx's
-C{$request_time}).
-
-Lines go to a file of their own, flushed each second (not per line: a
-write per request would cost more than the request), or with C{-} to the
-server's log under the namespace C{twistedlrp.access}, with the fields a
-C{--log-format json} line carries. A file the server creates has mode
-0640 (client addresses are personal data); a C{token=} value in the
-target or the referrer (the job progress streams' tokens) is masked.
+response (with C{ rt=SECONDS} under C{combined+duration}), to a file
+flushed each second, or with C{-} to the server's log under
+C{twistedlrp.access}. A file the server creates has mode 0640 (client
+addresses are personal data); a C{token=} value in the target or the
+referrer (the job progress streams' tokens) is masked.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ _log_time = functools.lru_cache(maxsize=1)(datetimeToLogString)
 FILE_MODE = 0o640
 # A query parameter named token (any case), up to the end of its value.
 _TOKEN = re.compile(r"([?&;]token=)[^&;#\s]*", re.IGNORECASE)
-MASK = "[masked]"
 
 
 class AccessLog:
@@ -46,7 +40,7 @@ class AccessLog:
         self._flush_call = None
 
     def open(self) -> None:
-        """Open the log file (once), when the site starts listening."""
+        """Open the log file (once)."""
         if self.path and self.path != "-" and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
@@ -100,16 +94,11 @@ def quote(value: bytes | str | None) -> str:
 
 def mask_tokens(text: str) -> str:
     """@return: C{text} with the value of each C{token=} query parameter masked."""
-    if "=" not in text:
-        return text
-    return _TOKEN.sub(r"\1" + MASK, text)
+    return _TOKEN.sub(r"\1[masked]", text) if "=" in text else text
 
 
 def combined_line(timestamp: str, request) -> str:
-    """
-    @return: the combined-log-format line of a finished request, finished
-        at C{timestamp} (an C{IAccessLogFormatter}, as twisted.web's own).
-    """
+    """@return: the combined-log-format line of a request finished at C{timestamp}."""
     length = request.sentLength or "-"
     return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
         request.client or "-",

@@ -1,87 +1,61 @@
 """
-The limits of the HTTP side (docs/serving.md, "Limits"): their defaults,
-the default C{--max-connections} sized to the open-file limit, and the
-short answers a refused connection gets.
+The limits of the HTTP side (docs/serving.md, "Limits"): their defaults
+(the options'), the default C{--max-connections} sized to the open-file
+limit, and the short answers a refused connection gets.
 """
 
 from __future__ import annotations
 
-import resource as _resource
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
 
 from twistedlrp.options import OPTIONS
 
-# The defaults of the limits are the options' (docs/serving.md).
 _DEFAULT = {option.name: option.default for option in OPTIONS}
-HEADER_TIMEOUT = _DEFAULT["header-timeout"]
-MAX_HEADER_SIZE = _DEFAULT["max-header-size"]
-MAX_HEADERS = 500  # header lines in one request head (twisted.web's own cap)
 WRITE_TIMEOUT = _DEFAULT["write-timeout"]
 # Bytes the kernel may hold for a TCP client beyond what its window lets out
 # (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
 # after a client stops reading, and a fast one is not slowed down.
 UNSENT_LOWAT = 128 * 1024
-# The default --max-connections is the soft open-file limit minus what the
-# rest of the process may need at once: FD_RESERVE for the listening and
-# job-service sockets, logs, the reactor's own descriptors, outbound HTTP,
-# static files being sent and imports; FD_PER_THREAD for each pool thread's
+# The default --max-connections is the soft open-file limit less what the
+# rest of the process may need: FD_RESERVE for sockets, logs, the reactor,
+# outbound HTTP, static files and imports; FD_PER_THREAD for a pool thread's
 # database connection (SQLite in WAL mode holds 3 files); FD_PER_WORKER for
-# each worker's 5 pipes, twice (a recycled worker overlaps its successor).
+# a worker's 5 pipes, twice (a recycled worker overlaps its successor).
 FD_RESERVE = 128
 FD_PER_THREAD = 4
 FD_PER_WORKER = 10
 # Seconds a refused or timed-out client has to read our short answer.
 ANSWER_SECONDS = 5.0
-# 503 answers (connection limit, every connection busy) sent at once at most;
-# beyond, a new connection is closed without one.
+# 503 answers (every connection busy) sent at once at most; beyond, none.
 MAX_BUSY_ANSWERS = 32
-# Seconds between two warnings that the connection limit is reached, or
-# that streams were refused a thread.
+# Seconds between two warnings that connections or streams were refused.
 FULL_WARNING_INTERVAL = 60.0
 
 
-def open_file_limit() -> int:
-    """@return: the soft C{RLIMIT_NOFILE} of the process (2**20 if unlimited)."""
-    soft, _ = _resource.getrlimit(_resource.RLIMIT_NOFILE)
-    if soft == _resource.RLIM_INFINITY or soft > 2**20:
-        return 2**20
-    return soft
-
-
 def default_max_connections(threads: int, workers: int, limit: int | None = None) -> int:
-    """
-    @return: the default C{--max-connections}: the open-file C{limit} (the
-        process's soft limit by default) minus C{FD_RESERVE}, minus
-        C{FD_PER_THREAD} per pool thread and C{FD_PER_WORKER} per worker
-        process; at least half the limit.
-    """
+    """@return: the default C{--max-connections}: the open-file C{limit} less the reserves."""
     if limit is None:
-        limit = open_file_limit()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = 2**20 if soft == resource.RLIM_INFINITY or soft > 2**20 else soft
     reserve = FD_RESERVE + FD_PER_THREAD * threads + FD_PER_WORKER * workers
     return max(limit - reserve, limit // 2, 1)
 
 
 def default_stream_threads(threads: int) -> int:
-    """
-    @return: the default C{--stream-threads}: half the pool's C{threads}
-        (at least one), so that the other half answers short requests
-        whatever the streams do.
-    """
+    """@return: the default C{--stream-threads}: half the pool (the rest answers short requests)."""
     return max(threads // 2, 1)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """
-    The limits of the HTTP side (docs/serving.md, "Limits"). A timeout of 0
-    means none.
-    """
+    """The limits of the HTTP side (docs/serving.md). A timeout of 0 means none."""
 
-    header_timeout: float = HEADER_TIMEOUT
-    max_header_size: int = MAX_HEADER_SIZE
-    max_headers: int = MAX_HEADERS
+    header_timeout: float = _DEFAULT["header-timeout"]
+    max_header_size: int = _DEFAULT["max-header-size"]
+    max_headers: int = 500  # header lines in one request head (twisted.web's own cap)
     max_connections: int = field(default_factory=lambda: default_max_connections(8, 2))
     write_timeout: float = WRITE_TIMEOUT
     stream_threads: int = field(default_factory=lambda: default_stream_threads(8))
@@ -89,28 +63,25 @@ class Limits:
     @classmethod
     def from_options(cls, options) -> Limits:
         """@return: the limits that the C{twistd lrp} C{options} set."""
-        max_connections = options.get("max-connections")
+        max_connections = options["max-connections"]
         if not max_connections:
-            runs_workers = not (options.get("no-jobs") or options.get("jobs-connect"))
-            workers = options.get("workers", 0) if runs_workers else 0
-            max_connections = default_max_connections(options.get("threads", 8), workers)
+            runs_workers = not (options["no-jobs"] or options["jobs-connect"])
+            workers = options["workers"] if runs_workers else 0
+            max_connections = default_max_connections(options["threads"], workers)
         return cls(
-            header_timeout=options.get("header-timeout", HEADER_TIMEOUT),
-            max_header_size=options.get("max-header-size", MAX_HEADER_SIZE),
+            header_timeout=options["header-timeout"],
+            max_header_size=options["max-header-size"],
             max_connections=max_connections,
-            write_timeout=options.get("write-timeout", WRITE_TIMEOUT),
-            stream_threads=options.get("stream-threads")
-            or default_stream_threads(options.get("threads", 8)),
+            write_timeout=options["write-timeout"],
+            stream_threads=options["stream-threads"] or default_stream_threads(options["threads"]),
         )
 
 
 class StreamSlots:
     """
-    How many pool threads may stream a response at once (C{--stream-threads}).
-    A response that would stream beyond is answered 503 before its head
-    is sent. Used from the pool threads.
+    How many pool threads may stream a response at once (C{--stream-threads}),
+    taken from the pool threads; beyond, a response is answered 503.
 
-    @ivar taken: threads streaming now.
     @ivar refused: responses answered 503 for want of a slot, so far.
     """
 
@@ -145,13 +116,5 @@ class StreamSlots:
 
 def short_answer(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
     """A whole response that ends the connection (written straight to the transport)."""
-    return (
-        b"HTTP/1.1 " + status + b"\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: "
-        + str(len(body)).encode()
-        + b"\r\n"
-        + extra
-        + b"Connection: close\r\n\r\n"
-        + body
-    )
+    head = b"HTTP/1.1 %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+    return head % (status, len(body)) + extra + b"Connection: close\r\n\r\n" + body

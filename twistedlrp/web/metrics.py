@@ -1,12 +1,9 @@
 """
-The metrics endpoint (C{--metrics-path}, C{/-/metrics} by default) and the
-HTTP side's metrics: requests by method and status class, their latency, and
-the thread pool's busy, idle and waiting counts (docs/metrics.md).
-
-The endpoint answers only clients in C{--metrics-allow-ips} (loopback by
-default): the client is the peer, or the address a trusted proxy forwarded
-(C{--proxy-headers}), so a proxy on the same machine does not open it to
-the world. Its own requests are not counted.
+The metrics endpoint (C{--metrics-path}) and the HTTP side's metrics:
+requests by method and status class, their latency, and the thread pool's
+counts (docs/metrics.md). The endpoint answers only clients in
+C{--metrics-allow-ips} (the peer, or the client a trusted proxy forwarded);
+its own requests are not counted.
 """
 
 from __future__ import annotations
@@ -18,30 +15,23 @@ from twisted.logger import Logger
 from twisted.web import server
 
 from twistedlrp.metrics import Metrics
-from twistedlrp.web.site import TrustedProxies
+from twistedlrp.web.site import LRPSite, TrustedProxies
 
 log = Logger()
 
 # Seconds; a Django view takes milliseconds, a slow one seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-# Methods counted under their own name; any other is "other" (a client
-# chooses the method: its label values must stay few).
+# Methods counted under their own name; a client's others are "other" (few labels).
 _METHODS = {
     m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
 }
-# The text format every Prometheus reads (our names are plain, so
-# generate_latest writes it; newer prometheus_client names 1.0.0 by default).
+# The text format every Prometheus reads (newer prometheus_client names 1.0.0).
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
 
 class HTTPMetrics:
-    """
-    The request counter and latency histogram, updated as each request
-    finishes (L{twistedlrp.web.site.LRPSite.log}).
-
-    @param skip_path: the metrics endpoint's path, whose requests are not counted.
-    """
+    """The request counter and latency histogram; C{skip_path}'s requests are not counted."""
 
     def __init__(self, metrics: Metrics, skip_path: bytes):
         self._skip = skip_path
@@ -92,11 +82,7 @@ def watch_pool(metrics: Metrics, pool) -> None:
 
 
 class MetricsResource:
-    """
-    The metrics endpoint: C{GET} or C{HEAD} from an allowed client gets
-    every metric in Prometheus's text format; another client gets 403,
-    another method 405.
-    """
+    """The metrics endpoint: 403 to a client not allowed, 405 to a method but C{GET}, C{HEAD}."""
 
     def __init__(self, metrics: Metrics, allowed: list[str]):
         self._metrics = metrics
@@ -106,8 +92,7 @@ class MetricsResource:
         """@return: the answer's body, or C{NOT_DONE_YET} while the files are merged."""
         request.setHeader(b"cache-control", b"no-store")
         if not request.client or request.client not in self._allowed:
-            # A UNIX-socket peer without forwarded headers is a proxy whose
-            # client is unknown: refused too.
+            # A UNIX-socket peer without forwarded headers is refused too.
             request.setResponseCode(403)
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return b"Forbidden: not an address of --metrics-allow-ips.\n"
@@ -126,9 +111,8 @@ class MetricsResource:
         return server.NOT_DONE_YET
 
 
+# A request whose client left writes and finishes nothing.
 def _answer(request, body: bytes) -> None:
-    if request.finished or request.channel is None:
-        return  # the client left
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
@@ -136,84 +120,58 @@ def _answer(request, body: bytes) -> None:
 
 def _failed(request, failure) -> None:
     log.failure("Could not collect the metrics", failure)
-    if request.finished or request.channel is None:
-        return
     request.answer_text(500, b"Could not collect the metrics.\n")
 
 
 class MetricsOnly:
-    """
-    The root of the C{--metrics-listen} and C{--health-listen} sites: the
-    metrics endpoint (if given), the health endpoint (if given), 404 elsewhere.
-    """
+    """The root of the C{--metrics-listen} and C{--health-listen} sites: 404 but C{routes}."""
 
-    def __init__(
-        self,
-        path: bytes | None,
-        resource: MetricsResource | None,
-        health_path: bytes | None = None,
-        health=None,
-    ):
-        self._path = path
-        self._resource = resource
-        self._health_path = health_path
-        self._health = health
+    def __init__(self, routes: dict):
+        self._routes = routes
 
     def route(self, request):
         """@return: the answer's body (see L{MetricsResource.render})."""
-        if self._resource is not None and request.path == self._path:
-            return self._resource.render(request)
-        if self._health is not None and request.path == self._health_path:
-            return self._health.render(request)
-        served = [
-            p.decode()
-            for p, r in ((self._path, self._resource), (self._health_path, self._health))
-            if r is not None
-        ]
+        found = self._routes.get(request.path)
+        if found is not None:
+            return found.render(request)
+        served = " and ".join(path.decode() for path in self._routes)
         request.setResponseCode(404)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return f"Not Found: this port serves {' and '.join(served)} only.\n".encode()
+        return f"Not Found: this port serves {served} only.\n".encode()
 
 
 def metrics_listener(reactor, options, metrics: Metrics | None, health=None):
     """
-    @param health: the health resource to serve at C{--health-path} too, or C{None}.
     @return: the service listening on C{--metrics-listen} for the metrics
-        endpoint and the health endpoint alone (with C{--jobs-only}, the
-        only way to read a job node's metrics), or C{None} if not asked for
-        or the metrics are off.
+        endpoint and the C{health} one (with C{--jobs-only}, the only way to
+        read a job node's metrics), or C{None} if not asked for or the metrics are off.
     """
     if not options["metrics-listen"] or metrics is None:
         return None
-    resource = MetricsResource(metrics, options["metrics-allow-ips"])
-    root = MetricsOnly(
-        options["metrics-path"].encode(), resource, options["health-path"].encode(), health
-    )
-    return _side_listener(reactor, options, root, options["metrics-listen"], "metrics-listener")
+    path = options["metrics-path"].encode()
+    routes = {path: MetricsResource(metrics, options["metrics-allow-ips"])}
+    if health is not None:
+        routes[options["health-path"].encode()] = health
+    return _side_listener(reactor, options, routes, options["metrics-listen"], "metrics-listener")
 
 
 def health_listener(reactor, options, health):
-    """
-    @return: the service listening on C{--health-listen} for the health
-        endpoint alone, or C{None} if not asked for.
-    """
+    """@return: the service listening on C{--health-listen} for the health endpoint, or C{None}."""
     if not options["health-listen"]:
         return None
-    root = MetricsOnly(None, None, options["health-path"].encode(), health)
-    return _side_listener(reactor, options, root, options["health-listen"], "health-listener")
+    routes = {options["health-path"].encode(): health}
+    return _side_listener(reactor, options, routes, options["health-listen"], "health-listener")
 
 
-def _side_listener(reactor, options, root: MetricsOnly, endpoint: str, name: str):
-    from twistedlrp.web.service import WebService
-    from twistedlrp.web.site import LRPSite
+def _side_listener(reactor, options, routes: dict, endpoint: str, name: str):
+    from twistedlrp.web.service import WebService  # which imports this module
 
     site = LRPSite(
         reactor,
-        root,
+        MetricsOnly(routes),
         max_body_size=0,
         proxy_headers=options["proxy-headers"],
         forwarded_allow_ips=options["forwarded-allow-ips"],
-        access_log_path=None,
     )
     listener = WebService(reactor, site, [endpoint])
     listener.name = name

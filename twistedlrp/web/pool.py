@@ -1,13 +1,8 @@
 """
-The thread pool that runs the WSGI application.
-
-Unlike ``twisted.python.threadpool.ThreadPool`` it bounds how many requests
-may wait for a thread (so an overloaded server answers 503 at once instead of
-queueing without limit), reports busy, idle and waiting counts for the health
-endpoint, runs a clean-up in each thread as it exits (Django keeps one
-database connection per thread), and never blocks the reactor when it stops:
-:meth:`ThreadPool.stop` returns a Deferred instead of joining threads.
-:class:`Replies` carries the threads' answers back to the reactor.
+The thread pool that runs the WSGI application. Unlike Twisted's, it bounds
+how many requests may wait for a thread (an overloaded server answers 503
+at once), counts busy, idle and waiting threads, runs a clean-up in each
+thread as it exits, and stops without blocking the reactor.
 """
 
 from __future__ import annotations
@@ -27,12 +22,7 @@ _STOP = object()
 
 
 class ThreadPool:
-    """
-    C{size} daemon threads taking work from one queue.
-
-    @ivar busy: threads running a task now.
-    @ivar waiting: tasks accepted but not yet taken by a thread.
-    """
+    """C{size} daemon threads taking work from one queue."""
 
     def __init__(
         self,
@@ -52,7 +42,6 @@ class ThreadPool:
         self.busy = 0
         self.waiting = 0
         self._alive = 0
-        self._threads: list[threading.Thread] = []
         self._stopping = False
         self._stopped = Waiters()
         self.started = False
@@ -69,16 +58,10 @@ class ThreadPool:
         for number in range(self.size):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)
             self._alive += 1
-            self._threads.append(thread)
             thread.start()
 
     def submit(self, task: Callable[[], None]) -> bool:
-        """
-        Queue C{task} for a thread, unless too many tasks are waiting already.
-
-        @return: C{True} if accepted, C{False} if the pool is saturated (or
-            stopped) and the caller should shed the load.
-        """
+        """Queue C{task}: @return: C{False} if the pool is saturated or stopped."""
         with self._lock:
             if self._stopping or not self.started:
                 return False
@@ -118,12 +101,7 @@ class ThreadPool:
             self._stopped.fire()
 
     def stop(self) -> defer.Deferred:
-        """
-        Let the threads finish what they run and what is queued, then exit.
-
-        @return: a Deferred that fires once every thread has exited. It never
-            blocks the reactor; the caller bounds it with its own deadline.
-        """
+        """Let the threads finish what is queued: @return: a Deferred fired once all have exited."""
         if not self._stopping:
             self._stopping = True
             for _ in range(self._alive):
@@ -139,10 +117,8 @@ class ThreadPool:
 class Replies:
     """
     The pool threads' calls into the reactor, in order, with one wake-up of
-    the reactor per batch: C{reactor.callFromThread} writes to the reactor's
-    waker at every call, a system call that also hands the GIL to another
-    thread, and under load a dozen responses were handed back per turn of
-    the reactor (docs/performance.md, "Where a request's CPU goes").
+    the reactor per batch (C{reactor.callFromThread} writes to the waker at
+    every call, a system call that also hands the GIL to another thread).
     """
 
     def __init__(self, reactor):
@@ -152,7 +128,6 @@ class Replies:
 
     @property
     def running(self) -> bool:
-        """@return: whether the reactor runs (it will run the calls)."""
         return getattr(self._reactor, "running", True)
 
     def callFromThread(self, fn: Callable, *args) -> None:

@@ -1,11 +1,7 @@
 """
 The server's listening ports, including sockets adopted from another
-process.
-
-A socket that another process bound (systemd, or the C{--reload}
-supervisor, which passes its sockets to each server as C{systemd:}
-endpoints) belongs to that process, and outlives every port that adopts it:
-a UNIX one is adopted with L{AdoptedUNIXPort}, which keeps its path and mode.
+process (systemd, the C{--reload} supervisor), which own them: a UNIX one
+is adopted with L{AdoptedUNIXPort}, which keeps its path and mode.
 """
 
 from __future__ import annotations
@@ -37,16 +33,9 @@ class _SharedUNIXPort(compat.OneAcceptPerTurn, AdoptedUNIXPort):
 
 def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IListeningPort:
     """
-    Listen on a duplicate of C{fd}, a listening stream socket of address
-    family C{family}: a UNIX socket with L{AdoptedUNIXPort}, any other with
-    C{reactor.adoptStreamPort}. The caller keeps C{fd}.
-
-    @param shared: other processes accept on the same socket at the same
-        time: take one connection per turn (L{compat.OneAcceptPerTurn}).
-    @return: the port, listening.
-    @raise OSError: C{fd} is not a socket.
-    @raise twisted.internet.error.UnsupportedAddressFamily: the reactor
-        cannot adopt a C{family} socket.
+    Listen on a duplicate of C{fd}, a listening socket of C{family}; C{shared}:
+    other processes accept on it too, so take one connection per turn.
+    @return: the port. @raise OSError: C{fd} is not a socket (or UnsupportedAddressFamily).
     """
     if family == socket.AF_UNIX:
         return (_SharedUNIXPort if shared else AdoptedUNIXPort).adopt(reactor, fd, factory)
@@ -59,41 +48,28 @@ def adopt(reactor, fd: int, family: int, factory, shared: bool = False) -> IList
 
 def listen(reactor, endpoint: str, factory) -> defer.Deferred[IListeningPort]:
     """
-    Listen on C{endpoint}, a Twisted server endpoint description, as
-    C{serverFromString(reactor, endpoint).listen(factory)} does, except that
-    an inherited UNIX socket (C{systemd:domain=UNIX:index=N} or
-    C{:name=NAME}) is adopted with L{AdoptedUNIXPort}.
-
-    @return: a Deferred that fires with the listening port, or fails with
-        the reason it cannot listen (a bad description, an index or name
-        that was not inherited, an address in use, ...).
+    Listen on C{endpoint} (an inherited UNIX socket with L{AdoptedUNIXPort}):
+    @return: a Deferred firing with the port, or failing with why it cannot listen.
     """
     try:
         server = serverFromString(reactor, endpoint)
     except Exception:
         return defer.fail()
-    # Twisted's systemd parser resolves the index or name to a descriptor.
-    # Reading LISTEN_FDS again here would find nothing: ListenFDs removes it
-    # from the environment when twisted.internet.endpoints is imported.
+    # Twisted's systemd parser resolved the index or name (LISTEN_FDS is gone by now).
     if isinstance(server, AdoptedStreamServerEndpoint) and server.addressFamily == socket.AF_UNIX:
         return defer.execute(_adopt_inherited, server, factory)
     return server.listen(factory)
 
 
 def _adopt_inherited(server: AdoptedStreamServerEndpoint, factory) -> AdoptedUNIXPort:
-    # As AdoptedStreamServerEndpoint.listen does: the port has a duplicate,
-    # and the inherited descriptor is closed.
+    # The port has a duplicate: the inherited descriptor is closed.
     fdesc.setNonBlocking(server.fileno)
     port = AdoptedUNIXPort.adopt(server.reactor, server.fileno, factory)
     os.close(server.fileno)
     return port
 
 
-# -- sockets held for other processes ---------------------------------------
-
-
-# Endpoint types whose sockets can be bound once and passed on to other
-# processes. Others (ssl:, ...) must be given to each as they are.
+# Endpoint types whose sockets can be bound once and passed on (not ssl:, ...).
 ADOPTABLE = {"tcp", "tcp6", "unix"}
 
 
@@ -115,12 +91,7 @@ class _Held(protocol.Factory):
 
 
 class ListeningSocket:
-    """
-    A socket bound for other processes to adopt (the reload supervisor's
-    servers, the web processes of C{--web-workers}): its C{domain}
-    (C{"INET"}, C{"INET6"} or C{"UNIX"}, as a C{systemd:} endpoint names it)
-    and the C{address} to show.
-    """
+    """A socket bound for other processes to adopt; C{domain} as a C{systemd:} endpoint names it."""
 
     def __init__(self, endpoint: str, port):
         self.endpoint = endpoint
@@ -144,13 +115,7 @@ class ListeningSocket:
 
 
 def bind(reactor, endpoint: str) -> ListeningSocket:
-    """
-    Bind and listen on C{endpoint} at once, without accepting.
-
-    @return: the bound socket.
-    @raise Exception: it cannot listen (the endpoint's own error), or the
-        endpoint does not listen synchronously.
-    """
+    """Bind C{endpoint} now, not accepting: @return: the socket. @raise Exception: it cannot."""
     results = []
     serverFromString(reactor, endpoint).listen(_Held()).addBoth(results.append)
     if not results:
@@ -158,7 +123,5 @@ def bind(reactor, endpoint: str) -> ListeningSocket:
     if not hasattr(results[0], "getHost"):
         results[0].raiseException()
     port = results[0]
-    # The socket stays bound and listening; connections wait in its backlog
-    # until a server accepts them.
-    port.stopReading()
+    port.stopReading()  # connections wait in the backlog until a server accepts them
     return ListeningSocket(endpoint, port)

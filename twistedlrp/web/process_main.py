@@ -1,36 +1,11 @@
 """
-The web processes of C{--web-workers N} (N above 1), seen from inside.
-
-The main process (L{twistedlrp.web.processes.WebProcesses}) spawns one
-I{template}::
-
-    python -m twistedlrp.web.process_main --template --control-fd=K --output-fds=O,E
-        --socket=FD:FAMILY... -- LRP-ARGS
-
-which sets Django up as the main process did (without its system checks)
-and serves as a fork server (L{twistedlrp.process.forkserver}): each fork
-request carries one end of a socket pair to the main process, the web
-process's I{channel}. A forked web process renews the reactor, imports the
-site's C{lrp} and job modules, and runs L{twistedlrp.server.WebProcessServer} on
-the inherited listening sockets. The template's
-output goes through pipes to the main process (which keeps its tail);
-each web process writes to the main process's own, C{O} and C{E}, so that
-it needs nothing of the template once forked: a template that dies leaves
-its web processes serving.
-
-A reactor must not run in a process that forks (the child would share its
-epoll descriptor and waker). If setting Django up imported
-C{twisted.internet.reactor}, the reactor is installed but never ran: each
-forked web process gives it a new poller and waker
-(L{twistedlrp.compat.renew_forked_reactor}). When that cannot be done, or
-with C{LRP_WEB_NO_PRELOAD} set, the template re-execs itself without Django
-(C{--bare}) and execs each web process instead (C{--web}), which sets
-Django up itself: no memory is shared.
-
-The template ignores SIGINT and SIGTERM (a Ctrl-C reaches the whole process
-group; the main process decides); it ends when its control socket closes,
-after its web processes have ended (they see the end of their own channel
-and stop gracefully; those left at the graceful timeout are killed).
+A web process of C{--web-workers N} (N above 1), seen from inside: forked by
+the template (L{twistedlrp.web.preload}) with one end of a socket pair to the
+main process (its I{channel}), it runs L{twistedlrp.server.WebProcessServer}
+on the inherited listening sockets and writes to the main process's own
+output, so that a template that dies leaves it serving. Where the template
+cannot fork with Django set up, it execs this module with C{--web}, and the
+web process sets Django up itself.
 """
 
 from __future__ import annotations
@@ -41,16 +16,16 @@ import socket
 import sys
 
 from twisted.application import service
+from twisted.internet import task
 from twisted.logger import Logger
 
+from twistedlrp import logs
 from twistedlrp.process.channel import Channel, adopt
 from twistedlrp.process.forkserver import flush_stdio
 
 log = Logger(namespace="twistedlrp.web")
 
-MODULE = "twistedlrp.web.process_main"
-# Imported by the template ahead of the forks (none imports the reactor), so
-# that every web process shares them.
+# Imported by the template ahead of the forks (none imports the reactor).
 PREIMPORT = (
     "twisted.application.service",
     "twisted.internet.endpoints",
@@ -68,15 +43,7 @@ PREIMPORT = (
     "twistedlrp.web.site",
     "twistedlrp.web.wsgi",
 )
-# Set (to anything) in the environment of the main process: never fork web
-# processes from the template, exec each one instead (to compare memory, or
-# for a site whose import-time state must not be shared across a fork).
-NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
-# How often a web process sends its status to the main process.
 STATUS_INTERVAL = 1.0
-
-
-# -- both kinds of process ----------------------------------------------------
 
 
 def _parse(argv: list[str]) -> tuple[dict, list[str]]:
@@ -98,12 +65,7 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def prepare(lrp_args: list[str]):
-    """
-    Parse the options and set Django up as the main process did (without
-    its system checks and migration warnings, which it logged already).
-
-    @return: C{(options, WSGI application)}.
-    """
+    """Set Django up as the main process did (no checks): @return: C{(options, application)}."""
     from twistedlrp import boot
     from twistedlrp.onefile import site
     from twistedlrp.options import Options
@@ -121,23 +83,8 @@ def prepare(lrp_args: list[str]):
     return options, application
 
 
-def _begin_logging(lrp_args: list[str]) -> None:
-    """Log to standard output with the level and format of C{lrp_args} (--log-level, --log-format)."""
-    from twistedlrp import logs
-
-    logs.begin(lrp_args, sys.stdout)
-
-
-# -- a web process --------------------------------------------------------------
-
-
 def run_web(options, application, channel_fd: int, sockets, jobs_connect, index) -> int:
-    """
-    Run one web process until it stops: a fresh reactor, the site's C{lrp}
-    and job modules, and the server's C{"web"} role on C{sockets}.
-
-    @return: its exit code.
-    """
+    """Run one web process on C{sockets} until it stops: @return: its exit code."""
     from twisted.internet import reactor
 
     from twistedlrp import boot
@@ -152,7 +99,7 @@ def run_web(options, application, channel_fd: int, sockets, jobs_connect, index)
         sys.stderr.write(f"twistd lrp: error: {e}\n")
         return 1
     if jobs_connect:
-        options["jobs-connect"] = [jobs_connect] if isinstance(jobs_connect, str) else jobs_connect
+        options["jobs-connect"] = jobs_connect
     channel = MainChannel(reactor, channel_fd, index)
     server = WebProcessServer(
         options, application, JobClientService(reactor, options, None), sockets, channel, reactor
@@ -167,7 +114,7 @@ def web_main(ours: dict, lrp_args: list[str]) -> int:
     """A web process exec'd by a template that could not fork (no preload)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored in the template
-    _begin_logging(lrp_args)
+    logs.begin(lrp_args, sys.stdout)
     options, application = prepare(lrp_args)
     return run_web(
         options,
@@ -181,11 +128,9 @@ def web_main(ours: dict, lrp_args: list[str]) -> int:
 
 class MainChannel(service.Service):
     """
-    A web process's link to the main process: its status goes up every
-    second (and at each change of state), the state of every web process and
-    of the job service comes down for its health endpoint, and (with
-    C{--reload}) word that templates changed; end of file means the main
-    process is gone, and the web process stops gracefully.
+    A web process's link to the main process: its status goes up, the state
+    of every web process and of the job service comes down for its health
+    endpoint, and word that templates changed; at end of file it stops.
     """
 
     name = "main-process"
@@ -198,35 +143,28 @@ class MainChannel(service.Service):
         self.pool = None  # its thread pool, for the counts
         self.protocol: Channel | None = None
         self.workers: dict | None = None
-        self._loop = None
+        self._loop = task.LoopingCall(self.send_status)
         self._closing = False
 
     def startService(self):
-        from twisted.internet import task
-
         super().startService()
         self.protocol = adopt(
             self.reactor, socket.socket(fileno=self.fd), Channel(self._said, self.lost)
         )
-        self._loop = task.LoopingCall(self.send_status)
         self._loop.start(STATUS_INTERVAL, now=True)
 
     def _said(self, message: dict) -> None:
         event = message.get("event")
         if event == "workers":
-            self.received(message)
-        elif event == "templates":
-            self.reload_templates()
+            message["received_at"] = self.reactor.seconds()
+            self.workers = message
+        elif event == "templates":  # a template changed (--reload)
+            from twistedlrp.reload.templates import reset_in_thread
 
-    def reload_templates(self) -> None:
-        """A template changed (C{--reload}): reset this process's template loaders, in a thread."""
-        from twistedlrp.reload.templates import reset_in_thread
-
-        d = reset_in_thread(self.reactor)
-        d.addCallbacks(
-            lambda _: log.debug("Templates reloaded"),
-            lambda f: log.failure("Reloading the templates failed", f),
-        )
+            reset_in_thread(self.reactor).addCallbacks(
+                lambda _: log.debug("Templates reloaded"),
+                lambda f: log.failure("Reloading the templates failed", f),
+            )
 
     def status(self) -> dict:
         body = {
@@ -244,17 +182,13 @@ class MainChannel(service.Service):
         if self.protocol is not None:
             self.protocol.send({"event": "status", **self.status()})
 
-    def received(self, message: dict) -> None:
-        message["received_at"] = self.reactor.seconds()
-        self.workers = message
-
     def lost(self, reason=None) -> None:
         self.protocol = None
         if self._closing:
             return
         log.warn("The main process is gone: stopping this web process")
         if self.server is not None:
-            self.server.exit_code = 1  # A stop nobody asked for.
+            self.server.exit_code = 1
         if self.reactor.running:
             self.reactor.stop()
 
@@ -274,14 +208,12 @@ class MainChannel(service.Service):
 
     def jobs_section(self) -> dict | None:
         """The main process's job service section, as it last sent it."""
-        if self.workers is None:
-            return None
-        return self.workers.get("jobs")
+        return None if self.workers is None else self.workers.get("jobs")
 
     def stopService(self):
         super().stopService()
         self._closing = True
-        if self._loop is not None and self._loop.running:
+        if self._loop.running:
             self._loop.stop()
         if self.protocol is not None:
             self.protocol.close()

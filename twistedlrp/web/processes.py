@@ -1,35 +1,14 @@
 """
 The web processes of C{--web-workers N} (N above 1), seen from the main
-process: the last child of L{twistedlrp.server.MainServer}, in the place
-of the listening site.
+process, where they take the place of the listening site: it binds the
+C{--listen} sockets, spawns the template (L{twistedlrp.web.preload}), which
+forks one web process per slot, and restarts with back-off a web process or
+a template that ends. Over its channel each web process sends its status
+every second and gets the list of all and the job service's health.
 
-Starting it (start-up step 5) binds the C{--listen} sockets (or takes the
-C{systemd:} ones the main process inherited), spawns the template
-(L{twistedlrp.web.process_main}, a fork server: L{twistedlrp.process.forkserver}),
-which sets Django up and forks one web process per slot on request, and
-waits until every web process runs. A web process that fails before it
-first runs fails the start-up.
-
-Later, a web process that ends is forked again after the restart back-off
-(L{twistedlrp.process.supervise}), and the reason is logged. Each web
-process sends its status every second over its channel (a socket pair, one
-end passed to the template with the fork request); the main process sends
-every web process the list of them all and its job service's health
-section, which their health endpoints show.
-
-A template that ends is started again with the same back-off, its exit
-status and last output logged. The web processes it forked keep serving
-meanwhile (they share the listening sockets with this process, which holds
-them), but nobody reaps them for us then: the end of a web process's
-channel is its end (its exit status is lost). A web process that ends while
-there is no template is forked once a new one is ready: one way for a web
-process to start. L{MAX_TEMPLATE_FAILURES} templates in a row that end
-before they are ready, or within C{RESET_AFTER}, stop the server with exit
-status 1 (its supervisor, systemd's C{Restart=on-failure}, should know).
-
-Stopping it (shut-down step 1) sends SIGTERM to every web process, which
-drains; the ones left at the graceful deadline get SIGKILL; then the
-template's control socket is closed (it exits) and the sockets are closed.
+A template's web processes keep serving when it ends, but nobody reaps them:
+the end of a web process's channel is its end, its exit status lost.
+L{MAX_TEMPLATE_FAILURES} in a row stop the server with exit status 1.
 """
 
 from __future__ import annotations
@@ -44,7 +23,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from twistedlrp import metrics
-from twistedlrp.ordered_service import StartupFailed
+from twistedlrp.ordered_service import StartupFailed, cancel_call
 from twistedlrp.process.channel import Channel, adopt
 from twistedlrp.process.exits import Exit
 from twistedlrp.process.forkserver import ForkServerProcess
@@ -68,12 +47,9 @@ _STATUS_LOST = "ended (its exit status went with its template)"  # its reaper is
 
 class WebProcesses(service.Service):
     """
-    @param jobs_health: the job service's health section (or C{None}).
-    @param job_service: this process's job service, whose endpoint the web
-        processes' job clients connect to (C{None}: they use
-        C{--jobs-connect} or the settings, as this process does).
-    @param on_fatal: called with an error message when templates keep
-        failing: it stops the server with a non-zero exit status.
+    @param job_service: this process's job service, which the web processes'
+        job clients reach (C{None}: they use C{--jobs-connect} or the settings).
+    @param on_fatal: called with an error message when templates keep failing.
     """
 
     name = "web-processes"
@@ -94,20 +70,24 @@ class WebProcesses(service.Service):
         self.template_ready: defer.Deferred | None = None
         self.template_backoff = restart_backoff()
         self._template_call = None
-        self.preload: bool | None = None
         self.jobs_connect: list[str] | None = None
         self.started = False
         self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
-
-    # -- start ----------------------------------------------------------
 
     def startService(self) -> defer.Deferred:
         super().startService()
         return defer.ensureDeferred(self._start())
 
     async def _start(self) -> None:
-        self._open_sockets()
+        for endpoint in self.options["listen"]:
+            try:
+                fd, family, address, close = listening_socket(self.reactor, endpoint)
+            except Exception as e:
+                raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
+            self._sockets.append((fd, family))
+            self.addresses.append(address)
+            self._closers.append(close)
         if self.job_service is not None:
             self.jobs_connect = [await self.job_service.when_listening()]
         else:
@@ -115,8 +95,7 @@ class WebProcesses(service.Service):
         self.template_ready = defer.Deferred()
         self._spawn_template()
         ready = await self.template_ready
-        self.preload = ready.get("preload")
-        if self.preload:
+        if ready.get("preload"):
             log.info(
                 "Web process template (pid {pid}) set Django up in {seconds:g} s; web "
                 "processes fork from it and share its memory",
@@ -130,22 +109,11 @@ class WebProcesses(service.Service):
         self.started = True
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
 
-    def _open_sockets(self) -> None:
-        for endpoint in self.options["listen"]:
-            try:
-                fd, family, address, close = listening_socket(self.reactor, endpoint)
-            except Exception as e:
-                raise StartupFailed(f"cannot listen on {endpoint}: {e}") from e
-            self._sockets.append((fd, family))
-            self.addresses.append(address)
-            self._closers.append(close)
-
     def _spawn_template(self) -> None:
         """
-        Start a template: 0 /dev/null, 1 and 2 pipes to us (its output,
-        passed on), the listening sockets from 3, its control socket, then
-        our own 1 and 2, which each web process takes as its 1 and 2 (so that
-        it does not outlive the template's pipes, and logs where we do).
+        Start a template on /dev/null, pipes to us for its output, the
+        listening sockets, its control socket and our own 1 and 2 (a web
+        process's 1 and 2, which outlive the template's pipes).
         """
         control_fd = _FIRST_FD + len(self._sockets)
         args = ["-m", "twistedlrp.web.process_main", "--template", f"--control-fd={control_fd}"]
@@ -167,12 +135,15 @@ class WebProcesses(service.Service):
             os.close(devnull)
         self.template = template
 
-    # -- the template ---------------------------------------------------------
-
     def _template_said(self, template: ForkServerProcess, message: dict) -> None:
         event = message.get("event")
-        if event == "ready":
-            self._template_is_ready(template, message)
+        if event == "ready" and not self.template_ready.called:
+            self.template_ready.callback(message)
+        elif event == "ready":
+            log.info("Web process template (pid {pid}) ready again in {seconds:g} s", **message)
+            for slot in self.slots:
+                if slot.state == "waiting" and slot.restart_call is None:
+                    self._fork(slot)
         elif event == "failed" and not self.template_ready.called:
             error = ((message.get("error") or "").strip().splitlines() or ["unknown error"])[-1]
             self.template_ready.errback(
@@ -186,16 +157,6 @@ class WebProcesses(service.Service):
             slot = self.slots[message["index"]]
             if slot.pid == message["pid"]:
                 self._slot_ended(slot, message.get("code"), message.get("signal"))
-
-    def _template_is_ready(self, template: ForkServerProcess, message: dict) -> None:
-        self.preload = message.get("preload")
-        if not self.template_ready.called:
-            self.template_ready.callback(message)
-            return
-        log.info("Web process template (pid {pid}) ready again in {seconds:g} s", **message)
-        for slot in self.slots:
-            if slot.state == "waiting" and slot.restart_call is None:
-                self._fork(slot)
 
     def _template_ended(self, template: ForkServerProcess, exit: Exit) -> None:
         if template is not self.template:
@@ -211,8 +172,6 @@ class WebProcesses(service.Service):
         if self.stopping:
             return
         if not self.started:
-            # Start-up: a template that is not ready, or web processes that
-            # cannot all be forked, fail it.
             when = (
                 "while the web processes started" if template.was_ready else "before it was ready"
             )
@@ -221,7 +180,7 @@ class WebProcesses(service.Service):
                 self.template_ready.errback(error)
             elif template.was_ready:
                 for slot in self.slots:
-                    if slot.first_run is not None and not slot.first_run.called:
+                    if not slot.first_run.called:
                         slot.first_run.errback(error)
             return
         self._template_down(template, how, self.reactor.seconds() - template.started_at)
@@ -271,10 +230,7 @@ class WebProcesses(service.Service):
         except Exception as e:
             self._template_down(None, f"it could not be started: {e}", 0.0)
 
-    # -- web processes --------------------------------------------------
-
     def _fork(self, slot: Slot) -> None:
-        """Ask the template to fork C{slot}'s web process (once one is ready)."""
         slot.restart_call = None
         if self.stopping:
             return
@@ -291,8 +247,7 @@ class WebProcesses(service.Service):
             lambda message: self._web_said(slot, channel, message),
             lambda reason: self._channel_lost(slot, channel),
         )
-        # Unsent (its control socket is closing), or unanswered, it is asked
-        # of the next template when this one has ended.
+        # Unsent or unanswered, it is asked of the next template.
         slot.start(template, channel)
         adopt(self.reactor, ours, channel)
         template.fork({"index": slot.index, "jobs_connect": self.jobs_connect}, [theirs.detach()])
@@ -302,7 +257,7 @@ class WebProcesses(service.Service):
             return
         if not slot.received(message):
             return
-        if slot.first_run is not None and not slot.first_run.called:
+        if not slot.first_run.called:
             slot.first_run.callback(None)
         elif slot.restarts:
             log.info(
@@ -315,8 +270,7 @@ class WebProcesses(service.Service):
             return
         slot.channel = None
         if slot.parent is not None and slot.parent.state == "ended":
-            # Forked by a template that is gone: nobody reaps it for us, and
-            # the end of its channel is the end of the process.
+            # Forked by a template that is gone: nobody reaps it.
             self._slot_ended(slot, None, None, _STATUS_LOST)
 
     def _slot_ended(self, slot: Slot, code, signal_number, how: str | None = None) -> None:
@@ -332,7 +286,7 @@ class WebProcesses(service.Service):
         slot.ended.fire()
         if self.stopping:
             return
-        if slot.first_run is not None and not slot.first_run.called:
+        if not slot.first_run.called:
             slot.first_run.errback(
                 StartupFailed(
                     f"web process {slot.index} (pid {slot.pid}) failed to start ({status})"
@@ -366,16 +320,9 @@ class WebProcesses(service.Service):
                 slot.channel.send(message)
 
     def reload_templates(self) -> int:
-        """
-        Have every web process, and the template (for those forked later),
-        reset their template loaders (C{--reload}, a template changed).
-
-        @return: how many web processes were told.
-        """
-        told = 0
-        for slot in self.slots:
-            if slot.channel is not None and slot.channel.send({"event": "templates"}):
-                told += 1
+        """Have everyone reset their template loaders: @return: how many web processes were told."""
+        channels = [slot.channel for slot in self.slots if slot.channel is not None]
+        told = sum(1 for channel in channels if channel.send({"event": "templates"}))
         if self.template is not None:
             self.template.send({"op": "templates"})
         return told
@@ -383,8 +330,6 @@ class WebProcesses(service.Service):
     def health(self) -> list[dict]:
         now = self.reactor.seconds()
         return [slot.describe(now) for slot in self.slots]
-
-    # -- stop -----------------------------------------------------------
 
     def stop_by(self, deadline: float) -> defer.Deferred:
         super().stopService()
@@ -394,11 +339,9 @@ class WebProcesses(service.Service):
     async def _stop(self, deadline: float) -> None:
         if self._broadcast.running:
             self._broadcast.stop()
-        if self._template_call is not None and self._template_call.active():
-            self._template_call.cancel()
+        cancel_call(self._template_call)
         for slot in self.slots:
-            if slot.restart_call is not None and slot.restart_call.active():
-                slot.restart_call.cancel()
+            cancel_call(slot.restart_call)
             if slot.state == "waiting":
                 slot.state = "ended"
 
@@ -418,21 +361,17 @@ class WebProcesses(service.Service):
             late,
             after_kill=5.0,
         )
-        await self._end_template()
+        template = self.template
+        if template is not None:
+            template.close()
+            if not await ended_within(self.reactor, template.ended, 5.0):
+                self.force_exit()
         for close in self._closers:
             try:
                 await defer.maybeDeferred(close)
             except Exception:
                 log.failure("Closing a listening socket")
         self._closers = []
-
-    async def _end_template(self) -> None:
-        template = self.template
-        if template is None:
-            return
-        template.close()
-        if not await ended_within(self.reactor, template.ended, 5.0):
-            self.force_exit()
 
     def _signal_all(self, number: int) -> None:
         for slot in self.slots:

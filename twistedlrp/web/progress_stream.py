@@ -1,22 +1,11 @@
 """
-The live progress of one job as Server-Sent Events, answered by the reactor
-(no pool thread is held by a stream): C{GET /-/jobs/<id>/events?token=...}
-with the token the page's C{{% lrp_job_progress %}} widget was given
-(L{twistedlrp.progress}).
-
-Each stream asks the job service (over this process's job client) for the
-job with C{wait(seen=...)}, one call after another: the answer comes at
-once when the job finishes or differs from what the stream has seen, or
-starts or reports progress on the node that answers, else after
-L{WAIT_TIMEOUT} seconds with its current state (a job running on another
-node is seen that late); never more often than every L{MIN_INTERVAL}
-seconds. An C{event: progress} is sent whenever state or progress changed.
-After the finished state the stream ends. A comment line every
-L{HEARTBEAT} seconds keeps proxies from closing a quiet stream; a client
-that stops reading for C{--write-timeout} seconds is cut; a client that
-goes away stops the asking. At most C{LRP_PROGRESS_MAX_STREAMS}
-(a setting, default 200) are open per web process; more get 503, and the
-widget falls back to polling the status view.
+The live progress of one job as Server-Sent Events, answered by the reactor:
+C{GET /-/jobs/<id>/events?token=...} with the token the page's widget was
+given (L{twistedlrp.progress}). Each stream asks the job service with
+C{wait(seen=...)}, one call after another, at most every L{MIN_INTERVAL}
+seconds, and sends an C{event: progress} on each change until the job
+finishes. Heartbeats keep proxies from closing a quiet stream; beyond
+C{LRP_PROGRESS_MAX_STREAMS} per process, 503 (the widget polls instead).
 """
 
 from __future__ import annotations
@@ -40,8 +29,7 @@ log = Logger()
 
 # A wait answers at once when the job changes here, else after this long.
 WAIT_TIMEOUT = 2.0
-# The least time between two questions of one stream: a job may report
-# progress far more often than a bar needs to move.
+# A job may report progress far more often than a bar needs to move.
 MIN_INTERVAL = 0.25
 HEARTBEAT = 15.0
 # The browser's reconnection delay (milliseconds) after a broken stream.
@@ -54,14 +42,7 @@ _PATH = re.compile(rb"^" + re.escape(_PREFIX) + rb"([0-9a-fA-F-]{36})/events$")
 
 
 class JobEvents:
-    """
-    The event streams of one web process.
-
-    @param client: a callable returning this process's job client (with
-        its reactor-side C{request(op, kw, timeout)}), or C{None} when
-        there is none.
-    @ivar streams: the open streams.
-    """
+    """The event streams of one web process; C{client()} returns its job client, if any."""
 
     def __init__(self, reactor, client, max_streams: int | None = None):
         self.reactor = reactor
@@ -79,10 +60,7 @@ class JobEvents:
         return path.startswith(_PREFIX)
 
     def render(self, request) -> bytes | object:
-        """
-        @return: an error body (403, 404, 405, 503), or C{NOT_DONE_YET}
-            with the stream begun.
-        """
+        """@return: an error body (403, 404, 405, 503), or C{NOT_DONE_YET} with the stream begun."""
         found = _PATH.match(request.path)
         if found is None:
             return _answer(request, 404, b"Not Found\n")
@@ -107,11 +85,11 @@ class JobEvents:
         return NOT_DONE_YET
 
     def describe(self) -> dict:
-        """@return: the health endpoint's section: open streams and the most allowed."""
+        """@return: the health endpoint's section."""
         return {"open": len(self.streams), "max": self.max_streams}
 
     def close_all(self) -> None:
-        """End every stream (the server is stopping: they must not hold the drain)."""
+        """End every stream (they must not hold the drain at shut-down)."""
         for stream in list(self.streams):
             stream.close()
 
@@ -127,18 +105,17 @@ def _answer(request, code: int, body: bytes) -> bytes:
 class _Stream:
     """One client's stream of one job's events."""
 
+    done = False
+    _last: dict | None = None
+    _paused = False
+    _cut_call = _heartbeat = _sleep = None
+
     def __init__(self, events: JobEvents, request, client, job_id: str):
         self.events = events
         self.reactor = events.reactor
         self.request = request
         self.client = client
         self.job_id = job_id
-        self.done = False
-        self._last: dict | None = None
-        self._paused = False
-        self._cut_call = None
-        self._heartbeat = None
-        self._sleep = None
 
     def start(self) -> None:
         request = self.request
@@ -147,7 +124,7 @@ class _Stream:
         # nginx buffers responses unless told not to.
         request.setHeader(b"x-accel-buffering", b"no")
         request.registerProducer(self, True)
-        request.notifyFinish().addBoth(self._gone)
+        request.notifyFinish().addBoth(lambda _: self._end())
         self._write(b"retry: %d\n\n" % RETRY_MS)
         self._heartbeat = self.reactor.callLater(HEARTBEAT, self._beat)
         defer.ensureDeferred(self._follow()).addErrback(self._failed)
@@ -191,8 +168,7 @@ class _Stream:
         call = self.reactor.callLater(seconds, _fire, d)
 
         def stop_timer(value):
-            if call.active():
-                call.cancel()
+            cancel_call(call)
             return value
 
         return d.addBoth(stop_timer)
@@ -227,10 +203,6 @@ class _Stream:
         self.request.unregisterProducer()
         self.request.finish()
 
-    def _gone(self, _reason) -> None:
-        # The client went away (or the response was finished): stop asking.
-        self._end()
-
     def _end(self) -> None:
         self.done = True
         self.events.streams.discard(self)
@@ -244,8 +216,7 @@ class _Stream:
     # IPushProducer: a client that stops reading is cut after --write-timeout.
     def pauseProducing(self) -> None:
         self._paused = True
-        timeout = getattr(getattr(self.request.channel, "site", None), "limits", None)
-        timeout = getattr(timeout, "write_timeout", None)
+        timeout = self.request.channel.site.limits.write_timeout  # the connection pauses it
         if timeout and self._cut_call is None:
             self._cut_call = self.reactor.callLater(timeout, self._cut)
 

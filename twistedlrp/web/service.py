@@ -1,11 +1,8 @@
 """
 The web side of the server as two services of its parent: the thread pool
-(started first, stopped last) and the listening site (started last,
-stopped first).
-
-Stopping the site is step 1 of the shut-down (docs/design.md): stop
-listening, close idle keep-alive connections, let requests in flight finish
-(answered with C{Connection: close}), and cut what is left at the deadline.
+(started first, stopped last) and the listening site, whose stop is step 1
+of the shut-down (docs/design.md): stop listening, close idle connections,
+let requests in flight finish, and cut what is left at the deadline.
 """
 
 from __future__ import annotations
@@ -15,13 +12,17 @@ from collections.abc import Callable
 from twisted.application import service
 from twisted.internet import defer, fdesc
 
+from twistedlrp import boot, metrics
+from twistedlrp.jobs.client import calls as client
 from twistedlrp.ordered_service import StartupFailed, within
+from twistedlrp.web import metrics as web_metrics
 from twistedlrp.web import ports
 from twistedlrp.web.health import HealthResource
 from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.progress_stream import JobEvents
 from twistedlrp.web.site import LRPSite, Router
+from twistedlrp.web.static import default_static_mapping
 from twistedlrp.web.wsgi import WSGIResource
 
 
@@ -44,11 +45,7 @@ class ThreadPoolService(service.Service):
 
 
 class WebService(service.Service):
-    """
-    Listens on the C{--listen} endpoints when it starts; drains when it stops.
-
-    @ivar ports: the listening ports.
-    """
+    """Listens on C{--listen} (or adopts C{sockets}) when it starts; drains when it stops."""
 
     name = "web"
 
@@ -56,8 +53,6 @@ class WebService(service.Service):
         self.reactor = reactor
         self.site = site
         self.endpoints = endpoints
-        # (descriptor, address family) of inherited listening sockets, adopted
-        # instead of the endpoints (a web process of --web-workers).
         self.sockets = sockets
         self.ports: list = []
 
@@ -69,8 +64,7 @@ class WebService(service.Service):
         if self.sockets is not None:
             for fd, family in self.sockets:
                 try:
-                    # As AdoptedStreamServerEndpoint does: a blocking socket
-                    # (systemd passes them so) would block the reactor in accept().
+                    # A blocking socket (systemd's) would block the reactor in accept().
                     fdesc.setNonBlocking(fd)
                     # The other web processes accept on the same sockets.
                     port = ports.adopt(self.reactor, fd, family, self.site, shared=True)
@@ -91,19 +85,17 @@ class WebService(service.Service):
 
     async def _drain(self, deadline: float) -> None:
         reactor = self.reactor
+
+        def left() -> float:
+            return max(deadline - reactor.seconds(), 0.2)
+
         for port in self.ports:
-            await within(reactor, defer.maybeDeferred(port.stopListening), _left(reactor, deadline))
+            await within(reactor, defer.maybeDeferred(port.stopListening), left())
         self.ports = []
-        drained = await within(
-            reactor, self.site.drain(), _left(reactor, deadline), "draining requests"
-        )
+        drained = await within(reactor, self.site.drain(), left(), "draining requests")
         if not drained:
             self.site.abort_all()
         self.site.access_log.close()
-
-
-def _left(reactor, deadline: float) -> float:
-    return max(deadline - reactor.seconds(), 0.2)
 
 
 def build_web(
@@ -115,14 +107,12 @@ def build_web(
     sockets=None,
 ) -> tuple[ThreadPoolService, WebService, HealthResource]:
     """
-    @param sockets: (descriptor, address family) of inherited listening
-        sockets to adopt instead of listening on C{--listen}.
-    @return: the thread pool's service, the site's service and the health
-        resource (to which other parts add sections) for the WSGI
-        C{application}.
+    @return: the thread pool's service, the site's service (listening on
+        C{--listen}, or adopting the inherited C{sockets}) and the health resource.
     """
+    # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
     pool = ThreadPool(
-        reactor, options["threads"], options["max-waiting"], on_thread_exit=_close_db_connections
+        reactor, options["threads"], options["max-waiting"], on_thread_exit=boot.close_connections
     )
     health = HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
@@ -131,10 +121,8 @@ def build_web(
     health.streams = wsgi.streams
     statics = list(options["static"])
     if not statics and not options["no-static"]:
-        from twistedlrp.web.static import default_static_mapping
-
         statics = default_static_mapping()
-    events = _job_events(reactor)
+    events = JobEvents(reactor, client.installed)
     health.sections["progress_streams"] = events.describe
     router = Router(options["health-path"], health, statics, wsgi, events)
     site = LRPSite(
@@ -147,31 +135,14 @@ def build_web(
         access_log_format=options["access-log-format"],
         limits=limits,
     )
+    if metrics.current is not None:  # serve this process's metrics, and count requests
+        path = options["metrics-path"].encode()
+        router.metrics_path = path
+        router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
+        site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
+        web_metrics.watch_pool(metrics.current, pool)
     web = WebService(reactor, site, options["listen"], sockets)
-    _add_metrics(options, router, site, pool)
     return ThreadPoolService(pool), web, health
-
-
-def _add_metrics(options, router: Router, site: LRPSite, pool: ThreadPool) -> None:
-    """Serve this process's metrics (if on) at C{--metrics-path}, and count requests."""
-    from twistedlrp import metrics
-
-    if metrics.current is None:
-        return
-    from twistedlrp.web import metrics as web_metrics
-
-    path = options["metrics-path"].encode()
-    router.metrics_path = path
-    router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
-    site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
-    web_metrics.watch_pool(metrics.current, pool)
-
-
-def _job_events(reactor) -> JobEvents:
-    """@return: the progress streams, which reach the job service through this process's client."""
-    from twistedlrp.jobs.client import calls as client
-
-    return JobEvents(reactor, client.installed)
 
 
 def _saturated(request) -> bytes:
@@ -179,10 +150,3 @@ def _saturated(request) -> bytes:
     request.setHeader(b"retry-after", b"1")
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     return b"Server busy: every thread is taken and the queue is full. Retry shortly.\n"
-
-
-def _close_db_connections() -> None:
-    # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
-    from twistedlrp.boot import close_connections
-
-    close_connections()

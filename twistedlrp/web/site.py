@@ -1,11 +1,7 @@
 """
-The HTTP side of the server: the site (L{LRPSite}, the factory of
-L{twistedlrp.web.http.protocol.HTTPConnection}s) and where each request
-goes (the health endpoint, metrics, static files and progress streams in
-the reactor, the rest to the WSGI container). It caps the connections
-(C{--max-connections}), decides which forwarded headers to trust, logs
-each response and drains at shut-down; the limits on heads and bodies are
-the protocol's.
+The site (L{LRPSite}, the factory of the HTTP connections) and where each
+request goes (L{Router}). It caps the connections, decides which forwarded
+headers to trust, logs each response and drains at shut-down.
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ log = Logger()
 
 SERVER_HEADER = b"twistedlrp"
 
-# Formatting the Date header for every request took 2 % of the reactor's
-# time under load: it is formatted once a second.
+# Formatted once a second (per request, it took 2 % of the reactor's time).
 _http_date = functools.lru_cache(maxsize=1)(datetimeToString)
 
 
@@ -60,16 +55,17 @@ class TrustedProxies:
 
 
 class Router:
-    """Send a request to the health endpoint, static files or the application."""
+    """
+    Send a request to the health or metrics endpoint, static files or a
+    progress stream (answered in the reactor), or to the application.
+    """
 
-    # The metrics endpoint (web/metrics.py), if on.
     metrics_path: bytes | None = None
     metrics = None
 
     def __init__(self, health_path: str, health, statics: list, application, events=None):
         self._health_path = health_path.encode()
         self._health = health
-        # The jobs' progress streams (web/progress_stream.py), answered in the reactor.
         self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(
@@ -87,8 +83,7 @@ class Router:
         if path == self.metrics_path:
             return self.metrics.render(request)
         if path == b"*":
-            # OPTIONS * (the channel answers * with another method 400): the
-            # server in general, which has nothing more to say.
+            # OPTIONS * (the server in general): nothing more to say.
             request.setHeader(b"content-length", b"0")
             return b""
         for prefix, files in self._statics:
@@ -102,18 +97,14 @@ class Router:
                 rest = path[len(prefix) :].lstrip(b"/")
                 request.prepath = [s for s in prefix.split(b"/") if s]
                 segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
-                return static.serve(files, request, segments)
+                return files.serve(request, segments)
         if self.events is not None and self.events.matches(path):
             return self.events.render(request)
         return self._application.render(request)
 
 
 class LRPSite(protocol.Factory):
-    """
-    The site of the server: see the module docstring.
-
-    @ivar channels: the open connections.
-    """
+    """The site of the server: see the module docstring."""
 
     protocol = HTTPConnection
     noisy = False
@@ -161,8 +152,6 @@ class LRPSite(protocol.Factory):
                 request.write(body)
             request.finish()
 
-    # -- connections ------------------------------------------------------
-
     @property
     def open_connections(self) -> int:
         """The open connections, not counting those cut to make room."""
@@ -205,9 +194,6 @@ class LRPSite(protocol.Factory):
             refused=self.refusals,
         )
 
-    def channel_opened(self, channel: HTTPConnection) -> None:
-        self.channels.add(channel)
-
     def channel_gone(self, channel: HTTPConnection) -> None:
         self.channels.discard(channel)
         self._evicted.discard(channel)
@@ -222,13 +208,8 @@ class LRPSite(protocol.Factory):
         """C{channel} has a whole request head now, or is closing."""
         self._awaiting.pop(channel, None)
 
-    # -- addresses ------------------------------------------------------
-
     def client_of(self, request) -> tuple[str, str]:
-        """
-        @return: the client address and URL scheme of C{request}, from the
-            forwarded headers only when the peer is a trusted proxy.
-        """
+        """@return: the client address and URL scheme (forwarded by a trusted proxy)."""
         channel = request.channel
         # The peer, and whether it is trusted, do not change on a connection.
         known = channel.judged
@@ -244,34 +225,25 @@ class LRPSite(protocol.Factory):
         client, trusted, scheme = known
         if not trusted:
             return client, scheme
-        forwarded_for = [v for k, v in request.headers if k == b"x-forwarded-for"]
-        if forwarded_for:
-            hops = [
-                hop.strip()
-                for hop in b",".join(forwarded_for).decode("latin-1").split(",")
-                if hop.strip()
-            ]
-            # Walk back from the nearest hop: the first one that is not a
-            # trusted proxy is the client; earlier entries may be forged. A
-            # hop that is not an IP address ("unknown", or junk) ends the
-            # walk: the last proxy we trust did not know its client, so
-            # that proxy (or the peer) stays the client.
-            for hop in reversed(hops):
-                try:
-                    address = str(ipaddress.ip_address(hop))
-                except ValueError:
-                    break
-                client = address
-                if address not in self.trusted:
-                    break
+        forwarded = b",".join(v for k, v in request.headers if k == b"x-forwarded-for")
+        hops = [hop for hop in map(str.strip, forwarded.decode("latin-1").split(",")) if hop]
+        # Walk back from the nearest hop: the first that is not a trusted
+        # proxy is the client (earlier ones may be forged); at one that is
+        # not an IP address, the last trusted proxy did not know its client.
+        for hop in reversed(hops):
+            try:
+                address = str(ipaddress.ip_address(hop))
+            except ValueError:
+                break
+            client = address
+            if address not in self.trusted:
+                break
         proto = request.getHeader(b"x-forwarded-proto")
         if proto:
             value = proto.decode("latin-1").split(",")[-1].strip().lower()
             if value in ("http", "https"):
                 scheme = value
         return client, scheme
-
-    # -- access log and shut-down ----------------------------------------
 
     def startFactory(self):
         self.access_log.open()
@@ -286,11 +258,7 @@ class LRPSite(protocol.Factory):
         self.access_log.write(request)
 
     def drain(self) -> defer.Deferred:
-        """
-        Close idle connections and the busy ones once answered (L{HTTPConnection.drain}).
-
-        @return: a Deferred that fires when no connection is left.
-        """
+        """Close the connections once answered: @return: a Deferred fired when none is left."""
         for channel in list(self.channels):
             channel.drain()
         streams = getattr(self.root, "events", None)
@@ -312,11 +280,7 @@ class LRPSite(protocol.Factory):
 
 
 class BusyAnswer(protocol.Protocol):
-    """
-    A connection over C{--max-connections} while every open one is busy:
-    answered 503 at once, its request read and dropped for a moment so
-    that the client reads the answer instead of a reset.
-    """
+    """A connection over C{--max-connections} while all are busy: answered 503 (not reset)."""
 
     def __init__(self, site):
         self._site = site
@@ -326,11 +290,8 @@ class BusyAnswer(protocol.Protocol):
         self._site.busy_answers += 1
         body = b"Server busy: too many open connections. Retry shortly.\n"
         self.transport.write(short_answer(b"503 Service Unavailable", body, b"Retry-After: 1\r\n"))
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:  # TLS
-            self.transport.loseConnection()
-        else:
-            half_close()
+        # A half-close, where the transport has one (not TLS).
+        getattr(self.transport, "loseWriteConnection", self.transport.loseConnection)()
         self._cut = self._site.reactor.callLater(2.0, self.transport.abortConnection)
 
     def dataReceived(self, data):

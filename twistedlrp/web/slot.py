@@ -1,7 +1,6 @@
 """
-One web process of C{--web-workers}, seen from the main process: its
-L{Slot} (pid, state, restart back-off, last status), the listening sockets
-they share, and their output. L{twistedlrp.web.processes} runs them.
+One web process of C{--web-workers}, seen from the main process (L{Slot}),
+the listening sockets they share, and their output.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import socket
 from collections.abc import Callable
 
 from twisted.internet import defer, fdesc
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 
 from twistedlrp.ordered_service import Waiters
 from twistedlrp.process.channel import Channel
@@ -42,7 +42,7 @@ class Slot:
         self.pending_fork: ForkServerProcess | None = None
         self.parent: ForkServerProcess | None = None
         self.restart_call = None
-        self.first_run: defer.Deferred | None = defer.Deferred()
+        self.first_run = defer.Deferred()
         self.ended = Waiters()
 
     def when_ended(self) -> defer.Deferred:
@@ -94,22 +94,12 @@ def pass_on(fd: int, data: bytes) -> None:
     while view:
         try:
             view = view[os.write(fd, view) :]
-        except InterruptedError:
-            continue
         except OSError:
             return  # Nowhere to write it: it stays in the tail.
 
 
 def listening_socket(reactor, endpoint: str) -> tuple[int, int, str, Callable]:
-    """
-    Bind C{endpoint}, or take the socket a C{systemd:} one names.
-
-    @return: its descriptor, address family, address in words, and what
-        closes it.
-    @raise Exception: it cannot be bound.
-    """
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
-
+    """Bind C{endpoint}: @return: its descriptor, family, address in words, and its closer."""
     server = serverFromString(reactor, endpoint)
     if not isinstance(server, AdoptedStreamServerEndpoint):
         held = ports.bind(reactor, endpoint)

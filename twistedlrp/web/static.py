@@ -1,9 +1,8 @@
 """
-Static files, served by the reactor (never by a pool thread), with
-``Last-Modified``, ``If-Modified-Since`` and ranges from ``twisted.web.static``:
-a directory (``--static``, ``STATIC_ROOT``), or in development (``DEBUG``
-without a collected ``STATIC_ROOT``) the files the
-``django.contrib.staticfiles`` finders find, as ``runserver`` serves them.
+Static files, served by the reactor with C{twisted.web.static} (ranges,
+C{If-Modified-Since}): a directory (C{--static}, C{STATIC_ROOT}), or in
+development the files the C{django.contrib.staticfiles} finders find, as
+C{runserver} serves them.
 """
 
 from __future__ import annotations
@@ -32,22 +31,20 @@ class StaticDirectory(static.File):
         similar.processors = self.processors
         return similar
 
+    def serve(self, request, segments: list[bytes]):
+        """Render the file named by the path C{segments} below this directory."""
+        request.postpath = list(segments)
+        return resource.getChildForRequest(self, request).render(request)
+
 
 class FoundFiles:
-    """
-    The files the C{django.contrib.staticfiles} finders find
-    (C{STATICFILES_DIRS}, each app's C{static/} folder), as C{runserver}
-    serves them in development. Each request asks the finders (a few
-    C{stat} calls, in the reactor as L{StaticDirectory}'s are), so a new or
-    changed file is served without a restart.
-    """
+    """The files the staticfiles finders find, asked at each request (a few C{stat} calls)."""
 
     def path_of(self, segments: list[bytes]) -> str | None:
         """
-        @return: the file that the URL path C{segments} (below C{STATIC_URL},
-            unquoted) name, or C{None}: nothing found, or a segment that
-            is empty, C{.}, C{..}, holds a slash, a backslash or NUL, or
-            is not UTF-8 (so nothing outside the finders' folders is reached).
+        @return: the file that the unquoted path C{segments} name, or C{None}:
+            nothing found, or a segment that could leave the finders' folders
+            (empty, C{.}, C{..}, a slash, a backslash, NUL, not UTF-8).
         """
         from django.contrib.staticfiles import finders
         from django.core.exceptions import SuspiciousFileOperation
@@ -65,11 +62,9 @@ class FoundFiles:
             found = finders.find("/".join(names))
         except (SuspiciousFileOperation, ValueError, OSError):
             return None
-        if not isinstance(found, str) or not os.path.isfile(found):
-            return None
-        return found
+        return found if isinstance(found, str) and os.path.isfile(found) else None
 
-    def render(self, request, segments: list[bytes]):
+    def serve(self, request, segments: list[bytes]):
         found = self.path_of(segments)
         if found is None:
             return resource.NoResource("No such file.").render(request)
@@ -78,24 +73,16 @@ class FoundFiles:
 
 
 def make_static(directory: str) -> StaticDirectory | FoundFiles:
-    """
-    @return: a resource serving the files below C{directory}, or through
-        the staticfiles finders if C{directory} is L{FINDERS}.
-    """
+    """@return: what serves the files below C{directory} (or the finders': L{FINDERS})."""
     return FoundFiles() if directory == FINDERS else StaticDirectory(directory)
 
 
 def default_static_mapping() -> list[tuple[str, str]]:
     """
-    Say in the log which static files are served, and return them.
-
-    @return: C{[(STATIC_URL, STATIC_ROOT)]} from the Django settings when
-        STATIC_ROOT is set and STATIC_URL is a path on this site (not
-        another host); with C{DEBUG} (or a site in one file on twistedlrp's
-        settings, which has no C{manage.py collectstatic}) and
-        C{django.contrib.staticfiles} installed, and no STATIC_ROOT or none
-        collected yet (not a directory), C{[(STATIC_URL, FINDERS)]}; else an
-        empty list.
+    Log which static files are served: @return: C{[(STATIC_URL, STATIC_ROOT)]}
+        when STATIC_URL is a path on this site; C{[(STATIC_URL, FINDERS)]}
+        with C{DEBUG} (or a site in one file) and the staticfiles app but no
+        collected STATIC_ROOT; else nothing.
     """
     from django.apps import apps
     from django.conf import settings
@@ -103,17 +90,12 @@ def default_static_mapping() -> list[tuple[str, str]]:
     from twistedlrp.onefile import site
 
     root = getattr(settings, "STATIC_ROOT", None)
-    url = getattr(settings, "STATIC_URL", None)
-    if not url:
+    url = str(getattr(settings, "STATIC_URL", None) or "")
+    if not url or "://" in url or url.startswith("//"):
         return []
-    url = str(url)
-    if "://" in url or url.startswith("//"):
-        return []
-    if not url.startswith("/"):
-        url = "/" + url
-    one_file = site.own_settings()
+    url = url if url.startswith("/") else "/" + url
     if (
-        (settings.DEBUG or one_file)
+        (settings.DEBUG or site.own_settings())
         and apps.is_installed("django.contrib.staticfiles")
         and not (root and os.path.isdir(root))
     ):
@@ -131,22 +113,13 @@ def default_static_mapping() -> list[tuple[str, str]]:
     return [(url, str(root))]
 
 
-SECURITY_MIDDLEWARE = "django.middleware.security.SecurityMiddleware"
-
-
 def security_headers() -> list[tuple[bytes, bytes]]:
-    """
-    @return: the headers every static answer carries: C{X-Content-Type-Options:
-        nosniff}, and when the site runs Django's C{SecurityMiddleware}, the
-        C{Referrer-Policy} and C{Cross-Origin-Opener-Policy} it would add
-        to a page (from C{SECURE_REFERRER_POLICY} and
-        C{SECURE_CROSS_ORIGIN_OPENER_POLICY}, if set).
-    """
+    """@return: the headers of every static answer (nosniff, and SecurityMiddleware's)."""
     headers = [(b"x-content-type-options", b"nosniff")]
     try:
         from django.conf import settings
 
-        if SECURITY_MIDDLEWARE not in (getattr(settings, "MIDDLEWARE", None) or ()):
+        if "django.middleware.security.SecurityMiddleware" not in (settings.MIDDLEWARE or ()):
             return headers
         referrer = getattr(settings, "SECURE_REFERRER_POLICY", None)
         opener = getattr(settings, "SECURE_CROSS_ORIGIN_OPENER_POLICY", None)
@@ -159,12 +132,3 @@ def security_headers() -> list[tuple[bytes, bytes]]:
     if opener:
         headers.append((b"cross-origin-opener-policy", str(opener).encode("latin-1")))
     return headers
-
-
-def serve(files: StaticDirectory | FoundFiles, request, remaining: list[bytes]):
-    """Render the file named by the path segments C{remaining} below C{files}."""
-    if isinstance(files, FoundFiles):
-        return files.render(request, remaining)
-    request.postpath = list(remaining)
-    target = resource.getChildForRequest(files, request)
-    return target.render(request)

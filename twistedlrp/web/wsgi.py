@@ -1,12 +1,9 @@
 """
 The WSGI container: the application runs in a pool thread, and a response
 that is not streamed reaches the reactor in one C{callFromThread}
-(C{twisted.web.wsgi} makes a blocking round trip per C{write}, most of its
-cost). Streaming responses (C{StreamingHttpResponse}, C{FileResponse}, any
-iterable that is not a list) are written chunk by chunk with flow control;
-the connection cuts a client that takes nothing for C{--write-timeout}
-seconds (L{twistedlrp.web.http.writing}), which frees the thread; at most C{--stream-threads} threads stream
-at once (L{twistedlrp.web.limits.StreamSlots}).
+(C{twisted.web.wsgi} makes a blocking round trip per C{write}). Streaming
+responses (any iterable that is not a list) are written chunk by chunk with
+flow control, by at most C{--stream-threads} threads at once.
 """
 
 from __future__ import annotations
@@ -22,12 +19,9 @@ from twistedlrp.web.pool import Replies
 
 log = Logger()
 
-_NO_BODY_STATUSES = {204, 304}
-# Seconds between two looks at the reactor while a stream waits for a slow
-# client (the reactor's write deadline, not this, ends the wait).
+# Seconds between two looks at the reactor while a stream waits for a slow client.
 _WAIT_SLICE = 5.0
-# Bytes of a stream handed to the reactor and not written yet, at most (then
-# the thread waits for the reactor to take them).
+# Bytes of a stream handed to the reactor and not written yet, at most.
 _QUEUED_BYTES = 64 * 1024
 
 
@@ -75,28 +69,18 @@ _KEYS: dict[bytes, str | None] = {}
 
 
 def _key(name: bytes) -> str | None:
-    key = name.decode("latin-1").upper()
     # A header spelled with "_" would collide with its "-" twin (and could
     # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
-    if "_" in key:
-        key = None
-    else:
-        key = key.replace("-", "_")
-        if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-            key = "HTTP_" + key
+    key = None if b"_" in name else name.decode("latin-1").upper().replace("-", "_")
+    if key is not None and key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+        key = "HTTP_" + key
     if len(_KEYS) < 1000:  # the names are the clients': bounded
         _KEYS[name] = key
     return key
 
 
 def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = False) -> dict:
-    """
-    @param multiprocess: other processes serve the same application
-        (C{--web-workers} above 1).
-    @return: the PEP 3333 environ for C{request} (a
-        L{twistedlrp.web.http.request.Request}), built in the reactor thread
-        before the request is handed to a pool thread.
-    """
+    """@return: the PEP 3333 environ of C{request}, built in the reactor thread."""
     host = request.getHost()
     server_port = str(getattr(host, "port", "") or "")
     environ = _BASE[multiprocess].copy()
@@ -117,8 +101,7 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         known = environ.get(key)
         environ[key] = text if known is None else known + "," + text
     if "CONTENT_LENGTH" not in environ:
-        # A chunked body has no Content-Length, and Django reads exactly
-        # CONTENT_LENGTH bytes; the body is buffered already, so say its size.
+        # Django reads exactly CONTENT_LENGTH bytes: give a chunked body's size.
         content = request.content
         content.seek(0, 2)
         size = content.tell()
@@ -129,18 +112,10 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
 
 
 class WSGIResource:
-    """
-    Answers every request with C{application}.
-
-    @param pool: the L{twistedlrp.web.pool.ThreadPool} that runs it.
-    @param on_saturated: called with the request when the pool refuses it.
-    @param streams: how many of its threads may stream at once (none: all).
-    @param multiprocess: other processes serve the same application.
-    """
+    """Answers every request with C{application}, in a thread of C{pool}."""
 
     def __init__(self, reactor, pool, application, on_saturated, streams=None, multiprocess=False):
         self.multiprocess = multiprocess
-        # A response's calls into the reactor: batched, as Replies says why.
         self._reactor = Replies(reactor)
         self._pool = pool
         self._application = application
@@ -168,18 +143,11 @@ class WSGIResource:
 class _WSGIResponse:
     """One application call: runs in a pool thread, answers in the reactor."""
 
-    _slot = False  # holds one of the stream slots
     _status: str | None = None
     _headers: list | None = None
-    _headers_sent = False
     _streaming = False
     disconnected = False
-    # Made when the response streams (most responses are buffered): the
-    # reactor's pause, and the chunks handed to it and not written yet
-    # (under _lock), at most _QUEUED_BYTES before the thread waits for _room.
-    _resumed: threading.Event | None = None
-    _lock: threading.Lock | None = None
-    _room: threading.Event | None = None
+    _resumed: threading.Event | None = None  # made when the response streams
 
     def __init__(
         self,
@@ -194,15 +162,12 @@ class _WSGIResponse:
         self._reactor = reactor
         self._write_timeout = write_timeout
         self._streams = streams
-        # Whether the connection cuts a client that reads nothing (then this
-        # thread waits for that, however long a slow client takes).
+        # The connection cuts a client that reads nothing: wait for that.
         self._reactor_deadline = reactor_deadline
         self._request = request
         self._application = application
         self._environ = environ
         self._written: list[bytes] = []
-
-    # -- reactor thread -------------------------------------------------
 
     def connection_lost(self, reason=None):
         self.disconnected = True
@@ -230,11 +195,10 @@ class _WSGIResponse:
         code = request.code
         if (
             request.responseHeader(b"content-length") is None
-            and code not in _NO_BODY_STATUSES
+            and code not in (204, 304)
             and code >= 200
         ):
             request.setHeader(b"content-length", b"%d" % len(body))
-        # The head and a body under 64 KiB leave in one write (Request.write).
         request.write(body)
         request.finish()
 
@@ -249,13 +213,11 @@ class _WSGIResponse:
         with self._lock:
             chunks, self._queued = self._queued, []
             self._queued_bytes = 0
-            self._flush_scheduled = False
             self._room.set()
         if not self.disconnected:
             self._request.write(b"".join(chunks))
 
     def _finish_stream(self) -> None:
-        # The thread is done with it (what is left to send holds no thread).
         self._request.streaming = False
         if self.disconnected:
             return
@@ -274,12 +236,10 @@ class _WSGIResponse:
     def resumeProducing(self):
         self._resumed.set()
 
-    # -- pool thread ----------------------------------------------------
-
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
             try:
-                if self._headers_sent:
+                if self._streaming:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
@@ -292,27 +252,16 @@ class _WSGIResponse:
         return self._legacy_write
 
     def _legacy_write(self, data: bytes) -> None:
-        # The write() callable of PEP 3333, used by old frameworks.
         if not self._streaming:
             self._begin_stream()
         self._stream(data)
 
-    def _call_and_wait(self, fn, *args) -> None:
-        done = threading.Event()
-        self._reactor.callFromThread(fn, *args, done)
-        if not done.wait(self._write_timeout):
-            raise _TooSlow("the reactor did not take a response chunk")
-
     def _begin_stream(self) -> None:
         if self._status is None:
             raise RuntimeError("the application wrote before calling start_response()")
-        if self._streams is not None:
-            if not self._streams.take():
-                raise _NoStreamSlot()
-            self._slot = True
+        if self._streams is not None and not self._streams.take():
+            raise _NoStreamSlot()
         self._streaming = True
-        self._headers_sent = True
-        # Before the reactor may pause this producer (its first write).
         self._resumed = threading.Event()
         self._resumed.set()
         self._room = threading.Event()
@@ -320,8 +269,10 @@ class _WSGIResponse:
         self._lock = threading.Lock()
         self._queued: list[bytes] = []
         self._queued_bytes = 0
-        self._flush_scheduled = False
-        self._call_and_wait(self._start_stream, self._status, self._headers)
+        done = threading.Event()
+        self._reactor.callFromThread(self._start_stream, self._status, self._headers, done)
+        if not done.wait(self._write_timeout):
+            raise _TooSlow("the reactor did not take a response chunk")
         for chunk in self._written:
             self._stream(chunk)
         self._written = []
@@ -332,13 +283,11 @@ class _WSGIResponse:
         self._wait_for_client()
         if self.disconnected:
             return
-        # Handed over without waiting for the reactor (a round trip per
-        # chunk is most of a stream's cost); small chunks go out together.
+        # Not waiting for the reactor (most of a stream's cost): small chunks go out together.
         with self._lock:
+            schedule = not self._queued  # else a flush is on its way
             self._queued.append(data)
             self._queued_bytes += len(data)
-            schedule = not self._flush_scheduled
-            self._flush_scheduled = True
             full = self._queued_bytes >= _QUEUED_BYTES
             if full:
                 self._room.clear()
@@ -348,13 +297,11 @@ class _WSGIResponse:
             raise _TooSlow("the reactor did not take a response chunk")
 
     def _wait_for_client(self) -> None:
-        """Wait while the reactor has paused this producer (the client is behind)."""
         if not self._reactor_deadline:
             if not self._resumed.wait(self._write_timeout):
                 raise _TooSlow("the client did not read the response")
             return
-        # The transport's cut (--write-timeout after the client's last
-        # progress) wakes this thread; until then the client reads, however slowly.
+        # The transport's cut wakes this thread; until then the client reads, however slowly.
         while not self._resumed.wait(_WAIT_SLICE):
             if not getattr(self._reactor, "running", True):
                 raise _TooSlow("the reactor stopped while the client did not read the response")
@@ -375,18 +322,16 @@ class _WSGIResponse:
                     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
                 if self._streaming:
                     self._stream(chunk)
-                elif buffered:
+                elif buffered or chunk:
                     self._written.append(chunk)
-                elif chunk:
-                    self._written.append(chunk)
-                    self._begin_stream()
+                    if not buffered:
+                        self._begin_stream()
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
         except _NoStreamSlot:
             self._refuse_stream()
             return
         except _TooSlow as e:
-            # Not the application's fault: free the thread, cut the connection.
             log.warn(
                 "Streaming {method} {path}: {reason} within {timeout:g} s; "
                 "the connection is cut and the thread freed",
@@ -413,8 +358,7 @@ class _WSGIResponse:
                     close()
                 except BaseException:
                     log.failure("Error while closing the WSGI response")
-            if self._slot:
-                self._slot = False
+            if self._streaming and self._streams is not None:
                 self._streams.give_back()
         if self._streaming:
             self._reactor.callFromThread(self._finish_stream)
@@ -439,7 +383,7 @@ class _WSGIResponse:
         self._reactor.callFromThread(self._deliver, "503 Service Unavailable", headers, body)
 
     def _fail(self) -> None:
-        if self._headers_sent:
+        if self._streaming:
             self._reactor.callFromThread(lambda: self.disconnected or self._cut())
             return
         body = b"Internal Server Error\n"

@@ -1,5 +1,1 @@
-"""
-twistedlrp's own HTTP/1.1 server (L{protocol.HTTPConnection} over httptools,
-L{request.Request}), meant to replace twisted.web's channel, request and
-site on the serving path.
-"""
+"""twistedlrp's own HTTP/1.1 server: the connection, its reading and writing sides, the request."""

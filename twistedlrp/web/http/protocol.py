@@ -1,12 +1,13 @@
 """
 The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, with the
-limits and answers of docs/serving.md; its factory is the site
-(L{twistedlrp.web.site.LRPSite}), which answers each L{Request} in C{handle}. How a request is read, and what the
-parser checks: L{twistedlrp.web.http.reading}.
+limits and answers of docs/serving.md. Its factory is the site
+(L{twistedlrp.web.site.LRPSite}), which answers each request in C{handle};
+how a request is read: L{twistedlrp.web.http.reading}.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import httptools
@@ -19,12 +20,8 @@ from twistedlrp.jobs.protocol.limits import abort_now
 from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web.http.reading import (
     _ANSWERING,
-    _CHUNK_DATA,
-    _CHUNK_LINE,
     _CLOSED,
     _HEAD,
-    _LENGTH,
-    _TRAILERS,
     KEEP_ALIVE_TIMEOUT,
     MessageReader,
 )
@@ -34,8 +31,7 @@ from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
 log = Logger()
 
-# Seconds a connection accepted just before shut-down may take to send its
-# first request (it is answered, with Connection: close).
+# Seconds a connection accepted just before shut-down has to send its first request.
 DRAIN_GRACE = 1.0
 
 
@@ -43,14 +39,8 @@ DRAIN_GRACE = 1.0
 class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     """
     One HTTP/1.1 connection: requests are read one at a time and handed to
-    the site's C{handle}; the next is read once the response is finished.
-
-    @ivar awaiting_head: from the connection (or the end of the previous
-        response) until a whole request head has arrived: only such a
-        connection may be closed to make room for a new one.
-    @ivar request: the request being read or answered, if any.
-    @ivar closing: answered or cut already: on its way out.
-    @ivar draining: the server stops; every answer now closes the connection.
+    the site's C{handle}. Only a connection C{awaiting_head} (none whole yet)
+    is closed to make room; C{closing}: answered or cut already.
     """
 
     awaiting_head = False
@@ -65,42 +55,34 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     _cut_call = None
     _linger_call = None
     _drain_call = None
-    _host = _peer = None
     # (client address, trusted proxy, scheme) of the peer (LRPSite.client_of).
     judged = None
 
     def connectionMade(self):
-        site = self.factory
-        self.site = site
+        self.site = site = self.factory
         self.reactor = site.reactor
         self.limits = site.limits
         self._parser = httptools.HttpRequestParser(self)
         self._buffer = b""
-        site.channel_opened(self)
+        site.channels.add(self)
         self._start_flow()
         self._await_head()
         self._time_head()  # the first request head is timed from the connection
 
     # A connection's addresses do not change (getsockname() costs a call).
-    @property
+    @functools.cached_property
     def host(self):
-        if self._host is None:
-            self._host = self.transport.getHost()
-        return self._host
+        return self.transport.getHost()
 
-    @property
+    @functools.cached_property
     def peer(self):
-        if self._peer is None:
-            self._peer = self.transport.getPeer()
-        return self._peer
+        return self.transport.getPeer()
 
     @property
     def idle(self) -> bool:
-        """Whether no request is being read or answered."""
         return self.request is None
 
-    # -- deadlines: one DelayedCall per connection, moved lazily -----------
-
+    # One DelayedCall per connection, moved lazily.
     def _arm(self, seconds: float, on_due) -> None:
         """Call C{on_due()} in C{seconds} (0: never), instead of what was due."""
         if not seconds:
@@ -140,10 +122,8 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
                 self._close_quietly()  # nothing of a request came: nothing to answer
 
     def _idle_timed_out(self) -> None:
-        if self.request is None or self._state in (_LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS):
+        if self.request is None or _HEAD < self._state < _ANSWERING:  # idle, or reading a body
             self._close_quietly()
-
-    # -- the write deadline ------------------------------------------------
 
     def _write_stalled(self) -> None:
         """The client took none of the response for --write-timeout: cut it."""
@@ -164,8 +144,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._leave()
         self.transport.abortConnection()
 
-    # -- reading -------------------------------------------------------------
-
     def _await_head(self) -> None:
         self._state = _HEAD
         self.awaiting_head = True
@@ -181,23 +159,19 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             if not self._head_begun:
                 self._head_begun = True
                 if self.answered:
-                    # A later request is timed from its first byte (until
-                    # then the keep-alive timeout applies).
+                    # A later request is timed from its first byte.
                     self._time_head()
         elif self._state != _ANSWERING:
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
         self._buffer = self._buffer + data if self._buffer else data
         self._advance()
 
-    # -- answering -----------------------------------------------------------
-
     def _message_done(self) -> None:
         request = self.request
         self._state = _ANSWERING
         self._on_due = None
         if request.rejected:
-            self._leave()
-            self._lose_within_seconds()
+            self._close_quietly()
             return
         request.content.seek(0)
         self.last_request = request
@@ -240,11 +214,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
 
     def answer_and_close(self, status: bytes, body: bytes) -> None:
-        """
-        Answer C{status} with a short text C{body} and close the connection,
-        unless a response is under way already (then only close). A client
-        that does not read the answer is cut after a few seconds.
-        """
+        """Answer C{status} with a short text C{body}, unless a response is under way, and close."""
         if self.closing or self.transport is None or self.transport.disconnecting:
             return
         request = self.request
@@ -271,16 +241,13 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         if self._cut_call is None:
             self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.transport.abortConnection)
 
-    # -- closing -----------------------------------------------------------
-
     def readConnectionLost(self):
         # The client sent all it will: its request (if whole) is answered.
         self._peer_done = True
         if self.request is None or self._state != _ANSWERING:
             self._close_quietly()
         elif self.request._producer is not None:
-            # A stream (events, a file, a streaming response) whose client
-            # left: nobody reads it (twisted.web ended these at once too).
+            # A stream whose client left: nobody reads it.
             self.transport.abortConnection()
 
     def writeConnectionLost(self):
@@ -300,10 +267,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def drain(self) -> None:
         """
-        The server stops: a busy connection closes after its response
-        (C{Connection: close}); an idle one between two requests closes now
-        (a client retries); before its first, it gets L{DRAIN_GRACE} seconds
-        (accepted just before the listening stopped, its request is likely on
+        The server stops: a busy connection closes after its response; an
+        idle one between two requests closes now (a client retries); before
+        its first, it gets L{DRAIN_GRACE} seconds (its request is likely on
         its way); a head under way is answered, within the head deadline.
         """
         self.draining = True
@@ -320,10 +286,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._close_quietly()
 
     def evict(self) -> None:
-        """
-        Cut this connection (it awaits a request head; room is needed) and
-        free its descriptor now, not on the reactor's next turn (one turn
-        may accept hundreds of connections).
-        """
+        """Cut this connection to make room, freeing its descriptor now (not next turn)."""
         self._leave()
         abort_now(self.transport)

@@ -1,29 +1,17 @@
 """
-How the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol.HTTPConnection})
-reads requests, over httptools, the Python binding of llhttp (Node.js's
-parser).
+How the HTTP/1.1 protocol reads requests, over httptools (llhttp, Node.js's
+parser), which refuses what a request smuggler sends (docs/serving.md has
+the table). What it does not do is done here:
 
-llhttp, strict as httptools leaves it, refuses what a request smuggler
-sends: Content-Length with Transfer-Encoding, two Content-Lengths, a sign
-or a list in one, a transfer coding after chunked or unknown, a space
-before a colon, obs-fold, bare CR or LF, NUL and other controls, a bad
-chunk size (C{0x5}, past 2**64), and a bad method or version. What it does
-not do is done here:
-
- - It parses whatever it is given, cannot pause and does not say where a
-   message ended, so this protocol finds each message's end itself (the
-   head's empty line, the body's length, the chunked framing) and feeds the
-   parser one message at a time: a pipelined request is parsed once the one
-   before is answered, and waits as bytes until then. Each part of a message
-   must end where the parser ends it, or the request gets 400.
+ - It cannot pause and does not say where a message ended, so each
+   message's end is found here and the parser fed one message at a time:
+   a pipelined request waits as bytes until the one before is answered.
+   Each part must end where the parser ends it, or the request gets 400.
  - Sizes: the head's (431), its header lines' count, a chunk size of 2**63
    or more (400) or past the body limit (413 on its size line).
  - The target (absolute form reduced to a path, C{*} for OPTIONS only), a
-   second Host, C{identity, chunked} (only C{chunked} is a coding we take),
-   versions other than 1.0 and 1.1, runs of spaces in the request line, an
-   HTTP/1.1 request without Host. An HTTP/1.0 request with Transfer-Encoding
-   is read as chunked and answered, then the connection closes (RFC 9112
-   section 6.1; llhttp says it is not kept alive).
+   second Host, C{identity, chunked}, versions other than 1.0 and 1.1, runs
+   of spaces in the request line, an HTTP/1.1 request without Host.
 """
 
 from __future__ import annotations
@@ -40,21 +28,17 @@ from twistedlrp.web.limits import short_answer
 
 # Seconds an idle keep-alive connection (or a body that stopped coming) stays open.
 KEEP_ALIVE_TIMEOUT = 60.0
-# Seconds an oversized body is read and dropped after the 413, so the client
-# reads the answer instead of a reset.
+# Seconds an oversized body is read and dropped after the 413 (not a reset).
 LINGER_SECONDS = 5.0
 MAX_CHUNK_SIZE = 2**63
 # A chunk-size line (its size and extensions) longer than this gets 400.
 MAX_CHUNK_LINE = 4096
-# Bytes of pipelined requests held while one is answered; beyond, the
-# connection stops reading until it is answered.
+# Bytes of pipelined requests held while one is answered, before reading pauses.
 PIPELINE_BUFFER = 64 * 1024
 # A body larger than this goes to a temporary file.
 SPOOL_SIZE = 1024 * 1024
 
-# What the connection reads now: a head, a body of a length, a chunked body
-# (size line, data and its CRLF, trailers); then nothing while a request is
-# answered, or ever again once it closes.
+# What the connection reads now, in this order (nothing while a request is answered).
 _HEAD, _LENGTH, _CHUNK_LINE, _CHUNK_DATA, _TRAILERS, _ANSWERING, _CLOSED = range(7)
 
 # The request headers the protocol itself looks at.
@@ -64,9 +48,6 @@ _OWS = (b" ", b"\t")
 _ABSOLUTE = re.compile(rb"https?://([^/?@]+)((?:[/?].*)?)\Z", re.IGNORECASE | re.DOTALL)
 
 _400 = b"400 Bad Request"
-_CRLF_ONLY = b"Bad request: lines must end with CRLF.\n"
-_OBS_FOLD = b"Bad request: a header line begins with whitespace.\n"
-_CHUNK_TOO_LARGE = b"Bad request: chunk size too large.\n"
 _NOT_A_PATH = (
     b"Bad request: the request target must be a path (/...), an http or https URL, "
     b"or * for OPTIONS.\n"
@@ -95,22 +76,19 @@ def _refusal(exc: httptools.HttpParserError) -> _Answer:
         return _Answer(_400, _NOT_A_PATH)
     reason = str(exc)
     if reason == "Chunk size overflow":
-        return _Answer(_400, _CHUNK_TOO_LARGE)
+        return _bad(b"chunk size too large.")
     if reason == "Unexpected whitespace after header value":
-        return _Answer(_400, _OBS_FOLD)
+        return _bad(b"a header line begins with whitespace.")
     if "CR" in reason or "LF" in reason:
-        return _Answer(_400, _CRLF_ONLY)
+        return _bad(b"lines must end with CRLF.")
     return _bad(reason.encode("latin-1", "replace") + b".")
 
 
 def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
     """
     @return: C{(path, host)} for a C{target} that does not begin with C{/}:
-        an absolute form (C{http://host/path?query}) gives its path and
-        query and its host, which is the request's (RFC 9112 sections
-        3.2.2 and 3.3); C{*} for C{OPTIONS} gives C{(b"*", None)}.
-    @raise _Answer: 400 for C{*} with another method, the authority form, a
-        relative path, a URL of another scheme or with user info.
+        an absolute form's path and host, or C{(b"*", None)} for C{OPTIONS *}.
+    @raise _Answer: 400 for any other target.
     """
     if target == b"*":
         if method == b"OPTIONS":
@@ -124,10 +102,7 @@ def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes | None]:
 
 
 class MessageReader:
-    """
-    The reading side of L{twistedlrp.web.http.protocol.HTTPConnection}: finds
-    each part of a message, feeds it to the parser and takes its callbacks.
-    """
+    """The reading side of L{twistedlrp.web.http.protocol.HTTPConnection}."""
 
     request: Request | None = None
     _state = _HEAD
@@ -173,8 +148,7 @@ class MessageReader:
                 buffer = stripped
             if self._line is not None and state == _HEAD:
                 self._request_line(buffer)
-            # The part ends at the first empty line (a bare LF is refused by
-            # the parser before it could end a line).
+            # The part ends at the first empty line (the parser refuses a bare LF).
             window = self._tail + buffer
             end = window.find(b"\r\n\r\n")
             take = len(buffer) if end == -1 else end + 4 - len(self._tail)
@@ -201,8 +175,7 @@ class MessageReader:
         return True
 
     def _request_line(self, buffer: bytes) -> None:
-        # llhttp takes runs of spaces between the request line's parts, which
-        # a proxy in front may split otherwise.
+        # llhttp takes runs of spaces between the parts, which a proxy may split otherwise.
         end = buffer.find(b"\n")
         line = self._line + (buffer if end == -1 else buffer[:end])
         if end == -1:
@@ -215,10 +188,9 @@ class MessageReader:
     def _chunk_line(self, buffer: bytes) -> bool:
         end = buffer.find(b"\r\n")
         size_text = (buffer if end == -1 else buffer[:end]).split(b";", 1)[0]
-        # The parser takes sizes up to 2**64 - 1, and says nothing of one
-        # before its data: one no body can have is refused now.
+        # The parser takes sizes up to 2**64 - 1, and says nothing before their data.
         if len(size_text.lstrip(b"0")) > 16:
-            raise _Answer(_400, _CHUNK_TOO_LARGE)
+            raise _bad(b"chunk size too large.")
         if end == -1:
             if len(buffer) > MAX_CHUNK_LINE:
                 raise _bad(b"chunk size line too long.")
@@ -228,7 +200,7 @@ class MessageReader:
         except ValueError:
             size = 0  # the parser refuses the line
         if size >= MAX_CHUNK_SIZE:
-            raise _Answer(_400, _CHUNK_TOO_LARGE)
+            raise _bad(b"chunk size too large.")
         self._buffer = buffer[end + 2 :]
         self._feed(buffer[: end + 2])
         if size:
@@ -255,10 +227,8 @@ class MessageReader:
             raise _refusal(e) from None
 
     def _upgraded(self) -> None:
-        # llhttp stops at the head of a request with Upgrade (ends it, and
-        # reads no body). No protocol is switched to: a new parser reads the
-        # next message, after a head of our own with this one's framing if
-        # it has a body.
+        # llhttp ends a request with Upgrade at its head; no protocol is switched to: a new
+        # parser reads on, after a head of our own with this one's framing if it has a body.
         self._parser = httptools.HttpRequestParser(self)
         if self._state in (_LENGTH, _CHUNK_LINE):
             self._complete = False
@@ -272,8 +242,6 @@ class MessageReader:
                 self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
             finally:
                 self._synthetic = False
-
-    # -- the parser's callbacks ----------------------------------------------
 
     def on_message_begin(self):
         if self._synthetic:
@@ -319,10 +287,8 @@ class MessageReader:
             return
         parser = self._parser
         version = parser.get_http_version()
-        if version == "1.1":
-            proto = b"HTTP/1.1"
-        elif version == "1.0":
-            proto = b"HTTP/1.0"
+        if version in ("1.1", "1.0"):
+            proto = b"HTTP/" + version.encode()
         elif version[:1] in ("0", "1"):
             raise _bad(b"unsupported HTTP version.")
         else:
@@ -340,12 +306,10 @@ class MessageReader:
         if authority is None and not self._host_seen and proto == b"HTTP/1.1":
             raise _bad(b"no Host header (RFC 9112 section 3.2).")
         te = self._te
-        if te is not None:
-            if [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
-                raise _bad(b"the only transfer coding taken is chunked.")
+        if te is not None and [t.strip() for t in te.lower().split(b",")] != [b"chunked"]:
+            raise _bad(b"the only transfer coding taken is chunked.")
         request = Request(self, method, target, proto, headers, self._arrived)
-        # An HTTP/1.0 request with Transfer-Encoding: "close the connection
-        # after processing" (RFC 9112 section 6.1).
+        # HTTP/1.0 with Transfer-Encoding: "close the connection after processing" (RFC 9112).
         request.persistent = (
             parser.should_keep_alive()
             and not self.draining

@@ -1,10 +1,7 @@
 """
-One request of the HTTP/1.1 protocol (L{twistedlrp.web.http.protocol}):
-what the handler reads (method, target, headers, the body as a file, the
-peer) and how it answers (status and headers, then C{write}/C{finish} or a
-producer). The response is framed here: C{Content-Length} when given,
-else chunked (HTTP/1.1) or delimited by the close (HTTP/1.0); no body for
-C{HEAD}, 1xx, 204 and 304, with the same headers a C{GET} would get.
+One request of the HTTP/1.1 protocol and its response, framed here:
+C{Content-Length} when given, else chunked (HTTP/1.1) or delimited by the
+close (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.
 """
 
 from __future__ import annotations
@@ -17,6 +14,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import CACHED, datetimeToString, stringToDatetime
+
+from twistedlrp.web.accesslog import mask_tokens, quote
 
 _log = Logger()
 
@@ -25,15 +25,12 @@ _REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the o
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 # Responses that never have a body, whatever their headers say.
 _NO_BODY = frozenset((204, 304))
-# Header names as they are sent: what the server sets in lower case is
-# sent capitalised (content-type: Content-Type); other spellings are kept.
+# Header names as sent: lower case is capitalised (Content-Type), others kept.
 _SPELLING: dict[bytes, bytes] = {}
 
 
 def _masked(uri: bytes) -> str:
     """@return: C{uri} as the access log shows it (its tokens masked)."""
-    from twistedlrp.web.accesslog import mask_tokens, quote
-
     return mask_tokens(quote(uri))
 
 
@@ -48,22 +45,11 @@ def _spelled(name: bytes) -> bytes:
 
 class Request:
     """
-    One request, and its response.
-
-    @ivar method: C{b"GET"}, ...
-    @ivar uri: the request target as received, in origin form (an absolute
-        form is reduced to its path and query), or C{b"*"} for C{OPTIONS}.
-    @ivar path: the target up to C{?}, not unquoted; C{query}: after it.
-    @ivar clientproto: C{b"HTTP/1.1"} or C{b"HTTP/1.0"}.
-    @ivar headers: the request headers, C{(lower-case name, value)} in order.
-    @ivar content: the body, a file at offset 0 (empty without a body).
-    @ivar arrived: monotonic seconds when the request head began to arrive;
-        C{started}: when the handler got the request.
-    @ivar client, scheme: the client address and URL scheme (the site sets
-        them from the peer and any trusted forwarded headers).
-    @ivar persistent: whether the connection may carry another request
-        after this one (the protocol decides; a response may turn it off).
-    @ivar channel: the connection (L{HTTPConnection}); C{None} once lost.
+    One request and its response: C{uri} is the target in origin form (or
+    C{b"*"}), C{headers} are C{(lower-case name, value)} in order, C{content}
+    is the body (a file at offset 0), C{arrived} and C{started} are monotonic
+    times, C{client} and C{scheme} as the site trusts forwarded headers, and
+    C{channel} is the connection (C{None} once lost).
     """
 
     code = 200
@@ -79,14 +65,12 @@ class Request:
     sentLength = 0  # bytes of the body sent
     lastModified: int | None = None
     content = None
-    # How the body goes out, decided with the head: chunked, or a length.
     _chunked = False
     _left: int | None = None
     _body_allowed = True
     _producer = None
     _waiters: list | None = None
-    # Called with the reason if the connection is lost before the response
-    # is finished (what notifyFinish does, without a Deferred per request).
+    # Called with the reason if the connection is lost first (notifyFinish without a Deferred).
     on_lost = None
 
     def __init__(self, channel, method: bytes, target: bytes, version: bytes, headers, arrived):
@@ -101,16 +85,10 @@ class Request:
         self.postpath: list[bytes] = []
         self._response: dict[bytes, tuple[bytes, list[bytes]]] = {}
 
-    # -- what the request says ------------------------------------------
-
     def getHeader(self, name: bytes) -> bytes | None:
         """@return: the last value of the request header C{name} (any case), or C{None}."""
         name = name.lower()
-        found = None
-        for key, value in self.headers:
-            if key == name:
-                found = value
-        return found
+        return next((value for key, value in reversed(self.headers) if key == name), None)
 
     @property
     def args(self) -> dict[bytes, list[bytes]]:
@@ -130,8 +108,6 @@ class Request:
         """@return: whether the connection is TLS."""
         return self.channel is not None and ISSLTransport.providedBy(self.channel.transport)
 
-    # -- the response -----------------------------------------------------
-
     def setResponseCode(self, code: int, message: bytes | None = None) -> None:
         self.code = code
         # The usual phrase: the status line is made once per process.
@@ -143,12 +119,7 @@ class Request:
 
     def addHeader(self, name: bytes, value: bytes) -> None:
         """Add C{value} to the response header C{name} (a header line more)."""
-        key = name.lower()
-        known = self._response.get(key)
-        if known is None:
-            self._response[key] = (name, [value])
-        else:
-            known[1].append(value)
+        self._response.setdefault(name.lower(), (name, []))[1].append(value)
 
     def removeHeader(self, name: bytes) -> None:
         self._response.pop(name.lower(), None)
@@ -164,14 +135,7 @@ class Request:
         self.setHeader(b"location", url)
 
     def setLastModified(self, when: float):
-        """
-        Set C{Last-Modified} (a later time wins over an earlier one).
-
-        @return: C{twisted.web.http.CACHED} after setting the status to 304
-            when C{If-Modified-Since} is not older, else C{None}.
-        """
-        from twisted.web.http import CACHED, datetimeToString, stringToDatetime
-
+        """Set C{Last-Modified}; @return: C{CACHED} (and 304) if the client's copy is not older."""
         when = int(math.ceil(when))
         if self.lastModified is None or self.lastModified < when:
             self.lastModified = when
@@ -251,8 +215,7 @@ class Request:
             left = self._left
             if left is not None:
                 if len(data) > left:
-                    # More than Content-Length said would be read as the
-                    # next response: cut, and close after.
+                    # More would be read as the next response.
                     _log.warn(
                         "{method} {uri}: the response is longer than its Content-Length; "
                         "cut there, and the connection closed",
@@ -301,8 +264,6 @@ class Request:
         for waiter in waiters or ():
             waiter.callback(None)
 
-    # -- streaming ---------------------------------------------------------
-
     def registerProducer(self, producer, streaming: bool) -> None:
         """Have C{producer} write the body, with the transport's flow control."""
         self._producer = producer
@@ -315,7 +276,7 @@ class Request:
                 self.channel.unregister_producer()
 
     def notifyFinish(self) -> defer.Deferred:
-        """@return: a Deferred fired when the response is finished, failed if the connection is lost first."""
+        """@return: a Deferred fired when the response ends, or failed if the connection is lost."""
         d = defer.Deferred()
         if self.finished:
             d.callback(None)
@@ -328,7 +289,6 @@ class Request:
         return d
 
     def connection_lost(self, reason: Failure) -> None:
-        """The connection was lost before the response was finished."""
         self.channel = None
         self._producer = None
         if self.on_lost is not None:

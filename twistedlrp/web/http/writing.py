@@ -1,18 +1,14 @@
 """
-The write side of an HTTP connection (L{WriteFlow}), on Twisted's producer
-API: the connection is its transport's producer, so the transport pauses it
-when its buffer holds more than it can send (a client that reads slowly or
-not at all) and resumes it once that is sent. A response's own producer (a
-file, a stream) registers with the connection, which passes pauses and
-resumes on.
-
-C{--write-timeout}: a connection paused that long is cut, unless the peer
-acknowledged a byte meanwhile (Linux says so, in C{TCP_INFO}): a client
-that reads slowly is not cut, one that reads nothing is.
+The write side of an HTTP connection (L{WriteFlow}): the connection is its
+transport's producer, and passes pauses and resumes on to a response's own
+producer. C{--write-timeout}: a connection paused that long is cut, unless
+the peer acknowledged a byte meanwhile (Linux's C{TCP_INFO} says so): a
+client that reads slowly is not cut, one that reads nothing is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import sys
@@ -23,8 +19,7 @@ from zope.interface import implementer
 from twistedlrp.ordered_service import cancel_call
 from twistedlrp.web.limits import UNSENT_LOWAT
 
-# Looks at a paused connection per write timeout: the peer's
-# acknowledgements are seen within a quarter of it.
+# Looks at a paused connection per write timeout.
 STALL_CHECKS = 4
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 # Where Linux's struct tcp_info holds tcpi_bytes_acked (since Linux 4.1).
@@ -32,10 +27,7 @@ _BYTES_ACKED_AT = 120
 
 
 def bytes_acked(sock) -> int | None:
-    """
-    @return: the bytes the peer of the TCP socket C{sock} has acknowledged
-        so far, or C{None} where the system does not say (not Linux, not TCP).
-    """
+    """@return: the bytes the peer of the TCP socket C{sock} acknowledged, or C{None}: unknown."""
     if _TCP_INFO is None or sock is None:
         return None
     try:
@@ -49,19 +41,12 @@ def bytes_acked(sock) -> int | None:
 
 @implementer(IPushProducer)
 class WriteFlow:
-    """
-    The producer half of L{twistedlrp.web.http.protocol.HTTPConnection}.
-
-    @ivar producer: the response's producer, if one is registered.
-    @ivar write_deadline: whether a client that reads nothing is cut.
-    """
+    """The producer half of an HTTP connection (C{write_deadline}: the write timeout is on)."""
 
     producer = None
     write_deadline = False
-    # Registered on the transport as a pull producer (for a pull producer).
-    _pull = False
-    # Reactor time since which the transport has been paused (or, in pull
-    # mode, has not asked for more), without progress since.
+    _pull = False  # registered on the transport as a pull producer
+    # Since when the transport has been paused (or has not pulled), without progress.
     _blocked_since: float | None = None
     _acked: int | None = None
     _flow_call = None
@@ -72,19 +57,12 @@ class WriteFlow:
         if not self.limits.write_timeout:
             return
         self.write_deadline = True
-        # The socket itself; under TLS, the wrapper passes the attribute on
-        # to the TCP transport (its getHandle() is not a socket).
-        sock = getattr(self.transport, "socket", None)
-        self._socket = sock
-        # The kernel keeps at most UNSENT_LOWAT bytes that the peer's window
-        # does not let out yet (by default, megabytes on loopback), so the
-        # transport pauses soon after the client stops reading.
+        # Under TLS, the wrapper passes the attribute on to the TCP transport.
+        self._socket = sock = getattr(self.transport, "socket", None)
         lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
         if lowat is not None and getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, lowat, UNSENT_LOWAT)
-            except OSError:
-                pass
 
     def _blocked(self) -> None:
         if self._blocked_since is not None:
@@ -93,7 +71,6 @@ class WriteFlow:
         self._acked = bytes_acked(self._socket)
         timeout = self.limits.write_timeout
         if timeout and self._flow_call is None:
-            # One call per connection at most: it finds out when it fires.
             self._flow_call = self.reactor.callLater(timeout / STALL_CHECKS, self._check_flow)
 
     def _check_flow(self) -> None:
@@ -113,8 +90,6 @@ class WriteFlow:
         else:
             self._write_stalled()
 
-    # -- IPushProducer, for the transport -----------------------------------
-
     def pauseProducing(self) -> None:
         self._blocked()
         if self.producer is not None and not self._pull:
@@ -133,14 +108,11 @@ class WriteFlow:
         if producer is not None:
             producer.stopProducing()
 
-    # -- the response's producer --------------------------------------------
-
     def register_producer(self, producer, streaming: bool) -> None:
         """Pass the transport's flow control on to C{producer} (L{Request.registerProducer})."""
         self.producer = producer
         if not streaming:
-            # The transport asks a pull producer for more each time it has
-            # sent everything (and starts it now).
+            # The transport asks a pull producer for more when it has sent all.
             self._pull = True
             self.transport.unregisterProducer()
             self.transport.registerProducer(self, False)
@@ -158,10 +130,7 @@ class WriteFlow:
                 self.transport.registerProducer(self, True)
 
     def _lose(self) -> None:
-        """
-        Close the connection once what is buffered is sent; a client that
-        does not take it within the write timeout is cut.
-        """
+        """Close the connection once what is buffered is sent (or the write timeout cuts it)."""
         # A transport with a producer waits for it before it closes.
         self.transport.unregisterProducer()
         self._pull = False
