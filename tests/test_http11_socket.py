@@ -22,6 +22,8 @@ from support import read_to_close
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 WRITE_TIMEOUT = 1.0
+PIECES = [10, 70_000, 3, 300_000, 1, 65_536, 500_000, 20, 4_000_000, 7, 200_000, 2, 6_000_000, 5]
+BLOCK_SECONDS = 4.0
 
 
 def serve() -> None:
@@ -66,6 +68,20 @@ def serve() -> None:
             if request.path == b"/stream":
                 for piece in (b"abc", b"", b"defgh"):
                     request.write(piece)
+            elif request.path == b"/pieces":
+                # Writes of every size, in one turn of the reactor, each of
+                # its own byte: some reach the socket at once, the rest wait
+                # in the transport once the socket is full; order must hold.
+                for n, size in enumerate(PIECES):
+                    request.write(bytes([65 + n % 26]) * size)
+            elif request.path == b"/then-block":
+                # The reactor is busy right after the answer: it must be on
+                # the wire already.
+                request.setHeader(b"content-length", b"6")
+                request.write(b"early\n")
+                request.finish()
+                time.sleep(BLOCK_SECONDS)
+                return
             elif request.path == b"/fail":
                 raise RuntimeError("a bug")
             elif request.path == b"/long":
@@ -160,6 +176,44 @@ def test_expect_100_continue_and_chunked_bodies_both_ways(port):
     head, body = answer.split(b"\r\n\r\n", 1)
     assert b"\r\nTransfer-Encoding: chunked\r\n" in head and b"\r\nConnection: close" in head
     assert body == b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"
+
+
+def _unchunked(body: bytes) -> bytes:
+    pieces, at = [], 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if not size:
+            return b"".join(pieces)
+        pieces.append(body[end + 2 : end + 2 + size])
+        at = end + 4 + size
+
+
+def test_writes_of_every_size_arrive_whole_and_in_order_to_a_slow_reader(port):
+    with _connect(port) as sock:
+        sock.sendall(b"GET /pieces HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Nothing read for a moment: the sockets' buffers fill up.
+        assert not select.select([], [], [], 0.3)[0]
+        received = bytearray()
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(1 << 20)
+            assert chunk, bytes(received[:200])
+            received += chunk
+    head, body = bytes(received).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert _unchunked(body) == b"".join(
+        bytes([65 + n % 26]) * size for n, size in enumerate(PIECES)
+    )
+
+
+def test_an_answer_is_on_the_wire_before_the_reactor_turns_again(port):
+    with _connect(port) as sock:
+        sock.sendall(b"GET /then-block HTTP/1.1\r\nHost: x\r\n\r\n")
+        # The server's reactor sleeps BLOCK_SECONDS right after answering: an
+        # answer left to the reactor's next turn would come after that.
+        sock.settimeout(BLOCK_SECONDS / 2)
+        answer = _read_until(sock, b"early\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 def _tcp_state(sock: socket.socket) -> int:

@@ -276,7 +276,7 @@ class LRPSite(protocol.Factory):
     def abort_all(self) -> None:
         """Cut every remaining connection (the graceful deadline has passed)."""
         for channel in list(self.channels):
-            channel.transport.abortConnection()
+            channel.cut()
 
 
 class BusyAnswer(protocol.Protocol):

@@ -142,7 +142,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             freed=" and its thread freed" if getattr(request, "streaming", False) else "",
         )
         self._leave()
-        self.transport.abortConnection()
+        self.cut()
 
     def _await_head(self) -> None:
         self._state = _HEAD
@@ -181,7 +181,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         except Exception:
             log.failure("Error while routing {uri}", uri=request.uri)
             if request.startedWriting:
-                self.transport.abortConnection()
+                self.cut()
             elif not request.finished:
                 # The application's headers go; the server's own (Server, Date) stay.
                 for name in [n for n in request._response if n not in (b"server", b"date")]:
@@ -221,7 +221,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         under_way = request is not None and (request.startedWriting or request.rejected)
         self._leave()
         if not under_way:
-            self.transport.write(short_answer(status, body))
+            self.send(short_answer(status, body))
         self._lose_within_seconds()
 
     def _leave(self) -> None:
@@ -239,7 +239,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     def _lose_within_seconds(self) -> None:
         self._lose()
         if self._cut_call is None:
-            self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.transport.abortConnection)
+            self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.cut)
 
     def readConnectionLost(self):
         # The client sent all it will: its request (if whole) is answered.
@@ -248,7 +248,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._close_quietly()
         elif self.request._producer is not None:
             # A stream whose client left: nobody reads it.
-            self.transport.abortConnection()
+            self.cut()
 
     def writeConnectionLost(self):
         pass

@@ -335,7 +335,7 @@ class MessageReader:
             self._refuse_body()
         elif self._expect_continue and proto == b"HTTP/1.1" and not self._buffer:
             # The body will be read: the client may send it (unless it has).
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes):
         request = self.request
@@ -361,6 +361,6 @@ class MessageReader:
         if request.content is not None:
             request.content.close()
             request.content = None
-        self.transport.write(short_answer(b"413 Content Too Large", body))
+        self.send(short_answer(b"413 Content Too Large", body))
         self.site.log(request)
-        self._linger_call = self.reactor.callLater(LINGER_SECONDS, self.transport.abortConnection)
+        self._linger_call = self.reactor.callLater(LINGER_SECONDS, self.cut)

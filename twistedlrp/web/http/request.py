@@ -234,12 +234,11 @@ class Request:
             else:
                 pieces = (head, data)
             if size < 65536:
-                channel.transport.write(b"".join(pieces))
+                channel.send(b"".join(pieces))
             else:
-                # Not copied into one string: the transport sends them in turn.
-                channel.transport.writeSequence(pieces)
+                channel.send_pieces(pieces)
         elif head:
-            channel.transport.write(head)
+            channel.send(head)
 
     def finish(self) -> None:
         """End the response; the connection goes on to the next request, or closes."""
@@ -253,7 +252,7 @@ class Request:
                     self.setHeader(b"content-length", b"0")
             self.write(b"")
         elif self._chunked and self._body_allowed:
-            channel.transport.write(b"0\r\n\r\n")
+            channel.send(b"0\r\n\r\n")
         if self._left:
             self.persistent = False  # fewer bytes than Content-Length said
         if self._producer is not None:

@@ -13,7 +13,7 @@ import socket
 import struct
 import sys
 
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISystemHandle
 from zope.interface import implementer
 
 from twistedlrp.ordered_service import cancel_call
@@ -51,9 +51,19 @@ class WriteFlow:
     _acked: int | None = None
     _flow_call = None
     _socket = None
+    # The connection's socket while nothing waits in the transport's buffer:
+    # then a response goes out at once, not on the reactor's next turn (Twisted
+    # writes later, twisted/twisted#5303), which saves a loop and two epoll_ctl
+    # calls per response. None under TLS, and from the first send the socket
+    # does not take whole: from then on the transport sends, in order.
+    _direct = None
 
     def _start_flow(self) -> None:
         self.transport.registerProducer(self, True)
+        if ISystemHandle.providedBy(self.transport):
+            handle = self.transport.getHandle()
+            if isinstance(handle, socket.socket):  # not TLS
+                self._direct = handle
         if not self.limits.write_timeout:
             return
         self.write_deadline = True
@@ -89,6 +99,44 @@ class WriteFlow:
             )
         else:
             self._write_stalled()
+
+    def send(self, data: bytes) -> None:
+        """Write C{data} to the connection: at once if nothing waits before it."""
+        sock = self._direct
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError:  # the transport meets the error again, and reports it
+                sent = 0
+            if sent == len(data):
+                return
+            self._direct = None
+            data = data[sent:]
+        self.transport.write(data)
+
+    def send_pieces(self, pieces) -> None:
+        """L{send} for pieces too large to be joined into one string."""
+        sock = self._direct
+        if sock is not None:
+            try:
+                sent = sock.sendmsg(pieces)
+            except OSError:
+                sent = 0
+            if sent == sum(map(len, pieces)):
+                return
+            self._direct = None
+            rest = []
+            for piece in pieces:
+                if sent < len(piece):
+                    rest.append(piece[sent:])
+                sent = max(0, sent - len(piece))
+            pieces = rest
+        self.transport.writeSequence(pieces)
+
+    def cut(self) -> None:
+        """Abort the connection: what is not sent yet is dropped, and nothing more is sent."""
+        self._direct = None
+        self.transport.abortConnection()
 
     def pauseProducing(self) -> None:
         self._blocked()
