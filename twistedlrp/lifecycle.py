@@ -46,7 +46,6 @@ class SiteServices(OrderedService):
             self.take(named)
 
     def take(self, named: _Named) -> None:
-        """Run C{named} here if it is of this scope (at once if this service runs)."""
         if in_scope(self.scope, named.once):
             self.addService(named)
 
@@ -66,30 +65,24 @@ def _register(hooks: list, hook, once: bool, what: str):
 
 def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server start, before the ports open: as
-    C{@on_startup} or C{@on_startup(once=True)}.
+    Register C{hook} to run at server start, before the ports open (C{@on_startup}).
 
-    @param once: with C{--web-workers} above 1, run it once, in the main
-        process (the job service's); a plain hook runs in every web process
-        instead, where the views run. With one web process both kinds run there.
+    @param once: with C{--web-workers} above 1, run it in the main process
+        only; a plain hook runs in every web process instead.
     @return: C{hook} itself (or a decorator, when called without it).
     """
     return _register(_startup_hooks, hook, once, "on_startup")
 
 
 def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
-    """
-    Register C{hook} to run at server stop, after requests and jobs drained
-    (C{once} as for L{on_startup}); @return: as L{on_startup}.
-    """
+    """Register C{hook} to run at server stop, once requests and jobs drained (as L{on_startup})."""
     return _register(_shutdown_hooks, hook, once, "on_shutdown")
 
 
 def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
     """
-    Start and stop C{svc} (any L{IService}) with the server, in registration
-    order and the reverse, awaiting a Deferred its C{startService} or
-    C{stopService} returns (C{once} as for L{on_startup}).
+    Start and stop C{svc} with the server, in order and the reverse, awaiting
+    the Deferreds it returns (C{once} as for L{on_startup}).
 
     @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
@@ -117,10 +110,7 @@ def in_scope(scope: str, once: bool) -> bool:
 
 
 def get_service(name: str) -> IService:
-    """
-    @return: the service registered as C{name}.
-    @raise LookupError: nothing is registered under C{name}.
-    """
+    """@return: the service registered as C{name}. @raise LookupError: there is none."""
     try:
         return _services[name]
     except KeyError:
@@ -129,7 +119,7 @@ def get_service(name: str) -> IService:
 
 
 class _Named(service.Service):
-    """A registered service under its registered name (its own name may differ or be unset)."""
+    """A registered service under its registered name."""
 
     def __init__(self, name: str, wrapped: IService, once: bool):
         self.name, self.wrapped, self.once = name, wrapped, once
@@ -160,8 +150,6 @@ def hooks_in_scope(hooks: list, scope: str) -> list:
 
 
 class StartupHooks(service.Service):
-    """Runs the start-up hooks of C{scope} in registration order when it starts."""
-
     name = "startup-hooks"
 
     def __init__(self, scope: str = "all"):
@@ -184,7 +172,7 @@ class StartupHooks(service.Service):
 
 
 class ShutdownHooks(service.Service):
-    """Runs the shut-down hooks newest first when it stops, each within the deadline."""
+    """Runs the shut-down hooks newest first, each within the deadline."""
 
     name = "shutdown-hooks"
 
@@ -212,7 +200,7 @@ class _Hook(service.Service):
 
 
 def _reset() -> None:
-    """Forget every hook and service (for tests that register their own)."""
+    """For tests that register their own."""
     global _serving
     _startup_hooks.clear()
     _shutdown_hooks.clear()

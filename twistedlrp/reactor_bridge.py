@@ -1,9 +1,8 @@
 """
-:func:`call_in_reactor`, the one way from a Django thread into the reactor.
-Unlike ``blockingCallFromThread`` it has a timeout and fails at once when the
-server is shutting down instead of hanging (Twisted issue 10124). In a
-process with no running reactor (``manage.py shell``, another WSGI server)
-the first call starts the reactor in a daemon thread.
+:func:`call_in_reactor`, the one way from a Django thread into the reactor:
+``blockingCallFromThread`` with a timeout, failing at once at shut-down
+instead of hanging (Twisted issue 10124). With no running reactor
+(``manage.py shell``) the first call starts one in a daemon thread.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ class ShutdownInProgress(RuntimeError):
     """The server is shutting down and no longer runs calls in the reactor."""
 
 
-# "server": twistd lrp owns the reactor and runs it in the main thread.
-# "thread": this module started the reactor in a daemon thread.
+# "server": twistd lrp runs the reactor; "thread": this module started it.
 _mode: str | None = None
 _shutting_down = False
 _lock = threading.Lock()
@@ -107,12 +105,10 @@ def call_in_reactor(
     """
     Run C{fn(*args, **kwargs)} in the reactor thread and wait for its result.
 
-    @param timeout: seconds to wait; on expiry the Deferred is cancelled.
     @return: the result of C{fn}, or of the Deferred or coroutine it returned.
-    @raise TimeoutError: no result within C{timeout} seconds.
+    @raise TimeoutError: no result within C{timeout} seconds (its Deferred is cancelled).
     @raise ShutdownInProgress: the server is shutting down.
-    @raise RuntimeError: called from the reactor thread itself (that would
-        deadlock: use the Deferred directly there).
+    @raise RuntimeError: called from the reactor thread itself (a deadlock).
     @raise Exception: whatever C{fn} raised or its Deferred failed with.
     """
     if in_reactor_thread():
@@ -147,7 +143,8 @@ def call_in_reactor(
         _reactor().callFromThread(run_in_reactor)
         if not call.event.wait(timeout):
             _reactor().callFromThread(call.cancel)
-            raise TimeoutError(f"{_describe(fn)} did not finish within {timeout} s")
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise TimeoutError(f"{name} did not finish within {timeout} s")
     finally:
         with _lock:
             _pending.discard(call)
@@ -157,7 +154,3 @@ def call_in_reactor(
             outcome.raiseException()
         raise outcome
     return call.outcome
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -29,12 +29,7 @@ log = Logger()
 
 
 class Server(OrderedService):
-    """
-    What the three kinds of server process share.
-
-    @cvar role: the process's kind, as the metrics name it.
-    @cvar scope: which hooks and site services run here (L{lifecycle.in_scope}).
-    """
+    """What the three kinds of server process share; C{scope}: see L{lifecycle.in_scope}."""
 
     name = "lrp"
     role = scope = ""
@@ -57,7 +52,6 @@ class Server(OrderedService):
         self.metrics = metrics.configure(self.role, options)
 
     def _add_children(self, job_service, job_client, pool=None, serving=()) -> None:
-        """Add the services in the order of the start-up contract, C{serving} last."""
         from twistedlrp import http as outbound
         from twistedlrp import metrics
 
@@ -113,14 +107,11 @@ class Server(OrderedService):
             web_metrics.health_listener(self.reactor, self.options, health),
         )
 
-    # -- start ----------------------------------------------------------
-
     def startService(self):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
-        # twistd calls startService before the reactor runs; the real start
-        # (and our signal handlers, which must replace the reactor's) waits
-        # for the reactor.
+        # twistd starts services before the reactor runs; our signal handlers
+        # must replace the reactor's.
         self._starting = defer.Deferred()
         self.reactor.callWhenRunning(self._begin)
         return self._starting
@@ -149,11 +140,10 @@ class Server(OrderedService):
             self.fail(f"start-up failed: {type(e).__name__}: {e}")
 
     def fail(self, message: str) -> None:
-        # Exit status 1: only the operator's signals stop with 0, so that
-        # systemd's Restart=on-failure restarts after any other stop.
+        # Status 1, so that systemd's Restart=on-failure restarts; one plain
+        # line on the terminal, in case the log goes elsewhere.
         set_exit_code(1)
         self.exit_code = 1
-        # One plain line on the terminal too, in case the log goes elsewhere.
         write_stderr(f"twistd lrp: error: {message.splitlines()[0]}\n")
         if self.reactor.running:
             self.reactor.stop()
@@ -166,8 +156,6 @@ class Server(OrderedService):
             addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
             threads=self.options["threads"] if self.web is not None else 0,
         )
-
-    # -- templates (development) ----------------------------------------
 
     def reload_templates(self, files: list[str]) -> defer.Deferred:
         """Template C{files} changed: reset Django's template loaders here and in web processes."""
@@ -186,8 +174,6 @@ class Server(OrderedService):
         d.addCallbacks(done, lambda f: log.failure("Reloading the templates failed", f))
         return d
 
-    # -- signals --------------------------------------------------------
-
     def _first_signal(self, name: str) -> None:
         log.info(
             "Received {signal}: shutting down gracefully (up to {timeout:g} s); "
@@ -204,29 +190,19 @@ class Server(OrderedService):
         flush_everything()
         os._exit(1)
 
-    # -- stop -----------------------------------------------------------
-
     def stopService(self):
         if self._stopping is None:
             if self.state == "running":
                 log.info("Stopping: draining requests")
             self.state = "stopping"
-            self._stopping_now()
+            if self.channel is not None:
+                self.channel.send_status()
             super().stopService().addCallback(lambda _: log.info("twistedlrp stopped"))
         return self._stopping
 
-    def _stopping_now(self) -> None:
-        # Called as the graceful stop begins, before the children stop.
-        pass
-
 
 class SingleServer(Server):
-    """
-    The one process that serves everything (C{--web-workers 1}).
-
-    @param application: the WSGI application, or C{None} with C{--jobs-only}.
-    @param jobs: the job service and the job client service (either may be C{None}).
-    """
+    """The one process that serves everything; C{application} is C{None} with C{--jobs-only}."""
 
     role, scope = "single", "all"
 
@@ -306,9 +282,6 @@ class WebProcessServer(Server):
         # still one graceful stop; the main process kills at its deadline.
         pass
 
-    def _stopping_now(self) -> None:
-        self.channel.send_status()
-
 
 def _watch_jobs(registry, job_service) -> None:
     if job_service is not None:
@@ -318,7 +291,7 @@ def _watch_jobs(registry, job_service) -> None:
 
 
 class _Closer(service.Service):
-    """Calls C{close} (which may return a Deferred) when the server stops."""
+    """Returns C{close()} when it stops."""
 
     def __init__(self, name: str, close):
         self.name = name
@@ -331,8 +304,6 @@ class _Closer(service.Service):
 
 def build_server(options, reactor=None) -> Server:
     """
-    Run the start-up steps that precede the reactor (docs/design.md, 1 to 3).
-
     @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
@@ -371,7 +342,6 @@ def _describe_port(port) -> str:
 
 
 def _call_slots() -> dict | None:
-    """@return: the threads in a job call and the most allowed (the health endpoint's)."""
     from twistedlrp.jobs.client import calls as client
 
     slots = client.call_slots()

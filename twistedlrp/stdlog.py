@@ -27,10 +27,8 @@ _NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 def drop_django_console() -> int:
     """
-    After C{django.setup()}: remove Django's C{console} handler from the
-    loggers whose records reach a root handler of ours (it would print them twice).
-
-    @return: how many handlers were removed.
+    Remove Django's C{console} handler where records reach a root handler of
+    ours (it would print them twice); @return: how many were removed.
     """
     root = logging.getLogger()
     if not any(getattr(h, "_twistedlrp", False) for h in root.handlers):
@@ -62,10 +60,7 @@ def _propagates_to_root(logger: logging.Logger) -> bool:
 
 
 def install_worker_handler() -> None:
-    """
-    In a job worker: write stdlib records of the server's C{--log-level} and
-    above to standard error (one L{_RECORD} line each), unless C{LOGGING} set a root handler.
-    """
+    """In a job worker: records of the server's C{--log-level} to stderr (unless LOGGING did)."""
     if logging.getLogger().handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
