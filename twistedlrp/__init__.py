@@ -35,9 +35,8 @@ def __getattr__(name):
 
 def make_service(**options):
     """
-    Build the server from keyword options named like the command line's
-    (C{threads=16}, C{graceful_timeout=10}), Django set up (with
-    C{reload=True}: the reload supervisor). For a C{.tac} file::
+    Build the server (Django set up) from keyword options named like the
+    command line's (C{threads=16}, C{graceful_timeout=10}). For a C{.tac} file::
 
         application = service.Application("lrp")
         make_service(settings="mysite.settings").setServiceParent(application)

@@ -15,9 +15,8 @@ from twisted.python import usage
 
 __all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value", "read_config_file"]
 
-# Where a value came from (L{twistedlrp.options.Options.given}). Values set
-# through Options.set_option (make_service() keywords) count as the command
-# line: they win over the file, and the reload supervisor passes them on.
+# Where a value came from (Options.given); make_service() keywords count as
+# the command line: they win over the file, and --reload passes them on.
 COMMAND_LINE = "command line"
 CONFIG_FILE = "config file"
 
@@ -48,7 +47,7 @@ STRINGS = Kind(
 def python_value(option, value):
     """
     @return: C{value} for C{option}, normalised (a list, for a repeatable option).
-    @raise usage.UsageError: the value has the wrong type (checked before the parser).
+    @raise usage.UsageError: the value has the wrong type.
     """
     name = option.name
     if option.from_python:
@@ -100,8 +99,7 @@ def typed(value) -> str:
 
 def read_config_file(path: str) -> dict:
     """
-    @return: the options in the TOML file at C{path}, keyed as the file
-        spells them (the contents of its C{[lrp]} table if that is all it has).
+    @return: the options in the TOML file at C{path} (or in its only table, C{[lrp]}).
     @raise usage.UsageError: the file cannot be read or is not TOML.
     """
     try:
@@ -109,7 +107,6 @@ def read_config_file(path: str) -> dict:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise usage.UsageError(f"--config: cannot read {path}: {e}") from None
-    # A [lrp] table is accepted so the file can share a pyproject-style layout.
     if set(data) == {"lrp"} and isinstance(data["lrp"], dict):
         data = data["lrp"]
     return data
@@ -119,7 +116,7 @@ def apply_config_file(options, path: str) -> None:
     """
     Set the options in the TOML file at C{path}, but those given on the command line.
 
-    @raise usage.UsageError: not TOML, an unknown key or a wrong value (named).
+    @raise usage.UsageError: not TOML, an unknown key or a wrong value.
     """
     for key, value in read_config_file(path).items():
         name = key.replace("_", "-")

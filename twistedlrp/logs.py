@@ -40,7 +40,6 @@ _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why
 _threshold = _RANK[LogLevel.info]
 _level_name = "info"
 
-
 # The parsers of --log-level, --log-format and --access-log-format.
 log_level = values.choice(*LEVELS, aliases={"warning": "warn"})
 log_format = values.choice("text", "json")
@@ -48,7 +47,6 @@ access_log_format = values.choice("combined", "combined+duration")
 
 
 def set_level(name: str) -> None:
-    """Make C{name} (a L{log_level} value) this process's threshold for L{enabled}."""
     global _threshold, _level_name
     _threshold = _RANK[LEVELS[name]]
     _level_name = name
@@ -144,9 +142,8 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 def twistd_log_file(twistd_options):
     """
-    @param twistd_options: twistd's own options (C{-n}, C{--logfile}, C{--syslog}).
-    @return: the file twistd would log to (its log file rotated on SIGUSR1),
-        or C{None} where twistd's own logging must stay (C{--syslog}, C{--logger}).
+    @return: the file twistd's options say it logs to (a log file rotated on
+        SIGUSR1), or C{None} where twistd's own logging must stay (C{--syslog}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -171,10 +168,7 @@ def twistd_log_file(twistd_options):
 
 
 def observe_for_twistd(root, options) -> None:
-    """
-    Have twistd log through L{make_observer}, as the application's C{ILogObserver}
-    (not for options that did not come from twistd's command line: a C{.tac}'s).
-    """
+    """Have twistd log through L{make_observer} (not a C{.tac}'s options: twistd's are absent)."""
     set_level(options["log-level"])
     twistd_options = getattr(options, "parent", None)
     if twistd_options is None:
@@ -239,9 +233,6 @@ class _Bridge(logging.Handler):
 
 
 def bridge_stdlib_logging(level: str = "warn") -> None:
-    """
-    Send stdlib records of C{level} and above to the server log through one
-    handler on the root logger (added once; a later call changes its level).
-    """
+    """Send stdlib records of C{level} and above to the server log (one root handler)."""
     ours = (h for h in logging.getLogger().handlers if getattr(h, "_twistedlrp", False))
     add_root_handler(next(ours, None) or _Bridge(), _STDLIB[level])

@@ -16,10 +16,7 @@ _wrapper: BuildWrapper | None = None
 
 
 def wrap_builds(wrapper: BuildWrapper | None) -> None:
-    """
-    Route every later L{makeService} through C{wrapper(build, options)}, which
-    returns (or replaces) C{build()}'s service (the reload child's report).
-    """
+    """Route every later L{makeService} through C{wrapper} (the reload child's report)."""
     global _wrapper
     _wrapper = wrapper
 
@@ -44,7 +41,5 @@ def makeService(options) -> IService:
     from twistedlrp import logs
 
     root = _wrapper(build, options) if _wrapper is not None else build()
-    # The server log's level and format (--log-level, --log-format), on
-    # the file twistd chose (-n, --logfile).
     logs.observe_for_twistd(root, options)
     return root

@@ -15,9 +15,8 @@ from twisted.python import usage
 
 from twistedlrp.config import SECONDS, STRINGS, WHOLE, WHOLE_OR_AUTO
 
-# A parser may say what Python type a config file must give (C{kind}) and how
-# its value is written on a command line (C{unparse}): the option table's
-# defaults for the options it parses.
+# A parser may say what type a config file gives (C{kind}) and how a value
+# is written on a command line (C{unparse}), for the options it parses.
 
 
 def whole(minimum: int = 1) -> Callable[[str, Any], int]:

@@ -1,7 +1,7 @@
 """
-The live progress widget's views (L{twistedlrp.urls}): the job's state, which
-it polls without Server-Sent Events, and its cancel button; each needs the
-widget's token for the same job and user (L{twistedlrp.progress}), or answers 403.
+The live progress widget's views: the job's state (polled without
+Server-Sent Events) and its cancel button; each needs the widget's token for
+the same job and user, or answers 403.
 """
 
 from __future__ import annotations

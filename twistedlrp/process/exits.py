@@ -40,7 +40,7 @@ class Exit:
         return {"code": self.code, "signal": self.signal}
 
     def status(self) -> str:
-        """@return: C{"exit code 3"}, C{"signal SIGKILL"} (what the web processes log)."""
+        """@return: C{"exit code 3"}, C{"signal SIGKILL"}."""
         if self.lost:
             return self.lost
         if self.signal:

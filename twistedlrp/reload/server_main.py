@@ -2,14 +2,12 @@
 C{python -m twistedlrp.reload.server_main ARGS}, the reload supervisor's
 server: C{twistd --nodaemon --pidfile= lrp ARGS} in a session of its own (the
 supervisor kills its process group; Ctrl-C reaches only the supervisor), with
-C{LISTEN_PID} set so that its C{systemd:} endpoints adopt the supervisor's
-sockets. It reports on its control channel C{booted} (with its imported
-files and template directories) or C{failed} (with the files the traceback
-names), then C{files} now and then; after C{booted} it waits for C{go}
-before its reactor runs. End of file on the channel stops it.
+C{LISTEN_PID} set for its C{systemd:} endpoints. It reports C{booted} (its
+imported files and template directories) or C{failed} (the files the
+traceback names), then C{files} now and then; after C{booted} it waits for
+C{go}. End of file on the channel stops it.
 
-Twisted's endpoints must not be imported before C{LISTEN_PID} is set: they
-read the environment once, at import.
+Twisted's endpoints read C{LISTEN_PID} once, at import: not imported before.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ import sys
 
 # Set by the supervisor: the control channel's descriptor.
 CONTROL_VARIABLE = "LRP_RELOAD_FD"
-# Set by the supervisor for a spare: a process that imports what every
-# server needs (Twisted, Django's framework, not the site) ahead of time and
-# waits for "boot", so that a restart skips that part.
+# Set for a spare: it imports what every server needs (not the site) ahead
+# and waits for "boot", so that a restart skips that part.
 SPARE_VARIABLE = "LRP_RELOAD_SPARE"
 PREIMPORT = """
     twisted.internet.defer twisted.internet.endpoints twisted.internet.protocol
@@ -53,7 +50,6 @@ class _Reporter:
         self.reported: set[str] = set()
 
     def send(self, message: dict) -> None:
-        # If the supervisor is gone, end of file says so.
         (self.channel or self.blocking).send(message)
 
     def send_files(self, event: str, **extra) -> None:
@@ -116,9 +112,7 @@ def _report_builds(channel: _Reporter) -> None:
     import twistedlrp.tap as tap
 
     def build_and_report(build, options):
-        # The child is the server: a `reload = true` in a --config file
-        # must not make it a supervisor too.
-        options["reload"] = False
+        options["reload"] = False  # (a `reload = true` in a --config file)
         try:
             service = build()
         except BaseException as e:
@@ -177,10 +171,10 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
                 _log().failure("Reloading the templates failed")
 
     def lost(reason) -> None:
-        # Closed by the supervisor (it is gone), not by our reactor's shut-down.
+        # Closed by the supervisor (it is gone), not by our shut-down.
         if reason.check(ConnectionDone):
             _log().warn("The reload supervisor is gone: stopping the server")
-            set_exit_code(1)  # A stop nobody asked for.
+            set_exit_code(1)
             if reactor.running:
                 reactor.stop()
 

@@ -1,15 +1,14 @@
 """
-What C{twistd lrp --reload} runs instead of the server; it never imports
+What C{twistd lrp --reload} runs instead of the server, never importing
 Django or the site. It binds the C{--listen} sockets once and passes them to
-each server it starts (L{twistedlrp.reload.server_main}, as C{systemd:}
-endpoints), so a request sent during a restart waits in the backlog.
+each server it starts (as C{systemd:} endpoints), so a request sent during a
+restart waits in the backlog.
 
-A change of templates only reloads the templates (L{twistedlrp.reload.templates}).
-Any other change starts a new server, warmed up ahead as a spare; once it
-has set Django up the old one is stopped (SIGTERM, the graceful timeout,
-then SIGKILL to its process group, job workers included) and the new one
-runs. If the new code fails, the old server keeps serving and nothing
-restarts until the next change: it never loops.
+A change of templates only reloads the templates. Any other change starts a
+new server, warmed up ahead as a spare; once it has set Django up the old
+one is stopped (SIGTERM, the graceful timeout, then SIGKILL to its process
+group) and the new one runs. If the new code fails, the old server keeps
+serving and nothing restarts until the next change: it never loops.
 """
 
 from __future__ import annotations
@@ -64,10 +63,9 @@ def make_supervisor(options) -> ReloadSupervisor:
 
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
-    @return: the C{twistd lrp} arguments of a server: the command line's,
-        C{--config} (re-read at each restart), and C{--listen} options that
-        adopt the supervisor's sockets (index N is descriptor 3 + N) or
-        bind again those it could not bind.
+    @return: a server's C{twistd lrp} arguments: the command line's, C{--config}
+        (re-read at each restart), and C{--listen} adopting our sockets (index N:
+        descriptor 3 + N) or binding again those we could not bind.
     """
     args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
@@ -102,8 +100,6 @@ class ReloadSupervisor(service.Service):
         self.watcher = make_watcher(reactor, roots, self._changed)
         if options["config"]:
             self.watcher.add_files([options["config"]])
-
-    # -- start and stop -----------------------------------------------
 
     def startService(self):
         super().startService()
@@ -169,8 +165,6 @@ class ReloadSupervisor(service.Service):
             child.kill_group()
         os.write(2, f"twistd lrp --reload: second {name}: killed the server\n".encode())
         os._exit(1)
-
-    # -- servers --------------------------------------------------------
 
     def _spawn(self, spare: bool = False) -> None:
         if self.stopping:
@@ -266,8 +260,7 @@ class ReloadSupervisor(service.Service):
             )
 
     async def _retire(self, child: ServerProcess) -> None:
-        """SIGTERM, the graceful timeout, then SIGKILL to the process group."""
-        # A second SIGTERM would stop a server at once: one only.
+        # SIGTERM once (a second stops a server at once), then SIGKILL to the group.
         first = child.state not in ("ended", "stopping")
         if first:
             child.state = "stopping"
@@ -284,9 +277,7 @@ class ReloadSupervisor(service.Service):
             log.warn(message, n=child.number, pid=child.pid, timeout=self.graceful_timeout)
 
         await stop_within(self.reactor, child.when_ended(), send, self.graceful_timeout, late)
-        # The server is gone: whatever it left in its group (job workers
-        # still winding down) goes with it.
-        child.kill_group()
+        child.kill_group()  # job workers still winding down
         if child in self.retiring:
             self.retiring.remove(child)
 
@@ -349,8 +340,6 @@ class ReloadSupervisor(service.Service):
                 "templates, not the server",
                 count=len(self.watcher.template_dirs),
             )
-
-    # -- changes --------------------------------------------------------
 
     def _changed(self, paths: list[str]) -> None:
         if self.stopping:

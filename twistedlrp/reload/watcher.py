@@ -31,13 +31,6 @@ _LITTER_PREFIXES = (".", "#", "flycheck_")
 _LITTER_SUFFIXES = ("~", ".swp", ".swo", ".swx", "___", ".pyc", ".pyo")
 
 
-def is_source(path: str) -> bool:
-    if not path.endswith(SOURCE_SUFFIXES):
-        return False
-    parts = path.split(os.sep)
-    return not any(part in IGNORED_DIRS for part in parts[:-1])
-
-
 def _litter(path: str) -> bool:
     name = os.path.basename(path)
     litter = name.startswith(_LITTER_PREFIXES) or name.endswith(_LITTER_SUFFIXES)
@@ -50,9 +43,8 @@ def _under(path: str, roots: Iterable[str]) -> bool:
 
 def make_watcher(reactor, roots, on_change, polling: bool | None = None):
     """
-    @param on_change: called in the reactor thread with the changed paths, sorted.
-    @param polling: force (C{True}) or refuse (C{False}) polling; C{None}
-        polls only without C{watchfiles} (or with C{LRP_RELOAD_POLL}).
+    C{on_change(sorted paths)} runs in the reactor thread; C{polling=None}
+    polls only without C{watchfiles} or with C{LRP_RELOAD_POLL}.
     """
     if polling is None:
         polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
@@ -72,8 +64,7 @@ class _BaseWatcher:
         self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
         self.on_change = on_change
         self.files: set[str] = set()
-        # Replaced whole (the watching threads read it): the template
-        # directories, resolved.
+        # Replaced whole: the watching threads read it.
         self.template_dirs: tuple[str, ...] = ()
         self.running = False
 
@@ -85,7 +76,7 @@ class _BaseWatcher:
         # Directories added or dropped: their files are neither new nor gone.
         moved = set(new) ^ set(self.template_dirs)
         self.template_dirs = new
-        self._template_dirs_changed(moved)  # (each kind of watcher has its own)
+        self._template_dirs_changed(moved)
 
     def external_template_dirs(self) -> list[str]:
         """The existing template directories outside the roots (and outside each other)."""
@@ -107,7 +98,9 @@ class _BaseWatcher:
             self._files_added(new)
 
     def _accept_in_root(self, path: str) -> bool:
-        return is_source(path) or path in self.files or self.in_template_dir(path)
+        dirs = path.split(os.sep)[:-1]
+        source = path.endswith(SOURCE_SUFFIXES) and not any(d in IGNORED_DIRS for d in dirs)
+        return source or path in self.files or self.in_template_dir(path)
 
     def _report(self, paths: Iterable[str]) -> None:
         paths = sorted(set(paths))
@@ -125,8 +118,8 @@ class EventWatcher(_BaseWatcher):
 
     def __init__(self, reactor, roots, on_change):
         super().__init__(reactor, roots, on_change)
-        # "roots", "flat" (the single files' directories), "templates":
-        # (the paths watched, the event that stops their thread).
+        # "roots", "flat" (the single files' directories), "templates": the
+        # paths watched, the event that stops their thread.
         self._threads: dict[str, tuple[tuple[str, ...], threading.Event]] = {}
 
     def start(self) -> None:
@@ -139,8 +132,7 @@ class EventWatcher(_BaseWatcher):
         self.running = False
         for _, stop in self._threads.values():
             stop.set()
-        # The threads are daemons and notice the event within 50 ms; nothing
-        # waits for them.
+        # Daemon threads, which notice within 50 ms: nothing waits for them.
         return defer.succeed(None)
 
     def _files_added(self, new) -> None:
@@ -160,7 +152,6 @@ class EventWatcher(_BaseWatcher):
         self._watch("flat", dirs, False, self.files.__contains__)
 
     def _watch(self, key: str, paths: tuple[str, ...], recursive: bool, accept) -> None:
-        """Have a thread watch C{paths} under C{key}, replacing the one that watched others."""
         watched, stop = self._threads.get(key, ((), None))
         if paths == watched:
             return
@@ -265,7 +256,6 @@ class PollingWatcher(_BaseWatcher):
 
 
 def _scan(roots: list[str], files: set[str], template_dirs=()) -> dict[str, tuple]:
-    """@return: the modification stamps of the files watched."""
     stamps = {}
 
     def stamp(path):
