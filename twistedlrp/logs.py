@@ -153,17 +153,12 @@ def twistd_log_file(twistd_options):
         return sys.stdout if nodaemon else None
     import signal
 
+    from twisted.internet import reactor
     from twisted.python.logfile import LogFile
 
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(number, frame):
-            from twisted.internet import reactor
-
-            reactor.callFromThread(log_file.rotate)
-
-        signal.signal(signal.SIGUSR1, rotate)
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
     return log_file
 
 

@@ -7,7 +7,6 @@ instead of hanging (Twisted issue 10124). With no running reactor
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -126,18 +125,8 @@ def call_in_reactor(
         if _shutting_down:
             call.finish(ShutdownInProgress("the server is shutting down"), True)
             return
-        try:
-            result = fn(*args, **kwargs)
-            if inspect.iscoroutine(result):
-                result = defer.Deferred.fromCoroutine(result)
-        except BaseException:
-            call.finish(Failure(), True)
-            return
-        if isinstance(result, defer.Deferred):
-            call.deferred = result
-            result.addBoth(lambda outcome: call.finish(outcome, isinstance(outcome, Failure)))
-        else:
-            call.finish(result, False)
+        call.deferred = defer.maybeDeferred(fn, *args, **kwargs)
+        call.deferred.addBoth(lambda outcome: call.finish(outcome, isinstance(outcome, Failure)))
 
     try:
         _reactor().callFromThread(run_in_reactor)

@@ -177,17 +177,13 @@ def access_log_file(option: str, path) -> str:
 
 
 def networks(option: str, addresses) -> list[str]:
-    items = addresses if isinstance(addresses, list) else str(addresses).split(",")
-    parsed = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
+    parsed = names(option, addresses) or []
+    for item in parsed:
         if item != "*":
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise usage.UsageError(f"--{option}: not an address or network: {item!r}") from None
-        parsed.append(item)
     return parsed
 
 

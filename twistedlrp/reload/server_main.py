@@ -82,7 +82,7 @@ def imported_files() -> set[str]:
     files = set()
     for module in list(sys.modules.values()):
         spec = getattr(module, "__spec__", None)
-        path = getattr(spec, "origin", None) if spec is not None else None
+        path = getattr(spec, "origin", None)
         if not path or not getattr(spec, "has_location", False):
             path = getattr(module, "__file__", None)
         if not isinstance(path, str) or not path.endswith(".py"):
@@ -94,21 +94,9 @@ def imported_files() -> set[str]:
     return files
 
 
-def traceback_files(text: str) -> list[str]:
-    """@return: the files a traceback (or a SyntaxError message) names."""
-    files = [m.group(1) for m in _TRACEBACK_FILE.finditer(text)]
-    return [os.path.realpath(f) for f in files if os.path.isfile(f)]
-
-
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, SystemExit):
-        return str(error.code) if error.code not in (None, 0, 1) else ""
+def _report_builds(channel: _Reporter) -> None:
     import traceback
 
-    return "".join(traceback.format_exception(error))
-
-
-def _report_builds(channel: _Reporter) -> None:
     import twistedlrp.tap as tap
 
     def build_and_report(build, options):
@@ -116,8 +104,14 @@ def _report_builds(channel: _Reporter) -> None:
         try:
             service = build()
         except BaseException as e:
-            text = _error_text(e)
-            extra = traceback_files(text)
+            if isinstance(e, SystemExit):
+                text = str(e.code) if e.code not in (None, 0, 1) else ""
+            else:
+                text = "".join(traceback.format_exception(e))
+            # The files the traceback (or a SyntaxError message) names.
+            extra = [
+                os.path.realpath(f) for f in _TRACEBACK_FILE.findall(text) if os.path.isfile(f)
+            ]
             cause = e
             for _ in range(10):  # the exception chain, bounded
                 if cause is None:

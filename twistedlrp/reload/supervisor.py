@@ -183,12 +183,11 @@ class ReloadSupervisor(service.Service):
         env[CONTROL_VARIABLE] = str(control_fd)
         if spare:
             env[SPARE_VARIABLE] = "1"
-        args = [sys.executable, "-m", "twistedlrp.reload.server_main"]
-        args += child_arguments(self.options, self.listening, self.passed_through)
-        if spare:
             self.spare = child
         else:
             self.pending = child
+        args = [sys.executable, "-m", "twistedlrp.reload.server_main"]
+        args += child_arguments(self.options, self.listening, self.passed_through)
         self.children.append(child)
         spawn(self.reactor, child, child.channel, args, env, fds, control_fd)
 
@@ -234,9 +233,7 @@ class ReloadSupervisor(service.Service):
         def superseded() -> bool:
             return child is not self.pending or self.stopping or child.state != "gated"
 
-        waits = [c.when_ended() for c in self.retiring]
-        if waits:
-            await defer.gatherResults(waits)
+        await defer.gatherResults([c.when_ended() for c in self.retiring])
         if superseded():
             return
         await self.error_page.stop()
@@ -361,9 +358,12 @@ class ReloadSupervisor(service.Service):
         changes, self._changes = sorted(self._changes), set()
         if self.stopping or not changes:
             return
-        if all(self.watcher.is_template(path) for path in changes):
-            if self._reload_templates(changes):
-                return
+        # Only templates changed: reload them, if a server runs or starts.
+        serving = [child for child in (self.current, self.pending) if child is not None]
+        if serving and all(self.watcher.is_template(path) for path in changes):
+            for child in serving:
+                child.reload_templates(changes)
+            return
         log.info("{changes} changed: restarting the server", changes=describe_changes(changes))
         if self.pending is not None:
             self._abandon(self.pending)
@@ -375,12 +375,3 @@ class ReloadSupervisor(service.Service):
             spare.boot()
         else:
             self._spawn()
-
-    def _reload_templates(self, changes: list[str]) -> bool:
-        """Only templates changed: reload them; @return: C{False} if no server runs or starts."""
-        if self.current is None and self.pending is None:
-            return False
-        for child in (self.current, self.pending):
-            if child is not None:
-                child.reload_templates(changes)
-        return True
