@@ -34,14 +34,12 @@ class _Call:
     def __init__(self):
         self.event = threading.Event()
         self.deferred: defer.Deferred | None = None
-        self.outcome: Any = None
-        self.failed = False
+        self.outcome: Any = None  # the result, or a Failure
 
-    def finish(self, outcome, failed: bool) -> None:
-        if self.event.is_set():
-            return
-        self.outcome, self.failed = outcome, failed
-        self.event.set()
+    def finish(self, outcome) -> None:
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
 
     def cancel(self) -> None:
         if self.deferred is not None and not self.deferred.called:
@@ -71,7 +69,7 @@ def begin_shutdown() -> None:
         _shutting_down = True
         waiting = list(_pending)
     for call in waiting:
-        call.finish(ShutdownInProgress("the server is shutting down"), True)
+        call.finish(Failure(ShutdownInProgress("the server is shutting down")))
 
 
 def _ensure_running(timeout: float) -> None:
@@ -123,10 +121,10 @@ def call_in_reactor(
 
     def run_in_reactor():
         if _shutting_down:
-            call.finish(ShutdownInProgress("the server is shutting down"), True)
+            call.finish(Failure(ShutdownInProgress("the server is shutting down")))
             return
         call.deferred = defer.maybeDeferred(fn, *args, **kwargs)
-        call.deferred.addBoth(lambda outcome: call.finish(outcome, isinstance(outcome, Failure)))
+        call.deferred.addBoth(call.finish)
 
     try:
         _reactor().callFromThread(run_in_reactor)
@@ -137,9 +135,6 @@ def call_in_reactor(
     finally:
         with _lock:
             _pending.discard(call)
-    if call.failed:
-        outcome = call.outcome
-        if isinstance(outcome, Failure):
-            outcome.raiseException()
-        raise outcome
+    if isinstance(call.outcome, Failure):
+        call.outcome.raiseException()
     return call.outcome

@@ -39,7 +39,6 @@ class ServerProcess(protocol.ProcessProtocol):
         self.templates_changed: set[str] = set()
         self.abandoned = False
         self.error: str | None = None
-        self.exit: Exit | None = None
         self.started_at = time.monotonic()
         self.booted_after = 0.0
         self.pid: int | None = None
@@ -49,10 +48,9 @@ class ServerProcess(protocol.ProcessProtocol):
         self.pid = self.transport.pid
 
     def processEnded(self, reason):
-        self.exit = Exit.of(reason)
         self.state = "ended"
         self._ended.fire()
-        self.supervisor.child_ended(self, self.exit)
+        self.supervisor.child_ended(self, Exit.of(reason))
 
     def when_ended(self) -> defer.Deferred:
         return defer.succeed(None) if self.state == "ended" else self._ended.wait()
