@@ -14,7 +14,6 @@ Deferred or be ``async def``: its result is awaited.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -134,10 +133,8 @@ class _Named(service.Service):
 
 
 def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
-    """@return: a Deferred of C{hook()}'s result, once a Deferred or coroutine it returned ends."""
-    return defer.maybeDeferred(hook).addCallback(
-        lambda value: defer.Deferred.fromCoroutine(value) if inspect.iscoroutine(value) else value
-    )
+    """@return: a Deferred of C{hook()}'s result (maybeDeferred awaits a coroutine too)."""
+    return defer.maybeDeferred(hook)
 
 
 def hook_name(hook: Callable[[], Any]) -> str:

@@ -405,7 +405,7 @@ def _unknown(given: str, names: Collection[str]) -> str:
 
 
 def options_from_kwargs(**kwargs) -> Options:
-    """@return: checked L{Options} from keywords (C{graceful_timeout=5}); @raise usage.UsageError."""
+    """@return: checked L{Options} from keywords (C{graceful_timeout=5}); @raise UsageError."""
     options = Options()
     config = kwargs.pop("config", None)
     for key, value in kwargs.items():
