@@ -240,7 +240,6 @@ def warn_unapplied_migrations() -> None:
 
 
 def _unapplied(alias: str) -> tuple[list, str]:
-    """@return: the migration plan of database C{alias}, and its apps' labels as text."""
     from django.db import connections
     from django.db.migrations.executor import MigrationExecutor
 

@@ -118,8 +118,6 @@ def get_service(name: str) -> IService:
 
 
 class _Named(service.Service):
-    """A registered service under its registered name."""
-
     def __init__(self, name: str, wrapped: IService, once: bool):
         self.name, self.wrapped, self.once = name, wrapped, once
 
@@ -197,7 +195,6 @@ class _Hook(service.Service):
 
 
 def _reset() -> None:
-    """For tests that register their own."""
     global _serving
     _startup_hooks.clear()
     _shutdown_hooks.clear()

@@ -121,7 +121,6 @@ class Metrics:
 
 
 def _sample(name: str, read: Callable[[], dict]) -> dict | None:
-    """@return: what C{read()} returns, or C{None} (logged) if it fails."""
     try:
         return read()
     except Exception:

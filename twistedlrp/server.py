@@ -36,7 +36,7 @@ class Server(OrderedService):
     channel = None
     web_processes = None
 
-    def __init__(self, options, reactor=None):
+    def __init__(self, options, reactor=None, job_service=None):
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(reactor, options["graceful-timeout"])
@@ -50,6 +50,10 @@ class Server(OrderedService):
         from twistedlrp import metrics
 
         self.metrics = metrics.configure(self.role, options)
+        if job_service is not None:
+            from twistedlrp.jobs.service import metrics as job_metrics
+
+            job_metrics.watch(self.metrics, job_service)
 
     def _add_children(self, job_service, job_client, pool=None, serving=()) -> None:
         from twistedlrp import http as outbound
@@ -207,9 +211,8 @@ class SingleServer(Server):
     role, scope = "single", "all"
 
     def __init__(self, options, application, jobs=(None, None), reactor=None):
-        super().__init__(options, reactor)
         job_service, job_client = jobs
-        _watch_jobs(self.metrics, job_service)
+        super().__init__(options, reactor, job_service)
         pool = None
         if application is not None:
             sections = {"jobs": job_service.health} if job_service is not None else {}
@@ -224,9 +227,8 @@ class MainServer(Server):
     role, scope = "main", "once"
 
     def __init__(self, options, jobs=(None, None), reactor=None):
-        super().__init__(options, reactor)
         job_service, job_client = jobs
-        _watch_jobs(self.metrics, job_service)
+        super().__init__(options, reactor, job_service)
         from twistedlrp.web.processes import WebProcesses
 
         health = job_service.health if job_service is not None else None
@@ -283,16 +285,7 @@ class WebProcessServer(Server):
         pass
 
 
-def _watch_jobs(registry, job_service) -> None:
-    if job_service is not None:
-        from twistedlrp.jobs.service import metrics as job_metrics
-
-        job_metrics.watch(registry, job_service)
-
-
 class _Closer(service.Service):
-    """Returns C{close()} when it stops."""
-
     def __init__(self, name: str, close):
         self.name = name
         self.close = close

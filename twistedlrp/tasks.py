@@ -235,7 +235,6 @@ class _TaskRunner:
 
 
 def _current_result(task):
-    """@return: the C{TaskResult} of the job this worker runs now."""
     from twistedlrp.jobs.store import operations
     from twistedlrp.jobs.workers import context as _context
 

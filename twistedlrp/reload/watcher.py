@@ -231,7 +231,7 @@ class PollingWatcher(_BaseWatcher):
 
     def _poll(self):
         if self._scanning:
-            return None
+            return
         self._scanning = True
         fresh, self._fresh = self._fresh, set()
         fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
@@ -241,7 +241,6 @@ class PollingWatcher(_BaseWatcher):
         d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
         d.addBoth(lambda _: setattr(self, "_scanning", False))
-        return None
 
     def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
         old, self._snapshot = self._snapshot, snapshot
