@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.python import usage
 
-__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value", "read_config_file"]
+__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value"]
 
 # Where a value came from (Options.given); make_service() keywords count as
 # the command line: they win over the file, and --reload passes them on.
@@ -97,10 +97,12 @@ def typed(value) -> str:
     return f"{_TOML_TYPES.get(type(value), type(value).__name__)} ({value!r})"
 
 
-def read_config_file(path: str) -> dict:
+def apply_config_file(options, path: str) -> None:
     """
-    @return: the options in the TOML file at C{path} (or in its only table, C{[lrp]}).
-    @raise usage.UsageError: the file cannot be read or is not TOML.
+    Set the options in the TOML file at C{path} (or in its only table, C{[lrp]}),
+    but those given on the command line.
+
+    @raise usage.UsageError: not TOML, an unknown key or a wrong value.
     """
     try:
         with open(path, "rb") as f:
@@ -109,16 +111,7 @@ def read_config_file(path: str) -> dict:
         raise usage.UsageError(f"--config: cannot read {path}: {e}") from None
     if set(data) == {"lrp"} and isinstance(data["lrp"], dict):
         data = data["lrp"]
-    return data
-
-
-def apply_config_file(options, path: str) -> None:
-    """
-    Set the options in the TOML file at C{path}, but those given on the command line.
-
-    @raise usage.UsageError: not TOML, an unknown key or a wrong value.
-    """
-    for key, value in read_config_file(path).items():
+    for key, value in data.items():
         name = key.replace("_", "-")
         if name not in options.option_names:
             raise usage.UsageError(f"{path}: unknown option {key!r}")

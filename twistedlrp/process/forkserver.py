@@ -120,8 +120,8 @@ class ForkServer:
                 return
             if pid in self.children:
                 end = Exit.of_status(status)
-                index = self.children.pop(pid)
-                self.send({"event": "exited", "index": index, "pid": pid, **end.code_and_signal()})
+                message = {"event": "exited", "index": self.children.pop(pid), "pid": pid}
+                self.send({**message, "code": end.code, "signal": end.signal})
 
     def end_children(self, seconds: float) -> None:
         """Wait up to C{seconds} for the children to end, then SIGKILL the ones left."""

@@ -241,7 +241,14 @@ class ReloadSupervisor(service.Service):
             return
         self.pending = None
         self.current = child
-        self._watch_templates(child)
+        before = self.watcher.template_dirs
+        self.watcher.set_template_dirs(child.template_dirs)
+        if self.watcher.template_dirs != before:
+            log.info(
+                "Watching {count} template directories: a template change reloads the "
+                "templates, not the server",
+                count=len(self.watcher.template_dirs),
+            )
         child.let_run()
         self._ensure_spare()
         took = time.monotonic() - child.started_at
@@ -327,16 +334,6 @@ class ReloadSupervisor(service.Service):
             )
             self._ensure_spare()
         child.kill_group()
-
-    def _watch_templates(self, child: ServerProcess) -> None:
-        before = self.watcher.template_dirs
-        self.watcher.set_template_dirs(child.template_dirs)
-        if self.watcher.template_dirs != before:
-            log.info(
-                "Watching {count} template directories: a template change reloads the "
-                "templates, not the server",
-                count=len(self.watcher.template_dirs),
-            )
 
     def _changed(self, paths: list[str]) -> None:
         if self.stopping:
