@@ -67,11 +67,16 @@ def json_line(event: dict) -> str:
     when, level = event.get("log_time"), event.get("log_level")
     if when is not None:
         when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    # A message formatted by its caller (the job lines, the stdlib bridge)
+    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
+    message = event.get("log_text")
+    if event.get("log_format") != "{log_text}" or not isinstance(message, str):
+        message = formatEvent(event)
     record = {
         "time": when,
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("log_system") or "-",
-        "message": _message(event),
+        "message": message,
         "pid": os.getpid(),
     }
     failure = event.get("log_failure")
@@ -116,14 +121,6 @@ def text_line(event: dict) -> str | None:
         when = _second_time(event.get("log_time"))
         return f"{when} [{namespace}#{level.name}] {text}\n".replace("\n", "\n\t", text.count("\n"))
     return formatEventAsClassicLogText(event, formatTime=_second_time)
-
-
-def _message(event: dict) -> str:
-    # A message formatted by its caller (the job lines, the stdlib bridge)
-    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
-    if event.get("log_format") == "{log_text}" and isinstance(event.get("log_text"), str):
-        return event["log_text"]
-    return formatEvent(event)
 
 
 # twistd's time stamps have whole seconds: each is formatted once.

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.application.service import IService
 
 from twistedlrp.options import TapOptions as Options
 
 __all__ = ["Options", "makeService", "wrap_builds"]
 
-# (build, options) -> service; build() makes the service L{makeService} would.
-BuildWrapper = Callable[[Callable[[], IService], Options], IService]
-_wrapper: BuildWrapper | None = None
+_wrapper = None
 
 
-def wrap_builds(wrapper: BuildWrapper | None) -> None:
-    """Route every later L{makeService} through C{wrapper} (the reload child's report)."""
+def wrap_builds(wrapper) -> None:
+    """Make every later L{makeService} return C{wrapper(build, options)} (the reload child's)."""
     global _wrapper
     _wrapper = wrapper
 
