@@ -7,6 +7,7 @@ made here (L{observe_for_twistd} in a twistd process, L{begin} elsewhere).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -187,12 +188,11 @@ def begin(lrp_args: list[str], stream=None) -> None:
     from twistedlrp.options import Options
 
     level, log_format = "info", "text"
-    try:
+    # The main process checked them; this process reports its own errors later.
+    with contextlib.suppress(usage.UsageError, SystemExit, OSError, ValueError):
         options = Options()
         options.parseOptions(list(lrp_args))
         level, log_format = options["log-level"], options["log-format"]
-    except (usage.UsageError, SystemExit, OSError, ValueError):
-        pass  # The main process checked them; this process reports its own errors later.
     set_level(level)
     observer = make_observer(stream or sys.stdout, log_format, level)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)

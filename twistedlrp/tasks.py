@@ -11,6 +11,7 @@ runs once the transaction commits, never if it rolls back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import datetime
 
@@ -130,10 +131,8 @@ else:
             definition = registry.lookup(info["name"])
             task = getattr(definition.function, "task", None) if definition else None
             if task is None:
-                try:
+                with contextlib.suppress(ImportError):
                     task = import_string(info["name"])
-                except ImportError:
-                    task = None
             if not hasattr(task, "module_path") or not hasattr(task, "func"):
                 raise TaskResultDoesNotExist(
                     f"{result_id} is the job {info['name']!r}, not a django.tasks task"

@@ -34,11 +34,10 @@ def preimport(names) -> None:
     """Import the modules C{names} ahead of time, so that every fork shares them."""
     import importlib
 
+    # A module that fails is imported again, and its error reported, where it is needed.
     for name in names:
-        try:
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
-        except Exception:
-            pass  # The process that needs it imports it again, and reports the error.
 
 
 class ForkServer:

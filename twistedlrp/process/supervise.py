@@ -6,6 +6,7 @@ deadline. (Twisted only where it waits: a worker uses it too.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -55,11 +56,9 @@ def send_signal(pid: int | None, number: int, group: bool = False) -> bool:
 def end_own_group() -> None:
     """SIGKILL the group we lead (what a job started) and us: the parent may be gone."""
     group = os.getpid()
-    try:
+    with contextlib.suppress(OSError):
         if os.getpgrp() == group and _others_in_group(group):
             os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _others_in_group(group: int) -> bool:
