@@ -203,8 +203,6 @@ class ReloadSupervisor(service.Service):
             if child.files & child.changes_seen and not child.abandoned:
                 was_pending = child is self.pending
                 self._abandon(child)
-                if child is self.spare:
-                    self.spare = None
                 if was_pending:
                     # It was told to boot already: start from scratch instead.
                     self._spawn()
@@ -289,6 +287,8 @@ class ReloadSupervisor(service.Service):
         child.abandoned = True
         if self.pending is child:
             self.pending = None
+        if self.spare is child:
+            self.spare = None
         child.kill_group()
 
     def child_ended(self, child: ServerProcess, exit: Exit) -> None:
@@ -343,9 +343,7 @@ class ReloadSupervisor(service.Service):
         if spare is not None:
             spare.changes_seen.update(paths)
             if spare.files is not None and spare.files & spare.changes_seen:
-                # It imported the old version of a changed file.
-                self._abandon(spare)
-                self.spare = None
+                self._abandon(spare)  # It imported the old version of a changed file.
         if self._debounce is not None and self._debounce.active():
             self._debounce.reset(DEBOUNCE)
         else:
