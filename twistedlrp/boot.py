@@ -36,9 +36,8 @@ def prepare_path(pythonpath: list[str]) -> None:
 
 def configure_settings(settings_module: str | None) -> str:
     """
-    Set C{DJANGO_SETTINGS_MODULE} and import the settings module, once.
+    Set C{DJANGO_SETTINGS_MODULE} and import the settings module; @return: its dotted path.
 
-    @return: the settings module's dotted path.
     @raise BootError: no module is named, or it cannot be imported.
     """
     if not settings_module:
@@ -159,11 +158,7 @@ def warn_missing_tables() -> None:
 
 
 def migrate(options) -> None:
-    """
-    C{twistd lrp --migrate}: C{migrate --run-syncdb} (an C{--app} file's models have no migrations).
-
-    @raise BootError: set-up or a migration failed.
-    """
+    """C{twistd lrp --migrate}: C{migrate --run-syncdb}; @raise BootError: it failed."""
     from twistedlrp.onefile import site
 
     prepare_path(options["pythonpath"])
@@ -290,8 +285,7 @@ def load_wsgi_application():
 
 def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
     """
-    Import the module C{name} of every installed app but those in C{skip} that has one.
-
+    Import the module C{name} of every installed app (but C{skip}) that has one.
     @return: the dotted names imported. @raise BootError: one failed to import.
     """
     from django.apps import apps

@@ -99,10 +99,8 @@ def typed(value) -> str:
 
 def apply_config_file(options, path: str) -> None:
     """
-    Set the options in the TOML file at C{path} (or in its only table, C{[lrp]}),
-    but those given on the command line.
-
-    @raise usage.UsageError: not TOML, an unknown key or a wrong value.
+    Set the options in the TOML file at C{path} (or its only table, C{[lrp]}) but the
+    command line's; @raise usage.UsageError: not TOML, an unknown key or a wrong value.
     """
     try:
         with open(path, "rb") as f:

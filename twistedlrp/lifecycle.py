@@ -81,9 +81,7 @@ def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
 def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
     """
     Start and stop C{svc} with the server, in order and the reverse, awaiting
-    the Deferreds it returns (C{once} as for L{on_startup}).
-
-    @return: C{svc}.
+    the Deferreds it returns (C{once} as for L{on_startup}); @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
     @raise TypeError: C{svc} does not provide L{IService}.
     """

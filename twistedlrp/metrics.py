@@ -131,7 +131,6 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
 def configure(role: str, options) -> Metrics | None:
     """
     Turn this process's metrics on for its C{role}; C{"main"} prepares the shared directory.
-
     @return: the metrics (also L{current}), or C{None} when off.
     @raise twistedlrp.boot.BootError: the directory cannot be made or emptied.
     """

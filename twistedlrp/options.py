@@ -284,11 +284,7 @@ class Options(usage.Options):
         self.check()
 
     def set_option(self, name: str, value, source: str = COMMAND_LINE) -> None:
-        """
-        Set option C{name} from a Python value (a config file's, a keyword's), checked.
-
-        @raise usage.UsageError: unknown name, or a wrong type or value.
-        """
+        """Set option C{name} from a Python value; @raise UsageError: a wrong name or value."""
         option = _BY_NAME.get(name)
         if option is None or not option.in_file:
             raise usage.UsageError(f"unknown option {name!r}")

@@ -48,7 +48,6 @@ class StartupFailed(Exception):
 async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = None) -> bool:
     """
     Wait for C{d} at most C{seconds} (then cancel it, logging C{what}); log its failure.
-
     @return: whether C{d} finished (successfully or not) in time.
     """
     d.addTimeout(max(seconds, 0.01), reactor)
@@ -65,10 +64,8 @@ async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = 
 
 def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
     """
-    Stop C{child}, through its C{stop_by(deadline)} if it has one.
-
-    @return: a Deferred of whether it stopped before the deadline (plus
-        L{LATE_STEP_SECONDS}); it never fails.
+    Stop C{child}, by its C{stop_by(deadline)} if it has one; @return: a Deferred (never
+    failing) of whether it stopped before the deadline (plus L{LATE_STEP_SECONDS}).
     """
     if hasattr(child, "stop_by"):
         d = defer.maybeDeferred(child.stop_by, deadline)
@@ -112,7 +109,6 @@ class OrderedService(service.MultiService):
     async def start_children(self) -> None:
         """
         Start each child not started yet, in order (a stop during a slow start stops it too).
-
         @raise StartupFailed: a child's start failed (those after it do not start).
         """
         for child in list(self):

@@ -66,7 +66,6 @@ def make_token(job_id, user: str | None = None) -> str:
 def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
     """
     Verify C{token} for job C{job_id}, and for C{user} if C{check_user} (the event stream's is not).
-
     @raise BadToken: missing, forged, expired, or for another job or user (the message says).
     """
     if not token:

@@ -85,7 +85,6 @@ else:
         def enqueue(self, task, args, kwargs):
             """
             Submit C{task} as a job (part of the open C{transaction.atomic()}, if any).
-
             @return: a C{TaskResult}, READY (or an existing job's, de-duplicated).
             @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
             @raise twistedlrp.jobs.JobError: the job service refused it or cannot be reached.

@@ -61,11 +61,8 @@ def seconds(option: str, value) -> float:
     return number
 
 
-def number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-seconds.kind, seconds.unparse = SECONDS, number_text
+seconds.kind = SECONDS
+seconds.unparse = lambda value: str(int(value)) if float(value).is_integer() else str(value)
 
 
 def choice(*names: str, aliases: dict[str, str] | None = None) -> Callable[[str, Any], str]:

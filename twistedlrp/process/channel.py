@@ -129,7 +129,6 @@ def adopt(reactor, sock: socket.socket, channel: Channel) -> Channel:
 def spawn(reactor, protocol, channel: Channel, args, env, child_fds, control_fd, path=None):
     """
     Spawn C{sys.executable} with C{args}, the other end of C{channel} at C{control_fd}.
-
     @return: C{channel}, connected. @raise OSError: it could not be spawned.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -56,7 +56,6 @@ class ForkServer:
     def serve(self, on_message=None) -> dict | None:
         """
         Fork a child for each request, pass other messages to C{on_message}, reap the children.
-
         @return: C{None} once the control channel closed; in a child, its request.
         """
         signal.set_wakeup_fd(self._wake_w)
