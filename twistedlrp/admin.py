@@ -12,6 +12,7 @@ from django.utils.dateformat import format as date_format
 from django.utils.html import format_html
 from django.utils.timezone import localtime
 
+from twistedlrp import jobs
 from twistedlrp.jobs import states
 from twistedlrp.models import Job, Schedule
 
@@ -101,8 +102,6 @@ class JobAdmin(ReadOnlyAdmin):
     @admin.action(description="Cancel the selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
         # Through the job service, which owns the rows and the workers.
-        from twistedlrp import jobs
-
         done = 0
         for job_id in queryset.filter(state__in=states.UNFINISHED).values_list("id", flat=True):
             try:
@@ -114,8 +113,6 @@ class JobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Run the selected jobs again", permissions=["cancel"])
     def run_again(self, request, queryset):
-        from twistedlrp import jobs
-
         submitted = []
         for job in queryset.order_by("created_at"):
             try:

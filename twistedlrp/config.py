@@ -6,6 +6,7 @@ names as keys, at the top level or in a ``[lrp]`` table) and
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,8 +83,6 @@ def static_values(value):
 def setting_values(value):
     """C{set} as a table (C{{ DEBUG = true }}): NAME=VALUE strings, each value in JSON."""
     if isinstance(value, dict):
-        import json
-
         return [f"{name}={json.dumps(item)}" for name, item in value.items()]
     return value
 

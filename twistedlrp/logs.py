@@ -19,6 +19,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -210,8 +211,6 @@ class _Bridge(logging.Handler):
     """Hands stdlib records to twisted.logger, under the record's logger name."""
 
     def emit(self, record):
-        from twisted.logger import Logger
-
         try:
             text = record.getMessage()
             if record.exc_info:

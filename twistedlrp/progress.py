@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
-from django.core import signing
+from django.core import checks, signing
 
 SALT = "twistedlrp.progress"
 DEFAULT_MAX_AGE = 6 * 3600
@@ -32,8 +32,6 @@ def max_streams() -> int:
 
 def check_settings(app_configs=None, **kwargs) -> list:
     """@return: a system check's C{checks.Error} for each wrong setting of the widget."""
-    from django.core import checks
-
     errors = []
     age = getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE)
     if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age < float("inf"):

@@ -1,13 +1,8 @@
 """
 The root service of ``twistd lrp``: an L{OrderedService} whose children
-start in this order and stop in reverse, within one graceful deadline
-(docs/design.md, the start-up and shut-down contracts):
-
-    thread pool · outbound HTTP connections · the site's services ·
-    job client · shut-down hooks · job service · start-up hooks ·
-    calls from threads · listening site
-
-A second SIGTERM or SIGINT ends the process at once.
+start in the order of docs/design.md's start-up contract (L{Server._add_children})
+and stop in reverse, within one graceful deadline. A second SIGTERM or SIGINT
+ends the process at once.
 """
 
 from __future__ import annotations
@@ -21,8 +16,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp import lifecycle, reactor_bridge
+from twistedlrp import boot, lifecycle, metrics, reactor_bridge
+from twistedlrp import http as outbound
+from twistedlrp.onefile import site
 from twistedlrp.ordered_service import OrderedService, StartupFailed
+from twistedlrp.reload import templates
 from twistedlrp.signals import StopSignals, flush_everything, set_exit_code, write_stderr
 
 log = Logger()
@@ -47,8 +45,6 @@ class Server(OrderedService):
         self.started_at = reactor.seconds()
         self._starting: defer.Deferred | None = None
         self.web = self.health = None
-        from twistedlrp import metrics
-
         self.metrics = metrics.configure(self.role, options)
         if job_service is not None:
             from twistedlrp.jobs.service import metrics as job_metrics
@@ -56,9 +52,6 @@ class Server(OrderedService):
             job_metrics.watch(self.metrics, job_service)
 
     def _add_children(self, job_service, job_client, pool=None, serving=()) -> None:
-        from twistedlrp import http as outbound
-        from twistedlrp import metrics
-
         for child in (
             self.channel,
             pool,
@@ -163,8 +156,6 @@ class Server(OrderedService):
 
     def reload_templates(self, files: list[str]) -> defer.Deferred:
         """Template C{files} changed: reset Django's template loaders here and in web processes."""
-        from twistedlrp.reload import templates
-
         told = self.web_processes and self.web_processes.reload_templates()
 
         def done(_):
@@ -300,11 +291,7 @@ def build_server(options, reactor=None) -> Server:
     @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
-    from twistedlrp import boot
-
     reactor_bridge.serving_reactor()
-    from twistedlrp.onefile import site
-
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
     boot.bridge_stdlib_logging(options["log-level"])

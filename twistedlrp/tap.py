@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from twisted.application.service import IService
 
+from twistedlrp import logs
 from twistedlrp.options import TapOptions as Options
+from twistedlrp.signals import end_at_exit
 
 __all__ = ["Options", "makeService", "wrap_builds"]
 
@@ -21,8 +23,6 @@ def makeService(options) -> IService:
     """Set Django up and build the server (a failure ends the process with one line)."""
     from twisted.internet import reactor
 
-    from twistedlrp.signals import end_at_exit
-
     end_at_exit(reactor)
 
     def build() -> IService:
@@ -33,8 +33,6 @@ def makeService(options) -> IService:
             return _service_from_options(options)
         except BootError as e:
             raise SystemExit(f"twistd lrp: error: {e}") from None
-
-    from twistedlrp import logs
 
     root = _wrapper(build, options) if _wrapper is not None else build()
     logs.observe_for_twistd(root, options)

@@ -11,6 +11,7 @@ descriptors; the server answers C{forked} (C{pid}) or C{fork_failed}
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import selectors
 import signal
@@ -32,8 +33,6 @@ def flush_stdio() -> None:
 
 def preimport(names) -> None:
     """Import the modules C{names} ahead of time, so that every fork shares them."""
-    import importlib
-
     # A module that fails is imported again, and its error reported, where it is needed.
     for name in names:
         with contextlib.suppress(Exception):

@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sys
+import sysconfig
+import traceback
 
 # Set by the supervisor: the control channel's descriptor.
 CONTROL_VARIABLE = "LRP_RELOAD_FD"
@@ -41,8 +44,6 @@ class _Reporter:
     """The control channel to the supervisor, blocking until the reactor runs."""
 
     def __init__(self, fd: int):
-        import socket
-
         from twistedlrp.process.channel import BlockingChannel
 
         self.blocking = BlockingChannel(socket.socket(fileno=fd))
@@ -75,8 +76,6 @@ class _Reporter:
 
 def imported_files() -> set[str]:
     """@return: the source files of the modules imported so far, but the standard library's."""
-    import sysconfig
-
     paths = sysconfig.get_paths()
     stdlib = tuple(os.path.realpath(paths[p]) + os.sep for p in ("stdlib", "platstdlib"))
     files = set()
@@ -95,8 +94,6 @@ def imported_files() -> set[str]:
 
 
 def _report_builds(channel: _Reporter) -> None:
-    import traceback
-
     import twistedlrp.tap as tap
 
     def build_and_report(build, options):
