@@ -15,6 +15,8 @@ from __future__ import annotations
 import json as _json
 from typing import Any
 
+from twisted.internet import defer
+
 from twistedlrp.reactor_bridge import DEFAULT_TIMEOUT, call_in_reactor
 
 __all__ = ["HTTPError", "HTTPTimeout", "HTTPConnectionError", "Response", "get", "post", "request"]
@@ -87,8 +89,6 @@ _pool = None
 def close_connections():
     """@return: a Deferred that fires once the pooled connections are closed."""
     global _pool
-    from twisted.internet import defer
-
     pool, _pool = _pool, None
     if pool is None:
         return defer.succeed(None)
@@ -97,7 +97,7 @@ def close_connections():
 
 async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Response:
     import treq
-    from twisted.internet import defer, error, reactor
+    from twisted.internet import error, reactor
     from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
     from twisted.web.client import RequestTransmissionFailed as Unsent
 

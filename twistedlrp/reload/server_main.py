@@ -20,6 +20,10 @@ import sys
 import sysconfig
 import traceback
 
+from twistedlrp.process.channel import BlockingChannel, Channel, adopt
+from twistedlrp.process.forkserver import preimport
+from twistedlrp.signals import set_exit_code
+
 # Set by the supervisor: the control channel's descriptor.
 CONTROL_VARIABLE = "LRP_RELOAD_FD"
 # Set for a spare: it imports what every server needs (not the site) ahead
@@ -44,8 +48,6 @@ class _Reporter:
     """The control channel to the supervisor, blocking until the reactor runs."""
 
     def __init__(self, fd: int):
-        from twistedlrp.process.channel import BlockingChannel
-
         self.blocking = BlockingChannel(socket.socket(fileno=fd))
         self.channel = None  # the reactor's end, once the reactor runs
         self.reported: set[str] = set()
@@ -61,8 +63,6 @@ class _Reporter:
 
     def hand_over(self, on_message, on_lost):
         """@return: the reactor's end of the channel, reading on where the blocking end stopped."""
-        from twistedlrp.process.channel import Channel
-
         self.channel = Channel(on_message, on_lost, self.blocking.decoder)
         pending, self.blocking.pending = self.blocking.pending, []
         for message in pending:
@@ -150,9 +150,6 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     from twisted.internet import reactor, task
     from twisted.internet.error import ConnectionDone
 
-    from twistedlrp.process.channel import adopt
-    from twistedlrp.signals import set_exit_code
-
     def said(message: dict) -> None:
         reload_templates = getattr(service, "reload_templates", None)
         if message.get("event") == "templates" and reload_templates is not None:
@@ -189,8 +186,6 @@ def main(argv: list[str] | None = None) -> None:
         os.set_inheritable(int(fd), False)
         channel = _Reporter(int(fd))
         if spare:
-            from twistedlrp.process.forkserver import preimport
-
             preimport(PREIMPORT)
             channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
             if not channel.wait_for_word():
