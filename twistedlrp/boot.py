@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+from twistedlrp.stdlog import drop_django_console
+
 
 def _log():
     # Imported on first use: job workers use this module but not Twisted,
@@ -77,9 +79,7 @@ def setup_django(load_urlconf: bool = True) -> None:
     from twistedlrp.onefile import site
 
     django_setup()
-    from twistedlrp import logs
-
-    logs.drop_django_console()
+    drop_django_console()
     immediate = sqlite_immediate_transactions()
     if immediate:
         _log().info(
@@ -263,7 +263,6 @@ def load_wsgi_application():
     from django.core.exceptions import ImproperlyConfigured
     from django.core.servers.basehttp import get_internal_wsgi_application
 
-    from twistedlrp import logs
     from twistedlrp.onefile import site
 
     loaded = site.loaded()
@@ -279,7 +278,7 @@ def load_wsgi_application():
         ) from None
     # get_wsgi_application() runs django.setup() again, which configures
     # logging again.
-    logs.drop_django_console()
+    drop_django_console()
     return application
 
 
