@@ -184,8 +184,8 @@ def observe_for_twistd(root, options) -> None:
     root.setServiceParent = setServiceParent
 
 
-def begin(lrp_args: list[str], stream=None) -> None:
-    """Begin logging in a process that is not twistd, as C{lrp_args} say (or the defaults)."""
+def begin(lrp_args: list[str], stream) -> None:
+    """Begin logging to C{stream} in a process that is not twistd, as C{lrp_args} say."""
     from twistedlrp.options import Options
 
     level, log_format = "info", "text"
@@ -195,7 +195,7 @@ def begin(lrp_args: list[str], stream=None) -> None:
         options.parseOptions(list(lrp_args))
         level, log_format = options["log-level"], options["log-format"]
     set_level(level)
-    observer = make_observer(stream or sys.stdout, log_format, level)
+    observer = make_observer(stream, log_format, level)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 

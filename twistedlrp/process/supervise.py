@@ -35,11 +35,9 @@ def restart_delay(backoff: Backoff, ran: float) -> float:
     return backoff.next()
 
 
-def child_environment(extra: dict | None = None) -> dict:
+def child_environment() -> dict:
     """@return: our environment for a child, without the C{LISTEN_*} of the sockets we got."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    env.update(extra or {})
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
 
 
 def send_signal(pid: int | None, number: int, group: bool = False) -> bool:

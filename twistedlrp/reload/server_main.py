@@ -174,8 +174,8 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     reactor.callWhenRunning(begin)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main() -> None:
+    argv = sys.argv[1:]
     with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
     if os.environ.get("LISTEN_FDS"):

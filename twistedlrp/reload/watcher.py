@@ -41,13 +41,9 @@ def _under(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
-def make_watcher(reactor, roots, on_change, polling: bool | None = None):
-    """
-    C{on_change(sorted paths)} runs in the reactor thread; C{polling=None}
-    polls only without C{watchfiles} or with C{LRP_RELOAD_POLL}.
-    """
-    if polling is None:
-        polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
+def make_watcher(reactor, roots, on_change):
+    """C{on_change(sorted paths)} runs in the reactor thread; polls without C{watchfiles}."""
+    polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
     if not polling:
         try:
             import watchfiles  # noqa: F401
@@ -91,8 +87,7 @@ class _BaseWatcher:
         return self.in_template_dir(path) and not path.endswith(".py") and path not in self.files
 
     def add_files(self, paths: Iterable[str]) -> None:
-        new = {os.path.realpath(p) for p in paths} - self.files
-        new = {p for p in new if os.path.isfile(p)}
+        new = {p for p in map(os.path.realpath, paths) if p not in self.files and os.path.isfile(p)}
         if new:
             self.files |= new
             self._files_added(new)
