@@ -229,15 +229,15 @@ class Options(usage.Options):
         # Long name -> COMMAND_LINE or CONFIG_FILE, for each option given.
         self.given: dict[str, str] = {}
 
-    def _take(self, option: Option, value, source: str = COMMAND_LINE) -> None:
+    def _take(self, option: Option, value) -> None:
         value = True if option.flag else option.parse(option.name, value)
         if not option.repeatable:
             self[option.name] = value
-        elif self.given.get(option.name) != source:
+        elif self.given.get(option.name) != COMMAND_LINE:
             self[option.name] = [value]
         else:
             self[option.name].append(value)
-        self.given[option.name] = source
+        self.given[option.name] = COMMAND_LINE
 
     def opt_version(self):
         """Display the versions of twistedlrp, Twisted, Django and Python, and exit."""
