@@ -25,8 +25,7 @@ from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
 
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
-_services: dict[str, IService] = {}
-_registered: list[_Named] = []
+_services: dict[str, _Named] = {}  # in registration order
 _serving: SiteServices | None = None  # the server's, once it is built
 _once: set[int] = set()  # ids of the hooks registered with once=True
 
@@ -41,7 +40,7 @@ class SiteServices(OrderedService):
         super().__init__()
         self.scope = scope
         _serving = self
-        for named in _registered:
+        for named in _services.values():
             self.take(named)
 
     def take(self, named: _Named) -> None:
@@ -89,9 +88,7 @@ def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
         raise TypeError(f"add_service({name!r}): {svc!r} does not provide IService")
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
-    _services[name] = svc
-    named = _Named(name, svc, once)
-    _registered.append(named)
+    _services[name] = named = _Named(name, svc, once)
     if _serving is not None:
         _serving.take(named)
     return svc
@@ -109,7 +106,7 @@ def in_scope(scope: str, once: bool) -> bool:
 def get_service(name: str) -> IService:
     """@return: the service registered as C{name}. @raise LookupError: there is none."""
     try:
-        return _services[name]
+        return _services[name].wrapped
     except KeyError:
         known = ", ".join(sorted(_services)) or "none"
         raise LookupError(f"no service named {name!r} (registered: {known})") from None
@@ -197,6 +194,5 @@ def _reset() -> None:
     _startup_hooks.clear()
     _shutdown_hooks.clear()
     _services.clear()
-    _registered.clear()
     _once.clear()
     _serving = None
