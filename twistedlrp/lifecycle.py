@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.service import IService
 from twisted.internet import defer
 
 from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
@@ -77,14 +76,14 @@ def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
     return _register(_shutdown_hooks, hook, once, "on_shutdown")
 
 
-def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
+def add_service(name: str, svc: service.IService, *, once: bool = False) -> service.IService:
     """
     Start and stop C{svc} with the server, in order and the reverse, awaiting
     the Deferreds it returns (C{once} as for L{on_startup}); @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
     @raise TypeError: C{svc} does not provide L{IService}.
     """
-    if not IService.providedBy(svc):
+    if not service.IService.providedBy(svc):
         raise TypeError(f"add_service({name!r}): {svc!r} does not provide IService")
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
@@ -103,7 +102,7 @@ def in_scope(scope: str, once: bool) -> bool:
     return scope == "all" or (scope == "once") == once
 
 
-def get_service(name: str) -> IService:
+def get_service(name: str) -> service.IService:
     """@return: the service registered as C{name}. @raise LookupError: there is none."""
     try:
         return _services[name].wrapped
@@ -113,7 +112,7 @@ def get_service(name: str) -> IService:
 
 
 class _Named(service.Service):
-    def __init__(self, name: str, wrapped: IService, once: bool):
+    def __init__(self, name: str, wrapped: service.IService, once: bool):
         self.name, self.wrapped, self.once = name, wrapped, once
 
     def startService(self):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from twisted.application.service import IService
 
-from twistedlrp import logs
+from twistedlrp import _service_from_options, logs
+from twistedlrp.boot import BootError
 from twistedlrp.options import TapOptions as Options
 from twistedlrp.signals import end_at_exit
 
@@ -26,9 +27,6 @@ def makeService(options) -> IService:
     end_at_exit(reactor)
 
     def build() -> IService:
-        from twistedlrp import _service_from_options
-        from twistedlrp.boot import BootError
-
         try:
             return _service_from_options(options)
         except BootError as e:
