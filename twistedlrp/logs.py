@@ -1,8 +1,7 @@
 """
-The server log's level (C{--log-level}) and format (C{--log-format}), for
-twisted.logger events and stdlib records alike (docs/logging.md): every
-process but the job workers (L{twistedlrp.stdlog}) logs through one observer
-made here (L{observe_for_twistd} in a twistd process, L{begin} elsewhere).
+The server log's level and format, for twisted.logger events and stdlib
+records alike (docs/logging.md): every process but the job workers logs
+through one observer made here.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """
 The options of ``twistd lrp``, for the command line, ``--config`` files and
-:func:`twistedlrp.make_service`: one row of :data:`OPTIONS` each (name,
-default, parser, help), stored under the long name. A wrong value raises
-:class:`usage.UsageError` with a one-line message naming the option.
+:func:`twistedlrp.make_service`: one row of :data:`OPTIONS` each. A wrong
+value raises :class:`usage.UsageError` with a one-line message naming it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """
-stdlib logging without Twisted (a job worker would pay ~15 MiB for it):
-Django's console handler, which would print a line twice, and a worker's
-records, one line each on its standard error (C{WARNING myapp.jobs: text},
-then any traceback), which the job service logs at the record's level.
+stdlib logging without Twisted (a job worker would pay ~15 MiB for it): a
+worker's records, one line each on its stderr (C{WARNING myapp.jobs: text}),
+which the job service logs at the record's level.
 """
 
 from __future__ import annotations

@@ -4,9 +4,8 @@ Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md)::
 
     TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
 
-A task is registered as a job under C{task.module_path} when it is created;
-the result id is the job's id. Enqueued inside C{transaction.atomic()}, it
-runs once the transaction commits, never if it rolls back.
+A task is a job named C{task.module_path}; the result id is the job's id.
+Enqueued inside C{transaction.atomic()}, it runs only once that commits.
 """
 
 from __future__ import annotations

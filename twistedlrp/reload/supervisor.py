@@ -1,14 +1,12 @@
 """
 What C{twistd lrp --reload} runs instead of the server, never importing
 Django or the site. It binds the C{--listen} sockets once and passes them to
-each server it starts (as C{systemd:} endpoints), so a request sent during a
-restart waits in the backlog.
+each server it starts, so a request sent during a restart waits in the backlog.
 
-A change of templates only reloads the templates. Any other change starts a
-new server, warmed up ahead as a spare; once it has set Django up the old
-one is stopped (SIGTERM, the graceful timeout, then SIGKILL to its process
-group) and the new one runs. If the new code fails, the old server keeps
-serving and nothing restarts until the next change: it never loops.
+A change of templates only reloads them. Any other change starts a new
+server, warmed up ahead as a spare; once it has set Django up the old one is
+stopped and the new one runs. If the new code fails, the old server keeps
+serving until the next change: it never loops.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """
-Watching files for the reload supervisor, as C{runserver} does: every C{.py}
-file in the I{roots} (the site's directories), single I{files} (the modules
-the server imported, the config file), and every file but editors' litter
-in the I{template directories} the server reports; by C{watchfiles}, else by
-polling every half second. The callback runs in the reactor thread.
+Watching files for the reload supervisor, as C{runserver} does: the C{.py} files
+in the I{roots}, single I{files} (the modules imported, the config file), and
+every file but editors' litter in the I{template directories}; by C{watchfiles},
+else by polling every half second.
 """
 
 from __future__ import annotations
