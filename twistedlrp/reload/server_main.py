@@ -175,7 +175,6 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
     with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
     if os.environ.get("LISTEN_FDS"):
@@ -194,7 +193,7 @@ def main() -> None:
 
     from twisted.scripts.twistd import run
 
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "lrp", *argv]
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "lrp", *sys.argv[1:]]
     run()
 
 
