@@ -224,11 +224,9 @@ class _TaskRunner:
         self.__module__ = getattr(task.func, "__module__", __name__)
 
     def __call__(self, *args, **kwargs):
-        task = self.task
-        if task.takes_context:
-            context = TaskContext(task_result=_current_result(task))
-            return task.call(context, *args, **kwargs)
-        return task.call(*args, **kwargs)
+        if self.task.takes_context:
+            args = (TaskContext(task_result=_current_result(self.task)), *args)
+        return self.task.call(*args, **kwargs)
 
 
 def _current_result(task):
