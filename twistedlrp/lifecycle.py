@@ -20,7 +20,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 
-from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
+from twistedlrp.ordered_service import OrderedService, StartupFailed
 
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
@@ -160,21 +160,18 @@ class StartupHooks(service.Service):
                 ) from e
 
 
-class ShutdownHooks(service.Service):
-    """Runs the shut-down hooks newest first, each within the deadline."""
+class ShutdownHooks(OrderedService):
+    """Runs the shut-down hooks newest first, each stopped like a service within the deadline."""
 
     name = "shutdown-hooks"
 
     def __init__(self, reactor, scope: str = "all"):
-        self.reactor, self.scope = reactor, scope
+        super().__init__(reactor)
+        self.scope = scope
 
     def stop_by(self, deadline: float) -> defer.Deferred:
-        super().stopService()
-        return defer.ensureDeferred(self._run(deadline))
-
-    async def _run(self, deadline: float) -> None:
-        for hook in reversed(hooks_in_scope(_shutdown_hooks, self.scope)):
-            await stop_child(self.reactor, _Hook(hook), deadline)
+        self._started = [_Hook(hook) for hook in hooks_in_scope(_shutdown_hooks, self.scope)]
+        return super().stop_by(deadline)
 
 
 class _Hook(service.Service):
