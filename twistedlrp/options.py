@@ -196,19 +196,6 @@ _HINTS: dict[str, tuple[str, str]] = {
 }
 
 
-def version() -> str:
-    import django
-
-    import twisted
-    import twistedlrp
-
-    python = ".".join(map(str, sys.version_info[:3]))
-    return (
-        f"twistedlrp {twistedlrp.__version__} (Twisted {twisted.__version__}, "
-        f"Django {django.get_version()}, Python {python})"
-    )
-
-
 class Options(usage.Options):
     """Options for C{twistd lrp}; L{given} says which were given, and where."""
 
@@ -240,7 +227,16 @@ class Options(usage.Options):
 
     def opt_version(self):
         """Display the versions of twistedlrp, Twisted, Django and Python, and exit."""
-        sys.stdout.write(version() + "\n")
+        import django
+
+        import twisted
+        import twistedlrp
+
+        python = ".".join(map(str, sys.version_info[:3]))
+        sys.stdout.write(
+            f"twistedlrp {twistedlrp.__version__} (Twisted {twisted.__version__}, "
+            f"Django {django.get_version()}, Python {python})\n"
+        )
         sys.exit(0)
 
     def parseOptions(self, options=None):
