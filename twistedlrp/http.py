@@ -1,13 +1,7 @@
 """
-Outbound HTTP for views and jobs: a treq request run in the reactor through
-:func:`twistedlrp.call_in_reactor`, over a persistent connection pool the
-server closes at shut-down. ::
-
-    from twistedlrp import http
-
-    response = http.get("https://api.example.com/items", params={"page": 2}, timeout=5)
-    response.raise_for_status()
-    items = response.json()
+Outbound HTTP for views and jobs (docs/hooks.md): a treq request run in the
+reactor through :func:`twistedlrp.call_in_reactor`, over a persistent
+connection pool the server closes at shut-down.
 """
 
 from __future__ import annotations

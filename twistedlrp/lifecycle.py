@@ -1,11 +1,6 @@
 """
 The site's own start-up and shut-down hooks and long-lived services, registered
-from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/design.md)::
-
-    @on_startup
-    async def warm_cache():
-        ...
-
+from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/hooks.md).
 Start-up hooks run in registration order in the reactor thread before any
 port opens; shut-down hooks in reverse once requests and jobs have drained,
 each within what is left of the graceful deadline. A hook may return a
