@@ -1,11 +1,8 @@
 """
 A C{django.tasks} backend (Django 6, or the C{django-tasks} backport on
-Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md)::
-
-    TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
-
-A task is a job named C{task.module_path}; the result id is the job's id.
-Enqueued inside C{transaction.atomic()}, it runs only once that commits.
+Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md): a task is a job
+named C{task.module_path}; the result id is the job's id. Enqueued inside
+C{transaction.atomic()}, it runs only once that commits.
 """
 
 from __future__ import annotations
