@@ -1,10 +1,8 @@
 """
-twistedlrp: a Twisted application server for Django.
-
-The public surface is small: :func:`call_in_reactor` to reach the reactor
-from a view or a job, :func:`make_service` to build the server in a ``.tac``
-file, :func:`serve` and :class:`Router` for a site in one file, and the modules :mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http`
-and :mod:`twistedlrp.jobs`.
+twistedlrp: a Twisted application server for Django. Its public surface:
+:func:`call_in_reactor`, :func:`make_service` (a ``.tac`` file), :func:`serve`
+and :class:`Router` (a site in one file), and the modules
+:mod:`twistedlrp.lifecycle`, :mod:`twistedlrp.http` and :mod:`twistedlrp.jobs`.
 """
 
 __version__ = "0.1.0"
@@ -26,7 +24,6 @@ def __getattr__(name):
 
         return getattr(reactor_bridge, name)
     if name in ("Router", "serve"):
-        # A site in one file (docs/one-file.md).
         from twistedlrp import onefile
 
         return getattr(onefile, name)
@@ -35,9 +32,8 @@ def __getattr__(name):
 
 def make_service(**options):
     """
-    Build the server from keyword options named like the command line's
-    (C{threads=16}, C{graceful_timeout=10}), Django set up (with
-    C{reload=True}: the reload supervisor). For a C{.tac} file::
+    Build the server (Django set up) from keyword options named like the
+    command line's (C{threads=16}, C{graceful_timeout=10}). For a C{.tac} file::
 
         application = service.Application("lrp")
         make_service(settings="mysite.settings").setServiceParent(application)

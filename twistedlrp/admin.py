@@ -1,7 +1,6 @@
 """
 The jobs and schedules in the Django admin, read-only (the job service owns
-the rows): jobs can be cancelled or run again through the job service, and
-deleted once finished.
+the rows); jobs can be cancelled, run again, or deleted once finished.
 """
 
 from datetime import UTC, datetime
@@ -13,6 +12,7 @@ from django.utils.dateformat import format as date_format
 from django.utils.html import format_html
 from django.utils.timezone import localtime
 
+from twistedlrp import jobs
 from twistedlrp.jobs import states
 from twistedlrp.models import Job, Schedule
 
@@ -82,7 +82,6 @@ class JobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="duration")
     def duration(self, job):
-        """Of the last attempt: from its start to its end (to now while it runs)."""
         if job.started_at is None:
             return ""
         if job.state == states.RUNNING:
@@ -103,23 +102,17 @@ class JobAdmin(ReadOnlyAdmin):
     @admin.action(description="Cancel the selected jobs", permissions=["cancel"])
     def cancel_jobs(self, request, queryset):
         # Through the job service, which owns the rows and the workers.
-        from twistedlrp import jobs
-
-        done = failed = 0
+        done = 0
         for job_id in queryset.filter(state__in=states.UNFINISHED).values_list("id", flat=True):
             try:
                 jobs.cancel(job_id)
                 done += 1
             except jobs.JobError as e:
-                failed += 1
                 self.message_user(request, f"{job_id}: {e}", messages.ERROR)
         self.message_user(request, f"Cancellation requested for {done} job(s).")
 
     @admin.action(description="Run the selected jobs again", permissions=["cancel"])
     def run_again(self, request, queryset):
-        """Submit a new job of the same name and arguments for each selected one."""
-        from twistedlrp import jobs
-
         submitted = []
         for job in queryset.order_by("created_at"):
             try:
@@ -133,7 +126,7 @@ class JobAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Delete the selected finished jobs", permissions=["delete"])
     def delete_selected(self, request, queryset):
-        """Django's delete (with its confirmation page), refused while a job is unfinished."""
+        """Django's delete, refused while a job is unfinished."""
         unfinished = queryset.filter(state__in=states.UNFINISHED).count()
         if unfinished:
             self.message_user(

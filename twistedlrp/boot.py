@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+from twistedlrp.stdlog import drop_django_console
+
 
 def _log():
     # Imported on first use: job workers use this module but not Twisted,
@@ -36,9 +38,8 @@ def prepare_path(pythonpath: list[str]) -> None:
 
 def configure_settings(settings_module: str | None) -> str:
     """
-    Set C{DJANGO_SETTINGS_MODULE} and import the settings module, once.
+    Set C{DJANGO_SETTINGS_MODULE} and import the settings module; @return: its dotted path.
 
-    @return: the settings module's dotted path.
     @raise BootError: no module is named, or it cannot be imported.
     """
     if not settings_module:
@@ -71,18 +72,14 @@ def configure_settings(settings_module: str | None) -> str:
 
 def setup_django(load_urlconf: bool = True) -> None:
     """
-    C{django.setup()}, the system checks and the migration check, the
-    URLconf (unless not C{load_urlconf}: a job node needs no
-    C{ROOT_URLCONF}); then close the main thread's database connections.
+    C{django.setup()}, the checks, the URLconf (a job node has none) and close the connections.
 
     @raise BootError: set-up failed or a system check reported an error.
     """
     from twistedlrp.onefile import site
 
     django_setup()
-    from twistedlrp import logs
-
-    logs.drop_django_console()
+    drop_django_console()
     immediate = sqlite_immediate_transactions()
     if immediate:
         _log().info(
@@ -101,12 +98,7 @@ def setup_django(load_urlconf: bool = True) -> None:
 
 
 def django_setup() -> None:
-    """
-    C{django.setup()} with the C{--app} site (if any) imported around it
-    (L{twistedlrp.onefile.site}), in every process of the server.
-
-    @raise BootError: set-up failed, or the site's file did.
-    """
+    """C{django.setup()} with the C{--app} site imported around it; @raise BootError: it failed."""
     import django
 
     from twistedlrp.onefile import site
@@ -123,17 +115,14 @@ def django_setup() -> None:
                 f"--app {spec.given}: its module name {spec.module!r} is the label of an "
                 f"installed app; rename the file"
             ) from None
-        raise BootError(f"django.setup() failed: {_last_line(e)}\n{_traceback()}") from None
+        raise BootError(
+            f"django.setup() failed: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
+        ) from None
     site.after_setup()
 
 
 def migrate_at_start() -> None:
-    """
-    Apply the migrations: an C{--app} site on the database twistedlrp chose
-    gets its tables at the first start, with no other command.
-
-    @raise BootError: a migration failed.
-    """
+    """Apply the migrations of an C{--app} site; @raise BootError: a migration failed."""
     from django.core.management import call_command
     from django.db import DEFAULT_DB_ALIAS, connections
 
@@ -169,12 +158,7 @@ def warn_missing_tables() -> None:
 
 
 def migrate(options) -> None:
-    """
-    C{twistd lrp --migrate}: set Django up and run C{migrate --run-syncdb}
-    (the models of an C{--app} file have no migrations), printing what is done.
-
-    @raise BootError: set-up or a migration failed.
-    """
+    """C{twistd lrp --migrate}: C{migrate --run-syncdb}; @raise BootError: it failed."""
     from twistedlrp.onefile import site
 
     prepare_path(options["pythonpath"])
@@ -188,14 +172,10 @@ def migrate(options) -> None:
 
 def sqlite_immediate_transactions() -> list[str]:
     """
-    Make every SQLite database whose settings choose no
-    C{OPTIONS["transaction_mode"]} begin its transactions C{IMMEDIATE} in
-    this process (Django 5.1+, as Rails does): the job service and the other
-    threads write concurrently, and SQLite fails a deferred transaction that
-    read, then writes after another connection committed ("database is
-    locked" at once, whatever the timeout); an immediate one waits for the lock.
-
-    @return: the aliases changed.
+    Make SQLite databases with no C{OPTIONS["transaction_mode"]} begin
+    transactions C{IMMEDIATE}: SQLite fails a deferred transaction that read,
+    then writes after another connection committed ("database is locked" at
+    once), and the job service writes concurrently; @return: the aliases changed.
     """
     from django.db import connections
 
@@ -212,11 +192,7 @@ def sqlite_immediate_transactions() -> list[str]:
 
 
 def run_system_checks() -> None:
-    """
-    Run Django's system checks: errors abort, warnings are logged.
-
-    @raise BootError: with every error's message, one per line.
-    """
+    """Log the system checks' warnings; @raise BootError: with every error, one per line."""
     from django.core import checks
 
     with _failing("the system checks crashed"):
@@ -259,7 +235,6 @@ def warn_unapplied_migrations() -> None:
 
 
 def _unapplied(alias: str) -> tuple[list, str]:
-    """@return: the migration plan of database C{alias}, and its apps' labels as text."""
     from django.db import connections
     from django.db.migrations.executor import MigrationExecutor
 
@@ -269,12 +244,7 @@ def _unapplied(alias: str) -> tuple[list, str]:
 
 
 def load_root_urlconf() -> None:
-    """
-    Import the root URLconf and resolve once, so that no request pays for
-    (or races) the first import.
-
-    @raise BootError: the URLconf cannot be imported.
-    """
+    """Import the URLconf and resolve once (no request races it); @raise BootError: it failed."""
     from django.urls import Resolver404, get_resolver
 
     with _failing("cannot load the URLconf"):
@@ -287,15 +257,12 @@ def load_root_urlconf() -> None:
 
 def load_wsgi_application():
     """
-    @return: the WSGI application given with C{--app}, or the one named by
-        C{WSGI_APPLICATION} (Django's own handler when unset), with its
-        middleware loaded.
+    @return: the WSGI application of C{--app} or C{WSGI_APPLICATION}, middleware loaded.
     @raise BootError: it cannot be imported.
     """
     from django.core.exceptions import ImproperlyConfigured
     from django.core.servers.basehttp import get_internal_wsgi_application
 
-    from twistedlrp import logs
     from twistedlrp.onefile import site
 
     loaded = site.loaded()
@@ -307,21 +274,18 @@ def load_wsgi_application():
         raise BootError(str(e)) from None
     except Exception as e:
         raise BootError(
-            f"cannot load the WSGI application: {_last_line(e)}\n{_traceback()}"
+            f"cannot load the WSGI application: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
         ) from None
     # get_wsgi_application() runs django.setup() again, which configures
     # logging again.
-    logs.drop_django_console()
+    drop_django_console()
     return application
 
 
 def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
     """
-    Import the module C{name} of every installed app that has one, except
-    the apps named in C{skip} (the C{lrp} modules register hooks as they import).
-
-    @return: the dotted names of the modules imported.
-    @raise BootError: one of them failed to import.
+    Import the module C{name} of every installed app (but C{skip}) that has one.
+    @return: the dotted names imported. @raise BootError: one failed to import.
     """
     from django.apps import apps
     from django.utils.module_loading import module_has_submodule
@@ -349,21 +313,16 @@ def _last_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
 
 
-def _traceback() -> str:
-    return traceback.format_exc().rstrip()
-
-
 @contextlib.contextmanager
 def _failing(what: str):
-    """Turn an exception into a L{BootError}: C{what}, the error's last line, the traceback."""
     try:
         yield
     except Exception as e:
-        raise BootError(f"{what}: {_last_line(e)}\n{_traceback()}") from None
+        raise BootError(f"{what}: {_last_line(e)}\n{traceback.format_exc().rstrip()}") from None
 
 
 def bridge_stdlib_logging(level: str = "warn") -> None:
-    """L{twistedlrp.logs.bridge_stdlib_logging}, without importing Twisted before it is needed."""
+    """L{twistedlrp.logs.bridge_stdlib_logging}, imported on first use (Twisted)."""
     from twistedlrp import logs
 
     logs.bridge_stdlib_logging(level)

@@ -6,6 +6,7 @@ names as keys, at the top level or in a ``[lrp]`` table) and
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,10 @@ from typing import Any
 
 from twisted.python import usage
 
-__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value", "read_config_file"]
+__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value"]
 
-# Where a value came from (L{twistedlrp.options.Options.given}). Values set
-# through Options.set_option (make_service() keywords) count as the command
-# line: they win over the file, and the reload supervisor passes them on.
+# Where a value came from (Options.given); make_service() keywords count as
+# the command line: they win over the file, and --reload passes them on.
 COMMAND_LINE = "command line"
 CONFIG_FILE = "config file"
 
@@ -48,7 +48,7 @@ STRINGS = Kind(
 def python_value(option, value):
     """
     @return: C{value} for C{option}, normalised (a list, for a repeatable option).
-    @raise usage.UsageError: the value has the wrong type (checked before the parser).
+    @raise usage.UsageError: the value has the wrong type.
     """
     name = option.name
     if option.from_python:
@@ -83,8 +83,6 @@ def static_values(value):
 def setting_values(value):
     """C{set} as a table (C{{ DEBUG = true }}): NAME=VALUE strings, each value in JSON."""
     if isinstance(value, dict):
-        import json
-
         return [f"{name}={json.dumps(item)}" for name, item in value.items()]
     return value
 
@@ -98,30 +96,19 @@ def typed(value) -> str:
     return f"{_TOML_TYPES.get(type(value), type(value).__name__)} ({value!r})"
 
 
-def read_config_file(path: str) -> dict:
+def apply_config_file(options, path: str) -> None:
     """
-    @return: the options in the TOML file at C{path}, keyed as the file
-        spells them (the contents of its C{[lrp]} table if that is all it has).
-    @raise usage.UsageError: the file cannot be read or is not TOML.
+    Set the options in the TOML file at C{path} (or its only table, C{[lrp]}) but the
+    command line's; @raise usage.UsageError: not TOML, an unknown key or a wrong value.
     """
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise usage.UsageError(f"--config: cannot read {path}: {e}") from None
-    # A [lrp] table is accepted so the file can share a pyproject-style layout.
     if set(data) == {"lrp"} and isinstance(data["lrp"], dict):
         data = data["lrp"]
-    return data
-
-
-def apply_config_file(options, path: str) -> None:
-    """
-    Set the options in the TOML file at C{path}, but those given on the command line.
-
-    @raise usage.UsageError: not TOML, an unknown key or a wrong value (named).
-    """
-    for key, value in read_config_file(path).items():
+    for key, value in data.items():
         name = key.replace("_", "-")
         if name not in options.option_names:
             raise usage.UsageError(f"{path}: unknown option {key!r}")

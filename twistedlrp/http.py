@@ -1,19 +1,15 @@
 """
-Outbound HTTP for views and jobs: a treq request run in the reactor through
-:func:`twistedlrp.call_in_reactor`, over a persistent connection pool the
-server closes at shut-down. ::
-
-    from twistedlrp import http
-
-    response = http.get("https://api.example.com/items", params={"page": 2}, timeout=5)
-    response.raise_for_status()
-    items = response.json()
+Outbound HTTP for views and jobs (docs/hooks.md): a treq request run in the
+reactor through :func:`twistedlrp.call_in_reactor`, over a persistent
+connection pool the server closes at shut-down.
 """
 
 from __future__ import annotations
 
 import json as _json
 from typing import Any
+
+from twisted.internet import defer
 
 from twistedlrp.reactor_bridge import DEFAULT_TIMEOUT, call_in_reactor
 
@@ -84,24 +80,9 @@ class Response:
 _pool = None
 
 
-def _connection_pool():
-    global _pool
-    if _pool is None:
-        from twisted.internet import reactor
-        from twisted.web.client import HTTPConnectionPool
-
-        _pool = HTTPConnectionPool(reactor, persistent=True)
-        _pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
-        _pool.cachedConnectionTimeout = IDLE_SECONDS
-        _pool.retryAutomatically = True
-    return _pool
-
-
 def close_connections():
     """@return: a Deferred that fires once the pooled connections are closed."""
     global _pool
-    from twisted.internet import defer
-
     pool, _pool = _pool, None
     if pool is None:
         return defer.succeed(None)
@@ -110,14 +91,17 @@ def close_connections():
 
 async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Response:
     import treq
-    from twisted.internet import defer, error
+    from twisted.internet import error, reactor
+    from twisted.web.client import HTTPConnectionPool, ResponseFailed, ResponseNeverReceived
     from twisted.web.client import RequestTransmissionFailed as Unsent
-    from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+    global _pool
+    if _pool is None:
+        _pool = HTTPConnectionPool(reactor, persistent=True)
+        _pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
+        _pool.cachedConnectionTimeout = IDLE_SECONDS
     try:
-        response = await treq.request(
-            method, url, pool=_connection_pool(), timeout=timeout, **kwargs
-        )
+        response = await treq.request(method, url, pool=_pool, timeout=timeout, **kwargs)
         body = await treq.content(response)
     except (defer.CancelledError, error.TimeoutError) as e:
         raise HTTPTimeout(f"{method} {url}: no response within {timeout} s") from e
@@ -139,12 +123,9 @@ async def _fetch(method: str, url: str, kwargs: dict, timeout: float) -> Respons
 
 def request(method: str, url: str, *, timeout: float = DEFAULT_TIMEOUT, **kwargs: Any) -> Response:
     """
-    Send a request and read the whole response.
+    Send a request and read the whole response; C{kwargs} are C{treq.request}'s.
 
-    @param kwargs: what C{treq.request} takes: C{params}, C{headers},
-        C{data}, C{json}, C{files}, C{auth}, C{cookies}, C{allow_redirects}.
-    @return: a L{Response}, whatever its status (see
-        L{Response.raise_for_status}).
+    @return: a L{Response}, whatever its status (see L{Response.raise_for_status}).
     @raise HTTPTimeout: no complete response within C{timeout} seconds.
     @raise HTTPConnectionError: the host could not be reached or hung up.
     @raise twistedlrp.ShutdownInProgress: the server is shutting down.

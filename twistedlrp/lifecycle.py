@@ -1,11 +1,6 @@
 """
 The site's own start-up and shut-down hooks and long-lived services, registered
-from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/design.md)::
-
-    @on_startup
-    async def warm_cache():
-        ...
-
+from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/hooks.md).
 Start-up hooks run in registration order in the reactor thread before any
 port opens; shut-down hooks in reverse once requests and jobs have drained,
 each within what is left of the graceful deadline. A hook may return a
@@ -14,20 +9,17 @@ Deferred or be ``async def``: its result is awaited.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.service import IService
 from twisted.internet import defer
 
-from twistedlrp.ordered_service import OrderedService, StartupFailed, stop_child
+from twistedlrp.ordered_service import OrderedService, StartupFailed
 
 _startup_hooks: list[Callable[[], Any]] = []
 _shutdown_hooks: list[Callable[[], Any]] = []
-_services: dict[str, IService] = {}
-_registered: list[_Named] = []
+_services: dict[str, _Named] = {}  # in registration order
 _serving: SiteServices | None = None  # the server's, once it is built
 _once: set[int] = set()  # ids of the hooks registered with once=True
 
@@ -42,11 +34,10 @@ class SiteServices(OrderedService):
         super().__init__()
         self.scope = scope
         _serving = self
-        for named in _registered:
+        for named in _services.values():
             self.take(named)
 
     def take(self, named: _Named) -> None:
-        """Run C{named} here if it is of this scope (at once if this service runs)."""
         if in_scope(self.scope, named.once):
             self.addService(named)
 
@@ -66,42 +57,32 @@ def _register(hooks: list, hook, once: bool, what: str):
 
 def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server start, before the ports open: as
-    C{@on_startup} or C{@on_startup(once=True)}.
+    Register C{hook} to run at server start, before the ports open (C{@on_startup}).
 
-    @param once: with C{--web-workers} above 1, run it once, in the main
-        process (the job service's); a plain hook runs in every web process
-        instead, where the views run. With one web process both kinds run there.
+    @param once: with C{--web-workers} above 1, run it in the main process
+        only; a plain hook runs in every web process instead.
     @return: C{hook} itself (or a decorator, when called without it).
     """
     return _register(_startup_hooks, hook, once, "on_startup")
 
 
 def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
-    """
-    Register C{hook} to run at server stop, after requests and jobs drained
-    (C{once} as for L{on_startup}); @return: as L{on_startup}.
-    """
+    """Register C{hook} to run at server stop, once requests and jobs drained (as L{on_startup})."""
     return _register(_shutdown_hooks, hook, once, "on_shutdown")
 
 
-def add_service(name: str, svc: IService, *, once: bool = False) -> IService:
+def add_service(name: str, svc: service.IService, *, once: bool = False) -> service.IService:
     """
-    Start and stop C{svc} (any L{IService}) with the server, in registration
-    order and the reverse, awaiting a Deferred its C{startService} or
-    C{stopService} returns (C{once} as for L{on_startup}).
-
-    @return: C{svc}.
+    Start and stop C{svc} with the server, in order and the reverse, awaiting
+    the Deferreds it returns (C{once} as for L{on_startup}); @return: C{svc}.
     @raise ValueError: a service of that name is registered already.
     @raise TypeError: C{svc} does not provide L{IService}.
     """
-    if not IService.providedBy(svc):
+    if not service.IService.providedBy(svc):
         raise TypeError(f"add_service({name!r}): {svc!r} does not provide IService")
     if name in _services:
         raise ValueError(f"a service named {name!r} is registered already")
-    _services[name] = svc
-    named = _Named(name, svc, once)
-    _registered.append(named)
+    _services[name] = named = _Named(name, svc, once)
     if _serving is not None:
         _serving.take(named)
     return svc
@@ -116,22 +97,17 @@ def in_scope(scope: str, once: bool) -> bool:
     return scope == "all" or (scope == "once") == once
 
 
-def get_service(name: str) -> IService:
-    """
-    @return: the service registered as C{name}.
-    @raise LookupError: nothing is registered under C{name}.
-    """
+def get_service(name: str) -> service.IService:
+    """@return: the service registered as C{name}. @raise LookupError: there is none."""
     try:
-        return _services[name]
+        return _services[name].wrapped
     except KeyError:
         known = ", ".join(sorted(_services)) or "none"
         raise LookupError(f"no service named {name!r} (registered: {known})") from None
 
 
 class _Named(service.Service):
-    """A registered service under its registered name (its own name may differ or be unset)."""
-
-    def __init__(self, name: str, wrapped: IService, once: bool):
+    def __init__(self, name: str, wrapped: service.IService, once: bool):
         self.name, self.wrapped, self.once = name, wrapped, once
 
     def startService(self):
@@ -144,10 +120,8 @@ class _Named(service.Service):
 
 
 def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
-    """@return: a Deferred of C{hook()}'s result, once a Deferred or coroutine it returned ends."""
-    return defer.maybeDeferred(hook).addCallback(
-        lambda value: defer.Deferred.fromCoroutine(value) if inspect.iscoroutine(value) else value
-    )
+    """@return: a Deferred of C{hook()}'s result (maybeDeferred awaits a coroutine too)."""
+    return defer.maybeDeferred(hook)
 
 
 def hook_name(hook: Callable[[], Any]) -> str:
@@ -160,8 +134,6 @@ def hooks_in_scope(hooks: list, scope: str) -> list:
 
 
 class StartupHooks(service.Service):
-    """Runs the start-up hooks of C{scope} in registration order when it starts."""
-
     name = "startup-hooks"
 
     def __init__(self, scope: str = "all"):
@@ -183,21 +155,18 @@ class StartupHooks(service.Service):
                 ) from e
 
 
-class ShutdownHooks(service.Service):
-    """Runs the shut-down hooks newest first when it stops, each within the deadline."""
+class ShutdownHooks(OrderedService):
+    """Runs the shut-down hooks newest first, each stopped like a service within the deadline."""
 
     name = "shutdown-hooks"
 
     def __init__(self, reactor, scope: str = "all"):
-        self.reactor, self.scope = reactor, scope
+        super().__init__(reactor)
+        self.scope = scope
 
     def stop_by(self, deadline: float) -> defer.Deferred:
-        super().stopService()
-        return defer.ensureDeferred(self._run(deadline))
-
-    async def _run(self, deadline: float) -> None:
-        for hook in reversed(hooks_in_scope(_shutdown_hooks, self.scope)):
-            await stop_child(self.reactor, _Hook(hook), deadline)
+        self._started = [_Hook(hook) for hook in hooks_in_scope(_shutdown_hooks, self.scope)]
+        return super().stop_by(deadline)
 
 
 class _Hook(service.Service):
@@ -212,11 +181,9 @@ class _Hook(service.Service):
 
 
 def _reset() -> None:
-    """Forget every hook and service (for tests that register their own)."""
     global _serving
     _startup_hooks.clear()
     _shutdown_hooks.clear()
     _services.clear()
-    _registered.clear()
     _once.clear()
     _serving = None

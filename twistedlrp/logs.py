@@ -1,12 +1,12 @@
 """
-The server log's level (C{--log-level}) and format (C{--log-format}), for
-twisted.logger events and stdlib records alike (docs/logging.md): every
-process but the job workers (L{twistedlrp.stdlog}) logs through one observer
-made here (L{observe_for_twistd} in a twistd process, L{begin} elsewhere).
+The server log's level and format, for twisted.logger events and stdlib
+records alike (docs/logging.md): every process but the job workers logs
+through one observer made here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -18,6 +18,7 @@ from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -40,7 +41,6 @@ _LEGACY_KEYS = frozenset({"message", "isError", "system", "time", "format", "why
 _threshold = _RANK[LogLevel.info]
 _level_name = "info"
 
-
 # The parsers of --log-level, --log-format and --access-log-format.
 log_level = values.choice(*LEVELS, aliases={"warning": "warn"})
 log_format = values.choice("text", "json")
@@ -48,7 +48,6 @@ access_log_format = values.choice("combined", "combined+duration")
 
 
 def set_level(name: str) -> None:
-    """Make C{name} (a L{log_level} value) this process's threshold for L{enabled}."""
     global _threshold, _level_name
     _threshold = _RANK[LEVELS[name]]
     _level_name = name
@@ -69,11 +68,16 @@ def json_line(event: dict) -> str:
     when, level = event.get("log_time"), event.get("log_level")
     if when is not None:
         when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    # A message formatted by its caller (the job lines, the stdlib bridge)
+    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
+    message = event.get("log_text")
+    if event.get("log_format") != "{log_text}" or not isinstance(message, str):
+        message = formatEvent(event)
     record = {
         "time": when,
         "level": level.name if level is not None else "info",
         "namespace": event.get("log_namespace") or event.get("log_system") or "-",
-        "message": _message(event),
+        "message": message,
         "pid": os.getpid(),
     }
     failure = event.get("log_failure")
@@ -120,14 +124,6 @@ def text_line(event: dict) -> str | None:
     return formatEventAsClassicLogText(event, formatTime=_second_time)
 
 
-def _message(event: dict) -> str:
-    # A message formatted by its caller (the job lines, the stdlib bridge)
-    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
-    if event.get("log_format") == "{log_text}" and isinstance(event.get("log_text"), str):
-        return event["log_text"]
-    return formatEvent(event)
-
-
 # twistd's time stamps have whole seconds: each is formatted once.
 _format_second = functools.lru_cache(maxsize=1)(formatTime)
 
@@ -144,9 +140,8 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 def twistd_log_file(twistd_options):
     """
-    @param twistd_options: twistd's own options (C{-n}, C{--logfile}, C{--syslog}).
-    @return: the file twistd would log to (its log file rotated on SIGUSR1),
-        or C{None} where twistd's own logging must stay (C{--syslog}, C{--logger}).
+    @return: the file twistd's options say it logs to (a log file rotated on
+        SIGUSR1), or C{None} where twistd's own logging must stay (C{--syslog}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
@@ -156,25 +151,17 @@ def twistd_log_file(twistd_options):
         return sys.stdout if nodaemon else None
     import signal
 
+    from twisted.internet import reactor
     from twisted.python.logfile import LogFile
 
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):
-
-        def rotate(number, frame):
-            from twisted.internet import reactor
-
-            reactor.callFromThread(log_file.rotate)
-
-        signal.signal(signal.SIGUSR1, rotate)
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(log_file.rotate))
     return log_file
 
 
 def observe_for_twistd(root, options) -> None:
-    """
-    Have twistd log through L{make_observer}, as the application's C{ILogObserver}
-    (not for options that did not come from twistd's command line: a C{.tac}'s).
-    """
+    """Have twistd log through L{make_observer} (not a C{.tac}'s options: twistd's are absent)."""
     set_level(options["log-level"])
     twistd_options = getattr(options, "parent", None)
     if twistd_options is None:
@@ -196,19 +183,18 @@ def observe_for_twistd(root, options) -> None:
     root.setServiceParent = setServiceParent
 
 
-def begin(lrp_args: list[str], stream=None) -> None:
-    """Begin logging in a process that is not twistd, as C{lrp_args} say (or the defaults)."""
+def begin(lrp_args: list[str], stream) -> None:
+    """Begin logging to C{stream} in a process that is not twistd, as C{lrp_args} say."""
     from twistedlrp.options import Options
 
     level, log_format = "info", "text"
-    try:
+    # The main process checked them; this process reports its own errors later.
+    with contextlib.suppress(usage.UsageError, SystemExit, OSError, ValueError):
         options = Options()
         options.parseOptions(list(lrp_args))
         level, log_format = options["log-level"], options["log-format"]
-    except (usage.UsageError, SystemExit, OSError, ValueError):
-        pass  # The main process checked them; this process reports its own errors later.
     set_level(level)
-    observer = make_observer(stream or sys.stdout, log_format, level)
+    observer = make_observer(stream, log_format, level)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
@@ -224,8 +210,6 @@ class _Bridge(logging.Handler):
     """Hands stdlib records to twisted.logger, under the record's logger name."""
 
     def emit(self, record):
-        from twisted.logger import Logger
-
         try:
             text = record.getMessage()
             if record.exc_info:
@@ -239,9 +223,6 @@ class _Bridge(logging.Handler):
 
 
 def bridge_stdlib_logging(level: str = "warn") -> None:
-    """
-    Send stdlib records of C{level} and above to the server log through one
-    handler on the root logger (added once; a later call changes its level).
-    """
+    """Send stdlib records of C{level} and above to the server log (one root handler)."""
     ours = (h for h in logging.getLogger().handlers if getattr(h, "_twistedlrp", False))
     add_root_handler(next(ours, None) or _Bridge(), _STDLIB[level])

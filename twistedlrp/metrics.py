@@ -1,14 +1,9 @@
 """
-Where the server's Prometheus metrics live and how a scrape collects them
-(docs/metrics.md).
-
-One process keeps its values in a registry of its own (never
-C{prometheus_client}'s global one, which is the site's), and reads the values
-that can be read at scrape time (busy threads, queued jobs) then. Several web
-processes use C{prometheus_client}'s multiprocess mode: the main process
-empties C{<state-dir>/metrics} and names it in C{PROMETHEUS_MULTIPROC_DIR}
-for every process it starts, and each process copies its scrape-time values
-into gauges there every L{REFRESH_INTERVAL} seconds.
+The server's Prometheus metrics (docs/metrics.md), in a registry of its own
+(the global one is the site's); values such as busy threads are read at
+scrape time. Several web processes use C{prometheus_client}'s multiprocess
+mode in C{<state-dir>/metrics}, where each copies its scrape-time values
+every L{REFRESH_INTERVAL} seconds.
 """
 
 from __future__ import annotations
@@ -25,8 +20,7 @@ from twisted.logger import Logger
 log = Logger()
 
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-# Seconds between copies of the values read at scrape time into the shared
-# files, in multiprocess mode: how stale another process's gauges may be.
+# How stale another process's scrape-time gauges may be, in multiprocess mode.
 REFRESH_INTERVAL = 1.0
 
 #: The metrics of this process, or C{None} while they are off.
@@ -34,11 +28,7 @@ current: Metrics | None = None
 
 
 class Metrics:
-    """
-    The metrics of this process.
-
-    @param directory: the multiprocess directory, or C{None}: values in memory.
-    """
+    """The metrics of this process, in the multiprocess C{directory} or (C{None}) in memory."""
 
     def __init__(self, directory: str | None = None):
         from prometheus_client import CollectorRegistry, values
@@ -77,10 +67,7 @@ class Metrics:
     def sampled(
         self, name: str, doc: str, labels: tuple[str, ...], read: Callable[[], dict]
     ) -> None:
-        """
-        Add a gauge read when scraped (or refreshed): C{read()} returns
-        C{{label values: value}}. The values of several processes add up.
-        """
+        """Add a gauge read when scraped; C{read()} returns C{{label values: value}}."""
         gauge = None
         if self.directory is not None:
             from prometheus_client import Gauge
@@ -134,7 +121,6 @@ class Metrics:
 
 
 def _sample(name: str, read: Callable[[], dict]) -> dict | None:
-    """@return: what C{read()} returns, or C{None} (logged) if it fails."""
     try:
         return read()
     except Exception:
@@ -144,9 +130,7 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
 
 def configure(role: str, options) -> Metrics | None:
     """
-    Turn this process's metrics on (unless C{--no-metrics}) for its C{role}
-    (L{twistedlrp.server}); the C{"main"} one prepares the shared directory.
-
+    Turn this process's metrics on for its C{role}; C{"main"} prepares the shared directory.
     @return: the metrics (also L{current}), or C{None} when off.
     @raise twistedlrp.boot.BootError: the directory cannot be made or emptied.
     """

@@ -1,8 +1,6 @@
 """
-The durable job store: one row per job.
-
-Only the job service writes these rows (from its store thread); views read
-jobs through L{twistedlrp.jobs.get}, which also sees live progress.
+The durable job store: one row per job, written only by the job service;
+views read jobs through L{twistedlrp.jobs.get}, which sees live progress too.
 """
 
 import uuid
@@ -71,11 +69,7 @@ class Job(models.Model):
 
 
 class Node(models.Model):
-    """
-    A job node (a job service) using this database: its lease is renewed by
-    a heartbeat every few seconds; the other nodes retry or fail the running
-    jobs of a node whose lease expired.
-    """
+    """A job node: the others retry or fail the running jobs of a node whose heartbeat stopped."""
 
     name = models.CharField(max_length=255, primary_key=True)
     host = models.CharField(max_length=255)
@@ -93,10 +87,8 @@ class Node(models.Model):
 
 class Schedule(models.Model):
     """
-    A periodic job (L{twistedlrp.jobs.service.schedules}): C{@job(schedule=...)} or
-    an entry of C{settings.LRP_SCHEDULE}, synced into this table at each job
-    node's start. The job node that moves C{next_due} on (a conditional
-    update) submits the job of that due time.
+    A periodic job (C{@job(schedule=...)} or C{LRP_SCHEDULE}), synced at each job node's
+    start; the node that moves C{next_due} on (a conditional update) submits the job.
     """
 
     name = models.CharField(max_length=255, primary_key=True)
@@ -119,9 +111,8 @@ class Schedule(models.Model):
 
 class Announcement(models.Model):
     """
-    A job submitted inside a site's C{transaction.atomic()} on SQLite, not
-    yet in the job service's queue: the service sweeps this table, so the job
-    runs even if its process died between its commit and its word to the service.
+    A job submitted inside C{transaction.atomic()} on SQLite, not yet queued: the
+    service sweeps this table, in case its process died between commit and word.
     """
 
     job = models.UUIDField(primary_key=True)

@@ -1,8 +1,7 @@
 """
 The options of ``twistd lrp``, for the command line, ``--config`` files and
-:func:`twistedlrp.make_service`: one row of :data:`OPTIONS` each (name,
-default, parser, help), stored under the long name. A wrong value raises
-:class:`usage.UsageError` with a one-line message naming the option.
+:func:`twistedlrp.make_service`: one row of :data:`OPTIONS` each. A wrong
+value raises :class:`usage.UsageError` with a one-line message naming it.
 """
 
 from __future__ import annotations
@@ -81,9 +80,9 @@ SHARED_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
 OPTIONS: tuple[Option, ...] = (
     Option("settings", lambda: os.environ.get("DJANGO_SETTINGS_MODULE"), values.module_path,
            "Dotted path of the Django settings module", short="s", shown="$DJANGO_SETTINGS_MODULE"),
-    Option("app", None, values.app_spec, "A site in one file or module, served with no settings module: "
-           "FILE.py[:NAME] or MODULE:NAME, naming a view, a twistedlrp Router, a list of URL "
-           "patterns or a WSGI application (docs/one-file.md)", shown="none"),
+    Option("app", None, values.app_spec, "A site in one file or module: FILE.py[:NAME] or "
+           "MODULE:NAME, a view, a Router, URL patterns or a WSGI application (docs/one-file.md)",
+           shown="none"),
     Option("set", [], values.setting, "A Django setting for --app without --settings, as NAME=VALUE "
            "(VALUE in JSON, or text; repeatable)", repeatable=True, kind=STRINGS,
            from_python=setting_values),
@@ -94,9 +93,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", [DEFAULT_LISTEN], values.server_endpoint, "Endpoint to serve HTTP on (repeatable)",
            short="l", repeatable=True),
     Option("threads", 8, values.whole(), "Threads that run the Django application"),
-    Option("web-workers", 1, values.count_or_auto, "Web processes that serve views, each with "
-           "--threads threads ('auto': one per core); beyond 1, this process runs the jobs and "
-           "hooks and hands the sockets to them"),
+    Option("web-workers", 1, values.count_or_auto, "Web processes of --threads threads each "
+           "('auto': one per core); beyond 1, this process runs the jobs and hooks only"),
     Option("graceful-timeout", 30.0, values.seconds, "Seconds that draining requests, jobs and "
            "shut-down hooks may take together"),
     Option("static", [], values.static_mapping, "Serve DIR at URL PREFIX from the reactor, as PREFIX=DIR "
@@ -119,15 +117,13 @@ OPTIONS: tuple[Option, ...] = (
            "head, from the connection or the request's first byte; then 408 (0: no limit)"),
     Option("max-header-size", 64 * 1024, values.whole(1024), "Largest request head (request line "
            "and headers), in bytes; larger ones get 431"),
-    Option("max-connections", None, values.whole(1), "Open HTTP connections at most; a new one "
-           "beyond closes the one that waited longest for a request head",
-           shown="the open-file limit minus 128, 4 per thread and 10 per worker"),
-    Option("write-timeout", 60.0, values.seconds, "Seconds a response waits for a client that "
-           "takes none of it (counted from when a write could not go out, restarted by each "
-           "byte taken) before its connection is cut (0: no limit)"),
-    Option("stream-threads", None, values.whole(1), "Threads that may stream a response "
-           "(StreamingHttpResponse, FileResponse) at once; a response that would stream beyond "
-           "gets 503", shown="half of --threads, at least 1"),
+    Option("max-connections", None, values.whole(1), "Open HTTP connections at most; one more "
+           "closes the one waiting longest for a request head", shown="the open-file limit minus "
+           "128, 4 per thread and 10 per worker"),
+    Option("write-timeout", 60.0, values.seconds, "Seconds a client may take no byte of a response "
+           "before its connection is cut (0: no limit)"),
+    Option("stream-threads", None, values.whole(1), "Threads that may stream a response at once; "
+           "one more gets 503", shown="half of --threads, at least 1"),
     Option("proxy-headers", False, None, "Trust X-Forwarded-For and X-Forwarded-Proto from "
            "--forwarded-allow-ips"),
     Option("forwarded-allow-ips", ["127.0.0.1"], values.networks, "Addresses or networks "
@@ -139,31 +135,27 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics-allow-ips", ["127.0.0.1", "::1"], values.networks, "Addresses or networks "
            "(comma-separated, or '*') that may read the metrics endpoint"),
     Option("no-metrics", False, None, "Serve no metrics endpoint and keep no metrics"),
-    Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics endpoint and "
-           "the health endpoint, and nothing else, on this endpoint (a --jobs-only node's only "
-           "HTTP port)", shown="off"),
+    Option("metrics-listen", None, values.server_endpoint, "Also serve the metrics and health "
+           "endpoints, and nothing else, there (a --jobs-only node's HTTP port)", shown="off"),
     Option("health-listen", None, values.server_endpoint, "Also serve the health endpoint, and "
-           "nothing else, on this endpoint (for a --jobs-only node, or a separate port for "
-           "health checks)", shown="off"),
-    Option("health-requires-jobs", False, None, "Answer the health endpoint with 503 "
-           "('degraded') while no job node given by --jobs-connect (or LRP_JOBS_CONNECT) can be "
-           "reached; by default the job link is reported and the node stays healthy"),
+           "nothing else, there (a --jobs-only node's, or a port for checks)", shown="off"),
+    Option("health-requires-jobs", False, None, "Answer the health endpoint with 503 ('degraded') "
+           "while no job node of --jobs-connect answers (by default, the link is only reported)"),
     # The job service.
     Option("state-dir", ".lrp", values.text, "Directory for the job service's socket and state"),
     Option("jobs-listen", None, values.server_endpoint, "AMP endpoint of the job service",
            shown="unix:<state-dir>/jobs.sock, mode 0600"),
     Option("pb-listen", None, values.server_endpoint, "Perspective Broker endpoint of the job service",
            shown="off"),
-    Option("jobs-secret-file", None, values.existing_file, "File holding the shared secret that job clients "
-           "must prove they know"),
+    Option("jobs-secret-file", None, values.existing_file, "File holding the shared secret that job "
+           "clients must prove they know"),
     Option("allow-open-permissions", False, None, "Start even if group or others may read "
            "--jobs-secret-file or write to --state-dir"),
-    Option("jobs-connect", [], values.client_endpoint, "Run no job service here; send jobs to the "
-           "job node at this client endpoint (repeatable: the first that answers is used, the "
-           "next when it is lost)", repeatable=True),
+    Option("jobs-connect", [], values.client_endpoint, "Run no job service; send jobs to the job "
+           "node at this client endpoint (repeatable: the first that answers, the next once lost)",
+           repeatable=True),
     Option("job-threads", None, values.whole(1), "Threads that may wait for the job service at "
-           "once; a job call beyond raises JobServiceUnavailable at once, so that the other "
-           "threads keep answering views that do not touch jobs", shown="half of --threads, at least 1"),
+           "once; one more raises JobServiceUnavailable", shown="half of --threads, at least 1"),
     Option("no-jobs", False, None, "Run no job service and no workers in this process"),
     Option("jobs-only", False, None, "Run the job service and workers, but no web server"),
     Option("workers", 2, _WHOLE_ANY, "Worker processes that run jobs"),
@@ -179,8 +171,8 @@ OPTIONS: tuple[Option, ...] = (
            "the nodes sharing the database", shown="<host name>:<absolute state-dir>"),
     # Development and deployment.
     Option("reload", False, None, "Development: restart the server when a source file changes"),
-    Option("config", None, values.existing_file, "TOML file whose keys are these long option names; the "
-           "command line wins", in_file=False),
+    Option("config", None, values.existing_file, "TOML file whose keys are these long option names; "
+           "the command line wins", in_file=False),
 )  # fmt: skip
 _BY_NAME = {option.name: option for option in OPTIONS}
 # Options that cannot be given together (their error message names them in this order).
@@ -204,19 +196,6 @@ _HINTS: dict[str, tuple[str, str]] = {
 }
 
 
-def version() -> str:
-    import django
-
-    import twisted
-    import twistedlrp
-
-    python = ".".join(map(str, sys.version_info[:3]))
-    return (
-        f"twistedlrp {twistedlrp.__version__} (Twisted {twisted.__version__}, "
-        f"Django {django.get_version()}, Python {python})"
-    )
-
-
 class Options(usage.Options):
     """Options for C{twistd lrp}; L{given} says which were given, and where."""
 
@@ -236,21 +215,28 @@ class Options(usage.Options):
         # Long name -> COMMAND_LINE or CONFIG_FILE, for each option given.
         self.given: dict[str, str] = {}
 
-    # -- parsing --------------------------------------------------------
-
-    def _take(self, option: Option, value, source: str = COMMAND_LINE) -> None:
+    def _take(self, option: Option, value) -> None:
         value = True if option.flag else option.parse(option.name, value)
         if not option.repeatable:
             self[option.name] = value
-        elif self.given.get(option.name) != source:
+        elif self.given.get(option.name) != COMMAND_LINE:
             self[option.name] = [value]
         else:
             self[option.name].append(value)
-        self.given[option.name] = source
+        self.given[option.name] = COMMAND_LINE
 
     def opt_version(self):
         """Display the versions of twistedlrp, Twisted, Django and Python, and exit."""
-        sys.stdout.write(version() + "\n")
+        import django
+
+        import twisted
+        import twistedlrp
+
+        python = ".".join(map(str, sys.version_info[:3]))
+        sys.stdout.write(
+            f"twistedlrp {twistedlrp.__version__} (Twisted {twisted.__version__}, "
+            f"Django {django.get_version()}, Python {python})\n"
+        )
         sys.exit(0)
 
     def parseOptions(self, options=None):
@@ -293,12 +279,7 @@ class Options(usage.Options):
         self.check()
 
     def set_option(self, name: str, value, source: str = COMMAND_LINE) -> None:
-        """
-        Set option C{name} from a Python value (a config file's, a keyword's)
-        with the command line's checks; a list replaces a repeatable one's.
-
-        @raise usage.UsageError: unknown name, or a wrong type or value.
-        """
+        """Set option C{name} from a Python value; @raise UsageError: a wrong name or value."""
         option = _BY_NAME.get(name)
         if option is None or not option.in_file:
             raise usage.UsageError(f"unknown option {name!r}")
@@ -311,10 +292,9 @@ class Options(usage.Options):
 
     def to_argv(self, exclude: Collection[str] = (), *, include_file: bool = False) -> list[str]:
         """
-        @return: the arguments (C{["--threads=4", "--proxy-headers"]}) of the
-            options given on the command line or by L{set_option} (and the
-            C{--config} file's with C{include_file}), except those named in
-            C{exclude} and flags that are off; parsed again, the same values.
+        @return: the arguments (C{["--threads=4"]}) of the options given on the
+            command line or by L{set_option} (and the C{--config} file's with
+            C{include_file}) but C{exclude}; parsed again, the same values.
         """
         sources = {COMMAND_LINE, CONFIG_FILE} if include_file else {COMMAND_LINE}
         args = []
@@ -416,10 +396,7 @@ def _unknown(given: str, names: Collection[str]) -> str:
 
 
 def options_from_kwargs(**kwargs) -> Options:
-    """
-    @return: checked L{Options} from keywords named like the options (C{graceful_timeout=5}).
-    @raise usage.UsageError: an unknown name or a wrong value.
-    """
+    """@return: checked L{Options} from keywords (C{graceful_timeout=5}); @raise UsageError."""
     options = Options()
     config = kwargs.pop("config", None)
     for key, value in kwargs.items():

@@ -1,9 +1,8 @@
 """
 L{OrderedService}: a C{MultiService} whose children start in order, each
-awaited, and stop in reverse within one deadline, as the server's contracts
-need (docs/design.md); Twisted's ignores a Deferred from C{startService}
-and stops its children concurrently. A child that can use the deadline has
-a C{stop_by(deadline)} method.
+awaited, and stop in reverse within one deadline (docs/design.md); Twisted's
+ignores a Deferred from C{startService} and stops its children concurrently.
+A child that can use the deadline has a C{stop_by(deadline)} method.
 """
 
 from __future__ import annotations
@@ -48,9 +47,7 @@ class StartupFailed(Exception):
 
 async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = None) -> bool:
     """
-    Wait for C{d} at most C{seconds} (then cancel it); log its failure.
-
-    @param what: what C{d} does, for the log line when it is cut.
+    Wait for C{d} at most C{seconds} (then cancel it, logging C{what}); log its failure.
     @return: whether C{d} finished (successfully or not) in time.
     """
     d.addTimeout(max(seconds, 0.01), reactor)
@@ -67,17 +64,13 @@ async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = 
 
 def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
     """
-    Stop C{child}, through its C{stop_by(deadline)} if it has one.
-
-    @return: a Deferred firing with whether it stopped before the deadline
-        (plus L{LATE_STEP_SECONDS}); it never fails.
+    Stop C{child}, by its C{stop_by(deadline)} if it has one; @return: a Deferred (never
+    failing) of whether it stopped before the deadline (plus L{LATE_STEP_SECONDS}).
     """
-    stop_by = getattr(child, "stop_by", None)
-    d = (
-        defer.maybeDeferred(stop_by, deadline)
-        if stop_by
-        else defer.maybeDeferred(child.stopService)
-    )
+    if hasattr(child, "stop_by"):
+        d = defer.maybeDeferred(child.stop_by, deadline)
+    else:
+        d = defer.maybeDeferred(child.stopService)
     # The step's own cut-offs aim at the deadline itself: this one comes
     # after them, or it would cancel a step at the moment it is cutting its
     # own work (a drain aborting the connections left), as a tie can.
@@ -90,9 +83,7 @@ def stop_child(reactor, child: service.IService, deadline: float) -> defer.Defer
 class OrderedService(service.MultiService):
     """
     A child added while this service runs starts at once (and stops in its
-    place); C{stopService} takes C{graceful_timeout} at most.
-
-    @param reactor: the clock of the deadline (the global reactor when C{None}).
+    place); C{stopService} takes C{graceful_timeout} at most, on C{reactor}'s clock.
     """
 
     def __init__(self, reactor=None, graceful_timeout: float = 30.0):
@@ -117,9 +108,7 @@ class OrderedService(service.MultiService):
 
     async def start_children(self) -> None:
         """
-        Start each child not started yet, in order (one counts as started as
-        its start begins: a stop during a slow start stops it too).
-
+        Start each child not started yet, in order (a stop during a slow start stops it too).
         @raise StartupFailed: a child's start failed (those after it do not start).
         """
         for child in list(self):
@@ -154,11 +143,7 @@ class OrderedService(service.MultiService):
         return self.stop_by(self.reactor.seconds() + self.graceful_timeout)
 
     def stop_by(self, deadline: float) -> defer.Deferred:
-        """
-        Stop the started children newest first, each within what is left until C{deadline}.
-
-        @return: a Deferred that fires when all have stopped or been cut off; it never fails.
-        """
+        """Stop the started children newest first by C{deadline}; the Deferred never fails."""
         if self._stopping is None:
             service.Service.stopService(self)
             self._stopping = defer.ensureDeferred(self._stop_children(deadline))

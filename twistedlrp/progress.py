@@ -1,9 +1,8 @@
 """
-What the live progress widget (docs/jobs.md, "Showing progress") shares
-between its template tag, its views and the reactor's event stream: the JSON
-a job is shown as, and the token that lets a page follow one job, signed
-over the job id and the page's user id, so that only who could load that
-page can follow or cancel that job (for C{LRP_PROGRESS_TOKEN_MAX_AGE} s).
+What the live progress widget (docs/jobs.md) shares between its template
+tag, its views and the reactor's event stream: the JSON a job is shown as,
+and the token, signed over the job id and the page's user id, that lets who
+could load the page follow or cancel that job.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
-from django.core import signing
+from django.core import checks, signing
 
 SALT = "twistedlrp.progress"
 DEFAULT_MAX_AGE = 6 * 3600
@@ -28,14 +27,11 @@ def max_age() -> float:
 
 
 def max_streams() -> int:
-    """@return: the most progress streams a web process may have open at once."""
     return int(getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS))
 
 
 def check_settings(app_configs=None, **kwargs) -> list:
-    """@return: the system check's C{checks.Error} for each of the widget's settings that is wrong."""
-    from django.core import checks
-
+    """@return: a system check's C{checks.Error} for each wrong setting of the widget."""
     errors = []
     age = getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE)
     if isinstance(age, bool) or not isinstance(age, int | float) or not 0 < age < float("inf"):
@@ -59,8 +55,7 @@ def user_key(request=None, user=None) -> str | None:
 
 def make_token(job_id, user: str | None = None) -> str:
     """
-    @param user: L{user_key} of the request the page is rendered for.
-    @return: a URL-safe token that lets its holder follow job C{job_id}.
+    @return: a URL-safe token to follow job C{job_id} for C{user} (a L{user_key}).
     @raise ValueError: C{job_id} is not a UUID.
     """
     return signing.dumps({"j": _job_id(job_id), "u": user}, salt=SALT, compress=False)
@@ -68,9 +63,7 @@ def make_token(job_id, user: str | None = None) -> str:
 
 def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
     """
-    Verify C{token} for job C{job_id}, and for C{user} if C{check_user} (the
-    reactor's event stream knows no user: the token admits).
-
+    Verify C{token} for job C{job_id}, and for C{user} if C{check_user} (the event stream's is not).
     @raise BadToken: missing, forged, expired, or for another job or user (the message says).
     """
     if not token:

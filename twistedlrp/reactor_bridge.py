@@ -1,14 +1,12 @@
 """
-:func:`call_in_reactor`, the one way from a Django thread into the reactor.
-Unlike ``blockingCallFromThread`` it has a timeout and fails at once when the
-server is shutting down instead of hanging (Twisted issue 10124). In a
-process with no running reactor (``manage.py shell``, another WSGI server)
-the first call starts the reactor in a daemon thread.
+:func:`call_in_reactor`, the one way from a Django thread into the reactor:
+``blockingCallFromThread`` with a timeout, failing at once at shut-down
+instead of hanging (Twisted issue 10124). With no running reactor
+(``manage.py shell``) the first call starts one in a daemon thread.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +22,7 @@ class ShutdownInProgress(RuntimeError):
     """The server is shutting down and no longer runs calls in the reactor."""
 
 
-# "server": twistd lrp owns the reactor and runs it in the main thread.
-# "thread": this module started the reactor in a daemon thread.
+# "server": twistd lrp runs the reactor; "thread": this module started it.
 _mode: str | None = None
 _shutting_down = False
 _lock = threading.Lock()
@@ -37,14 +34,12 @@ class _Call:
     def __init__(self):
         self.event = threading.Event()
         self.deferred: defer.Deferred | None = None
-        self.outcome: Any = None
-        self.failed = False
+        self.outcome: Any = None  # the result, or a Failure
 
-    def finish(self, outcome, failed: bool) -> None:
-        if self.event.is_set():
-            return
-        self.outcome, self.failed = outcome, failed
-        self.event.set()
+    def finish(self, outcome) -> None:
+        if not self.event.is_set():
+            self.outcome = outcome
+            self.event.set()
 
     def cancel(self) -> None:
         if self.deferred is not None and not self.deferred.called:
@@ -74,7 +69,7 @@ def begin_shutdown() -> None:
         _shutting_down = True
         waiting = list(_pending)
     for call in waiting:
-        call.finish(ShutdownInProgress("the server is shutting down"), True)
+        call.finish(Failure(ShutdownInProgress("the server is shutting down")))
 
 
 def _ensure_running(timeout: float) -> None:
@@ -107,12 +102,10 @@ def call_in_reactor(
     """
     Run C{fn(*args, **kwargs)} in the reactor thread and wait for its result.
 
-    @param timeout: seconds to wait; on expiry the Deferred is cancelled.
     @return: the result of C{fn}, or of the Deferred or coroutine it returned.
-    @raise TimeoutError: no result within C{timeout} seconds.
+    @raise TimeoutError: no result within C{timeout} seconds (its Deferred is cancelled).
     @raise ShutdownInProgress: the server is shutting down.
-    @raise RuntimeError: called from the reactor thread itself (that would
-        deadlock: use the Deferred directly there).
+    @raise RuntimeError: called from the reactor thread itself (a deadlock).
     @raise Exception: whatever C{fn} raised or its Deferred failed with.
     """
     if in_reactor_thread():
@@ -128,36 +121,20 @@ def call_in_reactor(
 
     def run_in_reactor():
         if _shutting_down:
-            call.finish(ShutdownInProgress("the server is shutting down"), True)
+            call.finish(Failure(ShutdownInProgress("the server is shutting down")))
             return
-        try:
-            result = fn(*args, **kwargs)
-            if inspect.iscoroutine(result):
-                result = defer.Deferred.fromCoroutine(result)
-        except BaseException:
-            call.finish(Failure(), True)
-            return
-        if isinstance(result, defer.Deferred):
-            call.deferred = result
-            result.addBoth(lambda outcome: call.finish(outcome, isinstance(outcome, Failure)))
-        else:
-            call.finish(result, False)
+        call.deferred = defer.maybeDeferred(fn, *args, **kwargs)
+        call.deferred.addBoth(call.finish)
 
     try:
         _reactor().callFromThread(run_in_reactor)
         if not call.event.wait(timeout):
             _reactor().callFromThread(call.cancel)
-            raise TimeoutError(f"{_describe(fn)} did not finish within {timeout} s")
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            raise TimeoutError(f"{name} did not finish within {timeout} s")
     finally:
         with _lock:
             _pending.discard(call)
-    if call.failed:
-        outcome = call.outcome
-        if isinstance(outcome, Failure):
-            outcome.raiseException()
-        raise outcome
+    if isinstance(call.outcome, Failure):
+        call.outcome.raiseException()
     return call.outcome
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -1,13 +1,8 @@
 """
 The root service of ``twistd lrp``: an L{OrderedService} whose children
-start in this order and stop in reverse, within one graceful deadline
-(docs/design.md, the start-up and shut-down contracts):
-
-    thread pool · outbound HTTP connections · the site's services ·
-    job client · shut-down hooks · job service · start-up hooks ·
-    calls from threads · listening site
-
-A second SIGTERM or SIGINT ends the process at once.
+start in the order of docs/design.md's start-up contract (L{Server._add_children})
+and stop in reverse, within one graceful deadline. A second SIGTERM or SIGINT
+ends the process at once.
 """
 
 from __future__ import annotations
@@ -21,27 +16,25 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp import lifecycle, reactor_bridge
+from twistedlrp import boot, lifecycle, metrics, reactor_bridge
+from twistedlrp import http as outbound
+from twistedlrp.onefile import site
 from twistedlrp.ordered_service import OrderedService, StartupFailed
+from twistedlrp.reload import templates
 from twistedlrp.signals import StopSignals, flush_everything, set_exit_code, write_stderr
 
 log = Logger()
 
 
 class Server(OrderedService):
-    """
-    What the three kinds of server process share.
-
-    @cvar role: the process's kind, as the metrics name it.
-    @cvar scope: which hooks and site services run here (L{lifecycle.in_scope}).
-    """
+    """What the three kinds of server process share; C{scope}: see L{lifecycle.in_scope}."""
 
     name = "lrp"
     role = scope = ""
     channel = None
     web_processes = None
 
-    def __init__(self, options, reactor=None):
+    def __init__(self, options, reactor=None, job_service=None):
         if reactor is None:
             from twisted.internet import reactor
         super().__init__(reactor, options["graceful-timeout"])
@@ -52,15 +45,13 @@ class Server(OrderedService):
         self.started_at = reactor.seconds()
         self._starting: defer.Deferred | None = None
         self.web = self.health = None
-        from twistedlrp import metrics
-
         self.metrics = metrics.configure(self.role, options)
+        if job_service is not None:
+            from twistedlrp.jobs.service import metrics as job_metrics
+
+            job_metrics.watch(self.metrics, job_service)
 
     def _add_children(self, job_service, job_client, pool=None, serving=()) -> None:
-        """Add the services in the order of the start-up contract, C{serving} last."""
-        from twistedlrp import http as outbound
-        from twistedlrp import metrics
-
         for child in (
             self.channel,
             pool,
@@ -113,14 +104,11 @@ class Server(OrderedService):
             web_metrics.health_listener(self.reactor, self.options, health),
         )
 
-    # -- start ----------------------------------------------------------
-
     def startService(self):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
-        # twistd calls startService before the reactor runs; the real start
-        # (and our signal handlers, which must replace the reactor's) waits
-        # for the reactor.
+        # twistd starts services before the reactor runs; our signal handlers
+        # must replace the reactor's.
         self._starting = defer.Deferred()
         self.reactor.callWhenRunning(self._begin)
         return self._starting
@@ -149,11 +137,10 @@ class Server(OrderedService):
             self.fail(f"start-up failed: {type(e).__name__}: {e}")
 
     def fail(self, message: str) -> None:
-        # Exit status 1: only the operator's signals stop with 0, so that
-        # systemd's Restart=on-failure restarts after any other stop.
+        # Status 1, so that systemd's Restart=on-failure restarts; one plain
+        # line on the terminal, in case the log goes elsewhere.
         set_exit_code(1)
         self.exit_code = 1
-        # One plain line on the terminal too, in case the log goes elsewhere.
         write_stderr(f"twistd lrp: error: {message.splitlines()[0]}\n")
         if self.reactor.running:
             self.reactor.stop()
@@ -167,12 +154,8 @@ class Server(OrderedService):
             threads=self.options["threads"] if self.web is not None else 0,
         )
 
-    # -- templates (development) ----------------------------------------
-
     def reload_templates(self, files: list[str]) -> defer.Deferred:
         """Template C{files} changed: reset Django's template loaders here and in web processes."""
-        from twistedlrp.reload import templates
-
         told = self.web_processes and self.web_processes.reload_templates()
 
         def done(_):
@@ -185,8 +168,6 @@ class Server(OrderedService):
         d = templates.reset_in_thread(self.reactor)
         d.addCallbacks(done, lambda f: log.failure("Reloading the templates failed", f))
         return d
-
-    # -- signals --------------------------------------------------------
 
     def _first_signal(self, name: str) -> None:
         log.info(
@@ -204,36 +185,25 @@ class Server(OrderedService):
         flush_everything()
         os._exit(1)
 
-    # -- stop -----------------------------------------------------------
-
     def stopService(self):
         if self._stopping is None:
             if self.state == "running":
                 log.info("Stopping: draining requests")
             self.state = "stopping"
-            self._stopping_now()
+            if self.channel is not None:
+                self.channel.send_status()
             super().stopService().addCallback(lambda _: log.info("twistedlrp stopped"))
         return self._stopping
 
-    def _stopping_now(self) -> None:
-        # Called as the graceful stop begins, before the children stop.
-        pass
-
 
 class SingleServer(Server):
-    """
-    The one process that serves everything (C{--web-workers 1}).
-
-    @param application: the WSGI application, or C{None} with C{--jobs-only}.
-    @param jobs: the job service and the job client service (either may be C{None}).
-    """
+    """The one process that serves everything; C{application} is C{None} with C{--jobs-only}."""
 
     role, scope = "single", "all"
 
     def __init__(self, options, application, jobs=(None, None), reactor=None):
-        super().__init__(options, reactor)
         job_service, job_client = jobs
-        _watch_jobs(self.metrics, job_service)
+        super().__init__(options, reactor, job_service)
         pool = None
         if application is not None:
             sections = {"jobs": job_service.health} if job_service is not None else {}
@@ -248,9 +218,8 @@ class MainServer(Server):
     role, scope = "main", "once"
 
     def __init__(self, options, jobs=(None, None), reactor=None):
-        super().__init__(options, reactor)
         job_service, job_client = jobs
-        _watch_jobs(self.metrics, job_service)
+        super().__init__(options, reactor, job_service)
         from twistedlrp.web.processes import WebProcesses
 
         health = job_service.health if job_service is not None else None
@@ -306,20 +275,8 @@ class WebProcessServer(Server):
         # still one graceful stop; the main process kills at its deadline.
         pass
 
-    def _stopping_now(self) -> None:
-        self.channel.send_status()
-
-
-def _watch_jobs(registry, job_service) -> None:
-    if job_service is not None:
-        from twistedlrp.jobs.service import metrics as job_metrics
-
-        job_metrics.watch(registry, job_service)
-
 
 class _Closer(service.Service):
-    """Calls C{close} (which may return a Deferred) when the server stops."""
-
     def __init__(self, name: str, close):
         self.name = name
         self.close = close
@@ -331,16 +288,10 @@ class _Closer(service.Service):
 
 def build_server(options, reactor=None) -> Server:
     """
-    Run the start-up steps that precede the reactor (docs/design.md, 1 to 3).
-
     @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
     """
-    from twistedlrp import boot
-
     reactor_bridge.serving_reactor()
-    from twistedlrp.onefile import site
-
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
     boot.bridge_stdlib_logging(options["log-level"])
@@ -371,7 +322,6 @@ def _describe_port(port) -> str:
 
 
 def _call_slots() -> dict | None:
-    """@return: the threads in a job call and the most allowed (the health endpoint's)."""
     from twistedlrp.jobs.client import calls as client
 
     slots = client.call_slots()

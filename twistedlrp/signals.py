@@ -16,10 +16,7 @@ from collections.abc import Callable
 
 
 class StopSignals:
-    """
-    @param on_first: called with the signal's name before the reactor stops.
-    @param on_second: called with the signal's name on any later signal (it ends the process).
-    """
+    """C{on_first(name)} before the reactor stops; C{on_second(name)} at a later signal, to end."""
 
     def __init__(self, reactor, on_first: Callable[[str], None], on_second: Callable[[str], None]):
         self._reactor, self._on_first, self._on_second = reactor, on_first, on_second
@@ -27,8 +24,7 @@ class StopSignals:
 
     def install(self) -> None:
         """Replace the reactor's SIGTERM and SIGINT handlers, if it installed any (C{installed})."""
-        # A reactor that handles signals always sets SIGTERM's (SIGINT's
-        # only when it is Python's default).
+        # A reactor that handles signals always sets SIGTERM's.
         if not callable(signal.getsignal(signal.SIGTERM)):
             return
         self.installed = True
@@ -61,12 +57,10 @@ def set_exit_code(code: int) -> None:
 def end_at_exit(reactor) -> None:
     """
     At interpreter exit, after the other exit handlers, end the process with
-    the status L{set_exit_code} set. After a clean stop (the reactor's "after
-    shutdown") it ends without the interpreter's finalisation, which frees
-    every module and object of a Django site for 0.4-0.5 s of CPU and changes
-    nothing (gunicorn's and multiprocessing's children end the same way). An
-    exception that reached the top with no status set (C{sys.last_value})
-    and an exit before the reactor stopped are left to Python.
+    the status L{set_exit_code} set; after a clean stop, without the
+    interpreter's finalisation (0.4-0.5 s of CPU freeing a Django site, as
+    gunicorn's children skip it). An uncaught exception (C{sys.last_value})
+    with no status set, and an exit before the reactor stopped, are Python's.
     """
     stopped = []
     reactor.addSystemEventTrigger("after", "shutdown", stopped.append, True)
@@ -77,8 +71,7 @@ def end_at_exit(reactor) -> None:
             os._exit(_exit_code)
 
     # atexit runs the last registered first: registered before Django is set
-    # up, this runs after every handler the site registers; logging's own,
-    # registered earlier, is what flush_everything does.
+    # up, this runs after the site's handlers; flush_everything does logging's.
     atexit.register(end)
 
 

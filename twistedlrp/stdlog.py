@@ -1,8 +1,7 @@
 """
-stdlib logging without Twisted (a job worker would pay ~15 MiB for it):
-Django's console handler, which would print a line twice, and a worker's
-records, one line each on its standard error (C{WARNING myapp.jobs: text},
-then any traceback), which the job service logs at the record's level.
+stdlib logging without Twisted (a job worker would pay ~15 MiB for it): a
+worker's records, one line each on its stderr (C{WARNING myapp.jobs: text}),
+which the job service logs at the record's level.
 """
 
 from __future__ import annotations
@@ -27,10 +26,8 @@ _NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 def drop_django_console() -> int:
     """
-    After C{django.setup()}: remove Django's C{console} handler from the
-    loggers whose records reach a root handler of ours (it would print them twice).
-
-    @return: how many handlers were removed.
+    Remove Django's C{console} handler where records reach a root handler of
+    ours (it would print them twice); @return: how many were removed.
     """
     root = logging.getLogger()
     if not any(getattr(h, "_twistedlrp", False) for h in root.handlers):
@@ -62,10 +59,7 @@ def _propagates_to_root(logger: logging.Logger) -> bool:
 
 
 def install_worker_handler() -> None:
-    """
-    In a job worker: write stdlib records of the server's C{--log-level} and
-    above to standard error (one L{_RECORD} line each), unless C{LOGGING} set a root handler.
-    """
+    """In a job worker: records of the server's C{--log-level} to stderr (unless LOGGING did)."""
     if logging.getLogger().handlers:
         return
     handler = logging.StreamHandler(sys.stderr)

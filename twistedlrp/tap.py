@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from twisted.application.service import IService
 
+from twistedlrp import _service_from_options, logs
+from twistedlrp.boot import BootError
 from twistedlrp.options import TapOptions as Options
+from twistedlrp.signals import end_at_exit
 
 __all__ = ["Options", "makeService", "wrap_builds"]
 
-# (build, options) -> service; build() makes the service L{makeService} would.
-BuildWrapper = Callable[[Callable[[], IService], Options], IService]
-_wrapper: BuildWrapper | None = None
+_wrapper = None
 
 
-def wrap_builds(wrapper: BuildWrapper | None) -> None:
-    """
-    Route every later L{makeService} through C{wrapper(build, options)}, which
-    returns (or replaces) C{build()}'s service (the reload child's report).
-    """
+def wrap_builds(wrapper) -> None:
+    """Make every later L{makeService} return C{wrapper(build, options)} (the reload child's)."""
     global _wrapper
     _wrapper = wrapper
 
@@ -28,23 +24,14 @@ def makeService(options) -> IService:
     """Set Django up and build the server (a failure ends the process with one line)."""
     from twisted.internet import reactor
 
-    from twistedlrp.signals import end_at_exit
-
     end_at_exit(reactor)
 
     def build() -> IService:
-        from twistedlrp import _service_from_options
-        from twistedlrp.boot import BootError
-
         try:
             return _service_from_options(options)
         except BootError as e:
             raise SystemExit(f"twistd lrp: error: {e}") from None
 
-    from twistedlrp import logs
-
     root = _wrapper(build, options) if _wrapper is not None else build()
-    # The server log's level and format (--log-level, --log-format), on
-    # the file twistd chose (-n, --logfile).
     logs.observe_for_twistd(root, options)
     return root

@@ -1,16 +1,13 @@
 """
 A C{django.tasks} backend (Django 6, or the C{django-tasks} backport on
-Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md)::
-
-    TASKS = {"default": {"BACKEND": "twistedlrp.tasks.LRPBackend"}}
-
-A task is registered as a job under C{task.module_path} when it is created;
-the result id is the job's id. Enqueued inside C{transaction.atomic()}, it
-runs once the transaction commits, never if it rolls back.
+Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md): a task is a job
+named C{task.module_path}; the result id is the job's id. Enqueued inside
+C{transaction.atomic()}, it runs only once that commits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from datetime import datetime
 
@@ -18,9 +15,8 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-# This module is imported at start-up by every site that installs the
-# twistedlrp app (the job registry imports each app's "tasks" module), so
-# it must import cleanly when neither django.tasks nor the backport exists.
+# The job registry imports each app's "tasks" module, this one too: it
+# must import without django.tasks and without the backport.
 try:
     from django.tasks import TaskResultStatus, signals
     from django.tasks.backends.base import BaseTaskBackend
@@ -49,8 +45,7 @@ _STATUS_NAMES = {
     states.CANCELLED: "CANCELLED",
 }
 
-# The exception class path of a failure that is not an exception of the task's
-# own (a timeout, a dead worker, a cancellation).
+# The exception class of a failure not the task's own (a timeout, a dead worker).
 _SERVICE_ERROR = "twistedlrp.jobs.errors.JobError"
 _CANCELLED_ERROR = "twistedlrp.jobs.errors.JobCancelled"
 
@@ -69,10 +64,7 @@ if BaseTaskBackend is None:
 else:
 
     class LRPBackend(BaseTaskBackend):
-        """
-        Runs tasks in the job service's workers; each call blocks the
-        calling thread (never the reactor) for at most the job client's timeout.
-        """
+        """Runs tasks as jobs; a call blocks its thread for at most the job client's timeout."""
 
         supports_defer = True
         supports_async_task = True
@@ -80,11 +72,7 @@ else:
         supports_priority = True
 
         def validate_task(self, task) -> None:
-            """
-            Check C{task} and register it as a job under C{task.module_path}.
-
-            @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
-            """
+            """Register C{task} as a job; @raise InvalidTask: (InvalidTaskError) it cannot run."""
             super().validate_task(task)
             name, queue, priority = task.module_path, task.queue_name, task.priority
             runner = _TaskRunner(name, task)
@@ -92,15 +80,10 @@ else:
 
         def enqueue(self, task, args, kwargs):
             """
-            Submit C{task} as a job, committed (or part of the open
-            C{transaction.atomic()}) when this returns.
-
-            @return: a C{TaskResult} with status READY (or the state of an
-                existing job when the job service de-duplicated it).
-            @raise InvalidTask: (C{InvalidTaskError} in the backport) this
-                backend cannot run the task.
-            @raise twistedlrp.jobs.JobError: the job service refused it;
-                L{twistedlrp.jobs.JobServiceUnavailable} when it cannot be reached.
+            Submit C{task} as a job (part of the open C{transaction.atomic()}, if any).
+            @return: a C{TaskResult}, READY (or an existing job's, de-duplicated).
+            @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
+            @raise twistedlrp.jobs.JobError: the job service refused it or cannot be reached.
             """
             from twistedlrp.jobs.client import calls as client
 
@@ -130,8 +113,7 @@ else:
             """
             @return: the C{TaskResult} of the job C{result_id}, as it is now.
             @raise TaskResultDoesNotExist: no job has this id, or it is not a task.
-            @raise twistedlrp.jobs.JobServiceUnavailable: the job service
-                cannot be reached in time.
+            @raise twistedlrp.jobs.JobServiceUnavailable: the job service cannot be reached.
             """
             from twistedlrp.jobs import UnknownJob
             from twistedlrp.jobs.client import calls as client
@@ -140,15 +122,12 @@ else:
                 info = client.call("status", job_id=str(result_id))
             except UnknownJob:
                 raise TaskResultDoesNotExist(result_id) from None
-            # The task registered under that name (its module_path names the
-            # function, which need not be the name the Task is bound to).
+            # Its module_path names the function, not always the Task's name.
             definition = registry.lookup(info["name"])
             task = getattr(definition.function, "task", None) if definition else None
             if task is None:
-                try:
+                with contextlib.suppress(ImportError):
                     task = import_string(info["name"])
-                except ImportError:
-                    task = None
             if not hasattr(task, "module_path") or not hasattr(task, "func"):
                 raise TaskResultDoesNotExist(
                     f"{result_id} is the job {info['name']!r}, not a django.tasks task"
@@ -180,8 +159,7 @@ else:
                 "errors": _errors(info),
                 "worker_ids": worker_ids,
             }
-            # The dataclass differs between the backport's versions and Django's:
-            # fill what this one has, with a neutral value for any field unknown here.
+            # The dataclass differs between versions: None for a field unknown here.
             missing = dataclasses.MISSING
             fields = {
                 f.name: values.get(f.name)
@@ -205,7 +183,6 @@ def _time(value):
 
 
 def _errors(info: dict) -> list:
-    """@return: the C{TaskError}s of a job: its last error, if any."""
     text = info.get("error") or ""
     if info["state"] == states.CANCELLED:
         return [TaskError(exception_class_path=_CANCELLED_ERROR, traceback=text or "cancelled")]
@@ -216,9 +193,8 @@ def _errors(info: dict) -> list:
 
 def exception_class_path(error: str) -> str:
     """
-    @param error: a job's error text: C{"Name: message"}, a blank line, then the traceback.
-    @return: the dotted path of the exception's class (C{"builtins.ValueError"}),
-        or L{_SERVICE_ERROR} for an error of the job service's own (a timeout).
+    @return: the exception class (C{"builtins.ValueError"}) in a job's error
+        text, or L{_SERVICE_ERROR} for the job service's own errors.
     """
     lines = error.splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
@@ -245,15 +221,12 @@ class _TaskRunner:
         self.__module__ = getattr(task.func, "__module__", __name__)
 
     def __call__(self, *args, **kwargs):
-        task = self.task
-        if task.takes_context:
-            context = TaskContext(task_result=_current_result(task))
-            return task.call(context, *args, **kwargs)
-        return task.call(*args, **kwargs)
+        if self.task.takes_context:
+            args = (TaskContext(task_result=_current_result(self.task)), *args)
+        return self.task.call(*args, **kwargs)
 
 
 def _current_result(task):
-    """@return: the C{TaskResult} of the job this worker runs now, from the job store."""
     from twistedlrp.jobs.store import operations
     from twistedlrp.jobs.workers import context as _context
 

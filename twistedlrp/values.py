@@ -15,9 +15,8 @@ from twisted.python import usage
 
 from twistedlrp.config import SECONDS, STRINGS, WHOLE, WHOLE_OR_AUTO
 
-# A parser may say what Python type a config file must give (C{kind}) and how
-# its value is written on a command line (C{unparse}): the option table's
-# defaults for the options it parses.
+# A parser may say what type a config file gives (C{kind}) and how a value
+# is written on a command line (C{unparse}), for the options it parses.
 
 
 def whole(minimum: int = 1) -> Callable[[str, Any], int]:
@@ -62,11 +61,8 @@ def seconds(option: str, value) -> float:
     return number
 
 
-def number_text(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-seconds.kind, seconds.unparse = SECONDS, number_text
+seconds.kind = SECONDS
+seconds.unparse = lambda value: str(int(value)) if float(value).is_integer() else str(value)
 
 
 def choice(*names: str, aliases: dict[str, str] | None = None) -> Callable[[str, Any], str]:
@@ -178,17 +174,13 @@ def access_log_file(option: str, path) -> str:
 
 
 def networks(option: str, addresses) -> list[str]:
-    items = addresses if isinstance(addresses, list) else str(addresses).split(",")
-    parsed = []
-    for item in (str(i).strip() for i in items):
-        if not item:
-            continue
+    parsed = names(option, addresses) or []
+    for item in parsed:
         if item != "*":
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise usage.UsageError(f"--{option}: not an address or network: {item!r}") from None
-        parsed.append(item)
     return parsed
 
 

@@ -1,7 +1,7 @@
 """
-The live progress widget's views (L{twistedlrp.urls}): the job's state, which
-it polls without Server-Sent Events, and its cancel button; each needs the
-widget's token for the same job and user (L{twistedlrp.progress}), or answers 403.
+The live progress widget's views: the job's state (polled without
+Server-Sent Events) and its cancel button; each needs the widget's token for
+the same job and user, or answers 403.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def cancel_job(request, job_id):
     response = _call(request, request.POST.get("token"), job_id, jobs.cancel)
     target = request.POST.get("next", "")
     wants_json = "application/json" in request.headers.get("Accept", "")
-    if response.status_code == 200 and target and not wants_json and _safe(request, target):
-        return HttpResponseRedirect(target, status=303)
+    if response.status_code == 200 and target and not wants_json:
+        hosts, https = {request.get_host()}, request.is_secure()
+        if url_has_allowed_host_and_scheme(target, allowed_hosts=hosts, require_https=https):
+            return HttpResponseRedirect(target, status=303)
     return response
 
 
@@ -51,9 +53,3 @@ def _json(data: dict, status: int = 200) -> JsonResponse:
     # A job's state changes: no cache may answer for the service.
     response["Cache-Control"] = "no-store"
     return response
-
-
-def _safe(request, target: str) -> bool:
-    return url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    )

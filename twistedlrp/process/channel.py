@@ -53,11 +53,9 @@ class Decoder:
 
 class Channel:
     """
-    The reactor's end (a protocol, and its own factory, for L{adopt}): each
-    message goes to C{on_message}, and C{on_lost} gets the reason once the
-    connection is gone (C{ConnectionDone}: the other process closed it or died).
-
-    @param decoder: the L{BlockingChannel}'s, when it read this socket first.
+    The reactor's end (a protocol, and its own factory): messages go to
+    C{on_message}, the reason the connection is gone to C{on_lost}; C{decoder}
+    is the L{BlockingChannel}'s, when it read this socket first.
     """
 
     def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):
@@ -98,10 +96,8 @@ class Channel:
 
     def send(self, message: dict, fds=()) -> bool:
         """
-        Send C{message} with the descriptors C{fds} (keep them open until the
-        other end answers: they go when the socket is writable).
-
-        @return: whether it was sent (C{False}: the connection is gone).
+        Send C{message} with the descriptors C{fds} (open until the other end
+        answers: they go when the socket is writable); @return: whether it was sent.
         """
         if self.transport is None:
             return False
@@ -132,11 +128,8 @@ def adopt(reactor, sock: socket.socket, channel: Channel) -> Channel:
 
 def spawn(reactor, protocol, channel: Channel, args, env, child_fds, control_fd, path=None):
     """
-    Spawn C{sys.executable} with C{args} for C{protocol}, the other end of
-    C{channel} at descriptor C{control_fd} beside C{child_fds}.
-
-    @return: C{channel}, connected.
-    @raise OSError: it could not be spawned.
+    Spawn C{sys.executable} with C{args}, the other end of C{channel} at C{control_fd}.
+    @return: C{channel}, connected. @raise OSError: it could not be spawned.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child_fds = {**child_fds, control_fd: theirs.fileno()}

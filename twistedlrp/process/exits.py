@@ -36,11 +36,8 @@ class Exit:
         code = os.waitstatus_to_exitcode(status)
         return cls(code, None) if code >= 0 else cls(None, -code)
 
-    def code_and_signal(self) -> dict:
-        return {"code": self.code, "signal": self.signal}
-
     def status(self) -> str:
-        """@return: C{"exit code 3"}, C{"signal SIGKILL"} (what the web processes log)."""
+        """@return: C{"exit code 3"}, C{"signal SIGKILL"}."""
         if self.lost:
             return self.lost
         if self.signal:

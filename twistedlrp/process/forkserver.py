@@ -1,17 +1,17 @@
 """
 The one warm fork server (the web template, the worker template): a process
 that has set Django up, runs no reactor, and forks a child for each request
-of its parent, which shares its memory copy on write (gunicorn's C{preload}).
+of its parent, sharing its memory copy on write (gunicorn's C{preload}).
 
-The parent (L{ForkServerProcess}) sends C{{"op": "fork", "index": N, ...}}
-with the child's descriptors; the server (L{ForkServer}) answers C{forked}
-(with its C{pid}) or C{fork_failed} (with an C{error}), and C{exited} (with
-its C{code} and C{signal}) once it reaped the child.
+The parent sends C{{"op": "fork", "index": N, ...}} with the child's
+descriptors; the server answers C{forked} (C{pid}) or C{fork_failed}
+(C{error}), then C{exited} (C{code}, C{signal}) once it reaped the child.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import selectors
 import signal
@@ -33,13 +33,10 @@ def flush_stdio() -> None:
 
 def preimport(names) -> None:
     """Import the modules C{names} ahead of time, so that every fork shares them."""
-    import importlib
-
+    # A module that fails is imported again, and its error reported, where it is needed.
     for name in names:
-        try:
+        with contextlib.suppress(Exception):
             importlib.import_module(name)
-        except Exception:
-            pass  # The process that needs it imports it again, and reports the error.
 
 
 class ForkServer:
@@ -57,11 +54,8 @@ class ForkServer:
 
     def serve(self, on_message=None) -> dict | None:
         """
-        Fork a child for each request, pass other messages to C{on_message},
-        reap the children and report their ends.
-
-        @return: C{None} here, once the control channel closed; in a forked
-            child, its request (with its descriptors in C{"fds"}).
+        Fork a child for each request, pass other messages to C{on_message}, reap the children.
+        @return: C{None} once the control channel closed; in a child, its request.
         """
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -123,8 +117,8 @@ class ForkServer:
                 return
             if pid in self.children:
                 end = Exit.of_status(status)
-                index = self.children.pop(pid)
-                self.send({"event": "exited", "index": index, "pid": pid, **end.code_and_signal()})
+                message = {"event": "exited", "index": self.children.pop(pid), "pid": pid}
+                self.send({**message, "code": end.code, "signal": end.signal})
 
     def end_children(self, seconds: float) -> None:
         """Wait up to C{seconds} for the children to end, then SIGKILL the ones left."""
@@ -143,10 +137,9 @@ class ForkServer:
 class ForkServerProcess:
     """
     The parent's side, the process protocol of a fork server (C{state}:
-    C{starting}, C{ready}, C{ended}). Its messages go to C{on_message(server,
-    message)}, its output lines to C{on_output(fd, line)}; C{on_ended(server,
-    exit)} is called once it exited and its control socket was read to the
-    end (or L{CONTROL_GRACE} seconds after it exited).
+    C{starting}, C{ready}, C{ended}): C{on_message(server, message)},
+    C{on_output(fd, line)}, and C{on_ended(server, exit)} once it exited and
+    its control socket was read to the end (or L{CONTROL_GRACE} s after).
     """
 
     def __init__(self, reactor, on_message, on_ended, on_output=None):
@@ -167,11 +160,7 @@ class ForkServerProcess:
         self._grace = None
 
     def spawn(self, args: list[str], env: dict, child_fds: dict, control_fd: int, path=None):
-        """
-        Spawn C{sys.executable} with C{args}, its end of the control channel at C{control_fd}.
-
-        @raise OSError: it could not be spawned.
-        """
+        """Spawn C{sys.executable} with C{args}; @raise OSError: it could not be spawned."""
         channel = Channel(self._said, self._control_lost)
         self.control = spawn(self.reactor, self, channel, args, env, child_fds, control_fd, path)
 
@@ -182,9 +171,7 @@ class ForkServerProcess:
     def fork(self, request: dict, fds: list[int]) -> bool:
         """
         Ask for a child: C{request} (its C{"index"} names it in the answers)
-        with the descriptors C{fds}, closed here once the server answered.
-
-        @return: whether it was asked (if not, C{fds} are closed already).
+        with C{fds}, closed once answered; @return: whether it was asked.
         """
         if self.state == "ended" or not self.send({"op": "fork", **request}, fds):
             _close(fds)
@@ -193,7 +180,7 @@ class ForkServerProcess:
         return True
 
     def close(self) -> None:
-        """Close the control channel: the server ends."""
+        """The server ends."""
         if self.control is not None:
             self.control.close()
 

@@ -1,11 +1,12 @@
 """
-What the reload supervisor, the web processes and the worker pool do alike
-with their processes: the environment, the signals, the restart back-off and
-the stop within a deadline. (Twisted only where it waits: a worker uses it too.)
+What the reload supervisor, the web processes and the worker pool do alike:
+the environment, the signals, the restart back-off and the stop within a
+deadline. (Twisted only where it waits: a worker uses it too.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -34,19 +35,13 @@ def restart_delay(backoff: Backoff, ran: float) -> float:
     return backoff.next()
 
 
-def child_environment(extra: dict | None = None) -> dict:
+def child_environment() -> dict:
     """@return: our environment for a child, without the C{LISTEN_*} of the sockets we got."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
-    env.update(extra or {})
-    return env
+    return {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
 
 
 def send_signal(pid: int | None, number: int, group: bool = False) -> bool:
-    """
-    Send signal C{number} to process C{pid}, or to the process group it leads.
-
-    @return: whether it was sent (C{False}: no such process or group).
-    """
+    """Signal process C{pid} (or its C{group}); @return: whether it was sent."""
     if not pid:
         return False
     try:
@@ -57,16 +52,11 @@ def send_signal(pid: int | None, number: int, group: bool = False) -> bool:
 
 
 def end_own_group() -> None:
-    """
-    SIGKILL the other processes of the group we lead (what a job started),
-    and us with them: the parent, which would, may be gone.
-    """
+    """SIGKILL the group we lead (what a job started) and us: the parent may be gone."""
     group = os.getpid()
-    try:
+    with contextlib.suppress(OSError):
         if os.getpgrp() == group and _others_in_group(group):
             os.killpg(group, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _others_in_group(group: int) -> bool:
@@ -111,9 +101,7 @@ async def stop_within(
 ) -> bool:
     """
     C{send(SIGTERM)}, wait up to C{seconds} for C{ended}, then C{on_late()},
-    C{send(SIGKILL)} and wait for C{ended} again (at most C{after_kill} s).
-
-    @return: whether C{ended} fired within C{seconds}.
+    C{send(SIGKILL)} and wait again (at most C{after_kill} s); @return: whether it ended in time.
     """
     send(signal.SIGTERM)
     if await ended_within(reactor, ended, seconds):

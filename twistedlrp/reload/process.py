@@ -1,7 +1,6 @@
 """
-A server process seen from the reload supervisor. On their control channel
-the server reports (C{spare}, C{booted}, C{failed}, C{files}); the supervisor
-answers C{boot} to a spare, C{go} to a server set up, and C{templates}.
+A server process seen from the reload supervisor: it reports C{spare},
+C{booted}, C{failed}, C{files}; the supervisor says C{boot}, C{go}, C{templates}.
 """
 
 from __future__ import annotations
@@ -32,17 +31,14 @@ class ServerProcess(protocol.ProcessProtocol):
         self.number = number
         self.state = "spare" if spare else "booting"
         self.channel = Channel(lambda message: supervisor.child_reported(self, message))
-        # A spare's imported files, once it is ready, and the files changed
-        # since it started: if they meet, it may hold old code.
+        # A spare's imported files and the files changed since it started: if
+        # they meet, it may hold old code.
         self.files: set[str] | None = None
         self.changes_seen: set[str] = set()
-        # The template directories it reported once Django was set up, and
-        # templates changed while it was not running yet.
         self.template_dirs: list[str] = []
         self.templates_changed: set[str] = set()
         self.abandoned = False
         self.error: str | None = None
-        self.exit: Exit | None = None
         self.started_at = time.monotonic()
         self.booted_after = 0.0
         self.pid: int | None = None
@@ -52,10 +48,9 @@ class ServerProcess(protocol.ProcessProtocol):
         self.pid = self.transport.pid
 
     def processEnded(self, reason):
-        self.exit = Exit.of(reason)
         self.state = "ended"
         self._ended.fire()
-        self.supervisor.child_ended(self, self.exit)
+        self.supervisor.child_ended(self, Exit.of(reason))
 
     def when_ended(self) -> defer.Deferred:
         return defer.succeed(None) if self.state == "ended" else self._ended.wait()
@@ -76,7 +71,6 @@ class ServerProcess(protocol.ProcessProtocol):
             self.templates_changed.update(files)
             return
         self.templates_changed.clear()
-        # Unsent if it closed the channel: it is ending, and says so soon.
         self.channel.send({"event": "templates", "files": files})
 
     def signal_leader(self, number: int) -> None:
@@ -84,6 +78,5 @@ class ServerProcess(protocol.ProcessProtocol):
             send_signal(self.pid, number)
 
     def kill_group(self) -> None:
-        """SIGKILL the server and everything in its process group (job workers)."""
         send_signal(self.pid, signal.SIGKILL, group=True)
         self.signal_leader(signal.SIGKILL)

@@ -2,14 +2,12 @@
 C{python -m twistedlrp.reload.server_main ARGS}, the reload supervisor's
 server: C{twistd --nodaemon --pidfile= lrp ARGS} in a session of its own (the
 supervisor kills its process group; Ctrl-C reaches only the supervisor), with
-C{LISTEN_PID} set so that its C{systemd:} endpoints adopt the supervisor's
-sockets. It reports on its control channel C{booted} (with its imported
-files and template directories) or C{failed} (with the files the traceback
-names), then C{files} now and then; after C{booted} it waits for C{go}
-before its reactor runs. End of file on the channel stops it.
+C{LISTEN_PID} set for its C{systemd:} endpoints. It reports C{booted} (its
+imported files and template directories) or C{failed} (the files the
+traceback names), then C{files} now and then; after C{booted} it waits for
+C{go}. End of file on the channel stops it.
 
-Twisted's endpoints must not be imported before C{LISTEN_PID} is set: they
-read the environment once, at import.
+Twisted's endpoints read C{LISTEN_PID} once, at import: not imported before.
 """
 
 from __future__ import annotations
@@ -17,13 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import sys
+import sysconfig
+import traceback
+
+from twistedlrp.process.channel import BlockingChannel, Channel, adopt
+from twistedlrp.process.forkserver import preimport
+from twistedlrp.signals import set_exit_code
 
 # Set by the supervisor: the control channel's descriptor.
 CONTROL_VARIABLE = "LRP_RELOAD_FD"
-# Set by the supervisor for a spare: a process that imports what every
-# server needs (Twisted, Django's framework, not the site) ahead of time and
-# waits for "boot", so that a restart skips that part.
+# Set for a spare: it imports what every server needs (not the site) ahead
+# and waits for "boot", so that a restart skips that part.
 SPARE_VARIABLE = "LRP_RELOAD_SPARE"
 PREIMPORT = """
     twisted.internet.defer twisted.internet.endpoints twisted.internet.protocol
@@ -44,16 +48,11 @@ class _Reporter:
     """The control channel to the supervisor, blocking until the reactor runs."""
 
     def __init__(self, fd: int):
-        import socket
-
-        from twistedlrp.process.channel import BlockingChannel
-
         self.blocking = BlockingChannel(socket.socket(fileno=fd))
         self.channel = None  # the reactor's end, once the reactor runs
         self.reported: set[str] = set()
 
     def send(self, message: dict) -> None:
-        # If the supervisor is gone, end of file says so.
         (self.channel or self.blocking).send(message)
 
     def send_files(self, event: str, **extra) -> None:
@@ -64,8 +63,6 @@ class _Reporter:
 
     def hand_over(self, on_message, on_lost):
         """@return: the reactor's end of the channel, reading on where the blocking end stopped."""
-        from twistedlrp.process.channel import Channel
-
         self.channel = Channel(on_message, on_lost, self.blocking.decoder)
         pending, self.blocking.pending = self.blocking.pending, []
         for message in pending:
@@ -79,14 +76,12 @@ class _Reporter:
 
 def imported_files() -> set[str]:
     """@return: the source files of the modules imported so far, but the standard library's."""
-    import sysconfig
-
     paths = sysconfig.get_paths()
     stdlib = tuple(os.path.realpath(paths[p]) + os.sep for p in ("stdlib", "platstdlib"))
     files = set()
     for module in list(sys.modules.values()):
         spec = getattr(module, "__spec__", None)
-        path = getattr(spec, "origin", None) if spec is not None else None
+        path = getattr(spec, "origin", None)
         if not path or not getattr(spec, "has_location", False):
             path = getattr(module, "__file__", None)
         if not isinstance(path, str) or not path.endswith(".py"):
@@ -98,32 +93,22 @@ def imported_files() -> set[str]:
     return files
 
 
-def traceback_files(text: str) -> list[str]:
-    """@return: the files a traceback (or a SyntaxError message) names."""
-    files = [m.group(1) for m in _TRACEBACK_FILE.finditer(text)]
-    return [os.path.realpath(f) for f in files if os.path.isfile(f)]
-
-
-def _error_text(error: BaseException) -> str:
-    if isinstance(error, SystemExit):
-        return str(error.code) if error.code not in (None, 0, 1) else ""
-    import traceback
-
-    return "".join(traceback.format_exception(error))
-
-
 def _report_builds(channel: _Reporter) -> None:
     import twistedlrp.tap as tap
 
     def build_and_report(build, options):
-        # The child is the server: a `reload = true` in a --config file
-        # must not make it a supervisor too.
-        options["reload"] = False
+        options["reload"] = False  # (a `reload = true` in a --config file)
         try:
             service = build()
         except BaseException as e:
-            text = _error_text(e)
-            extra = traceback_files(text)
+            if isinstance(e, SystemExit):
+                text = str(e.code) if e.code not in (None, 0, 1) else ""
+            else:
+                text = "".join(traceback.format_exception(e))
+            # The files the traceback (or a SyntaxError message) names.
+            extra = [
+                os.path.realpath(f) for f in _TRACEBACK_FILE.findall(text) if os.path.isfile(f)
+            ]
             cause = e
             for _ in range(10):  # the exception chain, bounded
                 if cause is None:
@@ -165,9 +150,6 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     from twisted.internet import reactor, task
     from twisted.internet.error import ConnectionDone
 
-    from twistedlrp.process.channel import adopt
-    from twistedlrp.signals import set_exit_code
-
     def said(message: dict) -> None:
         reload_templates = getattr(service, "reload_templates", None)
         if message.get("event") == "templates" and reload_templates is not None:
@@ -177,10 +159,10 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
                 _log().failure("Reloading the templates failed")
 
     def lost(reason) -> None:
-        # Closed by the supervisor (it is gone), not by our reactor's shut-down.
+        # Closed by the supervisor (it is gone), not by our shut-down.
         if reason.check(ConnectionDone):
             _log().warn("The reload supervisor is gone: stopping the server")
-            set_exit_code(1)  # A stop nobody asked for.
+            set_exit_code(1)
             if reactor.running:
                 reactor.stop()
 
@@ -192,8 +174,7 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
     reactor.callWhenRunning(begin)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main() -> None:
     with contextlib.suppress(OSError):  # already a session leader
         os.setsid()
     if os.environ.get("LISTEN_FDS"):
@@ -204,8 +185,6 @@ def main(argv: list[str] | None = None) -> None:
         os.set_inheritable(int(fd), False)
         channel = _Reporter(int(fd))
         if spare:
-            from twistedlrp.process.forkserver import preimport
-
             preimport(PREIMPORT)
             channel.send({"event": "spare", "pid": os.getpid(), "files": sorted(imported_files())})
             if not channel.wait_for_word():
@@ -214,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from twisted.scripts.twistd import run
 
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "lrp", *argv]
+    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "lrp", *sys.argv[1:]]
     run()
 
 

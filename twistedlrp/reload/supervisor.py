@@ -1,15 +1,12 @@
 """
-What C{twistd lrp --reload} runs instead of the server; it never imports
+What C{twistd lrp --reload} runs instead of the server, never importing
 Django or the site. It binds the C{--listen} sockets once and passes them to
-each server it starts (L{twistedlrp.reload.server_main}, as C{systemd:}
-endpoints), so a request sent during a restart waits in the backlog.
+each server it starts, so a request sent during a restart waits in the backlog.
 
-A change of templates only reloads the templates (L{twistedlrp.reload.templates}).
-Any other change starts a new server, warmed up ahead as a spare; once it
-has set Django up the old one is stopped (SIGTERM, the graceful timeout,
-then SIGKILL to its process group, job workers included) and the new one
-runs. If the new code fails, the old server keeps serving and nothing
-restarts until the next change: it never loops.
+A change of templates only reloads them. Any other change starts a new
+server, warmed up ahead as a spare; once it has set Django up the old one is
+stopped and the new one runs. If the new code fails, the old server keeps
+serving until the next change: it never loops.
 """
 
 from __future__ import annotations
@@ -64,10 +61,9 @@ def make_supervisor(options) -> ReloadSupervisor:
 
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
-    @return: the C{twistd lrp} arguments of a server: the command line's,
-        C{--config} (re-read at each restart), and C{--listen} options that
-        adopt the supervisor's sockets (index N is descriptor 3 + N) or
-        bind again those it could not bind.
+    @return: a server's C{twistd lrp} arguments: the command line's, C{--config}
+        (re-read at each restart), and C{--listen} adopting our sockets (index N:
+        descriptor 3 + N) or binding again those we could not bind.
     """
     args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
@@ -102,8 +98,6 @@ class ReloadSupervisor(service.Service):
         self.watcher = make_watcher(reactor, roots, self._changed)
         if options["config"]:
             self.watcher.add_files([options["config"]])
-
-    # -- start and stop -----------------------------------------------
 
     def startService(self):
         super().startService()
@@ -170,8 +164,6 @@ class ReloadSupervisor(service.Service):
         os.write(2, f"twistd lrp --reload: second {name}: killed the server\n".encode())
         os._exit(1)
 
-    # -- servers --------------------------------------------------------
-
     def _spawn(self, spare: bool = False) -> None:
         if self.stopping:
             return
@@ -189,12 +181,11 @@ class ReloadSupervisor(service.Service):
         env[CONTROL_VARIABLE] = str(control_fd)
         if spare:
             env[SPARE_VARIABLE] = "1"
-        args = [sys.executable, "-m", "twistedlrp.reload.server_main"]
-        args += child_arguments(self.options, self.listening, self.passed_through)
-        if spare:
             self.spare = child
         else:
             self.pending = child
+        args = [sys.executable, "-m", "twistedlrp.reload.server_main"]
+        args += child_arguments(self.options, self.listening, self.passed_through)
         self.children.append(child)
         spawn(self.reactor, child, child.channel, args, env, fds, control_fd)
 
@@ -210,8 +201,6 @@ class ReloadSupervisor(service.Service):
             if child.files & child.changes_seen and not child.abandoned:
                 was_pending = child is self.pending
                 self._abandon(child)
-                if child is self.spare:
-                    self.spare = None
                 if was_pending:
                     # It was told to boot already: start from scratch instead.
                     self._spawn()
@@ -240,9 +229,7 @@ class ReloadSupervisor(service.Service):
         def superseded() -> bool:
             return child is not self.pending or self.stopping or child.state != "gated"
 
-        waits = [c.when_ended() for c in self.retiring]
-        if waits:
-            await defer.gatherResults(waits)
+        await defer.gatherResults([c.when_ended() for c in self.retiring])
         if superseded():
             return
         await self.error_page.stop()
@@ -250,7 +237,14 @@ class ReloadSupervisor(service.Service):
             return
         self.pending = None
         self.current = child
-        self._watch_templates(child)
+        before = self.watcher.template_dirs
+        self.watcher.set_template_dirs(child.template_dirs)
+        if self.watcher.template_dirs != before:
+            log.info(
+                "Watching {count} template directories: a template change reloads the "
+                "templates, not the server",
+                count=len(self.watcher.template_dirs),
+            )
         child.let_run()
         self._ensure_spare()
         took = time.monotonic() - child.started_at
@@ -266,8 +260,7 @@ class ReloadSupervisor(service.Service):
             )
 
     async def _retire(self, child: ServerProcess) -> None:
-        """SIGTERM, the graceful timeout, then SIGKILL to the process group."""
-        # A second SIGTERM would stop a server at once: one only.
+        # SIGTERM once (a second stops a server at once), then SIGKILL to the group.
         first = child.state not in ("ended", "stopping")
         if first:
             child.state = "stopping"
@@ -284,9 +277,7 @@ class ReloadSupervisor(service.Service):
             log.warn(message, n=child.number, pid=child.pid, timeout=self.graceful_timeout)
 
         await stop_within(self.reactor, child.when_ended(), send, self.graceful_timeout, late)
-        # The server is gone: whatever it left in its group (job workers
-        # still winding down) goes with it.
-        child.kill_group()
+        child.kill_group()  # job workers still winding down
         if child in self.retiring:
             self.retiring.remove(child)
 
@@ -294,6 +285,8 @@ class ReloadSupervisor(service.Service):
         child.abandoned = True
         if self.pending is child:
             self.pending = None
+        if self.spare is child:
+            self.spare = None
         child.kill_group()
 
     def child_ended(self, child: ServerProcess, exit: Exit) -> None:
@@ -340,18 +333,6 @@ class ReloadSupervisor(service.Service):
             self._ensure_spare()
         child.kill_group()
 
-    def _watch_templates(self, child: ServerProcess) -> None:
-        before = self.watcher.template_dirs
-        self.watcher.set_template_dirs(child.template_dirs)
-        if self.watcher.template_dirs != before:
-            log.info(
-                "Watching {count} template directories: a template change reloads the "
-                "templates, not the server",
-                count=len(self.watcher.template_dirs),
-            )
-
-    # -- changes --------------------------------------------------------
-
     def _changed(self, paths: list[str]) -> None:
         if self.stopping:
             return
@@ -360,9 +341,7 @@ class ReloadSupervisor(service.Service):
         if spare is not None:
             spare.changes_seen.update(paths)
             if spare.files is not None and spare.files & spare.changes_seen:
-                # It imported the old version of a changed file.
-                self._abandon(spare)
-                self.spare = None
+                self._abandon(spare)  # It imported the old version of a changed file.
         if self._debounce is not None and self._debounce.active():
             self._debounce.reset(DEBOUNCE)
         else:
@@ -372,9 +351,12 @@ class ReloadSupervisor(service.Service):
         changes, self._changes = sorted(self._changes), set()
         if self.stopping or not changes:
             return
-        if all(self.watcher.is_template(path) for path in changes):
-            if self._reload_templates(changes):
-                return
+        # Only templates changed: reload them, if a server runs or starts.
+        serving = [child for child in (self.current, self.pending) if child is not None]
+        if serving and all(self.watcher.is_template(path) for path in changes):
+            for child in serving:
+                child.reload_templates(changes)
+            return
         log.info("{changes} changed: restarting the server", changes=describe_changes(changes))
         if self.pending is not None:
             self._abandon(self.pending)
@@ -386,12 +368,3 @@ class ReloadSupervisor(service.Service):
             spare.boot()
         else:
             self._spawn()
-
-    def _reload_templates(self, changes: list[str]) -> bool:
-        """Only templates changed: reload them; @return: C{False} if no server runs or starts."""
-        if self.current is None and self.pending is None:
-            return False
-        for child in (self.current, self.pending):
-            if child is not None:
-                child.reload_templates(changes)
-        return True

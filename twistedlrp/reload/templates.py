@@ -1,7 +1,6 @@
 """
-Template changes in development reset Django's template loaders instead of
-restarting the server, as C{runserver} does. Django is imported only inside
-the functions: the supervisor imports none.
+Template changes reset Django's template loaders instead of restarting the
+server, as C{runserver} does (Django imported inside: the supervisor has none).
 """
 
 from __future__ import annotations

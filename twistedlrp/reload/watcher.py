@@ -1,9 +1,8 @@
 """
-Watching files for the reload supervisor, as C{runserver} does: every C{.py}
-file in the I{roots} (the site's directories), single I{files} (the modules
-the server imported, the config file), and every file but editors' litter
-in the I{template directories} the server reports; by C{watchfiles}, else by
-polling every half second. The callback runs in the reactor thread.
+Watching files for the reload supervisor, as C{runserver} does: the C{.py} files
+in the I{roots}, single I{files} (the modules imported, the config file), and
+every file but editors' litter in the I{template directories}; by C{watchfiles},
+else by polling every half second.
 """
 
 from __future__ import annotations
@@ -31,13 +30,6 @@ _LITTER_PREFIXES = (".", "#", "flycheck_")
 _LITTER_SUFFIXES = ("~", ".swp", ".swo", ".swx", "___", ".pyc", ".pyo")
 
 
-def is_source(path: str) -> bool:
-    if not path.endswith(SOURCE_SUFFIXES):
-        return False
-    parts = path.split(os.sep)
-    return not any(part in IGNORED_DIRS for part in parts[:-1])
-
-
 def _litter(path: str) -> bool:
     name = os.path.basename(path)
     litter = name.startswith(_LITTER_PREFIXES) or name.endswith(_LITTER_SUFFIXES)
@@ -48,14 +40,9 @@ def _under(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
 
 
-def make_watcher(reactor, roots, on_change, polling: bool | None = None):
-    """
-    @param on_change: called in the reactor thread with the changed paths, sorted.
-    @param polling: force (C{True}) or refuse (C{False}) polling; C{None}
-        polls only without C{watchfiles} (or with C{LRP_RELOAD_POLL}).
-    """
-    if polling is None:
-        polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
+def make_watcher(reactor, roots, on_change):
+    """C{on_change(sorted paths)} runs in the reactor thread; polls without C{watchfiles}."""
+    polling = os.environ.get("LRP_RELOAD_POLL", "") not in ("", "0")
     if not polling:
         try:
             import watchfiles  # noqa: F401
@@ -72,8 +59,7 @@ class _BaseWatcher:
         self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
         self.on_change = on_change
         self.files: set[str] = set()
-        # Replaced whole (the watching threads read it): the template
-        # directories, resolved.
+        # Replaced whole: the watching threads read it.
         self.template_dirs: tuple[str, ...] = ()
         self.running = False
 
@@ -85,7 +71,7 @@ class _BaseWatcher:
         # Directories added or dropped: their files are neither new nor gone.
         moved = set(new) ^ set(self.template_dirs)
         self.template_dirs = new
-        self._template_dirs_changed(moved)  # (each kind of watcher has its own)
+        self._template_dirs_changed(moved)
 
     def external_template_dirs(self) -> list[str]:
         """The existing template directories outside the roots (and outside each other)."""
@@ -100,14 +86,15 @@ class _BaseWatcher:
         return self.in_template_dir(path) and not path.endswith(".py") and path not in self.files
 
     def add_files(self, paths: Iterable[str]) -> None:
-        new = {os.path.realpath(p) for p in paths} - self.files
-        new = {p for p in new if os.path.isfile(p)}
+        new = {p for p in map(os.path.realpath, paths) if p not in self.files and os.path.isfile(p)}
         if new:
             self.files |= new
             self._files_added(new)
 
     def _accept_in_root(self, path: str) -> bool:
-        return is_source(path) or path in self.files or self.in_template_dir(path)
+        dirs = path.split(os.sep)[:-1]
+        source = path.endswith(SOURCE_SUFFIXES) and not any(d in IGNORED_DIRS for d in dirs)
+        return source or path in self.files or self.in_template_dir(path)
 
     def _report(self, paths: Iterable[str]) -> None:
         paths = sorted(set(paths))
@@ -125,8 +112,8 @@ class EventWatcher(_BaseWatcher):
 
     def __init__(self, reactor, roots, on_change):
         super().__init__(reactor, roots, on_change)
-        # "roots", "flat" (the single files' directories), "templates":
-        # (the paths watched, the event that stops their thread).
+        # "roots", "flat" (the single files' directories), "templates": the
+        # paths watched, the event that stops their thread.
         self._threads: dict[str, tuple[tuple[str, ...], threading.Event]] = {}
 
     def start(self) -> None:
@@ -139,8 +126,7 @@ class EventWatcher(_BaseWatcher):
         self.running = False
         for _, stop in self._threads.values():
             stop.set()
-        # The threads are daemons and notice the event within 50 ms; nothing
-        # waits for them.
+        # Daemon threads, which notice within 50 ms: nothing waits for them.
         return defer.succeed(None)
 
     def _files_added(self, new) -> None:
@@ -160,7 +146,6 @@ class EventWatcher(_BaseWatcher):
         self._watch("flat", dirs, False, self.files.__contains__)
 
     def _watch(self, key: str, paths: tuple[str, ...], recursive: bool, accept) -> None:
-        """Have a thread watch C{paths} under C{key}, replacing the one that watched others."""
         watched, stop = self._threads.get(key, ((), None))
         if paths == watched:
             return
@@ -240,7 +225,7 @@ class PollingWatcher(_BaseWatcher):
 
     def _poll(self):
         if self._scanning:
-            return None
+            return
         self._scanning = True
         fresh, self._fresh = self._fresh, set()
         fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
@@ -250,7 +235,6 @@ class PollingWatcher(_BaseWatcher):
         d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
         d.addBoth(lambda _: setattr(self, "_scanning", False))
-        return None
 
     def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
         old, self._snapshot = self._snapshot, snapshot
@@ -265,7 +249,6 @@ class PollingWatcher(_BaseWatcher):
 
 
 def _scan(roots: list[str], files: set[str], template_dirs=()) -> dict[str, tuple]:
-    """@return: the modification stamps of the files watched."""
     stamps = {}
 
     def stamp(path):
