@@ -59,7 +59,6 @@ class BlockingClient:
             endpoints, addresses = [endpoints], [addresses]
         self.nodes = [Node(endpoint, secret, time.monotonic) for endpoint in endpoints]
         self._addresses = dict(zip(self.nodes, addresses, strict=True))
-        self.endpoint = endpoints[0]
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conversation: _Conversation | None = None
@@ -127,7 +126,6 @@ class BlockingClient:
                     problems.append(str(e))
                     tries[node] = TRIES_PER_NODE
                     continue
-                node.up()
                 if self._conversation is not None:
                     self._conversation.retire()
                 self._conversation = fresh
@@ -181,6 +179,7 @@ class BlockingClient:
                     raise
                 node.down(f"login failed: {e}")
                 raise JobServiceUnavailable(node.problem()) from None
+        node.up()
         return conversation
 
     def _maybe_probe(self, node: Node) -> None:
@@ -206,7 +205,6 @@ class BlockingClient:
                     fresh = self._connect(node, time.monotonic() + self.timeout)
                 except Exception:
                     continue
-                node.up()
                 if not self._lock.acquire(timeout=self.timeout):
                     fresh.close("not needed")
                     return

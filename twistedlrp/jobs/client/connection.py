@@ -68,7 +68,7 @@ class JobLink(Node):
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
-        self._warned = self._pinging = False
+        self._pinging = False
         self._stopped = True
         self._watch = task.LoopingCall(self._check)
         self._watch.clock = reactor
@@ -126,13 +126,12 @@ class JobLink(Node):
             self._fire_waiting(Failure(JobServiceUnavailable("the job client is stopped")))
             return
         now = self.reactor.seconds()
-        if self._warned:
+        if self.state == DOWN:
             log.info(
                 "Connected to the job service at {endpoint} again (after {seconds:.1f} s)",
                 endpoint=self.endpoint,
                 seconds=now - self.since,
             )
-        self._warned = False
         self.protocol = protocol
         protocol.last_received = now
         self.up()
@@ -152,8 +151,7 @@ class JobLink(Node):
         self.last_error, self.refused = reason, refused
         error = (AuthenticationFailed if refused else JobServiceUnavailable)(self.problem())
         if not self._stopped:
-            if not self._warned:
-                self._warned = True
+            if self.state != DOWN:
                 log.warn(
                     "Cannot reach the job service at {endpoint} ({reason}); job calls "
                     "to it fail at once while it is retried in the background, up to "
@@ -182,7 +180,6 @@ class JobLink(Node):
         if self._stopped:
             return
         log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
-        self._warned = True
         self.down("the connection was lost", lost=True)
         # Again at once (a restart, a dropped connection); back-off if refused.
         self._attempt()
