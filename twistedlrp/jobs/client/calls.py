@@ -394,9 +394,3 @@ def socket_address(endpoint: str) -> tuple[int, object] | None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return family, (host, int(port))
     return None
-
-
-def unix_path(endpoint: str) -> str | None:
-    """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
-    address = socket_address(endpoint)
-    return address[1] if address and address[0] == socket.AF_UNIX else None

@@ -11,6 +11,7 @@ endpoint say); and it logs every retry at info level ("Scheduling retry ...").
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from twisted.internet import defer, error, protocol, task
@@ -30,7 +31,7 @@ from twistedlrp.jobs.client.calls import (
     Node,
     broke_during,
     no_answer,
-    unix_path,
+    socket_address,
     unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
@@ -60,7 +61,9 @@ class JobLink(Node):
         super().__init__(endpoint, secret, reactor.seconds)
         self.reactor = reactor
         # A UNIX socket that does not exist means no service: say so at once.
-        self._socket_path = unix_path(endpoint)
+        family, self._socket_path = socket_address(endpoint) or (None, None)
+        if family != socket.AF_UNIX:
+            self._socket_path = None
         self._connector = clientFromString(reactor, endpoint)
         self.timeout = timeout
         self.on_change = on_change
@@ -368,8 +371,6 @@ class JobClient:
             lost = None
             try:
                 proto = await link.connected(until if wait_reconnect else deadline, wait_reconnect)
-            except AuthenticationFailed:
-                raise
             except JobServiceUnavailable as e:
                 attempts.problems.append(str(e))
                 continue
