@@ -284,11 +284,10 @@ def jobs_timeout() -> float:
     return float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
 
 
-def configured_login() -> tuple[bytes | None, float]:
-    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
-    secret_file = configured("LRP_JOBS_SECRET_FILE")
-    secret = wire.read_secret(secret_file) if secret_file else None
-    return secret, jobs_timeout()
+def configured_login(secret_file: str | None = None) -> tuple[bytes | None, float]:
+    """@return: the secret of C{secret_file} (else C{LRP_JOBS_SECRET_FILE}), C{LRP_JOBS_TIMEOUT}."""
+    secret_file = secret_file or configured("LRP_JOBS_SECRET_FILE")
+    return (wire.read_secret(secret_file) if secret_file else None), jobs_timeout()
 
 
 def unix_client_endpoint(path: str) -> str:
