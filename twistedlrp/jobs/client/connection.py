@@ -283,17 +283,14 @@ class JobClient:
         ]
         self._current: JobLink | None = None
         self._since = reactor.seconds()
-        self._started = False
 
     def start(self) -> None:
-        self._started = True
         self._since = self.reactor.seconds()
         for link in self.links:
             link.start()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once every connection is closed."""
-        self._started = False
         return defer.gatherResults([link.stop() for link in self.links], consumeErrors=True)
 
     def current(self) -> JobLink | None:
@@ -305,7 +302,7 @@ class JobClient:
             return
         previous, self._current = self._current, current
         self._since = self.reactor.seconds()
-        if not self._started or len(self.links) == 1:
+        if len(self.links) == 1:
             return  # The link's own lines say it all.
         if current is None:
             log.warn("No job node can be reached: job calls fail at once until one is back")
