@@ -95,11 +95,7 @@ class BlockingClient:
             return answer[operation.answer]
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
-        """
-        @return: the connection to the first endpoint that answers, among those not
-            tried too often and not in their back-off, or C{None} when there is none.
-        @raise AuthenticationFailed: a service refused our secret.
-        """
+        """@return: a connection to a node this call may still try, or C{None}."""
 
         def current():
             c = self._conversation
@@ -280,7 +276,6 @@ class _Conversation:
             self.close("replaced by another connection")
 
     def close(self, reason: str) -> None:
-        """Fail every waiting request with C{reason} and close the socket."""
         with self._lock:
             if self.broken is not None:
                 return
@@ -302,10 +297,7 @@ class _Conversation:
             next(iter(self._pending.values())).set()
 
     def _answer(self, waiter: _Waiter, tag: bytes, deadline: float) -> bool:
-        """
-        Wait for C{waiter}'s answer until C{deadline}, reading the socket when no other
-        caller does. @return: whether it came (or the connection broke); else withdrawn.
-        """
+        """Wait for C{waiter}'s answer, reading if nobody does. @return: False: none in time."""
         while True:
             with self._lock:
                 waiter.clear()
