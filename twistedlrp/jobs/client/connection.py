@@ -235,12 +235,6 @@ class JobLink(Node):
             raise JobServiceUnavailable(f"the job client of {self.endpoint} is stopped")
         if self.state == DOWN and not (wait_reconnect and self._attempting is not None):
             raise (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
-        if self._attempting is None:
-            self._attempt()
-            if self.protocol is not None:
-                return self.protocol
-            if self._attempting is None:
-                raise JobServiceUnavailable(self.problem())
         d = defer.Deferred()
         self._waiting.append(d)
         d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
