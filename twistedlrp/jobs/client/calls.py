@@ -182,8 +182,7 @@ class CallSlots:
 
     def take(self) -> int | None:
         """@return: the slot taken (give it back), or C{None}: refused."""
-        now = time.monotonic()
-        deadline = now + self.WAIT
+        deadline = time.monotonic() + self.WAIT
         with self._cond:
             while len(self._holders) >= self.limit:
                 now = time.monotonic()

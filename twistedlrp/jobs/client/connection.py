@@ -1,11 +1,9 @@
 """
-The job client in a reactor: L{JobClient} calls the first job node that is
-up, each through one persistent AMP connection (L{JobLink}).
-
-Not C{ClientService} (Twisted 26.10): its C{whenConnected()} waits for the
-next attempt where a call to a node that is down must fail at once; it shows
-neither its state nor the last error (which call errors and the health
-endpoint say); and it logs every retry at info level ("Scheduling retry ...").
+The job client in a reactor: L{JobClient} calls the first job node that is up,
+each through one persistent AMP connection (L{JobLink}). Not C{ClientService}
+(Twisted 26.10): its C{whenConnected()} waits for the next attempt where a call to
+a node that is down must fail at once, it shows neither its state nor the last
+error (call errors and the health endpoint say both), and it logs each retry as info.
 """
 
 from __future__ import annotations
