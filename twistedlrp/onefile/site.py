@@ -163,7 +163,14 @@ def after_setup() -> Site | None:
     if _loaded is not None and _loaded.spec.module == spec.module:
         return _loaded
     module = import_app(spec)
-    _adopt_models(spec, module)
+    from django.apps import apps
+
+    # The file is its app's models module (migrate --run-syncdb needs one).
+    for config in apps.get_app_configs():
+        if config.name == spec.module or config.module is module:
+            config.module = module
+            if config.models_module is None and config.models:
+                config.models_module = module
     obj, name = find_object(spec, module)
     _loaded = classify(dataclasses.replace(spec, attr=name) if name else spec, module, obj)
     if _loaded.nanodjango:
@@ -176,17 +183,6 @@ def after_setup() -> Site | None:
 
         settings.ROOT_URLCONF = "twistedlrp.onefile.urls"
     return _loaded
-
-
-def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
-    # The file is its app's models module (migrate --run-syncdb needs one).
-    from django.apps import apps
-
-    for config in apps.get_app_configs():
-        if config.name == spec.module or config.module is module:
-            config.module = module
-            if config.models_module is None and config.models:
-                config.models_module = module
 
 
 def uses_nanodjango(spec: AppSpec) -> bool:
