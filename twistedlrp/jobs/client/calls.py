@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -259,20 +260,12 @@ def split_endpoints(text: str) -> list[str]:
 
 def _split(text: str, separator: str, unescape: bool) -> list[str]:
     """@return: the parts of C{text} between unescaped C{separator}s (unescaped if C{unescape})."""
-    parts, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            current += "" if unescape else char
-            escaped = True
-        elif char == separator:
-            parts.append(current)
-            current = ""
+    parts = [""]
+    for token in re.findall(r"\\.?|.", text, re.DOTALL):  # a character, or one escaped
+        if token == separator:
+            parts.append("")
         else:
-            current += char
-    parts.append(current)
+            parts[-1] += token[1:] if unescape and token[0] == "\\" else token
     return parts
 
 
