@@ -41,11 +41,8 @@ def decode_value(text: str):
 
 def setting_values(items: list[str]) -> dict:
     """@return: C{{NAME: value}} of C{--set NAME=VALUE} items (the last one of a name wins)."""
-    values = {}
-    for item in items:
-        name, _, text = item.partition("=")
-        values[name.strip()] = decode_value(text)
-    return values
+    pairs = (item.partition("=") for item in items)
+    return {name.strip(): decode_value(text) for name, _, text in pairs}
 
 
 def debug_from_environment() -> bool:
