@@ -217,12 +217,11 @@ def wait(job_id, timeout: float = 60.0) -> JobInfo:
     while True:
         step = min(max(deadline - time.monotonic(), 0.0), arguments.MAX_WAIT_TIMEOUT)
         info = JobInfo.from_dict(_call("wait", job_id=job_id, timeout=step, call_timeout=step + 10))
-        if info.finished:
-            return info
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"job {job_id} did not finish within {timeout} s (it is {info.state})"
-            )
+        if info.finished or time.monotonic() >= deadline:
+            break
+    if not info.finished:
+        raise TimeoutError(f"job {job_id} did not finish within {timeout} s (it is {info.state})")
+    return info
 
 
 def list_jobs(state: str | None = None, name: str | None = None, limit: int = 100) -> list[JobInfo]:
