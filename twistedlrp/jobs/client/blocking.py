@@ -89,7 +89,10 @@ class BlockingClient:
                 continue
             except JobServiceUnavailable as e:
                 attempts.refused(node, e, len(self.nodes))
-                self._drop(conversation)
+                with self._lock:
+                    if self._conversation is conversation:
+                        self._conversation = None
+                conversation.retire()
                 continue
             self._maybe_probe(node)
             return answer[operation.answer]
@@ -131,12 +134,6 @@ class BlockingClient:
             return None
         finally:
             self._lock.release()
-
-    def _drop(self, conversation: _Conversation) -> None:
-        with self._lock:
-            if self._conversation is conversation:
-                self._conversation = None
-        conversation.retire()
 
     def _connect(self, node: Node, deadline: float) -> _Conversation:
         """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
