@@ -69,24 +69,21 @@ class JobClientService(service.Service):
     def startService(self) -> None:
         from twistedlrp.jobs.client.connection import JobClient
         from twistedlrp.jobs.client.local import LocalClient
-        from twistedlrp.jobs.protocol import wire
 
         super().startService()
         options, reactor = self.options, self.reactor
-        secret_file = options["jobs-secret-file"] or jobs_client.configured("LRP_JOBS_SECRET_FILE")
-        timeout = jobs_client.jobs_timeout()
         if self.local is not None and not options["jobs-connect"]:
             # This process's own service: called directly, without AMP or a socket.
             description = options["jobs-listen"] or jobs_client.unix_client_endpoint(
                 os.path.join(options["state-dir"], "jobs.sock")
             )
-            self.client = LocalClient(reactor, self.local, timeout, description)
+            self.client = LocalClient(reactor, self.local, jobs_client.jobs_timeout(), description)
         else:
             endpoints = list(options["jobs-connect"]) or jobs_client.configured_endpoints(
                 options["state-dir"]
             )
-            secret = wire.read_secret(secret_file) if secret_file else None
-            self.client = JobClient(reactor, endpoints, secret, timeout)
+            login = jobs_client.configured_login(options["jobs-secret-file"])
+            self.client = JobClient(reactor, endpoints, *login)
             self.client.start()
         jobs_client.install(self.client, self.call_threads)
 

@@ -41,21 +41,12 @@ def decode_value(text: str):
 
 def setting_values(items: list[str]) -> dict:
     """@return: C{{NAME: value}} of C{--set NAME=VALUE} items (the last one of a name wins)."""
-    values = {}
-    for item in items:
-        name, _, text = item.partition("=")
-        values[name.strip()] = decode_value(text)
-    return values
+    pairs = (item.partition("=") for item in items)
+    return {name.strip(): decode_value(text) for name, _, text in pairs}
 
 
 def debug_from_environment() -> bool:
     return os.environ.get("DJANGO_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def allowed_hosts() -> list[str]:
-    """@return: localhost, and the host names of C{DJANGO_ALLOWED_HOSTS} (comma-separated)."""
-    extra = [h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
-    return ["localhost", "127.0.0.1", "[::1]", *extra]
 
 
 def secret_key(state_dir: str | None) -> str:
@@ -82,11 +73,12 @@ def secret_key(state_dir: str | None) -> str:
 def startproject(base_dir: str, state_dir: str | None, key: str) -> dict:
     """The settings C{startproject} writes, with twistedlrp installed and our URLconf."""
     database = os.path.join(state_dir, "db.sqlite3") if state_dir else ":memory:"
+    extra = [h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
     return {
         "BASE_DIR": Path(base_dir),
         "SECRET_KEY": key,
         "DEBUG": debug_from_environment(),
-        "ALLOWED_HOSTS": allowed_hosts(),
+        "ALLOWED_HOSTS": ["localhost", "127.0.0.1", "[::1]", *extra],
         "INSTALLED_APPS": [*(f"django.contrib.{app}" for app in CONTRIB_APPS), "twistedlrp"],
         "MIDDLEWARE": [
             "django.middleware.security.SecurityMiddleware",

@@ -163,7 +163,14 @@ def after_setup() -> Site | None:
     if _loaded is not None and _loaded.spec.module == spec.module:
         return _loaded
     module = import_app(spec)
-    _adopt_models(spec, module)
+    from django.apps import apps
+
+    # The file is its app's models module (migrate --run-syncdb needs one).
+    for config in apps.get_app_configs():
+        if config.name == spec.module or config.module is module:
+            config.module = module
+            if config.models_module is None and config.models:
+                config.models_module = module
     obj, name = find_object(spec, module)
     _loaded = classify(dataclasses.replace(spec, attr=name) if name else spec, module, obj)
     if _loaded.nanodjango:
@@ -176,17 +183,6 @@ def after_setup() -> Site | None:
 
         settings.ROOT_URLCONF = "twistedlrp.onefile.urls"
     return _loaded
-
-
-def _adopt_models(spec: AppSpec, module: types.ModuleType) -> None:
-    # The file is its app's models module (migrate --run-syncdb needs one).
-    from django.apps import apps
-
-    for config in apps.get_app_configs():
-        if config.name == spec.module or config.module is module:
-            config.module = module
-            if config.models_module is None and config.models:
-                config.models_module = module
 
 
 def uses_nanodjango(spec: AppSpec) -> bool:
@@ -207,16 +203,10 @@ def uses_nanodjango(spec: AppSpec) -> bool:
             tree = ast.parse(f.read(), path)
     except (OSError, SyntaxError, ValueError):
         return False  # The import says what is wrong.
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [node.module or ""]
-        else:
-            continue
-        if any(name.split(".")[0] == "nanodjango" for name in names):
-            return True
-    return False
+    nodes = list(ast.walk(tree))
+    names = [alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names]
+    names += [n.module or "" for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 0]
+    return any(name.split(".")[0] == "nanodjango" for name in names)
 
 
 def import_app(spec: AppSpec) -> types.ModuleType:
@@ -367,13 +357,10 @@ def tables_missing() -> list[str]:
     from django.db import connections, router
 
     config = next((c for c in apps.get_app_configs() if c.module is site.module), None)
-    if config is None or not list(config.get_models()):
-        return []
-    missing = []
-    for model in config.get_models():
-        alias = router.db_for_write(model)
-        with connections[alias].cursor():
-            tables = connections[alias].introspection.table_names()
-        if model._meta.db_table not in tables and model._meta.managed:
-            missing.append(model.__name__)
-    return missing
+    return [
+        model.__name__
+        for model in (config.get_models() if config is not None else ())
+        if model._meta.db_table
+        not in connections[router.db_for_write(model)].introspection.table_names()
+        and model._meta.managed
+    ]

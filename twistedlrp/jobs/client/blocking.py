@@ -59,7 +59,6 @@ class BlockingClient:
             endpoints, addresses = [endpoints], [addresses]
         self.nodes = [Node(endpoint, secret, time.monotonic) for endpoint in endpoints]
         self._addresses = dict(zip(self.nodes, addresses, strict=True))
-        self.endpoint = endpoints[0]
         self.timeout = timeout
         self._lock = threading.Lock()
         self._conversation: _Conversation | None = None
@@ -90,17 +89,16 @@ class BlockingClient:
                 continue
             except JobServiceUnavailable as e:
                 attempts.refused(node, e, len(self.nodes))
-                self._drop(conversation)
+                with self._lock:
+                    if self._conversation is conversation:
+                        self._conversation = None
+                conversation.retire()
                 continue
             self._maybe_probe(node)
             return answer[operation.answer]
 
     def _connected(self, tries: dict, deadline: float, problems: list[str]):
-        """
-        @return: the connection to the first endpoint that answers, among those not
-            tried too often and not in their back-off, or C{None} when there is none.
-        @raise AuthenticationFailed: a service refused our secret.
-        """
+        """@return: a connection to a node this call may still try, or C{None}."""
 
         def current():
             c = self._conversation
@@ -127,7 +125,6 @@ class BlockingClient:
                     problems.append(str(e))
                     tries[node] = TRIES_PER_NODE
                     continue
-                node.up()
                 if self._conversation is not None:
                     self._conversation.retire()
                 self._conversation = fresh
@@ -137,12 +134,6 @@ class BlockingClient:
             return None
         finally:
             self._lock.release()
-
-    def _drop(self, conversation: _Conversation) -> None:
-        with self._lock:
-            if self._conversation is conversation:
-                self._conversation = None
-        conversation.retire()
 
     def _connect(self, node: Node, deadline: float) -> _Conversation:
         """One attempt to reach C{node} (and log in), within the timeout and C{deadline}."""
@@ -181,6 +172,7 @@ class BlockingClient:
                     raise
                 node.down(f"login failed: {e}")
                 raise JobServiceUnavailable(node.problem()) from None
+        node.up()
         return conversation
 
     def _maybe_probe(self, node: Node) -> None:
@@ -206,7 +198,6 @@ class BlockingClient:
                     fresh = self._connect(node, time.monotonic() + self.timeout)
                 except Exception:
                     continue
-                node.up()
                 if not self._lock.acquire(timeout=self.timeout):
                     fresh.close("not needed")
                     return
@@ -282,7 +273,6 @@ class _Conversation:
             self.close("replaced by another connection")
 
     def close(self, reason: str) -> None:
-        """Fail every waiting request with C{reason} and close the socket."""
         with self._lock:
             if self.broken is not None:
                 return
@@ -304,10 +294,7 @@ class _Conversation:
             next(iter(self._pending.values())).set()
 
     def _answer(self, waiter: _Waiter, tag: bytes, deadline: float) -> bool:
-        """
-        Wait for C{waiter}'s answer until C{deadline}, reading the socket when no other
-        caller does. @return: whether it came (or the connection broke); else withdrawn.
-        """
+        """Wait for C{waiter}'s answer, reading if nobody does. @return: False: none in time."""
         while True:
             with self._lock:
                 waiter.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -182,8 +183,7 @@ class CallSlots:
 
     def take(self) -> int | None:
         """@return: the slot taken (give it back), or C{None}: refused."""
-        now = time.monotonic()
-        deadline = now + self.WAIT
+        deadline = time.monotonic() + self.WAIT
         with self._cond:
             while len(self._holders) >= self.limit:
                 now = time.monotonic()
@@ -260,20 +260,12 @@ def split_endpoints(text: str) -> list[str]:
 
 def _split(text: str, separator: str, unescape: bool) -> list[str]:
     """@return: the parts of C{text} between unescaped C{separator}s (unescaped if C{unescape})."""
-    parts, current, escaped = [], "", False
-    for char in text:
-        if escaped:
-            current += char
-            escaped = False
-        elif char == "\\":
-            current += "" if unescape else char
-            escaped = True
-        elif char == separator:
-            parts.append(current)
-            current = ""
+    parts = [""]
+    for token in re.findall(r"\\.?|.", text, re.DOTALL):  # a character, or one escaped
+        if token == separator:
+            parts.append("")
         else:
-            current += char
-    parts.append(current)
+            parts[-1] += token[1:] if unescape and token[0] == "\\" else token
     return parts
 
 
@@ -284,11 +276,10 @@ def jobs_timeout() -> float:
     return float(getattr(settings, "LRP_JOBS_TIMEOUT", DEFAULT_TIMEOUT))
 
 
-def configured_login() -> tuple[bytes | None, float]:
-    """@return: the secret of C{LRP_JOBS_SECRET_FILE} (or C{None}), and C{LRP_JOBS_TIMEOUT}."""
-    secret_file = configured("LRP_JOBS_SECRET_FILE")
-    secret = wire.read_secret(secret_file) if secret_file else None
-    return secret, jobs_timeout()
+def configured_login(secret_file: str | None = None) -> tuple[bytes | None, float]:
+    """@return: the secret of C{secret_file} (else C{LRP_JOBS_SECRET_FILE}), C{LRP_JOBS_TIMEOUT}."""
+    secret_file = secret_file or configured("LRP_JOBS_SECRET_FILE")
+    return (wire.read_secret(secret_file) if secret_file else None), jobs_timeout()
 
 
 def unix_client_endpoint(path: str) -> str:
@@ -394,9 +385,3 @@ def socket_address(endpoint: str) -> tuple[int, object] | None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         return family, (host, int(port))
     return None
-
-
-def unix_path(endpoint: str) -> str | None:
-    """@return: the socket path of a C{unix:} client endpoint string, else C{None}."""
-    address = socket_address(endpoint)
-    return address[1] if address and address[0] == socket.AF_UNIX else None

@@ -1,16 +1,15 @@
 """
-The job client in a reactor: L{JobClient} calls the first job node that is
-up, each through one persistent AMP connection (L{JobLink}).
-
-Not C{ClientService} (Twisted 26.10): its C{whenConnected()} waits for the
-next attempt where a call to a node that is down must fail at once; it shows
-neither its state nor the last error (which call errors and the health
-endpoint say); and it logs every retry at info level ("Scheduling retry ...").
+The job client in a reactor: L{JobClient} calls the first job node that is up,
+each through one persistent AMP connection (L{JobLink}). Not C{ClientService}
+(Twisted 26.10): its C{whenConnected()} waits for the next attempt where a call to
+a node that is down must fail at once, it shows neither its state nor the last
+error (call errors and the health endpoint say both), and it logs each retry as info.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 from twisted.internet import defer, error, protocol, task
@@ -30,7 +29,7 @@ from twistedlrp.jobs.client.calls import (
     Node,
     broke_during,
     no_answer,
-    unix_path,
+    socket_address,
     unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
@@ -60,7 +59,9 @@ class JobLink(Node):
         super().__init__(endpoint, secret, reactor.seconds)
         self.reactor = reactor
         # A UNIX socket that does not exist means no service: say so at once.
-        self._socket_path = unix_path(endpoint)
+        family, self._socket_path = socket_address(endpoint) or (None, None)
+        if family != socket.AF_UNIX:
+            self._socket_path = None
         self._connector = clientFromString(reactor, endpoint)
         self.timeout = timeout
         self.on_change = on_change
@@ -68,7 +69,7 @@ class JobLink(Node):
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
-        self._warned = self._pinging = False
+        self._pinging = False
         self._stopped = True
         self._watch = task.LoopingCall(self._check)
         self._watch.clock = reactor
@@ -126,13 +127,12 @@ class JobLink(Node):
             self._fire_waiting(Failure(JobServiceUnavailable("the job client is stopped")))
             return
         now = self.reactor.seconds()
-        if self._warned:
+        if self.state == DOWN:
             log.info(
                 "Connected to the job service at {endpoint} again (after {seconds:.1f} s)",
                 endpoint=self.endpoint,
                 seconds=now - self.since,
             )
-        self._warned = False
         self.protocol = protocol
         protocol.last_received = now
         self.up()
@@ -152,8 +152,7 @@ class JobLink(Node):
         self.last_error, self.refused = reason, refused
         error = (AuthenticationFailed if refused else JobServiceUnavailable)(self.problem())
         if not self._stopped:
-            if not self._warned:
-                self._warned = True
+            if self.state != DOWN:
                 log.warn(
                     "Cannot reach the job service at {endpoint} ({reason}); job calls "
                     "to it fail at once while it is retried in the background, up to "
@@ -182,7 +181,6 @@ class JobLink(Node):
         if self._stopped:
             return
         log.warn("Lost the connection to the job service at {endpoint}", endpoint=self.endpoint)
-        self._warned = True
         self.down("the connection was lost", lost=True)
         # Again at once (a restart, a dropped connection); back-off if refused.
         self._attempt()
@@ -235,12 +233,6 @@ class JobLink(Node):
             raise JobServiceUnavailable(f"the job client of {self.endpoint} is stopped")
         if self.state == DOWN and not (wait_reconnect and self._attempting is not None):
             raise (AuthenticationFailed if self.refused else JobServiceUnavailable)(self.problem())
-        if self._attempting is None:
-            self._attempt()
-            if self.protocol is not None:
-                return self.protocol
-            if self._attempting is None:
-                raise JobServiceUnavailable(self.problem())
         d = defer.Deferred()
         self._waiting.append(d)
         d.addTimeout(max(deadline - self.reactor.seconds(), 0.001), self.reactor)
@@ -283,17 +275,14 @@ class JobClient:
         ]
         self._current: JobLink | None = None
         self._since = reactor.seconds()
-        self._started = False
 
     def start(self) -> None:
-        self._started = True
         self._since = self.reactor.seconds()
         for link in self.links:
             link.start()
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once every connection is closed."""
-        self._started = False
         return defer.gatherResults([link.stop() for link in self.links], consumeErrors=True)
 
     def current(self) -> JobLink | None:
@@ -305,7 +294,7 @@ class JobClient:
             return
         previous, self._current = self._current, current
         self._since = self.reactor.seconds()
-        if not self._started or len(self.links) == 1:
+        if len(self.links) == 1:
             return  # The link's own lines say it all.
         if current is None:
             log.warn("No job node can be reached: job calls fail at once until one is back")
@@ -371,8 +360,6 @@ class JobClient:
             lost = None
             try:
                 proto = await link.connected(until if wait_reconnect else deadline, wait_reconnect)
-            except AuthenticationFailed:
-                raise
             except JobServiceUnavailable as e:
                 attempts.problems.append(str(e))
                 continue
