@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from twisted.internet import defer
 
 from twistedlrp import compat
@@ -116,18 +118,15 @@ def tune_connection(
 
 
 def _libpq_version() -> int:
-    try:
+    with contextlib.suppress(ImportError):
         import psycopg
 
         return psycopg.pq.version()
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError, AttributeError):
         import psycopg2.extensions
 
         return psycopg2.extensions.libpq_version()
-    except (ImportError, AttributeError):
-        return 0
+    return 0
 
 
 def _begin_batch() -> None:

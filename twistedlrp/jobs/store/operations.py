@@ -101,10 +101,6 @@ def create(
     """
     sql = statements()
     key = fields.get("key")
-    if key and len(key) > sql.key_length:
-        raise InvalidArguments(
-            f"a job key has at most {sql.key_length} characters, this one has {len(key)}"
-        )
     if sql.nul_free and holds_nul([fields["args"], fields["kwargs"]]):
         raise InvalidArguments(
             f"the arguments of {fields['name']} contain a NUL character (\\u0000), "

@@ -48,7 +48,6 @@ class Statements:
         self.direct = connection.vendor == "sqlite"
         self._qmark: dict[str, str] = {}
         self._local = threading.local()
-        self.key_length = self.fields["key"].max_length
         self.insert_names = names = list(self.fields)
         self.insert = (
             f"INSERT INTO {self.table} ({', '.join(self.column[n] for n in names)}) "
