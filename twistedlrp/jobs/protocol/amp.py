@@ -76,12 +76,6 @@ class ServiceProtocol(wire.QuietAMP):
         cancel_call(self._discard_deadline)
         super().connectionLost(reason)
 
-    def _limit(self) -> int:
-        """@return: the most bytes the box being read may take (before Login: all boxes)."""
-        if self.authenticated:
-            return self.max_box
-        return self.pre_login_bytes - (self.reader.consumed - self.reader.size)
-
     def dataReceived(self, data):
         reader = self.reader
         if self._refused:
@@ -93,7 +87,9 @@ class ServiceProtocol(wire.QuietAMP):
                     if reader.next_box(keep=False) is not None:
                         self._close()  # the end of the refused box
                     return
-                box = reader.next_box(self._limit())
+                # Before Login, the limit is of all boxes together.
+                before = self.pre_login_bytes - (reader.consumed - reader.size)
+                box = reader.next_box(self.max_box if self.authenticated else before)
             except BoxTooLarge:
                 self._too_large()
                 continue
