@@ -248,8 +248,7 @@ class JobsRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("the job service only offers pb.IPerspective")
-        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
-        return pb.IPerspective, JobsAvatar(self.service, name), lambda: None
+        return pb.IPerspective, JobsAvatar(self.service), lambda: None
 
 
 class JobsAvatar(pb.Avatar):
@@ -258,8 +257,8 @@ class JobsAvatar(pb.Avatar):
     C{kwargs}, not their JSON; C{list_jobs} answers the list).
     """
 
-    def __init__(self, service, name: str = "lrp"):
-        self.service, self.name = service, name
+    def __init__(self, service):
+        self.service = service
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         # A call that cannot be made is refused saying why (PB would log a traceback).
