@@ -195,9 +195,9 @@ def claim_next(
 
     sql = statements()
     c = sql.column
-    started = now()
+    when = sql.prep("started_at", now())
     mine = f" AND {c['queue']} = ANY(%s)" if queues is not None else ""
-    params: list = [QUEUED, sql.prep("run_after", started)] + ([list(queues)] if mine else [])
+    params: list = [QUEUED, when] + ([list(queues)] if mine else [])
     select = (
         f"SELECT {c['id']} FROM {sql.table} WHERE {c['state']} = %s AND ({c['run_after']} IS NULL "
         f"OR {c['run_after']} <= %s){mine} ORDER BY {c['priority']} DESC, {c['created_at']} "
@@ -205,9 +205,7 @@ def claim_next(
     )
     returned = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
     update = (
-        f"UPDATE {sql.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
-        f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s "
-        f"WHERE {c['id']} = %s RETURNING "
+        f"{sql.claim} RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
         f"{', '.join(c[name] for name in returned)}, {c['cancel_requested']}"
     )
@@ -216,7 +214,7 @@ def claim_next(
         cursor.execute(select, [*params, len(workers)])
         ids = [row[0] for row in cursor.fetchall()]
         for job_id, worker in zip(ids, workers, strict=False):
-            cursor.execute(update, [RUNNING, sql.prep("started_at", started), worker, node, job_id])
+            cursor.execute(update, [RUNNING, when, worker, node, job_id, QUEUED])
             payload, *values, cancel = cursor.fetchone()
             row = dict(zip(returned, values, strict=True), cancel_requested=cancel)
             claimed.append(dict(row, id=str(job_id), worker=worker, payload=payload.encode()))
