@@ -76,8 +76,8 @@ class _Throttle:
             self._clock = reactor
         return self._clock
 
-    def _left_out(self, key, last: tuple, summarize) -> bool:
-        """@return: whether this line is left out (C{summarize(burst)} logs them at the end)."""
+    def _left_out(self, key, last: tuple) -> bool:
+        """@return: whether this line is left out (C{_summary(burst)} logs them at the end)."""
         now = self.clock.seconds()
         state = self._keys.get(key)
         if state is None or (now - state.logged_at >= self.interval and not state.left_out):
@@ -87,11 +87,11 @@ class _Throttle:
         state.last = last
         if state.summary is None:
             delay = max(state.logged_at + self.interval - now, 0)
-            state.summary = self.clock.callLater(delay, self._summarize, state, summarize)
+            state.summary = self.clock.callLater(delay, self._summarize, state)
         return True
 
-    def _summarize(self, state: _Burst, summarize) -> None:
-        summarize(state)
+    def _summarize(self, state: _Burst) -> None:
+        self._summary(state)
         state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
 
 
@@ -102,7 +102,7 @@ class RefusalLog(_Throttle):
 
     def warn(self, kind: str, format: str, **kwargs) -> None:
         """Log C{format} with C{kwargs} at WARNING, unless a refusal of C{kind} was just logged."""
-        if not self._left_out(kind, (format, kwargs), self._summary):
+        if not self._left_out(kind, (format, kwargs)):
             self.log.warn(format, **kwargs)
 
     def _summary(self, state: _Burst) -> None:
@@ -121,10 +121,9 @@ class FailureLog(_Throttle):
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
-        frames = getattr(failure, "frames", None)
-        place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
+        place = "{}:{}".format(*failure.frames[-1][1:3]) if failure.frames else "?"  # innermost
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
-        if not self._left_out((log.namespace, op, failure.type, place), last, self._summary):
+        if not self._left_out((log.namespace, op, failure.type, place), last):
             log.failure(format, failure, op=op, **kwargs)
 
     def _summary(self, state: _Burst) -> None:
