@@ -109,18 +109,13 @@ def create(
     if sql.nul_free and key:
         key = sql.prep("key", key)
         fields = dict(fields, key=key)
-    if job_id is not None:
-        existing = sql.read(job_id)
-        if existing is not None:
-            if existing.name != fields["name"]:
-                raise InvalidArguments(
-                    f"id: {job_id} is the id of a job of another name ({existing.name})"
-                )
-            return False, job_dict(existing)
-    if key:
+    existing = sql.read(job_id) if job_id is not None else None
+    if existing is not None and existing.name != fields["name"]:
+        raise InvalidArguments(f"id: {job_id} is the id of a job of another name ({existing.name})")
+    if existing is None and key:
         existing = sql.read(key=key, state=UNFINISHED)
-        if existing is not None:
-            return False, job_dict(existing)
+    if existing is not None:
+        return False, job_dict(existing)
     if start is not None:
         new_id = uuid.UUID(start["id"])
         if start.get("lease") is not None:
