@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, RUNNING
 from twistedlrp.jobs.store.operations import notify_nodes, now, queue_of
@@ -38,15 +39,13 @@ def _end(job, error: str) -> str:
     """@return: the new state of a job C{running} with no worker, retried, failed or cancelled."""
     from twistedlrp.models import Job
 
-    running = Job.objects.filter(id=job.id, state=RUNNING)
-    if job.cancel_requested:
-        running.update(state=CANCELLED, finished_at=now(), error=error)
-        return CANCELLED
-    if job.attempts < job.max_attempts:
-        running.update(state=QUEUED, error=error + "; retried", worker="")
-        return QUEUED
-    running.update(state=FAILED, finished_at=now(), error=error)
-    return FAILED
+    if job.cancel_requested or job.attempts >= job.max_attempts:
+        state = CANCELLED if job.cancel_requested else FAILED
+        fields = {"finished_at": now(), "error": error}
+    else:
+        state, fields = QUEUED, {"error": error + "; retried", "worker": ""}
+    Job.objects.filter(id=job.id, state=RUNNING).update(state=state, **fields)
+    return state
 
 
 def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
@@ -126,17 +125,13 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         pass  # Another user's process: it exists.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # No /proc (not Linux), or it ended meanwhile: assume alive.
     # The state follows the command name in parentheses, which may hold spaces.
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    if state in (b"Z", b"X"):
-        return False
-    return b"python" in command or b"twistd" in command
+    state = stat[stat.rfind(b")") + 2 :][:1]
+    return state not in (b"Z", b"X") and (b"python" in command or b"twistd" in command)
 
 
 def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: datetime) -> None:
