@@ -60,20 +60,16 @@ class Listener:
             )
             return
         backoff = Backoff(0.25, 1.0, jitter=0.1)
-        lost = False
+        # Availability keeps whether the listener is lost: it logs a loss, or a return, once.
         while not self._stopping.is_set():
             try:
                 connection = self._connect()
             except Exception as e:
-                if not lost:
-                    lost = True
-                    self._lost(first_line(e))
+                self._lost(first_line(e))
                 self._stopping.wait(backoff.next())
                 continue
             backoff.reset()
-            if lost:
-                lost = False
-                self.reactor.callFromThread(self.availability.back, "listener")
+            self.reactor.callFromThread(self.availability.back, "listener")
             self.reactor.callFromThread(self.on_reconnect)
             try:
                 while not self._stopping.is_set():
@@ -81,7 +77,6 @@ class Listener:
                         self.reactor.callFromThread(self.on_notify, notify.payload)
             except Exception as e:
                 if not self._stopping.is_set():
-                    lost = True
                     self._lost(first_line(e))
             finally:
                 with contextlib.suppress(Exception):
