@@ -53,8 +53,8 @@ class ServiceProtocol(wire.QuietAMP):
         self.peer = None
         bounds = gate.limits if gate is not None else limits.Limits()
         self.pre_login_bytes = bounds.pre_login_bytes
-        max_payload = getattr(service, "max_payload", None) or default_max_payload()
-        self.max_box = max_payload + limits.BOX_FRAMING
+        self.max_payload = getattr(service, "max_payload", None) or default_max_payload()
+        self.max_box = self.max_payload + limits.BOX_FRAMING
         self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
@@ -125,13 +125,13 @@ class ServiceProtocol(wire.QuietAMP):
             "{payload} plus framing): refused, disconnected",
             command=command,
             limit=self.max_box,
-            payload=self.max_box - limits.BOX_FRAMING,
+            payload=self.max_payload,
         )
         self._answer_error(
             ask,
             wire.ERRORS[PayloadTooLarge],
             f"the {command} is larger than the job service takes in one message "
-            f"({self.max_box} bytes: its limit of {self.max_box - limits.BOX_FRAMING} bytes "
+            f"({self.max_box} bytes: its limit of {self.max_payload} bytes "
             f"(--max-job-payload) plus framing); the connection is closed",
         )
         # Drop the rest of the box as it comes, so that the client reads the answer; then close.
