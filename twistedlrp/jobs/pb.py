@@ -63,15 +63,15 @@ class LoginRefused(error.UnauthorizedLogin, pb.Error):
     """The secret was wrong (a C{pb.Error}, which PB does not log as a traceback)."""
 
 
-# Most specific first: the first class that matches wins.
-_ERRORS = [
-    (errors.NotRegistered, NotRegisteredError),
-    (errors.UnknownJob, UnknownJobError),
-    (errors.InvalidArguments, InvalidArgumentsError),
-    (errors.PayloadTooLarge, PayloadTooLargeError),
-    (errors.JobServiceUnavailable, ServiceUnavailableError),
-    (errors.JobError, JobServiceError),
-]
+# Most specific first: Failure.trap returns the first class that matches.
+_ERRORS = {
+    errors.NotRegistered: NotRegisteredError,
+    errors.UnknownJob: UnknownJobError,
+    errors.InvalidArguments: InvalidArgumentsError,
+    errors.PayloadTooLarge: PayloadTooLargeError,
+    errors.JobServiceUnavailable: ServiceUnavailableError,
+    errors.JobError: JobServiceError,
+}
 
 
 class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
@@ -283,10 +283,8 @@ class JobsAvatar(pb.Avatar):
 
     def _call(self, name: str, arguments: dict) -> defer.Deferred:
         def translate(failure):
-            for ours, theirs in _ERRORS:
-                if failure.check(ours):
-                    raise theirs(failure.getErrorMessage())
-            return failure
+            # Every failure is a JobError here (limits.guarded).
+            raise _ERRORS[failure.trap(*_ERRORS)](failure.getErrorMessage())
 
         fn = _submit if name == "submit" else wire.OPERATIONS[name].call
         d = limits.guarded(log, name, fn, self.service, arguments, what="PB job service")

@@ -259,6 +259,5 @@ def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
             why = f"the job node {job.node or '(none)'} it was running on is not alive"
         state, reason = _died(job, why)
         ended.append({"id": str(job.id), "state": state, "node": job.node, "reason": reason})
-    if dead:
-        Node.objects.filter(name__in=[n.name for n in dead], heartbeat_at__lt=cutoff).delete()
+    Node.objects.filter(name__in=list(ages), heartbeat_at__lt=cutoff).delete()
     return {"nodes": sorted(ages.items()), "jobs": ended}

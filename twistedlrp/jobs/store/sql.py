@@ -191,11 +191,8 @@ def statements() -> Statements:
 
 def holds_nul(value) -> bool:
     """@return: whether a JSON value holds a NUL character (which jsonb refuses)."""
-    if value is None:
-        return False
-    text = json.dumps(value)
     # Fast and usually final; an escaped backslash before "u0000" is no NUL.
-    return "\\u0000" in text and _nul_in(value)
+    return "\\u0000" in json.dumps(value) and _nul_in(value)
 
 
 def _nul_in(value) -> bool:
