@@ -258,10 +258,9 @@ class GroupCommitThread:
 
     def _transaction(self, ops: list[_Op], coalesced: dict | None, atomic: bool = True) -> tuple:
         """
-        @return: how running C{ops} (and writing C{coalesced}) in one transaction (or
-            outside any: not C{atomic}) went:
-            C{("ok" or "doubt" (broke while committing), xid, [result of each])},
-            C{("error", None, failure)} or C{("lost", None, None)}.
+        @return: how running C{ops} (and writing C{coalesced}) in one transaction (none if
+            not C{atomic}) went: C{("ok" or "doubt" (broke while committing), xid, [result
+            of each])}, C{("error", None, failure)} or C{("lost", None, None)}.
         """
         from django.db import connection, transaction
 
