@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,9 +170,9 @@ class Gate:
         self.limits = limits
         self.refusals = RefusalLog(clock, log or Logger())
         # protocol -> its pending login, longest waiting first
-        self._waiting: OrderedDict[object, _Pending] = OrderedDict()
+        self._waiting: dict[object, _Pending] = {}
         # peer address key -> its protocols waiting, longest waiting first
-        self._by_peer: dict[str, OrderedDict[object, None]] = {}
+        self._by_peer: dict[str, dict[object, None]] = {}
         self.evictions = 0
 
     @property
@@ -208,7 +207,7 @@ class Gate:
             )
         deadline = self.clock.callLater(self.limits.login_timeout, expired)
         self._waiting[protocol] = _Pending(key, address, deadline)
-        self._by_peer.setdefault(key, OrderedDict())[protocol] = None
+        self._by_peer.setdefault(key, {})[protocol] = None
 
     def leave(self, protocol) -> None:
         """C{protocol} logged in, or its connection is lost (or evicted)."""
