@@ -158,7 +158,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
             self.transport.loseConnection()
 
     def _login_expired(self) -> None:
-        if self.authenticated or self._refused:
+        if self._refused:
             return
         self.warn(
             "login-timeout",

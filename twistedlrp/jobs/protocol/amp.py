@@ -154,8 +154,7 @@ class ServiceProtocol(wire.QuietAMP):
             self.transport.loseConnection()
 
     def _login_expired(self) -> None:
-        if self.authenticated or self.transport is None:
-            return
+        # The gate cancels this call when the client logs in or its connection is lost.
         self._warn(
             "login-timeout",
             "Job client {peer} did not log in within {timeout:g} s: disconnected",
