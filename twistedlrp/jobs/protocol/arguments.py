@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
@@ -142,14 +143,10 @@ def canonical_job_id(value, field: str = "job_id") -> str:
 
 def _as_uuid(value) -> str | None:
     """@return: C{value} in the canonical form of a UUID (lower-case, hyphenated), or C{None}."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if not isinstance(value, str) or len(value) > _JOB_ID_LENGTH:
-        return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return None
+    if isinstance(value, str) and len(value) <= _JOB_ID_LENGTH:
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(value))
+    return str(value) if isinstance(value, uuid.UUID) else None
 
 
 def check_duration(field: str, value) -> float:
