@@ -78,10 +78,9 @@ def _number(field: str, value, fits, expected: str) -> float:
     """@return: C{value}, a finite number that C{fits}, as a float. @raise InvalidArguments."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArguments(f"{field}: expected a number, got {shown(value)}")
-    try:
+    number = math.inf
+    with contextlib.suppress(OverflowError):
         number = float(value)
-    except OverflowError:
-        number = math.inf
     if not math.isfinite(number):
         raise InvalidArguments(f"{field}: must be a finite number, got {shown(value)}")
     if not fits(number):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -42,10 +43,9 @@ class BigBytes(amp.Argument):
         raw = strings.pop(name, None)
         if raw is None:
             raise KeyError(name)
-        try:
+        count = 0
+        with contextlib.suppress(ValueError):
             count = int(raw) if len(raw) <= 10 else 0
-        except ValueError:
-            count = 0
         if not 0 < count <= MAX_CHUNKS:
             raise ValueError(f"expected a count of pieces from 1 to {MAX_CHUNKS}, got {raw[:20]!r}")
         pieces = []
