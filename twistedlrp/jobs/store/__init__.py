@@ -141,7 +141,8 @@ def _begin_batch() -> None:
     if connection.vendor == "sqlite":
         connection.ensure_connection()
         if fresh:
-            # Per connection, not per database file (WAL mode is kept in the file).
+            # Per connection, not per database file (WAL mode is kept in the file):
+            # durable against process crashes; a power loss may lose the last commits.
             with connection.cursor() as cursor:
                 cursor.execute("PRAGMA synchronous=NORMAL")
         # Wait for locks held by job code in workers instead of failing.

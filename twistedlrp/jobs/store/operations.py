@@ -80,8 +80,6 @@ def prepare():
     if connection.vendor == "sqlite":
         with connection.cursor() as cursor:
             cursor.execute("PRAGMA journal_mode=WAL")
-            # Durable against process crashes; a power loss may lose the last commits.
-            cursor.execute("PRAGMA synchronous=NORMAL")
     return None
 
 
