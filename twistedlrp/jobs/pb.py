@@ -114,11 +114,11 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
         if self._refused:
             return
         self._received += len(chunk)
-        if not self.authenticated and self._received > self.gate.limits.pre_login_bytes:
+        if not self.authenticated and self._received > limits.PRE_LOGIN_BYTES:
             self.warn(
                 "pre-login-size",
                 "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=self.gate.limits.pre_login_bytes,
+                limit=limits.PRE_LOGIN_BYTES,
             )
             return self._close()
         if self.authenticated and self._received > self.max_message:

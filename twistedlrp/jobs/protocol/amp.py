@@ -51,8 +51,6 @@ class ServiceProtocol(wire.QuietAMP):
         self.nonce: bytes | None = None
         self.gate = gate
         self.peer = None
-        bounds = gate.limits if gate is not None else limits.Limits()
-        self.pre_login_bytes = bounds.pre_login_bytes
         self.max_payload = getattr(service, "max_payload", None) or default_max_payload()
         self.max_box = self.max_payload + limits.BOX_FRAMING
         self.reader = BoxReader(amp.AmpBox)
@@ -88,7 +86,7 @@ class ServiceProtocol(wire.QuietAMP):
                         self._close()  # the end of the refused box
                     return
                 # Before Login, the limit is of all boxes together.
-                before = self.pre_login_bytes - (reader.consumed - reader.size)
+                before = limits.PRE_LOGIN_BYTES - (reader.consumed - reader.size)
                 box = reader.next_box(self.max_box if self.authenticated else before)
             except BoxTooLarge:
                 self._too_large()
@@ -109,13 +107,13 @@ class ServiceProtocol(wire.QuietAMP):
             self._warn(
                 "pre-login-size",
                 "Job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=self.pre_login_bytes,
+                limit=limits.PRE_LOGIN_BYTES,
             )
             self._answer_error(
                 ask,
                 wire.FATAL_ERRORS[AuthenticationFailed],
                 f"this job service requires Login (challenge-response with the shared secret) "
-                f"first, and takes at most {self.pre_login_bytes} bytes before it",
+                f"first, and takes at most {limits.PRE_LOGIN_BYTES} bytes before it",
             )
             self._close()
             return

@@ -35,7 +35,6 @@ class Limits:
     """The limits of one listener (the module's constants by default)."""
 
     login_timeout: float = LOGIN_TIMEOUT
-    pre_login_bytes: int = PRE_LOGIN_BYTES
     # Connections that may wait to log in at once, in all and from one peer (see Gate).
     max_unauthenticated: int = 64
     max_unauthenticated_per_peer: int = 8
