@@ -127,13 +127,13 @@ def check_job_id(value) -> str | None:
     return job_id
 
 
-def canonical_job_id(value, field: str = "job_id") -> str:
+def canonical_job_id(value) -> str:
     """
     @return: the job id C{value} (a string or a C{uuid.UUID}) in its canonical form.
     @raise UnknownJob: a string but not a UUID. @raise InvalidArguments: not a string.
     """
     if not isinstance(value, str | uuid.UUID):
-        raise InvalidArguments(f"{field}: expected a job id (a UUID), got {shown(value)}")
+        raise InvalidArguments(f"job_id: expected a job id (a UUID), got {shown(value)}")
     job_id = _as_uuid(value)
     if job_id is None:
         raise UnknownJob(f"no job has the id {shown(value)} (a job id is a UUID)")

@@ -10,9 +10,7 @@ from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, RUNNING
 from twistedlrp.jobs.store.operations import notify_nodes, now, queue_of
 
 
-def recover(
-    node: str = "", queues: list[str] | None = None, shared: bool = False
-) -> tuple[list[dict], list[str]]:
+def recover(node: str, queues: list[str] | None, shared: bool) -> tuple[list[dict], list[str]]:
     """
     End the jobs a dead server left C{running} (if C{shared}, this node's
     only). @return: C{(queued, failed)}: unless C{shared}, the queued jobs
@@ -178,9 +176,7 @@ def register_node(
     _enter(name, host, pid, queues, stamp)
 
 
-def heartbeat(
-    name: str, host: str, pid: int, queues: list[str] | None, fenced=None, why: str = ""
-) -> dict:
+def heartbeat(name: str, host: str, pid: int, queues: list[str] | None, fenced, why: str) -> dict:
     """
     Renew this node's lease; the C{fenced} jobs (stopped when it could not)
     still running on it end because C{why}. @return: C{{"held", "ended"}}.
