@@ -44,9 +44,7 @@ class Store(GroupCommitThread):
     a writer's lock) and, with several job nodes, a L{lease} thread no batch delays.
     """
 
-    def __init__(
-        self, reactor, lease_interval: float | None = None, idle_limit: float = SESSION_LIMIT
-    ):
+    def __init__(self, reactor, lease_interval: float | None, idle_limit: float):
         def tuned(connect_timeout=CONNECT_TIMEOUT, user_timeout=USER_TIMEOUT):
             return lambda: tune_connection(connect_timeout, user_timeout, idle_limit)
 
@@ -93,9 +91,7 @@ class Store(GroupCommitThread):
         return self.run_alone(operations.prepare, within=within)
 
 
-def tune_connection(
-    connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
-) -> None:
+def tune_connection(connect_timeout: int, user_timeout: float, idle_limit: float) -> None:
     """On PostgreSQL, give this thread's next connection the timeouts and keepalives above."""
     from django.db import connection
 

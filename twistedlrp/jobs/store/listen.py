@@ -40,9 +40,9 @@ class Listener:
         import psycopg
         from django.db import connections
 
-        from twistedlrp.jobs.store import CONNECT_TIMEOUT, USER_TIMEOUT, tune_connection
+        from twistedlrp.jobs import store
 
-        tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT)
+        store.tune_connection(store.CONNECT_TIMEOUT, store.USER_TIMEOUT, store.SESSION_LIMIT)
         params = dict(connections["default"].get_connection_params())
         for name in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(name, None)
