@@ -53,9 +53,8 @@ def describe_peer(address) -> str:
 @dataclass
 class _Burst:
     logged_at: float
-    left_out: int = 0
+    left_out: int = 0  # from the first, a call to _summarize waits
     last: tuple = ()  # what the last line left out would have said
-    summary: object = None  # the IDelayedCall that logs the count of those left out
 
 
 class _Throttle:
@@ -83,14 +82,14 @@ class _Throttle:
             return False
         state.left_out += 1
         state.last = last
-        if state.summary is None:
+        if state.left_out == 1:
             delay = max(state.logged_at + self.interval - now, 0)
-            state.summary = self.clock.callLater(delay, self._summarize, state)
+            self.clock.callLater(delay, self._summarize, state)
         return True
 
     def _summarize(self, state: _Burst) -> None:
         self._summary(state)
-        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+        state.logged_at, state.left_out = self.clock.seconds(), 0
 
 
 class RefusalLog(_Throttle):
