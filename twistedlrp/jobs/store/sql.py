@@ -79,8 +79,7 @@ class Statements:
         if kind == "UUIDField":
             return lambda value: value.hex if isinstance(value, uuid.UUID) else generic(value)
         if kind == "JSONField":
-            encoder = field.encoder
-            return lambda value: json.dumps(value, cls=encoder)
+            return functools.partial(json.dumps, cls=field.encoder)
         if kind == "DateTimeField" and settings.USE_TZ and connection.timezone_name == "UTC":
             # A naive datetime means the current time zone to Django: its path.
             return lambda value: (
