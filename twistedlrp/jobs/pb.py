@@ -1,5 +1,6 @@
 """
-The job service's Perspective Broker front end (docs/protocol.md). From Twisted::
+The job service's Perspective Broker front end (docs/protocol.md): what a
+client sends bounded as it arrives, bad calls refused quietly. From Twisted::
 
     factory = pb.PBClientFactory()
     reactor.connectTCP(host, port, factory)
@@ -9,6 +10,7 @@ The job service's Perspective Broker front end (docs/protocol.md). From Twisted:
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from twisted.cred import checkers, credentials, error, portal
@@ -18,11 +20,11 @@ from twisted.logger import Logger
 from twisted.spread import banana, pb
 from zope.interface import implementer
 
+from twistedlrp import compat
 from twistedlrp.jobs import errors
 from twistedlrp.jobs.client.calls import encode_payload
 from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.jobs.protocol.arguments import default_max_payload, shown, shown_error
-from twistedlrp.jobs.protocol.pb_guard import GuardedBroker, GuardedPBServerFactory
 from twistedlrp.ordered_service import StartupFailed
 
 log = Logger()
@@ -61,15 +63,156 @@ class LoginRefused(error.UnauthorizedLogin, pb.Error):
     """The secret was wrong (a C{pb.Error}, which PB does not log as a traceback)."""
 
 
-# Most specific first: the first class that matches wins.
-_ERRORS = [
-    (errors.NotRegistered, NotRegisteredError),
-    (errors.UnknownJob, UnknownJobError),
-    (errors.InvalidArguments, InvalidArgumentsError),
-    (errors.PayloadTooLarge, PayloadTooLargeError),
-    (errors.JobServiceUnavailable, ServiceUnavailableError),
-    (errors.JobError, JobServiceError),
-]
+# Most specific first: Failure.trap returns the first class that matches.
+_ERRORS = {
+    errors.NotRegistered: NotRegisteredError,
+    errors.UnknownJob: UnknownJobError,
+    errors.InvalidArguments: InvalidArgumentsError,
+    errors.PayloadTooLarge: PayloadTooLargeError,
+    errors.JobServiceUnavailable: ServiceUnavailableError,
+    errors.JobError: JobServiceError,
+}
+
+
+class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
+    """
+    A PB server connection that bounds what the client sends before Banana buffers
+    it; beyond, it closes (PB cannot answer what it has not decoded).
+    """
+
+    def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate
+        self.max_message = max_message
+        self.authenticated = False
+        self._received = 0  # before login: all bytes so far; after: those of this message
+        self._expression_ended = False
+        self._refused = False
+        self._peer = "?"
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self._peer = limits.describe_peer(peer)
+        self.gate.enter(self, peer, self._login_expired)
+        super().connectionMade()
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one."""
+        self._refused = True
+
+    def connectionLost(self, reason):
+        self.gate.leave(self)
+        super().connectionLost(reason)
+
+    def logged_in(self) -> None:
+        if not self.authenticated:
+            self.authenticated = True
+            self._received = 0
+            self.gate.leave(self)
+
+    def dataReceived(self, chunk):
+        if self._refused:
+            return
+        self._received += len(chunk)
+        if not self.authenticated and self._received > limits.PRE_LOGIN_BYTES:
+            self.warn(
+                "pre-login-size",
+                "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
+                limit=limits.PRE_LOGIN_BYTES,
+            )
+            return self._close()
+        if self.authenticated and self._received > self.max_message:
+            self.warn(
+                "message-size",
+                "PB job client {peer} sent a message of more than {limit} bytes (twice "
+                "--max-job-payload plus framing): disconnected",
+                limit=self.max_message,
+            )
+            return self._close()
+        self._expression_ended = False
+        try:
+            super().dataReceived(chunk)
+        except Exception as e:
+            # What Banana or PB cannot read (PB would log a traceback each time).
+            self.warn(
+                "unreadable",
+                "PB job client {peer} sent what Perspective Broker cannot read ({error}): "
+                "disconnected",
+                error=shown_error(e),
+            )
+            return self._close()
+        if self._expression_ended and self.authenticated:
+            # What follows a message's end in this chunk starts the next one.
+            self._received = len(chunk) if self.listStack else len(self.buffer)
+
+    def expressionReceived(self, sexp):
+        self._expression_ended = True
+        return super().expressionReceived(sexp)
+
+    def call_target(self, target):
+        return _Refusing(target)
+
+    def _close(self) -> None:
+        self._refused = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_expired(self) -> None:
+        if self._refused:
+            return
+        self.warn(
+            "login-timeout",
+            "PB job client {peer} did not log in within {timeout:g} s: disconnected",
+            timeout=self.gate.limits.login_timeout,
+        )
+        self._close()
+
+    def warn(self, kind: str, format: str, **kwargs) -> None:
+        """A rate-limited warning (per listener and kind) about this client."""
+        self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
+
+
+class _Refusing:
+    """What a PB client calls: a call that cannot start is refused, without PB's traceback."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def remoteMessageReceived(self, broker, message, args, kw):
+        try:
+            return self.target.remoteMessageReceived(broker, message, args, kw)
+        except pb.Error:
+            raise
+        except pb.NoSuchMethod:
+            # Before login: only the login's methods are there.
+            broker.warn(
+                "before-login",
+                "PB job client {peer} called {message} before logging in: refused",
+                message=shown(message),
+            )
+            raise JobServiceError(
+                f"{shown(message)}: no such method before login (the job service's operations "
+                f"are its avatar's, which a login gives)"
+            ) from None
+        except Exception as e:
+            broker.warn(
+                "unreadable-call",
+                "PB job client {peer} made a call that cannot be made ({message}: {error}): "
+                "refused",
+                message=shown(message),
+                error=shown_error(e),
+            )
+            raise InvalidArgumentsError(
+                f"{shown(message)}: the call cannot be made ({shown_error(e)})"
+            ) from None
+
+
+class GuardedPBServerFactory(pb.PBServerFactory):
+    noisy = False
+
+    def __init__(self, root, gate: limits.Gate, max_message: int):
+        super().__init__(root)
+        self.protocol = functools.partial(GuardedBroker, gate, max_message)
 
 
 @implementer(checkers.ICredentialsChecker)
@@ -105,8 +248,7 @@ class JobsRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if pb.IPerspective not in interfaces:
             raise NotImplementedError("the job service only offers pb.IPerspective")
-        name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
-        return pb.IPerspective, JobsAvatar(self.service, name), lambda: None
+        return pb.IPerspective, JobsAvatar(self.service), lambda: None
 
 
 class JobsAvatar(pb.Avatar):
@@ -115,8 +257,8 @@ class JobsAvatar(pb.Avatar):
     C{kwargs}, not their JSON; C{list_jobs} answers the list).
     """
 
-    def __init__(self, service, name: str = "lrp"):
-        self.service, self.name = service, name
+    def __init__(self, service):
+        self.service = service
 
     def perspectiveMessageReceived(self, broker, message, args, kw):
         # A call that cannot be made is refused saying why (PB would log a traceback).
@@ -141,10 +283,8 @@ class JobsAvatar(pb.Avatar):
 
     def _call(self, name: str, arguments: dict) -> defer.Deferred:
         def translate(failure):
-            for ours, theirs in _ERRORS:
-                if failure.check(ours):
-                    raise theirs(failure.getErrorMessage())
-            return failure
+            # Every failure is a JobError here (limits.guarded).
+            raise _ERRORS[failure.trap(*_ERRORS)](failure.getErrorMessage())
 
         fn = _submit if name == "submit" else wire.OPERATIONS[name].call
         d = limits.guarded(log, name, fn, self.service, arguments, what="PB job service")

@@ -51,10 +51,8 @@ class ServiceProtocol(wire.QuietAMP):
         self.nonce: bytes | None = None
         self.gate = gate
         self.peer = None
-        bounds = gate.limits if gate is not None else limits.Limits()
-        self.pre_login_bytes = bounds.pre_login_bytes
-        max_payload = getattr(service, "max_payload", None) or default_max_payload()
-        self.max_box = max_payload + limits.BOX_FRAMING
+        self.max_payload = getattr(service, "max_payload", None) or default_max_payload()
+        self.max_box = self.max_payload + limits.BOX_FRAMING
         self.reader = BoxReader(amp.AmpBox)
         self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
@@ -76,12 +74,6 @@ class ServiceProtocol(wire.QuietAMP):
         cancel_call(self._discard_deadline)
         super().connectionLost(reason)
 
-    def _limit(self) -> int:
-        """@return: the most bytes the box being read may take (before Login: all boxes)."""
-        if self.authenticated:
-            return self.max_box
-        return self.pre_login_bytes - (self.reader.consumed - self.reader.size)
-
     def dataReceived(self, data):
         reader = self.reader
         if self._refused:
@@ -93,7 +85,9 @@ class ServiceProtocol(wire.QuietAMP):
                     if reader.next_box(keep=False) is not None:
                         self._close()  # the end of the refused box
                     return
-                box = reader.next_box(self._limit())
+                # Before Login, the limit is of all boxes together.
+                before = limits.PRE_LOGIN_BYTES - (reader.consumed - reader.size)
+                box = reader.next_box(self.max_box if self.authenticated else before)
             except BoxTooLarge:
                 self._too_large()
                 continue
@@ -113,13 +107,13 @@ class ServiceProtocol(wire.QuietAMP):
             self._warn(
                 "pre-login-size",
                 "Job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=self.pre_login_bytes,
+                limit=limits.PRE_LOGIN_BYTES,
             )
             self._answer_error(
                 ask,
                 wire.FATAL_ERRORS[AuthenticationFailed],
                 f"this job service requires Login (challenge-response with the shared secret) "
-                f"first, and takes at most {self.pre_login_bytes} bytes before it",
+                f"first, and takes at most {limits.PRE_LOGIN_BYTES} bytes before it",
             )
             self._close()
             return
@@ -129,13 +123,13 @@ class ServiceProtocol(wire.QuietAMP):
             "{payload} plus framing): refused, disconnected",
             command=command,
             limit=self.max_box,
-            payload=self.max_box - limits.BOX_FRAMING,
+            payload=self.max_payload,
         )
         self._answer_error(
             ask,
             wire.ERRORS[PayloadTooLarge],
             f"the {command} is larger than the job service takes in one message "
-            f"({self.max_box} bytes: its limit of {self.max_box - limits.BOX_FRAMING} bytes "
+            f"({self.max_box} bytes: its limit of {self.max_payload} bytes "
             f"(--max-job-payload) plus framing); the connection is closed",
         )
         # Drop the rest of the box as it comes, so that the client reads the answer; then close.
@@ -158,8 +152,7 @@ class ServiceProtocol(wire.QuietAMP):
             self.transport.loseConnection()
 
     def _login_expired(self) -> None:
-        if self.authenticated or self.transport is None:
-            return
+        # The gate cancels this call when the client logs in or its connection is lost.
         self._warn(
             "login-timeout",
             "Job client {peer} did not log in within {timeout:g} s: disconnected",

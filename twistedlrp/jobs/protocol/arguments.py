@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import uuid
@@ -73,15 +74,17 @@ def check_priority(value):
     return value
 
 
-def _number(field: str, value) -> float:
+def _number(field: str, value, fits, expected: str) -> float:
+    """@return: C{value}, a finite number that C{fits}, as a float. @raise InvalidArguments."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArguments(f"{field}: expected a number, got {shown(value)}")
-    try:
+    number = math.inf
+    with contextlib.suppress(OverflowError):
         number = float(value)
-    except OverflowError:
-        number = math.inf
     if not math.isfinite(number):
         raise InvalidArguments(f"{field}: must be a finite number, got {shown(value)}")
+    if not fits(number):
+        raise InvalidArguments(f"{field}: {expected}, got {shown(value)}")
     return number
 
 
@@ -89,25 +92,17 @@ def check_seconds(field: str, value) -> float | None:
     """A duration: C{None}, or more than 0 and at most L{MAX_SECONDS}."""
     if value is None:
         return None
-    seconds = _number(field, value)
-    if not 0 < seconds <= MAX_SECONDS:
-        raise InvalidArguments(
-            f"{field}: must be more than 0 and at most {MAX_SECONDS:g} seconds, got {shown(value)}"
-        )
-    return seconds
+    expected = f"must be more than 0 and at most {MAX_SECONDS:g} seconds"
+    return _number(field, value, lambda seconds: 0 < seconds <= MAX_SECONDS, expected)
 
 
 def check_run_after(value) -> float | None:
     """A Unix time a datetime column can hold (C{None}: now)."""
     if value is None:
         return None
-    when = _number("run_after", value)
     low, high = _RUN_AFTER_RANGE
-    if not low <= when < high:
-        raise InvalidArguments(
-            f"run_after: expected a Unix time between 1970 and 9999, got {shown(value)}"
-        )
-    return when
+    expected = "expected a Unix time between 1970 and 9999"
+    return _number("run_after", value, lambda when: low <= when < high, expected)
 
 
 def check_key(value) -> str | None:
@@ -132,13 +127,13 @@ def check_job_id(value) -> str | None:
     return job_id
 
 
-def canonical_job_id(value, field: str = "job_id") -> str:
+def canonical_job_id(value) -> str:
     """
     @return: the job id C{value} (a string or a C{uuid.UUID}) in its canonical form.
     @raise UnknownJob: a string but not a UUID. @raise InvalidArguments: not a string.
     """
     if not isinstance(value, str | uuid.UUID):
-        raise InvalidArguments(f"{field}: expected a job id (a UUID), got {shown(value)}")
+        raise InvalidArguments(f"job_id: expected a job id (a UUID), got {shown(value)}")
     job_id = _as_uuid(value)
     if job_id is None:
         raise UnknownJob(f"no job has the id {shown(value)} (a job id is a UUID)")
@@ -147,32 +142,21 @@ def canonical_job_id(value, field: str = "job_id") -> str:
 
 def _as_uuid(value) -> str | None:
     """@return: C{value} in the canonical form of a UUID (lower-case, hyphenated), or C{None}."""
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    if not isinstance(value, str) or len(value) > _JOB_ID_LENGTH:
-        return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return None
+    if isinstance(value, str) and len(value) <= _JOB_ID_LENGTH:
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(value))
+    return str(value) if isinstance(value, uuid.UUID) else None
 
 
 def check_duration(field: str, value) -> float:
     """A finite number of seconds, 0 or more."""
-    seconds = _number(field, value)
-    if seconds < 0:
-        raise InvalidArguments(f"{field}: must be 0 or more seconds, got {shown(value)}")
-    return seconds
+    return _number(field, value, lambda seconds: seconds >= 0, "must be 0 or more seconds")
 
 
 def check_wait_timeout(value) -> float:
     """The C{timeout} of a C{Wait}: 0 to L{MAX_WAIT_TIMEOUT} seconds."""
-    seconds = _number("timeout", value)
-    if not 0 <= seconds <= MAX_WAIT_TIMEOUT:
-        raise InvalidArguments(
-            f"timeout: a Wait waits from 0 to {MAX_WAIT_TIMEOUT:g} seconds, got {shown(value)}"
-        )
-    return seconds
+    expected = f"a Wait waits from 0 to {MAX_WAIT_TIMEOUT:g} seconds"
+    return _number("timeout", value, lambda seconds: 0 <= seconds <= MAX_WAIT_TIMEOUT, expected)
 
 
 def check_seen(value) -> str | None:

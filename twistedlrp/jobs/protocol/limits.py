@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +35,6 @@ class Limits:
     """The limits of one listener (the module's constants by default)."""
 
     login_timeout: float = LOGIN_TIMEOUT
-    pre_login_bytes: int = PRE_LOGIN_BYTES
     # Connections that may wait to log in at once, in all and from one peer (see Gate).
     max_unauthenticated: int = 64
     max_unauthenticated_per_peer: int = 8
@@ -55,9 +53,8 @@ def describe_peer(address) -> str:
 @dataclass
 class _Burst:
     logged_at: float
-    left_out: int = 0
+    left_out: int = 0  # from the first, a call to _summarize waits
     last: tuple = ()  # what the last line left out would have said
-    summary: object = None  # the IDelayedCall that logs the count of those left out
 
 
 class _Throttle:
@@ -76,8 +73,8 @@ class _Throttle:
             self._clock = reactor
         return self._clock
 
-    def _left_out(self, key, last: tuple, summarize) -> bool:
-        """@return: whether this line is left out (C{summarize(burst)} logs them at the end)."""
+    def _left_out(self, key, last: tuple) -> bool:
+        """@return: whether this line is left out (C{_summary(burst)} logs them at the end)."""
         now = self.clock.seconds()
         state = self._keys.get(key)
         if state is None or (now - state.logged_at >= self.interval and not state.left_out):
@@ -85,14 +82,14 @@ class _Throttle:
             return False
         state.left_out += 1
         state.last = last
-        if state.summary is None:
+        if state.left_out == 1:
             delay = max(state.logged_at + self.interval - now, 0)
-            state.summary = self.clock.callLater(delay, self._summarize, state, summarize)
+            self.clock.callLater(delay, self._summarize, state)
         return True
 
-    def _summarize(self, state: _Burst, summarize) -> None:
-        summarize(state)
-        state.logged_at, state.left_out, state.summary = self.clock.seconds(), 0, None
+    def _summarize(self, state: _Burst) -> None:
+        self._summary(state)
+        state.logged_at, state.left_out = self.clock.seconds(), 0
 
 
 class RefusalLog(_Throttle):
@@ -102,7 +99,7 @@ class RefusalLog(_Throttle):
 
     def warn(self, kind: str, format: str, **kwargs) -> None:
         """Log C{format} with C{kwargs} at WARNING, unless a refusal of C{kind} was just logged."""
-        if not self._left_out(kind, (format, kwargs), self._summary):
+        if not self._left_out(kind, (format, kwargs)):
             self.log.warn(format, **kwargs)
 
     def _summary(self, state: _Burst) -> None:
@@ -121,10 +118,9 @@ class FailureLog(_Throttle):
 
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
-        frames = getattr(failure, "frames", None)
-        place = "{}:{}".format(*frames[-1][1:3]) if frames else "?"  # the innermost frame's
+        place = "{}:{}".format(*failure.frames[-1][1:3]) if failure.frames else "?"  # innermost
         last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
-        if not self._left_out((log.namespace, op, failure.type, place), last, self._summary):
+        if not self._left_out((log.namespace, op, failure.type, place), last):
             log.failure(format, failure, op=op, **kwargs)
 
     def _summary(self, state: _Burst) -> None:
@@ -172,9 +168,9 @@ class Gate:
         self.limits = limits
         self.refusals = RefusalLog(clock, log or Logger())
         # protocol -> its pending login, longest waiting first
-        self._waiting: OrderedDict[object, _Pending] = OrderedDict()
+        self._waiting: dict[object, _Pending] = {}
         # peer address key -> its protocols waiting, longest waiting first
-        self._by_peer: dict[str, OrderedDict[object, None]] = {}
+        self._by_peer: dict[str, dict[object, None]] = {}
         self.evictions = 0
 
     @property
@@ -209,7 +205,7 @@ class Gate:
             )
         deadline = self.clock.callLater(self.limits.login_timeout, expired)
         self._waiting[protocol] = _Pending(key, address, deadline)
-        self._by_peer.setdefault(key, OrderedDict())[protocol] = None
+        self._by_peer.setdefault(key, {})[protocol] = None
 
     def leave(self, protocol) -> None:
         """C{protocol} logged in, or its connection is lost (or evicted)."""

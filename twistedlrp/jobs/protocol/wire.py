@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -30,28 +31,21 @@ def _python_name(name: bytes) -> str:
 
 
 class BigBytes(amp.Argument):
-    """Bytes of any size, split over several AMP keys (L{framing.put_big})."""
+    """Bytes of any size, split over several AMP keys (L{framing.put_big}); never optional."""
 
     def toBox(self, name, strings, objects, proto):
         value = objects.pop(_python_name(name), None)
         if value is None:
-            if self.optional:
-                return
             raise ValueError(f"missing value for {name!r}")
         put_big(strings, name, self.encode(value))
 
     def fromBox(self, name, strings, objects, proto):
-        key = _python_name(name)
         raw = strings.pop(name, None)
         if raw is None:
-            if self.optional:
-                objects[key] = None
-                return
             raise KeyError(name)
-        try:
+        count = 0
+        with contextlib.suppress(ValueError):
             count = int(raw) if len(raw) <= 10 else 0
-        except ValueError:
-            count = 0
         if not 0 < count <= MAX_CHUNKS:
             raise ValueError(f"expected a count of pieces from 1 to {MAX_CHUNKS}, got {raw[:20]!r}")
         pieces = []
@@ -60,7 +54,7 @@ class BigBytes(amp.Argument):
             if piece is None:
                 raise ValueError(f"piece {i} of {count} is missing")
             pieces.append(piece)
-        objects[key] = self.decode(b"".join(pieces))
+        objects[_python_name(name)] = self.decode(b"".join(pieces))
 
     def encode(self, value) -> bytes:
         return value

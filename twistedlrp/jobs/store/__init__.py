@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from twisted.internet import defer
 
 from twistedlrp import compat
@@ -42,9 +44,7 @@ class Store(GroupCommitThread):
     a writer's lock) and, with several job nodes, a L{lease} thread no batch delays.
     """
 
-    def __init__(
-        self, reactor, lease_interval: float | None = None, idle_limit: float = SESSION_LIMIT
-    ):
+    def __init__(self, reactor, lease_interval: float | None, idle_limit: float):
         def tuned(connect_timeout=CONNECT_TIMEOUT, user_timeout=USER_TIMEOUT):
             return lambda: tune_connection(connect_timeout, user_timeout, idle_limit)
 
@@ -91,9 +91,7 @@ class Store(GroupCommitThread):
         return self.run_alone(operations.prepare, within=within)
 
 
-def tune_connection(
-    connect_timeout: int, user_timeout: float, idle_limit: float = SESSION_LIMIT
-) -> None:
+def tune_connection(connect_timeout: int, user_timeout: float, idle_limit: float) -> None:
     """On PostgreSQL, give this thread's next connection the timeouts and keepalives above."""
     from django.db import connection
 
@@ -116,18 +114,15 @@ def tune_connection(
 
 
 def _libpq_version() -> int:
-    try:
+    with contextlib.suppress(ImportError):
         import psycopg
 
         return psycopg.pq.version()
-    except ImportError:
-        pass
-    try:
+    with contextlib.suppress(ImportError, AttributeError):
         import psycopg2.extensions
 
         return psycopg2.extensions.libpq_version()
-    except (ImportError, AttributeError):
-        return 0
+    return 0
 
 
 def _begin_batch() -> None:
@@ -142,7 +137,8 @@ def _begin_batch() -> None:
     if connection.vendor == "sqlite":
         connection.ensure_connection()
         if fresh:
-            # Per connection, not per database file (WAL mode is kept in the file).
+            # Per connection, not per database file (WAL mode is kept in the file):
+            # durable against process crashes; a power loss may lose the last commits.
             with connection.cursor() as cursor:
                 cursor.execute("PRAGMA synchronous=NORMAL")
         # Wait for locks held by job code in workers instead of failing.

@@ -35,8 +35,6 @@ def take_announced(job_ids: list[str] | None = None) -> list[dict]:
                 valid.append(uuid.UUID(str(job_id)))
         notices = notices.filter(job__in=valid)
     taken = list(notices.values_list("job", flat=True)[:TAKE_ANNOUNCED])
-    if not taken:
-        return []
     Announcement.objects.filter(job__in=taken).delete()
     queued = Job.objects.filter(id__in=taken, state=QUEUED).order_by("created_at")
     rows = list(queued.values(*_TAKEN))

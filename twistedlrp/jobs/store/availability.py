@@ -25,7 +25,7 @@ class Availability:
         self.wait: float | None = None
         # source -> why it cannot reach the database now
         self._lost: dict[str, str] = {}
-        self.since: float | None = None
+        self.since = 0.0  # when the current outage began
         self.outages = 0
 
     @property
@@ -53,8 +53,7 @@ class Availability:
         """C{source} reaches the database (again)."""
         if self._lost.pop(source, None) is None or self._lost:
             return
-        took = self.reactor.seconds() - (self.since or self.reactor.seconds())
-        self.since = None
+        took = self.reactor.seconds() - self.since
         log.warn("The job store can be reached again, after {took:.1f} s", took=took)
 
 

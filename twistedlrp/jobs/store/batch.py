@@ -164,10 +164,14 @@ class GroupCommitThread:
                 batch = self._begin([op for op in pending if not op.alone])
                 pending = []
                 for i, op in enumerate(alone):
-                    if not self._run_alone(op):
+                    how, _, outcome = self._transaction([op], None, atomic=False)
+                    if how == "lost":
                         pending.extend(self._requeue(alone[i:] + batch))
                         batch = []
                         break
+                    failed = how == "error"
+                    done = [(op, outcome if failed else outcome[0], failed)]
+                    self.reactor.callFromThread(self._deliver, done)
                 if batch or (self._coalesced and not self._away):
                     self._run_batch(batch, pending, doubtful)
                 if stopping and not self._away and not pending and not doubtful:
@@ -209,22 +213,6 @@ class GroupCommitThread:
                     op.state = _QUEUED
         return list(ops)
 
-    def _run_alone(self, op: _Op) -> bool:
-        """@return: False if the database could not be reached (C{op} did not run)."""
-        from django.db import connection
-
-        raw = None
-        try:
-            self._begin_batch()
-            raw = connection.connection
-            outcome, failed = op.fn(*op.args), False
-        except Exception as e:
-            if self._lost(e, raw):
-                return False
-            outcome, failed = Failure(), True
-        self.reactor.callFromThread(self._deliver, [(op, outcome, failed)])
-        return True
-
     def _run_batch(self, ops: list[_Op], pending: list, doubtful: list) -> None:
         with self._coalesced_lock:
             coalesced, self._coalesced = self._coalesced, {}
@@ -251,7 +239,7 @@ class GroupCommitThread:
             if how == "doubt":
                 doubtful.append((xid, [op], results, None))
             elif how == "ok":
-                done.append((op, results[0][0], False))
+                done.append((op, results[0], False))
             else:
                 done.append((op, results, True))
         if coalesced:
@@ -268,21 +256,21 @@ class GroupCommitThread:
             self._count(len(done))
             self.reactor.callFromThread(self._deliver, done)
 
-    def _transaction(self, ops: list[_Op], coalesced: dict | None) -> tuple:
+    def _transaction(self, ops: list[_Op], coalesced: dict | None, atomic: bool = True) -> tuple:
         """
-        @return: how running C{ops} (and writing C{coalesced}) in one transaction went:
-            C{("ok" or "doubt" (broke while committing), xid, [(result, False)])},
-            C{("error", None, failure)} or C{("lost", None, None)}.
+        @return: how running C{ops} (and writing C{coalesced}) in one transaction (none if
+            not C{atomic}) went: C{("ok" or "doubt" (broke while committing), xid, [result
+            of each])}, C{("error", None, failure)} or C{("lost", None, None)}.
         """
         from django.db import connection, transaction
 
         body_done, xid, results, raw = False, None, None, None
         try:
             self._begin_batch()
-            with transaction.atomic():
+            with transaction.atomic() if atomic else contextlib.nullcontext():
                 raw = connection.connection
-                xid = transaction_id(connection)
-                results = [(op.fn(*op.args), False) for op in ops]
+                xid = transaction_id(connection) if atomic else None
+                results = [op.fn(*op.args) for op in ops]
                 if coalesced:
                     self._write_coalesced(coalesced)
                 body_done = True
@@ -324,7 +312,7 @@ class GroupCommitThread:
         self._count(len(ops))
         if ops:
             self.reactor.callFromThread(
-                self._deliver, [(op, r, f) for op, (r, f) in zip(ops, results, strict=True)]
+                self._deliver, [(op, r, False) for op, r in zip(ops, results, strict=True)]
             )
 
     def _count(self, n: int) -> None:

@@ -40,9 +40,9 @@ class Listener:
         import psycopg
         from django.db import connections
 
-        from twistedlrp.jobs.store import CONNECT_TIMEOUT, USER_TIMEOUT, tune_connection
+        from twistedlrp.jobs import store
 
-        tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT)
+        store.tune_connection(store.CONNECT_TIMEOUT, store.USER_TIMEOUT, store.SESSION_LIMIT)
         params = dict(connections["default"].get_connection_params())
         for name in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(name, None)
@@ -60,20 +60,16 @@ class Listener:
             )
             return
         backoff = Backoff(0.25, 1.0, jitter=0.1)
-        lost = False
+        # Availability keeps whether the listener is lost: it logs a loss, or a return, once.
         while not self._stopping.is_set():
             try:
                 connection = self._connect()
             except Exception as e:
-                if not lost:
-                    lost = True
-                    self._lost(first_line(e))
+                self._lost(first_line(e))
                 self._stopping.wait(backoff.next())
                 continue
             backoff.reset()
-            if lost:
-                lost = False
-                self.reactor.callFromThread(self.availability.back, "listener")
+            self.reactor.callFromThread(self.availability.back, "listener")
             self.reactor.callFromThread(self.on_reconnect)
             try:
                 while not self._stopping.is_set():
@@ -81,7 +77,6 @@ class Listener:
                         self.reactor.callFromThread(self.on_notify, notify.payload)
             except Exception as e:
                 if not self._stopping.is_set():
-                    lost = True
                     self._lost(first_line(e))
             finally:
                 with contextlib.suppress(Exception):

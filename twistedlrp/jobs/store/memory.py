@@ -11,7 +11,6 @@ from twisted.internet import defer
 from twistedlrp.jobs.errors import InvalidArguments, UnknownJob
 from twistedlrp.jobs.states import CANCELLED, FINISHED, QUEUED, RUNNING, UNFINISHED
 from twistedlrp.jobs.store import operations as ops
-from twistedlrp.jobs.store import recovery
 
 #: The jobs it remembers (the oldest are forgotten first).
 MAX_KEPT = 10_000
@@ -37,16 +36,12 @@ class MemoryStore:
         # Running for the dispatcher, not begun in their thread yet: shown queued.
         self.starting: set[str] = set()
         self.batches = self.operations = 0
-        done = (ops.create, ops.get, ops.claim, ops.finish, ops.mark_cancel, ops.list_jobs)
-        self._done = {
-            fn: getattr(self, fn.__name__) for fn in (*done, ops.counts, recovery.requeue)
-        }
 
     def run(self, operation, *args, within=None) -> defer.Deferred:
-        """@return: a Deferred, already fired, of C{operation}'s answer here."""
+        """@return: a Deferred, already fired, of the answer of this store's method of that name."""
         self.batches += 1
         self.operations += 1
-        return defer.maybeDeferred(self._done[operation], *args)
+        return defer.maybeDeferred(getattr(self, operation.__name__), *args)
 
     read = run
 

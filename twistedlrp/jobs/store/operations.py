@@ -80,8 +80,6 @@ def prepare():
     if connection.vendor == "sqlite":
         with connection.cursor() as cursor:
             cursor.execute("PRAGMA journal_mode=WAL")
-            # Durable against process crashes; a power loss may lose the last commits.
-            cursor.execute("PRAGMA synchronous=NORMAL")
     return None
 
 
@@ -101,10 +99,6 @@ def create(
     """
     sql = statements()
     key = fields.get("key")
-    if key and len(key) > sql.key_length:
-        raise InvalidArguments(
-            f"a job key has at most {sql.key_length} characters, this one has {len(key)}"
-        )
     if sql.nul_free and holds_nul([fields["args"], fields["kwargs"]]):
         raise InvalidArguments(
             f"the arguments of {fields['name']} contain a NUL character (\\u0000), "
@@ -113,18 +107,13 @@ def create(
     if sql.nul_free and key:
         key = sql.prep("key", key)
         fields = dict(fields, key=key)
-    if job_id is not None:
-        existing = sql.read(job_id)
-        if existing is not None:
-            if existing.name != fields["name"]:
-                raise InvalidArguments(
-                    f"id: {job_id} is the id of a job of another name ({existing.name})"
-                )
-            return False, job_dict(existing)
-    if key:
+    existing = sql.read(job_id) if job_id is not None else None
+    if existing is not None and existing.name != fields["name"]:
+        raise InvalidArguments(f"id: {job_id} is the id of a job of another name ({existing.name})")
+    if existing is None and key:
         existing = sql.read(key=key, state=UNFINISHED)
-        if existing is not None:
-            return False, job_dict(existing)
+    if existing is not None:
+        return False, job_dict(existing)
     if start is not None:
         new_id = uuid.UUID(start["id"])
         if start.get("lease") is not None:
@@ -199,9 +188,9 @@ def claim_next(
 
     sql = statements()
     c = sql.column
-    started = now()
+    when = sql.prep("started_at", now())
     mine = f" AND {c['queue']} = ANY(%s)" if queues is not None else ""
-    params: list = [QUEUED, sql.prep("run_after", started)] + ([list(queues)] if mine else [])
+    params: list = [QUEUED, when] + ([list(queues)] if mine else [])
     select = (
         f"SELECT {c['id']} FROM {sql.table} WHERE {c['state']} = %s AND ({c['run_after']} IS NULL "
         f"OR {c['run_after']} <= %s){mine} ORDER BY {c['priority']} DESC, {c['created_at']} "
@@ -209,9 +198,7 @@ def claim_next(
     )
     returned = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
     update = (
-        f"UPDATE {sql.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
-        f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s "
-        f"WHERE {c['id']} = %s RETURNING "
+        f"{sql.claim} RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
         f"{', '.join(c[name] for name in returned)}, {c['cancel_requested']}"
     )
@@ -220,7 +207,7 @@ def claim_next(
         cursor.execute(select, [*params, len(workers)])
         ids = [row[0] for row in cursor.fetchall()]
         for job_id, worker in zip(ids, workers, strict=False):
-            cursor.execute(update, [RUNNING, sql.prep("started_at", started), worker, node, job_id])
+            cursor.execute(update, [RUNNING, when, worker, node, job_id, QUEUED])
             payload, *values, cancel = cursor.fetchone()
             row = dict(zip(returned, values, strict=True), cancel_requested=cancel)
             claimed.append(dict(row, id=str(job_id), worker=worker, payload=payload.encode()))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, RUNNING
 from twistedlrp.jobs.store.operations import notify_nodes, now, queue_of
 
 
-def recover(
-    node: str = "", queues: list[str] | None = None, shared: bool = False
-) -> tuple[list[dict], list[str]]:
+def recover(node: str, queues: list[str] | None, shared: bool) -> tuple[list[dict], list[str]]:
     """
     End the jobs a dead server left C{running} (if C{shared}, this node's
     only). @return: C{(queued, failed)}: unless C{shared}, the queued jobs
@@ -38,15 +37,13 @@ def _end(job, error: str) -> str:
     """@return: the new state of a job C{running} with no worker, retried, failed or cancelled."""
     from twistedlrp.models import Job
 
-    running = Job.objects.filter(id=job.id, state=RUNNING)
-    if job.cancel_requested:
-        running.update(state=CANCELLED, finished_at=now(), error=error)
-        return CANCELLED
-    if job.attempts < job.max_attempts:
-        running.update(state=QUEUED, error=error + "; retried", worker="")
-        return QUEUED
-    running.update(state=FAILED, finished_at=now(), error=error)
-    return FAILED
+    if job.cancel_requested or job.attempts >= job.max_attempts:
+        state = CANCELLED if job.cancel_requested else FAILED
+        fields = {"finished_at": now(), "error": error}
+    else:
+        state, fields = QUEUED, {"error": error + "; retried", "worker": ""}
+    Job.objects.filter(id=job.id, state=RUNNING).update(state=state, **fields)
+    return state
 
 
 def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
@@ -126,17 +123,13 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         pass  # Another user's process: it exists.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            command = f.read()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # No /proc (not Linux), or it ended meanwhile: assume alive.
     # The state follows the command name in parentheses, which may hold spaces.
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    if state in (b"Z", b"X"):
-        return False
-    return b"python" in command or b"twistd" in command
+    state = stat[stat.rfind(b")") + 2 :][:1]
+    return state not in (b"Z", b"X") and (b"python" in command or b"twistd" in command)
 
 
 def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: datetime) -> None:
@@ -183,9 +176,7 @@ def register_node(
     _enter(name, host, pid, queues, stamp)
 
 
-def heartbeat(
-    name: str, host: str, pid: int, queues: list[str] | None, fenced=None, why: str = ""
-) -> dict:
+def heartbeat(name: str, host: str, pid: int, queues: list[str] | None, fenced, why: str) -> dict:
     """
     Renew this node's lease; the C{fenced} jobs (stopped when it could not)
     still running on it end because C{why}. @return: C{{"held", "ended"}}.
@@ -264,6 +255,5 @@ def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
             why = f"the job node {job.node or '(none)'} it was running on is not alive"
         state, reason = _died(job, why)
         ended.append({"id": str(job.id), "state": state, "node": job.node, "reason": reason})
-    if dead:
-        Node.objects.filter(name__in=[n.name for n in dead], heartbeat_at__lt=cutoff).delete()
+    Node.objects.filter(name__in=list(ages), heartbeat_at__lt=cutoff).delete()
     return {"nodes": sorted(ages.items()), "jobs": ended}

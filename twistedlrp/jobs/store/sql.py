@@ -48,7 +48,6 @@ class Statements:
         self.direct = connection.vendor == "sqlite"
         self._qmark: dict[str, str] = {}
         self._local = threading.local()
-        self.key_length = self.fields["key"].max_length
         self.insert_names = names = list(self.fields)
         self.insert = (
             f"INSERT INTO {self.table} ({', '.join(self.column[n] for n in names)}) "
@@ -80,8 +79,7 @@ class Statements:
         if kind == "UUIDField":
             return lambda value: value.hex if isinstance(value, uuid.UUID) else generic(value)
         if kind == "JSONField":
-            encoder = field.encoder
-            return lambda value: json.dumps(value, cls=encoder)
+            return functools.partial(json.dumps, cls=field.encoder)
         if kind == "DateTimeField" and settings.USE_TZ and connection.timezone_name == "UTC":
             # A naive datetime means the current time zone to Django: its path.
             return lambda value: (
@@ -192,11 +190,8 @@ def statements() -> Statements:
 
 def holds_nul(value) -> bool:
     """@return: whether a JSON value holds a NUL character (which jsonb refuses)."""
-    if value is None:
-        return False
-    text = json.dumps(value)
     # Fast and usually final; an escaped backslash before "u0000" is no NUL.
-    return "\\u0000" in text and _nul_in(value)
+    return "\\u0000" in json.dumps(value) and _nul_in(value)
 
 
 def _nul_in(value) -> bool:
