@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
@@ -164,14 +164,8 @@ class _Stream:
 
     def _pause(self, seconds: float) -> defer.Deferred:
         """@return: a Deferred firing after C{seconds}, or at once when the stream ends."""
-        self._sleep = d = defer.Deferred()
-        call = self.reactor.callLater(seconds, _fire, d)
-
-        def stop_timer(value):
-            cancel_call(call)
-            return value
-
-        return d.addBoth(stop_timer)
+        self._sleep = task.deferLater(self.reactor, seconds, lambda: None)
+        return self._sleep.addErrback(lambda failure: failure.trap(defer.CancelledError))
 
     def _event(self, name: str, data: dict) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
@@ -209,9 +203,8 @@ class _Stream:
         cancel_call(self._heartbeat)
         cancel_call(self._cut_call)
         self._heartbeat = self._cut_call = None
-        sleep, self._sleep = self._sleep, None
-        if sleep is not None:
-            _fire(sleep)
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     # IPushProducer: a client that stops reading is cut after --write-timeout.
     def pauseProducing(self) -> None:
@@ -239,8 +232,3 @@ class _Stream:
         transport = self.request.channel and self.request.channel.transport
         if transport is not None:
             transport.abortConnection()
-
-
-def _fire(d: defer.Deferred) -> None:
-    if not d.called:
-        d.callback(None)

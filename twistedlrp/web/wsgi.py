@@ -52,18 +52,6 @@ class _NoStreamSlot(Exception):
     """Every thread that may stream a response does (--stream-threads)."""
 
 
-# What every environ holds, copied per request (multiprocess: False, True).
-_BASE = {
-    multiprocess: {
-        "SCRIPT_NAME": "",
-        "wsgi.version": (1, 0),
-        "wsgi.errors": _ERRORS,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": multiprocess,
-        "wsgi.run_once": False,
-    }
-    for multiprocess in (False, True)
-}
 # The environ key of each request header name seen (None: dropped).
 _KEYS: dict[bytes, str | None] = {}
 
@@ -83,16 +71,23 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
     """@return: the PEP 3333 environ of C{request}, built in the reactor thread."""
     host = request.getHost()
     server_port = str(getattr(host, "port", "") or "")
-    environ = _BASE[multiprocess].copy()
-    environ["REQUEST_METHOD"] = request.method.decode("latin-1")
-    environ["PATH_INFO"] = unquote_to_bytes(request.path).decode("latin-1")
-    environ["QUERY_STRING"] = request.query.decode("latin-1")
-    environ["SERVER_NAME"] = getattr(host, "host", None) or "localhost"
-    environ["SERVER_PORT"] = server_port or ("443" if scheme == "https" else "80")
-    environ["SERVER_PROTOCOL"] = request.clientproto.decode("latin-1")
-    environ["REMOTE_ADDR"] = remote_addr
-    environ["wsgi.url_scheme"] = scheme
-    environ["wsgi.input"] = request.content
+    environ = {
+        "SCRIPT_NAME": "",
+        "REQUEST_METHOD": request.method.decode("latin-1"),
+        "PATH_INFO": unquote_to_bytes(request.path).decode("latin-1"),
+        "QUERY_STRING": request.query.decode("latin-1"),
+        "SERVER_NAME": getattr(host, "host", None) or "localhost",
+        "SERVER_PORT": server_port or ("443" if scheme == "https" else "80"),
+        "SERVER_PROTOCOL": request.clientproto.decode("latin-1"),
+        "REMOTE_ADDR": remote_addr,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.input": request.content,
+        "wsgi.errors": _ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": multiprocess,
+        "wsgi.run_once": False,
+    }
     for name, value in request.headers:
         key = _KEYS[name] if name in _KEYS else _key(name)
         if key is None:
@@ -192,12 +187,8 @@ class _WSGIResponse:
         if self.disconnected:
             return
         self._send_headers(status, headers)
-        code = request.code
-        if (
-            request.responseHeader(b"content-length") is None
-            and code not in (204, 304)
-            and code >= 200
-        ):
+        # Request drops it from a response without a body.
+        if request.responseHeader(b"content-length") is None:
             request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()

@@ -113,7 +113,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
 
     def _head_timed_out(self) -> None:
-        if self.awaiting_head and not self.closing:
+        if self.awaiting_head:
             if self._head_begun:
                 self.answer_and_close(
                     b"408 Request Timeout", b"Request head not received in time.\n"
@@ -218,11 +218,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         if self.closing or self.transport is None or self.transport.disconnecting:
             return
         request = self.request
-        under_way = request is not None and (request.startedWriting or request.rejected)
-        self._leave()
-        if not under_way:
+        if request is None or not (request.startedWriting or request.rejected):
             self.send(short_answer(status, body))
-        self._lose_within_seconds()
+        self._close_quietly()
 
     def _leave(self) -> None:
         self.closing = True
@@ -234,9 +232,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _close_quietly(self) -> None:
         self._leave()
-        self._lose_within_seconds()
-
-    def _lose_within_seconds(self) -> None:
         self._lose()
         if self._cut_call is None:
             self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.cut)
@@ -282,7 +277,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _drain_grace_over(self) -> None:
         self._drain_call = None
-        if self.awaiting_head and not self._head_begun and not self.closing:
+        if self.awaiting_head and not self._head_begun:
             self._close_quietly()
 
     def evict(self) -> None:
