@@ -171,14 +171,12 @@ class LRPSite(protocol.Factory):
 
     def _make_room(self) -> bool:
         """Cut the connection that has waited longest for a request head, if any."""
-        while self._awaiting:
-            channel, _ = self._awaiting.popitem(last=False)
-            if channel.closing or channel.transport is None:
-                continue
-            self._evicted.add(channel)
-            channel.evict()
-            return True
-        return False
+        if not self._awaiting:  # (a connection leaves it as it closes)
+            return False
+        channel, _ = self._awaiting.popitem(last=False)
+        self._evicted.add(channel)
+        channel.evict()
+        return True
 
     def _warn_full(self) -> None:
         now = self.reactor.seconds()
