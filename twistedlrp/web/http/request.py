@@ -236,7 +236,7 @@ class Request:
             if size < 65536:
                 channel.send(b"".join(pieces))
             else:
-                channel.send_pieces(pieces)
+                channel.send(*pieces)
         elif head:
             channel.send(head)
 

@@ -100,27 +100,13 @@ class WriteFlow:
         else:
             self._write_stalled()
 
-    def send(self, data: bytes) -> None:
-        """Write C{data} to the connection: at once if nothing waits before it."""
-        sock = self._direct
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except OSError:  # the transport meets the error again, and reports it
-                sent = 0
-            if sent == len(data):
-                return
-            self._direct = None
-            data = data[sent:]
-        self.transport.write(data)
-
-    def send_pieces(self, pieces) -> None:
-        """L{send} for pieces too large to be joined into one string."""
+    def send(self, *pieces: bytes) -> None:
+        """Write C{pieces} (not joined: each may be large) at once if nothing waits before them."""
         sock = self._direct
         if sock is not None:
             try:
                 sent = sock.sendmsg(pieces)
-            except OSError:
+            except OSError:  # the transport meets the error again, and reports it
                 sent = 0
             if sent == sum(map(len, pieces)):
                 return
