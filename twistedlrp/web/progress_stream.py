@@ -1,11 +1,8 @@
 """
 The live progress of one job as Server-Sent Events, answered by the reactor:
-C{GET /-/jobs/<id>/events?token=...} with the token the page's widget was
-given (L{twistedlrp.progress}). Each stream asks the job service with
-C{wait(seen=...)}, one call after another, at most every L{MIN_INTERVAL}
-seconds, and sends an C{event: progress} on each change until the job
-finishes. Heartbeats keep proxies from closing a quiet stream; beyond
-C{LRP_PROGRESS_MAX_STREAMS} per process, 503 (the widget polls instead).
+C{GET /-/jobs/<id>/events?token=...} (L{twistedlrp.progress}). Each stream asks
+the job service with C{wait(seen=...)} at most every L{MIN_INTERVAL} seconds
+and sends an C{event: progress} on each change until the job finishes.
 """
 
 from __future__ import annotations
@@ -85,7 +82,6 @@ class JobEvents:
         return NOT_DONE_YET
 
     def describe(self) -> dict:
-        """@return: the health endpoint's section."""
         return {"open": len(self.streams), "max": self.max_streams}
 
     def close_all(self) -> None:

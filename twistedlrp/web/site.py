@@ -1,7 +1,6 @@
 """
-The site (L{LRPSite}, the factory of the HTTP connections) and where each
-request goes (L{Router}). It caps the connections, decides which forwarded
-headers to trust, logs each response and drains at shut-down.
+The site (L{LRPSite}, the factory of the HTTP connections: it caps them, trusts
+forwarded headers or not, logs and drains) and where a request goes (L{Router}).
 """
 
 from __future__ import annotations
@@ -104,8 +103,6 @@ class Router:
 
 
 class LRPSite(protocol.Factory):
-    """The site of the server: see the module docstring."""
-
     protocol = HTTPConnection
     noisy = False
     metrics = None  # the HTTP metrics (web/metrics.py), if on

@@ -8,6 +8,7 @@ flow control, by at most C{--stream-threads} threads at once.
 
 from __future__ import annotations
 
+import io
 import threading
 from urllib.parse import unquote_to_bytes
 
@@ -25,20 +26,13 @@ _WAIT_SLICE = 5.0
 _QUEUED_BYTES = 64 * 1024
 
 
-class _ErrorStream:
+class _ErrorStream(io.TextIOBase):
     """C{wsgi.errors}: what the application writes there goes to the log."""
 
     def write(self, text):
         text = text.rstrip("\n") if isinstance(text, str) else repr(text)
         if text:
             log.error("{text}", text=text)
-
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
-    def flush(self):
-        pass
 
 
 _ERRORS = _ErrorStream()
