@@ -140,7 +140,6 @@ class MainChannel(service.Service):
         self.protocol: Channel | None = None
         self.workers: dict | None = None
         self._loop = task.LoopingCall(self.send_status)
-        self._closing = False
 
     def startService(self):
         super().startService()
@@ -180,7 +179,7 @@ class MainChannel(service.Service):
 
     def lost(self, reason=None) -> None:
         self.protocol = None
-        if self._closing:
+        if not self.running:  # stopped: the channel closes
             return
         log.warn("The main process is gone: stopping this web process")
         if self.server is not None:
@@ -208,7 +207,6 @@ class MainChannel(service.Service):
 
     def stopService(self):
         super().stopService()
-        self._closing = True
         if self._loop.running:
             self._loop.stop()
         if self.protocol is not None:

@@ -142,7 +142,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _await_head(self) -> None:
         self._state = _HEAD
-        self._head_begun = self._begun = False
+        self._head_begun = False
         self._head_bytes = 0
         self._tail = self._line = b""
         self.site.waiting_for_head(self)

@@ -96,7 +96,6 @@ class MessageReader:
 
     request: Request | None = None
     _state = _HEAD
-    _begun = False  # the parser began a message
     _complete = False  # the parser ended one
     _synthetic = False
     _paused = False
@@ -131,7 +130,7 @@ class MessageReader:
         """Feed the parser the next part of the message. @return: False to wait for more."""
         state, buffer = self._state, self._buffer
         if state == _HEAD or state == _TRAILERS:
-            if not self._begun and state == _HEAD:
+            if self._line == b"" and state == _HEAD:
                 # Empty lines before a request line (RFC 9112 section 2.2).
                 stripped = buffer.lstrip(b"\r\n")
                 self._head_bytes += len(buffer) - len(stripped)
@@ -239,7 +238,6 @@ class MessageReader:
         if self.request is not None:
             # The parser saw the end of a message before this protocol did.
             raise _bad(b"a message began inside another.")
-        self._begun = True
         self._arrived = time.monotonic()
         self._url = b""
         self._headers = []
