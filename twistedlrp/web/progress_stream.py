@@ -174,10 +174,7 @@ class _Stream:
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.reset(HEARTBEAT)
 
-    def _beat(self) -> None:
-        self._heartbeat = None
-        if self.done:
-            return
+    def _beat(self) -> None:  # (never after _end, which cancels it)
         self._write(b": keep-alive\n\n")
         self._heartbeat = self.reactor.callLater(HEARTBEAT, self._beat)
 
