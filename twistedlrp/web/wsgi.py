@@ -305,12 +305,10 @@ class _WSGIResponse:
                     break
                 if not isinstance(chunk, bytes):
                     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
-                if self._streaming:
-                    self._stream(chunk)
-                elif buffered or chunk:
+                if buffered and not self._streaming:
                     self._written.append(chunk)
-                    if not buffered:
-                        self._begin_stream()
+                elif chunk:
+                    self._legacy_write(chunk)
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
         except _NoStreamSlot:
