@@ -27,8 +27,7 @@ from twistedlrp.web.process_main import PREIMPORT, prepare, run_web
 log = Logger(namespace="twistedlrp.web")
 
 MODULE = "twistedlrp.web.process_main"
-# Set (to anything): exec each web process instead of forking it (to compare
-# memory, or for a site whose import-time state must not be shared).
+# Set: exec each web process (to compare memory, or for import-time state not to share).
 NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 
 
@@ -59,8 +58,7 @@ def _serve(server: ForkServer, sockets, lrp_args, options, application, output) 
         for fd, target in zip(output, (1, 2), strict=True):
             os.dup2(fd, target)
             os.close(fd)
-        # SIGTERM ends it until its reactor runs (then it drains);
-        # SIGINT stays ignored (a Ctrl-C is for the main process).
+        # SIGTERM ends it until its reactor runs (then it drains); SIGINT stays ignored.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if application is not None:
             compat.renew_forked_reactor()

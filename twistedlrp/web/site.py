@@ -222,9 +222,8 @@ class LRPSite(protocol.Factory):
             return client, scheme
         forwarded = b",".join(v for k, v in request.headers if k == b"x-forwarded-for")
         hops = [hop for hop in map(str.strip, forwarded.decode("latin-1").split(",")) if hop]
-        # Walk back from the nearest hop: the first that is not a trusted
-        # proxy is the client (earlier ones may be forged); at one that is
-        # not an IP address, the last trusted proxy did not know its client.
+        # From the nearest hop back, the first that is not a trusted proxy is the client
+        # (earlier ones may be forged); a hop not an IP address: the proxy did not know.
         for hop in reversed(hops):
             try:
                 address = str(ipaddress.ip_address(hop))

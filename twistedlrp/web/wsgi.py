@@ -51,8 +51,7 @@ _KEYS: dict[bytes, str | None] = {}
 
 
 def _key(name: bytes) -> str | None:
-    # A header spelled with "_" would collide with its "-" twin (and could
-    # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
+    # A name with "_" would collide with its "-" twin (a forged X_Forwarded_For): dropped.
     key = None if b"_" in name else name.decode("latin-1").upper().replace("-", "_")
     if key is not None and key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
         key = "HTTP_" + key

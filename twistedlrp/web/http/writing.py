@@ -51,11 +51,9 @@ class WriteFlow:
     _acked: int | None = None
     _flow_call = None
     _socket = None
-    # The connection's socket while nothing waits in the transport's buffer:
-    # then a response goes out at once, not on the reactor's next turn (Twisted
-    # writes later, twisted/twisted#5303), which saves a loop and two epoll_ctl
-    # calls per response. None under TLS, and from the first send the socket
-    # does not take whole: from then on the transport sends, in order.
+    # The socket, sent to at once (Twisted writes on the next turn, twisted/twisted#5303:
+    # a loop and two epoll_ctl calls per response); None under TLS, and from the first
+    # send the socket does not take whole (then the transport sends all, in order).
     _direct = None
 
     def _start_flow(self) -> None:
