@@ -344,9 +344,8 @@ class MessageReader:
         request.code = 413
         body = b"Request body too large.\n"
         request.sentLength = len(body)
-        if request.content is not None:
-            request.content.close()
-            request.content = None
+        request.content.close()  # (set with the head; never refused twice)
+        request.content = None
         self.send(short_answer(b"413 Content Too Large", body))
         self.site.log(request)
         self._linger_call = self.reactor.callLater(LINGER_SECONDS, self.cut)

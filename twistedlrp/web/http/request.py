@@ -183,7 +183,7 @@ class Request:
         connection = headers.get(b"connection")
         if connection is not None and b"close" in b",".join(connection[1]).lower():
             self.persistent = False
-        if channel.draining or channel.closing:
+        if channel.closing:  # (a drain made the request not persistent already)
             self.persistent = False
         if not self.persistent:
             headers[b"connection"] = (b"Connection", [b"close"])
