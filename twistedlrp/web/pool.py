@@ -50,9 +50,7 @@ class ThreadPool:
         return max(0, self._alive - self.busy)
 
     def start(self) -> None:
-        """Start the threads (call it after daemonising, never before)."""
-        if self.started:
-            return
+        """Start the threads (once, after daemonising, never before)."""
         self.started = True
         for number in range(self.size):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)

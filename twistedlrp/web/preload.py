@@ -104,10 +104,11 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         # A reactor imported but never run holds only a poller and a waker, which a fork replaces.
         reactor = sys.modules.get("twisted.internet.reactor")
         if reactor is not None:
-            holders = ", ".join(_reactor_holders())
+            holders = ", ".join(_reactor_holders(reactor))
             if not compat.reactor_renewable(reactor):
                 _exec_bare(
                     ours,
+                    output,
                     lrp_args,
                     "setting Django up imported twisted.internet.reactor"
                     + (f" (held by {holders})" if holders else "")
@@ -137,9 +138,9 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     return _serve(server, ours["sockets"], lrp_args, options, application, output)
 
 
-def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
+def _exec_bare(ours: dict, output, lrp_args: list[str], reason: str) -> None:
     """Become a template without Django (it only forks and execs web processes)."""
-    fds = [int(ours["control-fd"]), *map(int, ours["output-fds"].split(","))]
+    fds = [int(ours["control-fd"]), *output]
     args = ["--template", "--bare", f"--control-fd={fds[0]}", f"--output-fds={ours['output-fds']}"]
     _exec_self([*args, f"--reason={reason}"], fds, ours["sockets"], lrp_args)
 
@@ -153,9 +154,8 @@ def _exec_self(args: list[str], fds: list[int], sockets, lrp_args: list[str]) ->
     os.execv(sys.executable, [sys.executable, "-m", MODULE, *args, "--", *lrp_args])
 
 
-def _reactor_holders() -> list[str]:
-    """The site's modules (not Twisted's) that hold the reactor as a global."""
-    reactor = sys.modules.get("twisted.internet.reactor")
+def _reactor_holders(reactor) -> list[str]:
+    """The site's modules (not Twisted's) that hold C{reactor} as a global."""
     return sorted(
         name
         for name, module in list(sys.modules.items())
