@@ -203,10 +203,8 @@ class _WSGIResponse:
 
     def _finish_stream(self) -> None:
         self._request.streaming = False
-        if self.disconnected:
-            return
-        self._request.unregisterProducer()
-        self._request.finish()
+        if not self.disconnected:
+            self._request.finish()  # (which unregisters this producer)
 
     def _cut(self) -> None:
         transport = self._request.channel and self._request.channel.transport

@@ -201,11 +201,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             # Pipelined: its bytes are here already.
             self._head_begun = True
             self._time_head()
-            self._advance()
-        elif self._peer_done:
-            self._close_quietly()
         else:
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
+        self._advance()  # (which closes if the client sent all it will)
 
     def answer_and_close(self, status: bytes, body: bytes) -> None:
         """Answer C{status} with a short text C{body}, unless a response is under way, and close."""

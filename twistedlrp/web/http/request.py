@@ -250,8 +250,7 @@ class Request:
             channel.send(b"0\r\n\r\n")
         if self._left:
             self.persistent = False  # fewer bytes than Content-Length said
-        if self._producer is not None:
-            self.unregisterProducer()
+        self.unregisterProducer()
         self.finished = True
         channel.request_done(self)
         waiters, self._waiters = self._waiters, None
