@@ -138,7 +138,7 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
     return _serve(server, ours["sockets"], lrp_args, options, application, output)
 
 
-def _exec_bare(ours: dict, output, lrp_args: list[str], reason: str) -> None:
+def _exec_bare(ours: dict, output: tuple[int, ...], lrp_args: list[str], reason: str) -> None:
     """Become a template without Django (it only forks and execs web processes)."""
     fds = [int(ours["control-fd"]), *output]
     args = ["--template", "--bare", f"--control-fd={fds[0]}", f"--output-fds={ours['output-fds']}"]
