@@ -185,11 +185,8 @@ class WebProcesses(service.Service):
         ready = template is not None and template.was_ready
         delay = restart_delay(self.template_backoff, ran if ready else 0.0)
         failures = self.template_backoff.failures
-        details = {
-            "pid": template.pid if template is not None else None,
-            "how": how,
-            "output": (template.output() if template is not None else "") or "(none)",
-        }
+        pid, output = (template.pid, template.output()) if template is not None else (None, "")
+        details = {"pid": pid, "how": how, "output": output or "(none)"}
         if failures < MAX_TEMPLATE_FAILURES:
             log.error(
                 "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "
