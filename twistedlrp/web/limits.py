@@ -78,10 +78,8 @@ class Limits:
 
 class StreamSlots:
     """
-    How many pool threads may stream a response at once (C{--stream-threads}),
-    taken from the pool threads; beyond, a response is answered 503.
-
-    @ivar refused: responses answered 503 for want of a slot, so far.
+    The pool threads that may stream a response at once (C{--stream-threads}); beyond,
+    503. C{refused}: the responses answered 503 for want of a slot, so far.
     """
 
     def __init__(self, limit: int):
