@@ -63,7 +63,17 @@ class AccessLog:
         """Log the response to C{request}, finished now."""
         if not self.path:
             return
-        line = combined_line(_log_time(int(self.reactor.seconds())), request)
+        line = '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
+            request.client or "-",
+            _log_time(int(self.reactor.seconds())),
+            quote(request.method),
+            mask_tokens(quote(request.uri)),
+            quote(request.clientproto),
+            request.code,
+            request.sentLength or "-",
+            mask_tokens(quote(request.getHeader(b"referer") or "-")),
+            quote(request.getHeader(b"user-agent") or "-"),
+        )
         duration = time.monotonic() - request.arrived
         if self.with_duration:
             line += f" rt={duration:.3f}"
@@ -95,19 +105,3 @@ def quote(value: bytes | str | None) -> str:
 def mask_tokens(text: str) -> str:
     """@return: C{text} with the value of each C{token=} query parameter masked."""
     return _TOKEN.sub(r"\1[masked]", text) if "=" in text else text
-
-
-def combined_line(timestamp: str, request) -> str:
-    """@return: the combined-log-format line of a request finished at C{timestamp}."""
-    length = request.sentLength or "-"
-    return '{} - - {} "{} {} {}" {} {} "{}" "{}"'.format(
-        request.client or "-",
-        timestamp,
-        quote(request.method),
-        mask_tokens(quote(request.uri)),
-        quote(request.clientproto),
-        request.code,
-        length,
-        mask_tokens(quote(request.getHeader(b"referer") or "-")),
-        quote(request.getHeader(b"user-agent") or "-"),
-    )

@@ -1,7 +1,6 @@
 """
-The health endpoint, answered by the reactor: JSON, and 200 while the server
-runs, 503 while it starts or stops, or with C{"status": "degraded"} while a
-section it needs (the job service's, say) reports C{"healthy": false}.
+The health endpoint, answered by the reactor: JSON, 200 while the server runs,
+503 while it starts, stops, or is C{"degraded"} (a section says C{"healthy": false}).
 """
 
 from __future__ import annotations

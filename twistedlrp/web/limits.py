@@ -15,9 +15,8 @@ from twistedlrp.options import OPTIONS
 
 _DEFAULT = {option.name: option.default for option in OPTIONS}
 WRITE_TIMEOUT = _DEFAULT["write-timeout"]
-# Bytes the kernel may hold for a TCP client beyond what its window lets out
-# (TCP_NOTSENT_LOWAT; without it, megabytes): the write deadline starts soon
-# after a client stops reading, and a fast one is not slowed down.
+# Bytes the kernel may hold unsent for a TCP client (TCP_NOTSENT_LOWAT; else megabytes):
+# the write deadline starts soon after a client stops reading, a fast one not slowed.
 UNSENT_LOWAT = 128 * 1024
 # The default --max-connections is the soft open-file limit less what the
 # rest of the process may need: FD_RESERVE for sockets, logs, the reactor,
@@ -79,10 +78,8 @@ class Limits:
 
 class StreamSlots:
     """
-    How many pool threads may stream a response at once (C{--stream-threads}),
-    taken from the pool threads; beyond, a response is answered 503.
-
-    @ivar refused: responses answered 503 for want of a slot, so far.
+    The pool threads that may stream a response at once (C{--stream-threads}); beyond,
+    503. C{refused}: the responses answered 503 for want of a slot, so far.
     """
 
     def __init__(self, limit: int):

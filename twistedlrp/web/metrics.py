@@ -1,9 +1,6 @@
 """
-The metrics endpoint (C{--metrics-path}) and the HTTP side's metrics:
-requests by method and status class, their latency, and the thread pool's
-counts (docs/metrics.md). The endpoint answers only clients in
-C{--metrics-allow-ips} (the peer, or the client a trusted proxy forwarded);
-its own requests are not counted.
+The metrics endpoint (C{--metrics-path}, for C{--metrics-allow-ips} only) and
+the HTTP side's metrics (docs/metrics.md); the endpoint's requests are not counted.
 """
 
 from __future__ import annotations
@@ -130,7 +127,6 @@ class MetricsOnly:
         self._routes = routes
 
     def route(self, request):
-        """@return: the answer's body (see L{MetricsResource.render})."""
         found = self._routes.get(request.path)
         if found is not None:
             return found.render(request)

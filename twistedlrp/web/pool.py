@@ -1,7 +1,6 @@
 """
-The thread pool that runs the WSGI application. Unlike Twisted's, it bounds
-how many requests may wait for a thread (an overloaded server answers 503
-at once), counts busy, idle and waiting threads, runs a clean-up in each
+The thread pool that runs the WSGI application. Unlike Twisted's, it bounds the
+requests waiting for a thread (beyond, 503 at once), runs a clean-up in each
 thread as it exits, and stops without blocking the reactor.
 """
 
@@ -51,9 +50,7 @@ class ThreadPool:
         return max(0, self._alive - self.busy)
 
     def start(self) -> None:
-        """Start the threads (call it after daemonising, never before)."""
-        if self.started:
-            return
+        """Start the threads (once, after daemonising, never before)."""
         self.started = True
         for number in range(self.size):
             thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)
@@ -116,9 +113,8 @@ class ThreadPool:
 
 class Replies:
     """
-    The pool threads' calls into the reactor, in order, with one wake-up of
-    the reactor per batch (C{reactor.callFromThread} writes to the waker at
-    every call, a system call that also hands the GIL to another thread).
+    The pool threads' calls into the reactor, in order, one wake-up per batch
+    (each C{callFromThread} writes to the waker, and hands the GIL over).
     """
 
     def __init__(self, reactor):

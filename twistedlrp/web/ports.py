@@ -16,8 +16,6 @@ from twisted.internet.interfaces import IListeningPort
 
 from twistedlrp import compat
 
-__all__ = ["AdoptedUNIXPort", "adopt", "listen"]
-
 
 class AdoptedUNIXPort(compat.AdoptedUNIX, unix.Port):
     """A UNIX port on a socket another process bound: it keeps the socket's path and mode."""

@@ -1,12 +1,9 @@
 """
-The template of C{--web-workers N}: a process with Django set up and no
-running reactor, which forks each web process so that they share its warm
-memory copy on write (gunicorn's C{preload}). A reactor must not run in a
-process that forks: if setting Django up imported it, each fork gives it a
-new poller and waker; when that cannot be done, or with C{LRP_WEB_NO_PRELOAD}
-set, the template re-execs itself without Django (C{--bare}) and execs each
-web process instead. It ignores SIGINT and SIGTERM (the main process
-decides) and ends when its control socket closes, after its web processes.
+The template of C{--web-workers N}: Django set up, no running reactor, it forks
+each web process to share its warm memory (gunicorn's C{preload}). If setting
+Django up imported a reactor that a fork cannot renew, or with
+C{LRP_WEB_NO_PRELOAD} set, it re-execs itself without Django (C{--bare}) and
+execs each web process. It ends when its control socket closes.
 """
 
 from __future__ import annotations
@@ -30,34 +27,16 @@ from twistedlrp.web.process_main import PREIMPORT, prepare, run_web
 log = Logger(namespace="twistedlrp.web")
 
 MODULE = "twistedlrp.web.process_main"
-# Set (to anything): exec each web process instead of forking it (to compare
-# memory, or for a site whose import-time state must not be shared).
+# Set: exec each web process (to compare memory, or for import-time state not to share).
 NO_PRELOAD_VARIABLE = "LRP_WEB_NO_PRELOAD"
 
 
-class _Template:
-    """Forks a web process per request of the main process (execs it, without Django)."""
+def _serve(server: ForkServer, sockets, lrp_args, options, application, output) -> int:
+    """Fork a web process per request of the main process (exec it, without Django)."""
 
-    def __init__(self, server: ForkServer, sockets, lrp_args, options, application, output):
-        self.server = server
-        # The main process's standard output and error, a web process's 1 and 2.
-        self.output: tuple[int, ...] = output
-        self.sockets = sockets
-        self.lrp_args = lrp_args
-        self.options = options
-        self.application = application
-
-    def run(self) -> int:
-        request = self.server.serve(self._said)
-        if request is not None:
-            self._web_process(request)  # in a forked web process: never returns
-        # The main process closed the control socket: the web processes stop too.
-        self.server.end_children(float(self.options["graceful-timeout"]) + 1)
-        return 0
-
-    def _said(self, message: dict) -> None:
+    def said(message: dict) -> None:
         # A template changed (--reload): later forks must cache none of the old ones.
-        if message.get("op") != "templates" or self.application is None:
+        if message.get("op") != "templates" or application is None:
             return
         from twistedlrp.reload.templates import reset_loaders
 
@@ -66,40 +45,35 @@ class _Template:
         except Exception:
             log.failure("Reloading the templates in the web process template failed")
 
-    def _web_process(self, request: dict) -> None:
-        """In a forked child: be the web process C{request} asked for, then exit."""
-        index, channel_fd = request["index"], request["fds"][0]
-        code = 1
-        try:
-            for fd, target in zip(self.output, (1, 2), strict=True):
-                os.dup2(fd, target)
-                os.close(fd)
-            # SIGTERM ends it until its reactor runs (then it drains);
-            # SIGINT stays ignored (a Ctrl-C is for the main process).
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if self.application is not None:
-                compat.renew_forked_reactor()
-                code = run_web(
-                    self.options,
-                    self.application,
-                    channel_fd,
-                    self.sockets,
-                    request.get("jobs_connect"),
-                    index,
-                )
-            else:
-                self._exec(channel_fd, request)
-        except BaseException:
-            # Through the log, so that --log-format json stays JSON.
-            log.failure("Web process {index} failed", index=index)
-        finally:
-            flush_stdio()
-            os._exit(code)
-
-    def _exec(self, channel_fd: int, message: dict) -> None:
-        args = ["--web", f"--channel-fd={channel_fd}", f"--index={message['index']}"]
-        args += [f"--jobs-connect={endpoint}" for endpoint in message.get("jobs_connect") or ()]
-        _exec_self(args, [channel_fd], self.sockets, self.lrp_args)
+    request = server.serve(said)
+    if request is None:
+        # The main process closed the control socket: the web processes stop too.
+        server.end_children(float(options["graceful-timeout"]) + 1)
+        return 0
+    # In the forked child: be the web process asked for, then exit.
+    index, channel_fd = request["index"], request["fds"][0]
+    code = 1
+    try:
+        # The main process's standard output and error become its 1 and 2.
+        for fd, target in zip(output, (1, 2), strict=True):
+            os.dup2(fd, target)
+            os.close(fd)
+        # SIGTERM ends it until its reactor runs (then it drains); SIGINT stays ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if application is not None:
+            compat.renew_forked_reactor()
+            jobs_connect = request.get("jobs_connect")
+            code = run_web(options, application, channel_fd, sockets, jobs_connect, index)
+        else:
+            args = ["--web", f"--channel-fd={channel_fd}", f"--index={index}"]
+            args += [f"--jobs-connect={endpoint}" for endpoint in request.get("jobs_connect") or ()]
+            _exec_self(args, [channel_fd], sockets, lrp_args)
+    except BaseException:
+        # Through the log, so that --log-format json stays JSON.
+        log.failure("Web process {index} failed", index=index)
+    finally:
+        flush_stdio()
+        os._exit(code)
 
 
 def template_main(ours: dict, lrp_args: list[str]) -> int:
@@ -130,10 +104,11 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         # A reactor imported but never run holds only a poller and a waker, which a fork replaces.
         reactor = sys.modules.get("twisted.internet.reactor")
         if reactor is not None:
-            holders = ", ".join(_reactor_holders())
+            holders = ", ".join(_reactor_holders(reactor))
             if not compat.reactor_renewable(reactor):
                 _exec_bare(
                     ours,
+                    output,
                     lrp_args,
                     "setting Django up imported twisted.internet.reactor"
                     + (f" (held by {holders})" if holders else "")
@@ -151,7 +126,6 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
         gc.collect()
         gc.freeze()
         reason = None
-    template = _Template(server, ours["sockets"], lrp_args, options, application, output)
     server.send(
         {
             "event": "ready",
@@ -161,12 +135,12 @@ def template_main(ours: dict, lrp_args: list[str]) -> int:
             "seconds": round(time.monotonic() - started, 3),
         }
     )
-    return template.run()
+    return _serve(server, ours["sockets"], lrp_args, options, application, output)
 
 
-def _exec_bare(ours: dict, lrp_args: list[str], reason: str) -> None:
+def _exec_bare(ours: dict, output: tuple[int, ...], lrp_args: list[str], reason: str) -> None:
     """Become a template without Django (it only forks and execs web processes)."""
-    fds = [int(ours["control-fd"]), *map(int, ours["output-fds"].split(","))]
+    fds = [int(ours["control-fd"]), *output]
     args = ["--template", "--bare", f"--control-fd={fds[0]}", f"--output-fds={ours['output-fds']}"]
     _exec_self([*args, f"--reason={reason}"], fds, ours["sockets"], lrp_args)
 
@@ -180,9 +154,8 @@ def _exec_self(args: list[str], fds: list[int], sockets, lrp_args: list[str]) ->
     os.execv(sys.executable, [sys.executable, "-m", MODULE, *args, "--", *lrp_args])
 
 
-def _reactor_holders() -> list[str]:
-    """The site's modules (not Twisted's) that hold the reactor as a global."""
-    reactor = sys.modules.get("twisted.internet.reactor")
+def _reactor_holders(reactor) -> list[str]:
+    """The site's modules (not Twisted's) that hold C{reactor} as a global."""
     return sorted(
         name
         for name, module in list(sys.modules.items())

@@ -1,11 +1,9 @@
 """
-A web process of C{--web-workers N} (N above 1), seen from inside: forked by
-the template (L{twistedlrp.web.preload}) with one end of a socket pair to the
-main process (its I{channel}), it runs L{twistedlrp.server.WebProcessServer}
-on the inherited listening sockets and writes to the main process's own
-output, so that a template that dies leaves it serving. Where the template
-cannot fork with Django set up, it execs this module with C{--web}, and the
-web process sets Django up itself.
+A web process of C{--web-workers N}, seen from inside: forked by the template
+(L{twistedlrp.web.preload}) with a channel to the main process, it serves the
+inherited sockets and writes to the main process's output (a template that
+dies leaves it serving). A template that cannot fork with Django set up execs
+this module with C{--web} instead.
 """
 
 from __future__ import annotations
@@ -128,9 +126,8 @@ def web_main(ours: dict, lrp_args: list[str]) -> int:
 
 class MainChannel(service.Service):
     """
-    A web process's link to the main process: its status goes up, the state
-    of every web process and of the job service comes down for its health
-    endpoint, and word that templates changed; at end of file it stops.
+    The link to the main process: the status goes up; every web process's state,
+    the job service's and template changes come down; at its end, this process stops.
     """
 
     name = "main-process"
@@ -139,12 +136,10 @@ class MainChannel(service.Service):
         self.reactor = reactor
         self.fd = fd
         self.index = index
-        self.server = None  # the WebProcessServer, which sets it
-        self.pool = None  # its thread pool, for the counts
+        self.server = self.pool = None  # the WebProcessServer and its pool, set by it
         self.protocol: Channel | None = None
         self.workers: dict | None = None
         self._loop = task.LoopingCall(self.send_status)
-        self._closing = False
 
     def startService(self):
         super().startService()
@@ -184,7 +179,7 @@ class MainChannel(service.Service):
 
     def lost(self, reason=None) -> None:
         self.protocol = None
-        if self._closing:
+        if not self.running:  # stopped: the channel closes
             return
         log.warn("The main process is gone: stopping this web process")
         if self.server is not None:
@@ -212,7 +207,6 @@ class MainChannel(service.Service):
 
     def stopService(self):
         super().stopService()
-        self._closing = True
         if self._loop.running:
             self._loop.stop()
         if self.protocol is not None:

@@ -1,14 +1,9 @@
 """
-The web processes of C{--web-workers N} (N above 1), seen from the main
-process, where they take the place of the listening site: it binds the
-C{--listen} sockets, spawns the template (L{twistedlrp.web.preload}), which
-forks one web process per slot, and restarts with back-off a web process or
-a template that ends. Over its channel each web process sends its status
-every second and gets the list of all and the job service's health.
-
-A template's web processes keep serving when it ends, but nobody reaps them:
-the end of a web process's channel is its end, its exit status lost.
-L{MAX_TEMPLATE_FAILURES} in a row stop the server with exit status 1.
+The web processes of C{--web-workers N}, seen from the main process: it binds
+the C{--listen} sockets, spawns the template (L{twistedlrp.web.preload}) that
+forks one web process per slot, and restarts with back-off either when it ends.
+A template's web processes outlive it unreaped: the end of a web process's
+channel is then its end, its exit status lost.
 """
 
 from __future__ import annotations
@@ -190,11 +185,8 @@ class WebProcesses(service.Service):
         ready = template is not None and template.was_ready
         delay = restart_delay(self.template_backoff, ran if ready else 0.0)
         failures = self.template_backoff.failures
-        details = {
-            "pid": template.pid if template is not None else None,
-            "how": how,
-            "output": (template.output() if template is not None else "") or "(none)",
-        }
+        pid, output = (template.pid, template.output()) if template is not None else (None, "")
+        details = {"pid": pid, "how": how, "output": output or "(none)"}
         if failures < MAX_TEMPLATE_FAILURES:
             log.error(
                 "The web process template (pid {pid}) ended ({how}) after {ran:.1f} s; the web "

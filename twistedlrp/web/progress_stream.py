@@ -1,11 +1,8 @@
 """
 The live progress of one job as Server-Sent Events, answered by the reactor:
-C{GET /-/jobs/<id>/events?token=...} with the token the page's widget was
-given (L{twistedlrp.progress}). Each stream asks the job service with
-C{wait(seen=...)}, one call after another, at most every L{MIN_INTERVAL}
-seconds, and sends an C{event: progress} on each change until the job
-finishes. Heartbeats keep proxies from closing a quiet stream; beyond
-C{LRP_PROGRESS_MAX_STREAMS} per process, 503 (the widget polls instead).
+C{GET /-/jobs/<id>/events?token=...} (L{twistedlrp.progress}). Each stream asks
+the job service with C{wait(seen=...)} at most every L{MIN_INTERVAL} seconds
+and sends an C{event: progress} on each change until the job finishes.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
@@ -85,7 +82,6 @@ class JobEvents:
         return NOT_DONE_YET
 
     def describe(self) -> dict:
-        """@return: the health endpoint's section."""
         return {"open": len(self.streams), "max": self.max_streams}
 
     def close_all(self) -> None:
@@ -164,14 +160,8 @@ class _Stream:
 
     def _pause(self, seconds: float) -> defer.Deferred:
         """@return: a Deferred firing after C{seconds}, or at once when the stream ends."""
-        self._sleep = d = defer.Deferred()
-        call = self.reactor.callLater(seconds, _fire, d)
-
-        def stop_timer(value):
-            cancel_call(call)
-            return value
-
-        return d.addBoth(stop_timer)
+        self._sleep = task.deferLater(self.reactor, seconds, lambda: None)
+        return self._sleep.addErrback(lambda failure: failure.trap(defer.CancelledError))
 
     def _event(self, name: str, data: dict) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
@@ -184,10 +174,7 @@ class _Stream:
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.reset(HEARTBEAT)
 
-    def _beat(self) -> None:
-        self._heartbeat = None
-        if self.done:
-            return
+    def _beat(self) -> None:  # (never after _end, which cancels it)
         self._write(b": keep-alive\n\n")
         self._heartbeat = self.reactor.callLater(HEARTBEAT, self._beat)
 
@@ -209,9 +196,8 @@ class _Stream:
         cancel_call(self._heartbeat)
         cancel_call(self._cut_call)
         self._heartbeat = self._cut_call = None
-        sleep, self._sleep = self._sleep, None
-        if sleep is not None:
-            _fire(sleep)
+        if self._sleep is not None:
+            self._sleep.cancel()
 
     # IPushProducer: a client that stops reading is cut after --write-timeout.
     def pauseProducing(self) -> None:
@@ -239,8 +225,3 @@ class _Stream:
         transport = self.request.channel and self.request.channel.transport
         if transport is not None:
             transport.abortConnection()
-
-
-def _fire(d: defer.Deferred) -> None:
-    if not d.called:
-        d.callback(None)

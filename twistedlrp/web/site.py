@@ -1,7 +1,6 @@
 """
-The site (L{LRPSite}, the factory of the HTTP connections) and where each
-request goes (L{Router}). It caps the connections, decides which forwarded
-headers to trust, logs each response and drains at shut-down.
+The site (L{LRPSite}, the factory of the HTTP connections: it caps them, trusts
+forwarded headers or not, logs and drains) and where a request goes (L{Router}).
 """
 
 from __future__ import annotations
@@ -104,8 +103,6 @@ class Router:
 
 
 class LRPSite(protocol.Factory):
-    """The site of the server: see the module docstring."""
-
     protocol = HTTPConnection
     noisy = False
     metrics = None  # the HTTP metrics (web/metrics.py), if on
@@ -171,14 +168,12 @@ class LRPSite(protocol.Factory):
 
     def _make_room(self) -> bool:
         """Cut the connection that has waited longest for a request head, if any."""
-        while self._awaiting:
-            channel, _ = self._awaiting.popitem(last=False)
-            if channel.closing or channel.transport is None:
-                continue
-            self._evicted.add(channel)
-            channel.evict()
-            return True
-        return False
+        if not self._awaiting:  # (a connection leaves it as it closes)
+            return False
+        channel, _ = self._awaiting.popitem(last=False)
+        self._evicted.add(channel)
+        channel.evict()
+        return True
 
     def _warn_full(self) -> None:
         now = self.reactor.seconds()
@@ -227,9 +222,8 @@ class LRPSite(protocol.Factory):
             return client, scheme
         forwarded = b",".join(v for k, v in request.headers if k == b"x-forwarded-for")
         hops = [hop for hop in map(str.strip, forwarded.decode("latin-1").split(",")) if hop]
-        # Walk back from the nearest hop: the first that is not a trusted
-        # proxy is the client (earlier ones may be forged); at one that is
-        # not an IP address, the last trusted proxy did not know its client.
+        # From the nearest hop back, the first that is not a trusted proxy is the client
+        # (earlier ones may be forged); a hop not an IP address: the proxy did not know.
         for hop in reversed(hops):
             try:
                 address = str(ipaddress.ip_address(hop))

@@ -79,9 +79,7 @@ class Slot:
 
     def describe(self, now: float) -> dict:
         body = {"index": self.index, "pid": self.pid, "state": self.state}
-        for key in ("threads", "waiting"):
-            if key in self.status:
-                body[key] = self.status[key]
+        body.update((key, self.status[key]) for key in ("threads", "waiting") if key in self.status)
         body["restarts"] = self.restarts
         if self.pid is not None and self.state != "ended":
             body["uptime"] = round(now - self.started_at, 3)

@@ -1,8 +1,7 @@
 """
-Static files, served by the reactor with C{twisted.web.static} (ranges,
-C{If-Modified-Since}): a directory (C{--static}, C{STATIC_ROOT}), or in
-development the files the C{django.contrib.staticfiles} finders find, as
-C{runserver} serves them.
+Static files, served by the reactor with C{twisted.web.static}: a directory
+(C{--static}, C{STATIC_ROOT}), or in development what the staticfiles finders
+find, as C{runserver} serves them.
 """
 
 from __future__ import annotations
@@ -42,9 +41,8 @@ class FoundFiles:
 
     def path_of(self, segments: list[bytes]) -> str | None:
         """
-        @return: the file that the unquoted path C{segments} name, or C{None}:
-            nothing found, or a segment that could leave the finders' folders
-            (empty, C{.}, C{..}, a slash, a backslash, NUL, not UTF-8).
+        @return: the file that the unquoted path C{segments} name, or C{None}: nothing
+            found, or a segment that could leave the finders' folders (C{..}, say).
         """
         from django.contrib.staticfiles import finders
         from django.core.exceptions import SuspiciousFileOperation

@@ -8,6 +8,7 @@ flow control, by at most C{--stream-threads} threads at once.
 
 from __future__ import annotations
 
+import io
 import threading
 from urllib.parse import unquote_to_bytes
 
@@ -25,20 +26,13 @@ _WAIT_SLICE = 5.0
 _QUEUED_BYTES = 64 * 1024
 
 
-class _ErrorStream:
+class _ErrorStream(io.TextIOBase):
     """C{wsgi.errors}: what the application writes there goes to the log."""
 
     def write(self, text):
         text = text.rstrip("\n") if isinstance(text, str) else repr(text)
         if text:
             log.error("{text}", text=text)
-
-    def writelines(self, lines):
-        for line in lines:
-            self.write(line)
-
-    def flush(self):
-        pass
 
 
 _ERRORS = _ErrorStream()
@@ -52,25 +46,12 @@ class _NoStreamSlot(Exception):
     """Every thread that may stream a response does (--stream-threads)."""
 
 
-# What every environ holds, copied per request (multiprocess: False, True).
-_BASE = {
-    multiprocess: {
-        "SCRIPT_NAME": "",
-        "wsgi.version": (1, 0),
-        "wsgi.errors": _ERRORS,
-        "wsgi.multithread": True,
-        "wsgi.multiprocess": multiprocess,
-        "wsgi.run_once": False,
-    }
-    for multiprocess in (False, True)
-}
 # The environ key of each request header name seen (None: dropped).
 _KEYS: dict[bytes, str | None] = {}
 
 
 def _key(name: bytes) -> str | None:
-    # A header spelled with "_" would collide with its "-" twin (and could
-    # smuggle a forged X_Forwarded_For past a proxy), so it is dropped.
+    # A name with "_" would collide with its "-" twin (a forged X_Forwarded_For): dropped.
     key = None if b"_" in name else name.decode("latin-1").upper().replace("-", "_")
     if key is not None and key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
         key = "HTTP_" + key
@@ -83,16 +64,23 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
     """@return: the PEP 3333 environ of C{request}, built in the reactor thread."""
     host = request.getHost()
     server_port = str(getattr(host, "port", "") or "")
-    environ = _BASE[multiprocess].copy()
-    environ["REQUEST_METHOD"] = request.method.decode("latin-1")
-    environ["PATH_INFO"] = unquote_to_bytes(request.path).decode("latin-1")
-    environ["QUERY_STRING"] = request.query.decode("latin-1")
-    environ["SERVER_NAME"] = getattr(host, "host", None) or "localhost"
-    environ["SERVER_PORT"] = server_port or ("443" if scheme == "https" else "80")
-    environ["SERVER_PROTOCOL"] = request.clientproto.decode("latin-1")
-    environ["REMOTE_ADDR"] = remote_addr
-    environ["wsgi.url_scheme"] = scheme
-    environ["wsgi.input"] = request.content
+    environ = {
+        "SCRIPT_NAME": "",
+        "REQUEST_METHOD": request.method.decode("latin-1"),
+        "PATH_INFO": unquote_to_bytes(request.path).decode("latin-1"),
+        "QUERY_STRING": request.query.decode("latin-1"),
+        "SERVER_NAME": getattr(host, "host", None) or "localhost",
+        "SERVER_PORT": server_port or ("443" if scheme == "https" else "80"),
+        "SERVER_PROTOCOL": request.clientproto.decode("latin-1"),
+        "REMOTE_ADDR": remote_addr,
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": scheme,
+        "wsgi.input": request.content,
+        "wsgi.errors": _ERRORS,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": multiprocess,
+        "wsgi.run_once": False,
+    }
     for name, value in request.headers:
         key = _KEYS[name] if name in _KEYS else _key(name)
         if key is None:
@@ -192,12 +180,8 @@ class _WSGIResponse:
         if self.disconnected:
             return
         self._send_headers(status, headers)
-        code = request.code
-        if (
-            request.responseHeader(b"content-length") is None
-            and code not in (204, 304)
-            and code >= 200
-        ):
+        # Request drops it from a response without a body.
+        if request.responseHeader(b"content-length") is None:
             request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
         request.finish()
@@ -219,10 +203,8 @@ class _WSGIResponse:
 
     def _finish_stream(self) -> None:
         self._request.streaming = False
-        if self.disconnected:
-            return
-        self._request.unregisterProducer()
-        self._request.finish()
+        if not self.disconnected:
+            self._request.finish()  # (which unregisters this producer)
 
     def _cut(self) -> None:
         transport = self._request.channel and self._request.channel.transport
@@ -320,12 +302,10 @@ class _WSGIResponse:
                     break
                 if not isinstance(chunk, bytes):
                     raise TypeError(f"the application yielded {type(chunk).__name__}, not bytes")
-                if self._streaming:
-                    self._stream(chunk)
-                elif buffered or chunk:
+                if buffered and not self._streaming:
                     self._written.append(chunk)
-                    if not buffered:
-                        self._begin_stream()
+                elif chunk:
+                    self._legacy_write(chunk)
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
         except _NoStreamSlot:

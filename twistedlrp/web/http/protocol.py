@@ -1,9 +1,4 @@
-"""
-The HTTP/1.1 server protocol (L{HTTPConnection}) over httptools, with the
-limits and answers of docs/serving.md. Its factory is the site
-(L{twistedlrp.web.site.LRPSite}), which answers each request in C{handle};
-how a request is read: L{twistedlrp.web.http.reading}.
-"""
+"""The HTTP/1.1 server protocol over httptools; its factory is L{twistedlrp.web.site.LRPSite}."""
 
 from __future__ import annotations
 
@@ -38,13 +33,11 @@ DRAIN_GRACE = 1.0
 @implementer(IHalfCloseableProtocol)
 class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     """
-    One HTTP/1.1 connection: requests are read one at a time and handed to
-    the site's C{handle}. Only a connection C{awaiting_head} (none whole yet)
-    is closed to make room; C{closing}: answered or cut already.
+    One HTTP/1.1 connection, its requests read one at a time and handed to the
+    site's C{handle}. C{awaiting_head}: no whole head yet (only such a connection
+    is closed to make room); C{closing}: answered or cut already.
     """
 
-    awaiting_head = False
-    closing = False
     draining = False
     answered = 0
     last_request: Request | None = None  # named when the connection is cut
@@ -82,12 +75,17 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     def idle(self) -> bool:
         return self.request is None
 
+    @property
+    def awaiting_head(self) -> bool:
+        return self._state == _HEAD and self.request is None
+
+    @property
+    def closing(self) -> bool:
+        return self._state == _CLOSED
+
     # One DelayedCall per connection, moved lazily.
     def _arm(self, seconds: float, on_due) -> None:
-        """Call C{on_due()} in C{seconds} (0: never), instead of what was due."""
-        if not seconds:
-            self._on_due = None
-            return
+        """Call C{on_due()} in C{seconds}, instead of what was due."""
         due = self.reactor.seconds() + seconds
         self._due, self._on_due = due, on_due
         if self._timer is None:
@@ -113,7 +111,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
 
     def _head_timed_out(self) -> None:
-        if self.awaiting_head and not self.closing:
+        if self.awaiting_head:
             if self._head_begun:
                 self.answer_and_close(
                     b"408 Request Timeout", b"Request head not received in time.\n"
@@ -127,8 +125,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _write_stalled(self) -> None:
         """The client took none of the response for --write-timeout: cut it."""
-        if self.transport is None:
-            return
         request = self.last_request
         log.warn(
             "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
@@ -146,8 +142,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _await_head(self) -> None:
         self._state = _HEAD
-        self.awaiting_head = True
-        self._head_begun = self._begun = False
+        self._head_begun = False
         self._head_bytes = 0
         self._tail = self._line = b""
         self.site.waiting_for_head(self)
@@ -193,11 +188,10 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self.answered += 1
         self.request = None
         self.site.log(request)
-        if self.closing or self._state == _CLOSED:
+        if self.closing:
             return
         if not request.persistent:
-            self._leave()
-            self._lose()
+            self._close_quietly()
             return
         self._await_head()
         if self._paused:
@@ -207,26 +201,20 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             # Pipelined: its bytes are here already.
             self._head_begun = True
             self._time_head()
-            self._advance()
-        elif self._peer_done:
-            self._close_quietly()
         else:
             self._arm(KEEP_ALIVE_TIMEOUT, self._idle_timed_out)
+        self._advance()  # (which closes if the client sent all it will)
 
     def answer_and_close(self, status: bytes, body: bytes) -> None:
         """Answer C{status} with a short text C{body}, unless a response is under way, and close."""
         if self.closing or self.transport is None or self.transport.disconnecting:
             return
         request = self.request
-        under_way = request is not None and (request.startedWriting or request.rejected)
-        self._leave()
-        if not under_way:
+        if request is None or not (request.startedWriting or request.rejected):
             self.send(short_answer(status, body))
-        self._lose_within_seconds()
+        self._close_quietly()
 
     def _leave(self) -> None:
-        self.closing = True
-        self.awaiting_head = False
         self._state = _CLOSED
         self._buffer = b""
         self._on_due = None
@@ -234,9 +222,6 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _close_quietly(self) -> None:
         self._leave()
-        self._lose_within_seconds()
-
-    def _lose_within_seconds(self) -> None:
         self._lose()
         if self._cut_call is None:
             self._cut_call = self.reactor.callLater(ANSWER_SECONDS, self.cut)
@@ -282,7 +267,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
 
     def _drain_grace_over(self) -> None:
         self._drain_call = None
-        if self.awaiting_head and not self._head_begun and not self.closing:
+        if self.awaiting_head and not self._head_begun:
             self._close_quietly()
 
     def evict(self) -> None:

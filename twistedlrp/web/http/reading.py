@@ -1,17 +1,11 @@
 """
-How the HTTP/1.1 protocol reads requests, over httptools (llhttp, Node.js's
-parser), which refuses what a request smuggler sends (docs/serving.md has
-the table). What it does not do is done here:
-
- - It cannot pause and does not say where a message ended, so each
-   message's end is found here and the parser fed one message at a time:
-   a pipelined request waits as bytes until the one before is answered.
-   Each part must end where the parser ends it, or the request gets 400.
- - Sizes: the head's (431), its header lines' count, a chunk size of 2**63
-   or more (400) or past the body limit (413 on its size line).
- - The target (absolute form reduced to a path, C{*} for OPTIONS only), a
-   second Host, C{identity, chunked}, versions other than 1.0 and 1.1, runs
-   of spaces in the request line, an HTTP/1.1 request without Host.
+How the HTTP/1.1 protocol reads requests, over httptools (llhttp), which
+refuses what a request smuggler sends (docs/serving.md has the table). It
+cannot pause nor say where a message ended, so each message's end is found
+here and the parser fed one message at a time (a pipelined request waits as
+bytes); each part must end where the parser ends it, or the request gets
+400. Sizes, the target, a second Host, C{identity, chunked}, the version and
+runs of spaces in the request line are checked here too.
 """
 
 from __future__ import annotations
@@ -55,11 +49,7 @@ _NOT_A_PATH = (
 
 
 class _Answer(Exception):
-    """Answer C{status} with the text C{body} and close the connection."""
-
-    def __init__(self, status: bytes, body: bytes):
-        super().__init__(status)
-        self.status, self.body = status, body
+    """C{_Answer(status, body)}: answer C{status} with the text C{body} and close."""
 
 
 def _bad(text: bytes) -> _Answer:
@@ -106,7 +96,6 @@ class MessageReader:
 
     request: Request | None = None
     _state = _HEAD
-    _begun = False  # the parser began a message
     _complete = False  # the parser ended one
     _synthetic = False
     _paused = False
@@ -127,7 +116,7 @@ class MessageReader:
                     self._complete = False
                     self._message_done()
         except _Answer as answer:
-            self.answer_and_close(answer.status, answer.body)
+            self.answer_and_close(*answer.args)
         finally:
             self._advancing = False
         if self._state == _ANSWERING:
@@ -141,7 +130,7 @@ class MessageReader:
         """Feed the parser the next part of the message. @return: False to wait for more."""
         state, buffer = self._state, self._buffer
         if state == _HEAD or state == _TRAILERS:
-            if not self._begun and state == _HEAD:
+            if self._line == b"" and state == _HEAD:
                 # Empty lines before a request line (RFC 9112 section 2.2).
                 stripped = buffer.lstrip(b"\r\n")
                 self._head_bytes += len(buffer) - len(stripped)
@@ -249,7 +238,6 @@ class MessageReader:
         if self.request is not None:
             # The parser saw the end of a message before this protocol did.
             raise _bad(b"a message began inside another.")
-        self._begun = True
         self._arrived = time.monotonic()
         self._url = b""
         self._headers = []
@@ -316,9 +304,7 @@ class MessageReader:
             and (te is None or proto != b"HTTP/1.0")
         )
         self.request = request
-        # A whole head: no longer subject to the head deadline, nor one to close for room.
-        self.awaiting_head = False
-        self._on_due = None
+        self._on_due = None  # a whole head: no longer subject to the head deadline
         self.site.request_started(self)
         self._received = 0
         length = int(self._cl) if self._cl is not None else None
@@ -358,9 +344,8 @@ class MessageReader:
         request.code = 413
         body = b"Request body too large.\n"
         request.sentLength = len(body)
-        if request.content is not None:
-            request.content.close()
-            request.content = None
+        request.content.close()  # (set with the head; never refused twice)
+        request.content = None
         self.send(short_answer(b"413 Content Too Large", body))
         self.site.log(request)
         self._linger_call = self.reactor.callLater(LINGER_SECONDS, self.cut)

@@ -1,7 +1,6 @@
 """
-One request of the HTTP/1.1 protocol and its response, framed here:
-C{Content-Length} when given, else chunked (HTTP/1.1) or delimited by the
-close (HTTP/1.0); no body for C{HEAD}, 1xx, 204 and 304.
+One request and its response, framed by C{Content-Length} when given, else
+chunked (HTTP/1.1) or by the close (HTTP/1.0); no body for HEAD, 1xx, 204, 304.
 """
 
 from __future__ import annotations
@@ -45,11 +44,10 @@ def _spelled(name: bytes) -> bytes:
 
 class Request:
     """
-    One request and its response: C{uri} is the target in origin form (or
-    C{b"*"}), C{headers} are C{(lower-case name, value)} in order, C{content}
-    is the body (a file at offset 0), C{arrived} and C{started} are monotonic
-    times, C{client} and C{scheme} as the site trusts forwarded headers, and
-    C{channel} is the connection (C{None} once lost).
+    C{uri}: the target in origin form (or C{b"*"}); C{headers}: C{(lower-case
+    name, value)} in order; C{content}: the body (a file at offset 0); C{arrived},
+    C{started}: monotonic times; C{client}, C{scheme}: as the site trusts
+    forwarded headers; C{channel}: the connection (C{None} once lost).
     """
 
     code = 200
@@ -86,7 +84,7 @@ class Request:
         self._response: dict[bytes, tuple[bytes, list[bytes]]] = {}
 
     def getHeader(self, name: bytes) -> bytes | None:
-        """@return: the last value of the request header C{name} (any case), or C{None}."""
+        """@return: the last value of the request header C{name}, or C{None}."""
         name = name.lower()
         return next((value for key, value in reversed(self.headers) if key == name), None)
 
@@ -114,11 +112,9 @@ class Request:
         self.reason = None if message == _REASONS.get(code) else message
 
     def setHeader(self, name: bytes, value: bytes) -> None:
-        """Set the response header C{name} to C{value} alone."""
         self._response[name.lower()] = (name, [value])
 
     def addHeader(self, name: bytes, value: bytes) -> None:
-        """Add C{value} to the response header C{name} (a header line more)."""
         self._response.setdefault(name.lower(), (name, []))[1].append(value)
 
     def removeHeader(self, name: bytes) -> None:
@@ -130,7 +126,7 @@ class Request:
         return known[1][-1] if known else None
 
     def redirect(self, url: bytes) -> None:
-        """Answer 302 to C{url} (twisted.web.static redirects a directory so)."""
+        """Answer 302 to C{url} (as twisted.web.static redirects a directory)."""
         self.setResponseCode(302)
         self.setHeader(b"location", url)
 
@@ -152,7 +148,7 @@ class Request:
         return None
 
     def answer_text(self, code: int, body: bytes) -> None:
-        """Answer status C{code} with the plain text C{body}, and finish."""
+        """Answer C{code} with the plain text C{body}, and finish."""
         self.setResponseCode(code)
         self.setHeader(b"content-type", b"text/plain; charset=utf-8")
         self.setHeader(b"content-length", b"%d" % len(body))
@@ -187,7 +183,7 @@ class Request:
         connection = headers.get(b"connection")
         if connection is not None and b"close" in b",".join(connection[1]).lower():
             self.persistent = False
-        if channel.draining or channel.closing:
+        if channel.closing:  # (a drain made the request not persistent already)
             self.persistent = False
         if not self.persistent:
             headers[b"connection"] = (b"Connection", [b"close"])
@@ -236,7 +232,7 @@ class Request:
             if size < 65536:
                 channel.send(b"".join(pieces))
             else:
-                channel.send_pieces(pieces)
+                channel.send(*pieces)
         elif head:
             channel.send(head)
 
@@ -246,17 +242,15 @@ class Request:
         if self.finished or channel is None:
             return
         if not self.startedWriting:
-            code = self.code
-            if not (self.method == b"HEAD" or code < 200 or code in _NO_BODY):
-                if b"content-length" not in self._response:
-                    self.setHeader(b"content-length", b"0")
+            # (The head drops it again from a response that has no body.)
+            if self.method != b"HEAD" and b"content-length" not in self._response:
+                self.setHeader(b"content-length", b"0")
             self.write(b"")
         elif self._chunked and self._body_allowed:
             channel.send(b"0\r\n\r\n")
         if self._left:
             self.persistent = False  # fewer bytes than Content-Length said
-        if self._producer is not None:
-            self.unregisterProducer()
+        self.unregisterProducer()
         self.finished = True
         channel.request_done(self)
         waiters, self._waiters = self._waiters, None

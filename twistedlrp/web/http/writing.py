@@ -51,11 +51,9 @@ class WriteFlow:
     _acked: int | None = None
     _flow_call = None
     _socket = None
-    # The connection's socket while nothing waits in the transport's buffer:
-    # then a response goes out at once, not on the reactor's next turn (Twisted
-    # writes later, twisted/twisted#5303), which saves a loop and two epoll_ctl
-    # calls per response. None under TLS, and from the first send the socket
-    # does not take whole: from then on the transport sends, in order.
+    # The socket, sent to at once (Twisted writes on the next turn, twisted/twisted#5303:
+    # a loop and two epoll_ctl calls per response); None under TLS, and from the first
+    # send the socket does not take whole (then the transport sends all, in order).
     _direct = None
 
     def _start_flow(self) -> None:
@@ -100,27 +98,13 @@ class WriteFlow:
         else:
             self._write_stalled()
 
-    def send(self, data: bytes) -> None:
-        """Write C{data} to the connection: at once if nothing waits before it."""
-        sock = self._direct
-        if sock is not None:
-            try:
-                sent = sock.send(data)
-            except OSError:  # the transport meets the error again, and reports it
-                sent = 0
-            if sent == len(data):
-                return
-            self._direct = None
-            data = data[sent:]
-        self.transport.write(data)
-
-    def send_pieces(self, pieces) -> None:
-        """L{send} for pieces too large to be joined into one string."""
+    def send(self, *pieces: bytes) -> None:
+        """Write C{pieces} (not joined: each may be large) at once if nothing waits before them."""
         sock = self._direct
         if sock is not None:
             try:
                 sent = sock.sendmsg(pieces)
-            except OSError:
+            except OSError:  # the transport meets the error again, and reports it
                 sent = 0
             if sent == sum(map(len, pieces)):
                 return
