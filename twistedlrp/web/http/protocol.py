@@ -188,6 +188,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self.answered += 1
         self.request = None
         self.site.log(request)
+        request.send_held()
         if self.closing:
             return
         if not request.persistent:

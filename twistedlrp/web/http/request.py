@@ -82,6 +82,10 @@ class Request:
         self.prepath: list[bytes] = []
         self.postpath: list[bytes] = []
         self._response: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        # What is written before the response finishes or streams: sent once
+        # it is counted and logged, so that a client that has its answer
+        # finds it in the metrics and the access log.
+        self._held: list[bytes] | None = []
 
     def getHeader(self, name: bytes) -> bytes | None:
         """@return: the last value of the request header C{name}, or C{None}."""
@@ -229,12 +233,27 @@ class Request:
                 pieces = (head, b"%x\r\n" % size, data, b"\r\n")
             else:
                 pieces = (head, data)
-            if size < 65536:
+            if self._held is not None:
+                self._held += pieces
+            elif size < 65536:
                 channel.send(b"".join(pieces))
             else:
                 channel.send(*pieces)
         elif head:
-            channel.send(head)
+            if self._held is not None:
+                self._held.append(head)
+            else:
+                channel.send(head)
+
+    def send_held(self) -> None:
+        """Send what was held (the response streams, or is counted and logged)."""
+        held, self._held = self._held, None
+        if held and self.channel is not None:
+            channel = self.channel
+            if sum(map(len, held)) < 65536:
+                channel.send(b"".join(held))
+            else:
+                channel.send(*held)
 
     def finish(self) -> None:
         """End the response; the connection goes on to the next request, or closes."""
@@ -247,7 +266,10 @@ class Request:
                 self.setHeader(b"content-length", b"0")
             self.write(b"")
         elif self._chunked and self._body_allowed:
-            channel.send(b"0\r\n\r\n")
+            if self._held is not None:
+                self._held.append(b"0\r\n\r\n")
+            else:
+                channel.send(b"0\r\n\r\n")
         if self._left:
             self.persistent = False  # fewer bytes than Content-Length said
         self.unregisterProducer()
@@ -259,6 +281,7 @@ class Request:
 
     def registerProducer(self, producer, streaming: bool) -> None:
         """Have C{producer} write the body, with the transport's flow control."""
+        self.send_held()
         self._producer = producer
         self.channel.register_producer(producer, streaming)
 
