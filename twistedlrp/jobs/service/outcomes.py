@@ -39,15 +39,6 @@ class Outcome:
         get = data.get
         return cls(bool(get("ok")), get("result"), get("error") or "", bool(get("cancelled")))
 
-    def final_state(self, cancel_requested: bool = False) -> tuple[str | None, str]:
-        """@return: the job's final state (C{None}: it failed) and error after this attempt."""
-        if self.ok and not cancel_requested:
-            return SUCCEEDED, ""
-        if cancel_requested or self.cancelled:
-            detail = "" if self.ok or self.error == "cancelled" else f": {self.error}"
-            return CANCELLED, "cancelled while running" + detail
-        return None, self.error or "failed"
-
 
 class Outcomes:
     """
@@ -76,15 +67,17 @@ class Outcomes:
 
     def ended(self, record: JobRecord, outcome: Outcome, fields: dict) -> None:
         """C{record}'s attempt ended with C{outcome} (its worker's C{fields}): record it."""
-        state, error = outcome.final_state(record.cancel_requested)
-        if state is None:
-            self.retry_or_fail(record, error, fields)
-            return
         if outcome.ok:
             fields["result"] = outcome.result
-        how = "succeeded in" if state == SUCCEEDED else "cancelled after"
-        log_ended(record, self.reactor.seconds(), how)
-        self.finish(record, state, error=error, **fields)
+        if outcome.ok and not record.cancel_requested:
+            log_ended(record, self.reactor.seconds(), "succeeded in")
+            self.finish(record, SUCCEEDED, error="", **fields)
+        elif record.cancel_requested or outcome.cancelled:
+            detail = "" if outcome.ok or outcome.error == "cancelled" else f": {outcome.error}"
+            log_ended(record, self.reactor.seconds(), "cancelled after")
+            self.finish(record, CANCELLED, error="cancelled while running" + detail, **fields)
+        else:
+            self.retry_or_fail(record, outcome.error or "failed", fields)
 
     def worker_died(self, record: JobRecord, worker, how: str) -> None:
         """The worker running C{record} ended (C{how}): requeue, retry, fail or cancel it."""
