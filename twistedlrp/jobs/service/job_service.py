@@ -122,7 +122,6 @@ class JobService(service.Service):
             self.dispatcher.wake if self.shared else self._sweep_announced
         )
         self._loop.clock = reactor
-        self._registered = False
         self._last_usable = reactor.seconds()  # when a worker could last take a job
         self._listening = Waiters()
         self.listening = False
@@ -195,7 +194,6 @@ class JobService(service.Service):
                 log.error("The job service cannot run: {reason}", reason=reason)
                 return reason
             await self.lease_keeper.register()
-            self._registered = True
             queued, failed = await self.store.run(
                 recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
             )
@@ -288,7 +286,8 @@ class JobService(service.Service):
         await within(reactor, dispatcher.claims_in_flight(), left(0.2))
         await within(reactor, self.pool.when_all_ended(), left(0.1))
         self.lease_keeper.stop()
-        if self._registered and not self.store.closed:  # a successor need not wait for the lease
+        # Registered (a successor need not wait for the lease):
+        if self.lease_keeper.renewed_at is not None and not self.store.closed:
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), left())
 
