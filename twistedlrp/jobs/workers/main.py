@@ -30,7 +30,11 @@ MAX_MESSAGE = 16 * 1024
 MAX_TRACEBACK_LINE = 4 * 1024
 
 
-def _parse(argv):
+def main(argv=None) -> None:
+    # A process group of our own, before any job can start a process: the job
+    # service ends a job's whole process tree with killpg.
+    with contextlib.suppress(OSError):  # then the job service signals this process alone
+        os.setsid()
     parser = argparse.ArgumentParser(prog="twistedlrp.jobs.workers.main")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
@@ -38,15 +42,7 @@ def _parse(argv):
     parser.add_argument("--max-payload", type=int, required=True)
     # Fork workers on request (twistedlrp.jobs.workers.preload).
     parser.add_argument("--template", action="store_true")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    # A process group of our own, before any job can start a process: the job
-    # service ends a job's whole process tree with killpg.
-    with contextlib.suppress(OSError):  # then the job service signals this process alone
-        os.setsid()
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     # Were we still in the server's group, its Ctrl-C must not stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -286,7 +282,6 @@ class Conversation:
         box[b"message"] = message[:2000].encode("utf-8", "replace")
         self.send(box)
 
-    # Progress: only the latest report waits; the progress thread sends it.
     def _report(self, job_id, current, total, message) -> None:
         with self._progress:
             self._pending_progress = (job_id, current, total, message)
