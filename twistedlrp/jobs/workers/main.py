@@ -220,24 +220,12 @@ class Conversation:
             if not data:
                 return
             for box in reader.feed(data):
-                self._received(box)
-
-    def _received(self, box: dict[bytes, bytes]) -> None:
-        command = box.get(b"_command")
-        if command == b"RunJob":
-            self.jobs.put(box)  # read by the job thread
-        elif command == b"CancelJob":
-            _context.request_cancel(box[b"job_id"].decode("utf-8"))
-        elif command is not None and b"_ask" in box:
-            with self._write_lock:
-                self.send(
-                    {
-                        b"_error": box[b"_ask"],
-                        b"_error_code": b"UNHANDLED",
-                        b"_error_description": b"unknown command " + command[:100],
-                    }
-                )
-        # Anything else answers what we sent (WorkerReady): nothing to do.
+                command = box.get(b"_command")
+                if command == b"RunJob":
+                    self.jobs.put(box)  # read by the job thread
+                elif command == b"CancelJob":
+                    _context.request_cancel(box[b"job_id"].decode("utf-8"))
+                # Anything else answers what we sent (WorkerReady): nothing to do.
 
     def _job_thread(self) -> None:
         while True:
