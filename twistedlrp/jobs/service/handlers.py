@@ -172,10 +172,7 @@ class JobOperations:
         @return: a Deferred of the job's description (with live progress), or
             failing with L{UnknownJob}. @raise InvalidArguments: not a string.
         """
-        job_id = canonical_job_id(job_id)
-        self._check_store()
-        d = self.store.read(ops.get, job_id, within=self.store_wait)
-        return d.addCallbacks(self._overlay, _store_failure)
+        return self._read(ops.get, canonical_job_id(job_id)).addCallback(self._overlay)
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """Cancel a queued job, or ask a running one to stop; @return: a Deferred of its description."""
@@ -230,16 +227,12 @@ class JobOperations:
 
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
         """@return: a Deferred of C{{"jobs": [descriptions, newest first]}}; @raise InvalidArguments."""
-        listing = check_listing(state, name, limit)
-        self._check_store()
-        d = self.store.read(ops.list_jobs, *listing.values(), within=self.store_wait)
-        return d.addCallbacks(
-            lambda jobs: {"jobs": [self._overlay(j) for j in jobs]}, _store_failure
-        )
+        d = self._read(ops.list_jobs, *check_listing(state, name, limit).values())
+        return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
 
     def stats(self) -> defer.Deferred:
         """@return: a Deferred firing with the service's counters and workers."""
-        self._check_store()
+        d = self._read(ops.counts)
         dispatcher, pool = self.dispatcher, self.dispatcher.pool
 
         def assemble(counts):
@@ -256,8 +249,13 @@ class JobOperations:
                 **self.about(),
             }
 
-        d = self.store.read(ops.counts, within=self.store_wait)
-        return d.addCallbacks(assemble, _store_failure)
+        return d.addCallback(assemble)
+
+    def _read(self, operation, *args) -> defer.Deferred:
+        """@return: a Deferred of the store's read; @raise JobServiceUnavailable: no store."""
+        self._check_store()
+        d = self.store.read(operation, *args, within=self.store_wait)
+        return d.addErrback(_store_failure)
 
     def _check_store(self) -> None:
         unavailable = self.unavailable()
