@@ -118,10 +118,9 @@ class Dispatcher:
         job until L{unfence}. @return: the ids of the jobs stopped.
         """
         self.fenced = True
-        stopped = []
-        for record in list(self.running.values()):
+        stopped = list(self.running.values())
+        for record in stopped:
             self._forget(record)
-            stopped.append(record.id)
             log.warn(
                 "Job {job_id}: stopped (attempt {attempt}, worker {pid}): this job node could "
                 "not renew its lease",
@@ -130,7 +129,7 @@ class Dispatcher:
                 pid=record.worker.pid,
             )
             record.worker.signal("KILL", "fence")
-        return stopped
+        return [record.id for record in stopped]
 
     def unfence(self) -> None:
         self.fenced = False

@@ -52,7 +52,7 @@ class Watchdog:
                 self.dispatcher.orphaned(record, reason)
         now = self.reactor.seconds()
         # Fenced: the jobs it stopped are the lease's to deal with once it is renewed.
-        if getattr(self.dispatcher, "fenced", False) or self._store_check_running:
+        if self.dispatcher.fenced or self._store_check_running:
             return
         if now - self._last_store_check >= STORE_INTERVAL:
             self._last_store_check, self._store_check_running = now, True

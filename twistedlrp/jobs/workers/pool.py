@@ -187,14 +187,12 @@ class WorkerPool:
                     successor=worker.successor.pid,
                 )
             self._on_ready(worker.successor)
+        elif worker.succeeded:  # its successor has taken its place, or will once ready
             return
-        if worker.succeeded:  # its successor has taken its place, or will once ready
-            return
-        if worker.pid is None:
+        elif worker.pid is None:
             log.info("A worker {how}: starting it directly", how=how)
             self.spawn()
-            return
-        if not worker.was_ready and worker.kill_reason is None:
+        elif not worker.was_ready and worker.kill_reason is None:
             # Something in the site or the environment is wrong: do not spin.
             delay = self._start_backoff.next()
             log.error(
