@@ -85,7 +85,7 @@ class WorkerPool:
             return None
         self._count += 1
         worker = Worker(self, standby)
-        if self.template is None or not self.template.fork(worker, str(self._count)):
+        if self.template is None or not self.template.fork_worker(worker, str(self._count)):
             args, env = self._child_command(str(self._count))
             fds = {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"}
             self.reactor.spawnProcess(worker, args[0], args, env, os.getcwd(), childFDs=fds)
@@ -122,12 +122,12 @@ class WorkerPool:
                 names=", ".join(threads[:10]),
             )
 
-    def _template_ended(self, ended: preload.WorkerTemplate, was_ready: bool, exit) -> None:
+    def _template_ended(self, ended: preload.WorkerTemplate, exit) -> None:
         if self.template is ended:
             self.template = None
         if self.stopping:
             return
-        if not was_ready:
+        if not ended.was_ready:
             self._template_broken = True
             log.error(
                 "The worker template {how} before it was ready; workers are started "
@@ -172,7 +172,7 @@ class WorkerPool:
         if self.stopping:
             if not self.workers:
                 if self.template:
-                    self.template.stop()
+                    self.template.close()
                 self._all_ended.fire()
             return
         if worker.standby:  # it ended before it took over: its worker is replaced as usual
@@ -268,7 +268,7 @@ class WorkerPool:
             if worker.state in ("idle", "starting", "standby"):
                 worker.retire()
         if not self.workers and self.template:
-            self.template.stop()
+            self.template.close()
 
     def kill_all(self, reason: str = "shutdown") -> None:
         """SIGKILL every child, and every process of its group, at once."""

@@ -117,35 +117,27 @@ class _ExitWatcher(abstract.FileDescriptor):
         self._on_exit()
 
 
-class WorkerTemplate:
+class WorkerTemplate(ForkServerProcess):
     """
-    One template process. C{state}: C{starting}, C{ready}, C{ended}.
+    One template process, the fork server of L{main.serve_template}.
     @param on_ready: called, once it can fork, with the names of its other
         threads (which forked workers do not have).
-    @param on_ended: C{(template, was_ready, exit)}.
+    @param on_ended: C{(template, exit)}.
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
-        self.reactor, self._on_ready, self._on_ended = reactor, on_ready, on_ended
-        self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
+        super().__init__(reactor, self._message, self._ended, self._output)
+        self._on_ready, self._on_ended = on_ready, on_ended
         self._numbers = itertools.count(1)
         self._pending: dict[int, ForkedProcess] = {}  # forks asked for, by request number
         self._children: dict[int, ForkedProcess] = {}
 
-    @property
-    def pid(self) -> int | None:
-        return self.server.pid
-
-    @property
-    def state(self) -> str:
-        return self.server.state
-
     def start(self, args: list[str], env: dict, path: str) -> None:
         """@raise OSError: it could not be started."""
-        self.server.spawn(args, env, {0: "w", 1: "r", 2: "r"}, 3, path)
-        self.server.transport.closeChildFD(0)
+        self.spawn(args, env, {0: "w", 1: "r", 2: "r"}, 3, path)
+        self.transport.closeChildFD(0)
 
-    def fork(self, worker, worker_id: str) -> bool:
+    def fork_worker(self, worker, worker_id: str) -> bool:
         """
         Ask for a worker driven by C{worker}, connected at once (a template still
         starting finds the request when ready). @return: whether it was sent.
@@ -159,7 +151,7 @@ class WorkerTemplate:
             ours[child_fd] = mine
             theirs.append(child)
         number = next(self._numbers)
-        if not self.server.fork({"index": number, "worker_id": worker_id}, theirs):
+        if not self.fork({"index": number, "worker_id": worker_id}, theirs):
             for fd in ours.values():
                 os.close(fd)
             return False
@@ -188,9 +180,6 @@ class WorkerTemplate:
             if forked is not None:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
 
-    def stop(self) -> None:
-        self.server.close()
-
     def _output(self, fd: int, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip()
         if text.strip():
@@ -209,7 +198,4 @@ class WorkerTemplate:
                 with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
                 forked.exited(Exit(lost="was killed with the worker template"))
-        self._on_ended(self, server.was_ready, ended)
-
-    def output(self) -> str:
-        return self.server.output()
+        self._on_ended(self, ended)
