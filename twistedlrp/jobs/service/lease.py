@@ -125,8 +125,8 @@ class NodeLease:
     @param on_requeued: called when jobs went back to the queue.
     @param on_fenced: C{()}: stop the running jobs; @return: their ids (only
         given when several nodes share the database).
-    @param monotonic_alarm: fence by a L{MonotonicAlarm}, not by the
-        reactor's timers (a test's fake reactor).
+    @param clock: a test's clock: fence by the reactor's timers, not by a
+        L{MonotonicAlarm} (which a fake reactor does not drive).
     """
 
     def __init__(
@@ -144,7 +144,6 @@ class NodeLease:
         on_fenced=None,
         on_unfenced=None,
         clock=time.monotonic,
-        monotonic_alarm=False,
     ):
         self.reactor, self.store = reactor, store
         self.runner = runner if runner is not None else store
@@ -161,7 +160,7 @@ class NodeLease:
         # The jobs stopped by fencing, until a renewal dealt with them; None: not fenced.
         self.fenced: list[str] | None = None
         self._fenced_for = ""
-        alarm = MonotonicAlarm if monotonic_alarm else _ReactorAlarm
+        alarm = MonotonicAlarm if clock is time.monotonic else _ReactorAlarm
         self._alarm = alarm(reactor, self._check_fence, clock)
         self._beat_error: str | None = None
         self._again = False

@@ -215,31 +215,23 @@ def log_lost(record: JobRecord) -> None:
 
 def log_started(record: JobRecord, worker_pid) -> None:
     if logs.enabled(LogLevel.info):
-        name = record.name or "?"
-        _job_log.info(
-            "{log_text}",
-            log_text=f"job {name} {record.id} started (attempt {record.attempts} of "
-            f"{record.max_attempts}) on worker {worker_pid}",
-            name=name,
-            job_id=record.id,
-            attempt=record.attempts,
-            attempts=record.max_attempts,
-            worker=worker_pid,
+        text = (
+            f"started (attempt {record.attempts} of {record.max_attempts}) on worker {worker_pid}"
         )
+        _log_info(record, text, attempts=record.max_attempts, worker=worker_pid)
 
 
 def log_ended(record: JobRecord, now: float, how: str) -> None:
     """C{record} ended: C{how} is C{"succeeded in"} or C{"cancelled after"}."""
     if logs.enabled(LogLevel.info):
-        name, duration = record.name or "?", _duration(record, now)
-        _job_log.info(
-            "{log_text}",
-            log_text=f"job {name} {record.id} {how} {duration or 0:.3f} s",
-            name=name,
-            job_id=record.id,
-            attempt=record.attempts,
-            duration=duration,
-        )
+        duration = _duration(record, now)
+        _log_info(record, f"{how} {duration or 0:.3f} s", duration=duration)
+
+
+def _log_info(record: JobRecord, text: str, **fields) -> None:
+    name = record.name or "?"
+    fields.update(name=name, job_id=record.id, attempt=record.attempts)
+    _job_log.info("{log_text}", log_text=f"job {name} {record.id} {text}", **fields)
 
 
 def log_failed(
