@@ -124,7 +124,7 @@ class NodeLease:
     @param runner: what runs the heartbeats [default: the store thread].
     @param on_requeued: called when jobs went back to the queue.
     @param on_fenced: C{()}: stop the running jobs; @return: their ids (only
-        given when several nodes share the database).
+        given when several nodes share the database, with C{on_unfenced}).
     @param clock: a test's clock: fence by the reactor's timers, not by a
         L{MonotonicAlarm} (which a fake reactor does not drive).
     """
@@ -229,17 +229,14 @@ class NodeLease:
             )
         if any(job["state"] == QUEUED for job in outcome["ended"]):
             self.on_requeued()
-        if self.fenced is None:
-            self._arm()
-            return
-        if fenced is not None and set(self.fenced) <= set(fenced):
+        if self.fenced is not None and fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
             log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
-            if self.on_unfenced is not None:
-                self.on_unfenced()
-            self._arm()
-        else:
+            self.on_unfenced()
+        elif self.fenced is not None:
             self._again = True
+            return
+        self._arm()
 
     def _beat_failed(self, failure) -> None:
         # Not an unreachable database (the heartbeat waits for it): said once.
