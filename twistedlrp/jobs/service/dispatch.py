@@ -54,15 +54,12 @@ class Dispatcher:
         self.queue = JobQueue(reactor, self.dispatch)
         self.pool = pool or WorkerPool(
             reactor,
-            options["workers"],
-            settings_module=os.environ["DJANGO_SETTINGS_MODULE"],
-            pythonpath=list(options["pythonpath"]),
-            max_payload=options["max-job-payload"],
-            env=worker_env,
-            on_ready=lambda worker: self.dispatch(),
-            on_died=self._worker_died,
-            on_progress=self.progress,
-            fork_from_template=not options.get("no-worker-template", False),
+            options,
+            os.environ["DJANGO_SETTINGS_MODULE"],
+            worker_env,
+            lambda worker: self.dispatch(),
+            self._worker_died,
+            self.progress,
         )
         self.accepting = False
         self.running: dict[str, JobRecord] = {}

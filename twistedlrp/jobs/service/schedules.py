@@ -202,16 +202,15 @@ class Scheduler:
     def __init__(self, reactor, store, submit, queues=None):
         self.reactor, self.store, self.submit, self.queues = reactor, store, submit, queues
         self.names: list[str] = []
-        self.rows: list[dict] = []
         self.runs = 0
         self.zone: tzinfo = UTC  # Django's TIME_ZONE, read at start()
         self._timer, self._running = None, False
 
     async def start(self, specs: list[ScheduleSpec]) -> None:
-        self.rows = await self.store.run(sync, specs)
+        rows = await self.store.run(sync, specs)
         self._running = True
         self.zone = zone = time_zone()
-        for row in self.rows:
+        for row in rows:
             _log().info(
                 "Schedule {name}: job {job}, cron {cron!r} ({zone}), next run {next}{skipped}",
                 name=row["name"],
@@ -221,7 +220,7 @@ class Scheduler:
                 next=row["next_due"].astimezone(zone).isoformat(sep=" "),
                 skipped=self._elsewhere(row),
             )
-        self.names = [row["name"] for row in self.rows if not self._elsewhere(row)]
+        self.names = [row["name"] for row in rows if not self._elsewhere(row)]
         if self.names:
             self._tick()
 

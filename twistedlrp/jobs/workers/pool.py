@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -32,26 +31,19 @@ class WorkerPool:
     C{size} warm child processes (L{main}) that run one job at a time, each
     spawned or forked from the worker template (L{preload}) and driven by a
     L{Worker}. One that died before it was ready is replaced after a back-off.
+    @param options: the server's (C{workers}, C{pythonpath}, C{max-job-payload},
+        C{no-worker-template}).
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.
     """
 
     def __init__(
-        self,
-        reactor,
-        size: int,
-        settings_module: str,
-        pythonpath: list[str],
-        max_payload: int,
-        env: dict,
-        on_ready: Callable,
-        on_died: Callable,
-        on_progress: Callable,
-        fork_from_template: bool = True,
+        self, reactor, options, settings_module: str, env: dict, on_ready, on_died, on_progress
     ):
-        self.reactor, self.size, self.env, self.pythonpath = reactor, size, env, pythonpath
-        self.settings_module, self.max_payload = settings_module, max_payload
+        self.reactor, self.size, self.env = reactor, options["workers"], env
+        self.pythonpath, self.max_payload = list(options["pythonpath"]), options["max-job-payload"]
+        self.settings_module = settings_module
         self._on_ready, self._on_died, self._on_progress = on_ready, on_died, on_progress
         self.workers: list[Worker] = []
         self.stopping = False
@@ -61,7 +53,7 @@ class WorkerPool:
         self.started = self.forked = 0  # workers started; of those, forked from the template
         self.template: preload.WorkerTemplate | None = None
         # Off, or a template could not start: workers are spawned from then on.
-        self._template_broken = not fork_from_template
+        self._template_broken = options.get("no-worker-template", False)
 
     def start(self) -> None:
         for _ in range(self.size):

@@ -142,14 +142,10 @@ class WorkerTemplate(ForkServerProcess):
         Ask for a worker driven by C{worker}, connected at once (a template still
         starting finds the request when ready). @return: whether it was sent.
         """
-        ours: dict[int, int] = {}
-        theirs: list[int] = []
-        for child_fd in FORK_FDS:
-            read_end, write_end = os.pipe()
-            # fd 3 carries commands to the child; the others come from it.
-            mine, child = (write_end, read_end) if child_fd == 3 else (read_end, write_end)
-            ours[child_fd] = mine
-            theirs.append(child)
+        pipes = {child_fd: os.pipe() for child_fd in FORK_FDS}
+        # fd 3 carries commands to the child (it reads it); the others come from it.
+        ours = {fd: pipe[1] if fd == 3 else pipe[0] for fd, pipe in pipes.items()}
+        theirs = [pipe[0] if fd == 3 else pipe[1] for fd, pipe in pipes.items()]
         number = next(self._numbers)
         if not self.fork({"index": number, "worker_id": worker_id}, theirs):
             for fd in ours.values():
