@@ -190,7 +190,6 @@ class Conversation:
         self._write_lock = threading.Lock()
         self._progress = threading.Condition(threading.Lock())
         self._pending_progress = None
-        self.gone = False
 
     def send(self, box: dict[bytes, bytes]) -> None:
         """Write one box (holding C{_write_lock})."""
@@ -199,7 +198,6 @@ class Conversation:
             try:
                 written = os.write(self.answers, data)
             except OSError:  # the parent is gone
-                self.gone = True
                 return
             data = data[written:]
 
