@@ -109,7 +109,7 @@ class JobService(service.Service):
         self.lease_keeper = NodeLease(
             reactor, self.store, self.node, HOSTNAME, os.getpid(), self.queues, self.lease,
             self.shared, on_requeued=self.dispatcher.wake, runner=self.store.lease,
-            on_fenced=self.dispatcher.fence if self.shared else None,
+            on_fenced=self.dispatcher.fence,
             on_unfenced=self.dispatcher.unfence,
         )  # fmt: skip
         definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731

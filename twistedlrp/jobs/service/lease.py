@@ -123,8 +123,8 @@ class NodeLease:
     """
     @param runner: what runs the heartbeats [default: the store thread].
     @param on_requeued: called when jobs went back to the queue.
-    @param on_fenced: C{()}: stop the running jobs; @return: their ids (only
-        given when several nodes share the database, with C{on_unfenced}).
+    @param on_fenced: C{()}: stop the running jobs; @return: their ids (called
+        when several nodes share the database; then C{on_unfenced} once renewed).
     @param clock: a test's clock: fence by the reactor's timers, not by a
         L{MonotonicAlarm} (which a fake reactor does not drive).
     """
@@ -246,7 +246,7 @@ class NodeLease:
         self._beat_error = error
 
     def _arm(self) -> None:
-        if self.on_fenced is None or self.renewed_at is None or not self._loop.running:
+        if not self.shared or self.renewed_at is None or not self._loop.running:
             return
         self._alarm.set(
             None if self.fenced is not None else self.renewed_at + self.lease - self.margin
