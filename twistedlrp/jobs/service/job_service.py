@@ -123,8 +123,7 @@ class JobService(service.Service):
         )
         self._loop.clock = reactor
         self._last_usable = reactor.seconds()  # when a worker could last take a job
-        self._listening = Waiters()
-        self.listening = False
+        self._listening: Waiters | None = Waiters()  # None: listening
 
     def startService(self) -> defer.Deferred:
         super().startService()
@@ -140,8 +139,8 @@ class JobService(service.Service):
             self.worker_env["LRP_JOBS_CONNECT"] = self.front_ends[0].client_endpoint
             if self.options["jobs-secret-file"]:
                 self.worker_env["LRP_JOBS_SECRET_FILE"] = self.options["jobs-secret-file"]
-        self.listening = True
-        self._listening.fire(self.client_endpoint)
+        listening, self._listening = self._listening, None
+        listening.fire(self.client_endpoint)
         if reason:
             return
         self.dispatcher.accepting = True
@@ -239,7 +238,7 @@ class JobService(service.Service):
 
     def when_listening(self) -> defer.Deferred:
         """@return: a Deferred firing with L{client_endpoint} once the service listens."""
-        if self.listening:
+        if self._listening is None:
             return defer.succeed(self.client_endpoint)
         return self._listening.wait()
 
