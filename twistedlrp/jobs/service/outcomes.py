@@ -93,9 +93,8 @@ class Outcomes:
                 f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
                 f"killed ({how})"
             )
-            pid, timeout = worker.pid, record.timeout
             message = "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})"
-            log.warn(message, job_id=job_id, pid=pid, timeout=timeout, how=how)
+            log.warn(message, job_id=job_id, pid=worker.pid, timeout=record.timeout, how=how)
             self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
