@@ -142,9 +142,6 @@ class Worker(protocol.ProcessProtocol):
             self.transport.closeChildFD(fd)
         self.pool.on_ended(self, str(Exit.of(reason)))
 
-    def processEnded(self, reason):
-        self.state = "dead"
-
     def _drain(self) -> None:
         pipes = getattr(self.transport, "pipes", {})
         for fd in (1, 2, 4):  # output first: the answer, read last, finds all of it
