@@ -206,8 +206,7 @@ class NodeLease:
 
     def _beaten(self, outcome: dict, sent: float, fenced: list[str] | None) -> None:
         self._beat_error = None
-        if self.renewed_at is None or sent > self.renewed_at:
-            self.renewed_at = sent
+        self.renewed_at = sent if self.renewed_at is None else max(self.renewed_at, sent)
         if not outcome["held"]:
             log.warn(
                 "This job node ({node}) was missing from the node table: another node took it "
