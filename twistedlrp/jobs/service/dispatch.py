@@ -95,8 +95,7 @@ class Dispatcher:
 
     def request_cancel(self, job_id: str) -> None:
         """Dequeue a queued job, or ask a running one to stop (then SIGTERM, then SIGKILL)."""
-        removed = self.queue.remove(job_id)
-        if removed is not None:
+        if (removed := self.queue.remove(job_id)) is not None:
             self.count("cancelled", removed.name)
             return
         record = self.running.get(job_id)
@@ -161,8 +160,7 @@ class Dispatcher:
             self.claims.claim_next()
             return
         while self.queue.has_ready():
-            idle = self.pool.idle()
-            if not idle:
+            if not (idle := self.pool.idle()):
                 return
             record, worker = self.queue.pop(), idle[0]
             worker.state = "claiming"
@@ -299,8 +297,7 @@ class Dispatcher:
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
 
     def progress(self, job_id, current, total, message) -> None:
-        record = self.running.get(job_id)
-        if record is not None:
+        if (record := self.running.get(job_id)) is not None:
             record.progress = (current, total, message)
             self.store.set_progress(job_id, current, total, message)
             self._changed(job_id)
@@ -320,8 +317,7 @@ class Dispatcher:
         self.outcomes.ended(record, outcome, fields)
 
     def _worker_died(self, worker, job_id: str, how: str) -> None:
-        record = self.running.get(job_id)
-        if record is not None:
+        if (record := self.running.get(job_id)) is not None:
             self._forget(record)
             self.outcomes.worker_died(record, worker, how)
 

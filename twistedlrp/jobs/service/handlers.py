@@ -81,8 +81,7 @@ class JobOperations:
 
     def _submit(self, name, payload, priority, run_after, key, timeout, job_id, wait):
         # Plain callbacks, no coroutine: this runs once per job.
-        unavailable = self.unavailable()
-        if unavailable:
+        if unavailable := self.unavailable():
             raise JobServiceUnavailable(unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
         run_after, job_id = checked["run_after"], checked["job_id"]
@@ -265,8 +264,7 @@ class JobOperations:
             raise JobServiceUnavailable(unavailable or "the job store is closed")
 
     def _overlay(self, info: dict) -> dict:
-        record = self.dispatcher.running.get(info["id"])
-        if record is not None:
+        if (record := self.dispatcher.running.get(info["id"])) is not None:
             info["state"] = RUNNING
             info["progress"] = list(record.progress)
         return info

@@ -146,8 +146,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
     existing = {row.name: row for row in Schedule.objects.filter(name__in=names)}
     new = []
     for spec in specs:
-        row = existing.get(spec.name)
-        if row is None:
+        if (row := existing.get(spec.name)) is None:
             new.append(Schedule(**vars(spec), next_due=next_due(spec.cron, now, zone)))
             continue
         changes = {}
@@ -232,8 +231,7 @@ class Scheduler:
 
     def _elsewhere(self, row: dict) -> str:
         """@return: why this node does not run the schedule C{row}, or ""."""
-        definition = registry.lookup(row["job"])
-        if definition is None:
+        if (definition := registry.lookup(row["job"])) is None:
             return " (not on this node: its job is not registered here)"
         if self.queues is not None and definition.queue not in self.queues:
             return f" (not on this node: its queue {definition.queue!r} is not in --queues)"

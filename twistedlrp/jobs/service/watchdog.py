@@ -47,8 +47,7 @@ class Watchdog:
 
     def check(self) -> None:
         for record in list(self.dispatcher.running.values()):
-            reason = _why_orphaned(record, self.dispatcher.pool.workers)
-            if reason:
+            if reason := _why_orphaned(record, self.dispatcher.pool.workers):
                 self.dispatcher.orphaned(record, reason)
         now = self.reactor.seconds()
         # Fenced: the jobs it stopped are the lease's to deal with once it is renewed.

@@ -45,8 +45,7 @@ class ForkedProcess:
         self.proto.childDataReceived(name, data)
 
     def childConnectionLost(self, name, reason):
-        pipe = self.pipes.pop(name, None)
-        if pipe is not None:
+        if (pipe := self.pipes.pop(name, None)) is not None:
             with contextlib.suppress(OSError):
                 os.close(pipe.fileno())
         self._tell("childConnectionLost", name)
@@ -161,8 +160,7 @@ class WorkerTemplate(ForkServerProcess):
         if event == "ready":
             self._on_ready([str(name) for name in message.get("threads") or []])
         elif event == "forked":
-            forked = self._pending.pop(message["index"], None)
-            if forked is not None:
+            if (forked := self._pending.pop(message["index"], None)) is not None:
                 forked.pid = message["pid"]
                 self._children[forked.pid] = forked
                 forked.proto.forked(forked.pid)
@@ -172,8 +170,7 @@ class WorkerTemplate(ForkServerProcess):
             if forked is not None:
                 forked.exited(Exit(lost=f"was not forked ({message.get('error')})"))
         elif event == "exited":
-            forked = self._children.pop(message["pid"], None)
-            if forked is not None:
+            if (forked := self._children.pop(message["pid"], None)) is not None:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
 
     def _output(self, fd: int, line: bytes) -> None:

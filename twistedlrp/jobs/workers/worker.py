@@ -145,8 +145,7 @@ class Worker(protocol.ProcessProtocol):
     def _drain(self) -> None:
         pipes = getattr(self.transport, "pipes", {})
         for fd in (1, 2, 4):  # output first: the answer, read last, finds all of it
-            reader = pipes.get(fd)
-            if reader is None:
+            if (reader := pipes.get(fd)) is None:
                 continue
             budget = _DRAIN_LIMIT
             while budget > 0:
