@@ -57,9 +57,7 @@ def report_progress(current, total, message) -> None:
 
 def is_cancelled() -> bool:
     local = getattr(_local, "job", None)
-    if local:
-        return local[2].is_set()
-    return _reporter is not None and _cancel.is_set()
+    return local[2].is_set() if local else _reporter is not None and _cancel.is_set()
 
 
 def current_job_id() -> str | None:

@@ -21,9 +21,7 @@ _KILLED_ON_PURPOSE = ("retire", "timeout", "cancel", "orphan", "fence")
 
 def standby_ahead(max_jobs: int) -> int:
     """@return: how many jobs before C{max_jobs} a worker's standby successor is started (0: none)."""
-    if max_jobs < 100:
-        return 0
-    return min(50, max_jobs // 20)
+    return 0 if max_jobs < 100 else min(50, max_jobs // 20)
 
 
 class WorkerPool:
