@@ -203,10 +203,8 @@ class Conversation:
 
     def serve(self) -> None:
         """Say we are ready, then run until the commands reach end of file."""
-        threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
-        threading.Thread(
-            target=self._progress_thread, name="twistedlrp-progress", daemon=True
-        ).start()
+        for run, name in ((self._job_thread, "job"), (self._progress_thread, "progress")):
+            threading.Thread(target=run, name=f"twistedlrp-{name}", daemon=True).start()
         with self._write_lock:
             self.send({b"_command": b"WorkerReady", b"_ask": b"1", b"pid": b"%d" % os.getpid()})
         reader = BoxReader()
