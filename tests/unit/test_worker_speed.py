@@ -122,18 +122,21 @@ class _FakeReactor(Clock):
 def make_pool(size=1):
     reactor = _FakeReactor()
     ready, died = [], []
+    # The template is a real process (tests/test_jobs_template.py).
+    options = {
+        "workers": size,
+        "pythonpath": [],
+        "max-job-payload": 1024,
+        "no-worker-template": True,
+    }
     pool = WorkerPool(
         reactor,
-        size,
+        options,
         "testsite.settings",
-        [],
-        1024,
         {},
         on_ready=ready.append,
         on_died=lambda *a: died.append(a),
         on_progress=lambda *a: None,
-        # The template is a real process (tests/test_jobs_template.py).
-        fork_from_template=False,
     )
     return reactor, pool, ready
 

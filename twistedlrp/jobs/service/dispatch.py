@@ -54,15 +54,12 @@ class Dispatcher:
         self.queue = JobQueue(reactor, self.dispatch)
         self.pool = pool or WorkerPool(
             reactor,
-            options["workers"],
-            settings_module=os.environ["DJANGO_SETTINGS_MODULE"],
-            pythonpath=list(options["pythonpath"]),
-            max_payload=options["max-job-payload"],
-            env=worker_env,
-            on_ready=lambda worker: self.dispatch(),
-            on_died=self._worker_died,
-            on_progress=self.progress,
-            fork_from_template=not options.get("no-worker-template", False),
+            options,
+            os.environ["DJANGO_SETTINGS_MODULE"],
+            worker_env,
+            lambda worker: self.dispatch(),
+            self._worker_died,
+            self.progress,
         )
         self.accepting = False
         self.running: dict[str, JobRecord] = {}
@@ -98,8 +95,7 @@ class Dispatcher:
 
     def request_cancel(self, job_id: str) -> None:
         """Dequeue a queued job, or ask a running one to stop (then SIGTERM, then SIGKILL)."""
-        removed = self.queue.remove(job_id)
-        if removed is not None:
+        if (removed := self.queue.remove(job_id)) is not None:
             self.count("cancelled", removed.name)
             return
         record = self.running.get(job_id)
@@ -118,10 +114,9 @@ class Dispatcher:
         job until L{unfence}. @return: the ids of the jobs stopped.
         """
         self.fenced = True
-        stopped = []
-        for record in list(self.running.values()):
+        stopped = list(self.running.values())
+        for record in stopped:
             self._forget(record)
-            stopped.append(record.id)
             log.warn(
                 "Job {job_id}: stopped (attempt {attempt}, worker {pid}): this job node could "
                 "not renew its lease",
@@ -130,7 +125,7 @@ class Dispatcher:
                 pid=record.worker.pid,
             )
             record.worker.signal("KILL", "fence")
-        return stopped
+        return [record.id for record in stopped]
 
     def unfence(self) -> None:
         self.fenced = False
@@ -165,8 +160,7 @@ class Dispatcher:
             self.claims.claim_next()
             return
         while self.queue.has_ready():
-            idle = self.pool.idle()
-            if not idle:
+            if not (idle := self.pool.idle()):
                 return
             record, worker = self.queue.pop(), idle[0]
             worker.state = "claiming"
@@ -303,8 +297,7 @@ class Dispatcher:
         d.addErrback(lambda f: log.failure("While finishing job {job_id}", f, job_id=record.id))
 
     def progress(self, job_id, current, total, message) -> None:
-        record = self.running.get(job_id)
-        if record is not None:
+        if (record := self.running.get(job_id)) is not None:
             record.progress = (current, total, message)
             self.store.set_progress(job_id, current, total, message)
             self._changed(job_id)
@@ -324,8 +317,7 @@ class Dispatcher:
         self.outcomes.ended(record, outcome, fields)
 
     def _worker_died(self, worker, job_id: str, how: str) -> None:
-        record = self.running.get(job_id)
-        if record is not None:
+        if (record := self.running.get(job_id)) is not None:
             self._forget(record)
             self.outcomes.worker_died(record, worker, how)
 

@@ -81,8 +81,7 @@ class JobOperations:
 
     def _submit(self, name, payload, priority, run_after, key, timeout, job_id, wait):
         # Plain callbacks, no coroutine: this runs once per job.
-        unavailable = self.unavailable()
-        if unavailable:
+        if unavailable := self.unavailable():
             raise JobServiceUnavailable(unavailable)
         checked = check_submission(name, priority, run_after, key, timeout, job_id)
         run_after, job_id = checked["run_after"], checked["job_id"]
@@ -172,10 +171,7 @@ class JobOperations:
         @return: a Deferred of the job's description (with live progress), or
             failing with L{UnknownJob}. @raise InvalidArguments: not a string.
         """
-        job_id = canonical_job_id(job_id)
-        self._check_store()
-        d = self.store.read(ops.get, job_id, within=self.store_wait)
-        return d.addCallbacks(self._overlay, _store_failure)
+        return self._read(ops.get, canonical_job_id(job_id)).addCallback(self._overlay)
 
     def cancel(self, job_id: str) -> defer.Deferred:
         """Cancel a queued job, or ask a running one to stop; @return: a Deferred of its description."""
@@ -230,16 +226,12 @@ class JobOperations:
 
     def list_jobs(self, state=None, name=None, limit=100) -> defer.Deferred:
         """@return: a Deferred of C{{"jobs": [descriptions, newest first]}}; @raise InvalidArguments."""
-        listing = check_listing(state, name, limit)
-        self._check_store()
-        d = self.store.read(ops.list_jobs, *listing.values(), within=self.store_wait)
-        return d.addCallbacks(
-            lambda jobs: {"jobs": [self._overlay(j) for j in jobs]}, _store_failure
-        )
+        d = self._read(ops.list_jobs, *check_listing(state, name, limit).values())
+        return d.addCallback(lambda jobs: {"jobs": [self._overlay(j) for j in jobs]})
 
     def stats(self) -> defer.Deferred:
         """@return: a Deferred firing with the service's counters and workers."""
-        self._check_store()
+        d = self._read(ops.counts)
         dispatcher, pool = self.dispatcher, self.dispatcher.pool
 
         def assemble(counts):
@@ -256,8 +248,13 @@ class JobOperations:
                 **self.about(),
             }
 
-        d = self.store.read(ops.counts, within=self.store_wait)
-        return d.addCallbacks(assemble, _store_failure)
+        return d.addCallback(assemble)
+
+    def _read(self, operation, *args) -> defer.Deferred:
+        """@return: a Deferred of the store's read; @raise JobServiceUnavailable: no store."""
+        self._check_store()
+        d = self.store.read(operation, *args, within=self.store_wait)
+        return d.addErrback(_store_failure)
 
     def _check_store(self) -> None:
         unavailable = self.unavailable()
@@ -267,8 +264,7 @@ class JobOperations:
             raise JobServiceUnavailable(unavailable or "the job store is closed")
 
     def _overlay(self, info: dict) -> dict:
-        record = self.dispatcher.running.get(info["id"])
-        if record is not None:
+        if (record := self.dispatcher.running.get(info["id"])) is not None:
             info["state"] = RUNNING
             info["progress"] = list(record.progress)
         return info

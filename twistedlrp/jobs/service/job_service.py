@@ -109,8 +109,8 @@ class JobService(service.Service):
         self.lease_keeper = NodeLease(
             reactor, self.store, self.node, HOSTNAME, os.getpid(), self.queues, self.lease,
             self.shared, on_requeued=self.dispatcher.wake, runner=self.store.lease,
-            on_fenced=self.dispatcher.fence if self.shared else None,
-            on_unfenced=self.dispatcher.unfence, monotonic_alarm=True,
+            on_fenced=self.dispatcher.fence,
+            on_unfenced=self.dispatcher.unfence,
         )  # fmt: skip
         definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
         self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
@@ -122,10 +122,8 @@ class JobService(service.Service):
             self.dispatcher.wake if self.shared else self._sweep_announced
         )
         self._loop.clock = reactor
-        self._registered = False
         self._last_usable = reactor.seconds()  # when a worker could last take a job
-        self._listening = Waiters()
-        self.listening = False
+        self._listening: Waiters | None = Waiters()  # None: listening
 
     def startService(self) -> defer.Deferred:
         super().startService()
@@ -141,8 +139,8 @@ class JobService(service.Service):
             self.worker_env["LRP_JOBS_CONNECT"] = self.front_ends[0].client_endpoint
             if self.options["jobs-secret-file"]:
                 self.worker_env["LRP_JOBS_SECRET_FILE"] = self.options["jobs-secret-file"]
-        self.listening = True
-        self._listening.fire(self.client_endpoint)
+        listening, self._listening = self._listening, None
+        listening.fire(self.client_endpoint)
         if reason:
             return
         self.dispatcher.accepting = True
@@ -195,7 +193,6 @@ class JobService(service.Service):
                 log.error("The job service cannot run: {reason}", reason=reason)
                 return reason
             await self.lease_keeper.register()
-            self._registered = True
             queued, failed = await self.store.run(
                 recovery.recover, self.node, self.queues, self.shared, within=START_WAIT
             )
@@ -241,7 +238,7 @@ class JobService(service.Service):
 
     def when_listening(self) -> defer.Deferred:
         """@return: a Deferred firing with L{client_endpoint} once the service listens."""
-        if self.listening:
+        if self._listening is None:
             return defer.succeed(self.client_endpoint)
         return self._listening.wait()
 
@@ -288,7 +285,8 @@ class JobService(service.Service):
         await within(reactor, dispatcher.claims_in_flight(), left(0.2))
         await within(reactor, self.pool.when_all_ended(), left(0.1))
         self.lease_keeper.stop()
-        if self._registered and not self.store.closed:  # a successor need not wait for the lease
+        # Registered (a successor need not wait for the lease):
+        if self.lease_keeper.renewed_at is not None and not self.store.closed:
             self.store.run(recovery.leave_node, self.node, os.getpid()).addErrback(lambda _: None)
         await within(reactor, self.store.stop(), left())
 

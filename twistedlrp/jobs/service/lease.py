@@ -123,10 +123,10 @@ class NodeLease:
     """
     @param runner: what runs the heartbeats [default: the store thread].
     @param on_requeued: called when jobs went back to the queue.
-    @param on_fenced: C{()}: stop the running jobs; @return: their ids (only
-        given when several nodes share the database).
-    @param monotonic_alarm: fence by a L{MonotonicAlarm}, not by the
-        reactor's timers (a test's fake reactor).
+    @param on_fenced: C{()}: stop the running jobs; @return: their ids (called
+        when several nodes share the database; then C{on_unfenced} once renewed).
+    @param clock: a test's clock: fence by the reactor's timers, not by a
+        L{MonotonicAlarm} (which a fake reactor does not drive).
     """
 
     def __init__(
@@ -144,7 +144,6 @@ class NodeLease:
         on_fenced=None,
         on_unfenced=None,
         clock=time.monotonic,
-        monotonic_alarm=False,
     ):
         self.reactor, self.store = reactor, store
         self.runner = runner if runner is not None else store
@@ -161,7 +160,7 @@ class NodeLease:
         # The jobs stopped by fencing, until a renewal dealt with them; None: not fenced.
         self.fenced: list[str] | None = None
         self._fenced_for = ""
-        alarm = MonotonicAlarm if monotonic_alarm else _ReactorAlarm
+        alarm = MonotonicAlarm if clock is time.monotonic else _ReactorAlarm
         self._alarm = alarm(reactor, self._check_fence, clock)
         self._beat_error: str | None = None
         self._again = False
@@ -207,8 +206,7 @@ class NodeLease:
 
     def _beaten(self, outcome: dict, sent: float, fenced: list[str] | None) -> None:
         self._beat_error = None
-        if self.renewed_at is None or sent > self.renewed_at:
-            self.renewed_at = sent
+        self.renewed_at = sent if self.renewed_at is None else max(self.renewed_at, sent)
         if not outcome["held"]:
             log.warn(
                 "This job node ({node}) was missing from the node table: another node took it "
@@ -230,17 +228,14 @@ class NodeLease:
             )
         if any(job["state"] == QUEUED for job in outcome["ended"]):
             self.on_requeued()
-        if self.fenced is None:
-            self._arm()
-            return
-        if fenced is not None and set(self.fenced) <= set(fenced):
+        if self.fenced is not None and fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
             log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
-            if self.on_unfenced is not None:
-                self.on_unfenced()
-            self._arm()
-        else:
+            self.on_unfenced()
+        elif self.fenced is not None:
             self._again = True
+            return
+        self._arm()
 
     def _beat_failed(self, failure) -> None:
         # Not an unreachable database (the heartbeat waits for it): said once.
@@ -250,7 +245,7 @@ class NodeLease:
         self._beat_error = error
 
     def _arm(self) -> None:
-        if self.on_fenced is None or self.renewed_at is None or not self._loop.running:
+        if not self.shared or self.renewed_at is None or not self._loop.running:
             return
         self._alarm.set(
             None if self.fenced is not None else self.renewed_at + self.lease - self.margin

@@ -5,6 +5,8 @@ updates, the queue and workers read at scrape time; nothing while they are off.
 
 from __future__ import annotations
 
+import functools
+
 from twistedlrp.metrics import Metrics
 
 # Seconds an attempt ran: from milliseconds (a no-op job) to an hour.
@@ -38,13 +40,7 @@ class _JobMetrics:
         )
         # The labelled children, by (metric, job name): labels() takes a lock
         # and checks its arguments each call, and these count every job.
-        self._children: dict = {}
-
-    def child(self, metric, name: str):
-        found = self._children.get((metric, name))
-        if found is None:
-            found = self._children[metric, name] = metric.labels(name)
-        return found
+        self.child = functools.cache(lambda metric, name: metric.labels(name))
 
 
 _jobs: _JobMetrics | None = None

@@ -39,15 +39,6 @@ class Outcome:
         get = data.get
         return cls(bool(get("ok")), get("result"), get("error") or "", bool(get("cancelled")))
 
-    def final_state(self, cancel_requested: bool = False) -> tuple[str | None, str]:
-        """@return: the job's final state (C{None}: it failed) and error after this attempt."""
-        if self.ok and not cancel_requested:
-            return SUCCEEDED, ""
-        if cancel_requested or self.cancelled:
-            detail = "" if self.ok or self.error == "cancelled" else f": {self.error}"
-            return CANCELLED, "cancelled while running" + detail
-        return None, self.error or "failed"
-
 
 class Outcomes:
     """
@@ -76,15 +67,17 @@ class Outcomes:
 
     def ended(self, record: JobRecord, outcome: Outcome, fields: dict) -> None:
         """C{record}'s attempt ended with C{outcome} (its worker's C{fields}): record it."""
-        state, error = outcome.final_state(record.cancel_requested)
-        if state is None:
-            self.retry_or_fail(record, error, fields)
-            return
         if outcome.ok:
             fields["result"] = outcome.result
-        how = "succeeded in" if state == SUCCEEDED else "cancelled after"
-        log_ended(record, self.reactor.seconds(), how)
-        self.finish(record, state, error=error, **fields)
+        if outcome.ok and not record.cancel_requested:
+            log_ended(record, self.reactor.seconds(), "succeeded in")
+            self.finish(record, SUCCEEDED, error="", **fields)
+        elif record.cancel_requested or outcome.cancelled:
+            detail = "" if outcome.ok or outcome.error == "cancelled" else f": {outcome.error}"
+            log_ended(record, self.reactor.seconds(), "cancelled after")
+            self.finish(record, CANCELLED, error="cancelled while running" + detail, **fields)
+        else:
+            self.retry_or_fail(record, outcome.error or "failed", fields)
 
     def worker_died(self, record: JobRecord, worker, how: str) -> None:
         """The worker running C{record} ended (C{how}): requeue, retry, fail or cancel it."""
@@ -100,9 +93,8 @@ class Outcomes:
                 f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
                 f"killed ({how})"
             )
-            pid, timeout = worker.pid, record.timeout
             message = "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})"
-            log.warn(message, job_id=job_id, pid=pid, timeout=timeout, how=how)
+            log.warn(message, job_id=job_id, pid=worker.pid, timeout=record.timeout, how=how)
             self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
@@ -222,31 +214,23 @@ def log_lost(record: JobRecord) -> None:
 
 def log_started(record: JobRecord, worker_pid) -> None:
     if logs.enabled(LogLevel.info):
-        name = record.name or "?"
-        _job_log.info(
-            "{log_text}",
-            log_text=f"job {name} {record.id} started (attempt {record.attempts} of "
-            f"{record.max_attempts}) on worker {worker_pid}",
-            name=name,
-            job_id=record.id,
-            attempt=record.attempts,
-            attempts=record.max_attempts,
-            worker=worker_pid,
+        text = (
+            f"started (attempt {record.attempts} of {record.max_attempts}) on worker {worker_pid}"
         )
+        _log_info(record, text, attempts=record.max_attempts, worker=worker_pid)
 
 
 def log_ended(record: JobRecord, now: float, how: str) -> None:
     """C{record} ended: C{how} is C{"succeeded in"} or C{"cancelled after"}."""
     if logs.enabled(LogLevel.info):
-        name, duration = record.name or "?", _duration(record, now)
-        _job_log.info(
-            "{log_text}",
-            log_text=f"job {name} {record.id} {how} {duration or 0:.3f} s",
-            name=name,
-            job_id=record.id,
-            attempt=record.attempts,
-            duration=duration,
-        )
+        duration = _duration(record, now)
+        _log_info(record, f"{how} {duration or 0:.3f} s", duration=duration)
+
+
+def _log_info(record: JobRecord, text: str, **fields) -> None:
+    name = record.name or "?"
+    fields.update(name=name, job_id=record.id, attempt=record.attempts)
+    _job_log.info("{log_text}", log_text=f"job {name} {record.id} {text}", **fields)
 
 
 def log_failed(

@@ -94,12 +94,7 @@ class JobQueue:
 
     def pop(self) -> JobRecord | None:
         """@return: the next ready job, now out of the queue, or C{None}."""
-        while self._ready:
-            record = heapq.heappop(self._ready)[3]
-            if self._records.get(record.id) is record:
-                del self._records[record.id]
-                return record
-        return None
+        return self._records.pop(heapq.heappop(self._ready)[3].id) if self.has_ready() else None
 
     def has_ready(self) -> bool:
         while self._ready and self._records.get(self._ready[0][3].id) is not self._ready[0][3]:

@@ -57,8 +57,7 @@ def parse_duration(value, field: str) -> float:
     elif isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
+        if not (match := _DURATION.match(value)):
             raise ValueError(
                 f"{field}: expected a number with an optional unit s, m, h, d or w "
                 f"(as in 30m or 2d), got {value!r}"

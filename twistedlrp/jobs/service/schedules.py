@@ -146,8 +146,7 @@ def sync(specs: list[ScheduleSpec]) -> list[dict]:
     existing = {row.name: row for row in Schedule.objects.filter(name__in=names)}
     new = []
     for spec in specs:
-        row = existing.get(spec.name)
-        if row is None:
+        if (row := existing.get(spec.name)) is None:
             new.append(Schedule(**vars(spec), next_due=next_due(spec.cron, now, zone)))
             continue
         changes = {}
@@ -202,16 +201,15 @@ class Scheduler:
     def __init__(self, reactor, store, submit, queues=None):
         self.reactor, self.store, self.submit, self.queues = reactor, store, submit, queues
         self.names: list[str] = []
-        self.rows: list[dict] = []
         self.runs = 0
         self.zone: tzinfo = UTC  # Django's TIME_ZONE, read at start()
         self._timer, self._running = None, False
 
     async def start(self, specs: list[ScheduleSpec]) -> None:
-        self.rows = await self.store.run(sync, specs)
+        rows = await self.store.run(sync, specs)
         self._running = True
         self.zone = zone = time_zone()
-        for row in self.rows:
+        for row in rows:
             _log().info(
                 "Schedule {name}: job {job}, cron {cron!r} ({zone}), next run {next}{skipped}",
                 name=row["name"],
@@ -221,7 +219,7 @@ class Scheduler:
                 next=row["next_due"].astimezone(zone).isoformat(sep=" "),
                 skipped=self._elsewhere(row),
             )
-        self.names = [row["name"] for row in self.rows if not self._elsewhere(row)]
+        self.names = [row["name"] for row in rows if not self._elsewhere(row)]
         if self.names:
             self._tick()
 
@@ -233,8 +231,7 @@ class Scheduler:
 
     def _elsewhere(self, row: dict) -> str:
         """@return: why this node does not run the schedule C{row}, or ""."""
-        definition = registry.lookup(row["job"])
-        if definition is None:
+        if (definition := registry.lookup(row["job"])) is None:
             return " (not on this node: its job is not registered here)"
         if self.queues is not None and definition.queue not in self.queues:
             return f" (not on this node: its queue {definition.queue!r} is not in --queues)"

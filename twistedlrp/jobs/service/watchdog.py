@@ -47,12 +47,11 @@ class Watchdog:
 
     def check(self) -> None:
         for record in list(self.dispatcher.running.values()):
-            reason = _why_orphaned(record, self.dispatcher.pool.workers)
-            if reason:
+            if reason := _why_orphaned(record, self.dispatcher.pool.workers):
                 self.dispatcher.orphaned(record, reason)
         now = self.reactor.seconds()
         # Fenced: the jobs it stopped are the lease's to deal with once it is renewed.
-        if getattr(self.dispatcher, "fenced", False) or self._store_check_running:
+        if self.dispatcher.fenced or self._store_check_running:
             return
         if now - self._last_store_check >= STORE_INTERVAL:
             self._last_store_check, self._store_check_running = now, True

@@ -7,8 +7,8 @@ import threading
 _cancel = threading.Event()
 _reporter = None  # callable(current, total, message) set by the worker child
 _job_id: str | None = None
-# A cancel can arrive before its job's thread begins: remember it.
-_cancel_early: set[str] = set()
+# A cancel can arrive before its job's thread begins (only the next job can be meant).
+_cancel_early: str | None = None
 # The eager test mode (twistedlrp.jobs.eager) runs jobs in the threads that
 # submit them, several at once and nested: each thread has its own job,
 # (job_id, reporter, cancel event), which wins over the worker's above.
@@ -27,11 +27,11 @@ def end_local(previous) -> None:
 
 
 def begin(job_id: str, reporter) -> None:
-    global _reporter, _job_id
+    global _reporter, _job_id, _cancel_early
     _cancel.clear()
     _job_id, _reporter = job_id, reporter
-    if job_id in _cancel_early:
-        _cancel_early.discard(job_id)
+    if job_id == _cancel_early:
+        _cancel_early = None
         _cancel.set()
 
 
@@ -41,11 +41,11 @@ def end() -> None:
 
 
 def request_cancel(job_id: str) -> None:
+    global _cancel_early
     if job_id == _job_id:
         _cancel.set()
     else:
-        _cancel_early.clear()  # only the next job can be meant
-        _cancel_early.add(job_id)
+        _cancel_early = job_id
 
 
 def report_progress(current, total, message) -> None:
@@ -57,9 +57,7 @@ def report_progress(current, total, message) -> None:
 
 def is_cancelled() -> bool:
     local = getattr(_local, "job", None)
-    if local:
-        return local[2].is_set()
-    return _reporter is not None and _cancel.is_set()
+    return local[2].is_set() if local else _reporter is not None and _cancel.is_set()
 
 
 def current_job_id() -> str | None:

@@ -30,7 +30,11 @@ MAX_MESSAGE = 16 * 1024
 MAX_TRACEBACK_LINE = 4 * 1024
 
 
-def _parse(argv):
+def main(argv=None) -> None:
+    # A process group of our own, before any job can start a process: the job
+    # service ends a job's whole process tree with killpg.
+    with contextlib.suppress(OSError):  # then the job service signals this process alone
+        os.setsid()
     parser = argparse.ArgumentParser(prog="twistedlrp.jobs.workers.main")
     parser.add_argument("--settings", required=True)
     parser.add_argument("--pythonpath", action="append", default=[])
@@ -38,15 +42,7 @@ def _parse(argv):
     parser.add_argument("--max-payload", type=int, required=True)
     # Fork workers on request (twistedlrp.jobs.workers.preload).
     parser.add_argument("--template", action="store_true")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    # A process group of our own, before any job can start a process: the job
-    # service ends a job's whole process tree with killpg.
-    with contextlib.suppress(OSError):  # then the job service signals this process alone
-        os.setsid()
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     # Were we still in the server's group, its Ctrl-C must not stop us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -194,7 +190,6 @@ class Conversation:
         self._write_lock = threading.Lock()
         self._progress = threading.Condition(threading.Lock())
         self._pending_progress = None
-        self.gone = False
 
     def send(self, box: dict[bytes, bytes]) -> None:
         """Write one box (holding C{_write_lock})."""
@@ -203,16 +198,13 @@ class Conversation:
             try:
                 written = os.write(self.answers, data)
             except OSError:  # the parent is gone
-                self.gone = True
                 return
             data = data[written:]
 
     def serve(self) -> None:
         """Say we are ready, then run until the commands reach end of file."""
-        threading.Thread(target=self._job_thread, name="twistedlrp-job", daemon=True).start()
-        threading.Thread(
-            target=self._progress_thread, name="twistedlrp-progress", daemon=True
-        ).start()
+        for run, name in ((self._job_thread, "job"), (self._progress_thread, "progress")):
+            threading.Thread(target=run, name=f"twistedlrp-{name}", daemon=True).start()
         with self._write_lock:
             self.send({b"_command": b"WorkerReady", b"_ask": b"1", b"pid": b"%d" % os.getpid()})
         reader = BoxReader()
@@ -224,24 +216,12 @@ class Conversation:
             if not data:
                 return
             for box in reader.feed(data):
-                self._received(box)
-
-    def _received(self, box: dict[bytes, bytes]) -> None:
-        command = box.get(b"_command")
-        if command == b"RunJob":
-            self.jobs.put(box)  # read by the job thread
-        elif command == b"CancelJob":
-            _context.request_cancel(box[b"job_id"].decode("utf-8"))
-        elif command is not None and b"_ask" in box:
-            with self._write_lock:
-                self.send(
-                    {
-                        b"_error": box[b"_ask"],
-                        b"_error_code": b"UNHANDLED",
-                        b"_error_description": b"unknown command " + command[:100],
-                    }
-                )
-        # Anything else answers what we sent (WorkerReady): nothing to do.
+                command = box.get(b"_command")
+                if command == b"RunJob":
+                    self.jobs.put(box)  # read by the job thread
+                elif command == b"CancelJob":
+                    _context.request_cancel(box[b"job_id"].decode("utf-8"))
+                # Anything else answers what we sent (WorkerReady): nothing to do.
 
     def _job_thread(self) -> None:
         while True:
@@ -286,7 +266,6 @@ class Conversation:
         box[b"message"] = message[:2000].encode("utf-8", "replace")
         self.send(box)
 
-    # Progress: only the latest report waits; the progress thread sends it.
     def _report(self, job_id, current, total, message) -> None:
         with self._progress:
             self._pending_progress = (job_id, current, total, message)

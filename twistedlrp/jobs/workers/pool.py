@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -22,9 +21,7 @@ _KILLED_ON_PURPOSE = ("retire", "timeout", "cancel", "orphan", "fence")
 
 def standby_ahead(max_jobs: int) -> int:
     """@return: how many jobs before C{max_jobs} a worker's standby successor is started (0: none)."""
-    if max_jobs < 100:
-        return 0
-    return min(50, max_jobs // 20)
+    return 0 if max_jobs < 100 else min(50, max_jobs // 20)
 
 
 class WorkerPool:
@@ -32,26 +29,19 @@ class WorkerPool:
     C{size} warm child processes (L{main}) that run one job at a time, each
     spawned or forked from the worker template (L{preload}) and driven by a
     L{Worker}. One that died before it was ready is replaced after a back-off.
+    @param options: the server's (C{workers}, C{pythonpath}, C{max-job-payload},
+        C{no-worker-template}).
     @param on_ready: C{(worker)}: a worker is free for a job.
     @param on_died: C{(worker, job_id, how)}: a worker running C{job_id} ended.
     @param on_progress: C{(job_id, current, total, message)}.
     """
 
     def __init__(
-        self,
-        reactor,
-        size: int,
-        settings_module: str,
-        pythonpath: list[str],
-        max_payload: int,
-        env: dict,
-        on_ready: Callable,
-        on_died: Callable,
-        on_progress: Callable,
-        fork_from_template: bool = True,
+        self, reactor, options, settings_module: str, env: dict, on_ready, on_died, on_progress
     ):
-        self.reactor, self.size, self.env, self.pythonpath = reactor, size, env, pythonpath
-        self.settings_module, self.max_payload = settings_module, max_payload
+        self.reactor, self.size, self.env = reactor, options["workers"], env
+        self.pythonpath, self.max_payload = list(options["pythonpath"]), options["max-job-payload"]
+        self.settings_module = settings_module
         self._on_ready, self._on_died, self._on_progress = on_ready, on_died, on_progress
         self.workers: list[Worker] = []
         self.stopping = False
@@ -61,7 +51,7 @@ class WorkerPool:
         self.started = self.forked = 0  # workers started; of those, forked from the template
         self.template: preload.WorkerTemplate | None = None
         # Off, or a template could not start: workers are spawned from then on.
-        self._template_broken = not fork_from_template
+        self._template_broken = options.get("no-worker-template", False)
 
     def start(self) -> None:
         for _ in range(self.size):
@@ -85,7 +75,7 @@ class WorkerPool:
             return None
         self._count += 1
         worker = Worker(self, standby)
-        if self.template is None or not self.template.fork(worker, str(self._count)):
+        if self.template is None or not self.template.fork_worker(worker, str(self._count)):
             args, env = self._child_command(str(self._count))
             fds = {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"}
             self.reactor.spawnProcess(worker, args[0], args, env, os.getcwd(), childFDs=fds)
@@ -122,12 +112,12 @@ class WorkerPool:
                 names=", ".join(threads[:10]),
             )
 
-    def _template_ended(self, ended: preload.WorkerTemplate, was_ready: bool, exit) -> None:
+    def _template_ended(self, ended: preload.WorkerTemplate, exit) -> None:
         if self.template is ended:
             self.template = None
         if self.stopping:
             return
-        if not was_ready:
+        if not ended.was_ready:
             self._template_broken = True
             log.error(
                 "The worker template {how} before it was ready; workers are started "
@@ -172,7 +162,7 @@ class WorkerPool:
         if self.stopping:
             if not self.workers:
                 if self.template:
-                    self.template.stop()
+                    self.template.close()
                 self._all_ended.fire()
             return
         if worker.standby:  # it ended before it took over: its worker is replaced as usual
@@ -187,14 +177,12 @@ class WorkerPool:
                     successor=worker.successor.pid,
                 )
             self._on_ready(worker.successor)
+        elif worker.succeeded:  # its successor has taken its place, or will once ready
             return
-        if worker.succeeded:  # its successor has taken its place, or will once ready
-            return
-        if worker.pid is None:
+        elif worker.pid is None:
             log.info("A worker {how}: starting it directly", how=how)
             self.spawn()
-            return
-        if not worker.was_ready and worker.kill_reason is None:
+        elif not worker.was_ready and worker.kill_reason is None:
             # Something in the site or the environment is wrong: do not spin.
             delay = self._start_backoff.next()
             log.error(
@@ -270,7 +258,7 @@ class WorkerPool:
             if worker.state in ("idle", "starting", "standby"):
                 worker.retire()
         if not self.workers and self.template:
-            self.template.stop()
+            self.template.close()
 
     def kill_all(self, reason: str = "shutdown") -> None:
         """SIGKILL every child, and every process of its group, at once."""

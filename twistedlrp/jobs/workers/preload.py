@@ -45,8 +45,7 @@ class ForkedProcess:
         self.proto.childDataReceived(name, data)
 
     def childConnectionLost(self, name, reason):
-        pipe = self.pipes.pop(name, None)
-        if pipe is not None:
+        if (pipe := self.pipes.pop(name, None)) is not None:
             with contextlib.suppress(OSError):
                 os.close(pipe.fileno())
         self._tell("childConnectionLost", name)
@@ -117,49 +116,37 @@ class _ExitWatcher(abstract.FileDescriptor):
         self._on_exit()
 
 
-class WorkerTemplate:
+class WorkerTemplate(ForkServerProcess):
     """
-    One template process. C{state}: C{starting}, C{ready}, C{ended}.
+    One template process, the fork server of L{main.serve_template}.
     @param on_ready: called, once it can fork, with the names of its other
         threads (which forked workers do not have).
-    @param on_ended: C{(template, was_ready, exit)}.
+    @param on_ended: C{(template, exit)}.
     """
 
     def __init__(self, reactor, on_ready: Callable, on_ended: Callable):
-        self.reactor, self._on_ready, self._on_ended = reactor, on_ready, on_ended
-        self.server = ForkServerProcess(reactor, self._message, self._ended, self._output)
+        super().__init__(reactor, self._message, self._ended, self._output)
+        self._on_ready, self._on_ended = on_ready, on_ended
         self._numbers = itertools.count(1)
         self._pending: dict[int, ForkedProcess] = {}  # forks asked for, by request number
         self._children: dict[int, ForkedProcess] = {}
 
-    @property
-    def pid(self) -> int | None:
-        return self.server.pid
-
-    @property
-    def state(self) -> str:
-        return self.server.state
-
     def start(self, args: list[str], env: dict, path: str) -> None:
         """@raise OSError: it could not be started."""
-        self.server.spawn(args, env, {0: "w", 1: "r", 2: "r"}, 3, path)
-        self.server.transport.closeChildFD(0)
+        self.spawn(args, env, {0: "w", 1: "r", 2: "r"}, 3, path)
+        self.transport.closeChildFD(0)
 
-    def fork(self, worker, worker_id: str) -> bool:
+    def fork_worker(self, worker, worker_id: str) -> bool:
         """
         Ask for a worker driven by C{worker}, connected at once (a template still
         starting finds the request when ready). @return: whether it was sent.
         """
-        ours: dict[int, int] = {}
-        theirs: list[int] = []
-        for child_fd in FORK_FDS:
-            read_end, write_end = os.pipe()
-            # fd 3 carries commands to the child; the others come from it.
-            mine, child = (write_end, read_end) if child_fd == 3 else (read_end, write_end)
-            ours[child_fd] = mine
-            theirs.append(child)
+        pipes = {child_fd: os.pipe() for child_fd in FORK_FDS}
+        # fd 3 carries commands to the child (it reads it); the others come from it.
+        ours = {fd: pipe[1] if fd == 3 else pipe[0] for fd, pipe in pipes.items()}
+        theirs = [pipe[0] if fd == 3 else pipe[1] for fd, pipe in pipes.items()]
         number = next(self._numbers)
-        if not self.server.fork({"index": number, "worker_id": worker_id}, theirs):
+        if not self.fork({"index": number, "worker_id": worker_id}, theirs):
             for fd in ours.values():
                 os.close(fd)
             return False
@@ -173,8 +160,7 @@ class WorkerTemplate:
         if event == "ready":
             self._on_ready([str(name) for name in message.get("threads") or []])
         elif event == "forked":
-            forked = self._pending.pop(message["index"], None)
-            if forked is not None:
+            if (forked := self._pending.pop(message["index"], None)) is not None:
                 forked.pid = message["pid"]
                 self._children[forked.pid] = forked
                 forked.proto.forked(forked.pid)
@@ -184,12 +170,8 @@ class WorkerTemplate:
             if forked is not None:
                 forked.exited(Exit(lost=f"was not forked ({message.get('error')})"))
         elif event == "exited":
-            forked = self._children.pop(message["pid"], None)
-            if forked is not None:
+            if (forked := self._children.pop(message["pid"], None)) is not None:
                 forked.exited(Exit(message.get("code"), message.get("signal")))
-
-    def stop(self) -> None:
-        self.server.close()
 
     def _output(self, fd: int, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip()
@@ -209,7 +191,4 @@ class WorkerTemplate:
                 with contextlib.suppress(OSError):
                     os.killpg(forked.pid, signal.SIGKILL)
                 forked.exited(Exit(lost="was killed with the worker template"))
-        self._on_ended(self, server.was_ready, ended)
-
-    def output(self) -> str:
-        return self.server.output()
+        self._on_ended(self, ended)

@@ -38,26 +38,6 @@ _LEVELS = {name: getattr(LogLevel, name) for name in ("debug", "info", "warn", "
 _DRAIN_LIMIT = 1024 * 1024
 
 
-class _PipeTransport:
-    """The transport AMP sees (it only writes and loses it): writes go to the child's fd 3."""
-
-    disconnecting = False
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-
-    def write(self, data: bytes) -> None:
-        worker = self.worker
-        if worker.transport is not None and not self.disconnecting and not worker.exited:
-            with contextlib.suppress(KeyError):  # the pipe is closed already
-                worker.transport.writeToChild(3, data)
-
-    def loseConnection(self) -> None:
-        if not self.disconnecting and self.worker.transport is not None:
-            self.disconnecting = True
-            self.worker.transport.closeChildFD(3)
-
-
 class _ParentProtocol(wire.QuietAMP):
     def __init__(self, worker: Worker):
         super().__init__()
@@ -85,7 +65,11 @@ class Worker(protocol.ProcessProtocol):
     """
     One child process. C{state}: C{starting}, C{idle}, C{busy}, C{standby}
     (ready to succeed a worker about to be replaced), C{retiring}, C{dead}.
+    It is its AMP's transport too (AMP only writes and loses it): writes go to
+    the child's fd 3.
     """
+
+    disconnecting = False
 
     def __init__(self, pool: WorkerPool, standby: bool = False):
         self.pool = pool
@@ -113,7 +97,17 @@ class Worker(protocol.ProcessProtocol):
     def connectionMade(self):
         self.pid = self.transport.pid
         self.transport.closeChildFD(0)  # jobs that read stdin see end of file
-        self.amp.makeConnection(_PipeTransport(self))
+        self.amp.makeConnection(self)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.disconnecting and not self.exited:
+            with contextlib.suppress(KeyError):  # the pipe is closed already
+                self.transport.writeToChild(3, data)
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting and self.transport is not None:
+            self.disconnecting = True
+            self.transport.closeChildFD(3)
 
     def forked(self, pid: int) -> None:
         self.pid = pid
@@ -148,14 +142,10 @@ class Worker(protocol.ProcessProtocol):
             self.transport.closeChildFD(fd)
         self.pool.on_ended(self, str(Exit.of(reason)))
 
-    def processEnded(self, reason):
-        self.state = "dead"
-
     def _drain(self) -> None:
         pipes = getattr(self.transport, "pipes", {})
         for fd in (1, 2, 4):  # output first: the answer, read last, finds all of it
-            reader = pipes.get(fd)
-            if reader is None:
+            if (reader := pipes.get(fd)) is None:
                 continue
             budget = _DRAIN_LIMIT
             while budget > 0:
@@ -266,7 +256,7 @@ class Worker(protocol.ProcessProtocol):
         # It exits on end of file of its command pipe.
         self.state = "retiring"
         self.kill_reason = self.kill_reason or "retire"
-        self.amp.transport.loseConnection()
+        self.loseConnection()
 
     def rss_mb(self) -> float:
         """@return: the child's resident memory in MB (0 if unknown)."""
