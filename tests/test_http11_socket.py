@@ -24,6 +24,7 @@ HELLO = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
 WRITE_TIMEOUT = 1.0
 PIECES = [10, 70_000, 3, 300_000, 1, 65_536, 500_000, 20, 4_000_000, 7, 200_000, 2, 6_000_000, 5]
 BLOCK_SECONDS = 4.0
+LOG_SECONDS = 1.0
 
 
 def serve() -> None:
@@ -59,6 +60,12 @@ def serve() -> None:
             self.paused = True
 
     class Site(LRPSite):
+        def log(self, request):
+            super().log(request)
+            if request.path == b"/logged-slowly":
+                # The log is slow: the answer must not be out before it is done.
+                time.sleep(LOG_SECONDS)
+
         def handle(self, request):
             if request.path == b"/big":
                 big = Big(request)
@@ -213,6 +220,16 @@ def test_an_answer_is_on_the_wire_before_the_reactor_turns_again(port):
         # answer left to the reactor's next turn would come after that.
         sock.settimeout(BLOCK_SECONDS / 2)
         answer = _read_until(sock, b"early\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_an_answer_leaves_only_once_it_is_logged(port):
+    with _connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /logged-slowly HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = _read_until(sock, b"not found\n")
+        # What a client has seen is in the metrics and the access log already.
+        assert time.monotonic() - started >= LOG_SECONDS
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
