@@ -119,11 +119,6 @@ class _Named(service.Service):
         return self.wrapped.stopService()
 
 
-def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
-    """@return: a Deferred of C{hook()}'s result (maybeDeferred awaits a coroutine too)."""
-    return defer.maybeDeferred(hook)
-
-
 def hook_name(hook: Callable[[], Any]) -> str:
     module = getattr(hook, "__module__", None) or "?"
     return f"{module}.{getattr(hook, '__qualname__', repr(hook))}"
@@ -148,7 +143,7 @@ class StartupHooks(service.Service):
             if not self.running:
                 return  # The server began stopping.
             try:
-                await run_hook(hook)
+                await defer.maybeDeferred(hook)
             except Exception as e:
                 raise StartupFailed(
                     f"start-up hook {hook_name(hook)} failed: {type(e).__name__}: {e}"
@@ -177,7 +172,7 @@ class _Hook(service.Service):
         self.name = self.stop_description = f"shut-down hook {hook_name(hook)}"
 
     def stopService(self) -> defer.Deferred:
-        return run_hook(self.hook)
+        return defer.maybeDeferred(self.hook)
 
 
 def _reset() -> None:
