@@ -31,6 +31,7 @@ class Server(OrderedService):
 
     name = "lrp"
     role = scope = ""
+    running_text = "twistedlrp running"
     channel = None
     web_processes = None
 
@@ -148,7 +149,7 @@ class Server(OrderedService):
     def _running(self) -> None:
         ports = self.web.ports if self.web is not None else []
         log.info(
-            "twistedlrp running (pid {pid}): {addresses}, {threads} threads",
+            self.running_text + " (pid {pid}): {addresses}, {threads} threads",
             pid=os.getpid(),
             addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
             threads=self.options["threads"] if self.web is not None else 0,
@@ -244,6 +245,7 @@ class WebProcessServer(Server):
     """One web process of C{--web-workers}: the site on inherited C{sockets}, plain hooks."""
 
     role, scope = "web", "each"
+    running_text = "twistedlrp web process running"
 
     def __init__(self, options, application, job_client, sockets, channel, reactor=None):
         super().__init__(options, reactor)
@@ -263,12 +265,7 @@ class WebProcessServer(Server):
 
     def _running(self) -> None:
         self.channel.send_status()
-        log.info(
-            "twistedlrp web process running (pid {pid}): {addresses}, {threads} threads",
-            pid=os.getpid(),
-            addresses=", ".join(_describe_port(p) for p in self.web.ports) or "no HTTP port",
-            threads=self.options["threads"],
-        )
+        super()._running()
 
     def _second_signal(self, name: str) -> None:
         # SIGTERM to the whole group (systemd) and the main process's own:
