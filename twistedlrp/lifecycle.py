@@ -89,11 +89,8 @@ def add_service(name: str, svc: service.IService, *, once: bool = False) -> serv
 
 
 def in_scope(scope: str, once: bool) -> bool:
-    """
-    @param scope: C{"all"} (one process), C{"once"} (the main process of
-        several web processes) or C{"each"} (a web process).
-    @return: whether a hook or service registered with C{once} runs there.
-    """
+    """@return: whether what was registered with C{once} runs in C{scope}: C{"all"} (one
+    process), C{"once"} (the main one of several web processes) or C{"each"} (a web process)."""
     return scope == "all" or (scope == "once") == once
 
 

@@ -169,10 +169,7 @@ class ForkServerProcess:
         return self.control is not None and self.control.send(message, fds)
 
     def fork(self, request: dict, fds: list[int]) -> bool:
-        """
-        Ask for a child: C{request} (its C{"index"} names it in the answers)
-        with C{fds}, closed once answered; @return: whether it was asked.
-        """
+        """@return: whether a child was asked (C{index} names the answers, which close C{fds})."""
         if self.state == "ended" or not self.send({"op": "fork", **request}, fds):
             _close(fds)
             return False

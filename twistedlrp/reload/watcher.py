@@ -52,8 +52,6 @@ def make_watcher(reactor, roots, on_change):
 
 
 class _BaseWatcher:
-    name = "?"
-
     def __init__(self, reactor, roots: Iterable[str], on_change: Callable[[list[str]], None]):
         self.reactor = reactor
         self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
