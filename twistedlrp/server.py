@@ -35,9 +35,7 @@ class Server(OrderedService):
     channel = None
     web_processes = None
 
-    def __init__(self, options, reactor=None, job_service=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, options, reactor, job_service=None):
         super().__init__(reactor, options["graceful-timeout"])
         self.options = options
         self.state = "starting"
@@ -202,7 +200,7 @@ class SingleServer(Server):
 
     role, scope = "single", "all"
 
-    def __init__(self, options, application, jobs=(None, None), reactor=None):
+    def __init__(self, options, application, jobs, reactor):
         job_service, job_client = jobs
         super().__init__(options, reactor, job_service)
         pool = None
@@ -218,7 +216,7 @@ class MainServer(Server):
 
     role, scope = "main", "once"
 
-    def __init__(self, options, jobs=(None, None), reactor=None):
+    def __init__(self, options, jobs, reactor):
         job_service, job_client = jobs
         super().__init__(options, reactor, job_service)
         from twistedlrp.web.processes import WebProcesses
@@ -247,7 +245,7 @@ class WebProcessServer(Server):
     role, scope = "web", "each"
     running_text = "twistedlrp web process running"
 
-    def __init__(self, options, application, job_client, sockets, channel, reactor=None):
+    def __init__(self, options, application, job_client, sockets, channel, reactor):
         super().__init__(options, reactor)
         self.channel = channel
         sections = {"jobs": channel.jobs_section, "web_workers": channel.workers_section}
@@ -283,7 +281,7 @@ class _Closer(service.Service):
         return self.close()
 
 
-def build_server(options, reactor=None) -> Server:
+def build_server(options) -> Server:
     """
     @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
     @raise twistedlrp.boot.BootError: Django could not be set up.
@@ -297,15 +295,15 @@ def build_server(options, reactor=None) -> Server:
     application = boot.load_wsgi_application() if web else None
     boot.import_app_modules("lrp")
 
+    from twisted.internet import reactor
+
     from twistedlrp.jobs.wiring import job_services
 
-    if reactor is None:
-        from twisted.internet import reactor
     jobs = job_services(reactor, options)
     if web and options["web-workers"] > 1:
-        server = MainServer(options, jobs, reactor=reactor)
+        server = MainServer(options, jobs, reactor)
     else:
-        server = SingleServer(options, application, jobs, reactor=reactor)
+        server = SingleServer(options, application, jobs, reactor)
     boot.close_connections()
     return server
 
