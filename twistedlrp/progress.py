@@ -50,10 +50,7 @@ def user_key(request=None, user=None) -> str | None:
 
 
 def make_token(job_id, user: str | None = None) -> str:
-    """
-    @return: a URL-safe token to follow job C{job_id} for C{user} (a L{user_key}).
-    @raise ValueError: C{job_id} is not a UUID.
-    """
+    """@return: a token to follow job C{job_id} for C{user}; @raise ValueError: not a UUID."""
     return signing.dumps({"j": _job_id(job_id), "u": user}, salt=SALT, compress=False)
 
 

@@ -282,10 +282,7 @@ class _Closer(service.Service):
 
 
 def build_server(options) -> Server:
-    """
-    @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
-    @raise twistedlrp.boot.BootError: Django could not be set up.
-    """
+    """@return: a L{SingleServer}, or L{MainServer} (C{--web-workers} above 1); @raise BootError."""
     reactor_bridge.serving_reactor()
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))

@@ -53,10 +53,7 @@ class ForkServer:
         return self.control.send(message)
 
     def serve(self, on_message=None) -> dict | None:
-        """
-        Fork a child for each request, pass other messages to C{on_message}, reap the children.
-        @return: C{None} once the control channel closed; in a child, its request.
-        """
+        """Fork for each request; @return: C{None} at the channel's end; in a child, its request."""
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         selector = selectors.DefaultSelector()

@@ -201,7 +201,6 @@ class PollingWatcher(_BaseWatcher):
         self._fresh_dirs: set[str] = set()
         self._loop = task.LoopingCall(self._poll)
         self._loop.clock = reactor
-        self._scanning = False
 
     def start(self) -> None:
         self.running = True
@@ -221,10 +220,8 @@ class PollingWatcher(_BaseWatcher):
         # So are the files of a template directory watched or dropped now.
         self._fresh_dirs |= moved
 
-    def _poll(self):
-        if self._scanning:
-            return
-        self._scanning = True
+    def _poll(self) -> defer.Deferred:
+        # The loop waits for the scan: the next starts at a later interval.
         fresh, self._fresh = self._fresh, set()
         fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
         roots, files = list(self.roots), set(self.files)
@@ -232,7 +229,7 @@ class PollingWatcher(_BaseWatcher):
         d = threads.deferToThreadPool(self.reactor, pool, _scan, roots, files, self.template_dirs)
         d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
-        d.addBoth(lambda _: setattr(self, "_scanning", False))
+        return d
 
     def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
         old, self._snapshot = self._snapshot, snapshot
