@@ -124,7 +124,7 @@ class EventWatcher(_BaseWatcher):
         self.running = False
         for _, stop in self._threads.values():
             stop.set()
-        # Daemon threads, which notice within 50 ms: nothing waits for them.
+        # Daemon threads, which notice within 50 ms (watchfiles' step): nothing waits for them.
         return defer.succeed(None)
 
     def _files_added(self, new) -> None:
@@ -169,10 +169,7 @@ class EventWatcher(_BaseWatcher):
                 watch_filter=lambda change, path: accept(path),
                 recursive=recursive,
                 stop_event=stop,
-                debounce=1600,
-                step=50,
                 rust_timeout=1000,
-                yield_on_timeout=False,
                 raise_interrupt=False,
                 ignore_permission_denied=True,
             ):
