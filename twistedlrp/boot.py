@@ -16,8 +16,7 @@ from twistedlrp.stdlog import drop_django_console
 
 
 def _log():
-    # Imported on first use: job workers use this module but not Twisted,
-    # which would cost each of them ~15 MiB.
+    # Imported on first use: Twisted would cost each job worker ~15 MiB.
     from twisted.logger import Logger
 
     return Logger(namespace=__name__)
@@ -263,8 +262,7 @@ def load_wsgi_application():
         raise BootError(
             f"cannot load the WSGI application: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
         ) from None
-    # get_wsgi_application() runs django.setup() again, which configures
-    # logging again.
+    # get_wsgi_application() ran django.setup() again, and so configured logging again.
     drop_django_console()
     return application
 

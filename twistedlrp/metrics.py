@@ -34,9 +34,8 @@ class Metrics:
         from prometheus_client import CollectorRegistry, values
 
         self.directory = directory
-        # No auto_describe: it would collect at registration, and collecting
-        # the shared files then races a sibling process creating its own
-        # (an empty file reads as struct.error).
+        # No auto_describe: collecting the shared files at registration races a
+        # sibling process creating its own (an empty file reads as struct.error).
         self.registry = CollectorRegistry(auto_describe=False)
         self._samplers: list[tuple] = []  # (name, doc, label names, read, gauge or None)
         if directory is None:

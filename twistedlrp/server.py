@@ -106,8 +106,7 @@ class Server(OrderedService):
     def startService(self):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
-        # twistd starts services before the reactor runs; our signal handlers
-        # must replace the reactor's.
+        # Once the reactor runs: our signal handlers replace those it installs then.
         self._starting = defer.Deferred()
         self.reactor.callWhenRunning(self._begin)
         return self._starting

@@ -15,8 +15,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-# The job registry imports each app's "tasks" module, this one too: it
-# must import without django.tasks and without the backport.
+# The job registry imports each app's "tasks" module, this one even with no django.tasks.
 try:
     from django.tasks import TaskResultStatus, signals
     from django.tasks.backends.base import BaseTaskBackend
