@@ -138,8 +138,8 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 def twistd_log_file(twistd_options):
     """
-    @return: the file twistd's options say it logs to (a log file rotated on
-        SIGUSR1), or C{None} where twistd's own logging must stay (C{--syslog}).
+    @return: the file twistd's options say it logs to (rotated on SIGUSR1), or
+        C{None} where twistd's own logging must stay (C{--syslog}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None

@@ -129,9 +129,8 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
 
 def configure(role: str, options) -> Metrics | None:
     """
-    Turn this process's metrics on for its C{role}; C{"main"} prepares the shared directory.
-    @return: the metrics (also L{current}), or C{None} when off.
-    @raise twistedlrp.boot.BootError: the directory cannot be made or emptied.
+    Turn this process's metrics on for its C{role}; @return: them (also L{current}), or C{None}.
+    @raise twistedlrp.boot.BootError: the C{main} role cannot make or empty the shared directory.
     """
     global current
     if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:

@@ -53,9 +53,8 @@ class Decoder:
 
 class Channel:
     """
-    The reactor's end (a protocol, and its own factory): messages go to
-    C{on_message}, the reason the connection is gone to C{on_lost}; C{decoder}
-    is the L{BlockingChannel}'s, when it read this socket first.
+    The reactor's end (a protocol, its own factory): messages go to C{on_message}, the reason
+    it is gone to C{on_lost}; C{decoder} is the L{BlockingChannel}'s that read this socket first.
     """
 
     def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):

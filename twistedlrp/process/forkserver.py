@@ -133,10 +133,9 @@ class ForkServer:
 
 class ForkServerProcess:
     """
-    The parent's side, the process protocol of a fork server (C{state}:
-    C{starting}, C{ready}, C{ended}): C{on_message(server, message)},
-    C{on_output(fd, line)}, and C{on_ended(server, exit)} once it exited and
-    its control socket was read to the end (or L{CONTROL_GRACE} s after).
+    The parent's side, a fork server's process protocol (C{state}: starting, ready, ended):
+    C{on_message(server, message)}, C{on_output(fd, line)}, and C{on_ended(server, exit)} once
+    it exited and its control socket was read to the end (or L{CONTROL_GRACE} s after).
     """
 
     def __init__(self, reactor, on_message, on_ended, on_output=None):

@@ -61,9 +61,9 @@ def make_supervisor(options) -> ReloadSupervisor:
 
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
-    @return: a server's C{twistd lrp} arguments: the command line's, C{--config}
-        (re-read at each restart), and C{--listen} adopting our sockets (index N:
-        descriptor 3 + N) or binding again those we could not bind.
+    @return: a server's C{twistd lrp} arguments: the command line's, C{--config} (re-read at
+        each restart), and C{--listen} adopting our sockets (index N: descriptor 3 + N) or
+        binding again those we could not bind.
     """
     args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
