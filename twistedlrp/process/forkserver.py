@@ -229,11 +229,9 @@ class ForkServerProcess:
         self._partial.clear()
 
     def _give_up_control(self) -> None:
+        # Its channel is still open (losing it cancels this): connectionLost follows.
         self._grace = None
-        if self.control is not None and self.control.open:
-            self.control.abort()  # connectionLost follows
-        else:
-            self._control_lost()
+        self.control.abort()
 
     def _maybe_ended(self) -> None:
         if self.exit is None or self.control is not None or self.state == "ended":

@@ -171,10 +171,9 @@ class ReloadSupervisor(service.Service):
         n = len(self.listening)
         control_fd = _FIRST_LISTEN_FD + n
         child = ServerProcess(self, self.count, spare=spare)
-        fds = {0: self._devnull, 1: 1, 2: 2}
+        fds = {_FIRST_LISTEN_FD + index: sock.fileno() for index, sock in enumerate(self.listening)}
+        fds.update({0: self._devnull, 1: 1, 2: 2})
         env = child_environment()
-        for index, sock in enumerate(self.listening):
-            fds[_FIRST_LISTEN_FD + index] = sock.fileno()
         if n:
             env["LISTEN_FDS"] = str(n)
             env["LISTEN_FDNAMES"] = ":".join(f"lrp{i}" for i in range(n))
