@@ -16,8 +16,7 @@ from twistedlrp.stdlog import drop_django_console
 
 
 def _log():
-    # Imported on first use: job workers use this module but not Twisted,
-    # which would cost each of them ~15 MiB.
+    # Imported on first use: Twisted would cost each job worker ~15 MiB.
     from twisted.logger import Logger
 
     return Logger(namespace=__name__)
@@ -36,12 +35,8 @@ def prepare_path(pythonpath: list[str]) -> None:
         sys.path.insert(0, entry)
 
 
-def configure_settings(settings_module: str | None) -> str:
-    """
-    Set C{DJANGO_SETTINGS_MODULE} and import the settings module; @return: its dotted path.
-
-    @raise BootError: no module is named, or it cannot be imported.
-    """
+def configure_settings(settings_module: str | None) -> None:
+    """Set C{DJANGO_SETTINGS_MODULE} and import it; @raise BootError: none named, or no import."""
     if not settings_module:
         raise BootError(
             "no Django settings: pass --settings MODULE or set DJANGO_SETTINGS_MODULE "
@@ -67,15 +62,10 @@ def configure_settings(settings_module: str | None) -> str:
         raise BootError(
             f"settings module {settings_module!r} failed to import: {_last_line(e)}"
         ) from None
-    return settings_module
 
 
 def setup_django(load_urlconf: bool = True) -> None:
-    """
-    C{django.setup()}, the checks, the URLconf (a job node has none) and close the connections.
-
-    @raise BootError: set-up failed or a system check reported an error.
-    """
+    """C{django.setup()}, the checks, the URLconf; @raise BootError: set-up or a check failed."""
     from twistedlrp.onefile import site
 
     django_setup()
@@ -172,10 +162,9 @@ def migrate(options) -> None:
 
 def sqlite_immediate_transactions() -> list[str]:
     """
-    Make SQLite databases with no C{OPTIONS["transaction_mode"]} begin
-    transactions C{IMMEDIATE}: SQLite fails a deferred transaction that read,
-    then writes after another connection committed ("database is locked" at
-    once), and the job service writes concurrently; @return: the aliases changed.
+    Make SQLite transactions with no C{OPTIONS["transaction_mode"]} C{IMMEDIATE} (a deferred
+    one that read, then writes after another connection committed, fails: "database is
+    locked"; the job service writes concurrently); @return: the aliases changed.
     """
     from django.db import connections
 
@@ -256,10 +245,7 @@ def load_root_urlconf() -> None:
 
 
 def load_wsgi_application():
-    """
-    @return: the WSGI application of C{--app} or C{WSGI_APPLICATION}, middleware loaded.
-    @raise BootError: it cannot be imported.
-    """
+    """@return: the WSGI app of C{--app} or C{WSGI_APPLICATION}; @raise BootError: no import."""
     from django.core.exceptions import ImproperlyConfigured
     from django.core.servers.basehttp import get_internal_wsgi_application
 
@@ -276,17 +262,13 @@ def load_wsgi_application():
         raise BootError(
             f"cannot load the WSGI application: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
         ) from None
-    # get_wsgi_application() runs django.setup() again, which configures
-    # logging again.
+    # get_wsgi_application() ran django.setup() again, and so configured logging again.
     drop_django_console()
     return application
 
 
 def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
-    """
-    Import the module C{name} of every installed app (but C{skip}) that has one.
-    @return: the dotted names imported. @raise BootError: one failed to import.
-    """
+    """@return: the apps' C{name} modules (but C{skip}), imported; @raise BootError: one fails."""
     from django.apps import apps
     from django.utils.module_loading import module_has_submodule
 

@@ -46,10 +46,7 @@ STRINGS = Kind(
 
 
 def python_value(option, value):
-    """
-    @return: C{value} for C{option}, normalised (a list, for a repeatable option).
-    @raise usage.UsageError: the value has the wrong type.
-    """
+    """@return: C{value} for C{option}, a list if repeatable; @raise UsageError: a wrong type."""
     name = option.name
     if option.from_python:
         value = option.from_python(value)

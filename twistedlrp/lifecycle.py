@@ -89,11 +89,8 @@ def add_service(name: str, svc: service.IService, *, once: bool = False) -> serv
 
 
 def in_scope(scope: str, once: bool) -> bool:
-    """
-    @param scope: C{"all"} (one process), C{"once"} (the main process of
-        several web processes) or C{"each"} (a web process).
-    @return: whether a hook or service registered with C{once} runs there.
-    """
+    """@return: whether what was registered with C{once} runs in C{scope}: C{"all"} (one
+    process), C{"once"} (the main one of several web processes) or C{"each"} (a web process)."""
     return scope == "all" or (scope == "once") == once
 
 
@@ -117,11 +114,6 @@ class _Named(service.Service):
     def stopService(self):
         super().stopService()
         return self.wrapped.stopService()
-
-
-def run_hook(hook: Callable[[], Any]) -> defer.Deferred:
-    """@return: a Deferred of C{hook()}'s result (maybeDeferred awaits a coroutine too)."""
-    return defer.maybeDeferred(hook)
 
 
 def hook_name(hook: Callable[[], Any]) -> str:
@@ -148,7 +140,7 @@ class StartupHooks(service.Service):
             if not self.running:
                 return  # The server began stopping.
             try:
-                await run_hook(hook)
+                await defer.maybeDeferred(hook)
             except Exception as e:
                 raise StartupFailed(
                     f"start-up hook {hook_name(hook)} failed: {type(e).__name__}: {e}"
@@ -177,7 +169,7 @@ class _Hook(service.Service):
         self.name = self.stop_description = f"shut-down hook {hook_name(hook)}"
 
     def stopService(self) -> defer.Deferred:
-        return run_hook(self.hook)
+        return defer.maybeDeferred(self.hook)
 
 
 def _reset() -> None:

@@ -68,8 +68,7 @@ def json_line(event: dict) -> str:
     when, level = event.get("log_time"), event.get("log_level")
     if when is not None:
         when = datetime.fromtimestamp(when, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-    # A message formatted by its caller (the job lines, the stdlib bridge)
-    # skips Twisted's formatter, a tenth of a millisecond of pure Python.
+    # Formatted by its caller (job lines, stdlib records): Twisted's formatter costs 0.1 ms.
     message = event.get("log_text")
     if event.get("log_format") != "{log_text}" or not isinstance(message, str):
         message = formatEvent(event)
@@ -116,8 +115,7 @@ def text_line(event: dict) -> str | None:
         and "log_failure" not in event
         and "log_system" not in event
     ):
-        # What Twisted's formatter would make of it, without its cost (the
-        # job lines, the access log and stdlib records come this way).
+        # What Twisted's formatter would make of it (job, access and stdlib lines), for less.
         namespace = event.get("log_namespace", "-")
         when = _second_time(event.get("log_time"))
         return f"{when} [{namespace}#{level.name}] {text}\n".replace("\n", "\n\t", text.count("\n"))
@@ -140,8 +138,8 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 def twistd_log_file(twistd_options):
     """
-    @return: the file twistd's options say it logs to (a log file rotated on
-        SIGUSR1), or C{None} where twistd's own logging must stay (C{--syslog}).
+    @return: the file twistd's options say it logs to (rotated on SIGUSR1), or
+        C{None} where twistd's own logging must stay (C{--syslog}).
     """
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None

@@ -34,9 +34,8 @@ class Metrics:
         from prometheus_client import CollectorRegistry, values
 
         self.directory = directory
-        # No auto_describe: it would collect at registration, and collecting
-        # the shared files then races a sibling process creating its own
-        # (an empty file reads as struct.error).
+        # No auto_describe: collecting the shared files at registration races a
+        # sibling process creating its own (an empty file reads as struct.error).
         self.registry = CollectorRegistry(auto_describe=False)
         self._samplers: list[tuple] = []  # (name, doc, label names, read, gauge or None)
         if directory is None:
@@ -130,9 +129,8 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
 
 def configure(role: str, options) -> Metrics | None:
     """
-    Turn this process's metrics on for its C{role}; C{"main"} prepares the shared directory.
-    @return: the metrics (also L{current}), or C{None} when off.
-    @raise twistedlrp.boot.BootError: the directory cannot be made or emptied.
+    Turn this process's metrics on for its C{role}; @return: them (also L{current}), or C{None}.
+    @raise twistedlrp.boot.BootError: the C{main} role cannot make or empty the shared directory.
     """
     global current
     if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:

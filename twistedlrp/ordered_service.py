@@ -46,10 +46,7 @@ class StartupFailed(Exception):
 
 
 async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = None) -> bool:
-    """
-    Wait for C{d} at most C{seconds} (then cancel it, logging C{what}); log its failure.
-    @return: whether C{d} finished (successfully or not) in time.
-    """
+    """@return: whether C{d} finished (or failed, logged) within C{seconds}, else cancelled."""
     d.addTimeout(max(seconds, 0.01), reactor)
     try:
         await d
@@ -63,10 +60,7 @@ async def within(reactor, d: defer.Deferred, seconds: float, what: str | None = 
 
 
 def stop_child(reactor, child: service.IService, deadline: float) -> defer.Deferred:
-    """
-    Stop C{child}, by its C{stop_by(deadline)} if it has one; @return: a Deferred (never
-    failing) of whether it stopped before the deadline (plus L{LATE_STEP_SECONDS}).
-    """
+    """@return: a Deferred (never failing) of whether C{child} stopped by C{deadline}."""
     if hasattr(child, "stop_by"):
         d = defer.maybeDeferred(child.stop_by, deadline)
     else:
@@ -107,10 +101,7 @@ class OrderedService(service.MultiService):
         return defer.ensureDeferred(self.start_children())
 
     async def start_children(self) -> None:
-        """
-        Start each child not started yet, in order (a stop during a slow start stops it too).
-        @raise StartupFailed: a child's start failed (those after it do not start).
-        """
+        """Start each child not started yet, in order; @raise StartupFailed: one failed."""
         for child in list(self):
             if not self.running:
                 return  # Stopping began meanwhile.

@@ -22,10 +22,6 @@ class BadToken(Exception):
     """The token is missing, forged, expired, or for another job or user."""
 
 
-def max_age() -> float:
-    return float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
-
-
 def max_streams() -> int:
     return int(getattr(settings, "LRP_PROGRESS_MAX_STREAMS", DEFAULT_MAX_STREAMS))
 
@@ -54,10 +50,7 @@ def user_key(request=None, user=None) -> str | None:
 
 
 def make_token(job_id, user: str | None = None) -> str:
-    """
-    @return: a URL-safe token to follow job C{job_id} for C{user} (a L{user_key}).
-    @raise ValueError: C{job_id} is not a UUID.
-    """
+    """@return: a token to follow job C{job_id} for C{user}; @raise ValueError: not a UUID."""
     return signing.dumps({"j": _job_id(job_id), "u": user}, salt=SALT, compress=False)
 
 
@@ -69,7 +62,8 @@ def check_token(token: str | None, job_id, user: str | None = None, *, check_use
     if not token:
         raise BadToken("no token (the ?token= the page's job widget was given)")
     try:
-        data = signing.loads(token, salt=SALT, max_age=max_age())
+        max_age = float(getattr(settings, "LRP_PROGRESS_TOKEN_MAX_AGE", DEFAULT_MAX_AGE))
+        data = signing.loads(token, salt=SALT, max_age=max_age)
     except signing.SignatureExpired:
         raise BadToken("the token has expired (reload the page)") from None
     except signing.BadSignature:

@@ -22,8 +22,7 @@ class ShutdownInProgress(RuntimeError):
     """The server is shutting down and no longer runs calls in the reactor."""
 
 
-# "server": twistd lrp runs the reactor; "thread": this module started it.
-_mode: str | None = None
+_serving = False  # twistd lrp runs the reactor: this module never starts one
 _shutting_down = False
 _lock = threading.Lock()
 _pending: set[_Call] = set()
@@ -54,8 +53,13 @@ def _reactor():
 
 def serving_reactor() -> None:
     """Note that twistd owns the reactor: never start one in a thread."""
-    global _mode
-    _mode = "server"
+    global _serving
+    _serving = True
+
+
+def twistd_runs_reactor() -> bool:
+    """@return: whether twistd lrp runs this process's reactor (never one started here)."""
+    return _serving
 
 
 def in_reactor_thread() -> bool:
@@ -73,11 +77,11 @@ def begin_shutdown() -> None:
 
 
 def _ensure_running(timeout: float) -> None:
-    global _mode, _reactor_thread
+    global _reactor_thread
     reactor = _reactor()
     if reactor.running:
         return
-    if _mode == "server":
+    if _serving:
         if threading.current_thread() is threading.main_thread():
             raise RuntimeError(
                 "call_in_reactor() needs a running reactor; the server has not started it "
@@ -88,7 +92,6 @@ def _ensure_running(timeout: float) -> None:
         if _reactor_thread is None:
             started = threading.Event()
             reactor.callWhenRunning(started.set)
-            _mode = "thread"
             run = lambda: reactor.run(installSignalHandlers=False)  # noqa: E731
             _reactor_thread = threading.Thread(target=run, name="twistedlrp-reactor", daemon=True)
             _reactor_thread.start()

@@ -31,12 +31,11 @@ class Server(OrderedService):
 
     name = "lrp"
     role = scope = ""
+    running_text = "twistedlrp running"
     channel = None
     web_processes = None
 
-    def __init__(self, options, reactor=None, job_service=None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, options, reactor, job_service=None):
         super().__init__(reactor, options["graceful-timeout"])
         self.options = options
         self.state = "starting"
@@ -107,8 +106,7 @@ class Server(OrderedService):
     def startService(self):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
-        # twistd starts services before the reactor runs; our signal handlers
-        # must replace the reactor's.
+        # Once the reactor runs: our signal handlers replace those it installs then.
         self._starting = defer.Deferred()
         self.reactor.callWhenRunning(self._begin)
         return self._starting
@@ -148,7 +146,7 @@ class Server(OrderedService):
     def _running(self) -> None:
         ports = self.web.ports if self.web is not None else []
         log.info(
-            "twistedlrp running (pid {pid}): {addresses}, {threads} threads",
+            self.running_text + " (pid {pid}): {addresses}, {threads} threads",
             pid=os.getpid(),
             addresses=", ".join(_describe_port(p) for p in ports) or "no HTTP port",
             threads=self.options["threads"] if self.web is not None else 0,
@@ -201,7 +199,7 @@ class SingleServer(Server):
 
     role, scope = "single", "all"
 
-    def __init__(self, options, application, jobs=(None, None), reactor=None):
+    def __init__(self, options, application, jobs, reactor):
         job_service, job_client = jobs
         super().__init__(options, reactor, job_service)
         pool = None
@@ -217,7 +215,7 @@ class MainServer(Server):
 
     role, scope = "main", "once"
 
-    def __init__(self, options, jobs=(None, None), reactor=None):
+    def __init__(self, options, jobs, reactor):
         job_service, job_client = jobs
         super().__init__(options, reactor, job_service)
         from twistedlrp.web.processes import WebProcesses
@@ -244,8 +242,9 @@ class WebProcessServer(Server):
     """One web process of C{--web-workers}: the site on inherited C{sockets}, plain hooks."""
 
     role, scope = "web", "each"
+    running_text = "twistedlrp web process running"
 
-    def __init__(self, options, application, job_client, sockets, channel, reactor=None):
+    def __init__(self, options, application, job_client, sockets, channel, reactor):
         super().__init__(options, reactor)
         self.channel = channel
         sections = {"jobs": channel.jobs_section, "web_workers": channel.workers_section}
@@ -263,12 +262,7 @@ class WebProcessServer(Server):
 
     def _running(self) -> None:
         self.channel.send_status()
-        log.info(
-            "twistedlrp web process running (pid {pid}): {addresses}, {threads} threads",
-            pid=os.getpid(),
-            addresses=", ".join(_describe_port(p) for p in self.web.ports) or "no HTTP port",
-            threads=self.options["threads"],
-        )
+        super()._running()
 
     def _second_signal(self, name: str) -> None:
         # SIGTERM to the whole group (systemd) and the main process's own:
@@ -286,11 +280,8 @@ class _Closer(service.Service):
         return self.close()
 
 
-def build_server(options, reactor=None) -> Server:
-    """
-    @return: a L{SingleServer}, or a L{MainServer} with C{--web-workers} above 1.
-    @raise twistedlrp.boot.BootError: Django could not be set up.
-    """
+def build_server(options) -> Server:
+    """@return: a L{SingleServer}, or L{MainServer} (C{--web-workers} above 1); @raise BootError."""
     reactor_bridge.serving_reactor()
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
@@ -300,15 +291,15 @@ def build_server(options, reactor=None) -> Server:
     application = boot.load_wsgi_application() if web else None
     boot.import_app_modules("lrp")
 
+    from twisted.internet import reactor
+
     from twistedlrp.jobs.wiring import job_services
 
-    if reactor is None:
-        from twisted.internet import reactor
     jobs = job_services(reactor, options)
     if web and options["web-workers"] > 1:
-        server = MainServer(options, jobs, reactor=reactor)
+        server = MainServer(options, jobs, reactor)
     else:
-        server = SingleServer(options, application, jobs, reactor=reactor)
+        server = SingleServer(options, application, jobs, reactor)
     boot.close_connections()
     return server
 

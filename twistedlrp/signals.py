@@ -56,11 +56,10 @@ def set_exit_code(code: int) -> None:
 
 def end_at_exit(reactor) -> None:
     """
-    At interpreter exit, after the other exit handlers, end the process with
-    the status L{set_exit_code} set; after a clean stop, without the
-    interpreter's finalisation (0.4-0.5 s of CPU freeing a Django site, as
-    gunicorn's children skip it). An uncaught exception (C{sys.last_value})
-    with no status set, and an exit before the reactor stopped, are Python's.
+    At interpreter exit, after the other exit handlers, end the process with the status
+    L{set_exit_code} set; after a clean stop, without the interpreter's finalisation (0.4-0.5 s
+    of CPU freeing a Django site, as gunicorn's children skip it). An uncaught exception
+    (C{sys.last_value}) with no status set, and an exit before the reactor stopped, are Python's.
     """
     stopped = []
     reactor.addSystemEventTrigger("after", "shutdown", stopped.append, True)

@@ -25,10 +25,7 @@ _NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 
 def drop_django_console() -> int:
-    """
-    Remove Django's C{console} handler where records reach a root handler of
-    ours (it would print them twice); @return: how many were removed.
-    """
+    """Remove Django's C{console} handlers that print what ours do; @return: how many."""
     root = logging.getLogger()
     if not any(getattr(h, "_twistedlrp", False) for h in root.handlers):
         return 0

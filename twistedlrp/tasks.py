@@ -15,8 +15,7 @@ from asgiref.sync import sync_to_async
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-# The job registry imports each app's "tasks" module, this one too: it
-# must import without django.tasks and without the backport.
+# The job registry imports each app's "tasks" module, this one even with no django.tasks.
 try:
     from django.tasks import TaskResultStatus, signals
     from django.tasks.backends.base import BaseTaskBackend
@@ -80,10 +79,8 @@ else:
 
         def enqueue(self, task, args, kwargs):
             """
-            Submit C{task} as a job (part of the open C{transaction.atomic()}, if any).
-            @return: a C{TaskResult}, READY (or an existing job's, de-duplicated).
-            @raise InvalidTask: (C{InvalidTaskError} in the backport) it cannot run here.
-            @raise twistedlrp.jobs.JobError: the job service refused it or cannot be reached.
+            Submit C{task} as a job; @return: its READY C{TaskResult}. @raise InvalidTask: (or
+            InvalidTaskError) it cannot run. @raise twistedlrp.jobs.JobError: the service failed.
             """
             from twistedlrp.jobs.client import calls as client
 
@@ -111,9 +108,8 @@ else:
 
         def get_result(self, result_id):
             """
-            @return: the C{TaskResult} of the job C{result_id}, as it is now.
-            @raise TaskResultDoesNotExist: no job has this id, or it is not a task.
-            @raise twistedlrp.jobs.JobServiceUnavailable: the job service cannot be reached.
+            @return: the C{TaskResult} of the job C{result_id}, as it is now. @raise
+            TaskResultDoesNotExist: no such task. @raise JobServiceUnavailable: no service.
             """
             from twistedlrp.jobs import UnknownJob
             from twistedlrp.jobs.client import calls as client
@@ -198,15 +194,10 @@ def exception_class_path(error: str) -> str:
     """
     lines = error.splitlines()
     frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    if not frames:
-        return _SERVICE_ERROR
-    i = frames[-1] + 1
-    # The source line and the carets under it are indented.
-    while i < len(lines) and lines[i].startswith("    "):
-        i += 1
-    if i >= len(lines):
-        return _SERVICE_ERROR
-    name = lines[i].split(":", 1)[0].strip()
+    after = lines[frames[-1] + 1 :] if frames else []
+    # The first line past the last frame's source line and carets (indented).
+    last = next((line for line in after if not line.startswith("    ")), "")
+    name = last.split(":", 1)[0].strip()
     if not name or " " in name:
         return _SERVICE_ERROR
     return name if "." in name else f"builtins.{name}"

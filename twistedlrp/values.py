@@ -37,8 +37,7 @@ def whole(minimum: int = 1) -> Callable[[str, Any], int]:
 
 def cpu_count() -> int:
     """@return: the cores this process may use (C{os.process_cpu_count()} from Python 3.13)."""
-    count = getattr(os, "process_cpu_count", None)
-    return (count() if count is not None else None) or os.cpu_count() or 1
+    return getattr(os, "process_cpu_count", os.cpu_count)() or 1
 
 
 def count_or_auto(option: str, value) -> int:

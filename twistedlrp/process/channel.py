@@ -53,9 +53,8 @@ class Decoder:
 
 class Channel:
     """
-    The reactor's end (a protocol, and its own factory): messages go to
-    C{on_message}, the reason the connection is gone to C{on_lost}; C{decoder}
-    is the L{BlockingChannel}'s, when it read this socket first.
+    The reactor's end (a protocol, its own factory): messages go to C{on_message}, the reason
+    it is gone to C{on_lost}; C{decoder} is the L{BlockingChannel}'s that read this socket first.
     """
 
     def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):
@@ -95,10 +94,7 @@ class Channel:
             self.on_lost(reason)
 
     def send(self, message: dict, fds=()) -> bool:
-        """
-        Send C{message} with the descriptors C{fds} (open until the other end
-        answers: they go when the socket is writable); @return: whether it was sent.
-        """
+        """@return: whether C{message} went, with C{fds} (close them once the other end answers)."""
         if self.transport is None:
             return False
         if fds:
@@ -127,10 +123,7 @@ def adopt(reactor, sock: socket.socket, channel: Channel) -> Channel:
 
 
 def spawn(reactor, protocol, channel: Channel, args, env, child_fds, control_fd, path=None):
-    """
-    Spawn C{sys.executable} with C{args}, the other end of C{channel} at C{control_fd}.
-    @return: C{channel}, connected. @raise OSError: it could not be spawned.
-    """
+    """@return: C{channel}, to C{sys.executable} C{args} at its C{control_fd}; @raise OSError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child_fds = {**child_fds, control_fd: theirs.fileno()}
     try:

@@ -53,10 +53,7 @@ class ForkServer:
         return self.control.send(message)
 
     def serve(self, on_message=None) -> dict | None:
-        """
-        Fork a child for each request, pass other messages to C{on_message}, reap the children.
-        @return: C{None} once the control channel closed; in a child, its request.
-        """
+        """Fork for each request; @return: C{None} at the channel's end; in a child, its request."""
         signal.set_wakeup_fd(self._wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         selector = selectors.DefaultSelector()
@@ -136,10 +133,9 @@ class ForkServer:
 
 class ForkServerProcess:
     """
-    The parent's side, the process protocol of a fork server (C{state}:
-    C{starting}, C{ready}, C{ended}): C{on_message(server, message)},
-    C{on_output(fd, line)}, and C{on_ended(server, exit)} once it exited and
-    its control socket was read to the end (or L{CONTROL_GRACE} s after).
+    The parent's side, a fork server's process protocol (C{state}: starting, ready, ended):
+    C{on_message(server, message)}, C{on_output(fd, line)}, and C{on_ended(server, exit)} once
+    it exited and its control socket was read to the end (or L{CONTROL_GRACE} s after).
     """
 
     def __init__(self, reactor, on_message, on_ended, on_output=None):
@@ -169,10 +165,7 @@ class ForkServerProcess:
         return self.control is not None and self.control.send(message, fds)
 
     def fork(self, request: dict, fds: list[int]) -> bool:
-        """
-        Ask for a child: C{request} (its C{"index"} names it in the answers)
-        with C{fds}, closed once answered; @return: whether it was asked.
-        """
+        """@return: whether a child was asked (C{index} names the answers, which close C{fds})."""
         if self.state == "ended" or not self.send({"op": "fork", **request}, fds):
             _close(fds)
             return False
@@ -236,11 +229,9 @@ class ForkServerProcess:
         self._partial.clear()
 
     def _give_up_control(self) -> None:
+        # Its channel is still open (losing it cancels this): connectionLost follows.
         self._grace = None
-        if self.control is not None and self.control.open:
-            self.control.abort()  # connectionLost follows
-        else:
-            self._control_lost()
+        self.control.abort()
 
     def _maybe_ended(self) -> None:
         if self.exit is None or self.control is not None or self.state == "ended":

@@ -21,10 +21,7 @@ if TYPE_CHECKING:
 
 
 class ServerProcess(protocol.ProcessProtocol):
-    """
-    C{state}: C{"spare"} (Django imported, waiting to boot), C{"booting"},
-    C{"gated"} (set up, waiting to be let run), C{"serving"}, C{"stopping"}, C{"ended"}.
-    """
+    """C{state}: spare (waits to boot), booting, gated (waits to run), serving, stopping, ended."""
 
     def __init__(self, supervisor: ReloadSupervisor, number: int, spare: bool = False):
         self.supervisor = supervisor

@@ -20,6 +20,8 @@ import sys
 import sysconfig
 import traceback
 
+from twisted.logger import Logger
+
 from twistedlrp.process.channel import BlockingChannel, Channel, adopt
 from twistedlrp.process.forkserver import preimport
 from twistedlrp.signals import set_exit_code
@@ -42,6 +44,7 @@ PREIMPORT = """
 FILES_INTERVAL = 2.0
 
 _TRACEBACK_FILE = re.compile(r'File "([^"]+)", line \d+')
+log = Logger(namespace="twistedlrp.reload")
 
 
 class _Reporter:
@@ -127,19 +130,13 @@ def _report_builds(channel: _Reporter) -> None:
     tap.wrap_builds(build_and_report)
 
 
-def _log():
-    from twisted.logger import Logger
-
-    return Logger(namespace="twistedlrp.reload")
-
-
 def _template_dirs() -> list[str]:
     from twistedlrp.reload.templates import template_directories
 
     try:
         return template_directories()
     except Exception as e:
-        _log().warn(
+        log.warn(
             "The template directories are unknown ({error}): template changes are not watched",
             error=f"{type(e).__name__}: {e}",
         )
@@ -156,12 +153,12 @@ def _watch_supervisor(reporter: _Reporter, service=None) -> None:
             try:
                 reload_templates(list(message.get("files", [])))
             except Exception:
-                _log().failure("Reloading the templates failed")
+                log.failure("Reloading the templates failed")
 
     def lost(reason) -> None:
         # Closed by the supervisor (it is gone), not by our shut-down.
         if reason.check(ConnectionDone):
-            _log().warn("The reload supervisor is gone: stopping the server")
+            log.warn("The reload supervisor is gone: stopping the server")
             set_exit_code(1)
             if reactor.running:
                 reactor.stop()

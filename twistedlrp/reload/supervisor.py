@@ -61,9 +61,9 @@ def make_supervisor(options) -> ReloadSupervisor:
 
 def child_arguments(options, listening, passed_through) -> list[str]:
     """
-    @return: a server's C{twistd lrp} arguments: the command line's, C{--config}
-        (re-read at each restart), and C{--listen} adopting our sockets (index N:
-        descriptor 3 + N) or binding again those we could not bind.
+    @return: a server's C{twistd lrp} arguments: the command line's, C{--config} (re-read at
+        each restart), and C{--listen} adopting our sockets (index N: descriptor 3 + N) or
+        binding again those we could not bind.
     """
     args = options.to_argv(exclude={"reload", "listen", "config"})
     if options["config"]:
@@ -171,10 +171,9 @@ class ReloadSupervisor(service.Service):
         n = len(self.listening)
         control_fd = _FIRST_LISTEN_FD + n
         child = ServerProcess(self, self.count, spare=spare)
-        fds = {0: self._devnull, 1: 1, 2: 2}
+        fds = {_FIRST_LISTEN_FD + index: sock.fileno() for index, sock in enumerate(self.listening)}
+        fds.update({0: self._devnull, 1: 1, 2: 2})
         env = child_environment()
-        for index, sock in enumerate(self.listening):
-            fds[_FIRST_LISTEN_FD + index] = sock.fileno()
         if n:
             env["LISTEN_FDS"] = str(n)
             env["LISTEN_FDNAMES"] = ":".join(f"lrp{i}" for i in range(n))

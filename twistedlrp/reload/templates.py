@@ -35,7 +35,6 @@ def describe_changes(paths: Sequence[str], cwd: str | None = None) -> str:
     if not paths:
         return "nothing"
     cwd = os.getcwd() if cwd is None else cwd
-    first = sorted(paths)[0]
+    first = min(paths)
     shown = os.path.relpath(first, cwd) if first.startswith(cwd.rstrip(os.sep) + os.sep) else first
-    more = f" and {len(paths) - 1} more" if len(paths) > 1 else ""
-    return f"{shown}{more}"
+    return shown + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")

@@ -52,8 +52,6 @@ def make_watcher(reactor, roots, on_change):
 
 
 class _BaseWatcher:
-    name = "?"
-
     def __init__(self, reactor, roots: Iterable[str], on_change: Callable[[list[str]], None]):
         self.reactor = reactor
         self.roots = sorted({os.path.realpath(r) for r in roots if os.path.isdir(r)})
@@ -126,7 +124,7 @@ class EventWatcher(_BaseWatcher):
         self.running = False
         for _, stop in self._threads.values():
             stop.set()
-        # Daemon threads, which notice within 50 ms: nothing waits for them.
+        # Daemon threads, which notice within 50 ms (watchfiles' step): nothing waits for them.
         return defer.succeed(None)
 
     def _files_added(self, new) -> None:
@@ -171,10 +169,7 @@ class EventWatcher(_BaseWatcher):
                 watch_filter=lambda change, path: accept(path),
                 recursive=recursive,
                 stop_event=stop,
-                debounce=1600,
-                step=50,
                 rust_timeout=1000,
-                yield_on_timeout=False,
                 raise_interrupt=False,
                 ignore_permission_denied=True,
             ):
@@ -203,7 +198,6 @@ class PollingWatcher(_BaseWatcher):
         self._fresh_dirs: set[str] = set()
         self._loop = task.LoopingCall(self._poll)
         self._loop.clock = reactor
-        self._scanning = False
 
     def start(self) -> None:
         self.running = True
@@ -223,10 +217,8 @@ class PollingWatcher(_BaseWatcher):
         # So are the files of a template directory watched or dropped now.
         self._fresh_dirs |= moved
 
-    def _poll(self):
-        if self._scanning:
-            return
-        self._scanning = True
+    def _poll(self) -> defer.Deferred:
+        # The loop waits for the scan: the next starts at a later interval.
         fresh, self._fresh = self._fresh, set()
         fresh_dirs, self._fresh_dirs = tuple(self._fresh_dirs), set()
         roots, files = list(self.roots), set(self.files)
@@ -234,7 +226,7 @@ class PollingWatcher(_BaseWatcher):
         d = threads.deferToThreadPool(self.reactor, pool, _scan, roots, files, self.template_dirs)
         d.addCallback(self._compare, fresh, fresh_dirs)
         d.addErrback(lambda f: log.failure("Polling for changes failed", f))
-        d.addBoth(lambda _: setattr(self, "_scanning", False))
+        return d
 
     def _compare(self, snapshot: dict, fresh: set[str], fresh_dirs: tuple[str, ...] = ()) -> None:
         old, self._snapshot = self._snapshot, snapshot

@@ -322,7 +322,7 @@ def call(op: str, call_timeout: float | None = None, **kw):
 
 def _call(op: str, kw: dict, call_timeout: float | None):
     client = _client
-    if client is None and reactor_bridge._mode != "server":
+    if client is None and not reactor_bridge.twistd_runs_reactor():
         from twistedlrp.jobs.client.blocking import blocking_client
 
         if (blocking := blocking_client()) is not None:
