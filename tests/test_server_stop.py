@@ -46,6 +46,18 @@ def test_sigterm_lets_the_request_in_flight_finish_and_runs_shutdown_hooks(lrp_s
     assert "Received SIGTERM" in server.output()
 
 
+def test_a_request_that_ends_during_the_drain_is_in_the_access_log_file(lrp_server, tmp_path):
+    access_log = tmp_path / "access.log"
+    server = lrp_server("--workers", "0", "--access-log", str(access_log))
+    slow = BackgroundRequest(server.port, "/sleep?seconds=2")
+    slow.start()
+    wait_for(lambda: _busy(server) == 1, message="the slow request to hold a thread")
+    server.signal(signal.SIGTERM)
+    assert slow.outcome().status == 200
+    assert server.wait_exit(20) == 0
+    assert '"GET /sleep?seconds=2 HTTP/1.1" 200' in access_log.read_text()
+
+
 def test_sigint_is_graceful_too(lrp_server, tmp_path):
     events = tmp_path / "events"
     server = lrp_server("--workers", "0", env={"LRP_TEST_EVENTS": str(events)})

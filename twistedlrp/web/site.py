@@ -240,10 +240,9 @@ class LRPSite(protocol.Factory):
         return client, scheme
 
     def startFactory(self):
+        # Closed by the web service once its requests are drained, not when
+        # its ports stop listening: those in flight then are logged too.
         self.access_log.open()
-
-    def stopFactory(self):
-        self.access_log.close()
 
     def log(self, request):
         """C{request} was answered (its response is finished, or refused with 413)."""
