@@ -226,34 +226,30 @@ class Request:
                     self.persistent = False
                 self._left = left - len(data)
             self.sentLength += len(data)
-            size = len(data)
             if not data:
                 pieces = (head,)
             elif self._chunked:
-                pieces = (head, b"%x\r\n" % size, data, b"\r\n")
+                pieces = (head, b"%x\r\n" % len(data), data, b"\r\n")
             else:
                 pieces = (head, data)
-            if self._held is not None:
-                self._held += pieces
-            elif size < 65536:
-                channel.send(b"".join(pieces))
-            else:
-                channel.send(*pieces)
+            self._out(*pieces)
         elif head:
-            if self._held is not None:
-                self._held.append(head)
-            else:
-                channel.send(head)
+            self._out(head)
+
+    def _out(self, *pieces: bytes) -> None:
+        """Send C{pieces}, or hold them until the response is logged (L{send_held})."""
+        if self._held is not None:
+            self._held += pieces
+        elif sum(map(len, pieces)) < 65536:
+            self.channel.send(b"".join(pieces))
+        else:
+            self.channel.send(*pieces)  # not copied into one string
 
     def send_held(self) -> None:
         """Send what was held (the response streams, or is counted and logged)."""
         held, self._held = self._held, None
         if held and self.channel is not None:
-            channel = self.channel
-            if sum(map(len, held)) < 65536:
-                channel.send(b"".join(held))
-            else:
-                channel.send(*held)
+            self._out(*held)
 
     def finish(self) -> None:
         """End the response; the connection goes on to the next request, or closes."""
@@ -266,10 +262,7 @@ class Request:
                 self.setHeader(b"content-length", b"0")
             self.write(b"")
         elif self._chunked and self._body_allowed:
-            if self._held is not None:
-                self._held.append(b"0\r\n\r\n")
-            else:
-                channel.send(b"0\r\n\r\n")
+            self._out(b"0\r\n\r\n")
         if self._left:
             self.persistent = False  # fewer bytes than Content-Length said
         self.unregisterProducer()
