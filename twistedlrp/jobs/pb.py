@@ -351,8 +351,12 @@ def listen_pb(
     # PB's encoding of a JSON value can take twice its JSON's size.
     factory = GuardedPBServerFactory(guard, gate, 2 * max_payload + limits.BOX_FRAMING)
     d = serverFromString(reactor, limits.with_backlog(endpoint)).listen(factory)
-    message = "Job service (Perspective Broker) listening on {endpoint}"
-    return d.addCallback(lambda port: log.info(message, endpoint=endpoint) or port)
+
+    def listening(port):
+        log.info("Job service (Perspective Broker) listening on {endpoint}", endpoint=endpoint)
+        return port
+
+    return d.addCallback(listening)
 
 
 class PBFrontEnd(limits.FrontEnd):

@@ -171,7 +171,12 @@ class NodeLease:
         d = self.runner.run(
             recovery.register_node, *self._entry, self.lease, self.shared, within=REGISTER_WAIT
         )
-        return d.addCallback(lambda result: setattr(self, "renewed_at", sent) or result)
+
+        def registered(result):
+            self.renewed_at = sent
+            return result
+
+        return d.addCallback(registered)
 
     def start(self) -> None:
         self._loop.start(self.interval, now=False)

@@ -80,8 +80,9 @@ def watch(metrics: Metrics | None, job_service) -> None:
         (),
         lambda: {(): len(dispatcher.queue)},
     )
-    running = lambda: {(): len(dispatcher.running)}  # noqa: E731
-    metrics.sampled("lrp_jobs_running", "Jobs running now", (), running)
+    metrics.sampled(
+        "lrp_jobs_running", "Jobs running now", (), lambda: {(): len(dispatcher.running)}
+    )
     pool = dispatcher.pool
 
     def worker_states() -> dict:
