@@ -1,6 +1,6 @@
 """
-The job client without a reactor (L{BlockingClient}) for C{unix:} and C{tcp:}
-endpoints outside the server: no reactor thread, and no reader thread (L{_Conversation}).
+The job client outside the server for C{unix:} and C{tcp:} endpoints (L{BlockingClient}):
+no reactor thread, and no reader thread (L{_Conversation}).
 """
 
 from __future__ import annotations
@@ -76,11 +76,11 @@ class BlockingClient:
             node = conversation.node
             tries[node] = tries.get(node, 0) + 1
             operation = wire.OPERATIONS[op]
-            box = operation.command.makeArguments(attempts.arguments(time.monotonic()), None)
+            arguments = attempts.arguments(time.monotonic())
             left = max(deadline - time.monotonic(), 0.001)
             try:
                 answer = conversation.ask(
-                    operation.command, box, left, op, kw.get("id"), attempts.limit
+                    operation.command, arguments, left, op, kw.get("id"), attempts.limit
                 )
             except _NotSent:
                 continue  # It broke before our request left: nothing happened; again.
@@ -89,9 +89,6 @@ class BlockingClient:
                 continue
             except JobServiceUnavailable as e:
                 attempts.refused(node, e, len(self.nodes))
-                with self._lock:
-                    if self._conversation is conversation:
-                        self._conversation = None
                 conversation.retire()
                 continue
             self._maybe_probe(node)
@@ -235,7 +232,6 @@ class _Conversation:
     def __init__(self, sock: socket.socket, node: Node):
         self.sock = sock
         self.node = node
-        self.endpoint = node.endpoint
         self.reader = BoxReader()
         self.asks = 0
         self.pid = os.getpid()
@@ -352,16 +348,16 @@ class _Conversation:
 
     def callRemote(self, command, **arguments) -> defer.Deferred:
         """@return: the fired Deferred of L{ask} of a login command, within C{limit}."""
-        box = command.makeArguments(arguments, None)
-        return defer.maybeDeferred(self.ask, command, box, self.limit, "login")
+        return defer.maybeDeferred(self.ask, command, arguments, self.limit, "login")
 
-    def ask(self, command, box, timeout: float, op: str, job_id=None, limit=None) -> dict:
+    def ask(self, command, arguments, timeout: float, op: str, job_id=None, limit=None) -> dict:
         """
         @param limit: the call's timeout, as its error says it. @return: the parsed answer.
         @raise _NotSent: the connection had broken before the request was written.
         @raise _Broken: it broke after (the outcome is unknown).
         """
         waiter = _Waiter()
+        box = command.makeArguments(arguments, None)
         with self._lock:
             if self.broken is not None:
                 raise _NotSent(self.broken)
@@ -379,11 +375,11 @@ class _Conversation:
                 sent = e.strerror or str(e)
         if sent is not None:
             self.close(sent)
-            raise _Broken(broke_during(self.endpoint, op, sent))
+            raise _Broken(broke_during(self.node.endpoint, op, sent))
         if not self._answer(waiter, tag, time.monotonic() + timeout):
-            raise no_answer(self.endpoint, op, limit or timeout, job_id)
+            raise no_answer(self.node.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
-            raise _Broken(broke_during(self.endpoint, op, waiter.broken))
+            raise _Broken(broke_during(self.node.endpoint, op, waiter.broken))
         if b"_error" not in waiter.box:
             return command.parseResponse(waiter.box, None)
         code = waiter.box.get(b"_error_code", b"")
@@ -391,7 +387,7 @@ class _Conversation:
         error_class = command.reverseErrors.get(code)
         if error_class is None:
             raise unsure(
-                f"the job service at {self.endpoint} failed during {op}: {description}", op
+                f"the job service at {self.node.endpoint} failed during {op}: {description}", op
             )
         if code in command.fatalErrors.values():
             self.close(description)  # the service closes it too

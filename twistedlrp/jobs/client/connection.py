@@ -1,9 +1,8 @@
 """
-The job client in a reactor: L{JobClient} calls the first job node that is up,
-each through one persistent AMP connection (L{JobLink}). Not C{ClientService}
-(Twisted 26.10): its C{whenConnected()} waits for the next attempt where a call to
-a node that is down must fail at once, it shows neither its state nor the last
-error (call errors and the health endpoint say both), and it logs each retry as info.
+The job clients in a reactor: L{JobClient} calls the first job node up, each through
+one persistent AMP connection (L{JobLink}); L{LocalClient}, the service of this process.
+Not C{ClientService}: its C{whenConnected()} waits for the next attempt where a call to
+a node that is down must fail at once, and it shows neither its state nor the last error.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from twistedlrp.jobs.client.calls import (
     unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
-from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
@@ -49,10 +48,9 @@ PING_TIMEOUT = 3.0
 
 class JobLink(Node):
     """
-    A persistent connection to one job node: C{"connecting"} until the first
-    attempt ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once
-    while it is retried in the background). Pinged when silent, a frozen node or
-    a network cut counts as lost within seconds. C{on_change(link)} after each change.
+    A persistent connection to one job node: C{"connecting"} until the first attempt
+    ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once while it is
+    retried). Pinged when silent. C{on_change(link)} after each change of state.
     """
 
     def __init__(self, reactor, endpoint: str, secret: bytes | None, timeout: float, on_change):
@@ -69,8 +67,7 @@ class JobLink(Node):
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
-        self._pinging = False
-        self._stopped = True
+        self._pinging, self._stopped = False, True
         self._watch = task.LoopingCall(self._check)
         self._watch.clock = reactor
 
@@ -87,11 +84,10 @@ class JobLink(Node):
         cancel_call(self._retry)
         if self._attempting is not None:
             self._attempting.cancel()
-        protocol = self.protocol
-        if protocol is None or protocol.transport is None:
+        if self.protocol is None or self.protocol.transport is None:
             return defer.succeed(None)
         self._closed = defer.Deferred()
-        protocol.transport.loseConnection()
+        self.protocol.transport.loseConnection()
         return self._closed
 
     def _attempt(self) -> None:
@@ -379,3 +375,43 @@ class JobClient:
                 ) from None
             except JobServiceUnavailable as e:
                 attempts.refused(link, e, len(self.links))
+
+
+class LocalClient:
+    """
+    The job service of this very process, called in the reactor without AMP, a
+    socket or a second encoding (C{description} names it in messages); answers
+    and errors are those of L{JobClient.request}.
+    """
+
+    def __init__(self, reactor, service, timeout: float, description: str):
+        self.reactor = reactor
+        self.service = service
+        self.timeout = timeout
+        self.endpoint = description
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    async def request(self, op: str, kw: dict, timeout: float | None = None):
+        """@return: the answer. @raise JobError: the service's, or it did not answer in time."""
+        limit = timeout or self.timeout
+        listening = self.service.when_listening()
+        if not listening.called:
+            # Starting: wait for it, as a connection to it would.
+            listening.addTimeout(limit, self.reactor)
+            try:
+                await listening
+            except defer.TimeoutError:
+                raise JobServiceUnavailable(
+                    unreachable(self.endpoint, detail=f" within {limit:g} s (it is starting)")
+                ) from None
+        operation = wire.OPERATIONS[op]
+        d = limits.guarded(
+            log, op, operation.call, self.service.operations, operation.arguments(kw)
+        )
+        d.addTimeout(limit, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise no_answer(self.endpoint, op, limit, kw.get("id")) from None
