@@ -11,10 +11,10 @@ import os
 import socket
 import time
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
-from twisted.protocols import amp
+from twisted.protocols import amp, policies
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
@@ -67,20 +67,15 @@ class JobLink(Node):
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
-        self._pinging, self._stopped = False, True
-        self._watch = task.LoopingCall(self._check)
-        self._watch.clock = reactor
+        self._stopped = True
 
     def start(self) -> None:
         self._stopped = False
         self._attempt()
-        self._watch.start(min(PING_IDLE, 1.0), now=False)
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once the connection is closed."""
         self._stopped = True
-        if self._watch.running:
-            self._watch.stop()
         cancel_call(self._retry)
         if self._attempting is not None:
             self._attempting.cancel()
@@ -130,7 +125,7 @@ class JobLink(Node):
                 seconds=now - self.since,
             )
         self.protocol = protocol
-        protocol.last_received = now
+        protocol.setTimeout(PING_IDLE)
         self.up()
         self._fire_waiting(protocol)
 
@@ -185,28 +180,27 @@ class JobLink(Node):
         super().set_state(state)
         self.on_change(self)
 
-    def _check(self) -> None:
-        protocol = self.protocol
-        if protocol is None or self._pinging:
+    def ping(self, protocol) -> None:
+        """C{protocol} was silent for L{PING_IDLE} s: ask it, drop it if it does not answer."""
+        if protocol is not self.protocol or self._stopped:
             return
-        if self.reactor.seconds() - protocol.last_received < PING_IDLE:
-            return
-        self._pinging = True
         d = protocol.callRemote(wire.Announce, job_ids=[])
         d.addTimeout(PING_TIMEOUT, self.reactor)
 
         def answered(outcome):
+            if protocol is not self.protocol:
+                return
             # Any answer but a timeout, an error included, came from a live service.
-            self._pinging = False
-            timed_out = isinstance(outcome, Failure) and outcome.check(defer.TimeoutError)
-            if timed_out and protocol is self.protocol and protocol.transport is not None:
-                log.warn(
-                    "The job service at {endpoint} did not answer a ping within {seconds:g} s: "
-                    "dropping its connection",
-                    endpoint=self.endpoint,
-                    seconds=PING_TIMEOUT,
-                )
-                protocol.transport.abortConnection()
+            if not (isinstance(outcome, Failure) and outcome.check(defer.TimeoutError)):
+                protocol.setTimeout(PING_IDLE)
+                return
+            log.warn(
+                "The job service at {endpoint} did not answer a ping within {seconds:g} s: "
+                "dropping its connection",
+                endpoint=self.endpoint,
+                seconds=PING_TIMEOUT,
+            )
+            protocol.transport.abortConnection()
 
         d.addBoth(answered)
 
@@ -238,15 +232,21 @@ class JobLink(Node):
             raise JobServiceUnavailable(unreachable(self.endpoint, detail=" in time")) from None
 
 
-class _ClientAMP(wire.QuietAMP):
-    # Built by a factory whose "link" is its JobLink.
-    last_received = 0.0  # the link's clock
+class _ClientAMP(wire.QuietAMP, policies.TimeoutMixin):
+    # Built by a factory whose "link" is its JobLink; its timeout (once up) is a ping.
+
+    def callLater(self, period, func):
+        return self.factory.link.reactor.callLater(period, func)
 
     def ampBoxReceived(self, box):
-        self.last_received = self.factory.link.reactor.seconds()
+        self.resetTimeout()
         super().ampBoxReceived(box)
 
+    def timeoutConnection(self):
+        self.factory.link.ping(self)
+
     def connectionLost(self, reason):
+        self.setTimeout(None)
         # First the link (it is down before the calls on it fail and look for another).
         self.factory.link._lost(self)
         super().connectionLost(reason)
