@@ -68,16 +68,15 @@ class BlockingClient:
     def request(self, op: str, kw: dict, timeout: float | None = None):
         """@return: the answer. @raise JobError: the service's, or unreachable, or it broke."""
         attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
-        tries, deadline = attempts.tries, attempts.deadline
+        operation = wire.OPERATIONS[op]
         while True:
-            conversation = self._connected(tries, deadline, attempts.problems)
+            conversation = self._connected(attempts.tries, attempts.deadline, attempts.problems)
             if conversation is None:
                 raise attempts.failed(self.nodes)
             node = conversation.node
-            tries[node] = tries.get(node, 0) + 1
-            operation = wire.OPERATIONS[op]
+            attempts.tries[node] = attempts.tries.get(node, 0) + 1
             arguments = attempts.arguments(time.monotonic())
-            left = max(deadline - time.monotonic(), 0.001)
+            left = max(attempts.deadline - time.monotonic(), 0.001)
             try:
                 answer = conversation.ask(
                     operation.command, arguments, left, op, kw.get("id"), attempts.limit
@@ -177,7 +176,7 @@ class BlockingClient:
         if node is self.nodes[0] or time.monotonic() < self._next_probe:
             return
         if not self._probing.acquire(blocking=False):
-            return
+            return  # One runs already.
         self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
