@@ -230,12 +230,9 @@ def configured_endpoints(state_dir: str | None = None) -> list[str]:
     @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or separated
         by commas), else of the socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
     """
-    value = configured("LRP_JOBS_CONNECT")
-    if isinstance(value, list | tuple):
-        endpoints = [str(item).strip() for item in value if str(item).strip()]
-    else:
-        endpoints = split_endpoints(value or "")
-    if endpoints:
+    value = configured("LRP_JOBS_CONNECT") or ""
+    items = value if isinstance(value, list | tuple) else split_endpoints(value)
+    if endpoints := [str(item).strip() for item in items if str(item).strip()]:
         return endpoints
     state = state_dir or configured("LRP_STATE_DIR") or ".lrp"
     return [unix_client_endpoint(os.path.join(state, "jobs.sock"))]

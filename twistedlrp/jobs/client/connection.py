@@ -162,7 +162,6 @@ class JobLink(Node):
                 (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 
     def _lost(self, protocol) -> None:
-        # Called before the pending calls on the protocol fail.
         if protocol is not self.protocol:
             return
         self.protocol = None
@@ -212,10 +211,9 @@ class JobLink(Node):
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; else, when connecting
-            (with C{wait_reconnect}, again), once connected before C{deadline}.
-        @raise JobServiceUnavailable: down, or not connected in time.
-        @raise AuthenticationFailed: the service refused our secret.
+        @return: the connected protocol, once connected before C{deadline} if connecting
+            (with C{wait_reconnect}, again). @raise JobServiceUnavailable: down, not in
+            time, or L{AuthenticationFailed}: the service refused our secret.
         """
         if self.protocol is not None:
             return self.protocol
@@ -254,10 +252,9 @@ class _ClientAMP(wire.QuietAMP, policies.TimeoutMixin):
 
 class JobClient:
     """
-    A L{JobLink} to each job node given (an endpoint string, or a list in order
-    of preference; the secret for those not on a UNIX socket). A call goes to the
-    first node up; when its connection breaks, to the next node up, or to the
-    same one once reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows.
+    A L{JobLink} to each job node given (an endpoint string, or a list in order of
+    preference; the secret for those not on a UNIX socket). A call goes to the first
+    node up; when its connection breaks, to the next up or the same one reconnected.
     """
 
     def __init__(self, reactor, endpoints, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT):
@@ -379,9 +376,8 @@ class JobClient:
 
 class LocalClient:
     """
-    The job service of this very process, called in the reactor without AMP, a
-    socket or a second encoding (C{description} names it in messages); answers
-    and errors are those of L{JobClient.request}.
+    The job service of this very process, called without AMP or a socket (C{description}
+    names it in messages); answers and errors are those of L{JobClient.request}.
     """
 
     def __init__(self, reactor, service, timeout: float, description: str):
