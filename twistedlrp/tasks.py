@@ -1,8 +1,6 @@
 """
-A C{django.tasks} backend (Django 6, or the C{django-tasks} backport on
-Django 5.2) that runs tasks as twistedlrp jobs (docs/jobs.md): a task is a job
-named C{task.module_path}; the result id is the job's id. Enqueued inside
-C{transaction.atomic()}, it runs only once that commits.
+A C{django.tasks} backend (Django 6, or the C{django-tasks} backport) that runs tasks
+as jobs named C{task.module_path}; the result id is the job's id (docs/jobs.md).
 """
 
 from __future__ import annotations
@@ -137,10 +135,9 @@ else:
             if task.priority != info.get("priority", task.priority):
                 task = task.using(priority=info["priority"])
             started = _time(info.get("started_at"))
-            attempts = int(info.get("attempts") or 0)
-            worker = info.get("worker") or ""
             # The job service records the worker of the last attempt only.
-            worker_ids = [worker] * attempts if worker else []
+            worker = info.get("worker")
+            worker_ids = [worker] * int(info.get("attempts") or 0) if worker else []
             values = {
                 "task": task,
                 "id": info["id"],

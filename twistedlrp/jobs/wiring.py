@@ -11,8 +11,7 @@ from twistedlrp.jobs import registry
 from twistedlrp.jobs.client import calls as jobs_client
 
 if TYPE_CHECKING:
-    from twistedlrp.jobs.client.connection import JobClient
-    from twistedlrp.jobs.client.local import LocalClient
+    from twistedlrp.jobs.client.connection import JobClient, LocalClient
 
 
 def job_services(reactor, options) -> tuple[service.IService | None, service.IService]:
@@ -67,8 +66,7 @@ class JobClientService(service.Service):
         self.call_threads: int | None = None
 
     def startService(self) -> None:
-        from twistedlrp.jobs.client.connection import JobClient
-        from twistedlrp.jobs.client.local import LocalClient
+        from twistedlrp.jobs.client.connection import JobClient, LocalClient
 
         super().startService()
         options, reactor = self.options, self.reactor

@@ -1,6 +1,6 @@
 """
-The job client without a reactor (L{BlockingClient}) for C{unix:} and C{tcp:}
-endpoints outside the server: no reactor thread, and no reader thread (L{_Conversation}).
+The job client outside the server for C{unix:} and C{tcp:} endpoints (L{BlockingClient}):
+no reactor thread, and no reader thread (L{_Conversation}).
 """
 
 from __future__ import annotations
@@ -68,19 +68,18 @@ class BlockingClient:
     def request(self, op: str, kw: dict, timeout: float | None = None):
         """@return: the answer. @raise JobError: the service's, or unreachable, or it broke."""
         attempts = Attempts(op, kw, timeout or self.timeout, time.monotonic())
-        tries, deadline = attempts.tries, attempts.deadline
+        operation = wire.OPERATIONS[op]
         while True:
-            conversation = self._connected(tries, deadline, attempts.problems)
+            conversation = self._connected(attempts.tries, attempts.deadline, attempts.problems)
             if conversation is None:
                 raise attempts.failed(self.nodes)
             node = conversation.node
-            tries[node] = tries.get(node, 0) + 1
-            operation = wire.OPERATIONS[op]
-            box = operation.command.makeArguments(attempts.arguments(time.monotonic()), None)
-            left = max(deadline - time.monotonic(), 0.001)
+            attempts.tries[node] = attempts.tries.get(node, 0) + 1
+            arguments = attempts.arguments(time.monotonic())
+            left = max(attempts.deadline - time.monotonic(), 0.001)
             try:
                 answer = conversation.ask(
-                    operation.command, box, left, op, kw.get("id"), attempts.limit
+                    operation.command, arguments, left, op, kw.get("id"), attempts.limit
                 )
             except _NotSent:
                 continue  # It broke before our request left: nothing happened; again.
@@ -89,9 +88,6 @@ class BlockingClient:
                 continue
             except JobServiceUnavailable as e:
                 attempts.refused(node, e, len(self.nodes))
-                with self._lock:
-                    if self._conversation is conversation:
-                        self._conversation = None
                 conversation.retire()
                 continue
             self._maybe_probe(node)
@@ -180,7 +176,7 @@ class BlockingClient:
         if node is self.nodes[0] or time.monotonic() < self._next_probe:
             return
         if not self._probing.acquire(blocking=False):
-            return
+            return  # One runs already.
         self._next_probe = time.monotonic() + node.backoff.maximum
         threading.Thread(
             target=self._probe, name="twistedlrp-job-client-probe", daemon=True
@@ -235,7 +231,6 @@ class _Conversation:
     def __init__(self, sock: socket.socket, node: Node):
         self.sock = sock
         self.node = node
-        self.endpoint = node.endpoint
         self.reader = BoxReader()
         self.asks = 0
         self.pid = os.getpid()
@@ -352,16 +347,16 @@ class _Conversation:
 
     def callRemote(self, command, **arguments) -> defer.Deferred:
         """@return: the fired Deferred of L{ask} of a login command, within C{limit}."""
-        box = command.makeArguments(arguments, None)
-        return defer.maybeDeferred(self.ask, command, box, self.limit, "login")
+        return defer.maybeDeferred(self.ask, command, arguments, self.limit, "login")
 
-    def ask(self, command, box, timeout: float, op: str, job_id=None, limit=None) -> dict:
+    def ask(self, command, arguments, timeout: float, op: str, job_id=None, limit=None) -> dict:
         """
         @param limit: the call's timeout, as its error says it. @return: the parsed answer.
         @raise _NotSent: the connection had broken before the request was written.
         @raise _Broken: it broke after (the outcome is unknown).
         """
         waiter = _Waiter()
+        box = command.makeArguments(arguments, None)
         with self._lock:
             if self.broken is not None:
                 raise _NotSent(self.broken)
@@ -379,11 +374,11 @@ class _Conversation:
                 sent = e.strerror or str(e)
         if sent is not None:
             self.close(sent)
-            raise _Broken(broke_during(self.endpoint, op, sent))
+            raise _Broken(broke_during(self.node.endpoint, op, sent))
         if not self._answer(waiter, tag, time.monotonic() + timeout):
-            raise no_answer(self.endpoint, op, limit or timeout, job_id)
+            raise no_answer(self.node.endpoint, op, limit or timeout, job_id)
         if waiter.box is None:
-            raise _Broken(broke_during(self.endpoint, op, waiter.broken))
+            raise _Broken(broke_during(self.node.endpoint, op, waiter.broken))
         if b"_error" not in waiter.box:
             return command.parseResponse(waiter.box, None)
         code = waiter.box.get(b"_error_code", b"")
@@ -391,7 +386,7 @@ class _Conversation:
         error_class = command.reverseErrors.get(code)
         if error_class is None:
             raise unsure(
-                f"the job service at {self.endpoint} failed during {op}: {description}", op
+                f"the job service at {self.node.endpoint} failed during {op}: {description}", op
             )
         if code in command.fatalErrors.values():
             self.close(description)  # the service closes it too

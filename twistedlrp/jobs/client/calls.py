@@ -1,8 +1,6 @@
 """
-A job call from any thread (L{call}), behind the public API: to the service
-of this process (L{local}), through a reactor's AMP connections (L{connection}),
-from the calling thread (L{blocking}), or answered in it (L{twistedlrp.jobs.eager}).
-Outside the server the environment, then the settings, name the service.
+A job call from any thread (L{call}), behind the public API: to a reactor's client
+(L{connection}), from the calling thread (L{blocking}), or eager (L{twistedlrp.jobs.eager}).
 """
 
 from __future__ import annotations
@@ -38,6 +36,10 @@ STORE_WAIT_SHARE = 0.8
 NO_SOCKET = (
     "its socket does not exist (is the server running, with this --state-dir or LRP_STATE_DIR?)"
 )
+TRIES_PER_NODE = 2  # a call tries one node at most this many times
+UP, DOWN, CONNECTING = "up", "down", "connecting"
+_client: JobClient | None = None  # the process-wide client
+_slots: CallSlots | None = None
 
 
 def unreachable(endpoint, error: str | None = None, detail: str = "") -> str:
@@ -55,9 +57,6 @@ def no_answer(endpoint, op: str, seconds: float, job_id: str | None = None):
     return unsure(
         f"the job service at {endpoint} did not answer {op} within {seconds:g} s", op, job_id
     )
-
-
-UP, DOWN, CONNECTING = "up", "down", "connecting"
 
 
 class Node:
@@ -97,9 +96,8 @@ class Node:
 
 class Attempts:
     """
-    One call's tries over the job nodes: a request whose connection broke is
-    sent again (to the next node, or the same one reconnected) unless it is a
-    submission without an id; a node that answers C{UNAVAILABLE} is replaced by the next.
+    One call's tries over the job nodes: a request whose connection broke is sent again
+    unless it is a submission without an id; a node that answers C{UNAVAILABLE}, replaced.
     """
 
     def __init__(self, op: str, kw: dict, limit: float, now: float):
@@ -112,10 +110,7 @@ class Attempts:
         self._sends = 0
 
     def arguments(self, now: float) -> dict:
-        """
-        @return: the AMP arguments of the next send (a submission checked first).
-        @raise InvalidArguments: a submission's value of the wrong type or out of range.
-        """
+        """@return: the AMP arguments of the next send. @raise InvalidArguments: a bad submission."""
         sent = self.kw
         self._sends += 1
         if self.op == "wait" and self._sends > 1:
@@ -153,11 +148,6 @@ class Attempts:
         return JobServiceUnavailable(message)
 
 
-TRIES_PER_NODE = 2  # a call tries one node at most this many times
-_client: JobClient | None = None  # the process-wide client
-_slots: CallSlots | None = None
-
-
 class CallSlots:
     """
     How many threads may be in a job call at once (C{--job-threads}), so that
@@ -189,22 +179,20 @@ class CallSlots:
                 now = time.monotonic()
                 age = now - max(self._holders.values())
                 if age >= self.QUICK or now >= deadline:
-                    self.refused += 1
-                    warn = self._warned_at is None or now - self._warned_at >= 60
-                    if warn:
-                        self._warned_at = now
                     break
                 self._cond.wait(min(deadline - now, self.QUICK - age))
             else:
                 self._tokens += 1
                 self._holders[self._tokens] = time.monotonic()
                 return self._tokens
-        if warn:
-            log.warn(
-                "{limit} threads wait for the job service already (--job-threads): a job call "
-                "was refused (said at most once a minute)",
-                limit=self.limit,
-            )
+            self.refused += 1
+            if self._warned_at is None or now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warn(
+                    "{limit} threads wait for the job service already (--job-threads): a job "
+                    "call was refused (said at most once a minute)",
+                    limit=self.limit,
+                )
         return None
 
     def give_back(self, token: int) -> None:
@@ -242,12 +230,9 @@ def configured_endpoints(state_dir: str | None = None) -> list[str]:
     @return: the client endpoint strings of C{LRP_JOBS_CONNECT} (a list, or separated
         by commas), else of the socket in C{state_dir} (or C{LRP_STATE_DIR}, or C{.lrp}).
     """
-    value = configured("LRP_JOBS_CONNECT")
-    if isinstance(value, list | tuple):
-        endpoints = [str(item).strip() for item in value if str(item).strip()]
-    else:
-        endpoints = split_endpoints(value or "")
-    if endpoints:
+    value = configured("LRP_JOBS_CONNECT") or ""
+    items = value if isinstance(value, list | tuple) else split_endpoints(value)
+    if endpoints := [str(item).strip() for item in items if str(item).strip()]:
         return endpoints
     state = state_dir or configured("LRP_STATE_DIR") or ".lrp"
     return [unix_client_endpoint(os.path.join(state, "jobs.sock"))]

@@ -1,9 +1,8 @@
 """
-The job client in a reactor: L{JobClient} calls the first job node that is up,
-each through one persistent AMP connection (L{JobLink}). Not C{ClientService}
-(Twisted 26.10): its C{whenConnected()} waits for the next attempt where a call to
-a node that is down must fail at once, it shows neither its state nor the last
-error (call errors and the health endpoint say both), and it logs each retry as info.
+The job clients in a reactor: L{JobClient} calls the first job node up, each through
+one persistent AMP connection (L{JobLink}); L{LocalClient}, the service of this process.
+Not C{ClientService}: its C{whenConnected()} waits for the next attempt where a call to
+a node that is down must fail at once, and it shows neither its state nor the last error.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ import os
 import socket
 import time
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import clientFromString
 from twisted.logger import Logger
-from twisted.protocols import amp
+from twisted.protocols import amp, policies
 from twisted.python.failure import Failure
 
 from twistedlrp.jobs.client.calls import (
@@ -33,7 +32,7 @@ from twistedlrp.jobs.client.calls import (
     unreachable,
 )
 from twistedlrp.jobs.errors import AuthenticationFailed, JobServiceUnavailable, unsure
-from twistedlrp.jobs.protocol import wire
+from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
@@ -49,10 +48,9 @@ PING_TIMEOUT = 3.0
 
 class JobLink(Node):
     """
-    A persistent connection to one job node: C{"connecting"} until the first
-    attempt ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once
-    while it is retried in the background). Pinged when silent, a frozen node or
-    a network cut counts as lost within seconds. C{on_change(link)} after each change.
+    A persistent connection to one job node: C{"connecting"} until the first attempt
+    ends (calls wait for it), then C{"up"} or C{"down"} (calls fail at once while it is
+    retried). Pinged when silent. C{on_change(link)} after each change of state.
     """
 
     def __init__(self, reactor, endpoint: str, secret: bytes | None, timeout: float, on_change):
@@ -69,29 +67,22 @@ class JobLink(Node):
         self._attempting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._retry = self._closed = None  # an IDelayedCall; a Deferred while closing
-        self._pinging = False
         self._stopped = True
-        self._watch = task.LoopingCall(self._check)
-        self._watch.clock = reactor
 
     def start(self) -> None:
         self._stopped = False
         self._attempt()
-        self._watch.start(min(PING_IDLE, 1.0), now=False)
 
     def stop(self) -> defer.Deferred:
         """@return: a Deferred that fires once the connection is closed."""
         self._stopped = True
-        if self._watch.running:
-            self._watch.stop()
         cancel_call(self._retry)
         if self._attempting is not None:
             self._attempting.cancel()
-        protocol = self.protocol
-        if protocol is None or protocol.transport is None:
+        if self.protocol is None or self.protocol.transport is None:
             return defer.succeed(None)
         self._closed = defer.Deferred()
-        protocol.transport.loseConnection()
+        self.protocol.transport.loseConnection()
         return self._closed
 
     def _attempt(self) -> None:
@@ -134,7 +125,7 @@ class JobLink(Node):
                 seconds=now - self.since,
             )
         self.protocol = protocol
-        protocol.last_received = now
+        protocol.setTimeout(PING_IDLE)
         self.up()
         self._fire_waiting(protocol)
 
@@ -171,7 +162,6 @@ class JobLink(Node):
                 (d.errback if isinstance(outcome, Failure) else d.callback)(outcome)
 
     def _lost(self, protocol) -> None:
-        # Called before the pending calls on the protocol fail.
         if protocol is not self.protocol:
             return
         self.protocol = None
@@ -189,28 +179,27 @@ class JobLink(Node):
         super().set_state(state)
         self.on_change(self)
 
-    def _check(self) -> None:
-        protocol = self.protocol
-        if protocol is None or self._pinging:
+    def ping(self, protocol) -> None:
+        """C{protocol} was silent for L{PING_IDLE} s: ask it, drop it if it does not answer."""
+        if protocol is not self.protocol or self._stopped:
             return
-        if self.reactor.seconds() - protocol.last_received < PING_IDLE:
-            return
-        self._pinging = True
         d = protocol.callRemote(wire.Announce, job_ids=[])
         d.addTimeout(PING_TIMEOUT, self.reactor)
 
         def answered(outcome):
+            if protocol is not self.protocol:
+                return
             # Any answer but a timeout, an error included, came from a live service.
-            self._pinging = False
-            timed_out = isinstance(outcome, Failure) and outcome.check(defer.TimeoutError)
-            if timed_out and protocol is self.protocol and protocol.transport is not None:
-                log.warn(
-                    "The job service at {endpoint} did not answer a ping within {seconds:g} s: "
-                    "dropping its connection",
-                    endpoint=self.endpoint,
-                    seconds=PING_TIMEOUT,
-                )
-                protocol.transport.abortConnection()
+            if not (isinstance(outcome, Failure) and outcome.check(defer.TimeoutError)):
+                protocol.setTimeout(PING_IDLE)
+                return
+            log.warn(
+                "The job service at {endpoint} did not answer a ping within {seconds:g} s: "
+                "dropping its connection",
+                endpoint=self.endpoint,
+                seconds=PING_TIMEOUT,
+            )
+            protocol.transport.abortConnection()
 
         d.addBoth(answered)
 
@@ -222,10 +211,9 @@ class JobLink(Node):
 
     async def connected(self, deadline: float, wait_reconnect: bool = False) -> wire.QuietAMP:
         """
-        @return: the connected protocol: at once when up; else, when connecting
-            (with C{wait_reconnect}, again), once connected before C{deadline}.
-        @raise JobServiceUnavailable: down, or not connected in time.
-        @raise AuthenticationFailed: the service refused our secret.
+        @return: the connected protocol, once connected before C{deadline} if connecting
+            (with C{wait_reconnect}, again). @raise JobServiceUnavailable: down, not in
+            time, or L{AuthenticationFailed}: the service refused our secret.
         """
         if self.protocol is not None:
             return self.protocol
@@ -242,15 +230,21 @@ class JobLink(Node):
             raise JobServiceUnavailable(unreachable(self.endpoint, detail=" in time")) from None
 
 
-class _ClientAMP(wire.QuietAMP):
-    # Built by a factory whose "link" is its JobLink.
-    last_received = 0.0  # the link's clock
+class _ClientAMP(wire.QuietAMP, policies.TimeoutMixin):
+    # Built by a factory whose "link" is its JobLink; its timeout (once up) is a ping.
+
+    def callLater(self, period, func):
+        return self.factory.link.reactor.callLater(period, func)
 
     def ampBoxReceived(self, box):
-        self.last_received = self.factory.link.reactor.seconds()
+        self.resetTimeout()
         super().ampBoxReceived(box)
 
+    def timeoutConnection(self):
+        self.factory.link.ping(self)
+
     def connectionLost(self, reason):
+        self.setTimeout(None)
         # First the link (it is down before the calls on it fail and look for another).
         self.factory.link._lost(self)
         super().connectionLost(reason)
@@ -258,10 +252,9 @@ class _ClientAMP(wire.QuietAMP):
 
 class JobClient:
     """
-    A L{JobLink} to each job node given (an endpoint string, or a list in order
-    of preference; the secret for those not on a UNIX socket). A call goes to the
-    first node up; when its connection breaks, to the next node up, or to the
-    same one once reconnected (within L{RECONNECT_WAIT}), as L{Attempts} allows.
+    A L{JobLink} to each job node given (an endpoint string, or a list in order of
+    preference; the secret for those not on a UNIX socket). A call goes to the first
+    node up; when its connection breaks, to the next up or the same one reconnected.
     """
 
     def __init__(self, reactor, endpoints, secret: bytes | None, timeout: float = DEFAULT_TIMEOUT):
@@ -379,3 +372,42 @@ class JobClient:
                 ) from None
             except JobServiceUnavailable as e:
                 attempts.refused(link, e, len(self.links))
+
+
+class LocalClient:
+    """
+    The job service of this very process, called without AMP or a socket (C{description}
+    names it in messages); answers and errors are those of L{JobClient.request}.
+    """
+
+    def __init__(self, reactor, service, timeout: float, description: str):
+        self.reactor = reactor
+        self.service = service
+        self.timeout = timeout
+        self.endpoint = description
+
+    def stop(self) -> defer.Deferred:
+        return defer.succeed(None)
+
+    async def request(self, op: str, kw: dict, timeout: float | None = None):
+        """@return: the answer. @raise JobError: the service's, or it did not answer in time."""
+        limit = timeout or self.timeout
+        listening = self.service.when_listening()
+        if not listening.called:
+            # Starting: wait for it, as a connection to it would.
+            listening.addTimeout(limit, self.reactor)
+            try:
+                await listening
+            except defer.TimeoutError:
+                raise JobServiceUnavailable(
+                    unreachable(self.endpoint, detail=f" within {limit:g} s (it is starting)")
+                ) from None
+        operation = wire.OPERATIONS[op]
+        d = limits.guarded(
+            log, op, operation.call, self.service.operations, operation.arguments(kw)
+        )
+        d.addTimeout(limit, self.reactor)
+        try:
+            return await d
+        except defer.TimeoutError:
+            raise no_answer(self.endpoint, op, limit, kw.get("id")) from None

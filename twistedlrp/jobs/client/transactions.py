@@ -1,9 +1,7 @@
 """
-Submissions that join the caller's database transaction (docs/jobs.md, "Jobs
-and transactions"): stored through the caller's own connection, they never wait
-for the job service (on SQLite, each would wait for the other's write lock). The
-service learns of them at the commit: by C{NOTIFY} on PostgreSQL, on SQLite by
-an C{Announce}, or its sweep of the announcement table.
+Submissions that join the caller's database transaction (docs/jobs.md, "Jobs and
+transactions"), stored through the caller's own connection; the service learns of
+them at the commit (C{NOTIFY} on PostgreSQL, an C{Announce} or its sweep on SQLite).
 """
 
 from __future__ import annotations
@@ -58,9 +56,8 @@ def limit_payload(limit: int) -> None:
 @contextlib.contextmanager
 def outside_transaction():
     """
-    Within this block, submissions (and cancellations) from this thread go to
-    the job service at once, whatever becomes of the caller's transaction (on
-    SQLite, inside C{atomic()}, handed over (L{detached}) and stored once it ends).
+    Within this block, submissions (and cancellations) from this thread go to the job
+    service, whatever becomes of the caller's transaction (on SQLite, L{detached}).
     """
     depth = _local.outside
     _local.outside = depth + 1
@@ -137,7 +134,6 @@ def cancel(kw: dict) -> dict:
 
 
 def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
-    """@return: the job's definition, what L{check_submitted} returned, its args and kwargs."""
     checked = check_submitted(kw)
     definition = registry.find(kw["name"])
     limit = default_max_payload() if _max_payload is None else _max_payload
@@ -145,7 +141,6 @@ def _checked(kw: dict) -> tuple[registry.JobDefinition, dict, list, dict]:
 
 
 def _announce_pending() -> None:
-    """After a commit: tell the job service of the jobs this thread committed."""
     ids, _local.pending = _local.pending, []
     for start in range(0, len(ids), ANNOUNCE_BATCH):
         if not _tell("announce", job_ids=ids[start : start + ANNOUNCE_BATCH]):
@@ -153,10 +148,7 @@ def _announce_pending() -> None:
 
 
 def _tell(op: str, **kw) -> bool:
-    """
-    After a commit: tell the job service what it committed, within L{ANNOUNCE_TIMEOUT}.
-    @return: whether it was told; if not, a warning says so (it finds out anyway).
-    """
+    """@return: whether the job service was told (within L{ANNOUNCE_TIMEOUT}), else a warning."""
     from twistedlrp.jobs.client import calls as client
 
     try:
