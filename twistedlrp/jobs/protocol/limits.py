@@ -29,6 +29,8 @@ DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
 
+_log = Logger()
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -268,6 +270,70 @@ def abort_now(transport) -> None:
     live = getattr(transport, "socket", None) is not None
     if live and not getattr(transport, "disconnected", False):
         transport.connectionLost(Failure(ConnectionAborted()))
+
+
+class Guarded:
+    """
+    Mixed in before a listener's protocol: the connection waits at its L{Gate}
+    (if any) until it logs in, and is closed on a refusal; C{client} names it in logs.
+    """
+
+    client = "Job client"
+    gate: Gate | None = None
+    peer = None
+    authenticated = False
+    _refused = False  # closing: whatever else arrives is dropped
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.peer = self.transport.getPeer()
+        if not self.authenticated and self.gate is not None:
+            self.gate.enter(self, self.peer, self._login_expired)
+
+    def connectionLost(self, reason):
+        if self.gate is not None:
+            self.gate.leave(self)
+        super().connectionLost(reason)
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one."""
+        self._refused = True
+
+    def logged_in(self) -> None:
+        self.authenticated = True
+        if self.gate is not None:
+            self.gate.leave(self)
+
+    def warn(self, kind: str, what: str, **kwargs) -> None:
+        """Log "C{client} C{peer} C{what}", rate-limited per listener and kind if it has a gate."""
+        format = self.client + " {peer} " + what
+        peer = describe_peer(self.peer)
+        if self.gate is None:
+            _log.warn(format, peer=peer, **kwargs)
+        else:
+            self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
+
+    def warn_pre_login_size(self) -> None:
+        what = "sent more than {limit} bytes before logging in: disconnected"
+        self.warn("pre-login-size", what, limit=PRE_LOGIN_BYTES)
+
+    def warn_wrong_secret(self) -> None:
+        self.warn("wrong-secret", "failed to log in (wrong secret): disconnected")
+
+    def _close(self) -> None:
+        self._refused = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_expired(self) -> None:
+        # The gate cancels this call when the client logs in or its connection is lost.
+        if self._refused:
+            return
+        timeout = self.gate.limits.login_timeout
+        self.warn(
+            "login-timeout", "did not log in within {timeout:g} s: disconnected", timeout=timeout
+        )
+        self._close()
 
 
 class FrontEnd:
