@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs.client.calls import unix_client_endpoint
-from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, PayloadTooLarge
+from twistedlrp.jobs.errors import AuthenticationFailed, PayloadTooLarge
 from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
@@ -155,21 +155,8 @@ class ServiceProtocol(limits.Guarded, wire.QuietAMP):
         self._close()
 
     def locateResponder(self, name):
-        responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            if responder is None:
-                return None
-
-            def read(box):
-                # Arguments it cannot read: INVALID_ARGUMENTS, not AMP's traceback.
-                try:
-                    return responder(box)
-                except InvalidArguments as e:
-                    fatal = not self.authenticated
-                    error = amp.RemoteAmpError(wire.ERRORS[InvalidArguments], str(e), fatal=fatal)
-                    return defer.fail(error)
-
-            return read
+            return super().locateResponder(name)
 
         def refuse(box):
             self.warn(

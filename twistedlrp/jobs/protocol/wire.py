@@ -85,7 +85,10 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 class _Command(amp.Command):
-    """A command whose unreadable argument raises L{InvalidArguments} (not AMP's traceback)."""
+    """
+    A command whose unreadable argument is answered INVALID_ARGUMENTS (not with
+    AMP's traceback), closing the connection before login.
+    """
 
     errors = ERRORS
     fatalErrors = FATAL_ERRORS
@@ -100,9 +103,12 @@ class _Command(amp.Command):
             except Exception as e:
                 field = name.decode("ascii", "replace")
                 if isinstance(e, KeyError) and name not in box:
-                    raise InvalidArguments(f"{field}: missing") from None
-                reason = shown_error(e, 160)
-                raise InvalidArguments(f"{field}: cannot be read ({reason})") from None
+                    message = f"{field}: missing"
+                else:
+                    message = f"{field}: cannot be read ({shown_error(e, 160)})"
+                fatal = not getattr(protocol, "authenticated", True)
+                code = ERRORS[InvalidArguments]
+                raise amp.RemoteAmpError(code, message, fatal=fatal) from None
         return objects
 
 
