@@ -74,58 +74,38 @@ _ERRORS = {
 }
 
 
-class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
+class GuardedBroker(limits.Guarded, compat.BrokerCallTargets, pb.Broker):
     """
     A PB server connection that bounds what the client sends before Banana buffers
     it; beyond, it closes (PB cannot answer what it has not decoded).
     """
 
+    client = "PB job client"
+
     def __init__(self, gate: limits.Gate, max_message: int, **kwargs):
         super().__init__(**kwargs)
         self.gate = gate
         self.max_message = max_message
-        self.authenticated = False
         self._received = 0  # before login: all bytes so far; after: those of this message
         self._expression_ended = False
-        self._refused = False
-        self._peer = "?"
-
-    def connectionMade(self):
-        peer = self.transport.getPeer()
-        self._peer = limits.describe_peer(peer)
-        self.gate.enter(self, peer, self._login_expired)
-        super().connectionMade()
-
-    def evicted(self) -> None:
-        """The gate closes this connection to make room for a newer one."""
-        self._refused = True
-
-    def connectionLost(self, reason):
-        self.gate.leave(self)
-        super().connectionLost(reason)
 
     def logged_in(self) -> None:
         if not self.authenticated:
-            self.authenticated = True
             self._received = 0
-            self.gate.leave(self)
+            super().logged_in()
 
     def dataReceived(self, chunk):
         if self._refused:
             return
         self._received += len(chunk)
         if not self.authenticated and self._received > limits.PRE_LOGIN_BYTES:
-            self.warn(
-                "pre-login-size",
-                "PB job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=limits.PRE_LOGIN_BYTES,
-            )
+            self.warn_pre_login_size()
             return self._close()
         if self.authenticated and self._received > self.max_message:
             self.warn(
                 "message-size",
-                "PB job client {peer} sent a message of more than {limit} bytes (twice "
-                "--max-job-payload plus framing): disconnected",
+                "sent a message of more than {limit} bytes (twice --max-job-payload plus "
+                "framing): disconnected",
                 limit=self.max_message,
             )
             return self._close()
@@ -136,8 +116,7 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
             # What Banana or PB cannot read (PB would log a traceback each time).
             self.warn(
                 "unreadable",
-                "PB job client {peer} sent what Perspective Broker cannot read ({error}): "
-                "disconnected",
+                "sent what Perspective Broker cannot read ({error}): disconnected",
                 error=shown_error(e),
             )
             return self._close()
@@ -151,25 +130,6 @@ class GuardedBroker(compat.BrokerCallTargets, pb.Broker):
 
     def call_target(self, target):
         return _Refusing(target)
-
-    def _close(self) -> None:
-        self._refused = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def _login_expired(self) -> None:
-        if self._refused:
-            return
-        self.warn(
-            "login-timeout",
-            "PB job client {peer} did not log in within {timeout:g} s: disconnected",
-            timeout=self.gate.limits.login_timeout,
-        )
-        self._close()
-
-    def warn(self, kind: str, format: str, **kwargs) -> None:
-        """A rate-limited warning (per listener and kind) about this client."""
-        self.gate.refusals.warn(kind, format, peer=self._peer, **kwargs)
 
 
 class _Refusing:
@@ -187,7 +147,7 @@ class _Refusing:
             # Before login: only the login's methods are there.
             broker.warn(
                 "before-login",
-                "PB job client {peer} called {message} before logging in: refused",
+                "called {message} before logging in: refused",
                 message=shown(message),
             )
             raise JobServiceError(
@@ -197,8 +157,7 @@ class _Refusing:
         except Exception as e:
             broker.warn(
                 "unreadable-call",
-                "PB job client {peer} made a call that cannot be made ({message}: {error}): "
-                "refused",
+                "made a call that cannot be made ({message}: {error}): refused",
                 message=shown(message),
                 error=shown_error(e),
             )
@@ -229,9 +188,7 @@ class SecretChecker:
         if creds.checkPassword(self.secret):
             broker.logged_in()
             return defer.succeed(creds.username)
-        broker.warn(
-            "wrong-secret", "PB job client {peer} failed to log in (wrong secret): disconnected"
-        )
+        broker.warn_wrong_secret()
         if broker.transport is not None:
             # After the refusal has been written.
             self.reactor.callLater(0, broker.transport.loseConnection)

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from twistedlrp.jobs.client.calls import unix_client_endpoint
-from twistedlrp.jobs.errors import AuthenticationFailed, InvalidArguments, PayloadTooLarge
+from twistedlrp.jobs.errors import AuthenticationFailed, PayloadTooLarge
 from twistedlrp.jobs.protocol import limits, wire
 from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.protocol.framing import BoxReader, BoxTooLarge
@@ -36,7 +36,7 @@ def _answering(operation: wire.Operation):
     return respond
 
 
-class ServiceProtocol(wire.QuietAMP):
+class ServiceProtocol(limits.Guarded, wire.QuietAMP):
     """
     One client connection. With C{secret} set, anything but C{Challenge} and
     C{Login} before a successful Login, or a wrong digest, closes it. Without
@@ -50,27 +50,13 @@ class ServiceProtocol(wire.QuietAMP):
         self.authenticated = secret is None
         self.nonce: bytes | None = None
         self.gate = gate
-        self.peer = None
         self.max_payload = getattr(service, "max_payload", None) or default_max_payload()
         self.max_box = self.max_payload + limits.BOX_FRAMING
         self.reader = BoxReader(amp.AmpBox)
-        self._refused = False  # closing: whatever else arrives is dropped
         self._discarding = False  # the rest of a refused box is being dropped
         self._discard_deadline = None  # an IDelayedCall
 
-    def connectionMade(self):
-        super().connectionMade()
-        self.peer = self.transport.getPeer()
-        if not self.authenticated and self.gate is not None:
-            self.gate.enter(self, self.peer, self._login_expired)
-
-    def evicted(self) -> None:
-        """The gate closes this connection to make room for a newer one."""
-        self._refused = True
-
     def connectionLost(self, reason):
-        if self.gate is not None:
-            self.gate.leave(self)
         cancel_call(self._discard_deadline)
         super().connectionLost(reason)
 
@@ -104,11 +90,7 @@ class ServiceProtocol(wire.QuietAMP):
         ask = box.get(b"_ask")
         command = box.get(b"_command", b"?").decode("ascii", "replace")
         if not self.authenticated:
-            self._warn(
-                "pre-login-size",
-                "Job client {peer} sent more than {limit} bytes before logging in: disconnected",
-                limit=limits.PRE_LOGIN_BYTES,
-            )
+            self.warn_pre_login_size()
             self._answer_error(
                 ask,
                 wire.FATAL_ERRORS[AuthenticationFailed],
@@ -117,9 +99,9 @@ class ServiceProtocol(wire.QuietAMP):
             )
             self._close()
             return
-        self._warn(
+        self.warn(
             "box-size",
-            "Job client {peer} sent a {command} of more than {limit} bytes (--max-job-payload "
+            "sent a {command} of more than {limit} bytes (--max-job-payload "
             "{payload} plus framing): refused, disconnected",
             command=command,
             limit=self.max_box,
@@ -146,34 +128,13 @@ class ServiceProtocol(wire.QuietAMP):
         )
 
     def _close(self) -> None:
-        self._refused = True
         cancel_call(self._discard_deadline)
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def _login_expired(self) -> None:
-        # The gate cancels this call when the client logs in or its connection is lost.
-        self._warn(
-            "login-timeout",
-            "Job client {peer} did not log in within {timeout:g} s: disconnected",
-            timeout=self.gate.limits.login_timeout,
-        )
-        self._close()
-
-    def _warn(self, kind: str, format: str, **kwargs) -> None:
-        """A rate-limited warning (per listener and kind) about the client."""
-        peer = limits.describe_peer(self.peer)
-        if self.gate is not None:
-            self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
-        else:
-            log.warn(format, peer=peer, **kwargs)
+        super()._close()
 
     def ampBoxReceived(self, box):
         if amp.COMMAND not in box:
             # An answer, an error or nothing: this service asks its clients nothing.
-            self._warn(
-                "not-a-command", "Job client {peer} sent a box that is not a command: disconnected"
-            )
+            self.warn("not-a-command", "sent a box that is not a command: disconnected")
             self._close()
             return
         super().ampBoxReceived(box)
@@ -194,26 +155,13 @@ class ServiceProtocol(wire.QuietAMP):
         self._close()
 
     def locateResponder(self, name):
-        responder = super().locateResponder(name)
         if self.authenticated or name in (b"Challenge", b"Login"):
-            if responder is None:
-                return None
-
-            def read(box):
-                # Arguments it cannot read: INVALID_ARGUMENTS, not AMP's traceback.
-                try:
-                    return responder(box)
-                except InvalidArguments as e:
-                    fatal = not self.authenticated
-                    error = amp.RemoteAmpError(wire.ERRORS[InvalidArguments], str(e), fatal=fatal)
-                    return defer.fail(error)
-
-            return read
+            return super().locateResponder(name)
 
         def refuse(box):
-            self._warn(
+            self.warn(
                 "before-login",
-                "Job client {peer} sent {command} before logging in: disconnected",
+                "sent {command} before logging in: disconnected",
                 command=name.decode("ascii", "replace"),
             )
             return defer.fail(
@@ -238,13 +186,9 @@ class ServiceProtocol(wire.QuietAMP):
             return {"ok": True}
         nonce, self.nonce = self.nonce, None
         if nonce is None or not hmac.compare_digest(digest, wire.digest(self.secret, nonce)):
-            self._warn(
-                "wrong-secret", "Job client {peer} failed to log in (wrong secret): disconnected"
-            )
+            self.warn_wrong_secret()
             raise AuthenticationFailed("login refused: wrong secret (or no Challenge first)")
-        self.authenticated = True
-        if self.gate is not None:
-            self.gate.leave(self)
+        self.logged_in()
         return {"ok": True}
 
     for _op in wire.OPERATIONS.values():

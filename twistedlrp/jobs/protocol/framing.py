@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 # Below AMP's 65,535-byte limit for one value.
 CHUNK = 65_000
 _MAX_VALUE = 0xFFFF
@@ -27,9 +29,21 @@ def put_big(box: dict[bytes, bytes], name: bytes, value: bytes) -> None:
         box[name + b".%d" % i] = piece
 
 
-def get_big(box: dict[bytes, bytes], name: bytes) -> bytes:
-    """@return: the value L{put_big} put under C{name}."""
-    return b"".join(box[name + b".%d" % i] for i in range(int(box[name])))
+def get_big(box: dict[bytes, bytes], name: bytes, max_pieces: int | None = None) -> bytes:
+    """
+    @return: the value L{put_big} put under C{name}. @raise KeyError: C{name} is not in C{box}.
+    @raise ValueError: a count of pieces not from 1 to C{max_pieces}, or a piece missing.
+    """
+    raw = box[name]
+    count = 0
+    with contextlib.suppress(ValueError):
+        count = int(raw) if len(raw) <= 10 else 0
+    if not 0 < count <= (max_pieces or count):
+        raise ValueError(f"expected a count of pieces from 1 to {max_pieces}, got {raw[:20]!r}")
+    pieces = [box.get(name + b".%d" % i) for i in range(count)]
+    if None in pieces:
+        raise ValueError(f"piece {pieces.index(None)} of {count} is missing")
+    return b"".join(pieces)
 
 
 class BoxTooLarge(ValueError):

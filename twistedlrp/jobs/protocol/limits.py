@@ -29,6 +29,8 @@ DISCARD_TIMEOUT = 10.0
 # At most one warning of each kind of refusal per listener in this many seconds.
 REFUSAL_LOG_INTERVAL = 5.0
 
+_log = Logger()
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -54,7 +56,7 @@ def describe_peer(address) -> str:
 class _Burst:
     logged_at: float
     left_out: int = 0  # from the first, a call to _summarize waits
-    last: tuple = ()  # what the last line left out would have said
+    summary: Callable[[int], object] | None = None  # logs the count of those left out
 
 
 class _Throttle:
@@ -73,22 +75,22 @@ class _Throttle:
             self._clock = reactor
         return self._clock
 
-    def _left_out(self, key, last: tuple) -> bool:
-        """@return: whether this line is left out (C{_summary(burst)} logs them at the end)."""
+    def _left_out(self, key, summary: Callable[[int], object]) -> bool:
+        """@return: whether this line is left out; the last C{summary} logs their count, later."""
         now = self.clock.seconds()
         state = self._keys.get(key)
         if state is None or (now - state.logged_at >= self.interval and not state.left_out):
             self._keys[key] = _Burst(now)
             return False
         state.left_out += 1
-        state.last = last
+        state.summary = summary
         if state.left_out == 1:
             delay = max(state.logged_at + self.interval - now, 0)
             self.clock.callLater(delay, self._summarize, state)
         return True
 
     def _summarize(self, state: _Burst) -> None:
-        self._summary(state)
+        state.summary(state.left_out)
         state.logged_at, state.left_out = self.clock.seconds(), 0
 
 
@@ -99,18 +101,18 @@ class RefusalLog(_Throttle):
 
     def warn(self, kind: str, format: str, **kwargs) -> None:
         """Log C{format} with C{kwargs} at WARNING, unless a refusal of C{kind} was just logged."""
-        if not self._left_out(kind, (format, kwargs)):
-            self.log.warn(format, **kwargs)
 
-    def _summary(self, state: _Burst) -> None:
-        format, kwargs = state.last
-        self.log.warn(
-            format + " ({refusals_left_out} more like this in the last "
-            "{refusal_interval:g} s, not logged one by one; this is the last)",
-            refusals_left_out=state.left_out,
-            refusal_interval=self.interval,
-            **kwargs,
-        )
+        def summary(left_out: int) -> None:
+            self.log.warn(
+                format + " ({refusals_left_out} more like this in the last "
+                "{refusal_interval:g} s, not logged one by one; this is the last)",
+                refusals_left_out=left_out,
+                refusal_interval=self.interval,
+                **kwargs,
+            )
+
+        if not self._left_out(kind, summary):
+            self.log.warn(format, **kwargs)
 
 
 class FailureLog(_Throttle):
@@ -119,24 +121,24 @@ class FailureLog(_Throttle):
     def failure(self, log: Logger, failure: Failure, format: str, op: str, **kwargs) -> None:
         """Log C{failure} with C{format}, C{op} and C{kwargs}, unless its cause was just logged."""
         place = "{}:{}".format(*failure.frames[-1][1:3]) if failure.frames else "?"  # innermost
-        last = (log, format, op, kwargs, failure.type, place, failure.getErrorMessage()[:500])
-        if not self._left_out((log.namespace, op, failure.type, place), last):
-            log.failure(format, failure, op=op, **kwargs)
+        message = failure.getErrorMessage()[:500]
 
-    def _summary(self, state: _Burst) -> None:
-        log, format, op, kwargs, error_type, place, message = state.last
-        log.critical(
-            format + " ({failures_left_out} more times, of the same cause ({error_type} at "
-            "{error_place}), in the last {failure_interval:g} s; their tracebacks are not "
-            "logged one by one; the last: {last_error})",
-            op=op,
-            failures_left_out=state.left_out,
-            error_type=getattr(error_type, "__qualname__", error_type),
-            error_place=place,
-            failure_interval=self.interval,
-            last_error=message,
-            **kwargs,
-        )
+        def summary(left_out: int) -> None:
+            log.critical(
+                format + " ({failures_left_out} more times, of the same cause ({error_type} at "
+                "{error_place}), in the last {failure_interval:g} s; their tracebacks are not "
+                "logged one by one; the last: {last_error})",
+                op=op,
+                failures_left_out=left_out,
+                error_type=getattr(failure.type, "__qualname__", failure.type),
+                error_place=place,
+                failure_interval=self.interval,
+                last_error=message,
+                **kwargs,
+            )
+
+        if not self._left_out((log.namespace, op, failure.type, place), summary):
+            log.failure(format, failure, op=op, **kwargs)
 
 
 #: The job service's one L{FailureLog}: a traceback per cause a minute at most.
@@ -167,10 +169,8 @@ class Gate:
         self.listener = listener
         self.limits = limits
         self.refusals = RefusalLog(clock, log or Logger())
-        # protocol -> its pending login, longest waiting first
-        self._waiting: dict[object, _Pending] = {}
-        # peer address key -> its protocols waiting, longest waiting first
-        self._by_peer: dict[str, dict[object, None]] = {}
+        # protocol -> (its peer's key, its login deadline), longest waiting first
+        self._waiting: dict[object, tuple[str, object]] = {}
         self.evictions = 0
 
     @property
@@ -178,15 +178,21 @@ class Gate:
         return len(self._waiting)
 
     def waiting_from(self, address) -> int:
-        return len(self._by_peer.get(peer_key(address), ()))
+        return len(self._from(peer_key(address)))
+
+    def _from(self, key: str) -> list:
+        return [protocol for protocol, (its, _) in self._waiting.items() if its == key]
 
     def enter(self, protocol, address, expired: Callable[[], object]) -> None:
-        """C{protocol}, from C{address}, waits to log in; C{expired()} is called at its deadline."""
+        """
+        C{protocol} (a L{Guarded}), from C{address}, waits to log in; C{expired()}
+        is called at its deadline.
+        """
         key = peer_key(address)
-        same = self._by_peer.get(key)
-        if same and len(same) >= self.limits.max_unauthenticated_per_peer:
+        same = self._from(key)
+        if len(same) >= self.limits.max_unauthenticated_per_peer:
             self._evict(
-                next(iter(same)),
+                same[0],
                 "full-peer",
                 "Job client {peer} closed on {listener}: {count} connections from {address} "
                 "were waiting to log in, the most allowed from one address; a new one took "
@@ -203,29 +209,20 @@ class Gate:
                 "longest ({evictions} so far)",
                 count=len(self._waiting),
             )
-        deadline = self.clock.callLater(self.limits.login_timeout, expired)
-        self._waiting[protocol] = _Pending(key, address, deadline)
-        self._by_peer.setdefault(key, {})[protocol] = None
+        self._waiting[protocol] = (key, self.clock.callLater(self.limits.login_timeout, expired))
 
     def leave(self, protocol) -> None:
         """C{protocol} logged in, or its connection is lost (or evicted)."""
-        pending = self._waiting.pop(protocol, None)
-        if pending is None:
-            return
-        cancel_call(pending.deadline)
-        same = self._by_peer[pending.key]
-        del same[protocol]
-        if not same:
-            del self._by_peer[pending.key]
+        _, deadline = self._waiting.pop(protocol, (None, None))
+        cancel_call(deadline)
 
     def _evict(self, protocol, kind: str, format: str, **kwargs) -> None:
-        pending = self._waiting[protocol]
         self.leave(protocol)
         self.evictions += 1
         self.refusals.warn(
             kind,
             format,
-            peer=describe_peer(pending.address),
+            peer=describe_peer(protocol.peer),
             listener=self.listener,
             evictions=self.evictions,
             **kwargs,
@@ -233,13 +230,6 @@ class Gate:
         protocol.evicted()
         if protocol.transport is not None:
             abort_now(protocol.transport)
-
-
-@dataclass
-class _Pending:
-    key: str
-    address: object
-    deadline: object  # an IDelayedCall
 
 
 def peer_key(address) -> str:
@@ -268,6 +258,70 @@ def abort_now(transport) -> None:
     live = getattr(transport, "socket", None) is not None
     if live and not getattr(transport, "disconnected", False):
         transport.connectionLost(Failure(ConnectionAborted()))
+
+
+class Guarded:
+    """
+    Mixed in before a listener's protocol: the connection waits at its L{Gate}
+    (if any) until it logs in, and is closed on a refusal; C{client} names it in logs.
+    """
+
+    client = "Job client"
+    gate: Gate | None = None
+    peer = None
+    authenticated = False
+    _refused = False  # closing: whatever else arrives is dropped
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.peer = self.transport.getPeer()
+        if not self.authenticated and self.gate is not None:
+            self.gate.enter(self, self.peer, self._login_expired)
+
+    def connectionLost(self, reason):
+        if self.gate is not None:
+            self.gate.leave(self)
+        super().connectionLost(reason)
+
+    def evicted(self) -> None:
+        """The gate closes this connection to make room for a newer one."""
+        self._refused = True
+
+    def logged_in(self) -> None:
+        self.authenticated = True
+        if self.gate is not None:
+            self.gate.leave(self)
+
+    def warn(self, kind: str, what: str, **kwargs) -> None:
+        """Log "C{client} C{peer} C{what}", rate-limited per listener and kind if it has a gate."""
+        format = self.client + " {peer} " + what
+        peer = describe_peer(self.peer)
+        if self.gate is None:
+            _log.warn(format, peer=peer, **kwargs)
+        else:
+            self.gate.refusals.warn(kind, format, peer=peer, **kwargs)
+
+    def warn_pre_login_size(self) -> None:
+        what = "sent more than {limit} bytes before logging in: disconnected"
+        self.warn("pre-login-size", what, limit=PRE_LOGIN_BYTES)
+
+    def warn_wrong_secret(self) -> None:
+        self.warn("wrong-secret", "failed to log in (wrong secret): disconnected")
+
+    def _close(self) -> None:
+        self._refused = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _login_expired(self) -> None:
+        # The gate cancels this call when the client logs in or its connection is lost.
+        if self._refused:
+            return
+        timeout = self.gate.limits.login_timeout
+        self.warn(
+            "login-timeout", "did not log in within {timeout:g} s: disconnected", timeout=timeout
+        )
+        self._close()
 
 
 class FrontEnd:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
@@ -20,7 +19,7 @@ from twistedlrp.jobs.errors import (
     UnknownJob,
 )
 from twistedlrp.jobs.protocol.arguments import shown_error
-from twistedlrp.jobs.protocol.framing import put_big
+from twistedlrp.jobs.protocol.framing import get_big, put_big
 
 # A sanity bound on one value (about 130 MB); the service checks --max-job-payload.
 MAX_CHUNKS = 2000
@@ -40,21 +39,7 @@ class BigBytes(amp.Argument):
         put_big(strings, name, self.encode(value))
 
     def fromBox(self, name, strings, objects, proto):
-        raw = strings.pop(name, None)
-        if raw is None:
-            raise KeyError(name)
-        count = 0
-        with contextlib.suppress(ValueError):
-            count = int(raw) if len(raw) <= 10 else 0
-        if not 0 < count <= MAX_CHUNKS:
-            raise ValueError(f"expected a count of pieces from 1 to {MAX_CHUNKS}, got {raw[:20]!r}")
-        pieces = []
-        for i in range(count):
-            piece = strings.pop(name + b".%d" % i, None)
-            if piece is None:
-                raise ValueError(f"piece {i} of {count} is missing")
-            pieces.append(piece)
-        objects[_python_name(name)] = self.decode(b"".join(pieces))
+        objects[_python_name(name)] = self.decode(get_big(strings, name, MAX_CHUNKS))
 
     def encode(self, value) -> bytes:
         return value
@@ -100,7 +85,10 @@ FATAL_ERRORS = {AuthenticationFailed: b"AUTHENTICATION_FAILED"}
 
 
 class _Command(amp.Command):
-    """A command whose unreadable argument raises L{InvalidArguments} (not AMP's traceback)."""
+    """
+    A command whose unreadable argument is answered INVALID_ARGUMENTS (not with
+    AMP's traceback), closing the connection before login.
+    """
 
     errors = ERRORS
     fatalErrors = FATAL_ERRORS
@@ -115,9 +103,12 @@ class _Command(amp.Command):
             except Exception as e:
                 field = name.decode("ascii", "replace")
                 if isinstance(e, KeyError) and name not in box:
-                    raise InvalidArguments(f"{field}: missing") from None
-                reason = shown_error(e, 160)
-                raise InvalidArguments(f"{field}: cannot be read ({reason})") from None
+                    message = f"{field}: missing"
+                else:
+                    message = f"{field}: cannot be read ({shown_error(e, 160)})"
+                fatal = not getattr(protocol, "authenticated", True)
+                code = ERRORS[InvalidArguments]
+                raise amp.RemoteAmpError(code, message, fatal=fatal) from None
         return objects
 
 
