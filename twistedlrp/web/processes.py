@@ -105,11 +105,8 @@ class WebProcesses(service.Service):
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
 
     def _spawn_template(self) -> None:
-        """
-        Start a template on /dev/null, pipes to us for its output, the
-        listening sockets, its control socket and our own 1 and 2 (a web
-        process's 1 and 2, which outlive the template's pipes).
-        """
+        # Its 1 and 2 are pipes to us; it hands our own 1 and 2 to the web
+        # processes, which outlive its pipes.
         control_fd = _FIRST_FD + len(self._sockets)
         args = ["-m", "twistedlrp.web.process_main", "--template", f"--control-fd={control_fd}"]
         args.append(f"--output-fds={control_fd + 1},{control_fd + 2}")
@@ -247,7 +244,7 @@ class WebProcesses(service.Service):
     def _web_said(self, slot: Slot, channel: Channel, message: dict) -> None:
         if message.get("event") != "status" or channel is not slot.channel:
             return
-        if not slot.received(message):
+        if not slot.received(message):  # not newly running
             return
         if not slot.first_run.called:
             slot.first_run.callback(None)
