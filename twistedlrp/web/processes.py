@@ -51,23 +51,19 @@ class WebProcesses(service.Service):
     stop_description = "stopping the web processes"
 
     def __init__(self, reactor, options, jobs_health=None, job_service=None, on_fatal=None):
-        self.reactor = reactor
-        self.options = options
+        self.reactor, self.options, self.on_fatal = reactor, options, on_fatal
+        self.jobs_health, self.job_service = jobs_health, job_service
         self.count = options["web-workers"]
-        self.jobs_health = jobs_health
-        self.job_service = job_service
         self.slots = [Slot(i) for i in range(self.count)]
         self.addresses: list[str] = []
         self._sockets: list[tuple[int, int]] = []  # (fd, family)
         self._closers: list = []
-        self.on_fatal = on_fatal
         self.template: ForkServerProcess | None = None
         self.template_ready: defer.Deferred | None = None
         self.template_backoff = restart_backoff()
         self._template_call = None
         self.jobs_connect: list[str] | None = None
-        self.started = False
-        self.stopping = False
+        self.started = self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
 
     def startService(self) -> defer.Deferred:
