@@ -16,8 +16,7 @@ import pytest
 
 from twistedlrp.process.channel import Channel
 from twistedlrp.reload import server_main
-from twistedlrp.reload.process import ServerProcess
-from twistedlrp.reload.supervisor import ReloadSupervisor
+from twistedlrp.reload.supervisor import ReloadSupervisor, ServerProcess
 from twistedlrp.reload.templates import describe_changes
 from twistedlrp.reload.watcher import PollingWatcher, _scan
 

@@ -58,8 +58,7 @@ class Channel:
     """
 
     def __init__(self, on_message, on_lost=None, decoder: Decoder | None = None):
-        self.on_message = on_message
-        self.on_lost = on_lost
+        self.on_message, self.on_lost = on_message, on_lost
         self.transport = None
         self._decoder = decoder or Decoder()
 

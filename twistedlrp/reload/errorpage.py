@@ -16,8 +16,7 @@ class ErrorPage:
     """While no server runs (broken code), answer every request 503 with the error."""
 
     def __init__(self, reactor, listening):
-        self.reactor = reactor
-        self.listening = listening
+        self.reactor, self.listening = reactor, listening
         self.error = ""
         self.ports: list = []
 

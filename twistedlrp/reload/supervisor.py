@@ -17,15 +17,14 @@ import sys
 import time
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from twistedlrp.ordered_service import cancel_call
-from twistedlrp.process.channel import spawn
+from twistedlrp.ordered_service import Waiters, cancel_call
+from twistedlrp.process.channel import Channel, spawn
 from twistedlrp.process.exits import Exit
-from twistedlrp.process.supervise import child_environment, stop_within
+from twistedlrp.process.supervise import child_environment, send_signal, stop_within
 from twistedlrp.reload.errorpage import ErrorPage
-from twistedlrp.reload.process import ServerProcess
 from twistedlrp.reload.server_main import CONTROL_VARIABLE, SPARE_VARIABLE
 from twistedlrp.reload.templates import describe_changes
 from twistedlrp.reload.watcher import make_watcher
@@ -74,6 +73,64 @@ def child_arguments(options, listening, passed_through) -> list[str]:
     return args
 
 
+class ServerProcess(protocol.ProcessProtocol):
+    """C{state}: spare (waits to boot), booting, gated (waits to run), serving, stopping, ended."""
+
+    def __init__(self, supervisor, number: int, spare: bool = False):
+        self.supervisor, self.number = supervisor, number
+        self.state = "spare" if spare else "booting"
+        self.channel = Channel(lambda message: supervisor.child_reported(self, message))
+        # A spare's imported files and the files changed since it started: if
+        # they meet, it may hold old code.
+        self.files: set[str] | None = None
+        self.changes_seen: set[str] = set()
+        self.template_dirs: list[str] = []
+        self.templates_changed: set[str] = set()
+        self.abandoned = False
+        self.error: str | None = None
+        self.started_at = time.monotonic()
+        self.booted_after = 0.0
+        self.pid: int | None = None
+        self._ended = Waiters()
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def processEnded(self, reason):
+        self.state = "ended"
+        self._ended.fire()
+        self.supervisor.child_ended(self, Exit.of(reason))
+
+    def when_ended(self) -> defer.Deferred:
+        return defer.succeed(None) if self.state == "ended" else self._ended.wait()
+
+    def boot(self) -> None:
+        self.state = "booting"
+        self.started_at = time.monotonic()
+        self.channel.send({"event": "boot"})
+
+    def let_run(self) -> None:
+        self.state = "serving"
+        self.channel.send({"event": "go"})
+        if self.templates_changed:
+            self.reload_templates(sorted(self.templates_changed))
+
+    def reload_templates(self, files: list[str]) -> None:
+        if self.state != "serving":
+            self.templates_changed.update(files)
+            return
+        self.templates_changed.clear()
+        self.channel.send({"event": "templates", "files": files})
+
+    def signal_leader(self, number: int) -> None:
+        if self.state != "ended":
+            send_signal(self.pid, number)
+
+    def kill_group(self) -> None:
+        send_signal(self.pid, signal.SIGKILL, group=True)
+        self.signal_leader(signal.SIGKILL)
+
+
 class ReloadSupervisor(service.Service):
     name = "lrp-reload"
 
@@ -81,9 +138,8 @@ class ReloadSupervisor(service.Service):
         self.options, self.listening, self.reactor = options, listening, reactor
         self.passed_through = passed_through
         self.graceful_timeout = options["graceful-timeout"]
-        self.current: ServerProcess | None = None
-        self.pending: ServerProcess | None = None
-        self.spare: ServerProcess | None = None
+        # Serving; booting (to replace it); warming up for the next restart.
+        self.current = self.pending = self.spare = None
         self._spares_work = True
         self.retiring: list[ServerProcess] = []
         self.children: list[ServerProcess] = []

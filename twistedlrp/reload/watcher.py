@@ -116,9 +116,7 @@ class EventWatcher(_BaseWatcher):
 
     def start(self) -> None:
         self.running = True
-        self._watch("roots", tuple(self.roots), True, self._accept_in_root)
-        self._update_flat()
-        self._update_templates()
+        self._rewatch()
 
     def stop(self) -> defer.Deferred:
         self.running = False
@@ -128,20 +126,19 @@ class EventWatcher(_BaseWatcher):
         return defer.succeed(None)
 
     def _files_added(self, new) -> None:
-        if self.running:
-            self._update_flat()
+        self._rewatch()
 
     def _template_dirs_changed(self, moved) -> None:
-        if self.running:
-            self._update_templates()
+        self._rewatch()
 
-    def _update_templates(self) -> None:
-        self._watch("templates", tuple(self.external_template_dirs()), True, self.in_template_dir)
-
-    def _update_flat(self) -> None:
+    def _rewatch(self) -> None:
+        if not self.running:
+            return
+        self._watch("roots", tuple(self.roots), True, self._accept_in_root)
         dirs = {os.path.dirname(f) for f in self.files if not _under(f, self.roots)}
         dirs = tuple(sorted(d for d in dirs if os.path.isdir(d)))
         self._watch("flat", dirs, False, self.files.__contains__)
+        self._watch("templates", tuple(self.external_template_dirs()), True, self.in_template_dir)
 
     def _watch(self, key: str, paths: tuple[str, ...], recursive: bool, accept) -> None:
         watched, stop = self._threads.get(key, ((), None))

@@ -133,9 +133,7 @@ class MainChannel(service.Service):
     name = "main-process"
 
     def __init__(self, reactor, fd: int, index: int):
-        self.reactor = reactor
-        self.fd = fd
-        self.index = index
+        self.reactor, self.fd, self.index = reactor, fd, index
         self.server = self.pool = None  # the WebProcessServer and its pool, set by it
         self.protocol: Channel | None = None
         self.workers: dict | None = None

@@ -51,23 +51,19 @@ class WebProcesses(service.Service):
     stop_description = "stopping the web processes"
 
     def __init__(self, reactor, options, jobs_health=None, job_service=None, on_fatal=None):
-        self.reactor = reactor
-        self.options = options
+        self.reactor, self.options, self.on_fatal = reactor, options, on_fatal
+        self.jobs_health, self.job_service = jobs_health, job_service
         self.count = options["web-workers"]
-        self.jobs_health = jobs_health
-        self.job_service = job_service
         self.slots = [Slot(i) for i in range(self.count)]
         self.addresses: list[str] = []
         self._sockets: list[tuple[int, int]] = []  # (fd, family)
         self._closers: list = []
-        self.on_fatal = on_fatal
         self.template: ForkServerProcess | None = None
         self.template_ready: defer.Deferred | None = None
         self.template_backoff = restart_backoff()
         self._template_call = None
         self.jobs_connect: list[str] | None = None
-        self.started = False
-        self.stopping = False
+        self.started = self.stopping = False
         self._broadcast = task.LoopingCall(self.broadcast)
 
     def startService(self) -> defer.Deferred:
@@ -105,11 +101,8 @@ class WebProcesses(service.Service):
         self._broadcast.start(BROADCAST_INTERVAL, now=True)
 
     def _spawn_template(self) -> None:
-        """
-        Start a template on /dev/null, pipes to us for its output, the
-        listening sockets, its control socket and our own 1 and 2 (a web
-        process's 1 and 2, which outlive the template's pipes).
-        """
+        # Its 1 and 2 are pipes to us; it hands our own 1 and 2 to the web
+        # processes, which outlive its pipes.
         control_fd = _FIRST_FD + len(self._sockets)
         args = ["-m", "twistedlrp.web.process_main", "--template", f"--control-fd={control_fd}"]
         args.append(f"--output-fds={control_fd + 1},{control_fd + 2}")
@@ -247,7 +240,7 @@ class WebProcesses(service.Service):
     def _web_said(self, slot: Slot, channel: Channel, message: dict) -> None:
         if message.get("event") != "status" or channel is not slot.channel:
             return
-        if not slot.received(message):
+        if not slot.received(message):  # not newly running
             return
         if not slot.first_run.called:
             slot.first_run.callback(None)

@@ -10,7 +10,6 @@ service signals whole.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -136,44 +135,19 @@ def cut_text(text: str, limit: int = MAX_ERROR) -> str:
     if len(text) <= limit:
         return text
     keep = max(limit - 64, 0)
-    head = keep // 2
-    tail = keep - head
-    cut = len(text) - head - tail
-    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail :]}"
+    head, tail = keep // 2, keep - keep // 2
+    return f"{text[:head]}\n[... {len(text) - keep} characters cut ...]\n{text[len(text) - tail :]}"
 
 
 def describe_error(e: BaseException) -> str:
     """@return: C{"Type: message"}, a blank line and the traceback, L{MAX_ERROR} characters at most."""
-    details = traceback.TracebackException(type(e), e, e.__traceback__)
     try:
         message = str(e)
     except Exception:
         message = "<str() of the exception failed>"
     head = f"{type(e).__name__}: {cut_text(message, MAX_MESSAGE)}"
-    lines = (cut_text(line, MAX_TRACEBACK_LINE) for line in details.format())
-    text = f"{head}\n\n{_join_bounded(lines, MAX_ERROR - len(head) - 2)}"
-    return cut_text(text, MAX_ERROR)
-
-
-def _join_bounded(lines, limit: int) -> str:
-    """@return: the lines joined, their first and last ones when they take more than C{limit}."""
-    half = limit // 2
-    head, head_size = [], 0
-    tail, tail_size = collections.deque(), 0
-    cut = 0
-    for line in lines:
-        if not tail and head_size + len(line) <= half:
-            head.append(line)
-            head_size += len(line)
-            continue
-        tail.append(line)
-        tail_size += len(line)
-        while tail_size > limit - half - 64 and len(tail) > 1:
-            dropped = tail.popleft()
-            tail_size -= len(dropped)
-            cut += len(dropped)
-    marker = [f"[... {cut} characters cut ...]\n"] if cut else []
-    return "".join(head + marker + list(tail))
+    lines = "".join(cut_text(line, MAX_TRACEBACK_LINE) for line in traceback.format_exception(e))
+    return f"{head}\n\n{cut_text(lines, MAX_ERROR - len(head) - 2)}"
 
 
 class Conversation:
