@@ -67,11 +67,11 @@ class AccessLog:
             request.client or "-",
             _log_time(int(self.reactor.seconds())),
             quote(request.method),
-            mask_tokens(quote(request.uri)),
+            masked(request.uri),
             quote(request.clientproto),
             request.code,
             request.sentLength or "-",
-            mask_tokens(quote(request.getHeader(b"referer") or "-")),
+            masked(request.getHeader(b"referer") or "-"),
             quote(request.getHeader(b"user-agent") or "-"),
         )
         duration = time.monotonic() - request.arrived
@@ -86,7 +86,7 @@ class AccessLog:
                 log_text=line,
                 client=request.client or None,
                 method=quote(request.method),
-                uri=mask_tokens(quote(request.uri)),
+                uri=masked(request.uri),
                 status=request.code,
                 bytes=request.sentLength,
                 duration=round(duration, 6),
@@ -105,3 +105,8 @@ def quote(value: bytes | str | None) -> str:
 def mask_tokens(text: str) -> str:
     """@return: C{text} with the value of each C{token=} query parameter masked."""
     return _TOKEN.sub(r"\1[masked]", text) if "=" in text else text
+
+
+def masked(value: bytes | str) -> str:
+    """@return: C{value} quoted, as the access log shows it (its tokens masked)."""
+    return mask_tokens(quote(value))

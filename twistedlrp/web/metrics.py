@@ -104,15 +104,8 @@ class MetricsResource:
         # Merging the files of every process reads the disk: not in the reactor.
         metrics.refresh()
         d = threads.deferToThread(metrics.exposition)
-        d.addCallbacks(lambda body: _answer(request, body), lambda f: _failed(request, f))
+        d.addCallbacks(request.answer, lambda f: _failed(request, f))
         return server.NOT_DONE_YET
-
-
-# A request whose client left writes and finishes nothing.
-def _answer(request, body: bytes) -> None:
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
 
 
 def _failed(request, failure) -> None:

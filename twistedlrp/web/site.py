@@ -128,7 +128,7 @@ class LRPSite(protocol.Factory):
         self.proxy_headers = proxy_headers
         self.trusted = TrustedProxies(forwarded_allow_ips)
         # The connections awaiting a request head, longest waiting first.
-        self._awaiting: OrderedDict[HTTPConnection, None] = OrderedDict()
+        self.awaiting: OrderedDict[HTTPConnection, None] = OrderedDict()
         # Cut to make room, but not gone yet (the reactor closes them next).
         self._evicted: set[HTTPConnection] = set()
         self.evictions = 0
@@ -144,10 +144,7 @@ class LRPSite(protocol.Factory):
         request.client, request.scheme = self.client_of(request)
         body = self.root.route(request)
         if body is not NOT_DONE_YET:
-            if body:
-                request.setHeader(b"content-length", b"%d" % len(body))
-                request.write(body)
-            request.finish()
+            request.answer(body)
 
     @property
     def open_connections(self) -> int:
@@ -168,9 +165,9 @@ class LRPSite(protocol.Factory):
 
     def _make_room(self) -> bool:
         """Cut the connection that has waited longest for a request head, if any."""
-        if not self._awaiting:  # (a connection leaves it as it closes)
+        if not self.awaiting:  # (a connection leaves it as it closes)
             return False
-        channel, _ = self._awaiting.popitem(last=False)
+        channel, _ = self.awaiting.popitem(last=False)
         self._evicted.add(channel)
         channel.evict()
         return True
@@ -192,16 +189,7 @@ class LRPSite(protocol.Factory):
     def channel_gone(self, channel: HTTPConnection) -> None:
         self.channels.discard(channel)
         self._evicted.discard(channel)
-        self._awaiting.pop(channel, None)
-
-    def waiting_for_head(self, channel: HTTPConnection) -> None:
-        """C{channel} awaits a request head from now on: it joins the end of the line."""
-        self._awaiting.pop(channel, None)
-        self._awaiting[channel] = None
-
-    def request_started(self, channel: HTTPConnection) -> None:
-        """C{channel} has a whole request head now, or is closing."""
-        self._awaiting.pop(channel, None)
+        self.awaiting.pop(channel, None)
 
     def client_of(self, request) -> tuple[str, str]:
         """@return: the client address and URL scheme (forwarded by a trusted proxy)."""

@@ -305,7 +305,7 @@ class MessageReader:
         )
         self.request = request
         self._on_due = None  # a whole head: no longer subject to the head deadline
-        self.site.request_started(self)
+        self.site.awaiting.pop(self, None)
         self._received = 0
         length = int(self._cl) if self._cl is not None else None
         if te is None and not length:
