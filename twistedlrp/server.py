@@ -98,10 +98,7 @@ class Server(OrderedService):
                 health.sections["jobs"] = job_service.health
             if job_client is not None:
                 health.sections["job_link"] = job_client.describe
-        return (
-            web_metrics.metrics_listener(self.reactor, self.options, self.metrics, health),
-            web_metrics.health_listener(self.reactor, self.options, health),
-        )
+        return web_metrics.side_listeners(self.reactor, self.options, self.metrics, health)
 
     def startService(self):
         service.Service.startService(self)

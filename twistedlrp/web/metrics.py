@@ -129,39 +129,32 @@ class MetricsOnly:
         return f"Not Found: this port serves {served} only.\n".encode()
 
 
-def metrics_listener(reactor, options, metrics: Metrics | None, health=None):
+def side_listeners(reactor, options, metrics: Metrics | None, health) -> list:
     """
-    @return: the service listening on C{--metrics-listen} for the metrics
+    @return: the services listening on C{--metrics-listen} for the metrics
         endpoint and the C{health} one (with C{--jobs-only}, the only way to
-        read a job node's metrics), or C{None} if not asked for or the metrics are off.
+        read a job node's metrics; none if the metrics are off), and on
+        C{--health-listen} for the health endpoint, as asked for.
     """
-    if not options["metrics-listen"] or metrics is None:
-        return None
-    path = options["metrics-path"].encode()
-    routes = {path: MetricsResource(metrics, options["metrics-allow-ips"])}
-    if health is not None:
-        routes[options["health-path"].encode()] = health
-    return _side_listener(reactor, options, routes, options["metrics-listen"], "metrics-listener")
-
-
-def health_listener(reactor, options, health):
-    """@return: the service listening on C{--health-listen} for the health endpoint, or C{None}."""
-    if not options["health-listen"]:
-        return None
-    routes = {options["health-path"].encode(): health}
-    return _side_listener(reactor, options, routes, options["health-listen"], "health-listener")
-
-
-def _side_listener(reactor, options, routes: dict, endpoint: str, name: str):
+    health_routes = {options["health-path"].encode(): health}
+    served = {}
+    if metrics is not None:
+        allowed = options["metrics-allow-ips"]
+        path = options["metrics-path"].encode()
+        served["metrics"] = {path: MetricsResource(metrics, allowed), **health_routes}
+    served["health"] = health_routes
     from twistedlrp.web.service import WebService  # which imports this module
 
-    site = LRPSite(
-        reactor,
-        MetricsOnly(routes),
-        max_body_size=0,
-        proxy_headers=options["proxy-headers"],
-        forwarded_allow_ips=options["forwarded-allow-ips"],
-    )
-    listener = WebService(reactor, site, [endpoint])
-    listener.name = name
-    return listener
+    listeners = []
+    for name, routes in served.items():
+        endpoint = options[f"{name}-listen"]
+        if endpoint:
+            site = LRPSite(
+                reactor,
+                MetricsOnly(routes),
+                max_body_size=0,
+                proxy_headers=options["proxy-headers"],
+                forwarded_allow_ips=options["forwarded-allow-ips"],
+            )
+            listeners.append(WebService(reactor, site, [endpoint], name=f"{name}-listener"))
+    return listeners

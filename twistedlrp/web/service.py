@@ -47,9 +47,8 @@ class ThreadPoolService(service.Service):
 class WebService(service.Service):
     """Listens on C{--listen} (or adopts C{sockets}) when it starts; drains when it stops."""
 
-    name = "web"
-
-    def __init__(self, reactor, site: LRPSite, endpoints: list[str], sockets=None):
+    def __init__(self, reactor, site: LRPSite, endpoints: list[str], sockets=None, name="web"):
+        self.name = name
         self.reactor = reactor
         self.site = site
         self.endpoints = endpoints
