@@ -136,8 +136,8 @@ def build_web(
     )
     if metrics.current is not None:  # serve this process's metrics, and count requests
         path = options["metrics-path"].encode()
-        router.metrics_path = path
-        router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
+        allowed = options["metrics-allow-ips"]
+        router.endpoints.setdefault(path, web_metrics.MetricsResource(metrics.current, allowed))
         site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
         web_metrics.watch_pool(metrics.current, pool)
     web = WebService(reactor, site, options["listen"], sockets)

@@ -59,12 +59,9 @@ class Router:
     progress stream (answered in the reactor), or to the application.
     """
 
-    metrics_path: bytes | None = None
-    metrics = None
-
     def __init__(self, health_path: str, health, statics: list, application, events=None):
-        self._health_path = health_path.encode()
-        self._health = health
+        # The endpoints at a path of their own (the metrics endpoint joins, if on).
+        self.endpoints = {health_path.encode(): health}
         self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(
@@ -77,10 +74,9 @@ class Router:
 
     def route(self, request):
         path = request.path
-        if path == self._health_path:
-            return self._health.render(request)
-        if path == self.metrics_path:
-            return self.metrics.render(request)
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None:
+            return endpoint.render(request)
         if path == b"*":
             # OPTIONS * (the server in general): nothing more to say.
             request.setHeader(b"content-length", b"0")

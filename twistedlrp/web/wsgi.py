@@ -49,7 +49,6 @@ class _NoStreamSlot(Exception):
 
 @functools.lru_cache(maxsize=1024)  # the names are the clients': bounded
 def _key(name: bytes) -> str | None:
-    """@return: the environ key of the request header C{name}, or C{None}: dropped."""
     # A name with "_" would collide with its "-" twin (a forged X_Forwarded_For).
     if b"_" in name:
         return None
@@ -87,10 +86,8 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         environ[key] = text if known is None else known + "," + text
     if "CONTENT_LENGTH" not in environ:
         # Django reads exactly CONTENT_LENGTH bytes: give a chunked body's size.
-        content = request.content
-        content.seek(0, 2)
-        size = content.tell()
-        content.seek(0)
+        size = request.content.seek(0, 2)
+        request.content.seek(0)
         if size:
             environ["CONTENT_LENGTH"] = str(size)
     return environ

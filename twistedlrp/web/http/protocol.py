@@ -84,9 +84,8 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     def closing(self) -> bool:
         return self._state == _CLOSED
 
-    # One DelayedCall per connection, moved lazily.
+    # Call on_due() in seconds, instead of what was due: one DelayedCall per connection, moved lazily.
     def _arm(self, seconds: float, on_due) -> None:
-        """Call C{on_due()} in C{seconds}, instead of what was due."""
         due = self.reactor.seconds() + seconds
         self._due, self._on_due = due, on_due
         if self._timer is None:

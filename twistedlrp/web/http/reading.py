@@ -61,7 +61,6 @@ def _too_large() -> _Answer:
 
 
 def _refusal(exc: httptools.HttpParserError) -> _Answer:
-    """@return: the answer to a request the parser refused with C{exc}."""
     if isinstance(exc, httptools.HttpParserInvalidURLError):
         return _Answer(_400, _NOT_A_PATH)
     reason = str(exc)
