@@ -14,10 +14,9 @@ import os
 import re
 import time
 
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
-
-from twistedlrp.ordered_service import cancel_call
 
 _log = Logger(namespace="twistedlrp.access")
 # The time stamp of the second (twisted.web's own log keeps one too).
@@ -37,25 +36,21 @@ class AccessLog:
         self.path = path
         self.with_duration = log_format == "combined+duration"
         self._file = None
-        self._flush_call = None
+        self._flusher = None
 
     def open(self) -> None:
         """Open the log file (once)."""
         if self.path and self.path != "-" and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
-            self._flush_call = self.reactor.callLater(1, self._flush)
-
-    def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._flush_call = self.reactor.callLater(1, self._flush)
+            self._flusher = task.LoopingCall(self._file.flush)
+            self._flusher.clock = self.reactor
+            self._flusher.start(1, now=False)
 
     def close(self) -> None:
         """Flush and close the log file (at shut-down); idempotent."""
-        cancel_call(self._flush_call)
-        self._flush_call = None
         if self._file is not None:
+            self._flusher.stop()
             self._file.close()
             self._file = None
 

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import CACHED, datetimeToString, stringToDatetime
 
 from twistedlrp.web.accesslog import masked
@@ -120,10 +121,8 @@ class Request:
         known = self._response.get(name.lower())
         return known[1][-1] if known else None
 
-    def redirect(self, url: bytes) -> None:
-        """Answer 302 to C{url} (as twisted.web.static redirects a directory)."""
-        self.setResponseCode(302)
-        self.setHeader(b"location", url)
+    # Answer 302 to a URL (as twisted.web.static redirects a directory).
+    redirect = http.Request.redirect
 
     def setLastModified(self, when: float):
         """Set C{Last-Modified}; @return: C{CACHED} (and 304) if the client's copy is not older."""
