@@ -247,7 +247,7 @@ class WebProcessServer(Server):
         sections = {"jobs": channel.jobs_section, "web_workers": channel.workers_section}
         pool = self._build_web(application, job_client, sections, sockets)
         channel.server = self
-        channel.pool = pool.pool
+        channel.pool = pool
         self._add_children(None, job_client, pool, (self.web,))
 
     def _install_signals(self) -> None:

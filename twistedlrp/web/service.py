@@ -26,24 +26,6 @@ from twistedlrp.web.static import default_static_mapping
 from twistedlrp.web.wsgi import WSGIResource
 
 
-class ThreadPoolService(service.Service):
-    """Starts and stops the L{ThreadPool} that runs the WSGI application."""
-
-    name = "thread-pool"
-    stop_description = "stopping the thread pool"
-
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        return self.pool.stop()
-
-
 class WebService(service.Service):
     """Listens on C{--listen} (or adopts C{sockets}) when it starts; drains when it stops."""
 
@@ -104,9 +86,9 @@ def build_web(
     server_state: Callable[[], str],
     started_at: float,
     sockets=None,
-) -> tuple[ThreadPoolService, WebService, HealthResource]:
+) -> tuple[ThreadPool, WebService, HealthResource]:
     """
-    @return: the thread pool's service, the site's service (listening on
+    @return: the thread pool (a service), the site's service (listening on
         C{--listen}, or adopting the inherited C{sockets}) and the health resource.
     """
     # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
@@ -141,7 +123,7 @@ def build_web(
         site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
         web_metrics.watch_pool(metrics.current, pool)
     web = WebService(reactor, site, options["listen"], sockets)
-    return ThreadPoolService(pool), web, health
+    return pool, web, health
 
 
 def _saturated(request) -> bytes:
