@@ -91,9 +91,9 @@ class Server(OrderedService):
 
         health = self.health
         if health is None:  # a process that serves no site (a job node)
-            from twistedlrp.web.health import HealthResource
-
-            health = HealthResource(self.reactor, lambda: self.state, None, self.started_at)
+            health = web_metrics.HealthResource(
+                self.reactor, lambda: self.state, None, self.started_at
+            )
             if job_service is not None:
                 health.sections["jobs"] = job_service.health
             if job_client is not None:

@@ -17,7 +17,6 @@ from twistedlrp.jobs.client import calls as client
 from twistedlrp.ordered_service import StartupFailed, within
 from twistedlrp.web import metrics as web_metrics
 from twistedlrp.web import ports
-from twistedlrp.web.health import HealthResource
 from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.progress_stream import JobEvents
@@ -86,7 +85,7 @@ def build_web(
     server_state: Callable[[], str],
     started_at: float,
     sockets=None,
-) -> tuple[ThreadPool, WebService, HealthResource]:
+) -> tuple[ThreadPool, WebService, web_metrics.HealthResource]:
     """
     @return: the thread pool (a service), the site's service (listening on
         C{--listen}, or adopting the inherited C{sockets}) and the health resource.
@@ -95,7 +94,7 @@ def build_web(
     pool = ThreadPool(
         reactor, options["threads"], options["max-waiting"], on_thread_exit=boot.close_connections
     )
-    health = HealthResource(reactor, server_state, pool, started_at)
+    health = web_metrics.HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
     streams, multiprocess = StreamSlots(limits.stream_threads), options["web-workers"] > 1
     wsgi = WSGIResource(reactor, pool, application, _saturated, streams, multiprocess)
