@@ -183,9 +183,11 @@ class LRPSite(protocol.Factory):
         )
 
     def channel_gone(self, channel: HTTPConnection) -> None:
+        """C{channel} is closed; the last one left in a drain ends it."""
         self.channels.discard(channel)
         self._evicted.discard(channel)
-        self.awaiting.pop(channel, None)
+        if self._drained is not None and not self.channels and not self._drained.called:
+            self._drained.callback(None)
 
     def client_of(self, request) -> tuple[str, str]:
         """@return: the client address and URL scheme (forwarded by a trusted proxy)."""
@@ -243,12 +245,9 @@ class LRPSite(protocol.Factory):
             # Progress streams never end by themselves soon enough.
             streams.close_all()
         self._drained = defer.Deferred()
-        self.channel_closed()
-        return self._drained
-
-    def channel_closed(self) -> None:
-        if self._drained is not None and not self.channels and not self._drained.called:
+        if not self.channels:
             self._drained.callback(None)
+        return self._drained
 
     def abort_all(self) -> None:
         """Cut every remaining connection (the graceful deadline has passed)."""

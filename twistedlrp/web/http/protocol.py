@@ -242,16 +242,14 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         pass
 
     def connectionLost(self, reason=protocol.connectionDone):
-        self._state = _CLOSED
-        self._on_due = None
+        self._leave()
         self._stop_flow()
         for call in (self._timer, self._cut_call, self._linger_call, self._drain_call):
             cancel_call(call)
-        self.site.channel_gone(self)
         request, self.request = self.request, None
         if request is not None and not request.finished:
             request.connection_lost(reason)
-        self.site.channel_closed()
+        self.site.channel_gone(self)
 
     def drain(self) -> None:
         """
