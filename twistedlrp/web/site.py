@@ -93,7 +93,7 @@ class Router:
                 request.prepath = [s for s in prefix.split(b"/") if s]
                 segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
                 return files.serve(request, segments)
-        if self.events is not None and self.events.matches(path):
+        if self.events is not None and path.startswith(self.events.prefix):
             return self.events.render(request)
         return self._application.render(request)
 
