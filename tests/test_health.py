@@ -6,7 +6,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from twistedlrp.web.health import HealthResource
+from twistedlrp.web.metrics import HealthResource
 from twistedlrp.web.pool import ThreadPool
 
 

@@ -91,17 +91,14 @@ class Server(OrderedService):
 
         health = self.health
         if health is None:  # a process that serves no site (a job node)
-            from twistedlrp.web.health import HealthResource
-
-            health = HealthResource(self.reactor, lambda: self.state, None, self.started_at)
+            health = web_metrics.HealthResource(
+                self.reactor, lambda: self.state, None, self.started_at
+            )
             if job_service is not None:
                 health.sections["jobs"] = job_service.health
             if job_client is not None:
                 health.sections["job_link"] = job_client.describe
-        return (
-            web_metrics.metrics_listener(self.reactor, self.options, self.metrics, health),
-            web_metrics.health_listener(self.reactor, self.options, health),
-        )
+        return web_metrics.side_listeners(self.reactor, self.options, self.metrics, health)
 
     def startService(self):
         service.Service.startService(self)
@@ -250,7 +247,7 @@ class WebProcessServer(Server):
         sections = {"jobs": channel.jobs_section, "web_workers": channel.workers_section}
         pool = self._build_web(application, job_client, sections, sockets)
         channel.server = self
-        channel.pool = pool.pool
+        channel.pool = pool
         self._add_children(None, job_client, pool, (self.web,))
 
     def _install_signals(self) -> None:

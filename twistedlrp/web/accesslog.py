@@ -14,10 +14,9 @@ import os
 import re
 import time
 
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.web.http import datetimeToLogString
-
-from twistedlrp.ordered_service import cancel_call
 
 _log = Logger(namespace="twistedlrp.access")
 # The time stamp of the second (twisted.web's own log keeps one too).
@@ -37,25 +36,21 @@ class AccessLog:
         self.path = path
         self.with_duration = log_format == "combined+duration"
         self._file = None
-        self._flush_call = None
+        self._flusher = None
 
     def open(self) -> None:
         """Open the log file (once)."""
         if self.path and self.path != "-" and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
             self._file = os.fdopen(fd, "a", encoding="utf-8")
-            self._flush_call = self.reactor.callLater(1, self._flush)
-
-    def _flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._flush_call = self.reactor.callLater(1, self._flush)
+            self._flusher = task.LoopingCall(self._file.flush)
+            self._flusher.clock = self.reactor
+            self._flusher.start(1, now=False)
 
     def close(self) -> None:
         """Flush and close the log file (at shut-down); idempotent."""
-        cancel_call(self._flush_call)
-        self._flush_call = None
         if self._file is not None:
+            self._flusher.stop()
             self._file.close()
             self._file = None
 
@@ -67,11 +62,11 @@ class AccessLog:
             request.client or "-",
             _log_time(int(self.reactor.seconds())),
             quote(request.method),
-            mask_tokens(quote(request.uri)),
+            masked(request.uri),
             quote(request.clientproto),
             request.code,
             request.sentLength or "-",
-            mask_tokens(quote(request.getHeader(b"referer") or "-")),
+            masked(request.getHeader(b"referer") or "-"),
             quote(request.getHeader(b"user-agent") or "-"),
         )
         duration = time.monotonic() - request.arrived
@@ -86,7 +81,7 @@ class AccessLog:
                 log_text=line,
                 client=request.client or None,
                 method=quote(request.method),
-                uri=mask_tokens(quote(request.uri)),
+                uri=masked(request.uri),
                 status=request.code,
                 bytes=request.sentLength,
                 duration=round(duration, 6),
@@ -105,3 +100,8 @@ def quote(value: bytes | str | None) -> str:
 def mask_tokens(text: str) -> str:
     """@return: C{text} with the value of each C{token=} query parameter masked."""
     return _TOKEN.sub(r"\1[masked]", text) if "=" in text else text
+
+
+def masked(value: bytes | str) -> str:
+    """@return: C{value} quoted, as the access log shows it (its tokens masked)."""
+    return mask_tokens(quote(value))

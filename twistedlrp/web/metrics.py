@@ -1,10 +1,16 @@
 """
-The metrics endpoint (C{--metrics-path}, for C{--metrics-allow-ips} only) and
-the HTTP side's metrics (docs/metrics.md); the endpoint's requests are not counted.
+The endpoints answered by the reactor: health (JSON, 200 while the server
+runs, 503 while it starts, stops, or is C{"degraded"}: a section says
+C{"healthy": false}) and metrics (C{--metrics-path}, for C{--metrics-allow-ips}
+only), and the HTTP side's metrics (docs/metrics.md), which do not count the
+metrics endpoint's requests.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
 from time import monotonic
 
 from twisted.internet import threads
@@ -25,6 +31,53 @@ _METHODS = {
 # The text format every Prometheus reads (newer prometheus_client names 1.0.0).
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
+
+class HealthResource:
+    """The health endpoint; C{server_state()} is C{"starting"}, C{"running"} or C{"stopping"}."""
+
+    def __init__(self, reactor, server_state: Callable[[], str], pool, started_at: float):
+        self._reactor = reactor
+        self._server_state = server_state
+        self._pool = pool
+        self._started_at = started_at
+        # name -> callable returning a JSON-able dict (or None: no section).
+        self.sections: dict[str, Callable[[], dict]] = {}
+        self.streams = None  # StreamSlots, if any
+        # Returns the threads in a job call (CallSlots), if limited.
+        self.job_calls: Callable[[], dict | None] | None = None
+
+    def render(self, request):
+        state = self._server_state()
+        body = {
+            "status": state,
+            "pid": os.getpid(),
+            "uptime": round(self._reactor.seconds() - self._started_at, 3),
+        }
+        if self._pool is not None:
+            stats = self._pool.stats()
+            body["threads"] = {key: stats[key] for key in ("busy", "idle", "size")}
+            if self.streams is not None:
+                body["threads"]["streaming"] = self.streams.taken
+            job_calls = self.job_calls() if self.job_calls is not None else None
+            if job_calls is not None:
+                body["threads"]["job_calls"] = job_calls
+            body["waiting"] = stats["waiting"]
+        healthy = True
+        for name, section in self.sections.items():
+            try:
+                value = section()
+            except Exception as e:
+                value = {"healthy": False, "error": str(e)}
+            if value is not None:
+                body[name] = value
+                healthy = healthy and value.get("healthy", True)
+        if state == "running" and not healthy:
+            body["status"] = "degraded"
+        request.setResponseCode(200 if state == "running" and healthy else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body).encode() + b"\n"
 
 
 class HTTPMetrics:
@@ -104,15 +157,8 @@ class MetricsResource:
         # Merging the files of every process reads the disk: not in the reactor.
         metrics.refresh()
         d = threads.deferToThread(metrics.exposition)
-        d.addCallbacks(lambda body: _answer(request, body), lambda f: _failed(request, f))
+        d.addCallbacks(request.answer, lambda f: _failed(request, f))
         return server.NOT_DONE_YET
-
-
-# A request whose client left writes and finishes nothing.
-def _answer(request, body: bytes) -> None:
-    request.setHeader(b"content-length", b"%d" % len(body))
-    request.write(body)
-    request.finish()
 
 
 def _failed(request, failure) -> None:
@@ -136,39 +182,32 @@ class MetricsOnly:
         return f"Not Found: this port serves {served} only.\n".encode()
 
 
-def metrics_listener(reactor, options, metrics: Metrics | None, health=None):
+def side_listeners(reactor, options, metrics: Metrics | None, health) -> list:
     """
-    @return: the service listening on C{--metrics-listen} for the metrics
+    @return: the services listening on C{--metrics-listen} for the metrics
         endpoint and the C{health} one (with C{--jobs-only}, the only way to
-        read a job node's metrics), or C{None} if not asked for or the metrics are off.
+        read a job node's metrics; none if the metrics are off), and on
+        C{--health-listen} for the health endpoint, as asked for.
     """
-    if not options["metrics-listen"] or metrics is None:
-        return None
-    path = options["metrics-path"].encode()
-    routes = {path: MetricsResource(metrics, options["metrics-allow-ips"])}
-    if health is not None:
-        routes[options["health-path"].encode()] = health
-    return _side_listener(reactor, options, routes, options["metrics-listen"], "metrics-listener")
-
-
-def health_listener(reactor, options, health):
-    """@return: the service listening on C{--health-listen} for the health endpoint, or C{None}."""
-    if not options["health-listen"]:
-        return None
-    routes = {options["health-path"].encode(): health}
-    return _side_listener(reactor, options, routes, options["health-listen"], "health-listener")
-
-
-def _side_listener(reactor, options, routes: dict, endpoint: str, name: str):
+    health_routes = {options["health-path"].encode(): health}
+    served = {}
+    if metrics is not None:
+        allowed = options["metrics-allow-ips"]
+        path = options["metrics-path"].encode()
+        served["metrics"] = {path: MetricsResource(metrics, allowed), **health_routes}
+    served["health"] = health_routes
     from twistedlrp.web.service import WebService  # which imports this module
 
-    site = LRPSite(
-        reactor,
-        MetricsOnly(routes),
-        max_body_size=0,
-        proxy_headers=options["proxy-headers"],
-        forwarded_allow_ips=options["forwarded-allow-ips"],
-    )
-    listener = WebService(reactor, site, [endpoint])
-    listener.name = name
-    return listener
+    listeners = []
+    for name, routes in served.items():
+        endpoint = options[f"{name}-listen"]
+        if endpoint:
+            site = LRPSite(
+                reactor,
+                MetricsOnly(routes),
+                max_body_size=0,
+                proxy_headers=options["proxy-headers"],
+                forwarded_allow_ips=options["forwarded-allow-ips"],
+            )
+            listeners.append(WebService(reactor, site, [endpoint], name=f"{name}-listener"))
+    return listeners

@@ -10,6 +10,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
@@ -20,8 +21,10 @@ log = Logger()
 _STOP = object()
 
 
-class ThreadPool:
-    """C{size} daemon threads taking work from one queue."""
+class ThreadPool(service.Service):
+    """C{size} daemon threads taking work from one queue; a service of the server."""
+
+    stop_description = "stopping the thread pool"
 
     def __init__(
         self,
@@ -56,6 +59,14 @@ class ThreadPool:
             thread = threading.Thread(target=self._work, name=f"{self.name}-{number}", daemon=True)
             self._alive += 1
             thread.start()
+
+    def startService(self) -> None:
+        super().startService()
+        self.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return self.stop()
 
     def submit(self, task: Callable[[], None]) -> bool:
         """Queue C{task}: @return: C{False} if the pool is saturated or stopped."""

@@ -41,6 +41,8 @@ _PATH = re.compile(rb"^" + re.escape(_PREFIX) + rb"([0-9a-fA-F-]{36})/events$")
 class JobEvents:
     """The event streams of one web process; C{client()} returns its job client, if any."""
 
+    prefix = _PREFIX  # of the paths routed here (/-/jobs/)
+
     def __init__(self, reactor, client, max_streams: int | None = None):
         self.reactor = reactor
         self._client = client
@@ -51,10 +53,6 @@ class JobEvents:
     def max_streams(self) -> int:
         """@return: the most streams open at once (C{LRP_PROGRESS_MAX_STREAMS} unless given)."""
         return progress.max_streams() if self._max_streams is None else self._max_streams
-
-    def matches(self, path: bytes) -> bool:
-        """@return: whether C{path} is under the event streams' prefix (C{/-/jobs/})."""
-        return path.startswith(_PREFIX)
 
     def render(self, request) -> bytes | object:
         """@return: an error body (403, 404, 405, 503), or C{NOT_DONE_YET} with the stream begun."""

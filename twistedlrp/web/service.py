@@ -17,7 +17,6 @@ from twistedlrp.jobs.client import calls as client
 from twistedlrp.ordered_service import StartupFailed, within
 from twistedlrp.web import metrics as web_metrics
 from twistedlrp.web import ports
-from twistedlrp.web.health import HealthResource
 from twistedlrp.web.limits import Limits, StreamSlots
 from twistedlrp.web.pool import ThreadPool
 from twistedlrp.web.progress_stream import JobEvents
@@ -26,30 +25,11 @@ from twistedlrp.web.static import default_static_mapping
 from twistedlrp.web.wsgi import WSGIResource
 
 
-class ThreadPoolService(service.Service):
-    """Starts and stops the L{ThreadPool} that runs the WSGI application."""
-
-    name = "thread-pool"
-    stop_description = "stopping the thread pool"
-
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        return self.pool.stop()
-
-
 class WebService(service.Service):
     """Listens on C{--listen} (or adopts C{sockets}) when it starts; drains when it stops."""
 
-    name = "web"
-
-    def __init__(self, reactor, site: LRPSite, endpoints: list[str], sockets=None):
+    def __init__(self, reactor, site: LRPSite, endpoints: list[str], sockets=None, name="web"):
+        self.name = name
         self.reactor = reactor
         self.site = site
         self.endpoints = endpoints
@@ -105,16 +85,16 @@ def build_web(
     server_state: Callable[[], str],
     started_at: float,
     sockets=None,
-) -> tuple[ThreadPoolService, WebService, HealthResource]:
+) -> tuple[ThreadPool, WebService, web_metrics.HealthResource]:
     """
-    @return: the thread pool's service, the site's service (listening on
+    @return: the thread pool (a service), the site's service (listening on
         C{--listen}, or adopting the inherited C{sockets}) and the health resource.
     """
     # Django keeps a connection per thread (CONN_MAX_AGE): it dies with the thread.
     pool = ThreadPool(
         reactor, options["threads"], options["max-waiting"], on_thread_exit=boot.close_connections
     )
-    health = HealthResource(reactor, server_state, pool, started_at)
+    health = web_metrics.HealthResource(reactor, server_state, pool, started_at)
     limits = Limits.from_options(options)
     streams, multiprocess = StreamSlots(limits.stream_threads), options["web-workers"] > 1
     wsgi = WSGIResource(reactor, pool, application, _saturated, streams, multiprocess)
@@ -137,12 +117,12 @@ def build_web(
     )
     if metrics.current is not None:  # serve this process's metrics, and count requests
         path = options["metrics-path"].encode()
-        router.metrics_path = path
-        router.metrics = web_metrics.MetricsResource(metrics.current, options["metrics-allow-ips"])
+        allowed = options["metrics-allow-ips"]
+        router.endpoints.setdefault(path, web_metrics.MetricsResource(metrics.current, allowed))
         site.metrics = web_metrics.HTTPMetrics(metrics.current, path)
         web_metrics.watch_pool(metrics.current, pool)
     web = WebService(reactor, site, options["listen"], sockets)
-    return ThreadPoolService(pool), web, health
+    return pool, web, health
 
 
 def _saturated(request) -> bytes:

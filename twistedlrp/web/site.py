@@ -59,12 +59,9 @@ class Router:
     progress stream (answered in the reactor), or to the application.
     """
 
-    metrics_path: bytes | None = None
-    metrics = None
-
     def __init__(self, health_path: str, health, statics: list, application, events=None):
-        self._health_path = health_path.encode()
-        self._health = health
+        # The endpoints at a path of their own (the metrics endpoint joins, if on).
+        self.endpoints = {health_path.encode(): health}
         self.events = events
         # Longest prefix first, so /static/admin/ wins over /static/.
         self._statics = sorted(
@@ -77,10 +74,9 @@ class Router:
 
     def route(self, request):
         path = request.path
-        if path == self._health_path:
-            return self._health.render(request)
-        if path == self.metrics_path:
-            return self.metrics.render(request)
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None:
+            return endpoint.render(request)
         if path == b"*":
             # OPTIONS * (the server in general): nothing more to say.
             request.setHeader(b"content-length", b"0")
@@ -97,7 +93,7 @@ class Router:
                 request.prepath = [s for s in prefix.split(b"/") if s]
                 segments = [unquote_to_bytes(s) for s in rest.split(b"/")] if rest else [b""]
                 return files.serve(request, segments)
-        if self.events is not None and self.events.matches(path):
+        if self.events is not None and path.startswith(self.events.prefix):
             return self.events.render(request)
         return self._application.render(request)
 
@@ -128,7 +124,7 @@ class LRPSite(protocol.Factory):
         self.proxy_headers = proxy_headers
         self.trusted = TrustedProxies(forwarded_allow_ips)
         # The connections awaiting a request head, longest waiting first.
-        self._awaiting: OrderedDict[HTTPConnection, None] = OrderedDict()
+        self.awaiting: OrderedDict[HTTPConnection, None] = OrderedDict()
         # Cut to make room, but not gone yet (the reactor closes them next).
         self._evicted: set[HTTPConnection] = set()
         self.evictions = 0
@@ -144,10 +140,7 @@ class LRPSite(protocol.Factory):
         request.client, request.scheme = self.client_of(request)
         body = self.root.route(request)
         if body is not NOT_DONE_YET:
-            if body:
-                request.setHeader(b"content-length", b"%d" % len(body))
-                request.write(body)
-            request.finish()
+            request.answer(body)
 
     @property
     def open_connections(self) -> int:
@@ -168,9 +161,9 @@ class LRPSite(protocol.Factory):
 
     def _make_room(self) -> bool:
         """Cut the connection that has waited longest for a request head, if any."""
-        if not self._awaiting:  # (a connection leaves it as it closes)
+        if not self.awaiting:  # (a connection leaves it as it closes)
             return False
-        channel, _ = self._awaiting.popitem(last=False)
+        channel, _ = self.awaiting.popitem(last=False)
         self._evicted.add(channel)
         channel.evict()
         return True
@@ -190,18 +183,11 @@ class LRPSite(protocol.Factory):
         )
 
     def channel_gone(self, channel: HTTPConnection) -> None:
+        """C{channel} is closed; the last one left in a drain ends it."""
         self.channels.discard(channel)
         self._evicted.discard(channel)
-        self._awaiting.pop(channel, None)
-
-    def waiting_for_head(self, channel: HTTPConnection) -> None:
-        """C{channel} awaits a request head from now on: it joins the end of the line."""
-        self._awaiting.pop(channel, None)
-        self._awaiting[channel] = None
-
-    def request_started(self, channel: HTTPConnection) -> None:
-        """C{channel} has a whole request head now, or is closing."""
-        self._awaiting.pop(channel, None)
+        if self._drained is not None and not self.channels and not self._drained.called:
+            self._drained.callback(None)
 
     def client_of(self, request) -> tuple[str, str]:
         """@return: the client address and URL scheme (forwarded by a trusted proxy)."""
@@ -259,12 +245,9 @@ class LRPSite(protocol.Factory):
             # Progress streams never end by themselves soon enough.
             streams.close_all()
         self._drained = defer.Deferred()
-        self.channel_closed()
-        return self._drained
-
-    def channel_closed(self) -> None:
-        if self._drained is not None and not self.channels and not self._drained.called:
+        if not self.channels:
             self._drained.callback(None)
+        return self._drained
 
     def abort_all(self) -> None:
         """Cut every remaining connection (the graceful deadline has passed)."""

@@ -8,6 +8,7 @@ flow control, by at most C{--stream-threads} threads at once.
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 from urllib.parse import unquote_to_bytes
@@ -46,18 +47,13 @@ class _NoStreamSlot(Exception):
     """Every thread that may stream a response does (--stream-threads)."""
 
 
-# The environ key of each request header name seen (None: dropped).
-_KEYS: dict[bytes, str | None] = {}
-
-
+@functools.lru_cache(maxsize=1024)  # the names are the clients': bounded
 def _key(name: bytes) -> str | None:
-    # A name with "_" would collide with its "-" twin (a forged X_Forwarded_For): dropped.
-    key = None if b"_" in name else name.decode("latin-1").upper().replace("-", "_")
-    if key is not None and key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-        key = "HTTP_" + key
-    if len(_KEYS) < 1000:  # the names are the clients': bounded
-        _KEYS[name] = key
-    return key
+    # A name with "_" would collide with its "-" twin (a forged X_Forwarded_For).
+    if b"_" in name:
+        return None
+    key = name.decode("latin-1").upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
 
 
 def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = False) -> dict:
@@ -82,7 +78,7 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         "wsgi.run_once": False,
     }
     for name, value in request.headers:
-        key = _KEYS[name] if name in _KEYS else _key(name)
+        key = _key(name)
         if key is None:
             continue
         text = value.decode("latin-1")
@@ -90,10 +86,8 @@ def build_environ(request, remote_addr: str, scheme: str, multiprocess: bool = F
         environ[key] = text if known is None else known + "," + text
     if "CONTENT_LENGTH" not in environ:
         # Django reads exactly CONTENT_LENGTH bytes: give a chunked body's size.
-        content = request.content
-        content.seek(0, 2)
-        size = content.tell()
-        content.seek(0)
+        size = request.content.seek(0, 2)
+        request.content.seek(0)
         if size:
             environ["CONTENT_LENGTH"] = str(size)
     return environ
@@ -220,11 +214,8 @@ class _WSGIResponse:
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
-            try:
-                if self._streaming:
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
+            if self._streaming:
+                raise exc_info[1].with_traceback(exc_info[2])
         elif self._status is not None:
             raise RuntimeError("start_response() was called twice without exc_info")
         if not isinstance(status, str) or len(status) < 4 or not status[:3].isdigit():
@@ -291,6 +282,7 @@ class _WSGIResponse:
     def run(self) -> None:
         if self.disconnected:
             return
+        what = {"method": self._environ["REQUEST_METHOD"], "path": self._environ["PATH_INFO"]}
         result = None
         try:
             result = self._application(self._environ, self.start_response)
@@ -309,27 +301,35 @@ class _WSGIResponse:
             if self._status is None:
                 raise RuntimeError("the application returned without calling start_response()")
         except _NoStreamSlot:
-            self._refuse_stream()
+            streams = self._streams
+            if streams.should_warn():
+                log.warn(
+                    "{limit} threads stream responses already (--stream-threads): "
+                    "{method} {path} is answered 503 ({refused} so far)",
+                    limit=streams.limit,
+                    refused=streams.refused,
+                    **what,
+                )
+            body = b"Server busy: too many streaming responses. Retry shortly.\n"
+            self._answer("503 Service Unavailable", body, ("Retry-After", "1"))
             return
         except _TooSlow as e:
             log.warn(
                 "Streaming {method} {path}: {reason} within {timeout:g} s; "
                 "the connection is cut and the thread freed",
-                method=self._environ["REQUEST_METHOD"],
-                path=self._environ["PATH_INFO"],
                 reason=e,
                 timeout=self._write_timeout,
+                **what,
             )
             self.disconnected = True
             self._reactor.callFromThread(self._cut)
             return
         except BaseException:
-            log.failure(
-                "Error in the WSGI application for {method} {path}",
-                method=self._environ["REQUEST_METHOD"],
-                path=self._environ["PATH_INFO"],
-            )
-            self._fail()
+            log.failure("Error in the WSGI application for {method} {path}", **what)
+            if self._streaming:
+                self._reactor.callFromThread(lambda: self.disconnected or self._cut())
+            else:
+                self._answer("500 Internal Server Error", b"Internal Server Error\n")
             return
         finally:
             close = getattr(result, "close", None)
@@ -347,25 +347,6 @@ class _WSGIResponse:
                 self._deliver, self._status, self._headers, b"".join(self._written)
             )
 
-    def _refuse_stream(self) -> None:
-        streams = self._streams
-        if streams.should_warn():
-            log.warn(
-                "{limit} threads stream responses already (--stream-threads): "
-                "{method} {path} is answered 503 ({refused} so far)",
-                limit=streams.limit,
-                method=self._environ["REQUEST_METHOD"],
-                path=self._environ["PATH_INFO"],
-                refused=streams.refused,
-            )
-        body = b"Server busy: too many streaming responses. Retry shortly.\n"
-        headers = [("Content-Type", "text/plain; charset=utf-8"), ("Retry-After", "1")]
-        self._reactor.callFromThread(self._deliver, "503 Service Unavailable", headers, body)
-
-    def _fail(self) -> None:
-        if self._streaming:
-            self._reactor.callFromThread(lambda: self.disconnected or self._cut())
-            return
-        body = b"Internal Server Error\n"
-        headers = [("Content-Type", "text/plain; charset=utf-8")]
-        self._reactor.callFromThread(self._deliver, "500 Internal Server Error", headers, body)
+    def _answer(self, status: str, body: bytes, *headers: tuple[str, str]) -> None:
+        headers = [("Content-Type", "text/plain; charset=utf-8"), *headers]
+        self._reactor.callFromThread(self._deliver, status, headers, body)

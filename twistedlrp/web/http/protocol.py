@@ -13,6 +13,7 @@ from zope.interface import implementer
 
 from twistedlrp.jobs.protocol.limits import abort_now
 from twistedlrp.ordered_service import cancel_call
+from twistedlrp.web.accesslog import masked
 from twistedlrp.web.http.reading import (
     _ANSWERING,
     _CLOSED,
@@ -20,7 +21,7 @@ from twistedlrp.web.http.reading import (
     KEEP_ALIVE_TIMEOUT,
     MessageReader,
 )
-from twistedlrp.web.http.request import Request, _masked
+from twistedlrp.web.http.request import Request
 from twistedlrp.web.http.writing import WriteFlow
 from twistedlrp.web.limits import ANSWER_SECONDS, short_answer
 
@@ -83,9 +84,8 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
     def closing(self) -> bool:
         return self._state == _CLOSED
 
-    # One DelayedCall per connection, moved lazily.
+    # Call on_due() in seconds, instead of what was due: one DelayedCall per connection, moved lazily.
     def _arm(self, seconds: float, on_due) -> None:
-        """Call C{on_due()} in C{seconds}, instead of what was due."""
         due = self.reactor.seconds() + seconds
         self._due, self._on_due = due, on_due
         if self._timer is None:
@@ -130,7 +130,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
             "{what}: the client read nothing for {timeout:g} s (--write-timeout); "
             "the connection is cut{freed}",
             what=(
-                f"{request.method.decode('latin-1')} {_masked(request.uri)}"
+                f"{request.method.decode('latin-1')} {masked(request.uri)}"
                 if request is not None
                 else "A response"
             ),
@@ -145,7 +145,9 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._head_begun = False
         self._head_bytes = 0
         self._tail = self._line = b""
-        self.site.waiting_for_head(self)
+        # It joins the end of the line of connections awaiting a head.
+        self.site.awaiting.pop(self, None)
+        self.site.awaiting[self] = None
 
     def dataReceived(self, data: bytes):
         if self._state == _CLOSED:
@@ -219,7 +221,7 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         self._state = _CLOSED
         self._buffer = b""
         self._on_due = None
-        self.site.request_started(self)
+        self.site.awaiting.pop(self, None)
 
     def _close_quietly(self) -> None:
         self._leave()
@@ -240,16 +242,14 @@ class HTTPConnection(WriteFlow, MessageReader, protocol.Protocol):
         pass
 
     def connectionLost(self, reason=protocol.connectionDone):
-        self._state = _CLOSED
-        self._on_due = None
+        self._leave()
         self._stop_flow()
         for call in (self._timer, self._cut_call, self._linger_call, self._drain_call):
             cancel_call(call)
-        self.site.channel_gone(self)
         request, self.request = self.request, None
         if request is not None and not request.finished:
             request.connection_lost(reason)
-        self.site.channel_closed()
+        self.site.channel_gone(self)
 
     def drain(self) -> None:
         """

@@ -61,7 +61,6 @@ def _too_large() -> _Answer:
 
 
 def _refusal(exc: httptools.HttpParserError) -> _Answer:
-    """@return: the answer to a request the parser refused with C{exc}."""
     if isinstance(exc, httptools.HttpParserInvalidURLError):
         return _Answer(_400, _NOT_A_PATH)
     reason = str(exc)
@@ -305,7 +304,7 @@ class MessageReader:
         )
         self.request = request
         self._on_due = None  # a whole head: no longer subject to the head deadline
-        self.site.request_started(self)
+        self.site.awaiting.pop(self, None)
         self._received = 0
         length = int(self._cl) if self._cl is not None else None
         if te is None and not length:

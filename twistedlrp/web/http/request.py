@@ -5,6 +5,7 @@ chunked (HTTP/1.1) or by the close (HTTP/1.0); no body for HEAD, 1xx, 204, 304.
 
 from __future__ import annotations
 
+import functools
 import math
 from http import HTTPStatus
 from urllib.parse import parse_qs
@@ -13,9 +14,10 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import http
 from twisted.web.http import CACHED, datetimeToString, stringToDatetime
 
-from twistedlrp.web.accesslog import mask_tokens, quote
+from twistedlrp.web.accesslog import masked
 
 _log = Logger()
 
@@ -24,22 +26,12 @@ _REASONS[413] = b"Content Too Large"  # RFC 9110's name (Python < 3.13 has the o
 _STATUS_LINES = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
 # Responses that never have a body, whatever their headers say.
 _NO_BODY = frozenset((204, 304))
+
+
 # Header names as sent: lower case is capitalised (Content-Type), others kept.
-_SPELLING: dict[bytes, bytes] = {}
-
-
-def _masked(uri: bytes) -> str:
-    """@return: C{uri} as the access log shows it (its tokens masked)."""
-    return mask_tokens(quote(uri))
-
-
+@functools.lru_cache(maxsize=1024)  # the names are the application's: bounded
 def _spelled(name: bytes) -> bytes:
-    spelled = _SPELLING.get(name)
-    if spelled is None:
-        spelled = name.title() if name.islower() else name
-        if len(_SPELLING) < 1000:  # the names are the application's: bounded
-            _SPELLING[name] = spelled
-    return spelled
+    return name.title() if name.islower() else name
 
 
 class Request:
@@ -129,10 +121,8 @@ class Request:
         known = self._response.get(name.lower())
         return known[1][-1] if known else None
 
-    def redirect(self, url: bytes) -> None:
-        """Answer 302 to C{url} (as twisted.web.static redirects a directory)."""
-        self.setResponseCode(302)
-        self.setHeader(b"location", url)
+    # Answer 302 to a URL (as twisted.web.static redirects a directory).
+    redirect = http.Request.redirect
 
     def setLastModified(self, when: float):
         """Set C{Last-Modified}; @return: C{CACHED} (and 304) if the client's copy is not older."""
@@ -151,13 +141,18 @@ class Request:
                 return CACHED
         return None
 
+    def answer(self, body: bytes) -> None:
+        """Send C{body} (if any) as the whole body, with its C{Content-Length}, and finish."""
+        if body:
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+        self.finish()
+
     def answer_text(self, code: int, body: bytes) -> None:
         """Answer C{code} with the plain text C{body}, and finish."""
         self.setResponseCode(code)
         self.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        self.setHeader(b"content-length", b"%d" % len(body))
-        self.write(body)
-        self.finish()
+        self.answer(body)
 
     def _head(self) -> bytes:
         """@return: the status line and headers; decides how the body is framed."""
@@ -199,7 +194,7 @@ class Request:
             reason = self.reason or _REASONS.get(code, b"Unknown")
             lines = [b"HTTP/1.1 %d %s\r\n" % (code, reason)]
         for name, values in headers.values():
-            name = _SPELLING.get(name) or _spelled(name)
+            name = _spelled(name)
             for value in values:
                 lines += (name, b": ", value, b"\r\n")
         lines.append(b"\r\n")
@@ -211,30 +206,26 @@ class Request:
         if self.finished or channel is None or channel.transport is None:
             return
         head = b"" if self.startedWriting else self._head()
-        if data and self._body_allowed:
-            left = self._left
-            if left is not None:
-                if len(data) > left:
-                    # More would be read as the next response.
-                    _log.warn(
-                        "{method} {uri}: the response is longer than its Content-Length; "
-                        "cut there, and the connection closed",
-                        method=self.method.decode("latin-1"),
-                        uri=_masked(self.uri),
-                    )
-                    data = data[:left]
-                    self.persistent = False
-                self._left = left - len(data)
-            self.sentLength += len(data)
-            if not data:
-                pieces = (head,)
-            elif self._chunked:
-                pieces = (head, b"%x\r\n" % len(data), data, b"\r\n")
-            else:
-                pieces = (head, data)
-            self._out(*pieces)
-        elif head:
-            self._out(head)
+        if not self._body_allowed:
+            data = b""
+        left = self._left
+        if left is not None:
+            if len(data) > left:
+                # More would be read as the next response.
+                _log.warn(
+                    "{method} {uri}: the response is longer than its Content-Length; "
+                    "cut there, and the connection closed",
+                    method=self.method.decode("latin-1"),
+                    uri=masked(self.uri),
+                )
+                data = data[:left]
+                self.persistent = False
+            self._left = left - len(data)
+        self.sentLength += len(data)
+        if self._chunked and data:
+            self._out(head, b"%x\r\n" % len(data), data, b"\r\n")
+        elif head or data:
+            self._out(head, data)
 
     def _out(self, *pieces: bytes) -> None:
         """Send C{pieces}, or hold them until the response is logged (L{send_held})."""
