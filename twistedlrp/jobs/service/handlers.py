@@ -23,9 +23,8 @@ from twistedlrp.jobs.protocol.arguments import (
     check_wait_timeout,
     submission_fields,
 )
-from twistedlrp.jobs.service.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.service.outcomes import fire
-from twistedlrp.jobs.service.queue import JobRecord
+from twistedlrp.jobs.service.queue import JobRecord, kept
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
@@ -89,11 +88,11 @@ class JobOperations:
         args, kwargs = check_payload(name, payload, self.max_payload)
         fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
-        held = len(payload) <= KEEP_PAYLOAD
+        held = kept(payload)
         # A job that would start at once is stored running on a worker reserved
         # now: one transaction instead of a submission and a claim.
         reserved = start = None
-        if ours and held and not run_after:
+        if ours and held is not None and not run_after:
             reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
@@ -116,7 +115,7 @@ class JobOperations:
                     {**fields, "id": info["id"]},
                     created=self.reactor.seconds(),
                     name=name,
-                    payload=payload if held else None,
+                    payload=held,
                 )
                 if started:
                     self.dispatcher.start_reserved(reserved, record)
@@ -157,9 +156,7 @@ class JobOperations:
                 if self.queues is not None and row["queue"] not in self.queues:
                     continue
                 self.dispatcher.count("submitted", row["name"])
-                payload = row["payload"]
-                held = payload if len(payload) <= KEEP_PAYLOAD else None
-                record = JobRecord.from_row(row, payload=held)
+                record = JobRecord.from_row(row, payload=kept(row["payload"]))
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)
             return len(rows)

@@ -12,8 +12,6 @@ from twisted.logger import Logger, LogLevel
 
 from twistedlrp import logs
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
-from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
 from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
@@ -181,22 +179,6 @@ def fire(d: defer.Deferred, value) -> None:
     """Fire C{d} with C{value} unless it fired already (a timeout, another answer)."""
     if not d.called:
         d.callback(value)
-
-
-def check_record(record: JobRecord) -> None:
-    """
-    @raise InvalidArguments: the job holds a value it cannot run with (an old or
-        foreign row), or its name is not registered in this job service.
-    """
-    if registry.lookup(record.name) is None:
-        try:
-            registry.require(record.name)
-        except NotRegistered as e:
-            raise InvalidArguments(f"in this job service, {e}") from None
-    check_seconds("timeout", record.timeout)
-    if record.retry_delay:
-        check_seconds("retry_delay", record.retry_delay)
-    check_priority(record.priority)
 
 
 def log_lost(record: JobRecord) -> None:
