@@ -1,5 +1,5 @@
 """
-The job service's watchdog (twistedlrp.jobs.service.watchdog) on a fake clock: a
+The job service's watchdog (twistedlrp.jobs.service.lease) on a fake clock: a
 running job whose worker is gone or holds another job is handed back to
 the dispatcher; the store's running jobs that nobody holds are ended by
 their retry policy and queued again; a store that cannot be reached is
@@ -16,8 +16,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from twistedlrp.jobs.service.lease import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 from twistedlrp.jobs.service.queue import JobRecord
-from twistedlrp.jobs.service.watchdog import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 from twistedlrp.jobs.states import QUEUED
 
 # Above the kernel's largest pid: no process has it.
