@@ -96,6 +96,15 @@ class JobRecord:
         return self
 
 
+def call_by(clock: IReactorTime, timer: IDelayedCall | None, when: float, fn) -> IDelayedCall:
+    """@return: C{timer} if it calls C{fn} by C{when} already, else a new call at C{when}."""
+    if timer is not None and timer.active():
+        if timer.getTime() <= when:
+            return timer
+        timer.cancel()
+    return clock.callLater(when - clock.seconds(), fn)
+
+
 class JobQueue:
     """@param on_due: called (from the clock) when delayed jobs became ready."""
 
@@ -158,15 +167,9 @@ class JobQueue:
         return self._delayed[0][0] if self._delayed else None
 
     def _arm(self) -> None:
-        if not self._delayed or self._paused:
-            return
-        delay = max(self._delayed[0][0] - self._clock.seconds(), 0)
-        timer = self._timer
-        if timer is not None and timer.active():
-            if timer.getTime() <= self._clock.seconds() + delay:
-                return
-            timer.cancel()
-        self._timer = self._clock.callLater(delay, self._release)
+        if self._delayed and not self._paused:
+            due = max(self._delayed[0][0], self._clock.seconds())
+            self._timer = call_by(self._clock, self._timer, due, self._release)
 
     def _release(self) -> None:
         self._timer = None
@@ -265,15 +268,9 @@ class TableClaims:
 
     def arm_due(self, when: float | None) -> None:
         """Wake when the first delayed job we know of becomes due (at C{when})."""
-        if when is None or not self.dispatcher.accepting:
-            return
-        timer = self._due_timer
-        if timer is not None and timer.active():
-            if timer.getTime() <= when:
-                return
-            timer.cancel()
-        delay = max(when - self.reactor.seconds(), 0) + 0.01
-        self._due_timer = self.reactor.callLater(delay, self.dispatcher.wake)
+        if when is not None and self.dispatcher.accepting:
+            due = max(when, self.reactor.seconds()) + 0.01
+            self._due_timer = call_by(self.reactor, self._due_timer, due, self.dispatcher.wake)
 
     def stop(self) -> None:
         cancel_call(self._due_timer)
