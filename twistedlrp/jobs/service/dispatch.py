@@ -61,7 +61,7 @@ class Dispatcher:
         self.running: dict[str, JobRecord] = {}
         # wait(..., seen=...) by job id: told when the job starts or reports progress.
         self.watchers: dict[str, list[defer.Deferred]] = {}
-        self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self.counters = dict.fromkeys(job_metrics.EVENTS, 0)
         self._idle = Waiters()
         self.claiming: dict[str, defer.Deferred] = {}
         self.node, self.shared, self.queues = node, shared, queues

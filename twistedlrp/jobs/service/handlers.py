@@ -6,7 +6,6 @@ L{wire.OPERATIONS}, returning a Deferred of its JSON-ready answer, after its com
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -42,14 +41,7 @@ class JobOperations:
     @param about: C{()}: the service's own part of L{stats}.
     """
 
-    def __init__(
-        self,
-        dispatcher,
-        max_payload: int,
-        store_wait: float | None,
-        unavailable: Callable[[], str | None],
-        about: Callable[[], dict],
-    ):
+    def __init__(self, dispatcher, max_payload: int, store_wait: float | None, unavailable, about):
         self.reactor, self.store, self.dispatcher = dispatcher.reactor, dispatcher.store, dispatcher
         self.node, self.shared, self.queues = dispatcher.node, dispatcher.shared, dispatcher.queues
         self.max_payload, self.store_wait = max_payload, store_wait
