@@ -232,16 +232,8 @@ class NodeLease:
                 if fenced is not None or self.fenced is not None
                 else "their outcomes here are not recorded",
             )
-        for job in outcome["ended"]:
-            log.warn(
-                "Job {job_id}: {state} ({why}); it was stopped here when this node could not "
-                "renew its lease",
-                job_id=job["id"],
-                state="retried" if job["state"] == QUEUED else job["state"],
-                why=self._fenced_for,
-            )
-        if any(job["state"] == QUEUED for job in outcome["ended"]):
-            self.on_requeued()
+        stopped = "; it was stopped here when this node could not renew its lease"
+        self._ended(outcome["ended"], stopped, self._fenced_for)
         if self.fenced is not None and fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
             log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
@@ -300,12 +292,15 @@ class NodeLease:
         dead = "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead"
         for name, age in outcome["nodes"]:
             log.warn(dead, name=name, age=age, lease=self.lease)
-        for job in outcome["jobs"]:
+        self._ended(outcome["jobs"])
+
+    def _ended(self, jobs: list[dict], after: str = "", reason: str = "") -> None:
+        """Log the jobs the store retried, failed or cancelled for a node's lease."""
+        message = "Job {job_id}: {state} ({reason})" + after
+        for job in jobs:
             state = "retried" if job["state"] == QUEUED else job["state"]
-            log.warn(
-                "Job {id}: {state} ({reason})", id=job["id"], state=state, reason=job["reason"]
-            )
-        if any(job["state"] == QUEUED for job in outcome["jobs"]):
+            log.warn(message, job_id=job["id"], state=state, reason=reason or job["reason"])
+        if any(job["state"] == QUEUED for job in jobs):
             self.on_requeued()
 
 
