@@ -130,7 +130,7 @@ class Outcomes:
         self.finish(record, FAILED, error=error, **fields)
 
     def finish(self, record: JobRecord, state: str, **fields) -> None:
-        """Log (L{fail} logs failures) and store C{record}'s final C{state}, then tell its waiters."""
+        """Log (L{fail} logs failures) and store C{record}'s final C{state}; tell its waiters."""
         self.count(state, record.name)
         if state != FAILED and logs.enabled(LogLevel.info):
             # As the jobs' own lines: not even built above INFO.
