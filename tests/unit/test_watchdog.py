@@ -16,8 +16,8 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
+from twistedlrp.jobs.service.lease import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 from twistedlrp.jobs.service.queue import JobRecord
-from twistedlrp.jobs.service.watchdog import CHECK_INTERVAL, CLAIM_GRACE, STORE_INTERVAL, Watchdog
 from twistedlrp.jobs.states import QUEUED
 
 # Above the kernel's largest pid: no process has it.

@@ -15,18 +15,14 @@ from twisted.python.failure import Failure
 
 from twistedlrp.jobs.errors import InvalidArguments
 from twistedlrp.jobs.service import metrics as job_metrics
-from twistedlrp.jobs.service.claims import Reservation, TableClaims, free
-from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, check_record, fire, log_started
-from twistedlrp.jobs.service.queue import JobQueue, JobRecord
+from twistedlrp.jobs.service.outcomes import Outcome, Outcomes, fire, log_started
+from twistedlrp.jobs.service.queue import JobQueue, JobRecord, Reservation, TableClaims, free, kept
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.store import recovery
 from twistedlrp.jobs.workers.pool import WorkerPool
 from twistedlrp.ordered_service import Waiters
 
 log = Logger()
-
-# Payloads up to this size stay in memory while queued, so a claim needs no read.
-KEEP_PAYLOAD = 64 * 1024
 
 
 class Dispatcher:
@@ -65,7 +61,7 @@ class Dispatcher:
         self.running: dict[str, JobRecord] = {}
         # wait(..., seen=...) by job id: told when the job starts or reports progress.
         self.watchers: dict[str, list[defer.Deferred]] = {}
-        self.counters = {"submitted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0}
+        self.counters = dict.fromkeys(job_metrics.EVENTS, 0)
         self._idle = Waiters()
         self.claiming: dict[str, defer.Deferred] = {}
         self.node, self.shared, self.queues = node, shared, queues
@@ -212,7 +208,7 @@ class Dispatcher:
             return
         record.attempts = 1
         try:
-            check_record(record)
+            record.check()
             self.run_on(worker, record, record.payload)
         except Exception:
             self._start_failed(Failure(), worker, record)
@@ -228,11 +224,11 @@ class Dispatcher:
             for name in ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority"):
                 setattr(record, name, claimed[name])
             payload = claimed["payload"]
-            record.payload = payload if len(payload) <= KEEP_PAYLOAD else None
+            record.payload = kept(payload)
         else:
             record.attempts += 1
             payload = record.payload
-        check_record(record)
+        record.check()
         self.run_on(worker, record, payload)
 
     def _put_back(self, record: JobRecord, log_failure: bool = False) -> defer.Deferred:

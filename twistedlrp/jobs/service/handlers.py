@@ -6,7 +6,6 @@ L{wire.OPERATIONS}, returning a Deferred of its JSON-ready answer, after its com
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,9 +22,8 @@ from twistedlrp.jobs.protocol.arguments import (
     check_wait_timeout,
     submission_fields,
 )
-from twistedlrp.jobs.service.dispatch import KEEP_PAYLOAD
 from twistedlrp.jobs.service.outcomes import fire
-from twistedlrp.jobs.service.queue import JobRecord
+from twistedlrp.jobs.service.queue import JobRecord, kept
 from twistedlrp.jobs.states import FINISHED, RUNNING
 from twistedlrp.jobs.store import StoreUnavailable, announcements
 from twistedlrp.jobs.store import operations as ops
@@ -43,14 +41,7 @@ class JobOperations:
     @param about: C{()}: the service's own part of L{stats}.
     """
 
-    def __init__(
-        self,
-        dispatcher,
-        max_payload: int,
-        store_wait: float | None,
-        unavailable: Callable[[], str | None],
-        about: Callable[[], dict],
-    ):
+    def __init__(self, dispatcher, max_payload: int, store_wait: float | None, unavailable, about):
         self.reactor, self.store, self.dispatcher = dispatcher.reactor, dispatcher.store, dispatcher
         self.node, self.shared, self.queues = dispatcher.node, dispatcher.shared, dispatcher.queues
         self.max_payload, self.store_wait = max_payload, store_wait
@@ -89,11 +80,11 @@ class JobOperations:
         args, kwargs = check_payload(name, payload, self.max_payload)
         fields = submission_fields(definition, args, kwargs, checked)
         ours = self.queues is None or definition.queue in self.queues
-        held = len(payload) <= KEEP_PAYLOAD
+        held = kept(payload)
         # A job that would start at once is stored running on a worker reserved
         # now: one transaction instead of a submission and a claim.
         reserved = start = None
-        if ours and held and not run_after:
+        if ours and held is not None and not run_after:
             reserved = self.dispatcher.reserve(job_id or str(uuid.uuid4()))
         if reserved is not None:
             start = {"id": reserved.job_id, "worker": reserved.worker.ident, "node": self.node}
@@ -116,7 +107,7 @@ class JobOperations:
                     {**fields, "id": info["id"]},
                     created=self.reactor.seconds(),
                     name=name,
-                    payload=payload if held else None,
+                    payload=held,
                 )
                 if started:
                     self.dispatcher.start_reserved(reserved, record)
@@ -157,9 +148,7 @@ class JobOperations:
                 if self.queues is not None and row["queue"] not in self.queues:
                     continue
                 self.dispatcher.count("submitted", row["name"])
-                payload = row["payload"]
-                held = payload if len(payload) <= KEEP_PAYLOAD else None
-                record = JobRecord.from_row(row, payload=held)
+                record = JobRecord.from_row(row, payload=kept(row["payload"]))
                 run_after = row["run_after"].timestamp() if row["run_after"] else None
                 self.dispatcher.enqueue(record, run_after)
             return len(rows)

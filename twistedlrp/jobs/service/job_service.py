@@ -19,11 +19,10 @@ from twistedlrp.jobs.client.calls import DEFAULT_TIMEOUT, STORE_WAIT_SHARE, jobs
 from twistedlrp.jobs.errors import JobServiceUnavailable
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
-from twistedlrp.jobs.service.lease import NodeLease, fence_margin, node_lease, renewal_interval
+from twistedlrp.jobs.service.lease import NodeLease, Watchdog, node_lease, renewal_interval
 from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.service.retention import Pruner, default_keep
 from twistedlrp.jobs.service.schedules import Scheduler, configured
-from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
 from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
 from twistedlrp.jobs.workers.worker import HOSTNAME
@@ -94,8 +93,6 @@ class JobService(service.Service):
             self.queues,
         )  # fmt: skip
         self.pool = self.dispatcher.pool
-        if self.shared:  # claim only while this node's lease is fresh (as fencing counts it)
-            self.dispatcher.claims.lease_check = self.lease - fence_margin(self.lease)
         self.unavailable: str | None = "the job service is starting"
         self.operations = JobOperations(
             self.dispatcher,
@@ -112,6 +109,8 @@ class JobService(service.Service):
             on_fenced=self.dispatcher.fence,
             on_unfenced=self.dispatcher.unfence,
         )  # fmt: skip
+        if self.shared:  # claim only while this node's lease is fresh (as fencing counts it)
+            self.dispatcher.claims.lease_check = self.lease - self.lease_keeper.margin
         definitions = lambda: [registry.lookup(name) for name in registry.names()]  # noqa: E731
         self.pruner = Pruner(reactor, self.store, default_keep(), definitions)
         self.schedules = configured()

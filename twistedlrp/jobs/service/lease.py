@@ -4,6 +4,11 @@ seconds and, with several nodes on one database, the expiry of the others.
 Fencing: a node that could not renew its lease for the lease less a margin (on
 its own monotonic clock) kills its running jobs and claims nothing before any
 other node may take its lease for expired: a job never runs on two nodes at once.
+
+The L{Watchdog}: no job stays C{running} without a live worker that holds it, in
+the service or in the store (jobs recorded as running on this machine's workers
+or node that the service neither runs nor claims); that query also tells the
+health endpoint whether the store can be reached.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from datetime import UTC, datetime
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from twistedlrp.jobs.service.watchdog import CLAIM_GRACE
+from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import QUEUED
 from twistedlrp.jobs.store import recovery
 from twistedlrp.ordered_service import cancel_call
@@ -29,6 +34,10 @@ REGISTER_WAIT = 30.0
 # dead. Renewed every 2 s and fenced 3 s before expiry: a cut of the network or
 # the database shorter than about 24 s stops nothing and runs nothing twice.
 DEFAULT_NODE_LEASE = 30.0
+CHECK_INTERVAL = 2.0
+STORE_INTERVAL = 5.0
+# A job claimed less than this long ago may still be on its way to its worker.
+CLAIM_GRACE = 10.0
 
 
 class MonotonicAlarm:
@@ -223,16 +232,8 @@ class NodeLease:
                 if fenced is not None or self.fenced is not None
                 else "their outcomes here are not recorded",
             )
-        for job in outcome["ended"]:
-            log.warn(
-                "Job {job_id}: {state} ({why}); it was stopped here when this node could not "
-                "renew its lease",
-                job_id=job["id"],
-                state="retried" if job["state"] == QUEUED else job["state"],
-                why=self._fenced_for,
-            )
-        if any(job["state"] == QUEUED for job in outcome["ended"]):
-            self.on_requeued()
+        stopped = "; it was stopped here when this node could not renew its lease"
+        self._ended(outcome["ended"], stopped, self._fenced_for)
         if self.fenced is not None and fenced is not None and set(self.fenced) <= set(fenced):
             self.fenced = None
             log.warn("Job node {node} renewed its lease again: it takes work again", node=self.node)
@@ -291,10 +292,98 @@ class NodeLease:
         dead = "Job node {name}: no heartbeat for {age:.0f} s (lease {lease:g} s): taken for dead"
         for name, age in outcome["nodes"]:
             log.warn(dead, name=name, age=age, lease=self.lease)
-        for job in outcome["jobs"]:
+        self._ended(outcome["jobs"])
+
+    def _ended(self, jobs: list[dict], after: str = "", reason: str = "") -> None:
+        """Log the jobs the store retried, failed or cancelled for a node's lease."""
+        message = "Job {job_id}: {state} ({reason})" + after
+        for job in jobs:
             state = "retried" if job["state"] == QUEUED else job["state"]
-            log.warn(
-                "Job {id}: {state} ({reason})", id=job["id"], state=state, reason=job["reason"]
-            )
-        if any(job["state"] == QUEUED for job in outcome["jobs"]):
+            log.warn(message, job_id=job["id"], state=state, reason=reason or job["reason"])
+        if any(job["state"] == QUEUED for job in jobs):
             self.on_requeued()
+
+
+class Watchdog:
+    """@param worker_prefix: the start of this machine's worker ids (C{"host:"})."""
+
+    def __init__(self, reactor, dispatcher, store, worker_prefix: str, node: str | None = None):
+        self.reactor, self.dispatcher, self.store = reactor, dispatcher, store
+        self.worker_prefix = worker_prefix
+        self.node = node  # several nodes: this node's jobs only
+        self.store_error: str | None = None
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = reactor
+        self._last_store_check = 0.0
+        self._store_check_running = False
+
+    def start(self) -> None:
+        self._loop.start(CHECK_INTERVAL, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def check(self) -> None:
+        for record in list(self.dispatcher.running.values()):
+            if reason := _why_orphaned(record, self.dispatcher.pool.workers):
+                self.dispatcher.orphaned(record, reason)
+        now = self.reactor.seconds()
+        # Fenced: the jobs it stopped are the lease's to deal with once it is renewed.
+        if self.dispatcher.fenced or self._store_check_running:
+            return
+        if now - self._last_store_check >= STORE_INTERVAL:
+            self._last_store_check, self._store_check_running = now, True
+            grace = datetime.fromtimestamp(now - CLAIM_GRACE, UTC)
+            d = self.store.run(recovery.running_on, self.worker_prefix, grace, self.node)
+            d.addCallback(self._orphans_in_store).addBoth(self._store_checked)
+
+    def _store_checked(self, outcome) -> None:
+        self._store_check_running = False
+        if hasattr(outcome, "getErrorMessage"):
+            error = outcome.getErrorMessage() or outcome.type.__name__
+            if self.store_error is None:
+                log.error("The job store cannot be reached: {error}", error=error)
+            self.store_error = error
+        elif self.store_error is not None:
+            log.info("The job store can be reached again")
+            self.store_error = None
+
+    def _orphans_in_store(self, rows: list[dict]) -> None:
+        dispatcher = self.dispatcher
+        for row in rows:
+            job_id = row["id"]
+            if job_id in dispatcher.running or job_id in dispatcher.claiming:
+                continue
+            reason = (
+                f"the job was recorded as running on {row['worker'] or 'no worker'} "
+                f"(attempt {row['attempts']}), which does not hold it"
+            )
+            log.warn("Job {job_id}: {reason}", job_id=job_id, reason=reason)
+            d = self.store.run(recovery.end_orphan, job_id, reason, self.node)
+            d.addCallback(self._requeue, job_id)
+            d.addErrback(lambda f, job_id=job_id: log.failure("Ending job {id}", f, id=job_id))
+
+    def _requeue(self, after: dict | None, job_id: str) -> None:
+        if after is None or after["state"] != QUEUED or not self.dispatcher.accepting:
+            return
+        record = JobRecord(job_id, after["priority"], after["created_at"].timestamp())
+        self.dispatcher.enqueue(record)
+
+
+def _why_orphaned(record: JobRecord, workers: list) -> str | None:
+    """@return: why C{record}'s worker does not hold it any more, or C{None} if it does."""
+    worker = record.worker
+    if worker is None:
+        return "no worker was recorded"
+    if worker not in workers or worker.state == "dead":
+        return f"worker process {worker.pid} has ended"
+    if worker.job_id != record.id:
+        return f"worker process {worker.pid} runs another job"
+    try:
+        os.kill(worker.pid, 0)
+    except ProcessLookupError:
+        return f"worker process {worker.pid} does not exist"
+    except OSError:
+        pass
+    return None

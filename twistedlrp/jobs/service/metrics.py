@@ -13,9 +13,7 @@ from twistedlrp.metrics import Metrics
 RUN_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 # Operations one store transaction committed together.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-EVENTS = ("submitted", "succeeded", "failed", "cancelled", "retried")
 WORKER_STATES = ("starting", "idle", "busy", "standby", "retiring", "other")
-
 _EVENT_HELP = {
     "submitted": "Jobs submitted (committed to the store) to this job service, by job name",
     "succeeded": "Jobs that succeeded, by job name",
@@ -23,6 +21,7 @@ _EVENT_HELP = {
     "cancelled": "Jobs cancelled while running, by job name",
     "retried": "Failed attempts put back in the queue for another, by job name",
 }
+EVENTS = tuple(_EVENT_HELP)
 
 
 class _JobMetrics:

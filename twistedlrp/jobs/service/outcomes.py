@@ -12,8 +12,6 @@ from twisted.logger import Logger, LogLevel
 
 from twistedlrp import logs
 from twistedlrp.jobs import registry
-from twistedlrp.jobs.errors import InvalidArguments, NotRegistered
-from twistedlrp.jobs.protocol.arguments import check_priority, check_seconds
 from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.states import CANCELLED, FAILED, QUEUED, SUCCEEDED
 from twistedlrp.jobs.store import operations as ops
@@ -70,11 +68,9 @@ class Outcomes:
         if outcome.ok:
             fields["result"] = outcome.result
         if outcome.ok and not record.cancel_requested:
-            log_ended(record, self.reactor.seconds(), "succeeded in")
             self.finish(record, SUCCEEDED, error="", **fields)
         elif record.cancel_requested or outcome.cancelled:
             detail = "" if outcome.ok or outcome.error == "cancelled" else f": {outcome.error}"
-            log_ended(record, self.reactor.seconds(), "cancelled after")
             self.finish(record, CANCELLED, error="cancelled while running" + detail, **fields)
         else:
             self.retry_or_fail(record, outcome.error or "failed", fields)
@@ -89,28 +85,18 @@ class Outcomes:
             error = "interrupted by a server shut-down before it finished; it runs again"
             self.store.run(recovery.requeue, job_id, error, False, *self.node_args)
         elif reason == "timeout":
-            error = (
-                f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
-                f"killed ({how})"
-            )
+            error = f"timed out after {record.timeout:g} s: its worker process {worker.pid} was "
+            error += f"killed ({how})"
             message = "Job {job_id}: worker {pid} killed: timeout after {timeout:g} s ({how})"
             log.warn(message, job_id=job_id, pid=worker.pid, timeout=record.timeout, how=how)
             self.retry_or_fail(record, error, fields)
         elif reason == "cancel" or record.cancel_requested:
             error = f"cancelled while running: its worker process {worker.pid} was stopped ({how})"
+            message = "Job {job_id}: worker {pid} {how} after its cancellation was requested"
             if reason == "cancel":
-                log.warn(
-                    "Job {job_id}: worker {pid} killed: cancelled, did not stop within the "
-                    "grace period of {grace:g} s ({how})",
-                    job_id=job_id,
-                    pid=worker.pid,
-                    grace=self.cancel_grace,
-                    how=how,
-                )
-            else:
-                message = "Job {job_id}: worker {pid} {how} after its cancellation was requested"
-                log.warn(message, job_id=job_id, pid=worker.pid, how=how)
-            log_ended(record, self.reactor.seconds(), "cancelled after")
+                message = "Job {job_id}: worker {pid} killed: cancelled, did not stop within the "
+                message += "grace period of {grace:g} s ({how})"
+            log.warn(message, job_id=job_id, pid=worker.pid, grace=self.cancel_grace, how=how)
             self.finish(record, CANCELLED, error=error, **fields)
         else:
             error = f"the worker died: process {worker.pid} {how} while running the job"
@@ -128,15 +114,15 @@ class Outcomes:
         self.count("retried", record.name)
         log_failed(record, error, now, retry_in=delay)
         fields = dict(fields, error=error, run_after=datetime.fromtimestamp(run_after, UTC))
-        d = self._store(record, QUEUED, fields, False)
-        d.addCallback(
-            lambda info: (
+        d = self.store.run(ops.finish, record.id, QUEUED, fields, False, *self.node_args)
+
+        def stored(info):
+            if info and info.get("lost"):
                 log_lost(record)
-                if info and info.get("lost")
-                else self.requeue(record.requeued(), run_after)
-            )
-        )
-        d.addErrback(self._unrecorded, record)
+            else:
+                self.requeue(record.requeued(), run_after)
+
+        d.addCallback(stored).addErrback(self._unrecorded, record)
 
     def fail(self, record: JobRecord, error: str, now: float | None = None, **fields) -> None:
         """C{record} failed for good with C{error}: log it (at WARNING), store it."""
@@ -144,15 +130,20 @@ class Outcomes:
         self.finish(record, FAILED, error=error, **fields)
 
     def finish(self, record: JobRecord, state: str, **fields) -> None:
-        """Store C{record}'s final C{state}, then tell its waiters."""
+        """Log (L{fail} logs failures) and store C{record}'s final C{state}; tell its waiters."""
         self.count(state, record.name)
-        # Read back only for a waiter; one that comes after the commit reads it finished.
-        d = self._store(record, state, fields, record.id in self.waiters)
-        d.addCallback(self._finished, record)
-        d.addErrback(self._unrecorded, record)
+        if state != FAILED and logs.enabled(LogLevel.info):
+            # As the jobs' own lines: not even built above INFO.
+            duration = _duration(record, self.reactor.seconds())
+            how = "succeeded in" if state == SUCCEEDED else "cancelled after"
+            _log_info(record, f"{how} {duration or 0:.3f} s", duration=duration)
+        self._store(record, state, fields).addErrback(self._unrecorded, record)
 
-    def _store(self, record: JobRecord, state: str, fields: dict, describe: bool):
-        return self.store.run(ops.finish, record.id, state, fields, describe, *self.node_args)
+    def _store(self, record: JobRecord, state: str, fields: dict) -> defer.Deferred:
+        # Read back only for a waiter; one that comes after the commit reads it finished.
+        describe = record.id in self.waiters
+        d = self.store.run(ops.finish, record.id, state, fields, describe, *self.node_args)
+        return d.addCallback(self._finished, record)
 
     def _finished(self, info: dict | None, record: JobRecord) -> None:
         if info and info.get("lost"):
@@ -172,31 +163,15 @@ class Outcomes:
             return
         error = f"the outcome of attempt {record.attempts} could not be stored: "
         error += failure.getErrorMessage()
-        d = self._store(record, FAILED, {"error": error}, record.id in self.waiters)
-        d.addCallback(self._finished, record)
-        d.addErrback(lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id))
+        self._store(record, FAILED, {"error": error}).addErrback(
+            lambda f: log.failure("Could not fail job {job_id}", f, job_id=record.id)
+        )
 
 
 def fire(d: defer.Deferred, value) -> None:
     """Fire C{d} with C{value} unless it fired already (a timeout, another answer)."""
     if not d.called:
         d.callback(value)
-
-
-def check_record(record: JobRecord) -> None:
-    """
-    @raise InvalidArguments: the job holds a value it cannot run with (an old or
-        foreign row), or its name is not registered in this job service.
-    """
-    if registry.lookup(record.name) is None:
-        try:
-            registry.require(record.name)
-        except NotRegistered as e:
-            raise InvalidArguments(f"in this job service, {e}") from None
-    check_seconds("timeout", record.timeout)
-    if record.retry_delay:
-        check_seconds("retry_delay", record.retry_delay)
-    check_priority(record.priority)
 
 
 def log_lost(record: JobRecord) -> None:
@@ -218,13 +193,6 @@ def log_started(record: JobRecord, worker_pid) -> None:
             f"started (attempt {record.attempts} of {record.max_attempts}) on worker {worker_pid}"
         )
         _log_info(record, text, attempts=record.max_attempts, worker=worker_pid)
-
-
-def log_ended(record: JobRecord, now: float, how: str) -> None:
-    """C{record} ended: C{how} is C{"succeeded in"} or C{"cancelled after"}."""
-    if logs.enabled(LogLevel.info):
-        duration = _duration(record, now)
-        _log_info(record, f"{how} {duration or 0:.3f} s", duration=duration)
 
 
 def _log_info(record: JobRecord, text: str, **fields) -> None:
