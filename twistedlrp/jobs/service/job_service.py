@@ -225,7 +225,7 @@ class JobService(service.Service):
 
     def _sweep_announced(self) -> defer.Deferred:
         """Queue the announced jobs nobody told us of (their process died first)."""
-        d = self.store.run_alone(announcements.announced)
+        d = self.store.run(announcements.announced, alone=True)
         d.addCallback(
             lambda n: self.operations.take_announced() if n and self.dispatcher.accepting else None
         )

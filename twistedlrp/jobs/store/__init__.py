@@ -8,8 +8,7 @@ from twisted.internet import defer
 
 from twistedlrp import compat
 from twistedlrp.jobs.store import operations
-from twistedlrp.jobs.store.availability import Availability, StoreUnavailable
-from twistedlrp.jobs.store.batch import GroupCommitThread
+from twistedlrp.jobs.store.batch import Availability, GroupCommitThread, StoreUnavailable
 
 __all__ = ["Store", "StoreUnavailable", "operations"]
 
@@ -80,7 +79,7 @@ class Store(GroupCommitThread):
 
     def read(self, fn, *args, within: float | None = None) -> defer.Deferred:
         """@return: a Deferred of C{fn(*args)}, which only reads, run in the reader thread."""
-        return self.reader.run_alone(fn, *args, within=within)
+        return self.reader.run(fn, *args, within=within, alone=True)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
         """Record a progress report; only the latest per job is written, in the next batch."""
@@ -88,7 +87,7 @@ class Store(GroupCommitThread):
 
     def prepare(self, within: float | None = None) -> defer.Deferred:
         """@return: a Deferred firing with C{None} or a reason the store cannot be used."""
-        return self.run_alone(operations.prepare, within=within)
+        return self.run(operations.prepare, within=within, alone=True)
 
 
 def tune_connection(connect_timeout: int, user_timeout: float, idle_limit: float) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from twistedlrp.backoff import Backoff
-from twistedlrp.jobs.store.availability import Availability, first_line
+from twistedlrp.jobs.store.batch import Availability, first_line
 from twistedlrp.jobs.store.operations import NOTIFY_CHANNEL
 
 log = Logger()
