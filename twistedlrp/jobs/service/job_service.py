@@ -25,7 +25,7 @@ from twistedlrp.jobs.service.retention import Pruner, default_keep
 from twistedlrp.jobs.service.schedules import Scheduler, configured
 from twistedlrp.jobs.service.watchdog import Watchdog
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
+from twistedlrp.jobs.store import Store, StoreUnavailable, operations, recovery, session_limit
 from twistedlrp.jobs.workers.worker import HOSTNAME
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
@@ -225,7 +225,7 @@ class JobService(service.Service):
 
     def _sweep_announced(self) -> defer.Deferred:
         """Queue the announced jobs nobody told us of (their process died first)."""
-        d = self.store.run(announcements.announced, alone=True)
+        d = self.store.run(operations.announced, alone=True)
         d.addCallback(
             lambda n: self.operations.take_announced() if n and self.dispatcher.accepting else None
         )
