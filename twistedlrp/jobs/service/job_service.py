@@ -151,7 +151,7 @@ class JobService(service.Service):
         await self.scheduler.start(self.schedules)
         self.pruner.start()
         if self.shared:
-            from twistedlrp.jobs.store.listen import Listener
+            from twistedlrp.jobs.store import Listener
 
             wake = self.dispatcher.wake
             self.listener = Listener(self.reactor, self._notified, wake, self.store.availability)
