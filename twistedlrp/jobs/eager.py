@@ -27,7 +27,7 @@ from twistedlrp.jobs.protocol import wire
 from twistedlrp.jobs.protocol.arguments import default_max_payload
 from twistedlrp.jobs.service.dispatch import Dispatcher
 from twistedlrp.jobs.service.handlers import JobOperations
-from twistedlrp.jobs.states import CANCELLED, FAILED, FINISHED, QUEUED, RUNNING, UNFINISHED
+from twistedlrp.jobs.states import FAILED, FINISHED, QUEUED, RUNNING, UNFINISHED
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.jobs.workers import context as _context
 
@@ -133,8 +133,7 @@ class MemoryStore:
         claimed = {"started_at": ops.iso(job["started_at"])}
         if load:
             payload = ops.payload_of(job["args"], job["kwargs"])
-            names = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
-            claimed.update({name: job[name] for name in names}, payload=payload)
+            claimed.update({name: job[name] for name in ops.SETTINGS}, payload=payload)
         return claimed
 
     def finish(self, job_id: str, state: str, fields: dict, describe: bool = True, node=None):
@@ -154,11 +153,7 @@ class MemoryStore:
     def mark_cancel(self, job_id: str, notify: bool = False) -> dict:
         self.get(job_id)
         job = self.jobs[job_id]
-        if job["state"] == QUEUED:
-            error = "cancelled while queued"
-            job.update(state=CANCELLED, cancel_requested=True, finished_at=ops.now(), error=error)
-        elif job["state"] == RUNNING:
-            job["cancel_requested"] = True
+        job.update(ops.cancel_fields(job["state"]))
         return self.get(job_id)
 
     def list_jobs(self, state, name, limit: int) -> list[dict]:

@@ -36,6 +36,8 @@ _DESCRIBED = (
     "cancel_requested",
 )  # fmt: skip
 _TIMES = ("run_after", "created_at", "started_at", "finished_at")
+#: What a claim answers of the job, beside its payload.
+SETTINGS = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
 
 
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
@@ -165,8 +167,7 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     if not load:
         return {"started_at": iso(started)}
     job = sql.read(job_id)
-    settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
-    row = {name: getattr(job, name) for name in settings}
+    row = {name: getattr(job, name) for name in SETTINGS}
     return dict(row, payload=payload_of(job.args, job.kwargs), started_at=iso(started))
 
 
@@ -197,11 +198,10 @@ def claim_next(
         f"OR {c['run_after']} <= %s){mine} ORDER BY {c['priority']} DESC, {c['created_at']} "
         "LIMIT %s FOR UPDATE SKIP LOCKED"
     )
-    returned = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
     update = (
         f"{sql.claim} RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
-        f"{', '.join(c[name] for name in returned)}, {c['cancel_requested']}"
+        f"{', '.join(c[name] for name in SETTINGS)}, {c['cancel_requested']}"
     )
     claimed = []
     with connection.cursor() as cursor:
@@ -210,7 +210,7 @@ def claim_next(
         for job_id, worker in zip(ids, workers, strict=False):
             cursor.execute(update, [RUNNING, when, worker, node, job_id, QUEUED])
             payload, *values, cancel = cursor.fetchone()
-            row = dict(zip(returned, values, strict=True), cancel_requested=cancel)
+            row = dict(zip(SETTINGS, values, strict=True), cancel_requested=cancel)
             claimed.append(dict(row, id=str(job_id), worker=worker, payload=payload.encode()))
         next_due = None
         if len(claimed) < len(workers):
@@ -263,22 +263,24 @@ def queue_of(job_id: str) -> str:
     return statements().read(job_id).queue
 
 
+def cancel_fields(state: str) -> dict:
+    """@return: the fields a cancel changes in a job in C{state} (a running one is flagged)."""
+    if state == QUEUED:
+        error = "cancelled while queued"
+        return {"state": CANCELLED, "cancel_requested": True, "finished_at": now(), "error": error}
+    return {"cancel_requested": True} if state == RUNNING else {}
+
+
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
     """Cancel a queued job, or flag a running one. @return: its description. @raise UnknownJob."""
     from twistedlrp.models import Job
 
-    job = get(job_id, full=False)
-    if job["state"] == QUEUED:
-        error = "cancelled while queued"
-        queued = Job.objects.filter(id=job_id, state=QUEUED)
-        queued.update(state=CANCELLED, cancel_requested=True, finished_at=now(), error=error)
+    state = get(job_id, full=False)["state"]
+    if state in UNFINISHED:
+        Job.objects.filter(id=job_id, state=state).update(**cancel_fields(state))
         if notify:
-            notify_nodes(f"finished:{job_id}")
-    elif job["state"] == RUNNING:
-        Job.objects.filter(id=job_id).update(cancel_requested=True)
-        if notify:
-            # The node running it may be another one.
-            notify_nodes(f"cancel:{job_id}")
+            # A running job's node may be another one.
+            notify_nodes(f"finished:{job_id}" if state == QUEUED else f"cancel:{job_id}")
     return get(job_id)
 
 
