@@ -15,14 +15,8 @@ from twisted.logger import Logger
 
 from twistedlrp import compat
 from twistedlrp.backoff import Backoff
-from twistedlrp.jobs.store import operations
-from twistedlrp.jobs.store.batch import (
-    Availability,
-    GroupCommitThread,
-    StoreUnavailable,
-    first_line,
-)
-from twistedlrp.jobs.store.operations import NOTIFY_CHANNEL
+from twistedlrp.jobs.store import batch, operations
+from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
 
 __all__ = ["Listener", "Store", "StoreUnavailable", "operations"]
 
@@ -71,7 +65,7 @@ class Store(GroupCommitThread):
 
         name = "twistedlrp-job-store"
         super().__init__(reactor, name, operations.write_progress, _begin_batch, tuned())
-        self.availability = Availability(reactor)
+        self.availability = batch.Availability(reactor)
         self._beside: list[GroupCommitThread] = []
         self.reader = beside("twistedlrp-job-reads", tuned())
         self.lease: GroupCommitThread = self
@@ -171,7 +165,7 @@ class Listener:
     reactor: object
     on_notify: Callable[[str], None]
     on_reconnect: Callable[[], None]
-    availability: Availability
+    availability: batch.Availability
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
 
     def start(self) -> None:
@@ -190,7 +184,7 @@ class Listener:
         for name in ("cursor_factory", "context", "prepare_threshold"):
             params.pop(name, None)
         connection = psycopg.connect(**params, autocommit=True)
-        connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        connection.execute(f"LISTEN {operations.NOTIFY_CHANNEL}")
         return connection
 
     def _loop(self) -> None:
@@ -208,7 +202,7 @@ class Listener:
             try:
                 connection = self._connect()
             except Exception as e:
-                self._lost(first_line(e))
+                self._lost(batch.first_line(e))
                 self._stopping.wait(backoff.next())
                 continue
             backoff.reset()
@@ -220,7 +214,7 @@ class Listener:
                         self.reactor.callFromThread(self.on_notify, notify.payload)
             except Exception as e:
                 if not self._stopping.is_set():
-                    self._lost(first_line(e))
+                    self._lost(batch.first_line(e))
             finally:
                 with contextlib.suppress(Exception):
                     connection.close()
