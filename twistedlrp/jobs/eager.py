@@ -166,8 +166,7 @@ class MemoryStore:
         return found[: max(limit, 0)]
 
     def counts(self) -> dict:
-        states = collections.Counter(self._described(job)["state"] for job in self.jobs.values())
-        return dict(states)
+        return dict(collections.Counter(self._described(j)["state"] for j in self.jobs.values()))
 
 
 def enabled() -> bool:
