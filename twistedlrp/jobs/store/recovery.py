@@ -188,14 +188,14 @@ def heartbeat(name: str, host: str, pid: int, queues: list[str] | None, fenced, 
 
 
 def lease_fresh(node: str, within: float) -> bool:
-    """@return: whether C{node} renewed its lease less than C{within} s ago (database clock)."""
+    """
+    @return: whether C{node} renewed its lease less than C{within} s ago (database
+        clock). PostgreSQL only: a lease is checked only where several nodes share it.
+    """
     from django.db import connection
 
     from twistedlrp.models import Node
 
-    if connection.vendor != "postgresql":
-        cutoff = db_now() - timedelta(seconds=within)
-        return Node.objects.filter(name=node, heartbeat_at__gte=cutoff).exists()
     table = connection.ops.quote_name(Node._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
