@@ -28,8 +28,8 @@ SCRIPT = PG_DJANGO_CHILD + textwrap.dedent(
     from django.db import connection, utils
     from django.db.backends.postgresql.base import DatabaseWrapper
 
-    from twistedlrp.jobs.store.availability import Availability
-    from twistedlrp.jobs.store.availability import StoreUnavailable
+    from twistedlrp.jobs.store.batch import Availability
+    from twistedlrp.jobs.store.batch import StoreUnavailable
     from twistedlrp.jobs.store.batch import GroupCommitThread
 
 

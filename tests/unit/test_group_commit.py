@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     django.setup()
     from django.db import connection
     from twisted.internet import defer, reactor, task
-    from twistedlrp.jobs.store.availability import StoreUnavailable
+    from twistedlrp.jobs.store.batch import StoreUnavailable
     from twistedlrp.jobs.store.batch import GroupCommitThread
 
     with connection.cursor() as c:

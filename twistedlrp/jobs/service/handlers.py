@@ -25,7 +25,7 @@ from twistedlrp.jobs.protocol.arguments import (
 from twistedlrp.jobs.service.outcomes import fire
 from twistedlrp.jobs.service.queue import JobRecord, kept
 from twistedlrp.jobs.states import FINISHED, RUNNING
-from twistedlrp.jobs.store import StoreUnavailable, announcements
+from twistedlrp.jobs.store import StoreUnavailable
 from twistedlrp.jobs.store import operations as ops
 from twistedlrp.ordered_service import cancel_call
 
@@ -133,7 +133,7 @@ class JobOperations:
             raise InvalidArguments(f"job_ids: expected a list of job ids, got {type(job_ids)}")
         if not self.shared and self.dispatcher.accepting and job_ids:
             # Ids that are not UUIDs name no job: ignored, as unknown ones are.
-            d = self.take_announced([str(i) for i in job_ids[: announcements.TAKE_ANNOUNCED]])
+            d = self.take_announced([str(i) for i in job_ids[: ops.TAKE_ANNOUNCED]])
             # They stay announced: the next sweep queues them.
             message = "Could not queue announced jobs yet: {error}"
             d.addErrback(lambda f: log.warn(message, error=f.getErrorMessage()))
@@ -141,7 +141,7 @@ class JobOperations:
 
     def take_announced(self, job_ids: list[str] | None = None) -> defer.Deferred:
         """Queue the announced jobs C{job_ids} (C{None}: any, for the sweep)."""
-        d = self.store.run(announcements.take_announced, job_ids)
+        d = self.store.run(ops.take_announced, job_ids)
 
         def queue(rows):
             for row in rows:

@@ -24,7 +24,7 @@ from twistedlrp.jobs.service.queue import JobRecord
 from twistedlrp.jobs.service.retention import Pruner, default_keep
 from twistedlrp.jobs.service.schedules import Scheduler, configured
 from twistedlrp.jobs.states import FINISHED
-from twistedlrp.jobs.store import Store, StoreUnavailable, announcements, recovery, session_limit
+from twistedlrp.jobs.store import Store, StoreUnavailable, operations, recovery, session_limit
 from twistedlrp.jobs.workers.worker import HOSTNAME
 from twistedlrp.ordered_service import StartupFailed, Waiters, within
 
@@ -150,7 +150,7 @@ class JobService(service.Service):
         await self.scheduler.start(self.schedules)
         self.pruner.start()
         if self.shared:
-            from twistedlrp.jobs.store.listen import Listener
+            from twistedlrp.jobs.store import Listener
 
             wake = self.dispatcher.wake
             self.listener = Listener(self.reactor, self._notified, wake, self.store.availability)
@@ -224,7 +224,7 @@ class JobService(service.Service):
 
     def _sweep_announced(self) -> defer.Deferred:
         """Queue the announced jobs nobody told us of (their process died first)."""
-        d = self.store.run_alone(announcements.announced)
+        d = self.store.run(operations.announced, alone=True)
         d.addCallback(
             lambda n: self.operations.take_announced() if n and self.dispatcher.accepting else None
         )

@@ -1,17 +1,26 @@
-"""The job store: every database access of the job service, in threads with group commit."""
+"""
+The job store: every database access of the job service, in threads with group
+commit, and on PostgreSQL the job nodes' wake-up calls (C{LISTEN}, in a thread of its own).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
 from twistedlrp import compat
-from twistedlrp.jobs.store import operations
-from twistedlrp.jobs.store.availability import Availability, StoreUnavailable
-from twistedlrp.jobs.store.batch import GroupCommitThread
+from twistedlrp.backoff import Backoff
+from twistedlrp.jobs.store import batch, operations
+from twistedlrp.jobs.store.batch import GroupCommitThread, StoreUnavailable
 
-__all__ = ["Store", "StoreUnavailable", "operations"]
+__all__ = ["Listener", "Store", "StoreUnavailable", "operations"]
+
+log = Logger()
 
 # PostgreSQL, unless the site's OPTIONS set them: a network cut breaks the job
 # service's connections within seconds, not minutes.
@@ -56,7 +65,7 @@ class Store(GroupCommitThread):
 
         name = "twistedlrp-job-store"
         super().__init__(reactor, name, operations.write_progress, _begin_batch, tuned())
-        self.availability = Availability(reactor)
+        self.availability = batch.Availability(reactor)
         self._beside: list[GroupCommitThread] = []
         self.reader = beside("twistedlrp-job-reads", tuned())
         self.lease: GroupCommitThread = self
@@ -80,7 +89,7 @@ class Store(GroupCommitThread):
 
     def read(self, fn, *args, within: float | None = None) -> defer.Deferred:
         """@return: a Deferred of C{fn(*args)}, which only reads, run in the reader thread."""
-        return self.reader.run_alone(fn, *args, within=within)
+        return self.reader.run(fn, *args, within=within, alone=True)
 
     def set_progress(self, job_id: str, current: int, total, message: str) -> None:
         """Record a progress report; only the latest per job is written, in the next batch."""
@@ -88,7 +97,7 @@ class Store(GroupCommitThread):
 
     def prepare(self, within: float | None = None) -> defer.Deferred:
         """@return: a Deferred firing with C{None} or a reason the store cannot be used."""
-        return self.run_alone(operations.prepare, within=within)
+        return self.run(operations.prepare, within=within, alone=True)
 
 
 def tune_connection(connect_timeout: int, user_timeout: float, idle_limit: float) -> None:
@@ -143,3 +152,73 @@ def _begin_batch() -> None:
                 cursor.execute("PRAGMA synchronous=NORMAL")
         # Wait for locks held by job code in workers instead of failing.
         connection.transaction_mode = "IMMEDIATE"
+
+
+# The listener's seconds between checks of the stop flag while no notification comes.
+_WAIT = 1.0
+
+
+@dataclass(eq=False)
+class Listener:
+    """Calls C{on_notify} with each payload, C{on_reconnect} once listening (again)."""
+
+    reactor: object
+    on_notify: Callable[[str], None]
+    on_reconnect: Callable[[], None]
+    availability: batch.Availability
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="twistedlrp-job-listener", daemon=True).start()
+
+    def stop(self) -> None:
+        """Ask the thread to end (within about a second)."""
+        self._stopping.set()
+
+    def _connect(self):
+        import psycopg
+        from django.db import connections
+
+        tune_connection(CONNECT_TIMEOUT, USER_TIMEOUT, SESSION_LIMIT)
+        params = dict(connections["default"].get_connection_params())
+        for name in ("cursor_factory", "context", "prepare_threshold"):
+            params.pop(name, None)
+        connection = psycopg.connect(**params, autocommit=True)
+        connection.execute(f"LISTEN {operations.NOTIFY_CHANNEL}")
+        return connection
+
+    def _loop(self) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            log.warn(
+                "The job node cannot LISTEN for notifications without psycopg 3 (pip install "
+                "'psycopg[binary]'): it looks for new jobs every few seconds instead"
+            )
+            return
+        backoff = Backoff(0.25, 1.0, jitter=0.1)
+        # Availability keeps whether the listener is lost: it logs a loss, or a return, once.
+        while not self._stopping.is_set():
+            try:
+                connection = self._connect()
+            except Exception as e:
+                self._lost(batch.first_line(e))
+                self._stopping.wait(backoff.next())
+                continue
+            backoff.reset()
+            self.reactor.callFromThread(self.availability.back, "listener")
+            self.reactor.callFromThread(self.on_reconnect)
+            try:
+                while not self._stopping.is_set():
+                    for notify in connection.notifies(timeout=_WAIT):
+                        self.reactor.callFromThread(self.on_notify, notify.payload)
+            except Exception as e:
+                if not self._stopping.is_set():
+                    self._lost(batch.first_line(e))
+            finally:
+                with contextlib.suppress(Exception):
+                    connection.close()
+
+    def _lost(self, reason: str) -> None:
+        reason = f"{reason} (the job listener's connection)"
+        self.reactor.callFromThread(self.availability.lost, "listener", reason)

@@ -1,7 +1,8 @@
 """
 A group-commit thread: the operations queued so far run in one transaction
 (should one fail, each in its own). While the database cannot be reached they
-wait; a commit the connection broke under is looked up (C{txid_status}).
+wait, and L{Availability} logs a WARNING when it is lost, one when it is back;
+a commit the connection broke under is looked up (C{txid_status}).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from twisted.python.failure import Failure
 
 from twistedlrp.backoff import Backoff
 from twistedlrp.jobs.errors import JobServiceUnavailable
-from twistedlrp.jobs.store.availability import StoreUnavailable, broken, first_line, transaction_id
 from twistedlrp.ordered_service import cancel_call
 
 log = Logger()
@@ -30,6 +30,73 @@ _WAKE = object()
 RECONNECT_MAX = 1.0
 
 _QUEUED, _RUNNING, _ABANDONED = "queued", "running", "abandoned"
+
+
+class StoreUnavailable(JobServiceUnavailable):
+    """An operation could not run in time; C{started}: it may have run (else it did not)."""
+
+    def __init__(self, message: str, started: bool):
+        super().__init__(message)
+        self.started = started
+
+
+class Availability:
+    """Kept in the reactor thread; C{wait}: how long a submission waits, for the log line."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.wait: float | None = None
+        # source -> why it cannot reach the database now
+        self._lost: dict[str, str] = {}
+        self.since = 0.0  # when the current outage began
+        self.outages = 0
+
+    @property
+    def reason(self) -> str | None:
+        """@return: why the store cannot be reached now, or C{None} when it can."""
+        return next(iter(self._lost.values()), None)
+
+    def lost(self, source: str, reason: str) -> None:
+        """C{source} (a connection) cannot reach the database: C{reason}."""
+        first = not self._lost
+        self._lost.setdefault(source, reason)
+        if not first:
+            return
+        self.since = self.reactor.seconds()
+        self.outages += 1
+        waits = f"submissions wait for it up to {self.wait:g} s, " if self.wait is not None else ""
+        log.warn(
+            "The job store cannot be reached: {reason}; {waits}outcomes of jobs are kept and "
+            "written once it is back",
+            reason=reason,
+            waits=waits,
+        )
+
+    def back(self, source: str) -> None:
+        """C{source} reaches the database (again)."""
+        if self._lost.pop(source, None) is None or self._lost:
+            return
+        took = self.reactor.seconds() - self.since
+        log.warn("The job store can be reached again, after {took:.1f} s", took=took)
+
+
+def first_line(error: BaseException) -> str:
+    """@return: the first line of C{error}'s text (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def broken(connection, raw) -> bool:
+    """@return: whether Django's C{connection} is no longer the usable DB-API connection C{raw}."""
+    current = connection.connection
+    if current is None or (raw is not None and current is not raw):
+        return True
+    if getattr(current, "broken", False) or getattr(current, "closed", False):
+        return True
+    try:
+        return not connection.is_usable()
+    except Exception:
+        return True
 
 
 class _Op:
@@ -59,9 +126,9 @@ class GroupCommitThread:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._coalesced: dict = {}
-        self._coalesced_lock = threading.Lock()
-        # Guards the state of operations (withdrawn by the reactor, begun by the thread).
-        self._state_lock = threading.Lock()
+        # Guards the coalesced values and the state of operations (withdrawn by the
+        # reactor, begun by the thread).
+        self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._stopped = defer.Deferred()
         self.batches = self.operations = 0
@@ -73,19 +140,15 @@ class GroupCommitThread:
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
-    def run(self, fn: Callable[..., Any], *args, within: float | None = None) -> defer.Deferred:
+    def run(
+        self, fn: Callable[..., Any], *args, within: float | None = None, alone: bool = False
+    ) -> defer.Deferred:
         """
         @param within: seconds after which an operation that has not begun fails with
             L{StoreUnavailable}; one that has gets a tenth more (at most 1 s).
+        @param alone: run it outside any transaction (for PRAGMAs, checks and reads).
         @return: a Deferred of C{fn(*args)} run in a transaction, fired once committed.
         """
-        return self._put(fn, args, False, within)
-
-    def run_alone(self, fn: Callable, *args, within: float | None = None) -> defer.Deferred:
-        """Like L{run}, but outside any transaction (for PRAGMAs, checks and reads)."""
-        return self._put(fn, args, True, within)
-
-    def _put(self, fn, args, alone: bool, within: float | None) -> defer.Deferred:
         if self.closed:
             return defer.fail(JobServiceUnavailable("the job store is closed"))
         op = _Op(fn, args, None, alone, within)
@@ -99,7 +162,7 @@ class GroupCommitThread:
         cancel_call(op.timer)
         if op.d.called:
             return
-        with self._state_lock:
+        with self._lock:
             started = op.state == _RUNNING
             if not started:
                 op.state = _ABANDONED
@@ -118,7 +181,7 @@ class GroupCommitThread:
 
     def coalesce(self, key, value) -> None:
         """Keep C{value} as the newest for C{key}; it is written with the next batch."""
-        with self._coalesced_lock:
+        with self._lock:
             first = not self._coalesced
             self._coalesced[key] = value
         if first:
@@ -187,18 +250,16 @@ class GroupCommitThread:
     def _gather(self, pending: list, block: bool) -> bool:
         """Add what is queued to C{pending} (waiting if C{block}). @return: whether to stop."""
         items = [self._queue.get()] if block else []
-        while True:
-            try:
+        with contextlib.suppress(queue.Empty):
+            while True:
                 items.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
         pending.extend(item for item in items if item is not _STOP and item is not _WAKE)
         return _STOP in items
 
     def _begin(self, ops: list[_Op]) -> list[_Op]:
         """@return: C{ops} but those withdrawn, marked as begun (no longer withdrawable)."""
         begun = []
-        with self._state_lock:
+        with self._lock:
             for op in ops:
                 if op.state != _ABANDONED:
                     op.state = _RUNNING
@@ -207,14 +268,14 @@ class GroupCommitThread:
 
     def _requeue(self, ops: list[_Op]) -> list[_Op]:
         """C{ops} did not run (the database went away): withdrawable again until they do."""
-        with self._state_lock:
+        with self._lock:
             for op in ops:
                 if op.state == _RUNNING:
                     op.state = _QUEUED
         return list(ops)
 
     def _run_batch(self, ops: list[_Op], pending: list, doubtful: list) -> None:
-        with self._coalesced_lock:
+        with self._lock:
             coalesced, self._coalesced = self._coalesced, {}
         # The common case: every operation succeeds, one commit for all.
         how, xid, results = self._transaction(ops, coalesced)
@@ -269,7 +330,11 @@ class GroupCommitThread:
             self._begin_batch()
             with transaction.atomic() if atomic else contextlib.nullcontext():
                 raw = connection.connection
-                xid = transaction_id(connection) if atomic else None
+                if atomic and connection.vendor == "postgresql":
+                    # To look the transaction up should its commit be lost.
+                    with connection.cursor() as cursor:
+                        cursor.execute("SELECT txid_current()")
+                        xid = cursor.fetchone()[0]
                 results = [op.fn(*op.args) for op in ops]
                 if coalesced:
                     self._write_coalesced(coalesced)
@@ -323,7 +388,7 @@ class GroupCommitThread:
 
     def _keep_coalesced(self, coalesced: dict) -> None:
         """Values of a batch that did not commit: written with the next one (unless newer came)."""
-        with self._coalesced_lock:
+        with self._lock:
             self._coalesced = {**coalesced, **self._coalesced}
 
     def _lost(self, error: Exception, raw=None) -> bool:

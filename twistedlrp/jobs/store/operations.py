@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -35,6 +36,8 @@ _DESCRIBED = (
     "cancel_requested",
 )  # fmt: skip
 _TIMES = ("run_after", "created_at", "started_at", "finished_at")
+#: What a claim answers of the job, beside its payload.
+SETTINGS = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
 
 
 def job_dict(job, full: bool = True, arguments: bool = False) -> dict:
@@ -164,8 +167,7 @@ def claim(job_id: str, worker: str, load: bool = True, node: str = "") -> dict |
     if not load:
         return {"started_at": iso(started)}
     job = sql.read(job_id)
-    settings = ("attempts", "name", "timeout", "max_attempts", "retry_delay", "priority")
-    row = {name: getattr(job, name) for name in settings}
+    row = {name: getattr(job, name) for name in SETTINGS}
     return dict(row, payload=payload_of(job.args, job.kwargs), started_at=iso(started))
 
 
@@ -196,11 +198,10 @@ def claim_next(
         f"OR {c['run_after']} <= %s){mine} ORDER BY {c['priority']} DESC, {c['created_at']} "
         "LIMIT %s FOR UPDATE SKIP LOCKED"
     )
-    returned = ("name", "attempts", "max_attempts", "retry_delay", "timeout", "priority")
     update = (
         f"{sql.claim} RETURNING "
         f"json_build_object('args', {c['args']}, 'kwargs', {c['kwargs']})::text, "
-        f"{', '.join(c[name] for name in returned)}, {c['cancel_requested']}"
+        f"{', '.join(c[name] for name in SETTINGS)}, {c['cancel_requested']}"
     )
     claimed = []
     with connection.cursor() as cursor:
@@ -209,7 +210,7 @@ def claim_next(
         for job_id, worker in zip(ids, workers, strict=False):
             cursor.execute(update, [RUNNING, when, worker, node, job_id, QUEUED])
             payload, *values, cancel = cursor.fetchone()
-            row = dict(zip(returned, values, strict=True), cancel_requested=cancel)
+            row = dict(zip(SETTINGS, values, strict=True), cancel_requested=cancel)
             claimed.append(dict(row, id=str(job_id), worker=worker, payload=payload.encode()))
         next_due = None
         if len(claimed) < len(workers):
@@ -262,22 +263,24 @@ def queue_of(job_id: str) -> str:
     return statements().read(job_id).queue
 
 
+def cancel_fields(state: str) -> dict:
+    """@return: the fields a cancel changes in a job in C{state} (a running one is flagged)."""
+    if state == QUEUED:
+        error = "cancelled while queued"
+        return {"state": CANCELLED, "cancel_requested": True, "finished_at": now(), "error": error}
+    return {"cancel_requested": True} if state == RUNNING else {}
+
+
 def mark_cancel(job_id: str, notify: bool = False) -> dict:
     """Cancel a queued job, or flag a running one. @return: its description. @raise UnknownJob."""
     from twistedlrp.models import Job
 
-    job = get(job_id, full=False)
-    if job["state"] == QUEUED:
-        error = "cancelled while queued"
-        queued = Job.objects.filter(id=job_id, state=QUEUED)
-        queued.update(state=CANCELLED, cancel_requested=True, finished_at=now(), error=error)
+    state = get(job_id, full=False)["state"]
+    if state in UNFINISHED:
+        Job.objects.filter(id=job_id, state=state).update(**cancel_fields(state))
         if notify:
-            notify_nodes(f"finished:{job_id}")
-    elif job["state"] == RUNNING:
-        Job.objects.filter(id=job_id).update(cancel_requested=True)
-        if notify:
-            # The node running it may be another one.
-            notify_nodes(f"cancel:{job_id}")
+            # A running job's node may be another one.
+            notify_nodes(f"finished:{job_id}" if state == QUEUED else f"cancel:{job_id}")
     return get(job_id)
 
 
@@ -296,3 +299,39 @@ def counts() -> dict:
     # COUNT(*), not COUNT(id): SQLite then reads only an index that starts with the state.
     statement = f"SELECT {state}, COUNT(*) FROM {sql.table} GROUP BY {state}"
     return dict(sql.run(statement, [], lambda cursor: cursor.fetchall()))
+
+
+# Jobs a site's own transaction stored on SQLite, announced for the job service to take.
+#: The most announced jobs one take reads (the next take reads the rest).
+TAKE_ANNOUNCED = 500
+_TAKEN = (
+    "id", "priority", "created_at", "run_after", "queue", "name", "max_attempts", "retry_delay",
+    "timeout", "args", "kwargs",
+)  # fmt: skip
+
+
+def announced() -> bool:
+    """@return: whether any job waits in the announcement table (read outside a transaction)."""
+    from twistedlrp.models import Announcement
+
+    return Announcement.objects.exists()
+
+
+def take_announced(job_ids: list[str] | None = None) -> list[dict]:
+    """@return: the queued jobs among C{job_ids} (C{None}: any), taken out, oldest first."""
+    from twistedlrp.models import Announcement, Job
+
+    notices = Announcement.objects.all()
+    if job_ids is not None:
+        valid = []
+        for job_id in job_ids:
+            with contextlib.suppress(ValueError):
+                valid.append(uuid.UUID(str(job_id)))
+        notices = notices.filter(job__in=valid)
+    taken = list(notices.values_list("job", flat=True)[:TAKE_ANNOUNCED])
+    Announcement.objects.filter(job__in=taken).delete()
+    queued = Job.objects.filter(id__in=taken, state=QUEUED).order_by("created_at")
+    rows = list(queued.values(*_TAKEN))
+    for row in rows:
+        row.update(id=str(row["id"]), payload=payload_of(row.pop("args"), row.pop("kwargs")))
+    return rows

@@ -48,9 +48,8 @@ def _end(job, error: str) -> str:
 
 def _died(job, why: str, notify: bool = True) -> tuple[str, str]:
     """L{_end} a job whose worker died because C{why}. @return: its new state and the reason."""
-    reason = (
-        f"the worker died: {why} while attempt {job.attempts} ran on {job.worker or 'a worker'}"
-    )
+    worker = job.worker or "a worker"
+    reason = f"the worker died: {why} while attempt {job.attempts} ran on {worker}"
     state = _end(job, reason)
     if notify:
         notify_nodes(f"queued:{job.queue}" if state == QUEUED else f"finished:{job.id}")
@@ -76,8 +75,8 @@ def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None
     """L{_end} a job found without a worker. @return: C{None} if no longer running (on C{node})."""
     from twistedlrp.models import Job
 
-    running = Job.objects.filter(id=job_id, state=RUNNING)
-    job = (running if node is None else running.filter(node=node)).first()
+    mine = {} if node is None else {"node": node}
+    job = Job.objects.filter(id=job_id, state=RUNNING, **mine).first()
     if job is None:
         return None
     return {"state": _end(job, reason), "priority": job.priority, "created_at": job.created_at}
@@ -92,10 +91,8 @@ def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = Non
     fields = {"state": QUEUED, "worker": "", "error": error}
     if not count_attempt:
         fields["attempts"] = F("attempts") - 1
-    running = Job.objects.filter(id=job_id, state=RUNNING)
-    if node is None:
-        running.update(**fields)
-    elif running.filter(node=node).update(**fields):
+    mine = {} if node is None else {"node": node}
+    if Job.objects.filter(id=job_id, state=RUNNING, **mine).update(**fields) and node is not None:
         notify_nodes(f"queued:{queue_of(job_id)}")
 
 
@@ -135,10 +132,8 @@ def _pid_alive(pid: int) -> bool:
 def _enter(name: str, host: str, pid: int, queues: list[str] | None, stamp: datetime) -> None:
     from twistedlrp.models import Node
 
-    fields = {"host": host, "pid": pid, "queues": ",".join(queues or ())}
-    Node.objects.update_or_create(
-        name=name, defaults=dict(fields, started_at=stamp, heartbeat_at=stamp)
-    )
+    fields = {"host": host, "pid": pid, "queues": ",".join(queues or ()), "started_at": stamp}
+    Node.objects.update_or_create(name=name, defaults=dict(fields, heartbeat_at=stamp))
 
 
 def register_node(
@@ -193,14 +188,14 @@ def heartbeat(name: str, host: str, pid: int, queues: list[str] | None, fenced, 
 
 
 def lease_fresh(node: str, within: float) -> bool:
-    """@return: whether C{node} renewed its lease less than C{within} s ago (database clock)."""
+    """
+    @return: whether C{node} renewed its lease less than C{within} s ago (database
+        clock). PostgreSQL only: a lease is checked only where several nodes share it.
+    """
     from django.db import connection
 
     from twistedlrp.models import Node
 
-    if connection.vendor != "postgresql":
-        cutoff = db_now() - timedelta(seconds=within)
-        return Node.objects.filter(name=node, heartbeat_at__gte=cutoff).exists()
     table = connection.ops.quote_name(Node._meta.db_table)
     with connection.cursor() as cursor:
         cursor.execute(
@@ -230,11 +225,8 @@ def expire_nodes(node: str, lease: float, started_before: datetime) -> dict:
 
     stamp = db_now()
     cutoff = stamp - timedelta(seconds=lease)
-    dead = list(
-        Node.objects.select_for_update(skip_locked=True)
-        .filter(heartbeat_at__lt=cutoff)
-        .exclude(name=node)
-    )
+    nodes = Node.objects.select_for_update(skip_locked=True)
+    dead = list(nodes.filter(heartbeat_at__lt=cutoff).exclude(name=node))
     ages = {n.name: (stamp - n.heartbeat_at).total_seconds() for n in dead}
     live = Node.objects.filter(heartbeat_at__gte=cutoff).values("name")
     orphans = (

@@ -46,7 +46,6 @@ class Statements:
         }
         # The DB-API connection is used directly on SQLite (placeholders "?").
         self.direct = connection.vendor == "sqlite"
-        self._qmark: dict[str, str] = {}
         self._local = threading.local()
         self.insert_names = names = list(self.fields)
         self.insert = (
@@ -54,12 +53,11 @@ class Statements:
             f"VALUES ({', '.join(['%s'] * len(names))})"
         )
         self.select = f"SELECT {', '.join(self.column[n] for n in names)} FROM {self.table} WHERE "
+        c = self.column
         self.claim = (
-            f"UPDATE {self.table} SET {self.column['state']} = %s, "
-            f"{self.column['attempts']} = {self.column['attempts']} + 1, "
-            f"{self.column['started_at']} = %s, {self.column['worker']} = %s, "
-            f"{self.column['node']} = %s "
-            f"WHERE {self.column['id']} = %s AND {self.column['state']} = %s"
+            f"UPDATE {self.table} SET {c['state']} = %s, {c['attempts']} = {c['attempts']} + 1, "
+            f"{c['started_at']} = %s, {c['worker']} = %s, {c['node']} = %s "
+            f"WHERE {c['id']} = %s AND {c['state']} = %s"
         )
 
     @staticmethod
@@ -157,12 +155,9 @@ class Statements:
             database = self._local.database = connections[DEFAULT_DB_ALIAS]
         if database.connection is None:
             database.ensure_connection()
-        qmark = self._qmark.get(statement)
-        if qmark is None:
-            qmark = self._qmark[statement] = statement.replace("%s", "?")
         # Errors still come as Django's, and mark the connection as its cursors would.
         with database.wrap_database_errors:
-            cursor = database.connection.execute(qmark, params)
+            cursor = database.connection.execute(statement.replace("%s", "?"), params)
             try:
                 return result(cursor)
             finally:
