@@ -1,8 +1,4 @@
-"""
-Setting Django up in the main thread before the reactor runs (docs/design.md,
-start-up steps 1 to 3). A failure raises :class:`BootError`, one line for the
-terminal; the tap turns it into a non-zero exit.
-"""
+"""Setting Django up before the reactor runs; a failure raises :class:`BootError`."""
 
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ def _log():
 
 
 class BootError(Exception):
-    """Django could not be set up; the message says why, for the terminal."""
+    """Django could not be set up; the message says why."""
 
 
 def prepare_path(pythonpath: list[str]) -> None:
@@ -161,11 +157,9 @@ def migrate(options) -> None:
 
 
 def sqlite_immediate_transactions() -> list[str]:
-    """
-    Make SQLite transactions with no C{OPTIONS["transaction_mode"]} C{IMMEDIATE} (a deferred
-    one that read, then writes after another connection committed, fails: "database is
-    locked"; the job service writes concurrently); @return: the aliases changed.
-    """
+    """Make SQLite transactions with no C{transaction_mode} C{IMMEDIATE}; @return: the aliases."""
+    # A deferred transaction that read, then writes after another connection
+    # committed, fails ("database is locked"); the job service writes concurrently.
     from django.db import connections
 
     changed = []
@@ -174,8 +168,7 @@ def sqlite_immediate_transactions() -> list[str]:
         options = connection.settings_dict.setdefault("OPTIONS", {})
         if connection.vendor == "sqlite" and "transaction_mode" not in options:
             options["transaction_mode"] = "IMMEDIATE"
-            # The mode is read when a connection opens.
-            connection.close()
+            connection.close()  # the mode is read when a connection opens
             changed.append(alias)
     return changed
 
@@ -284,7 +277,6 @@ def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def close_connections() -> None:
-    """Close every database connection the calling thread opened."""
     from django.db import connections
 
     connections.close_all()
@@ -301,10 +293,3 @@ def _failing(what: str):
         yield
     except Exception as e:
         raise BootError(f"{what}: {_last_line(e)}\n{traceback.format_exc().rstrip()}") from None
-
-
-def bridge_stdlib_logging(level: str = "warn") -> None:
-    """L{twistedlrp.logs.bridge_stdlib_logging}, imported on first use (Twisted)."""
-    from twistedlrp import logs
-
-    logs.bridge_stdlib_logging(level)

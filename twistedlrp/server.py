@@ -1,8 +1,6 @@
 """
-The root service of ``twistd lrp``: an L{OrderedService} whose children
-start in the order of docs/design.md's start-up contract (L{Server._add_children})
-and stop in reverse, within one graceful deadline. A second SIGTERM or SIGINT
-ends the process at once.
+The root service of ``twistd lrp``: its children start in the order of
+docs/design.md's start-up contract (L{Server._add_children}) and stop in reverse.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp import boot, lifecycle, metrics, reactor_bridge
+from twistedlrp import boot, lifecycle, logs, metrics, reactor_bridge
 from twistedlrp import http as outbound
 from twistedlrp.onefile import site
 from twistedlrp.ordered_service import OrderedService, StartupFailed
@@ -285,7 +283,7 @@ def build_server(options) -> Server:
     reactor_bridge.serving_reactor()
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
-    boot.bridge_stdlib_logging(options["log-level"])
+    logs.bridge_stdlib_logging(options["log-level"])
     web = not options["jobs-only"]
     boot.setup_django(load_urlconf=web)
     application = boot.load_wsgi_application() if web else None

@@ -65,7 +65,7 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     from twistedlrp.options import Options
 
     prog = os.path.basename(sys.argv[0] or "serve")
-    options = _unchecked_options()
+    options = Options(checked=False)
     options.synopsis = f"Usage: python {prog} [options]"
     try:
         options.parseOptions(list(argv))
@@ -99,20 +99,6 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     except usage.UsageError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     return options.to_argv()
-
-
-def _unchecked_options():
-    from twistedlrp.config import apply_config_file
-    from twistedlrp.options import Options
-
-    class Unchecked(Options):
-        """Options checked only once the keywords are in (C{--set} needs C{--app})."""
-
-        def postOptions(self):
-            if self["config"]:
-                apply_config_file(self, self["config"])
-
-    return Unchecked()
 
 
 def _json(name: str, value) -> str:
@@ -194,7 +180,9 @@ def _command_line_settings() -> dict:
     # --help and --version act when serve() parses the command line, not here.
     if not any(arg.startswith("--set") for arg in argv) or {"--help", "--version"} & set(argv):
         return {}
-    options = _unchecked_options()
+    from twistedlrp.options import Options
+
+    options = Options(checked=False)
     try:
         options.parseOptions(argv)
     except (Exception, SystemExit):

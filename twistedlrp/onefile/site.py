@@ -1,7 +1,6 @@
 """
-A site given with ``--app``, in each process of the server (job workers too: no
-Twisted here): its settings (L{configure}, in the environment), and its file
-imported at the right moment around ``django.setup()`` (each a no-op without ``--app``).
+A site given with ``--app``, in each process of the server (no Twisted here): its
+settings (L{configure}) and its file, imported around ``django.setup()``.
 """
 
 from __future__ import annotations
@@ -72,11 +71,7 @@ def own_settings() -> bool:
 
 
 def configure(options) -> str | None:
-    """
-    Set the environment every process of this server reads for C{--app}.
-    @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
-        with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
-    """
+    """Set the environment every process reads for C{--app}; @return: the settings module."""
     global _typed
     for variable in (
         defaults.APP_VARIABLE,
@@ -151,11 +146,7 @@ def add_app_config(name: str, module, path: str, label: str | None = None) -> No
 
 
 def after_setup() -> Site | None:
-    """
-    After C{django.setup()}: import the file and find the object it names.
-    @return: the site, or C{None} without C{--app}.
-    @raise twistedlrp.boot.BootError: the file does not import, or names no site.
-    """
+    """After C{django.setup()}: @return: the site imported, or C{None}; @raise BootError."""
     global _loaded
     spec = current_spec()
     if spec is None:
@@ -210,10 +201,7 @@ def uses_nanodjango(spec: AppSpec) -> bool:
 
 
 def import_app(spec: AppSpec) -> types.ModuleType:
-    """
-    Import the file (by its path, under its module name) or the module.
-    @raise twistedlrp.boot.BootError: it does not import (with the traceback if not obvious).
-    """
+    """@return: the file (under its module name) or module, imported; @raise BootError."""
     global loading
     existing = sys.modules.get(spec.module)
     if existing is None:
@@ -267,10 +255,7 @@ def _importBootError(spec: AppSpec, e: Exception):
 
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
-    """
-    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the first
-        of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
-    """
+    """@return: the object C{spec} names (else C{serve()}'s, else a L{DEFAULT_NAMES}), its name."""
     if spec.attr:
         try:
             return functools.reduce(getattr, spec.attr.split("."), module), spec.attr
@@ -321,7 +306,6 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
 
 
 def _positional(function) -> int | None:
-    """@return: 1 if C{function} takes one argument (a view), 2 if only two (WSGI), else C{None}."""
     import inspect
 
     try:
