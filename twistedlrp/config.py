@@ -14,8 +14,6 @@ from typing import Any
 
 from twisted.python import usage
 
-__all__ = ["COMMAND_LINE", "CONFIG_FILE", "apply_config_file", "python_value"]
-
 # Where a value came from (Options.given); make_service() keywords count as
 # the command line: they win over the file, and --reload passes them on.
 COMMAND_LINE = "command line"
@@ -94,10 +92,7 @@ def typed(value) -> str:
 
 
 def apply_config_file(options, path: str) -> None:
-    """
-    Set the options in the TOML file at C{path} (or its only table, C{[lrp]}) but the
-    command line's; @raise usage.UsageError: not TOML, an unknown key or a wrong value.
-    """
+    """Set the options of the TOML file at C{path} but the command line's; @raise UsageError."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -1,7 +1,6 @@
 """
-The server log's level and format, for twisted.logger events and stdlib
-records alike (docs/logging.md): every process but the job workers logs
-through one observer made here.
+The server log's level and format, for twisted.logger events and stdlib records
+alike (docs/logging.md): every process but the job workers logs through it.
 """
 
 from __future__ import annotations
@@ -137,10 +136,7 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 
 def twistd_log_file(twistd_options):
-    """
-    @return: the file twistd's options say it logs to (rotated on SIGUSR1), or
-        C{None} where twistd's own logging must stay (C{--syslog}).
-    """
+    """@return: the file twistd logs to (rotated on SIGUSR1), or C{None} for its own (syslog)."""
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
     name = twistd_options.get("logfile") or ""

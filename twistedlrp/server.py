@@ -40,7 +40,6 @@ class Server(OrderedService):
         self.exit_code = 0
         self.stop_signals = StopSignals(reactor, self._first_signal, self._second_signal)
         self.started_at = reactor.seconds()
-        self._starting: defer.Deferred | None = None
         self.web = self.health = None
         self.metrics = metrics.configure(self.role, options)
         if job_service is not None:
@@ -105,13 +104,13 @@ class Server(OrderedService):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
         # Once the reactor runs: our signal handlers replace those it installs then.
-        self._starting = defer.Deferred()
-        self.reactor.callWhenRunning(self._begin)
-        return self._starting
+        started = defer.Deferred()
+        self.reactor.callWhenRunning(self._begin, started)
+        return started
 
-    def _begin(self) -> None:
+    def _begin(self, started: defer.Deferred) -> None:
         self._install_signals()
-        defer.ensureDeferred(self._start()).chainDeferred(self._starting)
+        defer.ensureDeferred(self._start()).chainDeferred(started)
 
     def _install_signals(self) -> None:
         self.stop_signals.install()

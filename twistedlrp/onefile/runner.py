@@ -1,8 +1,7 @@
 """
 ``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``:
-L{serve} replaces the process (same pid, for the signals) with ``twistd -n lrp
---app /abs/hello.py:app``, whose processes import the file under its module
-name, not as ``__main__`` (whose jobs no worker could import).
+L{serve} execs ``twistd -n lrp --app /abs/hello.py:app`` (same pid, for the signals),
+which imports the file under its module name (a worker cannot import C{__main__}).
 """
 
 from __future__ import annotations
