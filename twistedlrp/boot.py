@@ -89,21 +89,18 @@ def django_setup() -> None:
 
     from twistedlrp.onefile import site
 
-    try:
-        site.before_setup()
-        django.setup()
-    except BootError:
-        raise
-    except Exception as e:
-        spec = site.current_spec()
-        if spec is not None and "labels aren't unique" in str(e):
+    with _failing("django.setup() failed"):
+        try:
+            site.before_setup()
+            django.setup()
+        except Exception as e:
+            spec = site.current_spec()
+            if spec is None or "labels aren't unique" not in str(e):
+                raise
             raise BootError(
                 f"--app {spec.given}: its module name {spec.module!r} is the label of an "
                 f"installed app; rename the file"
             ) from None
-        raise BootError(
-            f"django.setup() failed: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
-        ) from None
     site.after_setup()
 
 
@@ -247,14 +244,11 @@ def load_wsgi_application():
     loaded = site.loaded()
     if loaded is not None and not loaded.serves_django:
         return loaded.obj
-    try:
-        application = get_internal_wsgi_application()
-    except ImproperlyConfigured as e:
-        raise BootError(str(e)) from None
-    except Exception as e:
-        raise BootError(
-            f"cannot load the WSGI application: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
-        ) from None
+    with _failing("cannot load the WSGI application"):
+        try:
+            application = get_internal_wsgi_application()
+        except ImproperlyConfigured as e:
+            raise BootError(str(e)) from None
     # get_wsgi_application() ran django.setup() again, and so configured logging again.
     drop_django_console()
     return application
@@ -289,7 +283,10 @@ def _last_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _failing(what: str):
+    """Turn an exception but L{BootError} into one: C{what}, its last line and traceback."""
     try:
         yield
+    except BootError:
+        raise
     except Exception as e:
         raise BootError(f"{what}: {_last_line(e)}\n{traceback.format_exc().rstrip()}") from None

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 
@@ -26,6 +27,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from twistedlrp import values
 from twistedlrp.stdlog import NUMBERS as _STDLIB
@@ -143,10 +145,7 @@ def twistd_log_file(twistd_options):
     nodaemon = twistd_options.get("nodaemon")
     if name == "-" or (nodaemon and not name):
         return sys.stdout if nodaemon else None
-    import signal
-
     from twisted.internet import reactor
-    from twisted.python.logfile import LogFile
 
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):

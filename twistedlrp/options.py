@@ -16,7 +16,7 @@ from typing import Any
 from twisted.python import usage
 
 from twistedlrp import logs, values
-from twistedlrp.config import (
+from twistedlrp.values import (
     COMMAND_LINE,
     CONFIG_FILE,
     STRING,

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from twistedlrp.onefile import defaults
+from twistedlrp.onefile import defaults, site
 from twistedlrp.onefile.spec import AppSpec
 
 
@@ -21,8 +21,6 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     upper-case ones settings; the command line wins over them, they over C{--config}.
     @return: only in the server, which imports the file. @raise SystemExit: a wrong option.
     """
-    from twistedlrp.onefile import site
-
     if site.loading:
         # The server (or a worker) imports the file: it serves what was given.
         site.served.append(app)
@@ -60,8 +58,8 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     """
     from twisted.python import usage
 
-    from twistedlrp.config import COMMAND_LINE
     from twistedlrp.options import Options
+    from twistedlrp.values import COMMAND_LINE
 
     prog = os.path.basename(sys.argv[0] or "serve")
     options = Options(checked=False)
@@ -122,8 +120,6 @@ def prepare_script() -> None:
     The C{__main__} file imports C{serve}: set Django up (defaults, a database
     in memory) so that its models run up to L{serve} (unless nanodjango's).
     """
-    from twistedlrp.onefile import site
-
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if site.loading or not path or not path.endswith(".py") or not _imported_by(main):

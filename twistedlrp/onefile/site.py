@@ -5,11 +5,13 @@ settings (L{configure}) and its file, imported around ``django.setup()``.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -17,6 +19,11 @@ import traceback
 import types
 from dataclasses import dataclass
 
+from django.apps import AppConfig, apps
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from twistedlrp import compat
 from twistedlrp.boot import BootError
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
@@ -126,8 +133,6 @@ def before_setup() -> None:
     spec = current_spec()
     if spec is None or not own_settings() or spec.module in sys.modules:
         return
-    from django.apps import apps
-
     if apps.ready or apps.loading:
         return
     placeholder = types.ModuleType(spec.module)
@@ -137,8 +142,6 @@ def before_setup() -> None:
 
 def add_app_config(name: str, module, path: str, label: str | None = None) -> None:
     """Give C{module} an app config (unless its label is taken), so that its models have an app."""
-    from django.apps import AppConfig, apps
-
     attributes = {"__module__": __name__, "path": path, **({"label": label} if label else {})}
     config = type("SiteConfig", (AppConfig,), attributes)(name, module)
     config.apps = apps
@@ -154,8 +157,6 @@ def after_setup() -> Site | None:
     if _loaded is not None and _loaded.spec.module == spec.module:
         return _loaded
     module = import_app(spec)
-    from django.apps import apps
-
     # The file is its app's models module (migrate --run-syncdb needs one).
     for config in apps.get_app_configs():
         if config.name == spec.module or config.module is module:
@@ -165,21 +166,15 @@ def after_setup() -> Site | None:
     obj, name = find_object(spec, module)
     _loaded = classify(dataclasses.replace(spec, attr=name) if name else spec, module, obj)
     if _loaded.nanodjango:
-        from twistedlrp import compat
-
         compat.prepare_nanodjango(obj)
     elif not _loaded.wsgi and not own_settings():
         # --settings too: its settings, but the URLs of what --app names.
-        from django.conf import settings
-
         settings.ROOT_URLCONF = "twistedlrp.onefile.urls"
     return _loaded
 
 
 def uses_nanodjango(spec: AppSpec) -> bool:
     """@return: whether the file (or module) imports nanodjango."""
-    import ast
-
     path = spec.path
     if path is None:
         try:
@@ -239,8 +234,6 @@ def missing_setting(e: BaseException) -> str | None:
 
 
 def _importBootError(spec: AppSpec, e: Exception):
-    from django.core.exceptions import ImproperlyConfigured
-
     name = missing_setting(e)
     if name:
         return BootError(
@@ -306,8 +299,6 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
 
 
 def _positional(function) -> int | None:
-    import inspect
-
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -337,7 +328,6 @@ def tables_missing() -> list[str]:
     site = loaded()
     if site is None:
         return []
-    from django.apps import apps
     from django.db import connections, router
 
     config = next((c for c in apps.get_app_configs() if c.module is site.module), None)
