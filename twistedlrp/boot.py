@@ -1,4 +1,7 @@
-"""Setting Django up before the reactor runs; a failure raises :class:`BootError`."""
+"""
+Setting Django up before the reactor runs (docs/design.md, start-up steps 1 to 3);
+a failure raises :class:`BootError`.
+"""
 
 from __future__ import annotations
 
@@ -46,14 +49,8 @@ def configure_settings(settings_module: str | None) -> None:
     try:
         importlib.import_module(settings_module)
     except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name and settings_module.startswith(e.name):
-            raise BootError(
-                f"cannot import settings module {settings_module!r}: no module named {e.name!r} "
-                f"(is its folder the working directory or given with --pythonpath?)"
-            ) from None
-        raise BootError(
-            f"cannot import settings module {settings_module!r}: {_last_line(e)}"
-        ) from None
+        problem = not_found(e, settings_module) or _last_line(e)
+        raise BootError(f"cannot import settings module {settings_module!r}: {problem}") from None
     except Exception as e:
         raise BootError(
             f"settings module {settings_module!r} failed to import: {_last_line(e)}"
@@ -274,6 +271,17 @@ def close_connections() -> None:
     from django.db import connections
 
     connections.close_all()
+
+
+def not_found(error: BaseException, module: str) -> str | None:
+    """@return: what to say if C{error} is that C{module} (or its package) is not found."""
+    name = error.name if isinstance(error, ModuleNotFoundError) else None
+    if not name or not module.startswith(name):
+        return None
+    return (
+        f"no module named {name!r} "
+        "(is its folder the working directory or given with --pythonpath?)"
+    )
 
 
 def _last_line(error: BaseException) -> str:

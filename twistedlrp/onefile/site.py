@@ -24,7 +24,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from twistedlrp import compat
-from twistedlrp.boot import BootError
+from twistedlrp.boot import BootError, not_found
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
 
@@ -205,12 +205,9 @@ def import_app(spec: AppSpec) -> types.ModuleType:
         try:
             existing = importlib.import_module(spec.module)
         except Exception as e:
-            missing = e.name if isinstance(e, ModuleNotFoundError) else None
-            if spec.path is None and missing and spec.module.startswith(missing):
-                raise BootError(
-                    f"--app {spec.given}: no module named {missing!r} (is its folder the "
-                    f"working directory or given with --pythonpath?)"
-                ) from None
+            missing = not_found(e, spec.module) if spec.path is None else None
+            if missing:
+                raise BootError(f"--app {spec.given}: {missing}") from None
             raise _importBootError(spec, e) from None
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
