@@ -1,7 +1,6 @@
 """
-Setting Django up in the main thread before the reactor runs (docs/design.md,
-start-up steps 1 to 3). A failure raises :class:`BootError`, one line for the
-terminal; the tap turns it into a non-zero exit.
+Setting Django up before the reactor runs (docs/design.md, start-up steps 1 to 3);
+a failure raises :class:`BootError`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ def _log():
 
 
 class BootError(Exception):
-    """Django could not be set up; the message says why, for the terminal."""
+    """Django could not be set up; the message says why."""
 
 
 def prepare_path(pythonpath: list[str]) -> None:
@@ -50,14 +49,8 @@ def configure_settings(settings_module: str | None) -> None:
     try:
         importlib.import_module(settings_module)
     except ImportError as e:
-        if isinstance(e, ModuleNotFoundError) and e.name and settings_module.startswith(e.name):
-            raise BootError(
-                f"cannot import settings module {settings_module!r}: no module named {e.name!r} "
-                f"(is its folder the working directory or given with --pythonpath?)"
-            ) from None
-        raise BootError(
-            f"cannot import settings module {settings_module!r}: {_last_line(e)}"
-        ) from None
+        problem = not_found(e, settings_module) or _last_line(e)
+        raise BootError(f"cannot import settings module {settings_module!r}: {problem}") from None
     except Exception as e:
         raise BootError(
             f"settings module {settings_module!r} failed to import: {_last_line(e)}"
@@ -93,21 +86,18 @@ def django_setup() -> None:
 
     from twistedlrp.onefile import site
 
-    try:
-        site.before_setup()
-        django.setup()
-    except BootError:
-        raise
-    except Exception as e:
-        spec = site.current_spec()
-        if spec is not None and "labels aren't unique" in str(e):
+    with _failing("django.setup() failed"):
+        try:
+            site.before_setup()
+            django.setup()
+        except Exception as e:
+            spec = site.current_spec()
+            if spec is None or "labels aren't unique" not in str(e):
+                raise
             raise BootError(
                 f"--app {spec.given}: its module name {spec.module!r} is the label of an "
                 f"installed app; rename the file"
             ) from None
-        raise BootError(
-            f"django.setup() failed: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
-        ) from None
     site.after_setup()
 
 
@@ -161,11 +151,9 @@ def migrate(options) -> None:
 
 
 def sqlite_immediate_transactions() -> list[str]:
-    """
-    Make SQLite transactions with no C{OPTIONS["transaction_mode"]} C{IMMEDIATE} (a deferred
-    one that read, then writes after another connection committed, fails: "database is
-    locked"; the job service writes concurrently); @return: the aliases changed.
-    """
+    """Make SQLite transactions with no C{transaction_mode} C{IMMEDIATE}; @return: the aliases."""
+    # A deferred transaction that read, then writes after another connection
+    # committed, fails ("database is locked"); the job service writes concurrently.
     from django.db import connections
 
     changed = []
@@ -174,8 +162,7 @@ def sqlite_immediate_transactions() -> list[str]:
         options = connection.settings_dict.setdefault("OPTIONS", {})
         if connection.vendor == "sqlite" and "transaction_mode" not in options:
             options["transaction_mode"] = "IMMEDIATE"
-            # The mode is read when a connection opens.
-            connection.close()
+            connection.close()  # the mode is read when a connection opens
             changed.append(alias)
     return changed
 
@@ -254,14 +241,11 @@ def load_wsgi_application():
     loaded = site.loaded()
     if loaded is not None and not loaded.serves_django:
         return loaded.obj
-    try:
-        application = get_internal_wsgi_application()
-    except ImproperlyConfigured as e:
-        raise BootError(str(e)) from None
-    except Exception as e:
-        raise BootError(
-            f"cannot load the WSGI application: {_last_line(e)}\n{traceback.format_exc().rstrip()}"
-        ) from None
+    with _failing("cannot load the WSGI application"):
+        try:
+            application = get_internal_wsgi_application()
+        except ImproperlyConfigured as e:
+            raise BootError(str(e)) from None
     # get_wsgi_application() ran django.setup() again, and so configured logging again.
     drop_django_console()
     return application
@@ -284,10 +268,20 @@ def import_app_modules(name: str, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def close_connections() -> None:
-    """Close every database connection the calling thread opened."""
     from django.db import connections
 
     connections.close_all()
+
+
+def not_found(error: BaseException, module: str) -> str | None:
+    """@return: what to say if C{error} is that C{module} (or its package) is not found."""
+    name = error.name if isinstance(error, ModuleNotFoundError) else None
+    if not name or not module.startswith(name):
+        return None
+    return (
+        f"no module named {name!r} "
+        "(is its folder the working directory or given with --pythonpath?)"
+    )
 
 
 def _last_line(error: BaseException) -> str:
@@ -297,14 +291,10 @@ def _last_line(error: BaseException) -> str:
 
 @contextlib.contextmanager
 def _failing(what: str):
+    """Turn an exception but L{BootError} into one: C{what}, its last line and traceback."""
     try:
         yield
+    except BootError:
+        raise
     except Exception as e:
         raise BootError(f"{what}: {_last_line(e)}\n{traceback.format_exc().rstrip()}") from None
-
-
-def bridge_stdlib_logging(level: str = "warn") -> None:
-    """L{twistedlrp.logs.bridge_stdlib_logging}, imported on first use (Twisted)."""
-    from twistedlrp import logs
-
-    logs.bridge_stdlib_logging(level)

@@ -1,7 +1,6 @@
 """
-Outbound HTTP for views and jobs (docs/hooks.md): a treq request run in the
-reactor through :func:`twistedlrp.call_in_reactor`, over a persistent
-connection pool the server closes at shut-down.
+Outbound HTTP for views and jobs (docs/hooks.md): treq run in the reactor by
+:func:`twistedlrp.call_in_reactor`, over a connection pool closed at shut-down.
 """
 
 from __future__ import annotations
@@ -52,12 +51,10 @@ class Response:
 
     @property
     def encoding(self) -> str:
-        content_type = self.headers.get("content-type", "")
-        for part in content_type.split(";")[1:]:
-            key, _, value = part.strip().partition("=")
-            if key.lower() == "charset" and value:
-                return value.strip('"')
-        return "utf-8"
+        from django.utils.http import parse_header_parameters
+
+        _, parameters = parse_header_parameters(self.headers.get("content-type", ""))
+        return parameters.get("charset") or "utf-8"
 
     @property
     def text(self) -> str:

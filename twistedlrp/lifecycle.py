@@ -1,10 +1,7 @@
 """
-The site's own start-up and shut-down hooks and long-lived services, registered
-from an installed app's ``lrp`` module or ``AppConfig.ready()`` (docs/hooks.md).
-Start-up hooks run in registration order in the reactor thread before any
-port opens; shut-down hooks in reverse once requests and jobs have drained,
-each within what is left of the graceful deadline. A hook may return a
-Deferred or be ``async def``: its result is awaited.
+The site's start-up and shut-down hooks and long-lived services (docs/hooks.md).
+Start-up hooks run in order before any port opens; shut-down hooks in reverse
+once requests and jobs have drained. A hook's Deferred or coroutine is awaited.
 """
 
 from __future__ import annotations
@@ -57,11 +54,8 @@ def _register(hooks: list, hook, once: bool, what: str):
 
 def on_startup(hook: Callable[[], Any] | None = None, *, once: bool = False):
     """
-    Register C{hook} to run at server start, before the ports open (C{@on_startup}).
-
-    @param once: with C{--web-workers} above 1, run it in the main process
-        only; a plain hook runs in every web process instead.
-    @return: C{hook} itself (or a decorator, when called without it).
+    Register C{hook} to run at server start (C{@on_startup}); @return: C{hook}, or a decorator.
+    @param once: with C{--web-workers} above 1, run it in the main process, not in each web one.
     """
     return _register(_startup_hooks, hook, once, "on_startup")
 
@@ -73,10 +67,8 @@ def on_shutdown(hook: Callable[[], Any] | None = None, *, once: bool = False):
 
 def add_service(name: str, svc: service.IService, *, once: bool = False) -> service.IService:
     """
-    Start and stop C{svc} with the server, in order and the reverse, awaiting
-    the Deferreds it returns (C{once} as for L{on_startup}); @return: C{svc}.
-    @raise ValueError: a service of that name is registered already.
-    @raise TypeError: C{svc} does not provide L{IService}.
+    Start and stop C{svc} with the server (C{once} as for L{on_startup}); @return: C{svc}.
+    @raise ValueError: the name is taken. @raise TypeError: C{svc} is no L{IService}.
     """
     if not service.IService.providedBy(svc):
         raise TypeError(f"add_service({name!r}): {svc!r} does not provide IService")
@@ -89,8 +81,7 @@ def add_service(name: str, svc: service.IService, *, once: bool = False) -> serv
 
 
 def in_scope(scope: str, once: bool) -> bool:
-    """@return: whether what was registered with C{once} runs in C{scope}: C{"all"} (one
-    process), C{"once"} (the main one of several web processes) or C{"each"} (a web process)."""
+    """Whether C{once} runs in C{scope}: C{"all"}, C{"once"} (main process) or C{"each"} (web)."""
     return scope == "all" or (scope == "once") == once
 
 
@@ -138,7 +129,7 @@ class StartupHooks(service.Service):
     async def _run(self) -> None:
         for hook in hooks_in_scope(_startup_hooks, self.scope):
             if not self.running:
-                return  # The server began stopping.
+                return
             try:
                 await defer.maybeDeferred(hook)
             except Exception as e:
@@ -162,8 +153,6 @@ class ShutdownHooks(OrderedService):
 
 
 class _Hook(service.Service):
-    """One shut-down hook, stopped like a service: bounded and logged alike."""
-
     def __init__(self, hook: Callable[[], Any]):
         self.hook = hook
         self.name = self.stop_description = f"shut-down hook {hook_name(hook)}"

@@ -1,7 +1,6 @@
 """
-The server log's level and format, for twisted.logger events and stdlib
-records alike (docs/logging.md): every process but the job workers logs
-through one observer made here.
+The server log's level and format, for twisted.logger events and stdlib records
+alike (docs/logging.md): every process but the job workers logs through it.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from datetime import UTC, datetime
 
@@ -27,6 +27,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from twistedlrp import values
 from twistedlrp.stdlog import NUMBERS as _STDLIB
@@ -137,20 +138,14 @@ def make_observer(stream, log_format: str = "text", level: str = "info") -> ILog
 
 
 def twistd_log_file(twistd_options):
-    """
-    @return: the file twistd's options say it logs to (rotated on SIGUSR1), or
-        C{None} where twistd's own logging must stay (C{--syslog}).
-    """
+    """@return: the file twistd logs to (rotated on SIGUSR1), or C{None} for its own (syslog)."""
     if twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
     name = twistd_options.get("logfile") or ""
     nodaemon = twistd_options.get("nodaemon")
     if name == "-" or (nodaemon and not name):
         return sys.stdout if nodaemon else None
-    import signal
-
     from twisted.internet import reactor
-    from twisted.python.logfile import LogFile
 
     log_file = LogFile.fromFullPath(name or "twistd.log")
     if not signal.getsignal(signal.SIGUSR1):

@@ -1,9 +1,7 @@
 """
-The server's Prometheus metrics (docs/metrics.md), in a registry of its own
-(the global one is the site's); values such as busy threads are read at
-scrape time. Several web processes use C{prometheus_client}'s multiprocess
-mode in C{<state-dir>/metrics}, where each copies its scrape-time values
-every L{REFRESH_INTERVAL} seconds.
+The server's Prometheus metrics (docs/metrics.md), in a registry of its own (the
+global one is the site's). Several web processes share them in C{<state-dir>/metrics}
+(multiprocess mode), each copying its scrape-time values every L{REFRESH_INTERVAL} s.
 """
 
 from __future__ import annotations
@@ -128,10 +126,7 @@ def _sample(name: str, read: Callable[[], dict]) -> dict | None:
 
 
 def configure(role: str, options) -> Metrics | None:
-    """
-    Turn this process's metrics on for its C{role}; @return: them (also L{current}), or C{None}.
-    @raise twistedlrp.boot.BootError: the C{main} role cannot make or empty the shared directory.
-    """
+    """@return: this process's metrics (also L{current}), or C{None}; @raise BootError."""
     global current
     if options["no-metrics"] or options["jobs-only"] and not options["metrics-listen"]:
         current = None

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.python import usage
 
 from twistedlrp import logs, values
-from twistedlrp.config import (
+from twistedlrp.values import (
     COMMAND_LINE,
     CONFIG_FILE,
     STRING,
@@ -208,8 +208,10 @@ class Options(usage.Options):
     # The long names that a --config file or make_service() may set.
     option_names = frozenset(option.name for option in OPTIONS if option.in_file)
 
-    def __init__(self):
+    def __init__(self, checked: bool = True):
         super().__init__()
+        # Unchecked: serve() adds its keywords before the check (--set needs --app).
+        self.checked = checked
         for option in OPTIONS:
             self[option.name] = option.default_value()
         # Long name -> COMMAND_LINE or CONFIG_FILE, for each option given.
@@ -276,7 +278,8 @@ class Options(usage.Options):
     def postOptions(self):
         if self["config"]:
             apply_config_file(self, self["config"])
-        self.check()
+        if self.checked:
+            self.check()
 
     def set_option(self, name: str, value, source: str = COMMAND_LINE) -> None:
         """Set option C{name} from a Python value; @raise UsageError: a wrong name or value."""

@@ -1,8 +1,7 @@
 """
-L{OrderedService}: a C{MultiService} whose children start in order, each
-awaited, and stop in reverse within one deadline (docs/design.md); Twisted's
-ignores a Deferred from C{startService} and stops its children concurrently.
-A child that can use the deadline has a C{stop_by(deadline)} method.
+L{OrderedService}: a C{MultiService} whose children start in order, each awaited
+(Twisted's ignores a Deferred from C{startService}), and stop in reverse within
+one deadline, passed to a child's C{stop_by(deadline)} if it has one.
 """
 
 from __future__ import annotations
@@ -75,10 +74,7 @@ def stop_child(reactor, child: service.IService, deadline: float) -> defer.Defer
 
 
 class OrderedService(service.MultiService):
-    """
-    A child added while this service runs starts at once (and stops in its
-    place); C{stopService} takes C{graceful_timeout} at most, on C{reactor}'s clock.
-    """
+    """A child added while running starts at once; a stop takes C{graceful_timeout} at most."""
 
     def __init__(self, reactor=None, graceful_timeout: float = 30.0):
         super().__init__()

@@ -1,8 +1,7 @@
 """
-What the live progress widget (docs/jobs.md) shares between its template
-tag, its views and the reactor's event stream: the JSON a job is shown as,
-and the token, signed over the job id and the page's user id, that lets who
-could load the page follow or cancel that job.
+What the live progress widget (docs/jobs.md) shares between its tag, views and
+event stream: a job's JSON, and the token (signed over the job and user ids)
+that lets who could load the page follow or cancel that job.
 """
 
 from __future__ import annotations
@@ -55,10 +54,7 @@ def make_token(job_id, user: str | None = None) -> str:
 
 
 def check_token(token: str | None, job_id, user: str | None = None, *, check_user=True) -> None:
-    """
-    Verify C{token} for job C{job_id}, and for C{user} if C{check_user} (the event stream's is not).
-    @raise BadToken: missing, forged, expired, or for another job or user (the message says).
-    """
+    """Verify C{token} for C{job_id} (and C{user} if C{check_user}); @raise BadToken: it is not."""
     if not token:
         raise BadToken("no token (the ?token= the page's job widget was given)")
     try:

@@ -1,8 +1,6 @@
 """
-The root service of ``twistd lrp``: an L{OrderedService} whose children
-start in the order of docs/design.md's start-up contract (L{Server._add_children})
-and stop in reverse, within one graceful deadline. A second SIGTERM or SIGINT
-ends the process at once.
+The root service of ``twistd lrp``: its children start in the order of
+docs/design.md's start-up contract (L{Server._add_children}) and stop in reverse.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twistedlrp import boot, lifecycle, metrics, reactor_bridge
+from twistedlrp import boot, lifecycle, logs, metrics, reactor_bridge
 from twistedlrp import http as outbound
 from twistedlrp.onefile import site
 from twistedlrp.ordered_service import OrderedService, StartupFailed
@@ -42,7 +40,6 @@ class Server(OrderedService):
         self.exit_code = 0
         self.stop_signals = StopSignals(reactor, self._first_signal, self._second_signal)
         self.started_at = reactor.seconds()
-        self._starting: defer.Deferred | None = None
         self.web = self.health = None
         self.metrics = metrics.configure(self.role, options)
         if job_service is not None:
@@ -104,13 +101,13 @@ class Server(OrderedService):
         service.Service.startService(self)
         reactor_bridge.serving_reactor()
         # Once the reactor runs: our signal handlers replace those it installs then.
-        self._starting = defer.Deferred()
-        self.reactor.callWhenRunning(self._begin)
-        return self._starting
+        started = defer.Deferred()
+        self.reactor.callWhenRunning(self._begin, started)
+        return started
 
-    def _begin(self) -> None:
+    def _begin(self, started: defer.Deferred) -> None:
         self._install_signals()
-        defer.ensureDeferred(self._start()).chainDeferred(self._starting)
+        defer.ensureDeferred(self._start()).chainDeferred(started)
 
     def _install_signals(self) -> None:
         self.stop_signals.install()
@@ -282,7 +279,7 @@ def build_server(options) -> Server:
     reactor_bridge.serving_reactor()
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
-    boot.bridge_stdlib_logging(options["log-level"])
+    logs.bridge_stdlib_logging(options["log-level"])
     web = not options["jobs-only"]
     boot.setup_django(load_urlconf=web)
     application = boot.load_wsgi_application() if web else None

@@ -1,7 +1,6 @@
 """
-How a twistd process ends (the server's, the ``--reload`` supervisor's): the
-first SIGTERM or SIGINT stops the reactor, the second ends the process at
-once; and its exit status (twistd itself always exits 0).
+How a twistd process ends: the first SIGTERM or SIGINT stops the reactor, the
+second ends the process at once; and its exit status (twistd always exits 0).
 """
 
 from __future__ import annotations
@@ -56,10 +55,9 @@ def set_exit_code(code: int) -> None:
 
 def end_at_exit(reactor) -> None:
     """
-    At interpreter exit, after the other exit handlers, end the process with the status
-    L{set_exit_code} set; after a clean stop, without the interpreter's finalisation (0.4-0.5 s
-    of CPU freeing a Django site, as gunicorn's children skip it). An uncaught exception
-    (C{sys.last_value}) with no status set, and an exit before the reactor stopped, are Python's.
+    At interpreter exit, after the other handlers, exit with L{set_exit_code}'s status; after a
+    clean stop, skip the finalisation (0.4-0.5 s of CPU freeing a Django site, as gunicorn's
+    children do). An uncaught exception with no status set, or no stop yet, is Python's.
     """
     stopped = []
     reactor.addSystemEventTrigger("after", "shutdown", stopped.append, True)

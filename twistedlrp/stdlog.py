@@ -1,7 +1,6 @@
 """
-stdlib logging without Twisted (a job worker would pay ~15 MiB for it): a
-worker's records, one line each on its stderr (C{WARNING myapp.jobs: text}),
-which the job service logs at the record's level.
+stdlib logging without Twisted (a job worker would pay ~15 MiB for it): a worker
+writes its records on stderr (C{WARNING myapp.jobs: text}); the service logs them.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ NUMBERS = {
 }
 # The first line of a worker's record: level, logger name, message.
 _RECORD = re.compile(r"(DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.\-]{1,200}): (.*)\Z", re.S)
-_NAMES = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}
 
 
 def drop_django_console() -> int:
@@ -82,4 +80,4 @@ def parse_record(line: str) -> tuple[str, str, str] | None:
     if match is None:
         return None
     level, name, message = match.groups()
-    return _NAMES.get(level, "critical"), name, message
+    return "warn" if level == "WARNING" else level.lower(), name, message

@@ -1,8 +1,4 @@
-"""
-The live progress widget's views: the job's state (polled without
-Server-Sent Events) and its cancel button; each needs the widget's token for
-the same job and user, or answers 403.
-"""
+"""The progress widget's views: a job's state and its cancel; without the token, 403."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import pytest
 from twisted.python import usage
 
 import twistedlrp
-from twistedlrp.config import COMMAND_LINE, CONFIG_FILE
 from twistedlrp.options import (
     DEFAULT_LISTEN,
     OPTIONS,
@@ -18,6 +17,7 @@ from twistedlrp.options import (
     TapOptions,
     options_from_kwargs,
 )
+from twistedlrp.values import COMMAND_LINE, CONFIG_FILE
 
 
 def parse(*args: str) -> Options:

@@ -1,8 +1,6 @@
 """
-A Django site in one file, with no settings module (docs/one-file.md):
-C{twistd -n lrp --app hello.py[:NAME]}, or C{python hello.py} for a file that
-calls L{serve}. Every process of the server imports the file under its
-module name, so its jobs, hooks and models work as an installed app's do.
+A Django site in one file (docs/one-file.md): C{twistd -n lrp --app hello.py[:NAME]},
+or C{python hello.py} for a file that calls L{serve}.
 """
 
 __all__ = ["Router", "serve"]

@@ -1,7 +1,4 @@
-"""
-``python -m twistedlrp.onefile ARGS``: ``twistd --nodaemon --pidfile= lrp ARGS``,
-what L{twistedlrp.onefile.runner.serve} replaces ``python hello.py`` with.
-"""
+"""``python -m twistedlrp.onefile ARGS``: ``twistd --nodaemon --pidfile= lrp ARGS``."""
 
 import sys
 

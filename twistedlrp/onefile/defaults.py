@@ -1,8 +1,7 @@
 """
-The settings of a site given with ``--app`` and no ``--settings``, which every
-process reads from the environment (L{from_environment}): ``startproject``'s,
-with twistedlrp installed, the database and secret key in the state directory,
-and the ``--set`` values on top. No Twisted here.
+The settings of a site given with ``--app`` and no ``--settings`` (L{from_environment}):
+``startproject``'s with twistedlrp installed, the database and secret key in the
+state directory, and the ``--set`` values on top. No Twisted here.
 """
 
 from __future__ import annotations

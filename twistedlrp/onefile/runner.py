@@ -1,8 +1,7 @@
 """
 ``python hello.py`` for a file that ends with ``serve(app, threads=4, DEBUG=True)``:
-L{serve} replaces the process (same pid, for the signals) with ``twistd -n lrp
---app /abs/hello.py:app``, whose processes import the file under its module
-name, not as ``__main__`` (whose jobs no worker could import).
+L{serve} execs ``twistd -n lrp --app /abs/hello.py:app`` (same pid, for the signals),
+which imports the file under its module name (a worker cannot import C{__main__}).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import json
 import os
 import sys
 
-from twistedlrp.onefile import defaults
+from twistedlrp.onefile import defaults, site
 from twistedlrp.onefile.spec import AppSpec
 
 
@@ -22,8 +21,6 @@ def serve(app, listen: str | list[str] | None = None, **keywords) -> None:
     upper-case ones settings; the command line wins over them, they over C{--config}.
     @return: only in the server, which imports the file. @raise SystemExit: a wrong option.
     """
-    from twistedlrp.onefile import site
-
     if site.loading:
         # The server (or a worker) imports the file: it serves what was given.
         site.served.append(app)
@@ -61,11 +58,11 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     """
     from twisted.python import usage
 
-    from twistedlrp.config import COMMAND_LINE
     from twistedlrp.options import Options
+    from twistedlrp.values import COMMAND_LINE
 
     prog = os.path.basename(sys.argv[0] or "serve")
-    options = _unchecked_options()
+    options = Options(checked=False)
     options.synopsis = f"Usage: python {prog} [options]"
     try:
         options.parseOptions(list(argv))
@@ -101,20 +98,6 @@ def server_arguments(spec: AppSpec, listen, keywords: dict, argv: list[str]) -> 
     return options.to_argv()
 
 
-def _unchecked_options():
-    from twistedlrp.config import apply_config_file
-    from twistedlrp.options import Options
-
-    class Unchecked(Options):
-        """Options checked only once the keywords are in (C{--set} needs C{--app})."""
-
-        def postOptions(self):
-            if self["config"]:
-                apply_config_file(self, self["config"])
-
-    return Unchecked()
-
-
 def _json(name: str, value) -> str:
     def plain(item):
         if isinstance(item, os.PathLike):
@@ -137,8 +120,6 @@ def prepare_script() -> None:
     The C{__main__} file imports C{serve}: set Django up (defaults, a database
     in memory) so that its models run up to L{serve} (unless nanodjango's).
     """
-    from twistedlrp.onefile import site
-
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if site.loading or not path or not path.endswith(".py") or not _imported_by(main):
@@ -194,7 +175,9 @@ def _command_line_settings() -> dict:
     # --help and --version act when serve() parses the command line, not here.
     if not any(arg.startswith("--set") for arg in argv) or {"--help", "--version"} & set(argv):
         return {}
-    options = _unchecked_options()
+    from twistedlrp.options import Options
+
+    options = Options(checked=False)
     try:
         options.parseOptions(argv)
     except (Exception, SystemExit):

@@ -1,8 +1,4 @@
-"""
-The settings module of a site given with ``twistd lrp --app`` and no
-``--settings`` (L{twistedlrp.onefile.defaults.from_environment}): every
-process of the server, the job workers included, sets Django up from it.
-"""
+"""The settings of a site given with ``--app`` and no ``--settings``, in every process."""
 
 from twistedlrp.onefile.defaults import from_environment
 

@@ -1,16 +1,17 @@
 """
-A site given with ``--app``, in each process of the server (job workers too: no
-Twisted here): its settings (L{configure}, in the environment), and its file
-imported at the right moment around ``django.setup()`` (each a no-op without ``--app``).
+A site given with ``--app``, in each process of the server (no Twisted here): its
+settings (L{configure}) and its file, imported around ``django.setup()``.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -18,7 +19,12 @@ import traceback
 import types
 from dataclasses import dataclass
 
-from twistedlrp.boot import BootError
+from django.apps import AppConfig, apps
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from twistedlrp import compat
+from twistedlrp.boot import BootError, not_found
 from twistedlrp.onefile import defaults
 from twistedlrp.onefile.spec import DEFAULT_NAMES, AppSpec, SpecError, parse
 
@@ -72,11 +78,7 @@ def own_settings() -> bool:
 
 
 def configure(options) -> str | None:
-    """
-    Set the environment every process of this server reads for C{--app}.
-    @return: the settings module: C{--settings}, else L{defaults.SETTINGS_MODULE}
-        with C{--app}, else C{$DJANGO_SETTINGS_MODULE}.
-    """
+    """Set the environment every process reads for C{--app}; @return: the settings module."""
     global _typed
     for variable in (
         defaults.APP_VARIABLE,
@@ -131,8 +133,6 @@ def before_setup() -> None:
     spec = current_spec()
     if spec is None or not own_settings() or spec.module in sys.modules:
         return
-    from django.apps import apps
-
     if apps.ready or apps.loading:
         return
     placeholder = types.ModuleType(spec.module)
@@ -142,8 +142,6 @@ def before_setup() -> None:
 
 def add_app_config(name: str, module, path: str, label: str | None = None) -> None:
     """Give C{module} an app config (unless its label is taken), so that its models have an app."""
-    from django.apps import AppConfig, apps
-
     attributes = {"__module__": __name__, "path": path, **({"label": label} if label else {})}
     config = type("SiteConfig", (AppConfig,), attributes)(name, module)
     config.apps = apps
@@ -151,11 +149,7 @@ def add_app_config(name: str, module, path: str, label: str | None = None) -> No
 
 
 def after_setup() -> Site | None:
-    """
-    After C{django.setup()}: import the file and find the object it names.
-    @return: the site, or C{None} without C{--app}.
-    @raise twistedlrp.boot.BootError: the file does not import, or names no site.
-    """
+    """After C{django.setup()}: @return: the site imported, or C{None}; @raise BootError."""
     global _loaded
     spec = current_spec()
     if spec is None:
@@ -163,8 +157,6 @@ def after_setup() -> Site | None:
     if _loaded is not None and _loaded.spec.module == spec.module:
         return _loaded
     module = import_app(spec)
-    from django.apps import apps
-
     # The file is its app's models module (migrate --run-syncdb needs one).
     for config in apps.get_app_configs():
         if config.name == spec.module or config.module is module:
@@ -174,21 +166,15 @@ def after_setup() -> Site | None:
     obj, name = find_object(spec, module)
     _loaded = classify(dataclasses.replace(spec, attr=name) if name else spec, module, obj)
     if _loaded.nanodjango:
-        from twistedlrp import compat
-
         compat.prepare_nanodjango(obj)
     elif not _loaded.wsgi and not own_settings():
         # --settings too: its settings, but the URLs of what --app names.
-        from django.conf import settings
-
         settings.ROOT_URLCONF = "twistedlrp.onefile.urls"
     return _loaded
 
 
 def uses_nanodjango(spec: AppSpec) -> bool:
     """@return: whether the file (or module) imports nanodjango."""
-    import ast
-
     path = spec.path
     if path is None:
         try:
@@ -210,10 +196,7 @@ def uses_nanodjango(spec: AppSpec) -> bool:
 
 
 def import_app(spec: AppSpec) -> types.ModuleType:
-    """
-    Import the file (by its path, under its module name) or the module.
-    @raise twistedlrp.boot.BootError: it does not import (with the traceback if not obvious).
-    """
+    """@return: the file (under its module name) or module, imported; @raise BootError."""
     global loading
     existing = sys.modules.get(spec.module)
     if existing is None:
@@ -222,12 +205,9 @@ def import_app(spec: AppSpec) -> types.ModuleType:
         try:
             existing = importlib.import_module(spec.module)
         except Exception as e:
-            missing = e.name if isinstance(e, ModuleNotFoundError) else None
-            if spec.path is None and missing and spec.module.startswith(missing):
-                raise BootError(
-                    f"--app {spec.given}: no module named {missing!r} (is its folder the "
-                    f"working directory or given with --pythonpath?)"
-                ) from None
+            missing = not_found(e, spec.module) if spec.path is None else None
+            if missing:
+                raise BootError(f"--app {spec.given}: {missing}") from None
             raise _importBootError(spec, e) from None
     if spec.path is not None:
         found = getattr(existing, "__file__", None)
@@ -251,8 +231,6 @@ def missing_setting(e: BaseException) -> str | None:
 
 
 def _importBootError(spec: AppSpec, e: Exception):
-    from django.core.exceptions import ImproperlyConfigured
-
     name = missing_setting(e)
     if name:
         return BootError(
@@ -267,10 +245,7 @@ def _importBootError(spec: AppSpec, e: Exception):
 
 
 def find_object(spec: AppSpec, module: types.ModuleType) -> tuple[object, str | None]:
-    """
-    @return: the object C{spec} names in C{module} (else C{serve()}'s, else the first
-        of L{DEFAULT_NAMES}) and its name (C{None} for C{serve()}'s).
-    """
+    """@return: the object C{spec} names (else C{serve()}'s, else a L{DEFAULT_NAMES}), its name."""
     if spec.attr:
         try:
             return functools.reduce(getattr, spec.attr.split("."), module), spec.attr
@@ -321,9 +296,6 @@ def classify(spec: AppSpec, module: types.ModuleType, obj) -> Site:
 
 
 def _positional(function) -> int | None:
-    """@return: 1 if C{function} takes one argument (a view), 2 if only two (WSGI), else C{None}."""
-    import inspect
-
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):
@@ -353,7 +325,6 @@ def tables_missing() -> list[str]:
     site = loaded()
     if site is None:
         return []
-    from django.apps import apps
     from django.db import connections, router
 
     config = next((c for c in apps.get_app_configs() if c.module is site.module), None)

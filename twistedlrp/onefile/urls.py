@@ -1,8 +1,4 @@
-"""
-The root URLconf of a site given with ``--app`` and no ``--settings``: the
-job progress widget's views under ``lrp/`` (``{% lrp_job_progress %}``),
-then the site's own patterns (L{twistedlrp.onefile.site.Site.urlpatterns}).
-"""
+"""The root URLconf of a site given with ``--app``: the progress widget's, then its own."""
 
 from django.core.exceptions import ImproperlyConfigured
 from django.urls import include, path

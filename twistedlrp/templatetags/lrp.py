@@ -1,8 +1,4 @@
-"""
-C{{% load lrp %}}{% lrp_job_progress job %}}: a job's progress bar, state and
-cancel form as they are when the page renders, followed live by
-C{twistedlrp/progress.js} (docs/jobs.md, "Showing progress").
-"""
+"""C{{% lrp_job_progress job %}}: a job's progress bar and cancel form (docs/jobs.md)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def prepare(lrp_args: list[str]):
     options.parseOptions(lrp_args)
     boot.prepare_path(options["pythonpath"])
     boot.configure_settings(site.configure(options))
-    boot.bridge_stdlib_logging(options["log-level"])
+    logs.bridge_stdlib_logging(options["log-level"])
     boot.django_setup()
     boot.sqlite_immediate_transactions()
     boot.load_root_urlconf()
