@@ -1,5 +1,5 @@
 """
-Fencing (jobs/service/watchdog.py NodeLease): a job node that cannot renew its
+Fencing (jobs/service/lease.py NodeLease): a job node that cannot renew its
 lease stops its jobs before the lease can expire elsewhere, measured on
 its own monotonic clock from the last renewal that succeeded, and takes
 work again only once a renewal dealt with the jobs it stopped. A fake

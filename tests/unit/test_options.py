@@ -1,5 +1,5 @@
 """
-The option table of ``twistd lrp`` (twistedlrp.options, twistedlrp.config):
+The option table of ``twistd lrp`` (twistedlrp.options, twistedlrp.values):
 help, the command line and its refusals, TOML files, keyword options, and
 to_argv(). Plain unit tests: no server is started.
 """

@@ -1,5 +1,5 @@
 """
-The job service's watchdog (twistedlrp.jobs.service.watchdog) on a fake clock: a
+The job service's watchdog (twistedlrp.jobs.service.lease) on a fake clock: a
 running job whose worker is gone or holds another job is handed back to
 the dispatcher; the store's running jobs that nobody holds are ended by
 their retry policy and queued again; a store that cannot be reached is
