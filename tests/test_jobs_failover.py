@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from jobsupport import FINISHED, api, rows, shared_db, start_server, wait_job
 from progresssupport import EventStream, Page
 from test_jobs_nodes import job_node, needs_postgres
@@ -87,6 +88,7 @@ def link(server) -> dict:
     return request(server.port, "/-/health").json()["job_link"]
 
 
+@pytest.mark.alone  # measures time (every call and /hello under 0.5 s)
 def test_with_its_only_job_node_down_job_calls_fail_at_once_and_views_stay_fast(template, tmp_path):
     nowhere = free_port()  # nothing listens there: connections are refused
     web = start_server(
