@@ -39,7 +39,8 @@ def get_big(box: dict[bytes, bytes], name: bytes, max_pieces: int | None = None)
     with contextlib.suppress(ValueError):
         count = int(raw) if len(raw) <= 10 else 0
     if not 0 < count <= (max_pieces or count):
-        raise ValueError(f"expected a count of pieces from 1 to {max_pieces}, got {raw[:20]!r}")
+        bound = f"from 1 to {max_pieces}" if max_pieces else "of at least 1"
+        raise ValueError(f"expected a count of pieces {bound}, got {raw[:20]!r}")
     pieces = [box.get(name + b".%d" % i) for i in range(count)]
     if None in pieces:
         raise ValueError(f"piece {pieces.index(None)} of {count} is missing")
