@@ -73,10 +73,7 @@ def running_on(worker_prefix: str, started_before, node: str | None = None) -> l
 
 def end_orphan(job_id: str, reason: str, node: str | None = None) -> dict | None:
     """L{_end} a job found without a worker. @return: C{None} if no longer running (on C{node})."""
-    from twistedlrp.models import Job
-
-    mine = {} if node is None else {"node": node}
-    job = Job.objects.filter(id=job_id, state=RUNNING, **mine).first()
+    job = _running(job_id, node).first()
     if job is None:
         return None
     return {"state": _end(job, reason), "priority": job.priority, "created_at": job.created_at}
@@ -86,14 +83,19 @@ def requeue(job_id: str, error: str, count_attempt: bool, node: str | None = Non
     """Put back in the queue a job a shut-down interrupted (if C{node} still holds it)."""
     from django.db.models import F
 
-    from twistedlrp.models import Job
-
     fields = {"state": QUEUED, "worker": "", "error": error}
     if not count_attempt:
         fields["attempts"] = F("attempts") - 1
-    mine = {} if node is None else {"node": node}
-    if Job.objects.filter(id=job_id, state=RUNNING, **mine).update(**fields) and node is not None:
+    if _running(job_id, node).update(**fields) and node is not None:
         notify_nodes(f"queued:{queue_of(job_id)}")
+
+
+def _running(job_id: str, node: str | None):
+    """@return: the job C{job_id} if it is running (on C{node}, if given), as a query."""
+    from twistedlrp.models import Job
+
+    mine = {} if node is None else {"node": node}
+    return Job.objects.filter(id=job_id, state=RUNNING, **mine)
 
 
 class NodeConflict(Exception):
